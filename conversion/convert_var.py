@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""Convert original VAR checkpoints (FoundationVision/VAR .pth files) into a diffusers folder.
+
+    python conversion/convert_var.py --vae vae_ch160v4096z32.pth --transformer var_d16.pth --output var-d16-256
+
+Depth, width, heads, classes, vocabulary, shared AdaLN and the scale schedule are inferred from the tensors.
+The originals are read with torch.load(weights_only=True); the output holds safetensors only and is written
+atomically (a temporary folder renamed into place).
+"""
+
+import argparse
+import sys
+
+import torch
+
+from diffusers_var.conversion import ConversionError, convert_var_checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vae", required=True, help="original VQ-VAE checkpoint, e.g. vae_ch160v4096z32.pth")
+    parser.add_argument("--transformer", required=True, help="original VAR checkpoint, e.g. var_d16.pth")
+    parser.add_argument("--output", required=True, help="output folder (diffusers layout)")
+    parser.add_argument("--patch-nums", default=None, help="comma-separated scale schedule, when it cannot be inferred")
+    parser.add_argument("--quant-resi", type=float, default=0.5, help="Phi ratio of the VQ-VAE (0.5 in every release)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    args = parser.parse_args(argv)
+    try:
+        patch_nums = [int(p) for p in args.patch_nums.split(",")] if args.patch_nums else None
+    except ValueError:
+        parser.error(f"--patch-nums must be comma-separated integers, got {args.patch_nums!r}")
+    try:
+        pipe = convert_var_checkpoint(args.vae, args.transformer, args.output, patch_nums=patch_nums,
+                                      quant_resi=args.quant_resi, dtype=DTYPES[args.dtype], overwrite=args.overwrite)
+    except ConversionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    cfg = pipe.transformer.config
+    print(f"wrote {args.output}: VAR depth {cfg.depth}, width {cfg.embed_dim}, {cfg.num_classes} classes, "
+          f"patch_nums {list(cfg.patch_nums)}, shared AdaLN {cfg.shared_adaln}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

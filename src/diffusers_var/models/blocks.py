@@ -1,0 +1,280 @@
+"""Building blocks shared by the next-scale-prediction transformers (VAR, STAR, Infinity).
+
+Everything here is family-agnostic: scale schedules, the block-causal mask, the KV cache used for
+scale-by-scale decoding, L2-normalised ("cosine") self-attention, the tanh-GELU FFN and the AdaLN
+modulation / block / head norm.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+# exp(clamp(log_scale, max=ln 100)): the original clamps the learned per-head logit scale at 100.
+MAX_LOG_ATTN_SCALE = math.log(100.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scale schedules
+# ----------------------------------------------------------------------------------------------
+def validate_patch_nums(patch_nums: Sequence[int], name: str = "patch_nums") -> tuple[int, ...]:
+    patch_nums = tuple(int(p) for p in patch_nums)
+    if len(patch_nums) < 2:
+        raise ValueError(f"`{name}` needs at least two scales, got {patch_nums}.")
+    if any(p < 1 for p in patch_nums) or any(b <= a for a, b in zip(patch_nums, patch_nums[1:])):
+        raise ValueError(f"`{name}` must be strictly increasing positive integers, got {patch_nums}.")
+    return patch_nums
+
+
+def scale_token_counts(patch_nums: Sequence[int]) -> list[int]:
+    return [pn * pn for pn in patch_nums]
+
+
+def scale_begin_ends(patch_nums: Sequence[int]) -> list[tuple[int, int]]:
+    """Token range ``[begin, end)`` of every scale in the flattened pyramid."""
+    ranges, begin = [], 0
+    for count in scale_token_counts(patch_nums):
+        ranges.append((begin, begin + count))
+        begin += count
+    return ranges
+
+
+def scale_level_ids(patch_nums: Sequence[int], device=None) -> torch.LongTensor:
+    """(1, L) int64: the scale index of every token of the pyramid (VAR's ``lvl_1L``)."""
+    ids = [torch.full((count,), si, dtype=torch.long) for si, count in enumerate(scale_token_counts(patch_nums))]
+    return torch.cat(ids).unsqueeze(0).to(device)
+
+
+def block_causal_bias(patch_nums: Sequence[int], device=None, dtype=torch.float32) -> torch.Tensor:
+    """(1, 1, L, L) additive mask: 0 where level(query) >= level(key), -inf elsewhere."""
+    level = scale_level_ids(patch_nums, device)[0]
+    allowed = level[:, None] >= level[None, :]
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+    return bias[None, None]
+
+
+def block_causal_mask(patch_nums: Sequence[int], device=None) -> torch.BoolTensor:
+    """(1, 1, L, L) boolean mask (True = may attend); dtype-agnostic form of :func:`block_causal_bias`."""
+    level = scale_level_ids(patch_nums, device)[0]
+    return (level[:, None] >= level[None, :])[None, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache for scale-by-scale decoding
+# ----------------------------------------------------------------------------------------------
+class LayerKVCache:
+    """Keys/values of one attention layer, appended scale by scale along the sequence axis.
+
+    Storage is pre-allocated when the total length is known, so decoding does not re-concatenate
+    the whole history at every scale.
+    """
+
+    def __init__(self, max_length: int | None = None):
+        self.max_length = max_length
+        self._keys: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
+        self.length = 0
+
+    def append(self, key_BLHD: torch.Tensor, value_BLHD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        new_len = self.length + key_BLHD.shape[1]
+        if self.max_length is None:
+            if self._keys is None:
+                self._keys, self._values = key_BLHD, value_BLHD
+            else:
+                self._keys = torch.cat((self._keys, key_BLHD), dim=1)
+                self._values = torch.cat((self._values, value_BLHD), dim=1)
+        else:
+            if new_len > self.max_length:
+                raise ValueError(f"KV cache overflow: {new_len} tokens > max_length={self.max_length}.")
+            if self._keys is None or self._keys.shape[0] != key_BLHD.shape[0]:
+                shape = (key_BLHD.shape[0], self.max_length, *key_BLHD.shape[2:])
+                self._keys = key_BLHD.new_empty(shape)
+                self._values = value_BLHD.new_empty(shape)
+            self._keys[:, self.length : new_len] = key_BLHD
+            self._values[:, self.length : new_len] = value_BLHD
+        self.length = new_len
+        return self._keys[:, :new_len], self._values[:, :new_len]
+
+
+class KVCache:
+    """One :class:`LayerKVCache` per transformer block."""
+
+    def __init__(self, num_layers: int, max_length: int | None = None):
+        self.layers = [LayerKVCache(max_length) for _ in range(num_layers)]
+
+    def __getitem__(self, index: int) -> LayerKVCache:
+        return self.layers[index]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length if self.layers else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------
+class DropPath(nn.Module):
+    """Stochastic depth on a residual branch (identity at eval or rate 0)."""
+
+    def __init__(self, rate: float = 0.0):
+        super().__init__()
+        self.rate = float(rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+class FeedForward(nn.Module):
+    """fc2(GELU_tanh(fc1(x)))."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class CosineSelfAttention(nn.Module):
+    """Multi-head self-attention with a fused bias-free qkv projection, learned q/v biases (k has none),
+    and optionally L2-normalised q/k with a clamped learned per-head logit scale (softmax scale 1).
+
+    ``rotary`` (optional) is a callable ``(q_BLHD, k_BLHD) -> (q, k)`` applied after normalisation;
+    ``kv_cache`` turns the layer into an incremental decoder over the cached sequence.
+    """
+
+    def __init__(self, dim: int, num_heads: int, attn_l2_norm: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"`embed_dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.attn_l2_norm = attn_l2_norm
+        self.to_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim), persistent=False)
+        if attn_l2_norm:
+            # log of the per-head logit scale; initialised to ln 4 as in the original.
+            self.log_scale = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(
+        self,
+        x_BLC: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: LayerKVCache | None = None,
+        rotary: Callable | None = None,
+    ) -> torch.Tensor:
+        B, L, C = x_BLC.shape
+        bias = torch.cat((self.q_bias, self.zero_k_bias.to(self.q_bias.dtype), self.v_bias))
+        qkv = F.linear(x_BLC, self.to_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.unbind(dim=2)  # each (B, L, H, D)
+        if self.attn_l2_norm:
+            head_scale = self.log_scale.clamp_max(MAX_LOG_ATTN_SCALE).exp().transpose(1, 2)  # (1, 1, H, 1)
+            q = F.normalize(q, dim=-1).mul(head_scale)
+            k = F.normalize(k, dim=-1)
+            softmax_scale = 1.0
+        else:
+            softmax_scale = 0.25 / math.sqrt(self.head_dim)
+        if rotary is not None:
+            q, k = rotary(q, k)
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)
+        out = dispatch_attention_fn(q, k, v, attn_mask=attn_mask, scale=softmax_scale)
+        return self.to_out(out.reshape(B, L, C))
+
+
+class AdaLNModulation(nn.Module):
+    """SiLU then Linear(cond_dim -> chunks * dim); output viewed as (B, 1, chunks, dim)."""
+
+    def __init__(self, cond_dim: int, dim: int, chunks: int):
+        super().__init__()
+        self.dim, self.chunks = dim, chunks
+        self.linear = nn.Linear(cond_dim, chunks * dim)
+
+    def forward(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        return self.linear(F.silu(cond_BD)).view(-1, 1, self.chunks, self.dim)
+
+
+class AdaLNSelfAttentionBlock(nn.Module):
+    """Pre-norm transformer block modulated by a condition vector (VAR / Infinity style).
+
+    The 6 modulation vectors are ``gamma1, gamma2, scale1, scale2, shift1, shift2`` (in that order):
+    ``x += gamma1 * Attn(LN(x) * (1 + scale1) + shift1)``; ``x += gamma2 * FFN(LN(x) * (1 + scale2) + shift2)``.
+    With ``shared_adaln`` the caller passes the shared (B, 1, 6, C) modulation and the block adds its own
+    learned offset ``adaln_offset`` instead of owning a Linear.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        norm_eps: float = 1e-6,
+        shared_adaln: bool = False,
+        attn_l2_norm: bool = True,
+        drop_path: float = 0.0,
+    ):
+        super().__init__()
+        self.dim, self.shared_adaln = dim, shared_adaln
+        self.norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
+        self.attn = CosineSelfAttention(dim, num_heads, attn_l2_norm=attn_l2_norm)
+        self.ffn = FeedForward(dim, round(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+        if shared_adaln:
+            self.adaln_offset = nn.Parameter(torch.randn(1, 1, 6, dim) / dim**0.5)
+        else:
+            self.adaln = AdaLNModulation(dim, dim, 6)
+
+    def modulation(self, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.shared_adaln:
+            return (self.adaln_offset + cond).unbind(2)
+        return self.adaln(cond).unbind(2)
+
+    def forward(
+        self,
+        x_BLC: torch.Tensor,
+        cond: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: LayerKVCache | None = None,
+    ) -> torch.Tensor:
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond)
+        attn_out = self.attn(self.norm(x_BLC).mul(scale1.add(1)).add_(shift1), attn_mask=attn_mask, kv_cache=kv_cache)
+        x_BLC = x_BLC + self.drop_path(attn_out * gamma1)
+        ffn_out = self.ffn(self.norm(x_BLC).mul(scale2.add(1)).add_(shift2))
+        return x_BLC + self.drop_path(ffn_out * gamma2)
+
+
+class AdaLNHeadNorm(nn.Module):
+    """Condition-modulated LayerNorm before the output head: ``LN(x) * (1 + scale) + shift``."""
+
+    def __init__(self, dim: int, cond_dim: int, norm_eps: float = 1e-6):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
+        self.adaln = AdaLNModulation(cond_dim, dim, 2)
+
+    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.adaln(cond_BD).unbind(2)
+        return self.norm(x_BLC).mul(scale.add(1)).add_(shift)
+
+
+def truncated_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    """trunc_normal with absolute bounds +-2, as the original initialiser uses."""
+    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-2.0, b=2.0)

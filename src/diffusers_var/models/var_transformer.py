@@ -1,0 +1,249 @@
+"""VARTransformer2DModel: class-conditional next-scale prediction (VAR, FoundationVision)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.accelerate_utils import apply_forward_hook
+
+from .blocks import (
+    AdaLNHeadNorm,
+    AdaLNModulation,
+    AdaLNSelfAttentionBlock,
+    KVCache,
+    block_causal_mask,
+    scale_begin_ends,
+    scale_level_ids,
+    truncated_normal_,
+    validate_patch_nums,
+)
+
+
+@dataclass
+class NextScaleTransformerOutput(BaseOutput):
+    """``logits``: (B, L, vocab_size) float32; row i predicts the token at pyramid position i."""
+
+    logits: torch.Tensor
+
+
+class VARTransformer2DModel(ModelMixin, ConfigMixin):
+    r"""VAR: a GPT-style transformer that predicts the token map of scale k+1 from all coarser scales.
+
+    * The class embedding (row ``num_classes`` is the null class used for guidance and label dropout)
+      is the first token and the AdaLN condition of every block and of the head.
+    * Scale k >= 1 reads the area-downsampled cumulative f_hat of scales < k through ``input_proj``.
+    * Every position adds a learned absolute position embedding and a per-scale level embedding.
+    * Attention is block-causal (full within a scale, to all coarser scales); decoding uses a KV cache.
+
+    Args:
+        num_classes: number of classes (the embedding has ``num_classes + 1`` rows).
+        depth, embed_dim, num_heads, mlp_ratio: transformer size.
+        vocab_size, latent_channels: codebook size and code dimension of the tokenizer.
+        patch_nums: token-map side of every scale (must match the tokenizer).
+        shared_adaln: one AdaLN Linear shared by all blocks plus per-block learned offsets (VAR-d36).
+        attn_l2_norm: L2-normalised q/k with a learned per-head scale clamped at 100 (all releases).
+        norm_eps: LayerNorm epsilon.
+        cond_drop_rate: label-dropout probability during training (classifier-free guidance).
+        drop_path_rate: stochastic-depth rate of the last block (linearly increasing over depth).
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["AdaLNSelfAttentionBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        depth: int = 16,
+        embed_dim: int = 1024,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        vocab_size: int = 4096,
+        latent_channels: int = 32,
+        patch_nums: Sequence[int] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+        shared_adaln: bool = False,
+        attn_l2_norm: bool = True,
+        norm_eps: float = 1e-6,
+        cond_drop_rate: float = 0.1,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        patch_nums = validate_patch_nums(patch_nums)
+        if num_classes < 1:
+            raise ValueError(f"`num_classes` must be >= 1, got {num_classes}.")
+        C = embed_dim
+        self.num_scales = len(patch_nums)
+        self.first_len = patch_nums[0] ** 2
+        self.seq_len = sum(pn * pn for pn in patch_nums)
+        self.begin_ends = scale_begin_ends(patch_nums)
+
+        self.class_embedding = nn.Embedding(num_classes + 1, C)
+        self.input_proj = nn.Linear(latent_channels, C)
+        self.pos_start = nn.Parameter(torch.zeros(1, self.first_len, C))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.seq_len, C))
+        self.level_embedding = nn.Embedding(self.num_scales, C)
+        self.shared_adaln = AdaLNModulation(C, C, 6) if shared_adaln else None
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            [
+                AdaLNSelfAttentionBlock(C, num_heads, mlp_ratio, norm_eps, shared_adaln, attn_l2_norm, rates[i])
+                for i in range(depth)
+            ]
+        )
+        self.head_norm = AdaLNHeadNorm(C, C, norm_eps)
+        self.head = nn.Linear(C, vocab_size)
+        # Derived from patch_nums; not stored in checkpoints.
+        self.register_buffer("level_ids", scale_level_ids(patch_nums), persistent=False)
+        self.gradient_checkpointing = False
+
+    # -- helpers ---------------------------------------------------------------------------------
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    def level_pos_embed(self) -> torch.Tensor:
+        """(1, L, C): level embedding of every position plus the absolute position embedding."""
+        return self.level_embedding(self.level_ids) + self.pos_embed
+
+    def drop_labels(self, class_labels: torch.LongTensor, generator: torch.Generator | None = None) -> torch.LongTensor:
+        """Label dropout for classifier-free guidance training: each label becomes the null class with
+        probability ``cond_drop_rate``. Draws ``torch.rand(B)`` like the original (global RNG if no generator)."""
+        if self.config.cond_drop_rate <= 0:
+            return class_labels
+        draw = torch.rand(class_labels.shape[0], generator=generator, device=generator.device if generator else class_labels.device)
+        return torch.where(draw.to(class_labels.device) < self.config.cond_drop_rate, self.null_class, class_labels)
+
+    def _check_labels(self, class_labels: torch.Tensor) -> None:
+        if class_labels.dtype not in (torch.int64, torch.int32) or class_labels.ndim != 1:
+            raise ValueError(f"`class_labels` must be a 1-D integer tensor, got {class_labels.dtype} {tuple(class_labels.shape)}.")
+        if class_labels.numel() and (class_labels.min() < 0 or class_labels.max() > self.null_class):
+            raise ValueError(f"`class_labels` must lie in [0, {self.null_class}] ({self.null_class} = null class).")
+
+    def _adaln_condition(self, cond_BD: torch.Tensor) -> torch.Tensor:
+        """Per-block AdaLN input: the class embedding, or the shared (B, 1, 6, C) modulation."""
+        return cond_BD if self.shared_adaln is None else self.shared_adaln(cond_BD)
+
+    def _run_blocks(self, x_BLC, cond_BD, attn_mask=None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        block_cond = self._adaln_condition(cond_BD)
+        for i, block in enumerate(self.blocks):
+            layer_cache = kv_cache[i] if kv_cache is not None else None
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x_BLC = self._gradient_checkpointing_func(block, x_BLC, block_cond, attn_mask, layer_cache)
+            else:
+                x_BLC = block(x_BLC, block_cond, attn_mask=attn_mask, kv_cache=layer_cache)
+        return self.head(self.head_norm(x_BLC, cond_BD)).float()
+
+    # -- training forward --------------------------------------------------------------------------
+    def forward(
+        self,
+        class_labels: torch.LongTensor,
+        teacher_forcing_input: torch.Tensor,
+        drop_labels: bool | None = None,
+        return_dict: bool = True,
+    ):
+        r"""Teacher-forcing forward with the block-causal mask.
+
+        Args:
+            class_labels: (B,) int64 in ``[0, num_classes]`` (``num_classes`` = null class).
+            teacher_forcing_input: (B, L - pn_0^2, latent_channels), from
+                :meth:`MultiScaleVQModel.teacher_forcing_input`.
+            drop_labels: apply label dropout (default: only in training mode).
+
+        Returns logits (B, L, vocab_size), float32.
+        """
+        self._check_labels(class_labels)
+        expected = (self.seq_len - self.first_len, self.config.latent_channels)
+        if teacher_forcing_input.ndim != 3 or tuple(teacher_forcing_input.shape[1:]) != expected:
+            raise ValueError(f"`teacher_forcing_input` must have shape (B, {expected[0]}, {expected[1]}), got {tuple(teacher_forcing_input.shape)}.")
+        if drop_labels if drop_labels is not None else self.training:
+            class_labels = self.drop_labels(class_labels)
+        B = class_labels.shape[0]
+        cond_BD = self.class_embedding(class_labels)
+        first = cond_BD.unsqueeze(1).expand(B, self.first_len, -1) + self.pos_start.expand(B, self.first_len, -1)
+        x_BLC = torch.cat((first, self.input_proj(teacher_forcing_input.to(self.input_proj.weight.dtype))), dim=1)
+        x_BLC = x_BLC + self.level_pos_embed()
+        attn_mask = block_causal_mask(self.config.patch_nums, device=x_BLC.device)
+        logits = self._run_blocks(x_BLC, cond_BD, attn_mask=attn_mask)
+        if not return_dict:
+            return (logits,)
+        return NextScaleTransformerOutput(logits=logits)
+
+    # -- scale-by-scale decoding -------------------------------------------------------------------
+    def init_kv_cache(self) -> KVCache:
+        return KVCache(len(self.blocks), max_length=self.seq_len)
+
+    def embed_condition(self, class_labels: torch.LongTensor) -> torch.Tensor:
+        """(B,) labels -> (B, C) condition vectors (the class embedding)."""
+        self._check_labels(class_labels)
+        return self.class_embedding(class_labels.to(self.device))
+
+    @apply_forward_hook
+    def forward_scale(
+        self,
+        scale_index: int,
+        cond_BD: torch.Tensor,
+        kv_cache: KVCache,
+        scale_input: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        r"""Logits of one scale during sampling.
+
+        Args:
+            scale_index: the scale to predict (0 .. num_scales - 1), in order.
+            cond_BD: (B, C) from :meth:`embed_condition` (B includes guidance rows).
+            kv_cache: from :meth:`init_kv_cache`, shared by every call of one generation.
+            scale_input: (B, pn*pn, latent_channels) for scale >= 1 (the downsampled cumulative f_hat,
+                row-major); ``None`` at scale 0, whose input is the condition itself.
+
+        Returns (B, pn*pn, vocab_size) float32 logits.
+        """
+        begin, end = self.begin_ends[scale_index]
+        level_pos = self.level_pos_embed()[:, begin:end]
+        B = cond_BD.shape[0]
+        if scale_index == 0:
+            x_BLC = cond_BD.unsqueeze(1).expand(B, self.first_len, -1) + self.pos_start.expand(B, -1, -1) + level_pos
+        else:
+            if scale_input is None or scale_input.shape[1] != end - begin:
+                raise ValueError(f"`scale_input` must have shape (B, {end - begin}, {self.config.latent_channels}) at scale {scale_index}.")
+            x_BLC = self.input_proj(scale_input.to(self.input_proj.weight.dtype)) + level_pos
+        return self._run_blocks(x_BLC, cond_BD, kv_cache=kv_cache)
+
+    # -- initialisation for training from scratch ----------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02, init_std: float = -1.0):
+        """The original recipe: truncated normal (std sqrt(1/(3C))), scaled head / AdaLN / residual outputs."""
+        C, depth = self.config.embed_dim, self.config.depth
+        std = math.sqrt(1 / C / 3) if init_std < 0 else init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                truncated_normal_(module.weight, std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                truncated_normal_(module.weight, std)
+        for p in (self.pos_start, self.pos_embed):
+            truncated_normal_(p, std)
+        self.head.weight.mul_(init_head)
+        self.head.bias.zero_()
+        self.head_norm.adaln.linear.weight.mul_(init_adaln)
+        self.head_norm.adaln.linear.bias.zero_()
+        for block in self.blocks:
+            block.attn.to_out.weight.div_(math.sqrt(2 * depth))
+            block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
+            block.attn.log_scale.fill_(math.log(4.0)) if block.attn.attn_l2_norm else None
+            block.attn.q_bias.zero_()
+            block.attn.v_bias.zero_()
+            if block.shared_adaln:
+                block.adaln_offset.copy_(torch.randn_like(block.adaln_offset) / C**0.5)
+                block.adaln_offset[:, :, 2:].mul_(init_adaln)
+                block.adaln_offset[:, :, :2].mul_(init_adaln_gamma)
+            else:
+                block.adaln.linear.weight[2 * C :].mul_(init_adaln)
+                block.adaln.linear.weight[: 2 * C].mul_(init_adaln_gamma)

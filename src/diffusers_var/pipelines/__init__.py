@@ -1,0 +1,3 @@
+from .pipeline_var import VARPipeline
+
+__all__ = ["VARPipeline"]

@@ -1,0 +1,202 @@
+"""VARPipeline: class-conditional image generation by next-scale prediction."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any, Callable
+
+import torch
+
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+
+from ..models.multiscale_vq import MultiScaleVQModel, area_down
+from ..models.var_transformer import VARTransformer2DModel
+from .sampling import (
+    GeneratorArg,
+    apply_guidance,
+    check_generator,
+    check_sampling_args,
+    draw_class_labels,
+    filter_top_k_top_p_,
+    gumbel_softmax,
+    linear_guidance_ramp,
+    sample_from_logits,
+    smooth_tau,
+)
+
+
+def imagenet_id2label() -> dict[int, str]:
+    """The 1000 ImageNet-1k class names (WordNet lemmas, comma-separated synonyms), by class index."""
+    text = resources.files("diffusers_var.data").joinpath("imagenet_id2label.json").read_text()
+    return {int(k): v for k, v in json.loads(text).items()}
+
+
+def images_to_output(images: torch.Tensor, output_type: str):
+    """(B, 3, H, W) float in [0, 1] -> "pt" tensor, "np" array (B, H, W, 3) or "pil" list."""
+    if output_type == "pt":
+        return images
+    array = VaeImageProcessor.pt_to_numpy(images.float().cpu())
+    return array if output_type == "np" else VaeImageProcessor.numpy_to_pil(array)
+
+
+class VARPipeline(DiffusionPipeline):
+    r"""Class-conditional generation with VAR (Visual AutoRegressive modeling, next-scale prediction).
+
+    Components:
+        transformer ([`VARTransformer2DModel`]): predicts each scale's tokens from the coarser ones.
+        vqvae ([`MultiScaleVQModel`]): the multi-scale tokenizer whose codebook and decoder turn
+            tokens into images.
+        id2label (`dict[int, str]`, *optional*): class names (comma-separated synonyms) for
+            :meth:`get_label_ids`; the ImageNet-1k names by default when the model has 1000 classes.
+
+    With a single seeded CPU ``torch.Generator`` the random draws happen in the original order, shapes
+    and dtypes, so a seed reproduces the original ``autoregressive_infer_cfg`` sample for sample.
+    The VQ-VAE is used at every scale, so ``enable_model_cpu_offload`` offloads only the transformer
+    (between calls) and keeps the comparatively small tokenizer on the accelerator.
+    """
+
+    model_cpu_offload_seq = "transformer"
+    _exclude_from_cpu_offload = ["vqvae"]
+    _callback_tensor_inputs = ["f_hat", "logits", "indices"]
+
+    def __init__(self, transformer: VARTransformer2DModel, vqvae: MultiScaleVQModel, id2label: dict | None = None):
+        super().__init__()
+        if tuple(transformer.config.patch_nums) != tuple(vqvae.config.patch_nums):
+            raise ValueError(f"transformer and vqvae `patch_nums` differ: {transformer.config.patch_nums} vs {vqvae.config.patch_nums}.")
+        if transformer.config.vocab_size != vqvae.config.vocab_size or transformer.config.latent_channels != vqvae.config.z_channels:
+            raise ValueError("transformer `vocab_size`/`latent_channels` must match the vqvae's `vocab_size`/`z_channels`.")
+        self.register_modules(transformer=transformer, vqvae=vqvae)
+        if id2label is None and transformer.config.num_classes == 1000:
+            id2label = imagenet_id2label()
+        id2label = {int(k): v for k, v in (id2label or {}).items()}
+        self.register_to_config(id2label={str(k): v for k, v in id2label.items()} or None)
+        self.id2label = id2label
+        self.labels = {}
+        for key, value in id2label.items():
+            for name in value.split(","):
+                self.labels[name.strip()] = key
+        self.labels = dict(sorted(self.labels.items()))
+
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
+        """Map class names (any synonym, e.g. ``"golden retriever"``) to class indices."""
+        labels = [label] if isinstance(label, str) else list(label)
+        unknown = [name for name in labels if name not in self.labels]
+        if unknown:
+            raise ValueError(f"`label` {unknown} not found; choose from `pipe.labels` ({len(self.labels)} names).")
+        return [self.labels[name] for name in labels]
+
+    # -- inputs -------------------------------------------------------------------------------------
+    def _prepare_labels(self, class_labels, num_images_per_prompt: int, generator: GeneratorArg, device) -> torch.LongTensor:
+        num_classes = self.transformer.config.num_classes
+        if class_labels is None:
+            check_generator(generator, num_images_per_prompt)
+            return draw_class_labels(num_classes, num_images_per_prompt, generator, device)
+        if isinstance(class_labels, torch.Tensor):
+            class_labels = class_labels.flatten().tolist()
+        elif isinstance(class_labels, int) and not isinstance(class_labels, bool):
+            class_labels = [class_labels]
+        if not isinstance(class_labels, (list, tuple)) or not class_labels:
+            raise ValueError("`class_labels` must be an int, a non-empty list of ints, a 1-D tensor, or None.")
+        for label in class_labels:
+            if not isinstance(label, int) or isinstance(label, bool) or not -1 <= label <= num_classes:
+                raise ValueError(
+                    f"`class_labels` entries must be integers in [0, {num_classes - 1}], or -1 / {num_classes} "
+                    f"for the null (unconditional) class; got {label!r}."
+                )
+        labels = torch.tensor([num_classes if label < 0 else label for label in class_labels], dtype=torch.long)
+        labels = labels.repeat_interleave(num_images_per_prompt).to(device)
+        check_generator(generator, labels.shape[0])
+        return labels
+
+    # -- generation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | list[int] | torch.Tensor | None = None,
+        guidance_scale: float = 4.0,
+        top_k: int = 900,
+        top_p: float = 0.95,
+        more_smooth: bool = False,
+        num_images_per_prompt: int = 1,
+        generator: GeneratorArg = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[Any, int, int, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ):
+        r"""Generate images.
+
+        Args:
+            class_labels: class index, list of indices, or ``None`` to draw ``num_images_per_prompt``
+                labels uniformly from ``generator`` (as the original does). ``-1`` is the null class.
+            guidance_scale: the original ``cfg``: guidance ramps linearly from 0 at the first scale to
+                ``guidance_scale`` at the last (``(1 + t) cond - t uncond``). The demo uses 4; the FID
+                setting is 1.5 with ``top_p=0.96``.
+            top_k: keep the ``top_k`` most likely tokens (0 = off; ties with the k-th survive).
+            top_p: nucleus filtering after top-k (0 = off).
+            more_smooth: replace hard tokens by a Gumbel-softmax mixture of codes (sharper-looking
+                images; the sampled token is still drawn and discarded, as in the original).
+            num_images_per_prompt: images per label.
+            generator: one ``torch.Generator`` (original draw order) or one per image.
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` (float (B, 3, H, W) in [0, 1]) or ``"latent"``
+                (the final f_hat (B, Cv, h, h)).
+            callback_on_step_end: called once per scale as ``fn(pipe, scale_index, patch_num, kwargs)``
+                with the tensors named in ``callback_on_step_end_tensor_inputs`` (``"f_hat"``,
+                ``"logits"`` (guided, before filtering), ``"indices"``); may return a new ``"f_hat"``.
+        """
+        check_sampling_args(guidance_scale, top_k, top_p, output_type, num_images_per_prompt)
+        tensor_inputs = list(callback_on_step_end_tensor_inputs or ["f_hat"])
+        bad = [name for name in tensor_inputs if name not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}, got {bad}.")
+        device = self._execution_device
+        labels_B = self._prepare_labels(class_labels, num_images_per_prompt, generator, device)
+        B = labels_B.shape[0]
+
+        transformer, vqvae = self.transformer, self.vqvae
+        patch_nums = tuple(transformer.config.patch_nums)
+        num_scales, side = len(patch_nums), patch_nums[-1]
+        null = torch.full_like(labels_B, transformer.config.num_classes)
+        cond_BD = transformer.embed_condition(torch.cat((labels_B, null)))  # conditional rows first
+        kv_cache = transformer.init_kv_cache()
+        codebook = vqvae.codebook
+        f_hat = torch.zeros(B, vqvae.config.z_channels, side, side, device=device, dtype=torch.float32)
+        scale_input = None
+
+        with self.progress_bar(total=num_scales) as progress_bar:
+            for si, pn in enumerate(patch_nums):
+                ratio = si / (num_scales - 1)
+                logits = transformer.forward_scale(si, cond_BD, kv_cache, scale_input)
+                logits = apply_guidance(logits, linear_guidance_ramp(guidance_scale, si, num_scales))
+                guided_logits = logits.clone() if "logits" in tensor_inputs else None
+                filter_top_k_top_p_(logits, top_k, top_p)
+                indices = sample_from_logits(logits, generator)
+                if more_smooth:  # soft mixture of codes; the hard sample above is discarded
+                    weights = gumbel_softmax(logits.mul(1 + ratio), smooth_tau(ratio), generator)
+                    embedding = weights @ codebook.float().to(weights.device)
+                else:
+                    embedding = codebook[indices.to(codebook.device)].float()
+                embedding = embedding.transpose(1, 2).reshape(B, -1, pn, pn)
+                f_hat, next_input = vqvae.next_scale_input(si, f_hat, embedding)
+
+                if callback_on_step_end is not None:
+                    local = {"f_hat": f_hat, "logits": guided_logits, "indices": indices}
+                    out = callback_on_step_end(self, si, pn, {k: local[k] for k in tensor_inputs}) or {}
+                    if out.get("f_hat") is not None and out["f_hat"] is not f_hat:
+                        f_hat = out["f_hat"].float()
+                        if si != num_scales - 1:
+                            next_input = area_down(f_hat, patch_nums[si + 1])
+                if si != num_scales - 1:
+                    scale_input = next_input.flatten(2).transpose(1, 2).repeat(2, 1, 1)  # same input for both halves
+                progress_bar.update()
+
+        if output_type == "latent":
+            images = f_hat
+        else:
+            images = images_to_output((vqvae.decode_latent(f_hat) + 1) / 2, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)

@@ -1,0 +1,124 @@
+"""Sampling primitives shared by the next-scale pipelines: guidance ramp, top-k / top-p filtering,
+the multinomial "exponential race", Gumbel smoothing, generator handling and argument checks.
+
+Random numbers are drawn exactly like the original implementations: with one seeded generator the
+draws have the same order, shapes and dtypes (so the same seed gives the same image); with a list of
+generators every image gets its own stream (row b draws from ``generator[b]``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks
+# ----------------------------------------------------------------------------------------------
+def check_sampling_args(guidance_scale, top_k, top_p, output_type, num_images_per_prompt=1) -> None:
+    if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or guidance_scale < 0:
+        raise ValueError(f"`guidance_scale` must be a number >= 0, got {guidance_scale!r}.")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f"`top_k` must be an integer >= 0 (0 disables top-k), got {top_k!r}.")
+    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"`top_p` must be in [0, 1] (0 disables top-p), got {top_p!r}.")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+    if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) or num_images_per_prompt < 1:
+        raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}.")
+
+
+def check_generator(generator: GeneratorArg, batch_size: int) -> None:
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != batch_size:
+            raise ValueError(
+                f"`generator` is a list of length {len(generator)}, but the batch has {batch_size} images "
+                f"(prompts x num_images_per_prompt); pass one generator per image or a single generator."
+            )
+        if not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError("`generator` list must contain only torch.Generator objects.")
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"`generator` must be a torch.Generator, a list of them, or None; got {type(generator).__name__}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Guidance and filtering
+# ----------------------------------------------------------------------------------------------
+def linear_guidance_ramp(guidance_scale: float, scale_index: int, num_scales: int) -> float:
+    """VAR/STAR guidance strength at a scale: 0 at the first scale, ``guidance_scale`` at the last."""
+    return guidance_scale * scale_index / (num_scales - 1)
+
+
+def apply_guidance(logits_2BlV: torch.Tensor, strength: float) -> torch.Tensor:
+    """Rows [:B] are conditional, rows [B:] unconditional: ``(1 + t) cond - t uncond``."""
+    B = logits_2BlV.shape[0] // 2
+    return (1 + strength) * logits_2BlV[:B] - strength * logits_2BlV[B:]
+
+
+def filter_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """In place: top-k keeps every logit >= the k-th largest (ties survive); then top-p removes, in
+    ascending order, the tokens whose cumulative probability is <= 1 - p (never the largest)."""
+    V = logits_BlV.shape[-1]
+    if 0 < top_k < V:  # k >= V keeps every token: nothing to filter
+        kth = logits_BlV.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
+        logits_BlV.masked_fill_(logits_BlV < kth, -torch.inf)
+    if top_p > 0:
+        sorted_logits, sorted_idx = logits_BlV.sort(dim=-1, descending=False)
+        remove_sorted = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        remove_sorted[..., -1:] = False
+        logits_BlV.masked_fill_(remove_sorted.scatter(-1, sorted_idx, remove_sorted), -torch.inf)
+    return logits_BlV
+
+
+# ----------------------------------------------------------------------------------------------
+# Random draws
+# ----------------------------------------------------------------------------------------------
+def _exponential(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    draw_device = generator.device if generator is not None else device
+    return torch.empty(shape, dtype=torch.float32, device=draw_device).exponential_(generator=generator).to(device)
+
+
+def exponential_draws(shape: tuple[int, ...], generator: GeneratorArg, device) -> torch.Tensor:
+    """Exp(1) noise of ``shape`` (leading dim = batch). One generator draws the whole tensor at once;
+    a list draws row b from ``generator[b]``."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([_exponential(shape[1:], g, device) for g in generator])
+    return _exponential(shape, generator, device)
+
+
+def sample_from_logits(logits_BlV: torch.Tensor, generator: GeneratorArg) -> torch.LongTensor:
+    """One token per row, exactly as ``torch.multinomial(softmax(logits).view(-1, V), 1)`` draws it:
+    ``argmax(p / q)`` with ``q ~ Exp(1)`` of shape (B*l, V) (works for a generator on any device)."""
+    B, l, V = logits_BlV.shape
+    probs = logits_BlV.softmax(dim=-1).view(B * l, V)
+    if isinstance(generator, (list, tuple)):
+        noise = exponential_draws((B, l, V), generator, probs.device).view(B * l, V)
+    else:
+        noise = exponential_draws((B * l, V), generator, probs.device)
+    return (probs / noise).argmax(dim=-1).view(B, l)
+
+
+def gumbel_softmax(logits_BlV: torch.Tensor, tau: float, generator: GeneratorArg) -> torch.Tensor:
+    """Soft Gumbel-softmax with noise ``-log(Exp(1))`` of the logits' shape, drawn from ``generator``."""
+    gumbels = -exponential_draws(tuple(logits_BlV.shape), generator, logits_BlV.device).log()
+    return ((logits_BlV + gumbels) / tau).softmax(dim=-1)
+
+
+def smooth_tau(ratio: float) -> float:
+    """VAR's ``more_smooth`` temperature at relative scale position ``ratio`` in [0, 1]."""
+    return max(0.27 * (1 - ratio * 0.95), 0.005)
+
+
+def draw_class_labels(num_classes: int, batch_size: int, generator: GeneratorArg, device) -> torch.LongTensor:
+    """Uniform random labels, drawn like the original (``multinomial(uniform, B, replacement=True)``)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([draw_class_labels(num_classes, 1, g, device) for g in generator])
+    draw_device = generator.device if generator is not None else torch.device("cpu")
+    uniform = torch.full((1, num_classes), 1.0 / num_classes, dtype=torch.float32, device=draw_device)
+    labels = torch.multinomial(uniform, num_samples=batch_size, replacement=True, generator=generator)
+    return labels.reshape(batch_size).to(device)
