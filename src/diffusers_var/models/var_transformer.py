@@ -91,7 +91,7 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.seq_len, C))
         self.level_embedding = nn.Embedding(self.num_scales, C)
         self.shared_adaln = AdaLNModulation(C, C, 6) if shared_adaln else None
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
             [
                 AdaLNSelfAttentionBlock(C, num_heads, mlp_ratio, norm_eps, shared_adaln, attn_l2_norm, rates[i])
@@ -113,13 +113,17 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin):
         """(1, L, C): level embedding of every position plus the absolute position embedding."""
         return self.level_embedding(self.level_ids) + self.pos_embed
 
-    def drop_labels(self, class_labels: torch.LongTensor, generator: torch.Generator | None = None) -> torch.LongTensor:
+    def drop_labels(self, class_labels: torch.LongTensor, rate: float | None = None,
+                    generator: torch.Generator | None = None) -> torch.LongTensor:
         """Label dropout for classifier-free guidance training: each label becomes the null class with
-        probability ``cond_drop_rate``. Draws ``torch.rand(B)`` like the original (global RNG if no generator)."""
-        if self.config.cond_drop_rate <= 0:
+        probability ``rate`` (default ``cond_drop_rate``). Draws ``torch.rand(B)`` like the original
+        (from the global RNG when no generator is given)."""
+        rate = self.config.cond_drop_rate if rate is None else rate
+        if rate <= 0:
             return class_labels
-        draw = torch.rand(class_labels.shape[0], generator=generator, device=generator.device if generator else class_labels.device)
-        return torch.where(draw.to(class_labels.device) < self.config.cond_drop_rate, self.null_class, class_labels)
+        device = generator.device if generator is not None else class_labels.device
+        draw = torch.rand(class_labels.shape[0], generator=generator, device=device).to(class_labels.device)
+        return torch.where(draw < rate, self.null_class, class_labels)
 
     def _check_labels(self, class_labels: torch.Tensor) -> None:
         if class_labels.dtype not in (torch.int64, torch.int32) or class_labels.ndim != 1:

@@ -1,0 +1,55 @@
+"""Shared test helpers: where the reference fixtures live and how tensors are compared with them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES_ROOT = Path(os.environ.get("DIFFUSERS_VAR_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
+KEYS_ROOT = Path(os.environ.get("DIFFUSERS_VAR_KEYS", REPO_ROOT.parent / "shared" / "keys"))
+
+
+def fixture_dir(family: str) -> Path:
+    """The reference fixture folder of a model family; skips (with the reason) when it is absent.
+    ``.ci/run`` sets DIFFUSERS_VAR_REQUIRE_FIXTURES=1, which turns a missing folder into a failure."""
+    path = FIXTURES_ROOT / family
+    if not (path / "manifest.json").is_file():
+        message = f"reference fixtures not found at {path} (set DIFFUSERS_VAR_FIXTURES)"
+        if os.environ.get("DIFFUSERS_VAR_REQUIRE_FIXTURES") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def keys_dir(family: str) -> Path:
+    path = KEYS_ROOT / family
+    if not path.is_dir():
+        message = f"checkpoint key lists not found at {path} (set DIFFUSERS_VAR_KEYS)"
+        if os.environ.get("DIFFUSERS_VAR_REQUIRE_FIXTURES") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def load_manifest(path: Path) -> dict:
+    return json.loads((path / "manifest.json").read_text())
+
+
+def assert_matches(name: str, actual: torch.Tensor, reference: torch.Tensor, tolerance, errors: dict | None = None) -> None:
+    """Compare with the manifest tolerance: "exact" (integers) or {"atol", "rtol"}; records the max error."""
+    actual = actual.detach().cpu()
+    assert tuple(actual.shape) == tuple(reference.shape), f"{name}: shape {tuple(actual.shape)} != {tuple(reference.shape)}"
+    if tolerance == "exact" or not reference.is_floating_point():
+        assert torch.equal(actual.to(reference.dtype), reference), f"{name}: integer tensor differs from the reference"
+        if errors is not None:
+            errors[name] = 0.0
+        return
+    actual = actual.to(reference.dtype)
+    if errors is not None:
+        errors[name] = (actual - reference).abs().max().item()
+    torch.testing.assert_close(actual, reference, atol=tolerance["atol"], rtol=tolerance["rtol"], msg=lambda m: f"{name}: {m}")
