@@ -35,7 +35,7 @@ VAR_KEY_RULES = [
     (r"word_embed\.(weight|bias)", r"input_proj.\1"),
     (r"class_emb\.weight", r"class_embedding.weight"),
     (r"lvl_embed\.weight", r"level_embedding.weight"),
-    (r"shared_ada_lin\.1\.(weight|bias)", r"shared_adaln.linear.\1"),
+    (r"shared_ada_lin\.1\.(weight|bias)", r"shared_modulation.linear.\1"),
     (r"blocks\.(\d+)\.ada_gss", r"blocks.\1.adaln_offset"),
     (r"blocks\.(\d+)\.ada_lin\.1\.(weight|bias)", r"blocks.\1.adaln.linear.\2"),
     (r"blocks\.(\d+)\.attn\.scale_mul_1H11", r"blocks.\1.attn.log_scale"),

@@ -214,7 +214,8 @@ class MultiScaleResidualQuantizer(nn.Module):
         if len(self.phi) == 0:
             return h_BChw
         conv = self.phi[phi_index(scale_index, num_scales, len(self.phi))]
-        return h_BChw.mul(1 - self.phi_ratio) + conv(h_BChw).mul_(self.phi_ratio)
+        refined = conv(h_BChw.to(conv.weight.dtype)).to(h_BChw.dtype)  # f_hat stays float32 in low-precision models
+        return h_BChw.mul(1 - self.phi_ratio) + refined.mul_(self.phi_ratio)
 
     def nearest_code(self, z_NC: torch.Tensor) -> torch.LongTensor:
         """Index of the closest codebook vector (squared L2, first minimum on ties)."""
@@ -333,13 +334,19 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
         if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != self.config.in_channels:
             raise ValueError(f"`images` must be a (B, {self.config.in_channels}, H, W) tensor in [-1, 1], got "
                              f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}.")
-        if images.shape[-1] % self.downsample_factor or images.shape[-2] % self.downsample_factor:
+        if images.shape[-1] != images.shape[-2]:
+            raise ValueError(f"`images` must be square (the token maps are square), got {tuple(images.shape[-2:])}.")
+        if images.shape[-1] % self.downsample_factor:
             raise ValueError(f"`images` height and width must be multiples of {self.downsample_factor}, got {tuple(images.shape[-2:])}.")
 
     def _resolve_patch_nums(self, patch_nums, latent_side: int) -> tuple[int, ...]:
         patch_nums = self.patch_nums if patch_nums is None else validate_patch_nums(patch_nums)
         if patch_nums[-1] != latent_side:
-            raise ValueError(f"`patch_nums` must end with the latent side {latent_side}, got {patch_nums}.")
+            raise ValueError(
+                f"`images` give a {latent_side}x{latent_side} latent, but the scale schedule `patch_nums` {patch_nums} ends at "
+                f"{patch_nums[-1]}: use {patch_nums[-1] * self.downsample_factor}x{patch_nums[-1] * self.downsample_factor} images "
+                f"or pass a `patch_nums` ending at {latent_side}."
+            )
         return patch_nums
 
     # -- encoding ------------------------------------------------------------------------------
@@ -403,7 +410,7 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
         f_hat = torch.zeros(B, self.config.z_channels, side, side, device=indices[0].device)
         inputs = []
         for si in range(S - 1):
-            f_hat.add_(self.quantize.apply_phi(bicubic_up(self.quantize.embed(indices[si], patch_nums[si]), side), si, S))
+            f_hat = f_hat + self.quantize.apply_phi(bicubic_up(self.quantize.embed(indices[si], patch_nums[si]), side), si, S)
             inputs.append(area_down(f_hat, patch_nums[si + 1]).flatten(2).transpose(1, 2))
         return torch.cat(inputs, dim=1)
 

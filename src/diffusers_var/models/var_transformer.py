@@ -90,7 +90,7 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin):
         self.pos_start = nn.Parameter(torch.zeros(1, self.first_len, C))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.seq_len, C))
         self.level_embedding = nn.Embedding(self.num_scales, C)
-        self.shared_adaln = AdaLNModulation(C, C, 6) if shared_adaln else None
+        self.shared_modulation = AdaLNModulation(C, C, 6) if shared_adaln else None
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
             [
@@ -133,7 +133,7 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin):
 
     def _adaln_condition(self, cond_BD: torch.Tensor) -> torch.Tensor:
         """Per-block AdaLN input: the class embedding, or the shared (B, 1, 6, C) modulation."""
-        return cond_BD if self.shared_adaln is None else self.shared_adaln(cond_BD)
+        return cond_BD if self.shared_modulation is None else self.shared_modulation(cond_BD)
 
     def _run_blocks(self, x_BLC, cond_BD, attn_mask=None, kv_cache: KVCache | None = None) -> torch.Tensor:
         block_cond = self._adaln_condition(cond_BD)
