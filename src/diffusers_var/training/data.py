@@ -1,0 +1,156 @@
+"""Training data: image folders (HF "imagefolder" layout), HF ``datasets``, and the generated shapes.
+
+Every dataset yields dicts with ``pixel_values`` (3, R, R) in [-1, 1] and, where available,
+``class_labels`` (int) and ``caption`` (str).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+
+
+def resize_center_crop(image: PIL.Image.Image, resolution: int) -> torch.Tensor:
+    """Resize the short side to ``resolution`` (Lanczos), centre-crop, scale to [-1, 1]."""
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = resolution / min(w, h)
+    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), PIL.Image.LANCZOS)
+    w, h = image.size
+    left, top = (w - resolution) // 2, (h - resolution) // 2
+    array = np.asarray(image.crop((left, top, left + resolution, top + resolution)), dtype=np.float32)
+    return torch.from_numpy(array).permute(2, 0, 1).div(127.5).sub(1)
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Images under ``root``.
+
+    * Class-conditional (``need_labels``): one sub-folder per class (sorted names -> ids 0..N-1).
+    * Captioned (``need_captions``): ``metadata.jsonl`` lines ``{"file_name": ..., "text": ...}`` (the HF
+      imagefolder layout), or a ``.txt`` file next to each image.
+
+    Unreadable images are skipped (their count is logged); an empty folder or an image without a caption
+    is an error.
+    """
+
+    def __init__(self, root: str | Path, resolution: int, need_labels: bool = False, need_captions: bool = False):
+        self.root, self.resolution = Path(root), resolution
+        if not self.root.is_dir():
+            raise ValueError(f"`data.path`: {str(self.root)!r} is not a folder.")
+        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise ValueError(f"`data.path`: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {str(self.root)!r}.")
+        readable, skipped = [], 0
+        for path in files:
+            try:
+                with PIL.Image.open(path) as im:
+                    im.verify()
+                readable.append(path)
+            except Exception:
+                skipped += 1
+        if skipped:
+            logger.warning("skipped %d unreadable image(s) under %s", skipped, self.root)
+        if not readable:
+            raise ValueError(f"`data.path`: none of the {len(files)} images under {str(self.root)!r} could be read.")
+        self.files, self.skipped = readable, skipped
+        self.class_names, self.labels, self.captions = None, None, None
+        if need_labels:
+            self.class_names = sorted({p.relative_to(self.root).parts[0] for p in readable if len(p.relative_to(self.root).parts) > 1})
+            if not self.class_names:
+                raise ValueError(f"`data.path`: class-conditional training needs one sub-folder per class under {str(self.root)!r}.")
+            index = {name: i for i, name in enumerate(self.class_names)}
+            self.files = [p for p in readable if len(p.relative_to(self.root).parts) > 1]
+            self.labels = [index[p.relative_to(self.root).parts[0]] for p in self.files]
+        if need_captions:
+            self.captions = [self._caption(p) for p in self.files]
+
+    def _caption(self, path: Path) -> str:
+        if not hasattr(self, "_metadata"):
+            self._metadata = {}
+            for meta in self.root.rglob("metadata.jsonl"):
+                for line in meta.read_text().splitlines():
+                    if line.strip():
+                        entry = json.loads(line)
+                        self._metadata[(meta.parent / entry["file_name"]).resolve()] = entry.get("text") or entry.get("caption")
+        caption = self._metadata.get(path.resolve())
+        if caption is None and path.with_suffix(".txt").is_file():
+            caption = path.with_suffix(".txt").read_text().strip()
+        if not caption:
+            raise ValueError(f"`data.path`: image {str(path)!r} has no caption (metadata.jsonl 'text' or a .txt next to it).")
+        return caption
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        with PIL.Image.open(self.files[index]) as image:
+            item = {"pixel_values": resize_center_crop(image, self.resolution)}
+        if self.labels is not None:
+            item["class_labels"] = self.labels[index]
+        if self.captions is not None:
+            item["caption"] = self.captions[index]
+        return item
+
+
+class HFDataset(torch.utils.data.Dataset):
+    """Any HF ``datasets`` dataset with an image column and optional label / text columns."""
+
+    def __init__(self, name_or_path: str, resolution: int, split: str = "train", image_column: str = "image",
+                 label_column: str | None = None, caption_column: str | None = None):
+        try:
+            import datasets
+        except ImportError as err:
+            raise ValueError("`data.type: hf` needs the `datasets` package (pip install datasets).") from err
+        self.dataset = datasets.load_dataset(name_or_path, split=split) if not Path(name_or_path).is_dir() else datasets.load_from_disk(name_or_path)
+        for column in (image_column, label_column, caption_column):
+            if column is not None and column not in self.dataset.column_names:
+                raise ValueError(f"`data`: column {column!r} not in the dataset (columns: {self.dataset.column_names}).")
+        self.resolution, self.columns = resolution, (image_column, label_column, caption_column)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.dataset[index]
+        image_column, label_column, caption_column = self.columns
+        item = {"pixel_values": resize_center_crop(row[image_column], self.resolution)}
+        if label_column:
+            item["class_labels"] = int(row[label_column])
+        if caption_column:
+            item["caption"] = str(row[caption_column])
+        return item
+
+
+def build_dataset(data_config: dict, resolution: int, need_labels: bool = False, need_captions: bool = False):
+    """``data`` section of a training config -> dataset. ``type``: shapes | imagefolder | hf."""
+    kind = data_config.get("type", "imagefolder")
+    if kind == "shapes":
+        from ..shapes import ShapesDataset
+
+        return ShapesDataset(int(data_config.get("num_images", 10000)), resolution, int(data_config.get("seed", 0)))
+    if kind == "imagefolder":
+        if "path" not in data_config:
+            raise ValueError("`data.path` is required for `data.type: imagefolder`.")
+        return ImageFolderDataset(data_config["path"], resolution, need_labels, need_captions)
+    if kind == "hf":
+        return HFDataset(data_config["path"], resolution, data_config.get("split", "train"), data_config.get("image_column", "image"),
+                         data_config.get("label_column"), data_config.get("caption_column"))
+    raise ValueError(f"`data.type` must be one of 'shapes', 'imagefolder', 'hf'; got {kind!r}.")
+
+
+def collate(items: list[dict]) -> dict:
+    batch = {"pixel_values": torch.stack([it["pixel_values"] for it in items])}
+    if "class_labels" in items[0]:
+        batch["class_labels"] = torch.tensor([it["class_labels"] for it in items], dtype=torch.long)
+    if "caption" in items[0]:
+        batch["caption"] = [it["caption"] for it in items]
+    return batch

@@ -1,0 +1,291 @@
+"""The training loop, on accelerate: one device, the CPU, or DDP / FSDP through ``accelerate launch``.
+
+Mixed precision, gradient accumulation and checkpointing, EMA weights, warm-up + cosine LR, checkpoints
+every N steps (written to a temporary folder and renamed, the last K kept) with automatic resume from
+the newest complete one, TensorBoard (when installed) plus a JSONL log, and a final export as a
+diffusers folder that the pipelines load directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_PATTERN = re.compile(r"step-(\d+)\Z")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; loaded from YAML/JSON (see ``configs/``) with ``key=value`` overrides."""
+
+    task: str = "var"  # tokenizer | var
+    output_dir: str = "outputs/run"
+    data: dict = field(default_factory=lambda: {"type": "shapes", "num_images": 10000})
+    resolution: int = 64
+    model: dict = field(default_factory=dict)  # constructor arguments of the trained model
+    tokenizer_path: str | None = None  # frozen tokenizer for transformer training
+    batch_size: int = 32
+    max_steps: int = 1000
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.05
+    adam_betas: tuple = (0.9, 0.95)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 2.0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    gradient_checkpointing: bool = False
+    ema_decay: float | None = 0.999  # None: no EMA
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    sample_every: int = 0  # 0: no sample images during training
+    seed: int = 0
+    num_workers: int = 0
+    label_smoothing: float = 0.0  # transformer tasks
+    cond_drop_rate: float = 0.1  # class / text dropout for classifier-free guidance
+    recon_l1_weight: float = 1.0  # tokenizer task
+    recon_l2_weight: float = 1.0
+    vq_loss_weight: float = 1.0
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> "TrainConfig":
+        values: dict[str, Any] = {}
+        if path is not None:
+            text = Path(path).read_text()
+            if str(path).endswith((".yaml", ".yml")):
+                import yaml
+
+                values = yaml.safe_load(text) or {}
+            else:
+                values = json.loads(text)
+        for item in overrides or []:
+            if "=" not in item:
+                raise ValueError(f"override {item!r} must look like key=value (e.g. max_steps=100 or data.num_images=500).")
+            key, raw = item.split("=", 1)
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            target = values
+            *parents, leaf = key.split(".")
+            for parent in parents:
+                target = target.setdefault(parent, {})
+            target[leaf] = value
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown training config keys {unknown}; known: {sorted(known)}.")
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.task not in ("tokenizer", "var"):
+            raise ValueError(f"`task` must be 'tokenizer' or 'var', got {self.task!r}.")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"`mixed_precision` must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}.")
+        for name in ("batch_size", "max_steps", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)!r}.")
+        if self.task != "tokenizer" and not self.tokenizer_path:
+            raise ValueError("`tokenizer_path` (a trained MultiScaleVQModel folder) is required for transformer training.")
+
+
+class _StepCounter:
+    """Global optimisation step, saved inside accelerate checkpoints."""
+
+    def __init__(self):
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """Newest complete checkpoint folder (temporary ones, from an interrupted save, are ignored)."""
+    if not checkpoint_dir.is_dir():
+        return None
+    done = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
+    return max(done)[1] if done else None
+
+
+def _fault_injection(event: str, step: int) -> None:
+    """Test hook: DIFFUSERS_VAR_FAULT_INJECT=event:step SIGKILLs this process there (resume tests)."""
+    spec = os.environ.get("DIFFUSERS_VAR_FAULT_INJECT")
+    if spec and spec == f"{event}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _lr_lambda(config: TrainConfig):
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, embeddings, position / level tables and AdaLN offsets."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        skip = param.ndim < 2 or any(k in name for k in ("pos_", "embedding", "log_scale", "adaln_offset"))
+        (no_decay if skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(config: TrainConfig) -> Path:
+    """Run (or resume) training; returns the exported folder."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+    from .tasks import build_task
+
+    output_dir = Path(config.output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+    trackers = []
+    try:
+        import tensorboard  # noqa: F401
+
+        trackers = ["tensorboard"]
+    except ImportError:
+        pass
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with=trackers or None,
+    )
+    set_seed(config.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint_dir.mkdir(exist_ok=True)
+        for stale in checkpoint_dir.glob(".tmp-*"):  # half-written by an interrupted save
+            shutil.rmtree(stale, ignore_errors=True)
+        (output_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2, default=list))
+    accelerator.wait_for_everyone()
+
+    task = build_task(config, accelerator.device)
+    model = task.model
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.learning_rate, betas=tuple(config.adam_betas))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+    loader = torch.utils.data.DataLoader(
+        task.dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, num_workers=config.num_workers,
+        collate_fn=task.collate, generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG untouched
+    )
+    if len(loader) == 0:
+        raise ValueError(f"`batch_size` {config.batch_size} is larger than the dataset ({len(task.dataset)} images).")
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    counter = _StepCounter()
+    accelerator.register_for_checkpointing(counter)
+    ema = None
+    if config.ema_decay:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=config.ema_decay, foreach=True)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+
+    resume_from = latest_checkpoint(checkpoint_dir)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        accelerator.print(f"resumed from {resume_from} (step {counter.step})")
+    if trackers:
+        accelerator.init_trackers("train", config={k: str(v) for k, v in asdict(config).items()})
+
+    def save_checkpoint(step: int) -> None:
+        final = checkpoint_dir / f"step-{step:07d}"
+        tmp = checkpoint_dir / f".tmp-step-{step:07d}"
+        accelerator.save_state(str(tmp))  # every rank writes its RNG state here
+        accelerator.wait_for_everyone()
+        _fault_injection("checkpoint", step)
+        if accelerator.is_main_process:
+            os.replace(tmp, final)
+            done = sorted(p for p in checkpoint_dir.iterdir() if CHECKPOINT_PATTERN.match(p.name))
+            for old in done[: -config.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+
+    updates_per_epoch = max(1, len(loader) // config.gradient_accumulation_steps)
+    log_file = output_dir / "train_log.jsonl"
+    progress = None
+    if accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=config.max_steps, initial=counter.step, desc=f"train {config.task}")
+    model.train()
+    started, images_seen = time.perf_counter(), 0
+    while counter.step < config.max_steps:
+        epoch = counter.step // updates_per_epoch
+        loader.set_epoch(epoch)
+        skip = (counter.step % updates_per_epoch) * config.gradient_accumulation_steps
+        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for batch in epoch_loader:
+            with accelerator.accumulate(model):
+                loss, metrics = task.loss(model, batch)
+                accelerator.backward(loss)
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip) if accelerator.sync_gradients else None
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            images_seen += batch["pixel_values"].shape[0] * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            counter.step += 1
+            if ema is not None:
+                ema.step(accelerator.unwrap_model(model).parameters())
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss.item():.4f}")
+            if counter.step % config.log_every == 0 or counter.step == config.max_steps:
+                elapsed = time.perf_counter() - started
+                record = {"step": counter.step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                          "images_per_s": images_seen / max(elapsed, 1e-9), **metrics}
+                accelerator.log(record, step=counter.step)
+                if accelerator.is_main_process:
+                    with log_file.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+            if config.sample_every and counter.step % config.sample_every == 0 and accelerator.is_main_process:
+                task.save_samples(accelerator.unwrap_model(model), output_dir / "samples" / f"step-{counter.step:07d}.png")
+            _fault_injection("step", counter.step)
+            if counter.step % config.checkpoint_every == 0 or counter.step == config.max_steps:
+                save_checkpoint(counter.step)
+            if counter.step >= config.max_steps:
+                break
+    if progress is not None:
+        progress.close()
+
+    accelerator.wait_for_everyone()
+    export_dir = output_dir / "final"
+    if accelerator.is_main_process:
+        trained = accelerator.unwrap_model(model)
+        if ema is not None:
+            ema.store(trained.parameters())
+            ema.copy_to(trained.parameters())
+        task.export(trained, export_dir)
+        if ema is not None:
+            ema.restore(trained.parameters())
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return export_dir
