@@ -162,3 +162,45 @@ def attribute_accuracy(judged: list[ShapeClass | None], targets: list[ShapeClass
         "background": hit(lambda j, t: j.background == t.background),
         "all": hit(lambda j, t: j == t),
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# Distribution distance and end-to-end evaluation
+# ----------------------------------------------------------------------------------------------
+def thumbnail_features(images_uint8: np.ndarray, size: int = 8) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, size*size*3) float64 area-averaged thumbnails in [0, 1]."""
+    n, h, w, _ = images_uint8.shape
+    x = images_uint8.astype(np.float64).reshape(n, size, h // size, size, w // size, 3).mean(axis=(2, 4)) / 255.0
+    return x.reshape(n, -1)
+
+
+def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (the FID formula, any features)."""
+    mu_a, mu_b = features_a.mean(0), features_b.mean(0)
+    cov_a, cov_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)
+    vals, vecs = np.linalg.eigh(cov_a)
+    sqrt_a = (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
+    cross = np.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(np.clip(cross, 0, None)).sum())
+
+
+def _as_uint8(images) -> np.ndarray:
+    if isinstance(images, torch.Tensor):
+        return (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return np.stack([np.asarray(im.convert("RGB")) for im in images]) if isinstance(images, list) else images
+
+
+def evaluate_generations(images, targets: list[ShapeClass], resolution: int, seed: int = 12345) -> dict:
+    """Judge accuracy per attribute, and the thumbnail Fréchet distance to held-out real images of the same
+    classes (plus that distance between two real sets of the same size, as the noise floor)."""
+    generated = _as_uint8(images)
+    n = len(targets)
+    rng = np.random.default_rng(seed)
+    ids = np.array([CLASSES.index(t) for t in targets])
+    real = [render(ids, *sample_layout(rng, n, resolution), resolution) for _ in range(2)]
+    return {
+        **attribute_accuracy(judge_images(generated), targets),
+        "frechet_thumbnail": frechet_distance(thumbnail_features(generated), thumbnail_features(real[0])),
+        "frechet_thumbnail_real_vs_real": frechet_distance(thumbnail_features(real[1]), thumbnail_features(real[0])),
+        "num_samples": n,
+    }

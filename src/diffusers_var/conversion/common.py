@@ -102,6 +102,7 @@ def atomic_save_pipeline(pipeline, output_dir: str | os.PathLike, overwrite: boo
         raise ConversionError(f"`output`: {str(output_dir)!r} already exists (pass overwrite / --overwrite to replace it).")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private
     try:
         pipeline.save_pretrained(tmp, safe_serialization=True)
         pickles = [p.name for p in tmp.rglob("*") if p.suffix in {".bin", ".pth", ".pt", ".pkl", ".ckpt"}]

@@ -51,6 +51,7 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 0  # 0: no sample images during training
     seed: int = 0
+    time_limit_minutes: float | None = None  # stop early (checkpoint + export) once this much wall time is spent
     num_workers: int = 0
     label_smoothing: float = 0.0  # transformer tasks
     cond_drop_rate: float = 0.1  # class / text dropout for classifier-free guidance
@@ -269,8 +270,13 @@ def train(config: TrainConfig) -> Path:
             if config.sample_every and counter.step % config.sample_every == 0 and accelerator.is_main_process:
                 task.save_samples(accelerator.unwrap_model(model), output_dir / "samples" / f"step-{counter.step:07d}.png")
             _fault_injection("step", counter.step)
-            if counter.step % config.checkpoint_every == 0 or counter.step == config.max_steps:
+            out_of_time = config.time_limit_minutes is not None and time.perf_counter() - started > 60 * config.time_limit_minutes
+            out_of_time = bool(accelerator.gather(torch.tensor([out_of_time], device=accelerator.device)).any())  # all ranks agree
+            if counter.step % config.checkpoint_every == 0 or counter.step == config.max_steps or out_of_time:
                 save_checkpoint(counter.step)
+            if out_of_time:
+                accelerator.print(f"time limit of {config.time_limit_minutes} min reached at step {counter.step}")
+                config.max_steps = counter.step
             if counter.step >= config.max_steps:
                 break
     if progress is not None:
