@@ -12,16 +12,21 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "pipelines" / "var-shapes"
 def _generate(args) -> int:
     import torch
 
-    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+    import json
 
-    import diffusers_var  # noqa: F401  (makes our classes resolvable from model_index.json)
+    import diffusers_var
 
     model = Path(args.model) if args.model else DEFAULT_MODEL
     if not (model / "model_index.json").is_file():
         print(f"error: `--model` {str(model)!r} is not a pipeline folder (no model_index.json)", file=sys.stderr)
         return 2
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype).to(args.device)
+    class_name = json.loads((model / "model_index.json").read_text()).get("_class_name")
+    pipeline_class = getattr(diffusers_var, class_name, None) if isinstance(class_name, str) else None
+    if pipeline_class is None:
+        print(f"error: `--model` {str(model)!r} holds a {class_name!r}, not a diffusers-var pipeline", file=sys.stderr)
+        return 2
+    pipe = pipeline_class.from_pretrained(model, dtype=dtype).to(args.device)
     generator = torch.Generator().manual_seed(args.seed)
     kwargs = dict(generator=generator, num_images_per_prompt=args.num_images, output_type="pil")
     if args.guidance_scale is not None:
