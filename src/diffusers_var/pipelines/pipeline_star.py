@@ -6,12 +6,12 @@ from typing import Any, Callable
 
 import torch
 
-from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import logging
 
-from ..models.multiscale_vq import MultiScaleVQModel, area_down
+from ..models.multiscale_vq import MultiScaleVQModel
 from ..models.star_transformer import STARTransformer2DModel
-from .pipeline_var import images_to_output
+from .pipeline_var import finish_generation, run_scale_callback
 from .sampling import (
     RANDOM_COMMIT_STEPS,
     STABLE_SAMPLER_VERSIONS,
@@ -292,20 +292,9 @@ class STARPipeline(DiffusionPipeline):
                 if callback_on_step_end is not None:
                     local = {"f_hat": f_hat, "logits": guided_logits, "indices": indices, "step_logits": step_logits,
                              "step_indices": step_indices, "step_confidences": step_conf}
-                    out = callback_on_step_end(self, si, pn, {k: local[k] for k in tensor_inputs}) or {}
-                    if out.get("f_hat") is not None and out["f_hat"] is not f_hat:
-                        f_hat = out["f_hat"].float()
-                        if si != num_scales - 1:
-                            next_input = area_down(f_hat, patch_nums[si + 1])
+                    f_hat, next_input = run_scale_callback(self, callback_on_step_end, si, patch_nums, local, tensor_inputs, f_hat, next_input)
                 if si != num_scales - 1:
                     scale_input = next_input.flatten(2).transpose(1, 2).repeat(2, 1, 1)  # same input for both halves
                 progress_bar.update()
 
-        if output_type == "latent":
-            images = f_hat
-        else:
-            images = images_to_output((vqvae.decode_latent(f_hat) + 1) / 2, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        return finish_generation(self, f_hat, output_type, return_dict)

@@ -41,6 +41,29 @@ def images_to_output(images: torch.Tensor, output_type: str):
     return array if output_type == "np" else VaeImageProcessor.numpy_to_pil(array)
 
 
+def run_scale_callback(pipeline, callback, scale_index: int, patch_nums, tensors: dict, names, f_hat, next_input):
+    """Call ``callback_on_step_end`` with the requested ``tensors``; a returned ``"f_hat"`` replaces the
+    running latent (and the next scale's input derived from it). Returns ``(f_hat, next_input)``."""
+    out = callback(pipeline, scale_index, patch_nums[scale_index], {k: tensors[k] for k in names}) or {}
+    if out.get("f_hat") is not None and out["f_hat"] is not f_hat:
+        f_hat = out["f_hat"].float()
+        if scale_index != len(patch_nums) - 1:
+            next_input = area_down(f_hat, patch_nums[scale_index + 1])
+    return f_hat, next_input
+
+
+def finish_generation(pipeline, f_hat: torch.Tensor, output_type: str, return_dict: bool):
+    """Decode the final latent (unless ``"latent"``), free offload hooks and wrap the output."""
+    if output_type == "latent":
+        images = f_hat
+    else:
+        images = images_to_output((pipeline.vqvae.decode_latent(f_hat) + 1) / 2, output_type)
+    pipeline.maybe_free_model_hooks()
+    if not return_dict:
+        return (images,)
+    return ImagePipelineOutput(images=images)
+
+
 class VARPipeline(DiffusionPipeline):
     r"""Class-conditional generation with VAR (Visual AutoRegressive modeling, next-scale prediction).
 
@@ -183,20 +206,9 @@ class VARPipeline(DiffusionPipeline):
 
                 if callback_on_step_end is not None:
                     local = {"f_hat": f_hat, "logits": guided_logits, "indices": indices}
-                    out = callback_on_step_end(self, si, pn, {k: local[k] for k in tensor_inputs}) or {}
-                    if out.get("f_hat") is not None and out["f_hat"] is not f_hat:
-                        f_hat = out["f_hat"].float()
-                        if si != num_scales - 1:
-                            next_input = area_down(f_hat, patch_nums[si + 1])
+                    f_hat, next_input = run_scale_callback(self, callback_on_step_end, si, patch_nums, local, tensor_inputs, f_hat, next_input)
                 if si != num_scales - 1:
                     scale_input = next_input.flatten(2).transpose(1, 2).repeat(2, 1, 1)  # same input for both halves
                 progress_bar.update()
 
-        if output_type == "latent":
-            images = f_hat
-        else:
-            images = images_to_output((vqvae.decode_latent(f_hat) + 1) / 2, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        return finish_generation(self, f_hat, output_type, return_dict)
