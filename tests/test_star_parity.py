@@ -262,3 +262,21 @@ def test_plain_checkpoint_emulation(star_fixture, tmp_path):
     check(manifest, ref, f"{case}.f_hat", latent)
     with pytest.raises(ValueError, match="use_stable_sampler"):
         plain(prompts, use_stable_sampler=True, output_type="latent")
+
+
+def test_command_line_converter(star_fixture, tmp_path, capsys):
+    import importlib.util
+
+    from conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("convert_star", REPO_ROOT / "conversion" / "convert_star.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    path, manifest, _ = star_fixture
+    common = ["--vae", str(path / "vae.pth"), "--text-encoder", str(text_encoder_folder(path, manifest))]
+    assert cli.main(common + ["--transformer", str(tmp_path / "missing.pth"), "--output", str(tmp_path / "a")]) == 2
+    assert "`transformer`" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert cli.main(common + ["--transformer", str(path / "star_transformer.pth"), "--output", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b" / "model_index.json").is_file()
+    assert cli.main(common + ["--transformer", str(path / "star_transformer.pth"), "--output", str(tmp_path / "b")]) == 2
+    assert "`output`" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from .sampling import (
     STABLE_SAMPLER_VERSIONS,
     GeneratorArg,
     apply_guidance,
+    check_callback_inputs,
     check_generator,
     check_sampling_args,
     filter_top_k_top_p_,
@@ -243,10 +244,7 @@ class STARPipeline(DiffusionPipeline):
             raise ValueError(f"`sampler_version` must be one of {STABLE_SAMPLER_VERSIONS}, got {sampler_version!r}.")
         if sampler_generator is not None and not isinstance(sampler_generator, torch.Generator):
             raise ValueError(f"`sampler_generator` must be a torch.Generator or None, got {type(sampler_generator).__name__}.")
-        tensor_inputs = list(callback_on_step_end_tensor_inputs or ["f_hat"])
-        bad = [name for name in tensor_inputs if name not in self._callback_tensor_inputs]
-        if bad:
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}, got {bad}.")
+        tensor_inputs = check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
         B = len(prompts) * num_images_per_prompt
         check_generator(generator, B)
         device = self._execution_device

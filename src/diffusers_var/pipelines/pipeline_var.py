@@ -16,6 +16,7 @@ from ..models.var_transformer import VARTransformer2DModel
 from .sampling import (
     GeneratorArg,
     apply_guidance,
+    check_callback_inputs,
     check_generator,
     check_sampling_args,
     draw_class_labels,
@@ -170,10 +171,7 @@ class VARPipeline(DiffusionPipeline):
                 ``"logits"`` (guided, before filtering), ``"indices"``); may return a new ``"f_hat"``.
         """
         check_sampling_args(guidance_scale, top_k, top_p, output_type, num_images_per_prompt)
-        tensor_inputs = list(callback_on_step_end_tensor_inputs or ["f_hat"])
-        bad = [name for name in tensor_inputs if name not in self._callback_tensor_inputs]
-        if bad:
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}, got {bad}.")
+        tensor_inputs = check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
         device = self._execution_device
         labels_B = self._prepare_labels(class_labels, num_images_per_prompt, generator, device)
         B = labels_B.shape[0]

@@ -35,6 +35,15 @@ def check_sampling_args(guidance_scale, top_k, top_p, output_type, num_images_pe
         raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}.")
 
 
+def check_callback_inputs(names, allowed) -> list[str]:
+    """The requested ``callback_on_step_end_tensor_inputs`` (default ``["f_hat"]``), checked against ``allowed``."""
+    names = list(names or ["f_hat"])
+    bad = [name for name in names if name not in allowed]
+    if bad:
+        raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a subset of {list(allowed)}, got {bad}.")
+    return names
+
+
 def check_generator(generator: GeneratorArg, batch_size: int) -> None:
     if isinstance(generator, (list, tuple)):
         if len(generator) != batch_size:
