@@ -1,4 +1,5 @@
 from .common import ConversionError, atomic_save_pipeline, load_checkpoint
+from .star import convert_star_checkpoint, convert_star_transformer
 from .var import convert_var_checkpoint, convert_var_transformer, convert_vae
 
-__all__ = ["ConversionError", "atomic_save_pipeline", "load_checkpoint", "convert_var_checkpoint", "convert_var_transformer", "convert_vae"]
+__all__ = ["ConversionError", "atomic_save_pipeline", "load_checkpoint", "convert_var_checkpoint", "convert_var_transformer", "convert_vae", "convert_star_checkpoint", "convert_star_transformer"]

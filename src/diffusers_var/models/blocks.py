@@ -278,3 +278,84 @@ class AdaLNHeadNorm(nn.Module):
 def truncated_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
     """trunc_normal with absolute bounds +-2, as the original initialiser uses."""
     return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-2.0, b=2.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalised 2D rotary position embedding (STAR) and text cross-attention
+# ----------------------------------------------------------------------------------------------
+def normalized_rope_2d_table(
+    patch_nums: Sequence[int], head_dim: int, theta: float = 10000.0, norm: float = 64.0, device=None
+) -> torch.Tensor:
+    """(L, head_dim // 2) complex64 rotation table of the whole token pyramid (STAR's "normalized RoPE").
+
+    Inside a scale of side ``p`` token ``r * p + c`` sits at ``x = c / (p - 1) * norm``,
+    ``y = r / (p - 1) * norm`` (both 0 when ``p == 1``), so every scale spans the same square. Each row
+    holds ``head_dim / 4`` x-rotations followed by as many y-rotations, with frequencies
+    ``theta ** (-4 j / head_dim)``.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2D RoPE needs a head dimension divisible by 4, got {head_dim}.")
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 4, device=device)[: head_dim // 4].float() / head_dim))
+    tables = []
+    for pn in patch_nums:
+        t = torch.arange(pn * pn, dtype=torch.float32, device=device)
+        x, y = t % pn, torch.div(t, pn, rounding_mode="floor")
+        if pn > 1:  # division then multiplication, in float32, like the original
+            x, y = x / (pn - 1) * norm, y / (pn - 1) * norm
+        angles = torch.cat((torch.outer(x, freqs), torch.outer(y, freqs)), dim=-1)
+        tables.append(torch.polar(torch.ones_like(angles), angles))
+    return torch.cat(tables, dim=0)
+
+
+def apply_interleaved_rope(x_BLHD: torch.Tensor, table_LD2: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs ``(2k, 2k+1)`` of every head by the complex table row of each
+    position (computed in float32, cast back)."""
+    B, L, H, D = x_BLHD.shape
+    pairs = torch.view_as_complex(x_BLHD.float().reshape(B, L, H, D // 2, 2))
+    rotated = torch.view_as_real(pairs * table_LD2.to(pairs.device)[None, :, None, :])
+    return rotated.flatten(3).type_as(x_BLHD)
+
+
+def rope_rotary(table_LD2: torch.Tensor) -> Callable:
+    """The ``rotary`` callable of :class:`CosineSelfAttention` for the given table rows."""
+
+    def rotate(q_BLHD: torch.Tensor, k_BLHD: torch.Tensor):
+        return apply_interleaved_rope(q_BLHD, table_LD2), apply_interleaved_rope(k_BLHD, table_LD2)
+
+    return rotate
+
+
+class CosineCrossAttention(nn.Module):
+    """Multi-head cross-attention from the token stream to encoder (text) states, with the same
+    L2-normalised q/k and clamped learned per-head scale as :class:`CosineSelfAttention` (softmax scale 1).
+
+    q has a learned bias; the fused kv projection has a bias only on v. ``context_mask`` (B, Lc) marks
+    the valid context positions (1 / True); padded positions are never attended.
+    """
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"`embed_dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_kv = nn.Linear(context_dim, 2 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim), persistent=False)
+        self.log_scale = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x_BLC: torch.Tensor, context_BLcD: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, C = x_BLC.shape
+        Lc = context_BLcD.shape[1]
+        q = F.linear(x_BLC, self.to_q.weight, self.q_bias).view(B, L, self.num_heads, self.head_dim)
+        kv_bias = torch.cat((self.zero_k_bias.to(self.v_bias.dtype), self.v_bias))
+        kv = F.linear(context_BLcD.to(self.to_kv.weight.dtype), self.to_kv.weight, kv_bias)
+        k, v = kv.view(B, Lc, 2, self.num_heads, self.head_dim).unbind(dim=2)
+        head_scale = self.log_scale.clamp_max(MAX_LOG_ATTN_SCALE).exp().transpose(1, 2)  # (1, 1, H, 1)
+        q = F.normalize(q, dim=-1).mul(head_scale)
+        k = F.normalize(k, dim=-1)
+        attn_mask = None if context_mask is None else context_mask.to(torch.bool).view(B, 1, 1, Lc)
+        out = dispatch_attention_fn(q, k, v, attn_mask=attn_mask, scale=1.0)
+        return self.to_out(out.reshape(B, L, C))

@@ -1,3 +1,4 @@
+from .pipeline_star import STARPipeline
 from .pipeline_var import VARPipeline
 
-__all__ = ["VARPipeline"]
+__all__ = ["VARPipeline", "STARPipeline"]

@@ -16,6 +16,7 @@ from ..models.var_transformer import VARTransformer2DModel
 from .sampling import (
     GeneratorArg,
     apply_guidance,
+    check_callback_inputs,
     check_generator,
     check_sampling_args,
     draw_class_labels,
@@ -39,6 +40,29 @@ def images_to_output(images: torch.Tensor, output_type: str):
         return images
     array = VaeImageProcessor.pt_to_numpy(images.float().cpu())
     return array if output_type == "np" else VaeImageProcessor.numpy_to_pil(array)
+
+
+def run_scale_callback(pipeline, callback, scale_index: int, patch_nums, tensors: dict, names, f_hat, next_input):
+    """Call ``callback_on_step_end`` with the requested ``tensors``; a returned ``"f_hat"`` replaces the
+    running latent (and the next scale's input derived from it). Returns ``(f_hat, next_input)``."""
+    out = callback(pipeline, scale_index, patch_nums[scale_index], {k: tensors[k] for k in names}) or {}
+    if out.get("f_hat") is not None and out["f_hat"] is not f_hat:
+        f_hat = out["f_hat"].float()
+        if scale_index != len(patch_nums) - 1:
+            next_input = area_down(f_hat, patch_nums[scale_index + 1])
+    return f_hat, next_input
+
+
+def finish_generation(pipeline, f_hat: torch.Tensor, output_type: str, return_dict: bool):
+    """Decode the final latent (unless ``"latent"``), free offload hooks and wrap the output."""
+    if output_type == "latent":
+        images = f_hat
+    else:
+        images = images_to_output((pipeline.vqvae.decode_latent(f_hat) + 1) / 2, output_type)
+    pipeline.maybe_free_model_hooks()
+    if not return_dict:
+        return (images,)
+    return ImagePipelineOutput(images=images)
 
 
 class VARPipeline(DiffusionPipeline):
@@ -147,10 +171,7 @@ class VARPipeline(DiffusionPipeline):
                 ``"logits"`` (guided, before filtering), ``"indices"``); may return a new ``"f_hat"``.
         """
         check_sampling_args(guidance_scale, top_k, top_p, output_type, num_images_per_prompt)
-        tensor_inputs = list(callback_on_step_end_tensor_inputs or ["f_hat"])
-        bad = [name for name in tensor_inputs if name not in self._callback_tensor_inputs]
-        if bad:
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}, got {bad}.")
+        tensor_inputs = check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
         device = self._execution_device
         labels_B = self._prepare_labels(class_labels, num_images_per_prompt, generator, device)
         B = labels_B.shape[0]
@@ -183,20 +204,9 @@ class VARPipeline(DiffusionPipeline):
 
                 if callback_on_step_end is not None:
                     local = {"f_hat": f_hat, "logits": guided_logits, "indices": indices}
-                    out = callback_on_step_end(self, si, pn, {k: local[k] for k in tensor_inputs}) or {}
-                    if out.get("f_hat") is not None and out["f_hat"] is not f_hat:
-                        f_hat = out["f_hat"].float()
-                        if si != num_scales - 1:
-                            next_input = area_down(f_hat, patch_nums[si + 1])
+                    f_hat, next_input = run_scale_callback(self, callback_on_step_end, si, patch_nums, local, tensor_inputs, f_hat, next_input)
                 if si != num_scales - 1:
                     scale_input = next_input.flatten(2).transpose(1, 2).repeat(2, 1, 1)  # same input for both halves
                 progress_bar.update()
 
-        if output_type == "latent":
-            images = f_hat
-        else:
-            images = images_to_output((vqvae.decode_latent(f_hat) + 1) / 2, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        return finish_generation(self, f_hat, output_type, return_dict)

@@ -8,8 +8,10 @@ generators every image gets its own stream (row b draws from ``generator[b]``).
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
+import numpy as np
 import torch
 
 GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
@@ -31,6 +33,15 @@ def check_sampling_args(guidance_scale, top_k, top_p, output_type, num_images_pe
         raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
     if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) or num_images_per_prompt < 1:
         raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}.")
+
+
+def check_callback_inputs(names, allowed) -> list[str]:
+    """The requested ``callback_on_step_end_tensor_inputs`` (default ``["f_hat"]``), checked against ``allowed``."""
+    names = list(names or ["f_hat"])
+    bad = [name for name in names if name not in allowed]
+    if bad:
+        raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a subset of {list(allowed)}, got {bad}.")
+    return names
 
 
 def check_generator(generator: GeneratorArg, batch_size: int) -> None:
@@ -91,16 +102,22 @@ def exponential_draws(shape: tuple[int, ...], generator: GeneratorArg, device) -
     return _exponential(shape, generator, device)
 
 
-def sample_from_logits(logits_BlV: torch.Tensor, generator: GeneratorArg) -> torch.LongTensor:
+def sample_from_logits(logits_BlV: torch.Tensor, generator: GeneratorArg, return_confidence: bool = False):
     """One token per row, exactly as ``torch.multinomial(softmax(logits).view(-1, V), 1)`` draws it:
-    ``argmax(p / q)`` with ``q ~ Exp(1)`` of shape (B*l, V) (works for a generator on any device)."""
+    ``argmax(p / q)`` with ``q ~ Exp(1)`` of shape (B*l, V) (works for a generator on any device).
+
+    With ``return_confidence`` also returns the sampled tokens' probabilities (B, l, 1), which STAR's
+    stable sampler ranks positions by."""
     B, l, V = logits_BlV.shape
     probs = logits_BlV.softmax(dim=-1).view(B * l, V)
     if isinstance(generator, (list, tuple)):
         noise = exponential_draws((B, l, V), generator, probs.device).view(B * l, V)
     else:
         noise = exponential_draws((B * l, V), generator, probs.device)
-    return (probs / noise).argmax(dim=-1).view(B, l)
+    indices = (probs / noise).argmax(dim=-1)
+    if not return_confidence:
+        return indices.view(B, l)
+    return indices.view(B, l), probs.gather(1, indices[:, None]).view(B, l, 1)
 
 
 def gumbel_softmax(logits_BlV: torch.Tensor, tau: float, generator: GeneratorArg) -> torch.Tensor:
@@ -122,3 +139,39 @@ def draw_class_labels(num_classes: int, batch_size: int, generator: GeneratorArg
     uniform = torch.full((1, num_classes), 1.0 / num_classes, dtype=torch.float32, device=draw_device)
     labels = torch.multinomial(uniform, num_samples=batch_size, replacement=True, generator=generator)
     return labels.reshape(batch_size).to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# STAR's causal-driven stable sampler
+# ----------------------------------------------------------------------------------------------
+STABLE_SAMPLER_VERSIONS = ("1024", "new")
+# The original's absolute thresholds: with version "1024", scales >= 13 take 15 steps, and the steps
+# < 5 of scales < 13 propose tokens with the main head.
+_LONG_SCHEDULE_FROM_SCALE, _MAIN_HEAD_STEPS = 13, 5
+# Steps below this commit random positions (the original replaces the confidences by uniform draws).
+RANDOM_COMMIT_STEPS = 5
+
+
+def stable_sampler_plan(scale_index: int, version: str) -> tuple[int, int]:
+    """``(num_steps, main_head_steps)`` at a stable-sampler scale: how many commit steps, and how many
+    leading steps propose with the main head (the rest use the sampler head)."""
+    if version == "1024":
+        long_scale = scale_index >= _LONG_SCHEDULE_FROM_SCALE
+        return (15 if long_scale else 8), (0 if long_scale else _MAIN_HEAD_STEPS)
+    return 8, 0
+
+
+def stable_sampler_counts(num_tokens: int, num_steps: int) -> list[int]:
+    """Tokens committed per step: the arccos schedule, rounded half to even, zeros raised to one, and
+    the last step absorbing the remainder (so the counts sum to ``num_tokens``)."""
+    ratios = np.arccos(np.linspace(1.0, 0.0, num_steps)) / (math.pi / 2)
+    counts = np.round(ratios / ratios.sum() * num_tokens).astype(np.int64)
+    counts[counts == 0] = 1
+    counts[-1] += num_tokens - counts.sum()
+    return counts.tolist()
+
+
+def uniform_draws(shape: tuple[int, ...], generator: torch.Generator | None, device) -> torch.Tensor:
+    """``torch.rand(shape)`` from ``generator`` (the global RNG when None), moved to ``device``."""
+    draw_device = generator.device if generator is not None else torch.device(device)
+    return torch.rand(shape, generator=generator, device=draw_device).to(device)

@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""Convert original STAR checkpoints (Davinci-XLab/STAR-T2I) into a diffusers folder.
+
+    python conversion/convert_star.py --vae vae_ch160v4096z32.pth \
+        --transformer star_rope_d30_1024_drop_3-ar-ckpt-ep1-iter21000.pth --text-encoder CLIP --output star-1024
+
+The transformer file is a training snapshot: only ckpt['trainer']['var_wo_ddp'] is read (optimizer state and
+the VAE copy are ignored). Depth, width, heads, text width, cross-attention / RoPE / stable-sampler head and
+the scale schedule are inferred (the schedule from the snapshot's trainer config, the token count or the
+number of scales; --patch-nums 256|512|1024|1,2,3,... overrides). --text-encoder is a folder with
+tokenizer/ and text_encoder/ (the SD-2.x CLIP layout STAR ships) or a T5 folder for the T5 ablation.
+The output reproduces the released cross-attention batch quirk (cross_attention_row0_quirk=True) unless
+--no-row0-quirk is given. Files are read with torch.load(weights_only=True); the output holds safetensors
+only and is written atomically.
+"""
+
+import argparse
+import sys
+
+import torch
+
+from diffusers_var.conversion import ConversionError, convert_star_checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_patch_nums(value: str | None):
+    if value is None or value in ("256", "512", "1024"):
+        return value
+    return [int(p) for p in value.split(",")]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vae", required=True, help="original VQ-VAE checkpoint (vae_ch160v4096z32.pth)")
+    parser.add_argument("--transformer", required=True, help="original STAR training snapshot (.pth)")
+    parser.add_argument("--text-encoder", required=True, help="folder with tokenizer/ and text_encoder/ (SD-2.x CLIP)")
+    parser.add_argument("--output", required=True, help="output folder (diffusers layout)")
+    parser.add_argument("--patch-nums", default=None, help="256, 512, 1024 or a comma-separated schedule")
+    parser.add_argument("--rope-theta", type=float, default=10000.0, help="RoPE base (10000 in every release)")
+    parser.add_argument("--rope-norm", type=float, default=64.0, help="normalised RoPE extent (64 in every release)")
+    parser.add_argument("--no-logit-norm", action="store_true", help="no LayerNorm before the head (no release)")
+    parser.add_argument("--sampler-start-scale", type=int, default=None, help="first stable-sampler scale (default 9)")
+    parser.add_argument("--no-row0-quirk", action="store_true", help="per-row cross-attention (does not match the original)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    args = parser.parse_args(argv)
+    try:
+        patch_nums = parse_patch_nums(args.patch_nums)
+    except ValueError:
+        parser.error(f"--patch-nums must be 256, 512, 1024 or comma-separated integers, got {args.patch_nums!r}")
+    try:
+        pipe = convert_star_checkpoint(
+            args.vae, args.transformer, args.text_encoder, args.output, patch_nums=patch_nums,
+            rope_theta=args.rope_theta, rope_norm=args.rope_norm, logit_norm=not args.no_logit_norm,
+            sampler_start_scale=args.sampler_start_scale, cross_attention_row0_quirk=not args.no_row0_quirk,
+            dtype=DTYPES[args.dtype], overwrite=args.overwrite)
+    except ConversionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    cfg = pipe.transformer.config
+    print(f"wrote {args.output}: STAR depth {cfg.depth}, width {cfg.embed_dim}, text width {cfg.text_embed_dim}, "
+          f"patch_nums {list(cfg.patch_nums)}, stable sampler {cfg.stable_sampler}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

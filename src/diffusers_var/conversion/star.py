@@ -1,0 +1,254 @@
+"""Original STAR checkpoints (training snapshots of Davinci-XLab/STAR-T2I) -> diffusers.
+
+The transformer files are ``torch.save({'epoch', 'iter', 'trainer': {...}})`` snapshots; the weights are
+``trainer['var_wo_ddp']`` and everything else (optimizer, VAE copy) is ignored. Sizes, text width, the
+presence of cross-attention / RoPE / the stable-sampler head come from tensor shapes; the scale schedule
+from ``--patch-nums``, else the snapshot's ``trainer['config']['patch_nums']``, else the token count
+(``pos_1LC``) or the number of scales when that identifies a known schedule. RoPE theta / norm, the logit
+norm and the sampler's first scale cannot be read from weights: the release values are the defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from ..models.blocks import validate_patch_nums
+from ..models.star_transformer import STARTransformer2DModel
+from .common import KNOWN_PATCH_NUMS, ConversionError, atomic_save_pipeline, find_state_dict, load_checkpoint, load_into, rename_keys
+from .var import _load_vae, _shape, convert_vae
+
+_ATTN_RULES = [
+    (r"attn\.scale_mul_1H11", r"attn.log_scale"),
+    (r"attn\.(q_bias|v_bias)", r"attn.\1"),
+    (r"attn\.zero_k_bias", r"@zero_k_bias"),
+    (r"attn\.mat_qkv\.weight", r"attn.to_qkv.weight"),
+    (r"attn\.proj\.(weight|bias)", r"attn.to_out.\1"),
+    (r"cross_attn\.scale_mul_1H11", r"cross_attn.log_scale"),
+    (r"cross_attn\.(q_bias|v_bias)", r"cross_attn.\1"),
+    (r"cross_attn\.zero_k_bias", r"@zero_k_bias"),
+    (r"cross_attn\.mat_q\.weight", r"cross_attn.to_q.weight"),
+    (r"cross_attn\.mat_kv\.weight", r"cross_attn.to_kv.weight"),
+    (r"cross_attn\.proj\.(weight|bias)", r"cross_attn.to_out.\1"),
+    (r"ffn\.(fc1|fc2)\.(weight|bias)", r"ffn.\1.\2"),
+]
+
+
+def _block_rules(original_prefix: str, new_prefix: str) -> list[tuple[str, str]]:
+    """Per-block rules under ``original_prefix.N.``; the block index becomes group 1, so the inner
+    replacement's group references shift by one."""
+    rules = []
+    for pattern, repl in _ATTN_RULES:
+        shifted = re.sub(r"\\(\d)", lambda m: "\\" + str(int(m.group(1)) + 1), repl)
+        rules.append((rf"{original_prefix}\.(\d+)\.{pattern}", shifted if repl.startswith("@") else rf"{new_prefix}.\1.{shifted}"))
+    return rules
+
+
+# (original key regex, diffusers key); "@name" = derived buffer, verified to be zero.
+STAR_KEY_RULES = [
+    (r"pos_start", r"pos_start"),
+    (r"pos_1LC", r"pos_embed"),
+    (r"word_embed\.(weight|bias)", r"input_proj.\1"),
+    (r"class_emb\.weight", r"class_embedding.weight"),
+    (r"lvl_embed\.weight", r"level_embedding.weight"),
+    (r"encoder_proj\.(weight|bias)", r"text_proj.\1"),
+    (r"head_logits\.(weight|bias)", r"head.\1"),
+    *_block_rules(r"blocks", "blocks"),
+    # stable-sampler head (star-1024-sampler)
+    (r"word_embed_head\.(weight|bias)", r"sampler.input_proj.\1"),
+    (r"lvl_embed_2\.weight", r"sampler.level_embedding.weight"),
+    (r"pos_start_last", r"sampler.pos_start"),
+    (r"encoder_proj2\.(weight|bias)", r"sampler.text_proj.\1"),
+    (r"head_proj\.(weight|bias)", r"sampler.fuse_proj.\1"),
+    (r"head_logits2\.(weight|bias)", r"sampler.head.\1"),
+    *_block_rules(r"feat_extract_blocks", "sampler.blocks"),
+]
+
+_STAR_REQUIRED = ("pos_start", "word_embed.weight", "lvl_embed.weight", "encoder_proj.weight", "head_logits.weight")
+
+# Resolution names accepted for --patch-nums.
+NAMED_PATCH_NUMS = {"256": KNOWN_PATCH_NUMS[680], "512": KNOWN_PATCH_NUMS[2240], "1024": KNOWN_PATCH_NUMS[9451]}
+
+
+def star_key_map(keys) -> dict[str, str]:
+    return rename_keys(keys, STAR_KEY_RULES, "transformer")
+
+
+def _count(state_dict: Mapping, prefix: str) -> int:
+    return len({int(m.group(1)) for k in state_dict if (m := re.match(rf"{prefix}\.(\d+)\.", k))})
+
+
+def infer_star_patch_nums(state_dict: Mapping, patch_nums=None, snapshot_config: Mapping | None = None) -> tuple[int, ...]:
+    """Scale schedule: explicit (list or "256"/"512"/"1024") > the snapshot's trainer config > the token
+    count of ``pos_1LC`` > the number of level embeddings when only one known schedule has it."""
+    num_scales = _shape(state_dict["lvl_embed.weight"])[0]
+    if isinstance(patch_nums, str):
+        if patch_nums not in NAMED_PATCH_NUMS:
+            raise ConversionError(f"`patch_nums`: unknown resolution {patch_nums!r}; use one of {sorted(NAMED_PATCH_NUMS)} or a list.")
+        patch_nums = NAMED_PATCH_NUMS[patch_nums]
+    source = "`patch_nums`"
+    if patch_nums is None and snapshot_config is not None and snapshot_config.get("patch_nums") is not None:
+        patch_nums, source = snapshot_config["patch_nums"], "the snapshot's trainer config"
+    if patch_nums is None and "pos_1LC" in state_dict:
+        patch_nums, source = KNOWN_PATCH_NUMS.get(_shape(state_dict["pos_1LC"])[1]), "the pos_1LC token count"
+    if patch_nums is None:
+        candidates = [p for p in KNOWN_PATCH_NUMS.values() if len(p) == num_scales]
+        if len(candidates) != 1:
+            raise ConversionError(
+                f"`patch_nums`: the checkpoint has {num_scales} scales, which does not identify the schedule; pass "
+                f"--patch-nums 256, 512, 1024 or a comma-separated list.")
+        patch_nums, source = candidates[0], "the number of scales"
+    try:
+        patch_nums = validate_patch_nums(patch_nums, "patch_nums")
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
+    if len(patch_nums) != num_scales:
+        raise ConversionError(f"`patch_nums` from {source} has {len(patch_nums)} scales, but the checkpoint has {num_scales}.")
+    if "pos_1LC" in state_dict and _shape(state_dict["pos_1LC"])[1] != sum(p * p for p in patch_nums):
+        raise ConversionError(f"`patch_nums` {patch_nums} does not match the checkpoint's pos_1LC token count.")
+    return patch_nums
+
+
+def star_config_from_state_dict(
+    state_dict: Mapping,
+    patch_nums=None,
+    snapshot_config: Mapping | None = None,
+    rope_theta: float = 10000.0,
+    rope_norm: float = 64.0,
+    logit_norm: bool = True,
+    sampler_start_scale: int | None = None,
+    cross_attention_row0_quirk: bool = True,
+) -> dict:
+    missing = [k for k in _STAR_REQUIRED if k not in state_dict]
+    if missing:
+        raise ConversionError(f"`transformer`: not a STAR transformer checkpoint (missing {missing}).")
+    C = _shape(state_dict["pos_start"])[-1]
+    depth = _count(state_dict, "blocks")
+    if depth == 0:
+        raise ConversionError("`transformer`: the checkpoint has no transformer blocks.")
+    patch_nums = infer_star_patch_nums(state_dict, patch_nums, snapshot_config)
+    sampler_depth = _count(state_dict, "feat_extract_blocks")
+    if sampler_start_scale is None:  # 9 in every release; a shorter (test) schedule starts at its last scale
+        sampler_start_scale = min(9, len(patch_nums) - 1)
+    return dict(
+        depth=depth,
+        embed_dim=C,
+        num_heads=_shape(state_dict["blocks.0.attn.scale_mul_1H11"])[1],
+        mlp_ratio=_shape(state_dict["blocks.0.ffn.fc1.weight"])[0] / C,
+        vocab_size=_shape(state_dict["head_logits.weight"])[0],
+        latent_channels=_shape(state_dict["word_embed.weight"])[1],
+        patch_nums=list(patch_nums),
+        text_embed_dim=_shape(state_dict["encoder_proj.weight"])[1],
+        cross_attention="blocks.0.cross_attn.mat_q.weight" in state_dict,
+        rope="pos_1LC" not in state_dict,
+        rope_theta=float(rope_theta),
+        rope_norm=float(rope_norm),
+        logit_norm=bool(logit_norm),
+        num_legacy_classes=_shape(state_dict["class_emb.weight"])[0] - 1 if "class_emb.weight" in state_dict else 0,
+        stable_sampler=sampler_depth > 0,
+        sampler_depth=sampler_depth or 3,
+        sampler_start_scale=int(sampler_start_scale),
+        cross_attention_row0_quirk=bool(cross_attention_row0_quirk),
+        norm_eps=1e-6,
+        cond_drop_rate=0.1,
+        drop_path_rate=0.1 * depth / 24,
+    )
+
+
+def convert_star_transformer(state_dict: Mapping, **config_kwargs) -> STARTransformer2DModel:
+    config = star_config_from_state_dict(state_dict, **config_kwargs)
+    try:
+        model = STARTransformer2DModel(**config)
+    except ValueError as err:
+        raise ConversionError(f"`transformer`: {err}") from None
+    converted = {}
+    for old, new in star_key_map(state_dict).items():
+        if new.startswith("@"):  # zero_k_bias buffers: must really be zero
+            if torch.count_nonzero(state_dict[old]).item():
+                raise ConversionError(f"`transformer`: buffer {old!r} should be all zeros.")
+        else:
+            converted[new] = state_dict[old]
+    load_into(model, converted, "transformer")
+    return model.eval()
+
+
+def load_star_snapshot(path) -> tuple[dict, dict | None]:
+    """(transformer state dict, trainer config or None) from a training snapshot or a plain state dict."""
+    obj = load_checkpoint(path, "transformer")
+    state_dict = find_state_dict(obj, [("trainer", "var_wo_ddp"), ("model",), ("state_dict",)],
+                                 lambda sd: "encoder_proj.weight" in sd and "lvl_embed.weight" in sd, "transformer")
+    trainer = obj.get("trainer") if isinstance(obj, Mapping) else None
+    config = trainer.get("config") if isinstance(trainer, Mapping) else None
+    return state_dict, config if isinstance(config, Mapping) else None
+
+
+def _load_text_components(text_encoder_dir):
+    """Tokenizer + text encoder from a folder with ``tokenizer/`` and ``text_encoder/`` subfolders
+    (the SD-2.x layout STAR uses) or a single folder holding both."""
+    from transformers import AutoConfig, AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+    root = Path(text_encoder_dir)
+    if not root.is_dir():
+        raise ConversionError(f"`text_encoder`: no such folder {str(root)!r}.")
+    encoder_dir = root / "text_encoder" if (root / "text_encoder").is_dir() else root
+    tokenizer_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else root
+    try:
+        config = AutoConfig.from_pretrained(encoder_dir, local_files_only=True)
+        model_class = {"clip_text_model": CLIPTextModel, "t5": T5EncoderModel}.get(config.model_type)
+        if model_class is None:
+            raise ConversionError(f"`text_encoder`: unsupported text encoder type {config.model_type!r} (CLIP text or T5 expected).")
+        encoder = model_class.from_pretrained(encoder_dir, local_files_only=True, use_safetensors=None)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    except ConversionError:
+        raise
+    except Exception as err:
+        raise ConversionError(f"`text_encoder`: cannot load a tokenizer and text encoder from {str(root)!r}: {err}") from None
+    return tokenizer, encoder.eval()
+
+
+def convert_star_checkpoint(
+    vae_path: str | os.PathLike,
+    transformer_path: str | os.PathLike,
+    text_encoder_dir: str | os.PathLike,
+    output_dir: str | os.PathLike | None = None,
+    patch_nums: Sequence[int] | str | None = None,
+    rope_theta: float = 10000.0,
+    rope_norm: float = 64.0,
+    logit_norm: bool = True,
+    sampler_start_scale: int | None = None,
+    cross_attention_row0_quirk: bool = True,
+    quant_resi: float = 0.5,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+):
+    """Convert an original VQ-VAE + STAR snapshot + text-encoder folder into a :class:`STARPipeline`.
+
+    ``cross_attention_row0_quirk`` (default True) reproduces the released code's cross-attention batch
+    quirk so outputs match the original. When ``output_dir`` is given the pipeline is written there
+    atomically (safetensors only). Returns the pipeline.
+    """
+    from ..pipelines.pipeline_star import STARPipeline
+
+    star_sd, snapshot_config = load_star_snapshot(transformer_path)
+    transformer = convert_star_transformer(
+        star_sd, patch_nums=patch_nums, snapshot_config=snapshot_config, rope_theta=rope_theta, rope_norm=rope_norm,
+        logit_norm=logit_norm, sampler_start_scale=sampler_start_scale, cross_attention_row0_quirk=cross_attention_row0_quirk)
+    vqvae = convert_vae(_load_vae(vae_path), transformer.config.patch_nums, quant_resi)
+    if vqvae.config.vocab_size != transformer.config.vocab_size or vqvae.config.z_channels != transformer.config.latent_channels:
+        raise ConversionError(
+            f"`vae` (vocab {vqvae.config.vocab_size}, z {vqvae.config.z_channels}) does not belong to `transformer` "
+            f"(vocab {transformer.config.vocab_size}, z {transformer.config.latent_channels}).")
+    tokenizer, text_encoder = _load_text_components(text_encoder_dir)
+    width = getattr(text_encoder.config, "hidden_size", None) or getattr(text_encoder.config, "d_model", None)
+    if width != transformer.config.text_embed_dim:
+        raise ConversionError(f"`text_encoder` width {width} does not match the transformer's text width {transformer.config.text_embed_dim}.")
+    if dtype != torch.float32:
+        transformer, vqvae = transformer.to(dtype), vqvae.to(dtype)
+    pipe = STARPipeline(transformer=transformer, vqvae=vqvae, text_encoder=text_encoder, tokenizer=tokenizer)
+    if output_dir is not None:
+        atomic_save_pipeline(pipe, output_dir, overwrite=overwrite)
+    return pipe

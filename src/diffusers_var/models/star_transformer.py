@@ -1,0 +1,429 @@
+"""STARTransformer2DModel: text-conditioned next-scale prediction (STAR, Davinci-XLab/STAR-T2I)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.accelerate_utils import apply_forward_hook
+
+from .blocks import (
+    CosineCrossAttention,
+    CosineSelfAttention,
+    DropPath,
+    FeedForward,
+    KVCache,
+    LayerKVCache,
+    block_causal_mask,
+    normalized_rope_2d_table,
+    rope_rotary,
+    scale_begin_ends,
+    scale_level_ids,
+    truncated_normal_,
+    validate_patch_nums,
+)
+
+
+@dataclass
+class STARTransformerOutput(BaseOutput):
+    """``logits``: (B, L, vocab_size) float32; ``hidden_states``: (B, L, C) residual stream after the last
+    block (before the head norm), which the stable sampler reads."""
+
+    logits: torch.Tensor
+    hidden_states: torch.Tensor
+
+
+class STARBlock(nn.Module):
+    """Plain pre-LayerNorm block: self-attention (RoPE, cosine q/k), optional text cross-attention, FFN.
+
+    One non-affine LayerNorm is applied before each branch. The cross-attention branch has no drop-path.
+    With ``cross_attention_row0`` every batch row receives the cross-attention output of row 0 (the
+    released STAR checkpoints were trained that way; see ``STARTransformer2DModel``).
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, norm_eps: float, text_embed_dim: int | None, drop_path: float = 0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
+        self.attn = CosineSelfAttention(dim, num_heads, attn_l2_norm=True)
+        self.cross_attn = CosineCrossAttention(dim, text_embed_dim, num_heads) if text_embed_dim else None
+        self.ffn = FeedForward(dim, round(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(
+        self,
+        x_BLC: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        kv_cache: LayerKVCache | None = None,
+        rotary=None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        cross_attention_row0: bool = False,
+    ) -> torch.Tensor:
+        x_BLC = x_BLC + self.drop_path(self.attn(self.norm(x_BLC), attn_mask=attn_mask, kv_cache=kv_cache, rotary=rotary))
+        if self.cross_attn is not None:
+            if cross_attention_row0:  # only row 0 is ever used: compute it alone, broadcast over the batch
+                mask = None if encoder_attention_mask is None else encoder_attention_mask[:1]
+                x_BLC = x_BLC + self.cross_attn(self.norm(x_BLC[:1]), encoder_hidden_states[:1], mask)
+            else:
+                x_BLC = x_BLC + self.cross_attn(self.norm(x_BLC), encoder_hidden_states, encoder_attention_mask)
+        return x_BLC + self.drop_path(self.ffn(self.norm(x_BLC)))
+
+
+class STARStableSampler(nn.Module):
+    """The "causal-driven stable sampling" head (released only with star-1024-sampler).
+
+    For a scale it re-predicts the tokens from the already committed ones: input
+    ``F = [tau ; input_proj(committed codes) + level_embedding[s]]`` and ``P = [tau ; main features]``
+    (``tau = text_proj(pooled text) + pos_start``) are fused by ``fuse_proj``, passed through
+    ``len(blocks)`` self-attention blocks and a non-affine LayerNorm + ``head``.
+    """
+
+    def __init__(self, dim, num_heads, mlp_ratio, norm_eps, latent_channels, text_embed_dim, vocab_size, num_scales, depth, drop_paths):
+        super().__init__()
+        self.input_proj = nn.Linear(latent_channels, dim)
+        self.level_embedding = nn.Embedding(num_scales, dim)
+        self.pos_start = nn.Parameter(torch.zeros(1, 1, dim))
+        self.text_proj = nn.Linear(text_embed_dim, dim)
+        self.fuse_proj = nn.Linear(2 * dim, dim)
+        self.blocks = nn.ModuleList([STARBlock(dim, num_heads, mlp_ratio, norm_eps, None, drop_paths[i]) for i in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
+        self.head = nn.Linear(dim, vocab_size)
+
+    def text_token(self, pooled_text_embeds: torch.Tensor) -> torch.Tensor:
+        return self.text_proj(pooled_text_embeds.unsqueeze(1).to(self.text_proj.weight.dtype)) + self.pos_start
+
+    def forward(self, committed_embeds_BlCv, level_ids_1l, main_hidden_BlC, pooled_text_embeds, rope_table, attn_mask=None):
+        """Logits (B, l, V) of the tokens after the text token."""
+        tau = self.text_token(pooled_text_embeds)
+        features = torch.cat((tau, self.input_proj(committed_embeds_BlCv.to(tau.dtype)) + self.level_embedding(level_ids_1l)), dim=1)
+        previous = torch.cat((tau, main_hidden_BlC), dim=1)
+        h = self.fuse_proj(torch.cat((features, previous), dim=-1))
+        rotary = rope_rotary(rope_table)
+        for block in self.blocks:
+            h = block(h, attn_mask=attn_mask, rotary=rotary)
+        return self.head(self.norm(h.float()).to(self.head.weight.dtype)).float()[:, 1:]
+
+
+class STARTransformer2DModel(ModelMixin, ConfigMixin):
+    r"""STAR: VAR made text-to-image.
+
+    * The first token is ``text_proj(pooled text) + pos_start``; every token gets ``level_embedding[scale]``.
+      There is no AdaLN: blocks are plain pre-LN (non-affine LayerNorm) blocks.
+    * Positions come from a normalised 2D RoPE in self-attention (every scale spans ``[0, rope_norm]^2``);
+      without RoPE (an ablation) a learned absolute ``pos_embed`` is added instead.
+    * Every block cross-attends to the text encoder's hidden states (padding masked).
+    * Head: optional non-affine LayerNorm (``logit_norm``) + Linear.
+    * Optional stable-sampler head (:class:`STARStableSampler`) used from scale ``sampler_start_scale`` on.
+
+    Args:
+        depth, embed_dim, num_heads, mlp_ratio: transformer size (released: d16 = 1024 wide, d30 = 1920).
+        vocab_size, latent_channels: codebook size and code dimension of the tokenizer.
+        patch_nums: token-map side of every scale (must match the tokenizer).
+        text_embed_dim: width of the text encoder states (1024 for SD-2.x CLIP, 2048 for flan-t5-xl).
+        cross_attention: cross-attention to the text in every block (False only in an ablation).
+        rope: normalised 2D RoPE (True in every release); False uses learned absolute positions.
+        rope_theta, rope_norm: RoPE base and the side of the normalised square (10000 / 64 in releases).
+        logit_norm: LayerNorm before the head (all releases; cannot be read from a checkpoint).
+        num_legacy_classes: rows - 1 of the unused ``class_embedding`` the original keeps (and saves);
+            0 omits it.
+        stable_sampler: build the stable-sampler head; ``sampler_depth`` blocks.
+        sampler_start_scale: first scale handled by the stable sampler (9 in every release).
+        cross_attention_row0_quirk: reproduce the released training code, in which every batch row
+            adds the cross-attention output of **row 0** (``cross_attn(...)[0]``). Converted original
+            checkpoints set it, because their weights were trained (and their outputs produced) that way;
+            with it, a prompt's image depends on the first prompt of the batch and classifier-free
+            guidance only differs through the start token. Default ``False``: each row attends to its own text.
+        norm_eps: LayerNorm epsilon.
+        drop_path_rate: stochastic-depth rate of the last block (linearly increasing over depth).
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["STARBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        depth: int = 16,
+        embed_dim: int = 1024,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        vocab_size: int = 4096,
+        latent_channels: int = 32,
+        patch_nums: Sequence[int] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+        text_embed_dim: int = 1024,
+        cross_attention: bool = True,
+        rope: bool = True,
+        rope_theta: float = 10000.0,
+        rope_norm: float = 64.0,
+        logit_norm: bool = True,
+        num_legacy_classes: int = 1000,
+        stable_sampler: bool = False,
+        sampler_depth: int = 3,
+        sampler_start_scale: int = 9,
+        cross_attention_row0_quirk: bool = False,
+        norm_eps: float = 1e-6,
+        cond_drop_rate: float = 0.1,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        patch_nums = validate_patch_nums(patch_nums)
+        if stable_sampler and not 0 < sampler_start_scale < len(patch_nums):
+            raise ValueError(f"`sampler_start_scale` must be in [1, {len(patch_nums) - 1}], got {sampler_start_scale}.")
+        if stable_sampler and not rope:
+            raise ValueError("`stable_sampler` needs `rope=True` (its text token uses RoPE row 0).")
+        if stable_sampler and sampler_depth > depth:
+            raise ValueError(f"`sampler_depth` ({sampler_depth}) cannot exceed `depth` ({depth}).")
+        if embed_dim % num_heads or (rope and (embed_dim // num_heads) % 4):
+            raise ValueError(f"`embed_dim` / `num_heads` must be an integer divisible by 4 (2D RoPE), got {embed_dim} / {num_heads}.")
+        C = embed_dim
+        self.num_scales = len(patch_nums)
+        self.seq_len = sum(pn * pn for pn in patch_nums)
+        self.begin_ends = scale_begin_ends(patch_nums)
+        if patch_nums[0] != 1:
+            raise ValueError(f"STAR starts from a single text token: `patch_nums[0]` must be 1, got {patch_nums[0]}.")
+
+        self.text_proj = nn.Linear(text_embed_dim, C)
+        self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
+        self.input_proj = nn.Linear(latent_channels, C)
+        self.level_embedding = nn.Embedding(self.num_scales, C)
+        self.pos_embed = None if rope else nn.Parameter(torch.zeros(1, self.seq_len, C))
+        self.class_embedding = nn.Embedding(num_legacy_classes + 1, C) if num_legacy_classes > 0 else None
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
+        cross_dim = text_embed_dim if cross_attention else None
+        self.blocks = nn.ModuleList([STARBlock(C, num_heads, mlp_ratio, norm_eps, cross_dim, rates[i]) for i in range(depth)])
+        self.head_norm = nn.LayerNorm(C, eps=norm_eps, elementwise_affine=False) if logit_norm else nn.Identity()
+        self.head = nn.Linear(C, vocab_size)
+        self.sampler = (
+            STARStableSampler(C, num_heads, mlp_ratio, norm_eps, latent_channels, text_embed_dim, vocab_size,
+                              self.num_scales, sampler_depth, rates)
+            if stable_sampler else None
+        )
+        self.register_buffer("level_ids", scale_level_ids(patch_nums), persistent=False)
+        self._rope_tables: dict = {}  # complex tables per device; not a buffer, so dtype casts never touch them
+        self.gradient_checkpointing = False
+
+    # -- helpers ---------------------------------------------------------------------------------
+    @property
+    def has_stable_sampler(self) -> bool:
+        return self.sampler is not None
+
+    def rope_table(self) -> torch.Tensor | None:
+        """(L, head_dim / 2) complex64 RoPE table of the whole pyramid, or None without RoPE."""
+        if not self.config.rope:
+            return None
+        device = self.level_embedding.weight.device
+        if device not in self._rope_tables:
+            cfg = self.config
+            self._rope_tables[device] = normalized_rope_2d_table(
+                cfg.patch_nums, cfg.embed_dim // cfg.num_heads, cfg.rope_theta, cfg.rope_norm, device=device)
+        return self._rope_tables[device]
+
+    def _position_embed(self, begin: int, end: int) -> torch.Tensor:
+        embed = self.level_embedding(self.level_ids[:, begin:end])
+        return embed if self.pos_embed is None else embed + self.pos_embed[:, begin:end]
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Head: (optional) non-affine LayerNorm in float32, then the Linear; float32 logits."""
+        return self.head(self.head_norm(hidden_states.float()).to(self.head.weight.dtype)).float()
+
+    def _check_text(self, encoder_hidden_states, encoder_attention_mask, pooled_text_embeds, batch_size) -> None:
+        D = self.config.text_embed_dim
+        if pooled_text_embeds is None or pooled_text_embeds.ndim != 2 or pooled_text_embeds.shape != (batch_size, D):
+            raise ValueError(f"`pooled_text_embeds` must have shape ({batch_size}, {D}), got "
+                             f"{None if pooled_text_embeds is None else tuple(pooled_text_embeds.shape)}.")
+        if self.config.cross_attention:
+            if encoder_hidden_states is None or encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch_size \
+                    or encoder_hidden_states.shape[2] != D:
+                raise ValueError(f"`encoder_hidden_states` must have shape ({batch_size}, N, {D}), got "
+                                 f"{None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape)}.")
+            if encoder_attention_mask is not None and tuple(encoder_attention_mask.shape) != tuple(encoder_hidden_states.shape[:2]):
+                raise ValueError(f"`encoder_attention_mask` must have shape {tuple(encoder_hidden_states.shape[:2])}, "
+                                 f"got {tuple(encoder_attention_mask.shape)}.")
+
+    def _run_blocks(self, x_BLC, attn_mask, kv_cache, rotary, encoder_hidden_states, encoder_attention_mask) -> torch.Tensor:
+        row0 = self.config.cross_attention_row0_quirk
+        if encoder_hidden_states is not None:
+            encoder_hidden_states = encoder_hidden_states.to(x_BLC.dtype)
+        for i, block in enumerate(self.blocks):
+            layer_cache = kv_cache[i] if kv_cache is not None else None
+            args = (x_BLC, attn_mask, layer_cache, rotary, encoder_hidden_states, encoder_attention_mask, row0)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x_BLC = self._gradient_checkpointing_func(block, *args)
+            else:
+                x_BLC = block(*args)
+        return x_BLC
+
+    def start_token(self, pooled_text_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, D_txt) pooled text -> (B, 1, C) first token (without the position / level embedding)."""
+        return self.text_proj(pooled_text_embeds.to(self.text_proj.weight.dtype)).unsqueeze(1) + self.pos_start
+
+    # -- training forward --------------------------------------------------------------------------
+    def forward(
+        self,
+        teacher_forcing_input: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        encoder_attention_mask: torch.Tensor | None,
+        pooled_text_embeds: torch.Tensor,
+        return_dict: bool = True,
+    ):
+        r"""Teacher-forcing forward with the block-causal mask.
+
+        Args:
+            teacher_forcing_input: (B, L - 1, latent_channels), from :meth:`MultiScaleVQModel.teacher_forcing_input`.
+            encoder_hidden_states: (B, N, text_embed_dim) text encoder states (CLIP ``last_hidden_state``).
+            encoder_attention_mask: (B, N), 1 for real tokens, 0 for padding.
+            pooled_text_embeds: (B, text_embed_dim), CLIP's pooled EOS state (no projection).
+
+        Returns logits (B, L, vocab_size) float32 and the last block's output (B, L, C).
+        """
+        B = teacher_forcing_input.shape[0]
+        expected = (self.seq_len - 1, self.config.latent_channels)
+        if teacher_forcing_input.ndim != 3 or tuple(teacher_forcing_input.shape[1:]) != expected:
+            raise ValueError(f"`teacher_forcing_input` must have shape (B, {expected[0]}, {expected[1]}), got {tuple(teacher_forcing_input.shape)}.")
+        self._check_text(encoder_hidden_states, encoder_attention_mask, pooled_text_embeds, B)
+        x_BLC = torch.cat((self.start_token(pooled_text_embeds),
+                           self.input_proj(teacher_forcing_input.to(self.input_proj.weight.dtype))), dim=1)
+        x_BLC = x_BLC + self._position_embed(0, self.seq_len)
+        attn_mask = block_causal_mask(self.config.patch_nums, device=x_BLC.device)
+        table = self.rope_table()
+        rotary = rope_rotary(table) if table is not None else None
+        hidden = self._run_blocks(x_BLC, attn_mask, None, rotary, encoder_hidden_states, encoder_attention_mask)
+        logits = self.compute_logits(hidden)
+        if not return_dict:
+            return (logits, hidden)
+        return STARTransformerOutput(logits=logits, hidden_states=hidden)
+
+    def sampler_attention_mask(self, device=None) -> torch.BoolTensor:
+        """(1, 1, 1 + l, 1 + l) mask of the sampler's training forward: block-diagonal per scale over the
+        scales it handles; the leading text token attends to, and is attended by, every position."""
+        start = self.config.sampler_start_scale
+        levels = self.level_ids[0, self.begin_ends[start][0]:].to(device)
+        allowed = levels[:, None] == levels[None, :]
+        mask = torch.ones(allowed.shape[0] + 1, allowed.shape[0] + 1, dtype=torch.bool, device=device)
+        mask[1:, 1:] = allowed
+        return mask[None, None]
+
+    def forward_sampler(
+        self,
+        hidden_states: torch.Tensor,
+        known_embeddings: torch.Tensor,
+        known_mask: torch.Tensor,
+        pooled_text_embeds: torch.Tensor,
+    ) -> torch.Tensor:
+        r"""Stable-sampler logits over every token of the scales ``>= sampler_start_scale`` (training form).
+
+        Args:
+            hidden_states: (B, L, C) last-block output of :meth:`forward`.
+            known_embeddings: (B, l, latent_channels) codebook vectors of those tokens.
+            known_mask: (B, l), 1 where the token is given to the sampler, 0 where it must be predicted.
+            pooled_text_embeds: (B, text_embed_dim).
+
+        Returns (B, l, vocab_size) float32 logits.
+        """
+        if self.sampler is None:
+            raise ValueError("this checkpoint has no stable-sampler head (`stable_sampler=False`).")
+        begin = self.begin_ends[self.config.sampler_start_scale][0]
+        table = self.rope_table()
+        rows = torch.cat((table[:1], table[begin:]))
+        committed = known_embeddings * known_mask[..., None].to(known_embeddings.dtype)
+        return self.sampler(committed, self.level_ids[:, begin:], hidden_states[:, begin:], pooled_text_embeds, rows,
+                            attn_mask=self.sampler_attention_mask(hidden_states.device))
+
+    # -- scale-by-scale decoding -------------------------------------------------------------------
+    def init_kv_cache(self) -> KVCache:
+        return KVCache(len(self.blocks), max_length=self.seq_len)
+
+    @apply_forward_hook
+    def forward_scale(
+        self,
+        scale_index: int,
+        kv_cache: KVCache,
+        pooled_text_embeds: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        scale_input: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""One scale during sampling (scales must be run in order with one ``kv_cache``).
+
+        Args:
+            scale_index: the scale to predict.
+            kv_cache: from :meth:`init_kv_cache`.
+            pooled_text_embeds, encoder_hidden_states, encoder_attention_mask: text conditions of every
+                row (conditional rows first, then unconditional).
+            scale_input: (B, pn*pn, latent_channels) for scale >= 1; ``None`` at scale 0.
+
+        Returns ``(logits, hidden_states)``: (B, pn*pn, V) float32 and the last block's output (B, pn*pn, C).
+        """
+        begin, end = self.begin_ends[scale_index]
+        B = pooled_text_embeds.shape[0]
+        if scale_index == 0:
+            self._check_text(encoder_hidden_states, encoder_attention_mask, pooled_text_embeds, B)
+            x_BLC = self.start_token(pooled_text_embeds)
+        else:
+            if scale_input is None or scale_input.shape[1] != end - begin:
+                raise ValueError(f"`scale_input` must have shape (B, {end - begin}, {self.config.latent_channels}) at scale {scale_index}.")
+            x_BLC = self.input_proj(scale_input.to(self.input_proj.weight.dtype))
+        x_BLC = x_BLC + self._position_embed(begin, end)
+        table = self.rope_table()
+        rotary = rope_rotary(table[begin:end]) if table is not None else None
+        hidden = self._run_blocks(x_BLC, None, kv_cache, rotary, encoder_hidden_states, encoder_attention_mask)
+        return self.compute_logits(hidden), hidden
+
+    @apply_forward_hook
+    def sampler_scale_logits(
+        self, scale_index: int, hidden_states: torch.Tensor, committed_embeddings: torch.Tensor, pooled_text_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        r"""Stable-sampler logits of one scale during sampling.
+
+        Args:
+            hidden_states: (2B, pn*pn, C) the scale's last-block output from :meth:`forward_scale`.
+            committed_embeddings: (B, pn*pn, latent_channels) codes committed so far (zeros elsewhere);
+                shared by the conditional and unconditional rows.
+            pooled_text_embeds: (2B, text_embed_dim).
+
+        Returns (2B, pn*pn, V) float32 logits.
+        """
+        if self.sampler is None:
+            raise ValueError("this checkpoint has no stable-sampler head (`stable_sampler=False`).")
+        begin, end = self.begin_ends[scale_index]
+        table = self.rope_table()
+        rows = torch.cat((table[:1], table[begin:end]))
+        repeats = hidden_states.shape[0] // committed_embeddings.shape[0]
+        return self.sampler(committed_embeddings.repeat(repeats, 1, 1), self.level_ids[:, begin:end], hidden_states,
+                            pooled_text_embeds, rows)
+
+    # -- initialisation for training from scratch ----------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, init_head: float = 0.02, init_std: float = -1.0):
+        """The original recipe: truncated normal (std sqrt(1/(3C))), scaled head and residual outputs."""
+        C, depth = self.config.embed_dim, self.config.depth
+        std = math.sqrt(1 / C / 3) if init_std < 0 else init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                truncated_normal_(module.weight, std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                truncated_normal_(module.weight, std)
+        for p in (self.pos_start, self.pos_embed, None if self.sampler is None else self.sampler.pos_start):
+            if p is not None:
+                truncated_normal_(p, std)
+        heads = [self.head] + ([self.sampler.head] if self.sampler is not None else [])
+        for head in heads:
+            head.weight.mul_(init_head)
+            head.bias.zero_()
+        for block in self.blocks:
+            block.attn.to_out.weight.div_(math.sqrt(2 * depth))
+            block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
+        for module in self.modules():
+            if isinstance(module, (CosineSelfAttention, CosineCrossAttention)):
+                module.log_scale.fill_(math.log(4.0))
+                module.q_bias.zero_()
+                module.v_bias.zero_()
