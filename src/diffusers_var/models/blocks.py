@@ -141,12 +141,12 @@ class DropPath(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """fc2(GELU_tanh(fc1(x)))."""
+    """fc2(GELU_tanh(fc1(x))); the output width is ``out_dim`` (default: ``dim``)."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, out_dim: int | None = None):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = nn.Linear(hidden_dim, dim if out_dim is None else out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -231,12 +231,13 @@ class AdaLNSelfAttentionBlock(nn.Module):
         shared_adaln: bool = False,
         attn_l2_norm: bool = True,
         drop_path: float = 0.0,
+        ffn_dim: int | None = None,
     ):
         super().__init__()
         self.dim, self.shared_adaln = dim, shared_adaln
         self.norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
         self.attn = CosineSelfAttention(dim, num_heads, attn_l2_norm=attn_l2_norm)
-        self.ffn = FeedForward(dim, round(dim * mlp_ratio))
+        self.ffn = FeedForward(dim, round(dim * mlp_ratio) if ffn_dim is None else ffn_dim)
         self.drop_path = DropPath(drop_path)
         if shared_adaln:
             self.adaln_offset = nn.Parameter(torch.randn(1, 1, 6, dim) / dim**0.5)
@@ -254,12 +255,19 @@ class AdaLNSelfAttentionBlock(nn.Module):
         cond: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
         kv_cache: LayerKVCache | None = None,
+        rotary: Callable | None = None,
     ) -> torch.Tensor:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond)
-        attn_out = self.attn(self.norm(x_BLC).mul(scale1.add(1)).add_(shift1), attn_mask=attn_mask, kv_cache=kv_cache)
-        x_BLC = x_BLC + self.drop_path(attn_out * gamma1)
-        ffn_out = self.ffn(self.norm(x_BLC).mul(scale2.add(1)).add_(shift2))
-        return x_BLC + self.drop_path(ffn_out * gamma2)
+        x_BLC = self.self_attention_residual(x_BLC, gamma1, scale1, shift1, attn_mask, kv_cache, rotary)
+        return self.ffn_residual(x_BLC, gamma2, scale2, shift2)
+
+    def self_attention_residual(self, x_BLC, gamma, scale, shift, attn_mask=None, kv_cache=None, rotary=None) -> torch.Tensor:
+        attn_out = self.attn(self.norm(x_BLC).mul(scale.add(1)).add_(shift), attn_mask=attn_mask, kv_cache=kv_cache, rotary=rotary)
+        return x_BLC + self.drop_path(attn_out * gamma)
+
+    def ffn_residual(self, x_BLC, gamma, scale, shift) -> torch.Tensor:
+        ffn_out = self.ffn(self.norm(x_BLC).mul(scale.add(1)).add_(shift))
+        return x_BLC + self.drop_path(ffn_out * gamma)
 
 
 class AdaLNHeadNorm(nn.Module):
@@ -278,3 +286,104 @@ class AdaLNHeadNorm(nn.Module):
 def truncated_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
     """trunc_normal with absolute bounds +-2, as the original initialiser uses."""
     return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-2.0, b=2.0)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# 2-D rotary position embedding (interleaved channel pairs; first half of the pairs = row, second = column)
+# ----------------------------------------------------------------------------------------------
+def normalized_grid_positions(height: int, width: int, grid_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row / column position of every token of an ``height x width`` map (row-major) on a reference grid:
+    ``round(i * H_ref / height)`` in float32 with round-half-to-even, so every scale spans the same grid."""
+    rows = (torch.arange(height) * (grid_hw[0] / height)).round()
+    cols = (torch.arange(width) * (grid_hw[1] / width)).round()
+    return rows[:, None].expand(height, width).reshape(-1), cols[None, :].expand(height, width).reshape(-1)
+
+
+def rope_2d_cos_sin(scale_hw: Sequence[tuple[int, int]], grid_hw: tuple[int, int], head_dim: int, base: float = 10000.0):
+    """cos / sin tables, each (L, head_dim // 2), for all scales of a schedule concatenated (row-major)."""
+    half = head_dim // 2
+    # int64 exponents as in the original, so the frequencies are bit-identical
+    inv_freq = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.int64) / half))
+    angles = []
+    for h, w in scale_hw:
+        rows, cols = normalized_grid_positions(h, w, grid_hw)
+        angles.append(torch.cat((torch.outer(rows, inv_freq), torch.outer(cols, inv_freq)), dim=-1))
+    angles = torch.cat(angles)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_interleaved_rotary(x_BLHD: torch.Tensor, cos_LP: torch.Tensor, sin_LP: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2p, 2p+1) of every head by the per-token angles: (a, b) -> (a cos - b sin, a sin + b cos)."""
+    cos, sin = cos_LP.to(x_BLHD)[None, :, None], sin_LP.to(x_BLHD)[None, :, None]
+    pairs = x_BLHD.unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    return torch.stack((cos * a - sin * b, sin * a + cos * b), dim=-1).flatten(-2)
+
+
+class Rotary2D:
+    """The ``rotary`` callable of :class:`CosineSelfAttention` for one token range of a cos/sin table."""
+
+    def __init__(self, cos_LP: torch.Tensor, sin_LP: torch.Tensor):
+        self.cos, self.sin = cos_LP, sin_LP
+
+    def __call__(self, q_BLHD: torch.Tensor, k_BLHD: torch.Tensor):
+        return apply_interleaved_rotary(q_BLHD, self.cos, self.sin), apply_interleaved_rotary(k_BLHD, self.cos, self.sin)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-attention to a padded context (text), and the AdaLN block that uses it
+# ----------------------------------------------------------------------------------------------
+class CrossAttention(nn.Module):
+    """Multi-head attention from ``x`` to a context of another width, with padding mask.
+
+    k/v come from one bias-free projection of the context plus a learned v bias (k has none); the softmax
+    scale is ``1/sqrt(head_dim)``. With ``learned_query`` the query is a single learned token
+    (``(1, num_heads, head_dim)``): the layer then pools the context into one vector per sample.
+    """
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int, learned_query: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"cross-attention width ({dim}) must be divisible by `num_heads` ({num_heads}).")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        if learned_query:
+            self.learned_query = nn.Parameter(torch.zeros(1, num_heads, self.head_dim))
+            self.to_q = None
+        else:
+            self.to_q = nn.Linear(dim, dim)
+        self.to_kv = nn.Linear(context_dim, 2 * dim, bias=False)
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim), persistent=False)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x_BLC: torch.Tensor | None, context_BSC: torch.Tensor, context_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
+        B, S = context_BSC.shape[:2]
+        bias = torch.cat((self.zero_k_bias.to(self.v_bias.dtype), self.v_bias))
+        kv = F.linear(context_BSC, self.to_kv.weight, bias).view(B, S, 2, self.num_heads, self.head_dim)
+        k, v = kv.unbind(dim=2)
+        if self.to_q is None:
+            q = self.learned_query.to(k.dtype).unsqueeze(0).expand(B, 1, -1, -1)
+        else:
+            q = self.to_q(x_BLC).unflatten(-1, (self.num_heads, self.head_dim))
+        mask = None if context_mask_BS is None else context_mask_BS[:, None, None, :].to(torch.bool)
+        out = dispatch_attention_fn(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
+        return self.to_out(out.flatten(2))
+
+
+class AdaLNCrossAttentionBlock(AdaLNSelfAttentionBlock):
+    """:class:`AdaLNSelfAttentionBlock` with an un-gated cross-attention residual between self-attention
+    and FFN: ``x += CrossAttn(LayerNorm_affine(x), context)`` (no AdaLN on that branch)."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int, ffn_dim: int, norm_eps: float = 1e-6,
+                 shared_adaln: bool = False, drop_path: float = 0.0):
+        super().__init__(dim, num_heads, norm_eps=norm_eps, shared_adaln=shared_adaln, attn_l2_norm=True,
+                         drop_path=drop_path, ffn_dim=ffn_dim)
+        self.cross_attn_norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.cross_attn = CrossAttention(dim, context_dim, num_heads)
+
+    def forward(self, x_BLC, cond, context_BSC, context_mask_BS=None, attn_mask=None, kv_cache=None, rotary=None):
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond)
+        x_BLC = self.self_attention_residual(x_BLC, gamma1, scale1, shift1, attn_mask, kv_cache, rotary)
+        x_BLC = x_BLC + self.cross_attn(self.cross_attn_norm(x_BLC), context_BSC, context_mask_BS)
+        return self.ffn_residual(x_BLC, gamma2, scale2, shift2)
