@@ -6,8 +6,18 @@ Importing this package makes its classes resolvable by ``model_index.json``, so
 
 __version__ = "0.1.0"
 
+from .models.bitwise_vae import BitwiseMultiScaleVAE
+from .models.infinity_transformer import InfinityTransformer2DModel
 from .models.multiscale_vq import MultiScaleVQModel
 from .models.var_transformer import VARTransformer2DModel
+from .pipelines.pipeline_infinity import InfinityPipeline
 from .pipelines.pipeline_var import VARPipeline
 
-__all__ = ["MultiScaleVQModel", "VARTransformer2DModel", "VARPipeline"]
+__all__ = [
+    "MultiScaleVQModel",
+    "VARTransformer2DModel",
+    "VARPipeline",
+    "BitwiseMultiScaleVAE",
+    "InfinityTransformer2DModel",
+    "InfinityPipeline",
+]

@@ -314,10 +314,12 @@ class BitwiseMultiScaleVAE(ModelMixin, ConfigMixin):
         where ``x_next`` (B, h*w, bits_per_token) is the bilinear *downsampling* of the sum to the next
         token grid (``next_size_hw``; ``None`` at the last scale)."""
         summed = summed_BdHW + trilinear_resize(codes_BdHW, tuple(summed_BdHW.shape[-2:]))
-        if next_size_hw is None:
-            return summed, None
+        return summed, None if next_size_hw is None else self.scale_input_from_summed(summed, next_size_hw)
+
+    def scale_input_from_summed(self, summed_BdHW: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
+        """Running sum (B, d, H, W) -> the transformer input of token grid ``size_hw`` (B, h*w, bits_per_token)."""
         p = self.patch_factor
-        return summed, self.latent_to_tokens(trilinear_resize(summed, (next_size_hw[0] * p, next_size_hw[1] * p)))
+        return self.latent_to_tokens(trilinear_resize(summed_BdHW, (size_hw[0] * p, size_hw[1] * p)))
 
     def teacher_forcing_inputs(
         self,

@@ -47,7 +47,12 @@ def scale_begin_ends(patch_nums: Sequence[int]) -> list[tuple[int, int]]:
 
 def scale_level_ids(patch_nums: Sequence[int], device=None) -> torch.LongTensor:
     """(1, L) int64: the scale index of every token of the pyramid (VAR's ``lvl_1L``)."""
-    ids = [torch.full((count,), si, dtype=torch.long) for si, count in enumerate(scale_token_counts(patch_nums))]
+    return level_ids_from_counts(scale_token_counts(patch_nums), device)
+
+
+def level_ids_from_counts(token_counts: Sequence[int], device=None) -> torch.LongTensor:
+    """(1, L) int64 scale index of every token, for scales of any shape (``token_counts`` = h*w per scale)."""
+    ids = [torch.full((count,), si, dtype=torch.long) for si, count in enumerate(token_counts)]
     return torch.cat(ids).unsqueeze(0).to(device)
 
 
@@ -61,7 +66,12 @@ def block_causal_bias(patch_nums: Sequence[int], device=None, dtype=torch.float3
 
 def block_causal_mask(patch_nums: Sequence[int], device=None) -> torch.BoolTensor:
     """(1, 1, L, L) boolean mask (True = may attend); dtype-agnostic form of :func:`block_causal_bias`."""
-    level = scale_level_ids(patch_nums, device)[0]
+    return block_causal_mask_from_counts(scale_token_counts(patch_nums), device)
+
+
+def block_causal_mask_from_counts(token_counts: Sequence[int], device=None) -> torch.BoolTensor:
+    """:func:`block_causal_mask` for scales of any shape (``token_counts`` = h*w per scale)."""
+    level = level_ids_from_counts(token_counts, device)[0]
     return (level[:, None] >= level[None, :])[None, None]
 
 

@@ -1,3 +1,4 @@
+from .pipeline_infinity import InfinityPipeline
 from .pipeline_var import VARPipeline
 
-__all__ = ["VARPipeline"]
+__all__ = ["VARPipeline", "InfinityPipeline"]
