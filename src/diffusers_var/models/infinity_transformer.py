@@ -114,7 +114,7 @@ class InfinityTransformer2DModel(ModelMixin, ConfigMixin):
         self.level_embedding = nn.Embedding(num_level_embeddings, C)
         self.input_proj = nn.Linear(bits_per_token, C)
         self.shared_modulation = AdaLNModulation(C, C, 6) if shared_adaln else None
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear 0 -> rate
         ffn_dim = infinity_ffn_dim(C, mlp_ratio)
         self.blocks = nn.ModuleList(
             AdaLNCrossAttentionBlock(C, num_heads, C, ffn_dim, norm_eps, shared_adaln, rates[i]) for i in range(depth)
