@@ -397,3 +397,39 @@ class AdaLNCrossAttentionBlock(AdaLNSelfAttentionBlock):
         x_BLC = self.self_attention_residual(x_BLC, gamma1, scale1, shift1, attn_mask, kv_cache, rotary)
         x_BLC = x_BLC + self.cross_attn(self.cross_attn_norm(x_BLC), context_BSC, context_mask_BS)
         return self.ffn_residual(x_BLC, gamma2, scale2, shift2)
+
+
+@torch.no_grad()
+def init_adaln_transformer_weights_(model: nn.Module, std: float, extra_params: Sequence[torch.Tensor] = (),
+                                    init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02) -> None:
+    """The original VAR / Infinity initialisation of a model with ``blocks`` of :class:`AdaLNSelfAttentionBlock`,
+    ``head`` and ``head_norm``: truncated normal (``std``) for Linear / Embedding weights and ``extra_params``,
+    zero biases, a small head, residual outputs divided by sqrt(2 depth), near-zero AdaLN gates."""
+    C, depth = model.config.embed_dim, len(model.blocks)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            truncated_normal_(module.weight, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            truncated_normal_(module.weight, std)
+    for param in extra_params:
+        truncated_normal_(param, std)
+    model.head.weight.mul_(init_head)
+    model.head.bias.zero_()
+    model.head_norm.adaln.linear.weight.mul_(init_adaln)
+    model.head_norm.adaln.linear.bias.zero_()
+    for block in model.blocks:
+        block.attn.to_out.weight.div_(math.sqrt(2 * depth))
+        block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
+        if block.attn.attn_l2_norm:
+            block.attn.log_scale.fill_(math.log(4.0))
+        block.attn.q_bias.zero_()
+        block.attn.v_bias.zero_()
+        if block.shared_adaln:
+            block.adaln_offset.copy_(torch.randn_like(block.adaln_offset) / C**0.5)
+            block.adaln_offset[:, :, 2:].mul_(init_adaln)
+            block.adaln_offset[:, :, :2].mul_(init_adaln_gamma)
+        else:
+            block.adaln.linear.weight[2 * C :].mul_(init_adaln)
+            block.adaln.linear.weight[: 2 * C].mul_(init_adaln_gamma)

@@ -23,9 +23,9 @@ from .blocks import (
     KVCache,
     Rotary2D,
     block_causal_mask_from_counts,
+    init_adaln_transformer_weights_,
     level_ids_from_counts,
     rope_2d_cos_sin,
-    truncated_normal_,
 )
 from .dynamic_resolution import normalize_schedule, rope_grid_for_schedule
 
@@ -263,30 +263,8 @@ class InfinityTransformer2DModel(ModelMixin, ConfigMixin):
     def init_weights(self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02):
         """Truncated-normal init (std sqrt(1/(3C))), scaled head / AdaLN / residual outputs, and the
         original's unconditional rows (std 1.2 / sqrt(text_dim), CPU generator seeded 0)."""
-        C, depth = self.config.embed_dim, self.config.depth
-        std = math.sqrt(1 / C / 3)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                truncated_normal_(module.weight, std)
-                if module.bias is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.Embedding):
-                truncated_normal_(module.weight, std)
-        truncated_normal_(self.pos_start, std)
-        truncated_normal_(self.text_pool.learned_query, std)
+        std = math.sqrt(1 / self.config.embed_dim / 3)
+        init_adaln_transformer_weights_(self, std, (self.pos_start, self.text_pool.learned_query), init_adaln, init_adaln_gamma, init_head)
         uncond = torch.empty(self.uncond_text_embeds.shape)
         nn.init.trunc_normal_(uncond, std=1.2, generator=torch.Generator().manual_seed(0))
         self.uncond_text_embeds.copy_(uncond / self.config.text_dim**0.5)
-        self.head.weight.mul_(init_head)
-        self.head_norm.adaln.linear.weight.mul_(init_adaln)
-        for block in self.blocks:
-            block.attn.to_out.weight.div_(math.sqrt(2 * depth))
-            block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
-            block.attn.log_scale.fill_(math.log(4.0))
-            if block.shared_adaln:
-                block.adaln_offset.copy_(torch.randn_like(block.adaln_offset) / C**0.5)
-                block.adaln_offset[:, :, 2:].mul_(init_adaln)
-                block.adaln_offset[:, :, :2].mul_(init_adaln_gamma)
-            else:
-                block.adaln.linear.weight[2 * C :].mul_(init_adaln)
-                block.adaln.linear.weight[: 2 * C].mul_(init_adaln_gamma)
