@@ -12,7 +12,6 @@ of latent positions (``4 * codebook_dim`` bits, channel ``4c + 2dy + dx``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
