@@ -47,7 +47,12 @@ def scale_begin_ends(patch_nums: Sequence[int]) -> list[tuple[int, int]]:
 
 def scale_level_ids(patch_nums: Sequence[int], device=None) -> torch.LongTensor:
     """(1, L) int64: the scale index of every token of the pyramid (VAR's ``lvl_1L``)."""
-    ids = [torch.full((count,), si, dtype=torch.long) for si, count in enumerate(scale_token_counts(patch_nums))]
+    return level_ids_from_counts(scale_token_counts(patch_nums), device)
+
+
+def level_ids_from_counts(token_counts: Sequence[int], device=None) -> torch.LongTensor:
+    """(1, L) int64 scale index of every token, for scales of any shape (``token_counts`` = h*w per scale)."""
+    ids = [torch.full((count,), si, dtype=torch.long) for si, count in enumerate(token_counts)]
     return torch.cat(ids).unsqueeze(0).to(device)
 
 
@@ -61,7 +66,12 @@ def block_causal_bias(patch_nums: Sequence[int], device=None, dtype=torch.float3
 
 def block_causal_mask(patch_nums: Sequence[int], device=None) -> torch.BoolTensor:
     """(1, 1, L, L) boolean mask (True = may attend); dtype-agnostic form of :func:`block_causal_bias`."""
-    level = scale_level_ids(patch_nums, device)[0]
+    return block_causal_mask_from_counts(scale_token_counts(patch_nums), device)
+
+
+def block_causal_mask_from_counts(token_counts: Sequence[int], device=None) -> torch.BoolTensor:
+    """:func:`block_causal_mask` for scales of any shape (``token_counts`` = h*w per scale)."""
+    level = level_ids_from_counts(token_counts, device)[0]
     return (level[:, None] >= level[None, :])[None, None]
 
 
@@ -141,12 +151,12 @@ class DropPath(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """fc2(GELU_tanh(fc1(x)))."""
+    """fc2(GELU_tanh(fc1(x))); the output width is ``out_dim`` (default: ``dim``)."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, out_dim: int | None = None):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = nn.Linear(hidden_dim, dim if out_dim is None else out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -231,12 +241,13 @@ class AdaLNSelfAttentionBlock(nn.Module):
         shared_adaln: bool = False,
         attn_l2_norm: bool = True,
         drop_path: float = 0.0,
+        ffn_dim: int | None = None,
     ):
         super().__init__()
         self.dim, self.shared_adaln = dim, shared_adaln
         self.norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
         self.attn = CosineSelfAttention(dim, num_heads, attn_l2_norm=attn_l2_norm)
-        self.ffn = FeedForward(dim, round(dim * mlp_ratio))
+        self.ffn = FeedForward(dim, round(dim * mlp_ratio) if ffn_dim is None else ffn_dim)
         self.drop_path = DropPath(drop_path)
         if shared_adaln:
             self.adaln_offset = nn.Parameter(torch.randn(1, 1, 6, dim) / dim**0.5)
@@ -254,12 +265,19 @@ class AdaLNSelfAttentionBlock(nn.Module):
         cond: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
         kv_cache: LayerKVCache | None = None,
+        rotary: Callable | None = None,
     ) -> torch.Tensor:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond)
-        attn_out = self.attn(self.norm(x_BLC).mul(scale1.add(1)).add_(shift1), attn_mask=attn_mask, kv_cache=kv_cache)
-        x_BLC = x_BLC + self.drop_path(attn_out * gamma1)
-        ffn_out = self.ffn(self.norm(x_BLC).mul(scale2.add(1)).add_(shift2))
-        return x_BLC + self.drop_path(ffn_out * gamma2)
+        x_BLC = self.self_attention_residual(x_BLC, gamma1, scale1, shift1, attn_mask, kv_cache, rotary)
+        return self.ffn_residual(x_BLC, gamma2, scale2, shift2)
+
+    def self_attention_residual(self, x_BLC, gamma, scale, shift, attn_mask=None, kv_cache=None, rotary=None) -> torch.Tensor:
+        attn_out = self.attn(self.norm(x_BLC).mul(scale.add(1)).add_(shift), attn_mask=attn_mask, kv_cache=kv_cache, rotary=rotary)
+        return x_BLC + self.drop_path(attn_out * gamma)
+
+    def ffn_residual(self, x_BLC, gamma, scale, shift) -> torch.Tensor:
+        ffn_out = self.ffn(self.norm(x_BLC).mul(scale.add(1)).add_(shift))
+        return x_BLC + self.drop_path(ffn_out * gamma)
 
 
 class AdaLNHeadNorm(nn.Module):
@@ -359,3 +377,139 @@ class CosineCrossAttention(nn.Module):
         attn_mask = None if context_mask is None else context_mask.to(torch.bool).view(B, 1, 1, Lc)
         out = dispatch_attention_fn(q, k, v, attn_mask=attn_mask, scale=1.0)
         return self.to_out(out.reshape(B, L, C))
+
+
+# ----------------------------------------------------------------------------------------------
+# 2-D rotary position embedding (interleaved channel pairs; first half of the pairs = row, second = column)
+# ----------------------------------------------------------------------------------------------
+def normalized_grid_positions(height: int, width: int, grid_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row / column position of every token of an ``height x width`` map (row-major) on a reference grid:
+    ``round(i * H_ref / height)`` in float32 with round-half-to-even, so every scale spans the same grid."""
+    rows = (torch.arange(height) * (grid_hw[0] / height)).round()
+    cols = (torch.arange(width) * (grid_hw[1] / width)).round()
+    return rows[:, None].expand(height, width).reshape(-1), cols[None, :].expand(height, width).reshape(-1)
+
+
+def rope_2d_cos_sin(scale_hw: Sequence[tuple[int, int]], grid_hw: tuple[int, int], head_dim: int, base: float = 10000.0):
+    """cos / sin tables, each (L, head_dim // 2), for all scales of a schedule concatenated (row-major)."""
+    half = head_dim // 2
+    # int64 exponents as in the original, so the frequencies are bit-identical
+    inv_freq = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.int64) / half))
+    angles = []
+    for h, w in scale_hw:
+        rows, cols = normalized_grid_positions(h, w, grid_hw)
+        angles.append(torch.cat((torch.outer(rows, inv_freq), torch.outer(cols, inv_freq)), dim=-1))
+    angles = torch.cat(angles)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_interleaved_rotary(x_BLHD: torch.Tensor, cos_LP: torch.Tensor, sin_LP: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2p, 2p+1) of every head by the per-token angles: (a, b) -> (a cos - b sin, a sin + b cos)."""
+    cos, sin = cos_LP.to(x_BLHD)[None, :, None], sin_LP.to(x_BLHD)[None, :, None]
+    pairs = x_BLHD.unflatten(-1, (-1, 2))
+    a, b = pairs[..., 0], pairs[..., 1]
+    return torch.stack((cos * a - sin * b, sin * a + cos * b), dim=-1).flatten(-2)
+
+
+class Rotary2D:
+    """The ``rotary`` callable of :class:`CosineSelfAttention` for one token range of a cos/sin table."""
+
+    def __init__(self, cos_LP: torch.Tensor, sin_LP: torch.Tensor):
+        self.cos, self.sin = cos_LP, sin_LP
+
+    def __call__(self, q_BLHD: torch.Tensor, k_BLHD: torch.Tensor):
+        return apply_interleaved_rotary(q_BLHD, self.cos, self.sin), apply_interleaved_rotary(k_BLHD, self.cos, self.sin)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-attention to a padded context (text), and the AdaLN block that uses it
+# ----------------------------------------------------------------------------------------------
+class CrossAttention(nn.Module):
+    """Multi-head attention from ``x`` to a context of another width, with padding mask.
+
+    k/v come from one bias-free projection of the context plus a learned v bias (k has none); the softmax
+    scale is ``1/sqrt(head_dim)``. With ``learned_query`` the query is a single learned token
+    (``(1, num_heads, head_dim)``): the layer then pools the context into one vector per sample.
+    """
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int, learned_query: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"cross-attention width ({dim}) must be divisible by `num_heads` ({num_heads}).")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        if learned_query:
+            self.learned_query = nn.Parameter(torch.zeros(1, num_heads, self.head_dim))
+            self.to_q = None
+        else:
+            self.to_q = nn.Linear(dim, dim)
+        self.to_kv = nn.Linear(context_dim, 2 * dim, bias=False)
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim), persistent=False)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x_BLC: torch.Tensor | None, context_BSC: torch.Tensor, context_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
+        B, S = context_BSC.shape[:2]
+        bias = torch.cat((self.zero_k_bias.to(self.v_bias.dtype), self.v_bias))
+        kv = F.linear(context_BSC, self.to_kv.weight, bias).view(B, S, 2, self.num_heads, self.head_dim)
+        k, v = kv.unbind(dim=2)
+        if self.to_q is None:
+            q = self.learned_query.to(k.dtype).unsqueeze(0).expand(B, 1, -1, -1)
+        else:
+            q = self.to_q(x_BLC).unflatten(-1, (self.num_heads, self.head_dim))
+        mask = None if context_mask_BS is None else context_mask_BS[:, None, None, :].to(torch.bool)
+        out = dispatch_attention_fn(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
+        return self.to_out(out.flatten(2))
+
+
+class AdaLNCrossAttentionBlock(AdaLNSelfAttentionBlock):
+    """:class:`AdaLNSelfAttentionBlock` with an un-gated cross-attention residual between self-attention
+    and FFN: ``x += CrossAttn(LayerNorm_affine(x), context)`` (no AdaLN on that branch)."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int, ffn_dim: int, norm_eps: float = 1e-6,
+                 shared_adaln: bool = False, drop_path: float = 0.0):
+        super().__init__(dim, num_heads, norm_eps=norm_eps, shared_adaln=shared_adaln, attn_l2_norm=True,
+                         drop_path=drop_path, ffn_dim=ffn_dim)
+        self.cross_attn_norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.cross_attn = CrossAttention(dim, context_dim, num_heads)
+
+    def forward(self, x_BLC, cond, context_BSC, context_mask_BS=None, attn_mask=None, kv_cache=None, rotary=None):
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond)
+        x_BLC = self.self_attention_residual(x_BLC, gamma1, scale1, shift1, attn_mask, kv_cache, rotary)
+        x_BLC = x_BLC + self.cross_attn(self.cross_attn_norm(x_BLC), context_BSC, context_mask_BS)
+        return self.ffn_residual(x_BLC, gamma2, scale2, shift2)
+
+
+@torch.no_grad()
+def init_adaln_transformer_weights_(model: nn.Module, std: float, extra_params: Sequence[torch.Tensor] = (),
+                                    init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02) -> None:
+    """The original VAR / Infinity initialisation of a model with ``blocks`` of :class:`AdaLNSelfAttentionBlock`,
+    ``head`` and ``head_norm``: truncated normal (``std``) for Linear / Embedding weights and ``extra_params``,
+    zero biases, a small head, residual outputs divided by sqrt(2 depth), near-zero AdaLN gates."""
+    C, depth = model.config.embed_dim, len(model.blocks)
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            truncated_normal_(module.weight, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            truncated_normal_(module.weight, std)
+    for param in extra_params:
+        truncated_normal_(param, std)
+    model.head.weight.mul_(init_head)
+    model.head.bias.zero_()
+    model.head_norm.adaln.linear.weight.mul_(init_adaln)
+    model.head_norm.adaln.linear.bias.zero_()
+    for block in model.blocks:
+        block.attn.to_out.weight.div_(math.sqrt(2 * depth))
+        block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
+        if block.attn.attn_l2_norm:
+            block.attn.log_scale.fill_(math.log(4.0))
+        block.attn.q_bias.zero_()
+        block.attn.v_bias.zero_()
+        if block.shared_adaln:
+            block.adaln_offset.copy_(torch.randn_like(block.adaln_offset) / C**0.5)
+            block.adaln_offset[:, :, 2:].mul_(init_adaln)
+            block.adaln_offset[:, :, :2].mul_(init_adaln_gamma)
+        else:
+            block.adaln.linear.weight[2 * C :].mul_(init_adaln)
+            block.adaln.linear.weight[: 2 * C].mul_(init_adaln_gamma)

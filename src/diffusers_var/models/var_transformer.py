@@ -20,9 +20,9 @@ from .blocks import (
     AdaLNSelfAttentionBlock,
     KVCache,
     block_causal_mask,
+    init_adaln_transformer_weights_,
     scale_begin_ends,
     scale_level_ids,
-    truncated_normal_,
     validate_patch_nums,
 )
 
@@ -223,31 +223,5 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin):
     @torch.no_grad()
     def init_weights(self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02, init_std: float = -1.0):
         """The original recipe: truncated normal (std sqrt(1/(3C))), scaled head / AdaLN / residual outputs."""
-        C, depth = self.config.embed_dim, self.config.depth
-        std = math.sqrt(1 / C / 3) if init_std < 0 else init_std
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                truncated_normal_(module.weight, std)
-                if module.bias is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.Embedding):
-                truncated_normal_(module.weight, std)
-        for p in (self.pos_start, self.pos_embed):
-            truncated_normal_(p, std)
-        self.head.weight.mul_(init_head)
-        self.head.bias.zero_()
-        self.head_norm.adaln.linear.weight.mul_(init_adaln)
-        self.head_norm.adaln.linear.bias.zero_()
-        for block in self.blocks:
-            block.attn.to_out.weight.div_(math.sqrt(2 * depth))
-            block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
-            block.attn.log_scale.fill_(math.log(4.0)) if block.attn.attn_l2_norm else None
-            block.attn.q_bias.zero_()
-            block.attn.v_bias.zero_()
-            if block.shared_adaln:
-                block.adaln_offset.copy_(torch.randn_like(block.adaln_offset) / C**0.5)
-                block.adaln_offset[:, :, 2:].mul_(init_adaln)
-                block.adaln_offset[:, :, :2].mul_(init_adaln_gamma)
-            else:
-                block.adaln.linear.weight[2 * C :].mul_(init_adaln)
-                block.adaln.linear.weight[: 2 * C].mul_(init_adaln_gamma)
+        std = math.sqrt(1 / self.config.embed_dim / 3) if init_std < 0 else init_std
+        init_adaln_transformer_weights_(self, std, (self.pos_start, self.pos_embed), init_adaln, init_adaln_gamma, init_head)

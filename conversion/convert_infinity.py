@@ -1,0 +1,49 @@
+#!/usr/bin/env python
+"""Convert original Infinity checkpoints (FoundationVision/Infinity) into a diffusers folder.
+
+    python conversion/convert_infinity.py --vae infinity_vae_d32reg.pth --transformer infinity_2b_reg.pth \\
+        --text-encoder flan-t5-xl/ --tokenizer flan-t5-xl/ --output infinity-2b
+
+``--transformer`` is a .pth state dict or the sharded directory of Infinity-8B (with its VAE
+infinity_vae_d56_f8_14_patchify.pth). Width, depth, heads, chunks, bits, text width, VAE levels and spatial
+patchify are inferred from the tensors. Originals are read with torch.load(weights_only=True); the output
+holds safetensors only and is written atomically.
+"""
+
+import argparse
+import sys
+
+import torch
+
+from diffusers_var.conversion import ConversionError, convert_infinity_checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vae", required=True, help="original BSQ VAE checkpoint, e.g. infinity_vae_d32reg.pth")
+    parser.add_argument("--transformer", required=True, help="infinity_2b_reg.pth, or the infinity_8b_weights/ directory")
+    parser.add_argument("--text-encoder", required=True, help="folder of a transformers T5EncoderModel (google/flan-t5-xl), safetensors")
+    parser.add_argument("--tokenizer", required=True, help="folder of the T5 tokenizer")
+    parser.add_argument("--output", required=True, help="output folder (diffusers layout)")
+    parser.add_argument("--level-embed-every-chunk", action="store_true",
+                        help="the original add_lvl_embeding_only_first_block=0 (no release uses it; not visible in the weights)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    args = parser.parse_args(argv)
+    try:
+        pipe = convert_infinity_checkpoint(args.vae, args.transformer, args.text_encoder, args.tokenizer, args.output,
+                                           level_embed_every_chunk=args.level_embed_every_chunk,
+                                           dtype=DTYPES[args.dtype], overwrite=args.overwrite)
+    except ConversionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    cfg = pipe.transformer.config
+    print(f"wrote {args.output}: Infinity depth {cfg.depth}, width {cfg.embed_dim}, {cfg.bits_per_token} bits/token, "
+          f"VAE d={pipe.vae.config.codebook_dim} (patchify {pipe.vae.config.spatial_patchify})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,360 @@
+"""BitwiseMultiScaleVAE: Infinity's tokenizer (FoundationVision/Infinity ``bsq_vae``).
+
+A convolutional autoencoder whose latent (``codebook_dim`` channels) is quantised scale by scale with
+binary spherical quantisation (BSQ): every latent position of every scale carries ``codebook_dim`` bits,
+each bit selecting ``+-1/sqrt(d)`` on one channel. The image latent is the sum over scales of the
+(bilinearly upsampled) codes.
+
+Schedules passed to this model are the transformer's token grids ``[(h, w), ...]``. With
+``spatial_patchify`` (Infinity-8B) the VAE works on ``(2h, 2w)`` and a transformer token packs a 2x2 block
+of latent positions (``4 * codebook_dim`` bits, channel ``4c + 2dy + dx``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.accelerate_utils import apply_forward_hook
+
+from .dynamic_resolution import normalize_schedule
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    """32 groups when they divide the width, else 24 (the original's rule), eps 1e-6."""
+    for groups in (32, 24):
+        if channels % groups == 0:
+            return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+    raise ValueError(f"VAE width {channels} is divisible by neither 32 nor 24 (GroupNorm groups).")
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm1 = _group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = _group_norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+
+
+class Downsample(nn.Module):
+    """Zero-pad right and bottom by one, then a stride-2 3x3 conv without padding."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Level(nn.Module):
+    """Res-blocks of one resolution level plus an optional resampler (``downsample`` / ``upsample``)."""
+
+    def __init__(self, channels: Sequence[int], resample: str | None):
+        super().__init__()
+        self.block = nn.ModuleList(ResnetBlock(a, b) for a, b in zip(channels[:-1], channels[1:]))
+        if resample == "down":
+            self.downsample = Downsample(channels[-1])
+        elif resample == "up":
+            self.upsample = Upsample(channels[-1])
+
+
+class _Mid(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels)
+        self.block_2 = ResnetBlock(channels, channels)
+
+    def forward(self, x):
+        return self.block_2(self.block_1(x))
+
+
+class BitwiseEncoder(nn.Module):
+    def __init__(self, in_channels: int, base_channels: int, ch_mult: Sequence[int], num_res_blocks: int, out_channels: int):
+        super().__init__()
+        widths = [base_channels * m for m in ch_mult]
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.down = nn.ModuleList()
+        previous = base_channels
+        for i, width in enumerate(widths):
+            last = i == len(widths) - 1
+            self.down.append(_Level([previous] + [width] * num_res_blocks, None if last else "down"))
+            previous = width
+        self.mid = _Mid(previous)
+        self.norm_out = _group_norm(previous)
+        self.conv_out = nn.Conv2d(previous, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class BitwiseDecoder(nn.Module):
+    def __init__(self, in_channels: int, base_channels: int, ch_mult: Sequence[int], num_res_blocks: int, out_channels: int):
+        super().__init__()
+        widths = [base_channels * m for m in ch_mult]
+        self.conv_in = nn.Conv2d(in_channels, widths[-1], 3, padding=1)
+        self.mid = _Mid(widths[-1])
+        levels, previous = {}, widths[-1]
+        for i in reversed(range(len(widths))):  # highest level first; stored by level index
+            levels[i] = _Level([previous] + [widths[i]] * (num_res_blocks + 1), "up" if i > 0 else None)
+            previous = widths[i]
+        self.up = nn.ModuleList(levels[i] for i in range(len(widths)))
+        self.norm_out = _group_norm(previous)
+        self.conv_out = nn.Conv2d(previous, out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Resizing on the original's (B, d, 1, h, w) layout, so interpolation weights match bit for bit
+# ----------------------------------------------------------------------------------------------
+def area_resize(x_BdHW: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
+    if tuple(x_BdHW.shape[-2:]) == tuple(size_hw):
+        return x_BdHW
+    return F.interpolate(x_BdHW.unsqueeze(2), size=(1, *size_hw), mode="area").squeeze(2)
+
+
+def trilinear_resize(x_BdHW: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
+    if tuple(x_BdHW.shape[-2:]) == tuple(size_hw):
+        return x_BdHW
+    return F.interpolate(x_BdHW.unsqueeze(2), size=(1, *size_hw), mode="trilinear", align_corners=False).squeeze(2)
+
+
+@dataclass
+class BitwiseEncodeOutput(BaseOutput):
+    """``features`` (B, d, H, W): raw encoder output. ``quantized`` (B, d, H, W): sum of the upsampled codes.
+    ``bit_labels``: per scale (B, h, w, d) uint8 in latent layout. ``quantizer_inputs``: per scale the
+    (area-resized) residual whose sign gives the bits. ``area_next_inputs``: the quantizer's own next-scale
+    inputs (area-downsampled running sum, scales 1..K-1), which the transformer does NOT consume."""
+
+    features: torch.Tensor
+    quantized: torch.Tensor
+    bit_labels: list
+    quantizer_inputs: list
+    area_next_inputs: list
+
+
+@dataclass
+class DecoderOutput(BaseOutput):
+    sample: torch.Tensor
+
+
+class BitwiseMultiScaleVAE(ModelMixin, ConfigMixin):
+    r"""Infinity's multi-scale BSQ autoencoder.
+
+    Args:
+        in_channels, out_channels: image channels.
+        base_channels: width of the first level (128 in the releases).
+        encoder_ch_mult, decoder_ch_mult: per-level width multipliers; ``len - 1`` stride-2 stages
+            (``[1, 2, 4, 4, 4]``: stride 16; ``[1, 2, 4, 4]``: stride 8).
+        num_res_blocks: res-blocks per encoder level (decoder levels have one more).
+        codebook_dim: bits per latent position (``d``).
+        spatial_patchify: a transformer token packs 2x2 latent positions (the Infinity-8B tokenizer).
+    """
+
+    _supports_gradient_checkpointing = False
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        base_channels: int = 128,
+        encoder_ch_mult: Sequence[int] = (1, 2, 4, 4, 4),
+        decoder_ch_mult: Sequence[int] = (1, 2, 4, 4, 4),
+        num_res_blocks: int = 2,
+        codebook_dim: int = 32,
+        spatial_patchify: bool = False,
+    ):
+        super().__init__()
+        if len(encoder_ch_mult) != len(decoder_ch_mult):
+            raise ValueError("`encoder_ch_mult` and `decoder_ch_mult` must have the same number of levels.")
+        if codebook_dim < 1:
+            raise ValueError(f"`codebook_dim` must be >= 1, got {codebook_dim}.")
+        self.encoder = BitwiseEncoder(in_channels, base_channels, encoder_ch_mult, num_res_blocks, codebook_dim)
+        self.decoder = BitwiseDecoder(codebook_dim, base_channels, decoder_ch_mult, num_res_blocks, out_channels)
+
+    # -- geometry --------------------------------------------------------------------------------
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.config.encoder_ch_mult) - 1)
+
+    @property
+    def patch_factor(self) -> int:
+        return 2 if self.config.spatial_patchify else 1
+
+    @property
+    def pixels_per_token(self) -> int:
+        return self.downsample_factor * self.patch_factor
+
+    @property
+    def bits_per_token(self) -> int:
+        return self.config.codebook_dim * self.patch_factor**2
+
+    def latent_schedule(self, scale_schedule) -> list[tuple[int, int]]:
+        """Token grids -> the latent grids the quantizer works on (x2 per side with patchify)."""
+        p = self.patch_factor
+        return [(h * p, w * p) for h, w in normalize_schedule(scale_schedule)]
+
+    # -- BSQ ---------------------------------------------------------------------------------------
+    def bits_to_codes(self, bits_BdHW: torch.Tensor) -> torch.Tensor:
+        """Bits (B, d, h, w) -> codes ``(2 bit - 1) / sqrt(d)``, L2-normalised over d as the original."""
+        d = bits_BdHW.shape[1]
+        codes = bits_BdHW.float() * (2 / d**0.5) - 1 / d**0.5
+        return F.normalize(codes, dim=1)
+
+    def token_bits_to_latent_bits(self, bits_BhwK: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, bits_per_token) -> latent layout (B, d, h*p, w*p) (pixel_shuffle with patchify)."""
+        bits = bits_BhwK.permute(0, 3, 1, 2)
+        return F.pixel_shuffle(bits.float(), 2).to(bits.dtype) if self.config.spatial_patchify else bits
+
+    def latent_to_tokens(self, x_BdHW: torch.Tensor) -> torch.Tensor:
+        """(B, d, H, W) -> (B, h*w, bits_per_token) row-major tokens (pixel_unshuffle with patchify)."""
+        if self.config.spatial_patchify:
+            x_BdHW = F.pixel_unshuffle(x_BdHW, 2)
+        return x_BdHW.flatten(2).transpose(1, 2)
+
+    @staticmethod
+    def _bsq(residual_BdHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bits (residual > 0) and the straight-through quantised value of the normalised residual."""
+        d = residual_BdHW.shape[1]
+        unit = F.normalize(residual_BdHW, dim=1, eps=1e-12)
+        bits = unit > 0
+        quantized = bits.to(unit.dtype).mul(2).sub(1).div(d**0.5)
+        return bits, unit + (quantized - unit)
+
+    # -- encode / decode ---------------------------------------------------------------------------
+    @apply_forward_hook
+    def encode_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> raw latent features (B, d, H/s, W/s)."""
+        return self.encoder(images)
+
+    @apply_forward_hook
+    def encode(self, images: torch.Tensor, scale_schedule, return_dict: bool = True):
+        """Multi-scale BSQ of the encoder features along ``scale_schedule`` (transformer token grids)."""
+        features = self.encode_features(images)
+        out = self.quantize(features, scale_schedule)
+        return out if return_dict else tuple(out.values())
+
+    def quantize(self, features_BdHW: torch.Tensor, scale_schedule) -> BitwiseEncodeOutput:
+        sizes = self.latent_schedule(scale_schedule)
+        full = tuple(features_BdHW.shape[-2:])
+        if sizes[-1] != full:
+            raise ValueError(f"`scale_schedule` ends at latent size {sizes[-1]} but the features are {full}.")
+        residual, summed = features_BdHW, torch.zeros_like(features_BdHW)
+        bit_labels, inputs, area_inputs = [], [], []
+        for k, size in enumerate(sizes):
+            scale_input = area_resize(residual, size)
+            bits, quantized = self._bsq(scale_input)
+            upsampled = trilinear_resize(quantized, full)
+            residual, summed = residual - upsampled, summed + upsampled
+            inputs.append(scale_input)
+            bit_labels.append(bits.permute(0, 2, 3, 1).to(torch.uint8))
+            if k + 1 < len(sizes):
+                area_inputs.append(area_resize(summed, sizes[k + 1]))
+        return BitwiseEncodeOutput(features=features_BdHW, quantized=summed, bit_labels=bit_labels,
+                                   quantizer_inputs=inputs, area_next_inputs=area_inputs)
+
+    @apply_forward_hook
+    def decode(self, latents: torch.Tensor, return_dict: bool = True):
+        """Latent (B, d, H, W) -> images (B, 3, H*s, W*s) clamped to [-1, 1]."""
+        images = self.decoder(latents).clamp_(-1, 1)
+        return DecoderOutput(sample=images) if return_dict else (images,)
+
+    def codes_from_bit_labels(self, bit_labels: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Latent-layout bits per scale ((B, h, w, d)) -> the summed, upsampled codes (B, d, H, W)."""
+        full = tuple(bit_labels[-1].shape[1:3])
+        return sum(trilinear_resize(self.bits_to_codes(bits.permute(0, 3, 1, 2)), full) for bits in bit_labels)
+
+    def decode_bit_labels(self, bit_labels: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.decode(self.codes_from_bit_labels(bit_labels)).sample
+
+    # -- what the transformer sees -----------------------------------------------------------------
+    def next_scale_input(self, summed_BdHW: torch.Tensor, codes_BdHW: torch.Tensor, next_size_hw: tuple[int, int] | None):
+        """Add one scale's codes to the running sum (full latent resolution) and return ``(summed, x_next)``
+        where ``x_next`` (B, h*w, bits_per_token) is the bilinear *downsampling* of the sum to the next
+        token grid (``next_size_hw``; ``None`` at the last scale)."""
+        summed = summed_BdHW + trilinear_resize(codes_BdHW, tuple(summed_BdHW.shape[-2:]))
+        return summed, None if next_size_hw is None else self.scale_input_from_summed(summed, next_size_hw)
+
+    def scale_input_from_summed(self, summed_BdHW: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
+        """Running sum (B, d, H, W) -> the transformer input of token grid ``size_hw`` (B, h*w, bits_per_token)."""
+        p = self.patch_factor
+        return self.latent_to_tokens(trilinear_resize(summed_BdHW, (size_hw[0] * p, size_hw[1] * p)))
+
+    def teacher_forcing_inputs(
+        self,
+        features_BdHW: torch.Tensor,
+        scale_schedule,
+        noise_apply_layers: int = 0,
+        noise_apply_strength: float = 0.0,
+        numpy_rng: np.random.RandomState | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transformer inputs and bit labels for training, with Bitwise Self-Correction.
+
+        For the first ``noise_apply_layers`` scales a strength ``s`` is drawn uniformly from
+        ``{0, 0.01, ..., noise_apply_strength}`` (``numpy_rng.randint``, default the global numpy RNG) and
+        each bit is flipped with probability ``s`` (``torch.rand`` from ``generator``, default the global
+        torch RNG); later labels are computed from the corrupted running sum, so the model learns to
+        correct earlier mistakes. The original's draw order is kept (per scale: randint, then rand).
+
+        Returns ``(inputs (B, L - first, bits_per_token), labels (B, L, bits_per_token) uint8)``.
+        """
+        schedule = normalize_schedule(scale_schedule)
+        sizes = self.latent_schedule(schedule)
+        full = tuple(features_BdHW.shape[-2:])
+        summed = torch.zeros_like(features_BdHW)
+        inputs, labels = [], []
+        for k, size in enumerate(sizes):
+            residual = features_BdHW - summed
+            bits = area_resize(residual, size) > 0
+            labels.append(self.latent_to_tokens(bits.to(torch.uint8)))
+            if k < noise_apply_layers:
+                rng = numpy_rng if numpy_rng is not None else np.random
+                strength = rng.randint(0, int(100 * noise_apply_strength) + 1) / 100
+                draw = torch.rand(bits.permute(0, 2, 3, 1).shape, generator=generator)
+                flip = (draw < strength).permute(0, 3, 1, 2).to(bits.device)
+                bits = bits ^ flip
+            summed = summed + trilinear_resize(self.bits_to_codes(bits), full)
+            if k + 1 < len(sizes):
+                inputs.append(self.latent_to_tokens(trilinear_resize(summed, sizes[k + 1])))
+        return torch.cat(inputs, dim=1), torch.cat(labels, dim=1)

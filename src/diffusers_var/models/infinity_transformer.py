@@ -1,0 +1,270 @@
+"""InfinityTransformer2DModel: text-conditioned bitwise next-scale prediction (FoundationVision/Infinity)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.accelerate_utils import apply_forward_hook
+
+from .blocks import (
+    AdaLNCrossAttentionBlock,
+    AdaLNHeadNorm,
+    AdaLNModulation,
+    CrossAttention,
+    FeedForward,
+    KVCache,
+    Rotary2D,
+    block_causal_mask_from_counts,
+    init_adaln_transformer_weights_,
+    level_ids_from_counts,
+    rope_2d_cos_sin,
+)
+from .dynamic_resolution import normalize_schedule, rope_grid_for_schedule
+
+
+def infinity_ffn_dim(embed_dim: int, mlp_ratio: float) -> int:
+    """FFN width of the original: ``round(C * mlp_ratio / 256) * 256`` (Python rounding)."""
+    return round(embed_dim * mlp_ratio / 256) * 256
+
+
+@dataclass
+class InfinityTextCondition:
+    """Everything the blocks need from the text, computed once per generation.
+
+    ``pooled`` (B, C): attention-pooled text (start token and head AdaLN condition); ``adaln`` the block
+    AdaLN input ((B, 1, 6, C) with shared AdaLN, else ``pooled``); ``context`` (B, S, C) cross-attention
+    memory; ``context_mask`` (B, S) bool, True for real tokens.
+    """
+
+    pooled: torch.Tensor
+    adaln: torch.Tensor
+    context: torch.Tensor
+    context_mask: torch.Tensor
+
+
+@dataclass
+class InfinityTransformerOutput(BaseOutput):
+    """``logits`` (B, L, 2 * bits_per_token) float32; ``[..., 2i]`` / ``[..., 2i + 1]`` = bit i is 0 / 1."""
+
+    logits: torch.Tensor
+
+
+class InfinityTransformer2DModel(ModelMixin, ConfigMixin):
+    r"""Infinity: predicts every bit of every token of scale k from all coarser scales and the text.
+
+    * Text (T5 features, padded, with a mask) is RMS-normalised, attention-pooled into one vector (the
+      first token and the AdaLN condition) and projected by a 2-layer MLP into the cross-attention memory.
+      ``uncond_text_embeds`` are the learned "empty text" rows used for guidance and caption dropout.
+    * Blocks: AdaLN (shared Linear + per-block offsets in the releases) cosine self-attention with 2-D
+      RoPE normalised to the aspect template's final grid, un-gated cross-attention, FFN.
+    * The head predicts 2 logits per bit (``bits_per_token`` bits per token).
+
+    Args:
+        bits_per_token: bits per token (VAE ``codebook_dim``, x4 with spatial patchify).
+        text_dim: width of the text encoder features (2048 for flan-t5-xl).
+        text_max_length: rows of ``uncond_text_embeds`` (the tokenizer's max length, 512).
+        pool_num_heads: heads of the attention pooling (``text_dim // 128`` in the original).
+        depth, embed_dim, num_heads, mlp_ratio: transformer size (FFN = round(C * mlp_ratio / 256) * 256).
+        block_chunks: blocks are grouped in this many chunks (as in the release; level embedding granularity).
+        shared_adaln: one AdaLN Linear shared by the blocks plus per-block offsets (all releases).
+        level_embed_every_chunk: add the level embedding before every chunk (False in the releases: once).
+        num_level_embeddings: rows of the level embedding (maximum number of scales).
+        norm_eps, cond_drop_rate, drop_path_rate: as in the original.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["AdaLNCrossAttentionBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        bits_per_token: int = 32,
+        text_dim: int = 2048,
+        text_max_length: int = 512,
+        pool_num_heads: int = 16,
+        depth: int = 32,
+        embed_dim: int = 2048,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        block_chunks: int = 8,
+        shared_adaln: bool = True,
+        level_embed_every_chunk: bool = False,
+        num_level_embeddings: int = 15,
+        norm_eps: float = 1e-6,
+        cond_drop_rate: float = 0.1,
+        drop_path_rate: float = 0.1,
+    ):
+        super().__init__()
+        if depth % block_chunks:
+            raise ValueError(f"`depth` ({depth}) must be divisible by `block_chunks` ({block_chunks}).")
+        C = embed_dim
+        self.uncond_text_embeds = nn.Parameter(torch.zeros(text_max_length, text_dim))
+        self.text_norm = nn.RMSNorm(text_dim, eps=1e-6)
+        self.text_pool = CrossAttention(C, text_dim, pool_num_heads, learned_query=True)
+        self.text_proj = FeedForward(text_dim, C, out_dim=C)
+        self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
+        self.level_embedding = nn.Embedding(num_level_embeddings, C)
+        self.input_proj = nn.Linear(bits_per_token, C)
+        self.shared_modulation = AdaLNModulation(C, C, 6) if shared_adaln else None
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear 0 -> rate
+        ffn_dim = infinity_ffn_dim(C, mlp_ratio)
+        self.blocks = nn.ModuleList(
+            AdaLNCrossAttentionBlock(C, num_heads, C, ffn_dim, norm_eps, shared_adaln, rates[i]) for i in range(depth)
+        )
+        self.head_norm = AdaLNHeadNorm(C, C, norm_eps)
+        self.head = nn.Linear(C, 2 * bits_per_token)
+        self.gradient_checkpointing = False
+        self._rope_tables: dict = {}
+
+    # -- text --------------------------------------------------------------------------------------
+    def unconditional_text_embeds(self, text_mask_BS: torch.Tensor) -> torch.Tensor:
+        """Learned empty-text features shaped like a padded batch: row i's real tokens get the first
+        ``len_i`` rows of ``uncond_text_embeds`` (same length as the prompt it replaces)."""
+        B, S = text_mask_BS.shape
+        if S > self.config.text_max_length:
+            raise ValueError(f"text of {S} tokens exceeds `text_max_length` ({self.config.text_max_length}).")
+        return self.uncond_text_embeds[:S].unsqueeze(0).expand(B, S, -1)
+
+    @apply_forward_hook
+    def encode_text(self, text_embeds: torch.Tensor, text_mask: torch.Tensor, drop_text: torch.Tensor | None = None) -> InfinityTextCondition:
+        """Text features (B, S, text_dim) + mask (B, S) -> :class:`InfinityTextCondition`.
+
+        ``drop_text`` (B,) bool replaces those rows by the learned unconditional features.
+        """
+        if text_embeds.ndim != 3 or text_embeds.shape[-1] != self.config.text_dim:
+            raise ValueError(f"`text_embeds` must have shape (B, S, {self.config.text_dim}), got {tuple(text_embeds.shape)}.")
+        if tuple(text_mask.shape) != tuple(text_embeds.shape[:2]):
+            raise ValueError(f"`text_mask` must have shape {tuple(text_embeds.shape[:2])}, got {tuple(text_mask.shape)}.")
+        text_mask = text_mask.to(device=text_embeds.device, dtype=torch.bool)
+        if not bool(text_mask.any(dim=1).all()):
+            raise ValueError("`text_mask`: every sample needs at least one real token.")
+        text_embeds = text_embeds.to(self.uncond_text_embeds.dtype)
+        if drop_text is not None and bool(drop_text.any()):
+            uncond = self.unconditional_text_embeds(text_mask)
+            text_embeds = torch.where(drop_text.to(text_embeds.device)[:, None, None], uncond, text_embeds)
+        normed = self.text_norm(text_embeds.float()).to(text_embeds.dtype)
+        pooled = self.text_pool(None, normed, text_mask).squeeze(1)
+        context = self.text_proj(normed)
+        adaln = pooled if self.shared_modulation is None else self.shared_modulation(pooled)
+        return InfinityTextCondition(pooled=pooled, adaln=adaln, context=context, context_mask=text_mask)
+
+    # -- positions ---------------------------------------------------------------------------------
+    def rope_cos_sin(self, scale_schedule, device) -> tuple[torch.Tensor, torch.Tensor]:
+        schedule = tuple(normalize_schedule(scale_schedule))
+        key = (schedule, str(device))
+        if key not in self._rope_tables:
+            head_dim = self.config.embed_dim // self.config.num_heads
+            cos, sin = rope_2d_cos_sin(schedule, rope_grid_for_schedule(schedule), head_dim)
+            self._rope_tables[key] = (cos.to(device), sin.to(device))
+        return self._rope_tables[key]
+
+    def _check_schedule(self, scale_schedule) -> list[tuple[int, int]]:
+        schedule = normalize_schedule(scale_schedule)
+        if schedule[0] != (1, 1):
+            raise ValueError(f"`scale_schedule` must start with a 1x1 scale, got {schedule[0]}.")
+        if len(schedule) > self.config.num_level_embeddings:
+            raise ValueError(f"`scale_schedule` has {len(schedule)} scales; the model supports {self.config.num_level_embeddings}.")
+        return schedule
+
+    # -- trunk -------------------------------------------------------------------------------------
+    def _run_blocks(self, x_BLC, level_BLC, text: InfinityTextCondition, attn_mask=None, kv_cache=None, rotary=None):
+        per_chunk = len(self.blocks) // self.config.block_chunks
+        for i, block in enumerate(self.blocks):
+            if i % per_chunk == 0 and (i == 0 or self.config.level_embed_every_chunk):
+                x_BLC = x_BLC + level_BLC
+            layer_cache = kv_cache[i] if kv_cache is not None else None
+            args = (x_BLC, text.adaln, text.context, text.context_mask, attn_mask, layer_cache, rotary)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x_BLC = self._gradient_checkpointing_func(block, *args)
+            else:
+                x_BLC = block(*args)
+        return self.head(self.head_norm(x_BLC, text.pooled)).float()
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor,
+        text_mask: torch.Tensor,
+        scale_schedule: Sequence[Sequence[int]],
+        drop_text: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ):
+        r"""Teacher-forcing forward with the block-causal mask.
+
+        Args:
+            hidden_states: (B, L - 1, bits_per_token): the next-scale inputs of scales 1..K-1, from
+                :meth:`BitwiseMultiScaleVAE.teacher_forcing_inputs`.
+            text_embeds, text_mask: padded text encoder features (B, S, text_dim) and mask (B, S).
+            scale_schedule: token grids ``[(h, w), ...]`` (a predefined aspect-ratio schedule).
+            drop_text: (B,) bool, rows that use the unconditional text; default in training mode: each row
+                with probability ``cond_drop_rate``, else none.
+
+        Returns logits (B, L, 2 * bits_per_token), float32.
+        """
+        schedule = self._check_schedule(scale_schedule)
+        counts = [h * w for h, w in schedule]
+        expected = (sum(counts) - 1, self.config.bits_per_token)
+        if hidden_states.ndim != 3 or tuple(hidden_states.shape[1:]) != expected:
+            raise ValueError(f"`hidden_states` must have shape (B, {expected[0]}, {expected[1]}), got {tuple(hidden_states.shape)}.")
+        if drop_text is None and self.training and self.config.cond_drop_rate > 0:
+            drop_text = torch.rand(hidden_states.shape[0]) < self.config.cond_drop_rate
+        text = self.encode_text(text_embeds, text_mask, drop_text)
+        first = text.pooled.unsqueeze(1) + self.pos_start
+        x_BLC = torch.cat((first, self.input_proj(hidden_states.to(first.dtype))), dim=1)
+        level = self.level_embedding(level_ids_from_counts(counts, x_BLC.device))
+        attn_mask = block_causal_mask_from_counts(counts, x_BLC.device)
+        rotary = Rotary2D(*self.rope_cos_sin(schedule, x_BLC.device))
+        logits = self._run_blocks(x_BLC, level, text, attn_mask=attn_mask, rotary=rotary)
+        return InfinityTransformerOutput(logits=logits) if return_dict else (logits,)
+
+    # -- scale-by-scale decoding -------------------------------------------------------------------
+    def init_kv_cache(self, scale_schedule) -> KVCache:
+        return KVCache(len(self.blocks), max_length=sum(h * w for h, w in normalize_schedule(scale_schedule)))
+
+    @apply_forward_hook
+    def forward_scale(
+        self,
+        scale_index: int,
+        scale_schedule: Sequence[Sequence[int]],
+        text: InfinityTextCondition,
+        kv_cache: KVCache,
+        scale_input: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        r"""Logits (B, h*w, 2 * bits_per_token) of one scale during sampling, in scale order.
+
+        ``text`` from :meth:`encode_text`; ``kv_cache`` from :meth:`init_kv_cache`; ``scale_input``
+        (B, h*w, bits_per_token) for scales >= 1 (``None`` at scale 0, whose input is the pooled text).
+        """
+        schedule = self._check_schedule(scale_schedule)
+        counts = [h * w for h, w in schedule]
+        begin = sum(counts[:scale_index])
+        end = begin + counts[scale_index]
+        B = text.pooled.shape[0]
+        if scale_index == 0:
+            x_BLC = text.pooled.unsqueeze(1) + self.pos_start
+        else:
+            if scale_input is None or tuple(scale_input.shape) != (B, end - begin, self.config.bits_per_token):
+                raise ValueError(f"`scale_input` must have shape ({B}, {end - begin}, {self.config.bits_per_token}) at scale {scale_index}.")
+            x_BLC = self.input_proj(scale_input.to(self.input_proj.weight.dtype))
+        level = self.level_embedding.weight[scale_index].view(1, 1, -1)
+        cos, sin = self.rope_cos_sin(schedule, x_BLC.device)
+        return self._run_blocks(x_BLC, level, text, kv_cache=kv_cache, rotary=Rotary2D(cos[begin:end], sin[begin:end]))
+
+    # -- initialisation for training from scratch ----------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02):
+        """Truncated-normal init (std sqrt(1/(3C))), scaled head / AdaLN / residual outputs, and the
+        original's unconditional rows (std 1.2 / sqrt(text_dim), CPU generator seeded 0)."""
+        std = math.sqrt(1 / self.config.embed_dim / 3)
+        init_adaln_transformer_weights_(self, std, (self.pos_start, self.text_pool.learned_query), init_adaln, init_adaln_gamma, init_head)
+        uncond = torch.empty(self.uncond_text_embeds.shape)
+        nn.init.trunc_normal_(uncond, std=1.2, generator=torch.Generator().manual_seed(0))
+        self.uncond_text_embeds.copy_(uncond / self.config.text_dim**0.5)

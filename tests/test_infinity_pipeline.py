@@ -1,0 +1,173 @@
+"""InfinityPipeline behaviour on tiny random components (no downloads): argument checks, output types,
+offload sequence, save / load round trip, and converter errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+from conftest import fixture_dir
+from diffusers.utils import logging
+from diffusers_var import BitwiseMultiScaleVAE, InfinityPipeline, InfinityTransformer2DModel
+from diffusers_var.conversion import ConversionError, convert_infinity_checkpoint
+
+PROMPT = "a photo of a red fox sitting in the snow"
+
+
+def tiny_pipeline(spatial_patchify: bool = False) -> InfinityPipeline:
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(fixture_dir("infinity") / "tokenizer", legacy=True)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=4,
+                                           feed_forward_proj="gated-gelu")).eval()
+    vae = BitwiseMultiScaleVAE(base_channels=24, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1], num_res_blocks=1,
+                               codebook_dim=4, spatial_patchify=spatial_patchify).eval()
+    transformer = InfinityTransformer2DModel(bits_per_token=vae.bits_per_token, text_dim=32, text_max_length=24,
+                                             pool_num_heads=2, depth=2, embed_dim=64, num_heads=2, block_chunks=2).eval()
+    transformer.init_weights()
+    pipe = InfinityPipeline(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+def generate(pipe, **kwargs):
+    args = dict(prompt=PROMPT, height=32, width=32, generator=torch.Generator().manual_seed(0), output_type="pt")
+    args.update(kwargs)
+    return pipe(**args).images
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(height=1000, width=1000), "height"),
+        (dict(height=0), "height"),
+        (dict(tau=0.0), "tau"),
+        (dict(tau=[1.0, 1.0]), "tau"),
+        (dict(prompt=[]), "prompt"),
+        (dict(top_k=-1), "top_k"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(guidance_scale=-1.0), "guidance_scale"),
+        (dict(output_type="jpg"), "output_type"),
+        (dict(generator=[torch.Generator(), torch.Generator()]), "generator"),
+        (dict(negative_prompt=["a", "b"]), "negative_prompt"),
+        (dict(callback_on_step_end_tensor_inputs=["nope"]), "callback_on_step_end_tensor_inputs"),
+    ],
+)
+def test_bad_inputs_name_the_parameter(pipe, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate(pipe, **kwargs)
+
+
+def test_unsupported_size_lists_supported_sizes(pipe):
+    with pytest.raises(ValueError, match=r"32x32"):
+        generate(pipe, height=1000, width=1000)
+
+
+def test_long_prompt_is_truncated_with_warning(pipe):
+    logger = logging.get_logger("diffusers_var.pipelines.pipeline_infinity")
+    messages = []
+    handler = type("H", (__import__("logging").Handler,), {"emit": lambda self, record: messages.append(record.getMessage())})()
+    logger.addHandler(handler)
+    try:
+        embeds, mask = pipe.encode_prompt(" ".join(["a photo of a red fox"] * 20))
+    finally:
+        logger.removeHandler(handler)
+    assert embeds.shape[1] == pipe.transformer.config.text_max_length and mask.all()
+    assert any("truncated" in m for m in messages)
+
+
+@pytest.mark.parametrize("output_type", ["pt", "np", "pil", "latent"])
+def test_output_types(pipe, output_type):
+    images = generate(pipe, output_type=output_type, prompt=[PROMPT, "a cat"], num_images_per_prompt=2)
+    if output_type == "pt":
+        assert images.shape == (4, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    elif output_type == "np":
+        assert images.shape == (4, 32, 32, 3)
+    elif output_type == "pil":
+        assert len(images) == 4 and images[0].size == (32, 32)
+    else:
+        assert images.shape == (4, 4, 16, 16)
+
+
+def test_non_square_and_patchify():
+    pipe = tiny_pipeline(spatial_patchify=True)
+    # 0.06M preset of the 0.75 (h/w) template: 15 x 20 tokens, 4 px per token with the 2x2 patchify
+    images = generate(pipe, height=60, width=80, guidance_scale=2.0, tau=1.0, top_k=900, top_p=0.97)
+    assert images.shape == (1, 3, 60, 80)
+
+
+def test_seeded_generation_is_reproducible_and_callback_runs_per_scale(pipe):
+    scales = []
+    first = generate(pipe, guidance_scale=3.0, callback_on_step_end=lambda p, i, hw, t: scales.append(hw) or {})
+    assert scales == [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16)]
+    assert torch.equal(first, generate(pipe, guidance_scale=3.0))
+    per_image = generate(pipe, prompt=[PROMPT, PROMPT], generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)])
+    assert per_image.shape[0] == 2
+
+
+def test_save_load_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    assert not [p for p in (tmp_path / "pipe").rglob("*") if p.suffix in {".bin", ".pth", ".pt", ".pkl", ".ckpt"}]
+    loaded = InfinityPipeline.from_pretrained(tmp_path / "pipe")
+    loaded.set_progress_bar_config(disable=True)
+    kwargs = dict(negative_prompt="blurry", guidance_scale=3.0, top_k=900, top_p=0.97)
+    assert torch.equal(generate(pipe, **kwargs), generate(loaded, **kwargs))
+
+
+def test_offload_sequence_moves_text_encoder_first():
+    assert InfinityPipeline.model_cpu_offload_seq.split("->")[0] == "text_encoder"
+
+
+def test_converter_errors_name_the_parameter(tmp_path):
+    path = fixture_dir("infinity")
+    with pytest.raises(ConversionError, match="transformer"):
+        convert_infinity_checkpoint(path / "vae.pth", tmp_path / "missing.pth", path / "text_encoder", path / "tokenizer")
+    with pytest.raises(ConversionError, match="vae"):  # a transformer file given as the VAE
+        convert_infinity_checkpoint(path / "transformer/infinity.pth", path / "transformer/infinity.pth", path / "text_encoder", path / "tokenizer")
+    torch.save({"x": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ConversionError, match="transformer"):
+        convert_infinity_checkpoint(path / "vae.pth", tmp_path / "bad.pth", path / "text_encoder", path / "tokenizer")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ConversionError, match="output"):
+        convert_infinity_checkpoint(path / "vae.pth", path / "transformer/infinity.pth", path / "text_encoder", path / "tokenizer", out)
+
+
+def test_converter_reads_a_sharded_directory(tmp_path):
+    from safetensors.torch import save_file
+    import json
+
+    path = fixture_dir("infinity")
+    state_dict = torch.load(path / "transformer/infinity.pth", weights_only=True)
+    keys = sorted(state_dict)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    for name, names in shards.items():
+        save_file({k: state_dict[k].contiguous() for k in names}, folder / name)
+    weight_map = {k: name for name, names in shards.items() for k in names}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    pipe = convert_infinity_checkpoint(path / "vae.pth", folder, path / "text_encoder", path / "tokenizer")
+    reference = convert_infinity_checkpoint(path / "vae.pth", path / "transformer/infinity.pth", path / "text_encoder", path / "tokenizer")
+    for (name, a), b in zip(pipe.transformer.state_dict().items(), reference.transformer.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_cli(tmp_path):
+    import runpy
+    from pathlib import Path
+
+    path = fixture_dir("infinity")
+    script = Path(__file__).resolve().parents[1] / "conversion" / "convert_infinity.py"
+    main = runpy.run_path(str(script))["main"]
+    args = ["--vae", str(path / "vae.pth"), "--transformer", str(path / "transformer/infinity.pth"),
+            "--text-encoder", str(path / "text_encoder"), "--tokenizer", str(path / "tokenizer"), "--output", str(tmp_path / "out")]
+    assert main(args) == 0
+    assert (tmp_path / "out" / "model_index.json").is_file()
+    assert main(args) == 2  # refuses to overwrite without --overwrite
+    assert main(args + ["--overwrite"]) == 0
