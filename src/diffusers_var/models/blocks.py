@@ -325,22 +325,9 @@ def normalized_rope_2d_table(
     return torch.cat(tables, dim=0)
 
 
-def apply_interleaved_rope(x_BLHD: torch.Tensor, table_LD2: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs ``(2k, 2k+1)`` of every head by the complex table row of each
-    position (computed in float32, cast back)."""
-    B, L, H, D = x_BLHD.shape
-    pairs = torch.view_as_complex(x_BLHD.float().reshape(B, L, H, D // 2, 2))
-    rotated = torch.view_as_real(pairs * table_LD2.to(pairs.device)[None, :, None, :])
-    return rotated.flatten(3).type_as(x_BLHD)
-
-
-def rope_rotary(table_LD2: torch.Tensor) -> Callable:
-    """The ``rotary`` callable of :class:`CosineSelfAttention` for the given table rows."""
-
-    def rotate(q_BLHD: torch.Tensor, k_BLHD: torch.Tensor):
-        return apply_interleaved_rope(q_BLHD, table_LD2), apply_interleaved_rope(k_BLHD, table_LD2)
-
-    return rotate
+def rope_rotary(table_LD2: torch.Tensor) -> "Rotary2D":
+    """The ``rotary`` callable of :class:`CosineSelfAttention` for rows of a complex rotation table."""
+    return Rotary2D(table_LD2.real, table_LD2.imag)
 
 
 class CosineCrossAttention(nn.Module):
@@ -404,11 +391,13 @@ def rope_2d_cos_sin(scale_hw: Sequence[tuple[int, int]], grid_hw: tuple[int, int
 
 
 def apply_interleaved_rotary(x_BLHD: torch.Tensor, cos_LP: torch.Tensor, sin_LP: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2p, 2p+1) of every head by the per-token angles: (a, b) -> (a cos - b sin, a sin + b cos)."""
-    cos, sin = cos_LP.to(x_BLHD)[None, :, None], sin_LP.to(x_BLHD)[None, :, None]
-    pairs = x_BLHD.unflatten(-1, (-1, 2))
+    """Rotate channel pairs (2p, 2p+1) of every head by the per-token angles: (a, b) -> (a cos - b sin, a sin + b cos).
+    Computed in float32 (low-precision angles would blur positions), cast back."""
+    cos = cos_LP.to(x_BLHD.device, torch.float32)[None, :, None]
+    sin = sin_LP.to(x_BLHD.device, torch.float32)[None, :, None]
+    pairs = x_BLHD.float().unflatten(-1, (-1, 2))
     a, b = pairs[..., 0], pairs[..., 1]
-    return torch.stack((cos * a - sin * b, sin * a + cos * b), dim=-1).flatten(-2)
+    return torch.stack((cos * a - sin * b, sin * a + cos * b), dim=-1).flatten(-2).type_as(x_BLHD)
 
 
 class Rotary2D:
