@@ -111,6 +111,10 @@ class LayerKVCache:
         self.length = new_len
         return self._keys[:, :new_len], self._values[:, :new_len]
 
+    def reset(self) -> None:
+        """Forget the cached tokens but keep the storage (its addresses stay valid for CUDA graphs)."""
+        self.length = 0
+
 
 class KVCache:
     """One :class:`LayerKVCache` per transformer block."""
@@ -127,6 +131,10 @@ class KVCache:
     @property
     def length(self) -> int:
         return self.layers[0].length if self.layers else 0
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 
 from ..models.multiscale_vq import MultiScaleVQModel, area_down
 from ..models.var_transformer import VARTransformer2DModel
+from .fast_inference import CUDAGraphScaleSteps
 from .sampling import (
     GeneratorArg,
     apply_guidance,
@@ -103,6 +104,42 @@ class VARPipeline(DiffusionPipeline):
                 self.labels[name.strip()] = key
         self.labels = dict(sorted(self.labels.items()))
 
+    # -- fast inference ------------------------------------------------------------------------------
+    def enable_fast_inference(self, dtype: torch.dtype = torch.bfloat16, cuda_graphs: bool = True) -> "VARPipeline":
+        """Speed switch for GPUs: ``dtype`` weights (bf16 by default, the tokenizer's f_hat stays float32),
+        a channels-last decoder and, on CUDA, one CUDA graph per scale for the transformer (captured
+        on the first call for each batch size, then replayed). Use a CUDA ``torch.Generator`` so that
+        sampling never waits on the host. On the CPU only the dtype change applies. Returns the pipeline."""
+        self.transformer.to(dtype)
+        self.vqvae.to(dtype)
+        self.vqvae.to(memory_format=torch.channels_last)
+        self._use_cuda_graphs = cuda_graphs
+        self._graph_steps = {}
+        return self
+
+    def disable_fast_inference(self) -> "VARPipeline":
+        self._use_cuda_graphs = False
+        self._graph_steps = {}
+        return self
+
+    def _scale_step(self, rows: int, device: torch.device):
+        """``step(scale_index, cond, scale_input) -> logits`` for one generation: eager with a fresh
+        KV cache, or replayed CUDA graphs (built once per number of rows)."""
+        transformer = self.transformer
+        if getattr(self, "_use_cuda_graphs", False) and device.type == "cuda":
+            if rows not in self._graph_steps:
+                cache = transformer.init_kv_cache()
+                cfg = transformer.config
+                cond = torch.zeros(rows, cfg.embed_dim, device=device, dtype=transformer.dtype)
+                examples = [(cond, None)] + [
+                    (cond, torch.zeros(rows, end - begin, cfg.latent_channels, device=device)) for begin, end in transformer.begin_ends[1:]
+                ]
+                self._graph_steps[rows] = CUDAGraphScaleSteps(
+                    lambda si, c, x: transformer.forward_scale(si, c, cache, x), examples, cache.reset)
+            return self._graph_steps[rows]
+        cache = transformer.init_kv_cache()
+        return lambda si, cond, scale_input: transformer.forward_scale(si, cond, cache, scale_input)
+
     def get_label_ids(self, label: str | list[str]) -> list[int]:
         """Map class names (any synonym, e.g. ``"golden retriever"``) to class indices."""
         labels = [label] if isinstance(label, str) else list(label)
@@ -181,7 +218,7 @@ class VARPipeline(DiffusionPipeline):
         num_scales, side = len(patch_nums), patch_nums[-1]
         null = torch.full_like(labels_B, transformer.config.num_classes)
         cond_BD = transformer.embed_condition(torch.cat((labels_B, null)))  # conditional rows first
-        kv_cache = transformer.init_kv_cache()
+        scale_step = self._scale_step(cond_BD.shape[0], cond_BD.device)
         codebook = vqvae.codebook
         f_hat = torch.zeros(B, vqvae.config.z_channels, side, side, device=device, dtype=torch.float32)
         scale_input = None
@@ -189,7 +226,7 @@ class VARPipeline(DiffusionPipeline):
         with self.progress_bar(total=num_scales) as progress_bar:
             for si, pn in enumerate(patch_nums):
                 ratio = si / (num_scales - 1)
-                logits = transformer.forward_scale(si, cond_BD, kv_cache, scale_input)
+                logits = scale_step(si, cond_BD, scale_input)
                 logits = apply_guidance(logits, linear_guidance_ramp(guidance_scale, si, num_scales))
                 guided_logits = logits.clone() if "logits" in tensor_inputs else None
                 filter_top_k_top_p_(logits, top_k, top_p)
