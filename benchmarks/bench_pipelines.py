@@ -113,6 +113,7 @@ def main() -> int:
     parser.add_argument("--modes", default="eager-fp16,fast")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one fast generation per batch")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU")
@@ -145,6 +146,11 @@ def main() -> int:
                 rows.append(row)
                 print(f"{name:8s} {res:4d} {batch:5d} {mode:11s} {row['dtype']:9s} {row['ms_per_image']:9.1f} {row['images_per_s']:9.1f} "
                       f"{peak:9.2f} {row['tflops']:8.1f}", flush=True)
+                if args.profile and mode == "fast":
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+                        generate(pipe, batch, device)
+                        torch.cuda.synchronize()
+                    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
         del pipe
         torch.cuda.empty_cache()
     if args.json:

@@ -354,7 +354,7 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
     def encode_latent(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> continuous latent f (B, Cv, H/16, W/16), before quantisation."""
         self._check_images(images)
-        return self.quant_conv(self.encoder(images.to(self.dtype))).float()
+        return self.quant_conv(self.encoder(images.to(self.encoder.conv_in.weight.dtype))).float()
 
     @apply_forward_hook
     def encode_indices(self, images: torch.Tensor, patch_nums: Sequence[int] | None = None) -> list[torch.LongTensor]:
@@ -433,7 +433,7 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
     @apply_forward_hook
     def decode_latent(self, f_hat: torch.Tensor) -> torch.Tensor:
         """f_hat (B, Cv, h, h) -> images (B, 3, 16h, 16h) clamped to [-1, 1]."""
-        return self.decoder(self.post_quant_conv(f_hat.to(self.dtype))).float().clamp_(-1, 1)
+        return self.decoder(self.post_quant_conv(f_hat.to(self.post_quant_conv.weight.dtype))).float().clamp_(-1, 1)
 
     @apply_forward_hook
     def decode_indices(self, indices: Sequence[torch.LongTensor]) -> torch.Tensor:

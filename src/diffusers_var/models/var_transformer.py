@@ -143,7 +143,8 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin):
                 x_BLC = self._gradient_checkpointing_func(block, x_BLC, block_cond, attn_mask, layer_cache)
             else:
                 x_BLC = block(x_BLC, block_cond, attn_mask=attn_mask, kv_cache=layer_cache)
-        return self.head(self.head_norm(x_BLC, cond_BD)).float()
+        head_dtype = self.head.weight.dtype  # the head may be kept in float32 in a low-precision model
+        return self.head(self.head_norm(x_BLC.to(head_dtype), cond_BD.to(head_dtype))).float()
 
     # -- training forward --------------------------------------------------------------------------
     def forward(

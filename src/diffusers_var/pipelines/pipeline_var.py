@@ -59,7 +59,8 @@ def finish_generation(pipeline, f_hat: torch.Tensor, output_type: str, return_di
     if output_type == "latent":
         images = f_hat
     else:
-        images = images_to_output((pipeline.vqvae.decode_latent(f_hat) + 1) / 2, output_type)
+        decode = getattr(pipeline, "_decode", pipeline.vqvae.decode_latent)  # CUDA-graphed in fast mode
+        images = images_to_output((decode(f_hat) + 1) / 2, output_type)
     pipeline.maybe_free_model_hooks()
     if not return_dict:
         return (images,)
@@ -106,21 +107,36 @@ class VARPipeline(DiffusionPipeline):
 
     # -- fast inference ------------------------------------------------------------------------------
     def enable_fast_inference(self, dtype: torch.dtype = torch.bfloat16, cuda_graphs: bool = True) -> "VARPipeline":
-        """Speed switch for GPUs: ``dtype`` weights (bf16 by default, the tokenizer's f_hat stays float32),
-        a channels-last decoder and, on CUDA, one CUDA graph per scale for the transformer (captured
-        on the first call for each batch size, then replayed). Use a CUDA ``torch.Generator`` so that
-        sampling never waits on the host. On the CPU only the dtype change applies. Returns the pipeline."""
-        self.transformer.to(dtype)
-        self.vqvae.to(dtype)
-        self.vqvae.to(memory_format=torch.channels_last)
+        """Speed switch for GPUs. The transformer blocks and the image decoder run in ``dtype`` (bf16 by
+        default); the output head, the quantizer (codebook, Phi convs) and f_hat stay float32, which keeps
+        greedy tokens close to the float32 path. On CUDA each scale's transformer step and the decoder are
+        CUDA graphs (captured on the first call for a batch size, then replayed), and top-p sorts only the
+        top-k values. Use a CUDA ``torch.Generator`` so sampling never waits on the host. Returns the pipeline.
+        """
+        torch.nn.Module.to(self.transformer, dtype)  # nn.Module.to: no ModelMixin warning for a partial cast
+        self.transformer.head.float()
+        self.transformer.head_norm.float()
+        for module in (self.vqvae.decoder, self.vqvae.post_quant_conv):
+            module.to(dtype=dtype, memory_format=torch.channels_last)
+        self._fast_inference = True
         self._use_cuda_graphs = cuda_graphs
-        self._graph_steps = {}
+        self._graph_steps, self._graph_decoders = {}, {}
         return self
 
     def disable_fast_inference(self) -> "VARPipeline":
-        self._use_cuda_graphs = False
-        self._graph_steps = {}
+        """Back to the exact eager path (weights keep their current dtype)."""
+        self._fast_inference = self._use_cuda_graphs = False
+        self._graph_steps, self._graph_decoders = {}, {}
         return self
+
+    def _decode(self, f_hat: torch.Tensor) -> torch.Tensor:
+        vqvae = self.vqvae
+        if getattr(self, "_use_cuda_graphs", False) and f_hat.device.type == "cuda":
+            rows = f_hat.shape[0]
+            if rows not in self._graph_decoders:
+                self._graph_decoders[rows] = CUDAGraphScaleSteps(lambda si, f: vqvae.decode_latent(f), [(f_hat,)], lambda: None)
+            return self._graph_decoders[rows](0, f_hat).clone()
+        return vqvae.decode_latent(f_hat)
 
     def _scale_step(self, rows: int, device: torch.device):
         """``step(scale_index, cond, scale_input) -> logits`` for one generation: eager with a fresh
@@ -229,7 +245,7 @@ class VARPipeline(DiffusionPipeline):
                 logits = scale_step(si, cond_BD, scale_input)
                 logits = apply_guidance(logits, linear_guidance_ramp(guidance_scale, si, num_scales))
                 guided_logits = logits.clone() if "logits" in tensor_inputs else None
-                filter_top_k_top_p_(logits, top_k, top_p)
+                filter_top_k_top_p_(logits, top_k, top_p, fast=getattr(self, "_fast_inference", False))
                 indices = sample_from_logits(logits, generator)
                 if more_smooth:  # soft mixture of codes; the hard sample above is discarded
                     weights = gumbel_softmax(logits.mul(1 + ratio), smooth_tau(ratio), generator)

@@ -71,13 +71,23 @@ def apply_guidance(logits_2BlV: torch.Tensor, strength: float) -> torch.Tensor:
     return (1 + strength) * logits_2BlV[:B] - strength * logits_2BlV[B:]
 
 
-def filter_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+def filter_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0, fast: bool = False) -> torch.Tensor:
     """In place: top-k keeps every logit >= the k-th largest (ties survive); then top-p removes, in
-    ascending order, the tokens whose cumulative probability is <= 1 - p (never the largest)."""
+    ascending order, the tokens whose cumulative probability is <= 1 - p (never the largest).
+
+    ``fast`` runs top-p over the k kept values only (a k-wide sort instead of a vocabulary-wide one). It
+    is the same rule up to float summation order; the default path reproduces the original bit for bit."""
     V = logits_BlV.shape[-1]
     if 0 < top_k < V:  # k >= V keeps every token: nothing to filter
-        kth = logits_BlV.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
+        top_values, top_indices = logits_BlV.topk(top_k, dim=-1, largest=True, sorted=fast)
+        kth = top_values[..., -1:] if fast else top_values.amin(dim=-1, keepdim=True)
         logits_BlV.masked_fill_(logits_BlV < kth, -torch.inf)
+        if fast and top_p > 0:
+            ascending = top_values.flip(-1)
+            remove = ascending.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+            remove[..., -1:] = False
+            logits_BlV.scatter_(-1, top_indices.flip(-1), ascending.masked_fill(remove, -torch.inf))
+            return logits_BlV
     if top_p > 0:
         sorted_logits, sorted_idx = logits_BlV.sort(dim=-1, descending=False)
         remove_sorted = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
