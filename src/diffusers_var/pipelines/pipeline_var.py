@@ -59,8 +59,7 @@ def finish_generation(pipeline, f_hat: torch.Tensor, output_type: str, return_di
     if output_type == "latent":
         images = f_hat
     else:
-        decode = getattr(pipeline, "_decode", pipeline.vqvae.decode_latent)  # CUDA-graphed in fast mode
-        images = images_to_output((decode(f_hat) + 1) / 2, output_type)
+        images = images_to_output((pipeline.vqvae.decode_latent(f_hat) + 1) / 2, output_type)
     pipeline.maybe_free_model_hooks()
     if not return_dict:
         return (images,)
@@ -109,9 +108,8 @@ class VARPipeline(DiffusionPipeline):
     def enable_fast_inference(self, dtype: torch.dtype = torch.bfloat16, cuda_graphs: bool = True) -> "VARPipeline":
         """Speed switch for GPUs. The transformer blocks and the image decoder run in ``dtype`` (bf16 by
         default); the output head, the quantizer (codebook, Phi convs) and f_hat stay float32, which keeps
-        greedy tokens close to the float32 path. On CUDA each scale's transformer step and the decoder are
-        CUDA graphs (captured on the first call for a batch size, then replayed), and top-p sorts only the
-        top-k values. Use a CUDA ``torch.Generator`` so sampling never waits on the host. Returns the pipeline.
+        greedy tokens close to the float32 path. On CUDA each scale's transformer step is a CUDA graph
+        (captured on the first call for a batch size, then replayed), and top-p sorts only the top-k values. Use a CUDA ``torch.Generator`` so sampling never waits on the host. Returns the pipeline.
         """
         torch.nn.Module.to(self.transformer, dtype)  # nn.Module.to: no ModelMixin warning for a partial cast
         self.transformer.head.float()
@@ -120,23 +118,14 @@ class VARPipeline(DiffusionPipeline):
             module.to(dtype=dtype, memory_format=torch.channels_last)
         self._fast_inference = True
         self._use_cuda_graphs = cuda_graphs
-        self._graph_steps, self._graph_decoders = {}, {}
+        self._graph_steps = {}
         return self
 
     def disable_fast_inference(self) -> "VARPipeline":
         """Back to the exact eager path (weights keep their current dtype)."""
         self._fast_inference = self._use_cuda_graphs = False
-        self._graph_steps, self._graph_decoders = {}, {}
+        self._graph_steps = {}
         return self
-
-    def _decode(self, f_hat: torch.Tensor) -> torch.Tensor:
-        vqvae = self.vqvae
-        if getattr(self, "_use_cuda_graphs", False) and f_hat.device.type == "cuda":
-            rows = f_hat.shape[0]
-            if rows not in self._graph_decoders:
-                self._graph_decoders[rows] = CUDAGraphScaleSteps(lambda si, f: vqvae.decode_latent(f), [(f_hat,)], lambda: None)
-            return self._graph_decoders[rows](0, f_hat).clone()
-        return vqvae.decode_latent(f_hat)
 
     def _scale_step(self, rows: int, device: torch.device):
         """``step(scale_index, cond, scale_input) -> logits`` for one generation: eager with a fresh
