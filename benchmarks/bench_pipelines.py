@@ -8,7 +8,8 @@ decode included, cfg 1.5, top-k 900, top-p 0.96 as in the original's FID setting
 ms per image, images/s, peak GPU memory and effective TFLOP/s (analytic transformer FLOPs + the measured
 decoder FLOPs). Modes:
   eager-fp16   our eager code under fp16 autocast (the original's setting; float32 weights)
-  fast         ``pipe.enable_fast_inference()``: bf16 weights, CUDA graphs per scale, channels-last decoder
+  fast         ``pipe.enable_fast_inference()``: bf16 blocks and decoder, CUDA graphs per scale
+  fast-compile the same with ``compile_decoder=True`` (torch.compile of the image decoder)
 It also checks that greedy tokens of the fast path agree with the eager float32 path.
 """
 
@@ -131,8 +132,8 @@ def main() -> int:
         dec_flops = decoder_flops(pipe, device)
         eager_tokens = greedy_tokens(pipe, 4, device)
         for mode in args.modes.split(","):
-            if mode == "fast":
-                pipe.enable_fast_inference()
+            if mode in ("fast", "fast-compile"):
+                pipe.enable_fast_inference(compile_decoder=mode == "fast-compile")
                 fast_tokens = greedy_tokens(pipe, 4, device)
                 agreement = (fast_tokens == eager_tokens).float().mean().item()
                 print(f"  {name}: greedy-token agreement fast (bf16 + graphs) vs eager float32: {agreement:.4f}")
@@ -146,7 +147,7 @@ def main() -> int:
                 rows.append(row)
                 print(f"{name:8s} {res:4d} {batch:5d} {mode:11s} {row['dtype']:9s} {row['ms_per_image']:9.1f} {row['images_per_s']:9.1f} "
                       f"{peak:9.2f} {row['tflops']:8.1f}", flush=True)
-                if args.profile and mode == "fast":
+                if args.profile and mode.startswith("fast"):
                     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
                         generate(pipe, batch, device)
                         torch.cuda.synchronize()

@@ -105,7 +105,8 @@ class VARPipeline(DiffusionPipeline):
         self.labels = dict(sorted(self.labels.items()))
 
     # -- fast inference ------------------------------------------------------------------------------
-    def enable_fast_inference(self, dtype: torch.dtype = torch.bfloat16, cuda_graphs: bool = True) -> "VARPipeline":
+    def enable_fast_inference(self, dtype: torch.dtype = torch.bfloat16, cuda_graphs: bool = True,
+                              compile_decoder: bool = False) -> "VARPipeline":
         """Speed switch for GPUs. The transformer blocks and the image decoder run in ``dtype`` (bf16 by
         default); the output head, the quantizer (codebook, Phi convs) and f_hat stay float32, which keeps
         greedy tokens close to the float32 path. On CUDA each scale's transformer step is a CUDA graph
@@ -115,7 +116,9 @@ class VARPipeline(DiffusionPipeline):
         self.transformer.head.float()
         self.transformer.head_norm.float()
         for module in (self.vqvae.decoder, self.vqvae.post_quant_conv):
-            module.to(dtype=dtype, memory_format=torch.channels_last)
+            module.to(dtype=dtype)  # NCHW: GroupNorm would copy channels-last inputs at every call
+        if compile_decoder:
+            self.vqvae.decoder.compile(dynamic=False)  # in place: parameter names (and save_pretrained) unchanged
         self._fast_inference = True
         self._use_cuda_graphs = cuda_graphs
         self._graph_steps = {}
