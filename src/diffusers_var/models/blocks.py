@@ -90,6 +90,7 @@ class LayerKVCache:
         self._keys: torch.Tensor | None = None
         self._values: torch.Tensor | None = None
         self.length = 0
+        self.memo: dict = {}  # per-generation values that depend only on the condition (AdaLN modulation)
 
     def append(self, key_BLHD: torch.Tensor, value_BLHD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         new_len = self.length + key_BLHD.shape[1]
@@ -114,6 +115,14 @@ class LayerKVCache:
     def reset(self) -> None:
         """Forget the cached tokens but keep the storage (its addresses stay valid for CUDA graphs)."""
         self.length = 0
+        self.memo.clear()
+
+    def memoize(self, key: str, compute: Callable):
+        """``compute()`` once per generation: the condition is the same at every scale, so e.g. the AdaLN
+        modulation is computed at the first scale and reused (for large models a third of the weights read)."""
+        if key not in self.memo:
+            self.memo[key] = compute()
+        return self.memo[key]
 
 
 class KVCache:
@@ -121,6 +130,7 @@ class KVCache:
 
     def __init__(self, num_layers: int, max_length: int | None = None):
         self.layers = [LayerKVCache(max_length) for _ in range(num_layers)]
+        self.head = LayerKVCache()  # memo for model-level per-generation values (head modulation)
 
     def __getitem__(self, index: int) -> LayerKVCache:
         return self.layers[index]
@@ -133,7 +143,7 @@ class KVCache:
         return self.layers[0].length if self.layers else 0
 
     def reset(self) -> None:
-        for layer in self.layers:
+        for layer in (*self.layers, self.head):
             layer.reset()
 
 
@@ -275,7 +285,11 @@ class AdaLNSelfAttentionBlock(nn.Module):
         kv_cache: LayerKVCache | None = None,
         rotary: Callable | None = None,
     ) -> torch.Tensor:
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond)
+        if kv_cache is not None:
+            modulation = kv_cache.memoize("adaln", lambda: self.modulation(cond))
+        else:
+            modulation = self.modulation(cond)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation
         x_BLC = self.self_attention_residual(x_BLC, gamma1, scale1, shift1, attn_mask, kv_cache, rotary)
         return self.ffn_residual(x_BLC, gamma2, scale2, shift2)
 
@@ -296,8 +310,11 @@ class AdaLNHeadNorm(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
         self.adaln = AdaLNModulation(cond_dim, dim, 2)
 
-    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.adaln(cond_BD).unbind(2)
+    def forward(self, x_BLC: torch.Tensor, cond_BD: torch.Tensor, memo: LayerKVCache | None = None) -> torch.Tensor:
+        if memo is not None:
+            scale, shift = memo.memoize("head_adaln", lambda: self.adaln(cond_BD).unbind(2))
+        else:
+            scale, shift = self.adaln(cond_BD).unbind(2)
         return self.norm(x_BLC).mul(scale.add(1)).add_(shift)
 
 

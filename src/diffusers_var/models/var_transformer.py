@@ -136,7 +136,10 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin):
         return cond_BD if self.shared_modulation is None else self.shared_modulation(cond_BD)
 
     def _run_blocks(self, x_BLC, cond_BD, attn_mask=None, kv_cache: KVCache | None = None) -> torch.Tensor:
-        block_cond = self._adaln_condition(cond_BD)
+        if kv_cache is not None:  # the condition is fixed for a generation: compute its projections once
+            block_cond = kv_cache.head.memoize("shared_adaln", lambda: self._adaln_condition(cond_BD))
+        else:
+            block_cond = self._adaln_condition(cond_BD)
         for i, block in enumerate(self.blocks):
             layer_cache = kv_cache[i] if kv_cache is not None else None
             if torch.is_grad_enabled() and self.gradient_checkpointing:
@@ -144,7 +147,8 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin):
             else:
                 x_BLC = block(x_BLC, block_cond, attn_mask=attn_mask, kv_cache=layer_cache)
         head_dtype = self.head.weight.dtype  # the head may be kept in float32 in a low-precision model
-        return self.head(self.head_norm(x_BLC.to(head_dtype), cond_BD.to(head_dtype))).float()
+        memo = kv_cache.head if kv_cache is not None else None
+        return self.head(self.head_norm(x_BLC.to(head_dtype), cond_BD.to(head_dtype), memo)).float()
 
     # -- training forward --------------------------------------------------------------------------
     def forward(
