@@ -148,7 +148,8 @@ def test_infinity_endpoint_count_size_and_seed(client, folders):
     [
         ("/generate_var", var_args(num_images=5), "Value 5 is greater than maximum value 4"),  # gradio's slider check
         ("/generate_var", var_args(num_images=1, top_p=1.5), "Value 1.5 is greater than maximum value 1"),
-        ("/generate_var", var_args(label="purple blob"), "purple blob"),
+        ("/generate_var", var_args(label="purple blob"), "Unknown class 'purple blob'"),
+        ("/generate_var", var_args(label="999"), "`class_labels` entries must be integers in [0, 89]"),  # pipeline's ValueError
         ("/generate_star", star_args(prompt="   "), "Please enter a prompt"),
         ("/generate_infinity", infinity_args(prompt=""), "Please enter a prompt"),
         ("/generate_infinity", infinity_args(size="1000x1000"), "is not near any supported size"),

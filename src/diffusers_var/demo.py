@@ -139,7 +139,7 @@ def _var_tab(pipe: VARPipeline, common: dict, max_images: int):
     with gr.Row():
         with gr.Column():
             label = gr.Dropdown([RANDOM_CLASS, *names], value=names[min(1, len(names) - 1)], label="Class",
-                                filterable=True, elem_id="var-class")
+                                filterable=True, allow_custom_value=True, elem_id="var-class")
             guidance = gr.Slider(0, 10, value=4.0, step=0.1, label="Guidance scale (cfg)")
             with gr.Row():
                 top_k = gr.Slider(0, max(pipe.transformer.config.vocab_size, 900), value=900, step=1, label="Top-k (0 = off)")
@@ -160,10 +160,10 @@ def _var_tab(pipe: VARPipeline, common: dict, max_images: int):
         elif class_name in name_to_id:
             labels = [name_to_id[class_name]]
         else:
-            try:
+            try:  # a class index, or any synonym of a name (e.g. "golden retriever")
                 labels = [int(class_name)] if str(class_name).lstrip("-").isdigit() else pipe.get_label_ids([class_name])
-            except ValueError as err:
-                raise gr.Error(str(err)) from None
+            except ValueError:
+                raise gr.Error(f"Unknown class {class_name!r}: pick one from the Class list (type to search).") from None
         seed = _pick_seed(seed, randomize)
         return _run(pipe, lock, seed, count, class_labels=labels, guidance_scale=float(guidance_scale),
                     top_k=int(top_k), top_p=float(top_p), more_smooth=bool(more_smooth))
