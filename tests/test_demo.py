@@ -203,3 +203,23 @@ def test_full_queue_answers_busy():
     busy = [r for r in results if isinstance(r, str)]
     assert done and busy, results
     assert all("Queue is full" in r for r in busy), busy
+
+
+# -- command line ----------------------------------------------------------------------------------------
+def test_cli_demo_binds_localhost_without_share_by_default(monkeypatch):
+    from diffusers_var import cli
+
+    seen = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: seen.update(kwargs, blocks=self))
+    assert cli.main(["demo", "--star", "none", "--infinity", "none", "--device", "cpu", "--queue-size", "5"]) == 0
+    assert seen["server_name"] == "127.0.0.1" and seen["share"] is False and seen["server_port"] == 7860
+    assert seen["blocks"].loaded_pipelines["star"] is None and seen["blocks"]._queue.max_size == 5
+
+
+def test_demos_app_is_a_launcher_for_the_same_app():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demos_app", EMBEDDED_VAR.parents[1] / "demos" / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.build_demo is build_demo
