@@ -22,10 +22,11 @@ ARTIFACTS = Path(__file__).resolve().parent / "artifacts"  # git-ignored: screen
 
 
 def missing(reason: str):
-    """Skip (or, under DIFFUSERS_VAR_REQUIRE_BROWSER=1, fail) because a tool is not installed."""
+    """Skip (or, under DIFFUSERS_VAR_REQUIRE_BROWSER=1, fail) because a tool is not installed. Called at import
+    time it skips the whole module (or fails its collection)."""
     if REQUIRE:
-        pytest.fail(f"{reason} (DIFFUSERS_VAR_REQUIRE_BROWSER=1 requires it)")
-    pytest.skip(reason)
+        pytest.fail(f"{reason} (DIFFUSERS_VAR_REQUIRE_BROWSER=1 requires it)", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
 
 
 def require(module: str, install: str):
