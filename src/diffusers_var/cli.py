@@ -1,32 +1,40 @@
-"""The ``diffusers-var`` command: ``generate`` (main job), ``train``."""
+"""The ``diffusers-var`` command: ``generate`` (main job), ``train``, ``demo`` (the Gradio app)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "pipelines" / "var-shapes"
 
 
-def _generate(args) -> int:
-    import torch
-
-    import json
-
+def pipeline_class_of(model) -> type:
+    """The diffusers-var pipeline class a pipeline folder holds (from its ``model_index.json``);
+    ``ValueError`` naming the folder when it is not one of ours."""
     import diffusers_var
 
-    model = Path(args.model) if args.model else DEFAULT_MODEL
+    model = Path(model)
     if not (model / "model_index.json").is_file():
-        print(f"error: `--model` {str(model)!r} is not a pipeline folder (no model_index.json)", file=sys.stderr)
-        return 2
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+        raise ValueError(f"{str(model)!r} is not a pipeline folder (no model_index.json)")
     class_name = json.loads((model / "model_index.json").read_text()).get("_class_name")
     pipeline_class = getattr(diffusers_var, class_name, None) if isinstance(class_name, str) else None
     if pipeline_class is None:
-        print(f"error: `--model` {str(model)!r} holds a {class_name!r}, not a diffusers-var pipeline", file=sys.stderr)
+        raise ValueError(f"{str(model)!r} holds a {class_name!r}, not a diffusers-var pipeline")
+    return pipeline_class
+
+
+def _generate(args) -> int:
+    import torch
+
+    model = Path(args.model) if args.model else DEFAULT_MODEL
+    try:
+        pipeline_class = pipeline_class_of(model)
+    except ValueError as err:
+        print(f"error: `--model` {err}", file=sys.stderr)
         return 2
-    pipe = pipeline_class.from_pretrained(model, dtype=dtype).to(args.device)
+    pipe = pipeline_class.from_pretrained(model, dtype=getattr(torch, args.dtype)).to(args.device)
     generator = torch.Generator().manual_seed(args.seed)
     kwargs = dict(generator=generator, num_images_per_prompt=args.num_images, output_type="pil")
     if args.guidance_scale is not None:
@@ -72,6 +80,34 @@ def _train(args) -> int:
     return 0
 
 
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """The demo's flags (kept here so that ``diffusers-var --help`` does not import gradio)."""
+    for flag, name, folder in (("--var", "VAR", "var-shapes"), ("--star", "STAR", "star-shapes"),
+                               ("--infinity", "Infinity", "infinity-shapes")):
+        parser.add_argument(flag, default="default", metavar="PATH",
+                            help=f"{name} pipeline folder (default: the embedded pipelines/{folder} when present; "
+                                 f"'none' hides the model)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload() on an accelerator")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also create a public gradio.live link (off by default)")
+    parser.add_argument("--max-images", type=int, default=8, help="most images per request (default 8)")
+    parser.add_argument("--queue-size", type=int, default=32,
+                        help="most waiting requests (default 32); more are told the queue is full")
+    parser.add_argument("--concurrency", type=int, default=1, help="generations running at once, all tabs together")
+
+
+def _demo(args) -> int:
+    try:
+        from .demo import run
+    except ImportError as err:  # gradio missing: say how to get it instead of a traceback
+        print(f"error: the demo needs gradio ({err}); install it with `pip install gradio`", file=sys.stderr)
+        return 2
+    return run(args)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="diffusers-var", description="Next-scale-prediction image generation (VAR, STAR, Infinity).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +129,10 @@ def main(argv=None) -> int:
     tr.add_argument("--config", default=None, help="YAML/JSON training config")
     tr.set_defaults(func=_train)
     tr.epilog = "Any number of key=value overrides may follow, e.g. max_steps=100 data.num_images=500."
+
+    demo = sub.add_parser("demo", help="serve the Gradio demo app (needs `pip install gradio`)")
+    add_demo_arguments(demo)
+    demo.set_defaults(func=_demo)
 
     args, extra = parser.parse_known_args(argv)
     if args.command == "train":

@@ -1,0 +1,225 @@
+"""The Gradio demo through its HTTP API (gradio_client): each tab's endpoint, seeds, readable errors, the
+missing-model notice, and a bounded load test with the queue limit.
+
+Serves the embedded VAR (64 px) and tiny random STAR (16 px) / Infinity (32 px) pipeline folders on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from demo_support import require, serve, tiny_folders
+
+gr = require("gradio", "pip install gradio")
+gradio_client = require("gradio_client", "pip install gradio_client")
+
+from diffusers_var.demo import FAMILIES, MAX_SEED, build_demo  # noqa: E402
+
+EMBEDDED_VAR = FAMILIES["var"][2]
+if not (EMBEDDED_VAR / "model_index.json").is_file():
+    pytest.skip(f"the embedded VAR pipeline is missing at {EMBEDDED_VAR}", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return tiny_folders(tmp_path_factory.mktemp("demo-pipelines"))
+
+
+@pytest.fixture(scope="module")
+def server(folders):
+    demo = build_demo(var=EMBEDDED_VAR, star=folders["star"], infinity=folders["infinity"], device="cpu",
+                      max_images=4, queue_size=16)
+    with serve(demo) as url:
+        yield url, demo
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return gradio_client.Client(server[0], verbose=False)
+
+
+def images_of(gallery) -> list[np.ndarray]:
+    """gradio_client's gallery output (items with a local file path) -> RGB arrays."""
+    arrays = []
+    for item in gallery:
+        path = item["image"] if isinstance(item, dict) else item[0]
+        path = path["path"] if isinstance(path, dict) else path
+        arrays.append(np.asarray(PIL.Image.open(path).convert("RGB")))
+    return arrays
+
+
+def var_args(label="red circle on blue", num_images=2, seed=7, randomize=False, **overrides):
+    args = dict(class_name=label, guidance_scale=4.0, top_k=900, top_p=0.95, more_smooth=False,
+                num_images=num_images, seed=seed, randomize=randomize)
+    args.update(overrides)
+    return args
+
+
+def star_args(prompt="a red circle on a blue background", num_images=2, seed=3, randomize=False):
+    return dict(prompt=prompt, negative_prompt="", guidance_scale=4.0, top_k=10, top_p=0.9, use_stable_sampler=True,
+                num_images=num_images, seed=seed, randomize=randomize)
+
+
+def infinity_args(prompt="a red circle on a blue background", size="32x32", num_images=2, seed=5, randomize=False):
+    return dict(prompt=prompt, negative_prompt="", size=size, guidance_scale=3.0, tau=0.5, top_k=900, top_p=0.97,
+                num_images=num_images, seed=seed, randomize=randomize)
+
+
+def call(client, endpoint, args):
+    return client.predict(*args.values(), api_name=endpoint)
+
+
+# -- loading -----------------------------------------------------------------------------------------
+def test_default_build_loads_embedded_pipelines_and_notices_missing_ones():
+    demo = build_demo(device="cpu")
+    markdown = " ".join(str(block.value) for block in demo.blocks.values() if isinstance(block, gr.Markdown))
+    for key, (_, pipeline_class, folder) in FAMILIES.items():
+        if (folder / "model_index.json").is_file():
+            assert isinstance(demo.loaded_pipelines[key], pipeline_class)
+        else:
+            assert demo.loaded_pipelines[key] is None
+            assert f"pipelines/{folder.name}" in markdown and f"--{key} PATH" in markdown
+
+
+def test_bad_folders_become_notices_not_crashes(tmp_path, folders):
+    demo = build_demo(var=tmp_path, star=EMBEDDED_VAR, infinity=None, device="cpu")
+    assert all(pipe is None for pipe in demo.loaded_pipelines.values())
+    notices = {block.elem_id: str(block.value) for block in demo.blocks.values() if isinstance(block, gr.Markdown) and block.elem_id}
+    assert "no model_index.json" in notices["var-notice"]
+    assert "VARPipeline, not a STARPipeline" in notices["star-notice"]
+    assert "--infinity PATH" in notices["infinity-notice"]
+
+
+# -- endpoints ---------------------------------------------------------------------------------------
+def test_var_endpoint_count_size_and_seed(client):
+    gallery, seed, info = call(client, "/generate_var", var_args(num_images=3))
+    images = images_of(gallery)
+    assert len(images) == 3 and all(image.shape == (64, 64, 3) for image in images)
+    assert seed == 7 and "3 images of 64x64 px, seed 7" in info
+    again = images_of(call(client, "/generate_var", var_args(num_images=3))[0])
+    assert all(np.array_equal(a, b) for a, b in zip(images, again))
+    other = images_of(call(client, "/generate_var", var_args(num_images=3, seed=8))[0])
+    assert not all(np.array_equal(a, b) for a, b in zip(images, other))
+
+
+def test_randomized_seed_is_reported_and_reproduces(client):
+    gallery, seed, _ = call(client, "/generate_var", var_args(num_images=1, seed=0, randomize=True))
+    assert isinstance(seed, (int, float)) and 0 <= seed <= MAX_SEED
+    fixed = call(client, "/generate_var", var_args(num_images=1, seed=int(seed)))[0]
+    assert np.array_equal(images_of(gallery)[0], images_of(fixed)[0])
+
+
+def test_var_random_class(client):
+    gallery, _, _ = call(client, "/generate_var", var_args(label="(random class)", num_images=2))
+    assert len(images_of(gallery)) == 2
+
+
+def test_star_endpoint_count_size_and_seed(client, folders):
+    if folders["star"] is None:
+        pytest.skip("STAR text-encoder fixtures are absent")
+    gallery, seed, info = call(client, "/generate_star", star_args())
+    images = images_of(gallery)
+    assert len(images) == 2 and all(image.shape == (16, 16, 3) for image in images) and seed == 3
+    again = images_of(call(client, "/generate_star", star_args())[0])
+    assert all(np.array_equal(a, b) for a, b in zip(images, again))
+
+
+def test_infinity_endpoint_count_size_and_seed(client, folders):
+    if folders["infinity"] is None:
+        pytest.skip("Infinity tokenizer fixtures are absent")
+    gallery, seed, info = call(client, "/generate_infinity", infinity_args(num_images=3))
+    images = images_of(gallery)
+    assert len(images) == 3 and all(image.shape == (32, 32, 3) for image in images) and seed == 5
+    again = images_of(call(client, "/generate_infinity", infinity_args(num_images=3))[0])
+    assert all(np.array_equal(a, b) for a, b in zip(images, again))
+    wide = images_of(call(client, "/generate_infinity", infinity_args(size="30x40", num_images=1))[0])
+    assert wide[0].shape == (30, 40, 3)
+
+
+# -- readable errors; the app keeps serving ------------------------------------------------------------
+@pytest.mark.parametrize(
+    "endpoint, args, message",
+    [
+        ("/generate_var", var_args(num_images=5), "Value 5 is greater than maximum value 4"),  # gradio's slider check
+        ("/generate_var", var_args(num_images=1, top_p=1.5), "Value 1.5 is greater than maximum value 1"),
+        ("/generate_var", var_args(label="purple blob"), "Unknown class 'purple blob'"),
+        ("/generate_var", var_args(label="999"), "`class_labels` entries must be integers in [0, 89]"),  # pipeline's ValueError
+        ("/generate_star", star_args(prompt="   "), "Please enter a prompt"),
+        ("/generate_infinity", infinity_args(prompt=""), "Please enter a prompt"),
+        ("/generate_infinity", infinity_args(size="1000x1000"), "is not near any supported size"),
+        ("/generate_infinity", infinity_args(size="big"), "Size must look like HEIGHTxWIDTH"),
+    ],
+)
+def test_bad_input_gives_a_readable_error_and_the_app_keeps_serving(client, folders, endpoint, args, message):
+    family = endpoint.split("_")[1]
+    if family != "var" and folders[family] is None:
+        pytest.skip(f"{family} fixtures are absent")
+    with pytest.raises(Exception) as info:
+        call(client, endpoint, args)
+    assert message in str(info.value) and "Traceback" not in str(info.value)
+    assert len(images_of(call(client, "/generate_var", var_args(num_images=1))[0])) == 1
+
+
+# -- load ----------------------------------------------------------------------------------------------
+def test_eight_clients_three_requests_each_all_complete(server):
+    url = server[0]
+
+    def session(index):
+        client = gradio_client.Client(url, verbose=False)
+        return [len(images_of(call(client, "/generate_var", var_args(num_images=2, seed=100 * index + r))[0]))
+                for r in range(3)]
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(8) as pool:
+        counts = list(pool.map(session, range(8), timeout=240))
+    assert counts == [[2, 2, 2]] * 8, counts
+    assert time.perf_counter() - start < 240
+
+
+def test_full_queue_answers_busy():
+    """queue_size=1, one generation at a time: a burst of requests gets some 'Queue is full' answers while the
+    others still complete with images."""
+    demo = build_demo(var=EMBEDDED_VAR, star=None, infinity=None, device="cpu", max_images=8, queue_size=1)
+    with serve(demo) as url:
+        client = gradio_client.Client(url, verbose=False)
+        barrier = threading.Barrier(10)
+
+        def one(index):
+            barrier.wait(timeout=60)
+            try:
+                return len(images_of(call(client, "/generate_var", var_args(num_images=8, seed=index))[0]))
+            except Exception as err:  # noqa: BLE001 - the busy answer is what we are after
+                return str(err)
+
+        with ThreadPoolExecutor(10) as pool:
+            results = list(pool.map(one, range(10), timeout=240))
+    done = [r for r in results if r == 8]
+    busy = [r for r in results if isinstance(r, str)]
+    assert done and busy, results
+    assert all("Queue is full" in r for r in busy), busy
+
+
+# -- command line ----------------------------------------------------------------------------------------
+def test_cli_demo_binds_localhost_without_share_by_default(monkeypatch):
+    from diffusers_var import cli
+
+    seen = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: seen.update(kwargs, blocks=self))
+    assert cli.main(["demo", "--star", "none", "--infinity", "none", "--device", "cpu", "--queue-size", "5"]) == 0
+    assert seen["server_name"] == "127.0.0.1" and seen["share"] is False and seen["server_port"] == 7860
+    assert seen["blocks"].loaded_pipelines["star"] is None and seen["blocks"]._queue.max_size == 5
+
+
+def test_demos_app_is_a_launcher_for_the_same_app():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demos_app", EMBEDDED_VAR.parents[1] / "demos" / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.build_demo is build_demo
