@@ -130,8 +130,30 @@ def test_bad_text_training_configs(tmp_path, bitwise_vae_dir):
     with pytest.raises(ValueError, match="text_encoder_path.*text_encoder/"):
         train(TrainConfig(**base_config(tmp_path, task="infinity", tokenizer_path=str(bitwise_vae_dir),
                                         text_encoder_path=str(tmp_path), max_steps=1)))
+    with pytest.raises(ValueError, match="mlp_ratio"):
+        train(TrainConfig(**base_config(tmp_path, task="infinity", tokenizer_path=str(bitwise_vae_dir), text_encoder_path="tiny-t5",
+                                        model={"depth": 2, "embed_dim": 32, "num_heads": 2}, max_steps=1)))
     with pytest.raises(ValueError, match="resolution.*supported"):
         train(TrainConfig(**base_config(tmp_path, task="bitwise_tokenizer", model=BITWISE_MODEL, resolution=24, max_steps=1)))
     from diffusers_var.cli import main
 
     assert main(["train", "star", "tokenizer_path=x"]) == 2  # the ValueError is printed, not raised
+
+
+def test_killed_infinity_run_resumes_to_identical_weights(bitwise_vae_dir, tmp_path):
+    """Bitwise Self-Correction draws from the numpy RNG and text dropout from torch's: both are restored."""
+    from safetensors.torch import load_file
+    from test_training import _run_cli
+
+    straight = base_config(tmp_path / "straight", task="infinity", tokenizer_path=str(bitwise_vae_dir), text_encoder_path="tiny-t5",
+                           max_steps=4, checkpoint_every=2, learning_rate=3e-3, bsc_flip_prob=0.3, cond_drop_rate=0.5,
+                           ema_decay=0.9, model={"depth": 2, "embed_dim": 64, "num_heads": 2}, data={**DATA, "num_images": 16})
+    interrupted = {**straight, "output_dir": str(tmp_path / "interrupted")}
+    assert _run_cli(straight, tmp_path / "a.json").returncode == 0
+    assert _run_cli(interrupted, tmp_path / "b.json", fault="step:3").returncode != 0
+    resumed = _run_cli(interrupted, tmp_path / "b.json")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout + resumed.stderr
+    a = load_file(tmp_path / "straight" / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "interrupted" / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=lambda m: f"{key}: {m}")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..conversion.common import atomic_save_pipeline
 from ..models.bitwise_vae import BitwiseMultiScaleVAE
 from ..models.dynamic_resolution import schedule_for_pixels, supported_pixel_sizes
-from ..models.infinity_transformer import InfinityTransformer2DModel
+from ..models.infinity_transformer import InfinityTransformer2DModel, infinity_ffn_dim
 from ..models.multiscale_vq import MultiScaleVQModel
 from ..models.star_transformer import STARTransformer2DModel
 from ..models.var_transformer import VARTransformer2DModel
@@ -340,6 +340,9 @@ class InfinityTask(_PipelineTask):
         model_args.setdefault("pool_num_heads", max(1, text_dim // 128))
         model_args.setdefault("text_max_length", min(int(self.text_tokenizer.model_max_length), 512))
         model_args.update(bits_per_token=self.vae.bits_per_token, text_dim=text_dim, cond_drop_rate=config.cond_drop_rate)
+        if infinity_ffn_dim(int(model_args.get("embed_dim", 2048)), float(model_args.get("mlp_ratio", 4.0))) < 1:
+            raise ValueError("`model`: Infinity's FFN width round(embed_dim * mlp_ratio / 256) * 256 is 0; raise `embed_dim` "
+                             "or `mlp_ratio` (embed_dim * mlp_ratio >= 128).")
         self.model = InfinityTransformer2DModel(**model_args)
         self.model.init_weights(**init_args)
         self.text_pipe = self.pipeline(self.model)  # its encode_prompt only
