@@ -124,8 +124,10 @@ def main(argv=None) -> int:
     gen.add_argument("--out", default="out.png")
     gen.set_defaults(func=_generate)
 
+    from .training.engine import TASK_NAMES
+
     tr = sub.add_parser("train", help="train a tokenizer or a transformer (see configs/)")
-    tr.add_argument("task", choices=["tokenizer", "var"])
+    tr.add_argument("task", choices=list(TASK_NAMES))
     tr.add_argument("--config", default=None, help="YAML/JSON training config")
     tr.set_defaults(func=_train)
     tr.epilog = "Any number of key=value overrides may follow, e.g. max_steps=100 data.num_images=500."

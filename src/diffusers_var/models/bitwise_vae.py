@@ -293,6 +293,12 @@ class BitwiseMultiScaleVAE(ModelMixin, ConfigMixin):
         return BitwiseEncodeOutput(features=features_BdHW, quantized=summed, bit_labels=bit_labels,
                                    quantizer_inputs=inputs, area_next_inputs=area_inputs)
 
+    def forward(self, images: torch.Tensor, scale_schedule):
+        """Training forward: encode, multi-scale BSQ along ``scale_schedule`` (straight-through), decode without
+        clamping (so every pixel gets a gradient). Returns ``(reconstruction, BitwiseEncodeOutput)``."""
+        encoded = self.quantize(self.encoder(images), scale_schedule)
+        return self.decoder(encoded.quantized), encoded
+
     @apply_forward_hook
     def decode(self, latents: torch.Tensor, return_dict: bool = True):
         """Latent (B, d, H, W) -> images (B, 3, H*s, W*s) clamped to [-1, 1]."""

@@ -147,7 +147,7 @@ class InfinityTransformer2DModel(ModelMixin, ConfigMixin):
         if not bool(text_mask.any(dim=1).all()):
             raise ValueError("`text_mask`: every sample needs at least one real token.")
         text_embeds = text_embeds.to(self.uncond_text_embeds.dtype)
-        if drop_text is not None and bool(drop_text.any()):
+        if drop_text is not None:  # also when no row is dropped, so DDP always sees the parameter used
             uncond = self.unconditional_text_embeds(text_mask)
             text_embeds = torch.where(drop_text.to(text_embeds.device)[:, None, None], uncond, text_embeds)
         normed = self.text_norm(text_embeds.float()).to(text_embeds.dtype)

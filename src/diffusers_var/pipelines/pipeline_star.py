@@ -104,14 +104,8 @@ class STARPipeline(DiffusionPipeline):
         """
         prompts = self._check_prompts(prompt)
         negatives = self._check_negative_prompts(negative_prompt, len(prompts))
-        device = device or self._execution_device
-        if max_sequence_length is None:
-            max_sequence_length = T5_MAX_LENGTH if self._is_t5 else self.tokenizer.model_max_length
         # one call for both halves, as the original encodes prompts + [""] * B together
-        input_ids, attention_mask = self._tokenize(prompts + negatives, max_sequence_length, device)
-        output = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask)
-        hidden = output.last_hidden_state
-        pooled = hidden.mean(dim=1) if self._is_t5 else output.pooler_output
+        hidden, attention_mask, pooled = self.encode_text(prompts + negatives, device, max_sequence_length)
         B = len(prompts)
 
         def rows(t: torch.Tensor) -> torch.Tensor:
@@ -119,6 +113,21 @@ class STARPipeline(DiffusionPipeline):
 
         return (rows(hidden[:B]), rows(attention_mask[:B]), rows(pooled[:B]),
                 rows(hidden[B:]), rows(attention_mask[B:]), rows(pooled[B:]))
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str], device: torch.device | None = None, max_sequence_length: int | None = None):
+        r"""One text encoder call on ``texts`` (training encodes captions with this, ``""`` for dropped ones).
+
+        Returns ``(hidden (B, N, D), attention_mask (B, N) int64, pooled (B, D))`` as in :meth:`encode_prompt`.
+        """
+        device = device or self._execution_device
+        if max_sequence_length is None:
+            max_sequence_length = T5_MAX_LENGTH if self._is_t5 else self.tokenizer.model_max_length
+        input_ids, attention_mask = self._tokenize(list(texts), max_sequence_length, device)
+        output = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = output.last_hidden_state
+        pooled = hidden.mean(dim=1) if self._is_t5 else output.pooler_output
+        return hidden, attention_mask, pooled
 
     @staticmethod
     def _check_prompts(prompt) -> list[str]:

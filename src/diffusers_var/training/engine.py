@@ -22,18 +22,22 @@ from typing import Any
 import torch
 
 CHECKPOINT_PATTERN = re.compile(r"step-(\d+)\Z")
+TASK_NAMES = ("tokenizer", "bitwise_tokenizer", "var", "star", "infinity")
+TOKENIZER_TASKS = ("tokenizer", "bitwise_tokenizer")
+TEXT_TASKS = ("star", "infinity")
 
 
 @dataclass
 class TrainConfig:
     """Everything a run needs; loaded from YAML/JSON (see ``configs/``) with ``key=value`` overrides."""
 
-    task: str = "var"  # tokenizer | var
+    task: str = "var"  # tokenizer | bitwise_tokenizer | var | star | infinity
     output_dir: str = "outputs/run"
     data: dict = field(default_factory=lambda: {"type": "shapes", "num_images": 10000})
     resolution: int = 64
     model: dict = field(default_factory=dict)  # constructor arguments of the trained model
     tokenizer_path: str | None = None  # frozen tokenizer for transformer training
+    text_encoder_path: str | None = None  # star / infinity: folder with text_encoder/ + tokenizer/, or tiny-clip / tiny-t5
     batch_size: int = 32
     max_steps: int = 1000
     learning_rate: float = 1e-4
@@ -58,6 +62,12 @@ class TrainConfig:
     recon_l1_weight: float = 1.0  # tokenizer task
     recon_l2_weight: float = 1.0
     vq_loss_weight: float = 1.0
+    bsq_commit_weight: float = 0.25  # bitwise_tokenizer: commitment of the normalised latent to its BSQ code
+    bsq_entropy_weight: float = 0.1  # bitwise_tokenizer: entropy penalty (per-sample minus codebook entropy)
+    bsq_codebook_entropy_weight: float = 1.0  # bitwise_tokenizer: weight of the codebook term inside the penalty
+    bsq_inv_temperature: float = 100.0  # bitwise_tokenizer: sharpness of the soft bit assignment of the entropy terms
+    bsc_flip_prob: float = 0.3  # infinity: Bitwise Self-Correction maximum flip probability (0 disables)
+    bsc_num_scales: int | None = None  # infinity: scales that get flipped bits (None: all)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> "TrainConfig":
@@ -92,15 +102,30 @@ class TrainConfig:
         return config
 
     def validate(self) -> None:
-        if self.task not in ("tokenizer", "var"):
-            raise ValueError(f"`task` must be 'tokenizer' or 'var', got {self.task!r}.")
+        if self.task not in TASK_NAMES:
+            raise ValueError(f"`task` must be one of {', '.join(repr(t) for t in TASK_NAMES)}, got {self.task!r}.")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"`mixed_precision` must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}.")
         for name in ("batch_size", "max_steps", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)!r}.")
-        if self.task != "tokenizer" and not self.tokenizer_path:
-            raise ValueError("`tokenizer_path` (a trained MultiScaleVQModel folder) is required for transformer training.")
+        if self.task not in TOKENIZER_TASKS and not self.tokenizer_path:
+            kind = "BitwiseMultiScaleVAE" if self.task == "infinity" else "MultiScaleVQModel"
+            raise ValueError(f"`tokenizer_path` (a trained {kind} folder) is required for `task: {self.task}`.")
+        if self.task in TEXT_TASKS and not self.text_encoder_path:
+            raise ValueError(f"`text_encoder_path` is required for `task: {self.task}`: a folder with `text_encoder/` and "
+                             "`tokenizer/` sub-folders, or 'tiny-clip' / 'tiny-t5' (see diffusers_var.training.text_encoders).")
+        for name in ("cond_drop_rate", "bsc_flip_prob", "label_smoothing"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)!r}.")
+        for name in ("recon_l1_weight", "recon_l2_weight", "vq_loss_weight", "bsq_commit_weight", "bsq_entropy_weight",
+                     "bsq_codebook_entropy_weight"):
+            if float(getattr(self, name)) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)!r}.")
+        if float(self.bsq_inv_temperature) <= 0:
+            raise ValueError(f"`bsq_inv_temperature` must be > 0, got {self.bsq_inv_temperature!r}.")
+        if self.bsc_num_scales is not None and int(self.bsc_num_scales) < 0:
+            raise ValueError(f"`bsc_num_scales` must be >= 0 or null (all scales), got {self.bsc_num_scales!r}.")
 
 
 class _StepCounter:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from ..conversion.common import atomic_save_pipeline
+from ..models.bitwise_vae import BitwiseMultiScaleVAE
+from ..models.dynamic_resolution import schedule_for_pixels, supported_pixel_sizes
+from ..models.infinity_transformer import InfinityTransformer2DModel, infinity_ffn_dim
 from ..models.multiscale_vq import MultiScaleVQModel
+from ..models.star_transformer import STARTransformer2DModel
 from ..models.var_transformer import VARTransformer2DModel
 from .data import build_dataset, collate
+from .text_encoders import load_text_encoder, text_hidden_size
 
 
 def _save_grid(images_01: torch.Tensor, path: Path, columns: int = 8) -> None:
@@ -33,11 +39,95 @@ class _AtomicFolder:
         self.model.save_pretrained(path, safe_serialization=safe_serialization)
 
 
-class TokenizerTask:
-    """MultiScaleVQModel: L1 + L2 reconstruction plus the multi-scale VQ loss; codebook usage reported.
-    (The original also uses LPIPS and a GAN loss; both need pretrained weights from outside and are left out.)"""
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def _frozen(model, device):
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _drop_mask(batch_size: int, rate: float) -> torch.Tensor:
+    """(B,) bool: rows whose condition is dropped for classifier-free guidance (global torch RNG, checkpointed)."""
+    return torch.rand(batch_size) < rate
+
+
+def _check_vq_resolution(config, tokenizer: MultiScaleVQModel) -> None:
+    size = tokenizer.latent_size * tokenizer.downsample_factor
+    if config.resolution != size:
+        raise ValueError(f"`resolution` {config.resolution} does not match the tokenizer's {size}.")
+
+
+def bitwise_schedule(resolution: int, vae: BitwiseMultiScaleVAE) -> list[tuple[int, int]]:
+    """The square Infinity schedule whose last grid covers exactly ``resolution`` pixels with this VAE."""
+    ppt = vae.pixels_per_token
+    sizes = sorted({h for h, w in supported_pixel_sizes(ppt) if h == w})
+    try:
+        schedule = schedule_for_pixels(resolution, resolution, ppt)
+    except ValueError:
+        schedule = None
+    if schedule is None or schedule[-1][0] * ppt != resolution:
+        raise ValueError(f"`resolution` {resolution} is not a square size of Infinity's schedules for a VAE with "
+                         f"{ppt} pixels per token (2 ** (len(encoder_ch_mult) - 1), x2 with spatial_patchify); "
+                         f"supported: {sizes}.")
+    return schedule
+
+
+def _token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float):
+    """Mean cross-entropy over all tokens of all scales (each position weighs 1/L, as VAR / STAR) + accuracy."""
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), label_smoothing=label_smoothing)
+    return loss, {"token_accuracy": (logits.argmax(-1) == targets).float().mean().item()}
+
+
+@torch.no_grad()
+def _vq_teacher_forcing(tokenizer: MultiScaleVQModel, images: torch.Tensor):
+    indices = tokenizer.encode_indices(images)
+    return tokenizer.teacher_forcing_input(indices), torch.cat(indices, dim=1)
+
+
+class _ReconstructionTask:
+    """Shared by the tokenizer tasks: a reconstruction grid as samples, the bare model as export."""
 
     collate = staticmethod(collate)
+
+    @torch.no_grad()
+    def save_samples(self, model, path: Path) -> None:
+        images = torch.stack([self.dataset[i]["pixel_values"] for i in range(8)]).to(model.device)
+        was_training = model.training
+        model.eval()
+        recon = self.reconstruct(model, images)
+        model.train(was_training)
+        _save_grid((torch.cat([images, recon]) + 1) / 2, path)
+
+    def export(self, model, output_dir: Path) -> None:
+        atomic_save_pipeline(_AtomicFolder(model.eval()), output_dir, overwrite=True)
+
+
+class _PipelineTask:
+    """Shared by the transformer tasks: samples and export go through the matching pipeline."""
+
+    collate = staticmethod(collate)
+
+    @torch.no_grad()
+    def save_samples(self, model, path: Path) -> None:
+        was_training = model.training
+        model.eval()
+        pipe = self.pipeline(model)
+        pipe.set_progress_bar_config(disable=True)
+        images = self.sample(pipe, torch.Generator().manual_seed(0))
+        model.train(was_training)
+        _save_grid(images, path)
+
+    def export(self, model, output_dir: Path) -> None:
+        atomic_save_pipeline(self.pipeline(model.eval()), output_dir, overwrite=True)
+
+    def sample_prompts(self, count: int = 8) -> list[str]:
+        return [self.dataset[i]["caption"] for i in range(min(count, len(self.dataset)))]
+
+
+class TokenizerTask(_ReconstructionTask):
+    """MultiScaleVQModel: L1 + L2 reconstruction plus the multi-scale VQ loss; codebook usage reported.
+    (The original also uses LPIPS and a GAN loss; both need pretrained weights from outside and are left out.)"""
 
     def __init__(self, config, device):
         self.config = config
@@ -56,36 +146,93 @@ class TokenizerTask:
         l1, l2 = F.l1_loss(recon, images), F.mse_loss(recon, images)
         c = self.config
         total = c.recon_l1_weight * l1 + c.recon_l2_weight * l2 + c.vq_loss_weight * vq_loss
-        usage = model.module.quantize.codebook_usage if hasattr(model, "module") else model.quantize.codebook_usage
+        usage = _unwrap(model).quantize.codebook_usage
         return total, {"l1": l1.item(), "l2": l2.item(), "vq_loss": float(vq_loss.detach()),
                        "codebook_usage": (usage.sum(0) > 1e-3).float().mean().item()}
 
-    @torch.no_grad()
-    def save_samples(self, model, path: Path) -> None:
-        images = torch.stack([self.dataset[i]["pixel_values"] for i in range(8)]).to(model.device)
-        was_training = model.training
-        model.eval()
-        recon = model.decode_indices(model.encode_indices(images))
-        model.train(was_training)
-        _save_grid((torch.cat([images, recon]) + 1) / 2, path)
-
-    def export(self, model, output_dir: Path) -> None:
-        atomic_save_pipeline(_AtomicFolder(model.eval()), output_dir, overwrite=True)
+    @staticmethod
+    def reconstruct(model, images):
+        return model.decode_indices(model.encode_indices(images))
 
 
-class VARTask:
+def bsq_losses(quantizer_inputs, inv_temperature: float):
+    """BSQ auxiliary losses over the scales (Zhao et al. 2024, "Image and Video Tokenization with Binary
+    Spherical Quantization"), averaged over scales.
+
+    Per scale the (area-resized) residual is L2-normalised to ``u`` and quantised to ``q = sign(u) / sqrt(d)``.
+
+    * commitment: ``||u - sg(q)||^2`` (summed over the d channels, averaged over positions);
+    * soft bit assignment: ``p = sigmoid(4 * inv_temperature * u / sqrt(d))``, the probability that a channel's
+      bit is 1 under a softmax over the two codes ``+-1/sqrt(d)`` (distances scaled by ``inv_temperature``); BSQ's
+      codebook factorises over channels, so both entropies are sums of binary entropies:
+      per-sample entropy ``mean_positions sum_c H(p)`` (to minimise: confident codes) and codebook entropy
+      ``sum_c H(mean_positions p)`` (to maximise: all codes used). Both are returned per channel, in nats.
+    """
+    commit = per_sample = codebook = 0.0
+    for residual in quantizer_inputs:
+        residual = residual.float()
+        d = residual.shape[1]
+        unit = F.normalize(residual, dim=1, eps=1e-12)
+        code = torch.where(unit > 0, 1.0, -1.0) / d**0.5
+        commit = commit + (unit - code.detach()).pow(2).sum(1).mean()
+        prob = torch.sigmoid(4 * inv_temperature * unit / d**0.5).clamp(1e-6, 1 - 1e-6)  # (B, d, h, w)
+
+        def binary_entropy(p):
+            return -(p * p.log() + (1 - p) * (1 - p).log())
+
+        per_sample = per_sample + binary_entropy(prob).mean()
+        codebook = codebook + binary_entropy(prob.mean(dim=(0, 2, 3))).mean()
+    n = len(quantizer_inputs)
+    return commit / n, per_sample / n, codebook / n
+
+
+class BitwiseTokenizerTask(_ReconstructionTask):
+    """BitwiseMultiScaleVAE (Infinity's BSQ tokenizer): L1 + L2 reconstruction of the image decoded from the
+    multi-scale straight-through BSQ code, plus BSQ's commitment loss and entropy penalty
+    (``bsq_entropy_weight * (per-sample entropy - bsq_codebook_entropy_weight * codebook entropy)``, see
+    :func:`bsq_losses`), on the square Infinity schedule of ``resolution``. Reported: ``bit_balance``, the
+    codebook entropy of the hard bits in bits per channel (1.0: every bit is 1 half of the time).
+
+    The original also trains with LPIPS and a GAN discriminator; both need pretrained weights from outside
+    (VGG / DINO) and are left out, so reconstructions are blurrier than the released tokenizers'.
+    """
+
+    def __init__(self, config, device):
+        self.config = config
+        self.dataset = build_dataset(config.data, config.resolution)
+        self.model = BitwiseMultiScaleVAE(**config.model)
+        self.schedule = bitwise_schedule(config.resolution, self.model)
+
+    def loss(self, model, batch):
+        images = batch["pixel_values"]
+        recon, encoded = model(images, self.schedule)
+        recon = recon.float()
+        c = self.config
+        l1, l2 = F.l1_loss(recon, images), F.mse_loss(recon, images)
+        commit, per_sample, codebook = bsq_losses(encoded.quantizer_inputs, c.bsq_inv_temperature)
+        entropy = per_sample - c.bsq_codebook_entropy_weight * codebook
+        total = c.recon_l1_weight * l1 + c.recon_l2_weight * l2 + c.bsq_commit_weight * commit + c.bsq_entropy_weight * entropy
+        with torch.no_grad():
+            ones = torch.cat([b.reshape(-1, b.shape[-1]).float() for b in encoded.bit_labels]).mean(0).clamp(1e-6, 1 - 1e-6)
+            balance = (-(ones * ones.log2() + (1 - ones) * (1 - ones).log2())).mean().item()
+        return total, {"l1": l1.item(), "l2": l2.item(), "commit": float(commit.detach()),
+                       "per_sample_entropy": float(per_sample.detach()), "codebook_entropy": float(codebook.detach()),
+                       "bit_balance": balance}
+
+    def reconstruct(self, model, images):
+        return model.decode_bit_labels(model.encode(images, self.schedule).bit_labels)
+
+
+class VARTask(_PipelineTask):
     """VARTransformer2DModel on a frozen tokenizer: cross-entropy on every scale's tokens with
     label dropout (``cond_drop_rate``) for classifier-free guidance and optional label smoothing."""
-
-    collate = staticmethod(collate)
 
     def __init__(self, config, device):
         self.config = config
         self.dataset = build_dataset(config.data, config.resolution, need_labels=True)
-        self.tokenizer = MultiScaleVQModel.from_pretrained(config.tokenizer_path).to(device).eval().requires_grad_(False)
+        self.tokenizer = _frozen(MultiScaleVQModel.from_pretrained(config.tokenizer_path), device)
         tok = self.tokenizer.config
-        if config.resolution != self.tokenizer.latent_size * self.tokenizer.downsample_factor:
-            raise ValueError(f"`resolution` {config.resolution} does not match the tokenizer's {self.tokenizer.latent_size * self.tokenizer.downsample_factor}.")
+        _check_vq_resolution(config, self.tokenizer)
         self.num_classes, self.id2label = self._classes()
         model_args = dict(config.model)
         init_adaln_gamma = float(model_args.pop("init_adaln_gamma", 1e-3))
@@ -107,38 +254,127 @@ class VARTask:
         return max(labels) + 1, None
 
     def loss(self, model, batch):
-        with torch.no_grad():
-            indices = self.tokenizer.encode_indices(batch["pixel_values"])
-            tf_input = self.tokenizer.teacher_forcing_input(indices)
-            targets = torch.cat(indices, dim=1)
+        tf_input, targets = _vq_teacher_forcing(self.tokenizer, batch["pixel_values"])
         logits = model(batch["class_labels"], tf_input, drop_labels=True).logits
-        V = logits.shape[-1]
-        loss = F.cross_entropy(logits.view(-1, V), targets.view(-1), label_smoothing=self.config.label_smoothing)
-        accuracy = (logits.argmax(-1) == targets).float().mean().item()
-        return loss, {"token_accuracy": accuracy}
+        return _token_cross_entropy(logits, targets, self.config.label_smoothing)
 
     def pipeline(self, model):
         from ..pipelines.pipeline_var import VARPipeline
 
         return VARPipeline(transformer=model, vqvae=self.tokenizer, id2label=self.id2label)
 
-    @torch.no_grad()
-    def save_samples(self, model, path: Path) -> None:
-        was_training = model.training
-        model.eval()
-        pipe = self.pipeline(model)
-        pipe.set_progress_bar_config(disable=True)
+    def sample(self, pipe, generator):
         labels = [i % self.num_classes for i in range(16)]
-        images = pipe(class_labels=labels, generator=torch.Generator().manual_seed(0), guidance_scale=2.0, top_k=0, top_p=0.0,
-                      output_type="pt").images
-        model.train(was_training)
-        _save_grid(images, path)
-
-    def export(self, model, output_dir: Path) -> None:
-        atomic_save_pipeline(self.pipeline(model.eval()), output_dir, overwrite=True)
+        return pipe(class_labels=labels, generator=generator, guidance_scale=2.0, top_k=0, top_p=0.0, output_type="pt").images
 
 
-TASKS = {"tokenizer": TokenizerTask, "var": VARTask}
+class STARTask(_PipelineTask):
+    """STARTransformer2DModel on a frozen MultiScaleVQModel and a frozen text encoder (CLIP in the releases).
+
+    Each caption is replaced by ``""`` with probability ``cond_drop_rate`` (0.1 in the original) and the batch
+    is encoded once, under no_grad, by the pipeline's own :meth:`STARPipeline.encode_text`, so training sees
+    exactly the features that generation does. Loss: cross-entropy of every scale's tokens (weight 1/L,
+    ``label_smoothing`` 0 in the original). (The original drops only captions longer than 20 characters, a
+    quirk of its LMDB loader; here every caption may be dropped.) Trained without the stable-sampler head.
+    """
+
+    def __init__(self, config, device):
+        self.config, self.device = config, device
+        self.dataset = build_dataset(config.data, config.resolution, need_captions=True)
+        self.tokenizer = _frozen(MultiScaleVQModel.from_pretrained(config.tokenizer_path), device)
+        _check_vq_resolution(config, self.tokenizer)
+        self.text_encoder, self.text_tokenizer = load_text_encoder(config.text_encoder_path, device)
+        tok = self.tokenizer.config
+        model_args = dict(config.model)
+        init_head = float(model_args.pop("init_head", 0.02))
+        model_args.setdefault("num_legacy_classes", 0)
+        model_args.update(vocab_size=tok.vocab_size, latent_channels=tok.z_channels, patch_nums=list(tok.patch_nums),
+                          text_embed_dim=text_hidden_size(self.text_encoder), cond_drop_rate=config.cond_drop_rate)
+        self.model = STARTransformer2DModel(**model_args)
+        self.model.init_weights(init_head=init_head)
+        self.text_pipe = self.pipeline(self.model)  # its encode_text only
+
+    def loss(self, model, batch):
+        drop = _drop_mask(len(batch["caption"]), self.config.cond_drop_rate).tolist()
+        texts = ["" if dropped else caption for caption, dropped in zip(batch["caption"], drop)]
+        tf_input, targets = _vq_teacher_forcing(self.tokenizer, batch["pixel_values"])
+        hidden, mask, pooled = self.text_pipe.encode_text(texts, self.device)
+        logits = model(tf_input, hidden, mask, pooled).logits
+        return _token_cross_entropy(logits, targets, self.config.label_smoothing)
+
+    def pipeline(self, model):
+        from ..pipelines.pipeline_star import STARPipeline
+
+        return STARPipeline(transformer=model, vqvae=self.tokenizer, text_encoder=self.text_encoder, tokenizer=self.text_tokenizer)
+
+    def sample(self, pipe, generator):
+        return pipe(prompt=self.sample_prompts(), generator=generator, guidance_scale=4.0, top_k=0, top_p=0.0,
+                    use_stable_sampler=False, output_type="pt").images
+
+
+class InfinityTask(_PipelineTask):
+    """InfinityTransformer2DModel on a frozen BitwiseMultiScaleVAE and a frozen T5 encoder (flan-t5-xl in the releases).
+
+    * Bitwise Self-Correction: the teacher-forcing inputs come from
+      :meth:`BitwiseMultiScaleVAE.teacher_forcing_inputs` with ``bsc_flip_prob`` (0.3 in the original's train.sh)
+      as the maximum flip strength on the first ``bsc_num_scales`` scales (default all); labels of later scales
+      are re-quantised from the corrupted sum, so the model learns to correct its own bit errors.
+    * Text dropout: with probability ``cond_drop_rate`` a caption's features are replaced by the transformer's
+      learned unconditional rows (``uncond_text_embeds[:len]``, what guidance uses at inference).
+    * Loss: 2-way cross-entropy per bit, averaged over bits, tokens (weight 1/L) and the batch.
+
+    The schedule is the square Infinity schedule of ``resolution`` (e.g. 64 px with a stride-4 VAE: 7 scales
+    up to 16x16), so the exported pipeline generates at ``height = width = resolution``.
+    """
+
+    def __init__(self, config, device):
+        self.config, self.device = config, device
+        self.dataset = build_dataset(config.data, config.resolution, need_captions=True)
+        self.vae = _frozen(BitwiseMultiScaleVAE.from_pretrained(config.tokenizer_path), device)
+        self.schedule = bitwise_schedule(config.resolution, self.vae)
+        self.text_encoder, self.text_tokenizer = load_text_encoder(config.text_encoder_path, device)
+        text_dim = text_hidden_size(self.text_encoder)
+        model_args = dict(config.model)
+        init_args = {k: float(model_args.pop(k)) for k in ("init_adaln", "init_adaln_gamma", "init_head") if k in model_args}
+        model_args.setdefault("block_chunks", math.gcd(int(model_args.get("depth", 32)), 8))
+        model_args.setdefault("pool_num_heads", max(1, text_dim // 128))
+        model_args.setdefault("text_max_length", min(int(self.text_tokenizer.model_max_length), 512))
+        model_args.update(bits_per_token=self.vae.bits_per_token, text_dim=text_dim, cond_drop_rate=config.cond_drop_rate)
+        if infinity_ffn_dim(int(model_args.get("embed_dim", 2048)), float(model_args.get("mlp_ratio", 4.0))) < 1:
+            raise ValueError("`model`: Infinity's FFN width round(embed_dim * mlp_ratio / 256) * 256 is 0; raise `embed_dim` "
+                             "or `mlp_ratio` (embed_dim * mlp_ratio >= 128).")
+        self.model = InfinityTransformer2DModel(**model_args)
+        self.model.init_weights(**init_args)
+        self.text_pipe = self.pipeline(self.model)  # its encode_prompt only
+        flips = len(self.schedule) if config.bsc_num_scales is None else int(config.bsc_num_scales)
+        self.bsc_num_scales = flips if config.bsc_flip_prob > 0 else 0
+
+    def loss(self, model, batch):
+        images = batch["pixel_values"]
+        with torch.no_grad():
+            features = self.vae.encode_features(images)
+            inputs, labels = self.vae.teacher_forcing_inputs(features, self.schedule, self.bsc_num_scales, self.config.bsc_flip_prob)
+            embeds, mask = self.text_pipe.encode_prompt(batch["caption"], self.device)
+        drop = _drop_mask(images.shape[0], self.config.cond_drop_rate).to(embeds.device)
+        logits = model(inputs, embeds, mask, self.schedule, drop_text=drop).logits
+        logits = logits.view(*labels.shape, 2)
+        labels = labels.long()
+        loss = F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1), label_smoothing=self.config.label_smoothing)
+        return loss, {"bit_accuracy": (logits.argmax(-1) == labels).float().mean().item()}
+
+    def pipeline(self, model):
+        from ..pipelines.pipeline_infinity import InfinityPipeline
+
+        return InfinityPipeline(transformer=model, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.text_tokenizer)
+
+    def sample(self, pipe, generator):
+        size = self.config.resolution
+        return pipe(prompt=self.sample_prompts(), height=size, width=size, generator=generator, guidance_scale=3.0,
+                    tau=1.0, top_k=0, top_p=0.0, output_type="pt").images
+
+
+TASKS = {"tokenizer": TokenizerTask, "bitwise_tokenizer": BitwiseTokenizerTask, "var": VARTask, "star": STARTask,
+         "infinity": InfinityTask}
 
 
 def build_task(config, device):

@@ -1,0 +1,159 @@
+"""Training the Infinity tokenizer and the text-to-image transformers (STAR, Infinity) on the CPU with tiny
+models: losses fall, exports load with their pipelines and generate, bad configs name the key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import fixture_dir
+from diffusers_var import BitwiseMultiScaleVAE, InfinityPipeline, MultiScaleVQModel, STARPipeline
+from diffusers_var.training import TrainConfig, train
+from diffusers_var.training.text_encoders import build_tiny_text_encoder, load_text_encoder, save_tiny_text_encoder
+
+DATA = {"type": "shapes", "num_images": 32, "seed": 3}
+BITWISE_MODEL = {"base_channels": 24, "encoder_ch_mult": [1], "decoder_ch_mult": [1], "num_res_blocks": 1, "codebook_dim": 4}
+VQ_MODEL = {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "vocab_size": 64, "z_channels": 8,
+            "patch_nums": [1, 2, 4], "using_sa": False, "using_mid_sa": False}
+
+
+def base_config(tmp: Path, **overrides) -> dict:
+    config = dict(output_dir=str(tmp), data=DATA, resolution=16, batch_size=8, log_every=1, warmup_steps=1,
+                  checkpoint_every=100, mixed_precision="no", seed=0, weight_decay=0.0, ema_decay=None)
+    config.update(overrides)
+    return config
+
+
+def log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def falls(history: list[float], n: int = 3) -> bool:
+    return sum(history[-n:]) / n < sum(history[:n]) / n
+
+
+@pytest.fixture(scope="module")
+def bitwise_vae_dir(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("bitwise")
+    return train(TrainConfig(**base_config(run, task="bitwise_tokenizer", model=BITWISE_MODEL, max_steps=12,
+                                           learning_rate=3e-3, sample_every=12)))
+
+
+def test_bitwise_tokenizer_training_reduces_loss_and_exports(bitwise_vae_dir):
+    run = bitwise_vae_dir.parent
+    records = log(run)
+    history = [r["loss"] for r in records]
+    assert len(history) == 12 and falls(history), history
+    assert 0 < records[-1]["bit_balance"] <= 1 and records[-1]["commit"] >= 0
+    assert (run / "samples" / "step-0000012.png").is_file()
+    vae = BitwiseMultiScaleVAE.from_pretrained(bitwise_vae_dir)
+    out = vae.encode(torch.zeros(1, 3, 16, 16), [(s, s) for s in (1, 2, 4, 6, 8, 12, 16)])
+    assert [tuple(b.shape) for b in out.bit_labels][-1] == (1, 16, 16, 4)
+
+
+@pytest.fixture(scope="module")
+def vq_dir(tmp_path_factory) -> Path:
+    """An untrained VQ tokenizer is enough to train a transformer on its (deterministic) tokens."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("vq") / "vq"
+    MultiScaleVQModel(**VQ_MODEL).save_pretrained(path)
+    return path
+
+
+def test_star_training_reduces_loss_and_exports(vq_dir, tmp_path):
+    config = base_config(tmp_path, task="star", tokenizer_path=str(vq_dir), text_encoder_path="tiny-clip", max_steps=10,
+                         learning_rate=3e-3, cond_drop_rate=0.25, model={"depth": 2, "embed_dim": 64, "num_heads": 2},
+                         sample_every=10)
+    export = train(TrainConfig(**config))
+    history = [r["loss"] for r in log(tmp_path)]
+    assert falls(history), history
+    assert (tmp_path / "samples" / "step-0000010.png").is_file()
+    pipe = STARPipeline.from_pretrained(export)
+    assert {"text_encoder", "tokenizer"} <= {p.name for p in export.iterdir()}
+    assert pipe.transformer.config.text_embed_dim == pipe.text_encoder.config.hidden_size
+    images = pipe(prompt=["a red circle on a blue background", "a green square on a white background"],
+                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 16, 16, 3)
+
+
+def test_infinity_training_reduces_loss_and_exports(bitwise_vae_dir, tmp_path):
+    config = base_config(tmp_path, task="infinity", tokenizer_path=str(bitwise_vae_dir), text_encoder_path="tiny-t5",
+                         max_steps=10, learning_rate=3e-3, bsc_flip_prob=0.2, cond_drop_rate=0.25,
+                         model={"depth": 2, "embed_dim": 64, "num_heads": 2, "drop_path_rate": 0.0}, sample_every=10)
+    export = train(TrainConfig(**config))
+    records = log(tmp_path)
+    assert falls([r["loss"] for r in records]), records
+    assert 0.5 <= records[-1]["bit_accuracy"] <= 1
+    assert (tmp_path / "samples" / "step-0000010.png").is_file()
+    pipe = InfinityPipeline.from_pretrained(export)
+    assert pipe.transformer.config.bits_per_token == 4 and pipe.transformer.config.block_chunks == 2
+    images = pipe(prompt="a red circle on a blue background", height=16, width=16, num_images_per_prompt=2,
+                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 16, 16, 3)
+
+
+def test_tiny_text_encoders_are_deterministic_and_round_trip(tmp_path):
+    a, tokenizer = build_tiny_text_encoder("tiny-t5")
+    b, _ = build_tiny_text_encoder("tiny-t5")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    ids = tokenizer(["héllo"])["input_ids"][0]
+    assert len(ids) == len("héllo".encode()) + 1 and ids[-1] == tokenizer.eos_token_id  # one token per byte + </s>
+    model, loaded = load_text_encoder(str(save_tiny_text_encoder(tmp_path / "clip", "tiny-clip")))
+    assert type(model).__name__ == "CLIPTextModel" and not any(p.requires_grad for p in model.parameters())
+    assert loaded(["abc"])["input_ids"] == build_tiny_text_encoder("tiny-clip")[1](["abc"])["input_ids"]
+
+
+def test_fixture_text_encoder_folders_load():
+    """The reference fixtures' folders have the `text_encoder/` + `tokenizer/` layout `text_encoder_path` expects."""
+    clip, _ = load_text_encoder(str(fixture_dir("star") / "text_encoder_sd21_layout"))
+    t5, _ = load_text_encoder(str(fixture_dir("infinity")))
+    assert type(clip).__name__ == "CLIPTextModel" and type(t5).__name__ == "T5EncoderModel"
+
+
+def test_bad_text_training_configs(tmp_path, bitwise_vae_dir):
+    with pytest.raises(ValueError, match="text_encoder_path"):
+        TrainConfig.load(None, ["task=star", "tokenizer_path=x"])
+    with pytest.raises(ValueError, match="BitwiseMultiScaleVAE"):
+        TrainConfig.load(None, ["task=infinity", "text_encoder_path=tiny-t5"])
+    with pytest.raises(ValueError, match="bsc_flip_prob"):
+        TrainConfig.load(None, ["task=infinity", "tokenizer_path=x", "text_encoder_path=tiny-t5", "bsc_flip_prob=1.5"])
+    with pytest.raises(ValueError, match="cond_drop_rate"):
+        TrainConfig.load(None, ["task=star", "tokenizer_path=x", "text_encoder_path=tiny-clip", "cond_drop_rate=-0.1"])
+    with pytest.raises(ValueError, match="bsq_inv_temperature"):
+        TrainConfig.load(None, ["task=bitwise_tokenizer", "bsq_inv_temperature=0"])
+    with pytest.raises(ValueError, match="unknown training config keys"):
+        TrainConfig.load(None, ["task=bitwise_tokenizer", "bsq_commit=1"])
+    with pytest.raises(ValueError, match="text_encoder_path.*text_encoder/"):
+        train(TrainConfig(**base_config(tmp_path, task="infinity", tokenizer_path=str(bitwise_vae_dir),
+                                        text_encoder_path=str(tmp_path), max_steps=1)))
+    with pytest.raises(ValueError, match="mlp_ratio"):
+        train(TrainConfig(**base_config(tmp_path, task="infinity", tokenizer_path=str(bitwise_vae_dir), text_encoder_path="tiny-t5",
+                                        model={"depth": 2, "embed_dim": 32, "num_heads": 2}, max_steps=1)))
+    with pytest.raises(ValueError, match="resolution.*supported"):
+        train(TrainConfig(**base_config(tmp_path, task="bitwise_tokenizer", model=BITWISE_MODEL, resolution=24, max_steps=1)))
+    from diffusers_var.cli import main
+
+    assert main(["train", "star", "tokenizer_path=x"]) == 2  # the ValueError is printed, not raised
+
+
+def test_killed_infinity_run_resumes_to_identical_weights(bitwise_vae_dir, tmp_path):
+    """Bitwise Self-Correction draws from the numpy RNG and text dropout from torch's: both are restored."""
+    from safetensors.torch import load_file
+    from test_training import _run_cli
+
+    straight = base_config(tmp_path / "straight", task="infinity", tokenizer_path=str(bitwise_vae_dir), text_encoder_path="tiny-t5",
+                           max_steps=4, checkpoint_every=2, learning_rate=3e-3, bsc_flip_prob=0.3, cond_drop_rate=0.5,
+                           ema_decay=0.9, model={"depth": 2, "embed_dim": 64, "num_heads": 2}, data={**DATA, "num_images": 16})
+    interrupted = {**straight, "output_dir": str(tmp_path / "interrupted")}
+    assert _run_cli(straight, tmp_path / "a.json").returncode == 0
+    assert _run_cli(interrupted, tmp_path / "b.json", fault="step:3").returncode != 0
+    resumed = _run_cli(interrupted, tmp_path / "b.json")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout + resumed.stderr
+    a = load_file(tmp_path / "straight" / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "interrupted" / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=lambda m: f"{key}: {m}")
