@@ -52,6 +52,11 @@ def _generate(args) -> int:
             if not args.prompt:
                 print("error: `--prompt` is required for text-to-image pipelines", file=sys.stderr)
                 return 2
+            if args.height or args.width:
+                if name != "InfinityPipeline":
+                    print("error: `--height/--width` apply to Infinity pipelines only (VAR/STAR sizes are fixed by the model)", file=sys.stderr)
+                    return 2
+                kwargs.update(height=args.height, width=args.width)
             images = pipe(prompt=args.prompt, **kwargs).images
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -118,6 +123,8 @@ def main(argv=None) -> int:
     gen.add_argument("--class-label", default=None, help="VAR: class index or name (default: random)")
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's")
+    gen.add_argument("--height", type=int, default=None, help="Infinity: image height (default: the model's)")
+    gen.add_argument("--width", type=int, default=None, help="Infinity: image width (default: the model's)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")

@@ -53,7 +53,8 @@ class InfinityPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _callback_tensor_inputs = ["summed_codes", "logits", "bits", "next_scale_input"]
 
-    def __init__(self, transformer: InfinityTransformer2DModel, vae: BitwiseMultiScaleVAE, text_encoder, tokenizer):
+    def __init__(self, transformer: InfinityTransformer2DModel, vae: BitwiseMultiScaleVAE, text_encoder, tokenizer,
+                 default_size: list[int] | None = None):
         super().__init__()
         if transformer.config.bits_per_token != vae.bits_per_token:
             raise ValueError(
@@ -61,6 +62,10 @@ class InfinityPipeline(DiffusionPipeline):
                 f"({vae.bits_per_token} = codebook_dim x {vae.patch_factor ** 2})."
             )
         self.register_modules(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+        if default_size is not None and (len(default_size) != 2 or min(default_size) < 1):
+            raise ValueError(f"`default_size` must be [height, width], got {default_size!r}.")
+        # the size a model was trained for (small embedded models); height/width default to it, else 1024
+        self.register_to_config(default_size=list(default_size) if default_size is not None else None)
 
     # -- text ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -100,8 +105,8 @@ class InfinityPipeline(DiffusionPipeline):
         self,
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
-        height: int = 1024,
-        width: int = 1024,
+        height: int | None = None,
+        width: int | None = None,
         guidance_scale: float | Sequence[float] = 3.0,
         tau: float | Sequence[float] = 0.5,
         top_k: int = 900,
@@ -120,7 +125,8 @@ class InfinityPipeline(DiffusionPipeline):
             prompt: text or list of texts.
             negative_prompt: ``None`` or empty: the learned unconditional text (as the original); otherwise
                 one text, or one per prompt.
-            height, width: requested size in pixels; mapped to the nearest aspect-ratio template and preset
+            height, width: requested size in pixels (default: the pipeline's ``default_size`` if set, else
+                1024 x 1024); mapped to the nearest aspect-ratio template and preset
                 (unsupported sizes raise and list the supported ones).
             guidance_scale: the original ``cfg``, on logits: ``cfg * cond + (1 - cfg) * uncond`` (1 = off,
                 no unconditional branch). A list gives one value per scale.
@@ -143,6 +149,8 @@ class InfinityPipeline(DiffusionPipeline):
         if bad:
             raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}, got {bad}.")
         transformer, vae = self.transformer, self.vae
+        default_height, default_width = self.config.get("default_size") or (1024, 1024)
+        height, width = height or default_height, width or default_width
         schedule = schedule_for_pixels(height, width, vae.pixels_per_token)
         num_scales = len(schedule)
         cfg_list = _per_scale(guidance_scale, num_scales, "guidance_scale")

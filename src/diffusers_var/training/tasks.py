@@ -365,7 +365,8 @@ class InfinityTask(_PipelineTask):
     def pipeline(self, model):
         from ..pipelines.pipeline_infinity import InfinityPipeline
 
-        return InfinityPipeline(transformer=model, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.text_tokenizer)
+        return InfinityPipeline(transformer=model, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.text_tokenizer,
+                                default_size=[self.config.resolution, self.config.resolution])
 
     def sample(self, pipe, generator):
         size = self.config.resolution
