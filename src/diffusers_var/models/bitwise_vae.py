@@ -166,10 +166,10 @@ class BitwiseEncodeOutput(BaseOutput):
     inputs (area-downsampled running sum, scales 1..K-1), which the transformer does NOT consume."""
 
     features: torch.Tensor
-    quantized: torch.Tensor
-    bit_labels: list
-    quantizer_inputs: list
-    area_next_inputs: list
+    quantized: torch.Tensor | None = None  # defaults: accelerate rebuilds outputs from a dict
+    bit_labels: list | None = None
+    quantizer_inputs: list | None = None
+    area_next_inputs: list | None = None
 
 
 @dataclass

@@ -255,8 +255,8 @@ class MultiScaleVQOutput(BaseOutput):
     """Output of :meth:`MultiScaleVQModel.forward` (tokenizer training)."""
 
     sample: torch.Tensor  # reconstruction, not clamped
-    vq_loss: torch.Tensor
-    indices: list
+    vq_loss: torch.Tensor | None = None  # defaults: accelerate rebuilds outputs from a dict
+    indices: list | None = None
 
 
 class MultiScaleVQModel(ModelMixin, ConfigMixin):

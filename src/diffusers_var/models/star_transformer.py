@@ -37,7 +37,7 @@ class STARTransformerOutput(BaseOutput):
     block (before the head norm), which the stable sampler reads."""
 
     logits: torch.Tensor
-    hidden_states: torch.Tensor
+    hidden_states: torch.Tensor | None = None  # defaults: accelerate rebuilds outputs from a dict
 
 
 class STARBlock(nn.Module):
