@@ -37,8 +37,9 @@ def _generate(args) -> int:
     pipe = pipeline_class.from_pretrained(model, dtype=getattr(torch, args.dtype)).to(args.device)
     generator = torch.Generator().manual_seed(args.seed)
     kwargs = dict(generator=generator, num_images_per_prompt=args.num_images, output_type="pil")
-    if args.guidance_scale is not None:
-        kwargs["guidance_scale"] = args.guidance_scale
+    for name in ("guidance_scale", "top_k", "top_p"):
+        if getattr(args, name) is not None:
+            kwargs[name] = getattr(args, name)
     name = type(pipe).__name__
     try:
         if name == "VARPipeline":
@@ -123,6 +124,8 @@ def main(argv=None) -> int:
     gen.add_argument("--class-label", default=None, help="VAR: class index or name (default: random)")
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's")
+    gen.add_argument("--top-k", type=int, default=None, help="default: the pipeline's (0 = off)")
+    gen.add_argument("--top-p", type=float, default=None, help="default: the pipeline's (0 = off)")
     gen.add_argument("--height", type=int, default=None, help="Infinity: image height (default: the model's)")
     gen.add_argument("--width", type=int, default=None, help="Infinity: image width (default: the model's)")
     gen.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,78 @@
+"""The embedded default pipelines under pipelines/: they load on the CPU, generate, and the pixel judge
+scores a fixed-seed batch above the issue's targets (>= 90% for shape, colour and background)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+from diffusers_var import STARPipeline, VARPipeline, shapes
+
+NUM_SAMPLES = 90  # one per class
+
+
+def _folder(name):
+    path = REPO_ROOT / "pipelines" / name
+    assert (path / "model_index.json").is_file(), f"embedded pipeline {path} is missing"
+    return path
+
+
+def _score(images, labels):
+    return shapes.evaluate_generations(images, [shapes.CLASSES[i] for i in labels], images.shape[-1])
+
+
+def test_var_shapes_generates_what_was_asked():
+    pipe = VARPipeline.from_pretrained(_folder("var-shapes"), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    labels = list(range(NUM_SAMPLES))
+    images = pipe(class_labels=labels, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert images.shape == (NUM_SAMPLES, 3, 64, 64)
+    score = _score(images, labels)
+    print("var-shapes:", score)
+    for attribute in ("shape", "color", "background"):
+        assert score[attribute] >= 0.9, score
+
+
+def test_star_shapes_follows_the_prompt():
+    pipe = STARPipeline.from_pretrained(_folder("star-shapes"), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    labels = list(range(NUM_SAMPLES))
+    prompts = [shapes.CLASSES[i].caption for i in labels]
+    # the model card's recommended setting for this small model (guidance 2, no top-k / top-p filtering);
+    # the original's STAR defaults score 93 / 98.5 / 98 % on 200 GPU samples (model card) but sit near 90 % here
+    images = pipe(prompt=prompts, guidance_scale=2.0, top_k=0, top_p=0.0, generator=torch.Generator().manual_seed(0),
+                  output_type="pt").images
+    assert images.shape == (NUM_SAMPLES, 3, 64, 64)
+    score = _score(images, labels)
+    print("star-shapes:", score)
+    for attribute in ("shape", "color", "background"):
+        assert score[attribute] >= 0.9, score
+
+
+@pytest.mark.parametrize("name", ["var-shapes", "star-shapes"])
+def test_model_cards_and_sizes(name):
+    folder = _folder(name)
+    card = (folder / "README.md").read_text()
+    assert "Measured quality" in card and "build_embedded.py" in card
+    assert json.loads((folder / "evaluation.json").read_text())["results"]["default"]["shape"] >= 0.9
+    assert not [p for p in folder.rglob("*") if p.suffix in {".bin", ".pth", ".pt", ".pkl"}]
+
+
+def test_embedded_pipelines_fit_the_size_budget():
+    total = sum(p.stat().st_size for p in (REPO_ROOT / "pipelines").rglob("*") if p.is_file())
+    assert total < 30 * 2**20, f"pipelines/ is {total / 2**20:.1f} MiB"
+
+
+def test_generate_command_uses_the_embedded_var(tmp_path):
+    from diffusers_var.cli import main
+
+    out = tmp_path / "out.png"
+    assert main(["generate", "--class-label", "red circle on blue", "--out", str(out)]) == 0
+    assert out.is_file()
+    assert main(["generate", "--model", str(_folder("star-shapes")), "--prompt", "a green square on a white background",
+                 "--out", str(tmp_path / "s.png")]) == 0
+    judged = shapes.judge_images([__import__("PIL.Image").Image.open(tmp_path / "s.png")])[0]
+    assert judged is not None
