@@ -494,12 +494,8 @@ class AdaLNCrossAttentionBlock(AdaLNSelfAttentionBlock):
 
 
 @torch.no_grad()
-def init_adaln_transformer_weights_(model: nn.Module, std: float, extra_params: Sequence[torch.Tensor] = (),
-                                    init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02) -> None:
-    """The original VAR / Infinity initialisation of a model with ``blocks`` of :class:`AdaLNSelfAttentionBlock`,
-    ``head`` and ``head_norm``: truncated normal (``std``) for Linear / Embedding weights and ``extra_params``,
-    zero biases, a small head, residual outputs divided by sqrt(2 depth), near-zero AdaLN gates."""
-    C, depth = model.config.embed_dim, len(model.blocks)
+def init_linear_and_embedding_weights_(model: nn.Module, std: float, extra_params: Sequence[torch.Tensor] = ()) -> None:
+    """Truncated normal (``std``, bounds +-2) for every Linear / Embedding weight and ``extra_params``; zero biases."""
     for module in model.modules():
         if isinstance(module, nn.Linear):
             truncated_normal_(module.weight, std)
@@ -508,7 +504,18 @@ def init_adaln_transformer_weights_(model: nn.Module, std: float, extra_params: 
         elif isinstance(module, nn.Embedding):
             truncated_normal_(module.weight, std)
     for param in extra_params:
-        truncated_normal_(param, std)
+        if param is not None:
+            truncated_normal_(param, std)
+
+
+@torch.no_grad()
+def init_adaln_transformer_weights_(model: nn.Module, std: float, extra_params: Sequence[torch.Tensor] = (),
+                                    init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02) -> None:
+    """The original VAR / Infinity initialisation of a model with ``blocks`` of :class:`AdaLNSelfAttentionBlock`,
+    ``head`` and ``head_norm``: truncated normal (``std``) for Linear / Embedding weights and ``extra_params``,
+    zero biases, a small head, residual outputs divided by sqrt(2 depth), near-zero AdaLN gates."""
+    C, depth = model.config.embed_dim, len(model.blocks)
+    init_linear_and_embedding_weights_(model, std, extra_params)
     model.head.weight.mul_(init_head)
     model.head.bias.zero_()
     model.head_norm.adaln.linear.weight.mul_(init_adaln)

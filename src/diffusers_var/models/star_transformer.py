@@ -26,7 +26,7 @@ from .blocks import (
     rope_rotary,
     scale_begin_ends,
     scale_level_ids,
-    truncated_normal_,
+    init_linear_and_embedding_weights_,
     validate_patch_nums,
 )
 
@@ -405,16 +405,8 @@ class STARTransformer2DModel(ModelMixin, ConfigMixin):
         """The original recipe: truncated normal (std sqrt(1/(3C))), scaled head and residual outputs."""
         C, depth = self.config.embed_dim, self.config.depth
         std = math.sqrt(1 / C / 3) if init_std < 0 else init_std
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                truncated_normal_(module.weight, std)
-                if module.bias is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.Embedding):
-                truncated_normal_(module.weight, std)
-        for p in (self.pos_start, self.pos_embed, None if self.sampler is None else self.sampler.pos_start):
-            if p is not None:
-                truncated_normal_(p, std)
+        init_linear_and_embedding_weights_(
+            self, std, (self.pos_start, self.pos_embed, None if self.sampler is None else self.sampler.pos_start))
         heads = [self.head] + ([self.sampler.head] if self.sampler is not None else [])
         for head in heads:
             head.weight.mul_(init_head)
