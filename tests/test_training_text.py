@@ -157,3 +157,19 @@ def test_killed_infinity_run_resumes_to_identical_weights(bitwise_vae_dir, tmp_p
     b = load_file(tmp_path / "interrupted" / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
+def test_bsq_straight_through_passes_reconstruction_gradients_to_the_encoder():
+    """The multi-scale BSQ forward is the hard code, its backward the identity: the reconstruction loss must
+    reach the encoder (a missing detach once made this gradient exactly zero)."""
+    from diffusers_var import BitwiseMultiScaleVAE
+
+    torch.manual_seed(0)
+    vae = BitwiseMultiScaleVAE(base_channels=32, encoder_ch_mult=[1, 2], decoder_ch_mult=[1, 2], num_res_blocks=1, codebook_dim=8)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    recon, encoded = vae(images, [(1, 1, 1), (1, 2, 2), (1, 4, 4), (1, 8, 8)])
+    torch.nn.functional.mse_loss(recon, images).backward()
+    grad = vae.encoder.conv_in.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    # the forward value is still the hard code: the sum over scales of upsampled +-1/sqrt(d) codes
+    torch.testing.assert_close(encoded.quantized.detach(), vae.codes_from_bit_labels(encoded.bit_labels))

@@ -259,7 +259,7 @@ class BitwiseMultiScaleVAE(ModelMixin, ConfigMixin):
         unit = F.normalize(residual_BdHW, dim=1, eps=1e-12)
         bits = unit > 0
         quantized = bits.to(unit.dtype).mul(2).sub(1).div(d**0.5)
-        return bits, unit + (quantized - unit)
+        return bits, unit + (quantized - unit).detach()  # straight-through: forward = quantized, gradient = identity
 
     # -- encode / decode ---------------------------------------------------------------------------
     @apply_forward_hook
