@@ -109,9 +109,9 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin):
     def null_class(self) -> int:
         return self.config.num_classes
 
-    def level_pos_embed(self) -> torch.Tensor:
-        """(1, L, C): level embedding of every position plus the absolute position embedding."""
-        return self.level_embedding(self.level_ids) + self.pos_embed
+    def level_pos_embed(self, begin: int = 0, end: int | None = None) -> torch.Tensor:
+        """(1, end - begin, C): level embedding plus absolute position embedding of positions [begin, end)."""
+        return self.level_embedding(self.level_ids[:, begin:end]) + self.pos_embed[:, begin:end]
 
     def drop_labels(self, class_labels: torch.LongTensor, rate: float | None = None,
                     generator: torch.Generator | None = None) -> torch.LongTensor:
@@ -214,7 +214,7 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin):
         Returns (B, pn*pn, vocab_size) float32 logits.
         """
         begin, end = self.begin_ends[scale_index]
-        level_pos = self.level_pos_embed()[:, begin:end]
+        level_pos = self.level_pos_embed(begin, end)  # only this scale's rows, not the whole pyramid
         B = cond_BD.shape[0]
         if scale_index == 0:
             x_BLC = cond_BD.unsqueeze(1).expand(B, self.first_len, -1) + self.pos_start.expand(B, -1, -1) + level_pos
