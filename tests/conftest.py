@@ -19,21 +19,22 @@ def fixture_dir(family: str) -> Path:
     ``.ci/run`` sets DIFFUSERS_VAR_REQUIRE_FIXTURES=1, which turns a missing folder into a failure."""
     path = FIXTURES_ROOT / family
     if not (path / "manifest.json").is_file():
-        message = f"reference fixtures not found at {path} (set DIFFUSERS_VAR_FIXTURES)"
-        if os.environ.get("DIFFUSERS_VAR_REQUIRE_FIXTURES") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+        _reference_missing(f"reference fixtures not found at {path} (set DIFFUSERS_VAR_FIXTURES)")
     return path
 
 
 def keys_dir(family: str) -> Path:
     path = KEYS_ROOT / family
     if not path.is_dir():
-        message = f"checkpoint key lists not found at {path} (set DIFFUSERS_VAR_KEYS)"
-        if os.environ.get("DIFFUSERS_VAR_REQUIRE_FIXTURES") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+        _reference_missing(f"checkpoint key lists not found at {path} (set DIFFUSERS_VAR_KEYS)")
     return path
+
+
+def _reference_missing(message: str) -> None:
+    """Skip, or fail under DIFFUSERS_VAR_REQUIRE_FIXTURES=1 (CI must never pass by skipping)."""
+    if os.environ.get("DIFFUSERS_VAR_REQUIRE_FIXTURES") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
 
 
 def load_manifest(path: Path) -> dict:
