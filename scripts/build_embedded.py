@@ -63,6 +63,8 @@ def main() -> int:
     parser.add_argument("--tokenizer-minutes", type=float, default=3.0)
     parser.add_argument("--transformer-minutes", type=float, default=4.0)
     parser.add_argument("--num-samples", type=int, default=200)
+    parser.add_argument("--tokenizer-from", default=None,
+                        help="reuse the tokenizer of an earlier --work folder (its tokenizer/final and train_log.jsonl)")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for both trainings")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,12 +73,20 @@ def main() -> int:
 
     pipeline_class, tokenizer_config, transformer_config, settings = FAMILIES[args.family]
     overrides = []
-    if tokenizer_config is not None:
+    tok_cfg = TrainConfig.load(REPO / "configs" / tokenizer_config) if tokenizer_config else None
+    tokenizer_work = Path(args.tokenizer_from) / "tokenizer" if args.tokenizer_from else work / "tokenizer"
+    if tokenizer_config is not None and args.tokenizer_from:
+        if not (tokenizer_work / "final").is_dir():
+            raise ValueError(f"`--tokenizer-from`: {tokenizer_work / 'final'} does not exist.")
+        overrides.append(f"tokenizer_path={tokenizer_work / 'final'}")
+        timings["tokenizer_s"] = json.loads((tokenizer_work / "timing.json").read_text())["tokenizer_s"]
+    elif tokenizer_config is not None:
         t0 = time.perf_counter()
         tok_cfg = TrainConfig.load(REPO / "configs" / tokenizer_config,
                                    [f"output_dir={work / 'tokenizer'}", f"time_limit_minutes={args.tokenizer_minutes}", *args.overrides])
         overrides.append(f"tokenizer_path={train(tok_cfg)}")
         timings["tokenizer_s"] = time.perf_counter() - t0
+        (tokenizer_work / "timing.json").write_text(json.dumps({"tokenizer_s": timings["tokenizer_s"]}))
     t0 = time.perf_counter()
     tr_cfg = TrainConfig.load(REPO / "configs" / transformer_config,
                               [f"output_dir={work / 'transformer'}", f"time_limit_minutes={args.transformer_minutes}", *overrides, *args.overrides])
@@ -92,7 +102,8 @@ def main() -> int:
     results["default_from_fp16_weights"] = evaluate(reloaded, args.family, args.num_samples)
 
     runs = ["tokenizer", "transformer"] if tokenizer_config else ["transformer"]
-    steps = {name: json.loads((work / name / "train_log.jsonl").read_text().splitlines()[-1])["step"] for name in runs}
+    run_dirs = {"tokenizer": tokenizer_work, "transformer": work / "transformer"}
+    steps = {name: json.loads((run_dirs[name] / "train_log.jsonl").read_text().splitlines()[-1])["step"] for name in runs}
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
     gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor()
     trained = ", ".join(f"{steps[r]} {r} steps in {timings[r + '_s']:.0f} s" for r in runs)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from diffusers_var import STARPipeline, VARPipeline, shapes
+from diffusers_var import InfinityPipeline, STARPipeline, VARPipeline, shapes
 
 NUM_SAMPLES = 90  # one per class
 
@@ -52,7 +52,20 @@ def test_star_shapes_follows_the_prompt():
         assert score[attribute] >= 0.9, score
 
 
-@pytest.mark.parametrize("name", ["var-shapes", "star-shapes"])
+def test_infinity_shapes_follows_the_prompt():
+    pipe = InfinityPipeline.from_pretrained(_folder("infinity-shapes"), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    labels = list(range(NUM_SAMPLES))
+    prompts = [shapes.CLASSES[i].caption for i in labels]
+    images = pipe(prompt=prompts, generator=torch.Generator().manual_seed(0), output_type="pt").images  # the defaults
+    assert images.shape == (NUM_SAMPLES, 3, 64, 64)
+    score = _score(images, labels)
+    print("infinity-shapes:", score)
+    for attribute in ("shape", "color", "background"):
+        assert score[attribute] >= 0.9, score
+
+
+@pytest.mark.parametrize("name", ["var-shapes", "star-shapes", "infinity-shapes"])
 def test_model_cards_and_sizes(name):
     folder = _folder(name)
     card = (folder / "README.md").read_text()
@@ -76,3 +89,7 @@ def test_generate_command_uses_the_embedded_var(tmp_path):
                  "--out", str(tmp_path / "s.png")]) == 0
     judged = shapes.judge_images([__import__("PIL.Image").Image.open(tmp_path / "s.png")])[0]
     assert judged is not None
+    assert main(["generate", "--model", str(_folder("infinity-shapes")), "--prompt", "a yellow triangle on a green background",
+                 "--seed", "0", "--out", str(tmp_path / "i.png")]) == 0
+    judged = shapes.judge_images([__import__("PIL.Image").Image.open(tmp_path / "i.png")])[0]
+    assert judged == shapes.ShapeClass("triangle", "yellow", "green"), judged

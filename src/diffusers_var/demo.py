@@ -232,7 +232,9 @@ def _infinity_tab(pipe: InfinityPipeline, common: dict, max_images: int):
     lock = threading.Lock()
     sizes = infinity_sizes(pipe)
     squares = [s for s in sizes if s.split("x")[0] == s.split("x")[1]]
-    default = "1024x1024" if "1024x1024" in sizes else squares[0]
+    configured = getattr(pipe.config, "default_size", None)  # e.g. [64, 64] for the embedded infinity-shapes
+    preferred = [f"{configured[0]}x{configured[1]}"] if configured else []
+    default = next((s for s in [*preferred, "1024x1024"] if s in sizes), squares[0])
     gr.Markdown("Text-to-image with Infinity; the size picks an aspect-ratio template and resolution preset. "
                 "Type your own HEIGHTxWIDTH to try others (unsupported sizes list the supported ones).")
     with gr.Row():

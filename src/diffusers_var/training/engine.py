@@ -283,7 +283,10 @@ def train(config: TrainConfig) -> Path:
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss.item():.4f}")
-            if counter.step % config.log_every == 0 or counter.step == config.max_steps:
+            out_of_time = config.time_limit_minutes is not None and time.perf_counter() - started > 60 * config.time_limit_minutes
+            if config.time_limit_minutes is not None:  # all ranks must agree, or the one that stops alone hangs the rest
+                out_of_time = bool(accelerator.gather(torch.tensor([out_of_time], device=accelerator.device)).any())
+            if counter.step % config.log_every == 0 or counter.step == config.max_steps or out_of_time:
                 elapsed = time.perf_counter() - started
                 record = {"step": counter.step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
                           "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -295,8 +298,6 @@ def train(config: TrainConfig) -> Path:
             if config.sample_every and counter.step % config.sample_every == 0 and accelerator.is_main_process:
                 task.save_samples(accelerator.unwrap_model(model), output_dir / "samples" / f"step-{counter.step:07d}.png")
             _fault_injection("step", counter.step)
-            out_of_time = config.time_limit_minutes is not None and time.perf_counter() - started > 60 * config.time_limit_minutes
-            out_of_time = bool(accelerator.gather(torch.tensor([out_of_time], device=accelerator.device)).any())  # all ranks agree
             if counter.step % config.checkpoint_every == 0 or counter.step == config.max_steps or out_of_time:
                 save_checkpoint(counter.step)
             if out_of_time:

@@ -72,7 +72,30 @@ def build_tiny_text_encoder(kind: str = "tiny-clip", hidden_size: int = 128, num
                               num_heads=max(1, hidden_size // 32), feed_forward_proj="gated-gelu",
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             model = T5EncoderModel(config)
+            _local_relative_attention_(model)
     return model.eval(), tokenizer
+
+
+def _local_relative_attention_(model) -> None:
+    """Give a random T5 encoder word order. Freshly initialised relative-position biases are tiny, so every
+    head averages over the whole caption and the features are a bag of bytes ("red circle on blue" and "blue
+    circle on red" encode alike). Here each head reads a fixed window of neighbours (left or right, near or
+    far), so a byte's feature carries its context and the order of words survives in the frozen features."""
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    attention = model.encoder.block[0].layer[0].SelfAttention
+    config = model.config
+    windows = [(-6, -1), (1, 6), (-16, -7), (7, 16)]  # (first, last) relative offset per head, cycled
+    offsets = torch.arange(-config.relative_attention_max_distance + 1, config.relative_attention_max_distance)
+    buckets = T5Attention._relative_position_bucket(offsets, bidirectional=True, num_buckets=config.relative_attention_num_buckets,
+                                                    max_distance=config.relative_attention_max_distance)
+    bias = torch.zeros_like(attention.relative_attention_bias.weight)  # (buckets, heads)
+    for head in range(config.num_heads):
+        first, last = windows[head % len(windows)]
+        in_window = (offsets >= first) & (offsets <= last)
+        bias[buckets[in_window], head] = 8.0
+    with torch.no_grad():
+        attention.relative_attention_bias.weight.copy_(bias)
 
 
 def save_tiny_text_encoder(output_dir: str | Path, kind: str = "tiny-clip", **kwargs) -> Path:
