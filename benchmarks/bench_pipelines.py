@@ -2,15 +2,26 @@
 """Speed and memory of the pipelines on real model configurations with random weights (no download).
 
     python benchmarks/bench_pipelines.py --models var-d16,var-d30 --batch-sizes 1,64
+    python benchmarks/bench_pipelines.py --models infinity-2b,star-d30
+    python benchmarks/bench_pipelines.py --dry-run          # tiny configurations on the CPU: checks the script
 
 For every model, batch size and mode it warms up, times ``--repeats`` full generations (sampling and VAE
-decode included, cfg 1.5, top-k 900, top-p 0.96 as in the original's FID setting) and prints the median:
-ms per image, images/s, peak GPU memory and effective TFLOP/s (analytic transformer FLOPs + the measured
-decoder FLOPs). Modes:
-  eager-fp16   our eager code under fp16 autocast (the original's setting; float32 weights)
+decode included) and prints the median: ms per image, images/s, peak GPU memory and effective TFLOP/s
+(analytic transformer FLOPs + the measured decoder FLOPs). Models and their sampling settings:
+  var-d16 .. var-d30  256 px, cfg 1.5, top-k 900, top-p 0.96 (the original's FID setting); batches 1, 64
+  star-d30            STAR's released 1024 px model (depth 30, width 1920, 14 scales, CLIP-H text width 1024,
+                      77 text tokens, row-0 cross-attention as released), cfg 4, top-k 600, top-p 0.8; batch 1
+  infinity-2b         Infinity-2B at 1024 x 1024 (13 scales, T5-XL text width 2048, 32-bit BSQ VAE d32),
+                      cfg 3, tau 0.5, top-k 900, top-p 0.97; batches 1, 4
+  var-tiny, star-tiny, infinity-tiny   tiny configurations for ``--dry-run`` / CPU checks
+The text-to-image models get random precomputed text features of the real shapes (``prompt_embeds``): the text
+encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
+  eager-fp16   our eager code under fp16 autocast (the original VAR's setting; float32 weights); VAR default
+  eager-bf16   our eager code under bf16 autocast (the original STAR / Infinity setting); STAR / Infinity default
+  eager        our eager code in float32
   fast         ``pipe.enable_fast_inference()``: bf16 blocks and decoder, CUDA graphs per scale
   fast-compile the same with ``compile_decoder=True`` (torch.compile of the image decoder)
-It also checks that greedy tokens of the fast path agree with the eager float32 path.
+It also checks that greedy tokens (bits for Infinity) of the fast path agree with the eager float32 path.
 """
 
 from __future__ import annotations
@@ -27,7 +38,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from diffusers_var import MultiScaleVQModel, VARPipeline, VARTransformer2DModel  # noqa: E402
+from diffusers_var import (  # noqa: E402
+    BitwiseMultiScaleVAE,
+    InfinityPipeline,
+    InfinityTransformer2DModel,
+    MultiScaleVQModel,
+    STARPipeline,
+    STARTransformer2DModel,
+    VARPipeline,
+    VARTransformer2DModel,
+)
+from diffusers_var.models.dynamic_resolution import schedule_for_pixels  # noqa: E402
+from diffusers_var.models.infinity_transformer import infinity_ffn_dim  # noqa: E402
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 MODELS = {  # name: (depth, patch_nums); width 64 * depth and depth heads, as every VAR release
@@ -38,9 +60,22 @@ MODELS = {  # name: (depth, patch_nums); width 64 * depth and depth heads, as ev
 }
 
 
+PATCH_NUMS_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)  # STAR 1024 px (convert_star / keys/star)
+TINY_PATCH_NUMS = (1, 2, 3, 4)
+TINY_VQVAE = dict(ch=32, ch_mult=(1, 1), num_res_blocks=1, vocab_size=64, z_channels=8, patch_nums=TINY_PATCH_NUMS)
+
+
 def build_var(name: str, device) -> VARPipeline:
-    depth, patch_nums = MODELS[name]
     torch.manual_seed(0)
+    if name == "var-tiny":
+        vqvae = MultiScaleVQModel(**TINY_VQVAE)
+        transformer = VARTransformer2DModel(num_classes=10, depth=2, embed_dim=64, num_heads=2, vocab_size=64, latent_channels=8,
+                                            patch_nums=TINY_PATCH_NUMS)
+        transformer.init_weights()
+        pipe = VARPipeline(transformer=transformer.eval(), vqvae=vqvae.eval())
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(device)
+    depth, patch_nums = MODELS[name]
     vqvae = MultiScaleVQModel(patch_nums=patch_nums)  # the released VAE configuration
     transformer = VARTransformer2DModel(depth=depth, embed_dim=64 * depth, num_heads=depth, patch_nums=patch_nums)
     transformer.init_weights()
@@ -64,13 +99,17 @@ def transformer_flops(transformer: VARTransformer2DModel, rows: int) -> float:
 
 
 def decoder_flops(pipe: VARPipeline, device) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
     side = pipe.vqvae.latent_size
     f_hat = torch.zeros(1, pipe.vqvae.config.z_channels, side, side, device=device)
+    return counted_flops(lambda: pipe.vqvae.decode_latent(f_hat))
+
+
+def counted_flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        pipe.vqvae.decode_latent(f_hat)
+        fn()
     return float(counter.get_total_flops())
 
 
@@ -79,20 +118,29 @@ def generate(pipe, batch, device, seed=0, **kw):
                 generator=torch.Generator(device).manual_seed(seed), output_type="pt", **kw).images
 
 
-def time_mode(pipe, batch, device, repeats, autocast_dtype=None):
-    ctx = torch.autocast("cuda", dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
-    with ctx:
-        for _ in range(2):
-            generate(pipe, batch, device)
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+
+
+def time_mode(pipe, batch, device, repeats, autocast_dtype=None, generate_fn=None, warmups=2):
+    generate_fn = generate_fn or generate
+    device_type = torch.device(device).type
+    ctx = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    with ctx:
+        for _ in range(warmups):
+            generate_fn(pipe, batch, device)
+        synchronize(device)
+        if device_type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
-            generate(pipe, batch, device)
-            torch.cuda.synchronize()
+            generate_fn(pipe, batch, device)
+            synchronize(device)
             times.append(time.perf_counter() - start)
-    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device_type == "cuda" else float("nan")
+    return statistics.median(times), peak
 
 
 def greedy_tokens(pipe, batch, device):
@@ -107,53 +155,284 @@ def greedy_tokens(pipe, batch, device):
     return torch.cat(seen, dim=1)
 
 
+# ----------------------------------------------------------------------------------------------
+# STAR
+# ----------------------------------------------------------------------------------------------
+STAR_TEXT_TOKENS = 77  # CLIP's padded length
+STAR_SAMPLING = dict(guidance_scale=4.0, top_k=600, top_p=0.8)  # the STAR demo / pipeline defaults
+
+
+def build_star(name: str, device) -> STARPipeline:
+    torch.manual_seed(0)
+    if name == "star-tiny":
+        vqvae = MultiScaleVQModel(**TINY_VQVAE)
+        transformer = STARTransformer2DModel(depth=2, embed_dim=64, num_heads=2, vocab_size=64, latent_channels=8,
+                                             patch_nums=TINY_PATCH_NUMS, text_embed_dim=32, num_legacy_classes=0,
+                                             cross_attention_row0_quirk=True)
+    else:  # star-d30: keys/star/star-1024-d30.json (VAR_kwargs), as convert_star builds it
+        vqvae = MultiScaleVQModel(patch_nums=PATCH_NUMS_1024)  # VAR's released VQ-VAE, 14 scales
+        transformer = STARTransformer2DModel(depth=30, embed_dim=1920, num_heads=30, patch_nums=PATCH_NUMS_1024,
+                                             text_embed_dim=1024, num_legacy_classes=1000, cross_attention_row0_quirk=True)
+    transformer.init_weights()
+    pipe = STARPipeline(transformer=transformer.eval(), vqvae=vqvae.eval(), text_encoder=None, tokenizer=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+_TEXT = {}  # (model kind, batch, device, width) -> text features: made once, outside the timed generations
+
+
+def star_text(pipe: STARPipeline, batch: int, device) -> dict:
+    """Random CLIP-like features: 77 positions, 16 real tokens for the prompt, 2 (BOS, EOS) for the empty negative."""
+    key = ("star", batch, str(device), pipe.transformer.config.text_embed_dim)
+    if key not in _TEXT:
+        _TEXT[key] = _star_text(pipe, batch, device)
+    return _TEXT[key]
+
+
+def _star_text(pipe: STARPipeline, batch: int, device) -> dict:
+    g = torch.Generator().manual_seed(1)
+    D = pipe.transformer.config.text_embed_dim
+    mask, neg_mask = (torch.zeros(batch, STAR_TEXT_TOKENS, dtype=torch.long) for _ in range(2))
+    mask[:, :16] = 1
+    neg_mask[:, :2] = 1
+    text = dict(prompt_embeds=torch.randn(batch, STAR_TEXT_TOKENS, D, generator=g), prompt_attention_mask=mask,
+                pooled_prompt_embeds=torch.randn(batch, D, generator=g),
+                negative_prompt_embeds=torch.randn(batch, STAR_TEXT_TOKENS, D, generator=g), negative_prompt_attention_mask=neg_mask,
+                negative_pooled_prompt_embeds=torch.randn(batch, D, generator=g))
+    return {k: v.to(device) for k, v in text.items()}
+
+
+def generate_star(pipe, batch, device, seed=0, **kw):
+    kw = {**STAR_SAMPLING, **kw}
+    return pipe(**star_text(pipe, batch, device), generator=torch.Generator(device).manual_seed(seed),
+                output_type=kw.pop("output_type", "pt"), **kw).images
+
+
+def greedy_star(pipe, batch, device):
+    seen = []
+    generate_star(pipe, batch, device, top_k=1, top_p=0.0, output_type="latent", callback_on_step_end_tensor_inputs=["indices"],
+                  callback_on_step_end=lambda p, si, pn, t: seen.append(t["indices"].clone()) or {})
+    return torch.cat(seen, dim=1)
+
+
+def star_transformer_flops(transformer: STARTransformer2DModel, rows: int, text_tokens: int = STAR_TEXT_TOKENS) -> float:
+    """Matmul FLOPs of one generation (``rows`` = 2 x batch). With the released row-0 cross-attention only one row
+    attends to the text. The text keys / values are counted once per generation (the fast path computes them once)."""
+    cfg = transformer.config
+    C, V, D = cfg.embed_dim, cfg.vocab_size, cfg.text_embed_dim
+    hidden = round(C * cfg.mlp_ratio)
+    cross_rows = (1 if cfg.cross_attention_row0_quirk else rows) if cfg.cross_attention else 0
+    flops = rows * 2 * D * C + cross_rows * cfg.depth * text_tokens * 2 * D * 2 * C  # start token; text keys / values
+    for begin, end in transformer.begin_ends:
+        tokens = end - begin
+        self_part = cfg.depth * (2 * (4 * C * C + 2 * C * hidden) + 4 * C * end) + 2 * C * V + 2 * cfg.latent_channels * C
+        cross_part = cfg.depth * (2 * 2 * C * C + 4 * C * text_tokens)
+        flops += rows * tokens * self_part + cross_rows * tokens * cross_part
+    return flops
+
+
+# ----------------------------------------------------------------------------------------------
+# Infinity
+# ----------------------------------------------------------------------------------------------
+INFINITY_TEXT_TOKENS = 32  # T5 tokens of a typical prompt (trimmed to the longest prompt, as the pipeline does)
+INFINITY_SAMPLING = dict(guidance_scale=3.0, tau=0.5, top_k=900, top_p=0.97)
+
+
+def build_infinity(name: str, device) -> InfinityPipeline:
+    torch.manual_seed(0)
+    if name == "infinity-tiny":
+        vae = BitwiseMultiScaleVAE(base_channels=24, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1], num_res_blocks=1, codebook_dim=4)
+        transformer = InfinityTransformer2DModel(bits_per_token=4, text_dim=32, text_max_length=24, pool_num_heads=2, depth=2,
+                                                 embed_dim=64, num_heads=2, block_chunks=2)
+        size = 32
+    else:  # infinity-2b: keys/infinity/infinity_2b.json + vae_d32.json (the class defaults)
+        vae = BitwiseMultiScaleVAE(base_channels=128, encoder_ch_mult=(1, 2, 4, 4, 4), decoder_ch_mult=(1, 2, 4, 4, 4),
+                                   num_res_blocks=2, codebook_dim=32)
+        transformer = InfinityTransformer2DModel(bits_per_token=32, text_dim=2048, text_max_length=512, pool_num_heads=16, depth=32,
+                                                 embed_dim=2048, num_heads=16, mlp_ratio=4.0, block_chunks=8, shared_adaln=True,
+                                                 num_level_embeddings=15)
+        size = 1024
+    transformer.init_weights()
+    pipe = InfinityPipeline(transformer=transformer.eval(), vae=vae.eval(), text_encoder=None, tokenizer=None, default_size=[size, size])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def infinity_text(pipe: InfinityPipeline, batch: int, device) -> dict:
+    """Random T5-like features of ``INFINITY_TEXT_TOKENS`` real tokens; the negative half is the learned empty text."""
+    key = ("infinity", batch, str(device), pipe.transformer.config.text_dim)
+    if key not in _TEXT:
+        g = torch.Generator().manual_seed(1)
+        tokens = min(INFINITY_TEXT_TOKENS, pipe.transformer.config.text_max_length)
+        embeds = 0.2 * torch.randn(batch, tokens, pipe.transformer.config.text_dim, generator=g)
+        _TEXT[key] = dict(prompt_embeds=embeds.to(device), prompt_attention_mask=torch.ones(batch, tokens, dtype=torch.bool, device=device))
+    return _TEXT[key]
+
+
+def generate_infinity(pipe, batch, device, seed=0, **kw):
+    kw = {**INFINITY_SAMPLING, **kw}
+    return pipe(**infinity_text(pipe, batch, device), generator=torch.Generator(device).manual_seed(seed),
+                output_type=kw.pop("output_type", "pt"), **kw).images
+
+
+def greedy_infinity(pipe, batch, device):
+    seen = []
+    generate_infinity(pipe, batch, device, top_k=1, top_p=0.0, output_type="latent", callback_on_step_end_tensor_inputs=["bits"],
+                      callback_on_step_end=lambda p, si, hw, t: seen.append(t["bits"].clone()) or {})
+    return torch.cat(seen, dim=1)
+
+
+def infinity_schedule(pipe: InfinityPipeline):
+    height, width = pipe.config.default_size
+    return schedule_for_pixels(height, width, pipe.vae.pixels_per_token)
+
+
+def infinity_transformer_flops(pipe: InfinityPipeline, rows: int, text_tokens: int = INFINITY_TEXT_TOKENS) -> float:
+    """Matmul FLOPs of one generation (``rows`` = 2 x batch with guidance): blocks (self-attention over the cached
+    pyramid, cross-attention to the text, FFN), bit head, input projection; the text pooling / projection and
+    every block's text keys / values once per generation."""
+    tr = pipe.transformer
+    cfg = tr.config
+    C, T, bits = cfg.embed_dim, cfg.text_dim, cfg.bits_per_token
+    S = min(text_tokens, cfg.text_max_length)
+    ffn = infinity_ffn_dim(C, cfg.mlp_ratio)
+    flops = rows * S * (2 * T * 2 * C + 2 * (T * C + C * C)) + rows * 2 * C * C  # pooling kv, text MLP, pooled query
+    flops += rows * 2 * C * 6 * C + rows * cfg.depth * S * 2 * C * 2 * C  # shared AdaLN; text keys / values
+    seen = 0
+    for h, w in infinity_schedule(pipe):
+        tokens = h * w
+        seen += tokens
+        per_token = cfg.depth * (2 * (4 * C * C + 2 * C * C + 2 * C * ffn) + 4 * C * seen + 4 * C * S) + 2 * C * 2 * bits + 2 * bits * C
+        flops += rows * tokens * per_token
+    return flops
+
+
+def infinity_decoder_flops(pipe: InfinityPipeline, device) -> float:
+    h, w = pipe.vae.latent_schedule(infinity_schedule(pipe))[-1]
+    latent = torch.zeros(1, pipe.vae.config.codebook_dim, h, w, device=device)
+    return counted_flops(lambda: pipe.vae.decode(latent))
+
+
+class Bench:
+    """What the timing loop needs from a model: its pipeline and how to generate, check and count it."""
+
+    def __init__(self, name: str, device):
+        self.name = name
+        if name.startswith("var-"):
+            self.build, self.generate, self.greedy = build_var, generate, greedy_tokens
+            self.default_batches, self.default_modes, self.greedy_batch = "1,64", "eager-fp16,fast", 4
+        elif name.startswith("star-"):
+            self.build, self.generate, self.greedy = build_star, generate_star, greedy_star
+            self.default_batches, self.default_modes, self.greedy_batch = "1", "eager-bf16,fast", 1
+        else:
+            self.build, self.generate, self.greedy = build_infinity, generate_infinity, greedy_infinity
+            self.default_batches, self.default_modes, self.greedy_batch = "1,4", "eager-bf16,fast", 1
+        if name.endswith("-tiny"):
+            self.default_batches = "1,2"
+        self.pipe = self.build(name, device)
+        self.fresh = True
+
+    def rebuild(self, device) -> None:
+        """A fresh float32 pipeline (same seed, same weights) after a mode changed the dtypes."""
+        del self.pipe
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+        self.pipe = self.build(self.name, device)
+        self.fresh = True
+
+    def resolution(self) -> int:
+        if isinstance(self.pipe, InfinityPipeline):
+            return self.pipe.config.default_size[0]
+        return self.pipe.vqvae.latent_size * self.pipe.vqvae.downsample_factor
+
+    def decoder_flops(self, device) -> float:
+        if isinstance(self.pipe, InfinityPipeline):
+            return infinity_decoder_flops(self.pipe, device)
+        return decoder_flops(self.pipe, device)
+
+    def transformer_flops(self, batch: int) -> float:
+        if isinstance(self.pipe, InfinityPipeline):
+            return infinity_transformer_flops(self.pipe, 2 * batch)  # cfg 3: guidance rows
+        if isinstance(self.pipe, STARPipeline):
+            return star_transformer_flops(self.pipe.transformer, 2 * batch)
+        return transformer_flops(self.pipe.transformer, 2 * batch)
+
+
+AUTOCAST = {"eager-fp16": torch.float16, "eager-bf16": torch.bfloat16}
+AUTOCAST_LABEL = {"eager-fp16": "fp16-autocast", "eager-bf16": "bf16-autocast"}
+MODES = ("eager", "eager-fp16", "eager-bf16", "fast", "fast-compile")
+KNOWN_MODELS = tuple(MODELS) + ("star-d30", "infinity-2b", "var-tiny", "star-tiny", "infinity-tiny")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="var-d16,var-d30")
-    parser.add_argument("--batch-sizes", default="1,64")
-    parser.add_argument("--modes", default="eager-fp16,fast")
+    parser.add_argument("--models", default=None, help=f"comma-separated, from {', '.join(KNOWN_MODELS)} (default var-d16,var-d30)")
+    parser.add_argument("--batch-sizes", default=None, help="default per model: VAR 1,64; star-d30 1; infinity-2b 1,4; tiny 1,2")
+    parser.add_argument("--modes", default=None, help=f"from {', '.join(MODES)}; default per model: VAR eager-fp16,fast; "
+                                                      "STAR / Infinity eager-bf16,fast")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (timings on the CPU only check the script)")
+    parser.add_argument("--dry-run", action="store_true", help="tiny models on the CPU, one repeat: checks the script end to end "
+                                                               "(default models var-tiny,star-tiny,infinity-tiny)")
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one fast generation per batch")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("this benchmark needs a CUDA GPU")
+    if args.dry_run:
+        args.device, args.repeats = "cpu", 1
+        args.models = args.models or "var-tiny,star-tiny,infinity-tiny"
+    args.models = args.models or "var-d16,var-d30"
+    names = args.models.split(",")
+    unknown = [n for n in names if n not in KNOWN_MODELS] + [m for m in (args.modes or "").split(",") if m and m not in MODES]
+    if unknown:
+        parser.error(f"unknown model or mode: {', '.join(unknown)}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("this benchmark needs a CUDA GPU (or --dry-run / --device cpu for a check of the script)")
         return 1
-    device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     rows = []
-    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    header = f"{'model':8s} {'res':>4s} {'batch':>5s} {'mode':11s} {'dtype':9s} {'ms/image':>9s} {'images/s':>9s} {'peak GiB':>9s} {'TFLOP/s':>8s}"
+    if device.type == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    else:
+        print(f"CPU ({args.device}; timings only check the script), torch {torch.__version__}")
+    width = max([8] + [len(n) for n in names])
+    header = f"{'model':{width}s} {'res':>4s} {'batch':>5s} {'mode':11s} {'dtype':9s} {'ms/image':>9s} {'images/s':>9s} {'peak GiB':>9s} {'TFLOP/s':>8s}"
     print(header)
-    for name in args.models.split(","):
-        pipe = build_var(name, device)
-        res = pipe.vqvae.latent_size * pipe.vqvae.downsample_factor
-        dec_flops = decoder_flops(pipe, device)
-        eager_tokens = greedy_tokens(pipe, 4, device)
-        for mode in args.modes.split(","):
+    for name in names:
+        bench = Bench(name, device)
+        res = bench.resolution()
+        dec_flops = bench.decoder_flops(device)
+        eager_tokens = bench.greedy(bench.pipe, bench.greedy_batch, device)
+        for mode in (args.modes or bench.default_modes).split(","):
+            if not bench.fresh:
+                bench.rebuild(device)
             if mode in ("fast", "fast-compile"):
-                pipe.enable_fast_inference(compile_decoder=mode == "fast-compile")
-                fast_tokens = greedy_tokens(pipe, 4, device)
+                bench.pipe.enable_fast_inference(compile_decoder=mode == "fast-compile")
+                bench.fresh = False
+                fast_tokens = bench.greedy(bench.pipe, bench.greedy_batch, device)
                 agreement = (fast_tokens == eager_tokens).float().mean().item()
                 print(f"  {name}: greedy-token agreement fast (bf16 + graphs) vs eager float32: {agreement:.4f}")
-            for batch in (int(b) for b in args.batch_sizes.split(",")):
-                seconds, peak = time_mode(pipe, batch, device, args.repeats, torch.float16 if mode == "eager-fp16" else None)
-                flops = transformer_flops(pipe.transformer, 2 * batch) + batch * dec_flops
-                row = dict(model=name, resolution=res, batch=batch, mode=mode,
-                           dtype="fp16-autocast" if mode == "eager-fp16" else str(pipe.transformer.dtype).replace("torch.", ""),
+            for batch in (int(b) for b in (args.batch_sizes or bench.default_batches).split(",")):
+                seconds, peak = time_mode(bench.pipe, batch, device, args.repeats, AUTOCAST.get(mode), bench.generate,
+                                          warmups=1 if args.dry_run else 2)
+                flops = bench.transformer_flops(batch) + batch * dec_flops
+                dtype = AUTOCAST_LABEL.get(mode) or str(bench.pipe.transformer.dtype).replace("torch.", "")
+                row = dict(model=name, resolution=res, batch=batch, mode=mode, dtype=dtype,
                            ms_per_image=1000 * seconds / batch, images_per_s=batch / seconds, peak_gib=peak,
                            tflops=flops / seconds / 1e12)
                 rows.append(row)
-                print(f"{name:8s} {res:4d} {batch:5d} {mode:11s} {row['dtype']:9s} {row['ms_per_image']:9.1f} {row['images_per_s']:9.1f} "
+                print(f"{name:{width}s} {res:4d} {batch:5d} {mode:11s} {row['dtype']:9s} {row['ms_per_image']:9.1f} {row['images_per_s']:9.1f} "
                       f"{peak:9.2f} {row['tflops']:8.1f}", flush=True)
-                if args.profile and mode.startswith("fast"):
+                if args.profile and mode.startswith("fast") and device.type == "cuda":
                     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
-                        generate(pipe, batch, device)
+                        bench.generate(bench.pipe, batch, device)
                         torch.cuda.synchronize()
                     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
-        del pipe
-        torch.cuda.empty_cache()
+        del bench
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

@@ -7,6 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import fixture_dir, load_manifest
+from diffusers_var import (BitwiseMultiScaleVAE, InfinityPipeline, InfinityTransformer2DModel, MultiScaleVQModel, STARPipeline,
+                           STARTransformer2DModel)
 from diffusers_var.conversion import convert_var_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -56,3 +58,117 @@ def test_bf16_fast_path_agrees_with_float32_tokens(fixture):
     agreement = torch.cat([(fast[c] == eager[c]).flatten() for c in GREEDY_CASES]).float().mean().item()
     print(f"bf16 + CUDA graphs vs float32 eager greedy-token agreement: {agreement:.4f}")
     assert agreement >= 0.99
+
+
+# -- STAR and Infinity: tiny random models fed with random text features (no fixtures needed) ------------------
+def _star_pipe(quirk: bool) -> STARPipeline:
+    torch.manual_seed(0)
+    patch_nums = (1, 2, 3, 4)
+    vqvae = MultiScaleVQModel(ch=32, ch_mult=(1, 1), num_res_blocks=1, vocab_size=64, z_channels=8, patch_nums=patch_nums)
+    transformer = STARTransformer2DModel(depth=3, embed_dim=32, num_heads=2, vocab_size=64, latent_channels=8, patch_nums=patch_nums,
+                                         text_embed_dim=16, num_legacy_classes=0, stable_sampler=True, sampler_start_scale=2,
+                                         cross_attention_row0_quirk=quirk)
+    transformer.init_weights(init_head=1.0)
+    with torch.no_grad():  # some spread in the zero-initialised biases and the heads
+        for p in transformer.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    pipe = STARPipeline(transformer=transformer.eval(), vqvae=vqvae.eval()).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _star_text(batch: int, length: int, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(2, batch, length, dtype=torch.long)
+    mask[:, :, length // 2:] = (torch.rand(2, batch, length - length // 2, generator=g) < 0.5).long()
+    text = dict(prompt_embeds=torch.randn(batch, length, 16, generator=g), prompt_attention_mask=mask[0],
+                pooled_prompt_embeds=torch.randn(batch, 16, generator=g), negative_prompt_embeds=torch.randn(batch, length, 16, generator=g),
+                negative_prompt_attention_mask=mask[1], negative_pooled_prompt_embeds=torch.randn(batch, 16, generator=g))
+    return {k: v.cuda() for k, v in text.items()}
+
+
+def _star_run(pipe, text, top_p=0.0, generator=None):
+    seen = []
+    latent = pipe(**text, guidance_scale=4.0, top_k=10, top_p=top_p, output_type="latent",
+                  generator=generator or torch.Generator().manual_seed(0), sampler_generator=torch.Generator().manual_seed(1),
+                  callback_on_step_end_tensor_inputs=["indices"],
+                  callback_on_step_end=lambda p, si, pn, t: seen.append(t["indices"].cpu()) or {}).images
+    return latent, torch.cat(seen, dim=1)
+
+
+@pytest.mark.parametrize("quirk", [False, True])
+def test_star_cuda_graphs_in_float32_match_eager(quirk):
+    pipe = _star_pipe(quirk)
+    texts = [_star_text(2, 12, seed=1), _star_text(2, 12, seed=2), _star_text(1, 12, seed=3), _star_text(2, 7, seed=4)]
+    eager = [_star_run(pipe, text) for text in texts]  # top-k only: the fast path's k-wide top-p is off
+    pipe.enable_fast_inference(dtype=torch.float32)
+    fast = [_star_run(pipe, text) for text in texts]
+    assert list(pipe._graph_steps) == [(4, 12), (2, 12), (4, 7)]  # (rows, text length)
+    for (eager_latent, eager_idx), (fast_latent, fast_idx) in zip(eager, fast):
+        assert torch.equal(fast_idx, eager_idx)
+        torch.testing.assert_close(fast_latent, eager_latent, atol=1e-6, rtol=1e-6)
+    # with top-p: graph replay against the same fast sampler without graphs
+    replayed = _star_run(pipe, texts[0], top_p=0.9)
+    pipe.enable_fast_inference(dtype=torch.float32, cuda_graphs=False)
+    assert torch.equal(_star_run(pipe, texts[0], top_p=0.9)[1], replayed[1])
+
+
+def test_star_bf16_fast_path_generates():
+    pipe = _star_pipe(quirk=True).enable_fast_inference()
+    text = _star_text(2, 12, seed=1)
+    first, again = (pipe(**text, generator=torch.Generator("cuda").manual_seed(0), sampler_generator=torch.Generator("cuda").manual_seed(1),
+                         output_type="pt").images for _ in range(2))
+    assert first.shape == (2, 3, 8, 8) and torch.isfinite(first).all() and torch.equal(first, again)
+
+
+def _infinity_pipe() -> InfinityPipeline:
+    torch.manual_seed(0)
+    vae = BitwiseMultiScaleVAE(base_channels=24, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1], num_res_blocks=1, codebook_dim=4)
+    transformer = InfinityTransformer2DModel(bits_per_token=4, text_dim=32, text_max_length=24, pool_num_heads=2, depth=2,
+                                             embed_dim=64, num_heads=2, block_chunks=2)
+    transformer.init_weights()
+    pipe = InfinityPipeline(transformer=transformer.eval(), vae=vae.eval()).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _infinity_text(batch: int, length: int, seed: int, negative: bool = False) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[:, length // 2:] = torch.rand(batch, length - length // 2, generator=g) < 0.5
+    text = dict(prompt_embeds=torch.randn(batch, length, 32, generator=g), prompt_attention_mask=mask)
+    if negative:
+        text.update(negative_prompt_embeds=torch.randn(batch, length + 3, 32, generator=g),
+                    negative_prompt_attention_mask=torch.ones(batch, length + 3, dtype=torch.bool))
+    return {k: v.cuda() for k, v in text.items()}
+
+
+def _infinity_run(pipe, text, **kwargs):
+    seen = []
+    latent = pipe(**text, height=32, width=32, output_type="latent", generator=torch.Generator().manual_seed(0),
+                  callback_on_step_end_tensor_inputs=["bits"],
+                  callback_on_step_end=lambda p, si, hw, t: seen.append(t["bits"].cpu()) or {}, **kwargs).images
+    return latent, torch.cat(seen, dim=1)
+
+
+def test_infinity_cuda_graphs_in_float32_match_eager():
+    pipe = _infinity_pipe()
+    cases = [(_infinity_text(1, 9, seed=1), dict(guidance_scale=3.0, tau=0.5)),
+             (_infinity_text(1, 9, seed=2), dict(guidance_scale=3.0, tau=0.5)),  # same shapes, new text
+             (_infinity_text(2, 5, seed=3, negative=True), dict(guidance_scale=2.0, tau=1.0)),
+             (_infinity_text(2, 5, seed=4), dict(guidance_scale=1.0))]  # no guidance rows
+    eager = [_infinity_run(pipe, text, **kw) for text, kw in cases]
+    pipe.enable_fast_inference(dtype=torch.float32)
+    fast = [_infinity_run(pipe, text, **kw) for text, kw in cases]
+    assert [key[:2] for key in pipe._graph_steps] == [(2, 9), (4, 8), (2, 5)]  # (rows, text length, schedule)
+    for (eager_latent, eager_bits), (fast_latent, fast_bits) in zip(eager, fast):
+        assert torch.equal(fast_bits, eager_bits)
+        torch.testing.assert_close(fast_latent, eager_latent, atol=1e-6, rtol=1e-6)
+
+
+def test_infinity_bf16_fast_path_generates():
+    pipe = _infinity_pipe().enable_fast_inference()
+    text = _infinity_text(2, 9, seed=1)
+    first, again = (pipe(**text, height=32, width=32, generator=torch.Generator("cuda").manual_seed(0), output_type="pt").images
+                    for _ in range(2))
+    assert first.shape == (2, 3, 32, 32) and torch.isfinite(first).all() and torch.equal(first, again)

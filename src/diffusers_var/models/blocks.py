@@ -376,16 +376,23 @@ class CosineCrossAttention(nn.Module):
         self.log_scale = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
         self.to_out = nn.Linear(dim, dim)
 
-    def forward(self, x_BLC: torch.Tensor, context_BLcD: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, L, C = x_BLC.shape
-        Lc = context_BLcD.shape[1]
-        q = F.linear(x_BLC, self.to_q.weight, self.q_bias).view(B, L, self.num_heads, self.head_dim)
+    def context_keys_values(self, context_BLcD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised keys and values (B, Lc, H, D) of the context; fixed for a generation, so decoding
+        computes them once (see ``LayerKVCache.memoize``)."""
+        B, Lc = context_BLcD.shape[:2]
         kv_bias = torch.cat((self.zero_k_bias.to(self.v_bias.dtype), self.v_bias))
         kv = F.linear(context_BLcD.to(self.to_kv.weight.dtype), self.to_kv.weight, kv_bias)
         k, v = kv.view(B, Lc, 2, self.num_heads, self.head_dim).unbind(dim=2)
+        return F.normalize(k, dim=-1), v
+
+    def forward(self, x_BLC: torch.Tensor, context_BLcD: torch.Tensor, context_mask: torch.Tensor | None = None,
+                context_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        B, L, C = x_BLC.shape
+        Lc = context_BLcD.shape[1]
+        q = F.linear(x_BLC, self.to_q.weight, self.q_bias).view(B, L, self.num_heads, self.head_dim)
+        k, v = self.context_keys_values(context_BLcD) if context_kv is None else context_kv
         head_scale = self.log_scale.clamp_max(MAX_LOG_ATTN_SCALE).exp().transpose(1, 2)  # (1, 1, H, 1)
         q = F.normalize(q, dim=-1).mul(head_scale)
-        k = F.normalize(k, dim=-1)
         attn_mask = None if context_mask is None else context_mask.to(torch.bool).view(B, 1, 1, Lc)
         out = dispatch_attention_fn(q, k, v, attn_mask=attn_mask, scale=1.0)
         return self.to_out(out.reshape(B, L, C))
@@ -461,11 +468,17 @@ class CrossAttention(nn.Module):
         self.register_buffer("zero_k_bias", torch.zeros(dim), persistent=False)
         self.to_out = nn.Linear(dim, dim)
 
-    def forward(self, x_BLC: torch.Tensor | None, context_BSC: torch.Tensor, context_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
+    def context_keys_values(self, context_BSC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, S, H, D) of the context; fixed for a generation, so decoding computes them once."""
         B, S = context_BSC.shape[:2]
         bias = torch.cat((self.zero_k_bias.to(self.v_bias.dtype), self.v_bias))
         kv = F.linear(context_BSC, self.to_kv.weight, bias).view(B, S, 2, self.num_heads, self.head_dim)
-        k, v = kv.unbind(dim=2)
+        return kv.unbind(dim=2)
+
+    def forward(self, x_BLC: torch.Tensor | None, context_BSC: torch.Tensor, context_mask_BS: torch.Tensor | None = None,
+                context_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        B = context_BSC.shape[0]
+        k, v = self.context_keys_values(context_BSC) if context_kv is None else context_kv
         if self.to_q is None:
             q = self.learned_query.to(k.dtype).unsqueeze(0).expand(B, 1, -1, -1)
         else:
@@ -487,9 +500,14 @@ class AdaLNCrossAttentionBlock(AdaLNSelfAttentionBlock):
         self.cross_attn = CrossAttention(dim, context_dim, num_heads)
 
     def forward(self, x_BLC, cond, context_BSC, context_mask_BS=None, attn_mask=None, kv_cache=None, rotary=None):
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(cond)
+        if kv_cache is not None:  # decoding: the condition and the text are fixed for the whole generation
+            modulation = kv_cache.memoize("adaln", lambda: self.modulation(cond))
+            context_kv = kv_cache.memoize("cross_kv", lambda: self.cross_attn.context_keys_values(context_BSC))
+        else:
+            modulation, context_kv = self.modulation(cond), None
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation
         x_BLC = self.self_attention_residual(x_BLC, gamma1, scale1, shift1, attn_mask, kv_cache, rotary)
-        x_BLC = x_BLC + self.cross_attn(self.cross_attn_norm(x_BLC), context_BSC, context_mask_BS)
+        x_BLC = x_BLC + self.cross_attn(self.cross_attn_norm(x_BLC), context_BSC, context_mask_BS, context_kv)
         return self.ffn_residual(x_BLC, gamma2, scale2, shift2)
 
 

@@ -186,7 +186,9 @@ class InfinityTransformer2DModel(ModelMixin, ConfigMixin):
                 x_BLC = self._gradient_checkpointing_func(block, *args)
             else:
                 x_BLC = block(*args)
-        return self.head(self.head_norm(x_BLC, text.pooled)).float()
+        head_dtype = self.head.weight.dtype  # the head may be kept in float32 in a low-precision model
+        memo = kv_cache.head if kv_cache is not None else None  # decoding: head AdaLN once per generation
+        return self.head(self.head_norm(x_BLC.to(head_dtype), text.pooled.to(head_dtype), memo)).float()
 
     def forward(
         self,

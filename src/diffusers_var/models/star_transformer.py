@@ -68,11 +68,13 @@ class STARBlock(nn.Module):
     ) -> torch.Tensor:
         x_BLC = x_BLC + self.drop_path(self.attn(self.norm(x_BLC), attn_mask=attn_mask, kv_cache=kv_cache, rotary=rotary))
         if self.cross_attn is not None:
-            if cross_attention_row0:  # only row 0 is ever used: compute it alone, broadcast over the batch
-                mask = None if encoder_attention_mask is None else encoder_attention_mask[:1]
-                x_BLC = x_BLC + self.cross_attn(self.norm(x_BLC[:1]), encoder_hidden_states[:1], mask)
-            else:
-                x_BLC = x_BLC + self.cross_attn(self.norm(x_BLC), encoder_hidden_states, encoder_attention_mask)
+            rows = x_BLC[:1] if cross_attention_row0 else x_BLC  # quirk: only row 0 is used, broadcast over the batch
+            context = encoder_hidden_states[:1] if cross_attention_row0 else encoder_hidden_states
+            mask = encoder_attention_mask[:1] if cross_attention_row0 and encoder_attention_mask is not None else encoder_attention_mask
+            context_kv = None  # decoding: the text keys / values are computed once per generation
+            if kv_cache is not None:
+                context_kv = kv_cache.memoize("cross_kv", lambda: self.cross_attn.context_keys_values(context))
+            x_BLC = x_BLC + self.cross_attn(self.norm(rows), context, mask, context_kv)
         return x_BLC + self.drop_path(self.ffn(self.norm(x_BLC)))
 
 

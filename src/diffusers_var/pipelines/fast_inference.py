@@ -1,31 +1,77 @@
-"""CUDA-graph replay of the per-scale transformer steps.
+"""GPU fast path shared by the three pipelines: dtype casts, CUDA-graph replay of the per-scale transformer
+steps, and the bookkeeping of ``enable_fast_inference`` / ``disable_fast_inference``.
 
 At batch 1 a next-scale transformer spends most of its time launching thousands of small kernels.
-:class:`CUDAGraphScaleSteps` records one CUDA graph per scale for a fixed batch (KV cache storage, inputs
+:class:`CUDAGraphScaleSteps` records one CUDA graph per scale for fixed input shapes (KV cache storage, inputs
 and outputs at static addresses) and replays it, so a whole scale costs one launch. Everything around the
-transformer (guidance, filtering, sampling, the tokenizer's f_hat update) stays eager and runs on the GPU.
+transformer (guidance, filtering, sampling, the tokenizer's running latent) stays eager and runs on the GPU.
+:class:`FastInferenceMixin` keeps the switches and a small cache of captured graph sets, keyed by whatever fixes
+the shapes of a generation (rows, text length, scale schedule).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections import OrderedDict
+from typing import Callable, Hashable, Iterable, Sequence
 
 import torch
+from torch import nn
+
+FAST_INFERENCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def check_fast_inference_args(dtype, cuda_graphs, compile_decoder) -> None:
+    """Argument checks of ``enable_fast_inference`` (a ValueError names the parameter)."""
+    if not isinstance(dtype, torch.dtype) or dtype not in FAST_INFERENCE_DTYPES:
+        names = ", ".join(str(d) for d in FAST_INFERENCE_DTYPES)
+        raise ValueError(f"`dtype` must be one of {names}, got {dtype!r}.")
+    for name, value in (("cuda_graphs", cuda_graphs), ("compile_decoder", compile_decoder)):
+        if not isinstance(value, bool):
+            raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+
+
+def cast_module_(module: nn.Module | None, dtype: torch.dtype, keep_float32: Iterable[nn.Module | None] = ()) -> None:
+    """In place: floating parameters and buffers of ``module`` to ``dtype``, then the ``keep_float32``
+    sub-modules (output heads and their norms, where the logits are produced) back to float32.
+
+    ``nn.Module.to`` is called directly, so a diffusers ``ModelMixin`` does not warn about a partial cast and a
+    ``transformers`` model is cast like any module. ``None`` (an absent component) is skipped."""
+    if module is None:
+        return
+    nn.Module.to(module, dtype)
+    for sub in keep_float32:
+        if sub is not None:
+            sub.float()
+
+
+def cast_decoder_(modules: Sequence[nn.Module], dtype: torch.dtype, compile_module: nn.Module | None = None) -> None:
+    """The image decoder (and the convs feeding it) to ``dtype``; optionally ``torch.compile`` one module in
+    place (parameter names, hence ``save_pretrained``, are unchanged). The decoder stays NCHW: GroupNorm would
+    copy channels-last inputs at every call."""
+    for module in modules:
+        nn.Module.to(module, dtype)
+    if compile_module is not None:
+        compile_module.compile(dynamic=False)
 
 
 class CUDAGraphScaleSteps:
-    """One CUDA graph per scale for ``step(scale_index, *inputs) -> logits`` with fixed input shapes.
+    """One CUDA graph per scale for ``step(scale_index, *shared_inputs, *inputs) -> outputs`` with fixed shapes.
 
     Args:
-        step: the eager per-scale function; it must read the KV cache that ``reset_cache`` rewinds.
-        example_inputs: per scale, a tuple of example tensors (shapes and dtypes of the real inputs;
+        step: the eager per-scale function; it must read the KV cache that ``reset_cache`` rewinds. It may
+            return a tensor or a tuple of tensors (the same static tensors are returned at every replay).
+        example_inputs: per scale, a tuple of example tensors (shapes and dtypes of the real per-scale inputs;
             ``None`` for an absent input).
         reset_cache: rewinds the KV cache to empty without freeing its storage.
+        shared_inputs: example tensors read by every scale (the text conditioning of a generation); set them
+            once per generation with :meth:`set_shared_inputs`.
     """
 
-    def __init__(self, step: Callable, example_inputs: Sequence[tuple], reset_cache: Callable[[], None]):
+    def __init__(self, step: Callable, example_inputs: Sequence[tuple], reset_cache: Callable[[], None],
+                 shared_inputs: Sequence[torch.Tensor] = ()):
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA graphs need a CUDA device.")
+        self.shared_inputs = tuple(t.clone() for t in shared_inputs)
         self.static_inputs = [tuple(None if t is None else t.clone() for t in inputs) for inputs in example_inputs]
         self.graphs, self.outputs = [], []
         side = torch.cuda.Stream()
@@ -34,7 +80,7 @@ class CUDAGraphScaleSteps:
             for _ in range(2):
                 reset_cache()
                 for si, inputs in enumerate(self.static_inputs):
-                    step(si, *inputs)
+                    step(si, *self.shared_inputs, *inputs)
         torch.cuda.current_stream().wait_stream(side)
         reset_cache()
         pool = None
@@ -42,15 +88,78 @@ class CUDAGraphScaleSteps:
             for si, inputs in enumerate(self.static_inputs):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    out = step(si, *inputs)
+                    out = step(si, *self.shared_inputs, *inputs)
                 pool = graph.pool()
                 self.graphs.append(graph)
                 self.outputs.append(out)
         reset_cache()
 
-    def __call__(self, scale_index: int, *inputs: torch.Tensor | None) -> torch.Tensor:
+    def set_shared_inputs(self, *values: torch.Tensor) -> "CUDAGraphScaleSteps":
+        """Copy this generation's shared inputs (e.g. the text conditioning) into the static tensors."""
+        if len(values) != len(self.shared_inputs):
+            raise ValueError(f"expected {len(self.shared_inputs)} shared inputs, got {len(values)}.")
+        for static, value in zip(self.shared_inputs, values):
+            static.copy_(value, non_blocking=True)
+        return self
+
+    def __call__(self, scale_index: int, *inputs: torch.Tensor | None):
         for static, value in zip(self.static_inputs[scale_index], inputs):
             if static is not None:
                 static.copy_(value, non_blocking=True)
         self.graphs[scale_index].replay()
         return self.outputs[scale_index]
+
+
+class FastInferenceMixin:
+    """The switches of ``enable_fast_inference`` and the cache of captured CUDA graph sets, for a pipeline.
+
+    A pipeline's ``enable_fast_inference`` casts its own modules (:func:`cast_module_`, :func:`cast_decoder_`)
+    and then calls :meth:`_set_fast_inference`. Its per-scale step asks :meth:`_graph_scale_steps` for the
+    graph set of the current shapes: ``None`` means "run eagerly" (graphs off, or not on CUDA).
+
+    ``graph_cache_size`` (default 4) bounds how many graph sets are kept (each owns a KV cache for the whole
+    token pyramid and a memory pool); the least recently used one is dropped first.
+    """
+
+    graph_cache_size: int = 4
+    _fast_inference: bool = False
+    _use_cuda_graphs: bool = False
+
+    def _set_fast_inference(self, enabled: bool, cuda_graphs: bool = False):
+        self._fast_inference = bool(enabled)
+        self._use_cuda_graphs = bool(enabled and cuda_graphs)
+        self._graph_steps = OrderedDict()
+        return self
+
+    def disable_fast_inference(self):
+        """Back to the eager path without CUDA graphs (captured graphs are freed). The weights keep their
+        current dtype: after a bf16 ``enable_fast_inference`` reload the pipeline (or cast it) for float32."""
+        return self._set_fast_inference(False)
+
+    def _fast_top_p(self, device: torch.device) -> bool:
+        """Whether to run top-p over the top-k values only (a k-wide instead of a vocabulary-wide sort). Only
+        on CUDA, where it saves time; on the CPU the fast path falls back to the exact eager sampler."""
+        return self._fast_inference and torch.device(device).type == "cuda"
+
+    @staticmethod
+    def _cuda_graphs_usable(device) -> bool:
+        return torch.device(device).type == "cuda"
+
+    def _graph_scale_steps(self, key: Hashable, device: torch.device,
+                           build: Callable[[], CUDAGraphScaleSteps]) -> CUDAGraphScaleSteps | None:
+        """The graph set for ``key`` (captured by ``build()`` on first use), or ``None`` for the eager path."""
+        if not self._use_cuda_graphs or not self._cuda_graphs_usable(device):
+            return None
+        cache = self.__dict__.get("_graph_steps")
+        if cache is None:
+            cache = self._graph_steps = OrderedDict()
+        size = max(1, int(self.graph_cache_size))
+        if key in cache:
+            cache.move_to_end(key)
+        else:
+            while len(cache) >= size:  # free the least recently used sets before capturing a new one
+                cache.popitem(last=False)
+            cache[key] = build()
+        while len(cache) > size:
+            cache.popitem(last=False)
+        return cache[key]

@@ -12,9 +12,17 @@ from diffusers.utils import logging
 
 from ..models.bitwise_vae import BitwiseMultiScaleVAE
 from ..models.dynamic_resolution import schedule_for_pixels
-from ..models.infinity_transformer import InfinityTransformer2DModel
+from ..models.infinity_transformer import InfinityTextCondition, InfinityTransformer2DModel
+from .fast_inference import CUDAGraphScaleSteps, FastInferenceMixin, cast_decoder_, cast_module_, check_fast_inference_args
 from .pipeline_var import images_to_output
-from .sampling import GeneratorArg, check_generator, check_sampling_args, filter_top_k_top_p_, sample_from_logits
+from .sampling import (
+    GeneratorArg,
+    check_generator,
+    check_sampling_args,
+    check_text_embeds,
+    filter_top_k_top_p_,
+    sample_from_logits,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -35,7 +43,7 @@ def _pad_text(embeds_BSC: torch.Tensor, mask_BS: torch.Tensor, length: int):
     return F.pad(embeds_BSC, (0, 0, 0, extra)), F.pad(mask_BS, (0, extra))
 
 
-class InfinityPipeline(DiffusionPipeline):
+class InfinityPipeline(DiffusionPipeline, FastInferenceMixin):
     r"""Text-to-image generation with Infinity (FoundationVision): a BSQ multi-scale tokenizer and a
     transformer that predicts every bit of every token, scale by scale, conditioned on Flan-T5 features.
 
@@ -47,13 +55,15 @@ class InfinityPipeline(DiffusionPipeline):
     0.60M / 1M); the image has exactly that template's size. With a single seeded CPU ``torch.Generator``
     the bits are drawn in the original order (one multinomial per scale over (batch, token, bit)), so the
     same seed gives the original's image. ``enable_model_cpu_offload()`` keeps only the running model on the
-    accelerator: the T5 encoder leaves it before the transformer runs.
+    accelerator: the T5 encoder leaves it before the transformer runs. ``text_encoder`` and ``tokenizer`` are
+    optional: without them, pass precomputed T5 features (``prompt_embeds``, ``prompt_attention_mask``).
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ["text_encoder", "tokenizer"]
     _callback_tensor_inputs = ["summed_codes", "logits", "bits", "next_scale_input"]
 
-    def __init__(self, transformer: InfinityTransformer2DModel, vae: BitwiseMultiScaleVAE, text_encoder, tokenizer,
+    def __init__(self, transformer: InfinityTransformer2DModel, vae: BitwiseMultiScaleVAE, text_encoder=None, tokenizer=None,
                  default_size: list[int] | None = None):
         super().__init__()
         if transformer.config.bits_per_token != vae.bits_per_token:
@@ -80,7 +90,10 @@ class InfinityPipeline(DiffusionPipeline):
         """
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {prompt!r}.")
+            raise ValueError(f"`prompt` must be a string or a non-empty list of strings (or pass `prompt_embeds`), got {prompt!r}.")
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("`prompt`: this pipeline has no text encoder / tokenizer; pass `prompt_embeds` "
+                             "(and `prompt_attention_mask`) instead.")
         max_length = max_sequence_length or self.transformer.config.text_max_length
         if max_length > self.transformer.config.text_max_length:
             raise ValueError(f"`max_sequence_length` ({max_length}) exceeds the model's `text_max_length` ({self.transformer.config.text_max_length}).")
@@ -99,11 +112,63 @@ class InfinityPipeline(DiffusionPipeline):
         embeds, mask = embeds[:, :longest] * mask[:, :longest, None], mask[:, :longest].bool()
         return embeds.repeat_interleave(num_images_per_prompt, 0), mask.repeat_interleave(num_images_per_prompt, 0)
 
+    def _check_text_embeds(self, embeds, mask, prefix: str, batch_size: int | None = None):
+        """Validate precomputed T5 features; returns ``(embeds, mask)`` with an all-True bool mask when none is given."""
+        cfg = self.transformer.config
+        check_text_embeds(embeds, mask, cfg.text_dim, f"{prefix}prompt_embeds", f"{prefix}prompt_attention_mask",
+                          batch_size, cfg.text_max_length)
+        mask = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
+        return embeds, mask
+
+    # -- fast inference ------------------------------------------------------------------------------
+    def enable_fast_inference(self, dtype: torch.dtype = torch.bfloat16, cuda_graphs: bool = True,
+                              compile_decoder: bool = False) -> "InfinityPipeline":
+        """Speed switch for GPUs (as :meth:`VARPipeline.enable_fast_inference`). The transformer (text pooling and
+        projection, blocks), the VAE decoder and the T5 encoder run in ``dtype`` (bf16 by default); the bit head, its
+        AdaLN norm and the text RMSNorm stay float32, as do the running latent and the sampler. On CUDA each scale's
+        transformer step is a CUDA graph, captured on the first call for a (rows, text length, scale schedule) and
+        replayed after (a prompt of another token length captures another set; at most ``graph_cache_size`` are
+        kept); the AdaLN modulations and every block's text keys / values are computed once per generation. Use a
+        CUDA ``torch.Generator``. On the CPU it only casts: with ``dtype=torch.float32`` the images are the eager
+        ones. Returns the pipeline.
+        """
+        check_fast_inference_args(dtype, cuda_graphs, compile_decoder)
+        transformer = self.transformer
+        cast_module_(transformer, dtype, keep_float32=(transformer.head, transformer.head_norm, transformer.text_norm))
+        cast_decoder_((self.vae.decoder,), dtype, self.vae.decoder if compile_decoder else None)
+        cast_module_(self.text_encoder, dtype)
+        return self._set_fast_inference(True, cuda_graphs)
+
+    def _scale_step(self, schedule, text: InfinityTextCondition, device):
+        """``step(scale_index, scale_input) -> logits`` for one generation: eager with a fresh KV cache, or replayed
+        CUDA graphs (one set per rows, text length and schedule) fed with this generation's text condition."""
+        transformer = self.transformer
+        schedule = tuple(tuple(hw) for hw in schedule)
+        rows, length = text.context.shape[:2]
+        shared = (text.pooled, text.adaln, text.context, text.context_mask)
+
+        def build() -> CUDAGraphScaleSteps:
+            cache = transformer.init_kv_cache(schedule)
+            bits = transformer.config.bits_per_token
+            examples = [(None,)] + [(torch.zeros(rows, h * w, bits, device=device),) for h, w in schedule[1:]]
+
+            def step(si, pooled, adaln, context, context_mask, scale_input):
+                condition = InfinityTextCondition(pooled=pooled, adaln=adaln, context=context, context_mask=context_mask)
+                return transformer.forward_scale(si, schedule, condition, cache, scale_input)
+
+            return CUDAGraphScaleSteps(step, examples, cache.reset, shared_inputs=shared)
+
+        graphs = self._graph_scale_steps((rows, length, schedule), device, build)
+        if graphs is not None:
+            return graphs.set_shared_inputs(*shared)
+        cache = transformer.init_kv_cache(schedule)
+        return lambda si, scale_input: transformer.forward_scale(si, schedule, text, cache, scale_input)
+
     # -- generation ---------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -118,11 +183,15 @@ class InfinityPipeline(DiffusionPipeline):
         callback_on_step_end: Callable[[Any, int, int, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         max_sequence_length: int | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
     ):
         r"""Generate images.
 
         Args:
-            prompt: text or list of texts.
+            prompt: text or list of texts (or pass ``prompt_embeds``).
             negative_prompt: ``None`` or empty: the learned unconditional text (as the original); otherwise
                 one text, or one per prompt.
             height, width: requested size in pixels (default: the pipeline's ``default_size`` if set, else
@@ -142,6 +211,10 @@ class InfinityPipeline(DiffusionPipeline):
                 ``"next_scale_input"``; may return a new ``"summed_codes"``.
             max_sequence_length: text tokens kept (default the model's ``text_max_length``); longer prompts
                 are truncated with a warning.
+            prompt_embeds, prompt_attention_mask: precomputed T5 features (B, S, text_dim) instead of ``prompt``, with
+                their padding mask (B, S) (True / 1 = real token; default all real), as :meth:`encode_prompt` returns them.
+            negative_prompt_embeds, negative_prompt_attention_mask: the same for the unconditional half (any length
+                up to ``text_max_length``); default: ``negative_prompt``, else the learned unconditional text.
         """
         check_sampling_args(1.0, top_k, top_p, output_type, num_images_per_prompt)
         tensor_inputs = list(callback_on_step_end_tensor_inputs or ["summed_codes"])
@@ -159,30 +232,61 @@ class InfinityPipeline(DiffusionPipeline):
             raise ValueError(f"`guidance_scale` must be >= 0, got {guidance_scale!r}.")
         if any(t <= 0 for t in tau_list):
             raise ValueError(f"`tau` must be > 0, got {tau!r}.")
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {prompt!r}.")
+        if prompt_embeds is None:
+            if prompt_attention_mask is not None:
+                raise ValueError("`prompt_attention_mask` is only used with `prompt_embeds`.")
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(prompts, (list, tuple)) or not prompts:
+                raise ValueError(f"`prompt` must be a string or a non-empty list of strings (or pass `prompt_embeds`), got {prompt!r}.")
+            num_prompts = len(prompts)
+        else:
+            if prompt is not None:
+                raise ValueError("pass either `prompt` or `prompt_embeds`, not both.")
+            given_embeds, given_mask = self._check_text_embeds(prompt_embeds, prompt_attention_mask, "")
+            num_prompts = given_embeds.shape[0]
         negatives = None
-        if negative_prompt is not None and negative_prompt != "" and negative_prompt != [""] * len(prompts):
-            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
-            if not isinstance(negatives, (list, tuple)) or len(negatives) not in (1, len(prompts)):
-                raise ValueError(f"`negative_prompt` must be a string or a list with one entry per prompt ({len(prompts)}), got {negative_prompt!r}.")
-            negatives = list(negatives) * (len(prompts) if len(negatives) == 1 else 1)
-        B = len(prompts) * num_images_per_prompt
+        if negative_prompt is not None and negative_prompt != "" and negative_prompt != [""] * num_prompts:
+            negatives = [negative_prompt] * num_prompts if isinstance(negative_prompt, str) else negative_prompt
+            if not isinstance(negatives, (list, tuple)) or len(negatives) not in (1, num_prompts):
+                raise ValueError(f"`negative_prompt` must be a string or a list with one entry per prompt ({num_prompts}), got {negative_prompt!r}.")
+            negatives = list(negatives) * (num_prompts if len(negatives) == 1 else 1)
+        if negative_prompt_embeds is not None:
+            if negative_prompt is not None:
+                raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+            given_neg_embeds, given_neg_mask = self._check_text_embeds(negative_prompt_embeds, negative_prompt_attention_mask,
+                                                                       "negative_", num_prompts)
+        elif negative_prompt_attention_mask is not None:
+            raise ValueError("`negative_prompt_attention_mask` is only used with `negative_prompt_embeds`.")
+        if self.text_encoder is None or self.tokenizer is None:
+            if prompt_embeds is None:
+                raise ValueError("`prompt` needs a text encoder and tokenizer, which this pipeline lacks; pass `prompt_embeds` "
+                                 "(and `prompt_attention_mask`) instead.")
+            if negatives is not None:
+                raise ValueError("`negative_prompt` needs a text encoder and tokenizer, which this pipeline lacks; pass "
+                                 "`negative_prompt_embeds` instead (or nothing for the learned unconditional text).")
+        B = num_prompts * num_images_per_prompt
         check_generator(generator, B)
         device = self._execution_device
 
-        embeds, mask = self.encode_prompt(list(prompts), device, num_images_per_prompt, max_sequence_length)
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device).repeat_interleave(num_images_per_prompt, 0)
+
+        if prompt_embeds is None:
+            embeds, mask = self.encode_prompt(list(prompts), device, num_images_per_prompt, max_sequence_length)
+        else:
+            embeds, mask = rows(given_embeds), rows(given_mask)
         use_cfg = any(c != 1.0 for c in cfg_list)
         if use_cfg:
-            if negatives is None:
+            if negative_prompt_embeds is not None:
+                neg_embeds, neg_mask = rows(given_neg_embeds).to(embeds.dtype), rows(given_neg_mask)
+            elif negatives is None:
                 neg_embeds, neg_mask = transformer.unconditional_text_embeds(mask).to(embeds.dtype), mask
             else:
                 neg_embeds, neg_mask = self.encode_prompt(negatives, device, num_images_per_prompt, max_sequence_length)
             length = max(embeds.shape[1], neg_embeds.shape[1])
             embeds, mask = (torch.cat(pair) for pair in zip(_pad_text(embeds, mask, length), _pad_text(neg_embeds, neg_mask, length)))
         text = transformer.encode_text(embeds, mask)
-        kv_cache = transformer.init_kv_cache(schedule)
+        scale_step = self._scale_step(schedule, text, device)
         bits_per_token = transformer.config.bits_per_token
         latent_hw = vae.latent_schedule(schedule)[-1]
         summed = torch.zeros(B, vae.config.codebook_dim, *latent_hw, device=device, dtype=torch.float32)
@@ -190,7 +294,7 @@ class InfinityPipeline(DiffusionPipeline):
 
         with self.progress_bar(total=num_scales) as progress_bar:
             for si, (h, w) in enumerate(schedule):
-                raw_logits = transformer.forward_scale(si, schedule, text, kv_cache, scale_input)
+                raw_logits = scale_step(si, scale_input)
                 cfg, tau_k = cfg_list[si], tau_list[si]
                 if cfg != 1.0:  # tau before the mix, as the original (bit-exact logits)
                     scaled = raw_logits / tau_k
@@ -205,7 +309,8 @@ class InfinityPipeline(DiffusionPipeline):
                 summed, next_input = vae.next_scale_input(summed, codes, next_hw)
 
                 if callback_on_step_end is not None:
-                    local = {"summed_codes": summed, "logits": raw_logits, "bits": bits.view(B, h * w, bits_per_token),
+                    logits_copy = raw_logits.clone() if "logits" in tensor_inputs else None  # a graph output is overwritten
+                    local = {"summed_codes": summed, "logits": logits_copy, "bits": bits.view(B, h * w, bits_per_token),
                              "next_scale_input": next_input}
                     out = callback_on_step_end(self, si, (h, w), {k: local[k] for k in tensor_inputs}) or {}
                     if out.get("summed_codes") is not None and out["summed_codes"] is not summed:
@@ -219,7 +324,8 @@ class InfinityPipeline(DiffusionPipeline):
         if output_type == "latent":
             images = summed
         else:
-            decoded = vae.decode(summed.to(vae.dtype)).sample.float()
+            decoder_dtype = next(vae.decoder.parameters()).dtype  # the decoder alone may be cast (fast inference)
+            decoded = vae.decode(summed.to(decoder_dtype)).sample.float()
             images = images_to_output((decoded + 1) / 2, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

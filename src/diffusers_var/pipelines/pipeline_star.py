@@ -11,6 +11,7 @@ from diffusers.utils import logging
 
 from ..models.multiscale_vq import MultiScaleVQModel
 from ..models.star_transformer import STARTransformer2DModel
+from .fast_inference import CUDAGraphScaleSteps, FastInferenceMixin, cast_decoder_, cast_module_, check_fast_inference_args
 from .pipeline_var import finish_generation, run_scale_callback
 from .sampling import (
     RANDOM_COMMIT_STEPS,
@@ -20,6 +21,7 @@ from .sampling import (
     check_callback_inputs,
     check_generator,
     check_sampling_args,
+    check_text_embeds,
     filter_top_k_top_p_,
     gumbel_softmax,
     linear_guidance_ramp,
@@ -36,7 +38,7 @@ logger = logging.get_logger(__name__)
 T5_MAX_LENGTH = 120
 
 
-class STARPipeline(DiffusionPipeline):
+class STARPipeline(DiffusionPipeline, FastInferenceMixin):
     r"""Text-to-image generation with STAR (scale-wise text-to-image autoregression).
 
     Components:
@@ -45,6 +47,9 @@ class STARPipeline(DiffusionPipeline):
         text_encoder (`CLIPTextModel` or `T5EncoderModel`): SD-2.x CLIP text tower in the releases
             (hidden states + the pooled EOS state); flan-t5-xl in one ablation.
         tokenizer (`CLIPTokenizer` / `T5TokenizerFast`).
+
+    ``text_encoder`` and ``tokenizer`` are optional: without them, pass precomputed text features
+    (``prompt_embeds``, ``pooled_prompt_embeds`` and the negative counterparts) instead of prompts.
 
     With a single seeded CPU ``torch.Generator`` the token draws happen in the original order, shapes and
     dtypes. The stable sampler additionally draws its random commit positions from a second stream,
@@ -56,9 +61,10 @@ class STARPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->transformer"
     _exclude_from_cpu_offload = ["vqvae"]
+    _optional_components = ["text_encoder", "tokenizer"]
     _callback_tensor_inputs = ["f_hat", "logits", "indices", "step_logits", "step_indices", "step_confidences"]
 
-    def __init__(self, transformer: STARTransformer2DModel, vqvae: MultiScaleVQModel, text_encoder, tokenizer):
+    def __init__(self, transformer: STARTransformer2DModel, vqvae: MultiScaleVQModel, text_encoder=None, tokenizer=None):
         super().__init__()
         if tuple(transformer.config.patch_nums) != tuple(vqvae.config.patch_nums):
             raise ValueError(f"transformer and vqvae `patch_nums` differ: {transformer.config.patch_nums} vs {vqvae.config.patch_nums}.")
@@ -69,7 +75,7 @@ class STARPipeline(DiffusionPipeline):
     # -- text ---------------------------------------------------------------------------------------
     @property
     def _is_t5(self) -> bool:
-        return getattr(self.text_encoder.config, "model_type", "") in ("t5", "umt5", "mt5")
+        return getattr(getattr(self.text_encoder, "config", None), "model_type", "") in ("t5", "umt5", "mt5")
 
     def _tokenize(self, texts: list[str], max_length: int, device):
         tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
@@ -120,6 +126,9 @@ class STARPipeline(DiffusionPipeline):
 
         Returns ``(hidden (B, N, D), attention_mask (B, N) int64, pooled (B, D))`` as in :meth:`encode_prompt`.
         """
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("`prompt`: this pipeline has no text encoder / tokenizer; pass `prompt_embeds`, "
+                             "`pooled_prompt_embeds` and their `negative_` counterparts instead.")
         device = device or self._execution_device
         if max_sequence_length is None:
             max_sequence_length = T5_MAX_LENGTH if self._is_t5 else self.tokenizer.model_max_length
@@ -133,7 +142,7 @@ class STARPipeline(DiffusionPipeline):
     def _check_prompts(prompt) -> list[str]:
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"`prompt` must be a string or a non-empty list of strings, got {prompt!r}.")
+            raise ValueError(f"`prompt` must be a string or a non-empty list of strings (or pass `prompt_embeds`), got {prompt!r}.")
         return list(prompts)
 
     @staticmethod
@@ -147,6 +156,91 @@ class STARPipeline(DiffusionPipeline):
         if len(negative_prompt) != batch_size:
             raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {batch_size}; they must match.")
         return list(negative_prompt)
+
+    def _check_text_embeds(self, embeds, mask, pooled, prefix: str, batch_size: int | None = None):
+        """Validate one half of precomputed text features; returns ``(hidden, mask, pooled)`` with an all-ones
+        int64 mask when none is given."""
+        D = self.transformer.config.text_embed_dim
+        check_text_embeds(embeds, mask, D, f"{prefix}prompt_embeds", f"{prefix}prompt_attention_mask", batch_size)
+        if pooled is None:
+            raise ValueError(f"`{prefix}pooled_prompt_embeds` (B, {D}) is required with `{prefix}prompt_embeds` "
+                             "(STAR's first token is the pooled text).")
+        if not torch.is_tensor(pooled) or tuple(pooled.shape) != (embeds.shape[0], D) or not pooled.is_floating_point():
+            shape = tuple(pooled.shape) if torch.is_tensor(pooled) else type(pooled).__name__
+            raise ValueError(f"`{prefix}pooled_prompt_embeds` must be a floating-point ({embeds.shape[0]}, {D}) tensor, got {shape}.")
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return embeds, mask, pooled
+
+    def _prepare_text(self, prompt, negative_prompt, prompt_embeds, prompt_attention_mask, pooled_prompt_embeds,
+                      negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds,
+                      num_images_per_prompt: int, device, max_sequence_length):
+        """Text conditions of all rows (conditional rows first): ``(hidden (2B, N, D), mask (2B, N), pooled (2B, D))``.
+
+        Prompts and negative prompts are encoded in one text encoder call (as the original does); precomputed
+        features replace either half."""
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device).repeat_interleave(num_images_per_prompt, dim=0)
+
+        if prompt_embeds is None and negative_prompt_embeds is None:
+            positive_negative = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, device, max_sequence_length)
+            hidden, mask, pooled, neg_hidden, neg_mask, neg_pooled = positive_negative
+        else:
+            if prompt_embeds is None:
+                hidden, mask, pooled = (rows(t) for t in self.encode_text(self._check_prompts(prompt), device, max_sequence_length))
+            else:
+                hidden, mask, pooled = (rows(t) for t in self._check_text_embeds(
+                    prompt_embeds, prompt_attention_mask, pooled_prompt_embeds, ""))
+            B = hidden.shape[0] // num_images_per_prompt
+            if negative_prompt_embeds is None:
+                negatives = self._check_negative_prompts(negative_prompt, B)
+                neg_hidden, neg_mask, neg_pooled = (rows(t) for t in self.encode_text(negatives, device, hidden.shape[1]))
+            else:
+                neg_hidden, neg_mask, neg_pooled = (rows(t) for t in self._check_text_embeds(
+                    negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds, "negative_", B))
+            if neg_hidden.shape[1] != hidden.shape[1]:
+                raise ValueError(f"`negative_prompt_embeds` has {neg_hidden.shape[1]} tokens but the prompt features have "
+                                 f"{hidden.shape[1]}; pad both to the same length.")
+        return torch.cat((hidden, neg_hidden)), torch.cat((mask, neg_mask)), torch.cat((pooled, neg_pooled))
+
+    # -- fast inference ------------------------------------------------------------------------------
+    def enable_fast_inference(self, dtype: torch.dtype = torch.bfloat16, cuda_graphs: bool = True,
+                              compile_decoder: bool = False) -> "STARPipeline":
+        """Speed switch for GPUs (as :meth:`VARPipeline.enable_fast_inference`). The transformer (blocks, text
+        projection, stable-sampler blocks), the image decoder and the text encoder run in ``dtype`` (bf16 by
+        default); the output heads (their LayerNorms are parameter-free and computed in float32), the quantizer
+        and f_hat stay float32. On CUDA each scale's main transformer step is a CUDA graph, captured on the first
+        call for a (rows, text length) pair and replayed after; the text keys / values of every block are
+        computed once per generation inside the first scale's graph; top-p sorts only the top-k values. The
+        stable sampler's extra head passes and all sampling run eagerly. Use a CUDA ``torch.Generator``. On the
+        CPU it only casts: with ``dtype=torch.float32`` the images are the eager ones. Returns the pipeline.
+        """
+        check_fast_inference_args(dtype, cuda_graphs, compile_decoder)
+        transformer = self.transformer
+        sampler_head = transformer.sampler.head if transformer.sampler is not None else None
+        cast_module_(transformer, dtype, keep_float32=(transformer.head, transformer.head_norm, sampler_head))
+        cast_decoder_((self.vqvae.decoder, self.vqvae.post_quant_conv), dtype, self.vqvae.decoder if compile_decoder else None)
+        cast_module_(self.text_encoder, dtype)
+        return self._set_fast_inference(True, cuda_graphs)
+
+    def _scale_step(self, text_pooled: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor, device):
+        """``step(scale_index, scale_input) -> (logits, hidden)`` for one generation: eager with a fresh KV cache,
+        or replayed CUDA graphs (one set per number of rows and text length) fed with this generation's text."""
+        transformer = self.transformer
+        rows, length = text_hidden.shape[:2]
+
+        def build() -> CUDAGraphScaleSteps:
+            cache = transformer.init_kv_cache()
+            Cv = transformer.config.latent_channels
+            examples = [(None,)] + [(torch.zeros(rows, end - begin, Cv, device=device),) for begin, end in transformer.begin_ends[1:]]
+            return CUDAGraphScaleSteps(lambda si, pooled, hidden, mask, x: transformer.forward_scale(si, cache, pooled, hidden, mask, x),
+                                       examples, cache.reset, shared_inputs=(text_pooled, text_hidden, text_mask))
+
+        graphs = self._graph_scale_steps((rows, length), device, build)
+        if graphs is not None:
+            return graphs.set_shared_inputs(text_pooled, text_hidden, text_mask)
+        cache = transformer.init_kv_cache()
+        return lambda si, scale_input: transformer.forward_scale(si, cache, text_pooled, text_hidden, text_mask, scale_input)
 
     # -- stable sampler -------------------------------------------------------------------------------
     def _stable_sampler_scale(self, scale_index, logits_2BlV, hidden_2BlC, pooled_2BD, guidance_scale, top_k, top_p,
@@ -165,20 +259,21 @@ class STARPipeline(DiffusionPipeline):
         mask = torch.zeros(B, n, dtype=torch.bool, device=device)
         trace = ([], [], [])
 
-        def commit(positions_Bk, codes_BlCv, indices_Bl):
+        def commit(positions_Bk, codes_BlCv, indices_Bl):  # torch.where, not boolean indexing: no host sync
             chosen = torch.zeros_like(mask).scatter_(1, positions_Bk, True) & ~mask
-            committed[chosen] = codes_BlCv[chosen]
-            committed_idx[chosen] = indices_Bl[chosen]
+            committed.copy_(torch.where(chosen[..., None], codes_BlCv, committed))
+            committed_idx.copy_(torch.where(chosen, indices_Bl, committed_idx))
             mask.logical_or_(chosen)
 
         for step, count in enumerate(stable_sampler_counts(n, num_steps)):
-            uniform_draws((2 * B, n), sampler_generator, "cpu")  # the original's mask scheduler draws and discards it
+            # the original's mask scheduler draws this and discards it (left where it is drawn: no copy)
+            uniform_draws((2 * B, n), sampler_generator, "cpu" if sampler_generator is None else sampler_generator.device)
             if step < main_head_steps:
                 mixed = apply_guidance(logits_2BlV, ramp)
             else:  # the sampler head is guided with the full scale, not the ramp
                 mixed = apply_guidance(transformer.sampler_scale_logits(scale_index, hidden_2BlC, committed, pooled_2BD), guidance_scale)
             trace[0].append(mixed.clone())
-            filter_top_k_top_p_(mixed, top_k, top_p)
+            filter_top_k_top_p_(mixed, top_k, top_p, fast=self._fast_top_p(device))
             indices, confidence = sample_from_logits(mixed, generator, return_confidence=True)
             codes = codebook[indices.to(codebook.device)].float().to(device)
             trace[1].append(indices)
@@ -195,7 +290,7 @@ class STARPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         guidance_scale: float = 4.0,
         top_k: int = 600,
@@ -211,11 +306,17 @@ class STARPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Callable[[Any, int, int, dict], dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
     ):
         r"""Generate images from text.
 
         Args:
-            prompt: prompt or list of prompts.
+            prompt: prompt or list of prompts (or pass ``prompt_embeds``).
             negative_prompt: unconditional text (default ``""``, as the original).
             guidance_scale: the original ``cfg``: guidance ramps linearly from 0 at the first scale to
                 ``guidance_scale`` at the last (``(1 + t) cond - t uncond`` on logits). Demo: 4.0.
@@ -239,10 +340,41 @@ class STARPipeline(DiffusionPipeline):
                 ``more_smooth``), and per sampling call of the scale ``"step_logits"`` (K, B, l, V) guided
                 logits, ``"step_indices"`` (K, B, l), ``"step_confidences"`` (K, B, l, 1) (K = 1 on plain
                 scales); may return a new ``"f_hat"``.
+            prompt_embeds, prompt_attention_mask, pooled_prompt_embeds: precomputed text features instead of
+                ``prompt``, as :meth:`encode_prompt` returns them: hidden states (B, N, text_embed_dim), the padding
+                mask (B, N) (1 = real token; default all ones) and the pooled vector (B, text_embed_dim, required).
+            negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds: the same for the
+                unconditional half (same shapes); default: ``negative_prompt`` (``""``) through the text encoder.
         """
         check_sampling_args(guidance_scale, top_k, top_p, output_type, num_images_per_prompt)
-        prompts = self._check_prompts(prompt)
-        self._check_negative_prompts(negative_prompt, len(prompts))
+        if prompt_embeds is None:
+            for name, value in (("prompt_attention_mask", prompt_attention_mask), ("pooled_prompt_embeds", pooled_prompt_embeds)):
+                if value is not None:
+                    raise ValueError(f"`{name}` is only used with `prompt_embeds`.")
+            num_prompts = len(self._check_prompts(prompt))
+        else:
+            if prompt is not None:
+                raise ValueError("pass either `prompt` or `prompt_embeds`, not both.")
+            self._check_text_embeds(prompt_embeds, prompt_attention_mask, pooled_prompt_embeds, "")
+            num_prompts = prompt_embeds.shape[0]
+        if negative_prompt_embeds is None:
+            for name, value in (("negative_prompt_attention_mask", negative_prompt_attention_mask),
+                                ("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds)):
+                if value is not None:
+                    raise ValueError(f"`{name}` is only used with `negative_prompt_embeds`.")
+            self._check_negative_prompts(negative_prompt, num_prompts)
+        else:
+            if negative_prompt is not None:
+                raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+            self._check_text_embeds(negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds,
+                                    "negative_", num_prompts)
+        if self.text_encoder is None or self.tokenizer is None:
+            if prompt_embeds is None:
+                raise ValueError("`prompt` needs a text encoder and tokenizer, which this pipeline lacks; pass `prompt_embeds` "
+                                 "and `pooled_prompt_embeds` instead.")
+            if negative_prompt_embeds is None:
+                raise ValueError("`negative_prompt_embeds` and `negative_pooled_prompt_embeds` are required: this pipeline "
+                                 "has no text encoder to encode `negative_prompt` (default \"\").")
         transformer, vqvae = self.transformer, self.vqvae
         if use_stable_sampler is None:
             use_stable_sampler = transformer.has_stable_sampler
@@ -254,20 +386,21 @@ class STARPipeline(DiffusionPipeline):
         if sampler_generator is not None and not isinstance(sampler_generator, torch.Generator):
             raise ValueError(f"`sampler_generator` must be a torch.Generator or None, got {type(sampler_generator).__name__}.")
         tensor_inputs = check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
-        B = len(prompts) * num_images_per_prompt
+        B = num_prompts * num_images_per_prompt
         check_generator(generator, B)
         device = self._execution_device
 
-        hidden, mask, pooled, neg_hidden, neg_mask, neg_pooled = self.encode_prompt(
-            prompts, negative_prompt, num_images_per_prompt, device, max_sequence_length)
-        text_hidden = torch.cat((hidden, neg_hidden))  # conditional rows first
-        text_mask = torch.cat((mask, neg_mask))
-        text_pooled = torch.cat((pooled, neg_pooled))
+        text_hidden, text_mask, text_pooled = self._prepare_text(  # conditional rows first
+            prompt, negative_prompt, prompt_embeds, prompt_attention_mask, pooled_prompt_embeds, negative_prompt_embeds,
+            negative_prompt_attention_mask, negative_pooled_prompt_embeds, num_images_per_prompt, device, max_sequence_length)
+        if self._fast_inference:  # static graph inputs in the compute dtype (the blocks cast to it anyway)
+            text_hidden, text_pooled = text_hidden.to(transformer.text_proj.weight.dtype), text_pooled.to(transformer.text_proj.weight.dtype)
 
         patch_nums = tuple(transformer.config.patch_nums)
         num_scales, side = len(patch_nums), patch_nums[-1]
         sampler_start = transformer.config.sampler_start_scale if use_stable_sampler else num_scales
-        kv_cache = transformer.init_kv_cache()
+        scale_step = self._scale_step(text_pooled, text_hidden, text_mask, device)
+        fast_top_p = self._fast_top_p(device)
         codebook = vqvae.codebook
         f_hat = torch.zeros(B, vqvae.config.z_channels, side, side, device=device, dtype=torch.float32)
         scale_input = None
@@ -275,7 +408,7 @@ class STARPipeline(DiffusionPipeline):
         with self.progress_bar(total=num_scales) as progress_bar:
             for si, pn in enumerate(patch_nums):
                 ratio = si / (num_scales - 1)
-                logits_2B, hidden_2B = transformer.forward_scale(si, kv_cache, text_pooled, text_hidden, text_mask, scale_input)
+                logits_2B, hidden_2B = scale_step(si, scale_input)
                 logits = apply_guidance(logits_2B, linear_guidance_ramp(guidance_scale, si, num_scales))
                 guided_logits = logits.clone() if "logits" in tensor_inputs else None
                 if si >= sampler_start:
@@ -289,7 +422,7 @@ class STARPipeline(DiffusionPipeline):
                     step_logits = logits[None]
                 else:
                     step_logits = logits[None].clone() if "step_logits" in tensor_inputs else None
-                    filter_top_k_top_p_(logits, top_k, top_p)
+                    filter_top_k_top_p_(logits, top_k, top_p, fast=fast_top_p)
                     indices, confidence = sample_from_logits(logits, generator, return_confidence=True)
                     step_indices, step_conf = indices[None], confidence[None]
                     embedding = codebook[indices.to(codebook.device)].float()

@@ -13,7 +13,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 
 from ..models.multiscale_vq import MultiScaleVQModel, area_down
 from ..models.var_transformer import VARTransformer2DModel
-from .fast_inference import CUDAGraphScaleSteps
+from .fast_inference import CUDAGraphScaleSteps, FastInferenceMixin, cast_decoder_, cast_module_, check_fast_inference_args
 from .sampling import (
     GeneratorArg,
     apply_guidance,
@@ -66,7 +66,7 @@ def finish_generation(pipeline, f_hat: torch.Tensor, output_type: str, return_di
     return ImagePipelineOutput(images=images)
 
 
-class VARPipeline(DiffusionPipeline):
+class VARPipeline(DiffusionPipeline, FastInferenceMixin):
     r"""Class-conditional generation with VAR (Visual AutoRegressive modeling, next-scale prediction).
 
     Components:
@@ -110,41 +110,34 @@ class VARPipeline(DiffusionPipeline):
         """Speed switch for GPUs. The transformer blocks and the image decoder run in ``dtype`` (bf16 by
         default); the output head, the quantizer (codebook, Phi convs) and f_hat stay float32, which keeps
         greedy tokens close to the float32 path. On CUDA each scale's transformer step is a CUDA graph
-        (captured on the first call for a batch size, then replayed), and top-p sorts only the top-k values. Use a CUDA ``torch.Generator`` so sampling never waits on the host. Returns the pipeline.
+        (captured on the first call for a batch size, then replayed), and top-p sorts only the top-k values.
+        Use a CUDA ``torch.Generator`` so sampling never waits on the host. On the CPU it only casts (the
+        sampler and the step stay eager). Returns the pipeline.
         """
-        torch.nn.Module.to(self.transformer, dtype)  # nn.Module.to: no ModelMixin warning for a partial cast
-        self.transformer.head.float()
-        self.transformer.head_norm.float()
-        for module in (self.vqvae.decoder, self.vqvae.post_quant_conv):
-            module.to(dtype=dtype)  # NCHW: GroupNorm would copy channels-last inputs at every call
-        if compile_decoder:
-            self.vqvae.decoder.compile(dynamic=False)  # in place: parameter names (and save_pretrained) unchanged
-        self._fast_inference = True
-        self._use_cuda_graphs = cuda_graphs
-        self._graph_steps = {}
-        return self
-
-    def disable_fast_inference(self) -> "VARPipeline":
-        """Back to the exact eager path (weights keep their current dtype)."""
-        self._fast_inference = self._use_cuda_graphs = False
-        self._graph_steps = {}
-        return self
+        check_fast_inference_args(dtype, cuda_graphs, compile_decoder)
+        transformer = self.transformer
+        cast_module_(transformer, dtype, keep_float32=(transformer.head, transformer.head_norm))
+        cast_decoder_((self.vqvae.decoder, self.vqvae.post_quant_conv), dtype,
+                      self.vqvae.decoder if compile_decoder else None)
+        return self._set_fast_inference(True, cuda_graphs)
 
     def _scale_step(self, rows: int, device: torch.device):
         """``step(scale_index, cond, scale_input) -> logits`` for one generation: eager with a fresh
         KV cache, or replayed CUDA graphs (built once per number of rows)."""
         transformer = self.transformer
-        if getattr(self, "_use_cuda_graphs", False) and device.type == "cuda":
-            if rows not in self._graph_steps:
-                cache = transformer.init_kv_cache()
-                cfg = transformer.config
-                cond = torch.zeros(rows, cfg.embed_dim, device=device, dtype=transformer.dtype)
-                examples = [(cond, None)] + [
-                    (cond, torch.zeros(rows, end - begin, cfg.latent_channels, device=device)) for begin, end in transformer.begin_ends[1:]
-                ]
-                self._graph_steps[rows] = CUDAGraphScaleSteps(
-                    lambda si, c, x: transformer.forward_scale(si, c, cache, x), examples, cache.reset)
-            return self._graph_steps[rows]
+
+        def build() -> CUDAGraphScaleSteps:
+            cache = transformer.init_kv_cache()
+            cfg = transformer.config
+            cond = torch.zeros(rows, cfg.embed_dim, device=device, dtype=transformer.dtype)
+            examples = [(cond, None)] + [
+                (cond, torch.zeros(rows, end - begin, cfg.latent_channels, device=device)) for begin, end in transformer.begin_ends[1:]
+            ]
+            return CUDAGraphScaleSteps(lambda si, c, x: transformer.forward_scale(si, c, cache, x), examples, cache.reset)
+
+        graphs = self._graph_scale_steps(rows, device, build)
+        if graphs is not None:
+            return graphs
         cache = transformer.init_kv_cache()
         return lambda si, cond, scale_input: transformer.forward_scale(si, cond, cache, scale_input)
 
@@ -227,6 +220,7 @@ class VARPipeline(DiffusionPipeline):
         null = torch.full_like(labels_B, transformer.config.num_classes)
         cond_BD = transformer.embed_condition(torch.cat((labels_B, null)))  # conditional rows first
         scale_step = self._scale_step(cond_BD.shape[0], cond_BD.device)
+        fast_top_p = self._fast_top_p(cond_BD.device)
         codebook = vqvae.codebook
         f_hat = torch.zeros(B, vqvae.config.z_channels, side, side, device=device, dtype=torch.float32)
         scale_input = None
@@ -237,7 +231,7 @@ class VARPipeline(DiffusionPipeline):
                 logits = scale_step(si, cond_BD, scale_input)
                 logits = apply_guidance(logits, linear_guidance_ramp(guidance_scale, si, num_scales))
                 guided_logits = logits.clone() if "logits" in tensor_inputs else None
-                filter_top_k_top_p_(logits, top_k, top_p, fast=getattr(self, "_fast_inference", False))
+                filter_top_k_top_p_(logits, top_k, top_p, fast=fast_top_p)
                 indices = sample_from_logits(logits, generator)
                 if more_smooth:  # soft mixture of codes; the hard sample above is discarded
                     weights = gumbel_softmax(logits.mul(1 + ratio), smooth_tau(ratio), generator)

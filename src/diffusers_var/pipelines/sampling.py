@@ -57,6 +57,28 @@ def check_generator(generator: GeneratorArg, batch_size: int) -> None:
         raise ValueError(f"`generator` must be a torch.Generator, a list of them, or None; got {type(generator).__name__}.")
 
 
+def check_text_embeds(embeds, mask, width: int, name: str, mask_name: str, batch_size: int | None = None,
+                      max_length: int | None = None) -> None:
+    """Precomputed text features ``embeds`` (B, N, width) and their optional padding ``mask`` (B, N) (1 / True
+    for real tokens, at least one per row); ``batch_size`` / ``max_length`` pin B / bound N. The errors name
+    the parameters (``name``, ``mask_name``)."""
+    if not torch.is_tensor(embeds) or embeds.ndim != 3 or embeds.shape[0] < 1 or embeds.shape[1] < 1 \
+            or embeds.shape[2] != width or not embeds.is_floating_point():
+        shape = tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__
+        raise ValueError(f"`{name}` must be a floating-point (batch, tokens, {width}) tensor, got {shape}.")
+    if batch_size is not None and embeds.shape[0] != batch_size:
+        raise ValueError(f"`{name}` has {embeds.shape[0]} rows but the batch has {batch_size}; they must match.")
+    if max_length is not None and embeds.shape[1] > max_length:
+        raise ValueError(f"`{name}` has {embeds.shape[1]} tokens; the model takes at most {max_length}.")
+    if mask is not None:
+        if not torch.is_tensor(mask) or tuple(mask.shape) != tuple(embeds.shape[:2]) or mask.is_floating_point() or mask.is_complex():
+            shape = tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__
+            raise ValueError(f"`{mask_name}` must be a bool or integer tensor of shape {tuple(embeds.shape[:2])} "
+                             f"(the shape of `{name}` without its last dimension), got {shape}.")
+        if not bool(mask.bool().any(dim=1).all()):
+            raise ValueError(f"`{mask_name}`: every row needs at least one real (non-padding) token.")
+
+
 # ----------------------------------------------------------------------------------------------
 # Guidance and filtering
 # ----------------------------------------------------------------------------------------------

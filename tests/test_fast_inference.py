@@ -1,0 +1,289 @@
+"""``enable_fast_inference`` / ``disable_fast_inference`` of STARPipeline and InfinityPipeline on the CPU (the
+CUDA-graph replay itself is checked in test_gpu.py), the CUDA-graph wiring with a stand-in graph class, and the
+precomputed text feature arguments (``prompt_embeds`` & co.)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from diffusers_var import InfinityPipeline, MultiScaleVQModel, STARPipeline, STARTransformer2DModel, VARPipeline, VARTransformer2DModel
+from diffusers_var.pipelines import fast_inference, pipeline_infinity, pipeline_star
+from test_infinity_pipeline import PROMPT, tiny_pipeline
+from test_star_pipeline import make_pipe
+
+PROMPTS = ["a red cat", "the city"]
+
+
+def star_images(pipe, seed=0, **kwargs):
+    kwargs.setdefault("prompt", PROMPTS)
+    return pipe(generator=torch.Generator().manual_seed(seed), sampler_generator=torch.Generator().manual_seed(seed + 1),
+                top_k=10, top_p=0.9, output_type="pt", **kwargs).images
+
+
+def infinity_images(pipe, seed=0, **kwargs):
+    kwargs.setdefault("prompt", PROMPT)
+    kwargs.setdefault("guidance_scale", 3.0)
+    return pipe(height=32, width=32, generator=torch.Generator().manual_seed(seed), output_type="pt", **kwargs).images
+
+
+@pytest.fixture(scope="module")
+def star():
+    pipe = make_pipe()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def infinity():
+    return tiny_pipeline()
+
+
+def own_star(star) -> STARPipeline:
+    """The same tiny STAR pipeline with its own copy of the text encoder (enable_fast_inference casts it)."""
+    pipe = make_pipe(text=(star.tokenizer, copy.deepcopy(star.text_encoder)))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _is_float32(module) -> bool:
+    return all(p.dtype == torch.float32 for p in module.parameters())
+
+
+def _is_bf16(module) -> bool:
+    return all(p.dtype == torch.bfloat16 for p in module.parameters())
+
+
+# -- enable / disable on the CPU -----------------------------------------------------------------
+def test_star_fast_inference_on_cpu(star):
+    reference = star_images(star)
+    pipe = own_star(star)
+    assert pipe.enable_fast_inference(dtype=torch.float32) is pipe
+    assert torch.equal(star_images(pipe), reference)  # CPU: exact eager fallback, no graphs captured
+    assert not pipe._graph_steps
+
+    pipe.enable_fast_inference()  # bf16
+    tr = pipe.transformer
+    assert _is_bf16(tr.blocks) and _is_bf16(tr.text_proj) and _is_bf16(tr.sampler.blocks)
+    assert _is_float32(tr.head) and _is_float32(tr.sampler.head)
+    assert _is_bf16(pipe.vqvae.decoder) and _is_bf16(pipe.vqvae.post_quant_conv) and _is_float32(pipe.vqvae.quantize)
+    assert _is_bf16(pipe.text_encoder)
+    images = star_images(pipe)
+    assert images.shape == reference.shape and images.dtype == torch.float32 and torch.isfinite(images).all()
+
+    assert pipe.disable_fast_inference() is pipe
+    assert not pipe._fast_inference and not pipe._use_cuda_graphs
+    assert torch.isfinite(star_images(pipe)).all()  # eager path again (weights stay bf16)
+
+
+def test_star_disable_restores_the_exact_eager_path(star):
+    reference = star_images(star, seed=3)
+    pipe = own_star(star)
+    pipe.enable_fast_inference(dtype=torch.float32).disable_fast_inference()
+    assert torch.equal(star_images(pipe, seed=3), reference)
+
+
+def test_infinity_fast_inference_on_cpu(infinity):
+    reference = infinity_images(infinity)
+    pipe = tiny_pipeline()
+    assert pipe.enable_fast_inference(dtype=torch.float32) is pipe
+    assert torch.equal(infinity_images(pipe), reference)
+    assert not pipe._graph_steps
+
+    pipe.enable_fast_inference()
+    tr = pipe.transformer
+    assert _is_bf16(tr.blocks) and _is_bf16(tr.text_pool) and _is_bf16(tr.text_proj)
+    assert _is_float32(tr.head) and _is_float32(tr.head_norm) and _is_float32(tr.text_norm)
+    assert _is_bf16(pipe.vae.decoder) and _is_float32(pipe.vae.encoder) and _is_bf16(pipe.text_encoder)
+    images = infinity_images(pipe)
+    assert images.shape == (1, 3, 32, 32) and images.dtype == torch.float32 and torch.isfinite(images).all()
+    assert torch.isfinite(infinity_images(pipe, guidance_scale=1.0, negative_prompt=None)).all()  # no guidance rows
+
+    pipe.disable_fast_inference()
+    assert not pipe._fast_inference and torch.isfinite(infinity_images(pipe)).all()
+
+    exact = tiny_pipeline().enable_fast_inference(dtype=torch.float32).disable_fast_inference()
+    assert torch.equal(infinity_images(exact), reference)
+
+
+@pytest.mark.parametrize("kwargs, parameter", [
+    (dict(dtype="bf16"), "dtype"),
+    (dict(dtype=torch.int64), "dtype"),
+    (dict(dtype=None), "dtype"),
+    (dict(cuda_graphs="yes"), "cuda_graphs"),
+    (dict(compile_decoder=1), "compile_decoder"),
+])
+def test_bad_fast_inference_arguments_name_the_parameter(star, infinity, kwargs, parameter):
+    torch.manual_seed(0)
+    vqvae = MultiScaleVQModel(ch=32, ch_mult=(1, 1), num_res_blocks=1, vocab_size=64, z_channels=8, patch_nums=(1, 2, 3))
+    var = VARPipeline(VARTransformer2DModel(num_classes=4, depth=1, embed_dim=32, num_heads=2, vocab_size=64, latent_channels=8,
+                                            patch_nums=(1, 2, 3)), vqvae)
+    for pipe in (star, infinity, var):
+        with pytest.raises(ValueError, match=f"`{parameter}`"):
+            pipe.enable_fast_inference(**kwargs)
+        assert not pipe._fast_inference
+
+
+# -- CUDA-graph wiring, with a stand-in for the graphs ------------------------------------------------
+class EagerGraphStandIn:
+    """Mimics CUDAGraphScaleSteps on the CPU: static input tensors copied in at every call, shared inputs set
+    once per generation, the step re-run on the static tensors (a real graph replays the recorded kernels)."""
+
+    built = []
+
+    def __init__(self, step, example_inputs, reset_cache, shared_inputs=()):
+        self.step, self.reset_cache = step, reset_cache
+        self.shared_inputs = tuple(t.clone() for t in shared_inputs)
+        self.static_inputs = [tuple(None if t is None else t.clone() for t in inputs) for inputs in example_inputs]
+        EagerGraphStandIn.built.append(self)
+
+    set_shared_inputs = fast_inference.CUDAGraphScaleSteps.set_shared_inputs
+
+    def __call__(self, scale_index, *inputs):
+        for static, value in zip(self.static_inputs[scale_index], inputs):
+            if static is not None:
+                static.copy_(value)
+        if scale_index == 0:
+            self.reset_cache()
+        return self.step(scale_index, *self.shared_inputs, *self.static_inputs[scale_index])
+
+
+@pytest.fixture
+def stand_in_graphs(monkeypatch):
+    EagerGraphStandIn.built = []
+    monkeypatch.setattr(fast_inference.FastInferenceMixin, "_cuda_graphs_usable", staticmethod(lambda device: True))
+    for module in (pipeline_star, pipeline_infinity):
+        monkeypatch.setattr(module, "CUDAGraphScaleSteps", EagerGraphStandIn)
+    return EagerGraphStandIn
+
+
+def test_star_graph_wiring_reuses_one_set_per_rows_and_text_length(star, stand_in_graphs):
+    pipe = own_star(star).enable_fast_inference(dtype=torch.float32)
+    for prompts in (PROMPTS, ["two dogs", "a boat at sea"], ["one"]):
+        assert torch.equal(star_images(pipe, prompt=prompts), star_images(star, prompt=prompts))
+    assert list(pipe._graph_steps) == [(4, 77), (2, 77)] and len(stand_in_graphs.built) == 2
+    star_images(pipe, prompt=PROMPTS, max_sequence_length=20)  # another text length: another set
+    assert list(pipe._graph_steps)[-1] == (4, 20)
+    pipe.graph_cache_size = 1
+    star_images(pipe, prompt=["one"])
+    assert list(pipe._graph_steps) == [(2, 77)]  # least recently used sets dropped
+
+
+def test_infinity_graph_wiring(infinity, stand_in_graphs):
+    pipe = tiny_pipeline().enable_fast_inference(dtype=torch.float32)
+    for kwargs in (dict(), dict(prompt="a cat"), dict(negative_prompt="blurry"), dict(guidance_scale=1.0)):
+        assert torch.equal(infinity_images(pipe, **kwargs), infinity_images(infinity, **kwargs))
+    keys = list(pipe._graph_steps)
+    assert all(isinstance(k[2], tuple) for k in keys) and {k[0] for k in keys} == {1, 2}
+
+
+# -- precomputed text features ---------------------------------------------------------------------------
+def test_star_prompt_embeds_reproduce_the_prompt(star):
+    hidden, mask, pooled, neg_hidden, neg_mask, neg_pooled = star.encode_prompt(PROMPTS)
+    embeds = dict(prompt_embeds=hidden, prompt_attention_mask=mask, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg_hidden,
+                  negative_prompt_attention_mask=neg_mask, negative_pooled_prompt_embeds=neg_pooled)
+    assert torch.equal(star_images(star, prompt=None, **embeds), star_images(star))
+    twice = star_images(star, prompt=None, num_images_per_prompt=2, **embeds)
+    assert torch.equal(twice, star_images(star, num_images_per_prompt=2))
+    # prompt features only: the negative half comes from the text encoder
+    only = star_images(star, prompt=None, prompt_embeds=hidden, pooled_prompt_embeds=pooled)
+    assert only.shape == (2, 3, 8, 8) and torch.isfinite(only).all()
+
+    no_text = STARPipeline(transformer=star.transformer, vqvae=star.vqvae)
+    no_text.set_progress_bar_config(disable=True)
+    assert torch.equal(star_images(no_text, prompt=None, **embeds), star_images(star))
+    with pytest.raises(ValueError, match="`prompt`"):
+        star_images(no_text)
+    with pytest.raises(ValueError, match="`negative_prompt_embeds`"):
+        star_images(no_text, prompt=None, prompt_embeds=hidden, pooled_prompt_embeds=pooled)
+
+
+def test_star_pipeline_without_text_encoder_saves_and_loads(star, tmp_path):
+    STARPipeline(transformer=star.transformer, vqvae=star.vqvae).save_pretrained(tmp_path / "p", safe_serialization=True)
+    loaded = STARPipeline.from_pretrained(tmp_path / "p")
+    assert loaded.text_encoder is None and loaded.tokenizer is None
+
+
+def _star_bad_embeds(star):
+    D = star.transformer.config.text_embed_dim
+    h, m, p = torch.randn(2, 5, D), torch.ones(2, 5, dtype=torch.long), torch.randn(2, D)
+    ok = dict(prompt=None, prompt_embeds=h, prompt_attention_mask=m, pooled_prompt_embeds=p,
+              negative_prompt_embeds=h.clone(), negative_prompt_attention_mask=m, negative_pooled_prompt_embeds=p.clone())
+    zero_row = m.clone()
+    zero_row[1] = 0
+    return [
+        (dict(ok, prompt_embeds=torch.randn(2, 5, D + 1)), "prompt_embeds"),
+        (dict(ok, prompt_embeds=torch.randn(2, D)), "prompt_embeds"),
+        (dict(ok, prompt_embeds=torch.ones(2, 5, D, dtype=torch.long)), "prompt_embeds"),
+        (dict(ok, prompt="a cat"), "prompt_embeds"),
+        (dict(ok, prompt_attention_mask=torch.ones(2, 6)), "prompt_attention_mask"),
+        (dict(ok, prompt_attention_mask=zero_row), "prompt_attention_mask"),
+        (dict(ok, pooled_prompt_embeds=None), "pooled_prompt_embeds"),
+        (dict(ok, pooled_prompt_embeds=torch.randn(3, D)), "pooled_prompt_embeds"),
+        (dict(ok, negative_prompt_embeds=torch.randn(3, 5, D), negative_prompt_attention_mask=None,
+              negative_pooled_prompt_embeds=torch.randn(3, D)), "negative_prompt_embeds"),
+        (dict(ok, negative_prompt_embeds=torch.randn(2, 7, D), negative_prompt_attention_mask=None), "negative_prompt_embeds"),
+        (dict(ok, negative_pooled_prompt_embeds=torch.randn(2, D + 1)), "negative_pooled_prompt_embeds"),
+        (dict(ok, negative_prompt="ugly"), "negative_prompt_embeds"),
+        (dict(prompt="a cat", pooled_prompt_embeds=p[:1]), "pooled_prompt_embeds"),
+        (dict(prompt="a cat", negative_prompt_attention_mask=m[:1]), "negative_prompt_attention_mask"),
+    ]
+
+
+def test_star_bad_prompt_embeds_name_the_parameter(star):
+    for kwargs, parameter in _star_bad_embeds(star):
+        with pytest.raises(ValueError, match=f"`{parameter}`"):
+            star_images(star, **kwargs)
+
+
+def test_infinity_prompt_embeds_reproduce_the_prompt(infinity):
+    embeds, mask = infinity.encode_prompt([PROMPT, "a cat"])
+    reference = infinity_images(infinity, prompt=[PROMPT, "a cat"])
+    assert torch.equal(infinity_images(infinity, prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask), reference)
+    assert torch.equal(infinity_images(infinity, prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask.long(),
+                                       num_images_per_prompt=2), infinity_images(infinity, prompt=[PROMPT, "a cat"], num_images_per_prompt=2))
+    neg_embeds, neg_mask = infinity.encode_prompt(["blurry", "blurry"])
+    assert torch.equal(
+        infinity_images(infinity, prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt_embeds=neg_embeds,
+                        negative_prompt_attention_mask=neg_mask),
+        infinity_images(infinity, prompt=[PROMPT, "a cat"], negative_prompt="blurry"))
+    single, single_mask = infinity.encode_prompt(PROMPT)
+    assert torch.isfinite(infinity_images(infinity, prompt=None, prompt_embeds=single)).all()  # mask defaults to all real
+
+    no_text = InfinityPipeline(transformer=infinity.transformer, vae=infinity.vae)
+    no_text.set_progress_bar_config(disable=True)
+    assert torch.equal(infinity_images(no_text, prompt=None, prompt_embeds=single, prompt_attention_mask=single_mask),
+                       infinity_images(infinity))
+    with pytest.raises(ValueError, match="`prompt`"):
+        infinity_images(no_text)
+    with pytest.raises(ValueError, match="`negative_prompt`"):
+        infinity_images(no_text, prompt=None, prompt_embeds=single, negative_prompt="blurry")
+
+
+def test_infinity_bad_prompt_embeds_name_the_parameter(infinity):
+    T, S_max = infinity.transformer.config.text_dim, infinity.transformer.config.text_max_length
+    e, m = torch.randn(2, 5, T), torch.ones(2, 5, dtype=torch.bool)
+    empty_row = m.clone()
+    empty_row[0] = False
+    cases = [
+        (dict(prompt_embeds=torch.randn(2, 5, T + 1)), "prompt_embeds"),
+        (dict(prompt_embeds=torch.randn(5, T)), "prompt_embeds"),
+        (dict(prompt_embeds=torch.randn(1, S_max + 1, T)), "prompt_embeds"),
+        (dict(prompt_embeds=e, prompt=PROMPT), "prompt_embeds"),
+        (dict(prompt_embeds=e, prompt_attention_mask=m[:, :4]), "prompt_attention_mask"),
+        (dict(prompt_embeds=e, prompt_attention_mask=empty_row), "prompt_attention_mask"),
+        (dict(prompt_embeds=e, prompt_attention_mask=m.float()), "prompt_attention_mask"),
+        (dict(prompt_attention_mask=m[:1]), "prompt_attention_mask"),
+        (dict(prompt_embeds=e, negative_prompt_embeds=torch.randn(1, 5, T)), "negative_prompt_embeds"),
+        (dict(prompt_embeds=e, negative_prompt_embeds=torch.randn(2, 5, 7)), "negative_prompt_embeds"),
+        (dict(prompt_embeds=e, negative_prompt_embeds=e, negative_prompt_attention_mask=m[:, :2]), "negative_prompt_attention_mask"),
+        (dict(prompt_embeds=e, negative_prompt_embeds=e, negative_prompt="ugly"), "negative_prompt_embeds"),
+        (dict(negative_prompt_attention_mask=m[:1]), "negative_prompt_attention_mask"),
+    ]
+    for kwargs, parameter in cases:
+        if "prompt_embeds" in kwargs:
+            kwargs.setdefault("prompt", None)
+        with pytest.raises(ValueError, match=f"`{parameter}`"):
+            infinity_images(infinity, **kwargs)
