@@ -127,3 +127,21 @@ def test_bad_training_configs(tmp_path):
         build_dataset({"type": "imagefolder", "path": str(empty)}, 16)
     with pytest.raises(ValueError, match="data.type"):
         build_dataset({"type": "webdataset"}, 16)
+
+
+def test_fsdp_export_rebuilds_the_plain_model_class():
+    """FSDP2 swaps a sharded module's class for an ``FSDP<Name>`` subclass; the export must save the original
+    class with the gathered full weights (exercised for real on two GPUs by benchmarks/bench_training_ddp.py)."""
+    from diffusers_var import VARTransformer2DModel
+    from diffusers_var.training.engine import _unsharded_copy
+
+    class FSDPVARTransformer2DModel(VARTransformer2DModel):  # stand-in for the class FSDP2 creates
+        pass
+
+    torch.manual_seed(0)
+    sharded = FSDPVARTransformer2DModel(depth=1, embed_dim=32, num_heads=2, num_classes=4, patch_nums=(1, 2))
+    full_state = {k: v + 1 for k, v in sharded.state_dict().items()}
+    copy = _unsharded_copy(sharded, full_state)
+    assert type(copy) is VARTransformer2DModel
+    for key, value in copy.state_dict().items():
+        assert torch.equal(value, full_state[key]), key
