@@ -426,10 +426,17 @@ def main() -> int:
                 print(f"{name:{width}s} {res:4d} {batch:5d} {mode:11s} {row['dtype']:9s} {row['ms_per_image']:9.1f} {row['images_per_s']:9.1f} "
                       f"{peak:9.2f} {row['tflops']:8.1f}", flush=True)
                 if args.profile and mode.startswith("fast") and device.type == "cuda":
+                    started = time.perf_counter()
                     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
                         bench.generate(bench.pipe, batch, device)
                         torch.cuda.synchronize()
-                    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+                    wall_ms = 1000 * (time.perf_counter() - started)
+                    events = prof.key_averages()
+                    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+                    print(f"  profile: {wall_ms:.1f} ms wall with the profiler on; {launches} eager kernel launches; "
+                          f"{sum(e.count for e in events if e.key == 'cudaGraphLaunch')} graph launches")
+                    print(events.table(sort_by="self_cuda_time_total", row_limit=16, max_name_column_width=60))
+                    print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
         del bench
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -46,10 +46,14 @@ def cast_module_(module: nn.Module | None, dtype: torch.dtype, keep_float32: Ite
 
 def cast_decoder_(modules: Sequence[nn.Module], dtype: torch.dtype, compile_module: nn.Module | None = None) -> None:
     """The image decoder (and the convs feeding it) to ``dtype``; optionally ``torch.compile`` one module in
-    place (parameter names, hence ``save_pretrained``, are unchanged). The decoder stays NCHW: GroupNorm would
-    copy channels-last inputs at every call."""
+    place (parameter names, hence ``save_pretrained``, are unchanged). Compiled, the decoder also goes
+    channels-last: cuDNN's channels-last convolutions are faster and the compiled GroupNorm reads that layout
+    directly (H100, VAR decoder, batch 1: 12.1 ms NCHW eager, 7.0 ms channels-last compiled). Eager, it stays
+    NCHW: eager GroupNorm copies channels-last inputs at every call (batch 64: 145 ms NCHW, 211 ms channels-last).
+    """
+    memory_format = torch.channels_last if compile_module is not None else torch.contiguous_format
     for module in modules:
-        nn.Module.to(module, dtype)
+        nn.Module.to(module, dtype=dtype, memory_format=memory_format)
     if compile_module is not None:
         compile_module.compile(dynamic=False)
 
