@@ -21,6 +21,7 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
   eager        our eager code in float32
   fast         ``pipe.enable_fast_inference()``: bf16 blocks and decoder, CUDA graphs per scale
   fast-compile the same with ``compile_decoder=True`` (torch.compile of the image decoder)
+  fast-compile-all  also ``compile_blocks=True`` (VAR: torch.compile of each block's elementwise work)
 It also checks that greedy tokens (bits for Infinity) of the fast path agree with the eager float32 path.
 """
 
@@ -361,7 +362,7 @@ class Bench:
 
 AUTOCAST = {"eager-fp16": torch.float16, "eager-bf16": torch.bfloat16}
 AUTOCAST_LABEL = {"eager-fp16": "fp16-autocast", "eager-bf16": "bf16-autocast"}
-MODES = ("eager", "eager-fp16", "eager-bf16", "fast", "fast-compile")
+MODES = ("eager", "eager-fp16", "eager-bf16", "fast", "fast-compile", "fast-compile-all")
 KNOWN_MODELS = tuple(MODELS) + ("star-d30", "infinity-2b", "var-tiny", "star-tiny", "infinity-tiny")
 
 
@@ -408,8 +409,9 @@ def main() -> int:
         for mode in (args.modes or bench.default_modes).split(","):
             if not bench.fresh:
                 bench.rebuild(device)
-            if mode in ("fast", "fast-compile"):
-                bench.pipe.enable_fast_inference(compile_decoder=mode == "fast-compile")
+            if mode.startswith("fast"):
+                extra = {"compile_blocks": True} if mode == "fast-compile-all" else {}
+                bench.pipe.enable_fast_inference(compile_decoder=mode != "fast", **extra)
                 bench.fresh = False
                 fast_tokens = bench.greedy(bench.pipe, bench.greedy_batch, device)
                 agreement = (fast_tokens == eager_tokens).float().mean().item()

@@ -287,3 +287,21 @@ def test_infinity_bad_prompt_embeds_name_the_parameter(infinity):
             kwargs.setdefault("prompt", None)
         with pytest.raises(ValueError, match=f"`{parameter}`"):
             infinity_images(infinity, **kwargs)
+
+
+def test_var_compiled_blocks_generate_what_the_eager_blocks_do():
+    """``compile_blocks=True`` hands each block's elementwise work to torch.compile; in float32 the sampled
+    tokens, hence the images, are those of the eager path. Bad values name the parameter."""
+    torch.manual_seed(0)
+    vqvae = MultiScaleVQModel(patch_nums=(1, 2, 3, 4)).eval()
+    transformer = VARTransformer2DModel(depth=2, embed_dim=64, num_heads=2, patch_nums=(1, 2, 3, 4), num_classes=10)
+    transformer.init_weights()
+    pipe = VARPipeline(transformer=transformer.eval(), vqvae=vqvae)
+    pipe.set_progress_bar_config(disable=True)
+    eager = pipe(class_labels=[1, 2], generator=torch.Generator().manual_seed(0), output_type="pt").images
+    pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=True)
+    assert all(hasattr(block.ffn_residual, "_torchdynamo_orig_callable") for block in pipe.transformer.blocks)
+    compiled = pipe(class_labels=[1, 2], generator=torch.Generator().manual_seed(0), output_type="pt").images
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="compile_blocks"):
+        pipe.enable_fast_inference(compile_blocks="yes")

@@ -210,23 +210,31 @@ class CosineSelfAttention(nn.Module):
         kv_cache: LayerKVCache | None = None,
         rotary: Callable | None = None,
     ) -> torch.Tensor:
+        q, k, v, softmax_scale = self.project(x_BLC)
+        return self.to_out(self.attend(q, k, v, softmax_scale, attn_mask, kv_cache, rotary))
+
+    def project(self, x_BLC: torch.Tensor):
+        """Pure tensor work before the cache: ``(q, k, v, softmax_scale)``, each (B, L, H, D), q and k
+        L2-normalised with q scaled per head (``torch.compile`` fuses these elementwise ops)."""
         B, L, C = x_BLC.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias.to(self.q_bias.dtype), self.v_bias))
         qkv = F.linear(x_BLC, self.to_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(dim=2)  # each (B, L, H, D)
         if self.attn_l2_norm:
             head_scale = self.log_scale.clamp_max(MAX_LOG_ATTN_SCALE).exp().transpose(1, 2)  # (1, 1, H, 1)
-            q = F.normalize(q, dim=-1).mul(head_scale)
-            k = F.normalize(k, dim=-1)
-            softmax_scale = 1.0
-        else:
-            softmax_scale = 0.25 / math.sqrt(self.head_dim)
+            return F.normalize(q, dim=-1).mul(head_scale), F.normalize(k, dim=-1), v, 1.0
+        return q, k, v, 0.25 / math.sqrt(self.head_dim)
+
+    def attend(self, q, k, v, softmax_scale: float, attn_mask=None, kv_cache: LayerKVCache | None = None,
+               rotary: Callable | None = None) -> torch.Tensor:
+        """Rotary embedding, the KV cache and attention: (B, L, H, D) inputs -> (B, L, C), before ``to_out``."""
+        B, L = q.shape[:2]
         if rotary is not None:
             q, k = rotary(q, k)
         if kv_cache is not None:
             k, v = kv_cache.append(k, v)
         out = dispatch_attention_fn(q, k, v, attn_mask=attn_mask, scale=softmax_scale)
-        return self.to_out(out.reshape(B, L, C))
+        return out.reshape(B, L, -1)
 
 
 class AdaLNModulation(nn.Module):
@@ -273,9 +281,13 @@ class AdaLNSelfAttentionBlock(nn.Module):
             self.adaln = AdaLNModulation(dim, dim, 6)
 
     def modulation(self, cond: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(gamma1, gamma2, 1 + scale1, 1 + scale2, shift1, shift2)``, each (B, 1, C); the ``1 +`` is taken here
+        so that decoding, which memoizes this once per generation, does not redo it in every block at every scale."""
         if self.shared_adaln:
-            return (self.adaln_offset + cond).unbind(2)
-        return self.adaln(cond).unbind(2)
+            gamma1, gamma2, scale1, scale2, shift1, shift2 = (self.adaln_offset + cond).unbind(2)
+        else:
+            gamma1, gamma2, scale1, scale2, shift1, shift2 = self.adaln(cond).unbind(2)
+        return gamma1, gamma2, scale1.add(1), scale2.add(1), shift1, shift2
 
     def forward(
         self,
@@ -293,13 +305,34 @@ class AdaLNSelfAttentionBlock(nn.Module):
         x_BLC = self.self_attention_residual(x_BLC, gamma1, scale1, shift1, attn_mask, kv_cache, rotary)
         return self.ffn_residual(x_BLC, gamma2, scale2, shift2)
 
-    def self_attention_residual(self, x_BLC, gamma, scale, shift, attn_mask=None, kv_cache=None, rotary=None) -> torch.Tensor:
-        attn_out = self.attn(self.norm(x_BLC).mul(scale.add(1)).add_(shift), attn_mask=attn_mask, kv_cache=kv_cache, rotary=rotary)
-        return x_BLC + self.drop_path(attn_out * gamma)
+    # The pure tensor pieces below are what ``compile_adaln_blocks_`` hands to torch.compile; the KV cache
+    # (Python state) stays between them, in ``self_attention_residual``.
+    def self_attention_residual(self, x_BLC, gamma, scale_plus_one, shift, attn_mask=None, kv_cache=None, rotary=None) -> torch.Tensor:
+        q, k, v, softmax_scale = self.attention_inputs(x_BLC, scale_plus_one, shift)
+        return self.attention_residual(x_BLC, self.attn.attend(q, k, v, softmax_scale, attn_mask, kv_cache, rotary), gamma)
 
-    def ffn_residual(self, x_BLC, gamma, scale, shift) -> torch.Tensor:
-        ffn_out = self.ffn(self.norm(x_BLC).mul(scale.add(1)).add_(shift))
+    def attention_inputs(self, x_BLC, scale_plus_one, shift):
+        return self.attn.project(self.norm(x_BLC).mul(scale_plus_one).add_(shift))
+
+    def attention_residual(self, x_BLC, attended_BLC, gamma) -> torch.Tensor:
+        return x_BLC + self.drop_path(self.attn.to_out(attended_BLC) * gamma)
+
+    def ffn_residual(self, x_BLC, gamma, scale_plus_one, shift) -> torch.Tensor:
+        ffn_out = self.ffn(self.norm(x_BLC).mul(scale_plus_one).add_(shift))
         return x_BLC + self.drop_path(ffn_out * gamma)
+
+
+def compile_adaln_blocks_(model: nn.Module) -> int:
+    """``torch.compile`` the pure tensor pieces of every :class:`AdaLNSelfAttentionBlock` of ``model`` (in place,
+    parameter names unchanged). At batch 1 a block's time is mostly its ~26 tiny elementwise kernels (LayerNorm,
+    modulation, q/k normalisation, gating); compiled, they fuse into a few. The compiled code is shared by all
+    blocks (same class) and becomes dynamic in the token count after the first new scale, so a generation
+    compiles a handful of graphs, not one per block and scale. Returns the number of blocks."""
+    blocks = [m for m in model.modules() if isinstance(m, AdaLNSelfAttentionBlock)]
+    for block in blocks:
+        for name in ("attention_inputs", "attention_residual", "ffn_residual"):
+            setattr(block, name, torch.compile(getattr(block, name)))
+    return len(blocks)
 
 
 class AdaLNHeadNorm(nn.Module):

@@ -20,12 +20,12 @@ from torch import nn
 FAST_INFERENCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def check_fast_inference_args(dtype, cuda_graphs, compile_decoder) -> None:
+def check_fast_inference_args(dtype, cuda_graphs, compile_decoder, **more_flags) -> None:
     """Argument checks of ``enable_fast_inference`` (a ValueError names the parameter)."""
     if not isinstance(dtype, torch.dtype) or dtype not in FAST_INFERENCE_DTYPES:
         names = ", ".join(str(d) for d in FAST_INFERENCE_DTYPES)
         raise ValueError(f"`dtype` must be one of {names}, got {dtype!r}.")
-    for name, value in (("cuda_graphs", cuda_graphs), ("compile_decoder", compile_decoder)):
+    for name, value in (("cuda_graphs", cuda_graphs), ("compile_decoder", compile_decoder), *more_flags.items()):
         if not isinstance(value, bool):
             raise ValueError(f"`{name}` must be True or False, got {value!r}.")
 

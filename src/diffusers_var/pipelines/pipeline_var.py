@@ -11,6 +11,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 
+from ..models.blocks import compile_adaln_blocks_
 from ..models.multiscale_vq import MultiScaleVQModel, area_down
 from ..models.var_transformer import VARTransformer2DModel
 from .fast_inference import CUDAGraphScaleSteps, FastInferenceMixin, cast_decoder_, cast_module_, check_fast_inference_args
@@ -106,19 +107,23 @@ class VARPipeline(DiffusionPipeline, FastInferenceMixin):
 
     # -- fast inference ------------------------------------------------------------------------------
     def enable_fast_inference(self, dtype: torch.dtype = torch.bfloat16, cuda_graphs: bool = True,
-                              compile_decoder: bool = False) -> "VARPipeline":
+                              compile_decoder: bool = False, compile_blocks: bool = False) -> "VARPipeline":
         """Speed switch for GPUs. The transformer blocks and the image decoder run in ``dtype`` (bf16 by
         default); the output head, the quantizer (codebook, Phi convs) and f_hat stay float32, which keeps
         greedy tokens close to the float32 path. On CUDA each scale's transformer step is a CUDA graph
         (captured on the first call for a batch size, then replayed), and top-p sorts only the top-k values.
         Use a CUDA ``torch.Generator`` so sampling never waits on the host. On the CPU it only casts (the
-        sampler and the step stay eager). Returns the pipeline.
+        sampler and the step stay eager). ``compile_decoder``: channels-last ``torch.compile`` of the image
+        decoder. ``compile_blocks``: ``torch.compile`` of each block's elementwise work (fused before the CUDA
+        graphs are captured; the first generation per batch size compiles). Returns the pipeline.
         """
-        check_fast_inference_args(dtype, cuda_graphs, compile_decoder)
+        check_fast_inference_args(dtype, cuda_graphs, compile_decoder, compile_blocks=compile_blocks)
         transformer = self.transformer
         cast_module_(transformer, dtype, keep_float32=(transformer.head, transformer.head_norm))
         cast_decoder_((self.vqvae.decoder, self.vqvae.post_quant_conv), dtype,
                       self.vqvae.decoder if compile_decoder else None)
+        if compile_blocks:
+            compile_adaln_blocks_(transformer)
         return self._set_fast_inference(True, cuda_graphs)
 
     def _scale_step(self, rows: int, device: torch.device):
