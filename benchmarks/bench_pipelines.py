@@ -410,6 +410,9 @@ def main() -> int:
             if not bench.fresh:
                 bench.rebuild(device)
             if mode.startswith("fast"):
+                if mode == "fast-compile-all" and not isinstance(bench.pipe, VARPipeline):
+                    print(f"  {name}: fast-compile-all (compile_blocks) is VAR only; skipped")
+                    continue
                 extra = {"compile_blocks": True} if mode == "fast-compile-all" else {}
                 bench.pipe.enable_fast_inference(compile_decoder=mode != "fast", **extra)
                 bench.fresh = False

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -45,6 +46,12 @@ def launch(out: Path, name: str, gpus: int, accelerate_config: str | None, overr
     with open(out / f"{name}.log", "a") as log:
         code = subprocess.call(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     return code, time.perf_counter() - started
+
+
+def _clear(out: Path, name: str) -> None:
+    """Remove an earlier run of the same name: its checkpoints would be resumed and its log appended to."""
+    shutil.rmtree(out / name, ignore_errors=True)
+    (out / f"{name}.log").unlink(missing_ok=True)
 
 
 def steady_images_per_s(log_file: Path, batch_per_step: int, skip_steps: int) -> float:
@@ -99,6 +106,7 @@ def main() -> int:
                   "mixed_precision=" + ("no" if args.smoke else "bf16")]
         for gpus in sorted({1, args.gpus}):
             name = f"throughput-{gpus}gpu"
+            _clear(out, name)
             code, wall = launch(out, name, gpus, ddp if gpus > 1 else None, [f"output_dir={out / name}", *common])
             if code != 0:
                 results[name] = {"exit_code": code}
@@ -112,6 +120,8 @@ def main() -> int:
              f"max_steps={total}", f"checkpoint_every={every}", "warmup_steps=20", "sample_every=0", "num_workers=2",
              "log_every=10"] + (["batch_size=8", "mixed_precision=no", "model.depth=2"] if args.smoke else [])
     if "resume" not in skip:
+        for name in ("uninterrupted", "interrupted"):
+            _clear(out, name)
         code_a, wall_a = launch(out, "uninterrupted", args.gpus, ddp, [f"output_dir={out / 'uninterrupted'}", *small])
         run = [f"output_dir={out / 'interrupted'}", *small]
         codes = [launch(out, "interrupted", args.gpus, ddp, run, fault=f"step:{kill_step}")[0],
@@ -129,8 +139,10 @@ def main() -> int:
         print("resume", entry, flush=True)
 
     if "fsdp" not in skip:
+        _clear(out, "fsdp")
         code, wall = launch(out, "fsdp", args.gpus, "configs/accelerate_fsdp.yaml",
-                            [f"output_dir={out / 'fsdp'}", *small, "max_steps=60", "checkpoint_every=30", "ema_decay=null"])
+                            [f"output_dir={out / 'fsdp'}", *small, "max_steps=60", "checkpoint_every=30", "ema_decay=null",
+                             "sample_every=0"])  # FSDP takes neither EMA nor sample grids (the trainer says so)
         entry = {"exit_code": code, "wall_s": wall}
         if code == 0:
             from diffusers_var import VARPipeline

@@ -64,7 +64,8 @@ def main() -> int:
     parser.add_argument("--transformer-minutes", type=float, default=4.0)
     parser.add_argument("--num-samples", type=int, default=200)
     parser.add_argument("--tokenizer-from", default=None,
-                        help="reuse the tokenizer of an earlier --work folder (its tokenizer/final and train_log.jsonl)")
+                        help="reuse the tokenizer of an earlier --work folder (its tokenizer/final, train_log.jsonl, "
+                             "train_config.json and, when present, timing.json)")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for both trainings")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -79,7 +80,10 @@ def main() -> int:
         if not (tokenizer_work / "final").is_dir():
             raise ValueError(f"`--tokenizer-from`: {tokenizer_work / 'final'} does not exist.")
         overrides.append(f"tokenizer_path={tokenizer_work / 'final'}")
-        timings["tokenizer_s"] = json.loads((tokenizer_work / "timing.json").read_text())["tokenizer_s"]
+        if (tokenizer_work / "train_config.json").is_file():  # the reused run's settings, for the model card
+            tok_cfg.model = json.loads((tokenizer_work / "train_config.json").read_text())["model"]
+        timing = tokenizer_work / "timing.json"
+        timings["tokenizer_s"] = json.loads(timing.read_text())["tokenizer_s"] if timing.is_file() else float("nan")
     elif tokenizer_config is not None:
         t0 = time.perf_counter()
         tok_cfg = TrainConfig.load(REPO / "configs" / tokenizer_config,

@@ -290,18 +290,34 @@ def test_infinity_bad_prompt_embeds_name_the_parameter(infinity):
 
 
 def test_var_compiled_blocks_generate_what_the_eager_blocks_do():
-    """``compile_blocks=True`` hands each block's elementwise work to torch.compile; in float32 the sampled
-    tokens, hence the images, are those of the eager path. Bad values name the parameter."""
+    """``compile_blocks=True`` hands each block's elementwise work to torch.compile; in float32 its logits are
+    the eager ones. The weights are perturbed first: freshly initialised AdaLN gates (1e-5) would make the
+    blocks (compiled or not) irrelevant to the output. Bad values name the parameter."""
     torch.manual_seed(0)
-    vqvae = MultiScaleVQModel(patch_nums=(1, 2, 3, 4)).eval()
     transformer = VARTransformer2DModel(depth=2, embed_dim=64, num_heads=2, patch_nums=(1, 2, 3, 4), num_classes=10)
     transformer.init_weights()
-    pipe = VARPipeline(transformer=transformer.eval(), vqvae=vqvae)
-    pipe.set_progress_bar_config(disable=True)
-    eager = pipe(class_labels=[1, 2], generator=torch.Generator().manual_seed(0), output_type="pt").images
+    with torch.no_grad():
+        for parameter in transformer.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    transformer.eval()
+    cond = transformer.embed_condition(torch.tensor([1, 2, 10, 10]))
+    scale_inputs = [None] + [torch.randn(4, e - b, transformer.config.latent_channels) for b, e in transformer.begin_ends[1:]]
+
+    def all_logits():
+        cache = transformer.init_kv_cache()
+        with torch.no_grad():
+            return [transformer.forward_scale(si, cond, cache, x) for si, x in enumerate(scale_inputs)]
+
+    eager = all_logits()
+    blocks = list(transformer.blocks)
+    transformer.blocks = torch.nn.ModuleList()  # without the blocks the logits must change: they matter here
+    assert (all_logits()[-1] - eager[-1]).abs().max() > 1e-2
+    transformer.blocks = torch.nn.ModuleList(blocks)
+
+    pipe = VARPipeline(transformer=transformer, vqvae=MultiScaleVQModel(patch_nums=(1, 2, 3, 4)).eval())
     pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=True)
-    assert all(hasattr(block.ffn_residual, "_torchdynamo_orig_callable") for block in pipe.transformer.blocks)
-    compiled = pipe(class_labels=[1, 2], generator=torch.Generator().manual_seed(0), output_type="pt").images
-    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    assert all(hasattr(block.ffn_residual, "_torchdynamo_orig_callable") for block in transformer.blocks)
+    for compiled, reference in zip(all_logits(), eager):
+        torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="compile_blocks"):
         pipe.enable_fast_inference(compile_blocks="yes")

@@ -110,7 +110,7 @@ def test_tiny_text_encoders_are_deterministic_and_round_trip(tmp_path):
 @pytest.mark.parametrize("kind", ["tiny-clip", "tiny-t5"])
 def test_tiny_text_encoders_know_word_order(kind):
     """Swapping the two colours must change the features: a bag-of-bytes encoder (the old tiny-t5, pooled
-    cosine 0.99997) made the embedded Infinity draw the background colour on the shape in 40% of samples."""
+    cosine 0.99997) made the embedded Infinity swap shape and background colours in 40 of 90 samples."""
     model, tokenizer = build_tiny_text_encoder(kind)
     captions = ["a red circle on a blue background", "a blue circle on a red background"]
     batch = tokenizer(captions, padding=True, return_tensors="pt")

@@ -48,7 +48,8 @@ def cast_decoder_(modules: Sequence[nn.Module], dtype: torch.dtype, compile_modu
     """The image decoder (and the convs feeding it) to ``dtype``; optionally ``torch.compile`` one module in
     place (parameter names, hence ``save_pretrained``, are unchanged). Compiled, the decoder also goes
     channels-last: cuDNN's channels-last convolutions are faster and the compiled GroupNorm reads that layout
-    directly (H100, VAR decoder, batch 1: 12.1 ms NCHW eager, 7.0 ms channels-last compiled). Eager, it stays
+    directly (H100, VAR decoder, batch 1: 12.1 ms NCHW eager, 3.6 to 7.0 ms channels-last compiled in two runs of
+    benchmarks/bench_decoder.py). Eager, it stays
     NCHW: eager GroupNorm copies channels-last inputs at every call (batch 64: 145 ms NCHW, 211 ms channels-last).
     """
     memory_format = torch.channels_last if compile_module is not None else torch.contiguous_format
@@ -137,7 +138,8 @@ class FastInferenceMixin:
 
     def disable_fast_inference(self):
         """Back to the eager path without CUDA graphs (captured graphs are freed). The weights keep their
-        current dtype: after a bf16 ``enable_fast_inference`` reload the pipeline (or cast it) for float32."""
+        current dtype, and a decoder or blocks compiled by ``compile_decoder`` / ``compile_blocks`` stay compiled
+        (same results, compiled code): reload the pipeline for the plain float32 modules."""
         return self._set_fast_inference(False)
 
     def _fast_top_p(self, device: torch.device) -> bool:

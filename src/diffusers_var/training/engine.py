@@ -215,6 +215,12 @@ def train(config: TrainConfig) -> Path:
         step_scheduler_with_optimizer=False,
     )
     set_seed(config.seed)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        if config.ema_decay:  # accelerate checkpoints a registered object from rank 0 only: the other shards' EMA would be lost
+            raise ValueError("`ema_decay`: EMA weights are not supported under FSDP (each rank averages its own shard and "
+                             "checkpoints keep rank 0's only); set ema_decay=null or train with DDP.")
+        if config.sample_every:  # sampling a sharded model needs every rank, the sample grid is drawn on rank 0
+            raise ValueError("`sample_every`: sample grids are not drawn under FSDP; set sample_every=0.")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         checkpoint_dir.mkdir(exist_ok=True)
