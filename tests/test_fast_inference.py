@@ -229,6 +229,8 @@ def _star_bad_embeds(star):
         (dict(ok, negative_prompt="ugly"), "negative_prompt_embeds"),
         (dict(prompt="a cat", pooled_prompt_embeds=p[:1]), "pooled_prompt_embeds"),
         (dict(prompt="a cat", negative_prompt_attention_mask=m[:1]), "negative_prompt_attention_mask"),
+        (dict(ok, prompt_embeds=torch.randn(2, 500, D), prompt_attention_mask=None, negative_prompt_embeds=None,
+              negative_prompt_attention_mask=None, negative_pooled_prompt_embeds=None), "prompt_embeds"),  # > encoder length
     ]
 
 

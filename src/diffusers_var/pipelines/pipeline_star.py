@@ -194,6 +194,11 @@ class STARPipeline(DiffusionPipeline, FastInferenceMixin):
             B = hidden.shape[0] // num_images_per_prompt
             if negative_prompt_embeds is None:
                 negatives = self._check_negative_prompts(negative_prompt, B)
+                limit = None if self.tokenizer is None else (T5_MAX_LENGTH if self._is_t5 else self.tokenizer.model_max_length)
+                if self.text_encoder is not None and limit is not None and hidden.shape[1] > limit:
+                    raise ValueError(f"`prompt_embeds` has {hidden.shape[1]} tokens: the negative prompt is encoded to the same "
+                                     f"length and the text encoder takes at most {limit}; pass `negative_prompt_embeds` too, "
+                                     f"or at most {limit} tokens.")
                 neg_hidden, neg_mask, neg_pooled = (rows(t) for t in self.encode_text(negatives, device, hidden.shape[1]))
             else:
                 neg_hidden, neg_mask, neg_pooled = (rows(t) for t in self._check_text_embeds(
