@@ -114,9 +114,22 @@ def counted_flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
+VAR_SAMPLING = dict(guidance_scale=1.5, top_k=900, top_p=0.96)  # the original's FID setting
+
+
 def generate(pipe, batch, device, seed=0, **kw):
-    return pipe(class_labels=list(range(batch)), guidance_scale=1.5, top_k=900, top_p=0.96,
-                generator=torch.Generator(device).manual_seed(seed), output_type="pt", **kw).images
+    kw = {**VAR_SAMPLING, **kw}
+    return pipe(class_labels=list(range(batch)), generator=torch.Generator(device).manual_seed(seed),
+                output_type=kw.pop("output_type", "pt"), **kw).images
+
+
+def recorded_greedy(generate_fn, tensor_name: str, pipe, batch, device, **kw) -> torch.Tensor:
+    """Greedy generation (top-k 1) through ``generate_fn``, recording ``tensor_name`` (the sampled tokens or
+    bits) at every scale with the step callback; returns them concatenated over scales."""
+    seen = []
+    generate_fn(pipe, batch, device, top_k=1, top_p=0.0, output_type="latent", callback_on_step_end_tensor_inputs=[tensor_name],
+                callback_on_step_end=lambda p, si, scale, tensors: seen.append(tensors[tensor_name].clone()) or {}, **kw)
+    return torch.cat(seen, dim=1)
 
 
 def synchronize(device) -> None:
@@ -145,15 +158,7 @@ def time_mode(pipe, batch, device, repeats, autocast_dtype=None, generate_fn=Non
 
 
 def greedy_tokens(pipe, batch, device):
-    seen = []
-
-    def record(p, si, pn, tensors):
-        seen.append(tensors["indices"].clone())
-        return {}
-
-    pipe(class_labels=list(range(batch)), guidance_scale=4.0, top_k=1, top_p=0.0, generator=torch.Generator(device).manual_seed(0),
-         output_type="latent", callback_on_step_end=record, callback_on_step_end_tensor_inputs=["indices"])
-    return torch.cat(seen, dim=1)
+    return recorded_greedy(generate, "indices", pipe, batch, device, guidance_scale=4.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,10 +216,7 @@ def generate_star(pipe, batch, device, seed=0, **kw):
 
 
 def greedy_star(pipe, batch, device):
-    seen = []
-    generate_star(pipe, batch, device, top_k=1, top_p=0.0, output_type="latent", callback_on_step_end_tensor_inputs=["indices"],
-                  callback_on_step_end=lambda p, si, pn, t: seen.append(t["indices"].clone()) or {})
-    return torch.cat(seen, dim=1)
+    return recorded_greedy(generate_star, "indices", pipe, batch, device)
 
 
 def star_transformer_flops(transformer: STARTransformer2DModel, rows: int, text_tokens: int = STAR_TEXT_TOKENS) -> float:
@@ -278,10 +280,7 @@ def generate_infinity(pipe, batch, device, seed=0, **kw):
 
 
 def greedy_infinity(pipe, batch, device):
-    seen = []
-    generate_infinity(pipe, batch, device, top_k=1, top_p=0.0, output_type="latent", callback_on_step_end_tensor_inputs=["bits"],
-                      callback_on_step_end=lambda p, si, hw, t: seen.append(t["bits"].clone()) or {})
-    return torch.cat(seen, dim=1)
+    return recorded_greedy(generate_infinity, "bits", pipe, batch, device)
 
 
 def infinity_schedule(pipe: InfinityPipeline):

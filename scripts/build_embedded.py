@@ -74,14 +74,14 @@ def main() -> int:
 
     pipeline_class, tokenizer_config, transformer_config, settings = FAMILIES[args.family]
     overrides = []
-    tok_cfg = TrainConfig.load(REPO / "configs" / tokenizer_config) if tokenizer_config else None
+    tok_cfg = None
     tokenizer_work = Path(args.tokenizer_from) / "tokenizer" if args.tokenizer_from else work / "tokenizer"
     if tokenizer_config is not None and args.tokenizer_from:
         if not (tokenizer_work / "final").is_dir():
             raise ValueError(f"`--tokenizer-from`: {tokenizer_work / 'final'} does not exist.")
         overrides.append(f"tokenizer_path={tokenizer_work / 'final'}")
-        if (tokenizer_work / "train_config.json").is_file():  # the reused run's settings, for the model card
-            tok_cfg.model = json.loads((tokenizer_work / "train_config.json").read_text())["model"]
+        reused_config = tokenizer_work / "train_config.json"  # the reused run's settings, for the model card
+        tok_cfg = TrainConfig.load(reused_config if reused_config.is_file() else REPO / "configs" / tokenizer_config)
         timing = tokenizer_work / "timing.json"
         timings["tokenizer_s"] = json.loads(timing.read_text())["tokenizer_s"] if timing.is_file() else float("nan")
     elif tokenizer_config is not None:

@@ -156,9 +156,7 @@ class FastInferenceMixin:
         """The graph set for ``key`` (captured by ``build()`` on first use), or ``None`` for the eager path."""
         if not self._use_cuda_graphs or not self._cuda_graphs_usable(device):
             return None
-        cache = self.__dict__.get("_graph_steps")
-        if cache is None:
-            cache = self._graph_steps = OrderedDict()
+        cache = self._graph_steps  # set by _set_fast_inference, which is what turns graphs on
         size = max(1, int(self.graph_cache_size))
         if key in cache:
             cache.move_to_end(key)

@@ -172,37 +172,28 @@ class STARPipeline(DiffusionPipeline, FastInferenceMixin):
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
         return embeds, mask, pooled
 
-    def _prepare_text(self, prompt, negative_prompt, prompt_embeds, prompt_attention_mask, pooled_prompt_embeds,
-                      negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds,
-                      num_images_per_prompt: int, device, max_sequence_length):
+    def _prepare_text(self, prompt, negative_prompt, given, given_negative, num_images_per_prompt: int, device,
+                      max_sequence_length):
         """Text conditions of all rows (conditional rows first): ``(hidden (2B, N, D), mask (2B, N), pooled (2B, D))``.
 
         Prompts and negative prompts are encoded in one text encoder call (as the original does); precomputed
-        features replace either half."""
+        features, already checked by :meth:`_check_text_embeds` (``given`` / ``given_negative``), replace either half."""
         def rows(t: torch.Tensor) -> torch.Tensor:
             return t.to(device).repeat_interleave(num_images_per_prompt, dim=0)
 
-        if prompt_embeds is None and negative_prompt_embeds is None:
+        if given is None and given_negative is None:
             positive_negative = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, device, max_sequence_length)
             hidden, mask, pooled, neg_hidden, neg_mask, neg_pooled = positive_negative
         else:
-            if prompt_embeds is None:
+            if given is None:
                 hidden, mask, pooled = (rows(t) for t in self.encode_text(self._check_prompts(prompt), device, max_sequence_length))
             else:
-                hidden, mask, pooled = (rows(t) for t in self._check_text_embeds(
-                    prompt_embeds, prompt_attention_mask, pooled_prompt_embeds, ""))
-            B = hidden.shape[0] // num_images_per_prompt
-            if negative_prompt_embeds is None:
-                negatives = self._check_negative_prompts(negative_prompt, B)
-                limit = None if self.tokenizer is None else (T5_MAX_LENGTH if self._is_t5 else self.tokenizer.model_max_length)
-                if self.text_encoder is not None and limit is not None and hidden.shape[1] > limit:
-                    raise ValueError(f"`prompt_embeds` has {hidden.shape[1]} tokens: the negative prompt is encoded to the same "
-                                     f"length and the text encoder takes at most {limit}; pass `negative_prompt_embeds` too, "
-                                     f"or at most {limit} tokens.")
+                hidden, mask, pooled = (rows(t) for t in given)
+            if given_negative is None:
+                negatives = self._check_negative_prompts(negative_prompt, hidden.shape[0] // num_images_per_prompt)
                 neg_hidden, neg_mask, neg_pooled = (rows(t) for t in self.encode_text(negatives, device, hidden.shape[1]))
             else:
-                neg_hidden, neg_mask, neg_pooled = (rows(t) for t in self._check_text_embeds(
-                    negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds, "negative_", B))
+                neg_hidden, neg_mask, neg_pooled = (rows(t) for t in given_negative)
             if neg_hidden.shape[1] != hidden.shape[1]:
                 raise ValueError(f"`negative_prompt_embeds` has {neg_hidden.shape[1]} tokens but the prompt features have "
                                  f"{hidden.shape[1]}; pad both to the same length.")
@@ -356,11 +347,11 @@ class STARPipeline(DiffusionPipeline, FastInferenceMixin):
             for name, value in (("prompt_attention_mask", prompt_attention_mask), ("pooled_prompt_embeds", pooled_prompt_embeds)):
                 if value is not None:
                     raise ValueError(f"`{name}` is only used with `prompt_embeds`.")
-            num_prompts = len(self._check_prompts(prompt))
+            num_prompts, given = len(self._check_prompts(prompt)), None
         else:
             if prompt is not None:
                 raise ValueError("pass either `prompt` or `prompt_embeds`, not both.")
-            self._check_text_embeds(prompt_embeds, prompt_attention_mask, pooled_prompt_embeds, "")
+            given = self._check_text_embeds(prompt_embeds, prompt_attention_mask, pooled_prompt_embeds, "")
             num_prompts = prompt_embeds.shape[0]
         if negative_prompt_embeds is None:
             for name, value in (("negative_prompt_attention_mask", negative_prompt_attention_mask),
@@ -368,11 +359,17 @@ class STARPipeline(DiffusionPipeline, FastInferenceMixin):
                 if value is not None:
                     raise ValueError(f"`{name}` is only used with `negative_prompt_embeds`.")
             self._check_negative_prompts(negative_prompt, num_prompts)
+            given_negative = None
+            limit = None if self.tokenizer is None else (T5_MAX_LENGTH if self._is_t5 else self.tokenizer.model_max_length)
+            if prompt_embeds is not None and self.text_encoder is not None and limit is not None and prompt_embeds.shape[1] > limit:
+                raise ValueError(f"`prompt_embeds` has {prompt_embeds.shape[1]} tokens: the negative prompt is encoded to the same "
+                                 f"length and the text encoder takes at most {limit}; pass `negative_prompt_embeds` too, "
+                                 f"or at most {limit} tokens.")
         else:
             if negative_prompt is not None:
                 raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
-            self._check_text_embeds(negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds,
-                                    "negative_", num_prompts)
+            given_negative = self._check_text_embeds(negative_prompt_embeds, negative_prompt_attention_mask,
+                                                     negative_pooled_prompt_embeds, "negative_", num_prompts)
         if self.text_encoder is None or self.tokenizer is None:
             if prompt_embeds is None:
                 raise ValueError("`prompt` needs a text encoder and tokenizer, which this pipeline lacks; pass `prompt_embeds` "
@@ -396,8 +393,7 @@ class STARPipeline(DiffusionPipeline, FastInferenceMixin):
         device = self._execution_device
 
         text_hidden, text_mask, text_pooled = self._prepare_text(  # conditional rows first
-            prompt, negative_prompt, prompt_embeds, prompt_attention_mask, pooled_prompt_embeds, negative_prompt_embeds,
-            negative_prompt_attention_mask, negative_pooled_prompt_embeds, num_images_per_prompt, device, max_sequence_length)
+            prompt, negative_prompt, given, given_negative, num_images_per_prompt, device, max_sequence_length)
         if self._fast_inference:  # static graph inputs in the compute dtype (the blocks cast to it anyway)
             text_hidden, text_pooled = text_hidden.to(transformer.text_proj.weight.dtype), text_pooled.to(transformer.text_proj.weight.dtype)
 

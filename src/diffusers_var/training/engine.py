@@ -336,7 +336,7 @@ def train(config: TrainConfig) -> Path:
     accelerator.wait_for_everyone()
     export_dir = output_dir / "final"
     trained = accelerator.unwrap_model(model)
-    if ema is not None:  # on every rank: under FSDP each one holds (and averages) its own shard
+    if ema is not None:  # never under FSDP (refused at the start): each rank holds the whole model; rank 0 exports it
         ema.store(trained.parameters())
         ema.copy_to(trained.parameters())
     if accelerator.distributed_type == DistributedType.FSDP:
