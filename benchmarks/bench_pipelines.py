@@ -21,7 +21,7 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
   eager        our eager code in float32
   fast         ``pipe.enable_fast_inference()``: bf16 blocks and decoder, CUDA graphs per scale
   fast-compile the same with ``compile_decoder=True`` (torch.compile of the image decoder)
-  fast-compile-all  also ``compile_blocks=True`` (VAR: torch.compile of each block's elementwise work)
+  fast-compile-all  also ``compile_blocks=True`` (VAR, Infinity: torch.compile of each block's elementwise work)
 It also checks that greedy tokens (bits for Infinity) of the fast path agree with the eager float32 path.
 """
 
@@ -409,8 +409,8 @@ def main() -> int:
             if not bench.fresh:
                 bench.rebuild(device)
             if mode.startswith("fast"):
-                if mode == "fast-compile-all" and not isinstance(bench.pipe, VARPipeline):
-                    print(f"  {name}: fast-compile-all (compile_blocks) is VAR only; skipped")
+                if mode == "fast-compile-all" and isinstance(bench.pipe, STARPipeline):
+                    print(f"  {name}: fast-compile-all (compile_blocks) is VAR / Infinity only; skipped")
                     continue
                 extra = {"compile_blocks": True} if mode == "fast-compile-all" else {}
                 bench.pipe.enable_fast_inference(compile_decoder=mode != "fast", **extra)
@@ -439,7 +439,7 @@ def main() -> int:
                     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
                     print(f"  profile: {wall_ms:.1f} ms wall with the profiler on; {launches} eager kernel launches; "
                           f"{sum(e.count for e in events if e.key == 'cudaGraphLaunch')} graph launches")
-                    print(events.table(sort_by="self_cuda_time_total", row_limit=16, max_name_column_width=60))
+                    print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60))
                     print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
         del bench
         if device.type == "cuda":

@@ -323,3 +323,37 @@ def test_var_compiled_blocks_generate_what_the_eager_blocks_do():
         torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="compile_blocks"):
         pipe.enable_fast_inference(compile_blocks="yes")
+
+
+def test_infinity_compiled_blocks_generate_what_the_eager_blocks_do():
+    """The same for Infinity, whose compiled pieces also hold the 2-D RoPE and the cross-attention query /
+    residual: float32 logits of every scale equal the eager ones (weights perturbed so the blocks matter)."""
+    pipe = tiny_pipeline()
+    transformer = pipe.transformer
+    with torch.no_grad():
+        for parameter in transformer.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    embeds, mask = pipe.encode_prompt([PROMPT, "a cat"], "cpu", 1, None)
+    mask[1, -1] = False  # a padded position: the cross-attention mask must still be honoured
+    text = transformer.encode_text(embeds, mask)
+    schedule = [(1, 1), (2, 2), (4, 4)]
+    bits = transformer.config.bits_per_token
+    scale_inputs = [None] + [torch.randn(2, h * w, bits) for h, w in schedule[1:]]
+
+    def all_logits():
+        cache = transformer.init_kv_cache(schedule)
+        with torch.no_grad():
+            return [transformer.forward_scale(si, schedule, text, cache, x) for si, x in enumerate(scale_inputs)]
+
+    eager = all_logits()
+    blocks = list(transformer.blocks)
+    transformer.blocks = torch.nn.ModuleList()
+    assert (all_logits()[-1] - eager[-1]).abs().max() > 1e-2
+    transformer.blocks = torch.nn.ModuleList(blocks)
+
+    pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=True)
+    assert all(hasattr(block.cross_attention_query, "_torchdynamo_orig_callable") for block in transformer.blocks)
+    for compiled, reference in zip(all_logits(), eager):
+        torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="compile_blocks"):
+        pipe.enable_fast_inference(compile_blocks=1)

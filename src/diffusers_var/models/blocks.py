@@ -307,12 +307,17 @@ class AdaLNSelfAttentionBlock(nn.Module):
 
     # The pure tensor pieces below are what ``compile_adaln_blocks_`` hands to torch.compile; the KV cache
     # (Python state) stays between them, in ``self_attention_residual``.
-    def self_attention_residual(self, x_BLC, gamma, scale_plus_one, shift, attn_mask=None, kv_cache=None, rotary=None) -> torch.Tensor:
-        q, k, v, softmax_scale = self.attention_inputs(x_BLC, scale_plus_one, shift)
-        return self.attention_residual(x_BLC, self.attn.attend(q, k, v, softmax_scale, attn_mask, kv_cache, rotary), gamma)
+    def self_attention_residual(self, x_BLC, gamma, scale_plus_one, shift, attn_mask=None, kv_cache=None,
+                                rotary: "Rotary2D | None" = None) -> torch.Tensor:
+        tables = () if rotary is None else (rotary.cos, rotary.sin)  # rotated inside the compiled piece
+        q, k, v, softmax_scale = self.attention_inputs(x_BLC, scale_plus_one, shift, *tables)
+        return self.attention_residual(x_BLC, self.attn.attend(q, k, v, softmax_scale, attn_mask, kv_cache), gamma)
 
-    def attention_inputs(self, x_BLC, scale_plus_one, shift):
-        return self.attn.project(self.norm(x_BLC).mul(scale_plus_one).add_(shift))
+    def attention_inputs(self, x_BLC, scale_plus_one, shift, rotary_cos=None, rotary_sin=None):
+        q, k, v, softmax_scale = self.attn.project(self.norm(x_BLC).mul(scale_plus_one).add_(shift))
+        if rotary_cos is not None:
+            q, k = apply_interleaved_rotary(q, rotary_cos, rotary_sin), apply_interleaved_rotary(k, rotary_cos, rotary_sin)
+        return q, k, v, softmax_scale
 
     def attention_residual(self, x_BLC, attended_BLC, gamma) -> torch.Tensor:
         return x_BLC + self.drop_path(self.attn.to_out(attended_BLC) * gamma)
@@ -330,7 +335,10 @@ def compile_adaln_blocks_(model: nn.Module) -> int:
     compiles a handful of graphs, not one per block and scale. Returns the number of blocks."""
     blocks = [m for m in model.modules() if isinstance(m, AdaLNSelfAttentionBlock)]
     for block in blocks:
-        for name in ("attention_inputs", "attention_residual", "ffn_residual"):
+        names = ["attention_inputs", "attention_residual", "ffn_residual"]
+        if isinstance(block, AdaLNCrossAttentionBlock):
+            names += ["cross_attention_query", "cross_attention_residual"]
+        for name in names:
             setattr(block, name, torch.compile(getattr(block, name)))
     return len(blocks)
 
@@ -515,10 +523,17 @@ class CrossAttention(nn.Module):
         if self.to_q is None:
             q = self.learned_query.to(k.dtype).unsqueeze(0).expand(B, 1, -1, -1)
         else:
-            q = self.to_q(x_BLC).unflatten(-1, (self.num_heads, self.head_dim))
+            q = self.query(x_BLC)
+        return self.to_out(self.attend(q, k, v, context_mask_BS))
+
+    def query(self, x_BLC: torch.Tensor) -> torch.Tensor:
+        """(B, L, C) -> queries (B, L, H, D)."""
+        return self.to_q(x_BLC).unflatten(-1, (self.num_heads, self.head_dim))
+
+    def attend(self, q, k, v, context_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention over the context (padded positions masked): (B, L, H, D) queries -> (B, L, C), before ``to_out``."""
         mask = None if context_mask_BS is None else context_mask_BS[:, None, None, :].to(torch.bool)
-        out = dispatch_attention_fn(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
-        return self.to_out(out.flatten(2))
+        return dispatch_attention_fn(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5).flatten(2)
 
 
 class AdaLNCrossAttentionBlock(AdaLNSelfAttentionBlock):
@@ -540,8 +555,18 @@ class AdaLNCrossAttentionBlock(AdaLNSelfAttentionBlock):
             modulation, context_kv = self.modulation(cond), None
         gamma1, gamma2, scale1, scale2, shift1, shift2 = modulation
         x_BLC = self.self_attention_residual(x_BLC, gamma1, scale1, shift1, attn_mask, kv_cache, rotary)
-        x_BLC = x_BLC + self.cross_attn(self.cross_attn_norm(x_BLC), context_BSC, context_mask_BS, context_kv)
+        if context_kv is None:
+            context_kv = self.cross_attn.context_keys_values(context_BSC)
+        attended = self.cross_attn.attend(self.cross_attention_query(x_BLC), *context_kv, context_mask_BS)
+        x_BLC = self.cross_attention_residual(x_BLC, attended)
         return self.ffn_residual(x_BLC, gamma2, scale2, shift2)
+
+    # pure pieces of the cross-attention branch (compiled by ``compile_adaln_blocks_`` like the others)
+    def cross_attention_query(self, x_BLC):
+        return self.cross_attn.query(self.cross_attn_norm(x_BLC))
+
+    def cross_attention_residual(self, x_BLC, attended_BLC):
+        return x_BLC + self.cross_attn.to_out(attended_BLC)
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.utils import logging
 
 from ..models.bitwise_vae import BitwiseMultiScaleVAE
+from ..models.blocks import compile_adaln_blocks_
 from ..models.dynamic_resolution import schedule_for_pixels
 from ..models.infinity_transformer import InfinityTextCondition, InfinityTransformer2DModel
 from .fast_inference import CUDAGraphScaleSteps, FastInferenceMixin, cast_decoder_, cast_module_, check_fast_inference_args
@@ -122,7 +123,7 @@ class InfinityPipeline(DiffusionPipeline, FastInferenceMixin):
 
     # -- fast inference ------------------------------------------------------------------------------
     def enable_fast_inference(self, dtype: torch.dtype = torch.bfloat16, cuda_graphs: bool = True,
-                              compile_decoder: bool = False) -> "InfinityPipeline":
+                              compile_decoder: bool = False, compile_blocks: bool = False) -> "InfinityPipeline":
         """Speed switch for GPUs (as :meth:`VARPipeline.enable_fast_inference`). The transformer (text pooling and
         projection, blocks), the VAE decoder and the T5 encoder run in ``dtype`` (bf16 by default); the bit head, its
         AdaLN norm and the text RMSNorm stay float32, as do the running latent and the sampler. On CUDA each scale's
@@ -130,13 +131,17 @@ class InfinityPipeline(DiffusionPipeline, FastInferenceMixin):
         replayed after (a prompt of another token length captures another set; at most ``graph_cache_size`` are
         kept); the AdaLN modulations and every block's text keys / values are computed once per generation. Use a
         CUDA ``torch.Generator``. On the CPU it only casts: with ``dtype=torch.float32`` the images are the eager
-        ones. Returns the pipeline.
+        ones. ``compile_decoder``: channels-last ``torch.compile`` of the VAE decoder. ``compile_blocks``:
+        ``torch.compile`` of each block's elementwise work (norms, modulation, q/k normalisation, 2-D RoPE, gating),
+        fused before the graphs are captured. Returns the pipeline.
         """
-        check_fast_inference_args(dtype, cuda_graphs, compile_decoder)
+        check_fast_inference_args(dtype, cuda_graphs, compile_decoder, compile_blocks=compile_blocks)
         transformer = self.transformer
         cast_module_(transformer, dtype, keep_float32=(transformer.head, transformer.head_norm, transformer.text_norm))
         cast_decoder_((self.vae.decoder,), dtype, self.vae.decoder if compile_decoder else None)
         cast_module_(self.text_encoder, dtype)
+        if compile_blocks:
+            compile_adaln_blocks_(transformer)
         return self._set_fast_inference(True, cuda_graphs)
 
     def _scale_step(self, schedule, text: InfinityTextCondition, device):
