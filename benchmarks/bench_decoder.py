@@ -5,7 +5,10 @@ compile modes, batch 1 and 64, random weights. Used to pick the decoder path of 
     python benchmarks/bench_decoder.py --batch-sizes 1,64
 
 Variants: dtype (bf16 / fp16) x memory format (NCHW / channels-last) x eager / ``torch.compile`` (default and
-``max-autotune-no-cudagraphs``). Prints ms per batch (median of 10 after warm-up) and peak memory.
+``max-autotune-no-cudagraphs``); ``-padded``: the RGB output conv with zero-padded output channels, as
+``enable_fast_inference(compile_decoder=True)`` runs it. cuDNN autotuning (``cudnn.benchmark``) is on, as the
+pipelines' fast path has it around the decoder; ``--no-cudnn-benchmark`` turns it off. Prints ms per batch
+(median of 10 after warm-up) and peak memory.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from diffusers_var import MultiScaleVQModel  # noqa: E402
+from diffusers_var.pipelines.fast_inference import pad_narrow_convs_  # noqa: E402
 
 VARIANTS = {  # name: (dtype, channels_last, compile mode or None)
     "bf16-nchw-eager": (torch.bfloat16, False, None),
     "bf16-cl-eager": (torch.bfloat16, True, None),
     "bf16-nchw-compile": (torch.bfloat16, False, "default"),
     "bf16-cl-compile": (torch.bfloat16, True, "default"),
+    "bf16-cl-compile-padded": (torch.bfloat16, True, "default"),
     "bf16-cl-autotune": (torch.bfloat16, True, "max-autotune-no-cudagraphs"),
     "fp16-cl-compile": (torch.float16, True, "default"),
 }
@@ -47,11 +52,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", default="1,64")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--no-cudnn-benchmark", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 1
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
+    print(f"cudnn.benchmark = {torch.backends.cudnn.benchmark}")
     print(f"| variant | batch | ms / batch | ms / image | peak GiB |\n|---|---|---|---|---|", flush=True)
     for name in args.variants.split(","):
         dtype, channels_last, mode = VARIANTS[name]
@@ -60,6 +67,8 @@ def main() -> int:
         decoder = torch.nn.Sequential(vq.post_quant_conv, vq.decoder).to("cuda", dtype)
         if channels_last:
             decoder = decoder.to(memory_format=torch.channels_last)
+        if name.endswith("-padded"):
+            pad_narrow_convs_(decoder)
         run = torch.compile(decoder, mode=mode, dynamic=False) if mode else decoder
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             f_hat = torch.randn(batch, vq.config.z_channels, 16, 16, device="cuda", dtype=dtype)

@@ -357,3 +357,34 @@ def test_infinity_compiled_blocks_generate_what_the_eager_blocks_do():
         torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="compile_blocks"):
         pipe.enable_fast_inference(compile_blocks=1)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 13])
+def test_separable_bicubic_upsampling_equals_the_fused_kernel(size):
+    from diffusers_var.models.multiscale_vq import bicubic_up
+
+    x = torch.randn(3, 4, size, size, generator=torch.Generator().manual_seed(size))
+    fused, separable = bicubic_up(x, 16), bicubic_up(x, 16, separable=True)
+    assert separable.shape == fused.shape == (3, 4, 16, 16)
+    torch.testing.assert_close(separable, fused, rtol=0, atol=2e-6)
+
+
+def test_padded_narrow_convs_keep_outputs_and_parameter_names():
+    conv_rgb, conv_wide = torch.nn.Conv2d(16, 3, 3, 1, 1), torch.nn.Conv2d(3, 16, 3, 1, 1)
+    model = torch.nn.Sequential(conv_wide, conv_rgb)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        reference = model(x)
+        names = list(model.state_dict())
+        assert fast_inference.pad_narrow_convs_(model) == 1  # only the 3-channel conv
+        torch.testing.assert_close(model(x), reference, rtol=1e-6, atol=1e-6)
+    assert list(model.state_dict()) == names and model[1].weight.shape == (3, 16, 3, 3)
+
+
+def test_cudnn_autotune_is_restored():
+    before = torch.backends.cudnn.benchmark
+    with fast_inference.cudnn_autotune():
+        assert torch.backends.cudnn.benchmark
+    with fast_inference.cudnn_autotune(False):
+        assert torch.backends.cudnn.benchmark == before
+    assert torch.backends.cudnn.benchmark == before

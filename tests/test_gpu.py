@@ -172,3 +172,18 @@ def test_infinity_bf16_fast_path_generates():
     first, again = (pipe(**text, height=32, width=32, generator=torch.Generator("cuda").manual_seed(0), output_type="pt").images
                     for _ in range(2))
     assert first.shape == (2, 3, 32, 32) and torch.isfinite(first).all() and torch.equal(first, again)
+
+
+def test_fused_gelu_feed_forward_matches_the_unfused_one():
+    """``fuse_ffn_gelu_`` moves fc1's bias and the tanh GELU into the matmul epilogue: same function on CUDA."""
+    from diffusers_var.models.blocks import FeedForward, fuse_ffn_gelu_
+
+    torch.manual_seed(0)
+    for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        ffn = FeedForward(256, 1024).to("cuda", dtype)
+        x = torch.randn(2, 37, 256, device="cuda", dtype=dtype)
+        with torch.no_grad():
+            reference = ffn(x)
+            assert fuse_ffn_gelu_(ffn) == 1
+            fused = ffn(x)
+        torch.testing.assert_close(fused.float(), reference.float(), rtol=tolerance, atol=tolerance)

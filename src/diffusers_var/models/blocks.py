@@ -169,7 +169,13 @@ class DropPath(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """fc2(GELU_tanh(fc1(x))); the output width is ``out_dim`` (default: ``dim``)."""
+    """fc2(GELU_tanh(fc1(x))); the output width is ``out_dim`` (default: ``dim``).
+
+    ``fused_gelu`` (set by :func:`fuse_ffn_gelu_`): on CUDA and without autograd, fc1's bias and the tanh GELU run in
+    the cuBLASLt epilogue of its matmul, so the wide hidden activation is written once instead of written, read
+    and written again by a separate GELU kernel."""
+
+    fused_gelu: bool = False
 
     def __init__(self, dim: int, hidden_dim: int, out_dim: int | None = None):
         super().__init__()
@@ -177,7 +183,19 @@ class FeedForward(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim if out_dim is None else out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_gelu and x.is_cuda and not torch.is_grad_enabled():
+            # on CUDA ``_addmm_activation(use_gelu=True)`` is the tanh approximation (exact erf GELU on the CPU)
+            hidden = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(), use_gelu=True)
+            return self.fc2(hidden.view(*x.shape[:-1], -1))
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+def fuse_ffn_gelu_(model: nn.Module) -> int:
+    """Turn on :attr:`FeedForward.fused_gelu` in every feed-forward of ``model``; returns how many."""
+    feed_forwards = [m for m in model.modules() if isinstance(m, FeedForward)]
+    for feed_forward in feed_forwards:
+        feed_forward.fused_gelu = True
+    return len(feed_forwards)
 
 
 class CosineSelfAttention(nn.Module):

@@ -191,8 +191,34 @@ def area_down(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="area")
 
 
-def bicubic_up(x: torch.Tensor, size: int) -> torch.Tensor:
-    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+def bicubic_up(x: torch.Tensor, size: int, separable: bool = False) -> torch.Tensor:
+    """Bicubic upsampling (``align_corners=False``) of a square map to ``size x size``.
+
+    ``separable`` computes the same interpolation as two weighted sums with the weight matrices of
+    :func:`bicubic_weights` (equal up to float summation order). On CUDA the fused kernel gives one thread per output
+    pixel that loops over batch and channels, so for a batch of small maps (VAR batch 64: 2,048 channels of
+    16x16) it runs ~1.5 ms per call; the separable form is a few large elementwise kernels."""
+    if not separable:
+        return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+    rows = bicubic_weights(x.shape[-2], size, x.device)  # (size, h)
+    cols = bicubic_weights(x.shape[-1], size, x.device)  # (size, w)
+    # elementwise products and sums, not matmuls: stays exact float32 where TF32 matmuls are enabled
+    x = (rows[:, :, None] * x.float()[..., None, :, :]).sum(dim=-2)  # (B, C, size, w)
+    return (x[..., None, :] * cols).sum(dim=-1)  # (B, C, size, size)
+
+
+_BICUBIC_WEIGHTS: dict = {}
+
+
+def bicubic_weights(in_size: int, out_size: int, device) -> torch.Tensor:
+    """(out_size, in_size) float32: row ``o`` holds the weights of every input position in output ``o`` of a 1-D
+    bicubic resize (``align_corners=False``, borders clamped), read off ``F.interpolate`` applied to unit vectors."""
+    key = (in_size, out_size, str(device))
+    if key not in _BICUBIC_WEIGHTS:
+        unit_vectors = torch.eye(in_size, dtype=torch.float32).view(in_size, 1, in_size, 1)
+        resized = F.interpolate(unit_vectors, size=(out_size, 1), mode="bicubic", align_corners=False)
+        _BICUBIC_WEIGHTS[key] = resized[:, 0, :, 0].t().contiguous().to(device)
+    return _BICUBIC_WEIGHTS[key]
 
 
 class MultiScaleResidualQuantizer(nn.Module):
@@ -416,15 +442,15 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
 
     @apply_forward_hook
     def next_scale_input(self, scale_index: int, f_hat: torch.Tensor, embedding_BChw: torch.Tensor,
-                         patch_nums: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         patch_nums: Sequence[int] | None = None, separable_upsample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Sampling step: add scale ``scale_index``'s code map to ``f_hat`` (in place) and return
         ``(f_hat, next_input)`` where ``next_input`` is f_hat area-downsampled to the next scale
-        (or f_hat itself after the last scale)."""
+        (or f_hat itself after the last scale). ``separable_upsample``: see :func:`bicubic_up` (the fast path)."""
         patch_nums = self.patch_nums if patch_nums is None else tuple(patch_nums)
         S, side = len(patch_nums), patch_nums[-1]
         h = embedding_BChw.float()
         if scale_index != S - 1:
-            f_hat.add_(self.quantize.apply_phi(bicubic_up(h, side), scale_index, S))
+            f_hat.add_(self.quantize.apply_phi(bicubic_up(h, side, separable_upsample), scale_index, S))
             return f_hat, area_down(f_hat, patch_nums[scale_index + 1])
         f_hat.add_(self.quantize.apply_phi(h, scale_index, S))
         return f_hat, f_hat

@@ -11,7 +11,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.utils import logging
 
 from ..models.bitwise_vae import BitwiseMultiScaleVAE
-from ..models.blocks import compile_adaln_blocks_
+from ..models.blocks import compile_adaln_blocks_, fuse_ffn_gelu_
 from ..models.dynamic_resolution import schedule_for_pixels
 from ..models.infinity_transformer import InfinityTextCondition, InfinityTransformer2DModel
 from .fast_inference import CUDAGraphScaleSteps, FastInferenceMixin, cast_decoder_, cast_module_, check_fast_inference_args
@@ -138,6 +138,7 @@ class InfinityPipeline(DiffusionPipeline, FastInferenceMixin):
         check_fast_inference_args(dtype, cuda_graphs, compile_decoder, compile_blocks=compile_blocks)
         transformer = self.transformer
         cast_module_(transformer, dtype, keep_float32=(transformer.head, transformer.head_norm, transformer.text_norm))
+        fuse_ffn_gelu_(transformer)
         cast_decoder_((self.vae.decoder,), dtype, self.vae.decoder if compile_decoder else None)
         cast_module_(self.text_encoder, dtype)
         if compile_blocks:
@@ -330,7 +331,8 @@ class InfinityPipeline(DiffusionPipeline, FastInferenceMixin):
             images = summed
         else:
             decoder_dtype = next(vae.decoder.parameters()).dtype  # the decoder alone may be cast (fast inference)
-            decoded = vae.decode(summed.to(decoder_dtype)).sample.float()
+            with self._decode_context():
+                decoded = vae.decode(summed.to(decoder_dtype)).sample.float()
             images = images_to_output((decoded + 1) / 2, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
