@@ -6,9 +6,9 @@ compile modes, batch 1 and 64, random weights. Used to pick the decoder path of 
 
 Variants: dtype (bf16 / fp16) x memory format (NCHW / channels-last) x eager / ``torch.compile`` (default and
 ``max-autotune-no-cudagraphs``); ``-padded``: the RGB output conv with zero-padded output channels, as
-``enable_fast_inference(compile_decoder=True)`` runs it. cuDNN autotuning (``cudnn.benchmark``) is on, as the
-pipelines' fast path has it around the decoder; ``--no-cudnn-benchmark`` turns it off. Prints ms per batch
-(median of 10 after warm-up) and peak memory.
+``enable_fast_inference(compile_decoder=True)`` runs it. cuDNN autotuning (``cudnn.benchmark``) is on unless
+``--no-cudnn-benchmark`` (the pipelines do not turn it on). Prints ms per batch (median of 10 after warm-up) and
+peak memory.
 """
 
 from __future__ import annotations

@@ -138,12 +138,13 @@ class InfinityPipeline(DiffusionPipeline, FastInferenceMixin):
         check_fast_inference_args(dtype, cuda_graphs, compile_decoder, compile_blocks=compile_blocks)
         transformer = self.transformer
         cast_module_(transformer, dtype, keep_float32=(transformer.head, transformer.head_norm, transformer.text_norm))
-        fuse_ffn_gelu_(transformer)
+        if dtype != torch.float32:  # float32 keeps the eager ops, so its outputs equal eager
+            fuse_ffn_gelu_(transformer)
         cast_decoder_((self.vae.decoder,), dtype, self.vae.decoder if compile_decoder else None)
         cast_module_(self.text_encoder, dtype)
         if compile_blocks:
             compile_adaln_blocks_(transformer)
-        return self._set_fast_inference(True, cuda_graphs)
+        return self._set_fast_inference(True, cuda_graphs, dtype)
 
     def _scale_step(self, schedule, text: InfinityTextCondition, device):
         """``step(scale_index, scale_input) -> logits`` for one generation: eager with a fresh KV cache, or replayed
@@ -331,8 +332,7 @@ class InfinityPipeline(DiffusionPipeline, FastInferenceMixin):
             images = summed
         else:
             decoder_dtype = next(vae.decoder.parameters()).dtype  # the decoder alone may be cast (fast inference)
-            with self._decode_context():
-                decoded = vae.decode(summed.to(decoder_dtype)).sample.float()
+            decoded = vae.decode(summed.to(decoder_dtype)).sample.float()
             images = images_to_output((decoded + 1) / 2, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -216,10 +216,11 @@ class STARPipeline(DiffusionPipeline, FastInferenceMixin):
         transformer = self.transformer
         sampler_head = transformer.sampler.head if transformer.sampler is not None else None
         cast_module_(transformer, dtype, keep_float32=(transformer.head, transformer.head_norm, sampler_head))
-        fuse_ffn_gelu_(transformer)
+        if dtype != torch.float32:  # float32 keeps the eager ops, so its outputs equal eager
+            fuse_ffn_gelu_(transformer)
         cast_decoder_((self.vqvae.decoder, self.vqvae.post_quant_conv), dtype, self.vqvae.decoder if compile_decoder else None)
         cast_module_(self.text_encoder, dtype)
-        return self._set_fast_inference(True, cuda_graphs)
+        return self._set_fast_inference(True, cuda_graphs, dtype)
 
     def _scale_step(self, text_pooled: torch.Tensor, text_hidden: torch.Tensor, text_mask: torch.Tensor, device):
         """``step(scale_index, scale_input) -> (logits, hidden)`` for one generation: eager with a fresh KV cache,
@@ -271,7 +272,7 @@ class STARPipeline(DiffusionPipeline, FastInferenceMixin):
             else:  # the sampler head is guided with the full scale, not the ramp
                 mixed = apply_guidance(transformer.sampler_scale_logits(scale_index, hidden_2BlC, committed, pooled_2BD), guidance_scale)
             trace[0].append(mixed.clone())
-            filter_top_k_top_p_(mixed, top_k, top_p, fast=self._fast_sampling(device))
+            filter_top_k_top_p_(mixed, top_k, top_p, fast=self._fast_top_p(device))
             indices, confidence = sample_from_logits(mixed, generator, return_confidence=True)
             codes = codebook[indices.to(codebook.device)].float().to(device)
             trace[1].append(indices)
@@ -403,7 +404,8 @@ class STARPipeline(DiffusionPipeline, FastInferenceMixin):
         num_scales, side = len(patch_nums), patch_nums[-1]
         sampler_start = transformer.config.sampler_start_scale if use_stable_sampler else num_scales
         scale_step = self._scale_step(text_pooled, text_hidden, text_mask, device)
-        fast_sampling = self._fast_sampling(device)
+        fast_top_p = self._fast_top_p(device)
+        separable_upsample = self._separable_upsample(device)
         codebook = vqvae.codebook
         f_hat = torch.zeros(B, vqvae.config.z_channels, side, side, device=device, dtype=torch.float32)
         scale_input = None
@@ -425,12 +427,12 @@ class STARPipeline(DiffusionPipeline, FastInferenceMixin):
                     step_logits = logits[None]
                 else:
                     step_logits = logits[None].clone() if "step_logits" in tensor_inputs else None
-                    filter_top_k_top_p_(logits, top_k, top_p, fast=fast_sampling)
+                    filter_top_k_top_p_(logits, top_k, top_p, fast=fast_top_p)
                     indices, confidence = sample_from_logits(logits, generator, return_confidence=True)
                     step_indices, step_conf = indices[None], confidence[None]
                     embedding = codebook[indices.to(codebook.device)].float()
                 embedding = embedding.to(device).transpose(1, 2).reshape(B, -1, pn, pn)
-                f_hat, next_input = vqvae.next_scale_input(si, f_hat, embedding, separable_upsample=fast_sampling)
+                f_hat, next_input = vqvae.next_scale_input(si, f_hat, embedding, separable_upsample=separable_upsample)
 
                 if callback_on_step_end is not None:
                     local = {"f_hat": f_hat, "logits": guided_logits, "indices": indices, "step_logits": step_logits,

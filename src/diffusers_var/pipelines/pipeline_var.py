@@ -60,9 +60,7 @@ def finish_generation(pipeline, f_hat: torch.Tensor, output_type: str, return_di
     if output_type == "latent":
         images = f_hat
     else:
-        with pipeline._decode_context():
-            images = pipeline.vqvae.decode_latent(f_hat)
-        images = images_to_output((images + 1) / 2, output_type)
+        images = images_to_output((pipeline.vqvae.decode_latent(f_hat) + 1) / 2, output_type)
     pipeline.maybe_free_model_hooks()
     if not return_dict:
         return (images,)
@@ -113,24 +111,25 @@ class VARPipeline(DiffusionPipeline, FastInferenceMixin):
         """Speed switch for GPUs. The transformer blocks and the image decoder run in ``dtype`` (bf16 by
         default); the output head, the quantizer (codebook, Phi convs) and f_hat stay float32, which keeps
         greedy tokens close to the float32 path. On CUDA each scale's transformer step is a CUDA graph
-        (captured on the first call for a batch size, then replayed), the FFN's bias and GELU run in the epilogue
-        of its first matmul, top-p sorts only the top-k values, the code maps are upsampled by a separable
-        bicubic (same weights), and cuDNN autotunes the decoder's convolutions on the first decode per batch
-        size. Use a CUDA ``torch.Generator`` so sampling never waits on the host. On the CPU it only casts (the
+        (captured on the first call for a batch size, then replayed) and top-p sorts only the top-k values; in
+        bf16 / fp16 the FFN's bias and GELU also run in the epilogue of its first matmul and the code maps are
+        upsampled by a separable bicubic (same weights; float32 keeps the eager kernels, so its outputs equal
+        the eager ones). Use a CUDA ``torch.Generator`` so sampling never waits on the host. On the CPU it only casts (the
         sampler and the step stay eager). ``compile_decoder``: channels-last ``torch.compile`` of the image
-        decoder (its 3-channel output conv computed with zero-padded channels). ``compile_blocks``:
+        decoder (its 3-channel output conv computed with zero-padded channels, see ``pad_narrow_convs_``). ``compile_blocks``:
         ``torch.compile`` of each block's elementwise work (fused before the CUDA graphs are captured; the first
         generation per batch size compiles). Returns the pipeline.
         """
         check_fast_inference_args(dtype, cuda_graphs, compile_decoder, compile_blocks=compile_blocks)
         transformer = self.transformer
         cast_module_(transformer, dtype, keep_float32=(transformer.head, transformer.head_norm))
-        fuse_ffn_gelu_(transformer)
+        if dtype != torch.float32:  # float32 keeps the eager ops, so its outputs equal eager
+            fuse_ffn_gelu_(transformer)
         cast_decoder_((self.vqvae.decoder, self.vqvae.post_quant_conv), dtype,
                       self.vqvae.decoder if compile_decoder else None)
         if compile_blocks:
             compile_adaln_blocks_(transformer)
-        return self._set_fast_inference(True, cuda_graphs)
+        return self._set_fast_inference(True, cuda_graphs, dtype)
 
     def _scale_step(self, rows: int, device: torch.device):
         """``step(scale_index, cond, scale_input) -> logits`` for one generation: eager with a fresh
@@ -231,7 +230,8 @@ class VARPipeline(DiffusionPipeline, FastInferenceMixin):
         null = torch.full_like(labels_B, transformer.config.num_classes)
         cond_BD = transformer.embed_condition(torch.cat((labels_B, null)))  # conditional rows first
         scale_step = self._scale_step(cond_BD.shape[0], cond_BD.device)
-        fast_sampling = self._fast_sampling(cond_BD.device)
+        fast_top_p = self._fast_top_p(cond_BD.device)
+        separable_upsample = self._separable_upsample(cond_BD.device)
         codebook = vqvae.codebook
         f_hat = torch.zeros(B, vqvae.config.z_channels, side, side, device=device, dtype=torch.float32)
         scale_input = None
@@ -242,7 +242,7 @@ class VARPipeline(DiffusionPipeline, FastInferenceMixin):
                 logits = scale_step(si, cond_BD, scale_input)
                 logits = apply_guidance(logits, linear_guidance_ramp(guidance_scale, si, num_scales))
                 guided_logits = logits.clone() if "logits" in tensor_inputs else None
-                filter_top_k_top_p_(logits, top_k, top_p, fast=fast_sampling)
+                filter_top_k_top_p_(logits, top_k, top_p, fast=fast_top_p)
                 indices = sample_from_logits(logits, generator)
                 if more_smooth:  # soft mixture of codes; the hard sample above is discarded
                     weights = gumbel_softmax(logits.mul(1 + ratio), smooth_tau(ratio), generator)
@@ -250,7 +250,7 @@ class VARPipeline(DiffusionPipeline, FastInferenceMixin):
                 else:
                     embedding = codebook[indices.to(codebook.device)].float()
                 embedding = embedding.transpose(1, 2).reshape(B, -1, pn, pn)
-                f_hat, next_input = vqvae.next_scale_input(si, f_hat, embedding, separable_upsample=fast_sampling)
+                f_hat, next_input = vqvae.next_scale_input(si, f_hat, embedding, separable_upsample=separable_upsample)
 
                 if callback_on_step_end is not None:
                     local = {"f_hat": f_hat, "logits": guided_logits, "indices": indices}
