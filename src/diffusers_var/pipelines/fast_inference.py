@@ -173,10 +173,12 @@ class FastInferenceMixin:
         on CUDA, where it saves time; on the CPU the fast path falls back to the exact eager sampler."""
         return self._fast_inference and torch.device(device).type == "cuda"
 
-    def _separable_upsample(self, device: torch.device) -> bool:
-        """Whether the code maps are upsampled by the separable bicubic (``bicubic_up``): on CUDA in a low-precision
-        fast path. With ``dtype=torch.float32`` the fast path keeps the eager kernels, so its outputs equal eager."""
-        return self._fast_top_p(device) and self._fast_dtype != torch.float32
+    def _separable_upsample(self, device: torch.device, maps: int) -> bool:
+        """Whether ``maps`` code maps (batch x channels) are upsampled by the separable bicubic (``bicubic_up``): on
+        CUDA in a low-precision fast path, for many maps (the fused kernel loops over them in every thread; a few
+        it does faster). With ``dtype=torch.float32`` the fast path keeps the eager kernels, so its outputs equal
+        eager."""
+        return self._fast_top_p(device) and self._fast_dtype != torch.float32 and maps >= 256
 
     @staticmethod
     def _cuda_graphs_usable(device) -> bool:

@@ -405,7 +405,7 @@ class STARPipeline(DiffusionPipeline, FastInferenceMixin):
         sampler_start = transformer.config.sampler_start_scale if use_stable_sampler else num_scales
         scale_step = self._scale_step(text_pooled, text_hidden, text_mask, device)
         fast_top_p = self._fast_top_p(device)
-        separable_upsample = self._separable_upsample(device)
+        separable_upsample = self._separable_upsample(device, B * vqvae.config.z_channels)
         codebook = vqvae.codebook
         f_hat = torch.zeros(B, vqvae.config.z_channels, side, side, device=device, dtype=torch.float32)
         scale_input = None

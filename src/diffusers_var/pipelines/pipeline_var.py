@@ -231,7 +231,7 @@ class VARPipeline(DiffusionPipeline, FastInferenceMixin):
         cond_BD = transformer.embed_condition(torch.cat((labels_B, null)))  # conditional rows first
         scale_step = self._scale_step(cond_BD.shape[0], cond_BD.device)
         fast_top_p = self._fast_top_p(cond_BD.device)
-        separable_upsample = self._separable_upsample(cond_BD.device)
+        separable_upsample = self._separable_upsample(cond_BD.device, B * vqvae.config.z_channels)
         codebook = vqvae.codebook
         f_hat = torch.zeros(B, vqvae.config.z_channels, side, side, device=device, dtype=torch.float32)
         scale_input = None
