@@ -93,36 +93,24 @@ class LayerKVCache:
         self.memo: dict = {}  # per-generation values that depend only on the condition (AdaLN modulation)
 
     def append(self, key_BLHD: torch.Tensor, value_BLHD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        new_len = self.length + key_BLHD.shape[1]
         if self.max_length is None:
             if self._keys is None:
                 self._keys, self._values = key_BLHD, value_BLHD
             else:
                 self._keys = torch.cat((self._keys, key_BLHD), dim=1)
                 self._values = torch.cat((self._values, value_BLHD), dim=1)
-            self.length = self._keys.shape[1]
-            return self._keys, self._values
-        key_slot, value_slot = self.reserve(key_BLHD.shape, key_BLHD.dtype, key_BLHD.device)
-        key_slot.copy_(key_BLHD)
-        value_slot.copy_(value_BLHD)
-        return self.advance(key_BLHD.shape[1])
-
-    def reserve(self, shape_BLHD, dtype, device) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Views of the pre-allocated storage where the next ``shape_BLHD[1]`` tokens' keys / values go (``None``
-        without ``max_length``). A producer can write them there directly, then call :meth:`advance`."""
-        if self.max_length is None:
-            return None
-        B, L = shape_BLHD[:2]
-        if self.length + L > self.max_length:
-            raise ValueError(f"KV cache overflow: {self.length + L} tokens > max_length={self.max_length}.")
-        if self._keys is None or self._keys.shape[0] != B:
-            self._keys = torch.empty((B, self.max_length, *shape_BLHD[2:]), dtype=dtype, device=device)
-            self._values = torch.empty_like(self._keys)
-        return self._keys[:, self.length : self.length + L], self._values[:, self.length : self.length + L]
-
-    def advance(self, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Count ``num_tokens`` written through :meth:`reserve`; returns all cached keys / values."""
-        self.length += num_tokens
-        return self._keys[:, : self.length], self._values[:, : self.length]
+        else:
+            if new_len > self.max_length:
+                raise ValueError(f"KV cache overflow: {new_len} tokens > max_length={self.max_length}.")
+            if self._keys is None or self._keys.shape[0] != key_BLHD.shape[0]:
+                shape = (key_BLHD.shape[0], self.max_length, *key_BLHD.shape[2:])
+                self._keys = key_BLHD.new_empty(shape)
+                self._values = value_BLHD.new_empty(shape)
+            self._keys[:, self.length : new_len] = key_BLHD
+            self._values[:, self.length : new_len] = value_BLHD
+        self.length = new_len
+        return self._keys[:, :new_len], self._values[:, :new_len]
 
     def reset(self) -> None:
         """Forget the cached tokens but keep the storage (its addresses stay valid for CUDA graphs)."""
@@ -343,31 +331,10 @@ class AdaLNSelfAttentionBlock(nn.Module):
     def self_attention_residual(self, x_BLC, gamma, scale_plus_one, shift, attn_mask=None, kv_cache=None,
                                 rotary: "Rotary2D | None" = None) -> torch.Tensor:
         tables = () if rotary is None else (rotary.cos, rotary.sin)  # rotated inside the compiled piece
-        attn = self.attn
-        slots = None
-        if kv_cache is not None:
-            slots = kv_cache.reserve((*x_BLC.shape[:2], attn.num_heads, attn.head_dim), attn.to_qkv.weight.dtype, x_BLC.device)
-        if slots is None:
-            q, k, v, softmax_scale = self.attention_inputs(x_BLC, scale_plus_one, shift, *tables)
-            attended = attn.attend(q, k, v, softmax_scale, attn_mask, kv_cache)
-        else:  # keys / values written straight into the cache storage (compiled: by the kernel that makes them)
-            q, softmax_scale = self.attention_inputs_to_cache(x_BLC, scale_plus_one, shift, *slots, *tables)
-            k, v = kv_cache.advance(x_BLC.shape[1])
-            attended = attn.attend(q, k, v, softmax_scale, attn_mask)
-        return self.attention_residual(x_BLC, attended, gamma)
+        q, k, v, softmax_scale = self.attention_inputs(x_BLC, scale_plus_one, shift, *tables)
+        return self.attention_residual(x_BLC, self.attn.attend(q, k, v, softmax_scale, attn_mask, kv_cache), gamma)
 
     def attention_inputs(self, x_BLC, scale_plus_one, shift, rotary_cos=None, rotary_sin=None):
-        return self._attention_inputs(x_BLC, scale_plus_one, shift, rotary_cos, rotary_sin)
-
-    def attention_inputs_to_cache(self, x_BLC, scale_plus_one, shift, key_slot, value_slot, rotary_cos=None, rotary_sin=None):
-        """:meth:`attention_inputs` that writes k / v into the KV cache views ``key_slot`` / ``value_slot`` and
-        returns ``(q, softmax_scale)``."""
-        q, k, v, softmax_scale = self._attention_inputs(x_BLC, scale_plus_one, shift, rotary_cos, rotary_sin)
-        key_slot.copy_(k)
-        value_slot.copy_(v)
-        return q, softmax_scale
-
-    def _attention_inputs(self, x_BLC, scale_plus_one, shift, rotary_cos, rotary_sin):
         q, k, v, softmax_scale = self.attn.project(self.norm(x_BLC).mul(scale_plus_one).add_(shift))
         if rotary_cos is not None:
             q, k = apply_interleaved_rotary(q, rotary_cos, rotary_sin), apply_interleaved_rotary(k, rotary_cos, rotary_sin)
@@ -389,7 +356,7 @@ def compile_adaln_blocks_(model: nn.Module) -> int:
     compiles a handful of graphs, not one per block and scale. Returns the number of blocks."""
     blocks = [m for m in model.modules() if isinstance(m, AdaLNSelfAttentionBlock)]
     for block in blocks:
-        names = ["attention_inputs", "attention_inputs_to_cache", "attention_residual", "ffn_residual"]
+        names = ["attention_inputs", "attention_residual", "ffn_residual"]
         if isinstance(block, AdaLNCrossAttentionBlock):
             names += ["cross_attention_query", "cross_attention_residual"]
         for name in names:
