@@ -380,3 +380,24 @@ def test_padded_narrow_convs_keep_outputs_and_parameter_names():
         torch.testing.assert_close(model(x), reference, rtol=1e-6, atol=1e-6)
     assert list(model.state_dict()) == names and model[1].weight.shape == (3, 16, 3, 3)
 
+
+
+def test_fused_gelu_follows_the_fast_inference_dtype():
+    """The fused FFN GELU is a bf16 / fp16 shortcut: float32 fast inference and ``disable_fast_inference`` turn it off."""
+    from diffusers_var.models.blocks import FeedForward
+
+    torch.manual_seed(0)
+    transformer = VARTransformer2DModel(depth=1, embed_dim=32, num_heads=2, patch_nums=(1, 2), num_classes=4)
+    pipe = VARPipeline(transformer=transformer, vqvae=MultiScaleVQModel(patch_nums=(1, 2)).eval())
+
+    def fused():
+        return {m.fused_gelu for m in transformer.modules() if isinstance(m, FeedForward)}
+
+    assert fused() == {False}
+    pipe.enable_fast_inference(dtype=torch.bfloat16)
+    assert fused() == {True}
+    pipe.enable_fast_inference(dtype=torch.float32)
+    assert fused() == {False}
+    pipe.enable_fast_inference(dtype=torch.float16)
+    pipe.disable_fast_inference()
+    assert fused() == {False}

@@ -193,11 +193,11 @@ class FeedForward(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-def fuse_ffn_gelu_(model: nn.Module) -> int:
-    """Turn on :attr:`FeedForward.fused_gelu` in every feed-forward of ``model``; returns how many."""
+def fuse_ffn_gelu_(model: nn.Module, enabled: bool = True) -> int:
+    """Set :attr:`FeedForward.fused_gelu` to ``enabled`` in every feed-forward of ``model``; returns how many."""
     feed_forwards = [m for m in model.modules() if isinstance(m, FeedForward)]
     for feed_forward in feed_forwards:
-        feed_forward.fused_gelu = True
+        feed_forward.fused_gelu = bool(enabled)
     return len(feed_forwards)
 
 
@@ -276,7 +276,8 @@ class AdaLNSelfAttentionBlock(nn.Module):
     The 6 modulation vectors are ``gamma1, gamma2, scale1, scale2, shift1, shift2`` (in that order):
     ``x += gamma1 * Attn(LN(x) * (1 + scale1) + shift1)``; ``x += gamma2 * FFN(LN(x) * (1 + scale2) + shift2)``.
     With ``shared_adaln`` the caller passes the shared (B, 1, 6, C) modulation and the block adds its own
-    learned offset ``adaln_offset`` instead of owning a Linear.
+    learned offset ``adaln_offset`` instead of owning a Linear. ``rotary`` is a :class:`Rotary2D` (its cos / sin
+    tables are applied inside :meth:`attention_inputs`, which ``compile_adaln_blocks_`` compiles).
     """
 
     def __init__(
@@ -316,7 +317,7 @@ class AdaLNSelfAttentionBlock(nn.Module):
         cond: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
         kv_cache: LayerKVCache | None = None,
-        rotary: Callable | None = None,
+        rotary: "Rotary2D | None" = None,
     ) -> torch.Tensor:
         if kv_cache is not None:
             modulation = kv_cache.memoize("adaln", lambda: self.modulation(cond))

@@ -192,7 +192,7 @@ def area_down(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def bicubic_up(x: torch.Tensor, size: int, separable: bool = False) -> torch.Tensor:
-    """Bicubic upsampling (``align_corners=False``) of a square map to ``size x size``.
+    """Bicubic upsampling (``align_corners=False``) of (B, C, h, w) maps to ``size x size``, in ``x``'s dtype.
 
     ``separable`` computes the same interpolation as two weighted sums with the weight matrices of
     :func:`bicubic_weights` (equal up to float summation order). On CUDA the fused kernel gives one thread per output
@@ -200,11 +200,12 @@ def bicubic_up(x: torch.Tensor, size: int, separable: bool = False) -> torch.Ten
     16x16) it runs ~1.5 ms per call; the separable form is a few large elementwise kernels."""
     if not separable:
         return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+    dtype = x.dtype
     rows = bicubic_weights(x.shape[-2], size, x.device)  # (size, h)
     cols = bicubic_weights(x.shape[-1], size, x.device)  # (size, w)
     # elementwise products and sums, not matmuls: stays exact float32 where TF32 matmuls are enabled
     x = (rows[:, :, None] * x.float()[..., None, :, :]).sum(dim=-2)  # (B, C, size, w)
-    return (x[..., None, :] * cols).sum(dim=-1)  # (B, C, size, size)
+    return (x[..., None, :] * cols).sum(dim=-1).to(dtype)  # (B, C, size, size)
 
 
 _BICUBIC_WEIGHTS: dict = {}

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.blocks import fuse_ffn_gelu_
+
 FAST_INFERENCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -63,8 +65,8 @@ def cast_decoder_(modules: Sequence[nn.Module], dtype: torch.dtype, compile_modu
 
 
 def pad_narrow_convs_(module: nn.Module, multiple: int = 32) -> int:
-    """Make every ``Conv2d`` of ``module`` whose output channels are not a multiple of ``multiple`` (the RGB
-    ``conv_out``) compute with zero-padded extra output channels and drop them. For fewer than 32 output channels
+    """Make every ``Conv2d`` of ``module`` whose output channels are not a multiple of ``multiple`` (in the decoders:
+    only the RGB ``conv_out``) compute with zero-padded extra output channels and drop them. For fewer than 32 output channels
     cuDNN's heuristics pick a generic channels-last kernel (H100, bf16, 160 -> 3 channels, 3x3, batch 64 at 256 px:
     24 ms, a fifth of the whole decoder; with 8 or 16 channels the same); with 32 it is a tensor-core implicit GEMM
     (1.9 ms). Parameters (and ``state_dict``) are unchanged: only the module's ``forward`` is replaced. Returns how
@@ -163,9 +165,13 @@ class FastInferenceMixin:
         return self
 
     def disable_fast_inference(self):
-        """Back to the eager path without CUDA graphs (captured graphs are freed). The weights keep their
-        current dtype, and a decoder or blocks compiled by ``compile_decoder`` / ``compile_blocks`` stay compiled
-        (same results, compiled code): reload the pipeline for the plain float32 modules."""
+        """Back to the eager path without CUDA graphs (captured graphs are freed) or the fused FFN GELU. The
+        weights keep their current dtype, and a decoder or blocks compiled by ``compile_decoder`` /
+        ``compile_blocks`` stay compiled (same results, compiled code): reload the pipeline for the plain float32
+        modules."""
+        for component in getattr(self, "components", {}).values():
+            if isinstance(component, nn.Module):
+                fuse_ffn_gelu_(component, False)
         return self._set_fast_inference(False)
 
     def _fast_top_p(self, device: torch.device) -> bool:
@@ -173,12 +179,12 @@ class FastInferenceMixin:
         on CUDA, where it saves time; on the CPU the fast path falls back to the exact eager sampler."""
         return self._fast_inference and torch.device(device).type == "cuda"
 
-    def _separable_upsample(self, device: torch.device, maps: int) -> bool:
-        """Whether ``maps`` code maps (batch x channels) are upsampled by the separable bicubic (``bicubic_up``): on
-        CUDA in a low-precision fast path, for many maps (the fused kernel loops over them in every thread; a few
-        it does faster). With ``dtype=torch.float32`` the fast path keeps the eager kernels, so its outputs equal
-        eager."""
-        return self._fast_top_p(device) and self._fast_dtype != torch.float32 and maps >= 256
+    def _separable_upsample(self, device: torch.device, maps: int, side: int) -> bool:
+        """Whether ``maps`` code maps (batch x channels) are upsampled to ``side x side`` by the separable bicubic
+        (``bicubic_up``): on CUDA in a low-precision fast path, for many maps (the fused kernel loops over them in
+        every thread; a few it does faster) and small sides (its temporary holds ``side**2 * w`` values per map).
+        With ``dtype=torch.float32`` the fast path keeps the eager kernels, so its outputs equal eager."""
+        return self._fast_top_p(device) and self._fast_dtype != torch.float32 and maps >= 256 and side <= 16
 
     @staticmethod
     def _cuda_graphs_usable(device) -> bool:

@@ -138,8 +138,7 @@ class InfinityPipeline(DiffusionPipeline, FastInferenceMixin):
         check_fast_inference_args(dtype, cuda_graphs, compile_decoder, compile_blocks=compile_blocks)
         transformer = self.transformer
         cast_module_(transformer, dtype, keep_float32=(transformer.head, transformer.head_norm, transformer.text_norm))
-        if dtype != torch.float32:  # float32 keeps the eager ops, so its outputs equal eager
-            fuse_ffn_gelu_(transformer)
+        fuse_ffn_gelu_(transformer, enabled=dtype != torch.float32)  # float32 keeps the eager ops: outputs equal eager
         cast_decoder_((self.vae.decoder,), dtype, self.vae.decoder if compile_decoder else None)
         cast_module_(self.text_encoder, dtype)
         if compile_blocks:

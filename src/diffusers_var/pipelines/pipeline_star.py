@@ -216,8 +216,7 @@ class STARPipeline(DiffusionPipeline, FastInferenceMixin):
         transformer = self.transformer
         sampler_head = transformer.sampler.head if transformer.sampler is not None else None
         cast_module_(transformer, dtype, keep_float32=(transformer.head, transformer.head_norm, sampler_head))
-        if dtype != torch.float32:  # float32 keeps the eager ops, so its outputs equal eager
-            fuse_ffn_gelu_(transformer)
+        fuse_ffn_gelu_(transformer, enabled=dtype != torch.float32)  # float32 keeps the eager ops: outputs equal eager
         cast_decoder_((self.vqvae.decoder, self.vqvae.post_quant_conv), dtype, self.vqvae.decoder if compile_decoder else None)
         cast_module_(self.text_encoder, dtype)
         return self._set_fast_inference(True, cuda_graphs, dtype)
@@ -405,7 +404,7 @@ class STARPipeline(DiffusionPipeline, FastInferenceMixin):
         sampler_start = transformer.config.sampler_start_scale if use_stable_sampler else num_scales
         scale_step = self._scale_step(text_pooled, text_hidden, text_mask, device)
         fast_top_p = self._fast_top_p(device)
-        separable_upsample = self._separable_upsample(device, B * vqvae.config.z_channels)
+        separable_upsample = self._separable_upsample(device, B * vqvae.config.z_channels, side)
         codebook = vqvae.codebook
         f_hat = torch.zeros(B, vqvae.config.z_channels, side, side, device=device, dtype=torch.float32)
         scale_input = None

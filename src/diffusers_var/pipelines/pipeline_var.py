@@ -123,8 +123,7 @@ class VARPipeline(DiffusionPipeline, FastInferenceMixin):
         check_fast_inference_args(dtype, cuda_graphs, compile_decoder, compile_blocks=compile_blocks)
         transformer = self.transformer
         cast_module_(transformer, dtype, keep_float32=(transformer.head, transformer.head_norm))
-        if dtype != torch.float32:  # float32 keeps the eager ops, so its outputs equal eager
-            fuse_ffn_gelu_(transformer)
+        fuse_ffn_gelu_(transformer, enabled=dtype != torch.float32)  # float32 keeps the eager ops: outputs equal eager
         cast_decoder_((self.vqvae.decoder, self.vqvae.post_quant_conv), dtype,
                       self.vqvae.decoder if compile_decoder else None)
         if compile_blocks:
@@ -231,7 +230,7 @@ class VARPipeline(DiffusionPipeline, FastInferenceMixin):
         cond_BD = transformer.embed_condition(torch.cat((labels_B, null)))  # conditional rows first
         scale_step = self._scale_step(cond_BD.shape[0], cond_BD.device)
         fast_top_p = self._fast_top_p(cond_BD.device)
-        separable_upsample = self._separable_upsample(cond_BD.device, B * vqvae.config.z_channels)
+        separable_upsample = self._separable_upsample(cond_BD.device, B * vqvae.config.z_channels, side)
         codebook = vqvae.codebook
         f_hat = torch.zeros(B, vqvae.config.z_channels, side, side, device=device, dtype=torch.float32)
         scale_input = None
