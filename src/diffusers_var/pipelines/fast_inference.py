@@ -146,7 +146,7 @@ class FastInferenceMixin:
     """The switches of ``enable_fast_inference`` and the cache of captured CUDA graph sets, for a pipeline.
 
     A pipeline's ``enable_fast_inference`` casts its own modules (:func:`cast_module_`, :func:`cast_decoder_`)
-    and then calls :meth:`_set_fast_inference`. Its per-scale step asks :meth:`_graph_scale_steps` for the
+    and then calls :meth:`_set_fast_inference` (which also sets the fused FFN GELU of every component). Its per-scale step asks :meth:`_graph_scale_steps` for the
     graph set of the current shapes: ``None`` means "run eagerly" (graphs off, or not on CUDA).
 
     ``graph_cache_size`` (default 4) bounds how many graph sets are kept (each owns a KV cache for the whole
@@ -162,6 +162,10 @@ class FastInferenceMixin:
         self._fast_dtype = dtype if enabled else None
         self._use_cuda_graphs = bool(enabled and cuda_graphs)
         self._graph_steps = OrderedDict()
+        # the fused FFN GELU is a bf16 / fp16 shortcut: float32 keeps the eager ops, so its outputs equal eager
+        for component in getattr(self, "components", {}).values():
+            if isinstance(component, nn.Module):
+                fuse_ffn_gelu_(component, enabled and dtype != torch.float32)
         return self
 
     def disable_fast_inference(self):
@@ -169,9 +173,6 @@ class FastInferenceMixin:
         weights keep their current dtype, and a decoder or blocks compiled by ``compile_decoder`` /
         ``compile_blocks`` stay compiled (same results, compiled code): reload the pipeline for the plain float32
         modules."""
-        for component in getattr(self, "components", {}).values():
-            if isinstance(component, nn.Module):
-                fuse_ffn_gelu_(component, False)
         return self._set_fast_inference(False)
 
     def _fast_top_p(self, device: torch.device) -> bool:

@@ -11,7 +11,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.utils import logging
 
 from ..models.bitwise_vae import BitwiseMultiScaleVAE
-from ..models.blocks import compile_adaln_blocks_, fuse_ffn_gelu_
+from ..models.blocks import compile_adaln_blocks_
 from ..models.dynamic_resolution import schedule_for_pixels
 from ..models.infinity_transformer import InfinityTextCondition, InfinityTransformer2DModel
 from .fast_inference import CUDAGraphScaleSteps, FastInferenceMixin, cast_decoder_, cast_module_, check_fast_inference_args
@@ -138,7 +138,6 @@ class InfinityPipeline(DiffusionPipeline, FastInferenceMixin):
         check_fast_inference_args(dtype, cuda_graphs, compile_decoder, compile_blocks=compile_blocks)
         transformer = self.transformer
         cast_module_(transformer, dtype, keep_float32=(transformer.head, transformer.head_norm, transformer.text_norm))
-        fuse_ffn_gelu_(transformer, enabled=dtype != torch.float32)  # float32 keeps the eager ops: outputs equal eager
         cast_decoder_((self.vae.decoder,), dtype, self.vae.decoder if compile_decoder else None)
         cast_module_(self.text_encoder, dtype)
         if compile_blocks:

@@ -9,7 +9,6 @@ import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import logging
 
-from ..models.blocks import fuse_ffn_gelu_
 from ..models.multiscale_vq import MultiScaleVQModel
 from ..models.star_transformer import STARTransformer2DModel
 from .fast_inference import CUDAGraphScaleSteps, FastInferenceMixin, cast_decoder_, cast_module_, check_fast_inference_args
@@ -216,7 +215,6 @@ class STARPipeline(DiffusionPipeline, FastInferenceMixin):
         transformer = self.transformer
         sampler_head = transformer.sampler.head if transformer.sampler is not None else None
         cast_module_(transformer, dtype, keep_float32=(transformer.head, transformer.head_norm, sampler_head))
-        fuse_ffn_gelu_(transformer, enabled=dtype != torch.float32)  # float32 keeps the eager ops: outputs equal eager
         cast_decoder_((self.vqvae.decoder, self.vqvae.post_quant_conv), dtype, self.vqvae.decoder if compile_decoder else None)
         cast_module_(self.text_encoder, dtype)
         return self._set_fast_inference(True, cuda_graphs, dtype)

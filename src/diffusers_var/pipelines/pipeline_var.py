@@ -11,7 +11,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 
-from ..models.blocks import compile_adaln_blocks_, fuse_ffn_gelu_
+from ..models.blocks import compile_adaln_blocks_
 from ..models.multiscale_vq import MultiScaleVQModel, area_down
 from ..models.var_transformer import VARTransformer2DModel
 from .fast_inference import CUDAGraphScaleSteps, FastInferenceMixin, cast_decoder_, cast_module_, check_fast_inference_args
@@ -123,7 +123,6 @@ class VARPipeline(DiffusionPipeline, FastInferenceMixin):
         check_fast_inference_args(dtype, cuda_graphs, compile_decoder, compile_blocks=compile_blocks)
         transformer = self.transformer
         cast_module_(transformer, dtype, keep_float32=(transformer.head, transformer.head_norm))
-        fuse_ffn_gelu_(transformer, enabled=dtype != torch.float32)  # float32 keeps the eager ops: outputs equal eager
         cast_decoder_((self.vqvae.decoder, self.vqvae.post_quant_conv), dtype,
                       self.vqvae.decoder if compile_decoder else None)
         if compile_blocks:
