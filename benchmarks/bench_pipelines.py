@@ -117,10 +117,15 @@ def counted_flops(fn) -> float:
 VAR_SAMPLING = dict(guidance_scale=1.5, top_k=900, top_p=0.96)  # the original's FID setting
 
 
+def run_pipeline(pipe, inputs: dict, sampling: dict, device, seed: int, overrides: dict):
+    """``pipe(**inputs)`` with the model's ``sampling`` settings (``overrides`` win), a seeded generator on
+    ``device`` and ``output_type="pt"`` unless overridden; returns the images."""
+    kw = {"output_type": "pt", **sampling, **overrides}
+    return pipe(**inputs, generator=torch.Generator(device).manual_seed(seed), **kw).images
+
+
 def generate(pipe, batch, device, seed=0, **kw):
-    kw = {**VAR_SAMPLING, **kw}
-    return pipe(class_labels=list(range(batch)), generator=torch.Generator(device).manual_seed(seed),
-                output_type=kw.pop("output_type", "pt"), **kw).images
+    return run_pipeline(pipe, dict(class_labels=list(range(batch))), VAR_SAMPLING, device, seed, kw)
 
 
 def recorded_greedy(generate_fn, tensor_name: str, pipe, batch, device, **kw) -> torch.Tensor:
@@ -210,9 +215,7 @@ def _star_text(pipe: STARPipeline, batch: int, device) -> dict:
 
 
 def generate_star(pipe, batch, device, seed=0, **kw):
-    kw = {**STAR_SAMPLING, **kw}
-    return pipe(**star_text(pipe, batch, device), generator=torch.Generator(device).manual_seed(seed),
-                output_type=kw.pop("output_type", "pt"), **kw).images
+    return run_pipeline(pipe, star_text(pipe, batch, device), STAR_SAMPLING, device, seed, kw)
 
 
 def greedy_star(pipe, batch, device):
@@ -274,9 +277,7 @@ def infinity_text(pipe: InfinityPipeline, batch: int, device) -> dict:
 
 
 def generate_infinity(pipe, batch, device, seed=0, **kw):
-    kw = {**INFINITY_SAMPLING, **kw}
-    return pipe(**infinity_text(pipe, batch, device), generator=torch.Generator(device).manual_seed(seed),
-                output_type=kw.pop("output_type", "pt"), **kw).images
+    return run_pipeline(pipe, infinity_text(pipe, batch, device), INFINITY_SAMPLING, device, seed, kw)
 
 
 def greedy_infinity(pipe, batch, device):
