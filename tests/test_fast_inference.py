@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diffusers_var import InfinityPipeline, MultiScaleVQModel, STARPipeline, STARTransformer2DModel, VARPipeline, VARTransformer2DModel
-from diffusers_var.pipelines import fast_inference, pipeline_infinity, pipeline_star
+from diffusers_var.pipelines import fast_inference, pipeline_infinity, pipeline_star, pipeline_var
 from test_infinity_pipeline import PROMPT, tiny_pipeline
 from test_star_pipeline import make_pipe
 
@@ -133,13 +133,14 @@ class EagerGraphStandIn:
 
     built = []
 
-    def __init__(self, step, example_inputs, reset_cache, shared_inputs=()):
-        self.step, self.reset_cache = step, reset_cache
+    def __init__(self, step, example_inputs, reset_cache, shared_inputs=(), generator=None):
+        self.step, self.reset_cache, self.generator = step, reset_cache, generator
         self.shared_inputs = tuple(t.clone() for t in shared_inputs)
         self.static_inputs = [tuple(None if t is None else t.clone() for t in inputs) for inputs in example_inputs]
         EagerGraphStandIn.built.append(self)
 
     set_shared_inputs = fast_inference.CUDAGraphScaleSteps.set_shared_inputs
+    borrow_generator_state = fast_inference.CUDAGraphScaleSteps.borrow_generator_state
 
     def __call__(self, scale_index, *inputs):
         for static, value in zip(self.static_inputs[scale_index], inputs):
@@ -177,6 +178,54 @@ def test_infinity_graph_wiring(infinity, stand_in_graphs):
         assert torch.equal(infinity_images(pipe, **kwargs), infinity_images(infinity, **kwargs))
     keys = list(pipe._graph_steps)
     assert all(isinstance(k[2], tuple) for k in keys) and {k[0] for k in keys} == {1, 2}
+
+
+def tiny_var(seed: int = 0) -> VARPipeline:
+    torch.manual_seed(seed)
+    vqvae = MultiScaleVQModel(ch=32, ch_mult=(1, 1), num_res_blocks=1, vocab_size=64, z_channels=8, patch_nums=(1, 2, 3, 4))
+    transformer = VARTransformer2DModel(depth=2, embed_dim=64, num_heads=2, vocab_size=64, latent_channels=8, patch_nums=(1, 2, 3, 4),
+                                        num_classes=10)
+    transformer.init_weights(init_head=1.0)  # spread-out logits: filtering and sampling matter
+    pipe = VARPipeline(transformer=transformer.eval(), vqvae=vqvae.eval())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_var_sampling_graph_wiring(monkeypatch, stand_in_graphs):
+    """The whole-scale graphs (sampling inside) with the CPU stand-in: static f_hat and chained scale inputs, guidance and
+    top-p read from the shared tensors (one set serves them all; top-k fixes shapes, so it is part of the key), the
+    borrowed generator state, and a callback's f_hat written into the static buffers all reproduce the eager loop
+    exactly."""
+    monkeypatch.setattr(pipeline_var, "CUDAGraphScaleSteps", EagerGraphStandIn)
+    monkeypatch.setattr(fast_inference.FastInferenceMixin, "_graph_sampling_generator",
+                        lambda self, device, generator: generator if self._use_cuda_graphs else None)
+    eager, graphed = tiny_var(), tiny_var().enable_fast_inference(dtype=torch.float32)
+
+    def run(pipe, seed, **kwargs):
+        generator = torch.Generator().manual_seed(seed)
+        latent = pipe(class_labels=[1, 4, 9], generator=generator, output_type="latent", **kwargs).images
+        return latent, generator.get_state()
+
+    halve = lambda p, si, pn, t: {"f_hat": t["f_hat"] * 0.5} if si == 1 else {}  # noqa: E731
+    cases = [dict(guidance_scale=4.0, top_k=10, top_p=0.9), dict(guidance_scale=1.5, top_k=10, top_p=0.7),
+             dict(guidance_scale=2.0, top_k=0, top_p=0.96), dict(guidance_scale=3.0, top_k=10, top_p=0.9, more_smooth=True),
+             dict(guidance_scale=2.0, top_k=10, top_p=0.8, callback_on_step_end=halve)]
+    for seed, kwargs in enumerate(cases):
+        (reference, reference_state), (latent, state) = run(eager, seed, **kwargs), run(graphed, seed, **kwargs)
+        assert torch.equal(latent, reference), kwargs
+        assert torch.equal(state, reference_state)  # the caller's generator advanced as in the eager loop
+    keys = [(key[0], key[1], key[2].more_smooth, key[3]) for key in graphed._graph_steps]
+    assert sorted(keys) == [("sampling", 6, False, 0), ("sampling", 6, False, 10), ("sampling", 6, True, 10)]
+    first, _ = run(graphed, 0, **cases[0])
+    run(graphed, 1, **cases[1])
+    assert not torch.equal(first, run(graphed, 1, **cases[1])[0])  # the returned latent is not the graphs' buffer
+    # guided logits for the callback: a copy made inside the graph, as the eager loop makes it
+    seen = {}
+    for pipe in (eager, graphed):
+        run(pipe, 3, guidance_scale=4.0, top_k=10, callback_on_step_end_tensor_inputs=["logits", "indices"],
+            callback_on_step_end=lambda p, si, pn, t: seen.setdefault(id(p), []).append((t["logits"].clone(), t["indices"].clone())) or {})
+    for (ref_logits, ref_idx), (logits, idx) in zip(seen[id(eager)], seen[id(graphed)]):
+        assert torch.equal(logits, ref_logits) and torch.equal(idx, ref_idx)
 
 
 # -- precomputed text features ---------------------------------------------------------------------------

@@ -187,3 +187,58 @@ def test_fused_gelu_feed_forward_matches_the_unfused_one():
             assert fuse_ffn_gelu_(ffn) == 1
             fused = ffn(x)
         torch.testing.assert_close(fused.float(), reference.float(), rtol=tolerance, atol=tolerance)
+
+
+# -- sampling inside the CUDA graphs (VAR) ----------------------------------------------------------------------
+def _var_run(pipe, seed, **kwargs):
+    seen = []
+    generator = torch.Generator("cuda").manual_seed(seed)
+    latent = pipe(class_labels=[3, 7], generator=generator, output_type="latent", callback_on_step_end_tensor_inputs=["indices"],
+                  callback_on_step_end=lambda p, si, pn, t: seen.append(t["indices"].clone()) or {}, **kwargs).images
+    return latent, torch.cat(seen, dim=1), generator.get_state()
+
+
+def test_var_sampling_inside_cuda_graphs_matches_the_eager_sampler(fixture):
+    pipe = _pipe(fixture).enable_fast_inference(dtype=torch.float32, cuda_graphs=False)
+    cases = [dict(guidance_scale=4.0, top_k=50, top_p=0.9), dict(guidance_scale=1.5, top_k=900, top_p=0.96),
+             dict(guidance_scale=2.0, top_k=0, top_p=0.0, more_smooth=True)]
+    eager = [_var_run(pipe, seed, **kw) for seed, kw in enumerate(cases)]
+    pipe.enable_fast_inference(dtype=torch.float32)
+    graphed = [_var_run(pipe, seed, **kw) for seed, kw in enumerate(cases)]
+    assert [key[0] for key in pipe._graph_steps] == ["sampling"] * 3
+    for (eager_latent, eager_idx, eager_state), (latent, idx, state) in zip(eager, graphed):
+        assert torch.equal(idx, eager_idx)
+        torch.testing.assert_close(latent, eager_latent, atol=1e-6, rtol=1e-6)
+        assert torch.equal(state, eager_state)  # the caller's generator advanced as if it had drawn eagerly
+    # a callback that replaces f_hat steers the graphs exactly as it steers the eager loop
+    halve = lambda p, si, pn, t: {"f_hat": t["f_hat"] * 0.5} if si == 3 else {}  # noqa: E731
+    steered = [pipe(class_labels=[3, 7], generator=torch.Generator("cuda").manual_seed(5), output_type="latent", guidance_scale=3.0,
+                    top_k=100, callback_on_step_end=halve).images for _ in range(2)]
+    pipe.enable_fast_inference(dtype=torch.float32, cuda_graphs=False)
+    reference = pipe(class_labels=[3, 7], generator=torch.Generator("cuda").manual_seed(5), output_type="latent", guidance_scale=3.0,
+                     top_k=100, callback_on_step_end=halve).images
+    for latent in steered:
+        torch.testing.assert_close(latent, reference, atol=1e-6, rtol=1e-6)
+    # the default CUDA generator (generator=None) is borrowed the same way
+    pipe.enable_fast_inference(dtype=torch.float32)
+    torch.cuda.manual_seed(11)
+    default_graphed = pipe(class_labels=[1, 2], output_type="latent").images
+    pipe.enable_fast_inference(dtype=torch.float32, cuda_graphs=False)
+    torch.cuda.manual_seed(11)
+    torch.testing.assert_close(pipe(class_labels=[1, 2], output_type="latent").images, default_graphed, atol=1e-6, rtol=1e-6)
+
+
+def test_graphs_keep_what_they_write_into_alive(fixture):
+    """The captured graphs write into the KV cache and static buffers by address: after ``empty_cache`` and new
+    allocations over the freed memory, replays still give the same images (the CUDA-generator path with sampling
+    inside the graphs, and the CPU-generator path with transformer-only graphs)."""
+    pipe = _pipe(fixture).enable_fast_inference(dtype=torch.float32)
+    for make_generator in (lambda: torch.Generator("cuda").manual_seed(0), lambda: torch.Generator().manual_seed(0)):
+        first = pipe(class_labels=[3, 7], generator=make_generator(), output_type="latent").images
+        torch.cuda.empty_cache()
+        # new tensors of every block size take over whatever memory is free now
+        filler = [torch.full((n,), float("nan"), device="cuda") for n in (64, 4096, 1 << 16, 1 << 20) for _ in range(64)]
+        again = pipe(class_labels=[3, 7], generator=make_generator(), output_type="latent").images
+        torch.cuda.synchronize()
+        torch.testing.assert_close(again, first, atol=0, rtol=0)
+        assert all(bool(t.isnan().all()) for t in filler)  # the replays wrote only into memory they own

@@ -12,6 +12,7 @@ the shapes of a generation (rows, text length, scale schedule).
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
 from functools import partial
 from typing import Callable, Hashable, Iterable, Sequence
 
@@ -97,12 +98,20 @@ class CUDAGraphScaleSteps:
         reset_cache: rewinds the KV cache to empty without freeing its storage.
         shared_inputs: example tensors read by every scale (the text conditioning of a generation); set them
             once per generation with :meth:`set_shared_inputs`.
+        generator: a CUDA generator that ``step`` draws from (sampling inside the graphs). It is registered with
+            every graph, so a replay draws what the eager step would draw from the generator's state at that
+            moment and advances it the same way; :meth:`borrow_generator_state` lends it a caller's state.
     """
 
     def __init__(self, step: Callable, example_inputs: Sequence[tuple], reset_cache: Callable[[], None],
-                 shared_inputs: Sequence[torch.Tensor] = ()):
+                 shared_inputs: Sequence[torch.Tensor] = (), generator: torch.Generator | None = None):
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA graphs need a CUDA device.")
+        # The graphs write into whatever ``step`` and ``reset_cache`` close over (the KV cache storage, static
+        # buffers) by address, so those must live as long as the graphs: without these references the KV cache was
+        # freed once the constructor returned, the replays wrote into memory the allocator had handed back, and the
+        # next ``torch.cuda.empty_cache()`` turned that into an illegal memory access.
+        self.step, self.reset_cache, self.generator = step, reset_cache, generator
         self.shared_inputs = tuple(t.clone() for t in shared_inputs)
         self.static_inputs = [tuple(None if t is None else t.clone() for t in inputs) for inputs in example_inputs]
         self.graphs, self.outputs = [], []
@@ -119,6 +128,8 @@ class CUDAGraphScaleSteps:
         with torch.no_grad():
             for si, inputs in enumerate(self.static_inputs):
                 graph = torch.cuda.CUDAGraph()
+                if generator is not None:
+                    graph.register_generator_state(generator)
                 with torch.cuda.graph(graph, pool=pool):
                     out = step(si, *self.shared_inputs, *inputs)
                 pool = graph.pool()
@@ -133,6 +144,16 @@ class CUDAGraphScaleSteps:
         for static, value in zip(self.shared_inputs, values):
             static.copy_(value, non_blocking=True)
         return self
+
+    @contextmanager
+    def borrow_generator_state(self, source: torch.Generator):
+        """Within the block the graphs draw from ``source``'s state (seed and offset); afterwards ``source`` has
+        advanced as if it had drawn eagerly."""
+        self.generator.set_state(source.get_state())
+        try:
+            yield
+        finally:
+            source.set_state(self.generator.get_state())
 
     def __call__(self, scale_index: int, *inputs: torch.Tensor | None):
         for static, value in zip(self.static_inputs[scale_index], inputs):
@@ -190,6 +211,22 @@ class FastInferenceMixin:
     @staticmethod
     def _cuda_graphs_usable(device) -> bool:
         return torch.device(device).type == "cuda"
+
+    def _graph_sampling_generator(self, device, generator) -> torch.Generator | None:
+        """For sampling inside the per-scale CUDA graphs: the CUDA generator whose state the graphs borrow (the
+        caller's single CUDA generator, or the device's default one for ``None``), or ``None`` when sampling stays
+        eager: graphs off, not on CUDA, or a CPU generator / a list of generators (they keep the original's draws,
+        made on the host)."""
+        device = torch.device(device)
+        if not (self._use_cuda_graphs and device.type == "cuda" and hasattr(torch.cuda.CUDAGraph, "register_generator_state")):
+            return None
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if generator is None:
+            return torch.cuda.default_generators[index]
+        if isinstance(generator, torch.Generator) and generator.device.type == "cuda" \
+                and (generator.device.index if generator.device.index is not None else torch.cuda.current_device()) == index:
+            return generator
+        return None
 
     def _graph_scale_steps(self, key: Hashable, device: torch.device,
                            build: Callable[[], CUDAGraphScaleSteps]) -> CUDAGraphScaleSteps | None:

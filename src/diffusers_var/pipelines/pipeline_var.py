@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 from importlib import resources
-from typing import Any, Callable
+from contextlib import nullcontext
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -24,6 +25,8 @@ from .sampling import (
     draw_class_labels,
     filter_top_k_top_p_,
     gumbel_softmax,
+    guidance_table,
+    top_p_mass,
     linear_guidance_ramp,
     sample_from_logits,
     smooth_tau,
@@ -65,6 +68,21 @@ def finish_generation(pipeline, f_hat: torch.Tensor, output_type: str, return_di
     if not return_dict:
         return (images,)
     return ImagePipelineOutput(images=images)
+
+
+class ScaleSampling(NamedTuple):
+    """What shapes a scale's sampling code (a CUDA graph set is captured per value): Gumbel smoothing, a copy of the
+    guided logits for the callback, the k-wide top-p of the fast path, separable upsampling of the code maps."""
+
+    more_smooth: bool
+    keep_logits: bool
+    fast_filter: bool
+    separable_upsample: bool
+
+
+def cfg_scale_input(next_input: torch.Tensor) -> torch.Tensor:
+    """(B, Cv, pn, pn) next-scale input -> (2B, pn*pn, Cv) transformer input (the same for both guidance halves)."""
+    return next_input.flatten(2).transpose(1, 2).repeat(2, 1, 1)
 
 
 class VARPipeline(DiffusionPipeline, FastInferenceMixin):
@@ -114,8 +132,14 @@ class VARPipeline(DiffusionPipeline, FastInferenceMixin):
         (captured on the first call for a batch size, then replayed) and top-p sorts only the top-k values; in
         bf16 / fp16 the FFN's bias and GELU also run in the epilogue of its first matmul and the code maps are
         upsampled by a separable bicubic (same weights; float32 keeps the eager kernels, so its outputs equal
-        the eager ones). Use a CUDA ``torch.Generator`` so sampling never waits on the host. On the CPU it only casts (the
-        sampler and the step stay eager). ``compile_decoder``: channels-last ``torch.compile`` of the image
+        the eager ones). With a CUDA ``torch.Generator`` (or ``generator=None``: the device's default one) the whole
+        scale is one graph: transformer step, guidance, top-k / top-p, the draw, the codebook lookup and the f_hat
+        update (captured per batch size, ``top_k`` and ``more_smooth``; other guidance scales and ``top_p`` replay
+        the same graphs). The graphs borrow the generator's state, so a seed gives the same images as the eager
+        sampler and the generator advances as if it had drawn eagerly; the tensors handed to
+        ``callback_on_step_end`` are the graphs' buffers (clone what you keep). A CPU generator, or a list of
+        generators, keeps the original's host-side draws (graphs for the transformer step only). On the CPU it
+        only casts (the sampler and the step stay eager). ``compile_decoder``: channels-last ``torch.compile`` of the image
         decoder (its 3-channel output conv computed with zero-padded channels, see ``pad_narrow_convs_``). ``compile_blocks``:
         ``torch.compile`` of each block's elementwise work (fused before the CUDA graphs are captured; the first
         generation per batch size compiles). Returns the pipeline.
@@ -148,6 +172,66 @@ class VARPipeline(DiffusionPipeline, FastInferenceMixin):
             return graphs
         cache = transformer.init_kv_cache()
         return lambda si, cond, scale_input: transformer.forward_scale(si, cond, cache, scale_input)
+
+    def _sampling_graphs(self, B: int, device: torch.device, settings: "ScaleSampling", top_k: int,
+                         use_top_p: bool) -> CUDAGraphScaleSteps:
+        """One CUDA graph per scale for the whole scale: transformer step, guidance, top-k / top-p, the draw, the
+        codebook lookup, the f_hat update and the next scale's input (built once per batch size, ``top_k`` (it fixes
+        shapes) and structural setting). The guidance strengths and ``top_p`` are read from device tensors, so other
+        values replay the same graphs; the graphs draw from a generator that borrows the caller's state."""
+        transformer, cfg = self.transformer, self.transformer.config
+        rows, num_scales = 2 * B, len(cfg.patch_nums)
+        top_k = top_k if 0 < top_k < cfg.vocab_size else 0
+
+        def build() -> CUDAGraphScaleSteps:
+            cache = transformer.init_kv_cache()
+            side = cfg.patch_nums[-1]
+            f_hat = torch.zeros(B, cfg.latent_channels, side, side, device=device)
+            scale_inputs = [None] + [torch.zeros(rows, end - begin, cfg.latent_channels, device=device)
+                                     for begin, end in transformer.begin_ends[1:]]
+            generator = torch.Generator(device)
+
+            def step(si, cond_BD, guidance_S2, removable_mass):
+                logits = transformer.forward_scale(si, cond_BD, cache, scale_inputs[si])
+                indices, guided_logits, next_input = self._sample_scale(si, logits, f_hat, guidance_S2[si], top_k, 0.0, generator,
+                                                                        settings, removable_mass if use_top_p else None)
+                if si != num_scales - 1:
+                    scale_inputs[si + 1].copy_(cfg_scale_input(next_input))
+                return indices, guided_logits
+
+            def reset():
+                cache.reset()
+                f_hat.zero_()
+
+            shared = (torch.zeros(rows, cfg.embed_dim, device=device, dtype=transformer.dtype),
+                      torch.zeros(num_scales, 2, device=device), torch.zeros((), device=device))
+            graphs = CUDAGraphScaleSteps(step, [()] * num_scales, reset, shared, generator=generator)
+            graphs.f_hat, graphs.scale_inputs = f_hat, scale_inputs
+            return graphs
+
+        return self._graph_scale_steps(("sampling", rows, settings, top_k, use_top_p), device, build)
+
+    def _sample_scale(self, si: int, logits_2BlV: torch.Tensor, f_hat: torch.Tensor, strength, top_k: int, top_p: float,
+                      generator: GeneratorArg, settings: "ScaleSampling", top_p_mass: torch.Tensor | None = None):
+        """Guidance, top-k / top-p, the draw and the f_hat update (in place) of scale ``si``, eagerly or inside a CUDA
+        graph (``strength`` and ``1 - top_p`` then come as device tensors). Returns ``(indices, guided logits if
+        settings.keep_logits, next_input)``."""
+        patch_nums = self.transformer.config.patch_nums
+        num_scales, pn, B = len(patch_nums), patch_nums[si], f_hat.shape[0]
+        ratio = si / (num_scales - 1)
+        logits = apply_guidance(logits_2BlV, strength)
+        guided_logits = logits.clone() if settings.keep_logits else None
+        filter_top_k_top_p_(logits, top_k, top_p, fast=settings.fast_filter, top_p_mass=top_p_mass)
+        indices = sample_from_logits(logits, generator)
+        codebook = self.vqvae.codebook
+        if settings.more_smooth:  # soft mixture of codes; the hard sample above is discarded
+            weights = gumbel_softmax(logits.mul(1 + ratio), smooth_tau(ratio), generator)
+            embedding = weights @ codebook.float().to(weights.device)
+        else:
+            embedding = codebook[indices.to(codebook.device)].float()
+        embedding = embedding.transpose(1, 2).reshape(B, -1, pn, pn)
+        _, next_input = self.vqvae.next_scale_input(si, f_hat, embedding, separable_upsample=settings.separable_upsample)
+        return indices, guided_logits, next_input
 
     def get_label_ids(self, label: str | list[str]) -> list[int]:
         """Map class names (any synonym, e.g. ``"golden retriever"``) to class indices."""
@@ -218,8 +302,7 @@ class VARPipeline(DiffusionPipeline, FastInferenceMixin):
         """
         check_sampling_args(guidance_scale, top_k, top_p, output_type, num_images_per_prompt)
         tensor_inputs = check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
-        device = self._execution_device
-        labels_B = self._prepare_labels(class_labels, num_images_per_prompt, generator, device)
+        labels_B = self._prepare_labels(class_labels, num_images_per_prompt, generator, self._execution_device)
         B = labels_B.shape[0]
 
         transformer, vqvae = self.transformer, self.vqvae
@@ -227,34 +310,45 @@ class VARPipeline(DiffusionPipeline, FastInferenceMixin):
         num_scales, side = len(patch_nums), patch_nums[-1]
         null = torch.full_like(labels_B, transformer.config.num_classes)
         cond_BD = transformer.embed_condition(torch.cat((labels_B, null)))  # conditional rows first
-        scale_step = self._scale_step(cond_BD.shape[0], cond_BD.device)
-        fast_top_p = self._fast_top_p(cond_BD.device)
-        separable_upsample = self._separable_upsample(cond_BD.device, B * vqvae.config.z_channels, side)
-        codebook = vqvae.codebook
-        f_hat = torch.zeros(B, vqvae.config.z_channels, side, side, device=device, dtype=torch.float32)
-        scale_input = None
+        device = cond_BD.device
+        settings = ScaleSampling(more_smooth=more_smooth, keep_logits=callback_on_step_end is not None and "logits" in tensor_inputs,
+                                 fast_filter=self._fast_top_p(device),
+                                 separable_upsample=self._separable_upsample(device, B * vqvae.config.z_channels, side))
+        strengths = [linear_guidance_ramp(guidance_scale, si, num_scales) for si in range(num_scales)]
+        graphs, scale_step, scale_input = None, None, None
+        graph_generator = self._graph_sampling_generator(device, generator)
+        if graph_generator is not None:
+            graphs = self._sampling_graphs(B, device, settings, top_k, top_p > 0)
+            graphs.set_shared_inputs(cond_BD, guidance_table(strengths, device), top_p_mass(top_p, device))
+            f_hat = graphs.f_hat.zero_()
+        else:
+            scale_step = self._scale_step(cond_BD.shape[0], device)
+            f_hat = torch.zeros(B, vqvae.config.z_channels, side, side, device=device, dtype=torch.float32)
 
-        with self.progress_bar(total=num_scales) as progress_bar:
-            for si, pn in enumerate(patch_nums):
-                ratio = si / (num_scales - 1)
-                logits = scale_step(si, cond_BD, scale_input)
-                logits = apply_guidance(logits, linear_guidance_ramp(guidance_scale, si, num_scales))
-                guided_logits = logits.clone() if "logits" in tensor_inputs else None
-                filter_top_k_top_p_(logits, top_k, top_p, fast=fast_top_p)
-                indices = sample_from_logits(logits, generator)
-                if more_smooth:  # soft mixture of codes; the hard sample above is discarded
-                    weights = gumbel_softmax(logits.mul(1 + ratio), smooth_tau(ratio), generator)
-                    embedding = weights @ codebook.float().to(weights.device)
+        with self.progress_bar(total=num_scales) as progress_bar, \
+                (graphs.borrow_generator_state(graph_generator) if graphs is not None else nullcontext()):
+            for si in range(num_scales):
+                if graphs is not None:  # the whole scale, sampling included, is one graph replay
+                    indices, guided_logits = graphs(si)
+                    next_input = None
                 else:
-                    embedding = codebook[indices.to(codebook.device)].float()
-                embedding = embedding.transpose(1, 2).reshape(B, -1, pn, pn)
-                f_hat, next_input = vqvae.next_scale_input(si, f_hat, embedding, separable_upsample=separable_upsample)
-
+                    logits = scale_step(si, cond_BD, scale_input)
+                    indices, guided_logits, next_input = self._sample_scale(si, logits, f_hat, strengths[si], top_k, top_p,
+                                                                            generator, settings)
                 if callback_on_step_end is not None:
                     local = {"f_hat": f_hat, "logits": guided_logits, "indices": indices}
-                    f_hat, next_input = run_scale_callback(self, callback_on_step_end, si, patch_nums, local, tensor_inputs, f_hat, next_input)
-                if si != num_scales - 1:
-                    scale_input = next_input.flatten(2).transpose(1, 2).repeat(2, 1, 1)  # same input for both halves
+                    new_f_hat, next_input = run_scale_callback(self, callback_on_step_end, si, patch_nums, local, tensor_inputs,
+                                                               f_hat, next_input)
+                    if graphs is None:
+                        f_hat = new_f_hat
+                    elif new_f_hat is not f_hat:  # write the callback's latent into the graphs' static buffers
+                        f_hat.copy_(new_f_hat)
+                        if si != num_scales - 1:
+                            graphs.scale_inputs[si + 1].copy_(cfg_scale_input(next_input))
+                if graphs is None and si != num_scales - 1:
+                    scale_input = cfg_scale_input(next_input)
                 progress_bar.update()
 
+        if graphs is not None:
+            f_hat = f_hat.clone()  # the graphs' buffer is overwritten by the next generation
         return finish_generation(self, f_hat, output_type, return_dict)

@@ -87,35 +87,57 @@ def linear_guidance_ramp(guidance_scale: float, scale_index: int, num_scales: in
     return guidance_scale * scale_index / (num_scales - 1)
 
 
-def apply_guidance(logits_2BlV: torch.Tensor, strength: float) -> torch.Tensor:
-    """Rows [:B] are conditional, rows [B:] unconditional: ``(1 + t) cond - t uncond``."""
+def apply_guidance(logits_2BlV: torch.Tensor, strength: float | torch.Tensor) -> torch.Tensor:
+    """Rows [:B] are conditional, rows [B:] unconditional: ``(1 + t) cond - t uncond``.
+
+    ``strength`` is ``t``, or a float32 tensor ``[1 + t, t]`` (see :func:`guidance_table`) that a CUDA graph reads at
+    replay; both give the same float32 products."""
     B = logits_2BlV.shape[0] // 2
+    if isinstance(strength, torch.Tensor):
+        return strength[0] * logits_2BlV[:B] - strength[1] * logits_2BlV[B:]
     return (1 + strength) * logits_2BlV[:B] - strength * logits_2BlV[B:]
 
 
-def filter_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0, fast: bool = False) -> torch.Tensor:
+def guidance_table(strengths: Sequence[float], device) -> torch.Tensor:
+    """(S, 2) float32 rows ``[1 + t, t]``: :func:`apply_guidance`'s tensor form, rounded from the Python floats as the
+    scalar form is (so both paths multiply by the same float32 numbers)."""
+    return torch.tensor([[1 + t, t] for t in strengths], dtype=torch.float32).to(device, non_blocking=True)
+
+
+def filter_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0, fast: bool = False,
+                        top_p_mass: torch.Tensor | None = None) -> torch.Tensor:
     """In place: top-k keeps every logit >= the k-th largest (ties survive); then top-p removes, in
     ascending order, the tokens whose cumulative probability is <= 1 - p (never the largest).
 
     ``fast`` runs top-p over the k kept values only (a k-wide sort instead of a vocabulary-wide one). It
-    is the same rule up to float summation order; the default path reproduces the original bit for bit."""
+    is the same rule up to float summation order; the default path reproduces the original bit for bit.
+    ``top_p_mass``: a float32 device tensor holding ``1 - top_p`` (see :func:`top_p_mass`), read at run time in
+    place of ``top_p`` (top-p on): a CUDA graph then replays with another ``top_p``."""
     V = logits_BlV.shape[-1]
+    use_top_p = top_p_mass is not None or top_p > 0
+    removable = (1 - top_p) if top_p_mass is None else top_p_mass
     if 0 < top_k < V:  # k >= V keeps every token: nothing to filter
         top_values, top_indices = logits_BlV.topk(top_k, dim=-1, largest=True, sorted=fast)
         kth = top_values[..., -1:] if fast else top_values.amin(dim=-1, keepdim=True)
         logits_BlV.masked_fill_(logits_BlV < kth, -torch.inf)
-        if fast and top_p > 0:
+        if fast and use_top_p:
             ascending = top_values.flip(-1)
-            remove = ascending.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+            remove = ascending.softmax(dim=-1).cumsum_(dim=-1) <= removable
             remove[..., -1:] = False
             logits_BlV.scatter_(-1, top_indices.flip(-1), ascending.masked_fill(remove, -torch.inf))
             return logits_BlV
-    if top_p > 0:
+    if use_top_p:
         sorted_logits, sorted_idx = logits_BlV.sort(dim=-1, descending=False)
-        remove_sorted = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= (1 - top_p)
+        remove_sorted = sorted_logits.softmax(dim=-1).cumsum_(dim=-1) <= removable
         remove_sorted[..., -1:] = False
         logits_BlV.masked_fill_(remove_sorted.scatter(-1, sorted_idx, remove_sorted), -torch.inf)
     return logits_BlV
+
+
+def top_p_mass(top_p: float, device) -> torch.Tensor:
+    """``1 - top_p`` as a float32 device tensor for :func:`filter_top_k_top_p_`, rounded from the Python value as the
+    scalar comparison rounds it (so a graph replay removes exactly the tokens the eager filter removes)."""
+    return torch.tensor(1 - top_p, dtype=torch.float32).to(device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------------------------
