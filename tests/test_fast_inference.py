@@ -450,3 +450,45 @@ def test_fused_gelu_follows_the_fast_inference_dtype():
     pipe.enable_fast_inference(dtype=torch.float16)
     pipe.disable_fast_inference()
     assert fused() == {False}
+
+
+def test_graph_set_keeps_what_its_step_writes_into_alive(monkeypatch):
+    """A captured graph writes into the step's KV cache / buffers by address, so the graph set must keep the step (and
+    what it closes over) alive; the cache used to be freed when the constructor returned (CUDA stand-ins here)."""
+    import contextlib
+    import gc
+    import weakref
+
+    class Stand:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        wait_stream = register_generator_state = replay = lambda self, *args: None
+        pool = lambda self: None  # noqa: E731
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("CUDAGraph", "Stream"):
+        monkeypatch.setattr(torch.cuda, name, Stand)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stand())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None: contextlib.nullcontext())
+
+    class Cache:
+        def __init__(self):
+            self.storage = torch.zeros(4)
+
+        def write(self, x):
+            self.storage.copy_(x)
+            return self.storage * 2
+
+    def build():
+        cache = Cache()
+        graphs = fast_inference.CUDAGraphScaleSteps(lambda si, x: cache.write(x), [(torch.ones(4),)], lambda: None)
+        return graphs, weakref.ref(cache)
+
+    graphs, cache_ref = build()
+    gc.collect()
+    assert cache_ref() is not None
+    del graphs
+    gc.collect()
+    assert cache_ref() is None  # it was the graph set that kept it
