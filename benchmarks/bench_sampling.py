@@ -12,7 +12,6 @@ checks that the k-wide variant keeps the same tokens as the original rule.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from bench_decoder import time_ms  # noqa: E402  (CUDA-event median)
 from diffusers_var.pipelines.sampling import filter_top_k_top_p_  # noqa: E402
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -27,21 +27,6 @@ VARIANTS = {
     "vocabulary-wide sort (original)": lambda x, k, p: filter_top_k_top_p_(x, k, p),
     "k-wide (fast path)": lambda x, k, p: filter_top_k_top_p_(x, k, p, fast=True),
 }
-
-
-def time_ms(fn, repeats=20) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> int:
@@ -64,8 +49,11 @@ def main() -> int:
         same = sum(int(torch.equal(a.isfinite(), b.isfinite())) for a, b in zip(reference, k_wide))
         for name, fn in VARIANTS.items():
             work = [x.clone() for x in scales]
-            last = time_ms(lambda: fn(work[-1], args.top_k, args.top_p))
-            total = time_ms(lambda: [fn(x, args.top_k, args.top_p) for x in work])
+            for _ in range(3):  # warm-up
+                [fn(x, args.top_k, args.top_p) for x in work]
+            torch.cuda.synchronize()
+            last = time_ms(lambda: fn(work[-1], args.top_k, args.top_p), repeats=20)
+            total = time_ms(lambda: [fn(x, args.top_k, args.top_p) for x in work], repeats=20)
             print(f"| {name} | {batch} | {last:.3f} | {total:.3f} |")
         print(f"(batch {batch}: the k-wide variant keeps exactly the original's tokens at {same} of {len(scales)} scales)")
     return 0

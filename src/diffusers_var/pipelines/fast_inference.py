@@ -220,11 +220,13 @@ class FastInferenceMixin:
         device = torch.device(device)
         if not (self._use_cuda_graphs and device.type == "cuda" and hasattr(torch.cuda.CUDAGraph, "register_generator_state")):
             return None
-        index = device.index if device.index is not None else torch.cuda.current_device()
+        def cuda_index(d: torch.device) -> int:
+            return d.index if d.index is not None else torch.cuda.current_device()
+
         if generator is None:
-            return torch.cuda.default_generators[index]
+            return torch.cuda.default_generators[cuda_index(device)]
         if isinstance(generator, torch.Generator) and generator.device.type == "cuda" \
-                and (generator.device.index if generator.device.index is not None else torch.cuda.current_device()) == index:
+                and cuda_index(generator.device) == cuda_index(device):
             return generator
         return None
 
