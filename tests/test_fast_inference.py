@@ -492,3 +492,73 @@ def test_graph_set_keeps_what_its_step_writes_into_alive(monkeypatch):
     del graphs
     gc.collect()
     assert cache_ref() is None  # it was the graph set that kept it
+
+
+def _perturbed_tiny_var(embed_dim=64, num_heads=2) -> VARPipeline:
+    torch.manual_seed(0)
+    transformer = VARTransformer2DModel(depth=2, embed_dim=embed_dim, num_heads=num_heads, patch_nums=(1, 2, 3, 4), num_classes=10)
+    transformer.init_weights()
+    with torch.no_grad():
+        for parameter in transformer.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    return VARPipeline(transformer=transformer.eval(), vqvae=MultiScaleVQModel(patch_nums=(1, 2, 3, 4)).eval())
+
+
+def _var_logits(transformer) -> list[torch.Tensor]:
+    cond = transformer.embed_condition(torch.tensor([1, 2, 10, 10]))
+    generator = torch.Generator().manual_seed(1)
+    cache = transformer.init_kv_cache()
+    with torch.no_grad():
+        return [transformer.forward_scale(si, cond, cache, None if si == 0 else
+                                          torch.randn(4, e - b, transformer.config.latent_channels, generator=generator).to(cond.dtype))
+                for si, (b, e) in enumerate(transformer.begin_ends)]
+
+
+def test_fp8_linears_quantize_the_block_matmuls_and_nothing_else(monkeypatch):
+    """``enable_fast_inference(fp8=True)``: the attention and FFN matmuls of the blocks run in float8 where a scale has
+    at least ``FP8_MIN_ROWS`` token rows (lowered here so the tiny model takes that path), close to the bf16 logits
+    but not equal to them; below the threshold nothing changes; ``state_dict`` keeps its keys, and
+    ``disable_fast_inference`` drops the float8 copies. Bad values name the parameter."""
+    from diffusers_var.models import blocks
+
+    pipe = _perturbed_tiny_var()
+    transformer = pipe.transformer
+    keys = set(transformer.state_dict())
+    bf16 = _var_logits(pipe.enable_fast_inference().transformer)
+    pipe.enable_fast_inference(fp8=True)
+    assert sum(getattr(m, "weight_fp8", None) is not None for m in transformer.modules()) == 8  # 2 blocks x 4 linears
+    for fp8, reference in zip(_var_logits(transformer), bf16):  # the tiny scales are far below 4,096 rows
+        assert torch.equal(fp8, reference)
+
+    quantized = []
+    quantize = blocks.quantize_to_float8
+    monkeypatch.setattr(blocks, "quantize_to_float8", lambda x: quantized.append(x.shape) or quantize(x))
+    monkeypatch.setattr(blocks, "FP8_MIN_ROWS", 1)
+    fp8 = _var_logits(transformer)
+    assert len(quantized) == 4 * 8  # 4 scales x 2 blocks x 4 linears
+    for got, reference in zip(fp8, bf16):
+        error = (got - reference).norm() / reference.norm()
+        assert 0 < error < 0.1, error.item()
+    assert set(transformer.state_dict()) == keys
+
+    pipe.disable_fast_inference()
+    assert not any(getattr(m, "weight_fp8", None) is not None for m in transformer.modules())
+    for case, match in (({"fp8": "yes"}, "`fp8`"), ({"fp8": True, "dtype": torch.float32}, "`fp8=True` needs")):
+        with pytest.raises(ValueError, match=match):
+            pipe.enable_fast_inference(**case)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        _perturbed_tiny_var(embed_dim=40).enable_fast_inference(fp8=True)
+
+
+def test_fp8_rowwise_quantisation_round_trips():
+    """Row-wise float8: each row's largest magnitude maps to 448 and the round trip stays within e4m3's precision
+    (3 mantissa bits: relative step 1/8 at worst); an all-zero row stays zero instead of dividing by zero."""
+    from diffusers_var.models.blocks import FLOAT8_MAX, quantize_to_float8
+
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0)) * torch.tensor([1e-3, 1.0, 30.0, 1e3, 0.0])[:, None]
+    x8, scale = quantize_to_float8(x)
+    assert x8.dtype == torch.float8_e4m3fn and scale.shape == (5, 1)
+    restored = x8.float() * scale
+    assert torch.equal(x8[:4].float().abs().amax(dim=1), torch.full((4,), FLOAT8_MAX))
+    assert torch.all((restored - x).abs() <= x.abs() / 16 + scale * 2**-9)
+    assert torch.equal(restored[4], torch.zeros(64))

@@ -186,6 +186,8 @@ class FeedForward(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim if out_dim is None else out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if uses_fp8(self.fc1, x):  # the GELU then fuses with the quantisation of fc2's input (compiled blocks)
+            return linear_forward(self.fc2, F.gelu(linear_forward(self.fc1, x), approximate="tanh"))
         if self.fused_gelu and x.is_cuda and not torch.is_grad_enabled() and x.numel() >= self.FUSED_GELU_MIN_ROWS * x.shape[-1]:
             # on CUDA ``_addmm_activation(use_gelu=True)`` is the tanh approximation (exact erf GELU on the CPU)
             hidden = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(), use_gelu=True)
@@ -199,6 +201,67 @@ def fuse_ffn_gelu_(model: nn.Module, enabled: bool = True) -> int:
     for feed_forward in feed_forwards:
         feed_forward.fused_gelu = bool(enabled)
     return len(feed_forwards)
+
+
+# float8 linears (opt-in: ``VARPipeline.enable_fast_inference(fp8=True)``)
+FLOAT8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_MIN_ROWS = 4096  # fewer token rows keep the bf16 matmul: the quantisation would cost more than it saves
+
+
+def quantize_to_float8(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise float8 (e4m3) quantisation: ``(x8, scale)`` with ``x ~= x8 * scale``, ``scale`` (M, 1) float32 chosen
+    so that each row's largest magnitude maps to 448 (an all-zero row gets a tiny scale and stays zero)."""
+    scale = x_MK.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / FLOAT8_MAX
+    return (x_MK.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def uses_fp8(linear: nn.Linear, x: torch.Tensor) -> bool:
+    """Whether :func:`linear_forward` takes the float8 path: ``linear`` carries float8 weights
+    (:func:`quantize_linears_fp8_`), no autograd, and at least ``FP8_MIN_ROWS`` token rows."""
+    return (getattr(linear, "weight_fp8", None) is not None and not torch.is_grad_enabled()
+            and x.numel() >= FP8_MIN_ROWS * x.shape[-1])
+
+
+_MODULE_BIAS = object()
+
+
+def linear_forward(linear: nn.Linear, x: torch.Tensor, bias=_MODULE_BIAS) -> torch.Tensor:
+    """``F.linear(x, linear.weight, bias)`` (``bias`` defaults to the module's), or, when :func:`uses_fp8`, the same
+    product in float8: activations quantised per row, weights per output channel, float32 accumulation, output in
+    ``x``'s dtype (H100, one VAR-d30 block's matmuls and elementwise work at 32k rows, compiled: 4.42 -> 3.64 ms)."""
+    bias = linear.bias if bias is _MODULE_BIAS else bias
+    if not uses_fp8(linear, x):
+        return F.linear(x, linear.weight, bias)
+    x8, x_scale = quantize_to_float8(x.reshape(-1, x.shape[-1]))
+    out = torch._scaled_mm(x8, linear.weight_fp8.t(), scale_a=x_scale, scale_b=linear.weight_fp8_scale,
+                           bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def quantize_linears_fp8_(model: nn.Module, enabled: bool = True) -> int:
+    """Give (``enabled``) or take back the float8 copies of the attention and FFN weights of every
+    :class:`CosineSelfAttention` and :class:`FeedForward` of ``model``: per output channel scaled e4m3 weights, as
+    non-persistent buffers ``weight_fp8`` / ``weight_fp8_scale`` (``state_dict`` and ``save_pretrained`` are
+    unchanged; the original weights stay). Returns how many linears carry float8 weights now."""
+    linears = []
+    for module in model.modules():
+        if isinstance(module, CosineSelfAttention):
+            linears += [module.to_qkv, module.to_out]
+        elif isinstance(module, FeedForward):
+            linears += [module.fc1, module.fc2]
+    for linear in linears:
+        if enabled:
+            if linear.in_features % 16 or linear.out_features % 16:
+                raise ValueError(f"float8 matmuls need widths divisible by 16, got a {linear.in_features} -> "
+                                 f"{linear.out_features} linear; use `fp8=False` for this model.")
+            with torch.no_grad():
+                weight8, scale = quantize_to_float8(linear.weight)
+            linear.register_buffer("weight_fp8", weight8, persistent=False)
+            linear.register_buffer("weight_fp8_scale", scale.t().contiguous(), persistent=False)  # (1, N)
+        else:
+            for name in ("weight_fp8", "weight_fp8_scale"):
+                linear._buffers.pop(name, None)
+    return len(linears) if enabled else 0
 
 
 class CosineSelfAttention(nn.Module):
@@ -232,14 +295,14 @@ class CosineSelfAttention(nn.Module):
         rotary: Callable | None = None,
     ) -> torch.Tensor:
         q, k, v, softmax_scale = self.project(x_BLC)
-        return self.to_out(self.attend(q, k, v, softmax_scale, attn_mask, kv_cache, rotary))
+        return linear_forward(self.to_out, self.attend(q, k, v, softmax_scale, attn_mask, kv_cache, rotary))
 
     def project(self, x_BLC: torch.Tensor):
         """Pure tensor work before the cache: ``(q, k, v, softmax_scale)``, each (B, L, H, D), q and k
         L2-normalised with q scaled per head (``torch.compile`` fuses these elementwise ops)."""
         B, L, C = x_BLC.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias.to(self.q_bias.dtype), self.v_bias))
-        qkv = F.linear(x_BLC, self.to_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim)
+        qkv = linear_forward(self.to_qkv, x_BLC, bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(dim=2)  # each (B, L, H, D)
         if self.attn_l2_norm:
             head_scale = self.log_scale.clamp_max(MAX_LOG_ATTN_SCALE).exp().transpose(1, 2)  # (1, 1, H, 1)
@@ -342,7 +405,7 @@ class AdaLNSelfAttentionBlock(nn.Module):
         return q, k, v, softmax_scale
 
     def attention_residual(self, x_BLC, attended_BLC, gamma) -> torch.Tensor:
-        return x_BLC + self.drop_path(self.attn.to_out(attended_BLC) * gamma)
+        return x_BLC + self.drop_path(linear_forward(self.attn.to_out, attended_BLC) * gamma)
 
     def ffn_residual(self, x_BLC, gamma, scale_plus_one, shift) -> torch.Tensor:
         ffn_out = self.ffn(self.norm(x_BLC).mul(scale_plus_one).add_(shift))

@@ -20,19 +20,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.blocks import fuse_ffn_gelu_
+from ..models.blocks import fuse_ffn_gelu_, quantize_linears_fp8_
 
 FAST_INFERENCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def check_fast_inference_args(dtype, cuda_graphs, compile_decoder, **more_flags) -> None:
+def check_fast_inference_args(dtype, cuda_graphs, compile_decoder, fp8=False, **more_flags) -> None:
     """Argument checks of ``enable_fast_inference`` (a ValueError names the parameter)."""
     if not isinstance(dtype, torch.dtype) or dtype not in FAST_INFERENCE_DTYPES:
         names = ", ".join(str(d) for d in FAST_INFERENCE_DTYPES)
         raise ValueError(f"`dtype` must be one of {names}, got {dtype!r}.")
-    for name, value in (("cuda_graphs", cuda_graphs), ("compile_decoder", compile_decoder), *more_flags.items()):
+    for name, value in (("cuda_graphs", cuda_graphs), ("compile_decoder", compile_decoder), ("fp8", fp8), *more_flags.items()):
         if not isinstance(value, bool):
             raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+    if fp8 and dtype != torch.bfloat16:
+        raise ValueError(f"`fp8=True` needs `dtype=torch.bfloat16` (the float8 matmuls write bf16), got {dtype}.")
 
 
 def cast_module_(module: nn.Module | None, dtype: torch.dtype, keep_float32: Iterable[nn.Module | None] = ()) -> None:
@@ -178,7 +180,11 @@ class FastInferenceMixin:
     _fast_inference: bool = False
     _use_cuda_graphs: bool = False
 
-    def _set_fast_inference(self, enabled: bool, cuda_graphs: bool = False, dtype: torch.dtype | None = None):
+    def _set_fast_inference(self, enabled: bool, cuda_graphs: bool = False, dtype: torch.dtype | None = None,
+                            fp8: bool = False):
+        transformer = getattr(self, "transformer", None)
+        if transformer is not None:  # first, so that a refused model (widths not multiples of 16) changes nothing more
+            quantize_linears_fp8_(transformer, enabled and fp8)
         self._fast_inference = bool(enabled)
         self._fast_dtype = dtype if enabled else None
         self._use_cuda_graphs = bool(enabled and cuda_graphs)
@@ -190,7 +196,8 @@ class FastInferenceMixin:
         return self
 
     def disable_fast_inference(self):
-        """Back to the eager path without CUDA graphs (captured graphs are freed) or the fused FFN GELU. The
+        """Back to the eager path without CUDA graphs (captured graphs are freed), the fused FFN GELU or the float8
+        weights. The
         weights keep their current dtype, and a decoder or blocks compiled by ``compile_decoder`` /
         ``compile_blocks`` stay compiled (same results, compiled code): reload the pipeline for the plain float32
         modules."""
