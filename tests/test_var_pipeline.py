@@ -91,6 +91,16 @@ def test_callback_can_replace_fhat(pipe):
     assert torch.count_nonzero(latent) == 0
 
 
+def test_a_returned_fhat_stays_the_callers(pipe):
+    """The next scales add to f_hat in place; they must not write into the tensor the callback handed back (a
+    caller replaying recorded latents would see them change)."""
+    replacement = torch.randn(2, 8, PATCH_NUMS[-1], PATCH_NUMS[-1], generator=torch.Generator().manual_seed(3))
+    kept = replacement.clone()
+    latent = generate(pipe, output_type="latent", callback_on_step_end=lambda p, si, pn, t: {"f_hat": replacement} if si == 0 else {})
+    assert torch.equal(replacement, kept)
+    assert not torch.equal(latent, replacement)  # later scales did add to (a copy of) it
+
+
 def test_labels_and_get_label_ids():
     pipe = tiny_pipeline(id2label={0: "cat, kitty", 1: "dog"})
     assert pipe.get_label_ids(["kitty", "dog", "cat"]) == [0, 1, 0]

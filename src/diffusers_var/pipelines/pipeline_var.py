@@ -52,7 +52,7 @@ def run_scale_callback(pipeline, callback, scale_index: int, patch_nums, tensors
     running latent (and the next scale's input derived from it). Returns ``(f_hat, next_input)``."""
     out = callback(pipeline, scale_index, patch_nums[scale_index], {k: tensors[k] for k in names}) or {}
     if out.get("f_hat") is not None and out["f_hat"] is not f_hat:
-        f_hat = out["f_hat"].float()
+        f_hat = out["f_hat"].to(torch.float32, copy=True)  # a copy: the next scales add to f_hat in place
         if scale_index != len(patch_nums) - 1:
             next_input = area_down(f_hat, patch_nums[scale_index + 1])
     return f_hat, next_input
