@@ -330,7 +330,9 @@ def _star_fixture_run(pipe, kwargs, prompts, forced_latents=None):
 
 
 def _fast_against_eager(run, cases):
-    """run(case, forced_latents) -> (scales, latents); returns eager scales, forced fast tokens, free fast tokens."""
+    """run(case, forced_latents) -> (scales, latents). Runs every case now (the eager reference) and returns it with
+    a function that runs the pipeline's current path twice: {case: per scale (tokens, logits)} from the eager
+    prefix, and {case: free-running tokens}."""
     eager = {case: run(case, None) for case in cases}
     return eager, lambda: ({case: [(t, logits) for t, _, logits in run(case, eager[case][1])[0]] for case in cases},
                            {case: torch.cat([t for t, _, _ in run(case, None)[0]], dim=1) for case in cases})
