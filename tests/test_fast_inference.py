@@ -494,9 +494,10 @@ def test_graph_set_keeps_what_its_step_writes_into_alive(monkeypatch):
     assert cache_ref() is None  # it was the graph set that kept it
 
 
-def _perturbed_tiny_var(embed_dim=64, num_heads=2) -> VARPipeline:
+def _perturbed_tiny_var(embed_dim=64, num_heads=2, mlp_ratio=4.0) -> VARPipeline:
     torch.manual_seed(0)
-    transformer = VARTransformer2DModel(depth=2, embed_dim=embed_dim, num_heads=num_heads, patch_nums=(1, 2, 3, 4), num_classes=10)
+    transformer = VARTransformer2DModel(depth=2, embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                                        patch_nums=(1, 2, 3, 4), num_classes=10)
     transformer.init_weights()
     with torch.no_grad():
         for parameter in transformer.parameters():
@@ -548,6 +549,13 @@ def test_fp8_linears_quantize_the_block_matmuls_and_nothing_else(monkeypatch):
             pipe.enable_fast_inference(**case)
     with pytest.raises(ValueError, match="divisible by 16"):
         _perturbed_tiny_var(embed_dim=40).enable_fast_inference(fp8=True)
+    # attention widths fit, the FFN's (264) does not: refused before any linear gets float8 weights or a cast
+    refused = _perturbed_tiny_var(mlp_ratio=4.125)
+    with pytest.raises(ValueError, match="264"):
+        refused.enable_fast_inference(fp8=True)
+    assert not any(getattr(m, "weight_fp8", None) is not None for m in refused.transformer.modules())
+    assert all(p.dtype == torch.float32 for p in refused.transformer.parameters())
+    assert not refused._fast_inference
 
 
 def test_fp8_rowwise_quantisation_round_trips():

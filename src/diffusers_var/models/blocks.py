@@ -238,11 +238,10 @@ def linear_forward(linear: nn.Linear, x: torch.Tensor, bias=_MODULE_BIAS) -> tor
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def quantize_linears_fp8_(model: nn.Module, enabled: bool = True) -> int:
-    """Give (``enabled``) or take back the float8 copies of the attention and FFN weights of every
-    :class:`CosineSelfAttention` and :class:`FeedForward` of ``model``: per output channel scaled e4m3 weights, as
-    non-persistent buffers ``weight_fp8`` / ``weight_fp8_scale`` (``state_dict`` and ``save_pretrained`` are
-    unchanged; the original weights stay). Returns how many linears carry float8 weights now."""
+def fp8_linears(model: nn.Module) -> list[nn.Linear]:
+    """The linears that ``fp8=True`` runs in float8: attention (qkv, out) and FFN (fc1, fc2) of every
+    :class:`CosineSelfAttention` / :class:`FeedForward` of ``model``. A ValueError if one has a width that
+    ``torch._scaled_mm`` cannot take (not a multiple of 16), raised before anything is changed."""
     linears = []
     for module in model.modules():
         if isinstance(module, CosineSelfAttention):
@@ -250,18 +249,29 @@ def quantize_linears_fp8_(model: nn.Module, enabled: bool = True) -> int:
         elif isinstance(module, FeedForward):
             linears += [module.fc1, module.fc2]
     for linear in linears:
-        if enabled:
-            if linear.in_features % 16 or linear.out_features % 16:
-                raise ValueError(f"float8 matmuls need widths divisible by 16, got a {linear.in_features} -> "
-                                 f"{linear.out_features} linear; use `fp8=False` for this model.")
-            with torch.no_grad():
-                weight8, scale = quantize_to_float8(linear.weight)
-            linear.register_buffer("weight_fp8", weight8, persistent=False)
-            linear.register_buffer("weight_fp8_scale", scale.t().contiguous(), persistent=False)  # (1, N)
-        else:
-            for name in ("weight_fp8", "weight_fp8_scale"):
-                linear._buffers.pop(name, None)
-    return len(linears) if enabled else 0
+        if linear.in_features % 16 or linear.out_features % 16:
+            raise ValueError(f"float8 matmuls need widths divisible by 16, got a {linear.in_features} -> "
+                             f"{linear.out_features} linear; use `fp8=False` for this model.")
+    return linears
+
+
+def quantize_linears_fp8_(model: nn.Module, enabled: bool = True) -> int:
+    """Give (``enabled``) or take back the float8 copies of the weights of :func:`fp8_linears`: per output channel
+    scaled e4m3 weights, as non-persistent buffers ``weight_fp8`` / ``weight_fp8_scale`` (``state_dict`` and
+    ``save_pretrained`` are unchanged; the original weights stay). Returns how many linears carry float8 weights now."""
+    if not enabled:
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                for name in ("weight_fp8", "weight_fp8_scale"):
+                    module._buffers.pop(name, None)
+        return 0
+    linears = fp8_linears(model)  # all widths checked before the first buffer is added
+    for linear in linears:
+        with torch.no_grad():
+            weight8, scale = quantize_to_float8(linear.weight)
+        linear.register_buffer("weight_fp8", weight8, persistent=False)
+        linear.register_buffer("weight_fp8_scale", scale.t().contiguous(), persistent=False)  # (1, N)
+    return len(linears)
 
 
 class CosineSelfAttention(nn.Module):

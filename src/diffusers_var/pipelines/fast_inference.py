@@ -183,7 +183,7 @@ class FastInferenceMixin:
     def _set_fast_inference(self, enabled: bool, cuda_graphs: bool = False, dtype: torch.dtype | None = None,
                             fp8: bool = False):
         transformer = getattr(self, "transformer", None)
-        if transformer is not None:  # first, so that a refused model (widths not multiples of 16) changes nothing more
+        if transformer is not None:
             quantize_linears_fp8_(transformer, enabled and fp8)
         self._fast_inference = bool(enabled)
         self._fast_dtype = dtype if enabled else None
@@ -197,8 +197,7 @@ class FastInferenceMixin:
 
     def disable_fast_inference(self):
         """Back to the eager path without CUDA graphs (captured graphs are freed), the fused FFN GELU or the float8
-        weights. The
-        weights keep their current dtype, and a decoder or blocks compiled by ``compile_decoder`` /
+        weights. The weights keep their current dtype, and a decoder or blocks compiled by ``compile_decoder`` /
         ``compile_blocks`` stay compiled (same results, compiled code): reload the pipeline for the plain float32
         modules."""
         return self._set_fast_inference(False)

@@ -12,7 +12,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 
-from ..models.blocks import compile_adaln_blocks_
+from ..models.blocks import compile_adaln_blocks_, fp8_linears
 from ..models.multiscale_vq import MultiScaleVQModel, area_down
 from ..models.var_transformer import VARTransformer2DModel
 from .fast_inference import CUDAGraphScaleSteps, FastInferenceMixin, cast_decoder_, cast_module_, check_fast_inference_args
@@ -152,6 +152,8 @@ class VARPipeline(DiffusionPipeline, FastInferenceMixin):
         """
         check_fast_inference_args(dtype, cuda_graphs, compile_decoder, fp8, compile_blocks=compile_blocks)
         transformer = self.transformer
+        if fp8:
+            fp8_linears(transformer)  # a model float8 cannot take is refused before anything is cast or compiled
         cast_module_(transformer, dtype, keep_float32=(transformer.head, transformer.head_norm))
         cast_decoder_((self.vqvae.decoder, self.vqvae.post_quant_conv), dtype,
                       self.vqvae.decoder if compile_decoder else None)
