@@ -270,6 +270,11 @@ NEAR_TIE = 2.0 ** -5  # of the largest |logit| of the scale: bf16 keeps 8 signif
 MAX_RELATIVE_LOGIT_ERROR = 0.05  # relative RMS of the guided logits; bf16 on the CPU: 0.028 (STAR), 0.023 (Infinity)
 
 
+def _joined_tokens(scales) -> torch.Tensor:
+    """Per-scale (tokens, margins, logits) -> all scales' tokens along the sequence."""
+    return torch.cat([tokens for tokens, _, _ in scales], dim=1)
+
+
 def _check_forced_agreement(family, eager, forced, free):
     """eager: case -> per scale (tokens, float32 margins, guided logits); forced: case -> per scale (tokens, logits)
     from the same prefix; free: case -> free-running tokens."""
@@ -281,7 +286,7 @@ def _check_forced_agreement(family, eager, forced, free):
             far_from_tie.append(same[margins >= NEAR_TIE * logits.abs().max()].flatten())
             errors.append(((fast_logits - logits).norm() / logits.norm()).item())
     agree, far_from_tie = torch.cat(agree), torch.cat(far_from_tie)
-    free_agreement = torch.cat([(free[c] == torch.cat([t for t, _, _ in eager[c]], dim=1)).flatten() for c in eager]).float().mean().item()
+    free_agreement = torch.cat([(free[c] == _joined_tokens(eager[c])).flatten() for c in eager]).float().mean().item()
     print(f"{family} fixture, fast path vs float32 eager: greedy agreement free-running {free_agreement:.4f}, "
           f"same prefix {agree.float().mean().item():.4f} ({(~agree).sum().item()} of {agree.numel()} differ; "
           f"{agree.numel() - far_from_tie.numel()} are near-ties); guided-logit error (relative RMS) max {max(errors):.4f}")
@@ -335,7 +340,7 @@ def _fast_against_eager(run, cases):
     prefix, and {case: free-running tokens}."""
     eager = {case: run(case, None) for case in cases}
     return eager, lambda: ({case: [(t, logits) for t, _, logits in run(case, eager[case][1])[0]] for case in cases},
-                           {case: torch.cat([t for t, _, _ in run(case, None)[0]], dim=1) for case in cases})
+                           {case: _joined_tokens(run(case, None)[0]) for case in cases})
 
 
 def test_star_fast_path_on_the_converted_fixture(star_fixture_pipe):
@@ -345,7 +350,7 @@ def test_star_fast_path_on_the_converted_fixture(star_fixture_pipe):
     pipe.enable_fast_inference(dtype=torch.float32)
     forced, free = fast_runs()
     for case in greedy:
-        assert torch.equal(free[case], torch.cat([t for t, _, _ in eager[case][0]], dim=1)), case
+        assert torch.equal(free[case], _joined_tokens(eager[case][0])), case
     pipe.enable_fast_inference()
     forced, free = fast_runs()
     pipe.disable_fast_inference()
@@ -407,7 +412,7 @@ def test_infinity_fast_path_on_the_converted_fixture(infinity_fixture_pipes):
         pipe.enable_fast_inference(dtype=torch.float32)
     forced, free = fast_runs()
     for case in greedy:
-        assert torch.equal(free[case], torch.cat([t for t, _, _ in eager[case][0]], dim=1)), case
+        assert torch.equal(free[case], _joined_tokens(eager[case][0])), case
     for pipe in pipes.values():
         pipe.enable_fast_inference(compile_blocks=True)
     forced, free = fast_runs()
