@@ -253,6 +253,11 @@ class BitwiseMultiScaleVAE(ModelMixin, ConfigMixin):
         return x_BdHW.flatten(2).transpose(1, 2)
 
     @staticmethod
+    def scale_contribution(codes_BdHW: torch.Tensor, full_hw: tuple[int, int]) -> torch.Tensor:
+        """What one scale adds to the running sum of codes: its codes resized to the full latent grid."""
+        return trilinear_resize(codes_BdHW, tuple(full_hw))
+
+    @staticmethod
     def _bsq(residual_BdHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bits (residual > 0) and the straight-through quantised value of the normalised residual."""
         d = residual_BdHW.shape[1]
@@ -284,7 +289,7 @@ class BitwiseMultiScaleVAE(ModelMixin, ConfigMixin):
         for k, size in enumerate(sizes):
             scale_input = area_resize(residual, size)
             bits, quantized = self._bsq(scale_input)
-            upsampled = trilinear_resize(quantized, full)
+            upsampled = self.scale_contribution(quantized, full)
             residual, summed = residual - upsampled, summed + upsampled
             inputs.append(scale_input)
             bit_labels.append(bits.permute(0, 2, 3, 1).to(torch.uint8))
@@ -308,7 +313,7 @@ class BitwiseMultiScaleVAE(ModelMixin, ConfigMixin):
     def codes_from_bit_labels(self, bit_labels: Sequence[torch.Tensor]) -> torch.Tensor:
         """Latent-layout bits per scale ((B, h, w, d)) -> the summed, upsampled codes (B, d, H, W)."""
         full = tuple(bit_labels[-1].shape[1:3])
-        return sum(trilinear_resize(self.bits_to_codes(bits.permute(0, 3, 1, 2)), full) for bits in bit_labels)
+        return sum(self.scale_contribution(self.bits_to_codes(bits.permute(0, 3, 1, 2)), full) for bits in bit_labels)
 
     def decode_bit_labels(self, bit_labels: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.decode(self.codes_from_bit_labels(bit_labels)).sample
@@ -318,7 +323,7 @@ class BitwiseMultiScaleVAE(ModelMixin, ConfigMixin):
         """Add one scale's codes to the running sum (full latent resolution) and return ``(summed, x_next)``
         where ``x_next`` (B, h*w, bits_per_token) is the bilinear *downsampling* of the sum to the next
         token grid (``next_size_hw``; ``None`` at the last scale)."""
-        summed = summed_BdHW + trilinear_resize(codes_BdHW, tuple(summed_BdHW.shape[-2:]))
+        summed = summed_BdHW + self.scale_contribution(codes_BdHW, summed_BdHW.shape[-2:])
         return summed, None if next_size_hw is None else self.scale_input_from_summed(summed, next_size_hw)
 
     def scale_input_from_summed(self, summed_BdHW: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
@@ -360,7 +365,7 @@ class BitwiseMultiScaleVAE(ModelMixin, ConfigMixin):
                 draw = torch.rand(bits.permute(0, 2, 3, 1).shape, generator=generator)
                 flip = (draw < strength).permute(0, 3, 1, 2).to(bits.device)
                 bits = bits ^ flip
-            summed = summed + trilinear_resize(self.bits_to_codes(bits), full)
+            summed = summed + self.scale_contribution(self.bits_to_codes(bits), full)
             if k + 1 < len(sizes):
-                inputs.append(self.latent_to_tokens(trilinear_resize(summed, sizes[k + 1])))
+                inputs.append(self.scale_input_from_summed(summed, schedule[k + 1]))
         return torch.cat(inputs, dim=1), torch.cat(labels, dim=1)

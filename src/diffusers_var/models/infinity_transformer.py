@@ -12,22 +12,119 @@ from torch import nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
-from diffusers.utils.accelerate_utils import apply_forward_hook
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from .blocks import (
-    AdaLNCrossAttentionBlock,
     AdaLNHeadNorm,
     AdaLNModulation,
-    CrossAttention,
+    AdaLNSelfAttentionBlock,
+    ExternalBiasLinear,
     FeedForward,
     KVCache,
+    LayerKVCache,
     Rotary2D,
     block_causal_mask_from_counts,
     init_adaln_transformer_weights_,
     level_ids_from_counts,
-    rope_2d_cos_sin,
+    memoized,
 )
 from .dynamic_resolution import normalize_schedule, rope_grid_for_schedule
+
+
+# ----------------------------------------------------------------------------------------------
+# Infinity's grid RoPE, text cross-attention and the AdaLN block that uses it (Infinity only)
+# ----------------------------------------------------------------------------------------------
+def normalized_grid_positions(height: int, width: int, grid_hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row / column position of every token of an ``height x width`` map (row-major) on a reference grid:
+    ``round(i * H_ref / height)`` in float32 with round-half-to-even, so every scale spans the same grid."""
+    rows = (torch.arange(height) * (grid_hw[0] / height)).round()
+    cols = (torch.arange(width) * (grid_hw[1] / width)).round()
+    return rows[:, None].expand(height, width).reshape(-1), cols[None, :].expand(height, width).reshape(-1)
+
+
+def rope_2d_cos_sin(scale_hw: Sequence[tuple[int, int]], grid_hw: tuple[int, int], head_dim: int, base: float = 10000.0):
+    """cos / sin tables, each (L, head_dim // 2), for all scales of a schedule concatenated (row-major)."""
+    half = head_dim // 2
+    # int64 exponents as in the original, so the frequencies are bit-identical
+    inv_freq = 1.0 / (base ** (torch.arange(0, half, 2, dtype=torch.int64) / half))
+    angles = []
+    for h, w in scale_hw:
+        rows, cols = normalized_grid_positions(h, w, grid_hw)
+        angles.append(torch.cat((torch.outer(rows, inv_freq), torch.outer(cols, inv_freq)), dim=-1))
+    angles = torch.cat(angles)
+    return torch.cos(angles), torch.sin(angles)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from ``x`` to a context of another width, with padding mask.
+
+    k/v come from one bias-free projection of the context plus a learned v bias (k has none); the softmax
+    scale is ``1/sqrt(head_dim)``. With ``learned_query`` the query is a single learned token
+    (``(1, num_heads, head_dim)``): the layer then pools the context into one vector per sample.
+    """
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int, learned_query: bool = False):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"cross-attention width ({dim}) must be divisible by `num_heads` ({num_heads}).")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        if learned_query:
+            self.learned_query = nn.Parameter(torch.zeros(1, num_heads, self.head_dim))
+            self.to_q = None
+        else:
+            self.to_q = nn.Linear(dim, dim)
+        self.to_kv = ExternalBiasLinear(context_dim, 2 * dim)
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim), persistent=False)
+        self.to_out = nn.Linear(dim, dim)
+
+    def context_keys_values(self, context_BSC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, S, H, D) of the context."""
+        B, S = context_BSC.shape[:2]
+        bias = torch.cat((self.zero_k_bias.to(self.v_bias.dtype), self.v_bias))
+        kv = self.to_kv(context_BSC, bias).view(B, S, 2, self.num_heads, self.head_dim)
+        return kv.unbind(dim=2)
+
+    def forward(self, x_BLC: torch.Tensor | None, context_BSC: torch.Tensor, context_mask_BS: torch.Tensor | None = None,
+                kv_cache: LayerKVCache | None = None) -> torch.Tensor:
+        B = context_BSC.shape[0]
+        # decoding: the text is fixed for a generation, so its keys / values are computed once
+        k, v = memoized(kv_cache, "cross_kv", lambda: self.context_keys_values(context_BSC))
+        if self.to_q is None:
+            q = self.learned_query.to(k.dtype).unsqueeze(0).expand(B, 1, -1, -1)
+        else:
+            q = self.query(x_BLC)
+        return self.to_out(self.attend(q, k, v, context_mask_BS))
+
+    def query(self, x_BLC: torch.Tensor) -> torch.Tensor:
+        """(B, L, C) -> queries (B, L, H, D)."""
+        return self.to_q(x_BLC).unflatten(-1, (self.num_heads, self.head_dim))
+
+    def attend(self, q, k, v, context_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention over the context (padded positions masked): (B, L, H, D) queries -> (B, L, C), before ``to_out``."""
+        mask = None if context_mask_BS is None else context_mask_BS[:, None, None, :].to(torch.bool)
+        return dispatch_attention_fn(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5).flatten(2)
+
+
+class AdaLNCrossAttentionBlock(AdaLNSelfAttentionBlock):
+    """:class:`AdaLNSelfAttentionBlock` with an un-gated cross-attention residual between self-attention
+    and FFN: ``x += CrossAttn(LayerNorm_affine(x), context)`` (no AdaLN on that branch)."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int, ffn_dim: int, norm_eps: float = 1e-6,
+                 shared_adaln: bool = False, drop_path: float = 0.0):
+        super().__init__(dim, num_heads, norm_eps=norm_eps, shared_adaln=shared_adaln, attn_l2_norm=True,
+                         drop_path=drop_path, ffn_dim=ffn_dim)
+        self.cross_attn_norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.cross_attn = CrossAttention(dim, context_dim, num_heads)
+
+    def forward(self, x_BLC, cond, context_BSC, context_mask_BS=None, attn_mask=None, kv_cache=None, rotary=None):
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = memoized(kv_cache, "adaln", lambda: self.modulation(cond))
+        x_BLC = self.self_attention_residual(x_BLC, gamma1, scale1, shift1, attn_mask, kv_cache, rotary)
+        x_BLC = self.cross_attention_residual(x_BLC, context_BSC, context_mask_BS, kv_cache)
+        return self.ffn_residual(x_BLC, gamma2, scale2, shift2)
+
+    def cross_attention_residual(self, x_BLC, context_BSC, context_mask_BS=None, kv_cache=None):
+        return x_BLC + self.cross_attn(self.cross_attn_norm(x_BLC), context_BSC, context_mask_BS, kv_cache)
 
 
 def infinity_ffn_dim(embed_dim: int, mlp_ratio: float) -> int:
@@ -82,6 +179,7 @@ class InfinityTransformer2DModel(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["AdaLNCrossAttentionBlock"]
+    _keep_in_fp32_modules = ["head", "head_norm", "text_norm"]  # logits, their AdaLN norm, the text RMSNorm
 
     @register_to_config
     def __init__(
@@ -133,9 +231,9 @@ class InfinityTransformer2DModel(ModelMixin, ConfigMixin):
             raise ValueError(f"text of {S} tokens exceeds `text_max_length` ({self.config.text_max_length}).")
         return self.uncond_text_embeds[:S].unsqueeze(0).expand(B, S, -1)
 
-    @apply_forward_hook
     def encode_text(self, text_embeds: torch.Tensor, text_mask: torch.Tensor, drop_text: torch.Tensor | None = None) -> InfinityTextCondition:
-        """Text features (B, S, text_dim) + mask (B, S) -> :class:`InfinityTextCondition`.
+        """Text features (B, S, text_dim) + mask (B, S) -> :class:`InfinityTextCondition` (called by ``forward``,
+        once per generation when decoding).
 
         ``drop_text`` (B,) bool replaces those rows by the learned unconditional features.
         """
@@ -144,7 +242,8 @@ class InfinityTransformer2DModel(ModelMixin, ConfigMixin):
         if tuple(text_mask.shape) != tuple(text_embeds.shape[:2]):
             raise ValueError(f"`text_mask` must have shape {tuple(text_embeds.shape[:2])}, got {tuple(text_mask.shape)}.")
         text_mask = text_mask.to(device=text_embeds.device, dtype=torch.bool)
-        if not bool(text_mask.any(dim=1).all()):
+        capturing = text_mask.is_cuda and torch.cuda.is_current_stream_capturing()  # no host sync in a graph capture
+        if not capturing and not bool(text_mask.any(dim=1).all()):
             raise ValueError("`text_mask`: every sample needs at least one real token.")
         text_embeds = text_embeds.to(self.uncond_text_embeds.dtype)
         if drop_text is not None:  # also when no row is dropped, so DDP always sees the parameter used
@@ -174,6 +273,11 @@ class InfinityTransformer2DModel(ModelMixin, ConfigMixin):
             raise ValueError(f"`scale_schedule` has {len(schedule)} scales; the model supports {self.config.num_level_embeddings}.")
         return schedule
 
+    @property
+    def scale_input_channels(self) -> int:
+        """Channels of a scale's input tokens (``scale_input`` of :meth:`forward_scale`)."""
+        return self.config.bits_per_token
+
     # -- trunk -------------------------------------------------------------------------------------
     def _run_blocks(self, x_BLC, level_BLC, text: InfinityTextCondition, attn_mask=None, kv_cache=None, rotary=None):
         per_chunk = len(self.blocks) // self.config.block_chunks
@@ -186,36 +290,44 @@ class InfinityTransformer2DModel(ModelMixin, ConfigMixin):
                 x_BLC = self._gradient_checkpointing_func(block, *args)
             else:
                 x_BLC = block(*args)
-        head_dtype = self.head.weight.dtype  # the head may be kept in float32 in a low-precision model
+        head_dtype = self.head.weight.dtype  # the head stays float32 in a low-precision model
         memo = kv_cache.head if kv_cache is not None else None  # decoding: head AdaLN once per generation
         return self.head(self.head_norm(x_BLC.to(head_dtype), text.pooled.to(head_dtype), memo)).float()
 
     def forward(
         self,
-        hidden_states: torch.Tensor,
+        hidden_states: torch.Tensor | None,
         text_embeds: torch.Tensor,
         text_mask: torch.Tensor,
-        scale_schedule: Sequence[Sequence[int]],
+        scale_schedule: Sequence[Sequence[int]] | None = None,
         drop_text: torch.Tensor | None = None,
         return_dict: bool = True,
+        scale_index: int | None = None,
+        kv_cache: KVCache | None = None,
     ):
-        r"""Teacher-forcing forward with the block-causal mask.
+        r"""Teacher-forcing forward with the block-causal mask, or (``scale_index`` given) one scale of decoding.
 
         Args:
-            hidden_states: (B, L - 1, bits_per_token): the next-scale inputs of scales 1..K-1, from
-                :meth:`BitwiseMultiScaleVAE.teacher_forcing_inputs`.
+            hidden_states: training: (B, L - 1, bits_per_token), the next-scale inputs of scales 1..K-1, from
+                :meth:`BitwiseMultiScaleVAE.teacher_forcing_inputs`; decoding: the scale's input (B, h*w,
+                bits_per_token) for scales >= 1, ``None`` at scale 0 (see :meth:`forward_scale`).
             text_embeds, text_mask: padded text encoder features (B, S, text_dim) and mask (B, S).
-            scale_schedule: token grids ``[(h, w), ...]`` (a predefined aspect-ratio schedule).
-            drop_text: (B,) bool, rows that use the unconditional text; default in training mode: each row
+            scale_schedule: token grids ``[(h, w), ...]`` (a predefined aspect-ratio schedule); decoding takes the
+                cache's.
+            drop_text: (B,) bool, rows that use the learned unconditional text; default in training mode: each row
                 with probability ``cond_drop_rate``, else none.
+            scale_index, kv_cache: decode this scale with the cache of :meth:`init_kv_cache` (scales in order).
 
-        Returns logits (B, L, 2 * bits_per_token), float32.
+        Returns logits (B, L, 2 * bits_per_token), float32 (decoding: the scale's rows, as a tensor).
         """
+        if scale_index is not None:
+            return self._decode_scale(scale_index, hidden_states, text_embeds, text_mask, drop_text, kv_cache)
         schedule = self._check_schedule(scale_schedule)
         counts = [h * w for h, w in schedule]
         expected = (sum(counts) - 1, self.config.bits_per_token)
-        if hidden_states.ndim != 3 or tuple(hidden_states.shape[1:]) != expected:
-            raise ValueError(f"`hidden_states` must have shape (B, {expected[0]}, {expected[1]}), got {tuple(hidden_states.shape)}.")
+        if hidden_states is None or hidden_states.ndim != 3 or tuple(hidden_states.shape[1:]) != expected:
+            got = None if hidden_states is None else tuple(hidden_states.shape)
+            raise ValueError(f"`hidden_states` must have shape (B, {expected[0]}, {expected[1]}), got {got}.")
         if drop_text is None and self.training and self.config.cond_drop_rate > 0:
             drop_text = torch.rand(hidden_states.shape[0]) < self.config.cond_drop_rate
         text = self.encode_text(text_embeds, text_mask, drop_text)
@@ -229,34 +341,35 @@ class InfinityTransformer2DModel(ModelMixin, ConfigMixin):
 
     # -- scale-by-scale decoding -------------------------------------------------------------------
     def init_kv_cache(self, scale_schedule) -> KVCache:
-        return KVCache(len(self.blocks), max_length=sum(h * w for h, w in normalize_schedule(scale_schedule)))
+        """The KV cache of one generation along ``scale_schedule`` (token grids ``[(h, w), ...]``)."""
+        return KVCache(len(self.blocks), self._check_schedule(scale_schedule))
 
-    @apply_forward_hook
-    def forward_scale(
-        self,
-        scale_index: int,
-        scale_schedule: Sequence[Sequence[int]],
-        text: InfinityTextCondition,
-        kv_cache: KVCache,
-        scale_input: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        r"""Logits (B, h*w, 2 * bits_per_token) of one scale during sampling, in scale order.
+    def forward_scale(self, scale_index: int, condition: tuple[torch.Tensor, ...], kv_cache: KVCache,
+                      scale_input: torch.Tensor | None = None) -> torch.Tensor:
+        r"""Logits (B, h*w, 2 * bits_per_token) of one scale during sampling, in scale order (through ``forward``, so
+        module hooks run).
 
-        ``text`` from :meth:`encode_text`; ``kv_cache`` from :meth:`init_kv_cache`; ``scale_input``
-        (B, h*w, bits_per_token) for scales >= 1 (``None`` at scale 0, whose input is the pooled text).
+        ``condition``: ``(text_embeds (B, S, text_dim), text_mask (B, S), drop_text (B,) bool)`` of every row
+        (conditional rows first; ``drop_text`` marks the rows that use the learned unconditional text), encoded at
+        scale 0 and reused; ``kv_cache`` from :meth:`init_kv_cache` (its schedule is the generation's);
+        ``scale_input`` (B, h*w, bits_per_token) for scales >= 1 (``None`` at scale 0, whose input is the pooled text).
         """
-        schedule = self._check_schedule(scale_schedule)
-        counts = [h * w for h, w in schedule]
-        begin = sum(counts[:scale_index])
-        end = begin + counts[scale_index]
+        text_embeds, text_mask, drop_text = condition
+        return self(scale_input, text_embeds, text_mask, drop_text=drop_text, scale_index=scale_index, kv_cache=kv_cache)
+
+    def _decode_scale(self, scale_index, scale_input, text_embeds, text_mask, drop_text, kv_cache: KVCache) -> torch.Tensor:
+        schedule = kv_cache.schedule
+        begin, end = kv_cache.scale_range(scale_index)
+        text = memoized(kv_cache.head, "text", lambda: self.encode_text(text_embeds, text_mask, drop_text))
         B = text.pooled.shape[0]
         if scale_index == 0:
             x_BLC = text.pooled.unsqueeze(1) + self.pos_start
         else:
             if scale_input is None or tuple(scale_input.shape) != (B, end - begin, self.config.bits_per_token):
                 raise ValueError(f"`scale_input` must have shape ({B}, {end - begin}, {self.config.bits_per_token}) at scale {scale_index}.")
-            x_BLC = self.input_proj(scale_input.to(self.input_proj.weight.dtype))
-        level = self.level_embedding.weight[scale_index].view(1, 1, -1)
+            x_BLC = self.input_proj(scale_input.to(self.pos_start.dtype))
+        # made on the device (no host copy: this runs inside CUDA graph captures)
+        level = self.level_embedding(torch.full((1, 1), scale_index, dtype=torch.long, device=x_BLC.device))
         cos, sin = self.rope_cos_sin(schedule, x_BLC.device)
         return self._run_blocks(x_BLC, level, text, kv_cache=kv_cache, rotary=Rotary2D(cos[begin:end], sin[begin:end]))
 

@@ -191,35 +191,9 @@ def area_down(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="area")
 
 
-def bicubic_up(x: torch.Tensor, size: int, separable: bool = False) -> torch.Tensor:
-    """Bicubic upsampling (``align_corners=False``) of (B, C, h, w) maps to ``size x size``, in ``x``'s dtype.
-
-    ``separable`` computes the same interpolation as two weighted sums with the weight matrices of
-    :func:`bicubic_weights` (equal up to float summation order). On CUDA the fused kernel gives one thread per output
-    pixel that loops over batch and channels, so for a batch of small maps (VAR batch 64: 2,048 channels of
-    16x16) it runs ~1.5 ms per call; the separable form is a few large elementwise kernels."""
-    if not separable:
-        return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
-    dtype = x.dtype
-    rows = bicubic_weights(x.shape[-2], size, x.device)  # (size, h)
-    cols = bicubic_weights(x.shape[-1], size, x.device)  # (size, w)
-    # elementwise products and sums, not matmuls: stays exact float32 where TF32 matmuls are enabled
-    x = (rows[:, :, None] * x.float()[..., None, :, :]).sum(dim=-2)  # (B, C, size, w)
-    return (x[..., None, :] * cols).sum(dim=-1).to(dtype)  # (B, C, size, size)
-
-
-_BICUBIC_WEIGHTS: dict = {}
-
-
-def bicubic_weights(in_size: int, out_size: int, device) -> torch.Tensor:
-    """(out_size, in_size) float32: row ``o`` holds the weights of every input position in output ``o`` of a 1-D
-    bicubic resize (``align_corners=False``, borders clamped), read off ``F.interpolate`` applied to unit vectors."""
-    key = (in_size, out_size, str(device))
-    if key not in _BICUBIC_WEIGHTS:
-        unit_vectors = torch.eye(in_size, dtype=torch.float32).view(in_size, 1, in_size, 1)
-        resized = F.interpolate(unit_vectors, size=(out_size, 1), mode="bicubic", align_corners=False)
-        _BICUBIC_WEIGHTS[key] = resized[:, 0, :, 0].t().contiguous().to(device)
-    return _BICUBIC_WEIGHTS[key]
+def bicubic_up(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bicubic upsampling (``align_corners=False``) of (B, C, h, w) maps to ``size x size``, in ``x``'s dtype."""
+    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
 
 
 class MultiScaleResidualQuantizer(nn.Module):
@@ -236,6 +210,18 @@ class MultiScaleResidualQuantizer(nn.Module):
         )
         # Codebook usage statistics (EMA of hits per scale); training diagnostics only.
         self.register_buffer("codebook_usage", torch.zeros(len(patch_nums), vocab_size))
+
+    def upsample(self, codes_BChw: torch.Tensor, size: int) -> torch.Tensor:
+        """A scale's code map up to the latent side (the fast path swaps in another kernel for the same maths)."""
+        return bicubic_up(codes_BChw, size)
+
+    def scale_contribution(self, codes_BChw: torch.Tensor, scale_index: int, num_scales: int, side: int) -> torch.Tensor:
+        """What scale ``scale_index`` adds to f_hat: ``Phi_k(up(codes))`` in float32 (no upsampling at the last
+        scale, whose map already has the latent side)."""
+        h = codes_BChw.float()
+        if scale_index != num_scales - 1:
+            h = self.upsample(h, side)
+        return self.apply_phi(h, scale_index, num_scales)
 
     def apply_phi(self, h_BChw: torch.Tensor, scale_index: int, num_scales: int) -> torch.Tensor:
         if len(self.phi) == 0:
@@ -262,11 +248,9 @@ class MultiScaleResidualQuantizer(nn.Module):
         B, C, H, W = f_rest.shape
         S, outputs = len(patch_nums), []
         for si, pn in enumerate(patch_nums):
-            last = si == S - 1
-            z = f_rest if last else area_down(f_rest, pn)
+            z = f_rest if si == S - 1 else area_down(f_rest, pn)
             idx_N = self.nearest_code(z.permute(0, 2, 3, 1).reshape(-1, C))
-            h = self.embedding(idx_N.view(B, pn, pn)).float().permute(0, 3, 1, 2)
-            h = self.apply_phi(h if last else bicubic_up(h, H), si, S)
+            h = self.scale_contribution(self.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2), si, S, H)
             f_hat.add_(h)
             f_rest.sub_(h)
             outputs.append(f_hat.clone() if return_fhat else idx_N.reshape(B, pn * pn))
@@ -419,8 +403,7 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
         f_hat = embeddings_BChw[0].new_zeros(embeddings_BChw[0].shape[0], self.config.z_channels, side, side, dtype=torch.float32)
         cumulative = []
         for si, h in enumerate(embeddings_BChw):
-            h = h.float() if si == S - 1 else bicubic_up(h.float(), side)
-            f_hat.add_(self.quantize.apply_phi(h, si, S))
+            f_hat.add_(self.quantize.scale_contribution(h, si, S, side))
             if all_scales:
                 cumulative.append(f_hat.clone())
         return cumulative if all_scales else f_hat
@@ -437,24 +420,22 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
         f_hat = torch.zeros(B, self.config.z_channels, side, side, device=indices[0].device)
         inputs = []
         for si in range(S - 1):
-            f_hat = f_hat + self.quantize.apply_phi(bicubic_up(self.quantize.embed(indices[si], patch_nums[si]), side), si, S)
+            f_hat = f_hat + self.quantize.scale_contribution(self.quantize.embed(indices[si], patch_nums[si]), si, S, side)
             inputs.append(area_down(f_hat, patch_nums[si + 1]).flatten(2).transpose(1, 2))
         return torch.cat(inputs, dim=1)
 
     @apply_forward_hook
     def next_scale_input(self, scale_index: int, f_hat: torch.Tensor, embedding_BChw: torch.Tensor,
-                         patch_nums: Sequence[int] | None = None, separable_upsample: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                         patch_nums: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Sampling step: add scale ``scale_index``'s code map to ``f_hat`` (in place) and return
         ``(f_hat, next_input)`` where ``next_input`` is f_hat area-downsampled to the next scale
-        (or f_hat itself after the last scale). ``separable_upsample``: see :func:`bicubic_up` (the fast path)."""
+        (or f_hat itself after the last scale)."""
         patch_nums = self.patch_nums if patch_nums is None else tuple(patch_nums)
         S, side = len(patch_nums), patch_nums[-1]
-        h = embedding_BChw.float()
-        if scale_index != S - 1:
-            f_hat.add_(self.quantize.apply_phi(bicubic_up(h, side, separable_upsample), scale_index, S))
-            return f_hat, area_down(f_hat, patch_nums[scale_index + 1])
-        f_hat.add_(self.quantize.apply_phi(h, scale_index, S))
-        return f_hat, f_hat
+        f_hat.add_(self.quantize.scale_contribution(embedding_BChw, scale_index, S, side))
+        if scale_index == S - 1:
+            return f_hat, f_hat
+        return f_hat, area_down(f_hat, patch_nums[scale_index + 1])
 
     # -- decoding --------------------------------------------------------------------------------
     @apply_forward_hook
@@ -484,14 +465,12 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
         f_rest, f_hat = f_detached.clone(), torch.zeros_like(f)
         vq_loss, indices = 0.0, []
         for si, pn in enumerate(patch_nums):
-            last = si == S - 1
-            z = f_rest if last else area_down(f_rest, pn)
+            z = f_rest if si == S - 1 else area_down(f_rest, pn)
             idx_N = q.nearest_code(z.permute(0, 2, 3, 1).reshape(-1, C))
             if self.training:
                 hits = idx_N.bincount(minlength=q.vocab_size).float()
                 q.codebook_usage[si].mul_(0.99).add_(hits, alpha=0.01)
-            h = q.embedding(idx_N.view(B, pn, pn)).float().permute(0, 3, 1, 2)
-            h = q.apply_phi(h if last else bicubic_up(h, H), si, S)
+            h = q.scale_contribution(q.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2), si, S, H)
             f_hat = f_hat + h
             f_rest = f_rest - h.detach()
             vq_loss = vq_loss + F.mse_loss(f_hat.detach(), f).mul(q.beta) + F.mse_loss(f_hat, f_detached)

@@ -7,28 +7,106 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
-from diffusers.utils.accelerate_utils import apply_forward_hook
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from .blocks import (
-    CosineCrossAttention,
+    MAX_LOG_ATTN_SCALE,
     CosineSelfAttention,
     DropPath,
+    ExternalBiasLinear,
     FeedForward,
     KVCache,
     LayerKVCache,
+    Rotary2D,
     block_causal_mask,
-    normalized_rope_2d_table,
-    rope_rotary,
+    init_linear_and_embedding_weights_,
+    memoized,
     scale_begin_ends,
     scale_level_ids,
-    init_linear_and_embedding_weights_,
+    square_schedule,
     validate_patch_nums,
 )
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalised 2D rotary position embedding and cosine cross-attention (STAR only)
+# ----------------------------------------------------------------------------------------------
+def normalized_rope_2d_table(
+    patch_nums: Sequence[int], head_dim: int, theta: float = 10000.0, norm: float = 64.0, device=None
+) -> torch.Tensor:
+    """(L, head_dim // 2) complex64 rotation table of the whole token pyramid (STAR's "normalized RoPE").
+
+    Inside a scale of side ``p`` token ``r * p + c`` sits at ``x = c / (p - 1) * norm``,
+    ``y = r / (p - 1) * norm`` (both 0 when ``p == 1``), so every scale spans the same square. Each row
+    holds ``head_dim / 4`` x-rotations followed by as many y-rotations, with frequencies
+    ``theta ** (-4 j / head_dim)``.
+    """
+    if head_dim % 4:
+        raise ValueError(f"2D RoPE needs a head dimension divisible by 4, got {head_dim}.")
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 4, device=device)[: head_dim // 4].float() / head_dim))
+    tables = []
+    for pn in patch_nums:
+        t = torch.arange(pn * pn, dtype=torch.float32, device=device)
+        x, y = t % pn, torch.div(t, pn, rounding_mode="floor")
+        if pn > 1:  # division then multiplication, in float32, like the original
+            x, y = x / (pn - 1) * norm, y / (pn - 1) * norm
+        angles = torch.cat((torch.outer(x, freqs), torch.outer(y, freqs)), dim=-1)
+        tables.append(torch.polar(torch.ones_like(angles), angles))
+    return torch.cat(tables, dim=0)
+
+
+def rope_rotary(table_LD2: torch.Tensor) -> Rotary2D:
+    """The ``rotary`` argument of :class:`CosineSelfAttention` for rows of a complex rotation table."""
+    return Rotary2D(table_LD2.real, table_LD2.imag)
+
+
+class CosineCrossAttention(nn.Module):
+    """Multi-head cross-attention from the token stream to encoder (text) states, with the same
+    L2-normalised q/k and clamped learned per-head scale as :class:`CosineSelfAttention` (softmax scale 1).
+
+    q has a learned bias; the fused kv projection has a bias only on v. ``context_mask`` (B, Lc) marks
+    the valid context positions (1 / True); padded positions are never attended.
+    """
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"`embed_dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.to_q = ExternalBiasLinear(dim, dim)
+        self.to_kv = ExternalBiasLinear(context_dim, 2 * dim)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim), persistent=False)
+        self.log_scale = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
+        self.to_out = nn.Linear(dim, dim)
+
+    def context_keys_values(self, context_BLcD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised keys and values (B, Lc, H, D) of the context."""
+        B, Lc = context_BLcD.shape[:2]
+        kv_bias = torch.cat((self.zero_k_bias.to(self.v_bias.dtype), self.v_bias))
+        kv = self.to_kv(context_BLcD.to(self.v_bias.dtype), kv_bias)
+        k, v = kv.view(B, Lc, 2, self.num_heads, self.head_dim).unbind(dim=2)
+        return F.normalize(k, dim=-1), v
+
+    def forward(self, x_BLC: torch.Tensor, context_BLcD: torch.Tensor, context_mask: torch.Tensor | None = None,
+                kv_cache: LayerKVCache | None = None) -> torch.Tensor:
+        B, L, C = x_BLC.shape
+        Lc = context_BLcD.shape[1]
+        q = self.to_q(x_BLC, self.q_bias).view(B, L, self.num_heads, self.head_dim)
+        # decoding: the text is fixed for a generation, so its keys / values are computed once
+        k, v = memoized(kv_cache, "cross_kv", lambda: self.context_keys_values(context_BLcD))
+        head_scale = self.log_scale.clamp_max(MAX_LOG_ATTN_SCALE).exp().transpose(1, 2)  # (1, 1, H, 1)
+        q = F.normalize(q, dim=-1).mul(head_scale)
+        attn_mask = None if context_mask is None else context_mask.to(torch.bool).view(B, 1, 1, Lc)
+        out = dispatch_attention_fn(q, k, v, attn_mask=attn_mask, scale=1.0)
+        return self.to_out(out.reshape(B, L, C))
 
 
 @dataclass
@@ -71,10 +149,7 @@ class STARBlock(nn.Module):
             rows = x_BLC[:1] if cross_attention_row0 else x_BLC  # quirk: only row 0 is used, broadcast over the batch
             context = encoder_hidden_states[:1] if cross_attention_row0 else encoder_hidden_states
             mask = encoder_attention_mask[:1] if cross_attention_row0 and encoder_attention_mask is not None else encoder_attention_mask
-            context_kv = None  # decoding: the text keys / values are computed once per generation
-            if kv_cache is not None:
-                context_kv = kv_cache.memoize("cross_kv", lambda: self.cross_attn.context_keys_values(context))
-            x_BLC = x_BLC + self.cross_attn(self.norm(rows), context, mask, context_kv)
+            x_BLC = x_BLC + self.cross_attn(self.norm(rows), context, mask, kv_cache)
         return x_BLC + self.drop_path(self.ffn(self.norm(x_BLC)))
 
 
@@ -99,7 +174,7 @@ class STARStableSampler(nn.Module):
         self.head = nn.Linear(dim, vocab_size)
 
     def text_token(self, pooled_text_embeds: torch.Tensor) -> torch.Tensor:
-        return self.text_proj(pooled_text_embeds.unsqueeze(1).to(self.text_proj.weight.dtype)) + self.pos_start
+        return self.text_proj(pooled_text_embeds.unsqueeze(1).to(self.pos_start.dtype)) + self.pos_start
 
     def forward(self, committed_embeds_BlCv, level_ids_1l, main_hidden_BlC, pooled_text_embeds, rope_table, attn_mask=None):
         """Logits (B, l, V) of the tokens after the text token."""
@@ -148,6 +223,7 @@ class STARTransformer2DModel(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["STARBlock"]
+    _keep_in_fp32_modules = ["head"]  # the output heads (main and stable sampler) stay float32
 
     @register_to_config
     def __init__(
@@ -207,7 +283,6 @@ class STARTransformer2DModel(ModelMixin, ConfigMixin):
                               self.num_scales, sampler_depth, rates)
             if stable_sampler else None
         )
-        self.register_buffer("level_ids", scale_level_ids(patch_nums), persistent=False)
         self._rope_tables: dict = {}  # complex tables per device; not a buffer, so dtype casts never touch them
         self.gradient_checkpointing = False
 
@@ -216,19 +291,32 @@ class STARTransformer2DModel(ModelMixin, ConfigMixin):
     def has_stable_sampler(self) -> bool:
         return self.sampler is not None
 
-    def rope_table(self) -> torch.Tensor | None:
-        """(L, head_dim / 2) complex64 RoPE table of the whole pyramid, or None without RoPE."""
+    @property
+    def scale_input_channels(self) -> int:
+        """Channels of a scale's input tokens (``scale_input`` of :meth:`forward_scale`)."""
+        return self.config.latent_channels
+
+    def rope_table(self, device=None) -> torch.Tensor | None:
+        """(L, head_dim / 2) complex64 RoPE table of the whole pyramid on ``device`` (default: the CPU), or None
+        without RoPE. Built once per device; not a buffer, so dtype casts and offloading never touch it."""
         if not self.config.rope:
             return None
-        device = self.level_embedding.weight.device
+        device = torch.device(device or "cpu")
         if device not in self._rope_tables:
             cfg = self.config
             self._rope_tables[device] = normalized_rope_2d_table(
                 cfg.patch_nums, cfg.embed_dim // cfg.num_heads, cfg.rope_theta, cfg.rope_norm, device=device)
         return self._rope_tables[device]
 
-    def _position_embed(self, begin: int, end: int) -> torch.Tensor:
-        embed = self.level_embedding(self.level_ids[:, begin:end])
+    def _level_ids(self, begin: int, end: int, device) -> torch.LongTensor:
+        """(1, end - begin) scale index of the pyramid positions [begin, end)."""
+        for si, (b, e) in enumerate(self.begin_ends):
+            if (b, e) == (begin, end):  # one scale: made on the device (no host copy inside a CUDA graph capture)
+                return torch.full((1, e - b), si, dtype=torch.long, device=device)
+        return scale_level_ids(self.config.patch_nums, device)[:, begin:end]
+
+    def _position_embed(self, begin: int, end: int, device) -> torch.Tensor:
+        embed = self.level_embedding(self._level_ids(begin, end, device))
         return embed if self.pos_embed is None else embed + self.pos_embed[:, begin:end]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -264,37 +352,47 @@ class STARTransformer2DModel(ModelMixin, ConfigMixin):
 
     def start_token(self, pooled_text_embeds: torch.Tensor) -> torch.Tensor:
         """(B, D_txt) pooled text -> (B, 1, C) first token (without the position / level embedding)."""
-        return self.text_proj(pooled_text_embeds.to(self.text_proj.weight.dtype)).unsqueeze(1) + self.pos_start
+        return self.text_proj(pooled_text_embeds.to(self.pos_start.dtype)).unsqueeze(1) + self.pos_start
 
-    # -- training forward --------------------------------------------------------------------------
+    # -- forward: teacher forcing (training) or one scale of decoding ---------------------------------
     def forward(
         self,
-        teacher_forcing_input: torch.Tensor,
+        teacher_forcing_input: torch.Tensor | None,
         encoder_hidden_states: torch.Tensor | None,
         encoder_attention_mask: torch.Tensor | None,
         pooled_text_embeds: torch.Tensor,
         return_dict: bool = True,
+        scale_index: int | None = None,
+        kv_cache: KVCache | None = None,
     ):
-        r"""Teacher-forcing forward with the block-causal mask.
+        r"""Teacher-forcing forward with the block-causal mask, or (``scale_index`` given) one scale of decoding.
 
         Args:
-            teacher_forcing_input: (B, L - 1, latent_channels), from :meth:`MultiScaleVQModel.teacher_forcing_input`.
+            teacher_forcing_input: training: (B, L - 1, latent_channels), from
+                :meth:`MultiScaleVQModel.teacher_forcing_input`; decoding: the scale's input (B, pn*pn,
+                latent_channels) for scales >= 1, ``None`` at scale 0 (see :meth:`forward_scale`).
             encoder_hidden_states: (B, N, text_embed_dim) text encoder states (CLIP ``last_hidden_state``).
             encoder_attention_mask: (B, N), 1 for real tokens, 0 for padding.
             pooled_text_embeds: (B, text_embed_dim), CLIP's pooled EOS state (no projection).
+            scale_index, kv_cache: decode this scale with the cache of :meth:`init_kv_cache` (scales in order).
 
-        Returns logits (B, L, vocab_size) float32 and the last block's output (B, L, C).
+        Returns logits (B, L, vocab_size) float32 and the last block's output (B, L, C) (decoding: the scale's rows,
+        as a tuple).
         """
-        B = teacher_forcing_input.shape[0]
+        if scale_index is not None:
+            return self._decode_scale(scale_index, teacher_forcing_input, encoder_hidden_states, encoder_attention_mask,
+                                      pooled_text_embeds, kv_cache)
         expected = (self.seq_len - 1, self.config.latent_channels)
-        if teacher_forcing_input.ndim != 3 or tuple(teacher_forcing_input.shape[1:]) != expected:
-            raise ValueError(f"`teacher_forcing_input` must have shape (B, {expected[0]}, {expected[1]}), got {tuple(teacher_forcing_input.shape)}.")
+        if teacher_forcing_input is None or teacher_forcing_input.ndim != 3 or tuple(teacher_forcing_input.shape[1:]) != expected:
+            got = None if teacher_forcing_input is None else tuple(teacher_forcing_input.shape)
+            raise ValueError(f"`teacher_forcing_input` must have shape (B, {expected[0]}, {expected[1]}), got {got}.")
+        B = teacher_forcing_input.shape[0]
         self._check_text(encoder_hidden_states, encoder_attention_mask, pooled_text_embeds, B)
         x_BLC = torch.cat((self.start_token(pooled_text_embeds),
-                           self.input_proj(teacher_forcing_input.to(self.input_proj.weight.dtype))), dim=1)
-        x_BLC = x_BLC + self._position_embed(0, self.seq_len)
+                           self.input_proj(teacher_forcing_input.to(self.pos_start.dtype))), dim=1)
+        x_BLC = x_BLC + self._position_embed(0, self.seq_len, x_BLC.device)
         attn_mask = block_causal_mask(self.config.patch_nums, device=x_BLC.device)
-        table = self.rope_table()
+        table = self.rope_table(x_BLC.device)
         rotary = rope_rotary(table) if table is not None else None
         hidden = self._run_blocks(x_BLC, attn_mask, None, rotary, encoder_hidden_states, encoder_attention_mask)
         logits = self.compute_logits(hidden)
@@ -305,8 +403,8 @@ class STARTransformer2DModel(ModelMixin, ConfigMixin):
     def sampler_attention_mask(self, device=None) -> torch.BoolTensor:
         """(1, 1, 1 + l, 1 + l) mask of the sampler's training forward: block-diagonal per scale over the
         scales it handles; the leading text token attends to, and is attended by, every position."""
-        start = self.config.sampler_start_scale
-        levels = self.level_ids[0, self.begin_ends[start][0]:].to(device)
+        begin = self.begin_ends[self.config.sampler_start_scale][0]
+        levels = self._level_ids(begin, self.seq_len, device)[0]
         allowed = levels[:, None] == levels[None, :]
         mask = torch.ones(allowed.shape[0] + 1, allowed.shape[0] + 1, dtype=torch.bool, device=device)
         mask[1:, 1:] = allowed
@@ -332,57 +430,57 @@ class STARTransformer2DModel(ModelMixin, ConfigMixin):
         if self.sampler is None:
             raise ValueError("this checkpoint has no stable-sampler head (`stable_sampler=False`).")
         begin = self.begin_ends[self.config.sampler_start_scale][0]
-        table = self.rope_table()
+        device = hidden_states.device
+        table = self.rope_table(device)
         rows = torch.cat((table[:1], table[begin:]))
         committed = known_embeddings * known_mask[..., None].to(known_embeddings.dtype)
-        return self.sampler(committed, self.level_ids[:, begin:], hidden_states[:, begin:], pooled_text_embeds, rows,
-                            attn_mask=self.sampler_attention_mask(hidden_states.device))
+        return self.sampler(committed, self._level_ids(begin, self.seq_len, device), hidden_states[:, begin:],
+                            pooled_text_embeds, rows, attn_mask=self.sampler_attention_mask(device))
 
     # -- scale-by-scale decoding -------------------------------------------------------------------
-    def init_kv_cache(self) -> KVCache:
-        return KVCache(len(self.blocks), max_length=self.seq_len)
+    def init_kv_cache(self, scale_schedule=None) -> KVCache:
+        """The KV cache of one generation (the schedule is the model's own)."""
+        return KVCache(len(self.blocks), square_schedule(self.config.patch_nums))
 
-    @apply_forward_hook
-    def forward_scale(
-        self,
-        scale_index: int,
-        kv_cache: KVCache,
-        pooled_text_embeds: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        encoder_attention_mask: torch.Tensor | None = None,
-        scale_input: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        r"""One scale during sampling (scales must be run in order with one ``kv_cache``).
+    def forward_scale(self, scale_index: int, condition: tuple[torch.Tensor, ...], kv_cache: KVCache,
+                      scale_input: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""One scale during sampling (scales in order, one ``kv_cache``; through ``forward``, so module hooks run).
 
         Args:
             scale_index: the scale to predict.
+            condition: ``(encoder_hidden_states, encoder_attention_mask, pooled_text_embeds)`` of every row
+                (conditional rows first, then unconditional).
             kv_cache: from :meth:`init_kv_cache`.
-            pooled_text_embeds, encoder_hidden_states, encoder_attention_mask: text conditions of every
-                row (conditional rows first, then unconditional).
             scale_input: (B, pn*pn, latent_channels) for scale >= 1; ``None`` at scale 0.
 
         Returns ``(logits, hidden_states)``: (B, pn*pn, V) float32 and the last block's output (B, pn*pn, C).
         """
+        encoder_hidden_states, encoder_attention_mask, pooled_text_embeds = condition
+        return self(scale_input, encoder_hidden_states, encoder_attention_mask, pooled_text_embeds,
+                    scale_index=scale_index, kv_cache=kv_cache)
+
+    def _decode_scale(self, scale_index, scale_input, encoder_hidden_states, encoder_attention_mask, pooled_text_embeds,
+                      kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         begin, end = self.begin_ends[scale_index]
         B = pooled_text_embeds.shape[0]
         if scale_index == 0:
             self._check_text(encoder_hidden_states, encoder_attention_mask, pooled_text_embeds, B)
             x_BLC = self.start_token(pooled_text_embeds)
         else:
-            if scale_input is None or scale_input.shape[1] != end - begin:
-                raise ValueError(f"`scale_input` must have shape (B, {end - begin}, {self.config.latent_channels}) at scale {scale_index}.")
-            x_BLC = self.input_proj(scale_input.to(self.input_proj.weight.dtype))
-        x_BLC = x_BLC + self._position_embed(begin, end)
-        table = self.rope_table()
+            if scale_input is None or tuple(scale_input.shape) != (B, end - begin, self.config.latent_channels):
+                raise ValueError(f"`scale_input` must have shape ({B}, {end - begin}, {self.config.latent_channels}) "
+                                 f"at scale {scale_index}.")
+            x_BLC = self.input_proj(scale_input.to(self.pos_start.dtype))
+        x_BLC = x_BLC + self._position_embed(begin, end, x_BLC.device)
+        table = self.rope_table(x_BLC.device)
         rotary = rope_rotary(table[begin:end]) if table is not None else None
         hidden = self._run_blocks(x_BLC, None, kv_cache, rotary, encoder_hidden_states, encoder_attention_mask)
         return self.compute_logits(hidden), hidden
 
-    @apply_forward_hook
     def sampler_scale_logits(
         self, scale_index: int, hidden_states: torch.Tensor, committed_embeddings: torch.Tensor, pooled_text_embeds: torch.Tensor
     ) -> torch.Tensor:
-        r"""Stable-sampler logits of one scale during sampling.
+        r"""Stable-sampler logits of one scale during sampling (the sampler head, entered through its ``__call__``).
 
         Args:
             hidden_states: (2B, pn*pn, C) the scale's last-block output from :meth:`forward_scale`.
@@ -395,10 +493,11 @@ class STARTransformer2DModel(ModelMixin, ConfigMixin):
         if self.sampler is None:
             raise ValueError("this checkpoint has no stable-sampler head (`stable_sampler=False`).")
         begin, end = self.begin_ends[scale_index]
-        table = self.rope_table()
+        device = hidden_states.device
+        table = self.rope_table(device)
         rows = torch.cat((table[:1], table[begin:end]))
         repeats = hidden_states.shape[0] // committed_embeddings.shape[0]
-        return self.sampler(committed_embeddings.repeat(repeats, 1, 1), self.level_ids[:, begin:end], hidden_states,
+        return self.sampler(committed_embeddings.repeat(repeats, 1, 1), self._level_ids(begin, end, device), hidden_states,
                             pooled_text_embeds, rows)
 
     # -- initialisation for training from scratch ----------------------------------------------------

@@ -12,7 +12,6 @@ from torch import nn
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
-from diffusers.utils.accelerate_utils import apply_forward_hook
 
 from .blocks import (
     AdaLNHeadNorm,
@@ -21,8 +20,10 @@ from .blocks import (
     KVCache,
     block_causal_mask,
     init_adaln_transformer_weights_,
+    memoized,
     scale_begin_ends,
     scale_level_ids,
+    square_schedule,
     validate_patch_nums,
 )
 
@@ -44,19 +45,30 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin):
     * Attention is block-causal (full within a scale, to all coarser scales); decoding uses a KV cache.
 
     Args:
-        num_classes: number of classes (the embedding has ``num_classes + 1`` rows).
-        depth, embed_dim, num_heads, mlp_ratio: transformer size.
-        vocab_size, latent_channels: codebook size and code dimension of the tokenizer.
-        patch_nums: token-map side of every scale (must match the tokenizer).
-        shared_adaln: one AdaLN Linear shared by all blocks plus per-block learned offsets (VAR-d36).
-        attn_l2_norm: L2-normalised q/k with a learned per-head scale clamped at 100 (all releases).
-        norm_eps: LayerNorm epsilon.
-        cond_drop_rate: label-dropout probability during training (classifier-free guidance).
-        drop_path_rate: stochastic-depth rate of the last block (linearly increasing over depth).
+        num_classes (`int`, defaults to 1000): number of classes (the embedding has ``num_classes + 1`` rows; the
+            last is the null class).
+        depth (`int`, defaults to 16): number of transformer blocks.
+        embed_dim (`int`, defaults to 1024): width of the token stream.
+        num_heads (`int`, defaults to 16): attention heads.
+        mlp_ratio (`float`, defaults to 4.0): FFN width relative to ``embed_dim``.
+        vocab_size (`int`, defaults to 4096): codebook size of the tokenizer.
+        latent_channels (`int`, defaults to 32): code dimension of the tokenizer.
+        patch_nums (`Sequence[int]`, defaults to `(1, 2, 3, 4, 5, 6, 8, 10, 13, 16)`): token-map side of every scale
+            (must match the tokenizer).
+        shared_adaln (`bool`, defaults to `False`): one AdaLN Linear shared by all blocks plus per-block learned
+            offsets (VAR-d36).
+        attn_l2_norm (`bool`, defaults to `True`): L2-normalised q/k with a learned per-head scale clamped at 100
+            (all releases).
+        norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon.
+        cond_drop_rate (`float`, defaults to 0.1): label-dropout probability during training (classifier-free
+            guidance).
+        drop_path_rate (`float`, defaults to 0.0): stochastic-depth rate of the last block (linearly increasing
+            over depth).
     """
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["AdaLNSelfAttentionBlock"]
+    _keep_in_fp32_modules = ["head", "head_norm"]  # the logits (and their AdaLN norm) stay float32
 
     @register_to_config
     def __init__(
@@ -100,8 +112,6 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin):
         )
         self.head_norm = AdaLNHeadNorm(C, C, norm_eps)
         self.head = nn.Linear(C, vocab_size)
-        # Derived from patch_nums; not stored in checkpoints.
-        self.register_buffer("level_ids", scale_level_ids(patch_nums), persistent=False)
         self.gradient_checkpointing = False
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -109,9 +119,20 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin):
     def null_class(self) -> int:
         return self.config.num_classes
 
-    def level_pos_embed(self, begin: int = 0, end: int | None = None) -> torch.Tensor:
-        """(1, end - begin, C): level embedding plus absolute position embedding of positions [begin, end)."""
-        return self.level_embedding(self.level_ids[:, begin:end]) + self.pos_embed[:, begin:end]
+    @property
+    def scale_input_channels(self) -> int:
+        """Channels of a scale's input tokens (``scale_input`` of :meth:`forward_scale`)."""
+        return self.config.latent_channels
+
+    def level_pos_embed(self, scale_index: int | None = None, device=None) -> torch.Tensor:
+        """(1, l, C): level embedding plus absolute position embedding of one scale's positions (of every position
+        when ``scale_index`` is None)."""
+        if scale_index is None:
+            return self.level_embedding(scale_level_ids(self.config.patch_nums, device)) + self.pos_embed
+        begin, end = self.begin_ends[scale_index]
+        # made on the device (no host copy: this runs inside CUDA graph captures)
+        level_ids = torch.full((1, end - begin), scale_index, dtype=torch.long, device=device)
+        return self.level_embedding(level_ids) + self.pos_embed[:, begin:end]
 
     def drop_labels(self, class_labels: torch.LongTensor, rate: float | None = None,
                     generator: torch.Generator | None = None) -> torch.LongTensor:
@@ -126,8 +147,11 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin):
         return torch.where(draw < rate, self.null_class, class_labels)
 
     def _check_labels(self, class_labels: torch.Tensor) -> None:
-        if class_labels.dtype not in (torch.int64, torch.int32) or class_labels.ndim != 1:
-            raise ValueError(f"`class_labels` must be a 1-D integer tensor, got {class_labels.dtype} {tuple(class_labels.shape)}.")
+        if not torch.is_tensor(class_labels) or class_labels.dtype not in (torch.int64, torch.int32) or class_labels.ndim != 1:
+            got = f"{class_labels.dtype} {tuple(class_labels.shape)}" if torch.is_tensor(class_labels) else type(class_labels).__name__
+            raise ValueError(f"`class_labels` must be a 1-D integer tensor, got {got}.")
+        if class_labels.is_cuda and torch.cuda.is_current_stream_capturing():
+            return  # no host sync inside a CUDA graph capture: the pipeline checked the labels as Python ints
         if class_labels.numel() and (class_labels.min() < 0 or class_labels.max() > self.null_class):
             raise ValueError(f"`class_labels` must lie in [0, {self.null_class}] ({self.null_class} = null class).")
 
@@ -136,49 +160,53 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin):
         return cond_BD if self.shared_modulation is None else self.shared_modulation(cond_BD)
 
     def _run_blocks(self, x_BLC, cond_BD, attn_mask=None, kv_cache: KVCache | None = None) -> torch.Tensor:
-        if kv_cache is not None:  # the condition is fixed for a generation: compute its projections once
-            block_cond = kv_cache.head.memoize("shared_adaln", lambda: self._adaln_condition(cond_BD))
-        else:
-            block_cond = self._adaln_condition(cond_BD)
+        head_memo = kv_cache.head if kv_cache is not None else None
+        block_cond = memoized(head_memo, "shared_adaln", lambda: self._adaln_condition(cond_BD))
         for i, block in enumerate(self.blocks):
             layer_cache = kv_cache[i] if kv_cache is not None else None
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x_BLC = self._gradient_checkpointing_func(block, x_BLC, block_cond, attn_mask, layer_cache)
             else:
                 x_BLC = block(x_BLC, block_cond, attn_mask=attn_mask, kv_cache=layer_cache)
-        head_dtype = self.head.weight.dtype  # the head may be kept in float32 in a low-precision model
-        memo = kv_cache.head if kv_cache is not None else None
-        return self.head(self.head_norm(x_BLC.to(head_dtype), cond_BD.to(head_dtype), memo)).float()
+        head_dtype = self.head.weight.dtype  # the head stays float32 in a low-precision model
+        return self.head(self.head_norm(x_BLC.to(head_dtype), cond_BD.to(head_dtype), head_memo)).float()
 
-    # -- training forward --------------------------------------------------------------------------
+    # -- forward: teacher forcing (training) or one scale of decoding ---------------------------------
     def forward(
         self,
         class_labels: torch.LongTensor,
-        teacher_forcing_input: torch.Tensor,
+        teacher_forcing_input: torch.Tensor | None = None,
         drop_labels: bool | None = None,
         return_dict: bool = True,
+        scale_index: int | None = None,
+        kv_cache: KVCache | None = None,
     ):
-        r"""Teacher-forcing forward with the block-causal mask.
+        r"""Teacher-forcing forward with the block-causal mask, or (``scale_index`` given) one scale of decoding.
 
         Args:
             class_labels: (B,) int64 in ``[0, num_classes]`` (``num_classes`` = null class).
-            teacher_forcing_input: (B, L - pn_0^2, latent_channels), from
-                :meth:`MultiScaleVQModel.teacher_forcing_input`.
+            teacher_forcing_input: training: (B, L - pn_0^2, latent_channels), from
+                :meth:`MultiScaleVQModel.teacher_forcing_input`; decoding: the scale's input
+                (B, pn*pn, latent_channels) for scales >= 1, ``None`` at scale 0 (see :meth:`forward_scale`).
             drop_labels: apply label dropout (default: only in training mode).
+            scale_index, kv_cache: decode this scale with the cache of :meth:`init_kv_cache` (scales in order).
 
-        Returns logits (B, L, vocab_size), float32.
+        Returns logits (B, L, vocab_size), float32 (decoding: the scale's (B, pn*pn, vocab_size), as a tensor).
         """
+        if scale_index is not None:
+            return self._decode_scale(scale_index, class_labels, kv_cache, teacher_forcing_input)
         self._check_labels(class_labels)
         expected = (self.seq_len - self.first_len, self.config.latent_channels)
-        if teacher_forcing_input.ndim != 3 or tuple(teacher_forcing_input.shape[1:]) != expected:
-            raise ValueError(f"`teacher_forcing_input` must have shape (B, {expected[0]}, {expected[1]}), got {tuple(teacher_forcing_input.shape)}.")
+        if teacher_forcing_input is None or teacher_forcing_input.ndim != 3 or tuple(teacher_forcing_input.shape[1:]) != expected:
+            got = None if teacher_forcing_input is None else tuple(teacher_forcing_input.shape)
+            raise ValueError(f"`teacher_forcing_input` must have shape (B, {expected[0]}, {expected[1]}), got {got}.")
         if drop_labels if drop_labels is not None else self.training:
             class_labels = self.drop_labels(class_labels)
         B = class_labels.shape[0]
         cond_BD = self.class_embedding(class_labels)
         first = cond_BD.unsqueeze(1).expand(B, self.first_len, -1) + self.pos_start.expand(B, self.first_len, -1)
-        x_BLC = torch.cat((first, self.input_proj(teacher_forcing_input.to(self.input_proj.weight.dtype))), dim=1)
-        x_BLC = x_BLC + self.level_pos_embed()
+        x_BLC = torch.cat((first, self.input_proj(teacher_forcing_input.to(self.pos_start.dtype))), dim=1)
+        x_BLC = x_BLC + self.level_pos_embed(device=x_BLC.device)
         attn_mask = block_causal_mask(self.config.patch_nums, device=x_BLC.device)
         logits = self._run_blocks(x_BLC, cond_BD, attn_mask=attn_mask)
         if not return_dict:
@@ -186,42 +214,40 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin):
         return NextScaleTransformerOutput(logits=logits)
 
     # -- scale-by-scale decoding -------------------------------------------------------------------
-    def init_kv_cache(self) -> KVCache:
-        return KVCache(len(self.blocks), max_length=self.seq_len)
+    def init_kv_cache(self, scale_schedule=None) -> KVCache:
+        """The KV cache of one generation (the schedule is the model's own)."""
+        return KVCache(len(self.blocks), square_schedule(self.config.patch_nums))
 
-    def embed_condition(self, class_labels: torch.LongTensor) -> torch.Tensor:
-        """(B,) labels -> (B, C) condition vectors (the class embedding)."""
-        self._check_labels(class_labels)
-        return self.class_embedding(class_labels.to(self.device))
-
-    @apply_forward_hook
-    def forward_scale(
-        self,
-        scale_index: int,
-        cond_BD: torch.Tensor,
-        kv_cache: KVCache,
-        scale_input: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        r"""Logits of one scale during sampling.
+    def forward_scale(self, scale_index: int, condition: tuple[torch.Tensor], kv_cache: KVCache,
+                      scale_input: torch.Tensor | None = None) -> torch.Tensor:
+        r"""Logits of one scale during sampling (through ``forward``, so module hooks run).
 
         Args:
             scale_index: the scale to predict (0 .. num_scales - 1), in order.
-            cond_BD: (B, C) from :meth:`embed_condition` (B includes guidance rows).
+            condition: ``(class_labels,)``: (B,) int64 labels of every row (B includes the guidance rows).
             kv_cache: from :meth:`init_kv_cache`, shared by every call of one generation.
             scale_input: (B, pn*pn, latent_channels) for scale >= 1 (the downsampled cumulative f_hat,
                 row-major); ``None`` at scale 0, whose input is the condition itself.
 
         Returns (B, pn*pn, vocab_size) float32 logits.
         """
+        (class_labels,) = condition
+        return self(class_labels, scale_input, scale_index=scale_index, kv_cache=kv_cache)
+
+    def _decode_scale(self, scale_index: int, class_labels, kv_cache: KVCache, scale_input) -> torch.Tensor:
         begin, end = self.begin_ends[scale_index]
-        level_pos = self.level_pos_embed(begin, end)  # only this scale's rows, not the whole pyramid
+        if scale_index == 0:
+            self._check_labels(class_labels)
+        cond_BD = memoized(kv_cache.head, "cond", lambda: self.class_embedding(class_labels))
+        level_pos = self.level_pos_embed(scale_index, cond_BD.device)
         B = cond_BD.shape[0]
         if scale_index == 0:
             x_BLC = cond_BD.unsqueeze(1).expand(B, self.first_len, -1) + self.pos_start.expand(B, -1, -1) + level_pos
         else:
-            if scale_input is None or scale_input.shape[1] != end - begin:
-                raise ValueError(f"`scale_input` must have shape (B, {end - begin}, {self.config.latent_channels}) at scale {scale_index}.")
-            x_BLC = self.input_proj(scale_input.to(self.input_proj.weight.dtype)) + level_pos
+            if scale_input is None or tuple(scale_input.shape) != (B, end - begin, self.config.latent_channels):
+                raise ValueError(f"`scale_input` must have shape ({B}, {end - begin}, {self.config.latent_channels}) "
+                                 f"at scale {scale_index}.")
+            x_BLC = self.input_proj(scale_input.to(self.pos_start.dtype)) + level_pos
         return self._run_blocks(x_BLC, cond_BD, kv_cache=kv_cache)
 
     # -- initialisation for training from scratch ----------------------------------------------------

@@ -1,16 +1,23 @@
-"""GPU fast path shared by the three pipelines: dtype casts, CUDA-graph replay of the per-scale transformer
-steps, and the bookkeeping of ``enable_fast_inference`` / ``disable_fast_inference``.
+"""The GPU fast path of every pipeline: dtype casts, CUDA-graph replay of the per-scale transformer steps, and the
+kernels and precision tricks installed onto the models from outside (the model files hold only the maths).
 
-At batch 1 a next-scale transformer spends most of its time launching thousands of small kernels.
-:class:`CUDAGraphScaleSteps` records one CUDA graph per scale for fixed input shapes (KV cache storage, inputs
-and outputs at static addresses) and replays it, so a whole scale costs one launch. Everything around the
-transformer (guidance, filtering, sampling, the tokenizer's running latent) stays eager and runs on the GPU.
-:class:`FastInferenceMixin` keeps the switches and a small cache of captured graph sets, keyed by whatever fixes
-the shapes of a generation (rows, text length, scale schedule).
+* :class:`CUDAGraphScaleSteps` records one CUDA graph per scale for fixed input shapes (KV cache storage, inputs and
+  outputs at static addresses) and replays it: at batch 1 a next-scale transformer spends most of its time launching
+  thousands of small kernels, and a replay costs one launch per scale.
+* Installed by replacing a module's ``forward`` (or a block's residual method) on the instance, so parameter names and
+  ``state_dict`` never change, and undone by :func:`uninstall_kernels_`:
+  - :func:`fuse_ffn_gelu_`: fc1's bias and the tanh GELU in the cuBLASLt epilogue of the matmul (large scales);
+  - :func:`quantize_linears_fp8_`: float8 matmuls for the attention and FFN linears (large scales, opt-in);
+  - :func:`compile_adaln_blocks_`: ``torch.compile`` of each AdaLN block's elementwise work, split around the KV cache;
+  - :func:`separable_upsample_`: VAR / STAR code maps upsampled by a separable bicubic;
+  - :func:`pad_narrow_convs_`: the RGB output conv computed with zero-padded channels (compiled decoder).
+* :class:`FastInferenceMixin` holds the switches, the cache of captured graph sets and the graph-or-eager transformer
+  step every pipeline uses.
 """
 
 from __future__ import annotations
 
+import types
 from collections import OrderedDict
 from contextlib import contextmanager
 from functools import partial
@@ -20,34 +27,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.blocks import fuse_ffn_gelu_, quantize_linears_fp8_
+from ..models.blocks import AdaLNSelfAttentionBlock, CosineSelfAttention, FeedForward, Rotary2D, memoized
+from ..models.multiscale_vq import MultiScaleResidualQuantizer
 
 FAST_INFERENCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def check_fast_inference_args(dtype, cuda_graphs, compile_decoder, fp8=False, **more_flags) -> None:
+def check_fast_inference_args(dtype, **flags) -> None:
     """Argument checks of ``enable_fast_inference`` (a ValueError names the parameter)."""
     if not isinstance(dtype, torch.dtype) or dtype not in FAST_INFERENCE_DTYPES:
         names = ", ".join(str(d) for d in FAST_INFERENCE_DTYPES)
         raise ValueError(f"`dtype` must be one of {names}, got {dtype!r}.")
-    for name, value in (("cuda_graphs", cuda_graphs), ("compile_decoder", compile_decoder), ("fp8", fp8), *more_flags.items()):
+    for name, value in flags.items():
         if not isinstance(value, bool):
             raise ValueError(f"`{name}` must be True or False, got {value!r}.")
-    if fp8 and dtype != torch.bfloat16:
+    if flags.get("fp8") and dtype != torch.bfloat16:
         raise ValueError(f"`fp8=True` needs `dtype=torch.bfloat16` (the float8 matmuls write bf16), got {dtype}.")
 
 
-def cast_module_(module: nn.Module | None, dtype: torch.dtype, keep_float32: Iterable[nn.Module | None] = ()) -> None:
-    """In place: floating parameters and buffers of ``module`` to ``dtype``, then the ``keep_float32``
-    sub-modules (output heads and their norms, where the logits are produced) back to float32.
+# ----------------------------------------------------------------------------------------------
+# Casts
+# ----------------------------------------------------------------------------------------------
+def cast_module_(module: nn.Module | None, dtype: torch.dtype) -> None:
+    """In place: floating parameters and buffers of ``module`` to ``dtype``, except the sub-modules a model declares
+    in ``_keep_in_fp32_modules`` (output heads and their norms, where the logits are produced), which become float32.
 
     ``nn.Module.to`` is called directly, so a diffusers ``ModelMixin`` does not warn about a partial cast and a
     ``transformers`` model is cast like any module. ``None`` (an absent component) is skipped."""
     if module is None:
         return
     nn.Module.to(module, dtype)
-    for sub in keep_float32:
-        if sub is not None:
+    keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    for name, sub in module.named_modules():
+        if keep & set(name.split(".")):
             sub.float()
 
 
@@ -55,10 +67,7 @@ def cast_decoder_(modules: Sequence[nn.Module], dtype: torch.dtype, compile_modu
     """The image decoder (and the convs feeding it) to ``dtype``; optionally ``torch.compile`` one module in
     place (parameter names, hence ``save_pretrained``, are unchanged). Compiled, the decoder also goes
     channels-last: cuDNN's channels-last convolutions are faster and the compiled GroupNorm reads that layout
-    directly (H100, VAR decoder, batch 1: 12.1 ms NCHW eager, 3.6 to 7.0 ms channels-last compiled in two runs of
-    benchmarks/bench_decoder.py). Eager, it stays
-    NCHW: eager GroupNorm copies channels-last inputs at every call (batch 64: 145 ms NCHW, 211 ms channels-last).
-    """
+    directly. Eager, it stays NCHW: eager GroupNorm copies channels-last inputs at every call (BENCHMARKS.md)."""
     memory_format = torch.channels_last if compile_module is not None else torch.contiguous_format
     for module in modules:
         nn.Module.to(module, dtype=dtype, memory_format=memory_format)
@@ -67,17 +76,33 @@ def cast_decoder_(modules: Sequence[nn.Module], dtype: torch.dtype, compile_modu
         compile_module.compile(dynamic=False)
 
 
+# ----------------------------------------------------------------------------------------------
+# Kernels installed on module instances
+# ----------------------------------------------------------------------------------------------
+def _install(module: nn.Module, name: str, function: Callable, *args) -> None:
+    """Replace ``module.<name>`` on the instance by ``function(module, *args, ...)`` (undone by :func:`uninstall_kernels_`)."""
+    setattr(module, name, partial(function, module, *args))
+    module.__dict__.setdefault("_fast_path_installed", set()).add(name)
+
+
+def uninstall_kernels_(model: nn.Module | None, names: Iterable[str] = ("forward", "upsample")) -> None:
+    """Give every sub-module of ``model`` back the class's own ``forward`` / ``upsample`` (installed kernels off)."""
+    for module in model.modules() if model is not None else ():
+        installed = module.__dict__.get("_fast_path_installed", set())
+        for name in set(names) & installed:
+            delattr(module, name)
+            installed.discard(name)
+
+
 def pad_narrow_convs_(module: nn.Module, multiple: int = 32) -> int:
     """Make every ``Conv2d`` of ``module`` whose output channels are not a multiple of ``multiple`` (in the decoders:
-    only the RGB ``conv_out``) compute with zero-padded extra output channels and drop them. For fewer than 32 output channels
-    cuDNN's heuristics pick a generic channels-last kernel (H100, bf16, 160 -> 3 channels, 3x3, batch 64 at 256 px:
-    24 ms, a fifth of the whole decoder; with 8 or 16 channels the same); with 32 it is a tensor-core implicit GEMM
-    (1.9 ms). Parameters (and ``state_dict``) are unchanged: only the module's ``forward`` is replaced. Returns how
-    many convolutions were padded."""
+    only the RGB ``conv_out``) compute with zero-padded extra output channels and drop them: for fewer than 32 output
+    channels cuDNN's heuristics pick a generic channels-last kernel, 12x slower than the tensor-core implicit GEMM it
+    picks for 32 (BENCHMARKS.md). Returns how many convolutions were padded."""
     padded = 0
     for conv in module.modules():
         if isinstance(conv, nn.Conv2d) and conv.groups == 1 and conv.out_channels % multiple:
-            conv.forward = partial(_padded_conv_forward, conv, multiple)
+            _install(conv, "forward", _padded_conv_forward, multiple)
             padded += 1
     return padded
 
@@ -89,6 +114,212 @@ def _padded_conv_forward(conv: nn.Conv2d, multiple: int, x: torch.Tensor) -> tor
     return conv._conv_forward(x, weight, bias)[:, : conv.out_channels]
 
 
+# fc1's bias + GELU in the matmul epilogue: only from this many token rows (fewer rows: cuBLASLt's small-row kernels
+# are slower than the plain matmul plus a separate GELU).
+FUSED_GELU_MIN_ROWS = 4096
+
+
+def fuse_ffn_gelu_(model: nn.Module | None, enabled: bool = True) -> int:
+    """Install (``enabled``) or remove the fused bias + tanh-GELU forward on every :class:`FeedForward` of ``model``;
+    returns how many carry it now."""
+    feed_forwards = [m for m in model.modules() if isinstance(m, FeedForward)] if model is not None else []
+    for ffn in feed_forwards:
+        uninstall_kernels_(ffn, ("forward",))
+        if enabled:
+            _install(ffn, "forward", _fused_gelu_ffn_forward)
+    return len(feed_forwards) if enabled else 0
+
+
+def _fused_gelu_ffn_forward(ffn: FeedForward, x: torch.Tensor) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1]
+    if uses_fp8(ffn.fc1, x) or not x.is_cuda or torch.is_grad_enabled() or rows < FUSED_GELU_MIN_ROWS:
+        # float8 fc1: its GELU fuses with the quantisation of fc2's input in the compiled block instead
+        return ffn.fc2(F.gelu(ffn.fc1(x), approximate="tanh"))
+    # on CUDA ``_addmm_activation(use_gelu=True)`` is the tanh approximation (exact erf GELU on the CPU)
+    hidden = torch._addmm_activation(ffn.fc1.bias, x.reshape(-1, x.shape[-1]), ffn.fc1.weight.t(), use_gelu=True)
+    return ffn.fc2(hidden.view(*x.shape[:-1], -1))
+
+
+# float8 linears (opt-in: ``VARPipeline.enable_fast_inference(fp8=True)``)
+FLOAT8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_MIN_ROWS = 4096  # fewer token rows keep the bf16 matmul: the quantisation would cost more than it saves
+
+
+def quantize_to_float8(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise float8 (e4m3) quantisation: ``(x8, scale)`` with ``x ~= x8 * scale``, ``scale`` (M, 1) float32 chosen
+    so that each row's largest magnitude maps to 448 (an all-zero row gets a tiny scale and stays zero)."""
+    scale = x_MK.abs().amax(dim=-1, keepdim=True).float().clamp_min(1e-12) / FLOAT8_MAX
+    return (x_MK.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+def uses_fp8(linear: nn.Linear, x: torch.Tensor) -> bool:
+    """Whether ``linear`` runs in float8 for ``x``: it carries float8 weights (:func:`quantize_linears_fp8_`), no
+    autograd, and at least ``FP8_MIN_ROWS`` token rows."""
+    return (getattr(linear, "weight_fp8", None) is not None and not torch.is_grad_enabled()
+            and x.numel() >= FP8_MIN_ROWS * x.shape[-1])
+
+
+_MODULE_BIAS = object()
+
+
+def _fp8_linear_forward(linear: nn.Linear, x: torch.Tensor, bias=_MODULE_BIAS) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` (``bias`` defaults to the module's; an :class:`ExternalBiasLinear` passes its
+    own), in float8 when :func:`uses_fp8`: activations quantised per row, weights per output channel, float32
+    accumulation, output in ``x``'s dtype."""
+    bias = linear.bias if bias is _MODULE_BIAS else bias
+    if not uses_fp8(linear, x):
+        return F.linear(x, linear.weight, bias)
+    x8, x_scale = quantize_to_float8(x.reshape(-1, x.shape[-1]))
+    out = torch._scaled_mm(x8, linear.weight_fp8.t(), scale_a=x_scale, scale_b=linear.weight_fp8_scale,
+                           bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def fp8_linears(model: nn.Module) -> list[nn.Linear]:
+    """The linears that ``fp8=True`` runs in float8: attention (qkv, out) and FFN (fc1, fc2) of every
+    :class:`CosineSelfAttention` / :class:`FeedForward` of ``model``. A ValueError if one has a width that
+    ``torch._scaled_mm`` cannot take (not a multiple of 16), raised before anything is changed."""
+    linears = []
+    for module in model.modules():
+        if isinstance(module, CosineSelfAttention):
+            linears += [module.to_qkv, module.to_out]
+        elif isinstance(module, FeedForward):
+            linears += [module.fc1, module.fc2]
+    for linear in linears:
+        if linear.in_features % 16 or linear.out_features % 16:
+            raise ValueError(f"float8 matmuls need widths divisible by 16, got a {linear.in_features} -> "
+                             f"{linear.out_features} linear; use `fp8=False` for this model.")
+    return linears
+
+
+def quantize_linears_fp8_(model: nn.Module | None, enabled: bool = True) -> int:
+    """Give (``enabled``) or take back the float8 copies of the weights of :func:`fp8_linears` and their float8
+    forward: per output channel scaled e4m3 weights, as non-persistent buffers ``weight_fp8`` / ``weight_fp8_scale``
+    (``state_dict`` and ``save_pretrained`` are unchanged; the original weights stay). Returns how many linears carry
+    float8 weights now."""
+    if model is None:
+        return 0
+    if not enabled:
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and "weight_fp8" in module._buffers:
+                for name in ("weight_fp8", "weight_fp8_scale"):
+                    module._buffers.pop(name, None)
+                uninstall_kernels_(module, ("forward",))
+        return 0
+    linears = fp8_linears(model)  # all widths checked before the first buffer is added
+    for linear in linears:
+        with torch.no_grad():
+            weight8, scale = quantize_to_float8(linear.weight)
+        linear.register_buffer("weight_fp8", weight8, persistent=False)
+        linear.register_buffer("weight_fp8_scale", scale.t().contiguous(), persistent=False)  # (1, N)
+        _install(linear, "forward", _fp8_linear_forward)
+    return len(linears)
+
+
+# compiled blocks: the elementwise work of a block (norms, modulation, q/k normalisation, RoPE, gating) fused by
+# torch.compile, split around the KV cache (Python state) and the attention kernels
+def _attention_inputs(block, x_BLC, scale_plus_one, shift, rotary_cos=None, rotary_sin=None):
+    q, k, v, softmax_scale = block.attn.project(block.norm(x_BLC).mul(scale_plus_one).add_(shift))
+    if rotary_cos is not None:
+        q, k = Rotary2D.rotate(q, k, rotary_cos, rotary_sin)
+    return q, k, v, softmax_scale
+
+
+def _attention_residual(block, x_BLC, attended_BLC, gamma):
+    return x_BLC + block.drop_path(block.attn.to_out(attended_BLC) * gamma)
+
+
+def _split_self_attention_residual(block, x_BLC, gamma, scale_plus_one, shift, attn_mask=None, kv_cache=None,
+                                   rotary=None):
+    tables = () if rotary is None else (rotary.cos, rotary.sin)  # rotated inside the compiled piece
+    q, k, v, softmax_scale = block.compiled_attention_inputs(x_BLC, scale_plus_one, shift, *tables)
+    attended = block.attn.attend(q, k, v, softmax_scale, attn_mask, kv_cache)
+    return block.compiled_attention_residual(x_BLC, attended, gamma)
+
+
+def _cross_attention_query(block, x_BLC):
+    return block.cross_attn.query(block.cross_attn_norm(x_BLC))
+
+
+def _cross_attention_output(block, x_BLC, attended_BLC):
+    return x_BLC + block.cross_attn.to_out(attended_BLC)
+
+
+def _split_cross_attention_residual(block, x_BLC, context_BSC, context_mask_BS=None, kv_cache=None):
+    cross_attn = block.cross_attn
+    k, v = memoized(kv_cache, "cross_kv", lambda: cross_attn.context_keys_values(context_BSC))
+    attended = cross_attn.attend(block.compiled_cross_attention_query(x_BLC), k, v, context_mask_BS)
+    return block.compiled_cross_attention_output(x_BLC, attended)
+
+
+def compile_adaln_blocks_(model: nn.Module) -> int:
+    """``torch.compile`` the elementwise work of every :class:`AdaLNSelfAttentionBlock` of ``model`` (in place,
+    parameter names unchanged): the residual branches are replaced by versions that run compiled pieces around the
+    KV cache and the attention kernels. At batch 1 a block's time is mostly its ~26 tiny elementwise kernels;
+    compiled, they fuse into a few. The compiled code is shared by all blocks (same class) and becomes dynamic in
+    the token count after the first new scale, so a generation compiles a handful of graphs. Returns the number of
+    blocks."""
+    blocks = [m for m in model.modules() if isinstance(m, AdaLNSelfAttentionBlock)]
+    for block in blocks:
+        pieces = {"compiled_attention_inputs": _attention_inputs, "compiled_attention_residual": _attention_residual}
+        block.ffn_residual = torch.compile(block.ffn_residual)
+        block.self_attention_residual = types.MethodType(_split_self_attention_residual, block)
+        if hasattr(block, "cross_attention_residual"):
+            pieces.update(compiled_cross_attention_query=_cross_attention_query,
+                          compiled_cross_attention_output=_cross_attention_output)
+            block.cross_attention_residual = types.MethodType(_split_cross_attention_residual, block)
+        for name, function in pieces.items():
+            setattr(block, name, torch.compile(types.MethodType(function, block)))
+    return len(blocks)
+
+
+def separable_upsample_(vqvae: nn.Module | None, enabled: bool = True) -> None:
+    """Install (``enabled``) or remove the separable bicubic upsampling of the code maps on the VAR / STAR quantizer."""
+    for quantizer in vqvae.modules() if vqvae is not None else ():
+        if isinstance(quantizer, MultiScaleResidualQuantizer):
+            uninstall_kernels_(quantizer, ("upsample",))
+            if enabled:
+                _install(quantizer, "upsample", _separable_or_fused_upsample)
+
+
+def _separable_or_fused_upsample(quantizer, codes_BChw: torch.Tensor, size: int) -> torch.Tensor:
+    """On CUDA, for many maps (batch x channels >= 256) of small side (<= 16): the separable form (the fused kernel
+    gives one thread per output pixel that loops over every map; its temporary holds ``size**2 * w`` values per map).
+    Otherwise the fused kernel."""
+    maps = codes_BChw.shape[0] * codes_BChw.shape[1]
+    if codes_BChw.is_cuda and maps >= 256 and size <= 16:
+        return separable_bicubic_up(codes_BChw, size)
+    return F.interpolate(codes_BChw, size=(size, size), mode="bicubic", align_corners=False)
+
+
+def separable_bicubic_up(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bicubic upsampling (``align_corners=False``) as two weighted sums with the weight matrices of
+    :func:`bicubic_weights`: the same interpolation as ``F.interpolate`` up to float summation order."""
+    dtype = x.dtype
+    rows = bicubic_weights(x.shape[-2], size, x.device)  # (size, h)
+    cols = bicubic_weights(x.shape[-1], size, x.device)  # (size, w)
+    # elementwise products and sums, not matmuls: stays exact float32 where TF32 matmuls are enabled
+    x = (rows[:, :, None] * x.float()[..., None, :, :]).sum(dim=-2)  # (B, C, size, w)
+    return (x[..., None, :] * cols).sum(dim=-1).to(dtype)  # (B, C, size, size)
+
+
+_BICUBIC_WEIGHTS: dict = {}
+
+
+def bicubic_weights(in_size: int, out_size: int, device) -> torch.Tensor:
+    """(out_size, in_size) float32: row ``o`` holds the weights of every input position in output ``o`` of a 1-D
+    bicubic resize (``align_corners=False``, borders clamped), read off ``F.interpolate`` applied to unit vectors."""
+    key = (in_size, out_size, str(device))
+    if key not in _BICUBIC_WEIGHTS:
+        unit_vectors = torch.eye(in_size, dtype=torch.float32).view(in_size, 1, in_size, 1)
+        resized = F.interpolate(unit_vectors, size=(out_size, 1), mode="bicubic", align_corners=False)
+        _BICUBIC_WEIGHTS[key] = resized[:, 0, :, 0].t().contiguous().to(device)
+    return _BICUBIC_WEIGHTS[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA graphs
+# ----------------------------------------------------------------------------------------------
 class CUDAGraphScaleSteps:
     """One CUDA graph per scale for ``step(scale_index, *shared_inputs, *inputs) -> outputs`` with fixed shapes.
 
@@ -98,7 +329,7 @@ class CUDAGraphScaleSteps:
         example_inputs: per scale, a tuple of example tensors (shapes and dtypes of the real per-scale inputs;
             ``None`` for an absent input).
         reset_cache: rewinds the KV cache to empty without freeing its storage.
-        shared_inputs: example tensors read by every scale (the text conditioning of a generation); set them
+        shared_inputs: example tensors read by every scale (the condition of a generation); set them
             once per generation with :meth:`set_shared_inputs`.
         generator: a CUDA generator that ``step`` draws from (sampling inside the graphs). It is registered with
             every graph, so a replay draws what the eager step would draw from the generator's state at that
@@ -166,57 +397,54 @@ class CUDAGraphScaleSteps:
 
 
 class FastInferenceMixin:
-    """The switches of ``enable_fast_inference`` and the cache of captured CUDA graph sets, for a pipeline.
+    """The switches of ``enable_fast_inference``, the cache of captured CUDA graph sets, and the transformer step of
+    every pipeline (:meth:`_transformer_steps`: replayed graphs, or eager).
 
-    A pipeline's ``enable_fast_inference`` casts its own modules (:func:`cast_module_`, :func:`cast_decoder_`)
-    and then calls :meth:`_set_fast_inference` (which also sets the fused FFN GELU of every component). Its per-scale step asks :meth:`_graph_scale_steps` for the
-    graph set of the current shapes: ``None`` means "run eagerly" (graphs off, or not on CUDA).
-
-    ``graph_cache_size`` (default 4) bounds how many graph sets are kept (each owns a KV cache for the whole
-    token pyramid and a memory pool); the least recently used one is dropped first.
+    ``enable_fast_inference`` casts (:meth:`_cast_for_fast_inference`), installs what its flags ask for and calls
+    :meth:`_set_fast_inference`. ``graph_cache_size`` (default 4) bounds how many graph sets are kept (each owns a KV
+    cache for the whole token pyramid and a memory pool); the least recently used one is dropped first.
     """
 
     graph_cache_size: int = 4
     _fast_inference: bool = False
     _use_cuda_graphs: bool = False
+    _fast_dtype: torch.dtype | None = None
+
+    def _cast_for_fast_inference(self, dtype: torch.dtype, decoder: Sequence[nn.Module], compile_decoder: bool) -> None:
+        """The transformer and text encoder to ``dtype`` (their ``_keep_in_fp32_modules`` to float32) and the image
+        decoder (optionally compiled, channels-last); the tokenizer's quantizer and the running latent stay float32."""
+        if any(hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook") for m in self.components.values()):
+            raise ValueError("`enable_fast_inference()` cannot be combined with CPU offloading, group offloading or "
+                             "layerwise casting (their hooks move or cast weights at every call); reload the pipeline.")
+        cast_module_(self.transformer, dtype)
+        cast_module_(getattr(self, "text_encoder", None), dtype)
+        cast_decoder_(decoder, dtype, decoder[0] if compile_decoder else None)
 
     def _set_fast_inference(self, enabled: bool, cuda_graphs: bool = False, dtype: torch.dtype | None = None,
                             fp8: bool = False):
-        transformer = getattr(self, "transformer", None)
-        if transformer is not None:
-            quantize_linears_fp8_(transformer, enabled and fp8)
+        low_precision = enabled and dtype != torch.float32  # float32 keeps the eager ops, so its outputs equal eager
+        quantize_linears_fp8_(self.transformer, enabled and fp8)
+        fuse_ffn_gelu_(self.transformer, low_precision)
+        fuse_ffn_gelu_(getattr(self, "text_encoder", None) if isinstance(getattr(self, "text_encoder", None), nn.Module)
+                       else None, False)
+        separable_upsample_(getattr(self, "vqvae", None), low_precision)
         self._fast_inference = bool(enabled)
         self._fast_dtype = dtype if enabled else None
         self._use_cuda_graphs = bool(enabled and cuda_graphs)
         self._graph_steps = OrderedDict()
-        # the fused FFN GELU is a bf16 / fp16 shortcut: float32 keeps the eager ops, so its outputs equal eager
-        for component in getattr(self, "components", {}).values():
-            if isinstance(component, nn.Module):
-                fuse_ffn_gelu_(component, enabled and dtype != torch.float32)
         return self
 
     def disable_fast_inference(self):
-        """Back to the eager path without CUDA graphs (captured graphs are freed), the fused FFN GELU or the float8
-        weights. The weights keep their current dtype, and a decoder or blocks compiled by ``compile_decoder`` /
-        ``compile_blocks`` stay compiled (same results, compiled code): reload the pipeline for the plain float32
-        modules."""
+        """Back to the eager path without CUDA graphs (captured graphs are freed), the fused FFN GELU, the separable
+        upsampling or the float8 weights. The weights keep their current dtype, and a decoder or blocks compiled by
+        ``compile_decoder`` / ``compile_blocks`` stay compiled (same results, compiled code): reload the pipeline for
+        the plain float32 modules."""
         return self._set_fast_inference(False)
 
     def _fast_top_p(self, device: torch.device) -> bool:
         """Whether to run top-p over the top-k values only (a k-wide instead of a vocabulary-wide sort). Only
         on CUDA, where it saves time; on the CPU the fast path falls back to the exact eager sampler."""
         return self._fast_inference and torch.device(device).type == "cuda"
-
-    def _separable_upsample(self, device: torch.device, maps: int, side: int) -> bool:
-        """Whether ``maps`` code maps (batch x channels) are upsampled to ``side x side`` by the separable bicubic
-        (``bicubic_up``): on CUDA in a low-precision fast path, for many maps (the fused kernel loops over them in
-        every thread; a few it does faster) and small sides (its temporary holds ``side**2 * w`` values per map).
-        With ``dtype=torch.float32`` the fast path keeps the eager kernels, so its outputs equal eager."""
-        return self._fast_top_p(device) and self._fast_dtype != torch.float32 and maps >= 256 and side <= 16
-
-    @staticmethod
-    def _cuda_graphs_usable(device) -> bool:
-        return torch.device(device).type == "cuda"
 
     def _graph_sampling_generator(self, device, generator) -> torch.Generator | None:
         """For sampling inside the per-scale CUDA graphs: the CUDA generator whose state the graphs borrow (the
@@ -226,6 +454,7 @@ class FastInferenceMixin:
         device = torch.device(device)
         if not (self._use_cuda_graphs and device.type == "cuda" and hasattr(torch.cuda.CUDAGraph, "register_generator_state")):
             return None
+
         def cuda_index(d: torch.device) -> int:
             return d.index if d.index is not None else torch.cuda.current_device()
 
@@ -239,7 +468,7 @@ class FastInferenceMixin:
     def _graph_scale_steps(self, key: Hashable, device: torch.device,
                            build: Callable[[], CUDAGraphScaleSteps]) -> CUDAGraphScaleSteps | None:
         """The graph set for ``key`` (captured by ``build()`` on first use), or ``None`` for the eager path."""
-        if not self._use_cuda_graphs or not self._cuda_graphs_usable(device):
+        if not self._use_cuda_graphs or torch.device(device).type != "cuda":
             return None
         cache = self._graph_steps  # set by _set_fast_inference, which is what turns graphs on
         size = max(1, int(self.graph_cache_size))
@@ -252,3 +481,28 @@ class FastInferenceMixin:
         while len(cache) > size:
             cache.popitem(last=False)
         return cache[key]
+
+    def _transformer_steps(self, condition: tuple[torch.Tensor, ...], schedule: Sequence[tuple[int, int]], device):
+        """``step(scale_index, scale_input) -> transformer outputs`` for one generation with ``condition`` (the
+        tensors of ``transformer.forward_scale``, guidance rows included): eager with a fresh KV cache, or replayed
+        CUDA graphs, captured once per condition shapes and schedule and fed with this generation's condition."""
+        transformer = self.transformer
+        schedule = tuple(tuple(hw) for hw in schedule)
+        rows = condition[0].shape[0]
+
+        def build() -> CUDAGraphScaleSteps:
+            cache = transformer.init_kv_cache(schedule)
+            channels = transformer.scale_input_channels
+            examples = [(None,)] + [(torch.zeros(rows, h * w, channels, device=device),) for h, w in schedule[1:]]
+
+            def step(si, *tensors):
+                return transformer.forward_scale(si, tensors[:-1], cache, tensors[-1])
+
+            return CUDAGraphScaleSteps(step, examples, cache.reset, shared_inputs=condition)
+
+        key = ("transformer", schedule, tuple((t.shape, t.dtype) for t in condition))
+        graphs = self._graph_scale_steps(key, device, build)
+        if graphs is not None:
+            return graphs.set_shared_inputs(*condition)
+        cache = transformer.init_kv_cache(schedule)
+        return lambda si, scale_input: transformer.forward_scale(si, condition, cache, scale_input)

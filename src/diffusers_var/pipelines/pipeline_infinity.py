@@ -2,41 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import logging
 
 from ..models.bitwise_vae import BitwiseMultiScaleVAE
-from ..models.blocks import compile_adaln_blocks_
 from ..models.dynamic_resolution import schedule_for_pixels
-from ..models.infinity_transformer import InfinityTextCondition, InfinityTransformer2DModel
-from .fast_inference import CUDAGraphScaleSteps, FastInferenceMixin, cast_decoder_, cast_module_, check_fast_inference_args
-from .pipeline_var import images_to_output
-from .sampling import (
-    GeneratorArg,
+from ..models.infinity_transformer import InfinityTransformer2DModel
+from .fast_inference import check_fast_inference_args, compile_adaln_blocks_
+from .pipeline_utils import (
+    UNIFIED_CALLBACK_TENSORS,
+    CallbackArg,
+    NextScalePipeline,
+    check_common_inputs,
     check_generator,
-    check_sampling_args,
+    check_prompts,
     check_text_embeds,
-    filter_top_k_top_p_,
-    sample_from_logits,
+    per_scale_values,
+    repeat_rows,
+    shorten,
 )
+from .sampling import GeneratorArg, filter_top_k_top_p_, sample_from_logits
 
 logger = logging.get_logger(__name__)
-
-
-def _per_scale(value, num_scales: int, name: str) -> list[float]:
-    """A scalar broadcast to every scale, or a list with one value per scale (the original's cfg/tau lists)."""
-    values = list(value) if isinstance(value, (list, tuple)) else [value] * num_scales
-    if len(values) != num_scales:
-        raise ValueError(f"`{name}` has {len(values)} entries but the schedule has {num_scales} scales.")
-    for v in values:
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            raise ValueError(f"`{name}` must be a number or a list of numbers, got {value!r}.")
-    return [float(v) for v in values]
 
 
 def _pad_text(embeds_BSC: torch.Tensor, mask_BS: torch.Tensor, length: int):
@@ -44,7 +35,7 @@ def _pad_text(embeds_BSC: torch.Tensor, mask_BS: torch.Tensor, length: int):
     return F.pad(embeds_BSC, (0, 0, 0, extra)), F.pad(mask_BS, (0, extra))
 
 
-class InfinityPipeline(DiffusionPipeline, FastInferenceMixin):
+class InfinityPipeline(NextScalePipeline):
     r"""Text-to-image generation with Infinity (FoundationVision): a BSQ multi-scale tokenizer and a
     transformer that predicts every bit of every token, scale by scale, conditioned on Flan-T5 features.
 
@@ -57,17 +48,20 @@ class InfinityPipeline(DiffusionPipeline, FastInferenceMixin):
     the bits are drawn in the original order (one multinomial per scale over (batch, token, bit)), so the
     same seed gives the original's image. ``enable_model_cpu_offload()`` keeps only the running model on the
     accelerator: the T5 encoder leaves it before the transformer runs. ``text_encoder`` and ``tokenizer`` are
-    optional: without them, pass precomputed T5 features (``prompt_embeds``, ``prompt_attention_mask``).
+    optional: without them, pass precomputed T5 features (``prompt_embeds``, ``prompt_attention_mask``); a pipeline
+    with only them (``transformer=None, vae=None``) computes the features with :meth:`encode_prompt`.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components = ["text_encoder", "tokenizer"]
-    _callback_tensor_inputs = ["summed_codes", "logits", "bits", "next_scale_input"]
+    _callback_tensor_inputs = UNIFIED_CALLBACK_TENSORS + ["summed_codes", "bits", "logits"]
+    _callback_aliases = {"summed_codes": "latents", "bits": "tokens", "logits": "model_logits"}
+    _no_guidance_value = 1.0  # Infinity's cfg: cfg * cond + (1 - cfg) * uncond
 
     def __init__(self, transformer: InfinityTransformer2DModel, vae: BitwiseMultiScaleVAE, text_encoder=None, tokenizer=None,
                  default_size: list[int] | None = None):
         super().__init__()
-        if transformer.config.bits_per_token != vae.bits_per_token:
+        if transformer is not None and vae is not None and transformer.config.bits_per_token != vae.bits_per_token:
             raise ValueError(
                 f"transformer `bits_per_token` ({transformer.config.bits_per_token}) differs from the vae's "
                 f"({vae.bits_per_token} = codebook_dim x {vae.patch_factor ** 2})."
@@ -78,96 +72,199 @@ class InfinityPipeline(DiffusionPipeline, FastInferenceMixin):
         # the size a model was trained for (small embedded models); height/width default to it, else 1024
         self.register_to_config(default_size=list(default_size) if default_size is not None else None)
 
-    # -- text ---------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_prompt(self, prompt: str | list[str], device=None, num_images_per_prompt: int = 1,
-                      max_sequence_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        r"""T5 features of the prompts, as the original computes them (padded to the tokenizer maximum,
-        then trimmed to the longest real length).
+    def scale_schedule(self, height: int | None = None, width: int | None = None) -> list[tuple[int, int]]:
+        """The token grid ``(h, w)`` of every scale for an image of about ``height x width`` pixels (default: the
+        pipeline's ``default_size``, else 1024 x 1024)."""
+        default_height, default_width = self.config.get("default_size") or (1024, 1024)
+        height = default_height if height is None else height
+        width = default_width if width is None else width
+        return schedule_for_pixels(height, width, self.vae.pixels_per_token)
 
-        Returns ``(text_embeds (B, S, text_dim) float32, text_mask (B, S) bool)`` with
-        ``B = len(prompt) * num_images_per_prompt``. Prompts longer than ``max_sequence_length`` (default:
-        the transformer's ``text_max_length``, 512 for the releases) are truncated with a warning.
-        """
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"`prompt` must be a string or a non-empty list of strings (or pass `prompt_embeds`), got {prompt!r}.")
+    @property
+    def text_max_length(self) -> int:
+        """Most text tokens: the transformer's ``text_max_length`` (512 for the releases), else the tokenizer's."""
+        if self.transformer is not None:
+            return self.transformer.config.text_max_length
+        return self.tokenizer.model_max_length
+
+    # -- text ---------------------------------------------------------------------------------------
+    def _encode_texts(self, texts: list[str], device, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5 features of ``texts`` as the original computes them: padded to ``max_length``, then trimmed to the longest
+        real length, padding zeroed. Returns ``(embeds (B, S, text_dim) float32, mask (B, S) bool)``."""
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("`prompt`: this pipeline has no text encoder / tokenizer; pass `prompt_embeds` "
                              "(and `prompt_attention_mask`) instead.")
-        max_length = max_sequence_length or self.transformer.config.text_max_length
-        if max_length > self.transformer.config.text_max_length:
-            raise ValueError(f"`max_sequence_length` ({max_length}) exceeds the model's `text_max_length` ({self.transformer.config.text_max_length}).")
-        full_lengths = [len(ids) for ids in self.tokenizer(list(prompts))["input_ids"]]
+        full_lengths = [len(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
         too_long = [i for i, n in enumerate(full_lengths) if n > max_length]
         if too_long:
-            logger.warning(
-                f"prompt(s) {too_long} have more than {max_length} tokens and are truncated to the text encoder's "
-                f"maximum of {max_length} tokens (as the original does)."
-            )
-        tokens = self.tokenizer(list(prompts), max_length=max_length, padding="max_length", truncation=True, return_tensors="pt")
-        device = device or self._execution_device
+            logger.warning(f"prompts {too_long} ({shorten(texts[too_long[0]], 60)}{', ...' if len(too_long) > 1 else ''}) "
+                           f"have more than {max_length} tokens and are truncated (as the original does).")
+        tokens = self.tokenizer(list(texts), max_length=max_length, padding="max_length", truncation=True, return_tensors="pt")
         input_ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
         embeds = self.text_encoder(input_ids=input_ids, attention_mask=mask)[0].float()
         longest = int(mask.sum(dim=1).max())
-        embeds, mask = embeds[:, :longest] * mask[:, :longest, None], mask[:, :longest].bool()
-        return embeds.repeat_interleave(num_images_per_prompt, 0), mask.repeat_interleave(num_images_per_prompt, 0)
+        return embeds[:, :longest] * mask[:, :longest, None], mask[:, :longest].bool()
 
-    def _check_text_embeds(self, embeds, mask, prefix: str, batch_size: int | None = None):
-        """Validate precomputed T5 features; returns ``(embeds, mask)`` with an all-True bool mask when none is given."""
-        cfg = self.transformer.config
-        check_text_embeds(embeds, mask, cfg.text_dim, f"{prefix}prompt_embeds", f"{prefix}prompt_attention_mask",
-                          batch_size, cfg.text_max_length)
-        mask = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device) if mask is None else mask.bool()
-        return embeds, mask
+    @staticmethod
+    def _negative_prompts(negative_prompt, batch_size: int) -> list[str] | None:
+        """The negative texts, one per prompt, or None for the learned unconditional text (``None`` / ``""``)."""
+        if negative_prompt is None or negative_prompt == "" or negative_prompt == [""] * batch_size:
+            return None
+        negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+        if not isinstance(negatives, (list, tuple)) or len(negatives) not in (1, batch_size) \
+                or not all(isinstance(p, str) for p in negatives):
+            raise ValueError(f"`negative_prompt` must be a string or a list with one string per prompt ({batch_size}), "
+                             f"got {shorten(negative_prompt)}.")
+        return list(negatives) * (batch_size if len(negatives) == 1 else 1)
+
+    @torch.no_grad()
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device | None = None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        max_sequence_length: int | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+    ):
+        r"""T5 features of the prompts (and of the negative prompts), as the original computes them (padded to the
+        tokenizer maximum, then trimmed to the longest real length). Works on a pipeline with only a text encoder and
+        tokenizer.
+
+        Args:
+            prompt: text or list of texts (or ``prompt_embeds``).
+            device: where the features go (default: the execution device).
+            num_images_per_prompt: rows per prompt (repeated consecutively).
+            do_classifier_free_guidance: also encode ``negative_prompt``.
+            negative_prompt: ``None`` or ``""``: the learned unconditional text, which the transformer holds
+                (``negative_prompt_embeds`` is then returned as ``None``); otherwise one text, or one per prompt.
+            prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask: precomputed
+                features replace either half.
+            max_sequence_length: text tokens kept (default: the model's ``text_max_length``); longer prompts are
+                truncated with a warning.
+
+        Returns ``(prompt_embeds (B, S, text_dim) float32, prompt_attention_mask (B, S) bool, negative_prompt_embeds,
+        negative_prompt_attention_mask)`` with ``B = len(prompt) * num_images_per_prompt``.
+        """
+        device = device or self._execution_device
+        max_length = self.text_max_length if max_sequence_length is None else max_sequence_length
+        if max_length > self.text_max_length:
+            raise ValueError(f"`max_sequence_length` ({max_length}) exceeds the model's `text_max_length` ({self.text_max_length}).")
+        if prompt_embeds is None:
+            prompt_embeds, prompt_attention_mask = self._encode_texts(check_prompts(prompt), device, max_length)
+        elif prompt_attention_mask is None:
+            prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.bool, device=prompt_embeds.device)
+        negatives = self._negative_prompts(negative_prompt, prompt_embeds.shape[0]) if do_classifier_free_guidance else None
+        if negative_prompt_embeds is None and negatives is not None:
+            negative_prompt_embeds, negative_prompt_attention_mask = self._encode_texts(negatives, device, max_length)
+        elif negative_prompt_embeds is not None and negative_prompt_attention_mask is None:
+            negative_prompt_attention_mask = torch.ones(negative_prompt_embeds.shape[:2], dtype=torch.bool,
+                                                        device=negative_prompt_embeds.device)
+        if not do_classifier_free_guidance:
+            negative_prompt_embeds = negative_prompt_attention_mask = None
+        prompt_embeds = repeat_rows(prompt_embeds, num_images_per_prompt, device)
+        prompt_attention_mask = repeat_rows(prompt_attention_mask.bool(), num_images_per_prompt, device)
+        negative_prompt_embeds = repeat_rows(negative_prompt_embeds, num_images_per_prompt, device)
+        if negative_prompt_attention_mask is not None:
+            negative_prompt_attention_mask = repeat_rows(negative_prompt_attention_mask.bool(), num_images_per_prompt, device)
+        return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
 
     # -- fast inference ------------------------------------------------------------------------------
     def enable_fast_inference(self, dtype: torch.dtype = torch.bfloat16, cuda_graphs: bool = True,
                               compile_decoder: bool = False, compile_blocks: bool = False) -> "InfinityPipeline":
         """Speed switch for GPUs (as :meth:`VARPipeline.enable_fast_inference`). The transformer (text pooling and
-        projection, blocks), the VAE decoder and the T5 encoder run in ``dtype`` (bf16 by default); the bit head, its
-        AdaLN norm and the text RMSNorm stay float32, as do the running latent and the sampler. On CUDA each scale's
-        transformer step is a CUDA graph, captured on the first call for a (rows, text length, scale schedule) and
-        replayed after (a prompt of another token length captures another set; at most ``graph_cache_size`` are
-        kept); the AdaLN modulations and every block's text keys / values are computed once per generation. Use a
-        CUDA ``torch.Generator``. On the CPU it only casts: with ``dtype=torch.float32`` the images are the eager
-        ones. ``compile_decoder``: channels-last ``torch.compile`` of the VAE decoder. ``compile_blocks``:
+        projection, blocks), the VAE decoder and the T5 encoder run in ``dtype`` (bf16 by default); the transformer's
+        ``_keep_in_fp32_modules`` (bit head, its AdaLN norm, the text RMSNorm) stay float32, as do the running latent
+        and the sampler. On CUDA each scale's transformer step is a CUDA graph, captured on the first call for a
+        (rows, text length, scale schedule) and replayed after (a prompt of another token length captures another
+        set; at most ``graph_cache_size`` are kept); the text encoding, the AdaLN modulations and every block's text
+        keys / values are computed once per generation inside the first scale's graph. Use a CUDA
+        ``torch.Generator``. On the CPU it only casts: with ``dtype=torch.float32`` the images are the eager ones.
+        ``compile_decoder``: channels-last ``torch.compile`` of the VAE decoder. ``compile_blocks``:
         ``torch.compile`` of each block's elementwise work (norms, modulation, q/k normalisation, 2-D RoPE, gating),
         fused before the graphs are captured. Returns the pipeline.
         """
-        check_fast_inference_args(dtype, cuda_graphs, compile_decoder, compile_blocks=compile_blocks)
-        transformer = self.transformer
-        cast_module_(transformer, dtype, keep_float32=(transformer.head, transformer.head_norm, transformer.text_norm))
-        cast_decoder_((self.vae.decoder,), dtype, self.vae.decoder if compile_decoder else None)
-        cast_module_(self.text_encoder, dtype)
+        check_fast_inference_args(dtype, cuda_graphs=cuda_graphs, compile_decoder=compile_decoder,
+                                  compile_blocks=compile_blocks)
+        self._cast_for_fast_inference(dtype, (self.vae.decoder,), compile_decoder)
         if compile_blocks:
-            compile_adaln_blocks_(transformer)
+            compile_adaln_blocks_(self.transformer)
         return self._set_fast_inference(True, cuda_graphs, dtype)
 
-    def _scale_step(self, schedule, text: InfinityTextCondition, device):
-        """``step(scale_index, scale_input) -> logits`` for one generation: eager with a fresh KV cache, or replayed
-        CUDA graphs (one set per rows, text length and schedule) fed with this generation's text condition."""
-        transformer = self.transformer
-        schedule = tuple(tuple(hw) for hw in schedule)
-        rows, length = text.context.shape[:2]
-        shared = (text.pooled, text.adaln, text.context, text.context_mask)
+    def _next_scale_input(self, summed: torch.Tensor, scale_index: int, schedule) -> torch.Tensor | None:
+        """The input tokens (B, h'*w', bits_per_token) of the scale after ``scale_index``."""
+        if scale_index == len(schedule) - 1:
+            return None
+        return self.vae.scale_input_from_summed(summed, schedule[scale_index + 1])
 
-        def build() -> CUDAGraphScaleSteps:
-            cache = transformer.init_kv_cache(schedule)
-            bits = transformer.config.bits_per_token
-            examples = [(None,)] + [(torch.zeros(rows, h * w, bits, device=device),) for h, w in schedule[1:]]
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Summed codes (B, d, h, w) -> images (B, 3, H, W) in [-1, 1]."""
+        decoder_dtype = next(self.vae.decoder.parameters()).dtype  # the decoder alone may be cast (fast inference)
+        return self.vae.decode(latents.to(decoder_dtype)).sample.float()
 
-            def step(si, pooled, adaln, context, context_mask, scale_input):
-                condition = InfinityTextCondition(pooled=pooled, adaln=adaln, context=context, context_mask=context_mask)
-                return transformer.forward_scale(si, schedule, condition, cache, scale_input)
+    # -- inputs -------------------------------------------------------------------------------------
+    def check_inputs(self, prompt, negative_prompt, height, width, guidance_scale, tau, top_k, top_p,
+                     num_images_per_prompt, generator, max_sequence_length, output_type, return_dict, prompt_embeds,
+                     prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask) -> tuple[list, int]:
+        """Every argument check of a call, before any work (a ValueError names the parameter). Returns the scale
+        schedule and the number of prompts."""
+        check_common_inputs(top_k, top_p, output_type, num_images_per_prompt, return_dict)
+        schedule = self.scale_schedule(height, width)
+        per_scale_values(guidance_scale, len(schedule), "guidance_scale")
+        per_scale_values(tau, len(schedule), "tau", low_inclusive=False)
+        if max_sequence_length is not None and (not isinstance(max_sequence_length, int) or isinstance(max_sequence_length, bool)
+                                                or not 1 <= max_sequence_length <= self.text_max_length):
+            raise ValueError(f"`max_sequence_length` must be an integer in [1, {self.text_max_length}] or None, "
+                             f"got {max_sequence_length!r}.")
+        cfg = self.transformer.config
+        if prompt_embeds is None:
+            if prompt_attention_mask is not None:
+                raise ValueError("`prompt_attention_mask` is only used with `prompt_embeds`.")
+            num_prompts = len(check_prompts(prompt))
+        else:
+            if prompt is not None:
+                raise ValueError("pass either `prompt` or `prompt_embeds`, not both.")
+            check_text_embeds(prompt_embeds, prompt_attention_mask, cfg.text_dim, "prompt_embeds", "prompt_attention_mask",
+                              None, cfg.text_max_length)
+            num_prompts = prompt_embeds.shape[0]
+        negatives = self._negative_prompts(negative_prompt, num_prompts)
+        if negative_prompt_embeds is not None:
+            if negative_prompt is not None:
+                raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
+            check_text_embeds(negative_prompt_embeds, negative_prompt_attention_mask, cfg.text_dim, "negative_prompt_embeds",
+                              "negative_prompt_attention_mask", num_prompts, cfg.text_max_length)
+        elif negative_prompt_attention_mask is not None:
+            raise ValueError("`negative_prompt_attention_mask` is only used with `negative_prompt_embeds`.")
+        if self.text_encoder is None or self.tokenizer is None:
+            if prompt_embeds is None:
+                raise ValueError("`prompt` needs a text encoder and tokenizer, which this pipeline lacks; pass `prompt_embeds` "
+                                 "(and `prompt_attention_mask`) instead.")
+            if negatives is not None:
+                raise ValueError("`negative_prompt` needs a text encoder and tokenizer, which this pipeline lacks; pass "
+                                 "`negative_prompt_embeds` instead (or nothing for the learned unconditional text).")
+        check_generator(generator, num_prompts * num_images_per_prompt)
+        return schedule, num_prompts
 
-            return CUDAGraphScaleSteps(step, examples, cache.reset, shared_inputs=shared)
-
-        graphs = self._graph_scale_steps((rows, length, schedule), device, build)
-        if graphs is not None:
-            return graphs.set_shared_inputs(*shared)
-        cache = transformer.init_kv_cache(schedule)
-        return lambda si, scale_input: transformer.forward_scale(si, schedule, text, cache, scale_input)
+    def prepare_condition(self, embeds, mask, negative_embeds, negative_mask, guided: bool):
+        """The transformer's condition ``(text_embeds, text_mask, drop_text)`` of every row: the prompts, then (with
+        guidance) the negatives, padded to one length; rows without a negative use the learned unconditional text
+        (``drop_text``) at the length of their prompt, as the original does."""
+        B = embeds.shape[0]
+        if not guided:
+            return embeds, mask, torch.zeros(B, dtype=torch.bool, device=embeds.device)
+        if negative_embeds is None:  # the learned empty text replaces these rows inside the transformer
+            negative_embeds, negative_mask, drop = embeds, mask, True
+        else:
+            negative_embeds, drop = negative_embeds.to(embeds.dtype), False
+        length = max(embeds.shape[1], negative_embeds.shape[1])
+        embeds, mask = (torch.cat(pair) for pair in zip(_pad_text(embeds, mask, length),
+                                                         _pad_text(negative_embeds, negative_mask, length)))
+        drop_text = torch.tensor([False] * B + [drop] * B, device=embeds.device)
+        return embeds, mask, drop_text
 
     # -- generation ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -185,7 +282,7 @@ class InfinityPipeline(DiffusionPipeline, FastInferenceMixin):
         generator: GeneratorArg = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Callable[[Any, int, int, dict], dict] | None = None,
+        callback_on_step_end: CallbackArg = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         max_sequence_length: int | None = None,
         prompt_embeds: torch.Tensor | None = None,
@@ -210,10 +307,15 @@ class InfinityPipeline(DiffusionPipeline, FastInferenceMixin):
             generator: one ``torch.Generator`` (original draw order) or one per image.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` (float (B, 3, H, W) in [0, 1]) or ``"latent"`` (the
                 summed codes (B, d, h, w) fed to the VAE decoder).
-            callback_on_step_end: called once per scale as ``fn(pipe, scale_index, (h, w), tensors)`` with the
-                tensors named in ``callback_on_step_end_tensor_inputs``: ``"summed_codes"``, ``"logits"``
-                (raw head logits of all rows, before tau and guidance), ``"bits"`` (B, h*w, bits_per_token),
-                ``"next_scale_input"``; may return a new ``"summed_codes"``.
+            return_dict: return an ``ImagePipelineOutput`` (else a tuple).
+            callback_on_step_end: called once per scale as ``fn(pipe, scale_index, (h, w), tensors)`` (or a diffusers
+                ``PipelineCallback``) with the tensors named in ``callback_on_step_end_tensor_inputs`` (every
+                pipeline's contract, ``diffusers_var.pipelines.pipeline_utils``): ``"latents"`` (the summed codes),
+                ``"tokens"`` (bits (B, h*w, bits_per_token)), ``"guided_logits"`` ((B, h*w, bits_per_token, 2), after
+                tau and guidance), ``"model_logits"`` (raw head logits of all rows), ``"next_scale_input"``; it may
+                return a new ``"latents"``. Guidance changed by a callback applies from the next scale if guidance was
+                on when the call began (else there are no unconditional rows).
+            callback_on_step_end_tensor_inputs: names from ``pipe._callback_tensor_inputs`` (default ``["latents"]``).
             max_sequence_length: text tokens kept (default the model's ``text_max_length``); longer prompts
                 are truncated with a warning.
             prompt_embeds, prompt_attention_mask: precomputed T5 features (B, S, text_dim) instead of ``prompt``, with
@@ -221,118 +323,60 @@ class InfinityPipeline(DiffusionPipeline, FastInferenceMixin):
             negative_prompt_embeds, negative_prompt_attention_mask: the same for the unconditional half (any length
                 up to ``text_max_length``); default: ``negative_prompt``, else the learned unconditional text.
         """
-        check_sampling_args(1.0, top_k, top_p, output_type, num_images_per_prompt)
-        tensor_inputs = list(callback_on_step_end_tensor_inputs or ["summed_codes"])
-        bad = [name for name in tensor_inputs if name not in self._callback_tensor_inputs]
-        if bad:
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}, got {bad}.")
-        transformer, vae = self.transformer, self.vae
-        default_height, default_width = self.config.get("default_size") or (1024, 1024)
-        height, width = height or default_height, width or default_width
-        schedule = schedule_for_pixels(height, width, vae.pixels_per_token)
+        callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        schedule, num_prompts = self.check_inputs(
+            prompt, negative_prompt, height, width, guidance_scale, tau, top_k, top_p, num_images_per_prompt, generator,
+            max_sequence_length, output_type, return_dict, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
+            negative_prompt_attention_mask)
         num_scales = len(schedule)
-        cfg_list = _per_scale(guidance_scale, num_scales, "guidance_scale")
-        tau_list = _per_scale(tau, num_scales, "tau")
-        if any(c < 0 for c in cfg_list):
-            raise ValueError(f"`guidance_scale` must be >= 0, got {guidance_scale!r}.")
-        if any(t <= 0 for t in tau_list):
-            raise ValueError(f"`tau` must be > 0, got {tau!r}.")
-        if prompt_embeds is None:
-            if prompt_attention_mask is not None:
-                raise ValueError("`prompt_attention_mask` is only used with `prompt_embeds`.")
-            prompts = [prompt] if isinstance(prompt, str) else prompt
-            if not isinstance(prompts, (list, tuple)) or not prompts:
-                raise ValueError(f"`prompt` must be a string or a non-empty list of strings (or pass `prompt_embeds`), got {prompt!r}.")
-            num_prompts = len(prompts)
-        else:
-            if prompt is not None:
-                raise ValueError("pass either `prompt` or `prompt_embeds`, not both.")
-            given_embeds, given_mask = self._check_text_embeds(prompt_embeds, prompt_attention_mask, "")
-            num_prompts = given_embeds.shape[0]
-        negatives = None
-        if negative_prompt is not None and negative_prompt != "" and negative_prompt != [""] * num_prompts:
-            negatives = [negative_prompt] * num_prompts if isinstance(negative_prompt, str) else negative_prompt
-            if not isinstance(negatives, (list, tuple)) or len(negatives) not in (1, num_prompts):
-                raise ValueError(f"`negative_prompt` must be a string or a list with one entry per prompt ({num_prompts}), got {negative_prompt!r}.")
-            negatives = list(negatives) * (num_prompts if len(negatives) == 1 else 1)
-        if negative_prompt_embeds is not None:
-            if negative_prompt is not None:
-                raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
-            given_neg_embeds, given_neg_mask = self._check_text_embeds(negative_prompt_embeds, negative_prompt_attention_mask,
-                                                                       "negative_", num_prompts)
-        elif negative_prompt_attention_mask is not None:
-            raise ValueError("`negative_prompt_attention_mask` is only used with `negative_prompt_embeds`.")
-        if self.text_encoder is None or self.tokenizer is None:
-            if prompt_embeds is None:
-                raise ValueError("`prompt` needs a text encoder and tokenizer, which this pipeline lacks; pass `prompt_embeds` "
-                                 "(and `prompt_attention_mask`) instead.")
-            if negatives is not None:
-                raise ValueError("`negative_prompt` needs a text encoder and tokenizer, which this pipeline lacks; pass "
-                                 "`negative_prompt_embeds` instead (or nothing for the learned unconditional text).")
-        B = num_prompts * num_images_per_prompt
-        check_generator(generator, B)
+        self._begin_call(guidance_scale, num_scales)
         device = self._execution_device
+        B = num_prompts * num_images_per_prompt
+        cfg_list = per_scale_values(guidance_scale, num_scales, "guidance_scale")
+        tau_list = per_scale_values(tau, num_scales, "tau", low_inclusive=False)
+        guided = any(c != 1.0 for c in cfg_list)
 
-        def rows(t: torch.Tensor) -> torch.Tensor:
-            return t.to(device).repeat_interleave(num_images_per_prompt, 0)
+        # 1. the text of every row (conditional rows first), encoded by the transformer at the first scale
+        embeds, mask, negative_embeds, negative_mask = self.encode_prompt(
+            prompt, device, num_images_per_prompt, guided, negative_prompt, prompt_embeds, negative_prompt_embeds,
+            max_sequence_length, prompt_attention_mask, negative_prompt_attention_mask)
+        condition = self.prepare_condition(embeds, mask, negative_embeds, negative_mask, guided)
 
-        if prompt_embeds is None:
-            embeds, mask = self.encode_prompt(list(prompts), device, num_images_per_prompt, max_sequence_length)
-        else:
-            embeds, mask = rows(given_embeds), rows(given_mask)
-        use_cfg = any(c != 1.0 for c in cfg_list)
-        if use_cfg:
-            if negative_prompt_embeds is not None:
-                neg_embeds, neg_mask = rows(given_neg_embeds).to(embeds.dtype), rows(given_neg_mask)
-            elif negatives is None:
-                neg_embeds, neg_mask = transformer.unconditional_text_embeds(mask).to(embeds.dtype), mask
-            else:
-                neg_embeds, neg_mask = self.encode_prompt(negatives, device, num_images_per_prompt, max_sequence_length)
-            length = max(embeds.shape[1], neg_embeds.shape[1])
-            embeds, mask = (torch.cat(pair) for pair in zip(_pad_text(embeds, mask, length), _pad_text(neg_embeds, neg_mask, length)))
-        text = transformer.encode_text(embeds, mask)
-        scale_step = self._scale_step(schedule, text, device)
-        bits_per_token = transformer.config.bits_per_token
-        latent_hw = vae.latent_schedule(schedule)[-1]
-        summed = torch.zeros(B, vae.config.codebook_dim, *latent_hw, device=device, dtype=torch.float32)
-        scale_input = None
-
+        # 2. scale by scale
+        transformer_step = self._transformer_steps(condition, schedule, self._execution_device)
+        bits_per_token, vae = self.transformer.config.bits_per_token, self.vae
+        latents = torch.zeros(B, vae.config.codebook_dim, *vae.latent_schedule(schedule)[-1], device=device, dtype=torch.float32)
+        scale_input, cfg_source = None, guidance_scale
         with self.progress_bar(total=num_scales) as progress_bar:
             for si, (h, w) in enumerate(schedule):
-                raw_logits = scale_step(si, scale_input)
+                if self.interrupt:
+                    break
+                if self._guidance_scale is not cfg_source:  # a callback changed the guidance
+                    cfg_source, cfg_list = self._guidance_scale, per_scale_values(self._guidance_scale, num_scales, "guidance_scale")
+                raw_logits = transformer_step(si, scale_input)
+                model_logits = raw_logits.clone() if callback is not None else None  # a graph output is overwritten
                 cfg, tau_k = cfg_list[si], tau_list[si]
-                if cfg != 1.0:  # tau before the mix, as the original (bit-exact logits)
+                if guided and cfg != 1.0:  # tau before the mix, as the original (bit-exact logits)
                     scaled = raw_logits / tau_k
                     logits = cfg * scaled[:B] + (1 - cfg) * scaled[B:]
                 else:  # the unconditional half (if any) only fills its KV cache
                     logits = raw_logits[:B] / tau_k
                 logits = logits.reshape(B, h * w * bits_per_token, 2)
+                guided_logits = logits.view(B, h * w, bits_per_token, 2).clone() if callback is not None else None
                 filter_top_k_top_p_(logits, top_k, top_p)
                 bits = sample_from_logits(logits, generator).view(B, h, w, bits_per_token)
                 codes = vae.bits_to_codes(vae.token_bits_to_latent_bits(bits))
-                next_hw = schedule[si + 1] if si + 1 < num_scales else None
-                summed, next_input = vae.next_scale_input(summed, codes, next_hw)
+                latents, _ = vae.next_scale_input(latents, codes, None)
+                next_input = self._next_scale_input(latents, si, schedule)
 
-                if callback_on_step_end is not None:
-                    logits_copy = raw_logits.clone() if "logits" in tensor_inputs else None  # a graph output is overwritten
-                    local = {"summed_codes": summed, "logits": logits_copy, "bits": bits.view(B, h * w, bits_per_token),
-                             "next_scale_input": next_input}
-                    out = callback_on_step_end(self, si, (h, w), {k: local[k] for k in tensor_inputs}) or {}
-                    if out.get("summed_codes") is not None and out["summed_codes"] is not summed:
-                        summed = out["summed_codes"].float()
-                        if next_hw is not None:
-                            next_input = vae.scale_input_from_summed(summed, next_hw)
+                if callback is not None:
+                    tensors = dict(latents=latents, tokens=bits.view(B, h * w, bits_per_token), guided_logits=guided_logits,
+                                   model_logits=model_logits, next_scale_input=next_input)
+                    new_latents = self._step_callback(callback, tensor_names, si, (h, w), tensors)
+                    if new_latents is not None:
+                        latents, next_input = new_latents, self._next_scale_input(new_latents, si, schedule)
                 if next_input is not None:
-                    scale_input = next_input.repeat(2, 1, 1) if use_cfg else next_input
+                    scale_input = self._guidance_rows(next_input, guided)
                 progress_bar.update()
 
-        if output_type == "latent":
-            images = summed
-        else:
-            decoder_dtype = next(vae.decoder.parameters()).dtype  # the decoder alone may be cast (fast inference)
-            decoded = vae.decode(summed.to(decoder_dtype)).sample.float()
-            images = images_to_output((decoded + 1) / 2, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        return self._finish(latents, output_type, return_dict)

@@ -3,33 +3,37 @@
 from __future__ import annotations
 
 import json
-from importlib import resources
 from contextlib import nullcontext
-from typing import Any, Callable, NamedTuple
+from importlib import resources
+from typing import NamedTuple
 
 import torch
 
-from diffusers.image_processor import VaeImageProcessor
-from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
-
-from ..models.blocks import compile_adaln_blocks_, fp8_linears
+from ..models.blocks import square_schedule
 from ..models.multiscale_vq import MultiScaleVQModel, area_down
 from ..models.var_transformer import VARTransformer2DModel
-from .fast_inference import CUDAGraphScaleSteps, FastInferenceMixin, cast_decoder_, cast_module_, check_fast_inference_args
+from .fast_inference import CUDAGraphScaleSteps, check_fast_inference_args, compile_adaln_blocks_, fp8_linears
+from .pipeline_utils import (
+    UNIFIED_CALLBACK_TENSORS,
+    CallbackArg,
+    NextScalePipeline,
+    check_bool,
+    check_common_inputs,
+    check_finite_number,
+    check_generator,
+    flatten_labels,
+)
 from .sampling import (
     GeneratorArg,
     apply_guidance,
-    check_callback_inputs,
-    check_generator,
-    check_sampling_args,
     draw_class_labels,
     filter_top_k_top_p_,
-    gumbel_softmax,
     guidance_table,
-    top_p_mass,
+    gumbel_softmax,
     linear_guidance_ramp,
     sample_from_logits,
     smooth_tau,
+    top_p_mass,
 )
 
 
@@ -39,53 +43,16 @@ def imagenet_id2label() -> dict[int, str]:
     return {int(k): v for k, v in json.loads(text).items()}
 
 
-def images_to_output(images: torch.Tensor, output_type: str):
-    """(B, 3, H, W) float in [0, 1] -> "pt" tensor, "np" array (B, H, W, 3) or "pil" list."""
-    if output_type == "pt":
-        return images
-    array = VaeImageProcessor.pt_to_numpy(images.float().cpu())
-    return array if output_type == "np" else VaeImageProcessor.numpy_to_pil(array)
-
-
-def run_scale_callback(pipeline, callback, scale_index: int, patch_nums, tensors: dict, names, f_hat, next_input):
-    """Call ``callback_on_step_end`` with the requested ``tensors``; a returned ``"f_hat"`` replaces the
-    running latent (and the next scale's input derived from it). Returns ``(f_hat, next_input)``."""
-    out = callback(pipeline, scale_index, patch_nums[scale_index], {k: tensors[k] for k in names}) or {}
-    if out.get("f_hat") is not None and out["f_hat"] is not f_hat:
-        f_hat = out["f_hat"].to(torch.float32, copy=True)  # a copy: the next scales add to f_hat in place
-        if scale_index != len(patch_nums) - 1:
-            next_input = area_down(f_hat, patch_nums[scale_index + 1])
-    return f_hat, next_input
-
-
-def finish_generation(pipeline, f_hat: torch.Tensor, output_type: str, return_dict: bool):
-    """Decode the final latent (unless ``"latent"``), free offload hooks and wrap the output."""
-    if output_type == "latent":
-        images = f_hat
-    else:
-        images = images_to_output((pipeline.vqvae.decode_latent(f_hat) + 1) / 2, output_type)
-    pipeline.maybe_free_model_hooks()
-    if not return_dict:
-        return (images,)
-    return ImagePipelineOutput(images=images)
-
-
 class ScaleSampling(NamedTuple):
-    """What shapes a scale's sampling code (a CUDA graph set is captured per value): Gumbel smoothing, a copy of the
-    guided logits for the callback, the k-wide top-p of the fast path, separable upsampling of the code maps."""
+    """What shapes a scale's sampling code (a CUDA graph set is captured per value): Gumbel smoothing, copies of the
+    logits for the callback, the k-wide top-p of the fast path."""
 
     more_smooth: bool
     keep_logits: bool
     fast_filter: bool
-    separable_upsample: bool
 
 
-def cfg_scale_input(next_input: torch.Tensor) -> torch.Tensor:
-    """(B, Cv, pn, pn) next-scale input -> (2B, pn*pn, Cv) transformer input (the same for both guidance halves)."""
-    return next_input.flatten(2).transpose(1, 2).repeat(2, 1, 1)
-
-
-class VARPipeline(DiffusionPipeline, FastInferenceMixin):
+class VARPipeline(NextScalePipeline):
     r"""Class-conditional generation with VAR (Visual AutoRegressive modeling, next-scale prediction).
 
     Components:
@@ -103,16 +70,19 @@ class VARPipeline(DiffusionPipeline, FastInferenceMixin):
 
     model_cpu_offload_seq = "transformer"
     _exclude_from_cpu_offload = ["vqvae"]
-    _callback_tensor_inputs = ["f_hat", "logits", "indices"]
+    _callback_tensor_inputs = UNIFIED_CALLBACK_TENSORS + ["f_hat", "indices", "logits"]
+    _callback_aliases = {"f_hat": "latents", "indices": "tokens", "logits": "guided_logits"}
 
     def __init__(self, transformer: VARTransformer2DModel, vqvae: MultiScaleVQModel, id2label: dict | None = None):
         super().__init__()
-        if tuple(transformer.config.patch_nums) != tuple(vqvae.config.patch_nums):
-            raise ValueError(f"transformer and vqvae `patch_nums` differ: {transformer.config.patch_nums} vs {vqvae.config.patch_nums}.")
-        if transformer.config.vocab_size != vqvae.config.vocab_size or transformer.config.latent_channels != vqvae.config.z_channels:
-            raise ValueError("transformer `vocab_size`/`latent_channels` must match the vqvae's `vocab_size`/`z_channels`.")
+        if transformer is not None and vqvae is not None:
+            if tuple(transformer.config.patch_nums) != tuple(vqvae.config.patch_nums):
+                raise ValueError(f"transformer and vqvae `patch_nums` differ: {transformer.config.patch_nums} vs "
+                                 f"{vqvae.config.patch_nums}.")
+            if transformer.config.vocab_size != vqvae.config.vocab_size or transformer.config.latent_channels != vqvae.config.z_channels:
+                raise ValueError("transformer `vocab_size`/`latent_channels` must match the vqvae's `vocab_size`/`z_channels`.")
         self.register_modules(transformer=transformer, vqvae=vqvae)
-        if id2label is None and transformer.config.num_classes == 1000:
+        if id2label is None and transformer is not None and transformer.config.num_classes == 1000:
             id2label = imagenet_id2label()
         id2label = {int(k): v for k, v in (id2label or {}).items()}
         self.register_to_config(id2label={str(k): v for k, v in id2label.items()} or None)
@@ -123,107 +93,103 @@ class VARPipeline(DiffusionPipeline, FastInferenceMixin):
                 self.labels[name.strip()] = key
         self.labels = dict(sorted(self.labels.items()))
 
+    def get_label_ids(self, label: str | list[str]) -> list[int]:
+        """Map class names (any synonym, e.g. ``"golden retriever"``) to class indices."""
+        labels = [label] if isinstance(label, str) else list(label)
+        unknown = [name for name in labels if name not in self.labels]
+        if unknown:
+            raise ValueError(f"`label` {unknown} not found; choose from `pipe.labels` ({len(self.labels)} names).")
+        return [self.labels[name] for name in labels]
+
+    def scale_schedule(self) -> list[tuple[int, int]]:
+        """The token grid ``(h, w)`` of every scale."""
+        return square_schedule(self.transformer.config.patch_nums)
+
     # -- fast inference ------------------------------------------------------------------------------
     def enable_fast_inference(self, dtype: torch.dtype = torch.bfloat16, cuda_graphs: bool = True,
                               compile_decoder: bool = False, compile_blocks: bool = False,
                               fp8: bool = False) -> "VARPipeline":
         """Speed switch for GPUs. The transformer blocks and the image decoder run in ``dtype`` (bf16 by
-        default); the output head, the quantizer (codebook, Phi convs) and f_hat stay float32, which keeps
-        greedy tokens close to the float32 path. On CUDA each scale's transformer step is a CUDA graph
-        (captured on the first call for a batch size, then replayed) and top-p sorts only the top-k values; in
-        bf16 / fp16 the FFN's bias and GELU also run in the epilogue of its first matmul and the code maps are
-        upsampled by a separable bicubic (same weights; float32 keeps the eager kernels, so its outputs equal
-        the eager ones). With a CUDA ``torch.Generator`` (or ``generator=None``: the device's default one) the whole
-        scale is one graph: transformer step, guidance, top-k / top-p, the draw, the codebook lookup and the f_hat
-        update (captured per batch size, ``top_k`` and ``more_smooth``; other guidance scales and ``top_p`` replay
-        the same graphs). The graphs borrow the generator's state, so a seed gives the same images as the eager
-        sampler and the generator advances as if it had drawn eagerly; the tensors handed to
-        ``callback_on_step_end`` are the graphs' buffers (clone what you keep). A CPU generator, or a list of
-        generators, keeps the original's host-side draws (graphs for the transformer step only). On the CPU it
-        only casts (the sampler and the step stay eager). ``compile_decoder``: channels-last ``torch.compile`` of the image
-        decoder (its 3-channel output conv computed with zero-padded channels, see ``pad_narrow_convs_``). ``compile_blocks``:
-        ``torch.compile`` of each block's elementwise work (fused before the CUDA graphs are captured; the first
-        generation per batch size compiles). ``fp8``
-        (opt-in, for large batches of the large models): float8 (e4m3) matmuls for the attention and FFN linears
-        of the blocks at scales of at least 4,096 token rows (activations scaled per row, weights per output
-        channel); needs ``dtype=torch.bfloat16`` and a GPU with float8 tensor cores (H100), and is meant for
-        ``compile_blocks=True``, which fuses the quantisation into the norms. H100, batch 64: VAR-d30 103.4 -> 111.1
-        images/s, VAR-d16 unchanged (300 vs 298); it changes the numerics more than bf16 (BENCHMARKS.md). Returns the pipeline.
+        default); the transformer's ``_keep_in_fp32_modules`` (output head and its norm), the quantizer (codebook, Phi
+        convs) and f_hat stay float32, which keeps greedy tokens close to the float32 path. On CUDA each scale is a
+        CUDA graph (captured on the first call for a batch size, then replayed) and top-p sorts only the top-k values;
+        in bf16 / fp16 the FFN's bias and GELU also run in the epilogue of its first matmul and the code maps are
+        upsampled by a separable bicubic (same weights; float32 keeps the eager kernels, so its outputs equal the
+        eager ones). With a CUDA ``torch.Generator`` (or ``generator=None``: the device's default one) the whole scale
+        is one graph: transformer step, guidance, top-k / top-p, the draw, the codebook lookup and the f_hat update
+        (captured per batch size, ``top_k`` and ``more_smooth``; other guidance scales and ``top_p`` replay the same
+        graphs). The graphs borrow the generator's state, so a seed gives the same images as the eager sampler and the
+        generator advances as if it had drawn eagerly; the tensors handed to ``callback_on_step_end`` are the graphs'
+        buffers (clone what you keep). A CPU generator, or a list of generators, keeps the original's host-side draws
+        (graphs for the transformer step only). On the CPU it only casts (the sampler and the step stay eager).
+
+        Args:
+            dtype: compute dtype of the blocks and the decoder.
+            cuda_graphs: replay one CUDA graph per scale (on CUDA).
+            compile_decoder: channels-last ``torch.compile`` of the image decoder.
+            compile_blocks: ``torch.compile`` of each block's elementwise work (fused before the CUDA graphs are
+                captured; the first generation per batch size compiles).
+            fp8: (opt-in, for large batches of the large models) float8 (e4m3) matmuls for the attention and FFN
+                linears of the blocks at scales of at least 4,096 token rows (activations scaled per row, weights per
+                output channel); needs ``dtype=torch.bfloat16`` and a GPU with float8 tensor cores, and is meant for
+                ``compile_blocks=True``, which fuses the quantisation into the norms. It changes the numerics more
+                than bf16 (BENCHMARKS.md).
+
+        Returns the pipeline. Not combinable with CPU / group offloading or layerwise casting.
         """
-        check_fast_inference_args(dtype, cuda_graphs, compile_decoder, fp8, compile_blocks=compile_blocks)
-        transformer = self.transformer
+        check_fast_inference_args(dtype, cuda_graphs=cuda_graphs, compile_decoder=compile_decoder,
+                                  compile_blocks=compile_blocks, fp8=fp8)
         if fp8:
-            fp8_linears(transformer)  # a model float8 cannot take is refused before anything is cast or compiled
-        cast_module_(transformer, dtype, keep_float32=(transformer.head, transformer.head_norm))
-        cast_decoder_((self.vqvae.decoder, self.vqvae.post_quant_conv), dtype,
-                      self.vqvae.decoder if compile_decoder else None)
+            fp8_linears(self.transformer)  # a model float8 cannot take is refused before anything is cast or compiled
+        self._cast_for_fast_inference(dtype, (self.vqvae.decoder, self.vqvae.post_quant_conv), compile_decoder)
         if compile_blocks:
-            compile_adaln_blocks_(transformer)
+            compile_adaln_blocks_(self.transformer)
         return self._set_fast_inference(True, cuda_graphs, dtype, fp8)
 
-    def _scale_step(self, rows: int, device: torch.device):
-        """``step(scale_index, cond, scale_input) -> logits`` for one generation: eager with a fresh
-        KV cache, or replayed CUDA graphs (built once per number of rows)."""
-        transformer = self.transformer
-
-        def build() -> CUDAGraphScaleSteps:
-            cache = transformer.init_kv_cache()
-            cfg = transformer.config
-            cond = torch.zeros(rows, cfg.embed_dim, device=device, dtype=transformer.dtype)
-            examples = [(cond, None)] + [
-                (cond, torch.zeros(rows, end - begin, cfg.latent_channels, device=device)) for begin, end in transformer.begin_ends[1:]
-            ]
-            return CUDAGraphScaleSteps(lambda si, c, x: transformer.forward_scale(si, c, cache, x), examples, cache.reset)
-
-        graphs = self._graph_scale_steps(rows, device, build)
-        if graphs is not None:
-            return graphs
-        cache = transformer.init_kv_cache()
-        return lambda si, cond, scale_input: transformer.forward_scale(si, cond, cache, scale_input)
-
-    def _sampling_graphs(self, B: int, device: torch.device, settings: "ScaleSampling", top_k: int,
+    def _sampling_graphs(self, B: int, device: torch.device, settings: ScaleSampling, top_k: int,
                          use_top_p: bool) -> CUDAGraphScaleSteps:
         """One CUDA graph per scale for the whole scale: transformer step, guidance, top-k / top-p, the draw, the
         codebook lookup, the f_hat update and the next scale's input (built once per batch size, ``top_k`` (it fixes
         shapes) and structural setting). The guidance strengths and ``top_p`` are read from device tensors, so other
         values replay the same graphs; the graphs draw from a generator that borrows the caller's state."""
         transformer, cfg = self.transformer, self.transformer.config
-        rows, num_scales = 2 * B, len(cfg.patch_nums)
+        rows, schedule = 2 * B, self.scale_schedule()
+        num_scales = len(schedule)
         top_k = top_k if 0 < top_k < cfg.vocab_size else 0
 
         def build() -> CUDAGraphScaleSteps:
             cache = transformer.init_kv_cache()
             side = cfg.patch_nums[-1]
             f_hat = torch.zeros(B, cfg.latent_channels, side, side, device=device)
-            scale_inputs = [None] + [torch.zeros(rows, end - begin, cfg.latent_channels, device=device)
-                                     for begin, end in transformer.begin_ends[1:]]
+            scale_inputs = [None] + [torch.zeros(rows, h * w, cfg.latent_channels, device=device) for h, w in schedule[1:]]
             generator = torch.Generator(device)
 
-            def step(si, cond_BD, guidance_S2, removable_mass):
-                logits = transformer.forward_scale(si, cond_BD, cache, scale_inputs[si])
-                indices, guided_logits, next_input = self._sample_scale(si, logits, f_hat, guidance_S2[si], top_k, 0.0, generator,
-                                                                        settings, removable_mass if use_top_p else None)
-                if si != num_scales - 1:
-                    scale_inputs[si + 1].copy_(cfg_scale_input(next_input))
-                return indices, guided_logits
+            def step(si, labels_2B, guidance_S2, removable_mass):
+                logits = transformer.forward_scale(si, (labels_2B,), cache, scale_inputs[si])
+                indices, guided_logits, next_input = self._sample_scale(
+                    si, logits, f_hat, guidance_S2[si], top_k, 0.0, generator, settings, removable_mass if use_top_p else None)
+                if next_input is not None:
+                    scale_inputs[si + 1].copy_(self._guidance_rows(next_input))
+                return indices, guided_logits, logits.clone() if settings.keep_logits else None
 
             def reset():
                 cache.reset()
                 f_hat.zero_()
 
-            shared = (torch.zeros(rows, cfg.embed_dim, device=device, dtype=transformer.dtype),
-                      torch.zeros(num_scales, 2, device=device), torch.zeros((), device=device))
+            shared = (torch.zeros(rows, dtype=torch.long, device=device), torch.zeros(num_scales, 2, device=device),
+                      torch.zeros((), device=device))
             graphs = CUDAGraphScaleSteps(step, [()] * num_scales, reset, shared, generator=generator)
             graphs.f_hat, graphs.scale_inputs = f_hat, scale_inputs
             return graphs
 
         return self._graph_scale_steps(("sampling", rows, settings, top_k, use_top_p), device, build)
 
+    # -- one scale -------------------------------------------------------------------------------------
     def _sample_scale(self, si: int, logits_2BlV: torch.Tensor, f_hat: torch.Tensor, strength, top_k: int, top_p: float,
-                      generator: GeneratorArg, settings: "ScaleSampling", top_p_mass: torch.Tensor | None = None):
+                      generator: GeneratorArg, settings: ScaleSampling, top_p_mass: torch.Tensor | None = None):
         """Guidance, top-k / top-p, the draw and the f_hat update (in place) of scale ``si``, eagerly or inside a CUDA
         graph (``strength`` and ``1 - top_p`` then come as device tensors). Returns ``(indices, guided logits if
-        settings.keep_logits, next_input)``."""
+        settings.keep_logits, next scale's input tokens (B, l', Cv) or None after the last scale)``."""
         patch_nums = self.transformer.config.patch_nums
         num_scales, pn, B = len(patch_nums), patch_nums[si], f_hat.shape[0]
         ratio = si / (num_scales - 1)
@@ -238,39 +204,51 @@ class VARPipeline(DiffusionPipeline, FastInferenceMixin):
         else:
             embedding = codebook[indices.to(codebook.device)].float()
         embedding = embedding.transpose(1, 2).reshape(B, -1, pn, pn)
-        _, next_input = self.vqvae.next_scale_input(si, f_hat, embedding, separable_upsample=settings.separable_upsample)
-        return indices, guided_logits, next_input
+        _, next_map = self.vqvae.next_scale_input(si, f_hat, embedding)
+        return indices, guided_logits, None if si == num_scales - 1 else next_map.flatten(2).transpose(1, 2)
 
-    def get_label_ids(self, label: str | list[str]) -> list[int]:
-        """Map class names (any synonym, e.g. ``"golden retriever"``) to class indices."""
-        labels = [label] if isinstance(label, str) else list(label)
-        unknown = [name for name in labels if name not in self.labels]
-        if unknown:
-            raise ValueError(f"`label` {unknown} not found; choose from `pipe.labels` ({len(self.labels)} names).")
-        return [self.labels[name] for name in labels]
+    def _next_scale_input(self, f_hat: torch.Tensor, scale_index: int) -> torch.Tensor | None:
+        """The input tokens (B, l', Cv) of the scale after ``scale_index``: f_hat area-downsampled to its grid."""
+        patch_nums = self.transformer.config.patch_nums
+        if scale_index == len(patch_nums) - 1:
+            return None
+        return area_down(f_hat, patch_nums[scale_index + 1]).flatten(2).transpose(1, 2)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """f_hat (B, Cv, h, h) -> images (B, 3, H, W) in [-1, 1]."""
+        return self.vqvae.decode_latent(latents)
 
     # -- inputs -------------------------------------------------------------------------------------
-    def _prepare_labels(self, class_labels, num_images_per_prompt: int, generator: GeneratorArg, device) -> torch.LongTensor:
+    def check_inputs(self, class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator,
+                     output_type, return_dict=True) -> None:
+        """Every argument check of a call, before any work (a ValueError names the parameter)."""
+        check_finite_number(guidance_scale, "guidance_scale", 0.0)
+        check_common_inputs(top_k, top_p, output_type, num_images_per_prompt, return_dict)
+        check_bool(more_smooth, "more_smooth")
         num_classes = self.transformer.config.num_classes
         if class_labels is None:
             check_generator(generator, num_images_per_prompt)
-            return draw_class_labels(num_classes, num_images_per_prompt, generator, device)
-        if isinstance(class_labels, torch.Tensor):
-            class_labels = class_labels.flatten().tolist()
-        elif isinstance(class_labels, int) and not isinstance(class_labels, bool):
-            class_labels = [class_labels]
-        if not isinstance(class_labels, (list, tuple)) or not class_labels:
-            raise ValueError("`class_labels` must be an int, a non-empty list of ints, a 1-D tensor, or None.")
-        for label in class_labels:
+            return
+        labels = flatten_labels(class_labels)
+        if not isinstance(labels, list) or not labels:
+            raise ValueError("`class_labels` must be an int, a non-empty list of ints (or of lists of ints), a 1-D tensor, "
+                             f"or None; got {class_labels!r}.")
+        for label in labels:
             if not isinstance(label, int) or isinstance(label, bool) or not -1 <= label <= num_classes:
                 raise ValueError(
                     f"`class_labels` entries must be integers in [0, {num_classes - 1}], or -1 / {num_classes} "
                     f"for the null (unconditional) class; got {label!r}."
                 )
-        labels = torch.tensor([num_classes if label < 0 else label for label in class_labels], dtype=torch.long)
-        labels = labels.repeat_interleave(num_images_per_prompt).to(device)
-        check_generator(generator, labels.shape[0])
-        return labels
+        check_generator(generator, len(labels) * num_images_per_prompt)
+
+    def prepare_class_labels(self, class_labels, num_images_per_prompt: int, generator: GeneratorArg, device) -> torch.LongTensor:
+        """(B,) labels of the images: the given ones (each repeated ``num_images_per_prompt`` times, -1 -> the null
+        class), or drawn uniformly from ``generator`` as the original does."""
+        num_classes = self.transformer.config.num_classes
+        if class_labels is None:
+            return draw_class_labels(num_classes, num_images_per_prompt, generator, device)
+        labels = torch.tensor([num_classes if label < 0 else label for label in flatten_labels(class_labels)], dtype=torch.long)
+        return labels.repeat_interleave(num_images_per_prompt).to(device)
 
     # -- generation ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -285,14 +263,15 @@ class VARPipeline(DiffusionPipeline, FastInferenceMixin):
         generator: GeneratorArg = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Callable[[Any, int, int, dict], dict] | None = None,
+        callback_on_step_end: CallbackArg = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
     ):
         r"""Generate images.
 
         Args:
-            class_labels: class index, list of indices, or ``None`` to draw ``num_images_per_prompt``
-                labels uniformly from ``generator`` (as the original does). ``-1`` is the null class.
+            class_labels: class index, list of indices (or of lists, as diffusers' DiT takes them), or ``None`` to
+                draw ``num_images_per_prompt`` labels uniformly from ``generator`` (as the original does). ``-1`` is the
+                null class.
             guidance_scale: the original ``cfg``: guidance ramps linearly from 0 at the first scale to
                 ``guidance_scale`` at the last (``(1 + t) cond - t uncond``). The demo uses 4; the FID
                 setting is 1.5 with ``top_p=0.96``.
@@ -304,59 +283,77 @@ class VARPipeline(DiffusionPipeline, FastInferenceMixin):
             generator: one ``torch.Generator`` (original draw order) or one per image.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` (float (B, 3, H, W) in [0, 1]) or ``"latent"``
                 (the final f_hat (B, Cv, h, h)).
-            callback_on_step_end: called once per scale as ``fn(pipe, scale_index, patch_num, kwargs)``
-                with the tensors named in ``callback_on_step_end_tensor_inputs`` (``"f_hat"``,
-                ``"logits"`` (guided, before filtering), ``"indices"``); may return a new ``"f_hat"``.
+            return_dict: return an ``ImagePipelineOutput`` (else a tuple).
+            callback_on_step_end: called once per scale as ``fn(pipe, scale_index, (h, w), tensors)`` (or a diffusers
+                ``PipelineCallback``) with the tensors named in ``callback_on_step_end_tensor_inputs``; the contract is
+                every pipeline's (``diffusers_var.pipelines.pipeline_utils``): ``"latents"`` (f_hat), ``"tokens"``,
+                ``"guided_logits"``, ``"model_logits"``, ``"next_scale_input"``; it may return a new ``"latents"``.
+            callback_on_step_end_tensor_inputs: names from ``pipe._callback_tensor_inputs`` (default ``["latents"]``).
         """
-        check_sampling_args(guidance_scale, top_k, top_p, output_type, num_images_per_prompt)
-        tensor_inputs = check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
-        labels_B = self._prepare_labels(class_labels, num_images_per_prompt, generator, self._execution_device)
-        B = labels_B.shape[0]
+        callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        self.check_inputs(class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator,
+                          output_type, return_dict)
+        schedule = self.scale_schedule()
+        num_scales, side = len(schedule), schedule[-1][0]
+        self._begin_call(guidance_scale, num_scales)
+        device = self._execution_device
 
-        transformer, vqvae = self.transformer, self.vqvae
-        patch_nums = tuple(transformer.config.patch_nums)
-        num_scales, side = len(patch_nums), patch_nums[-1]
-        null = torch.full_like(labels_B, transformer.config.num_classes)
-        cond_BD = transformer.embed_condition(torch.cat((labels_B, null)))  # conditional rows first
-        device = cond_BD.device
-        settings = ScaleSampling(more_smooth=more_smooth, keep_logits=callback_on_step_end is not None and "logits" in tensor_inputs,
-                                 fast_filter=self._fast_top_p(device),
-                                 separable_upsample=self._separable_upsample(device, B * vqvae.config.z_channels, side))
-        strengths = [linear_guidance_ramp(guidance_scale, si, num_scales) for si in range(num_scales)]
-        graphs, scale_step, scale_input = None, None, None
-        graph_generator = self._graph_sampling_generator(device, generator)
+        # 1. the condition: the class labels of every image, then the null class for the unconditional rows
+        labels_B = self.prepare_class_labels(class_labels, num_images_per_prompt, generator, device)
+        B = labels_B.shape[0]
+        condition = (torch.cat((labels_B, torch.full_like(labels_B, self.transformer.config.num_classes))),)
+
+        # 2. the scale steps: the whole scale in a CUDA graph (fast path, CUDA generator), or the transformer step
+        # (eager, or a graph) followed by the eager sampler
+        wants_logits = callback is not None and bool({"guided_logits", "logits", "model_logits"} & set(tensor_names))
+        settings = ScaleSampling(more_smooth=more_smooth, keep_logits=wants_logits, fast_filter=self._fast_top_p(device))
+        graphs, graph_generator = None, self._graph_sampling_generator(device, generator)
+        table_guidance = guidance_scale
         if graph_generator is not None:
             graphs = self._sampling_graphs(B, device, settings, top_k, top_p > 0)
-            graphs.set_shared_inputs(cond_BD, guidance_table(strengths, device), top_p_mass(top_p, device))
-            f_hat = graphs.f_hat.zero_()
+            strengths = [linear_guidance_ramp(guidance_scale, si, num_scales) for si in range(num_scales)]
+            graphs.set_shared_inputs(condition[0], guidance_table(strengths, device), top_p_mass(top_p, device))
+            latents = graphs.f_hat.zero_()
         else:
-            scale_step = self._scale_step(cond_BD.shape[0], device)
-            f_hat = torch.zeros(B, vqvae.config.z_channels, side, side, device=device, dtype=torch.float32)
+            transformer_step = self._transformer_steps(condition, schedule, device)
+            latents = torch.zeros(B, self.vqvae.config.z_channels, side, side, device=device, dtype=torch.float32)
+        scale_input = None
 
+        # 3. scale by scale
         with self.progress_bar(total=num_scales) as progress_bar, \
                 (graphs.borrow_generator_state(graph_generator) if graphs is not None else nullcontext()):
-            for si in range(num_scales):
+            for si, scale_hw in enumerate(schedule):
+                if self.interrupt:
+                    break
                 if graphs is not None:  # the whole scale, sampling included, is one graph replay
-                    indices, guided_logits = graphs(si)
-                    next_input = None
+                    if self._guidance_scale != table_guidance:  # a callback changed the guidance
+                        table_guidance = self._guidance_scale
+                        strengths = [linear_guidance_ramp(table_guidance, k, num_scales) for k in range(num_scales)]
+                        graphs.shared_inputs[1].copy_(guidance_table(strengths, device))
+                    tokens, guided_logits, model_logits = graphs(si)
+                    next_input = graphs.scale_inputs[si + 1][:B] if si + 1 < num_scales else None
                 else:
-                    logits = scale_step(si, cond_BD, scale_input)
-                    indices, guided_logits, next_input = self._sample_scale(si, logits, f_hat, strengths[si], top_k, top_p,
-                                                                            generator, settings)
-                if callback_on_step_end is not None:
-                    local = {"f_hat": f_hat, "logits": guided_logits, "indices": indices}
-                    new_f_hat, next_input = run_scale_callback(self, callback_on_step_end, si, patch_nums, local, tensor_inputs,
-                                                               f_hat, next_input)
-                    if graphs is None:
-                        f_hat = new_f_hat
-                    elif new_f_hat is not f_hat:  # write the callback's latent into the graphs' static buffers
-                        f_hat.copy_(new_f_hat)
-                        if si != num_scales - 1:
-                            graphs.scale_inputs[si + 1].copy_(cfg_scale_input(next_input))
-                if graphs is None and si != num_scales - 1:
-                    scale_input = cfg_scale_input(next_input)
+                    model_logits = transformer_step(si, scale_input)
+                    strength = linear_guidance_ramp(self._guidance_scale, si, num_scales)
+                    tokens, guided_logits, next_input = self._sample_scale(si, model_logits, latents, strength, top_k, top_p,
+                                                                           generator, settings)
+                if callback is not None:
+                    tensors = dict(latents=latents, tokens=tokens, guided_logits=guided_logits, model_logits=model_logits,
+                                   next_scale_input=next_input)
+                    new_latents = self._step_callback(callback, tensor_names, si, scale_hw, tensors)
+                    if new_latents is not None:
+                        next_input = self._next_scale_input(new_latents, si)
+                        if graphs is None:
+                            latents = new_latents
+                        else:  # write the callback's latent into the graphs' static buffers
+                            latents.copy_(new_latents)
+                            if next_input is not None:
+                                graphs.scale_inputs[si + 1].copy_(self._guidance_rows(next_input))
+                if graphs is None and next_input is not None:
+                    scale_input = self._guidance_rows(next_input)
                 progress_bar.update()
 
+        # 4. decode
         if graphs is not None:
-            f_hat = f_hat.clone()  # the graphs' buffer is overwritten by the next generation
-        return finish_generation(self, f_hat, output_type, return_dict)
+            latents = latents.clone()  # the graphs' buffer is overwritten by the next generation
+        return self._finish(latents, output_type, return_dict)

@@ -1,5 +1,5 @@
 """Sampling primitives shared by the next-scale pipelines: guidance ramp, top-k / top-p filtering,
-the multinomial "exponential race", Gumbel smoothing, generator handling and argument checks.
+the multinomial "exponential race", Gumbel smoothing and generator handling.
 
 Random numbers are drawn exactly like the original implementations: with one seeded generator the
 draws have the same order, shapes and dtypes (so the same seed gives the same image); with a list of
@@ -8,6 +8,7 @@ generators every image gets its own stream (row b draws from ``generator[b]``).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Sequence
 
@@ -15,69 +16,6 @@ import numpy as np
 import torch
 
 GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
-
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-
-
-# ----------------------------------------------------------------------------------------------
-# Argument checks
-# ----------------------------------------------------------------------------------------------
-def check_sampling_args(guidance_scale, top_k, top_p, output_type, num_images_per_prompt=1) -> None:
-    if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool) or guidance_scale < 0:
-        raise ValueError(f"`guidance_scale` must be a number >= 0, got {guidance_scale!r}.")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
-        raise ValueError(f"`top_k` must be an integer >= 0 (0 disables top-k), got {top_k!r}.")
-    if not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0.0 <= top_p <= 1.0:
-        raise ValueError(f"`top_p` must be in [0, 1] (0 disables top-p), got {top_p!r}.")
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-    if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) or num_images_per_prompt < 1:
-        raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}.")
-
-
-def check_callback_inputs(names, allowed) -> list[str]:
-    """The requested ``callback_on_step_end_tensor_inputs`` (default ``["f_hat"]``), checked against ``allowed``."""
-    names = list(names or ["f_hat"])
-    bad = [name for name in names if name not in allowed]
-    if bad:
-        raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a subset of {list(allowed)}, got {bad}.")
-    return names
-
-
-def check_generator(generator: GeneratorArg, batch_size: int) -> None:
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != batch_size:
-            raise ValueError(
-                f"`generator` is a list of length {len(generator)}, but the batch has {batch_size} images "
-                f"(prompts x num_images_per_prompt); pass one generator per image or a single generator."
-            )
-        if not all(isinstance(g, torch.Generator) for g in generator):
-            raise ValueError("`generator` list must contain only torch.Generator objects.")
-    elif generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"`generator` must be a torch.Generator, a list of them, or None; got {type(generator).__name__}.")
-
-
-def check_text_embeds(embeds, mask, width: int, name: str, mask_name: str, batch_size: int | None = None,
-                      max_length: int | None = None) -> None:
-    """Precomputed text features ``embeds`` (B, N, width) and their optional padding ``mask`` (B, N) (1 / True
-    for real tokens, at least one per row); ``batch_size`` / ``max_length`` pin B / bound N. The errors name
-    the parameters (``name``, ``mask_name``)."""
-    if not torch.is_tensor(embeds) or embeds.ndim != 3 or embeds.shape[0] < 1 or embeds.shape[1] < 1 \
-            or embeds.shape[2] != width or not embeds.is_floating_point():
-        shape = tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__
-        raise ValueError(f"`{name}` must be a floating-point (batch, tokens, {width}) tensor, got {shape}.")
-    if batch_size is not None and embeds.shape[0] != batch_size:
-        raise ValueError(f"`{name}` has {embeds.shape[0]} rows but the batch has {batch_size}; they must match.")
-    if max_length is not None and embeds.shape[1] > max_length:
-        raise ValueError(f"`{name}` has {embeds.shape[1]} tokens; the model takes at most {max_length}.")
-    if mask is not None:
-        if not torch.is_tensor(mask) or tuple(mask.shape) != tuple(embeds.shape[:2]) or mask.is_floating_point() or mask.is_complex():
-            shape = tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__
-            raise ValueError(f"`{mask_name}` must be a bool or integer tensor of shape {tuple(embeds.shape[:2])} "
-                             f"(the shape of `{name}` without its last dimension), got {shape}.")
-        if not bool(mask.bool().any(dim=1).all()):
-            raise ValueError(f"`{mask_name}`: every row needs at least one real (non-padding) token.")
-
 
 # ----------------------------------------------------------------------------------------------
 # Guidance and filtering
@@ -225,7 +163,19 @@ def stable_sampler_counts(num_tokens: int, num_steps: int) -> list[int]:
     return counts.tolist()
 
 
-def uniform_draws(shape: tuple[int, ...], generator: torch.Generator | None, device) -> torch.Tensor:
-    """``torch.rand(shape)`` from ``generator`` (the global RNG when None), moved to ``device``."""
+def uniform_draws(shape: tuple[int, ...], generator: GeneratorArg, device) -> torch.Tensor:
+    """``torch.rand(shape)`` from ``generator`` (the global RNG when None), moved to ``device``. A list of B generators
+    draws per image: generator b fills rows b, b + B, ... (the image's rows of every guidance half)."""
+    if isinstance(generator, (list, tuple)):
+        B, rows = len(generator), shape[0]
+        per_image = [uniform_draws((rows // B, *shape[1:]), g, device) for g in generator]  # (rows / B, ...) each
+        return torch.stack(per_image, dim=1).reshape(shape)
     draw_device = generator.device if generator is not None else torch.device(device)
     return torch.rand(shape, generator=generator, device=draw_device).to(device)
+
+
+def derived_generator(generator: torch.Generator, salt: bytes) -> torch.Generator:
+    """A new generator seeded from ``generator``'s current state and ``salt``, without advancing ``generator``: a
+    second random stream that a seed reproduces (STAR's stable sampler draws its commit positions from one)."""
+    digest = hashlib.sha256(generator.get_state().cpu().numpy().tobytes() + salt).digest()
+    return torch.Generator(generator.device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
