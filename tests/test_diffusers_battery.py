@@ -27,14 +27,14 @@ import unittest
 from pathlib import Path
 from unittest import mock
 
+import diffusers.pipelines
 import numpy as np
 import pytest
 import torch
+from diffusers import DiffusionPipeline
 
-import diffusers.pipelines
 import diffusers_var
 import diffusers_var.pipelines
-from diffusers import DiffusionPipeline
 from diffusers_battery.pipelines.pipeline_params import (
     CLASS_CONDITIONED_IMAGE_GENERATION_BATCH_PARAMS,
     CLASS_CONDITIONED_IMAGE_GENERATION_PARAMS,
