@@ -271,6 +271,12 @@ def test_from_pipe_keeps_component_dtypes(pipeline_class, make_components, input
     images = generate(pipe)
     new_pipe = pipeline_class.from_pipe(pipe)
     new_pipe.set_progress_bar_config(disable=True)
-    assert _component_dtypes(new_pipe) == dtypes
-    assert _component_dtypes(pipe) == dtypes, "from_pipe changed the dtype of the original pipeline's components"
-    np.testing.assert_array_equal(generate(new_pipe), images)
+    new_images = generate(new_pipe)
+    problems = []  # all of them in one message
+    if _component_dtypes(new_pipe) != dtypes:
+        problems.append(f"the new pipeline's component dtypes are {_component_dtypes(new_pipe)}, not {dtypes}")
+    if _component_dtypes(pipe) != dtypes:
+        problems.append(f"the original pipeline's component dtypes became {_component_dtypes(pipe)}")
+    if not np.array_equal(new_images, images):
+        problems.append(f"the images differ (max abs difference {np.abs(new_images - images).max():.3g})")
+    assert not problems, "; ".join(problems)
