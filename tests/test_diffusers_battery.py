@@ -65,6 +65,7 @@ class NextScaleTesterMixin(PipelineTesterMixin):
     # the transformers run their own SDPA attention, not diffusers' attention processors: no slicing / xformers switch
     test_attention_slicing = False
     test_xformers_attention = False
+    # diffusers' layerwise casting and group offloading hooks must work on these transformers (on, as PixArt-Sigma)
     test_layerwise_casting = True
     test_group_offloading = True
 
