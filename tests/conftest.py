@@ -13,6 +13,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES_ROOT = Path(os.environ.get("DIFFUSERS_VAR_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
 KEYS_ROOT = Path(os.environ.get("DIFFUSERS_VAR_KEYS", REPO_ROOT.parent / "shared" / "keys"))
 
+# diffusers' pipeline test battery, vendored verbatim (helpers, not tests): run by tests/test_diffusers_battery.py
+collect_ignore = ["diffusers_battery"]
+
 
 def fixture_dir(family: str) -> Path:
     """The reference fixture folder of a model family; skips (with the reason) when it is absent.

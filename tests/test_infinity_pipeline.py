@@ -5,27 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer, T5Config, T5EncoderModel
 
 from conftest import fixture_dir
 from diffusers.utils import logging
-from diffusers_var import BitwiseMultiScaleVAE, InfinityPipeline, InfinityTransformer2DModel
+from diffusers_var import InfinityPipeline
 from diffusers_var.conversion import ConversionError, convert_infinity_checkpoint
+from tiny_components import infinity_components
 
 PROMPT = "a photo of a red fox sitting in the snow"
 
 
 def tiny_pipeline(spatial_patchify: bool = False) -> InfinityPipeline:
-    torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(fixture_dir("infinity") / "tokenizer", legacy=True)
-    text_encoder = T5EncoderModel(T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=4,
-                                           feed_forward_proj="gated-gelu")).eval()
-    vae = BitwiseMultiScaleVAE(base_channels=24, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1], num_res_blocks=1,
-                               codebook_dim=4, spatial_patchify=spatial_patchify).eval()
-    transformer = InfinityTransformer2DModel(bits_per_token=vae.bits_per_token, text_dim=32, text_max_length=24,
-                                             pool_num_heads=2, depth=2, embed_dim=64, num_heads=2, block_chunks=2).eval()
-    transformer.init_weights()
-    pipe = InfinityPipeline(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+    pipe = InfinityPipeline(**infinity_components(0, spatial_patchify))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -13,34 +13,18 @@ import PIL.Image
 import pytest
 import torch
 
-from conftest import fixture_dir
-from diffusers_var import MultiScaleVQModel, STARPipeline, STARTransformer2DModel
+from diffusers_var import STARPipeline
+from tiny_components import star_components, star_text_components
 
 SMALL_SCHEDULE = (1, 2, 3, 4)
 LONG_SCHEDULE = tuple(range(1, 15))  # 14 scales like the 1024 model, tiny sides
 
 
-def text_components():
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    folder = fixture_dir("star") / "text_encoder_sd21_layout"
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-    return tokenizer, CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True).eval()
+text_components = star_text_components
 
 
 def make_pipe(patch_nums=SMALL_SCHEDULE, stable_sampler=True, sampler_start_scale=2, quirk=False, text=None, seed=0) -> STARPipeline:
-    torch.manual_seed(seed)
-    tokenizer, text_encoder = text or text_components()
-    vqvae = MultiScaleVQModel(ch=32, ch_mult=(1, 1), num_res_blocks=1, vocab_size=64, z_channels=8, patch_nums=patch_nums)
-    transformer = STARTransformer2DModel(
-        depth=3, embed_dim=32, num_heads=2, vocab_size=64, latent_channels=8, patch_nums=patch_nums,
-        text_embed_dim=text_encoder.config.hidden_size, num_legacy_classes=10, stable_sampler=stable_sampler,
-        sampler_start_scale=sampler_start_scale, cross_attention_row0_quirk=quirk)
-    transformer.init_weights(init_head=1.0)
-    with torch.no_grad():  # give the zero-initialised biases and the heads some spread
-        for p in transformer.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return STARPipeline(transformer=transformer.eval(), vqvae=vqvae.eval(), text_encoder=text_encoder, tokenizer=tokenizer)
+    return STARPipeline(**star_components(seed, patch_nums, stable_sampler, sampler_start_scale, quirk, text))
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,13 @@ import torch
 from diffusers_var import MultiScaleVQModel, VARPipeline, VARTransformer2DModel
 from diffusers_var.models.blocks import KVCache, block_causal_bias
 from diffusers_var.models.multiscale_vq import phi_index
+from tiny_components import VAR_PATCH_NUMS, var_components
 
-PATCH_NUMS = (1, 2, 3, 4)
+PATCH_NUMS = VAR_PATCH_NUMS
 
 
 def tiny_pipeline(seed: int = 0, num_classes: int = 10, shared_adaln: bool = False, id2label=None) -> VARPipeline:
-    torch.manual_seed(seed)
-    vqvae = MultiScaleVQModel(ch=32, ch_mult=(1, 2), num_res_blocks=1, vocab_size=32, z_channels=8, patch_nums=PATCH_NUMS)
-    transformer = VARTransformer2DModel(num_classes=num_classes, depth=2, embed_dim=64, num_heads=2, vocab_size=32,
-                                        latent_channels=8, patch_nums=PATCH_NUMS, shared_adaln=shared_adaln)
-    transformer.init_weights(init_adaln_gamma=0.1)
-    return VARPipeline(transformer=transformer.eval(), vqvae=vqvae.eval(), id2label=id2label)
+    return VARPipeline(**var_components(seed, num_classes, shared_adaln), id2label=id2label)
 
 
 @pytest.fixture(scope="module")
