@@ -164,7 +164,7 @@ def time_mode(pipe, batch, device, repeats, autocast_dtype=None, generate_fn=Non
 
 
 def greedy_tokens(pipe, batch, device):
-    return recorded_greedy(generate, "indices", pipe, batch, device, guidance_scale=4.0)
+    return recorded_greedy(generate, "tokens", pipe, batch, device, guidance_scale=4.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,7 +220,7 @@ def generate_star(pipe, batch, device, seed=0, **kw):
 
 
 def greedy_star(pipe, batch, device):
-    return recorded_greedy(generate_star, "indices", pipe, batch, device)
+    return recorded_greedy(generate_star, "tokens", pipe, batch, device)
 
 
 def star_transformer_flops(transformer: STARTransformer2DModel, rows: int, text_tokens: int = STAR_TEXT_TOKENS) -> float:
@@ -282,7 +282,7 @@ def generate_infinity(pipe, batch, device, seed=0, **kw):
 
 
 def greedy_infinity(pipe, batch, device):
-    return recorded_greedy(generate_infinity, "bits", pipe, batch, device)
+    return recorded_greedy(generate_infinity, "tokens", pipe, batch, device)
 
 
 def infinity_schedule(pipe: InfinityPipeline):

@@ -9,8 +9,14 @@ import copy
 import pytest
 import torch
 
-from diffusers_var import InfinityPipeline, MultiScaleVQModel, STARPipeline, STARTransformer2DModel, VARPipeline, VARTransformer2DModel
-from diffusers_var.pipelines import fast_inference, pipeline_infinity, pipeline_star, pipeline_var
+from diffusers_var import (
+    InfinityPipeline,
+    MultiScaleVQModel,
+    STARPipeline,
+    VARPipeline,
+    VARTransformer2DModel,
+)
+from diffusers_var.pipelines import fast_inference, pipeline_var
 from test_infinity_pipeline import PROMPT, tiny_pipeline
 from test_star_pipeline import make_pipe
 
@@ -155,7 +161,7 @@ class EagerGraphStandIn:
 def stand_in_graphs(monkeypatch):
     EagerGraphStandIn.built = []
     monkeypatch.setattr(fast_inference.FastInferenceMixin, "_cuda_graphs_usable", staticmethod(lambda device: True))
-    for module in (pipeline_star, pipeline_infinity):
+    for module in (fast_inference, pipeline_var):
         monkeypatch.setattr(module, "CUDAGraphScaleSteps", EagerGraphStandIn)
     return EagerGraphStandIn
 
@@ -164,20 +170,23 @@ def test_star_graph_wiring_reuses_one_set_per_rows_and_text_length(star, stand_i
     pipe = own_star(star).enable_fast_inference(dtype=torch.float32)
     for prompts in (PROMPTS, ["two dogs", "a boat at sea"], ["one"]):
         assert torch.equal(star_images(pipe, prompt=prompts), star_images(star, prompt=prompts))
-    assert list(pipe._graph_steps) == [(4, 77), (2, 77)] and len(stand_in_graphs.built) == 2
+    def rows_and_length(key):  # the shapes of the condition (text hidden states) fix a set
+        return key[2][0][0][:2]
+
+    assert [rows_and_length(k) for k in pipe._graph_steps] == [(4, 77), (2, 77)] and len(stand_in_graphs.built) == 2
     star_images(pipe, prompt=PROMPTS, max_sequence_length=20)  # another text length: another set
-    assert list(pipe._graph_steps)[-1] == (4, 20)
+    assert rows_and_length(list(pipe._graph_steps)[-1]) == (4, 20)
     pipe.graph_cache_size = 1
     star_images(pipe, prompt=["one"])
-    assert list(pipe._graph_steps) == [(2, 77)]  # least recently used sets dropped
+    assert [rows_and_length(k) for k in pipe._graph_steps] == [(2, 77)]  # least recently used sets dropped
 
 
 def test_infinity_graph_wiring(infinity, stand_in_graphs):
     pipe = tiny_pipeline().enable_fast_inference(dtype=torch.float32)
     for kwargs in (dict(), dict(prompt="a cat"), dict(negative_prompt="blurry"), dict(guidance_scale=1.0)):
         assert torch.equal(infinity_images(pipe, **kwargs), infinity_images(infinity, **kwargs))
-    keys = list(pipe._graph_steps)
-    assert all(isinstance(k[2], tuple) for k in keys) and {k[0] for k in keys} == {1, 2}
+    keys = list(pipe._graph_steps)  # ("transformer", schedule, condition shapes): rows 2 with guidance, 1 without
+    assert {k[2][0][0][0] for k in keys} == {1, 2} and len({k[1] for k in keys}) == 1
 
 
 def tiny_var(seed: int = 0) -> VARPipeline:
@@ -206,7 +215,7 @@ def test_var_sampling_graph_wiring(monkeypatch, stand_in_graphs):
         latent = pipe(class_labels=[1, 4, 9], generator=generator, output_type="latent", **kwargs).images
         return latent, generator.get_state()
 
-    halve = lambda p, si, pn, t: {"f_hat": t["f_hat"] * 0.5} if si == 1 else {}  # noqa: E731
+    halve = lambda p, si, hw, t: {"latents": t["latents"] * 0.5} if si == 1 else {}  # noqa: E731
     cases = [dict(guidance_scale=4.0, top_k=10, top_p=0.9), dict(guidance_scale=1.5, top_k=10, top_p=0.7),
              dict(guidance_scale=2.0, top_k=0, top_p=0.96), dict(guidance_scale=3.0, top_k=10, top_p=0.9, more_smooth=True),
              dict(guidance_scale=2.0, top_k=10, top_p=0.8, callback_on_step_end=halve)]
@@ -222,10 +231,12 @@ def test_var_sampling_graph_wiring(monkeypatch, stand_in_graphs):
     # guided logits for the callback: a copy made inside the graph, as the eager loop makes it
     seen = {}
     for pipe in (eager, graphed):
-        run(pipe, 3, guidance_scale=4.0, top_k=10, callback_on_step_end_tensor_inputs=["logits", "indices"],
-            callback_on_step_end=lambda p, si, pn, t: seen.setdefault(id(p), []).append((t["logits"].clone(), t["indices"].clone())) or {})
-    for (ref_logits, ref_idx), (logits, idx) in zip(seen[id(eager)], seen[id(graphed)]):
-        assert torch.equal(logits, ref_logits) and torch.equal(idx, ref_idx)
+        run(pipe, 3, guidance_scale=4.0, top_k=10,
+            callback_on_step_end_tensor_inputs=["guided_logits", "model_logits", "tokens", "next_scale_input"],
+            callback_on_step_end=lambda p, si, hw, t: seen.setdefault(id(p), []).append(
+                [None if v is None else v.clone() for v in t.values()]) or {})
+    for reference, got in zip(seen[id(eager)], seen[id(graphed)]):
+        assert all((r is None and g is None) or torch.equal(r, g) for r, g in zip(reference, got))
 
 
 # -- precomputed text features ---------------------------------------------------------------------------
@@ -290,17 +301,17 @@ def test_star_bad_prompt_embeds_name_the_parameter(star):
 
 
 def test_infinity_prompt_embeds_reproduce_the_prompt(infinity):
-    embeds, mask = infinity.encode_prompt([PROMPT, "a cat"])
+    embeds, mask, _, _ = infinity.encode_prompt([PROMPT, "a cat"])
     reference = infinity_images(infinity, prompt=[PROMPT, "a cat"])
     assert torch.equal(infinity_images(infinity, prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask), reference)
     assert torch.equal(infinity_images(infinity, prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask.long(),
                                        num_images_per_prompt=2), infinity_images(infinity, prompt=[PROMPT, "a cat"], num_images_per_prompt=2))
-    neg_embeds, neg_mask = infinity.encode_prompt(["blurry", "blurry"])
+    neg_embeds, neg_mask, _, _ = infinity.encode_prompt(["blurry", "blurry"])
     assert torch.equal(
         infinity_images(infinity, prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt_embeds=neg_embeds,
                         negative_prompt_attention_mask=neg_mask),
         infinity_images(infinity, prompt=[PROMPT, "a cat"], negative_prompt="blurry"))
-    single, single_mask = infinity.encode_prompt(PROMPT)
+    single, single_mask, _, _ = infinity.encode_prompt(PROMPT)
     assert torch.isfinite(infinity_images(infinity, prompt=None, prompt_embeds=single)).all()  # mask defaults to all real
 
     no_text = InfinityPipeline(transformer=infinity.transformer, vae=infinity.vae)
@@ -351,13 +362,13 @@ def test_var_compiled_blocks_generate_what_the_eager_blocks_do():
         for parameter in transformer.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.05)
     transformer.eval()
-    cond = transformer.embed_condition(torch.tensor([1, 2, 10, 10]))
+    condition = (torch.tensor([1, 2, 10, 10]),)
     scale_inputs = [None] + [torch.randn(4, e - b, transformer.config.latent_channels) for b, e in transformer.begin_ends[1:]]
 
     def all_logits():
         cache = transformer.init_kv_cache()
         with torch.no_grad():
-            return [transformer.forward_scale(si, cond, cache, x) for si, x in enumerate(scale_inputs)]
+            return [transformer.forward_scale(si, condition, cache, x) for si, x in enumerate(scale_inputs)]
 
     eager = all_logits()
     blocks = list(transformer.blocks)
@@ -368,6 +379,7 @@ def test_var_compiled_blocks_generate_what_the_eager_blocks_do():
     pipe = VARPipeline(transformer=transformer, vqvae=MultiScaleVQModel(patch_nums=(1, 2, 3, 4)).eval())
     pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=True)
     assert all(hasattr(block.ffn_residual, "_torchdynamo_orig_callable") for block in transformer.blocks)
+    assert all(hasattr(block.compiled_attention_inputs, "_torchdynamo_orig_callable") for block in transformer.blocks)
     for compiled, reference in zip(all_logits(), eager):
         torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="compile_blocks"):
@@ -382,9 +394,9 @@ def test_infinity_compiled_blocks_generate_what_the_eager_blocks_do():
     with torch.no_grad():
         for parameter in transformer.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.05)
-    embeds, mask = pipe.encode_prompt([PROMPT, "a cat"], "cpu", 1, None)
+    embeds, mask, _, _ = pipe.encode_prompt([PROMPT, "a cat"], "cpu", 1, False)
     mask[1, -1] = False  # a padded position: the cross-attention mask must still be honoured
-    text = transformer.encode_text(embeds, mask)
+    condition = (embeds, mask, torch.tensor([False, True]))  # row 1: the learned unconditional text
     schedule = [(1, 1), (2, 2), (4, 4)]
     bits = transformer.config.bits_per_token
     scale_inputs = [None] + [torch.randn(2, h * w, bits) for h, w in schedule[1:]]
@@ -392,7 +404,7 @@ def test_infinity_compiled_blocks_generate_what_the_eager_blocks_do():
     def all_logits():
         cache = transformer.init_kv_cache(schedule)
         with torch.no_grad():
-            return [transformer.forward_scale(si, schedule, text, cache, x) for si, x in enumerate(scale_inputs)]
+            return [transformer.forward_scale(si, condition, cache, x) for si, x in enumerate(scale_inputs)]
 
     eager = all_logits()
     blocks = list(transformer.blocks)
@@ -401,7 +413,7 @@ def test_infinity_compiled_blocks_generate_what_the_eager_blocks_do():
     transformer.blocks = torch.nn.ModuleList(blocks)
 
     pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=True)
-    assert all(hasattr(block.cross_attention_query, "_torchdynamo_orig_callable") for block in transformer.blocks)
+    assert all(hasattr(block.compiled_cross_attention_query, "_torchdynamo_orig_callable") for block in transformer.blocks)
     for compiled, reference in zip(all_logits(), eager):
         torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="compile_blocks"):
@@ -413,7 +425,7 @@ def test_separable_bicubic_upsampling_equals_the_fused_kernel(size):
     from diffusers_var.models.multiscale_vq import bicubic_up
 
     x = torch.randn(3, 4, size, size, generator=torch.Generator().manual_seed(size))
-    fused, separable = bicubic_up(x, 16), bicubic_up(x, 16, separable=True)
+    fused, separable = bicubic_up(x, 16), fast_inference.separable_bicubic_up(x, 16)
     assert separable.shape == fused.shape == (3, 4, 16, 16)
     torch.testing.assert_close(separable, fused, rtol=0, atol=2e-6)
 
@@ -431,25 +443,27 @@ def test_padded_narrow_convs_keep_outputs_and_parameter_names():
 
 
 
-def test_fused_gelu_follows_the_fast_inference_dtype():
-    """The fused FFN GELU is a bf16 / fp16 shortcut: float32 fast inference and ``disable_fast_inference`` turn it off."""
+def test_installed_kernels_follow_the_fast_inference_dtype():
+    """The fused FFN GELU and the separable upsampling are bf16 / fp16 shortcuts, installed on the module instances
+    from outside: float32 fast inference and ``disable_fast_inference`` give the classes' own methods back."""
     from diffusers_var.models.blocks import FeedForward
 
     torch.manual_seed(0)
     transformer = VARTransformer2DModel(depth=1, embed_dim=32, num_heads=2, patch_nums=(1, 2), num_classes=4)
     pipe = VARPipeline(transformer=transformer, vqvae=MultiScaleVQModel(patch_nums=(1, 2)).eval())
 
-    def fused():
-        return {m.fused_gelu for m in transformer.modules() if isinstance(m, FeedForward)}
+    def installed():
+        ffns = {"forward" in m.__dict__ for m in transformer.modules() if isinstance(m, FeedForward)}
+        return ffns | {"upsample" in pipe.vqvae.quantize.__dict__}
 
-    assert fused() == {False}
+    assert installed() == {False}
     pipe.enable_fast_inference(dtype=torch.bfloat16)
-    assert fused() == {True}
+    assert installed() == {True}
     pipe.enable_fast_inference(dtype=torch.float32)
-    assert fused() == {False}
+    assert installed() == {False}
     pipe.enable_fast_inference(dtype=torch.float16)
     pipe.disable_fast_inference()
-    assert fused() == {False}
+    assert installed() == {False}
 
 
 def test_graph_set_keeps_what_its_step_writes_into_alive(monkeypatch):
@@ -506,12 +520,13 @@ def _perturbed_tiny_var(embed_dim=64, num_heads=2, mlp_ratio=4.0) -> VARPipeline
 
 
 def _var_logits(transformer) -> list[torch.Tensor]:
-    cond = transformer.embed_condition(torch.tensor([1, 2, 10, 10]))
+    condition = (torch.tensor([1, 2, 10, 10]),)
     generator = torch.Generator().manual_seed(1)
     cache = transformer.init_kv_cache()
+    dtype = transformer.pos_start.dtype
     with torch.no_grad():
-        return [transformer.forward_scale(si, cond, cache, None if si == 0 else
-                                          torch.randn(4, e - b, transformer.config.latent_channels, generator=generator).to(cond.dtype))
+        return [transformer.forward_scale(si, condition, cache, None if si == 0 else
+                                          torch.randn(4, e - b, transformer.config.latent_channels, generator=generator).to(dtype))
                 for si, (b, e) in enumerate(transformer.begin_ends)]
 
 
@@ -520,8 +535,6 @@ def test_fp8_linears_quantize_the_block_matmuls_and_nothing_else(monkeypatch):
     at least ``FP8_MIN_ROWS`` token rows (lowered here so the tiny model takes that path), close to the bf16 logits
     but not equal to them; below the threshold nothing changes; ``state_dict`` keeps its keys, and
     ``disable_fast_inference`` drops the float8 copies. Bad values name the parameter."""
-    from diffusers_var.models import blocks
-
     pipe = _perturbed_tiny_var()
     transformer = pipe.transformer
     keys = set(transformer.state_dict())
@@ -532,9 +545,9 @@ def test_fp8_linears_quantize_the_block_matmuls_and_nothing_else(monkeypatch):
         assert torch.equal(fp8, reference)
 
     quantized = []
-    quantize = blocks.quantize_to_float8
-    monkeypatch.setattr(blocks, "quantize_to_float8", lambda x: quantized.append(x.shape) or quantize(x))
-    monkeypatch.setattr(blocks, "FP8_MIN_ROWS", 1)
+    quantize = fast_inference.quantize_to_float8
+    monkeypatch.setattr(fast_inference, "quantize_to_float8", lambda x: quantized.append(x.shape) or quantize(x))
+    monkeypatch.setattr(fast_inference, "FP8_MIN_ROWS", 1)
     fp8 = _var_logits(transformer)
     assert len(quantized) == 4 * 8  # 4 scales x 2 blocks x 4 linears
     for got, reference in zip(fp8, bf16):
@@ -561,7 +574,7 @@ def test_fp8_linears_quantize_the_block_matmuls_and_nothing_else(monkeypatch):
 def test_fp8_rowwise_quantisation_round_trips():
     """Row-wise float8: each row's largest magnitude maps to 448 and the round trip stays within e4m3's precision
     (3 mantissa bits: relative step 1/8 at worst); an all-zero row stays zero instead of dividing by zero."""
-    from diffusers_var.models.blocks import FLOAT8_MAX, quantize_to_float8
+    from diffusers_var.pipelines.fast_inference import FLOAT8_MAX, quantize_to_float8
 
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0)) * torch.tensor([1e-3, 1.0, 30.0, 1e3, 0.0])[:, None]
     x8, scale = quantize_to_float8(x)

@@ -22,8 +22,8 @@ def _tokens(pipe, manifest, ref, case):
     labels = ref["gen_labels"].tolist() if kw["label_B"] == "gen_labels" else [kw["label_B"]] * kw["B"]
     seen = []
     pipe(class_labels=labels, guidance_scale=kw["cfg"], top_k=kw["top_k"], top_p=kw["top_p"], output_type="latent",
-         generator=torch.Generator().manual_seed(kw["g_seed"]), callback_on_step_end_tensor_inputs=["indices"],
-         callback_on_step_end=lambda p, si, pn, t: seen.append(t["indices"].cpu()) or {})
+         generator=torch.Generator().manual_seed(kw["g_seed"]), callback_on_step_end_tensor_inputs=["tokens"],
+         callback_on_step_end=lambda p, si, pn, t: seen.append(t["tokens"].cpu()) or {})
     return seen
 
 
@@ -91,8 +91,8 @@ def _star_run(pipe, text, top_p=0.0, generator=None):
     seen = []
     latent = pipe(**text, guidance_scale=4.0, top_k=10, top_p=top_p, output_type="latent",
                   generator=generator or torch.Generator().manual_seed(0), sampler_generator=torch.Generator().manual_seed(1),
-                  callback_on_step_end_tensor_inputs=["indices"],
-                  callback_on_step_end=lambda p, si, pn, t: seen.append(t["indices"].cpu()) or {}).images
+                  callback_on_step_end_tensor_inputs=["tokens"],
+                  callback_on_step_end=lambda p, si, pn, t: seen.append(t["tokens"].cpu()) or {}).images
     return latent, torch.cat(seen, dim=1)
 
 
@@ -146,8 +146,8 @@ def _infinity_text(batch: int, length: int, seed: int, negative: bool = False) -
 def _infinity_run(pipe, text, **kwargs):
     seen = []
     latent = pipe(**text, height=32, width=32, output_type="latent", generator=torch.Generator().manual_seed(0),
-                  callback_on_step_end_tensor_inputs=["bits"],
-                  callback_on_step_end=lambda p, si, hw, t: seen.append(t["bits"].cpu()) or {}, **kwargs).images
+                  callback_on_step_end_tensor_inputs=["tokens"],
+                  callback_on_step_end=lambda p, si, hw, t: seen.append(t["tokens"].cpu()) or {}, **kwargs).images
     return latent, torch.cat(seen, dim=1)
 
 
@@ -193,12 +193,13 @@ def test_fp8_fast_path_on_the_converted_fixture(fixture, monkeypatch):
 
 def test_fused_gelu_feed_forward_matches_the_unfused_one():
     """``fuse_ffn_gelu_`` moves fc1's bias and the tanh GELU into the matmul epilogue: same function on CUDA."""
-    from diffusers_var.models.blocks import FeedForward, fuse_ffn_gelu_
+    from diffusers_var.models.blocks import FeedForward
+    from diffusers_var.pipelines.fast_inference import FUSED_GELU_MIN_ROWS, fuse_ffn_gelu_
 
     torch.manual_seed(0)
     for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
         ffn = FeedForward(256, 1024).to("cuda", dtype)
-        x = torch.randn(2, FeedForward.FUSED_GELU_MIN_ROWS // 2, 256, device="cuda", dtype=dtype)  # enough rows to fuse
+        x = torch.randn(2, FUSED_GELU_MIN_ROWS // 2, 256, device="cuda", dtype=dtype)  # enough rows to fuse
         with torch.no_grad():
             reference = ffn(x)
             assert fuse_ffn_gelu_(ffn) == 1
@@ -210,8 +211,8 @@ def test_fused_gelu_feed_forward_matches_the_unfused_one():
 def _var_run(pipe, seed, **kwargs):
     seen = []
     generator = torch.Generator("cuda").manual_seed(seed)
-    latent = pipe(class_labels=[3, 7], generator=generator, output_type="latent", callback_on_step_end_tensor_inputs=["indices"],
-                  callback_on_step_end=lambda p, si, pn, t: seen.append(t["indices"].clone()) or {}, **kwargs).images
+    latent = pipe(class_labels=[3, 7], generator=generator, output_type="latent", callback_on_step_end_tensor_inputs=["tokens"],
+                  callback_on_step_end=lambda p, si, pn, t: seen.append(t["tokens"].clone()) or {}, **kwargs).images
     return latent, torch.cat(seen, dim=1), generator.get_state()
 
 
@@ -228,7 +229,7 @@ def test_var_sampling_inside_cuda_graphs_matches_the_eager_sampler(fixture):
         torch.testing.assert_close(latent, eager_latent, atol=1e-6, rtol=1e-6)
         assert torch.equal(state, eager_state)  # the caller's generator advanced as if it had drawn eagerly
     # a callback that replaces f_hat steers the graphs exactly as it steers the eager loop
-    halve = lambda p, si, pn, t: {"f_hat": t["f_hat"] * 0.5} if si == 3 else {}  # noqa: E731
+    halve = lambda p, si, hw, t: {"latents": t["latents"] * 0.5} if si == 3 else {}  # noqa: E731
     steered = [pipe(class_labels=[3, 7], generator=torch.Generator("cuda").manual_seed(5), output_type="latent", guidance_scale=3.0,
                     top_k=100, callback_on_step_end=halve).images for _ in range(2)]
     pipe.enable_fast_inference(dtype=torch.float32, cuda_graphs=False)
@@ -323,14 +324,14 @@ def _star_fixture_run(pipe, kwargs, prompts, forced_latents=None):
     B, scales, latents = kwargs["B"], [], []
 
     def callback(p, si, pn, t):
-        top2 = t["logits"].float().topk(2, dim=-1).values
-        scales.append((t["indices"].cpu(), (top2[..., 0] - top2[..., 1]).cpu(), t["logits"].float().cpu()))
-        latents.append(t["f_hat"].clone())
-        return {"f_hat": forced_latents[si]} if forced_latents is not None else {}
+        top2 = t["guided_logits"].float().topk(2, dim=-1).values
+        scales.append((t["tokens"].cpu(), (top2[..., 0] - top2[..., 1]).cpu(), t["guided_logits"].float().cpu()))
+        latents.append(t["latents"].clone())
+        return {"latents": forced_latents[si]} if forced_latents is not None else {}
 
     pipe(prompt=prompts[:B], negative_prompt=prompts[B:], guidance_scale=kwargs["cfg"], top_k=1, top_p=0.0,
          use_stable_sampler=False, generator=torch.Generator().manual_seed(kwargs["g_seed"]), output_type="latent",
-         callback_on_step_end_tensor_inputs=["indices", "logits", "f_hat"], callback_on_step_end=callback)
+         callback_on_step_end_tensor_inputs=["tokens", "guided_logits", "latents"], callback_on_step_end=callback)
     return scales, latents
 
 
@@ -387,19 +388,16 @@ def _infinity_fixture_run(pipes, case, args, hw, forced_latents=None):
     B, scales, latents = args["batch"], [], []
 
     def callback(p, si, size, t):
-        scaled = t["logits"].float() / args["tau"][si]
-        cfg = args["cfg"][si]
-        guided = cfg * scaled[:B] + (1 - cfg) * scaled[B:] if cfg != 1.0 else scaled[:B]  # as the pipeline mixes
-        guided = guided.reshape(B, t["bits"].shape[1], t["bits"].shape[2], 2)
-        scales.append((t["bits"].cpu(), (guided[..., 1] - guided[..., 0]).abs().cpu(), guided.cpu()))
-        latents.append(t["summed_codes"].clone())
-        return {"summed_codes": forced_latents[si]} if forced_latents is not None else {}
+        guided = t["guided_logits"].float()  # (B, h*w, bits, 2), after tau and guidance
+        scales.append((t["tokens"].cpu(), (guided[..., 1] - guided[..., 0]).abs().cpu(), guided.cpu()))
+        latents.append(t["latents"].clone())
+        return {"latents": forced_latents[si]} if forced_latents is not None else {}
 
     pipes["variant" if case.startswith("variant/") else "transformer"](
         args["prompt"], negative_prompt=args["negative_prompt"], height=hw[0], width=hw[1], guidance_scale=args["cfg"],
         tau=args["tau"], top_k=1, top_p=0.0, num_images_per_prompt=args["batch"],
         generator=torch.Generator().manual_seed(args["seed"]), output_type="latent",
-        callback_on_step_end_tensor_inputs=["bits", "logits", "summed_codes"], callback_on_step_end=callback)
+        callback_on_step_end_tensor_inputs=["tokens", "guided_logits", "latents"], callback_on_step_end=callback)
     return scales, latents
 
 

@@ -113,7 +113,7 @@ def test_text_features(pipes, fixture):
     width = ref["text/input_ids"].shape[1]
     check(manifest, ref, "text/input_ids", tokens["input_ids"][:, :width])
     check(manifest, ref, "text/attention_mask", tokens["attention_mask"][:, :width])
-    embeds, mask = pipe.encode_prompt(manifest["configs"]["prompts"])
+    embeds, mask, _, _ = pipe.encode_prompt(manifest["configs"]["prompts"], do_classifier_free_guidance=False)
     check(manifest, ref, "text/lens", mask.sum(dim=1))
     check(manifest, ref, "text/kv_compact", embeds[mask])
 

@@ -1,13 +1,13 @@
-"""InfinityPipeline behaviour on tiny random components (no downloads): argument checks, output types,
-offload sequence, save / load round trip, and converter errors."""
+"""InfinityPipeline behaviour on tiny random components (no downloads) that the shared batteries do not cover:
+sizes and templates, truncation, the callback's scale grids, the offload order, and converter errors."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from diffusers.utils import logging
 
 from conftest import fixture_dir
-from diffusers.utils import logging
 from diffusers_var import InfinityPipeline
 from diffusers_var.conversion import ConversionError, convert_infinity_checkpoint
 from tiny_components import infinity_components
@@ -32,28 +32,6 @@ def generate(pipe, **kwargs):
     return pipe(**args).images
 
 
-@pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        (dict(height=1000, width=1000), "height"),
-        (dict(height=0), "height"),
-        (dict(tau=0.0), "tau"),
-        (dict(tau=[1.0, 1.0]), "tau"),
-        (dict(prompt=[]), "prompt"),
-        (dict(top_k=-1), "top_k"),
-        (dict(top_p=1.5), "top_p"),
-        (dict(guidance_scale=-1.0), "guidance_scale"),
-        (dict(output_type="jpg"), "output_type"),
-        (dict(generator=[torch.Generator(), torch.Generator()]), "generator"),
-        (dict(negative_prompt=["a", "b"]), "negative_prompt"),
-        (dict(callback_on_step_end_tensor_inputs=["nope"]), "callback_on_step_end_tensor_inputs"),
-    ],
-)
-def test_bad_inputs_name_the_parameter(pipe, kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        generate(pipe, **kwargs)
-
-
 def test_unsupported_size_lists_supported_sizes(pipe):
     with pytest.raises(ValueError, match=r"32x32"):
         generate(pipe, height=1000, width=1000)
@@ -64,25 +42,15 @@ def test_long_prompt_is_truncated_with_warning(pipe):
     messages = []
     handler = type("H", (__import__("logging").Handler,), {"emit": lambda self, record: messages.append(record.getMessage())})()
     logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # diffusers' battery leaves the pipeline modules' loggers at FATAL
     try:
-        embeds, mask = pipe.encode_prompt(" ".join(["a photo of a red fox"] * 20))
+        embeds, mask, _, _ = pipe.encode_prompt(" ".join(["a photo of a red fox"] * 20))
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
     assert embeds.shape[1] == pipe.transformer.config.text_max_length and mask.all()
     assert any("truncated" in m for m in messages)
-
-
-@pytest.mark.parametrize("output_type", ["pt", "np", "pil", "latent"])
-def test_output_types(pipe, output_type):
-    images = generate(pipe, output_type=output_type, prompt=[PROMPT, "a cat"], num_images_per_prompt=2)
-    if output_type == "pt":
-        assert images.shape == (4, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
-    elif output_type == "np":
-        assert images.shape == (4, 32, 32, 3)
-    elif output_type == "pil":
-        assert len(images) == 4 and images[0].size == (32, 32)
-    else:
-        assert images.shape == (4, 4, 16, 16)
 
 
 def test_non_square_and_patchify():
@@ -99,15 +67,6 @@ def test_seeded_generation_is_reproducible_and_callback_runs_per_scale(pipe):
     assert torch.equal(first, generate(pipe, guidance_scale=3.0))
     per_image = generate(pipe, prompt=[PROMPT, PROMPT], generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)])
     assert per_image.shape[0] == 2
-
-
-def test_save_load_round_trip(pipe, tmp_path):
-    pipe.save_pretrained(tmp_path / "pipe", safe_serialization=True)
-    assert not [p for p in (tmp_path / "pipe").rglob("*") if p.suffix in {".bin", ".pth", ".pt", ".pkl", ".ckpt"}]
-    loaded = InfinityPipeline.from_pretrained(tmp_path / "pipe")
-    loaded.set_progress_bar_config(disable=True)
-    kwargs = dict(negative_prompt="blurry", guidance_scale=3.0, top_k=900, top_p=0.97)
-    assert torch.equal(generate(pipe, **kwargs), generate(loaded, **kwargs))
 
 
 def test_offload_sequence_moves_text_encoder_first():
@@ -130,8 +89,9 @@ def test_converter_errors_name_the_parameter(tmp_path):
 
 
 def test_converter_reads_a_sharded_directory(tmp_path):
-    from safetensors.torch import save_file
     import json
+
+    from safetensors.torch import save_file
 
     path = fixture_dir("infinity")
     state_dict = torch.load(path / "transformer/infinity.pth", weights_only=True)

@@ -68,7 +68,8 @@ def infinity_components(seed: int = 0, spatial_patchify: bool = False) -> dict:
     from transformers import AutoTokenizer, T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(fixture_dir("infinity") / "tokenizer", legacy=True)
+    # a pipeline's parts agree on the text length: the releases' tokenizer and transformer both take 512 tokens
+    tokenizer = AutoTokenizer.from_pretrained(fixture_dir("infinity") / "tokenizer", legacy=True, model_max_length=24)
     text_encoder = T5EncoderModel(T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=4,
                                            feed_forward_proj="gated-gelu")).eval()
     vae = BitwiseMultiScaleVAE(base_channels=24, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1], num_res_blocks=1,

@@ -181,13 +181,16 @@ class BitwiseMultiScaleVAE(ModelMixin, ConfigMixin):
     r"""Infinity's multi-scale BSQ autoencoder.
 
     Args:
-        in_channels, out_channels: image channels.
-        base_channels: width of the first level (128 in the releases).
-        encoder_ch_mult, decoder_ch_mult: per-level width multipliers; ``len - 1`` stride-2 stages
-            (``[1, 2, 4, 4, 4]``: stride 16; ``[1, 2, 4, 4]``: stride 8).
-        num_res_blocks: res-blocks per encoder level (decoder levels have one more).
-        codebook_dim: bits per latent position (``d``).
-        spatial_patchify: a transformer token packs 2x2 latent positions (the Infinity-8B tokenizer).
+        in_channels (`int`, defaults to 3): image channels of the encoder input.
+        out_channels (`int`, defaults to 3): image channels of the decoder output.
+        base_channels (`int`, defaults to 128): width of the first level.
+        encoder_ch_mult (`Sequence[int]`, defaults to `(1, 2, 4, 4, 4)`): per-level width multipliers of the
+            encoder; ``len - 1`` stride-2 stages (``[1, 2, 4, 4, 4]``: stride 16; ``[1, 2, 4, 4]``: stride 8).
+        decoder_ch_mult (`Sequence[int]`, defaults to `(1, 2, 4, 4, 4)`): the same for the decoder.
+        num_res_blocks (`int`, defaults to 2): res-blocks per encoder level (decoder levels have one more).
+        codebook_dim (`int`, defaults to 32): bits per latent position (``d``).
+        spatial_patchify (`bool`, defaults to `False`): a transformer token packs 2x2 latent positions (the
+            Infinity-8B tokenizer).
     """
 
     _supports_gradient_checkpointing = False

@@ -165,16 +165,25 @@ class InfinityTransformer2DModel(ModelMixin, ConfigMixin):
     * The head predicts 2 logits per bit (``bits_per_token`` bits per token).
 
     Args:
-        bits_per_token: bits per token (VAE ``codebook_dim``, x4 with spatial patchify).
-        text_dim: width of the text encoder features (2048 for flan-t5-xl).
-        text_max_length: rows of ``uncond_text_embeds`` (the tokenizer's max length, 512).
-        pool_num_heads: heads of the attention pooling (``text_dim // 128`` in the original).
-        depth, embed_dim, num_heads, mlp_ratio: transformer size (FFN = round(C * mlp_ratio / 256) * 256).
-        block_chunks: blocks are grouped in this many chunks (as in the release; level embedding granularity).
-        shared_adaln: one AdaLN Linear shared by the blocks plus per-block offsets (all releases).
-        level_embed_every_chunk: add the level embedding before every chunk (False in the releases: once).
-        num_level_embeddings: rows of the level embedding (maximum number of scales).
-        norm_eps, cond_drop_rate, drop_path_rate: as in the original.
+        bits_per_token (`int`, defaults to 32): bits per token (VAE ``codebook_dim``, x4 with spatial patchify).
+        text_dim (`int`, defaults to 2048): width of the text encoder features (2048 for flan-t5-xl).
+        text_max_length (`int`, defaults to 512): rows of ``uncond_text_embeds`` (the tokenizer's max length).
+        pool_num_heads (`int`, defaults to 16): heads of the attention pooling (``text_dim // 128`` in the original).
+        depth (`int`, defaults to 32): number of transformer blocks.
+        embed_dim (`int`, defaults to 2048): width of the token stream.
+        num_heads (`int`, defaults to 16): attention heads.
+        mlp_ratio (`float`, defaults to 4.0): FFN width ``round(embed_dim * mlp_ratio / 256) * 256``.
+        block_chunks (`int`, defaults to 8): blocks are grouped in this many chunks (as in the release; level
+            embedding granularity).
+        shared_adaln (`bool`, defaults to `True`): one AdaLN Linear shared by the blocks plus per-block offsets (all
+            releases).
+        level_embed_every_chunk (`bool`, defaults to `False`): add the level embedding before every chunk (the
+            releases add it once).
+        num_level_embeddings (`int`, defaults to 15): rows of the level embedding (maximum number of scales).
+        norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon.
+        cond_drop_rate (`float`, defaults to 0.1): caption-dropout probability during training (classifier-free
+            guidance).
+        drop_path_rate (`float`, defaults to 0.1): stochastic-depth rate of the last block (linear over depth).
     """
 
     _supports_gradient_checkpointing = True

@@ -278,14 +278,22 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
     scale. The same weights serve every resolution whose latent side equals ``patch_nums[-1]``.
 
     Args:
-        ch, ch_mult, num_res_blocks: CNN width, per-level multipliers and ResnetBlocks per level
-            (the decoder uses ``num_res_blocks + 1``).
-        vocab_size, z_channels: codebook size and latent / code dimension.
-        patch_nums: side of every scale's token map; must match the transformer's.
-        quant_resi: Phi mixing ratio ``r`` in ``(1 - r) x + r conv(x)``; ``0`` disables Phi.
-        share_quant_resi: number of Phi convs shared across scales (``0`` = one per scale).
-        beta: commitment weight of the VQ loss (training only).
-        using_sa, using_mid_sa: spatial attention at the lowest resolution level / in the middle block.
+        in_channels (`int`, defaults to 3): image channels.
+        ch (`int`, defaults to 160): CNN width of the first level.
+        ch_mult (`Sequence[int]`, defaults to `(1, 1, 2, 2, 4)`): per-level width multipliers (``len - 1`` stride-2
+            stages).
+        num_res_blocks (`int`, defaults to 2): ResnetBlocks per encoder level (the decoder uses one more).
+        dropout (`float`, defaults to 0.0): dropout inside the ResnetBlocks (training).
+        vocab_size (`int`, defaults to 4096): codebook size.
+        z_channels (`int`, defaults to 32): latent / code dimension.
+        patch_nums (`Sequence[int]`, defaults to `(1, 2, 3, 4, 5, 6, 8, 10, 13, 16)`): side of every scale's token
+            map; must match the transformer's.
+        quant_resi (`float`, defaults to 0.5): Phi mixing ratio ``r`` in ``(1 - r) x + r conv(x)``; ``0`` disables Phi.
+        share_quant_resi (`int`, defaults to 4): number of Phi convs shared across scales (``0`` = one per scale).
+        beta (`float`, defaults to 0.25): commitment weight of the VQ loss (training only).
+        using_sa (`bool`, defaults to `True`): spatial attention at the lowest resolution level.
+        using_mid_sa (`bool`, defaults to `True`): spatial attention in the middle block.
+        quant_conv_ks (`int`, defaults to 3): kernel size of ``quant_conv`` / ``post_quant_conv`` (1 or 3).
     """
 
     _supports_gradient_checkpointing = False

@@ -200,25 +200,38 @@ class STARTransformer2DModel(ModelMixin, ConfigMixin):
     * Optional stable-sampler head (:class:`STARStableSampler`) used from scale ``sampler_start_scale`` on.
 
     Args:
-        depth, embed_dim, num_heads, mlp_ratio: transformer size (released: d16 = 1024 wide, d30 = 1920).
-        vocab_size, latent_channels: codebook size and code dimension of the tokenizer.
-        patch_nums: token-map side of every scale (must match the tokenizer).
-        text_embed_dim: width of the text encoder states (1024 for SD-2.x CLIP, 2048 for flan-t5-xl).
-        cross_attention: cross-attention to the text in every block (False only in an ablation).
-        rope: normalised 2D RoPE (True in every release); False uses learned absolute positions.
-        rope_theta, rope_norm: RoPE base and the side of the normalised square (10000 / 64 in releases).
-        logit_norm: LayerNorm before the head (all releases; cannot be read from a checkpoint).
-        num_legacy_classes: rows - 1 of the unused ``class_embedding`` the original keeps (and saves);
-            0 omits it.
-        stable_sampler: build the stable-sampler head; ``sampler_depth`` blocks.
-        sampler_start_scale: first scale handled by the stable sampler (9 in every release).
-        cross_attention_row0_quirk: reproduce the released training code, in which every batch row
-            adds the cross-attention output of **row 0** (``cross_attn(...)[0]``). Converted original
-            checkpoints set it, because their weights were trained (and their outputs produced) that way;
-            with it, a prompt's image depends on the first prompt of the batch and classifier-free
-            guidance only differs through the start token. Default ``False``: each row attends to its own text.
-        norm_eps: LayerNorm epsilon.
-        drop_path_rate: stochastic-depth rate of the last block (linearly increasing over depth).
+        depth (`int`, defaults to 16): number of transformer blocks (released: 16 and 30).
+        embed_dim (`int`, defaults to 1024): width of the token stream (released: 1024 for d16, 1920 for d30).
+        num_heads (`int`, defaults to 16): attention heads.
+        mlp_ratio (`float`, defaults to 4.0): FFN width relative to ``embed_dim``.
+        vocab_size (`int`, defaults to 4096): codebook size of the tokenizer.
+        latent_channels (`int`, defaults to 32): code dimension of the tokenizer.
+        patch_nums (`Sequence[int]`, defaults to `(1, 2, 3, 4, 5, 6, 8, 10, 13, 16)`): token-map side of every scale
+            (must match the tokenizer).
+        text_embed_dim (`int`, defaults to 1024): width of the text encoder states (1024 for SD-2.x CLIP, 2048 for
+            flan-t5-xl).
+        cross_attention (`bool`, defaults to `True`): cross-attention to the text in every block (False only in an
+            ablation).
+        rope (`bool`, defaults to `True`): normalised 2D RoPE (every release); False uses learned absolute positions.
+        rope_theta (`float`, defaults to 10000.0): RoPE base.
+        rope_norm (`float`, defaults to 64.0): the side of the normalised square every scale spans.
+        logit_norm (`bool`, defaults to `True`): LayerNorm before the head (all releases; cannot be read from a
+            checkpoint).
+        num_legacy_classes (`int`, defaults to 1000): rows - 1 of the unused ``class_embedding`` the original keeps
+            (and saves); 0 omits it.
+        stable_sampler (`bool`, defaults to `False`): build the stable-sampler head.
+        sampler_depth (`int`, defaults to 3): blocks of the stable-sampler head.
+        sampler_start_scale (`int`, defaults to 9): first scale handled by the stable sampler (9 in every release).
+        cross_attention_row0_quirk (`bool`, defaults to `False`): reproduce the released training code, in which
+            every batch row adds the cross-attention output of **row 0** (``cross_attn(...)[0]``). Converted original
+            checkpoints set it, because their weights were trained (and their outputs produced) that way; with it, a
+            prompt's image depends on the first prompt of the batch and classifier-free guidance only differs
+            through the start token. ``False``: each row attends to its own text.
+        norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon.
+        cond_drop_rate (`float`, defaults to 0.1): caption-dropout probability during training (classifier-free
+            guidance).
+        drop_path_rate (`float`, defaults to 0.0): stochastic-depth rate of the last block (linearly increasing over
+            depth).
     """
 
     _supports_gradient_checkpointing = True

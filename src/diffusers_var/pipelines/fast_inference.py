@@ -5,7 +5,7 @@ kernels and precision tricks installed onto the models from outside (the model f
   outputs at static addresses) and replays it: at batch 1 a next-scale transformer spends most of its time launching
   thousands of small kernels, and a replay costs one launch per scale.
 * Installed by replacing a module's ``forward`` (or a block's residual method) on the instance, so parameter names and
-  ``state_dict`` never change, and undone by :func:`uninstall_kernels_`:
+  ``state_dict`` never change, and undone by ``disable_fast_inference``:
   - :func:`fuse_ffn_gelu_`: fc1's bias and the tanh GELU in the cuBLASLt epilogue of the matmul (large scales);
   - :func:`quantize_linears_fp8_`: float8 matmuls for the attention and FFN linears (large scales, opt-in);
   - :func:`compile_adaln_blocks_`: ``torch.compile`` of each AdaLN block's elementwise work, split around the KV cache;
@@ -21,11 +21,13 @@ import types
 from collections import OrderedDict
 from contextlib import contextmanager
 from functools import partial
-from typing import Callable, Hashable, Iterable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from diffusers.models.modeling_utils import ModelMixin
 
 from ..models.blocks import AdaLNSelfAttentionBlock, CosineSelfAttention, FeedForward, Rotary2D, memoized
 from ..models.multiscale_vq import MultiScaleResidualQuantizer
@@ -57,7 +59,8 @@ def cast_module_(module: nn.Module | None, dtype: torch.dtype) -> None:
     if module is None:
         return
     nn.Module.to(module, dtype)
-    keep = set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    # diffusers models keep these in float32 at any dtype (transformers models only for float16: not here)
+    keep = set(module._keep_in_fp32_modules or ()) if isinstance(module, ModelMixin) else set()
     for name, sub in module.named_modules():
         if keep & set(name.split(".")):
             sub.float()
@@ -80,18 +83,17 @@ def cast_decoder_(modules: Sequence[nn.Module], dtype: torch.dtype, compile_modu
 # Kernels installed on module instances
 # ----------------------------------------------------------------------------------------------
 def _install(module: nn.Module, name: str, function: Callable, *args) -> None:
-    """Replace ``module.<name>`` on the instance by ``function(module, *args, ...)`` (undone by :func:`uninstall_kernels_`)."""
+    """Replace ``module.<name>`` on the instance by ``function(module, *args, ...)`` (undone by :func:`_uninstall`)."""
     setattr(module, name, partial(function, module, *args))
     module.__dict__.setdefault("_fast_path_installed", set()).add(name)
 
 
-def uninstall_kernels_(model: nn.Module | None, names: Iterable[str] = ("forward", "upsample")) -> None:
-    """Give every sub-module of ``model`` back the class's own ``forward`` / ``upsample`` (installed kernels off)."""
-    for module in model.modules() if model is not None else ():
-        installed = module.__dict__.get("_fast_path_installed", set())
-        for name in set(names) & installed:
-            delattr(module, name)
-            installed.discard(name)
+def _uninstall(module: nn.Module, name: str) -> None:
+    """Give ``module`` back its class's own ``<name>`` if a kernel was installed in its place."""
+    installed = module.__dict__.get("_fast_path_installed", set())
+    if name in installed:
+        delattr(module, name)
+        installed.discard(name)
 
 
 def pad_narrow_convs_(module: nn.Module, multiple: int = 32) -> int:
@@ -124,7 +126,7 @@ def fuse_ffn_gelu_(model: nn.Module | None, enabled: bool = True) -> int:
     returns how many carry it now."""
     feed_forwards = [m for m in model.modules() if isinstance(m, FeedForward)] if model is not None else []
     for ffn in feed_forwards:
-        uninstall_kernels_(ffn, ("forward",))
+        _uninstall(ffn, "forward")
         if enabled:
             _install(ffn, "forward", _fused_gelu_ffn_forward)
     return len(feed_forwards) if enabled else 0
@@ -204,7 +206,7 @@ def quantize_linears_fp8_(model: nn.Module | None, enabled: bool = True) -> int:
             if isinstance(module, nn.Linear) and "weight_fp8" in module._buffers:
                 for name in ("weight_fp8", "weight_fp8_scale"):
                     module._buffers.pop(name, None)
-                uninstall_kernels_(module, ("forward",))
+                _uninstall(module, "forward")
         return 0
     linears = fp8_linears(model)  # all widths checked before the first buffer is added
     for linear in linears:
@@ -277,7 +279,7 @@ def separable_upsample_(vqvae: nn.Module | None, enabled: bool = True) -> None:
     """Install (``enabled``) or remove the separable bicubic upsampling of the code maps on the VAR / STAR quantizer."""
     for quantizer in vqvae.modules() if vqvae is not None else ():
         if isinstance(quantizer, MultiScaleResidualQuantizer):
-            uninstall_kernels_(quantizer, ("upsample",))
+            _uninstall(quantizer, "upsample")
             if enabled:
                 _install(quantizer, "upsample", _separable_or_fused_upsample)
 
@@ -446,6 +448,10 @@ class FastInferenceMixin:
         on CUDA, where it saves time; on the CPU the fast path falls back to the exact eager sampler."""
         return self._fast_inference and torch.device(device).type == "cuda"
 
+    @staticmethod
+    def _cuda_graphs_usable(device) -> bool:
+        return torch.device(device).type == "cuda"
+
     def _graph_sampling_generator(self, device, generator) -> torch.Generator | None:
         """For sampling inside the per-scale CUDA graphs: the CUDA generator whose state the graphs borrow (the
         caller's single CUDA generator, or the device's default one for ``None``), or ``None`` when sampling stays
@@ -468,7 +474,7 @@ class FastInferenceMixin:
     def _graph_scale_steps(self, key: Hashable, device: torch.device,
                            build: Callable[[], CUDAGraphScaleSteps]) -> CUDAGraphScaleSteps | None:
         """The graph set for ``key`` (captured by ``build()`` on first use), or ``None`` for the eager path."""
-        if not self._use_cuda_graphs or torch.device(device).type != "cuda":
+        if not self._use_cuda_graphs or not self._cuda_graphs_usable(device):
             return None
         cache = self._graph_steps  # set by _set_fast_inference, which is what turns graphs on
         size = max(1, int(self.graph_cache_size))

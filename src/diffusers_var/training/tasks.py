@@ -354,7 +354,7 @@ class InfinityTask(_PipelineTask):
         with torch.no_grad():
             features = self.vae.encode_features(images)
             inputs, labels = self.vae.teacher_forcing_inputs(features, self.schedule, self.bsc_num_scales, self.config.bsc_flip_prob)
-            embeds, mask = self.text_pipe.encode_prompt(batch["caption"], self.device)
+            embeds, mask, _, _ = self.text_pipe.encode_prompt(batch["caption"], self.device, do_classifier_free_guidance=False)
         drop = _drop_mask(images.shape[0], self.config.cond_drop_rate).to(embeds.device)
         logits = model(inputs, embeds, mask, self.schedule, drop_text=drop).logits
         logits = logits.view(*labels.shape, 2)

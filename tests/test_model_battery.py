@@ -1,0 +1,203 @@
+"""One battery for every model class (the spirit of diffusers' ModelTesterMixin): save / load, ``dtype=`` loading
+with ``_keep_in_fp32_modules``, documented config arguments, and for the transformers: scale-by-scale decoding equals
+the teacher-forcing forward, gradient checkpointing gives the same gradients, and offloading hooks and layerwise
+casting work (every parameter is used inside its module's forward).
+
+A new model class joins by adding one :class:`ModelCase` to ``CASES``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+from accelerate import cpu_offload
+
+from diffusers_var import (
+    BitwiseMultiScaleVAE,
+    InfinityTransformer2DModel,
+    MultiScaleVQModel,
+    STARTransformer2DModel,
+    VARTransformer2DModel,
+)
+from tiny_components import infinity_components, star_components, var_components
+
+INFINITY_SCHEDULE = [(1, 1), (2, 2), (4, 4)]
+
+
+def _perturbed(model):
+    """Freshly initialised AdaLN gates (1e-5) make the blocks irrelevant: spread the weights so they matter."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    return model.eval()
+
+
+def _var_transformer():
+    return _perturbed(var_components(seed=0)["transformer"])
+
+
+def _star_transformer(stable_sampler):
+    return lambda: _perturbed(star_components(seed=0, stable_sampler=stable_sampler)["transformer"])
+
+
+def _infinity_transformer():
+    return _perturbed(infinity_components(seed=0)["transformer"])
+
+
+# -- the teacher-forcing call and the decoding condition of each transformer --------------------------------------
+def _var_io(model, B=2):
+    g = torch.Generator().manual_seed(1)
+    labels = torch.tensor([1, model.config.num_classes])[:B]
+    tf_input = torch.randn(B, model.seq_len - model.first_len, model.config.latent_channels, generator=g)
+    schedule = [(pn, pn) for pn in model.config.patch_nums]
+    return (lambda: model(labels, tf_input, drop_labels=False).logits), (labels,), tf_input, schedule
+
+
+def _star_io(model, B=2):
+    g = torch.Generator().manual_seed(1)
+    D = model.config.text_embed_dim
+    hidden, pooled = torch.randn(B, 5, D, generator=g), torch.randn(B, D, generator=g)
+    mask = torch.ones(B, 5, dtype=torch.long)
+    mask[1, -2:] = 0
+    tf_input = torch.randn(B, model.seq_len - 1, model.config.latent_channels, generator=g)
+    schedule = [(pn, pn) for pn in model.config.patch_nums]
+    return (lambda: model(tf_input, hidden, mask, pooled).logits), (hidden, mask, pooled), tf_input, schedule
+
+
+def _infinity_io(model, B=2):
+    g = torch.Generator().manual_seed(1)
+    embeds = torch.randn(B, 6, model.config.text_dim, generator=g)
+    mask = torch.ones(B, 6, dtype=torch.bool)
+    mask[1, -3:] = False
+    drop = torch.tensor([False, True])[:B]  # row 1: the learned unconditional text
+    L = sum(h * w for h, w in INFINITY_SCHEDULE)
+    tf_input = torch.randn(B, L - 1, model.config.bits_per_token, generator=g)
+    return ((lambda: model(tf_input, embeds, mask, INFINITY_SCHEDULE, drop_text=drop).logits), (embeds, mask, drop),
+            tf_input, INFINITY_SCHEDULE)
+
+
+@dataclass
+class ModelCase:
+    id: str
+    model_class: type
+    build: Callable
+    io: Callable | None = None  # transformers: (teacher forcing, decoding condition, inputs, schedule)
+
+
+CASES = [
+    ModelCase("var", VARTransformer2DModel, _var_transformer, _var_io),
+    ModelCase("star", STARTransformer2DModel, _star_transformer(False), _star_io),
+    ModelCase("star_stable_sampler", STARTransformer2DModel, _star_transformer(True), _star_io),
+    ModelCase("infinity", InfinityTransformer2DModel, _infinity_transformer, _infinity_io),
+    ModelCase("multiscale_vq", MultiScaleVQModel, lambda: var_components(seed=0)["vqvae"]),
+    ModelCase("bitwise_vae", BitwiseMultiScaleVAE, lambda: infinity_components(seed=0)["vae"]),
+]
+TRANSFORMERS = [case for case in CASES if case.io is not None]
+
+
+def case_ids(cases):
+    return [case.id for case in cases]
+
+
+def _decode_all(model, condition, tf_input, schedule):
+    """Logits of every scale decoded one by one with the KV cache, the teacher-forcing inputs as the scale inputs."""
+    cache, pieces, begin = model.init_kv_cache(schedule), [], 0
+    first = schedule[0][0] * schedule[0][1]
+    for si, (h, w) in enumerate(schedule):
+        scale_input = None if si == 0 else tf_input[:, begin - first: begin - first + h * w]
+        out = model.forward_scale(si, condition, cache, scale_input)
+        pieces.append(out[0] if isinstance(out, tuple) else out)
+        begin += h * w
+    return torch.cat(pieces, dim=1)
+
+
+def _output(case, model):
+    """A deterministic output of the model (teacher-forcing logits, or a tokenizer's decoded latent)."""
+    with torch.no_grad():
+        if case.io is not None:
+            return case.io(model)[0]()
+        if isinstance(model, MultiScaleVQModel):
+            images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+            return model.decode_indices(model.encode_indices(images))
+        images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1  # a 4 x 4 latent
+        return model.decode_bit_labels(model.encode(images, INFINITY_SCHEDULE).bit_labels)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
+def test_save_load_round_trip_and_dtype_loading(case, tmp_path):
+    model = case.build()
+    model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = case.model_class.from_pretrained(tmp_path / "m").eval()
+    assert torch.equal(_output(case, loaded), _output(case, model))
+    half = case.model_class.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    keep = set(half._keep_in_fp32_modules or ())
+    for name, parameter in half.named_parameters():
+        assert parameter.dtype == (torch.float32 if keep & set(name.split(".")) else torch.bfloat16), name
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
+def test_every_config_argument_is_documented(case):
+    """diffusers' convention: one ``name (`type`, defaults to ...)`` entry per config argument in the class docstring."""
+    doc = inspect.getdoc(case.model_class)
+    for name in list(inspect.signature(case.model_class.__init__).parameters)[1:]:
+        assert re.search(rf"^\s*{name} \(`[^`]+`, (defaults to|\*optional\*)", doc, re.M), f"{case.model_class.__name__}: `{name}`"
+
+
+@pytest.mark.parametrize("case", TRANSFORMERS, ids=case_ids(TRANSFORMERS))
+def test_scale_by_scale_decoding_equals_teacher_forcing(case):
+    model = case.build()
+    teacher_forcing, condition, tf_input, schedule = case.io(model)
+    with torch.no_grad():
+        torch.testing.assert_close(_decode_all(model, condition, tf_input, schedule), teacher_forcing(),
+                                   atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", TRANSFORMERS, ids=case_ids(TRANSFORMERS))
+def test_gradient_checkpointing_gives_the_same_gradients(case):
+    model = case.build().train()
+    model.config.cond_drop_rate = 0.0
+    teacher_forcing = case.io(model)[0]
+
+    def loss_and_grads():
+        model.zero_grad()
+        torch.manual_seed(0)
+        loss = teacher_forcing().square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain = loss_and_grads()
+    model.enable_gradient_checkpointing()
+    assert model.gradient_checkpointing
+    checkpointed_loss, checkpointed = loss_and_grads()
+    torch.testing.assert_close(checkpointed_loss, plain_loss)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 10
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("case", TRANSFORMERS, ids=case_ids(TRANSFORMERS))
+def test_decoding_under_offload_hooks_and_layerwise_casting(case):
+    """accelerate's offload hooks keep the weights on the meta device between uses: a parameter read outside its
+    module's forward fails. Layerwise casting stores the linears / embeddings in float8 and upcasts them in their
+    forward: a weight read directly would be float8."""
+    model = case.build()
+    _, condition, tf_input, schedule = case.io(model)
+    with torch.no_grad():
+        reference = _decode_all(model, condition, tf_input, schedule)
+        offloaded = case.build()
+        cpu_offload(offloaded, execution_device=torch.device("cpu"), offload_buffers=True)
+        assert next(offloaded.blocks.parameters()).device.type == "meta"
+        assert torch.equal(_decode_all(offloaded, condition, tf_input, schedule), reference)
+        cast = case.build()
+        cast.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+        assert cast.blocks[0].ffn.fc1.weight.dtype == torch.float8_e4m3fn
+        low = _decode_all(cast, condition, tf_input, schedule)
+    assert low.shape == reference.shape and torch.isfinite(low).all()
+    assert 0 < (low - reference).norm() / reference.norm() < 0.2  # float8 weights: close, not equal

@@ -1,0 +1,274 @@
+"""One battery for every pipeline class of the package (with diffusers' own PipelineTesterMixin in
+test_diffusers_battery.py): output types, seeds, generator lists, save / load, ``dtype=`` loading, the callback
+contract (every declared tensor, a returned latent, diffusers' PipelineCallback, interrupt, deprecated names), CPU
+offload with a generation, and bad inputs naming the parameter.
+
+A new pipeline class joins by adding one :class:`Case` to ``CASES``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from accelerate import cpu_offload
+from diffusers.callbacks import PipelineCallback
+
+from diffusers_var import InfinityPipeline, STARPipeline, VARPipeline
+from tiny_components import infinity_components, star_components, var_components
+
+PROMPTS = ["a red circle on a blue background", "a green square"]
+
+
+@dataclass
+class Case:
+    """One pipeline class under test: how to build it, a two-image call, and its own bad inputs."""
+
+    id: str
+    pipeline_class: type
+    components: Callable[[], dict]
+    batch: Callable[[list], dict]  # the call's batch arguments for items ``[a, b, ...]`` (labels / prompts)
+    items: list
+    call: dict = field(default_factory=dict)  # fixed sampling arguments
+    bad_inputs: list = field(default_factory=list)  # (kwargs, parameter named in the error)
+
+
+CASES = [
+    Case("var", VARPipeline, lambda: var_components(seed=0), lambda items: {"class_labels": items}, [1, 2],
+         call={"top_k": 8},
+         bad_inputs=[({"class_labels": [11]}, "class_labels"), ({"class_labels": [-2]}, "class_labels"),
+                     ({"class_labels": [1.5]}, "class_labels"), ({"class_labels": []}, "class_labels"),
+                     ({"class_labels": "cat"}, "class_labels"), ({"more_smooth": "yes"}, "more_smooth")]),
+    Case("star", STARPipeline, lambda: star_components(seed=0, stable_sampler=False),
+         lambda items: {"prompt": items}, PROMPTS, call={"top_k": 10, "top_p": 0.9},
+         bad_inputs=[({"prompt": 3}, "prompt"), ({"prompt": []}, "prompt"),
+                     ({"negative_prompt": ["a", "b", "c"]}, "negative_prompt"), ({"use_stable_sampler": True}, "use_stable_sampler"),
+                     ({"sampler_version": "2"}, "sampler_version"), ({"max_sequence_length": 0}, "max_sequence_length"),
+                     ({"prompt_embeds": torch.full((2, 4, 32), float("nan")), "prompt": None,
+                       "pooled_prompt_embeds": torch.zeros(2, 32)}, "prompt_embeds")]),
+    Case("star_stable_sampler", STARPipeline, lambda: star_components(seed=0, stable_sampler=True, sampler_start_scale=2),
+         lambda items: {"prompt": items}, PROMPTS, call={"top_k": 10, "top_p": 0.9},
+         bad_inputs=[({"sampler_generator": 3}, "sampler_generator")]),
+    Case("infinity", InfinityPipeline, lambda: infinity_components(seed=0), lambda items: {"prompt": items}, PROMPTS,
+         call={"height": 32, "width": 32, "guidance_scale": 3.0, "top_k": 2},
+         bad_inputs=[({"tau": 0.0}, "tau"), ({"tau": float("nan")}, "tau"), ({"guidance_scale": [1.0, 2.0]}, "guidance_scale"),
+                     ({"height": 0}, "height"), ({"width": -8}, "width"), ({"height": 5000}, "height"),
+                     ({"max_sequence_length": 0}, "max_sequence_length"), ({"negative_prompt": 3}, "negative_prompt"),
+                     ({"prompt_embeds": torch.full((2, 4, 32), float("inf")), "prompt": None}, "prompt_embeds")]),
+]
+COMMON_BAD_INPUTS = [
+    ({"guidance_scale": float("nan")}, "guidance_scale"), ({"guidance_scale": float("inf")}, "guidance_scale"),
+    ({"guidance_scale": -1.0}, "guidance_scale"), ({"guidance_scale": "4"}, "guidance_scale"),
+    ({"top_p": 1.5}, "top_p"), ({"top_p": float("nan")}, "top_p"), ({"top_k": -1}, "top_k"), ({"top_k": 2.5}, "top_k"),
+    ({"output_type": "jpeg"}, "output_type"), ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
+    ({"generator": [torch.Generator()]}, "generator"), ({"generator": 3}, "generator"),
+    ({"callback_on_step_end_tensor_inputs": ["unknown"]}, "callback_on_step_end_tensor_inputs"),
+    ({"callback_on_step_end": "print"}, "callback_on_step_end"), ({"return_dict": "yes"}, "return_dict"),
+]
+_PIPES: dict = {}
+
+
+def pipeline(case: Case):
+    """One pipeline per case for the module (the components are deterministic, so every test sees the same)."""
+    if case.id not in _PIPES:
+        pipe = case.pipeline_class(**case.components())
+        pipe.set_progress_bar_config(disable=True)
+        _PIPES[case.id] = pipe
+    return _PIPES[case.id]
+
+
+def run(case: Case, pipe=None, items=None, seed=0, **kwargs):
+    """A call of ``pipe`` (default: the case's) on ``items`` (default: two) with a seeded CPU generator."""
+    pipe = pipe or pipeline(case)
+    kwargs = {**case.call, **case.batch(case.items if items is None else items), "output_type": "pt",
+              "generator": torch.Generator().manual_seed(seed), **kwargs}
+    return pipe(**kwargs).images
+
+
+@pytest.fixture(params=CASES, ids=[case.id for case in CASES])
+def case(request) -> Case:
+    return request.param
+
+
+# -- outputs --------------------------------------------------------------------------------------------------
+def test_output_types_and_return_dict(case):
+    pt = run(case)
+    B, _, H, W = pt.shape
+    assert B == 2 and pt.dtype == torch.float32 and 0 <= pt.min() and pt.max() <= 1
+    np_images = run(case, output_type="np")
+    assert np_images.shape == (2, H, W, 3)
+    np.testing.assert_allclose(np_images, pt.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+    pil = run(case, output_type="pil")
+    assert len(pil) == 2 and all(isinstance(im, PIL.Image.Image) and im.size == (W, H) for im in pil)
+    latent = run(case, output_type="latent")
+    assert latent.ndim == 4 and latent.shape[0] == 2 and latent.dtype == torch.float32
+    assert torch.allclose(pipeline(case).decode_latents(latent).add(1).div(2), pt, atol=1e-6)
+    as_tuple = pipeline(case)(**case.call, **case.batch(case.items[:1]), output_type="pt", return_dict=False)
+    assert isinstance(as_tuple, tuple) and as_tuple[0].shape == (1, 3, H, W)
+
+
+def test_seed_reproduces_and_differs(case):
+    assert torch.equal(run(case, seed=5), run(case, seed=5))
+    assert not torch.equal(run(case, seed=5), run(case, seed=6))
+
+
+def test_generator_list_gives_each_image_its_own_stream(case):
+    """Every image of a batch made with one generator per image equals that image made alone with its generator."""
+    generators = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    batch = run(case, generator=generators)
+    for i, seed in enumerate((3, 4)):
+        alone = run(case, items=case.items[i:i + 1], generator=[torch.Generator().manual_seed(seed)])
+        torch.testing.assert_close(batch[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_num_images_per_prompt(case):
+    assert run(case, num_images_per_prompt=3).shape[0] == 6
+    assert run(case, items=case.items[:1], num_images_per_prompt=2, generator=None).shape[0] == 2
+
+
+# -- persistence ------------------------------------------------------------------------------------------------
+def test_save_load_round_trip_is_exact_and_safetensors_only(case, tmp_path):
+    pipe = pipeline(case)
+    pipe.save_pretrained(tmp_path / "p")
+    files = [p.name for p in (tmp_path / "p").rglob("*") if p.is_file()]
+    assert not [f for f in files if f.endswith((".bin", ".pth", ".pt", ".pkl", ".ckpt"))]
+    assert any(f.endswith(".safetensors") for f in files) and "model_index.json" in files
+    loaded = case.pipeline_class.from_pretrained(tmp_path / "p")
+    loaded.set_progress_bar_config(disable=True)
+    assert torch.equal(run(case, loaded), run(case))
+
+
+def test_dtype_loading_keeps_the_fp32_modules(case, tmp_path):
+    pipe = pipeline(case)
+    pipe.save_pretrained(tmp_path / "p")
+    half = case.pipeline_class.from_pretrained(tmp_path / "p", dtype=torch.bfloat16)
+    half.set_progress_bar_config(disable=True)
+    transformer = half.transformer
+    assert transformer.dtype == torch.bfloat16
+    kept = [name for name, _ in transformer.named_parameters() if set(name.split(".")) & set(transformer._keep_in_fp32_modules)]
+    assert kept and all(dict(transformer.named_parameters())[name].dtype == torch.float32 for name in kept)
+    assert torch.isfinite(run(case, half)).all()
+
+
+# -- the callback contract ------------------------------------------------------------------------------------
+def test_callback_receives_every_declared_tensor(case):
+    pipe = pipeline(case)
+    seen = []
+
+    def record(p, scale_index, scale_hw, tensors):
+        assert p is pipe and set(tensors) == set(pipe._callback_tensor_inputs)
+        seen.append((scale_index, scale_hw, {k: (v.clone() if torch.is_tensor(v) else v) for k, v in tensors.items()}))
+        return {}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the deprecated names are asked for too
+        latent = run(case, output_type="latent", callback_on_step_end=record,
+                     callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs)
+    schedule = [tuple(hw) for hw in (pipe.scale_schedule(case.call.get("height"), case.call.get("width"))
+                                     if case.pipeline_class is InfinityPipeline else pipe.scale_schedule())]
+    assert [s[0] for s in seen] == list(range(len(schedule))) == list(range(pipe.num_timesteps))
+    assert [s[1] for s in seen] == schedule
+    for si, ((h, w), (_, _, t)) in enumerate(zip(schedule, seen)):
+        assert t["latents"].shape == latent.shape and t["latents"].dtype == torch.float32
+        assert t["tokens"] is None or t["tokens"].shape[:2] == (2, h * w)
+        assert t["guided_logits"].shape[:2] == (2, h * w)
+        assert t["model_logits"].shape[0] in (2, 4) and t["model_logits"].shape[1] == h * w
+        if si + 1 < len(schedule):
+            nh, nw = schedule[si + 1]
+            assert t["next_scale_input"].shape[:2] == (2, nh * nw)
+        else:
+            assert t["next_scale_input"] is None
+        for alias, unified in pipe._callback_aliases.items():
+            assert (t[alias] is None and t[unified] is None) or torch.equal(t[alias], t[unified])
+    assert torch.equal(seen[-1][2]["latents"], latent)
+
+
+def test_callback_returning_latents_replaces_them(case):
+    zeros_at_end = run(case, output_type="latent",
+                       callback_on_step_end=lambda p, si, hw, t: {"latents": torch.zeros_like(t["latents"])}
+                       if si == p.num_timesteps - 1 else {})
+    assert torch.count_nonzero(zeros_at_end) == 0
+    plain = run(case, output_type="latent")
+    replacement = torch.randn(plain.shape, generator=torch.Generator().manual_seed(3))
+    kept = replacement.clone()
+    steered = run(case, output_type="latent", callback_on_step_end=lambda p, si, hw, t: {"latents": replacement} if si == 0 else {})
+    assert torch.equal(replacement, kept)  # the next scales added into a copy, not into the caller's tensor
+    assert not torch.equal(steered, plain) and not torch.equal(steered, replacement)
+
+
+def test_deprecated_callback_names_still_work(case):
+    pipe = pipeline(case)
+    latent_alias = next(alias for alias, unified in pipe._callback_aliases.items() if unified == "latents")
+    with pytest.warns(FutureWarning, match=latent_alias):
+        latent = run(case, output_type="latent", callback_on_step_end_tensor_inputs=[latent_alias],
+                     callback_on_step_end=lambda p, si, hw, t: {latent_alias: torch.zeros_like(t[latent_alias])})
+    assert torch.count_nonzero(latent) == 0
+
+
+class RaiseGuidance(PipelineCallback):
+    """A diffusers PipelineCallback: after the scale ``cutoff_step_index``, guidance 3 higher."""
+
+    tensor_inputs = ["latents"]
+
+    def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+        if step_index == self.config.cutoff_step_index:
+            pipeline._guidance_scale += 3.0
+        return callback_kwargs
+
+
+def test_diffusers_pipeline_callback_changes_guidance_and_interrupt_stops(case):
+    pipe = pipeline(case)
+    start = case.call.get("guidance_scale", 4.0)
+    steered = run(case, guidance_scale=start, callback_on_step_end=RaiseGuidance(cutoff_step_ratio=None, cutoff_step_index=0))
+    assert pipe.guidance_scale == start + 3.0 and pipe.do_classifier_free_guidance
+    assert not torch.equal(steered, run(case, guidance_scale=start))
+    assert torch.equal(steered, run(case, guidance_scale=start, callback_on_step_end=RaiseGuidance(cutoff_step_ratio=None, cutoff_step_index=0)))
+
+    calls = []
+
+    def stop_after_two(p, si, hw, t):
+        calls.append(si)
+        p._interrupt = si == 1
+        return {}
+
+    images = run(case, callback_on_step_end=stop_after_two)
+    assert calls == [0, 1] and pipe.interrupt and images.shape == run(case).shape
+    run(case)
+    assert not pipe.interrupt  # a new call starts uninterrupted
+
+
+# -- offloading -------------------------------------------------------------------------------------------------
+def sequential_offload_to_cpu(pipe) -> None:
+    """``enable_sequential_cpu_offload``'s hooks with the CPU as the execution device: what diffusers does (accelerate's
+    ``cpu_offload`` per component, the tokenizer of VAR / STAR excluded), minus its refusal of a CPU device. The
+    weights live on the meta device between uses, so a parameter used outside its module's forward fails."""
+    for name, component in pipe.components.items():
+        if isinstance(component, torch.nn.Module) and name not in pipe._exclude_from_cpu_offload:
+            cpu_offload(component, execution_device=torch.device("cpu"), offload_buffers=len(component._parameters) > 0)
+
+
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_cpu_offload_generates_the_same_images(case, offload):
+    """The offloading hooks run for real, with the CPU as the execution device (CI has no accelerator)."""
+    pipe = case.pipeline_class(**case.components())
+    pipe.set_progress_bar_config(disable=True)
+    reference = run(case, pipe)
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device="cpu")
+    else:
+        sequential_offload_to_cpu(pipe)
+        assert pipe.transformer.blocks[0].attn.q_bias.device.type == "meta"
+    assert torch.equal(run(case, pipe), reference)
+    assert torch.equal(run(case, pipe), reference)  # and a second time, after the hooks offloaded again
+
+
+# -- bad input --------------------------------------------------------------------------------------------------
+def test_bad_inputs_name_the_parameter(case):
+    for kwargs, parameter in COMMON_BAD_INPUTS + case.bad_inputs:
+        with pytest.raises(ValueError, match=f"`{parameter}"):
+            run(case, **kwargs)
