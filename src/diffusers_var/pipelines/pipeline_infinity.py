@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,10 @@ from .pipeline_utils import (
 from .sampling import GeneratorArg, filter_top_k_top_p_, sample_from_logits
 
 logger = logging.get_logger(__name__)
+
+# ``forcing(scale_index, bits_BhwK) -> bits``: a task pipeline's replacement of a scale's sampled bits before they
+# become codes (in-painting keeps the input image's bits)
+BitForcing = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 def _pad_text(embeds_BSC: torch.Tensor, mask_BS: torch.Tensor, length: int):
@@ -56,7 +60,12 @@ class InfinityPipeline(NextScalePipeline):
     _optional_components = ["text_encoder", "tokenizer"]
     _callback_tensor_inputs = UNIFIED_CALLBACK_TENSORS + ["summed_codes", "bits", "logits"]
     _callback_aliases = {"summed_codes": "latents", "bits": "tokens", "logits": "model_logits"}
-    _no_guidance_value = 1.0  # Infinity's cfg: cfg * cond + (1 - cfg) * uncond
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Infinity's cfg mixes ``cfg * cond + (1 - cfg) * uncond``: 1 (at every scale) is no guidance."""
+        values = self._guidance_scale if isinstance(self._guidance_scale, (list, tuple)) else [self._guidance_scale]
+        return self._guidance_scale is not None and any(v != 1.0 for v in values)
 
     def __init__(self, transformer: InfinityTransformer2DModel, vae: BitwiseMultiScaleVAE, text_encoder=None, tokenizer=None,
                  default_size: list[int] | None = None):
@@ -195,6 +204,56 @@ class InfinityPipeline(NextScalePipeline):
             compile_adaln_blocks_(self.transformer)
         return self._set_fast_inference(True, cuda_graphs, dtype)
 
+    def _sample_scales(self, condition, B: int, schedule, tau, top_k: int, top_p: float, generator: GeneratorArg,
+                       callback=None, tensor_names: list[str] = (), forcing: BitForcing | None = None) -> torch.Tensor:
+        """The scale loop of a generation of ``B`` images with ``condition`` (the text of every row; 2B rows with
+        guidance); returns the final summed codes. ``forcing`` (task pipelines) replaces bits before they become codes."""
+        num_scales = len(schedule)
+        guided = condition[0].shape[0] == 2 * B
+        cfg_source = self._guidance_scale
+        cfg_list = per_scale_values(cfg_source, num_scales, "guidance_scale")
+        tau_list = per_scale_values(tau, num_scales, "tau", low_inclusive=False)
+        device = condition[0].device
+        transformer_step = self._transformer_steps(condition, schedule, device)
+        bits_per_token, vae = self.transformer.config.bits_per_token, self.vae
+        latents = torch.zeros(B, vae.config.codebook_dim, *vae.latent_schedule(schedule)[-1], device=device, dtype=torch.float32)
+        scale_input = None
+        with self.progress_bar(total=num_scales) as progress_bar:
+            for si, (h, w) in enumerate(schedule):
+                if self.interrupt:
+                    break
+                if self._guidance_scale is not cfg_source:  # a callback changed the guidance
+                    cfg_source, cfg_list = self._guidance_scale, per_scale_values(self._guidance_scale, num_scales, "guidance_scale")
+                raw_logits = transformer_step(si, scale_input)
+                model_logits = raw_logits.clone() if callback is not None else None  # a graph output is overwritten
+                cfg, tau_k = cfg_list[si], tau_list[si]
+                if guided and cfg != 1.0:  # tau before the mix, as the original (bit-exact logits)
+                    scaled = raw_logits / tau_k
+                    logits = cfg * scaled[:B] + (1 - cfg) * scaled[B:]
+                else:  # the unconditional half (if any) only fills its KV cache
+                    logits = raw_logits[:B] / tau_k
+                logits = logits.reshape(B, h * w * bits_per_token, 2)
+                guided_logits = logits.view(B, h * w, bits_per_token, 2).clone() if callback is not None else None
+                filter_top_k_top_p_(logits, top_k, top_p)
+                bits = sample_from_logits(logits, generator).view(B, h, w, bits_per_token)
+                if forcing is not None:
+                    bits = forcing(si, bits)
+                codes = vae.bits_to_codes(vae.token_bits_to_latent_bits(bits))
+                latents, _ = vae.next_scale_input(latents, codes, None)
+                next_input = self._next_scale_input(latents, si, schedule)
+
+                if callback is not None:
+                    tensors = dict(latents=latents, tokens=bits.view(B, h * w, bits_per_token), guided_logits=guided_logits,
+                                   model_logits=model_logits, next_scale_input=next_input)
+                    new_latents = self._step_callback(callback, tensor_names, si, (h, w), tensors)
+                    if new_latents is not None:
+                        latents, next_input = new_latents, self._next_scale_input(new_latents, si, schedule)
+                if next_input is not None:
+                    scale_input = self._guidance_rows(next_input, guided)
+                progress_bar.update()
+
+        return latents
+
     def _next_scale_input(self, summed: torch.Tensor, scale_index: int, schedule) -> torch.Tensor | None:
         """The input tokens (B, h'*w', bits_per_token) of the scale after ``scale_index``."""
         if scale_index == len(schedule) - 1:
@@ -331,10 +390,7 @@ class InfinityPipeline(NextScalePipeline):
         num_scales = len(schedule)
         self._begin_call(guidance_scale, num_scales)
         device = self._execution_device
-        B = num_prompts * num_images_per_prompt
-        cfg_list = per_scale_values(guidance_scale, num_scales, "guidance_scale")
-        tau_list = per_scale_values(tau, num_scales, "tau", low_inclusive=False)
-        guided = any(c != 1.0 for c in cfg_list)
+        guided = any(c != 1.0 for c in per_scale_values(guidance_scale, num_scales, "guidance_scale"))
 
         # 1. the text of every row (conditional rows first), encoded by the transformer at the first scale
         embeds, mask, negative_embeds, negative_mask = self.encode_prompt(
@@ -343,40 +399,6 @@ class InfinityPipeline(NextScalePipeline):
         condition = self.prepare_condition(embeds, mask, negative_embeds, negative_mask, guided)
 
         # 2. scale by scale
-        transformer_step = self._transformer_steps(condition, schedule, self._execution_device)
-        bits_per_token, vae = self.transformer.config.bits_per_token, self.vae
-        latents = torch.zeros(B, vae.config.codebook_dim, *vae.latent_schedule(schedule)[-1], device=device, dtype=torch.float32)
-        scale_input, cfg_source = None, guidance_scale
-        with self.progress_bar(total=num_scales) as progress_bar:
-            for si, (h, w) in enumerate(schedule):
-                if self.interrupt:
-                    break
-                if self._guidance_scale is not cfg_source:  # a callback changed the guidance
-                    cfg_source, cfg_list = self._guidance_scale, per_scale_values(self._guidance_scale, num_scales, "guidance_scale")
-                raw_logits = transformer_step(si, scale_input)
-                model_logits = raw_logits.clone() if callback is not None else None  # a graph output is overwritten
-                cfg, tau_k = cfg_list[si], tau_list[si]
-                if guided and cfg != 1.0:  # tau before the mix, as the original (bit-exact logits)
-                    scaled = raw_logits / tau_k
-                    logits = cfg * scaled[:B] + (1 - cfg) * scaled[B:]
-                else:  # the unconditional half (if any) only fills its KV cache
-                    logits = raw_logits[:B] / tau_k
-                logits = logits.reshape(B, h * w * bits_per_token, 2)
-                guided_logits = logits.view(B, h * w, bits_per_token, 2).clone() if callback is not None else None
-                filter_top_k_top_p_(logits, top_k, top_p)
-                bits = sample_from_logits(logits, generator).view(B, h, w, bits_per_token)
-                codes = vae.bits_to_codes(vae.token_bits_to_latent_bits(bits))
-                latents, _ = vae.next_scale_input(latents, codes, None)
-                next_input = self._next_scale_input(latents, si, schedule)
-
-                if callback is not None:
-                    tensors = dict(latents=latents, tokens=bits.view(B, h * w, bits_per_token), guided_logits=guided_logits,
-                                   model_logits=model_logits, next_scale_input=next_input)
-                    new_latents = self._step_callback(callback, tensor_names, si, (h, w), tensors)
-                    if new_latents is not None:
-                        latents, next_input = new_latents, self._next_scale_input(new_latents, si, schedule)
-                if next_input is not None:
-                    scale_input = self._guidance_rows(next_input, guided)
-                progress_bar.update()
-
+        latents = self._sample_scales(condition, num_prompts * num_images_per_prompt, schedule, tau, top_k, top_p, generator,
+                                      callback, tensor_names)
         return self._finish(latents, output_type, return_dict)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from diffusers.utils import logging
@@ -40,6 +42,10 @@ from .sampling import (
 )
 
 logger = logging.get_logger(__name__)
+
+# ``forcing(scale_index, code_map_BChw, indices_Bl) -> (code_map, indices)``: a task pipeline's replacement of a
+# scale's code map (and indices) before it enters f_hat (in-painting keeps the input image's codes)
+ScaleForcing = Callable[[int, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]]
 
 # The T5 ablation pads every caption to 120 tokens and averages all of them (padding included).
 T5_MAX_LENGTH = 120
@@ -280,6 +286,66 @@ class STARPipeline(NextScalePipeline):
             commit(confidence.view(B, n).topk(count, dim=-1).indices, codes, indices)
         return committed, committed_idx, tuple(torch.stack(t) for t in trace)
 
+    def _sample_scales(self, condition, B: int, top_k: int, top_p: float, more_smooth: bool, use_stable_sampler: bool | None,
+                       sampler_version: str, generator: GeneratorArg, sampler_generator, callback=None,
+                       tensor_names: list[str] = (), forcing: ScaleForcing | None = None) -> torch.Tensor:
+        """The scale loop of a generation with ``condition`` (the text of both guidance halves); returns the final
+        f_hat. ``forcing`` (task pipelines) replaces code maps before they enter f_hat."""
+        transformer, vqvae = self.transformer, self.vqvae
+        schedule = self.scale_schedule()
+        num_scales, side = len(schedule), schedule[-1][0]
+        if use_stable_sampler is None:
+            use_stable_sampler = transformer.has_stable_sampler
+        sampler_start = transformer.config.sampler_start_scale if use_stable_sampler else num_scales
+        text_pooled = condition[2]
+        device = text_pooled.device
+        transformer_step = self._transformer_steps(condition, schedule, device)
+        fast_top_p = self._fast_top_p(device)
+        codebook = vqvae.codebook
+        latents = torch.zeros(B, vqvae.config.z_channels, side, side, device=device, dtype=torch.float32)
+        scale_input = None
+        with self.progress_bar(total=num_scales) as progress_bar:
+            for si, (pn, _) in enumerate(schedule):
+                if self.interrupt:
+                    break
+                ratio = si / (num_scales - 1)
+                model_logits, hidden_2B = transformer_step(si, scale_input)
+                guided_logits = apply_guidance(model_logits, linear_guidance_ramp(self._guidance_scale, si, num_scales))
+                logits_copy = guided_logits.clone() if callback is not None else None
+                if si >= sampler_start:
+                    embedding, tokens, (step_logits, step_indices, step_conf) = self._stable_sampler_scale(
+                        si, model_logits, hidden_2B, text_pooled, self._guidance_scale, top_k, top_p, sampler_version,
+                        generator, sampler_generator)
+                elif more_smooth:  # soft mixture of codes, no hard sample (no draw), as the original
+                    weights = gumbel_softmax(guided_logits.mul(1 + ratio), smooth_tau(ratio), generator)
+                    embedding = weights @ codebook.float().to(weights.device)
+                    tokens = step_indices = step_conf = None
+                    step_logits = guided_logits[None]
+                else:
+                    step_logits = logits_copy[None] if callback is not None else None
+                    filter_top_k_top_p_(guided_logits, top_k, top_p, fast=fast_top_p)
+                    tokens, confidence = sample_from_logits(guided_logits, generator, return_confidence=True)
+                    step_indices, step_conf = tokens[None], confidence[None]
+                    embedding = codebook[tokens.to(codebook.device)].float()
+                embedding = embedding.to(device).transpose(1, 2).reshape(B, -1, pn, pn)
+                if forcing is not None:
+                    embedding, tokens = forcing(si, embedding, tokens)
+                vqvae.next_scale_input(si, latents, embedding)
+                next_input = self._next_scale_input(latents, si)
+
+                if callback is not None:
+                    tensors = dict(latents=latents, tokens=tokens, guided_logits=logits_copy, model_logits=model_logits,
+                                   next_scale_input=next_input, step_logits=step_logits, step_indices=step_indices,
+                                   step_confidences=step_conf)
+                    new_latents = self._step_callback(callback, tensor_names, si, (pn, pn), tensors)
+                    if new_latents is not None:
+                        latents, next_input = new_latents, self._next_scale_input(new_latents, si)
+                if next_input is not None:
+                    scale_input = self._guidance_rows(next_input)
+                progress_bar.update()
+
+        return latents
+
     def _next_scale_input(self, f_hat: torch.Tensor, scale_index: int) -> torch.Tensor | None:
         """The input tokens (B, l', Cv) of the scale after ``scale_index``: f_hat area-downsampled to its grid."""
         patch_nums = self.transformer.config.patch_nums
@@ -432,15 +498,9 @@ class STARPipeline(NextScalePipeline):
             num_images_per_prompt, generator, sampler_generator, max_sequence_length, output_type, return_dict,
             prompt_embeds, prompt_attention_mask, pooled_prompt_embeds, negative_prompt_embeds,
             negative_prompt_attention_mask, negative_pooled_prompt_embeds)
-        transformer, vqvae = self.transformer, self.vqvae
-        schedule = self.scale_schedule()
-        num_scales, side = len(schedule), schedule[-1][0]
-        self._begin_call(guidance_scale, num_scales)
+        self._begin_call(guidance_scale, len(self.scale_schedule()))
         device = self._execution_device
         B = num_prompts * num_images_per_prompt
-        if use_stable_sampler is None:
-            use_stable_sampler = transformer.has_stable_sampler
-        sampler_start = transformer.config.sampler_start_scale if use_stable_sampler else num_scales
         sampler_generator = self.sampler_generators(generator, sampler_generator)
 
         # 1. the text of both guidance halves (conditional rows first)
@@ -449,51 +509,11 @@ class STARPipeline(NextScalePipeline):
                                   negative_prompt_attention_mask, negative_pooled_prompt_embeds)
         text_hidden, text_mask, text_pooled = (torch.cat((text[i], text[i + 3])) for i in range(3))
         if self._fast_inference:  # static graph inputs in the compute dtype (the blocks cast to it anyway)
-            text_hidden, text_pooled = text_hidden.to(transformer.pos_start.dtype), text_pooled.to(transformer.pos_start.dtype)
+            dtype = self.transformer.pos_start.dtype
+            text_hidden, text_pooled = text_hidden.to(dtype), text_pooled.to(dtype)
         condition = (text_hidden, text_mask, text_pooled)
 
         # 2. scale by scale
-        transformer_step = self._transformer_steps(condition, schedule, device)
-        fast_top_p = self._fast_top_p(device)
-        codebook = vqvae.codebook
-        latents = torch.zeros(B, vqvae.config.z_channels, side, side, device=device, dtype=torch.float32)
-        scale_input = None
-        with self.progress_bar(total=num_scales) as progress_bar:
-            for si, (pn, _) in enumerate(schedule):
-                if self.interrupt:
-                    break
-                ratio = si / (num_scales - 1)
-                model_logits, hidden_2B = transformer_step(si, scale_input)
-                guided_logits = apply_guidance(model_logits, linear_guidance_ramp(self._guidance_scale, si, num_scales))
-                logits_copy = guided_logits.clone() if callback is not None else None
-                if si >= sampler_start:
-                    embedding, tokens, (step_logits, step_indices, step_conf) = self._stable_sampler_scale(
-                        si, model_logits, hidden_2B, text_pooled, self._guidance_scale, top_k, top_p, sampler_version,
-                        generator, sampler_generator)
-                elif more_smooth:  # soft mixture of codes, no hard sample (no draw), as the original
-                    weights = gumbel_softmax(guided_logits.mul(1 + ratio), smooth_tau(ratio), generator)
-                    embedding = weights @ codebook.float().to(weights.device)
-                    tokens = step_indices = step_conf = None
-                    step_logits = guided_logits[None]
-                else:
-                    step_logits = logits_copy[None] if callback is not None else None
-                    filter_top_k_top_p_(guided_logits, top_k, top_p, fast=fast_top_p)
-                    tokens, confidence = sample_from_logits(guided_logits, generator, return_confidence=True)
-                    step_indices, step_conf = tokens[None], confidence[None]
-                    embedding = codebook[tokens.to(codebook.device)].float()
-                embedding = embedding.to(device).transpose(1, 2).reshape(B, -1, pn, pn)
-                vqvae.next_scale_input(si, latents, embedding)
-                next_input = self._next_scale_input(latents, si)
-
-                if callback is not None:
-                    tensors = dict(latents=latents, tokens=tokens, guided_logits=logits_copy, model_logits=model_logits,
-                                   next_scale_input=next_input, step_logits=step_logits, step_indices=step_indices,
-                                   step_confidences=step_conf)
-                    new_latents = self._step_callback(callback, tensor_names, si, (pn, pn), tensors)
-                    if new_latents is not None:
-                        latents, next_input = new_latents, self._next_scale_input(new_latents, si)
-                if next_input is not None:
-                    scale_input = self._guidance_rows(next_input)
-                progress_bar.update()
-
+        latents = self._sample_scales(condition, B, top_k, top_p, more_smooth, use_stable_sampler, sampler_version,
+                                      generator, sampler_generator, callback, tensor_names)
         return self._finish(latents, output_type, return_dict)

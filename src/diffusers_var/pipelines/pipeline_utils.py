@@ -183,9 +183,8 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
 
     @property
     def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale is not None and self._guidance_scale != self._no_guidance_value
-
-    _no_guidance_value = 0.0  # VAR / STAR: (1 + t) cond - t uncond; Infinity overrides (1 = off)
+        """VAR / STAR: ``(1 + t) cond - t uncond``, 0 is no guidance (Infinity overrides: 1 is)."""
+        return self._guidance_scale is not None and self._guidance_scale != 0
 
     @property
     def num_timesteps(self) -> int | None:

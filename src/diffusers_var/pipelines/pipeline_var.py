@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from contextlib import nullcontext
 from importlib import resources
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -41,6 +41,11 @@ def imagenet_id2label() -> dict[int, str]:
     """The 1000 ImageNet-1k class names (WordNet lemmas, comma-separated synonyms), by class index."""
     text = resources.files("diffusers_var.data").joinpath("imagenet_id2label.json").read_text()
     return {int(k): v for k, v in json.loads(text).items()}
+
+
+# ``forcing(scale_index, code_map_BChw, indices_Bl) -> (code_map, indices)``: a task pipeline's replacement of a
+# scale's sampled code map (and indices) before it enters f_hat (in-painting keeps the input image's codes)
+ScaleForcing = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class ScaleSampling(NamedTuple):
@@ -186,10 +191,12 @@ class VARPipeline(NextScalePipeline):
 
     # -- one scale -------------------------------------------------------------------------------------
     def _sample_scale(self, si: int, logits_2BlV: torch.Tensor, f_hat: torch.Tensor, strength, top_k: int, top_p: float,
-                      generator: GeneratorArg, settings: ScaleSampling, top_p_mass: torch.Tensor | None = None):
+                      generator: GeneratorArg, settings: ScaleSampling, top_p_mass: torch.Tensor | None = None,
+                      forcing: ScaleForcing | None = None):
         """Guidance, top-k / top-p, the draw and the f_hat update (in place) of scale ``si``, eagerly or inside a CUDA
-        graph (``strength`` and ``1 - top_p`` then come as device tensors). Returns ``(indices, guided logits if
-        settings.keep_logits, next scale's input tokens (B, l', Cv) or None after the last scale)``."""
+        graph (``strength`` and ``1 - top_p`` then come as device tensors). ``forcing`` may replace the scale's code map
+        (and indices) before f_hat. Returns ``(indices, guided logits if settings.keep_logits, next scale's input tokens
+        (B, l', Cv) or None after the last scale)``."""
         patch_nums = self.transformer.config.patch_nums
         num_scales, pn, B = len(patch_nums), patch_nums[si], f_hat.shape[0]
         ratio = si / (num_scales - 1)
@@ -204,8 +211,70 @@ class VARPipeline(NextScalePipeline):
         else:
             embedding = codebook[indices.to(codebook.device)].float()
         embedding = embedding.transpose(1, 2).reshape(B, -1, pn, pn)
+        if forcing is not None:
+            embedding, indices = forcing(si, embedding, indices)
         _, next_map = self.vqvae.next_scale_input(si, f_hat, embedding)
         return indices, guided_logits, None if si == num_scales - 1 else next_map.flatten(2).transpose(1, 2)
+
+    def _sample_scales(self, labels_B: torch.LongTensor, top_k: int, top_p: float, more_smooth: bool, generator: GeneratorArg,
+                       callback=None, tensor_names: list[str] = (), forcing: ScaleForcing | None = None) -> torch.Tensor:
+        """The scale loop of a generation for the images of ``labels_B`` (the null class fills the unconditional rows);
+        returns the final f_hat. ``forcing`` (task pipelines) replaces code maps before they enter f_hat."""
+        schedule = self.scale_schedule()
+        num_scales, side, B = len(schedule), schedule[-1][0], labels_B.shape[0]
+        device = labels_B.device
+        condition = (torch.cat((labels_B, torch.full_like(labels_B, self.transformer.config.num_classes))),)
+
+        # the whole scale in a CUDA graph (fast path, CUDA generator), or the transformer step (eager, or a graph)
+        # followed by the eager sampler
+        wants_logits = callback is not None and bool({"guided_logits", "logits", "model_logits"} & set(tensor_names))
+        settings = ScaleSampling(more_smooth=more_smooth, keep_logits=wants_logits, fast_filter=self._fast_top_p(device))
+        graphs, graph_generator = None, self._graph_sampling_generator(device, generator) if forcing is None else None
+        table_guidance = self._guidance_scale
+        if graph_generator is not None:
+            graphs = self._sampling_graphs(B, device, settings, top_k, top_p > 0)
+            strengths = [linear_guidance_ramp(table_guidance, si, num_scales) for si in range(num_scales)]
+            graphs.set_shared_inputs(condition[0], guidance_table(strengths, device), top_p_mass(top_p, device))
+            latents = graphs.f_hat.zero_()
+        else:
+            transformer_step = self._transformer_steps(condition, schedule, device)
+            latents = torch.zeros(B, self.vqvae.config.z_channels, side, side, device=device, dtype=torch.float32)
+        scale_input = None
+
+        with self.progress_bar(total=num_scales) as progress_bar, \
+                (graphs.borrow_generator_state(graph_generator) if graphs is not None else nullcontext()):
+            for si, scale_hw in enumerate(schedule):
+                if self.interrupt:
+                    break
+                if graphs is not None:  # the whole scale, sampling included, is one graph replay
+                    if self._guidance_scale != table_guidance:  # a callback changed the guidance
+                        table_guidance = self._guidance_scale
+                        strengths = [linear_guidance_ramp(table_guidance, k, num_scales) for k in range(num_scales)]
+                        graphs.shared_inputs[1].copy_(guidance_table(strengths, device))
+                    tokens, guided_logits, model_logits = graphs(si)
+                    next_input = graphs.scale_inputs[si + 1][:B] if si + 1 < num_scales else None
+                else:
+                    model_logits = transformer_step(si, scale_input)
+                    strength = linear_guidance_ramp(self._guidance_scale, si, num_scales)
+                    tokens, guided_logits, next_input = self._sample_scale(si, model_logits, latents, strength, top_k, top_p,
+                                                                           generator, settings, forcing=forcing)
+                if callback is not None:
+                    tensors = dict(latents=latents, tokens=tokens, guided_logits=guided_logits, model_logits=model_logits,
+                                   next_scale_input=next_input)
+                    new_latents = self._step_callback(callback, tensor_names, si, scale_hw, tensors)
+                    if new_latents is not None:
+                        next_input = self._next_scale_input(new_latents, si)
+                        if graphs is None:
+                            latents = new_latents
+                        else:  # write the callback's latent into the graphs' static buffers
+                            latents.copy_(new_latents)
+                            if next_input is not None:
+                                graphs.scale_inputs[si + 1].copy_(self._guidance_rows(next_input))
+                if graphs is None and next_input is not None:
+                    scale_input = self._guidance_rows(next_input)
+                progress_bar.update()
+        # the graphs' buffer is overwritten by the next generation
+        return latents.clone() if graphs is not None else latents
 
     def _next_scale_input(self, f_hat: torch.Tensor, scale_index: int) -> torch.Tensor | None:
         """The input tokens (B, l', Cv) of the scale after ``scale_index``: f_hat area-downsampled to its grid."""
@@ -293,67 +362,12 @@ class VARPipeline(NextScalePipeline):
         callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         self.check_inputs(class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator,
                           output_type, return_dict)
-        schedule = self.scale_schedule()
-        num_scales, side = len(schedule), schedule[-1][0]
-        self._begin_call(guidance_scale, num_scales)
+        self._begin_call(guidance_scale, len(self.scale_schedule()))
         device = self._execution_device
 
-        # 1. the condition: the class labels of every image, then the null class for the unconditional rows
+        # 1. the condition: the class labels of every image
         labels_B = self.prepare_class_labels(class_labels, num_images_per_prompt, generator, device)
-        B = labels_B.shape[0]
-        condition = (torch.cat((labels_B, torch.full_like(labels_B, self.transformer.config.num_classes))),)
-
-        # 2. the scale steps: the whole scale in a CUDA graph (fast path, CUDA generator), or the transformer step
-        # (eager, or a graph) followed by the eager sampler
-        wants_logits = callback is not None and bool({"guided_logits", "logits", "model_logits"} & set(tensor_names))
-        settings = ScaleSampling(more_smooth=more_smooth, keep_logits=wants_logits, fast_filter=self._fast_top_p(device))
-        graphs, graph_generator = None, self._graph_sampling_generator(device, generator)
-        table_guidance = guidance_scale
-        if graph_generator is not None:
-            graphs = self._sampling_graphs(B, device, settings, top_k, top_p > 0)
-            strengths = [linear_guidance_ramp(guidance_scale, si, num_scales) for si in range(num_scales)]
-            graphs.set_shared_inputs(condition[0], guidance_table(strengths, device), top_p_mass(top_p, device))
-            latents = graphs.f_hat.zero_()
-        else:
-            transformer_step = self._transformer_steps(condition, schedule, device)
-            latents = torch.zeros(B, self.vqvae.config.z_channels, side, side, device=device, dtype=torch.float32)
-        scale_input = None
-
-        # 3. scale by scale
-        with self.progress_bar(total=num_scales) as progress_bar, \
-                (graphs.borrow_generator_state(graph_generator) if graphs is not None else nullcontext()):
-            for si, scale_hw in enumerate(schedule):
-                if self.interrupt:
-                    break
-                if graphs is not None:  # the whole scale, sampling included, is one graph replay
-                    if self._guidance_scale != table_guidance:  # a callback changed the guidance
-                        table_guidance = self._guidance_scale
-                        strengths = [linear_guidance_ramp(table_guidance, k, num_scales) for k in range(num_scales)]
-                        graphs.shared_inputs[1].copy_(guidance_table(strengths, device))
-                    tokens, guided_logits, model_logits = graphs(si)
-                    next_input = graphs.scale_inputs[si + 1][:B] if si + 1 < num_scales else None
-                else:
-                    model_logits = transformer_step(si, scale_input)
-                    strength = linear_guidance_ramp(self._guidance_scale, si, num_scales)
-                    tokens, guided_logits, next_input = self._sample_scale(si, model_logits, latents, strength, top_k, top_p,
-                                                                           generator, settings)
-                if callback is not None:
-                    tensors = dict(latents=latents, tokens=tokens, guided_logits=guided_logits, model_logits=model_logits,
-                                   next_scale_input=next_input)
-                    new_latents = self._step_callback(callback, tensor_names, si, scale_hw, tensors)
-                    if new_latents is not None:
-                        next_input = self._next_scale_input(new_latents, si)
-                        if graphs is None:
-                            latents = new_latents
-                        else:  # write the callback's latent into the graphs' static buffers
-                            latents.copy_(new_latents)
-                            if next_input is not None:
-                                graphs.scale_inputs[si + 1].copy_(self._guidance_rows(next_input))
-                if graphs is None and next_input is not None:
-                    scale_input = self._guidance_rows(next_input)
-                progress_bar.update()
-
-        # 4. decode
-        if graphs is not None:
-            latents = latents.clone()  # the graphs' buffer is overwritten by the next generation
+        # 2. scale by scale
+        latents = self._sample_scales(labels_B, top_k, top_p, more_smooth, generator, callback, tensor_names)
+        # 3. decode
         return self._finish(latents, output_type, return_dict)
