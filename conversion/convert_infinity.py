@@ -31,11 +31,13 @@ def main(argv=None) -> int:
                         help="the original add_lvl_embeding_only_first_block=0 (no release uses it; not visible in the weights)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="the number of transformer blocks the checkpoint must have (a missing block is an error)")
     args = parser.parse_args(argv)
     try:
         pipe = convert_infinity_checkpoint(args.vae, args.transformer, args.text_encoder, args.tokenizer, args.output,
                                            level_embed_every_chunk=args.level_embed_every_chunk,
-                                           dtype=DTYPES[args.dtype], overwrite=args.overwrite)
+                                           dtype=DTYPES[args.dtype], overwrite=args.overwrite, depth=args.depth)
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

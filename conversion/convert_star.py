@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-row0-quirk", action="store_true", help="per-row cross-attention (does not match the original)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="the number of transformer blocks the checkpoint must have (a missing block is an error)")
     args = parser.parse_args(argv)
     try:
         patch_nums = parse_patch_nums(args.patch_nums)
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
             args.vae, args.transformer, args.text_encoder, args.output, patch_nums=patch_nums,
             rope_theta=args.rope_theta, rope_norm=args.rope_norm, logit_norm=not args.no_logit_norm,
             sampler_start_scale=args.sampler_start_scale, cross_attention_row0_quirk=not args.no_row0_quirk,
-            dtype=DTYPES[args.dtype], overwrite=args.overwrite)
+            dtype=DTYPES[args.dtype], overwrite=args.overwrite, depth=args.depth)
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -27,6 +27,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quant-resi", type=float, default=0.5, help="Phi ratio of the VQ-VAE (0.5 in every release)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="the number of transformer blocks the checkpoint must have (a missing block is an error)")
     args = parser.parse_args(argv)
     try:
         patch_nums = [int(p) for p in args.patch_nums.split(",")] if args.patch_nums else None
@@ -34,7 +36,8 @@ def main(argv=None) -> int:
         parser.error(f"--patch-nums must be comma-separated integers, got {args.patch_nums!r}")
     try:
         pipe = convert_var_checkpoint(args.vae, args.transformer, args.output, patch_nums=patch_nums,
-                                      quant_resi=args.quant_resi, dtype=DTYPES[args.dtype], overwrite=args.overwrite)
+                                      quant_resi=args.quant_resi, dtype=DTYPES[args.dtype], overwrite=args.overwrite,
+                                      depth=args.depth)
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

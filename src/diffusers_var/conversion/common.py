@@ -44,6 +44,28 @@ def load_checkpoint(path: str | os.PathLike, param_name: str) -> dict[str, torch
     return dict(obj)
 
 
+def count_blocks(state_dict: Mapping, prefix: str, param_name: str, depth: int | None = None,
+                 num_heads: int | None = None, width: int | None = None) -> int:
+    """The number of ``{prefix}.N.`` blocks, every index from 0 present (a ConversionError lists the missing ones).
+
+    A block removed at the end leaves no gap; the original's strict load catches it because its command line gives
+    the depth. So does ``depth`` here; without it, a checkpoint with the release layout (``width = 64 * num_heads``,
+    ``num_heads = depth``: every VAR and STAR release) must have ``num_heads`` blocks."""
+    found = {int(m.group(1)) for k in state_dict if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))}
+    expected = depth
+    if expected is None and num_heads is not None and width == 64 * num_heads:
+        expected = num_heads  # release layout
+    count = expected if expected is not None else (max(found) + 1 if found else 0)
+    missing, extra = sorted(set(range(count)) - found), sorted(i for i in found if i >= count)
+    if missing or extra:
+        detail = f"no keys for {prefix} {missing}" if missing else f"more {prefix} than {count}: {extra}"
+        source = "`--depth`" if depth is not None else ("the release layout (width 64 x heads)" if expected is not None
+                                                          else "the block indices")
+        raise ConversionError(f"`{param_name}`: {detail} (depth {count} from {source}): a truncated or edited "
+                              f"checkpoint{'' if depth is not None else '; pass --depth to convert another layout'}.")
+    return count
+
+
 def find_state_dict(obj: Mapping, candidates: Iterable[tuple[str, ...]], looks_right: Callable[[Mapping], bool], param_name: str) -> dict:
     """Return the model state dict inside a checkpoint: the object itself, or a nested entry such as
     ``ckpt['trainer']['var_wo_ddp']`` (training snapshots); strips a DDP ``module.`` prefix."""

@@ -81,25 +81,34 @@ def _vae_get(state_dict: Mapping, prefix: str) -> tuple[int, ...] | None:
 # ----------------------------------------------------------------------------------------------
 # Configuration inference
 # ----------------------------------------------------------------------------------------------
-def _block_index_map(keys) -> dict[str, str]:
-    """``block_chunks.{c}.module.{j}.`` -> ``blocks.{c * per_chunk + j}.`` (chunks are equally sized)."""
+def _block_index_map(keys, depth: int | None = None) -> dict[str, str]:
+    """``block_chunks.{c}.module.{j}.`` -> ``blocks.{c * per_chunk + j}.``: every chunk holds the same blocks
+    ``0 .. per_chunk - 1`` (a ConversionError lists the missing ones); ``depth``, when given, must be their number."""
     pairs = {(int(m.group(1)), int(m.group(2))) for k in keys if (m := re.match(r"block_chunks\.(\d+)\.module\.(\d+)\.", k))}
     if not pairs:
         raise ConversionError("`transformer`: the checkpoint has no transformer blocks (block_chunks.*).")
-    chunks = sorted({c for c, _ in pairs})
-    per_chunk = len({j for _, j in pairs})
-    if chunks != list(range(len(chunks))) or len(pairs) != len(chunks) * per_chunk:
-        raise ConversionError("`transformer`: block_chunks are not equally sized (truncated checkpoint?).")
+    num_chunks = max(c for c, _ in pairs) + 1
+    per_chunk = max(j for _, j in pairs) + 1
+    if depth is not None and depth % num_chunks == 0:
+        per_chunk = max(per_chunk, depth // num_chunks)
+    missing = sorted({(c, j) for c in range(num_chunks) for j in range(per_chunk)} - pairs)
+    if missing or (depth is not None and depth != num_chunks * per_chunk):
+        detail = f"no keys for block_chunks.C.module.J (C, J) in {missing[:8]}" if missing else \
+            f"{num_chunks * per_chunk} blocks"
+        source = f"; `--depth` {depth}" if depth is not None else ""
+        raise ConversionError(f"`transformer`: {detail}: a truncated or edited checkpoint ({num_chunks} chunks of "
+                              f"{per_chunk} blocks{source}).")
     return {f"block_chunks.{c}.module.{j}.": f"blocks.{c * per_chunk + j}." for c, j in pairs}
 
 
-def infinity_config_from_state_dict(state_dict: Mapping, level_embed_every_chunk: bool = False) -> dict:
+def infinity_config_from_state_dict(state_dict: Mapping, level_embed_every_chunk: bool = False,
+                                    depth: int | None = None) -> dict:
     missing = [k for k in _TRANSFORMER_REQUIRED if k not in state_dict]
     if missing:
         raise ConversionError(f"`transformer`: not an Infinity transformer checkpoint (missing {missing}).")
     text_max_length, text_dim = _shape(state_dict["cfg_uncond"])
     C = _shape(state_dict["pos_start"])[-1]
-    blocks = _block_index_map(state_dict)
+    blocks = _block_index_map(state_dict, depth)
     depth = len(blocks)
     chunks = len({k.split(".")[1] for k in blocks})
     ffn_dim = _shape(state_dict["block_chunks.0.module.0.ffn.fc1.weight"])[0]
@@ -192,8 +201,9 @@ def derived_buffer_shape(config: dict, name: str) -> tuple[int, ...]:
     raise KeyError(name)
 
 
-def convert_infinity_transformer(state_dict: Mapping, level_embed_every_chunk: bool = False) -> InfinityTransformer2DModel:
-    config = infinity_config_from_state_dict(state_dict, level_embed_every_chunk)
+def convert_infinity_transformer(state_dict: Mapping, level_embed_every_chunk: bool = False,
+                                 depth: int | None = None) -> InfinityTransformer2DModel:
+    config = infinity_config_from_state_dict(state_dict, level_embed_every_chunk, depth)
     model = InfinityTransformer2DModel(**config)
     _convert(model, state_dict, infinity_key_map(state_dict), "transformer", lambda n: derived_buffer_shape(config, n))
     return model.eval()
@@ -252,14 +262,17 @@ def convert_infinity_checkpoint(
     level_embed_every_chunk: bool = False,
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
+    depth: int | None = None,
 ):
     """Convert an original Infinity VAE + transformer and a T5 encoder / tokenizer folder into an
-    :class:`InfinityPipeline`; written atomically (safetensors only) when ``output_dir`` is given."""
+    :class:`InfinityPipeline`; written atomically (safetensors only) when ``output_dir`` is given. ``depth``: the
+    number of blocks the checkpoint must have (by default every chunk must hold the same, complete set of blocks)."""
     from transformers import AutoTokenizer, T5EncoderModel
 
     from ..pipelines.pipeline_infinity import InfinityPipeline
 
-    transformer = convert_infinity_transformer(load_infinity_transformer_state_dict(transformer_path), level_embed_every_chunk)
+    transformer = convert_infinity_transformer(load_infinity_transformer_state_dict(transformer_path), level_embed_every_chunk,
+                                               depth)
     vae_sd = load_bitwise_vae_state_dict(vae_path)
     d = vae_config_from_state_dict(vae_sd)["codebook_dim"]
     bits = transformer.config.bits_per_token

@@ -19,7 +19,16 @@ import torch
 
 from ..models.blocks import validate_patch_nums
 from ..models.star_transformer import STARTransformer2DModel
-from .common import KNOWN_PATCH_NUMS, ConversionError, atomic_save_pipeline, find_state_dict, load_checkpoint, load_into, rename_keys
+from .common import (
+    KNOWN_PATCH_NUMS,
+    ConversionError,
+    atomic_save_pipeline,
+    count_blocks,
+    find_state_dict,
+    load_checkpoint,
+    load_into,
+    rename_keys,
+)
 from .var import _load_vae, _shape, convert_vae
 
 _ATTN_RULES = [
@@ -78,10 +87,6 @@ def star_key_map(keys) -> dict[str, str]:
     return rename_keys(keys, STAR_KEY_RULES, "transformer")
 
 
-def _count(state_dict: Mapping, prefix: str) -> int:
-    return len({int(m.group(1)) for k in state_dict if (m := re.match(rf"{prefix}\.(\d+)\.", k))})
-
-
 def infer_star_patch_nums(state_dict: Mapping, patch_nums=None, snapshot_config: Mapping | None = None) -> tuple[int, ...]:
     """Scale schedule: explicit (list or "256"/"512"/"1024") > the snapshot's trainer config > the token
     count of ``pos_1LC`` > the number of level embeddings when only one known schedule has it."""
@@ -122,22 +127,25 @@ def star_config_from_state_dict(
     logit_norm: bool = True,
     sampler_start_scale: int | None = None,
     cross_attention_row0_quirk: bool = True,
+    depth: int | None = None,
 ) -> dict:
     missing = [k for k in _STAR_REQUIRED if k not in state_dict]
     if missing:
         raise ConversionError(f"`transformer`: not a STAR transformer checkpoint (missing {missing}).")
     C = _shape(state_dict["pos_start"])[-1]
-    depth = _count(state_dict, "blocks")
+    heads_key = "blocks.0.attn.scale_mul_1H11"
+    num_heads = _shape(state_dict[heads_key])[1] if heads_key in state_dict else None
+    depth = count_blocks(state_dict, "blocks", "transformer", depth, num_heads, C)
     if depth == 0:
         raise ConversionError("`transformer`: the checkpoint has no transformer blocks.")
     patch_nums = infer_star_patch_nums(state_dict, patch_nums, snapshot_config)
-    sampler_depth = _count(state_dict, "feat_extract_blocks")
+    sampler_depth = count_blocks(state_dict, "feat_extract_blocks", "transformer")
     if sampler_start_scale is None:  # 9 in every release; a shorter (test) schedule starts at its last scale
         sampler_start_scale = min(9, len(patch_nums) - 1)
     return dict(
         depth=depth,
         embed_dim=C,
-        num_heads=_shape(state_dict["blocks.0.attn.scale_mul_1H11"])[1],
+        num_heads=num_heads,
         mlp_ratio=_shape(state_dict["blocks.0.ffn.fc1.weight"])[0] / C,
         vocab_size=_shape(state_dict["head_logits.weight"])[0],
         latent_channels=_shape(state_dict["word_embed.weight"])[1],
@@ -224,19 +232,22 @@ def convert_star_checkpoint(
     quant_resi: float = 0.5,
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
+    depth: int | None = None,
 ):
     """Convert an original VQ-VAE + STAR snapshot + text-encoder folder into a :class:`STARPipeline`.
 
     ``cross_attention_row0_quirk`` (default True) reproduces the released code's cross-attention batch
-    quirk so outputs match the original. When ``output_dir`` is given the pipeline is written there
-    atomically (safetensors only). Returns the pipeline.
+    quirk so outputs match the original. ``depth``: the number of blocks the checkpoint must have (by default every
+    block index present, and the release layout's depth where it applies). When ``output_dir`` is given the pipeline
+    is written there atomically (safetensors only). Returns the pipeline.
     """
     from ..pipelines.pipeline_star import STARPipeline
 
     star_sd, snapshot_config = load_star_snapshot(transformer_path)
     transformer = convert_star_transformer(
         star_sd, patch_nums=patch_nums, snapshot_config=snapshot_config, rope_theta=rope_theta, rope_norm=rope_norm,
-        logit_norm=logit_norm, sampler_start_scale=sampler_start_scale, cross_attention_row0_quirk=cross_attention_row0_quirk)
+        logit_norm=logit_norm, sampler_start_scale=sampler_start_scale, cross_attention_row0_quirk=cross_attention_row0_quirk,
+        depth=depth)
     vqvae = convert_vae(_load_vae(vae_path), transformer.config.patch_nums, quant_resi)
     if vqvae.config.vocab_size != transformer.config.vocab_size or vqvae.config.z_channels != transformer.config.latent_channels:
         raise ConversionError(

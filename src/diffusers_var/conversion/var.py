@@ -20,6 +20,7 @@ from .common import (
     KNOWN_PATCH_NUMS,
     ConversionError,
     atomic_save_pipeline,
+    count_blocks,
     find_state_dict,
     load_checkpoint,
     load_into,
@@ -88,16 +89,16 @@ def infer_patch_nums(state_dict: Mapping, patch_nums: Sequence[int] | None = Non
     raise ConversionError(f"`{param_name}`: cannot infer the scale schedule from L={L} tokens; pass --patch-nums.")
 
 
-def var_config_from_state_dict(state_dict: Mapping, patch_nums: Sequence[int] | None = None) -> dict:
+def var_config_from_state_dict(state_dict: Mapping, patch_nums: Sequence[int] | None = None, depth: int | None = None) -> dict:
     missing = [k for k in _VAR_REQUIRED if k not in state_dict]
     if missing:
         raise ConversionError(f"`transformer`: not a VAR transformer checkpoint (missing {missing}).")
     num_classes_plus_null, C = _shape(state_dict["class_emb.weight"])
-    depth = len({int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k))})
-    if depth == 0:
-        raise ConversionError("`transformer`: the checkpoint has no transformer blocks.")
     attn_l2_norm = "blocks.0.attn.scale_mul_1H11" in state_dict
     num_heads = _shape(state_dict["blocks.0.attn.scale_mul_1H11"])[1] if attn_l2_norm else C // 64
+    depth = count_blocks(state_dict, "blocks", "transformer", depth, num_heads, C)
+    if depth == 0:
+        raise ConversionError("`transformer`: the checkpoint has no transformer blocks.")
     patch_nums = infer_patch_nums(state_dict, patch_nums)
     return dict(
         num_classes=num_classes_plus_null - 1,
@@ -176,8 +177,9 @@ def _expected_derived(model: VARTransformer2DModel, name: str) -> torch.Tensor:
     raise KeyError(name)
 
 
-def convert_var_transformer(state_dict: Mapping, patch_nums: Sequence[int] | None = None) -> VARTransformer2DModel:
-    config = var_config_from_state_dict(state_dict, patch_nums)
+def convert_var_transformer(state_dict: Mapping, patch_nums: Sequence[int] | None = None,
+                            depth: int | None = None) -> VARTransformer2DModel:
+    config = var_config_from_state_dict(state_dict, patch_nums, depth)
     model = VARTransformer2DModel(**config)
     converted = {}
     for old, new in var_key_map(state_dict).items():
@@ -221,8 +223,10 @@ def convert_var_checkpoint(
     quant_resi: float = 0.5,
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
+    depth: int | None = None,
 ):
-    """Convert an original VQ-VAE + VAR checkpoint pair into a :class:`VARPipeline`.
+    """Convert an original VQ-VAE + VAR checkpoint pair into a :class:`VARPipeline` (``depth``: the number of blocks
+    the checkpoint must have; by default every block index present, and the release layout's depth where it applies).
 
     When ``output_dir`` is given the pipeline is written there atomically (safetensors only).
     Returns the pipeline.
@@ -231,7 +235,7 @@ def convert_var_checkpoint(
 
     var_sd = _load_var(transformer_path)
     vae_sd = _load_vae(vae_path)
-    transformer = convert_var_transformer(var_sd, patch_nums)
+    transformer = convert_var_transformer(var_sd, patch_nums, depth)
     vqvae = convert_vae(vae_sd, transformer.config.patch_nums, quant_resi)
     if vqvae.config.vocab_size != transformer.config.vocab_size or vqvae.config.z_channels != transformer.config.latent_channels:
         raise ConversionError(
