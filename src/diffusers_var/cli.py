@@ -146,6 +146,12 @@ def main(argv=None) -> int:
     add_demo_arguments(demo)
     demo.set_defaults(func=_demo)
 
+    from .evaluation import add_evaluate_parser
+    from .sample import add_sample_parser
+
+    add_sample_parser(sub)
+    add_evaluate_parser(sub)
+
     args, extra = parser.parse_known_args(argv)
     if args.command == "train":
         bad = [item for item in extra if "=" not in item]

@@ -1,0 +1,487 @@
+"""``diffusers-var evaluate``: FID, Inception score and precision/recall as OpenAI's ADM evaluation suite computes
+them (the suite VAR's FID-50k comes from), and CLIP score for text-to-image samples.
+
+Protocol (``guided-diffusion/evaluations/evaluator.py``):
+
+* Features: the FID Inception-v3 (TensorFlow's 2015-12-05 graph, :mod:`diffusers_var.fid_inception`) on uint8 images,
+  resized to 299 px by TensorFlow 1's bilinear resize inside the network; ``pool_3`` (2048) for FID and
+  precision/recall, ``pool_3 @ W`` (the softmax layer without its bias) for the Inception score.
+* FID: Fréchet distance of Gaussians fitted in float64 (``np.cov``); the trace of ``sqrtm(S1 S2)`` is taken as the sum
+  of the singular values of ``S1^1/2 S2^1/2`` (the same number: their squares are the eigenvalues of ``S1 S2``),
+  without scipy and without taking square roots of round-off when the covariances are singular (fewer images than
+  2,048 dimensions). A reference ``.npz`` with ``mu`` / ``sigma`` (ADM's reference batches) is used as is.
+* Inception score: ``exp(E[KL(p(y|x) || p(y))])`` over splits of 5,000 images, averaged (10 splits for 50k).
+* Precision / recall: Kynkäänniemi et al.'s k-NN manifolds (k = 3) on ``pool_3``: a sample is inside the reference
+  manifold if it lies within the distance of some reference image to that image's 3rd nearest neighbour. ADM
+  computes the squared distances in float16 where finite; here they are float32.
+* CLIP score: ``100 * max(cos(image, text), 0)`` averaged over images (Hessel et al.; torchmetrics' definition), with
+  a ``transformers`` CLIPModel: open_clip requires torchvision, which this project does not install.
+
+Weights are never downloaded here: the Inception file comes from ``--inception-weights`` or torch-fidelity's cache
+(``$TORCH_HOME/hub/checkpoints``), the CLIP model from ``--clip-model`` (a folder, or a Hub id in the Hugging Face
+cache). A missing file is an error that says what to put where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import pickle
+import sys
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .fid_inception import WEIGHTS_FILENAMES, WEIGHTS_URL, FIDInceptionV3
+from .sample import IMAGES_DIR, METADATA_FILE, write_atomic
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IS_SPLIT_SIZE = 5000  # ADM's compute_inception_score
+PR_NEIGHBOURHOOD = 3  # ADM's ManifoldEstimator(nhood_sizes=(3,))
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+METRICS = ("fid", "is", "pr", "clip")
+
+
+# ----------------------------------------------------------------------------------------------
+# Image sets: a sample folder, an image folder or an .npz
+# ----------------------------------------------------------------------------------------------
+class ImageSet:
+    """Images read in batches of uint8 (N, H, W, 3), in a fixed order, without holding the set in memory.
+
+    ``path``: a ``diffusers-var sample`` folder (``images/`` in ``metadata.jsonl`` order, with its prompts), an image
+    folder (searched recursively, sorted by path), or an ``.npz`` with ``arr_0`` (ADM's sample / reference batches)."""
+
+    def __init__(self, path, flag: str):
+        self.path, self.flag = Path(path), flag
+        self.prompts: list[str] | None = None
+        self.files: list[Path] | None = None
+        if self.path.suffix == ".npz" and self.path.is_file():
+            self.kind = "npz"
+            self.length = _npz_shape(self.path, "arr_0", flag)[0] if self._has("arr_0") else 0
+        elif (self.path / IMAGES_DIR).is_dir() and (self.path / METADATA_FILE).is_file():
+            self.kind = "samples"
+            entries = [json.loads(line) for line in (self.path / METADATA_FILE).read_text().splitlines() if line.strip()]
+            self.files = [self.path / entry["file_name"] for entry in entries]
+            if all("prompt" in entry for entry in entries):
+                self.prompts = [entry["prompt"] for entry in entries]
+        elif self.path.is_dir():
+            self.kind = "folder"
+            self.files = sorted(p for p in self.path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        else:
+            raise ValueError(f"`{flag}` {str(self.path)!r} is not an image folder, a `diffusers-var sample` folder or an "
+                             f".npz file.")
+        if self.files is not None:
+            self.length = len(self.files)
+        if self.kind != "npz" and self.length == 0:
+            raise ValueError(f"`{flag}` {str(self.path)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+
+    @property
+    def has_features(self) -> bool:
+        """Images, or stored Inception features: what precision/recall need (statistics alone are not enough)."""
+        return self.length > 0 or self._has("inception_pool_3")
+
+    def _has(self, key: str) -> bool:
+        if self.kind != "npz":
+            return False
+        with np.load(self.path) as data:
+            return key in data.files
+
+    def arrays(self, *keys: str) -> dict[str, np.ndarray]:
+        """Small arrays stored beside the images in an .npz (``mu``, ``sigma``, ``inception_pool_3``)."""
+        if self.kind != "npz":
+            return {}
+        with np.load(self.path) as data:
+            return {key: data[key] for key in keys if key in data.files}
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        if self.kind == "npz":
+            yield from _npz_batches(self.path, "arr_0", batch_size, self.flag)
+            return
+        from PIL import Image
+
+        batch: list[np.ndarray] = []
+        for path in self.files:
+            with Image.open(path) as image:
+                array = np.asarray(image.convert("RGB"))
+            if batch and (len(batch) == batch_size or array.shape != batch[0].shape):  # one size per batch
+                yield np.stack(batch)
+                batch = []
+            batch.append(array)
+        if batch:
+            yield np.stack(batch)
+
+
+def _npz_member(path: Path, key: str, flag: str):
+    archive = zipfile.ZipFile(path)
+    try:
+        member = archive.open(f"{key}.npy")
+    except KeyError:
+        archive.close()
+        raise ValueError(f"`{flag}` {str(path)!r} has no `{key}` array.") from None
+    version = np.lib.format.read_magic(member)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(member)
+    if key == "arr_0" and (dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran_order):
+        archive.close()
+        raise ValueError(f"`{flag}` {str(path)!r}: `arr_0` must be uint8 images (N, H, W, 3) as ADM's batches, got "
+                         f"{dtype} {shape}.")
+    return archive, member, shape, dtype
+
+
+def _npz_shape(path: Path, key: str, flag: str) -> tuple[int, ...]:
+    archive, member, shape, _ = _npz_member(path, key, flag)
+    member.close()
+    archive.close()
+    return shape
+
+
+def _npz_batches(path: Path, key: str, batch_size: int, flag: str) -> Iterator[np.ndarray]:
+    """``arr_0`` streamed from the zip member (a 50k batch at 256 px is 9.8 GB), as ADM's evaluator reads it."""
+    archive, member, shape, dtype = _npz_member(path, key, flag)
+    row = int(np.prod(shape[1:])) * dtype.itemsize
+    with archive, member:
+        for start in range(0, shape[0], batch_size):
+            count = min(batch_size, shape[0] - start)
+            yield np.frombuffer(member.read(count * row), dtype=dtype).reshape(count, *shape[1:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Inception features
+# ----------------------------------------------------------------------------------------------
+def inception_weights_path(path: str | None = None) -> Path:
+    """The FID Inception weight file: ``path``, else torch-fidelity's (or pytorch-fid's) file in torch's hub cache."""
+    if path is not None:
+        if not Path(path).is_file():
+            raise ValueError(f"`--inception-weights` {path!r} is not a file.")
+        return Path(path)
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    for name in WEIGHTS_FILENAMES:
+        if (cache / name).is_file():
+            return cache / name
+    raise ValueError(f"the FID Inception weights are not on this machine: put {WEIGHTS_FILENAMES[0]} (from {WEIGHTS_URL}; "
+                     f"torch-fidelity's file, the same as pytorch-fid's {WEIGHTS_FILENAMES[1]}) into {cache}/, or pass "
+                     f"`--inception-weights FILE`.")
+
+
+def load_inception(path, device="cpu") -> FIDInceptionV3:
+    """The FID Inception with the weights in ``path`` (a torch state dict, read with ``weights_only=True``)."""
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:  # truncated, or not torch's
+        raise ValueError(f"could not read the Inception weights {str(path)!r} ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); download it again.") from None
+    model = FIDInceptionV3()
+    try:
+        model.load_state_dict(state_dict)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise ValueError(f"{str(path)!r} does not hold the FID Inception weights ({str(err).splitlines()[0]}).") from None
+    return model.requires_grad_(False).eval().to(device)
+
+
+@contextlib.contextmanager
+def _full_float32():
+    """No TF32 in the feature network (cuDNN allows it by default): the features stay as close to TensorFlow's as the
+    CPU gives them."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@torch.no_grad()
+def inception_features(model: FIDInceptionV3, images: ImageSet, batch_size: int = 64,
+                       progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(pool_3 (N, 2048), unbiased logits (N, 1008)), float32, in the set's order."""
+    device = next(model.parameters()).device
+    pools, logits = [], []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=images.length, unit="img", desc=f"Inception {images.path.name}", dynamic_ncols=True)
+    with _full_float32():
+        for batch in images.batches(batch_size):
+            features = model(torch.from_numpy(np.array(batch)).to(device).permute(0, 3, 1, 2))  # a writable copy
+            pools.append(features.pool.cpu().numpy())
+            logits.append(features.logits_unbiased.cpu().numpy())
+            if bar is not None:
+                bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    return np.concatenate(pools), np.concatenate(logits)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if len(features) < 2:
+        raise ValueError(f"FID needs at least 2 images on each side, got {len(features)}.")
+    features = features.astype(np.float64)
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    values, vectors = np.linalg.eigh(matrix)
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2))`` (the module docstring says how the root is taken)."""
+    mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
+        raise ValueError(f"the two feature statistics differ in shape: {mu1.shape} / {sigma1.shape} vs {mu2.shape} / "
+                         f"{sigma2.shape}.")
+    covmean_trace = np.linalg.svd(_psd_sqrt(sigma1) @ _psd_sqrt(sigma2), compute_uv=False).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * covmean_trace)
+
+
+def frechet_distance_of_features(features1: np.ndarray, features2: np.ndarray) -> float:
+    """:func:`frechet_distance` of the Gaussians fitted to two feature sets. With fewer images than dimensions the
+    covariances' roots come from the images: ``tr sqrtm(S1 S2)`` is the nuclear norm of ``X1 X2^T`` (centred features)
+    over ``sqrt((n1 - 1)(n2 - 1))``, an (n1, n2) problem instead of two (2048, 2048) ones, and exact."""
+    if min(len(features1), len(features2)) < 2:
+        raise ValueError(f"FID needs at least 2 images on each side, got {len(features1)} and {len(features2)}.")
+    if max(len(features1), len(features2)) > features1.shape[1]:
+        return frechet_distance(*feature_statistics(features1), *feature_statistics(features2))
+    x1, x2 = (np.asarray(f, dtype=np.float64) for f in (features1, features2))
+    diff = x1.mean(axis=0) - x2.mean(axis=0)
+    x1, x2 = x1 - x1.mean(axis=0), x2 - x2.mean(axis=0)
+    n1, n2 = len(x1) - 1, len(x2) - 1
+    covmean_trace = np.linalg.svd(x1 @ x2.T, compute_uv=False).sum() / np.sqrt(n1 * n2)
+    return float(diff @ diff + (x1**2).sum() / n1 + (x2**2).sum() / n2 - 2 * covmean_trace)
+
+
+def inception_score(logits_unbiased: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float:
+    """ADM's Inception score: ``exp(mean KL(p(y|x) || p(y)))`` per split of ``split_size`` images, averaged."""
+    logits = torch.from_numpy(np.asarray(logits_unbiased, dtype=np.float64))
+    scores = []
+    for start in range(0, len(logits), split_size):
+        log_p = logits[start:start + split_size].log_softmax(dim=1)
+        p = log_p.exp()
+        kl = (p * (log_p - p.mean(dim=0, keepdim=True).log())).sum(dim=1).mean()
+        scores.append(kl.exp().item())
+    return float(np.mean(scores))
+
+
+def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # ADM's _batch_pairwise_distances: |u|^2 - 2 u.v + |v|^2, clamped at 0
+    return (a.square().sum(1, keepdim=True) - 2 * a @ b.T + b.square().sum(1)[None]).clamp_(min=0)
+
+
+def _rows_per_chunk(cols: int) -> int:
+    return max(1, 2**27 // max(1, cols))  # about 512 MB of float32 distances at a time
+
+
+def manifold_radii(features: torch.Tensor, k: int = PR_NEIGHBOURHOOD) -> torch.Tensor:
+    """Squared distance of each point to its k-th nearest neighbour (the point itself is the 0-th, as in ADM)."""
+    step = _rows_per_chunk(len(features))
+    return torch.cat([_squared_distances(features[start:start + step], features).kthvalue(k + 1, dim=1).values
+                      for start in range(0, len(features), step)])
+
+
+def _inside(points: torch.Tensor, manifold: torch.Tensor, radii: torch.Tensor) -> float:
+    """Fraction of ``points`` within the radius of at least one point of ``manifold``."""
+    step = _rows_per_chunk(len(manifold))
+    inside = [(_squared_distances(points[start:start + step], manifold) <= radii[None]).any(dim=1)
+              for start in range(0, len(points), step)]
+    return torch.cat(inside).float().mean().item()
+
+
+def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = PR_NEIGHBOURHOOD,
+                     device="cpu") -> tuple[float, float]:
+    """Improved precision (samples inside the reference manifold) and recall (reference inside the samples')."""
+    if min(len(reference), len(samples)) <= k:
+        raise ValueError(f"precision/recall need more than {k} images on each side, got {len(reference)} and "
+                         f"{len(samples)}.")
+    ref = torch.as_tensor(reference, dtype=torch.float32, device=device)
+    gen = torch.as_tensor(samples, dtype=torch.float32, device=device)
+    return _inside(gen, ref, manifold_radii(ref, k)), _inside(ref, gen, manifold_radii(gen, k))
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP score
+# ----------------------------------------------------------------------------------------------
+def load_clip(name_or_path: str, device="cpu"):
+    """(model, tokenizer, image processor) of a ``transformers`` CLIP checkpoint: a folder, or a Hub id already in
+    the Hugging Face cache (or downloadable where there is network)."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    try:  # transformers >= 5: the PIL/numpy processor (the default one needs torchvision)
+        from transformers import CLIPImageProcessorPil as ImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor as ImageProcessor
+    try:
+        model = CLIPModel.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        processor = ImageProcessor.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"`--clip-model` {name_or_path!r} could not be loaded ({reason}). Pass a folder holding a "
+                         f"CLIPModel with its tokenizer and preprocessor_config.json (CLIPModel / CLIPProcessor "
+                         f"save_pretrained), or put the Hub model into the Hugging Face cache on a machine with network "
+                         f"(`huggingface-cli download {DEFAULT_CLIP_MODEL}`).") from None
+    return model.requires_grad_(False).eval().to(device), tokenizer, processor
+
+
+@torch.no_grad()
+def clip_scores(clip, images: ImageSet, prompts: list[str], batch_size: int = 64) -> np.ndarray:
+    """Per-image CLIP score ``100 * max(cos, 0)`` of image i with ``prompts[i]``."""
+    from PIL import Image
+
+    model, tokenizer, processor = clip
+    device = next(model.parameters()).device
+    max_length = model.config.text_config.max_position_embeddings
+    scores, start = [], 0
+    for batch in images.batches(batch_size):
+        texts = prompts[start:start + len(batch)]
+        start += len(batch)
+        pixels = processor(images=[Image.fromarray(a) for a in batch], return_tensors="pt")["pixel_values"]
+        tokens = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        out = model(input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device),
+                    pixel_values=pixels.to(device))
+        cosine = (out.image_embeds.float() * out.text_embeds.float()).sum(dim=-1)  # both unit vectors
+        scores.append((100 * cosine.clamp(min=0)).cpu().numpy())
+    if start != len(prompts):
+        raise ValueError(f"{start} images for {len(prompts)} prompts.")
+    return np.concatenate(scores)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------
+def _metrics(args, samples: ImageSet, reference: ImageSet | None) -> list[str]:
+    if args.metrics == "auto":
+        chosen = ["is"] + (["fid"] if reference is not None else []) + (["clip"] if samples.prompts else [])
+        if reference is not None and reference.has_features:
+            chosen.append("pr")
+    else:
+        chosen = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        bad = [m for m in chosen if m not in METRICS]
+        if bad or not chosen:
+            raise ValueError(f"`--metrics` must be 'auto' or a comma-separated subset of {', '.join(METRICS)}, "
+                             f"got {args.metrics!r}.")
+    if reference is None and ({"fid", "pr"} & set(chosen)):
+        raise ValueError("`--reference` is required for FID and precision/recall.")
+    if "clip" in chosen and not samples.prompts:
+        raise ValueError("`--metrics clip` needs the prompts: evaluate a `diffusers-var sample` folder of a "
+                         "text-to-image run (its metadata.jsonl holds them).")
+    return [m for m in METRICS if m in chosen]
+
+
+def run_evaluate(args) -> dict:
+    if args.batch_size < 1:
+        raise ValueError(f"`--batch-size` must be >= 1, got {args.batch_size}.")
+    samples = ImageSet(args.samples, "--samples")
+    if samples.length == 0:
+        raise ValueError(f"`--samples` {args.samples!r} has no `arr_0` images.")
+    reference = ImageSet(args.reference, "--reference") if args.reference else None
+    metrics = _metrics(args, samples, reference)
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"`--device` {args.device!r} is not a torch device.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"`--device` {args.device!r}: this machine has no CUDA device.")
+    progress = not args.no_progress
+    # Load every network before the long feature passes, so that a missing file fails at once.
+    inception = None
+    if {"fid", "is", "pr"} & set(metrics):
+        weights = inception_weights_path(args.inception_weights)
+        inception = load_inception(weights, device)
+    clip = load_clip(args.clip_model, device) if "clip" in metrics else None
+
+    result = {"samples": str(samples.path), "num_samples": samples.length}
+    if inception is not None:
+        result["inception_weights"] = str(weights)
+        pool, logits = inception_features(inception, samples, args.batch_size, progress)
+        if "is" in metrics:
+            result["inception_score"] = inception_score(logits)
+    if reference is not None and ({"fid", "pr"} & set(metrics) or args.save_reference_stats):
+        result["reference"] = str(reference.path)
+        stored = reference.arrays("mu", "sigma", "inception_pool_3")
+        ref_pool = stored.get("inception_pool_3")
+        if ref_pool is None and reference.length:
+            ref_pool, _ = inception_features(inception or load_inception(inception_weights_path(args.inception_weights),
+                                                                          device), reference, args.batch_size, progress)
+        if ref_pool is None and not ("mu" in stored and "sigma" in stored):
+            raise ValueError(f"`--reference` {args.reference!r} has neither images (`arr_0`) nor statistics (`mu`, `sigma`).")
+        result["num_reference"] = None if ref_pool is None else len(ref_pool)
+        # ADM's reference batches carry their TensorFlow statistics: FID uses them, as ADM does (a file of
+        # --save-reference-stats carries the features themselves, which give the same statistics).
+        use_stats = "mu" in stored and "sigma" in stored and "inception_pool_3" not in stored
+        if "fid" in metrics:
+            result["fid"] = (frechet_distance(*feature_statistics(pool), stored["mu"], stored["sigma"]) if use_stats
+                             else frechet_distance_of_features(pool, ref_pool))
+        if "pr" in metrics:
+            if ref_pool is None:
+                raise ValueError(f"`--reference` {args.reference!r} holds statistics only; precision/recall need its "
+                                 f"images or `inception_pool_3` features (or leave pr out of --metrics).")
+            result["precision"], result["recall"] = precision_recall(ref_pool, pool, device=device)
+        if args.save_reference_stats:
+            if ref_pool is None:
+                raise ValueError("`--save-reference-stats`: the reference has no images to take features from.")
+            target = Path(args.save_reference_stats)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            ref_mu, ref_sigma = feature_statistics(ref_pool)
+            arrays = {"mu": ref_mu, "sigma": ref_sigma, "inception_pool_3": ref_pool}
+            write_atomic(target, lambda tmp: _savez(tmp, arrays))
+            result["reference_stats"] = str(target)
+    if clip is not None:
+        scores = clip_scores(clip, samples, samples.prompts, args.batch_size)
+        result["clip_score"] = float(scores.mean())
+        result["clip_model"] = args.clip_model
+    result["protocol"] = ("ADM evaluator: TF-Inception pool_3 FID, Inception score (splits of 5000), precision/recall "
+                          "(k=3)" + ("; CLIP score 100*max(cos,0)" if clip is not None else ""))
+    return result
+
+
+def _savez(path: Path, arrays: dict) -> None:
+    with open(path, "wb") as file:  # a file object: np.savez would add ".npz" to the temporary name
+        np.savez(file, **arrays)
+
+
+def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "evaluate", help="FID, Inception score, precision/recall (ADM's protocol) and CLIP score of a sample set",
+        description="Evaluate samples (a `diffusers-var sample` folder, an image folder or an ADM .npz) against a "
+                    "reference (an image folder, or an .npz with images `arr_0` and/or statistics `mu`/`sigma`). "
+                    "Prints the results as JSON.")
+    parser.add_argument("--samples", required=True, help="sample folder, image folder or .npz (arr_0 uint8 NHWC)")
+    parser.add_argument("--reference", default=None,
+                        help="image folder or .npz (ADM's reference batch, or a file of --save-reference-stats)")
+    parser.add_argument("--metrics", default="auto",
+                        help="auto (IS; FID and pr with --reference; clip for prompts) or a subset of fid,is,pr,clip")
+    parser.add_argument("--inception-weights", default=None,
+                        help="FID Inception weight file (default: torch-fidelity's cache file in $TORCH_HOME/hub/checkpoints)")
+    parser.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL,
+                        help=f"transformers CLIP folder or cached Hub id (default {DEFAULT_CLIP_MODEL})")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--save-reference-stats", default=None, metavar="FILE.npz",
+                        help="write the reference's mu, sigma and features here (reuse it as --reference)")
+    parser.add_argument("--out", default=None, help="also write the JSON results here")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=evaluate_command)
+    return parser
+
+
+def evaluate_command(args) -> int:
+    try:
+        result = run_evaluate(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(Path(args.out), lambda tmp: tmp.write_text(text + "\n"))
+    print(text)
+    return 0

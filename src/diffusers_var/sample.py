@@ -1,0 +1,611 @@
+"""``diffusers-var sample``: many images from a pipeline folder, for FID-50k style evaluations.
+
+The same command runs on one process or under ``accelerate launch --num_processes N`` (GPUs or CPU processes)
+and writes the same files:
+
+* Image ``i`` draws from its own ``torch.Generator`` seeded from ``(--seed, i)`` (:func:`image_seed`), so its
+  random stream depends neither on the number of processes nor on the batch size. (``--rng batch``: one generator
+  per global batch instead, which lets VAR's fast path sample inside its CUDA graphs; images then depend on the batch
+  size, still not on the number of processes.)
+* Images are generated in fixed *global* batches: batch ``b`` always holds images ``[b * B, (b + 1) * B)``.
+  A batch's floating-point results depend on its composition (matmul blocking changes with the batch size;
+  converted STAR models even read the first prompt of the batch), so processes share out whole batches and a
+  batch is always generated whole. The same command on the same hardware then gives the same bytes whatever
+  the number of processes, and a restarted run regenerates an interrupted batch exactly.
+* Every image is written atomically (a temporary file renamed into place). A killed run, restarted with the
+  same command (any number of processes), skips the batches whose images all exist and finishes the rest.
+  ``DIR/run.json`` records the settings; a restart with other settings is refused.
+
+Outputs: ``DIR/images/NNNNNN.png``, ``DIR/metadata.jsonl`` (one line per image, in index order, written when
+the run is complete) and, with ``--save-npz``, ``DIR/samples.npz`` in the layout of OpenAI's ADM evaluation
+suite (``arr_0``: uint8 (N, H, W, 3); ``arr_1``: the class labels of class-conditional runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import inspect
+import json
+import os
+import signal
+import sys
+import time
+import zipfile
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGES_DIR = "images"
+RUN_FILE = "run.json"
+METADATA_FILE = "metadata.jsonl"
+NPZ_FILE = "samples.npz"
+# The original VAR code's FID-50k setting (its README and paper): the default for converted ImageNet models.
+IMAGENET_FID_SAMPLING = {"guidance_scale": 1.5, "top_k": 900, "top_p": 0.96, "more_smooth": False}
+# Keys this command writes into metadata.jsonl; a prompt file's own fields must not reuse them.
+RESERVED_METADATA = ("index", "file_name", "class_label", "class_name", "prompt_index", "sample_index", "seed",
+                     "generator_seed", "batch_generator_seed")
+# Sampling flags and the pipelines that take them.
+SAMPLING_FLAGS = {
+    "guidance_scale": ("VARPipeline", "STARPipeline", "InfinityPipeline"),
+    "top_k": ("VARPipeline", "STARPipeline", "InfinityPipeline"),
+    "top_p": ("VARPipeline", "STARPipeline", "InfinityPipeline"),
+    "more_smooth": ("VARPipeline", "STARPipeline"),
+    "tau": ("InfinityPipeline",),
+    "height": ("InfinityPipeline",),
+    "width": ("InfinityPipeline",),
+}
+
+
+def _hash_seed(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1  # 63 bits
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image ``index``'s own generator: 63 bits of SHA-256 of ``(seed, index)``. A hash rather than
+    ``seed + index``, so that runs with neighbouring seeds do not share images."""
+    return _hash_seed(f"diffusers-var/sample/{seed}/{index}")
+
+
+def batch_seed(seed: int, batch: int, batch_size: int) -> int:
+    """The seed of global batch ``batch``'s generator (``--rng batch``; also STAR's stable-sampler stream)."""
+    return _hash_seed(f"diffusers-var/sample/{seed}/batch/{batch_size}/{batch}")
+
+
+# ----------------------------------------------------------------------------------------------
+# What to generate
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class SamplePlan:
+    """Image ``i``'s condition, for any ``i >= 0`` (indices past ``total`` pad a short last batch on the fast path).
+
+    Class-conditional: ``labels[i % len(labels)]``, so every prefix of the run is class-balanced (with
+    ``--per-class 50`` over 1000 classes: the papers' 50 images per class). Text: prompt ``i // per_item``, its
+    ``i % per_item``-th image (GenEval's layout of N samples per prompt)."""
+
+    labels: list[int] | None
+    prompts: list[dict] | None
+    per_item: int
+    class_names: dict[int, str]
+
+    @property
+    def total(self) -> int:
+        return self.per_item * len(self.labels if self.labels is not None else self.prompts)
+
+    def condition(self, index: int):
+        if self.labels is not None:
+            return self.labels[index % len(self.labels)]
+        return self.prompts[(index // self.per_item) % len(self.prompts)]["prompt"]
+
+    def metadata(self, index: int, seed: int, width: int, batch_size: int | None = None) -> dict:
+        """``batch_size``: ``--rng batch`` runs, whose images draw from their batch's generator."""
+        entry = {"index": index, "file_name": f"{IMAGES_DIR}/{index:0{width}d}.png"}
+        if self.labels is not None:
+            label = self.labels[index % len(self.labels)]
+            entry["class_label"] = label
+            if label in self.class_names:
+                entry["class_name"] = self.class_names[label]
+        else:
+            prompt_index = index // self.per_item
+            entry.update(prompt_index=prompt_index, sample_index=index % self.per_item, **self.prompts[prompt_index])
+        if batch_size is None:
+            entry.update(seed=seed, generator_seed=image_seed(seed, index))
+        else:
+            entry.update(seed=seed, batch_generator_seed=batch_seed(seed, index // batch_size, batch_size))
+        return entry
+
+
+def read_prompts(path) -> list[dict]:
+    """``--prompts`` file: ``.jsonl`` / ``.json`` holds one JSON object per line with a ``"prompt"`` and any other
+    fields (GenEval's ``tag``, ``include``, ...), copied into ``metadata.jsonl``; any other file holds one prompt a
+    line. Blank lines are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"`--prompts` {str(path)!r} is not a file.")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix.lower() not in (".jsonl", ".json"):
+        entries = [{"prompt": line.strip()} for line in lines if line.strip()]
+    else:
+        entries = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"`--prompts` {str(path)!r} line {number} is not JSON ({err.msg}).") from None
+            if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or not entry["prompt"].strip():
+                raise ValueError(f"`--prompts` {str(path)!r} line {number}: each line must be a JSON object with a "
+                                 f"non-empty string \"prompt\".")
+            clash = sorted(set(entry) & set(RESERVED_METADATA))
+            if clash:
+                raise ValueError(f"`--prompts` {str(path)!r} line {number}: the fields {clash} are written by this "
+                                 f"command; rename them.")
+            entries.append(entry)
+    if not entries:
+        raise ValueError(f"`--prompts` {str(path)!r} holds no prompt.")
+    return entries
+
+
+def parse_class_labels(text: str, num_classes: int) -> list[int]:
+    """``--class-labels 0,5,17`` (``-1`` is the null class, as in the pipeline)."""
+    try:
+        labels = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise ValueError(f"`--class-labels` must be comma-separated class indices, got {text!r}.") from None
+    bad = [label for label in labels if not -1 <= label < num_classes]
+    if not labels or bad:
+        raise ValueError(f"`--class-labels` must hold class indices in [0, {num_classes - 1}] (or -1, the null class), "
+                         f"got {text!r}.")
+    return labels
+
+
+def check_flags(args, pipeline_name: str) -> None:
+    """The flag errors that need only the pipeline's class (before a long model load)."""
+    if pipeline_name == "VARPipeline":
+        for flag, value in (("--prompts", args.prompts), ("--images-per-prompt", args.images_per_prompt)):
+            if value is not None:
+                raise ValueError(f"`{flag}` is for text-to-image pipelines; this is a class-conditional VAR "
+                                 f"(use --per-class / --class-labels).")
+        if args.per_class is None and args.class_labels is None:
+            raise ValueError("a class-conditional model needs `--per-class N` (N images of every class; the papers "
+                             "use 50 over the 1000 ImageNet classes) and/or `--class-labels`.")
+    else:
+        for flag, value in (("--per-class", args.per_class), ("--class-labels", args.class_labels)):
+            if value is not None:
+                raise ValueError(f"`{flag}` is for class-conditional pipelines; {pipeline_name} takes `--prompts FILE`.")
+        if args.prompts is None:
+            raise ValueError(f"`--prompts FILE` is required for {pipeline_name} (one prompt a line, or JSONL).")
+    for name, pipelines in SAMPLING_FLAGS.items():
+        value = getattr(args, name)
+        if value is not None and value is not False and pipeline_name not in pipelines:
+            raise ValueError(f"`--{name.replace('_', '-')}` does not apply to {pipeline_name}.")
+    if args.fp8 and (not args.fast or pipeline_name != "VARPipeline"):
+        raise ValueError("`--fp8` is an option of VAR's fast path: add `--fast` (VAR pipelines only).")
+
+
+def build_plan(args, pipeline_name: str, num_classes: int | None, class_names: dict[int, str]) -> SamplePlan:
+    if pipeline_name == "VARPipeline":
+        labels = parse_class_labels(args.class_labels, num_classes) if args.class_labels else list(range(num_classes))
+        return SamplePlan(labels=labels, prompts=None, per_item=args.per_class or 1, class_names=class_names)
+    return SamplePlan(labels=None, prompts=read_prompts(args.prompts), per_item=args.images_per_prompt or 1,
+                      class_names={})
+
+
+# ----------------------------------------------------------------------------------------------
+# Processes
+# ----------------------------------------------------------------------------------------------
+class Processes:
+    """This process's place among the sampling processes: accelerate's ``PartialState`` when a launcher started
+    several (``accelerate launch``, torchrun), else one plain process (accelerate's global state left untouched)."""
+
+    def __init__(self, device: str | None):
+        try:
+            requested = torch.device(device) if device is not None else None
+        except RuntimeError:
+            raise ValueError(f"`--device` {device!r} is not a torch device (cpu, cuda, cuda:1, ...).") from None
+        if requested is not None and requested.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"`--device` {device!r}: this machine has no CUDA device.")
+        self._state, self.index, self.count = None, 0, 1
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            self.device = requested or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            return
+        try:
+            from accelerate import PartialState
+        except ImportError:
+            raise ValueError("sampling on several processes needs accelerate (pip install accelerate).") from None
+        # CPU processes: accelerate sets up gloo only when told `cpu=True` (start them with torchrun, e.g. `accelerate
+        # launch --multi_gpu` on a machine without GPUs: `accelerate launch --cpu` starts one process unless MPI is set up).
+        cpu = (requested is not None and requested.type == "cpu") or not torch.cuda.is_available() \
+            or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        self._state = PartialState(cpu=cpu)
+        self.index, self.count = self._state.process_index, self._state.num_processes
+        if requested is not None and requested.type != "cpu":
+            raise ValueError("`--device`: under accelerate launch every process takes its own device; leave it out.")
+        device = requested if requested is not None else self._state.device
+        self.device = torch.device("cpu") if device.type == "cpu" else device
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+    def barrier(self) -> None:
+        if self._state is not None and self.count > 1:
+            self._state.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` then rename ``tmp`` to ``path``: a reader (or a restarted run) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    # PIL writes no time stamp or other varying chunk: the same pixels give the same bytes.
+    write_atomic(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+
+
+def write_npz(path: Path, arrays: dict[str, tuple[tuple[int, ...], np.dtype, Iterator[np.ndarray]]]) -> None:
+    """An ``np.savez`` file written array by array from chunks (50,000 images at 256 px are 9.8 GB: memory stays
+    flat). ``arrays``: name -> (shape, dtype, iterator of C-ordered chunks along the first axis). Fixed time stamps,
+    so the same arrays give the same bytes."""
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name, (shape, dtype, chunks) in arrays.items():
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                info.external_attr = 0o644 << 16
+                with archive.open(info, "w", force_zip64=True) as member:
+                    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                              "shape": tuple(shape)}
+                    np.lib.format.write_array_header_1_0(member, header)
+                    written = 0
+                    for chunk in chunks:
+                        chunk = np.ascontiguousarray(chunk, dtype=dtype)
+                        member.write(chunk.tobytes())
+                        written += chunk.shape[0] if chunk.ndim else 1
+                    if written != (shape[0] if shape else 1):
+                        raise RuntimeError(f"{name}: {written} rows written for shape {shape}")
+
+    write_atomic(path, write)
+
+
+def completed_indices(images_dir: Path, total: int, width: int) -> set[int]:
+    names = {entry.name for entry in os.scandir(images_dir)} if images_dir.is_dir() else set()
+    return {i for i in range(total) if f"{i:0{width}d}.png" in names}
+
+
+def _fault_injection(batches_done: int) -> None:
+    """Test hook (as the trainer's): DIFFUSERS_VAR_FAULT_INJECT=sample-batch:N SIGKILLs this process once it has
+    generated N batches and handed their images to the writer threads (some may be half written)."""
+    if os.environ.get("DIFFUSERS_VAR_FAULT_INJECT") == f"sample-batch:{batches_done}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+def _sampling_kwargs(args, pipe, pipeline_name: str, num_classes: int | None) -> dict:
+    """Sampling settings: the flags given, else the papers' FID setting for converted ImageNet VARs, else the
+    pipeline's defaults (recorded explicitly so that run.json says what was used)."""
+    given = {name: getattr(args, name) for name in SAMPLING_FLAGS
+             if getattr(args, name) is not None and getattr(args, name) is not False}  # 0 (top-k off) is a value
+    defaults = {name: p.default for name, p in inspect.signature(type(pipe).__call__).parameters.items()
+                if name in SAMPLING_FLAGS and p.default is not inspect.Parameter.empty}
+    if pipeline_name == "VARPipeline" and num_classes == 1000:
+        defaults.update(IMAGENET_FID_SAMPLING)
+    return {**defaults, **given}
+
+
+def _enable_fast_path(pipe, device: torch.device, dtype: torch.dtype, fp8: bool) -> None:
+    """``--fast``: the pipelines' fast path as benchmarks/bench_pipelines.py's ``fast-compile-all`` mode runs it on a
+    GPU (bf16 blocks and decoder, CUDA graphs, compiled decoder and block elementwise code where the pipeline has
+    them); on a CPU only the casts. TF32 for the float32 matmuls (heads) as that benchmark: the fast path trades
+    precision for speed anyway."""
+    options = inspect.signature(pipe.enable_fast_inference).parameters
+    kwargs = {"dtype": dtype}
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        kwargs["compile_decoder"] = True
+        if "compile_blocks" in options:
+            kwargs["compile_blocks"] = True
+    if fp8:
+        kwargs["fp8"] = True
+    pipe.enable_fast_inference(**kwargs)
+
+
+def _generate_batch(pipe, pipeline_name: str, plan: SamplePlan, indices: list[int], seed: int, sampling: dict,
+                    device: torch.device, batch_stream: int, per_image: bool) -> np.ndarray:
+    """uint8 (B, H, W, 3) images of ``indices``: each drawn from its own generator on ``device`` (``per_image``), or
+    all from one generator seeded with ``batch_stream`` (:func:`batch_seed` of the global batch; ``--rng batch``)."""
+    if per_image:
+        generators = [torch.Generator(device).manual_seed(image_seed(seed, i)) for i in indices]
+    else:
+        generators = torch.Generator(device).manual_seed(batch_stream)
+    conditions = [plan.condition(i) for i in indices]
+    if pipeline_name == "VARPipeline":
+        inputs = {"class_labels": conditions}
+    else:
+        inputs = {"prompt": conditions}
+        if pipeline_name == "STARPipeline":
+            # The stable sampler's commit positions take one stream per call (the pipeline has no per-image form):
+            # the batch's, which fixed global batches keep the same in every run.
+            inputs["sampler_generator"] = torch.Generator(device).manual_seed(batch_stream ^ 1)
+    images = pipe(**inputs, generator=generators, num_images_per_prompt=1, output_type="pt", **sampling).images
+    # The rounding of diffusers' numpy_to_pil, on the device, so only uint8 crosses to the host.
+    return images.float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def _check_run_file(out: Path, settings: dict, processes: Processes) -> None:
+    """Refuse to mix two different runs in one folder; the main process records the settings of a new one."""
+    run_file = out / RUN_FILE
+    if run_file.is_file():
+        recorded = json.loads(run_file.read_text()).get("settings", {})
+        differ = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
+        images = out / IMAGES_DIR
+        started = images.is_dir() and any(e.name.endswith(".png") and not e.name.startswith(".") for e in os.scandir(images))
+        if differ and started:
+            changes = "; ".join(f"{k}: {recorded.get(k)!r} -> {settings.get(k)!r}" for k in differ[:4])
+            raise ValueError(f"`--out` {str(out)!r} holds a run with other settings ({changes}); restart it with "
+                             f"its own command or choose another --out.")
+        if differ and processes.is_main:  # a run that failed before its first image (bad size, ...): nothing to keep
+            write_atomic(run_file, lambda tmp: tmp.write_text(json.dumps({"settings": settings}, indent=2) + "\n"))
+    elif processes.is_main:
+        if (out / IMAGES_DIR).exists():
+            raise ValueError(f"`--out` {str(out)!r} has an images/ folder but no {RUN_FILE}: not a folder of this "
+                             f"command; choose another --out.")
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_file, lambda tmp: tmp.write_text(json.dumps({"settings": settings}, indent=2) + "\n"))
+
+
+@contextlib.contextmanager
+def _loading_bars(enabled: bool):
+    """diffusers' / transformers' loading bars only where ours is shown (the main process, without --no-progress)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    saved = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in saved:
+        lib.enable_progress_bar() if enabled else lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, was_enabled in saved:
+            lib.enable_progress_bar() if was_enabled else lib.disable_progress_bar()
+
+
+class _Progress:
+    """The main process's progress bar over all processes' images: it counts the finished files on disk (at most
+    once a second), so it needs no communication between processes."""
+
+    def __init__(self, enabled: bool, images_dir: Path, total: int, done: int, width: int):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit="img", desc="sampling", dynamic_ncols=True)
+        self.images_dir, self.total, self.width, self.last = images_dir, total, width, 0.0
+
+    def update(self, force: bool = False) -> None:
+        if self.bar is None or (not force and time.monotonic() - self.last < 1.0):
+            return
+        self.last = time.monotonic()
+        done = sum(1 for e in os.scandir(self.images_dir) if e.name.endswith(".png") and not e.name.startswith("."))
+        self.bar.update(max(0, min(done, self.total) - self.bar.n))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.update(force=True)
+            self.bar.close()
+
+
+def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
+    """The ``sample`` command (``args`` as its parser makes them). ``on_batch(info)`` is called after each batch
+    this process generated (benchmarks/bench_sample.py records speed and memory with it). Returns a summary."""
+    from .cli import DEFAULT_MODEL, pipeline_class_of
+
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--per-class", args.per_class, 1),
+                             ("--images-per-prompt", args.images_per_prompt, 1), ("--seed", args.seed, 0),
+                             ("--writer-threads", args.writer_threads, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"`{flag}` must be >= {low}, got {value}.")
+    model = Path(args.model) if args.model else DEFAULT_MODEL
+    try:
+        pipeline_class = pipeline_class_of(model)
+    except ValueError as err:
+        raise ValueError(f"`--model` {err}") from None
+    check_flags(args, pipeline_class.__name__)
+    out = Path(args.out)
+    processes = Processes(args.device)
+    device = processes.device
+
+    # --fast keeps float32 weights and casts what the fast path casts; otherwise --dtype is the weights' dtype.
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.fast else "float32"))
+    with _loading_bars(processes.is_main and not args.no_progress):
+        pipe = pipeline_class.from_pretrained(model, dtype=torch.float32 if args.fast else dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    pipeline_name = type(pipe).__name__
+    num_classes = pipe.transformer.config.num_classes if pipeline_name == "VARPipeline" else None
+    class_names = dict(getattr(pipe, "id2label", None) or {})
+    plan = build_plan(args, pipeline_name, num_classes, class_names)
+    sampling = _sampling_kwargs(args, pipe, pipeline_name, num_classes)
+    if args.fast:
+        _enable_fast_path(pipe, device, dtype, args.fp8)
+
+    total, batch_size = plan.total, args.batch_size
+    width = max(6, len(str(total - 1)))
+    settings = {
+        "model": str(model.resolve()), "pipeline": pipeline_name, "seed": args.seed, "total": total,
+        "labels": plan.labels, "per_class": plan.per_item if plan.labels is not None else None,
+        "prompts_sha256": None if plan.prompts is None else hashlib.sha256(
+            json.dumps(plan.prompts, sort_keys=True).encode()).hexdigest(),
+        "images_per_prompt": plan.per_item if plan.prompts is not None else None,
+        "sampling": sampling, "fast": bool(args.fast), "fp8": bool(args.fp8), "dtype": str(dtype).replace("torch.", ""),
+        # CPU and CUDA generators draw different numbers from one seed; with per-image streams the batch size may
+        # change on a restart (the random streams do not depend on it; only float rounding does).
+        "device_type": device.type, "rng": args.rng,
+    }
+    if args.rng == "batch":  # each image depends on its batch's stream, so on the batch size
+        settings["batch_size"] = batch_size
+    _check_run_file(out, settings, processes)
+    images_dir = out / IMAGES_DIR
+    if processes.is_main:
+        images_dir.mkdir(parents=True, exist_ok=True)
+        for entry in os.scandir(images_dir):  # half-written files of a killed run
+            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                os.unlink(entry.path)
+    processes.barrier()  # nobody writes before every process has listed what is done
+    done = completed_indices(images_dir, total, width)
+    num_batches = (total + batch_size - 1) // batch_size
+    pending = [b for b in range(num_batches)
+               if any(i not in done for i in range(b * batch_size, min((b + 1) * batch_size, total)))]
+    mine = pending[processes.index::processes.count]
+    processes.barrier()
+
+    progress = _Progress(processes.is_main and not args.no_progress, images_dir, total, len(done), width)
+    threads = args.writer_threads or max(1, min(8, (os.cpu_count() or 2) // max(1, processes.count)))
+    written, waited, started = 0, 0.0, time.perf_counter()
+    with ThreadPoolExecutor(max_workers=threads) as writer:
+        in_flight: deque[list] = deque()
+        for number, b in enumerate(mine, 1):
+            indices = list(range(b * batch_size, min((b + 1) * batch_size, total)))
+            # The fast path captures CUDA graphs and compiles per batch size: pad a short last batch with images
+            # past the end (generated, then dropped) instead of capturing and compiling a second size.
+            padded = indices + list(range(total, total + batch_size - len(indices))) if args.fast else indices
+            images = _generate_batch(pipe, pipeline_name, plan, padded, args.seed, sampling, device,
+                                     batch_seed(args.seed, b, batch_size), per_image=args.rng == "image")
+            futures = [writer.submit(write_png, images_dir / f"{i:0{width}d}.png", images[k])
+                       for k, i in enumerate(indices) if i not in done]
+            in_flight.append(futures)
+            written += len(futures)
+            _fault_injection(number)
+            # At most two batches wait for the writers: host memory stays flat however long the run.
+            while len(in_flight) > 2:
+                tic = time.perf_counter()
+                for future in in_flight.popleft():
+                    future.result()
+                waited += time.perf_counter() - tic
+            progress.update()
+            if on_batch is not None:
+                on_batch({"batch": b, "images": written, "seconds": time.perf_counter() - started,
+                          "writer_wait_seconds": waited})
+        for futures in in_flight:
+            for future in futures:
+                future.result()
+    seconds = time.perf_counter() - started
+    processes.barrier()
+    progress.close()
+
+    summary = {"out": str(out), "total": total, "generated_here": written, "batches_here": len(mine),
+               "seconds": seconds, "processes": processes.count}
+    if processes.is_main:
+        missing = total - len(completed_indices(images_dir, total, width))
+        if missing:  # another process failed; its launcher reports why
+            raise RuntimeError(f"{missing} images are missing in {images_dir}; run the same command again to finish.")
+        per_batch = batch_size if args.rng == "batch" else None
+        lines = (json.dumps(plan.metadata(i, args.seed, width, per_batch)) + "\n" for i in range(total))
+        write_atomic(out / METADATA_FILE, lambda tmp: tmp.write_text("".join(lines)))
+        if args.save_npz:
+            write_samples_npz(out / NPZ_FILE, images_dir, total, width, plan)
+            summary["npz"] = str(out / NPZ_FILE)
+        print(f"{total} images in {images_dir} ({written} generated by this process in {seconds:.1f} s); "
+              f"metadata in {out / METADATA_FILE}" + (f"; {out / NPZ_FILE}" if args.save_npz else ""))
+    # No barrier after this: the other processes need not wait (perhaps past a collective timeout) for the npz.
+    return summary
+
+
+def write_samples_npz(path: Path, images_dir: Path, total: int, width: int, plan: SamplePlan) -> None:
+    """ADM's sample batch: ``arr_0`` uint8 (N, H, W, 3) in index order, ``arr_1`` int64 labels (class-conditional)."""
+    from PIL import Image
+
+    def load(i: int) -> np.ndarray:
+        with Image.open(images_dir / f"{i:0{width}d}.png") as image:
+            return np.asarray(image.convert("RGB"))
+
+    first = load(0)
+
+    def chunks() -> Iterator[np.ndarray]:
+        for start in range(0, total, 256):
+            batch = np.stack([load(i) for i in range(start, min(start + 256, total))])
+            if batch.shape[1:] != first.shape:
+                raise ValueError(f"`--save-npz`: the images differ in size ({batch.shape[1:]} vs {first.shape}).")
+            yield batch
+
+    arrays = {"arr_0": ((total, *first.shape), np.uint8, chunks())}
+    if plan.labels is not None:
+        labels = np.array([plan.condition(i) for i in range(total)], dtype=np.int64)
+        arrays["arr_1"] = ((total,), np.int64, iter([labels]))
+    write_npz(path, arrays)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+def add_sample_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "sample", help="sample many images (FID-50k, GenEval, ...) on one process or under accelerate launch",
+        description="Sample images into DIR/images/NNNNNN.png with DIR/metadata.jsonl (and DIR/samples.npz). "
+                    "Runs unchanged under `accelerate launch --num_processes N -m diffusers_var.cli sample ...`; "
+                    "rerun the same command to finish an interrupted run.")
+    parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded var-shapes)")
+    parser.add_argument("--out", required=True, help="output folder")
+    group = parser.add_argument_group("class-conditional (VAR)")
+    group.add_argument("--per-class", type=int, default=None,
+                       help="images per class (the papers' FID-50k: 50 over the 1000 ImageNet classes)")
+    group.add_argument("--class-labels", default=None, help="comma-separated class indices (default: every class)")
+    group = parser.add_argument_group("text-to-image (STAR, Infinity)")
+    group.add_argument("--prompts", default=None,
+                       help="prompt file: one prompt a line, or .jsonl objects with \"prompt\" and any metadata")
+    group.add_argument("--images-per-prompt", type=int, default=None, help="images per prompt (default 1)")
+    group = parser.add_argument_group("sampling (default: the pipeline's; converted ImageNet VARs: the FID setting "
+                                      "cfg 1.5, top-k 900, top-p 0.96)")
+    group.add_argument("--guidance-scale", type=float, default=None)
+    group.add_argument("--top-k", type=int, default=None, help="0 = off")
+    group.add_argument("--top-p", type=float, default=None, help="0 = off")
+    group.add_argument("--more-smooth", action="store_true", help="VAR / STAR: Gumbel-softmax smoothing")
+    group.add_argument("--tau", type=float, default=None, help="Infinity: temperature")
+    group.add_argument("--height", type=int, default=None, help="Infinity: image height")
+    group.add_argument("--width", type=int, default=None, help="Infinity: image width")
+    group = parser.add_argument_group("run")
+    group.add_argument("--seed", type=int, default=0, help="image i draws from a generator seeded from (seed, i)")
+    group.add_argument("--batch-size", type=int, default=32,
+                       help="images per batch (per process); the same command and batch size give the same bytes")
+    group.add_argument("--rng", choices=["image", "batch"], default="image",
+                       help="image (default): a generator per image, seeded from (seed, index): images do not depend on "
+                            "the batch size. batch: one generator per global batch (VAR's fast path then samples inside "
+                            "its CUDA graphs); still the same files on any number of processes, but the images change "
+                            "with --batch-size")
+    group.add_argument("--fast", action="store_true",
+                       help="the GPU fast path (bf16, CUDA graphs, compiled decoder / blocks); see README 'Speed'")
+    group.add_argument("--fp8", action="store_true", help="VAR with --fast: float8 block matmuls (H100 / H200)")
+    group.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                       help="weights' dtype (default float32); with --fast the fast path's dtype (default bfloat16)")
+    group.add_argument("--device", default=None,
+                       help="default: the process's GPU under accelerate launch, else cuda when available, else cpu")
+    group.add_argument("--save-npz", action="store_true", help="also write DIR/samples.npz (ADM's layout, arr_0 uint8 NHWC)")
+    group.add_argument("--writer-threads", type=int, default=None, help="PNG writer threads per process")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=sample_command)
+    return parser
+
+
+def sample_command(args) -> int:
+    try:
+        run_sample(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

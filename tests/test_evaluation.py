@@ -1,0 +1,262 @@
+"""``diffusers-var evaluate``: the metric maths against independent formulas, the real Inception loading and feature
+path (with randomly initialised weights saved to disk: the real file cannot be downloaded in tests), the command end
+to end, reference statistics reuse, CLIP score with a tiny CLIP, and the errors for missing weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT
+from PIL import Image
+from torch import nn
+
+from diffusers_var import evaluation as ev
+from diffusers_var.cli import main
+from diffusers_var.fid_inception import WEIGHTS_FILENAMES, FIDInceptionV3, resize_bilinear_like_tensorflow1x
+from diffusers_var.sample import write_npz
+from diffusers_var.shapes import CLASSES, ShapesDataset
+
+
+def _save_images(folder, images):
+    folder.mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i:06d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """A randomly initialised FID Inception saved as a state dict, in the place of the real file. He-initialised
+    convolutions keep the features alive through the 94 layers (PyTorch's default init shrinks them to nothing)."""
+    torch.manual_seed(0)
+    model = FIDInceptionV3()
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    nn.init.normal_(model.fc.weight, std=0.05)
+    path = tmp_path_factory.mktemp("inception") / WEIGHTS_FILENAMES[0]
+    torch.save(model.state_dict(), path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# The maths
+# ----------------------------------------------------------------------------------------------
+def test_frechet_distance_matches_closed_forms():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    a, b = rng.uniform(0.5, 2, 6), rng.uniform(0.5, 2, 6)
+    expected = ((mu1 - mu2) ** 2).sum() + (a + b - 2 * np.sqrt(a * b)).sum()  # commuting (diagonal) covariances
+    assert ev.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    x, y = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
+    s1, s2 = x @ x.T, y @ y.T  # general case: tr sqrtm(S1 S2) = sum of sqrt(eigenvalues of S1 S2)
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.linalg.eigvals(s1 @ s2).real).sum()
+    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+    features = rng.normal(size=(50, 300))  # fewer samples than dimensions: singular covariance
+    stats = ev.feature_statistics(features)
+    assert abs(ev.frechet_distance(*stats, *stats)) < 1e-8
+    other = rng.normal(size=(40, 300)) * rng.uniform(0.5, 1.5, 300) + 0.1
+    # the small-set path (an (n1, n2) SVD) and the covariance path agree, and a set is at distance 0 from itself
+    assert ev.frechet_distance_of_features(features, other) == pytest.approx(
+        ev.frechet_distance(*stats, *ev.feature_statistics(other)), rel=1e-8)
+    assert abs(ev.frechet_distance_of_features(features, features)) < 1e-9
+    with pytest.raises(ValueError, match="at least 2 images"):
+        ev.frechet_distance_of_features(features[:1], other)
+    assert ev.frechet_distance_of_features(features[:10], other[:10]) == pytest.approx(
+        ev.frechet_distance(*ev.feature_statistics(features[:10]), *ev.feature_statistics(other[:10])), rel=1e-8)
+
+
+def test_inception_score_follows_adm():
+    assert ev.inception_score(np.zeros((100, 1008))) == pytest.approx(1.0)  # one uniform prediction
+    confident = np.full((12_000, 10), -50.0)
+    confident[np.arange(12_000), np.arange(12_000) % 10] = 50.0  # sure of each image, all 10 classes equally often
+    assert ev.inception_score(confident) == pytest.approx(10.0, rel=1e-6)
+    # splits of 5,000: the score is the mean of the splits' scores (here 10, 10 and the last split's 5 classes -> 5)
+    confident[10_000:] = confident[np.arange(10_000, 12_000) % 5]
+    assert ev.inception_score(confident) == pytest.approx((10 + 10 + 5) / 3, rel=1e-6)
+
+
+def _adm_precision_recall(reference, samples, k=3):
+    """ADM's ManifoldEstimator, transcribed with numpy (partition for the k-th neighbour, <= radius)."""
+    def radii(features):
+        d = ((features[:, None] - features[None]) ** 2).sum(-1)
+        return np.partition(d, k, axis=1)[:, k]
+
+    def inside(points, manifold, manifold_radii):
+        d = ((points[:, None] - manifold[None]) ** 2).sum(-1)
+        return (d <= manifold_radii[None]).any(axis=1).mean()
+
+    return inside(samples, reference, radii(reference)), inside(reference, samples, radii(samples))
+
+
+def test_precision_recall_follows_adm():
+    rng = np.random.default_rng(1)
+    reference = rng.normal(size=(120, 8)).astype(np.float32)
+    samples = (rng.normal(size=(90, 8)) * 1.3 + 0.4).astype(np.float32)
+    precision, recall = ev.precision_recall(reference, samples)
+    expected = _adm_precision_recall(reference.astype(np.float64), samples.astype(np.float64))
+    assert (precision, recall) == pytest.approx(expected, abs=1e-6)
+    assert 0.1 < precision < 0.99 and 0.1 < recall < 0.99  # not a degenerate case
+    assert ev.precision_recall(reference, reference) == (1.0, 1.0)
+    collapsed = reference[:1] + rng.normal(size=(10, 8)).astype(np.float32) * 1e-3  # mode collapse onto one image
+    precision, recall = ev.precision_recall(reference, collapsed)
+    assert precision == 1.0 and recall < 0.5
+    assert ev.precision_recall(reference, samples + 100) == (0.0, 0.0)
+
+
+def test_tensorflow_bilinear_resize():
+    """TensorFlow 1's resize has no half-pixel offset: the source of output pixel i is i * in / out."""
+    x = torch.tensor([[0.0, 10.0], [20.0, 30.0]])[None, None]
+    expected = torch.tensor([[0, 5, 10, 10], [10, 15, 20, 20], [20, 25, 30, 30], [20, 25, 30, 30]], dtype=torch.float32)
+    torch.testing.assert_close(resize_bilinear_like_tensorflow1x(x, 4)[0, 0], expected)
+    assert not torch.allclose(torch.nn.functional.interpolate(x, size=4, mode="bilinear")[0, 0], expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# The network path
+# ----------------------------------------------------------------------------------------------
+def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise(inception_weights, tmp_path):
+    model = ev.load_inception(ev.inception_weights_path(str(inception_weights)))  # the command's loading path
+    clean = ShapesDataset(12, 32, seed=5).images
+    rng = np.random.default_rng(0)
+    sets = {"clean": clean}
+    for sigma in (16, 64):
+        sets[f"noise{sigma}"] = np.clip(clean + rng.normal(0, sigma, clean.shape), 0, 255).round().astype(np.uint8)
+    features = {name: ev.inception_features(model, ev.ImageSet(_save_images(tmp_path / name, images), "--samples"),
+                                            batch_size=6) for name, images in sets.items()}
+    pool, logits = features["clean"]
+    assert pool.shape == (12, 2048) and logits.shape == (12, 1008) and pool.std(axis=0).mean() > 1e-3
+    fid = {name: ev.frechet_distance_of_features(pool, f[0]) for name, f in features.items()}
+    assert abs(fid["clean"]) < 1e-6 * fid["noise16"]
+    assert 0 < fid["noise16"] < fid["noise64"], fid
+    assert ev.precision_recall(pool, pool) == (1.0, 1.0)
+
+    # the same images from an ADM-layout .npz read in other batch sizes: the same arrays, in the same order
+    npz = tmp_path / "clean.npz"
+    write_npz(npz, {"arr_0": (clean.shape, np.uint8, iter([clean[:5], clean[5:]]))})
+    np.testing.assert_array_equal(np.concatenate(list(ev.ImageSet(npz, "--samples").batches(7))), clean)
+
+
+def test_bad_weight_files_are_clear_errors(tmp_path):
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(b"PK\x03\x04 not a whole file")
+    with pytest.raises(ValueError, match="could not read the Inception weights"):
+        ev.load_inception(truncated)
+    other = tmp_path / "other.pth"
+    torch.save({"fc.weight": torch.zeros(3, 3)}, other)
+    with pytest.raises(ValueError, match="does not hold the FID Inception weights"):
+        ev.load_inception(other)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------
+def _sample_folder(folder, images, prompts=None):
+    _save_images(folder / "images", images)
+    lines = []
+    for i in range(len(images)):
+        entry = {"index": i, "file_name": f"images/{i:06d}.png"}
+        if prompts is not None:
+            entry["prompt"] = prompts[i]
+        lines.append(json.dumps(entry) + "\n")
+    (folder / "metadata.jsonl").write_text("".join(lines))
+    return folder
+
+
+def test_evaluate_command_and_reference_statistics(inception_weights, tmp_path, capsys):
+    samples = _sample_folder(tmp_path / "samples", ShapesDataset(6, 32, seed=1).images)
+    reference = _save_images(tmp_path / "reference", ShapesDataset(8, 32, seed=2).images)
+    write_npz(tmp_path / "samples.npz", {"arr_0": ((6, 32, 32, 3), np.uint8, iter([ShapesDataset(6, 32, seed=1).images]))})
+    stats = tmp_path / "stats" / "reference.npz"
+    common = ["--inception-weights", str(inception_weights), "--device", "cpu", "--no-progress", "--batch-size", "8"]
+    assert main(["evaluate", "--samples", str(samples), "--reference", str(reference), "--save-reference-stats",
+                 str(stats), "--out", str(tmp_path / "result.json"), *common]) == 0
+    first = json.loads((tmp_path / "result.json").read_text())
+    assert json.loads(capsys.readouterr().out) == first
+    assert first["num_samples"] == 6 and first["num_reference"] == 8
+    assert first["fid"] > 0 and first["inception_score"] >= 1.0 and 0 <= first["precision"] <= 1 and 0 <= first["recall"] <= 1
+    with np.load(stats) as data:
+        assert data["inception_pool_3"].shape == (8, 2048) and data["sigma"].shape == (2048, 2048)
+
+    # The same samples as an .npz against the saved statistics: the same numbers without touching the reference images.
+    assert main(["evaluate", "--samples", str(tmp_path / "samples.npz"), "--reference", str(stats), *common]) == 0
+    second = json.loads(capsys.readouterr().out)
+    for key in ("fid", "inception_score", "precision", "recall"):
+        assert second[key] == pytest.approx(first[key], rel=1e-6, abs=1e-9), key
+
+    # ADM's reference batches may hold statistics only: FID from them, precision/recall left out of "auto".
+    with np.load(stats) as data:
+        np.savez(tmp_path / "stats_only.npz", mu=data["mu"], sigma=data["sigma"])
+    assert main(["evaluate", "--samples", str(samples), "--reference", str(tmp_path / "stats_only.npz"), *common]) == 0
+    third = json.loads(capsys.readouterr().out)
+    assert third["fid"] == pytest.approx(first["fid"], rel=1e-6) and "precision" not in third
+    assert main(["evaluate", "--samples", str(samples), "--reference", str(tmp_path / "stats_only.npz"), "--metrics",
+                 "pr", *common]) == 2
+    assert "holds statistics only" in capsys.readouterr().err
+
+
+def test_missing_weights_and_bad_flags_are_one_error_line(tmp_path, monkeypatch, capsys, inception_weights):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    samples = _save_images(tmp_path / "samples", ShapesDataset(4, 32, seed=1).images)
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    for argv, message in [
+        ([], f"put {WEIGHTS_FILENAMES[0]} (from https://"),
+        ([], f"into {cache}/, or pass `--inception-weights FILE`"),
+        (["--inception-weights", str(tmp_path / "nope.pth")], "`--inception-weights`"),
+        (["--metrics", "fid"], "`--reference` is required"),
+        (["--metrics", "fid,kid"], "`--metrics` must be"),
+        (["--metrics", "clip"], "`--metrics clip` needs the prompts"),
+        (["--samples", str(tmp_path / "missing")], "`--samples`"),
+    ]:
+        assert main(["evaluate", "--samples", str(samples), *argv, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    # torch-fidelity's cache file is found without a flag
+    cache.mkdir(parents=True)
+    shutil.copy(inception_weights, cache / WEIGHTS_FILENAMES[0])
+    assert ev.inception_weights_path() == cache / WEIGHTS_FILENAMES[0]
+
+
+def test_clip_score_with_a_tiny_clip(tmp_path, capsys):
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(REPO_ROOT / "pipelines" / "star-shapes" / "tokenizer")
+    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 8}
+    clip_dir = tmp_path / "clip"
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(clip_dir)
+    tokenizer.save_pretrained(clip_dir)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip_dir)
+
+    labels = [0, 31, 62, 85, 7]
+    images = ShapesDataset(64, 64, seed=3).images[:5]
+    prompts = [CLASSES[i].caption for i in labels]
+    samples = _sample_folder(tmp_path / "samples", images, prompts)
+    assert main(["evaluate", "--samples", str(samples), "--metrics", "clip", "--clip-model", str(clip_dir), "--device",
+                 "cpu", "--no-progress", "--batch-size", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    clip = ev.load_clip(str(clip_dir))
+    per_image = ev.clip_scores(clip, ev.ImageSet(samples, "--samples"), prompts, batch_size=2)
+    # each image scored alone against its own prompt, straight through transformers
+    model, _, processor = clip
+    expected = []
+    for image, prompt in zip(images, prompts):
+        tokens = tokenizer([prompt], return_tensors="pt")
+        pixels = processor(images=[Image.fromarray(image)], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            out = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels)
+        expected.append(100 * max(torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds).item(), 0))
+    np.testing.assert_allclose(per_image, expected, atol=1e-4)
+    assert (per_image > 0).sum() >= 2  # the check above compares real values, not only clamped zeros
+    assert result["clip_score"] == pytest.approx(float(np.mean(expected)), abs=1e-4)
+    assert main(["evaluate", "--samples", str(samples), "--metrics", "clip", "--clip-model", str(tmp_path / "none"),
+                 "--no-progress"]) == 2
+    assert "`--clip-model`" in capsys.readouterr().err
