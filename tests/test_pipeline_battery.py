@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -272,3 +273,28 @@ def test_bad_inputs_name_the_parameter(case):
     for kwargs, parameter in COMMON_BAD_INPUTS + case.bad_inputs:
         with pytest.raises(ValueError, match=f"`{parameter}"):
             run(case, **kwargs)
+
+
+# -- loading ----------------------------------------------------------------------------------------------------
+EMBEDDED = {"var": "var-shapes", "star": "star-shapes", "infinity": "infinity-shapes"}
+
+
+def test_diffusers_generic_loader_and_a_folder_of_another_family(case, tmp_path):
+    """``DiffusionPipeline.from_pretrained`` loads our folders through diffusers' custom-pipeline mechanism (the
+    folder's ``<ClassName>.py`` imports the class from the installed package), for a saved folder and an embedded one;
+    a pipeline class of another family refuses the folder naming the parameter."""
+    from diffusers import DiffusionPipeline
+
+    pipe = pipeline(case)
+    pipe.save_pretrained(tmp_path / "p")
+    folders = [tmp_path / "p"]
+    if case.id in EMBEDDED:
+        folders.append(Path(__file__).resolve().parents[1] / "pipelines" / EMBEDDED[case.id])
+    for folder in folders:
+        loaded = DiffusionPipeline.from_pretrained(folder, custom_pipeline=case.pipeline_class.__name__,
+                                                   trust_remote_code=True)
+        assert type(loaded) is type(pipe) and loaded.transformer.config == case.pipeline_class.from_pretrained(folder).transformer.config
+    loaded.set_progress_bar_config(disable=True)
+    other = next(c.pipeline_class for c in CASES if c.pipeline_class._family != case.pipeline_class._family)
+    with pytest.raises(ValueError, match="`pretrained_model_name_or_path`"):
+        other.from_pretrained(tmp_path / "p")

@@ -59,6 +59,7 @@ class InfinityPipeline(NextScalePipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components = ["text_encoder", "tokenizer"]
     _callback_tensor_inputs = UNIFIED_CALLBACK_TENSORS + ["summed_codes", "bits", "logits"]
+    _family = "infinity"
     _callback_aliases = {"summed_codes": "latents", "bits": "tokens", "logits": "model_logits"}
 
     @property

@@ -78,6 +78,7 @@ class STARPipeline(NextScalePipeline):
     _optional_components = ["text_encoder", "tokenizer"]
     _callback_tensor_inputs = UNIFIED_CALLBACK_TENSORS + ["step_logits", "step_indices", "step_confidences",
                                                           "f_hat", "indices", "logits"]
+    _family = "star"
     _callback_aliases = {"f_hat": "latents", "indices": "tokens", "logits": "guided_logits"}
 
     def __init__(self, transformer: STARTransformer2DModel, vqvae: MultiScaleVQModel, text_encoder=None, tokenizer=None):

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import contextvars
 import math
+import os
 import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -171,6 +173,7 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
     :meth:`_next_scale_input`."""
 
     _callback_aliases: dict[str, str] = {}
+    _family: str = ""  # pipelines of one family load from each other's folders (text / class, in-painting, ...)
     _guidance_scale = None
     _num_timesteps: int | None = None
     _interrupt: bool = False
@@ -257,6 +260,33 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
             return (images,)
         return ImagePipelineOutput(images=images)
 
+    # -- loading and saving --------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' ``from_pretrained``, refusing a folder (or Hub repo) that holds a pipeline of another family
+        (its components would load with warnings and fail only when called)."""
+        try:
+            config = cls.load_config(pretrained_model_name_or_path, **{k: kwargs[k] for k in _LOAD_CONFIG_KWARGS if k in kwargs})
+        except (OSError, ValueError, EnvironmentError):
+            config = None  # let diffusers report what is wrong with the path
+        saved = config.get("_class_name") if isinstance(config, dict) else None
+        if saved is not None and saved != cls.__name__:
+            import diffusers_var
+
+            saved_class = getattr(diffusers_var, saved, None) if isinstance(saved, str) else None
+            if getattr(saved_class, "_family", None) != cls._family:
+                raise ValueError(f"`pretrained_model_name_or_path` {str(pretrained_model_name_or_path)!r} holds a {saved!r}, "
+                                 f"not a pipeline of the {cls.__name__} family; load it with its own class "
+                                 f"(`diffusers-var generate --model` reads the class from model_index.json).")
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """diffusers' ``save_pretrained``, plus the small module that lets diffusers' generic loader find the class,
+        e.g. ``DiffusionPipeline.from_pretrained(folder, custom_pipeline="VARPipeline", trust_remote_code=True)`` (it
+        imports this class from the installed ``diffusers_var``; loading with the class itself runs no code)."""
+        super().save_pretrained(save_directory, **kwargs)
+        write_loader_module(save_directory, type(self).__name__)
+
     # -- from_pipe keeps each component's dtype ------------------------------------------------------------------
     @classmethod
     def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs):
@@ -282,6 +312,23 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         """The transformer input of both guidance halves (the same tokens for the conditional and unconditional rows)."""
         return x_BlC.repeat(2, 1, 1) if guided else x_BlC
 
+
+
+_LOAD_CONFIG_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
+
+
+def write_loader_module(folder, class_name: str) -> Path:
+    """``folder/<class_name>.py``: one import of ``class_name`` from the installed package, which diffusers'
+    custom-pipeline mechanism loads (the only pipeline class the module holds, as diffusers requires; named after the
+    class because diffusers caches these modules by file name within a process). Written atomically."""
+    path = Path(folder) / f"{class_name}.py"
+    text = (f'"""Loads this folder with diffusers\' generic loader (needs ``pip install diffusers-var``):\n\n'
+            f'    DiffusionPipeline.from_pretrained(folder, custom_pipeline="{class_name}", trust_remote_code=True)\n'
+            f'"""\n\nfrom diffusers_var import {class_name}  # noqa: F401\n')
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+    return path
 
 
 def flatten_labels(class_labels) -> list:

@@ -76,6 +76,7 @@ class VARPipeline(NextScalePipeline):
     model_cpu_offload_seq = "transformer"
     _exclude_from_cpu_offload = ["vqvae"]
     _callback_tensor_inputs = UNIFIED_CALLBACK_TENSORS + ["f_hat", "indices", "logits"]
+    _family = "var"
     _callback_aliases = {"f_hat": "latents", "indices": "tokens", "logits": "guided_logits"}
 
     def __init__(self, transformer: VARTransformer2DModel, vqvae: MultiScaleVQModel, id2label: dict | None = None):
