@@ -103,7 +103,8 @@ def test_star_cuda_graphs_in_float32_match_eager(quirk):
     eager = [_star_run(pipe, text) for text in texts]  # top-k only: the fast path's k-wide top-p is off
     pipe.enable_fast_inference(dtype=torch.float32)
     fast = [_star_run(pipe, text) for text in texts]
-    assert list(pipe._graph_steps) == [(4, 12), (2, 12), (4, 7)]  # (rows, text length)
+    # one graph set per condition shape: (rows, text length) of the text hidden states
+    assert [key[2][0][0][:2] for key in pipe._graph_steps] == [(4, 12), (2, 12), (4, 7)]
     for (eager_latent, eager_idx), (fast_latent, fast_idx) in zip(eager, fast):
         assert torch.equal(fast_idx, eager_idx)
         torch.testing.assert_close(fast_latent, eager_latent, atol=1e-6, rtol=1e-6)
@@ -160,7 +161,7 @@ def test_infinity_cuda_graphs_in_float32_match_eager():
     eager = [_infinity_run(pipe, text, **kw) for text, kw in cases]
     pipe.enable_fast_inference(dtype=torch.float32)
     fast = [_infinity_run(pipe, text, **kw) for text, kw in cases]
-    assert [key[:2] for key in pipe._graph_steps] == [(2, 9), (4, 8), (2, 5)]  # (rows, text length, schedule)
+    assert [key[2][0][0][:2] for key in pipe._graph_steps] == [(2, 9), (4, 8), (2, 5)]  # (rows, text length)
     for (eager_latent, eager_bits), (fast_latent, fast_bits) in zip(eager, fast):
         assert torch.equal(fast_bits, eager_bits)
         torch.testing.assert_close(fast_latent, eager_latent, atol=1e-6, rtol=1e-6)
