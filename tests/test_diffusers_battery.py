@@ -77,8 +77,10 @@ class NextScaleTesterMixin(PipelineTesterMixin):
         patcher.start()
         self.addCleanup(patcher.stop)
 
-    # the mixin's batched call copies `num_inference_steps`, which a next-scale pipeline does not take
+    # the mixin's batched call copies `num_inference_steps`, which a next-scale pipeline does not take; on CUDA the
+    # matmuls and convolutions pick other kernels for another batch size (H200: up to 6e-4 apart, same tokens)
     def test_inference_batch_single_identical(self, batch_size=3, expected_max_diff=1e-4):
+        expected_max_diff = 1e-3 if torch_device == "cuda" else expected_max_diff
         self._test_inference_batch_single_identical(batch_size=batch_size, expected_max_diff=expected_max_diff,
                                                     additional_params_copy_to_batched_inputs=[])
 

@@ -179,9 +179,9 @@ def test_fp8_fast_path_on_the_converted_fixture(fixture, monkeypatch):
     """``fp8=True`` (with the blocks compiled and the CUDA graphs) on the converted fixture, with the float8 matmuls
     forced at every scale (the fixture's scales are far below ``FP8_MIN_ROWS``): it runs, and its greedy tokens
     mostly agree with the eager float32 ones (float8 keeps 3 mantissa bits; the figure is printed)."""
-    from diffusers_var.models import blocks
+    from diffusers_var.pipelines import fast_inference
 
-    monkeypatch.setattr(blocks, "FP8_MIN_ROWS", 1)
+    monkeypatch.setattr(fast_inference, "FP8_MIN_ROWS", 1)
     _, manifest, ref = fixture
     pipe = _pipe(fixture)
     eager = {case: torch.cat(_tokens(pipe, manifest, ref, case), dim=1) for case in GREEDY_CASES}

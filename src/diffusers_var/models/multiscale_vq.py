@@ -346,8 +346,18 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
 
     @property
     def codebook(self) -> torch.Tensor:
-        """(vocab_size, z_channels) codebook vectors."""
+        """(vocab_size, z_channels) codebook vectors (the parameter itself; sampling uses :meth:`embed_tokens`)."""
         return self.quantize.embedding.weight
+
+    def embed_tokens(self, indices: torch.LongTensor) -> torch.Tensor:
+        """Codebook vectors (float32) of token indices of any shape, looked up through the embedding module, so
+        offloading hooks move the codebook where the indices are."""
+        return self.quantize.embedding(indices).float()
+
+    def codebook_vectors(self, device) -> torch.Tensor:
+        """(vocab_size, z_channels) float32 codebook on ``device`` for soft mixtures of codes (``more_smooth``),
+        through the embedding module like :meth:`embed_tokens`."""
+        return self.embed_tokens(torch.arange(self.config.vocab_size, device=device))
 
     def _check_images(self, images: torch.Tensor) -> None:
         if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != self.config.in_channels:

@@ -377,8 +377,10 @@ class STARTransformer2DModel(ModelMixin, ConfigMixin):
         return_dict: bool = True,
         scale_index: int | None = None,
         kv_cache: KVCache | None = None,
+        sampler_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
-        r"""Teacher-forcing forward with the block-causal mask, or (``scale_index`` given) one scale of decoding.
+        r"""Teacher-forcing forward with the block-causal mask, or (``scale_index`` given) one scale of decoding, or
+        (``sampler_inputs`` too) the stable sampler's logits of that scale (see :meth:`sampler_scale_logits`).
 
         Args:
             teacher_forcing_input: training: (B, L - 1, latent_channels), from
@@ -388,10 +390,13 @@ class STARTransformer2DModel(ModelMixin, ConfigMixin):
             encoder_attention_mask: (B, N), 1 for real tokens, 0 for padding.
             pooled_text_embeds: (B, text_embed_dim), CLIP's pooled EOS state (no projection).
             scale_index, kv_cache: decode this scale with the cache of :meth:`init_kv_cache` (scales in order).
+            sampler_inputs: ``(hidden_states, committed_embeddings)`` of :meth:`sampler_scale_logits`.
 
         Returns logits (B, L, vocab_size) float32 and the last block's output (B, L, C) (decoding: the scale's rows,
-        as a tuple).
+        as a tuple; the stable sampler: its logits).
         """
+        if sampler_inputs is not None:
+            return self._sampler_scale_logits(scale_index, *sampler_inputs, pooled_text_embeds)
         if scale_index is not None:
             return self._decode_scale(scale_index, teacher_forcing_input, encoder_hidden_states, encoder_attention_mask,
                                       pooled_text_embeds, kv_cache)
@@ -493,7 +498,7 @@ class STARTransformer2DModel(ModelMixin, ConfigMixin):
     def sampler_scale_logits(
         self, scale_index: int, hidden_states: torch.Tensor, committed_embeddings: torch.Tensor, pooled_text_embeds: torch.Tensor
     ) -> torch.Tensor:
-        r"""Stable-sampler logits of one scale during sampling (the sampler head, entered through its ``__call__``).
+        r"""Stable-sampler logits of one scale during sampling (through ``forward``, so module hooks run).
 
         Args:
             hidden_states: (2B, pn*pn, C) the scale's last-block output from :meth:`forward_scale`.
@@ -503,6 +508,10 @@ class STARTransformer2DModel(ModelMixin, ConfigMixin):
 
         Returns (2B, pn*pn, V) float32 logits.
         """
+        return self(None, None, None, pooled_text_embeds, scale_index=scale_index,
+                    sampler_inputs=(hidden_states, committed_embeddings))
+
+    def _sampler_scale_logits(self, scale_index: int, hidden_states, committed_embeddings, pooled_text_embeds):
         if self.sampler is None:
             raise ValueError("this checkpoint has no stable-sampler head (`stable_sampler=False`).")
         begin, end = self.begin_ends[scale_index]

@@ -249,12 +249,12 @@ class STARPipeline(NextScalePipeline):
 
         Returns the committed codes (B, l, Cv), their indices (B, l) and the per-step trace
         (mixed logits, sampled indices, confidences)."""
-        transformer, codebook = self.transformer, self.vqvae.codebook
+        transformer, vqvae = self.transformer, self.vqvae
         B, n = logits_2BlV.shape[0] // 2, logits_2BlV.shape[1]
         device = logits_2BlV.device
         num_steps, main_head_steps = stable_sampler_plan(scale_index, version)
         ramp = linear_guidance_ramp(guidance_scale, scale_index, len(transformer.config.patch_nums))
-        committed = torch.zeros(B, n, codebook.shape[1], device=device, dtype=torch.float32)
+        committed = torch.zeros(B, n, vqvae.config.z_channels, device=device, dtype=torch.float32)
         committed_idx = torch.zeros(B, n, dtype=torch.long, device=device)
         mask = torch.zeros(B, n, dtype=torch.bool, device=device)
         trace = ([], [], [])
@@ -276,7 +276,7 @@ class STARPipeline(NextScalePipeline):
             trace[0].append(mixed.clone())
             filter_top_k_top_p_(mixed, top_k, top_p, fast=self._fast_top_p(device))
             indices, confidence = sample_from_logits(mixed, generator, return_confidence=True)
-            codes = codebook[indices.to(codebook.device)].float().to(device)
+            codes = vqvae.embed_tokens(indices)
             trace[1].append(indices)
             trace[2].append(confidence)
             if step < main_head_steps:  # main-head steps first commit the most confident positions overall
@@ -302,7 +302,6 @@ class STARPipeline(NextScalePipeline):
         device = text_pooled.device
         transformer_step = self._transformer_steps(condition, schedule, device)
         fast_top_p = self._fast_top_p(device)
-        codebook = vqvae.codebook
         latents = torch.zeros(B, vqvae.config.z_channels, side, side, device=device, dtype=torch.float32)
         scale_input = None
         with self.progress_bar(total=num_scales) as progress_bar:
@@ -319,7 +318,7 @@ class STARPipeline(NextScalePipeline):
                         generator, sampler_generator)
                 elif more_smooth:  # soft mixture of codes, no hard sample (no draw), as the original
                     weights = gumbel_softmax(guided_logits.mul(1 + ratio), smooth_tau(ratio), generator)
-                    embedding = weights @ codebook.float().to(weights.device)
+                    embedding = weights @ vqvae.codebook_vectors(weights.device)
                     tokens = step_indices = step_conf = None
                     step_logits = guided_logits[None]
                 else:
@@ -327,7 +326,7 @@ class STARPipeline(NextScalePipeline):
                     filter_top_k_top_p_(guided_logits, top_k, top_p, fast=fast_top_p)
                     tokens, confidence = sample_from_logits(guided_logits, generator, return_confidence=True)
                     step_indices, step_conf = tokens[None], confidence[None]
-                    embedding = codebook[tokens.to(codebook.device)].float()
+                    embedding = vqvae.embed_tokens(tokens)
                 embedding = embedding.to(device).transpose(1, 2).reshape(B, -1, pn, pn)
                 if forcing is not None:
                     embedding, tokens = forcing(si, embedding, tokens)

@@ -205,12 +205,11 @@ class VARPipeline(NextScalePipeline):
         guided_logits = logits.clone() if settings.keep_logits else None
         filter_top_k_top_p_(logits, top_k, top_p, fast=settings.fast_filter, top_p_mass=top_p_mass)
         indices = sample_from_logits(logits, generator)
-        codebook = self.vqvae.codebook
         if settings.more_smooth:  # soft mixture of codes; the hard sample above is discarded
             weights = gumbel_softmax(logits.mul(1 + ratio), smooth_tau(ratio), generator)
-            embedding = weights @ codebook.float().to(weights.device)
+            embedding = weights @ self.vqvae.codebook_vectors(weights.device)
         else:
-            embedding = codebook[indices.to(codebook.device)].float()
+            embedding = self.vqvae.embed_tokens(indices)
         embedding = embedding.transpose(1, 2).reshape(B, -1, pn, pn)
         if forcing is not None:
             embedding, indices = forcing(si, embedding, indices)
