@@ -59,7 +59,7 @@ def main() -> int:
         return 1
     torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     print(f"cudnn.benchmark = {torch.backends.cudnn.benchmark}")
-    print(f"| variant | batch | ms / batch | ms / image | peak GiB |\n|---|---|---|---|---|", flush=True)
+    print("| variant | batch | ms / batch | ms / image | peak GiB |\n|---|---|---|---|---|", flush=True)
     for name in args.variants.split(","):
         dtype, channels_last, mode = VARIANTS[name]
         torch.manual_seed(0)
@@ -82,7 +82,7 @@ def main() -> int:
                 ms = time_ms(lambda: run(f_hat))
             peak = torch.cuda.max_memory_allocated() / 2**30
             print(f"| {name} | {batch} | {ms:.2f} | {ms / batch:.3f} | {peak:.2f} |", flush=True)
-        del run, decoder
+        run = decoder = None  # free this variant's memory before the next one
         torch.cuda.empty_cache()
     return 0
 

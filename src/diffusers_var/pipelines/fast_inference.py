@@ -25,9 +25,8 @@ from typing import Callable, Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
 
 from ..models.blocks import AdaLNSelfAttentionBlock, CosineSelfAttention, FeedForward, Rotary2D, memoized
 from ..models.multiscale_vq import MultiScaleResidualQuantizer

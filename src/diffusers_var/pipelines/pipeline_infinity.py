@@ -6,7 +6,6 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-
 from diffusers.utils import logging
 
 from ..models.bitwise_vae import BitwiseMultiScaleVAE

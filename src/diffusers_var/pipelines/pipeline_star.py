@@ -5,16 +5,16 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-
 from diffusers.utils import logging
 
 from ..models.blocks import square_schedule
-from ..models.multiscale_vq import MultiScaleVQModel, area_down
+from ..models.multiscale_vq import MultiScaleVQModel
 from ..models.star_transformer import STARTransformer2DModel
 from .fast_inference import check_fast_inference_args
 from .pipeline_utils import (
     UNIFIED_CALLBACK_TENSORS,
     CallbackArg,
+    MultiScaleVQPipelineMixin,
     NextScalePipeline,
     check_bool,
     check_common_inputs,
@@ -51,7 +51,7 @@ ScaleForcing = Callable[[int, torch.Tensor, torch.Tensor | None], tuple[torch.Te
 T5_MAX_LENGTH = 120
 
 
-class STARPipeline(NextScalePipeline):
+class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline):
     r"""Text-to-image generation with STAR (scale-wise text-to-image autoregression).
 
     Components:
@@ -346,16 +346,6 @@ class STARPipeline(NextScalePipeline):
 
         return latents
 
-    def _next_scale_input(self, f_hat: torch.Tensor, scale_index: int) -> torch.Tensor | None:
-        """The input tokens (B, l', Cv) of the scale after ``scale_index``: f_hat area-downsampled to its grid."""
-        patch_nums = self.transformer.config.patch_nums
-        if scale_index == len(patch_nums) - 1:
-            return None
-        return area_down(f_hat, patch_nums[scale_index + 1]).flatten(2).transpose(1, 2)
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """f_hat (B, Cv, h, h) -> images (B, 3, H, W) in [-1, 1]."""
-        return self.vqvae.decode_latent(latents)
 
     @staticmethod
     def sampler_generators(generator: GeneratorArg, sampler_generator):

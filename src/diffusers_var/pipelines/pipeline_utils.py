@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 
+from ..models.multiscale_vq import area_down
 from .fast_inference import FastInferenceMixin
 from .sampling import GeneratorArg
 
@@ -315,6 +315,22 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
 
 
 _LOAD_CONFIG_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
+
+
+class MultiScaleVQPipelineMixin:
+    """What VAR and STAR share through their tokenizer (``vqvae``, a ``MultiScaleVQModel``): the next scale's input
+    and the decode of f_hat."""
+
+    def _next_scale_input(self, f_hat: torch.Tensor, scale_index: int) -> torch.Tensor | None:
+        """The input tokens (B, l', Cv) of the scale after ``scale_index``: f_hat area-downsampled to its grid."""
+        patch_nums = self.vqvae.config.patch_nums
+        if scale_index == len(patch_nums) - 1:
+            return None
+        return area_down(f_hat, patch_nums[scale_index + 1]).flatten(2).transpose(1, 2)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """f_hat (B, Cv, h, h) -> images (B, 3, H, W) in [-1, 1]."""
+        return self.vqvae.decode_latent(latents)
 
 
 def write_loader_module(folder, class_name: str) -> Path:

@@ -10,12 +10,13 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..models.blocks import square_schedule
-from ..models.multiscale_vq import MultiScaleVQModel, area_down
+from ..models.multiscale_vq import MultiScaleVQModel
 from ..models.var_transformer import VARTransformer2DModel
 from .fast_inference import CUDAGraphScaleSteps, check_fast_inference_args, compile_adaln_blocks_, fp8_linears
 from .pipeline_utils import (
     UNIFIED_CALLBACK_TENSORS,
     CallbackArg,
+    MultiScaleVQPipelineMixin,
     NextScalePipeline,
     check_bool,
     check_common_inputs,
@@ -57,7 +58,7 @@ class ScaleSampling(NamedTuple):
     fast_filter: bool
 
 
-class VARPipeline(NextScalePipeline):
+class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline):
     r"""Class-conditional generation with VAR (Visual AutoRegressive modeling, next-scale prediction).
 
     Components:
@@ -276,16 +277,6 @@ class VARPipeline(NextScalePipeline):
         # the graphs' buffer is overwritten by the next generation
         return latents.clone() if graphs is not None else latents
 
-    def _next_scale_input(self, f_hat: torch.Tensor, scale_index: int) -> torch.Tensor | None:
-        """The input tokens (B, l', Cv) of the scale after ``scale_index``: f_hat area-downsampled to its grid."""
-        patch_nums = self.transformer.config.patch_nums
-        if scale_index == len(patch_nums) - 1:
-            return None
-        return area_down(f_hat, patch_nums[scale_index + 1]).flatten(2).transpose(1, 2)
-
-    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """f_hat (B, Cv, h, h) -> images (B, 3, H, W) in [-1, 1]."""
-        return self.vqvae.decode_latent(latents)
 
     # -- inputs -------------------------------------------------------------------------------------
     def check_inputs(self, class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator,
