@@ -49,6 +49,8 @@ UNIFIED_CALLBACK_TENSORS = ["latents", "tokens", "guided_logits", "model_logits"
 
 CallbackArg = Callable[[Any, int, tuple, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None
 
+# every next-scale pipeline class, by name (a folder's model_index.json names its class)
+_PIPELINE_CLASSES: dict[str, type] = {}
 # set while ``from_pipe`` builds a pipeline: its trailing ``.to(dtype)`` must not cast the shared components
 _KEEP_COMPONENT_DTYPES = contextvars.ContextVar("keep_component_dtypes", default=False)
 
@@ -174,6 +176,10 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
 
     _callback_aliases: dict[str, str] = {}
     _family: str = ""  # pipelines of one family load from each other's folders (text / class, in-painting, ...)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _PIPELINE_CLASSES[cls.__name__] = cls  # by the name model_index.json stores
     _guidance_scale = None
     _num_timesteps: int | None = None
     _interrupt: bool = False
@@ -271,9 +277,7 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
             config = None  # let diffusers report what is wrong with the path
         saved = config.get("_class_name") if isinstance(config, dict) else None
         if saved is not None and saved != cls.__name__:
-            import diffusers_var
-
-            saved_class = getattr(diffusers_var, saved, None) if isinstance(saved, str) else None
+            saved_class = _PIPELINE_CLASSES.get(saved) if isinstance(saved, str) else None
             if getattr(saved_class, "_family", None) != cls._family:
                 raise ValueError(f"`pretrained_model_name_or_path` {str(pretrained_model_name_or_path)!r} holds a {saved!r}, "
                                  f"not a pipeline of the {cls.__name__} family; load it with its own class "
