@@ -142,7 +142,10 @@ def _train(args) -> int:
         config = TrainConfig.load(args.config, [f"task={args.task}", *args.overrides])
         export = train(config)
     except ValueError as err:
-        return print_error(err)
+        message = str(err)
+        if "Original Traceback" in message:  # raised in a DataLoader worker: the worker's own message is the last line
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        return print_error(message)
     print(f"exported {export}")
     return 0
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from ..models.bitwise_vae import BitwiseMultiScaleVAE
 from ..models.infinity_transformer import InfinityTransformer2DModel, infinity_ffn_dim
-from .common import ConversionError, atomic_save_pipeline, find_state_dict, load_checkpoint, load_into, rename_keys
+from .common import ConversionError, atomic_save_pipeline, check_output_dir, find_state_dict, load_checkpoint, load_into, rename_keys
 
 # After block_chunks.{c}.module.{j} -> blocks.{n}; "@name" = derived buffer (checked, not stored).
 INFINITY_KEY_RULES = [
@@ -259,6 +259,8 @@ def convert_infinity_checkpoint(
 
     from ..pipelines.pipeline_infinity import InfinityPipeline
 
+    if output_dir is not None:  # before reading multi-GB checkpoints
+        check_output_dir(output_dir, overwrite)
     transformer = convert_infinity_transformer(load_infinity_transformer_state_dict(transformer_path), level_embed_every_chunk)
     vae_sd = load_bitwise_vae_state_dict(vae_path)
     d = vae_config_from_state_dict(vae_sd)["codebook_dim"]

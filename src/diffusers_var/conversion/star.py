@@ -19,7 +19,7 @@ import torch
 
 from ..models.blocks import validate_patch_nums
 from ..models.star_transformer import STARTransformer2DModel
-from .common import KNOWN_PATCH_NUMS, ConversionError, atomic_save_pipeline, find_state_dict, load_checkpoint, load_into, rename_keys
+from .common import KNOWN_PATCH_NUMS, ConversionError, atomic_save_pipeline, check_output_dir, find_state_dict, load_checkpoint, load_into, rename_keys
 from .var import _load_vae, _shape, convert_vae
 
 _ATTN_RULES = [
@@ -233,6 +233,8 @@ def convert_star_checkpoint(
     """
     from ..pipelines.pipeline_star import STARPipeline
 
+    if output_dir is not None:  # before reading multi-GB checkpoints
+        check_output_dir(output_dir, overwrite)
     star_sd, snapshot_config = load_star_snapshot(transformer_path)
     transformer = convert_star_transformer(
         star_sd, patch_nums=patch_nums, snapshot_config=snapshot_config, rope_theta=rope_theta, rope_norm=rope_norm,

@@ -20,6 +20,7 @@ from .common import (
     KNOWN_PATCH_NUMS,
     ConversionError,
     atomic_save_pipeline,
+    check_output_dir,
     find_state_dict,
     load_checkpoint,
     load_into,
@@ -229,6 +230,8 @@ def convert_var_checkpoint(
     """
     from ..pipelines.pipeline_var import VARPipeline
 
+    if output_dir is not None:  # before reading multi-GB checkpoints
+        check_output_dir(output_dir, overwrite)
     var_sd = _load_var(transformer_path)
     vae_sd = _load_vae(vae_path)
     transformer = convert_var_transformer(var_sd, patch_nums)
