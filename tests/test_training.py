@@ -255,3 +255,22 @@ def test_multi_gpu_launch_config_on_a_cpu_machine_is_one_run(tokenizer_dir, tmp_
     checkpoint = tmp_path / "run" / "checkpoints" / "step-0000002"
     assert (checkpoint / "rng_state_0.safetensors").is_file() and (checkpoint / "rng_state_1.safetensors").is_file()
     assert [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_fsdp_checkpoints_resume_across_shards(tmp_path):
+    """The FSDP path of the checkpoint format (gather to rank 0 on save, re-shard on load) on two CPU processes with
+    FSDP2 over gloo (benchmarks/bench_training_ddp.py runs the whole trainer under FSDP on GPUs)."""
+    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 is not available in this torch build")
+    if not torch.distributed.is_gloo_available():
+        pytest.skip("torch was built without gloo")
+    worker = Path(__file__).resolve().parent / "fsdp_checkpoint_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(worker), str(tmp_path / "checkpoint")], check=False, capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["files"] == ["model.safetensors", "optimizer.safetensors", "rng_state_0.json", "rng_state_0.safetensors",
+                               "rng_state_1.json", "rng_state_1.safetensors", "trainer_state.json"]
+    assert report["step"] == 3 and report["accelerator_step"] == 7
+    assert report["model_diff"] == 0 and report["optimizer_diff"] == 0 and report["lr"][0] == report["lr"][1]
