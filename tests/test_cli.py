@@ -36,7 +36,6 @@ BAD_ARGUMENTS = [
     (["generate", "--batch-size", "0"], "--batch-size"),
     (["generate", "--top-p", "nan"], "--top-p"),
     (["generate", "--guidance-scale", "inf"], "--guidance-scale"),
-    (["generate", "--model", "{tmp}"], "--model"),
     (["generate", "--class-label", "no such class"], "--class-label"),
     (["demo", "--max-images", "0"], "--max-images"),
     (["demo", "--port", "99999"], "--port"),
@@ -46,15 +45,26 @@ BAD_ARGUMENTS = [
 
 @pytest.mark.parametrize("argv, flag", BAD_ARGUMENTS, ids=[" ".join(a[:3]) for a, _ in BAD_ARGUMENTS])
 def test_bad_arguments_are_one_line_errors_naming_the_flag(argv, flag, tmp_path, capsys, monkeypatch):
+    from diffusers_var import cli
+
     (tmp_path / "a-file").write_text("in the way")
     calls = []
     monkeypatch.setattr(VARPipeline, "__call__", lambda self, *a, **k: calls.append(k) or pytest.fail("generated"))
+    monkeypatch.setattr(cli, "_demo", lambda args: pytest.fail("the demo was started"))  # would serve forever
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert _exit_code(argv) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip() and "Loading pipeline components" not in line]  # diffusers' bar
     assert len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], err
     assert not calls
+
+
+@pytest.mark.parametrize("argv, flag", [(["--class-label", "999"], "--class-label"), (["--top-p", "2"], "--top-p")])
+def test_errors_found_by_the_pipeline_name_the_flag(argv, flag, tmp_path, capsys):
+    assert _exit_code(["generate", *argv, "--out", str(tmp_path / "out.png")]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and f"`{flag}`" in lines[0], lines
+    assert not (tmp_path / "out.png").exists()
 
 
 def test_output_is_checked_before_the_model_is_loaded(tmp_path, monkeypatch, capsys):

@@ -24,6 +24,9 @@ from .cli_support import (
 
 DEFAULT_MODEL = embedded_pipelines_dir() / "var-shapes"
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+PIPELINE_FLAGS = {"class_labels": "--class-label", "prompt": "--prompt", "guidance_scale": "--guidance-scale",
+                  "top_k": "--top-k", "top_p": "--top-p", "height": "--height", "width": "--width",
+                  "num_images_per_prompt": "--batch-size"}
 
 __all__ = ["DEFAULT_MODEL", "main", "pipeline_class_of", "train_main"]
 
@@ -125,8 +128,11 @@ def _generate(args) -> int:
             if progress is not None:
                 progress.update(len(images))
             del images
-    except ValueError as err:
-        return print_error(err)
+    except ValueError as err:  # the pipeline's own argument checks: name the flags, not the Python parameters
+        message = str(err)
+        for parameter, flag in PIPELINE_FLAGS.items():
+            message = message.replace(f"`{parameter}`", f"`{flag}`")
+        return print_error(message)
     finally:
         if progress is not None:
             progress.close()
