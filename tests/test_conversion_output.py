@@ -91,10 +91,14 @@ def test_command_line_overwrite_refuses_the_current_folder_and_foreign_folders(t
 def test_interrupted_saves_are_cleaned_up_and_only_ours(tmp_path):
     out = tmp_path / "out"
     # a save SIGKILLed half-way leaves its staging folder ...
+    # common.py alone (importing diffusers_var would triple this test's time); it needs the package only after saving
     code = textwrap.dedent(f"""
-        import os, signal, sys
+        import importlib.util, os, signal
         from pathlib import Path
-        from diffusers_var.conversion import atomic_save_pipeline
+        spec = importlib.util.spec_from_file_location("common", {str(REPO_ROOT / "src/diffusers_var/conversion/common.py")!r})
+        common = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(common)
+        atomic_save_pipeline = common.atomic_save_pipeline
 
         class Dies:
             def save_pretrained(self, path, safe_serialization=True):
@@ -104,8 +108,7 @@ def test_interrupted_saves_are_cleaned_up_and_only_ours(tmp_path):
 
         atomic_save_pipeline(Dies(), {str(out)!r})
     """)
-    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    assert subprocess.run([sys.executable, "-c", code], check=False, env=env, timeout=120).returncode == -signal.SIGKILL
+    assert subprocess.run([sys.executable, "-c", code], check=False, timeout=120).returncode == -signal.SIGKILL
     (left,) = tmp_path.glob(".out.tmp-*")
     # ... next to a user's folder that merely looks like one (no marker): it is never touched
     lookalike = tmp_path / ".out.tmp-mine"

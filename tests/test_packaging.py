@@ -68,7 +68,9 @@ def test_pip_install_then_the_readme_command_works(wheel, tmp_path):
     # the installed copy only: no PYTHONPATH (a test run may point it at the working tree's src/)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    located = _run([str(python), "-c", "import diffusers_var; print(diffusers_var.__file__)"], cwd=work, env=env).stdout
+    # where the package is found, without importing it (find_spec of a top-level package runs none of its code)
+    located = _run([str(python), "-c", "import importlib.util; print(importlib.util.find_spec('diffusers_var').origin)"],
+                   cwd=work, env=env).stdout
     assert Path(located.strip()).is_relative_to(venv), located
     command = ["diffusers-var", "generate", "--class-label", "red circle on blue", "--out", "out.png"]  # README's
     result = _run(command, cwd=work, env=env)
