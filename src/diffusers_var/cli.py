@@ -152,7 +152,8 @@ def _train(args) -> int:
         if "Original Traceback" in message:  # raised in a DataLoader worker: the worker's own message is the last line
             message = message.strip().splitlines()[-1].split(": ", 1)[-1]
         return print_error(message)
-    print(f"exported {export}")
+    if os.environ.get("RANK", "0") == "0":  # once, not by every process of a multi-process launch
+        print(f"exported {export}")
     return 0
 
 

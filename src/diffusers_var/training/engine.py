@@ -35,7 +35,7 @@ TEXT_TASKS = ("star", "infinity")
 RESUME_MODES = ("auto", "never", "force")
 # keys that may change between a run and its resume: they do not change what is trained
 RESUME_SAFE_KEYS = {"output_dir", "resume", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
-                    "num_workers", "time_limit_minutes"}
+                    "num_workers", "time_limit_minutes", "data.bad_images"}
 PATH_KEYS = {"tokenizer_path", "text_encoder_path", "data.path"}
 RUN_FILES = ("checkpoints", "final", "samples", "logs", "train_log.jsonl", "train_config.json")
 
@@ -277,7 +277,7 @@ def config_differences(saved: dict, current: dict) -> dict[str, tuple]:
     old, new = {**defaults, **_flat(saved)}, _flat(current)
     differences = {}
     for key in sorted(set(old) | set(new)):
-        if key.split(".")[0] in RESUME_SAFE_KEYS:
+        if key in RESUME_SAFE_KEYS or key.split(".")[0] in RESUME_SAFE_KEYS:
             continue
         a, b = old.get(key), new.get(key)
         if a == b:
