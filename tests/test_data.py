@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import PIL.Image
@@ -62,3 +63,70 @@ def test_image_folder_labels_captions_and_bad_files(tmp_path, caplog):
     (tmp_path / "dogs" / "a.txt").unlink()
     with pytest.raises(ValueError, match="no caption"):
         ImageFolderDataset(tmp_path, 16, need_captions=True)
+
+
+def broken_stream_png(path, size=(24, 24)):
+    """A PNG whose chunks and CRCs are all valid but whose compressed pixel data is garbage: PIL's verify() accepts
+    it, decoding fails with "broken data stream"."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", size, (200, 10, 10)).save(buffer, format="PNG")
+    data, out, pos = buffer.getvalue(), bytearray(buffer.getvalue()[:8]), 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        if kind == b"IDAT":
+            body = zlib.compress(b"\x00" * 8)[:2] + bytes(range(7, 7 + len(body) - 2))  # valid header, garbage deflate
+        out += struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+        pos += 12 + length
+    path.write_bytes(bytes(out))
+
+
+def _folder_with_a_broken_stream(root):
+    for cls, color in (("cats", (10, 20, 30)), ("dogs", (30, 20, 10))):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            PIL.Image.new("RGB", (24, 24), color).save(root / cls / f"{i}.png")
+    broken = root / "dogs" / "2-broken.png"
+    broken_stream_png(broken)
+    with PIL.Image.open(broken) as image:
+        image.verify()  # passes the up-front check ...
+    with pytest.raises(OSError), PIL.Image.open(broken) as image:
+        image.load()  # ... and fails to decode
+    return broken
+
+
+def test_images_that_fail_to_decode_are_skipped_or_named(tmp_path, caplog):
+    broken = _folder_with_a_broken_stream(tmp_path)
+    ds = ImageFolderDataset(tmp_path, 16, need_labels=True)
+    index = ds.files.index(broken)
+    with caplog.at_level("WARNING"):
+        item = ds[index]
+        ds[index]
+    assert item["class_labels"] == ds.labels[index + 1]  # the next readable image stands in for it
+    assert [r.getMessage() for r in caplog.records].count(
+        next(r.getMessage() for r in caplog.records if str(broken) in r.getMessage())) == 1  # warned once, naming it
+    strict = ImageFolderDataset(tmp_path, 16, need_labels=True, bad_images="error")
+    with pytest.raises(ValueError, match=f"{re.escape(str(broken))}.*data.bad_images=skip"):
+        strict[index]
+
+
+def test_training_on_a_folder_with_a_broken_image(tmp_path, capsys, caplog):
+    """The issue: a PNG with valid CRCs but a broken data stream ended `train tokenizer` with "OSError: broken data
+    stream" and no file name. Skipped by default; with data.bad_images=error a one-line error names it."""
+    from diffusers_var.cli import main
+
+    broken = _folder_with_a_broken_stream(tmp_path / "images")
+    model = '{"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "vocab_size": 16, "z_channels": 4, "patch_nums": [1, 2, 4], ' \
+            '"using_sa": false, "using_mid_sa": false}'
+    common = ["train", "tokenizer", "data.type=imagefolder", f"data.path={tmp_path / 'images'}", "resolution=8",
+              "batch_size=9", "max_steps=1", "ema_decay=null", "mixed_precision=no", "sample_every=0", f"model={model}"]
+    with caplog.at_level("WARNING"):
+        assert main([*common, f"output_dir={tmp_path / 'skip'}"]) == 0
+    assert any(str(broken) in record.getMessage() for record in caplog.records)
+    assert main([*common, f"output_dir={tmp_path / 'error'}", "data.bad_images=error"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: `data`: cannot read image") and str(broken) in err

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,8 +24,8 @@ DATA = {"type": "shapes", "num_images": 32, "seed": 3}
 
 
 def base_config(tmp: Path, **overrides) -> dict:
-    config = dict(output_dir=str(tmp), data=DATA, resolution=16, batch_size=8, log_every=1, warmup_steps=1,
-                  checkpoint_every=100, mixed_precision="no", seed=0)
+    config = {"output_dir": str(tmp), "data": DATA, "resolution": 16, "batch_size": 8, "log_every": 1, "warmup_steps": 1,
+              "checkpoint_every": 100, "mixed_precision": "no", "seed": 0}
     config.update(overrides)
     return config
 
@@ -54,8 +56,8 @@ def test_tokenizer_training_reduces_loss_and_exports(tokenizer_dir):
 
 
 def var_config(run: Path, tokenizer: Path, **overrides) -> dict:
-    settings = dict(task="var", tokenizer_path=str(tokenizer), max_steps=12, learning_rate=3e-3,
-                    model={"depth": 2, "embed_dim": 64, "num_heads": 2}, label_smoothing=0.1, ema_decay=0.9)
+    settings = {"task": "var", "tokenizer_path": str(tokenizer), "max_steps": 12, "learning_rate": 3e-3,
+                "model": {"depth": 2, "embed_dim": 64, "num_heads": 2}, "label_smoothing": 0.1, "ema_decay": 0.9}
     settings.update(overrides)
     return base_config(run, **settings)
 
@@ -79,7 +81,7 @@ def _run_cli(config: dict, path: Path, fault: str | None = None) -> subprocess.C
     if fault:
         env["DIFFUSERS_VAR_FAULT_INJECT"] = fault
     return subprocess.run([sys.executable, "-m", "diffusers_var.training", config["task"], "--config", str(path)],
-                          capture_output=True, text=True, env=env, timeout=600)
+                          check=False, capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_killed_run_resumes_to_identical_weights(tokenizer_dir, tmp_path):
@@ -107,7 +109,7 @@ def test_killed_run_resumes_to_identical_weights(tokenizer_dir, tmp_path):
         b = load_file(tmp_path / "interrupted" / "final" / folder / "diffusion_pytorch_model.safetensors")
         assert a.keys() == b.keys()
         for key in a:
-            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_bad_training_configs(tmp_path):
@@ -145,3 +147,130 @@ def test_fsdp_export_rebuilds_the_plain_model_class():
     assert type(copy) is VARTransformer2DModel
     for key, value in copy.state_dict().items():
         assert torch.equal(value, full_state[key]), key
+
+
+class PlantedPayload:
+    """Unpickling this creates the file ``path``: a stand-in for code planted in a run folder."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _weights(folder: Path) -> dict:
+    return load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def test_resume_never_unpickles_and_continues_from_safe_state(tokenizer_dir, tmp_path):
+    """A run folder holding pickles with a payload (the files accelerate's save_state writes, and loads with
+    weights_only=False) is resumed without running it, from the safetensors + JSON state, to the same weights."""
+    run = tmp_path / "run"
+    config = var_config(run, tokenizer_dir, max_steps=3, checkpoint_every=2, data={**DATA, "num_images": 16})
+    reference = _weights(train(TrainConfig(**config)))
+    shutil.rmtree(run / "checkpoints" / "step-0000003")
+    checkpoint = run / "checkpoints" / "step-0000002"
+    marker = tmp_path / "payload-ran"
+    for name in ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "random_states_0.pkl", "optimizer.bin",
+                 "scheduler.bin", "sampler.bin"):
+        torch.save(PlantedPayload(marker), checkpoint / name)
+    resumed = _weights(train(TrainConfig(**config)))
+    assert not marker.exists(), "resuming ran code planted in the checkpoint"
+    assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 3]
+    for key in reference:
+        torch.testing.assert_close(resumed[key], reference[key], atol=0, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_a_changed_config_is_refused_unless_told(tokenizer_dir, tmp_path):
+    run = tmp_path / "run"
+    config = var_config(run, tokenizer_dir, max_steps=2, checkpoint_every=2, data={**DATA, "num_images": 16})
+    train(TrainConfig(**config))
+    saved_config = (run / "train_config.json").read_text()
+
+    with pytest.raises(ValueError, match=r"`resume`.*learning_rate 0\.003 -> 0\.001.*resume=never.*resume=force"):
+        train(TrainConfig(**{**config, "learning_rate": 1e-3, "max_steps": 3}))
+    assert (run / "train_config.json").read_text() == saved_config  # not rewritten by a refused run
+    deeper = {**config, "model": {**config["model"], "depth": 3}}
+    with pytest.raises(ValueError, match=r"model\.depth 2 -> 3"):
+        train(TrainConfig(**deeper))
+    with pytest.raises(ValueError, match="`model`: the model weights in checkpoint .* does not fit"):
+        train(TrainConfig(**deeper, resume="force"))  # a named error, not a raw state_dict one
+    assert (run / "train_config.json").read_text() == saved_config
+
+    # force: continue from the checkpoint, with the new learning rate and schedule from here on
+    forced = {**config, "learning_rate": 1e-3, "max_steps": 3, "resume": "force"}
+    train(TrainConfig(**forced))
+    last = json.loads((run / "train_log.jsonl").read_text().splitlines()[-1])
+    from diffusers_var.training.engine import _lr_lambda
+
+    assert last["step"] == 3 and last["lr"] == pytest.approx(1e-3 * _lr_lambda(TrainConfig(**forced))(3))
+    assert json.loads((run / "train_config.json").read_text())["learning_rate"] == 1e-3
+
+    # never: a fresh run; the previous one's files are moved aside, not deleted
+    train(TrainConfig(**{**config, "resume": "never"}))
+    (previous,) = (run / "previous-runs").iterdir()
+    assert (previous / "checkpoints" / "step-0000003").is_dir() and (previous / "final" / "model_index.json").is_file()
+    assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_checkpoints_of_the_pickle_format_are_refused(tokenizer_dir, tmp_path):
+    old = tmp_path / "checkpoints" / "step-0000004"
+    old.mkdir(parents=True)
+    torch.save({"step": 4}, old / "custom_checkpoint_0.pkl")
+    config = var_config(tmp_path, tokenizer_dir, max_steps=2)
+    with pytest.raises(ValueError, match=r"`resume`.*pickle files \(custom_checkpoint_0.pkl\).*resume=never"):
+        train(TrainConfig(**config))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("grad_clip=-1", "grad_clip"), ("ema_decay=-0.5", "ema_decay"), ("ema_decay=1", "ema_decay"),
+    ("learning_rate=NaN", "learning_rate"), ("learning_rate=abc", "learning_rate"), ("batch_size=2.5", "batch_size"),
+    ("max_steps=true", "max_steps"), ("warmup_steps=-1", "warmup_steps"), ("seed=-1", "seed"),
+    ("adam_betas=[1.5,0.9]", "adam_betas"), ("min_lr_ratio=2", "min_lr_ratio"), ("weight_decay=-0.1", "weight_decay"),
+    ("time_limit_minutes=0", "time_limit_minutes"), ("resolution=0", "resolution"), ("resume=sometimes", "resume"),
+    ("data.bad_images=ignore", "data.bad_images"), ("model=3", "model"),
+])
+def test_config_values_are_checked(override, key):
+    with pytest.raises(ValueError, match=f"`{re.escape(key)}`"):
+        TrainConfig.load(None, ["task=tokenizer", override])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback of a multi-GPU launch config")
+def test_multi_gpu_launch_config_on_a_cpu_machine_is_one_run(tokenizer_dir, tmp_path):
+    """``accelerate launch --config_file configs/accelerate_ddp.yaml`` on a machine without a GPU used to start two
+    independent single-process runs writing the same folder: now the two processes are one DDP run on the CPU."""
+    config = var_config(tmp_path / "run", tokenizer_dir, max_steps=2, checkpoint_every=2, ema_decay=None,
+                        data={**DATA, "num_images": 16})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("DIFFUSERS_VAR_FAULT_INJECT", None)
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                             str(Path(__file__).resolve().parents[1] / "configs" / "accelerate_ddp.yaml"), "-m",
+                             "diffusers_var.training", "var", "--config", str(tmp_path / "config.json"), "mixed_precision=no"],
+                            check=False, capture_output=True, text=True, env=env, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "on 2 process(es)" in output
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-0000002"
+    assert (checkpoint / "rng_state_0.safetensors").is_file() and (checkpoint / "rng_state_1.safetensors").is_file()
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_fsdp_checkpoints_resume_across_shards(tmp_path):
+    """The FSDP path of the checkpoint format (gather to rank 0 on save, re-shard on load) on two CPU processes with
+    FSDP2 over gloo (benchmarks/bench_training_ddp.py runs the whole trainer under FSDP on GPUs)."""
+    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 is not available in this torch build")
+    if not torch.distributed.is_gloo_available():
+        pytest.skip("torch was built without gloo")
+    worker = Path(__file__).resolve().parent / "fsdp_checkpoint_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(worker), str(tmp_path / "checkpoint")], check=False, capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["files"] == ["model.safetensors", "optimizer.safetensors", "rng_state_0.json", "rng_state_0.safetensors",
+                               "rng_state_1.json", "rng_state_1.safetensors", "trainer_state.json"]
+    assert report["step"] == 3 and report["accelerator_step"] == 7
+    assert report["model_diff"] == 0 and report["optimizer_diff"] == 0 and report["lr"][0] == report["lr"][1]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import fixture_dir
+
 from diffusers_var import BitwiseMultiScaleVAE, InfinityPipeline, MultiScaleVQModel, STARPipeline
 from diffusers_var.training import TrainConfig, train
 from diffusers_var.training.text_encoders import build_tiny_text_encoder, load_text_encoder, save_tiny_text_encoder
@@ -21,8 +21,8 @@ VQ_MODEL = {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "vocab_size": 6
 
 
 def base_config(tmp: Path, **overrides) -> dict:
-    config = dict(output_dir=str(tmp), data=DATA, resolution=16, batch_size=8, log_every=1, warmup_steps=1,
-                  checkpoint_every=100, mixed_precision="no", seed=0, weight_decay=0.0, ema_decay=None)
+    config = {"output_dir": str(tmp), "data": DATA, "resolution": 16, "batch_size": 8, "log_every": 1, "warmup_steps": 1,
+              "checkpoint_every": 100, "mixed_precision": "no", "seed": 0, "weight_decay": 0.0, "ema_decay": None}
     config.update(overrides)
     return config
 
@@ -107,6 +107,23 @@ def test_tiny_text_encoders_are_deterministic_and_round_trip(tmp_path):
     assert loaded(["abc"])["input_ids"] == build_tiny_text_encoder("tiny-clip")[1](["abc"])["input_ids"]
 
 
+def test_text_encoder_path_accepts_a_plain_transformers_folder(tmp_path):
+    """README's `text_encoder_path=path/to/flan-t5`: a Hub download is one folder (config.json, weights and tokenizer
+    files side by side, the whole encoder-decoder for flan-t5), not text_encoder/ + tokenizer/."""
+    from transformers import T5ForConditionalGeneration
+
+    encoder, tokenizer = build_tiny_text_encoder("tiny-t5", hidden_size=64, num_layers=1)
+    torch.manual_seed(0)
+    full = T5ForConditionalGeneration(encoder.config)  # the layout of google/flan-t5-* (decoder included)
+    full.save_pretrained(tmp_path / "flan-t5")
+    tokenizer.save_pretrained(tmp_path / "flan-t5")
+    model, loaded = load_text_encoder(str(tmp_path / "flan-t5"))
+    assert type(model).__name__ == "T5EncoderModel"
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, full.state_dict()[name]), name
+    assert loaded(["abc"])["input_ids"] == tokenizer(["abc"])["input_ids"]
+
+
 @pytest.mark.parametrize("kind", ["tiny-clip", "tiny-t5"])
 def test_tiny_text_encoders_know_word_order(kind):
     """Swapping the two colours must change the features: a bag-of-bytes encoder (the old tiny-t5, pooled
@@ -177,7 +194,7 @@ def test_killed_infinity_run_resumes_to_identical_weights(bitwise_vae_dir, tmp_p
     a = load_file(tmp_path / "straight" / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "interrupted" / "final" / "transformer" / "diffusion_pytorch_model.safetensors")
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_bsq_straight_through_passes_reconstruction_gradients_to_the_encoder():

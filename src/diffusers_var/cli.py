@@ -1,75 +1,143 @@
-"""The ``diffusers-var`` command: ``generate`` (main job), ``train``, ``demo`` (the Gradio app)."""
+"""The ``diffusers-var`` command: ``generate`` (main job), ``train``, ``demo`` (the Gradio app).
+
+Every usage error is one line, ``error: ...`` naming the flag, with exit code 2; the arguments, the device and
+the output path are all checked before a model is loaded or an image generated.
+"""
 
 from __future__ import annotations
 
-import argparse
-import json
+import os
 import sys
+import tempfile
 from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "pipelines" / "var-shapes"
+from .cli_support import (
+    OneLineErrorParser,
+    add_demo_arguments,
+    check_device,
+    default_model,
+    finite_float,
+    int_in_range,
+    pipeline_class_of,
+    print_error,
+)
+
+DEFAULT_MODEL = default_model()
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+PIPELINE_FLAGS = {"class_labels": "--class-label", "prompt": "--prompt", "guidance_scale": "--guidance-scale",
+                  "top_k": "--top-k", "top_p": "--top-p", "height": "--height", "width": "--width",
+                  "num_images_per_prompt": "--batch-size"}
+
+__all__ = ["DEFAULT_MODEL", "main", "pipeline_class_of", "train_main"]
 
 
-def pipeline_class_of(model) -> type:
-    """The diffusers-var pipeline class a pipeline folder holds (from its ``model_index.json``);
-    ``ValueError`` naming the folder when it is not one of ours."""
-    import diffusers_var
+def output_paths(out: Path, count: int) -> list[Path]:
+    """Where ``generate`` writes ``count`` images: ``out`` itself for one image, else ``STEM-0.EXT`` ...
+    ``STEM-{count-1}.EXT`` next to it (``--out squares.png --num-images 4`` -> ``squares-0.png`` .. ``squares-3.png``)."""
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
 
-    model = Path(model)
-    if not (model / "model_index.json").is_file():
-        raise ValueError(f"{str(model)!r} is not a pipeline folder (no model_index.json)")
-    class_name = json.loads((model / "model_index.json").read_text()).get("_class_name")
-    pipeline_class = getattr(diffusers_var, class_name, None) if isinstance(class_name, str) else None
-    if pipeline_class is None:
-        raise ValueError(f"{str(model)!r} holds a {class_name!r}, not a diffusers-var pipeline")
-    return pipeline_class
+
+def check_output(out: Path, count: int) -> str | None:
+    """``None`` when the images can be written to ``--out``, else the one-line reason (checked before generating,
+    so a typo costs nothing): an image extension PIL can write, a folder that exists or can be made, write access."""
+    import PIL.Image
+
+    suffix = out.suffix.lower()
+    formats = PIL.Image.registered_extensions()
+    if not suffix:
+        return f"`--out` {str(out)!r} has no file extension; add one (.png, .jpg, .webp): it picks the image format"
+    if formats.get(suffix) not in PIL.Image.SAVE:
+        writable = sorted(ext for ext, fmt in formats.items() if fmt in PIL.Image.SAVE and ext in {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+        return f"`--out` {str(out)!r}: {suffix!r} is not an image format PIL can write; use one of {', '.join(writable)}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out.parent):  # the only reliable test of write access (ACLs, read-only mounts)
+            pass
+    except OSError as err:
+        return f"`--out` {str(out)!r}: cannot write into {str(out.parent)!r} ({err.strerror or err})"
+    for path in output_paths(out, count):
+        if path.is_dir():
+            return f"`--out` {str(path)!r} is a folder; give a file name such as {str(path / 'out.png')!r}"
+        if path.exists() and not os.access(path, os.W_OK):
+            return f"`--out` {str(path)!r} exists and is not writable"
+    return None
 
 
 def _generate(args) -> int:
     import torch
 
+    out = Path(args.out)
+    for problem in (check_device("--device", args.device), check_output(out, args.num_images)):
+        if problem:
+            return print_error(problem)
     model = Path(args.model) if args.model else DEFAULT_MODEL
     try:
         pipeline_class = pipeline_class_of(model)
     except ValueError as err:
-        print(f"error: `--model` {err}", file=sys.stderr)
-        return 2
+        return print_error(f"`--model` {err}")
+    name = pipeline_class.__name__
+    if name == "VARPipeline":
+        if args.prompt and not args.class_label:
+            args.class_label = args.prompt
+        if args.height or args.width:
+            return print_error("`--height/--width` apply to Infinity pipelines only (VAR/STAR sizes are fixed by the model)")
+    elif not args.prompt:
+        return print_error("`--prompt` is required for text-to-image pipelines")
+    elif (args.height or args.width) and name != "InfinityPipeline":
+        return print_error("`--height/--width` apply to Infinity pipelines only (VAR/STAR sizes are fixed by the model)")
+
     pipe = pipeline_class.from_pretrained(model, dtype=getattr(torch, args.dtype)).to(args.device)
+    kwargs = {"output_type": "pil"}
+    for key in ("guidance_scale", "top_k", "top_p"):
+        if getattr(args, key) is not None:
+            kwargs[key] = getattr(args, key)
+    if name == "VARPipeline":
+        if args.class_label is not None:
+            try:
+                label = args.class_label
+                kwargs["class_labels"] = [int(label)] if label.lstrip("-").isdigit() else pipe.get_label_ids([label])
+            except ValueError as err:
+                return print_error(f"`--class-label` {err}")
+    else:
+        kwargs["prompt"] = args.prompt
+        if args.height or args.width:
+            kwargs.update(height=args.height, width=args.width)
+
+    # Generate in batches and write each image as it comes: memory stays bounded by --batch-size whatever
+    # --num-images is. One generator runs through all batches, so a seed and batch size give the same images.
     generator = torch.Generator().manual_seed(args.seed)
-    kwargs = dict(generator=generator, num_images_per_prompt=args.num_images, output_type="pil")
-    for name in ("guidance_scale", "top_k", "top_p"):
-        if getattr(args, name) is not None:
-            kwargs[name] = getattr(args, name)
-    name = type(pipe).__name__
+    paths = output_paths(out, args.num_images)
+    batch_size = min(args.batch_size, args.num_images)
+    several = batch_size < args.num_images
+    progress = None
+    if several:  # one bar over all images instead of one per scale per batch
+        from tqdm.auto import tqdm
+
+        pipe.set_progress_bar_config(disable=True)
+        progress = tqdm(total=args.num_images, unit="image", desc="generate")
+    written = 0
     try:
-        if name == "VARPipeline":
-            if args.prompt and not args.class_label:
-                args.class_label = args.prompt
-            labels = None
-            if args.class_label is not None:
-                labels = [int(args.class_label)] if args.class_label.lstrip("-").isdigit() else pipe.get_label_ids([args.class_label])
-            images = pipe(class_labels=labels, **kwargs).images
-        else:
-            if not args.prompt:
-                print("error: `--prompt` is required for text-to-image pipelines", file=sys.stderr)
-                return 2
-            if args.height or args.width:
-                if name != "InfinityPipeline":
-                    print("error: `--height/--width` apply to Infinity pipelines only (VAR/STAR sizes are fixed by the model)", file=sys.stderr)
-                    return 2
-                kwargs.update(height=args.height, width=args.width)
-            images = pipe(prompt=args.prompt, **kwargs).images
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, image in enumerate(images):
-        path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
-        image.save(path)
-        paths.append(str(path))
-    print("saved " + ", ".join(paths))
+        while written < args.num_images:
+            count = min(batch_size, args.num_images - written)
+            images = pipe(num_images_per_prompt=count, generator=generator, **kwargs).images
+            for image in images:
+                image.save(paths[written])
+                written += 1
+            if progress is not None:
+                progress.update(len(images))
+            del images
+    except ValueError as err:  # the pipeline's own argument checks: name the flags, not the Python parameters
+        message = str(err)
+        for parameter, flag in PIPELINE_FLAGS.items():
+            message = message.replace(f"`{parameter}`", f"`{flag}`")
+        return print_error(message)
+    finally:
+        if progress is not None:
+            progress.close()
+    shown = [str(p) for p in paths] if len(paths) <= 8 else [str(paths[0]), "...", str(paths[-1])]
+    print(f"saved {len(paths)} image{'s' * (len(paths) != 1)}: " + ", ".join(shown))
     return 0
 
 
@@ -80,58 +148,44 @@ def _train(args) -> int:
         config = TrainConfig.load(args.config, [f"task={args.task}", *args.overrides])
         export = train(config)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"exported {export}")
+        message = str(err)
+        if "Original Traceback" in message:  # raised in a DataLoader worker: the worker's own message is the last line
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        return print_error(message)
+    if os.environ.get("RANK", "0") == "0":  # once, not by every process of a multi-process launch
+        print(f"exported {export}")
     return 0
-
-
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    """The demo's flags (kept here so that ``diffusers-var --help`` does not import gradio)."""
-    for flag, name, folder in (("--var", "VAR", "var-shapes"), ("--star", "STAR", "star-shapes"),
-                               ("--infinity", "Infinity", "infinity-shapes")):
-        parser.add_argument(flag, default="default", metavar="PATH",
-                            help=f"{name} pipeline folder (default: the embedded pipelines/{folder} when present; "
-                                 f"'none' hides the model)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload() on an accelerator")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--share", action="store_true", help="also create a public gradio.live link (off by default)")
-    parser.add_argument("--max-images", type=int, default=8, help="most images per request (default 8)")
-    parser.add_argument("--queue-size", type=int, default=32,
-                        help="most waiting requests (default 32); more are told the queue is full")
-    parser.add_argument("--concurrency", type=int, default=1, help="generations running at once, all tabs together")
 
 
 def _demo(args) -> int:
     try:
         from .demo import run
     except ImportError as err:  # gradio missing: say how to get it instead of a traceback
-        print(f"error: the demo needs gradio ({err}); install it with `pip install gradio`", file=sys.stderr)
-        return 2
+        return print_error(f"the demo needs gradio ({err}); install it with `pip install gradio`")
     return run(args)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="diffusers-var", description="Next-scale-prediction image generation (VAR, STAR, Infinity).")
+def build_parser() -> OneLineErrorParser:
+    parser = OneLineErrorParser(prog="diffusers-var", description="Next-scale-prediction image generation (VAR, STAR, Infinity).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate images with a pipeline folder (default: the embedded VAR)")
     gen.add_argument("--model", default=None, help=f"pipeline folder (default: {DEFAULT_MODEL})")
     gen.add_argument("--prompt", default=None, help="text prompt (STAR / Infinity), or a class name for VAR")
     gen.add_argument("--class-label", default=None, help="VAR: class index or name (default: random)")
-    gen.add_argument("--num-images", type=int, default=1)
-    gen.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's")
-    gen.add_argument("--top-k", type=int, default=None, help="default: the pipeline's (0 = off)")
-    gen.add_argument("--top-p", type=float, default=None, help="default: the pipeline's (0 = off)")
-    gen.add_argument("--height", type=int, default=None, help="Infinity: image height (default: the model's)")
-    gen.add_argument("--width", type=int, default=None, help="Infinity: image width (default: the model's)")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--num-images", type=int_in_range(1), default=1,
+                     help="images to generate (default 1); several are written as OUT-0.png, OUT-1.png, ...")
+    gen.add_argument("--batch-size", type=int_in_range(1), default=16,
+                     help="images generated at once (default 16): bounds memory whatever --num-images is")
+    gen.add_argument("--guidance-scale", type=finite_float, default=None, help="default: the pipeline's")
+    gen.add_argument("--top-k", type=int_in_range(0), default=None, help="default: the pipeline's (0 = off)")
+    gen.add_argument("--top-p", type=finite_float, default=None, help="default: the pipeline's (0 = off)")
+    gen.add_argument("--height", type=int_in_range(1), default=None, help="Infinity: image height (default: the model's)")
+    gen.add_argument("--width", type=int_in_range(1), default=None, help="Infinity: image width (default: the model's)")
+    gen.add_argument("--seed", type=int_in_range(0, MAX_SEED), default=0, help=f"0 to {MAX_SEED} (default 0)")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    gen.add_argument("--out", default="out.png")
+    gen.add_argument("--out", default="out.png", help="image file; its extension picks the format (default out.png)")
     gen.set_defaults(func=_generate)
 
     from .training.engine import TASK_NAMES
@@ -151,7 +205,11 @@ def main(argv=None) -> int:
 
     add_sample_parser(sub)
     add_evaluate_parser(sub)
+    return parser
 
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command == "train":
         bad = [item for item in extra if "=" not in item]

@@ -21,7 +21,14 @@ from typing import Any
 import gradio as gr
 import torch
 
-from .cli import add_demo_arguments, pipeline_class_of
+from .cli_support import (
+    OneLineErrorParser,
+    add_demo_arguments,
+    check_device,
+    embedded_pipelines_dir,
+    pipeline_class_of,
+    print_error,
+)
 from .models.dynamic_resolution import supported_pixel_sizes
 from .pipelines.pipeline_infinity import InfinityPipeline
 from .pipelines.pipeline_star import STARPipeline
@@ -29,7 +36,7 @@ from .pipelines.pipeline_var import VARPipeline
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_DIR = Path(__file__).resolve().parents[2] / "pipelines"
+EMBEDDED_DIR = embedded_pipelines_dir()
 DEFAULT = "default"  # sentinel: the embedded pipeline of the family, when it exists
 FAMILIES = {  # key -> (tab title, pipeline class, embedded folder)
     "var": ("VAR (class-conditional)", VARPipeline, EMBEDDED_DIR / "var-shapes"),
@@ -60,7 +67,8 @@ def load_family(family: str, spec: Any, device: str, dtype: torch.dtype, cpu_off
         try:
             found = pipeline_class_of(spec)
             if not issubclass(found, pipeline_class):
-                raise ValueError(f"{str(spec)!r} holds a {found.__name__}, not a {pipeline_class.__name__}")
+                # the folder's content is wrong, not an argument's type: a ValueError like pipeline_class_of's
+                raise ValueError(f"{str(spec)!r} holds a {found.__name__}, not a {pipeline_class.__name__}")  # noqa: TRY004
             pipe = found.from_pretrained(spec, dtype=dtype)
         except Exception as err:  # never crash the app for one tab
             logger.exception("could not load %s pipeline from %s", family, spec)
@@ -153,7 +161,7 @@ def _var_tab(pipe: VARPipeline, common: dict, max_images: int):
             gallery, info = _outputs("var")
 
     def generate(class_name, guidance_scale, top_k, top_p, more_smooth, num_images, seed, randomize,
-                 progress=gr.Progress(track_tqdm=True)):
+                 progress=gr.Progress(track_tqdm=True)):  # noqa: B008 - gradio's way to ask for a progress bar
         count = _check_count(num_images, max_images)
         if class_name == RANDOM_CLASS or class_name in (None, ""):
             labels = None
@@ -201,7 +209,7 @@ def _star_tab(pipe: STARPipeline, common: dict, max_images: int):
             gallery, info = _outputs("star")
 
     def generate(prompt, negative_prompt, guidance_scale, top_k, top_p, use_stable_sampler, num_images, seed, randomize,
-                 progress=gr.Progress(track_tqdm=True)):
+                 progress=gr.Progress(track_tqdm=True)):  # noqa: B008 - gradio's way to ask for a progress bar
         text = _prompt(prompt)
         count = _check_count(num_images, max_images)
         seed = _pick_seed(seed, randomize)
@@ -256,7 +264,7 @@ def _infinity_tab(pipe: InfinityPipeline, common: dict, max_images: int):
             gallery, info = _outputs("infinity")
 
     def generate(prompt, negative_prompt, size, guidance_scale, tau, top_k, top_p, num_images, seed, randomize,
-                 progress=gr.Progress(track_tqdm=True)):
+                 progress=gr.Progress(track_tqdm=True)):  # noqa: B008 - gradio's way to ask for a progress bar
         text = _prompt(prompt)
         height, width = _parse_size(size)
         count = _check_count(num_images, max_images)
@@ -284,7 +292,7 @@ def build_demo(var: Any = DEFAULT, star: Any = DEFAULT, infinity: Any = DEFAULT,
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = {key: load_family(key, spec, device, dtype, cpu_offload)
               for key, spec in (("var", var), ("star", star), ("infinity", infinity))}
-    common = dict(concurrency_limit=concurrency_limit, concurrency_id="generate")
+    common = {"concurrency_limit": concurrency_limit, "concurrency_id": "generate"}
     builders = {"var": _var_tab, "star": _star_tab, "infinity": _infinity_tab}
     with gr.Blocks(title="diffusers-var demo") as demo:
         gr.Markdown("# diffusers-var: next-scale prediction (VAR, STAR, Infinity)\n"
@@ -304,14 +312,24 @@ def build_demo(var: Any = DEFAULT, star: Any = DEFAULT, infinity: Any = DEFAULT,
 
 # -- command line -----------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
+    """Serve the app for parsed :func:`add_demo_arguments` flags; a bad value is a one-line error (exit code 2)."""
+    problem = check_device("--device", args.device)
+    if problem:
+        return print_error(problem)
     specs = {key: (None if str(getattr(args, key)).lower() == "none" else getattr(args, key)) for key in FAMILIES}
-    demo = build_demo(**specs, device=args.device, dtype=getattr(torch, args.dtype), cpu_offload=args.cpu_offload,
-                      max_images=args.max_images, queue_size=args.queue_size, concurrency_limit=args.concurrency)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share)
+    try:
+        demo = build_demo(**specs, device=args.device, dtype=getattr(torch, args.dtype), cpu_offload=args.cpu_offload,
+                          max_images=args.max_images, queue_size=args.queue_size, concurrency_limit=args.concurrency)
+    except ValueError as err:
+        return print_error(err)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share)
+    except OSError as err:  # the port is taken, or the host is not an address of this machine
+        return print_error(f"`--host {args.host} --port {args.port}`: cannot serve there ({err})")
     return 0
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="diffusers-var demo", description="Gradio demo for VAR, STAR and Infinity.")
+    parser = OneLineErrorParser(prog="diffusers-var demo", description="Gradio demo for VAR, STAR and Infinity.")
     add_demo_arguments(parser)
     return run(parser.parse_args(argv))

@@ -415,14 +415,14 @@ class _Progress:
 def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
     """The ``sample`` command (``args`` as its parser makes them). ``on_batch(info)`` is called after each batch
     this process generated (benchmarks/bench_sample.py records speed and memory with it). Returns a summary."""
-    from .cli import DEFAULT_MODEL, pipeline_class_of
+    from .cli_support import default_model, pipeline_class_of
 
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--per-class", args.per_class, 1),
                              ("--images-per-prompt", args.images_per_prompt, 1), ("--seed", args.seed, 0),
                              ("--writer-threads", args.writer_threads, 1)):
         if value is not None and value < low:
             raise ValueError(f"`{flag}` must be >= {low}, got {value}.")
-    model = Path(args.model) if args.model else DEFAULT_MODEL
+    model = Path(args.model) if args.model else default_model()
     try:
         pipeline_class = pipeline_class_of(model)
     except ValueError as err:

@@ -3,14 +3,20 @@ and atomic writing of a diffusers folder."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 # Known scale schedules of the original repositories, by total token count L.
 KNOWN_PATCH_NUMS = {
@@ -34,7 +40,7 @@ def load_checkpoint(path: str | os.PathLike, param_name: str) -> dict[str, torch
         raise ConversionError(f"`{param_name}`: no such file {str(path)!r}.")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # truncated zip, pickle with code, not a torch file at all
+    except Exception as err:  # noqa: BLE001 - truncated zip, pickle with code, not a torch file at all
         raise ConversionError(
             f"`{param_name}`: {str(path)!r} is not a readable PyTorch checkpoint (truncated, corrupted, or it "
             f"needs arbitrary code to unpickle, which is refused): {type(err).__name__}: {str(err).splitlines()[0][:200]}"
@@ -113,36 +119,160 @@ def load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], param
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()}, strict=True, assign=False)
 
 
-def atomic_save_pipeline(pipeline, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """``save_pretrained`` into a temporary folder next to ``output_dir``, then rename it into place.
+# Every folder atomic_save_pipeline writes lists its files here: an overwrite replaces only folders of ours and
+# refuses when a file not listed (a user's) would be lost.
+MANIFEST_NAME = ".diffusers-var-manifest.json"
+# A staging folder ``.NAME.tmp-XXXX`` next to the output holds this marker (who made it, for which output), the
+# save in progress (``new/``) and, during the swap, the previous output (``old/``). Only folders with the marker
+# are ever cleaned up, and only once the process that made them is gone.
+STAGING_MARKER = ".diffusers-var-staging.json"
+WRITER = "diffusers-var"
 
-    A failure at any point leaves an existing ``output_dir`` untouched; with ``overwrite`` the old folder
-    is only removed after the new one is complete.
+
+def _files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_ours(folder: Path) -> bool:
+    """A diffusers folder of one of our classes: a pipeline (model_index.json) or a single model (config.json)."""
+    import diffusers_var
+
+    for name in ("model_index.json", "config.json"):
+        config = _read_json(folder / name)
+        if isinstance(config, dict) and isinstance(config.get("_class_name"), str):
+            return isinstance(getattr(diffusers_var, config["_class_name"], None), type)
+    return False
+
+
+def _manifest_files(folder: Path) -> set[str] | None:
+    manifest = _read_json(folder / MANIFEST_NAME)
+    if isinstance(manifest, dict) and manifest.get("written_by") == WRITER and isinstance(manifest.get("files"), list):
+        return {str(f) for f in manifest["files"]}
+    return None
+
+
+def _refuse_foreign(output_dir: Path, foreign: set[str]) -> None:
+    if foreign:
+        shown = ", ".join(sorted(foreign)[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConversionError(
+            f"`output`: {str(output_dir)!r} holds files that diffusers-var did not write ({shown}); --overwrite replaces "
+            "only folders written by diffusers-var, so nothing of yours is deleted: move those files or choose another folder."
+        )
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an output folder that a save would not be allowed to replace (call it before long work).
+
+    Without ``overwrite`` any existing path is refused. With it, the existing folder must be empty or a folder
+    that diffusers-var wrote: its manifest lists every file in it, or (folders from before manifests) it is a
+    diffusers folder of one of our classes. A folder holding the current working directory is refused as well.
     """
     output_dir = Path(output_dir).resolve()
-    if output_dir.exists() and not overwrite:
+    if not output_dir.exists() and not output_dir.is_symlink():
+        return output_dir
+    if not overwrite:
         raise ConversionError(f"`output`: {str(output_dir)!r} already exists (pass overwrite / --overwrite to replace it).")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    if not output_dir.is_dir():
+        raise ConversionError(f"`output`: {str(output_dir)!r} is a file, not a folder; --overwrite replaces folders only.")
     try:
-        pipeline.save_pretrained(tmp, safe_serialization=True)
-        pickles = [p.name for p in tmp.rglob("*") if p.suffix in {".bin", ".pth", ".pt", ".pkl", ".ckpt"}]
+        cwd = Path.cwd().resolve()
+    except OSError:  # the working directory was deleted
+        cwd = None
+    if cwd is not None and cwd.is_relative_to(output_dir):
+        raise ConversionError(f"`output`: {str(output_dir)!r} is the current folder or holds it; write next to it instead.")
+    present = _files(output_dir) - {MANIFEST_NAME}
+    listed = _manifest_files(output_dir)
+    if listed is not None:
+        _refuse_foreign(output_dir, present - listed)
+    elif present and not _is_ours(output_dir):
+        raise ConversionError(
+            f"`output`: {str(output_dir)!r} is not a pipeline or model folder written by diffusers-var; --overwrite "
+            "replaces only those (and empty folders), so nothing of yours is deleted: choose another folder."
+        )
+    return output_dir
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_stale_staging(output_dir: Path) -> None:
+    """Finish or remove staging folders that an interrupted save of ``output_dir`` left next to it.
+
+    Only folders carrying our marker, made on this host by a process that no longer runs, are touched. One that
+    already moved the previous output aside (``old/``) while ``output_dir`` is missing was stopped mid-swap: the
+    previous output is put back instead of being removed.
+    """
+    for staging in output_dir.parent.glob(f".{output_dir.name}.tmp-*"):
+        marker = _read_json(staging / STAGING_MARKER) if staging.is_dir() and not staging.is_symlink() else None
+        if not (isinstance(marker, dict) and marker.get("written_by") == WRITER and marker.get("output") == str(output_dir)):
+            continue  # not recognisably ours: never touched
+        if marker.get("host") != socket.gethostname() or _process_alive(int(marker.get("pid", -1))):
+            continue  # another machine's or a running save
+        old = staging / "old"
+        if old.is_dir() and not output_dir.exists():
+            os.replace(old, output_dir)
+            logger.warning("restored %s from an interrupted save (%s)", output_dir, staging.name)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def atomic_save_pipeline(pipeline, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """``save_pretrained`` into a staging folder next to ``output_dir``, then rename it into place.
+
+    A failure at any point leaves an existing ``output_dir`` untouched; with ``overwrite`` the old folder is only
+    removed after the new one is complete, and only when it is a folder diffusers-var wrote (see
+    :func:`check_output_dir`): no file that we did not write is ever deleted. Stale staging folders of
+    interrupted earlier saves of the same output are cleaned first. The saved folder gets a manifest of its files.
+    """
+    output_dir = Path(output_dir).resolve()
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_staging(output_dir)
+    check_output_dir(output_dir, overwrite)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    marker = {"written_by": WRITER, "output": str(output_dir), "host": socket.gethostname(), "pid": os.getpid(),
+              "created": time.time()}
+    (staging / STAGING_MARKER).write_text(json.dumps(marker))
+    new, old = staging / "new", staging / "old"
+    try:
+        pipeline.save_pretrained(new, safe_serialization=True)
+        written = _files(new)
+        pickles = [name for name in written if Path(name).suffix in {".bin", ".pth", ".pt", ".pkl", ".ckpt"}]
         if pickles:
             raise ConversionError(f"refusing to write pickle files: {pickles}")
-        backup = None
+        manifest = {"written_by": WRITER, "version": _version(), "files": sorted(written - {MANIFEST_NAME})}
+        (new / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
+        os.chmod(new, 0o755)
         if output_dir.exists():
-            backup = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-            os.replace(output_dir, backup)
+            check_output_dir(output_dir, overwrite)  # again: files may have appeared during the save
+            if _manifest_files(output_dir) is None:  # a folder from before manifests: everything must be rewritten
+                _refuse_foreign(output_dir, _files(output_dir) - written)
+            os.replace(output_dir, old)
         try:
-            os.replace(tmp, output_dir)
+            os.replace(new, output_dir)
         except BaseException:
-            if backup is not None:
-                os.replace(backup, output_dir)
+            if old.exists():
+                os.replace(old, output_dir)
             raise
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        if output_dir.exists() or not old.exists():  # never remove the only copy of the previous output
+            shutil.rmtree(staging, ignore_errors=True)
     return output_dir
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__

@@ -13,15 +13,23 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from safetensors.torch import load_file
 
 from ..models.bitwise_vae import BitwiseMultiScaleVAE
 from ..models.infinity_transformer import InfinityTransformer2DModel, infinity_ffn_dim
-from .common import ConversionError, atomic_save_pipeline, find_state_dict, load_checkpoint, load_into, rename_keys
+from .common import (
+    ConversionError,
+    atomic_save_pipeline,
+    check_output_dir,
+    find_state_dict,
+    load_checkpoint,
+    load_into,
+    rename_keys,
+)
 
 # After block_chunks.{c}.module.{j} -> blocks.{n}; "@name" = derived buffer (checked, not stored).
 INFINITY_KEY_RULES = [
@@ -115,23 +123,23 @@ def infinity_config_from_state_dict(state_dict: Mapping, level_embed_every_chunk
     mlp_ratio = ffn_dim / C
     if infinity_ffn_dim(C, mlp_ratio) != ffn_dim:
         raise ConversionError(f"`transformer`: FFN width {ffn_dim} is not round(C * r / 256) * 256 for C={C}.")
-    return dict(
-        bits_per_token=_shape(state_dict["word_embed.weight"])[1],
-        text_dim=text_dim,
-        text_max_length=text_max_length,
-        pool_num_heads=_shape(state_dict["text_proj_for_sos.ca.mat_q"])[1],
-        depth=depth,
-        embed_dim=C,
-        num_heads=_shape(state_dict["block_chunks.0.module.0.sa.scale_mul_1H11"])[1],
-        mlp_ratio=mlp_ratio,
-        block_chunks=chunks,
-        shared_adaln="shared_ada_lin.1.weight" in state_dict,
-        level_embed_every_chunk=bool(level_embed_every_chunk),
-        num_level_embeddings=_shape(state_dict["lvl_embed.weight"])[0],
-        norm_eps=1e-6,
-        cond_drop_rate=0.1,
-        drop_path_rate=0.1,
-    )
+    return {
+        "bits_per_token": _shape(state_dict["word_embed.weight"])[1],
+        "text_dim": text_dim,
+        "text_max_length": text_max_length,
+        "pool_num_heads": _shape(state_dict["text_proj_for_sos.ca.mat_q"])[1],
+        "depth": depth,
+        "embed_dim": C,
+        "num_heads": _shape(state_dict["block_chunks.0.module.0.sa.scale_mul_1H11"])[1],
+        "mlp_ratio": mlp_ratio,
+        "block_chunks": chunks,
+        "shared_adaln": "shared_ada_lin.1.weight" in state_dict,
+        "level_embed_every_chunk": bool(level_embed_every_chunk),
+        "num_level_embeddings": _shape(state_dict["lvl_embed.weight"])[0],
+        "norm_eps": 1e-6,
+        "cond_drop_rate": 0.1,
+        "drop_path_rate": 0.1,
+    }
 
 
 def vae_config_from_state_dict(state_dict: Mapping, spatial_patchify: bool = False) -> dict:
@@ -150,16 +158,16 @@ def vae_config_from_state_dict(state_dict: Mapping, spatial_patchify: bool = Fal
         return [w // base for w in widths]
 
     num_res_blocks = len({int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})
-    return dict(
-        in_channels=_vae_get(state_dict, "encoder.conv_in")[1],
-        out_channels=_vae_get(state_dict, "decoder.conv_out")[0],
-        base_channels=base,
-        encoder_ch_mult=mults("encoder", "down"),
-        decoder_ch_mult=mults("decoder", "up"),
-        num_res_blocks=num_res_blocks,
-        codebook_dim=_vae_get(state_dict, "encoder.conv_out")[0],
-        spatial_patchify=bool(spatial_patchify),
-    )
+    return {
+        "in_channels": _vae_get(state_dict, "encoder.conv_in")[1],
+        "out_channels": _vae_get(state_dict, "decoder.conv_out")[0],
+        "base_channels": base,
+        "encoder_ch_mult": mults("encoder", "down"),
+        "decoder_ch_mult": mults("decoder", "up"),
+        "num_res_blocks": num_res_blocks,
+        "codebook_dim": _vae_get(state_dict, "encoder.conv_out")[0],
+        "spatial_patchify": bool(spatial_patchify),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,7 +257,7 @@ def load_infinity_transformer_state_dict(path: str | os.PathLike) -> dict:
 
 def load_bitwise_vae_state_dict(path: str | os.PathLike) -> dict:
     obj = load_checkpoint(path, "vae")
-    looks_right = lambda sd: _vae_get(sd, "encoder.conv_in") is not None  # noqa: E731
+    looks_right = lambda sd: _vae_get(sd, "encoder.conv_in") is not None
     return find_state_dict(obj, [("vae",), ("trainer", "vae"), ("state_dict",)], looks_right, "vae")
 
 
@@ -271,6 +279,8 @@ def convert_infinity_checkpoint(
 
     from ..pipelines.pipeline_infinity import InfinityPipeline
 
+    if output_dir is not None:  # before reading multi-GB checkpoints
+        check_output_dir(output_dir, overwrite)
     transformer = convert_infinity_transformer(load_infinity_transformer_state_dict(transformer_path), level_embed_every_chunk,
                                                depth)
     vae_sd = load_bitwise_vae_state_dict(vae_path)
@@ -284,13 +294,13 @@ def convert_infinity_checkpoint(
             raise ConversionError(f"`{name.replace('_', '-')}`: {str(folder)!r} is not a directory.")
     try:
         text_encoder = T5EncoderModel.from_pretrained(text_encoder_path, dtype=dtype, use_safetensors=True)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - transformers raises many kinds; each becomes a message naming the flag
         raise ConversionError(f"`text-encoder`: cannot load a T5 encoder (safetensors) from {str(text_encoder_path)!r}: {err}") from None
     if text_encoder.config.d_model != transformer.config.text_dim:
         raise ConversionError(f"`text-encoder` width {text_encoder.config.d_model} != the transformer's text width {transformer.config.text_dim}.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, legacy=True)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - transformers raises many kinds; each becomes a message naming the flag
         raise ConversionError(f"`tokenizer`: cannot load a tokenizer from {str(tokenizer_path)!r}: {err}") from None
     if dtype != torch.float32:
         transformer, vae = transformer.to(dtype), vae.to(dtype)

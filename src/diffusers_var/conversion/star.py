@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 
@@ -23,6 +23,7 @@ from .common import (
     KNOWN_PATCH_NUMS,
     ConversionError,
     atomic_save_pipeline,
+    check_output_dir,
     count_blocks,
     find_state_dict,
     load_checkpoint,
@@ -142,29 +143,29 @@ def star_config_from_state_dict(
     sampler_depth = count_blocks(state_dict, "feat_extract_blocks", "transformer")
     if sampler_start_scale is None:  # 9 in every release; a shorter (test) schedule starts at its last scale
         sampler_start_scale = min(9, len(patch_nums) - 1)
-    return dict(
-        depth=depth,
-        embed_dim=C,
-        num_heads=num_heads,
-        mlp_ratio=_shape(state_dict["blocks.0.ffn.fc1.weight"])[0] / C,
-        vocab_size=_shape(state_dict["head_logits.weight"])[0],
-        latent_channels=_shape(state_dict["word_embed.weight"])[1],
-        patch_nums=list(patch_nums),
-        text_embed_dim=_shape(state_dict["encoder_proj.weight"])[1],
-        cross_attention="blocks.0.cross_attn.mat_q.weight" in state_dict,
-        rope="pos_1LC" not in state_dict,
-        rope_theta=float(rope_theta),
-        rope_norm=float(rope_norm),
-        logit_norm=bool(logit_norm),
-        num_legacy_classes=_shape(state_dict["class_emb.weight"])[0] - 1 if "class_emb.weight" in state_dict else 0,
-        stable_sampler=sampler_depth > 0,
-        sampler_depth=sampler_depth or 3,
-        sampler_start_scale=int(sampler_start_scale),
-        cross_attention_row0_quirk=bool(cross_attention_row0_quirk),
-        norm_eps=1e-6,
-        cond_drop_rate=0.1,
-        drop_path_rate=0.1 * depth / 24,
-    )
+    return {
+        "depth": depth,
+        "embed_dim": C,
+        "num_heads": num_heads,
+        "mlp_ratio": _shape(state_dict["blocks.0.ffn.fc1.weight"])[0] / C,
+        "vocab_size": _shape(state_dict["head_logits.weight"])[0],
+        "latent_channels": _shape(state_dict["word_embed.weight"])[1],
+        "patch_nums": list(patch_nums),
+        "text_embed_dim": _shape(state_dict["encoder_proj.weight"])[1],
+        "cross_attention": "blocks.0.cross_attn.mat_q.weight" in state_dict,
+        "rope": "pos_1LC" not in state_dict,
+        "rope_theta": float(rope_theta),
+        "rope_norm": float(rope_norm),
+        "logit_norm": bool(logit_norm),
+        "num_legacy_classes": _shape(state_dict["class_emb.weight"])[0] - 1 if "class_emb.weight" in state_dict else 0,
+        "stable_sampler": sampler_depth > 0,
+        "sampler_depth": sampler_depth or 3,
+        "sampler_start_scale": int(sampler_start_scale),
+        "cross_attention_row0_quirk": bool(cross_attention_row0_quirk),
+        "norm_eps": 1e-6,
+        "cond_drop_rate": 0.1,
+        "drop_path_rate": 0.1 * depth / 24,
+    }
 
 
 def convert_star_transformer(state_dict: Mapping, **config_kwargs) -> STARTransformer2DModel:
@@ -213,7 +214,7 @@ def _load_text_components(text_encoder_dir):
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     except ConversionError:
         raise
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - transformers raises many kinds; each becomes a message naming the flag
         raise ConversionError(f"`text_encoder`: cannot load a tokenizer and text encoder from {str(root)!r}: {err}") from None
     return tokenizer, encoder.eval()
 
@@ -243,6 +244,8 @@ def convert_star_checkpoint(
     """
     from ..pipelines.pipeline_star import STARPipeline
 
+    if output_dir is not None:  # before reading multi-GB checkpoints
+        check_output_dir(output_dir, overwrite)
     star_sd, snapshot_config = load_star_snapshot(transformer_path)
     transformer = convert_star_transformer(
         star_sd, patch_nums=patch_nums, snapshot_config=snapshot_config, rope_theta=rope_theta, rope_norm=rope_norm,

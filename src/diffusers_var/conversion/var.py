@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -20,6 +20,7 @@ from .common import (
     KNOWN_PATCH_NUMS,
     ConversionError,
     atomic_save_pipeline,
+    check_output_dir,
     count_blocks,
     find_state_dict,
     load_checkpoint,
@@ -100,21 +101,21 @@ def var_config_from_state_dict(state_dict: Mapping, patch_nums: Sequence[int] | 
     if depth == 0:
         raise ConversionError("`transformer`: the checkpoint has no transformer blocks.")
     patch_nums = infer_patch_nums(state_dict, patch_nums)
-    return dict(
-        num_classes=num_classes_plus_null - 1,
-        depth=depth,
-        embed_dim=C,
-        num_heads=num_heads,
-        mlp_ratio=_shape(state_dict["blocks.0.ffn.fc1.weight"])[0] / C,
-        vocab_size=_shape(state_dict["head.weight"])[0],
-        latent_channels=_shape(state_dict["word_embed.weight"])[1],
-        patch_nums=list(patch_nums),
-        shared_adaln="shared_ada_lin.1.weight" in state_dict,
-        attn_l2_norm=attn_l2_norm,
-        norm_eps=1e-6,
-        cond_drop_rate=0.1,
-        drop_path_rate=0.1 * depth / 24,
-    )
+    return {
+        "num_classes": num_classes_plus_null - 1,
+        "depth": depth,
+        "embed_dim": C,
+        "num_heads": num_heads,
+        "mlp_ratio": _shape(state_dict["blocks.0.ffn.fc1.weight"])[0] / C,
+        "vocab_size": _shape(state_dict["head.weight"])[0],
+        "latent_channels": _shape(state_dict["word_embed.weight"])[1],
+        "patch_nums": list(patch_nums),
+        "shared_adaln": "shared_ada_lin.1.weight" in state_dict,
+        "attn_l2_norm": attn_l2_norm,
+        "norm_eps": 1e-6,
+        "cond_drop_rate": 0.1,
+        "drop_path_rate": 0.1 * depth / 24,
+    }
 
 
 def vae_config_from_state_dict(state_dict: Mapping, patch_nums: Sequence[int], quant_resi: float = 0.5) -> dict:
@@ -137,22 +138,22 @@ def vae_config_from_state_dict(state_dict: Mapping, patch_nums: Sequence[int], q
     if share == 0 and len({k.split(".")[2] for k in state_dict if k.startswith("quantize.quant_resi.")}) != len(patch_nums):
         raise ConversionError("`vae`: one Phi conv per scale, but their number differs from the transformer's scale count.")
     last = len(levels) - 1
-    return dict(
-        in_channels=_shape(state_dict["encoder.conv_in.weight"])[1],
-        ch=ch,
-        ch_mult=ch_mult,
-        num_res_blocks=num_res_blocks,
-        dropout=0.0,
-        vocab_size=vocab_size,
-        z_channels=z_channels,
-        patch_nums=list(patch_nums),
-        quant_resi=quant_resi,
-        share_quant_resi=share,
-        beta=0.25,
-        using_sa=f"encoder.down.{last}.attn.0.qkv.weight" in state_dict,
-        using_mid_sa="encoder.mid.attn_1.qkv.weight" in state_dict,
-        quant_conv_ks=_shape(state_dict["quant_conv.weight"])[-1],
-    )
+    return {
+        "in_channels": _shape(state_dict["encoder.conv_in.weight"])[1],
+        "ch": ch,
+        "ch_mult": ch_mult,
+        "num_res_blocks": num_res_blocks,
+        "dropout": 0.0,
+        "vocab_size": vocab_size,
+        "z_channels": z_channels,
+        "patch_nums": list(patch_nums),
+        "quant_resi": quant_resi,
+        "share_quant_resi": share,
+        "beta": 0.25,
+        "using_sa": f"encoder.down.{last}.attn.0.qkv.weight" in state_dict,
+        "using_mid_sa": "encoder.mid.attn_1.qkv.weight" in state_dict,
+        "quant_conv_ks": _shape(state_dict["quant_conv.weight"])[-1],
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,6 +234,8 @@ def convert_var_checkpoint(
     """
     from ..pipelines.pipeline_var import VARPipeline
 
+    if output_dir is not None:  # before reading multi-GB checkpoints
+        check_output_dir(output_dir, overwrite)
     var_sd = _load_var(transformer_path)
     vae_sd = _load_vae(vae_path)
     transformer = convert_var_transformer(var_sd, patch_nums, depth)

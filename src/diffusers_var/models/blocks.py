@@ -17,9 +17,8 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from diffusers.models.attention_dispatch import dispatch_attention_fn
+from torch import nn
 
 # exp(clamp(log_scale, max=ln 100)): the original clamps the learned per-head logit scale at 100.
 MAX_LOG_ATTN_SCALE = math.log(100.0)

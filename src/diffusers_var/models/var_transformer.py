@@ -7,11 +7,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from torch import nn
-
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
+from torch import nn
 
 from .blocks import (
     AdaLNHeadNorm,

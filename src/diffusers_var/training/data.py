@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -31,37 +32,86 @@ def resize_center_crop(image: PIL.Image.Image, resolution: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).div(127.5).sub(1)
 
 
-class ImageFolderDataset(torch.utils.data.Dataset):
+BAD_IMAGE_POLICIES = ("skip", "error")
+# what a broken file raises while decoding: OSError ("broken data stream", truncated; PIL's UnidentifiedImageError),
+# SyntaxError / struct.error / EOFError (plugins' header parsers), ValueError, DecompressionBombError
+DECODE_ERRORS = (OSError, SyntaxError, struct.error, EOFError, ValueError, PIL.Image.DecompressionBombError)
+
+
+class _SkipsBadImages(torch.utils.data.Dataset):
+    """``__getitem__`` for datasets whose images may fail to decode mid-training (``data.bad_images``).
+
+    A file can pass the up-front check (PIL's ``verify()`` reads chunks and CRCs, not the compressed pixel data) and
+    still fail to decode. ``"skip"`` logs a warning naming it (once) and returns the next readable item instead, so
+    batches keep their size and a resumed run sees the same sequence; ``"error"`` raises a ``ValueError`` naming it.
+    """
+
+    bad_images = "skip"
+
+    def _load(self, index: int) -> dict:
+        raise NotImplementedError
+
+    def _name(self, index: int) -> str:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict:
+        if not hasattr(self, "_reported"):
+            self._reported = set()
+        for offset in range(len(self)):
+            candidate = (index + offset) % len(self)
+            try:
+                return self._load(candidate)
+            except DECODE_ERRORS as err:
+                name = self._name(candidate)
+                reason = f"{type(err).__name__}: {err}"
+                if self.bad_images == "error":
+                    raise ValueError(f"`data`: cannot read image {name} ({reason}); set data.bad_images=skip to skip "
+                                     "unreadable images with a warning.") from None
+                if name not in self._reported:
+                    self._reported.add(name)
+                    logger.warning("skipping unreadable image %s (%s); data.bad_images=error stops on it instead", name, reason)
+        raise ValueError(f"`data`: none of the {len(self)} images could be read (see the warnings above).")
+
+
+class ImageFolderDataset(_SkipsBadImages):
     """Images under ``root``.
 
     * Class-conditional (``need_labels``): one sub-folder per class (sorted names -> ids 0..N-1).
     * Captioned (``need_captions``): ``metadata.jsonl`` lines ``{"file_name": ..., "text": ...}`` (the HF
       imagefolder layout), or a ``.txt`` file next to each image.
 
-    Unreadable images are skipped (their count is logged); an empty folder or an image without a caption
-    is an error.
+    Unreadable images are skipped with a warning naming them, or are an error naming them, following
+    ``bad_images`` (``data.bad_images``: ``"skip"`` or ``"error"``), whether the up-front check finds them or they
+    fail to decode later; an empty folder or an image without a caption is an error.
     """
 
-    def __init__(self, root: str | Path, resolution: int, need_labels: bool = False, need_captions: bool = False):
-        self.root, self.resolution = Path(root), resolution
+    def __init__(self, root: str | Path, resolution: int, need_labels: bool = False, need_captions: bool = False,
+                 bad_images: str = "skip"):
+        if bad_images not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"`data.bad_images` must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}.")
+        self.root, self.resolution, self.bad_images = Path(root), resolution, bad_images
         if not self.root.is_dir():
             raise ValueError(f"`data.path`: {str(self.root)!r} is not a folder.")
         files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
             raise ValueError(f"`data.path`: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {str(self.root)!r}.")
-        readable, skipped = [], 0
+        readable, skipped = [], []
         for path in files:
             try:
                 with PIL.Image.open(path) as im:
                     im.verify()
                 readable.append(path)
-            except Exception:
-                skipped += 1
+            except Exception as err:  # noqa: BLE001 - whatever verify() raises, the file cannot be used
+                if bad_images == "error":
+                    raise ValueError(f"`data`: cannot read image {str(path)!r} ({type(err).__name__}: {err}); set "
+                                     "data.bad_images=skip to skip unreadable images with a warning.") from None
+                skipped.append(path)
         if skipped:
-            logger.warning("skipped %d unreadable image(s) under %s", skipped, self.root)
+            names = ", ".join(str(p) for p in skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+            logger.warning("skipped %d unreadable image(s) under %s: %s", len(skipped), self.root, names)
         if not readable:
             raise ValueError(f"`data.path`: none of the {len(files)} images under {str(self.root)!r} could be read.")
-        self.files, self.skipped = readable, skipped
+        self.files, self.skipped = readable, len(skipped)
         self.class_names, self.labels, self.captions = None, None, None
         if need_labels:
             self.class_names = sorted({p.relative_to(self.root).parts[0] for p in readable if len(p.relative_to(self.root).parts) > 1})
@@ -91,7 +141,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> dict:
+    def _name(self, index: int) -> str:
+        return repr(str(self.files[index]))
+
+    def _load(self, index: int) -> dict:
         with PIL.Image.open(self.files[index]) as image:
             item = {"pixel_values": resize_center_crop(image, self.resolution)}
         if self.labels is not None:
@@ -101,11 +154,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return item
 
 
-class HFDataset(torch.utils.data.Dataset):
-    """Any HF ``datasets`` dataset with an image column and optional label / text columns."""
+class HFDataset(_SkipsBadImages):
+    """Any HF ``datasets`` dataset with an image column and optional label / text columns (images that fail to
+    decode follow ``bad_images`` as in :class:`ImageFolderDataset`)."""
 
     def __init__(self, name_or_path: str, resolution: int, split: str = "train", image_column: str = "image",
-                 label_column: str | None = None, caption_column: str | None = None):
+                 label_column: str | None = None, caption_column: str | None = None, bad_images: str = "skip"):
         try:
             import datasets
         except ImportError as err:
@@ -114,12 +168,15 @@ class HFDataset(torch.utils.data.Dataset):
         for column in (image_column, label_column, caption_column):
             if column is not None and column not in self.dataset.column_names:
                 raise ValueError(f"`data`: column {column!r} not in the dataset (columns: {self.dataset.column_names}).")
-        self.resolution, self.columns = resolution, (image_column, label_column, caption_column)
+        self.resolution, self.columns, self.bad_images = resolution, (image_column, label_column, caption_column), bad_images
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> dict:
+    def _name(self, index: int) -> str:
+        return f"row {index} of the dataset"
+
+    def _load(self, index: int) -> dict:
         row = self.dataset[index]
         image_column, label_column, caption_column = self.columns
         item = {"pixel_values": resize_center_crop(row[image_column], self.resolution)}
@@ -131,7 +188,8 @@ class HFDataset(torch.utils.data.Dataset):
 
 
 def build_dataset(data_config: dict, resolution: int, need_labels: bool = False, need_captions: bool = False):
-    """``data`` section of a training config -> dataset. ``type``: shapes | imagefolder | hf."""
+    """``data`` section of a training config -> dataset. ``type``: shapes | imagefolder | hf; ``bad_images``: skip
+    (default: an image that cannot be decoded is skipped with a warning naming it) | error (stop, naming it)."""
     kind = data_config.get("type", "imagefolder")
     if kind == "shapes":
         from ..shapes import ShapesDataset
@@ -140,10 +198,12 @@ def build_dataset(data_config: dict, resolution: int, need_labels: bool = False,
     if kind == "imagefolder":
         if "path" not in data_config:
             raise ValueError("`data.path` is required for `data.type: imagefolder`.")
-        return ImageFolderDataset(data_config["path"], resolution, need_labels, need_captions)
+        return ImageFolderDataset(data_config["path"], resolution, need_labels, need_captions,
+                                  bad_images=data_config.get("bad_images", "skip"))
     if kind == "hf":
         return HFDataset(data_config["path"], resolution, data_config.get("split", "train"), data_config.get("image_column", "image"),
-                         data_config.get("label_column"), data_config.get("caption_column"))
+                         data_config.get("label_column"), data_config.get("caption_column"),
+                         bad_images=data_config.get("bad_images", "skip"))
     raise ValueError(f"`data.type` must be one of 'shapes', 'imagefolder', 'hf'; got {kind!r}.")
 
 

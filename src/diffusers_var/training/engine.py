@@ -4,6 +4,10 @@ Mixed precision, gradient accumulation and checkpointing, EMA weights, warm-up +
 every N steps (written to a temporary folder and renamed, the last K kept) with automatic resume from
 the newest complete one, TensorBoard (when installed) plus a JSONL log, and a final export as a
 diffusers folder that the pipelines load directly.
+
+Checkpoints are safetensors + JSON (:mod:`.checkpoint`), never pickles, so resuming a run folder of unknown
+origin cannot run code. A resume checks that the config is the one the checkpoint was trained with (``resume``:
+``auto`` refuses a changed config naming the keys, ``never`` starts afresh, ``force`` continues with the new one).
 """
 
 from __future__ import annotations
@@ -21,10 +25,19 @@ from typing import Any
 
 import torch
 
+from .checkpoint import load_training_state, read_training_state, save_training_state
+from .data import BAD_IMAGE_POLICIES
+
 CHECKPOINT_PATTERN = re.compile(r"step-(\d+)\Z")
 TASK_NAMES = ("tokenizer", "bitwise_tokenizer", "var", "star", "infinity")
 TOKENIZER_TASKS = ("tokenizer", "bitwise_tokenizer")
 TEXT_TASKS = ("star", "infinity")
+RESUME_MODES = ("auto", "never", "force")
+# keys that may change between a run and its resume: they do not change what is trained
+RESUME_SAFE_KEYS = {"output_dir", "resume", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
+                    "num_workers", "time_limit_minutes", "data.bad_images"}
+PATH_KEYS = {"tokenizer_path", "text_encoder_path", "data.path"}
+RUN_FILES = ("checkpoints", "final", "samples", "logs", "train_log.jsonl", "train_config.json")
 
 
 @dataclass
@@ -68,18 +81,27 @@ class TrainConfig:
     bsq_inv_temperature: float = 100.0  # bitwise_tokenizer: sharpness of the soft bit assignment of the entropy terms
     bsc_flip_prob: float = 0.3  # infinity: Bitwise Self-Correction maximum flip probability (0 disables)
     bsc_num_scales: int | None = None  # infinity: scales that get flipped bits (None: all)
+    # what to do with a run already in output_dir: "auto" resumes its newest checkpoint when the config is the same
+    # (and refuses, naming the differing keys, when it is not), "never" starts afresh (the previous run's files are
+    # moved to output_dir/previous-runs/), "force" resumes from the checkpoint with the new settings
+    resume: str = "auto"
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> "TrainConfig":
+    def load(cls, path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
         values: dict[str, Any] = {}
         if path is not None:
-            text = Path(path).read_text()
-            if str(path).endswith((".yaml", ".yml")):
-                import yaml
+            try:
+                text = Path(path).read_text()
+                if str(path).endswith((".yaml", ".yml")):
+                    import yaml
 
-                values = yaml.safe_load(text) or {}
-            else:
-                values = json.loads(text)
+                    values = yaml.safe_load(text) or {}
+                else:
+                    values = json.loads(text)
+            except (OSError, ValueError) as err:  # yaml.YAMLError is a ValueError too
+                raise ValueError(f"`--config`: cannot read {str(path)!r} ({type(err).__name__}: {err})") from None
+            if not isinstance(values, dict):
+                raise ValueError(f"`--config`: {str(path)!r} must hold a mapping of config keys, not a {type(values).__name__}.")
         for item in overrides or []:
             if "=" not in item:
                 raise ValueError(f"override {item!r} must look like key=value (e.g. max_steps=100 or data.num_images=500).")
@@ -97,48 +119,91 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown training config keys {unknown}; known: {sorted(known)}.")
+        for name in ("data", "model"):
+            if name in values and not isinstance(values[name], dict):
+                raise ValueError(f"`{name}` must be a mapping (e.g. {name}.key=value), got {values[name]!r}.")
         config = cls(**values)
         config.validate()
         return config
 
     def validate(self) -> None:
+        """Check every value (types and ranges) and name the key in the error; integral floats become ints."""
         if self.task not in TASK_NAMES:
             raise ValueError(f"`task` must be one of {', '.join(repr(t) for t in TASK_NAMES)}, got {self.task!r}.")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"`mixed_precision` must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}.")
-        for name in ("batch_size", "max_steps", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)!r}.")
+        if self.resume not in RESUME_MODES:
+            raise ValueError(f"`resume` must be one of {', '.join(repr(m) for m in RESUME_MODES)}, got {self.resume!r}.")
+        if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir):
+            raise ValueError(f"`output_dir` must be a folder path, got {self.output_dir!r}.")
+        for name in ("data", "model"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"`{name}` must be a mapping, got {getattr(self, name)!r}.")  # noqa: TRY004 - config errors are ValueErrors
+        bad_images = self.data.get("bad_images", "skip")
+        if bad_images not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"`data.bad_images` must be one of {', '.join(repr(p) for p in BAD_IMAGE_POLICIES)}, "
+                             f"got {bad_images!r}.")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(  # noqa: TRY004 - every config error is a ValueError (the command line prints those)
+                f"`gradient_checkpointing` must be true or false, got {self.gradient_checkpointing!r}.")
+        for name in ("batch_size", "max_steps", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints",
+                     "log_every", "resolution"):
+            self._check(name, integer=True, low=1)
+        for name in ("warmup_steps", "sample_every", "num_workers"):
+            self._check(name, integer=True, low=0)
+        self._check("seed", integer=True, low=0, high=2**32 - 1)  # numpy's seed range
+        self._check("bsc_num_scales", integer=True, low=0, optional=True)
+        self._check("learning_rate", low=0, low_open=True)
+        self._check("grad_clip", low=0, low_open=True)
+        self._check("time_limit_minutes", low=0, low_open=True, optional=True)
+        self._check("ema_decay", low=0, high=1, low_open=True, high_open=True, optional=True, hint=" (null: no EMA)")
+        self._check("weight_decay", low=0)
+        self._check("min_lr_ratio", low=0, high=1)
+        for name in ("cond_drop_rate", "bsc_flip_prob", "label_smoothing"):
+            self._check(name, low=0, high=1)
+        for name in ("recon_l1_weight", "recon_l2_weight", "vq_loss_weight", "bsq_commit_weight", "bsq_entropy_weight",
+                     "bsq_codebook_entropy_weight"):
+            self._check(name, low=0)
+        self._check("bsq_inv_temperature", low=0, low_open=True)
+        betas = self.adam_betas
+        if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"`adam_betas` must be two numbers in [0, 1), e.g. [0.9, 0.95], got {betas!r}.")
+        self.adam_betas = tuple(float(b) for b in betas)
         if self.task not in TOKENIZER_TASKS and not self.tokenizer_path:
             kind = "BitwiseMultiScaleVAE" if self.task == "infinity" else "MultiScaleVQModel"
             raise ValueError(f"`tokenizer_path` (a trained {kind} folder) is required for `task: {self.task}`.")
         if self.task in TEXT_TASKS and not self.text_encoder_path:
             raise ValueError(f"`text_encoder_path` is required for `task: {self.task}`: a folder with `text_encoder/` and "
-                             "`tokenizer/` sub-folders, or 'tiny-clip' / 'tiny-t5' (see diffusers_var.training.text_encoders).")
-        for name in ("cond_drop_rate", "bsc_flip_prob", "label_smoothing"):
-            if not 0.0 <= float(getattr(self, name)) <= 1.0:
-                raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)!r}.")
-        for name in ("recon_l1_weight", "recon_l2_weight", "vq_loss_weight", "bsq_commit_weight", "bsq_entropy_weight",
-                     "bsq_codebook_entropy_weight"):
-            if float(getattr(self, name)) < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)!r}.")
-        if float(self.bsq_inv_temperature) <= 0:
-            raise ValueError(f"`bsq_inv_temperature` must be > 0, got {self.bsq_inv_temperature!r}.")
-        if self.bsc_num_scales is not None and int(self.bsc_num_scales) < 0:
-            raise ValueError(f"`bsc_num_scales` must be >= 0 or null (all scales), got {self.bsc_num_scales!r}.")
+                             "`tokenizer/` sub-folders (or a plain transformers model folder), or 'tiny-clip' / 'tiny-t5' "
+                             "(see diffusers_var.training.text_encoders).")
+
+    def _check(self, name: str, integer: bool = False, low=None, high=None, low_open: bool = False,
+               high_open: bool = False, optional: bool = False, hint: str = "") -> None:
+        value = getattr(self, name)
+        if value is None and optional:
+            return
+        ok = _is_number(value) and (not integer or float(value).is_integer())
+        ok = ok and (low is None or (value > low if low_open else value >= low))
+        ok = ok and (high is None or (value < high if high_open else value <= high))
+        if not ok:
+            kind = "a whole number" if integer else "a number"
+            bounds = [f"{'>' if low_open else '>='} {low}" if low is not None else "",
+                      f"{'<' if high_open else '<='} {high}" if high is not None else ""]
+            raise ValueError(f"`{name}` must be {kind} {' and '.join(b for b in bounds if b)}{' or null' if optional else ''}"
+                             f"{hint}, got {value!r}.")
+        setattr(self, name, int(value) if integer else float(value))
+
+
+def _is_number(value) -> bool:
+    """A finite int or float (not a bool, a string or NaN: ``key=abc`` overrides arrive as strings)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class _StepCounter:
-    """Global optimisation step, saved inside accelerate checkpoints."""
+    """Global optimisation step (saved in ``trainer_state.json`` of each checkpoint)."""
 
     def __init__(self):
         self.step = 0
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = int(state["step"])
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -188,11 +253,108 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _flat(values: dict, prefix: str = "") -> dict:
+    """``{"data": {"path": x}}`` -> ``{"data.path": x}`` (lists and tuples stay values)."""
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _config_snapshot(config: TrainConfig) -> dict:
+    """The config as JSON values (what ``train_config.json`` and each checkpoint hold)."""
+    return json.loads(json.dumps(asdict(config), default=list))
+
+
+def config_differences(saved: dict, current: dict) -> dict[str, tuple]:
+    """Keys whose values differ between a checkpoint's config and the current one: ``{key: (old, new)}``, nested keys
+    dotted (``model.depth``). Keys missing from ``saved`` (an older version) compare against their defaults;
+    :data:`RESUME_SAFE_KEYS` are ignored; path keys naming the same place (relative / absolute) are equal."""
+    defaults = _flat(_config_snapshot(TrainConfig()))
+    old, new = {**defaults, **_flat(saved)}, _flat(current)
+    differences = {}
+    for key in sorted(set(old) | set(new)):
+        if key in RESUME_SAFE_KEYS or key.split(".")[0] in RESUME_SAFE_KEYS:
+            continue
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if key in PATH_KEYS and isinstance(a, str) and isinstance(b, str) and os.path.realpath(a) == os.path.realpath(b):
+            continue
+        differences[key] = (a, b)
+    return differences
+
+
+def _move_previous_run(output_dir: Path) -> Path | None:
+    """``resume=never``: move the previous run's files into ``output_dir/previous-runs/<time>/`` (nothing is deleted)."""
+    present = [output_dir / name for name in RUN_FILES if (output_dir / name).exists()]
+    if not present:
+        return None
+    base = output_dir / "previous-runs" / time.strftime("%Y%m%d-%H%M%S")
+    target, n = base, 1
+    while target.exists():
+        target, n = base.with_name(f"{base.name}-{n}"), n + 1
+    target.mkdir(parents=True)
+    for path in present:
+        os.replace(path, target / path.name)
+    return target
+
+
+def _resume_point(config: TrainConfig, output_dir: Path, is_main: bool) -> Path | None:
+    """The checkpoint to resume from (``None``: start afresh), following ``config.resume``. Every process reads the
+    same folder and comes to the same answer; only the main process moves files."""
+    checkpoint = latest_checkpoint(output_dir / "checkpoints")
+    if config.resume == "never":
+        if is_main:
+            moved = _move_previous_run(output_dir)
+            if moved is not None:
+                print(f"resume=never: moved the previous run's files to {moved}")
+        return None
+    if checkpoint is None:
+        return None
+    saved = read_training_state(checkpoint)  # refuses a checkpoint of accelerate's pickle format
+    differences = config_differences(saved.get("config") or {}, _config_snapshot(config))
+    if differences and config.resume == "auto":
+        changes = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in differences.items())
+        raise ValueError(f"`resume`: the config differs from the run being resumed in {str(output_dir)!r} (checkpoint "
+                         f"{checkpoint.name}): {changes}. Set resume=never to start a fresh run (the previous run's files "
+                         "are moved to previous-runs/), resume=force to continue from the checkpoint with the new "
+                         "settings, or use another output_dir.")
+    if differences and is_main:
+        print(f"resume=force: continuing {checkpoint.name} with changed {', '.join(differences)}")
+    return checkpoint
+
+
+def _apply_hyperparameters(optimizer, scheduler, config: TrainConfig) -> None:
+    """``resume=force``: the loaded optimizer / scheduler carry the old run's hyper-parameters; put the current
+    config's in (learning rate and its schedule, weight decay of the decayed group, betas)."""
+    factor = _lr_lambda(config)
+    for index, group in enumerate(optimizer.param_groups):
+        group["weight_decay"] = config.weight_decay if index == 0 else 0.0  # _param_groups: decayed group first
+        group["betas"] = tuple(config.adam_betas)
+        group["initial_lr"] = config.learning_rate
+    inner = getattr(scheduler, "scheduler", scheduler)
+    inner.base_lrs = [config.learning_rate] * len(optimizer.param_groups)
+    inner._last_lr = [config.learning_rate * factor(inner.last_epoch)] * len(optimizer.param_groups)
+    for group, lr in zip(optimizer.param_groups, inner._last_lr):
+        group["lr"] = lr
+
+
+def _has_accelerator_device() -> bool:
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.current_accelerator() is not None
+    return torch.cuda.is_available()
+
+
 def train(config: TrainConfig) -> Path:
     """Run (or resume) training; returns the exported folder."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 
+    from ..conversion.common import check_output_dir
     from .tasks import build_task
 
     output_dir = Path(config.output_dir)
@@ -204,7 +366,13 @@ def train(config: TrainConfig) -> Path:
         trackers = ["tensorboard"]
     except ImportError:
         pass
+    # `accelerate launch` with several processes on a machine without a GPU (e.g. configs/accelerate_ddp.yaml on a
+    # laptop): accelerate would make each process a separate single-device run, all writing the same folder. Ask for
+    # its CPU mode instead, which joins them into one DDP run over gloo.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    on_cpu = world_size > 1 and not _has_accelerator_device()
     accelerator = Accelerator(
+        cpu=on_cpu,
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
@@ -214,19 +382,28 @@ def train(config: TrainConfig) -> Path:
         # process, which ran the warm-up + cosine schedule twice as fast under 2-GPU DDP)
         step_scheduler_with_optimizer=False,
     )
+    if accelerator.num_processes != world_size:  # never let independent runs share one output folder
+        raise ValueError(f"`accelerate launch` started {world_size} processes, but accelerate set up "
+                         f"{accelerator.num_processes} ({accelerator.distributed_type.value}); they would train "
+                         "separately into the same output_dir. Check the launch config (num_processes, GPUs available).")
+    if on_cpu:
+        accelerator.print(f"no GPU: the {world_size} processes train together on the CPU (DDP over gloo)")
     set_seed(config.seed)
     if accelerator.distributed_type == DistributedType.FSDP:
-        if config.ema_decay:  # accelerate checkpoints a registered object from rank 0 only: the other shards' EMA would be lost
-            raise ValueError("`ema_decay`: EMA weights are not supported under FSDP (each rank averages its own shard and "
-                             "checkpoints keep rank 0's only); set ema_decay=null or train with DDP.")
+        if config.ema_decay:  # each rank would average its own shard only
+            raise ValueError("`ema_decay`: EMA weights are not supported under FSDP (each rank averages its own shard); "
+                             "set ema_decay=null or train with DDP.")
         if config.sample_every:  # sampling a sharded model needs every rank, the sample grid is drawn on rank 0
             raise ValueError("`sample_every`: sample grids are not drawn under FSDP; set sample_every=0.")
+    snapshot = _config_snapshot(config)  # before a time limit shortens max_steps
+    resume_from = _resume_point(config, output_dir, accelerator.is_main_process)
+    accelerator.wait_for_everyone()  # the main process may have moved a previous run aside
     if accelerator.is_main_process:
+        check_output_dir(output_dir / "final", overwrite=True)  # refuse now rather than after training
         output_dir.mkdir(parents=True, exist_ok=True)
         checkpoint_dir.mkdir(exist_ok=True)
         for stale in checkpoint_dir.glob(".tmp-*"):  # half-written by an interrupted save
             shutil.rmtree(stale, ignore_errors=True)
-        (output_dir / "train_config.json").write_text(json.dumps(asdict(config), indent=2, default=list))
     accelerator.wait_for_everyone()
 
     task = build_task(config, accelerator.device)
@@ -243,30 +420,33 @@ def train(config: TrainConfig) -> Path:
         raise ValueError(f"`batch_size` {config.batch_size} is larger than the dataset ({len(task.dataset)} images).")
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     counter = _StepCounter()
-    accelerator.register_for_checkpointing(counter)
     ema = None
     if config.ema_decay:
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=config.ema_decay, foreach=True)
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(ema)
 
     accelerator.print(f"{config.task}: {accelerator.distributed_type.value} on {accelerator.num_processes} process(es), "
                       f"{accelerator.device.type}, mixed precision {accelerator.mixed_precision}")
-    resume_from = latest_checkpoint(checkpoint_dir)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        state = load_training_state(resume_from, accelerator, model, optimizer, scheduler, ema)
+        counter.step = int(state["step"])
+        if config.resume == "force" and config_differences(state.get("config") or {}, snapshot):
+            _apply_hyperparameters(optimizer, scheduler, config)
         if ema is not None:
-            ema.to(accelerator.device)  # load_state puts the EMA shadow weights on the CPU: move them back to the GPU
+            ema.to(accelerator.device)  # the EMA shadow weights are loaded on the CPU
         accelerator.print(f"resumed from {resume_from} (step {counter.step})")
+    if accelerator.is_main_process:  # only now that the run is known to start or resume with this config
+        (output_dir / "train_config.json").write_text(json.dumps(snapshot, indent=2))
     if trackers:
         accelerator.init_trackers("train", config={k: str(v) for k, v in asdict(config).items()})
 
     def save_checkpoint(step: int) -> None:
         final = checkpoint_dir / f"step-{step:07d}"
         tmp = checkpoint_dir / f".tmp-step-{step:07d}"
-        accelerator.save_state(str(tmp))  # every rank writes its RNG state here
+        # safetensors + JSON only (never pickles); every rank writes its RNG state here
+        save_training_state(tmp, accelerator, model, optimizer, scheduler, ema, step, snapshot)
         accelerator.wait_for_everyone()
         _fault_injection("checkpoint", step)
         if accelerator.is_main_process:
@@ -285,53 +465,55 @@ def train(config: TrainConfig) -> Path:
         progress = tqdm(total=config.max_steps, initial=counter.step, desc=f"train {config.task}")
     model.train()
     started, images_seen = time.perf_counter(), 0
-    while counter.step < config.max_steps:
-        epoch = counter.step // updates_per_epoch
-        loader.set_epoch(epoch)
-        skip = (counter.step % updates_per_epoch) * config.gradient_accumulation_steps
-        epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for batch in epoch_loader:
-            with accelerator.accumulate(model):
-                loss, metrics = task.loss(model, batch)
-                accelerator.backward(loss)
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip) if accelerator.sync_gradients else None
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            images_seen += batch["pixel_values"].shape[0] * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            counter.step += 1
-            if ema is not None:
-                ema.step(accelerator.unwrap_model(model).parameters())
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss.item():.4f}")
-            out_of_time = config.time_limit_minutes is not None and time.perf_counter() - started > 60 * config.time_limit_minutes
-            if config.time_limit_minutes is not None:  # all ranks must agree, or the one that stops alone hangs the rest
-                out_of_time = bool(accelerator.gather(torch.tensor([out_of_time], device=accelerator.device)).any())
-            if counter.step % config.log_every == 0 or counter.step == config.max_steps or out_of_time:
-                elapsed = time.perf_counter() - started
-                record = {"step": counter.step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                          "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                          "images_per_s": images_seen / max(elapsed, 1e-9), **metrics}
-                accelerator.log(record, step=counter.step)
-                if accelerator.is_main_process:
-                    with log_file.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
-            if config.sample_every and counter.step % config.sample_every == 0 and accelerator.is_main_process:
-                task.save_samples(accelerator.unwrap_model(model), output_dir / "samples" / f"step-{counter.step:07d}.png")
-            _fault_injection("step", counter.step)
-            if counter.step % config.checkpoint_every == 0 or counter.step == config.max_steps or out_of_time:
-                save_checkpoint(counter.step)
-            if out_of_time:
-                accelerator.print(f"time limit of {config.time_limit_minutes} min reached at step {counter.step}")
-                config.max_steps = counter.step
-            if counter.step >= config.max_steps:
-                break
-    if progress is not None:
-        progress.close()
+    try:  # the bar is closed before an error is printed, not after it
+        while counter.step < config.max_steps:
+            epoch = counter.step // updates_per_epoch
+            loader.set_epoch(epoch)
+            skip = (counter.step % updates_per_epoch) * config.gradient_accumulation_steps
+            epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
+            for batch in epoch_loader:
+                with accelerator.accumulate(model):
+                    loss, metrics = task.loss(model, batch)
+                    accelerator.backward(loss)
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip) if accelerator.sync_gradients else None
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                images_seen += batch["pixel_values"].shape[0] * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue
+                counter.step += 1
+                if ema is not None:
+                    ema.step(accelerator.unwrap_model(model).parameters())
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{loss.item():.4f}")
+                out_of_time = config.time_limit_minutes is not None and time.perf_counter() - started > 60 * config.time_limit_minutes
+                if config.time_limit_minutes is not None:  # all ranks must agree, or the one that stops alone hangs the rest
+                    out_of_time = bool(accelerator.gather(torch.tensor([out_of_time], device=accelerator.device)).any())
+                if counter.step % config.log_every == 0 or counter.step == config.max_steps or out_of_time:
+                    elapsed = time.perf_counter() - started
+                    record = {"step": counter.step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
+                              "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                              "images_per_s": images_seen / max(elapsed, 1e-9), **metrics}
+                    accelerator.log(record, step=counter.step)
+                    if accelerator.is_main_process:
+                        with log_file.open("a") as f:
+                            f.write(json.dumps(record) + "\n")
+                if config.sample_every and counter.step % config.sample_every == 0 and accelerator.is_main_process:
+                    task.save_samples(accelerator.unwrap_model(model), output_dir / "samples" / f"step-{counter.step:07d}.png")
+                _fault_injection("step", counter.step)
+                if counter.step % config.checkpoint_every == 0 or counter.step == config.max_steps or out_of_time:
+                    save_checkpoint(counter.step)
+                if out_of_time:
+                    accelerator.print(f"time limit of {config.time_limit_minutes} min reached at step {counter.step}")
+                    config.max_steps = counter.step
+                if counter.step >= config.max_steps:
+                    break
+    finally:
+        if progress is not None:
+            progress.close()
 
     accelerator.wait_for_everyone()
     export_dir = output_dir / "final"

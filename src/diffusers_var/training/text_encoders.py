@@ -4,8 +4,10 @@
 
 * a folder with a transformers text encoder in ``text_encoder/`` and its tokenizer in ``tokenizer/`` (the
   layout of a STAR / Infinity pipeline folder, of Stable-Diffusion-2.x's ``CLIP/`` folder, and of the test
-  fixtures), e.g. a downloaded ``openai/clip-vit-large-patch14`` saved that way, or a ``flan-t5`` encoder; the
-  encoder class follows ``text_encoder/config.json``'s ``model_type``: ``clip_text_model`` / ``clip`` ->
+  fixtures), e.g. a downloaded ``openai/clip-vit-large-patch14`` saved that way, or a ``flan-t5`` encoder;
+* a plain transformers model folder holding the model and its tokenizer side by side, as downloaded from the Hub
+  (``google/flan-t5-xl``: only its encoder is used; ``openai/clip-vit-large-patch14``: only its text model);
+  the encoder class follows ``config.json``'s ``model_type``: ``clip_text_model`` / ``clip`` ->
   ``CLIPTextModel``, ``t5`` / ``mt5`` / ``umt5`` -> ``T5EncoderModel``; or
 * ``"tiny-clip"`` / ``"tiny-t5"``: a small, randomly initialised encoder (fixed seed) with a byte-level
   tokenizer (one token per UTF-8 byte, any text), built by :func:`build_tiny_text_encoder`. Its features
@@ -117,19 +119,26 @@ def load_text_encoder(path: str, device=None):
         from transformers import AutoTokenizer
 
         root = Path(path)
-        config_file = root / "text_encoder" / "config.json"
-        if not config_file.is_file() or not (root / "tokenizer").is_dir():
+        if (root / "text_encoder" / "config.json").is_file() and (root / "tokenizer").is_dir():
+            model_dir, tokenizer_dir = root / "text_encoder", root / "tokenizer"
+        elif (root / "config.json").is_file():  # a plain transformers folder, e.g. google/flan-t5-xl as downloaded
+            model_dir = tokenizer_dir = root
+        else:
             raise ValueError(f"`text_encoder_path`: {path!r} must hold `text_encoder/` (a transformers model) and "
-                             f"`tokenizer/`, or be one of {TINY_TEXT_ENCODERS}.")
-        model_type = json.loads(config_file.read_text()).get("model_type", "")
+                             f"`tokenizer/`, or be a transformers model folder with its tokenizer (config.json, "
+                             f"tokenizer files), or one of {TINY_TEXT_ENCODERS}.")
+        model_type = json.loads((model_dir / "config.json").read_text()).get("model_type", "")
         if model_type in ("clip_text_model", "clip"):
             from transformers import CLIPTextModel as model_class
         elif model_type in ("t5", "mt5", "umt5"):
             from transformers import T5EncoderModel as model_class
         else:
             raise ValueError(f"`text_encoder_path`: unsupported text encoder type {model_type!r} (CLIP or T5).")
-        model = model_class.from_pretrained(root / "text_encoder", local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
+        model = model_class.from_pretrained(model_dir, local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"`text_encoder_path`: no usable tokenizer in {str(tokenizer_dir)!r} ({err}).") from None
     return model.to(device).eval().requires_grad_(False), tokenizer
 
 

@@ -1,0 +1,130 @@
+"""What the ``diffusers-var`` command and the Gradio demo share: where the embedded pipelines live, which
+pipeline class a folder holds, the demo's flags and one-line argument errors.
+
+Both :mod:`diffusers_var.cli` and :mod:`diffusers_var.demo` import this module and neither imports the other
+(the demo used to import the command's helpers while the command imported the demo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def embedded_pipelines_dir() -> Path:
+    """The folder holding the embedded default pipelines (``var-shapes``, ``star-shapes``, ``infinity-shapes``).
+
+    A wheel (``pip install .``) ships them inside the package as ``diffusers_var/embedded/``; a source checkout
+    or an editable install reads the repository's ``pipelines/`` folder.
+    """
+    packaged = PACKAGE_DIR / "embedded"
+    if (packaged / "var-shapes" / "model_index.json").is_file():
+        return packaged
+    return PACKAGE_DIR.parents[1] / "pipelines"
+
+
+def default_model() -> Path:
+    """The folder ``diffusers-var generate`` / ``sample`` use without ``--model``: the embedded VAR."""
+    return embedded_pipelines_dir() / "var-shapes"
+
+
+def pipeline_class_of(model) -> type:
+    """The diffusers-var pipeline class a pipeline folder holds (from its ``model_index.json``);
+    ``ValueError`` naming the folder when it is not one of ours."""
+    import diffusers_var
+
+    model = Path(model)
+    if not (model / "model_index.json").is_file():
+        raise ValueError(f"{str(model)!r} is not a pipeline folder (no model_index.json)")
+    try:
+        class_name = json.loads((model / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ValueError(f"{str(model)!r} has an unreadable model_index.json ({err})") from None
+    pipeline_class = getattr(diffusers_var, class_name, None) if isinstance(class_name, str) else None
+    if pipeline_class is None:
+        raise ValueError(f"{str(model)!r} holds a {class_name!r}, not a diffusers-var pipeline")
+    return pipeline_class
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Argument errors as one line, ``error: ...`` naming the flag, exit code 2 (argparse prints the whole usage
+    block first, which buries the message)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {' '.join(message.split())}\n")
+
+
+def int_in_range(low: int | None = None, high: int | None = None):
+    """An argparse ``type`` accepting whole numbers in ``[low, high]`` (argparse puts the flag in front of the error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 0)
+        except ValueError:
+            value = None
+        if value is None or (low is not None and value < low) or (high is not None and value > high):
+            bounds = f"from {low} to {high}" if low is not None and high is not None else f">= {low}" if low is not None else f"<= {high}"
+            raise argparse.ArgumentTypeError(f"must be a whole number {bounds}, got {text!r}")
+        return value
+
+    return parse
+
+
+def finite_float(text: str) -> float:
+    """An argparse ``type`` for a finite float: NaN and infinity are refused here, naming the flag."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """The demo's flags (kept out of :mod:`diffusers_var.demo` so that ``diffusers-var --help`` does not import
+    gradio). Ranges are checked here, so a bad value is a one-line error before gradio starts."""
+    for flag, name, folder in (("--var", "VAR", "var-shapes"), ("--star", "STAR", "star-shapes"),
+                               ("--infinity", "Infinity", "infinity-shapes")):
+        parser.add_argument(flag, default="default", metavar="PATH",
+                            help=f"{name} pipeline folder (default: the embedded pipelines/{folder} when present; "
+                                 f"'none' hides the model)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload() on an accelerator")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int_in_range(1, 65535), default=7860, help="1 to 65535 (default 7860)")
+    parser.add_argument("--share", action="store_true", help="also create a public gradio.live link (off by default)")
+    parser.add_argument("--max-images", type=int_in_range(1, 64), default=8,
+                        help="most images per request, 1 to 64 (default 8)")
+    parser.add_argument("--queue-size", type=int_in_range(1), default=32,
+                        help="most waiting requests (default 32); more are told the queue is full")
+    parser.add_argument("--concurrency", type=int_in_range(1), default=1,
+                        help="generations running at once, all tabs together")
+
+
+def check_device(flag: str, device: str | None) -> str | None:
+    """``None`` when ``device`` can hold a tensor here, else a one-line reason naming ``flag`` (a CUDA device on a
+    CPU build, a GPU index that does not exist, a misspelt device)."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        torch.empty(1, device=torch.device(device))
+    except (RuntimeError, AssertionError, ValueError) as err:  # CPU builds raise AssertionError for "cuda"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        available = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return f"`{flag}` {device!r} is not usable here ({reason}); available: {', '.join(available)}"
+    return None
+
+
+def print_error(message: str) -> int:
+    """Print ``error: message`` (one line) and return the exit code 2."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2

@@ -1,0 +1,228 @@
+"""Training checkpoints that resume without unpickling anything.
+
+accelerate's ``save_state`` writes the optimizer, scheduler, RNG states and registered objects with ``torch.save``
+and its ``load_state`` reads registered objects with ``weights_only=False``: resuming a run folder from someone else
+would run whatever a planted ``custom_checkpoint_0.pkl`` holds. A checkpoint here is tensors in safetensors files
+and everything else in JSON, and resuming reads only those files (a ``.pkl`` / ``.bin`` in the folder is ignored):
+
+    step-0000500/
+      trainer_state.json          format, step, scheduler / grad-scaler / optimizer hyper-parameters, EMA scalars,
+                                  the run's config (to refuse a resume with a changed config)
+      model.safetensors           the trained model's full state dict (FQNs of the unwrapped model)
+      optimizer.safetensors       per-parameter optimizer tensors, keyed "<parameter FQN>:<name>" (e.g. exp_avg)
+      ema.safetensors             EMA shadow weights keyed by parameter FQN (when EMA is on)
+      rng_state_<rank>.safetensors + rng_state_<rank>.json    torch / CUDA / numpy / python RNG states of each rank
+
+The model and optimizer states go through ``torch.distributed.checkpoint.state_dict``: on one device and under DDP
+they are the local (replicated) state dicts; under FSDP they are gathered to full tensors on rank 0 when saving and
+re-sharded on every rank when loading, so a checkpoint does not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "diffusers-var-training-checkpoint"
+FORMAT_VERSION = 1
+STATE_FILE = "trainer_state.json"
+PICKLE_SUFFIXES = {".pkl", ".bin", ".pt", ".pth", ".ckpt"}
+
+
+def _state_dict_options(accelerator, for_save: bool):
+    from accelerate.utils import DistributedType
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    sharded = accelerator.distributed_type == DistributedType.FSDP
+    if for_save:  # full tensors on rank 0 only (the others get empty dicts), on the CPU
+        return StateDictOptions(full_state_dict=sharded, cpu_offload=sharded)
+    return StateDictOptions(full_state_dict=sharded, strict=True)
+
+
+def _cpu(tensor: torch.Tensor) -> torch.Tensor:
+    # a copy: safetensors refuses tensors sharing storage, and the file must not alias live training tensors
+    return tensor.detach().to("cpu", copy=True).contiguous()
+
+
+def _json_value(value):
+    """JSON form of the non-tensor values of optimizer / scheduler / EMA state (numbers, bools, None, tuples)."""
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    if isinstance(value, (tuple, list)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    return value
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1) + "\n")  # floats round-trip exactly (repr), NaN / inf as Python writes them
+
+
+# -- random number generators --------------------------------------------------------------------------
+def _save_rng(folder: Path, rank: int) -> None:
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    tensors = {"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda_{index}"] = state
+    save_file(tensors, folder / f"rng_state_{rank}.safetensors")
+    _write_json(folder / f"rng_state_{rank}.json", {
+        "python": {"version": py_version, "state": list(py_state), "gauss_next": py_gauss},
+        "numpy": {"pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+    })
+
+
+def _load_rng(folder: Path, rank: int) -> bool:
+    tensors_file, json_file = folder / f"rng_state_{rank}.safetensors", folder / f"rng_state_{rank}.json"
+    if not (tensors_file.is_file() and json_file.is_file()):
+        return False
+    tensors, meta = load_file(tensors_file), json.loads(json_file.read_text())
+    py = meta["python"]
+    random.setstate((int(py["version"]), tuple(int(v) for v in py["state"]), py["gauss_next"]))
+    np_meta = meta["numpy"]
+    np.random.set_state(("MT19937", tensors["numpy_keys"].numpy().astype(np.uint32), int(np_meta["pos"]),
+                         int(np_meta["has_gauss"]), float(np_meta["cached_gaussian"])))
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda_{i}"] for i in range(len(tensors)) if f"cuda_{i}" in tensors]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    return True
+
+
+# -- save ----------------------------------------------------------------------------------------------
+def save_training_state(folder: Path, accelerator, model, optimizer, scheduler, ema, step: int, config: dict) -> None:
+    """Write a checkpoint into ``folder``. Every process calls it (under FSDP gathering the state is a collective);
+    each writes its own RNG state, the main process everything else."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    options = _state_dict_options(accelerator, for_save=True)
+    model_state = get_model_state_dict(model, options=options)
+    optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer, options=options)
+    folder.mkdir(parents=True, exist_ok=True)
+    _save_rng(folder, accelerator.process_index)
+    if not accelerator.is_main_process:
+        return
+    save_file({name: _cpu(t) for name, t in model_state.items()}, folder / "model.safetensors")
+    optimizer_tensors, optimizer_values = {}, {}
+    for fqn, entries in optimizer_state["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                optimizer_tensors[f"{fqn}:{name}"] = _cpu(value)
+            else:
+                optimizer_values.setdefault(fqn, {})[name] = _json_value(value)
+    save_file(optimizer_tensors, folder / "optimizer.safetensors")
+    state: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "step": int(step),
+        "accelerator_step": int(accelerator.step),
+        "num_processes": int(accelerator.num_processes),
+        "optimizer": {"param_groups": _json_value(optimizer_state["param_groups"]), "values": optimizer_values},
+        "scheduler": _json_value(scheduler.state_dict()),
+        "grad_scaler": _json_value(accelerator.scaler.state_dict()) if accelerator.scaler is not None else None,
+        "ema": None,
+        "config": config,
+    }
+    if ema is not None:
+        ema_state = ema.state_dict()
+        names = [name for name, _ in accelerator.unwrap_model(model).named_parameters()]
+        save_file({name: _cpu(t) for name, t in zip(names, ema_state.pop("shadow_params"))}, folder / "ema.safetensors")
+        ema_state.pop("collected_params", None)
+        state["ema"] = {"values": _json_value(ema_state), "parameters": names}
+    _write_json(folder / STATE_FILE, state)  # last: a folder without it is not a checkpoint
+
+
+# -- load ----------------------------------------------------------------------------------------------
+def read_training_state(folder: Path) -> dict:
+    """``trainer_state.json`` of a checkpoint; a ``ValueError`` naming ``resume`` for anything else (in particular a
+    checkpoint of accelerate's pickle format, which is never unpickled)."""
+    state_file = folder / STATE_FILE
+    if not state_file.is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+        kind = f"holds pickle files ({', '.join(pickles[:4])}), which are never loaded since unpickling can run code" \
+            if pickles else f"has no {STATE_FILE}"
+        raise ValueError(f"`resume`: checkpoint {str(folder)!r} is not a diffusers-var checkpoint that can be resumed "
+                         f"safely: it {kind}. Set resume=never to start a fresh run (the previous run's files are moved "
+                         "aside, nothing is deleted), or use another output_dir.")
+    try:
+        state = json.loads(state_file.read_text())
+    except ValueError as err:
+        raise ValueError(f"`resume`: {str(state_file)!r} is not valid JSON ({err}); set resume=never to start afresh.") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"`resume`: {str(state_file)!r} is not a diffusers-var checkpoint of format version "
+                         f"{FORMAT_VERSION}; set resume=never to start afresh.")
+    return state
+
+
+def _check_fits(kind: str, expected: dict[str, tuple], found: dict[str, torch.Tensor], folder: Path) -> None:
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if tuple(found[k].shape) != expected[k])
+    if missing or extra or wrong:
+        detail = "; ".join(f"{what} {names[:4]}{' ...' if len(names) > 4 else ''}" for what, names in
+                           (("missing", missing), ("unexpected", extra), ("wrong shapes", wrong)) if names)
+        raise ValueError(f"`model`: the {kind} in checkpoint {str(folder)!r} does not fit the configured model ({detail}); "
+                         "a changed architecture cannot be resumed: set resume=never to start a fresh run.")
+
+
+def load_training_state(folder: Path, accelerator, model, optimizer, scheduler, ema) -> dict:
+    """Restore what :func:`save_training_state` wrote; returns ``trainer_state.json``. Reads safetensors and JSON only."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = read_training_state(folder)
+    ignored = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if ignored:
+        logger.warning("ignoring %s in %s: pickle files are never loaded", ", ".join(ignored), folder)
+    unwrapped = accelerator.unwrap_model(model)
+    shapes = {name: tuple(t.shape) for name, t in unwrapped.state_dict().items()}
+    model_state = load_file(folder / "model.safetensors")
+    _check_fits("model weights", shapes, model_state, folder)
+    options = _state_dict_options(accelerator, for_save=False)
+    set_model_state_dict(model, model_state, options=options)
+
+    optimizer_tensors = load_file(folder / "optimizer.safetensors")
+    per_parameter: dict[str, dict] = {}
+    for key, tensor in optimizer_tensors.items():
+        fqn, name = key.rsplit(":", 1)
+        per_parameter.setdefault(fqn, {})[name] = tensor
+    for fqn, values in state["optimizer"]["values"].items():
+        per_parameter.setdefault(fqn, {}).update(values)
+    param_groups = [dict(group) for group in state["optimizer"]["param_groups"]]
+    for group in param_groups:
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+    grouped = {fqn for group in param_groups for fqn in group["params"]}
+    trained = {name for name, p in unwrapped.named_parameters() if p.requires_grad}
+    if grouped != trained:
+        raise ValueError(f"`model`: the optimizer state in checkpoint {str(folder)!r} is for other trainable parameters "
+                         f"(e.g. {sorted(grouped ^ trained)[:3]}); set resume=never to start a fresh run.")
+    set_optimizer_state_dict(model, optimizer.optimizer, {"state": per_parameter, "param_groups": param_groups},
+                             options=options)
+    scheduler.load_state_dict(state["scheduler"])
+    if accelerator.scaler is not None and state.get("grad_scaler"):
+        accelerator.scaler.load_state_dict(state["grad_scaler"])
+    accelerator.step = int(state["accelerator_step"])  # gradient accumulation's micro-step counter
+
+    if ema is not None:
+        if not state.get("ema"):
+            raise ValueError(f"`ema_decay`: checkpoint {str(folder)!r} was trained without EMA; set ema_decay=null or "
+                             "resume=never.")
+        shadow = load_file(folder / "ema.safetensors")
+        names = state["ema"]["parameters"]
+        _check_fits("EMA weights", {name: tuple(p.shape) for name, p in unwrapped.named_parameters()}, shadow, folder)
+        ema.load_state_dict({**state["ema"]["values"], "shadow_params": [shadow[name] for name in names]})
+    if not _load_rng(folder, accelerator.process_index):
+        logger.warning("no random state for process %d in %s (it was saved by %d processes): this process continues "
+                       "with a fresh random state", accelerator.process_index, folder, state.get("num_processes", 0))
+    return state

@@ -1,0 +1,100 @@
+"""The ``diffusers-var`` command line: every usage error is one line naming the flag (exit code 2, no traceback),
+found before anything is generated; many images are generated in bounded batches and written as they come."""
+
+from __future__ import annotations
+
+import ast
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+
+from diffusers_var import VARPipeline
+from diffusers_var.cli import main
+
+
+def _exit_code(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as stop:  # argparse's errors
+        return stop.code
+
+
+def _bad_device() -> str:
+    return "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
+
+
+BAD_ARGUMENTS = [
+    (["generate", "--seed", str(2**64)], "--seed"),
+    (["generate", "--seed", "-1"], "--seed"),
+    (["generate", "--device", _bad_device()], "--device"),
+    (["generate", "--out", "{tmp}/no-extension"], "--out"),
+    (["generate", "--out", "{tmp}/image.notaformat"], "--out"),
+    (["generate", "--out", "{tmp}/a-file/out.png"], "--out"),  # its folder cannot be made: a file is in the way
+    (["generate", "--out", "{tmp}"], "--out"),
+    (["generate", "--num-images", "0"], "--num-images"),
+    (["generate", "--batch-size", "0"], "--batch-size"),
+    (["generate", "--top-p", "nan"], "--top-p"),
+    (["generate", "--guidance-scale", "inf"], "--guidance-scale"),
+    (["generate", "--class-label", "no such class"], "--class-label"),
+    (["demo", "--max-images", "0"], "--max-images"),
+    (["demo", "--port", "99999"], "--port"),
+    (["demo", "--queue-size", "0"], "--queue-size"),
+]
+
+
+@pytest.mark.parametrize("argv, flag", BAD_ARGUMENTS, ids=[" ".join(a[:3]) for a, _ in BAD_ARGUMENTS])
+def test_bad_arguments_are_one_line_errors_naming_the_flag(argv, flag, tmp_path, capsys, monkeypatch):
+    from diffusers_var import cli
+
+    (tmp_path / "a-file").write_text("in the way")
+    calls = []
+    monkeypatch.setattr(VARPipeline, "__call__", lambda self, *a, **k: calls.append(k) or pytest.fail("generated"))
+    monkeypatch.setattr(cli, "_demo", lambda args: pytest.fail("the demo was started"))  # would serve forever
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and "Loading pipeline components" not in line]  # diffusers' bar
+    assert len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], err
+    assert not calls
+
+
+@pytest.mark.parametrize("argv, flag", [(["--class-label", "999"], "--class-label"), (["--top-p", "2"], "--top-p")])
+def test_errors_found_by_the_pipeline_name_the_flag(argv, flag, tmp_path, capsys):
+    assert _exit_code(["generate", *argv, "--out", str(tmp_path / "out.png")]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and f"`{flag}`" in lines[0], lines
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_output_is_checked_before_the_model_is_loaded(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(VARPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: pytest.fail("loaded")))
+    assert _exit_code(["generate", "--out", str(tmp_path / "out")]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_many_images_are_generated_in_batches_and_written_as_they_come(tmp_path, monkeypatch, capsys):
+    original = VARPipeline.__call__
+    batches = []
+
+    def recording_call(self, *args, **kwargs):
+        batches.append((kwargs["num_images_per_prompt"], sorted(p.name for p in tmp_path.glob("*.png"))))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(VARPipeline, "__call__", recording_call)
+    assert main(["generate", "--class-label", "red circle on blue", "--num-images", "5", "--batch-size", "2",
+                 "--out", str(tmp_path / "sq.png")]) == 0
+    assert [size for size, _ in batches] == [2, 2, 1]
+    assert batches[2][1] == ["sq-0.png", "sq-1.png", "sq-2.png", "sq-3.png"]  # earlier batches are already on disk
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [f"sq-{i}.png" for i in range(5)]
+    assert "saved 5 images" in capsys.readouterr().out
+
+
+def test_no_import_circle_between_cli_and_demo():
+    """``demo`` used to import its flags from ``cli`` while ``cli`` imports ``demo`` (lazily, for gradio): the shared
+    pieces live in ``cli_support``, which imports neither."""
+    for module, forbidden in (("demo", {"cli"}), ("cli_support", {"cli", "demo"})):
+        tree = ast.parse((REPO_ROOT / "src" / "diffusers_var" / f"{module}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert not {name for name in imported if name.split(".")[-1] in forbidden}, (module, imported)

@@ -1,0 +1,134 @@
+"""Writing converted / exported folders: ``--overwrite`` replaces only folders diffusers-var wrote and never deletes
+a user's file; interrupted saves leave staging folders that later saves clean up (only ours, recognisably)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import REPO_ROOT
+
+from diffusers_var.conversion import ConversionError, atomic_save_pipeline
+from diffusers_var.conversion.common import MANIFEST_NAME, STAGING_MARKER
+
+
+class FakePipeline:
+    """Writes a small diffusers-like pipeline folder (no model needed to test the file handling)."""
+
+    def __init__(self, tag: str = "new", class_name: str = "VARPipeline"):
+        self.tag, self.class_name = tag, class_name
+
+    def save_pretrained(self, path, safe_serialization=True):
+        (path / "transformer").mkdir(parents=True)
+        (path / "model_index.json").write_text(json.dumps({"_class_name": self.class_name, "transformer": ["x", "y"]}))
+        (path / "transformer" / "config.json").write_text("{}")
+        (path / "transformer" / "diffusion_pytorch_model.safetensors").write_text(self.tag)
+
+
+def contents(folder):
+    return {p.relative_to(folder).as_posix(): p.read_text() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_overwrite_never_deletes_files_it_did_not_write(tmp_path):
+    user = tmp_path / "home"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    (user / "data").mkdir()
+    (user / "data" / "table.csv").write_text("1,2")
+    with pytest.raises(ConversionError, match="`output`.*not a pipeline or model folder written by diffusers-var"):
+        atomic_save_pipeline(FakePipeline(), user, overwrite=True)
+    assert contents(user) == {"notes.txt": "mine", "data/table.csv": "1,2"}
+
+    ours = tmp_path / "converted"
+    atomic_save_pipeline(FakePipeline("v1"), ours)
+    assert json.loads((ours / MANIFEST_NAME).read_text())["files"] == [
+        "model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"]
+    (ours / "notes.txt").write_text("mine")  # a user's file inside a folder of ours is kept as well
+    with pytest.raises(ConversionError, match="notes.txt"):
+        atomic_save_pipeline(FakePipeline("v2"), ours, overwrite=True)
+    assert contents(ours)["transformer/diffusion_pytorch_model.safetensors"] == "v1"
+    (ours / "notes.txt").unlink()
+    atomic_save_pipeline(FakePipeline("v2"), ours, overwrite=True)
+    assert contents(ours)["transformer/diffusion_pytorch_model.safetensors"] == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", "home"]  # no staging folder left
+
+    # a folder written before manifests: replaced when it is ours and every file in it is rewritten
+    legacy = tmp_path / "legacy"
+    atomic_save_pipeline(FakePipeline("v1"), legacy)
+    (legacy / MANIFEST_NAME).unlink()
+    atomic_save_pipeline(FakePipeline("v2"), legacy, overwrite=True)
+    (legacy / MANIFEST_NAME).unlink()
+    (legacy / "README.md").write_text("my notes")
+    with pytest.raises(ConversionError, match="README.md"):
+        atomic_save_pipeline(FakePipeline("v3"), legacy, overwrite=True)
+    assert (legacy / "README.md").read_text() == "my notes"
+    other = tmp_path / "sd"
+    FakePipeline(class_name="StableDiffusionPipeline").save_pretrained(other)
+    with pytest.raises(ConversionError, match="not a pipeline or model folder written by diffusers-var"):
+        atomic_save_pipeline(FakePipeline(), other, overwrite=True)
+
+
+def test_command_line_overwrite_refuses_the_current_folder_and_foreign_folders(tmp_path, monkeypatch, capsys):
+    """The issue's case: ``convert_var.py ... --output . --overwrite`` in a folder of other files deleted them.
+    The output is checked before the checkpoints are read, so missing checkpoints do not matter here."""
+    import runpy
+
+    (tmp_path / "notes.txt").write_text("mine")
+    main = runpy.run_path(str(REPO_ROOT / "conversion" / "convert_var.py"))["main"]
+    monkeypatch.chdir(tmp_path)
+    for output in (".", str(tmp_path)):
+        assert main(["--vae", "vae.pth", "--transformer", "var.pth", "--output", output, "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: `output`") and err.count("\n") == 1, err
+    assert contents(tmp_path) == {"notes.txt": "mine"}
+
+
+def test_interrupted_saves_are_cleaned_up_and_only_ours(tmp_path):
+    out = tmp_path / "out"
+    # a save SIGKILLed half-way leaves its staging folder ...
+    # common.py alone (importing diffusers_var would triple this test's time); it needs the package only after saving
+    code = textwrap.dedent(f"""
+        import importlib.util, os, signal
+        from pathlib import Path
+        spec = importlib.util.spec_from_file_location("common", {str(REPO_ROOT / "src/diffusers_var/conversion/common.py")!r})
+        common = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(common)
+        atomic_save_pipeline = common.atomic_save_pipeline
+
+        class Dies:
+            def save_pretrained(self, path, safe_serialization=True):
+                Path(path).mkdir()
+                (Path(path) / "model_index.json").write_text("{{}}")
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        atomic_save_pipeline(Dies(), {str(out)!r})
+    """)
+    assert subprocess.run([sys.executable, "-c", code], check=False, timeout=120).returncode == -signal.SIGKILL
+    (left,) = tmp_path.glob(".out.tmp-*")
+    # ... next to a user's folder that merely looks like one (no marker): it is never touched
+    lookalike = tmp_path / ".out.tmp-mine"
+    lookalike.mkdir()
+    (lookalike / "keep.txt").write_text("mine")
+    atomic_save_pipeline(FakePipeline("v1"), out)
+    assert not left.exists() and (lookalike / "keep.txt").read_text() == "mine"
+    assert contents(out)["transformer/diffusion_pytorch_model.safetensors"] == "v1"
+
+
+def test_a_save_stopped_mid_swap_restores_the_previous_output(tmp_path):
+    out = tmp_path / "out"
+    atomic_save_pipeline(FakePipeline("v1"), out)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    staging = tmp_path / ".out.tmp-abc123"  # as left by a process killed between its two renames
+    staging.mkdir()
+    (staging / STAGING_MARKER).write_text(json.dumps({"written_by": "diffusers-var", "output": str(out.resolve()),
+                                                      "host": os.uname().nodename, "pid": dead.pid}))
+    os.replace(out, staging / "old")
+    with pytest.raises(ConversionError, match="already exists"):  # restored first, then refused without overwrite
+        atomic_save_pipeline(FakePipeline("v2"), out)
+    assert contents(out)["transformer/diffusion_pytorch_model.safetensors"] == "v1" and not staging.exists()
