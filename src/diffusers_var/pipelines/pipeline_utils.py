@@ -36,7 +36,6 @@ from typing import Any, Callable
 import numpy as np
 import PIL.Image
 import torch
-
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
@@ -372,7 +371,8 @@ def warn_eager_forcing(pipe) -> None:
     the whole-scale CUDA graphs (only the transformer steps are replayed): no silent slowdown."""
     if not getattr(pipe, "_warned_eager_forcing", False):
         logger.warning(f"{type(pipe).__name__}: the `forcing` hook is not a TokenForcing, so it cannot run inside the "
-                       "fast path's whole-scale CUDA graphs; sampling runs eagerly (the transformer steps stay graphs).")
+                       "fast path's whole-scale CUDA graphs; sampling runs eagerly (the transformer steps stay "
+                       "graphs).")
         pipe._warned_eager_forcing = True
 
 
@@ -458,7 +458,8 @@ def mask_to_tensor(mask_image, name: str = "mask_image") -> torch.Tensor:
                     values = values.permute(0, 3, 1, 2)
             values = values.reshape(-1, 1, *values.shape[-2:]) if values.ndim < 4 else values
             if values.shape[1] != 1:
-                raise ValueError(f"`{name}` must have a single channel, got shape {tuple(torch.as_tensor(item).shape)}.")
+                shape = tuple(torch.as_tensor(item).shape)
+                raise ValueError(f"`{name}` must have a single channel, got shape {shape}.")
             if values.dtype == torch.uint8:
                 values = values.float() / 255
             elif values.dtype == torch.bool:
@@ -495,7 +496,8 @@ def scale_keep_masks(generate_Bhw: torch.Tensor, schedule) -> list[torch.Tensor]
     return masks
 
 
-def box_grid_mask(grid_hw: tuple[int, int], y0: float, x0: float, y1: float, x1: float, inpainting: bool = True) -> torch.Tensor:
+def box_grid_mask(grid_hw: tuple[int, int], y0: float, x0: float, y1: float, x1: float,
+                  inpainting: bool = True) -> torch.Tensor:
     """The notebook's ``get_edit_mask`` box on a (h, w) latent grid, as our mask (True = generate): the box
     ``[round(y0 h):round(y1 h), round(x0 w):round(x1 w)]`` (Python's round: half to even) is generated when
     ``inpainting``, else everything outside it is (out-painting). The notebook's mask is the opposite (1 = keep)."""
@@ -521,9 +523,10 @@ def expand_rows(t: torch.Tensor, num_prompts: int, num_images_per_prompt: int) -
 class NextScaleEditMixin:
     """What the in-painting and image-to-image pipelines of every family share: the input image (or its tokens),
     their checks, and the :class:`TokenForcing` their scale loop runs with. A family's tokenizer supplies
-    ``_pixels_per_token()``, ``encode_image_tokens(images, schedule)``, ``_check_image_indices(image_indices, schedule)``
-    and ``_token_forcing(tokens, keep)`` (:class:`VQEditTokens`, :class:`BitwiseEditTokens`, listed before this mixin
-    among a pipeline's bases); the pipeline supplies :meth:`_edit_schedule`."""
+    ``_pixels_per_token()``, ``encode_image_tokens(images, schedule)``,
+    ``_check_image_indices(image_indices, schedule)`` and ``_token_forcing(tokens, keep)`` (:class:`VQEditTokens`,
+    :class:`BitwiseEditTokens`, listed before this mixin among a pipeline's bases); the pipeline may override
+    :meth:`_edit_schedule`."""
 
     def _edit_schedule(self, height=None, width=None) -> list[tuple[int, int]]:
         return [tuple(hw) for hw in self.scale_schedule()]
@@ -556,7 +559,8 @@ class NextScaleEditMixin:
                              "image, or one per prompt / label.")
         return size if image is not None else None
 
-    def check_mask_input(self, mask_image, schedule, image_size: tuple[int, int, int] | None, num_prompts: int) -> None:
+    def check_mask_input(self, mask_image, schedule, image_size: tuple[int, int, int] | None,
+                         num_prompts: int) -> None:
         """``mask_image`` at the image's size (or, for ``image_indices``, the pipeline's pixel size) or at the
         latent grid (the last scale's grid), one per prompt or one for all."""
         if mask_image is None:
@@ -567,9 +571,9 @@ class NextScaleEditMixin:
         pixels = tuple(image_size[1:]) if image_size is not None else self.pixel_size(schedule)
         if tuple(mask.shape[-2:]) not in (grid, pixels):
             what = "the image's size" if image_size is not None else "the pipeline's image size"
-            raise ValueError(f"`mask_image` is {mask.shape[-2]}x{mask.shape[-1]}, but {what} is {pixels[0]}x{pixels[1]} "
-                             f"and the latent grid (the last scale's tokens) is {grid[0]}x{grid[1]}; give the mask at "
-                             "one of these sizes.")
+            raise ValueError(f"`mask_image` is {mask.shape[-2]}x{mask.shape[-1]}, but {what} is "
+                             f"{pixels[0]}x{pixels[1]} and the latent grid (the last scale's tokens) is "
+                             f"{grid[0]}x{grid[1]}; give the mask at one of these sizes.")
         if mask.shape[0] not in (1, num_prompts):
             raise ValueError(f"`mask_image` holds {mask.shape[0]} masks but there are {num_prompts} prompts / labels: "
                              "give one mask, or one per prompt / label.")
@@ -613,10 +617,11 @@ class NextScaleInpaintMixin(NextScaleEditMixin):
     """In-painting / out-painting: ``mask_image`` says where to generate."""
 
     def box_mask(self, y0: float, x0: float, y1: float, x1: float, inpainting: bool = True) -> torch.Tensor:
-        """The latent-grid mask (h, w) bool (True = generate) of the original notebook's ``get_edit_mask(patch_nums,
-        y0, x0, y1, x1, inpainting)``: with ``inpainting`` the box ``[round(y0 h):round(y1 h), round(x0 w):round(x1 w)]``
-        is generated (Python's round, half to even), else everything around it (out-painting). Coordinates are
-        fractions of the image's height / width. The notebook's mask means the opposite (1 = keep)."""
+        """The latent-grid mask (h, w) bool (True = generate) of the original notebook's
+        ``get_edit_mask(patch_nums, y0, x0, y1, x1, inpainting)``: with ``inpainting`` the box
+        ``[round(y0 h):round(y1 h), round(x0 w):round(x1 w)]`` is generated (Python's round, half to even), else
+        everything around it (out-painting). Coordinates are fractions of the image's height / width. The notebook's
+        mask means the opposite (1 = keep)."""
         return box_grid_mask(self._edit_schedule()[-1], y0, x0, y1, x1, inpainting)
 
 
@@ -633,17 +638,19 @@ class VQEditTokens:
 
     def _check_image_indices(self, image_indices, schedule) -> int:
         if not isinstance(image_indices, (list, tuple)) or len(image_indices) != len(schedule):
-            raise ValueError(f"`image_indices` must be a list of {len(schedule)} LongTensors (B, pn*pn), one per scale, "
-                             "as `vqvae.encode_indices` returns them.")
+            raise ValueError(f"`image_indices` must be a list of {len(schedule)} LongTensors (B, pn*pn), one per "
+                             "scale, as `vqvae.encode_indices` returns them.")
         batch = None
         for si, (tokens, (h, w)) in enumerate(zip(image_indices, schedule)):
             if not torch.is_tensor(tokens) or tokens.ndim != 2 or tokens.shape[1] != h * w \
-                    or tokens.dtype not in (torch.int32, torch.int64) or (batch is not None and tokens.shape[0] != batch):
+                    or tokens.dtype not in (torch.int32, torch.int64) \
+                    or (batch is not None and tokens.shape[0] != batch):
                 shape = tuple(tokens.shape) if torch.is_tensor(tokens) else type(tokens).__name__
-                raise ValueError(f"`image_indices[{si}]` must be an integer tensor of shape (B, {h * w}) with the batch of "
-                                 f"the other scales, got {shape}.")
-            if tokens.numel() and (tokens.min() < 0 or tokens.max() >= self.vqvae.config.vocab_size):
-                raise ValueError(f"`image_indices[{si}]` holds indices outside [0, {self.vqvae.config.vocab_size - 1}].")
+                raise ValueError(f"`image_indices[{si}]` must be an integer tensor of shape (B, {h * w}) with the "
+                                 f"batch of the other scales, got {shape}.")
+            vocab_size = self.vqvae.config.vocab_size
+            if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab_size):
+                raise ValueError(f"`image_indices[{si}]` holds indices outside [0, {vocab_size - 1}].")
             batch = tokens.shape[0]
         return batch
 
@@ -676,15 +683,15 @@ class BitwiseEditTokens:
         latent = self.vae.latent_schedule(schedule)
         d = self.vae.config.codebook_dim
         if not isinstance(image_indices, (list, tuple)) or len(image_indices) != len(schedule):
-            raise ValueError(f"`image_indices` must be a list of {len(schedule)} bit-label tensors (B, h, w, {d}), one per "
-                             "scale, as `vae.encode(images, scale_schedule).bit_labels` returns them.")
+            raise ValueError(f"`image_indices` must be a list of {len(schedule)} bit-label tensors (B, h, w, {d}), "
+                             "one per scale, as `vae.encode(images, scale_schedule).bit_labels` returns them.")
         batch = None
         for si, (bits, (h, w)) in enumerate(zip(image_indices, latent)):
             if not torch.is_tensor(bits) or tuple(bits.shape[1:]) != (h, w, d) or bits.is_floating_point() \
                     or (batch is not None and bits.shape[0] != batch):
                 shape = tuple(bits.shape) if torch.is_tensor(bits) else type(bits).__name__
-                raise ValueError(f"`image_indices[{si}]` must be an integer / bool tensor of shape (B, {h}, {w}, {d}) with "
-                                 f"the batch of the other scales, got {shape}.")
+                raise ValueError(f"`image_indices[{si}]` must be an integer / bool tensor of shape (B, {h}, {w}, {d}) "
+                                 f"with the batch of the other scales, got {shape}.")
             if bits.numel() and (bits.min() < 0 or bits.max() > 1):
                 raise ValueError(f"`image_indices[{si}]` must hold bits (0 or 1).")
             batch = bits.shape[0]

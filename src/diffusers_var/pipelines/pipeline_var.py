@@ -180,8 +180,8 @@ class VARPipeline(NextScalePipeline):
             def step(si, labels_2B, guidance_S2, removable_mass):
                 logits = transformer.forward_scale(si, (labels_2B,), cache, scale_inputs[si])
                 indices, guided_logits, next_input = self._sample_scale(
-                    si, logits, f_hat, guidance_S2[si], top_k, 0.0, generator, settings, removable_mass if use_top_p else None,
-                    forcing=static_forcing)
+                    si, logits, f_hat, guidance_S2[si], top_k, 0.0, generator, settings,
+                    removable_mass if use_top_p else None, forcing=static_forcing)
                 if next_input is not None:
                     scale_inputs[si + 1].copy_(self._guidance_rows(next_input))
                 return indices, guided_logits, logits.clone() if settings.keep_logits else None
@@ -196,7 +196,8 @@ class VARPipeline(NextScalePipeline):
             graphs.f_hat, graphs.scale_inputs, graphs.forcing = f_hat, scale_inputs, static_forcing
             return graphs
 
-        return self._graph_scale_steps(("sampling", rows, settings, top_k, use_top_p, forcing is not None), device, build)
+        key = ("sampling", rows, settings, top_k, use_top_p, forcing is not None)
+        return self._graph_scale_steps(key, device, build)
 
     # -- one scale -------------------------------------------------------------------------------------
     def _sample_scale(self, si: int, logits_2BlV: torch.Tensor, f_hat: torch.Tensor, strength, top_k: int, top_p: float,
