@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from inspect import signature
 from typing import Callable, Sequence
 
 import torch
@@ -516,8 +517,9 @@ class InfinityInpaintPipeline(BitwiseEditTokens, _InfinityEditCall, NextScaleInp
         """:meth:`InfinityPipeline.check_inputs` (same positional arguments), then the image and mask checks. Returns
         the scale schedule and the number of prompts."""
         schedule, num_prompts = super().check_inputs(*args)
-        size = self.check_image_inputs(image, image_indices, schedule, num_prompts)
-        self.check_mask_input(mask_image, schedule, size, num_prompts)
+        per_prompt = signature(InfinityPipeline.check_inputs).bind(self, *args).arguments["num_images_per_prompt"]
+        size = self.check_image_inputs(image, image_indices, schedule, num_prompts, per_prompt)
+        self.check_mask_input(mask_image, schedule, size, num_prompts, per_prompt)
         return schedule, num_prompts
 
 
@@ -595,6 +597,7 @@ class InfinityImg2ImgPipeline(BitwiseEditTokens, _InfinityEditCall, NextScaleEdi
         """:meth:`InfinityPipeline.check_inputs` (same positional arguments), ``strength`` and the image checks.
         Returns the scale schedule and the number of prompts."""
         schedule, num_prompts = super().check_inputs(*args)
+        per_prompt = signature(InfinityPipeline.check_inputs).bind(self, *args).arguments["num_images_per_prompt"]
         check_finite_number(strength, "strength", 0.0, 1.0)
-        self.check_image_inputs(image, image_indices, schedule, num_prompts)
+        self.check_image_inputs(image, image_indices, schedule, num_prompts, per_prompt)
         return schedule, num_prompts

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from inspect import signature
 from typing import Callable
 
 import torch
@@ -628,9 +629,10 @@ class STARInpaintPipeline(VQEditTokens, _STAREditCall, NextScaleInpaintMixin, ST
         """:meth:`STARPipeline.check_inputs` (same positional arguments), then the image and mask checks. Returns the
         number of prompts."""
         num_prompts = super().check_inputs(*args)
+        per_prompt = signature(STARPipeline.check_inputs).bind(self, *args).arguments["num_images_per_prompt"]
         schedule = self._edit_schedule()
-        size = self.check_image_inputs(image, image_indices, schedule, num_prompts)
-        self.check_mask_input(mask_image, schedule, size, num_prompts)
+        size = self.check_image_inputs(image, image_indices, schedule, num_prompts, per_prompt)
+        self.check_mask_input(mask_image, schedule, size, num_prompts, per_prompt)
         return num_prompts
 
 
@@ -715,6 +717,7 @@ class STARImg2ImgPipeline(VQEditTokens, _STAREditCall, NextScaleEditMixin, STARP
         """:meth:`STARPipeline.check_inputs` (same positional arguments), ``strength`` and the image checks. Returns
         the number of prompts."""
         num_prompts = super().check_inputs(*args)
+        per_prompt = signature(STARPipeline.check_inputs).bind(self, *args).arguments["num_images_per_prompt"]
         check_finite_number(strength, "strength", 0.0, 1.0)
-        self.check_image_inputs(image, image_indices, self._edit_schedule(), num_prompts)
+        self.check_image_inputs(image, image_indices, self._edit_schedule(), num_prompts, per_prompt)
         return num_prompts

@@ -512,12 +512,19 @@ def box_grid_mask(grid_hw: tuple[int, int], y0: float, x0: float, y1: float, x1:
     return box if inpainting else ~box
 
 
+def edit_batch_sizes(num_prompts: int, num_images_per_prompt: int) -> tuple[int, ...]:
+    """The batch an input image or mask may have: one for all, one per prompt / label, or one per generated image."""
+    return tuple(sorted({1, num_prompts, num_prompts * num_images_per_prompt}))
+
+
 def expand_rows(t: torch.Tensor, num_prompts: int, num_images_per_prompt: int) -> torch.Tensor:
-    """Rows of one-per-prompt ``t`` (or a single row, shared) for every image: each repeated
-    ``num_images_per_prompt`` times, as the condition's rows are."""
+    """``t``'s rows for every generated image: a single row shared by all, one row per prompt repeated
+    ``num_images_per_prompt`` times (as the condition's rows are), or already one per image."""
     if t.shape[0] == 1:
         return t.expand(num_prompts * num_images_per_prompt, *t.shape[1:]).contiguous()
-    return t.repeat_interleave(num_images_per_prompt, dim=0)
+    if t.shape[0] == num_prompts:
+        return t.repeat_interleave(num_images_per_prompt, dim=0)
+    return t
 
 
 class NextScaleEditMixin:
@@ -542,9 +549,10 @@ class NextScaleEditMixin:
         return h * self._pixels_per_token(), w * self._pixels_per_token()
 
     # -- checks --------------------------------------------------------------------------------------------------
-    def check_image_inputs(self, image, image_indices, schedule, num_prompts: int) -> tuple[int, int, int] | None:
-        """Exactly one of ``image`` / ``image_indices``, one per prompt (or one for all). Returns the image's
-        ``(batch, height, width)`` (``None`` for tokens)."""
+    def check_image_inputs(self, image, image_indices, schedule, num_prompts: int,
+                           num_images_per_prompt: int = 1) -> tuple[int, int, int] | None:
+        """Exactly one of ``image`` / ``image_indices``: one for all, one per prompt / label, or one per generated
+        image. Returns the image's ``(batch, height, width)`` (``None`` for tokens)."""
         if (image is None) == (image_indices is None):
             raise ValueError("pass exactly one of `image` (PIL, numpy or torch in [0, 1]) and `image_indices` (the "
                              f"input's tokens per scale), got {'both' if image is not None else 'neither'}.")
@@ -553,16 +561,17 @@ class NextScaleEditMixin:
             batch = size[0]
         else:
             batch = self._check_image_indices(image_indices, schedule)
-        if batch not in (1, num_prompts):
+        if batch not in edit_batch_sizes(num_prompts, num_images_per_prompt):
             name = "image" if image is not None else "image_indices"
-            raise ValueError(f"`{name}` holds {batch} images but there are {num_prompts} prompts / labels: give one "
-                             "image, or one per prompt / label.")
+            raise ValueError(f"`{name}` holds {batch} images but there are {num_prompts} prompts / labels and "
+                             f"{num_prompts * num_images_per_prompt} images to generate: give one image, one per "
+                             "prompt / label, or one per generated image.")
         return size if image is not None else None
 
-    def check_mask_input(self, mask_image, schedule, image_size: tuple[int, int, int] | None,
-                         num_prompts: int) -> None:
+    def check_mask_input(self, mask_image, schedule, image_size: tuple[int, int, int] | None, num_prompts: int,
+                         num_images_per_prompt: int = 1) -> None:
         """``mask_image`` at the image's size (or, for ``image_indices``, the pipeline's pixel size) or at the
-        latent grid (the last scale's grid), one per prompt or one for all."""
+        latent grid (the last scale's grid): one for all, one per prompt / label, or one per generated image."""
         if mask_image is None:
             raise ValueError("`mask_image` is required (white / 1 / True = generate); see `box_mask()` for the "
                              "original notebook's box masks.")
@@ -574,9 +583,10 @@ class NextScaleEditMixin:
             raise ValueError(f"`mask_image` is {mask.shape[-2]}x{mask.shape[-1]}, but {what} is "
                              f"{pixels[0]}x{pixels[1]} and the latent grid (the last scale's tokens) is "
                              f"{grid[0]}x{grid[1]}; give the mask at one of these sizes.")
-        if mask.shape[0] not in (1, num_prompts):
-            raise ValueError(f"`mask_image` holds {mask.shape[0]} masks but there are {num_prompts} prompts / labels: "
-                             "give one mask, or one per prompt / label.")
+        if mask.shape[0] not in edit_batch_sizes(num_prompts, num_images_per_prompt):
+            raise ValueError(f"`mask_image` holds {mask.shape[0]} masks but there are {num_prompts} prompts / labels "
+                             f"and {num_prompts * num_images_per_prompt} images to generate: give one mask, one per "
+                             "prompt / label, or one per generated image.")
 
     # -- preparation ---------------------------------------------------------------------------------------------
     def prepare_image_tokens(self, image, image_indices, schedule, num_prompts: int, num_images_per_prompt: int,

@@ -469,8 +469,8 @@ class VARInpaintPipeline(VQEditTokens, NextScaleInpaintMixin, VARPipeline):
                              output_type, return_dict)
         num_labels = 1 if class_labels is None else len(flatten_labels(class_labels))
         schedule = self._edit_schedule()
-        size = self.check_image_inputs(image, image_indices, schedule, num_labels)
-        self.check_mask_input(mask_image, schedule, size, num_labels)
+        size = self.check_image_inputs(image, image_indices, schedule, num_labels, num_images_per_prompt)
+        self.check_mask_input(mask_image, schedule, size, num_labels, num_images_per_prompt)
         return num_labels
 
 
@@ -540,5 +540,5 @@ class VARImg2ImgPipeline(VQEditTokens, NextScaleEditMixin, VARPipeline):
                              output_type, return_dict)
         check_finite_number(strength, "strength", 0.0, 1.0)
         num_labels = 1 if class_labels is None else len(flatten_labels(class_labels))
-        self.check_image_inputs(image, image_indices, self._edit_schedule(), num_labels)
+        self.check_image_inputs(image, image_indices, self._edit_schedule(), num_labels, num_images_per_prompt)
         return num_labels
