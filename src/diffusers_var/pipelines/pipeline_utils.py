@@ -266,13 +266,18 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
     def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs):
         """diffusers' ``from_pipe`` (the new pipeline shares the components, no weights are copied), except that
         each component keeps its dtype: diffusers casts every component to float32 (or ``dtype``), which, the
-        components being shared, also casts those of ``pipeline``. ``dtype=`` still casts, when given."""
+        components being shared, also casts those of ``pipeline``. ``dtype=`` still casts, when given. A pipeline
+        with ``enable_fast_inference()`` on passes it on (its modules, shared, are already cast and fitted); the new
+        pipeline captures its own CUDA graphs."""
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
         token = _KEEP_COMPONENT_DTYPES.set(True)
         try:
             new = super().from_pipe(pipeline, **kwargs)
         finally:
             _KEEP_COMPONENT_DTYPES.reset(token)
+        if getattr(pipeline, "_fast_inference", False) and isinstance(new, FastInferenceMixin):
+            new._fast_inference, new._fast_dtype = True, pipeline._fast_dtype
+            new._use_cuda_graphs, new._graph_steps = pipeline._use_cuda_graphs, type(pipeline._graph_steps)()
         return new.to(dtype=dtype) if dtype is not None else new
 
     def to(self, *args, **kwargs):
