@@ -43,8 +43,8 @@ FAMILIES = {
             {"class_labels": [1, 2], "top_k": 8}),
     "star": (lambda: STARPipeline(**star_components(seed=0, stable_sampler=False)), STARInpaintPipeline,
              STARImg2ImgPipeline, {"prompt": PROMPTS, "top_k": 10, "top_p": 0.9}),
-    "star_stable_sampler": (lambda: STARPipeline(**star_components(seed=0, stable_sampler=True,
-                                                                   sampler_start_scale=2)), STARInpaintPipeline, STARImg2ImgPipeline, {"prompt": PROMPTS, "top_k": 10, "top_p": 0.9}),
+    "star_stable_sampler": (lambda: STARPipeline(**star_components(seed=0, sampler_start_scale=2)),
+                            STARInpaintPipeline, STARImg2ImgPipeline, {"prompt": PROMPTS, "top_k": 10, "top_p": 0.9}),
     "infinity": (lambda: InfinityPipeline(**infinity_components(seed=0)), InfinityInpaintPipeline,
                  InfinityImg2ImgPipeline, {"prompt": PROMPTS, "height": 32, "width": 32, "top_k": 2}),
     # 2x2 latent positions per token: bit labels and token bits have different layouts
