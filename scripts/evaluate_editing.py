@@ -11,7 +11,8 @@ pipeline:
   another shape in another colour is asked for, on the same background (VAR: its class; STAR / Infinity: its
   caption). Success: the judge reads the requested shape and colour. Background: the judge reads the original
   background colour (``background_judge``), and ``outside_pixels_kept`` is the share of the pixels outside the
-  generated cells whose nearest palette colour is the original's.
+  generated cells whose nearest palette colour is the original's (the coarse scales' new tokens inside the box
+  reach further out: the kept fine tokens are residuals on top of them).
 * **edit_dilated**: the same with the box grown by ``--dilate`` pixels on every side (more room for the new
   shape; how much of the shortfall is the box's size).
 * **outpaint**: the outer band (``--band`` pixels) is masked and the original class / caption asked for. Success:
@@ -141,12 +142,14 @@ def edit_figures(pipe, family: str, edit_set: EditSet, masks: torch.Tensor, seed
     outside = ~generated_pixels(pipe, masks, tuple(pipe._edit_schedule()[-1]))
     same_colour = nearest_palette(edited) == nearest_palette(edit_set.images)
     hit = lambda ok: sum(bool(ok(j, t, o)) for j, t, o in zip(judged, edit_set.targets, edit_set.originals)) / n  # noqa: E731
+    # over the images with pixels outside the generated cells (a grown box may cover a whole image)
+    kept = [same[out].mean() for same, out in zip(same_colour, outside) if out.any()]
     return {
         "shape_and_color": hit(lambda j, t, o: j is not None and (j.shape, j.color) == (t.shape, t.color)),
         "shape": hit(lambda j, t, o: j is not None and j.shape == t.shape),
         "color": hit(lambda j, t, o: j is not None and j.color == t.color),
         "background_judge": hit(lambda j, t, o: j is not None and j.background == o.background),
-        "outside_pixels_kept": float(np.mean([same[out].mean() for same, out in zip(same_colour, outside)])),
+        "outside_pixels_kept": float(np.mean(kept)),
         "num_images": n,
     }, edited
 
