@@ -415,3 +415,29 @@ def test_infinity_fast_path_on_the_converted_fixture(infinity_fixture_pipes):
         pipe.enable_fast_inference(compile_blocks=True)
     forced, free = fast_runs()
     _check_forced_agreement("Infinity", {c: v[0] for c, v in eager.items()}, forced, free)
+
+
+# -- editing inside the CUDA graphs (VAR in-painting / image-to-image, issue 17) --------------------------------
+def test_var_editing_inside_cuda_graphs_matches_the_eager_sampler(fixture):
+    """The input's tokens are put back inside the whole-scale graphs (from their static copy, refilled per call):
+    the same tokens, f_hat and generator state as the eager loop, for two masks, two images and image-to-image."""
+    from diffusers_var import VARImg2ImgPipeline, VARInpaintPipeline
+
+    _, _, ref = fixture
+    base = _pipe(fixture)
+    images = ((ref["input_img"] + 1) / 2).cuda()
+    inpaint, img2img = VARInpaintPipeline.from_pipe(base), VARImg2ImgPipeline.from_pipe(base)
+    masks = [inpaint.box_mask(0.25, 0.25, 0.75, 0.75), inpaint.box_mask(0.1, 0.1, 0.8, 0.8, inpainting=False)]
+    cases = [(inpaint, dict(image=images, mask_image=masks[0], guidance_scale=3.0, top_k=10, top_p=0.9)),
+             (inpaint, dict(image=images.flip(0), mask_image=masks[1], guidance_scale=2.0, top_k=50, more_smooth=True)),
+             (img2img, dict(image=images, strength=0.5, guidance_scale=4.0, top_k=50, top_p=0.9))]
+    results = {}
+    for graphs in (False, True):
+        for pipe in (inpaint, img2img):
+            pipe.enable_fast_inference(dtype=torch.float32, cuda_graphs=graphs)
+        results[graphs] = [_var_run(pipe, seed, **kw) for seed, (pipe, kw) in enumerate(cases)]
+    for (eager_latent, eager_idx, eager_state), (latent, idx, state) in zip(results[False], results[True]):
+        assert torch.equal(idx, eager_idx)
+        torch.testing.assert_close(latent, eager_latent, atol=1e-6, rtol=1e-6)
+        assert torch.equal(state, eager_state)
+    assert all(key[0] == "sampling" and key[5] for pipe in (inpaint, img2img) for key in pipe._graph_steps)
