@@ -429,7 +429,8 @@ def test_var_editing_inside_cuda_graphs_matches_the_eager_sampler(fixture):
     inpaint, img2img = VARInpaintPipeline.from_pipe(base), VARImg2ImgPipeline.from_pipe(base)
     masks = [inpaint.box_mask(0.25, 0.25, 0.75, 0.75), inpaint.box_mask(0.1, 0.1, 0.8, 0.8, inpainting=False)]
     cases = [(inpaint, dict(image=images, mask_image=masks[0], guidance_scale=3.0, top_k=10, top_p=0.9)),
-             (inpaint, dict(image=images.flip(0), mask_image=masks[1], guidance_scale=2.0, top_k=50, more_smooth=True)),
+             (inpaint, dict(image=images.flip(0), mask_image=masks[1], guidance_scale=2.0, top_k=50,
+                            more_smooth=True)),
              (img2img, dict(image=images, strength=0.5, guidance_scale=4.0, top_k=50, top_p=0.9))]
     results = {}
     for graphs in (False, True):
