@@ -183,6 +183,17 @@ def test_image_and_its_tokens_give_the_same_edit(family):
     assert torch.equal(run(img2img, family, image=image), run(img2img, family, image_indices=tokens))
 
 
+def test_image_formats_give_the_same_edit():
+    """A PIL image (RGBA too), a uint8 array and a float tensor of the same pixels are the same input."""
+    _, inpaint, _ = pipes("var")
+    pixels = (input_image("var", seed=9) * 255).round().byte()
+    array = pixels[0].permute(1, 2, 0).numpy()
+    mask = grid_mask("var", slice(1, None))
+    reference = run(inpaint, "var", image=pixels / 255.0, mask_image=mask)
+    for image in (array, PIL.Image.fromarray(array), PIL.Image.fromarray(array).convert("RGBA"), [array]):
+        assert torch.equal(run(inpaint, "var", image=image, mask_image=mask), reference), type(image)
+
+
 def test_pixel_masks_become_latent_grid_masks(family):
     """A pixel mask (at the image's size; PIL, numpy or torch) edits exactly what its latent-grid reduction edits: a
     cell is generated when any of its pixels is white."""

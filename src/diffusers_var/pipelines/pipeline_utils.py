@@ -431,10 +431,13 @@ def image_batch_and_size(image, name: str = "image") -> tuple[int, int, int]:
     return sum(size[0] for size in sizes), sizes[0][1], sizes[0][2]
 
 
-def _uint8_to_float(image):
-    """uint8 arrays / tensors to float in [0, 1] (diffusers' ``VaeImageProcessor`` expects floats)."""
+def _processor_input(image):
+    """What diffusers' ``VaeImageProcessor`` takes: PIL images in RGB (an RGBA or grayscale PNG too), uint8 arrays /
+    tensors as float in [0, 1]."""
     if isinstance(image, (list, tuple)):
-        return [_uint8_to_float(item) for item in image]
+        return [_processor_input(item) for item in image]
+    if isinstance(image, PIL.Image.Image):
+        return image.convert("RGB")
     if isinstance(image, np.ndarray) and image.dtype == np.uint8:
         return image.astype(np.float32) / 255
     if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
@@ -600,7 +603,7 @@ class NextScaleEditMixin:
         tokenised (once per distinct image), or ``image_indices``."""
         if image is not None:
             height, width = self.pixel_size(schedule)
-            pixels = self.image_processor.preprocess(_uint8_to_float(image), height=height, width=width)
+            pixels = self.image_processor.preprocess(_processor_input(image), height=height, width=width)
             tokens = self.encode_image_tokens(pixels.to(device=device, dtype=torch.float32), schedule)
         else:
             tokens = [t.to(device) for t in image_indices]
