@@ -132,6 +132,8 @@ class VARPipeline(NextScalePipeline):
         generator advances as if it had drawn eagerly; the tensors handed to ``callback_on_step_end`` are the graphs'
         buffers (clone what you keep). A CPU generator, or a list of generators, keeps the original's host-side draws
         (graphs for the transformer step only). On the CPU it only casts (the sampler and the step stay eager).
+        The editing pipelines (:class:`VARInpaintPipeline`, :class:`VARImg2ImgPipeline`) put the input's tokens back
+        inside these graphs; a pipeline made with ``from_pipe`` of a fast one is fast too.
 
         Args:
             dtype: compute dtype of the blocks and the decoder.
