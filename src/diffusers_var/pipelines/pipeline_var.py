@@ -403,9 +403,9 @@ class VARInpaintPipeline(VQEditTokens, NextScaleInpaintMixin, VARPipeline):
     reproduces the notebook's edit. Loads from the same folders as :class:`VARPipeline`
     (``VARInpaintPipeline.from_pretrained(folder)``) or shares its weights (``VARInpaintPipeline.from_pipe(pipe)``).
 
-    The mask of a scale is the notebook's rule: the keep side of the latent-grid mask (the last scale's ``pn x pn``)
-    resized to the scale's grid bilinearly (``align_corners=False``) keeps the input where it is ``> 0.5``; scales of
-    at most 3 tokens (1x1) always keep the input. A pixel mask is first reduced to the latent grid: a cell is generated when
+    The mask of a scale is the notebook's rule: the keep side of the latent-grid mask (the last scale's
+    ``pn x pn``) resized to the scale's grid bilinearly (``align_corners=False``) keeps the input where it is
+    ``> 0.5``; scales of at most 3 tokens (1x1) always keep the input. A pixel mask is first reduced to the latent grid: a cell is generated when
     any of its pixels is white. :meth:`box_mask` makes the notebook's box masks. Under ``enable_fast_inference()``
     the forcing runs inside the whole-scale CUDA graphs.
     """
