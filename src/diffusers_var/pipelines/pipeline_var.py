@@ -405,9 +405,9 @@ class VARInpaintPipeline(VQEditTokens, NextScaleInpaintMixin, VARPipeline):
 
     The mask of a scale is the notebook's rule: the keep side of the latent-grid mask (the last scale's
     ``pn x pn``) resized to the scale's grid bilinearly (``align_corners=False``) keeps the input where it is
-    ``> 0.5``; scales of at most 3 tokens (1x1) always keep the input. A pixel mask is first reduced to the latent grid: a cell is generated when
-    any of its pixels is white. :meth:`box_mask` makes the notebook's box masks. Under ``enable_fast_inference()``
-    the forcing runs inside the whole-scale CUDA graphs.
+    ``> 0.5``; scales of at most 3 tokens (1x1) always keep the input. A pixel mask is first reduced to the latent
+    grid: a cell is generated when any of its pixels is white. :meth:`box_mask` makes the notebook's box masks.
+    Under ``enable_fast_inference()`` the forcing runs inside the whole-scale CUDA graphs.
     """
 
     @torch.no_grad()
