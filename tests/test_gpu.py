@@ -7,8 +7,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import fixture_dir, load_manifest
-from diffusers_var import (BitwiseMultiScaleVAE, InfinityPipeline, InfinityTransformer2DModel, MultiScaleVQModel, STARPipeline,
-                           STARTransformer2DModel)
+from diffusers_var import (
+    BitwiseMultiScaleVAE,
+    InfinityPipeline,
+    InfinityTransformer2DModel,
+    MultiScaleVQModel,
+    STARPipeline,
+    STARTransformer2DModel,
+)
 from diffusers_var.conversion import convert_var_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -298,9 +304,8 @@ def _check_forced_agreement(family, eager, forced, free):
 
 @pytest.fixture(scope="module")
 def star_fixture_pipe(tmp_path_factory):
-    from test_star_parity import conversion_kwargs, parse_generation_call, text_encoder_folder
-
     from diffusers_var.conversion import convert_star_checkpoint
+    from test_star_parity import conversion_kwargs, parse_generation_call, text_encoder_folder
 
     path = fixture_dir("star")
     manifest = load_manifest(path)
@@ -360,9 +365,8 @@ def test_star_fast_path_on_the_converted_fixture(star_fixture_pipe):
 
 @pytest.fixture(scope="module")
 def infinity_fixture_pipes(tmp_path_factory):
-    from test_infinity_parity import _level_embed_every_chunk, parse_call
-
     from diffusers_var.conversion import convert_infinity_checkpoint
+    from test_infinity_parity import _level_embed_every_chunk, parse_call
 
     path = fixture_dir("infinity")
     manifest = load_manifest(path)
@@ -385,7 +389,7 @@ def infinity_fixture_pipes(tmp_path_factory):
 
 def _infinity_fixture_run(pipes, case, args, hw, forced_latents=None):
     """Per scale: (greedy bits, |bit-logit difference| of the guided logits, the guided logits) and the latent."""
-    B, scales, latents = args["batch"], [], []
+    scales, latents = [], []
 
     def callback(p, si, size, t):
         guided = t["guided_logits"].float()  # (B, h*w, bits, 2), after tau and guidance
