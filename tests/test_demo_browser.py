@@ -127,3 +127,48 @@ def test_unsupported_size_shows_the_supported_sizes(page, url):
     size.press("Enter")
     page.locator("#infinity-generate").click()
     page.get_by_text("is not near any supported size").first.wait_for(state="visible")
+
+
+def paint(page, element: str, start: tuple[float, float], end: tuple[float, float], steps: int = 12) -> None:
+    """Drag the mouse (button down) across the editor's canvas, from and to fractions of its box."""
+    page.locator(f"{element} button[aria-label='Brush']").first.click()
+    box = page.locator(f"{element} canvas").first.bounding_box()
+    x0, y0 = box["x"] + box["width"] * start[0], box["y"] + box["height"] * start[1]
+    x1, y1 = box["x"] + box["width"] * end[0], box["y"] + box["height"] * end[1]
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    for k in range(1, steps + 1):
+        page.mouse.move(x0 + (x1 - x0) * k / steps, y0 + (y1 - y0) * k / steps, steps=2)
+    page.mouse.up()
+
+
+def test_edit_tab_paint_a_mask_and_in_paint(page, monkeypatch):
+    """Paint on the example image with the brush, in-paint it with VAR, and get the edited images with their seed;
+    the painted strokes reach the pipeline as the mask."""
+    import diffusers_var.demo as demo_module
+
+    seen = []
+    painted_mask = demo_module.painted_mask
+    monkeypatch.setattr(demo_module, "painted_mask", lambda value: seen.append(painted_mask(value)) or seen[-1])
+    page.get_by_role("tab", name="Edit").click()
+    page.wait_for_selector("#edit-image canvas", state="visible")
+    paint(page, "#edit-image", (0.45, 0.4), (0.6, 0.55))
+    page.locator("#edit-randomize input").uncheck()
+    page.locator("#edit-seed input").fill("42")
+    page.locator("#edit-what textarea").fill("yellow square on blue")
+    page.locator("#edit-generate").click()
+    wait_for_images(page, "edit", 2)
+    page.wait_for_function("() => document.querySelector('#edit-info textarea').value.includes('seed 42')")
+    assert "2 images of 64x64 px" in page.locator("#edit-info textarea").input_value()
+    image, mask = seen[-1]
+    assert image.shape[:2] == mask.shape and 0 < mask.mean() < 0.5  # the strokes, not the whole image
+
+
+def test_edit_tab_without_paint_says_so_and_image_to_image_needs_none(page):
+    page.get_by_role("tab", name="Edit").click()
+    page.wait_for_selector("#edit-image canvas", state="visible")
+    page.locator("#edit-generate").click()
+    page.get_by_text("Paint the region with the brush first").first.wait_for(state="visible")
+    page.get_by_text("Image-to-image: keep the image's coarse scales").click()
+    page.locator("#edit-generate").click()
+    wait_for_images(page, "edit", 2)

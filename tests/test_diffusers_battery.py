@@ -38,13 +38,32 @@ import diffusers_var.pipelines
 from diffusers_battery.pipelines.pipeline_params import (
     CLASS_CONDITIONED_IMAGE_GENERATION_BATCH_PARAMS,
     CLASS_CONDITIONED_IMAGE_GENERATION_PARAMS,
+    IMAGE_INPAINTING_BATCH_PARAMS,
+    IMAGE_INPAINTING_PARAMS,
+    IMAGE_TO_IMAGE_IMAGE_PARAMS,
+    IMAGE_VARIATION_BATCH_PARAMS,
+    IMAGE_VARIATION_PARAMS,
+    TEXT_GUIDED_IMAGE_INPAINTING_BATCH_PARAMS,
+    TEXT_GUIDED_IMAGE_INPAINTING_PARAMS,
+    TEXT_GUIDED_IMAGE_VARIATION_BATCH_PARAMS,
+    TEXT_GUIDED_IMAGE_VARIATION_PARAMS,
     TEXT_TO_IMAGE_BATCH_PARAMS,
     TEXT_TO_IMAGE_PARAMS,
 )
-from diffusers_battery.pipelines.test_pipelines_common import PipelineTesterMixin, to_np
+from diffusers_battery.pipelines.test_pipelines_common import PipelineLatentTesterMixin, PipelineTesterMixin, to_np
 from diffusers_battery.testing_utils import torch_device
+from diffusers_var import (
+    InfinityImg2ImgPipeline,
+    InfinityInpaintPipeline,
+    InfinityPipeline,
+    STARImg2ImgPipeline,
+    STARInpaintPipeline,
+    STARPipeline,
+    VARImg2ImgPipeline,
+    VARInpaintPipeline,
+    VARPipeline,
+)
 from diffusers_var.pipelines.pipeline_utils import NextScalePipeline
-from diffusers_var import InfinityPipeline, STARPipeline, VARPipeline
 from tiny_components import infinity_components, star_components, var_components
 
 VENDORED = Path(__file__).resolve().parent / "diffusers_battery"
@@ -190,8 +209,94 @@ class InfinityPipelineBatteryTests(TextToImageTesterMixin, unittest.TestCase):
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
 
+# -- the editing pipelines (in-painting, image-to-image) --------------------------------------------------------
+def dummy_image(size: int) -> torch.Tensor:
+    """A (1, 3, size, size) image in [0, 1] of values k / 255, so its pt / np / PIL forms are the same pixels."""
+    return torch.randint(0, 256, (1, 3, size, size), generator=torch.Generator().manual_seed(0)) / 255.0
+
+
+def dummy_mask(side: int) -> torch.Tensor:
+    """A latent-grid mask (side, side) generating all but the top quarter."""
+    mask = torch.zeros(side, side, dtype=torch.bool)
+    mask[side // 4:] = True
+    return mask
+
+
+class EditTesterMixin(PipelineLatentTesterMixin):
+    """diffusers' image-input battery (pt / np / PIL inputs and outputs), as its image-to-image tests use it."""
+
+    image_params = IMAGE_TO_IMAGE_IMAGE_PARAMS
+    # the input image is tokenised by the pipeline; its tokens (`image_indices`) are not VAE latents to sample
+    image_latents_params = frozenset()
+
+    # the tokenizers are multi-scale quantizers, not AutoencoderKL-compatible VAEs to swap in
+    @unittest.skip("no AutoencoderKL-compatible `vae` component: the tokenizer is a multi-scale quantizer")
+    def test_multi_vae(self):
+        pass
+
+
+class VARInpaintPipelineBatteryTests(EditTesterMixin, VARPipelineBatteryTests):
+    pipeline_class = VARInpaintPipeline
+    # the image size is fixed by the model's scale schedule
+    params = (IMAGE_INPAINTING_PARAMS - {"height", "width"}) | CLASS_CONDITIONED_IMAGE_GENERATION_PARAMS
+    batch_params = IMAGE_INPAINTING_BATCH_PARAMS | CLASS_CONDITIONED_IMAGE_GENERATION_BATCH_PARAMS
+
+    def get_dummy_inputs(self, device, seed=0):
+        return {**super().get_dummy_inputs(device, seed), "image": dummy_image(8), "mask_image": dummy_mask(4)}
+
+
+class VARImg2ImgPipelineBatteryTests(EditTesterMixin, VARPipelineBatteryTests):
+    pipeline_class = VARImg2ImgPipeline
+    # the image size is fixed by the model's scale schedule
+    params = (IMAGE_VARIATION_PARAMS - {"height", "width"}) | CLASS_CONDITIONED_IMAGE_GENERATION_PARAMS
+    batch_params = IMAGE_VARIATION_BATCH_PARAMS | CLASS_CONDITIONED_IMAGE_GENERATION_BATCH_PARAMS
+
+    def get_dummy_inputs(self, device, seed=0):
+        return {**super().get_dummy_inputs(device, seed), "image": dummy_image(8), "strength": 0.75}
+
+
+class STARInpaintPipelineBatteryTests(EditTesterMixin, STARPipelineBatteryTests):
+    pipeline_class = STARInpaintPipeline
+    # the image size is fixed by the model's scale schedule
+    params = TEXT_GUIDED_IMAGE_INPAINTING_PARAMS - {"height", "width"}
+    batch_params = TEXT_GUIDED_IMAGE_INPAINTING_BATCH_PARAMS
+
+    def get_dummy_inputs(self, device, seed=0):
+        return {**super().get_dummy_inputs(device, seed), "image": dummy_image(8), "mask_image": dummy_mask(4)}
+
+
+class STARImg2ImgPipelineBatteryTests(EditTesterMixin, STARStableSamplerPipelineBatteryTests):
+    pipeline_class = STARImg2ImgPipeline
+    # the image size is fixed by the model's scale schedule
+    params = TEXT_GUIDED_IMAGE_VARIATION_PARAMS - {"height", "width"}
+    batch_params = TEXT_GUIDED_IMAGE_VARIATION_BATCH_PARAMS
+
+    def get_dummy_inputs(self, device, seed=0):
+        return {**super().get_dummy_inputs(device, seed), "image": dummy_image(8), "strength": 0.75}
+
+
+class InfinityInpaintPipelineBatteryTests(EditTesterMixin, InfinityPipelineBatteryTests):
+    pipeline_class = InfinityInpaintPipeline
+    params = TEXT_GUIDED_IMAGE_INPAINTING_PARAMS
+    batch_params = TEXT_GUIDED_IMAGE_INPAINTING_BATCH_PARAMS
+
+    def get_dummy_inputs(self, device, seed=0):
+        return {**super().get_dummy_inputs(device, seed), "image": dummy_image(32), "mask_image": dummy_mask(16)}
+
+
+class InfinityImg2ImgPipelineBatteryTests(EditTesterMixin, InfinityPipelineBatteryTests):
+    pipeline_class = InfinityImg2ImgPipeline
+    params = TEXT_GUIDED_IMAGE_VARIATION_PARAMS
+    batch_params = TEXT_GUIDED_IMAGE_VARIATION_BATCH_PARAMS
+
+    def get_dummy_inputs(self, device, seed=0):
+        return {**super().get_dummy_inputs(device, seed), "image": dummy_image(32), "strength": 0.75}
+
+
 BATTERIES = [VARPipelineBatteryTests, STARPipelineBatteryTests, STARStableSamplerPipelineBatteryTests,
-             InfinityPipelineBatteryTests]
+             InfinityPipelineBatteryTests, VARInpaintPipelineBatteryTests, VARImg2ImgPipelineBatteryTests,
+             STARInpaintPipelineBatteryTests, STARImg2ImgPipelineBatteryTests, InfinityInpaintPipelineBatteryTests,
+             InfinityImg2ImgPipelineBatteryTests]
 
 
 # -- every pipeline class has a battery ---------------------------------------------------------------

@@ -7,8 +7,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import fixture_dir, load_manifest
-from diffusers_var import (BitwiseMultiScaleVAE, InfinityPipeline, InfinityTransformer2DModel, MultiScaleVQModel, STARPipeline,
-                           STARTransformer2DModel)
+from diffusers_var import (
+    BitwiseMultiScaleVAE,
+    InfinityPipeline,
+    InfinityTransformer2DModel,
+    MultiScaleVQModel,
+    STARPipeline,
+    STARTransformer2DModel,
+)
 from diffusers_var.conversion import convert_var_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -299,9 +305,8 @@ def _check_forced_agreement(family, eager, forced, free):
 
 @pytest.fixture(scope="module")
 def star_fixture_pipe(tmp_path_factory):
-    from test_star_parity import conversion_kwargs, parse_generation_call, text_encoder_folder
-
     from diffusers_var.conversion import convert_star_checkpoint
+    from test_star_parity import conversion_kwargs, parse_generation_call, text_encoder_folder
 
     path = fixture_dir("star")
     manifest = load_manifest(path)
@@ -361,9 +366,8 @@ def test_star_fast_path_on_the_converted_fixture(star_fixture_pipe):
 
 @pytest.fixture(scope="module")
 def infinity_fixture_pipes(tmp_path_factory):
-    from test_infinity_parity import _level_embed_every_chunk, parse_call
-
     from diffusers_var.conversion import convert_infinity_checkpoint
+    from test_infinity_parity import _level_embed_every_chunk, parse_call
 
     path = fixture_dir("infinity")
     manifest = load_manifest(path)
@@ -386,7 +390,7 @@ def infinity_fixture_pipes(tmp_path_factory):
 
 def _infinity_fixture_run(pipes, case, args, hw, forced_latents=None):
     """Per scale: (greedy bits, |bit-logit difference| of the guided logits, the guided logits) and the latent."""
-    B, scales, latents = args["batch"], [], []
+    scales, latents = [], []
 
     def callback(p, si, size, t):
         guided = t["guided_logits"].float()  # (B, h*w, bits, 2), after tau and guidance
@@ -416,3 +420,30 @@ def test_infinity_fast_path_on_the_converted_fixture(infinity_fixture_pipes):
         pipe.enable_fast_inference(compile_blocks=True)
     forced, free = fast_runs()
     _check_forced_agreement("Infinity", {c: v[0] for c, v in eager.items()}, forced, free)
+
+
+# -- editing inside the CUDA graphs (VAR in-painting / image-to-image, issue 17) --------------------------------
+def test_var_editing_inside_cuda_graphs_matches_the_eager_sampler(fixture):
+    """The input's tokens are put back inside the whole-scale graphs (from their static copy, refilled per call):
+    the same tokens, f_hat and generator state as the eager loop, for two masks, two images and image-to-image."""
+    from diffusers_var import VARImg2ImgPipeline, VARInpaintPipeline
+
+    _, _, ref = fixture
+    base = _pipe(fixture)
+    images = ((ref["input_img"] + 1) / 2).cuda()
+    inpaint, img2img = VARInpaintPipeline.from_pipe(base), VARImg2ImgPipeline.from_pipe(base)
+    masks = [inpaint.box_mask(0.25, 0.25, 0.75, 0.75), inpaint.box_mask(0.1, 0.1, 0.8, 0.8, inpainting=False)]
+    cases = [(inpaint, dict(image=images, mask_image=masks[0], guidance_scale=3.0, top_k=10, top_p=0.9)),
+             (inpaint, dict(image=images.flip(0), mask_image=masks[1], guidance_scale=2.0, top_k=50,
+                            more_smooth=True)),
+             (img2img, dict(image=images, strength=0.5, guidance_scale=4.0, top_k=50, top_p=0.9))]
+    results = {}
+    for graphs in (False, True):
+        for pipe in (inpaint, img2img):
+            pipe.enable_fast_inference(dtype=torch.float32, cuda_graphs=graphs)
+        results[graphs] = [_var_run(pipe, seed, **kw) for seed, (pipe, kw) in enumerate(cases)]
+    for (eager_latent, eager_idx, eager_state), (latent, idx, state) in zip(results[False], results[True]):
+        assert torch.equal(idx, eager_idx)
+        torch.testing.assert_close(latent, eager_latent, atol=1e-6, rtol=1e-6)
+        assert torch.equal(state, eager_state)
+    assert all(key[0] == "sampling" and key[5] for pipe in (inpaint, img2img) for key in pipe._graph_steps)

@@ -20,10 +20,59 @@ import torch
 from accelerate import cpu_offload
 from diffusers.callbacks import PipelineCallback
 
-from diffusers_var import InfinityPipeline, STARPipeline, VARPipeline
+from diffusers_var import (
+    InfinityImg2ImgPipeline,
+    InfinityInpaintPipeline,
+    InfinityPipeline,
+    STARImg2ImgPipeline,
+    STARInpaintPipeline,
+    STARPipeline,
+    VARImg2ImgPipeline,
+    VARInpaintPipeline,
+    VARPipeline,
+)
 from tiny_components import infinity_components, star_components, var_components
 
 PROMPTS = ["a red circle on a blue background", "a green square"]
+
+
+def edit_image(size: int, seed: int = 0) -> torch.Tensor:
+    """A (1, 3, size, size) image in [0, 1] of values k / 255 (exact through PIL and uint8)."""
+    return torch.randint(0, 256, (1, 3, size, size), generator=torch.Generator().manual_seed(seed)) / 255.0
+
+
+def lower_mask(side: int) -> torch.Tensor:
+    """A latent-grid mask (side, side) that generates all but the top quarter (most tokens of every scale but the
+    first are sampled, so guidance and seeds show)."""
+    mask = torch.zeros(side, side, dtype=torch.bool)
+    mask[side // 4:] = True
+    return mask
+
+
+# the tiny pipelines' sizes: VAR / STAR 8 x 8 pixels, 4 x 4 tokens; Infinity 32 x 32 pixels, 16 x 16 tokens
+VQ_IMAGE, VQ_MASK, BITS_IMAGE, BITS_MASK = edit_image(8), lower_mask(4), edit_image(32), lower_mask(16)
+
+
+def inpaint_bad_inputs(image: torch.Tensor, grid: int) -> list:
+    """What every in-painting pipeline refuses, naming the parameter."""
+    size = image.shape[-1]
+    return [({"mask_image": None}, "mask_image"), ({"mask_image": torch.ones(grid - 1, grid - 1)}, "mask_image"),
+            ({"mask_image": torch.ones(size + 2, size + 2)}, "mask_image"),
+            ({"image": edit_image(size + 4), "mask_image": torch.ones(size, size)}, "mask_image"),
+            ({"mask_image": torch.full((grid, grid), 2.0)}, "mask_image"), ({"mask_image": "mask"}, "mask_image"),
+            *edit_bad_inputs(image)]
+
+
+def edit_bad_inputs(image: torch.Tensor) -> list:
+    """What every editing pipeline refuses about the image, naming the parameter."""
+    return [({"image": None}, "image"), ({"image_indices": [torch.zeros(1, 1, dtype=torch.long)]}, "image"),
+            ({"image": None, "image_indices": [torch.zeros(1, 1, dtype=torch.long)]}, "image_indices"),
+            ({"image": image.repeat(3, 1, 1, 1)}, "image"), ({"image": image[:, :2]}, "image"),
+            ({"image": image * 3}, "image"), ({"image": "photo.png"}, "image")]
+
+
+STRENGTH_BAD_INPUTS = [({"strength": 1.5}, "strength"), ({"strength": -0.1}, "strength"),
+                       ({"strength": float("nan")}, "strength"), ({"strength": "0.5"}, "strength")]
 
 
 @dataclass
@@ -61,6 +110,28 @@ CASES = [
                      ({"height": 0}, "height"), ({"width": -8}, "width"), ({"height": 5000}, "height"),
                      ({"max_sequence_length": 0}, "max_sequence_length"), ({"negative_prompt": 3}, "negative_prompt"),
                      ({"prompt_embeds": torch.full((2, 4, 32), float("inf")), "prompt": None}, "prompt_embeds")]),
+    # the editing pipelines: one image (and mask) for both labels / prompts
+    Case("var_inpaint", VARInpaintPipeline, lambda: var_components(seed=0), lambda items: {"class_labels": items},
+         [1, 2], call={"top_k": 8, "image": VQ_IMAGE, "mask_image": VQ_MASK},
+         bad_inputs=inpaint_bad_inputs(VQ_IMAGE, 4)),
+    Case("var_img2img", VARImg2ImgPipeline, lambda: var_components(seed=0), lambda items: {"class_labels": items},
+         [1, 2], call={"top_k": 8, "image": VQ_IMAGE}, bad_inputs=STRENGTH_BAD_INPUTS + edit_bad_inputs(VQ_IMAGE)),
+    Case("star_inpaint", STARInpaintPipeline, lambda: star_components(seed=0, stable_sampler=False),
+         lambda items: {"prompt": items}, PROMPTS,
+         call={"top_k": 10, "top_p": 0.9, "image": VQ_IMAGE, "mask_image": VQ_MASK},
+         bad_inputs=inpaint_bad_inputs(VQ_IMAGE, 4)),
+    Case("star_img2img", STARImg2ImgPipeline,
+         lambda: star_components(seed=0, stable_sampler=True, sampler_start_scale=2), lambda items: {"prompt": items},
+         PROMPTS, call={"top_k": 10, "top_p": 0.9, "image": VQ_IMAGE, "strength": 0.75},
+         bad_inputs=STRENGTH_BAD_INPUTS + edit_bad_inputs(VQ_IMAGE)),
+    Case("infinity_inpaint", InfinityInpaintPipeline, lambda: infinity_components(seed=0),
+         lambda items: {"prompt": items}, PROMPTS,
+         call={"height": 32, "width": 32, "guidance_scale": 3.0, "top_k": 2, "image": BITS_IMAGE,
+               "mask_image": BITS_MASK}, bad_inputs=inpaint_bad_inputs(BITS_IMAGE, 16)),
+    Case("infinity_img2img", InfinityImg2ImgPipeline, lambda: infinity_components(seed=0),
+         lambda items: {"prompt": items}, PROMPTS,
+         call={"height": 32, "width": 32, "guidance_scale": 3.0, "top_k": 2, "image": BITS_IMAGE},
+         bad_inputs=STRENGTH_BAD_INPUTS + edit_bad_inputs(BITS_IMAGE)),
 ]
 COMMON_BAD_INPUTS = [
     ({"guidance_scale": float("nan")}, "guidance_scale"), ({"guidance_scale": float("inf")}, "guidance_scale"),
@@ -171,7 +242,7 @@ def test_callback_receives_every_declared_tensor(case):
         latent = run(case, output_type="latent", callback_on_step_end=record,
                      callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs)
     schedule = [tuple(hw) for hw in (pipe.scale_schedule(case.call.get("height"), case.call.get("width"))
-                                     if case.pipeline_class is InfinityPipeline else pipe.scale_schedule())]
+                                     if issubclass(case.pipeline_class, InfinityPipeline) else pipe.scale_schedule())]
     assert [s[0] for s in seen] == list(range(len(schedule))) == list(range(pipe.num_timesteps))
     assert [s[1] for s in seen] == schedule
     for si, ((h, w), (_, _, t)) in enumerate(zip(schedule, seen)):

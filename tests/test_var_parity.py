@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import diffusers_var.pipelines.pipeline_var as pipeline_var
 from conftest import assert_matches, fixture_dir, load_manifest
-from diffusers_var import VARPipeline
+from diffusers_var import VARInpaintPipeline, VARPipeline
 from diffusers_var.conversion import convert_var_checkpoint
 
 MAX_ERRORS: dict[str, float] = {}
@@ -25,12 +26,18 @@ def var_fixture():
 
 
 @pytest.fixture(scope="module")
-def pipe(var_fixture, tmp_path_factory):
+def converted(var_fixture, tmp_path_factory):
+    """The converter's output folder."""
     path, manifest, _ = var_fixture
     out = tmp_path_factory.mktemp("converted") / "var"
     convert_var_checkpoint(path / manifest["files"]["vae_pth"]["path"], path / manifest["files"]["var_pth"]["path"], out)
     assert not [p for p in out.rglob("*") if p.suffix in {".bin", ".pth", ".pt", ".pkl"}]
-    return VARPipeline.from_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe(converted):
+    return VARPipeline.from_pretrained(converted)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -103,7 +110,15 @@ def _generation_cases():
     except BaseException:  # collection must not fail here; the fixtures' own tests report it
         return ["fixtures-missing"]
     cases = load_manifest(path)["generation_cases"]
-    return [name for name in cases if name != "edit"]  # zero-shot editing is out of scope (issue 2)
+    return [name for name, spec in cases.items() if "mask_args" not in spec]  # editing: test_zero_shot_edit
+
+
+def _edit_cases():
+    try:
+        path = fixture_dir("var")
+    except BaseException:  # collection must not fail here; the fixtures' own tests report it
+        return ["fixtures-missing"]
+    return [name for name, spec in load_manifest(path)["generation_cases"].items() if "mask_args" in spec]
 
 
 @pytest.mark.parametrize("case", _generation_cases())
@@ -180,3 +195,70 @@ def test_random_labels_match_original_draw(pipe, var_fixture):
         g = torch.Generator().manual_seed(spec["kwargs"]["g_seed"])
         labels = draw_class_labels(manifest["config"]["var"]["num_classes"], spec["kwargs"]["B"], g, "cpu")
         check(manifest, ref, f"{spec['prefix']}labels", labels)
+
+
+def _labels_of(kwargs, ref):
+    """The original call's ``label_B`` as ``(class_labels, num_images_per_prompt)``."""
+    label_arg = kwargs["label_B"]
+    if isinstance(label_arg, str):  # a reference tensor
+        return ref[label_arg].tolist(), 1
+    if label_arg is None:
+        return None, kwargs["B"]
+    return [label_arg], kwargs["B"]  # an int: every image gets it (-1 = null class)
+
+
+@pytest.mark.parametrize("case", _edit_cases())
+def test_zero_shot_edit(converted, var_fixture, case, monkeypatch):
+    """The notebook's ``autoregressive_infer_cfg_with_mask`` through VARInpaintPipeline.from_pretrained: its box mask
+    (half-to-even rounding), the forced positions of every scale, the sampled tokens (observed as the fixture did,
+    by wrapping the sampler), the guided logits, f_hat and the image; then the same from the image instead of its
+    tokens."""
+    _, manifest, ref = var_fixture
+    if case == "fixtures-missing":
+        fixture_dir("var")
+    spec = manifest["generation_cases"][case]
+    kwargs, prefix, box = spec["kwargs"], spec["prefix"], spec["mask_args"]
+    pipe = VARInpaintPipeline.from_pretrained(converted)
+    pipe.set_progress_bar_config(disable=True)
+    S = len(manifest["config"]["patch_nums"])
+
+    mask = pipe.box_mask(box["y0"], box["x0"], box["y1"], box["x1"], inpainting=box["inpainting"])
+    assert torch.equal(mask, ref[f"{prefix}mask"] == 0)  # the notebook's mask: 1 = keep; ours: True = generate
+    keep = pipe.prepare_mask_keep(mask, pipe.scale_schedule(), 1, 1, "cpu")
+    for k in range(S):
+        check(manifest, ref, f"{prefix}force_gt_s{k}", keep[k][0].long())
+
+    sampled = []
+    sample = pipeline_var.sample_from_logits
+    monkeypatch.setattr(pipeline_var, "sample_from_logits",
+                        lambda *a, **kw: sampled.append(sample(*a, **kw)) or sampled[-1])
+    seen = {}
+
+    def record(p, scale_index, hw, tensors):
+        seen[scale_index] = {name: t.clone() for name, t in tensors.items()}
+        return {}
+
+    class_labels, per_label = _labels_of(kwargs, ref)
+    images = ref["input_img"]
+    call = dict(class_labels=class_labels, num_images_per_prompt=per_label, mask_image=mask,
+                guidance_scale=kwargs["cfg"], top_k=kwargs["top_k"], top_p=kwargs["top_p"],
+                more_smooth=kwargs["more_smooth"], output_type="pt")
+    with torch.no_grad():
+        input_tokens = pipe.vqvae.encode_indices(images)
+        out = pipe(**call, image_indices=input_tokens, generator=torch.Generator().manual_seed(kwargs["g_seed"]),
+                   callback_on_step_end=record,
+                   callback_on_step_end_tensor_inputs=["guided_logits", "tokens", "latents"])
+    assert len(sampled) == S
+    for k in range(S):
+        check(manifest, ref, f"{prefix}idx_s{k}", sampled[k])
+        check(manifest, ref, f"{prefix}logits_s{k}", seen[k]["guided_logits"])
+        # the tokens that entered f_hat: the input's where forced, the sample elsewhere
+        force = ref[f"{prefix}force_gt_s{k}"].flatten().bool()
+        assert torch.equal(seen[k]["tokens"], torch.where(force, input_tokens[k], ref[f"{prefix}idx_s{k}"]))
+    check(manifest, ref, f"{prefix}fhat", seen[S - 1]["latents"])
+    check(manifest, ref, f"{prefix}img", out.images)
+
+    # the image itself ([0, 1], as diffusers takes images) instead of its tokens: the same edit
+    with torch.no_grad():
+        from_image = pipe(**call, image=(images + 1) / 2, generator=torch.Generator().manual_seed(kwargs["g_seed"]))
+    check(manifest, ref, f"{prefix}img", from_image.images)

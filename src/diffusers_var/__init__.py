@@ -11,9 +11,9 @@ from .models.infinity_transformer import InfinityTransformer2DModel
 from .models.multiscale_vq import MultiScaleVQModel
 from .models.star_transformer import STARTransformer2DModel
 from .models.var_transformer import VARTransformer2DModel
-from .pipelines.pipeline_infinity import InfinityPipeline
-from .pipelines.pipeline_star import STARPipeline
-from .pipelines.pipeline_var import VARPipeline
+from .pipelines.pipeline_infinity import InfinityImg2ImgPipeline, InfinityInpaintPipeline, InfinityPipeline
+from .pipelines.pipeline_star import STARImg2ImgPipeline, STARInpaintPipeline, STARPipeline
+from .pipelines.pipeline_var import VARImg2ImgPipeline, VARInpaintPipeline, VARPipeline
 
 __all__ = [
     "MultiScaleVQModel",
@@ -24,4 +24,10 @@ __all__ = [
     "VARPipeline",
     "STARPipeline",
     "InfinityPipeline",
+    "VARInpaintPipeline",
+    "STARInpaintPipeline",
+    "InfinityInpaintPipeline",
+    "VARImg2ImgPipeline",
+    "STARImg2ImgPipeline",
+    "InfinityImg2ImgPipeline",
 ]

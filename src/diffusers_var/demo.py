@@ -1,4 +1,5 @@
-"""The Gradio demo: one app with a tab per model family (VAR, STAR, Infinity).
+"""The Gradio demo: one app with a tab per model family (VAR, STAR, Infinity), and an Edit tab (in-painting,
+out-painting and image-to-image with any of them: paint the region on the image).
 
 ``diffusers-var demo`` (or ``python demos/app.py``) serves the embedded default pipelines found under
 ``pipelines/`` (``var-shapes``, ``star-shapes``, ``infinity-shapes``); ``--var/--star/--infinity PATH`` serve
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import random
 import threading
 import time
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import numpy as np
 import torch
 
 from .cli_support import (
@@ -30,9 +33,10 @@ from .cli_support import (
     print_error,
 )
 from .models.dynamic_resolution import supported_pixel_sizes
-from .pipelines.pipeline_infinity import InfinityPipeline
-from .pipelines.pipeline_star import STARPipeline
-from .pipelines.pipeline_var import VARPipeline
+from .pipelines.pipeline_infinity import InfinityImg2ImgPipeline, InfinityInpaintPipeline, InfinityPipeline
+from .pipelines.pipeline_star import STARImg2ImgPipeline, STARInpaintPipeline, STARPipeline
+from .pipelines.pipeline_var import VARImg2ImgPipeline, VARInpaintPipeline, VARPipeline
+from .shapes import CLASSES, class_id, render
 
 logger = logging.getLogger(__name__)
 
@@ -277,6 +281,119 @@ def _infinity_tab(pipe: InfinityPipeline, common: dict, max_images: int):
     gr.Examples([[text, 0] for text in SHAPE_PROMPTS], [prompt, seed], label="Examples")
 
 
+# -- editing ----------------------------------------------------------------------------------------
+EDIT_MODES = ("In-paint: regenerate the painted region", "Out-paint: keep the painted region, regenerate the rest",
+              "Image-to-image: keep the image's coarse scales")
+EDIT_PIPELINES = {"var": (VARInpaintPipeline, VARImg2ImgPipeline), "star": (STARInpaintPipeline, STARImg2ImgPipeline),
+                  "infinity": (InfinityInpaintPipeline, InfinityImg2ImgPipeline)}
+EDIT_EXAMPLE_SIZE = 256  # px: the example image is drawn large enough to paint on (the pipeline resizes it)
+
+
+def edit_example_image(shape: str = "circle", color: str = "red", background: str = "blue") -> np.ndarray:
+    """A shapes-dataset image (uint8 (256, 256, 3)) to edit when none is uploaded."""
+    scale = EDIT_EXAMPLE_SIZE / 64
+    ids = np.array([class_id(shape, color, background)])
+    return render(ids, np.array([15.0 * scale], dtype=np.float32), np.array([[30.0 * scale, 34.0 * scale]],
+                  dtype=np.float32), EDIT_EXAMPLE_SIZE)[0]
+
+
+def painted_mask(editor: dict | None) -> tuple[np.ndarray, np.ndarray]:
+    """``(image uint8 (H, W, 3), painted (H, W) bool)`` from a ``gr.ImageEditor`` value: the background and where any
+    layer has paint (or, without layers, where the composite differs from the background)."""
+    background = None if not editor else editor.get("background")
+    if background is None:
+        raise gr.Error("Upload an image to edit (or use the example) first.")
+    background = np.asarray(background)
+    image = background[..., :3] if background.ndim == 3 else np.repeat(background[..., None], 3, axis=-1)
+    painted = np.zeros(image.shape[:2], dtype=bool)
+    for layer in editor.get("layers") or []:
+        layer = np.asarray(layer)
+        if layer.shape[:2] == painted.shape:  # paint is where a layer is opaque (or, without alpha, not black)
+            has_alpha = layer.ndim == 3 and layer.shape[-1] == 4
+            painted |= (layer[..., 3] if has_alpha else layer.reshape(*painted.shape, -1).max(-1)) > 0
+    composite = editor.get("composite")
+    if not painted.any() and composite is not None and np.asarray(composite).shape[:2] == painted.shape:
+        painted = (np.abs(np.asarray(composite)[..., :3].astype(int) - image.astype(int)) > 0).any(-1)
+    return image.astype(np.uint8), painted
+
+
+def nearest_infinity_size(pipe: InfinityPipeline, height: int, width: int) -> tuple[int, int]:
+    """The supported size closest to ``height x width`` in aspect ratio, then in area."""
+    sizes = supported_pixel_sizes(pipe.vae.pixels_per_token)
+    ratio = math.log(height / width)
+    return min(sizes, key=lambda s: (abs(math.log(s[0] / s[1]) - ratio), abs(s[0] * s[1] - height * width)))
+
+
+def _edit_tab(pipes: dict, common: dict, max_images: int):
+    """One tab for every served family: paint on the image, pick a mode and what to generate."""
+    titles = {key: FAMILIES[key][0].split()[0] for key in pipes}
+    editors = {key: tuple(cls.from_pipe(pipe) for cls in EDIT_PIPELINES[key]) for key, pipe in pipes.items()}
+    locks = {key: threading.Lock() for key in pipes}
+    for inpaint, img2img in editors.values():
+        inpaint.set_progress_bar_config(disable=True)
+        img2img.set_progress_bar_config(disable=True)
+    first = next(iter(pipes))
+    gr.Markdown("Edit an image with a served model: paint the region with the brush (white), choose what happens to "
+                "it, and say what to generate (VAR: a class name; STAR / Infinity: a prompt). In-painting keeps the "
+                "image's tokens outside the painted region at every scale; image-to-image keeps its coarse scales. "
+                "The image is resized to the model's size.")
+    with gr.Row():
+        with gr.Column():
+            editor = gr.ImageEditor(value={"background": edit_example_image(), "layers": [], "composite": None},
+                                    type="numpy", image_mode="RGBA", transforms=(), layers=False,
+                                    brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff", color_mode="fixed",
+                                                   default_size=24),
+                                    canvas_size=(EDIT_EXAMPLE_SIZE, EDIT_EXAMPLE_SIZE), height=360, format="png",
+                                    label="Image: paint the region", elem_id="edit-image")
+            model = gr.Radio([(titles[key], key) for key in pipes], value=first, label="Model", elem_id="edit-model")
+            mode = gr.Radio(list(EDIT_MODES), value=EDIT_MODES[0], label="Mode", elem_id="edit-mode")
+            what = gr.Textbox(label="What to generate (VAR: class name or index; STAR / Infinity: prompt)",
+                              value=CLASSES[class_id("square", "yellow", "blue")].caption
+                              if first != "var" else "yellow square on blue", elem_id="edit-what")
+            with gr.Row():
+                strength = gr.Slider(0, 1, value=0.5, step=0.05, label="Strength (image-to-image: share of the scales "
+                                     "sampled)", elem_id="edit-strength")
+                guidance = gr.Slider(0, 10, value=4.0, step=0.1, label="Guidance scale (cfg)")
+            num_images = gr.Slider(1, max_images, value=min(2, max_images), step=1, label="Number of images")
+            seed, randomize = _seed_row("edit")
+            button = gr.Button("Edit", variant="primary", elem_id="edit-generate")
+        with gr.Column():
+            gallery, info = _outputs("edit")
+
+    def run_edit(editor_value, family, mode_name, text, strength, guidance_scale, num_images, seed, randomize,
+                 progress=gr.Progress(track_tqdm=True)):
+        if family not in editors:
+            raise gr.Error(f"Pick a served model: {', '.join(titles.values())}.")
+        image, painted = painted_mask(editor_value)
+        count = _check_count(num_images, max_images)
+        inpaint, img2img = editors[family]
+        kwargs = dict(image=image, guidance_scale=float(guidance_scale))
+        if mode_name == EDIT_MODES[2]:
+            pipe, kwargs["strength"] = img2img, float(strength)
+        else:
+            if not painted.any():
+                raise gr.Error("Paint the region with the brush first (nothing is painted).")
+            pipe = inpaint
+            kwargs["mask_image"] = painted if mode_name == EDIT_MODES[0] else ~painted
+        if family == "infinity" and not pipe.config.get("default_size"):  # else the size the model was trained for
+            kwargs["height"], kwargs["width"] = nearest_infinity_size(pipe, *image.shape[:2])
+        if family == "var":
+            name = str(text or "").strip()
+            if not name:
+                raise gr.Error("Say what to generate: a class name (or index).")
+            try:
+                kwargs["class_labels"] = [int(name)] if name.lstrip("-").isdigit() else pipe.get_label_ids([name])
+            except ValueError:
+                raise gr.Error(f"Unknown class {name!r}: use a name of the VAR tab's Class list.") from None
+        else:
+            kwargs["prompt"] = _prompt(text)
+        seed = _pick_seed(seed, randomize)
+        return _run(pipe, locks[family], seed, count, **kwargs)
+
+    inputs = [editor, model, mode, what, strength, guidance, num_images, seed, randomize]
+    gr.on([button.click, what.submit], run_edit, inputs, [gallery, seed, info], api_name="edit", **common)
+
+
 def build_demo(var: Any = DEFAULT, star: Any = DEFAULT, infinity: Any = DEFAULT, device: str | None = None,
                dtype: torch.dtype = torch.float32, cpu_offload: bool = False, max_images: int = 8,
                queue_size: int = 32, concurrency_limit: int = 1) -> gr.Blocks:
@@ -305,6 +422,12 @@ def build_demo(var: Any = DEFAULT, star: Any = DEFAULT, infinity: Any = DEFAULT,
                         gr.Markdown(f"**Not available.** {notice}", elem_id=f"{key}-notice")
                     else:
                         builders[key](pipe, common, max_images)
+            served = {key: pipe for key, (pipe, _) in loaded.items() if pipe is not None}
+            with gr.Tab("Edit", id="edit", elem_id="tab-edit"):
+                if served:
+                    _edit_tab(served, common, max_images)
+                else:
+                    gr.Markdown("**Not available.** No model is served.", elem_id="edit-notice")
     demo.queue(max_size=queue_size, default_concurrency_limit=concurrency_limit)
     demo.loaded_pipelines = {key: pipe for key, (pipe, _) in loaded.items()}
     return demo

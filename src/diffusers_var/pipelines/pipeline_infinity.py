@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from inspect import signature
 from typing import Callable, Sequence
 
 import torch
@@ -14,9 +15,14 @@ from ..models.infinity_transformer import InfinityTransformer2DModel
 from .fast_inference import check_fast_inference_args, compile_adaln_blocks_
 from .pipeline_utils import (
     UNIFIED_CALLBACK_TENSORS,
+    BitwiseEditTokens,
     CallbackArg,
+    NextScaleEditMixin,
+    NextScaleInpaintMixin,
     NextScalePipeline,
+    box_grid_mask,
     check_common_inputs,
+    check_finite_number,
     check_generator,
     check_prompts,
     check_text_embeds,
@@ -402,3 +408,197 @@ class InfinityPipeline(NextScalePipeline):
         latents = self._sample_scales(condition, num_prompts * num_images_per_prompt, schedule, tau, top_k, top_p, generator,
                                       callback, tensor_names)
         return self._finish(latents, output_type, return_dict)
+
+
+# ==============================================================================================
+# Editing: in-painting / out-painting and image-to-image with Infinity (issue 17)
+# ==============================================================================================
+class _InfinityEditCall:
+    """What Infinity's two task pipelines share: the schedule of ``height`` / ``width`` and the text half of a call
+    (as :meth:`InfinityPipeline.__call__` runs it). Listed before the editing mixin among the bases (it overrides
+    its ``_edit_schedule``)."""
+
+    def _edit_schedule(self, height=None, width=None) -> list[tuple[int, int]]:
+        return [tuple(hw) for hw in self.scale_schedule(height, width)]
+
+    def _edit_condition(self, prompt, negative_prompt, guidance_scale, num_scales, num_images_per_prompt,
+                        max_sequence_length, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
+                        negative_prompt_attention_mask, device):
+        guided = any(c != 1.0 for c in per_scale_values(guidance_scale, num_scales, "guidance_scale"))
+        embeds, mask, negative_embeds, negative_mask = self.encode_prompt(
+            prompt, device, num_images_per_prompt, guided, negative_prompt, prompt_embeds, negative_prompt_embeds,
+            max_sequence_length, prompt_attention_mask, negative_prompt_attention_mask)
+        return self.prepare_condition(embeds, mask, negative_embeds, negative_mask, guided)
+
+
+class InfinityInpaintPipeline(BitwiseEditTokens, _InfinityEditCall, NextScaleInpaintMixin, InfinityPipeline):
+    r"""Text-guided in-painting and out-painting with Infinity, by VAR's zero-shot editing rule on bits.
+
+    The input image is tokenised with the pipeline's bitwise VAE (its bit labels); at every scale the bits of the
+    tokens outside the region to generate replace the sampled ones before they become codes (and the next scale's
+    input), so the model fills the region in context; every random draw still happens as in
+    :class:`InfinityPipeline`. The mask of a scale: the latent-grid mask (the last scale's ``h x w`` tokens) resized
+    bilinearly (``align_corners=False``) to the scale's grid, the input kept where the keep side is ``> 0.5``;
+    scales of at most 3 tokens always keep the input. A pixel mask is first reduced to the latent grid (a cell is
+    generated when any of its pixels is white). :meth:`box_mask` makes the original notebook's box masks. Loads from
+    the same folders as :class:`InfinityPipeline` (``from_pretrained``) or shares its weights (``from_pipe``).
+    """
+
+    def box_mask(self, y0: float, x0: float, y1: float, x1: float, inpainting: bool = True, height: int | None = None,
+                 width: int | None = None) -> torch.Tensor:
+        """The latent-grid mask (h, w) bool (True = generate) of the original notebook's box rule, on the token grid of
+        the last scale for ``height`` x ``width`` (default: the pipeline's size); see
+        :meth:`NextScaleInpaintMixin.box_mask`."""
+        return box_grid_mask(self._edit_schedule(height, width)[-1], y0, x0, y1, x1, inpainting)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image=None,
+        mask_image=None,
+        image_indices: list[torch.Tensor] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        guidance_scale: float | Sequence[float] = 3.0,
+        tau: float | Sequence[float] = 0.5,
+        top_k: int = 900,
+        top_p: float = 0.97,
+        num_images_per_prompt: int = 1,
+        generator: GeneratorArg = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: CallbackArg = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        max_sequence_length: int | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+    ):
+        r"""Re-generate the masked region of ``image`` from text.
+
+        Args:
+            prompt: what the edited image shows (or ``prompt_embeds``).
+            image: the image to edit: PIL, numpy (H, W, 3) / (B, H, W, 3) or torch (3, H, W) / (B, 3, H, W) in
+                [0, 1] (diffusers' ``VaeImageProcessor`` conventions), resized to the size of ``height`` x ``width``'s
+                template; one image for all prompts or one per prompt. Or pass ``image_indices``.
+            mask_image: where to generate (white / 1 / True), at the image's size or at the latent grid (the last
+                scale's token grid, e.g. from :meth:`box_mask`); one for all images or one per prompt.
+            image_indices: instead of ``image``, the input's bit labels as ``vae.encode(images,
+                scale_schedule).bit_labels`` returns them (per scale (B, h, w, codebook_dim)).
+            height, width: the output size (default: the pipeline's ``default_size``, else 1024 x 1024), as in
+                :meth:`InfinityPipeline.__call__`.
+            Everything else: as in :meth:`InfinityPipeline.__call__`; the callback's ``"tokens"`` are the scale's bits
+            after the input's were put back.
+        """
+        callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        schedule, num_prompts = self.check_inputs(
+            prompt, negative_prompt, height, width, guidance_scale, tau, top_k, top_p, num_images_per_prompt,
+            generator, max_sequence_length, output_type, return_dict, prompt_embeds, prompt_attention_mask,
+            negative_prompt_embeds, negative_prompt_attention_mask, image=image, image_indices=image_indices,
+            mask_image=mask_image)
+        self._begin_call(guidance_scale, len(schedule))
+        device = self._execution_device
+
+        # 1. the text of every row (conditional rows first)
+        condition = self._edit_condition(prompt, negative_prompt, guidance_scale, len(schedule), num_images_per_prompt,
+                                         max_sequence_length, prompt_embeds, prompt_attention_mask,
+                                         negative_prompt_embeds, negative_prompt_attention_mask, device)
+        # 2. the input's bits and, per scale, where they are kept
+        tokens = self.prepare_image_tokens(image, image_indices, schedule, num_prompts, num_images_per_prompt, device)
+        keep = self.prepare_mask_keep(mask_image, schedule, num_prompts, num_images_per_prompt, device)
+        # 3. scale by scale, the input's bits put back where kept
+        latents = self._sample_scales(condition, num_prompts * num_images_per_prompt, schedule, tau, top_k, top_p,
+                                      generator, callback, tensor_names, forcing=self._token_forcing(tokens, keep))
+        return self._finish(latents, output_type, return_dict)
+
+    def check_inputs(self, *args, image=None, image_indices=None, mask_image=None) -> tuple[list, int]:
+        """:meth:`InfinityPipeline.check_inputs` (same positional arguments), then the image and mask checks. Returns
+        the scale schedule and the number of prompts."""
+        schedule, num_prompts = super().check_inputs(*args)
+        per_prompt = signature(InfinityPipeline.check_inputs).bind(self, *args).arguments["num_images_per_prompt"]
+        size = self.check_image_inputs(image, image_indices, schedule, num_prompts, per_prompt)
+        self.check_mask_input(mask_image, schedule, size, num_prompts, per_prompt)
+        return schedule, num_prompts
+
+
+class InfinityImg2ImgPipeline(BitwiseEditTokens, _InfinityEditCall, NextScaleEditMixin, InfinityPipeline):
+    r"""Text-guided image-to-image with Infinity: the input image's bits are kept for the first scales (its layout
+    and colours), the remaining scales are sampled for the prompt.
+
+    ``strength`` is diffusers' (the share of the steps that run): ``int(S * strength)`` of the ``S`` scales are
+    sampled; 1.0 ignores the image (the same images as :class:`InfinityPipeline` for the same seed), 0.0 returns the
+    tokenizer's reconstruction. Every scale still makes its random draws. Loads from the same folders as
+    :class:`InfinityPipeline`, or ``InfinityImg2ImgPipeline.from_pipe(pipe)``.
+    """
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image=None,
+        strength: float = 0.5,
+        image_indices: list[torch.Tensor] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        guidance_scale: float | Sequence[float] = 3.0,
+        tau: float | Sequence[float] = 0.5,
+        top_k: int = 900,
+        top_p: float = 0.97,
+        num_images_per_prompt: int = 1,
+        generator: GeneratorArg = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: CallbackArg = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        max_sequence_length: int | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+    ):
+        r"""Generate images of ``prompt`` that start from ``image``.
+
+        Args:
+            prompt: what the image shows (or ``prompt_embeds``).
+            image: the starting image: PIL, numpy or torch in [0, 1] (diffusers' conventions), resized to the size of
+                ``height`` x ``width``'s template; one for all prompts or one per prompt. Or pass ``image_indices``.
+            strength: in [0, 1], the share of the scales that are sampled (the rest keep the input's bits);
+                default 0.5.
+            image_indices: instead of ``image``, the bit labels ``vae.encode(images, scale_schedule).bit_labels``
+                returns.
+            Everything else: as in :meth:`InfinityPipeline.__call__`.
+        """
+        callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        schedule, num_prompts = self.check_inputs(
+            prompt, negative_prompt, height, width, guidance_scale, tau, top_k, top_p, num_images_per_prompt,
+            generator, max_sequence_length, output_type, return_dict, prompt_embeds, prompt_attention_mask,
+            negative_prompt_embeds, negative_prompt_attention_mask, image=image, image_indices=image_indices,
+            strength=strength)
+        self._begin_call(guidance_scale, len(schedule))
+        device = self._execution_device
+        B = num_prompts * num_images_per_prompt
+
+        # 1. the text of every row (conditional rows first)
+        condition = self._edit_condition(prompt, negative_prompt, guidance_scale, len(schedule), num_images_per_prompt,
+                                         max_sequence_length, prompt_embeds, prompt_attention_mask,
+                                         negative_prompt_embeds, negative_prompt_attention_mask, device)
+        # 2. the input's bits, kept for the first scales
+        tokens = self.prepare_image_tokens(image, image_indices, schedule, num_prompts, num_images_per_prompt, device)
+        keep = self.strength_keep(strength, schedule, B, device)
+        # 3. scale by scale
+        latents = self._sample_scales(condition, B, schedule, tau, top_k, top_p, generator, callback, tensor_names,
+                                      forcing=self._token_forcing(tokens, keep))
+        return self._finish(latents, output_type, return_dict)
+
+    def check_inputs(self, *args, image=None, image_indices=None, strength=0.5) -> tuple[list, int]:
+        """:meth:`InfinityPipeline.check_inputs` (same positional arguments), ``strength`` and the image checks.
+        Returns the scale schedule and the number of prompts."""
+        schedule, num_prompts = super().check_inputs(*args)
+        per_prompt = signature(InfinityPipeline.check_inputs).bind(self, *args).arguments["num_images_per_prompt"]
+        check_finite_number(strength, "strength", 0.0, 1.0)
+        self.check_image_inputs(image, image_indices, schedule, num_prompts, per_prompt)
+        return schedule, num_prompts

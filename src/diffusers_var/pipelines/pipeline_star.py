@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from inspect import signature
 from typing import Callable
 
 import torch
@@ -15,7 +16,10 @@ from .pipeline_utils import (
     UNIFIED_CALLBACK_TENSORS,
     CallbackArg,
     MultiScaleVQPipelineMixin,
+    NextScaleEditMixin,
+    NextScaleInpaintMixin,
     NextScalePipeline,
+    VQEditTokens,
     check_bool,
     check_common_inputs,
     check_finite_number,
@@ -507,3 +511,204 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline):
         latents = self._sample_scales(condition, B, top_k, top_p, more_smooth, use_stable_sampler, sampler_version,
                                       generator, sampler_generator, callback, tensor_names)
         return self._finish(latents, output_type, return_dict)
+
+
+# ==============================================================================================
+# Editing: in-painting / out-painting and image-to-image with STAR (issue 17)
+# ==============================================================================================
+class _STAREditCall:
+    """The text half of a STAR editing call (as :meth:`STARPipeline.__call__` runs it), shared by the two task
+    pipelines."""
+
+    def _edit_condition(self, prompt, negative_prompt, num_images_per_prompt, max_sequence_length, prompt_embeds,
+                        prompt_attention_mask, pooled_prompt_embeds, negative_prompt_embeds,
+                        negative_prompt_attention_mask, negative_pooled_prompt_embeds, device):
+        text = self.encode_prompt(prompt, device, num_images_per_prompt, True, negative_prompt, prompt_embeds,
+                                  negative_prompt_embeds, max_sequence_length, prompt_attention_mask,
+                                  pooled_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds)
+        text_hidden, text_mask, text_pooled = (torch.cat((text[i], text[i + 3])) for i in range(3))
+        if self._fast_inference:  # static graph inputs in the compute dtype (the blocks cast to it anyway)
+            dtype = self.transformer.pos_start.dtype
+            text_hidden, text_pooled = text_hidden.to(dtype), text_pooled.to(dtype)
+        return text_hidden, text_mask, text_pooled
+
+
+class STARInpaintPipeline(VQEditTokens, _STAREditCall, NextScaleInpaintMixin, STARPipeline):
+    r"""Text-guided in-painting and out-painting with STAR, by VAR's zero-shot editing rule.
+
+    The input image is tokenised with the pipeline's VQ-VAE; at every scale the tokens outside the region to generate
+    replace the sampled ones before they enter f_hat (and the next scale's input), so the model fills the region in
+    context; every random draw still happens as in :class:`STARPipeline`. The mask of a scale: the latent-grid mask
+    (the last scale's ``pn x pn``) resized bilinearly (``align_corners=False``) to the scale's grid, the input kept
+    where the keep side is ``> 0.5``; scales of at most 3 tokens always keep the input. A pixel mask is first reduced
+    to the latent grid (a cell is generated when any of its pixels is white). :meth:`box_mask` makes the original
+    notebook's box masks. With the stable sampler the input's tokens are put back after the scale's sampling steps.
+    Loads from the same folders as :class:`STARPipeline` (``from_pretrained``) or shares its weights
+    (``from_pipe``).
+    """
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image=None,
+        mask_image=None,
+        image_indices: list[torch.Tensor] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        guidance_scale: float = 4.0,
+        top_k: int = 600,
+        top_p: float = 0.8,
+        more_smooth: bool = False,
+        use_stable_sampler: bool | None = None,
+        sampler_version: str = "1024",
+        num_images_per_prompt: int = 1,
+        generator: GeneratorArg = None,
+        sampler_generator: torch.Generator | None = None,
+        max_sequence_length: int | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: CallbackArg = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    ):
+        r"""Re-generate the masked region of ``image`` from text.
+
+        Args:
+            prompt: what the edited image shows (or ``prompt_embeds``).
+            image: the image to edit: PIL, numpy (H, W, 3) / (B, H, W, 3) or torch (3, H, W) / (B, 3, H, W) in
+                [0, 1] (diffusers' ``VaeImageProcessor`` conventions; resized to the pipeline's size), or a list; one
+                image for all prompts or one per prompt. Or pass ``image_indices``.
+            mask_image: where to generate (white / 1 / True), at the image's size or at the latent grid (the last
+                scale's ``pn x pn``, e.g. from :meth:`box_mask`); one for all images or one per prompt.
+            image_indices: instead of ``image``, the per-scale tokens ``vqvae.encode_indices`` returns.
+            Everything else: as in :meth:`STARPipeline.__call__`; the callback's ``"tokens"`` are the scale's tokens
+            after the input's were put back.
+        """
+        callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        num_prompts = self.check_inputs(
+            prompt, negative_prompt, guidance_scale, top_k, top_p, more_smooth, use_stable_sampler, sampler_version,
+            num_images_per_prompt, generator, sampler_generator, max_sequence_length, output_type, return_dict,
+            prompt_embeds, prompt_attention_mask, pooled_prompt_embeds, negative_prompt_embeds,
+            negative_prompt_attention_mask, negative_pooled_prompt_embeds, image=image, image_indices=image_indices,
+            mask_image=mask_image)
+        schedule = self._edit_schedule()
+        self._begin_call(guidance_scale, len(schedule))
+        device = self._execution_device
+        B = num_prompts * num_images_per_prompt
+        sampler_generator = self.sampler_generators(generator, sampler_generator)
+
+        # 1. the text of both guidance halves (conditional rows first)
+        condition = self._edit_condition(prompt, negative_prompt, num_images_per_prompt, max_sequence_length,
+                                         prompt_embeds, prompt_attention_mask, pooled_prompt_embeds,
+                                         negative_prompt_embeds, negative_prompt_attention_mask,
+                                         negative_pooled_prompt_embeds, device)
+        # 2. the input's tokens and, per scale, where they are kept
+        tokens = self.prepare_image_tokens(image, image_indices, schedule, num_prompts, num_images_per_prompt, device)
+        keep = self.prepare_mask_keep(mask_image, schedule, num_prompts, num_images_per_prompt, device)
+        # 3. scale by scale, the input's tokens put back where kept
+        latents = self._sample_scales(condition, B, top_k, top_p, more_smooth, use_stable_sampler, sampler_version,
+                                      generator, sampler_generator, callback, tensor_names,
+                                      forcing=self._token_forcing(tokens, keep))
+        return self._finish(latents, output_type, return_dict)
+
+    def check_inputs(self, *args, image=None, image_indices=None, mask_image=None) -> int:
+        """:meth:`STARPipeline.check_inputs` (same positional arguments), then the image and mask checks. Returns the
+        number of prompts."""
+        num_prompts = super().check_inputs(*args)
+        per_prompt = signature(STARPipeline.check_inputs).bind(self, *args).arguments["num_images_per_prompt"]
+        schedule = self._edit_schedule()
+        size = self.check_image_inputs(image, image_indices, schedule, num_prompts, per_prompt)
+        self.check_mask_input(mask_image, schedule, size, num_prompts, per_prompt)
+        return num_prompts
+
+
+class STARImg2ImgPipeline(VQEditTokens, _STAREditCall, NextScaleEditMixin, STARPipeline):
+    r"""Text-guided image-to-image with STAR: the input image's tokens are kept for the first scales (its layout and
+    colours), the remaining scales are sampled for the prompt.
+
+    ``strength`` is diffusers' (the share of the steps that run): ``int(S * strength)`` of the ``S`` scales are
+    sampled; 1.0 ignores the image (the same images as :class:`STARPipeline` for the same seed), 0.0 returns the
+    tokenizer's reconstruction. Every scale still makes its random draws. Loads from the same folders as
+    :class:`STARPipeline`, or ``STARImg2ImgPipeline.from_pipe(pipe)``.
+    """
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image=None,
+        strength: float = 0.5,
+        image_indices: list[torch.Tensor] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        guidance_scale: float = 4.0,
+        top_k: int = 600,
+        top_p: float = 0.8,
+        more_smooth: bool = False,
+        use_stable_sampler: bool | None = None,
+        sampler_version: str = "1024",
+        num_images_per_prompt: int = 1,
+        generator: GeneratorArg = None,
+        sampler_generator: torch.Generator | None = None,
+        max_sequence_length: int | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: CallbackArg = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    ):
+        r"""Generate images of ``prompt`` that start from ``image``.
+
+        Args:
+            prompt: what the image shows (or ``prompt_embeds``).
+            image: the starting image: PIL, numpy or torch in [0, 1] (diffusers' conventions; resized to the
+                pipeline's size), or a list; one for all prompts or one per prompt. Or pass ``image_indices``.
+            strength: in [0, 1], the share of the scales that are sampled (the rest keep the input's tokens);
+                default 0.5.
+            image_indices: instead of ``image``, the per-scale tokens ``vqvae.encode_indices`` returns.
+            Everything else: as in :meth:`STARPipeline.__call__`.
+        """
+        callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        num_prompts = self.check_inputs(
+            prompt, negative_prompt, guidance_scale, top_k, top_p, more_smooth, use_stable_sampler, sampler_version,
+            num_images_per_prompt, generator, sampler_generator, max_sequence_length, output_type, return_dict,
+            prompt_embeds, prompt_attention_mask, pooled_prompt_embeds, negative_prompt_embeds,
+            negative_prompt_attention_mask, negative_pooled_prompt_embeds, image=image, image_indices=image_indices,
+            strength=strength)
+        schedule = self._edit_schedule()
+        self._begin_call(guidance_scale, len(schedule))
+        device = self._execution_device
+        B = num_prompts * num_images_per_prompt
+        sampler_generator = self.sampler_generators(generator, sampler_generator)
+
+        # 1. the text of both guidance halves (conditional rows first)
+        condition = self._edit_condition(prompt, negative_prompt, num_images_per_prompt, max_sequence_length,
+                                         prompt_embeds, prompt_attention_mask, pooled_prompt_embeds,
+                                         negative_prompt_embeds, negative_prompt_attention_mask,
+                                         negative_pooled_prompt_embeds, device)
+        # 2. the input's tokens, kept for the first scales
+        tokens = self.prepare_image_tokens(image, image_indices, schedule, num_prompts, num_images_per_prompt, device)
+        keep = self.strength_keep(strength, schedule, B, device)
+        # 3. scale by scale
+        latents = self._sample_scales(condition, B, top_k, top_p, more_smooth, use_stable_sampler, sampler_version,
+                                      generator, sampler_generator, callback, tensor_names,
+                                      forcing=self._token_forcing(tokens, keep))
+        return self._finish(latents, output_type, return_dict)
+
+    def check_inputs(self, *args, image=None, image_indices=None, strength=0.5) -> int:
+        """:meth:`STARPipeline.check_inputs` (same positional arguments), ``strength`` and the image checks. Returns
+        the number of prompts."""
+        num_prompts = super().check_inputs(*args)
+        per_prompt = signature(STARPipeline.check_inputs).bind(self, *args).arguments["num_images_per_prompt"]
+        check_finite_number(strength, "strength", 0.0, 1.0)
+        self.check_image_inputs(image, image_indices, self._edit_schedule(), num_prompts, per_prompt)
+        return num_prompts

@@ -35,10 +35,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+import PIL.Image
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils import logging
 
 from ..models.multiscale_vq import area_down
 from .fast_inference import FastInferenceMixin
@@ -48,6 +51,8 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 UNIFIED_CALLBACK_TENSORS = ["latents", "tokens", "guided_logits", "model_logits", "next_scale_input"]
 
 CallbackArg = Callable[[Any, int, tuple, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None
+
+logger = logging.get_logger(__name__)
 
 # every next-scale pipeline class, by name (a folder's model_index.json names its class)
 _PIPELINE_CLASSES: dict[str, type] = {}
@@ -296,13 +301,18 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
     def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs):
         """diffusers' ``from_pipe`` (the new pipeline shares the components, no weights are copied), except that
         each component keeps its dtype: diffusers casts every component to float32 (or ``dtype``), which, the
-        components being shared, also casts those of ``pipeline``. ``dtype=`` still casts, when given."""
+        components being shared, also casts those of ``pipeline``. ``dtype=`` still casts, when given. A pipeline
+        with ``enable_fast_inference()`` on passes it on (its modules, shared, are already cast and fitted); the new
+        pipeline captures its own CUDA graphs."""
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
         token = _KEEP_COMPONENT_DTYPES.set(True)
         try:
             new = super().from_pipe(pipeline, **kwargs)
         finally:
             _KEEP_COMPONENT_DTYPES.reset(token)
+        if getattr(pipeline, "_fast_inference", False) and isinstance(new, FastInferenceMixin):
+            new._fast_inference, new._fast_dtype = True, pipeline._fast_dtype
+            new._use_cuda_graphs, new._graph_steps = pipeline._use_cuda_graphs, type(pipeline._graph_steps)()
         return new.to(dtype=dtype) if dtype is not None else new
 
     def to(self, *args, **kwargs):
@@ -369,3 +379,409 @@ def flatten_labels(class_labels) -> list:
 def repeat_rows(t: torch.Tensor | None, times: int, device) -> torch.Tensor | None:
     """``t``'s rows each repeated ``times`` times consecutively (``num_images_per_prompt``), on ``device``."""
     return None if t is None else t.to(device).repeat_interleave(times, dim=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Editing: in-painting, out-painting and image-to-image (the task pipelines of every family)
+# ----------------------------------------------------------------------------------------------
+# How it works: the input image is tokenised with the pipeline's own tokenizer, and at every scale the tokens
+# outside the region to generate replace the sampled ones before they enter the running latent (and so the next
+# scale's input): the model fills the region in context. Every random draw still happens, for every position, as
+# in VAR's zero-shot editing notebook (``demo_zero_shot_edit.ipynb``).
+#
+# The mask of a scale (the notebook's rule): the latent-grid mask (1 = keep the input), resized to the scale's grid
+# by bilinear interpolation (``align_corners=False``), then ``> 0.5``; scales of at most 3 tokens always keep the
+# input. A pixel mask is first reduced to the latent grid: a cell is generated when any of its pixels is white.
+SMALLEST_KEPT_TOKENS = 3  # scales with at most this many tokens always keep the input (the notebook's ``pn*pn <= 3``)
+
+
+class TokenForcing:
+    """The ``forcing`` hook of a family's ``_sample_scales`` that keeps an input image's tokens.
+
+    Args:
+        keep: per scale, (B, h, w) bool: True where the input's token replaces the sampled one.
+        tokens: per scale, the input's tokens: (B, h*w) codebook indices (VAR / STAR) or (B, h, w, bits) bits
+            (Infinity).
+        codes: VAR / STAR: per scale, the input's code maps (B, C, h, w) (the codebook vectors of ``tokens``);
+            ``None`` for bits.
+
+    Called as ``forcing(k, code_map, indices) -> (code_map, indices)`` (VAR / STAR) or ``forcing(k, bits) -> bits``
+    (Infinity). It only runs tensor operations on its own buffers, so VAR's whole-scale CUDA graphs capture it: the
+    graphs keep a :meth:`static_copy` and every call refills it with :meth:`copy_`.
+    """
+
+    def __init__(self, keep: list[torch.Tensor], tokens: list[torch.Tensor], codes: list[torch.Tensor] | None = None):
+        self.keep, self.tokens, self.codes = list(keep), list(tokens), None if codes is None else list(codes)
+
+    def __call__(self, scale_index: int, *sampled: torch.Tensor | None):
+        keep = self.keep[scale_index]
+        if self.codes is None:  # Infinity: (B, h, w, bits)
+            (bits,) = sampled
+            return torch.where(keep[..., None], self.tokens[scale_index].to(bits.dtype), bits)
+        code_map, indices = sampled
+        code_map = torch.where(keep[:, None], self.codes[scale_index].to(code_map.dtype), code_map)
+        if indices is not None:  # STAR's more_smooth has no hard tokens
+            indices = torch.where(keep.flatten(1), self.tokens[scale_index], indices)
+        return code_map, indices
+
+    def _buffers(self) -> list[torch.Tensor]:
+        return self.keep + self.tokens + (self.codes or [])
+
+    def static_copy(self) -> "TokenForcing":
+        """A copy with its own buffers (what a CUDA graph captures)."""
+        clone = lambda ts: [t.clone() for t in ts]  # noqa: E731
+        return TokenForcing(clone(self.keep), clone(self.tokens), None if self.codes is None else clone(self.codes))
+
+    def copy_(self, other: "TokenForcing") -> "TokenForcing":
+        """Copy ``other``'s masks and tokens into this one's buffers (same shapes)."""
+        for mine, theirs in zip(self._buffers(), other._buffers()):
+            mine.copy_(theirs, non_blocking=True)
+        return self
+
+
+def warn_eager_forcing(pipe) -> None:
+    """Say once per pipeline that a ``forcing`` hook other than a :class:`TokenForcing` keeps VAR's sampling out of
+    the whole-scale CUDA graphs (only the transformer steps are replayed): no silent slowdown."""
+    if not getattr(pipe, "_warned_eager_forcing", False):
+        logger.warning(f"{type(pipe).__name__}: the `forcing` hook is not a TokenForcing, so it cannot run inside the "
+                       "fast path's whole-scale CUDA graphs; sampling runs eagerly (the transformer steps stay "
+                       "graphs).")
+        pipe._warned_eager_forcing = True
+
+
+def _spatial_size_of(value, name: str, image: bool) -> tuple[int, int, int]:
+    """``(batch, height, width)`` of one image (``image``) or mask entry (PIL, numpy or torch), or a ValueError naming
+    ``name``. Images: numpy (H, W, C) / (B, H, W, C), torch (C, H, W) / (B, C, H, W). Masks: (H, W), numpy
+    (H, W, 1) / (B, H, W) / (B, H, W, 1), torch (B, H, W) / (B, 1, H, W)."""
+    if isinstance(value, PIL.Image.Image):
+        return 1, value.height, value.width
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        numpy = isinstance(value, np.ndarray)
+        shape = tuple(value.shape)
+        if image and value.ndim in (3, 4):
+            height_width = shape[-3:-1] if numpy else shape[-2:]
+            return (1 if value.ndim == 3 else shape[0]), *height_width
+        if not image and value.ndim == 2:
+            return 1, *shape
+        if not image and value.ndim == 3:
+            return (1, *shape[:2]) if numpy and shape[-1] == 1 else (shape[0], *shape[1:])
+        if not image and value.ndim == 4:
+            return (shape[0], *shape[1:3]) if numpy else (shape[0], *shape[2:])
+    kind = f"a {value.ndim}-D array" if isinstance(value, (np.ndarray, torch.Tensor)) else type(value).__name__
+    what = "images" if image else "masks"
+    raise ValueError(f"`{name}` entries must be PIL images, numpy arrays or torch tensors of {what}, got {kind}.")
+
+
+def image_batch_and_size(image, name: str = "image") -> tuple[int, int, int]:
+    """``(batch, height, width)`` of an ``image`` argument: a PIL image, a numpy array ((H, W, 3) or (B, H, W, 3),
+    float in [0, 1] or uint8), a torch tensor ((3, H, W) or (B, 3, H, W) in [0, 1]; [-1, 1] is taken as is, as
+    diffusers' ``VaeImageProcessor`` does), or a list of these (all of one size). A ValueError names ``name``."""
+    items = list(image) if isinstance(image, (list, tuple)) else [image]
+    if not items:
+        raise ValueError(f"`{name}` is an empty list.")
+    sizes = []
+    for item in items:
+        batch, height, width = _spatial_size_of(item, name, image=True)
+        if isinstance(item, (np.ndarray, torch.Tensor)):
+            channels = item.shape[-1] if isinstance(item, np.ndarray) else item.shape[-3]
+            if channels != 3:
+                raise ValueError(f"`{name}` must have 3 (RGB) channels, got an array of shape {tuple(item.shape)} "
+                                 "(numpy: channels last; torch: channels first).")
+            if item.dtype != np.uint8 and item.dtype != torch.uint8:
+                values = torch.as_tensor(item)
+                if not values.is_floating_point() or not bool(torch.isfinite(values).all()) \
+                        or values.min() < -1 or values.max() > 1:
+                    raise ValueError(f"`{name}` must hold finite floats in [0, 1] (or uint8), got values outside.")
+        sizes.append((batch, height, width))
+    if len({size[1:] for size in sizes}) != 1:
+        raise ValueError(f"`{name}`: every image of the list must have the same size, got "
+                         f"{sorted({size[1:] for size in sizes})} (height, width).")
+    return sum(size[0] for size in sizes), sizes[0][1], sizes[0][2]
+
+
+def _processor_input(image):
+    """What diffusers' ``VaeImageProcessor`` takes: PIL images in RGB (an RGBA or grayscale PNG too), uint8 arrays /
+    tensors as float in [0, 1]."""
+    if isinstance(image, (list, tuple)):
+        return [_processor_input(item) for item in image]
+    if isinstance(image, PIL.Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+        return image.astype(np.float32) / 255
+    if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
+        return image.float() / 255
+    return image
+
+
+def mask_to_tensor(mask_image, name: str = "mask_image") -> torch.Tensor:
+    """A mask (white / 1 / True = generate) as (B, 1, H, W) float in [0, 1]: PIL images (converted to grayscale),
+    numpy arrays ((H, W), (H, W, 1), (B, H, W), (B, H, W, 1)) or torch tensors ((H, W), (B, H, W), (B, 1, H, W)),
+    bool, uint8 (0-255) or float in [0, 1], or a list of these."""
+    items = list(mask_image) if isinstance(mask_image, (list, tuple)) else [mask_image]
+    if not items:
+        raise ValueError(f"`{name}` is an empty list.")
+    masks = []
+    for item in items:
+        _spatial_size_of(item, name, image=False)  # the type check
+        if isinstance(item, PIL.Image.Image):
+            values = torch.from_numpy(np.asarray(item.convert("L"), dtype=np.float32) / 255)[None, None]
+        else:
+            values = torch.as_tensor(item)
+            if isinstance(item, np.ndarray):  # numpy masks are channels-last
+                if values.ndim == 3 and values.shape[-1] == 1:
+                    values = values[None]
+                if values.ndim == 4:
+                    values = values.permute(0, 3, 1, 2)
+            values = values.reshape(-1, 1, *values.shape[-2:]) if values.ndim < 4 else values
+            if values.shape[1] != 1:
+                shape = tuple(torch.as_tensor(item).shape)
+                raise ValueError(f"`{name}` must have a single channel, got shape {shape}.")
+            if values.dtype == torch.uint8:
+                values = values.float() / 255
+            elif values.dtype == torch.bool:
+                values = values.float()
+            elif not values.is_floating_point():
+                raise ValueError(f"`{name}` must be bool, uint8 or float, got {values.dtype}.")
+            values = values.float()
+            if not bool(torch.isfinite(values).all()) or values.min() < 0 or values.max() > 1:
+                raise ValueError(f"`{name}` float values must be finite and in [0, 1] (white / 1 = generate).")
+        masks.append(values.cpu())
+    if len({tuple(m.shape[-2:]) for m in masks}) != 1:
+        raise ValueError(f"`{name}`: every mask of the list must have the same size.")
+    return torch.cat(masks)
+
+
+def latent_grid_mask(mask_BHW: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """A binary mask (B, 1, H, W) reduced to the latent grid (B, h, w) bool: a cell is generated when any of its
+    pixels is (windows of ``adaptive_max_pool2d``; at the grid's own size the mask is kept as is)."""
+    return torch.nn.functional.adaptive_max_pool2d(mask_BHW.float(), tuple(grid_hw))[:, 0] > 0.5
+
+
+def scale_keep_masks(generate_Bhw: torch.Tensor, schedule) -> list[torch.Tensor]:
+    """The notebook's per-scale rule: ``keep = 1 - generate`` on the latent grid, resized to each scale's grid by
+    bilinear interpolation (``align_corners=False``) and ``> 0.5``; scales of at most 3 tokens keep everything.
+    Returns per scale (B, h, w) bool (True = the input's token)."""
+    keep = (~generate_Bhw).float()[:, None]
+    masks = []
+    for h, w in schedule:
+        if h * w <= SMALLEST_KEPT_TOKENS:
+            masks.append(torch.ones(keep.shape[0], h, w, dtype=torch.bool, device=keep.device))
+        else:
+            resized = torch.nn.functional.interpolate(keep, size=(h, w), mode="bilinear", align_corners=False)
+            masks.append(resized[:, 0] > 0.5)
+    return masks
+
+
+def box_grid_mask(grid_hw: tuple[int, int], y0: float, x0: float, y1: float, x1: float,
+                  inpainting: bool = True) -> torch.Tensor:
+    """The notebook's ``get_edit_mask`` box on a (h, w) latent grid, as our mask (True = generate): the box
+    ``[round(y0 h):round(y1 h), round(x0 w):round(x1 w)]`` (Python's round: half to even) is generated when
+    ``inpainting``, else everything outside it is (out-painting). The notebook's mask is the opposite (1 = keep)."""
+    for name, value in (("y0", y0), ("x0", x0), ("y1", y1), ("x1", x1)):
+        check_finite_number(value, name, 0.0, 1.0)
+    if y1 < y0 or x1 < x0:
+        raise ValueError(f"the box must have `y0` <= `y1` and `x0` <= `x1`, got y0={y0}, y1={y1}, x0={x0}, x1={x1}.")
+    check_bool(inpainting, "inpainting")
+    h, w = grid_hw
+    box = torch.zeros(h, w, dtype=torch.bool)
+    box[round(y0 * h):round(y1 * h), round(x0 * w):round(x1 * w)] = True
+    return box if inpainting else ~box
+
+
+def edit_batch_sizes(num_prompts: int, num_images_per_prompt: int) -> tuple[int, ...]:
+    """The batch an input image or mask may have: one for all, one per prompt / label, or one per generated image."""
+    return tuple(sorted({1, num_prompts, num_prompts * num_images_per_prompt}))
+
+
+def expand_rows(t: torch.Tensor, num_prompts: int, num_images_per_prompt: int) -> torch.Tensor:
+    """``t``'s rows for every generated image: a single row shared by all, one row per prompt repeated
+    ``num_images_per_prompt`` times (as the condition's rows are), or already one per image."""
+    if t.shape[0] == 1:
+        return t.expand(num_prompts * num_images_per_prompt, *t.shape[1:]).contiguous()
+    if t.shape[0] == num_prompts:
+        return t.repeat_interleave(num_images_per_prompt, dim=0)
+    return t
+
+
+class NextScaleEditMixin:
+    """What the in-painting and image-to-image pipelines of every family share: the input image (or its tokens),
+    their checks, and the :class:`TokenForcing` their scale loop runs with. A family's tokenizer supplies
+    ``_pixels_per_token()``, ``encode_image_tokens(images, schedule)``,
+    ``_check_image_indices(image_indices, schedule)`` and ``_token_forcing(tokens, keep)`` (:class:`VQEditTokens`,
+    :class:`BitwiseEditTokens`, listed before this mixin among a pipeline's bases); the pipeline may override
+    :meth:`_edit_schedule`."""
+
+    def _edit_schedule(self, height=None, width=None) -> list[tuple[int, int]]:
+        return [tuple(hw) for hw in self.scale_schedule()]
+
+    @property
+    def image_processor(self) -> VaeImageProcessor:
+        """diffusers' image processor of the pipeline's images (resize, [0, 1] -> [-1, 1])."""
+        return VaeImageProcessor(vae_scale_factor=self._pixels_per_token(), do_resize=True, do_normalize=True)
+
+    def pixel_size(self, schedule) -> tuple[int, int]:
+        """The image size (height, width) in pixels of a scale schedule."""
+        h, w = schedule[-1]
+        return h * self._pixels_per_token(), w * self._pixels_per_token()
+
+    # -- checks --------------------------------------------------------------------------------------------------
+    def check_image_inputs(self, image, image_indices, schedule, num_prompts: int,
+                           num_images_per_prompt: int = 1) -> tuple[int, int, int] | None:
+        """Exactly one of ``image`` / ``image_indices``: one for all, one per prompt / label, or one per generated
+        image. Returns the image's ``(batch, height, width)`` (``None`` for tokens)."""
+        if (image is None) == (image_indices is None):
+            raise ValueError("pass exactly one of `image` (PIL, numpy or torch in [0, 1]) and `image_indices` (the "
+                             f"input's tokens per scale), got {'both' if image is not None else 'neither'}.")
+        if image is not None:
+            size = image_batch_and_size(image)
+            batch = size[0]
+        else:
+            batch = self._check_image_indices(image_indices, schedule)
+        if batch not in edit_batch_sizes(num_prompts, num_images_per_prompt):
+            name = "image" if image is not None else "image_indices"
+            raise ValueError(f"`{name}` holds {batch} images but there are {num_prompts} prompts / labels and "
+                             f"{num_prompts * num_images_per_prompt} images to generate: give one image, one per "
+                             "prompt / label, or one per generated image.")
+        return size if image is not None else None
+
+    def check_mask_input(self, mask_image, schedule, image_size: tuple[int, int, int] | None, num_prompts: int,
+                         num_images_per_prompt: int = 1) -> None:
+        """``mask_image`` at the image's size (or, for ``image_indices``, the pipeline's pixel size) or at the
+        latent grid (the last scale's grid): one for all, one per prompt / label, or one per generated image."""
+        if mask_image is None:
+            raise ValueError("`mask_image` is required (white / 1 / True = generate); see `box_mask()` for the "
+                             "original notebook's box masks.")
+        mask = mask_to_tensor(mask_image)
+        grid = tuple(schedule[-1])
+        pixels = tuple(image_size[1:]) if image_size is not None else self.pixel_size(schedule)
+        if tuple(mask.shape[-2:]) not in (grid, pixels):
+            what = "the image's size" if image_size is not None else "the pipeline's image size"
+            raise ValueError(f"`mask_image` is {mask.shape[-2]}x{mask.shape[-1]}, but {what} is "
+                             f"{pixels[0]}x{pixels[1]} and the latent grid (the last scale's tokens) is "
+                             f"{grid[0]}x{grid[1]}; give the mask at one of these sizes.")
+        if mask.shape[0] not in edit_batch_sizes(num_prompts, num_images_per_prompt):
+            raise ValueError(f"`mask_image` holds {mask.shape[0]} masks but there are {num_prompts} prompts / labels "
+                             f"and {num_prompts * num_images_per_prompt} images to generate: give one mask, one per "
+                             "prompt / label, or one per generated image.")
+
+    # -- preparation ---------------------------------------------------------------------------------------------
+    def prepare_image_tokens(self, image, image_indices, schedule, num_prompts: int, num_images_per_prompt: int,
+                             device) -> list[torch.Tensor]:
+        """The input's tokens per scale, one row per generated image: ``image`` resized to the pipeline's size and
+        tokenised (once per distinct image), or ``image_indices``."""
+        if image is not None:
+            height, width = self.pixel_size(schedule)
+            pixels = self.image_processor.preprocess(_processor_input(image), height=height, width=width)
+            tokens = self.encode_image_tokens(pixels.to(device=device, dtype=torch.float32), schedule)
+        else:
+            tokens = [t.to(device) for t in image_indices]
+        return [expand_rows(self._as_scale_tokens(t, si, schedule), num_prompts, num_images_per_prompt)
+                for si, t in enumerate(tokens)]
+
+    def _as_scale_tokens(self, tokens: torch.Tensor, scale_index: int, schedule) -> torch.Tensor:
+        """The family's token layout of one scale (identity; Infinity converts bit labels)."""
+        return tokens
+
+    def prepare_mask_keep(self, mask_image, schedule, num_prompts: int, num_images_per_prompt: int,
+                          device) -> list[torch.Tensor]:
+        """Per scale, (B, h, w) bool: where the input's tokens are kept (the notebook's rule, module comment)."""
+        mask = mask_to_tensor(mask_image) >= 0.5  # diffusers' binarisation
+        generate = latent_grid_mask(mask, schedule[-1]).to(device)
+        return [expand_rows(keep, num_prompts, num_images_per_prompt) for keep in scale_keep_masks(generate, schedule)]
+
+    @staticmethod
+    def strength_keep(strength: float, schedule, batch_size: int, device) -> list[torch.Tensor]:
+        """Image-to-image: the first ``S - int(S * strength)`` scales keep the input, the others are sampled
+        (diffusers' ``strength``: the share of the steps that run)."""
+        num_sampled = min(int(len(schedule) * strength), len(schedule))
+        kept = len(schedule) - num_sampled
+        return [torch.full((batch_size, h, w), si < kept, dtype=torch.bool, device=device)
+                for si, (h, w) in enumerate(schedule)]
+
+
+class NextScaleInpaintMixin(NextScaleEditMixin):
+    """In-painting / out-painting: ``mask_image`` says where to generate."""
+
+    def box_mask(self, y0: float, x0: float, y1: float, x1: float, inpainting: bool = True) -> torch.Tensor:
+        """The latent-grid mask (h, w) bool (True = generate) of the original notebook's
+        ``get_edit_mask(patch_nums, y0, x0, y1, x1, inpainting)``: with ``inpainting`` the box
+        ``[round(y0 h):round(y1 h), round(x0 w):round(x1 w)]`` is generated (Python's round, half to even), else
+        everything around it (out-painting). Coordinates are fractions of the image's height / width. The notebook's
+        mask means the opposite (1 = keep)."""
+        return box_grid_mask(self._edit_schedule()[-1], y0, x0, y1, x1, inpainting)
+
+
+class VQEditTokens:
+    """The tokenizer's part of editing for VAR and STAR (``self.vqvae``, a multi-scale VQ-VAE): tokens are the
+    codebook indices of every scale, as ``vqvae.encode_indices`` returns them ((B, pn*pn) each)."""
+
+    def _pixels_per_token(self) -> int:
+        return self.vqvae.downsample_factor
+
+    def encode_image_tokens(self, images: torch.Tensor, schedule) -> list[torch.Tensor]:
+        """Images (B, 3, H, W) in [-1, 1] -> the codebook indices of every scale."""
+        return self.vqvae.encode_indices(images)
+
+    def _check_image_indices(self, image_indices, schedule) -> int:
+        if not isinstance(image_indices, (list, tuple)) or len(image_indices) != len(schedule):
+            raise ValueError(f"`image_indices` must be a list of {len(schedule)} LongTensors (B, pn*pn), one per "
+                             "scale, as `vqvae.encode_indices` returns them.")
+        batch = None
+        for si, (tokens, (h, w)) in enumerate(zip(image_indices, schedule)):
+            if not torch.is_tensor(tokens) or tokens.ndim != 2 or tokens.shape[1] != h * w \
+                    or tokens.dtype not in (torch.int32, torch.int64) \
+                    or (batch is not None and tokens.shape[0] != batch):
+                shape = tuple(tokens.shape) if torch.is_tensor(tokens) else type(tokens).__name__
+                raise ValueError(f"`image_indices[{si}]` must be an integer tensor of shape (B, {h * w}) with the "
+                                 f"batch of the other scales, got {shape}.")
+            vocab_size = self.vqvae.config.vocab_size
+            if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab_size):
+                raise ValueError(f"`image_indices[{si}]` holds indices outside [0, {vocab_size - 1}].")
+            batch = tokens.shape[0]
+        return batch
+
+    def _token_forcing(self, tokens: list[torch.Tensor], keep: list[torch.Tensor]) -> TokenForcing:
+        tokens = [t.long() for t in tokens]
+        codes = [self.vqvae.quantize.embed(t, k.shape[-1]).float() for t, k in zip(tokens, keep)]
+        return TokenForcing(keep, tokens, codes)
+
+
+class BitwiseEditTokens:
+    """The tokenizer's part of editing for Infinity (``self.vae``, a bitwise multi-scale VAE): tokens are the bits of
+    every scale. ``image_indices`` are the bit labels ``vae.encode(images, schedule).bit_labels`` returns (per scale
+    (B, h, w, codebook_dim) in the latent layout); the loop works on token bits (B, h, w, bits_per_token)."""
+
+    def _pixels_per_token(self) -> int:
+        return self.vae.pixels_per_token
+
+    def encode_image_tokens(self, images: torch.Tensor, schedule) -> list[torch.Tensor]:
+        """Images (B, 3, H, W) in [-1, 1] -> the bit labels of every scale (latent layout)."""
+        dtype = next(self.vae.encoder.parameters()).dtype
+        features = self.vae.encode_features(images.to(dtype)).float()
+        return self.vae.quantize(features, schedule).bit_labels
+
+    def _as_scale_tokens(self, bit_labels: torch.Tensor, scale_index: int, schedule) -> torch.Tensor:
+        h, w = schedule[scale_index]
+        tokens = self.vae.latent_to_tokens(bit_labels.permute(0, 3, 1, 2).long())
+        return tokens.reshape(bit_labels.shape[0], h, w, -1)
+
+    def _check_image_indices(self, image_indices, schedule) -> int:
+        latent = self.vae.latent_schedule(schedule)
+        d = self.vae.config.codebook_dim
+        if not isinstance(image_indices, (list, tuple)) or len(image_indices) != len(schedule):
+            raise ValueError(f"`image_indices` must be a list of {len(schedule)} bit-label tensors (B, h, w, {d}), "
+                             "one per scale, as `vae.encode(images, scale_schedule).bit_labels` returns them.")
+        batch = None
+        for si, (bits, (h, w)) in enumerate(zip(image_indices, latent)):
+            if not torch.is_tensor(bits) or tuple(bits.shape[1:]) != (h, w, d) or bits.is_floating_point() \
+                    or (batch is not None and bits.shape[0] != batch):
+                shape = tuple(bits.shape) if torch.is_tensor(bits) else type(bits).__name__
+                raise ValueError(f"`image_indices[{si}]` must be an integer / bool tensor of shape (B, {h}, {w}, {d}) "
+                                 f"with the batch of the other scales, got {shape}.")
+            if bits.numel() and (bits.min() < 0 or bits.max() > 1):
+                raise ValueError(f"`image_indices[{si}]` must hold bits (0 or 1).")
+            batch = bits.shape[0]
+        return batch
+
+    def _token_forcing(self, tokens: list[torch.Tensor], keep: list[torch.Tensor]) -> TokenForcing:
+        return TokenForcing(keep, [t.long() for t in tokens])

@@ -17,12 +17,17 @@ from .pipeline_utils import (
     UNIFIED_CALLBACK_TENSORS,
     CallbackArg,
     MultiScaleVQPipelineMixin,
+    NextScaleEditMixin,
+    NextScaleInpaintMixin,
     NextScalePipeline,
+    TokenForcing,
+    VQEditTokens,
     check_bool,
     check_common_inputs,
     check_finite_number,
     check_generator,
     flatten_labels,
+    warn_eager_forcing,
 )
 from .sampling import (
     GeneratorArg,
@@ -129,6 +134,8 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline):
         generator advances as if it had drawn eagerly; the tensors handed to ``callback_on_step_end`` are the graphs'
         buffers (clone what you keep). A CPU generator, or a list of generators, keeps the original's host-side draws
         (graphs for the transformer step only). On the CPU it only casts (the sampler and the step stay eager).
+        The editing pipelines (:class:`VARInpaintPipeline`, :class:`VARImg2ImgPipeline`) put the input's tokens back
+        inside these graphs; a pipeline made with ``from_pipe`` of a fast one is fast too.
 
         Args:
             dtype: compute dtype of the blocks and the decoder.
@@ -154,11 +161,13 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline):
         return self._set_fast_inference(True, cuda_graphs, dtype, fp8)
 
     def _sampling_graphs(self, B: int, device: torch.device, settings: ScaleSampling, top_k: int,
-                         use_top_p: bool) -> CUDAGraphScaleSteps:
+                         use_top_p: bool, forcing: TokenForcing | None = None) -> CUDAGraphScaleSteps:
         """One CUDA graph per scale for the whole scale: transformer step, guidance, top-k / top-p, the draw, the
         codebook lookup, the f_hat update and the next scale's input (built once per batch size, ``top_k`` (it fixes
         shapes) and structural setting). The guidance strengths and ``top_p`` are read from device tensors, so other
-        values replay the same graphs; the graphs draw from a generator that borrows the caller's state."""
+        values replay the same graphs; the graphs draw from a generator that borrows the caller's state. With
+        ``forcing`` (editing) the graphs keep the input's tokens from a static copy of it (``graphs.forcing``, refilled
+        per call)."""
         transformer, cfg = self.transformer, self.transformer.config
         rows, schedule = 2 * B, self.scale_schedule()
         num_scales = len(schedule)
@@ -170,11 +179,13 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline):
             f_hat = torch.zeros(B, cfg.latent_channels, side, side, device=device)
             scale_inputs = [None] + [torch.zeros(rows, h * w, cfg.latent_channels, device=device) for h, w in schedule[1:]]
             generator = torch.Generator(device)
+            static_forcing = forcing.static_copy() if forcing is not None else None
 
             def step(si, labels_2B, guidance_S2, removable_mass):
                 logits = transformer.forward_scale(si, (labels_2B,), cache, scale_inputs[si])
                 indices, guided_logits, next_input = self._sample_scale(
-                    si, logits, f_hat, guidance_S2[si], top_k, 0.0, generator, settings, removable_mass if use_top_p else None)
+                    si, logits, f_hat, guidance_S2[si], top_k, 0.0, generator, settings,
+                    removable_mass if use_top_p else None, forcing=static_forcing)
                 if next_input is not None:
                     scale_inputs[si + 1].copy_(self._guidance_rows(next_input))
                 return indices, guided_logits, logits.clone() if settings.keep_logits else None
@@ -186,10 +197,11 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline):
             shared = (torch.zeros(rows, dtype=torch.long, device=device), torch.zeros(num_scales, 2, device=device),
                       torch.zeros((), device=device))
             graphs = CUDAGraphScaleSteps(step, [()] * num_scales, reset, shared, generator=generator)
-            graphs.f_hat, graphs.scale_inputs = f_hat, scale_inputs
+            graphs.f_hat, graphs.scale_inputs, graphs.forcing = f_hat, scale_inputs, static_forcing
             return graphs
 
-        return self._graph_scale_steps(("sampling", rows, settings, top_k, use_top_p), device, build)
+        key = ("sampling", rows, settings, top_k, use_top_p, forcing is not None)
+        return self._graph_scale_steps(key, device, build)
 
     # -- one scale -------------------------------------------------------------------------------------
     def _sample_scale(self, si: int, logits_2BlV: torch.Tensor, f_hat: torch.Tensor, strength, top_k: int, top_p: float,
@@ -230,10 +242,15 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline):
         # followed by the eager sampler
         wants_logits = callback is not None and bool({"guided_logits", "logits", "model_logits"} & set(tensor_names))
         settings = ScaleSampling(more_smooth=more_smooth, keep_logits=wants_logits, fast_filter=self._fast_top_p(device))
-        graphs, graph_generator = None, self._graph_sampling_generator(device, generator) if forcing is None else None
+        graphs, graph_generator = None, self._graph_sampling_generator(device, generator)
+        if graph_generator is not None and forcing is not None and not isinstance(forcing, TokenForcing):
+            warn_eager_forcing(self)  # an arbitrary hook cannot be captured: sampling stays eager, said once
+            graph_generator = None
         table_guidance = self._guidance_scale
         if graph_generator is not None:
-            graphs = self._sampling_graphs(B, device, settings, top_k, top_p > 0)
+            graphs = self._sampling_graphs(B, device, settings, top_k, top_p > 0, forcing)
+            if forcing is not None:
+                graphs.forcing.copy_(forcing)
             strengths = [linear_guidance_ramp(table_guidance, si, num_scales) for si in range(num_scales)]
             graphs.set_shared_inputs(condition[0], guidance_table(strengths, device), top_p_mass(top_p, device))
             latents = graphs.f_hat.zero_()
@@ -362,3 +379,159 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline):
         latents = self._sample_scales(labels_B, top_k, top_p, more_smooth, generator, callback, tensor_names)
         # 3. decode
         return self._finish(latents, output_type, return_dict)
+
+
+# ==============================================================================================
+# Editing: in-painting / out-painting and image-to-image with VAR (issue 17)
+# ==============================================================================================
+class VARInpaintPipeline(VQEditTokens, NextScaleInpaintMixin, VARPipeline):
+    r"""Class-conditional in-painting, out-painting and editing with VAR (the original's zero-shot editing,
+    ``demo_zero_shot_edit.ipynb``).
+
+    The input image is tokenised with the pipeline's VQ-VAE; at every scale the tokens outside the region to generate
+    are replaced by the input's before they enter f_hat (and the next scale's input), so the model fills the region
+    in context. Every random draw still happens as in :class:`VARPipeline` (the notebook's order), so a seed
+    reproduces the notebook's edit. Loads from the same folders as :class:`VARPipeline`
+    (``VARInpaintPipeline.from_pretrained(folder)``) or shares its weights (``VARInpaintPipeline.from_pipe(pipe)``).
+
+    The mask of a scale is the notebook's rule: the keep side of the latent-grid mask (the last scale's
+    ``pn x pn``) resized to the scale's grid bilinearly (``align_corners=False``) keeps the input where it is
+    ``> 0.5``; scales of at most 3 tokens (1x1) always keep the input. A pixel mask is first reduced to the latent
+    grid: a cell is generated when any of its pixels is white. :meth:`box_mask` makes the notebook's box masks.
+    Under ``enable_fast_inference()`` the forcing runs inside the whole-scale CUDA graphs.
+    """
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | list[int] | torch.Tensor | None = None,
+        image=None,
+        mask_image=None,
+        image_indices: list[torch.Tensor] | None = None,
+        guidance_scale: float = 4.0,
+        top_k: int = 900,
+        top_p: float = 0.95,
+        more_smooth: bool = False,
+        num_images_per_prompt: int = 1,
+        generator: GeneratorArg = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: CallbackArg = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ):
+        r"""Re-generate the masked region of ``image``.
+
+        Args:
+            class_labels: what to generate in the region (class index, list of indices, or ``None`` to draw them as
+                :class:`VARPipeline` does). The notebook in-paints with the null class (``-1``).
+            image: the image to edit: PIL, numpy (H, W, 3) / (B, H, W, 3) or torch (3, H, W) / (B, 3, H, W) in
+                [0, 1] (diffusers' ``VaeImageProcessor`` conventions; resized to the pipeline's size), or a list;
+                one image for all labels or one per label. Or pass ``image_indices``.
+            mask_image: where to generate (white / 1 / True), at the image's size or at the latent grid (the last
+                scale's ``pn x pn``, e.g. from :meth:`box_mask`); PIL, numpy or torch; one for all images or one per
+                label. A pixel mask is reduced to the latent grid (a cell is generated when any of its pixels is
+                white), then each scale uses the notebook's rule (class docstring).
+            image_indices: instead of ``image``, the input's tokens: the per-scale list ``vqvae.encode_indices``
+                returns ((B, pn*pn) each).
+            guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator, output_type, return_dict,
+            callback_on_step_end, callback_on_step_end_tensor_inputs: as in :meth:`VARPipeline.__call__`; the
+                callback's ``"tokens"`` are the scale's tokens after the input's were put back.
+        """
+        callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        schedule = self._edit_schedule()
+        num_labels = self.check_inputs(class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt,
+                                       generator, output_type, return_dict, image, image_indices, mask_image)
+        self._begin_call(guidance_scale, len(schedule))
+        device = self._execution_device
+
+        # 1. the condition: the class labels of every image
+        labels_B = self.prepare_class_labels(class_labels, num_images_per_prompt, generator, device)
+        # 2. the input's tokens and, per scale, where they are kept
+        tokens = self.prepare_image_tokens(image, image_indices, schedule, num_labels, num_images_per_prompt, device)
+        keep = self.prepare_mask_keep(mask_image, schedule, num_labels, num_images_per_prompt, device)
+        # 3. scale by scale, the input's tokens put back where kept
+        latents = self._sample_scales(labels_B, top_k, top_p, more_smooth, generator, callback, tensor_names,
+                                      forcing=self._token_forcing(tokens, keep))
+        return self._finish(latents, output_type, return_dict)
+
+    def check_inputs(self, class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator,
+                     output_type, return_dict=True, image=None, image_indices=None, mask_image=None) -> int:
+        """:meth:`VARPipeline.check_inputs` and the image / mask checks. Returns the number of labels given (1 for
+        ``class_labels=None``)."""
+        super().check_inputs(class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator,
+                             output_type, return_dict)
+        num_labels = 1 if class_labels is None else len(flatten_labels(class_labels))
+        schedule = self._edit_schedule()
+        size = self.check_image_inputs(image, image_indices, schedule, num_labels, num_images_per_prompt)
+        self.check_mask_input(mask_image, schedule, size, num_labels, num_images_per_prompt)
+        return num_labels
+
+
+class VARImg2ImgPipeline(VQEditTokens, NextScaleEditMixin, VARPipeline):
+    r"""Class-conditional image-to-image with VAR: the input image's tokens are kept for the first scales (its layout
+    and colours) and the remaining scales are sampled for ``class_labels``.
+
+    ``strength`` is diffusers' (the share of the steps that run): ``int(S * strength)`` of the ``S`` scales are
+    sampled, the first ``S - int(S * strength)`` keep the input; 1.0 ignores the image (the same images as
+    :class:`VARPipeline` for the same seed), 0.0 returns the tokenizer's reconstruction. Every scale still makes its
+    random draws, as :class:`VARPipeline` does. Loads from the same folders as :class:`VARPipeline`, or
+    ``VARImg2ImgPipeline.from_pipe(pipe)``; works under ``enable_fast_inference()`` (the input's tokens are put back
+    inside the whole-scale CUDA graphs).
+    """
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | list[int] | torch.Tensor | None = None,
+        image=None,
+        strength: float = 0.5,
+        image_indices: list[torch.Tensor] | None = None,
+        guidance_scale: float = 4.0,
+        top_k: int = 900,
+        top_p: float = 0.95,
+        more_smooth: bool = False,
+        num_images_per_prompt: int = 1,
+        generator: GeneratorArg = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: CallbackArg = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ):
+        r"""Generate images of ``class_labels`` that start from ``image``.
+
+        Args:
+            class_labels: as in :meth:`VARPipeline.__call__`.
+            image: the starting image: PIL, numpy or torch in [0, 1] (diffusers' conventions; resized to the
+                pipeline's size), or a list; one for all labels or one per label. Or pass ``image_indices``.
+            strength: in [0, 1], the share of the scales that are sampled (the rest keep the input's tokens);
+                default 0.5.
+            image_indices: instead of ``image``, the per-scale tokens ``vqvae.encode_indices`` returns.
+            guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator, output_type, return_dict,
+            callback_on_step_end, callback_on_step_end_tensor_inputs: as in :meth:`VARPipeline.__call__`.
+        """
+        callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        schedule = self._edit_schedule()
+        num_labels = self.check_inputs(class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt,
+                                       generator, output_type, return_dict, image, image_indices, strength)
+        self._begin_call(guidance_scale, len(schedule))
+        device = self._execution_device
+
+        # 1. the condition: the class labels of every image
+        labels_B = self.prepare_class_labels(class_labels, num_images_per_prompt, generator, device)
+        # 2. the input's tokens, kept for the first scales
+        tokens = self.prepare_image_tokens(image, image_indices, schedule, num_labels, num_images_per_prompt, device)
+        keep = self.strength_keep(strength, schedule, labels_B.shape[0], device)
+        # 3. scale by scale
+        latents = self._sample_scales(labels_B, top_k, top_p, more_smooth, generator, callback, tensor_names,
+                                      forcing=self._token_forcing(tokens, keep))
+        return self._finish(latents, output_type, return_dict)
+
+    def check_inputs(self, class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator,
+                     output_type, return_dict=True, image=None, image_indices=None, strength=0.5) -> int:
+        """:meth:`VARPipeline.check_inputs`, the image checks and ``strength``. Returns the number of labels given."""
+        super().check_inputs(class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator,
+                             output_type, return_dict)
+        check_finite_number(strength, "strength", 0.0, 1.0)
+        num_labels = 1 if class_labels is None else len(flatten_labels(class_labels))
+        self.check_image_inputs(image, image_indices, self._edit_schedule(), num_labels, num_images_per_prompt)
+        return num_labels

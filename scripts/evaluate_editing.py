@@ -1,0 +1,232 @@
+#!/usr/bin/env python
+"""Zero-shot editing quality of the embedded pipelines, judged from pixels (``diffusers_var.shapes``).
+
+    python scripts/evaluate_editing.py                                   # all three families, 200 edits each
+    python scripts/evaluate_editing.py --families var --num-images 50 --out /tmp/editing
+
+Real images of the shapes dataset (held-out seed, never seen in training) are edited by each family's in-painting
+pipeline:
+
+* **edit**: the shape's bounding box is masked (a pixel mask; the pipeline generates every latent cell it touches) and
+  another shape in another colour is asked for, on the same background (VAR: its class; STAR / Infinity: its
+  caption). Success: the judge reads the requested shape and colour. Background: the judge reads the original
+  background colour (``background_judge``), and ``outside_pixels_kept`` is the share of the pixels outside the
+  generated cells whose nearest palette colour is the original's (the coarse scales' new tokens inside the box
+  reach further out: the kept fine tokens are residuals on top of them).
+* **edit_dilated**: the same with the box grown by ``--dilate`` pixels on every side (more room for the new
+  shape; how much of the shortfall is the box's size).
+* **outpaint**: the outer band (``--band`` pixels) is masked and the original class / caption asked for. Success:
+  the judge still reads the original shape and colour (``shape_and_color``; ``all`` adds the background).
+
+Writes ``editing_evaluation.json`` per family into ``--out/<family>`` (default: the pipeline folders, next to their
+``evaluation.json``) and prints a Markdown table. Deterministic for a seed (CPU generator).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from diffusers_var import InfinityInpaintPipeline, STARInpaintPipeline, VARInpaintPipeline, shapes  # noqa: E402
+from diffusers_var.pipelines.pipeline_utils import latent_grid_mask  # noqa: E402
+
+# family -> (in-painting class, embedded folder, sampling arguments: the model card's recommended ones)
+FAMILIES = {
+    "var": (VARInpaintPipeline, REPO / "pipelines" / "var-shapes", {}),
+    "star": (STARInpaintPipeline, REPO / "pipelines" / "star-shapes",
+             {"guidance_scale": 2.0, "top_k": 0, "top_p": 0.0}),
+    "infinity": (InfinityInpaintPipeline, REPO / "pipelines" / "infinity-shapes", {}),
+}
+EVAL_SEED = 2024  # the images' seed: the embedded models were trained on seed 0
+
+
+@dataclass
+class EditSet:
+    """Real shape images and what to ask of each: ``images`` uint8 (N, H, W, 3), the ``originals`` (what the judge
+    reads from them), the shapes' pixel bounding ``boxes`` (y0, x0, y1, x1; end exclusive) and the edit ``targets``
+    (another shape, another colour, the same background)."""
+
+    images: np.ndarray
+    originals: list
+    boxes: list
+    targets: list
+
+    def box_masks(self, dilate: int = 0) -> torch.Tensor:
+        """(N, H, W) bool: the bounding box of each image's shape (grown by ``dilate`` pixels on every side)."""
+        n, height, width, _ = self.images.shape
+        masks = torch.zeros(n, height, width, dtype=torch.bool)
+        for mask, (y0, x0, y1, x1) in zip(masks, self.boxes):
+            mask[max(y0 - dilate, 0):y1 + dilate, max(x0 - dilate, 0):x1 + dilate] = True
+        return masks
+
+    def band_masks(self, band: int) -> torch.Tensor:
+        """(N, H, W) bool: the outer ``band`` pixels of every image."""
+        n, height, width, _ = self.images.shape
+        masks = torch.ones(n, height, width, dtype=torch.bool)
+        masks[:, band:height - band, band:width - band] = False
+        return masks
+
+    def pixels(self) -> torch.Tensor:
+        """(N, 3, H, W) float in [0, 1]."""
+        return torch.from_numpy(self.images).permute(0, 3, 1, 2).float() / 255
+
+
+def make_edit_set(num_images: int, resolution: int = 64, seed: int = EVAL_SEED) -> EditSet:
+    """``num_images`` rendered shapes (``shapes.render``, the dataset's layout sampler), an edit request for each."""
+    rng = np.random.default_rng(seed)
+    class_ids = rng.integers(0, shapes.NUM_CLASSES, num_images)
+    sizes, centers = shapes.sample_layout(rng, num_images, resolution)
+    images = shapes.render(class_ids, sizes, centers, resolution)
+    originals, boxes, targets = [], [], []
+    for image, class_index in zip(images, class_ids):
+        original = shapes.CLASSES[class_index]
+        background = np.array(shapes.COLORS[original.background], dtype=np.int16)
+        ys, xs = np.nonzero(np.abs(image.astype(np.int16) - background).max(axis=-1) > 0)  # every touched pixel
+        boxes.append((int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1))
+        shape = rng.choice([s for s in shapes.SHAPES if s != original.shape])
+        color = rng.choice([c for c in shapes.COLOR_NAMES if c not in (original.color, original.background)])
+        originals.append(original)
+        targets.append(shapes.ShapeClass(str(shape), str(color), original.background))
+    return EditSet(images, originals, boxes, targets)
+
+
+def condition_of(family: str, classes: list) -> dict:
+    """The pipeline's condition for the wanted classes: VAR class labels, STAR / Infinity captions."""
+    if family == "var":
+        return {"class_labels": [shapes.class_id(c.shape, c.color, c.background) for c in classes]}
+    return {"prompt": [c.caption for c in classes]}
+
+
+def edit(pipe, family: str, images: torch.Tensor, masks: torch.Tensor, classes: list, seed: int, batch_size: int,
+         **sampling) -> np.ndarray:
+    """In-paint ``masks`` of ``images`` for ``classes`` in batches; uint8 (N, H, W, 3)."""
+    outputs = []
+    generator = torch.Generator().manual_seed(seed)
+    for start in range(0, len(classes), batch_size):
+        part = slice(start, start + batch_size)
+        out = pipe(**condition_of(family, classes[part]), image=images[part], mask_image=masks[part],
+                   generator=generator, output_type="np", **sampling).images
+        outputs.append((out * 255).round().astype(np.uint8))
+    return np.concatenate(outputs)
+
+
+def nearest_palette(images: np.ndarray) -> np.ndarray:
+    """Index of the nearest palette colour of every pixel: (N, H, W)."""
+    palette = np.array([shapes.COLORS[c] for c in shapes.COLOR_NAMES], dtype=np.float32)
+    return ((images.astype(np.float32)[..., None, :] - palette) ** 2).sum(-1).argmin(-1)
+
+
+def generated_pixels(pipe, masks: torch.Tensor, grid_hw: tuple[int, int]) -> np.ndarray:
+    """(N, H, W) bool: the pixels of the latent cells the pipeline generates for pixel ``masks``."""
+    cells = latent_grid_mask(masks[:, None].float(), grid_hw)
+    scale = masks.shape[-1] // grid_hw[1]
+    return cells.repeat_interleave(scale, 1).repeat_interleave(scale, 2).numpy()
+
+
+def edit_figures(pipe, family: str, edit_set: EditSet, masks: torch.Tensor, seed: int, batch_size: int,
+                 **sampling) -> tuple[dict, np.ndarray]:
+    """Ask for each image's target inside ``masks``: the figures (module docstring) and the edited images."""
+    n = len(edit_set.targets)
+    edited = edit(pipe, family, edit_set.pixels(), masks, edit_set.targets, seed, batch_size, **sampling)
+    judged = shapes.judge_images(edited)
+    outside = ~generated_pixels(pipe, masks, tuple(pipe._edit_schedule()[-1]))
+    same_colour = nearest_palette(edited) == nearest_palette(edit_set.images)
+    hit = lambda ok: sum(bool(ok(j, t, o)) for j, t, o in zip(judged, edit_set.targets, edit_set.originals)) / n  # noqa: E731
+    # over the images with pixels outside the generated cells (a grown box may cover a whole image)
+    kept = [same[out].mean() for same, out in zip(same_colour, outside) if out.any()]
+    return {
+        "shape_and_color": hit(lambda j, t, o: j is not None and (j.shape, j.color) == (t.shape, t.color)),
+        "shape": hit(lambda j, t, o: j is not None and j.shape == t.shape),
+        "color": hit(lambda j, t, o: j is not None and j.color == t.color),
+        "background_judge": hit(lambda j, t, o: j is not None and j.background == o.background),
+        "outside_pixels_kept": float(np.mean(kept)),
+        "num_images": n,
+    }, edited
+
+
+def evaluate_family(family: str, edit_set: EditSet, pipe=None, band: int = 8, dilate: int = 8, seed: int = 0,
+                    batch_size: int = 50, **sampling) -> tuple[dict, dict]:
+    """The figures of one family and the images (``{"edit": ..., "edit_dilated": ..., "outpaint": ...}``)."""
+    pipeline_class, folder, recommended = FAMILIES[family]
+    if pipe is None:
+        pipe = pipeline_class.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    sampling = {**recommended, **sampling}
+    images, n = edit_set.pixels(), len(edit_set.targets)
+    start = time.perf_counter()
+    results, outputs = {}, {}
+    results["edit"], outputs["edit"] = edit_figures(pipe, family, edit_set, edit_set.box_masks(), seed, batch_size,
+                                                    **sampling)
+    if dilate:
+        results["edit_dilated"], outputs["edit_dilated"] = edit_figures(
+            pipe, family, edit_set, edit_set.box_masks(dilate), seed, batch_size, **sampling)
+        results["edit_dilated"]["dilate_pixels"] = dilate
+
+    band_masks = edit_set.band_masks(band)
+    outpainted = edit(pipe, family, images, band_masks, edit_set.originals, seed + 1, batch_size, **sampling)
+    judged_out = shapes.judge_images(outpainted)
+    kept = [j is not None and (j.shape, j.color) == (o.shape, o.color) for j, o in zip(judged_out, edit_set.originals)]
+    results["outpaint"] = {
+        "shape_and_color": sum(kept) / n,
+        "all": sum(j == o for j, o in zip(judged_out, edit_set.originals)) / n,
+        "band_pixels": band,
+        "num_images": n,
+    }
+    outputs["outpaint"] = outpainted
+    results["sampling"] = sampling
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    return results, outputs
+
+
+def markdown_table(all_results: dict) -> str:
+    dilate = next((r["edit_dilated"]["dilate_pixels"] for r in all_results.values() if "edit_dilated" in r), 0)
+    rows = ["| family | edit: requested shape + colour | edit: background (judge) | edit: pixels outside kept | "
+            f"edit, box + {dilate} px: shape + colour | out-paint: shape + colour kept | out-paint: all three | "
+            "sampling |", "|---|---|---|---|---|---|---|---|"]
+    for family, r in all_results.items():
+        e, o = r["edit"], r["outpaint"]
+        dilated = f"{r['edit_dilated']['shape_and_color']:.3f}" if "edit_dilated" in r else "-"
+        rows.append(f"| {family} | {e['shape_and_color']:.3f} | {e['background_judge']:.3f} | "
+                    f"{e['outside_pixels_kept']:.3f} | {dilated} | {o['shape_and_color']:.3f} | {o['all']:.3f} | "
+                    f"`{json.dumps(r['sampling'])}` |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
+    parser.add_argument("--num-images", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0, help="the sampling seed (the images use a fixed held-out seed)")
+    parser.add_argument("--band", type=int, default=8, help="out-painting: width of the masked outer band in pixels")
+    parser.add_argument("--dilate", type=int, default=8, help="edit_dilated: pixels added around the box (0: skip)")
+    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--out", default=None, help="folder for <family>/editing_evaluation.json (default: the "
+                                                    "pipeline folders)")
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    edit_set = make_edit_set(args.num_images)
+    all_results = {}
+    for family in args.families:
+        results, _ = evaluate_family(family, edit_set, band=args.band, dilate=args.dilate, seed=args.seed,
+                                     batch_size=args.batch_size)
+        all_results[family] = results
+        folder = Path(args.out) / family if args.out else FAMILIES[family][1]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "editing_evaluation.json").write_text(json.dumps(results, indent=1) + "\n")
+        print(f"{family}: {json.dumps(results)}", flush=True)
+    print(markdown_table(all_results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""In-painting, out-painting and image-to-image for every family (``VARInpaintPipeline``, ``VARImg2ImgPipeline`` and
+the STAR / Infinity counterparts), on the tiny components of ``tiny_components.py``: the properties of next-scale
+editing, the mask rules, and the fast path's forcing inside VAR's whole-scale graphs. The batteries
+(``test_pipeline_battery.py``, ``test_diffusers_battery.py``) cover outputs, persistence, callbacks, offloading and
+bad inputs; ``test_var_parity.py`` the original notebook's edit.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import diffusers_var.pipelines.fast_inference as fast_inference
+import diffusers_var.pipelines.pipeline_var as pipeline_var
+from diffusers_var import (
+    InfinityImg2ImgPipeline,
+    InfinityInpaintPipeline,
+    InfinityPipeline,
+    STARImg2ImgPipeline,
+    STARInpaintPipeline,
+    STARPipeline,
+    VARImg2ImgPipeline,
+    VARInpaintPipeline,
+    VARPipeline,
+)
+from diffusers_var.pipelines.pipeline_utils import (
+    SMALLEST_KEPT_TOKENS,
+    TokenForcing,
+    latent_grid_mask,
+    scale_keep_masks,
+)
+from test_fast_inference import EagerGraphStandIn, tiny_var
+from tiny_components import infinity_components, star_components, var_components
+
+PROMPTS = ["a red circle on a blue background", "a green square"]
+# family -> (text / class pipeline, in-paint class, image-to-image class, the call's condition and sampling arguments)
+FAMILIES = {
+    "var": (lambda: VARPipeline(**var_components(seed=0)), VARInpaintPipeline, VARImg2ImgPipeline,
+            {"class_labels": [1, 2], "top_k": 8}),
+    "star": (lambda: STARPipeline(**star_components(seed=0, stable_sampler=False)), STARInpaintPipeline,
+             STARImg2ImgPipeline, {"prompt": PROMPTS, "top_k": 10, "top_p": 0.9}),
+    "star_stable_sampler": (lambda: STARPipeline(**star_components(seed=0, sampler_start_scale=2)),
+                            STARInpaintPipeline, STARImg2ImgPipeline, {"prompt": PROMPTS, "top_k": 10, "top_p": 0.9}),
+    "infinity": (lambda: InfinityPipeline(**infinity_components(seed=0)), InfinityInpaintPipeline,
+                 InfinityImg2ImgPipeline, {"prompt": PROMPTS, "height": 32, "width": 32, "top_k": 2}),
+    # 2x2 latent positions per token: bit labels and token bits have different layouts
+    "infinity_patchify": (lambda: InfinityPipeline(**infinity_components(seed=0, spatial_patchify=True)),
+                          InfinityInpaintPipeline, InfinityImg2ImgPipeline,
+                          {"prompt": PROMPTS, "height": 64, "width": 64, "top_k": 2}),
+}
+_PIPES: dict = {}
+
+
+def pipes(family: str):
+    """``(plain, inpaint, img2img)`` of a family; the task pipelines made with ``from_pipe`` (shared weights)."""
+    if family not in _PIPES:
+        make, inpaint_class, img2img_class, _ = FAMILIES[family]
+        plain = make()
+        trio = (plain, inpaint_class.from_pipe(plain), img2img_class.from_pipe(plain))
+        for pipe in trio:
+            pipe.set_progress_bar_config(disable=True)
+        _PIPES[family] = trio
+    return _PIPES[family]
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request) -> str:
+    return request.param
+
+
+def size_kwargs(family: str) -> dict:
+    call = FAMILIES[family][3]
+    return {k: call[k] for k in ("height", "width") if k in call}
+
+
+def schedule_of(family: str) -> list[tuple[int, int]]:
+    return pipes(family)[1]._edit_schedule(**size_kwargs(family))
+
+
+def input_image(family: str, seed: int = 0, batch: int = 1) -> torch.Tensor:
+    height, width = pipes(family)[1].pixel_size(schedule_of(family))
+    return torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def run(pipe, family: str, seed: int = 0, output_type: str = "pt", **kwargs):
+    call = {**FAMILIES[family][3], "generator": torch.Generator().manual_seed(seed), "output_type": output_type,
+            **kwargs}
+    return pipe(**call).images
+
+
+def traced(pipe, family: str, **kwargs):
+    """``(images, tokens of every scale)`` of a call (the tokens that entered the running latent)."""
+    seen = []
+    images = run(pipe, family, callback_on_step_end_tensor_inputs=["tokens"],
+                 callback_on_step_end=lambda p, si, hw, t: seen.append(t["tokens"].clone()) or {}, **kwargs)
+    return images, seen
+
+
+def input_tokens(family: str, image: torch.Tensor, batch: int = 2) -> list[torch.Tensor]:
+    """The input's tokens per scale in the loop's layout (indices (B, h*w) or bits (B, h*w, bits)), one row per
+    image."""
+    pipe = pipes(family)[1]
+    tokens = pipe.prepare_image_tokens(image, None, schedule_of(family), 1, batch, "cpu")
+    return [t.flatten(1, 2) if t.ndim == 4 else t for t in tokens]
+
+
+def reconstruction(family: str, image: torch.Tensor) -> torch.Tensor:
+    """The tokenizer's reconstruction of ``image`` (in [0, 1]) at the pipeline's size."""
+    pipe, schedule = pipes(family)[1], schedule_of(family)
+    pixels = pipe.image_processor.preprocess(image, *pipe.pixel_size(schedule))
+    with torch.no_grad():
+        tokens = pipe.encode_image_tokens(pixels, schedule)
+        decoded = pipe.vae.decode_bit_labels(tokens) if hasattr(pipe, "vae") else pipe.vqvae.decode_indices(tokens)
+    return (decoded + 1) / 2
+
+
+def grid_mask(family: str, rows=slice(None), cols=slice(None)) -> torch.Tensor:
+    h, w = schedule_of(family)[-1]
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    mask[rows, cols] = True
+    return mask
+
+
+# -- sharing weights ------------------------------------------------------------------------------------------
+def test_from_pipe_shares_every_component(family):
+    plain, inpaint, img2img = pipes(family)
+    for name, component in plain.components.items():
+        assert getattr(inpaint, name) is component and getattr(img2img, name) is component, name
+
+
+# -- in-painting ---------------------------------------------------------------------------------------------
+def test_tokens_outside_the_mask_are_the_inputs_at_every_scale(family):
+    _, inpaint, _ = pipes(family)
+    image, mask = input_image(family), inpaint.box_mask(0.25, 0.3, 0.8, 0.9, **size_kwargs(family))
+    _, tokens = traced(inpaint, family, image=image, mask_image=mask)
+    keep = inpaint.prepare_mask_keep(mask, schedule_of(family), 1, 2, "cpu")
+    reference = input_tokens(family, image)
+    generated = 0
+    for si, (got, want, kept) in enumerate(zip(tokens, reference, keep)):
+        kept = kept.flatten(1)
+        assert torch.equal(got[kept], want[kept]), f"scale {si}: a kept token differs from the input's"
+        generated += int((~kept).sum())
+    assert generated > 0 and not torch.equal(torch.cat(tokens, 1), torch.cat(reference, 1))  # something was sampled
+
+
+def test_all_false_mask_returns_the_reconstruction(family):
+    _, inpaint, _ = pipes(family)
+    image = input_image(family, seed=1)
+    images, tokens = traced(inpaint, family, image=image, mask_image=grid_mask(family, slice(0, 0)))
+    for got, want in zip(tokens, input_tokens(family, image)):
+        assert torch.equal(got, want)
+    torch.testing.assert_close(images, reconstruction(family, image).expand_as(images), atol=1e-5, rtol=0)
+
+
+def test_all_true_mask_keeps_only_the_smallest_scales(family):
+    """The rule's always-kept scales (at most 3 tokens) come from the input, nothing else: the same images as
+    image-to-image keeping exactly those scales, and other images than without an input at all."""
+    plain, inpaint, img2img = pipes(family)
+    schedule = schedule_of(family)
+    image, everything = input_image(family, seed=2), grid_mask(family)
+    keep = inpaint.prepare_mask_keep(everything, schedule, 1, 1, "cpu")
+    always = [h * w <= SMALLEST_KEPT_TOKENS for h, w in schedule]
+    assert [bool(k.all()) for k in keep] == always and [bool(k.any()) for k in keep] == always
+    images = run(inpaint, family, image=image, mask_image=everything)
+    strength = (len(schedule) - sum(always) + 0.5) / len(schedule)  # int(S * strength) = the scales not kept
+    assert torch.equal(images, run(img2img, family, image=image, strength=strength))
+    assert not torch.equal(images, run(plain, family))
+
+
+def test_image_and_its_tokens_give_the_same_edit(family):
+    _, inpaint, img2img = pipes(family)
+    schedule, image = schedule_of(family), input_image(family, seed=3)
+    mask = grid_mask(family, slice(1, None))
+    height, width = inpaint.pixel_size(schedule)
+    with torch.no_grad():
+        tokens = inpaint.encode_image_tokens(inpaint.image_processor.preprocess(image, height, width), schedule)
+    assert torch.equal(run(inpaint, family, image=image, mask_image=mask),
+                       run(inpaint, family, image_indices=tokens, mask_image=mask))
+    assert torch.equal(run(img2img, family, image=image), run(img2img, family, image_indices=tokens))
+
+
+def test_image_formats_give_the_same_edit():
+    """A PIL image (RGBA too), a uint8 array and a float tensor of the same pixels are the same input."""
+    _, inpaint, _ = pipes("var")
+    pixels = (input_image("var", seed=9) * 255).round().byte()
+    array = pixels[0].permute(1, 2, 0).numpy()
+    mask = grid_mask("var", slice(1, None))
+    reference = run(inpaint, "var", image=pixels / 255.0, mask_image=mask)
+    for image in (array, PIL.Image.fromarray(array), PIL.Image.fromarray(array).convert("RGBA"), [array]):
+        assert torch.equal(run(inpaint, "var", image=image, mask_image=mask), reference), type(image)
+
+
+def test_pixel_masks_become_latent_grid_masks(family):
+    """A pixel mask (at the image's size; PIL, numpy or torch) edits exactly what its latent-grid reduction edits: a
+    cell is generated when any of its pixels is white."""
+    _, inpaint, _ = pipes(family)
+    schedule, image = schedule_of(family), input_image(family, seed=4)
+    height, width = inpaint.pixel_size(schedule)
+    (h, w), per_token = schedule[-1], height // schedule[-1][0]
+    pixels = np.zeros((height, width), dtype=np.uint8)
+    pixels[height // 2:, : per_token + 1] = 255  # the left column of cells and one pixel of the next
+    expected = torch.zeros(h, w, dtype=torch.bool)
+    expected[h // 2:, :2] = True
+    assert torch.equal(latent_grid_mask(torch.from_numpy(pixels)[None, None] / 255, (h, w))[0], expected)
+    reference = run(inpaint, family, image=image, mask_image=expected)
+    for mask in (PIL.Image.fromarray(pixels), pixels, torch.from_numpy(pixels > 0),
+                 torch.from_numpy(pixels)[None] / 255.0):
+        assert torch.equal(run(inpaint, family, image=image, mask_image=mask), reference), type(mask)
+
+
+def test_one_image_per_prompt_or_per_generated_image(family):
+    """Each image of a batch is edited as it would be alone (a generator per image)."""
+    _, inpaint, _ = pipes(family)
+    call = FAMILIES[family][3]
+    condition = {k: call[k] for k in ("class_labels", "prompt") if k in call}
+    images = input_image(family, seed=5, batch=2)
+    masks = torch.stack([grid_mask(family, slice(1, None)), grid_mask(family, slice(None), slice(2, None))])
+    batch = run(inpaint, family, image=images, mask_image=masks,
+                generator=[torch.Generator().manual_seed(s) for s in (7, 8)])
+    for i, seed in enumerate((7, 8)):
+        alone = run(inpaint, family, **{k: v[i:i + 1] for k, v in condition.items()}, image=images[i:i + 1],
+                    mask_image=masks[i], generator=[torch.Generator().manual_seed(seed)])
+        torch.testing.assert_close(batch[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+    per_image = run(inpaint, family, image=images.repeat(2, 1, 1, 1), mask_image=masks[:1], num_images_per_prompt=2)
+    assert per_image.shape[0] == 4
+
+
+def test_box_mask_rounds_half_to_even_like_the_notebook():
+    pipe = pipes("var")[1]  # a 4 x 4 latent grid
+    mask = pipe.box_mask(0.125, 0.375, 0.625, 0.875)  # rows round(0.5)=0 .. round(2.5)=2, columns round(1.5)=2 .. 4
+    expected = torch.zeros(4, 4, dtype=torch.bool)
+    expected[0:2, 2:4] = True
+    assert torch.equal(mask, expected)
+    assert torch.equal(pipe.box_mask(0.125, 0.375, 0.625, 0.875, inpainting=False), ~expected)
+    assert pipes("infinity")[1].box_mask(0.0, 0.0, 0.5, 0.25, height=32, width=32).sum() == 8 * 4
+    for bad, name in (((0.5, 0.0, 0.25, 1.0), "y0"), ((-0.1, 0.0, 1.0, 1.0), "y0"),
+                      ((0.0, 0.0, 1.0, float("nan")), "x1")):
+        with pytest.raises(ValueError, match=name):
+            pipe.box_mask(*bad)
+
+
+def test_scale_masks_follow_the_notebook_rule():
+    """bilinear (align_corners=False) of the keep side, > 0.5; scales of at most 3 tokens keep everything."""
+    generate = torch.zeros(1, 8, 8, dtype=torch.bool)
+    generate[:, 2:6, 2:6] = True
+    keep = scale_keep_masks(generate, [(1, 1), (1, 3), (2, 2), (4, 4), (8, 8)])
+    assert keep[0].all() and keep[1].all()  # 1 and 3 tokens
+    # 2 x 2: each sample sits between pixels 1 | 2 and 5 | 6 on both axes, 3 of its 4 neighbours kept: 0.75, kept
+    assert keep[2].all()
+    ring = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 1], [1, 0, 0, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(keep[3][0], ring)
+    assert torch.equal(keep[4], ~generate)
+
+
+# -- image-to-image --------------------------------------------------------------------------------------------
+def test_strength_one_is_the_plain_pipeline(family):
+    plain, _, img2img = pipes(family)
+    assert torch.equal(run(img2img, family, image=input_image(family), strength=1.0), run(plain, family))
+
+
+def test_strength_zero_returns_the_reconstruction(family):
+    _, _, img2img = pipes(family)
+    image = input_image(family, seed=6)
+    images = run(img2img, family, image=image, strength=0.0)
+    torch.testing.assert_close(images, reconstruction(family, image).expand_as(images), atol=1e-5, rtol=0)
+
+
+def test_strength_keeps_the_first_scales_exactly(family):
+    _, _, img2img = pipes(family)
+    schedule, image = schedule_of(family), input_image(family, seed=7)
+    _, tokens = traced(img2img, family, image=image, strength=0.5)
+    kept = len(schedule) - int(len(schedule) * 0.5)
+    reference = input_tokens(family, image)
+    assert all(torch.equal(tokens[si], reference[si]) for si in range(kept))
+    assert not torch.equal(torch.cat(tokens[kept:], 1), torch.cat(reference[kept:], 1))
+
+
+# -- the fast path: forcing inside VAR's whole-scale CUDA graphs -------------------------------------------------
+@pytest.fixture
+def graphs_on_cpu(monkeypatch):
+    """The CPU stand-in of the CUDA graphs (test_fast_inference): the graph path's wiring, run eagerly."""
+    EagerGraphStandIn.built = []
+    monkeypatch.setattr(fast_inference.FastInferenceMixin, "_cuda_graphs_usable", staticmethod(lambda device: True))
+    for module in (fast_inference, pipeline_var):
+        monkeypatch.setattr(module, "CUDAGraphScaleSteps", EagerGraphStandIn)
+    monkeypatch.setattr(fast_inference.FastInferenceMixin, "_graph_sampling_generator",
+                        lambda self, device, generator: generator if self._use_cuda_graphs else None)
+    return EagerGraphStandIn
+
+
+def test_var_graphs_run_the_forcing_from_their_static_copy(graphs_on_cpu):
+    """In-painting and image-to-image under ``enable_fast_inference()``: the whole-scale graphs (sampling inside) put
+    the input's tokens back from their static copy, refilled per call, and give the eager images and generator
+    state; one graph set per (batch, settings) serves every image and mask."""
+    eager = tiny_var()
+    graphed = tiny_var().enable_fast_inference(dtype=torch.float32)
+    pairs = [(VARInpaintPipeline.from_pipe(eager), VARInpaintPipeline.from_pipe(graphed)),
+             (VARImg2ImgPipeline.from_pipe(eager), VARImg2ImgPipeline.from_pipe(graphed))]
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    masks = [torch.tensor([[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1]], dtype=torch.bool),
+             torch.tensor([[1, 1, 1, 1], [1, 0, 0, 1], [1, 0, 0, 1], [1, 1, 1, 1]], dtype=torch.bool)]
+    cases = [(pairs[0], {"mask_image": masks[0], "image": images[:1]}),
+             (pairs[0], {"mask_image": masks[1], "image": images[1:]}),
+             (pairs[0], {"mask_image": masks[0], "image": images[1:], "more_smooth": True}),
+             (pairs[1], {"strength": 0.5, "image": images[:1]}), (pairs[1], {"strength": 0.75, "image": images[1:]})]
+    for seed, ((reference_pipe, pipe), edit) in enumerate(cases):
+        results = []
+        for p in (reference_pipe, pipe):
+            generator = torch.Generator().manual_seed(seed)
+            latent = p(class_labels=[1, 4], generator=generator, guidance_scale=3.0, top_k=10, top_p=0.9,
+                       output_type="latent", **edit).images
+            results.append((latent, generator.get_state()))
+        assert torch.equal(results[0][0], results[1][0]), edit
+        assert torch.equal(results[0][1], results[1][1])
+    def keys(p):  # (top_k, more_smooth, forcing): masks, images and strengths are not part of the key
+        return sorted((key[3], key[2].more_smooth, key[5]) for key in p._graph_steps)
+
+    assert keys(pairs[0][1]) == [(10, False, True), (10, True, True)] and keys(pairs[1][1]) == [(10, False, True)]
+    assert not graphed._graph_steps  # from_pipe passed fast inference on; each pipeline captures its own graphs
+
+
+def test_var_graphs_fall_back_to_eager_for_other_forcing_hooks_and_say_so(graphs_on_cpu, caplog):
+    pipe = tiny_var().enable_fast_inference(dtype=torch.float32)
+    keep_first = lambda si, code_map, indices: (code_map * 0, indices) if si == 0 else (code_map, indices)  # noqa: E731
+    labels = torch.tensor([1, 2])
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            pipe._begin_call(4.0, 4)
+            pipe._sample_scales(labels, 10, 0.9, False, torch.Generator().manual_seed(0), forcing=keep_first)
+    warnings = [r for r in caplog.records if "cannot run inside" in r.getMessage()]
+    assert len(warnings) == 1  # once per pipeline
+    assert not [key for key in pipe._graph_steps if key[0] == "sampling"]  # sampling stayed eager
+    forcing = TokenForcing([torch.ones(2, n, n, dtype=torch.bool) for n in (1, 2, 3, 4)],
+                           [torch.zeros(2, n * n, dtype=torch.long) for n in (1, 2, 3, 4)],
+                           [torch.zeros(2, 8, n, n) for n in (1, 2, 3, 4)])
+    pipe._begin_call(4.0, 4)
+    pipe._sample_scales(labels, 10, 0.9, False, torch.Generator().manual_seed(0), forcing=forcing)
+    assert [key for key in pipe._graph_steps if key[0] == "sampling"]  # a TokenForcing runs in the graphs
