@@ -35,6 +35,11 @@ def _generate(args) -> int:
         print(f"error: `--model` {err}", file=sys.stderr)
         return 2
     pipe = pipeline_class.from_pretrained(model, dtype=getattr(torch, args.dtype)).to(args.device)
+    try:
+        load_loras(pipe, args.lora, args.lora_scale)
+    except ValueError as err:
+        print(f"error: `--lora` {err}", file=sys.stderr)
+        return 2
     generator = torch.Generator().manual_seed(args.seed)
     kwargs = dict(generator=generator, num_images_per_prompt=args.num_images, output_type="pil")
     for name in ("guidance_scale", "top_k", "top_p"):
@@ -73,6 +78,32 @@ def _generate(args) -> int:
     return 0
 
 
+def load_loras(pipe, paths: list[str] | None, scales: list[float] | None) -> list[str]:
+    """``pipe.load_lora_weights`` of every ``--lora`` (adapters ``lora_0``, ``lora_1``, ...), then ``set_adapters`` with
+    the ``--lora-scale`` values (one for all, or one per adapter; default 1.0). Returns the adapter names."""
+    paths, scales = list(paths or []), list(scales or [])
+    if not paths:
+        if scales:
+            raise ValueError("`--lora-scale` needs `--lora PATH`.")
+        return []
+    if len(scales) not in (0, 1, len(paths)):
+        raise ValueError(f"`--lora-scale`: give one scale, or one per `--lora` ({len(paths)}), got {len(scales)}.")
+    names = [f"lora_{i}" for i in range(len(paths))]
+    for name, path in zip(names, paths):
+        pipe.load_lora_weights(path, adapter_name=name)
+    weights = scales * len(paths) if len(scales) == 1 else (scales or [1.0] * len(paths))
+    pipe.set_adapters(names, adapter_weights=[float(w) for w in weights])
+    return names
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lora", action="append", default=None, metavar="PATH",
+                        help="LoRA adapter: a folder with pytorch_lora_weights.safetensors or a .safetensors file "
+                             "(repeat for several)")
+    parser.add_argument("--lora-scale", action="append", type=float, default=None, metavar="S",
+                        help="adapter strength (default 1.0; 0 = the base model): one for all, or one per --lora")
+
+
 def _train(args) -> int:
     from .training import TrainConfig, train
 
@@ -103,6 +134,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue-size", type=int, default=32,
                         help="most waiting requests (default 32); more are told the queue is full")
     parser.add_argument("--concurrency", type=int, default=1, help="generations running at once, all tabs together")
+    add_lora_arguments(parser)  # each adapter goes to the tab of the family it was made for
 
 
 def _demo(args) -> int:
@@ -132,6 +164,7 @@ def main(argv=None) -> int:
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     gen.add_argument("--out", default="out.png")
+    add_lora_arguments(gen)
     gen.set_defaults(func=_generate)
 
     from .training.engine import TASK_NAMES

@@ -8,6 +8,7 @@ import torch
 
 from diffusers.utils import logging
 
+from ..loaders import STARLoraLoaderMixin
 from ..models.blocks import square_schedule
 from ..models.multiscale_vq import MultiScaleVQModel, area_down
 from ..models.star_transformer import STARTransformer2DModel
@@ -51,7 +52,7 @@ ScaleForcing = Callable[[int, torch.Tensor, torch.Tensor | None], tuple[torch.Te
 T5_MAX_LENGTH = 120
 
 
-class STARPipeline(NextScalePipeline):
+class STARPipeline(NextScalePipeline, STARLoraLoaderMixin):
     r"""Text-to-image generation with STAR (scale-wise text-to-image autoregression).
 
     Components:

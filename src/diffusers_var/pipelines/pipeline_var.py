@@ -9,6 +9,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from ..loaders import VARLoraLoaderMixin
 from ..models.blocks import square_schedule
 from ..models.multiscale_vq import MultiScaleVQModel, area_down
 from ..models.var_transformer import VARTransformer2DModel
@@ -57,7 +58,7 @@ class ScaleSampling(NamedTuple):
     fast_filter: bool
 
 
-class VARPipeline(NextScalePipeline):
+class VARPipeline(NextScalePipeline, VARLoraLoaderMixin):
     r"""Class-conditional generation with VAR (Visual AutoRegressive modeling, next-scale prediction).
 
     Components:

@@ -68,6 +68,7 @@ class TrainConfig:
     bsq_inv_temperature: float = 100.0  # bitwise_tokenizer: sharpness of the soft bit assignment of the entropy terms
     bsc_flip_prob: float = 0.3  # infinity: Bitwise Self-Correction maximum flip probability (0 disables)
     bsc_num_scales: int | None = None  # infinity: scales that get flipped bits (None: all)
+    lora: dict | None = None  # LoRA fine-tuning of a pretrained pipeline (diffusers_var.training.lora): lora.base, lora.rank, ...
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> "TrainConfig":
@@ -109,10 +110,14 @@ class TrainConfig:
         for name in ("batch_size", "max_steps", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)!r}.")
-        if self.task not in TOKENIZER_TASKS and not self.tokenizer_path:
+        if self.lora is not None:
+            from .lora import LoraSettings
+
+            LoraSettings.parse(self.lora, self.task)  # tokenizer and text encoder default to the base pipeline's
+        elif self.task not in TOKENIZER_TASKS and not self.tokenizer_path:
             kind = "BitwiseMultiScaleVAE" if self.task == "infinity" else "MultiScaleVQModel"
             raise ValueError(f"`tokenizer_path` (a trained {kind} folder) is required for `task: {self.task}`.")
-        if self.task in TEXT_TASKS and not self.text_encoder_path:
+        if self.task in TEXT_TASKS and not self.text_encoder_path and self.lora is None:
             raise ValueError(f"`text_encoder_path` is required for `task: {self.task}`: a folder with `text_encoder/` and "
                              "`tokenizer/` sub-folders, or 'tiny-clip' / 'tiny-t5' (see diffusers_var.training.text_encoders).")
         for name in ("cond_drop_rate", "bsc_flip_prob", "label_smoothing"):
@@ -188,12 +193,24 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: allocated CUDA memory on a GPU, the process's peak resident size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def train(config: TrainConfig) -> Path:
     """Run (or resume) training; returns the exported folder."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 
+    from . import lora
     from .tasks import build_task
+
+    lora_settings = lora.settings_of(config)
 
     output_dir = Path(config.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
@@ -221,6 +238,8 @@ def train(config: TrainConfig) -> Path:
                              "checkpoints keep rank 0's only); set ema_decay=null or train with DDP.")
         if config.sample_every:  # sampling a sharded model needs every rank, the sample grid is drawn on rank 0
             raise ValueError("`sample_every`: sample grids are not drawn under FSDP; set sample_every=0.")
+        if lora_settings is not None:
+            raise ValueError("`lora`: LoRA fine-tuning runs under DDP (each GPU holds the frozen base model), not FSDP.")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         checkpoint_dir.mkdir(exist_ok=True)
@@ -231,9 +250,11 @@ def train(config: TrainConfig) -> Path:
 
     task = build_task(config, accelerator.device)
     model = task.model
+    text_encoder = getattr(task, "trainable_text_encoder", None)  # LoRA with lora.train_text_encoder
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.learning_rate, betas=tuple(config.adam_betas))
+    groups = _param_groups(model, config.weight_decay) + (_param_groups(text_encoder, config.weight_decay) if text_encoder else [])
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=tuple(config.adam_betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     loader = torch.utils.data.DataLoader(
         task.dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, num_workers=config.num_workers,
@@ -241,14 +262,25 @@ def train(config: TrainConfig) -> Path:
     )
     if len(loader) == 0:
         raise ValueError(f"`batch_size` {config.batch_size} is larger than the dataset ({len(task.dataset)} images).")
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    if text_encoder is not None:
+        model, text_encoder, optimizer, loader, scheduler = accelerator.prepare(model, text_encoder, optimizer, loader, scheduler)
+        task.trainable_text_encoder = text_encoder  # the loss calls it through its (DDP) wrapper
+    else:
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    trained_models = [m for m in (model, text_encoder) if m is not None]
+
+    def trainable_parameters():  # every trainable parameter, in a fixed order (all of the model's in full training)
+        return lora.trainable_parameters(*(accelerator.unwrap_model(m) for m in trained_models))
+
+    if lora_settings is not None:  # checkpoints hold the LoRA weights only
+        lora.register_checkpoint_hooks(accelerator)
     counter = _StepCounter()
     accelerator.register_for_checkpointing(counter)
     ema = None
     if config.ema_decay:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=config.ema_decay, foreach=True)
+        ema = EMAModel(trainable_parameters(), decay=config.ema_decay, foreach=True)
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
 
@@ -291,10 +323,10 @@ def train(config: TrainConfig) -> Path:
         skip = (counter.step % updates_per_epoch) * config.gradient_accumulation_steps
         epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
         for batch in epoch_loader:
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(*trained_models):
                 loss, metrics = task.loss(model, batch)
                 accelerator.backward(loss)
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip) if accelerator.sync_gradients else None
+                grad_norm = accelerator.clip_grad_norm_(trainable_parameters(), config.grad_clip) if accelerator.sync_gradients else None
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()
@@ -304,7 +336,7 @@ def train(config: TrainConfig) -> Path:
                 continue
             counter.step += 1
             if ema is not None:
-                ema.step(accelerator.unwrap_model(model).parameters())
+                ema.step(trainable_parameters())
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss.item():.4f}")
@@ -315,7 +347,8 @@ def train(config: TrainConfig) -> Path:
                 elapsed = time.perf_counter() - started
                 record = {"step": counter.step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
                           "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                          "images_per_s": images_seen / max(elapsed, 1e-9), **metrics}
+                          "images_per_s": images_seen / max(elapsed, 1e-9),
+                          "peak_memory_mb": round(_peak_memory_mb(accelerator.device), 1), **metrics}
                 accelerator.log(record, step=counter.step)
                 if accelerator.is_main_process:
                     with log_file.open("a") as f:
@@ -337,9 +370,15 @@ def train(config: TrainConfig) -> Path:
     export_dir = output_dir / "final"
     trained = accelerator.unwrap_model(model)
     if ema is not None:  # never under FSDP (refused at the start): each rank holds the whole model; rank 0 exports it
-        ema.store(trained.parameters())
-        ema.copy_to(trained.parameters())
-    if accelerator.distributed_type == DistributedType.FSDP:
+        ema.store(trainable_parameters())
+        ema.copy_to(trainable_parameters())
+    if lora_settings is not None:
+        if accelerator.is_main_process:
+            summary = {"steps": counter.step, "seconds": time.perf_counter() - started, "device": accelerator.device.type,
+                       "processes": accelerator.num_processes}
+            lora.export_lora(config, task, trained, accelerator.unwrap_model(text_encoder) if text_encoder else None,
+                             export_dir, summary)
+    elif accelerator.distributed_type == DistributedType.FSDP:
         full_state = accelerator.get_state_dict(model)  # a collective: gathers the shards onto the main process
         if accelerator.is_main_process:
             plain = _unsharded_copy(trained, full_state)
@@ -347,7 +386,7 @@ def train(config: TrainConfig) -> Path:
     elif accelerator.is_main_process:
         task.export(trained, export_dir)
     if ema is not None:
-        ema.restore(trained.parameters())
+        ema.restore(trainable_parameters())
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return export_dir
