@@ -56,8 +56,9 @@ def build(model: str, device):
                                                      pool_num_heads=16, depth=32, embed_dim=2048, num_heads=16,
                                                      block_chunks=8, shared_adaln=True)
         elif model == "infinity-tiny":
-            transformer = InfinityTransformer2DModel(bits_per_token=4, text_dim=32, text_max_length=24, pool_num_heads=2,
-                                                     depth=2, embed_dim=64, num_heads=2, block_chunks=2)
+            transformer = InfinityTransformer2DModel(bits_per_token=4, text_dim=32, text_max_length=24,
+                                                     pool_num_heads=2, depth=2, embed_dim=64, num_heads=2,
+                                                     block_chunks=2)
         else:
             raise ValueError(f"`--model` must be var-d30, infinity-2b, var-tiny or infinity-tiny, got {model!r}.")
         transformer.init_weights()
@@ -66,7 +67,8 @@ def build(model: str, device):
     if model.startswith("var"):
         def make_batch(batch):
             labels = torch.randint(0, cfg.num_classes, (batch,), generator=g)
-            tf_input = torch.randn(batch, transformer.seq_len - transformer.first_len, cfg.latent_channels, generator=g)
+            inputs = transformer.seq_len - transformer.first_len
+            tf_input = torch.randn(batch, inputs, cfg.latent_channels, generator=g)
             targets = torch.randint(0, cfg.vocab_size, (batch, transformer.seq_len), generator=g)
             return (dict(class_labels=labels.to(device), teacher_forcing_input=tf_input.to(device), drop_labels=True),
                     targets.to(device))
@@ -124,7 +126,7 @@ def run(model: str, mode: str, checkpointing: bool, batch: int, steps: int, warm
             if step >= warmup:
                 times.append(time.perf_counter() - started)
         step_s = statistics.median(times)
-        record.update(status="ok", step_s=step_s, images_per_s=batch / step_s, loss=float(loss))
+        record.update(status="ok", step_s=step_s, images_per_s=batch / step_s, loss=float(loss.detach()))
         record["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30 if bf16 else float("nan")
     except torch.cuda.OutOfMemoryError:
         record.update(status="OOM")
@@ -166,7 +168,7 @@ def main(argv=None) -> int:
     name = "results-smoke.json" if args.smoke else f"results-{args.model}.json"
     environment = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
     (out / name).write_text(json.dumps({"environment": environment, "results": results}, indent=2))
-    print(f"\n| model | mode | grad. ckpt | batch | trainable params | peak memory (GiB) | images/s |")
+    print("\n| model | mode | grad. ckpt | batch | trainable params | peak memory (GiB) | images/s |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
         memory = f"{r['peak_memory_gib']:.1f}" if r["status"] == "ok" else r["status"]

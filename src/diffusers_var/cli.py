@@ -79,8 +79,8 @@ def _generate(args) -> int:
 
 
 def load_loras(pipe, paths: list[str] | None, scales: list[float] | None) -> list[str]:
-    """``pipe.load_lora_weights`` of every ``--lora`` (adapters ``lora_0``, ``lora_1``, ...), then ``set_adapters`` with
-    the ``--lora-scale`` values (one for all, or one per adapter; default 1.0). Returns the adapter names."""
+    """``pipe.load_lora_weights`` of every ``--lora`` (adapters ``lora_0``, ``lora_1``, ...), then ``set_adapters``
+    with the ``--lora-scale`` values (one for all, or one per adapter; default 1.0). Returns the adapter names."""
     paths, scales = list(paths or []), list(scales or [])
     if not paths:
         if scales:

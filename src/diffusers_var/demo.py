@@ -304,10 +304,10 @@ def build_demo(var: Any = DEFAULT, star: Any = DEFAULT, infinity: Any = DEFAULT,
     """Build the app (queued, not launched).
 
     ``var``/``star``/``infinity``: a pipeline object, a pipeline folder, ``"default"`` (the embedded
-    pipeline when present) or ``None``. ``device`` defaults to CUDA when available. ``loras`` (``--lora``): LoRA
-    adapters, each loaded into the pipeline of its family, at ``lora_scales`` (:func:`attach_loras`). Generation requests
+    pipeline when present) or ``None``. ``device`` defaults to CUDA when available. Generation requests
     run ``concurrency_limit`` at a time across all tabs; at most ``queue_size`` wait, and further
-    requests are refused with gradio's "Queue is full" message.
+    requests are refused with gradio's "Queue is full" message. ``loras`` (``--lora``): LoRA adapters, each
+    loaded into the pipeline of its family, at ``lora_scales`` (:func:`attach_loras`).
     """
     if not 1 <= max_images <= 64:
         raise ValueError(f"`max_images` must be in [1, 64], got {max_images}.")

@@ -38,16 +38,14 @@ import re
 from typing import Callable
 
 import torch
-from torch import nn
-
 from diffusers.loaders.lora_base import (
     LORA_ADAPTER_METADATA_KEY,
     LORA_WEIGHT_NAME_SAFE,
     LoraBaseMixin,
     _fetch_state_dict,
-    _load_lora_into_text_encoder,
 )
 from diffusers.utils import is_peft_available, logging
+from torch import nn
 
 logger = logging.get_logger(__name__)
 
@@ -64,7 +62,8 @@ LORA_TARGET_GROUPS = {
 FAMILY_LORA_GROUPS = {
     "VARTransformer2DModel": (("attention", "ffn", "adaln", "class_embedding"), ("attention", "ffn")),
     "STARTransformer2DModel": (("attention", "ffn", "cross_attention"), ("attention", "ffn", "cross_attention")),
-    "InfinityTransformer2DModel": (("attention", "ffn", "cross_attention", "adaln"), ("attention", "ffn", "cross_attention")),
+    "InfinityTransformer2DModel": (("attention", "ffn", "cross_attention", "adaln"),
+                                   ("attention", "ffn", "cross_attention")),
 }
 # text encoders (transformers models): their attention projections
 TEXT_ENCODER_LORA_TARGETS = {
@@ -118,14 +117,25 @@ def lora_config(transformer_or_class, rank: int = 16, alpha: float | None = None
                       init_lora_weights=kwargs.pop("init_lora_weights", True), **kwargs)
 
 
+def add_text_encoder_adapter(text_encoder: nn.Module, config, adapter_name: str = "default") -> None:
+    """Add a LoRA adapter to a transformers text encoder with PEFT itself (``inject_adapter_in_model``): transformers'
+    own ``add_adapter`` / ``load_adapter`` may demand a newer PEFT than diffusers does, and every other LoRA operation
+    on the text encoder (fuse, scale, switch, unload) is PEFT's layer API anyway."""
+    from peft import inject_adapter_in_model
+
+    if adapter_name in getattr(text_encoder, "peft_config", {}):
+        raise ValueError(f"`adapter_name` {adapter_name!r} is already loaded in the text encoder.")
+    inject_adapter_in_model(config, text_encoder, adapter_name=adapter_name)
+
+
 def text_encoder_lora_config(text_encoder, rank: int = 16, alpha: float | None = None, dropout: float = 0.0):
     """A ``peft.LoraConfig`` on the attention projections of a CLIP / T5 text encoder."""
     from peft import LoraConfig
 
     model_type = getattr(text_encoder.config, "model_type", "")
     if model_type not in TEXT_ENCODER_LORA_TARGETS:
-        raise ValueError(f"`text_encoder`: LoRA targets are defined for {sorted(TEXT_ENCODER_LORA_TARGETS)} models, got "
-                         f"{model_type!r}.")
+        raise ValueError(f"`text_encoder`: LoRA targets are defined for {sorted(TEXT_ENCODER_LORA_TARGETS)} models, "
+                         f"got {model_type!r}.")
     return LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=float(dropout),
                       target_modules=TEXT_ENCODER_LORA_TARGETS[model_type], init_lora_weights=True)
 
@@ -133,8 +143,8 @@ def text_encoder_lora_config(text_encoder, rank: int = 16, alpha: float | None =
 # ----------------------------------------------------------------------------------------------
 # Does a LoRA state dict fit a model?
 # ----------------------------------------------------------------------------------------------
-_LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
-                       r"(?:\.[^.]+)*\Z")
+_LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
+                       r"lora_magnitude_vector)(?:\.[^.]+)*\Z")
 
 
 def _base_module(module: nn.Module) -> nn.Module:
@@ -237,16 +247,18 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             raise ValueError("`pretrained_model_name_or_path_or_dict` must be a folder, a .safetensors file, a Hub "
                              f"repository id or a state dict, got {type(source).__name__}.")
         weight_name = kwargs.pop("weight_name", None)
-        if kwargs.pop("use_safetensors", True) is False or (weight_name is not None and not str(weight_name).endswith(".safetensors")):
+        not_safetensors = weight_name is not None and not str(weight_name).endswith(".safetensors")
+        if kwargs.pop("use_safetensors", True) is False or not_safetensors:
             raise ValueError("`weight_name`: LoRA files are safetensors only (pickled .bin files are not loaded).")
         if not isinstance(source, dict) and os.path.isfile(source):
             if not str(source).endswith(".safetensors"):
-                raise ValueError(f"`pretrained_model_name_or_path_or_dict`: {str(source)!r} is not a .safetensors file.")
+                raise ValueError(f"`pretrained_model_name_or_path_or_dict`: {str(source)!r} is not a .safetensors "
+                                 "file.")
             source, weight_name = os.path.dirname(os.path.abspath(source)), os.path.basename(source)
         elif not isinstance(source, dict) and os.path.isdir(source) and weight_name is None:
             if not os.path.isfile(os.path.join(source, LORA_WEIGHT_NAME_SAFE)):
-                raise ValueError(f"`pretrained_model_name_or_path_or_dict`: no {LORA_WEIGHT_NAME_SAFE} in {str(source)!r} "
-                                 "(pass `weight_name=` for another file name).")
+                raise ValueError(f"`pretrained_model_name_or_path_or_dict`: no {LORA_WEIGHT_NAME_SAFE} in "
+                                 f"{str(source)!r} (pass `weight_name=` for another file name).")
             weight_name = LORA_WEIGHT_NAME_SAFE
         state_dict, metadata, file_metadata = _fetch_state_dict(
             pretrained_model_name_or_path_or_dict=source,
@@ -292,7 +304,8 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
                              f"pipeline's LoRA components {prefixes}.")
         return {prefix: part for prefix, part in parts.items() if part}
 
-    def check_lora_state_dict(self, state_dict: dict, metadata: dict | None = None, family: dict | None = None) -> None:
+    def check_lora_state_dict(self, state_dict: dict, metadata: dict | None = None,
+                              family: dict | None = None) -> None:
         """``ValueError`` when a LoRA state dict (with component prefixes, or the transformer's without) does not fit
         this pipeline: made for another transformer class, keys naming no layer, widths or depth that differ."""
         if not state_dict:
@@ -304,9 +317,9 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         if family and transformer is not None:
             made_for = family.get("transformer_class")
             if made_for and made_for not in {c.__name__ for c in type(transformer).__mro__}:
+                made_by = family.get("pipeline_class", "another pipeline")
                 raise ValueError(f"`pretrained_model_name_or_path_or_dict`: this LoRA was made for a {made_for} "
-                                 f"({family.get('pipeline_class', 'another pipeline')}); this pipeline's transformer is a "
-                                 f"{type(transformer).__name__}.")
+                                 f"({made_by}); this pipeline's transformer is a {type(transformer).__name__}.")
         problems = []
         for component, part in self._split_by_component(state_dict).items():
             model = getattr(self, component, None)
@@ -322,8 +335,8 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
                 try:
                     config = LoraConfig(**prefixed)
                 except TypeError as err:
-                    raise ValueError(f"`pretrained_model_name_or_path_or_dict`: the {component} LoRA metadata is not a "
-                                     f"LoraConfig ({err}).") from None
+                    raise ValueError(f"`pretrained_model_name_or_path_or_dict`: the {component} LoRA metadata is not "
+                                     f"a LoraConfig ({err}).") from None
             problems += [f"{component}: {p}" for p in lora_mismatches(part, model, config)]
         if problems:
             shown = "; ".join(problems[:4]) + (f"; ... ({len(problems)} problems)" if len(problems) > 4 else "")
@@ -368,11 +381,33 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
                 low_cpu_mem_usage=low_cpu_mem_usage, hotswap=hotswap)
         text_part = parts.get(self.text_encoder_name)
         if text_part:
-            _load_lora_into_text_encoder(
-                {f"{self.text_encoder_name}.{k}": v for k, v in text_part.items()}, network_alphas=None,
-                text_encoder=getattr(self, self.text_encoder_name), prefix=self.text_encoder_name,
-                text_encoder_name=self.text_encoder_name, adapter_name=adapter_name, _pipeline=self,
-                low_cpu_mem_usage=low_cpu_mem_usage, hotswap=hotswap, metadata=metadata)
+            if hotswap:
+                raise ValueError("`hotswap`: hot-swapping applies to the transformer's adapters only.")
+            meta = {k.removeprefix(f"{self.text_encoder_name}."): v for k, v in (metadata or {}).items()
+                    if k.startswith(f"{self.text_encoder_name}.")}
+            self._load_text_encoder_adapter(text_part, meta or None, adapter_name)
+
+    def _load_text_encoder_adapter(self, state_dict: dict, metadata: dict | None, adapter_name: str) -> None:
+        """PEFT's ``inject_adapter_in_model`` + ``set_peft_model_state_dict`` on the text encoder, with the
+        ``LoraConfig`` of the file header (or, without one, the ranks and layers of the tensors and scale 1)."""
+        from peft import LoraConfig, set_peft_model_state_dict
+
+        if metadata:
+            config = LoraConfig(**metadata)
+        else:
+            ranks = {key.rsplit(".lora_B", 1)[0]: value.shape[1] for key, value in state_dict.items()
+                     if ".lora_B." in key and value.ndim == 2}
+            rank = max(ranks.values())
+            config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(ranks),
+                                rank_pattern={name: r for name, r in ranks.items() if r != rank},
+                                alpha_pattern={name: r for name, r in ranks.items() if r != rank})
+        text_encoder = getattr(self, self.text_encoder_name)
+        add_text_encoder_adapter(text_encoder, config, adapter_name)
+        result = set_peft_model_state_dict(text_encoder, state_dict, adapter_name=adapter_name)
+        unexpected = [key for key in getattr(result, "unexpected_keys", []) if "lora_" in key]
+        if unexpected:
+            raise ValueError(f"`pretrained_model_name_or_path_or_dict`: text encoder LoRA keys {unexpected[:3]} were "
+                             "not used.")
 
     # -- writing -------------------------------------------------------------------------------------------------
     @classmethod
@@ -449,7 +484,8 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         components = list(self._lora_loadable_modules if components is None else components)
         bad = [c for c in components if c not in self._lora_loadable_modules]
         if not components or bad:
-            raise ValueError(f"`components` must be a non-empty list of {self._lora_loadable_modules}, got {components}.")
+            raise ValueError(f"`components` must be a non-empty list of {self._lora_loadable_modules}, "
+                             f"got {components}.")
         return components
 
     def fuse_lora(self, components: list[str] | None = None, lora_scale: float = 1.0, safe_fusing: bool = False,
@@ -498,10 +534,13 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
             raise ValueError(f"`adapter_names` must be a name or a non-empty list of names, got {adapter_names!r}.")
         weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
+        if len(weights) != len(names):
+            raise ValueError(f"`adapter_weights` has {len(weights)} entries for {len(names)} adapters.")
         for weight in weights:
             if weight is not None and not isinstance(weight, dict) and (
                     not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight)):
-                raise ValueError(f"`adapter_weights` must be finite numbers (one per adapter), got {adapter_weights!r}.")
+                raise ValueError(f"`adapter_weights` must be finite numbers (one per adapter), "
+                                 f"got {adapter_weights!r}.")
         loaded = {name for names_ in self.get_list_adapters().values() for name in names_}
         missing = [n for n in names if n not in loaded]
         if missing:

@@ -123,7 +123,8 @@ class ShapesDataset(torch.utils.data.Dataset):
 def concept_classes(concept: str = "bar") -> list[ShapeClass]:
     """Every colour / background combination of a :data:`NEW_SHAPES` shape (30 classes)."""
     if concept not in NEW_SHAPES:
-        raise ValueError(f"`concept` must be one of {NEW_SHAPES} (shapes the embedded models never saw), got {concept!r}.")
+        raise ValueError(f"`concept` must be one of {NEW_SHAPES} (shapes the embedded models never saw), "
+                         f"got {concept!r}.")
     return [ShapeClass(concept, c, b) for c in COLOR_NAMES for b in COLOR_NAMES if c != b]
 
 
@@ -139,9 +140,9 @@ def _layout_for(classes, rng: np.random.Generator, resolution: int) -> tuple[np.
 
 class ConceptShapesDataset(torch.utils.data.Dataset):
     """Fine-tuning data for a new concept, DreamBooth-style with prior preservation: ``num_images`` deterministic
-    samples, ``concept_fraction`` of them the :data:`NEW_SHAPES` shape ``concept`` in any colour on any other background
-    (captions such as "a red bar on a blue background"), the others the original classes, so that the fine-tuned model
-    keeps what it knew. Items as :class:`ShapesDataset`.
+    samples, ``concept_fraction`` of them the :data:`NEW_SHAPES` shape ``concept`` in any colour on any other
+    background (captions such as "a red bar on a blue background"), the others the original classes, so that the
+    fine-tuned model keeps what it knew. Items as :class:`ShapesDataset`.
 
     ``concept_replaces`` (class-conditional models, which can learn no new class ids): the concept takes over the class
     ids of that shape (``class_labels`` of a red bar on blue = the id of "red square on blue" for
@@ -159,8 +160,8 @@ class ConceptShapesDataset(torch.utils.data.Dataset):
         if concept_replaces is not None and concept_replaces not in SHAPES:
             raise ValueError(f"`concept_replaces` must be one of {SHAPES} or None, got {concept_replaces!r}.")
         if need_labels and concept_replaces is None:
-            raise ValueError("`concept_replaces`: a class-conditional model learns no new class ids; name the shape whose "
-                             f"class ids the concept takes over ({SHAPES}).")
+            raise ValueError("`concept_replaces`: a class-conditional model learns no new class ids; name the shape "
+                             f"whose class ids the concept takes over ({SHAPES}).")
         rng = np.random.default_rng(seed)
         num_new = max(1, round(num_images * concept_fraction))
         prior_ids = [i for i, c in enumerate(CLASSES) if c.shape != concept_replaces]
@@ -180,7 +181,8 @@ class ConceptShapesDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         pixels = torch.from_numpy(self.images[index]).permute(2, 0, 1).float().div(127.5).sub(1)
-        return {"pixel_values": pixels, "class_labels": int(self.class_ids[index]), "caption": self.classes[index].caption}
+        caption = self.classes[index].caption
+        return {"pixel_values": pixels, "class_labels": int(self.class_ids[index]), "caption": caption}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ class TrainConfig:
     bsq_inv_temperature: float = 100.0  # bitwise_tokenizer: sharpness of the soft bit assignment of the entropy terms
     bsc_flip_prob: float = 0.3  # infinity: Bitwise Self-Correction maximum flip probability (0 disables)
     bsc_num_scales: int | None = None  # infinity: scales that get flipped bits (None: all)
-    lora: dict | None = None  # LoRA fine-tuning of a pretrained pipeline (diffusers_var.training.lora): lora.base, lora.rank, ...
+    lora: dict | None = None  # LoRA fine-tuning of a pipeline: lora.base, lora.rank, ... (diffusers_var.training.lora)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> "TrainConfig":
@@ -239,7 +239,8 @@ def train(config: TrainConfig) -> Path:
         if config.sample_every:  # sampling a sharded model needs every rank, the sample grid is drawn on rank 0
             raise ValueError("`sample_every`: sample grids are not drawn under FSDP; set sample_every=0.")
         if lora_settings is not None:
-            raise ValueError("`lora`: LoRA fine-tuning runs under DDP (each GPU holds the frozen base model), not FSDP.")
+            raise ValueError("`lora`: LoRA fine-tuning runs under DDP (each GPU holds the frozen base model), "
+                             "not FSDP.")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         checkpoint_dir.mkdir(exist_ok=True)
@@ -253,7 +254,9 @@ def train(config: TrainConfig) -> Path:
     text_encoder = getattr(task, "trainable_text_encoder", None)  # LoRA with lora.train_text_encoder
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    groups = _param_groups(model, config.weight_decay) + (_param_groups(text_encoder, config.weight_decay) if text_encoder else [])
+    groups = _param_groups(model, config.weight_decay)
+    if text_encoder is not None:
+        groups += _param_groups(text_encoder, config.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=tuple(config.adam_betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     loader = torch.utils.data.DataLoader(
@@ -263,7 +266,8 @@ def train(config: TrainConfig) -> Path:
     if len(loader) == 0:
         raise ValueError(f"`batch_size` {config.batch_size} is larger than the dataset ({len(task.dataset)} images).")
     if text_encoder is not None:
-        model, text_encoder, optimizer, loader, scheduler = accelerator.prepare(model, text_encoder, optimizer, loader, scheduler)
+        model, text_encoder, optimizer, loader, scheduler = accelerator.prepare(model, text_encoder, optimizer, loader,
+                                                                                scheduler)
         task.trainable_text_encoder = text_encoder  # the loss calls it through its (DDP) wrapper
     else:
         model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
@@ -326,7 +330,9 @@ def train(config: TrainConfig) -> Path:
             with accelerator.accumulate(*trained_models):
                 loss, metrics = task.loss(model, batch)
                 accelerator.backward(loss)
-                grad_norm = accelerator.clip_grad_norm_(trainable_parameters(), config.grad_clip) if accelerator.sync_gradients else None
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(trainable_parameters(), config.grad_clip)
                 optimizer.step()
                 if accelerator.sync_gradients:
                     scheduler.step()
@@ -374,8 +380,8 @@ def train(config: TrainConfig) -> Path:
         ema.copy_to(trainable_parameters())
     if lora_settings is not None:
         if accelerator.is_main_process:
-            summary = {"steps": counter.step, "seconds": time.perf_counter() - started, "device": accelerator.device.type,
-                       "processes": accelerator.num_processes}
+            summary = {"steps": counter.step, "seconds": time.perf_counter() - started,
+                       "device": accelerator.device.type, "processes": accelerator.num_processes}
             lora.export_lora(config, task, trained, accelerator.unwrap_model(text_encoder) if text_encoder else None,
                              export_dir, summary)
     elif accelerator.distributed_type == DistributedType.FSDP:

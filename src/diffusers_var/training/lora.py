@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..loaders import FAMILY_LORA_GROUPS, lora_config, text_encoder_lora_config
+from ..loaders import FAMILY_LORA_GROUPS, add_text_encoder_adapter, lora_config, text_encoder_lora_config
 
 LORA_TASKS = ("var", "star", "infinity")
 TOKENIZER_FOLDERS = {"var": "vqvae", "star": "vqvae", "infinity": "vae"}
@@ -60,7 +60,8 @@ class LoraSettings:
     def parse(cls, section, task: str) -> "LoraSettings":
         """Validate a config's ``lora`` section for ``task``; a ``ValueError`` names the key."""
         if not isinstance(section, dict):
-            raise ValueError(f"`lora` must be a mapping of LoRA settings (lora.base, lora.rank, ...), got {section!r}.")
+            raise ValueError(f"`lora` must be a mapping of LoRA settings (lora.base, lora.rank, ...), "
+                             f"got {section!r}.")
         if task not in LORA_TASKS:
             raise ValueError(f"`lora`: LoRA fine-tuning applies to the transformer tasks {LORA_TASKS}, not {task!r}.")
         known = set(cls.__dataclass_fields__)
@@ -82,8 +83,9 @@ class LoraSettings:
             value = getattr(settings, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`lora.{name}` must be an integer >= 1, got {value!r}.")
-        if settings.alpha is not None and (not isinstance(settings.alpha, (int, float)) or isinstance(settings.alpha, bool)
-                                           or not math.isfinite(settings.alpha) or settings.alpha <= 0):
+        alpha = settings.alpha
+        if alpha is not None and (not isinstance(alpha, (int, float)) or isinstance(alpha, bool)
+                                  or not math.isfinite(alpha) or alpha <= 0):
             raise ValueError(f"`lora.alpha` must be a positive number, got {settings.alpha!r}.")
         if not isinstance(settings.dropout, (int, float)) or not 0 <= settings.dropout < 1:
             raise ValueError(f"`lora.dropout` must be in [0, 1), got {settings.dropout!r}.")
@@ -167,8 +169,13 @@ def text_encoder_for_training(config, text_encoder):
     if settings is None or not settings.train_text_encoder:
         return None
     rank = settings.text_encoder_rank or settings.rank
-    text_encoder.add_adapter(text_encoder_lora_config(text_encoder, rank, settings.alpha and settings.alpha * rank / settings.rank,
-                                                      settings.dropout), adapter_name=settings.adapter_name)
+    alpha = settings.alpha and settings.alpha * rank / settings.rank  # the transformer adapter's scale
+    text_encoder.requires_grad_(False)
+    add_text_encoder_adapter(text_encoder, text_encoder_lora_config(text_encoder, rank, alpha, settings.dropout),
+                             settings.adapter_name)
+    for parameter in text_encoder.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
     return text_encoder.train()
 
 
@@ -193,7 +200,8 @@ def register_checkpoint_hooks(accelerator) -> None:
             if not _has_adapter(model):
                 continue
             if accelerator.is_main_process:
-                state = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
+                state = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters()
+                         if p.requires_grad}
                 save_file(state, os.path.join(output_dir, f"lora_model_{i}.safetensors"))
             weights.pop(i)
 
@@ -205,8 +213,8 @@ def register_checkpoint_hooks(accelerator) -> None:
             state = load_file(os.path.join(input_dir, f"lora_model_{i}.safetensors"))
             expected = {name for name, p in model.named_parameters() if p.requires_grad}
             if set(state) != expected:
-                raise ValueError(f"checkpoint {input_dir!r} holds LoRA weights for other layers than this run's adapter "
-                                 f"(lora settings changed since it was written?); remove it or restore the settings.")
+                raise ValueError(f"checkpoint {input_dir!r} holds LoRA weights for other layers than this run's "
+                                 "adapter (lora settings changed since it was written?); remove it or restore them.")
             with torch.no_grad():
                 parameters = dict(model.named_parameters())
                 for name, value in state.items():
@@ -254,10 +262,11 @@ def model_card(config, settings: LoraSettings, pipeline_class: str, transformer,
     data = dict(config.data)
     caption = ""
     if config.task != "var" and data.get("type") == "shapes" and data.get("concept"):
-        caption = f"\nTrigger: captions such as \"a red {data['concept']} on a blue background\" (`{data['concept']}`)."
+        concept = data["concept"]
+        caption = f"\nTrigger: captions such as \"a red {concept} on a blue background\" (`{concept}`)."
     elif config.task == "var" and data.get("concept_replaces"):
-        caption = (f"\nThe class ids of `{data['concept_replaces']}` now draw a `{data.get('concept')}` (a class-conditional "
-                   "model learns no new ids: the adapter re-purposes existing classes).")
+        caption = (f"\nThe class ids of `{data['concept_replaces']}` now draw a `{data.get('concept')}` (a "
+                   "class-conditional model learns no new ids: the adapter re-purposes existing classes).")
     te = "yes (LoRA on its attention projections)" if settings.train_text_encoder else "no (frozen)"
     load = (f"pipe.load_lora_weights(\"{config.output_dir}/final\", adapter_name=\"{settings.adapter_name}\")")
     return f"""---

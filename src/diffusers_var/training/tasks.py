@@ -254,7 +254,8 @@ class VARTask(_PipelineTask):
         model_args.update(vocab_size=tok.vocab_size, latent_channels=tok.z_channels, patch_nums=list(tok.patch_nums),
                           cond_drop_rate=config.cond_drop_rate)
         self.model = lora.transformer_for_training(
-            config, VARTransformer2DModel, lambda: _new(VARTransformer2DModel, model_args, init_adaln_gamma=init_adaln_gamma))
+            config, VARTransformer2DModel,
+            lambda: _new(VARTransformer2DModel, model_args, init_adaln_gamma=init_adaln_gamma))
 
     def _classes(self):
         dataset = self.dataset
@@ -389,9 +390,9 @@ class InfinityTask(_PipelineTask):
         return loss, {"bit_accuracy": (logits.argmax(-1) == labels).float().mean().item()}
 
     def encode_text(self, captions: list[str]):
-        """T5 features and mask of the captions as the pipeline's ``encode_prompt`` computes them (frozen text encoder),
-        or the same computation with gradients through the trained text encoder (``lora.train_text_encoder``; called
-        through its accelerate wrapper)."""
+        """T5 features and mask of the captions as the pipeline's ``encode_prompt`` computes them (frozen text
+        encoder), or the same computation with gradients through the trained text encoder (``lora.train_text_encoder``;
+        called through its accelerate wrapper)."""
         pipe = self.text_pipe
         if self.trainable_text_encoder is None:
             embeds, mask, _, _ = pipe.encode_prompt(captions, self.device, do_classifier_free_guidance=False)

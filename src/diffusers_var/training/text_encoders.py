@@ -130,7 +130,8 @@ def load_text_encoder(path: str, device=None):
             raise ValueError(f"`text_encoder_path`: unsupported text encoder type {model_type!r} (CLIP or T5).")
         model = model_class.from_pretrained(root / "text_encoder", local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
-    return model.to(device).eval().requires_grad_(False), tokenizer
+    # float32 as the pipelines compute text features (transformers 5 would keep a float16 checkpoint in float16)
+    return model.to(device=device, dtype=torch.float32).eval().requires_grad_(False), tokenizer
 
 
 def text_hidden_size(text_encoder) -> int:
