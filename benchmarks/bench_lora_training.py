@@ -17,7 +17,12 @@ neither built nor timed.
 
 Models: var-d30 (depth 30, width 1920, 30 heads, 256 px: 10 scales up to 16x16, 680 tokens, 1000 classes, batch
 ``--batch-size``, default 16) and infinity-2b (depth 32, width 2048, 16 heads, shared AdaLN, 1024 x 1024: 13 scales up
-to 64x64, 10,521 tokens, 32 bits per token, default batch 2). Prints a markdown table and writes ``results.json``.
+to 64x64, 10,521 tokens, 32 bits per token, default batch 2). Prints a markdown table and writes
+``results-<model>.json``.
+
+``--inference`` (var-d30) also times generation with ``enable_fast_inference()`` (bf16, CUDA graphs; batch 16, the
+original's FID sampling settings) of the base model, with an unfused rank-``--rank`` adapter, and with that adapter
+fused: a fused adapter should cost nothing.
 """
 
 from __future__ import annotations
@@ -137,6 +142,51 @@ def run(model: str, mode: str, checkpointing: bool, batch: int, steps: int, warm
     return record
 
 
+def time_generation(pipe, batch: int, repeats: int = 5) -> float:
+    """Median seconds of one generation of ``batch`` images (CUDA generator: sampling inside the graphs)."""
+    times = []
+    for i in range(repeats + 2):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        pipe(class_labels=list(range(batch)), guidance_scale=1.5, top_k=900, top_p=0.96, output_type="latent",
+             generator=torch.Generator("cuda").manual_seed(i))
+        torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def inference(rank: int, batch: int = 16) -> list[dict]:
+    """VAR-d30 generation on the fast path: base, unfused adapter, fused adapter."""
+    from diffusers_var import MultiScaleVQModel, VARPipeline
+    from diffusers_var.loaders import lora_config
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        transformer = VARTransformer2DModel(depth=30, embed_dim=1920, num_heads=30, patch_nums=PATCH_NUMS_256)
+        transformer.init_weights()
+        vqvae = MultiScaleVQModel(patch_nums=PATCH_NUMS_256)
+    pipe = VARPipeline(transformer=transformer.eval(), vqvae=vqvae.eval())
+    pipe.set_progress_bar_config(disable=True)
+    pipe.enable_fast_inference()
+    records = [{"part": "inference", "adapter": "none", "batch": batch, "seconds": time_generation(pipe, batch)}]
+    transformer.add_adapter(lora_config(transformer, rank=rank))
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(0, 0.01)
+                parameter.data = parameter.data.to(torch.bfloat16)
+    records.append({"part": "inference", "adapter": f"rank {rank}, unfused", "batch": batch,
+                    "seconds": time_generation(pipe, batch)})
+    pipe.fuse_lora()
+    records.append({"part": "inference", "adapter": f"rank {rank}, fused", "batch": batch,
+                    "seconds": time_generation(pipe, batch)})
+    for record in records:
+        record["images_per_s"] = batch / record["seconds"]
+        print(json.dumps(record), flush=True)
+    return records
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="var-d30", help="var-d30 | infinity-2b (tiny ones for --smoke)")
@@ -147,6 +197,7 @@ def main(argv=None) -> int:
     parser.add_argument("--modes", default="full,lora")
     parser.add_argument("--out", default="outputs/bench-lora")
     parser.add_argument("--smoke", action="store_true", help="CPU check of the script: tiny models, one step each")
+    parser.add_argument("--inference", action="store_true", help="var-d30: also time the fast path with adapters")
     args = parser.parse_args(argv)
     if args.smoke:
         device, models, args.steps, args.warmup = "cpu", ["var-tiny", "infinity-tiny"], 1, 1
@@ -163,11 +214,13 @@ def main(argv=None) -> int:
                 record = run(model, mode, checkpointing, batch, args.steps, args.warmup, args.rank, device)
                 results.append(record)
                 print(json.dumps(record), flush=True)
+    timings = inference(args.rank) if args.inference and not args.smoke else []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "results-smoke.json" if args.smoke else f"results-{args.model}.json"
     environment = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
-    (out / name).write_text(json.dumps({"environment": environment, "results": results}, indent=2))
+    record = {"environment": environment, "results": results, "inference": timings}
+    (out / name).write_text(json.dumps(record, indent=2))
     print("\n| model | mode | grad. ckpt | batch | trainable params | peak memory (GiB) | images/s |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
@@ -175,6 +228,10 @@ def main(argv=None) -> int:
         speed = f"{r['images_per_s']:.2f}" if r["status"] == "ok" else "-"
         print(f"| {r['model']} | {r['mode']} | {'on' if r['gradient_checkpointing'] else 'off'} | {r['batch']} | "
               f"{r['trainable_parameters']:,} | {memory} | {speed} |")
+    if timings:
+        print("\n| fast path (VAR-d30, bf16 + CUDA graphs) | batch | s / generation | images/s |\n|---|---|---|---|")
+        for r in timings:
+            print(f"| {r['adapter']} | {r['batch']} | {r['seconds']:.3f} | {r['images_per_s']:.1f} |")
     return 0
 
 
