@@ -44,6 +44,7 @@ from diffusers.loaders.lora_base import (
     LoraBaseMixin,
     _fetch_state_dict,
 )
+from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA
 from diffusers.utils import is_peft_available, logging
 from torch import nn
 
@@ -360,7 +361,7 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         """
         if adapter_name is not None and (not isinstance(adapter_name, str) or not adapter_name):
             raise ValueError(f"`adapter_name` must be a non-empty string or None, got {adapter_name!r}.")
-        low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", False)
+        low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", _LOW_CPU_MEM_USAGE_DEFAULT_LORA)
         source = pretrained_model_name_or_path_or_dict
         if isinstance(source, dict):
             source = dict(source)
