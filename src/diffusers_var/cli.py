@@ -15,10 +15,12 @@ from pathlib import Path
 from .cli_support import (
     OneLineErrorParser,
     add_demo_arguments,
+    add_lora_arguments,
     check_device,
     default_model,
     finite_float,
     int_in_range,
+    load_loras,
     pipeline_class_of,
     print_error,
 )
@@ -90,6 +92,10 @@ def _generate(args) -> int:
         return print_error("`--height/--width` apply to Infinity pipelines only (VAR/STAR sizes are fixed by the model)")
 
     pipe = pipeline_class.from_pretrained(model, dtype=getattr(torch, args.dtype)).to(args.device)
+    try:
+        load_loras(pipe, args.lora, args.lora_scale)
+    except ValueError as err:
+        return print_error(f"`--lora` {err}")
     kwargs = {"output_type": "pil"}
     for key in ("guidance_scale", "top_k", "top_p"):
         if getattr(args, key) is not None:
@@ -282,6 +288,7 @@ def build_parser() -> OneLineErrorParser:
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     gen.add_argument("--out", default="out.png", help="image file; its extension picks the format (default out.png)")
+    add_lora_arguments(gen)
     gen.set_defaults(func=_generate)
 
     ed = sub.add_parser("edit", help="in-paint / out-paint (--mask or --box) or image-to-image (--strength) an image",

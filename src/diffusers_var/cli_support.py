@@ -86,6 +86,32 @@ def finite_float(text: str) -> float:
     return value
 
 
+def load_loras(pipe, paths: list[str] | None, scales: list[float] | None) -> list[str]:
+    """``pipe.load_lora_weights`` of every ``--lora`` (adapters ``lora_0``, ``lora_1``, ...), then ``set_adapters``
+    with the ``--lora-scale`` values (one for all, or one per adapter; default 1.0). Returns the adapter names."""
+    paths, scales = list(paths or []), list(scales or [])
+    if not paths:
+        if scales:
+            raise ValueError("`--lora-scale` needs `--lora PATH`.")
+        return []
+    if len(scales) not in (0, 1, len(paths)):
+        raise ValueError(f"`--lora-scale`: give one scale, or one per `--lora` ({len(paths)}), got {len(scales)}.")
+    names = [f"lora_{i}" for i in range(len(paths))]
+    for name, path in zip(names, paths):
+        pipe.load_lora_weights(path, adapter_name=name)
+    weights = scales * len(paths) if len(scales) == 1 else (scales or [1.0] * len(paths))
+    pipe.set_adapters(names, adapter_weights=[float(w) for w in weights])
+    return names
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lora", action="append", default=None, metavar="PATH",
+                        help="LoRA adapter: a folder with pytorch_lora_weights.safetensors or a .safetensors file "
+                             "(repeat for several)")
+    parser.add_argument("--lora-scale", action="append", type=finite_float, default=None, metavar="S",
+                        help="adapter strength (default 1.0; 0 = the base model): one for all, or one per --lora")
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's flags (kept out of :mod:`diffusers_var.demo` so that ``diffusers-var --help`` does not import
     gradio). Ranges are checked here, so a bad value is a one-line error before gradio starts."""
@@ -106,6 +132,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="most waiting requests (default 32); more are told the queue is full")
     parser.add_argument("--concurrency", type=int_in_range(1), default=1,
                         help="generations running at once, all tabs together")
+    add_lora_arguments(parser)  # each adapter goes to the tab of the family it was made for
 
 
 def check_device(flag: str, device: str | None) -> str | None:

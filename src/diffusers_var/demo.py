@@ -88,6 +88,34 @@ def load_family(family: str, spec: Any, device: str, dtype: torch.dtype, cpu_off
     return pipe, ""
 
 
+def attach_loras(pipelines: dict, paths: list[str] | None, scales: list[float] | None = None) -> dict[str, str]:
+    """Load each ``--lora`` into the served pipeline of the family it was made for (its file says which
+    transformer); ``--lora-scale`` as in ``diffusers-var generate``. Returns ``{family: description}`` for the tabs.
+    A ``ValueError`` when an adapter fits no served pipeline."""
+    from .cli_support import load_loras
+    from .loaders import NextScaleLoraLoaderMixin
+
+    paths, scales = list(paths or []), list(scales or [])
+    if len(scales) not in (0, 1, len(paths)) or (scales and not paths):
+        raise ValueError(f"`--lora-scale`: give one scale, or one per `--lora` ({len(paths)}), got {len(scales)}.")
+    chosen: dict[str, list[tuple[str, float]]] = {}
+    for i, path in enumerate(paths):
+        _, family = NextScaleLoraLoaderMixin.lora_state_dict(path, return_family_metadata=True)
+        made_for = (family or {}).get("transformer_class")
+        served = [key for key, pipe in pipelines.items() if pipe is not None
+                  and (made_for is None or made_for in {c.__name__ for c in type(pipe.transformer).__mro__})]
+        if len(served) != 1:
+            what = f"made for a {made_for}, which no tab serves" if made_for else "does not say which family it is for"
+            raise ValueError(f"`--lora` {path}: {what}; serve the matching pipeline (--var/--star/--infinity).")
+        scale = scales[0] if len(scales) == 1 else (scales[i] if scales else 1.0)
+        chosen.setdefault(served[0], []).append((path, scale))
+    notes = {}
+    for key, entries in chosen.items():
+        load_loras(pipelines[key], [path for path, _ in entries], [scale for _, scale in entries])
+        notes[key] = ", ".join(f"`{Path(path).name}` (scale {scale:g})" for path, scale in entries)
+    return notes
+
+
 # -- generation -------------------------------------------------------------------------------------
 def _check_count(num_images, max_images: int) -> int:
     if num_images is None or int(num_images) != num_images or not 1 <= int(num_images) <= max_images:
@@ -396,19 +424,22 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
 
 def build_demo(var: Any = DEFAULT, star: Any = DEFAULT, infinity: Any = DEFAULT, device: str | None = None,
                dtype: torch.dtype = torch.float32, cpu_offload: bool = False, max_images: int = 8,
-               queue_size: int = 32, concurrency_limit: int = 1) -> gr.Blocks:
+               queue_size: int = 32, concurrency_limit: int = 1, loras: list[str] | None = None,
+               lora_scales: list[float] | None = None) -> gr.Blocks:
     """Build the app (queued, not launched).
 
     ``var``/``star``/``infinity``: a pipeline object, a pipeline folder, ``"default"`` (the embedded
     pipeline when present) or ``None``. ``device`` defaults to CUDA when available. Generation requests
     run ``concurrency_limit`` at a time across all tabs; at most ``queue_size`` wait, and further
-    requests are refused with gradio's "Queue is full" message.
+    requests are refused with gradio's "Queue is full" message. ``loras`` (``--lora``): LoRA adapters, each
+    loaded into the pipeline of its family, at ``lora_scales`` (:func:`attach_loras`).
     """
     if not 1 <= max_images <= 64:
         raise ValueError(f"`max_images` must be in [1, 64], got {max_images}.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = {key: load_family(key, spec, device, dtype, cpu_offload)
               for key, spec in (("var", var), ("star", star), ("infinity", infinity))}
+    lora_notes = attach_loras({key: pipe for key, (pipe, _) in loaded.items()}, loras, lora_scales)
     common = {"concurrency_limit": concurrency_limit, "concurrency_id": "generate"}
     builders = {"var": _var_tab, "star": _star_tab, "infinity": _infinity_tab}
     with gr.Blocks(title="diffusers-var demo") as demo:
@@ -421,6 +452,8 @@ def build_demo(var: Any = DEFAULT, star: Any = DEFAULT, infinity: Any = DEFAULT,
                     if pipe is None:
                         gr.Markdown(f"**Not available.** {notice}", elem_id=f"{key}-notice")
                     else:
+                        if key in lora_notes:
+                            gr.Markdown(f"LoRA: {lora_notes[key]}", elem_id=f"{key}-lora")
                         builders[key](pipe, common, max_images)
             served = {key: pipe for key, (pipe, _) in loaded.items() if pipe is not None}
             with gr.Tab("Edit", id="edit", elem_id="tab-edit"):
@@ -442,7 +475,8 @@ def run(args: argparse.Namespace) -> int:
     specs = {key: (None if str(getattr(args, key)).lower() == "none" else getattr(args, key)) for key in FAMILIES}
     try:
         demo = build_demo(**specs, device=args.device, dtype=getattr(torch, args.dtype), cpu_offload=args.cpu_offload,
-                          max_images=args.max_images, queue_size=args.queue_size, concurrency_limit=args.concurrency)
+                          max_images=args.max_images, queue_size=args.queue_size, concurrency_limit=args.concurrency,
+                          loras=getattr(args, "lora", None), lora_scales=getattr(args, "lora_scale", None))
     except ValueError as err:
         return print_error(err)
     try:

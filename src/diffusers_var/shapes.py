@@ -14,6 +14,13 @@ import numpy as np
 import torch
 
 SHAPES = ("circle", "square", "triangle")
+# shapes the embedded pipelines never saw, for fine-tuning experiments (LoRA): a "bar" is a wide rectangle (width 2r,
+# height 0.9r), drawn larger than the other shapes (r in BAR_SIZE of the image side) so that the frozen tokenizers,
+# trained on circles, squares and triangles only, still reconstruct it as a wide rectangle
+NEW_SHAPES = ("bar",)
+ALL_SHAPES = SHAPES + NEW_SHAPES
+BAR_SIZE = (0.28, 0.40)
+BAR_HALF_HEIGHT = 0.45  # of r
 COLORS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -59,25 +66,32 @@ def class_id(shape: str, color: str, background: str) -> int:
 def render(class_ids: np.ndarray, sizes: np.ndarray, centers: np.ndarray, resolution: int) -> np.ndarray:
     """Rasterise shapes: uint8 (N, resolution, resolution, 3). ``sizes`` are half-extents and ``centers``
     (N, 2) are (y, x), both in pixels. 2x2 supersampling gives slightly smooth edges."""
-    n, ss = len(class_ids), 2
+    return render_shapes([CLASSES[i] for i in class_ids], sizes, centers, resolution)
+
+
+def render_shapes(classes, sizes: np.ndarray, centers: np.ndarray, resolution: int) -> np.ndarray:
+    """:func:`render` for a list of :class:`ShapeClass` (the :data:`NEW_SHAPES` included)."""
+    n, ss = len(classes), 2
     grid = (np.arange(resolution * ss, dtype=np.float32) + 0.5) / ss
     yy, xx = grid[None, :, None], grid[None, None, :]
     cy, cx, r = centers[:, 0, None, None], centers[:, 1, None, None], sizes[:, None, None]
-    kind = np.array([SHAPES.index(CLASSES[i].shape) for i in class_ids])[:, None, None]
+    kind = np.array([ALL_SHAPES.index(c.shape) for c in classes])[:, None, None]
     circle = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
     square = (np.abs(yy - cy) <= r * 0.85) & (np.abs(xx - cx) <= r * 0.85)
     # upward triangle: apex at the top, base at the bottom of a 2r box
     t = (yy - (cy - r)) / (2 * r)
     triangle = (t >= 0) & (t <= 1) & (np.abs(xx - cx) <= t * r)
-    mask = np.where(kind == 0, circle, np.where(kind == 1, square, triangle)).astype(np.float32)
+    bar = (np.abs(yy - cy) <= r * BAR_HALF_HEIGHT) & (np.abs(xx - cx) <= r)
+    mask = np.select([kind == 0, kind == 1, kind == 2], [circle, square, triangle], bar).astype(np.float32)
     mask = mask.reshape(n, resolution, ss, resolution, ss).mean(axis=(2, 4))[..., None]
-    fg = _PALETTE[[COLOR_NAMES.index(CLASSES[i].color) for i in class_ids]][:, None, None]
-    bg = _PALETTE[[COLOR_NAMES.index(CLASSES[i].background) for i in class_ids]][:, None, None]
+    fg = _PALETTE[[COLOR_NAMES.index(c.color) for c in classes]][:, None, None]
+    bg = _PALETTE[[COLOR_NAMES.index(c.background) for c in classes]][:, None, None]
     return np.clip(mask * fg + (1 - mask) * bg + 0.5, 0, 255).astype(np.uint8)
 
 
-def sample_layout(rng: np.random.Generator, n: int, resolution: int) -> tuple[np.ndarray, np.ndarray]:
-    sizes = rng.uniform(0.16, 0.34, n).astype(np.float32) * resolution
+def sample_layout(rng: np.random.Generator, n: int, resolution: int,
+                  size_range: tuple[float, float] = (0.16, 0.34)) -> tuple[np.ndarray, np.ndarray]:
+    sizes = rng.uniform(*size_range, n).astype(np.float32) * resolution
     margin = sizes[:, None] + 1
     centers = rng.uniform(0, 1, (n, 2)).astype(np.float32) * (resolution - 2 * margin) + margin
     return sizes, centers
@@ -106,6 +120,71 @@ class ShapesDataset(torch.utils.data.Dataset):
         return {"pixel_values": pixels, "class_labels": label, "caption": CLASSES[label].caption}
 
 
+def concept_classes(concept: str = "bar") -> list[ShapeClass]:
+    """Every colour / background combination of a :data:`NEW_SHAPES` shape (30 classes)."""
+    if concept not in NEW_SHAPES:
+        raise ValueError(f"`concept` must be one of {NEW_SHAPES} (shapes the embedded models never saw), "
+                         f"got {concept!r}.")
+    return [ShapeClass(concept, c, b) for c in COLOR_NAMES for b in COLOR_NAMES if c != b]
+
+
+def _layout_for(classes, rng: np.random.Generator, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sizes and centres of ``classes`` (bars drawn within :data:`BAR_SIZE`, the other shapes as usual)."""
+    is_bar = np.array([c.shape == "bar" for c in classes])
+    sizes, centers = sample_layout(rng, len(classes), resolution)
+    if is_bar.any():
+        bar_sizes, bar_centers = sample_layout(rng, int(is_bar.sum()), resolution, BAR_SIZE)
+        sizes[is_bar], centers[is_bar] = bar_sizes, bar_centers
+    return sizes, centers
+
+
+class ConceptShapesDataset(torch.utils.data.Dataset):
+    """Fine-tuning data for a new concept, DreamBooth-style with prior preservation: ``num_images`` deterministic
+    samples, ``concept_fraction`` of them the :data:`NEW_SHAPES` shape ``concept`` in any colour on any other
+    background (captions such as "a red bar on a blue background"), the others the original classes, so that the
+    fine-tuned model keeps what it knew. Items as :class:`ShapesDataset`.
+
+    ``concept_replaces`` (class-conditional models, which can learn no new class ids): the concept takes over the class
+    ids of that shape (``class_labels`` of a red bar on blue = the id of "red square on blue" for
+    ``concept_replaces="square"``) and the prior images come from the other classes only. Without it,
+    ``class_labels`` of the concept images is -1 (text-to-image training reads the captions).
+    """
+
+    def __init__(self, num_images: int = 1000, resolution: int = 64, seed: int = 0, concept: str = "bar",
+                 concept_fraction: float = 0.5, concept_replaces: str | None = None, need_labels: bool = False):
+        if num_images < 1 or resolution < 16:
+            raise ValueError(f"`num_images` must be >= 1 and `resolution` >= 16, got {num_images}, {resolution}.")
+        new_classes = concept_classes(concept)
+        if not isinstance(concept_fraction, (int, float)) or not 0 < concept_fraction <= 1:
+            raise ValueError(f"`concept_fraction` must be in (0, 1], got {concept_fraction!r}.")
+        if concept_replaces is not None and concept_replaces not in SHAPES:
+            raise ValueError(f"`concept_replaces` must be one of {SHAPES} or None, got {concept_replaces!r}.")
+        if need_labels and concept_replaces is None:
+            raise ValueError("`concept_replaces`: a class-conditional model learns no new class ids; name the shape "
+                             f"whose class ids the concept takes over ({SHAPES}).")
+        rng = np.random.default_rng(seed)
+        num_new = max(1, round(num_images * concept_fraction))
+        prior_ids = [i for i, c in enumerate(CLASSES) if c.shape != concept_replaces]
+        classes = [new_classes[i] for i in rng.integers(0, len(new_classes), num_new)]
+        classes += [CLASSES[i] for i in rng.choice(prior_ids, num_images - num_new)]
+        self.classes = [classes[i] for i in rng.permutation(num_images)]
+        self.class_ids = np.array([
+            (class_id(concept_replaces, c.color, c.background) if concept_replaces else -1) if c.shape == concept
+            else CLASSES.index(c) for c in self.classes])
+        sizes, centers = _layout_for(self.classes, rng, resolution)
+        self.images = np.concatenate([render_shapes(self.classes[i : i + 2048], sizes[i : i + 2048],
+                                                    centers[i : i + 2048], resolution)
+                                      for i in range(0, num_images, 2048)])
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def __getitem__(self, index: int) -> dict:
+        pixels = torch.from_numpy(self.images[index]).permute(2, 0, 1).float().div(127.5).sub(1)
+        caption = self.classes[index].caption
+        return {"pixel_values": pixels, "class_labels": int(self.class_ids[index]), "caption": caption}
+
+
 # ----------------------------------------------------------------------------------------------
 # The judge
 # ----------------------------------------------------------------------------------------------
@@ -119,7 +198,9 @@ def judge_image(image: np.ndarray) -> ShapeClass | None:
     Background = the palette colour nearest to the median border pixel; foreground = pixels far from that
     border colour; colour = nearest palette colour of their median; shape from how much of its
     bounding box the (largest) blob fills: square ~0.72+ of a square box, circle ~0.785 of the box of a
-    disc, triangle ~0.5, disambiguated by where the mass sits (a triangle is heavier at the bottom).
+    disc, triangle ~0.5, disambiguated by where the mass sits (a triangle is heavier at the bottom). A box less than
+    0.8 times as high as wide is a ``"bar"`` (:data:`NEW_SHAPES`; the other shapes' boxes are square: >= 0.86 in
+    the embedded tokenizers' reconstructions, bars <= 0.72).
     """
     img = image.astype(np.float32)
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
@@ -134,7 +215,9 @@ def judge_image(image: np.ndarray) -> ShapeClass | None:
     fill = fg_mask.sum() / float(h * w)
     # fraction of the mass in the lower half of the bounding box
     lower = (ys > (ys.min() + ys.max()) / 2).mean()
-    if fill > 0.88:
+    if h < 0.8 * w and fill > 0.6:
+        shape = "bar"
+    elif fill > 0.88:
         shape = "square"
     elif fill < 0.64 or lower > 0.62:
         shape = "triangle"

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
@@ -153,7 +154,7 @@ class InfinityTransformerOutput(BaseOutput):
     logits: torch.Tensor
 
 
-class InfinityTransformer2DModel(ModelMixin, ConfigMixin):
+class InfinityTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""Infinity: predicts every bit of every token of scale k from all coarser scales and the text.
 
     * Text (T5 features, padded, with a mask) is RMS-normalised, attention-pooled into one vector (the

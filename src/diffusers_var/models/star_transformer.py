@@ -9,6 +9,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
@@ -187,7 +188,7 @@ class STARStableSampler(nn.Module):
         return self.head(self.norm(h.float()).to(self.head.weight.dtype)).float()[:, 1:]
 
 
-class STARTransformer2DModel(ModelMixin, ConfigMixin):
+class STARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""STAR: VAR made text-to-image.
 
     * The first token is ``text_proj(pooled text) + pos_start``; every token gets ``level_embedding[scale]``.

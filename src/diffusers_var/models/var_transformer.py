@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
@@ -34,7 +35,7 @@ class NextScaleTransformerOutput(BaseOutput):
     logits: torch.Tensor
 
 
-class VARTransformer2DModel(ModelMixin, ConfigMixin):
+class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""VAR: a GPT-style transformer that predicts the token map of scale k+1 from all coarser scales.
 
     * The class embedding (row ``num_classes`` is the null class used for guidance and label dropout)

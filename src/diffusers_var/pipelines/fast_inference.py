@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ..loaders import adapter_state
 from ..models.blocks import AdaLNSelfAttentionBlock, CosineSelfAttention, FeedForward, Rotary2D, memoized
 from ..models.multiscale_vq import MultiScaleResidualQuantizer
 
@@ -133,12 +134,26 @@ def fuse_ffn_gelu_(model: nn.Module | None, enabled: bool = True) -> int:
 
 def _fused_gelu_ffn_forward(ffn: FeedForward, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
-    if uses_fp8(ffn.fc1, x) or not x.is_cuda or torch.is_grad_enabled() or rows < FUSED_GELU_MIN_ROWS:
+    if uses_fp8(_base_layer(ffn.fc1), x) or not x.is_cuda or torch.is_grad_enabled() or rows < FUSED_GELU_MIN_ROWS \
+            or adds_lora_output(ffn.fc1):  # an unfused LoRA on fc1: its own forward adds the adapters' update
         # float8 fc1: its GELU fuses with the quantisation of fc2's input in the compiled block instead
         return ffn.fc2(F.gelu(ffn.fc1(x), approximate="tanh"))
     # on CUDA ``_addmm_activation(use_gelu=True)`` is the tanh approximation (exact erf GELU on the CPU)
     hidden = torch._addmm_activation(ffn.fc1.bias, x.reshape(-1, x.shape[-1]), ffn.fc1.weight.t(), use_gelu=True)
     return ffn.fc2(hidden.view(*x.shape[:-1], -1))
+
+
+def _base_layer(layer: nn.Module) -> nn.Module:
+    """The linear under a PEFT LoRA layer (the layer itself otherwise)."""
+    return layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+
+
+def adds_lora_output(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a PEFT LoRA layer whose forward adds an adapter's update to its base layer's output
+    (active, enabled, not fused): kernels that read ``layer.weight`` directly (the base weight) must not replace it."""
+    if not hasattr(layer, "get_base_layer") or getattr(layer, "disable_adapters", True) or layer.merged:
+        return False
+    return any(name in getattr(layer, "lora_A", {}) for name in layer.active_adapters)
 
 
 # float8 linears (opt-in: ``VARPipeline.enable_fast_inference(fp8=True)``)
@@ -186,6 +201,8 @@ def fp8_linears(model: nn.Module) -> list[nn.Linear]:
             linears += [module.to_qkv, module.to_out]
         elif isinstance(module, FeedForward):
             linears += [module.fc1, module.fc2]
+    # a LoRA layer's base linear runs in float8; the LoRA layer adds the (unfused) adapters' update to its output
+    linears = [_base_layer(linear) for linear in linears]
     for linear in linears:
         if linear.in_features % 16 or linear.out_features % 16:
             raise ValueError(f"float8 matmuls need widths divisible by 16, got a {linear.in_features} -> "
@@ -410,6 +427,7 @@ class FastInferenceMixin:
     _fast_inference: bool = False
     _use_cuda_graphs: bool = False
     _fast_dtype: torch.dtype | None = None
+    _fast_fp8: bool = False
 
     def _cast_for_fast_inference(self, dtype: torch.dtype, decoder: Sequence[nn.Module], compile_decoder: bool) -> None:
         """The transformer and text encoder to ``dtype`` (their ``_keep_in_fp32_modules`` to float32) and the image
@@ -431,9 +449,24 @@ class FastInferenceMixin:
         separable_upsample_(getattr(self, "vqvae", None), low_precision)
         self._fast_inference = bool(enabled)
         self._fast_dtype = dtype if enabled else None
+        self._fast_fp8 = bool(enabled and fp8)
         self._use_cuda_graphs = bool(enabled and cuda_graphs)
         self._graph_steps = OrderedDict()
+        self._adapter_state = adapter_state(self.transformer)
         return self
+
+    def _sync_adapters(self) -> None:
+        """The CUDA graphs replay the LoRA layers as they were when captured (active adapters, scales, fused or not),
+        and the float8 weights are copies: when loading, fusing, switching or scaling adapters has changed what the
+        transformer computes since, the graphs are dropped (recaptured on the next call) and the float8 copies
+        remade."""
+        if not self._fast_inference:
+            return
+        state = adapter_state(self.transformer)
+        if state != self.__dict__.get("_adapter_state"):
+            self._graph_steps = OrderedDict()
+            quantize_linears_fp8_(self.transformer, self._fast_fp8)
+            self._adapter_state = state
 
     def disable_fast_inference(self):
         """Back to the eager path without CUDA graphs (captured graphs are freed), the fused FFN GELU, the separable
@@ -473,6 +506,7 @@ class FastInferenceMixin:
     def _graph_scale_steps(self, key: Hashable, device: torch.device,
                            build: Callable[[], CUDAGraphScaleSteps]) -> CUDAGraphScaleSteps | None:
         """The graph set for ``key`` (captured by ``build()`` on first use), or ``None`` for the eager path."""
+        self._sync_adapters()
         if not self._use_cuda_graphs or not self._cuda_graphs_usable(device):
             return None
         cache = self._graph_steps  # set by _set_fast_inference, which is what turns graphs on
@@ -491,6 +525,7 @@ class FastInferenceMixin:
         """``step(scale_index, scale_input) -> transformer outputs`` for one generation with ``condition`` (the
         tensors of ``transformer.forward_scale``, guidance rows included): eager with a fresh KV cache, or replayed
         CUDA graphs, captured once per condition shapes and schedule and fed with this generation's condition."""
+        self._sync_adapters()
         transformer = self.transformer
         schedule = tuple(tuple(hw) for hw in schedule)
         rows = condition[0].shape[0]

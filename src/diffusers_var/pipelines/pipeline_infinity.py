@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils import logging
 
+from ..loaders import InfinityLoraLoaderMixin
 from ..models.bitwise_vae import BitwiseMultiScaleVAE
 from ..models.dynamic_resolution import schedule_for_pixels
 from ..models.infinity_transformer import InfinityTransformer2DModel
@@ -44,7 +45,7 @@ def _pad_text(embeds_BSC: torch.Tensor, mask_BS: torch.Tensor, length: int):
     return F.pad(embeds_BSC, (0, 0, 0, extra)), F.pad(mask_BS, (0, extra))
 
 
-class InfinityPipeline(NextScalePipeline):
+class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
     r"""Text-to-image generation with Infinity (FoundationVision): a BSQ multi-scale tokenizer and a
     transformer that predicts every bit of every token, scale by scale, conditioned on Flan-T5 features.
 

@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from diffusers.utils import logging
 
+from ..loaders import STARLoraLoaderMixin
 from ..models.blocks import square_schedule
 from ..models.multiscale_vq import MultiScaleVQModel
 from ..models.star_transformer import STARTransformer2DModel
@@ -55,7 +56,7 @@ ScaleForcing = Callable[[int, torch.Tensor, torch.Tensor | None], tuple[torch.Te
 T5_MAX_LENGTH = 120
 
 
-class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline):
+class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderMixin):
     r"""Text-to-image generation with STAR (scale-wise text-to-image autoregression).
 
     Components:

@@ -9,6 +9,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from ..loaders import VARLoraLoaderMixin
 from ..models.blocks import square_schedule
 from ..models.multiscale_vq import MultiScaleVQModel
 from ..models.var_transformer import VARTransformer2DModel
@@ -63,7 +64,7 @@ class ScaleSampling(NamedTuple):
     fast_filter: bool
 
 
-class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline):
+class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMixin):
     r"""Class-conditional generation with VAR (Visual AutoRegressive modeling, next-scale prediction).
 
     Components:

@@ -38,14 +38,18 @@ STATE_FILE = "trainer_state.json"
 PICKLE_SUFFIXES = {".pkl", ".bin", ".pt", ".pth", ".ckpt"}
 
 
-def _state_dict_options(accelerator, for_save: bool):
+def _state_dict_options(accelerator, for_save: bool, strict: bool = True):
     from accelerate.utils import DistributedType
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     sharded = accelerator.distributed_type == DistributedType.FSDP
     if for_save:  # full tensors on rank 0 only (the others get empty dicts), on the CPU
         return StateDictOptions(full_state_dict=sharded, cpu_offload=sharded)
-    return StateDictOptions(full_state_dict=sharded, strict=True)
+    return StateDictOptions(full_state_dict=sharded, strict=strict)
+
+
+def _trainable_names(model) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _cpu(tensor: torch.Tensor) -> torch.Tensor:
@@ -101,13 +105,18 @@ def _load_rng(folder: Path, rank: int) -> bool:
 
 
 # -- save ----------------------------------------------------------------------------------------------
-def save_training_state(folder: Path, accelerator, model, optimizer, scheduler, ema, step: int, config: dict) -> None:
+def save_training_state(folder: Path, accelerator, model, optimizer, scheduler, ema, step: int, config: dict,
+                        trainable_only: bool = False) -> None:
     """Write a checkpoint into ``folder``. Every process calls it (under FSDP gathering the state is a collective);
-    each writes its own RNG state, the main process everything else."""
+    each writes its own RNG state, the main process everything else. ``trainable_only`` (LoRA): the model file holds
+    the trained weights only (the frozen base comes from the base pipeline again on resume)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     options = _state_dict_options(accelerator, for_save=True)
     model_state = get_model_state_dict(model, options=options)
+    if trainable_only:
+        trained = _trainable_names(accelerator.unwrap_model(model))
+        model_state = {name: t for name, t in model_state.items() if name in trained}
     optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer, options=options)
     folder.mkdir(parents=True, exist_ok=True)
     _save_rng(folder, accelerator.process_index)
@@ -133,10 +142,11 @@ def save_training_state(folder: Path, accelerator, model, optimizer, scheduler, 
         "grad_scaler": _json_value(accelerator.scaler.state_dict()) if accelerator.scaler is not None else None,
         "ema": None,
         "config": config,
+        "trainable_only": bool(trainable_only),
     }
-    if ema is not None:
+    if ema is not None:  # EMA of the trained parameters, in their order
         ema_state = ema.state_dict()
-        names = [name for name, _ in accelerator.unwrap_model(model).named_parameters()]
+        names = [name for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
         save_file({name: _cpu(t) for name, t in zip(names, ema_state.pop("shadow_params"))}, folder / "ema.safetensors")
         ema_state.pop("collected_params", None)
         state["ema"] = {"values": _json_value(ema_state), "parameters": names}
@@ -176,7 +186,7 @@ def _check_fits(kind: str, expected: dict[str, tuple], found: dict[str, torch.Te
                          "a changed architecture cannot be resumed: set resume=never to start a fresh run.")
 
 
-def load_training_state(folder: Path, accelerator, model, optimizer, scheduler, ema) -> dict:
+def load_training_state(folder: Path, accelerator, model, optimizer, scheduler, ema, trainable_only: bool = False) -> dict:
     """Restore what :func:`save_training_state` wrote; returns ``trainer_state.json``. Reads safetensors and JSON only."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
@@ -185,11 +195,17 @@ def load_training_state(folder: Path, accelerator, model, optimizer, scheduler, 
     if ignored:
         logger.warning("ignoring %s in %s: pickle files are never loaded", ", ".join(ignored), folder)
     unwrapped = accelerator.unwrap_model(model)
+    if bool(state.get("trainable_only", False)) != trainable_only:
+        raise ValueError(f"`lora`: checkpoint {str(folder)!r} is of a {'LoRA' if not trainable_only else 'full'} run; "
+                         "set resume=never to start a fresh run.")
     shapes = {name: tuple(t.shape) for name, t in unwrapped.state_dict().items()}
+    if trainable_only:
+        trained = _trainable_names(unwrapped)
+        shapes = {name: shape for name, shape in shapes.items() if name in trained}
     model_state = load_file(folder / "model.safetensors")
     _check_fits("model weights", shapes, model_state, folder)
     options = _state_dict_options(accelerator, for_save=False)
-    set_model_state_dict(model, model_state, options=options)
+    set_model_state_dict(model, model_state, options=_state_dict_options(accelerator, False, strict=not trainable_only))
 
     optimizer_tensors = load_file(folder / "optimizer.safetensors")
     per_parameter: dict[str, dict] = {}
@@ -220,7 +236,8 @@ def load_training_state(folder: Path, accelerator, model, optimizer, scheduler, 
                              "resume=never.")
         shadow = load_file(folder / "ema.safetensors")
         names = state["ema"]["parameters"]
-        _check_fits("EMA weights", {name: tuple(p.shape) for name, p in unwrapped.named_parameters()}, shadow, folder)
+        _check_fits("EMA weights", {name: tuple(p.shape) for name, p in unwrapped.named_parameters() if p.requires_grad},
+                    shadow, folder)
         ema.load_state_dict({**state["ema"]["values"], "shadow_params": [shadow[name] for name in names]})
     if not _load_rng(folder, accelerator.process_index):
         logger.warning("no random state for process %d in %s (it was saved by %d processes): this process continues "

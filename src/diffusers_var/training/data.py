@@ -187,13 +187,45 @@ class HFDataset(_SkipsBadImages):
         return item
 
 
+class RepeatedDataset(torch.utils.data.Dataset):
+    """``dataset`` seen ``repeats`` times per epoch (a few DreamBooth images fill a batch and an epoch); other
+    attributes are the dataset's."""
+
+    def __init__(self, dataset, repeats: int):
+        self.dataset, self.repeats = dataset, repeats
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.repeats
+
+    def __getitem__(self, index: int) -> dict:
+        return self.dataset[index % len(self.dataset)]
+
+    def __getattr__(self, name):
+        if name in ("dataset", "repeats"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
 def build_dataset(data_config: dict, resolution: int, need_labels: bool = False, need_captions: bool = False):
     """``data`` section of a training config -> dataset. ``type``: shapes | imagefolder | hf; ``bad_images``: skip
-    (default: an image that cannot be decoded is skipped with a warning naming it) | error (stop, naming it)."""
+    (default: an image that cannot be decoded is skipped with a warning naming it) | error (stop, naming it);
+    ``repeats`` (any type, default 1) repeats the dataset within an epoch."""
+    repeats = data_config.get("repeats", 1)
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ValueError(f"`data.repeats` must be an integer >= 1, got {repeats!r}.")
+    dataset = _build_dataset(data_config, resolution, need_labels, need_captions)
+    return RepeatedDataset(dataset, repeats) if repeats > 1 else dataset
+
+
+def _build_dataset(data_config: dict, resolution: int, need_labels: bool = False, need_captions: bool = False):
     kind = data_config.get("type", "imagefolder")
     if kind == "shapes":
-        from ..shapes import ShapesDataset
+        from ..shapes import ConceptShapesDataset, ShapesDataset
 
+        concept = {k: data_config[k] for k in ("concept", "concept_fraction", "concept_replaces") if k in data_config}
+        if concept:  # a new shape for fine-tuning, with prior preservation (diffusers_var.shapes.ConceptShapesDataset)
+            return ConceptShapesDataset(int(data_config.get("num_images", 1000)), resolution,
+                                        int(data_config.get("seed", 0)), need_labels=need_labels, **concept)
         return ShapesDataset(int(data_config.get("num_images", 10000)), resolution, int(data_config.get("seed", 0)))
     if kind == "imagefolder":
         if "path" not in data_config:

@@ -85,6 +85,7 @@ class TrainConfig:
     # (and refuses, naming the differing keys, when it is not), "never" starts afresh (the previous run's files are
     # moved to output_dir/previous-runs/), "force" resumes from the checkpoint with the new settings
     resume: str = "auto"
+    lora: dict | None = None  # LoRA fine-tuning of a pipeline: lora.base, lora.rank, ... (diffusers_var.training.lora)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -169,10 +170,14 @@ class TrainConfig:
         if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
             raise ValueError(f"`adam_betas` must be two numbers in [0, 1), e.g. [0.9, 0.95], got {betas!r}.")
         self.adam_betas = tuple(float(b) for b in betas)
-        if self.task not in TOKENIZER_TASKS and not self.tokenizer_path:
+        if self.lora is not None:
+            from .lora import LoraSettings
+
+            LoraSettings.parse(self.lora, self.task)  # tokenizer and text encoder default to the base pipeline's
+        elif self.task not in TOKENIZER_TASKS and not self.tokenizer_path:
             kind = "BitwiseMultiScaleVAE" if self.task == "infinity" else "MultiScaleVQModel"
             raise ValueError(f"`tokenizer_path` (a trained {kind} folder) is required for `task: {self.task}`.")
-        if self.task in TEXT_TASKS and not self.text_encoder_path:
+        if self.task in TEXT_TASKS and not self.text_encoder_path and self.lora is None:
             raise ValueError(f"`text_encoder_path` is required for `task: {self.task}`: a folder with `text_encoder/` and "
                              "`tokenizer/` sub-folders (or a plain transformers model folder), or 'tiny-clip' / 'tiny-t5' "
                              "(see diffusers_var.training.text_encoders).")
@@ -343,6 +348,15 @@ def _apply_hyperparameters(optimizer, scheduler, config: TrainConfig) -> None:
         group["lr"] = lr
 
 
+def _peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: allocated CUDA memory on a GPU, the process's peak resident size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def _has_accelerator_device() -> bool:
     if hasattr(torch, "accelerator"):
         return torch.accelerator.current_accelerator() is not None
@@ -355,7 +369,10 @@ def train(config: TrainConfig) -> Path:
     from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 
     from ..conversion.common import check_output_dir
+    from . import lora
     from .tasks import build_task
+
+    lora_settings = lora.settings_of(config)
 
     output_dir = Path(config.output_dir)
     checkpoint_dir = output_dir / "checkpoints"
@@ -395,6 +412,9 @@ def train(config: TrainConfig) -> Path:
                              "set ema_decay=null or train with DDP.")
         if config.sample_every:  # sampling a sharded model needs every rank, the sample grid is drawn on rank 0
             raise ValueError("`sample_every`: sample grids are not drawn under FSDP; set sample_every=0.")
+        if lora_settings is not None:
+            raise ValueError("`lora`: LoRA fine-tuning runs under DDP (each GPU holds the frozen base model), "
+                             "not FSDP.")
     snapshot = _config_snapshot(config)  # before a time limit shortens max_steps
     resume_from = _resume_point(config, output_dir, accelerator.is_main_process)
     accelerator.wait_for_everyone()  # the main process may have moved a previous run aside
@@ -408,9 +428,13 @@ def train(config: TrainConfig) -> Path:
 
     task = build_task(config, accelerator.device)
     model = task.model
+    text_encoder = getattr(task, "trainable_text_encoder", None)  # LoRA with lora.train_text_encoder
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.learning_rate, betas=tuple(config.adam_betas))
+    groups = _param_groups(model, config.weight_decay)
+    if text_encoder is not None:
+        groups += _param_groups(text_encoder, config.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=tuple(config.adam_betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     loader = torch.utils.data.DataLoader(
         task.dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, num_workers=config.num_workers,
@@ -418,19 +442,33 @@ def train(config: TrainConfig) -> Path:
     )
     if len(loader) == 0:
         raise ValueError(f"`batch_size` {config.batch_size} is larger than the dataset ({len(task.dataset)} images).")
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    if text_encoder is not None:
+        model, text_encoder, optimizer, loader, scheduler = accelerator.prepare(model, text_encoder, optimizer, loader,
+                                                                                scheduler)
+        task.trainable_text_encoder = text_encoder  # the loss calls it through its (DDP) wrapper
+        # one module holding both, so the checkpoint's model and optimizer states name every trained parameter
+        checkpointed = torch.nn.ModuleDict({"transformer": model, "text_encoder": text_encoder})
+    else:
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+        checkpointed = model
+    trained_models = [m for m in (model, text_encoder) if m is not None]
+
+    def trainable_parameters():  # every trainable parameter, in a fixed order (all of the model's in full training)
+        return lora.trainable_parameters(*(accelerator.unwrap_model(m) for m in trained_models))
+
     counter = _StepCounter()
     ema = None
     if config.ema_decay:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=config.ema_decay, foreach=True)
+        ema = EMAModel(trainable_parameters(), decay=config.ema_decay, foreach=True)
         ema.to(accelerator.device)
 
     accelerator.print(f"{config.task}: {accelerator.distributed_type.value} on {accelerator.num_processes} process(es), "
                       f"{accelerator.device.type}, mixed precision {accelerator.mixed_precision}")
     if resume_from is not None:
-        state = load_training_state(resume_from, accelerator, model, optimizer, scheduler, ema)
+        state = load_training_state(resume_from, accelerator, checkpointed, optimizer, scheduler, ema,
+                                    trainable_only=lora_settings is not None)
         counter.step = int(state["step"])
         if config.resume == "force" and config_differences(state.get("config") or {}, snapshot):
             _apply_hyperparameters(optimizer, scheduler, config)
@@ -446,7 +484,8 @@ def train(config: TrainConfig) -> Path:
         final = checkpoint_dir / f"step-{step:07d}"
         tmp = checkpoint_dir / f".tmp-step-{step:07d}"
         # safetensors + JSON only (never pickles); every rank writes its RNG state here
-        save_training_state(tmp, accelerator, model, optimizer, scheduler, ema, step, snapshot)
+        save_training_state(tmp, accelerator, checkpointed, optimizer, scheduler, ema, step, snapshot,
+                            trainable_only=lora_settings is not None)
         accelerator.wait_for_everyone()
         _fault_injection("checkpoint", step)
         if accelerator.is_main_process:
@@ -472,10 +511,12 @@ def train(config: TrainConfig) -> Path:
             skip = (counter.step % updates_per_epoch) * config.gradient_accumulation_steps
             epoch_loader = accelerator.skip_first_batches(loader, skip) if skip else loader
             for batch in epoch_loader:
-                with accelerator.accumulate(model):
+                with accelerator.accumulate(*trained_models):
                     loss, metrics = task.loss(model, batch)
                     accelerator.backward(loss)
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.grad_clip) if accelerator.sync_gradients else None
+                    grad_norm = None
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(trainable_parameters(), config.grad_clip)
                     optimizer.step()
                     if accelerator.sync_gradients:
                         scheduler.step()
@@ -485,7 +526,7 @@ def train(config: TrainConfig) -> Path:
                     continue
                 counter.step += 1
                 if ema is not None:
-                    ema.step(accelerator.unwrap_model(model).parameters())
+                    ema.step(trainable_parameters())
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{loss.item():.4f}")
@@ -496,7 +537,8 @@ def train(config: TrainConfig) -> Path:
                     elapsed = time.perf_counter() - started
                     record = {"step": counter.step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
                               "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                              "images_per_s": images_seen / max(elapsed, 1e-9), **metrics}
+                              "images_per_s": images_seen / max(elapsed, 1e-9),
+                              "peak_memory_mb": round(_peak_memory_mb(accelerator.device), 1), **metrics}
                     accelerator.log(record, step=counter.step)
                     if accelerator.is_main_process:
                         with log_file.open("a") as f:
@@ -519,9 +561,15 @@ def train(config: TrainConfig) -> Path:
     export_dir = output_dir / "final"
     trained = accelerator.unwrap_model(model)
     if ema is not None:  # never under FSDP (refused at the start): each rank holds the whole model; rank 0 exports it
-        ema.store(trained.parameters())
-        ema.copy_to(trained.parameters())
-    if accelerator.distributed_type == DistributedType.FSDP:
+        ema.store(trainable_parameters())
+        ema.copy_to(trainable_parameters())
+    if lora_settings is not None:
+        if accelerator.is_main_process:
+            summary = {"steps": counter.step, "seconds": time.perf_counter() - started,
+                       "device": accelerator.device.type, "processes": accelerator.num_processes}
+            lora.export_lora(config, task, trained, accelerator.unwrap_model(text_encoder) if text_encoder else None,
+                             export_dir, summary)
+    elif accelerator.distributed_type == DistributedType.FSDP:
         full_state = accelerator.get_state_dict(model)  # a collective: gathers the shards onto the main process
         if accelerator.is_main_process:
             plain = _unsharded_copy(trained, full_state)
@@ -529,7 +577,7 @@ def train(config: TrainConfig) -> Path:
     elif accelerator.is_main_process:
         task.export(trained, export_dir)
     if ema is not None:
-        ema.restore(trained.parameters())
+        ema.restore(trainable_parameters())
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return export_dir

@@ -17,6 +17,7 @@ from ..models.infinity_transformer import InfinityTransformer2DModel, infinity_f
 from ..models.multiscale_vq import MultiScaleVQModel
 from ..models.star_transformer import STARTransformer2DModel
 from ..models.var_transformer import VARTransformer2DModel
+from . import lora
 from .data import build_dataset, collate
 from .text_encoders import load_text_encoder, text_hidden_size
 
@@ -45,6 +46,13 @@ def _unwrap(model):
 
 def _frozen(model, device):
     return model.to(device).eval().requires_grad_(False)
+
+
+def _new(model_class, model_args: dict, **init):
+    """A freshly initialised model (``init_weights(**init)``)."""
+    model = model_class(**model_args)
+    model.init_weights(**init)
+    return model
 
 
 def _drop_mask(batch_size: int, rate: float) -> torch.Tensor:
@@ -111,11 +119,17 @@ class _PipelineTask:
     @torch.no_grad()
     def save_samples(self, model, path: Path) -> None:
         was_training = model.training
+        text_encoder = getattr(self, "text_encoder", None)  # in train mode when it is trained (LoRA)
+        text_was_training = text_encoder is not None and text_encoder.training
         model.eval()
+        if text_encoder is not None:
+            text_encoder.eval()
         pipe = self.pipeline(model)
         pipe.set_progress_bar_config(disable=True)
         images = self.sample(pipe, torch.Generator().manual_seed(0))
         model.train(was_training)
+        if text_encoder is not None:
+            text_encoder.train(text_was_training)
         _save_grid(images, path)
 
     def export(self, model, output_dir: Path) -> None:
@@ -230,7 +244,7 @@ class VARTask(_PipelineTask):
     def __init__(self, config, device):
         self.config = config
         self.dataset = build_dataset(config.data, config.resolution, need_labels=True)
-        self.tokenizer = _frozen(MultiScaleVQModel.from_pretrained(config.tokenizer_path), device)
+        self.tokenizer = _frozen(MultiScaleVQModel.from_pretrained(lora.tokenizer_path(config)), device)
         tok = self.tokenizer.config
         _check_vq_resolution(config, self.tokenizer)
         self.num_classes, self.id2label = self._classes()
@@ -239,8 +253,9 @@ class VARTask(_PipelineTask):
         model_args.setdefault("num_classes", self.num_classes)
         model_args.update(vocab_size=tok.vocab_size, latent_channels=tok.z_channels, patch_nums=list(tok.patch_nums),
                           cond_drop_rate=config.cond_drop_rate)
-        self.model = VARTransformer2DModel(**model_args)
-        self.model.init_weights(init_adaln_gamma=init_adaln_gamma)
+        self.model = lora.transformer_for_training(
+            config, VARTransformer2DModel,
+            lambda: _new(VARTransformer2DModel, model_args, init_adaln_gamma=init_adaln_gamma))
 
     def _classes(self):
         dataset = self.dataset
@@ -281,26 +296,37 @@ class STARTask(_PipelineTask):
     def __init__(self, config, device):
         self.config, self.device = config, device
         self.dataset = build_dataset(config.data, config.resolution, need_captions=True)
-        self.tokenizer = _frozen(MultiScaleVQModel.from_pretrained(config.tokenizer_path), device)
+        self.tokenizer = _frozen(MultiScaleVQModel.from_pretrained(lora.tokenizer_path(config)), device)
         _check_vq_resolution(config, self.tokenizer)
-        self.text_encoder, self.text_tokenizer = load_text_encoder(config.text_encoder_path, device)
+        self.text_encoder, self.text_tokenizer = load_text_encoder(lora.text_encoder_path(config), device)
+        self.trainable_text_encoder = lora.text_encoder_for_training(config, self.text_encoder)
         tok = self.tokenizer.config
         model_args = dict(config.model)
         init_head = float(model_args.pop("init_head", 0.02))
         model_args.setdefault("num_legacy_classes", 0)
         model_args.update(vocab_size=tok.vocab_size, latent_channels=tok.z_channels, patch_nums=list(tok.patch_nums),
                           text_embed_dim=text_hidden_size(self.text_encoder), cond_drop_rate=config.cond_drop_rate)
-        self.model = STARTransformer2DModel(**model_args)
-        self.model.init_weights(init_head=init_head)
+        self.model = lora.transformer_for_training(
+            config, STARTransformer2DModel, lambda: _new(STARTransformer2DModel, model_args, init_head=init_head))
         self.text_pipe = self.pipeline(self.model)  # its encode_text only
 
     def loss(self, model, batch):
         drop = _drop_mask(len(batch["caption"]), self.config.cond_drop_rate).tolist()
         texts = ["" if dropped else caption for caption, dropped in zip(batch["caption"], drop)]
         tf_input, targets = _vq_teacher_forcing(self.tokenizer, batch["pixel_values"])
-        hidden, mask, pooled = self.text_pipe.encode_text(texts, self.device)
+        hidden, mask, pooled = self.encode_text(texts)
         logits = model(tf_input, hidden, mask, pooled).logits
         return _token_cross_entropy(logits, targets, self.config.label_smoothing)
+
+    def encode_text(self, texts: list[str]):
+        """The pipeline's ``encode_text`` (frozen text encoder), or the same computation with gradients through the
+        trained text encoder (``lora.train_text_encoder``; called through its accelerate wrapper)."""
+        if self.trainable_text_encoder is None:
+            return self.text_pipe.encode_text(texts, self.device)
+        input_ids, attention_mask = self.text_pipe._tokenize(list(texts), self.text_pipe.text_max_length, self.device)
+        output = self.trainable_text_encoder(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = output.last_hidden_state
+        return hidden, attention_mask, hidden.mean(dim=1) if self.text_pipe._is_t5 else output.pooler_output
 
     def pipeline(self, model):
         from ..pipelines.pipeline_star import STARPipeline
@@ -330,9 +356,10 @@ class InfinityTask(_PipelineTask):
     def __init__(self, config, device):
         self.config, self.device = config, device
         self.dataset = build_dataset(config.data, config.resolution, need_captions=True)
-        self.vae = _frozen(BitwiseMultiScaleVAE.from_pretrained(config.tokenizer_path), device)
+        self.vae = _frozen(BitwiseMultiScaleVAE.from_pretrained(lora.tokenizer_path(config)), device)
         self.schedule = bitwise_schedule(config.resolution, self.vae)
-        self.text_encoder, self.text_tokenizer = load_text_encoder(config.text_encoder_path, device)
+        self.text_encoder, self.text_tokenizer = load_text_encoder(lora.text_encoder_path(config), device)
+        self.trainable_text_encoder = lora.text_encoder_for_training(config, self.text_encoder)
         text_dim = text_hidden_size(self.text_encoder)
         model_args = dict(config.model)
         init_args = {k: float(model_args.pop(k)) for k in ("init_adaln", "init_adaln_gamma", "init_head") if k in model_args}
@@ -343,8 +370,8 @@ class InfinityTask(_PipelineTask):
         if infinity_ffn_dim(int(model_args.get("embed_dim", 2048)), float(model_args.get("mlp_ratio", 4.0))) < 1:
             raise ValueError("`model`: Infinity's FFN width round(embed_dim * mlp_ratio / 256) * 256 is 0; raise `embed_dim` "
                              "or `mlp_ratio` (embed_dim * mlp_ratio >= 128).")
-        self.model = InfinityTransformer2DModel(**model_args)
-        self.model.init_weights(**init_args)
+        self.model = lora.transformer_for_training(
+            config, InfinityTransformer2DModel, lambda: _new(InfinityTransformer2DModel, model_args, **init_args))
         self.text_pipe = self.pipeline(self.model)  # its encode_prompt only
         flips = len(self.schedule) if config.bsc_num_scales is None else int(config.bsc_num_scales)
         self.bsc_num_scales = flips if config.bsc_flip_prob > 0 else 0
@@ -354,13 +381,28 @@ class InfinityTask(_PipelineTask):
         with torch.no_grad():
             features = self.vae.encode_features(images)
             inputs, labels = self.vae.teacher_forcing_inputs(features, self.schedule, self.bsc_num_scales, self.config.bsc_flip_prob)
-            embeds, mask, _, _ = self.text_pipe.encode_prompt(batch["caption"], self.device, do_classifier_free_guidance=False)
+        embeds, mask = self.encode_text(batch["caption"])
         drop = _drop_mask(images.shape[0], self.config.cond_drop_rate).to(embeds.device)
         logits = model(inputs, embeds, mask, self.schedule, drop_text=drop).logits
         logits = logits.view(*labels.shape, 2)
         labels = labels.long()
         loss = F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1), label_smoothing=self.config.label_smoothing)
         return loss, {"bit_accuracy": (logits.argmax(-1) == labels).float().mean().item()}
+
+    def encode_text(self, captions: list[str]):
+        """T5 features and mask of the captions as the pipeline's ``encode_prompt`` computes them (frozen text
+        encoder), or the same computation with gradients through the trained text encoder (``lora.train_text_encoder``;
+        called through its accelerate wrapper)."""
+        pipe = self.text_pipe
+        if self.trainable_text_encoder is None:
+            embeds, mask, _, _ = pipe.encode_prompt(captions, self.device, do_classifier_free_guidance=False)
+            return embeds, mask
+        tokens = pipe.tokenizer(list(captions), max_length=pipe.text_max_length, padding="max_length", truncation=True,
+                                return_tensors="pt")
+        input_ids, mask = tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
+        embeds = self.trainable_text_encoder(input_ids=input_ids, attention_mask=mask)[0].float()
+        longest = int(mask.sum(dim=1).max())
+        return embeds[:, :longest] * mask[:, :longest, None], mask[:, :longest].bool()
 
     def pipeline(self, model):
         from ..pipelines.pipeline_infinity import InfinityPipeline

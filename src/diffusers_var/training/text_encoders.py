@@ -139,7 +139,8 @@ def load_text_encoder(path: str, device=None):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         except (OSError, ValueError) as err:
             raise ValueError(f"`text_encoder_path`: no usable tokenizer in {str(tokenizer_dir)!r} ({err}).") from None
-    return model.to(device).eval().requires_grad_(False), tokenizer
+    # float32 as the pipelines compute text features (transformers 5 would keep a float16 checkpoint in float16)
+    return model.to(device=device, dtype=torch.float32).eval().requires_grad_(False), tokenizer
 
 
 def text_hidden_size(text_encoder) -> int:

@@ -1,0 +1,585 @@
+"""LoRA adapters for the next-scale pipelines, the diffusers way (PEFT).
+
+The three transformers are diffusers ``PeftAdapterMixin`` models (``add_adapter``, ``set_adapter``,
+``disable_adapters``, ``enable_adapters``, ``load_lora_adapter``, ...), and the pipelines load and save adapters
+with diffusers' LoRA API through the mixins below, subclasses of diffusers' ``LoraBaseMixin``:
+``load_lora_weights``, ``save_lora_weights``, ``fuse_lora``, ``unfuse_lora``, ``set_adapters``,
+``unload_lora_weights``, ``get_active_adapters``, ``delete_adapters``, ``enable_lora`` / ``disable_lora``.
+
+Files are diffusers' format: ``pytorch_lora_weights.safetensors`` (safetensors only), PEFT key names
+(``transformer.blocks.0.attn.to_qkv.lora_A.weight``; ``text_encoder.`` keys for a text-encoder adapter), the
+``LoraConfig`` in the ``lora_adapter_metadata`` header entry. The header also names the transformer class the adapter
+was made for (``diffusers_var_lora``); loading an adapter made for another family, or for a transformer of another
+shape, is a ``ValueError`` that says what does not fit.
+
+Default target modules (:data:`LORA_TARGET_GROUPS`, regular expressions over module names, full match):
+
+========================  ==========================================================  ==================
+group                     modules                                                     families
+========================  ==========================================================  ==================
+``attention``             ``blocks.N.attn.to_qkv``, ``blocks.N.attn.to_out``          all (default)
+``ffn``                   ``blocks.N.ffn.fc1``, ``blocks.N.ffn.fc2``                  all (default)
+``cross_attention``       ``blocks.N.cross_attn.to_q`` / ``to_kv`` / ``to_out``       STAR, Infinity (default)
+``adaln``                 ``blocks.N.adaln.linear``, ``shared_modulation.linear``,    VAR, Infinity (optional)
+                          ``head_norm.adaln.linear``
+``class_embedding``       ``class_embedding`` (an ``nn.Embedding``: one row per class)  VAR (optional)
+========================  ==========================================================  ==================
+
+The STAR stable-sampler head, the output heads, the input projections and Infinity's text pooling are never
+targeted by default (pass ``target_modules`` to :func:`lora_config` for anything else).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Callable
+
+import torch
+from diffusers.loaders.lora_base import (
+    LORA_ADAPTER_METADATA_KEY,
+    LORA_WEIGHT_NAME_SAFE,
+    LoraBaseMixin,
+    _fetch_state_dict,
+)
+from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA
+from diffusers.utils import is_peft_available, logging
+from torch import nn
+
+logger = logging.get_logger(__name__)
+
+FAMILY_METADATA_KEY = "diffusers_var_lora"  # safetensors header entry: the transformer class an adapter is for
+
+LORA_TARGET_GROUPS = {
+    "attention": r"blocks\.\d+\.attn\.(?:to_qkv|to_out)",
+    "ffn": r"blocks\.\d+\.ffn\.(?:fc1|fc2)",
+    "cross_attention": r"blocks\.\d+\.cross_attn\.(?:to_q|to_kv|to_out)",
+    "adaln": r"blocks\.\d+\.adaln\.linear|shared_modulation\.linear|head_norm\.adaln\.linear",
+    "class_embedding": r"class_embedding",
+}
+# per transformer class: (groups it has, groups targeted by default)
+FAMILY_LORA_GROUPS = {
+    "VARTransformer2DModel": (("attention", "ffn", "adaln", "class_embedding"), ("attention", "ffn")),
+    "STARTransformer2DModel": (("attention", "ffn", "cross_attention"), ("attention", "ffn", "cross_attention")),
+    "InfinityTransformer2DModel": (("attention", "ffn", "cross_attention", "adaln"),
+                                   ("attention", "ffn", "cross_attention")),
+}
+# text encoders (transformers models): their attention projections
+TEXT_ENCODER_LORA_TARGETS = {
+    "clip_text_model": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "clip": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "t5": ["q", "k", "v", "o"],
+    "mt5": ["q", "k", "v", "o"],
+    "umt5": ["q", "k", "v", "o"],
+}
+
+
+def _family_of(transformer_or_class) -> str:
+    cls = transformer_or_class if isinstance(transformer_or_class, type) else type(transformer_or_class)
+    for base in cls.__mro__:
+        if base.__name__ in FAMILY_LORA_GROUPS:
+            return base.__name__
+    raise ValueError(f"`transformer`: LoRA targets are defined for {sorted(FAMILY_LORA_GROUPS)}, got {cls.__name__}.")
+
+
+def lora_target_modules(transformer_or_class, targets: list[str] | tuple[str, ...] | None = None) -> str:
+    """The ``target_modules`` regular expression of a ``LoraConfig`` for a transformer (instance or class):
+    the union of the :data:`LORA_TARGET_GROUPS` named in ``targets`` (default: the family's defaults)."""
+    family = _family_of(transformer_or_class)
+    available, default = FAMILY_LORA_GROUPS[family]
+    targets = default if targets is None else targets
+    if isinstance(targets, str):
+        targets = [targets]
+    unknown = [t for t in targets if t not in available]
+    if not targets or unknown:
+        raise ValueError(f"`targets` for {family} must be a non-empty list of {list(available)}, got {list(targets)}.")
+    return "|".join(f"(?:{LORA_TARGET_GROUPS[t]})" for t in targets)
+
+
+def lora_config(transformer_or_class, rank: int = 16, alpha: float | None = None, dropout: float = 0.0,
+                targets: list[str] | None = None, target_modules=None, **kwargs):
+    """A ``peft.LoraConfig`` for a transformer: rank ``rank``, ``lora_alpha`` (default: ``rank``, i.e. scale 1),
+    ``lora_dropout``, and the modules of ``targets`` (:func:`lora_target_modules`) unless ``target_modules`` (PEFT's
+    own form: a list of names or a regular expression) is given. Extra keyword arguments go to ``LoraConfig``."""
+    from peft import LoraConfig
+
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"`rank` must be an integer >= 1, got {rank!r}.")
+    alpha = rank if alpha is None else alpha
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"`alpha` must be a positive number, got {alpha!r}.")
+    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
+    if target_modules is None:
+        target_modules = lora_target_modules(transformer_or_class, targets)
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=float(dropout), target_modules=target_modules,
+                      init_lora_weights=kwargs.pop("init_lora_weights", True), **kwargs)
+
+
+def add_text_encoder_adapter(text_encoder: nn.Module, config, adapter_name: str = "default") -> None:
+    """Add a LoRA adapter to a transformers text encoder with PEFT itself (``inject_adapter_in_model``): transformers'
+    own ``add_adapter`` / ``load_adapter`` may demand a newer PEFT than diffusers does, and every other LoRA operation
+    on the text encoder (fuse, scale, switch, unload) is PEFT's layer API anyway."""
+    from peft import inject_adapter_in_model
+
+    if adapter_name in getattr(text_encoder, "peft_config", {}):
+        raise ValueError(f"`adapter_name` {adapter_name!r} is already loaded in the text encoder.")
+    inject_adapter_in_model(config, text_encoder, adapter_name=adapter_name)
+
+
+def text_encoder_lora_config(text_encoder, rank: int = 16, alpha: float | None = None, dropout: float = 0.0):
+    """A ``peft.LoraConfig`` on the attention projections of a CLIP / T5 text encoder."""
+    from peft import LoraConfig
+
+    model_type = getattr(text_encoder.config, "model_type", "")
+    if model_type not in TEXT_ENCODER_LORA_TARGETS:
+        raise ValueError(f"`text_encoder`: LoRA targets are defined for {sorted(TEXT_ENCODER_LORA_TARGETS)} models, "
+                         f"got {model_type!r}.")
+    return LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=float(dropout),
+                      target_modules=TEXT_ENCODER_LORA_TARGETS[model_type], init_lora_weights=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Does a LoRA state dict fit a model?
+# ----------------------------------------------------------------------------------------------
+_LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
+                       r"lora_magnitude_vector)(?:\.[^.]+)*\Z")
+
+
+def _base_module(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def _module_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(input width, output width) of a layer LoRA can adapt (Linear: features, Embedding: rows / width)."""
+    module = _base_module(module)
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    return None
+
+
+def lora_mismatches(state_dict: dict[str, torch.Tensor], model: nn.Module, config=None) -> list[str]:
+    """What keeps ``state_dict`` (PEFT key names, no component prefix) from fitting ``model``: keys that name no
+    adaptable layer, tensors whose shapes do not match the layer's widths, and, when the adapter's ``LoraConfig``
+    (``config``) is known, layers it targets in ``model`` that the file does not cover (a transformer of another
+    depth). Empty when it fits."""
+    modules = dict(model.named_modules())
+    problems, covered = [], set()
+    for key, tensor in state_dict.items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            problems.append(f"`{key}` is not a LoRA key (PEFT names: `<module>.lora_A.weight` / `.lora_B.weight`)")
+            continue
+        name, part = match["module"], match["part"]
+        dims = _module_dims(modules[name]) if name in modules else None
+        if dims is None:
+            problems.append(f"`{key}`: no adaptable layer `{name}` in {type(model).__name__}")
+            continue
+        covered.add(name)
+        d_in, d_out = dims
+        if part == "lora_A" and tensor.ndim == 2 and tensor.shape[1] != d_in:
+            problems.append(f"`{key}` reads {tensor.shape[1]} inputs, `{name}` has {d_in}")
+        elif part == "lora_B" and tensor.ndim == 2 and tensor.shape[0] != d_out:
+            problems.append(f"`{key}` writes {tensor.shape[0]} outputs, `{name}` has {d_out}")
+        elif part == "lora_embedding_A" and tensor.shape[-1] != d_in:
+            problems.append(f"`{key}` has {tensor.shape[-1]} rows, `{name}` has {d_in}")
+        elif part == "lora_embedding_B" and tensor.shape[0] != d_out:
+            problems.append(f"`{key}` has width {tensor.shape[0]}, `{name}` has {d_out}")
+    if config is not None and not problems:
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        targeted = {name for name, module in modules.items()
+                    if name and _module_dims(module) is not None and "lora_" not in name and "base_layer" not in name
+                    and check_target_module_exists(config, name)}
+        missing = sorted(targeted - covered, key=_natural_key)
+        if missing:
+            problems.append(f"the adapter has no weights for {len(missing)} targeted layers of this "
+                            f"{type(model).__name__} (e.g. `{missing[0]}`): it was made for a transformer of another "
+                            f"depth or layout")
+    return problems
+
+
+def _natural_key(name: str):
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _json_safe(metadata: dict | None) -> dict | None:
+    """A ``LoraConfig.to_dict()`` for the file header: sets become sorted lists (diffusers does the same)."""
+    if metadata is None:
+        return None
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in dict(metadata).items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipelines' loader
+# ----------------------------------------------------------------------------------------------
+class NextScaleLoraLoaderMixin(LoraBaseMixin):
+    r"""Load, save, fuse and switch LoRA adapters of a next-scale pipeline's transformer (and, for the text-to-image
+    families, of its text encoder) with diffusers' LoRA API. See the module docstring for the file format.
+
+    Beyond diffusers: ``unfuse_lora`` gives back the weights the layers had before ``fuse_lora`` bit for bit (fusing
+    keeps a copy of the fused layers' base weights on the CPU until they are unfused or unloaded), and the adapter
+    scales ``fuse_lora(lora_scale=...)`` applied; loading checks that the file fits the transformer (family, widths,
+    depth) before anything is changed.
+    """
+
+    _lora_loadable_modules = ["transformer"]
+    transformer_name = "transformer"
+    text_encoder_name = "text_encoder"
+    _lora_transformer_class = ""  # the transformer class of the family (written into saved files)
+
+    # -- reading -------------------------------------------------------------------------------------------------
+    @classmethod
+    def lora_state_dict(cls, pretrained_model_name_or_path_or_dict, **kwargs):
+        r"""The LoRA state dict of a folder (``pytorch_lora_weights.safetensors``, or ``weight_name=``), a
+        ``.safetensors`` file, a Hub repository id, or a dict. safetensors only.
+
+        With ``return_lora_metadata=True`` returns ``(state_dict, metadata)`` (the ``LoraConfig`` entries, prefixed
+        by component, or None), and with ``return_family_metadata=True`` also the family entry (dict or None).
+        """
+        return_lora_metadata = kwargs.pop("return_lora_metadata", False)
+        return_family_metadata = kwargs.pop("return_family_metadata", False)
+        source = pretrained_model_name_or_path_or_dict
+        if not isinstance(source, (str, os.PathLike, dict)):
+            raise ValueError("`pretrained_model_name_or_path_or_dict` must be a folder, a .safetensors file, a Hub "
+                             f"repository id or a state dict, got {type(source).__name__}.")
+        weight_name = kwargs.pop("weight_name", None)
+        not_safetensors = weight_name is not None and not str(weight_name).endswith(".safetensors")
+        if kwargs.pop("use_safetensors", True) is False or not_safetensors:
+            raise ValueError("`weight_name`: LoRA files are safetensors only (pickled .bin files are not loaded).")
+        if not isinstance(source, dict) and os.path.isfile(source):
+            if not str(source).endswith(".safetensors"):
+                raise ValueError(f"`pretrained_model_name_or_path_or_dict`: {str(source)!r} is not a .safetensors "
+                                 "file.")
+            source, weight_name = os.path.dirname(os.path.abspath(source)), os.path.basename(source)
+        elif not isinstance(source, dict) and os.path.isdir(source) and weight_name is None:
+            if not os.path.isfile(os.path.join(source, LORA_WEIGHT_NAME_SAFE)):
+                raise ValueError(f"`pretrained_model_name_or_path_or_dict`: no {LORA_WEIGHT_NAME_SAFE} in "
+                                 f"{str(source)!r} (pass `weight_name=` for another file name).")
+            weight_name = LORA_WEIGHT_NAME_SAFE
+        state_dict, metadata, file_metadata = _fetch_state_dict(
+            pretrained_model_name_or_path_or_dict=source,
+            weight_name=weight_name,
+            use_safetensors=True,
+            local_files_only=kwargs.pop("local_files_only", None),
+            cache_dir=kwargs.pop("cache_dir", None),
+            force_download=kwargs.pop("force_download", False),
+            proxies=kwargs.pop("proxies", None),
+            token=kwargs.pop("token", None),
+            revision=kwargs.pop("revision", None),
+            subfolder=kwargs.pop("subfolder", None),
+            user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
+            allow_pickle=False,
+            return_file_metadata=True,
+        )
+        family = None
+        if file_metadata and file_metadata.get(FAMILY_METADATA_KEY):
+            family = json.loads(file_metadata[FAMILY_METADATA_KEY])
+        out = (state_dict,)
+        if return_lora_metadata:
+            out += (metadata,)
+        if return_family_metadata:
+            out += (family,)
+        return out if len(out) > 1 else state_dict
+
+    def _split_by_component(self, state_dict: dict) -> dict[str, dict]:
+        """``{component: state dict without its prefix}``. A dict whose keys carry no component prefix (e.g.
+        ``peft.get_peft_model_state_dict(pipe.transformer)``) is the transformer's."""
+        prefixes = [getattr(self, f"{c}_name", c) for c in self._lora_loadable_modules]
+        if not any(key.split(".", 1)[0] in prefixes for key in state_dict):
+            return {self.transformer_name: dict(state_dict)}
+        parts = {prefix: {} for prefix in prefixes}
+        unknown = []
+        for key, value in state_dict.items():
+            prefix, _, rest = key.partition(".")
+            if prefix in parts:
+                parts[prefix][rest] = value
+            else:
+                unknown.append(key)
+        if unknown:
+            raise ValueError(f"`pretrained_model_name_or_path_or_dict`: keys {unknown[:3]} belong to none of this "
+                             f"pipeline's LoRA components {prefixes}.")
+        return {prefix: part for prefix, part in parts.items() if part}
+
+    def check_lora_state_dict(self, state_dict: dict, metadata: dict | None = None,
+                              family: dict | None = None) -> None:
+        """``ValueError`` when a LoRA state dict (with component prefixes, or the transformer's without) does not fit
+        this pipeline: made for another transformer class, keys naming no layer, widths or depth that differ."""
+        if not state_dict:
+            raise ValueError("`pretrained_model_name_or_path_or_dict` holds no tensors.")
+        if not all("lora" in key for key in state_dict):
+            raise ValueError("Invalid LoRA checkpoint: every key must contain `lora` (PEFT names such as "
+                             "`transformer.blocks.0.attn.to_qkv.lora_A.weight`).")
+        transformer = getattr(self, self.transformer_name, None)
+        if family and transformer is not None:
+            made_for = family.get("transformer_class")
+            if made_for and made_for not in {c.__name__ for c in type(transformer).__mro__}:
+                made_by = family.get("pipeline_class", "another pipeline")
+                raise ValueError(f"`pretrained_model_name_or_path_or_dict`: this LoRA was made for a {made_for} "
+                                 f"({made_by}); this pipeline's transformer is a {type(transformer).__name__}.")
+        problems = []
+        for component, part in self._split_by_component(state_dict).items():
+            model = getattr(self, component, None)
+            if model is None:
+                problems.append(f"the adapter has {component} weights but this pipeline has no {component}")
+                continue
+            config = None
+            prefixed = {k.removeprefix(f"{component}."): v for k, v in (metadata or {}).items()
+                        if k.startswith(f"{component}.")}
+            if prefixed:
+                from peft import LoraConfig
+
+                try:
+                    config = LoraConfig(**prefixed)
+                except TypeError as err:
+                    raise ValueError(f"`pretrained_model_name_or_path_or_dict`: the {component} LoRA metadata is not "
+                                     f"a LoraConfig ({err}).") from None
+            problems += [f"{component}: {p}" for p in lora_mismatches(part, model, config)]
+        if problems:
+            shown = "; ".join(problems[:4]) + (f"; ... ({len(problems)} problems)" if len(problems) > 4 else "")
+            raise ValueError(f"`pretrained_model_name_or_path_or_dict`: this LoRA does not fit the pipeline's "
+                             f"{type(transformer).__name__ if transformer is not None else 'models'}: {shown}.")
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
+                          hotswap: bool = False, **kwargs):
+        r"""Load a LoRA into the transformer (and text encoder, when the file has ``text_encoder.`` keys) as adapter
+        ``adapter_name`` (default ``default_0``, ``default_1``, ...), made active.
+
+        Args:
+            pretrained_model_name_or_path_or_dict: a folder holding ``pytorch_lora_weights.safetensors``, a
+                ``.safetensors`` file, a Hub repository id, or a state dict (PEFT key names, with ``transformer.`` /
+                ``text_encoder.`` prefixes or, for the transformer alone, without).
+            adapter_name: the adapter's name (``set_adapters``, ``delete_adapters``).
+            hotswap: replace the weights of the already loaded adapter ``adapter_name`` in place (diffusers').
+            kwargs: ``weight_name``, ``subfolder``, ``local_files_only``, ``low_cpu_mem_usage``, ... (diffusers').
+
+        A ``ValueError`` (before anything changes) when the file was made for another family or transformer shape.
+        """
+        if adapter_name is not None and (not isinstance(adapter_name, str) or not adapter_name):
+            raise ValueError(f"`adapter_name` must be a non-empty string or None, got {adapter_name!r}.")
+        low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", _LOW_CPU_MEM_USAGE_DEFAULT_LORA)
+        source = pretrained_model_name_or_path_or_dict
+        if isinstance(source, dict):
+            source = dict(source)
+        state_dict, metadata, family = self.lora_state_dict(source, return_lora_metadata=True,
+                                                            return_family_metadata=True, **kwargs)
+        self.check_lora_state_dict(state_dict, metadata, family)
+        parts = self._split_by_component(state_dict)
+        if adapter_name is None:
+            from diffusers.utils import get_adapter_name
+
+            adapter_name = get_adapter_name(getattr(self, self.transformer_name))
+        transformer_part = parts.get(self.transformer_name)
+        if transformer_part:
+            meta = {k.removeprefix(f"{self.transformer_name}."): v for k, v in (metadata or {}).items()
+                    if k.startswith(f"{self.transformer_name}.")} or None
+            getattr(self, self.transformer_name).load_lora_adapter(
+                transformer_part, prefix=None, adapter_name=adapter_name, metadata=meta, _pipeline=self,
+                low_cpu_mem_usage=low_cpu_mem_usage, hotswap=hotswap)
+        text_part = parts.get(self.text_encoder_name)
+        if text_part:
+            if hotswap:
+                raise ValueError("`hotswap`: hot-swapping applies to the transformer's adapters only.")
+            meta = {k.removeprefix(f"{self.text_encoder_name}."): v for k, v in (metadata or {}).items()
+                    if k.startswith(f"{self.text_encoder_name}.")}
+            self._load_text_encoder_adapter(text_part, meta or None, adapter_name)
+
+    def _load_text_encoder_adapter(self, state_dict: dict, metadata: dict | None, adapter_name: str) -> None:
+        """PEFT's ``inject_adapter_in_model`` + ``set_peft_model_state_dict`` on the text encoder, with the
+        ``LoraConfig`` of the file header (or, without one, the ranks and layers of the tensors and scale 1)."""
+        from peft import LoraConfig, set_peft_model_state_dict
+
+        if metadata:
+            config = LoraConfig(**metadata)
+        else:
+            ranks = {key.rsplit(".lora_B", 1)[0]: value.shape[1] for key, value in state_dict.items()
+                     if ".lora_B." in key and value.ndim == 2}
+            rank = max(ranks.values())
+            config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(ranks),
+                                rank_pattern={name: r for name, r in ranks.items() if r != rank},
+                                alpha_pattern={name: r for name, r in ranks.items() if r != rank})
+        text_encoder = getattr(self, self.text_encoder_name)
+        add_text_encoder_adapter(text_encoder, config, adapter_name)
+        result = set_peft_model_state_dict(text_encoder, state_dict, adapter_name=adapter_name)
+        unexpected = [key for key in getattr(result, "unexpected_keys", []) if "lora_" in key]
+        if unexpected:
+            raise ValueError(f"`pretrained_model_name_or_path_or_dict`: text encoder LoRA keys {unexpected[:3]} were "
+                             "not used.")
+
+    # -- writing -------------------------------------------------------------------------------------------------
+    @classmethod
+    def save_lora_weights(
+        cls,
+        save_directory: str | os.PathLike,
+        transformer_lora_layers: dict[str, torch.Tensor | nn.Module] | None = None,
+        text_encoder_lora_layers: dict[str, torch.Tensor | nn.Module] | None = None,
+        is_main_process: bool = True,
+        weight_name: str | None = None,
+        save_function: Callable | None = None,
+        safe_serialization: bool = True,
+        transformer_lora_adapter_metadata: dict | None = None,
+        text_encoder_lora_adapter_metadata: dict | None = None,
+    ):
+        r"""Write ``pytorch_lora_weights.safetensors`` (or ``weight_name``) into ``save_directory``.
+
+        Args:
+            transformer_lora_layers: the transformer's LoRA weights, e.g.
+                ``peft.utils.get_peft_model_state_dict(pipe.transformer, adapter_name="default")``.
+            text_encoder_lora_layers: the text encoder's (STAR / Infinity), likewise.
+            transformer_lora_adapter_metadata: the adapter's ``LoraConfig.to_dict()``
+                (``pipe.transformer.peft_config["default"].to_dict()``); without it a loader takes the rank from the
+                tensors and scale 1 (``lora_alpha = rank``), as diffusers does. Likewise for the text encoder.
+            is_main_process, save_function: diffusers' (several processes; a custom writer of ``(tensors, path)``).
+            safe_serialization: must be True (safetensors only).
+        """
+        if not safe_serialization:
+            raise ValueError("`safe_serialization`: LoRA files are safetensors only.")
+        if weight_name is not None and not str(weight_name).endswith(".safetensors"):
+            raise ValueError(f"`weight_name` must end with .safetensors, got {weight_name!r}.")
+        lora_layers, lora_metadata = {}, {}
+        if transformer_lora_layers:
+            lora_layers[cls.transformer_name] = transformer_lora_layers
+            lora_metadata[cls.transformer_name] = _json_safe(transformer_lora_adapter_metadata)
+        if text_encoder_lora_layers:
+            if "text_encoder" not in cls._lora_loadable_modules:
+                raise ValueError(f"`text_encoder_lora_layers`: {cls.__name__} has no text encoder.")
+            lora_layers[cls.text_encoder_name] = text_encoder_lora_layers
+            lora_metadata[cls.text_encoder_name] = _json_safe(text_encoder_lora_adapter_metadata)
+        if not lora_layers:
+            raise ValueError("Pass at least one of `transformer_lora_layers` or `text_encoder_lora_layers`.")
+        header = {"format": "pt"}
+        packed = {f"{prefix}.{k}": v for prefix, meta in lora_metadata.items() if meta for k, v in meta.items()}
+        if packed:
+            header[LORA_ADAPTER_METADATA_KEY] = json.dumps(packed, indent=2, sort_keys=True)
+        family = {"pipeline_class": cls.__name__, "transformer_class": cls._lora_transformer_class}
+        header[FAMILY_METADATA_KEY] = json.dumps(family, sort_keys=True)
+
+        def write(tensors, path):
+            from safetensors.torch import save_file
+
+            tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+            if save_function is not None:
+                return save_function(tensors, path)
+            return save_file(tensors, path, metadata=header)
+
+        cls._save_lora_weights(save_directory=save_directory, lora_layers=lora_layers, lora_metadata={},
+                               is_main_process=is_main_process, weight_name=weight_name, save_function=write,
+                               safe_serialization=True)
+
+    # -- fusing (exactly reversible) ---------------------------------------------------------------------------
+    def _lora_layers(self, components):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for component in components:
+            model = getattr(self, component, None)
+            if isinstance(model, nn.Module):
+                for module in model.modules():
+                    if isinstance(module, BaseTunerLayer):
+                        yield module
+
+    def _check_components(self, components) -> list[str]:
+        components = list(self._lora_loadable_modules if components is None else components)
+        bad = [c for c in components if c not in self._lora_loadable_modules]
+        if not components or bad:
+            raise ValueError(f"`components` must be a non-empty list of {self._lora_loadable_modules}, "
+                             f"got {components}.")
+        return components
+
+    def fuse_lora(self, components: list[str] | None = None, lora_scale: float = 1.0, safe_fusing: bool = False,
+                  adapter_names: list[str] | None = None, **kwargs):
+        r"""Merge the active adapters (or ``adapter_names``), scaled by ``lora_scale``, into the weights of
+        ``components`` (default: every LoRA component): inference then costs what the base model costs (the fast path
+        runs fused adapters at full speed). :meth:`unfuse_lora` restores the weights exactly."""
+        components = self._check_components(components)
+        if not isinstance(lora_scale, (int, float)) or isinstance(lora_scale, bool) or not math.isfinite(lora_scale):
+            raise ValueError(f"`lora_scale` must be a finite number, got {lora_scale!r}.")
+        snapshots = self.__dict__.setdefault("_lora_fuse_snapshots", {})
+        for layer in self._lora_layers(components):
+            if id(layer) not in snapshots:  # the weights before the first fusion (later ones add to them)
+                base = layer.get_base_layer()
+                snapshots[id(layer)] = (layer, base.weight.detach().to("cpu", copy=True), dict(layer.scaling))
+        super().fuse_lora(components=components, lora_scale=lora_scale, safe_fusing=safe_fusing,
+                          adapter_names=adapter_names, **kwargs)
+
+    def unfuse_lora(self, components: list[str] | None = None, **kwargs):
+        r"""Undo :meth:`fuse_lora` for ``components`` (default: every LoRA component): the layers get back the exact
+        weights they had before fusing, and the adapters their scales (diffusers' own unfuse subtracts the update
+        again, which is exact only up to float rounding, and keeps ``lora_scale`` in the adapter scales)."""
+        components = self._check_components(components)
+        super().unfuse_lora(components=components, **kwargs)
+        snapshots = self.__dict__.get("_lora_fuse_snapshots", {})
+        for layer in self._lora_layers(components):
+            saved = snapshots.pop(id(layer), None)
+            if saved is not None:
+                _, weight, scaling = saved
+                base_weight = layer.get_base_layer().weight
+                with torch.no_grad():
+                    base_weight.copy_(weight.to(base_weight.device, base_weight.dtype))
+                layer.scaling.update({k: v for k, v in scaling.items() if k in layer.scaling})
+
+    def unload_lora_weights(self):
+        """Remove every adapter; the models are the plain base models again. Fused adapters stay fused (diffusers'
+        behaviour: ``fuse_lora`` then ``unload_lora_weights`` keeps the merged weights without the LoRA layers);
+        call :meth:`unfuse_lora` first for the base weights."""
+        super().unload_lora_weights()
+        self.__dict__.pop("_lora_fuse_snapshots", None)
+
+    def set_adapters(self, adapter_names: list[str] | str, adapter_weights=None):
+        r"""Activate ``adapter_names`` with ``adapter_weights`` (a number per adapter, default 1.0; 0 gives the base
+        model's outputs). diffusers' ``set_adapters``, with the arguments checked."""
+        names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+        if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"`adapter_names` must be a name or a non-empty list of names, got {adapter_names!r}.")
+        weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
+        if len(weights) != len(names):
+            raise ValueError(f"`adapter_weights` has {len(weights)} entries for {len(names)} adapters.")
+        for weight in weights:
+            if weight is not None and not isinstance(weight, dict) and (
+                    not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight)):
+                raise ValueError(f"`adapter_weights` must be finite numbers (one per adapter), "
+                                 f"got {adapter_weights!r}.")
+        loaded = {name for names_ in self.get_list_adapters().values() for name in names_}
+        missing = [n for n in names if n not in loaded]
+        if missing:
+            raise ValueError(f"`adapter_names`: {missing} not loaded (loaded: {sorted(loaded)}).")
+        super().set_adapters(list(names), adapter_weights)
+
+
+class VARLoraLoaderMixin(NextScaleLoraLoaderMixin):
+    """LoRA loading for :class:`VARPipeline` (the transformer)."""
+
+    _lora_transformer_class = "VARTransformer2DModel"
+
+
+class STARLoraLoaderMixin(NextScaleLoraLoaderMixin):
+    """LoRA loading for :class:`STARPipeline` (the transformer and, optionally, the text encoder)."""
+
+    _lora_loadable_modules = ["transformer", "text_encoder"]
+    _lora_transformer_class = "STARTransformer2DModel"
+
+
+class InfinityLoraLoaderMixin(NextScaleLoraLoaderMixin):
+    """LoRA loading for :class:`InfinityPipeline` (the transformer and, optionally, the text encoder)."""
+
+    _lora_loadable_modules = ["transformer", "text_encoder"]
+    _lora_transformer_class = "InfinityTransformer2DModel"
+
+
+def adapter_state(model: nn.Module | None) -> tuple:
+    """A hashable summary of what the LoRA layers of ``model`` compute now (adapters, active ones, merged ones,
+    scales, enabled): it changes whenever loading, fusing, switching or scaling adapters changes the outputs."""
+    if model is None or not is_peft_available():
+        return ()
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    state = []
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            scaling = getattr(module, "scaling", {})
+            state.append((name, tuple(module.active_adapters), tuple(module.merged_adapters), module.disable_adapters,
+                          tuple(sorted((k, float(v)) for k, v in scaling.items()))))
+    return tuple(state)

@@ -1,0 +1,721 @@
+"""LoRA adapters the diffusers way (PEFT) for VAR, STAR and Infinity: the transformers' PeftAdapterMixin, the
+pipelines' diffusers LoRA API on the embedded pipelines (save / load / fuse / unfuse / set_adapters / unload round
+trips), files that are PEFT files, clear errors for adapters of another family or shape, the fast path with adapters,
+LoRA training (adapter-only checkpoints, resume after SIGKILL, text-encoder LoRA), the concept data and judge, and
+``--lora`` in ``diffusers-var generate`` and the demo."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from conftest import REPO_ROOT
+from diffusers_var import (
+    InfinityPipeline,
+    InfinityTransformer2DModel,
+    STARPipeline,
+    STARTransformer2DModel,
+    VARPipeline,
+    VARTransformer2DModel,
+    shapes,
+)
+from diffusers_var.loaders import FAMILY_METADATA_KEY, lora_config, lora_target_modules
+from diffusers_var.pipelines import fast_inference
+from diffusers_var.training import TrainConfig, latest_checkpoint, train
+
+PROMPTS = ["a red circle on a blue background", "a green square on a white background"]
+EMBEDDED = {  # family: (pipeline class, folder, condition of a 2-image call)
+    "var": (VARPipeline, "var-shapes", {"class_labels": [3, 62]}),
+    "star": (STARPipeline, "star-shapes", {"prompt": PROMPTS, "guidance_scale": 2.0, "top_k": 0, "top_p": 0.0}),
+    "infinity": (InfinityPipeline, "infinity-shapes", {"prompt": PROMPTS}),
+}
+FAMILIES = list(EMBEDDED)
+
+
+def embedded(family: str):
+    pipeline_class, folder, _ = EMBEDDED[family]
+    pipe = pipeline_class.from_pretrained(REPO_ROOT / "pipelines" / folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def images(pipe, family: str, seed: int = 0) -> torch.Tensor:
+    return pipe(**EMBEDDED[family][2], generator=torch.Generator().manual_seed(seed), output_type="pt").images
+
+
+def add_random_adapter(model, name: str = "a", rank: int = 4, seed: int = 0, scale: float = 0.05, **config) -> None:
+    """An adapter that changes the outputs, the same for a seed: PEFT initialises lora_B (an Embedding's
+    lora_embedding_A) to zero and lora_A from the global RNG, so give every LoRA weight seeded random values."""
+    if isinstance(model, (VARTransformer2DModel, STARTransformer2DModel, InfinityTransformer2DModel)):
+        model.add_adapter(lora_config(model, rank=rank, **config), adapter_name=name)
+    else:
+        from diffusers_var.loaders import add_text_encoder_adapter, text_encoder_lora_config
+
+        add_text_encoder_adapter(model, text_encoder_lora_config(model, rank=rank), name)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, parameter in model.named_parameters():
+            if f"lora_B.{name}." in key or key.endswith((f"lora_embedding_A.{name}", f"lora_embedding_B.{name}")):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+            elif f"lora_A.{name}." in key:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) / parameter.shape[1] ** 0.5)
+
+
+def save_adapter(pipe, folder: Path, name: str = "a", text_encoder: bool = False) -> Path:
+    layers = dict(transformer_lora_layers=get_peft_model_state_dict(pipe.transformer, adapter_name=name),
+                  transformer_lora_adapter_metadata=pipe.transformer.peft_config[name].to_dict())
+    if text_encoder:
+        layers.update(text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder, adapter_name=name),
+                      text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config[name].to_dict())
+    type(pipe).save_lora_weights(folder, **layers)
+    return folder
+
+
+def lora_layers(model) -> list:
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The transformers: PeftAdapterMixin and the default targets
+# ----------------------------------------------------------------------------------------------
+TARGETS = [  # family, targets, adapted layer names (as regular expressions), expected count in the embedded model
+    ("var", None, r"blocks\.\d\.(attn\.(to_qkv|to_out)|ffn\.fc[12])", 24),
+    ("var", ["attention", "adaln"], r"blocks\.\d\.(attn\.(to_qkv|to_out)|adaln\.linear)|head_norm\.adaln\.linear", 19),
+    ("var", ["class_embedding"], r"class_embedding", 1),
+    ("star", None, r"blocks\.\d\.((cross_)?attn\.(to_qkv|to_q|to_kv|to_out)|ffn\.fc[12])", 42),
+    ("infinity", None, r"blocks\.\d\.((cross_)?attn\.(to_qkv|to_q|to_kv|to_out)|ffn\.fc[12])", 42),
+    ("infinity", ["adaln"], r"shared_modulation\.linear|head_norm\.adaln\.linear", 2),
+]
+
+
+@pytest.mark.parametrize("family, targets, pattern, count", TARGETS)
+def test_default_targets_adapt_the_documented_layers(family, targets, pattern, count):
+    import re
+
+    transformer = embedded(family).transformer
+    transformer.add_adapter(lora_config(transformer, rank=2, targets=targets))
+    adapted = [name for name, m in transformer.named_modules() if isinstance(m, BaseTunerLayer)]
+    assert len(adapted) == count and all(re.fullmatch(pattern, name) for name in adapted), adapted
+    # never the output heads, the input projections or Infinity's text pooling / projection
+    assert not [n for n in adapted if n.startswith(("head.", "input_proj", "text_pool", "text_proj"))]
+
+
+def test_stable_sampler_head_is_not_targeted_and_bad_targets_name_the_parameter():
+    star = STARTransformer2DModel(depth=2, embed_dim=32, num_heads=2, vocab_size=16, latent_channels=4,
+                                  patch_nums=(1, 2, 3), text_embed_dim=16, num_legacy_classes=0, stable_sampler=True,
+                                  sampler_depth=1, sampler_start_scale=2)
+    star.add_adapter(lora_config(star, rank=2))
+    assert not [n for n, m in star.named_modules() if isinstance(m, BaseTunerLayer) and n.startswith("sampler")]
+    assert len(lora_layers(star)) == 2 * 7
+    with pytest.raises(ValueError, match="`targets`"):
+        lora_target_modules(star, ["class_embedding"])
+    with pytest.raises(ValueError, match="`rank`"):
+        lora_config(star, rank=0)
+    with pytest.raises(ValueError, match="`alpha`"):
+        lora_config(star, rank=4, alpha=float("nan"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformer_adapters_switch_on_and_off(family):
+    """add_adapter / set_adapter / disable_adapters / enable_adapters (diffusers' PeftAdapterMixin) on the
+    teacher-forcing forward; an Embedding LoRA (VAR's class embedding) too."""
+    from test_model_battery import _infinity_io, _star_io, _var_io
+
+    transformer = embedded(family).transformer.eval()
+    io = {"var": _var_io, "star": _star_io, "infinity": _infinity_io}[family]
+    forward = io(transformer)[0]
+    with torch.no_grad():
+        base = forward()
+        add_random_adapter(transformer, "a", seed=1, targets=["class_embedding"] if family == "var" else None)
+        add_random_adapter(transformer, "b", seed=2)
+        transformer.set_adapter("a")
+        with_a = forward()
+        transformer.set_adapter("b")
+        with_b = forward()
+        transformer.disable_adapters()
+        disabled = forward()
+        transformer.enable_adapters()
+        enabled = forward()
+    assert transformer.active_adapters() == ["b"]
+    assert not torch.allclose(with_a, base) and not torch.allclose(with_b, base) and not torch.allclose(with_a, with_b)
+    assert torch.equal(disabled, base) and torch.equal(enabled, with_b)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipelines: round trips on the embedded pipelines
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trips_on_the_embedded_pipelines(family, tmp_path):
+    """Saved and loaded into a fresh pipeline: the same images as in memory. Fused: logits within 1e-4, so the same
+    images up to a draw at a rounding near-tie. Unfused: the exact weights and images of before; weight 0,
+    disable_lora and unload_lora_weights: the base model's images exactly."""
+    pipe = embedded(family)
+    base_state = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    base = images(pipe, family)
+    add_random_adapter(pipe.transformer)
+    in_memory = images(pipe, family)
+    assert not torch.equal(in_memory, base)
+    folder = save_adapter(pipe, tmp_path / "adapter")
+
+    fresh = embedded(family)
+    fresh.load_lora_weights(folder, adapter_name="loaded")
+    assert fresh.get_active_adapters() == ["loaded"]
+    assert torch.equal(images(fresh, family), in_memory)
+
+    logits_unfused = _scale_logits(fresh, family)
+    fresh.fuse_lora()
+    assert fresh.num_fused_loras == 1
+    torch.testing.assert_close(_scale_logits(fresh, family), logits_unfused, atol=1e-4, rtol=1e-4)
+    # the same images but for a token drawn at a float-rounding near-tie (README: 359 of 360 images identical)
+    assert (images(fresh, family) == in_memory).float().mean() >= 0.9
+    fresh.unfuse_lora()
+    assert fresh.num_fused_loras == 0
+    assert torch.equal(images(fresh, family), in_memory)
+    for layer in lora_layers(fresh.transformer):  # the base weights of before, bit for bit
+        name = next(n for n, m in fresh.transformer.named_modules() if m is layer)
+        assert torch.equal(layer.get_base_layer().weight, base_state[f"{name}.weight"]), name
+
+    fresh.set_adapters("loaded", adapter_weights=0.0)
+    assert torch.equal(images(fresh, family), base)
+    fresh.set_adapters("loaded", adapter_weights=1.0)
+    fresh.disable_lora()
+    assert torch.equal(images(fresh, family), base)
+    fresh.enable_lora()
+    assert torch.equal(images(fresh, family), in_memory)
+    fresh.fuse_lora(lora_scale=0.5)
+    fresh.unfuse_lora()  # the scale fuse_lora applied is undone too
+    assert torch.equal(images(fresh, family), in_memory)
+    fresh.unload_lora_weights()
+    assert not lora_layers(fresh.transformer)
+    assert torch.equal(images(fresh, family), base)
+    state = fresh.transformer.state_dict()
+    assert state.keys() == base_state.keys() and all(torch.equal(state[k], base_state[k]) for k in state)
+
+
+def _scale_logits(pipe, family):
+    """The transformer's logits of the first two scales, the second fed zeros (a deterministic probe)."""
+    transformer, schedule = pipe.transformer, pipe.scale_schedule()
+    with torch.no_grad():
+        if family == "var":
+            cond = (torch.tensor([3, transformer.config.num_classes]),)
+        elif family == "star":
+            cond = pipe.encode_text(PROMPTS)
+        else:
+            embeds, mask, _, _ = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=False)
+            cond = (embeds, mask, torch.zeros(2, dtype=torch.bool))
+        cache = transformer.init_kv_cache(schedule)
+        rows = cond[0].shape[0]
+        out = [transformer.forward_scale(0, cond, cache, None)]
+        h, w = schedule[1]
+        zeros = torch.zeros(rows, h * w, transformer.scale_input_channels)
+        out.append(transformer.forward_scale(1, cond, cache, zeros))
+    return torch.cat([o[0] if isinstance(o, tuple) else o for o in out], dim=1)
+
+
+def test_two_adapters_mix_with_their_weights(tmp_path):
+    pipe = embedded("var")
+    add_random_adapter(pipe.transformer, "a", seed=1)
+    only_a = images(pipe, "var")
+    add_random_adapter(pipe.transformer, "b", seed=2)
+    pipe.set_adapters(["a", "b"], adapter_weights=[1.0, 0.0])
+    assert sorted(pipe.get_active_adapters()) == ["a", "b"]
+    assert torch.equal(images(pipe, "var"), only_a)
+    pipe.set_adapters(["a", "b"], adapter_weights=[1.0, 1.0])
+    assert not torch.equal(images(pipe, "var"), only_a)
+    pipe.delete_adapters("b")
+    assert pipe.get_list_adapters() == {"transformer": ["a"]}
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()  # diffusers: fuse then unload keeps the merged weights without LoRA layers
+    assert not lora_layers(pipe.transformer) and torch.equal(images(pipe, "var"), only_a)
+
+
+def test_text_encoder_adapters_round_trip(tmp_path):
+    pipe = embedded("star")
+    base = images(pipe, "star")
+    add_random_adapter(pipe.transformer, "a")
+    add_random_adapter(pipe.text_encoder, "a", seed=3)
+    both = images(pipe, "star")
+    folder = save_adapter(pipe, tmp_path / "adapter", text_encoder=True)
+    with safe_open(folder / "pytorch_lora_weights.safetensors", "pt") as f:
+        prefixes = {key.split(".")[0] for key in f.keys()}
+    assert prefixes == {"transformer", "text_encoder"}
+    fresh = embedded("star")
+    fresh.load_lora_weights(folder, adapter_name="x")
+    assert fresh.get_list_adapters() == {"transformer": ["x"], "text_encoder": ["x"]}
+    assert torch.equal(images(fresh, "star"), both)
+    fresh.fuse_lora()
+    fresh.unfuse_lora()
+    assert torch.equal(images(fresh, "star"), both)
+    fresh.unload_lora_weights()
+    assert not lora_layers(fresh.text_encoder) and torch.equal(images(fresh, "star"), base)
+
+
+# ----------------------------------------------------------------------------------------------
+# The file format and clear errors
+# ----------------------------------------------------------------------------------------------
+def test_adapter_files_are_peft_files_without_this_package(tmp_path):
+    """The file opens with safetensors and peft alone: a subprocess without diffusers_var / diffusers builds plain
+    torch linears named like the keys, injects PEFT's LoRA from the LoraConfig in the file header and loads the
+    tensors with PEFT's own loader (no missing or unexpected key); the LoRA update equals scale * B @ A."""
+    pipe = embedded("var")
+    add_random_adapter(pipe.transformer, rank=4)
+    folder = save_adapter(pipe, tmp_path / "adapter")
+    script = textwrap.dedent(f"""
+        import json, sys
+        import torch
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+        path = {str(folder / "pytorch_lora_weights.safetensors")!r}
+        tensors = load_file(path)
+        with safe_open(path, "pt") as f:
+            header = f.metadata()
+        config = {{k.removeprefix("transformer."): v for k, v in json.loads(header["lora_adapter_metadata"]).items()}}
+        state = {{k.removeprefix("transformer."): v for k, v in tensors.items()}}
+        assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in state), list(state)[:3]
+
+        model = torch.nn.Module()
+        for key, value in state.items():
+            if key.endswith(".lora_A.weight"):
+                name = key.removesuffix(".lora_A.weight")
+                parent = model
+                for part in name.split(".")[:-1]:
+                    if not hasattr(parent, part):
+                        parent.add_module(part, torch.nn.Module())
+                    parent = getattr(parent, part)
+                out = state[name + ".lora_B.weight"].shape[0]
+                parent.add_module(name.split(".")[-1], torch.nn.Linear(value.shape[1], out, bias=False))
+        config = LoraConfig(**config)
+        inject_adapter_in_model(config, model)
+        result = set_peft_model_state_dict(model, state)
+        assert not result.unexpected_keys, result.unexpected_keys
+        assert not [k for k in result.missing_keys if "lora_" in k], result.missing_keys
+        layer = model.blocks.get_submodule("0.attn.to_qkv")
+        x = torch.randn(2, layer.in_features)
+        A, B = state["blocks.0.attn.to_qkv.lora_A.weight"], state["blocks.0.attn.to_qkv.lora_B.weight"]
+        expected = layer.base_layer(x) + config.lora_alpha / config.r * x @ A.T @ B.T
+        torch.testing.assert_close(layer(x), expected)
+        assert not [m for m in sys.modules if m.startswith(("diffusers_var", "diffusers"))]
+        print("ok", len(state), config.r)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["ok", "48", "4"]  # 24 layers x (A, B), rank 4
+    with safe_open(folder / "pytorch_lora_weights.safetensors", "pt") as f:
+        family = json.loads(f.metadata()[FAMILY_METADATA_KEY])
+    assert family == {"pipeline_class": "VARPipeline", "transformer_class": "VARTransformer2DModel"}
+    assert [p.name for p in folder.iterdir()] == ["pytorch_lora_weights.safetensors"]
+
+
+def test_adapters_of_another_family_or_shape_are_clear_errors(tmp_path):
+    var = embedded("var")
+    add_random_adapter(var.transformer, targets=["attention"])  # the same widths as STAR's and Infinity's attention
+    var_adapter = save_adapter(var, tmp_path / "var")
+    for family in ("star", "infinity"):
+        other = embedded(family)
+        with pytest.raises(ValueError, match="made for a VARTransformer2DModel"):
+            other.load_lora_weights(var_adapter)
+        assert not lora_layers(other.transformer) and not getattr(other.transformer, "peft_config", None)
+
+    # another depth (same widths): the header's LoraConfig targets layers the file does not cover
+    shallow = VARPipeline(transformer=VARTransformer2DModel.from_config({**var.transformer.config, "depth": 3}),
+                          vqvae=var.vqvae)
+    add_random_adapter(shallow.transformer)
+    with pytest.raises(ValueError, match="no weights for 12 targeted layers.*another depth"):
+        embedded("var").load_lora_weights(save_adapter(shallow, tmp_path / "shallow"))
+    # another width: a tiny VAR's adapter
+    tiny = VARPipeline(transformer=VARTransformer2DModel(depth=2, embed_dim=64, num_heads=2, num_classes=10,
+                                                         patch_nums=(1, 2, 3, 4, 6, 8), vocab_size=512,
+                                                         latent_channels=16), vqvae=var.vqvae)
+    add_random_adapter(tiny.transformer)
+    with pytest.raises(ValueError, match="reads 64 inputs, `blocks.0.attn.to_qkv` has 192"):
+        embedded("var").load_lora_weights(save_adapter(tiny, tmp_path / "tiny"))
+    # a state dict naming a layer the model does not have / no LoRA keys
+    pipe = embedded("var")
+    with pytest.raises(ValueError, match="no adaptable layer `blocks.9.attn.to_qkv`"):
+        pipe.load_lora_weights({"transformer.blocks.9.attn.to_qkv.lora_A.weight": torch.zeros(4, 192),
+                                "transformer.blocks.9.attn.to_qkv.lora_B.weight": torch.zeros(576, 4)})
+    with pytest.raises(ValueError, match="every key must contain `lora`"):
+        pipe.load_lora_weights({"transformer.blocks.0.attn.to_qkv.weight": torch.zeros(576, 192)})
+    with pytest.raises(ValueError, match="belong to none of this pipeline's LoRA components"):
+        pipe.load_lora_weights({"transformer.blocks.0.attn.to_qkv.lora_A.weight": torch.zeros(4, 192),
+                                "unet.x.lora_A.weight": torch.zeros(4, 4)})
+    assert not lora_layers(pipe.transformer)
+
+
+def test_safetensors_only_and_bad_arguments_name_the_parameter(tmp_path):
+    pipe = embedded("var")
+    add_random_adapter(pipe.transformer)
+    layers = get_peft_model_state_dict(pipe.transformer, adapter_name="a")
+    with pytest.raises(ValueError, match="`safe_serialization`"):
+        VARPipeline.save_lora_weights(tmp_path, transformer_lora_layers=layers, safe_serialization=False)
+    with pytest.raises(ValueError, match="`weight_name`"):
+        VARPipeline.save_lora_weights(tmp_path, transformer_lora_layers=layers, weight_name="lora.bin")
+    with pytest.raises(ValueError, match="`text_encoder_lora_layers`"):
+        VARPipeline.save_lora_weights(tmp_path, transformer_lora_layers=layers, text_encoder_lora_layers=layers)
+    with pytest.raises(ValueError, match="no pytorch_lora_weights.safetensors"):
+        pipe.load_lora_weights(tmp_path)
+    (tmp_path / "lora.bin").write_bytes(b"0")
+    with pytest.raises(ValueError, match="not a .safetensors file"):
+        pipe.load_lora_weights(tmp_path / "lora.bin")
+    with pytest.raises(ValueError, match="`weight_name`"):
+        pipe.load_lora_weights(tmp_path, weight_name="lora.bin")
+    with pytest.raises(ValueError, match="`pretrained_model_name_or_path_or_dict`"):
+        pipe.load_lora_weights(42)
+    with pytest.raises(ValueError, match="`adapter_name`"):
+        pipe.load_lora_weights(layers, adapter_name="")
+    pipe.load_lora_weights(layers, adapter_name="b")  # a bare PEFT state dict is the transformer's
+    for weights in (float("nan"), [1.0, 2.0], "x"):
+        with pytest.raises(ValueError, match="`adapter_weights`"):
+            pipe.set_adapters(["b"], adapter_weights=weights)
+    with pytest.raises(ValueError, match="`adapter_names`.*not loaded"):
+        pipe.set_adapters(["nope"])
+    with pytest.raises(ValueError, match="`lora_scale`"):
+        pipe.fuse_lora(lora_scale=math.inf)
+    with pytest.raises(ValueError, match="`components`"):
+        pipe.fuse_lora(components=["vqvae"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast path with adapters
+# ----------------------------------------------------------------------------------------------
+def test_fast_path_with_unfused_and_fused_adapters_on_cpu():
+    """On the CPU ``enable_fast_inference(dtype=float32)`` only casts: with an unfused adapter, then a fused one, it
+    generates what the eager path does; a change of the adapters drops the captured graph sets."""
+    eager, fast = embedded("var"), embedded("var")
+    for pipe in (eager, fast):
+        add_random_adapter(pipe.transformer)
+    fast.enable_fast_inference(dtype=torch.float32)
+    assert torch.equal(images(fast, "var"), images(eager, "var"))
+    fast._graph_steps["stand-in"] = object()
+    fast._sync_adapters()
+    assert "stand-in" in fast._graph_steps  # nothing changed
+    for pipe in (eager, fast):
+        pipe.fuse_lora()
+    assert torch.equal(images(fast, "var"), images(eager, "var"))
+    assert "stand-in" not in fast._graph_steps  # fusing changed what the transformer computes
+    fast._graph_steps["stand-in"] = object()
+    for pipe in (eager, fast):
+        pipe.unfuse_lora()
+        pipe.set_adapters("a", 0.5)
+    assert torch.equal(images(fast, "var"), images(eager, "var"))
+    assert "stand-in" not in fast._graph_steps
+
+
+def test_fp8_and_fused_gelu_keep_the_lora_update(monkeypatch):
+    """float8 block matmuls (CPU-testable with the row threshold lowered) quantise the base linear under a LoRA layer,
+    whose update is still added; after fuse_lora the float8 copies are remade from the fused weights. The fused-GELU
+    kernel is skipped for an fc1 with an unfused adapter."""
+    from test_fast_inference import _perturbed_tiny_var, _var_logits
+
+    pipe = _perturbed_tiny_var()
+    add_random_adapter(pipe.transformer, rank=4, seed=5, scale=0.3)
+    fc1 = pipe.transformer.blocks[0].ffn.fc1
+    assert fast_inference.adds_lora_output(fc1)
+    pipe.enable_fast_inference()  # bf16
+    bf16_lora = _var_logits(pipe.transformer)
+    with torch.no_grad():
+        pipe.transformer.disable_adapters()
+        bf16_base = _var_logits(pipe.transformer)
+        pipe.transformer.enable_adapters()
+    pipe.enable_fast_inference(fp8=True)
+    monkeypatch.setattr(fast_inference, "FP8_MIN_ROWS", 1)
+    assert pipe.transformer.blocks[0].attn.to_qkv.base_layer.weight_fp8.dtype == torch.float8_e4m3fn
+    assert getattr(pipe.transformer.blocks[0].attn.to_qkv, "weight_fp8", None) is None
+
+    def error(a, b):
+        return max(((x - y).norm() / y.norm()).item() for x, y in zip(a, b))
+
+    gap = error(bf16_base, bf16_lora)
+    assert error(_var_logits(pipe.transformer), bf16_lora) < gap / 3  # the LoRA update is there
+    pipe.fuse_lora()
+    assert not fast_inference.adds_lora_output(fc1)
+    stale = _var_logits(pipe.transformer)  # float8 copies of the weights before fusing: the update is lost
+    assert error(stale, bf16_base) < gap / 3
+    pipe._sync_adapters()  # what every generation does first
+    assert error(_var_logits(pipe.transformer), bf16_lora) < gap / 3
+    pipe.unfuse_lora()
+    pipe.transformer.disable_adapters()
+    assert not fast_inference.adds_lora_output(fc1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+CONCEPT_DATA = {"type": "shapes", "num_images": 16, "seed": 2, "concept": "bar"}
+
+
+def lora_run(output: Path, family: str, **overrides) -> dict:
+    folder = EMBEDDED[family][1]
+    config = dict(task=family, output_dir=str(output), resolution=64, batch_size=4, max_steps=4, learning_rate=3e-3,
+                  warmup_steps=1, log_every=1, checkpoint_every=100, ema_decay=None, mixed_precision="no", seed=0,
+                  data={**CONCEPT_DATA, **({"concept_replaces": "square"} if family == "var" else {})},
+                  lora={"base": str(REPO_ROOT / "pipelines" / folder), "rank": 4})
+    for key, value in overrides.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) and key in ("lora", "data") else value
+    return config
+
+
+def test_lora_training_exports_an_adapter_and_a_model_card(tmp_path):
+    export = train(TrainConfig(**lora_run(tmp_path, "var", ema_decay=0.9, lora={"targets": ["attention", "adaln"]})))
+    # and the manifest every folder the package writes holds (what --overwrite may replace)
+    files = [".diffusers-var-manifest.json", "README.md", "lora_config.json", "pytorch_lora_weights.safetensors"]
+    assert sorted(p.name for p in export.iterdir()) == files
+    card = (export / "README.md").read_text()
+    assert "library_name: diffusers" in card and "load_lora_weights" in card and "re-purposes" in card
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == 4 and all(math.isfinite(r["loss"]) and r["peak_memory_mb"] > 0 for r in log)
+    tensors = load_file(export / "pytorch_lora_weights.safetensors")
+    assert any("adaln.linear.lora_B" in k for k in tensors)
+    assert all(k.startswith("transformer.") for k in tensors)
+    assert any(v.abs().max() > 0 for k, v in tensors.items() if "lora_B" in k)  # trained (PEFT starts B at zero)
+    checkpoint = latest_checkpoint(tmp_path / "checkpoints")
+    names = {p.name for p in checkpoint.iterdir()}
+    assert "model.safetensors" in names  # the trained weights only, no frozen base weights:
+    trained = {name for name, p in embedded("var").transformer.named_parameters()}
+    saved = set(load_file(checkpoint / "model.safetensors"))
+    assert saved and all("lora_" in name for name in saved) and not saved & trained
+    pipe = embedded("var")
+    base = images(pipe, "var")
+    pipe.load_lora_weights(export)
+    assert not torch.equal(images(pipe, "var"), base)
+
+
+def _run_cli(config: dict, path: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+    path.write_text(json.dumps(config))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("DIFFUSERS_VAR_FAULT_INJECT", None)
+    if fault:
+        env["DIFFUSERS_VAR_FAULT_INJECT"] = fault
+    return subprocess.run([sys.executable, "-m", "diffusers_var.training", config["task"], "--config", str(path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_killed_lora_run_resumes_to_the_same_adapter(tmp_path):
+    straight = lora_run(tmp_path / "straight", "var", max_steps=5, checkpoint_every=2)
+    interrupted = {**straight, "output_dir": str(tmp_path / "interrupted")}
+    assert _run_cli(straight, tmp_path / "a.json").returncode == 0
+    first = _run_cli(interrupted, tmp_path / "b.json", fault="step:3")
+    assert first.returncode == -signal.SIGKILL
+    assert latest_checkpoint(tmp_path / "interrupted" / "checkpoints").name == "step-0000002"
+    second = _run_cli(interrupted, tmp_path / "b.json")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed from" in second.stdout + second.stderr
+    a = load_file(tmp_path / "straight" / "final" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "interrupted" / "final" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("family", ["star", "infinity"])
+def test_text_to_image_lora_training_with_the_text_encoder(family, tmp_path):
+    """``lora.train_text_encoder``: the text encoder gets its own adapter (trained, exported under ``text_encoder.``),
+    with gradient checkpointing in the transformer; the export loads into the pipeline."""
+    config = lora_run(tmp_path, family, max_steps=3, gradient_checkpointing=True, lora={"train_text_encoder": True})
+    export = train(TrainConfig(**config))
+    tensors = load_file(export / "pytorch_lora_weights.safetensors")
+    text = {k: v for k, v in tensors.items() if k.startswith("text_encoder.")}
+    assert text and any(v.abs().max() > 0 for k, v in text.items() if "lora_B" in k)
+    pipe = embedded(family)
+    pipe.load_lora_weights(export, adapter_name="t")
+    assert pipe.get_list_adapters() == {"transformer": ["t"], "text_encoder": ["t"]}
+    assert images(pipe, family).shape == (2, 3, 64, 64)
+
+
+def test_bad_lora_configs_name_the_key(tmp_path):
+    base = str(REPO_ROOT / "pipelines" / "var-shapes")
+    cases = [
+        (["task=tokenizer", f"lora.base={base}"], "`lora`: LoRA fine-tuning applies"),
+        (["task=var", "lora.rank=4"], "`lora.base`"),
+        (["task=var", f"lora.base={tmp_path}"], "not a pipeline folder"),
+        (["task=star", f"lora.base={base}"], "holds a VARPipeline"),
+        (["task=var", f"lora.base={base}", "lora.rank=0"], "`lora.rank`"),
+        (["task=var", f"lora.base={base}", "lora.rnak=4"], "unknown `lora` keys"),
+        (["task=var", f"lora.base={base}", "lora.train_text_encoder=true"], "VAR has no text encoder"),
+        (["task=var", f"lora.base={base}", 'lora.targets=["cross_attention"]'], "`lora.targets`"),
+        (["task=var", f"lora.base={base}", "lora.dropout=1.5"], "`lora.dropout`"),
+    ]
+    for overrides, match in cases:
+        with pytest.raises(ValueError, match=match):
+            TrainConfig.load(None, overrides)
+    config = TrainConfig.load(None, ["task=var", f"lora.base={base}", "lora.rank=8"])  # tokenizer from the base
+    assert config.lora == {"base": base, "rank": 8} and config.tokenizer_path is None
+    with pytest.raises(ValueError, match="`concept_replaces`"):
+        train(TrainConfig(**lora_run(tmp_path, "var", data={"concept_replaces": None})))
+
+
+# ----------------------------------------------------------------------------------------------
+# The concept data and the judge
+# ----------------------------------------------------------------------------------------------
+def test_concept_data_and_the_judge():
+    data = shapes.ConceptShapesDataset(num_images=200, resolution=64, seed=0, concept="bar", concept_fraction=0.25,
+                                       concept_replaces="square", need_labels=True)
+    bars = [i for i, c in enumerate(data.classes) if c.shape == "bar"]
+    assert len(bars) == 50 and not [c for c in data.classes if c.shape == "square"]
+    for i in bars:  # a bar takes the class id of the square of its colour and background
+        c = data.classes[i]
+        assert data[i]["class_labels"] == shapes.class_id("square", c.color, c.background)
+        assert data[i]["caption"] == f"a {c.color} bar on a {c.background} background"
+    judged = shapes.judge_images(data.images)
+    assert judged == data.classes  # the judge reads the bars and the old shapes from pixels
+    old = shapes.ShapesDataset(num_images=300, resolution=64, seed=4)
+    assert shapes.judge_images(old.images) == [shapes.CLASSES[i] for i in old.class_ids]  # no old shape is a bar
+    text = shapes.ConceptShapesDataset(num_images=10, resolution=64, concept_fraction=1.0)
+    assert {c.shape for c in text.classes} == {"bar"} and set(text.class_ids.tolist()) == {-1}
+    for kwargs, match in (({"concept": "star"}, "`concept`"), ({"concept_fraction": 0}, "`concept_fraction`"),
+                          ({"concept_replaces": "bar"}, "`concept_replaces`"),
+                          ({"need_labels": True}, "`concept_replaces`")):
+        with pytest.raises(ValueError, match=match):
+            shapes.ConceptShapesDataset(num_images=10, **kwargs)
+    assert len(shapes.concept_classes("bar")) == 30
+
+
+def test_data_repeats():
+    from diffusers_var.training.data import build_dataset
+
+    data = build_dataset({"type": "shapes", "num_images": 3, "repeats": 4}, 32)
+    assert len(data) == 12 and torch.equal(data[5]["pixel_values"], data[2]["pixel_values"])
+    with pytest.raises(ValueError, match="`data.repeats`"):
+        build_dataset({"type": "shapes", "num_images": 3, "repeats": 0}, 32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line, demo, benchmark
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def var_adapter(tmp_path_factory) -> Path:
+    pipe = embedded("var")
+    add_random_adapter(pipe.transformer, seed=7)
+    return save_adapter(pipe, tmp_path_factory.mktemp("var-adapter"))
+
+
+def test_generate_command_takes_loras(var_adapter, tmp_path):
+    from PIL import Image
+
+    from diffusers_var.cli import main
+
+    def generate(name, *extra):
+        out = str(tmp_path / name)
+        assert main(["generate", "--class-label", "3", "--num-images", "2", "--out", out, *extra]) == 0
+        return np.stack([np.asarray(Image.open(tmp_path / name.replace(".png", f"-{i}.png"))) for i in range(2)])
+
+    base = generate("base.png")
+    assert np.array_equal(generate("zero.png", "--lora", str(var_adapter), "--lora-scale", "0"), base)
+    adapted = generate("one.png", "--lora", str(var_adapter / "pytorch_lora_weights.safetensors"))
+    assert not np.array_equal(adapted, base)
+    assert not np.array_equal(generate("twice.png", "--lora", str(var_adapter), "--lora", str(var_adapter),
+                                       "--lora-scale", "0.5", "--lora-scale", "0"), base)
+    star = str(REPO_ROOT / "pipelines" / "star-shapes")
+    assert main(["generate", "--model", star, "--prompt", "a red circle on a blue background", "--lora",
+                 str(var_adapter), "--out", str(tmp_path / "s.png")]) == 2
+    assert main(["generate", "--lora-scale", "0.5", "--out", str(tmp_path / "x.png")]) == 2
+
+
+def test_demo_attaches_each_lora_to_its_family(var_adapter):
+    from diffusers_var.demo import attach_loras
+
+    var, star = embedded("var"), embedded("star")
+    notes = attach_loras({"var": var, "star": star, "infinity": None}, [str(var_adapter)], [0.5])
+    assert notes == {"var": "`" + var_adapter.name + "` (scale 0.5)"}
+    assert var.get_list_adapters() == {"transformer": ["lora_0"]} and not lora_layers(star.transformer)
+    with pytest.raises(ValueError, match="made for a VARTransformer2DModel, which no tab serves"):
+        attach_loras({"var": None, "star": star, "infinity": None}, [str(var_adapter)])
+
+
+def test_lora_training_benchmark_smoke(tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    try:
+        import bench_lora_training
+    finally:
+        sys.path.pop(0)
+    assert bench_lora_training.main(["--smoke", "--rank", "4", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results-smoke.json").read_text())["results"]
+    assert len(results) == 8 and all(r["status"] == "ok" and math.isfinite(r["loss"]) for r in results)
+    for model in ("var-tiny", "infinity-tiny"):
+        full = next(r for r in results if r["model"] == model and r["mode"] == "full")
+        lora = next(r for r in results if r["model"] == model and r["mode"] == "lora")
+        assert lora["trainable_parameters"] < full["trainable_parameters"] / 4
+        assert full["trainable_parameters"] == full["parameters"]
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU (skipped without CUDA): the fast path's CUDA graphs, bf16 kernels and compiled blocks with adapters
+# ----------------------------------------------------------------------------------------------
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _run(pipe, seed: int, generator_device: str = "cuda", **kwargs):
+    """(latents, every scale's tokens) of 15 VAR images."""
+    seen = []
+    latents = pipe(class_labels=list(range(0, 90, 6)), generator=torch.Generator(generator_device).manual_seed(seed),
+                   output_type="latent", callback_on_step_end_tensor_inputs=["tokens"],
+                   callback_on_step_end=lambda p, si, hw, t: seen.append(t["tokens"].clone()) or {}, **kwargs).images
+    return latents, torch.cat(seen, dim=1)
+
+
+@gpu
+@pytest.mark.parametrize("generator_device", ["cpu", "cuda"])
+def test_gpu_float32_graphs_with_adapters_equal_eager(generator_device):
+    """float32 CUDA graphs (the transformer step; with a CUDA generator the whole scale, sampling included) sample the
+    tokens of the same path without graphs, with an unfused adapter, after fusing, after unfusing and after rescaling:
+    every change of the adapters recaptures the graphs."""
+    eager, fast = embedded("var").to("cuda"), embedded("var").to("cuda")
+    for pipe in (eager, fast):
+        add_random_adapter(pipe.transformer, scale=0.2)
+    eager.enable_fast_inference(dtype=torch.float32, cuda_graphs=False)
+    fast.enable_fast_inference(dtype=torch.float32)
+
+    def check():
+        (a, tokens_a), (b, tokens_b) = _run(eager, 0, generator_device), _run(fast, 0, generator_device)
+        assert torch.equal(tokens_a, tokens_b)
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        return next(iter(fast._graph_steps.values()))
+
+    first = check()
+    assert check() is first  # replayed, not recaptured
+    for step in (lambda p: p.fuse_lora(), lambda p: p.unfuse_lora(), lambda p: p.set_adapters("a", 0.5)):
+        for pipe in (eager, fast):
+            step(pipe)
+        current = check()
+        assert current is not first
+        first = current
+
+
+@gpu
+def test_gpu_fused_adapter_runs_like_the_merged_model():
+    """bf16 fast path with compiled blocks: a fused adapter samples what the same merged weights without LoRA layers
+    sample (the same kernels), and an unfused adapter's greedy tokens agree with the fused one's up to bf16
+    rounding."""
+    fused, plain, unfused = (embedded("var").to("cuda") for _ in range(3))
+    for pipe in (fused, plain, unfused):
+        add_random_adapter(pipe.transformer, scale=0.2)
+    plain.fuse_lora()
+    plain.unload_lora_weights()  # the merged weights, no LoRA layers
+    assert not lora_layers(plain.transformer)
+    fused.fuse_lora()
+    for pipe in (fused, plain, unfused):
+        pipe.enable_fast_inference(compile_blocks=True)
+    tokens = {name: _run(pipe, 1, top_k=1)[1] for name, pipe in (("fused", fused), ("plain", plain),
+                                                                 ("unfused", unfused))}
+    same = (tokens["fused"] == tokens["plain"]).float().mean().item()
+    close = (tokens["fused"] == tokens["unfused"]).float().mean().item()
+    print(f"bf16 fast path, greedy tokens: fused adapter vs merged model {same:.4f}, fused vs unfused {close:.4f}")
+    assert same >= 0.99 and close >= 0.95
