@@ -1,5 +1,5 @@
 from .pipeline_infinity import InfinityPipeline
 from .pipeline_star import STARPipeline
-from .pipeline_var import VARPipeline
+from .pipeline_var import VARCoDePipeline, VARPipeline
 
-__all__ = ["VARPipeline", "STARPipeline", "InfinityPipeline"]
+__all__ = ["VARPipeline", "VARCoDePipeline", "STARPipeline", "InfinityPipeline"]

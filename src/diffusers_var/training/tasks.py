@@ -223,9 +223,42 @@ class BitwiseTokenizerTask(_ReconstructionTask):
         return model.decode_bit_labels(model.encode(images, self.schedule).bit_labels)
 
 
+class TokenCachedDataset(torch.utils.data.Dataset):
+    """A dataset whose items also carry ``token_indices`` (L,): every image encoded once, up front, by the frozen
+    tokenizer (``data.cache_tokens: true``). Only for data without random augmentation (the shapes are rendered once):
+    training then skips the tokenizer's encoder at every step, which dominates a small transformer's step on a CPU."""
+
+    def __init__(self, dataset, tokenizer: MultiScaleVQModel, device, chunk: int = 256):
+        self.dataset = dataset
+        pieces = []
+        with torch.no_grad():
+            for start in range(0, len(dataset), chunk):
+                images = torch.stack([dataset[i]["pixel_values"] for i in range(start, min(start + chunk, len(dataset)))])
+                pieces.append(torch.cat(tokenizer.encode_indices(images.to(device)), dim=1).cpu())
+        self.token_indices = torch.cat(pieces)
+        if hasattr(dataset, "class_names"):
+            self.class_names = dataset.class_names
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[index], "token_indices": self.token_indices[index]}
+
+
+def _collate_with_tokens(items: list[dict]) -> dict:
+    batch = collate(items)
+    if "token_indices" in items[0]:
+        batch["token_indices"] = torch.stack([it["token_indices"] for it in items])
+    return batch
+
+
 class VARTask(_PipelineTask):
     """VARTransformer2DModel on a frozen tokenizer: cross-entropy on every scale's tokens with
-    label dropout (``cond_drop_rate``) for classifier-free guidance and optional label smoothing."""
+    label dropout (``cond_drop_rate``) for classifier-free guidance and optional label smoothing.
+    ``data.cache_tokens: true`` encodes the dataset once up front (:class:`TokenCachedDataset`)."""
+
+    collate = staticmethod(_collate_with_tokens)
 
     def __init__(self, config, device):
         self.config = config
@@ -233,6 +266,8 @@ class VARTask(_PipelineTask):
         self.tokenizer = _frozen(MultiScaleVQModel.from_pretrained(config.tokenizer_path), device)
         tok = self.tokenizer.config
         _check_vq_resolution(config, self.tokenizer)
+        if config.data.get("cache_tokens", False):
+            self.dataset = TokenCachedDataset(self.dataset, self.tokenizer, device)
         self.num_classes, self.id2label = self._classes()
         model_args = dict(config.model)
         init_adaln_gamma = float(model_args.pop("init_adaln_gamma", 1e-3))
@@ -254,7 +289,13 @@ class VARTask(_PipelineTask):
         return max(labels) + 1, None
 
     def loss(self, model, batch):
-        tf_input, targets = _vq_teacher_forcing(self.tokenizer, batch["pixel_values"])
+        if "token_indices" in batch:
+            targets = batch["token_indices"].to(batch["class_labels"].device)
+            with torch.no_grad():
+                counts = [pn * pn for pn in self.tokenizer.config.patch_nums]
+                tf_input = self.tokenizer.teacher_forcing_input(list(targets.split(counts, dim=1)))
+        else:
+            tf_input, targets = _vq_teacher_forcing(self.tokenizer, batch["pixel_values"])
         logits = model(batch["class_labels"], tf_input, drop_labels=True).logits
         return _token_cross_entropy(logits, targets, self.config.label_smoothing)
 
