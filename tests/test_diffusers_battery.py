@@ -44,8 +44,8 @@ from diffusers_battery.pipelines.pipeline_params import (
 from diffusers_battery.pipelines.test_pipelines_common import PipelineTesterMixin, to_np
 from diffusers_battery.testing_utils import torch_device
 from diffusers_var.pipelines.pipeline_utils import NextScalePipeline
-from diffusers_var import InfinityPipeline, STARPipeline, VARPipeline
-from tiny_components import infinity_components, star_components, var_components
+from diffusers_var import InfinityPipeline, STARPipeline, VARCoDePipeline, VARPipeline
+from tiny_components import code_components, infinity_components, star_components, var_components
 
 VENDORED = Path(__file__).resolve().parent / "diffusers_battery"
 PROMPT = "A painting of a squirrel eating a burger"
@@ -146,6 +146,15 @@ class VARPipelineBatteryTests(NextScaleTesterMixin, unittest.TestCase):
         return {"class_labels": [1], "generator": dummy_generator(device, seed), "top_k": 4, "output_type": "np"}
 
 
+class VARCoDePipelineBatteryTests(VARPipelineBatteryTests):
+    """CoDe: the tiny VAR as drafter of the first two scales, a narrower one-block VAR as refiner of the last two."""
+
+    pipeline_class = VARCoDePipeline
+
+    def get_dummy_components(self):
+        return code_components(seed=0)
+
+
 class STARPipelineBatteryTests(TextToImageTesterMixin, unittest.TestCase):
     pipeline_class = STARPipeline
     # the image size is fixed by the model's scale schedule
@@ -188,7 +197,7 @@ class InfinityPipelineBatteryTests(TextToImageTesterMixin, unittest.TestCase):
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
 
-BATTERIES = [VARPipelineBatteryTests, STARPipelineBatteryTests, STARStableSamplerPipelineBatteryTests,
+BATTERIES = [VARPipelineBatteryTests, VARCoDePipelineBatteryTests, STARPipelineBatteryTests, STARStableSamplerPipelineBatteryTests,
              InfinityPipelineBatteryTests]
 
 
