@@ -228,13 +228,11 @@ class VARPipeline(NextScalePipeline):
                 return (indices, guided_logits, logits.clone() if keep else None,
                         prefill_logits.clone() if keep and prefill_logits is not None else None, replayed)
 
-            def reset():
-                cache.reset()
-                f_hat.zero_()
-
             shared = (torch.zeros(rows, dtype=torch.long, device=device), torch.zeros(num_scales, 2, device=device),
                       torch.zeros((), device=device), torch.ones(num_scales, device=device))
-            graphs = CUDAGraphScaleSteps(step, [()] * len(run.scales), reset, shared, generator=generator, first_scale=first)
+            # f_hat is set by every generation before its first replay (zeros, or the f_hat the run continues)
+            graphs = CUDAGraphScaleSteps(step, [()] * len(run.scales), cache.reset, shared, generator=generator,
+                                         first_scale=first)
             graphs.f_hat, graphs.scale_inputs = f_hat, scale_inputs
             return graphs
 
