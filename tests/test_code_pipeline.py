@@ -168,6 +168,14 @@ def test_graph_wiring_of_both_stages(monkeypatch, stand_in_graphs, sampling_in_g
     model_at = 5 if sampling_in_graphs else 3  # then the scales and whether the first one is a prefill
     stages = {(models[key[model_at]], key[model_at + 1], key[model_at + 2]) for key in keys}
     assert {("drafter", range(0, 2), False), ("refiner", range(2, 4), True)} <= stages
+    if sampling_in_graphs:  # the two stages of one generation share the KV buffer and the graph memory pool
+        latents(graphed, seed=9)
+        drafter_set, refiner_set = list(graphed._graph_steps.values())[-2:]
+        assert drafter_set.memory is refiner_set.memory and drafter_set.pool == refiner_set.pool
+        storage = drafter_set.memory.kv_storage
+        sizes = [2 * len(m.blocks) * 6 * length * m.config.embed_dim
+                 for m, length in ((graphed.transformer, 5), (graphed.refiner, 30))]  # rows 6, cum_2 = 5, L = 30
+        assert storage.numel() == max(sizes)
     seen = {}
     names = ["tokens", "guided_logits", "model_logits", "next_scale_input", "prefill_logits", "draft_resamples", "latents"]
     for pipe in (eager, graphed):
@@ -177,3 +185,25 @@ def test_graph_wiring_of_both_stages(monkeypatch, stand_in_graphs, sampling_in_g
     for reference, got in zip(seen[id(eager)], seen[id(graphed)], strict=True):
         for r, g in zip(reference, got, strict=True):
             assert (r is None and g is None) or (torch.equal(r, g) if torch.is_tensor(r) else all(map(torch.equal, r, g)))
+
+
+def test_kv_caches_can_share_one_buffer():
+    """``KVCache.share_storage``: the layers' keys and values are views of the buffer when it has room (CoDe's two
+    stages keep one buffer on the fast path), new tensors otherwise; decoding is the same either way."""
+    transformer = code_components(seed=0)["refiner"]
+    labels, B = torch.tensor([1, 2]), 2
+    inputs = torch.randn(B, transformer.seq_len - 1, 8, generator=torch.Generator().manual_seed(1))
+
+    def decode(cache):
+        with torch.no_grad():
+            return [transformer.forward_scale(si, (labels,), cache, None if si == 0 else inputs[:, b - 1:e - 1])
+                    for si, (b, e) in enumerate(transformer.begin_ends)]
+
+    reference = decode(transformer.init_kv_cache())
+    needed = 2 * len(transformer.blocks) * B * transformer.seq_len * transformer.config.embed_dim
+    for numel, shared in ((needed, True), (needed - 1, False)):
+        flat = torch.full((numel,), float("nan"))
+        cache = transformer.init_kv_cache().share_storage(flat)
+        assert all(torch.equal(a, b) for a, b in zip(decode(cache), reference))
+        keys = cache.layers[0]._keys
+        assert (keys.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()) == shared

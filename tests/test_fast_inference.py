@@ -139,8 +139,9 @@ class EagerGraphStandIn:
 
     built = []
 
-    def __init__(self, step, example_inputs, reset_cache, shared_inputs=(), generator=None, first_scale=0):
+    def __init__(self, step, example_inputs, reset_cache, shared_inputs=(), generator=None, first_scale=0, pool=None):
         self.step, self.reset_cache, self.generator, self.first_scale = step, reset_cache, generator, first_scale
+        self.pool = pool if pool is not None else ("pool of", id(self))
         self.shared_inputs = tuple(t.clone() for t in shared_inputs)
         self.static_inputs = [tuple(None if t is None else t.clone() for t in inputs) for inputs in example_inputs]
         EagerGraphStandIn.built.append(self)

@@ -40,9 +40,14 @@ def _generate(args) -> int:
     for name in ("guidance_scale", "top_k", "top_p"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
+    try:
+        pipe = _with_refiner(pipe, args, kwargs)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     name = type(pipe).__name__
     try:
-        if name == "VARPipeline":
+        if name in ("VARPipeline", "VARCoDePipeline"):
             if args.prompt and not args.class_label:
                 args.class_label = args.prompt
             labels = None
@@ -73,6 +78,28 @@ def _generate(args) -> int:
     return 0
 
 
+def _with_refiner(pipe, args, kwargs):
+    """CoDe for ``generate``: ``--refiner`` (a VAR pipeline folder on the same tokenizer) turns a VAR ``--model`` into a
+    VARCoDePipeline (the model drafts, the refiner refines); ``--draft-steps`` goes to a CoDe pipeline's call."""
+    import torch
+
+    from .pipelines.pipeline_var import VARCoDePipeline, VARPipeline
+
+    if args.refiner is not None:
+        if type(pipe) is not VARPipeline:
+            raise ValueError(f"`--refiner` needs a VAR `--model` (the drafter), got a {type(pipe).__name__}")
+        refiner_class = pipeline_class_of(args.refiner)
+        if refiner_class is not VARPipeline:
+            raise ValueError(f"`--refiner` {args.refiner!r} holds a {refiner_class.__name__}, not a VARPipeline")
+        refiner = refiner_class.from_pretrained(args.refiner, dtype=getattr(torch, args.dtype)).to(args.device)
+        pipe = VARCoDePipeline.from_var_pipelines(pipe, refiner)
+    if args.draft_steps is not None:
+        if not isinstance(pipe, VARCoDePipeline):
+            raise ValueError("`--draft-steps` applies to CoDe only: pass `--refiner PATH`, or a VARCoDePipeline `--model`")
+        kwargs["draft_steps"] = args.draft_steps
+    return pipe
+
+
 def _train(args) -> int:
     from .training import TrainConfig, train
 
@@ -93,6 +120,10 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, default="default", metavar="PATH",
                             help=f"{name} pipeline folder (default: the embedded pipelines/{folder} when present; "
                                  f"'none' hides the model)")
+    parser.add_argument("--var-refiner", default="none", metavar="PATH",
+                        help="a small VAR pipeline folder on the VAR model's tokenizer: the VAR tab then offers CoDe "
+                             "(the VAR model drafts the coarse scales, this one refines the fine ones); 'default' is the "
+                             "embedded pipelines/var-shapes-refiner (default: none)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload() on an accelerator")
@@ -126,6 +157,11 @@ def main(argv=None) -> int:
     gen.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's")
     gen.add_argument("--top-k", type=int, default=None, help="default: the pipeline's (0 = off)")
     gen.add_argument("--top-p", type=float, default=None, help="default: the pipeline's (0 = off)")
+    gen.add_argument("--refiner", default=None, metavar="PATH",
+                     help="CoDe: a small VAR pipeline folder on the same tokenizer that samples the fine scales after "
+                          "the VAR --model drafted the coarse ones")
+    gen.add_argument("--draft-steps", type=int, default=None,
+                     help="CoDe: scales the drafter samples (default: the pipeline's, num_scales - 2 when built here)")
     gen.add_argument("--height", type=int, default=None, help="Infinity: image height (default: the model's)")
     gen.add_argument("--width", type=int, default=None, help="Infinity: image width (default: the model's)")
     gen.add_argument("--seed", type=int, default=0)

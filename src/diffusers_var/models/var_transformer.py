@@ -237,8 +237,15 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin):
 
     # -- scale-by-scale decoding -------------------------------------------------------------------
     def init_kv_cache(self, scale_schedule=None) -> KVCache:
-        """The KV cache of one generation (the schedule is the model's own)."""
-        return KVCache(len(self.blocks), square_schedule(self.config.patch_nums))
+        """The KV cache of one generation: room for the scales of ``scale_schedule`` (the ``(h, w)`` grids of the
+        model's own schedule, or its first ones for a generation that stops early; default all of them)."""
+        schedule = square_schedule(self.config.patch_nums)
+        if scale_schedule is not None:
+            if [tuple(hw) for hw in scale_schedule] != schedule[: len(scale_schedule)]:
+                raise ValueError(f"`scale_schedule` must be the model's schedule {schedule} or its first scales, got "
+                                 f"{list(scale_schedule)}.")
+            schedule = schedule[: len(scale_schedule)]
+        return KVCache(len(self.blocks), schedule)
 
     def forward_scale(self, scale_index: int, condition: tuple[torch.Tensor], kv_cache: KVCache,
                       scale_input: torch.Tensor | None = None) -> torch.Tensor:

@@ -338,11 +338,13 @@ class CUDAGraphScaleSteps:
             moment and advances it the same way; :meth:`borrow_generator_state` lends it a caller's state.
         first_scale: the scale index of ``example_inputs[0]``: a set for the scales ``first_scale ..`` of a pyramid
             (a generation that another model started) calls ``step`` and is called with the pyramid's indices.
+        pool: the memory pool to capture into (``graph_pool_handle`` / another set's ``pool``), e.g. that of a set
+            that never replays at the same time (CoDe's other stage); default a new one. The set's is ``self.pool``.
     """
 
     def __init__(self, step: Callable, example_inputs: Sequence[tuple], reset_cache: Callable[[], None],
                  shared_inputs: Sequence[torch.Tensor] = (), generator: torch.Generator | None = None,
-                 first_scale: int = 0):
+                 first_scale: int = 0, pool=None):
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA graphs need a CUDA device.")
         # The graphs write into whatever ``step`` and ``reset_cache`` close over (the KV cache storage, static
@@ -362,7 +364,6 @@ class CUDAGraphScaleSteps:
                     step(si, *self.shared_inputs, *inputs)
         torch.cuda.current_stream().wait_stream(side)
         reset_cache()
-        pool = None
         with torch.no_grad():
             for si, inputs in enumerate(self.static_inputs, first_scale):
                 graph = torch.cuda.CUDAGraph()
@@ -373,6 +374,7 @@ class CUDAGraphScaleSteps:
                 pool = graph.pool()
                 self.graphs.append(graph)
                 self.outputs.append(out)
+        self.pool = pool
         reset_cache()
 
     def set_shared_inputs(self, *values: torch.Tensor) -> "CUDAGraphScaleSteps":
@@ -512,7 +514,7 @@ class FastInferenceMixin:
             return transformer.forward_scale(si, condition, cache, scale_input)
 
         def build() -> CUDAGraphScaleSteps:
-            cache = transformer.init_kv_cache(schedule)
+            cache = transformer.init_kv_cache(schedule[: scales.stop])
             channels = transformer.scale_input_channels
             first_len = schedule[0][0] * schedule[0][1]
             lengths = {si: sum(h * w for h, w in schedule[: si + 1]) - first_len if prefill and si == scales.start
@@ -530,5 +532,5 @@ class FastInferenceMixin:
         graphs = self._graph_scale_steps(key, device, build)
         if graphs is not None:
             return graphs.set_shared_inputs(*condition)
-        cache = transformer.init_kv_cache(schedule)
+        cache = transformer.init_kv_cache(schedule[: scales.stop])
         return lambda si, scale_input: forward(cache, si, condition, scale_input)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from contextlib import nullcontext
 from importlib import resources
 from typing import Callable, NamedTuple
@@ -86,6 +87,15 @@ class ScaleRun(NamedTuple):
     prefix: torch.Tensor | None = None
     replay_prefix_draws: bool = False
     next_inputs: list | None = None
+
+
+class SharedStageMemory:
+    """What the CUDA graph sets of the stages of one generation share (they never replay at the same time): one buffer
+    for their KV caches (``KVCache.share_storage``), sized for the largest, and the graphs' memory pool."""
+
+    def __init__(self, kv_storage: torch.Tensor):
+        self.kv_storage = kv_storage
+        self.pool = None
 
 
 class VARPipeline(NextScalePipeline):
@@ -199,7 +209,10 @@ class VARPipeline(NextScalePipeline):
         prefill = run.prefix is not None
 
         def build() -> CUDAGraphScaleSteps:
-            cache = transformer.init_kv_cache()
+            cache = transformer.init_kv_cache(schedule[: run.scales.stop])  # room for the run's scales only
+            memory = self._stage_memory(run, rows, device)
+            if memory is not None:
+                cache.share_storage(memory.kv_storage)
             side = cfg.patch_nums[-1]
             f_hat = torch.zeros(B, cfg.latent_channels, side, side, device=device)
             scale_inputs = [None] * num_scales  # those the run reads (the prefix at its first scale) and writes
@@ -232,14 +245,21 @@ class VARPipeline(NextScalePipeline):
                       torch.zeros((), device=device), torch.ones(num_scales, device=device))
             # f_hat is set by every generation before its first replay (zeros, or the f_hat the run continues)
             graphs = CUDAGraphScaleSteps(step, [()] * len(run.scales), cache.reset, shared, generator=generator,
-                                         first_scale=first)
-            graphs.f_hat, graphs.scale_inputs = f_hat, scale_inputs
+                                         first_scale=first, pool=memory.pool if memory is not None else None)
+            graphs.f_hat, graphs.scale_inputs, graphs.memory = f_hat, scale_inputs, memory
+            if memory is not None:
+                memory.pool = graphs.pool
             return graphs
 
         key = ("sampling", rows, settings, top_ks[0] if len(set(top_ks)) == 1 else tuple(top_ks), use_top_p)
         if transformer is not self.transformer or run.scales != range(num_scales) or prefill:  # a part of a generation
             key += (id(transformer), run.scales, prefill, run.replay_prefix_draws)
         return self._graph_scale_steps(key, device, build)
+
+    def _stage_memory(self, run: ScaleRun, rows: int, device) -> "SharedStageMemory | None":
+        """Memory that the graph set of ``run`` shares with the sets of other runs of the same generations (never
+        replayed at the same time), or ``None``: a plain VAR generation is one run."""
+        return None
 
     def _replay_draws(self, prefill_logits: torch.Tensor, first_scale: int, top_ks: list[int], top_p: float, temperatures,
                       generator: GeneratorArg, settings: ScaleSampling, top_p_mass: torch.Tensor | None = None):
@@ -592,7 +612,24 @@ class VARCoDePipeline(VARPipeline):
         super()._set_fast_inference(enabled, cuda_graphs, dtype, fp8)
         quantize_linears_fp8_(self.refiner, enabled and fp8)
         fuse_ffn_gelu_(self.refiner, enabled and dtype != torch.float32)
+        self._stage_memories = weakref.WeakValueDictionary()  # alive while a graph set of its stages is cached
         return self
+
+    def _stage_memory(self, run: ScaleRun, rows: int, device) -> SharedStageMemory:
+        """The drafter's and the refiner's graph sets for ``rows`` and one ``draft_steps`` never replay at the same time:
+        they share one KV buffer (the larger cache: the drafter's scales, or the refiner's whole pyramid) and one
+        memory pool, so the fast path holds about the memory of one model's generation, not of both."""
+        draft_steps = run.scales.start or run.scales.stop  # the refiner's first scale, or the drafter's last + 1
+        dtype = self.transformer.blocks[0].attn.to_qkv.weight.dtype  # the keys' and values' (the blocks' dtype)
+        key = (rows, str(device), dtype, draft_steps)
+        memory = self._stage_memories.get(key)
+        if memory is None:
+            drafted = self.transformer.begin_ends[draft_steps][0]
+            numel = max(2 * len(model.blocks) * rows * length * model.config.embed_dim
+                        for model, length in ((self.transformer, drafted), (self.refiner, self.refiner.seq_len)))
+            memory = SharedStageMemory(torch.empty(numel, dtype=dtype, device=device))
+            self._stage_memories[key] = memory
+        return memory
 
     # -- inputs -------------------------------------------------------------------------------------
     def check_inputs(self, class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator,
