@@ -253,6 +253,28 @@ def _collate_with_tokens(items: list[dict]) -> dict:
     return batch
 
 
+@torch.no_grad()
+def init_from_larger_var_(model: VARTransformer2DModel, source: VARTransformer2DModel, blocks=None) -> None:
+    """Start ``model`` from a trained VAR of the same width, tokenizer and classes (``model.init_from`` /
+    ``model.init_blocks`` of a config): its embeddings, head and the blocks listed in ``blocks`` (default the first
+    ``depth``), the rest of its blocks dropped. A quick way to a small refiner for CoDe. ValueError naming the setting
+    when the two do not fit."""
+    blocks = list(range(len(model.blocks))) if blocks is None else [int(b) for b in blocks]
+    if len(blocks) != len(model.blocks) or not all(0 <= b < len(source.blocks) for b in blocks):
+        raise ValueError(f"`model.init_blocks` must list {len(model.blocks)} block indices of the source's "
+                         f"{len(source.blocks)}, got {blocks}.")
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("blocks.")}
+    for i, b in enumerate(blocks):
+        prefix = f"blocks.{b}."
+        state.update({f"blocks.{i}.{k[len(prefix):]}": v for k, v in source.state_dict().items() if k.startswith(prefix)})
+    own = model.state_dict()
+    wrong = sorted(k for k in own if k not in state or state[k].shape != own[k].shape)
+    if wrong:
+        raise ValueError(f"`model.init_from`: the source does not fit this model (width, classes, tokenizer); "
+                         f"mismatched: {wrong[:5]}.")
+    model.load_state_dict(state)
+
+
 class VARTask(_PipelineTask):
     """VARTransformer2DModel on a frozen tokenizer: cross-entropy on every scale's tokens with
     label dropout (``cond_drop_rate``) for classifier-free guidance and optional label smoothing.
@@ -271,11 +293,14 @@ class VARTask(_PipelineTask):
         self.num_classes, self.id2label = self._classes()
         model_args = dict(config.model)
         init_adaln_gamma = float(model_args.pop("init_adaln_gamma", 1e-3))
+        init_from, init_blocks = model_args.pop("init_from", None), model_args.pop("init_blocks", None)
         model_args.setdefault("num_classes", self.num_classes)
         model_args.update(vocab_size=tok.vocab_size, latent_channels=tok.z_channels, patch_nums=list(tok.patch_nums),
                           cond_drop_rate=config.cond_drop_rate)
         self.model = VARTransformer2DModel(**model_args)
         self.model.init_weights(init_adaln_gamma=init_adaln_gamma)
+        if init_from is not None:
+            init_from_larger_var_(self.model, VARTransformer2DModel.from_pretrained(init_from), init_blocks)
 
     def _classes(self):
         dataset = self.dataset
