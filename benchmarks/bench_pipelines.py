@@ -184,7 +184,8 @@ def build_code(name: str, device) -> VARCoDePipeline:
     if name == "code-tiny":
         vqvae = MultiScaleVQModel(**TINY_VQVAE)
         models = [VARTransformer2DModel(num_classes=10, depth=depth, embed_dim=width, num_heads=2, vocab_size=64,
-                                        latent_channels=8, patch_nums=TINY_PATCH_NUMS) for depth, width in ((2, 64), (1, 32))]
+                                        latent_channels=8, patch_nums=TINY_PATCH_NUMS)
+                  for depth, width in ((2, 64), (1, 32))]
         draft_steps = 2
     else:
         drafter_depth, refiner_depth, draft_steps = CODE_MODELS[name]
@@ -193,7 +194,8 @@ def build_code(name: str, device) -> VARCoDePipeline:
                   for d in (drafter_depth, refiner_depth)]
     for model in models:
         model.init_weights()
-    pipe = VARCoDePipeline(transformer=models[0].eval(), refiner=models[1].eval(), vqvae=vqvae.eval(), draft_steps=draft_steps)
+    pipe = VARCoDePipeline(transformer=models[0].eval(), refiner=models[1].eval(), vqvae=vqvae.eval(),
+                           draft_steps=draft_steps)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -426,8 +428,10 @@ KNOWN_MODELS = tuple(MODELS) + tuple(CODE_MODELS) + ("star-d30", "infinity-2b", 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=None, help=f"comma-separated, from {', '.join(KNOWN_MODELS)} (default var-d16,var-d30)")
-    parser.add_argument("--batch-sizes", default=None, help="default per model: VAR and CoDe 1,64; star-d30 1; infinity-2b 1,4; tiny 1,2")
-    parser.add_argument("--modes", default=None, help=f"from {', '.join(MODES)}; default per model: VAR and CoDe eager-fp16,fast; "
+    parser.add_argument("--batch-sizes", default=None,
+                        help="default per model: VAR and CoDe 1,64; star-d30 1; infinity-2b 1,4; tiny 1,2")
+    parser.add_argument("--modes", default=None, help=f"from {', '.join(MODES)}; default per model: VAR and CoDe "
+                                                      "eager-fp16,fast; "
                                                       "STAR / Infinity eager-bf16,fast")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (timings on the CPU only check the script)")

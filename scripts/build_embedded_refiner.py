@@ -70,11 +70,15 @@ def main() -> int:
         code = VARCoDePipeline.from_var_pipelines(drafter, refiner)
         num_scales = len(code.scale_schedule())
         default_n = code.config.draft_steps
-        results = {"var-shapes alone": evaluate(drafter, args.num_samples), "refiner alone": evaluate(refiner, args.num_samples)}
+        results = {
+            "var-shapes alone": evaluate(drafter, args.num_samples),
+            "refiner alone": evaluate(refiner, args.num_samples),
+        }
         for n in range(1, num_scales):
             results[f"CoDe draft_steps={n}"] = evaluate(code, args.num_samples, draft_steps=n)
         results[f"CoDe draft_steps={default_n}, cfg 2, top-k 0, top-p 0"] = evaluate(
-            code, args.num_samples, guidance_scale=2.0, top_k=0, top_p=0.0)
+            code, args.num_samples, guidance_scale=2.0, top_k=0, top_p=0.0
+        )
         timings = {}
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             alone = seconds_per_call(drafter, batch, args.repeats)
@@ -84,9 +88,16 @@ def main() -> int:
         out_tmp = Path(tmp) / "out"
         refiner16 = VARPipeline.from_pretrained(Path(tmp) / "fp16")
         refiner16.save_pretrained(out_tmp, safe_serialization=True)
-        card, evaluation = model_card(run, refiner, code, default_n, results, timings, args), {
-            "results": results, "cpu_seconds_per_call": timings, "default_draft_steps": default_n,
-            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+        card, evaluation = (
+            model_card(run, refiner, code, default_n, results, timings, args),
+            {
+                "results": results,
+                "cpu_seconds_per_call": timings,
+                "default_draft_steps": default_n,
+                "threads": torch.get_num_threads(),
+                "cpu": platform.processor() or platform.machine(),
+            },
+        )
         (out_tmp / "README.md").write_text(card)
         (out_tmp / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
         atomic_save_pipeline(_Copy(out_tmp), args.out, overwrite=True)
@@ -94,8 +105,9 @@ def main() -> int:
     return 0
 
 
-def model_card(run: Path, refiner: VARPipeline, code: VARCoDePipeline, default_n: int, results: dict, timings: dict,
-               args) -> str:
+def model_card(
+    run: Path, refiner: VARPipeline, code: VARCoDePipeline, default_n: int, results: dict, timings: dict, args
+) -> str:
     config = json.loads((run / "train_config.json").read_text())
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if line.strip()]
     steps, last = log[-1]["step"], log[-1]
@@ -104,48 +116,63 @@ def model_card(run: Path, refiner: VARPipeline, code: VARCoDePipeline, default_n
     num_scales = len(code.scale_schedule())
     rows = "\n".join(
         f"| {name} | {r['shape']:.3f} | {r['color']:.3f} | {r['background']:.3f} | {r['all']:.3f} | "
-        f"{r['frechet_thumbnail']:.3f} |" for name, r in results.items())
+        f"{r['frechet_thumbnail']:.3f} |"
+        for name, r in results.items()
+    )
     batches = list(timings)
     timing_rows = "\n".join(
-        f"| {name} | " + " | ".join(f"{1000 * timings[b][name] / b:.1f} ms ({timings[b]['var-shapes'] / timings[b][name]:.2f}x)"
-                                    for b in batches) + " |"
-        for name in timings[batches[0]])
-    return f"""# var-shapes-refiner: CoDe's embedded refiner for var-shapes
+        f"| {name} | "
+        + " | ".join(
+            f"{1000 * timings[b][name] / b:.1f} ms ({timings[b]['var-shapes'] / timings[b][name]:.2f}x)"
+            for b in batches
+        )
+        + " |"
+        for name in timings[batches[0]]
+    )
+    return (
+        f"""# var-shapes-refiner: CoDe's embedded refiner for var-shapes
 
-A small class-conditional VAR ({config['model']}, {n_refiner:,} parameters; var-shapes has {n_drafter:,}) trained by
-diffusers-var on the var-shapes tokenizer and data, on one CPU core. It is a plain `VARPipeline` folder (its own copy of
-the var-shapes tokenizer); with CoDe the embedded var-shapes drafts the coarse scales and this model the fine ones:
+A small class-conditional VAR ({config["model"]}, {n_refiner:,} parameters; var-shapes has {n_drafter:,}) trained by
+diffusers-var on the var-shapes tokenizer and data, on one CPU core. It is a plain `VARPipeline` folder (its own copy
+of the var-shapes tokenizer); with CoDe the embedded var-shapes drafts the coarse scales and this model the fine
+ones:
 
 ```python
 from diffusers_var import VARCoDePipeline, VARPipeline
 drafter = VARPipeline.from_pretrained("pipelines/var-shapes", dtype=torch.float32)
 refiner = VARPipeline.from_pretrained("pipelines/var-shapes-refiner", dtype=torch.float32)
-pipe = VARCoDePipeline.from_var_pipelines(drafter, refiner)      # draft_steps {default_n} of {num_scales} scales by default
+pipe = VARCoDePipeline.from_var_pipelines(drafter, refiner)  # draft_steps {default_n} of {num_scales} by default
 ```
 
 (`diffusers-var generate --refiner pipelines/var-shapes-refiner`, `diffusers-var demo --var-refiner default`.)
 Weights are stored in float16 (every figure below is measured from them); load with `dtype=torch.float32` on a CPU.
 
 - training: `diffusers-var train var --config configs/var_shapes_refiner.yaml` ({steps} steps of batch
-  {config['batch_size']}, last logged loss {last['loss']:.3f}, token accuracy {last.get('token_accuracy', float('nan')):.3f};
-  `data.cache_tokens` encodes the {config['data']['num_images']} images once), on one CPU core shared with other jobs
+  {config["batch_size"]}, last logged loss {last["loss"]:.3f}, token accuracy {last["token_accuracy"]:.3f};
+  `data.cache_tokens` encodes the {config["data"]["num_images"]} images once), on one CPU core shared with other jobs
 - the refiner never trained for its role: it is an ordinary VAR on all scales (training-free CoDe)
 
 ## Quality ({args.num_samples} samples, labels i % {shapes.NUM_CLASSES}, seed 0, pipeline defaults unless stated)
 Judge: `diffusers_var.shapes.judge_images` (shape, colour and background read from pixels; 100% on real samples).
 Fréchet distance on 8x8 thumbnails against held-out real images (real-vs-real floor
-{results['var-shapes alone']['frechet_thumbnail_real_vs_real']:.3f}).
+{results["var-shapes alone"]["frechet_thumbnail_real_vs_real"]:.3f}).
 
 | sampling | shape | colour | background | all three | Fréchet (thumbnails) |
 |---|---|---|---|---|---|
 {rows}
 
-## CPU speed (float32, {torch.get_num_threads()} thread(s), median of {args.repeats} calls, ms per image and speed-up over var-shapes alone)
+## CPU speed (float32, {torch.get_num_threads()} thread(s), median of {args.repeats} calls)
+Milliseconds per image, and the speed-up over var-shapes alone.
 
-| pipeline | """ + " | ".join(f"batch {b}" for b in batches) + """ |
-|---|""" + "---|" * len(batches) + f"""
+| pipeline | """
+        + " | ".join(f"batch {b}" for b in batches)
+        + """ |
+|---|"""
+        + "---|" * len(batches)
+        + f"""
 {timing_rows}
 """
+    )
 
 
 class _Copy:

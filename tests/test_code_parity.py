@@ -34,9 +34,18 @@ def code_fixture():
 def convert(path, manifest, out, refiner_key="refiner_pth", draft_steps=None) -> VARCoDePipeline:
     """``conversion/convert_code.py`` (its ``main``, as the command line runs it), then ``from_pretrained``."""
     files = manifest["files"]
-    argv = ["--vae", str(path / files["vae_pth"]["path"]), "--drafter", str(path / files["drafter_pth"]["path"]),
-            "--refiner", str(path / files[refiner_key]["path"]), "--output", str(out),
-            "--draft-steps", str(draft_steps or manifest["config"]["draft_steps"])]
+    argv = [
+        "--vae",
+        str(path / files["vae_pth"]["path"]),
+        "--drafter",
+        str(path / files["drafter_pth"]["path"]),
+        "--refiner",
+        str(path / files[refiner_key]["path"]),
+        "--output",
+        str(out),
+        "--draft-steps",
+        str(draft_steps or manifest["config"]["draft_steps"]),
+    ]
     assert runpy.run_path(str(CONVERTER))["main"](argv) == 0
     assert not [p for p in out.rglob("*") if p.suffix in {".bin", ".pth", ".pt", ".pkl"}]
     pipe = VARCoDePipeline.from_pretrained(out)
@@ -69,7 +78,10 @@ def report_errors():
             kind = re.sub(r"^c\d+_j\d+_", "", name.split("_", 1)[-1])  # without the case (and recipe sample) prefix
             kind = re.sub(r"_s\d+$", "", kind)
             kinds[kind] = max(kinds.get(kind, 0.0), err)
-        print("CoDe parity, max abs error per tensor kind: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(kinds.items())))
+        print(
+            "CoDe parity, max abs error per tensor kind: "
+            + ", ".join(f"{k} {v:.3g}" for k, v in sorted(kinds.items()))
+        )
 
 
 def check(manifest, ref, name, actual):
@@ -84,8 +96,11 @@ def _cases(kinds, with_plain_runs: bool = False):
         path = fixture_dir("code")
     except BaseException:  # collection must not fail here; the fixtures' own tests report it
         return ["fixtures-missing"]
-    return [name for name, spec in load_manifest(path)["generation_cases"].items()
-            if spec["kind"] in kinds and (spec.get("plain") or not with_plain_runs)]
+    return [
+        name
+        for name, spec in load_manifest(path)["generation_cases"].items()
+        if spec["kind"] in kinds and (spec.get("plain") or not with_plain_runs)
+    ]
 
 
 def _labels(kwargs, ref):
@@ -106,10 +121,19 @@ def generate(pipe, kwargs, ref, generator=None, record=None, **overrides):
         seen[si] = {k: v.clone() if torch.is_tensor(v) else v for k, v in tensors.items()}
         return {}
 
-    call = dict(class_labels=class_labels, num_images_per_prompt=per_label, guidance_scale=kwargs["cfg"], top_k=kwargs["top_k"],
-                top_p=kwargs["top_p"], temperature=kwargs["temp"], more_smooth=kwargs["more_smooth"],
-                draft_steps=kwargs["exit_num"], output_type="pt", callback_on_step_end=rec,
-                callback_on_step_end_tensor_inputs=RECORDED)
+    call = dict(
+        class_labels=class_labels,
+        num_images_per_prompt=per_label,
+        guidance_scale=kwargs["cfg"],
+        top_k=kwargs["top_k"],
+        top_p=kwargs["top_p"],
+        temperature=kwargs["temp"],
+        more_smooth=kwargs["more_smooth"],
+        draft_steps=kwargs["exit_num"],
+        output_type="pt",
+        callback_on_step_end=rec,
+        callback_on_step_end_tensor_inputs=RECORDED,
+    )
     call.update(overrides)
     generator = generator or torch.Generator().manual_seed(kwargs["g_seed"])
     return pipe(generator=generator, **call).images, seen
@@ -161,7 +185,11 @@ def test_config_inferred_from_checkpoints(pipe, code_fixture):
     for model, role in ((pipe.transformer, "drafter"), (pipe.refiner, "refiner")):
         cfg, expected = model.config, config[role]
         assert list(cfg.patch_nums) == list(config["patch_nums"])
-        assert (cfg.depth, cfg.embed_dim, cfg.num_heads) == (expected["depth"], expected["embed_dim"], expected["num_heads"])
+        assert (cfg.depth, cfg.embed_dim, cfg.num_heads) == (
+            expected["depth"],
+            expected["embed_dim"],
+            expected["num_heads"],
+        )
         assert (cfg.num_classes, cfg.shared_adaln) == (expected["num_classes"], expected["shared_aln"])
     assert pipe.vqvae.config.vocab_size == config["vae"]["vocab_size"]
 
@@ -172,10 +200,12 @@ def test_converter_errors_name_the_argument(code_fixture, tmp_path, capsys):
     base = ["--vae", str(path / files["vae_pth"]["path"]), "--drafter", str(path / files["drafter_pth"]["path"])]
     main = runpy.run_path(str(CONVERTER))["main"]
     S = len(manifest["config"]["patch_nums"])
-    cases = [(["--refiner", str(path / files["refiner_pth"]["path"]), "--draft-steps", str(S)], "`draft_steps`"),
-             (["--refiner", str(path / files["refiner_pth"]["path"]), "--draft-steps", "0"], "`draft_steps`"),
-             (["--refiner", str(path / files["vae_pth"]["path"])], "`refiner`"),  # a VQ-VAE, not a VAR
-             (["--refiner", str(tmp_path / "missing.pth")], "`refiner`")]
+    cases = [
+        (["--refiner", str(path / files["refiner_pth"]["path"]), "--draft-steps", str(S)], "`draft_steps`"),
+        (["--refiner", str(path / files["refiner_pth"]["path"]), "--draft-steps", "0"], "`draft_steps`"),
+        (["--refiner", str(path / files["vae_pth"]["path"])], "`refiner`"),  # a VQ-VAE, not a VAR
+        (["--refiner", str(tmp_path / "missing.pth")], "`refiner`"),
+    ]
     for extra, named in cases:
         assert main(base + extra + ["--output", str(tmp_path / "out")]) == 2
         assert named in capsys.readouterr().err
@@ -208,7 +238,9 @@ def test_generation(pipe, code_fixture, case):
     check_code_run(manifest, ref, prefix, N, images, seen, latent)
     batch = images.shape[0]
     if kwargs["label_B"] is None:  # drawn from the generator, by both stages alike
-        labels = draw_class_labels(manifest["config"]["num_classes"], batch, torch.Generator().manual_seed(kwargs["g_seed"]), "cpu")
+        labels = draw_class_labels(
+            manifest["config"]["num_classes"], batch, torch.Generator().manual_seed(kwargs["g_seed"]), "cpu"
+        )
         check(manifest, ref, f"{prefix}labels", labels)
     # the caller's generator ends where the refiner stage leaves it ...
     assert torch.equal(generator.get_state(), expected_end_state(kwargs, manifest, batch))
@@ -216,8 +248,14 @@ def test_generation(pipe, code_fixture, case):
         plain = torch.Generator().manual_seed(kwargs["g_seed"])
         class_labels, per_label = _labels(kwargs, ref)
         VARPipeline(transformer=pipe.transformer, vqvae=pipe.vqvae)(
-            class_labels=class_labels, num_images_per_prompt=per_label, guidance_scale=kwargs["cfg"], top_k=kwargs["top_k"],
-            top_p=kwargs["top_p"], generator=plain, output_type="latent")
+            class_labels=class_labels,
+            num_images_per_prompt=per_label,
+            guidance_scale=kwargs["cfg"],
+            top_k=kwargs["top_k"],
+            top_p=kwargs["top_p"],
+            generator=plain,
+            output_type="latent",
+        )
         assert torch.equal(generator.get_state(), plain.get_state())
 
 
@@ -236,9 +274,16 @@ def test_plain_var_runs_of_both_models(pipe, code_fixture, case):
     for run_name, run in plain_runs.items():
         call = run["call"]  # e.g. "img = var_draft.autoregressive_infer_cfg(B=2, ..., cfg=4.0, top_k=1, ...)"
         values = dict(re.findall(r"(\w+)=([\w.+-]+)", call.split("(", 1)[1]))
-        plain_kwargs = {**kwargs, "cfg": float(values["cfg"]), "top_p": float(values["top_p"]),
-                        "g_seed": int(values["g_seed"]), "more_smooth": values["more_smooth"] == "True"}
-        seen = plain_var_run(models[run_name], pipe.vqvae, plain_kwargs, ref, top_k=int(values["top_k"]), temperature=1.0)
+        plain_kwargs = {
+            **kwargs,
+            "cfg": float(values["cfg"]),
+            "top_p": float(values["top_p"]),
+            "g_seed": int(values["g_seed"]),
+            "more_smooth": values["more_smooth"] == "True",
+        }
+        seen = plain_var_run(
+            models[run_name], pipe.vqvae, plain_kwargs, ref, top_k=int(values["top_k"]), temperature=1.0
+        )
         images = seen["images"]
         name = f"{spec['prefix']}{run_name}_"
         for k in range(S):
@@ -266,16 +311,25 @@ def test_one_checkpoint_in_both_roles(self_pipe, code_fixture, case):
 
 
 def plain_var_run(transformer, vqvae, kwargs, ref, **overrides) -> dict:
-    """VARPipeline on one of the models with a case's settings (its per-scale lists); the callback's tensors per scale."""
+    """VARPipeline on one of the models with a case's settings (its per-scale lists); the callback's tensors per
+    scale."""
     var = VARPipeline(transformer=transformer, vqvae=vqvae)
     var.set_progress_bar_config(disable=True)
     seen = {}
     class_labels, per_label = _labels(kwargs, ref)
-    call = dict(class_labels=class_labels, num_images_per_prompt=per_label, guidance_scale=kwargs["cfg"], top_k=kwargs["top_k"],
-                top_p=kwargs["top_p"], temperature=kwargs["temp"], more_smooth=kwargs["more_smooth"], output_type="pt",
-                generator=torch.Generator().manual_seed(kwargs["g_seed"]),
-                callback_on_step_end_tensor_inputs=["guided_logits", "tokens", "latents"],
-                callback_on_step_end=lambda p, si, hw, t: seen.update({si: {k: v.clone() for k, v in t.items()}}) or {})
+    call = dict(
+        class_labels=class_labels,
+        num_images_per_prompt=per_label,
+        guidance_scale=kwargs["cfg"],
+        top_k=kwargs["top_k"],
+        top_p=kwargs["top_p"],
+        temperature=kwargs["temp"],
+        more_smooth=kwargs["more_smooth"],
+        output_type="pt",
+        generator=torch.Generator().manual_seed(kwargs["g_seed"]),
+        callback_on_step_end_tensor_inputs=["guided_logits", "tokens", "latents"],
+        callback_on_step_end=lambda p, si, hw, t: seen.update({si: {k: v.clone() for k, v in t.items()}}) or {},
+    )
     call.update(overrides)
     with torch.no_grad():
         seen["images"] = var(**call).images
@@ -284,8 +338,8 @@ def plain_var_run(transformer, vqvae, kwargs, ref, **overrides) -> dict:
 
 @pytest.mark.parametrize("case", _cases({"draftall"}))
 def test_draft_steps_equal_to_the_scale_count(pipe, code_fixture, case):
-    """``draft_steps = S`` crashes the original after a complete drafter run; ours refuses it up front. What the original
-    computed before crashing is a plain VAR run, which VARPipeline reproduces with the same per-scale lists."""
+    """``draft_steps = S`` crashes the original after a complete drafter run; ours refuses it up front. What the
+    original computed before crashing is a plain VAR run, which VARPipeline reproduces with the per-scale lists."""
     _, manifest, ref = code_fixture
     if case == "fixtures-missing":
         fixture_dir("code")
@@ -320,10 +374,21 @@ def test_sample_code_recipe(pipe, code_fixture, case):
             name = f"{spec['prefix']}c{label}_j{seed}_"
             seen = {}
             with torch.no_grad():
-                images = pipe(class_labels=[label], guidance_scale=cfg, top_k=top_k, top_p=top_p, temperature=temperature,
-                              more_smooth=False, draft_steps=spec["draft_steps"], output_type="pt",
-                              generator=torch.Generator().manual_seed(seed), callback_on_step_end_tensor_inputs=["tokens", "latents"],
-                              callback_on_step_end=lambda p, si, hw, t: seen.update({si: {k: v.clone() for k, v in t.items()}}) or {}).images
+                images = pipe(
+                    class_labels=[label],
+                    guidance_scale=cfg,
+                    top_k=top_k,
+                    top_p=top_p,
+                    temperature=temperature,
+                    more_smooth=False,
+                    draft_steps=spec["draft_steps"],
+                    output_type="pt",
+                    generator=torch.Generator().manual_seed(seed),
+                    callback_on_step_end_tensor_inputs=["tokens", "latents"],
+                    callback_on_step_end=lambda p, si, hw, t: (
+                        seen.update({si: {k: v.clone() for k, v in t.items()}}) or {}
+                    ),
+                ).images
             for k in range(S):
                 check(manifest, ref, f"{name}idx_s{k}", seen[k]["tokens"])
             check(manifest, ref, f"{name}fhat", seen[S - 1]["latents"])
@@ -340,13 +405,25 @@ def test_sample_code_recipe(pipe, code_fixture, case):
 def test_bad_inputs_name_the_parameter(pipe, code_fixture):
     _, manifest, ref = code_fixture
     S = len(manifest["config"]["patch_nums"])
-    call = dict(class_labels=[1], top_k=[10] * S, temperature=[1.0] * S, output_type="latent",
-                generator=torch.Generator().manual_seed(0))
-    for kwargs, parameter in [({"draft_steps": 0}, "draft_steps"), ({"draft_steps": S}, "draft_steps"),
-                              ({"draft_steps": 1.5}, "draft_steps"), ({"draft_steps": True}, "draft_steps"),
-                              ({"top_k": [10] * (S - 1)}, "top_k"), ({"top_k": [10] * (S + 6)}, "top_k"),
-                              ({"top_k": [10.0] * S}, "top_k"), ({"temperature": [1.0] * (S + 1)}, "temperature"),
-                              ({"temperature": 0.0}, "temperature"), ({"temperature": [1.0] * (S - 1) + [float("nan")]}, "temperature")]:
+    call = dict(
+        class_labels=[1],
+        top_k=[10] * S,
+        temperature=[1.0] * S,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    )
+    for kwargs, parameter in [
+        ({"draft_steps": 0}, "draft_steps"),
+        ({"draft_steps": S}, "draft_steps"),
+        ({"draft_steps": 1.5}, "draft_steps"),
+        ({"draft_steps": True}, "draft_steps"),
+        ({"top_k": [10] * (S - 1)}, "top_k"),
+        ({"top_k": [10] * (S + 6)}, "top_k"),
+        ({"top_k": [10.0] * S}, "top_k"),
+        ({"temperature": [1.0] * (S + 1)}, "temperature"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": [1.0] * (S - 1) + [float("nan")]}, "temperature"),
+    ]:
         with pytest.raises(ValueError, match=f"`{parameter}`"):
             pipe(**{**call, **kwargs})
     var = VARPipeline(transformer=pipe.transformer, vqvae=pipe.vqvae)

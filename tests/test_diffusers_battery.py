@@ -197,7 +197,8 @@ class InfinityPipelineBatteryTests(TextToImageTesterMixin, unittest.TestCase):
         return {"prompt_embeds": embeds, "prompt_attention_mask": mask}
 
 
-BATTERIES = [VARPipelineBatteryTests, VARCoDePipelineBatteryTests, STARPipelineBatteryTests, STARStableSamplerPipelineBatteryTests,
+BATTERIES = [VARPipelineBatteryTests, VARCoDePipelineBatteryTests, STARPipelineBatteryTests,
+             STARStableSamplerPipelineBatteryTests,
              InfinityPipelineBatteryTests]
 
 

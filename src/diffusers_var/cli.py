@@ -79,8 +79,8 @@ def _generate(args) -> int:
 
 
 def _with_refiner(pipe, args, kwargs):
-    """CoDe for ``generate``: ``--refiner`` (a VAR pipeline folder on the same tokenizer) turns a VAR ``--model`` into a
-    VARCoDePipeline (the model drafts, the refiner refines); ``--draft-steps`` goes to a CoDe pipeline's call."""
+    """CoDe for ``generate``: ``--refiner`` (a VAR pipeline folder on the same tokenizer) turns a VAR ``--model`` into
+    a VARCoDePipeline (the model drafts, the refiner refines); ``--draft-steps`` goes to a CoDe pipeline's call."""
     import torch
 
     from .pipelines.pipeline_var import VARCoDePipeline, VARPipeline
@@ -95,7 +95,8 @@ def _with_refiner(pipe, args, kwargs):
         pipe = VARCoDePipeline.from_var_pipelines(pipe, refiner)
     if args.draft_steps is not None:
         if not isinstance(pipe, VARCoDePipeline):
-            raise ValueError("`--draft-steps` applies to CoDe only: pass `--refiner PATH`, or a VARCoDePipeline `--model`")
+            raise ValueError("`--draft-steps` applies to CoDe only: pass `--refiner PATH`, or a VARCoDePipeline "
+                             "`--model`")
         kwargs["draft_steps"] = args.draft_steps
     return pipe
 
@@ -122,8 +123,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                                  f"'none' hides the model)")
     parser.add_argument("--var-refiner", default="none", metavar="PATH",
                         help="a small VAR pipeline folder on the VAR model's tokenizer: the VAR tab then offers CoDe "
-                             "(the VAR model drafts the coarse scales, this one refines the fine ones); 'default' is the "
-                             "embedded pipelines/var-shapes-refiner (default: none)")
+                             "(the VAR model drafts the coarse scales, this one refines the fine ones); 'default' is "
+                             "the embedded pipelines/var-shapes-refiner (default: none)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload() on an accelerator")

@@ -80,9 +80,9 @@ def load_family(family: str, spec: Any, device: str, dtype: torch.dtype, cpu_off
 
 
 def load_code(var_pipe, refiner: Any, device: str, dtype: torch.dtype):
-    """The VAR tab's CoDe pipeline: ``var_pipe`` itself when it is one, else ``var_pipe`` as the drafter with ``refiner``
-    (a VARPipeline, a VAR pipeline folder, ``DEFAULT``: the embedded refiner, or ``None``: no CoDe), sharing their
-    weights. Returns ``(pipeline or None, notice)``; a refiner that cannot be used becomes the notice."""
+    """The VAR tab's CoDe pipeline: ``var_pipe`` itself when it is one, else ``var_pipe`` as the drafter with
+    ``refiner`` (a VARPipeline, a VAR pipeline folder, ``DEFAULT``: the embedded refiner, or ``None``: no CoDe),
+    sharing their weights. Returns ``(pipeline or None, notice)``; a refiner that cannot be used becomes the notice."""
     if var_pipe is None or isinstance(var_pipe, VARCoDePipeline):
         return var_pipe, ""
     if refiner is None:
@@ -159,7 +159,8 @@ def _outputs(prefix: str):
     return gallery, info
 
 
-def _var_tab(pipe: VARPipeline, common: dict, max_images: int, code: VARCoDePipeline | None = None, code_notice: str = ""):
+def _var_tab(pipe: VARPipeline, common: dict, max_images: int, code: VARCoDePipeline | None = None,
+             code_notice: str = ""):
     lock = threading.Lock()
     names = [name for _, name in sorted(pipe.id2label.items())] or [str(i) for i in range(pipe.transformer.config.num_classes)]
     name_to_id = {name: i for i, name in sorted(pipe.id2label.items())} or {str(i): i for i in range(len(names))}
@@ -190,7 +191,8 @@ def _var_tab(pipe: VARPipeline, common: dict, max_images: int, code: VARCoDePipe
         with gr.Column():
             gallery, info = _outputs("var")
 
-    def run_var(target, extra: dict, class_name, guidance_scale, top_k, top_p, more_smooth, num_images, seed, randomize):
+    def run_var(target, extra: dict, class_name, guidance_scale, top_k, top_p, more_smooth, num_images, seed,
+                randomize):
         count = _check_count(num_images, max_images)
         if class_name == RANDOM_CLASS or class_name in (None, ""):
             labels = None
@@ -212,7 +214,8 @@ def _var_tab(pipe: VARPipeline, common: dict, max_images: int, code: VARCoDePipe
     def generate_code(class_name, guidance_scale, top_k, top_p, more_smooth, num_images, seed, randomize, with_code,
                       steps, progress=gr.Progress(track_tqdm=True)):
         target, extra = (code, {"draft_steps": int(steps)}) if with_code else (pipe, {})
-        return run_var(target, extra, class_name, guidance_scale, top_k, top_p, more_smooth, num_images, seed, randomize)
+        return run_var(target, extra, class_name, guidance_scale, top_k, top_p, more_smooth, num_images, seed,
+                       randomize)
 
     inputs = [label, guidance, top_k, top_p, more_smooth, num_images, seed, randomize]
     if code is not None:  # the same inputs, then CoDe's two

@@ -47,18 +47,25 @@ def convert_code_checkpoint(
     refiner = _convert_role(refiner_path, patch_nums, "refiner")
     vqvae = convert_vae(_load_vae(vae_path), drafter.config.patch_nums, quant_resi)
     for name, model in (("drafter", drafter), ("refiner", refiner)):
-        if vqvae.config.vocab_size != model.config.vocab_size or vqvae.config.z_channels != model.config.latent_channels:
+        if (
+            vqvae.config.vocab_size != model.config.vocab_size
+            or vqvae.config.z_channels != model.config.latent_channels
+        ):
             raise ConversionError(
                 f"`vae` (vocab {vqvae.config.vocab_size}, z {vqvae.config.z_channels}) does not belong to `{name}` "
                 f"(vocab {model.config.vocab_size}, z {model.config.latent_channels})."
             )
     for key in ("patch_nums", "num_classes"):
         if str(drafter.config[key]) != str(refiner.config[key]):
-            raise ConversionError(f"`refiner` has {key}={refiner.config[key]}, the drafter {drafter.config[key]}: CoDe's two "
-                                  "models must share the scale schedule and the class set.")
+            raise ConversionError(
+                f"`refiner` has {key}={refiner.config[key]}, the drafter {drafter.config[key]}: CoDe's two "
+                "models must share the scale schedule and the class set."
+            )
     num_scales = len(drafter.config.patch_nums)
     if draft_steps is not None and (not isinstance(draft_steps, int) or not 1 <= draft_steps <= num_scales - 1):
-        raise ConversionError(f"`draft_steps` must be in [1, {num_scales - 1}] for {num_scales} scales, got {draft_steps!r}.")
+        raise ConversionError(
+            f"`draft_steps` must be in [1, {num_scales - 1}] for {num_scales} scales, got {draft_steps!r}."
+        )
     if dtype != torch.float32:
         drafter, refiner, vqvae = drafter.to(dtype), refiner.to(dtype), vqvae.to(dtype)
     pipe = VARCoDePipeline(transformer=drafter, refiner=refiner, vqvae=vqvae, draft_steps=draft_steps)

@@ -205,7 +205,8 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin):
         if drop_labels if drop_labels is not None else self.training:
             class_labels = self.drop_labels(class_labels)
         B = class_labels.shape[0]
-        cond_BD = memoized(kv_cache.head if kv_cache is not None else None, "cond", lambda: self.class_embedding(class_labels))
+        head_memo = kv_cache.head if kv_cache is not None else None
+        cond_BD = memoized(head_memo, "cond", lambda: self.class_embedding(class_labels))
         first = cond_BD.unsqueeze(1).expand(B, self.first_len, -1) + self.pos_start.expand(B, self.first_len, -1)
         x_BLC = torch.cat((first, self.input_proj(teacher_forcing_input.to(self.pos_start.dtype))), dim=1)
         level_ids = self._level_ids(length, x_BLC.device)
@@ -217,8 +218,8 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin):
         return NextScaleTransformerOutput(logits=logits)
 
     def _level_ids(self, length: int, device) -> torch.LongTensor:
-        """(1, length) scale index of the first ``length`` pyramid positions (whole scales), made on the device (no host
-        copy: a prefill runs inside CUDA graph captures)."""
+        """(1, length) scale index of the first ``length`` pyramid positions (whole scales), made on the device (no
+        host copy: a prefill runs inside CUDA graph captures)."""
         ids = [torch.full((end - begin,), si, dtype=torch.long, device=device)
                for si, (begin, end) in enumerate(self.begin_ends) if end <= length]
         return torch.cat(ids)[None]
@@ -263,7 +264,8 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin):
         (class_labels,) = condition
         return self(class_labels, scale_input, scale_index=scale_index, kv_cache=kv_cache)
 
-    def prefill_scale(self, condition: tuple[torch.Tensor], kv_cache: KVCache, prefix_input: torch.Tensor) -> torch.Tensor:
+    def prefill_scale(self, condition: tuple[torch.Tensor], kv_cache: KVCache,
+                      prefix_input: torch.Tensor) -> torch.Tensor:
         r"""Logits of every position of scales 0..k from one block-causal pass (through ``forward``), which also fills
         the empty ``kv_cache`` with them, so that :meth:`forward_scale` goes on at scale k + 1.
 
@@ -271,8 +273,8 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin):
             condition: ``(class_labels,)`` as for :meth:`forward_scale`.
             kv_cache: from :meth:`init_kv_cache`, empty.
             prefix_input: (B, cum_k - pn_0^2, latent_channels): the inputs of scales 1..k (each the area-downsampled
-                cumulative f_hat of the scales before it, row-major), as :meth:`MultiScaleVQModel.teacher_forcing_input`
-                builds them.
+                cumulative f_hat of the scales before it, row-major), as
+                :meth:`MultiScaleVQModel.teacher_forcing_input` builds them.
 
         Returns (B, cum_k, vocab_size) float32 logits (the last pn_k^2 rows predict scale k).
         """

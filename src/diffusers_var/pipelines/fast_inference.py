@@ -502,7 +502,8 @@ class FastInferenceMixin:
 
         ``transformer`` (default: the pipeline's) runs the ``scales`` (default: all, in order). With ``prefill`` the
         first of them is a continuation: its ``scale_input`` is the input of every scale up to it (the teacher-forcing
-        prefix) and the step is ``transformer.prefill_scale`` (the logits of all those positions; the KV cache filled)."""
+        prefix) and the step is ``transformer.prefill_scale`` (the logits of all those positions; the KV cache
+        filled)."""
         transformer = self.transformer if transformer is None else transformer
         schedule = tuple(tuple(hw) for hw in schedule)
         scales = range(len(schedule)) if scales is None else scales
@@ -519,7 +520,8 @@ class FastInferenceMixin:
             first_len = schedule[0][0] * schedule[0][1]
             lengths = {si: sum(h * w for h, w in schedule[: si + 1]) - first_len if prefill and si == scales.start
                        else schedule[si][0] * schedule[si][1] for si in scales}
-            examples = [(None,) if si == 0 else (torch.zeros(rows, lengths[si], channels, device=device),) for si in scales]
+            examples = [(None,) if si == 0 else (torch.zeros(rows, lengths[si], channels, device=device),)
+                        for si in scales]
 
             def step(si, *tensors):
                 return forward(cache, si, tensors[:-1], tensors[-1])

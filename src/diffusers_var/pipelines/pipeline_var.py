@@ -78,8 +78,8 @@ class ScaleRun(NamedTuple):
     area-downsampled f_hat after each earlier scale. One block-causal prefill pass of ``transformer`` over them fills
     its KV cache and gives scale k's logits. With ``replay_prefix_draws`` the scales 0..k-1 are re-sampled first from
     the prefill's conditional logits (no guidance, each with its own top-k / temperature) and the tokens discarded:
-    the draws of CoDe's refiner, which keep a seeded generator on the original's random stream. ``next_inputs``, a list,
-    receives the next-scale input (B, l', Cv) of every scale of the run."""
+    the draws of CoDe's refiner, which keep a seeded generator on the original's random stream. ``next_inputs``, a
+    list, receives the next-scale input (B, l', Cv) of every scale of the run."""
 
     transformer: VARTransformer2DModel
     scales: range
@@ -227,14 +227,15 @@ class VARPipeline(NextScalePipeline):
                 if prefill and si == first:
                     prefill_logits = transformer.prefill_scale((labels_2B,), cache, scale_inputs[si])
                     if run.replay_prefix_draws:
-                        replayed = self._replay_draws(prefill_logits, si, top_ks, 0.0, temperature_S, generator, settings,
-                                                      removable_mass if use_top_p else None)
+                        replayed = self._replay_draws(prefill_logits, si, top_ks, 0.0, temperature_S, generator,
+                                                      settings, removable_mass if use_top_p else None)
                     logits = prefill_logits[:, transformer.begin_ends[si][0]:]
                 else:
                     logits = transformer.forward_scale(si, (labels_2B,), cache, scale_inputs[si])
                 indices, guided_logits, next_input = self._sample_scale(
                     si, logits, f_hat, guidance_S2[si], top_ks[si], 0.0, generator, settings,
-                    removable_mass if use_top_p else None, temperature=temperature_S[si] if settings.tempered else None)
+                    removable_mass if use_top_p else None,
+                    temperature=temperature_S[si] if settings.tempered else None)
                 if next_input is not None:
                     scale_inputs[si + 1].copy_(self._guidance_rows(next_input))
                 keep = settings.keep_logits
@@ -261,8 +262,9 @@ class VARPipeline(NextScalePipeline):
         replayed at the same time), or ``None``: a plain VAR generation is one run."""
         return None
 
-    def _replay_draws(self, prefill_logits: torch.Tensor, first_scale: int, top_ks: list[int], top_p: float, temperatures,
-                      generator: GeneratorArg, settings: ScaleSampling, top_p_mass: torch.Tensor | None = None):
+    def _replay_draws(self, prefill_logits: torch.Tensor, first_scale: int, top_ks: list[int], top_p: float,
+                      temperatures, generator: GeneratorArg, settings: ScaleSampling,
+                      top_p_mass: torch.Tensor | None = None):
         """CoDe's refiner re-samples every scale before ``first_scale`` from the conditional rows of its prefill logits
         (no guidance; each scale's top-k, top-p and temperature) and discards the tokens: only the draws matter (they
         keep a seeded generator on the original's stream). Returns the re-sampled tokens, (B, l) per scale."""
@@ -282,10 +284,10 @@ class VARPipeline(NextScalePipeline):
                       generator: GeneratorArg, settings: ScaleSampling, top_p_mass: torch.Tensor | None = None,
                       forcing: ScaleForcing | None = None, temperature=None):
         """Guidance, top-k / top-p, the draw and the f_hat update (in place) of scale ``si``, eagerly or inside a CUDA
-        graph (``strength``, ``1 - top_p`` and ``temperature`` then come as device tensors). ``forcing`` may replace the
-        scale's code map (and indices) before f_hat. ``temperature`` (None: 1) divides the filtered logits for the draw
-        only (the filters and the Gumbel mixture see them untempered, as in CoDe). Returns ``(indices, guided logits if
-        settings.keep_logits, next scale's input tokens (B, l', Cv) or None after the last scale)``."""
+        graph (``strength``, ``1 - top_p`` and ``temperature`` then come as device tensors). ``forcing`` may replace
+        the scale's code map (and indices) before f_hat. ``temperature`` (None: 1) divides the filtered logits for the
+        draw only (the filters and the Gumbel mixture see them untempered, as in CoDe). Returns ``(indices, guided
+        logits if settings.keep_logits, next scale's input tokens (B, l', Cv) or None after the last scale)``."""
         patch_nums = self.transformer.config.patch_nums
         num_scales, pn, B = len(patch_nums), patch_nums[si], f_hat.shape[0]
         ratio = si / (num_scales - 1)
@@ -306,8 +308,9 @@ class VARPipeline(NextScalePipeline):
         return indices, guided_logits, None if si == num_scales - 1 else next_map.flatten(2).transpose(1, 2)
 
     def _sample_scales(self, labels_B: torch.LongTensor, top_k: int | list[int], top_p: float, more_smooth: bool,
-                       generator: GeneratorArg, callback=None, tensor_names: list[str] = (), forcing: ScaleForcing | None = None,
-                       temperature: float | list[float] = 1.0, run: ScaleRun | None = None) -> torch.Tensor:
+                       generator: GeneratorArg, callback=None, tensor_names: list[str] = (),
+                       forcing: ScaleForcing | None = None, temperature: float | list[float] = 1.0,
+                       run: ScaleRun | None = None) -> torch.Tensor:
         """The scale loop of a generation for the images of ``labels_B`` (the null class fills the unconditional rows);
         returns the final f_hat. ``forcing`` (task pipelines) replaces code maps before they enter f_hat. ``top_k`` and
         ``temperature``: one value, or one per scale. ``run`` (default: every scale, the pipeline's transformer): the
@@ -322,9 +325,10 @@ class VARPipeline(NextScalePipeline):
 
         # the whole scale in a CUDA graph (fast path, CUDA generator), or the transformer step (eager, or a graph)
         # followed by the eager sampler
-        wants_logits = callback is not None and bool({"guided_logits", "logits", "model_logits", "prefill_logits"} & set(tensor_names))
-        settings = ScaleSampling(more_smooth=more_smooth, keep_logits=wants_logits, fast_filter=self._fast_top_p(device),
-                                 tempered=any(t != 1 for t in temperatures))
+        logit_names = {"guided_logits", "logits", "model_logits", "prefill_logits"}
+        wants_logits = callback is not None and bool(logit_names & set(tensor_names))
+        settings = ScaleSampling(more_smooth=more_smooth, keep_logits=wants_logits,
+                                 fast_filter=self._fast_top_p(device), tempered=any(t != 1 for t in temperatures))
         graphs, graph_generator = None, self._graph_sampling_generator(device, generator) if forcing is None else None
         table_guidance = self._guidance_scale
         if graph_generator is not None:
@@ -336,7 +340,8 @@ class VARPipeline(NextScalePipeline):
             if prefill:
                 graphs.scale_inputs[run.scales.start].copy_(self._guidance_rows(run.prefix))
         else:
-            transformer_step = self._transformer_steps(condition, schedule, device, run.transformer, run.scales, prefill)
+            transformer_step = self._transformer_steps(condition, schedule, device, run.transformer, run.scales,
+                                                       prefill)
             latents = run.latents if run.latents is not None else \
                 torch.zeros(B, self.vqvae.config.z_channels, side, side, device=device, dtype=torch.float32)
         scale_input = self._guidance_rows(run.prefix) if prefill else None
@@ -358,16 +363,19 @@ class VARPipeline(NextScalePipeline):
                     model_logits = transformer_step(si, scale_input)
                     prefill_logits = replayed = None
                     if prefill and si == run.scales.start:  # the logits of every position up to this scale
-                        prefill_logits, model_logits = model_logits, model_logits[:, run.transformer.begin_ends[si][0]:]
+                        begin = run.transformer.begin_ends[si][0]
+                        prefill_logits, model_logits = model_logits, model_logits[:, begin:]
                         if run.replay_prefix_draws:
-                            replayed = self._replay_draws(prefill_logits, si, top_ks, top_p, temperatures, generator, settings)
+                            replayed = self._replay_draws(prefill_logits, si, top_ks, top_p, temperatures, generator,
+                                                          settings)
                     strength = linear_guidance_ramp(self._guidance_scale, si, num_scales)
                     tokens, guided_logits, next_input = self._sample_scale(
                         si, model_logits, latents, strength, top_ks[si], top_p, generator, settings, forcing=forcing,
                         temperature=temperatures[si] if settings.tempered else None)
                 if callback is not None:
                     tensors = dict(latents=latents, tokens=tokens, guided_logits=guided_logits, model_logits=model_logits,
-                                   next_scale_input=next_input, prefill_logits=prefill_logits, draft_resamples=replayed)
+                                   next_scale_input=next_input, prefill_logits=prefill_logits,
+                                   draft_resamples=replayed)
                     new_latents = self._step_callback(callback, tensor_names, si, scale_hw, tensors)
                     if new_latents is not None:
                         next_input = self._next_scale_input(new_latents, si)
@@ -518,18 +526,19 @@ def _same_tokenizer(a: MultiScaleVQModel, b: MultiScaleVQModel) -> bool:
         return False
     state_a, state_b = a.state_dict(), b.state_dict()
     return state_a.keys() == state_b.keys() and all(
-        state_a[k].shape == state_b[k].shape and torch.equal(state_a[k].detach().cpu().float(), state_b[k].detach().cpu().float())
-        for k in state_a)
+        state_a[k].shape == state_b[k].shape
+        and torch.equal(state_a[k].detach().cpu().float(), state_b[k].detach().cpu().float()) for k in state_a)
 
 
 class VARCoDePipeline(VARPipeline):
     r"""CoDe (Collaborative Decoding, CVPR 2025): a large VAR (the drafter, ``transformer``) samples the first
     ``draft_steps`` scales, a small VAR (the ``refiner``) the remaining fine ones, sharing one tokenizer.
 
-    The refiner never sees the drafter's states: one block-causal prefill pass over the drafted scales' next-scale inputs
-    fills its KV cache and gives the logits of its first scale; from there it decodes scale by scale. Any two VAR
-    checkpoints with the same tokenizer, scale schedule and classes work (training-free, :meth:`from_var_pipelines`);
-    CoDe's fine-tuned ``drafter_N`` / ``refiner_N`` pairs are made for one ``draft_steps``, stored with the pipeline.
+    The refiner never sees the drafter's states: one block-causal prefill pass over the drafted scales' next-scale
+    inputs fills its KV cache and gives the logits of its first scale; from there it decodes scale by scale. Any two
+    VAR checkpoints with the same tokenizer, scale schedule and classes work (training-free,
+    :meth:`from_var_pipelines`); CoDe's fine-tuned ``drafter_N`` / ``refiner_N`` pairs are made for one
+    ``draft_steps``, stored with the pipeline.
 
     Components:
         transformer ([`VARTransformer2DModel`]): the drafter (large).
@@ -542,8 +551,9 @@ class VARCoDePipeline(VARPipeline):
     Seeds: with a seeded CPU ``torch.Generator`` the draws are the original's: the drafter stage draws from the
     generator, then (the original re-seeds its second model with the same seed) the refiner stage restarts from the
     generator's state at the start of the call, redraws the labels when they are random, re-samples the drafted scales
-    from its own prefill logits (discarded: this keeps the stream aligned) and samples the rest. The generator ends where
-    the refiner stage leaves it; without ``more_smooth`` that is where a plain :class:`VARPipeline` call leaves it.
+    from its own prefill logits (discarded: this keeps the stream aligned) and samples the rest. The generator ends
+    where the refiner stage leaves it; without ``more_smooth`` that is where a plain :class:`VARPipeline` call leaves
+    it.
     """
 
     model_cpu_offload_seq = "transformer->refiner"
@@ -560,8 +570,8 @@ class VARCoDePipeline(VARPipeline):
             for name in ("patch_nums", "vocab_size", "latent_channels", "num_classes"):
                 if tuple(per_scale(drafted[name], 1)) != tuple(per_scale(refined[name], 1)):
                     raise ValueError(f"`refiner` has {name}={refined[name]} but the drafter (`transformer`) has "
-                                     f"{drafted[name]}; CoDe needs two VAR models of one tokenizer, scale schedule and "
-                                     "class set.")
+                                     f"{drafted[name]}; CoDe needs two VAR models of one tokenizer, scale schedule "
+                                     "and class set.")
         if transformer is not None:
             num_scales = len(transformer.config.patch_nums)
             draft_steps = max(1, num_scales - 2) if draft_steps is None else draft_steps
@@ -572,11 +582,12 @@ class VARCoDePipeline(VARPipeline):
     @staticmethod
     def _check_draft_steps(draft_steps, num_scales: int) -> None:
         if not isinstance(draft_steps, int) or isinstance(draft_steps, bool) or not 1 <= draft_steps <= num_scales - 1:
-            raise ValueError(f"`draft_steps` must be an integer in [1, {num_scales - 1}] (the drafter samples that many "
-                             f"of the {num_scales} scales, the refiner the rest), got {draft_steps!r}.")
+            raise ValueError(f"`draft_steps` must be an integer in [1, {num_scales - 1}] (the drafter samples that "
+                             f"many of the {num_scales} scales, the refiner the rest), got {draft_steps!r}.")
 
     @classmethod
-    def from_var_pipelines(cls, drafter: VARPipeline, refiner: VARPipeline, draft_steps: int | None = None) -> "VARCoDePipeline":
+    def from_var_pipelines(cls, drafter: VARPipeline, refiner: VARPipeline,
+                           draft_steps: int | None = None) -> "VARCoDePipeline":
         """Training-free CoDe from two VAR pipelines that share a tokenizer (the same module, or equal weights): the
         new pipeline holds the drafter's transformer and tokenizer and the refiner's transformer (no weights copied).
         A ``ValueError`` names ``refiner`` when its tokenizer, classes or scale schedule differ from the drafter's."""
@@ -584,8 +595,8 @@ class VARCoDePipeline(VARPipeline):
             if not isinstance(pipe, VARPipeline) or isinstance(pipe, VARCoDePipeline):
                 raise ValueError(f"`{name}` must be a VARPipeline, got {type(pipe).__name__}.")
         if not _same_tokenizer(drafter.vqvae, refiner.vqvae):
-            raise ValueError("`refiner` was trained on another tokenizer than the drafter (their vqvae configurations or "
-                             "weights differ); CoDe's two models must share one tokenizer.")
+            raise ValueError("`refiner` was trained on another tokenizer than the drafter (their vqvae configurations "
+                             "or weights differ); CoDe's two models must share one tokenizer.")
         return cls(transformer=drafter.transformer, refiner=refiner.transformer, vqvae=drafter.vqvae,
                    draft_steps=draft_steps, id2label=drafter.id2label or None)
 
@@ -616,8 +627,8 @@ class VARCoDePipeline(VARPipeline):
         return self
 
     def _stage_memory(self, run: ScaleRun, rows: int, device) -> SharedStageMemory:
-        """The drafter's and the refiner's graph sets for ``rows`` and one ``draft_steps`` never replay at the same time:
-        they share one KV buffer (the larger cache: the drafter's scales, or the refiner's whole pyramid) and one
+        """The drafter's and the refiner's graph sets for ``rows`` and one ``draft_steps`` never replay at the same
+        time: they share one KV buffer (the larger cache: the drafter's scales, or the refiner's whole pyramid) and one
         memory pool, so the fast path holds about the memory of one model's generation, not of both."""
         draft_steps = run.scales.start or run.scales.stop  # the refiner's first scale, or the drafter's last + 1
         dtype = self.transformer.blocks[0].attn.to_qkv.weight.dtype  # the keys' and values' (the blocks' dtype)
@@ -694,8 +705,8 @@ class VARCoDePipeline(VARPipeline):
         latents = self._sample_scales(labels_B, top_k, top_p, more_smooth, generator, callback, tensor_names,
                                       temperature=temperature,
                                       run=ScaleRun(self.transformer, range(draft_steps), next_inputs=drafted_inputs))
-        # 3. the refiner restarts from the generator's state at the start of the call (the original re-seeds), draws the
-        # same labels again, re-samples the drafted scales (discarded), then samples the fine scales
+        # 3. the refiner restarts from the generator's state at the start of the call (the original re-seeds), draws
+        # the same labels again, re-samples the drafted scales (discarded), then samples the fine scales
         if not self.interrupt:
             _set_generator_states(generator, start_state)
             if class_labels is None and generator is not None:

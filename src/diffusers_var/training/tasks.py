@@ -233,7 +233,8 @@ class TokenCachedDataset(torch.utils.data.Dataset):
         pieces = []
         with torch.no_grad():
             for start in range(0, len(dataset), chunk):
-                images = torch.stack([dataset[i]["pixel_values"] for i in range(start, min(start + chunk, len(dataset)))])
+                end = min(start + chunk, len(dataset))
+                images = torch.stack([dataset[i]["pixel_values"] for i in range(start, end)])
                 pieces.append(torch.cat(tokenizer.encode_indices(images.to(device)), dim=1).cpu())
         self.token_indices = torch.cat(pieces)
         if hasattr(dataset, "class_names"):
@@ -266,7 +267,8 @@ def init_from_larger_var_(model: VARTransformer2DModel, source: VARTransformer2D
     state = {k: v for k, v in source.state_dict().items() if not k.startswith("blocks.")}
     for i, b in enumerate(blocks):
         prefix = f"blocks.{b}."
-        state.update({f"blocks.{i}.{k[len(prefix):]}": v for k, v in source.state_dict().items() if k.startswith(prefix)})
+        state.update({f"blocks.{i}.{k[len(prefix):]}": v for k, v in source.state_dict().items()
+                      if k.startswith(prefix)})
     own = model.state_dict()
     wrong = sorted(k for k in own if k not in state or state[k].shape != own[k].shape)
     if wrong:
