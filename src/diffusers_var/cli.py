@@ -88,7 +88,10 @@ def _with_refiner(pipe, args, kwargs):
     if args.refiner is not None:
         if type(pipe) is not VARPipeline:
             raise ValueError(f"`--refiner` needs a VAR `--model` (the drafter), got a {type(pipe).__name__}")
-        refiner_class = pipeline_class_of(args.refiner)
+        try:
+            refiner_class = pipeline_class_of(args.refiner)
+        except ValueError as err:
+            raise ValueError(f"`--refiner` {err}") from None
         if refiner_class is not VARPipeline:
             raise ValueError(f"`--refiner` {args.refiner!r} holds a {refiner_class.__name__}, not a VARPipeline")
         refiner = refiner_class.from_pretrained(args.refiner, dtype=getattr(torch, args.dtype)).to(args.device)
