@@ -275,7 +275,8 @@ def test_cli_demo_var_refiner(monkeypatch, tmp_path):
     folder = tiny_refiner_folder(tmp_path / "refiner")
     seen = {}
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: seen.update(kwargs, blocks=self))
-    assert cli.main(["demo", "--star", "none", "--infinity", "none", "--device", "cpu", "--var-refiner", str(folder)]) == 0
+    assert cli.main(["demo", "--star", "none", "--infinity", "none", "--device", "cpu",
+                     "--var-refiner", str(folder)]) == 0
     assert isinstance(seen["blocks"].loaded_pipelines["var_code"], VARCoDePipeline)
     assert cli.main(["demo", "--star", "none", "--infinity", "none", "--device", "cpu"]) == 0
     assert seen["blocks"].loaded_pipelines["var_code"] is None  # no refiner by default

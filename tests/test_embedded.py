@@ -56,7 +56,7 @@ def test_embedded_code_generates_what_was_asked():
     pipe = VARCoDePipeline.from_var_pipelines(drafter, refiner)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.refiner.config.depth < pipe.transformer.config.depth
-    labels = list(range(NUM_SAMPLES))
+    labels = [i % shapes.NUM_CLASSES for i in range(200)]  # the model card's 200 samples (issue 23)
     images = pipe(class_labels=labels, generator=torch.Generator().manual_seed(0), output_type="pt").images
     score = _score(images, labels)
     print("CoDe var-shapes + var-shapes-refiner:", score)
