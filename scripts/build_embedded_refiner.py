@@ -60,6 +60,7 @@ def main() -> int:
     parser.add_argument("--num-samples", type=int, default=200)
     parser.add_argument("--batch-sizes", default="1,16", help="CPU timing batches")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--training-time", default=None, help="how long the training took, for the model card")
     args = parser.parse_args()
     run = Path(args.run)
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,7 +87,7 @@ def main() -> int:
             for n in range(1, num_scales):
                 timings[batch][f"CoDe N={n}"] = seconds_per_call(code, batch, args.repeats, draft_steps=n)
         out_tmp = Path(tmp) / "out"
-        refiner16 = VARPipeline.from_pretrained(Path(tmp) / "fp16")
+        refiner16 = VARPipeline.from_pretrained(Path(tmp) / "fp16", dtype=torch.float16)
         refiner16.save_pretrained(out_tmp, safe_serialization=True)
         card, evaluation = (
             model_card(run, refiner, code, default_n, results, timings, args),
@@ -132,7 +133,8 @@ def model_card(
     return (
         f"""# var-shapes-refiner: CoDe's embedded refiner for var-shapes
 
-A small class-conditional VAR ({config["model"]}, {n_refiner:,} parameters; var-shapes has {n_drafter:,}) trained by
+A small class-conditional VAR (depth {refiner.transformer.config.depth}, width {refiner.transformer.config.embed_dim},
+{n_refiner:,} parameters; var-shapes: depth {code.transformer.config.depth}, {n_drafter:,}) trained by
 diffusers-var on the var-shapes tokenizer and data, on one CPU core. It is a plain `VARPipeline` folder (its own copy
 of the var-shapes tokenizer); with CoDe the embedded var-shapes drafts the coarse scales and this model the fine
 ones:
@@ -150,7 +152,9 @@ Weights are stored in float16 (every figure below is measured from them); load w
 - training: `diffusers-var train var --config configs/var_shapes_refiner.yaml` ({steps} steps of batch
   {config["batch_size"]}, last logged loss {last["loss"]:.3f}, token accuracy {last["token_accuracy"]:.3f};
   `data.cache_tokens` encodes the {config["data"]["num_images"]} images once), on one CPU core shared with other jobs
-- the refiner never trained for its role: it is an ordinary VAR on all scales (training-free CoDe)
+- started from var-shapes' embeddings, head and blocks `init_blocks` (config `model.init_from`), then trained as an
+  ordinary VAR on all scales: nothing in its training is specific to CoDe's refiner role
+- training time: {args.training_time or "see the training log"}
 
 ## Quality ({args.num_samples} samples, labels i % {shapes.NUM_CLASSES}, seed 0, pipeline defaults unless stated)
 Judge: `diffusers_var.shapes.judge_images` (shape, colour and background read from pixels; 100% on real samples).
