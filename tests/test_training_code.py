@@ -32,7 +32,8 @@ def test_token_cache_and_init_from(tmp_path):
     dataset = ShapesDataset(16, 16, 3)
     cached = TokenCachedDataset(dataset, tokenizer, "cpu")
     with torch.no_grad():
-        encoded = torch.cat(tokenizer.encode_indices(torch.stack([dataset[i]["pixel_values"] for i in range(16)])), dim=1)
+        images = torch.stack([dataset[i]["pixel_values"] for i in range(16)])
+        encoded = torch.cat(tokenizer.encode_indices(images), dim=1)
     assert len(cached) == 16 and torch.equal(torch.stack([cached[i]["token_indices"] for i in range(16)]), encoded)
     assert cached[5]["class_labels"] == dataset[5]["class_labels"]
 
