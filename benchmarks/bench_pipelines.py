@@ -3,17 +3,22 @@
 
     python benchmarks/bench_pipelines.py --models var-d16,var-d30 --batch-sizes 1,64
     python benchmarks/bench_pipelines.py --models infinity-2b,star-d30
+    python benchmarks/bench_pipelines.py --models code-d30-d16-n8 --batch-sizes 1,64 --modes eager-fp16,fast
     python benchmarks/bench_pipelines.py --dry-run          # tiny configurations on the CPU: checks the script
 
 For every model, batch size and mode it warms up, times ``--repeats`` full generations (sampling and VAE
 decode included) and prints the median: ms per image, images/s, peak GPU memory and effective TFLOP/s
 (analytic transformer FLOPs + the measured decoder FLOPs). Models and their sampling settings:
   var-d16 .. var-d30  256 px, cfg 1.5, top-k 900, top-p 0.96 (the original's FID setting); batches 1, 64
+  code-d30-d16-n8, code-d30-d16-n6   CoDe (VARCoDePipeline): a VAR-d30 drafter for the first 8 / 6 of the 10 scales,
+                      a VAR-d16 refiner for the rest; VAR's sampling settings plus CoDe's per-scale temperature
+                      ([1.1] * 7 + [1.0] * 3, as infer_CoDe.py); batches 1, 64. Compare with var-d30 run in its own
+                      process (one model per process)
   star-d30            STAR's released 1024 px model (depth 30, width 1920, 14 scales, CLIP-H text width 1024,
                       77 text tokens, row-0 cross-attention as released), cfg 4, top-k 600, top-p 0.8; batch 1
   infinity-2b         Infinity-2B at 1024 x 1024 (13 scales, T5-XL text width 2048, 32-bit BSQ VAE d32),
                       cfg 3, tau 0.5, top-k 900, top-p 0.97; batches 1, 4
-  var-tiny, star-tiny, infinity-tiny   tiny configurations for ``--dry-run`` / CPU checks
+  var-tiny, code-tiny, star-tiny, infinity-tiny   tiny configurations for ``--dry-run`` / CPU checks
 The text-to-image models get random precomputed text features of the real shapes (``prompt_embeds``): the text
 encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
   eager-fp16   our eager code under fp16 autocast (the original VAR's setting; float32 weights); VAR default
@@ -47,6 +52,7 @@ from diffusers_var import (  # noqa: E402
     MultiScaleVQModel,
     STARPipeline,
     STARTransformer2DModel,
+    VARCoDePipeline,
     VARPipeline,
     VARTransformer2DModel,
 )
@@ -86,13 +92,13 @@ def build_var(name: str, device) -> VARPipeline:
     return pipe.to(device)
 
 
-def transformer_flops(transformer: VARTransformer2DModel, rows: int) -> float:
-    """Matmul FLOPs of one generation (all scales, ``rows`` = 2 x batch for guidance)."""
+def transformer_flops(transformer: VARTransformer2DModel, rows: int, num_scales: int | None = None) -> float:
+    """Matmul FLOPs of one generation (all scales, or the first ``num_scales``; ``rows`` = 2 x batch for guidance)."""
     cfg = transformer.config
     C, V = cfg.embed_dim, cfg.vocab_size
     hidden = round(C * cfg.mlp_ratio)
     flops, seen = 0.0, 0
-    for begin, end in transformer.begin_ends:
+    for begin, end in transformer.begin_ends[:num_scales]:
         tokens = end - begin
         seen = end
         per_token = cfg.depth * (2 * (4 * C * C + 2 * C * hidden) + 4 * C * seen) + 2 * C * V + 2 * cfg.latent_channels * C
@@ -165,6 +171,52 @@ def time_mode(pipe, batch, device, repeats, autocast_dtype=None, generate_fn=Non
 
 def greedy_tokens(pipe, batch, device):
     return recorded_greedy(generate, "tokens", pipe, batch, device, guidance_scale=4.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# CoDe: a large VAR drafts the coarse scales, a small one refines the fine ones
+# ----------------------------------------------------------------------------------------------
+CODE_MODELS = {"code-d30-d16-n8": (30, 16, 8), "code-d30-d16-n6": (30, 16, 6)}  # drafter depth, refiner depth, N
+
+
+def build_code(name: str, device) -> VARCoDePipeline:
+    torch.manual_seed(0)
+    if name == "code-tiny":
+        vqvae = MultiScaleVQModel(**TINY_VQVAE)
+        models = [VARTransformer2DModel(num_classes=10, depth=depth, embed_dim=width, num_heads=2, vocab_size=64,
+                                        latent_channels=8, patch_nums=TINY_PATCH_NUMS)
+                  for depth, width in ((2, 64), (1, 32))]
+        draft_steps = 2
+    else:
+        drafter_depth, refiner_depth, draft_steps = CODE_MODELS[name]
+        vqvae = MultiScaleVQModel(patch_nums=PATCH_NUMS_256)
+        models = [VARTransformer2DModel(depth=d, embed_dim=64 * d, num_heads=d, patch_nums=PATCH_NUMS_256)
+                  for d in (drafter_depth, refiner_depth)]
+    for model in models:
+        model.init_weights()
+    pipe = VARCoDePipeline(transformer=models[0].eval(), refiner=models[1].eval(), vqvae=vqvae.eval(),
+                           draft_steps=draft_steps)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def code_sampling(pipe: VARCoDePipeline) -> dict:
+    """VAR's FID setting and CoDe's per-scale temperature: 1.1 but on the last three scales (infer_CoDe.py)."""
+    num_scales = len(pipe.transformer.config.patch_nums)
+    return dict(VAR_SAMPLING, temperature=[1.1] * (num_scales - 3) + [1.0] * 3)
+
+
+def generate_code(pipe, batch, device, seed=0, **kw):
+    return run_pipeline(pipe, dict(class_labels=list(range(batch))), code_sampling(pipe), device, seed, kw)
+
+
+def greedy_code(pipe, batch, device):
+    return recorded_greedy(generate_code, "tokens", pipe, batch, device, guidance_scale=4.0)
+
+
+def code_transformer_flops(pipe: VARCoDePipeline, rows: int) -> float:
+    """The drafter's scales 0..N-1, and the refiner over the whole pyramid (its prefill covers scales 0..N)."""
+    return transformer_flops(pipe.transformer, rows, pipe.config.draft_steps) + transformer_flops(pipe.refiner, rows)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,7 +373,10 @@ class Bench:
 
     def __init__(self, name: str, device):
         self.name = name
-        if name.startswith("var-"):
+        if name.startswith("code-"):
+            self.build, self.generate, self.greedy = build_code, generate_code, greedy_code
+            self.default_batches, self.default_modes, self.greedy_batch = "1,64", "eager-fp16,fast", 4
+        elif name.startswith("var-"):
             self.build, self.generate, self.greedy = build_var, generate, greedy_tokens
             self.default_batches, self.default_modes, self.greedy_batch = "1,64", "eager-fp16,fast", 4
         elif name.startswith("star-"):
@@ -358,20 +413,25 @@ class Bench:
             return infinity_transformer_flops(self.pipe, 2 * batch)  # cfg 3: guidance rows
         if isinstance(self.pipe, STARPipeline):
             return star_transformer_flops(self.pipe.transformer, 2 * batch)
+        if isinstance(self.pipe, VARCoDePipeline):
+            return code_transformer_flops(self.pipe, 2 * batch)
         return transformer_flops(self.pipe.transformer, 2 * batch)
 
 
 AUTOCAST = {"eager-fp16": torch.float16, "eager-bf16": torch.bfloat16}
 AUTOCAST_LABEL = {"eager-fp16": "fp16-autocast", "eager-bf16": "bf16-autocast"}
 MODES = ("eager", "eager-fp16", "eager-bf16", "fast", "fast-compile", "fast-compile-all", "fast-compile-all-fp8")
-KNOWN_MODELS = tuple(MODELS) + ("star-d30", "infinity-2b", "var-tiny", "star-tiny", "infinity-tiny")
+KNOWN_MODELS = tuple(MODELS) + tuple(CODE_MODELS) + ("star-d30", "infinity-2b", "var-tiny", "code-tiny", "star-tiny",
+                                                      "infinity-tiny")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=None, help=f"comma-separated, from {', '.join(KNOWN_MODELS)} (default var-d16,var-d30)")
-    parser.add_argument("--batch-sizes", default=None, help="default per model: VAR 1,64; star-d30 1; infinity-2b 1,4; tiny 1,2")
-    parser.add_argument("--modes", default=None, help=f"from {', '.join(MODES)}; default per model: VAR eager-fp16,fast; "
+    parser.add_argument("--batch-sizes", default=None,
+                        help="default per model: VAR and CoDe 1,64; star-d30 1; infinity-2b 1,4; tiny 1,2")
+    parser.add_argument("--modes", default=None, help=f"from {', '.join(MODES)}; default per model: VAR and CoDe "
+                                                      "eager-fp16,fast; "
                                                       "STAR / Infinity eager-bf16,fast")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (timings on the CPU only check the script)")
@@ -382,7 +442,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.dry_run:
         args.device, args.repeats = "cpu", 1
-        args.models = args.models or "var-tiny,star-tiny,infinity-tiny"
+        args.models = args.models or "var-tiny,code-tiny,star-tiny,infinity-tiny"
     args.models = args.models or "var-d16,var-d30"
     names = args.models.split(",")
     unknown = [n for n in names if n not in KNOWN_MODELS] + [m for m in (args.modes or "").split(",") if m and m not in MODES]

@@ -229,6 +229,59 @@ def test_bad_input_gives_a_readable_error_and_the_app_keeps_serving(client, fold
     assert len(images_of(call(client, "/generate_var", var_args(num_images=1))[0])) == 1
 
 
+# -- CoDe in the VAR tab -------------------------------------------------------------------------------
+def tiny_refiner_folder(root, vqvae=None):
+    """A one-block random VAR on the embedded var-shapes tokenizer (or ``vqvae``), saved as a VARPipeline folder."""
+    import torch
+
+    from diffusers_var import VARPipeline, VARTransformer2DModel
+
+    var = VARPipeline.from_pretrained(EMBEDDED_VAR, dtype=torch.float32)
+    torch.manual_seed(0)
+    config = var.transformer.config
+    refiner = VARTransformer2DModel(num_classes=config.num_classes, depth=1, embed_dim=32, num_heads=1,
+                                    vocab_size=config.vocab_size, latent_channels=config.latent_channels,
+                                    patch_nums=config.patch_nums)
+    refiner.init_weights()
+    VARPipeline(transformer=refiner.eval(), vqvae=vqvae or var.vqvae).save_pretrained(root)
+    return root
+
+
+def test_var_tab_offers_code_with_a_refiner(tmp_path):
+    from diffusers_var import VARCoDePipeline
+
+    folder = tiny_refiner_folder(tmp_path / "refiner")
+    demo = build_demo(var=EMBEDDED_VAR, star=None, infinity=None, device="cpu", max_images=4, var_refiner=folder)
+    code = demo.loaded_pipelines["var_code"]
+    assert isinstance(code, VARCoDePipeline) and code.transformer is demo.loaded_pipelines["var"].transformer
+    with serve(demo) as url:
+        client = gradio_client.Client(url, verbose=False)
+        args = var_args(num_images=2)
+        plain = images_of(call(client, "/generate_var", {**args, "use_code": False, "draft_steps": 4})[0])
+        refined, _, info = call(client, "/generate_var", {**args, "use_code": True, "draft_steps": 4})
+        refined = images_of(refined)
+        assert len(refined) == 2 and "2 images of 64x64 px, seed 7" in info
+        assert not all(np.array_equal(a, b) for a, b in zip(plain, refined))  # the random refiner drew the fine scales
+        again = images_of(call(client, "/generate_var", {**args, "use_code": True, "draft_steps": 4})[0])
+        assert all(np.array_equal(a, b) for a, b in zip(refined, again))
+        other = images_of(call(client, "/generate_var", {**args, "use_code": True, "draft_steps": 2})[0])
+        assert not all(np.array_equal(a, b) for a, b in zip(refined, other))
+
+
+def test_a_refiner_of_another_tokenizer_becomes_a_notice(tmp_path):
+    from diffusers_var import MultiScaleVQModel
+
+    other = MultiScaleVQModel.from_pretrained(EMBEDDED_VAR / "vqvae")
+    with __import__("torch").no_grad():
+        other.quantize.embedding.weight.mul_(2)
+    folder = tiny_refiner_folder(tmp_path / "refiner", vqvae=other)
+    demo = build_demo(var=EMBEDDED_VAR, star=None, infinity=None, device="cpu", var_refiner=folder)
+    assert demo.loaded_pipelines["var_code"] is None and demo.loaded_pipelines["var"] is not None
+    notices = {block.elem_id: str(block.value) for block in demo.blocks.values()
+               if isinstance(block, gr.Markdown) and block.elem_id}
+    assert "CoDe is not available" in notices["var-code-notice"] and "tokenizer" in notices["var-code-notice"]
+
+
 # -- load ----------------------------------------------------------------------------------------------
 def test_eight_clients_three_requests_each_all_complete(server):
     url = server[0]
@@ -277,6 +330,19 @@ def test_cli_demo_binds_localhost_without_share_by_default(monkeypatch):
     assert cli.main(["demo", "--star", "none", "--infinity", "none", "--device", "cpu", "--queue-size", "5"]) == 0
     assert seen["server_name"] == "127.0.0.1" and seen["share"] is False and seen["server_port"] == 7860
     assert seen["blocks"].loaded_pipelines["star"] is None and seen["blocks"]._queue.max_size == 5
+
+
+def test_cli_demo_var_refiner(monkeypatch, tmp_path):
+    from diffusers_var import VARCoDePipeline, cli
+
+    folder = tiny_refiner_folder(tmp_path / "refiner")
+    seen = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: seen.update(kwargs, blocks=self))
+    assert cli.main(["demo", "--star", "none", "--infinity", "none", "--device", "cpu",
+                     "--var-refiner", str(folder)]) == 0
+    assert isinstance(seen["blocks"].loaded_pipelines["var_code"], VARCoDePipeline)
+    assert cli.main(["demo", "--star", "none", "--infinity", "none", "--device", "cpu"]) == 0
+    assert seen["blocks"].loaded_pipelines["var_code"] is None  # no refiner by default
 
 
 def test_demos_app_is_a_launcher_for_the_same_app():

@@ -59,12 +59,13 @@ from diffusers_var import (
     STARImg2ImgPipeline,
     STARInpaintPipeline,
     STARPipeline,
+    VARCoDePipeline,
     VARImg2ImgPipeline,
     VARInpaintPipeline,
     VARPipeline,
 )
 from diffusers_var.pipelines.pipeline_utils import NextScalePipeline
-from tiny_components import infinity_components, star_components, var_components
+from tiny_components import code_components, infinity_components, star_components, var_components
 
 VENDORED = Path(__file__).resolve().parent / "diffusers_battery"
 PROMPT = "A painting of a squirrel eating a burger"
@@ -165,6 +166,15 @@ class VARPipelineBatteryTests(NextScaleTesterMixin, unittest.TestCase):
 
     def get_dummy_inputs(self, device, seed=0):
         return {"class_labels": [1], "generator": dummy_generator(device, seed), "top_k": 4, "output_type": "np"}
+
+
+class VARCoDePipelineBatteryTests(VARPipelineBatteryTests):
+    """CoDe: the tiny VAR as drafter of the first two scales, a narrower one-block VAR as refiner of the last two."""
+
+    pipeline_class = VARCoDePipeline
+
+    def get_dummy_components(self):
+        return code_components(seed=0)
 
 
 class STARPipelineBatteryTests(TextToImageTesterMixin, unittest.TestCase):
@@ -293,7 +303,7 @@ class InfinityImg2ImgPipelineBatteryTests(EditTesterMixin, InfinityPipelineBatte
         return {**super().get_dummy_inputs(device, seed), "image": dummy_image(32), "strength": 0.75}
 
 
-BATTERIES = [VARPipelineBatteryTests, STARPipelineBatteryTests, STARStableSamplerPipelineBatteryTests,
+BATTERIES = [VARPipelineBatteryTests, VARCoDePipelineBatteryTests, STARPipelineBatteryTests, STARStableSamplerPipelineBatteryTests,
              InfinityPipelineBatteryTests, VARInpaintPipelineBatteryTests, VARImg2ImgPipelineBatteryTests,
              STARInpaintPipelineBatteryTests, STARImg2ImgPipelineBatteryTests, InfinityInpaintPipelineBatteryTests,
              InfinityImg2ImgPipelineBatteryTests]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
-from diffusers_var import InfinityPipeline, STARPipeline, VARPipeline, shapes
+from diffusers_var import InfinityPipeline, STARPipeline, VARCoDePipeline, VARPipeline, shapes
 
 NUM_SAMPLES = 90  # one per class
 
@@ -48,6 +48,32 @@ def test_embedded_pipeline_generates_what_was_asked(name, pipeline_class, sampli
         assert score[attribute] >= 0.9, score
 
 
+def test_embedded_code_generates_what_was_asked():
+    """CoDe out of the box: var-shapes drafts the coarse scales, the embedded refiner the fine ones (default
+    draft_steps)."""
+    drafter = VARPipeline.from_pretrained(_folder("var-shapes"), dtype=torch.float32)
+    refiner = VARPipeline.from_pretrained(_folder("var-shapes-refiner"), dtype=torch.float32)
+    pipe = VARCoDePipeline.from_var_pipelines(drafter, refiner)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.refiner.config.depth < pipe.transformer.config.depth
+    labels = [i % shapes.NUM_CLASSES for i in range(200)]  # the model card's 200 samples (issue 23)
+    images = pipe(class_labels=labels, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    score = _score(images, labels)
+    print("CoDe var-shapes + var-shapes-refiner:", score)
+    for attribute in ("shape", "color", "background"):
+        assert score[attribute] >= 0.9, score
+
+
+def test_refiner_model_card():
+    folder = _folder("var-shapes-refiner")
+    card = (folder / "README.md").read_text()
+    assert "CPU speed" in card and "configs/var_shapes_refiner.yaml" in card
+    evaluation = json.loads((folder / "evaluation.json").read_text())
+    default = evaluation["results"][f"CoDe draft_steps={evaluation['default_draft_steps']}"]
+    assert min(default["shape"], default["color"], default["background"]) >= 0.9
+    assert not [p for p in folder.rglob("*") if p.suffix in {".bin", ".pth", ".pt", ".pkl"}]
+
+
 @pytest.mark.parametrize("name", ["var-shapes", "star-shapes", "infinity-shapes"])
 def test_model_cards_and_sizes(name):
     folder = _folder(name)
@@ -59,7 +85,8 @@ def test_model_cards_and_sizes(name):
 
 def test_embedded_pipelines_fit_the_size_budget():
     total = sum(p.stat().st_size for p in (REPO_ROOT / "pipelines").rglob("*") if p.is_file())
-    assert total < 30 * 2**20, f"pipelines/ is {total / 2**20:.1f} MiB"
+    # three pipelines and CoDe's refiner (a VARPipeline folder with its own copy of the var-shapes tokenizer)
+    assert total < 36 * 2**20, f"pipelines/ is {total / 2**20:.1f} MiB"
 
 
 def test_generate_command_uses_the_embedded_var(tmp_path):
@@ -76,3 +103,21 @@ def test_generate_command_uses_the_embedded_var(tmp_path):
                  "--seed", "0", "--out", str(tmp_path / "i.png")]) == 0
     judged = shapes.judge_images([__import__("PIL.Image").Image.open(tmp_path / "i.png")])[0]
     assert judged == shapes.ShapeClass("triangle", "yellow", "green"), judged
+
+
+def test_generate_command_with_a_refiner(tmp_path, capsys):
+    """``--refiner`` turns the VAR model into CoDe's drafter; ``--draft-steps`` needs CoDe; a refiner of another
+    family or tokenizer is a one-line error."""
+    from diffusers_var.cli import main
+
+    refiner = str(_folder("var-shapes-refiner"))
+    out = tmp_path / "code.png"
+    assert main(["generate", "--refiner", refiner, "--draft-steps", "3", "--class-label", "blue square on yellow",
+                 "--num-images", "2", "--out", str(out)]) == 0
+    assert (tmp_path / "code-0.png").is_file() and (tmp_path / "code-1.png").is_file()
+    assert main(["generate", "--draft-steps", "3", "--out", str(out)]) == 2
+    assert "`--draft-steps`" in capsys.readouterr().err
+    assert main(["generate", "--refiner", refiner, "--draft-steps", "6", "--out", str(out)]) == 2
+    assert "`draft_steps`" in capsys.readouterr().err
+    assert main(["generate", "--refiner", str(_folder("star-shapes")), "--out", str(out)]) == 2
+    assert "`--refiner`" in capsys.readouterr().err

@@ -139,8 +139,9 @@ class EagerGraphStandIn:
 
     built = []
 
-    def __init__(self, step, example_inputs, reset_cache, shared_inputs=(), generator=None):
-        self.step, self.reset_cache, self.generator = step, reset_cache, generator
+    def __init__(self, step, example_inputs, reset_cache, shared_inputs=(), generator=None, first_scale=0, pool=None):
+        self.step, self.reset_cache, self.generator, self.first_scale = step, reset_cache, generator, first_scale
+        self.pool = pool if pool is not None else ("pool of", id(self))
         self.shared_inputs = tuple(t.clone() for t in shared_inputs)
         self.static_inputs = [tuple(None if t is None else t.clone() for t in inputs) for inputs in example_inputs]
         EagerGraphStandIn.built.append(self)
@@ -149,12 +150,13 @@ class EagerGraphStandIn:
     borrow_generator_state = fast_inference.CUDAGraphScaleSteps.borrow_generator_state
 
     def __call__(self, scale_index, *inputs):
-        for static, value in zip(self.static_inputs[scale_index], inputs):
+        index = scale_index - self.first_scale
+        for static, value in zip(self.static_inputs[index], inputs):
             if static is not None:
                 static.copy_(value)
-        if scale_index == 0:
+        if index == 0:
             self.reset_cache()
-        return self.step(scale_index, *self.shared_inputs, *self.static_inputs[scale_index])
+        return self.step(scale_index, *self.shared_inputs, *self.static_inputs[index])
 
 
 @pytest.fixture

@@ -447,3 +447,67 @@ def test_var_editing_inside_cuda_graphs_matches_the_eager_sampler(fixture):
         torch.testing.assert_close(latent, eager_latent, atol=1e-6, rtol=1e-6)
         assert torch.equal(state, eager_state)
     assert all(key[0] == "sampling" and key[5] for pipe in (inpaint, img2img) for key in pipe._graph_steps)
+
+
+# -- CoDe: a graph set per stage on the converted CoDe fixture -------------------------------------------------
+def _code_fixture_pipe():
+    from diffusers_var.conversion import convert_code_checkpoint
+
+    path = fixture_dir("code")
+    manifest = load_manifest(path)
+    files = manifest["files"]
+    pipe = convert_code_checkpoint(path / files["vae_pth"]["path"], path / files["drafter_pth"]["path"],
+                                   path / files["refiner_pth"]["path"], draft_steps=manifest["config"]["draft_steps"])
+    pipe = pipe.to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, manifest, load_file(path / "reference.safetensors")
+
+
+def _code_run(pipe, kw, ref, generator, **overrides):
+    seen = []
+    call = dict(class_labels=ref["gen_labels"].tolist(), guidance_scale=kw["cfg"], top_k=kw["top_k"],
+                top_p=kw["top_p"], temperature=kw["temp"], more_smooth=kw["more_smooth"], draft_steps=kw["exit_num"],
+                output_type="latent")
+    call.update(overrides)
+    latent = pipe(**call, generator=generator, callback_on_step_end_tensor_inputs=["tokens"],
+                  callback_on_step_end=lambda p, si, pn, t: seen.append(t["tokens"].cpu()) or {}).images
+    return latent.cpu(), torch.cat(seen, dim=1)
+
+
+def test_code_graphs_of_both_stages_in_float32():
+    """CPU generator: the transformer-only graph sets of both stages give the original's tokens. CUDA generator: the
+    whole-scale graph sets (the refiner's prefill and re-sampling in one graph; one shared KV buffer and memory pool)
+    give the tokens and latents of the same fast sampler without graphs."""
+    pipe, manifest, ref = _code_fixture_pipe()
+    S = len(manifest["config"]["patch_nums"])
+    cases = {name: spec for name, spec in manifest["generation_cases"].items()
+             if spec["kind"] == "code" and spec["kwargs"]["label_B"] == "gen_labels"}
+    pipe.enable_fast_inference(dtype=torch.float32, cuda_graphs=False)
+    eager = {name: _code_run(pipe, spec["kwargs"], ref, torch.Generator("cuda").manual_seed(spec["kwargs"]["g_seed"]))
+             for name, spec in cases.items()}
+    pipe.enable_fast_inference(dtype=torch.float32)
+    for name, spec in cases.items():
+        kw = spec["kwargs"]
+        if not kw["more_smooth"]:
+            _, tokens = _code_run(pipe, kw, ref, torch.Generator().manual_seed(kw["g_seed"]))
+            expected = torch.cat([ref[f"{spec['prefix']}idx_s{k}"] for k in range(S)], dim=1)
+            assert torch.equal(tokens, expected), name
+        generator = torch.Generator("cuda").manual_seed(kw["g_seed"])
+        latent, tokens = _code_run(pipe, kw, ref, generator)
+        assert torch.equal(tokens, eager[name][1]), name
+        torch.testing.assert_close(latent, eager[name][0], atol=1e-5, rtol=1e-5)
+    sampling_sets = [graphs for key, graphs in pipe._graph_steps.items() if key[0] == "sampling"]
+    assert sampling_sets and len({id(graphs.memory) for graphs in sampling_sets}) < len(sampling_sets)
+
+
+def test_code_bf16_fast_path_agrees_with_float32_greedy_tokens():
+    pipe, manifest, ref = _code_fixture_pipe()
+    cases = {name: spec["kwargs"] for name, spec in manifest["generation_cases"].items()
+             if spec["kind"] == "code" and spec["kwargs"]["label_B"] == "gen_labels"}
+    greedy = dict(top_k=1, top_p=0.0, more_smooth=False)
+    eager = [_code_run(pipe, kw, ref, torch.Generator("cuda").manual_seed(0), **greedy)[1] for kw in cases.values()]
+    pipe.enable_fast_inference()
+    fast = [_code_run(pipe, kw, ref, torch.Generator("cuda").manual_seed(0), **greedy)[1] for kw in cases.values()]
+    agreement = torch.cat([(f == e).flatten() for f, e in zip(fast, eager)]).float().mean().item()
+    print(f"CoDe bf16 + CUDA graphs vs float32 eager greedy-token agreement: {agreement:.4f}")
+    assert agreement >= 0.9

@@ -27,11 +27,12 @@ from diffusers_var import (
     STARImg2ImgPipeline,
     STARInpaintPipeline,
     STARPipeline,
+    VARCoDePipeline,
     VARImg2ImgPipeline,
     VARInpaintPipeline,
     VARPipeline,
 )
-from tiny_components import infinity_components, star_components, var_components
+from tiny_components import code_components, infinity_components, star_components, var_components
 
 PROMPTS = ["a red circle on a blue background", "a green square"]
 
@@ -94,6 +95,13 @@ CASES = [
          bad_inputs=[({"class_labels": [11]}, "class_labels"), ({"class_labels": [-2]}, "class_labels"),
                      ({"class_labels": [1.5]}, "class_labels"), ({"class_labels": []}, "class_labels"),
                      ({"class_labels": "cat"}, "class_labels"), ({"more_smooth": "yes"}, "more_smooth")]),
+    Case("code", VARCoDePipeline, lambda: code_components(seed=0), lambda items: {"class_labels": items}, [1, 2],
+         call={"top_k": [8, 8, 6, 6], "temperature": [1.1, 1.1, 1.0, 1.0]},
+         bad_inputs=[({"class_labels": [11]}, "class_labels"), ({"draft_steps": 0}, "draft_steps"),
+                     ({"draft_steps": 4}, "draft_steps"), ({"draft_steps": 2.0}, "draft_steps"),
+                     ({"top_k": [8, 8, 8]}, "top_k"), ({"top_k": [8, 8, 8, -1]}, "top_k"),
+                     ({"temperature": [1.0] * 5}, "temperature"), ({"temperature": -1.0}, "temperature"),
+                     ({"more_smooth": "yes"}, "more_smooth")]),
     Case("star", STARPipeline, lambda: star_components(seed=0, stable_sampler=False),
          lambda items: {"prompt": items}, PROMPTS, call={"top_k": 10, "top_p": 0.9},
          bad_inputs=[({"prompt": 3}, "prompt"), ({"prompt": []}, "prompt"),

@@ -34,6 +34,16 @@ def var_components(seed: int = 0, num_classes: int = 10, shared_adaln: bool = Fa
     return {"transformer": transformer.eval(), "vqvae": vqvae.eval()}
 
 
+def code_components(seed: int = 0, num_classes: int = 10, draft_steps: int = 2) -> dict:
+    """``VARCoDePipeline`` components: the ``transformer`` (drafter) and ``vqvae`` of :func:`var_components` and a
+    narrower, shallower ``refiner`` (1 block, width 32) on the same tokenizer."""
+    components = var_components(seed=seed, num_classes=num_classes)
+    refiner = VARTransformer2DModel(num_classes=num_classes, depth=1, embed_dim=32, num_heads=1, vocab_size=32,
+                                    latent_channels=8, patch_nums=VAR_PATCH_NUMS)
+    refiner.init_weights(init_adaln_gamma=0.1)
+    return {**components, "refiner": refiner.eval(), "draft_steps": draft_steps}
+
+
 def star_text_components():
     """STAR's text tower: the tiny local CLIP (SD-2.x folder layout) of the STAR fixtures, as ``(tokenizer, text_encoder)``."""
     from transformers import CLIPTextModel, CLIPTokenizer

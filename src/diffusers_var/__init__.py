@@ -13,7 +13,7 @@ from .models.star_transformer import STARTransformer2DModel
 from .models.var_transformer import VARTransformer2DModel
 from .pipelines.pipeline_infinity import InfinityImg2ImgPipeline, InfinityInpaintPipeline, InfinityPipeline
 from .pipelines.pipeline_star import STARImg2ImgPipeline, STARInpaintPipeline, STARPipeline
-from .pipelines.pipeline_var import VARImg2ImgPipeline, VARInpaintPipeline, VARPipeline
+from .pipelines.pipeline_var import VARCoDePipeline, VARImg2ImgPipeline, VARInpaintPipeline, VARPipeline
 
 __all__ = [
     "MultiScaleVQModel",
@@ -22,6 +22,7 @@ __all__ = [
     "STARTransformer2DModel",
     "InfinityTransformer2DModel",
     "VARPipeline",
+    "VARCoDePipeline",
     "STARPipeline",
     "InfinityPipeline",
     "VARInpaintPipeline",

@@ -29,7 +29,7 @@ DEFAULT_MODEL = default_model()
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 PIPELINE_FLAGS = {"class_labels": "--class-label", "prompt": "--prompt", "guidance_scale": "--guidance-scale",
                   "top_k": "--top-k", "top_p": "--top-p", "height": "--height", "width": "--width",
-                  "num_images_per_prompt": "--batch-size"}
+                  "num_images_per_prompt": "--batch-size", "draft_steps": "--draft-steps"}
 
 __all__ = ["DEFAULT_MODEL", "main", "pipeline_class_of", "train_main"]
 
@@ -81,7 +81,11 @@ def _generate(args) -> int:
     except ValueError as err:
         return print_error(f"`--model` {err}")
     name = pipeline_class.__name__
-    if name == "VARPipeline":
+    if args.refiner is not None and name != "VARPipeline":
+        return print_error(f"`--refiner` needs a VAR `--model` (the drafter), got a {name}")
+    if args.draft_steps is not None and args.refiner is None and name != "VARCoDePipeline":
+        return print_error("`--draft-steps` applies to CoDe only: pass `--refiner PATH`, or a VARCoDePipeline `--model`")
+    if name in ("VARPipeline", "VARCoDePipeline"):
         if args.prompt and not args.class_label:
             args.class_label = args.prompt
         if args.height or args.width:
@@ -100,7 +104,11 @@ def _generate(args) -> int:
     for key in ("guidance_scale", "top_k", "top_p"):
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
-    if name == "VARPipeline":
+    try:
+        pipe = _with_refiner(pipe, args, kwargs)
+    except ValueError as err:
+        return print_error(str(err))
+    if name in ("VARPipeline", "VARCoDePipeline"):
         if args.class_label is not None:
             try:
                 label = args.class_label
@@ -243,6 +251,32 @@ def _edit(args) -> int:
     return 0
 
 
+def _with_refiner(pipe, args, kwargs):
+    """CoDe for ``generate``: ``--refiner`` (a VAR pipeline folder on the same tokenizer) turns a VAR ``--model`` into
+    a VARCoDePipeline (the model drafts, the refiner refines); ``--draft-steps`` goes to a CoDe pipeline's call."""
+    import torch
+
+    from .pipelines.pipeline_var import VARCoDePipeline, VARPipeline
+
+    if args.refiner is not None:
+        if type(pipe) is not VARPipeline:
+            raise ValueError(f"`--refiner` needs a VAR `--model` (the drafter), got a {type(pipe).__name__}")
+        try:
+            refiner_class = pipeline_class_of(args.refiner)
+        except ValueError as err:
+            raise ValueError(f"`--refiner` {err}") from None
+        if refiner_class is not VARPipeline:
+            raise ValueError(f"`--refiner` {args.refiner!r} holds a {refiner_class.__name__}, not a VARPipeline")
+        refiner = refiner_class.from_pretrained(args.refiner, dtype=getattr(torch, args.dtype)).to(args.device)
+        pipe = VARCoDePipeline.from_var_pipelines(pipe, refiner)
+    if args.draft_steps is not None:
+        if not isinstance(pipe, VARCoDePipeline):
+            raise ValueError("`--draft-steps` applies to CoDe only: pass `--refiner PATH`, or a VARCoDePipeline "
+                             "`--model`")
+        kwargs["draft_steps"] = args.draft_steps
+    return pipe
+
+
 def _train(args) -> int:
     from .training import TrainConfig, train
 
@@ -285,6 +319,11 @@ def build_parser() -> OneLineErrorParser:
     gen.add_argument("--height", type=int_in_range(1), default=None, help="Infinity: image height (default: the model's)")
     gen.add_argument("--width", type=int_in_range(1), default=None, help="Infinity: image width (default: the model's)")
     gen.add_argument("--seed", type=int_in_range(0, MAX_SEED), default=0, help=f"0 to {MAX_SEED} (default 0)")
+    gen.add_argument("--refiner", default=None, metavar="PATH",
+                     help="CoDe: a small VAR pipeline folder on the same tokenizer that samples the fine scales after "
+                          "the VAR --model drafted the coarse ones")
+    gen.add_argument("--draft-steps", type=int_in_range(1), default=None,
+                     help="CoDe: scales the drafter samples (default: the pipeline's, num_scales - 2 when built here)")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     gen.add_argument("--out", default="out.png", help="image file; its extension picks the format (default out.png)")

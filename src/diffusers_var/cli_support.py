@@ -120,6 +120,10 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, default="default", metavar="PATH",
                             help=f"{name} pipeline folder (default: the embedded pipelines/{folder} when present; "
                                  f"'none' hides the model)")
+    parser.add_argument("--var-refiner", default="none", metavar="PATH",
+                        help="a small VAR pipeline folder on the VAR model's tokenizer: the VAR tab then offers CoDe "
+                             "(the VAR model drafts the coarse scales, this one refines the fine ones); 'default' is "
+                             "the embedded pipelines/var-shapes-refiner (default: none)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload() on an accelerator")

@@ -4,6 +4,8 @@ out-painting and image-to-image with any of them: paint the region on the image)
 ``diffusers-var demo`` (or ``python demos/app.py``) serves the embedded default pipelines found under
 ``pipelines/`` (``var-shapes``, ``star-shapes``, ``infinity-shapes``); ``--var/--star/--infinity PATH`` serve
 other (e.g. converted) pipeline folders. A tab whose model is missing shows a notice instead of controls.
+``--var-refiner PATH`` (or a converted CoDe folder as ``--var``) makes the VAR tab offer CoDe: the VAR model drafts
+the coarse scales, the small refiner samples the fine ones.
 Bad input raises a readable :class:`gradio.Error` (shown in the page) and the app keeps serving.
 
 Needs ``pip install gradio`` (the ``demo`` extra).
@@ -35,7 +37,7 @@ from .cli_support import (
 from .models.dynamic_resolution import supported_pixel_sizes
 from .pipelines.pipeline_infinity import InfinityImg2ImgPipeline, InfinityInpaintPipeline, InfinityPipeline
 from .pipelines.pipeline_star import STARImg2ImgPipeline, STARInpaintPipeline, STARPipeline
-from .pipelines.pipeline_var import VARImg2ImgPipeline, VARInpaintPipeline, VARPipeline
+from .pipelines.pipeline_var import VARCoDePipeline, VARImg2ImgPipeline, VARInpaintPipeline, VARPipeline
 from .shapes import CLASSES, class_id, render
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ FAMILIES = {  # key -> (tab title, pipeline class, embedded folder)
     "star": ("STAR (text-to-image)", STARPipeline, EMBEDDED_DIR / "star-shapes"),
     "infinity": ("Infinity (text-to-image)", InfinityPipeline, EMBEDDED_DIR / "infinity-shapes"),
 }
+EMBEDDED_VAR_REFINER = EMBEDDED_DIR / "var-shapes-refiner"  # CoDe's refiner for the embedded var-shapes
 MAX_SEED = 2**31 - 1
 RANDOM_CLASS = "(random class)"
 SHAPE_PROMPTS = ["a red circle on a blue background", "a yellow triangle on a black background",
@@ -116,6 +119,31 @@ def attach_loras(pipelines: dict, paths: list[str] | None, scales: list[float] |
     return notes
 
 
+def load_code(var_pipe, refiner: Any, device: str, dtype: torch.dtype):
+    """The VAR tab's CoDe pipeline: ``var_pipe`` itself when it is one, else ``var_pipe`` as the drafter with
+    ``refiner`` (a VARPipeline, a VAR pipeline folder, ``DEFAULT``: the embedded refiner, or ``None``: no CoDe),
+    sharing their weights. Returns ``(pipeline or None, notice)``; a refiner that cannot be used becomes the notice."""
+    if var_pipe is None or isinstance(var_pipe, VARCoDePipeline):
+        return var_pipe, ""
+    if refiner is None:
+        return None, ""
+    if isinstance(refiner, (str, Path)) and str(refiner) == DEFAULT:
+        refiner = EMBEDDED_VAR_REFINER
+    try:
+        if isinstance(refiner, (str, Path)):
+            found = pipeline_class_of(refiner)
+            if found is not VARPipeline:
+                raise ValueError(f"{str(refiner)!r} holds a {found.__name__}, not a VARPipeline")
+            refiner = found.from_pretrained(refiner, dtype=dtype)
+        code = VARCoDePipeline.from_var_pipelines(var_pipe, refiner)
+    except Exception as err:  # the plain VAR tab still works
+        logger.exception("could not set up CoDe with the refiner %s", refiner)
+        return None, f"CoDe is not available: {err}"
+    if device is not None:
+        code.refiner.to(device)
+    return code, ""
+
+
 # -- generation -------------------------------------------------------------------------------------
 def _check_count(num_images, max_images: int) -> int:
     if num_images is None or int(num_images) != num_images or not 1 <= int(num_images) <= max_images:
@@ -171,7 +199,8 @@ def _outputs(prefix: str):
     return gallery, info
 
 
-def _var_tab(pipe: VARPipeline, common: dict, max_images: int):
+def _var_tab(pipe: VARPipeline, common: dict, max_images: int, code: VARCoDePipeline | None = None,
+             code_notice: str = ""):
     lock = threading.Lock()
     names = [name for _, name in sorted(pipe.id2label.items())] or [str(i) for i in range(pipe.transformer.config.num_classes)]
     name_to_id = {name: i for i, name in sorted(pipe.id2label.items())} or {str(i): i for i in range(len(names))}
@@ -185,6 +214,16 @@ def _var_tab(pipe: VARPipeline, common: dict, max_images: int):
                 top_k = gr.Slider(0, max(pipe.transformer.config.vocab_size, 900), value=900, step=1, label="Top-k (0 = off)")
                 top_p = gr.Slider(0, 1, value=0.95, step=0.01, label="Top-p (0 = off)")
             more_smooth = gr.Checkbox(label="More smooth (Gumbel-softmax codes)", value=False)
+            if code is not None:
+                num_scales, refiner = len(code.scale_schedule()), code.refiner.config
+                with gr.Row():
+                    use_code = gr.Checkbox(label=f"CoDe: this model drafts the coarse scales, a small refiner (depth "
+                                                 f"{refiner.depth}, width {refiner.embed_dim}) samples the fine ones",
+                                           value=True, elem_id="var-code")
+                    draft_steps = gr.Slider(1, num_scales - 1, value=code.config.draft_steps, step=1,
+                                            label=f"Draft steps (of {num_scales} scales)", elem_id="var-draft-steps")
+            elif code_notice:
+                gr.Markdown(code_notice, elem_id="var-code-notice")
             num_images = gr.Slider(1, max_images, value=min(4, max_images), step=1, label="Number of images",
                                    elem_id="var-num-images")
             seed, randomize = _seed_row("var")
@@ -192,8 +231,8 @@ def _var_tab(pipe: VARPipeline, common: dict, max_images: int):
         with gr.Column():
             gallery, info = _outputs("var")
 
-    def generate(class_name, guidance_scale, top_k, top_p, more_smooth, num_images, seed, randomize,
-                 progress=gr.Progress(track_tqdm=True)):  # noqa: B008 - gradio's way to ask for a progress bar
+    def run_var(target, extra: dict, class_name, guidance_scale, top_k, top_p, more_smooth, num_images, seed,
+                randomize):
         count = _check_count(num_images, max_images)
         if class_name == RANDOM_CLASS or class_name in (None, ""):
             labels = None
@@ -205,10 +244,22 @@ def _var_tab(pipe: VARPipeline, common: dict, max_images: int):
             except ValueError:
                 raise gr.Error(f"Unknown class {class_name!r}: pick one from the Class list (type to search).") from None
         seed = _pick_seed(seed, randomize)
-        return _run(pipe, lock, seed, count, class_labels=labels, guidance_scale=float(guidance_scale),
-                    top_k=int(top_k), top_p=float(top_p), more_smooth=bool(more_smooth))
+        return _run(target, lock, seed, count, class_labels=labels, guidance_scale=float(guidance_scale),
+                    top_k=int(top_k), top_p=float(top_p), more_smooth=bool(more_smooth), **extra)
+
+    def generate(class_name, guidance_scale, top_k, top_p, more_smooth, num_images, seed, randomize,
+                 progress=gr.Progress(track_tqdm=True)):
+        return run_var(pipe, {}, class_name, guidance_scale, top_k, top_p, more_smooth, num_images, seed, randomize)
+
+    def generate_code(class_name, guidance_scale, top_k, top_p, more_smooth, num_images, seed, randomize, with_code,
+                      steps, progress=gr.Progress(track_tqdm=True)):
+        target, extra = (code, {"draft_steps": int(steps)}) if with_code else (pipe, {})
+        return run_var(target, extra, class_name, guidance_scale, top_k, top_p, more_smooth, num_images, seed,
+                       randomize)
 
     inputs = [label, guidance, top_k, top_p, more_smooth, num_images, seed, randomize]
+    if code is not None:  # the same inputs, then CoDe's two
+        generate, inputs = generate_code, inputs + [use_code, draft_steps]
     button.click(generate, inputs, [gallery, seed, info], api_name="generate_var", **common)
     examples = [names[i] for i in sorted({0, len(names) // 3, (2 * len(names)) // 3})]
     gr.Examples([[name, 4.0, 0] for name in examples], [label, guidance, seed], label="Examples")
@@ -425,20 +476,26 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
 def build_demo(var: Any = DEFAULT, star: Any = DEFAULT, infinity: Any = DEFAULT, device: str | None = None,
                dtype: torch.dtype = torch.float32, cpu_offload: bool = False, max_images: int = 8,
                queue_size: int = 32, concurrency_limit: int = 1, loras: list[str] | None = None,
-               lora_scales: list[float] | None = None) -> gr.Blocks:
+               lora_scales: list[float] | None = None, var_refiner: Any = None) -> gr.Blocks:
     """Build the app (queued, not launched).
 
     ``var``/``star``/``infinity``: a pipeline object, a pipeline folder, ``"default"`` (the embedded
-    pipeline when present) or ``None``. ``device`` defaults to CUDA when available. Generation requests
-    run ``concurrency_limit`` at a time across all tabs; at most ``queue_size`` wait, and further
-    requests are refused with gradio's "Queue is full" message. ``loras`` (``--lora``): LoRA adapters, each
-    loaded into the pipeline of its family, at ``lora_scales`` (:func:`attach_loras`).
+    pipeline when present) or ``None``. ``var_refiner``: CoDe's small refiner for the VAR tab (a VARPipeline, a folder,
+    ``"default"``: the embedded ``var-shapes-refiner``, or ``None``); a VARCoDePipeline as ``var`` brings its own.
+    ``device`` defaults to CUDA when available. Generation requests run ``concurrency_limit`` at a time across all
+    tabs; at most ``queue_size`` wait, and further requests are refused with gradio's "Queue is full" message.
+    ``loras`` (``--lora``): LoRA adapters, each loaded into the pipeline of its family, at ``lora_scales``
+    (:func:`attach_loras`).
     """
     if not 1 <= max_images <= 64:
         raise ValueError(f"`max_images` must be in [1, 64], got {max_images}.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = {key: load_family(key, spec, device, dtype, cpu_offload)
               for key, spec in (("var", var), ("star", star), ("infinity", infinity))}
+    code, code_notice = load_code(loaded["var"][0], var_refiner, device, dtype)
+    if isinstance(loaded["var"][0], VARCoDePipeline):  # a CoDe folder: its drafter is the tab's plain VAR
+        plain = VARPipeline(transformer=code.transformer, vqvae=code.vqvae, id2label=code.id2label or None)
+        loaded["var"] = (plain, "")
     lora_notes = attach_loras({key: pipe for key, (pipe, _) in loaded.items()}, loras, lora_scales)
     common = {"concurrency_limit": concurrency_limit, "concurrency_id": "generate"}
     builders = {"var": _var_tab, "star": _star_tab, "infinity": _infinity_tab}
@@ -454,7 +511,10 @@ def build_demo(var: Any = DEFAULT, star: Any = DEFAULT, infinity: Any = DEFAULT,
                     else:
                         if key in lora_notes:
                             gr.Markdown(f"LoRA: {lora_notes[key]}", elem_id=f"{key}-lora")
-                        builders[key](pipe, common, max_images)
+                        if key == "var":
+                            _var_tab(pipe, common, max_images, code, code_notice)
+                        else:
+                            builders[key](pipe, common, max_images)
             served = {key: pipe for key, (pipe, _) in loaded.items() if pipe is not None}
             with gr.Tab("Edit", id="edit", elem_id="tab-edit"):
                 if served:
@@ -463,6 +523,7 @@ def build_demo(var: Any = DEFAULT, star: Any = DEFAULT, infinity: Any = DEFAULT,
                     gr.Markdown("**Not available.** No model is served.", elem_id="edit-notice")
     demo.queue(max_size=queue_size, default_concurrency_limit=concurrency_limit)
     demo.loaded_pipelines = {key: pipe for key, (pipe, _) in loaded.items()}
+    demo.loaded_pipelines["var_code"] = code
     return demo
 
 
@@ -473,10 +534,13 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         return print_error(problem)
     specs = {key: (None if str(getattr(args, key)).lower() == "none" else getattr(args, key)) for key in FAMILIES}
+    refiner = getattr(args, "var_refiner", None)
+    refiner = None if refiner is None or str(refiner).lower() == "none" else refiner
     try:
         demo = build_demo(**specs, device=args.device, dtype=getattr(torch, args.dtype), cpu_offload=args.cpu_offload,
                           max_images=args.max_images, queue_size=args.queue_size, concurrency_limit=args.concurrency,
-                          loras=getattr(args, "lora", None), lora_scales=getattr(args, "lora_scale", None))
+                          loras=getattr(args, "lora", None), lora_scales=getattr(args, "lora_scale", None),
+                          var_refiner=refiner)
     except ValueError as err:
         return print_error(err)
     try:

@@ -100,6 +100,7 @@ class LayerKVCache:
         self._values: torch.Tensor | None = None
         self.length = 0
         self.memo: dict = {}  # per-generation values that depend only on the condition (AdaLN modulation, text k/v)
+        self.storage: tuple[torch.Tensor, int] | None = None  # (flat buffer, layer index): see KVCache.share_storage
 
     def append(self, key_BLHD: torch.Tensor, value_BLHD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         new_len = self.length + key_BLHD.shape[1]
@@ -114,12 +115,22 @@ class LayerKVCache:
                 raise ValueError(f"KV cache overflow: {new_len} tokens > max_length={self.max_length}.")
             if self._keys is None or self._keys.shape[0] != key_BLHD.shape[0]:
                 shape = (key_BLHD.shape[0], self.max_length, *key_BLHD.shape[2:])
-                self._keys = key_BLHD.new_empty(shape)
-                self._values = value_BLHD.new_empty(shape)
+                self._keys, self._values = self._allocate(shape, key_BLHD)
             self._keys[:, self.length : new_len] = key_BLHD
             self._values[:, self.length : new_len] = value_BLHD
         self.length = new_len
         return self._keys[:, :new_len], self._values[:, :new_len]
+
+    def _allocate(self, shape, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value storage of ``shape``: views of the shared buffer when it has room (``KVCache.share_storage``),
+        else new tensors."""
+        numel = math.prod(shape)
+        if self.storage is not None:
+            flat, index = self.storage
+            start = 2 * index * numel
+            if flat.dtype == like.dtype and flat.device == like.device and flat.numel() >= start + 2 * numel:
+                return flat[start : start + numel].view(shape), flat[start + numel : start + 2 * numel].view(shape)
+        return like.new_empty(shape), like.new_empty(shape)
 
     def reset(self) -> None:
         """Forget the cached tokens but keep the storage (its addresses stay valid for CUDA graphs)."""
@@ -158,6 +169,15 @@ class KVCache:
     @property
     def length(self) -> int:
         return self.layers[0].length if self.layers else 0
+
+    def share_storage(self, flat: torch.Tensor) -> "KVCache":
+        """Keep the keys and values in ``flat`` (a 1-D tensor of the cache's dtype and device, layer i's keys and
+        values one after the other from offset ``2 i n``, n = batch x max_length x heads x head_dim) when it has room.
+        Caches of models that never run at the same time (CoDe's drafter and refiner, whose CUDA graph sets each keep
+        their cache) can share one buffer, so they take the memory of the larger one only."""
+        for index, layer in enumerate(self.layers):
+            layer.storage = (flat, index)
+        return self
 
     def scale_range(self, scale_index: int) -> tuple[int, int]:
         """Token range ``[begin, end)`` of a scale in the flattened pyramid."""

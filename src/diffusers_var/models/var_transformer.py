@@ -18,7 +18,6 @@ from .blocks import (
     AdaLNModulation,
     AdaLNSelfAttentionBlock,
     KVCache,
-    block_causal_mask,
     init_adaln_transformer_weights_,
     memoized,
     scale_begin_ends,
@@ -186,37 +185,68 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         Args:
             class_labels: (B,) int64 in ``[0, num_classes]`` (``num_classes`` = null class).
             teacher_forcing_input: training: (B, L - pn_0^2, latent_channels), from
-                :meth:`MultiScaleVQModel.teacher_forcing_input`; decoding: the scale's input
+                :meth:`MultiScaleVQModel.teacher_forcing_input`, or its first ``cum_k - pn_0^2`` positions (the inputs
+                of scales 1..k: the logits are then those of scales 0..k); decoding: the scale's input
                 (B, pn*pn, latent_channels) for scales >= 1, ``None`` at scale 0 (see :meth:`forward_scale`).
             drop_labels: apply label dropout (default: only in training mode).
             scale_index, kv_cache: decode this scale with the cache of :meth:`init_kv_cache` (scales in order).
+                ``kv_cache`` without ``scale_index`` is a prefill: the teacher-forcing pass over the scales 0..k of
+                ``teacher_forcing_input`` also writes their keys and values into the (empty) cache, so decoding goes
+                on at scale k + 1 (CoDe's refiner continues a drafted pyramid this way).
 
         Returns logits (B, L, vocab_size), float32 (decoding: the scale's (B, pn*pn, vocab_size), as a tensor).
         """
         if scale_index is not None:
             return self._decode_scale(scale_index, class_labels, kv_cache, teacher_forcing_input)
         self._check_labels(class_labels)
-        expected = (self.seq_len - self.first_len, self.config.latent_channels)
-        if teacher_forcing_input is None or teacher_forcing_input.ndim != 3 or tuple(teacher_forcing_input.shape[1:]) != expected:
-            got = None if teacher_forcing_input is None else tuple(teacher_forcing_input.shape)
-            raise ValueError(f"`teacher_forcing_input` must have shape (B, {expected[0]}, {expected[1]}), got {got}.")
+        length = self._teacher_forcing_length(teacher_forcing_input)
+        if kv_cache is not None and kv_cache.length:
+            raise ValueError(f"`kv_cache` must be empty for a prefill; it holds {kv_cache.length} positions.")
         if drop_labels if drop_labels is not None else self.training:
             class_labels = self.drop_labels(class_labels)
         B = class_labels.shape[0]
-        cond_BD = self.class_embedding(class_labels)
+        head_memo = kv_cache.head if kv_cache is not None else None
+        cond_BD = memoized(head_memo, "cond", lambda: self.class_embedding(class_labels))
         first = cond_BD.unsqueeze(1).expand(B, self.first_len, -1) + self.pos_start.expand(B, self.first_len, -1)
         x_BLC = torch.cat((first, self.input_proj(teacher_forcing_input.to(self.pos_start.dtype))), dim=1)
-        x_BLC = x_BLC + self.level_pos_embed(device=x_BLC.device)
-        attn_mask = block_causal_mask(self.config.patch_nums, device=x_BLC.device)
-        logits = self._run_blocks(x_BLC, cond_BD, attn_mask=attn_mask)
+        level_ids = self._level_ids(length, x_BLC.device)
+        x_BLC = x_BLC + (self.level_embedding(level_ids) + self.pos_embed[:, :length])
+        attn_mask = (level_ids[0, :, None] >= level_ids[0, None, :])[None, None]  # block-causal
+        logits = self._run_blocks(x_BLC, cond_BD, attn_mask=attn_mask, kv_cache=kv_cache)
         if not return_dict:
             return (logits,)
         return NextScaleTransformerOutput(logits=logits)
 
+    def _level_ids(self, length: int, device) -> torch.LongTensor:
+        """(1, length) scale index of the first ``length`` pyramid positions (whole scales), made on the device (no
+        host copy: a prefill runs inside CUDA graph captures)."""
+        ids = [torch.full((end - begin,), si, dtype=torch.long, device=device)
+               for si, (begin, end) in enumerate(self.begin_ends) if end <= length]
+        return torch.cat(ids)[None]
+
+    def _teacher_forcing_length(self, teacher_forcing_input) -> int:
+        """The number of pyramid positions a teacher-forcing input covers (scales 0..k, k >= 1); ValueError unless it
+        is (B, cum_k - pn_0^2, latent_channels) for some scale k."""
+        Cv = self.config.latent_channels
+        lengths = [end - self.first_len for _, end in self.begin_ends[1:]]
+        if teacher_forcing_input is None or teacher_forcing_input.ndim != 3 or teacher_forcing_input.shape[2] != Cv \
+                or teacher_forcing_input.shape[1] not in lengths:
+            got = None if teacher_forcing_input is None else tuple(teacher_forcing_input.shape)
+            raise ValueError(f"`teacher_forcing_input` must have shape (B, {lengths[-1]}, {Cv}), or cover the first "
+                             f"scales: (B, n, {Cv}) with n in {lengths}; got {got}.")
+        return teacher_forcing_input.shape[1] + self.first_len
+
     # -- scale-by-scale decoding -------------------------------------------------------------------
     def init_kv_cache(self, scale_schedule=None) -> KVCache:
-        """The KV cache of one generation (the schedule is the model's own)."""
-        return KVCache(len(self.blocks), square_schedule(self.config.patch_nums))
+        """The KV cache of one generation: room for the scales of ``scale_schedule`` (the ``(h, w)`` grids of the
+        model's own schedule, or its first ones for a generation that stops early; default all of them)."""
+        schedule = square_schedule(self.config.patch_nums)
+        if scale_schedule is not None:
+            if [tuple(hw) for hw in scale_schedule] != schedule[: len(scale_schedule)]:
+                raise ValueError(f"`scale_schedule` must be the model's schedule {schedule} or its first scales, got "
+                                 f"{list(scale_schedule)}.")
+            schedule = schedule[: len(scale_schedule)]
+        return KVCache(len(self.blocks), schedule)
 
     def forward_scale(self, scale_index: int, condition: tuple[torch.Tensor], kv_cache: KVCache,
                       scale_input: torch.Tensor | None = None) -> torch.Tensor:
@@ -233,6 +263,23 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         """
         (class_labels,) = condition
         return self(class_labels, scale_input, scale_index=scale_index, kv_cache=kv_cache)
+
+    def prefill_scale(self, condition: tuple[torch.Tensor], kv_cache: KVCache,
+                      prefix_input: torch.Tensor) -> torch.Tensor:
+        r"""Logits of every position of scales 0..k from one block-causal pass (through ``forward``), which also fills
+        the empty ``kv_cache`` with them, so that :meth:`forward_scale` goes on at scale k + 1.
+
+        Args:
+            condition: ``(class_labels,)`` as for :meth:`forward_scale`.
+            kv_cache: from :meth:`init_kv_cache`, empty.
+            prefix_input: (B, cum_k - pn_0^2, latent_channels): the inputs of scales 1..k (each the area-downsampled
+                cumulative f_hat of the scales before it, row-major), as
+                :meth:`MultiScaleVQModel.teacher_forcing_input` builds them.
+
+        Returns (B, cum_k, vocab_size) float32 logits (the last pn_k^2 rows predict scale k).
+        """
+        (class_labels,) = condition
+        return self(class_labels, prefix_input, drop_labels=False, kv_cache=kv_cache).logits
 
     def _decode_scale(self, scale_index: int, class_labels, kv_cache: KVCache, scale_input) -> torch.Tensor:
         begin, end = self.begin_ends[scale_index]

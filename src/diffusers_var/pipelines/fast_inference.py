@@ -352,17 +352,22 @@ class CUDAGraphScaleSteps:
         generator: a CUDA generator that ``step`` draws from (sampling inside the graphs). It is registered with
             every graph, so a replay draws what the eager step would draw from the generator's state at that
             moment and advances it the same way; :meth:`borrow_generator_state` lends it a caller's state.
+        first_scale: the scale index of ``example_inputs[0]``: a set for the scales ``first_scale ..`` of a pyramid
+            (a generation that another model started) calls ``step`` and is called with the pyramid's indices.
+        pool: the memory pool to capture into (``graph_pool_handle`` / another set's ``pool``), e.g. that of a set
+            that never replays at the same time (CoDe's other stage); default a new one. The set's is ``self.pool``.
     """
 
     def __init__(self, step: Callable, example_inputs: Sequence[tuple], reset_cache: Callable[[], None],
-                 shared_inputs: Sequence[torch.Tensor] = (), generator: torch.Generator | None = None):
+                 shared_inputs: Sequence[torch.Tensor] = (), generator: torch.Generator | None = None,
+                 first_scale: int = 0, pool=None):
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA graphs need a CUDA device.")
         # The graphs write into whatever ``step`` and ``reset_cache`` close over (the KV cache storage, static
         # buffers) by address, so those must live as long as the graphs: without these references the KV cache was
         # freed once the constructor returned, the replays wrote into memory the allocator had handed back, and the
         # next ``torch.cuda.empty_cache()`` turned that into an illegal memory access.
-        self.step, self.reset_cache, self.generator = step, reset_cache, generator
+        self.step, self.reset_cache, self.generator, self.first_scale = step, reset_cache, generator, first_scale
         self.shared_inputs = tuple(t.clone() for t in shared_inputs)
         self.static_inputs = [tuple(None if t is None else t.clone() for t in inputs) for inputs in example_inputs]
         self.graphs, self.outputs = [], []
@@ -371,13 +376,12 @@ class CUDAGraphScaleSteps:
         with torch.cuda.stream(side), torch.no_grad():  # warm-up: allocator, cuBLAS / SDPA workspaces
             for _ in range(2):
                 reset_cache()
-                for si, inputs in enumerate(self.static_inputs):
+                for si, inputs in enumerate(self.static_inputs, first_scale):
                     step(si, *self.shared_inputs, *inputs)
         torch.cuda.current_stream().wait_stream(side)
         reset_cache()
-        pool = None
         with torch.no_grad():
-            for si, inputs in enumerate(self.static_inputs):
+            for si, inputs in enumerate(self.static_inputs, first_scale):
                 graph = torch.cuda.CUDAGraph()
                 if generator is not None:
                     graph.register_generator_state(generator)
@@ -386,6 +390,7 @@ class CUDAGraphScaleSteps:
                 pool = graph.pool()
                 self.graphs.append(graph)
                 self.outputs.append(out)
+        self.pool = pool
         reset_cache()
 
     def set_shared_inputs(self, *values: torch.Tensor) -> "CUDAGraphScaleSteps":
@@ -407,11 +412,12 @@ class CUDAGraphScaleSteps:
             source.set_state(self.generator.get_state())
 
     def __call__(self, scale_index: int, *inputs: torch.Tensor | None):
-        for static, value in zip(self.static_inputs[scale_index], inputs):
+        index = scale_index - self.first_scale
+        for static, value in zip(self.static_inputs[index], inputs):
             if static is not None:
                 static.copy_(value, non_blocking=True)
-        self.graphs[scale_index].replay()
-        return self.outputs[scale_index]
+        self.graphs[index].replay()
+        return self.outputs[index]
 
 
 class FastInferenceMixin:
@@ -521,28 +527,46 @@ class FastInferenceMixin:
             cache.popitem(last=False)
         return cache[key]
 
-    def _transformer_steps(self, condition: tuple[torch.Tensor, ...], schedule: Sequence[tuple[int, int]], device):
+    def _transformer_steps(self, condition: tuple[torch.Tensor, ...], schedule: Sequence[tuple[int, int]], device,
+                           transformer: nn.Module | None = None, scales: range | None = None, prefill: bool = False):
         """``step(scale_index, scale_input) -> transformer outputs`` for one generation with ``condition`` (the
         tensors of ``transformer.forward_scale``, guidance rows included): eager with a fresh KV cache, or replayed
-        CUDA graphs, captured once per condition shapes and schedule and fed with this generation's condition."""
+        CUDA graphs, captured once per condition shapes and schedule and fed with this generation's condition.
+
+        ``transformer`` (default: the pipeline's) runs the ``scales`` (default: all, in order). With ``prefill`` the
+        first of them is a continuation: its ``scale_input`` is the input of every scale up to it (the teacher-forcing
+        prefix) and the step is ``transformer.prefill_scale`` (the logits of all those positions; the KV cache
+        filled)."""
         self._sync_adapters()
-        transformer = self.transformer
+        transformer = self.transformer if transformer is None else transformer
         schedule = tuple(tuple(hw) for hw in schedule)
+        scales = range(len(schedule)) if scales is None else scales
         rows = condition[0].shape[0]
 
+        def forward(cache, si, condition, scale_input):
+            if prefill and si == scales.start:
+                return transformer.prefill_scale(condition, cache, scale_input)
+            return transformer.forward_scale(si, condition, cache, scale_input)
+
         def build() -> CUDAGraphScaleSteps:
-            cache = transformer.init_kv_cache(schedule)
+            cache = transformer.init_kv_cache(schedule[: scales.stop])
             channels = transformer.scale_input_channels
-            examples = [(None,)] + [(torch.zeros(rows, h * w, channels, device=device),) for h, w in schedule[1:]]
+            first_len = schedule[0][0] * schedule[0][1]
+            lengths = {si: sum(h * w for h, w in schedule[: si + 1]) - first_len if prefill and si == scales.start
+                       else schedule[si][0] * schedule[si][1] for si in scales}
+            examples = [(None,) if si == 0 else (torch.zeros(rows, lengths[si], channels, device=device),)
+                        for si in scales]
 
             def step(si, *tensors):
-                return transformer.forward_scale(si, tensors[:-1], cache, tensors[-1])
+                return forward(cache, si, tensors[:-1], tensors[-1])
 
-            return CUDAGraphScaleSteps(step, examples, cache.reset, shared_inputs=condition)
+            return CUDAGraphScaleSteps(step, examples, cache.reset, shared_inputs=condition, first_scale=scales.start)
 
         key = ("transformer", schedule, tuple((t.shape, t.dtype) for t in condition))
+        if transformer is not self.transformer or scales != range(len(schedule)) or prefill:  # a part of a generation
+            key += (id(transformer), scales, prefill)
         graphs = self._graph_scale_steps(key, device, build)
         if graphs is not None:
             return graphs.set_shared_inputs(*condition)
-        cache = transformer.init_kv_cache(schedule)
-        return lambda si, scale_input: transformer.forward_scale(si, condition, cache, scale_input)
+        cache = transformer.init_kv_cache(schedule[: scales.stop])
+        return lambda si, scale_input: forward(cache, si, condition, scale_input)

@@ -88,10 +88,21 @@ def per_scale_values(value, num_scales: int, name: str, low: float = 0.0, low_in
     return [check_finite_number(v, name, low, low_inclusive=low_inclusive) for v in values]
 
 
-def check_common_inputs(top_k, top_p, output_type, num_images_per_prompt, return_dict=True) -> None:
-    """The sampling and output arguments every family takes."""
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
-        raise ValueError(f"`top_k` must be an integer >= 0 (0 disables top-k), got {top_k!r}.")
+def per_scale(value, num_scales: int) -> list:
+    """A per-scale setting as a list: a list / tuple as it is, a scalar repeated for every scale."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * num_scales
+
+
+def check_common_inputs(top_k, top_p, output_type, num_images_per_prompt, return_dict=True,
+                        num_scales: int | None = None) -> None:
+    """The sampling and output arguments every family takes. With ``num_scales``, ``top_k`` may also be a list with
+    one value per scale."""
+    listed = num_scales is not None and isinstance(top_k, (list, tuple))
+    if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in (top_k if listed else [top_k])):
+        per_scale_note = " or a list of them, one per scale" if num_scales is not None else ""
+        raise ValueError(f"`top_k` must be an integer >= 0 (0 disables top-k){per_scale_note}, got {shorten(top_k)}.")
+    if listed and len(top_k) != num_scales:
+        raise ValueError(f"`top_k` has {len(top_k)} entries but the schedule has {num_scales} scales.")
     check_finite_number(top_p, "top_p", 0.0, 1.0)
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from contextlib import nullcontext
 from importlib import resources
 from typing import Callable, NamedTuple
@@ -13,7 +14,15 @@ from ..loaders import VARLoraLoaderMixin
 from ..models.blocks import square_schedule
 from ..models.multiscale_vq import MultiScaleVQModel
 from ..models.var_transformer import VARTransformer2DModel
-from .fast_inference import CUDAGraphScaleSteps, check_fast_inference_args, compile_adaln_blocks_, fp8_linears
+from .fast_inference import (
+    CUDAGraphScaleSteps,
+    cast_module_,
+    check_fast_inference_args,
+    compile_adaln_blocks_,
+    fp8_linears,
+    fuse_ffn_gelu_,
+    quantize_linears_fp8_,
+)
 from .pipeline_utils import (
     UNIFIED_CALLBACK_TENSORS,
     CallbackArg,
@@ -28,6 +37,8 @@ from .pipeline_utils import (
     check_finite_number,
     check_generator,
     flatten_labels,
+    per_scale,
+    per_scale_values,
     warn_eager_forcing,
 )
 from .sampling import (
@@ -57,11 +68,41 @@ ScaleForcing = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, t
 
 class ScaleSampling(NamedTuple):
     """What shapes a scale's sampling code (a CUDA graph set is captured per value): Gumbel smoothing, copies of the
-    logits for the callback, the k-wide top-p of the fast path."""
+    logits for the callback, the k-wide top-p of the fast path, a temperature other than 1 at some scale."""
 
     more_smooth: bool
     keep_logits: bool
     fast_filter: bool
+    tempered: bool = False
+
+
+class ScaleRun(NamedTuple):
+    """The part of a token pyramid that one :meth:`VARPipeline._sample_scales` call samples, and the model that does
+    it (by default every scale, with the pipeline's transformer).
+
+    A run of the scales ``k ..`` (k > 0) continues a pyramid that another run (another model) began: ``latents`` is its
+    f_hat after scales 0..k-1 (updated in place) and ``prefix`` the inputs of scales 1..k (B, cum_k - pn_0^2, Cv), the
+    area-downsampled f_hat after each earlier scale. One block-causal prefill pass of ``transformer`` over them fills
+    its KV cache and gives scale k's logits. With ``replay_prefix_draws`` the scales 0..k-1 are re-sampled first from
+    the prefill's conditional logits (no guidance, each with its own top-k / temperature) and the tokens discarded:
+    the draws of CoDe's refiner, which keep a seeded generator on the original's random stream. ``next_inputs``, a
+    list, receives the next-scale input (B, l', Cv) of every scale of the run."""
+
+    transformer: VARTransformer2DModel
+    scales: range
+    latents: torch.Tensor | None = None
+    prefix: torch.Tensor | None = None
+    replay_prefix_draws: bool = False
+    next_inputs: list | None = None
+
+
+class SharedStageMemory:
+    """What the CUDA graph sets of the stages of one generation share (they never replay at the same time): one buffer
+    for their KV caches (``KVCache.share_storage``), sized for the largest, and the graphs' memory pool."""
+
+    def __init__(self, kv_storage: torch.Tensor):
+        self.kv_storage = kv_storage
+        self.pool = None
 
 
 class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMixin):
@@ -161,64 +202,115 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
             compile_adaln_blocks_(self.transformer)
         return self._set_fast_inference(True, cuda_graphs, dtype, fp8)
 
-    def _sampling_graphs(self, B: int, device: torch.device, settings: ScaleSampling, top_k: int,
-                         use_top_p: bool, forcing: TokenForcing | None = None) -> CUDAGraphScaleSteps:
+    def _sampling_graphs(self, B: int, device: torch.device, settings: ScaleSampling, top_k: int | list[int],
+                         use_top_p: bool, run: ScaleRun | None = None,
+                         forcing: TokenForcing | None = None) -> CUDAGraphScaleSteps:
         """One CUDA graph per scale for the whole scale: transformer step, guidance, top-k / top-p, the draw, the
         codebook lookup, the f_hat update and the next scale's input (built once per batch size, ``top_k`` (it fixes
-        shapes) and structural setting). The guidance strengths and ``top_p`` are read from device tensors, so other
-        values replay the same graphs; the graphs draw from a generator that borrows the caller's state. With
-        ``forcing`` (editing) the graphs keep the input's tokens from a static copy of it (``graphs.forcing``, refilled
-        per call)."""
-        transformer, cfg = self.transformer, self.transformer.config
-        rows, schedule = 2 * B, self.scale_schedule()
+        shapes; one per scale or one for all) and structural setting). The guidance strengths, ``top_p`` and the
+        temperatures are read from device tensors, so other values replay the same graphs; the graphs draw from a
+        generator that borrows the caller's state. ``run`` (default: every scale with the transformer): the scales and
+        the model of the set; a continuation's first graph is the prefill (with the replayed draws). With ``forcing``
+        (editing) the graphs keep the input's tokens from a static copy of it (``graphs.forcing``, refilled per
+        call)."""
+        schedule = self.scale_schedule()
         num_scales = len(schedule)
-        top_k = top_k if 0 < top_k < cfg.vocab_size else 0
+        run = run or ScaleRun(self.transformer, range(num_scales))
+        transformer, cfg = run.transformer, run.transformer.config
+        rows, first = 2 * B, run.scales.start
+        top_ks = [k if 0 < k < cfg.vocab_size else 0 for k in per_scale(top_k, num_scales)]
+        prefill = run.prefix is not None
 
         def build() -> CUDAGraphScaleSteps:
-            cache = transformer.init_kv_cache()
+            cache = transformer.init_kv_cache(schedule[: run.scales.stop])  # room for the run's scales only
+            memory = self._stage_memory(run, rows, device)
+            if memory is not None:
+                cache.share_storage(memory.kv_storage)
             side = cfg.patch_nums[-1]
             f_hat = torch.zeros(B, cfg.latent_channels, side, side, device=device)
-            scale_inputs = [None] + [torch.zeros(rows, h * w, cfg.latent_channels, device=device) for h, w in schedule[1:]]
+            scale_inputs = [None] * num_scales  # those the run reads (the prefix at its first scale) and writes
+            for si in range(max(first, 1), min(run.scales.stop + 1, num_scales)):
+                length = transformer.begin_ends[si][1] - transformer.first_len if prefill and si == first else \
+                    schedule[si][0] * schedule[si][1]
+                scale_inputs[si] = torch.zeros(rows, length, cfg.latent_channels, device=device)
             generator = torch.Generator(device)
             static_forcing = forcing.static_copy() if forcing is not None else None
 
-            def step(si, labels_2B, guidance_S2, removable_mass):
-                logits = transformer.forward_scale(si, (labels_2B,), cache, scale_inputs[si])
+            def step(si, labels_2B, guidance_S2, removable_mass, temperature_S):
+                prefill_logits = replayed = None
+                if prefill and si == first:
+                    prefill_logits = transformer.prefill_scale((labels_2B,), cache, scale_inputs[si])
+                    if run.replay_prefix_draws:
+                        replayed = self._replay_draws(prefill_logits, si, top_ks, 0.0, temperature_S, generator,
+                                                      settings, removable_mass if use_top_p else None)
+                    logits = prefill_logits[:, transformer.begin_ends[si][0]:]
+                else:
+                    logits = transformer.forward_scale(si, (labels_2B,), cache, scale_inputs[si])
                 indices, guided_logits, next_input = self._sample_scale(
-                    si, logits, f_hat, guidance_S2[si], top_k, 0.0, generator, settings,
-                    removable_mass if use_top_p else None, forcing=static_forcing)
+                    si, logits, f_hat, guidance_S2[si], top_ks[si], 0.0, generator, settings,
+                    removable_mass if use_top_p else None, forcing=static_forcing,
+                    temperature=temperature_S[si] if settings.tempered else None)
                 if next_input is not None:
                     scale_inputs[si + 1].copy_(self._guidance_rows(next_input))
-                return indices, guided_logits, logits.clone() if settings.keep_logits else None
-
-            def reset():
-                cache.reset()
-                f_hat.zero_()
+                keep = settings.keep_logits
+                return (indices, guided_logits, logits.clone() if keep else None,
+                        prefill_logits.clone() if keep and prefill_logits is not None else None, replayed)
 
             shared = (torch.zeros(rows, dtype=torch.long, device=device), torch.zeros(num_scales, 2, device=device),
-                      torch.zeros((), device=device))
-            graphs = CUDAGraphScaleSteps(step, [()] * num_scales, reset, shared, generator=generator)
-            graphs.f_hat, graphs.scale_inputs, graphs.forcing = f_hat, scale_inputs, static_forcing
+                      torch.zeros((), device=device), torch.ones(num_scales, device=device))
+            # f_hat is set by every generation before its first replay (zeros, or the f_hat the run continues)
+            graphs = CUDAGraphScaleSteps(step, [()] * len(run.scales), cache.reset, shared, generator=generator,
+                                         first_scale=first, pool=memory.pool if memory is not None else None)
+            graphs.f_hat, graphs.scale_inputs, graphs.memory = f_hat, scale_inputs, memory
+            graphs.forcing = static_forcing
+            if memory is not None:
+                memory.pool = graphs.pool
             return graphs
 
-        key = ("sampling", rows, settings, top_k, use_top_p, forcing is not None)
+        key = ("sampling", rows, settings, top_ks[0] if len(set(top_ks)) == 1 else tuple(top_ks), use_top_p,
+               forcing is not None)
+        if transformer is not self.transformer or run.scales != range(num_scales) or prefill:  # a part of a generation
+            key += (id(transformer), run.scales, prefill, run.replay_prefix_draws)
         return self._graph_scale_steps(key, device, build)
+
+    def _stage_memory(self, run: ScaleRun, rows: int, device) -> "SharedStageMemory | None":
+        """Memory that the graph set of ``run`` shares with the sets of other runs of the same generations (never
+        replayed at the same time), or ``None``: a plain VAR generation is one run."""
+        return None
+
+    def _replay_draws(self, prefill_logits: torch.Tensor, first_scale: int, top_ks: list[int], top_p: float,
+                      temperatures, generator: GeneratorArg, settings: ScaleSampling,
+                      top_p_mass: torch.Tensor | None = None):
+        """CoDe's refiner re-samples every scale before ``first_scale`` from the conditional rows of its prefill logits
+        (no guidance; each scale's top-k, top-p and temperature) and discards the tokens: only the draws matter (they
+        keep a seeded generator on the original's stream). Returns the re-sampled tokens, (B, l) per scale."""
+        B = prefill_logits.shape[0] // 2
+        replayed = []
+        for si in range(first_scale):
+            begin, end = self.transformer.begin_ends[si]
+            logits = prefill_logits[:B, begin:end].clone()  # the prefill logits stay as the model gave them
+            filter_top_k_top_p_(logits, top_ks[si], top_p, fast=settings.fast_filter, top_p_mass=top_p_mass)
+            if settings.tempered:
+                logits = logits / temperatures[si]
+            replayed.append(sample_from_logits(logits, generator))
+        return replayed
 
     # -- one scale -------------------------------------------------------------------------------------
     def _sample_scale(self, si: int, logits_2BlV: torch.Tensor, f_hat: torch.Tensor, strength, top_k: int, top_p: float,
                       generator: GeneratorArg, settings: ScaleSampling, top_p_mass: torch.Tensor | None = None,
-                      forcing: ScaleForcing | None = None):
+                      forcing: ScaleForcing | None = None, temperature=None):
         """Guidance, top-k / top-p, the draw and the f_hat update (in place) of scale ``si``, eagerly or inside a CUDA
-        graph (``strength`` and ``1 - top_p`` then come as device tensors). ``forcing`` may replace the scale's code map
-        (and indices) before f_hat. Returns ``(indices, guided logits if settings.keep_logits, next scale's input tokens
-        (B, l', Cv) or None after the last scale)``."""
+        graph (``strength``, ``1 - top_p`` and ``temperature`` then come as device tensors). ``forcing`` may replace
+        the scale's code map (and indices) before f_hat. ``temperature`` (None: 1) divides the filtered logits for the
+        draw only (the filters and the Gumbel mixture see them untempered, as in CoDe). Returns ``(indices, guided
+        logits if settings.keep_logits, next scale's input tokens (B, l', Cv) or None after the last scale)``."""
         patch_nums = self.transformer.config.patch_nums
         num_scales, pn, B = len(patch_nums), patch_nums[si], f_hat.shape[0]
         ratio = si / (num_scales - 1)
         logits = apply_guidance(logits_2BlV, strength)
         guided_logits = logits.clone() if settings.keep_logits else None
         filter_top_k_top_p_(logits, top_k, top_p, fast=settings.fast_filter, top_p_mass=top_p_mass)
-        indices = sample_from_logits(logits, generator)
+        indices = sample_from_logits(logits if temperature is None else logits / temperature, generator)
         if settings.more_smooth:  # soft mixture of codes; the hard sample above is discarded
             weights = gumbel_softmax(logits.mul(1 + ratio), smooth_tau(ratio), generator)
             embedding = weights @ self.vqvae.codebook_vectors(weights.device)
@@ -230,39 +322,54 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         _, next_map = self.vqvae.next_scale_input(si, f_hat, embedding)
         return indices, guided_logits, None if si == num_scales - 1 else next_map.flatten(2).transpose(1, 2)
 
-    def _sample_scales(self, labels_B: torch.LongTensor, top_k: int, top_p: float, more_smooth: bool, generator: GeneratorArg,
-                       callback=None, tensor_names: list[str] = (), forcing: ScaleForcing | None = None) -> torch.Tensor:
+    def _sample_scales(self, labels_B: torch.LongTensor, top_k: int | list[int], top_p: float, more_smooth: bool,
+                       generator: GeneratorArg, callback=None, tensor_names: list[str] = (),
+                       forcing: ScaleForcing | None = None, temperature: float | list[float] = 1.0,
+                       run: ScaleRun | None = None) -> torch.Tensor:
         """The scale loop of a generation for the images of ``labels_B`` (the null class fills the unconditional rows);
-        returns the final f_hat. ``forcing`` (task pipelines) replaces code maps before they enter f_hat."""
+        returns the final f_hat. ``forcing`` (task pipelines) replaces code maps before they enter f_hat. ``top_k`` and
+        ``temperature``: one value, or one per scale. ``run`` (default: every scale, the pipeline's transformer): the
+        scales and the model of this loop (:class:`ScaleRun`; CoDe runs the drafter and the refiner in turn)."""
         schedule = self.scale_schedule()
         num_scales, side, B = len(schedule), schedule[-1][0], labels_B.shape[0]
+        run = run or ScaleRun(self.transformer, range(num_scales))
+        top_ks, temperatures = per_scale(top_k, num_scales), per_scale(temperature, num_scales)
+        prefill = run.prefix is not None
         device = labels_B.device
-        condition = (torch.cat((labels_B, torch.full_like(labels_B, self.transformer.config.num_classes))),)
+        condition = (torch.cat((labels_B, torch.full_like(labels_B, run.transformer.config.num_classes))),)
 
         # the whole scale in a CUDA graph (fast path, CUDA generator), or the transformer step (eager, or a graph)
         # followed by the eager sampler
-        wants_logits = callback is not None and bool({"guided_logits", "logits", "model_logits"} & set(tensor_names))
-        settings = ScaleSampling(more_smooth=more_smooth, keep_logits=wants_logits, fast_filter=self._fast_top_p(device))
+        logit_names = {"guided_logits", "logits", "model_logits", "prefill_logits"}
+        wants_logits = callback is not None and bool(logit_names & set(tensor_names))
+        settings = ScaleSampling(more_smooth=more_smooth, keep_logits=wants_logits,
+                                 fast_filter=self._fast_top_p(device), tempered=any(t != 1 for t in temperatures))
         graphs, graph_generator = None, self._graph_sampling_generator(device, generator)
         if graph_generator is not None and forcing is not None and not isinstance(forcing, TokenForcing):
             warn_eager_forcing(self)  # an arbitrary hook cannot be captured: sampling stays eager, said once
             graph_generator = None
         table_guidance = self._guidance_scale
         if graph_generator is not None:
-            graphs = self._sampling_graphs(B, device, settings, top_k, top_p > 0, forcing)
+            graphs = self._sampling_graphs(B, device, settings, top_k, top_p > 0, run, forcing)
             if forcing is not None:
                 graphs.forcing.copy_(forcing)
             strengths = [linear_guidance_ramp(table_guidance, si, num_scales) for si in range(num_scales)]
-            graphs.set_shared_inputs(condition[0], guidance_table(strengths, device), top_p_mass(top_p, device))
-            latents = graphs.f_hat.zero_()
+            graphs.set_shared_inputs(condition[0], guidance_table(strengths, device), top_p_mass(top_p, device),
+                                     torch.tensor(temperatures, dtype=torch.float32).to(device, non_blocking=True))
+            latents = graphs.f_hat.zero_() if run.latents is None else graphs.f_hat.copy_(run.latents)
+            if prefill:
+                graphs.scale_inputs[run.scales.start].copy_(self._guidance_rows(run.prefix))
         else:
-            transformer_step = self._transformer_steps(condition, schedule, device)
-            latents = torch.zeros(B, self.vqvae.config.z_channels, side, side, device=device, dtype=torch.float32)
-        scale_input = None
+            transformer_step = self._transformer_steps(condition, schedule, device, run.transformer, run.scales,
+                                                       prefill)
+            latents = run.latents if run.latents is not None else \
+                torch.zeros(B, self.vqvae.config.z_channels, side, side, device=device, dtype=torch.float32)
+        scale_input = self._guidance_rows(run.prefix) if prefill else None
 
-        with self.progress_bar(total=num_scales) as progress_bar, \
+        with self.progress_bar(total=len(run.scales)) as progress_bar, \
                 (graphs.borrow_generator_state(graph_generator) if graphs is not None else nullcontext()):
-            for si, scale_hw in enumerate(schedule):
+            for si in run.scales:
+                scale_hw = schedule[si]
                 if self.interrupt:
                     break
                 if graphs is not None:  # the whole scale, sampling included, is one graph replay
@@ -270,16 +377,25 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
                         table_guidance = self._guidance_scale
                         strengths = [linear_guidance_ramp(table_guidance, k, num_scales) for k in range(num_scales)]
                         graphs.shared_inputs[1].copy_(guidance_table(strengths, device))
-                    tokens, guided_logits, model_logits = graphs(si)
+                    tokens, guided_logits, model_logits, prefill_logits, replayed = graphs(si)
                     next_input = graphs.scale_inputs[si + 1][:B] if si + 1 < num_scales else None
                 else:
                     model_logits = transformer_step(si, scale_input)
+                    prefill_logits = replayed = None
+                    if prefill and si == run.scales.start:  # the logits of every position up to this scale
+                        begin = run.transformer.begin_ends[si][0]
+                        prefill_logits, model_logits = model_logits, model_logits[:, begin:]
+                        if run.replay_prefix_draws:
+                            replayed = self._replay_draws(prefill_logits, si, top_ks, top_p, temperatures, generator,
+                                                          settings)
                     strength = linear_guidance_ramp(self._guidance_scale, si, num_scales)
-                    tokens, guided_logits, next_input = self._sample_scale(si, model_logits, latents, strength, top_k, top_p,
-                                                                           generator, settings, forcing=forcing)
+                    tokens, guided_logits, next_input = self._sample_scale(
+                        si, model_logits, latents, strength, top_ks[si], top_p, generator, settings, forcing=forcing,
+                        temperature=temperatures[si] if settings.tempered else None)
                 if callback is not None:
                     tensors = dict(latents=latents, tokens=tokens, guided_logits=guided_logits, model_logits=model_logits,
-                                   next_scale_input=next_input)
+                                   next_scale_input=next_input, prefill_logits=prefill_logits,
+                                   draft_resamples=replayed)
                     new_latents = self._step_callback(callback, tensor_names, si, scale_hw, tensors)
                     if new_latents is not None:
                         next_input = self._next_scale_input(new_latents, si)
@@ -289,6 +405,8 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
                             latents.copy_(new_latents)
                             if next_input is not None:
                                 graphs.scale_inputs[si + 1].copy_(self._guidance_rows(next_input))
+                if run.next_inputs is not None and next_input is not None:
+                    run.next_inputs.append(next_input)
                 if graphs is None and next_input is not None:
                     scale_input = self._guidance_rows(next_input)
                 progress_bar.update()
@@ -298,10 +416,12 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
 
     # -- inputs -------------------------------------------------------------------------------------
     def check_inputs(self, class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator,
-                     output_type, return_dict=True) -> None:
+                     output_type, return_dict=True, temperature=1.0) -> None:
         """Every argument check of a call, before any work (a ValueError names the parameter)."""
+        num_scales = len(self.transformer.config.patch_nums)
         check_finite_number(guidance_scale, "guidance_scale", 0.0)
-        check_common_inputs(top_k, top_p, output_type, num_images_per_prompt, return_dict)
+        check_common_inputs(top_k, top_p, output_type, num_images_per_prompt, return_dict, num_scales=num_scales)
+        per_scale_values(temperature, num_scales, "temperature", low=0.0, low_inclusive=False)
         check_bool(more_smooth, "more_smooth")
         num_classes = self.transformer.config.num_classes
         if class_labels is None:
@@ -343,6 +463,7 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         return_dict: bool = True,
         callback_on_step_end: CallbackArg = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        temperature: float | list[float] = 1.0,
     ):
         r"""Generate images.
 
@@ -353,7 +474,8 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
             guidance_scale: the original ``cfg``: guidance ramps linearly from 0 at the first scale to
                 ``guidance_scale`` at the last (``(1 + t) cond - t uncond``). The demo uses 4; the FID
                 setting is 1.5 with ``top_p=0.96``.
-            top_k: keep the ``top_k`` most likely tokens (0 = off; ties with the k-th survive).
+            top_k: keep the ``top_k`` most likely tokens (0 = off; ties with the k-th survive); one value, or a list
+                with one per scale (as CoDe passes it).
             top_p: nucleus filtering after top-k (0 = off).
             more_smooth: replace hard tokens by a Gumbel-softmax mixture of codes (sharper-looking
                 images; the sampled token is still drawn and discarded, as in the original).
@@ -367,17 +489,20 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
                 every pipeline's (``diffusers_var.pipelines.pipeline_utils``): ``"latents"`` (f_hat), ``"tokens"``,
                 ``"guided_logits"``, ``"model_logits"``, ``"next_scale_input"``; it may return a new ``"latents"``.
             callback_on_step_end_tensor_inputs: names from ``pipe._callback_tensor_inputs`` (default ``["latents"]``).
+            temperature: divides the logits after top-k / top-p, before the draw (> 0; one value, or one per scale, as
+                CoDe's sampler; 1 is the original VAR). The Gumbel mixture of ``more_smooth`` does not use it.
         """
         callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         self.check_inputs(class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator,
-                          output_type, return_dict)
+                          output_type, return_dict, temperature)
         self._begin_call(guidance_scale, len(self.scale_schedule()))
         device = self._execution_device
 
         # 1. the condition: the class labels of every image
         labels_B = self.prepare_class_labels(class_labels, num_images_per_prompt, generator, device)
         # 2. scale by scale
-        latents = self._sample_scales(labels_B, top_k, top_p, more_smooth, generator, callback, tensor_names)
+        latents = self._sample_scales(labels_B, top_k, top_p, more_smooth, generator, callback, tensor_names,
+                                      temperature=temperature)
         # 3. decode
         return self._finish(latents, output_type, return_dict)
 
@@ -536,3 +661,225 @@ class VARImg2ImgPipeline(VQEditTokens, NextScaleEditMixin, VARPipeline):
         num_labels = 1 if class_labels is None else len(flatten_labels(class_labels))
         self.check_image_inputs(image, image_indices, self._edit_schedule(), num_labels, num_images_per_prompt)
         return num_labels
+
+
+# ==============================================================================================================
+# CoDe: collaborative decoding (a large drafter for the coarse scales, a small refiner for the fine ones)
+# ==============================================================================================================
+def _generator_states(generator: GeneratorArg):
+    """The state of ``generator`` (a list of states for a list of generators; ``None`` for the global generator)."""
+    if generator is None:
+        return None
+    if isinstance(generator, (list, tuple)):
+        return [g.get_state() for g in generator]
+    return generator.get_state()
+
+
+def _set_generator_states(generator: GeneratorArg, states) -> None:
+    if generator is None:
+        return
+    for g, state in zip(generator if isinstance(generator, (list, tuple)) else [generator],
+                        states if isinstance(generator, (list, tuple)) else [states]):
+        g.set_state(state)
+
+
+def _same_tokenizer(a: MultiScaleVQModel, b: MultiScaleVQModel) -> bool:
+    """The same module, or equal configurations and equal weights."""
+    if a is b:
+        return True
+    config_a, config_b = ({k: v for k, v in dict(m.config).items() if not k.startswith("_")} for m in (a, b))
+    if config_a != config_b:
+        return False
+    state_a, state_b = a.state_dict(), b.state_dict()
+    return state_a.keys() == state_b.keys() and all(
+        state_a[k].shape == state_b[k].shape
+        and torch.equal(state_a[k].detach().cpu().float(), state_b[k].detach().cpu().float()) for k in state_a)
+
+
+class VARCoDePipeline(VARPipeline):
+    r"""CoDe (Collaborative Decoding, CVPR 2025): a large VAR (the drafter, ``transformer``) samples the first
+    ``draft_steps`` scales, a small VAR (the ``refiner``) the remaining fine ones, sharing one tokenizer.
+
+    The refiner never sees the drafter's states: one block-causal prefill pass over the drafted scales' next-scale
+    inputs fills its KV cache and gives the logits of its first scale; from there it decodes scale by scale. Any two
+    VAR checkpoints with the same tokenizer, scale schedule and classes work (training-free,
+    :meth:`from_var_pipelines`); CoDe's fine-tuned ``drafter_N`` / ``refiner_N`` pairs are made for one
+    ``draft_steps``, stored with the pipeline.
+
+    Components:
+        transformer ([`VARTransformer2DModel`]): the drafter (large).
+        refiner ([`VARTransformer2DModel`]): the refiner (small), same classes, codebook and scale schedule.
+        vqvae ([`MultiScaleVQModel`]): the tokenizer both share.
+        draft_steps (`int`, *optional*): scales the drafter samples, in [1, num_scales - 1] (default
+            ``num_scales - 2``, CoDe's N = 8 of 10 scales).
+        id2label (`dict[int, str]`, *optional*): class names, as for :class:`VARPipeline`.
+
+    Seeds: with a seeded CPU ``torch.Generator`` the draws are the original's: the drafter stage draws from the
+    generator, then (the original re-seeds its second model with the same seed) the refiner stage restarts from the
+    generator's state at the start of the call, redraws the labels when they are random, re-samples the drafted scales
+    from its own prefill logits (discarded: this keeps the stream aligned) and samples the rest. The generator ends
+    where the refiner stage leaves it; without ``more_smooth`` that is where a plain :class:`VARPipeline` call leaves
+    it.
+    """
+
+    model_cpu_offload_seq = "transformer->refiner"
+    _exclude_from_cpu_offload = ["vqvae"]
+    # the refiner's first scale also hands its whole prefill (2B, cum_N, V) and the discarded re-samples of the drafted
+    # scales (a list of (B, l) tokens); None at the other scales
+    _callback_tensor_inputs = VARPipeline._callback_tensor_inputs + ["prefill_logits", "draft_resamples"]
+
+    def __init__(self, transformer: VARTransformer2DModel, refiner: VARTransformer2DModel, vqvae: MultiScaleVQModel,
+                 draft_steps: int | None = None, id2label: dict | None = None):
+        super().__init__(transformer=transformer, vqvae=vqvae, id2label=id2label)
+        if transformer is not None and refiner is not None:
+            drafted, refined = transformer.config, refiner.config
+            for name in ("patch_nums", "vocab_size", "latent_channels", "num_classes"):
+                if tuple(per_scale(drafted[name], 1)) != tuple(per_scale(refined[name], 1)):
+                    raise ValueError(f"`refiner` has {name}={refined[name]} but the drafter (`transformer`) has "
+                                     f"{drafted[name]}; CoDe needs two VAR models of one tokenizer, scale schedule "
+                                     "and class set.")
+        if transformer is not None:
+            num_scales = len(transformer.config.patch_nums)
+            draft_steps = max(1, num_scales - 2) if draft_steps is None else draft_steps
+            self._check_draft_steps(draft_steps, num_scales)
+        self.register_modules(refiner=refiner)
+        self.register_to_config(draft_steps=draft_steps)
+
+    @staticmethod
+    def _check_draft_steps(draft_steps, num_scales: int) -> None:
+        if not isinstance(draft_steps, int) or isinstance(draft_steps, bool) or not 1 <= draft_steps <= num_scales - 1:
+            raise ValueError(f"`draft_steps` must be an integer in [1, {num_scales - 1}] (the drafter samples that "
+                             f"many of the {num_scales} scales, the refiner the rest), got {draft_steps!r}.")
+
+    @classmethod
+    def from_var_pipelines(cls, drafter: VARPipeline, refiner: VARPipeline,
+                           draft_steps: int | None = None) -> "VARCoDePipeline":
+        """Training-free CoDe from two VAR pipelines that share a tokenizer (the same module, or equal weights): the
+        new pipeline holds the drafter's transformer and tokenizer and the refiner's transformer (no weights copied).
+        A ``ValueError`` names ``refiner`` when its tokenizer, classes or scale schedule differ from the drafter's."""
+        for name, pipe in (("drafter", drafter), ("refiner", refiner)):
+            if not isinstance(pipe, VARPipeline) or isinstance(pipe, VARCoDePipeline):
+                raise ValueError(f"`{name}` must be a VARPipeline, got {type(pipe).__name__}.")
+        if not _same_tokenizer(drafter.vqvae, refiner.vqvae):
+            raise ValueError("`refiner` was trained on another tokenizer than the drafter (their vqvae configurations "
+                             "or weights differ); CoDe's two models must share one tokenizer.")
+        return cls(transformer=drafter.transformer, refiner=refiner.transformer, vqvae=drafter.vqvae,
+                   draft_steps=draft_steps, id2label=drafter.id2label or None)
+
+    # -- fast inference: both stages ------------------------------------------------------------------
+    def enable_fast_inference(self, dtype: torch.dtype = torch.bfloat16, cuda_graphs: bool = True,
+                              compile_decoder: bool = False, compile_blocks: bool = False,
+                              fp8: bool = False) -> "VARCoDePipeline":
+        """:meth:`VARPipeline.enable_fast_inference` for both models: each stage replays its own CUDA graphs (the
+        refiner's prefill, with its re-sampling of the drafted scales, is one graph), so CoDe's saving stacks on the
+        fast path's. Arguments as there."""
+        if fp8:
+            fp8_linears(self.refiner)  # refused before anything is cast (VARPipeline checks the drafter the same way)
+        super().enable_fast_inference(dtype, cuda_graphs, compile_decoder, compile_blocks, fp8)
+        if compile_blocks:
+            compile_adaln_blocks_(self.refiner)
+        return self
+
+    def _cast_for_fast_inference(self, dtype: torch.dtype, decoder, compile_decoder: bool) -> None:
+        super()._cast_for_fast_inference(dtype, decoder, compile_decoder)
+        cast_module_(self.refiner, dtype)
+
+    def _set_fast_inference(self, enabled: bool, cuda_graphs: bool = False, dtype: torch.dtype | None = None,
+                            fp8: bool = False):
+        super()._set_fast_inference(enabled, cuda_graphs, dtype, fp8)
+        quantize_linears_fp8_(self.refiner, enabled and fp8)
+        fuse_ffn_gelu_(self.refiner, enabled and dtype != torch.float32)
+        self._stage_memories = weakref.WeakValueDictionary()  # alive while a graph set of its stages is cached
+        return self
+
+    def _stage_memory(self, run: ScaleRun, rows: int, device) -> SharedStageMemory:
+        """The drafter's and the refiner's graph sets for ``rows`` and one ``draft_steps`` never replay at the same
+        time: they share one KV buffer (the larger cache: the drafter's scales, or the refiner's whole pyramid) and one
+        memory pool, so the fast path holds about the memory of one model's generation, not of both."""
+        draft_steps = run.scales.start or run.scales.stop  # the refiner's first scale, or the drafter's last + 1
+        dtype = self.transformer.blocks[0].attn.to_qkv.weight.dtype  # the keys' and values' (the blocks' dtype)
+        key = (rows, str(device), dtype, draft_steps)
+        memory = self._stage_memories.get(key)
+        if memory is None:
+            drafted = self.transformer.begin_ends[draft_steps][0]
+            numel = max(2 * len(model.blocks) * rows * length * model.config.embed_dim
+                        for model, length in ((self.transformer, drafted), (self.refiner, self.refiner.seq_len)))
+            memory = SharedStageMemory(torch.empty(numel, dtype=dtype, device=device))
+            self._stage_memories[key] = memory
+        return memory
+
+    # -- inputs -------------------------------------------------------------------------------------
+    def check_inputs(self, class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator,
+                     output_type, return_dict=True, temperature=1.0, draft_steps=None) -> None:
+        """Every argument check of a call, before any work (a ValueError names the parameter)."""
+        super().check_inputs(class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator,
+                             output_type, return_dict, temperature)
+        if draft_steps is not None:
+            self._check_draft_steps(draft_steps, len(self.transformer.config.patch_nums))
+
+    # -- generation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | list[int] | torch.Tensor | None = None,
+        guidance_scale: float = 4.0,
+        top_k: int | list[int] = 600,
+        top_p: float = 0.95,
+        temperature: float | list[float] = 1.0,
+        more_smooth: bool = False,
+        draft_steps: int | None = None,
+        num_images_per_prompt: int = 1,
+        generator: GeneratorArg = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: CallbackArg = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ):
+        r"""Generate images: the drafter samples scales ``0 .. draft_steps - 1``, the refiner the rest.
+
+        Args:
+            class_labels: as for :class:`VARPipeline` (``None``: drawn from ``generator``; both stages use the same).
+            guidance_scale: the original ``cfg``, ramped over the global scale index in both stages (4 in
+                ``infer_CoDe.py``; its FID recipe uses 1.5 with ``top_p=0.96``).
+            top_k: one value, or one per scale (the original passes ``[600] * 10``); 0 disables top-k.
+            top_p: nucleus filtering after top-k, for every scale of both stages (0 = off).
+            temperature: divides the filtered logits before each draw; one value or one per scale (the release uses
+                ``[1.1] * 7 + [1.0] * 3`` for its 10 scales).
+            more_smooth: VAR's Gumbel-softmax mixture of codes in both stages.
+            draft_steps: scales the drafter samples, in [1, num_scales - 1]; default the pipeline's
+                ``config.draft_steps`` (what its fine-tuned pair was made for).
+            num_images_per_prompt, generator, output_type, return_dict: as for :class:`VARPipeline`.
+            callback_on_step_end: called at every scale of both stages with the family's tensors (``"latents"``,
+                ``"tokens"``, ``"guided_logits"``, ``"model_logits"``, ``"next_scale_input"``), plus, at the refiner's
+                first scale, ``"prefill_logits"`` (its whole prefill, before guidance) and ``"draft_resamples"`` (the
+                discarded re-samples of the drafted scales); it may return a new ``"latents"``.
+            callback_on_step_end_tensor_inputs: names from ``pipe._callback_tensor_inputs`` (default ``["latents"]``).
+        """
+        callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
+        self.check_inputs(class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator,
+                          output_type, return_dict, temperature, draft_steps)
+        draft_steps = self.config.draft_steps if draft_steps is None else draft_steps
+        num_scales = len(self.scale_schedule())
+        self._begin_call(guidance_scale, num_scales)
+        device = self._execution_device
+        start_state = _generator_states(generator)
+
+        # 1. the condition: the class labels of every image
+        labels_B = self.prepare_class_labels(class_labels, num_images_per_prompt, generator, device)
+        # 2. the drafter samples the coarse scales; their next-scale inputs are the refiner's prefix
+        drafted_inputs = []
+        latents = self._sample_scales(labels_B, top_k, top_p, more_smooth, generator, callback, tensor_names,
+                                      temperature=temperature,
+                                      run=ScaleRun(self.transformer, range(draft_steps), next_inputs=drafted_inputs))
+        # 3. the refiner restarts from the generator's state at the start of the call (the original re-seeds), draws
+        # the same labels again, re-samples the drafted scales (discarded), then samples the fine scales
+        if not self.interrupt:
+            _set_generator_states(generator, start_state)
+            if class_labels is None and generator is not None:
+                labels_B = self.prepare_class_labels(None, num_images_per_prompt, generator, device)
+            refine = ScaleRun(self.refiner, range(draft_steps, num_scales), latents=latents,
+                              prefix=torch.cat(drafted_inputs, dim=1), replay_prefix_draws=True)
+            latents = self._sample_scales(labels_B, top_k, top_p, more_smooth, generator, callback, tensor_names,
+                                          temperature=temperature, run=refine)
+        # 4. decode
+        return self._finish(latents, output_type, return_dict)

@@ -237,9 +237,66 @@ class BitwiseTokenizerTask(_ReconstructionTask):
         return model.decode_bit_labels(model.encode(images, self.schedule).bit_labels)
 
 
+class TokenCachedDataset(torch.utils.data.Dataset):
+    """A dataset whose items also carry ``token_indices`` (L,): every image encoded once, up front, by the frozen
+    tokenizer (``data.cache_tokens: true``). Only for data without random augmentation (the shapes are rendered once):
+    training then skips the tokenizer's encoder at every step, which dominates a small transformer's step on a CPU."""
+
+    def __init__(self, dataset, tokenizer: MultiScaleVQModel, device, chunk: int = 256):
+        self.dataset = dataset
+        pieces = []
+        with torch.no_grad():
+            for start in range(0, len(dataset), chunk):
+                end = min(start + chunk, len(dataset))
+                images = torch.stack([dataset[i]["pixel_values"] for i in range(start, end)])
+                pieces.append(torch.cat(tokenizer.encode_indices(images.to(device)), dim=1).cpu())
+        self.token_indices = torch.cat(pieces)
+        if hasattr(dataset, "class_names"):
+            self.class_names = dataset.class_names
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.dataset[index], "token_indices": self.token_indices[index]}
+
+
+def _collate_with_tokens(items: list[dict]) -> dict:
+    batch = collate(items)
+    if "token_indices" in items[0]:
+        batch["token_indices"] = torch.stack([it["token_indices"] for it in items])
+    return batch
+
+
+@torch.no_grad()
+def init_from_larger_var_(model: VARTransformer2DModel, source: VARTransformer2DModel, blocks=None) -> None:
+    """Start ``model`` from a trained VAR of the same width, tokenizer and classes (``model.init_from`` /
+    ``model.init_blocks`` of a config): its embeddings, head and the blocks listed in ``blocks`` (default the first
+    ``depth``), the rest of its blocks dropped. A quick way to a small refiner for CoDe. ValueError naming the setting
+    when the two do not fit."""
+    blocks = list(range(len(model.blocks))) if blocks is None else [int(b) for b in blocks]
+    if len(blocks) != len(model.blocks) or not all(0 <= b < len(source.blocks) for b in blocks):
+        raise ValueError(f"`model.init_blocks` must list {len(model.blocks)} block indices of the source's "
+                         f"{len(source.blocks)}, got {blocks}.")
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("blocks.")}
+    for i, b in enumerate(blocks):
+        prefix = f"blocks.{b}."
+        state.update({f"blocks.{i}.{k[len(prefix):]}": v for k, v in source.state_dict().items()
+                      if k.startswith(prefix)})
+    own = model.state_dict()
+    wrong = sorted(k for k in own if k not in state or state[k].shape != own[k].shape)
+    if wrong:
+        raise ValueError(f"`model.init_from`: the source does not fit this model (width, classes, tokenizer); "
+                         f"mismatched: {wrong[:5]}.")
+    model.load_state_dict(state)
+
+
 class VARTask(_PipelineTask):
     """VARTransformer2DModel on a frozen tokenizer: cross-entropy on every scale's tokens with
-    label dropout (``cond_drop_rate``) for classifier-free guidance and optional label smoothing."""
+    label dropout (``cond_drop_rate``) for classifier-free guidance and optional label smoothing.
+    ``data.cache_tokens: true`` encodes the dataset once up front (:class:`TokenCachedDataset`)."""
+
+    collate = staticmethod(_collate_with_tokens)
 
     def __init__(self, config, device):
         self.config = config
@@ -247,15 +304,22 @@ class VARTask(_PipelineTask):
         self.tokenizer = _frozen(MultiScaleVQModel.from_pretrained(lora.tokenizer_path(config)), device)
         tok = self.tokenizer.config
         _check_vq_resolution(config, self.tokenizer)
+        if config.data.get("cache_tokens", False):
+            self.dataset = TokenCachedDataset(self.dataset, self.tokenizer, device)
         self.num_classes, self.id2label = self._classes()
         model_args = dict(config.model)
         init_adaln_gamma = float(model_args.pop("init_adaln_gamma", 1e-3))
+        init_from, init_blocks = model_args.pop("init_from", None), model_args.pop("init_blocks", None)
         model_args.setdefault("num_classes", self.num_classes)
         model_args.update(vocab_size=tok.vocab_size, latent_channels=tok.z_channels, patch_nums=list(tok.patch_nums),
                           cond_drop_rate=config.cond_drop_rate)
-        self.model = lora.transformer_for_training(
-            config, VARTransformer2DModel,
-            lambda: _new(VARTransformer2DModel, model_args, init_adaln_gamma=init_adaln_gamma))
+        def build():
+            model = _new(VARTransformer2DModel, model_args, init_adaln_gamma=init_adaln_gamma)
+            if init_from is not None:
+                init_from_larger_var_(model, VARTransformer2DModel.from_pretrained(init_from), init_blocks)
+            return model
+
+        self.model = lora.transformer_for_training(config, VARTransformer2DModel, build)
 
     def _classes(self):
         dataset = self.dataset
@@ -269,7 +333,13 @@ class VARTask(_PipelineTask):
         return max(labels) + 1, None
 
     def loss(self, model, batch):
-        tf_input, targets = _vq_teacher_forcing(self.tokenizer, batch["pixel_values"])
+        if "token_indices" in batch:
+            targets = batch["token_indices"].to(batch["class_labels"].device)
+            with torch.no_grad():
+                counts = [pn * pn for pn in self.tokenizer.config.patch_nums]
+                tf_input = self.tokenizer.teacher_forcing_input(list(targets.split(counts, dim=1)))
+        else:
+            tf_input, targets = _vq_teacher_forcing(self.tokenizer, batch["pixel_values"])
         logits = model(batch["class_labels"], tf_input, drop_labels=True).logits
         return _token_cross_entropy(logits, targets, self.config.label_smoothing)
 

@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Convert CoDe checkpoints (czg1225/CoDe: a drafter and a refiner VAR sharing one VQ-VAE) into a diffusers folder.
+
+    python conversion/convert_code.py --vae vae_ch160v4096z32.pth --drafter drafter_8.pth --refiner refiner_8.pth \\
+        --draft-steps 8 --output code-d30-d16-n8
+    python conversion/convert_code.py --vae vae_ch160v4096z32.pth --drafter var_d30.pth --refiner var_d16.pth \\
+        --draft-steps 6 --output code-d30-d16-n6           # training-free CoDe with the VAR releases
+
+Both roles are plain VAR state dicts: depth, width, heads, classes, vocabulary, shared AdaLN and the scale schedule
+are inferred from the tensors (``--patch-nums`` where they cannot tell), and the two models must share the VQ-VAE,
+the scale schedule and the class set. ``--draft-steps`` (the N a fine-tuned pair was made for; default
+num_scales - 2) is stored with the pipeline and is the default of every call. The output holds safetensors only and
+is written atomically. Load it with ``diffusers_var.VARCoDePipeline.from_pretrained(DIR)``.
+"""
+
+import argparse
+import sys
+
+import torch
+
+from diffusers_var.conversion import ConversionError, convert_code_checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vae", required=True, help="original VQ-VAE checkpoint, e.g. vae_ch160v4096z32.pth")
+    parser.add_argument(
+        "--drafter", required=True, help="the large VAR: drafter_N.pth, or var_d30.pth (training-free)"
+    )
+    parser.add_argument(
+        "--refiner", required=True, help="the small VAR: refiner_N.pth, or var_d16.pth (training-free)"
+    )
+    parser.add_argument(
+        "--draft-steps",
+        type=int,
+        default=None,
+        help="scales the drafter samples, in [1, num_scales - 1] (default num_scales - 2)",
+    )
+    parser.add_argument("--output", required=True, help="output folder (diffusers layout)")
+    parser.add_argument(
+        "--patch-nums", default=None, help="comma-separated scale schedule, when it cannot be inferred"
+    )
+    parser.add_argument("--quant-resi", type=float, default=0.5, help="Phi ratio of the VQ-VAE (0.5 in every release)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    args = parser.parse_args(argv)
+    try:
+        patch_nums = [int(p) for p in args.patch_nums.split(",")] if args.patch_nums else None
+    except ValueError:
+        parser.error(f"--patch-nums must be comma-separated integers, got {args.patch_nums!r}")
+    try:
+        pipe = convert_code_checkpoint(
+            args.vae,
+            args.drafter,
+            args.refiner,
+            args.output,
+            draft_steps=args.draft_steps,
+            patch_nums=patch_nums,
+            quant_resi=args.quant_resi,
+            dtype=DTYPES[args.dtype],
+            overwrite=args.overwrite,
+        )
+    except ConversionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    drafter, refiner = pipe.transformer.config, pipe.refiner.config
+    print(
+        f"wrote {args.output}: CoDe drafter depth {drafter.depth} / width {drafter.embed_dim}, refiner depth "
+        f"{refiner.depth} / width {refiner.embed_dim}, draft_steps {pipe.config.draft_steps} of "
+        f"{len(drafter.patch_nums)} scales, {drafter.num_classes} classes, patch_nums {list(drafter.patch_nums)}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

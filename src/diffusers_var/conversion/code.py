@@ -1,0 +1,74 @@
+"""CoDe checkpoints (czg1225/CoDe) -> a diffusers :class:`VARCoDePipeline`.
+
+CoDe's fine-tuned ``drafter_N.pth`` / ``refiner_N.pth`` are plain VAR state dicts (the key layout of ``var_d30.pth`` /
+``var_d16.pth``), and its training-free mode uses the VAR releases themselves, so both roles go through the VAR
+converter: every hyper-parameter is inferred from the tensors, the scale schedule from ``lvl_1L`` (else the token
+count, else ``patch_nums``), and the two models must agree with each other and with the shared VQ-VAE.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from .common import ConversionError, atomic_save_pipeline
+from .var import _load_vae, _load_var, convert_vae, convert_var_transformer
+
+
+def _convert_role(path, patch_nums, role: str):
+    """One of CoDe's two VAR checkpoints, converted; errors name its role (``drafter`` / ``refiner``)."""
+    try:
+        return convert_var_transformer(_load_var(path), patch_nums)
+    except ConversionError as err:
+        raise ConversionError(str(err).replace("`transformer`", f"`{role}`")) from None
+
+
+def convert_code_checkpoint(
+    vae_path: str | os.PathLike,
+    drafter_path: str | os.PathLike,
+    refiner_path: str | os.PathLike,
+    output_dir: str | os.PathLike | None = None,
+    draft_steps: int | None = None,
+    patch_nums: Sequence[int] | None = None,
+    quant_resi: float = 0.5,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+):
+    """Convert an original VQ-VAE and a drafter / refiner pair of VAR checkpoints into a :class:`VARCoDePipeline`.
+
+    ``draft_steps`` (the N the pair was fine-tuned for; default ``num_scales - 2``) is stored with the pipeline. When
+    ``output_dir`` is given the pipeline is written there atomically (safetensors only). Returns the pipeline. Errors
+    (:class:`ConversionError`, a ``ValueError``) name the argument at fault."""
+    from ..pipelines.pipeline_var import VARCoDePipeline
+
+    drafter = _convert_role(drafter_path, patch_nums, "drafter")
+    refiner = _convert_role(refiner_path, patch_nums, "refiner")
+    vqvae = convert_vae(_load_vae(vae_path), drafter.config.patch_nums, quant_resi)
+    for name, model in (("drafter", drafter), ("refiner", refiner)):
+        if (
+            vqvae.config.vocab_size != model.config.vocab_size
+            or vqvae.config.z_channels != model.config.latent_channels
+        ):
+            raise ConversionError(
+                f"`vae` (vocab {vqvae.config.vocab_size}, z {vqvae.config.z_channels}) does not belong to `{name}` "
+                f"(vocab {model.config.vocab_size}, z {model.config.latent_channels})."
+            )
+    for key in ("patch_nums", "num_classes"):
+        if str(drafter.config[key]) != str(refiner.config[key]):
+            raise ConversionError(
+                f"`refiner` has {key}={refiner.config[key]}, the drafter {drafter.config[key]}: CoDe's two "
+                "models must share the scale schedule and the class set."
+            )
+    num_scales = len(drafter.config.patch_nums)
+    if draft_steps is not None and (not isinstance(draft_steps, int) or not 1 <= draft_steps <= num_scales - 1):
+        raise ConversionError(
+            f"`draft_steps` must be in [1, {num_scales - 1}] for {num_scales} scales, got {draft_steps!r}."
+        )
+    if dtype != torch.float32:
+        drafter, refiner, vqvae = drafter.to(dtype), refiner.to(dtype), vqvae.to(dtype)
+    pipe = VARCoDePipeline(transformer=drafter, refiner=refiner, vqvae=vqvae, draft_steps=draft_steps)
+    if output_dir is not None:
+        atomic_save_pipeline(pipe, output_dir, overwrite=overwrite)
+    return pipe

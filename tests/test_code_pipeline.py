@@ -1,0 +1,285 @@
+"""VARCoDePipeline beyond the parity fixtures: building it from two VAR pipelines (and refusing mismatched ones),
+save / load with ``draft_steps``, the generator contract, the prefill against the scale-by-scale path, and the fast
+path's CUDA-graph wiring (with the CPU stand-in of test_fast_inference.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusers_var import MultiScaleVQModel, VARCoDePipeline, VARPipeline, VARTransformer2DModel
+from diffusers_var.pipelines import fast_inference, pipeline_var
+from test_fast_inference import EagerGraphStandIn
+from tiny_components import VAR_PATCH_NUMS, code_components, var_components
+
+
+def code_pipe(**kwargs) -> VARCoDePipeline:
+    pipe = VARCoDePipeline(**{**code_components(seed=0), **kwargs})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def latents(pipe, seed=0, generator=None, **kwargs):
+    kwargs = {"class_labels": [1, 4, 9], "top_k": 10, "top_p": 0.9, "output_type": "latent", **kwargs}
+    return pipe(generator=generator or torch.Generator().manual_seed(seed), **kwargs).images
+
+
+def var_pipe(components) -> VARPipeline:
+    pipe = VARPipeline(transformer=components["transformer"], vqvae=components["vqvae"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# -- building ----------------------------------------------------------------------------------------------------
+def test_from_var_pipelines_shares_the_weights_and_checks_the_tokenizer():
+    components = code_components(seed=0)
+    drafter = var_pipe(components)
+    refiner = VARPipeline(transformer=components["refiner"], vqvae=components["vqvae"])
+    pipe = VARCoDePipeline.from_var_pipelines(drafter, refiner, draft_steps=3)
+    assert (
+        pipe.transformer is drafter.transformer and pipe.refiner is refiner.transformer and pipe.vqvae is drafter.vqvae
+    )
+    assert pipe.config.draft_steps == 3
+    # a tokenizer with equal weights (another copy) is the same tokenizer
+    copy = MultiScaleVQModel.from_config(components["vqvae"].config)
+    copy.load_state_dict(components["vqvae"].state_dict())
+    VARCoDePipeline.from_var_pipelines(drafter, VARPipeline(transformer=components["refiner"], vqvae=copy))
+    with torch.no_grad():
+        copy.quantize.embedding.weight[0, 0] += 1  # another codebook: refused
+    with pytest.raises(ValueError, match="`refiner`.*tokenizer"):
+        VARCoDePipeline.from_var_pipelines(drafter, VARPipeline(transformer=components["refiner"], vqvae=copy))
+    other = var_components(seed=0, num_classes=12)  # another class count
+    with pytest.raises(ValueError, match="`refiner`.*num_classes"):
+        VARCoDePipeline.from_var_pipelines(
+            drafter, VARPipeline(transformer=other["transformer"], vqvae=components["vqvae"])
+        )
+    with pytest.raises(ValueError, match="`refiner`"):
+        VARCoDePipeline.from_var_pipelines(drafter, pipe)
+    with pytest.raises(ValueError, match="`draft_steps`"):
+        VARCoDePipeline.from_var_pipelines(drafter, refiner, draft_steps=4)
+
+
+def test_constructor_refuses_a_refiner_of_another_schedule_or_codebook():
+    components = code_components(seed=0)
+    for kwargs, name in (
+        (dict(patch_nums=(1, 2, 4)), "patch_nums"),
+        (dict(vocab_size=64), "vocab_size"),
+        (dict(latent_channels=4), "latent_channels"),
+    ):
+        config = {
+            **dict(
+                num_classes=10,
+                depth=1,
+                embed_dim=32,
+                num_heads=1,
+                vocab_size=32,
+                latent_channels=8,
+                patch_nums=VAR_PATCH_NUMS,
+            ),
+            **kwargs,
+        }
+        with pytest.raises(ValueError, match=f"`refiner` has {name}"):
+            VARCoDePipeline(**{**components, "refiner": VARTransformer2DModel(**config)})
+    assert VARCoDePipeline(**{**components, "draft_steps": None}).config.draft_steps == 2  # num_scales - 2
+
+
+def test_save_load_keeps_draft_steps_and_the_images(tmp_path):
+    pipe = code_pipe(draft_steps=1)
+    pipe.save_pretrained(tmp_path / "p")
+    loaded = VARCoDePipeline.from_pretrained(tmp_path / "p")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.draft_steps == 1 and loaded.refiner.config.depth == 1
+    assert torch.equal(latents(loaded), latents(pipe))
+    assert torch.equal(latents(loaded, draft_steps=3), latents(pipe, draft_steps=3))  # a call's draft_steps wins
+    assert not torch.equal(latents(loaded, draft_steps=3), latents(loaded))
+
+
+# -- the generator contract ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("more_smooth", [False, True])
+def test_refiner_stage_restarts_from_the_calls_generator_state(more_smooth):
+    """The refiner stage's draws start from the generator's state at the start of the call (the original re-seeds): so
+    with random labels both stages get the same labels, and the refined scales do not depend on how many draws the
+    drafter made; without more_smooth the generator ends where a plain VAR call leaves it."""
+    pipe = code_pipe()
+    g = torch.Generator().manual_seed(7)
+    pipe(
+        class_labels=None,
+        num_images_per_prompt=3,
+        top_k=10,
+        generator=g,
+        output_type="latent",
+        more_smooth=more_smooth,
+    )
+    plain = torch.Generator().manual_seed(7)
+    var_pipe(code_components(seed=0))(
+        class_labels=None,
+        num_images_per_prompt=3,
+        top_k=10,
+        generator=plain,
+        output_type="latent",
+        more_smooth=more_smooth,
+    )
+    assert (
+        torch.equal(g.get_state(), plain.get_state()) != more_smooth
+    )  # more_smooth: the drafter's Gumbel draws differ
+    # a list of generators: each one restarts likewise
+    batch = latents(pipe, generator=[torch.Generator().manual_seed(s) for s in (1, 2, 3)])
+    alone = latents(pipe, class_labels=[4], generator=[torch.Generator().manual_seed(2)])
+    torch.testing.assert_close(batch[1:2], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_one_model_in_both_roles_equals_plain_var():
+    """The same transformer as drafter and refiner: CoDe samples the tokens a plain VAR call samples (same seed)."""
+    components = code_components(seed=0)
+    pipe = VARCoDePipeline(
+        transformer=components["transformer"],
+        refiner=components["transformer"],
+        vqvae=components["vqvae"],
+        draft_steps=2,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    tokens = {}
+    for name, p in (("code", pipe), ("var", var_pipe(components))):
+        latents(
+            p,
+            callback_on_step_end_tensor_inputs=["tokens"],
+            callback_on_step_end=lambda _, si, hw, t, name=name: tokens.setdefault(name, []).append(t["tokens"]) or {},
+        )
+    assert all(torch.equal(a, b) for a, b in zip(tokens["code"], tokens["var"])) and len(tokens["code"]) == 4
+
+
+def test_prefill_equals_the_scale_by_scale_cache():
+    """The refiner's prefill (one block-causal pass that fills the KV cache) gives the logits, and leaves the cache,
+    that decoding scale by scale gives."""
+    transformer = code_components(seed=0)["refiner"]
+    B, S = 3, len(VAR_PATCH_NUMS)
+    labels = torch.tensor([1, 2, 10])
+    inputs = torch.randn(B, transformer.seq_len - 1, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = transformer.init_kv_cache()
+        stepwise = [
+            transformer.forward_scale(si, (labels,), cache, None if si == 0 else inputs[:, b - 1 : e - 1])
+            for si, (b, e) in enumerate(transformer.begin_ends)
+        ]
+        for k in range(1, S - 1):
+            prefix = inputs[:, : transformer.begin_ends[k][1] - 1]
+            prefill_cache = transformer.init_kv_cache()
+            prefill = transformer.prefill_scale((labels,), prefill_cache, prefix)
+            torch.testing.assert_close(prefill, torch.cat(stepwise[: k + 1], dim=1), atol=1e-5, rtol=1e-5)
+            b, e = transformer.begin_ends[k + 1]
+            after = transformer.forward_scale(k + 1, (labels,), prefill_cache, inputs[:, b - 1 : e - 1])
+            torch.testing.assert_close(after, stepwise[k + 1], atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="`kv_cache`"):
+            transformer.prefill_scale((labels,), cache, inputs[:, :4])  # a filled cache
+        with pytest.raises(ValueError, match="`teacher_forcing_input`"):
+            transformer.prefill_scale((labels,), transformer.init_kv_cache(), inputs[:, :5])  # not whole scales
+
+
+# -- fast path ------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def stand_in_graphs(monkeypatch):
+    EagerGraphStandIn.built = []
+    monkeypatch.setattr(fast_inference.FastInferenceMixin, "_cuda_graphs_usable", staticmethod(lambda device: True))
+    for module in (fast_inference, pipeline_var):
+        monkeypatch.setattr(module, "CUDAGraphScaleSteps", EagerGraphStandIn)
+    return EagerGraphStandIn
+
+
+@pytest.mark.parametrize("sampling_in_graphs", [True, False])
+def test_graph_wiring_of_both_stages(monkeypatch, stand_in_graphs, sampling_in_graphs):
+    """Graph sets per stage (the drafter's scales; the refiner's prefill with its re-sampling, then its scales), whole
+    scales with sampling inside (CUDA generator) or the transformer steps only (CPU generator), reproduce the eager
+    CoDe loop exactly: latents, the generator's end state, the callback's tensors."""
+    if sampling_in_graphs:
+        monkeypatch.setattr(
+            fast_inference.FastInferenceMixin,
+            "_graph_sampling_generator",
+            lambda self, device, generator: generator if self._use_cuda_graphs else None,
+        )
+    eager, graphed = code_pipe(), code_pipe().enable_fast_inference(dtype=torch.float32)
+    halve = lambda p, si, hw, t: {"latents": t["latents"] * 0.5} if si in (1, 2) else {}  # noqa: E731
+    cases = [
+        dict(guidance_scale=4.0),
+        dict(top_k=[10, 10, 5, 0], temperature=[1.2, 1.1, 1.0, 0.9], top_p=0.7),
+        dict(more_smooth=True, temperature=1.3),
+        dict(draft_steps=1),
+        dict(draft_steps=3, top_p=0.0),
+        dict(callback_on_step_end=halve),
+        dict(class_labels=None, num_images_per_prompt=2),
+    ]
+    for seed, kwargs in enumerate(cases):
+        g_eager, g_graphed = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        assert torch.equal(
+            latents(graphed, generator=g_graphed, **kwargs), latents(eager, generator=g_eager, **kwargs)
+        ), kwargs
+        assert torch.equal(g_graphed.get_state(), g_eager.get_state())
+    # one set per stage: the drafter's scales 0..N-1, the refiner's N..S-1 (the prefill first)
+    keys = list(graphed._graph_steps)
+    assert stand_in_graphs.built and all(
+        key[0] == ("sampling" if sampling_in_graphs else "transformer") for key in keys
+    )
+    models = {id(graphed.transformer): "drafter", id(graphed.refiner): "refiner"}
+    model_at = 6 if sampling_in_graphs else 3  # then the scales and whether the first one is a prefill
+    stages = {(models[key[model_at]], key[model_at + 1], key[model_at + 2]) for key in keys}
+    assert {("drafter", range(0, 2), False), ("refiner", range(2, 4), True)} <= stages
+    if sampling_in_graphs:  # the two stages of one generation share the KV buffer and the graph memory pool
+        latents(graphed, seed=9)
+        drafter_set, refiner_set = list(graphed._graph_steps.values())[-2:]
+        assert drafter_set.memory is refiner_set.memory and drafter_set.pool == refiner_set.pool
+        storage = drafter_set.memory.kv_storage
+        sizes = [
+            2 * len(m.blocks) * 6 * length * m.config.embed_dim
+            for m, length in ((graphed.transformer, 5), (graphed.refiner, 30))
+        ]  # rows 6, cum_2 = 5, L = 30
+        assert storage.numel() == max(sizes)
+    seen = {}
+    names = [
+        "tokens",
+        "guided_logits",
+        "model_logits",
+        "next_scale_input",
+        "prefill_logits",
+        "draft_resamples",
+        "latents",
+    ]
+    for pipe in (eager, graphed):
+        latents(
+            pipe,
+            seed=3,
+            callback_on_step_end_tensor_inputs=names,
+            callback_on_step_end=lambda p, si, hw, t: (
+                seen.setdefault(id(p), []).append(
+                    [v if v is None or isinstance(v, list) else v.clone() for v in t.values()]
+                )
+                or {}
+            ),
+        )
+    for reference, got in zip(seen[id(eager)], seen[id(graphed)], strict=True):
+        for r, g in zip(reference, got, strict=True):
+            assert (r is None and g is None) or (
+                torch.equal(r, g) if torch.is_tensor(r) else all(map(torch.equal, r, g))
+            )
+
+
+def test_kv_caches_can_share_one_buffer():
+    """``KVCache.share_storage``: the layers' keys and values are views of the buffer when it has room (CoDe's two
+    stages keep one buffer on the fast path), new tensors otherwise; decoding is the same either way."""
+    transformer = code_components(seed=0)["refiner"]
+    labels, B = torch.tensor([1, 2]), 2
+    inputs = torch.randn(B, transformer.seq_len - 1, 8, generator=torch.Generator().manual_seed(1))
+
+    def decode(cache):
+        with torch.no_grad():
+            return [
+                transformer.forward_scale(si, (labels,), cache, None if si == 0 else inputs[:, b - 1 : e - 1])
+                for si, (b, e) in enumerate(transformer.begin_ends)
+            ]
+
+    reference = decode(transformer.init_kv_cache())
+    needed = 2 * len(transformer.blocks) * B * transformer.seq_len * transformer.config.embed_dim
+    for numel, shared in ((needed, True), (needed - 1, False)):
+        flat = torch.full((numel,), float("nan"))
+        cache = transformer.init_kv_cache().share_storage(flat)
+        assert all(torch.equal(a, b) for a, b in zip(decode(cache), reference))
+        keys = cache.layers[0]._keys
+        assert (keys.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()) == shared
