@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The GPU runs that the open issues still need, in one driver, for the device machine (one H200, no network):
+#   bash benchmarks/gpu_session.sh tests battery var16 var30 t2i code sample lora     (logs and JSON under $OUT)
+# Stages: tests (tests/test_gpu.py), battery (diffusers' accelerator tests, issue 24), var16 / var30 / t2i (the fast
+# path before (.baseline) and after the pipeline-shape change, issue 16), code (CoDe vs VAR-d30, issue 23), sample
+# (issue 19), lora (LoRA vs full fine-tuning memory, issue 18).
+# What it needs next to the checkout (git-ignored, carried to the device):
+#   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
+#   .fixtures/F.tar.xz  for F in var star infinity code; do tar -cJf .fixtures/$F.tar.xz -C ../shared fixtures/$F; done
+#                       (the parity fixtures of the GPU tests; carry only those a run needs: the carry limit is 64 MiB)
+#   .baseline/          mkdir .baseline && git archive 92e0b11 src benchmarks | tar -x -C .baseline   (the code before)
+set -u
+cd "$(dirname "$0")/.."
+if [ ! -d /tmp/site/diffusers ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
+fi
+mkdir -p /tmp/fx
+for archive in .fixtures/*.tar.xz; do
+  [ -f "$archive" ] && [ ! -d "/tmp/fx/fixtures/$(basename "$archive" .tar.xz)" ] && tar -xJf "$archive" -C /tmp/fx
+done
+export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export DIFFUSERS_VAR_FIXTURES=/tmp/fx/fixtures
+log() { echo "=== $(date +%T) $*"; }
+bench() {  # tree name args...
+  local tree=$1 name=$2; shift 2
+  log "bench $tree $name $*"
+  (cd "$tree" && PYTHONPATH=/tmp/site:$PWD/src timeout "${BENCH_TIMEOUT:-240}" python3 benchmarks/bench_pipelines.py --json "$OUT/$name.json" "$@") \
+    > "$OUT/$name.log" 2>&1; tail -n 12 "$OUT/$name.log" | grep -v "^\s*$"
+}
+for stage in "$@"; do
+  case $stage in
+    tests)
+      log tests; timeout 300 python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -s -rfE > "$OUT/gpu_tests.log" 2>&1
+      grep -E "agreement|passed|failed|FAILED|ERROR" "$OUT/gpu_tests.log" | head -30 ;;
+    battery)
+      log battery; timeout 240 python3 -m pytest tests/test_diffusers_battery.py -q -p no:cacheprovider -rfE \
+        -k "float16 or to_device or to_dtype or offload or forward_pass_twice or group or device_map" > "$OUT/battery.log" 2>&1
+      grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/battery.log" | head -30 ;;
+    var16)
+      bench .baseline old_var16 --models var-d16 --batch-sizes 1,64 --modes fast-compile-all --repeats 5
+      bench . new_var16 --models var-d16 --batch-sizes 1,64 --modes fast-compile-all --repeats 5 ;;
+    var30)
+      bench .baseline old_var30 --models var-d30 --batch-sizes 64 --modes fast-compile-all --repeats 5
+      bench . new_var30 --models var-d30 --batch-sizes 64 --modes fast-compile-all --repeats 5 ;;
+    t2i)
+      bench .baseline old_star --models star-d30 --batch-sizes 1 --modes fast --repeats 5
+      bench . new_star --models star-d30 --batch-sizes 1 --modes fast --repeats 5
+      bench .baseline old_inf --models infinity-2b --batch-sizes 1 --modes fast --repeats 5
+      bench . new_inf --models infinity-2b --batch-sizes 1 --modes fast --repeats 5 ;;
+    code)
+      bench . code_n8 --models var-d30,code-d30-d16-n8 --batch-sizes 1,64 --modes fast --repeats 3
+      bench . code_n6 --models code-d30-d16-n6 --batch-sizes 1,64 --modes fast --repeats 3 ;;
+    sample)
+      log sample; timeout 200 python3 benchmarks/bench_sample.py --models var-d16 --batch-size 64 --batches 20 --no-reference \
+        --json "$OUT/sample.json" > "$OUT/sample.log" 2>&1; tail -n 15 "$OUT/sample.log" ;;
+    lora)
+      log lora; timeout 240 python3 benchmarks/bench_lora_training.py --model var-d30 --out /tmp/bench-lora > "$OUT/lora.log" 2>&1
+      tail -n 15 "$OUT/lora.log" ;;
+  esac
+done
+log end
