@@ -32,6 +32,9 @@ sys.path.insert(0, str(REPO / "src"))
 from diffusers_var import VARCoDePipeline, VARPipeline, shapes  # noqa: E402
 from diffusers_var.conversion.common import atomic_save_pipeline  # noqa: E402
 
+sys.path.insert(0, str(REPO / "scripts"))
+from build_embedded import _Copy  # noqa: E402  (the same atomic copy of a finished folder)
+
 
 def evaluate(pipe, num_samples: int, **kwargs) -> dict:
     labels = [i % shapes.NUM_CLASSES for i in range(num_samples)]
@@ -177,18 +180,6 @@ Milliseconds per image, and the speed-up over var-shapes alone.
 {timing_rows}
 """
     )
-
-
-class _Copy:
-    """Atomic copy of a finished folder through atomic_save_pipeline."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def save_pretrained(self, path, safe_serialization=True):
-        import shutil
-
-        shutil.copytree(self.folder, path, dirs_exist_ok=True)
 
 
 if __name__ == "__main__":

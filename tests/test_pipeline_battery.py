@@ -8,6 +8,7 @@ A new pipeline class joins by adding one :class:`Case` to ``CASES``.
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -356,6 +357,16 @@ def test_bad_inputs_name_the_parameter(case):
 
 # -- loading ----------------------------------------------------------------------------------------------------
 EMBEDDED = {"var": "var-shapes", "star": "star-shapes", "infinity": "infinity-shapes"}
+
+
+def test_every_embedded_folder_carries_its_loader_file():
+    """diffusers' generic loader needs ``<ClassName>.py`` in the folder: every embedded pipeline has it, importing
+    the class its ``model_index.json`` names."""
+    folders = sorted(p.parent for p in (Path(__file__).resolve().parents[1] / "pipelines").glob("*/model_index.json"))
+    assert len(folders) >= 4
+    for folder in folders:
+        class_name = json.loads((folder / "model_index.json").read_text())["_class_name"]
+        assert f"from diffusers_var import {class_name}" in (folder / f"{class_name}.py").read_text(), folder
 
 
 def test_diffusers_generic_loader_and_a_folder_of_another_family(case, tmp_path):

@@ -138,7 +138,7 @@ def test_generation(pipe, var_fixture, case):
     seen = {}
 
     def record(pipeline, scale_index, patch_num, tensors):
-        seen[scale_index] = (tensors["logits"].clone(), tensors["indices"].clone(), tensors["f_hat"].clone())
+        seen[scale_index] = (tensors["guided_logits"].clone(), tensors["tokens"].clone(), tensors["latents"].clone())
         return {}
 
     with torch.no_grad():
@@ -152,7 +152,7 @@ def test_generation(pipe, var_fixture, case):
             generator=torch.Generator().manual_seed(kwargs["g_seed"]),
             output_type="pt",
             callback_on_step_end=record,
-            callback_on_step_end_tensor_inputs=["logits", "indices", "f_hat"],
+            callback_on_step_end_tensor_inputs=["guided_logits", "tokens", "latents"],
         )
         latent = pipe(
             class_labels=class_labels, num_images_per_prompt=per_label, guidance_scale=kwargs["cfg"],
