@@ -118,6 +118,6 @@ def test_generate_command_with_a_refiner(tmp_path, capsys):
     assert main(["generate", "--draft-steps", "3", "--out", str(out)]) == 2
     assert "`--draft-steps`" in capsys.readouterr().err
     assert main(["generate", "--refiner", refiner, "--draft-steps", "6", "--out", str(out)]) == 2
-    assert "`draft_steps`" in capsys.readouterr().err
+    assert "`--draft-steps` must be an integer in [1, 5]" in capsys.readouterr().err
     assert main(["generate", "--refiner", str(_folder("star-shapes")), "--out", str(out)]) == 2
     assert "`--refiner`" in capsys.readouterr().err
