@@ -73,6 +73,7 @@ def main():
                                   for k in oa["state"] for n in oa["state"][k]),
             "lr": [scheduler.get_last_lr(), resumed_scheduler.get_last_lr()],
         }))
+    dist.barrier()  # neither rank tears gloo down while the other is still in a collective (an abort under load)
     dist.destroy_process_group()
 
 
