@@ -54,29 +54,54 @@ def build(model: str, device):
         if model == "var-d30":
             transformer = VARTransformer2DModel(depth=30, embed_dim=1920, num_heads=30, patch_nums=PATCH_NUMS_256)
         elif model == "var-tiny":
-            transformer = VARTransformer2DModel(num_classes=10, depth=2, embed_dim=64, num_heads=2, vocab_size=64,
-                                                latent_channels=8, patch_nums=(1, 2, 3, 4))
+            transformer = VARTransformer2DModel(
+                num_classes=10,
+                depth=2,
+                embed_dim=64,
+                num_heads=2,
+                vocab_size=64,
+                latent_channels=8,
+                patch_nums=(1, 2, 3, 4),
+            )
         elif model == "infinity-2b":  # keys/infinity/infinity_2b.json (the class defaults)
-            transformer = InfinityTransformer2DModel(bits_per_token=32, text_dim=2048, text_max_length=512,
-                                                     pool_num_heads=16, depth=32, embed_dim=2048, num_heads=16,
-                                                     block_chunks=8, shared_adaln=True)
+            transformer = InfinityTransformer2DModel(
+                bits_per_token=32,
+                text_dim=2048,
+                text_max_length=512,
+                pool_num_heads=16,
+                depth=32,
+                embed_dim=2048,
+                num_heads=16,
+                block_chunks=8,
+                shared_adaln=True,
+            )
         elif model == "infinity-tiny":
-            transformer = InfinityTransformer2DModel(bits_per_token=4, text_dim=32, text_max_length=24,
-                                                     pool_num_heads=2, depth=2, embed_dim=64, num_heads=2,
-                                                     block_chunks=2)
+            transformer = InfinityTransformer2DModel(
+                bits_per_token=4,
+                text_dim=32,
+                text_max_length=24,
+                pool_num_heads=2,
+                depth=2,
+                embed_dim=64,
+                num_heads=2,
+                block_chunks=2,
+            )
         else:
             raise ValueError(f"`--model` must be var-d30, infinity-2b, var-tiny or infinity-tiny, got {model!r}.")
         transformer.init_weights()
     cfg = transformer.config
     g = torch.Generator().manual_seed(0)
     if model.startswith("var"):
+
         def make_batch(batch):
             labels = torch.randint(0, cfg.num_classes, (batch,), generator=g)
             inputs = transformer.seq_len - transformer.first_len
             tf_input = torch.randn(batch, inputs, cfg.latent_channels, generator=g)
             targets = torch.randint(0, cfg.vocab_size, (batch, transformer.seq_len), generator=g)
-            return (dict(class_labels=labels.to(device), teacher_forcing_input=tf_input.to(device), drop_labels=True),
-                    targets.to(device))
+            return (
+                dict(class_labels=labels.to(device), teacher_forcing_input=tf_input.to(device), drop_labels=True),
+                targets.to(device),
+            )
 
         def loss(output, targets):
             return F.cross_entropy(output.logits.reshape(-1, output.logits.shape[-1]), targets.reshape(-1))
@@ -91,11 +116,20 @@ def build(model: str, device):
             mask = torch.ones(batch, text_tokens, dtype=torch.bool)
             drop = torch.rand(batch, generator=g) < 0.1
             targets = torch.randint(0, 2, (batch, tokens, cfg.bits_per_token), generator=g)
-            return (dict(hidden_states=inputs.to(device), text_embeds=text.to(device), text_mask=mask.to(device),
-                         scale_schedule=schedule, drop_text=drop.to(device)), targets.to(device))
+            return (
+                dict(
+                    hidden_states=inputs.to(device),
+                    text_embeds=text.to(device),
+                    text_mask=mask.to(device),
+                    scale_schedule=schedule,
+                    drop_text=drop.to(device),
+                ),
+                targets.to(device),
+            )
 
         def loss(output, targets):
             return F.cross_entropy(output.logits.reshape(-1, 2), targets.reshape(-1))
+
     return transformer, make_batch, loss
 
 
@@ -109,9 +143,14 @@ def run(model: str, mode: str, checkpointing: bool, batch: int, steps: int, warm
         transformer.enable_gradient_checkpointing()
     params = trainable_parameters(transformer)
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, fused=bf16)
-    record = {"model": model, "mode": mode, "gradient_checkpointing": checkpointing, "batch": batch,
-              "trainable_parameters": sum(p.numel() for p in params),
-              "parameters": sum(p.numel() for p in transformer.parameters())}
+    record = {
+        "model": model,
+        "mode": mode,
+        "gradient_checkpointing": checkpointing,
+        "batch": batch,
+        "trainable_parameters": sum(p.numel() for p in params),
+        "parameters": sum(p.numel() for p in transformer.parameters()),
+    }
     times = []
     try:
         for step in range(warmup + steps):
@@ -148,8 +187,14 @@ def time_generation(pipe, batch: int, repeats: int = 5) -> float:
     for i in range(repeats + 2):
         torch.cuda.synchronize()
         started = time.perf_counter()
-        pipe(class_labels=list(range(batch)), guidance_scale=1.5, top_k=900, top_p=0.96, output_type="latent",
-             generator=torch.Generator("cuda").manual_seed(i))
+        pipe(
+            class_labels=list(range(batch)),
+            guidance_scale=1.5,
+            top_k=900,
+            top_p=0.96,
+            output_type="latent",
+            generator=torch.Generator("cuda").manual_seed(i),
+        )
         torch.cuda.synchronize()
         if i >= 2:
             times.append(time.perf_counter() - started)
@@ -176,11 +221,23 @@ def inference(rank: int, batch: int = 16) -> list[dict]:
             if "lora_" in name:
                 parameter.normal_(0, 0.01)
                 parameter.data = parameter.data.to(torch.bfloat16)
-    records.append({"part": "inference", "adapter": f"rank {rank}, unfused", "batch": batch,
-                    "seconds": time_generation(pipe, batch)})
+    records.append(
+        {
+            "part": "inference",
+            "adapter": f"rank {rank}, unfused",
+            "batch": batch,
+            "seconds": time_generation(pipe, batch),
+        }
+    )
     pipe.fuse_lora()
-    records.append({"part": "inference", "adapter": f"rank {rank}, fused", "batch": batch,
-                    "seconds": time_generation(pipe, batch)})
+    records.append(
+        {
+            "part": "inference",
+            "adapter": f"rank {rank}, fused",
+            "batch": batch,
+            "seconds": time_generation(pipe, batch),
+        }
+    )
     for record in records:
         record["images_per_s"] = batch / record["seconds"]
         print(json.dumps(record), flush=True)
@@ -226,8 +283,10 @@ def main(argv=None) -> int:
     for r in results:
         memory = f"{r['peak_memory_gib']:.1f}" if r["status"] == "ok" else r["status"]
         speed = f"{r['images_per_s']:.2f}" if r["status"] == "ok" else "-"
-        print(f"| {r['model']} | {r['mode']} | {'on' if r['gradient_checkpointing'] else 'off'} | {r['batch']} | "
-              f"{r['trainable_parameters']:,} | {memory} | {speed} |")
+        print(
+            f"| {r['model']} | {r['mode']} | {'on' if r['gradient_checkpointing'] else 'off'} | {r['batch']} | "
+            f"{r['trainable_parameters']:,} | {memory} | {speed} |"
+        )
     if timings:
         print("\n| fast path (VAR-d30, bf16 + CUDA graphs) | batch | s / generation | images/s |\n|---|---|---|---|")
         for r in timings:

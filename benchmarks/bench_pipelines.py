@@ -27,7 +27,8 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
   fast         ``pipe.enable_fast_inference()``: bf16 blocks and decoder, CUDA graphs per scale
   fast-compile the same with ``compile_decoder=True`` (torch.compile of the image decoder)
   fast-compile-all  also ``compile_blocks=True`` (VAR, Infinity: torch.compile of each block's elementwise work)
-  fast-compile-all-fp8  also ``fp8=True`` (VAR: float8 matmuls in the blocks at scales of at least 4,096 token rows; opt-in)
+  fast-compile-all-fp8  also ``fp8=True`` (VAR: float8 matmuls in the blocks at scales of at least 4,096
+                        token rows; opt-in)
 It also checks that greedy tokens (bits for Infinity) of the fast path agree with the eager float32 path.
 """
 
@@ -77,8 +78,15 @@ def build_var(name: str, device) -> VARPipeline:
     torch.manual_seed(0)
     if name == "var-tiny":
         vqvae = MultiScaleVQModel(**TINY_VQVAE)
-        transformer = VARTransformer2DModel(num_classes=10, depth=2, embed_dim=64, num_heads=2, vocab_size=64, latent_channels=8,
-                                            patch_nums=TINY_PATCH_NUMS)
+        transformer = VARTransformer2DModel(
+            num_classes=10,
+            depth=2,
+            embed_dim=64,
+            num_heads=2,
+            vocab_size=64,
+            latent_channels=8,
+            patch_nums=TINY_PATCH_NUMS,
+        )
         transformer.init_weights()
         pipe = VARPipeline(transformer=transformer.eval(), vqvae=vqvae.eval())
         pipe.set_progress_bar_config(disable=True)
@@ -101,7 +109,9 @@ def transformer_flops(transformer: VARTransformer2DModel, rows: int, num_scales:
     for begin, end in transformer.begin_ends[:num_scales]:
         tokens = end - begin
         seen = end
-        per_token = cfg.depth * (2 * (4 * C * C + 2 * C * hidden) + 4 * C * seen) + 2 * C * V + 2 * cfg.latent_channels * C
+        per_token = (
+            cfg.depth * (2 * (4 * C * C + 2 * C * hidden) + 4 * C * seen) + 2 * C * V + 2 * cfg.latent_channels * C
+        )
         flops += rows * tokens * per_token
     return flops
 
@@ -139,8 +149,17 @@ def recorded_greedy(generate_fn, tensor_name: str, pipe, batch, device, **kw) ->
     """Greedy generation (top-k 1) through ``generate_fn``, recording ``tensor_name`` (the sampled tokens or
     bits) at every scale with the step callback; returns them concatenated over scales."""
     seen = []
-    generate_fn(pipe, batch, device, top_k=1, top_p=0.0, output_type="latent", callback_on_step_end_tensor_inputs=[tensor_name],
-                callback_on_step_end=lambda p, si, scale, tensors: seen.append(tensors[tensor_name].clone()) or {}, **kw)
+    generate_fn(
+        pipe,
+        batch,
+        device,
+        top_k=1,
+        top_p=0.0,
+        output_type="latent",
+        callback_on_step_end_tensor_inputs=[tensor_name],
+        callback_on_step_end=lambda p, si, scale, tensors: seen.append(tensors[tensor_name].clone()) or {},
+        **kw,
+    )
     return torch.cat(seen, dim=1)
 
 
@@ -183,19 +202,31 @@ def build_code(name: str, device) -> VARCoDePipeline:
     torch.manual_seed(0)
     if name == "code-tiny":
         vqvae = MultiScaleVQModel(**TINY_VQVAE)
-        models = [VARTransformer2DModel(num_classes=10, depth=depth, embed_dim=width, num_heads=2, vocab_size=64,
-                                        latent_channels=8, patch_nums=TINY_PATCH_NUMS)
-                  for depth, width in ((2, 64), (1, 32))]
+        models = [
+            VARTransformer2DModel(
+                num_classes=10,
+                depth=depth,
+                embed_dim=width,
+                num_heads=2,
+                vocab_size=64,
+                latent_channels=8,
+                patch_nums=TINY_PATCH_NUMS,
+            )
+            for depth, width in ((2, 64), (1, 32))
+        ]
         draft_steps = 2
     else:
         drafter_depth, refiner_depth, draft_steps = CODE_MODELS[name]
         vqvae = MultiScaleVQModel(patch_nums=PATCH_NUMS_256)
-        models = [VARTransformer2DModel(depth=d, embed_dim=64 * d, num_heads=d, patch_nums=PATCH_NUMS_256)
-                  for d in (drafter_depth, refiner_depth)]
+        models = [
+            VARTransformer2DModel(depth=d, embed_dim=64 * d, num_heads=d, patch_nums=PATCH_NUMS_256)
+            for d in (drafter_depth, refiner_depth)
+        ]
     for model in models:
         model.init_weights()
-    pipe = VARCoDePipeline(transformer=models[0].eval(), refiner=models[1].eval(), vqvae=vqvae.eval(),
-                           draft_steps=draft_steps)
+    pipe = VARCoDePipeline(
+        transformer=models[0].eval(), refiner=models[1].eval(), vqvae=vqvae.eval(), draft_steps=draft_steps
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -230,13 +261,28 @@ def build_star(name: str, device) -> STARPipeline:
     torch.manual_seed(0)
     if name == "star-tiny":
         vqvae = MultiScaleVQModel(**TINY_VQVAE)
-        transformer = STARTransformer2DModel(depth=2, embed_dim=64, num_heads=2, vocab_size=64, latent_channels=8,
-                                             patch_nums=TINY_PATCH_NUMS, text_embed_dim=32, num_legacy_classes=0,
-                                             cross_attention_row0_quirk=True)
+        transformer = STARTransformer2DModel(
+            depth=2,
+            embed_dim=64,
+            num_heads=2,
+            vocab_size=64,
+            latent_channels=8,
+            patch_nums=TINY_PATCH_NUMS,
+            text_embed_dim=32,
+            num_legacy_classes=0,
+            cross_attention_row0_quirk=True,
+        )
     else:  # star-d30: keys/star/star-1024-d30.json (VAR_kwargs), as convert_star builds it
         vqvae = MultiScaleVQModel(patch_nums=PATCH_NUMS_1024)  # VAR's released VQ-VAE, 14 scales
-        transformer = STARTransformer2DModel(depth=30, embed_dim=1920, num_heads=30, patch_nums=PATCH_NUMS_1024,
-                                             text_embed_dim=1024, num_legacy_classes=1000, cross_attention_row0_quirk=True)
+        transformer = STARTransformer2DModel(
+            depth=30,
+            embed_dim=1920,
+            num_heads=30,
+            patch_nums=PATCH_NUMS_1024,
+            text_embed_dim=1024,
+            num_legacy_classes=1000,
+            cross_attention_row0_quirk=True,
+        )
     transformer.init_weights()
     pipe = STARPipeline(transformer=transformer.eval(), vqvae=vqvae.eval(), text_encoder=None, tokenizer=None)
     pipe.set_progress_bar_config(disable=True)
@@ -260,10 +306,14 @@ def _star_text(pipe: STARPipeline, batch: int, device) -> dict:
     mask, neg_mask = (torch.zeros(batch, STAR_TEXT_TOKENS, dtype=torch.long) for _ in range(2))
     mask[:, :16] = 1
     neg_mask[:, :2] = 1
-    text = dict(prompt_embeds=torch.randn(batch, STAR_TEXT_TOKENS, D, generator=g), prompt_attention_mask=mask,
-                pooled_prompt_embeds=torch.randn(batch, D, generator=g),
-                negative_prompt_embeds=torch.randn(batch, STAR_TEXT_TOKENS, D, generator=g), negative_prompt_attention_mask=neg_mask,
-                negative_pooled_prompt_embeds=torch.randn(batch, D, generator=g))
+    text = dict(
+        prompt_embeds=torch.randn(batch, STAR_TEXT_TOKENS, D, generator=g),
+        prompt_attention_mask=mask,
+        pooled_prompt_embeds=torch.randn(batch, D, generator=g),
+        negative_prompt_embeds=torch.randn(batch, STAR_TEXT_TOKENS, D, generator=g),
+        negative_prompt_attention_mask=neg_mask,
+        negative_pooled_prompt_embeds=torch.randn(batch, D, generator=g),
+    )
     return {k: v.to(device) for k, v in text.items()}
 
 
@@ -275,7 +325,9 @@ def greedy_star(pipe, batch, device):
     return recorded_greedy(generate_star, "tokens", pipe, batch, device)
 
 
-def star_transformer_flops(transformer: STARTransformer2DModel, rows: int, text_tokens: int = STAR_TEXT_TOKENS) -> float:
+def star_transformer_flops(
+    transformer: STARTransformer2DModel, rows: int, text_tokens: int = STAR_TEXT_TOKENS
+) -> float:
     """Matmul FLOPs of one generation (``rows`` = 2 x batch). With the released row-0 cross-attention only one row
     attends to the text. The text keys / values are counted once per generation (the fast path computes them once)."""
     cfg = transformer.config
@@ -285,7 +337,9 @@ def star_transformer_flops(transformer: STARTransformer2DModel, rows: int, text_
     flops = rows * 2 * D * C + cross_rows * cfg.depth * text_tokens * 2 * D * 2 * C  # start token; text keys / values
     for begin, end in transformer.begin_ends:
         tokens = end - begin
-        self_part = cfg.depth * (2 * (4 * C * C + 2 * C * hidden) + 4 * C * end) + 2 * C * V + 2 * cfg.latent_channels * C
+        self_part = (
+            cfg.depth * (2 * (4 * C * C + 2 * C * hidden) + 4 * C * end) + 2 * C * V + 2 * cfg.latent_channels * C
+        )
         cross_part = cfg.depth * (2 * 2 * C * C + 4 * C * text_tokens)
         flops += rows * tokens * self_part + cross_rows * tokens * cross_part
     return flops
@@ -301,19 +355,46 @@ INFINITY_SAMPLING = dict(guidance_scale=3.0, tau=0.5, top_k=900, top_p=0.97)
 def build_infinity(name: str, device) -> InfinityPipeline:
     torch.manual_seed(0)
     if name == "infinity-tiny":
-        vae = BitwiseMultiScaleVAE(base_channels=24, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1], num_res_blocks=1, codebook_dim=4)
-        transformer = InfinityTransformer2DModel(bits_per_token=4, text_dim=32, text_max_length=24, pool_num_heads=2, depth=2,
-                                                 embed_dim=64, num_heads=2, block_chunks=2)
+        vae = BitwiseMultiScaleVAE(
+            base_channels=24, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1], num_res_blocks=1, codebook_dim=4
+        )
+        transformer = InfinityTransformer2DModel(
+            bits_per_token=4,
+            text_dim=32,
+            text_max_length=24,
+            pool_num_heads=2,
+            depth=2,
+            embed_dim=64,
+            num_heads=2,
+            block_chunks=2,
+        )
         size = 32
     else:  # infinity-2b: keys/infinity/infinity_2b.json + vae_d32.json (the class defaults)
-        vae = BitwiseMultiScaleVAE(base_channels=128, encoder_ch_mult=(1, 2, 4, 4, 4), decoder_ch_mult=(1, 2, 4, 4, 4),
-                                   num_res_blocks=2, codebook_dim=32)
-        transformer = InfinityTransformer2DModel(bits_per_token=32, text_dim=2048, text_max_length=512, pool_num_heads=16, depth=32,
-                                                 embed_dim=2048, num_heads=16, mlp_ratio=4.0, block_chunks=8, shared_adaln=True,
-                                                 num_level_embeddings=15)
+        vae = BitwiseMultiScaleVAE(
+            base_channels=128,
+            encoder_ch_mult=(1, 2, 4, 4, 4),
+            decoder_ch_mult=(1, 2, 4, 4, 4),
+            num_res_blocks=2,
+            codebook_dim=32,
+        )
+        transformer = InfinityTransformer2DModel(
+            bits_per_token=32,
+            text_dim=2048,
+            text_max_length=512,
+            pool_num_heads=16,
+            depth=32,
+            embed_dim=2048,
+            num_heads=16,
+            mlp_ratio=4.0,
+            block_chunks=8,
+            shared_adaln=True,
+            num_level_embeddings=15,
+        )
         size = 1024
     transformer.init_weights()
-    pipe = InfinityPipeline(transformer=transformer.eval(), vae=vae.eval(), text_encoder=None, tokenizer=None, default_size=[size, size])
+    pipe = InfinityPipeline(
+        transformer=transformer.eval(), vae=vae.eval(), text_encoder=None, tokenizer=None, default_size=[size, size]
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -325,7 +406,10 @@ def infinity_text(pipe: InfinityPipeline, batch: int, device) -> dict:
         g = torch.Generator().manual_seed(1)
         tokens = min(INFINITY_TEXT_TOKENS, pipe.transformer.config.text_max_length)
         embeds = 0.2 * torch.randn(batch, tokens, pipe.transformer.config.text_dim, generator=g)
-        _TEXT[key] = dict(prompt_embeds=embeds.to(device), prompt_attention_mask=torch.ones(batch, tokens, dtype=torch.bool, device=device))
+        _TEXT[key] = dict(
+            prompt_embeds=embeds.to(device),
+            prompt_attention_mask=torch.ones(batch, tokens, dtype=torch.bool, device=device),
+        )
     return _TEXT[key]
 
 
@@ -357,7 +441,11 @@ def infinity_transformer_flops(pipe: InfinityPipeline, rows: int, text_tokens: i
     for h, w in infinity_schedule(pipe):
         tokens = h * w
         seen += tokens
-        per_token = cfg.depth * (2 * (4 * C * C + 2 * C * C + 2 * C * ffn) + 4 * C * seen + 4 * C * S) + 2 * C * 2 * bits + 2 * bits * C
+        per_token = (
+            cfg.depth * (2 * (4 * C * C + 2 * C * C + 2 * C * ffn) + 4 * C * seen + 4 * C * S)
+            + 2 * C * 2 * bits
+            + 2 * bits * C
+        )
         flops += rows * tokens * per_token
     return flops
 
@@ -421,31 +509,53 @@ class Bench:
 AUTOCAST = {"eager-fp16": torch.float16, "eager-bf16": torch.bfloat16}
 AUTOCAST_LABEL = {"eager-fp16": "fp16-autocast", "eager-bf16": "bf16-autocast"}
 MODES = ("eager", "eager-fp16", "eager-bf16", "fast", "fast-compile", "fast-compile-all", "fast-compile-all-fp8")
-KNOWN_MODELS = tuple(MODELS) + tuple(CODE_MODELS) + ("star-d30", "infinity-2b", "var-tiny", "code-tiny", "star-tiny",
-                                                      "infinity-tiny")
+KNOWN_MODELS = (
+    tuple(MODELS)
+    + tuple(CODE_MODELS)
+    + ("star-d30", "infinity-2b", "var-tiny", "code-tiny", "star-tiny", "infinity-tiny")
+)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=None, help=f"comma-separated, from {', '.join(KNOWN_MODELS)} (default var-d16,var-d30)")
-    parser.add_argument("--batch-sizes", default=None,
-                        help="default per model: VAR and CoDe 1,64; star-d30 1; infinity-2b 1,4; tiny 1,2")
-    parser.add_argument("--modes", default=None, help=f"from {', '.join(MODES)}; default per model: VAR and CoDe "
-                                                      "eager-fp16,fast; "
-                                                      "STAR / Infinity eager-bf16,fast")
+    parser.add_argument(
+        "--models", default=None, help=f"comma-separated, from {', '.join(KNOWN_MODELS)} (default var-d16,var-d30)"
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        default=None,
+        help="default per model: VAR and CoDe 1,64; star-d30 1; infinity-2b 1,4; tiny 1,2",
+    )
+    parser.add_argument(
+        "--modes",
+        default=None,
+        help=f"from {', '.join(MODES)}; default per model: VAR and CoDe "
+        "eager-fp16,fast; "
+        "STAR / Infinity eager-bf16,fast",
+    )
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (timings on the CPU only check the script)")
-    parser.add_argument("--dry-run", action="store_true", help="tiny models on the CPU, one repeat: checks the script end to end "
-                                                               "(default models var-tiny,star-tiny,infinity-tiny)")
+    parser.add_argument(
+        "--device", default="cuda", help="cuda (default) or cpu (timings on the CPU only check the script)"
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="tiny models on the CPU, one repeat: checks the script end to end "
+        "(default models var-tiny,star-tiny,infinity-tiny)",
+    )
     parser.add_argument("--json", default=None, help="also write the rows here")
-    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one fast generation per batch")
+    parser.add_argument(
+        "--profile", action="store_true", help="print the top CUDA kernels of one fast generation per batch"
+    )
     args = parser.parse_args()
     if args.dry_run:
         args.device, args.repeats = "cpu", 1
         args.models = args.models or "var-tiny,code-tiny,star-tiny,infinity-tiny"
     args.models = args.models or "var-d16,var-d30"
     names = args.models.split(",")
-    unknown = [n for n in names if n not in KNOWN_MODELS] + [m for m in (args.modes or "").split(",") if m and m not in MODES]
+    unknown = [n for n in names if n not in KNOWN_MODELS] + [
+        m for m in (args.modes or "").split(",") if m and m not in MODES
+    ]
     if unknown:
         parser.error(f"unknown model or mode: {', '.join(unknown)}")
     device = torch.device(args.device)
@@ -460,7 +570,10 @@ def main() -> int:
     else:
         print(f"CPU ({args.device}; timings only check the script), torch {torch.__version__}")
     width = max([8] + [len(n) for n in names])
-    header = f"{'model':{width}s} {'res':>4s} {'batch':>5s} {'mode':11s} {'dtype':9s} {'ms/image':>9s} {'images/s':>9s} {'peak GiB':>9s} {'TFLOP/s':>8s}"
+    header = (
+        f"{'model':{width}s} {'res':>4s} {'batch':>5s} {'mode':11s} {'dtype':9s} "
+        f"{'ms/image':>9s} {'images/s':>9s} {'peak GiB':>9s} {'TFLOP/s':>8s}"
+    )
     print(header)
     for name in names:
         bench = Bench(name, device)
@@ -483,33 +596,65 @@ def main() -> int:
                 bench.pipe.enable_fast_inference(compile_decoder=mode != "fast", **extra)
                 bench.fresh = False
             for batch in (int(b) for b in (args.batch_sizes or bench.default_batches).split(",")):
-                seconds, peak = time_mode(bench.pipe, batch, device, args.repeats, AUTOCAST.get(mode), bench.generate,
-                                          warmups=1 if args.dry_run else 2)
+                seconds, peak = time_mode(
+                    bench.pipe,
+                    batch,
+                    device,
+                    args.repeats,
+                    AUTOCAST.get(mode),
+                    bench.generate,
+                    warmups=1 if args.dry_run else 2,
+                )
                 flops = bench.transformer_flops(batch) + batch * dec_flops
                 dtype = AUTOCAST_LABEL.get(mode) or str(bench.pipe.transformer.dtype).replace("torch.", "")
-                row = dict(model=name, resolution=res, batch=batch, mode=mode, dtype=dtype,
-                           ms_per_image=1000 * seconds / batch, images_per_s=batch / seconds, peak_gib=peak,
-                           tflops=flops / seconds / 1e12)
+                row = dict(
+                    model=name,
+                    resolution=res,
+                    batch=batch,
+                    mode=mode,
+                    dtype=dtype,
+                    ms_per_image=1000 * seconds / batch,
+                    images_per_s=batch / seconds,
+                    peak_gib=peak,
+                    tflops=flops / seconds / 1e12,
+                )
                 rows.append(row)
-                print(f"{name:{width}s} {res:4d} {batch:5d} {mode:11s} {row['dtype']:9s} {row['ms_per_image']:9.1f} {row['images_per_s']:9.1f} "
-                      f"{peak:9.2f} {row['tflops']:8.1f}", flush=True)
+                print(
+                    f"{name:{width}s} {res:4d} {batch:5d} {mode:11s} {row['dtype']:9s} "
+                    f"{row['ms_per_image']:9.1f} {row['images_per_s']:9.1f} {peak:9.2f} {row['tflops']:8.1f}",
+                    flush=True,
+                )
                 if args.profile and mode.startswith("fast") and device.type == "cuda":
                     started = time.perf_counter()
-                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    with torch.profiler.profile(
+                        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                    ) as prof:
                         bench.generate(bench.pipe, batch, device)
                         torch.cuda.synchronize()
                     wall_ms = 1000 * (time.perf_counter() - started)
                     events = prof.key_averages()
-                    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
-                    print(f"  profile: {wall_ms:.1f} ms wall with the profiler on; {launches} eager kernel launches; "
-                          f"{sum(e.count for e in events if e.key == 'cudaGraphLaunch')} graph launches")
+                    launches = sum(
+                        e.count
+                        for e in events
+                        if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC")
+                    )
+                    print(
+                        f"  profile: {wall_ms:.1f} ms wall with the profiler on; {launches} eager kernel launches; "
+                        f"{sum(e.count for e in events if e.key == 'cudaGraphLaunch')} graph launches"
+                    )
                     print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60))
                     print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
             if mode.startswith("fast"):  # after the timings: compiled code specialises on the first batch size it sees
                 fast_tokens = bench.greedy(bench.pipe, bench.greedy_batch, device)
                 agreement = (fast_tokens == eager_tokens).float().mean().item()
-                note = (f" (batch {bench.greedy_batch} is below the float8 row threshold: the bf16 matmuls ran; tests/test_gpu.py "
-                        "checks float8 greedy agreement)") if mode.endswith("-fp8") else ""
+                note = (
+                    (
+                        f" (batch {bench.greedy_batch} is below the float8 row threshold: the bf16 matmuls ran; "
+                        "tests/test_gpu.py checks float8 greedy agreement)"
+                    )
+                    if mode.endswith("-fp8")
+                    else ""
+                )
                 print(f"  {name}: greedy-token agreement {mode} vs eager float32: {agreement:.4f}{note}")
         del bench
         if device.type == "cuda":

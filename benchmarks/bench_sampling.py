@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from bench_decoder import time_ms  # noqa: E402  (CUDA-event median)
+
 from diffusers_var.pipelines.sampling import filter_top_k_top_p_  # noqa: E402
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -39,7 +40,10 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU")
         return 1
-    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}; top-k {args.top_k}, top-p {args.top_p}, vocabulary {args.vocab}")
+    print(
+        f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}; "
+        f"top-k {args.top_k}, top-p {args.top_p}, vocabulary {args.vocab}"
+    )
     print("| variant | batch | last scale, ms | all scales, ms |\n|---|---|---|---|")
     g = torch.Generator("cuda").manual_seed(0)
     for batch in (int(b) for b in args.batch_sizes.split(",")):
@@ -55,7 +59,10 @@ def main() -> int:
             last = time_ms(lambda: fn(work[-1], args.top_k, args.top_p), repeats=20)
             total = time_ms(lambda: [fn(x, args.top_k, args.top_p) for x in work], repeats=20)
             print(f"| {name} | {batch} | {last:.3f} | {total:.3f} |")
-        print(f"(batch {batch}: the k-wide variant keeps exactly the original's tokens at {same} of {len(scales)} scales)")
+        print(
+            f"(batch {batch}: the k-wide variant keeps exactly "
+            f"the original's tokens at {same} of {len(scales)} scales)"
+        )
     return 0
 
 

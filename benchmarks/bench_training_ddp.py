@@ -29,8 +29,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 
-def launch(out: Path, name: str, gpus: int, accelerate_config: str | None, overrides: list[str], fault: str | None = None,
-           task_config: str = "configs/var_shapes.yaml") -> tuple[int, float]:
+def launch(
+    out: Path,
+    name: str,
+    gpus: int,
+    accelerate_config: str | None,
+    overrides: list[str],
+    fault: str | None = None,
+    task_config: str = "configs/var_shapes.yaml",
+) -> tuple[int, float]:
     """One ``accelerate launch`` of the VAR trainer; returns (exit code, wall seconds)."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(gpus)]
     if accelerate_config:
@@ -76,8 +83,11 @@ def main() -> int:
     parser.add_argument("--out", default="outputs/ddp-bench")
     parser.add_argument("--steps", type=int, default=120, help="throughput run length")
     parser.add_argument("--skip", default="", help="comma list of parts to skip: throughput,resume,fsdp")
-    parser.add_argument("--smoke", action="store_true",
-                        help="CPU check of the script itself: one process, tiny models, short runs, no FSDP")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CPU check of the script itself: one process, tiny models, short runs, no FSDP",
+    )
     args = parser.parse_args()
     import torch
 
@@ -97,13 +107,38 @@ def main() -> int:
         torch.manual_seed(0)
         vq = MultiScaleVQModel(patch_nums=(1, 2, 4)) if args.smoke else MultiScaleVQModel()  # released config, random
         vq.save_pretrained(out / "vq256")
-        size = ["resolution=64", "data.num_images=256", "batch_size=4", "model.depth=2", "model.embed_dim=64",
-                "model.num_heads=2"] if args.smoke else ["resolution=256", "data.num_images=4096", "batch_size=32",
-                                                        "model.depth=16", "model.embed_dim=1024", "model.num_heads=16"]
+        size = (
+            [
+                "resolution=64",
+                "data.num_images=256",
+                "batch_size=4",
+                "model.depth=2",
+                "model.embed_dim=64",
+                "model.num_heads=2",
+            ]
+            if args.smoke
+            else [
+                "resolution=256",
+                "data.num_images=4096",
+                "batch_size=32",
+                "model.depth=16",
+                "model.embed_dim=1024",
+                "model.num_heads=16",
+            ]
+        )
         per_gpu_batch = int(size[2].split("=")[1])
-        common = [f"tokenizer_path={out / 'vq256'}", *size, f"max_steps={args.steps}", "model.mlp_ratio=4.0",
-                  "warmup_steps=10", "checkpoint_every=100000", "ema_decay=null", "sample_every=0", "num_workers=4",
-                  "mixed_precision=" + ("no" if args.smoke else "bf16")]
+        common = [
+            f"tokenizer_path={out / 'vq256'}",
+            *size,
+            f"max_steps={args.steps}",
+            "model.mlp_ratio=4.0",
+            "warmup_steps=10",
+            "checkpoint_every=100000",
+            "ema_decay=null",
+            "sample_every=0",
+            "num_workers=4",
+            "mixed_precision=" + ("no" if args.smoke else "bf16"),
+        ]
         for gpus in sorted({1, args.gpus}):
             name = f"throughput-{gpus}gpu"
             _clear(out, name)
@@ -112,20 +147,33 @@ def main() -> int:
                 results[name] = {"exit_code": code}
                 continue
             ips = steady_images_per_s(out / name / "train_log.jsonl", per_gpu_batch * gpus, skip_steps=args.steps // 4)
-            results[name] = {"images_per_s": ips, "per_gpu_batch": per_gpu_batch, "wall_s": wall,
-                             "model": "tiny (smoke)" if args.smoke else "VAR-d16 256px bf16"}
+            results[name] = {
+                "images_per_s": ips,
+                "per_gpu_batch": per_gpu_batch,
+                "wall_s": wall,
+                "model": "tiny (smoke)" if args.smoke else "VAR-d16 256px bf16",
+            }
             print(name, results[name], flush=True)
 
-    small = ["tokenizer_path=" + str(REPO / "pipelines" / "var-shapes" / "vqvae"), "data.num_images=8192",
-             f"max_steps={total}", f"checkpoint_every={every}", "warmup_steps=20", "sample_every=0", "num_workers=2",
-             "log_every=10"] + (["batch_size=8", "mixed_precision=no", "model.depth=2"] if args.smoke else [])
+    small = [
+        "tokenizer_path=" + str(REPO / "pipelines" / "var-shapes" / "vqvae"),
+        "data.num_images=8192",
+        f"max_steps={total}",
+        f"checkpoint_every={every}",
+        "warmup_steps=20",
+        "sample_every=0",
+        "num_workers=2",
+        "log_every=10",
+    ] + (["batch_size=8", "mixed_precision=no", "model.depth=2"] if args.smoke else [])
     if "resume" not in skip:
         for name in ("uninterrupted", "interrupted"):
             _clear(out, name)
         code_a, wall_a = launch(out, "uninterrupted", args.gpus, ddp, [f"output_dir={out / 'uninterrupted'}", *small])
         run = [f"output_dir={out / 'interrupted'}", *small]
-        codes = [launch(out, "interrupted", args.gpus, ddp, run, fault=f"step:{kill_step}")[0],
-                 launch(out, "interrupted", args.gpus, ddp, run, fault=f"checkpoint:{kill_checkpoint}")[0]]
+        codes = [
+            launch(out, "interrupted", args.gpus, ddp, run, fault=f"step:{kill_step}")[0],
+            launch(out, "interrupted", args.gpus, ddp, run, fault=f"checkpoint:{kill_checkpoint}")[0],
+        ]
         leftovers = sorted(p.name for p in (out / "interrupted" / "checkpoints").iterdir())
         codes.append(launch(out, "interrupted", args.gpus, ddp, run)[0])
         entry = {"uninterrupted_exit": code_a, "interrupted_exits": codes, "checkpoints_after_kills": leftovers}
@@ -133,16 +181,31 @@ def main() -> int:
             a, b = exported_weights(out / "uninterrupted"), exported_weights(out / "interrupted")
             entry["max_abs_weight_diff"] = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
             entry["same_keys"] = sorted(a) == sorted(b)
-            entry["final_loss"] = json.loads((out / "uninterrupted" / "train_log.jsonl").read_text().splitlines()[-1])["loss"]
-            entry["ddp_images_per_s_small"] = json.loads((out / "uninterrupted" / "train_log.jsonl").read_text().splitlines()[-1])["images_per_s"]
+            entry["final_loss"] = json.loads((out / "uninterrupted" / "train_log.jsonl").read_text().splitlines()[-1])[
+                "loss"
+            ]
+            entry["ddp_images_per_s_small"] = json.loads(
+                (out / "uninterrupted" / "train_log.jsonl").read_text().splitlines()[-1]
+            )["images_per_s"]
         results["resume"] = entry
         print("resume", entry, flush=True)
 
     if "fsdp" not in skip:
         _clear(out, "fsdp")
-        code, wall = launch(out, "fsdp", args.gpus, "configs/accelerate_fsdp.yaml",
-                            [f"output_dir={out / 'fsdp'}", *small, "max_steps=60", "checkpoint_every=30", "ema_decay=null",
-                             "sample_every=0"])  # FSDP takes neither EMA nor sample grids (the trainer says so)
+        code, wall = launch(
+            out,
+            "fsdp",
+            args.gpus,
+            "configs/accelerate_fsdp.yaml",
+            [
+                f"output_dir={out / 'fsdp'}",
+                *small,
+                "max_steps=60",
+                "checkpoint_every=30",
+                "ema_decay=null",
+                "sample_every=0",
+            ],
+        )  # FSDP takes neither EMA nor sample grids (the trainer says so)
         entry = {"exit_code": code, "wall_s": wall}
         if code == 0:
             from diffusers_var import VARPipeline
@@ -159,8 +222,10 @@ def main() -> int:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     one, many = results.get("throughput-1gpu", {}), results.get(f"throughput-{args.gpus}gpu", {})
     if "images_per_s" in one and "images_per_s" in many and args.gpus > 1:
-        print(f"\n| GPUs | images/s | speed-up |\n|---|---|---|\n| 1 | {one['images_per_s']:.0f} | 1.00x |\n"
-              f"| {args.gpus} | {many['images_per_s']:.0f} | {many['images_per_s'] / one['images_per_s']:.2f}x |")
+        print(
+            f"\n| GPUs | images/s | speed-up |\n|---|---|---|\n| 1 | {one['images_per_s']:.0f} | 1.00x |\n"
+            f"| {args.gpus} | {many['images_per_s']:.0f} | {many['images_per_s'] / one['images_per_s']:.2f}x |"
+        )
     return 0
 
 

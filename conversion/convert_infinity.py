@@ -23,27 +23,50 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vae", required=True, help="original BSQ VAE checkpoint, e.g. infinity_vae_d32reg.pth")
-    parser.add_argument("--transformer", required=True, help="infinity_2b_reg.pth, or the infinity_8b_weights/ directory")
-    parser.add_argument("--text-encoder", required=True, help="folder of a transformers T5EncoderModel (google/flan-t5-xl), safetensors")
+    parser.add_argument(
+        "--transformer", required=True, help="infinity_2b_reg.pth, or the infinity_8b_weights/ directory"
+    )
+    parser.add_argument(
+        "--text-encoder",
+        required=True,
+        help="folder of a transformers T5EncoderModel (google/flan-t5-xl), safetensors",
+    )
     parser.add_argument("--tokenizer", required=True, help="folder of the T5 tokenizer")
     parser.add_argument("--output", required=True, help="output folder (diffusers layout)")
-    parser.add_argument("--level-embed-every-chunk", action="store_true",
-                        help="the original add_lvl_embeding_only_first_block=0 (no release uses it; not visible in the weights)")
+    parser.add_argument(
+        "--level-embed-every-chunk",
+        action="store_true",
+        help="the original add_lvl_embeding_only_first_block=0 (no release uses it; not visible in the weights)",
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--depth", type=int, default=None,
-                        help="the number of transformer blocks the checkpoint must have (a missing block is an error)")
+    parser.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        help="the number of transformer blocks the checkpoint must have (a missing block is an error)",
+    )
     args = parser.parse_args(argv)
     try:
-        pipe = convert_infinity_checkpoint(args.vae, args.transformer, args.text_encoder, args.tokenizer, args.output,
-                                           level_embed_every_chunk=args.level_embed_every_chunk,
-                                           dtype=DTYPES[args.dtype], overwrite=args.overwrite, depth=args.depth)
+        pipe = convert_infinity_checkpoint(
+            args.vae,
+            args.transformer,
+            args.text_encoder,
+            args.tokenizer,
+            args.output,
+            level_embed_every_chunk=args.level_embed_every_chunk,
+            dtype=DTYPES[args.dtype],
+            overwrite=args.overwrite,
+            depth=args.depth,
+        )
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     cfg = pipe.transformer.config
-    print(f"wrote {args.output}: Infinity depth {cfg.depth}, width {cfg.embed_dim}, {cfg.bits_per_token} bits/token, "
-          f"VAE d={pipe.vae.config.codebook_dim} (patchify {pipe.vae.config.spatial_patchify})")
+    print(
+        f"wrote {args.output}: Infinity depth {cfg.depth}, width {cfg.embed_dim}, {cfg.bits_per_token} bits/token, "
+        f"VAE d={pipe.vae.config.codebook_dim} (patchify {pipe.vae.config.spatial_patchify})"
+    )
     return 0
 
 

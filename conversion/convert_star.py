@@ -41,11 +41,17 @@ def main(argv=None) -> int:
     parser.add_argument("--rope-norm", type=float, default=64.0, help="normalised RoPE extent (64 in every release)")
     parser.add_argument("--no-logit-norm", action="store_true", help="no LayerNorm before the head (no release)")
     parser.add_argument("--sampler-start-scale", type=int, default=None, help="first stable-sampler scale (default 9)")
-    parser.add_argument("--no-row0-quirk", action="store_true", help="per-row cross-attention (does not match the original)")
+    parser.add_argument(
+        "--no-row0-quirk", action="store_true", help="per-row cross-attention (does not match the original)"
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--depth", type=int, default=None,
-                        help="the number of transformer blocks the checkpoint must have (a missing block is an error)")
+    parser.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        help="the number of transformer blocks the checkpoint must have (a missing block is an error)",
+    )
     args = parser.parse_args(argv)
     try:
         patch_nums = parse_patch_nums(args.patch_nums)
@@ -53,16 +59,28 @@ def main(argv=None) -> int:
         parser.error(f"--patch-nums must be 256, 512, 1024 or comma-separated integers, got {args.patch_nums!r}")
     try:
         pipe = convert_star_checkpoint(
-            args.vae, args.transformer, args.text_encoder, args.output, patch_nums=patch_nums,
-            rope_theta=args.rope_theta, rope_norm=args.rope_norm, logit_norm=not args.no_logit_norm,
-            sampler_start_scale=args.sampler_start_scale, cross_attention_row0_quirk=not args.no_row0_quirk,
-            dtype=DTYPES[args.dtype], overwrite=args.overwrite, depth=args.depth)
+            args.vae,
+            args.transformer,
+            args.text_encoder,
+            args.output,
+            patch_nums=patch_nums,
+            rope_theta=args.rope_theta,
+            rope_norm=args.rope_norm,
+            logit_norm=not args.no_logit_norm,
+            sampler_start_scale=args.sampler_start_scale,
+            cross_attention_row0_quirk=not args.no_row0_quirk,
+            dtype=DTYPES[args.dtype],
+            overwrite=args.overwrite,
+            depth=args.depth,
+        )
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     cfg = pipe.transformer.config
-    print(f"wrote {args.output}: STAR depth {cfg.depth}, width {cfg.embed_dim}, text width {cfg.text_embed_dim}, "
-          f"patch_nums {list(cfg.patch_nums)}, stable sampler {cfg.stable_sampler}")
+    print(
+        f"wrote {args.output}: STAR depth {cfg.depth}, width {cfg.embed_dim}, text width {cfg.text_embed_dim}, "
+        f"patch_nums {list(cfg.patch_nums)}, stable sampler {cfg.stable_sampler}"
+    )
     return 0
 
 

@@ -23,27 +23,42 @@ def main(argv=None) -> int:
     parser.add_argument("--vae", required=True, help="original VQ-VAE checkpoint, e.g. vae_ch160v4096z32.pth")
     parser.add_argument("--transformer", required=True, help="original VAR checkpoint, e.g. var_d16.pth")
     parser.add_argument("--output", required=True, help="output folder (diffusers layout)")
-    parser.add_argument("--patch-nums", default=None, help="comma-separated scale schedule, when it cannot be inferred")
+    parser.add_argument(
+        "--patch-nums", default=None, help="comma-separated scale schedule, when it cannot be inferred"
+    )
     parser.add_argument("--quant-resi", type=float, default=0.5, help="Phi ratio of the VQ-VAE (0.5 in every release)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.add_argument("--depth", type=int, default=None,
-                        help="the number of transformer blocks the checkpoint must have (a missing block is an error)")
+    parser.add_argument(
+        "--depth",
+        type=int,
+        default=None,
+        help="the number of transformer blocks the checkpoint must have (a missing block is an error)",
+    )
     args = parser.parse_args(argv)
     try:
         patch_nums = [int(p) for p in args.patch_nums.split(",")] if args.patch_nums else None
     except ValueError:
         parser.error(f"--patch-nums must be comma-separated integers, got {args.patch_nums!r}")
     try:
-        pipe = convert_var_checkpoint(args.vae, args.transformer, args.output, patch_nums=patch_nums,
-                                      quant_resi=args.quant_resi, dtype=DTYPES[args.dtype], overwrite=args.overwrite,
-                                      depth=args.depth)
+        pipe = convert_var_checkpoint(
+            args.vae,
+            args.transformer,
+            args.output,
+            patch_nums=patch_nums,
+            quant_resi=args.quant_resi,
+            dtype=DTYPES[args.dtype],
+            overwrite=args.overwrite,
+            depth=args.depth,
+        )
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     cfg = pipe.transformer.config
-    print(f"wrote {args.output}: VAR depth {cfg.depth}, width {cfg.embed_dim}, {cfg.num_classes} classes, "
-          f"patch_nums {list(cfg.patch_nums)}, shared AdaLN {cfg.shared_adaln}")
+    print(
+        f"wrote {args.output}: VAR depth {cfg.depth}, width {cfg.embed_dim}, {cfg.num_classes} classes, "
+        f"patch_nums {list(cfg.patch_nums)}, shared AdaLN {cfg.shared_adaln}"
+    )
     return 0
 
 

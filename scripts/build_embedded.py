@@ -2,7 +2,7 @@
 """Train, evaluate and package an embedded default pipeline on the generated shapes data (run on a GPU).
 
     python scripts/build_embedded.py --family var --out pipelines/var-shapes
-    python scripts/build_embedded.py --family star --out pipelines/star-shapes          # uses pipelines/var-shapes/vqvae
+    python scripts/build_embedded.py --family star --out pipelines/star-shapes  # uses pipelines/var-shapes/vqvae
     python scripts/build_embedded.py --family infinity --out pipelines/infinity-shapes
 
 1. trains the tokenizer (VAR: configs/tokenizer_shapes.yaml, Infinity: configs/bitwise_tokenizer_shapes.yaml;
@@ -31,26 +31,43 @@ from diffusers_var.training import TrainConfig, train  # noqa: E402
 
 # family: pipeline class, (tokenizer config or None), transformer config, sampling settings evaluated
 FAMILIES = {
-    "var": (VARPipeline, "tokenizer_shapes.yaml", "var_shapes.yaml", {
-        "default": {},
-        "cfg2_topk0_topp0": {"guidance_scale": 2.0, "top_k": 0, "top_p": 0.0},
-        "cfg4_more_smooth": {"guidance_scale": 4.0, "more_smooth": True},
-    }),
-    "star": (STARPipeline, None, "star_shapes.yaml", {
-        "default": {},
-        "cfg2_topk0_topp0": {"guidance_scale": 2.0, "top_k": 0, "top_p": 0.0},
-    }),
-    "infinity": (InfinityPipeline, "bitwise_tokenizer_shapes.yaml", "infinity_shapes.yaml", {
-        "default": {},
-        "cfg2_tau1": {"guidance_scale": 2.0, "tau": 1.0},
-    }),
+    "var": (
+        VARPipeline,
+        "tokenizer_shapes.yaml",
+        "var_shapes.yaml",
+        {
+            "default": {},
+            "cfg2_topk0_topp0": {"guidance_scale": 2.0, "top_k": 0, "top_p": 0.0},
+            "cfg4_more_smooth": {"guidance_scale": 4.0, "more_smooth": True},
+        },
+    ),
+    "star": (
+        STARPipeline,
+        None,
+        "star_shapes.yaml",
+        {
+            "default": {},
+            "cfg2_topk0_topp0": {"guidance_scale": 2.0, "top_k": 0, "top_p": 0.0},
+        },
+    ),
+    "infinity": (
+        InfinityPipeline,
+        "bitwise_tokenizer_shapes.yaml",
+        "infinity_shapes.yaml",
+        {
+            "default": {},
+            "cfg2_tau1": {"guidance_scale": 2.0, "tau": 1.0},
+        },
+    ),
 }
 
 
 def evaluate(pipe, family: str, num_samples: int, **kwargs) -> dict:
     labels = [i % shapes.NUM_CLASSES for i in range(num_samples)]
     pipe.set_progress_bar_config(disable=True)
-    condition = {"class_labels": labels} if family == "var" else {"prompt": [shapes.CLASSES[i].caption for i in labels]}
+    condition = (
+        {"class_labels": labels} if family == "var" else {"prompt": [shapes.CLASSES[i].caption for i in labels]}
+    )
     images = pipe(**condition, generator=torch.Generator().manual_seed(0), output_type="pt", **kwargs).images
     return shapes.evaluate_generations(images, [shapes.CLASSES[i] for i in labels], images.shape[-1])
 
@@ -63,9 +80,12 @@ def main() -> int:
     parser.add_argument("--tokenizer-minutes", type=float, default=3.0)
     parser.add_argument("--transformer-minutes", type=float, default=4.0)
     parser.add_argument("--num-samples", type=int, default=200)
-    parser.add_argument("--tokenizer-from", default=None,
-                        help="reuse the tokenizer of an earlier --work folder (its tokenizer/final, train_log.jsonl, "
-                             "train_config.json and, when present, timing.json)")
+    parser.add_argument(
+        "--tokenizer-from",
+        default=None,
+        help="reuse the tokenizer of an earlier --work folder (its tokenizer/final, train_log.jsonl, "
+        "train_config.json and, when present, timing.json)",
+    )
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for both trainings")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -86,14 +106,23 @@ def main() -> int:
         timings["tokenizer_s"] = json.loads(timing.read_text())["tokenizer_s"] if timing.is_file() else float("nan")
     elif tokenizer_config is not None:
         t0 = time.perf_counter()
-        tok_cfg = TrainConfig.load(REPO / "configs" / tokenizer_config,
-                                   [f"output_dir={work / 'tokenizer'}", f"time_limit_minutes={args.tokenizer_minutes}", *args.overrides])
+        tok_cfg = TrainConfig.load(
+            REPO / "configs" / tokenizer_config,
+            [f"output_dir={work / 'tokenizer'}", f"time_limit_minutes={args.tokenizer_minutes}", *args.overrides],
+        )
         overrides.append(f"tokenizer_path={train(tok_cfg)}")
         timings["tokenizer_s"] = time.perf_counter() - t0
         (tokenizer_work / "timing.json").write_text(json.dumps({"tokenizer_s": timings["tokenizer_s"]}))
     t0 = time.perf_counter()
-    tr_cfg = TrainConfig.load(REPO / "configs" / transformer_config,
-                              [f"output_dir={work / 'transformer'}", f"time_limit_minutes={args.transformer_minutes}", *overrides, *args.overrides])
+    tr_cfg = TrainConfig.load(
+        REPO / "configs" / transformer_config,
+        [
+            f"output_dir={work / 'transformer'}",
+            f"time_limit_minutes={args.transformer_minutes}",
+            *overrides,
+            *args.overrides,
+        ],
+    )
     pipe_dir = train(tr_cfg)
     timings["transformer_s"] = time.perf_counter() - t0
 
@@ -107,33 +136,49 @@ def main() -> int:
 
     runs = ["tokenizer", "transformer"] if tokenizer_config else ["transformer"]
     run_dirs = {"tokenizer": tokenizer_work, "transformer": work / "transformer"}
-    steps = {name: json.loads((run_dirs[name] / "train_log.jsonl").read_text().splitlines()[-1])["step"] for name in runs}
+    steps = {
+        name: json.loads((run_dirs[name] / "train_log.jsonl").read_text().splitlines()[-1])["step"] for name in runs
+    }
     n_params = sum(p.numel() for p in pipe.transformer.parameters())
     gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor()
     trained = ", ".join(f"{steps[r]} {r} steps in {timings[r + '_s']:.0f} s" for r in runs)
-    condition = "class-conditional" if args.family == "var" else "text-to-image (captions such as \"a red circle on a blue background\")"
-    card = f"""# {args.family}-shapes: embedded default {pipeline_class.__name__}
+    condition = (
+        "class-conditional"
+        if args.family == "var"
+        else 'text-to-image (captions such as "a red circle on a blue background")'
+    )
+    num_classes = shapes.NUM_CLASSES
+    tokenizer = tok_cfg.model if tokenizer_config else tr_cfg.tokenizer_path
+    card = (
+        f"""# {args.family}-shapes: embedded default {pipeline_class.__name__}
 
 A small {condition} model trained by diffusers-var on its generated shapes dataset
-(`diffusers_var.shapes`: {shapes.NUM_CLASSES} classes = shape x colour x background, 64x64 px, random size and position).
+(`diffusers_var.shapes`: {num_classes} classes = shape x colour x background, 64x64 px, random size and position).
 Weights are stored in float16 (quality checked below against float32); load with `dtype=torch.float32` on a CPU.
 
-- transformer config: {json.dumps(tr_cfg.model)}, {n_params:,} parameters; tokenizer: {tok_cfg.model if tokenizer_config else tr_cfg.tokenizer_path}
+- transformer config: {json.dumps(tr_cfg.model)}, {n_params:,} parameters; tokenizer: {tokenizer}
 - training: `python scripts/build_embedded.py --family {args.family}` ({trained}) on {gpu}
 - configs: {", ".join(f"`configs/{c}`" for c in (tokenizer_config, transformer_config) if c)}
 
-## Measured quality ({args.num_samples} samples, labels i % {shapes.NUM_CLASSES}, seed 0)
+## Measured quality ({args.num_samples} samples, labels i % {num_classes}, seed 0)
 Judge: `diffusers_var.shapes.judge_images` (reads shape, colour and background from pixels; 100% on real samples).
 Fréchet distance on 8x8 thumbnails against held-out real images of the same classes (real-vs-real floor shown).
 
 | sampling | shape | colour | background | all three | Fréchet (thumbnails) | real-vs-real |
 |---|---|---|---|---|---|---|
-""" + "\n".join(
-        f"| {name} {json.dumps(settings.get(name, {}))} | {r['shape']:.3f} | {r['color']:.3f} | {r['background']:.3f} | {r['all']:.3f} | "
-        f"{r['frechet_thumbnail']:.3f} | {r['frechet_thumbnail_real_vs_real']:.3f} |" for name, r in results.items()
-    ) + "\n"
+"""
+        + "\n".join(
+            f"| {name} {json.dumps(settings.get(name, {}))} | {r['shape']:.3f} | {r['color']:.3f} | "
+            f"{r['background']:.3f} | {r['all']:.3f} | "
+            f"{r['frechet_thumbnail']:.3f} | {r['frechet_thumbnail_real_vs_real']:.3f} |"
+            for name, r in results.items()
+        )
+        + "\n"
+    )
     (tmp16 / "README.md").write_text(card)
-    (tmp16 / "evaluation.json").write_text(json.dumps({"results": results, "timings": timings, "steps": steps}, indent=2))
+    (tmp16 / "evaluation.json").write_text(
+        json.dumps({"results": results, "timings": timings, "steps": steps}, indent=2)
+    )
     atomic_save_pipeline(_Copy(tmp16), args.out, overwrite=True)
     print(card)
     return 0

@@ -35,8 +35,13 @@ from diffusers_var.pipelines.pipeline_utils import latent_grid_mask  # noqa: E40
 
 FAMILIES = {  # family -> (plain, in-paint, image-to-image, folder, sampling)
     "var": (VARPipeline, VARInpaintPipeline, VARImg2ImgPipeline, "var-shapes", {}),
-    "star": (STARPipeline, STARInpaintPipeline, STARImg2ImgPipeline, "star-shapes",
-             {"guidance_scale": 2.0, "top_k": 0, "top_p": 0.0}),
+    "star": (
+        STARPipeline,
+        STARInpaintPipeline,
+        STARImg2ImgPipeline,
+        "star-shapes",
+        {"guidance_scale": 2.0, "top_k": 0, "top_p": 0.0},
+    ),
     "infinity": (InfinityPipeline, InfinityInpaintPipeline, InfinityImg2ImgPipeline, "infinity-shapes", {}),
 }
 SCALE = 2  # pixels per image pixel in the figures
@@ -54,8 +59,13 @@ def condition(family: str, target: shapes.ShapeClass, pipe) -> dict:
 
 
 def run(pipe, family, target, seed, sampling, **kwargs) -> np.ndarray:
-    out = pipe(**condition(family, target, pipe), generator=torch.Generator().manual_seed(seed), output_type="np",
-               **sampling, **kwargs).images[0]
+    out = pipe(
+        **condition(family, target, pipe),
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+        **sampling,
+        **kwargs,
+    ).images[0]
     return (out * 255).round().astype(np.uint8)
 
 
@@ -71,8 +81,9 @@ def sheet(rows: list[list[np.ndarray]]) -> PIL.Image.Image:
     canvas = np.full((len(rows) * (h + gap) - gap, len(rows[0]) * (w + gap) - gap, 3), 255, dtype=np.uint8)
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
-            canvas[r * (h + gap):r * (h + gap) + h, c * (w + gap):c * (w + gap) + w] = np.kron(
-                image, np.ones((SCALE, SCALE, 1), dtype=np.uint8))
+            canvas[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = np.kron(
+                image, np.ones((SCALE, SCALE, 1), dtype=np.uint8)
+            )
     return PIL.Image.fromarray(canvas)
 
 
@@ -97,15 +108,23 @@ def main(argv=None) -> int:
             pipe.set_progress_bar_config(disable=True)
         grid = tuple(inpaint._edit_schedule()[-1])
         cells = latent_grid_mask(torch.from_numpy(box)[None, None], grid)[0].numpy()
-        figures["inpainting"].append([image, mask_view(image, cells)] + [
-            run(inpaint, family, inpaint_target, seed, sampling, image=image, mask_image=box) for seed in (0, 1)])
+        figures["inpainting"].append(
+            [image, mask_view(image, cells)]
+            + [run(inpaint, family, inpaint_target, seed, sampling, image=image, mask_image=box) for seed in (0, 1)]
+        )
         band = inpaint.box_mask(0.125, 0.125, 0.875, 0.875, inpainting=False)
         original = shapes.ShapeClass("circle", "red", "blue")
-        figures["outpainting"].append([image, mask_view(image, band.numpy())] + [
-            run(inpaint, family, original, seed, sampling, image=image, mask_image=band) for seed in (0, 1)])
-        figures["img2img"].append([corner] + [
-            run(img2img, family, img2img_target, 0, sampling, image=corner, strength=strength)
-            for strength in (0.5, 0.67, 1.0)])
+        figures["outpainting"].append(
+            [image, mask_view(image, band.numpy())]
+            + [run(inpaint, family, original, seed, sampling, image=image, mask_image=band) for seed in (0, 1)]
+        )
+        figures["img2img"].append(
+            [corner]
+            + [
+                run(img2img, family, img2img_target, 0, sampling, image=corner, strength=strength)
+                for strength in (0.5, 0.67, 1.0)
+            ]
+        )
     for name, rows in figures.items():
         sheet(rows).save(out / f"{name}.png", optimize=True)
         print(f"saved {out / name}.png")

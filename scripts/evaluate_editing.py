@@ -43,8 +43,11 @@ from diffusers_var.pipelines.pipeline_utils import latent_grid_mask  # noqa: E40
 # family -> (in-painting class, embedded folder, sampling arguments: the model card's recommended ones)
 FAMILIES = {
     "var": (VARInpaintPipeline, REPO / "pipelines" / "var-shapes", {}),
-    "star": (STARInpaintPipeline, REPO / "pipelines" / "star-shapes",
-             {"guidance_scale": 2.0, "top_k": 0, "top_p": 0.0}),
+    "star": (
+        STARInpaintPipeline,
+        REPO / "pipelines" / "star-shapes",
+        {"guidance_scale": 2.0, "top_k": 0, "top_p": 0.0},
+    ),
     "infinity": (InfinityInpaintPipeline, REPO / "pipelines" / "infinity-shapes", {}),
 }
 EVAL_SEED = 2024  # the images' seed: the embedded models were trained on seed 0
@@ -66,14 +69,14 @@ class EditSet:
         n, height, width, _ = self.images.shape
         masks = torch.zeros(n, height, width, dtype=torch.bool)
         for mask, (y0, x0, y1, x1) in zip(masks, self.boxes):
-            mask[max(y0 - dilate, 0):y1 + dilate, max(x0 - dilate, 0):x1 + dilate] = True
+            mask[max(y0 - dilate, 0) : y1 + dilate, max(x0 - dilate, 0) : x1 + dilate] = True
         return masks
 
     def band_masks(self, band: int) -> torch.Tensor:
         """(N, H, W) bool: the outer ``band`` pixels of every image."""
         n, height, width, _ = self.images.shape
         masks = torch.ones(n, height, width, dtype=torch.bool)
-        masks[:, band:height - band, band:width - band] = False
+        masks[:, band : height - band, band : width - band] = False
         return masks
 
     def pixels(self) -> torch.Tensor:
@@ -107,15 +110,22 @@ def condition_of(family: str, classes: list) -> dict:
     return {"prompt": [c.caption for c in classes]}
 
 
-def edit(pipe, family: str, images: torch.Tensor, masks: torch.Tensor, classes: list, seed: int, batch_size: int,
-         **sampling) -> np.ndarray:
+def edit(
+    pipe, family: str, images: torch.Tensor, masks: torch.Tensor, classes: list, seed: int, batch_size: int, **sampling
+) -> np.ndarray:
     """In-paint ``masks`` of ``images`` for ``classes`` in batches; uint8 (N, H, W, 3)."""
     outputs = []
     generator = torch.Generator().manual_seed(seed)
     for start in range(0, len(classes), batch_size):
         part = slice(start, start + batch_size)
-        out = pipe(**condition_of(family, classes[part]), image=images[part], mask_image=masks[part],
-                   generator=generator, output_type="np", **sampling).images
+        out = pipe(
+            **condition_of(family, classes[part]),
+            image=images[part],
+            mask_image=masks[part],
+            generator=generator,
+            output_type="np",
+            **sampling,
+        ).images
         outputs.append((out * 255).round().astype(np.uint8))
     return np.concatenate(outputs)
 
@@ -133,8 +143,9 @@ def generated_pixels(pipe, masks: torch.Tensor, grid_hw: tuple[int, int]) -> np.
     return cells.repeat_interleave(scale, 1).repeat_interleave(scale, 2).numpy()
 
 
-def edit_figures(pipe, family: str, edit_set: EditSet, masks: torch.Tensor, seed: int, batch_size: int,
-                 **sampling) -> tuple[dict, np.ndarray]:
+def edit_figures(
+    pipe, family: str, edit_set: EditSet, masks: torch.Tensor, seed: int, batch_size: int, **sampling
+) -> tuple[dict, np.ndarray]:
     """Ask for each image's target inside ``masks``: the figures (module docstring) and the edited images."""
     n = len(edit_set.targets)
     edited = edit(pipe, family, edit_set.pixels(), masks, edit_set.targets, seed, batch_size, **sampling)
@@ -154,8 +165,16 @@ def edit_figures(pipe, family: str, edit_set: EditSet, masks: torch.Tensor, seed
     }, edited
 
 
-def evaluate_family(family: str, edit_set: EditSet, pipe=None, band: int = 8, dilate: int = 8, seed: int = 0,
-                    batch_size: int = 50, **sampling) -> tuple[dict, dict]:
+def evaluate_family(
+    family: str,
+    edit_set: EditSet,
+    pipe=None,
+    band: int = 8,
+    dilate: int = 8,
+    seed: int = 0,
+    batch_size: int = 50,
+    **sampling,
+) -> tuple[dict, dict]:
     """The figures of one family and the images (``{"edit": ..., "edit_dilated": ..., "outpaint": ...}``)."""
     pipeline_class, folder, recommended = FAMILIES[family]
     if pipe is None:
@@ -165,11 +184,13 @@ def evaluate_family(family: str, edit_set: EditSet, pipe=None, band: int = 8, di
     images, n = edit_set.pixels(), len(edit_set.targets)
     start = time.perf_counter()
     results, outputs = {}, {}
-    results["edit"], outputs["edit"] = edit_figures(pipe, family, edit_set, edit_set.box_masks(), seed, batch_size,
-                                                    **sampling)
+    results["edit"], outputs["edit"] = edit_figures(
+        pipe, family, edit_set, edit_set.box_masks(), seed, batch_size, **sampling
+    )
     if dilate:
         results["edit_dilated"], outputs["edit_dilated"] = edit_figures(
-            pipe, family, edit_set, edit_set.box_masks(dilate), seed, batch_size, **sampling)
+            pipe, family, edit_set, edit_set.box_masks(dilate), seed, batch_size, **sampling
+        )
         results["edit_dilated"]["dilate_pixels"] = dilate
 
     band_masks = edit_set.band_masks(band)
@@ -190,15 +211,20 @@ def evaluate_family(family: str, edit_set: EditSet, pipe=None, band: int = 8, di
 
 def markdown_table(all_results: dict) -> str:
     dilate = next((r["edit_dilated"]["dilate_pixels"] for r in all_results.values() if "edit_dilated" in r), 0)
-    rows = ["| family | edit: requested shape + colour | edit: background (judge) | edit: pixels outside kept | "
-            f"edit, box + {dilate} px: shape + colour | out-paint: shape + colour kept | out-paint: all three | "
-            "sampling |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| family | edit: requested shape + colour | edit: background (judge) | edit: pixels outside kept | "
+        f"edit, box + {dilate} px: shape + colour | out-paint: shape + colour kept | out-paint: all three | "
+        "sampling |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for family, r in all_results.items():
         e, o = r["edit"], r["outpaint"]
         dilated = f"{r['edit_dilated']['shape_and_color']:.3f}" if "edit_dilated" in r else "-"
-        rows.append(f"| {family} | {e['shape_and_color']:.3f} | {e['background_judge']:.3f} | "
-                    f"{e['outside_pixels_kept']:.3f} | {dilated} | {o['shape_and_color']:.3f} | {o['all']:.3f} | "
-                    f"`{json.dumps(r['sampling'])}` |")
+        rows.append(
+            f"| {family} | {e['shape_and_color']:.3f} | {e['background_judge']:.3f} | "
+            f"{e['outside_pixels_kept']:.3f} | {dilated} | {o['shape_and_color']:.3f} | {o['all']:.3f} | "
+            f"`{json.dumps(r['sampling'])}` |"
+        )
     return "\n".join(rows)
 
 
@@ -210,15 +236,17 @@ def main(argv=None) -> int:
     parser.add_argument("--band", type=int, default=8, help="out-painting: width of the masked outer band in pixels")
     parser.add_argument("--dilate", type=int, default=8, help="edit_dilated: pixels added around the box (0: skip)")
     parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--out", default=None, help="folder for <family>/editing_evaluation.json (default: the "
-                                                    "pipeline folders)")
+    parser.add_argument(
+        "--out", default=None, help="folder for <family>/editing_evaluation.json (default: the pipeline folders)"
+    )
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     edit_set = make_edit_set(args.num_images)
     all_results = {}
     for family in args.families:
-        results, _ = evaluate_family(family, edit_set, band=args.band, dilate=args.dilate, seed=args.seed,
-                                     batch_size=args.batch_size)
+        results, _ = evaluate_family(
+            family, edit_set, band=args.band, dilate=args.dilate, seed=args.seed, batch_size=args.batch_size
+        )
         all_results[family] = results
         folder = Path(args.out) / family if args.out else FAMILIES[family][1]
         folder.mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from diffusers_var import shapes
-from diffusers_var.cli import main as cli
-from diffusers_var.sample import write_npz
+from diffusers_var import shapes  # noqa: E402
+from diffusers_var.cli import main as cli  # noqa: E402
+from diffusers_var.sample import write_npz  # noqa: E402
 
 # family: (folder, sampling flags of the card's recommended / default setting)
 FAMILIES = {
@@ -42,8 +42,14 @@ def real_images(count: int, resolution: int, seed: int) -> np.ndarray:
     """``count`` real images, class ``i % 90`` for image i (the samples' balance), from ``seed``."""
     rng = np.random.default_rng(seed)
     ids = np.arange(count) % shapes.NUM_CLASSES
-    return np.concatenate([shapes.render(ids[i:i + 1024], *shapes.sample_layout(rng, len(ids[i:i + 1024]), resolution),
-                                         resolution) for i in range(0, count, 1024)])
+    return np.concatenate(
+        [
+            shapes.render(
+                ids[i : i + 1024], *shapes.sample_layout(rng, len(ids[i : i + 1024]), resolution), resolution
+            )
+            for i in range(0, count, 1024)
+        ]
+    )
 
 
 def evaluate(arguments: list[str]) -> dict:
@@ -56,19 +62,28 @@ def evaluate(arguments: list[str]) -> dict:
 def write_card(folder: Path, rows: dict) -> None:
     card = folder / "README.md"
     text = card.read_text()
-    table = [CARD_START, "## FID, Inception score, precision / recall (ADM's protocol)",
-             ("`diffusers-var evaluate` (FID Inception, ADM's evaluator) of `diffusers-var sample` outputs against real "
-              "images of the same classes; `python scripts/evaluate_embedded.py` (the real-vs-real row is the floor at "
-              "this sample size)."), "",
-             "| set | images | FID | Inception score | precision | recall | CLIP score |", "|---|---|---|---|---|---|---|"]
+    table = [
+        CARD_START,
+        "## FID, Inception score, precision / recall (ADM's protocol)",
+        (
+            "`diffusers-var evaluate` (FID Inception, ADM's evaluator) of `diffusers-var sample` outputs against real "
+            "images of the same classes; `python scripts/evaluate_embedded.py` (the real-vs-real row is the floor at "
+            "this sample size)."
+        ),
+        "",
+        "| set | images | FID | Inception score | precision | recall | CLIP score |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in rows.items():
         clip = f"{r['clip_score']:.2f}" if "clip_score" in r else "-"
-        table.append(f"| {name} | {r['num_samples']} | {r['fid']:.3f} | {r['inception_score']:.3f} | "
-                     f"{r['precision']:.3f} | {r['recall']:.3f} | {clip} |")
+        table.append(
+            f"| {name} | {r['num_samples']} | {r['fid']:.3f} | {r['inception_score']:.3f} | "
+            f"{r['precision']:.3f} | {r['recall']:.3f} | {clip} |"
+        )
     table.append(CARD_END)
     block = "\n".join(table)
     if CARD_START in text:
-        text = text[:text.index(CARD_START)] + block + text[text.index(CARD_END) + len(CARD_END):]
+        text = text[: text.index(CARD_START)] + block + text[text.index(CARD_END) + len(CARD_END) :]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     card.write_text(text)
@@ -84,7 +99,9 @@ def main() -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", default="outputs/evaluate_embedded")
-    parser.add_argument("--write-cards", action="store_true", help="update pipelines/*/README.md and evaluation_adm.json")
+    parser.add_argument(
+        "--write-cards", action="store_true", help="update pipelines/*/README.md and evaluation_adm.json"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -98,24 +115,67 @@ def main() -> int:
             images = real_images(count, 64, seed)
             write_npz(out / f"{name}.npz", {"arr_0": (images.shape, np.uint8, iter([images]))})
     stats = out / "reference_stats.npz"
-    floor = evaluate(["--samples", str(out / "real.npz"), "--reference", str(out / "reference.npz"), "--metrics",
-                      "fid,is,pr", "--save-reference-stats", str(stats), "--out", str(out / "real.json"), *weights,
-                      *common])
+    floor = evaluate(
+        [
+            "--samples",
+            str(out / "real.npz"),
+            "--reference",
+            str(out / "reference.npz"),
+            "--metrics",
+            "fid,is,pr",
+            "--save-reference-stats",
+            str(stats),
+            "--out",
+            str(out / "real.json"),
+            *weights,
+            *common,
+        ]
+    )
     prompts = out / "captions.txt"
     prompts.write_text("".join(c.caption + "\n" for c in shapes.CLASSES))
 
     for family in args.families.split(","):
         folder, sampling = FAMILIES[family]
         samples = out / folder
-        condition = (["--per-class", str(args.per_class)] if family == "var"
-                     else ["--prompts", str(prompts), "--images-per-prompt", str(args.per_class)])
-        if cli(["sample", "--model", str(REPO / "pipelines" / folder), "--out", str(samples), "--seed", "0",
-                *condition, *sampling, *common]) != 0:
+        condition = (
+            ["--per-class", str(args.per_class)]
+            if family == "var"
+            else ["--prompts", str(prompts), "--images-per-prompt", str(args.per_class)]
+        )
+        if (
+            cli(
+                [
+                    "sample",
+                    "--model",
+                    str(REPO / "pipelines" / folder),
+                    "--out",
+                    str(samples),
+                    "--seed",
+                    "0",
+                    *condition,
+                    *sampling,
+                    *common,
+                ]
+            )
+            != 0
+        ):
             raise SystemExit(f"sample failed for {family}")
         metrics = "fid,is,pr" + (",clip" if args.clip_model and family != "var" else "")
-        result = evaluate(["--samples", str(samples), "--reference", str(stats), "--metrics", metrics,
-                           "--out", str(out / f"{family}.json"), *weights, *common]
-                          + (["--clip-model", args.clip_model] if "clip" in metrics else []))
+        result = evaluate(
+            [
+                "--samples",
+                str(samples),
+                "--reference",
+                str(stats),
+                "--metrics",
+                metrics,
+                "--out",
+                str(out / f"{family}.json"),
+                *weights,
+                *common,
+            ]
+            + (["--clip-model", args.clip_model] if "clip" in metrics else [])
+        )
         rows = {f"{folder} (seed 0{', ' + ' '.join(sampling) if sampling else ''})": result, "real vs real": floor}
         if args.write_cards:
             write_card(REPO / "pipelines" / folder, rows)

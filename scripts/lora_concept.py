@@ -50,8 +50,9 @@ def requests(family: str, concept: bool, n: int, replaces: str = "square") -> li
     return [pool[i % len(pool)] for i in range(n)]
 
 
-def generate(pipe, family: str, asked: list[shapes.ShapeClass], sampling: dict, replaces: str = "square",
-             chunk: int = 50) -> torch.Tensor:
+def generate(
+    pipe, family: str, asked: list[shapes.ShapeClass], sampling: dict, replaces: str = "square", chunk: int = 50
+) -> torch.Tensor:
     images = []
     for start in range(0, len(asked), chunk):
         part = asked[start : start + chunk]
@@ -77,11 +78,17 @@ def evaluate(family: str, adapter: Path, n: int) -> dict:
     pipe = pipeline_class.from_pretrained(REPO / base, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     concept, old = requests(family, True, n), requests(family, False, n)
-    results = {"base": {"concept": score(generate(pipe, family, concept, sampling), concept),
-                        "old": score(generate(pipe, family, old, sampling), old)}}
+    results = {
+        "base": {
+            "concept": score(generate(pipe, family, concept, sampling), concept),
+            "old": score(generate(pipe, family, old, sampling), old),
+        }
+    }
     pipe.load_lora_weights(adapter, adapter_name="concept")
-    results["lora"] = {"concept": score(generate(pipe, family, concept, sampling), concept),
-                       "old": score(generate(pipe, family, old, sampling), old)}
+    results["lora"] = {
+        "concept": score(generate(pipe, family, concept, sampling), concept),
+        "old": score(generate(pipe, family, old, sampling), old),
+    }
     pipe.fuse_lora()
     results["lora_fused"] = {"concept": score(generate(pipe, family, concept, sampling), concept)}
     return results
@@ -103,13 +110,22 @@ def main() -> int:
         train(config)
         timing["train_s"] = time.perf_counter() - started
         log = [json.loads(line) for line in (output / "train_log.jsonl").read_text().splitlines()]
-        timing.update(steps=log[-1]["step"], peak_memory_mb=max(r.get("peak_memory_mb", 0) for r in log),
-                      images_per_s=log[-1]["images_per_s"], final_loss=log[-1]["loss"])
+        timing.update(
+            steps=log[-1]["step"],
+            peak_memory_mb=max(r.get("peak_memory_mb", 0) for r in log),
+            images_per_s=log[-1]["images_per_s"],
+            final_loss=log[-1]["loss"],
+        )
     started = time.perf_counter()
     results = evaluate(args.family, output / "final", args.num_samples)
     timing["evaluate_s"] = time.perf_counter() - started
-    record = {"family": args.family, "num_samples": args.num_samples, "results": results, "timing": timing,
-              "config": json.loads((output / "train_config.json").read_text())}
+    record = {
+        "family": args.family,
+        "num_samples": args.num_samples,
+        "results": results,
+        "timing": timing,
+        "config": json.loads((output / "train_config.json").read_text()),
+    }
     previous = output / "evaluation.json"
     if args.evaluate_only and previous.is_file():  # keep the training figures of the run that made the adapter
         record["timing"] = {**json.loads(previous.read_text()).get("timing", {}), **timing}
@@ -119,8 +135,10 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|")
     for model, asked in rows:
         r = results[model][asked]
-        print(f"| {model} | {asked} | {r['bars_found']:.3f} | {r['shape']:.3f} | {r['color']:.3f} | "
-              f"{r['background']:.3f} | {r['all']:.3f} |")
+        print(
+            f"| {model} | {asked} | {r['bars_found']:.3f} | {r['shape']:.3f} | {r['color']:.3f} | "
+            f"{r['background']:.3f} | {r['all']:.3f} |"
+        )
     print(json.dumps(record["timing"]))
     return 0
 

@@ -44,10 +44,14 @@ def load_manifest(path: Path) -> dict:
     return json.loads((path / "manifest.json").read_text())
 
 
-def assert_matches(name: str, actual: torch.Tensor, reference: torch.Tensor, tolerance, errors: dict | None = None) -> None:
+def assert_matches(
+    name: str, actual: torch.Tensor, reference: torch.Tensor, tolerance, errors: dict | None = None
+) -> None:
     """Compare with the manifest tolerance: "exact" (integers) or {"atol", "rtol"}; records the max error."""
     actual = actual.detach().cpu()
-    assert tuple(actual.shape) == tuple(reference.shape), f"{name}: shape {tuple(actual.shape)} != {tuple(reference.shape)}"
+    assert tuple(actual.shape) == tuple(reference.shape), (
+        f"{name}: shape {tuple(actual.shape)} != {tuple(reference.shape)}"
+    )
     if tolerance == "exact" or not reference.is_floating_point():
         assert torch.equal(actual.to(reference.dtype), reference), f"{name}: integer tensor differs from the reference"
         if errors is not None:
@@ -56,4 +60,6 @@ def assert_matches(name: str, actual: torch.Tensor, reference: torch.Tensor, tol
     actual = actual.to(reference.dtype)
     if errors is not None:
         errors[name] = (actual - reference).abs().max().item()
-    torch.testing.assert_close(actual, reference, atol=tolerance["atol"], rtol=tolerance["rtol"], msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(
+        actual, reference, atol=tolerance["atol"], rtol=tolerance["rtol"], msg=lambda m: f"{name}: {m}"
+    )

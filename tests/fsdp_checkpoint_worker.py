@@ -16,7 +16,8 @@ from torch.distributed.fsdp import fully_shard
 
 # the module alone (it has no package-relative imports): importing diffusers_var would double this test's time
 _spec = importlib.util.spec_from_file_location(
-    "checkpoint", Path(__file__).resolve().parents[1] / "src" / "diffusers_var" / "training" / "checkpoint.py")
+    "checkpoint", Path(__file__).resolve().parents[1] / "src" / "diffusers_var" / "training" / "checkpoint.py"
+)
 checkpoint = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(checkpoint)
 load_training_state, save_training_state = checkpoint.load_training_state, checkpoint.save_training_state
@@ -29,8 +30,9 @@ def build():
     fully_shard(model[2])
     fully_shard(model)
     decay, no_decay = [model[0].weight, model[2].weight], [model[0].bias, model[2].bias]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=1e-2, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-2, betas=(0.9, 0.95)
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
     return model, types.SimpleNamespace(optimizer=optimizer), scheduler
 
@@ -46,8 +48,15 @@ def train_step(model, optimizer, scheduler, seed, rank):
 def main():
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    accelerator = types.SimpleNamespace(distributed_type=DistributedType.FSDP, process_index=rank, is_main_process=rank == 0,
-                                        num_processes=dist.get_world_size(), step=7, scaler=None, unwrap_model=lambda m: m)
+    accelerator = types.SimpleNamespace(
+        distributed_type=DistributedType.FSDP,
+        process_index=rank,
+        is_main_process=rank == 0,
+        num_processes=dist.get_world_size(),
+        step=7,
+        scaler=None,
+        unwrap_model=lambda m: m,
+    )
     model, optimizer, scheduler = build()
     for seed in range(3):
         train_step(model, optimizer, scheduler, seed, rank)
@@ -65,14 +74,22 @@ def main():
     oa = get_optimizer_state_dict(model, optimizer.optimizer, options=full)
     ob = get_optimizer_state_dict(resumed, resumed_optimizer.optimizer, options=full)
     if rank == 0:
-        print(json.dumps({
-            "files": sorted(p.name for p in folder.iterdir()),
-            "step": state["step"], "accelerator_step": accelerator.step,
-            "model_diff": max((a[k] - b[k]).abs().max().item() for k in a),
-            "optimizer_diff": max((oa["state"][k][n] - ob["state"][k][n]).abs().max().item()
-                                  for k in oa["state"] for n in oa["state"][k]),
-            "lr": [scheduler.get_last_lr(), resumed_scheduler.get_last_lr()],
-        }))
+        print(
+            json.dumps(
+                {
+                    "files": sorted(p.name for p in folder.iterdir()),
+                    "step": state["step"],
+                    "accelerator_step": accelerator.step,
+                    "model_diff": max((a[k] - b[k]).abs().max().item() for k in a),
+                    "optimizer_diff": max(
+                        (oa["state"][k][n] - ob["state"][k][n]).abs().max().item()
+                        for k in oa["state"]
+                        for n in oa["state"][k]
+                    ),
+                    "lr": [scheduler.get_last_lr(), resumed_scheduler.get_last_lr()],
+                }
+            )
+        )
     dist.barrier()  # neither rank tears gloo down while the other is still in a collective (an abort under load)
     dist.destroy_process_group()
 

@@ -7,8 +7,8 @@ import ast
 
 import pytest
 import torch
-from conftest import REPO_ROOT
 
+from conftest import REPO_ROOT
 from diffusers_var import VARPipeline
 from diffusers_var.cli import main
 
@@ -54,7 +54,9 @@ def test_bad_arguments_are_one_line_errors_naming_the_flag(argv, flag, tmp_path,
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert _exit_code(argv) == 2
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip() and "Loading pipeline components" not in line]  # diffusers' bar
+    lines = [
+        line for line in err.splitlines() if line.strip() and "Loading pipeline components" not in line
+    ]  # diffusers' bar
     assert len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], err
     assert not calls
 
@@ -82,8 +84,22 @@ def test_many_images_are_generated_in_batches_and_written_as_they_come(tmp_path,
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(VARPipeline, "__call__", recording_call)
-    assert main(["generate", "--class-label", "red circle on blue", "--num-images", "5", "--batch-size", "2",
-                 "--out", str(tmp_path / "sq.png")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--class-label",
+                "red circle on blue",
+                "--num-images",
+                "5",
+                "--batch-size",
+                "2",
+                "--out",
+                str(tmp_path / "sq.png"),
+            ]
+        )
+        == 0
+    )
     assert [size for size, _ in batches] == [2, 2, 1]
     assert batches[2][1] == ["sq-0.png", "sq-1.png", "sq-2.png", "sq-3.png"]  # earlier batches are already on disk
     assert sorted(p.name for p in tmp_path.glob("*.png")) == [f"sq-{i}.png" for i in range(5)]

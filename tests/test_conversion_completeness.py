@@ -51,7 +51,9 @@ def test_release_layout_catches_a_removed_last_block():
     if not path.is_file():
         pytest.skip(f"{path} not present")
     shapes = {e["key"]: tuple(e["shape"]) for e in json.loads(path.read_text())["keys"]}
-    state_dict = {k: torch.empty(shape, device="meta") for k, shape in shapes.items() if not k.startswith("blocks.15.")}
+    state_dict = {
+        k: torch.empty(shape, device="meta") for k, shape in shapes.items() if not k.startswith("blocks.15.")
+    }
     with pytest.raises(ConversionError, match=r"no keys for blocks \[15\].*release layout"):
         var_config_from_state_dict(state_dict)
 
@@ -62,7 +64,9 @@ def test_star_missing_blocks_and_keys():
     assert convert_star_transformer(state_dict, **kwargs).config.depth == 3
     with pytest.raises(ConversionError, match=r"no keys for blocks \[1\]"):
         convert_star_transformer(_without(state_dict, "blocks.1."), **kwargs)
-    with pytest.raises(ConversionError, match=r"no keys for blocks \[2\]"):  # the case: every blocks.2.* removed
+    with pytest.raises(
+        ConversionError, match=r"no keys for blocks \[2\]"
+    ):  # the case: every blocks.2.* removed
         convert_star_transformer(_without(state_dict, "blocks.2."), depth=3, **kwargs)
     key = next(k for k in state_dict if k.startswith("blocks.0.cross_attn."))
     with pytest.raises(ConversionError, match="missing"):

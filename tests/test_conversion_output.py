@@ -11,8 +11,8 @@ import sys
 import textwrap
 
 import pytest
-from conftest import REPO_ROOT
 
+from conftest import REPO_ROOT
 from diffusers_var.conversion import ConversionError, atomic_save_pipeline
 from diffusers_var.conversion.common import MANIFEST_NAME, STAGING_MARKER
 
@@ -47,7 +47,10 @@ def test_overwrite_never_deletes_files_it_did_not_write(tmp_path):
     ours = tmp_path / "converted"
     atomic_save_pipeline(FakePipeline("v1"), ours)
     assert json.loads((ours / MANIFEST_NAME).read_text())["files"] == [
-        "model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"]
+        "model_index.json",
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model.safetensors",
+    ]
     (ours / "notes.txt").write_text("mine")  # a user's file inside a folder of ours is kept as well
     with pytest.raises(ConversionError, match="notes.txt"):
         atomic_save_pipeline(FakePipeline("v2"), ours, overwrite=True)
@@ -92,10 +95,11 @@ def test_interrupted_saves_are_cleaned_up_and_only_ours(tmp_path):
     out = tmp_path / "out"
     # a save SIGKILLed half-way leaves its staging folder ...
     # common.py alone (importing diffusers_var would triple this test's time); it needs the package only after saving
+    common_py = REPO_ROOT / "src/diffusers_var/conversion/common.py"
     code = textwrap.dedent(f"""
         import importlib.util, os, signal
         from pathlib import Path
-        spec = importlib.util.spec_from_file_location("common", {str(REPO_ROOT / "src/diffusers_var/conversion/common.py")!r})
+        spec = importlib.util.spec_from_file_location("common", {str(common_py)!r})
         common = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(common)
         atomic_save_pipeline = common.atomic_save_pipeline
@@ -126,8 +130,11 @@ def test_a_save_stopped_mid_swap_restores_the_previous_output(tmp_path):
     dead.wait()
     staging = tmp_path / ".out.tmp-abc123"  # as left by a process killed between its two renames
     staging.mkdir()
-    (staging / STAGING_MARKER).write_text(json.dumps({"written_by": "diffusers-var", "output": str(out.resolve()),
-                                                      "host": os.uname().nodename, "pid": dead.pid}))
+    (staging / STAGING_MARKER).write_text(
+        json.dumps(
+            {"written_by": "diffusers-var", "output": str(out.resolve()), "host": os.uname().nodename, "pid": dead.pid}
+        )
+    )
     os.replace(out, staging / "old")
     with pytest.raises(ConversionError, match="already exists"):  # restored first, then refused without overwrite
         atomic_save_pipeline(FakePipeline("v2"), out)

@@ -18,7 +18,11 @@ def test_shapes_dataset_is_deterministic_and_captioned():
     assert np.array_equal(a.images, b.images)
     assert not np.array_equal(a.images, shapes.ShapesDataset(40, 32, seed=8).images)
     item = a[0]
-    assert item["pixel_values"].shape == (3, 32, 32) and -1 <= item["pixel_values"].min() and item["pixel_values"].max() <= 1
+    assert (
+        item["pixel_values"].shape == (3, 32, 32)
+        and -1 <= item["pixel_values"].min()
+        and item["pixel_values"].max() <= 1
+    )
     cls = shapes.CLASSES[item["class_labels"]]
     assert item["caption"] == f"a {cls.color} {cls.shape} on a {cls.background} background"
     assert shapes.NUM_CLASSES == 90
@@ -58,7 +62,9 @@ def test_image_folder_labels_captions_and_bad_files(tmp_path, caplog):
     assert batch["class_labels"].tolist() == [0, 1] and batch["caption"] == ["a photo of cats", "a photo of dogs"]
     # metadata.jsonl captions (HF imagefolder layout)
     (tmp_path / "cats" / "a.txt").unlink()
-    (tmp_path / "cats" / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "meta caption"}) + "\n")
+    (tmp_path / "cats" / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "a.png", "text": "meta caption"}) + "\n"
+    )
     assert ImageFolderDataset(tmp_path, 16, need_captions=True)[0]["caption"] == "meta caption"
     (tmp_path / "dogs" / "a.txt").unlink()
     with pytest.raises(ValueError, match="no caption"):
@@ -108,7 +114,8 @@ def test_images_that_fail_to_decode_are_skipped_or_named(tmp_path, caplog):
         ds[index]
     assert item["class_labels"] == ds.labels[index + 1]  # the next readable image stands in for it
     assert [r.getMessage() for r in caplog.records].count(
-        next(r.getMessage() for r in caplog.records if str(broken) in r.getMessage())) == 1  # warned once, naming it
+        next(r.getMessage() for r in caplog.records if str(broken) in r.getMessage())
+    ) == 1  # warned once, naming it
     strict = ImageFolderDataset(tmp_path, 16, need_labels=True, bad_images="error")
     with pytest.raises(ValueError, match=f"{re.escape(str(broken))}.*data.bad_images=skip"):
         strict[index]
@@ -120,10 +127,23 @@ def test_training_on_a_folder_with_a_broken_image(tmp_path, capsys, caplog):
     from diffusers_var.cli import main
 
     broken = _folder_with_a_broken_stream(tmp_path / "images")
-    model = '{"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "vocab_size": 16, "z_channels": 4, "patch_nums": [1, 2, 4], ' \
-            '"using_sa": false, "using_mid_sa": false}'
-    common = ["train", "tokenizer", "data.type=imagefolder", f"data.path={tmp_path / 'images'}", "resolution=8",
-              "batch_size=9", "max_steps=1", "ema_decay=null", "mixed_precision=no", "sample_every=0", f"model={model}"]
+    model = (
+        '{"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "vocab_size": 16, "z_channels": 4, '
+        '"patch_nums": [1, 2, 4], "using_sa": false, "using_mid_sa": false}'
+    )
+    common = [
+        "train",
+        "tokenizer",
+        "data.type=imagefolder",
+        f"data.path={tmp_path / 'images'}",
+        "resolution=8",
+        "batch_size=9",
+        "max_steps=1",
+        "ema_decay=null",
+        "mixed_precision=no",
+        "sample_every=0",
+        f"model={model}",
+    ]
     with caplog.at_level("WARNING"):
         assert main([*common, f"output_dir={tmp_path / 'skip'}"]) == 0
     assert any(str(broken) in record.getMessage() for record in caplog.records)

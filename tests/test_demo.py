@@ -33,8 +33,9 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(folders):
-    demo = build_demo(var=EMBEDDED_VAR, star=folders["star"], infinity=folders["infinity"], device="cpu",
-                      max_images=4, queue_size=16)
+    demo = build_demo(
+        var=EMBEDDED_VAR, star=folders["star"], infinity=folders["infinity"], device="cpu", max_images=4, queue_size=16
+    )
     with serve(demo) as url:
         yield url, demo
 
@@ -55,20 +56,47 @@ def images_of(gallery) -> list[np.ndarray]:
 
 
 def var_args(label="red circle on blue", num_images=2, seed=7, randomize=False, **overrides):
-    args = dict(class_name=label, guidance_scale=4.0, top_k=900, top_p=0.95, more_smooth=False,
-                num_images=num_images, seed=seed, randomize=randomize)
+    args = dict(
+        class_name=label,
+        guidance_scale=4.0,
+        top_k=900,
+        top_p=0.95,
+        more_smooth=False,
+        num_images=num_images,
+        seed=seed,
+        randomize=randomize,
+    )
     args.update(overrides)
     return args
 
 
 def star_args(prompt="a red circle on a blue background", num_images=2, seed=3, randomize=False):
-    return dict(prompt=prompt, negative_prompt="", guidance_scale=4.0, top_k=10, top_p=0.9, use_stable_sampler=True,
-                num_images=num_images, seed=seed, randomize=randomize)
+    return dict(
+        prompt=prompt,
+        negative_prompt="",
+        guidance_scale=4.0,
+        top_k=10,
+        top_p=0.9,
+        use_stable_sampler=True,
+        num_images=num_images,
+        seed=seed,
+        randomize=randomize,
+    )
 
 
 def infinity_args(prompt="a red circle on a blue background", size="32x32", num_images=2, seed=5, randomize=False):
-    return dict(prompt=prompt, negative_prompt="", size=size, guidance_scale=3.0, tau=0.5, top_k=900, top_p=0.97,
-                num_images=num_images, seed=seed, randomize=randomize)
+    return dict(
+        prompt=prompt,
+        negative_prompt="",
+        size=size,
+        guidance_scale=3.0,
+        tau=0.5,
+        top_k=900,
+        top_p=0.97,
+        num_images=num_images,
+        seed=seed,
+        randomize=randomize,
+    )
 
 
 def call(client, endpoint, args):
@@ -90,7 +118,11 @@ def test_default_build_loads_embedded_pipelines_and_notices_missing_ones():
 def test_bad_folders_become_notices_not_crashes(tmp_path, folders):
     demo = build_demo(var=tmp_path, star=EMBEDDED_VAR, infinity=None, device="cpu")
     assert all(pipe is None for pipe in demo.loaded_pipelines.values())
-    notices = {block.elem_id: str(block.value) for block in demo.blocks.values() if isinstance(block, gr.Markdown) and block.elem_id}
+    notices = {
+        block.elem_id: str(block.value)
+        for block in demo.blocks.values()
+        if isinstance(block, gr.Markdown) and block.elem_id
+    }
     assert "no model_index.json" in notices["var-notice"]
     assert "VARPipeline, not a STARPipeline" in notices["star-notice"]
     assert "--infinity PATH" in notices["infinity-notice"]
@@ -151,19 +183,33 @@ def editor_value(tmp_path, paint: bool = True) -> dict:
     if paint:
         layer[90:170, 100:180] = 255
     PIL.Image.fromarray(layer).save(tmp_path / "layer.png")
-    return {"background": gradio_client.handle_file(str(tmp_path / "background.png")),
-            "layers": [gradio_client.handle_file(str(tmp_path / "layer.png"))], "composite": None}
+    return {
+        "background": gradio_client.handle_file(str(tmp_path / "background.png")),
+        "layers": [gradio_client.handle_file(str(tmp_path / "layer.png"))],
+        "composite": None,
+    }
 
 
 def edit_args(value, family="var", mode=0, what="yellow square on blue", num_images=2, seed=3):
     from diffusers_var.demo import EDIT_MODES
 
-    return dict(editor_value=value, family=family, mode_name=EDIT_MODES[mode], text=what, strength=0.5,
-                guidance_scale=4.0, num_images=num_images, seed=seed, randomize=False)
+    return dict(
+        editor_value=value,
+        family=family,
+        mode_name=EDIT_MODES[mode],
+        text=what,
+        strength=0.5,
+        guidance_scale=4.0,
+        num_images=num_images,
+        seed=seed,
+        randomize=False,
+    )
 
 
-@pytest.mark.parametrize("family, what, size", [("var", "yellow square on blue", 64), ("star", "a yellow square", 16),
-                                                ("infinity", "a yellow square", 128)])
+@pytest.mark.parametrize(
+    "family, what, size",
+    [("var", "yellow square on blue", 64), ("star", "a yellow square", 16), ("infinity", "a yellow square", 128)],
+)
 def test_edit_endpoint_every_family_and_mode(client, folders, tmp_path, family, what, size):
     """In-painting the painted region, out-painting around it, image-to-image; seeds reproduce. The Infinity folder
     has no default size: the editor picks the supported size nearest the 256 px image."""
@@ -181,8 +227,10 @@ def test_edit_endpoint_every_family_and_mode(client, folders, tmp_path, family, 
 
 def test_edit_endpoint_readable_errors(client, tmp_path):
     (tmp_path / "blank").mkdir()
-    for args, message in [(edit_args(editor_value(tmp_path / "blank", paint=False)), "Paint the region"),
-                          (edit_args(editor_value(tmp_path), what="purple blob"), "Unknown class 'purple blob'")]:
+    for args, message in [
+        (edit_args(editor_value(tmp_path / "blank", paint=False)), "Paint the region"),
+        (edit_args(editor_value(tmp_path), what="purple blob"), "Unknown class 'purple blob'"),
+    ]:
         with pytest.raises(Exception) as info:
             call(client, "/edit", args)
         assert message in str(info.value) and "Traceback" not in str(info.value), message
@@ -212,7 +260,11 @@ def test_painted_mask_reads_layers_or_the_composite():
         ("/generate_var", var_args(num_images=5), "Value 5 is greater than maximum value 4"),  # gradio's slider check
         ("/generate_var", var_args(num_images=1, top_p=1.5), "Value 1.5 is greater than maximum value 1"),
         ("/generate_var", var_args(label="purple blob"), "Unknown class 'purple blob'"),
-        ("/generate_var", var_args(label="999"), "`class_labels` entries must be integers in [0, 89]"),  # pipeline's ValueError
+        (
+            "/generate_var",
+            var_args(label="999"),
+            "`class_labels` entries must be integers in [0, 89]",
+        ),  # pipeline's ValueError
         ("/generate_star", star_args(prompt="   "), "Please enter a prompt"),
         ("/generate_infinity", infinity_args(prompt=""), "Please enter a prompt"),
         ("/generate_infinity", infinity_args(size="1000x1000"), "is not near any supported size"),
@@ -239,9 +291,15 @@ def tiny_refiner_folder(root, vqvae=None):
     var = VARPipeline.from_pretrained(EMBEDDED_VAR, dtype=torch.float32)
     torch.manual_seed(0)
     config = var.transformer.config
-    refiner = VARTransformer2DModel(num_classes=config.num_classes, depth=1, embed_dim=32, num_heads=1,
-                                    vocab_size=config.vocab_size, latent_channels=config.latent_channels,
-                                    patch_nums=config.patch_nums)
+    refiner = VARTransformer2DModel(
+        num_classes=config.num_classes,
+        depth=1,
+        embed_dim=32,
+        num_heads=1,
+        vocab_size=config.vocab_size,
+        latent_channels=config.latent_channels,
+        patch_nums=config.patch_nums,
+    )
     refiner.init_weights()
     VARPipeline(transformer=refiner.eval(), vqvae=vqvae or var.vqvae).save_pretrained(root)
     return root
@@ -277,8 +335,11 @@ def test_a_refiner_of_another_tokenizer_becomes_a_notice(tmp_path):
     folder = tiny_refiner_folder(tmp_path / "refiner", vqvae=other)
     demo = build_demo(var=EMBEDDED_VAR, star=None, infinity=None, device="cpu", var_refiner=folder)
     assert demo.loaded_pipelines["var_code"] is None and demo.loaded_pipelines["var"] is not None
-    notices = {block.elem_id: str(block.value) for block in demo.blocks.values()
-               if isinstance(block, gr.Markdown) and block.elem_id}
+    notices = {
+        block.elem_id: str(block.value)
+        for block in demo.blocks.values()
+        if isinstance(block, gr.Markdown) and block.elem_id
+    }
     assert "CoDe is not available" in notices["var-code-notice"] and "tokenizer" in notices["var-code-notice"]
 
 
@@ -288,8 +349,10 @@ def test_eight_clients_three_requests_each_all_complete(server):
 
     def session(index):
         client = gradio_client.Client(url, verbose=False)
-        return [len(images_of(call(client, "/generate_var", var_args(num_images=2, seed=100 * index + r))[0]))
-                for r in range(3)]
+        return [
+            len(images_of(call(client, "/generate_var", var_args(num_images=2, seed=100 * index + r))[0]))
+            for r in range(3)
+        ]
 
     start = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:
@@ -338,8 +401,10 @@ def test_cli_demo_var_refiner(monkeypatch, tmp_path):
     folder = tiny_refiner_folder(tmp_path / "refiner")
     seen = {}
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: seen.update(kwargs, blocks=self))
-    assert cli.main(["demo", "--star", "none", "--infinity", "none", "--device", "cpu",
-                     "--var-refiner", str(folder)]) == 0
+    assert (
+        cli.main(["demo", "--star", "none", "--infinity", "none", "--device", "cpu", "--var-refiner", str(folder)])
+        == 0
+    )
     assert isinstance(seen["blocks"].loaded_pipelines["var_code"], VARCoDePipeline)
     assert cli.main(["demo", "--star", "none", "--infinity", "none", "--device", "cpu"]) == 0
     assert seen["blocks"].loaded_pipelines["var_code"] is None  # no refiner by default

@@ -15,18 +15,32 @@ import pytest
 from demo_support import ARTIFACTS, missing, require, serve, tiny_folders
 
 require("gradio", "pip install gradio")
-sync_api = require("playwright.sync_api", "pip install playwright (no `playwright install`: the Debian chromium is used)")
+sync_api = require(
+    "playwright.sync_api", "pip install playwright (no `playwright install`: the Debian chromium is used)"
+)
 
 from diffusers_var.demo import FAMILIES, MAX_SEED, build_demo  # noqa: E402
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TIMEOUT_MS = 60_000
 
 
 def chromium_path() -> str | None:
-    for candidate in (os.environ.get("DIFFUSERS_VAR_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
-                      shutil.which("chromium-browser")):
+    for candidate in (
+        os.environ.get("DIFFUSERS_VAR_CHROMIUM"),
+        "/usr/bin/chromium",
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+    ):
         if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     return None
@@ -37,7 +51,9 @@ def url(tmp_path_factory):
     if not (FAMILIES["var"][2] / "model_index.json").is_file():
         pytest.skip("the embedded VAR pipeline is missing")
     folders = tiny_folders(tmp_path_factory.mktemp("browser-pipelines"))
-    demo = build_demo(var=FAMILIES["var"][2], star=folders["star"], infinity=folders["infinity"], device="cpu", max_images=4)
+    demo = build_demo(
+        var=FAMILIES["var"][2], star=folders["star"], infinity=folders["infinity"], device="cpu", max_images=4
+    )
     with serve(demo) as address:
         yield address, folders
 
@@ -74,7 +90,9 @@ def wait_for_images(page, prefix: str, count: int) -> None:
     images = page.locator(f"#{prefix}-gallery img")
     images.nth(count - 1).wait_for(state="visible")
     page.wait_for_function(
-        f"() => [...document.querySelectorAll('#{prefix}-gallery img')].every(im => im.complete && im.naturalWidth > 0)")
+        f"() => [...document.querySelectorAll('#{prefix}-gallery img')]"
+        ".every(im => im.complete && im.naturalWidth > 0)"
+    )
 
 
 def test_var_pick_class_generate_and_read_seed(page):

@@ -93,7 +93,9 @@ class NextScaleTesterMixin(PipelineTesterMixin):
     def setUp(self):
         super().setUp()
         # the battery's encode_prompt test finds the class by name in `diffusers.pipelines`: make ours visible there
-        patcher = mock.patch.object(diffusers.pipelines, self.pipeline_class.__name__, self.pipeline_class, create=True)
+        patcher = mock.patch.object(
+            diffusers.pipelines, self.pipeline_class.__name__, self.pipeline_class, create=True
+        )
         patcher.start()
         self.addCleanup(patcher.stop)
 
@@ -101,8 +103,9 @@ class NextScaleTesterMixin(PipelineTesterMixin):
     # matmuls and convolutions pick other kernels for another batch size (H200: up to 6e-4 apart, same tokens)
     def test_inference_batch_single_identical(self, batch_size=3, expected_max_diff=1e-4):
         expected_max_diff = 1e-3 if torch_device == "cuda" else expected_max_diff
-        self._test_inference_batch_single_identical(batch_size=batch_size, expected_max_diff=expected_max_diff,
-                                                    additional_params_copy_to_batched_inputs=[])
+        self._test_inference_batch_single_identical(
+            batch_size=batch_size, expected_max_diff=expected_max_diff, additional_params_copy_to_batched_inputs=[]
+        )
 
 
 class TextToImageTesterMixin(NextScaleTesterMixin):
@@ -186,14 +189,26 @@ class STARPipelineBatteryTests(TextToImageTesterMixin, unittest.TestCase):
         return star_components(seed=0, stable_sampler=False)
 
     def get_dummy_inputs(self, device, seed=0):
-        return {"prompt": PROMPT, "generator": dummy_generator(device, seed), "guidance_scale": 5.0, "top_k": 4,
-                "output_type": "np"}
+        return {
+            "prompt": PROMPT,
+            "generator": dummy_generator(device, seed),
+            "guidance_scale": 5.0,
+            "top_k": 4,
+            "output_type": "np",
+        }
 
     def prompt_embeds_inputs(self, pipe, prompt) -> dict:
-        embeds, mask, pooled, negative_embeds, negative_mask, negative_pooled = pipe.encode_prompt(prompt, device=torch_device)
-        return {"prompt_embeds": embeds, "prompt_attention_mask": mask, "pooled_prompt_embeds": pooled,
-                "negative_prompt_embeds": negative_embeds, "negative_prompt_attention_mask": negative_mask,
-                "negative_pooled_prompt_embeds": negative_pooled}
+        embeds, mask, pooled, negative_embeds, negative_mask, negative_pooled = pipe.encode_prompt(
+            prompt, device=torch_device
+        )
+        return {
+            "prompt_embeds": embeds,
+            "prompt_attention_mask": mask,
+            "pooled_prompt_embeds": pooled,
+            "negative_prompt_embeds": negative_embeds,
+            "negative_prompt_attention_mask": negative_mask,
+            "negative_pooled_prompt_embeds": negative_pooled,
+        }
 
 
 class STARStableSamplerPipelineBatteryTests(STARPipelineBatteryTests):
@@ -210,8 +225,15 @@ class InfinityPipelineBatteryTests(TextToImageTesterMixin, unittest.TestCase):
         return infinity_components(seed=0)
 
     def get_dummy_inputs(self, device, seed=0):
-        return {"prompt": PROMPT, "height": 32, "width": 32, "generator": dummy_generator(device, seed),
-                "guidance_scale": 5.0, "top_k": 2, "output_type": "np"}
+        return {
+            "prompt": PROMPT,
+            "height": 32,
+            "width": 32,
+            "generator": dummy_generator(device, seed),
+            "guidance_scale": 5.0,
+            "top_k": 2,
+            "output_type": "np",
+        }
 
     def prompt_embeds_inputs(self, pipe, prompt) -> dict:
         # the unconditional half is the learned unconditional text, which needs no text encoder
@@ -228,7 +250,7 @@ def dummy_image(size: int) -> torch.Tensor:
 def dummy_mask(side: int) -> torch.Tensor:
     """A latent-grid mask (side, side) generating all but the top quarter."""
     mask = torch.zeros(side, side, dtype=torch.bool)
-    mask[side // 4:] = True
+    mask[side // 4 :] = True
     return mask
 
 
@@ -303,10 +325,19 @@ class InfinityImg2ImgPipelineBatteryTests(EditTesterMixin, InfinityPipelineBatte
         return {**super().get_dummy_inputs(device, seed), "image": dummy_image(32), "strength": 0.75}
 
 
-BATTERIES = [VARPipelineBatteryTests, VARCoDePipelineBatteryTests, STARPipelineBatteryTests, STARStableSamplerPipelineBatteryTests,
-             InfinityPipelineBatteryTests, VARInpaintPipelineBatteryTests, VARImg2ImgPipelineBatteryTests,
-             STARInpaintPipelineBatteryTests, STARImg2ImgPipelineBatteryTests, InfinityInpaintPipelineBatteryTests,
-             InfinityImg2ImgPipelineBatteryTests]
+BATTERIES = [
+    VARPipelineBatteryTests,
+    VARCoDePipelineBatteryTests,
+    STARPipelineBatteryTests,
+    STARStableSamplerPipelineBatteryTests,
+    InfinityPipelineBatteryTests,
+    VARInpaintPipelineBatteryTests,
+    VARImg2ImgPipelineBatteryTests,
+    STARInpaintPipelineBatteryTests,
+    STARImg2ImgPipelineBatteryTests,
+    InfinityInpaintPipelineBatteryTests,
+    InfinityImg2ImgPipelineBatteryTests,
+]
 
 
 # -- every pipeline class has a battery ---------------------------------------------------------------
@@ -317,8 +348,12 @@ def package_pipeline_classes() -> set[type]:
     for info in pkgutil.walk_packages(diffusers_var.pipelines.__path__, "diffusers_var.pipelines."):
         modules.append(importlib.import_module(info.name))
     return {
-        value for module in modules for value in vars(module).values()
-        if inspect.isclass(value) and issubclass(value, DiffusionPipeline) and value.__module__.startswith("diffusers_var")
+        value
+        for module in modules
+        for value in vars(module).values()
+        if inspect.isclass(value)
+        and issubclass(value, DiffusionPipeline)
+        and value.__module__.startswith("diffusers_var")
         and value is not NextScalePipeline  # the shared base, not a pipeline one loads
     }
 
@@ -333,7 +368,11 @@ def test_every_pipeline_class_has_a_battery():
 def _vendored_table(columns: int) -> list[list[str]]:
     """Rows of README.md's tables with ``columns`` backquoted cells (the last one a sha256)."""
     row = re.compile(r"^\|" + r" `([^`]+)` \|" * columns + r"$")
-    rows = [list(match.groups()) for line in (VENDORED / "README.md").read_text().splitlines() if (match := row.match(line))]
+    rows = [
+        list(match.groups())
+        for line in (VENDORED / "README.md").read_text().splitlines()
+        if (match := row.match(line))
+    ]
     assert rows and all(re.fullmatch(r"[0-9a-f]{64}", r[-1]) for r in rows)
     return rows
 
@@ -343,9 +382,12 @@ def test_vendored_files_are_byte_identical_to_diffusers():
     verbatim = {local: digest for local, _source, digest in _vendored_table(3)}
     partial = {local for local, _function, _source, _digest in _vendored_table(4)}
     for local, digest in verbatim.items():
-        assert hashlib.sha256((VENDORED / local).read_bytes()).hexdigest() == digest, f"{local} differs from diffusers'"
+        assert hashlib.sha256((VENDORED / local).read_bytes()).hexdigest() == digest, (
+            f"{local} differs from diffusers'"
+        )
     present = {
-        path.relative_to(VENDORED).as_posix() for path in VENDORED.rglob("*")
+        path.relative_to(VENDORED).as_posix()
+        for path in VENDORED.rglob("*")
         if path.is_file() and "__pycache__" not in path.parts
     }
     assert present - {"README.md"} == set(verbatim) | partial
@@ -363,14 +405,20 @@ def test_minimal_modules_copy_their_functions_verbatim():
 
 # -- from_pipe keeps every component's dtype -------------------------------------------------------------
 def _component_dtypes(pipe) -> dict:
-    return {name: component.dtype for name, component in pipe.components.items() if isinstance(component, torch.nn.Module)}
+    return {
+        name: component.dtype for name, component in pipe.components.items() if isinstance(component, torch.nn.Module)
+    }
 
 
 @pytest.mark.parametrize(
     "pipeline_class, make_components, inputs",
     [
         (STARPipeline, lambda: star_components(seed=0, stable_sampler=False), {"prompt": PROMPT, "top_k": 4}),
-        (InfinityPipeline, lambda: infinity_components(seed=0), {"prompt": PROMPT, "height": 32, "width": 32, "top_k": 2}),
+        (
+            InfinityPipeline,
+            lambda: infinity_components(seed=0),
+            {"prompt": PROMPT, "height": 32, "width": 32, "top_k": 2},
+        ),
     ],
     ids=["STARPipeline", "InfinityPipeline"],
 )

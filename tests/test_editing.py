@@ -39,18 +39,37 @@ from tiny_components import infinity_components, star_components, var_components
 PROMPTS = ["a red circle on a blue background", "a green square"]
 # family -> (text / class pipeline, in-paint class, image-to-image class, the call's condition and sampling arguments)
 FAMILIES = {
-    "var": (lambda: VARPipeline(**var_components(seed=0)), VARInpaintPipeline, VARImg2ImgPipeline,
-            {"class_labels": [1, 2], "top_k": 8}),
-    "star": (lambda: STARPipeline(**star_components(seed=0, stable_sampler=False)), STARInpaintPipeline,
-             STARImg2ImgPipeline, {"prompt": PROMPTS, "top_k": 10, "top_p": 0.9}),
-    "star_stable_sampler": (lambda: STARPipeline(**star_components(seed=0, sampler_start_scale=2)),
-                            STARInpaintPipeline, STARImg2ImgPipeline, {"prompt": PROMPTS, "top_k": 10, "top_p": 0.9}),
-    "infinity": (lambda: InfinityPipeline(**infinity_components(seed=0)), InfinityInpaintPipeline,
-                 InfinityImg2ImgPipeline, {"prompt": PROMPTS, "height": 32, "width": 32, "top_k": 2}),
+    "var": (
+        lambda: VARPipeline(**var_components(seed=0)),
+        VARInpaintPipeline,
+        VARImg2ImgPipeline,
+        {"class_labels": [1, 2], "top_k": 8},
+    ),
+    "star": (
+        lambda: STARPipeline(**star_components(seed=0, stable_sampler=False)),
+        STARInpaintPipeline,
+        STARImg2ImgPipeline,
+        {"prompt": PROMPTS, "top_k": 10, "top_p": 0.9},
+    ),
+    "star_stable_sampler": (
+        lambda: STARPipeline(**star_components(seed=0, sampler_start_scale=2)),
+        STARInpaintPipeline,
+        STARImg2ImgPipeline,
+        {"prompt": PROMPTS, "top_k": 10, "top_p": 0.9},
+    ),
+    "infinity": (
+        lambda: InfinityPipeline(**infinity_components(seed=0)),
+        InfinityInpaintPipeline,
+        InfinityImg2ImgPipeline,
+        {"prompt": PROMPTS, "height": 32, "width": 32, "top_k": 2},
+    ),
     # 2x2 latent positions per token: bit labels and token bits have different layouts
-    "infinity_patchify": (lambda: InfinityPipeline(**infinity_components(seed=0, spatial_patchify=True)),
-                          InfinityInpaintPipeline, InfinityImg2ImgPipeline,
-                          {"prompt": PROMPTS, "height": 64, "width": 64, "top_k": 2}),
+    "infinity_patchify": (
+        lambda: InfinityPipeline(**infinity_components(seed=0, spatial_patchify=True)),
+        InfinityInpaintPipeline,
+        InfinityImg2ImgPipeline,
+        {"prompt": PROMPTS, "height": 64, "width": 64, "top_k": 2},
+    ),
 }
 _PIPES: dict = {}
 
@@ -87,16 +106,25 @@ def input_image(family: str, seed: int = 0, batch: int = 1) -> torch.Tensor:
 
 
 def run(pipe, family: str, seed: int = 0, output_type: str = "pt", **kwargs):
-    call = {**FAMILIES[family][3], "generator": torch.Generator().manual_seed(seed), "output_type": output_type,
-            **kwargs}
+    call = {
+        **FAMILIES[family][3],
+        "generator": torch.Generator().manual_seed(seed),
+        "output_type": output_type,
+        **kwargs,
+    }
     return pipe(**call).images
 
 
 def traced(pipe, family: str, **kwargs):
     """``(images, tokens of every scale)`` of a call (the tokens that entered the running latent)."""
     seen = []
-    images = run(pipe, family, callback_on_step_end_tensor_inputs=["tokens"],
-                 callback_on_step_end=lambda p, si, hw, t: seen.append(t["tokens"].clone()) or {}, **kwargs)
+    images = run(
+        pipe,
+        family,
+        callback_on_step_end_tensor_inputs=["tokens"],
+        callback_on_step_end=lambda p, si, hw, t: seen.append(t["tokens"].clone()) or {},
+        **kwargs,
+    )
     return images, seen
 
 
@@ -178,8 +206,9 @@ def test_image_and_its_tokens_give_the_same_edit(family):
     height, width = inpaint.pixel_size(schedule)
     with torch.no_grad():
         tokens = inpaint.encode_image_tokens(inpaint.image_processor.preprocess(image, height, width), schedule)
-    assert torch.equal(run(inpaint, family, image=image, mask_image=mask),
-                       run(inpaint, family, image_indices=tokens, mask_image=mask))
+    assert torch.equal(
+        run(inpaint, family, image=image, mask_image=mask), run(inpaint, family, image_indices=tokens, mask_image=mask)
+    )
     assert torch.equal(run(img2img, family, image=image), run(img2img, family, image_indices=tokens))
 
 
@@ -202,13 +231,17 @@ def test_pixel_masks_become_latent_grid_masks(family):
     height, width = inpaint.pixel_size(schedule)
     (h, w), per_token = schedule[-1], height // schedule[-1][0]
     pixels = np.zeros((height, width), dtype=np.uint8)
-    pixels[height // 2:, : per_token + 1] = 255  # the left column of cells and one pixel of the next
+    pixels[height // 2 :, : per_token + 1] = 255  # the left column of cells and one pixel of the next
     expected = torch.zeros(h, w, dtype=torch.bool)
-    expected[h // 2:, :2] = True
+    expected[h // 2 :, :2] = True
     assert torch.equal(latent_grid_mask(torch.from_numpy(pixels)[None, None] / 255, (h, w))[0], expected)
     reference = run(inpaint, family, image=image, mask_image=expected)
-    for mask in (PIL.Image.fromarray(pixels), pixels, torch.from_numpy(pixels > 0),
-                 torch.from_numpy(pixels)[None] / 255.0):
+    for mask in (
+        PIL.Image.fromarray(pixels),
+        pixels,
+        torch.from_numpy(pixels > 0),
+        torch.from_numpy(pixels)[None] / 255.0,
+    ):
         assert torch.equal(run(inpaint, family, image=image, mask_image=mask), reference), type(mask)
 
 
@@ -219,12 +252,19 @@ def test_one_image_per_prompt_or_per_generated_image(family):
     condition = {k: call[k] for k in ("class_labels", "prompt") if k in call}
     images = input_image(family, seed=5, batch=2)
     masks = torch.stack([grid_mask(family, slice(1, None)), grid_mask(family, slice(None), slice(2, None))])
-    batch = run(inpaint, family, image=images, mask_image=masks,
-                generator=[torch.Generator().manual_seed(s) for s in (7, 8)])
+    batch = run(
+        inpaint, family, image=images, mask_image=masks, generator=[torch.Generator().manual_seed(s) for s in (7, 8)]
+    )
     for i, seed in enumerate((7, 8)):
-        alone = run(inpaint, family, **{k: v[i:i + 1] for k, v in condition.items()}, image=images[i:i + 1],
-                    mask_image=masks[i], generator=[torch.Generator().manual_seed(seed)])
-        torch.testing.assert_close(batch[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+        alone = run(
+            inpaint,
+            family,
+            **{k: v[i : i + 1] for k, v in condition.items()},
+            image=images[i : i + 1],
+            mask_image=masks[i],
+            generator=[torch.Generator().manual_seed(seed)],
+        )
+        torch.testing.assert_close(batch[i : i + 1], alone, atol=1e-5, rtol=1e-5)
     per_image = run(inpaint, family, image=images.repeat(2, 1, 1, 1), mask_image=masks[:1], num_images_per_prompt=2)
     assert per_image.shape[0] == 4
 
@@ -237,8 +277,11 @@ def test_box_mask_rounds_half_to_even_like_the_notebook():
     assert torch.equal(mask, expected)
     assert torch.equal(pipe.box_mask(0.125, 0.375, 0.625, 0.875, inpainting=False), ~expected)
     assert pipes("infinity")[1].box_mask(0.0, 0.0, 0.5, 0.25, height=32, width=32).sum() == 8 * 4
-    for bad, name in (((0.5, 0.0, 0.25, 1.0), "y0"), ((-0.1, 0.0, 1.0, 1.0), "y0"),
-                      ((0.0, 0.0, 1.0, float("nan")), "x1")):
+    for bad, name in (
+        ((0.5, 0.0, 0.25, 1.0), "y0"),
+        ((-0.1, 0.0, 1.0, 1.0), "y0"),
+        ((0.0, 0.0, 1.0, float("nan")), "x1"),
+    ):
         with pytest.raises(ValueError, match=name):
             pipe.box_mask(*bad)
 
@@ -287,8 +330,11 @@ def graphs_on_cpu(monkeypatch):
     monkeypatch.setattr(fast_inference.FastInferenceMixin, "_cuda_graphs_usable", staticmethod(lambda device: True))
     for module in (fast_inference, pipeline_var):
         monkeypatch.setattr(module, "CUDAGraphScaleSteps", EagerGraphStandIn)
-    monkeypatch.setattr(fast_inference.FastInferenceMixin, "_graph_sampling_generator",
-                        lambda self, device, generator: generator if self._use_cuda_graphs else None)
+    monkeypatch.setattr(
+        fast_inference.FastInferenceMixin,
+        "_graph_sampling_generator",
+        lambda self, device, generator: generator if self._use_cuda_graphs else None,
+    )
     return EagerGraphStandIn
 
 
@@ -298,24 +344,39 @@ def test_var_graphs_run_the_forcing_from_their_static_copy(graphs_on_cpu):
     state; one graph set per (batch, settings) serves every image and mask."""
     eager = tiny_var()
     graphed = tiny_var().enable_fast_inference(dtype=torch.float32)
-    pairs = [(VARInpaintPipeline.from_pipe(eager), VARInpaintPipeline.from_pipe(graphed)),
-             (VARImg2ImgPipeline.from_pipe(eager), VARImg2ImgPipeline.from_pipe(graphed))]
+    pairs = [
+        (VARInpaintPipeline.from_pipe(eager), VARInpaintPipeline.from_pipe(graphed)),
+        (VARImg2ImgPipeline.from_pipe(eager), VARImg2ImgPipeline.from_pipe(graphed)),
+    ]
     images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    masks = [torch.tensor([[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1]], dtype=torch.bool),
-             torch.tensor([[1, 1, 1, 1], [1, 0, 0, 1], [1, 0, 0, 1], [1, 1, 1, 1]], dtype=torch.bool)]
-    cases = [(pairs[0], {"mask_image": masks[0], "image": images[:1]}),
-             (pairs[0], {"mask_image": masks[1], "image": images[1:]}),
-             (pairs[0], {"mask_image": masks[0], "image": images[1:], "more_smooth": True}),
-             (pairs[1], {"strength": 0.5, "image": images[:1]}), (pairs[1], {"strength": 0.75, "image": images[1:]})]
+    masks = [
+        torch.tensor([[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1]], dtype=torch.bool),
+        torch.tensor([[1, 1, 1, 1], [1, 0, 0, 1], [1, 0, 0, 1], [1, 1, 1, 1]], dtype=torch.bool),
+    ]
+    cases = [
+        (pairs[0], {"mask_image": masks[0], "image": images[:1]}),
+        (pairs[0], {"mask_image": masks[1], "image": images[1:]}),
+        (pairs[0], {"mask_image": masks[0], "image": images[1:], "more_smooth": True}),
+        (pairs[1], {"strength": 0.5, "image": images[:1]}),
+        (pairs[1], {"strength": 0.75, "image": images[1:]}),
+    ]
     for seed, ((reference_pipe, pipe), edit) in enumerate(cases):
         results = []
         for p in (reference_pipe, pipe):
             generator = torch.Generator().manual_seed(seed)
-            latent = p(class_labels=[1, 4], generator=generator, guidance_scale=3.0, top_k=10, top_p=0.9,
-                       output_type="latent", **edit).images
+            latent = p(
+                class_labels=[1, 4],
+                generator=generator,
+                guidance_scale=3.0,
+                top_k=10,
+                top_p=0.9,
+                output_type="latent",
+                **edit,
+            ).images
             results.append((latent, generator.get_state()))
         assert torch.equal(results[0][0], results[1][0]), edit
         assert torch.equal(results[0][1], results[1][1])
+
     def keys(p):  # (top_k, more_smooth, forcing): masks, images and strengths are not part of the key
         return sorted((key[3], key[2].more_smooth, key[5]) for key in p._graph_steps)
 
@@ -334,9 +395,11 @@ def test_var_graphs_fall_back_to_eager_for_other_forcing_hooks_and_say_so(graphs
     warnings = [r for r in caplog.records if "cannot run inside" in r.getMessage()]
     assert len(warnings) == 1  # once per pipeline
     assert not [key for key in pipe._graph_steps if key[0] == "sampling"]  # sampling stayed eager
-    forcing = TokenForcing([torch.ones(2, n, n, dtype=torch.bool) for n in (1, 2, 3, 4)],
-                           [torch.zeros(2, n * n, dtype=torch.long) for n in (1, 2, 3, 4)],
-                           [torch.zeros(2, 8, n, n) for n in (1, 2, 3, 4)])
+    forcing = TokenForcing(
+        [torch.ones(2, n, n, dtype=torch.bool) for n in (1, 2, 3, 4)],
+        [torch.zeros(2, n * n, dtype=torch.long) for n in (1, 2, 3, 4)],
+        [torch.zeros(2, 8, n, n) for n in (1, 2, 3, 4)],
+    )
     pipe._begin_call(4.0, 4)
     pipe._sample_scales(labels, 10, 0.9, False, torch.Generator().manual_seed(0), forcing=forcing)
     assert [key for key in pipe._graph_steps if key[0] == "sampling"]  # a TokenForcing runs in the graphs

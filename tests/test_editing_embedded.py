@@ -41,8 +41,9 @@ def test_editing_a_few_held_out_images(evaluation, family):
     if not (folder / "model_index.json").is_file():
         pytest.fail(f"the embedded pipeline {folder} is missing")
     with torch.no_grad():
-        results, images = evaluation.evaluate_family(family, evaluation.make_edit_set(NUM_IMAGES), dilate=0,
-                                                     batch_size=NUM_IMAGES)
+        results, images = evaluation.evaluate_family(
+            family, evaluation.make_edit_set(NUM_IMAGES), dilate=0, batch_size=NUM_IMAGES
+        )
     print(family, results)
     edit, outpaint = results["edit"], results["outpaint"]
     assert images["edit"].shape == (NUM_IMAGES, 64, 64, 3)
@@ -63,34 +64,70 @@ def test_edit_set_boxes_cover_each_shape(evaluation):
 
 
 def test_edit_command(tmp_path):
-    image = shapes.render(np.array([shapes.class_id("circle", "red", "blue")]), np.array([14.0], dtype=np.float32),
-                          np.array([[30.0, 34.0]], dtype=np.float32), 64)[0]
+    image = shapes.render(
+        np.array([shapes.class_id("circle", "red", "blue")]),
+        np.array([14.0], dtype=np.float32),
+        np.array([[30.0, 34.0]], dtype=np.float32),
+        64,
+    )[0]
     PIL.Image.fromarray(image).save(tmp_path / "in.png")
     mask = np.zeros((64, 64), dtype=np.uint8)
     mask[14:48, 18:52] = 255
     PIL.Image.fromarray(mask).save(tmp_path / "mask.png")
     base = ["edit", "--image", str(tmp_path / "in.png")]
-    assert main([*base, "--mask", str(tmp_path / "mask.png"), "--class-label", "yellow circle on blue",
-                 "--out", str(tmp_path / "a.png")]) == 0
+    assert (
+        main(
+            [
+                *base,
+                "--mask",
+                str(tmp_path / "mask.png"),
+                "--class-label",
+                "yellow circle on blue",
+                "--out",
+                str(tmp_path / "a.png"),
+            ]
+        )
+        == 0
+    )
     edited = np.asarray(PIL.Image.open(tmp_path / "a.png").convert("RGB"))
     assert edited.shape == (64, 64, 3)
     assert shapes.judge_images([edited])[0].background == "blue"
     assert main([*base, "--strength", "0", "--class-label", "3", "--out", str(tmp_path / "b.png")]) == 0
     assert shapes.judge_images([PIL.Image.open(tmp_path / "b.png")])[0] == shapes.ShapeClass("circle", "red", "blue")
     star = str(REPO_ROOT / "pipelines" / "star-shapes")
-    assert main([*base, "--model", star, "--box", "0.125,0.125,0.875,0.875", "--outpaint", "--prompt",
-                 "a red circle on a blue background", "--num-images", "2", "--out", str(tmp_path / "c.png")]) == 0
+    assert (
+        main(
+            [
+                *base,
+                "--model",
+                star,
+                "--box",
+                "0.125,0.125,0.875,0.875",
+                "--outpaint",
+                "--prompt",
+                "a red circle on a blue background",
+                "--num-images",
+                "2",
+                "--out",
+                str(tmp_path / "c.png"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "c-0.png").is_file() and (tmp_path / "c-1.png").is_file()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--class-label", "3"], "--mask"),
-    (["--strength", "0.5", "--box", "0,0,1,1", "--class-label", "3"], "--strength"),
-    (["--box", "0,0,1", "--class-label", "3"], "--box"),
-    (["--strength", "1.5", "--class-label", "3"], "strength"),
-    (["--strength", "0.5"], "--class-label"),
-    (["--strength", "0.5", "--class-label", "3", "--height", "32"], "--height"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--class-label", "3"], "--mask"),
+        (["--strength", "0.5", "--box", "0,0,1,1", "--class-label", "3"], "--strength"),
+        (["--box", "0,0,1", "--class-label", "3"], "--box"),
+        (["--strength", "1.5", "--class-label", "3"], "strength"),
+        (["--strength", "0.5"], "--class-label"),
+        (["--strength", "0.5", "--class-label", "3", "--height", "32"], "--height"),
+    ],
+)
 def test_edit_command_errors_name_the_option(tmp_path, capsys, args, message):
     PIL.Image.new("RGB", (64, 64), "blue").save(tmp_path / "in.png")
     assert main(["edit", "--image", str(tmp_path / "in.png"), *args, "--out", str(tmp_path / "x.png")]) == 2

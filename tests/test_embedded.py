@@ -39,7 +39,11 @@ def test_embedded_pipeline_generates_what_was_asked(name, pipeline_class, sampli
     pipe = pipeline_class.from_pretrained(_folder(name), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     labels = list(range(NUM_SAMPLES))
-    condition = {"class_labels": labels} if pipeline_class is VARPipeline else {"prompt": [shapes.CLASSES[i].caption for i in labels]}
+    condition = (
+        {"class_labels": labels}
+        if pipeline_class is VARPipeline
+        else {"prompt": [shapes.CLASSES[i].caption for i in labels]}
+    )
     images = pipe(**condition, **sampling, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert images.shape == (NUM_SAMPLES, 3, 64, 64)
     score = _score(images, labels)
@@ -95,12 +99,38 @@ def test_generate_command_uses_the_embedded_var(tmp_path):
     out = tmp_path / "out.png"
     assert main(["generate", "--class-label", "red circle on blue", "--out", str(out)]) == 0
     assert out.is_file()
-    assert main(["generate", "--model", str(_folder("star-shapes")), "--prompt", "a green square on a white background",
-                 "--out", str(tmp_path / "s.png")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(_folder("star-shapes")),
+                "--prompt",
+                "a green square on a white background",
+                "--out",
+                str(tmp_path / "s.png"),
+            ]
+        )
+        == 0
+    )
     judged = shapes.judge_images([__import__("PIL.Image").Image.open(tmp_path / "s.png")])[0]
     assert judged is not None
-    assert main(["generate", "--model", str(_folder("infinity-shapes")), "--prompt", "a yellow triangle on a green background",
-                 "--seed", "0", "--out", str(tmp_path / "i.png")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(_folder("infinity-shapes")),
+                "--prompt",
+                "a yellow triangle on a green background",
+                "--seed",
+                "0",
+                "--out",
+                str(tmp_path / "i.png"),
+            ]
+        )
+        == 0
+    )
     judged = shapes.judge_images([__import__("PIL.Image").Image.open(tmp_path / "i.png")])[0]
     assert judged == shapes.ShapeClass("triangle", "yellow", "green"), judged
 
@@ -112,8 +142,24 @@ def test_generate_command_with_a_refiner(tmp_path, capsys):
 
     refiner = str(_folder("var-shapes-refiner"))
     out = tmp_path / "code.png"
-    assert main(["generate", "--refiner", refiner, "--draft-steps", "3", "--class-label", "blue square on yellow",
-                 "--num-images", "2", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--refiner",
+                refiner,
+                "--draft-steps",
+                "3",
+                "--class-label",
+                "blue square on yellow",
+                "--num-images",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "code-0.png").is_file() and (tmp_path / "code-1.png").is_file()
     assert main(["generate", "--draft-steps", "3", "--out", str(out)]) == 2
     assert "`--draft-steps`" in capsys.readouterr().err

@@ -10,10 +10,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
 from PIL import Image
 from torch import nn
 
+from conftest import REPO_ROOT
 from diffusers_var import evaluation as ev
 from diffusers_var.cli import main
 from diffusers_var.fid_inception import WEIGHTS_FILENAMES, FIDInceptionV3, resize_bilinear_like_tensorflow1x
@@ -54,7 +54,9 @@ def test_frechet_distance_matches_closed_forms():
     assert ev.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
     x, y = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
     s1, s2 = x @ x.T, y @ y.T  # general case: tr sqrtm(S1 S2) = sum of sqrt(eigenvalues of S1 S2)
-    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.linalg.eigvals(s1 @ s2).real).sum()
+    expected = (
+        ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.linalg.eigvals(s1 @ s2).real).sum()
+    )
     assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
     features = rng.normal(size=(50, 300))  # fewer samples than dimensions: singular covariance
     stats = ev.feature_statistics(features)
@@ -62,12 +64,14 @@ def test_frechet_distance_matches_closed_forms():
     other = rng.normal(size=(40, 300)) * rng.uniform(0.5, 1.5, 300) + 0.1
     # the small-set path (an (n1, n2) SVD) and the covariance path agree, and a set is at distance 0 from itself
     assert ev.frechet_distance_of_features(features, other) == pytest.approx(
-        ev.frechet_distance(*stats, *ev.feature_statistics(other)), rel=1e-8)
+        ev.frechet_distance(*stats, *ev.feature_statistics(other)), rel=1e-8
+    )
     assert abs(ev.frechet_distance_of_features(features, features)) < 1e-9
     with pytest.raises(ValueError, match="at least 2 images"):
         ev.frechet_distance_of_features(features[:1], other)
     assert ev.frechet_distance_of_features(features[:10], other[:10]) == pytest.approx(
-        ev.frechet_distance(*ev.feature_statistics(features[:10]), *ev.feature_statistics(other[:10])), rel=1e-8)
+        ev.frechet_distance(*ev.feature_statistics(features[:10]), *ev.feature_statistics(other[:10])), rel=1e-8
+    )
 
 
 def test_inception_score_follows_adm():
@@ -82,6 +86,7 @@ def test_inception_score_follows_adm():
 
 def _adm_precision_recall(reference, samples, k=3):
     """ADM's ManifoldEstimator, transcribed with numpy (partition for the k-th neighbour, <= radius)."""
+
     def radii(features):
         d = ((features[:, None] - features[None]) ** 2).sum(-1)
         return np.partition(d, k, axis=1)[:, k]
@@ -111,7 +116,9 @@ def test_precision_recall_follows_adm():
 def test_tensorflow_bilinear_resize():
     """TensorFlow 1's resize has no half-pixel offset: the source of output pixel i is i * in / out."""
     x = torch.tensor([[0.0, 10.0], [20.0, 30.0]])[None, None]
-    expected = torch.tensor([[0, 5, 10, 10], [10, 15, 20, 20], [20, 25, 30, 30], [20, 25, 30, 30]], dtype=torch.float32)
+    expected = torch.tensor(
+        [[0, 5, 10, 10], [10, 15, 20, 20], [20, 25, 30, 30], [20, 25, 30, 30]], dtype=torch.float32
+    )
     torch.testing.assert_close(resize_bilinear_like_tensorflow1x(x, 4)[0, 0], expected)
     assert not torch.allclose(torch.nn.functional.interpolate(x, size=4, mode="bilinear")[0, 0], expected)
 
@@ -126,8 +133,12 @@ def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise(inception_weig
     sets = {"clean": clean}
     for sigma in (16, 64):
         sets[f"noise{sigma}"] = np.clip(clean + rng.normal(0, sigma, clean.shape), 0, 255).round().astype(np.uint8)
-    features = {name: ev.inception_features(model, ev.ImageSet(_save_images(tmp_path / name, images), "--samples"),
-                                            batch_size=6) for name, images in sets.items()}
+    features = {
+        name: ev.inception_features(
+            model, ev.ImageSet(_save_images(tmp_path / name, images), "--samples"), batch_size=6
+        )
+        for name, images in sets.items()
+    }
     pool, logits = features["clean"]
     assert pool.shape == (12, 2048) and logits.shape == (12, 1008) and pool.std(axis=0).mean() > 1e-3
     fid = {name: ev.frechet_distance_of_features(pool, f[0]) for name, f in features.items()}
@@ -170,15 +181,37 @@ def _sample_folder(folder, images, prompts=None):
 def test_evaluate_command_and_reference_statistics(inception_weights, tmp_path, capsys):
     samples = _sample_folder(tmp_path / "samples", ShapesDataset(6, 32, seed=1).images)
     reference = _save_images(tmp_path / "reference", ShapesDataset(8, 32, seed=2).images)
-    write_npz(tmp_path / "samples.npz", {"arr_0": ((6, 32, 32, 3), np.uint8, iter([ShapesDataset(6, 32, seed=1).images]))})
+    write_npz(
+        tmp_path / "samples.npz", {"arr_0": ((6, 32, 32, 3), np.uint8, iter([ShapesDataset(6, 32, seed=1).images]))}
+    )
     stats = tmp_path / "stats" / "reference.npz"
     common = ["--inception-weights", str(inception_weights), "--device", "cpu", "--no-progress", "--batch-size", "8"]
-    assert main(["evaluate", "--samples", str(samples), "--reference", str(reference), "--save-reference-stats",
-                 str(stats), "--out", str(tmp_path / "result.json"), *common]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--samples",
+                str(samples),
+                "--reference",
+                str(reference),
+                "--save-reference-stats",
+                str(stats),
+                "--out",
+                str(tmp_path / "result.json"),
+                *common,
+            ]
+        )
+        == 0
+    )
     first = json.loads((tmp_path / "result.json").read_text())
     assert json.loads(capsys.readouterr().out) == first
     assert first["num_samples"] == 6 and first["num_reference"] == 8
-    assert first["fid"] > 0 and first["inception_score"] >= 1.0 and 0 <= first["precision"] <= 1 and 0 <= first["recall"] <= 1
+    assert (
+        first["fid"] > 0
+        and first["inception_score"] >= 1.0
+        and 0 <= first["precision"] <= 1
+        and 0 <= first["recall"] <= 1
+    )
     with np.load(stats) as data:
         assert data["inception_pool_3"].shape == (8, 2048) and data["sigma"].shape == (2048, 2048)
 
@@ -194,8 +227,21 @@ def test_evaluate_command_and_reference_statistics(inception_weights, tmp_path, 
     assert main(["evaluate", "--samples", str(samples), "--reference", str(tmp_path / "stats_only.npz"), *common]) == 0
     third = json.loads(capsys.readouterr().out)
     assert third["fid"] == pytest.approx(first["fid"], rel=1e-6) and "precision" not in third
-    assert main(["evaluate", "--samples", str(samples), "--reference", str(tmp_path / "stats_only.npz"), "--metrics",
-                 "pr", *common]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--samples",
+                str(samples),
+                "--reference",
+                str(tmp_path / "stats_only.npz"),
+                "--metrics",
+                "pr",
+                *common,
+            ]
+        )
+        == 2
+    )
     assert "holds statistics only" in capsys.readouterr().err
 
 
@@ -226,11 +272,25 @@ def test_clip_score_with_a_tiny_clip(tmp_path, capsys):
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(REPO_ROOT / "pipelines" / "star-shapes" / "tokenizer")
-    text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "max_position_embeddings": 77, "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-              "image_size": 32, "patch_size": 8}
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 77,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    }
     clip_dir = tmp_path / "clip"
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(clip_dir)
     tokenizer.save_pretrained(clip_dir)
@@ -240,8 +300,25 @@ def test_clip_score_with_a_tiny_clip(tmp_path, capsys):
     images = ShapesDataset(64, 64, seed=3).images[:5]
     prompts = [CLASSES[i].caption for i in labels]
     samples = _sample_folder(tmp_path / "samples", images, prompts)
-    assert main(["evaluate", "--samples", str(samples), "--metrics", "clip", "--clip-model", str(clip_dir), "--device",
-                 "cpu", "--no-progress", "--batch-size", "2"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--samples",
+                str(samples),
+                "--metrics",
+                "clip",
+                "--clip-model",
+                str(clip_dir),
+                "--device",
+                "cpu",
+                "--no-progress",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     clip = ev.load_clip(str(clip_dir))
     per_image = ev.clip_scores(clip, ev.ImageSet(samples, "--samples"), prompts, batch_size=2)
@@ -257,6 +334,19 @@ def test_clip_score_with_a_tiny_clip(tmp_path, capsys):
     np.testing.assert_allclose(per_image, expected, atol=1e-4)
     assert (per_image > 0).sum() >= 2  # the check above compares real values, not only clamped zeros
     assert result["clip_score"] == pytest.approx(float(np.mean(expected)), abs=1e-4)
-    assert main(["evaluate", "--samples", str(samples), "--metrics", "clip", "--clip-model", str(tmp_path / "none"),
-                 "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--samples",
+                str(samples),
+                "--metrics",
+                "clip",
+                "--clip-model",
+                str(tmp_path / "none"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "`--clip-model`" in capsys.readouterr().err

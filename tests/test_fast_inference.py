@@ -25,8 +25,14 @@ PROMPTS = ["a red cat", "the city"]
 
 def star_images(pipe, seed=0, **kwargs):
     kwargs.setdefault("prompt", PROMPTS)
-    return pipe(generator=torch.Generator().manual_seed(seed), sampler_generator=torch.Generator().manual_seed(seed + 1),
-                top_k=10, top_p=0.9, output_type="pt", **kwargs).images
+    return pipe(
+        generator=torch.Generator().manual_seed(seed),
+        sampler_generator=torch.Generator().manual_seed(seed + 1),
+        top_k=10,
+        top_p=0.9,
+        output_type="pt",
+        **kwargs,
+    ).images
 
 
 def infinity_images(pipe, seed=0, **kwargs):
@@ -114,18 +120,27 @@ def test_infinity_fast_inference_on_cpu(infinity):
     assert torch.equal(infinity_images(exact), reference)
 
 
-@pytest.mark.parametrize("kwargs, parameter", [
-    (dict(dtype="bf16"), "dtype"),
-    (dict(dtype=torch.int64), "dtype"),
-    (dict(dtype=None), "dtype"),
-    (dict(cuda_graphs="yes"), "cuda_graphs"),
-    (dict(compile_decoder=1), "compile_decoder"),
-])
+@pytest.mark.parametrize(
+    "kwargs, parameter",
+    [
+        (dict(dtype="bf16"), "dtype"),
+        (dict(dtype=torch.int64), "dtype"),
+        (dict(dtype=None), "dtype"),
+        (dict(cuda_graphs="yes"), "cuda_graphs"),
+        (dict(compile_decoder=1), "compile_decoder"),
+    ],
+)
 def test_bad_fast_inference_arguments_name_the_parameter(star, infinity, kwargs, parameter):
     torch.manual_seed(0)
-    vqvae = MultiScaleVQModel(ch=32, ch_mult=(1, 1), num_res_blocks=1, vocab_size=64, z_channels=8, patch_nums=(1, 2, 3))
-    var = VARPipeline(VARTransformer2DModel(num_classes=4, depth=1, embed_dim=32, num_heads=2, vocab_size=64, latent_channels=8,
-                                            patch_nums=(1, 2, 3)), vqvae)
+    vqvae = MultiScaleVQModel(
+        ch=32, ch_mult=(1, 1), num_res_blocks=1, vocab_size=64, z_channels=8, patch_nums=(1, 2, 3)
+    )
+    var = VARPipeline(
+        VARTransformer2DModel(
+            num_classes=4, depth=1, embed_dim=32, num_heads=2, vocab_size=64, latent_channels=8, patch_nums=(1, 2, 3)
+        ),
+        vqvae,
+    )
     for pipe in (star, infinity, var):
         with pytest.raises(ValueError, match=f"`{parameter}`"):
             pipe.enable_fast_inference(**kwargs)
@@ -172,6 +187,7 @@ def test_star_graph_wiring_reuses_one_set_per_rows_and_text_length(star, stand_i
     pipe = own_star(star).enable_fast_inference(dtype=torch.float32)
     for prompts in (PROMPTS, ["two dogs", "a boat at sea"], ["one"]):
         assert torch.equal(star_images(pipe, prompt=prompts), star_images(star, prompt=prompts))
+
     def rows_and_length(key):  # the shapes of the condition (text hidden states) fix a set
         return key[2][0][0][:2]
 
@@ -193,9 +209,12 @@ def test_infinity_graph_wiring(infinity, stand_in_graphs):
 
 def tiny_var(seed: int = 0) -> VARPipeline:
     torch.manual_seed(seed)
-    vqvae = MultiScaleVQModel(ch=32, ch_mult=(1, 1), num_res_blocks=1, vocab_size=64, z_channels=8, patch_nums=(1, 2, 3, 4))
-    transformer = VARTransformer2DModel(depth=2, embed_dim=64, num_heads=2, vocab_size=64, latent_channels=8, patch_nums=(1, 2, 3, 4),
-                                        num_classes=10)
+    vqvae = MultiScaleVQModel(
+        ch=32, ch_mult=(1, 1), num_res_blocks=1, vocab_size=64, z_channels=8, patch_nums=(1, 2, 3, 4)
+    )
+    transformer = VARTransformer2DModel(
+        depth=2, embed_dim=64, num_heads=2, vocab_size=64, latent_channels=8, patch_nums=(1, 2, 3, 4), num_classes=10
+    )
     transformer.init_weights(init_head=1.0)  # spread-out logits: filtering and sampling matter
     pipe = VARPipeline(transformer=transformer.eval(), vqvae=vqvae.eval())
     pipe.set_progress_bar_config(disable=True)
@@ -203,13 +222,16 @@ def tiny_var(seed: int = 0) -> VARPipeline:
 
 
 def test_var_sampling_graph_wiring(monkeypatch, stand_in_graphs):
-    """The whole-scale graphs (sampling inside) with the CPU stand-in: static f_hat and chained scale inputs, guidance and
-    top-p read from the shared tensors (one set serves them all; top-k fixes shapes, so it is part of the key), the
-    borrowed generator state, and a callback's f_hat written into the static buffers all reproduce the eager loop
-    exactly."""
+    """The whole-scale graphs (sampling inside) with the CPU stand-in: static f_hat and chained scale inputs,
+    guidance and top-p read from the shared tensors (one set serves them all; top-k fixes shapes, so it is part of the
+    key), the borrowed generator state, and a callback's f_hat written into the static buffers all reproduce the eager
+    loop exactly."""
     monkeypatch.setattr(pipeline_var, "CUDAGraphScaleSteps", EagerGraphStandIn)
-    monkeypatch.setattr(fast_inference.FastInferenceMixin, "_graph_sampling_generator",
-                        lambda self, device, generator: generator if self._use_cuda_graphs else None)
+    monkeypatch.setattr(
+        fast_inference.FastInferenceMixin,
+        "_graph_sampling_generator",
+        lambda self, device, generator: generator if self._use_cuda_graphs else None,
+    )
     eager, graphed = tiny_var(), tiny_var().enable_fast_inference(dtype=torch.float32)
 
     def run(pipe, seed, **kwargs):
@@ -218,9 +240,13 @@ def test_var_sampling_graph_wiring(monkeypatch, stand_in_graphs):
         return latent, generator.get_state()
 
     halve = lambda p, si, hw, t: {"latents": t["latents"] * 0.5} if si == 1 else {}  # noqa: E731
-    cases = [dict(guidance_scale=4.0, top_k=10, top_p=0.9), dict(guidance_scale=1.5, top_k=10, top_p=0.7),
-             dict(guidance_scale=2.0, top_k=0, top_p=0.96), dict(guidance_scale=3.0, top_k=10, top_p=0.9, more_smooth=True),
-             dict(guidance_scale=2.0, top_k=10, top_p=0.8, callback_on_step_end=halve)]
+    cases = [
+        dict(guidance_scale=4.0, top_k=10, top_p=0.9),
+        dict(guidance_scale=1.5, top_k=10, top_p=0.7),
+        dict(guidance_scale=2.0, top_k=0, top_p=0.96),
+        dict(guidance_scale=3.0, top_k=10, top_p=0.9, more_smooth=True),
+        dict(guidance_scale=2.0, top_k=10, top_p=0.8, callback_on_step_end=halve),
+    ]
     for seed, kwargs in enumerate(cases):
         (reference, reference_state), (latent, state) = run(eager, seed, **kwargs), run(graphed, seed, **kwargs)
         assert torch.equal(latent, reference), kwargs
@@ -233,10 +259,16 @@ def test_var_sampling_graph_wiring(monkeypatch, stand_in_graphs):
     # guided logits for the callback: a copy made inside the graph, as the eager loop makes it
     seen = {}
     for pipe in (eager, graphed):
-        run(pipe, 3, guidance_scale=4.0, top_k=10,
+        run(
+            pipe,
+            3,
+            guidance_scale=4.0,
+            top_k=10,
             callback_on_step_end_tensor_inputs=["guided_logits", "model_logits", "tokens", "next_scale_input"],
-            callback_on_step_end=lambda p, si, hw, t: seen.setdefault(id(p), []).append(
-                [None if v is None else v.clone() for v in t.values()]) or {})
+            callback_on_step_end=lambda p, si, hw, t: (
+                seen.setdefault(id(p), []).append([None if v is None else v.clone() for v in t.values()]) or {}
+            ),
+        )
     for reference, got in zip(seen[id(eager)], seen[id(graphed)]):
         assert all((r is None and g is None) or torch.equal(r, g) for r, g in zip(reference, got))
 
@@ -244,8 +276,14 @@ def test_var_sampling_graph_wiring(monkeypatch, stand_in_graphs):
 # -- precomputed text features ---------------------------------------------------------------------------
 def test_star_prompt_embeds_reproduce_the_prompt(star):
     hidden, mask, pooled, neg_hidden, neg_mask, neg_pooled = star.encode_prompt(PROMPTS)
-    embeds = dict(prompt_embeds=hidden, prompt_attention_mask=mask, pooled_prompt_embeds=pooled, negative_prompt_embeds=neg_hidden,
-                  negative_prompt_attention_mask=neg_mask, negative_pooled_prompt_embeds=neg_pooled)
+    embeds = dict(
+        prompt_embeds=hidden,
+        prompt_attention_mask=mask,
+        pooled_prompt_embeds=pooled,
+        negative_prompt_embeds=neg_hidden,
+        negative_prompt_attention_mask=neg_mask,
+        negative_pooled_prompt_embeds=neg_pooled,
+    )
     assert torch.equal(star_images(star, prompt=None, **embeds), star_images(star))
     twice = star_images(star, prompt=None, num_images_per_prompt=2, **embeds)
     assert torch.equal(twice, star_images(star, num_images_per_prompt=2))
@@ -263,7 +301,9 @@ def test_star_prompt_embeds_reproduce_the_prompt(star):
 
 
 def test_star_pipeline_without_text_encoder_saves_and_loads(star, tmp_path):
-    STARPipeline(transformer=star.transformer, vqvae=star.vqvae).save_pretrained(tmp_path / "p", safe_serialization=True)
+    STARPipeline(transformer=star.transformer, vqvae=star.vqvae).save_pretrained(
+        tmp_path / "p", safe_serialization=True
+    )
     loaded = STARPipeline.from_pretrained(tmp_path / "p")
     assert loaded.text_encoder is None and loaded.tokenizer is None
 
@@ -271,8 +311,15 @@ def test_star_pipeline_without_text_encoder_saves_and_loads(star, tmp_path):
 def _star_bad_embeds(star):
     D = star.transformer.config.text_embed_dim
     h, m, p = torch.randn(2, 5, D), torch.ones(2, 5, dtype=torch.long), torch.randn(2, D)
-    ok = dict(prompt=None, prompt_embeds=h, prompt_attention_mask=m, pooled_prompt_embeds=p,
-              negative_prompt_embeds=h.clone(), negative_prompt_attention_mask=m, negative_pooled_prompt_embeds=p.clone())
+    ok = dict(
+        prompt=None,
+        prompt_embeds=h,
+        prompt_attention_mask=m,
+        pooled_prompt_embeds=p,
+        negative_prompt_embeds=h.clone(),
+        negative_prompt_attention_mask=m,
+        negative_pooled_prompt_embeds=p.clone(),
+    )
     zero_row = m.clone()
     zero_row[1] = 0
     return [
@@ -284,15 +331,34 @@ def _star_bad_embeds(star):
         (dict(ok, prompt_attention_mask=zero_row), "prompt_attention_mask"),
         (dict(ok, pooled_prompt_embeds=None), "pooled_prompt_embeds"),
         (dict(ok, pooled_prompt_embeds=torch.randn(3, D)), "pooled_prompt_embeds"),
-        (dict(ok, negative_prompt_embeds=torch.randn(3, 5, D), negative_prompt_attention_mask=None,
-              negative_pooled_prompt_embeds=torch.randn(3, D)), "negative_prompt_embeds"),
-        (dict(ok, negative_prompt_embeds=torch.randn(2, 7, D), negative_prompt_attention_mask=None), "negative_prompt_embeds"),
+        (
+            dict(
+                ok,
+                negative_prompt_embeds=torch.randn(3, 5, D),
+                negative_prompt_attention_mask=None,
+                negative_pooled_prompt_embeds=torch.randn(3, D),
+            ),
+            "negative_prompt_embeds",
+        ),
+        (
+            dict(ok, negative_prompt_embeds=torch.randn(2, 7, D), negative_prompt_attention_mask=None),
+            "negative_prompt_embeds",
+        ),
         (dict(ok, negative_pooled_prompt_embeds=torch.randn(2, D + 1)), "negative_pooled_prompt_embeds"),
         (dict(ok, negative_prompt="ugly"), "negative_prompt_embeds"),
         (dict(prompt="a cat", pooled_prompt_embeds=p[:1]), "pooled_prompt_embeds"),
         (dict(prompt="a cat", negative_prompt_attention_mask=m[:1]), "negative_prompt_attention_mask"),
-        (dict(ok, prompt_embeds=torch.randn(2, 500, D), prompt_attention_mask=None, negative_prompt_embeds=None,
-              negative_prompt_attention_mask=None, negative_pooled_prompt_embeds=None), "prompt_embeds"),  # > encoder length
+        (
+            dict(
+                ok,
+                prompt_embeds=torch.randn(2, 500, D),
+                prompt_attention_mask=None,
+                negative_prompt_embeds=None,
+                negative_prompt_attention_mask=None,
+                negative_pooled_prompt_embeds=None,
+            ),
+            "prompt_embeds",
+        ),  # > encoder length
     ]
 
 
@@ -305,21 +371,38 @@ def test_star_bad_prompt_embeds_name_the_parameter(star):
 def test_infinity_prompt_embeds_reproduce_the_prompt(infinity):
     embeds, mask, _, _ = infinity.encode_prompt([PROMPT, "a cat"])
     reference = infinity_images(infinity, prompt=[PROMPT, "a cat"])
-    assert torch.equal(infinity_images(infinity, prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask), reference)
-    assert torch.equal(infinity_images(infinity, prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask.long(),
-                                       num_images_per_prompt=2), infinity_images(infinity, prompt=[PROMPT, "a cat"], num_images_per_prompt=2))
+    assert torch.equal(
+        infinity_images(infinity, prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask), reference
+    )
+    assert torch.equal(
+        infinity_images(
+            infinity, prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask.long(), num_images_per_prompt=2
+        ),
+        infinity_images(infinity, prompt=[PROMPT, "a cat"], num_images_per_prompt=2),
+    )
     neg_embeds, neg_mask, _, _ = infinity.encode_prompt(["blurry", "blurry"])
     assert torch.equal(
-        infinity_images(infinity, prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask, negative_prompt_embeds=neg_embeds,
-                        negative_prompt_attention_mask=neg_mask),
-        infinity_images(infinity, prompt=[PROMPT, "a cat"], negative_prompt="blurry"))
+        infinity_images(
+            infinity,
+            prompt=None,
+            prompt_embeds=embeds,
+            prompt_attention_mask=mask,
+            negative_prompt_embeds=neg_embeds,
+            negative_prompt_attention_mask=neg_mask,
+        ),
+        infinity_images(infinity, prompt=[PROMPT, "a cat"], negative_prompt="blurry"),
+    )
     single, single_mask, _, _ = infinity.encode_prompt(PROMPT)
-    assert torch.isfinite(infinity_images(infinity, prompt=None, prompt_embeds=single)).all()  # mask defaults to all real
+    assert torch.isfinite(
+        infinity_images(infinity, prompt=None, prompt_embeds=single)
+    ).all()  # mask defaults to all real
 
     no_text = InfinityPipeline(transformer=infinity.transformer, vae=infinity.vae)
     no_text.set_progress_bar_config(disable=True)
-    assert torch.equal(infinity_images(no_text, prompt=None, prompt_embeds=single, prompt_attention_mask=single_mask),
-                       infinity_images(infinity))
+    assert torch.equal(
+        infinity_images(no_text, prompt=None, prompt_embeds=single, prompt_attention_mask=single_mask),
+        infinity_images(infinity),
+    )
     with pytest.raises(ValueError, match="`prompt`"):
         infinity_images(no_text)
     with pytest.raises(ValueError, match="`negative_prompt`"):
@@ -342,7 +425,10 @@ def test_infinity_bad_prompt_embeds_name_the_parameter(infinity):
         (dict(prompt_attention_mask=m[:1]), "prompt_attention_mask"),
         (dict(prompt_embeds=e, negative_prompt_embeds=torch.randn(1, 5, T)), "negative_prompt_embeds"),
         (dict(prompt_embeds=e, negative_prompt_embeds=torch.randn(2, 5, 7)), "negative_prompt_embeds"),
-        (dict(prompt_embeds=e, negative_prompt_embeds=e, negative_prompt_attention_mask=m[:, :2]), "negative_prompt_attention_mask"),
+        (
+            dict(prompt_embeds=e, negative_prompt_embeds=e, negative_prompt_attention_mask=m[:, :2]),
+            "negative_prompt_attention_mask",
+        ),
         (dict(prompt_embeds=e, negative_prompt_embeds=e, negative_prompt="ugly"), "negative_prompt_embeds"),
         (dict(negative_prompt_attention_mask=m[:1]), "negative_prompt_attention_mask"),
     ]
@@ -365,7 +451,9 @@ def test_var_compiled_blocks_generate_what_the_eager_blocks_do():
             parameter.add_(torch.randn_like(parameter) * 0.05)
     transformer.eval()
     condition = (torch.tensor([1, 2, 10, 10]),)
-    scale_inputs = [None] + [torch.randn(4, e - b, transformer.config.latent_channels) for b, e in transformer.begin_ends[1:]]
+    scale_inputs = [None] + [
+        torch.randn(4, e - b, transformer.config.latent_channels) for b, e in transformer.begin_ends[1:]
+    ]
 
     def all_logits():
         cache = transformer.init_kv_cache()
@@ -415,7 +503,9 @@ def test_infinity_compiled_blocks_generate_what_the_eager_blocks_do():
     transformer.blocks = torch.nn.ModuleList(blocks)
 
     pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=True)
-    assert all(hasattr(block.compiled_cross_attention_query, "_torchdynamo_orig_callable") for block in transformer.blocks)
+    assert all(
+        hasattr(block.compiled_cross_attention_query, "_torchdynamo_orig_callable") for block in transformer.blocks
+    )
     for compiled, reference in zip(all_logits(), eager):
         torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="compile_blocks"):
@@ -442,7 +532,6 @@ def test_padded_narrow_convs_keep_outputs_and_parameter_names():
         assert fast_inference.pad_narrow_convs_(model) == 2  # 3 and 16 output channels: both under 32
         torch.testing.assert_close(model(x), reference, rtol=1e-6, atol=1e-6)
     assert list(model.state_dict()) == names and model[1].weight.shape == (3, 16, 3, 3)
-
 
 
 def test_installed_kernels_follow_the_fast_inference_dtype():
@@ -512,8 +601,9 @@ def test_graph_set_keeps_what_its_step_writes_into_alive(monkeypatch):
 
 def _perturbed_tiny_var(embed_dim=64, num_heads=2, mlp_ratio=4.0) -> VARPipeline:
     torch.manual_seed(0)
-    transformer = VARTransformer2DModel(depth=2, embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio,
-                                        patch_nums=(1, 2, 3, 4), num_classes=10)
+    transformer = VARTransformer2DModel(
+        depth=2, embed_dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, patch_nums=(1, 2, 3, 4), num_classes=10
+    )
     transformer.init_weights()
     with torch.no_grad():
         for parameter in transformer.parameters():
@@ -527,9 +617,17 @@ def _var_logits(transformer) -> list[torch.Tensor]:
     cache = transformer.init_kv_cache()
     dtype = transformer.pos_start.dtype
     with torch.no_grad():
-        return [transformer.forward_scale(si, condition, cache, None if si == 0 else
-                                          torch.randn(4, e - b, transformer.config.latent_channels, generator=generator).to(dtype))
-                for si, (b, e) in enumerate(transformer.begin_ends)]
+        return [
+            transformer.forward_scale(
+                si,
+                condition,
+                cache,
+                None
+                if si == 0
+                else torch.randn(4, e - b, transformer.config.latent_channels, generator=generator).to(dtype),
+            )
+            for si, (b, e) in enumerate(transformer.begin_ends)
+        ]
 
 
 def test_fp8_linears_quantize_the_block_matmuls_and_nothing_else(monkeypatch):
@@ -578,7 +676,10 @@ def test_fp8_rowwise_quantisation_round_trips():
     (3 mantissa bits: relative step 1/8 at worst); an all-zero row stays zero instead of dividing by zero."""
     from diffusers_var.pipelines.fast_inference import FLOAT8_MAX, quantize_to_float8
 
-    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0)) * torch.tensor([1e-3, 1.0, 30.0, 1e3, 0.0])[:, None]
+    x = (
+        torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
+        * torch.tensor([1e-3, 1.0, 30.0, 1e3, 0.0])[:, None]
+    )
     x8, scale = quantize_to_float8(x)
     assert x8.dtype == torch.float8_e4m3fn and scale.shape == (5, 1)
     restored = x8.float() * scale

@@ -27,9 +27,16 @@ def _tokens(pipe, manifest, ref, case):
     kw = spec["kwargs"]
     labels = ref["gen_labels"].tolist() if kw["label_B"] == "gen_labels" else [kw["label_B"]] * kw["B"]
     seen = []
-    pipe(class_labels=labels, guidance_scale=kw["cfg"], top_k=kw["top_k"], top_p=kw["top_p"], output_type="latent",
-         generator=torch.Generator().manual_seed(kw["g_seed"]), callback_on_step_end_tensor_inputs=["tokens"],
-         callback_on_step_end=lambda p, si, pn, t: seen.append(t["tokens"].cpu()) or {})
+    pipe(
+        class_labels=labels,
+        guidance_scale=kw["cfg"],
+        top_k=kw["top_k"],
+        top_p=kw["top_p"],
+        output_type="latent",
+        generator=torch.Generator().manual_seed(kw["g_seed"]),
+        callback_on_step_end_tensor_inputs=["tokens"],
+        callback_on_step_end=lambda p, si, pn, t: seen.append(t["tokens"].cpu()) or {},
+    )
     return seen
 
 
@@ -70,10 +77,22 @@ def test_bf16_fast_path_agrees_with_float32_tokens(fixture):
 def _star_pipe(quirk: bool) -> STARPipeline:
     torch.manual_seed(0)
     patch_nums = (1, 2, 3, 4)
-    vqvae = MultiScaleVQModel(ch=32, ch_mult=(1, 1), num_res_blocks=1, vocab_size=64, z_channels=8, patch_nums=patch_nums)
-    transformer = STARTransformer2DModel(depth=3, embed_dim=32, num_heads=2, vocab_size=64, latent_channels=8, patch_nums=patch_nums,
-                                         text_embed_dim=16, num_legacy_classes=0, stable_sampler=True, sampler_start_scale=2,
-                                         cross_attention_row0_quirk=quirk)
+    vqvae = MultiScaleVQModel(
+        ch=32, ch_mult=(1, 1), num_res_blocks=1, vocab_size=64, z_channels=8, patch_nums=patch_nums
+    )
+    transformer = STARTransformer2DModel(
+        depth=3,
+        embed_dim=32,
+        num_heads=2,
+        vocab_size=64,
+        latent_channels=8,
+        patch_nums=patch_nums,
+        text_embed_dim=16,
+        num_legacy_classes=0,
+        stable_sampler=True,
+        sampler_start_scale=2,
+        cross_attention_row0_quirk=quirk,
+    )
     transformer.init_weights(init_head=1.0)
     with torch.no_grad():  # some spread in the zero-initialised biases and the heads
         for p in transformer.parameters():
@@ -86,19 +105,31 @@ def _star_pipe(quirk: bool) -> STARPipeline:
 def _star_text(batch: int, length: int, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(2, batch, length, dtype=torch.long)
-    mask[:, :, length // 2:] = (torch.rand(2, batch, length - length // 2, generator=g) < 0.5).long()
-    text = dict(prompt_embeds=torch.randn(batch, length, 16, generator=g), prompt_attention_mask=mask[0],
-                pooled_prompt_embeds=torch.randn(batch, 16, generator=g), negative_prompt_embeds=torch.randn(batch, length, 16, generator=g),
-                negative_prompt_attention_mask=mask[1], negative_pooled_prompt_embeds=torch.randn(batch, 16, generator=g))
+    mask[:, :, length // 2 :] = (torch.rand(2, batch, length - length // 2, generator=g) < 0.5).long()
+    text = dict(
+        prompt_embeds=torch.randn(batch, length, 16, generator=g),
+        prompt_attention_mask=mask[0],
+        pooled_prompt_embeds=torch.randn(batch, 16, generator=g),
+        negative_prompt_embeds=torch.randn(batch, length, 16, generator=g),
+        negative_prompt_attention_mask=mask[1],
+        negative_pooled_prompt_embeds=torch.randn(batch, 16, generator=g),
+    )
     return {k: v.cuda() for k, v in text.items()}
 
 
 def _star_run(pipe, text, top_p=0.0, generator=None):
     seen = []
-    latent = pipe(**text, guidance_scale=4.0, top_k=10, top_p=top_p, output_type="latent",
-                  generator=generator or torch.Generator().manual_seed(0), sampler_generator=torch.Generator().manual_seed(1),
-                  callback_on_step_end_tensor_inputs=["tokens"],
-                  callback_on_step_end=lambda p, si, pn, t: seen.append(t["tokens"].cpu()) or {}).images
+    latent = pipe(
+        **text,
+        guidance_scale=4.0,
+        top_k=10,
+        top_p=top_p,
+        output_type="latent",
+        generator=generator or torch.Generator().manual_seed(0),
+        sampler_generator=torch.Generator().manual_seed(1),
+        callback_on_step_end_tensor_inputs=["tokens"],
+        callback_on_step_end=lambda p, si, pn, t: seen.append(t["tokens"].cpu()) or {},
+    ).images
     return latent, torch.cat(seen, dim=1)
 
 
@@ -123,16 +154,33 @@ def test_star_cuda_graphs_in_float32_match_eager(quirk):
 def test_star_bf16_fast_path_generates():
     pipe = _star_pipe(quirk=True).enable_fast_inference()
     text = _star_text(2, 12, seed=1)
-    first, again = (pipe(**text, generator=torch.Generator("cuda").manual_seed(0), sampler_generator=torch.Generator("cuda").manual_seed(1),
-                         output_type="pt").images for _ in range(2))
+    first, again = (
+        pipe(
+            **text,
+            generator=torch.Generator("cuda").manual_seed(0),
+            sampler_generator=torch.Generator("cuda").manual_seed(1),
+            output_type="pt",
+        ).images
+        for _ in range(2)
+    )
     assert first.shape == (2, 3, 8, 8) and torch.isfinite(first).all() and torch.equal(first, again)
 
 
 def _infinity_pipe() -> InfinityPipeline:
     torch.manual_seed(0)
-    vae = BitwiseMultiScaleVAE(base_channels=24, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1], num_res_blocks=1, codebook_dim=4)
-    transformer = InfinityTransformer2DModel(bits_per_token=4, text_dim=32, text_max_length=24, pool_num_heads=2, depth=2,
-                                             embed_dim=64, num_heads=2, block_chunks=2)
+    vae = BitwiseMultiScaleVAE(
+        base_channels=24, encoder_ch_mult=[1, 1], decoder_ch_mult=[1, 1], num_res_blocks=1, codebook_dim=4
+    )
+    transformer = InfinityTransformer2DModel(
+        bits_per_token=4,
+        text_dim=32,
+        text_max_length=24,
+        pool_num_heads=2,
+        depth=2,
+        embed_dim=64,
+        num_heads=2,
+        block_chunks=2,
+    )
     transformer.init_weights()
     pipe = InfinityPipeline(transformer=transformer.eval(), vae=vae.eval()).to("cuda")
     pipe.set_progress_bar_config(disable=True)
@@ -142,28 +190,39 @@ def _infinity_pipe() -> InfinityPipeline:
 def _infinity_text(batch: int, length: int, seed: int, negative: bool = False) -> dict:
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(batch, length, dtype=torch.bool)
-    mask[:, length // 2:] = torch.rand(batch, length - length // 2, generator=g) < 0.5
+    mask[:, length // 2 :] = torch.rand(batch, length - length // 2, generator=g) < 0.5
     text = dict(prompt_embeds=torch.randn(batch, length, 32, generator=g), prompt_attention_mask=mask)
     if negative:
-        text.update(negative_prompt_embeds=torch.randn(batch, length + 3, 32, generator=g),
-                    negative_prompt_attention_mask=torch.ones(batch, length + 3, dtype=torch.bool))
+        text.update(
+            negative_prompt_embeds=torch.randn(batch, length + 3, 32, generator=g),
+            negative_prompt_attention_mask=torch.ones(batch, length + 3, dtype=torch.bool),
+        )
     return {k: v.cuda() for k, v in text.items()}
 
 
 def _infinity_run(pipe, text, **kwargs):
     seen = []
-    latent = pipe(**text, height=32, width=32, output_type="latent", generator=torch.Generator().manual_seed(0),
-                  callback_on_step_end_tensor_inputs=["tokens"],
-                  callback_on_step_end=lambda p, si, hw, t: seen.append(t["tokens"].cpu()) or {}, **kwargs).images
+    latent = pipe(
+        **text,
+        height=32,
+        width=32,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+        callback_on_step_end_tensor_inputs=["tokens"],
+        callback_on_step_end=lambda p, si, hw, t: seen.append(t["tokens"].cpu()) or {},
+        **kwargs,
+    ).images
     return latent, torch.cat(seen, dim=1)
 
 
 def test_infinity_cuda_graphs_in_float32_match_eager():
     pipe = _infinity_pipe()
-    cases = [(_infinity_text(1, 9, seed=1), dict(guidance_scale=3.0, tau=0.5)),
-             (_infinity_text(1, 9, seed=2), dict(guidance_scale=3.0, tau=0.5)),  # same shapes, new text
-             (_infinity_text(2, 5, seed=3, negative=True), dict(guidance_scale=2.0, tau=1.0)),
-             (_infinity_text(2, 5, seed=4), dict(guidance_scale=1.0))]  # no guidance rows
+    cases = [
+        (_infinity_text(1, 9, seed=1), dict(guidance_scale=3.0, tau=0.5)),
+        (_infinity_text(1, 9, seed=2), dict(guidance_scale=3.0, tau=0.5)),  # same shapes, new text
+        (_infinity_text(2, 5, seed=3, negative=True), dict(guidance_scale=2.0, tau=1.0)),
+        (_infinity_text(2, 5, seed=4), dict(guidance_scale=1.0)),
+    ]  # no guidance rows
     eager = [_infinity_run(pipe, text, **kw) for text, kw in cases]
     pipe.enable_fast_inference(dtype=torch.float32)
     fast = [_infinity_run(pipe, text, **kw) for text, kw in cases]
@@ -176,8 +235,10 @@ def test_infinity_cuda_graphs_in_float32_match_eager():
 def test_infinity_bf16_fast_path_generates():
     pipe = _infinity_pipe().enable_fast_inference()
     text = _infinity_text(2, 9, seed=1)
-    first, again = (pipe(**text, height=32, width=32, generator=torch.Generator("cuda").manual_seed(0), output_type="pt").images
-                    for _ in range(2))
+    first, again = (
+        pipe(**text, height=32, width=32, generator=torch.Generator("cuda").manual_seed(0), output_type="pt").images
+        for _ in range(2)
+    )
     assert first.shape == (2, 3, 32, 32) and torch.isfinite(first).all() and torch.equal(first, again)
 
 
@@ -218,15 +279,24 @@ def test_fused_gelu_feed_forward_matches_the_unfused_one():
 def _var_run(pipe, seed, **kwargs):
     seen = []
     generator = torch.Generator("cuda").manual_seed(seed)
-    latent = pipe(class_labels=[3, 7], generator=generator, output_type="latent", callback_on_step_end_tensor_inputs=["tokens"],
-                  callback_on_step_end=lambda p, si, pn, t: seen.append(t["tokens"].clone()) or {}, **kwargs).images
+    latent = pipe(
+        class_labels=[3, 7],
+        generator=generator,
+        output_type="latent",
+        callback_on_step_end_tensor_inputs=["tokens"],
+        callback_on_step_end=lambda p, si, pn, t: seen.append(t["tokens"].clone()) or {},
+        **kwargs,
+    ).images
     return latent, torch.cat(seen, dim=1), generator.get_state()
 
 
 def test_var_sampling_inside_cuda_graphs_matches_the_eager_sampler(fixture):
     pipe = _pipe(fixture).enable_fast_inference(dtype=torch.float32, cuda_graphs=False)
-    cases = [dict(guidance_scale=4.0, top_k=50, top_p=0.9), dict(guidance_scale=1.5, top_k=900, top_p=0.96),
-             dict(guidance_scale=2.0, top_k=0, top_p=0.0, more_smooth=True)]
+    cases = [
+        dict(guidance_scale=4.0, top_k=50, top_p=0.9),
+        dict(guidance_scale=1.5, top_k=900, top_p=0.96),
+        dict(guidance_scale=2.0, top_k=0, top_p=0.0, more_smooth=True),
+    ]
     eager = [_var_run(pipe, seed, **kw) for seed, kw in enumerate(cases)]
     pipe.enable_fast_inference(dtype=torch.float32)
     graphed = [_var_run(pipe, seed, **kw) for seed, kw in enumerate(cases)]
@@ -237,11 +307,26 @@ def test_var_sampling_inside_cuda_graphs_matches_the_eager_sampler(fixture):
         assert torch.equal(state, eager_state)  # the caller's generator advanced as if it had drawn eagerly
     # a callback that replaces f_hat steers the graphs exactly as it steers the eager loop
     halve = lambda p, si, hw, t: {"latents": t["latents"] * 0.5} if si == 3 else {}  # noqa: E731
-    steered = [pipe(class_labels=[3, 7], generator=torch.Generator("cuda").manual_seed(5), output_type="latent", guidance_scale=3.0,
-                    top_k=100, callback_on_step_end=halve).images for _ in range(2)]
+    steered = [
+        pipe(
+            class_labels=[3, 7],
+            generator=torch.Generator("cuda").manual_seed(5),
+            output_type="latent",
+            guidance_scale=3.0,
+            top_k=100,
+            callback_on_step_end=halve,
+        ).images
+        for _ in range(2)
+    ]
     pipe.enable_fast_inference(dtype=torch.float32, cuda_graphs=False)
-    reference = pipe(class_labels=[3, 7], generator=torch.Generator("cuda").manual_seed(5), output_type="latent", guidance_scale=3.0,
-                     top_k=100, callback_on_step_end=halve).images
+    reference = pipe(
+        class_labels=[3, 7],
+        generator=torch.Generator("cuda").manual_seed(5),
+        output_type="latent",
+        guidance_scale=3.0,
+        top_k=100,
+        callback_on_step_end=halve,
+    ).images
     for latent in steered:
         torch.testing.assert_close(latent, reference, atol=1e-6, rtol=1e-6)
     # the default CUDA generator (generator=None) is borrowed the same way
@@ -250,7 +335,9 @@ def test_var_sampling_inside_cuda_graphs_matches_the_eager_sampler(fixture):
     default_graphed = pipe(class_labels=[1, 2], output_type="latent").images
     pipe.enable_fast_inference(dtype=torch.float32, cuda_graphs=False)
     torch.cuda.manual_seed(11)
-    torch.testing.assert_close(pipe(class_labels=[1, 2], output_type="latent").images, default_graphed, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(
+        pipe(class_labels=[1, 2], output_type="latent").images, default_graphed, atol=1e-6, rtol=1e-6
+    )
 
 
 def test_graphs_keep_what_they_write_into_alive(fixture):
@@ -262,7 +349,9 @@ def test_graphs_keep_what_they_write_into_alive(fixture):
         first = pipe(class_labels=[3, 7], generator=make_generator(), output_type="latent").images
         torch.cuda.empty_cache()
         # new tensors of every block size take over whatever memory is free now
-        filler = [torch.full((n,), float("nan"), device="cuda") for n in (64, 4096, 1 << 16, 1 << 20) for _ in range(64)]
+        filler = [
+            torch.full((n,), float("nan"), device="cuda") for n in (64, 4096, 1 << 16, 1 << 20) for _ in range(64)
+        ]
         again = pipe(class_labels=[3, 7], generator=make_generator(), output_type="latent").images
         torch.cuda.synchronize()
         torch.testing.assert_close(again, first, atol=0, rtol=0)
@@ -274,7 +363,7 @@ def test_graphs_keep_what_they_write_into_alive(fixture):
 # of about 5), and one flipped greedy token changes every later scale. So besides the free-running agreement (printed),
 # the fast path runs "forced": each scale starts from the eager float32 latent (returned by the callback), and its
 # greedy tokens must match eager wherever the float32 decision is not a near-tie.
-NEAR_TIE = 2.0 ** -5  # of the largest |logit| of the scale: bf16 keeps 8 significant bits, a block stack loses a few
+NEAR_TIE = 2.0**-5  # of the largest |logit| of the scale: bf16 keeps 8 significant bits, a block stack loses a few
 MAX_RELATIVE_LOGIT_ERROR = 0.05  # relative RMS of the guided logits; bf16 on the CPU: 0.028 (STAR), 0.023 (Infinity)
 
 
@@ -295,9 +384,12 @@ def _check_forced_agreement(family, eager, forced, free):
             errors.append(((fast_logits - logits).norm() / logits.norm()).item())
     agree, far_from_tie = torch.cat(agree), torch.cat(far_from_tie)
     free_agreement = torch.cat([(free[c] == _joined_tokens(eager[c])).flatten() for c in eager]).float().mean().item()
-    print(f"{family} fixture, fast path vs float32 eager: greedy agreement free-running {free_agreement:.4f}, "
-          f"same prefix {agree.float().mean().item():.4f} ({(~agree).sum().item()} of {agree.numel()} differ; "
-          f"{agree.numel() - far_from_tie.numel()} are near-ties); guided-logit error (relative RMS) max {max(errors):.4f}")
+    print(
+        f"{family} fixture, fast path vs float32 eager: greedy agreement free-running {free_agreement:.4f}, "
+        f"same prefix {agree.float().mean().item():.4f} ({(~agree).sum().item()} of {agree.numel()} differ; "
+        f"{agree.numel() - far_from_tie.numel()} are near-ties); "
+        f"guided-logit error (relative RMS) max {max(errors):.4f}"
+    )
     assert max(errors) <= MAX_RELATIVE_LOGIT_ERROR
     assert far_from_tie.numel() >= agree.numel() // 2  # the check below covers most positions
     assert far_from_tie.all(), f"{family}: a token away from a near-tie differs"
@@ -311,8 +403,13 @@ def star_fixture_pipe(tmp_path_factory):
     path = fixture_dir("star")
     manifest = load_manifest(path)
     out = tmp_path_factory.mktemp("converted") / "star"
-    convert_star_checkpoint(path / "vae.pth", path / "star_transformer.pth", text_encoder_folder(path, manifest), out,
-                            **conversion_kwargs(manifest))
+    convert_star_checkpoint(
+        path / "vae.pth",
+        path / "star_transformer.pth",
+        text_encoder_folder(path, manifest),
+        out,
+        **conversion_kwargs(manifest),
+    )
     pipe = STARPipeline.from_pretrained(out).to("cuda")
     pipe.set_progress_bar_config(disable=True)
     greedy = {}
@@ -335,9 +432,18 @@ def _star_fixture_run(pipe, kwargs, prompts, forced_latents=None):
         latents.append(t["latents"].clone())
         return {"latents": forced_latents[si]} if forced_latents is not None else {}
 
-    pipe(prompt=prompts[:B], negative_prompt=prompts[B:], guidance_scale=kwargs["cfg"], top_k=1, top_p=0.0,
-         use_stable_sampler=False, generator=torch.Generator().manual_seed(kwargs["g_seed"]), output_type="latent",
-         callback_on_step_end_tensor_inputs=["tokens", "guided_logits", "latents"], callback_on_step_end=callback)
+    pipe(
+        prompt=prompts[:B],
+        negative_prompt=prompts[B:],
+        guidance_scale=kwargs["cfg"],
+        top_k=1,
+        top_p=0.0,
+        use_stable_sampler=False,
+        generator=torch.Generator().manual_seed(kwargs["g_seed"]),
+        output_type="latent",
+        callback_on_step_end_tensor_inputs=["tokens", "guided_logits", "latents"],
+        callback_on_step_end=callback,
+    )
     return scales, latents
 
 
@@ -346,8 +452,10 @@ def _fast_against_eager(run, cases):
     a function that runs the pipeline's current path twice: {case: per scale (tokens, logits)} from the eager
     prefix, and {case: free-running tokens}."""
     eager = {case: run(case, None) for case in cases}
-    return eager, lambda: ({case: [(t, logits) for t, _, logits in run(case, eager[case][1])[0]] for case in cases},
-                           {case: _joined_tokens(run(case, None)[0]) for case in cases})
+    return eager, lambda: (
+        {case: [(t, logits) for t, _, logits in run(case, eager[case][1])[0]] for case in cases},
+        {case: _joined_tokens(run(case, None)[0]) for case in cases},
+    )
 
 
 def test_star_fast_path_on_the_converted_fixture(star_fixture_pipe):
@@ -374,8 +482,14 @@ def infinity_fixture_pipes(tmp_path_factory):
     pipes = {}
     for model in ("transformer", "variant"):
         out = tmp_path_factory.mktemp("converted") / model
-        convert_infinity_checkpoint(path / "vae.pth", path / model / "infinity.pth", path / "text_encoder", path / "tokenizer",
-                                    out, level_embed_every_chunk=_level_embed_every_chunk(manifest, model))
+        convert_infinity_checkpoint(
+            path / "vae.pth",
+            path / model / "infinity.pth",
+            path / "text_encoder",
+            path / "tokenizer",
+            out,
+            level_embed_every_chunk=_level_embed_every_chunk(manifest, model),
+        )
         pipes[model] = InfinityPipeline.from_pretrained(out).to("cuda")
         pipes[model].set_progress_bar_config(disable=True)
     greedy = {}
@@ -399,10 +513,20 @@ def _infinity_fixture_run(pipes, case, args, hw, forced_latents=None):
         return {"latents": forced_latents[si]} if forced_latents is not None else {}
 
     pipes["variant" if case.startswith("variant/") else "transformer"](
-        args["prompt"], negative_prompt=args["negative_prompt"], height=hw[0], width=hw[1], guidance_scale=args["cfg"],
-        tau=args["tau"], top_k=1, top_p=0.0, num_images_per_prompt=args["batch"],
-        generator=torch.Generator().manual_seed(args["seed"]), output_type="latent",
-        callback_on_step_end_tensor_inputs=["tokens", "guided_logits", "latents"], callback_on_step_end=callback)
+        args["prompt"],
+        negative_prompt=args["negative_prompt"],
+        height=hw[0],
+        width=hw[1],
+        guidance_scale=args["cfg"],
+        tau=args["tau"],
+        top_k=1,
+        top_p=0.0,
+        num_images_per_prompt=args["batch"],
+        generator=torch.Generator().manual_seed(args["seed"]),
+        output_type="latent",
+        callback_on_step_end_tensor_inputs=["tokens", "guided_logits", "latents"],
+        callback_on_step_end=callback,
+    )
     return scales, latents
 
 
@@ -410,7 +534,9 @@ def test_infinity_fast_path_on_the_converted_fixture(infinity_fixture_pipes):
     """float32 graphs give the eager bits exactly; bf16 with compiled blocks + graphs gives them wherever float32
     is not at a near-tie (both checkpoints of the fixture)."""
     pipes, greedy, hw = infinity_fixture_pipes
-    eager, fast_runs = _fast_against_eager(lambda case, forced: _infinity_fixture_run(pipes, case, greedy[case], hw, forced), greedy)
+    eager, fast_runs = _fast_against_eager(
+        lambda case, forced: _infinity_fixture_run(pipes, case, greedy[case], hw, forced), greedy
+    )
     for pipe in pipes.values():
         pipe.enable_fast_inference(dtype=torch.float32)
     forced, free = fast_runs()
@@ -433,10 +559,11 @@ def test_var_editing_inside_cuda_graphs_matches_the_eager_sampler(fixture):
     images = ((ref["input_img"] + 1) / 2).cuda()
     inpaint, img2img = VARInpaintPipeline.from_pipe(base), VARImg2ImgPipeline.from_pipe(base)
     masks = [inpaint.box_mask(0.25, 0.25, 0.75, 0.75), inpaint.box_mask(0.1, 0.1, 0.8, 0.8, inpainting=False)]
-    cases = [(inpaint, dict(image=images, mask_image=masks[0], guidance_scale=3.0, top_k=10, top_p=0.9)),
-             (inpaint, dict(image=images.flip(0), mask_image=masks[1], guidance_scale=2.0, top_k=50,
-                            more_smooth=True)),
-             (img2img, dict(image=images, strength=0.5, guidance_scale=4.0, top_k=50, top_p=0.9))]
+    cases = [
+        (inpaint, dict(image=images, mask_image=masks[0], guidance_scale=3.0, top_k=10, top_p=0.9)),
+        (inpaint, dict(image=images.flip(0), mask_image=masks[1], guidance_scale=2.0, top_k=50, more_smooth=True)),
+        (img2img, dict(image=images, strength=0.5, guidance_scale=4.0, top_k=50, top_p=0.9)),
+    ]
     results = {}
     for graphs in (False, True):
         for pipe in (inpaint, img2img):
@@ -456,8 +583,12 @@ def _code_fixture_pipe():
     path = fixture_dir("code")
     manifest = load_manifest(path)
     files = manifest["files"]
-    pipe = convert_code_checkpoint(path / files["vae_pth"]["path"], path / files["drafter_pth"]["path"],
-                                   path / files["refiner_pth"]["path"], draft_steps=manifest["config"]["draft_steps"])
+    pipe = convert_code_checkpoint(
+        path / files["vae_pth"]["path"],
+        path / files["drafter_pth"]["path"],
+        path / files["refiner_pth"]["path"],
+        draft_steps=manifest["config"]["draft_steps"],
+    )
     pipe = pipe.to("cuda")
     pipe.set_progress_bar_config(disable=True)
     return pipe, manifest, load_file(path / "reference.safetensors")
@@ -465,12 +596,23 @@ def _code_fixture_pipe():
 
 def _code_run(pipe, kw, ref, generator, **overrides):
     seen = []
-    call = dict(class_labels=ref["gen_labels"].tolist(), guidance_scale=kw["cfg"], top_k=kw["top_k"],
-                top_p=kw["top_p"], temperature=kw["temp"], more_smooth=kw["more_smooth"], draft_steps=kw["exit_num"],
-                output_type="latent")
+    call = dict(
+        class_labels=ref["gen_labels"].tolist(),
+        guidance_scale=kw["cfg"],
+        top_k=kw["top_k"],
+        top_p=kw["top_p"],
+        temperature=kw["temp"],
+        more_smooth=kw["more_smooth"],
+        draft_steps=kw["exit_num"],
+        output_type="latent",
+    )
     call.update(overrides)
-    latent = pipe(**call, generator=generator, callback_on_step_end_tensor_inputs=["tokens"],
-                  callback_on_step_end=lambda p, si, pn, t: seen.append(t["tokens"].cpu()) or {}).images
+    latent = pipe(
+        **call,
+        generator=generator,
+        callback_on_step_end_tensor_inputs=["tokens"],
+        callback_on_step_end=lambda p, si, pn, t: seen.append(t["tokens"].cpu()) or {},
+    ).images
     return latent.cpu(), torch.cat(seen, dim=1)
 
 
@@ -480,11 +622,16 @@ def test_code_graphs_of_both_stages_in_float32():
     give the tokens and latents of the same fast sampler without graphs."""
     pipe, manifest, ref = _code_fixture_pipe()
     S = len(manifest["config"]["patch_nums"])
-    cases = {name: spec for name, spec in manifest["generation_cases"].items()
-             if spec["kind"] == "code" and spec["kwargs"]["label_B"] == "gen_labels"}
+    cases = {
+        name: spec
+        for name, spec in manifest["generation_cases"].items()
+        if spec["kind"] == "code" and spec["kwargs"]["label_B"] == "gen_labels"
+    }
     pipe.enable_fast_inference(dtype=torch.float32, cuda_graphs=False)
-    eager = {name: _code_run(pipe, spec["kwargs"], ref, torch.Generator("cuda").manual_seed(spec["kwargs"]["g_seed"]))
-             for name, spec in cases.items()}
+    eager = {
+        name: _code_run(pipe, spec["kwargs"], ref, torch.Generator("cuda").manual_seed(spec["kwargs"]["g_seed"]))
+        for name, spec in cases.items()
+    }
     pipe.enable_fast_inference(dtype=torch.float32)
     for name, spec in cases.items():
         kw = spec["kwargs"]
@@ -502,8 +649,11 @@ def test_code_graphs_of_both_stages_in_float32():
 
 def test_code_bf16_fast_path_agrees_with_float32_greedy_tokens():
     pipe, manifest, ref = _code_fixture_pipe()
-    cases = {name: spec["kwargs"] for name, spec in manifest["generation_cases"].items()
-             if spec["kind"] == "code" and spec["kwargs"]["label_B"] == "gen_labels"}
+    cases = {
+        name: spec["kwargs"]
+        for name, spec in manifest["generation_cases"].items()
+        if spec["kind"] == "code" and spec["kwargs"]["label_B"] == "gen_labels"
+    }
     greedy = dict(top_k=1, top_p=0.0, more_smooth=False)
     eager = [_code_run(pipe, kw, ref, torch.Generator("cuda").manual_seed(0), **greedy)[1] for kw in cases.values()]
     pipe.enable_fast_inference()

@@ -52,8 +52,13 @@ def test_release_maps_completely(name):
         layouts = [shapes, _strip_wrappers(shapes)]
         for layout in layouts:
             config = vae_config_from_state_dict(layout, spatial_patchify=bool(expected["apply_spatial_patchify"]))
-            assert config["codebook_dim"] == expected["codebook_dim"] and config["base_channels"] == expected["base_ch"]
-            assert config["encoder_ch_mult"] == expected["encoder_ch_mult"] and config["decoder_ch_mult"] == expected["decoder_ch_mult"]
+            assert (
+                config["codebook_dim"] == expected["codebook_dim"] and config["base_channels"] == expected["base_ch"]
+            )
+            assert (
+                config["encoder_ch_mult"] == expected["encoder_ch_mult"]
+                and config["decoder_ch_mult"] == expected["decoder_ch_mult"]
+            )
             with torch.device("meta"):
                 model = BitwiseMultiScaleVAE(**config)
             assert model.downsample_factor * model.patch_factor == 16
@@ -62,8 +67,15 @@ def test_release_maps_completely(name):
         expected = data["config"]
         config = infinity_config_from_state_dict(shapes)
         assert (config["depth"], config["embed_dim"], config["num_heads"], config["block_chunks"]) == (
-            expected["depth"], expected["embed_dim"], expected["num_heads"], expected["block_chunks"])
-        assert config["bits_per_token"] == expected["head_out_features_V"] // 2 and config["pool_num_heads"] == expected["pool_heads"]
+            expected["depth"],
+            expected["embed_dim"],
+            expected["num_heads"],
+            expected["block_chunks"],
+        )
+        assert (
+            config["bits_per_token"] == expected["head_out_features_V"] // 2
+            and config["pool_num_heads"] == expected["pool_heads"]
+        )
         assert config["shared_adaln"] == expected["shared_aln"]
         with torch.device("meta"):
             model = InfinityTransformer2DModel(**config)

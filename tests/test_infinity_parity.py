@@ -42,8 +42,14 @@ def pipes(fixture, tmp_path_factory):
     loaded = {}
     for model in MODELS:
         out = tmp_path_factory.mktemp("converted") / model
-        convert_infinity_checkpoint(path / "vae.pth", path / model / "infinity.pth", path / "text_encoder", path / "tokenizer",
-                                    out, level_embed_every_chunk=_level_embed_every_chunk(manifest, model))
+        convert_infinity_checkpoint(
+            path / "vae.pth",
+            path / model / "infinity.pth",
+            path / "text_encoder",
+            path / "tokenizer",
+            out,
+            level_embed_every_chunk=_level_embed_every_chunk(manifest, model),
+        )
         assert not [p for p in out.rglob("*") if p.suffix in {".bin", ".pth", ".pt", ".pkl", ".ckpt"}]
         pipe = InfinityPipeline.from_pretrained(out)
         pipe.set_progress_bar_config(disable=True)
@@ -64,7 +70,9 @@ def tolerance(manifest, name):
     table = manifest["recommended_tolerances_float32_cpu"]
     entry = None
     for candidate in (name, name.removeprefix("variant/")):  # the variant's tensors follow the same rules
-        entry = entry or table.get(candidate) or next((v for k, v in table.items() if fnmatch.fnmatch(candidate, k)), None)
+        entry = (
+            entry or table.get(candidate) or next((v for k, v in table.items() if fnmatch.fnmatch(candidate, k)), None)
+        )
     if entry is None or "atol" not in entry:
         return "exact"
     return {"atol": entry["atol"], "rtol": entry["rtol"]}
@@ -96,20 +104,34 @@ def test_config_inferred_from_checkpoint(pipes, fixture):
     for model in MODELS:
         kwargs = cfg["transformer" if model == "transformer" else "variant_transformer"]["kwargs"]
         tc = pipes[model].transformer.config
-        assert (tc.depth, tc.embed_dim, tc.num_heads, tc.block_chunks) == (kwargs["depth"], kwargs["embed_dim"], kwargs["num_heads"], kwargs["block_chunks"])
-        assert (tc.shared_adaln, tc.text_dim, tc.text_max_length) == (kwargs["shared_aln"], kwargs["text_channels"], kwargs["text_maxlen"])
+        assert (tc.depth, tc.embed_dim, tc.num_heads, tc.block_chunks) == (
+            kwargs["depth"],
+            kwargs["embed_dim"],
+            kwargs["num_heads"],
+            kwargs["block_chunks"],
+        )
+        assert (tc.shared_adaln, tc.text_dim, tc.text_max_length) == (
+            kwargs["shared_aln"],
+            kwargs["text_channels"],
+            kwargs["text_maxlen"],
+        )
         assert tc.bits_per_token == cfg["bits_per_token"]
     vae = pipes["transformer"].vae
     assert vae.config.codebook_dim == cfg["vae"]["codebook_dim"]
     assert vae.config.spatial_patchify == bool(cfg["apply_spatial_patchify"])
-    assert list(vae.config.encoder_ch_mult) == cfg["vae"]["encoder_ch_mult"] and vae.config.base_channels == cfg["vae"]["base_ch"]
+    assert (
+        list(vae.config.encoder_ch_mult) == cfg["vae"]["encoder_ch_mult"]
+        and vae.config.base_channels == cfg["vae"]["base_ch"]
+    )
     assert vae.pixels_per_token * schedule(manifest)[-1][0] == cfg["image_hw"][0]
 
 
 def test_text_features(pipes, fixture):
     _, manifest, ref = fixture
     pipe = pipes["transformer"]
-    tokens = pipe.tokenizer(manifest["configs"]["prompts"], max_length=512, padding="max_length", truncation=True, return_tensors="pt")
+    tokens = pipe.tokenizer(
+        manifest["configs"]["prompts"], max_length=512, padding="max_length", truncation=True, return_tensors="pt"
+    )
     width = ref["text/input_ids"].shape[1]
     check(manifest, ref, "text/input_ids", tokens["input_ids"][:, :width])
     check(manifest, ref, "text/attention_mask", tokens["attention_mask"][:, :width])
@@ -125,7 +147,9 @@ def _bits_with_near_ties(manifest, ref, name, bits, residual, scale_index):
     if differ.any():
         floor = manifest["notes"]["vae_min_abs_quantizer_input_per_scale"][scale_index]
         tiny = residual.abs() < min(1e-5, floor)
-        assert bool(tiny[differ].all()), f"{name}: {int(differ.sum())} bits differ where the residual is not a near-tie"
+        assert bool(tiny[differ].all()), (
+            f"{name}: {int(differ.sum())} bits differ where the residual is not a near-tie"
+        )
     MAX_ERRORS[name] = float(differ.sum())
 
 
@@ -139,8 +163,14 @@ def test_vae(pipes, fixture):
         for k in range(len(sched)):
             residual = out.quantizer_inputs[k].unsqueeze(2)
             check(manifest, ref, f"vae/quantizer_input/scale_{k:02d}", residual)
-            _bits_with_near_ties(manifest, ref, f"vae/bit_labels/scale_{k:02d}", out.bit_labels[k].unsqueeze(1),
-                                 residual.squeeze(2).permute(0, 2, 3, 1).unsqueeze(1), k)
+            _bits_with_near_ties(
+                manifest,
+                ref,
+                f"vae/bit_labels/scale_{k:02d}",
+                out.bit_labels[k].unsqueeze(1),
+                residual.squeeze(2).permute(0, 2, 3, 1).unsqueeze(1),
+                k,
+            )
             if k >= 1:
                 check(manifest, ref, f"vae/var_input_area/scale_{k:02d}", out.area_next_inputs[k - 1].unsqueeze(2))
         check(manifest, ref, "vae/reconstruction", vae.decode(out.quantized).sample)
@@ -176,10 +206,22 @@ def test_teacher_forcing(pipes, fixture, model):
     embeds, mask = padded_reference_text(ref)
     prefix = "" if model == "transformer" else "variant/"
     with torch.no_grad():
-        logits = transformer(ref["bsc/x_BLC_wo_prefix"], embeds, mask, schedule(manifest), drop_text=torch.zeros(len(mask), dtype=torch.bool)).logits
+        logits = transformer(
+            ref["bsc/x_BLC_wo_prefix"],
+            embeds,
+            mask,
+            schedule(manifest),
+            drop_text=torch.zeros(len(mask), dtype=torch.bool),
+        ).logits
         check(manifest, ref, f"{prefix}tf/logits", logits)
         if f"{prefix}tf/logits_uncond" in ref:
-            dropped = transformer(ref["bsc/x_BLC_wo_prefix"], embeds, mask, schedule(manifest), drop_text=torch.ones(len(mask), dtype=torch.bool)).logits
+            dropped = transformer(
+                ref["bsc/x_BLC_wo_prefix"],
+                embeds,
+                mask,
+                schedule(manifest),
+                drop_text=torch.ones(len(mask), dtype=torch.bool),
+            ).logits
             check(manifest, ref, f"{prefix}tf/logits_uncond", dropped)
 
 
@@ -193,14 +235,20 @@ def _generation_cases():
 
 def parse_call(call: str) -> dict:
     """The generation arguments recorded in a tensor's ``call``."""
+
     def value(key):
         return ast.literal_eval(re.search(rf"{key}=(\[[^\]]*\]|[^,)]+)", call).group(1))
+
     negative = re.search(r"negative_label_B_or_BLT=encode_prompt\('([^']*)'\)", call)
     return dict(
         prompt=re.search(r"label_B_or_BLT=encode_prompt\('([^']*)'\)", call).group(1),
         negative_prompt=negative.group(1) if negative else None,
-        seed=value("g_seed"), batch=value("B"), cfg=value("cfg_list"), tau=value("tau_list"),
-        top_k=value("top_k"), top_p=value("top_p"),
+        seed=value("g_seed"),
+        batch=value("B"),
+        cfg=value("cfg_list"),
+        tau=value("tau_list"),
+        top_k=value("top_k"),
+        top_p=value("top_p"),
     )
 
 
@@ -221,11 +269,21 @@ def test_generation(pipes, fixture, case):
         return {}
 
     def run(output_type, callback=None):
-        return pipe(args["prompt"], negative_prompt=args["negative_prompt"], height=height, width=width,
-                    guidance_scale=args["cfg"], tau=args["tau"], top_k=args["top_k"], top_p=args["top_p"],
-                    num_images_per_prompt=args["batch"], generator=torch.Generator().manual_seed(args["seed"]),
-                    output_type=output_type, callback_on_step_end=callback,
-                    callback_on_step_end_tensor_inputs=list(seen) if callback else None).images
+        return pipe(
+            args["prompt"],
+            negative_prompt=args["negative_prompt"],
+            height=height,
+            width=width,
+            guidance_scale=args["cfg"],
+            tau=args["tau"],
+            top_k=args["top_k"],
+            top_p=args["top_p"],
+            num_images_per_prompt=args["batch"],
+            generator=torch.Generator().manual_seed(args["seed"]),
+            output_type=output_type,
+            callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=list(seen) if callback else None,
+        ).images
 
     with torch.no_grad():
         images = run("pt", record)
@@ -239,7 +297,9 @@ def test_generation(pipes, fixture, case):
         check(manifest, ref, f"{case}/raw_logits", torch.cat(seen["logits"], dim=1))
     if f"{case}/next_scale_inputs" in ref:
         check(manifest, ref, f"{case}/next_scale_inputs", torch.cat(seen["next_scale_input"], dim=1))
-    check(manifest, ref, f"{case}/summed_codes", latent.unsqueeze(2) if ref[f"{case}/summed_codes"].ndim == 5 else latent)
+    check(
+        manifest, ref, f"{case}/summed_codes", latent.unsqueeze(2) if ref[f"{case}/summed_codes"].ndim == 5 else latent
+    )
     image_float = images * 2 - 1
     check(manifest, ref, f"{case}/image_float", image_float)
     # the original returns ((x + 1) / 2 * 255) truncated to uint8, HWC, BGR
@@ -259,4 +319,6 @@ def _assert_near_tie(manifest, case, bits, reference, sched):
     margin = manifest["notes"]["generation_margins"][case]["min_abs_logit_margin_per_scale"][scale]
     atol = manifest["recommended_tolerances_float32_cpu"]["tf/logits*"]["atol"]
     assert margin < 10 * atol, f"{case}: bits differ at scale {scale} where the smallest reference margin is {margin}"
-    pytest.skip(f"{case}: bits diverge at scale {scale} at a near-tie (margin {margin:.2g}); later tensors not comparable")
+    pytest.skip(
+        f"{case}: bits diverge at scale {scale} at a near-tie (margin {margin:.2g}); later tensors not comparable"
+    )

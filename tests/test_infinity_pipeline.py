@@ -40,7 +40,9 @@ def test_unsupported_size_lists_supported_sizes(pipe):
 def test_long_prompt_is_truncated_with_warning(pipe):
     logger = logging.get_logger("diffusers_var.pipelines.pipeline_infinity")
     messages = []
-    handler = type("H", (__import__("logging").Handler,), {"emit": lambda self, record: messages.append(record.getMessage())})()
+    handler = type(
+        "H", (__import__("logging").Handler,), {"emit": lambda self, record: messages.append(record.getMessage())}
+    )()
     logger.addHandler(handler)
     level = logger.level
     logger.setLevel(logging.WARNING)  # diffusers' battery leaves the pipeline modules' loggers at FATAL
@@ -65,7 +67,9 @@ def test_seeded_generation_is_reproducible_and_callback_runs_per_scale(pipe):
     first = generate(pipe, guidance_scale=3.0, callback_on_step_end=lambda p, i, hw, t: scales.append(hw) or {})
     assert scales == [(1, 1), (2, 2), (4, 4), (6, 6), (8, 8), (12, 12), (16, 16)]
     assert torch.equal(first, generate(pipe, guidance_scale=3.0))
-    per_image = generate(pipe, prompt=[PROMPT, PROMPT], generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)])
+    per_image = generate(
+        pipe, prompt=[PROMPT, PROMPT], generator=[torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    )
     assert per_image.shape[0] == 2
 
 
@@ -76,16 +80,25 @@ def test_offload_sequence_moves_text_encoder_first():
 def test_converter_errors_name_the_parameter(tmp_path):
     path = fixture_dir("infinity")
     with pytest.raises(ConversionError, match="transformer"):
-        convert_infinity_checkpoint(path / "vae.pth", tmp_path / "missing.pth", path / "text_encoder", path / "tokenizer")
+        convert_infinity_checkpoint(
+            path / "vae.pth", tmp_path / "missing.pth", path / "text_encoder", path / "tokenizer"
+        )
     with pytest.raises(ConversionError, match="vae"):  # a transformer file given as the VAE
-        convert_infinity_checkpoint(path / "transformer/infinity.pth", path / "transformer/infinity.pth", path / "text_encoder", path / "tokenizer")
+        convert_infinity_checkpoint(
+            path / "transformer/infinity.pth",
+            path / "transformer/infinity.pth",
+            path / "text_encoder",
+            path / "tokenizer",
+        )
     torch.save({"x": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(ConversionError, match="transformer"):
         convert_infinity_checkpoint(path / "vae.pth", tmp_path / "bad.pth", path / "text_encoder", path / "tokenizer")
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(ConversionError, match="output"):
-        convert_infinity_checkpoint(path / "vae.pth", path / "transformer/infinity.pth", path / "text_encoder", path / "tokenizer", out)
+        convert_infinity_checkpoint(
+            path / "vae.pth", path / "transformer/infinity.pth", path / "text_encoder", path / "tokenizer", out
+        )
 
 
 def test_converter_reads_a_sharded_directory(tmp_path):
@@ -96,7 +109,10 @@ def test_converter_reads_a_sharded_directory(tmp_path):
     path = fixture_dir("infinity")
     state_dict = torch.load(path / "transformer/infinity.pth", weights_only=True)
     keys = sorted(state_dict)
-    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     folder = tmp_path / "sharded"
     folder.mkdir()
     for name, names in shards.items():
@@ -104,7 +120,9 @@ def test_converter_reads_a_sharded_directory(tmp_path):
     weight_map = {k: name for name, names in shards.items() for k in names}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     pipe = convert_infinity_checkpoint(path / "vae.pth", folder, path / "text_encoder", path / "tokenizer")
-    reference = convert_infinity_checkpoint(path / "vae.pth", path / "transformer/infinity.pth", path / "text_encoder", path / "tokenizer")
+    reference = convert_infinity_checkpoint(
+        path / "vae.pth", path / "transformer/infinity.pth", path / "text_encoder", path / "tokenizer"
+    )
     for (name, a), b in zip(pipe.transformer.state_dict().items(), reference.transformer.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -116,8 +134,18 @@ def test_cli(tmp_path):
     path = fixture_dir("infinity")
     script = Path(__file__).resolve().parents[1] / "conversion" / "convert_infinity.py"
     main = runpy.run_path(str(script))["main"]
-    args = ["--vae", str(path / "vae.pth"), "--transformer", str(path / "transformer/infinity.pth"),
-            "--text-encoder", str(path / "text_encoder"), "--tokenizer", str(path / "tokenizer"), "--output", str(tmp_path / "out")]
+    args = [
+        "--vae",
+        str(path / "vae.pth"),
+        "--transformer",
+        str(path / "transformer/infinity.pth"),
+        "--text-encoder",
+        str(path / "text_encoder"),
+        "--tokenizer",
+        str(path / "tokenizer"),
+        "--output",
+        str(tmp_path / "out"),
+    ]
     assert main(args) == 0
     assert (tmp_path / "out" / "model_index.json").is_file()
     assert main(args) == 2  # refuses to overwrite without --overwrite

@@ -76,11 +76,15 @@ def add_random_adapter(model, name: str = "a", rank: int = 4, seed: int = 0, sca
 
 
 def save_adapter(pipe, folder: Path, name: str = "a", text_encoder: bool = False) -> Path:
-    layers = dict(transformer_lora_layers=get_peft_model_state_dict(pipe.transformer, adapter_name=name),
-                  transformer_lora_adapter_metadata=pipe.transformer.peft_config[name].to_dict())
+    layers = dict(
+        transformer_lora_layers=get_peft_model_state_dict(pipe.transformer, adapter_name=name),
+        transformer_lora_adapter_metadata=pipe.transformer.peft_config[name].to_dict(),
+    )
     if text_encoder:
-        layers.update(text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder, adapter_name=name),
-                      text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config[name].to_dict())
+        layers.update(
+            text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder, adapter_name=name),
+            text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config[name].to_dict(),
+        )
     type(pipe).save_lora_weights(folder, **layers)
     return folder
 
@@ -115,9 +119,19 @@ def test_default_targets_adapt_the_documented_layers(family, targets, pattern, c
 
 
 def test_stable_sampler_head_is_not_targeted_and_bad_targets_name_the_parameter():
-    star = STARTransformer2DModel(depth=2, embed_dim=32, num_heads=2, vocab_size=16, latent_channels=4,
-                                  patch_nums=(1, 2, 3), text_embed_dim=16, num_legacy_classes=0, stable_sampler=True,
-                                  sampler_depth=1, sampler_start_scale=2)
+    star = STARTransformer2DModel(
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        vocab_size=16,
+        latent_channels=4,
+        patch_nums=(1, 2, 3),
+        text_embed_dim=16,
+        num_legacy_classes=0,
+        stable_sampler=True,
+        sampler_depth=1,
+        sampler_start_scale=2,
+    )
     star.add_adapter(lora_config(star, rank=2))
     assert not [n for n, m in star.named_modules() if isinstance(m, BaseTunerLayer) and n.startswith("sampler")]
     assert len(lora_layers(star)) == 2 * 7
@@ -314,8 +328,9 @@ def test_adapter_files_are_peft_files_without_this_package(tmp_path):
         print("ok", len(state), config.r)
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["ok", "48", "4"]  # 24 layers x (A, B), rank 4
     with safe_open(folder / "pytorch_lora_weights.safetensors", "pt") as f:
@@ -335,28 +350,46 @@ def test_adapters_of_another_family_or_shape_are_clear_errors(tmp_path):
         assert not lora_layers(other.transformer) and not getattr(other.transformer, "peft_config", None)
 
     # another depth (same widths): the header's LoraConfig targets layers the file does not cover
-    shallow = VARPipeline(transformer=VARTransformer2DModel.from_config({**var.transformer.config, "depth": 3}),
-                          vqvae=var.vqvae)
+    shallow = VARPipeline(
+        transformer=VARTransformer2DModel.from_config({**var.transformer.config, "depth": 3}), vqvae=var.vqvae
+    )
     add_random_adapter(shallow.transformer)
     with pytest.raises(ValueError, match="no weights for 12 targeted layers.*another depth"):
         embedded("var").load_lora_weights(save_adapter(shallow, tmp_path / "shallow"))
     # another width: a tiny VAR's adapter
-    tiny = VARPipeline(transformer=VARTransformer2DModel(depth=2, embed_dim=64, num_heads=2, num_classes=10,
-                                                         patch_nums=(1, 2, 3, 4, 6, 8), vocab_size=512,
-                                                         latent_channels=16), vqvae=var.vqvae)
+    tiny = VARPipeline(
+        transformer=VARTransformer2DModel(
+            depth=2,
+            embed_dim=64,
+            num_heads=2,
+            num_classes=10,
+            patch_nums=(1, 2, 3, 4, 6, 8),
+            vocab_size=512,
+            latent_channels=16,
+        ),
+        vqvae=var.vqvae,
+    )
     add_random_adapter(tiny.transformer)
     with pytest.raises(ValueError, match="reads 64 inputs, `blocks.0.attn.to_qkv` has 192"):
         embedded("var").load_lora_weights(save_adapter(tiny, tmp_path / "tiny"))
     # a state dict naming a layer the model does not have / no LoRA keys
     pipe = embedded("var")
     with pytest.raises(ValueError, match="no adaptable layer `blocks.9.attn.to_qkv`"):
-        pipe.load_lora_weights({"transformer.blocks.9.attn.to_qkv.lora_A.weight": torch.zeros(4, 192),
-                                "transformer.blocks.9.attn.to_qkv.lora_B.weight": torch.zeros(576, 4)})
+        pipe.load_lora_weights(
+            {
+                "transformer.blocks.9.attn.to_qkv.lora_A.weight": torch.zeros(4, 192),
+                "transformer.blocks.9.attn.to_qkv.lora_B.weight": torch.zeros(576, 4),
+            }
+        )
     with pytest.raises(ValueError, match="every key must contain `lora`"):
         pipe.load_lora_weights({"transformer.blocks.0.attn.to_qkv.weight": torch.zeros(576, 192)})
     with pytest.raises(ValueError, match="belong to none of this pipeline's LoRA components"):
-        pipe.load_lora_weights({"transformer.blocks.0.attn.to_qkv.lora_A.weight": torch.zeros(4, 192),
-                                "unet.x.lora_A.weight": torch.zeros(4, 4)})
+        pipe.load_lora_weights(
+            {
+                "transformer.blocks.0.attn.to_qkv.lora_A.weight": torch.zeros(4, 192),
+                "unet.x.lora_A.weight": torch.zeros(4, 4),
+            }
+        )
     assert not lora_layers(pipe.transformer)
 
 
@@ -464,10 +497,22 @@ CONCEPT_DATA = {"type": "shapes", "num_images": 16, "seed": 2, "concept": "bar"}
 
 def lora_run(output: Path, family: str, **overrides) -> dict:
     folder = EMBEDDED[family][1]
-    config = dict(task=family, output_dir=str(output), resolution=64, batch_size=4, max_steps=4, learning_rate=3e-3,
-                  warmup_steps=1, log_every=1, checkpoint_every=100, ema_decay=None, mixed_precision="no", seed=0,
-                  data={**CONCEPT_DATA, **({"concept_replaces": "square"} if family == "var" else {})},
-                  lora={"base": str(REPO_ROOT / "pipelines" / folder), "rank": 4})
+    config = dict(
+        task=family,
+        output_dir=str(output),
+        resolution=64,
+        batch_size=4,
+        max_steps=4,
+        learning_rate=3e-3,
+        warmup_steps=1,
+        log_every=1,
+        checkpoint_every=100,
+        ema_decay=None,
+        mixed_precision="no",
+        seed=0,
+        data={**CONCEPT_DATA, **({"concept_replaces": "square"} if family == "var" else {})},
+        lora={"base": str(REPO_ROOT / "pipelines" / folder), "rank": 4},
+    )
     for key, value in overrides.items():
         config[key] = {**config[key], **value} if isinstance(value, dict) and key in ("lora", "data") else value
     return config
@@ -504,8 +549,13 @@ def _run_cli(config: dict, path: Path, fault: str | None = None) -> subprocess.C
     env.pop("DIFFUSERS_VAR_FAULT_INJECT", None)
     if fault:
         env["DIFFUSERS_VAR_FAULT_INJECT"] = fault
-    return subprocess.run([sys.executable, "-m", "diffusers_var.training", config["task"], "--config", str(path)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "diffusers_var.training", config["task"], "--config", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
 def test_killed_lora_run_resumes_to_the_same_adapter(tmp_path):
@@ -566,8 +616,15 @@ def test_bad_lora_configs_name_the_key(tmp_path):
 # The concept data and the judge
 # ----------------------------------------------------------------------------------------------
 def test_concept_data_and_the_judge():
-    data = shapes.ConceptShapesDataset(num_images=200, resolution=64, seed=0, concept="bar", concept_fraction=0.25,
-                                       concept_replaces="square", need_labels=True)
+    data = shapes.ConceptShapesDataset(
+        num_images=200,
+        resolution=64,
+        seed=0,
+        concept="bar",
+        concept_fraction=0.25,
+        concept_replaces="square",
+        need_labels=True,
+    )
     bars = [i for i, c in enumerate(data.classes) if c.shape == "bar"]
     assert len(bars) == 50 and not [c for c in data.classes if c.shape == "square"]
     for i in bars:  # a bar takes the class id of the square of its colour and background
@@ -580,9 +637,12 @@ def test_concept_data_and_the_judge():
     assert shapes.judge_images(old.images) == [shapes.CLASSES[i] for i in old.class_ids]  # no old shape is a bar
     text = shapes.ConceptShapesDataset(num_images=10, resolution=64, concept_fraction=1.0)
     assert {c.shape for c in text.classes} == {"bar"} and set(text.class_ids.tolist()) == {-1}
-    for kwargs, match in (({"concept": "star"}, "`concept`"), ({"concept_fraction": 0}, "`concept_fraction`"),
-                          ({"concept_replaces": "bar"}, "`concept_replaces`"),
-                          ({"need_labels": True}, "`concept_replaces`")):
+    for kwargs, match in (
+        ({"concept": "star"}, "`concept`"),
+        ({"concept_fraction": 0}, "`concept_fraction`"),
+        ({"concept_replaces": "bar"}, "`concept_replaces`"),
+        ({"need_labels": True}, "`concept_replaces`"),
+    ):
         with pytest.raises(ValueError, match=match):
             shapes.ConceptShapesDataset(num_images=10, **kwargs)
     assert len(shapes.concept_classes("bar")) == 30
@@ -621,11 +681,37 @@ def test_generate_command_takes_loras(var_adapter, tmp_path):
     assert np.array_equal(generate("zero.png", "--lora", str(var_adapter), "--lora-scale", "0"), base)
     adapted = generate("one.png", "--lora", str(var_adapter / "pytorch_lora_weights.safetensors"))
     assert not np.array_equal(adapted, base)
-    assert not np.array_equal(generate("twice.png", "--lora", str(var_adapter), "--lora", str(var_adapter),
-                                       "--lora-scale", "0.5", "--lora-scale", "0"), base)
+    assert not np.array_equal(
+        generate(
+            "twice.png",
+            "--lora",
+            str(var_adapter),
+            "--lora",
+            str(var_adapter),
+            "--lora-scale",
+            "0.5",
+            "--lora-scale",
+            "0",
+        ),
+        base,
+    )
     star = str(REPO_ROOT / "pipelines" / "star-shapes")
-    assert main(["generate", "--model", star, "--prompt", "a red circle on a blue background", "--lora",
-                 str(var_adapter), "--out", str(tmp_path / "s.png")]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                star,
+                "--prompt",
+                "a red circle on a blue background",
+                "--lora",
+                str(var_adapter),
+                "--out",
+                str(tmp_path / "s.png"),
+            ]
+        )
+        == 2
+    )
     assert main(["generate", "--lora-scale", "0.5", "--out", str(tmp_path / "x.png")]) == 2
 
 
@@ -665,9 +751,14 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 def _run(pipe, seed: int, generator_device: str = "cuda", **kwargs):
     """(latents, every scale's tokens) of 15 VAR images."""
     seen = []
-    latents = pipe(class_labels=list(range(0, 90, 6)), generator=torch.Generator(generator_device).manual_seed(seed),
-                   output_type="latent", callback_on_step_end_tensor_inputs=["tokens"],
-                   callback_on_step_end=lambda p, si, hw, t: seen.append(t["tokens"].clone()) or {}, **kwargs).images
+    latents = pipe(
+        class_labels=list(range(0, 90, 6)),
+        generator=torch.Generator(generator_device).manual_seed(seed),
+        output_type="latent",
+        callback_on_step_end_tensor_inputs=["tokens"],
+        callback_on_step_end=lambda p, si, hw, t: seen.append(t["tokens"].clone()) or {},
+        **kwargs,
+    ).images
     return latents, torch.cat(seen, dim=1)
 
 
@@ -713,8 +804,9 @@ def test_gpu_fused_adapter_runs_like_the_merged_model():
     fused.fuse_lora()
     for pipe in (fused, plain, unfused):
         pipe.enable_fast_inference(compile_blocks=True)
-    tokens = {name: _run(pipe, 1, top_k=1)[1] for name, pipe in (("fused", fused), ("plain", plain),
-                                                                 ("unfused", unfused))}
+    tokens = {
+        name: _run(pipe, 1, top_k=1)[1] for name, pipe in (("fused", fused), ("plain", plain), ("unfused", unfused))
+    }
     same = (tokens["fused"] == tokens["plain"]).float().mean().item()
     close = (tokens["fused"] == tokens["unfused"]).float().mean().item()
     print(f"bf16 fast path, greedy tokens: fused adapter vs merged model {same:.4f}, fused vs unfused {close:.4f}")

@@ -77,8 +77,12 @@ def _infinity_io(model, B=2):
     drop = torch.tensor([False, True])[:B]  # row 1: the learned unconditional text
     L = sum(h * w for h, w in INFINITY_SCHEDULE)
     tf_input = torch.randn(B, L - 1, model.config.bits_per_token, generator=g)
-    return ((lambda: model(tf_input, embeds, mask, INFINITY_SCHEDULE, drop_text=drop).logits), (embeds, mask, drop),
-            tf_input, INFINITY_SCHEDULE)
+    return (
+        (lambda: model(tf_input, embeds, mask, INFINITY_SCHEDULE, drop_text=drop).logits),
+        (embeds, mask, drop),
+        tf_input,
+        INFINITY_SCHEDULE,
+    )
 
 
 @dataclass
@@ -109,7 +113,7 @@ def _decode_all(model, condition, tf_input, schedule):
     cache, pieces, begin = model.init_kv_cache(schedule), [], 0
     first = schedule[0][0] * schedule[0][1]
     for si, (h, w) in enumerate(schedule):
-        scale_input = None if si == 0 else tf_input[:, begin - first: begin - first + h * w]
+        scale_input = None if si == 0 else tf_input[:, begin - first : begin - first + h * w]
         out = model.forward_scale(si, condition, cache, scale_input)
         pieces.append(out[0] if isinstance(out, tuple) else out)
         begin += h * w
@@ -144,10 +148,13 @@ def test_save_load_round_trip_and_dtype_loading(case, tmp_path):
 
 @pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
 def test_every_config_argument_is_documented(case):
-    """diffusers' convention: one ``name (`type`, defaults to ...)`` entry per config argument in the class docstring."""
+    """diffusers' convention: one ``name (`type`, defaults to ...)`` entry per config argument in the class
+    docstring."""
     doc = inspect.getdoc(case.model_class)
     for name in list(inspect.signature(case.model_class.__init__).parameters)[1:]:
-        assert re.search(rf"^\s*{name} \(`[^`]+`, (defaults to|\*optional\*)", doc, re.M), f"{case.model_class.__name__}: `{name}`"
+        assert re.search(rf"^\s*{name} \(`[^`]+`, (defaults to|\*optional\*)", doc, re.M), (
+            f"{case.model_class.__name__}: `{name}`"
+        )
 
 
 @pytest.mark.parametrize("case", TRANSFORMERS, ids=case_ids(TRANSFORMERS))
@@ -155,8 +162,9 @@ def test_scale_by_scale_decoding_equals_teacher_forcing(case):
     model = case.build()
     teacher_forcing, condition, tf_input, schedule = case.io(model)
     with torch.no_grad():
-        torch.testing.assert_close(_decode_all(model, condition, tf_input, schedule), teacher_forcing(),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            _decode_all(model, condition, tf_input, schedule), teacher_forcing(), atol=1e-5, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("case", TRANSFORMERS, ids=case_ids(TRANSFORMERS))

@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from conftest import REPO_ROOT
 
 SOURCES = ["setup.py", "setup.cfg", "pyproject.toml", "MANIFEST.in", "README.md", "src", "pipelines"]
@@ -37,7 +38,21 @@ def wheel(tmp_path_factory) -> Path:
         elif source.is_file():
             shutil.copy2(source, root / name)
     dist = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(dist), str(root)])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(dist),
+            str(root),
+        ]
+    )
     (built,) = dist.glob("diffusers_var-*.whl")
     return built
 
@@ -46,7 +61,11 @@ def test_wheel_ships_the_embedded_pipelines(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for family in ("var-shapes", "star-shapes", "infinity-shapes"):
         folder = REPO_ROOT / "pipelines" / family
-        expected = {f"diffusers_var/embedded/{family}/{p.relative_to(folder).as_posix()}" for p in folder.rglob("*") if p.is_file()}
+        expected = {
+            f"diffusers_var/embedded/{family}/{p.relative_to(folder).as_posix()}"
+            for p in folder.rglob("*")
+            if p.is_file()
+        }
         assert expected and expected <= names, sorted(expected - names)[:5]
     assert not [n for n in names if n.endswith((".pyc", ".bin", ".pth", ".pkl"))]
 
@@ -61,7 +80,9 @@ def test_pip_install_then_the_readme_command_works(wheel, tmp_path):
     # added by a .pth line does not run that folder's .pth files, so an editable diffusers_var here stays out
     here = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
     (site / "outer-environment.pth").write_text("\n".join(sorted(here)) + "\n")
-    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)])
+    _run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)]
+    )
 
     work = tmp_path / "elsewhere"  # not the repository: nothing may be found through the working directory
     work.mkdir()
@@ -69,8 +90,11 @@ def test_pip_install_then_the_readme_command_works(wheel, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env.update(PATH=f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     # where the package is found, without importing it (find_spec of a top-level package runs none of its code)
-    located = _run([str(python), "-c", "import importlib.util; print(importlib.util.find_spec('diffusers_var').origin)"],
-                   cwd=work, env=env).stdout
+    located = _run(
+        [str(python), "-c", "import importlib.util; print(importlib.util.find_spec('diffusers_var').origin)"],
+        cwd=work,
+        env=env,
+    ).stdout
     assert Path(located.strip()).is_relative_to(venv), located
     command = ["diffusers-var", "generate", "--class-label", "red circle on blue", "--out", "out.png"]  # README's
     result = _run(command, cwd=work, env=env)

@@ -47,7 +47,7 @@ def lower_mask(side: int) -> torch.Tensor:
     """A latent-grid mask (side, side) that generates all but the top quarter (most tokens of every scale but the
     first are sampled, so guidance and seeds show)."""
     mask = torch.zeros(side, side, dtype=torch.bool)
-    mask[side // 4:] = True
+    mask[side // 4 :] = True
     return mask
 
 
@@ -58,23 +58,36 @@ VQ_IMAGE, VQ_MASK, BITS_IMAGE, BITS_MASK = edit_image(8), lower_mask(4), edit_im
 def inpaint_bad_inputs(image: torch.Tensor, grid: int) -> list:
     """What every in-painting pipeline refuses, naming the parameter."""
     size = image.shape[-1]
-    return [({"mask_image": None}, "mask_image"), ({"mask_image": torch.ones(grid - 1, grid - 1)}, "mask_image"),
-            ({"mask_image": torch.ones(size + 2, size + 2)}, "mask_image"),
-            ({"image": edit_image(size + 4), "mask_image": torch.ones(size, size)}, "mask_image"),
-            ({"mask_image": torch.full((grid, grid), 2.0)}, "mask_image"), ({"mask_image": "mask"}, "mask_image"),
-            *edit_bad_inputs(image)]
+    return [
+        ({"mask_image": None}, "mask_image"),
+        ({"mask_image": torch.ones(grid - 1, grid - 1)}, "mask_image"),
+        ({"mask_image": torch.ones(size + 2, size + 2)}, "mask_image"),
+        ({"image": edit_image(size + 4), "mask_image": torch.ones(size, size)}, "mask_image"),
+        ({"mask_image": torch.full((grid, grid), 2.0)}, "mask_image"),
+        ({"mask_image": "mask"}, "mask_image"),
+        *edit_bad_inputs(image),
+    ]
 
 
 def edit_bad_inputs(image: torch.Tensor) -> list:
     """What every editing pipeline refuses about the image, naming the parameter."""
-    return [({"image": None}, "image"), ({"image_indices": [torch.zeros(1, 1, dtype=torch.long)]}, "image"),
-            ({"image": None, "image_indices": [torch.zeros(1, 1, dtype=torch.long)]}, "image_indices"),
-            ({"image": image.repeat(3, 1, 1, 1)}, "image"), ({"image": image[:, :2]}, "image"),
-            ({"image": image * 3}, "image"), ({"image": "photo.png"}, "image")]
+    return [
+        ({"image": None}, "image"),
+        ({"image_indices": [torch.zeros(1, 1, dtype=torch.long)]}, "image"),
+        ({"image": None, "image_indices": [torch.zeros(1, 1, dtype=torch.long)]}, "image_indices"),
+        ({"image": image.repeat(3, 1, 1, 1)}, "image"),
+        ({"image": image[:, :2]}, "image"),
+        ({"image": image * 3}, "image"),
+        ({"image": "photo.png"}, "image"),
+    ]
 
 
-STRENGTH_BAD_INPUTS = [({"strength": 1.5}, "strength"), ({"strength": -0.1}, "strength"),
-                       ({"strength": float("nan")}, "strength"), ({"strength": "0.5"}, "strength")]
+STRENGTH_BAD_INPUTS = [
+    ({"strength": 1.5}, "strength"),
+    ({"strength": -0.1}, "strength"),
+    ({"strength": float("nan")}, "strength"),
+    ({"strength": "0.5"}, "strength"),
+]
 
 
 @dataclass
@@ -91,65 +104,172 @@ class Case:
 
 
 CASES = [
-    Case("var", VARPipeline, lambda: var_components(seed=0), lambda items: {"class_labels": items}, [1, 2],
-         call={"top_k": 8},
-         bad_inputs=[({"class_labels": [11]}, "class_labels"), ({"class_labels": [-2]}, "class_labels"),
-                     ({"class_labels": [1.5]}, "class_labels"), ({"class_labels": []}, "class_labels"),
-                     ({"class_labels": "cat"}, "class_labels"), ({"more_smooth": "yes"}, "more_smooth")]),
-    Case("code", VARCoDePipeline, lambda: code_components(seed=0), lambda items: {"class_labels": items}, [1, 2],
-         call={"top_k": [8, 8, 6, 6], "temperature": [1.1, 1.1, 1.0, 1.0]},
-         bad_inputs=[({"class_labels": [11]}, "class_labels"), ({"draft_steps": 0}, "draft_steps"),
-                     ({"draft_steps": 4}, "draft_steps"), ({"draft_steps": 2.0}, "draft_steps"),
-                     ({"top_k": [8, 8, 8]}, "top_k"), ({"top_k": [8, 8, 8, -1]}, "top_k"),
-                     ({"temperature": [1.0] * 5}, "temperature"), ({"temperature": -1.0}, "temperature"),
-                     ({"more_smooth": "yes"}, "more_smooth")]),
-    Case("star", STARPipeline, lambda: star_components(seed=0, stable_sampler=False),
-         lambda items: {"prompt": items}, PROMPTS, call={"top_k": 10, "top_p": 0.9},
-         bad_inputs=[({"prompt": 3}, "prompt"), ({"prompt": []}, "prompt"),
-                     ({"negative_prompt": ["a", "b", "c"]}, "negative_prompt"), ({"use_stable_sampler": True}, "use_stable_sampler"),
-                     ({"sampler_version": "2"}, "sampler_version"), ({"max_sequence_length": 0}, "max_sequence_length"),
-                     ({"prompt_embeds": torch.full((2, 4, 32), float("nan")), "prompt": None,
-                       "pooled_prompt_embeds": torch.zeros(2, 32)}, "prompt_embeds")]),
-    Case("star_stable_sampler", STARPipeline, lambda: star_components(seed=0, stable_sampler=True, sampler_start_scale=2),
-         lambda items: {"prompt": items}, PROMPTS, call={"top_k": 10, "top_p": 0.9},
-         bad_inputs=[({"sampler_generator": 3}, "sampler_generator")]),
-    Case("infinity", InfinityPipeline, lambda: infinity_components(seed=0), lambda items: {"prompt": items}, PROMPTS,
-         call={"height": 32, "width": 32, "guidance_scale": 3.0, "top_k": 2},
-         bad_inputs=[({"tau": 0.0}, "tau"), ({"tau": float("nan")}, "tau"), ({"guidance_scale": [1.0, 2.0]}, "guidance_scale"),
-                     ({"height": 0}, "height"), ({"width": -8}, "width"), ({"height": 5000}, "height"),
-                     ({"max_sequence_length": 0}, "max_sequence_length"), ({"negative_prompt": 3}, "negative_prompt"),
-                     ({"prompt_embeds": torch.full((2, 4, 32), float("inf")), "prompt": None}, "prompt_embeds")]),
+    Case(
+        "var",
+        VARPipeline,
+        lambda: var_components(seed=0),
+        lambda items: {"class_labels": items},
+        [1, 2],
+        call={"top_k": 8},
+        bad_inputs=[
+            ({"class_labels": [11]}, "class_labels"),
+            ({"class_labels": [-2]}, "class_labels"),
+            ({"class_labels": [1.5]}, "class_labels"),
+            ({"class_labels": []}, "class_labels"),
+            ({"class_labels": "cat"}, "class_labels"),
+            ({"more_smooth": "yes"}, "more_smooth"),
+        ],
+    ),
+    Case(
+        "code",
+        VARCoDePipeline,
+        lambda: code_components(seed=0),
+        lambda items: {"class_labels": items},
+        [1, 2],
+        call={"top_k": [8, 8, 6, 6], "temperature": [1.1, 1.1, 1.0, 1.0]},
+        bad_inputs=[
+            ({"class_labels": [11]}, "class_labels"),
+            ({"draft_steps": 0}, "draft_steps"),
+            ({"draft_steps": 4}, "draft_steps"),
+            ({"draft_steps": 2.0}, "draft_steps"),
+            ({"top_k": [8, 8, 8]}, "top_k"),
+            ({"top_k": [8, 8, 8, -1]}, "top_k"),
+            ({"temperature": [1.0] * 5}, "temperature"),
+            ({"temperature": -1.0}, "temperature"),
+            ({"more_smooth": "yes"}, "more_smooth"),
+        ],
+    ),
+    Case(
+        "star",
+        STARPipeline,
+        lambda: star_components(seed=0, stable_sampler=False),
+        lambda items: {"prompt": items},
+        PROMPTS,
+        call={"top_k": 10, "top_p": 0.9},
+        bad_inputs=[
+            ({"prompt": 3}, "prompt"),
+            ({"prompt": []}, "prompt"),
+            ({"negative_prompt": ["a", "b", "c"]}, "negative_prompt"),
+            ({"use_stable_sampler": True}, "use_stable_sampler"),
+            ({"sampler_version": "2"}, "sampler_version"),
+            ({"max_sequence_length": 0}, "max_sequence_length"),
+            (
+                {
+                    "prompt_embeds": torch.full((2, 4, 32), float("nan")),
+                    "prompt": None,
+                    "pooled_prompt_embeds": torch.zeros(2, 32),
+                },
+                "prompt_embeds",
+            ),
+        ],
+    ),
+    Case(
+        "star_stable_sampler",
+        STARPipeline,
+        lambda: star_components(seed=0, stable_sampler=True, sampler_start_scale=2),
+        lambda items: {"prompt": items},
+        PROMPTS,
+        call={"top_k": 10, "top_p": 0.9},
+        bad_inputs=[({"sampler_generator": 3}, "sampler_generator")],
+    ),
+    Case(
+        "infinity",
+        InfinityPipeline,
+        lambda: infinity_components(seed=0),
+        lambda items: {"prompt": items},
+        PROMPTS,
+        call={"height": 32, "width": 32, "guidance_scale": 3.0, "top_k": 2},
+        bad_inputs=[
+            ({"tau": 0.0}, "tau"),
+            ({"tau": float("nan")}, "tau"),
+            ({"guidance_scale": [1.0, 2.0]}, "guidance_scale"),
+            ({"height": 0}, "height"),
+            ({"width": -8}, "width"),
+            ({"height": 5000}, "height"),
+            ({"max_sequence_length": 0}, "max_sequence_length"),
+            ({"negative_prompt": 3}, "negative_prompt"),
+            ({"prompt_embeds": torch.full((2, 4, 32), float("inf")), "prompt": None}, "prompt_embeds"),
+        ],
+    ),
     # the editing pipelines: one image (and mask) for both labels / prompts
-    Case("var_inpaint", VARInpaintPipeline, lambda: var_components(seed=0), lambda items: {"class_labels": items},
-         [1, 2], call={"top_k": 8, "image": VQ_IMAGE, "mask_image": VQ_MASK},
-         bad_inputs=inpaint_bad_inputs(VQ_IMAGE, 4)),
-    Case("var_img2img", VARImg2ImgPipeline, lambda: var_components(seed=0), lambda items: {"class_labels": items},
-         [1, 2], call={"top_k": 8, "image": VQ_IMAGE}, bad_inputs=STRENGTH_BAD_INPUTS + edit_bad_inputs(VQ_IMAGE)),
-    Case("star_inpaint", STARInpaintPipeline, lambda: star_components(seed=0, stable_sampler=False),
-         lambda items: {"prompt": items}, PROMPTS,
-         call={"top_k": 10, "top_p": 0.9, "image": VQ_IMAGE, "mask_image": VQ_MASK},
-         bad_inputs=inpaint_bad_inputs(VQ_IMAGE, 4)),
-    Case("star_img2img", STARImg2ImgPipeline,
-         lambda: star_components(seed=0, stable_sampler=True, sampler_start_scale=2), lambda items: {"prompt": items},
-         PROMPTS, call={"top_k": 10, "top_p": 0.9, "image": VQ_IMAGE, "strength": 0.75},
-         bad_inputs=STRENGTH_BAD_INPUTS + edit_bad_inputs(VQ_IMAGE)),
-    Case("infinity_inpaint", InfinityInpaintPipeline, lambda: infinity_components(seed=0),
-         lambda items: {"prompt": items}, PROMPTS,
-         call={"height": 32, "width": 32, "guidance_scale": 3.0, "top_k": 2, "image": BITS_IMAGE,
-               "mask_image": BITS_MASK}, bad_inputs=inpaint_bad_inputs(BITS_IMAGE, 16)),
-    Case("infinity_img2img", InfinityImg2ImgPipeline, lambda: infinity_components(seed=0),
-         lambda items: {"prompt": items}, PROMPTS,
-         call={"height": 32, "width": 32, "guidance_scale": 3.0, "top_k": 2, "image": BITS_IMAGE},
-         bad_inputs=STRENGTH_BAD_INPUTS + edit_bad_inputs(BITS_IMAGE)),
+    Case(
+        "var_inpaint",
+        VARInpaintPipeline,
+        lambda: var_components(seed=0),
+        lambda items: {"class_labels": items},
+        [1, 2],
+        call={"top_k": 8, "image": VQ_IMAGE, "mask_image": VQ_MASK},
+        bad_inputs=inpaint_bad_inputs(VQ_IMAGE, 4),
+    ),
+    Case(
+        "var_img2img",
+        VARImg2ImgPipeline,
+        lambda: var_components(seed=0),
+        lambda items: {"class_labels": items},
+        [1, 2],
+        call={"top_k": 8, "image": VQ_IMAGE},
+        bad_inputs=STRENGTH_BAD_INPUTS + edit_bad_inputs(VQ_IMAGE),
+    ),
+    Case(
+        "star_inpaint",
+        STARInpaintPipeline,
+        lambda: star_components(seed=0, stable_sampler=False),
+        lambda items: {"prompt": items},
+        PROMPTS,
+        call={"top_k": 10, "top_p": 0.9, "image": VQ_IMAGE, "mask_image": VQ_MASK},
+        bad_inputs=inpaint_bad_inputs(VQ_IMAGE, 4),
+    ),
+    Case(
+        "star_img2img",
+        STARImg2ImgPipeline,
+        lambda: star_components(seed=0, stable_sampler=True, sampler_start_scale=2),
+        lambda items: {"prompt": items},
+        PROMPTS,
+        call={"top_k": 10, "top_p": 0.9, "image": VQ_IMAGE, "strength": 0.75},
+        bad_inputs=STRENGTH_BAD_INPUTS + edit_bad_inputs(VQ_IMAGE),
+    ),
+    Case(
+        "infinity_inpaint",
+        InfinityInpaintPipeline,
+        lambda: infinity_components(seed=0),
+        lambda items: {"prompt": items},
+        PROMPTS,
+        call={
+            "height": 32,
+            "width": 32,
+            "guidance_scale": 3.0,
+            "top_k": 2,
+            "image": BITS_IMAGE,
+            "mask_image": BITS_MASK,
+        },
+        bad_inputs=inpaint_bad_inputs(BITS_IMAGE, 16),
+    ),
+    Case(
+        "infinity_img2img",
+        InfinityImg2ImgPipeline,
+        lambda: infinity_components(seed=0),
+        lambda items: {"prompt": items},
+        PROMPTS,
+        call={"height": 32, "width": 32, "guidance_scale": 3.0, "top_k": 2, "image": BITS_IMAGE},
+        bad_inputs=STRENGTH_BAD_INPUTS + edit_bad_inputs(BITS_IMAGE),
+    ),
 ]
 COMMON_BAD_INPUTS = [
-    ({"guidance_scale": float("nan")}, "guidance_scale"), ({"guidance_scale": float("inf")}, "guidance_scale"),
-    ({"guidance_scale": -1.0}, "guidance_scale"), ({"guidance_scale": "4"}, "guidance_scale"),
-    ({"top_p": 1.5}, "top_p"), ({"top_p": float("nan")}, "top_p"), ({"top_k": -1}, "top_k"), ({"top_k": 2.5}, "top_k"),
-    ({"output_type": "jpeg"}, "output_type"), ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
-    ({"generator": [torch.Generator()]}, "generator"), ({"generator": 3}, "generator"),
+    ({"guidance_scale": float("nan")}, "guidance_scale"),
+    ({"guidance_scale": float("inf")}, "guidance_scale"),
+    ({"guidance_scale": -1.0}, "guidance_scale"),
+    ({"guidance_scale": "4"}, "guidance_scale"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_p": float("nan")}, "top_p"),
+    ({"top_k": -1}, "top_k"),
+    ({"top_k": 2.5}, "top_k"),
+    ({"output_type": "jpeg"}, "output_type"),
+    ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
+    ({"generator": [torch.Generator()]}, "generator"),
+    ({"generator": 3}, "generator"),
     ({"callback_on_step_end_tensor_inputs": ["unknown"]}, "callback_on_step_end_tensor_inputs"),
-    ({"callback_on_step_end": "print"}, "callback_on_step_end"), ({"return_dict": "yes"}, "return_dict"),
+    ({"callback_on_step_end": "print"}, "callback_on_step_end"),
+    ({"return_dict": "yes"}, "return_dict"),
 ]
 _PIPES: dict = {}
 
@@ -166,8 +286,13 @@ def pipeline(case: Case):
 def run(case: Case, pipe=None, items=None, seed=0, **kwargs):
     """A call of ``pipe`` (default: the case's) on ``items`` (default: two) with a seeded CPU generator."""
     pipe = pipe or pipeline(case)
-    kwargs = {**case.call, **case.batch(case.items if items is None else items), "output_type": "pt",
-              "generator": torch.Generator().manual_seed(seed), **kwargs}
+    kwargs = {
+        **case.call,
+        **case.batch(case.items if items is None else items),
+        "output_type": "pt",
+        "generator": torch.Generator().manual_seed(seed),
+        **kwargs,
+    }
     return pipe(**kwargs).images
 
 
@@ -203,8 +328,8 @@ def test_generator_list_gives_each_image_its_own_stream(case):
     generators = [torch.Generator().manual_seed(s) for s in (3, 4)]
     batch = run(case, generator=generators)
     for i, seed in enumerate((3, 4)):
-        alone = run(case, items=case.items[i:i + 1], generator=[torch.Generator().manual_seed(seed)])
-        torch.testing.assert_close(batch[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+        alone = run(case, items=case.items[i : i + 1], generator=[torch.Generator().manual_seed(seed)])
+        torch.testing.assert_close(batch[i : i + 1], alone, atol=1e-5, rtol=1e-5)
 
 
 def test_num_images_per_prompt(case):
@@ -231,7 +356,11 @@ def test_dtype_loading_keeps_the_fp32_modules(case, tmp_path):
     half.set_progress_bar_config(disable=True)
     transformer = half.transformer
     assert transformer.dtype == torch.bfloat16
-    kept = [name for name, _ in transformer.named_parameters() if set(name.split(".")) & set(transformer._keep_in_fp32_modules)]
+    kept = [
+        name
+        for name, _ in transformer.named_parameters()
+        if set(name.split(".")) & set(transformer._keep_in_fp32_modules)
+    ]
     assert kept and all(dict(transformer.named_parameters())[name].dtype == torch.float32 for name in kept)
     assert torch.isfinite(run(case, half)).all()
 
@@ -248,10 +377,20 @@ def test_callback_receives_every_declared_tensor(case):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # the deprecated names are asked for too
-        latent = run(case, output_type="latent", callback_on_step_end=record,
-                     callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs)
-    schedule = [tuple(hw) for hw in (pipe.scale_schedule(case.call.get("height"), case.call.get("width"))
-                                     if issubclass(case.pipeline_class, InfinityPipeline) else pipe.scale_schedule())]
+        latent = run(
+            case,
+            output_type="latent",
+            callback_on_step_end=record,
+            callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs,
+        )
+    schedule = [
+        tuple(hw)
+        for hw in (
+            pipe.scale_schedule(case.call.get("height"), case.call.get("width"))
+            if issubclass(case.pipeline_class, InfinityPipeline)
+            else pipe.scale_schedule()
+        )
+    ]
     assert [s[0] for s in seen] == list(range(len(schedule))) == list(range(pipe.num_timesteps))
     assert [s[1] for s in seen] == schedule
     for si, ((h, w), (_, _, t)) in enumerate(zip(schedule, seen)):
@@ -270,14 +409,22 @@ def test_callback_receives_every_declared_tensor(case):
 
 
 def test_callback_returning_latents_replaces_them(case):
-    zeros_at_end = run(case, output_type="latent",
-                       callback_on_step_end=lambda p, si, hw, t: {"latents": torch.zeros_like(t["latents"])}
-                       if si == p.num_timesteps - 1 else {})
+    zeros_at_end = run(
+        case,
+        output_type="latent",
+        callback_on_step_end=lambda p, si, hw, t: (
+            {"latents": torch.zeros_like(t["latents"])} if si == p.num_timesteps - 1 else {}
+        ),
+    )
     assert torch.count_nonzero(zeros_at_end) == 0
     plain = run(case, output_type="latent")
     replacement = torch.randn(plain.shape, generator=torch.Generator().manual_seed(3))
     kept = replacement.clone()
-    steered = run(case, output_type="latent", callback_on_step_end=lambda p, si, hw, t: {"latents": replacement} if si == 0 else {})
+    steered = run(
+        case,
+        output_type="latent",
+        callback_on_step_end=lambda p, si, hw, t: {"latents": replacement} if si == 0 else {},
+    )
     assert torch.equal(replacement, kept)  # the next scales added into a copy, not into the caller's tensor
     assert not torch.equal(steered, plain) and not torch.equal(steered, replacement)
 
@@ -286,8 +433,12 @@ def test_deprecated_callback_names_still_work(case):
     pipe = pipeline(case)
     latent_alias = next(alias for alias, unified in pipe._callback_aliases.items() if unified == "latents")
     with pytest.warns(FutureWarning, match=latent_alias):
-        latent = run(case, output_type="latent", callback_on_step_end_tensor_inputs=[latent_alias],
-                     callback_on_step_end=lambda p, si, hw, t: {latent_alias: torch.zeros_like(t[latent_alias])})
+        latent = run(
+            case,
+            output_type="latent",
+            callback_on_step_end_tensor_inputs=[latent_alias],
+            callback_on_step_end=lambda p, si, hw, t: {latent_alias: torch.zeros_like(t[latent_alias])},
+        )
     assert torch.count_nonzero(latent) == 0
 
 
@@ -305,10 +456,17 @@ class RaiseGuidance(PipelineCallback):
 def test_diffusers_pipeline_callback_changes_guidance_and_interrupt_stops(case):
     pipe = pipeline(case)
     start = case.call.get("guidance_scale", 4.0)
-    steered = run(case, guidance_scale=start, callback_on_step_end=RaiseGuidance(cutoff_step_ratio=None, cutoff_step_index=0))
+    steered = run(
+        case, guidance_scale=start, callback_on_step_end=RaiseGuidance(cutoff_step_ratio=None, cutoff_step_index=0)
+    )
     assert pipe.guidance_scale == start + 3.0 and pipe.do_classifier_free_guidance
     assert not torch.equal(steered, run(case, guidance_scale=start))
-    assert torch.equal(steered, run(case, guidance_scale=start, callback_on_step_end=RaiseGuidance(cutoff_step_ratio=None, cutoff_step_index=0)))
+    assert torch.equal(
+        steered,
+        run(
+            case, guidance_scale=start, callback_on_step_end=RaiseGuidance(cutoff_step_ratio=None, cutoff_step_index=0)
+        ),
+    )
 
     calls = []
 
@@ -325,12 +483,15 @@ def test_diffusers_pipeline_callback_changes_guidance_and_interrupt_stops(case):
 
 # -- offloading -------------------------------------------------------------------------------------------------
 def sequential_offload_to_cpu(pipe) -> None:
-    """``enable_sequential_cpu_offload``'s hooks with the CPU as the execution device: what diffusers does (accelerate's
-    ``cpu_offload`` per component, the tokenizer of VAR / STAR excluded), minus its refusal of a CPU device. The
-    weights live on the meta device between uses, so a parameter used outside its module's forward fails."""
+    """``enable_sequential_cpu_offload``'s hooks with the CPU as the execution device: what diffusers does
+    (accelerate's ``cpu_offload`` per component, the tokenizer of VAR / STAR excluded), minus its refusal of a CPU
+    device. The weights live on the meta device between uses, so a parameter used outside its module's forward
+    fails."""
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module) and name not in pipe._exclude_from_cpu_offload:
-            cpu_offload(component, execution_device=torch.device("cpu"), offload_buffers=len(component._parameters) > 0)
+            cpu_offload(
+                component, execution_device=torch.device("cpu"), offload_buffers=len(component._parameters) > 0
+            )
 
 
 @pytest.mark.parametrize("offload", ["model", "sequential"])
@@ -381,9 +542,13 @@ def test_diffusers_generic_loader_and_a_folder_of_another_family(case, tmp_path)
     if case.id in EMBEDDED:
         folders.append(Path(__file__).resolve().parents[1] / "pipelines" / EMBEDDED[case.id])
     for folder in folders:
-        loaded = DiffusionPipeline.from_pretrained(folder, custom_pipeline=case.pipeline_class.__name__,
-                                                   trust_remote_code=True)
-        assert type(loaded) is type(pipe) and loaded.transformer.config == case.pipeline_class.from_pretrained(folder).transformer.config
+        loaded = DiffusionPipeline.from_pretrained(
+            folder, custom_pipeline=case.pipeline_class.__name__, trust_remote_code=True
+        )
+        assert (
+            type(loaded) is type(pipe)
+            and loaded.transformer.config == case.pipeline_class.from_pretrained(folder).transformer.config
+        )
     loaded.set_progress_bar_config(disable=True)
     other = next(c.pipeline_class for c in CASES if c.pipeline_class._family != case.pipeline_class._family)
     with pytest.raises(ValueError, match="`pretrained_model_name_or_path`"):

@@ -14,22 +14,36 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT
 from PIL import Image
 
+from conftest import REPO_ROOT
 from diffusers_var.cli import main
 from diffusers_var.sample import SamplePlan, image_seed, read_prompts
 
 VAR = REPO_ROOT / "pipelines" / "var-shapes"
 STAR = REPO_ROOT / "pipelines" / "star-shapes"
 # 11 images in batches of 2: six global batches, the last one short; two processes take 3 batches each.
-VAR_RUN = ["--model", str(VAR), "--class-labels", ",".join(str(i) for i in range(11)), "--batch-size", "2", "--seed", "7",
-           "--save-npz", "--no-progress"]
+VAR_RUN = [
+    "--model",
+    str(VAR),
+    "--class-labels",
+    ",".join(str(i) for i in range(11)),
+    "--batch-size",
+    "2",
+    "--seed",
+    "7",
+    "--save-npz",
+    "--no-progress",
+]
 
 
 def _env() -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     env.pop("DIFFUSERS_VAR_FAULT_INJECT", None)
     return env
 
@@ -43,9 +57,28 @@ def _launch_two_processes(out: Path, fault: str | None = None) -> subprocess.Com
     env["CUDA_VISIBLE_DEVICES"] = ""
     if fault:
         env["DIFFUSERS_VAR_FAULT_INJECT"] = fault
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               str(29500 + os.getpid() % 1000), "-m", "diffusers_var.cli", "sample", "--out", str(out), *VAR_RUN]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(29500 + os.getpid() % 1000),
+        "-m",
+        "diffusers_var.cli",
+        "sample",
+        "--out",
+        str(out),
+        *VAR_RUN,
+    ]
     return subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -71,7 +104,9 @@ def test_one_process_run_writes_images_metadata_and_npz(one_process):
     with np.load(one_process / "samples.npz") as npz:
         assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (11, 64, 64, 3)
         for i in range(11):
-            np.testing.assert_array_equal(npz["arr_0"][i], np.asarray(Image.open(one_process / "images" / f"{i:06d}.png")))
+            np.testing.assert_array_equal(
+                npz["arr_0"][i], np.asarray(Image.open(one_process / "images" / f"{i:06d}.png"))
+            )
         np.testing.assert_array_equal(npz["arr_1"], np.arange(11))
     assert not [p for p in (one_process / "images").iterdir() if p.name.startswith(".")]
     # The images are what was asked for: the pixel judge reads most labels back (the model card: 96% at defaults).
@@ -131,7 +166,11 @@ def test_batch_streams_are_deterministic_and_tied_to_the_batch_size(one_process,
     assert main(["sample", "--out", str(out), *run]) == 0
     assert _files(out) == first
     metadata = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
-    assert metadata[2]["batch_generator_seed"] == metadata[3]["batch_generator_seed"] != metadata[4]["batch_generator_seed"]
+    assert (
+        metadata[2]["batch_generator_seed"]
+        == metadata[3]["batch_generator_seed"]
+        != metadata[4]["batch_generator_seed"]
+    )
     assert "generator_seed" not in metadata[0]
     assert sum(first[name] != data for name, data in _files(one_process).items()) >= 9
     capsys.readouterr()
@@ -141,11 +180,34 @@ def test_batch_streams_are_deterministic_and_tied_to_the_batch_size(one_process,
 
 def test_prompt_file_metadata_and_per_image_streams(tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"prompt": "a red circle on a blue background", "tag": "single_object",
-                                   "include": [{"class": "circle", "count": 1}]}) + "\n\n"
-                       + json.dumps({"prompt": "a green square on a white background", "tag": "colors"}) + "\n")
-    run = ["--model", str(STAR), "--prompts", str(prompts), "--images-per-prompt", "2", "--seed", "3",
-           "--guidance-scale", "2", "--top-k", "0", "--top-p", "0"]
+    prompts.write_text(
+        json.dumps(
+            {
+                "prompt": "a red circle on a blue background",
+                "tag": "single_object",
+                "include": [{"class": "circle", "count": 1}],
+            }
+        )
+        + "\n\n"
+        + json.dumps({"prompt": "a green square on a white background", "tag": "colors"})
+        + "\n"
+    )
+    run = [
+        "--model",
+        str(STAR),
+        "--prompts",
+        str(prompts),
+        "--images-per-prompt",
+        "2",
+        "--seed",
+        "3",
+        "--guidance-scale",
+        "2",
+        "--top-k",
+        "0",
+        "--top-p",
+        "0",
+    ]
     assert main(["sample", "--out", str(tmp_path / "a"), "--batch-size", "4", *run]) == 0
     progress = capsys.readouterr().err
     assert "sampling" in progress and "4/4" in progress and "img/s" in progress  # the progress bar, with a rate
@@ -160,8 +222,10 @@ def test_prompt_file_metadata_and_per_image_streams(tmp_path, capsys):
     # matmuls may differ between batch sizes, so compare what the image shows, not its bytes).
     assert main(["sample", "--out", str(tmp_path / "b"), "--batch-size", "1", *run]) == 0
     assert (tmp_path / "b" / "metadata.jsonl").read_text() == (tmp_path / "a" / "metadata.jsonl").read_text()
-    a, b = ([np.asarray(Image.open(tmp_path / d / "images" / f"{i:06d}.png"), dtype=np.float32) for i in range(4)]
-            for d in ("a", "b"))
+    a, b = (
+        [np.asarray(Image.open(tmp_path / d / "images" / f"{i:06d}.png"), dtype=np.float32) for i in range(4)]
+        for d in ("a", "b")
+    )
     assert np.mean([np.abs(x - y).mean() < 2.0 for x, y in zip(a, b)]) >= 0.75
     assert np.abs(a[0] - a[1]).mean() > 2.0  # two images of one prompt differ: different streams
 
@@ -177,28 +241,39 @@ def test_read_prompts_and_plan(tmp_path):
     assert sorted(plan.condition(i) for i in range(1000)) == list(range(1000))  # every prefix is class-balanced
     seeds = {image_seed(0, i) for i in range(1000)} | {image_seed(1, i) for i in range(1000)}
     assert len(seeds) == 2000 and all(0 <= s < 2**63 for s in seeds)
-    for content, message in (('{"text": "x"}', "non-empty string"), ("not json", "is not JSON"),
-                             ('{"prompt": "x", "seed": 1}', "written by this command"), ("", "holds no prompt")):
+    for content, message in (
+        ('{"text": "x"}', "non-empty string"),
+        ("not json", "is not JSON"),
+        ('{"prompt": "x", "seed": 1}', "written by this command"),
+        ("", "holds no prompt"),
+    ):
         bad = tmp_path / "bad.jsonl"
         bad.write_text(content)
         with pytest.raises(ValueError, match=message):
             read_prompts(bad)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--per-class", "0"], "`--per-class` must be >= 1"),
-    (["--per-class", "1", "--batch-size", "0"], "`--batch-size` must be >= 1"),
-    ([], "needs `--per-class N`"),
-    (["--class-labels", "0,90"], "`--class-labels` must hold class indices in [0, 89]"),
-    (["--class-labels", "a,b"], "`--class-labels` must be comma-separated"),
-    (["--per-class", "1", "--prompts", "x.txt"], "`--prompts` is for text-to-image"),
-    (["--per-class", "1", "--tau", "1"], "`--tau` does not apply to VARPipeline"),
-    (["--per-class", "1", "--fp8"], "`--fp8` is an option of VAR's fast path"),
-    (["--per-class", "1", "--model", "/nonexistent"], "`--model` '/nonexistent' is not a pipeline folder"),
-    (["--per-class", "1", "--device", "gpu0"], "`--device` 'gpu0' is not a torch device"),
-    pytest.param(["--per-class", "1", "--device", "cuda"], "this machine has no CUDA device", id="no-cuda",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--per-class", "0"], "`--per-class` must be >= 1"),
+        (["--per-class", "1", "--batch-size", "0"], "`--batch-size` must be >= 1"),
+        ([], "needs `--per-class N`"),
+        (["--class-labels", "0,90"], "`--class-labels` must hold class indices in [0, 89]"),
+        (["--class-labels", "a,b"], "`--class-labels` must be comma-separated"),
+        (["--per-class", "1", "--prompts", "x.txt"], "`--prompts` is for text-to-image"),
+        (["--per-class", "1", "--tau", "1"], "`--tau` does not apply to VARPipeline"),
+        (["--per-class", "1", "--fp8"], "`--fp8` is an option of VAR's fast path"),
+        (["--per-class", "1", "--model", "/nonexistent"], "`--model` '/nonexistent' is not a pipeline folder"),
+        (["--per-class", "1", "--device", "gpu0"], "`--device` 'gpu0' is not a torch device"),
+        pytest.param(
+            ["--per-class", "1", "--device", "cuda"],
+            "this machine has no CUDA device",
+            id="no-cuda",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present"),
+        ),
+    ],
+)
 def test_bad_input_is_one_error_line(argv, message, tmp_path, capsys):
     assert main(["sample", "--out", str(tmp_path / "o"), "--model", str(VAR), "--no-progress", *argv]) == 2
     err = capsys.readouterr().err.strip()
@@ -217,8 +292,14 @@ def test_bench_sample_smoke(tmp_path):
     """The GPU benchmark's CPU mode: builds bench_pipelines.py's tiny VAR, times bench_pipelines.py on it, runs the
     real sample path (--fast) in a worker process and reports speed and memory per batch."""
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "bench_sample.py"), "--smoke", "--json",
-                             str(out)], check=False, capture_output=True, text=True, env=_env(), timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_sample.py"), "--smoke", "--json", str(out)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = json.loads(out.read_text())
     assert [(row["model"], row["rng"]) for row in rows] == [("var-tiny", "image"), ("var-tiny", "batch")]

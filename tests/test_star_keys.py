@@ -39,10 +39,18 @@ def test_star_transformer_maps_completely(name):
     listing = load_listing(name)
     shapes = shapes_of(listing["transformer_state_dict"])
     original = listing["VAR_kwargs"]
-    config = star_config_from_state_dict(shapes, snapshot_config={"patch_nums": listing["patch_nums"]},
-                                         rope_theta=original["rope_theta"], rope_norm=original["rope_norm"],
-                                         sampler_start_scale=original["sample_from_idx"])
-    assert (config["depth"], config["embed_dim"], config["num_heads"]) == (original["depth"], original["embed_dim"], original["num_heads"])
+    config = star_config_from_state_dict(
+        shapes,
+        snapshot_config={"patch_nums": listing["patch_nums"]},
+        rope_theta=original["rope_theta"],
+        rope_norm=original["rope_norm"],
+        sampler_start_scale=original["sample_from_idx"],
+    )
+    assert (config["depth"], config["embed_dim"], config["num_heads"]) == (
+        original["depth"],
+        original["embed_dim"],
+        original["num_heads"],
+    )
     assert config["text_embed_dim"] == original["in_dim_cross"]
     assert config["cross_attention"] == original["enable_cross"] and config["rope"] == original["rotary_pos_emb"]
     assert config["stable_sampler"] == original["enable_adaptive_norm"]
@@ -53,7 +61,10 @@ def test_star_transformer_maps_completely(name):
     assert_complete_mapping(model, shapes, star_key_map(shapes), zeros)
     derived = sum(1 for k in shapes if k.endswith("zero_k_bias"))
     assert len(shapes) == listing["transformer_num_tensors"]
-    assert sum(p.numel() for p in model.parameters()) + derived * config["embed_dim"] == listing["transformer_num_elements"]
+    assert (
+        sum(p.numel() for p in model.parameters()) + derived * config["embed_dim"]
+        == listing["transformer_num_elements"]
+    )
 
 
 @pytest.mark.parametrize("name", ["star-256-d16.json", "star-512-d30.json", "star-1024-d30.json"])
@@ -71,7 +82,9 @@ def test_star_schedule_inferred_without_trainer_config(name):
         with pytest.raises(ConversionError, match="patch_nums"):
             star_config_from_state_dict(shapes)
         resolution = str(listing["image_size"])
-        assert tuple(star_config_from_state_dict(shapes, patch_nums=resolution)["patch_nums"]) == tuple(listing["patch_nums"])
+        assert tuple(star_config_from_state_dict(shapes, patch_nums=resolution)["patch_nums"]) == tuple(
+            listing["patch_nums"]
+        )
 
 
 @pytest.mark.parametrize("name", ["star-256-d16.json", "star-1024-d30.json"])

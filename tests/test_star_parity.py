@@ -33,8 +33,12 @@ def star_fixture():
 
 def conversion_kwargs(manifest) -> dict:
     var_kwargs = manifest["models"]["var_kwargs"]
-    return dict(rope_theta=var_kwargs["rope_theta"], rope_norm=var_kwargs["rope_norm"],
-                logit_norm=var_kwargs["enable_logit_norm"], sampler_start_scale=var_kwargs["sample_from_idx"])
+    return dict(
+        rope_theta=var_kwargs["rope_theta"],
+        rope_norm=var_kwargs["rope_norm"],
+        logit_norm=var_kwargs["enable_logit_norm"],
+        sampler_start_scale=var_kwargs["sample_from_idx"],
+    )
 
 
 def text_encoder_folder(path, manifest):
@@ -45,8 +49,13 @@ def text_encoder_folder(path, manifest):
 def pipe(star_fixture, tmp_path_factory):
     path, manifest, _ = star_fixture
     out = tmp_path_factory.mktemp("converted") / "star"
-    convert_star_checkpoint(path / "vae.pth", path / "star_transformer.pth", text_encoder_folder(path, manifest), out,
-                            **conversion_kwargs(manifest))
+    convert_star_checkpoint(
+        path / "vae.pth",
+        path / "star_transformer.pth",
+        text_encoder_folder(path, manifest),
+        out,
+        **conversion_kwargs(manifest),
+    )
     assert not [p for p in out.rglob("*") if p.suffix in {".bin", ".pth", ".pt", ".pkl", ".ckpt"}]
     return STARPipeline.from_pretrained(out)
 
@@ -85,13 +94,20 @@ def test_config_inferred_from_checkpoint(pipe, star_fixture):
     _, manifest, _ = star_fixture
     var_kwargs, cfg = manifest["models"]["var_kwargs"], pipe.transformer.config
     assert list(cfg.patch_nums) == list(var_kwargs["patch_nums"])
-    assert (cfg.depth, cfg.embed_dim, cfg.num_heads) == (var_kwargs["depth"], var_kwargs["embed_dim"], var_kwargs["num_heads"])
+    assert (cfg.depth, cfg.embed_dim, cfg.num_heads) == (
+        var_kwargs["depth"],
+        var_kwargs["embed_dim"],
+        var_kwargs["num_heads"],
+    )
     assert cfg.text_embed_dim == var_kwargs["in_dim_cross"] and cfg.cross_attention == var_kwargs["enable_cross"]
     assert cfg.stable_sampler == var_kwargs["enable_adaptive_norm"] and cfg.rope == var_kwargs["rotary_pos_emb"]
     assert cfg.cross_attention_row0_quirk  # converted checkpoints reproduce the released behaviour
     vae_kwargs = manifest["models"]["vae_kwargs"]
     assert (pipe.vqvae.config.vocab_size, pipe.vqvae.config.z_channels, pipe.vqvae.config.ch) == (
-        vae_kwargs["vocab_size"], vae_kwargs["z_channels"], vae_kwargs["ch"])
+        vae_kwargs["vocab_size"],
+        vae_kwargs["z_channels"],
+        vae_kwargs["ch"],
+    )
 
 
 def test_rope_table(pipe, star_fixture):
@@ -120,7 +136,13 @@ def test_text_encoder(pipe, star_fixture):
     _, manifest, ref = star_fixture
     prompts = manifest["generator_config"]["prompts"]
     B = len(prompts)
-    tokens = pipe.tokenizer(prompts + [""], padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+    tokens = pipe.tokenizer(
+        prompts + [""],
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
     check(manifest, ref, "text.input_ids", tokens.input_ids)
     check(manifest, ref, "text.attention_mask", tokens.attention_mask)
     hidden, mask, pooled, neg_hidden, neg_mask, neg_pooled = pipe.encode_prompt(prompts)
@@ -206,17 +228,30 @@ def test_generation(pipe, star_fixture, case):
         return {}
 
     call = dict(
-        prompt=prompts, negative_prompt=negatives, guidance_scale=kwargs["cfg"], top_k=kwargs["top_k"],
-        top_p=kwargs["top_p"], more_smooth=kwargs["more_smooth"], use_stable_sampler=kwargs["w_mask"],
+        prompt=prompts,
+        negative_prompt=negatives,
+        guidance_scale=kwargs["cfg"],
+        top_k=kwargs["top_k"],
+        top_p=kwargs["top_p"],
+        more_smooth=kwargs["more_smooth"],
+        use_stable_sampler=kwargs["w_mask"],
         sampler_version=kwargs["sample_version"],
     )
     with torch.no_grad():
-        out = pipe(**call, generator=torch.Generator().manual_seed(kwargs["g_seed"]),
-                   sampler_generator=torch.Generator().manual_seed(kwargs["global_seed"] or 0),
-                   output_type="pt", callback_on_step_end=record,
-                   callback_on_step_end_tensor_inputs=list(STARPipeline._callback_tensor_inputs))
-        latent = pipe(**call, generator=torch.Generator().manual_seed(kwargs["g_seed"]),
-                      sampler_generator=torch.Generator().manual_seed(kwargs["global_seed"] or 0), output_type="latent").images
+        out = pipe(
+            **call,
+            generator=torch.Generator().manual_seed(kwargs["g_seed"]),
+            sampler_generator=torch.Generator().manual_seed(kwargs["global_seed"] or 0),
+            output_type="pt",
+            callback_on_step_end=record,
+            callback_on_step_end_tensor_inputs=list(STARPipeline._callback_tensor_inputs),
+        )
+        latent = pipe(
+            **call,
+            generator=torch.Generator().manual_seed(kwargs["g_seed"]),
+            sampler_generator=torch.Generator().manual_seed(kwargs["global_seed"] or 0),
+            output_type="latent",
+        ).images
     S = len(pipe.transformer.config.patch_nums)
     assert sorted(seen) == list(range(S))
     sampler_start = pipe.transformer.config.sampler_start_scale if kwargs["w_mask"] else S
@@ -245,20 +280,37 @@ def test_plain_checkpoint_emulation(star_fixture, tmp_path):
     w_mask=False generations; asking it for the stable sampler is a clear error."""
     path, manifest, ref = star_fixture
     snapshot = torch.load(path / "star_transformer.pth", map_location="cpu", weights_only=True)
-    sampler_prefixes = ("feat_extract_blocks.", "word_embed_head.", "pos_start_last", "head_logits2.", "encoder_proj2.",
-                        "head_proj.", "lvl_embed_2.")
+    sampler_prefixes = (
+        "feat_extract_blocks.",
+        "word_embed_head.",
+        "pos_start_last",
+        "head_logits2.",
+        "encoder_proj2.",
+        "head_proj.",
+        "lvl_embed_2.",
+    )
     weights = snapshot["trainer"]["var_wo_ddp"]
     snapshot["trainer"]["var_wo_ddp"] = {k: v for k, v in weights.items() if not k.startswith(sampler_prefixes)}
     torch.save(snapshot, tmp_path / "plain.pth")
-    plain = convert_star_checkpoint(path / "vae.pth", tmp_path / "plain.pth", text_encoder_folder(path, manifest),
-                                    **conversion_kwargs(manifest))
+    plain = convert_star_checkpoint(
+        path / "vae.pth", tmp_path / "plain.pth", text_encoder_folder(path, manifest), **conversion_kwargs(manifest)
+    )
     assert not plain.transformer.has_stable_sampler
-    case = next(name for name in _generation_cases() if not parse_generation_call(manifest["calls"][name]["call"])["w_mask"]
-                and f"{name}.idx_BL" in ref)
+    case = next(
+        name
+        for name in _generation_cases()
+        if not parse_generation_call(manifest["calls"][name]["call"])["w_mask"] and f"{name}.idx_BL" in ref
+    )
     kwargs = parse_generation_call(manifest["calls"][case]["call"])
     prompts = manifest["calls"][case]["prompts"][: kwargs["B"]]
-    latent = plain(prompts, guidance_scale=kwargs["cfg"], top_k=kwargs["top_k"], top_p=kwargs["top_p"],
-                   generator=torch.Generator().manual_seed(kwargs["g_seed"]), output_type="latent").images
+    latent = plain(
+        prompts,
+        guidance_scale=kwargs["cfg"],
+        top_k=kwargs["top_k"],
+        top_p=kwargs["top_p"],
+        generator=torch.Generator().manual_seed(kwargs["g_seed"]),
+        output_type="latent",
+    ).images
     check(manifest, ref, f"{case}.f_hat", latent)
     with pytest.raises(ValueError, match="use_stable_sampler"):
         plain(prompts, use_stable_sampler=True, output_type="latent")
@@ -276,7 +328,11 @@ def test_command_line_converter(star_fixture, tmp_path, capsys):
     common = ["--vae", str(path / "vae.pth"), "--text-encoder", str(text_encoder_folder(path, manifest))]
     assert cli.main(common + ["--transformer", str(tmp_path / "missing.pth"), "--output", str(tmp_path / "a")]) == 2
     assert "`transformer`" in capsys.readouterr().err and not (tmp_path / "a").exists()
-    assert cli.main(common + ["--transformer", str(path / "star_transformer.pth"), "--output", str(tmp_path / "b")]) == 0
+    assert (
+        cli.main(common + ["--transformer", str(path / "star_transformer.pth"), "--output", str(tmp_path / "b")]) == 0
+    )
     assert (tmp_path / "b" / "model_index.json").is_file()
-    assert cli.main(common + ["--transformer", str(path / "star_transformer.pth"), "--output", str(tmp_path / "b")]) == 2
+    assert (
+        cli.main(common + ["--transformer", str(path / "star_transformer.pth"), "--output", str(tmp_path / "b")]) == 2
+    )
     assert "`output`" in capsys.readouterr().err

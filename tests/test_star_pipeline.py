@@ -20,7 +20,9 @@ LONG_SCHEDULE = tuple(range(1, 15))  # 14 scales like the 1024 model, tiny sides
 text_components = star_text_components
 
 
-def make_pipe(patch_nums=SMALL_SCHEDULE, stable_sampler=True, sampler_start_scale=2, quirk=False, text=None, seed=0) -> STARPipeline:
+def make_pipe(
+    patch_nums=SMALL_SCHEDULE, stable_sampler=True, sampler_start_scale=2, quirk=False, text=None, seed=0
+) -> STARPipeline:
     return STARPipeline(**star_components(seed, patch_nums, stable_sampler, sampler_start_scale, quirk, text))
 
 
@@ -39,7 +41,11 @@ def generate(pipe, seed=0, **kwargs):
     kwargs.setdefault("output_type", "latent")
     kwargs.setdefault("top_k", 10)
     kwargs.setdefault("top_p", 0.9)
-    return pipe(generator=torch.Generator().manual_seed(seed), sampler_generator=torch.Generator().manual_seed(seed + 1), **kwargs).images
+    return pipe(
+        generator=torch.Generator().manual_seed(seed),
+        sampler_generator=torch.Generator().manual_seed(seed + 1),
+        **kwargs,
+    ).images
 
 
 def test_stable_sampler_requires_the_head(text):
@@ -77,7 +83,9 @@ def test_stable_sampler_trace_in_the_callback(pipe):
     calls = []
 
     def callback(pipeline, scale_index, scale_hw, tensors):
-        calls.append((scale_index, scale_hw, tuple(tensors["step_indices"].shape), tuple(tensors["step_logits"].shape)))
+        calls.append(
+            (scale_index, scale_hw, tuple(tensors["step_indices"].shape), tuple(tensors["step_logits"].shape))
+        )
         return {}
 
     generate(pipe, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["step_indices", "step_logits"])
@@ -88,6 +96,7 @@ def test_stable_sampler_trace_in_the_callback(pipe):
 def test_stable_sampler_stream_defaults_to_one_derived_from_the_generator(pipe):
     """Without ``sampler_generator`` the commit positions come from a stream derived from ``generator`` (a seed
     reproduces the image, whatever the global RNG); ``torch.default_generator`` is the original's global RNG."""
+
     def images(**kwargs):
         return pipe(["a red cat", "the city"], top_k=10, top_p=0.9, output_type="latent", **kwargs).images
 
@@ -98,12 +107,18 @@ def test_stable_sampler_stream_defaults_to_one_derived_from_the_generator(pipe):
     torch.manual_seed(7)
     original = images(generator=torch.Generator().manual_seed(0), sampler_generator=torch.default_generator)
     torch.manual_seed(7)
-    assert torch.equal(images(generator=torch.Generator().manual_seed(0), sampler_generator=torch.Generator().manual_seed(7)),
-                       original)
+    assert torch.equal(
+        images(generator=torch.Generator().manual_seed(0), sampler_generator=torch.Generator().manual_seed(7)),
+        original,
+    )
 
 
 def test_more_smooth_and_both_sampler_versions_run(pipe):
-    for kwargs in (dict(more_smooth=True, use_stable_sampler=False), dict(sampler_version="1024"), dict(sampler_version="new")):
+    for kwargs in (
+        dict(more_smooth=True, use_stable_sampler=False),
+        dict(sampler_version="1024"),
+        dict(sampler_version="new"),
+    ):
         assert torch.isfinite(generate(pipe, **kwargs)).all()
 
 
@@ -131,8 +146,12 @@ def test_row0_quirk_flag(text):
 def test_long_schedule_sampler_runs_with_15_steps_and_block_diagonal_training(text):
     pipe = make_pipe(patch_nums=LONG_SCHEDULE, sampler_start_scale=9, text=text)
     steps = {}
-    latent = generate(pipe, callback_on_step_end=lambda p, si, hw, t: steps.__setitem__(si, t["step_indices"].shape[0]) or {},
-                      callback_on_step_end_tensor_inputs=["step_indices"], prompt="a red cat")
+    latent = generate(
+        pipe,
+        callback_on_step_end=lambda p, si, hw, t: steps.__setitem__(si, t["step_indices"].shape[0]) or {},
+        callback_on_step_end_tensor_inputs=["step_indices"],
+        prompt="a red cat",
+    )
     assert latent.shape == (1, 8, 14, 14)
     assert [steps[s] for s in range(9)] == [1] * 9 and [steps[s] for s in range(9, 14)] == [8, 8, 8, 8, 15]
     tr = pipe.transformer

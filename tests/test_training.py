@@ -18,14 +18,31 @@ from safetensors.torch import load_file
 from diffusers_var import MultiScaleVQModel, VARPipeline
 from diffusers_var.training import TrainConfig, latest_checkpoint, train
 
-TOKENIZER_MODEL = {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "vocab_size": 64, "z_channels": 8,
-                   "patch_nums": [1, 2, 4], "using_sa": False, "using_mid_sa": False}
+TOKENIZER_MODEL = {
+    "ch": 32,
+    "ch_mult": [1, 2, 2],
+    "num_res_blocks": 1,
+    "vocab_size": 64,
+    "z_channels": 8,
+    "patch_nums": [1, 2, 4],
+    "using_sa": False,
+    "using_mid_sa": False,
+}
 DATA = {"type": "shapes", "num_images": 32, "seed": 3}
 
 
 def base_config(tmp: Path, **overrides) -> dict:
-    config = {"output_dir": str(tmp), "data": DATA, "resolution": 16, "batch_size": 8, "log_every": 1, "warmup_steps": 1,
-              "checkpoint_every": 100, "mixed_precision": "no", "seed": 0}
+    config = {
+        "output_dir": str(tmp),
+        "data": DATA,
+        "resolution": 16,
+        "batch_size": 8,
+        "log_every": 1,
+        "warmup_steps": 1,
+        "checkpoint_every": 100,
+        "mixed_precision": "no",
+        "seed": 0,
+    }
     config.update(overrides)
     return config
 
@@ -37,8 +54,17 @@ def losses(run_dir: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("tokenizer")
-    config = TrainConfig(**base_config(run, task="tokenizer", model=TOKENIZER_MODEL, max_steps=16, learning_rate=3e-3,
-                                       weight_decay=0.0, ema_decay=None))
+    config = TrainConfig(
+        **base_config(
+            run,
+            task="tokenizer",
+            model=TOKENIZER_MODEL,
+            max_steps=16,
+            learning_rate=3e-3,
+            weight_decay=0.0,
+            ema_decay=None,
+        )
+    )
     return train(config)
 
 
@@ -56,8 +82,15 @@ def test_tokenizer_training_reduces_loss_and_exports(tokenizer_dir):
 
 
 def var_config(run: Path, tokenizer: Path, **overrides) -> dict:
-    settings = {"task": "var", "tokenizer_path": str(tokenizer), "max_steps": 12, "learning_rate": 3e-3,
-                "model": {"depth": 2, "embed_dim": 64, "num_heads": 2}, "label_smoothing": 0.1, "ema_decay": 0.9}
+    settings = {
+        "task": "var",
+        "tokenizer_path": str(tokenizer),
+        "max_steps": 12,
+        "learning_rate": 3e-3,
+        "model": {"depth": 2, "embed_dim": 64, "num_heads": 2},
+        "label_smoothing": 0.1,
+        "ema_decay": 0.9,
+    }
     settings.update(overrides)
     return base_config(run, **settings)
 
@@ -80,14 +113,22 @@ def _run_cli(config: dict, path: Path, fault: str | None = None) -> subprocess.C
     env.pop("DIFFUSERS_VAR_FAULT_INJECT", None)
     if fault:
         env["DIFFUSERS_VAR_FAULT_INJECT"] = fault
-    return subprocess.run([sys.executable, "-m", "diffusers_var.training", config["task"], "--config", str(path)],
-                          check=False, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "diffusers_var.training", config["task"], "--config", str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
 def test_killed_run_resumes_to_identical_weights(tokenizer_dir, tmp_path):
     """SIGKILL after step 3, then SIGKILL in the middle of writing checkpoint 4, then resume to the end:
     the result equals an uninterrupted run, and no half-written checkpoint is ever used or kept."""
-    straight = var_config(tmp_path / "straight", tokenizer_dir, checkpoint_every=2, max_steps=6, data={**DATA, "num_images": 24})
+    straight = var_config(
+        tmp_path / "straight", tokenizer_dir, checkpoint_every=2, max_steps=6, data={**DATA, "num_images": 24}
+    )
     interrupted = {**straight, "output_dir": str(tmp_path / "interrupted")}
     assert _run_cli(straight, tmp_path / "a.json").returncode == 0
 
@@ -99,7 +140,9 @@ def test_killed_run_resumes_to_identical_weights(tokenizer_dir, tmp_path):
     assert "resumed from" in second.stdout + second.stderr
     leftovers = [p.name for p in (tmp_path / "interrupted" / "checkpoints").iterdir()]
     assert ".tmp-step-0000004" in leftovers  # the half-written save ...
-    assert latest_checkpoint(tmp_path / "interrupted" / "checkpoints").name == "step-0000002"  # ... is not a checkpoint
+    assert (
+        latest_checkpoint(tmp_path / "interrupted" / "checkpoints").name == "step-0000002"
+    )  # ... is not a checkpoint
     third = _run_cli(interrupted, tmp_path / "b.json")
     assert third.returncode == 0, third.stderr[-2000:]
     assert not [p for p in (tmp_path / "interrupted" / "checkpoints").iterdir() if p.name.startswith(".tmp")]
@@ -172,8 +215,14 @@ def test_resume_never_unpickles_and_continues_from_safe_state(tokenizer_dir, tmp
     shutil.rmtree(run / "checkpoints" / "step-0000003")
     checkpoint = run / "checkpoints" / "step-0000002"
     marker = tmp_path / "payload-ran"
-    for name in ("custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl", "random_states_0.pkl", "optimizer.bin",
-                 "scheduler.bin", "sampler.bin"):
+    for name in (
+        "custom_checkpoint_0.pkl",
+        "custom_checkpoint_1.pkl",
+        "random_states_0.pkl",
+        "optimizer.bin",
+        "scheduler.bin",
+        "sampler.bin",
+    ):
         torch.save(PlantedPayload(marker), checkpoint / name)
     resumed = _weights(train(TrainConfig(**config)))
     assert not marker.exists(), "resuming ran code planted in the checkpoint"
@@ -223,14 +272,28 @@ def test_checkpoints_of_the_pickle_format_are_refused(tokenizer_dir, tmp_path):
         train(TrainConfig(**config))
 
 
-@pytest.mark.parametrize("override, key", [
-    ("grad_clip=-1", "grad_clip"), ("ema_decay=-0.5", "ema_decay"), ("ema_decay=1", "ema_decay"),
-    ("learning_rate=NaN", "learning_rate"), ("learning_rate=abc", "learning_rate"), ("batch_size=2.5", "batch_size"),
-    ("max_steps=true", "max_steps"), ("warmup_steps=-1", "warmup_steps"), ("seed=-1", "seed"),
-    ("adam_betas=[1.5,0.9]", "adam_betas"), ("min_lr_ratio=2", "min_lr_ratio"), ("weight_decay=-0.1", "weight_decay"),
-    ("time_limit_minutes=0", "time_limit_minutes"), ("resolution=0", "resolution"), ("resume=sometimes", "resume"),
-    ("data.bad_images=ignore", "data.bad_images"), ("model=3", "model"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("grad_clip=-1", "grad_clip"),
+        ("ema_decay=-0.5", "ema_decay"),
+        ("ema_decay=1", "ema_decay"),
+        ("learning_rate=NaN", "learning_rate"),
+        ("learning_rate=abc", "learning_rate"),
+        ("batch_size=2.5", "batch_size"),
+        ("max_steps=true", "max_steps"),
+        ("warmup_steps=-1", "warmup_steps"),
+        ("seed=-1", "seed"),
+        ("adam_betas=[1.5,0.9]", "adam_betas"),
+        ("min_lr_ratio=2", "min_lr_ratio"),
+        ("weight_decay=-0.1", "weight_decay"),
+        ("time_limit_minutes=0", "time_limit_minutes"),
+        ("resolution=0", "resolution"),
+        ("resume=sometimes", "resume"),
+        ("data.bad_images=ignore", "data.bad_images"),
+        ("model=3", "model"),
+    ],
+)
 def test_config_values_are_checked(override, key):
     with pytest.raises(ValueError, match=f"`{re.escape(key)}`"):
         TrainConfig.load(None, ["task=tokenizer", override])
@@ -240,21 +303,46 @@ def test_config_values_are_checked(override, key):
 def test_multi_gpu_launch_config_on_a_cpu_machine_is_one_run(tokenizer_dir, tmp_path):
     """``accelerate launch --config_file configs/accelerate_ddp.yaml`` on a machine without a GPU used to start two
     independent single-process runs writing the same folder: now the two processes are one DDP run on the CPU."""
-    config = var_config(tmp_path / "run", tokenizer_dir, max_steps=2, checkpoint_every=2, ema_decay=None,
-                        data={**DATA, "num_images": 16})
+    config = var_config(
+        tmp_path / "run",
+        tokenizer_dir,
+        max_steps=2,
+        checkpoint_every=2,
+        ema_decay=None,
+        data={**DATA, "num_images": 16},
+    )
     (tmp_path / "config.json").write_text(json.dumps(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("DIFFUSERS_VAR_FAULT_INJECT", None)
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                             str(Path(__file__).resolve().parents[1] / "configs" / "accelerate_ddp.yaml"), "-m",
-                             "diffusers_var.training", "var", "--config", str(tmp_path / "config.json"), "mixed_precision=no"],
-                            check=False, capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(Path(__file__).resolve().parents[1] / "configs" / "accelerate_ddp.yaml"),
+            "-m",
+            "diffusers_var.training",
+            "var",
+            "--config",
+            str(tmp_path / "config.json"),
+            "mixed_precision=no",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     assert "on 2 process(es)" in output
     checkpoint = tmp_path / "run" / "checkpoints" / "step-0000002"
     assert (checkpoint / "rng_state_0.safetensors").is_file() and (checkpoint / "rng_state_1.safetensors").is_file()
-    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+    ]
 
 
 def test_fsdp_checkpoints_resume_across_shards(tmp_path):
@@ -265,12 +353,33 @@ def test_fsdp_checkpoints_resume_across_shards(tmp_path):
         pytest.skip("torch was built without gloo")
     worker = Path(__file__).resolve().parent / "fsdp_checkpoint_worker.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(worker), str(tmp_path / "checkpoint")], check=False, capture_output=True, text=True,
-                            env=env, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(worker),
+            str(tmp_path / "checkpoint"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["files"] == ["model.safetensors", "optimizer.safetensors", "rng_state_0.json", "rng_state_0.safetensors",
-                               "rng_state_1.json", "rng_state_1.safetensors", "trainer_state.json"]
+    assert report["files"] == [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "rng_state_0.json",
+        "rng_state_0.safetensors",
+        "rng_state_1.json",
+        "rng_state_1.safetensors",
+        "trainer_state.json",
+    ]
     assert report["step"] == 3 and report["accelerator_step"] == 7
     assert report["model_diff"] == 0 and report["optimizer_diff"] == 0 and report["lr"][0] == report["lr"][1]

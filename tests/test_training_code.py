@@ -15,16 +15,31 @@ PATCH_NUMS = [1, 2, 4]
 
 
 def tiny_var(depth: int, width: int = 32) -> VARTransformer2DModel:
-    model = VARTransformer2DModel(num_classes=NUM_CLASSES, depth=depth, embed_dim=width, num_heads=2, vocab_size=64,
-                                  latent_channels=8, patch_nums=PATCH_NUMS)
+    model = VARTransformer2DModel(
+        num_classes=NUM_CLASSES,
+        depth=depth,
+        embed_dim=width,
+        num_heads=2,
+        vocab_size=64,
+        latent_channels=8,
+        patch_nums=PATCH_NUMS,
+    )
     model.init_weights()
     return model.eval()
 
 
 def test_token_cache_and_init_from(tmp_path):
     torch.manual_seed(0)
-    tokenizer = MultiScaleVQModel(ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, vocab_size=64, z_channels=8,
-                                  patch_nums=PATCH_NUMS, using_sa=False, using_mid_sa=False).eval()
+    tokenizer = MultiScaleVQModel(
+        ch=32,
+        ch_mult=(1, 1, 1),
+        num_res_blocks=1,
+        vocab_size=64,
+        z_channels=8,
+        patch_nums=PATCH_NUMS,
+        using_sa=False,
+        using_mid_sa=False,
+    ).eval()
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     source = tiny_var(depth=3)
     source.save_pretrained(tmp_path / "source")
@@ -48,12 +63,29 @@ def test_token_cache_and_init_from(tmp_path):
         init_from_larger_var_(tiny_var(depth=2, width=64), source)
 
     # both through the trainer: a short run starts from the source's weights and exports a pipeline
-    config = TrainConfig(task="var", output_dir=str(tmp_path / "run"), tokenizer_path=str(tmp_path / "tokenizer"),
-                         data={"type": "shapes", "num_images": 16, "seed": 3, "cache_tokens": True}, resolution=16,
-                         model={"depth": 2, "embed_dim": 32, "num_heads": 2, "init_from": str(tmp_path / "source"),
-                                "init_blocks": [0, 2]},
-                         batch_size=8, max_steps=2, learning_rate=1e-6, warmup_steps=1, ema_decay=None, log_every=1,
-                         checkpoint_every=100, mixed_precision="no", seed=0)
+    config = TrainConfig(
+        task="var",
+        output_dir=str(tmp_path / "run"),
+        tokenizer_path=str(tmp_path / "tokenizer"),
+        data={"type": "shapes", "num_images": 16, "seed": 3, "cache_tokens": True},
+        resolution=16,
+        model={
+            "depth": 2,
+            "embed_dim": 32,
+            "num_heads": 2,
+            "init_from": str(tmp_path / "source"),
+            "init_blocks": [0, 2],
+        },
+        batch_size=8,
+        max_steps=2,
+        learning_rate=1e-6,
+        warmup_steps=1,
+        ema_decay=None,
+        log_every=1,
+        checkpoint_every=100,
+        mixed_precision="no",
+        seed=0,
+    )
     task = build_task(config, "cpu")
     assert isinstance(task.dataset, TokenCachedDataset)
     batch = task.collate([task.dataset[i] for i in range(8)])

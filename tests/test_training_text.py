@@ -8,21 +8,46 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import fixture_dir
 
+from conftest import fixture_dir
 from diffusers_var import BitwiseMultiScaleVAE, InfinityPipeline, MultiScaleVQModel, STARPipeline
 from diffusers_var.training import TrainConfig, train
 from diffusers_var.training.text_encoders import build_tiny_text_encoder, load_text_encoder, save_tiny_text_encoder
 
 DATA = {"type": "shapes", "num_images": 32, "seed": 3}
-BITWISE_MODEL = {"base_channels": 24, "encoder_ch_mult": [1], "decoder_ch_mult": [1], "num_res_blocks": 1, "codebook_dim": 4}
-VQ_MODEL = {"ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "vocab_size": 64, "z_channels": 8,
-            "patch_nums": [1, 2, 4], "using_sa": False, "using_mid_sa": False}
+BITWISE_MODEL = {
+    "base_channels": 24,
+    "encoder_ch_mult": [1],
+    "decoder_ch_mult": [1],
+    "num_res_blocks": 1,
+    "codebook_dim": 4,
+}
+VQ_MODEL = {
+    "ch": 32,
+    "ch_mult": [1, 2, 2],
+    "num_res_blocks": 1,
+    "vocab_size": 64,
+    "z_channels": 8,
+    "patch_nums": [1, 2, 4],
+    "using_sa": False,
+    "using_mid_sa": False,
+}
 
 
 def base_config(tmp: Path, **overrides) -> dict:
-    config = {"output_dir": str(tmp), "data": DATA, "resolution": 16, "batch_size": 8, "log_every": 1, "warmup_steps": 1,
-              "checkpoint_every": 100, "mixed_precision": "no", "seed": 0, "weight_decay": 0.0, "ema_decay": None}
+    config = {
+        "output_dir": str(tmp),
+        "data": DATA,
+        "resolution": 16,
+        "batch_size": 8,
+        "log_every": 1,
+        "warmup_steps": 1,
+        "checkpoint_every": 100,
+        "mixed_precision": "no",
+        "seed": 0,
+        "weight_decay": 0.0,
+        "ema_decay": None,
+    }
     config.update(overrides)
     return config
 
@@ -38,8 +63,13 @@ def falls(history: list[float], n: int = 3) -> bool:
 @pytest.fixture(scope="module")
 def bitwise_vae_dir(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("bitwise")
-    return train(TrainConfig(**base_config(run, task="bitwise_tokenizer", model=BITWISE_MODEL, max_steps=12,
-                                           learning_rate=3e-3, sample_every=12)))
+    return train(
+        TrainConfig(
+            **base_config(
+                run, task="bitwise_tokenizer", model=BITWISE_MODEL, max_steps=12, learning_rate=3e-3, sample_every=12
+            )
+        )
+    )
 
 
 def test_bitwise_tokenizer_training_reduces_loss_and_exports(bitwise_vae_dir):
@@ -64,9 +94,17 @@ def vq_dir(tmp_path_factory) -> Path:
 
 
 def test_star_training_reduces_loss_and_exports(vq_dir, tmp_path):
-    config = base_config(tmp_path, task="star", tokenizer_path=str(vq_dir), text_encoder_path="tiny-clip", max_steps=10,
-                         learning_rate=3e-3, cond_drop_rate=0.25, model={"depth": 2, "embed_dim": 64, "num_heads": 2},
-                         sample_every=10)
+    config = base_config(
+        tmp_path,
+        task="star",
+        tokenizer_path=str(vq_dir),
+        text_encoder_path="tiny-clip",
+        max_steps=10,
+        learning_rate=3e-3,
+        cond_drop_rate=0.25,
+        model={"depth": 2, "embed_dim": 64, "num_heads": 2},
+        sample_every=10,
+    )
     export = train(TrainConfig(**config))
     history = [r["loss"] for r in log(tmp_path)]
     assert falls(history), history
@@ -74,15 +112,27 @@ def test_star_training_reduces_loss_and_exports(vq_dir, tmp_path):
     pipe = STARPipeline.from_pretrained(export)
     assert {"text_encoder", "tokenizer"} <= {p.name for p in export.iterdir()}
     assert pipe.transformer.config.text_embed_dim == pipe.text_encoder.config.hidden_size
-    images = pipe(prompt=["a red circle on a blue background", "a green square on a white background"],
-                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    images = pipe(
+        prompt=["a red circle on a blue background", "a green square on a white background"],
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
     assert images.shape == (2, 16, 16, 3)
 
 
 def test_infinity_training_reduces_loss_and_exports(bitwise_vae_dir, tmp_path):
-    config = base_config(tmp_path, task="infinity", tokenizer_path=str(bitwise_vae_dir), text_encoder_path="tiny-t5",
-                         max_steps=10, learning_rate=3e-3, bsc_flip_prob=0.2, cond_drop_rate=0.25,
-                         model={"depth": 2, "embed_dim": 64, "num_heads": 2, "drop_path_rate": 0.0}, sample_every=10)
+    config = base_config(
+        tmp_path,
+        task="infinity",
+        tokenizer_path=str(bitwise_vae_dir),
+        text_encoder_path="tiny-t5",
+        max_steps=10,
+        learning_rate=3e-3,
+        bsc_flip_prob=0.2,
+        cond_drop_rate=0.25,
+        model={"depth": 2, "embed_dim": 64, "num_heads": 2, "drop_path_rate": 0.0},
+        sample_every=10,
+    )
     export = train(TrainConfig(**config))
     records = log(tmp_path)
     assert falls([r["loss"] for r in records]), records
@@ -90,8 +140,14 @@ def test_infinity_training_reduces_loss_and_exports(bitwise_vae_dir, tmp_path):
     assert (tmp_path / "samples" / "step-0000010.png").is_file()
     pipe = InfinityPipeline.from_pretrained(export)
     assert pipe.transformer.config.bits_per_token == 4 and pipe.transformer.config.block_chunks == 2
-    images = pipe(prompt="a red circle on a blue background", height=16, width=16, num_images_per_prompt=2,
-                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    images = pipe(
+        prompt="a red circle on a blue background",
+        height=16,
+        width=16,
+        num_images_per_prompt=2,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
     assert images.shape == (2, 16, 16, 3)
 
 
@@ -139,9 +195,9 @@ def test_tiny_text_encoders_know_word_order(kind):
     # the bytes of "red" read differently before " circle" and before " background"
     ids = batch.input_ids.tolist()
     red = tokenizer("red", add_special_tokens=False).input_ids
-    start0 = next(i for i in range(len(ids[0])) if ids[0][i:i + len(red)] == red)
-    start1 = next(i for i in range(len(ids[1])) if ids[1][i:i + len(red)] == red)
-    red0, red1 = hidden[0, start0:start0 + len(red)], hidden[1, start1:start1 + len(red)]
+    start0 = next(i for i in range(len(ids[0])) if ids[0][i : i + len(red)] == red)
+    start1 = next(i for i in range(len(ids[1])) if ids[1][i : i + len(red)] == red)
+    red0, red1 = hidden[0, start0 : start0 + len(red)], hidden[1, start1 : start1 + len(red)]
     assert torch.nn.functional.cosine_similarity(red0, red1, dim=-1).mean() < 0.99
 
 
@@ -166,13 +222,36 @@ def test_bad_text_training_configs(tmp_path, bitwise_vae_dir):
     with pytest.raises(ValueError, match="unknown training config keys"):
         TrainConfig.load(None, ["task=bitwise_tokenizer", "bsq_commit=1"])
     with pytest.raises(ValueError, match="text_encoder_path.*text_encoder/"):
-        train(TrainConfig(**base_config(tmp_path, task="infinity", tokenizer_path=str(bitwise_vae_dir),
-                                        text_encoder_path=str(tmp_path), max_steps=1)))
+        train(
+            TrainConfig(
+                **base_config(
+                    tmp_path,
+                    task="infinity",
+                    tokenizer_path=str(bitwise_vae_dir),
+                    text_encoder_path=str(tmp_path),
+                    max_steps=1,
+                )
+            )
+        )
     with pytest.raises(ValueError, match="mlp_ratio"):
-        train(TrainConfig(**base_config(tmp_path, task="infinity", tokenizer_path=str(bitwise_vae_dir), text_encoder_path="tiny-t5",
-                                        model={"depth": 2, "embed_dim": 32, "num_heads": 2}, max_steps=1)))
+        train(
+            TrainConfig(
+                **base_config(
+                    tmp_path,
+                    task="infinity",
+                    tokenizer_path=str(bitwise_vae_dir),
+                    text_encoder_path="tiny-t5",
+                    model={"depth": 2, "embed_dim": 32, "num_heads": 2},
+                    max_steps=1,
+                )
+            )
+        )
     with pytest.raises(ValueError, match="resolution.*supported"):
-        train(TrainConfig(**base_config(tmp_path, task="bitwise_tokenizer", model=BITWISE_MODEL, resolution=24, max_steps=1)))
+        train(
+            TrainConfig(
+                **base_config(tmp_path, task="bitwise_tokenizer", model=BITWISE_MODEL, resolution=24, max_steps=1)
+            )
+        )
     from diffusers_var.cli import main
 
     assert main(["train", "star", "tokenizer_path=x"]) == 2  # the ValueError is printed, not raised
@@ -181,11 +260,23 @@ def test_bad_text_training_configs(tmp_path, bitwise_vae_dir):
 def test_killed_infinity_run_resumes_to_identical_weights(bitwise_vae_dir, tmp_path):
     """Bitwise Self-Correction draws from the numpy RNG and text dropout from torch's: both are restored."""
     from safetensors.torch import load_file
+
     from test_training import _run_cli
 
-    straight = base_config(tmp_path / "straight", task="infinity", tokenizer_path=str(bitwise_vae_dir), text_encoder_path="tiny-t5",
-                           max_steps=4, checkpoint_every=2, learning_rate=3e-3, bsc_flip_prob=0.3, cond_drop_rate=0.5,
-                           ema_decay=0.9, model={"depth": 2, "embed_dim": 64, "num_heads": 2}, data={**DATA, "num_images": 16})
+    straight = base_config(
+        tmp_path / "straight",
+        task="infinity",
+        tokenizer_path=str(bitwise_vae_dir),
+        text_encoder_path="tiny-t5",
+        max_steps=4,
+        checkpoint_every=2,
+        learning_rate=3e-3,
+        bsc_flip_prob=0.3,
+        cond_drop_rate=0.5,
+        ema_decay=0.9,
+        model={"depth": 2, "embed_dim": 64, "num_heads": 2},
+        data={**DATA, "num_images": 16},
+    )
     interrupted = {**straight, "output_dir": str(tmp_path / "interrupted")}
     assert _run_cli(straight, tmp_path / "a.json").returncode == 0
     assert _run_cli(interrupted, tmp_path / "b.json", fault="step:3").returncode != 0
@@ -203,7 +294,9 @@ def test_bsq_straight_through_passes_reconstruction_gradients_to_the_encoder():
     from diffusers_var import BitwiseMultiScaleVAE
 
     torch.manual_seed(0)
-    vae = BitwiseMultiScaleVAE(base_channels=32, encoder_ch_mult=[1, 2], decoder_ch_mult=[1, 2], num_res_blocks=1, codebook_dim=8)
+    vae = BitwiseMultiScaleVAE(
+        base_channels=32, encoder_ch_mult=[1, 2], decoder_ch_mult=[1, 2], num_res_blocks=1, codebook_dim=8
+    )
     images = torch.rand(2, 3, 16, 16) * 2 - 1
     recon, encoded = vae(images, [(1, 1, 1), (1, 2, 2), (1, 4, 4), (1, 8, 8)])
     torch.nn.functional.mse_loss(recon, images).backward()

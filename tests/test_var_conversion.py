@@ -24,8 +24,18 @@ def test_command_line_converter(originals, tmp_path):
     vae, var = originals
     out = tmp_path / "converted"
     result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "conversion" / "convert_var.py"), "--vae", str(vae), "--transformer", str(var), "--output", str(out)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(REPO_ROOT / "conversion" / "convert_var.py"),
+            "--vae",
+            str(vae),
+            "--transformer",
+            str(var),
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout
@@ -34,8 +44,18 @@ def test_command_line_converter(originals, tmp_path):
     VARPipeline.from_pretrained(out)
     # second run without --overwrite refuses and names the parameter
     again = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "conversion" / "convert_var.py"), "--vae", str(vae), "--transformer", str(var), "--output", str(out)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            str(REPO_ROOT / "conversion" / "convert_var.py"),
+            "--vae",
+            str(vae),
+            "--transformer",
+            str(var),
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert again.returncode == 2 and "output" in again.stderr
 

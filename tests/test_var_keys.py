@@ -50,7 +50,9 @@ def assert_complete_mapping(model: torch.nn.Module, shapes: dict, key_map: dict,
             assert tuple(derived_shape(name)) == shapes[old], f"{old}: derived shape mismatch"
             continue
         assert new in targets, f"{old} -> {new}: no such parameter/buffer"
-        assert tuple(targets[new].shape) == shapes[old], f"{old} -> {new}: {shapes[old]} vs {tuple(targets[new].shape)}"
+        assert tuple(targets[new].shape) == shapes[old], (
+            f"{old} -> {new}: {shapes[old]} vs {tuple(targets[new].shape)}"
+        )
         covered.append(new)
     assert len(covered) == len(set(covered)), "two original keys map to the same parameter"
     uninitialised = sorted(set(targets) - set(covered))
@@ -77,7 +79,12 @@ def test_var_release_maps_completely(name):
 def test_vae_release_maps_completely(patch_nums):
     shapes = load_shapes("vae_ch160v4096z32.json")
     config = vae_config_from_state_dict(shapes, patch_nums)
-    assert (config["ch"], tuple(config["ch_mult"]), config["num_res_blocks"], config["share_quant_resi"]) == (160, (1, 1, 2, 2, 4), 2, 4)
+    assert (config["ch"], tuple(config["ch_mult"]), config["num_res_blocks"], config["share_quant_resi"]) == (
+        160,
+        (1, 1, 2, 2, 4),
+        2,
+        4,
+    )
     assert (config["vocab_size"], config["z_channels"]) == (4096, 32)
     with torch.device("meta"):
         model = MultiScaleVQModel(**config)

@@ -30,7 +30,9 @@ def converted(var_fixture, tmp_path_factory):
     """The converter's output folder."""
     path, manifest, _ = var_fixture
     out = tmp_path_factory.mktemp("converted") / "var"
-    convert_var_checkpoint(path / manifest["files"]["vae_pth"]["path"], path / manifest["files"]["var_pth"]["path"], out)
+    convert_var_checkpoint(
+        path / manifest["files"]["vae_pth"]["path"], path / manifest["files"]["var_pth"]["path"], out
+    )
     assert not [p for p in out.rglob("*") if p.suffix in {".bin", ".pth", ".pt", ".pkl"}]
     return out
 
@@ -61,7 +63,10 @@ def test_config_inferred_from_checkpoint(pipe, var_fixture):
     assert (cfg.num_classes, cfg.shared_adaln) == (var_cfg["num_classes"], var_cfg["shared_aln"])
     vae_cfg = manifest["config"]["vae"]
     assert (pipe.vqvae.config.vocab_size, pipe.vqvae.config.z_channels, pipe.vqvae.config.ch) == (
-        vae_cfg["vocab_size"], vae_cfg["z_channels"], vae_cfg["ch"])
+        vae_cfg["vocab_size"],
+        vae_cfg["z_channels"],
+        vae_cfg["ch"],
+    )
 
 
 def test_vq_tokenizer(pipe, var_fixture):
@@ -94,13 +99,17 @@ def test_teacher_forcing(pipe, var_fixture):
         check(manifest, ref, "var_train_logits", logits)
         V = logits.shape[-1]
         for name, smoothing in (("var_train_loss_ls0", 0.0), ("var_train_loss_ls0p1", 0.1)):
-            loss = torch.nn.functional.cross_entropy(logits.view(-1, V), ref["vae_idx_cat"].view(-1), label_smoothing=smoothing)
+            loss = torch.nn.functional.cross_entropy(
+                logits.view(-1, V), ref["vae_idx_cat"].view(-1), label_smoothing=smoothing
+            )
             check(manifest, ref, name, loss.reshape(1))
         # label dropout draws torch.rand(B) from the global RNG like the original
         torch.manual_seed(1239)
         dropped = tr.drop_labels(ref["var_train_labels"], rate=0.5)
         check(manifest, ref, "var_train_drop_effective_labels", dropped)
-        check(manifest, ref, "var_train_drop_logits", tr(dropped, ref["var_x_BLCv_wo_first_l"], drop_labels=False).logits)
+        check(
+            manifest, ref, "var_train_drop_logits", tr(dropped, ref["var_x_BLCv_wo_first_l"], drop_labels=False).logits
+        )
 
 
 def _generation_cases():
@@ -155,9 +164,14 @@ def test_generation(pipe, var_fixture, case):
             callback_on_step_end_tensor_inputs=["guided_logits", "tokens", "latents"],
         )
         latent = pipe(
-            class_labels=class_labels, num_images_per_prompt=per_label, guidance_scale=kwargs["cfg"],
-            top_k=kwargs["top_k"], top_p=kwargs["top_p"], more_smooth=kwargs["more_smooth"],
-            generator=torch.Generator().manual_seed(kwargs["g_seed"]), output_type="latent",
+            class_labels=class_labels,
+            num_images_per_prompt=per_label,
+            guidance_scale=kwargs["cfg"],
+            top_k=kwargs["top_k"],
+            top_p=kwargs["top_p"],
+            more_smooth=kwargs["more_smooth"],
+            generator=torch.Generator().manual_seed(kwargs["g_seed"]),
+            output_type="latent",
         ).images
     S = len(manifest["config"]["patch_nums"])
     assert sorted(seen) == list(range(S))
@@ -170,9 +184,15 @@ def test_generation(pipe, var_fixture, case):
     if f"{prefix}labels" in ref and label_arg is None:
         # the labels were drawn from the generator: they are the condition of the recorded logits,
         # so check them through a re-run with the reference labels, which must reproduce everything
-        rerun = pipe(class_labels=ref[f"{prefix}labels"].tolist(), guidance_scale=kwargs["cfg"], top_k=kwargs["top_k"],
-                     top_p=kwargs["top_p"], more_smooth=kwargs["more_smooth"], output_type="latent",
-                     generator=_generator_after_label_draw(kwargs, manifest)).images
+        rerun = pipe(
+            class_labels=ref[f"{prefix}labels"].tolist(),
+            guidance_scale=kwargs["cfg"],
+            top_k=kwargs["top_k"],
+            top_p=kwargs["top_p"],
+            more_smooth=kwargs["more_smooth"],
+            output_type="latent",
+            generator=_generator_after_label_draw(kwargs, manifest),
+        ).images
         check(manifest, ref, f"{prefix}fhat", rerun)
 
 
@@ -230,8 +250,9 @@ def test_zero_shot_edit(converted, var_fixture, case, monkeypatch):
 
     sampled = []
     sample = pipeline_var.sample_from_logits
-    monkeypatch.setattr(pipeline_var, "sample_from_logits",
-                        lambda *a, **kw: sampled.append(sample(*a, **kw)) or sampled[-1])
+    monkeypatch.setattr(
+        pipeline_var, "sample_from_logits", lambda *a, **kw: sampled.append(sample(*a, **kw)) or sampled[-1]
+    )
     seen = {}
 
     def record(p, scale_index, hw, tensors):
@@ -240,14 +261,25 @@ def test_zero_shot_edit(converted, var_fixture, case, monkeypatch):
 
     class_labels, per_label = _labels_of(kwargs, ref)
     images = ref["input_img"]
-    call = dict(class_labels=class_labels, num_images_per_prompt=per_label, mask_image=mask,
-                guidance_scale=kwargs["cfg"], top_k=kwargs["top_k"], top_p=kwargs["top_p"],
-                more_smooth=kwargs["more_smooth"], output_type="pt")
+    call = dict(
+        class_labels=class_labels,
+        num_images_per_prompt=per_label,
+        mask_image=mask,
+        guidance_scale=kwargs["cfg"],
+        top_k=kwargs["top_k"],
+        top_p=kwargs["top_p"],
+        more_smooth=kwargs["more_smooth"],
+        output_type="pt",
+    )
     with torch.no_grad():
         input_tokens = pipe.vqvae.encode_indices(images)
-        out = pipe(**call, image_indices=input_tokens, generator=torch.Generator().manual_seed(kwargs["g_seed"]),
-                   callback_on_step_end=record,
-                   callback_on_step_end_tensor_inputs=["guided_logits", "tokens", "latents"])
+        out = pipe(
+            **call,
+            image_indices=input_tokens,
+            generator=torch.Generator().manual_seed(kwargs["g_seed"]),
+            callback_on_step_end=record,
+            callback_on_step_end_tensor_inputs=["guided_logits", "tokens", "latents"],
+        )
     assert len(sampled) == S
     for k in range(S):
         check(manifest, ref, f"{prefix}idx_s{k}", sampled[k])

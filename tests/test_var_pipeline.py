@@ -46,8 +46,13 @@ def test_guidance_zero_is_conditional_only(pipe):
         return {}
 
     for guidance in (0.0, 7.0):
-        generate(pipe, class_labels=[1], guidance_scale=guidance, callback_on_step_end=record,
-                 callback_on_step_end_tensor_inputs=["guided_logits"])
+        generate(
+            pipe,
+            class_labels=[1],
+            guidance_scale=guidance,
+            callback_on_step_end=record,
+            callback_on_step_end_tensor_inputs=["guided_logits"],
+        )
     torch.testing.assert_close(seen[0][0], seen[0][1])  # ramp: no guidance at the first scale
     assert not torch.allclose(seen[3][0], seen[3][1])  # full guidance at the last
 
@@ -70,7 +75,9 @@ def test_id2label_survives_save_and_load(tmp_path):
 
 def test_mismatched_components_rejected():
     vq = MultiScaleVQModel(ch=32, ch_mult=(1, 2), num_res_blocks=1, vocab_size=32, z_channels=8, patch_nums=(1, 2, 4))
-    tr = VARTransformer2DModel(num_classes=4, depth=1, embed_dim=64, num_heads=1, vocab_size=32, latent_channels=8, patch_nums=PATCH_NUMS)
+    tr = VARTransformer2DModel(
+        num_classes=4, depth=1, embed_dim=64, num_heads=1, vocab_size=32, latent_channels=8, patch_nums=PATCH_NUMS
+    )
     with pytest.raises(ValueError, match="patch_nums"):
         VARPipeline(transformer=tr, vqvae=vq)
 

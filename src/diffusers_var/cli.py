@@ -27,16 +27,25 @@ from .cli_support import (
 
 DEFAULT_MODEL = default_model()
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
-PIPELINE_FLAGS = {"class_labels": "--class-label", "prompt": "--prompt", "guidance_scale": "--guidance-scale",
-                  "top_k": "--top-k", "top_p": "--top-p", "height": "--height", "width": "--width",
-                  "num_images_per_prompt": "--batch-size", "draft_steps": "--draft-steps"}
+PIPELINE_FLAGS = {
+    "class_labels": "--class-label",
+    "prompt": "--prompt",
+    "guidance_scale": "--guidance-scale",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "height": "--height",
+    "width": "--width",
+    "num_images_per_prompt": "--batch-size",
+    "draft_steps": "--draft-steps",
+}
 
 __all__ = ["DEFAULT_MODEL", "main", "pipeline_class_of", "train_main"]
 
 
 def output_paths(out: Path, count: int) -> list[Path]:
     """Where ``generate`` writes ``count`` images: ``out`` itself for one image, else ``STEM-0.EXT`` ...
-    ``STEM-{count-1}.EXT`` next to it (``--out squares.png --num-images 4`` -> ``squares-0.png`` .. ``squares-3.png``)."""
+    ``STEM-{count-1}.EXT`` next to it (``--out squares.png --num-images 4`` -> ``squares-0.png`` ..
+    ``squares-3.png``)."""
     if count == 1:
         return [out]
     return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
@@ -52,8 +61,14 @@ def check_output(out: Path, count: int) -> str | None:
     if not suffix:
         return f"`--out` {str(out)!r} has no file extension; add one (.png, .jpg, .webp): it picks the image format"
     if formats.get(suffix) not in PIL.Image.SAVE:
-        writable = sorted(ext for ext, fmt in formats.items() if fmt in PIL.Image.SAVE and ext in {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
-        return f"`--out` {str(out)!r}: {suffix!r} is not an image format PIL can write; use one of {', '.join(writable)}"
+        writable = sorted(
+            ext
+            for ext, fmt in formats.items()
+            if fmt in PIL.Image.SAVE and ext in {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+        )
+        return (
+            f"`--out` {str(out)!r}: {suffix!r} is not an image format PIL can write; use one of {', '.join(writable)}"
+        )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=out.parent):  # the only reliable test of write access (ACLs, read-only mounts)
@@ -84,16 +99,22 @@ def _generate(args) -> int:
     if args.refiner is not None and name != "VARPipeline":
         return print_error(f"`--refiner` needs a VAR `--model` (the drafter), got a {name}")
     if args.draft_steps is not None and args.refiner is None and name != "VARCoDePipeline":
-        return print_error("`--draft-steps` applies to CoDe only: pass `--refiner PATH`, or a VARCoDePipeline `--model`")
+        return print_error(
+            "`--draft-steps` applies to CoDe only: pass `--refiner PATH`, or a VARCoDePipeline `--model`"
+        )
     if name in ("VARPipeline", "VARCoDePipeline"):
         if args.prompt and not args.class_label:
             args.class_label = args.prompt
         if args.height or args.width:
-            return print_error("`--height/--width` apply to Infinity pipelines only (VAR/STAR sizes are fixed by the model)")
+            return print_error(
+                "`--height/--width` apply to Infinity pipelines only (VAR/STAR sizes are fixed by the model)"
+            )
     elif not args.prompt:
         return print_error("`--prompt` is required for text-to-image pipelines")
     elif (args.height or args.width) and name != "InfinityPipeline":
-        return print_error("`--height/--width` apply to Infinity pipelines only (VAR/STAR sizes are fixed by the model)")
+        return print_error(
+            "`--height/--width` apply to Infinity pipelines only (VAR/STAR sizes are fixed by the model)"
+        )
 
     pipe = pipeline_class.from_pretrained(model, dtype=getattr(torch, args.dtype)).to(args.device)
     try:
@@ -219,16 +240,21 @@ def _edit(args) -> int:
     except OSError as err:
         return fail(f"could not read an image: {err}")
     pipe = pipeline_class.from_pretrained(model, dtype=getattr(torch, args.dtype)).to(args.device)
-    kwargs = dict(image=image, generator=torch.Generator().manual_seed(args.seed),
-                  num_images_per_prompt=args.num_images, output_type="pil")
+    kwargs = dict(
+        image=image,
+        generator=torch.Generator().manual_seed(args.seed),
+        num_images_per_prompt=args.num_images,
+        output_type="pil",
+    )
     for name in ("guidance_scale", "top_k", "top_p", "strength"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
     try:
         if args.height or args.width:
             if not issubclass(pipeline_class, diffusers_var.InfinityPipeline):
-                return fail("`--height/--width` apply to Infinity pipelines only (VAR/STAR sizes are fixed by the "
-                            "model)")
+                return fail(
+                    "`--height/--width` apply to Infinity pipelines only (VAR/STAR sizes are fixed by the model)"
+                )
             kwargs.update(height=args.height, width=args.width)
         if masks:
             if args.box is not None:
@@ -271,8 +297,9 @@ def _with_refiner(pipe, args, kwargs):
         pipe = VARCoDePipeline.from_var_pipelines(pipe, refiner)
     if args.draft_steps is not None:
         if not isinstance(pipe, VARCoDePipeline):
-            raise ValueError("`--draft-steps` applies to CoDe only: pass `--refiner PATH`, or a VARCoDePipeline "
-                             "`--model`")
+            raise ValueError(
+                "`--draft-steps` applies to CoDe only: pass `--refiner PATH`, or a VARCoDePipeline `--model`"
+            )
         kwargs["draft_steps"] = args.draft_steps
     return pipe
 
@@ -302,48 +329,84 @@ def _demo(args) -> int:
 
 
 def build_parser() -> OneLineErrorParser:
-    parser = OneLineErrorParser(prog="diffusers-var", description="Next-scale-prediction image generation (VAR, STAR, Infinity).")
+    parser = OneLineErrorParser(
+        prog="diffusers-var", description="Next-scale-prediction image generation (VAR, STAR, Infinity)."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate images with a pipeline folder (default: the embedded VAR)")
     gen.add_argument("--model", default=None, help=f"pipeline folder (default: {DEFAULT_MODEL})")
     gen.add_argument("--prompt", default=None, help="text prompt (STAR / Infinity), or a class name for VAR")
     gen.add_argument("--class-label", default=None, help="VAR: class index or name (default: random)")
-    gen.add_argument("--num-images", type=int_in_range(1), default=1,
-                     help="images to generate (default 1); several are written as OUT-0.png, OUT-1.png, ...")
-    gen.add_argument("--batch-size", type=int_in_range(1), default=16,
-                     help="images generated at once (default 16): bounds memory whatever --num-images is")
+    gen.add_argument(
+        "--num-images",
+        type=int_in_range(1),
+        default=1,
+        help="images to generate (default 1); several are written as OUT-0.png, OUT-1.png, ...",
+    )
+    gen.add_argument(
+        "--batch-size",
+        type=int_in_range(1),
+        default=16,
+        help="images generated at once (default 16): bounds memory whatever --num-images is",
+    )
     gen.add_argument("--guidance-scale", type=finite_float, default=None, help="default: the pipeline's")
     gen.add_argument("--top-k", type=int_in_range(0), default=None, help="default: the pipeline's (0 = off)")
     gen.add_argument("--top-p", type=finite_float, default=None, help="default: the pipeline's (0 = off)")
-    gen.add_argument("--height", type=int_in_range(1), default=None, help="Infinity: image height (default: the model's)")
-    gen.add_argument("--width", type=int_in_range(1), default=None, help="Infinity: image width (default: the model's)")
+    gen.add_argument(
+        "--height", type=int_in_range(1), default=None, help="Infinity: image height (default: the model's)"
+    )
+    gen.add_argument(
+        "--width", type=int_in_range(1), default=None, help="Infinity: image width (default: the model's)"
+    )
     gen.add_argument("--seed", type=int_in_range(0, MAX_SEED), default=0, help=f"0 to {MAX_SEED} (default 0)")
-    gen.add_argument("--refiner", default=None, metavar="PATH",
-                     help="CoDe: a small VAR pipeline folder on the same tokenizer that samples the fine scales after "
-                          "the VAR --model drafted the coarse ones")
-    gen.add_argument("--draft-steps", type=int_in_range(1), default=None,
-                     help="CoDe: scales the drafter samples (default: the pipeline's, num_scales - 2 when built here)")
+    gen.add_argument(
+        "--refiner",
+        default=None,
+        metavar="PATH",
+        help="CoDe: a small VAR pipeline folder on the same tokenizer that samples the fine scales after "
+        "the VAR --model drafted the coarse ones",
+    )
+    gen.add_argument(
+        "--draft-steps",
+        type=int_in_range(1),
+        default=None,
+        help="CoDe: scales the drafter samples (default: the pipeline's, num_scales - 2 when built here)",
+    )
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     gen.add_argument("--out", default="out.png", help="image file; its extension picks the format (default out.png)")
     add_lora_arguments(gen)
     gen.set_defaults(func=_generate)
 
-    ed = sub.add_parser("edit", help="in-paint / out-paint (--mask or --box) or image-to-image (--strength) an image",
-                        description="Edit IN.png with a pipeline folder (default: the embedded VAR): in-painting "
-                                    "regenerates the white part of --mask (or the --box; --outpaint: all but the "
-                                    "box), image-to-image keeps the image's first scales and samples the share "
-                                    "--strength of them.")
+    ed = sub.add_parser(
+        "edit",
+        help="in-paint / out-paint (--mask or --box) or image-to-image (--strength) an image",
+        description="Edit IN.png with a pipeline folder (default: the embedded VAR): in-painting "
+        "regenerates the white part of --mask (or the --box; --outpaint: all but the "
+        "box), image-to-image keeps the image's first scales and samples the share "
+        "--strength of them.",
+    )
     ed.add_argument("--model", default=None, help=f"pipeline folder (default: {DEFAULT_MODEL})")
     ed.add_argument("--image", required=True, help="the image to edit (resized to the model's size)")
-    ed.add_argument("--mask", default=None, help="in-painting: mask image, white = generate (the image's size, or "
-                                                 "the model's last token grid)")
-    ed.add_argument("--box", default=None, metavar="Y0,X0,Y1,X1",
-                    help="in-painting: the original notebook's box, as fractions of the height / width")
+    ed.add_argument(
+        "--mask",
+        default=None,
+        help="in-painting: mask image, white = generate (the image's size, or the model's last token grid)",
+    )
+    ed.add_argument(
+        "--box",
+        default=None,
+        metavar="Y0,X0,Y1,X1",
+        help="in-painting: the original notebook's box, as fractions of the height / width",
+    )
     ed.add_argument("--outpaint", action="store_true", help="with --box: generate everything around the box")
-    ed.add_argument("--strength", type=float, default=None,
-                    help="image-to-image: share of the scales sampled, in [0, 1] (1 ignores the image)")
+    ed.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="image-to-image: share of the scales sampled, in [0, 1] (1 ignores the image)",
+    )
     ed.add_argument("--class-label", default=None, help="VAR: class index or name of what to generate")
     ed.add_argument("--prompt", default=None, help="STAR / Infinity: what the edited image shows")
     ed.add_argument("--num-images", type=int, default=1)

@@ -60,7 +60,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def int_in_range(low: int | None = None, high: int | None = None):
-    """An argparse ``type`` accepting whole numbers in ``[low, high]`` (argparse puts the flag in front of the error)."""
+    """An argparse ``type`` accepting whole numbers in ``[low, high]`` (argparse puts the flag before the error)."""
 
     def parse(text: str) -> int:
         try:
@@ -68,7 +68,13 @@ def int_in_range(low: int | None = None, high: int | None = None):
         except ValueError:
             value = None
         if value is None or (low is not None and value < low) or (high is not None and value > high):
-            bounds = f"from {low} to {high}" if low is not None and high is not None else f">= {low}" if low is not None else f"<= {high}"
+            bounds = (
+                f"from {low} to {high}"
+                if low is not None and high is not None
+                else f">= {low}"
+                if low is not None
+                else f"<= {high}"
+            )
             raise argparse.ArgumentTypeError(f"must be a whole number {bounds}, got {text!r}")
         return value
 
@@ -105,37 +111,65 @@ def load_loras(pipe, paths: list[str] | None, scales: list[float] | None) -> lis
 
 
 def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lora", action="append", default=None, metavar="PATH",
-                        help="LoRA adapter: a folder with pytorch_lora_weights.safetensors or a .safetensors file "
-                             "(repeat for several)")
-    parser.add_argument("--lora-scale", action="append", type=finite_float, default=None, metavar="S",
-                        help="adapter strength (default 1.0; 0 = the base model): one for all, or one per --lora")
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=None,
+        metavar="PATH",
+        help="LoRA adapter: a folder with pytorch_lora_weights.safetensors or a .safetensors file "
+        "(repeat for several)",
+    )
+    parser.add_argument(
+        "--lora-scale",
+        action="append",
+        type=finite_float,
+        default=None,
+        metavar="S",
+        help="adapter strength (default 1.0; 0 = the base model): one for all, or one per --lora",
+    )
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's flags (kept out of :mod:`diffusers_var.demo` so that ``diffusers-var --help`` does not import
     gradio). Ranges are checked here, so a bad value is a one-line error before gradio starts."""
-    for flag, name, folder in (("--var", "VAR", "var-shapes"), ("--star", "STAR", "star-shapes"),
-                               ("--infinity", "Infinity", "infinity-shapes")):
-        parser.add_argument(flag, default="default", metavar="PATH",
-                            help=f"{name} pipeline folder (default: the embedded pipelines/{folder} when present; "
-                                 f"'none' hides the model)")
-    parser.add_argument("--var-refiner", default="none", metavar="PATH",
-                        help="a small VAR pipeline folder on the VAR model's tokenizer: the VAR tab then offers CoDe "
-                             "(the VAR model drafts the coarse scales, this one refines the fine ones); 'default' is "
-                             "the embedded pipelines/var-shapes-refiner (default: none)")
+    for flag, name, folder in (
+        ("--var", "VAR", "var-shapes"),
+        ("--star", "STAR", "star-shapes"),
+        ("--infinity", "Infinity", "infinity-shapes"),
+    ):
+        parser.add_argument(
+            flag,
+            default="default",
+            metavar="PATH",
+            help=f"{name} pipeline folder (default: the embedded pipelines/{folder} when present; "
+            f"'none' hides the model)",
+        )
+    parser.add_argument(
+        "--var-refiner",
+        default="none",
+        metavar="PATH",
+        help="a small VAR pipeline folder on the VAR model's tokenizer: the VAR tab then offers CoDe "
+        "(the VAR model drafts the coarse scales, this one refines the fine ones); 'default' is "
+        "the embedded pipelines/var-shapes-refiner (default: none)",
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload() on an accelerator")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int_in_range(1, 65535), default=7860, help="1 to 65535 (default 7860)")
     parser.add_argument("--share", action="store_true", help="also create a public gradio.live link (off by default)")
-    parser.add_argument("--max-images", type=int_in_range(1, 64), default=8,
-                        help="most images per request, 1 to 64 (default 8)")
-    parser.add_argument("--queue-size", type=int_in_range(1), default=32,
-                        help="most waiting requests (default 32); more are told the queue is full")
-    parser.add_argument("--concurrency", type=int_in_range(1), default=1,
-                        help="generations running at once, all tabs together")
+    parser.add_argument(
+        "--max-images", type=int_in_range(1, 64), default=8, help="most images per request, 1 to 64 (default 8)"
+    )
+    parser.add_argument(
+        "--queue-size",
+        type=int_in_range(1),
+        default=32,
+        help="most waiting requests (default 32); more are told the queue is full",
+    )
+    parser.add_argument(
+        "--concurrency", type=int_in_range(1), default=1, help="generations running at once, all tabs together"
+    )
     add_lora_arguments(parser)  # each adapter goes to the tab of the family it was made for
 
 

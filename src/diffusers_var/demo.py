@@ -52,8 +52,11 @@ FAMILIES = {  # key -> (tab title, pipeline class, embedded folder)
 EMBEDDED_VAR_REFINER = EMBEDDED_DIR / "var-shapes-refiner"  # CoDe's refiner for the embedded var-shapes
 MAX_SEED = 2**31 - 1
 RANDOM_CLASS = "(random class)"
-SHAPE_PROMPTS = ["a red circle on a blue background", "a yellow triangle on a black background",
-                 "a white square on a green background"]
+SHAPE_PROMPTS = [
+    "a red circle on a blue background",
+    "a yellow triangle on a black background",
+    "a white square on a green background",
+]
 
 
 # -- loading ----------------------------------------------------------------------------------------
@@ -67,8 +70,10 @@ def load_family(family: str, spec: Any, device: str, dtype: torch.dtype, cpu_off
         return None, f"No {title.split()[0]} model is served. Start the demo with `{flag} PATH` to add one."
     if isinstance(spec, (str, Path)) and str(spec) == DEFAULT:
         if not (embedded / "model_index.json").is_file():
-            return None, (f"The embedded {title.split()[0]} pipeline (`pipelines/{embedded.name}`) is not available "
-                          f"in this installation. Start the demo with `{flag} PATH` to serve a pipeline folder.")
+            return None, (
+                f"The embedded {title.split()[0]} pipeline (`pipelines/{embedded.name}`) is not available "
+                f"in this installation. Start the demo with `{flag} PATH` to serve a pipeline folder."
+            )
         spec = embedded
     if isinstance(spec, (str, Path)):
         try:
@@ -83,7 +88,10 @@ def load_family(family: str, spec: Any, device: str, dtype: torch.dtype, cpu_off
     elif isinstance(spec, pipeline_class):
         pipe = spec
     else:
-        raise TypeError(f"`{family}` must be a {pipeline_class.__name__}, a pipeline folder, {DEFAULT!r} or None; got {type(spec).__name__}.")
+        raise TypeError(
+            f"`{family}` must be a {pipeline_class.__name__}, a pipeline folder, {DEFAULT!r} or None; "
+            f"got {type(spec).__name__}."
+        )
     if cpu_offload and device != "cpu":
         pipe.enable_model_cpu_offload(device=device)
     elif device is not None:
@@ -105,8 +113,12 @@ def attach_loras(pipelines: dict, paths: list[str] | None, scales: list[float] |
     for i, path in enumerate(paths):
         _, family = NextScaleLoraLoaderMixin.lora_state_dict(path, return_family_metadata=True)
         made_for = (family or {}).get("transformer_class")
-        served = [key for key, pipe in pipelines.items() if pipe is not None
-                  and (made_for is None or made_for in {c.__name__ for c in type(pipe.transformer).__mro__})]
+        served = [
+            key
+            for key, pipe in pipelines.items()
+            if pipe is not None
+            and (made_for is None or made_for in {c.__name__ for c in type(pipe.transformer).__mro__})
+        ]
         if len(served) != 1:
             what = f"made for a {made_for}, which no tab serves" if made_for else "does not say which family it is for"
             raise ValueError(f"`--lora` {path}: {what}; serve the matching pipeline (--var/--star/--infinity).")
@@ -170,8 +182,12 @@ def _run(pipe, lock: threading.Lock, seed: int, num_images: int, **kwargs):
     start = time.perf_counter()
     try:
         with lock:
-            images = pipe(num_images_per_prompt=num_images, generator=torch.Generator().manual_seed(seed),
-                          output_type="pil", **kwargs).images
+            images = pipe(
+                num_images_per_prompt=num_images,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="pil",
+                **kwargs,
+            ).images
     except ValueError as err:
         raise gr.Error(str(err)) from None
     except Exception as err:  # a readable message in the page, the traceback in the server log
@@ -186,53 +202,82 @@ def _run(pipe, lock: threading.Lock, seed: int, num_images: int, **kwargs):
 # -- user interface ---------------------------------------------------------------------------------
 def _seed_row(prefix: str):
     with gr.Row():
-        seed = gr.Number(label="Seed (the seed used is shown here after generating)", value=0, precision=0,
-                         minimum=0, maximum=MAX_SEED, elem_id=f"{prefix}-seed")
+        seed = gr.Number(
+            label="Seed (the seed used is shown here after generating)",
+            value=0,
+            precision=0,
+            minimum=0,
+            maximum=MAX_SEED,
+            elem_id=f"{prefix}-seed",
+        )
         randomize = gr.Checkbox(label="Randomize seed", value=True, elem_id=f"{prefix}-randomize")
     return seed, randomize
 
 
 def _outputs(prefix: str):
-    gallery = gr.Gallery(label="Images", columns=4, height=360, object_fit="contain", format="png",
-                         elem_id=f"{prefix}-gallery")
+    gallery = gr.Gallery(
+        label="Images", columns=4, height=360, object_fit="contain", format="png", elem_id=f"{prefix}-gallery"
+    )
     info = gr.Textbox(label="Result", interactive=False, elem_id=f"{prefix}-info")
     return gallery, info
 
 
-def _var_tab(pipe: VARPipeline, common: dict, max_images: int, code: VARCoDePipeline | None = None,
-             code_notice: str = ""):
+def _var_tab(
+    pipe: VARPipeline, common: dict, max_images: int, code: VARCoDePipeline | None = None, code_notice: str = ""
+):
     lock = threading.Lock()
-    names = [name for _, name in sorted(pipe.id2label.items())] or [str(i) for i in range(pipe.transformer.config.num_classes)]
+    names = [name for _, name in sorted(pipe.id2label.items())] or [
+        str(i) for i in range(pipe.transformer.config.num_classes)
+    ]
     name_to_id = {name: i for i, name in sorted(pipe.id2label.items())} or {str(i): i for i in range(len(names))}
     gr.Markdown(f"Class-conditional VAR: {len(names)} classes; type in the Class box to search them.")
     with gr.Row():
         with gr.Column():
-            label = gr.Dropdown([RANDOM_CLASS, *names], value=names[min(1, len(names) - 1)], label="Class",
-                                filterable=True, allow_custom_value=True, elem_id="var-class")
+            label = gr.Dropdown(
+                [RANDOM_CLASS, *names],
+                value=names[min(1, len(names) - 1)],
+                label="Class",
+                filterable=True,
+                allow_custom_value=True,
+                elem_id="var-class",
+            )
             guidance = gr.Slider(0, 10, value=4.0, step=0.1, label="Guidance scale (cfg)")
             with gr.Row():
-                top_k = gr.Slider(0, max(pipe.transformer.config.vocab_size, 900), value=900, step=1, label="Top-k (0 = off)")
+                top_k = gr.Slider(
+                    0, max(pipe.transformer.config.vocab_size, 900), value=900, step=1, label="Top-k (0 = off)"
+                )
                 top_p = gr.Slider(0, 1, value=0.95, step=0.01, label="Top-p (0 = off)")
             more_smooth = gr.Checkbox(label="More smooth (Gumbel-softmax codes)", value=False)
             if code is not None:
                 num_scales, refiner = len(code.scale_schedule()), code.refiner.config
                 with gr.Row():
-                    use_code = gr.Checkbox(label=f"CoDe: this model drafts the coarse scales, a small refiner (depth "
-                                                 f"{refiner.depth}, width {refiner.embed_dim}) samples the fine ones",
-                                           value=True, elem_id="var-code")
-                    draft_steps = gr.Slider(1, num_scales - 1, value=code.config.draft_steps, step=1,
-                                            label=f"Draft steps (of {num_scales} scales)", elem_id="var-draft-steps")
+                    use_code = gr.Checkbox(
+                        label=f"CoDe: this model drafts the coarse scales, a small refiner (depth "
+                        f"{refiner.depth}, width {refiner.embed_dim}) samples the fine ones",
+                        value=True,
+                        elem_id="var-code",
+                    )
+                    draft_steps = gr.Slider(
+                        1,
+                        num_scales - 1,
+                        value=code.config.draft_steps,
+                        step=1,
+                        label=f"Draft steps (of {num_scales} scales)",
+                        elem_id="var-draft-steps",
+                    )
             elif code_notice:
                 gr.Markdown(code_notice, elem_id="var-code-notice")
-            num_images = gr.Slider(1, max_images, value=min(4, max_images), step=1, label="Number of images",
-                                   elem_id="var-num-images")
+            num_images = gr.Slider(
+                1, max_images, value=min(4, max_images), step=1, label="Number of images", elem_id="var-num-images"
+            )
             seed, randomize = _seed_row("var")
             button = gr.Button("Generate", variant="primary", elem_id="var-generate")
         with gr.Column():
             gallery, info = _outputs("var")
 
-    def run_var(target, extra: dict, class_name, guidance_scale, top_k, top_p, more_smooth, num_images, seed,
-                randomize):
+    def run_var(
+        target, extra: dict, class_name, guidance_scale, top_k, top_p, more_smooth, num_images, seed, randomize
+    ):
         count = _check_count(num_images, max_images)
         if class_name == RANDOM_CLASS or class_name in (None, ""):
             labels = None
@@ -240,22 +285,57 @@ def _var_tab(pipe: VARPipeline, common: dict, max_images: int, code: VARCoDePipe
             labels = [name_to_id[class_name]]
         else:
             try:  # a class index, or any synonym of a name (e.g. "golden retriever")
-                labels = [int(class_name)] if str(class_name).lstrip("-").isdigit() else pipe.get_label_ids([class_name])
+                labels = (
+                    [int(class_name)] if str(class_name).lstrip("-").isdigit() else pipe.get_label_ids([class_name])
+                )
             except ValueError:
-                raise gr.Error(f"Unknown class {class_name!r}: pick one from the Class list (type to search).") from None
+                raise gr.Error(
+                    f"Unknown class {class_name!r}: pick one from the Class list (type to search)."
+                ) from None
         seed = _pick_seed(seed, randomize)
-        return _run(target, lock, seed, count, class_labels=labels, guidance_scale=float(guidance_scale),
-                    top_k=int(top_k), top_p=float(top_p), more_smooth=bool(more_smooth), **extra)
+        return _run(
+            target,
+            lock,
+            seed,
+            count,
+            class_labels=labels,
+            guidance_scale=float(guidance_scale),
+            top_k=int(top_k),
+            top_p=float(top_p),
+            more_smooth=bool(more_smooth),
+            **extra,
+        )
 
-    def generate(class_name, guidance_scale, top_k, top_p, more_smooth, num_images, seed, randomize,
-                 progress=gr.Progress(track_tqdm=True)):
+    def generate(
+        class_name,
+        guidance_scale,
+        top_k,
+        top_p,
+        more_smooth,
+        num_images,
+        seed,
+        randomize,
+        progress=gr.Progress(track_tqdm=True),
+    ):
         return run_var(pipe, {}, class_name, guidance_scale, top_k, top_p, more_smooth, num_images, seed, randomize)
 
-    def generate_code(class_name, guidance_scale, top_k, top_p, more_smooth, num_images, seed, randomize, with_code,
-                      steps, progress=gr.Progress(track_tqdm=True)):
+    def generate_code(
+        class_name,
+        guidance_scale,
+        top_k,
+        top_p,
+        more_smooth,
+        num_images,
+        seed,
+        randomize,
+        with_code,
+        steps,
+        progress=gr.Progress(track_tqdm=True),
+    ):
         target, extra = (code, {"draft_steps": int(steps)}) if with_code else (pipe, {})
-        return run_var(target, extra, class_name, guidance_scale, top_k, top_p, more_smooth, num_images, seed,
-                       randomize)
+        return run_var(
+            target, extra, class_name, guidance_scale, top_k, top_p, more_smooth, num_images, seed, randomize
+        )
 
     inputs = [label, guidance, top_k, top_p, more_smooth, num_images, seed, randomize]
     if code is not None:  # the same inputs, then CoDe's two
@@ -266,7 +346,9 @@ def _var_tab(pipe: VARPipeline, common: dict, max_images: int, code: VARCoDePipe
 
 
 def _text_controls(prefix: str):
-    prompt = gr.Textbox(label="Prompt", placeholder="a red circle on a blue background", lines=2, elem_id=f"{prefix}-prompt")
+    prompt = gr.Textbox(
+        label="Prompt", placeholder="a red circle on a blue background", lines=2, elem_id=f"{prefix}-prompt"
+    )
     negative = gr.Textbox(label="Negative prompt (optional)", value="", elem_id=f"{prefix}-negative-prompt")
     return prompt, negative
 
@@ -281,25 +363,49 @@ def _star_tab(pipe: STARPipeline, common: dict, max_images: int):
             prompt, negative = _text_controls("star")
             guidance = gr.Slider(0, 10, value=4.0, step=0.1, label="Guidance scale (cfg)")
             with gr.Row():
-                top_k = gr.Slider(0, max(pipe.transformer.config.vocab_size, 600), value=600, step=1, label="Top-k (0 = off)")
+                top_k = gr.Slider(
+                    0, max(pipe.transformer.config.vocab_size, 600), value=600, step=1, label="Top-k (0 = off)"
+                )
                 top_p = gr.Slider(0, 1, value=0.8, step=0.01, label="Top-p (0 = off)")
-            stable = gr.Checkbox(label="Stable sampler" + ("" if has_sampler else " (this checkpoint has no sampler head)"),
-                                 value=has_sampler, interactive=has_sampler)
+            stable = gr.Checkbox(
+                label="Stable sampler" + ("" if has_sampler else " (this checkpoint has no sampler head)"),
+                value=has_sampler,
+                interactive=has_sampler,
+            )
             num_images = gr.Slider(1, max_images, value=min(2, max_images), step=1, label="Number of images")
             seed, randomize = _seed_row("star")
             button = gr.Button("Generate", variant="primary", elem_id="star-generate")
         with gr.Column():
             gallery, info = _outputs("star")
 
-    def generate(prompt, negative_prompt, guidance_scale, top_k, top_p, use_stable_sampler, num_images, seed, randomize,
-                 progress=gr.Progress(track_tqdm=True)):  # noqa: B008 - gradio's way to ask for a progress bar
+    def generate(
+        prompt,
+        negative_prompt,
+        guidance_scale,
+        top_k,
+        top_p,
+        use_stable_sampler,
+        num_images,
+        seed,
+        randomize,
+        progress=gr.Progress(track_tqdm=True),
+    ):  # noqa: B008 - gradio's way to ask for a progress bar
         text = _prompt(prompt)
         count = _check_count(num_images, max_images)
         seed = _pick_seed(seed, randomize)
-        return _run(pipe, lock, seed, count, prompt=text, negative_prompt=(negative_prompt or None),
-                    guidance_scale=float(guidance_scale), top_k=int(top_k), top_p=float(top_p),
-                    use_stable_sampler=bool(use_stable_sampler) and has_sampler,
-                    sampler_generator=torch.Generator().manual_seed(seed + 1))
+        return _run(
+            pipe,
+            lock,
+            seed,
+            count,
+            prompt=text,
+            negative_prompt=(negative_prompt or None),
+            guidance_scale=float(guidance_scale),
+            top_k=int(top_k),
+            top_p=float(top_p),
+            use_stable_sampler=bool(use_stable_sampler) and has_sampler,
+            sampler_generator=torch.Generator().manual_seed(seed + 1),
+        )
 
     inputs = [prompt, negative, guidance, top_k, top_p, stable, num_images, seed, randomize]
     gr.on([button.click, prompt.submit], generate, inputs, [gallery, seed, info], api_name="generate_star", **common)
@@ -308,7 +414,9 @@ def _star_tab(pipe: STARPipeline, common: dict, max_images: int):
 
 def infinity_sizes(pipe: InfinityPipeline) -> list[str]:
     """Every size (``"HEIGHTxWIDTH"`` in pixels) the pipeline's aspect-ratio templates produce."""
-    return [f"{h}x{w}" for h, w in sorted(supported_pixel_sizes(pipe.vae.pixels_per_token), key=lambda s: (s[0] * s[1], s))]
+    return [
+        f"{h}x{w}" for h, w in sorted(supported_pixel_sizes(pipe.vae.pixels_per_token), key=lambda s: (s[0] * s[1], s))
+    ]
 
 
 def _parse_size(size) -> tuple[int, int]:
@@ -326,14 +434,21 @@ def _infinity_tab(pipe: InfinityPipeline, common: dict, max_images: int):
     configured = getattr(pipe.config, "default_size", None)  # e.g. [64, 64] for the embedded infinity-shapes
     preferred = [f"{configured[0]}x{configured[1]}"] if configured else []
     default = next((s for s in [*preferred, "1024x1024"] if s in sizes), squares[0])
-    gr.Markdown("Text-to-image with Infinity; the size picks an aspect-ratio template and resolution preset. "
-                "Type your own HEIGHTxWIDTH to try others (unsupported sizes list the supported ones).")
+    gr.Markdown(
+        "Text-to-image with Infinity; the size picks an aspect-ratio template and resolution preset. "
+        "Type your own HEIGHTxWIDTH to try others (unsupported sizes list the supported ones)."
+    )
     with gr.Row():
         with gr.Column():
             prompt, negative = _text_controls("infinity")
-            size = gr.Dropdown([(f"{s} (h/w {int(s.split('x')[0]) / int(s.split('x')[1]):.2f})", s) for s in sizes],
-                               value=default, label="Size (height x width, px)", filterable=True,
-                               allow_custom_value=True, elem_id="infinity-size")
+            size = gr.Dropdown(
+                [(f"{s} (h/w {int(s.split('x')[0]) / int(s.split('x')[1]):.2f})", s) for s in sizes],
+                value=default,
+                label="Size (height x width, px)",
+                filterable=True,
+                allow_custom_value=True,
+                elem_id="infinity-size",
+            )
             with gr.Row():
                 guidance = gr.Slider(0, 10, value=3.0, step=0.1, label="Guidance scale (cfg)")
                 tau = gr.Slider(0.05, 2, value=0.5, step=0.05, label="Tau (temperature)")
@@ -346,25 +461,56 @@ def _infinity_tab(pipe: InfinityPipeline, common: dict, max_images: int):
         with gr.Column():
             gallery, info = _outputs("infinity")
 
-    def generate(prompt, negative_prompt, size, guidance_scale, tau, top_k, top_p, num_images, seed, randomize,
-                 progress=gr.Progress(track_tqdm=True)):  # noqa: B008 - gradio's way to ask for a progress bar
+    def generate(
+        prompt,
+        negative_prompt,
+        size,
+        guidance_scale,
+        tau,
+        top_k,
+        top_p,
+        num_images,
+        seed,
+        randomize,
+        progress=gr.Progress(track_tqdm=True),
+    ):  # noqa: B008 - gradio's way to ask for a progress bar
         text = _prompt(prompt)
         height, width = _parse_size(size)
         count = _check_count(num_images, max_images)
         seed = _pick_seed(seed, randomize)
-        return _run(pipe, lock, seed, count, prompt=text, negative_prompt=(negative_prompt or None), height=height,
-                    width=width, guidance_scale=float(guidance_scale), tau=float(tau), top_k=int(top_k), top_p=float(top_p))
+        return _run(
+            pipe,
+            lock,
+            seed,
+            count,
+            prompt=text,
+            negative_prompt=(negative_prompt or None),
+            height=height,
+            width=width,
+            guidance_scale=float(guidance_scale),
+            tau=float(tau),
+            top_k=int(top_k),
+            top_p=float(top_p),
+        )
 
     inputs = [prompt, negative, size, guidance, tau, top_k, top_p, num_images, seed, randomize]
-    gr.on([button.click, prompt.submit], generate, inputs, [gallery, seed, info], api_name="generate_infinity", **common)
+    gr.on(
+        [button.click, prompt.submit], generate, inputs, [gallery, seed, info], api_name="generate_infinity", **common
+    )
     gr.Examples([[text, 0] for text in SHAPE_PROMPTS], [prompt, seed], label="Examples")
 
 
 # -- editing ----------------------------------------------------------------------------------------
-EDIT_MODES = ("In-paint: regenerate the painted region", "Out-paint: keep the painted region, regenerate the rest",
-              "Image-to-image: keep the image's coarse scales")
-EDIT_PIPELINES = {"var": (VARInpaintPipeline, VARImg2ImgPipeline), "star": (STARInpaintPipeline, STARImg2ImgPipeline),
-                  "infinity": (InfinityInpaintPipeline, InfinityImg2ImgPipeline)}
+EDIT_MODES = (
+    "In-paint: regenerate the painted region",
+    "Out-paint: keep the painted region, regenerate the rest",
+    "Image-to-image: keep the image's coarse scales",
+)
+EDIT_PIPELINES = {
+    "var": (VARInpaintPipeline, VARImg2ImgPipeline),
+    "star": (STARInpaintPipeline, STARImg2ImgPipeline),
+    "infinity": (InfinityInpaintPipeline, InfinityImg2ImgPipeline),
+}
 EDIT_EXAMPLE_SIZE = 256  # px: the example image is drawn large enough to paint on (the pipeline resizes it)
 
 
@@ -372,8 +518,12 @@ def edit_example_image(shape: str = "circle", color: str = "red", background: st
     """A shapes-dataset image (uint8 (256, 256, 3)) to edit when none is uploaded."""
     scale = EDIT_EXAMPLE_SIZE / 64
     ids = np.array([class_id(shape, color, background)])
-    return render(ids, np.array([15.0 * scale], dtype=np.float32), np.array([[30.0 * scale, 34.0 * scale]],
-                  dtype=np.float32), EDIT_EXAMPLE_SIZE)[0]
+    return render(
+        ids,
+        np.array([15.0 * scale], dtype=np.float32),
+        np.array([[30.0 * scale, 34.0 * scale]], dtype=np.float32),
+        EDIT_EXAMPLE_SIZE,
+    )[0]
 
 
 def painted_mask(editor: dict | None) -> tuple[np.ndarray, np.ndarray]:
@@ -412,26 +562,45 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
         inpaint.set_progress_bar_config(disable=True)
         img2img.set_progress_bar_config(disable=True)
     first = next(iter(pipes))
-    gr.Markdown("Edit an image with a served model: paint the region with the brush (white), choose what happens to "
-                "it, and say what to generate (VAR: a class name; STAR / Infinity: a prompt). In-painting keeps the "
-                "image's tokens outside the painted region at every scale; image-to-image keeps its coarse scales. "
-                "The image is resized to the model's size.")
+    gr.Markdown(
+        "Edit an image with a served model: paint the region with the brush (white), choose what happens to "
+        "it, and say what to generate (VAR: a class name; STAR / Infinity: a prompt). In-painting keeps the "
+        "image's tokens outside the painted region at every scale; image-to-image keeps its coarse scales. "
+        "The image is resized to the model's size."
+    )
     with gr.Row():
         with gr.Column():
-            editor = gr.ImageEditor(value={"background": edit_example_image(), "layers": [], "composite": None},
-                                    type="numpy", image_mode="RGBA", transforms=(), layers=False,
-                                    brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff", color_mode="fixed",
-                                                   default_size=24),
-                                    canvas_size=(EDIT_EXAMPLE_SIZE, EDIT_EXAMPLE_SIZE), height=360, format="png",
-                                    label="Image: paint the region", elem_id="edit-image")
+            editor = gr.ImageEditor(
+                value={"background": edit_example_image(), "layers": [], "composite": None},
+                type="numpy",
+                image_mode="RGBA",
+                transforms=(),
+                layers=False,
+                brush=gr.Brush(colors=["#ffffff"], default_color="#ffffff", color_mode="fixed", default_size=24),
+                canvas_size=(EDIT_EXAMPLE_SIZE, EDIT_EXAMPLE_SIZE),
+                height=360,
+                format="png",
+                label="Image: paint the region",
+                elem_id="edit-image",
+            )
             model = gr.Radio([(titles[key], key) for key in pipes], value=first, label="Model", elem_id="edit-model")
             mode = gr.Radio(list(EDIT_MODES), value=EDIT_MODES[0], label="Mode", elem_id="edit-mode")
-            what = gr.Textbox(label="What to generate (VAR: class name or index; STAR / Infinity: prompt)",
-                              value=CLASSES[class_id("square", "yellow", "blue")].caption
-                              if first != "var" else "yellow square on blue", elem_id="edit-what")
+            what = gr.Textbox(
+                label="What to generate (VAR: class name or index; STAR / Infinity: prompt)",
+                value=CLASSES[class_id("square", "yellow", "blue")].caption
+                if first != "var"
+                else "yellow square on blue",
+                elem_id="edit-what",
+            )
             with gr.Row():
-                strength = gr.Slider(0, 1, value=0.5, step=0.05, label="Strength (image-to-image: share of the scales "
-                                     "sampled)", elem_id="edit-strength")
+                strength = gr.Slider(
+                    0,
+                    1,
+                    value=0.5,
+                    step=0.05,
+                    label="Strength (image-to-image: share of the scales sampled)",
+                    elem_id="edit-strength",
+                )
                 guidance = gr.Slider(0, 10, value=4.0, step=0.1, label="Guidance scale (cfg)")
             num_images = gr.Slider(1, max_images, value=min(2, max_images), step=1, label="Number of images")
             seed, randomize = _seed_row("edit")
@@ -439,8 +608,18 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
         with gr.Column():
             gallery, info = _outputs("edit")
 
-    def run_edit(editor_value, family, mode_name, text, strength, guidance_scale, num_images, seed, randomize,
-                 progress=gr.Progress(track_tqdm=True)):
+    def run_edit(
+        editor_value,
+        family,
+        mode_name,
+        text,
+        strength,
+        guidance_scale,
+        num_images,
+        seed,
+        randomize,
+        progress=gr.Progress(track_tqdm=True),
+    ):
         if family not in editors:
             raise gr.Error(f"Pick a served model: {', '.join(titles.values())}.")
         image, painted = painted_mask(editor_value)
@@ -473,10 +652,20 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
     gr.on([button.click, what.submit], run_edit, inputs, [gallery, seed, info], api_name="edit", **common)
 
 
-def build_demo(var: Any = DEFAULT, star: Any = DEFAULT, infinity: Any = DEFAULT, device: str | None = None,
-               dtype: torch.dtype = torch.float32, cpu_offload: bool = False, max_images: int = 8,
-               queue_size: int = 32, concurrency_limit: int = 1, loras: list[str] | None = None,
-               lora_scales: list[float] | None = None, var_refiner: Any = None) -> gr.Blocks:
+def build_demo(
+    var: Any = DEFAULT,
+    star: Any = DEFAULT,
+    infinity: Any = DEFAULT,
+    device: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    cpu_offload: bool = False,
+    max_images: int = 8,
+    queue_size: int = 32,
+    concurrency_limit: int = 1,
+    loras: list[str] | None = None,
+    lora_scales: list[float] | None = None,
+    var_refiner: Any = None,
+) -> gr.Blocks:
     """Build the app (queued, not launched).
 
     ``var``/``star``/``infinity``: a pipeline object, a pipeline folder, ``"default"`` (the embedded
@@ -490,8 +679,10 @@ def build_demo(var: Any = DEFAULT, star: Any = DEFAULT, infinity: Any = DEFAULT,
     if not 1 <= max_images <= 64:
         raise ValueError(f"`max_images` must be in [1, 64], got {max_images}.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = {key: load_family(key, spec, device, dtype, cpu_offload)
-              for key, spec in (("var", var), ("star", star), ("infinity", infinity))}
+    loaded = {
+        key: load_family(key, spec, device, dtype, cpu_offload)
+        for key, spec in (("var", var), ("star", star), ("infinity", infinity))
+    }
     code, code_notice = load_code(loaded["var"][0], var_refiner, device, dtype)
     if isinstance(loaded["var"][0], VARCoDePipeline):  # a CoDe folder: its drafter is the tab's plain VAR
         plain = VARPipeline(transformer=code.transformer, vqvae=code.vqvae, id2label=code.id2label or None)
@@ -500,8 +691,10 @@ def build_demo(var: Any = DEFAULT, star: Any = DEFAULT, infinity: Any = DEFAULT,
     common = {"concurrency_limit": concurrency_limit, "concurrency_id": "generate"}
     builders = {"var": _var_tab, "star": _star_tab, "infinity": _infinity_tab}
     with gr.Blocks(title="diffusers-var demo") as demo:
-        gr.Markdown("# diffusers-var: next-scale prediction (VAR, STAR, Infinity)\n"
-                    f"Running on `{device}` ({str(dtype).replace('torch.', '')}). Progress follows the scales.")
+        gr.Markdown(
+            "# diffusers-var: next-scale prediction (VAR, STAR, Infinity)\n"
+            f"Running on `{device}` ({str(dtype).replace('torch.', '')}). Progress follows the scales."
+        )
         with gr.Tabs():
             for key, (title, _, _) in FAMILIES.items():
                 pipe, notice = loaded[key]
@@ -537,10 +730,18 @@ def run(args: argparse.Namespace) -> int:
     refiner = getattr(args, "var_refiner", None)
     refiner = None if refiner is None or str(refiner).lower() == "none" else refiner
     try:
-        demo = build_demo(**specs, device=args.device, dtype=getattr(torch, args.dtype), cpu_offload=args.cpu_offload,
-                          max_images=args.max_images, queue_size=args.queue_size, concurrency_limit=args.concurrency,
-                          loras=getattr(args, "lora", None), lora_scales=getattr(args, "lora_scale", None),
-                          var_refiner=refiner)
+        demo = build_demo(
+            **specs,
+            device=args.device,
+            dtype=getattr(torch, args.dtype),
+            cpu_offload=args.cpu_offload,
+            max_images=args.max_images,
+            queue_size=args.queue_size,
+            concurrency_limit=args.concurrency,
+            loras=getattr(args, "lora", None),
+            lora_scales=getattr(args, "lora_scale", None),
+            var_refiner=refiner,
+        )
     except ValueError as err:
         return print_error(err)
     try:

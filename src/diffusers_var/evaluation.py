@@ -64,7 +64,9 @@ class ImageSet:
             self.length = _npz_shape(self.path, "arr_0", flag)[0] if self._has("arr_0") else 0
         elif (self.path / IMAGES_DIR).is_dir() and (self.path / METADATA_FILE).is_file():
             self.kind = "samples"
-            entries = [json.loads(line) for line in (self.path / METADATA_FILE).read_text().splitlines() if line.strip()]
+            entries = [
+                json.loads(line) for line in (self.path / METADATA_FILE).read_text().splitlines() if line.strip()
+            ]
             self.files = [self.path / entry["file_name"] for entry in entries]
             if all("prompt" in entry for entry in entries):
                 self.prompts = [entry["prompt"] for entry in entries]
@@ -72,8 +74,9 @@ class ImageSet:
             self.kind = "folder"
             self.files = sorted(p for p in self.path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         else:
-            raise ValueError(f"`{flag}` {str(self.path)!r} is not an image folder, a `diffusers-var sample` folder or an "
-                             f".npz file.")
+            raise ValueError(
+                f"`{flag}` {str(self.path)!r} is not an image folder, a `diffusers-var sample` folder or an .npz file."
+            )
         if self.files is not None:
             self.length = len(self.files)
         if self.kind != "npz" and self.length == 0:
@@ -127,8 +130,9 @@ def _npz_member(path: Path, key: str, flag: str):
     shape, fortran_order, dtype = read_header(member)
     if key == "arr_0" and (dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran_order):
         archive.close()
-        raise ValueError(f"`{flag}` {str(path)!r}: `arr_0` must be uint8 images (N, H, W, 3) as ADM's batches, got "
-                         f"{dtype} {shape}.")
+        raise ValueError(
+            f"`{flag}` {str(path)!r}: `arr_0` must be uint8 images (N, H, W, 3) as ADM's batches, got {dtype} {shape}."
+        )
     return archive, member, shape, dtype
 
 
@@ -162,9 +166,11 @@ def inception_weights_path(path: str | None = None) -> Path:
     for name in WEIGHTS_FILENAMES:
         if (cache / name).is_file():
             return cache / name
-    raise ValueError(f"the FID Inception weights are not on this machine: put {WEIGHTS_FILENAMES[0]} (from {WEIGHTS_URL}; "
-                     f"torch-fidelity's file, the same as pytorch-fid's {WEIGHTS_FILENAMES[1]}) into {cache}/, or pass "
-                     f"`--inception-weights FILE`.")
+    raise ValueError(
+        f"the FID Inception weights are not on this machine: put {WEIGHTS_FILENAMES[0]} (from {WEIGHTS_URL}; "
+        f"torch-fidelity's file, the same as pytorch-fid's {WEIGHTS_FILENAMES[1]}) into {cache}/, or pass "
+        f"`--inception-weights FILE`."
+    )
 
 
 def load_inception(path, device="cpu") -> FIDInceptionV3:
@@ -172,13 +178,17 @@ def load_inception(path, device="cpu") -> FIDInceptionV3:
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:  # truncated, or not torch's
-        raise ValueError(f"could not read the Inception weights {str(path)!r} ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''}); download it again.") from None
+        raise ValueError(
+            f"could not read the Inception weights {str(path)!r} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); download it again."
+        ) from None
     model = FIDInceptionV3()
     try:
         model.load_state_dict(state_dict)
     except (RuntimeError, TypeError, AttributeError) as err:
-        raise ValueError(f"{str(path)!r} does not hold the FID Inception weights ({str(err).splitlines()[0]}).") from None
+        raise ValueError(
+            f"{str(path)!r} does not hold the FID Inception weights ({str(err).splitlines()[0]})."
+        ) from None
     return model.requires_grad_(False).eval().to(device)
 
 
@@ -195,8 +205,9 @@ def _full_float32():
 
 
 @torch.no_grad()
-def inception_features(model: FIDInceptionV3, images: ImageSet, batch_size: int = 64,
-                       progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def inception_features(
+    model: FIDInceptionV3, images: ImageSet, batch_size: int = 64, progress: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """(pool_3 (N, 2048), unbiased logits (N, 1008)), float32, in the set's order."""
     device = next(model.parameters()).device
     pools, logits = [], []
@@ -236,8 +247,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     """``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2))`` (the module docstring says how the root is taken)."""
     mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise ValueError(f"the two feature statistics differ in shape: {mu1.shape} / {sigma1.shape} vs {mu2.shape} / "
-                         f"{sigma2.shape}.")
+        raise ValueError(
+            f"the two feature statistics differ in shape: {mu1.shape} / {sigma1.shape} vs {mu2.shape} / "
+            f"{sigma2.shape}."
+        )
     covmean_trace = np.linalg.svd(_psd_sqrt(sigma1) @ _psd_sqrt(sigma2), compute_uv=False).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * covmean_trace)
@@ -264,7 +277,7 @@ def inception_score(logits_unbiased: np.ndarray, split_size: int = IS_SPLIT_SIZE
     logits = torch.from_numpy(np.asarray(logits_unbiased, dtype=np.float64))
     scores = []
     for start in range(0, len(logits), split_size):
-        log_p = logits[start:start + split_size].log_softmax(dim=1)
+        log_p = logits[start : start + split_size].log_softmax(dim=1)
         p = log_p.exp()
         kl = (p * (log_p - p.mean(dim=0, keepdim=True).log())).sum(dim=1).mean()
         scores.append(kl.exp().item())
@@ -283,24 +296,32 @@ def _rows_per_chunk(cols: int) -> int:
 def manifold_radii(features: torch.Tensor, k: int = PR_NEIGHBOURHOOD) -> torch.Tensor:
     """Squared distance of each point to its k-th nearest neighbour (the point itself is the 0-th, as in ADM)."""
     step = _rows_per_chunk(len(features))
-    return torch.cat([_squared_distances(features[start:start + step], features).kthvalue(k + 1, dim=1).values
-                      for start in range(0, len(features), step)])
+    return torch.cat(
+        [
+            _squared_distances(features[start : start + step], features).kthvalue(k + 1, dim=1).values
+            for start in range(0, len(features), step)
+        ]
+    )
 
 
 def _inside(points: torch.Tensor, manifold: torch.Tensor, radii: torch.Tensor) -> float:
     """Fraction of ``points`` within the radius of at least one point of ``manifold``."""
     step = _rows_per_chunk(len(manifold))
-    inside = [(_squared_distances(points[start:start + step], manifold) <= radii[None]).any(dim=1)
-              for start in range(0, len(points), step)]
+    inside = [
+        (_squared_distances(points[start : start + step], manifold) <= radii[None]).any(dim=1)
+        for start in range(0, len(points), step)
+    ]
     return torch.cat(inside).float().mean().item()
 
 
-def precision_recall(reference: np.ndarray, samples: np.ndarray, k: int = PR_NEIGHBOURHOOD,
-                     device="cpu") -> tuple[float, float]:
+def precision_recall(
+    reference: np.ndarray, samples: np.ndarray, k: int = PR_NEIGHBOURHOOD, device="cpu"
+) -> tuple[float, float]:
     """Improved precision (samples inside the reference manifold) and recall (reference inside the samples')."""
     if min(len(reference), len(samples)) <= k:
-        raise ValueError(f"precision/recall need more than {k} images on each side, got {len(reference)} and "
-                         f"{len(samples)}.")
+        raise ValueError(
+            f"precision/recall need more than {k} images on each side, got {len(reference)} and {len(samples)}."
+        )
     ref = torch.as_tensor(reference, dtype=torch.float32, device=device)
     gen = torch.as_tensor(samples, dtype=torch.float32, device=device)
     return _inside(gen, ref, manifold_radii(ref, k)), _inside(ref, gen, manifold_radii(gen, k))
@@ -324,10 +345,12 @@ def load_clip(name_or_path: str, device="cpu"):
         processor = ImageProcessor.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ValueError(f"`--clip-model` {name_or_path!r} could not be loaded ({reason}). Pass a folder holding a "
-                         f"CLIPModel with its tokenizer and preprocessor_config.json (CLIPModel / CLIPProcessor "
-                         f"save_pretrained), or put the Hub model into the Hugging Face cache on a machine with network "
-                         f"(`huggingface-cli download {DEFAULT_CLIP_MODEL}`).") from None
+        raise ValueError(
+            f"`--clip-model` {name_or_path!r} could not be loaded ({reason}). Pass a folder holding a "
+            f"CLIPModel with its tokenizer and preprocessor_config.json (CLIPModel / CLIPProcessor "
+            f"save_pretrained), or put the Hub model into the Hugging Face cache on a machine with network "
+            f"(`huggingface-cli download {DEFAULT_CLIP_MODEL}`)."
+        ) from None
     return model.requires_grad_(False).eval().to(device), tokenizer, processor
 
 
@@ -341,12 +364,15 @@ def clip_scores(clip, images: ImageSet, prompts: list[str], batch_size: int = 64
     max_length = model.config.text_config.max_position_embeddings
     scores, start = [], 0
     for batch in images.batches(batch_size):
-        texts = prompts[start:start + len(batch)]
+        texts = prompts[start : start + len(batch)]
         start += len(batch)
         pixels = processor(images=[Image.fromarray(a) for a in batch], return_tensors="pt")["pixel_values"]
         tokens = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        out = model(input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device),
-                    pixel_values=pixels.to(device))
+        out = model(
+            input_ids=tokens["input_ids"].to(device),
+            attention_mask=tokens["attention_mask"].to(device),
+            pixel_values=pixels.to(device),
+        )
         cosine = (out.image_embeds.float() * out.text_embeds.float()).sum(dim=-1)  # both unit vectors
         scores.append((100 * cosine.clamp(min=0)).cpu().numpy())
     if start != len(prompts):
@@ -366,13 +392,17 @@ def _metrics(args, samples: ImageSet, reference: ImageSet | None) -> list[str]:
         chosen = [m.strip() for m in args.metrics.split(",") if m.strip()]
         bad = [m for m in chosen if m not in METRICS]
         if bad or not chosen:
-            raise ValueError(f"`--metrics` must be 'auto' or a comma-separated subset of {', '.join(METRICS)}, "
-                             f"got {args.metrics!r}.")
+            raise ValueError(
+                f"`--metrics` must be 'auto' or a comma-separated subset of {', '.join(METRICS)}, "
+                f"got {args.metrics!r}."
+            )
     if reference is None and ({"fid", "pr"} & set(chosen)):
         raise ValueError("`--reference` is required for FID and precision/recall.")
     if "clip" in chosen and not samples.prompts:
-        raise ValueError("`--metrics clip` needs the prompts: evaluate a `diffusers-var sample` folder of a "
-                         "text-to-image run (its metadata.jsonl holds them).")
+        raise ValueError(
+            "`--metrics clip` needs the prompts: evaluate a `diffusers-var sample` folder of a "
+            "text-to-image run (its metadata.jsonl holds them)."
+        )
     return [m for m in METRICS if m in chosen]
 
 
@@ -409,21 +439,32 @@ def run_evaluate(args) -> dict:
         stored = reference.arrays("mu", "sigma", "inception_pool_3")
         ref_pool = stored.get("inception_pool_3")
         if ref_pool is None and reference.length:
-            ref_pool, _ = inception_features(inception or load_inception(inception_weights_path(args.inception_weights),
-                                                                          device), reference, args.batch_size, progress)
+            ref_pool, _ = inception_features(
+                inception or load_inception(inception_weights_path(args.inception_weights), device),
+                reference,
+                args.batch_size,
+                progress,
+            )
         if ref_pool is None and not ("mu" in stored and "sigma" in stored):
-            raise ValueError(f"`--reference` {args.reference!r} has neither images (`arr_0`) nor statistics (`mu`, `sigma`).")
+            raise ValueError(
+                f"`--reference` {args.reference!r} has neither images (`arr_0`) nor statistics (`mu`, `sigma`)."
+            )
         result["num_reference"] = None if ref_pool is None else len(ref_pool)
         # ADM's reference batches carry their TensorFlow statistics: FID uses them, as ADM does (a file of
         # --save-reference-stats carries the features themselves, which give the same statistics).
         use_stats = "mu" in stored and "sigma" in stored and "inception_pool_3" not in stored
         if "fid" in metrics:
-            result["fid"] = (frechet_distance(*feature_statistics(pool), stored["mu"], stored["sigma"]) if use_stats
-                             else frechet_distance_of_features(pool, ref_pool))
+            result["fid"] = (
+                frechet_distance(*feature_statistics(pool), stored["mu"], stored["sigma"])
+                if use_stats
+                else frechet_distance_of_features(pool, ref_pool)
+            )
         if "pr" in metrics:
             if ref_pool is None:
-                raise ValueError(f"`--reference` {args.reference!r} holds statistics only; precision/recall need its "
-                                 f"images or `inception_pool_3` features (or leave pr out of --metrics).")
+                raise ValueError(
+                    f"`--reference` {args.reference!r} holds statistics only; precision/recall need its "
+                    f"images or `inception_pool_3` features (or leave pr out of --metrics)."
+                )
             result["precision"], result["recall"] = precision_recall(ref_pool, pool, device=device)
         if args.save_reference_stats:
             if ref_pool is None:
@@ -438,8 +479,10 @@ def run_evaluate(args) -> dict:
         scores = clip_scores(clip, samples, samples.prompts, args.batch_size)
         result["clip_score"] = float(scores.mean())
         result["clip_model"] = args.clip_model
-    result["protocol"] = ("ADM evaluator: TF-Inception pool_3 FID, Inception score (splits of 5000), precision/recall "
-                          "(k=3)" + ("; CLIP score 100*max(cos,0)" if clip is not None else ""))
+    result["protocol"] = (
+        "ADM evaluator: TF-Inception pool_3 FID, Inception score (splits of 5000), precision/recall "
+        "(k=3)" + ("; CLIP score 100*max(cos,0)" if clip is not None else "")
+    )
     return result
 
 
@@ -450,23 +493,41 @@ def _savez(path: Path, arrays: dict) -> None:
 
 def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "evaluate", help="FID, Inception score, precision/recall (ADM's protocol) and CLIP score of a sample set",
+        "evaluate",
+        help="FID, Inception score, precision/recall (ADM's protocol) and CLIP score of a sample set",
         description="Evaluate samples (a `diffusers-var sample` folder, an image folder or an ADM .npz) against a "
-                    "reference (an image folder, or an .npz with images `arr_0` and/or statistics `mu`/`sigma`). "
-                    "Prints the results as JSON.")
+        "reference (an image folder, or an .npz with images `arr_0` and/or statistics `mu`/`sigma`). "
+        "Prints the results as JSON.",
+    )
     parser.add_argument("--samples", required=True, help="sample folder, image folder or .npz (arr_0 uint8 NHWC)")
-    parser.add_argument("--reference", default=None,
-                        help="image folder or .npz (ADM's reference batch, or a file of --save-reference-stats)")
-    parser.add_argument("--metrics", default="auto",
-                        help="auto (IS; FID and pr with --reference; clip for prompts) or a subset of fid,is,pr,clip")
-    parser.add_argument("--inception-weights", default=None,
-                        help="FID Inception weight file (default: torch-fidelity's cache file in $TORCH_HOME/hub/checkpoints)")
-    parser.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL,
-                        help=f"transformers CLIP folder or cached Hub id (default {DEFAULT_CLIP_MODEL})")
+    parser.add_argument(
+        "--reference",
+        default=None,
+        help="image folder or .npz (ADM's reference batch, or a file of --save-reference-stats)",
+    )
+    parser.add_argument(
+        "--metrics",
+        default="auto",
+        help="auto (IS; FID and pr with --reference; clip for prompts) or a subset of fid,is,pr,clip",
+    )
+    parser.add_argument(
+        "--inception-weights",
+        default=None,
+        help="FID Inception weight file (default: torch-fidelity's cache file in $TORCH_HOME/hub/checkpoints)",
+    )
+    parser.add_argument(
+        "--clip-model",
+        default=DEFAULT_CLIP_MODEL,
+        help=f"transformers CLIP folder or cached Hub id (default {DEFAULT_CLIP_MODEL})",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--save-reference-stats", default=None, metavar="FILE.npz",
-                        help="write the reference's mu, sigma and features here (reuse it as --reference)")
+    parser.add_argument(
+        "--save-reference-stats",
+        default=None,
+        metavar="FILE.npz",
+        help="write the reference's mu, sigma and features here (reuse it as --reference)",
+    )
     parser.add_argument("--out", default=None, help="also write the JSON results here")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=evaluate_command)

@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-WEIGHTS_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+)
 WEIGHTS_FILENAMES = ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth")
 INPUT_SIZE = 299
 POOL_DIM = 2048
@@ -116,31 +118,51 @@ _REDUCE = "reduce"  # a 3x3 stride-2 max pool between stem convolutions
 
 def _mixed_35(name: str, pool_channels: int) -> _Mixed:
     """Mixed_5b-d, on the 35x35 grid."""
-    return _Mixed(name, (
-        (_same("branch1x1", 64, 1),),
-        (_same("branch5x5_1", 48, 1), _same("branch5x5_2", 64, 5)),
-        (_same("branch3x3dbl_1", 64, 1), _same("branch3x3dbl_2", 96, 3), _same("branch3x3dbl_3", 96, 3)),
-    ), _Pool("avg", _same("branch_pool", pool_channels, 1)))
+    return _Mixed(
+        name,
+        (
+            (_same("branch1x1", 64, 1),),
+            (_same("branch5x5_1", 48, 1), _same("branch5x5_2", 64, 5)),
+            (_same("branch3x3dbl_1", 64, 1), _same("branch3x3dbl_2", 96, 3), _same("branch3x3dbl_3", 96, 3)),
+        ),
+        _Pool("avg", _same("branch_pool", pool_channels, 1)),
+    )
 
 
 def _mixed_17(name: str, width: int) -> _Mixed:
     """Mixed_6b-e, on the 17x17 grid: factorised 7x7 convolutions, ``width`` channels inside the branches."""
-    return _Mixed(name, (
-        (_same("branch1x1", 192, 1),),
-        (_same("branch7x7_1", width, 1), _same("branch7x7_2", width, 1, 7), _same("branch7x7_3", 192, 7, 1)),
-        (_same("branch7x7dbl_1", width, 1), _same("branch7x7dbl_2", width, 7, 1), _same("branch7x7dbl_3", width, 1, 7),
-         _same("branch7x7dbl_4", width, 7, 1), _same("branch7x7dbl_5", 192, 1, 7)),
-    ), _Pool("avg", _same("branch_pool", 192, 1)))
+    return _Mixed(
+        name,
+        (
+            (_same("branch1x1", 192, 1),),
+            (_same("branch7x7_1", width, 1), _same("branch7x7_2", width, 1, 7), _same("branch7x7_3", 192, 7, 1)),
+            (
+                _same("branch7x7dbl_1", width, 1),
+                _same("branch7x7dbl_2", width, 7, 1),
+                _same("branch7x7dbl_3", width, 1, 7),
+                _same("branch7x7dbl_4", width, 7, 1),
+                _same("branch7x7dbl_5", 192, 1, 7),
+            ),
+        ),
+        _Pool("avg", _same("branch_pool", 192, 1)),
+    )
 
 
 def _mixed_8(name: str, pool_kind: str) -> _Mixed:
     """Mixed_7b-c, on the 8x8 grid, with forked 1x3 / 3x1 ends."""
-    return _Mixed(name, (
-        (_same("branch1x1", 320, 1),),
-        (_same("branch3x3_1", 384, 1), (_same("branch3x3_2a", 384, 1, 3), _same("branch3x3_2b", 384, 3, 1))),
-        (_same("branch3x3dbl_1", 448, 1), _same("branch3x3dbl_2", 384, 3),
-         (_same("branch3x3dbl_3a", 384, 1, 3), _same("branch3x3dbl_3b", 384, 3, 1))),
-    ), _Pool(pool_kind, _same("branch_pool", 192, 1)))
+    return _Mixed(
+        name,
+        (
+            (_same("branch1x1", 320, 1),),
+            (_same("branch3x3_1", 384, 1), (_same("branch3x3_2a", 384, 1, 3), _same("branch3x3_2b", 384, 3, 1))),
+            (
+                _same("branch3x3dbl_1", 448, 1),
+                _same("branch3x3dbl_2", 384, 3),
+                (_same("branch3x3dbl_3a", 384, 1, 3), _same("branch3x3dbl_3b", 384, 3, 1)),
+            ),
+        ),
+        _Pool(pool_kind, _same("branch_pool", 192, 1)),
+    )
 
 
 _STEM: tuple[_Conv | str, ...] = (  # 299 -> 35 px
@@ -157,19 +179,35 @@ _BLOCKS: tuple[_Mixed, ...] = (
     _mixed_35("Mixed_5b", 32),
     _mixed_35("Mixed_5c", 64),
     _mixed_35("Mixed_5d", 64),
-    _Mixed("Mixed_6a", (  # 35 -> 17 px
-        (_valid("branch3x3", 384, 3, stride=2),),
-        (_same("branch3x3dbl_1", 64, 1), _same("branch3x3dbl_2", 96, 3), _valid("branch3x3dbl_3", 96, 3, stride=2)),
-    ), _Pool(_REDUCE)),
+    _Mixed(
+        "Mixed_6a",
+        (  # 35 -> 17 px
+            (_valid("branch3x3", 384, 3, stride=2),),
+            (
+                _same("branch3x3dbl_1", 64, 1),
+                _same("branch3x3dbl_2", 96, 3),
+                _valid("branch3x3dbl_3", 96, 3, stride=2),
+            ),
+        ),
+        _Pool(_REDUCE),
+    ),
     _mixed_17("Mixed_6b", 128),
     _mixed_17("Mixed_6c", 160),
     _mixed_17("Mixed_6d", 160),
     _mixed_17("Mixed_6e", 192),
-    _Mixed("Mixed_7a", (  # 17 -> 8 px
-        (_same("branch3x3_1", 192, 1), _valid("branch3x3_2", 320, 3, stride=2)),
-        (_same("branch7x7x3_1", 192, 1), _same("branch7x7x3_2", 192, 1, 7), _same("branch7x7x3_3", 192, 7, 1),
-         _valid("branch7x7x3_4", 192, 3, stride=2)),
-    ), _Pool(_REDUCE)),
+    _Mixed(
+        "Mixed_7a",
+        (  # 17 -> 8 px
+            (_same("branch3x3_1", 192, 1), _valid("branch3x3_2", 320, 3, stride=2)),
+            (
+                _same("branch7x7x3_1", 192, 1),
+                _same("branch7x7x3_2", 192, 1, 7),
+                _same("branch7x7x3_3", 192, 7, 1),
+                _valid("branch7x7x3_4", 192, 3, stride=2),
+            ),
+        ),
+        _Pool(_REDUCE),
+    ),
     _mixed_8("Mixed_7b", "avg"),
     _mixed_8("Mixed_7c", "max"),  # the FID graph's max here, where the paper's network averages
 )
@@ -183,8 +221,9 @@ class ConvUnit(nn.Module):
 
     def __init__(self, in_channels: int, spec: _Conv):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, spec.out_channels, spec.kernel, stride=spec.stride, padding=spec.padding,
-                              bias=False)
+        self.conv = nn.Conv2d(
+            in_channels, spec.out_channels, spec.kernel, stride=spec.stride, padding=spec.padding, bias=False
+        )
         self.bn = nn.BatchNorm2d(spec.out_channels, eps=1e-3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

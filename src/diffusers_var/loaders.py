@@ -63,8 +63,10 @@ LORA_TARGET_GROUPS = {
 FAMILY_LORA_GROUPS = {
     "VARTransformer2DModel": (("attention", "ffn", "adaln", "class_embedding"), ("attention", "ffn")),
     "STARTransformer2DModel": (("attention", "ffn", "cross_attention"), ("attention", "ffn", "cross_attention")),
-    "InfinityTransformer2DModel": (("attention", "ffn", "cross_attention", "adaln"),
-                                   ("attention", "ffn", "cross_attention")),
+    "InfinityTransformer2DModel": (
+        ("attention", "ffn", "cross_attention", "adaln"),
+        ("attention", "ffn", "cross_attention"),
+    ),
 }
 # text encoders (transformers models): their attention projections
 TEXT_ENCODER_LORA_TARGETS = {
@@ -98,8 +100,15 @@ def lora_target_modules(transformer_or_class, targets: list[str] | tuple[str, ..
     return "|".join(f"(?:{LORA_TARGET_GROUPS[t]})" for t in targets)
 
 
-def lora_config(transformer_or_class, rank: int = 16, alpha: float | None = None, dropout: float = 0.0,
-                targets: list[str] | None = None, target_modules=None, **kwargs):
+def lora_config(
+    transformer_or_class,
+    rank: int = 16,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    targets: list[str] | None = None,
+    target_modules=None,
+    **kwargs,
+):
     """A ``peft.LoraConfig`` for a transformer: rank ``rank``, ``lora_alpha`` (default: ``rank``, i.e. scale 1),
     ``lora_dropout``, and the modules of ``targets`` (:func:`lora_target_modules`) unless ``target_modules`` (PEFT's
     own form: a list of names or a regular expression) is given. Extra keyword arguments go to ``LoraConfig``."""
@@ -114,8 +123,14 @@ def lora_config(transformer_or_class, rank: int = 16, alpha: float | None = None
         raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
     if target_modules is None:
         target_modules = lora_target_modules(transformer_or_class, targets)
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=float(dropout), target_modules=target_modules,
-                      init_lora_weights=kwargs.pop("init_lora_weights", True), **kwargs)
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=float(dropout),
+        target_modules=target_modules,
+        init_lora_weights=kwargs.pop("init_lora_weights", True),
+        **kwargs,
+    )
 
 
 def add_text_encoder_adapter(text_encoder: nn.Module, config, adapter_name: str = "default") -> None:
@@ -135,17 +150,26 @@ def text_encoder_lora_config(text_encoder, rank: int = 16, alpha: float | None =
 
     model_type = getattr(text_encoder.config, "model_type", "")
     if model_type not in TEXT_ENCODER_LORA_TARGETS:
-        raise ValueError(f"`text_encoder`: LoRA targets are defined for {sorted(TEXT_ENCODER_LORA_TARGETS)} models, "
-                         f"got {model_type!r}.")
-    return LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=float(dropout),
-                      target_modules=TEXT_ENCODER_LORA_TARGETS[model_type], init_lora_weights=True)
+        raise ValueError(
+            f"`text_encoder`: LoRA targets are defined for {sorted(TEXT_ENCODER_LORA_TARGETS)} models, "
+            f"got {model_type!r}."
+        )
+    return LoraConfig(
+        r=rank,
+        lora_alpha=rank if alpha is None else alpha,
+        lora_dropout=float(dropout),
+        target_modules=TEXT_ENCODER_LORA_TARGETS[model_type],
+        init_lora_weights=True,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Does a LoRA state dict fit a model?
 # ----------------------------------------------------------------------------------------------
-_LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
-                       r"lora_magnitude_vector)(?:\.[^.]+)*\Z")
+_LORA_KEY = re.compile(
+    r"(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
+    r"lora_magnitude_vector)(?:\.[^.]+)*\Z"
+)
 
 
 def _base_module(module: nn.Module) -> nn.Module:
@@ -192,14 +216,22 @@ def lora_mismatches(state_dict: dict[str, torch.Tensor], model: nn.Module, confi
     if config is not None and not problems:
         from peft.tuners.tuners_utils import check_target_module_exists
 
-        targeted = {name for name, module in modules.items()
-                    if name and _module_dims(module) is not None and "lora_" not in name and "base_layer" not in name
-                    and check_target_module_exists(config, name)}
+        targeted = {
+            name
+            for name, module in modules.items()
+            if name
+            and _module_dims(module) is not None
+            and "lora_" not in name
+            and "base_layer" not in name
+            and check_target_module_exists(config, name)
+        }
         missing = sorted(targeted - covered, key=_natural_key)
         if missing:
-            problems.append(f"the adapter has no weights for {len(missing)} targeted layers of this "
-                            f"{type(model).__name__} (e.g. `{missing[0]}`): it was made for a transformer of another "
-                            f"depth or layout")
+            problems.append(
+                f"the adapter has no weights for {len(missing)} targeted layers of this "
+                f"{type(model).__name__} (e.g. `{missing[0]}`): it was made for a transformer of another "
+                f"depth or layout"
+            )
     return problems
 
 
@@ -245,21 +277,26 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         return_family_metadata = kwargs.pop("return_family_metadata", False)
         source = pretrained_model_name_or_path_or_dict
         if not isinstance(source, (str, os.PathLike, dict)):
-            raise ValueError("`pretrained_model_name_or_path_or_dict` must be a folder, a .safetensors file, a Hub "
-                             f"repository id or a state dict, got {type(source).__name__}.")
+            raise ValueError(
+                "`pretrained_model_name_or_path_or_dict` must be a folder, a .safetensors file, a Hub "
+                f"repository id or a state dict, got {type(source).__name__}."
+            )
         weight_name = kwargs.pop("weight_name", None)
         not_safetensors = weight_name is not None and not str(weight_name).endswith(".safetensors")
         if kwargs.pop("use_safetensors", True) is False or not_safetensors:
             raise ValueError("`weight_name`: LoRA files are safetensors only (pickled .bin files are not loaded).")
         if not isinstance(source, dict) and os.path.isfile(source):
             if not str(source).endswith(".safetensors"):
-                raise ValueError(f"`pretrained_model_name_or_path_or_dict`: {str(source)!r} is not a .safetensors "
-                                 "file.")
+                raise ValueError(
+                    f"`pretrained_model_name_or_path_or_dict`: {str(source)!r} is not a .safetensors file."
+                )
             source, weight_name = os.path.dirname(os.path.abspath(source)), os.path.basename(source)
         elif not isinstance(source, dict) and os.path.isdir(source) and weight_name is None:
             if not os.path.isfile(os.path.join(source, LORA_WEIGHT_NAME_SAFE)):
-                raise ValueError(f"`pretrained_model_name_or_path_or_dict`: no {LORA_WEIGHT_NAME_SAFE} in "
-                                 f"{str(source)!r} (pass `weight_name=` for another file name).")
+                raise ValueError(
+                    f"`pretrained_model_name_or_path_or_dict`: no {LORA_WEIGHT_NAME_SAFE} in "
+                    f"{str(source)!r} (pass `weight_name=` for another file name)."
+                )
             weight_name = LORA_WEIGHT_NAME_SAFE
         state_dict, metadata, file_metadata = _fetch_state_dict(
             pretrained_model_name_or_path_or_dict=source,
@@ -301,26 +338,33 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             else:
                 unknown.append(key)
         if unknown:
-            raise ValueError(f"`pretrained_model_name_or_path_or_dict`: keys {unknown[:3]} belong to none of this "
-                             f"pipeline's LoRA components {prefixes}.")
+            raise ValueError(
+                f"`pretrained_model_name_or_path_or_dict`: keys {unknown[:3]} belong to none of this "
+                f"pipeline's LoRA components {prefixes}."
+            )
         return {prefix: part for prefix, part in parts.items() if part}
 
-    def check_lora_state_dict(self, state_dict: dict, metadata: dict | None = None,
-                              family: dict | None = None) -> None:
+    def check_lora_state_dict(
+        self, state_dict: dict, metadata: dict | None = None, family: dict | None = None
+    ) -> None:
         """``ValueError`` when a LoRA state dict (with component prefixes, or the transformer's without) does not fit
         this pipeline: made for another transformer class, keys naming no layer, widths or depth that differ."""
         if not state_dict:
             raise ValueError("`pretrained_model_name_or_path_or_dict` holds no tensors.")
         if not all("lora" in key for key in state_dict):
-            raise ValueError("Invalid LoRA checkpoint: every key must contain `lora` (PEFT names such as "
-                             "`transformer.blocks.0.attn.to_qkv.lora_A.weight`).")
+            raise ValueError(
+                "Invalid LoRA checkpoint: every key must contain `lora` (PEFT names such as "
+                "`transformer.blocks.0.attn.to_qkv.lora_A.weight`)."
+            )
         transformer = getattr(self, self.transformer_name, None)
         if family and transformer is not None:
             made_for = family.get("transformer_class")
             if made_for and made_for not in {c.__name__ for c in type(transformer).__mro__}:
                 made_by = family.get("pipeline_class", "another pipeline")
-                raise ValueError(f"`pretrained_model_name_or_path_or_dict`: this LoRA was made for a {made_for} "
-                                 f"({made_by}); this pipeline's transformer is a {type(transformer).__name__}.")
+                raise ValueError(
+                    f"`pretrained_model_name_or_path_or_dict`: this LoRA was made for a {made_for} "
+                    f"({made_by}); this pipeline's transformer is a {type(transformer).__name__}."
+                )
         problems = []
         for component, part in self._split_by_component(state_dict).items():
             model = getattr(self, component, None)
@@ -328,24 +372,32 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
                 problems.append(f"the adapter has {component} weights but this pipeline has no {component}")
                 continue
             config = None
-            prefixed = {k.removeprefix(f"{component}."): v for k, v in (metadata or {}).items()
-                        if k.startswith(f"{component}.")}
+            prefixed = {
+                k.removeprefix(f"{component}."): v
+                for k, v in (metadata or {}).items()
+                if k.startswith(f"{component}.")
+            }
             if prefixed:
                 from peft import LoraConfig
 
                 try:
                     config = LoraConfig(**prefixed)
                 except TypeError as err:
-                    raise ValueError(f"`pretrained_model_name_or_path_or_dict`: the {component} LoRA metadata is not "
-                                     f"a LoraConfig ({err}).") from None
+                    raise ValueError(
+                        f"`pretrained_model_name_or_path_or_dict`: the {component} LoRA metadata is not "
+                        f"a LoraConfig ({err})."
+                    ) from None
             problems += [f"{component}: {p}" for p in lora_mismatches(part, model, config)]
         if problems:
             shown = "; ".join(problems[:4]) + (f"; ... ({len(problems)} problems)" if len(problems) > 4 else "")
-            raise ValueError(f"`pretrained_model_name_or_path_or_dict`: this LoRA does not fit the pipeline's "
-                             f"{type(transformer).__name__ if transformer is not None else 'models'}: {shown}.")
+            raise ValueError(
+                f"`pretrained_model_name_or_path_or_dict`: this LoRA does not fit the pipeline's "
+                f"{type(transformer).__name__ if transformer is not None else 'models'}: {shown}."
+            )
 
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
-                          hotswap: bool = False, **kwargs):
+    def load_lora_weights(
+        self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, hotswap: bool = False, **kwargs
+    ):
         r"""Load a LoRA into the transformer (and text encoder, when the file has ``text_encoder.`` keys) as adapter
         ``adapter_name`` (default ``default_0``, ``default_1``, ...), made active.
 
@@ -365,8 +417,9 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         source = pretrained_model_name_or_path_or_dict
         if isinstance(source, dict):
             source = dict(source)
-        state_dict, metadata, family = self.lora_state_dict(source, return_lora_metadata=True,
-                                                            return_family_metadata=True, **kwargs)
+        state_dict, metadata, family = self.lora_state_dict(
+            source, return_lora_metadata=True, return_family_metadata=True, **kwargs
+        )
         self.check_lora_state_dict(state_dict, metadata, family)
         parts = self._split_by_component(state_dict)
         if adapter_name is None:
@@ -375,17 +428,29 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             adapter_name = get_adapter_name(getattr(self, self.transformer_name))
         transformer_part = parts.get(self.transformer_name)
         if transformer_part:
-            meta = {k.removeprefix(f"{self.transformer_name}."): v for k, v in (metadata or {}).items()
-                    if k.startswith(f"{self.transformer_name}.")} or None
+            meta = {
+                k.removeprefix(f"{self.transformer_name}."): v
+                for k, v in (metadata or {}).items()
+                if k.startswith(f"{self.transformer_name}.")
+            } or None
             getattr(self, self.transformer_name).load_lora_adapter(
-                transformer_part, prefix=None, adapter_name=adapter_name, metadata=meta, _pipeline=self,
-                low_cpu_mem_usage=low_cpu_mem_usage, hotswap=hotswap)
+                transformer_part,
+                prefix=None,
+                adapter_name=adapter_name,
+                metadata=meta,
+                _pipeline=self,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                hotswap=hotswap,
+            )
         text_part = parts.get(self.text_encoder_name)
         if text_part:
             if hotswap:
                 raise ValueError("`hotswap`: hot-swapping applies to the transformer's adapters only.")
-            meta = {k.removeprefix(f"{self.text_encoder_name}."): v for k, v in (metadata or {}).items()
-                    if k.startswith(f"{self.text_encoder_name}.")}
+            meta = {
+                k.removeprefix(f"{self.text_encoder_name}."): v
+                for k, v in (metadata or {}).items()
+                if k.startswith(f"{self.text_encoder_name}.")
+            }
             self._load_text_encoder_adapter(text_part, meta or None, adapter_name)
 
     def _load_text_encoder_adapter(self, state_dict: dict, metadata: dict | None, adapter_name: str) -> None:
@@ -396,19 +461,27 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         if metadata:
             config = LoraConfig(**metadata)
         else:
-            ranks = {key.rsplit(".lora_B", 1)[0]: value.shape[1] for key, value in state_dict.items()
-                     if ".lora_B." in key and value.ndim == 2}
+            ranks = {
+                key.rsplit(".lora_B", 1)[0]: value.shape[1]
+                for key, value in state_dict.items()
+                if ".lora_B." in key and value.ndim == 2
+            }
             rank = max(ranks.values())
-            config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(ranks),
-                                rank_pattern={name: r for name, r in ranks.items() if r != rank},
-                                alpha_pattern={name: r for name, r in ranks.items() if r != rank})
+            config = LoraConfig(
+                r=rank,
+                lora_alpha=rank,
+                target_modules=sorted(ranks),
+                rank_pattern={name: r for name, r in ranks.items() if r != rank},
+                alpha_pattern={name: r for name, r in ranks.items() if r != rank},
+            )
         text_encoder = getattr(self, self.text_encoder_name)
         add_text_encoder_adapter(text_encoder, config, adapter_name)
         result = set_peft_model_state_dict(text_encoder, state_dict, adapter_name=adapter_name)
         unexpected = [key for key in getattr(result, "unexpected_keys", []) if "lora_" in key]
         if unexpected:
-            raise ValueError(f"`pretrained_model_name_or_path_or_dict`: text encoder LoRA keys {unexpected[:3]} were "
-                             "not used.")
+            raise ValueError(
+                f"`pretrained_model_name_or_path_or_dict`: text encoder LoRA keys {unexpected[:3]} were not used."
+            )
 
     # -- writing -------------------------------------------------------------------------------------------------
     @classmethod
@@ -466,9 +539,15 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
                 return save_function(tensors, path)
             return save_file(tensors, path, metadata=header)
 
-        cls._save_lora_weights(save_directory=save_directory, lora_layers=lora_layers, lora_metadata={},
-                               is_main_process=is_main_process, weight_name=weight_name, save_function=write,
-                               safe_serialization=True)
+        cls._save_lora_weights(
+            save_directory=save_directory,
+            lora_layers=lora_layers,
+            lora_metadata={},
+            is_main_process=is_main_process,
+            weight_name=weight_name,
+            save_function=write,
+            safe_serialization=True,
+        )
 
     # -- fusing (exactly reversible) ---------------------------------------------------------------------------
     def _lora_layers(self, components):
@@ -485,12 +564,19 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         components = list(self._lora_loadable_modules if components is None else components)
         bad = [c for c in components if c not in self._lora_loadable_modules]
         if not components or bad:
-            raise ValueError(f"`components` must be a non-empty list of {self._lora_loadable_modules}, "
-                             f"got {components}.")
+            raise ValueError(
+                f"`components` must be a non-empty list of {self._lora_loadable_modules}, got {components}."
+            )
         return components
 
-    def fuse_lora(self, components: list[str] | None = None, lora_scale: float = 1.0, safe_fusing: bool = False,
-                  adapter_names: list[str] | None = None, **kwargs):
+    def fuse_lora(
+        self,
+        components: list[str] | None = None,
+        lora_scale: float = 1.0,
+        safe_fusing: bool = False,
+        adapter_names: list[str] | None = None,
+        **kwargs,
+    ):
         r"""Merge the active adapters (or ``adapter_names``), scaled by ``lora_scale``, into the weights of
         ``components`` (default: every LoRA component): inference then costs what the base model costs (the fast path
         runs fused adapters at full speed). :meth:`unfuse_lora` restores the weights exactly."""
@@ -502,8 +588,13 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             if id(layer) not in snapshots:  # the weights before the first fusion (later ones add to them)
                 base = layer.get_base_layer()
                 snapshots[id(layer)] = (layer, base.weight.detach().to("cpu", copy=True), dict(layer.scaling))
-        super().fuse_lora(components=components, lora_scale=lora_scale, safe_fusing=safe_fusing,
-                          adapter_names=adapter_names, **kwargs)
+        super().fuse_lora(
+            components=components,
+            lora_scale=lora_scale,
+            safe_fusing=safe_fusing,
+            adapter_names=adapter_names,
+            **kwargs,
+        )
 
     def unfuse_lora(self, components: list[str] | None = None, **kwargs):
         r"""Undo :meth:`fuse_lora` for ``components`` (default: every LoRA component): the layers get back the exact
@@ -538,10 +629,14 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         if len(weights) != len(names):
             raise ValueError(f"`adapter_weights` has {len(weights)} entries for {len(names)} adapters.")
         for weight in weights:
-            if weight is not None and not isinstance(weight, dict) and (
-                    not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight)):
-                raise ValueError(f"`adapter_weights` must be finite numbers (one per adapter), "
-                                 f"got {adapter_weights!r}.")
+            if (
+                weight is not None
+                and not isinstance(weight, dict)
+                and (not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight))
+            ):
+                raise ValueError(
+                    f"`adapter_weights` must be finite numbers (one per adapter), got {adapter_weights!r}."
+                )
         loaded = {name for names_ in self.get_list_adapters().values() for name in names_}
         missing = [n for n in names if n not in loaded]
         if missing:
@@ -580,6 +675,13 @@ def adapter_state(model: nn.Module | None) -> tuple:
     for name, module in model.named_modules():
         if isinstance(module, BaseTunerLayer):
             scaling = getattr(module, "scaling", {})
-            state.append((name, tuple(module.active_adapters), tuple(module.merged_adapters), module.disable_adapters,
-                          tuple(sorted((k, float(v)) for k, v in scaling.items()))))
+            state.append(
+                (
+                    name,
+                    tuple(module.active_adapters),
+                    tuple(module.merged_adapters),
+                    module.disable_adapters,
+                    tuple(sorted((k, float(v)) for k, v in scaling.items())),
+                )
+            )
     return tuple(state)

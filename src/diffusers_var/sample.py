@@ -49,8 +49,17 @@ NPZ_FILE = "samples.npz"
 # The original VAR code's FID-50k setting (its README and paper): the default for converted ImageNet models.
 IMAGENET_FID_SAMPLING = {"guidance_scale": 1.5, "top_k": 900, "top_p": 0.96, "more_smooth": False}
 # Keys this command writes into metadata.jsonl; a prompt file's own fields must not reuse them.
-RESERVED_METADATA = ("index", "file_name", "class_label", "class_name", "prompt_index", "sample_index", "seed",
-                     "generator_seed", "batch_generator_seed")
+RESERVED_METADATA = (
+    "index",
+    "file_name",
+    "class_label",
+    "class_name",
+    "prompt_index",
+    "sample_index",
+    "seed",
+    "generator_seed",
+    "batch_generator_seed",
+)
 # Sampling flags and the pipelines that take them.
 SAMPLING_FLAGS = {
     "guidance_scale": ("VARPipeline", "STARPipeline", "InfinityPipeline"),
@@ -141,12 +150,16 @@ def read_prompts(path) -> list[dict]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"`--prompts` {str(path)!r} line {number} is not JSON ({err.msg}).") from None
             if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or not entry["prompt"].strip():
-                raise ValueError(f"`--prompts` {str(path)!r} line {number}: each line must be a JSON object with a "
-                                 f"non-empty string \"prompt\".")
+                raise ValueError(
+                    f"`--prompts` {str(path)!r} line {number}: each line must be a JSON object with a "
+                    f'non-empty string "prompt".'
+                )
             clash = sorted(set(entry) & set(RESERVED_METADATA))
             if clash:
-                raise ValueError(f"`--prompts` {str(path)!r} line {number}: the fields {clash} are written by this "
-                                 f"command; rename them.")
+                raise ValueError(
+                    f"`--prompts` {str(path)!r} line {number}: the fields {clash} are written by this "
+                    f"command; rename them."
+                )
             entries.append(entry)
     if not entries:
         raise ValueError(f"`--prompts` {str(path)!r} holds no prompt.")
@@ -161,8 +174,10 @@ def parse_class_labels(text: str, num_classes: int) -> list[int]:
         raise ValueError(f"`--class-labels` must be comma-separated class indices, got {text!r}.") from None
     bad = [label for label in labels if not -1 <= label < num_classes]
     if not labels or bad:
-        raise ValueError(f"`--class-labels` must hold class indices in [0, {num_classes - 1}] (or -1, the null class), "
-                         f"got {text!r}.")
+        raise ValueError(
+            f"`--class-labels` must hold class indices in [0, {num_classes - 1}] (or -1, the null class), "
+            f"got {text!r}."
+        )
     return labels
 
 
@@ -171,15 +186,21 @@ def check_flags(args, pipeline_name: str) -> None:
     if pipeline_name == "VARPipeline":
         for flag, value in (("--prompts", args.prompts), ("--images-per-prompt", args.images_per_prompt)):
             if value is not None:
-                raise ValueError(f"`{flag}` is for text-to-image pipelines; this is a class-conditional VAR "
-                                 f"(use --per-class / --class-labels).")
+                raise ValueError(
+                    f"`{flag}` is for text-to-image pipelines; this is a class-conditional VAR "
+                    f"(use --per-class / --class-labels)."
+                )
         if args.per_class is None and args.class_labels is None:
-            raise ValueError("a class-conditional model needs `--per-class N` (N images of every class; the papers "
-                             "use 50 over the 1000 ImageNet classes) and/or `--class-labels`.")
+            raise ValueError(
+                "a class-conditional model needs `--per-class N` (N images of every class; the papers "
+                "use 50 over the 1000 ImageNet classes) and/or `--class-labels`."
+            )
     else:
         for flag, value in (("--per-class", args.per_class), ("--class-labels", args.class_labels)):
             if value is not None:
-                raise ValueError(f"`{flag}` is for class-conditional pipelines; {pipeline_name} takes `--prompts FILE`.")
+                raise ValueError(
+                    f"`{flag}` is for class-conditional pipelines; {pipeline_name} takes `--prompts FILE`."
+                )
         if args.prompts is None:
             raise ValueError(f"`--prompts FILE` is required for {pipeline_name} (one prompt a line, or JSONL).")
     for name, pipelines in SAMPLING_FLAGS.items():
@@ -194,8 +215,9 @@ def build_plan(args, pipeline_name: str, num_classes: int | None, class_names: d
     if pipeline_name == "VARPipeline":
         labels = parse_class_labels(args.class_labels, num_classes) if args.class_labels else list(range(num_classes))
         return SamplePlan(labels=labels, prompts=None, per_item=args.per_class or 1, class_names=class_names)
-    return SamplePlan(labels=None, prompts=read_prompts(args.prompts), per_item=args.images_per_prompt or 1,
-                      class_names={})
+    return SamplePlan(
+        labels=None, prompts=read_prompts(args.prompts), per_item=args.images_per_prompt or 1, class_names={}
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,10 +242,14 @@ class Processes:
             from accelerate import PartialState
         except ImportError:
             raise ValueError("sampling on several processes needs accelerate (pip install accelerate).") from None
-        # CPU processes: accelerate sets up gloo only when told `cpu=True` (start them with torchrun, e.g. `accelerate
-        # launch --multi_gpu` on a machine without GPUs: `accelerate launch --cpu` starts one process unless MPI is set up).
-        cpu = (requested is not None and requested.type == "cpu") or not torch.cuda.is_available() \
+        # CPU processes: accelerate sets up gloo only when told `cpu=True` (start them with torchrun, e.g.
+        # `accelerate launch --multi_gpu` on a machine without GPUs: `accelerate launch --cpu` starts one process
+        # unless MPI is set up).
+        cpu = (
+            (requested is not None and requested.type == "cpu")
+            or not torch.cuda.is_available()
             or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        )
         self._state = PartialState(cpu=cpu)
         self.index, self.count = self._state.process_index, self._state.num_processes
         if requested is not None and requested.type != "cpu":
@@ -268,8 +294,11 @@ def write_npz(path: Path, arrays: dict[str, tuple[tuple[int, ...], np.dtype, Ite
                 info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
                 info.external_attr = 0o644 << 16
                 with archive.open(info, "w", force_zip64=True) as member:
-                    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-                              "shape": tuple(shape)}
+                    header = {
+                        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                        "fortran_order": False,
+                        "shape": tuple(shape),
+                    }
                     np.lib.format.write_array_header_1_0(member, header)
                     written = 0
                     for chunk in chunks:
@@ -300,10 +329,16 @@ def _fault_injection(batches_done: int) -> None:
 def _sampling_kwargs(args, pipe, pipeline_name: str, num_classes: int | None) -> dict:
     """Sampling settings: the flags given, else the papers' FID setting for converted ImageNet VARs, else the
     pipeline's defaults (recorded explicitly so that run.json says what was used)."""
-    given = {name: getattr(args, name) for name in SAMPLING_FLAGS
-             if getattr(args, name) is not None and getattr(args, name) is not False}  # 0 (top-k off) is a value
-    defaults = {name: p.default for name, p in inspect.signature(type(pipe).__call__).parameters.items()
-                if name in SAMPLING_FLAGS and p.default is not inspect.Parameter.empty}
+    given = {
+        name: getattr(args, name)
+        for name in SAMPLING_FLAGS
+        if getattr(args, name) is not None and getattr(args, name) is not False
+    }  # 0 (top-k off) is a value
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(type(pipe).__call__).parameters.items()
+        if name in SAMPLING_FLAGS and p.default is not inspect.Parameter.empty
+    }
     if pipeline_name == "VARPipeline" and num_classes == 1000:
         defaults.update(IMAGENET_FID_SAMPLING)
     return {**defaults, **given}
@@ -327,8 +362,17 @@ def _enable_fast_path(pipe, device: torch.device, dtype: torch.dtype, fp8: bool)
     pipe.enable_fast_inference(**kwargs)
 
 
-def _generate_batch(pipe, pipeline_name: str, plan: SamplePlan, indices: list[int], seed: int, sampling: dict,
-                    device: torch.device, batch_stream: int, per_image: bool) -> np.ndarray:
+def _generate_batch(
+    pipe,
+    pipeline_name: str,
+    plan: SamplePlan,
+    indices: list[int],
+    seed: int,
+    sampling: dict,
+    device: torch.device,
+    batch_stream: int,
+    per_image: bool,
+) -> np.ndarray:
     """uint8 (B, H, W, 3) images of ``indices``: each drawn from its own generator on ``device`` (``per_image``), or
     all from one generator seeded with ``batch_stream`` (:func:`batch_seed` of the global batch; ``--rng batch``)."""
     if per_image:
@@ -356,17 +400,23 @@ def _check_run_file(out: Path, settings: dict, processes: Processes) -> None:
         recorded = json.loads(run_file.read_text()).get("settings", {})
         differ = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
         images = out / IMAGES_DIR
-        started = images.is_dir() and any(e.name.endswith(".png") and not e.name.startswith(".") for e in os.scandir(images))
+        started = images.is_dir() and any(
+            e.name.endswith(".png") and not e.name.startswith(".") for e in os.scandir(images)
+        )
         if differ and started:
             changes = "; ".join(f"{k}: {recorded.get(k)!r} -> {settings.get(k)!r}" for k in differ[:4])
-            raise ValueError(f"`--out` {str(out)!r} holds a run with other settings ({changes}); restart it with "
-                             f"its own command or choose another --out.")
+            raise ValueError(
+                f"`--out` {str(out)!r} holds a run with other settings ({changes}); restart it with "
+                f"its own command or choose another --out."
+            )
         if differ and processes.is_main:  # a run that failed before its first image (bad size, ...): nothing to keep
             write_atomic(run_file, lambda tmp: tmp.write_text(json.dumps({"settings": settings}, indent=2) + "\n"))
     elif processes.is_main:
         if (out / IMAGES_DIR).exists():
-            raise ValueError(f"`--out` {str(out)!r} has an images/ folder but no {RUN_FILE}: not a folder of this "
-                             f"command; choose another --out.")
+            raise ValueError(
+                f"`--out` {str(out)!r} has an images/ folder but no {RUN_FILE}: not a folder of this "
+                f"command; choose another --out."
+            )
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(run_file, lambda tmp: tmp.write_text(json.dumps({"settings": settings}, indent=2) + "\n"))
 
@@ -417,9 +467,13 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
     this process generated (benchmarks/bench_sample.py records speed and memory with it). Returns a summary."""
     from .cli_support import default_model, pipeline_class_of
 
-    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--per-class", args.per_class, 1),
-                             ("--images-per-prompt", args.images_per_prompt, 1), ("--seed", args.seed, 0),
-                             ("--writer-threads", args.writer_threads, 1)):
+    for flag, value, low in (
+        ("--batch-size", args.batch_size, 1),
+        ("--per-class", args.per_class, 1),
+        ("--images-per-prompt", args.images_per_prompt, 1),
+        ("--seed", args.seed, 0),
+        ("--writer-threads", args.writer_threads, 1),
+    ):
         if value is not None and value < low:
             raise ValueError(f"`{flag}` must be >= {low}, got {value}.")
     model = Path(args.model) if args.model else default_model()
@@ -448,15 +502,24 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
     total, batch_size = plan.total, args.batch_size
     width = max(6, len(str(total - 1)))
     settings = {
-        "model": str(model.resolve()), "pipeline": pipeline_name, "seed": args.seed, "total": total,
-        "labels": plan.labels, "per_class": plan.per_item if plan.labels is not None else None,
-        "prompts_sha256": None if plan.prompts is None else hashlib.sha256(
-            json.dumps(plan.prompts, sort_keys=True).encode()).hexdigest(),
+        "model": str(model.resolve()),
+        "pipeline": pipeline_name,
+        "seed": args.seed,
+        "total": total,
+        "labels": plan.labels,
+        "per_class": plan.per_item if plan.labels is not None else None,
+        "prompts_sha256": None
+        if plan.prompts is None
+        else hashlib.sha256(json.dumps(plan.prompts, sort_keys=True).encode()).hexdigest(),
         "images_per_prompt": plan.per_item if plan.prompts is not None else None,
-        "sampling": sampling, "fast": bool(args.fast), "fp8": bool(args.fp8), "dtype": str(dtype).replace("torch.", ""),
+        "sampling": sampling,
+        "fast": bool(args.fast),
+        "fp8": bool(args.fp8),
+        "dtype": str(dtype).replace("torch.", ""),
         # CPU and CUDA generators draw different numbers from one seed; with per-image streams the batch size may
         # change on a restart (the random streams do not depend on it; only float rounding does).
-        "device_type": device.type, "rng": args.rng,
+        "device_type": device.type,
+        "rng": args.rng,
     }
     if args.rng == "batch":  # each image depends on its batch's stream, so on the batch size
         settings["batch_size"] = batch_size
@@ -470,9 +533,12 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
     processes.barrier()  # nobody writes before every process has listed what is done
     done = completed_indices(images_dir, total, width)
     num_batches = (total + batch_size - 1) // batch_size
-    pending = [b for b in range(num_batches)
-               if any(i not in done for i in range(b * batch_size, min((b + 1) * batch_size, total)))]
-    mine = pending[processes.index::processes.count]
+    pending = [
+        b
+        for b in range(num_batches)
+        if any(i not in done for i in range(b * batch_size, min((b + 1) * batch_size, total)))
+    ]
+    mine = pending[processes.index :: processes.count]
     processes.barrier()
 
     progress = _Progress(processes.is_main and not args.no_progress, images_dir, total, len(done), width)
@@ -485,10 +551,22 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
             # The fast path captures CUDA graphs and compiles per batch size: pad a short last batch with images
             # past the end (generated, then dropped) instead of capturing and compiling a second size.
             padded = indices + list(range(total, total + batch_size - len(indices))) if args.fast else indices
-            images = _generate_batch(pipe, pipeline_name, plan, padded, args.seed, sampling, device,
-                                     batch_seed(args.seed, b, batch_size), per_image=args.rng == "image")
-            futures = [writer.submit(write_png, images_dir / f"{i:0{width}d}.png", images[k])
-                       for k, i in enumerate(indices) if i not in done]
+            images = _generate_batch(
+                pipe,
+                pipeline_name,
+                plan,
+                padded,
+                args.seed,
+                sampling,
+                device,
+                batch_seed(args.seed, b, batch_size),
+                per_image=args.rng == "image",
+            )
+            futures = [
+                writer.submit(write_png, images_dir / f"{i:0{width}d}.png", images[k])
+                for k, i in enumerate(indices)
+                if i not in done
+            ]
             in_flight.append(futures)
             written += len(futures)
             _fault_injection(number)
@@ -500,8 +578,14 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
                 waited += time.perf_counter() - tic
             progress.update()
             if on_batch is not None:
-                on_batch({"batch": b, "images": written, "seconds": time.perf_counter() - started,
-                          "writer_wait_seconds": waited})
+                on_batch(
+                    {
+                        "batch": b,
+                        "images": written,
+                        "seconds": time.perf_counter() - started,
+                        "writer_wait_seconds": waited,
+                    }
+                )
         for futures in in_flight:
             for future in futures:
                 future.result()
@@ -509,8 +593,14 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
     processes.barrier()
     progress.close()
 
-    summary = {"out": str(out), "total": total, "generated_here": written, "batches_here": len(mine),
-               "seconds": seconds, "processes": processes.count}
+    summary = {
+        "out": str(out),
+        "total": total,
+        "generated_here": written,
+        "batches_here": len(mine),
+        "seconds": seconds,
+        "processes": processes.count,
+    }
     if processes.is_main:
         missing = total - len(completed_indices(images_dir, total, width))
         if missing:  # another process failed; its launcher reports why
@@ -521,8 +611,10 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
         if args.save_npz:
             write_samples_npz(out / NPZ_FILE, images_dir, total, width, plan)
             summary["npz"] = str(out / NPZ_FILE)
-        print(f"{total} images in {images_dir} ({written} generated by this process in {seconds:.1f} s); "
-              f"metadata in {out / METADATA_FILE}" + (f"; {out / NPZ_FILE}" if args.save_npz else ""))
+        print(
+            f"{total} images in {images_dir} ({written} generated by this process in {seconds:.1f} s); "
+            f"metadata in {out / METADATA_FILE}" + (f"; {out / NPZ_FILE}" if args.save_npz else "")
+        )
     # No barrier after this: the other processes need not wait (perhaps past a collective timeout) for the npz.
     return summary
 
@@ -556,22 +648,32 @@ def write_samples_npz(path: Path, images_dir: Path, total: int, width: int, plan
 # ----------------------------------------------------------------------------------------------
 def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "sample", help="sample many images (FID-50k, GenEval, ...) on one process or under accelerate launch",
+        "sample",
+        help="sample many images (FID-50k, GenEval, ...) on one process or under accelerate launch",
         description="Sample images into DIR/images/NNNNNN.png with DIR/metadata.jsonl (and DIR/samples.npz). "
-                    "Runs unchanged under `accelerate launch --num_processes N -m diffusers_var.cli sample ...`; "
-                    "rerun the same command to finish an interrupted run.")
+        "Runs unchanged under `accelerate launch --num_processes N -m diffusers_var.cli sample ...`; "
+        "rerun the same command to finish an interrupted run.",
+    )
     parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded var-shapes)")
     parser.add_argument("--out", required=True, help="output folder")
     group = parser.add_argument_group("class-conditional (VAR)")
-    group.add_argument("--per-class", type=int, default=None,
-                       help="images per class (the papers' FID-50k: 50 over the 1000 ImageNet classes)")
+    group.add_argument(
+        "--per-class",
+        type=int,
+        default=None,
+        help="images per class (the papers' FID-50k: 50 over the 1000 ImageNet classes)",
+    )
     group.add_argument("--class-labels", default=None, help="comma-separated class indices (default: every class)")
     group = parser.add_argument_group("text-to-image (STAR, Infinity)")
-    group.add_argument("--prompts", default=None,
-                       help="prompt file: one prompt a line, or .jsonl objects with \"prompt\" and any metadata")
+    group.add_argument(
+        "--prompts",
+        default=None,
+        help='prompt file: one prompt a line, or .jsonl objects with "prompt" and any metadata',
+    )
     group.add_argument("--images-per-prompt", type=int, default=None, help="images per prompt (default 1)")
-    group = parser.add_argument_group("sampling (default: the pipeline's; converted ImageNet VARs: the FID setting "
-                                      "cfg 1.5, top-k 900, top-p 0.96)")
+    group = parser.add_argument_group(
+        "sampling (default: the pipeline's; converted ImageNet VARs: the FID setting cfg 1.5, top-k 900, top-p 0.96)"
+    )
     group.add_argument("--guidance-scale", type=float, default=None)
     group.add_argument("--top-k", type=int, default=None, help="0 = off")
     group.add_argument("--top-p", type=float, default=None, help="0 = off")
@@ -581,21 +683,41 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     group.add_argument("--width", type=int, default=None, help="Infinity: image width")
     group = parser.add_argument_group("run")
     group.add_argument("--seed", type=int, default=0, help="image i draws from a generator seeded from (seed, i)")
-    group.add_argument("--batch-size", type=int, default=32,
-                       help="images per batch (per process); the same command and batch size give the same bytes")
-    group.add_argument("--rng", choices=["image", "batch"], default="image",
-                       help="image (default): a generator per image, seeded from (seed, index): images do not depend on "
-                            "the batch size. batch: one generator per global batch (VAR's fast path then samples inside "
-                            "its CUDA graphs); still the same files on any number of processes, but the images change "
-                            "with --batch-size")
-    group.add_argument("--fast", action="store_true",
-                       help="the GPU fast path (bf16, CUDA graphs, compiled decoder / blocks); see README 'Speed'")
+    group.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="images per batch (per process); the same command and batch size give the same bytes",
+    )
+    group.add_argument(
+        "--rng",
+        choices=["image", "batch"],
+        default="image",
+        help="image (default): a generator per image, seeded from (seed, index): images do not depend on "
+        "the batch size. batch: one generator per global batch (VAR's fast path then samples inside "
+        "its CUDA graphs); still the same files on any number of processes, but the images change "
+        "with --batch-size",
+    )
+    group.add_argument(
+        "--fast",
+        action="store_true",
+        help="the GPU fast path (bf16, CUDA graphs, compiled decoder / blocks); see README 'Speed'",
+    )
     group.add_argument("--fp8", action="store_true", help="VAR with --fast: float8 block matmuls (H100 / H200)")
-    group.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                       help="weights' dtype (default float32); with --fast the fast path's dtype (default bfloat16)")
-    group.add_argument("--device", default=None,
-                       help="default: the process's GPU under accelerate launch, else cuda when available, else cpu")
-    group.add_argument("--save-npz", action="store_true", help="also write DIR/samples.npz (ADM's layout, arr_0 uint8 NHWC)")
+    group.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="weights' dtype (default float32); with --fast the fast path's dtype (default bfloat16)",
+    )
+    group.add_argument(
+        "--device",
+        default=None,
+        help="default: the process's GPU under accelerate launch, else cuda when available, else cpu",
+    )
+    group.add_argument(
+        "--save-npz", action="store_true", help="also write DIR/samples.npz (ADM's layout, arr_0 uint8 NHWC)"
+    )
     group.add_argument("--writer-threads", type=int, default=None, help="PNG writer threads per process")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=sample_command)

@@ -89,8 +89,9 @@ def render_shapes(classes, sizes: np.ndarray, centers: np.ndarray, resolution: i
     return np.clip(mask * fg + (1 - mask) * bg + 0.5, 0, 255).astype(np.uint8)
 
 
-def sample_layout(rng: np.random.Generator, n: int, resolution: int,
-                  size_range: tuple[float, float] = (0.16, 0.34)) -> tuple[np.ndarray, np.ndarray]:
+def sample_layout(
+    rng: np.random.Generator, n: int, resolution: int, size_range: tuple[float, float] = (0.16, 0.34)
+) -> tuple[np.ndarray, np.ndarray]:
     sizes = rng.uniform(*size_range, n).astype(np.float32) * resolution
     margin = sizes[:, None] + 1
     centers = rng.uniform(0, 1, (n, 2)).astype(np.float32) * (resolution - 2 * margin) + margin
@@ -107,8 +108,10 @@ class ShapesDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng(seed)
         self.class_ids = rng.integers(0, NUM_CLASSES, num_images)
         sizes, centers = sample_layout(rng, num_images, resolution)
-        chunks = [render(self.class_ids[i : i + 2048], sizes[i : i + 2048], centers[i : i + 2048], resolution)
-                  for i in range(0, num_images, 2048)]
+        chunks = [
+            render(self.class_ids[i : i + 2048], sizes[i : i + 2048], centers[i : i + 2048], resolution)
+            for i in range(0, num_images, 2048)
+        ]
         self.images = np.concatenate(chunks)
 
     def __len__(self) -> int:
@@ -123,8 +126,9 @@ class ShapesDataset(torch.utils.data.Dataset):
 def concept_classes(concept: str = "bar") -> list[ShapeClass]:
     """Every colour / background combination of a :data:`NEW_SHAPES` shape (30 classes)."""
     if concept not in NEW_SHAPES:
-        raise ValueError(f"`concept` must be one of {NEW_SHAPES} (shapes the embedded models never saw), "
-                         f"got {concept!r}.")
+        raise ValueError(
+            f"`concept` must be one of {NEW_SHAPES} (shapes the embedded models never saw), got {concept!r}."
+        )
     return [ShapeClass(concept, c, b) for c in COLOR_NAMES for b in COLOR_NAMES if c != b]
 
 
@@ -150,8 +154,16 @@ class ConceptShapesDataset(torch.utils.data.Dataset):
     ``class_labels`` of the concept images is -1 (text-to-image training reads the captions).
     """
 
-    def __init__(self, num_images: int = 1000, resolution: int = 64, seed: int = 0, concept: str = "bar",
-                 concept_fraction: float = 0.5, concept_replaces: str | None = None, need_labels: bool = False):
+    def __init__(
+        self,
+        num_images: int = 1000,
+        resolution: int = 64,
+        seed: int = 0,
+        concept: str = "bar",
+        concept_fraction: float = 0.5,
+        concept_replaces: str | None = None,
+        need_labels: bool = False,
+    ):
         if num_images < 1 or resolution < 16:
             raise ValueError(f"`num_images` must be >= 1 and `resolution` >= 16, got {num_images}, {resolution}.")
         new_classes = concept_classes(concept)
@@ -160,21 +172,31 @@ class ConceptShapesDataset(torch.utils.data.Dataset):
         if concept_replaces is not None and concept_replaces not in SHAPES:
             raise ValueError(f"`concept_replaces` must be one of {SHAPES} or None, got {concept_replaces!r}.")
         if need_labels and concept_replaces is None:
-            raise ValueError("`concept_replaces`: a class-conditional model learns no new class ids; name the shape "
-                             f"whose class ids the concept takes over ({SHAPES}).")
+            raise ValueError(
+                "`concept_replaces`: a class-conditional model learns no new class ids; name the shape "
+                f"whose class ids the concept takes over ({SHAPES})."
+            )
         rng = np.random.default_rng(seed)
         num_new = max(1, round(num_images * concept_fraction))
         prior_ids = [i for i, c in enumerate(CLASSES) if c.shape != concept_replaces]
         classes = [new_classes[i] for i in rng.integers(0, len(new_classes), num_new)]
         classes += [CLASSES[i] for i in rng.choice(prior_ids, num_images - num_new)]
         self.classes = [classes[i] for i in rng.permutation(num_images)]
-        self.class_ids = np.array([
-            (class_id(concept_replaces, c.color, c.background) if concept_replaces else -1) if c.shape == concept
-            else CLASSES.index(c) for c in self.classes])
+        self.class_ids = np.array(
+            [
+                (class_id(concept_replaces, c.color, c.background) if concept_replaces else -1)
+                if c.shape == concept
+                else CLASSES.index(c)
+                for c in self.classes
+            ]
+        )
         sizes, centers = _layout_for(self.classes, rng, resolution)
-        self.images = np.concatenate([render_shapes(self.classes[i : i + 2048], sizes[i : i + 2048],
-                                                    centers[i : i + 2048], resolution)
-                                      for i in range(0, num_images, 2048)])
+        self.images = np.concatenate(
+            [
+                render_shapes(self.classes[i : i + 2048], sizes[i : i + 2048], centers[i : i + 2048], resolution)
+                for i in range(0, num_images, 2048)
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -264,7 +286,9 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     vals, vecs = np.linalg.eigh(cov_a)
     sqrt_a = (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
     cross = np.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(np.clip(cross, 0, None)).sum())
+    return float(
+        ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(np.clip(cross, 0, None)).sum()
+    )
 
 
 def _as_uint8(images) -> np.ndarray:

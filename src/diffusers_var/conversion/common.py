@@ -43,15 +43,22 @@ def load_checkpoint(path: str | os.PathLike, param_name: str) -> dict[str, torch
     except Exception as err:  # noqa: BLE001 - truncated zip, pickle with code, not a torch file at all
         raise ConversionError(
             f"`{param_name}`: {str(path)!r} is not a readable PyTorch checkpoint (truncated, corrupted, or it "
-            f"needs arbitrary code to unpickle, which is refused): {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            "needs arbitrary code to unpickle, which is refused): "
+            f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
         ) from None
     if not isinstance(obj, Mapping):
         raise ConversionError(f"`{param_name}`: {str(path)!r} holds a {type(obj).__name__}, not a state dict.")
     return dict(obj)
 
 
-def count_blocks(state_dict: Mapping, prefix: str, param_name: str, depth: int | None = None,
-                 num_heads: int | None = None, width: int | None = None) -> int:
+def count_blocks(
+    state_dict: Mapping,
+    prefix: str,
+    param_name: str,
+    depth: int | None = None,
+    num_heads: int | None = None,
+    width: int | None = None,
+) -> int:
     """The number of ``{prefix}.N.`` blocks, every index from 0 present (a ConversionError lists the missing ones).
 
     A block removed at the end leaves no gap; the original's strict load catches it because its command line gives
@@ -65,14 +72,21 @@ def count_blocks(state_dict: Mapping, prefix: str, param_name: str, depth: int |
     missing, extra = sorted(set(range(count)) - found), sorted(i for i in found if i >= count)
     if missing or extra:
         detail = f"no keys for {prefix} {missing}" if missing else f"more {prefix} than {count}: {extra}"
-        source = "`--depth`" if depth is not None else ("the release layout (width 64 x heads)" if expected is not None
-                                                          else "the block indices")
-        raise ConversionError(f"`{param_name}`: {detail} (depth {count} from {source}): a truncated or edited "
-                              f"checkpoint{'' if depth is not None else '; pass --depth to convert another layout'}.")
+        source = (
+            "`--depth`"
+            if depth is not None
+            else ("the release layout (width 64 x heads)" if expected is not None else "the block indices")
+        )
+        raise ConversionError(
+            f"`{param_name}`: {detail} (depth {count} from {source}): a truncated or edited "
+            f"checkpoint{'' if depth is not None else '; pass --depth to convert another layout'}."
+        )
     return count
 
 
-def find_state_dict(obj: Mapping, candidates: Iterable[tuple[str, ...]], looks_right: Callable[[Mapping], bool], param_name: str) -> dict:
+def find_state_dict(
+    obj: Mapping, candidates: Iterable[tuple[str, ...]], looks_right: Callable[[Mapping], bool], param_name: str
+) -> dict:
     """Return the model state dict inside a checkpoint: the object itself, or a nested entry such as
     ``ckpt['trainer']['var_wo_ddp']`` (training snapshots); strips a DDP ``module.`` prefix."""
     for path in ((),) + tuple(candidates):
@@ -101,7 +115,10 @@ def rename_keys(keys: Iterable[str], rules: list[tuple[str, str]], param_name: s
         else:
             unknown.append(key)
     if unknown:
-        raise ConversionError(f"`{param_name}`: unexpected keys for this model family: {unknown[:8]}{' ...' if len(unknown) > 8 else ''}.")
+        raise ConversionError(
+            f"`{param_name}`: unexpected keys for this model family: "
+            f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}."
+        )
     return mapping
 
 
@@ -162,8 +179,9 @@ def _refuse_foreign(output_dir: Path, foreign: set[str]) -> None:
     if foreign:
         shown = ", ".join(sorted(foreign)[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise ConversionError(
-            f"`output`: {str(output_dir)!r} holds files that diffusers-var did not write ({shown}); --overwrite replaces "
-            "only folders written by diffusers-var, so nothing of yours is deleted: move those files or choose another folder."
+            f"`output`: {str(output_dir)!r} holds files that diffusers-var did not write ({shown}); "
+            "--overwrite replaces only folders written by diffusers-var, so nothing of yours is deleted: "
+            "move those files or choose another folder."
         )
 
 
@@ -178,15 +196,21 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> 
     if not output_dir.exists() and not output_dir.is_symlink():
         return output_dir
     if not overwrite:
-        raise ConversionError(f"`output`: {str(output_dir)!r} already exists (pass overwrite / --overwrite to replace it).")
+        raise ConversionError(
+            f"`output`: {str(output_dir)!r} already exists (pass overwrite / --overwrite to replace it)."
+        )
     if not output_dir.is_dir():
-        raise ConversionError(f"`output`: {str(output_dir)!r} is a file, not a folder; --overwrite replaces folders only.")
+        raise ConversionError(
+            f"`output`: {str(output_dir)!r} is a file, not a folder; --overwrite replaces folders only."
+        )
     try:
         cwd = Path.cwd().resolve()
     except OSError:  # the working directory was deleted
         cwd = None
     if cwd is not None and cwd.is_relative_to(output_dir):
-        raise ConversionError(f"`output`: {str(output_dir)!r} is the current folder or holds it; write next to it instead.")
+        raise ConversionError(
+            f"`output`: {str(output_dir)!r} is the current folder or holds it; write next to it instead."
+        )
     present = _files(output_dir) - {MANIFEST_NAME}
     listed = _manifest_files(output_dir)
     if listed is not None:
@@ -218,7 +242,9 @@ def clean_stale_staging(output_dir: Path) -> None:
     """
     for staging in output_dir.parent.glob(f".{output_dir.name}.tmp-*"):
         marker = _read_json(staging / STAGING_MARKER) if staging.is_dir() and not staging.is_symlink() else None
-        if not (isinstance(marker, dict) and marker.get("written_by") == WRITER and marker.get("output") == str(output_dir)):
+        if not (
+            isinstance(marker, dict) and marker.get("written_by") == WRITER and marker.get("output") == str(output_dir)
+        ):
             continue  # not recognisably ours: never touched
         if marker.get("host") != socket.gethostname() or _process_alive(int(marker.get("pid", -1))):
             continue  # another machine's or a running save
@@ -242,8 +268,13 @@ def atomic_save_pipeline(pipeline, output_dir: str | os.PathLike, overwrite: boo
     clean_stale_staging(output_dir)
     check_output_dir(output_dir, overwrite)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    marker = {"written_by": WRITER, "output": str(output_dir), "host": socket.gethostname(), "pid": os.getpid(),
-              "created": time.time()}
+    marker = {
+        "written_by": WRITER,
+        "output": str(output_dir),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "created": time.time(),
+    }
     (staging / STAGING_MARKER).write_text(json.dumps(marker))
     new, old = staging / "new", staging / "old"
     try:

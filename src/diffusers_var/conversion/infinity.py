@@ -65,12 +65,22 @@ INFINITY_KEY_RULES = [
 
 # Both layouts: wrapped (``conv1.conv.weight``, ``norm1.norm.weight``) and plain (``conv1.weight``).
 VAE_KEY_RULES = [
-    (r"(.+\.(?:conv_in|conv_out|conv1|conv2|nin_shortcut|downsample\.conv|upsample\.conv))(?:\.conv)?\.(weight|bias)", r"\1.\2"),
+    (
+        r"(.+\.(?:conv_in|conv_out|conv1|conv2|nin_shortcut|downsample\.conv|upsample\.conv))(?:\.conv)?\.(weight|bias)",
+        r"\1.\2",
+    ),
     (r"(.+\.(?:norm1|norm2|norm_out))(?:\.norm)?\.(weight|bias)", r"\1.\2"),
     (r"quantizer?\.lfq\.mask", r"@lfq_mask"),
 ]
 
-_TRANSFORMER_REQUIRED = ("cfg_uncond", "pos_start", "word_embed.weight", "head.weight", "lvl_embed.weight", "text_proj_for_sos.ca.mat_q")
+_TRANSFORMER_REQUIRED = (
+    "cfg_uncond",
+    "pos_start",
+    "word_embed.weight",
+    "head.weight",
+    "lvl_embed.weight",
+    "text_proj_for_sos.ca.mat_q",
+)
 _VAE_REQUIRED = ("encoder.conv_in", "encoder.conv_out", "decoder.conv_in", "decoder.conv_out")
 
 
@@ -92,7 +102,9 @@ def _vae_get(state_dict: Mapping, prefix: str) -> tuple[int, ...] | None:
 def _block_index_map(keys, depth: int | None = None) -> dict[str, str]:
     """``block_chunks.{c}.module.{j}.`` -> ``blocks.{c * per_chunk + j}.``: every chunk holds the same blocks
     ``0 .. per_chunk - 1`` (a ConversionError lists the missing ones); ``depth``, when given, must be their number."""
-    pairs = {(int(m.group(1)), int(m.group(2))) for k in keys if (m := re.match(r"block_chunks\.(\d+)\.module\.(\d+)\.", k))}
+    pairs = {
+        (int(m.group(1)), int(m.group(2))) for k in keys if (m := re.match(r"block_chunks\.(\d+)\.module\.(\d+)\.", k))
+    }
     if not pairs:
         raise ConversionError("`transformer`: the checkpoint has no transformer blocks (block_chunks.*).")
     num_chunks = max(c for c, _ in pairs) + 1
@@ -101,16 +113,22 @@ def _block_index_map(keys, depth: int | None = None) -> dict[str, str]:
         per_chunk = max(per_chunk, depth // num_chunks)
     missing = sorted({(c, j) for c in range(num_chunks) for j in range(per_chunk)} - pairs)
     if missing or (depth is not None and depth != num_chunks * per_chunk):
-        detail = f"no keys for block_chunks.C.module.J (C, J) in {missing[:8]}" if missing else \
-            f"{num_chunks * per_chunk} blocks"
+        detail = (
+            f"no keys for block_chunks.C.module.J (C, J) in {missing[:8]}"
+            if missing
+            else f"{num_chunks * per_chunk} blocks"
+        )
         source = f"; `--depth` {depth}" if depth is not None else ""
-        raise ConversionError(f"`transformer`: {detail}: a truncated or edited checkpoint ({num_chunks} chunks of "
-                              f"{per_chunk} blocks{source}).")
+        raise ConversionError(
+            f"`transformer`: {detail}: a truncated or edited checkpoint ({num_chunks} chunks of "
+            f"{per_chunk} blocks{source})."
+        )
     return {f"block_chunks.{c}.module.{j}.": f"blocks.{c * per_chunk + j}." for c, j in pairs}
 
 
-def infinity_config_from_state_dict(state_dict: Mapping, level_embed_every_chunk: bool = False,
-                                    depth: int | None = None) -> dict:
+def infinity_config_from_state_dict(
+    state_dict: Mapping, level_embed_every_chunk: bool = False, depth: int | None = None
+) -> dict:
     missing = [k for k in _TRANSFORMER_REQUIRED if k not in state_dict]
     if missing:
         raise ConversionError(f"`transformer`: not an Infinity transformer checkpoint (missing {missing}).")
@@ -157,7 +175,9 @@ def vae_config_from_state_dict(state_dict: Mapping, spatial_patchify: bool = Fal
             raise ConversionError(f"`vae`: {part} widths {widths} are not multiples of the base width {base}.")
         return [w // base for w in widths]
 
-    num_res_blocks = len({int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})
+    num_res_blocks = len(
+        {int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))}
+    )
     return {
         "in_channels": _vae_get(state_dict, "encoder.conv_in")[1],
         "out_channels": _vae_get(state_dict, "decoder.conv_out")[0],
@@ -179,7 +199,7 @@ def infinity_key_map(keys) -> dict[str, str]:
     flat = {}
     for key in keys:
         m = re.match(r"block_chunks\.\d+\.module\.\d+\.", key)
-        flat[key] = prefixes[m.group(0)] + key[m.end():] if m else key
+        flat[key] = prefixes[m.group(0)] + key[m.end() :] if m else key
     renamed = rename_keys(flat.values(), INFINITY_KEY_RULES, "transformer")
     return {old: renamed[new] for old, new in flat.items()}
 
@@ -193,7 +213,10 @@ def _convert(model, state_dict: Mapping, key_map: dict, param_name: str, derived
     for old, new in key_map.items():
         if new.startswith("@"):
             if _shape(state_dict[old]) != derived_shape(new[1:]):
-                raise ConversionError(f"`{param_name}`: buffer {old!r} has shape {_shape(state_dict[old])}, expected {derived_shape(new[1:])}.")
+                raise ConversionError(
+                    f"`{param_name}`: buffer {old!r} has shape {_shape(state_dict[old])}, "
+                    f"expected {derived_shape(new[1:])}."
+                )
             continue
         if new in converted:
             raise ConversionError(f"`{param_name}`: two keys map to {new!r} (both wrapped and plain names present?).")
@@ -209,8 +232,9 @@ def derived_buffer_shape(config: dict, name: str) -> tuple[int, ...]:
     raise KeyError(name)
 
 
-def convert_infinity_transformer(state_dict: Mapping, level_embed_every_chunk: bool = False,
-                                 depth: int | None = None) -> InfinityTransformer2DModel:
+def convert_infinity_transformer(
+    state_dict: Mapping, level_embed_every_chunk: bool = False, depth: int | None = None
+) -> InfinityTransformer2DModel:
     config = infinity_config_from_state_dict(state_dict, level_embed_every_chunk, depth)
     model = InfinityTransformer2DModel(**config)
     _convert(model, state_dict, infinity_key_map(state_dict), "transformer", lambda n: derived_buffer_shape(config, n))
@@ -233,7 +257,9 @@ def load_infinity_transformer_state_dict(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_dir():
         obj = load_checkpoint(path, "transformer")
-        return find_state_dict(obj, [("trainer", "gpt_fsdp"), ("model",), ("state_dict",)], _looks_like_transformer, "transformer")
+        return find_state_dict(
+            obj, [("trainer", "gpt_fsdp"), ("model",), ("state_dict",)], _looks_like_transformer, "transformer"
+        )
     indexes = sorted(path.glob("*.index.json"))
     if indexes:
         try:
@@ -249,7 +275,9 @@ def load_infinity_transformer_state_dict(path: str | os.PathLike) -> dict:
     for shard in shards:
         if not shard.is_file():
             raise ConversionError(f"`transformer`: shard {str(shard)!r} listed in the index is missing.")
-        state_dict.update(load_file(shard) if shard.suffix == ".safetensors" else load_checkpoint(shard, "transformer"))
+        state_dict.update(
+            load_file(shard) if shard.suffix == ".safetensors" else load_checkpoint(shard, "transformer")
+        )
     if not _looks_like_transformer(state_dict):
         raise ConversionError(f"`transformer`: the shards in {str(path)!r} are not an Infinity transformer.")
     return state_dict
@@ -257,7 +285,10 @@ def load_infinity_transformer_state_dict(path: str | os.PathLike) -> dict:
 
 def load_bitwise_vae_state_dict(path: str | os.PathLike) -> dict:
     obj = load_checkpoint(path, "vae")
-    looks_right = lambda sd: _vae_get(sd, "encoder.conv_in") is not None
+
+    def looks_right(sd) -> bool:
+        return _vae_get(sd, "encoder.conv_in") is not None
+
     return find_state_dict(obj, [("vae",), ("trainer", "vae"), ("state_dict",)], looks_right, "vae")
 
 
@@ -281,13 +312,17 @@ def convert_infinity_checkpoint(
 
     if output_dir is not None:  # before reading multi-GB checkpoints
         check_output_dir(output_dir, overwrite)
-    transformer = convert_infinity_transformer(load_infinity_transformer_state_dict(transformer_path), level_embed_every_chunk,
-                                               depth)
+    transformer = convert_infinity_transformer(
+        load_infinity_transformer_state_dict(transformer_path), level_embed_every_chunk, depth
+    )
     vae_sd = load_bitwise_vae_state_dict(vae_path)
     d = vae_config_from_state_dict(vae_sd)["codebook_dim"]
     bits = transformer.config.bits_per_token
     if bits not in (d, 4 * d):
-        raise ConversionError(f"`vae` (codebook_dim {d}) does not belong to `transformer` ({bits} bits per token: expected {d} or {4 * d}).")
+        raise ConversionError(
+            f"`vae` (codebook_dim {d}) does not belong to `transformer` "
+            f"({bits} bits per token: expected {d} or {4 * d})."
+        )
     vae = convert_bitwise_vae(vae_sd, spatial_patchify=bits == 4 * d)
     for name, folder in (("text_encoder", text_encoder_path), ("tokenizer", tokenizer_path)):
         if not Path(folder).is_dir():
@@ -295,9 +330,14 @@ def convert_infinity_checkpoint(
     try:
         text_encoder = T5EncoderModel.from_pretrained(text_encoder_path, dtype=dtype, use_safetensors=True)
     except Exception as err:  # noqa: BLE001 - transformers raises many kinds; each becomes a message naming the flag
-        raise ConversionError(f"`text-encoder`: cannot load a T5 encoder (safetensors) from {str(text_encoder_path)!r}: {err}") from None
+        raise ConversionError(
+            f"`text-encoder`: cannot load a T5 encoder (safetensors) from {str(text_encoder_path)!r}: {err}"
+        ) from None
     if text_encoder.config.d_model != transformer.config.text_dim:
-        raise ConversionError(f"`text-encoder` width {text_encoder.config.d_model} != the transformer's text width {transformer.config.text_dim}.")
+        raise ConversionError(
+            f"`text-encoder` width {text_encoder.config.d_model} != "
+            f"the transformer's text width {transformer.config.text_dim}."
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, legacy=True)
     except Exception as err:  # noqa: BLE001 - transformers raises many kinds; each becomes a message naming the flag

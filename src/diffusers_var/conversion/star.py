@@ -54,7 +54,12 @@ def _block_rules(original_prefix: str, new_prefix: str) -> list[tuple[str, str]]
     rules = []
     for pattern, repl in _ATTN_RULES:
         shifted = re.sub(r"\\(\d)", lambda m: "\\" + str(int(m.group(1)) + 1), repl)
-        rules.append((rf"{original_prefix}\.(\d+)\.{pattern}", shifted if repl.startswith("@") else rf"{new_prefix}.\1.{shifted}"))
+        rules.append(
+            (
+                rf"{original_prefix}\.(\d+)\.{pattern}",
+                shifted if repl.startswith("@") else rf"{new_prefix}.\1.{shifted}",
+            )
+        )
     return rules
 
 
@@ -88,13 +93,17 @@ def star_key_map(keys) -> dict[str, str]:
     return rename_keys(keys, STAR_KEY_RULES, "transformer")
 
 
-def infer_star_patch_nums(state_dict: Mapping, patch_nums=None, snapshot_config: Mapping | None = None) -> tuple[int, ...]:
+def infer_star_patch_nums(
+    state_dict: Mapping, patch_nums=None, snapshot_config: Mapping | None = None
+) -> tuple[int, ...]:
     """Scale schedule: explicit (list or "256"/"512"/"1024") > the snapshot's trainer config > the token
     count of ``pos_1LC`` > the number of level embeddings when only one known schedule has it."""
     num_scales = _shape(state_dict["lvl_embed.weight"])[0]
     if isinstance(patch_nums, str):
         if patch_nums not in NAMED_PATCH_NUMS:
-            raise ConversionError(f"`patch_nums`: unknown resolution {patch_nums!r}; use one of {sorted(NAMED_PATCH_NUMS)} or a list.")
+            raise ConversionError(
+                f"`patch_nums`: unknown resolution {patch_nums!r}; use one of {sorted(NAMED_PATCH_NUMS)} or a list."
+            )
         patch_nums = NAMED_PATCH_NUMS[patch_nums]
     source = "`patch_nums`"
     if patch_nums is None and snapshot_config is not None and snapshot_config.get("patch_nums") is not None:
@@ -106,14 +115,17 @@ def infer_star_patch_nums(state_dict: Mapping, patch_nums=None, snapshot_config:
         if len(candidates) != 1:
             raise ConversionError(
                 f"`patch_nums`: the checkpoint has {num_scales} scales, which does not identify the schedule; pass "
-                f"--patch-nums 256, 512, 1024 or a comma-separated list.")
+                f"--patch-nums 256, 512, 1024 or a comma-separated list."
+            )
         patch_nums, source = candidates[0], "the number of scales"
     try:
         patch_nums = validate_patch_nums(patch_nums, "patch_nums")
     except ValueError as err:
         raise ConversionError(str(err)) from None
     if len(patch_nums) != num_scales:
-        raise ConversionError(f"`patch_nums` from {source} has {len(patch_nums)} scales, but the checkpoint has {num_scales}.")
+        raise ConversionError(
+            f"`patch_nums` from {source} has {len(patch_nums)} scales, but the checkpoint has {num_scales}."
+        )
     if "pos_1LC" in state_dict and _shape(state_dict["pos_1LC"])[1] != sum(p * p for p in patch_nums):
         raise ConversionError(f"`patch_nums` {patch_nums} does not match the checkpoint's pos_1LC token count.")
     return patch_nums
@@ -188,8 +200,12 @@ def convert_star_transformer(state_dict: Mapping, **config_kwargs) -> STARTransf
 def load_star_snapshot(path) -> tuple[dict, dict | None]:
     """(transformer state dict, trainer config or None) from a training snapshot or a plain state dict."""
     obj = load_checkpoint(path, "transformer")
-    state_dict = find_state_dict(obj, [("trainer", "var_wo_ddp"), ("model",), ("state_dict",)],
-                                 lambda sd: "encoder_proj.weight" in sd and "lvl_embed.weight" in sd, "transformer")
+    state_dict = find_state_dict(
+        obj,
+        [("trainer", "var_wo_ddp"), ("model",), ("state_dict",)],
+        lambda sd: "encoder_proj.weight" in sd and "lvl_embed.weight" in sd,
+        "transformer",
+    )
     trainer = obj.get("trainer") if isinstance(obj, Mapping) else None
     config = trainer.get("config") if isinstance(trainer, Mapping) else None
     return state_dict, config if isinstance(config, Mapping) else None
@@ -209,13 +225,17 @@ def _load_text_components(text_encoder_dir):
         config = AutoConfig.from_pretrained(encoder_dir, local_files_only=True)
         model_class = {"clip_text_model": CLIPTextModel, "t5": T5EncoderModel}.get(config.model_type)
         if model_class is None:
-            raise ConversionError(f"`text_encoder`: unsupported text encoder type {config.model_type!r} (CLIP text or T5 expected).")
+            raise ConversionError(
+                f"`text_encoder`: unsupported text encoder type {config.model_type!r} (CLIP text or T5 expected)."
+            )
         encoder = model_class.from_pretrained(encoder_dir, local_files_only=True, use_safetensors=None)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     except ConversionError:
         raise
     except Exception as err:  # noqa: BLE001 - transformers raises many kinds; each becomes a message naming the flag
-        raise ConversionError(f"`text_encoder`: cannot load a tokenizer and text encoder from {str(root)!r}: {err}") from None
+        raise ConversionError(
+            f"`text_encoder`: cannot load a tokenizer and text encoder from {str(root)!r}: {err}"
+        ) from None
     return tokenizer, encoder.eval()
 
 
@@ -248,18 +268,32 @@ def convert_star_checkpoint(
         check_output_dir(output_dir, overwrite)
     star_sd, snapshot_config = load_star_snapshot(transformer_path)
     transformer = convert_star_transformer(
-        star_sd, patch_nums=patch_nums, snapshot_config=snapshot_config, rope_theta=rope_theta, rope_norm=rope_norm,
-        logit_norm=logit_norm, sampler_start_scale=sampler_start_scale, cross_attention_row0_quirk=cross_attention_row0_quirk,
-        depth=depth)
+        star_sd,
+        patch_nums=patch_nums,
+        snapshot_config=snapshot_config,
+        rope_theta=rope_theta,
+        rope_norm=rope_norm,
+        logit_norm=logit_norm,
+        sampler_start_scale=sampler_start_scale,
+        cross_attention_row0_quirk=cross_attention_row0_quirk,
+        depth=depth,
+    )
     vqvae = convert_vae(_load_vae(vae_path), transformer.config.patch_nums, quant_resi)
-    if vqvae.config.vocab_size != transformer.config.vocab_size or vqvae.config.z_channels != transformer.config.latent_channels:
+    if (
+        vqvae.config.vocab_size != transformer.config.vocab_size
+        or vqvae.config.z_channels != transformer.config.latent_channels
+    ):
         raise ConversionError(
             f"`vae` (vocab {vqvae.config.vocab_size}, z {vqvae.config.z_channels}) does not belong to `transformer` "
-            f"(vocab {transformer.config.vocab_size}, z {transformer.config.latent_channels}).")
+            f"(vocab {transformer.config.vocab_size}, z {transformer.config.latent_channels})."
+        )
     tokenizer, text_encoder = _load_text_components(text_encoder_dir)
     width = getattr(text_encoder.config, "hidden_size", None) or getattr(text_encoder.config, "d_model", None)
     if width != transformer.config.text_embed_dim:
-        raise ConversionError(f"`text_encoder` width {width} does not match the transformer's text width {transformer.config.text_embed_dim}.")
+        raise ConversionError(
+            f"`text_encoder` width {width} does not match "
+            f"the transformer's text width {transformer.config.text_embed_dim}."
+        )
     if dtype != torch.float32:
         transformer, vqvae = transformer.to(dtype), vqvae.to(dtype)
     pipe = STARPipeline(transformer=transformer, vqvae=vqvae, text_encoder=text_encoder, tokenizer=tokenizer)

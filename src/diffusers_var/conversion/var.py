@@ -71,13 +71,18 @@ def _shape(value) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------------------------
 # Configuration inference
 # ----------------------------------------------------------------------------------------------
-def infer_patch_nums(state_dict: Mapping, patch_nums: Sequence[int] | None = None, param_name: str = "transformer") -> tuple[int, ...]:
+def infer_patch_nums(
+    state_dict: Mapping, patch_nums: Sequence[int] | None = None, param_name: str = "transformer"
+) -> tuple[int, ...]:
     """Scale schedule: explicit > the ``lvl_1L`` buffer's values > the known schedule for L."""
     L = _shape(state_dict["pos_1LC"])[1]
     if patch_nums is not None:
         patch_nums = validate_patch_nums(patch_nums, "patch_nums")
         if sum(p * p for p in patch_nums) != L:
-            raise ConversionError(f"`--patch-nums` {patch_nums} gives {sum(p * p for p in patch_nums)} tokens, but the checkpoint has L={L}.")
+            raise ConversionError(
+                f"`--patch-nums` {patch_nums} gives {sum(p * p for p in patch_nums)} tokens, "
+                f"but the checkpoint has L={L}."
+            )
         return patch_nums
     levels = state_dict.get("lvl_1L")
     if isinstance(levels, torch.Tensor) and levels.device.type != "meta":
@@ -90,7 +95,9 @@ def infer_patch_nums(state_dict: Mapping, patch_nums: Sequence[int] | None = Non
     raise ConversionError(f"`{param_name}`: cannot infer the scale schedule from L={L} tokens; pass --patch-nums.")
 
 
-def var_config_from_state_dict(state_dict: Mapping, patch_nums: Sequence[int] | None = None, depth: int | None = None) -> dict:
+def var_config_from_state_dict(
+    state_dict: Mapping, patch_nums: Sequence[int] | None = None, depth: int | None = None
+) -> dict:
     missing = [k for k in _VAR_REQUIRED if k not in state_dict]
     if missing:
         raise ConversionError(f"`transformer`: not a VAR transformer checkpoint (missing {missing}).")
@@ -126,7 +133,9 @@ def vae_config_from_state_dict(state_dict: Mapping, patch_nums: Sequence[int], q
     ch = _shape(state_dict["encoder.conv_in.weight"])[0]
     levels = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
     ch_mult = [_shape(state_dict[f"encoder.down.{i}.block.0.conv1.weight"])[0] // ch for i in levels]
-    num_res_blocks = len({int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})
+    num_res_blocks = len(
+        {int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))}
+    )
     if any(k.startswith("quantize.quant_resi.qresi_ls.") for k in state_dict):
         share = len({k.split(".")[3] for k in state_dict if k.startswith("quantize.quant_resi.qresi_ls.")})
     elif any(k.startswith("quantize.quant_resi.qresi.") for k in state_dict):
@@ -135,8 +144,12 @@ def vae_config_from_state_dict(state_dict: Mapping, patch_nums: Sequence[int], q
         share = 0
     else:  # no Phi convs at all: Phi is the identity
         share, quant_resi = 4, 0.0
-    if share == 0 and len({k.split(".")[2] for k in state_dict if k.startswith("quantize.quant_resi.")}) != len(patch_nums):
-        raise ConversionError("`vae`: one Phi conv per scale, but their number differs from the transformer's scale count.")
+    if share == 0 and len({k.split(".")[2] for k in state_dict if k.startswith("quantize.quant_resi.")}) != len(
+        patch_nums
+    ):
+        raise ConversionError(
+            "`vae`: one Phi conv per scale, but their number differs from the transformer's scale count."
+        )
     last = len(levels) - 1
     return {
         "in_channels": _shape(state_dict["encoder.conv_in.weight"])[1],
@@ -178,16 +191,22 @@ def _expected_derived(model: VARTransformer2DModel, name: str) -> torch.Tensor:
     raise KeyError(name)
 
 
-def convert_var_transformer(state_dict: Mapping, patch_nums: Sequence[int] | None = None,
-                            depth: int | None = None) -> VARTransformer2DModel:
+def convert_var_transformer(
+    state_dict: Mapping, patch_nums: Sequence[int] | None = None, depth: int | None = None
+) -> VARTransformer2DModel:
     config = var_config_from_state_dict(state_dict, patch_nums, depth)
     model = VARTransformer2DModel(**config)
     converted = {}
     for old, new in var_key_map(state_dict).items():
         if new.startswith("@"):
             expected = _expected_derived(model, new[1:])
-            if _shape(state_dict[old]) != tuple(expected.shape) or not torch.equal(state_dict[old].to(expected.dtype), expected):
-                raise ConversionError(f"`transformer`: buffer {old!r} does not match the scale schedule {config['patch_nums']} (wrong --patch-nums?).")
+            if _shape(state_dict[old]) != tuple(expected.shape) or not torch.equal(
+                state_dict[old].to(expected.dtype), expected
+            ):
+                raise ConversionError(
+                    f"`transformer`: buffer {old!r} does not match the scale schedule {config['patch_nums']} "
+                    "(wrong --patch-nums?)."
+                )
         else:
             converted[new] = state_dict[old]
     load_into(model, converted, "transformer")
@@ -208,12 +227,22 @@ def convert_vae(state_dict: Mapping, patch_nums: Sequence[int], quant_resi: floa
 
 def _load_var(path) -> dict:
     obj = load_checkpoint(path, "transformer")
-    return find_state_dict(obj, [("trainer", "var_wo_ddp"), ("model",), ("state_dict",)], lambda sd: "class_emb.weight" in sd, "transformer")
+    return find_state_dict(
+        obj,
+        [("trainer", "var_wo_ddp"), ("model",), ("state_dict",)],
+        lambda sd: "class_emb.weight" in sd,
+        "transformer",
+    )
 
 
 def _load_vae(path) -> dict:
     obj = load_checkpoint(path, "vae")
-    return find_state_dict(obj, [("trainer", "vae_local"), ("model",), ("state_dict",)], lambda sd: "quantize.embedding.weight" in sd, "vae")
+    return find_state_dict(
+        obj,
+        [("trainer", "vae_local"), ("model",), ("state_dict",)],
+        lambda sd: "quantize.embedding.weight" in sd,
+        "vae",
+    )
 
 
 def convert_var_checkpoint(
@@ -240,7 +269,10 @@ def convert_var_checkpoint(
     vae_sd = _load_vae(vae_path)
     transformer = convert_var_transformer(var_sd, patch_nums, depth)
     vqvae = convert_vae(vae_sd, transformer.config.patch_nums, quant_resi)
-    if vqvae.config.vocab_size != transformer.config.vocab_size or vqvae.config.z_channels != transformer.config.latent_channels:
+    if (
+        vqvae.config.vocab_size != transformer.config.vocab_size
+        or vqvae.config.z_channels != transformer.config.latent_channels
+    ):
         raise ConversionError(
             f"`vae` (vocab {vqvae.config.vocab_size}, z {vqvae.config.z_channels}) does not belong to `transformer` "
             f"(vocab {transformer.config.vocab_size}, z {transformer.config.latent_channels})."

@@ -4,4 +4,10 @@ from .multiscale_vq import MultiScaleVQModel
 from .star_transformer import STARTransformer2DModel
 from .var_transformer import VARTransformer2DModel
 
-__all__ = ["MultiScaleVQModel", "BitwiseMultiScaleVAE", "VARTransformer2DModel", "STARTransformer2DModel", "InfinityTransformer2DModel"]
+__all__ = [
+    "MultiScaleVQModel",
+    "BitwiseMultiScaleVAE",
+    "VARTransformer2DModel",
+    "STARTransformer2DModel",
+    "InfinityTransformer2DModel",
+]

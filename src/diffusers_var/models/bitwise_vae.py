@@ -93,7 +93,9 @@ class _Mid(nn.Module):
 
 
 class BitwiseEncoder(nn.Module):
-    def __init__(self, in_channels: int, base_channels: int, ch_mult: Sequence[int], num_res_blocks: int, out_channels: int):
+    def __init__(
+        self, in_channels: int, base_channels: int, ch_mult: Sequence[int], num_res_blocks: int, out_channels: int
+    ):
         super().__init__()
         widths = [base_channels * m for m in ch_mult]
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
@@ -119,7 +121,9 @@ class BitwiseEncoder(nn.Module):
 
 
 class BitwiseDecoder(nn.Module):
-    def __init__(self, in_channels: int, base_channels: int, ch_mult: Sequence[int], num_res_blocks: int, out_channels: int):
+    def __init__(
+        self, in_channels: int, base_channels: int, ch_mult: Sequence[int], num_res_blocks: int, out_channels: int
+    ):
         super().__init__()
         widths = [base_channels * m for m in ch_mult]
         self.conv_in = nn.Conv2d(in_channels, widths[-1], 3, padding=1)
@@ -297,8 +301,13 @@ class BitwiseMultiScaleVAE(ModelMixin, ConfigMixin):
             bit_labels.append(bits.permute(0, 2, 3, 1).to(torch.uint8))
             if k + 1 < len(sizes):
                 area_inputs.append(area_resize(summed, sizes[k + 1]))
-        return BitwiseEncodeOutput(features=features_BdHW, quantized=summed, bit_labels=bit_labels,
-                                   quantizer_inputs=inputs, area_next_inputs=area_inputs)
+        return BitwiseEncodeOutput(
+            features=features_BdHW,
+            quantized=summed,
+            bit_labels=bit_labels,
+            quantizer_inputs=inputs,
+            area_next_inputs=area_inputs,
+        )
 
     def forward(self, images: torch.Tensor, scale_schedule):
         """Training forward: encode, multi-scale BSQ along ``scale_schedule`` (straight-through), decode without
@@ -321,7 +330,9 @@ class BitwiseMultiScaleVAE(ModelMixin, ConfigMixin):
         return self.decode(self.codes_from_bit_labels(bit_labels)).sample
 
     # -- what the transformer sees -----------------------------------------------------------------
-    def next_scale_input(self, summed_BdHW: torch.Tensor, codes_BdHW: torch.Tensor, next_size_hw: tuple[int, int] | None):
+    def next_scale_input(
+        self, summed_BdHW: torch.Tensor, codes_BdHW: torch.Tensor, next_size_hw: tuple[int, int] | None
+    ):
         """Add one scale's codes to the running sum (full latent resolution) and return ``(summed, x_next)``
         where ``x_next`` (B, h*w, bits_per_token) is the bilinear *downsampling* of the sum to the next
         token grid (``next_size_hw``; ``None`` at the last scale)."""

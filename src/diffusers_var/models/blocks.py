@@ -423,7 +423,9 @@ def truncated_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def init_linear_and_embedding_weights_(model: nn.Module, std: float, extra_params: Sequence[torch.Tensor] = ()) -> None:
+def init_linear_and_embedding_weights_(
+    model: nn.Module, std: float, extra_params: Sequence[torch.Tensor] = ()
+) -> None:
     """Truncated normal (``std``, bounds +-2) for every Linear / Embedding weight and ``extra_params``; zero biases."""
     for module in model.modules():
         if isinstance(module, nn.Linear):
@@ -438,8 +440,14 @@ def init_linear_and_embedding_weights_(model: nn.Module, std: float, extra_param
 
 
 @torch.no_grad()
-def init_adaln_transformer_weights_(model: nn.Module, std: float, extra_params: Sequence[torch.Tensor] = (),
-                                    init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02) -> None:
+def init_adaln_transformer_weights_(
+    model: nn.Module,
+    std: float,
+    extra_params: Sequence[torch.Tensor] = (),
+    init_adaln: float = 0.5,
+    init_adaln_gamma: float = 1e-5,
+    init_head: float = 0.02,
+) -> None:
     """The original VAR / Infinity initialisation of a model with ``blocks`` of :class:`AdaLNSelfAttentionBlock`,
     ``head`` and ``head_norm``: truncated normal (``std``) for Linear / Embedding weights and ``extra_params``,
     zero biases, a small head, residual outputs divided by sqrt(2 depth), near-zero AdaLN gates."""

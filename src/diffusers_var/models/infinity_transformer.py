@@ -42,7 +42,9 @@ def normalized_grid_positions(height: int, width: int, grid_hw: tuple[int, int])
     return rows[:, None].expand(height, width).reshape(-1), cols[None, :].expand(height, width).reshape(-1)
 
 
-def rope_2d_cos_sin(scale_hw: Sequence[tuple[int, int]], grid_hw: tuple[int, int], head_dim: int, base: float = 10000.0):
+def rope_2d_cos_sin(
+    scale_hw: Sequence[tuple[int, int]], grid_hw: tuple[int, int], head_dim: int, base: float = 10000.0
+):
     """cos / sin tables, each (L, head_dim // 2), for all scales of a schedule concatenated (row-major)."""
     half = head_dim // 2
     # int64 exponents as in the original, so the frequencies are bit-identical
@@ -85,8 +87,13 @@ class CrossAttention(nn.Module):
         kv = self.to_kv(context_BSC, bias).view(B, S, 2, self.num_heads, self.head_dim)
         return kv.unbind(dim=2)
 
-    def forward(self, x_BLC: torch.Tensor | None, context_BSC: torch.Tensor, context_mask_BS: torch.Tensor | None = None,
-                kv_cache: LayerKVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x_BLC: torch.Tensor | None,
+        context_BSC: torch.Tensor,
+        context_mask_BS: torch.Tensor | None = None,
+        kv_cache: LayerKVCache | None = None,
+    ) -> torch.Tensor:
         B = context_BSC.shape[0]
         # decoding: the text is fixed for a generation, so its keys / values are computed once
         k, v = memoized(kv_cache, "cross_kv", lambda: self.context_keys_values(context_BSC))
@@ -101,7 +108,8 @@ class CrossAttention(nn.Module):
         return self.to_q(x_BLC).unflatten(-1, (self.num_heads, self.head_dim))
 
     def attend(self, q, k, v, context_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention over the context (padded positions masked): (B, L, H, D) queries -> (B, L, C), before ``to_out``."""
+        """Attention over the context (padded positions masked): (B, L, H, D) queries -> (B, L, C), before
+        ``to_out``."""
         mask = None if context_mask_BS is None else context_mask_BS[:, None, None, :].to(torch.bool)
         return dispatch_attention_fn(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5).flatten(2)
 
@@ -110,10 +118,25 @@ class AdaLNCrossAttentionBlock(AdaLNSelfAttentionBlock):
     """:class:`AdaLNSelfAttentionBlock` with an un-gated cross-attention residual between self-attention
     and FFN: ``x += CrossAttn(LayerNorm_affine(x), context)`` (no AdaLN on that branch)."""
 
-    def __init__(self, dim: int, num_heads: int, context_dim: int, ffn_dim: int, norm_eps: float = 1e-6,
-                 shared_adaln: bool = False, drop_path: float = 0.0):
-        super().__init__(dim, num_heads, norm_eps=norm_eps, shared_adaln=shared_adaln, attn_l2_norm=True,
-                         drop_path=drop_path, ffn_dim=ffn_dim)
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        context_dim: int,
+        ffn_dim: int,
+        norm_eps: float = 1e-6,
+        shared_adaln: bool = False,
+        drop_path: float = 0.0,
+    ):
+        super().__init__(
+            dim,
+            num_heads,
+            norm_eps=norm_eps,
+            shared_adaln=shared_adaln,
+            attn_l2_norm=True,
+            drop_path=drop_path,
+            ffn_dim=ffn_dim,
+        )
         self.cross_attn_norm = nn.LayerNorm(dim, eps=norm_eps)
         self.cross_attn = CrossAttention(dim, context_dim, num_heads)
 
@@ -240,16 +263,22 @@ class InfinityTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             raise ValueError(f"text of {S} tokens exceeds `text_max_length` ({self.config.text_max_length}).")
         return self.uncond_text_embeds[:S].unsqueeze(0).expand(B, S, -1)
 
-    def encode_text(self, text_embeds: torch.Tensor, text_mask: torch.Tensor, drop_text: torch.Tensor | None = None) -> InfinityTextCondition:
+    def encode_text(
+        self, text_embeds: torch.Tensor, text_mask: torch.Tensor, drop_text: torch.Tensor | None = None
+    ) -> InfinityTextCondition:
         """Text features (B, S, text_dim) + mask (B, S) -> :class:`InfinityTextCondition` (called by ``forward``,
         once per generation when decoding).
 
         ``drop_text`` (B,) bool replaces those rows by the learned unconditional features.
         """
         if text_embeds.ndim != 3 or text_embeds.shape[-1] != self.config.text_dim:
-            raise ValueError(f"`text_embeds` must have shape (B, S, {self.config.text_dim}), got {tuple(text_embeds.shape)}.")
+            raise ValueError(
+                f"`text_embeds` must have shape (B, S, {self.config.text_dim}), got {tuple(text_embeds.shape)}."
+            )
         if tuple(text_mask.shape) != tuple(text_embeds.shape[:2]):
-            raise ValueError(f"`text_mask` must have shape {tuple(text_embeds.shape[:2])}, got {tuple(text_mask.shape)}.")
+            raise ValueError(
+                f"`text_mask` must have shape {tuple(text_embeds.shape[:2])}, got {tuple(text_mask.shape)}."
+            )
         text_mask = text_mask.to(device=text_embeds.device, dtype=torch.bool)
         capturing = text_mask.is_cuda and torch.cuda.is_current_stream_capturing()  # no host sync in a graph capture
         if not capturing and not bool(text_mask.any(dim=1).all()):
@@ -279,7 +308,9 @@ class InfinityTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if schedule[0] != (1, 1):
             raise ValueError(f"`scale_schedule` must start with a 1x1 scale, got {schedule[0]}.")
         if len(schedule) > self.config.num_level_embeddings:
-            raise ValueError(f"`scale_schedule` has {len(schedule)} scales; the model supports {self.config.num_level_embeddings}.")
+            raise ValueError(
+                f"`scale_schedule` has {len(schedule)} scales; the model supports {self.config.num_level_embeddings}."
+            )
         return schedule
 
     @property
@@ -353,8 +384,13 @@ class InfinityTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         """The KV cache of one generation along ``scale_schedule`` (token grids ``[(h, w), ...]``)."""
         return KVCache(len(self.blocks), self._check_schedule(scale_schedule))
 
-    def forward_scale(self, scale_index: int, condition: tuple[torch.Tensor, ...], kv_cache: KVCache,
-                      scale_input: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_scale(
+        self,
+        scale_index: int,
+        condition: tuple[torch.Tensor, ...],
+        kv_cache: KVCache,
+        scale_input: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         r"""Logits (B, h*w, 2 * bits_per_token) of one scale during sampling, in scale order (through ``forward``, so
         module hooks run).
 
@@ -364,9 +400,13 @@ class InfinityTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         ``scale_input`` (B, h*w, bits_per_token) for scales >= 1 (``None`` at scale 0, whose input is the pooled text).
         """
         text_embeds, text_mask, drop_text = condition
-        return self(scale_input, text_embeds, text_mask, drop_text=drop_text, scale_index=scale_index, kv_cache=kv_cache)
+        return self(
+            scale_input, text_embeds, text_mask, drop_text=drop_text, scale_index=scale_index, kv_cache=kv_cache
+        )
 
-    def _decode_scale(self, scale_index, scale_input, text_embeds, text_mask, drop_text, kv_cache: KVCache) -> torch.Tensor:
+    def _decode_scale(
+        self, scale_index, scale_input, text_embeds, text_mask, drop_text, kv_cache: KVCache
+    ) -> torch.Tensor:
         schedule = kv_cache.schedule
         begin, end = kv_cache.scale_range(scale_index)
         text = memoized(kv_cache.head, "text", lambda: self.encode_text(text_embeds, text_mask, drop_text))
@@ -375,7 +415,10 @@ class InfinityTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             x_BLC = text.pooled.unsqueeze(1) + self.pos_start
         else:
             if scale_input is None or tuple(scale_input.shape) != (B, end - begin, self.config.bits_per_token):
-                raise ValueError(f"`scale_input` must have shape ({B}, {end - begin}, {self.config.bits_per_token}) at scale {scale_index}.")
+                raise ValueError(
+                    f"`scale_input` must have shape ({B}, {end - begin}, {self.config.bits_per_token}) "
+                    f"at scale {scale_index}."
+                )
             x_BLC = self.input_proj(scale_input.to(self.pos_start.dtype))
         # made on the device (no host copy: this runs inside CUDA graph captures)
         level = self.level_embedding(torch.full((1, 1), scale_index, dtype=torch.long, device=x_BLC.device))
@@ -388,7 +431,9 @@ class InfinityTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         """Truncated-normal init (std sqrt(1/(3C))), scaled head / AdaLN / residual outputs, and the
         original's unconditional rows (std 1.2 / sqrt(text_dim), CPU generator seeded 0)."""
         std = math.sqrt(1 / self.config.embed_dim / 3)
-        init_adaln_transformer_weights_(self, std, (self.pos_start, self.text_pool.learned_query), init_adaln, init_adaln_gamma, init_head)
+        init_adaln_transformer_weights_(
+            self, std, (self.pos_start, self.text_pool.learned_query), init_adaln, init_adaln_gamma, init_head
+        )
         uncond = torch.empty(self.uncond_text_embeds.shape)
         nn.init.trunc_normal_(uncond, std=1.2, generator=torch.Generator().manual_seed(0))
         self.uncond_text_embeds.copy_(uncond / self.config.text_dim**0.5)

@@ -214,7 +214,9 @@ class MultiScaleResidualQuantizer(nn.Module):
         """A scale's code map up to the latent side (the fast path swaps in another kernel for the same maths)."""
         return bicubic_up(codes_BChw, size)
 
-    def scale_contribution(self, codes_BChw: torch.Tensor, scale_index: int, num_scales: int, side: int) -> torch.Tensor:
+    def scale_contribution(
+        self, codes_BChw: torch.Tensor, scale_index: int, num_scales: int, side: int
+    ) -> torch.Tensor:
         """What scale ``scale_index`` adds to f_hat: ``Phi_k(up(codes))`` in float32 (no upsampling at the last
         scale, whose map already has the latent side)."""
         h = codes_BChw.float()
@@ -241,7 +243,9 @@ class MultiScaleResidualQuantizer(nn.Module):
         B = indices_Bl.shape[0]
         return self.embedding(indices_Bl).float().transpose(1, 2).reshape(B, self.z_channels, side, side)
 
-    def quantize(self, f_BChw: torch.Tensor, patch_nums: Sequence[int], return_fhat: bool = False) -> list[torch.Tensor]:
+    def quantize(
+        self, f_BChw: torch.Tensor, patch_nums: Sequence[int], return_fhat: bool = False
+    ) -> list[torch.Tensor]:
         f_rest = f_BChw.detach().float().clone()
         f_hat = torch.zeros_like(f_rest)
         B, C, H, W = f_rest.shape
@@ -254,7 +258,6 @@ class MultiScaleResidualQuantizer(nn.Module):
             f_rest.sub_(h)
             outputs.append(f_hat.clone() if return_fhat else idx_N.reshape(B, pn * pn))
         return outputs
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,17 +321,28 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
         super().__init__()
         patch_nums = validate_patch_nums(patch_nums)
         if ch % 32 or any((ch * m) % 32 for m in ch_mult):
-            raise ValueError(f"`ch` * every `ch_mult` must be a multiple of 32 (GroupNorm(32)); got ch={ch}, ch_mult={ch_mult}.")
+            raise ValueError(
+                f"`ch` * every `ch_mult` must be a multiple of 32 (GroupNorm(32)); got ch={ch}, ch_mult={ch_mult}."
+            )
         if quant_conv_ks not in (1, 3):
             raise ValueError(f"`quant_conv_ks` must be 1 or 3, got {quant_conv_ks}.")
-        args = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, z_channels=z_channels,
-                    dropout=dropout, using_sa=using_sa, using_mid_sa=using_mid_sa)
+        args = dict(
+            ch=ch,
+            ch_mult=tuple(ch_mult),
+            num_res_blocks=num_res_blocks,
+            z_channels=z_channels,
+            dropout=dropout,
+            using_sa=using_sa,
+            using_mid_sa=using_mid_sa,
+        )
         self.encoder = Encoder(in_channels, **args)
         self.decoder = Decoder(in_channels, **args)
         pad = quant_conv_ks // 2
         self.quant_conv = nn.Conv2d(z_channels, z_channels, quant_conv_ks, 1, pad)
         self.post_quant_conv = nn.Conv2d(z_channels, z_channels, quant_conv_ks, 1, pad)
-        self.quantize = MultiScaleResidualQuantizer(vocab_size, z_channels, patch_nums, quant_resi, share_quant_resi, beta)
+        self.quantize = MultiScaleResidualQuantizer(
+            vocab_size, z_channels, patch_nums, quant_resi, share_quant_resi, beta
+        )
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -360,19 +374,25 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
 
     def _check_images(self, images: torch.Tensor) -> None:
         if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != self.config.in_channels:
-            raise ValueError(f"`images` must be a (B, {self.config.in_channels}, H, W) tensor in [-1, 1], got "
-                             f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}.")
+            raise ValueError(
+                f"`images` must be a (B, {self.config.in_channels}, H, W) tensor in [-1, 1], got "
+                f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}."
+            )
         if images.shape[-1] != images.shape[-2]:
             raise ValueError(f"`images` must be square (the token maps are square), got {tuple(images.shape[-2:])}.")
         if images.shape[-1] % self.downsample_factor:
-            raise ValueError(f"`images` height and width must be multiples of {self.downsample_factor}, got {tuple(images.shape[-2:])}.")
+            raise ValueError(
+                f"`images` height and width must be multiples of {self.downsample_factor}, "
+                f"got {tuple(images.shape[-2:])}."
+            )
 
     def _resolve_patch_nums(self, patch_nums, latent_side: int) -> tuple[int, ...]:
         patch_nums = self.patch_nums if patch_nums is None else validate_patch_nums(patch_nums)
         if patch_nums[-1] != latent_side:
             raise ValueError(
-                f"`images` give a {latent_side}x{latent_side} latent, but the scale schedule `patch_nums` {patch_nums} ends at "
-                f"{patch_nums[-1]}: use {patch_nums[-1] * self.downsample_factor}x{patch_nums[-1] * self.downsample_factor} images "
+                f"`images` give a {latent_side}x{latent_side} latent, but the scale schedule `patch_nums` "
+                f"{patch_nums} ends at {patch_nums[-1]}: use "
+                f"{patch_nums[-1] * self.downsample_factor}x{patch_nums[-1] * self.downsample_factor} images "
                 f"or pass a `patch_nums` ending at {latent_side}."
             )
         return patch_nums
@@ -412,12 +432,16 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
     def indices_to_fhat(self, indices: Sequence[torch.LongTensor], all_scales: bool = False):
         """Token pyramid -> f_hat (B, Cv, h, h); with ``all_scales`` the list of cumulative f_hat per scale."""
         patch_nums = self._check_indices(indices)
-        return self.embeddings_to_fhat([self.quantize.embed(idx, pn) for idx, pn in zip(indices, patch_nums)], all_scales)
+        return self.embeddings_to_fhat(
+            [self.quantize.embed(idx, pn) for idx, pn in zip(indices, patch_nums)], all_scales
+        )
 
     def embeddings_to_fhat(self, embeddings_BChw: Sequence[torch.Tensor], all_scales: bool = False):
         """Per-scale code maps (B, Cv, pn, pn) -> f_hat (each upsampled to h x h, refined by Phi, summed)."""
         S, side = len(embeddings_BChw), embeddings_BChw[-1].shape[-1]
-        f_hat = embeddings_BChw[0].new_zeros(embeddings_BChw[0].shape[0], self.config.z_channels, side, side, dtype=torch.float32)
+        f_hat = embeddings_BChw[0].new_zeros(
+            embeddings_BChw[0].shape[0], self.config.z_channels, side, side, dtype=torch.float32
+        )
         cumulative = []
         for si, h in enumerate(embeddings_BChw):
             f_hat.add_(self.quantize.scale_contribution(h, si, S, side))
@@ -437,13 +461,20 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
         f_hat = torch.zeros(B, self.config.z_channels, side, side, device=indices[0].device)
         inputs = []
         for si in range(S - 1):
-            f_hat = f_hat + self.quantize.scale_contribution(self.quantize.embed(indices[si], patch_nums[si]), si, S, side)
+            f_hat = f_hat + self.quantize.scale_contribution(
+                self.quantize.embed(indices[si], patch_nums[si]), si, S, side
+            )
             inputs.append(area_down(f_hat, patch_nums[si + 1]).flatten(2).transpose(1, 2))
         return torch.cat(inputs, dim=1)
 
     @apply_forward_hook
-    def next_scale_input(self, scale_index: int, f_hat: torch.Tensor, embedding_BChw: torch.Tensor,
-                         patch_nums: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_scale_input(
+        self,
+        scale_index: int,
+        f_hat: torch.Tensor,
+        embedding_BChw: torch.Tensor,
+        patch_nums: Sequence[int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sampling step: add scale ``scale_index``'s code map to ``f_hat`` (in place) and return
         ``(f_hat, next_input)`` where ``next_input`` is f_hat area-downsampled to the next scale
         (or f_hat itself after the last scale)."""

@@ -95,8 +95,13 @@ class CosineCrossAttention(nn.Module):
         k, v = kv.view(B, Lc, 2, self.num_heads, self.head_dim).unbind(dim=2)
         return F.normalize(k, dim=-1), v
 
-    def forward(self, x_BLC: torch.Tensor, context_BLcD: torch.Tensor, context_mask: torch.Tensor | None = None,
-                kv_cache: LayerKVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x_BLC: torch.Tensor,
+        context_BLcD: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+        kv_cache: LayerKVCache | None = None,
+    ) -> torch.Tensor:
         B, L, C = x_BLC.shape
         Lc = context_BLcD.shape[1]
         q = self.to_q(x_BLC, self.q_bias).view(B, L, self.num_heads, self.head_dim)
@@ -126,7 +131,15 @@ class STARBlock(nn.Module):
     released STAR checkpoints were trained that way; see ``STARTransformer2DModel``).
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, norm_eps: float, text_embed_dim: int | None, drop_path: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        norm_eps: float,
+        text_embed_dim: int | None,
+        drop_path: float = 0.0,
+    ):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
         self.attn = CosineSelfAttention(dim, num_heads, attn_l2_norm=True)
@@ -144,11 +157,17 @@ class STARBlock(nn.Module):
         encoder_attention_mask: torch.Tensor | None = None,
         cross_attention_row0: bool = False,
     ) -> torch.Tensor:
-        x_BLC = x_BLC + self.drop_path(self.attn(self.norm(x_BLC), attn_mask=attn_mask, kv_cache=kv_cache, rotary=rotary))
+        x_BLC = x_BLC + self.drop_path(
+            self.attn(self.norm(x_BLC), attn_mask=attn_mask, kv_cache=kv_cache, rotary=rotary)
+        )
         if self.cross_attn is not None:
             rows = x_BLC[:1] if cross_attention_row0 else x_BLC  # quirk: only row 0 is used, broadcast over the batch
             context = encoder_hidden_states[:1] if cross_attention_row0 else encoder_hidden_states
-            mask = encoder_attention_mask[:1] if cross_attention_row0 and encoder_attention_mask is not None else encoder_attention_mask
+            mask = (
+                encoder_attention_mask[:1]
+                if cross_attention_row0 and encoder_attention_mask is not None
+                else encoder_attention_mask
+            )
             x_BLC = x_BLC + self.cross_attn(self.norm(rows), context, mask, kv_cache)
         return x_BLC + self.drop_path(self.ffn(self.norm(x_BLC)))
 
@@ -162,24 +181,42 @@ class STARStableSampler(nn.Module):
     ``len(blocks)`` self-attention blocks and a non-affine LayerNorm + ``head``.
     """
 
-    def __init__(self, dim, num_heads, mlp_ratio, norm_eps, latent_channels, text_embed_dim, vocab_size, num_scales, depth, drop_paths):
+    def __init__(
+        self,
+        dim,
+        num_heads,
+        mlp_ratio,
+        norm_eps,
+        latent_channels,
+        text_embed_dim,
+        vocab_size,
+        num_scales,
+        depth,
+        drop_paths,
+    ):
         super().__init__()
         self.input_proj = nn.Linear(latent_channels, dim)
         self.level_embedding = nn.Embedding(num_scales, dim)
         self.pos_start = nn.Parameter(torch.zeros(1, 1, dim))
         self.text_proj = nn.Linear(text_embed_dim, dim)
         self.fuse_proj = nn.Linear(2 * dim, dim)
-        self.blocks = nn.ModuleList([STARBlock(dim, num_heads, mlp_ratio, norm_eps, None, drop_paths[i]) for i in range(depth)])
+        self.blocks = nn.ModuleList(
+            [STARBlock(dim, num_heads, mlp_ratio, norm_eps, None, drop_paths[i]) for i in range(depth)]
+        )
         self.norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
         self.head = nn.Linear(dim, vocab_size)
 
     def text_token(self, pooled_text_embeds: torch.Tensor) -> torch.Tensor:
         return self.text_proj(pooled_text_embeds.unsqueeze(1).to(self.pos_start.dtype)) + self.pos_start
 
-    def forward(self, committed_embeds_BlCv, level_ids_1l, main_hidden_BlC, pooled_text_embeds, rope_table, attn_mask=None):
+    def forward(
+        self, committed_embeds_BlCv, level_ids_1l, main_hidden_BlC, pooled_text_embeds, rope_table, attn_mask=None
+    ):
         """Logits (B, l, V) of the tokens after the text token."""
         tau = self.text_token(pooled_text_embeds)
-        features = torch.cat((tau, self.input_proj(committed_embeds_BlCv.to(tau.dtype)) + self.level_embedding(level_ids_1l)), dim=1)
+        features = torch.cat(
+            (tau, self.input_proj(committed_embeds_BlCv.to(tau.dtype)) + self.level_embedding(level_ids_1l)), dim=1
+        )
         previous = torch.cat((tau, main_hidden_BlC), dim=1)
         h = self.fuse_proj(torch.cat((features, previous), dim=-1))
         rotary = rope_rotary(rope_table)
@@ -266,13 +303,18 @@ class STARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         super().__init__()
         patch_nums = validate_patch_nums(patch_nums)
         if stable_sampler and not 0 < sampler_start_scale < len(patch_nums):
-            raise ValueError(f"`sampler_start_scale` must be in [1, {len(patch_nums) - 1}], got {sampler_start_scale}.")
+            raise ValueError(
+                f"`sampler_start_scale` must be in [1, {len(patch_nums) - 1}], got {sampler_start_scale}."
+            )
         if stable_sampler and not rope:
             raise ValueError("`stable_sampler` needs `rope=True` (its text token uses RoPE row 0).")
         if stable_sampler and sampler_depth > depth:
             raise ValueError(f"`sampler_depth` ({sampler_depth}) cannot exceed `depth` ({depth}).")
         if embed_dim % num_heads or (rope and (embed_dim // num_heads) % 4):
-            raise ValueError(f"`embed_dim` / `num_heads` must be an integer divisible by 4 (2D RoPE), got {embed_dim} / {num_heads}.")
+            raise ValueError(
+                "`embed_dim` / `num_heads` must be an integer divisible by 4 (2D RoPE), "
+                f"got {embed_dim} / {num_heads}."
+            )
         C = embed_dim
         self.num_scales = len(patch_nums)
         self.seq_len = sum(pn * pn for pn in patch_nums)
@@ -288,13 +330,26 @@ class STARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         self.class_embedding = nn.Embedding(num_legacy_classes + 1, C) if num_legacy_classes > 0 else None
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         cross_dim = text_embed_dim if cross_attention else None
-        self.blocks = nn.ModuleList([STARBlock(C, num_heads, mlp_ratio, norm_eps, cross_dim, rates[i]) for i in range(depth)])
+        self.blocks = nn.ModuleList(
+            [STARBlock(C, num_heads, mlp_ratio, norm_eps, cross_dim, rates[i]) for i in range(depth)]
+        )
         self.head_norm = nn.LayerNorm(C, eps=norm_eps, elementwise_affine=False) if logit_norm else nn.Identity()
         self.head = nn.Linear(C, vocab_size)
         self.sampler = (
-            STARStableSampler(C, num_heads, mlp_ratio, norm_eps, latent_channels, text_embed_dim, vocab_size,
-                              self.num_scales, sampler_depth, rates)
-            if stable_sampler else None
+            STARStableSampler(
+                C,
+                num_heads,
+                mlp_ratio,
+                norm_eps,
+                latent_channels,
+                text_embed_dim,
+                vocab_size,
+                self.num_scales,
+                sampler_depth,
+                rates,
+            )
+            if stable_sampler
+            else None
         )
         self._rope_tables: dict = {}  # complex tables per device; not a buffer, so dtype casts never touch them
         self.gradient_checkpointing = False
@@ -318,7 +373,8 @@ class STARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if device not in self._rope_tables:
             cfg = self.config
             self._rope_tables[device] = normalized_rope_2d_table(
-                cfg.patch_nums, cfg.embed_dim // cfg.num_heads, cfg.rope_theta, cfg.rope_norm, device=device)
+                cfg.patch_nums, cfg.embed_dim // cfg.num_heads, cfg.rope_theta, cfg.rope_norm, device=device
+            )
         return self._rope_tables[device]
 
     def _level_ids(self, begin: int, end: int, device) -> torch.LongTensor:
@@ -339,18 +395,32 @@ class STARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def _check_text(self, encoder_hidden_states, encoder_attention_mask, pooled_text_embeds, batch_size) -> None:
         D = self.config.text_embed_dim
         if pooled_text_embeds is None or pooled_text_embeds.ndim != 2 or pooled_text_embeds.shape != (batch_size, D):
-            raise ValueError(f"`pooled_text_embeds` must have shape ({batch_size}, {D}), got "
-                             f"{None if pooled_text_embeds is None else tuple(pooled_text_embeds.shape)}.")
+            raise ValueError(
+                f"`pooled_text_embeds` must have shape ({batch_size}, {D}), got "
+                f"{None if pooled_text_embeds is None else tuple(pooled_text_embeds.shape)}."
+            )
         if self.config.cross_attention:
-            if encoder_hidden_states is None or encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch_size \
-                    or encoder_hidden_states.shape[2] != D:
-                raise ValueError(f"`encoder_hidden_states` must have shape ({batch_size}, N, {D}), got "
-                                 f"{None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape)}.")
-            if encoder_attention_mask is not None and tuple(encoder_attention_mask.shape) != tuple(encoder_hidden_states.shape[:2]):
-                raise ValueError(f"`encoder_attention_mask` must have shape {tuple(encoder_hidden_states.shape[:2])}, "
-                                 f"got {tuple(encoder_attention_mask.shape)}.")
+            if (
+                encoder_hidden_states is None
+                or encoder_hidden_states.ndim != 3
+                or encoder_hidden_states.shape[0] != batch_size
+                or encoder_hidden_states.shape[2] != D
+            ):
+                raise ValueError(
+                    f"`encoder_hidden_states` must have shape ({batch_size}, N, {D}), got "
+                    f"{None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape)}."
+                )
+            if encoder_attention_mask is not None and tuple(encoder_attention_mask.shape) != tuple(
+                encoder_hidden_states.shape[:2]
+            ):
+                raise ValueError(
+                    f"`encoder_attention_mask` must have shape {tuple(encoder_hidden_states.shape[:2])}, "
+                    f"got {tuple(encoder_attention_mask.shape)}."
+                )
 
-    def _run_blocks(self, x_BLC, attn_mask, kv_cache, rotary, encoder_hidden_states, encoder_attention_mask) -> torch.Tensor:
+    def _run_blocks(
+        self, x_BLC, attn_mask, kv_cache, rotary, encoder_hidden_states, encoder_attention_mask
+    ) -> torch.Tensor:
         row0 = self.config.cross_attention_row0_quirk
         if encoder_hidden_states is not None:
             encoder_hidden_states = encoder_hidden_states.to(x_BLC.dtype)
@@ -398,16 +468,28 @@ class STARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         if sampler_inputs is not None:
             return self._sampler_scale_logits(scale_index, *sampler_inputs, pooled_text_embeds)
         if scale_index is not None:
-            return self._decode_scale(scale_index, teacher_forcing_input, encoder_hidden_states, encoder_attention_mask,
-                                      pooled_text_embeds, kv_cache)
+            return self._decode_scale(
+                scale_index,
+                teacher_forcing_input,
+                encoder_hidden_states,
+                encoder_attention_mask,
+                pooled_text_embeds,
+                kv_cache,
+            )
         expected = (self.seq_len - 1, self.config.latent_channels)
-        if teacher_forcing_input is None or teacher_forcing_input.ndim != 3 or tuple(teacher_forcing_input.shape[1:]) != expected:
+        if (
+            teacher_forcing_input is None
+            or teacher_forcing_input.ndim != 3
+            or tuple(teacher_forcing_input.shape[1:]) != expected
+        ):
             got = None if teacher_forcing_input is None else tuple(teacher_forcing_input.shape)
             raise ValueError(f"`teacher_forcing_input` must have shape (B, {expected[0]}, {expected[1]}), got {got}.")
         B = teacher_forcing_input.shape[0]
         self._check_text(encoder_hidden_states, encoder_attention_mask, pooled_text_embeds, B)
-        x_BLC = torch.cat((self.start_token(pooled_text_embeds),
-                           self.input_proj(teacher_forcing_input.to(self.pos_start.dtype))), dim=1)
+        x_BLC = torch.cat(
+            (self.start_token(pooled_text_embeds), self.input_proj(teacher_forcing_input.to(self.pos_start.dtype))),
+            dim=1,
+        )
         x_BLC = x_BLC + self._position_embed(0, self.seq_len, x_BLC.device)
         attn_mask = block_causal_mask(self.config.patch_nums, device=x_BLC.device)
         table = self.rope_table(x_BLC.device)
@@ -452,16 +534,27 @@ class STARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         table = self.rope_table(device)
         rows = torch.cat((table[:1], table[begin:]))
         committed = known_embeddings * known_mask[..., None].to(known_embeddings.dtype)
-        return self.sampler(committed, self._level_ids(begin, self.seq_len, device), hidden_states[:, begin:],
-                            pooled_text_embeds, rows, attn_mask=self.sampler_attention_mask(device))
+        return self.sampler(
+            committed,
+            self._level_ids(begin, self.seq_len, device),
+            hidden_states[:, begin:],
+            pooled_text_embeds,
+            rows,
+            attn_mask=self.sampler_attention_mask(device),
+        )
 
     # -- scale-by-scale decoding -------------------------------------------------------------------
     def init_kv_cache(self, scale_schedule=None) -> KVCache:
         """The KV cache of one generation (the schedule is the model's own)."""
         return KVCache(len(self.blocks), square_schedule(self.config.patch_nums))
 
-    def forward_scale(self, scale_index: int, condition: tuple[torch.Tensor, ...], kv_cache: KVCache,
-                      scale_input: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_scale(
+        self,
+        scale_index: int,
+        condition: tuple[torch.Tensor, ...],
+        kv_cache: KVCache,
+        scale_input: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         r"""One scale during sampling (scales in order, one ``kv_cache``; through ``forward``, so module hooks run).
 
         Args:
@@ -474,11 +567,24 @@ class STARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         Returns ``(logits, hidden_states)``: (B, pn*pn, V) float32 and the last block's output (B, pn*pn, C).
         """
         encoder_hidden_states, encoder_attention_mask, pooled_text_embeds = condition
-        return self(scale_input, encoder_hidden_states, encoder_attention_mask, pooled_text_embeds,
-                    scale_index=scale_index, kv_cache=kv_cache)
+        return self(
+            scale_input,
+            encoder_hidden_states,
+            encoder_attention_mask,
+            pooled_text_embeds,
+            scale_index=scale_index,
+            kv_cache=kv_cache,
+        )
 
-    def _decode_scale(self, scale_index, scale_input, encoder_hidden_states, encoder_attention_mask, pooled_text_embeds,
-                      kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_scale(
+        self,
+        scale_index,
+        scale_input,
+        encoder_hidden_states,
+        encoder_attention_mask,
+        pooled_text_embeds,
+        kv_cache: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         begin, end = self.begin_ends[scale_index]
         B = pooled_text_embeds.shape[0]
         if scale_index == 0:
@@ -486,8 +592,10 @@ class STARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             x_BLC = self.start_token(pooled_text_embeds)
         else:
             if scale_input is None or tuple(scale_input.shape) != (B, end - begin, self.config.latent_channels):
-                raise ValueError(f"`scale_input` must have shape ({B}, {end - begin}, {self.config.latent_channels}) "
-                                 f"at scale {scale_index}.")
+                raise ValueError(
+                    f"`scale_input` must have shape ({B}, {end - begin}, {self.config.latent_channels}) "
+                    f"at scale {scale_index}."
+                )
             x_BLC = self.input_proj(scale_input.to(self.pos_start.dtype))
         x_BLC = x_BLC + self._position_embed(begin, end, x_BLC.device)
         table = self.rope_table(x_BLC.device)
@@ -496,7 +604,11 @@ class STARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return self.compute_logits(hidden), hidden
 
     def sampler_scale_logits(
-        self, scale_index: int, hidden_states: torch.Tensor, committed_embeddings: torch.Tensor, pooled_text_embeds: torch.Tensor
+        self,
+        scale_index: int,
+        hidden_states: torch.Tensor,
+        committed_embeddings: torch.Tensor,
+        pooled_text_embeds: torch.Tensor,
     ) -> torch.Tensor:
         r"""Stable-sampler logits of one scale during sampling (through ``forward``, so module hooks run).
 
@@ -508,8 +620,14 @@ class STARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
 
         Returns (2B, pn*pn, V) float32 logits.
         """
-        return self(None, None, None, pooled_text_embeds, scale_index=scale_index,
-                    sampler_inputs=(hidden_states, committed_embeddings))
+        return self(
+            None,
+            None,
+            None,
+            pooled_text_embeds,
+            scale_index=scale_index,
+            sampler_inputs=(hidden_states, committed_embeddings),
+        )
 
     def _sampler_scale_logits(self, scale_index: int, hidden_states, committed_embeddings, pooled_text_embeds):
         if self.sampler is None:
@@ -519,8 +637,13 @@ class STARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         table = self.rope_table(device)
         rows = torch.cat((table[:1], table[begin:end]))
         repeats = hidden_states.shape[0] // committed_embeddings.shape[0]
-        return self.sampler(committed_embeddings.repeat(repeats, 1, 1), self._level_ids(begin, end, device), hidden_states,
-                            pooled_text_embeds, rows)
+        return self.sampler(
+            committed_embeddings.repeat(repeats, 1, 1),
+            self._level_ids(begin, end, device),
+            hidden_states,
+            pooled_text_embeds,
+            rows,
+        )
 
     # -- initialisation for training from scratch ----------------------------------------------------
     @torch.no_grad()
@@ -529,7 +652,8 @@ class STARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         C, depth = self.config.embed_dim, self.config.depth
         std = math.sqrt(1 / C / 3) if init_std < 0 else init_std
         init_linear_and_embedding_weights_(
-            self, std, (self.pos_start, self.pos_embed, None if self.sampler is None else self.sampler.pos_start))
+            self, std, (self.pos_start, self.pos_embed, None if self.sampler is None else self.sampler.pos_start)
+        )
         heads = [self.head] + ([self.sampler.head] if self.sampler is not None else [])
         for head in heads:
             head.weight.mul_(init_head)

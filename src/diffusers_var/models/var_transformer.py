@@ -133,8 +133,9 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         level_ids = torch.full((1, end - begin), scale_index, dtype=torch.long, device=device)
         return self.level_embedding(level_ids) + self.pos_embed[:, begin:end]
 
-    def drop_labels(self, class_labels: torch.LongTensor, rate: float | None = None,
-                    generator: torch.Generator | None = None) -> torch.LongTensor:
+    def drop_labels(
+        self, class_labels: torch.LongTensor, rate: float | None = None, generator: torch.Generator | None = None
+    ) -> torch.LongTensor:
         """Label dropout for classifier-free guidance training: each label becomes the null class with
         probability ``rate`` (default ``cond_drop_rate``). Draws ``torch.rand(B)`` like the original
         (from the global RNG when no generator is given)."""
@@ -146,8 +147,16 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return torch.where(draw < rate, self.null_class, class_labels)
 
     def _check_labels(self, class_labels: torch.Tensor) -> None:
-        if not torch.is_tensor(class_labels) or class_labels.dtype not in (torch.int64, torch.int32) or class_labels.ndim != 1:
-            got = f"{class_labels.dtype} {tuple(class_labels.shape)}" if torch.is_tensor(class_labels) else type(class_labels).__name__
+        if (
+            not torch.is_tensor(class_labels)
+            or class_labels.dtype not in (torch.int64, torch.int32)
+            or class_labels.ndim != 1
+        ):
+            got = (
+                f"{class_labels.dtype} {tuple(class_labels.shape)}"
+                if torch.is_tensor(class_labels)
+                else type(class_labels).__name__
+            )
             raise ValueError(f"`class_labels` must be a 1-D integer tensor, got {got}.")
         if class_labels.is_cuda and torch.cuda.is_current_stream_capturing():
             return  # no host sync inside a CUDA graph capture: the pipeline checked the labels as Python ints
@@ -220,8 +229,11 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def _level_ids(self, length: int, device) -> torch.LongTensor:
         """(1, length) scale index of the first ``length`` pyramid positions (whole scales), made on the device (no
         host copy: a prefill runs inside CUDA graph captures)."""
-        ids = [torch.full((end - begin,), si, dtype=torch.long, device=device)
-               for si, (begin, end) in enumerate(self.begin_ends) if end <= length]
+        ids = [
+            torch.full((end - begin,), si, dtype=torch.long, device=device)
+            for si, (begin, end) in enumerate(self.begin_ends)
+            if end <= length
+        ]
         return torch.cat(ids)[None]
 
     def _teacher_forcing_length(self, teacher_forcing_input) -> int:
@@ -229,11 +241,17 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         is (B, cum_k - pn_0^2, latent_channels) for some scale k."""
         Cv = self.config.latent_channels
         lengths = [end - self.first_len for _, end in self.begin_ends[1:]]
-        if teacher_forcing_input is None or teacher_forcing_input.ndim != 3 or teacher_forcing_input.shape[2] != Cv \
-                or teacher_forcing_input.shape[1] not in lengths:
+        if (
+            teacher_forcing_input is None
+            or teacher_forcing_input.ndim != 3
+            or teacher_forcing_input.shape[2] != Cv
+            or teacher_forcing_input.shape[1] not in lengths
+        ):
             got = None if teacher_forcing_input is None else tuple(teacher_forcing_input.shape)
-            raise ValueError(f"`teacher_forcing_input` must have shape (B, {lengths[-1]}, {Cv}), or cover the first "
-                             f"scales: (B, n, {Cv}) with n in {lengths}; got {got}.")
+            raise ValueError(
+                f"`teacher_forcing_input` must have shape (B, {lengths[-1]}, {Cv}), or cover the first "
+                f"scales: (B, n, {Cv}) with n in {lengths}; got {got}."
+            )
         return teacher_forcing_input.shape[1] + self.first_len
 
     # -- scale-by-scale decoding -------------------------------------------------------------------
@@ -243,13 +261,20 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         schedule = square_schedule(self.config.patch_nums)
         if scale_schedule is not None:
             if [tuple(hw) for hw in scale_schedule] != schedule[: len(scale_schedule)]:
-                raise ValueError(f"`scale_schedule` must be the model's schedule {schedule} or its first scales, got "
-                                 f"{list(scale_schedule)}.")
+                raise ValueError(
+                    f"`scale_schedule` must be the model's schedule {schedule} or its first scales, got "
+                    f"{list(scale_schedule)}."
+                )
             schedule = schedule[: len(scale_schedule)]
         return KVCache(len(self.blocks), schedule)
 
-    def forward_scale(self, scale_index: int, condition: tuple[torch.Tensor], kv_cache: KVCache,
-                      scale_input: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_scale(
+        self,
+        scale_index: int,
+        condition: tuple[torch.Tensor],
+        kv_cache: KVCache,
+        scale_input: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         r"""Logits of one scale during sampling (through ``forward``, so module hooks run).
 
         Args:
@@ -264,8 +289,9 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         (class_labels,) = condition
         return self(class_labels, scale_input, scale_index=scale_index, kv_cache=kv_cache)
 
-    def prefill_scale(self, condition: tuple[torch.Tensor], kv_cache: KVCache,
-                      prefix_input: torch.Tensor) -> torch.Tensor:
+    def prefill_scale(
+        self, condition: tuple[torch.Tensor], kv_cache: KVCache, prefix_input: torch.Tensor
+    ) -> torch.Tensor:
         r"""Logits of every position of scales 0..k from one block-causal pass (through ``forward``), which also fills
         the empty ``kv_cache`` with them, so that :meth:`forward_scale` goes on at scale k + 1.
 
@@ -292,14 +318,20 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             x_BLC = cond_BD.unsqueeze(1).expand(B, self.first_len, -1) + self.pos_start.expand(B, -1, -1) + level_pos
         else:
             if scale_input is None or tuple(scale_input.shape) != (B, end - begin, self.config.latent_channels):
-                raise ValueError(f"`scale_input` must have shape ({B}, {end - begin}, {self.config.latent_channels}) "
-                                 f"at scale {scale_index}.")
+                raise ValueError(
+                    f"`scale_input` must have shape ({B}, {end - begin}, {self.config.latent_channels}) "
+                    f"at scale {scale_index}."
+                )
             x_BLC = self.input_proj(scale_input.to(self.pos_start.dtype)) + level_pos
         return self._run_blocks(x_BLC, cond_BD, kv_cache=kv_cache)
 
     # -- initialisation for training from scratch ----------------------------------------------------
     @torch.no_grad()
-    def init_weights(self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02, init_std: float = -1.0):
+    def init_weights(
+        self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02, init_std: float = -1.0
+    ):
         """The original recipe: truncated normal (std sqrt(1/(3C))), scaled head / AdaLN / residual outputs."""
         std = math.sqrt(1 / self.config.embed_dim / 3) if init_std < 0 else init_std
-        init_adaln_transformer_weights_(self, std, (self.pos_start, self.pos_embed), init_adaln, init_adaln_gamma, init_head)
+        init_adaln_transformer_weights_(
+            self, std, (self.pos_start, self.pos_embed), init_adaln, init_adaln_gamma, init_head
+        )

@@ -134,8 +134,13 @@ def fuse_ffn_gelu_(model: nn.Module | None, enabled: bool = True) -> int:
 
 def _fused_gelu_ffn_forward(ffn: FeedForward, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
-    if uses_fp8(_base_layer(ffn.fc1), x) or not x.is_cuda or torch.is_grad_enabled() or rows < FUSED_GELU_MIN_ROWS \
-            or adds_lora_output(ffn.fc1):  # an unfused LoRA on fc1: its own forward adds the adapters' update
+    if (
+        uses_fp8(_base_layer(ffn.fc1), x)
+        or not x.is_cuda
+        or torch.is_grad_enabled()
+        or rows < FUSED_GELU_MIN_ROWS
+        or adds_lora_output(ffn.fc1)
+    ):  # an unfused LoRA on fc1: its own forward adds the adapters' update
         # float8 fc1: its GELU fuses with the quantisation of fc2's input in the compiled block instead
         return ffn.fc2(F.gelu(ffn.fc1(x), approximate="tanh"))
     # on CUDA ``_addmm_activation(use_gelu=True)`` is the tanh approximation (exact erf GELU on the CPU)
@@ -171,8 +176,11 @@ def quantize_to_float8(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def uses_fp8(linear: nn.Linear, x: torch.Tensor) -> bool:
     """Whether ``linear`` runs in float8 for ``x``: it carries float8 weights (:func:`quantize_linears_fp8_`), no
     autograd, and at least ``FP8_MIN_ROWS`` token rows."""
-    return (getattr(linear, "weight_fp8", None) is not None and not torch.is_grad_enabled()
-            and x.numel() >= FP8_MIN_ROWS * x.shape[-1])
+    return (
+        getattr(linear, "weight_fp8", None) is not None
+        and not torch.is_grad_enabled()
+        and x.numel() >= FP8_MIN_ROWS * x.shape[-1]
+    )
 
 
 _MODULE_BIAS = object()
@@ -186,8 +194,14 @@ def _fp8_linear_forward(linear: nn.Linear, x: torch.Tensor, bias=_MODULE_BIAS) -
     if not uses_fp8(linear, x):
         return F.linear(x, linear.weight, bias)
     x8, x_scale = quantize_to_float8(x.reshape(-1, x.shape[-1]))
-    out = torch._scaled_mm(x8, linear.weight_fp8.t(), scale_a=x_scale, scale_b=linear.weight_fp8_scale,
-                           bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
+    out = torch._scaled_mm(
+        x8,
+        linear.weight_fp8.t(),
+        scale_a=x_scale,
+        scale_b=linear.weight_fp8_scale,
+        bias=None if bias is None else bias.to(x.dtype),
+        out_dtype=x.dtype,
+    )
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -205,8 +219,10 @@ def fp8_linears(model: nn.Module) -> list[nn.Linear]:
     linears = [_base_layer(linear) for linear in linears]
     for linear in linears:
         if linear.in_features % 16 or linear.out_features % 16:
-            raise ValueError(f"float8 matmuls need widths divisible by 16, got a {linear.in_features} -> "
-                             f"{linear.out_features} linear; use `fp8=False` for this model.")
+            raise ValueError(
+                f"float8 matmuls need widths divisible by 16, got a {linear.in_features} -> "
+                f"{linear.out_features} linear; use `fp8=False` for this model."
+            )
     return linears
 
 
@@ -247,8 +263,9 @@ def _attention_residual(block, x_BLC, attended_BLC, gamma):
     return x_BLC + block.drop_path(block.attn.to_out(attended_BLC) * gamma)
 
 
-def _split_self_attention_residual(block, x_BLC, gamma, scale_plus_one, shift, attn_mask=None, kv_cache=None,
-                                   rotary=None):
+def _split_self_attention_residual(
+    block, x_BLC, gamma, scale_plus_one, shift, attn_mask=None, kv_cache=None, rotary=None
+):
     tables = () if rotary is None else (rotary.cos, rotary.sin)  # rotated inside the compiled piece
     q, k, v, softmax_scale = block.compiled_attention_inputs(x_BLC, scale_plus_one, shift, *tables)
     attended = block.attn.attend(q, k, v, softmax_scale, attn_mask, kv_cache)
@@ -283,8 +300,10 @@ def compile_adaln_blocks_(model: nn.Module) -> int:
         block.ffn_residual = torch.compile(block.ffn_residual)
         block.self_attention_residual = types.MethodType(_split_self_attention_residual, block)
         if hasattr(block, "cross_attention_residual"):
-            pieces.update(compiled_cross_attention_query=_cross_attention_query,
-                          compiled_cross_attention_output=_cross_attention_output)
+            pieces.update(
+                compiled_cross_attention_query=_cross_attention_query,
+                compiled_cross_attention_output=_cross_attention_output,
+            )
             block.cross_attention_residual = types.MethodType(_split_cross_attention_residual, block)
         for name, function in pieces.items():
             setattr(block, name, torch.compile(types.MethodType(function, block)))
@@ -292,7 +311,7 @@ def compile_adaln_blocks_(model: nn.Module) -> int:
 
 
 def separable_upsample_(vqvae: nn.Module | None, enabled: bool = True) -> None:
-    """Install (``enabled``) or remove the separable bicubic upsampling of the code maps on the VAR / STAR quantizer."""
+    """Install (``enabled``) or remove separable bicubic upsampling of the code maps on the VAR / STAR quantizer."""
     for quantizer in vqvae.modules() if vqvae is not None else ():
         if isinstance(quantizer, MultiScaleResidualQuantizer):
             _uninstall(quantizer, "upsample")
@@ -358,9 +377,16 @@ class CUDAGraphScaleSteps:
             that never replays at the same time (CoDe's other stage); default a new one. The set's is ``self.pool``.
     """
 
-    def __init__(self, step: Callable, example_inputs: Sequence[tuple], reset_cache: Callable[[], None],
-                 shared_inputs: Sequence[torch.Tensor] = (), generator: torch.Generator | None = None,
-                 first_scale: int = 0, pool=None):
+    def __init__(
+        self,
+        step: Callable,
+        example_inputs: Sequence[tuple],
+        reset_cache: Callable[[], None],
+        shared_inputs: Sequence[torch.Tensor] = (),
+        generator: torch.Generator | None = None,
+        first_scale: int = 0,
+        pool=None,
+    ):
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA graphs need a CUDA device.")
         # The graphs write into whatever ``step`` and ``reset_cache`` close over (the KV cache storage, static
@@ -435,23 +461,32 @@ class FastInferenceMixin:
     _fast_dtype: torch.dtype | None = None
     _fast_fp8: bool = False
 
-    def _cast_for_fast_inference(self, dtype: torch.dtype, decoder: Sequence[nn.Module], compile_decoder: bool) -> None:
+    def _cast_for_fast_inference(
+        self, dtype: torch.dtype, decoder: Sequence[nn.Module], compile_decoder: bool
+    ) -> None:
         """The transformer and text encoder to ``dtype`` (their ``_keep_in_fp32_modules`` to float32) and the image
         decoder (optionally compiled, channels-last); the tokenizer's quantizer and the running latent stay float32."""
         if any(hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook") for m in self.components.values()):
-            raise ValueError("`enable_fast_inference()` cannot be combined with CPU offloading, group offloading or "
-                             "layerwise casting (their hooks move or cast weights at every call); reload the pipeline.")
+            raise ValueError(
+                "`enable_fast_inference()` cannot be combined with CPU offloading, group offloading or "
+                "layerwise casting (their hooks move or cast weights at every call); reload the pipeline."
+            )
         cast_module_(self.transformer, dtype)
         cast_module_(getattr(self, "text_encoder", None), dtype)
         cast_decoder_(decoder, dtype, decoder[0] if compile_decoder else None)
 
-    def _set_fast_inference(self, enabled: bool, cuda_graphs: bool = False, dtype: torch.dtype | None = None,
-                            fp8: bool = False):
+    def _set_fast_inference(
+        self, enabled: bool, cuda_graphs: bool = False, dtype: torch.dtype | None = None, fp8: bool = False
+    ):
         low_precision = enabled and dtype != torch.float32  # float32 keeps the eager ops, so its outputs equal eager
         quantize_linears_fp8_(self.transformer, enabled and fp8)
         fuse_ffn_gelu_(self.transformer, low_precision)
-        fuse_ffn_gelu_(getattr(self, "text_encoder", None) if isinstance(getattr(self, "text_encoder", None), nn.Module)
-                       else None, False)
+        fuse_ffn_gelu_(
+            getattr(self, "text_encoder", None)
+            if isinstance(getattr(self, "text_encoder", None), nn.Module)
+            else None,
+            False,
+        )
         separable_upsample_(getattr(self, "vqvae", None), low_precision)
         self._fast_inference = bool(enabled)
         self._fast_dtype = dtype if enabled else None
@@ -496,7 +531,11 @@ class FastInferenceMixin:
         eager: graphs off, not on CUDA, or a CPU generator / a list of generators (they keep the original's draws,
         made on the host)."""
         device = torch.device(device)
-        if not (self._use_cuda_graphs and device.type == "cuda" and hasattr(torch.cuda.CUDAGraph, "register_generator_state")):
+        if not (
+            self._use_cuda_graphs
+            and device.type == "cuda"
+            and hasattr(torch.cuda.CUDAGraph, "register_generator_state")
+        ):
             return None
 
         def cuda_index(d: torch.device) -> int:
@@ -504,13 +543,17 @@ class FastInferenceMixin:
 
         if generator is None:
             return torch.cuda.default_generators[cuda_index(device)]
-        if isinstance(generator, torch.Generator) and generator.device.type == "cuda" \
-                and cuda_index(generator.device) == cuda_index(device):
+        if (
+            isinstance(generator, torch.Generator)
+            and generator.device.type == "cuda"
+            and cuda_index(generator.device) == cuda_index(device)
+        ):
             return generator
         return None
 
-    def _graph_scale_steps(self, key: Hashable, device: torch.device,
-                           build: Callable[[], CUDAGraphScaleSteps]) -> CUDAGraphScaleSteps | None:
+    def _graph_scale_steps(
+        self, key: Hashable, device: torch.device, build: Callable[[], CUDAGraphScaleSteps]
+    ) -> CUDAGraphScaleSteps | None:
         """The graph set for ``key`` (captured by ``build()`` on first use), or ``None`` for the eager path."""
         self._sync_adapters()
         if not self._use_cuda_graphs or not self._cuda_graphs_usable(device):
@@ -527,8 +570,15 @@ class FastInferenceMixin:
             cache.popitem(last=False)
         return cache[key]
 
-    def _transformer_steps(self, condition: tuple[torch.Tensor, ...], schedule: Sequence[tuple[int, int]], device,
-                           transformer: nn.Module | None = None, scales: range | None = None, prefill: bool = False):
+    def _transformer_steps(
+        self,
+        condition: tuple[torch.Tensor, ...],
+        schedule: Sequence[tuple[int, int]],
+        device,
+        transformer: nn.Module | None = None,
+        scales: range | None = None,
+        prefill: bool = False,
+    ):
         """``step(scale_index, scale_input) -> transformer outputs`` for one generation with ``condition`` (the
         tensors of ``transformer.forward_scale``, guidance rows included): eager with a fresh KV cache, or replayed
         CUDA graphs, captured once per condition shapes and schedule and fed with this generation's condition.
@@ -552,10 +602,15 @@ class FastInferenceMixin:
             cache = transformer.init_kv_cache(schedule[: scales.stop])
             channels = transformer.scale_input_channels
             first_len = schedule[0][0] * schedule[0][1]
-            lengths = {si: sum(h * w for h, w in schedule[: si + 1]) - first_len if prefill and si == scales.start
-                       else schedule[si][0] * schedule[si][1] for si in scales}
-            examples = [(None,) if si == 0 else (torch.zeros(rows, lengths[si], channels, device=device),)
-                        for si in scales]
+            lengths = {
+                si: sum(h * w for h, w in schedule[: si + 1]) - first_len
+                if prefill and si == scales.start
+                else schedule[si][0] * schedule[si][1]
+                for si in scales
+            }
+            examples = [
+                (None,) if si == 0 else (torch.zeros(rows, lengths[si], channels, device=device),) for si in scales
+            ]
 
             def step(si, *tensors):
                 return forward(cache, si, tensors[:-1], tensors[-1])

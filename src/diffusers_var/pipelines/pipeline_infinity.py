@@ -74,13 +74,19 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         values = self._guidance_scale if isinstance(self._guidance_scale, (list, tuple)) else [self._guidance_scale]
         return self._guidance_scale is not None and any(v != 1.0 for v in values)
 
-    def __init__(self, transformer: InfinityTransformer2DModel, vae: BitwiseMultiScaleVAE, text_encoder=None, tokenizer=None,
-                 default_size: list[int] | None = None):
+    def __init__(
+        self,
+        transformer: InfinityTransformer2DModel,
+        vae: BitwiseMultiScaleVAE,
+        text_encoder=None,
+        tokenizer=None,
+        default_size: list[int] | None = None,
+    ):
         super().__init__()
         if transformer is not None and vae is not None and transformer.config.bits_per_token != vae.bits_per_token:
             raise ValueError(
                 f"transformer `bits_per_token` ({transformer.config.bits_per_token}) differs from the vae's "
-                f"({vae.bits_per_token} = codebook_dim x {vae.patch_factor ** 2})."
+                f"({vae.bits_per_token} = codebook_dim x {vae.patch_factor**2})."
             )
         self.register_modules(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
         if default_size is not None and (len(default_size) != 2 or min(default_size) < 1):
@@ -105,17 +111,23 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
 
     # -- text ---------------------------------------------------------------------------------------
     def _encode_texts(self, texts: list[str], device, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """T5 features of ``texts`` as the original computes them: padded to ``max_length``, then trimmed to the longest
-        real length, padding zeroed. Returns ``(embeds (B, S, text_dim) float32, mask (B, S) bool)``."""
+        """T5 features of ``texts`` as the original computes them: padded to ``max_length``, then trimmed to the
+        longest real length, padding zeroed. Returns ``(embeds (B, S, text_dim) float32, mask (B, S) bool)``."""
         if self.text_encoder is None or self.tokenizer is None:
-            raise ValueError("`prompt`: this pipeline has no text encoder / tokenizer; pass `prompt_embeds` "
-                             "(and `prompt_attention_mask`) instead.")
+            raise ValueError(
+                "`prompt`: this pipeline has no text encoder / tokenizer; pass `prompt_embeds` "
+                "(and `prompt_attention_mask`) instead."
+            )
         full_lengths = [len(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
         too_long = [i for i, n in enumerate(full_lengths) if n > max_length]
         if too_long:
-            logger.warning(f"prompts {too_long} ({shorten(texts[too_long[0]], 60)}{', ...' if len(too_long) > 1 else ''}) "
-                           f"have more than {max_length} tokens and are truncated (as the original does).")
-        tokens = self.tokenizer(list(texts), max_length=max_length, padding="max_length", truncation=True, return_tensors="pt")
+            logger.warning(
+                f"prompts {too_long} ({shorten(texts[too_long[0]], 60)}{', ...' if len(too_long) > 1 else ''}) "
+                f"have more than {max_length} tokens and are truncated (as the original does)."
+            )
+        tokens = self.tokenizer(
+            list(texts), max_length=max_length, padding="max_length", truncation=True, return_tensors="pt"
+        )
         input_ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
         embeds = self.text_encoder(input_ids=input_ids, attention_mask=mask)[0].float()
         longest = int(mask.sum(dim=1).max())
@@ -127,10 +139,15 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         if negative_prompt is None or negative_prompt == "" or negative_prompt == [""] * batch_size:
             return None
         negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
-        if not isinstance(negatives, (list, tuple)) or len(negatives) not in (1, batch_size) \
-                or not all(isinstance(p, str) for p in negatives):
-            raise ValueError(f"`negative_prompt` must be a string or a list with one string per prompt ({batch_size}), "
-                             f"got {shorten(negative_prompt)}.")
+        if (
+            not isinstance(negatives, (list, tuple))
+            or len(negatives) not in (1, batch_size)
+            or not all(isinstance(p, str) for p in negatives)
+        ):
+            raise ValueError(
+                f"`negative_prompt` must be a string or a list with one string per prompt ({batch_size}), "
+                f"got {shorten(negative_prompt)}."
+            )
         return list(negatives) * (batch_size if len(negatives) == 1 else 1)
 
     @torch.no_grad()
@@ -169,29 +186,41 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         device = device or self._execution_device
         max_length = self.text_max_length if max_sequence_length is None else max_sequence_length
         if max_length > self.text_max_length:
-            raise ValueError(f"`max_sequence_length` ({max_length}) exceeds the model's `text_max_length` ({self.text_max_length}).")
+            raise ValueError(
+                f"`max_sequence_length` ({max_length}) exceeds the model's `text_max_length` ({self.text_max_length})."
+            )
         if prompt_embeds is None:
             prompt_embeds, prompt_attention_mask = self._encode_texts(check_prompts(prompt), device, max_length)
         elif prompt_attention_mask is None:
             prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.bool, device=prompt_embeds.device)
-        negatives = self._negative_prompts(negative_prompt, prompt_embeds.shape[0]) if do_classifier_free_guidance else None
+        negatives = (
+            self._negative_prompts(negative_prompt, prompt_embeds.shape[0]) if do_classifier_free_guidance else None
+        )
         if negative_prompt_embeds is None and negatives is not None:
             negative_prompt_embeds, negative_prompt_attention_mask = self._encode_texts(negatives, device, max_length)
         elif negative_prompt_embeds is not None and negative_prompt_attention_mask is None:
-            negative_prompt_attention_mask = torch.ones(negative_prompt_embeds.shape[:2], dtype=torch.bool,
-                                                        device=negative_prompt_embeds.device)
+            negative_prompt_attention_mask = torch.ones(
+                negative_prompt_embeds.shape[:2], dtype=torch.bool, device=negative_prompt_embeds.device
+            )
         if not do_classifier_free_guidance:
             negative_prompt_embeds = negative_prompt_attention_mask = None
         prompt_embeds = repeat_rows(prompt_embeds, num_images_per_prompt, device)
         prompt_attention_mask = repeat_rows(prompt_attention_mask.bool(), num_images_per_prompt, device)
         negative_prompt_embeds = repeat_rows(negative_prompt_embeds, num_images_per_prompt, device)
         if negative_prompt_attention_mask is not None:
-            negative_prompt_attention_mask = repeat_rows(negative_prompt_attention_mask.bool(), num_images_per_prompt, device)
+            negative_prompt_attention_mask = repeat_rows(
+                negative_prompt_attention_mask.bool(), num_images_per_prompt, device
+            )
         return prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask
 
     # -- fast inference ------------------------------------------------------------------------------
-    def enable_fast_inference(self, dtype: torch.dtype = torch.bfloat16, cuda_graphs: bool = True,
-                              compile_decoder: bool = False, compile_blocks: bool = False) -> "InfinityPipeline":
+    def enable_fast_inference(
+        self,
+        dtype: torch.dtype = torch.bfloat16,
+        cuda_graphs: bool = True,
+        compile_decoder: bool = False,
+        compile_blocks: bool = False,
+    ) -> "InfinityPipeline":
         """Speed switch for GPUs (as :meth:`VARPipeline.enable_fast_inference`). The transformer (text pooling and
         projection, blocks), the VAE decoder and the T5 encoder run in ``dtype`` (bf16 by default); the transformer's
         ``_keep_in_fp32_modules`` (bit head, its AdaLN norm, the text RMSNorm) stay float32, as do the running latent
@@ -204,17 +233,30 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         ``torch.compile`` of each block's elementwise work (norms, modulation, q/k normalisation, 2-D RoPE, gating),
         fused before the graphs are captured. Returns the pipeline.
         """
-        check_fast_inference_args(dtype, cuda_graphs=cuda_graphs, compile_decoder=compile_decoder,
-                                  compile_blocks=compile_blocks)
+        check_fast_inference_args(
+            dtype, cuda_graphs=cuda_graphs, compile_decoder=compile_decoder, compile_blocks=compile_blocks
+        )
         self._cast_for_fast_inference(dtype, (self.vae.decoder,), compile_decoder)
         if compile_blocks:
             compile_adaln_blocks_(self.transformer)
         return self._set_fast_inference(True, cuda_graphs, dtype)
 
-    def _sample_scales(self, condition, B: int, schedule, tau, top_k: int, top_p: float, generator: GeneratorArg,
-                       callback=None, tensor_names: list[str] = (), forcing: BitForcing | None = None) -> torch.Tensor:
+    def _sample_scales(
+        self,
+        condition,
+        B: int,
+        schedule,
+        tau,
+        top_k: int,
+        top_p: float,
+        generator: GeneratorArg,
+        callback=None,
+        tensor_names: list[str] = (),
+        forcing: BitForcing | None = None,
+    ) -> torch.Tensor:
         """The scale loop of a generation of ``B`` images with ``condition`` (the text of every row; 2B rows with
-        guidance); returns the final summed codes. ``forcing`` (task pipelines) replaces bits before they become codes."""
+        guidance); returns the final summed codes. ``forcing`` (task pipelines) replaces bits before they
+        become codes."""
         num_scales = len(schedule)
         guided = condition[0].shape[0] == 2 * B
         cfg_source = self._guidance_scale
@@ -223,14 +265,19 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         device = condition[0].device
         transformer_step = self._transformer_steps(condition, schedule, device)
         bits_per_token, vae = self.transformer.config.bits_per_token, self.vae
-        latents = torch.zeros(B, vae.config.codebook_dim, *vae.latent_schedule(schedule)[-1], device=device, dtype=torch.float32)
+        latents = torch.zeros(
+            B, vae.config.codebook_dim, *vae.latent_schedule(schedule)[-1], device=device, dtype=torch.float32
+        )
         scale_input = None
         with self.progress_bar(total=num_scales) as progress_bar:
             for si, (h, w) in enumerate(schedule):
                 if self.interrupt:
                     break
                 if self._guidance_scale is not cfg_source:  # a callback changed the guidance
-                    cfg_source, cfg_list = self._guidance_scale, per_scale_values(self._guidance_scale, num_scales, "guidance_scale")
+                    cfg_source, cfg_list = (
+                        self._guidance_scale,
+                        per_scale_values(self._guidance_scale, num_scales, "guidance_scale"),
+                    )
                 raw_logits = transformer_step(si, scale_input)
                 model_logits = raw_logits.clone() if callback is not None else None  # a graph output is overwritten
                 cfg, tau_k = cfg_list[si], tau_list[si]
@@ -250,8 +297,13 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
                 next_input = self._next_scale_input(latents, si, schedule)
 
                 if callback is not None:
-                    tensors = dict(latents=latents, tokens=bits.view(B, h * w, bits_per_token), guided_logits=guided_logits,
-                                   model_logits=model_logits, next_scale_input=next_input)
+                    tensors = dict(
+                        latents=latents,
+                        tokens=bits.view(B, h * w, bits_per_token),
+                        guided_logits=guided_logits,
+                        model_logits=model_logits,
+                        next_scale_input=next_input,
+                    )
                     new_latents = self._step_callback(callback, tensor_names, si, (h, w), tensors)
                     if new_latents is not None:
                         latents, next_input = new_latents, self._next_scale_input(new_latents, si, schedule)
@@ -273,19 +325,41 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         return self.vae.decode(latents.to(decoder_dtype)).sample.float()
 
     # -- inputs -------------------------------------------------------------------------------------
-    def check_inputs(self, prompt, negative_prompt, height, width, guidance_scale, tau, top_k, top_p,
-                     num_images_per_prompt, generator, max_sequence_length, output_type, return_dict, prompt_embeds,
-                     prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask) -> tuple[list, int]:
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt,
+        height,
+        width,
+        guidance_scale,
+        tau,
+        top_k,
+        top_p,
+        num_images_per_prompt,
+        generator,
+        max_sequence_length,
+        output_type,
+        return_dict,
+        prompt_embeds,
+        prompt_attention_mask,
+        negative_prompt_embeds,
+        negative_prompt_attention_mask,
+    ) -> tuple[list, int]:
         """Every argument check of a call, before any work (a ValueError names the parameter). Returns the scale
         schedule and the number of prompts."""
         check_common_inputs(top_k, top_p, output_type, num_images_per_prompt, return_dict)
         schedule = self.scale_schedule(height, width)
         per_scale_values(guidance_scale, len(schedule), "guidance_scale")
         per_scale_values(tau, len(schedule), "tau", low_inclusive=False)
-        if max_sequence_length is not None and (not isinstance(max_sequence_length, int) or isinstance(max_sequence_length, bool)
-                                                or not 1 <= max_sequence_length <= self.text_max_length):
-            raise ValueError(f"`max_sequence_length` must be an integer in [1, {self.text_max_length}] or None, "
-                             f"got {max_sequence_length!r}.")
+        if max_sequence_length is not None and (
+            not isinstance(max_sequence_length, int)
+            or isinstance(max_sequence_length, bool)
+            or not 1 <= max_sequence_length <= self.text_max_length
+        ):
+            raise ValueError(
+                f"`max_sequence_length` must be an integer in [1, {self.text_max_length}] or None, "
+                f"got {max_sequence_length!r}."
+            )
         cfg = self.transformer.config
         if prompt_embeds is None:
             if prompt_attention_mask is not None:
@@ -294,24 +368,42 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         else:
             if prompt is not None:
                 raise ValueError("pass either `prompt` or `prompt_embeds`, not both.")
-            check_text_embeds(prompt_embeds, prompt_attention_mask, cfg.text_dim, "prompt_embeds", "prompt_attention_mask",
-                              None, cfg.text_max_length)
+            check_text_embeds(
+                prompt_embeds,
+                prompt_attention_mask,
+                cfg.text_dim,
+                "prompt_embeds",
+                "prompt_attention_mask",
+                None,
+                cfg.text_max_length,
+            )
             num_prompts = prompt_embeds.shape[0]
         negatives = self._negative_prompts(negative_prompt, num_prompts)
         if negative_prompt_embeds is not None:
             if negative_prompt is not None:
                 raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
-            check_text_embeds(negative_prompt_embeds, negative_prompt_attention_mask, cfg.text_dim, "negative_prompt_embeds",
-                              "negative_prompt_attention_mask", num_prompts, cfg.text_max_length)
+            check_text_embeds(
+                negative_prompt_embeds,
+                negative_prompt_attention_mask,
+                cfg.text_dim,
+                "negative_prompt_embeds",
+                "negative_prompt_attention_mask",
+                num_prompts,
+                cfg.text_max_length,
+            )
         elif negative_prompt_attention_mask is not None:
             raise ValueError("`negative_prompt_attention_mask` is only used with `negative_prompt_embeds`.")
         if self.text_encoder is None or self.tokenizer is None:
             if prompt_embeds is None:
-                raise ValueError("`prompt` needs a text encoder and tokenizer, which this pipeline lacks; pass `prompt_embeds` "
-                                 "(and `prompt_attention_mask`) instead.")
+                raise ValueError(
+                    "`prompt` needs a text encoder and tokenizer, which this pipeline lacks; pass `prompt_embeds` "
+                    "(and `prompt_attention_mask`) instead."
+                )
             if negatives is not None:
-                raise ValueError("`negative_prompt` needs a text encoder and tokenizer, which this pipeline lacks; pass "
-                                 "`negative_prompt_embeds` instead (or nothing for the learned unconditional text).")
+                raise ValueError(
+                    "`negative_prompt` needs a text encoder and tokenizer, which this pipeline lacks; pass "
+                    "`negative_prompt_embeds` instead (or nothing for the learned unconditional text)."
+                )
         check_generator(generator, num_prompts * num_images_per_prompt)
         return schedule, num_prompts
 
@@ -327,8 +419,10 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         else:
             negative_embeds, drop = negative_embeds.to(embeds.dtype), False
         length = max(embeds.shape[1], negative_embeds.shape[1])
-        embeds, mask = (torch.cat(pair) for pair in zip(_pad_text(embeds, mask, length),
-                                                         _pad_text(negative_embeds, negative_mask, length)))
+        embeds, mask = (
+            torch.cat(pair)
+            for pair in zip(_pad_text(embeds, mask, length), _pad_text(negative_embeds, negative_mask, length))
+        )
         drop_text = torch.tensor([False] * B + [drop] * B, device=embeds.device)
         return embeds, mask, drop_text
 
@@ -385,15 +479,31 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
             max_sequence_length: text tokens kept (default the model's ``text_max_length``); longer prompts
                 are truncated with a warning.
             prompt_embeds, prompt_attention_mask: precomputed T5 features (B, S, text_dim) instead of ``prompt``, with
-                their padding mask (B, S) (True / 1 = real token; default all real), as :meth:`encode_prompt` returns them.
+                their padding mask (B, S) (True / 1 = real token; default all real), as :meth:`encode_prompt`
+                returns them.
             negative_prompt_embeds, negative_prompt_attention_mask: the same for the unconditional half (any length
                 up to ``text_max_length``); default: ``negative_prompt``, else the learned unconditional text.
         """
         callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         schedule, num_prompts = self.check_inputs(
-            prompt, negative_prompt, height, width, guidance_scale, tau, top_k, top_p, num_images_per_prompt, generator,
-            max_sequence_length, output_type, return_dict, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
-            negative_prompt_attention_mask)
+            prompt,
+            negative_prompt,
+            height,
+            width,
+            guidance_scale,
+            tau,
+            top_k,
+            top_p,
+            num_images_per_prompt,
+            generator,
+            max_sequence_length,
+            output_type,
+            return_dict,
+            prompt_embeds,
+            prompt_attention_mask,
+            negative_prompt_embeds,
+            negative_prompt_attention_mask,
+        )
         num_scales = len(schedule)
         self._begin_call(guidance_scale, num_scales)
         device = self._execution_device
@@ -401,13 +511,31 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
 
         # 1. the text of every row (conditional rows first), encoded by the transformer at the first scale
         embeds, mask, negative_embeds, negative_mask = self.encode_prompt(
-            prompt, device, num_images_per_prompt, guided, negative_prompt, prompt_embeds, negative_prompt_embeds,
-            max_sequence_length, prompt_attention_mask, negative_prompt_attention_mask)
+            prompt,
+            device,
+            num_images_per_prompt,
+            guided,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            max_sequence_length,
+            prompt_attention_mask,
+            negative_prompt_attention_mask,
+        )
         condition = self.prepare_condition(embeds, mask, negative_embeds, negative_mask, guided)
 
         # 2. scale by scale
-        latents = self._sample_scales(condition, num_prompts * num_images_per_prompt, schedule, tau, top_k, top_p, generator,
-                                      callback, tensor_names)
+        latents = self._sample_scales(
+            condition,
+            num_prompts * num_images_per_prompt,
+            schedule,
+            tau,
+            top_k,
+            top_p,
+            generator,
+            callback,
+            tensor_names,
+        )
         return self._finish(latents, output_type, return_dict)
 
 
@@ -422,13 +550,33 @@ class _InfinityEditCall:
     def _edit_schedule(self, height=None, width=None) -> list[tuple[int, int]]:
         return [tuple(hw) for hw in self.scale_schedule(height, width)]
 
-    def _edit_condition(self, prompt, negative_prompt, guidance_scale, num_scales, num_images_per_prompt,
-                        max_sequence_length, prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
-                        negative_prompt_attention_mask, device):
+    def _edit_condition(
+        self,
+        prompt,
+        negative_prompt,
+        guidance_scale,
+        num_scales,
+        num_images_per_prompt,
+        max_sequence_length,
+        prompt_embeds,
+        prompt_attention_mask,
+        negative_prompt_embeds,
+        negative_prompt_attention_mask,
+        device,
+    ):
         guided = any(c != 1.0 for c in per_scale_values(guidance_scale, num_scales, "guidance_scale"))
         embeds, mask, negative_embeds, negative_mask = self.encode_prompt(
-            prompt, device, num_images_per_prompt, guided, negative_prompt, prompt_embeds, negative_prompt_embeds,
-            max_sequence_length, prompt_attention_mask, negative_prompt_attention_mask)
+            prompt,
+            device,
+            num_images_per_prompt,
+            guided,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            max_sequence_length,
+            prompt_attention_mask,
+            negative_prompt_attention_mask,
+        )
         return self.prepare_condition(embeds, mask, negative_embeds, negative_mask, guided)
 
 
@@ -445,8 +593,16 @@ class InfinityInpaintPipeline(BitwiseEditTokens, _InfinityEditCall, NextScaleInp
     the same folders as :class:`InfinityPipeline` (``from_pretrained``) or shares its weights (``from_pipe``).
     """
 
-    def box_mask(self, y0: float, x0: float, y1: float, x1: float, inpainting: bool = True, height: int | None = None,
-                 width: int | None = None) -> torch.Tensor:
+    def box_mask(
+        self,
+        y0: float,
+        x0: float,
+        y1: float,
+        x1: float,
+        inpainting: bool = True,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> torch.Tensor:
         """The latent-grid mask (h, w) bool (True = generate) of the original notebook's box rule, on the token grid of
         the last scale for ``height`` x ``width`` (default: the pipeline's size); see
         :meth:`NextScaleInpaintMixin.box_mask`."""
@@ -496,23 +652,60 @@ class InfinityInpaintPipeline(BitwiseEditTokens, _InfinityEditCall, NextScaleInp
         """
         callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         schedule, num_prompts = self.check_inputs(
-            prompt, negative_prompt, height, width, guidance_scale, tau, top_k, top_p, num_images_per_prompt,
-            generator, max_sequence_length, output_type, return_dict, prompt_embeds, prompt_attention_mask,
-            negative_prompt_embeds, negative_prompt_attention_mask, image=image, image_indices=image_indices,
-            mask_image=mask_image)
+            prompt,
+            negative_prompt,
+            height,
+            width,
+            guidance_scale,
+            tau,
+            top_k,
+            top_p,
+            num_images_per_prompt,
+            generator,
+            max_sequence_length,
+            output_type,
+            return_dict,
+            prompt_embeds,
+            prompt_attention_mask,
+            negative_prompt_embeds,
+            negative_prompt_attention_mask,
+            image=image,
+            image_indices=image_indices,
+            mask_image=mask_image,
+        )
         self._begin_call(guidance_scale, len(schedule))
         device = self._execution_device
 
         # 1. the text of every row (conditional rows first)
-        condition = self._edit_condition(prompt, negative_prompt, guidance_scale, len(schedule), num_images_per_prompt,
-                                         max_sequence_length, prompt_embeds, prompt_attention_mask,
-                                         negative_prompt_embeds, negative_prompt_attention_mask, device)
+        condition = self._edit_condition(
+            prompt,
+            negative_prompt,
+            guidance_scale,
+            len(schedule),
+            num_images_per_prompt,
+            max_sequence_length,
+            prompt_embeds,
+            prompt_attention_mask,
+            negative_prompt_embeds,
+            negative_prompt_attention_mask,
+            device,
+        )
         # 2. the input's bits and, per scale, where they are kept
         tokens = self.prepare_image_tokens(image, image_indices, schedule, num_prompts, num_images_per_prompt, device)
         keep = self.prepare_mask_keep(mask_image, schedule, num_prompts, num_images_per_prompt, device)
         # 3. scale by scale, the input's bits put back where kept
-        latents = self._sample_scales(condition, num_prompts * num_images_per_prompt, schedule, tau, top_k, top_p,
-                                      generator, callback, tensor_names, forcing=self._token_forcing(tokens, keep))
+        latents = self._sample_scales(
+            condition,
+            num_prompts * num_images_per_prompt,
+            schedule,
+            tau,
+            top_k,
+            top_p,
+            generator,
+            callback,
+            tensor_names,
+            forcing=self._token_forcing(tokens, keep),
+        )
         return self._finish(latents, output_type, return_dict)
 
     def check_inputs(self, *args, image=None, image_indices=None, mask_image=None) -> tuple[list, int]:
@@ -575,24 +768,61 @@ class InfinityImg2ImgPipeline(BitwiseEditTokens, _InfinityEditCall, NextScaleEdi
         """
         callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         schedule, num_prompts = self.check_inputs(
-            prompt, negative_prompt, height, width, guidance_scale, tau, top_k, top_p, num_images_per_prompt,
-            generator, max_sequence_length, output_type, return_dict, prompt_embeds, prompt_attention_mask,
-            negative_prompt_embeds, negative_prompt_attention_mask, image=image, image_indices=image_indices,
-            strength=strength)
+            prompt,
+            negative_prompt,
+            height,
+            width,
+            guidance_scale,
+            tau,
+            top_k,
+            top_p,
+            num_images_per_prompt,
+            generator,
+            max_sequence_length,
+            output_type,
+            return_dict,
+            prompt_embeds,
+            prompt_attention_mask,
+            negative_prompt_embeds,
+            negative_prompt_attention_mask,
+            image=image,
+            image_indices=image_indices,
+            strength=strength,
+        )
         self._begin_call(guidance_scale, len(schedule))
         device = self._execution_device
         B = num_prompts * num_images_per_prompt
 
         # 1. the text of every row (conditional rows first)
-        condition = self._edit_condition(prompt, negative_prompt, guidance_scale, len(schedule), num_images_per_prompt,
-                                         max_sequence_length, prompt_embeds, prompt_attention_mask,
-                                         negative_prompt_embeds, negative_prompt_attention_mask, device)
+        condition = self._edit_condition(
+            prompt,
+            negative_prompt,
+            guidance_scale,
+            len(schedule),
+            num_images_per_prompt,
+            max_sequence_length,
+            prompt_embeds,
+            prompt_attention_mask,
+            negative_prompt_embeds,
+            negative_prompt_attention_mask,
+            device,
+        )
         # 2. the input's bits, kept for the first scales
         tokens = self.prepare_image_tokens(image, image_indices, schedule, num_prompts, num_images_per_prompt, device)
         keep = self.strength_keep(strength, schedule, B, device)
         # 3. scale by scale
-        latents = self._sample_scales(condition, B, schedule, tau, top_k, top_p, generator, callback, tensor_names,
-                                      forcing=self._token_forcing(tokens, keep))
+        latents = self._sample_scales(
+            condition,
+            B,
+            schedule,
+            tau,
+            top_k,
+            top_p,
+            generator,
+            callback,
+            tensor_names,
+            forcing=self._token_forcing(tokens, keep),
+        )
         return self._finish(latents, output_type, return_dict)
 
     def check_inputs(self, *args, image=None, image_indices=None, strength=0.5) -> tuple[list, int]:

@@ -81,19 +81,34 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
     model_cpu_offload_seq = "text_encoder->transformer"
     _exclude_from_cpu_offload = ["vqvae"]
     _optional_components = ["text_encoder", "tokenizer"]
-    _callback_tensor_inputs = UNIFIED_CALLBACK_TENSORS + ["step_logits", "step_indices", "step_confidences",
-                                                          "f_hat", "indices", "logits"]
+    _callback_tensor_inputs = UNIFIED_CALLBACK_TENSORS + [
+        "step_logits",
+        "step_indices",
+        "step_confidences",
+        "f_hat",
+        "indices",
+        "logits",
+    ]
     _family = "star"
     _callback_aliases = {"f_hat": "latents", "indices": "tokens", "logits": "guided_logits"}
 
-    def __init__(self, transformer: STARTransformer2DModel, vqvae: MultiScaleVQModel, text_encoder=None, tokenizer=None):
+    def __init__(
+        self, transformer: STARTransformer2DModel, vqvae: MultiScaleVQModel, text_encoder=None, tokenizer=None
+    ):
         super().__init__()
         if transformer is not None and vqvae is not None:
             if tuple(transformer.config.patch_nums) != tuple(vqvae.config.patch_nums):
-                raise ValueError(f"transformer and vqvae `patch_nums` differ: {transformer.config.patch_nums} vs "
-                                 f"{vqvae.config.patch_nums}.")
-            if transformer.config.vocab_size != vqvae.config.vocab_size or transformer.config.latent_channels != vqvae.config.z_channels:
-                raise ValueError("transformer `vocab_size`/`latent_channels` must match the vqvae's `vocab_size`/`z_channels`.")
+                raise ValueError(
+                    f"transformer and vqvae `patch_nums` differ: {transformer.config.patch_nums} vs "
+                    f"{vqvae.config.patch_nums}."
+                )
+            if (
+                transformer.config.vocab_size != vqvae.config.vocab_size
+                or transformer.config.latent_channels != vqvae.config.z_channels
+            ):
+                raise ValueError(
+                    "transformer `vocab_size`/`latent_channels` must match the vqvae's `vocab_size`/`z_channels`."
+                )
         self.register_modules(transformer=transformer, vqvae=vqvae, text_encoder=text_encoder, tokenizer=tokenizer)
 
     def scale_schedule(self) -> list[tuple[int, int]]:
@@ -113,23 +128,33 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         return T5_MAX_LENGTH if self._is_t5 else self.tokenizer.model_max_length
 
     def _tokenize(self, texts: list[str], max_length: int, device):
-        tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        tokens = self.tokenizer(
+            texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+        )
         untruncated = self.tokenizer(texts, padding="longest", return_tensors="pt").input_ids
         if untruncated.shape[-1] > tokens.input_ids.shape[-1]:
-            cut = [i for i, ids in enumerate(untruncated) if int((ids != self.tokenizer.pad_token_id).sum()) > max_length]
-            logger.warning(f"prompts {cut} ({shorten(texts[cut[0]], 60)}{', ...' if len(cut) > 1 else ''}) are longer than "
-                           f"the text encoder's {max_length} tokens and are truncated (as the original does).")
+            cut = [
+                i for i, ids in enumerate(untruncated) if int((ids != self.tokenizer.pad_token_id).sum()) > max_length
+            ]
+            logger.warning(
+                f"prompts {cut} ({shorten(texts[cut[0]], 60)}{', ...' if len(cut) > 1 else ''}) are longer than "
+                f"the text encoder's {max_length} tokens and are truncated (as the original does)."
+            )
         return tokens.input_ids.to(device), tokens.attention_mask.to(device)
 
     @torch.no_grad()
-    def encode_text(self, texts: list[str], device: torch.device | None = None, max_sequence_length: int | None = None):
+    def encode_text(
+        self, texts: list[str], device: torch.device | None = None, max_sequence_length: int | None = None
+    ):
         r"""One text encoder call on ``texts`` (training encodes captions with this, ``""`` for dropped ones).
 
         Returns ``(hidden (B, N, D), attention_mask (B, N) int64, pooled (B, D))`` as in :meth:`encode_prompt`.
         """
         if self.text_encoder is None or self.tokenizer is None:
-            raise ValueError("`prompt`: this pipeline has no text encoder / tokenizer; pass `prompt_embeds`, "
-                             "`pooled_prompt_embeds` and their `negative_` counterparts instead.")
+            raise ValueError(
+                "`prompt`: this pipeline has no text encoder / tokenizer; pass `prompt_embeds`, "
+                "`pooled_prompt_embeds` and their `negative_` counterparts instead."
+            )
         device = device or self._execution_device
         max_length = self.text_max_length if max_sequence_length is None else max_sequence_length
         input_ids, attention_mask = self._tokenize(list(texts), max_length, device)
@@ -184,27 +209,53 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
                 B = len(prompts)
                 prompt_embeds, prompt_attention_mask, pooled_prompt_embeds = hidden[:B], mask[:B], pooled[:B]
                 negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds = (
-                    hidden[B:], mask[B:], pooled[B:])
+                    hidden[B:],
+                    mask[B:],
+                    pooled[B:],
+                )
             else:
-                prompt_embeds, prompt_attention_mask, pooled_prompt_embeds = self.encode_text(prompts, device, max_sequence_length)
+                prompt_embeds, prompt_attention_mask, pooled_prompt_embeds = self.encode_text(
+                    prompts, device, max_sequence_length
+                )
         elif prompt_attention_mask is None:
             prompt_attention_mask = torch.ones(prompt_embeds.shape[:2], dtype=torch.long, device=prompt_embeds.device)
         if do_classifier_free_guidance and negative_prompt_embeds is None:  # the prompt features were given
             negatives = self._negative_prompts(negative_prompt, prompt_embeds.shape[0])
             negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds = self.encode_text(
-                negatives, device, prompt_embeds.shape[1])
+                negatives, device, prompt_embeds.shape[1]
+            )
         elif negative_prompt_embeds is not None and negative_prompt_attention_mask is None:
-            negative_prompt_attention_mask = torch.ones(negative_prompt_embeds.shape[:2], dtype=torch.long,
-                                                        device=negative_prompt_embeds.device)
+            negative_prompt_attention_mask = torch.ones(
+                negative_prompt_embeds.shape[:2], dtype=torch.long, device=negative_prompt_embeds.device
+            )
         if not do_classifier_free_guidance:
             negative_prompt_embeds = negative_prompt_attention_mask = negative_pooled_prompt_embeds = None
-        prompt_embeds, prompt_attention_mask, pooled_prompt_embeds, negative_prompt_embeds, \
-            negative_prompt_attention_mask, negative_pooled_prompt_embeds = (
-                repeat_rows(t, num_images_per_prompt, device) for t in (
-                    prompt_embeds, prompt_attention_mask, pooled_prompt_embeds, negative_prompt_embeds,
-                    negative_prompt_attention_mask, negative_pooled_prompt_embeds))
-        return (prompt_embeds, prompt_attention_mask, pooled_prompt_embeds, negative_prompt_embeds,
-                negative_prompt_attention_mask, negative_pooled_prompt_embeds)
+        (
+            prompt_embeds,
+            prompt_attention_mask,
+            pooled_prompt_embeds,
+            negative_prompt_embeds,
+            negative_prompt_attention_mask,
+            negative_pooled_prompt_embeds,
+        ) = (
+            repeat_rows(t, num_images_per_prompt, device)
+            for t in (
+                prompt_embeds,
+                prompt_attention_mask,
+                pooled_prompt_embeds,
+                negative_prompt_embeds,
+                negative_prompt_attention_mask,
+                negative_pooled_prompt_embeds,
+            )
+        )
+        return (
+            prompt_embeds,
+            prompt_attention_mask,
+            pooled_prompt_embeds,
+            negative_prompt_embeds,
+            negative_prompt_attention_mask,
+            negative_pooled_prompt_embeds,
+        )
 
     @staticmethod
     def _negative_prompts(negative_prompt, batch_size: int) -> list[str]:
@@ -213,9 +264,13 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         if isinstance(negative_prompt, str):
             return [negative_prompt] * batch_size
         if not isinstance(negative_prompt, (list, tuple)) or not all(isinstance(p, str) for p in negative_prompt):
-            raise ValueError(f"`negative_prompt` must be None, a string or a list of strings, got {shorten(negative_prompt)}.")
+            raise ValueError(
+                f"`negative_prompt` must be None, a string or a list of strings, got {shorten(negative_prompt)}."
+            )
         if len(negative_prompt) != batch_size:
-            raise ValueError(f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {batch_size}; they must match.")
+            raise ValueError(
+                f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {batch_size}; they must match."
+            )
         return list(negative_prompt)
 
     def _check_text_half(self, embeds, mask, pooled, prefix: str, batch_size: int | None = None) -> None:
@@ -223,17 +278,27 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         D = self.transformer.config.text_embed_dim
         check_text_embeds(embeds, mask, D, f"{prefix}prompt_embeds", f"{prefix}prompt_attention_mask", batch_size)
         if pooled is None:
-            raise ValueError(f"`{prefix}pooled_prompt_embeds` (B, {D}) is required with `{prefix}prompt_embeds` "
-                             "(STAR's first token is the pooled text).")
-        if not torch.is_tensor(pooled) or tuple(pooled.shape) != (embeds.shape[0], D) or not pooled.is_floating_point():
+            raise ValueError(
+                f"`{prefix}pooled_prompt_embeds` (B, {D}) is required with `{prefix}prompt_embeds` "
+                "(STAR's first token is the pooled text)."
+            )
+        if (
+            not torch.is_tensor(pooled)
+            or tuple(pooled.shape) != (embeds.shape[0], D)
+            or not pooled.is_floating_point()
+        ):
             shape = tuple(pooled.shape) if torch.is_tensor(pooled) else type(pooled).__name__
-            raise ValueError(f"`{prefix}pooled_prompt_embeds` must be a floating-point ({embeds.shape[0]}, {D}) tensor, got {shape}.")
+            raise ValueError(
+                f"`{prefix}pooled_prompt_embeds` must be a floating-point ({embeds.shape[0]}, {D}) tensor, "
+                f"got {shape}."
+            )
         if not bool(torch.isfinite(pooled).all()):
             raise ValueError(f"`{prefix}pooled_prompt_embeds` holds NaN or infinite values.")
 
     # -- fast inference ------------------------------------------------------------------------------
-    def enable_fast_inference(self, dtype: torch.dtype = torch.bfloat16, cuda_graphs: bool = True,
-                              compile_decoder: bool = False) -> "STARPipeline":
+    def enable_fast_inference(
+        self, dtype: torch.dtype = torch.bfloat16, cuda_graphs: bool = True, compile_decoder: bool = False
+    ) -> "STARPipeline":
         """Speed switch for GPUs (as :meth:`VARPipeline.enable_fast_inference`). The transformer (blocks, text
         projection, stable-sampler blocks), the image decoder and the text encoder run in ``dtype`` (bf16 by
         default); the output heads (``_keep_in_fp32_modules``; their LayerNorms are parameter-free and computed in
@@ -248,8 +313,19 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         return self._set_fast_inference(True, cuda_graphs, dtype)
 
     # -- one scale -----------------------------------------------------------------------------------
-    def _stable_sampler_scale(self, scale_index, logits_2BlV, hidden_2BlC, pooled_2BD, guidance_scale, top_k, top_p,
-                              version, generator, sampler_generator):
+    def _stable_sampler_scale(
+        self,
+        scale_index,
+        logits_2BlV,
+        hidden_2BlC,
+        pooled_2BD,
+        guidance_scale,
+        top_k,
+        top_p,
+        version,
+        generator,
+        sampler_generator,
+    ):
         """Commit a scale's tokens over several steps (STAR's causal-driven stable sampling).
 
         Returns the committed codes (B, l, Cv), their indices (B, l) and the per-step trace
@@ -277,7 +353,9 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
             if step < main_head_steps:
                 mixed = apply_guidance(logits_2BlV, ramp)
             else:  # the sampler head is guided with the full scale, not the ramp
-                mixed = apply_guidance(transformer.sampler_scale_logits(scale_index, hidden_2BlC, committed, pooled_2BD), guidance_scale)
+                mixed = apply_guidance(
+                    transformer.sampler_scale_logits(scale_index, hidden_2BlC, committed, pooled_2BD), guidance_scale
+                )
             trace[0].append(mixed.clone())
             filter_top_k_top_p_(mixed, top_k, top_p, fast=self._fast_top_p(device))
             indices, confidence = sample_from_logits(mixed, generator, return_confidence=True)
@@ -292,9 +370,21 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
             commit(confidence.view(B, n).topk(count, dim=-1).indices, codes, indices)
         return committed, committed_idx, tuple(torch.stack(t) for t in trace)
 
-    def _sample_scales(self, condition, B: int, top_k: int, top_p: float, more_smooth: bool, use_stable_sampler: bool | None,
-                       sampler_version: str, generator: GeneratorArg, sampler_generator, callback=None,
-                       tensor_names: list[str] = (), forcing: ScaleForcing | None = None) -> torch.Tensor:
+    def _sample_scales(
+        self,
+        condition,
+        B: int,
+        top_k: int,
+        top_p: float,
+        more_smooth: bool,
+        use_stable_sampler: bool | None,
+        sampler_version: str,
+        generator: GeneratorArg,
+        sampler_generator,
+        callback=None,
+        tensor_names: list[str] = (),
+        forcing: ScaleForcing | None = None,
+    ) -> torch.Tensor:
         """The scale loop of a generation with ``condition`` (the text of both guidance halves); returns the final
         f_hat. ``forcing`` (task pipelines) replaces code maps before they enter f_hat."""
         transformer, vqvae = self.transformer, self.vqvae
@@ -315,12 +405,23 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
                     break
                 ratio = si / (num_scales - 1)
                 model_logits, hidden_2B = transformer_step(si, scale_input)
-                guided_logits = apply_guidance(model_logits, linear_guidance_ramp(self._guidance_scale, si, num_scales))
+                guided_logits = apply_guidance(
+                    model_logits, linear_guidance_ramp(self._guidance_scale, si, num_scales)
+                )
                 logits_copy = guided_logits.clone() if callback is not None else None
                 if si >= sampler_start:
                     embedding, tokens, (step_logits, step_indices, step_conf) = self._stable_sampler_scale(
-                        si, model_logits, hidden_2B, text_pooled, self._guidance_scale, top_k, top_p, sampler_version,
-                        generator, sampler_generator)
+                        si,
+                        model_logits,
+                        hidden_2B,
+                        text_pooled,
+                        self._guidance_scale,
+                        top_k,
+                        top_p,
+                        sampler_version,
+                        generator,
+                        sampler_generator,
+                    )
                 elif more_smooth:  # soft mixture of codes, no hard sample (no draw), as the original
                     weights = gumbel_softmax(guided_logits.mul(1 + ratio), smooth_tau(ratio), generator)
                     embedding = weights @ vqvae.codebook_vectors(weights.device)
@@ -339,9 +440,16 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
                 next_input = self._next_scale_input(latents, si)
 
                 if callback is not None:
-                    tensors = dict(latents=latents, tokens=tokens, guided_logits=logits_copy, model_logits=model_logits,
-                                   next_scale_input=next_input, step_logits=step_logits, step_indices=step_indices,
-                                   step_confidences=step_conf)
+                    tensors = dict(
+                        latents=latents,
+                        tokens=tokens,
+                        guided_logits=logits_copy,
+                        model_logits=model_logits,
+                        next_scale_input=next_input,
+                        step_logits=step_logits,
+                        step_indices=step_indices,
+                        step_confidences=step_conf,
+                    )
                     new_latents = self._step_callback(callback, tensor_names, si, (pn, pn), tensors)
                     if new_latents is not None:
                         latents, next_input = new_latents, self._next_scale_input(new_latents, si)
@@ -350,7 +458,6 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
                 progress_bar.update()
 
         return latents
-
 
     @staticmethod
     def sampler_generators(generator: GeneratorArg, sampler_generator):
@@ -363,20 +470,45 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         return [derived_generator(g, b"star-stable-sampler") for g in generator]
 
     # -- inputs -------------------------------------------------------------------------------------
-    def check_inputs(self, prompt, negative_prompt, guidance_scale, top_k, top_p, more_smooth, use_stable_sampler,
-                     sampler_version, num_images_per_prompt, generator, sampler_generator, max_sequence_length,
-                     output_type, return_dict, prompt_embeds, prompt_attention_mask, pooled_prompt_embeds,
-                     negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds) -> int:
+    def check_inputs(
+        self,
+        prompt,
+        negative_prompt,
+        guidance_scale,
+        top_k,
+        top_p,
+        more_smooth,
+        use_stable_sampler,
+        sampler_version,
+        num_images_per_prompt,
+        generator,
+        sampler_generator,
+        max_sequence_length,
+        output_type,
+        return_dict,
+        prompt_embeds,
+        prompt_attention_mask,
+        pooled_prompt_embeds,
+        negative_prompt_embeds,
+        negative_prompt_attention_mask,
+        negative_pooled_prompt_embeds,
+    ) -> int:
         """Every argument check of a call, before any work (a ValueError names the parameter). Returns the number of
         prompts."""
         check_finite_number(guidance_scale, "guidance_scale", 0.0)
         check_common_inputs(top_k, top_p, output_type, num_images_per_prompt, return_dict)
         check_bool(more_smooth, "more_smooth")
-        if max_sequence_length is not None and (not isinstance(max_sequence_length, int) or isinstance(max_sequence_length, bool)
-                                                or max_sequence_length < 1):
+        if max_sequence_length is not None and (
+            not isinstance(max_sequence_length, int)
+            or isinstance(max_sequence_length, bool)
+            or max_sequence_length < 1
+        ):
             raise ValueError(f"`max_sequence_length` must be a positive integer or None, got {max_sequence_length!r}.")
         if prompt_embeds is None:
-            for name, value in (("prompt_attention_mask", prompt_attention_mask), ("pooled_prompt_embeds", pooled_prompt_embeds)):
+            for name, value in (
+                ("prompt_attention_mask", prompt_attention_mask),
+                ("pooled_prompt_embeds", pooled_prompt_embeds),
+            ):
                 if value is not None:
                     raise ValueError(f"`{name}` is only used with `prompt_embeds`.")
             num_prompts = len(check_prompts(prompt))
@@ -387,39 +519,58 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
             num_prompts = prompt_embeds.shape[0]
         limit = self.text_max_length
         if negative_prompt_embeds is None:
-            for name, value in (("negative_prompt_attention_mask", negative_prompt_attention_mask),
-                                ("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds)):
+            for name, value in (
+                ("negative_prompt_attention_mask", negative_prompt_attention_mask),
+                ("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds),
+            ):
                 if value is not None:
                     raise ValueError(f"`{name}` is only used with `negative_prompt_embeds`.")
             self._negative_prompts(negative_prompt, num_prompts)
             if prompt_embeds is not None and limit is not None and prompt_embeds.shape[1] > limit:
-                raise ValueError(f"`prompt_embeds` has {prompt_embeds.shape[1]} tokens: the negative prompt is encoded to "
-                                 f"the same length and the text encoder takes at most {limit}; pass "
-                                 f"`negative_prompt_embeds` too, or at most {limit} tokens.")
+                raise ValueError(
+                    f"`prompt_embeds` has {prompt_embeds.shape[1]} tokens: the negative prompt is encoded to "
+                    f"the same length and the text encoder takes at most {limit}; pass "
+                    f"`negative_prompt_embeds` too, or at most {limit} tokens."
+                )
         else:
             if negative_prompt is not None:
                 raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
-            self._check_text_half(negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds,
-                                  "negative_", num_prompts)
+            self._check_text_half(
+                negative_prompt_embeds,
+                negative_prompt_attention_mask,
+                negative_pooled_prompt_embeds,
+                "negative_",
+                num_prompts,
+            )
             if prompt_embeds is not None and negative_prompt_embeds.shape[1] != prompt_embeds.shape[1]:
-                raise ValueError(f"`negative_prompt_embeds` has {negative_prompt_embeds.shape[1]} tokens but `prompt_embeds` "
-                                 f"has {prompt_embeds.shape[1]}; pad both to the same length.")
+                raise ValueError(
+                    f"`negative_prompt_embeds` has {negative_prompt_embeds.shape[1]} tokens but `prompt_embeds` "
+                    f"has {prompt_embeds.shape[1]}; pad both to the same length."
+                )
         if self.text_encoder is None or self.tokenizer is None:
             if prompt_embeds is None:
-                raise ValueError("`prompt` needs a text encoder and tokenizer, which this pipeline lacks; pass `prompt_embeds` "
-                                 "and `pooled_prompt_embeds` instead.")
+                raise ValueError(
+                    "`prompt` needs a text encoder and tokenizer, which this pipeline lacks; pass `prompt_embeds` "
+                    "and `pooled_prompt_embeds` instead."
+                )
             if negative_prompt_embeds is None:
-                raise ValueError("`negative_prompt_embeds` and `negative_pooled_prompt_embeds` are required: this pipeline "
-                                 "has no text encoder to encode `negative_prompt` (default \"\").")
+                raise ValueError(
+                    "`negative_prompt_embeds` and `negative_pooled_prompt_embeds` are required: this pipeline "
+                    'has no text encoder to encode `negative_prompt` (default "").'
+                )
         if use_stable_sampler is not None:
             check_bool(use_stable_sampler, "use_stable_sampler")
             if use_stable_sampler and not self.transformer.has_stable_sampler:
-                raise ValueError("`use_stable_sampler=True`, but this checkpoint has no stable-sampler head "
-                                 "(only star-1024-sampler has one); pass None or False.")
+                raise ValueError(
+                    "`use_stable_sampler=True`, but this checkpoint has no stable-sampler head "
+                    "(only star-1024-sampler has one); pass None or False."
+                )
         if sampler_version not in STABLE_SAMPLER_VERSIONS:
             raise ValueError(f"`sampler_version` must be one of {STABLE_SAMPLER_VERSIONS}, got {sampler_version!r}.")
         if sampler_generator is not None and not isinstance(sampler_generator, torch.Generator):
-            raise ValueError(f"`sampler_generator` must be a torch.Generator or None, got {type(sampler_generator).__name__}.")
+            raise ValueError(
+                f"`sampler_generator` must be a torch.Generator or None, got {type(sampler_generator).__name__}."
+            )
         check_generator(generator, num_prompts * num_images_per_prompt)
         return num_prompts
 
@@ -489,19 +640,47 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         """
         callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         num_prompts = self.check_inputs(
-            prompt, negative_prompt, guidance_scale, top_k, top_p, more_smooth, use_stable_sampler, sampler_version,
-            num_images_per_prompt, generator, sampler_generator, max_sequence_length, output_type, return_dict,
-            prompt_embeds, prompt_attention_mask, pooled_prompt_embeds, negative_prompt_embeds,
-            negative_prompt_attention_mask, negative_pooled_prompt_embeds)
+            prompt,
+            negative_prompt,
+            guidance_scale,
+            top_k,
+            top_p,
+            more_smooth,
+            use_stable_sampler,
+            sampler_version,
+            num_images_per_prompt,
+            generator,
+            sampler_generator,
+            max_sequence_length,
+            output_type,
+            return_dict,
+            prompt_embeds,
+            prompt_attention_mask,
+            pooled_prompt_embeds,
+            negative_prompt_embeds,
+            negative_prompt_attention_mask,
+            negative_pooled_prompt_embeds,
+        )
         self._begin_call(guidance_scale, len(self.scale_schedule()))
         device = self._execution_device
         B = num_prompts * num_images_per_prompt
         sampler_generator = self.sampler_generators(generator, sampler_generator)
 
         # 1. the text of both guidance halves (conditional rows first)
-        text = self.encode_prompt(prompt, device, num_images_per_prompt, True, negative_prompt, prompt_embeds,
-                                  negative_prompt_embeds, max_sequence_length, prompt_attention_mask, pooled_prompt_embeds,
-                                  negative_prompt_attention_mask, negative_pooled_prompt_embeds)
+        text = self.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            True,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            max_sequence_length,
+            prompt_attention_mask,
+            pooled_prompt_embeds,
+            negative_prompt_attention_mask,
+            negative_pooled_prompt_embeds,
+        )
         text_hidden, text_mask, text_pooled = (torch.cat((text[i], text[i + 3])) for i in range(3))
         if self._fast_inference:  # static graph inputs in the compute dtype (the blocks cast to it anyway)
             dtype = self.transformer.pos_start.dtype
@@ -509,8 +688,19 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         condition = (text_hidden, text_mask, text_pooled)
 
         # 2. scale by scale
-        latents = self._sample_scales(condition, B, top_k, top_p, more_smooth, use_stable_sampler, sampler_version,
-                                      generator, sampler_generator, callback, tensor_names)
+        latents = self._sample_scales(
+            condition,
+            B,
+            top_k,
+            top_p,
+            more_smooth,
+            use_stable_sampler,
+            sampler_version,
+            generator,
+            sampler_generator,
+            callback,
+            tensor_names,
+        )
         return self._finish(latents, output_type, return_dict)
 
 
@@ -521,12 +711,34 @@ class _STAREditCall:
     """The text half of a STAR editing call (as :meth:`STARPipeline.__call__` runs it), shared by the two task
     pipelines."""
 
-    def _edit_condition(self, prompt, negative_prompt, num_images_per_prompt, max_sequence_length, prompt_embeds,
-                        prompt_attention_mask, pooled_prompt_embeds, negative_prompt_embeds,
-                        negative_prompt_attention_mask, negative_pooled_prompt_embeds, device):
-        text = self.encode_prompt(prompt, device, num_images_per_prompt, True, negative_prompt, prompt_embeds,
-                                  negative_prompt_embeds, max_sequence_length, prompt_attention_mask,
-                                  pooled_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds)
+    def _edit_condition(
+        self,
+        prompt,
+        negative_prompt,
+        num_images_per_prompt,
+        max_sequence_length,
+        prompt_embeds,
+        prompt_attention_mask,
+        pooled_prompt_embeds,
+        negative_prompt_embeds,
+        negative_prompt_attention_mask,
+        negative_pooled_prompt_embeds,
+        device,
+    ):
+        text = self.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            True,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            max_sequence_length,
+            prompt_attention_mask,
+            pooled_prompt_embeds,
+            negative_prompt_attention_mask,
+            negative_pooled_prompt_embeds,
+        )
         text_hidden, text_mask, text_pooled = (torch.cat((text[i], text[i + 3])) for i in range(3))
         if self._fast_inference:  # static graph inputs in the compute dtype (the blocks cast to it anyway)
             dtype = self.transformer.pos_start.dtype
@@ -592,11 +804,30 @@ class STARInpaintPipeline(VQEditTokens, _STAREditCall, NextScaleInpaintMixin, ST
         """
         callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         num_prompts = self.check_inputs(
-            prompt, negative_prompt, guidance_scale, top_k, top_p, more_smooth, use_stable_sampler, sampler_version,
-            num_images_per_prompt, generator, sampler_generator, max_sequence_length, output_type, return_dict,
-            prompt_embeds, prompt_attention_mask, pooled_prompt_embeds, negative_prompt_embeds,
-            negative_prompt_attention_mask, negative_pooled_prompt_embeds, image=image, image_indices=image_indices,
-            mask_image=mask_image)
+            prompt,
+            negative_prompt,
+            guidance_scale,
+            top_k,
+            top_p,
+            more_smooth,
+            use_stable_sampler,
+            sampler_version,
+            num_images_per_prompt,
+            generator,
+            sampler_generator,
+            max_sequence_length,
+            output_type,
+            return_dict,
+            prompt_embeds,
+            prompt_attention_mask,
+            pooled_prompt_embeds,
+            negative_prompt_embeds,
+            negative_prompt_attention_mask,
+            negative_pooled_prompt_embeds,
+            image=image,
+            image_indices=image_indices,
+            mask_image=mask_image,
+        )
         schedule = self._edit_schedule()
         self._begin_call(guidance_scale, len(schedule))
         device = self._execution_device
@@ -604,17 +835,37 @@ class STARInpaintPipeline(VQEditTokens, _STAREditCall, NextScaleInpaintMixin, ST
         sampler_generator = self.sampler_generators(generator, sampler_generator)
 
         # 1. the text of both guidance halves (conditional rows first)
-        condition = self._edit_condition(prompt, negative_prompt, num_images_per_prompt, max_sequence_length,
-                                         prompt_embeds, prompt_attention_mask, pooled_prompt_embeds,
-                                         negative_prompt_embeds, negative_prompt_attention_mask,
-                                         negative_pooled_prompt_embeds, device)
+        condition = self._edit_condition(
+            prompt,
+            negative_prompt,
+            num_images_per_prompt,
+            max_sequence_length,
+            prompt_embeds,
+            prompt_attention_mask,
+            pooled_prompt_embeds,
+            negative_prompt_embeds,
+            negative_prompt_attention_mask,
+            negative_pooled_prompt_embeds,
+            device,
+        )
         # 2. the input's tokens and, per scale, where they are kept
         tokens = self.prepare_image_tokens(image, image_indices, schedule, num_prompts, num_images_per_prompt, device)
         keep = self.prepare_mask_keep(mask_image, schedule, num_prompts, num_images_per_prompt, device)
         # 3. scale by scale, the input's tokens put back where kept
-        latents = self._sample_scales(condition, B, top_k, top_p, more_smooth, use_stable_sampler, sampler_version,
-                                      generator, sampler_generator, callback, tensor_names,
-                                      forcing=self._token_forcing(tokens, keep))
+        latents = self._sample_scales(
+            condition,
+            B,
+            top_k,
+            top_p,
+            more_smooth,
+            use_stable_sampler,
+            sampler_version,
+            generator,
+            sampler_generator,
+            callback,
+            tensor_names,
+            forcing=self._token_forcing(tokens, keep),
+        )
         return self._finish(latents, output_type, return_dict)
 
     def check_inputs(self, *args, image=None, image_indices=None, mask_image=None) -> int:
@@ -680,11 +931,30 @@ class STARImg2ImgPipeline(VQEditTokens, _STAREditCall, NextScaleEditMixin, STARP
         """
         callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         num_prompts = self.check_inputs(
-            prompt, negative_prompt, guidance_scale, top_k, top_p, more_smooth, use_stable_sampler, sampler_version,
-            num_images_per_prompt, generator, sampler_generator, max_sequence_length, output_type, return_dict,
-            prompt_embeds, prompt_attention_mask, pooled_prompt_embeds, negative_prompt_embeds,
-            negative_prompt_attention_mask, negative_pooled_prompt_embeds, image=image, image_indices=image_indices,
-            strength=strength)
+            prompt,
+            negative_prompt,
+            guidance_scale,
+            top_k,
+            top_p,
+            more_smooth,
+            use_stable_sampler,
+            sampler_version,
+            num_images_per_prompt,
+            generator,
+            sampler_generator,
+            max_sequence_length,
+            output_type,
+            return_dict,
+            prompt_embeds,
+            prompt_attention_mask,
+            pooled_prompt_embeds,
+            negative_prompt_embeds,
+            negative_prompt_attention_mask,
+            negative_pooled_prompt_embeds,
+            image=image,
+            image_indices=image_indices,
+            strength=strength,
+        )
         schedule = self._edit_schedule()
         self._begin_call(guidance_scale, len(schedule))
         device = self._execution_device
@@ -692,17 +962,37 @@ class STARImg2ImgPipeline(VQEditTokens, _STAREditCall, NextScaleEditMixin, STARP
         sampler_generator = self.sampler_generators(generator, sampler_generator)
 
         # 1. the text of both guidance halves (conditional rows first)
-        condition = self._edit_condition(prompt, negative_prompt, num_images_per_prompt, max_sequence_length,
-                                         prompt_embeds, prompt_attention_mask, pooled_prompt_embeds,
-                                         negative_prompt_embeds, negative_prompt_attention_mask,
-                                         negative_pooled_prompt_embeds, device)
+        condition = self._edit_condition(
+            prompt,
+            negative_prompt,
+            num_images_per_prompt,
+            max_sequence_length,
+            prompt_embeds,
+            prompt_attention_mask,
+            pooled_prompt_embeds,
+            negative_prompt_embeds,
+            negative_prompt_attention_mask,
+            negative_pooled_prompt_embeds,
+            device,
+        )
         # 2. the input's tokens, kept for the first scales
         tokens = self.prepare_image_tokens(image, image_indices, schedule, num_prompts, num_images_per_prompt, device)
         keep = self.strength_keep(strength, schedule, B, device)
         # 3. scale by scale
-        latents = self._sample_scales(condition, B, top_k, top_p, more_smooth, use_stable_sampler, sampler_version,
-                                      generator, sampler_generator, callback, tensor_names,
-                                      forcing=self._token_forcing(tokens, keep))
+        latents = self._sample_scales(
+            condition,
+            B,
+            top_k,
+            top_p,
+            more_smooth,
+            use_stable_sampler,
+            sampler_version,
+            generator,
+            sampler_generator,
+            callback,
+            tensor_names,
+            forcing=self._token_forcing(tokens, keep),
+        )
         return self._finish(latents, output_type, return_dict)
 
     def check_inputs(self, *args, image=None, image_indices=None, strength=0.5) -> int:

@@ -67,15 +67,19 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_finite_number(value, name: str, low: float | None = None, high: float | None = None,
-                        low_inclusive: bool = True) -> float:
+def check_finite_number(
+    value, name: str, low: float | None = None, high: float | None = None, low_inclusive: bool = True
+) -> float:
     """``value`` as a float: a real number (not NaN / inf) within ``[low, high]`` (``(low, high]`` without
     ``low_inclusive``)."""
     if not is_number(value) or not math.isfinite(value):
         raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
     below = value < low if low_inclusive else value <= low
     if (low is not None and below) or (high is not None and value > high):
-        bounds = f"{'[' if low_inclusive else '('}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        bounds = (
+            f"{'[' if low_inclusive else '('}{low if low is not None else '-inf'}, "
+            f"{high if high is not None else 'inf'}]"
+        )
         raise ValueError(f"`{name}` must be in {bounds}, got {value!r}.")
     return float(value)
 
@@ -93,8 +97,9 @@ def per_scale(value, num_scales: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * num_scales
 
 
-def check_common_inputs(top_k, top_p, output_type, num_images_per_prompt, return_dict=True,
-                        num_scales: int | None = None) -> None:
+def check_common_inputs(
+    top_k, top_p, output_type, num_images_per_prompt, return_dict=True, num_scales: int | None = None
+) -> None:
     """The sampling and output arguments every family takes. With ``num_scales``, ``top_k`` may also be a list with
     one value per scale."""
     listed = num_scales is not None and isinstance(top_k, (list, tuple))
@@ -106,7 +111,11 @@ def check_common_inputs(top_k, top_p, output_type, num_images_per_prompt, return
     check_finite_number(top_p, "top_p", 0.0, 1.0)
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-    if not isinstance(num_images_per_prompt, int) or isinstance(num_images_per_prompt, bool) or num_images_per_prompt < 1:
+    if (
+        not isinstance(num_images_per_prompt, int)
+        or isinstance(num_images_per_prompt, bool)
+        or num_images_per_prompt < 1
+    ):
         raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}.")
     if not isinstance(return_dict, bool):
         raise ValueError(f"`return_dict` must be True or False, got {return_dict!r}.")
@@ -127,14 +136,18 @@ def check_generator(generator: GeneratorArg, batch_size: int) -> None:
         if not all(isinstance(g, torch.Generator) for g in generator):
             raise ValueError("`generator` list must contain only torch.Generator objects.")
     elif generator is not None and not isinstance(generator, torch.Generator):
-        raise ValueError(f"`generator` must be a torch.Generator, a list of them, or None; got {type(generator).__name__}.")
+        raise ValueError(
+            f"`generator` must be a torch.Generator, a list of them, or None; got {type(generator).__name__}."
+        )
 
 
 def check_prompts(prompt, name: str = "prompt") -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"`{name}` must be a string or a non-empty list of strings (or pass `{name}_embeds`), "
-                         f"got {shorten(prompt)}.")
+        raise ValueError(
+            f"`{name}` must be a string or a non-empty list of strings (or pass `{name}_embeds`), "
+            f"got {shorten(prompt)}."
+        )
     return list(prompts)
 
 
@@ -144,13 +157,20 @@ def shorten(value, limit: int = 120) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-def check_text_embeds(embeds, mask, width: int, name: str, mask_name: str, batch_size: int | None = None,
-                      max_length: int | None = None) -> None:
+def check_text_embeds(
+    embeds, mask, width: int, name: str, mask_name: str, batch_size: int | None = None, max_length: int | None = None
+) -> None:
     """Precomputed text features ``embeds`` (B, N, width), finite, and their optional padding ``mask`` (B, N) (1 /
     True for real tokens, at least one per row); ``batch_size`` / ``max_length`` pin B / bound N. The errors name
     the parameters (``name``, ``mask_name``)."""
-    if not torch.is_tensor(embeds) or embeds.ndim != 3 or embeds.shape[0] < 1 or embeds.shape[1] < 1 \
-            or embeds.shape[2] != width or not embeds.is_floating_point():
+    if (
+        not torch.is_tensor(embeds)
+        or embeds.ndim != 3
+        or embeds.shape[0] < 1
+        or embeds.shape[1] < 1
+        or embeds.shape[2] != width
+        or not embeds.is_floating_point()
+    ):
         shape = tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__
         raise ValueError(f"`{name}` must be a floating-point (batch, tokens, {width}) tensor, got {shape}.")
     if batch_size is not None and embeds.shape[0] != batch_size:
@@ -160,10 +180,17 @@ def check_text_embeds(embeds, mask, width: int, name: str, mask_name: str, batch
     if not bool(torch.isfinite(embeds).all()):
         raise ValueError(f"`{name}` holds NaN or infinite values.")
     if mask is not None:
-        if not torch.is_tensor(mask) or tuple(mask.shape) != tuple(embeds.shape[:2]) or mask.is_floating_point() or mask.is_complex():
+        if (
+            not torch.is_tensor(mask)
+            or tuple(mask.shape) != tuple(embeds.shape[:2])
+            or mask.is_floating_point()
+            or mask.is_complex()
+        ):
             shape = tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__
-            raise ValueError(f"`{mask_name}` must be a bool or integer tensor of shape {tuple(embeds.shape[:2])} "
-                             f"(the shape of `{name}` without its last dimension), got {shape}.")
+            raise ValueError(
+                f"`{mask_name}` must be a bool or integer tensor of shape {tuple(embeds.shape[:2])} "
+                f"(the shape of `{name}` without its last dimension), got {shape}."
+            )
         if not bool(mask.bool().any(dim=1).all()):
             raise ValueError(f"`{mask_name}`: every row needs at least one real (non-padding) token.")
 
@@ -196,6 +223,7 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         _PIPELINE_CLASSES[cls.__name__] = cls  # by the name model_index.json stores
+
     _guidance_scale = None
     _num_timesteps: int | None = None
     _interrupt: bool = False
@@ -228,7 +256,9 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         self._guidance_scale, self._num_timesteps, self._interrupt = guidance_scale, num_scales, False
 
     # -- callbacks --------------------------------------------------------------------------------------------------
-    def check_callback_inputs(self, callback_on_step_end: CallbackArg, tensor_inputs) -> tuple[Callable | None, list[str]]:
+    def check_callback_inputs(
+        self, callback_on_step_end: CallbackArg, tensor_inputs
+    ) -> tuple[Callable | None, list[str]]:
         """``(callback, names)``: a diffusers ``PipelineCallback`` brings its own ``tensor_inputs``; names default to
         ``["latents"]`` and must be in ``_callback_tensor_inputs`` (deprecated aliases warn once per call)."""
         if callback_on_step_end is not None and not callable(callback_on_step_end):
@@ -238,30 +268,40 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         names = list(tensor_inputs or ["latents"])
         bad = [name for name in names if name not in self._callback_tensor_inputs]
         if bad:
-            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}, "
-                             f"got {bad}.")
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` must be a subset of {self._callback_tensor_inputs}, got {bad}."
+            )
         old = [name for name in names if name in self._callback_aliases]
         if old and callback_on_step_end is not None:
             renames = ", ".join(f"{name!r} -> {self._callback_aliases[name]!r}" for name in old)
-            warnings.warn(f"callback tensor names {old} are deprecated and will be removed in the next release; use "
-                          f"the names every pipeline shares ({renames}).", FutureWarning, stacklevel=3)
+            warnings.warn(
+                f"callback tensor names {old} are deprecated and will be removed in the next release; use "
+                f"the names every pipeline shares ({renames}).",
+                FutureWarning,
+                stacklevel=3,
+            )
         return callback_on_step_end, names
 
-    def _step_callback(self, callback, names: list[str], scale_index: int, scale_hw: tuple[int, int],
-                       tensors: dict[str, Any]) -> torch.Tensor | None:
+    def _step_callback(
+        self, callback, names: list[str], scale_index: int, scale_hw: tuple[int, int], tensors: dict[str, Any]
+    ) -> torch.Tensor | None:
         """Run ``callback`` for one scale with the requested ``names`` from ``tensors`` (unified names; aliases are
         filled in here). Returns the latent it hands back in place of ``tensors["latents"]``, or ``None``."""
         for alias, unified in self._callback_aliases.items():
             tensors.setdefault(alias, tensors.get(unified))
         out = callback(self, scale_index, tuple(scale_hw), {name: tensors[name] for name in names}) or {}
-        latent_names = ["latents"] + [alias for alias, unified in self._callback_aliases.items() if unified == "latents"]
+        latent_names = ["latents"] + [
+            alias for alias, unified in self._callback_aliases.items() if unified == "latents"
+        ]
         for name in latent_names:  # the first name whose tensor the callback replaced
             new = out.get(name)
             if new is not None and new is not tensors["latents"]:
                 if not torch.is_tensor(new) or tuple(new.shape) != tuple(tensors["latents"].shape):
-                    raise ValueError(f"callback_on_step_end returned `{name}` of shape "
-                                     f"{tuple(new.shape) if torch.is_tensor(new) else type(new).__name__}; expected "
-                                     f"{tuple(tensors['latents'].shape)}.")
+                    raise ValueError(
+                        f"callback_on_step_end returned `{name}` of shape "
+                        f"{tuple(new.shape) if torch.is_tensor(new) else type(new).__name__}; expected "
+                        f"{tuple(tensors['latents'].shape)}."
+                    )
                 # a copy: the next scales add into the running latent in place
                 return new.to(device=tensors["latents"].device, dtype=torch.float32, copy=True)
         return None
@@ -288,16 +328,20 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         """diffusers' ``from_pretrained``, refusing a folder (or Hub repo) that holds a pipeline of another family
         (its components would load with warnings and fail only when called)."""
         try:
-            config = cls.load_config(pretrained_model_name_or_path, **{k: kwargs[k] for k in _LOAD_CONFIG_KWARGS if k in kwargs})
+            config = cls.load_config(
+                pretrained_model_name_or_path, **{k: kwargs[k] for k in _LOAD_CONFIG_KWARGS if k in kwargs}
+            )
         except (OSError, ValueError, EnvironmentError):
             config = None  # let diffusers report what is wrong with the path
         saved = config.get("_class_name") if isinstance(config, dict) else None
         if saved is not None and saved != cls.__name__:
             saved_class = _PIPELINE_CLASSES.get(saved) if isinstance(saved, str) else None
             if getattr(saved_class, "_family", None) != cls._family:
-                raise ValueError(f"`pretrained_model_name_or_path` {str(pretrained_model_name_or_path)!r} holds a {saved!r}, "
-                                 f"not a pipeline of the {cls.__name__} family; load it with its own class "
-                                 f"(`diffusers-var generate --model` reads the class from model_index.json).")
+                raise ValueError(
+                    f"`pretrained_model_name_or_path` {str(pretrained_model_name_or_path)!r} holds a {saved!r}, "
+                    f"not a pipeline of the {cls.__name__} family; load it with its own class "
+                    f"(`diffusers-var generate --model` reads the class from model_index.json)."
+                )
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory, **kwargs):
@@ -334,9 +378,8 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
     # -- small shared helpers ------------------------------------------------------------------------------------
     @staticmethod
     def _guidance_rows(x_BlC: torch.Tensor, guided: bool = True) -> torch.Tensor:
-        """The transformer input of both guidance halves (the same tokens for the conditional and unconditional rows)."""
+        """The transformer input of both guidance halves (same tokens for the conditional and unconditional rows)."""
         return x_BlC.repeat(2, 1, 1) if guided else x_BlC
-
 
 
 _LOAD_CONFIG_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
@@ -363,9 +406,11 @@ def write_loader_module(folder, class_name: str) -> Path:
     custom-pipeline mechanism loads (the only pipeline class the module holds, as diffusers requires; named after the
     class because diffusers caches these modules by file name within a process). Written atomically."""
     path = Path(folder) / f"{class_name}.py"
-    text = (f'"""Loads this folder with diffusers\' generic loader (needs ``pip install diffusers-var``):\n\n'
-            f'    DiffusionPipeline.from_pretrained(folder, custom_pipeline="{class_name}", trust_remote_code=True)\n'
-            f'"""\n\nfrom diffusers_var import {class_name}  # noqa: F401\n')
+    text = (
+        f'"""Loads this folder with diffusers\' generic loader (needs ``pip install diffusers-var``):\n\n'
+        f'    DiffusionPipeline.from_pretrained(folder, custom_pipeline="{class_name}", trust_remote_code=True)\n'
+        f'"""\n\nfrom diffusers_var import {class_name}  # noqa: F401\n'
+    )
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
@@ -454,9 +499,11 @@ def warn_eager_forcing(pipe) -> None:
     """Say once per pipeline that a ``forcing`` hook other than a :class:`TokenForcing` keeps VAR's sampling out of
     the whole-scale CUDA graphs (only the transformer steps are replayed): no silent slowdown."""
     if not getattr(pipe, "_warned_eager_forcing", False):
-        logger.warning(f"{type(pipe).__name__}: the `forcing` hook is not a TokenForcing, so it cannot run inside the "
-                       "fast path's whole-scale CUDA graphs; sampling runs eagerly (the transformer steps stay "
-                       "graphs).")
+        logger.warning(
+            f"{type(pipe).__name__}: the `forcing` hook is not a TokenForcing, so it cannot run inside the "
+            "fast path's whole-scale CUDA graphs; sampling runs eagerly (the transformer steps stay "
+            "graphs)."
+        )
         pipe._warned_eager_forcing = True
 
 
@@ -496,17 +543,25 @@ def image_batch_and_size(image, name: str = "image") -> tuple[int, int, int]:
         if isinstance(item, (np.ndarray, torch.Tensor)):
             channels = item.shape[-1] if isinstance(item, np.ndarray) else item.shape[-3]
             if channels != 3:
-                raise ValueError(f"`{name}` must have 3 (RGB) channels, got an array of shape {tuple(item.shape)} "
-                                 "(numpy: channels last; torch: channels first).")
+                raise ValueError(
+                    f"`{name}` must have 3 (RGB) channels, got an array of shape {tuple(item.shape)} "
+                    "(numpy: channels last; torch: channels first)."
+                )
             if item.dtype != np.uint8 and item.dtype != torch.uint8:
                 values = torch.as_tensor(item)
-                if not values.is_floating_point() or not bool(torch.isfinite(values).all()) \
-                        or values.min() < -1 or values.max() > 1:
+                if (
+                    not values.is_floating_point()
+                    or not bool(torch.isfinite(values).all())
+                    or values.min() < -1
+                    or values.max() > 1
+                ):
                     raise ValueError(f"`{name}` must hold finite floats in [0, 1] (or uint8), got values outside.")
         sizes.append((batch, height, width))
     if len({size[1:] for size in sizes}) != 1:
-        raise ValueError(f"`{name}`: every image of the list must have the same size, got "
-                         f"{sorted({size[1:] for size in sizes})} (height, width).")
+        raise ValueError(
+            f"`{name}`: every image of the list must have the same size, got "
+            f"{sorted({size[1:] for size in sizes})} (height, width)."
+        )
     return sum(size[0] for size in sizes), sizes[0][1], sizes[0][2]
 
 
@@ -583,8 +638,9 @@ def scale_keep_masks(generate_Bhw: torch.Tensor, schedule) -> list[torch.Tensor]
     return masks
 
 
-def box_grid_mask(grid_hw: tuple[int, int], y0: float, x0: float, y1: float, x1: float,
-                  inpainting: bool = True) -> torch.Tensor:
+def box_grid_mask(
+    grid_hw: tuple[int, int], y0: float, x0: float, y1: float, x1: float, inpainting: bool = True
+) -> torch.Tensor:
     """The notebook's ``get_edit_mask`` box on a (h, w) latent grid, as our mask (True = generate): the box
     ``[round(y0 h):round(y1 h), round(x0 w):round(x1 w)]`` (Python's round: half to even) is generated when
     ``inpainting``, else everything outside it is (out-painting). The notebook's mask is the opposite (1 = keep)."""
@@ -595,7 +651,7 @@ def box_grid_mask(grid_hw: tuple[int, int], y0: float, x0: float, y1: float, x1:
     check_bool(inpainting, "inpainting")
     h, w = grid_hw
     box = torch.zeros(h, w, dtype=torch.bool)
-    box[round(y0 * h):round(y1 * h), round(x0 * w):round(x1 * w)] = True
+    box[round(y0 * h) : round(y1 * h), round(x0 * w) : round(x1 * w)] = True
     return box if inpainting else ~box
 
 
@@ -636,13 +692,16 @@ class NextScaleEditMixin:
         return h * self._pixels_per_token(), w * self._pixels_per_token()
 
     # -- checks --------------------------------------------------------------------------------------------------
-    def check_image_inputs(self, image, image_indices, schedule, num_prompts: int,
-                           num_images_per_prompt: int = 1) -> tuple[int, int, int] | None:
+    def check_image_inputs(
+        self, image, image_indices, schedule, num_prompts: int, num_images_per_prompt: int = 1
+    ) -> tuple[int, int, int] | None:
         """Exactly one of ``image`` / ``image_indices``: one for all, one per prompt / label, or one per generated
         image. Returns the image's ``(batch, height, width)`` (``None`` for tokens)."""
         if (image is None) == (image_indices is None):
-            raise ValueError("pass exactly one of `image` (PIL, numpy or torch in [0, 1]) and `image_indices` (the "
-                             f"input's tokens per scale), got {'both' if image is not None else 'neither'}.")
+            raise ValueError(
+                "pass exactly one of `image` (PIL, numpy or torch in [0, 1]) and `image_indices` (the "
+                f"input's tokens per scale), got {'both' if image is not None else 'neither'}."
+            )
         if image is not None:
             size = image_batch_and_size(image)
             batch = size[0]
@@ -650,34 +709,49 @@ class NextScaleEditMixin:
             batch = self._check_image_indices(image_indices, schedule)
         if batch not in edit_batch_sizes(num_prompts, num_images_per_prompt):
             name = "image" if image is not None else "image_indices"
-            raise ValueError(f"`{name}` holds {batch} images but there are {num_prompts} prompts / labels and "
-                             f"{num_prompts * num_images_per_prompt} images to generate: give one image, one per "
-                             "prompt / label, or one per generated image.")
+            raise ValueError(
+                f"`{name}` holds {batch} images but there are {num_prompts} prompts / labels and "
+                f"{num_prompts * num_images_per_prompt} images to generate: give one image, one per "
+                "prompt / label, or one per generated image."
+            )
         return size if image is not None else None
 
-    def check_mask_input(self, mask_image, schedule, image_size: tuple[int, int, int] | None, num_prompts: int,
-                         num_images_per_prompt: int = 1) -> None:
+    def check_mask_input(
+        self,
+        mask_image,
+        schedule,
+        image_size: tuple[int, int, int] | None,
+        num_prompts: int,
+        num_images_per_prompt: int = 1,
+    ) -> None:
         """``mask_image`` at the image's size (or, for ``image_indices``, the pipeline's pixel size) or at the
         latent grid (the last scale's grid): one for all, one per prompt / label, or one per generated image."""
         if mask_image is None:
-            raise ValueError("`mask_image` is required (white / 1 / True = generate); see `box_mask()` for the "
-                             "original notebook's box masks.")
+            raise ValueError(
+                "`mask_image` is required (white / 1 / True = generate); see `box_mask()` for the "
+                "original notebook's box masks."
+            )
         mask = mask_to_tensor(mask_image)
         grid = tuple(schedule[-1])
         pixels = tuple(image_size[1:]) if image_size is not None else self.pixel_size(schedule)
         if tuple(mask.shape[-2:]) not in (grid, pixels):
             what = "the image's size" if image_size is not None else "the pipeline's image size"
-            raise ValueError(f"`mask_image` is {mask.shape[-2]}x{mask.shape[-1]}, but {what} is "
-                             f"{pixels[0]}x{pixels[1]} and the latent grid (the last scale's tokens) is "
-                             f"{grid[0]}x{grid[1]}; give the mask at one of these sizes.")
+            raise ValueError(
+                f"`mask_image` is {mask.shape[-2]}x{mask.shape[-1]}, but {what} is "
+                f"{pixels[0]}x{pixels[1]} and the latent grid (the last scale's tokens) is "
+                f"{grid[0]}x{grid[1]}; give the mask at one of these sizes."
+            )
         if mask.shape[0] not in edit_batch_sizes(num_prompts, num_images_per_prompt):
-            raise ValueError(f"`mask_image` holds {mask.shape[0]} masks but there are {num_prompts} prompts / labels "
-                             f"and {num_prompts * num_images_per_prompt} images to generate: give one mask, one per "
-                             "prompt / label, or one per generated image.")
+            raise ValueError(
+                f"`mask_image` holds {mask.shape[0]} masks but there are {num_prompts} prompts / labels "
+                f"and {num_prompts * num_images_per_prompt} images to generate: give one mask, one per "
+                "prompt / label, or one per generated image."
+            )
 
     # -- preparation ---------------------------------------------------------------------------------------------
-    def prepare_image_tokens(self, image, image_indices, schedule, num_prompts: int, num_images_per_prompt: int,
-                             device) -> list[torch.Tensor]:
+    def prepare_image_tokens(
+        self, image, image_indices, schedule, num_prompts: int, num_images_per_prompt: int, device
+    ) -> list[torch.Tensor]:
         """The input's tokens per scale, one row per generated image: ``image`` resized to the pipeline's size and
         tokenised (once per distinct image), or ``image_indices``."""
         if image is not None:
@@ -686,15 +760,18 @@ class NextScaleEditMixin:
             tokens = self.encode_image_tokens(pixels.to(device=device, dtype=torch.float32), schedule)
         else:
             tokens = [t.to(device) for t in image_indices]
-        return [expand_rows(self._as_scale_tokens(t, si, schedule), num_prompts, num_images_per_prompt)
-                for si, t in enumerate(tokens)]
+        return [
+            expand_rows(self._as_scale_tokens(t, si, schedule), num_prompts, num_images_per_prompt)
+            for si, t in enumerate(tokens)
+        ]
 
     def _as_scale_tokens(self, tokens: torch.Tensor, scale_index: int, schedule) -> torch.Tensor:
         """The family's token layout of one scale (identity; Infinity converts bit labels)."""
         return tokens
 
-    def prepare_mask_keep(self, mask_image, schedule, num_prompts: int, num_images_per_prompt: int,
-                          device) -> list[torch.Tensor]:
+    def prepare_mask_keep(
+        self, mask_image, schedule, num_prompts: int, num_images_per_prompt: int, device
+    ) -> list[torch.Tensor]:
         """Per scale, (B, h, w) bool: where the input's tokens are kept (the notebook's rule, module comment)."""
         mask = mask_to_tensor(mask_image) >= 0.5  # diffusers' binarisation
         generate = latent_grid_mask(mask, schedule[-1]).to(device)
@@ -706,8 +783,10 @@ class NextScaleEditMixin:
         (diffusers' ``strength``: the share of the steps that run)."""
         num_sampled = min(int(len(schedule) * strength), len(schedule))
         kept = len(schedule) - num_sampled
-        return [torch.full((batch_size, h, w), si < kept, dtype=torch.bool, device=device)
-                for si, (h, w) in enumerate(schedule)]
+        return [
+            torch.full((batch_size, h, w), si < kept, dtype=torch.bool, device=device)
+            for si, (h, w) in enumerate(schedule)
+        ]
 
 
 class NextScaleInpaintMixin(NextScaleEditMixin):
@@ -735,16 +814,24 @@ class VQEditTokens:
 
     def _check_image_indices(self, image_indices, schedule) -> int:
         if not isinstance(image_indices, (list, tuple)) or len(image_indices) != len(schedule):
-            raise ValueError(f"`image_indices` must be a list of {len(schedule)} LongTensors (B, pn*pn), one per "
-                             "scale, as `vqvae.encode_indices` returns them.")
+            raise ValueError(
+                f"`image_indices` must be a list of {len(schedule)} LongTensors (B, pn*pn), one per "
+                "scale, as `vqvae.encode_indices` returns them."
+            )
         batch = None
         for si, (tokens, (h, w)) in enumerate(zip(image_indices, schedule)):
-            if not torch.is_tensor(tokens) or tokens.ndim != 2 or tokens.shape[1] != h * w \
-                    or tokens.dtype not in (torch.int32, torch.int64) \
-                    or (batch is not None and tokens.shape[0] != batch):
+            if (
+                not torch.is_tensor(tokens)
+                or tokens.ndim != 2
+                or tokens.shape[1] != h * w
+                or tokens.dtype not in (torch.int32, torch.int64)
+                or (batch is not None and tokens.shape[0] != batch)
+            ):
                 shape = tuple(tokens.shape) if torch.is_tensor(tokens) else type(tokens).__name__
-                raise ValueError(f"`image_indices[{si}]` must be an integer tensor of shape (B, {h * w}) with the "
-                                 f"batch of the other scales, got {shape}.")
+                raise ValueError(
+                    f"`image_indices[{si}]` must be an integer tensor of shape (B, {h * w}) with the "
+                    f"batch of the other scales, got {shape}."
+                )
             vocab_size = self.vqvae.config.vocab_size
             if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab_size):
                 raise ValueError(f"`image_indices[{si}]` holds indices outside [0, {vocab_size - 1}].")
@@ -780,15 +867,23 @@ class BitwiseEditTokens:
         latent = self.vae.latent_schedule(schedule)
         d = self.vae.config.codebook_dim
         if not isinstance(image_indices, (list, tuple)) or len(image_indices) != len(schedule):
-            raise ValueError(f"`image_indices` must be a list of {len(schedule)} bit-label tensors (B, h, w, {d}), "
-                             "one per scale, as `vae.encode(images, scale_schedule).bit_labels` returns them.")
+            raise ValueError(
+                f"`image_indices` must be a list of {len(schedule)} bit-label tensors (B, h, w, {d}), "
+                "one per scale, as `vae.encode(images, scale_schedule).bit_labels` returns them."
+            )
         batch = None
         for si, (bits, (h, w)) in enumerate(zip(image_indices, latent)):
-            if not torch.is_tensor(bits) or tuple(bits.shape[1:]) != (h, w, d) or bits.is_floating_point() \
-                    or (batch is not None and bits.shape[0] != batch):
+            if (
+                not torch.is_tensor(bits)
+                or tuple(bits.shape[1:]) != (h, w, d)
+                or bits.is_floating_point()
+                or (batch is not None and bits.shape[0] != batch)
+            ):
                 shape = tuple(bits.shape) if torch.is_tensor(bits) else type(bits).__name__
-                raise ValueError(f"`image_indices[{si}]` must be an integer / bool tensor of shape (B, {h}, {w}, {d}) "
-                                 f"with the batch of the other scales, got {shape}.")
+                raise ValueError(
+                    f"`image_indices[{si}]` must be an integer / bool tensor of shape (B, {h}, {w}, {d}) "
+                    f"with the batch of the other scales, got {shape}."
+                )
             if bits.numel() and (bits.min() < 0 or bits.max() > 1):
                 raise ValueError(f"`image_indices[{si}]` must hold bits (0 or 1).")
             batch = bits.shape[0]

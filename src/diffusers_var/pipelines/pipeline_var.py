@@ -131,10 +131,17 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         super().__init__()
         if transformer is not None and vqvae is not None:
             if tuple(transformer.config.patch_nums) != tuple(vqvae.config.patch_nums):
-                raise ValueError(f"transformer and vqvae `patch_nums` differ: {transformer.config.patch_nums} vs "
-                                 f"{vqvae.config.patch_nums}.")
-            if transformer.config.vocab_size != vqvae.config.vocab_size or transformer.config.latent_channels != vqvae.config.z_channels:
-                raise ValueError("transformer `vocab_size`/`latent_channels` must match the vqvae's `vocab_size`/`z_channels`.")
+                raise ValueError(
+                    f"transformer and vqvae `patch_nums` differ: {transformer.config.patch_nums} vs "
+                    f"{vqvae.config.patch_nums}."
+                )
+            if (
+                transformer.config.vocab_size != vqvae.config.vocab_size
+                or transformer.config.latent_channels != vqvae.config.z_channels
+            ):
+                raise ValueError(
+                    "transformer `vocab_size`/`latent_channels` must match the vqvae's `vocab_size`/`z_channels`."
+                )
         self.register_modules(transformer=transformer, vqvae=vqvae)
         if id2label is None and transformer is not None and transformer.config.num_classes == 1000:
             id2label = imagenet_id2label()
@@ -160,9 +167,14 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         return square_schedule(self.transformer.config.patch_nums)
 
     # -- fast inference ------------------------------------------------------------------------------
-    def enable_fast_inference(self, dtype: torch.dtype = torch.bfloat16, cuda_graphs: bool = True,
-                              compile_decoder: bool = False, compile_blocks: bool = False,
-                              fp8: bool = False) -> "VARPipeline":
+    def enable_fast_inference(
+        self,
+        dtype: torch.dtype = torch.bfloat16,
+        cuda_graphs: bool = True,
+        compile_decoder: bool = False,
+        compile_blocks: bool = False,
+        fp8: bool = False,
+    ) -> "VARPipeline":
         """Speed switch for GPUs. The transformer blocks and the image decoder run in ``dtype`` (bf16 by
         default); the transformer's ``_keep_in_fp32_modules`` (output head and its norm), the quantizer (codebook, Phi
         convs) and f_hat stay float32, which keeps greedy tokens close to the float32 path. On CUDA each scale is a
@@ -193,8 +205,9 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
 
         Returns the pipeline. Not combinable with CPU / group offloading or layerwise casting.
         """
-        check_fast_inference_args(dtype, cuda_graphs=cuda_graphs, compile_decoder=compile_decoder,
-                                  compile_blocks=compile_blocks, fp8=fp8)
+        check_fast_inference_args(
+            dtype, cuda_graphs=cuda_graphs, compile_decoder=compile_decoder, compile_blocks=compile_blocks, fp8=fp8
+        )
         if fp8:
             fp8_linears(self.transformer)  # a model float8 cannot take is refused before anything is cast or compiled
         self._cast_for_fast_inference(dtype, (self.vqvae.decoder, self.vqvae.post_quant_conv), compile_decoder)
@@ -202,9 +215,16 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
             compile_adaln_blocks_(self.transformer)
         return self._set_fast_inference(True, cuda_graphs, dtype, fp8)
 
-    def _sampling_graphs(self, B: int, device: torch.device, settings: ScaleSampling, top_k: int | list[int],
-                         use_top_p: bool, run: ScaleRun | None = None,
-                         forcing: TokenForcing | None = None) -> CUDAGraphScaleSteps:
+    def _sampling_graphs(
+        self,
+        B: int,
+        device: torch.device,
+        settings: ScaleSampling,
+        top_k: int | list[int],
+        use_top_p: bool,
+        run: ScaleRun | None = None,
+        forcing: TokenForcing | None = None,
+    ) -> CUDAGraphScaleSteps:
         """One CUDA graph per scale for the whole scale: transformer step, guidance, top-k / top-p, the draw, the
         codebook lookup, the f_hat update and the next scale's input (built once per batch size, ``top_k`` (it fixes
         shapes; one per scale or one for all) and structural setting). The guidance strengths, ``top_p`` and the
@@ -230,8 +250,11 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
             f_hat = torch.zeros(B, cfg.latent_channels, side, side, device=device)
             scale_inputs = [None] * num_scales  # those the run reads (the prefix at its first scale) and writes
             for si in range(max(first, 1), min(run.scales.stop + 1, num_scales)):
-                length = transformer.begin_ends[si][1] - transformer.first_len if prefill and si == first else \
-                    schedule[si][0] * schedule[si][1]
+                length = (
+                    transformer.begin_ends[si][1] - transformer.first_len
+                    if prefill and si == first
+                    else schedule[si][0] * schedule[si][1]
+                )
                 scale_inputs[si] = torch.zeros(rows, length, cfg.latent_channels, device=device)
             generator = torch.Generator(device)
             static_forcing = forcing.static_copy() if forcing is not None else None
@@ -241,34 +264,73 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
                 if prefill and si == first:
                     prefill_logits = transformer.prefill_scale((labels_2B,), cache, scale_inputs[si])
                     if run.replay_prefix_draws:
-                        replayed = self._replay_draws(prefill_logits, si, top_ks, 0.0, temperature_S, generator,
-                                                      settings, removable_mass if use_top_p else None)
-                    logits = prefill_logits[:, transformer.begin_ends[si][0]:]
+                        replayed = self._replay_draws(
+                            prefill_logits,
+                            si,
+                            top_ks,
+                            0.0,
+                            temperature_S,
+                            generator,
+                            settings,
+                            removable_mass if use_top_p else None,
+                        )
+                    logits = prefill_logits[:, transformer.begin_ends[si][0] :]
                 else:
                     logits = transformer.forward_scale(si, (labels_2B,), cache, scale_inputs[si])
                 indices, guided_logits, next_input = self._sample_scale(
-                    si, logits, f_hat, guidance_S2[si], top_ks[si], 0.0, generator, settings,
-                    removable_mass if use_top_p else None, forcing=static_forcing,
-                    temperature=temperature_S[si] if settings.tempered else None)
+                    si,
+                    logits,
+                    f_hat,
+                    guidance_S2[si],
+                    top_ks[si],
+                    0.0,
+                    generator,
+                    settings,
+                    removable_mass if use_top_p else None,
+                    forcing=static_forcing,
+                    temperature=temperature_S[si] if settings.tempered else None,
+                )
                 if next_input is not None:
                     scale_inputs[si + 1].copy_(self._guidance_rows(next_input))
                 keep = settings.keep_logits
-                return (indices, guided_logits, logits.clone() if keep else None,
-                        prefill_logits.clone() if keep and prefill_logits is not None else None, replayed)
+                return (
+                    indices,
+                    guided_logits,
+                    logits.clone() if keep else None,
+                    prefill_logits.clone() if keep and prefill_logits is not None else None,
+                    replayed,
+                )
 
-            shared = (torch.zeros(rows, dtype=torch.long, device=device), torch.zeros(num_scales, 2, device=device),
-                      torch.zeros((), device=device), torch.ones(num_scales, device=device))
+            shared = (
+                torch.zeros(rows, dtype=torch.long, device=device),
+                torch.zeros(num_scales, 2, device=device),
+                torch.zeros((), device=device),
+                torch.ones(num_scales, device=device),
+            )
             # f_hat is set by every generation before its first replay (zeros, or the f_hat the run continues)
-            graphs = CUDAGraphScaleSteps(step, [()] * len(run.scales), cache.reset, shared, generator=generator,
-                                         first_scale=first, pool=memory.pool if memory is not None else None)
+            graphs = CUDAGraphScaleSteps(
+                step,
+                [()] * len(run.scales),
+                cache.reset,
+                shared,
+                generator=generator,
+                first_scale=first,
+                pool=memory.pool if memory is not None else None,
+            )
             graphs.f_hat, graphs.scale_inputs, graphs.memory = f_hat, scale_inputs, memory
             graphs.forcing = static_forcing
             if memory is not None:
                 memory.pool = graphs.pool
             return graphs
 
-        key = ("sampling", rows, settings, top_ks[0] if len(set(top_ks)) == 1 else tuple(top_ks), use_top_p,
-               forcing is not None)
+        key = (
+            "sampling",
+            rows,
+            settings,
+            top_ks[0] if len(set(top_ks)) == 1 else tuple(top_ks),
+            use_top_p,
+            forcing is not None,
+        )
         if transformer is not self.transformer or run.scales != range(num_scales) or prefill:  # a part of a generation
             key += (id(transformer), run.scales, prefill, run.replay_prefix_draws)
         return self._graph_scale_steps(key, device, build)
@@ -278,9 +340,17 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         replayed at the same time), or ``None``: a plain VAR generation is one run."""
         return None
 
-    def _replay_draws(self, prefill_logits: torch.Tensor, first_scale: int, top_ks: list[int], top_p: float,
-                      temperatures, generator: GeneratorArg, settings: ScaleSampling,
-                      top_p_mass: torch.Tensor | None = None):
+    def _replay_draws(
+        self,
+        prefill_logits: torch.Tensor,
+        first_scale: int,
+        top_ks: list[int],
+        top_p: float,
+        temperatures,
+        generator: GeneratorArg,
+        settings: ScaleSampling,
+        top_p_mass: torch.Tensor | None = None,
+    ):
         """CoDe's refiner re-samples every scale before ``first_scale`` from the conditional rows of its prefill logits
         (no guidance; each scale's top-k, top-p and temperature) and discards the tokens: only the draws matter (they
         keep a seeded generator on the original's stream). Returns the re-sampled tokens, (B, l) per scale."""
@@ -296,9 +366,20 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         return replayed
 
     # -- one scale -------------------------------------------------------------------------------------
-    def _sample_scale(self, si: int, logits_2BlV: torch.Tensor, f_hat: torch.Tensor, strength, top_k: int, top_p: float,
-                      generator: GeneratorArg, settings: ScaleSampling, top_p_mass: torch.Tensor | None = None,
-                      forcing: ScaleForcing | None = None, temperature=None):
+    def _sample_scale(
+        self,
+        si: int,
+        logits_2BlV: torch.Tensor,
+        f_hat: torch.Tensor,
+        strength,
+        top_k: int,
+        top_p: float,
+        generator: GeneratorArg,
+        settings: ScaleSampling,
+        top_p_mass: torch.Tensor | None = None,
+        forcing: ScaleForcing | None = None,
+        temperature=None,
+    ):
         """Guidance, top-k / top-p, the draw and the f_hat update (in place) of scale ``si``, eagerly or inside a CUDA
         graph (``strength``, ``1 - top_p`` and ``temperature`` then come as device tensors). ``forcing`` may replace
         the scale's code map (and indices) before f_hat. ``temperature`` (None: 1) divides the filtered logits for the
@@ -322,10 +403,19 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         _, next_map = self.vqvae.next_scale_input(si, f_hat, embedding)
         return indices, guided_logits, None if si == num_scales - 1 else next_map.flatten(2).transpose(1, 2)
 
-    def _sample_scales(self, labels_B: torch.LongTensor, top_k: int | list[int], top_p: float, more_smooth: bool,
-                       generator: GeneratorArg, callback=None, tensor_names: list[str] = (),
-                       forcing: ScaleForcing | None = None, temperature: float | list[float] = 1.0,
-                       run: ScaleRun | None = None) -> torch.Tensor:
+    def _sample_scales(
+        self,
+        labels_B: torch.LongTensor,
+        top_k: int | list[int],
+        top_p: float,
+        more_smooth: bool,
+        generator: GeneratorArg,
+        callback=None,
+        tensor_names: list[str] = (),
+        forcing: ScaleForcing | None = None,
+        temperature: float | list[float] = 1.0,
+        run: ScaleRun | None = None,
+    ) -> torch.Tensor:
         """The scale loop of a generation for the images of ``labels_B`` (the null class fills the unconditional rows);
         returns the final f_hat. ``forcing`` (task pipelines) replaces code maps before they enter f_hat. ``top_k`` and
         ``temperature``: one value, or one per scale. ``run`` (default: every scale, the pipeline's transformer): the
@@ -342,8 +432,12 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         # followed by the eager sampler
         logit_names = {"guided_logits", "logits", "model_logits", "prefill_logits"}
         wants_logits = callback is not None and bool(logit_names & set(tensor_names))
-        settings = ScaleSampling(more_smooth=more_smooth, keep_logits=wants_logits,
-                                 fast_filter=self._fast_top_p(device), tempered=any(t != 1 for t in temperatures))
+        settings = ScaleSampling(
+            more_smooth=more_smooth,
+            keep_logits=wants_logits,
+            fast_filter=self._fast_top_p(device),
+            tempered=any(t != 1 for t in temperatures),
+        )
         graphs, graph_generator = None, self._graph_sampling_generator(device, generator)
         if graph_generator is not None and forcing is not None and not isinstance(forcing, TokenForcing):
             warn_eager_forcing(self)  # an arbitrary hook cannot be captured: sampling stays eager, said once
@@ -354,20 +448,30 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
             if forcing is not None:
                 graphs.forcing.copy_(forcing)
             strengths = [linear_guidance_ramp(table_guidance, si, num_scales) for si in range(num_scales)]
-            graphs.set_shared_inputs(condition[0], guidance_table(strengths, device), top_p_mass(top_p, device),
-                                     torch.tensor(temperatures, dtype=torch.float32).to(device, non_blocking=True))
+            graphs.set_shared_inputs(
+                condition[0],
+                guidance_table(strengths, device),
+                top_p_mass(top_p, device),
+                torch.tensor(temperatures, dtype=torch.float32).to(device, non_blocking=True),
+            )
             latents = graphs.f_hat.zero_() if run.latents is None else graphs.f_hat.copy_(run.latents)
             if prefill:
                 graphs.scale_inputs[run.scales.start].copy_(self._guidance_rows(run.prefix))
         else:
-            transformer_step = self._transformer_steps(condition, schedule, device, run.transformer, run.scales,
-                                                       prefill)
-            latents = run.latents if run.latents is not None else \
-                torch.zeros(B, self.vqvae.config.z_channels, side, side, device=device, dtype=torch.float32)
+            transformer_step = self._transformer_steps(
+                condition, schedule, device, run.transformer, run.scales, prefill
+            )
+            latents = (
+                run.latents
+                if run.latents is not None
+                else torch.zeros(B, self.vqvae.config.z_channels, side, side, device=device, dtype=torch.float32)
+            )
         scale_input = self._guidance_rows(run.prefix) if prefill else None
 
-        with self.progress_bar(total=len(run.scales)) as progress_bar, \
-                (graphs.borrow_generator_state(graph_generator) if graphs is not None else nullcontext()):
+        with (
+            self.progress_bar(total=len(run.scales)) as progress_bar,
+            graphs.borrow_generator_state(graph_generator) if graphs is not None else nullcontext(),
+        ):
             for si in run.scales:
                 scale_hw = schedule[si]
                 if self.interrupt:
@@ -386,16 +490,32 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
                         begin = run.transformer.begin_ends[si][0]
                         prefill_logits, model_logits = model_logits, model_logits[:, begin:]
                         if run.replay_prefix_draws:
-                            replayed = self._replay_draws(prefill_logits, si, top_ks, top_p, temperatures, generator,
-                                                          settings)
+                            replayed = self._replay_draws(
+                                prefill_logits, si, top_ks, top_p, temperatures, generator, settings
+                            )
                     strength = linear_guidance_ramp(self._guidance_scale, si, num_scales)
                     tokens, guided_logits, next_input = self._sample_scale(
-                        si, model_logits, latents, strength, top_ks[si], top_p, generator, settings, forcing=forcing,
-                        temperature=temperatures[si] if settings.tempered else None)
+                        si,
+                        model_logits,
+                        latents,
+                        strength,
+                        top_ks[si],
+                        top_p,
+                        generator,
+                        settings,
+                        forcing=forcing,
+                        temperature=temperatures[si] if settings.tempered else None,
+                    )
                 if callback is not None:
-                    tensors = dict(latents=latents, tokens=tokens, guided_logits=guided_logits, model_logits=model_logits,
-                                   next_scale_input=next_input, prefill_logits=prefill_logits,
-                                   draft_resamples=replayed)
+                    tensors = dict(
+                        latents=latents,
+                        tokens=tokens,
+                        guided_logits=guided_logits,
+                        model_logits=model_logits,
+                        next_scale_input=next_input,
+                        prefill_logits=prefill_logits,
+                        draft_resamples=replayed,
+                    )
                     new_latents = self._step_callback(callback, tensor_names, si, scale_hw, tensors)
                     if new_latents is not None:
                         next_input = self._next_scale_input(new_latents, si)
@@ -413,10 +533,20 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         # the graphs' buffer is overwritten by the next generation
         return latents.clone() if graphs is not None else latents
 
-
     # -- inputs -------------------------------------------------------------------------------------
-    def check_inputs(self, class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator,
-                     output_type, return_dict=True, temperature=1.0) -> None:
+    def check_inputs(
+        self,
+        class_labels,
+        guidance_scale,
+        top_k,
+        top_p,
+        more_smooth,
+        num_images_per_prompt,
+        generator,
+        output_type,
+        return_dict=True,
+        temperature=1.0,
+    ) -> None:
         """Every argument check of a call, before any work (a ValueError names the parameter)."""
         num_scales = len(self.transformer.config.patch_nums)
         check_finite_number(guidance_scale, "guidance_scale", 0.0)
@@ -429,8 +559,10 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
             return
         labels = flatten_labels(class_labels)
         if not isinstance(labels, list) or not labels:
-            raise ValueError("`class_labels` must be an int, a non-empty list of ints (or of lists of ints), a 1-D tensor, "
-                             f"or None; got {class_labels!r}.")
+            raise ValueError(
+                "`class_labels` must be an int, a non-empty list of ints (or of lists of ints), a 1-D tensor, "
+                f"or None; got {class_labels!r}."
+            )
         for label in labels:
             if not isinstance(label, int) or isinstance(label, bool) or not -1 <= label <= num_classes:
                 raise ValueError(
@@ -439,13 +571,17 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
                 )
         check_generator(generator, len(labels) * num_images_per_prompt)
 
-    def prepare_class_labels(self, class_labels, num_images_per_prompt: int, generator: GeneratorArg, device) -> torch.LongTensor:
+    def prepare_class_labels(
+        self, class_labels, num_images_per_prompt: int, generator: GeneratorArg, device
+    ) -> torch.LongTensor:
         """(B,) labels of the images: the given ones (each repeated ``num_images_per_prompt`` times, -1 -> the null
         class), or drawn uniformly from ``generator`` as the original does."""
         num_classes = self.transformer.config.num_classes
         if class_labels is None:
             return draw_class_labels(num_classes, num_images_per_prompt, generator, device)
-        labels = torch.tensor([num_classes if label < 0 else label for label in flatten_labels(class_labels)], dtype=torch.long)
+        labels = torch.tensor(
+            [num_classes if label < 0 else label for label in flatten_labels(class_labels)], dtype=torch.long
+        )
         return labels.repeat_interleave(num_images_per_prompt).to(device)
 
     # -- generation ---------------------------------------------------------------------------------
@@ -469,8 +605,8 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
 
         Args:
             class_labels: class index, list of indices (or of lists, as diffusers' DiT takes them), or ``None`` to
-                draw ``num_images_per_prompt`` labels uniformly from ``generator`` (as the original does). ``-1`` is the
-                null class.
+                draw ``num_images_per_prompt`` labels uniformly from ``generator`` (as the original does). ``-1`` is
+                the null class.
             guidance_scale: the original ``cfg``: guidance ramps linearly from 0 at the first scale to
                 ``guidance_scale`` at the last (``(1 + t) cond - t uncond``). The demo uses 4; the FID
                 setting is 1.5 with ``top_p=0.96``.
@@ -493,16 +629,27 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
                 CoDe's sampler; 1 is the original VAR). The Gumbel mixture of ``more_smooth`` does not use it.
         """
         callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        self.check_inputs(class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator,
-                          output_type, return_dict, temperature)
+        self.check_inputs(
+            class_labels,
+            guidance_scale,
+            top_k,
+            top_p,
+            more_smooth,
+            num_images_per_prompt,
+            generator,
+            output_type,
+            return_dict,
+            temperature,
+        )
         self._begin_call(guidance_scale, len(self.scale_schedule()))
         device = self._execution_device
 
         # 1. the condition: the class labels of every image
         labels_B = self.prepare_class_labels(class_labels, num_images_per_prompt, generator, device)
         # 2. scale by scale
-        latents = self._sample_scales(labels_B, top_k, top_p, more_smooth, generator, callback, tensor_names,
-                                      temperature=temperature)
+        latents = self._sample_scales(
+            labels_B, top_k, top_p, more_smooth, generator, callback, tensor_names, temperature=temperature
+        )
         # 3. decode
         return self._finish(latents, output_type, return_dict)
 
@@ -565,8 +712,20 @@ class VARInpaintPipeline(VQEditTokens, NextScaleInpaintMixin, VARPipeline):
         """
         callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         schedule = self._edit_schedule()
-        num_labels = self.check_inputs(class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt,
-                                       generator, output_type, return_dict, image, image_indices, mask_image)
+        num_labels = self.check_inputs(
+            class_labels,
+            guidance_scale,
+            top_k,
+            top_p,
+            more_smooth,
+            num_images_per_prompt,
+            generator,
+            output_type,
+            return_dict,
+            image,
+            image_indices,
+            mask_image,
+        )
         self._begin_call(guidance_scale, len(schedule))
         device = self._execution_device
 
@@ -576,16 +735,46 @@ class VARInpaintPipeline(VQEditTokens, NextScaleInpaintMixin, VARPipeline):
         tokens = self.prepare_image_tokens(image, image_indices, schedule, num_labels, num_images_per_prompt, device)
         keep = self.prepare_mask_keep(mask_image, schedule, num_labels, num_images_per_prompt, device)
         # 3. scale by scale, the input's tokens put back where kept
-        latents = self._sample_scales(labels_B, top_k, top_p, more_smooth, generator, callback, tensor_names,
-                                      forcing=self._token_forcing(tokens, keep))
+        latents = self._sample_scales(
+            labels_B,
+            top_k,
+            top_p,
+            more_smooth,
+            generator,
+            callback,
+            tensor_names,
+            forcing=self._token_forcing(tokens, keep),
+        )
         return self._finish(latents, output_type, return_dict)
 
-    def check_inputs(self, class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator,
-                     output_type, return_dict=True, image=None, image_indices=None, mask_image=None) -> int:
+    def check_inputs(
+        self,
+        class_labels,
+        guidance_scale,
+        top_k,
+        top_p,
+        more_smooth,
+        num_images_per_prompt,
+        generator,
+        output_type,
+        return_dict=True,
+        image=None,
+        image_indices=None,
+        mask_image=None,
+    ) -> int:
         """:meth:`VARPipeline.check_inputs` and the image / mask checks. Returns the number of labels given (1 for
         ``class_labels=None``)."""
-        super().check_inputs(class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator,
-                             output_type, return_dict)
+        super().check_inputs(
+            class_labels,
+            guidance_scale,
+            top_k,
+            top_p,
+            more_smooth,
+            num_images_per_prompt,
+            generator,
+            output_type,
+            return_dict,
+        )
         num_labels = 1 if class_labels is None else len(flatten_labels(class_labels))
         schedule = self._edit_schedule()
         size = self.check_image_inputs(image, image_indices, schedule, num_labels, num_images_per_prompt)
@@ -637,8 +826,20 @@ class VARImg2ImgPipeline(VQEditTokens, NextScaleEditMixin, VARPipeline):
         """
         callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         schedule = self._edit_schedule()
-        num_labels = self.check_inputs(class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt,
-                                       generator, output_type, return_dict, image, image_indices, strength)
+        num_labels = self.check_inputs(
+            class_labels,
+            guidance_scale,
+            top_k,
+            top_p,
+            more_smooth,
+            num_images_per_prompt,
+            generator,
+            output_type,
+            return_dict,
+            image,
+            image_indices,
+            strength,
+        )
         self._begin_call(guidance_scale, len(schedule))
         device = self._execution_device
 
@@ -648,15 +849,45 @@ class VARImg2ImgPipeline(VQEditTokens, NextScaleEditMixin, VARPipeline):
         tokens = self.prepare_image_tokens(image, image_indices, schedule, num_labels, num_images_per_prompt, device)
         keep = self.strength_keep(strength, schedule, labels_B.shape[0], device)
         # 3. scale by scale
-        latents = self._sample_scales(labels_B, top_k, top_p, more_smooth, generator, callback, tensor_names,
-                                      forcing=self._token_forcing(tokens, keep))
+        latents = self._sample_scales(
+            labels_B,
+            top_k,
+            top_p,
+            more_smooth,
+            generator,
+            callback,
+            tensor_names,
+            forcing=self._token_forcing(tokens, keep),
+        )
         return self._finish(latents, output_type, return_dict)
 
-    def check_inputs(self, class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator,
-                     output_type, return_dict=True, image=None, image_indices=None, strength=0.5) -> int:
+    def check_inputs(
+        self,
+        class_labels,
+        guidance_scale,
+        top_k,
+        top_p,
+        more_smooth,
+        num_images_per_prompt,
+        generator,
+        output_type,
+        return_dict=True,
+        image=None,
+        image_indices=None,
+        strength=0.5,
+    ) -> int:
         """:meth:`VARPipeline.check_inputs`, the image checks and ``strength``. Returns the number of labels given."""
-        super().check_inputs(class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator,
-                             output_type, return_dict)
+        super().check_inputs(
+            class_labels,
+            guidance_scale,
+            top_k,
+            top_p,
+            more_smooth,
+            num_images_per_prompt,
+            generator,
+            output_type,
+            return_dict,
+        )
         check_finite_number(strength, "strength", 0.0, 1.0)
         num_labels = 1 if class_labels is None else len(flatten_labels(class_labels))
         self.check_image_inputs(image, image_indices, self._edit_schedule(), num_labels, num_images_per_prompt)
@@ -678,8 +909,10 @@ def _generator_states(generator: GeneratorArg):
 def _set_generator_states(generator: GeneratorArg, states) -> None:
     if generator is None:
         return
-    for g, state in zip(generator if isinstance(generator, (list, tuple)) else [generator],
-                        states if isinstance(generator, (list, tuple)) else [states]):
+    for g, state in zip(
+        generator if isinstance(generator, (list, tuple)) else [generator],
+        states if isinstance(generator, (list, tuple)) else [states],
+    ):
         g.set_state(state)
 
 
@@ -693,7 +926,9 @@ def _same_tokenizer(a: MultiScaleVQModel, b: MultiScaleVQModel) -> bool:
     state_a, state_b = a.state_dict(), b.state_dict()
     return state_a.keys() == state_b.keys() and all(
         state_a[k].shape == state_b[k].shape
-        and torch.equal(state_a[k].detach().cpu().float(), state_b[k].detach().cpu().float()) for k in state_a)
+        and torch.equal(state_a[k].detach().cpu().float(), state_b[k].detach().cpu().float())
+        for k in state_a
+    )
 
 
 class VARCoDePipeline(VARPipeline):
@@ -728,16 +963,24 @@ class VARCoDePipeline(VARPipeline):
     # scales (a list of (B, l) tokens); None at the other scales
     _callback_tensor_inputs = VARPipeline._callback_tensor_inputs + ["prefill_logits", "draft_resamples"]
 
-    def __init__(self, transformer: VARTransformer2DModel, refiner: VARTransformer2DModel, vqvae: MultiScaleVQModel,
-                 draft_steps: int | None = None, id2label: dict | None = None):
+    def __init__(
+        self,
+        transformer: VARTransformer2DModel,
+        refiner: VARTransformer2DModel,
+        vqvae: MultiScaleVQModel,
+        draft_steps: int | None = None,
+        id2label: dict | None = None,
+    ):
         super().__init__(transformer=transformer, vqvae=vqvae, id2label=id2label)
         if transformer is not None and refiner is not None:
             drafted, refined = transformer.config, refiner.config
             for name in ("patch_nums", "vocab_size", "latent_channels", "num_classes"):
                 if tuple(per_scale(drafted[name], 1)) != tuple(per_scale(refined[name], 1)):
-                    raise ValueError(f"`refiner` has {name}={refined[name]} but the drafter (`transformer`) has "
-                                     f"{drafted[name]}; CoDe needs two VAR models of one tokenizer, scale schedule "
-                                     "and class set.")
+                    raise ValueError(
+                        f"`refiner` has {name}={refined[name]} but the drafter (`transformer`) has "
+                        f"{drafted[name]}; CoDe needs two VAR models of one tokenizer, scale schedule "
+                        "and class set."
+                    )
         if transformer is not None:
             num_scales = len(transformer.config.patch_nums)
             draft_steps = max(1, num_scales - 2) if draft_steps is None else draft_steps
@@ -748,12 +991,15 @@ class VARCoDePipeline(VARPipeline):
     @staticmethod
     def _check_draft_steps(draft_steps, num_scales: int) -> None:
         if not isinstance(draft_steps, int) or isinstance(draft_steps, bool) or not 1 <= draft_steps <= num_scales - 1:
-            raise ValueError(f"`draft_steps` must be an integer in [1, {num_scales - 1}] (the drafter samples that "
-                             f"many of the {num_scales} scales, the refiner the rest), got {draft_steps!r}.")
+            raise ValueError(
+                f"`draft_steps` must be an integer in [1, {num_scales - 1}] (the drafter samples that "
+                f"many of the {num_scales} scales, the refiner the rest), got {draft_steps!r}."
+            )
 
     @classmethod
-    def from_var_pipelines(cls, drafter: VARPipeline, refiner: VARPipeline,
-                           draft_steps: int | None = None) -> "VARCoDePipeline":
+    def from_var_pipelines(
+        cls, drafter: VARPipeline, refiner: VARPipeline, draft_steps: int | None = None
+    ) -> "VARCoDePipeline":
         """Training-free CoDe from two VAR pipelines that share a tokenizer (the same module, or equal weights): the
         new pipeline holds the drafter's transformer and tokenizer and the refiner's transformer (no weights copied).
         A ``ValueError`` names ``refiner`` when its tokenizer, classes or scale schedule differ from the drafter's."""
@@ -761,15 +1007,27 @@ class VARCoDePipeline(VARPipeline):
             if not isinstance(pipe, VARPipeline) or isinstance(pipe, VARCoDePipeline):
                 raise ValueError(f"`{name}` must be a VARPipeline, got {type(pipe).__name__}.")
         if not _same_tokenizer(drafter.vqvae, refiner.vqvae):
-            raise ValueError("`refiner` was trained on another tokenizer than the drafter (their vqvae configurations "
-                             "or weights differ); CoDe's two models must share one tokenizer.")
-        return cls(transformer=drafter.transformer, refiner=refiner.transformer, vqvae=drafter.vqvae,
-                   draft_steps=draft_steps, id2label=drafter.id2label or None)
+            raise ValueError(
+                "`refiner` was trained on another tokenizer than the drafter (their vqvae configurations "
+                "or weights differ); CoDe's two models must share one tokenizer."
+            )
+        return cls(
+            transformer=drafter.transformer,
+            refiner=refiner.transformer,
+            vqvae=drafter.vqvae,
+            draft_steps=draft_steps,
+            id2label=drafter.id2label or None,
+        )
 
     # -- fast inference: both stages ------------------------------------------------------------------
-    def enable_fast_inference(self, dtype: torch.dtype = torch.bfloat16, cuda_graphs: bool = True,
-                              compile_decoder: bool = False, compile_blocks: bool = False,
-                              fp8: bool = False) -> "VARCoDePipeline":
+    def enable_fast_inference(
+        self,
+        dtype: torch.dtype = torch.bfloat16,
+        cuda_graphs: bool = True,
+        compile_decoder: bool = False,
+        compile_blocks: bool = False,
+        fp8: bool = False,
+    ) -> "VARCoDePipeline":
         """:meth:`VARPipeline.enable_fast_inference` for both models: each stage replays its own CUDA graphs (the
         refiner's prefill, with its re-sampling of the drafted scales, is one graph), so CoDe's saving stacks on the
         fast path's. Arguments as there."""
@@ -784,8 +1042,9 @@ class VARCoDePipeline(VARPipeline):
         super()._cast_for_fast_inference(dtype, decoder, compile_decoder)
         cast_module_(self.refiner, dtype)
 
-    def _set_fast_inference(self, enabled: bool, cuda_graphs: bool = False, dtype: torch.dtype | None = None,
-                            fp8: bool = False):
+    def _set_fast_inference(
+        self, enabled: bool, cuda_graphs: bool = False, dtype: torch.dtype | None = None, fp8: bool = False
+    ):
         super()._set_fast_inference(enabled, cuda_graphs, dtype, fp8)
         quantize_linears_fp8_(self.refiner, enabled and fp8)
         fuse_ffn_gelu_(self.refiner, enabled and dtype != torch.float32)
@@ -802,18 +1061,42 @@ class VARCoDePipeline(VARPipeline):
         memory = self._stage_memories.get(key)
         if memory is None:
             drafted = self.transformer.begin_ends[draft_steps][0]
-            numel = max(2 * len(model.blocks) * rows * length * model.config.embed_dim
-                        for model, length in ((self.transformer, drafted), (self.refiner, self.refiner.seq_len)))
+            numel = max(
+                2 * len(model.blocks) * rows * length * model.config.embed_dim
+                for model, length in ((self.transformer, drafted), (self.refiner, self.refiner.seq_len))
+            )
             memory = SharedStageMemory(torch.empty(numel, dtype=dtype, device=device))
             self._stage_memories[key] = memory
         return memory
 
     # -- inputs -------------------------------------------------------------------------------------
-    def check_inputs(self, class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator,
-                     output_type, return_dict=True, temperature=1.0, draft_steps=None) -> None:
+    def check_inputs(
+        self,
+        class_labels,
+        guidance_scale,
+        top_k,
+        top_p,
+        more_smooth,
+        num_images_per_prompt,
+        generator,
+        output_type,
+        return_dict=True,
+        temperature=1.0,
+        draft_steps=None,
+    ) -> None:
         """Every argument check of a call, before any work (a ValueError names the parameter)."""
-        super().check_inputs(class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator,
-                             output_type, return_dict, temperature)
+        super().check_inputs(
+            class_labels,
+            guidance_scale,
+            top_k,
+            top_p,
+            more_smooth,
+            num_images_per_prompt,
+            generator,
+            output_type,
+            return_dict,
+            temperature,
+        )
         if draft_steps is not None:
             self._check_draft_steps(draft_steps, len(self.transformer.config.patch_nums))
 
@@ -856,8 +1139,19 @@ class VARCoDePipeline(VARPipeline):
             callback_on_step_end_tensor_inputs: names from ``pipe._callback_tensor_inputs`` (default ``["latents"]``).
         """
         callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        self.check_inputs(class_labels, guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator,
-                          output_type, return_dict, temperature, draft_steps)
+        self.check_inputs(
+            class_labels,
+            guidance_scale,
+            top_k,
+            top_p,
+            more_smooth,
+            num_images_per_prompt,
+            generator,
+            output_type,
+            return_dict,
+            temperature,
+            draft_steps,
+        )
         draft_steps = self.config.draft_steps if draft_steps is None else draft_steps
         num_scales = len(self.scale_schedule())
         self._begin_call(guidance_scale, num_scales)
@@ -868,18 +1162,40 @@ class VARCoDePipeline(VARPipeline):
         labels_B = self.prepare_class_labels(class_labels, num_images_per_prompt, generator, device)
         # 2. the drafter samples the coarse scales; their next-scale inputs are the refiner's prefix
         drafted_inputs = []
-        latents = self._sample_scales(labels_B, top_k, top_p, more_smooth, generator, callback, tensor_names,
-                                      temperature=temperature,
-                                      run=ScaleRun(self.transformer, range(draft_steps), next_inputs=drafted_inputs))
+        latents = self._sample_scales(
+            labels_B,
+            top_k,
+            top_p,
+            more_smooth,
+            generator,
+            callback,
+            tensor_names,
+            temperature=temperature,
+            run=ScaleRun(self.transformer, range(draft_steps), next_inputs=drafted_inputs),
+        )
         # 3. the refiner restarts from the generator's state at the start of the call (the original re-seeds), draws
         # the same labels again, re-samples the drafted scales (discarded), then samples the fine scales
         if not self.interrupt:
             _set_generator_states(generator, start_state)
             if class_labels is None and generator is not None:
                 labels_B = self.prepare_class_labels(None, num_images_per_prompt, generator, device)
-            refine = ScaleRun(self.refiner, range(draft_steps, num_scales), latents=latents,
-                              prefix=torch.cat(drafted_inputs, dim=1), replay_prefix_draws=True)
-            latents = self._sample_scales(labels_B, top_k, top_p, more_smooth, generator, callback, tensor_names,
-                                          temperature=temperature, run=refine)
+            refine = ScaleRun(
+                self.refiner,
+                range(draft_steps, num_scales),
+                latents=latents,
+                prefix=torch.cat(drafted_inputs, dim=1),
+                replay_prefix_draws=True,
+            )
+            latents = self._sample_scales(
+                labels_B,
+                top_k,
+                top_p,
+                more_smooth,
+                generator,
+                callback,
+                tensor_names,
+                temperature=temperature,
+                run=refine,
+            )
         # 4. decode
         return self._finish(latents, output_type, return_dict)

@@ -17,6 +17,7 @@ import torch
 
 GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
 
+
 # ----------------------------------------------------------------------------------------------
 # Guidance and filtering
 # ----------------------------------------------------------------------------------------------
@@ -42,8 +43,13 @@ def guidance_table(strengths: Sequence[float], device) -> torch.Tensor:
     return torch.tensor([[1 + t, t] for t in strengths], dtype=torch.float32).to(device, non_blocking=True)
 
 
-def filter_top_k_top_p_(logits_BlV: torch.Tensor, top_k: int = 0, top_p: float = 0.0, fast: bool = False,
-                        top_p_mass: torch.Tensor | None = None) -> torch.Tensor:
+def filter_top_k_top_p_(
+    logits_BlV: torch.Tensor,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    fast: bool = False,
+    top_p_mass: torch.Tensor | None = None,
+) -> torch.Tensor:
     """In place: top-k keeps every logit >= the k-th largest (ties survive); then top-p removes, in
     ascending order, the tokens whose cumulative probability is <= 1 - p (never the largest).
 
@@ -100,16 +106,16 @@ def sample_from_logits(logits_BlV: torch.Tensor, generator: GeneratorArg, return
 
     With ``return_confidence`` also returns the sampled tokens' probabilities (B, l, 1), which STAR's
     stable sampler ranks positions by."""
-    B, l, V = logits_BlV.shape
-    probs = logits_BlV.softmax(dim=-1).view(B * l, V)
+    B, length, V = logits_BlV.shape
+    probs = logits_BlV.softmax(dim=-1).view(B * length, V)
     if isinstance(generator, (list, tuple)):
-        noise = exponential_draws((B, l, V), generator, probs.device).view(B * l, V)
+        noise = exponential_draws((B, length, V), generator, probs.device).view(B * length, V)
     else:
-        noise = exponential_draws((B * l, V), generator, probs.device)
+        noise = exponential_draws((B * length, V), generator, probs.device)
     indices = (probs / noise).argmax(dim=-1)
     if not return_confidence:
-        return indices.view(B, l)
-    return indices.view(B, l), probs.gather(1, indices[:, None]).view(B, l, 1)
+        return indices.view(B, length)
+    return indices.view(B, length), probs.gather(1, indices[:, None]).view(B, length, 1)
 
 
 def gumbel_softmax(logits_BlV: torch.Tensor, tau: float, generator: GeneratorArg) -> torch.Tensor:

@@ -69,7 +69,9 @@ def _json_value(value):
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=1) + "\n")  # floats round-trip exactly (repr), NaN / inf as Python writes them
+    path.write_text(
+        json.dumps(data, indent=1) + "\n"
+    )  # floats round-trip exactly (repr), NaN / inf as Python writes them
 
 
 # -- random number generators --------------------------------------------------------------------------
@@ -81,10 +83,13 @@ def _save_rng(folder: Path, rank: int) -> None:
         for index, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda_{index}"] = state
     save_file(tensors, folder / f"rng_state_{rank}.safetensors")
-    _write_json(folder / f"rng_state_{rank}.json", {
-        "python": {"version": py_version, "state": list(py_state), "gauss_next": py_gauss},
-        "numpy": {"pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-    })
+    _write_json(
+        folder / f"rng_state_{rank}.json",
+        {
+            "python": {"version": py_version, "state": list(py_state), "gauss_next": py_gauss},
+            "numpy": {"pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        },
+    )
 
 
 def _load_rng(folder: Path, rank: int) -> bool:
@@ -95,8 +100,15 @@ def _load_rng(folder: Path, rank: int) -> bool:
     py = meta["python"]
     random.setstate((int(py["version"]), tuple(int(v) for v in py["state"]), py["gauss_next"]))
     np_meta = meta["numpy"]
-    np.random.set_state(("MT19937", tensors["numpy_keys"].numpy().astype(np.uint32), int(np_meta["pos"]),
-                         int(np_meta["has_gauss"]), float(np_meta["cached_gaussian"])))
+    np.random.set_state(
+        (
+            "MT19937",
+            tensors["numpy_keys"].numpy().astype(np.uint32),
+            int(np_meta["pos"]),
+            int(np_meta["has_gauss"]),
+            float(np_meta["cached_gaussian"]),
+        )
+    )
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[f"cuda_{i}"] for i in range(len(tensors)) if f"cuda_{i}" in tensors]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
@@ -105,8 +117,9 @@ def _load_rng(folder: Path, rank: int) -> bool:
 
 
 # -- save ----------------------------------------------------------------------------------------------
-def save_training_state(folder: Path, accelerator, model, optimizer, scheduler, ema, step: int, config: dict,
-                        trainable_only: bool = False) -> None:
+def save_training_state(
+    folder: Path, accelerator, model, optimizer, scheduler, ema, step: int, config: dict, trainable_only: bool = False
+) -> None:
     """Write a checkpoint into ``folder``. Every process calls it (under FSDP gathering the state is a collective);
     each writes its own RNG state, the main process everything else. ``trainable_only`` (LoRA): the model file holds
     the trained weights only (the frozen base comes from the base pipeline again on resume)."""
@@ -147,7 +160,9 @@ def save_training_state(folder: Path, accelerator, model, optimizer, scheduler, 
     if ema is not None:  # EMA of the trained parameters, in their order
         ema_state = ema.state_dict()
         names = [name for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
-        save_file({name: _cpu(t) for name, t in zip(names, ema_state.pop("shadow_params"))}, folder / "ema.safetensors")
+        save_file(
+            {name: _cpu(t) for name, t in zip(names, ema_state.pop("shadow_params"))}, folder / "ema.safetensors"
+        )
         ema_state.pop("collected_params", None)
         state["ema"] = {"values": _json_value(ema_state), "parameters": names}
     _write_json(folder / STATE_FILE, state)  # last: a folder without it is not a checkpoint
@@ -160,18 +175,27 @@ def read_training_state(folder: Path) -> dict:
     state_file = folder / STATE_FILE
     if not state_file.is_file():
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
-        kind = f"holds pickle files ({', '.join(pickles[:4])}), which are never loaded since unpickling can run code" \
-            if pickles else f"has no {STATE_FILE}"
-        raise ValueError(f"`resume`: checkpoint {str(folder)!r} is not a diffusers-var checkpoint that can be resumed "
-                         f"safely: it {kind}. Set resume=never to start a fresh run (the previous run's files are moved "
-                         "aside, nothing is deleted), or use another output_dir.")
+        kind = (
+            f"holds pickle files ({', '.join(pickles[:4])}), which are never loaded since unpickling can run code"
+            if pickles
+            else f"has no {STATE_FILE}"
+        )
+        raise ValueError(
+            f"`resume`: checkpoint {str(folder)!r} is not a diffusers-var checkpoint that can be resumed "
+            f"safely: it {kind}. Set resume=never to start a fresh run (the previous run's files are moved "
+            "aside, nothing is deleted), or use another output_dir."
+        )
     try:
         state = json.loads(state_file.read_text())
     except ValueError as err:
-        raise ValueError(f"`resume`: {str(state_file)!r} is not valid JSON ({err}); set resume=never to start afresh.") from None
+        raise ValueError(
+            f"`resume`: {str(state_file)!r} is not valid JSON ({err}); set resume=never to start afresh."
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"`resume`: {str(state_file)!r} is not a diffusers-var checkpoint of format version "
-                         f"{FORMAT_VERSION}; set resume=never to start afresh.")
+        raise ValueError(
+            f"`resume`: {str(state_file)!r} is not a diffusers-var checkpoint of format version "
+            f"{FORMAT_VERSION}; set resume=never to start afresh."
+        )
     return state
 
 
@@ -180,14 +204,22 @@ def _check_fits(kind: str, expected: dict[str, tuple], found: dict[str, torch.Te
     extra = sorted(set(found) - set(expected))
     wrong = sorted(k for k in set(expected) & set(found) if tuple(found[k].shape) != expected[k])
     if missing or extra or wrong:
-        detail = "; ".join(f"{what} {names[:4]}{' ...' if len(names) > 4 else ''}" for what, names in
-                           (("missing", missing), ("unexpected", extra), ("wrong shapes", wrong)) if names)
-        raise ValueError(f"`model`: the {kind} in checkpoint {str(folder)!r} does not fit the configured model ({detail}); "
-                         "a changed architecture cannot be resumed: set resume=never to start a fresh run.")
+        detail = "; ".join(
+            f"{what} {names[:4]}{' ...' if len(names) > 4 else ''}"
+            for what, names in (("missing", missing), ("unexpected", extra), ("wrong shapes", wrong))
+            if names
+        )
+        raise ValueError(
+            f"`model`: the {kind} in checkpoint {str(folder)!r} does not fit the configured model ({detail}); "
+            "a changed architecture cannot be resumed: set resume=never to start a fresh run."
+        )
 
 
-def load_training_state(folder: Path, accelerator, model, optimizer, scheduler, ema, trainable_only: bool = False) -> dict:
-    """Restore what :func:`save_training_state` wrote; returns ``trainer_state.json``. Reads safetensors and JSON only."""
+def load_training_state(
+    folder: Path, accelerator, model, optimizer, scheduler, ema, trainable_only: bool = False
+) -> dict:
+    """Restore what :func:`save_training_state` wrote; returns ``trainer_state.json``.
+    Reads safetensors and JSON only."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     state = read_training_state(folder)
@@ -196,8 +228,10 @@ def load_training_state(folder: Path, accelerator, model, optimizer, scheduler, 
         logger.warning("ignoring %s in %s: pickle files are never loaded", ", ".join(ignored), folder)
     unwrapped = accelerator.unwrap_model(model)
     if bool(state.get("trainable_only", False)) != trainable_only:
-        raise ValueError(f"`lora`: checkpoint {str(folder)!r} is of a {'LoRA' if not trainable_only else 'full'} run; "
-                         "set resume=never to start a fresh run.")
+        raise ValueError(
+            f"`lora`: checkpoint {str(folder)!r} is of a {'LoRA' if not trainable_only else 'full'} run; "
+            "set resume=never to start a fresh run."
+        )
     shapes = {name: tuple(t.shape) for name, t in unwrapped.state_dict().items()}
     if trainable_only:
         trained = _trainable_names(unwrapped)
@@ -205,7 +239,9 @@ def load_training_state(folder: Path, accelerator, model, optimizer, scheduler, 
     model_state = load_file(folder / "model.safetensors")
     _check_fits("model weights", shapes, model_state, folder)
     options = _state_dict_options(accelerator, for_save=False)
-    set_model_state_dict(model, model_state, options=_state_dict_options(accelerator, False, strict=not trainable_only))
+    set_model_state_dict(
+        model, model_state, options=_state_dict_options(accelerator, False, strict=not trainable_only)
+    )
 
     optimizer_tensors = load_file(folder / "optimizer.safetensors")
     per_parameter: dict[str, dict] = {}
@@ -221,10 +257,13 @@ def load_training_state(folder: Path, accelerator, model, optimizer, scheduler, 
     grouped = {fqn for group in param_groups for fqn in group["params"]}
     trained = {name for name, p in unwrapped.named_parameters() if p.requires_grad}
     if grouped != trained:
-        raise ValueError(f"`model`: the optimizer state in checkpoint {str(folder)!r} is for other trainable parameters "
-                         f"(e.g. {sorted(grouped ^ trained)[:3]}); set resume=never to start a fresh run.")
-    set_optimizer_state_dict(model, optimizer.optimizer, {"state": per_parameter, "param_groups": param_groups},
-                             options=options)
+        raise ValueError(
+            f"`model`: the optimizer state in checkpoint {str(folder)!r} is for other trainable parameters "
+            f"(e.g. {sorted(grouped ^ trained)[:3]}); set resume=never to start a fresh run."
+        )
+    set_optimizer_state_dict(
+        model, optimizer.optimizer, {"state": per_parameter, "param_groups": param_groups}, options=options
+    )
     scheduler.load_state_dict(state["scheduler"])
     if accelerator.scaler is not None and state.get("grad_scaler"):
         accelerator.scaler.load_state_dict(state["grad_scaler"])
@@ -232,14 +271,24 @@ def load_training_state(folder: Path, accelerator, model, optimizer, scheduler, 
 
     if ema is not None:
         if not state.get("ema"):
-            raise ValueError(f"`ema_decay`: checkpoint {str(folder)!r} was trained without EMA; set ema_decay=null or "
-                             "resume=never.")
+            raise ValueError(
+                f"`ema_decay`: checkpoint {str(folder)!r} was trained without EMA; set ema_decay=null or resume=never."
+            )
         shadow = load_file(folder / "ema.safetensors")
         names = state["ema"]["parameters"]
-        _check_fits("EMA weights", {name: tuple(p.shape) for name, p in unwrapped.named_parameters() if p.requires_grad},
-                    shadow, folder)
+        _check_fits(
+            "EMA weights",
+            {name: tuple(p.shape) for name, p in unwrapped.named_parameters() if p.requires_grad},
+            shadow,
+            folder,
+        )
         ema.load_state_dict({**state["ema"]["values"], "shadow_params": [shadow[name] for name in names]})
     if not _load_rng(folder, accelerator.process_index):
-        logger.warning("no random state for process %d in %s (it was saved by %d processes): this process continues "
-                       "with a fresh random state", accelerator.process_index, folder, state.get("num_processes", 0))
+        logger.warning(
+            "no random state for process %d in %s (it was saved by %d processes): this process continues "
+            "with a fresh random state",
+            accelerator.process_index,
+            folder,
+            state.get("num_processes", 0),
+        )
     return state

@@ -65,11 +65,15 @@ class _SkipsBadImages(torch.utils.data.Dataset):
                 name = self._name(candidate)
                 reason = f"{type(err).__name__}: {err}"
                 if self.bad_images == "error":
-                    raise ValueError(f"`data`: cannot read image {name} ({reason}); set data.bad_images=skip to skip "
-                                     "unreadable images with a warning.") from None
+                    raise ValueError(
+                        f"`data`: cannot read image {name} ({reason}); set data.bad_images=skip to skip "
+                        "unreadable images with a warning."
+                    ) from None
                 if name not in self._reported:
                     self._reported.add(name)
-                    logger.warning("skipping unreadable image %s (%s); data.bad_images=error stops on it instead", name, reason)
+                    logger.warning(
+                        "skipping unreadable image %s (%s); data.bad_images=error stops on it instead", name, reason
+                    )
         raise ValueError(f"`data`: none of the {len(self)} images could be read (see the warnings above).")
 
 
@@ -85,8 +89,14 @@ class ImageFolderDataset(_SkipsBadImages):
     fail to decode later; an empty folder or an image without a caption is an error.
     """
 
-    def __init__(self, root: str | Path, resolution: int, need_labels: bool = False, need_captions: bool = False,
-                 bad_images: str = "skip"):
+    def __init__(
+        self,
+        root: str | Path,
+        resolution: int,
+        need_labels: bool = False,
+        need_captions: bool = False,
+        bad_images: str = "skip",
+    ):
         if bad_images not in BAD_IMAGE_POLICIES:
             raise ValueError(f"`data.bad_images` must be one of {BAD_IMAGE_POLICIES}, got {bad_images!r}.")
         self.root, self.resolution, self.bad_images = Path(root), resolution, bad_images
@@ -103,20 +113,28 @@ class ImageFolderDataset(_SkipsBadImages):
                 readable.append(path)
             except Exception as err:  # noqa: BLE001 - whatever verify() raises, the file cannot be used
                 if bad_images == "error":
-                    raise ValueError(f"`data`: cannot read image {str(path)!r} ({type(err).__name__}: {err}); set "
-                                     "data.bad_images=skip to skip unreadable images with a warning.") from None
+                    raise ValueError(
+                        f"`data`: cannot read image {str(path)!r} ({type(err).__name__}: {err}); set "
+                        "data.bad_images=skip to skip unreadable images with a warning."
+                    ) from None
                 skipped.append(path)
         if skipped:
-            names = ", ".join(str(p) for p in skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+            names = ", ".join(str(p) for p in skipped[:10]) + (
+                f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+            )
             logger.warning("skipped %d unreadable image(s) under %s: %s", len(skipped), self.root, names)
         if not readable:
             raise ValueError(f"`data.path`: none of the {len(files)} images under {str(self.root)!r} could be read.")
         self.files, self.skipped = readable, len(skipped)
         self.class_names, self.labels, self.captions = None, None, None
         if need_labels:
-            self.class_names = sorted({p.relative_to(self.root).parts[0] for p in readable if len(p.relative_to(self.root).parts) > 1})
+            self.class_names = sorted(
+                {p.relative_to(self.root).parts[0] for p in readable if len(p.relative_to(self.root).parts) > 1}
+            )
             if not self.class_names:
-                raise ValueError(f"`data.path`: class-conditional training needs one sub-folder per class under {str(self.root)!r}.")
+                raise ValueError(
+                    f"`data.path`: class-conditional training needs one sub-folder per class under {str(self.root)!r}."
+                )
             index = {name: i for i, name in enumerate(self.class_names)}
             self.files = [p for p in readable if len(p.relative_to(self.root).parts) > 1]
             self.labels = [index[p.relative_to(self.root).parts[0]] for p in self.files]
@@ -130,12 +148,16 @@ class ImageFolderDataset(_SkipsBadImages):
                 for line in meta.read_text().splitlines():
                     if line.strip():
                         entry = json.loads(line)
-                        self._metadata[(meta.parent / entry["file_name"]).resolve()] = entry.get("text") or entry.get("caption")
+                        self._metadata[(meta.parent / entry["file_name"]).resolve()] = entry.get("text") or entry.get(
+                            "caption"
+                        )
         caption = self._metadata.get(path.resolve())
         if caption is None and path.with_suffix(".txt").is_file():
             caption = path.with_suffix(".txt").read_text().strip()
         if not caption:
-            raise ValueError(f"`data.path`: image {str(path)!r} has no caption (metadata.jsonl 'text' or a .txt next to it).")
+            raise ValueError(
+                f"`data.path`: image {str(path)!r} has no caption (metadata.jsonl 'text' or a .txt next to it)."
+            )
         return caption
 
     def __len__(self) -> int:
@@ -158,17 +180,35 @@ class HFDataset(_SkipsBadImages):
     """Any HF ``datasets`` dataset with an image column and optional label / text columns (images that fail to
     decode follow ``bad_images`` as in :class:`ImageFolderDataset`)."""
 
-    def __init__(self, name_or_path: str, resolution: int, split: str = "train", image_column: str = "image",
-                 label_column: str | None = None, caption_column: str | None = None, bad_images: str = "skip"):
+    def __init__(
+        self,
+        name_or_path: str,
+        resolution: int,
+        split: str = "train",
+        image_column: str = "image",
+        label_column: str | None = None,
+        caption_column: str | None = None,
+        bad_images: str = "skip",
+    ):
         try:
             import datasets
         except ImportError as err:
             raise ValueError("`data.type: hf` needs the `datasets` package (pip install datasets).") from err
-        self.dataset = datasets.load_dataset(name_or_path, split=split) if not Path(name_or_path).is_dir() else datasets.load_from_disk(name_or_path)
+        self.dataset = (
+            datasets.load_dataset(name_or_path, split=split)
+            if not Path(name_or_path).is_dir()
+            else datasets.load_from_disk(name_or_path)
+        )
         for column in (image_column, label_column, caption_column):
             if column is not None and column not in self.dataset.column_names:
-                raise ValueError(f"`data`: column {column!r} not in the dataset (columns: {self.dataset.column_names}).")
-        self.resolution, self.columns, self.bad_images = resolution, (image_column, label_column, caption_column), bad_images
+                raise ValueError(
+                    f"`data`: column {column!r} not in the dataset (columns: {self.dataset.column_names})."
+                )
+        self.resolution, self.columns, self.bad_images = (
+            resolution,
+            (image_column, label_column, caption_column),
+            bad_images,
+        )
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -224,18 +264,34 @@ def _build_dataset(data_config: dict, resolution: int, need_labels: bool = False
 
         concept = {k: data_config[k] for k in ("concept", "concept_fraction", "concept_replaces") if k in data_config}
         if concept:  # a new shape for fine-tuning, with prior preservation (diffusers_var.shapes.ConceptShapesDataset)
-            return ConceptShapesDataset(int(data_config.get("num_images", 1000)), resolution,
-                                        int(data_config.get("seed", 0)), need_labels=need_labels, **concept)
+            return ConceptShapesDataset(
+                int(data_config.get("num_images", 1000)),
+                resolution,
+                int(data_config.get("seed", 0)),
+                need_labels=need_labels,
+                **concept,
+            )
         return ShapesDataset(int(data_config.get("num_images", 10000)), resolution, int(data_config.get("seed", 0)))
     if kind == "imagefolder":
         if "path" not in data_config:
             raise ValueError("`data.path` is required for `data.type: imagefolder`.")
-        return ImageFolderDataset(data_config["path"], resolution, need_labels, need_captions,
-                                  bad_images=data_config.get("bad_images", "skip"))
+        return ImageFolderDataset(
+            data_config["path"],
+            resolution,
+            need_labels,
+            need_captions,
+            bad_images=data_config.get("bad_images", "skip"),
+        )
     if kind == "hf":
-        return HFDataset(data_config["path"], resolution, data_config.get("split", "train"), data_config.get("image_column", "image"),
-                         data_config.get("label_column"), data_config.get("caption_column"),
-                         bad_images=data_config.get("bad_images", "skip"))
+        return HFDataset(
+            data_config["path"],
+            resolution,
+            data_config.get("split", "train"),
+            data_config.get("image_column", "image"),
+            data_config.get("label_column"),
+            data_config.get("caption_column"),
+            bad_images=data_config.get("bad_images", "skip"),
+        )
     raise ValueError(f"`data.type` must be one of 'shapes', 'imagefolder', 'hf'; got {kind!r}.")
 
 

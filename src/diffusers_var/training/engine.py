@@ -34,8 +34,17 @@ TOKENIZER_TASKS = ("tokenizer", "bitwise_tokenizer")
 TEXT_TASKS = ("star", "infinity")
 RESUME_MODES = ("auto", "never", "force")
 # keys that may change between a run and its resume: they do not change what is trained
-RESUME_SAFE_KEYS = {"output_dir", "resume", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints",
-                    "num_workers", "time_limit_minutes", "data.bad_images"}
+RESUME_SAFE_KEYS = {
+    "output_dir",
+    "resume",
+    "log_every",
+    "sample_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "num_workers",
+    "time_limit_minutes",
+    "data.bad_images",
+}
 PATH_KEYS = {"tokenizer_path", "text_encoder_path", "data.path"}
 RUN_FILES = ("checkpoints", "final", "samples", "logs", "train_log.jsonl", "train_config.json")
 
@@ -50,7 +59,9 @@ class TrainConfig:
     resolution: int = 64
     model: dict = field(default_factory=dict)  # constructor arguments of the trained model
     tokenizer_path: str | None = None  # frozen tokenizer for transformer training
-    text_encoder_path: str | None = None  # star / infinity: folder with text_encoder/ + tokenizer/, or tiny-clip / tiny-t5
+    text_encoder_path: str | None = (
+        None  # star / infinity: folder with text_encoder/ + tokenizer/, or tiny-clip / tiny-t5
+    )
     batch_size: int = 32
     max_steps: int = 1000
     learning_rate: float = 1e-4
@@ -102,10 +113,14 @@ class TrainConfig:
             except (OSError, ValueError) as err:  # yaml.YAMLError is a ValueError too
                 raise ValueError(f"`--config`: cannot read {str(path)!r} ({type(err).__name__}: {err})") from None
             if not isinstance(values, dict):
-                raise ValueError(f"`--config`: {str(path)!r} must hold a mapping of config keys, not a {type(values).__name__}.")
+                raise ValueError(
+                    f"`--config`: {str(path)!r} must hold a mapping of config keys, not a {type(values).__name__}."
+                )
         for item in overrides or []:
             if "=" not in item:
-                raise ValueError(f"override {item!r} must look like key=value (e.g. max_steps=100 or data.num_images=500).")
+                raise ValueError(
+                    f"override {item!r} must look like key=value (e.g. max_steps=100 or data.num_images=500)."
+                )
             key, raw = item.split("=", 1)
             try:
                 value = json.loads(raw)
@@ -134,7 +149,9 @@ class TrainConfig:
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"`mixed_precision` must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}.")
         if self.resume not in RESUME_MODES:
-            raise ValueError(f"`resume` must be one of {', '.join(repr(m) for m in RESUME_MODES)}, got {self.resume!r}.")
+            raise ValueError(
+                f"`resume` must be one of {', '.join(repr(m) for m in RESUME_MODES)}, got {self.resume!r}."
+            )
         if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir):
             raise ValueError(f"`output_dir` must be a folder path, got {self.output_dir!r}.")
         for name in ("data", "model"):
@@ -142,13 +159,23 @@ class TrainConfig:
                 raise ValueError(f"`{name}` must be a mapping, got {getattr(self, name)!r}.")  # noqa: TRY004 - config errors are ValueErrors
         bad_images = self.data.get("bad_images", "skip")
         if bad_images not in BAD_IMAGE_POLICIES:
-            raise ValueError(f"`data.bad_images` must be one of {', '.join(repr(p) for p in BAD_IMAGE_POLICIES)}, "
-                             f"got {bad_images!r}.")
+            raise ValueError(
+                f"`data.bad_images` must be one of {', '.join(repr(p) for p in BAD_IMAGE_POLICIES)}, "
+                f"got {bad_images!r}."
+            )
         if not isinstance(self.gradient_checkpointing, bool):
             raise ValueError(  # noqa: TRY004 - every config error is a ValueError (the command line prints those)
-                f"`gradient_checkpointing` must be true or false, got {self.gradient_checkpointing!r}.")
-        for name in ("batch_size", "max_steps", "gradient_accumulation_steps", "checkpoint_every", "keep_checkpoints",
-                     "log_every", "resolution"):
+                f"`gradient_checkpointing` must be true or false, got {self.gradient_checkpointing!r}."
+            )
+        for name in (
+            "batch_size",
+            "max_steps",
+            "gradient_accumulation_steps",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+            "resolution",
+        ):
             self._check(name, integer=True, low=1)
         for name in ("warmup_steps", "sample_every", "num_workers"):
             self._check(name, integer=True, low=0)
@@ -162,12 +189,20 @@ class TrainConfig:
         self._check("min_lr_ratio", low=0, high=1)
         for name in ("cond_drop_rate", "bsc_flip_prob", "label_smoothing"):
             self._check(name, low=0, high=1)
-        for name in ("recon_l1_weight", "recon_l2_weight", "vq_loss_weight", "bsq_commit_weight", "bsq_entropy_weight",
-                     "bsq_codebook_entropy_weight"):
+        for name in (
+            "recon_l1_weight",
+            "recon_l2_weight",
+            "vq_loss_weight",
+            "bsq_commit_weight",
+            "bsq_entropy_weight",
+            "bsq_codebook_entropy_weight",
+        ):
             self._check(name, low=0)
         self._check("bsq_inv_temperature", low=0, low_open=True)
         betas = self.adam_betas
-        if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
+        if not (
+            isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)
+        ):
             raise ValueError(f"`adam_betas` must be two numbers in [0, 1), e.g. [0.9, 0.95], got {betas!r}.")
         self.adam_betas = tuple(float(b) for b in betas)
         if self.lora is not None:
@@ -178,12 +213,23 @@ class TrainConfig:
             kind = "BitwiseMultiScaleVAE" if self.task == "infinity" else "MultiScaleVQModel"
             raise ValueError(f"`tokenizer_path` (a trained {kind} folder) is required for `task: {self.task}`.")
         if self.task in TEXT_TASKS and not self.text_encoder_path and self.lora is None:
-            raise ValueError(f"`text_encoder_path` is required for `task: {self.task}`: a folder with `text_encoder/` and "
-                             "`tokenizer/` sub-folders (or a plain transformers model folder), or 'tiny-clip' / 'tiny-t5' "
-                             "(see diffusers_var.training.text_encoders).")
+            raise ValueError(
+                f"`text_encoder_path` is required for `task: {self.task}`: a folder with `text_encoder/` and "
+                "`tokenizer/` sub-folders (or a plain transformers model folder), or 'tiny-clip' / 'tiny-t5' "
+                "(see diffusers_var.training.text_encoders)."
+            )
 
-    def _check(self, name: str, integer: bool = False, low=None, high=None, low_open: bool = False,
-               high_open: bool = False, optional: bool = False, hint: str = "") -> None:
+    def _check(
+        self,
+        name: str,
+        integer: bool = False,
+        low=None,
+        high=None,
+        low_open: bool = False,
+        high_open: bool = False,
+        optional: bool = False,
+        hint: str = "",
+    ) -> None:
         value = getattr(self, name)
         if value is None and optional:
             return
@@ -192,10 +238,14 @@ class TrainConfig:
         ok = ok and (high is None or (value < high if high_open else value <= high))
         if not ok:
             kind = "a whole number" if integer else "a number"
-            bounds = [f"{'>' if low_open else '>='} {low}" if low is not None else "",
-                      f"{'<' if high_open else '<='} {high}" if high is not None else ""]
-            raise ValueError(f"`{name}` must be {kind} {' and '.join(b for b in bounds if b)}{' or null' if optional else ''}"
-                             f"{hint}, got {value!r}.")
+            bounds = [
+                f"{'>' if low_open else '>='} {low}" if low is not None else "",
+                f"{'<' if high_open else '<='} {high}" if high is not None else "",
+            ]
+            raise ValueError(
+                f"`{name}` must be {kind} {' and '.join(b for b in bounds if b)}{' or null' if optional else ''}"
+                f"{hint}, got {value!r}."
+            )
         setattr(self, name, int(value) if integer else float(value))
 
 
@@ -215,7 +265,11 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     """Newest complete checkpoint folder (temporary ones, from an interrupted save, are ignored)."""
     if not checkpoint_dir.is_dir():
         return None
-    done = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
+    done = [
+        (int(m.group(1)), p)
+        for p in checkpoint_dir.iterdir()
+        if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()
+    ]
     return max(done)[1] if done else None
 
 
@@ -287,14 +341,19 @@ def config_differences(saved: dict, current: dict) -> dict[str, tuple]:
         a, b = old.get(key), new.get(key)
         if a == b:
             continue
-        if key in PATH_KEYS and isinstance(a, str) and isinstance(b, str) and os.path.realpath(a) == os.path.realpath(b):
+        if (
+            key in PATH_KEYS
+            and isinstance(a, str)
+            and isinstance(b, str)
+            and os.path.realpath(a) == os.path.realpath(b)
+        ):
             continue
         differences[key] = (a, b)
     return differences
 
 
 def _move_previous_run(output_dir: Path) -> Path | None:
-    """``resume=never``: move the previous run's files into ``output_dir/previous-runs/<time>/`` (nothing is deleted)."""
+    """``resume=never``: move the previous run's files to ``output_dir/previous-runs/<time>/`` (nothing is deleted)."""
     present = [output_dir / name for name in RUN_FILES if (output_dir / name).exists()]
     if not present:
         return None
@@ -324,10 +383,12 @@ def _resume_point(config: TrainConfig, output_dir: Path, is_main: bool) -> Path 
     differences = config_differences(saved.get("config") or {}, _config_snapshot(config))
     if differences and config.resume == "auto":
         changes = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in differences.items())
-        raise ValueError(f"`resume`: the config differs from the run being resumed in {str(output_dir)!r} (checkpoint "
-                         f"{checkpoint.name}): {changes}. Set resume=never to start a fresh run (the previous run's files "
-                         "are moved to previous-runs/), resume=force to continue from the checkpoint with the new "
-                         "settings, or use another output_dir.")
+        raise ValueError(
+            f"`resume`: the config differs from the run being resumed in {str(output_dir)!r} (checkpoint "
+            f"{checkpoint.name}): {changes}. Set resume=never to start a fresh run (the previous run's files "
+            "are moved to previous-runs/), resume=force to continue from the checkpoint with the new "
+            "settings, or use another output_dir."
+        )
     if differences and is_main:
         print(f"resume=force: continuing {checkpoint.name} with changed {', '.join(differences)}")
     return checkpoint
@@ -400,21 +461,26 @@ def train(config: TrainConfig) -> Path:
         step_scheduler_with_optimizer=False,
     )
     if accelerator.num_processes != world_size:  # never let independent runs share one output folder
-        raise ValueError(f"`accelerate launch` started {world_size} processes, but accelerate set up "
-                         f"{accelerator.num_processes} ({accelerator.distributed_type.value}); they would train "
-                         "separately into the same output_dir. Check the launch config (num_processes, GPUs available).")
+        raise ValueError(
+            f"`accelerate launch` started {world_size} processes, but accelerate set up "
+            f"{accelerator.num_processes} ({accelerator.distributed_type.value}); they would train "
+            "separately into the same output_dir. Check the launch config (num_processes, GPUs available)."
+        )
     if on_cpu:
         accelerator.print(f"no GPU: the {world_size} processes train together on the CPU (DDP over gloo)")
     set_seed(config.seed)
     if accelerator.distributed_type == DistributedType.FSDP:
         if config.ema_decay:  # each rank would average its own shard only
-            raise ValueError("`ema_decay`: EMA weights are not supported under FSDP (each rank averages its own shard); "
-                             "set ema_decay=null or train with DDP.")
+            raise ValueError(
+                "`ema_decay`: EMA weights are not supported under FSDP (each rank averages its own shard); "
+                "set ema_decay=null or train with DDP."
+            )
         if config.sample_every:  # sampling a sharded model needs every rank, the sample grid is drawn on rank 0
             raise ValueError("`sample_every`: sample grids are not drawn under FSDP; set sample_every=0.")
         if lora_settings is not None:
-            raise ValueError("`lora`: LoRA fine-tuning runs under DDP (each GPU holds the frozen base model), "
-                             "not FSDP.")
+            raise ValueError(
+                "`lora`: LoRA fine-tuning runs under DDP (each GPU holds the frozen base model), not FSDP."
+            )
     snapshot = _config_snapshot(config)  # before a time limit shortens max_steps
     resume_from = _resume_point(config, output_dir, accelerator.is_main_process)
     accelerator.wait_for_everyone()  # the main process may have moved a previous run aside
@@ -437,14 +503,20 @@ def train(config: TrainConfig) -> Path:
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=tuple(config.adam_betas))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     loader = torch.utils.data.DataLoader(
-        task.dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, num_workers=config.num_workers,
-        collate_fn=task.collate, generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG untouched
+        task.dataset,
+        batch_size=config.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=config.num_workers,
+        collate_fn=task.collate,
+        generator=torch.Generator().manual_seed(config.seed),  # keeps the global RNG untouched
     )
     if len(loader) == 0:
         raise ValueError(f"`batch_size` {config.batch_size} is larger than the dataset ({len(task.dataset)} images).")
     if text_encoder is not None:
-        model, text_encoder, optimizer, loader, scheduler = accelerator.prepare(model, text_encoder, optimizer, loader,
-                                                                                scheduler)
+        model, text_encoder, optimizer, loader, scheduler = accelerator.prepare(
+            model, text_encoder, optimizer, loader, scheduler
+        )
         task.trainable_text_encoder = text_encoder  # the loss calls it through its (DDP) wrapper
         # one module holding both, so the checkpoint's model and optimizer states name every trained parameter
         checkpointed = torch.nn.ModuleDict({"transformer": model, "text_encoder": text_encoder})
@@ -464,11 +536,14 @@ def train(config: TrainConfig) -> Path:
         ema = EMAModel(trainable_parameters(), decay=config.ema_decay, foreach=True)
         ema.to(accelerator.device)
 
-    accelerator.print(f"{config.task}: {accelerator.distributed_type.value} on {accelerator.num_processes} process(es), "
-                      f"{accelerator.device.type}, mixed precision {accelerator.mixed_precision}")
+    accelerator.print(
+        f"{config.task}: {accelerator.distributed_type.value} on {accelerator.num_processes} process(es), "
+        f"{accelerator.device.type}, mixed precision {accelerator.mixed_precision}"
+    )
     if resume_from is not None:
-        state = load_training_state(resume_from, accelerator, checkpointed, optimizer, scheduler, ema,
-                                    trainable_only=lora_settings is not None)
+        state = load_training_state(
+            resume_from, accelerator, checkpointed, optimizer, scheduler, ema, trainable_only=lora_settings is not None
+        )
         counter.step = int(state["step"])
         if config.resume == "force" and config_differences(state.get("config") or {}, snapshot):
             _apply_hyperparameters(optimizer, scheduler, config)
@@ -484,8 +559,17 @@ def train(config: TrainConfig) -> Path:
         final = checkpoint_dir / f"step-{step:07d}"
         tmp = checkpoint_dir / f".tmp-step-{step:07d}"
         # safetensors + JSON only (never pickles); every rank writes its RNG state here
-        save_training_state(tmp, accelerator, checkpointed, optimizer, scheduler, ema, step, snapshot,
-                            trainable_only=lora_settings is not None)
+        save_training_state(
+            tmp,
+            accelerator,
+            checkpointed,
+            optimizer,
+            scheduler,
+            ema,
+            step,
+            snapshot,
+            trainable_only=lora_settings is not None,
+        )
         accelerator.wait_for_everyone()
         _fault_injection("checkpoint", step)
         if accelerator.is_main_process:
@@ -530,21 +614,35 @@ def train(config: TrainConfig) -> Path:
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{loss.item():.4f}")
-                out_of_time = config.time_limit_minutes is not None and time.perf_counter() - started > 60 * config.time_limit_minutes
-                if config.time_limit_minutes is not None:  # all ranks must agree, or the one that stops alone hangs the rest
-                    out_of_time = bool(accelerator.gather(torch.tensor([out_of_time], device=accelerator.device)).any())
+                out_of_time = (
+                    config.time_limit_minutes is not None
+                    and time.perf_counter() - started > 60 * config.time_limit_minutes
+                )
+                if (
+                    config.time_limit_minutes is not None
+                ):  # all ranks must agree, or the one that stops alone hangs the rest
+                    out_of_time = bool(
+                        accelerator.gather(torch.tensor([out_of_time], device=accelerator.device)).any()
+                    )
                 if counter.step % config.log_every == 0 or counter.step == config.max_steps or out_of_time:
                     elapsed = time.perf_counter() - started
-                    record = {"step": counter.step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0],
-                              "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                              "images_per_s": images_seen / max(elapsed, 1e-9),
-                              "peak_memory_mb": round(_peak_memory_mb(accelerator.device), 1), **metrics}
+                    record = {
+                        "step": counter.step,
+                        "loss": loss.item(),
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                        "images_per_s": images_seen / max(elapsed, 1e-9),
+                        "peak_memory_mb": round(_peak_memory_mb(accelerator.device), 1),
+                        **metrics,
+                    }
                     accelerator.log(record, step=counter.step)
                     if accelerator.is_main_process:
                         with log_file.open("a") as f:
                             f.write(json.dumps(record) + "\n")
                 if config.sample_every and counter.step % config.sample_every == 0 and accelerator.is_main_process:
-                    task.save_samples(accelerator.unwrap_model(model), output_dir / "samples" / f"step-{counter.step:07d}.png")
+                    task.save_samples(
+                        accelerator.unwrap_model(model), output_dir / "samples" / f"step-{counter.step:07d}.png"
+                    )
                 _fault_injection("step", counter.step)
                 if counter.step % config.checkpoint_every == 0 or counter.step == config.max_steps or out_of_time:
                     save_checkpoint(counter.step)
@@ -565,10 +663,20 @@ def train(config: TrainConfig) -> Path:
         ema.copy_to(trainable_parameters())
     if lora_settings is not None:
         if accelerator.is_main_process:
-            summary = {"steps": counter.step, "seconds": time.perf_counter() - started,
-                       "device": accelerator.device.type, "processes": accelerator.num_processes}
-            lora.export_lora(config, task, trained, accelerator.unwrap_model(text_encoder) if text_encoder else None,
-                             export_dir, summary)
+            summary = {
+                "steps": counter.step,
+                "seconds": time.perf_counter() - started,
+                "device": accelerator.device.type,
+                "processes": accelerator.num_processes,
+            }
+            lora.export_lora(
+                config,
+                task,
+                trained,
+                accelerator.unwrap_model(text_encoder) if text_encoder else None,
+                export_dir,
+                summary,
+            )
     elif accelerator.distributed_type == DistributedType.FSDP:
         full_state = accelerator.get_state_dict(model)  # a collective: gathers the shards onto the main process
         if accelerator.is_main_process:

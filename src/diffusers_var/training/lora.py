@@ -37,8 +37,11 @@ from ..loaders import FAMILY_LORA_GROUPS, add_text_encoder_adapter, lora_config,
 LORA_TASKS = ("var", "star", "infinity")
 TOKENIZER_FOLDERS = {"var": "vqvae", "star": "vqvae", "infinity": "vae"}
 PIPELINE_CLASSES = {"var": "VARPipeline", "star": "STARPipeline", "infinity": "InfinityPipeline"}
-TRANSFORMER_CLASSES = {"var": "VARTransformer2DModel", "star": "STARTransformer2DModel",
-                       "infinity": "InfinityTransformer2DModel"}
+TRANSFORMER_CLASSES = {
+    "var": "VARTransformer2DModel",
+    "star": "STARTransformer2DModel",
+    "infinity": "InfinityTransformer2DModel",
+}
 
 
 @dataclass
@@ -59,8 +62,9 @@ class LoraSettings:
     def parse(cls, section, task: str) -> "LoraSettings":
         """Validate a config's ``lora`` section for ``task``; a ``ValueError`` names the key."""
         if not isinstance(section, dict):
-            raise ValueError(f"`lora` must be a mapping of LoRA settings (lora.base, lora.rank, ...), "
-                             f"got {section!r}.")
+            raise ValueError(
+                f"`lora` must be a mapping of LoRA settings (lora.base, lora.rank, ...), got {section!r}."
+            )
         if task not in LORA_TASKS:
             raise ValueError(f"`lora`: LoRA fine-tuning applies to the transformer tasks {LORA_TASKS}, not {task!r}.")
         known = set(cls.__dataclass_fields__)
@@ -76,15 +80,18 @@ class LoraSettings:
             raise ValueError(f"`lora.base`: {str(base)!r} is not a pipeline folder (no model_index.json).")
         class_name = json.loads(index.read_text()).get("_class_name")
         if class_name != PIPELINE_CLASSES[task]:
-            raise ValueError(f"`lora.base`: {str(base)!r} holds a {class_name}; `task: {task}` fine-tunes a "
-                             f"{PIPELINE_CLASSES[task]}.")
+            raise ValueError(
+                f"`lora.base`: {str(base)!r} holds a {class_name}; `task: {task}` fine-tunes a "
+                f"{PIPELINE_CLASSES[task]}."
+            )
         for name in ("rank",) + (("text_encoder_rank",) if settings.text_encoder_rank is not None else ()):
             value = getattr(settings, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`lora.{name}` must be an integer >= 1, got {value!r}.")
         alpha = settings.alpha
-        if alpha is not None and (not isinstance(alpha, (int, float)) or isinstance(alpha, bool)
-                                  or not math.isfinite(alpha) or alpha <= 0):
+        if alpha is not None and (
+            not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0
+        ):
             raise ValueError(f"`lora.alpha` must be a positive number, got {settings.alpha!r}.")
         if not isinstance(settings.dropout, (int, float)) or not 0 <= settings.dropout < 1:
             raise ValueError(f"`lora.dropout` must be in [0, 1), got {settings.dropout!r}.")
@@ -92,8 +99,9 @@ class LoraSettings:
             groups = FAMILY_LORA_GROUPS[TRANSFORMER_CLASSES[task]][0]
             targets = [settings.targets] if isinstance(settings.targets, str) else settings.targets
             if not isinstance(targets, list) or not targets or any(t not in groups for t in targets):
-                raise ValueError(f"`lora.targets` for {task} must be a non-empty list of {list(groups)}, "
-                                 f"got {settings.targets!r}.")
+                raise ValueError(
+                    f"`lora.targets` for {task} must be a non-empty list of {list(groups)}, got {settings.targets!r}."
+                )
             settings.targets = targets
         if not isinstance(settings.train_text_encoder, bool):
             raise ValueError(f"`lora.train_text_encoder` must be true or false, got {settings.train_text_encoder!r}.")
@@ -153,8 +161,10 @@ def attach_lora(model, settings: LoraSettings, mixed_precision: str = "no"):
     model.requires_grad_(False)
     if mixed_precision in ("bf16", "fp16"):
         cast_module_(model, torch.bfloat16 if mixed_precision == "bf16" else torch.float16)
-    model.add_adapter(lora_config(model, settings.rank, settings.alpha, settings.dropout, settings.targets,
-                                  settings.target_modules), adapter_name=settings.adapter_name)
+    model.add_adapter(
+        lora_config(model, settings.rank, settings.alpha, settings.dropout, settings.targets, settings.target_modules),
+        adapter_name=settings.adapter_name,
+    )
     for parameter in model.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
@@ -170,8 +180,9 @@ def text_encoder_for_training(config, text_encoder):
     rank = settings.text_encoder_rank or settings.rank
     alpha = settings.alpha and settings.alpha * rank / settings.rank  # the transformer adapter's scale
     text_encoder.requires_grad_(False)
-    add_text_encoder_adapter(text_encoder, text_encoder_lora_config(text_encoder, rank, alpha, settings.dropout),
-                             settings.adapter_name)
+    add_text_encoder_adapter(
+        text_encoder, text_encoder_lora_config(text_encoder, rank, alpha, settings.dropout), settings.adapter_name
+    )
     for parameter in text_encoder.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
@@ -197,19 +208,24 @@ def export_lora(config, task, transformer, text_encoder, output_dir: Path, summa
     settings = settings_of(config)
     name = settings.adapter_name
     pipeline_class = type(task.pipeline(transformer))
-    layers = {"transformer_lora_layers": get_peft_model_state_dict(transformer, adapter_name=name),
-              "transformer_lora_adapter_metadata": transformer.peft_config[name].to_dict()}
+    layers = {
+        "transformer_lora_layers": get_peft_model_state_dict(transformer, adapter_name=name),
+        "transformer_lora_adapter_metadata": transformer.peft_config[name].to_dict(),
+    }
     if text_encoder is not None:
-        layers.update(text_encoder_lora_layers=get_peft_model_state_dict(text_encoder, adapter_name=name),
-                      text_encoder_lora_adapter_metadata=text_encoder.peft_config[name].to_dict())
+        layers.update(
+            text_encoder_lora_layers=get_peft_model_state_dict(text_encoder, adapter_name=name),
+            text_encoder_lora_adapter_metadata=text_encoder.peft_config[name].to_dict(),
+        )
     card = model_card(config, settings, pipeline_class.__name__, transformer, summary)
 
     class _Folder:
         def save_pretrained(self, path, safe_serialization=True):
             pipeline_class.save_lora_weights(path, **layers)
             Path(path, "README.md").write_text(card)
-            Path(path, "lora_config.json").write_text(json.dumps(
-                {"lora": asdict(settings), "task": config.task, **summary}, indent=2, default=str))
+            Path(path, "lora_config.json").write_text(
+                json.dumps({"lora": asdict(settings), "task": config.task, **summary}, indent=2, default=str)
+            )
 
     atomic_save_pipeline(_Folder(), output_dir, overwrite=True)
 
@@ -225,12 +241,14 @@ def model_card(config, settings: LoraSettings, pipeline_class: str, transformer,
     caption = ""
     if config.task != "var" and data.get("type") == "shapes" and data.get("concept"):
         concept = data["concept"]
-        caption = f"\nTrigger: captions such as \"a red {concept} on a blue background\" (`{concept}`)."
+        caption = f'\nTrigger: captions such as "a red {concept} on a blue background" (`{concept}`).'
     elif config.task == "var" and data.get("concept_replaces"):
-        caption = (f"\nThe class ids of `{data['concept_replaces']}` now draw a `{data.get('concept')}` (a "
-                   "class-conditional model learns no new ids: the adapter re-purposes existing classes).")
+        caption = (
+            f"\nThe class ids of `{data['concept_replaces']}` now draw a `{data.get('concept')}` (a "
+            "class-conditional model learns no new ids: the adapter re-purposes existing classes)."
+        )
     te = "yes (LoRA on its attention projections)" if settings.train_text_encoder else "no (frozen)"
-    load = (f"pipe.load_lora_weights(\"{config.output_dir}/final\", adapter_name=\"{settings.adapter_name}\")")
+    load = f'pipe.load_lora_weights("{config.output_dir}/final", adapter_name="{settings.adapter_name}")'
     return f"""---
 base_model: {settings.base}
 library_name: diffusers
@@ -247,8 +265,8 @@ dropout {settings.dropout}); text encoder trained: {te}. The image tokenizer is 
 
 - target modules: `{targets}` ({trained:,} trainable of {total:,} transformer parameters)
 - data: `{json.dumps(data)}`, resolution {config.resolution}
-- training: {summary.get('steps')} steps of batch {config.batch_size}, learning rate {config.learning_rate}, mixed
-  precision {config.mixed_precision}, {summary.get('seconds', float('nan')):.0f} s on {summary.get('device')}
+- training: {summary.get("steps")} steps of batch {config.batch_size}, learning rate {config.learning_rate}, mixed
+  precision {config.mixed_precision}, {summary.get("seconds", float("nan")):.0f} s on {summary.get("device")}
 
 ## Use
 

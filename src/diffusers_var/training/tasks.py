@@ -75,9 +75,11 @@ def bitwise_schedule(resolution: int, vae: BitwiseMultiScaleVAE) -> list[tuple[i
     except ValueError:
         schedule = None
     if schedule is None or schedule[-1][0] * ppt != resolution:
-        raise ValueError(f"`resolution` {resolution} is not a square size of Infinity's schedules for a VAE with "
-                         f"{ppt} pixels per token (2 ** (len(encoder_ch_mult) - 1), x2 with spatial_patchify); "
-                         f"supported: {sizes}.")
+        raise ValueError(
+            f"`resolution` {resolution} is not a square size of Infinity's schedules for a VAE with "
+            f"{ppt} pixels per token (2 ** (len(encoder_ch_mult) - 1), x2 with spatial_patchify); "
+            f"supported: {sizes}."
+        )
     return schedule
 
 
@@ -161,8 +163,12 @@ class TokenizerTask(_ReconstructionTask):
         c = self.config
         total = c.recon_l1_weight * l1 + c.recon_l2_weight * l2 + c.vq_loss_weight * vq_loss
         usage = _unwrap(model).quantize.codebook_usage
-        return total, {"l1": l1.item(), "l2": l2.item(), "vq_loss": float(vq_loss.detach()),
-                       "codebook_usage": (usage.sum(0) > 1e-3).float().mean().item()}
+        return total, {
+            "l1": l1.item(),
+            "l2": l2.item(),
+            "vq_loss": float(vq_loss.detach()),
+            "codebook_usage": (usage.sum(0) > 1e-3).float().mean().item(),
+        }
 
     @staticmethod
     def reconstruct(model, images):
@@ -225,13 +231,27 @@ class BitwiseTokenizerTask(_ReconstructionTask):
         l1, l2 = F.l1_loss(recon, images), F.mse_loss(recon, images)
         commit, per_sample, codebook = bsq_losses(encoded.quantizer_inputs, c.bsq_inv_temperature)
         entropy = per_sample - c.bsq_codebook_entropy_weight * codebook
-        total = c.recon_l1_weight * l1 + c.recon_l2_weight * l2 + c.bsq_commit_weight * commit + c.bsq_entropy_weight * entropy
+        total = (
+            c.recon_l1_weight * l1
+            + c.recon_l2_weight * l2
+            + c.bsq_commit_weight * commit
+            + c.bsq_entropy_weight * entropy
+        )
         with torch.no_grad():
-            ones = torch.cat([b.reshape(-1, b.shape[-1]).float() for b in encoded.bit_labels]).mean(0).clamp(1e-6, 1 - 1e-6)
+            ones = (
+                torch.cat([b.reshape(-1, b.shape[-1]).float() for b in encoded.bit_labels])
+                .mean(0)
+                .clamp(1e-6, 1 - 1e-6)
+            )
             balance = (-(ones * ones.log2() + (1 - ones) * (1 - ones).log2())).mean().item()
-        return total, {"l1": l1.item(), "l2": l2.item(), "commit": float(commit.detach()),
-                       "per_sample_entropy": float(per_sample.detach()), "codebook_entropy": float(codebook.detach()),
-                       "bit_balance": balance}
+        return total, {
+            "l1": l1.item(),
+            "l2": l2.item(),
+            "commit": float(commit.detach()),
+            "per_sample_entropy": float(per_sample.detach()),
+            "codebook_entropy": float(codebook.detach()),
+            "bit_balance": balance,
+        }
 
     def reconstruct(self, model, images):
         return model.decode_bit_labels(model.encode(images, self.schedule).bit_labels)
@@ -276,18 +296,23 @@ def init_from_larger_var_(model: VARTransformer2DModel, source: VARTransformer2D
     when the two do not fit."""
     blocks = list(range(len(model.blocks))) if blocks is None else [int(b) for b in blocks]
     if len(blocks) != len(model.blocks) or not all(0 <= b < len(source.blocks) for b in blocks):
-        raise ValueError(f"`model.init_blocks` must list {len(model.blocks)} block indices of the source's "
-                         f"{len(source.blocks)}, got {blocks}.")
+        raise ValueError(
+            f"`model.init_blocks` must list {len(model.blocks)} block indices of the source's "
+            f"{len(source.blocks)}, got {blocks}."
+        )
     state = {k: v for k, v in source.state_dict().items() if not k.startswith("blocks.")}
     for i, b in enumerate(blocks):
         prefix = f"blocks.{b}."
-        state.update({f"blocks.{i}.{k[len(prefix):]}": v for k, v in source.state_dict().items()
-                      if k.startswith(prefix)})
+        state.update(
+            {f"blocks.{i}.{k[len(prefix) :]}": v for k, v in source.state_dict().items() if k.startswith(prefix)}
+        )
     own = model.state_dict()
     wrong = sorted(k for k in own if k not in state or state[k].shape != own[k].shape)
     if wrong:
-        raise ValueError(f"`model.init_from`: the source does not fit this model (width, classes, tokenizer); "
-                         f"mismatched: {wrong[:5]}.")
+        raise ValueError(
+            f"`model.init_from`: the source does not fit this model (width, classes, tokenizer); "
+            f"mismatched: {wrong[:5]}."
+        )
     model.load_state_dict(state)
 
 
@@ -311,8 +336,13 @@ class VARTask(_PipelineTask):
         init_adaln_gamma = float(model_args.pop("init_adaln_gamma", 1e-3))
         init_from, init_blocks = model_args.pop("init_from", None), model_args.pop("init_blocks", None)
         model_args.setdefault("num_classes", self.num_classes)
-        model_args.update(vocab_size=tok.vocab_size, latent_channels=tok.z_channels, patch_nums=list(tok.patch_nums),
-                          cond_drop_rate=config.cond_drop_rate)
+        model_args.update(
+            vocab_size=tok.vocab_size,
+            latent_channels=tok.z_channels,
+            patch_nums=list(tok.patch_nums),
+            cond_drop_rate=config.cond_drop_rate,
+        )
+
         def build():
             model = _new(VARTransformer2DModel, model_args, init_adaln_gamma=init_adaln_gamma)
             if init_from is not None:
@@ -350,7 +380,9 @@ class VARTask(_PipelineTask):
 
     def sample(self, pipe, generator):
         labels = [i % self.num_classes for i in range(16)]
-        return pipe(class_labels=labels, generator=generator, guidance_scale=2.0, top_k=0, top_p=0.0, output_type="pt").images
+        return pipe(
+            class_labels=labels, generator=generator, guidance_scale=2.0, top_k=0, top_p=0.0, output_type="pt"
+        ).images
 
 
 class STARTask(_PipelineTask):
@@ -374,10 +406,16 @@ class STARTask(_PipelineTask):
         model_args = dict(config.model)
         init_head = float(model_args.pop("init_head", 0.02))
         model_args.setdefault("num_legacy_classes", 0)
-        model_args.update(vocab_size=tok.vocab_size, latent_channels=tok.z_channels, patch_nums=list(tok.patch_nums),
-                          text_embed_dim=text_hidden_size(self.text_encoder), cond_drop_rate=config.cond_drop_rate)
+        model_args.update(
+            vocab_size=tok.vocab_size,
+            latent_channels=tok.z_channels,
+            patch_nums=list(tok.patch_nums),
+            text_embed_dim=text_hidden_size(self.text_encoder),
+            cond_drop_rate=config.cond_drop_rate,
+        )
         self.model = lora.transformer_for_training(
-            config, STARTransformer2DModel, lambda: _new(STARTransformer2DModel, model_args, init_head=init_head))
+            config, STARTransformer2DModel, lambda: _new(STARTransformer2DModel, model_args, init_head=init_head)
+        )
         self.text_pipe = self.pipeline(self.model)  # its encode_text only
 
     def loss(self, model, batch):
@@ -401,15 +439,24 @@ class STARTask(_PipelineTask):
     def pipeline(self, model):
         from ..pipelines.pipeline_star import STARPipeline
 
-        return STARPipeline(transformer=model, vqvae=self.tokenizer, text_encoder=self.text_encoder, tokenizer=self.text_tokenizer)
+        return STARPipeline(
+            transformer=model, vqvae=self.tokenizer, text_encoder=self.text_encoder, tokenizer=self.text_tokenizer
+        )
 
     def sample(self, pipe, generator):
-        return pipe(prompt=self.sample_prompts(), generator=generator, guidance_scale=4.0, top_k=0, top_p=0.0,
-                    use_stable_sampler=False, output_type="pt").images
+        return pipe(
+            prompt=self.sample_prompts(),
+            generator=generator,
+            guidance_scale=4.0,
+            top_k=0,
+            top_p=0.0,
+            use_stable_sampler=False,
+            output_type="pt",
+        ).images
 
 
 class InfinityTask(_PipelineTask):
-    """InfinityTransformer2DModel on a frozen BitwiseMultiScaleVAE and a frozen T5 encoder (flan-t5-xl in the releases).
+    """InfinityTransformer2DModel on a frozen BitwiseMultiScaleVAE and a frozen T5 encoder (flan-t5-xl in releases).
 
     * Bitwise Self-Correction: the teacher-forcing inputs come from
       :meth:`BitwiseMultiScaleVAE.teacher_forcing_inputs` with ``bsc_flip_prob`` (0.3 in the original's train.sh)
@@ -432,16 +479,23 @@ class InfinityTask(_PipelineTask):
         self.trainable_text_encoder = lora.text_encoder_for_training(config, self.text_encoder)
         text_dim = text_hidden_size(self.text_encoder)
         model_args = dict(config.model)
-        init_args = {k: float(model_args.pop(k)) for k in ("init_adaln", "init_adaln_gamma", "init_head") if k in model_args}
+        init_args = {
+            k: float(model_args.pop(k)) for k in ("init_adaln", "init_adaln_gamma", "init_head") if k in model_args
+        }
         model_args.setdefault("block_chunks", math.gcd(int(model_args.get("depth", 32)), 8))
         model_args.setdefault("pool_num_heads", max(1, text_dim // 128))
         model_args.setdefault("text_max_length", min(int(self.text_tokenizer.model_max_length), 512))
-        model_args.update(bits_per_token=self.vae.bits_per_token, text_dim=text_dim, cond_drop_rate=config.cond_drop_rate)
+        model_args.update(
+            bits_per_token=self.vae.bits_per_token, text_dim=text_dim, cond_drop_rate=config.cond_drop_rate
+        )
         if infinity_ffn_dim(int(model_args.get("embed_dim", 2048)), float(model_args.get("mlp_ratio", 4.0))) < 1:
-            raise ValueError("`model`: Infinity's FFN width round(embed_dim * mlp_ratio / 256) * 256 is 0; raise `embed_dim` "
-                             "or `mlp_ratio` (embed_dim * mlp_ratio >= 128).")
+            raise ValueError(
+                "`model`: Infinity's FFN width round(embed_dim * mlp_ratio / 256) * 256 is 0; raise `embed_dim` "
+                "or `mlp_ratio` (embed_dim * mlp_ratio >= 128)."
+            )
         self.model = lora.transformer_for_training(
-            config, InfinityTransformer2DModel, lambda: _new(InfinityTransformer2DModel, model_args, **init_args))
+            config, InfinityTransformer2DModel, lambda: _new(InfinityTransformer2DModel, model_args, **init_args)
+        )
         self.text_pipe = self.pipeline(self.model)  # its encode_prompt only
         flips = len(self.schedule) if config.bsc_num_scales is None else int(config.bsc_num_scales)
         self.bsc_num_scales = flips if config.bsc_flip_prob > 0 else 0
@@ -450,7 +504,9 @@ class InfinityTask(_PipelineTask):
         images = batch["pixel_values"]
         with torch.no_grad():
             features = self.vae.encode_features(images)
-            inputs, labels = self.vae.teacher_forcing_inputs(features, self.schedule, self.bsc_num_scales, self.config.bsc_flip_prob)
+            inputs, labels = self.vae.teacher_forcing_inputs(
+                features, self.schedule, self.bsc_num_scales, self.config.bsc_flip_prob
+            )
         embeds, mask = self.encode_text(batch["caption"])
         drop = _drop_mask(images.shape[0], self.config.cond_drop_rate).to(embeds.device)
         logits = model(inputs, embeds, mask, self.schedule, drop_text=drop).logits
@@ -467,8 +523,9 @@ class InfinityTask(_PipelineTask):
         if self.trainable_text_encoder is None:
             embeds, mask, _, _ = pipe.encode_prompt(captions, self.device, do_classifier_free_guidance=False)
             return embeds, mask
-        tokens = pipe.tokenizer(list(captions), max_length=pipe.text_max_length, padding="max_length", truncation=True,
-                                return_tensors="pt")
+        tokens = pipe.tokenizer(
+            list(captions), max_length=pipe.text_max_length, padding="max_length", truncation=True, return_tensors="pt"
+        )
         input_ids, mask = tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
         embeds = self.trainable_text_encoder(input_ids=input_ids, attention_mask=mask)[0].float()
         longest = int(mask.sum(dim=1).max())
@@ -477,17 +534,36 @@ class InfinityTask(_PipelineTask):
     def pipeline(self, model):
         from ..pipelines.pipeline_infinity import InfinityPipeline
 
-        return InfinityPipeline(transformer=model, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.text_tokenizer,
-                                default_size=[self.config.resolution, self.config.resolution])
+        return InfinityPipeline(
+            transformer=model,
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.text_tokenizer,
+            default_size=[self.config.resolution, self.config.resolution],
+        )
 
     def sample(self, pipe, generator):
         size = self.config.resolution
-        return pipe(prompt=self.sample_prompts(), height=size, width=size, generator=generator, guidance_scale=3.0,
-                    tau=1.0, top_k=0, top_p=0.0, output_type="pt").images
+        return pipe(
+            prompt=self.sample_prompts(),
+            height=size,
+            width=size,
+            generator=generator,
+            guidance_scale=3.0,
+            tau=1.0,
+            top_k=0,
+            top_p=0.0,
+            output_type="pt",
+        ).images
 
 
-TASKS = {"tokenizer": TokenizerTask, "bitwise_tokenizer": BitwiseTokenizerTask, "var": VARTask, "star": STARTask,
-         "infinity": InfinityTask}
+TASKS = {
+    "tokenizer": TokenizerTask,
+    "bitwise_tokenizer": BitwiseTokenizerTask,
+    "var": VARTask,
+    "star": STARTask,
+    "infinity": InfinityTask,
+}
 
 
 def build_task(config, device):

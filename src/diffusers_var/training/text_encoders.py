@@ -39,13 +39,21 @@ def _byte_level_tokenizer(max_length: int, with_bos: bool):
     backend.decoder = decoders.ByteLevel()
     template = "<s> $A </s>" if with_bos else "$A </s>"
     backend.post_processor = processors.TemplateProcessing(
-        single=template, special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", model_max_length=max_length)
+        single=template, special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=max_length,
+    )
 
 
-def build_tiny_text_encoder(kind: str = "tiny-clip", hidden_size: int = 128, num_layers: int = 2, max_length: int = 77,
-                            seed: int = 0):
+def build_tiny_text_encoder(
+    kind: str = "tiny-clip", hidden_size: int = 128, num_layers: int = 2, max_length: int = 77, seed: int = 0
+):
     """A deterministic random text encoder + byte-level tokenizer: ``(text_encoder, tokenizer)``.
 
     ``tiny-clip``: ``CLIPTextModel`` (causal, pooled output = the ``</s>`` state) as STAR uses;
@@ -61,18 +69,33 @@ def build_tiny_text_encoder(kind: str = "tiny-clip", hidden_size: int = 128, num
         if kind == "tiny-clip":
             from transformers import CLIPTextConfig, CLIPTextModel
 
-            config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                                    num_hidden_layers=num_layers, num_attention_heads=max(1, hidden_size // 32),
-                                    max_position_embeddings=max_length, projection_dim=hidden_size,
-                                    pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                                    eos_token_id=tokenizer.eos_token_id)
+            config = CLIPTextConfig(
+                vocab_size=vocab_size,
+                hidden_size=hidden_size,
+                intermediate_size=2 * hidden_size,
+                num_hidden_layers=num_layers,
+                num_attention_heads=max(1, hidden_size // 32),
+                max_position_embeddings=max_length,
+                projection_dim=hidden_size,
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
             model = CLIPTextModel(config)
         else:
             from transformers import T5Config, T5EncoderModel
 
-            config = T5Config(vocab_size=vocab_size, d_model=hidden_size, d_kv=32, d_ff=2 * hidden_size, num_layers=num_layers,
-                              num_heads=max(1, hidden_size // 32), feed_forward_proj="gated-gelu",
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            config = T5Config(
+                vocab_size=vocab_size,
+                d_model=hidden_size,
+                d_kv=32,
+                d_ff=2 * hidden_size,
+                num_layers=num_layers,
+                num_heads=max(1, hidden_size // 32),
+                feed_forward_proj="gated-gelu",
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
             model = T5EncoderModel(config)
             _local_relative_attention_(model)
     return model.eval(), tokenizer
@@ -89,8 +112,12 @@ def _local_relative_attention_(model) -> None:
     config = model.config
     windows = [(-6, -1), (1, 6), (-16, -7), (7, 16)]  # (first, last) relative offset per head, cycled
     offsets = torch.arange(-config.relative_attention_max_distance + 1, config.relative_attention_max_distance)
-    buckets = T5Attention._relative_position_bucket(offsets, bidirectional=True, num_buckets=config.relative_attention_num_buckets,
-                                                    max_distance=config.relative_attention_max_distance)
+    buckets = T5Attention._relative_position_bucket(
+        offsets,
+        bidirectional=True,
+        num_buckets=config.relative_attention_num_buckets,
+        max_distance=config.relative_attention_max_distance,
+    )
     bias = torch.zeros_like(attention.relative_attention_bias.weight)  # (buckets, heads)
     for head in range(config.num_heads):
         first, last = windows[head % len(windows)]
@@ -124,9 +151,11 @@ def load_text_encoder(path: str, device=None):
         elif (root / "config.json").is_file():  # a plain transformers folder, e.g. google/flan-t5-xl as downloaded
             model_dir = tokenizer_dir = root
         else:
-            raise ValueError(f"`text_encoder_path`: {path!r} must hold `text_encoder/` (a transformers model) and "
-                             f"`tokenizer/`, or be a transformers model folder with its tokenizer (config.json, "
-                             f"tokenizer files), or one of {TINY_TEXT_ENCODERS}.")
+            raise ValueError(
+                f"`text_encoder_path`: {path!r} must hold `text_encoder/` (a transformers model) and "
+                f"`tokenizer/`, or be a transformers model folder with its tokenizer (config.json, "
+                f"tokenizer files), or one of {TINY_TEXT_ENCODERS}."
+            )
         model_type = json.loads((model_dir / "config.json").read_text()).get("model_type", "")
         if model_type in ("clip_text_model", "clip"):
             from transformers import CLIPTextModel as model_class
