@@ -86,6 +86,16 @@ def _files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((out / "images").iterdir())}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The launched processes run on one thread each (``_env``); CPU matmul sums split by thread, so the in-process
+    runs compared with them must use one thread too (CI leaves OMP_NUM_THREADS unset: torch takes every core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one") / "run"
