@@ -28,7 +28,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,24 +52,8 @@ FAMILIES = {
 EVAL_SEED = 2024  # the images' seed: the embedded models were trained on seed 0
 
 
-@dataclass
-class EditSet:
-    """Real shape images and what to ask of each: ``images`` uint8 (N, H, W, 3), the ``originals`` (what the judge
-    reads from them), the shapes' pixel bounding ``boxes`` (y0, x0, y1, x1; end exclusive) and the edit ``targets``
-    (another shape, another colour, the same background)."""
-
-    images: np.ndarray
-    originals: list
-    boxes: list
-    targets: list
-
-    def box_masks(self, dilate: int = 0) -> torch.Tensor:
-        """(N, H, W) bool: the bounding box of each image's shape (grown by ``dilate`` pixels on every side)."""
-        n, height, width, _ = self.images.shape
-        masks = torch.zeros(n, height, width, dtype=torch.bool)
-        for mask, (y0, x0, y1, x1) in zip(masks, self.boxes):
-            mask[max(y0 - dilate, 0) : y1 + dilate, max(x0 - dilate, 0) : x1 + dilate] = True
-        return masks
+class EditSet(shapes.EditPairs):
+    """:class:`diffusers_var.shapes.EditPairs` with the masks and pixels the evaluation needs."""
 
     def band_masks(self, band: int) -> torch.Tensor:
         """(N, H, W) bool: the outer ``band`` pixels of every image."""
@@ -85,22 +68,9 @@ class EditSet:
 
 
 def make_edit_set(num_images: int, resolution: int = 64, seed: int = EVAL_SEED) -> EditSet:
-    """``num_images`` rendered shapes (``shapes.render``, the dataset's layout sampler), an edit request for each."""
-    rng = np.random.default_rng(seed)
-    class_ids = rng.integers(0, shapes.NUM_CLASSES, num_images)
-    sizes, centers = shapes.sample_layout(rng, num_images, resolution)
-    images = shapes.render(class_ids, sizes, centers, resolution)
-    originals, boxes, targets = [], [], []
-    for image, class_index in zip(images, class_ids):
-        original = shapes.CLASSES[class_index]
-        background = np.array(shapes.COLORS[original.background], dtype=np.int16)
-        ys, xs = np.nonzero(np.abs(image.astype(np.int16) - background).max(axis=-1) > 0)  # every touched pixel
-        boxes.append((int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1))
-        shape = rng.choice([s for s in shapes.SHAPES if s != original.shape])
-        color = rng.choice([c for c in shapes.COLOR_NAMES if c not in (original.color, original.background)])
-        originals.append(original)
-        targets.append(shapes.ShapeClass(str(shape), str(color), original.background))
-    return EditSet(images, originals, boxes, targets)
+    """``num_images`` rendered shapes and an edit request for each (:func:`diffusers_var.shapes.edit_pairs`)."""
+    pairs = shapes.edit_pairs(np.random.default_rng(seed), num_images, resolution)
+    return EditSet(**vars(pairs))
 
 
 def condition_of(family: str, classes: list) -> dict:

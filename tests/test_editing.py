@@ -175,6 +175,26 @@ def test_tokens_outside_the_mask_are_the_inputs_at_every_scale(family):
     assert generated > 0 and not torch.equal(torch.cat(tokens, 1), torch.cat(reference, 1))  # something was sampled
 
 
+def test_mask_dilation_grows_the_generated_cells(family):
+    """``mask_dilation=1`` generates the 3x3 neighbourhood of every masked latent cell (then the notebook's rule per
+    scale): the last scale keeps exactly the cells outside it, and the kept tokens are still the input's."""
+    _, inpaint, _ = pipes(family)
+    schedule = schedule_of(family)
+    h, w = schedule[-1]
+    mask = grid_mask(family, slice(1, 2), slice(w - 2, w - 1))
+    grown = grid_mask(family, slice(0, 3), slice(w - 3, w))
+    keep = inpaint.prepare_mask_keep(mask, schedule, 1, 1, "cpu", mask_dilation=1)
+    assert torch.equal(keep[-1][0], ~grown)
+    assert [torch.equal(a, b) for a, b in zip(keep, inpaint.prepare_mask_keep(grown, schedule, 1, 1, "cpu"))] == [
+        True
+    ] * len(schedule)
+    image = input_image(family, seed=3)
+    images, tokens = traced(inpaint, family, image=image, mask_image=mask, mask_dilation=1)
+    assert torch.equal(images, run(inpaint, family, image=image, mask_image=grown))
+    kept = keep[-1].flatten(1).expand(tokens[-1].shape[0], -1)
+    assert torch.equal(tokens[-1][kept], input_tokens(family, image)[-1][kept])
+
+
 def test_all_false_mask_returns_the_reconstruction(family):
     _, inpaint, _ = pipes(family)
     image = input_image(family, seed=1)

@@ -65,6 +65,9 @@ def inpaint_bad_inputs(image: torch.Tensor, grid: int) -> list:
         ({"image": edit_image(size + 4), "mask_image": torch.ones(size, size)}, "mask_image"),
         ({"mask_image": torch.full((grid, grid), 2.0)}, "mask_image"),
         ({"mask_image": "mask"}, "mask_image"),
+        ({"mask_dilation": -1}, "mask_dilation"),
+        ({"mask_dilation": 1.5}, "mask_dilation"),
+        ({"mask_dilation": True}, "mask_dilation"),
         *edit_bad_inputs(image),
     ]
 

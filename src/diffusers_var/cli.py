@@ -231,6 +231,8 @@ def _edit(args) -> int:
         return fail("pass `--mask` / `--box` (in-painting) or `--strength` (image-to-image)")
     if args.outpaint and args.box is None:
         return fail("`--outpaint` applies to `--box` (a mask file already says what to generate)")
+    if args.mask_dilation is not None and (not masks or args.mask_dilation < 0):
+        return fail("`--mask-dilation` is a whole number of latent cells >= 0, for in-painting (`--mask` / `--box`)")
     try:
         pipeline_class = edit_pipeline_class(model, inpainting=bool(masks))
         image = PIL.Image.open(args.image).convert("RGB")
@@ -261,6 +263,8 @@ def _edit(args) -> int:
                 size = {k: kwargs[k] for k in ("height", "width") if k in kwargs}
                 mask = pipe.box_mask(*_parse_box(args.box), inpainting=not args.outpaint, **size)
             kwargs["mask_image"] = mask
+            if args.mask_dilation is not None:
+                kwargs["mask_dilation"] = args.mask_dilation
         if issubclass(pipeline_class, diffusers_var.VARPipeline):
             label = args.class_label if args.class_label is not None else args.prompt
             if label is None:
@@ -401,6 +405,14 @@ def build_parser() -> OneLineErrorParser:
         help="in-painting: the original notebook's box, as fractions of the height / width",
     )
     ed.add_argument("--outpaint", action="store_true", help="with --box: generate everything around the box")
+    ed.add_argument(
+        "--mask-dilation",
+        type=int,
+        default=None,
+        metavar="CELLS",
+        help="in-painting: also generate this many latent cells around the mask (1 lets a new object draw its own "
+        "edges; default 0, the notebook's edit)",
+    )
     ed.add_argument(
         "--strength",
         type=float,

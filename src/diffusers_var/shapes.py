@@ -98,6 +98,56 @@ def sample_layout(
     return sizes, centers
 
 
+# how far each shape reaches from its centre, in units of its size r (a square's half side is 0.85 r)
+_EXTENT = {"circle": 1.0, "square": 0.85, "triangle": 1.0}
+
+
+@dataclass
+class EditPairs:
+    """Edit requests on real shape images (:func:`edit_pairs`): uint8 (N, H, W, 3) ``images`` and their
+    ``originals``, the shapes' pixel bounding ``boxes`` (y0, x0, y1, x1; end exclusive), the ``targets`` (another
+    shape in another colour on the same background) and ``edited``, each target drawn centred in the original's box
+    and as large as fits in it: what an edit of the box should produce."""
+
+    images: np.ndarray
+    originals: list
+    boxes: list
+    targets: list
+    edited: np.ndarray
+
+    def box_masks(self, grow: int = 0) -> torch.Tensor:
+        """(N, H, W) bool: each image's box (grown by ``grow`` pixels on every side, clipped to the image)."""
+        n, height, width, _ = self.images.shape
+        masks = torch.zeros(n, height, width, dtype=torch.bool)
+        for mask, (y0, x0, y1, x1) in zip(masks, self.boxes):
+            mask[max(y0 - grow, 0) : y1 + grow, max(x0 - grow, 0) : x1 + grow] = True
+        return masks
+
+
+def edit_pairs(rng: np.random.Generator, n: int, resolution: int = 64) -> EditPairs:
+    """``n`` shape images (the dataset's classes and layout sampler) and an edit request for each: another shape in
+    another colour (neither the original's colour nor the background), the background kept."""
+    class_ids = rng.integers(0, NUM_CLASSES, n)
+    sizes, centers = sample_layout(rng, n, resolution)
+    images = render(class_ids, sizes, centers, resolution)
+    originals, boxes, targets = [], [], []
+    for image, class_index in zip(images, class_ids):
+        original = CLASSES[class_index]
+        background = np.array(COLORS[original.background], dtype=np.int16)
+        ys, xs = np.nonzero(np.abs(image.astype(np.int16) - background).max(axis=-1) > 0)  # every touched pixel
+        boxes.append((int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1))
+        shape = rng.choice([s for s in SHAPES if s != original.shape])
+        color = rng.choice([c for c in COLOR_NAMES if c not in (original.color, original.background)])
+        originals.append(original)
+        targets.append(ShapeClass(str(shape), str(color), original.background))
+    # each target centred in its box and as large as fits in it (half a pixel of margin for the smooth edges)
+    box_sides = np.array([min(y1 - y0, x1 - x0) for y0, x0, y1, x1 in boxes], dtype=np.float32)
+    target_sizes = (box_sides - 1) / 2 / np.array([_EXTENT[t.shape] for t in targets], dtype=np.float32)
+    box_centers = np.array([((y0 + y1) / 2, (x0 + x1) / 2) for y0, x0, y1, x1 in boxes], dtype=np.float32)
+    edited = render_shapes(targets, target_sizes, box_centers, resolution)
+    return EditPairs(images, originals, boxes, targets, edited)
+
+
 class ShapesDataset(torch.utils.data.Dataset):
     """``num_images`` deterministic samples: dicts with ``pixel_values`` (3, H, W) in [-1, 1],
     ``class_labels`` (int) and ``caption`` (str). Images are rendered once, in memory."""

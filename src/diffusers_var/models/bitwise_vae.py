@@ -352,6 +352,8 @@ class BitwiseMultiScaleVAE(ModelMixin, ConfigMixin):
         noise_apply_strength: float = 0.0,
         numpy_rng: np.random.RandomState | None = None,
         generator: torch.Generator | None = None,
+        keep: Sequence[torch.Tensor] | None = None,
+        kept_bit_labels: Sequence[torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Transformer inputs and bit labels for training, with Bitwise Self-Correction.
 
@@ -360,6 +362,10 @@ class BitwiseMultiScaleVAE(ModelMixin, ConfigMixin):
         each bit is flipped with probability ``s`` (``torch.rand`` from ``generator``, default the global
         torch RNG); later labels are computed from the corrupted running sum, so the model learns to
         correct earlier mistakes. The original's draw order is kept (per scale: randint, then rand).
+
+        With ``keep`` (per scale (B, h, w) bool on the token grid) the bits where it is True are
+        ``kept_bit_labels``' (per scale (B, H, W, d) in the latent layout, as :meth:`encode` returns them, e.g. of
+        another image) and the others are quantised from the residual they leave: the labels of edit fine-tuning.
 
         Returns ``(inputs (B, L - first, bits_per_token), labels (B, L, bits_per_token) uint8)``.
         """
@@ -371,6 +377,9 @@ class BitwiseMultiScaleVAE(ModelMixin, ConfigMixin):
         for k, size in enumerate(sizes):
             residual = features_BdHW - summed
             bits = area_resize(residual, size) > 0
+            if keep is not None:
+                kept = keep[k].repeat_interleave(self.patch_factor, 1).repeat_interleave(self.patch_factor, 2)
+                bits = torch.where(kept[:, None], kept_bit_labels[k].permute(0, 3, 1, 2).bool(), bits)
             labels.append(self.latent_to_tokens(bits.to(torch.uint8)))
             if k < noise_apply_layers:
                 rng = numpy_rng if numpy_rng is not None else np.random

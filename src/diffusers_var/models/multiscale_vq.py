@@ -244,8 +244,16 @@ class MultiScaleResidualQuantizer(nn.Module):
         return self.embedding(indices_Bl).float().transpose(1, 2).reshape(B, self.z_channels, side, side)
 
     def quantize(
-        self, f_BChw: torch.Tensor, patch_nums: Sequence[int], return_fhat: bool = False
+        self,
+        f_BChw: torch.Tensor,
+        patch_nums: Sequence[int],
+        return_fhat: bool = False,
+        keep: Sequence[torch.Tensor] | None = None,
+        kept_indices: Sequence[torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
+        """Residual quantisation along ``patch_nums``: per scale the indices (B, pn*pn), or the cumulative f_hat.
+        With ``keep`` (per scale (B, pn, pn) bool) the tokens where it is True are ``kept_indices``' and the others
+        are quantised from the residual that f and the kept ones leave."""
         f_rest = f_BChw.detach().float().clone()
         f_hat = torch.zeros_like(f_rest)
         B, C, H, W = f_rest.shape
@@ -253,6 +261,8 @@ class MultiScaleResidualQuantizer(nn.Module):
         for si, pn in enumerate(patch_nums):
             z = f_rest if si == S - 1 else area_down(f_rest, pn)
             idx_N = self.nearest_code(z.permute(0, 2, 3, 1).reshape(-1, C))
+            if keep is not None:
+                idx_N = torch.where(keep[si].reshape(-1), kept_indices[si].reshape(-1), idx_N)
             h = self.scale_contribution(self.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2), si, S, H)
             f_hat.add_(h)
             f_rest.sub_(h)
@@ -409,6 +419,20 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
         """Images (B, 3, H, W) in [-1, 1] -> list of LongTensor (B, pn*pn), one per scale (row-major)."""
         f = self.encode_latent(images)
         return self.quantize.quantize(f, self._resolve_patch_nums(patch_nums, f.shape[-1]))
+
+    @apply_forward_hook
+    def encode_indices_keeping(
+        self, images: torch.Tensor, kept_indices: Sequence[torch.LongTensor], keep: Sequence[torch.Tensor]
+    ) -> list[torch.LongTensor]:
+        """The token pyramid of ``images`` in which the tokens where ``keep`` (per scale (B, pn, pn) bool) is True
+        are ``kept_indices``' ((B, pn*pn) per scale, e.g. another image's ``encode_indices``): the others are
+        quantised from the residual that the image and the kept tokens leave, scale by scale. This is what an edit
+        that keeps those tokens should sample (the targets of edit fine-tuning)."""
+        patch_nums = self._check_indices(kept_indices)
+        if len(keep) != len(patch_nums) or any(tuple(k.shape[-2:]) != (pn, pn) for k, pn in zip(keep, patch_nums)):
+            raise ValueError(f"`keep` must hold one (B, pn, pn) mask per scale of {patch_nums}.")
+        f = self.encode_latent(images)
+        return self.quantize.quantize(f, self._resolve_patch_nums(patch_nums, f.shape[-1]), False, keep, kept_indices)
 
     @apply_forward_hook
     def encode_fhat(self, images: torch.Tensor, patch_nums: Sequence[int] | None = None) -> list[torch.Tensor]:

@@ -633,6 +633,7 @@ class InfinityInpaintPipeline(BitwiseEditTokens, _InfinityEditCall, NextScaleInp
         prompt_attention_mask: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
         negative_prompt_attention_mask: torch.Tensor | None = None,
+        mask_dilation: int = 0,
     ):
         r"""Re-generate the masked region of ``image`` from text.
 
@@ -645,6 +646,11 @@ class InfinityInpaintPipeline(BitwiseEditTokens, _InfinityEditCall, NextScaleInp
                 scale's token grid, e.g. from :meth:`box_mask`); one for all images or one per prompt.
             image_indices: instead of ``image``, the input's bit labels as ``vae.encode(images,
                 scale_schedule).bit_labels`` returns them (per scale (B, h, w, codebook_dim)).
+            mask_dilation: grow the region to generate by this many latent cells on every side (after a pixel
+                mask was reduced to the latent grid; 0, the default, is the notebook's edit). The decoder draws every
+                cell from its neighbours too, so a new object drawn into a tight box keeps the old one's edges in the
+                kept cells around it: one cell of margin lets it draw its own (README, "Quality on the embedded
+                models").
             height, width: the output size (default: the pipeline's ``default_size``, else 1024 x 1024), as in
                 :meth:`InfinityPipeline.__call__`.
             Everything else: as in :meth:`InfinityPipeline.__call__`; the callback's ``"tokens"`` are the scale's bits
@@ -672,6 +678,7 @@ class InfinityInpaintPipeline(BitwiseEditTokens, _InfinityEditCall, NextScaleInp
             image=image,
             image_indices=image_indices,
             mask_image=mask_image,
+            mask_dilation=mask_dilation,
         )
         self._begin_call(guidance_scale, len(schedule))
         device = self._execution_device
@@ -692,7 +699,7 @@ class InfinityInpaintPipeline(BitwiseEditTokens, _InfinityEditCall, NextScaleInp
         )
         # 2. the input's bits and, per scale, where they are kept
         tokens = self.prepare_image_tokens(image, image_indices, schedule, num_prompts, num_images_per_prompt, device)
-        keep = self.prepare_mask_keep(mask_image, schedule, num_prompts, num_images_per_prompt, device)
+        keep = self.prepare_mask_keep(mask_image, schedule, num_prompts, num_images_per_prompt, device, mask_dilation)
         # 3. scale by scale, the input's bits put back where kept
         latents = self._sample_scales(
             condition,
@@ -708,13 +715,15 @@ class InfinityInpaintPipeline(BitwiseEditTokens, _InfinityEditCall, NextScaleInp
         )
         return self._finish(latents, output_type, return_dict)
 
-    def check_inputs(self, *args, image=None, image_indices=None, mask_image=None) -> tuple[list, int]:
+    def check_inputs(
+        self, *args, image=None, image_indices=None, mask_image=None, mask_dilation=0
+    ) -> tuple[list, int]:
         """:meth:`InfinityPipeline.check_inputs` (same positional arguments), then the image and mask checks. Returns
         the scale schedule and the number of prompts."""
         schedule, num_prompts = super().check_inputs(*args)
         per_prompt = signature(InfinityPipeline.check_inputs).bind(self, *args).arguments["num_images_per_prompt"]
         size = self.check_image_inputs(image, image_indices, schedule, num_prompts, per_prompt)
-        self.check_mask_input(mask_image, schedule, size, num_prompts, per_prompt)
+        self.check_mask_input(mask_image, schedule, size, num_prompts, per_prompt, mask_dilation)
         return schedule, num_prompts
 
 

@@ -788,6 +788,7 @@ class STARInpaintPipeline(VQEditTokens, _STAREditCall, NextScaleInpaintMixin, ST
         negative_prompt_embeds: torch.Tensor | None = None,
         negative_prompt_attention_mask: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        mask_dilation: int = 0,
     ):
         r"""Re-generate the masked region of ``image`` from text.
 
@@ -799,6 +800,11 @@ class STARInpaintPipeline(VQEditTokens, _STAREditCall, NextScaleInpaintMixin, ST
             mask_image: where to generate (white / 1 / True), at the image's size or at the latent grid (the last
                 scale's ``pn x pn``, e.g. from :meth:`box_mask`); one for all images or one per prompt.
             image_indices: instead of ``image``, the per-scale tokens ``vqvae.encode_indices`` returns.
+            mask_dilation: grow the region to generate by this many latent cells on every side (after a pixel
+                mask was reduced to the latent grid; 0, the default, is the notebook's edit). The decoder draws every
+                cell from its neighbours too, so a new object drawn into a tight box keeps the old one's edges in the
+                kept cells around it: one cell of margin lets it draw its own (README, "Quality on the embedded
+                models").
             Everything else: as in :meth:`STARPipeline.__call__`; the callback's ``"tokens"`` are the scale's tokens
             after the input's were put back.
         """
@@ -827,6 +833,7 @@ class STARInpaintPipeline(VQEditTokens, _STAREditCall, NextScaleInpaintMixin, ST
             image=image,
             image_indices=image_indices,
             mask_image=mask_image,
+            mask_dilation=mask_dilation,
         )
         schedule = self._edit_schedule()
         self._begin_call(guidance_scale, len(schedule))
@@ -850,7 +857,7 @@ class STARInpaintPipeline(VQEditTokens, _STAREditCall, NextScaleInpaintMixin, ST
         )
         # 2. the input's tokens and, per scale, where they are kept
         tokens = self.prepare_image_tokens(image, image_indices, schedule, num_prompts, num_images_per_prompt, device)
-        keep = self.prepare_mask_keep(mask_image, schedule, num_prompts, num_images_per_prompt, device)
+        keep = self.prepare_mask_keep(mask_image, schedule, num_prompts, num_images_per_prompt, device, mask_dilation)
         # 3. scale by scale, the input's tokens put back where kept
         latents = self._sample_scales(
             condition,
@@ -868,14 +875,14 @@ class STARInpaintPipeline(VQEditTokens, _STAREditCall, NextScaleInpaintMixin, ST
         )
         return self._finish(latents, output_type, return_dict)
 
-    def check_inputs(self, *args, image=None, image_indices=None, mask_image=None) -> int:
+    def check_inputs(self, *args, image=None, image_indices=None, mask_image=None, mask_dilation=0) -> int:
         """:meth:`STARPipeline.check_inputs` (same positional arguments), then the image and mask checks. Returns the
         number of prompts."""
         num_prompts = super().check_inputs(*args)
         per_prompt = signature(STARPipeline.check_inputs).bind(self, *args).arguments["num_images_per_prompt"]
         schedule = self._edit_schedule()
         size = self.check_image_inputs(image, image_indices, schedule, num_prompts, per_prompt)
-        self.check_mask_input(mask_image, schedule, size, num_prompts, per_prompt)
+        self.check_mask_input(mask_image, schedule, size, num_prompts, per_prompt, mask_dilation)
         return num_prompts
 
 

@@ -723,9 +723,16 @@ class NextScaleEditMixin:
         image_size: tuple[int, int, int] | None,
         num_prompts: int,
         num_images_per_prompt: int = 1,
+        mask_dilation: int = 0,
     ) -> None:
         """``mask_image`` at the image's size (or, for ``image_indices``, the pipeline's pixel size) or at the
-        latent grid (the last scale's grid): one for all, one per prompt / label, or one per generated image."""
+        latent grid (the last scale's grid): one for all, one per prompt / label, or one per generated image;
+        ``mask_dilation`` a whole number of latent cells >= 0."""
+        if isinstance(mask_dilation, bool) or not isinstance(mask_dilation, int) or mask_dilation < 0:
+            raise ValueError(
+                f"`mask_dilation` must be a whole number of latent cells >= 0 (0: the mask as given), got "
+                f"{mask_dilation!r}."
+            )
         if mask_image is None:
             raise ValueError(
                 "`mask_image` is required (white / 1 / True = generate); see `box_mask()` for the "
@@ -770,11 +777,15 @@ class NextScaleEditMixin:
         return tokens
 
     def prepare_mask_keep(
-        self, mask_image, schedule, num_prompts: int, num_images_per_prompt: int, device
+        self, mask_image, schedule, num_prompts: int, num_images_per_prompt: int, device, mask_dilation: int = 0
     ) -> list[torch.Tensor]:
-        """Per scale, (B, h, w) bool: where the input's tokens are kept (the notebook's rule, module comment)."""
+        """Per scale, (B, h, w) bool: where the input's tokens are kept (the notebook's rule, module comment), after
+        the latent-grid mask grew by ``mask_dilation`` cells on every side (8-connected)."""
         mask = mask_to_tensor(mask_image) >= 0.5  # diffusers' binarisation
         generate = latent_grid_mask(mask, schedule[-1]).to(device)
+        if mask_dilation:
+            size = 2 * mask_dilation + 1
+            generate = torch.nn.functional.max_pool2d(generate[:, None].float(), size, 1, mask_dilation)[:, 0] > 0.5
         return [expand_rows(keep, num_prompts, num_images_per_prompt) for keep in scale_keep_masks(generate, schedule)]
 
     @staticmethod

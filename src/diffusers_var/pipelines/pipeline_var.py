@@ -691,6 +691,7 @@ class VARInpaintPipeline(VQEditTokens, NextScaleInpaintMixin, VARPipeline):
         return_dict: bool = True,
         callback_on_step_end: CallbackArg = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        mask_dilation: int = 0,
     ):
         r"""Re-generate the masked region of ``image``.
 
@@ -706,6 +707,11 @@ class VARInpaintPipeline(VQEditTokens, NextScaleInpaintMixin, VARPipeline):
                 white), then each scale uses the notebook's rule (class docstring).
             image_indices: instead of ``image``, the input's tokens: the per-scale list ``vqvae.encode_indices``
                 returns ((B, pn*pn) each).
+            mask_dilation: grow the region to generate by this many latent cells on every side (after a pixel
+                mask was reduced to the latent grid; 0, the default, is the notebook's edit). The decoder draws every
+                cell from its neighbours too, so a new object drawn into a tight box keeps the old one's edges in the
+                kept cells around it: one cell of margin lets it draw its own (README, "Quality on the embedded
+                models").
             guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator, output_type, return_dict,
             callback_on_step_end, callback_on_step_end_tensor_inputs: as in :meth:`VARPipeline.__call__`; the
                 callback's ``"tokens"`` are the scale's tokens after the input's were put back.
@@ -725,6 +731,7 @@ class VARInpaintPipeline(VQEditTokens, NextScaleInpaintMixin, VARPipeline):
             image,
             image_indices,
             mask_image,
+            mask_dilation,
         )
         self._begin_call(guidance_scale, len(schedule))
         device = self._execution_device
@@ -733,7 +740,7 @@ class VARInpaintPipeline(VQEditTokens, NextScaleInpaintMixin, VARPipeline):
         labels_B = self.prepare_class_labels(class_labels, num_images_per_prompt, generator, device)
         # 2. the input's tokens and, per scale, where they are kept
         tokens = self.prepare_image_tokens(image, image_indices, schedule, num_labels, num_images_per_prompt, device)
-        keep = self.prepare_mask_keep(mask_image, schedule, num_labels, num_images_per_prompt, device)
+        keep = self.prepare_mask_keep(mask_image, schedule, num_labels, num_images_per_prompt, device, mask_dilation)
         # 3. scale by scale, the input's tokens put back where kept
         latents = self._sample_scales(
             labels_B,
@@ -761,6 +768,7 @@ class VARInpaintPipeline(VQEditTokens, NextScaleInpaintMixin, VARPipeline):
         image=None,
         image_indices=None,
         mask_image=None,
+        mask_dilation=0,
     ) -> int:
         """:meth:`VARPipeline.check_inputs` and the image / mask checks. Returns the number of labels given (1 for
         ``class_labels=None``)."""
@@ -778,7 +786,7 @@ class VARInpaintPipeline(VQEditTokens, NextScaleInpaintMixin, VARPipeline):
         num_labels = 1 if class_labels is None else len(flatten_labels(class_labels))
         schedule = self._edit_schedule()
         size = self.check_image_inputs(image, image_indices, schedule, num_labels, num_images_per_prompt)
-        self.check_mask_input(mask_image, schedule, size, num_labels, num_images_per_prompt)
+        self.check_mask_input(mask_image, schedule, size, num_labels, num_images_per_prompt, mask_dilation)
         return num_labels
 
 

@@ -1,0 +1,219 @@
+#!/usr/bin/env python
+"""Fine-tune an embedded pipeline's transformer for in-painting / editing (CPU is enough), on token pyramids that
+keep an input image's tokens the way the in-painting pipelines do.
+
+    python scripts/finetune_editing.py --family var --out /tmp/var-edit          # then check the folder, and
+    python scripts/evaluate_editing.py --families var --model /tmp/var-edit      # replace pipelines/var-shapes
+
+Why: the embedded models saw whole images only. In an edit their coarse scales keep the old shape's tokens (the
+notebook's rule keeps a token unless the mask covers most of it) and the model, conditioned on the new class, still
+follows the old outline. Here each training example is what an edit sees:
+
+* an **edit** (``--edit-share``): a real shape image (the input), its shape's bounding box as the mask (grown by
+  one latent cell in ``--grow-share`` of them: the decoder draws a cell from its neighbours too, so a new shape needs
+  a margin of generated cells), and the request of :func:`diffusers_var.shapes.edit_pairs`: another shape in another
+  colour on the same background. The target pyramid keeps the input's tokens where the pipeline keeps them (per
+  scale, the notebook's rule) and quantises the rest from the residual of the edited image
+  (``encode_indices_keeping``; Infinity: ``teacher_forcing_inputs(keep=...)``). The loss covers the generated
+  tokens only: the kept ones are the input's whatever the model says.
+* an **out-paint** (``--outpaint-share``): the outer band is masked and the image itself is the target.
+* a **plain** example (the rest): the whole pyramid of a shape image, as in the original training, so that
+  generation stays as it was.
+
+Condition dropout for classifier-free guidance is the original training's (VAR: the transformer's own label drop;
+STAR: empty captions; Infinity: the learned unconditional rows), 10%. The weights are an exponential moving average
+(``--ema``). Writes the whole pipeline (every component, safetensors) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from diffusers_var import (  # noqa: E402
+    InfinityInpaintPipeline,
+    InfinityPipeline,
+    STARInpaintPipeline,
+    STARPipeline,
+    VARInpaintPipeline,
+    VARPipeline,
+    shapes,
+)
+from diffusers_var.pipelines.pipeline_utils import latent_grid_mask, scale_keep_masks  # noqa: E402
+
+FAMILIES = {  # pipeline class, in-painting class (its schedule), embedded folder
+    "var": (VARPipeline, VARInpaintPipeline, REPO / "pipelines" / "var-shapes"),
+    "star": (STARPipeline, STARInpaintPipeline, REPO / "pipelines" / "star-shapes"),
+    "infinity": (InfinityPipeline, InfinityInpaintPipeline, REPO / "pipelines" / "infinity-shapes"),
+}
+COND_DROP = 0.1
+OUTPAINT_BAND = 8  # pixels, as scripts/evaluate_editing.py
+
+
+def training_batch(rng: np.random.Generator, n: int, resolution: int, cell: int, args) -> dict:
+    """``n`` examples: inputs and targets in [-1, 1] (N, 3, H, W), pixel masks (N, H, W) bool (True = generate),
+    ``edited`` (N,) bool (False: a plain example, the whole pyramid is the target) and the targets' classes."""
+    pairs = shapes.edit_pairs(rng, n, resolution)
+    kind = rng.choice(3, n, p=[args.edit_share, args.outpaint_share, 1 - args.edit_share - args.outpaint_share])
+    grow = np.where(rng.random(n) < args.grow_share, cell, 0)
+    masks = torch.zeros(n, resolution, resolution, dtype=torch.bool)
+    targets, classes = pairs.edited.copy(), list(pairs.targets)
+    for i in range(n):
+        if kind[i] == 0:  # edit the box
+            y0, x0, y1, x1 = pairs.boxes[i]
+            g = int(grow[i])
+            masks[i, max(y0 - g, 0) : y1 + g, max(x0 - g, 0) : x1 + g] = True
+        else:  # out-paint or plain: the image is its own target
+            targets[i], classes[i] = pairs.images[i], pairs.originals[i]
+            if kind[i] == 1:
+                masks[i] = True
+                masks[i, OUTPAINT_BAND:-OUTPAINT_BAND, OUTPAINT_BAND:-OUTPAINT_BAND] = False
+
+    def to_pixels(images: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+    return {
+        "inputs": to_pixels(pairs.images),
+        "targets": to_pixels(targets),
+        "masks": masks,
+        "edited": torch.from_numpy(kind < 2),
+        "classes": classes,
+    }
+
+
+def keep_masks(batch: dict, schedule) -> list[torch.Tensor]:
+    """Per scale (N, h, w) bool: where the input's tokens are kept; nothing is kept for plain examples."""
+    generate = latent_grid_mask(batch["masks"][:, None].float(), schedule[-1])
+    return [keep & batch["edited"][:, None, None] for keep in scale_keep_masks(generate, schedule)]
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the positions with weight 1 (``logits`` (..., K), ``labels`` and ``weights`` (...))."""
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+    weights = weights.reshape(-1).float()
+    return (losses * weights).sum() / weights.sum().clamp_min(1)
+
+
+def captions(classes: list, rng: np.random.Generator) -> list[str]:
+    """Captions with condition dropout (``""``)."""
+    return ["" if rng.random() < COND_DROP else c.caption for c in classes]
+
+
+def var_loss(pipe, model, batch: dict, schedule, rng) -> torch.Tensor:
+    vq = pipe.vqvae
+    keep = keep_masks(batch, schedule)
+    with torch.no_grad():
+        tokens = vq.encode_indices_keeping(batch["targets"], vq.encode_indices(batch["inputs"]), keep)
+        tf_input = vq.teacher_forcing_input(tokens)
+    labels = torch.tensor([shapes.class_id(c.shape, c.color, c.background) for c in batch["classes"]])
+    logits = model(labels, tf_input, drop_labels=True).logits
+    weights = torch.cat([~k.flatten(1) for k in keep], dim=1)
+    return masked_cross_entropy(logits, torch.cat(tokens, dim=1), weights)
+
+
+def star_loss(pipe, model, batch: dict, schedule, rng) -> torch.Tensor:
+    vq = pipe.vqvae
+    keep = keep_masks(batch, schedule)
+    with torch.no_grad():
+        tokens = vq.encode_indices_keeping(batch["targets"], vq.encode_indices(batch["inputs"]), keep)
+        tf_input = vq.teacher_forcing_input(tokens)
+        hidden, mask, pooled = pipe.encode_text(captions(batch["classes"], rng), "cpu")
+    logits = model(tf_input, hidden, mask, pooled).logits
+    weights = torch.cat([~k.flatten(1) for k in keep], dim=1)
+    return masked_cross_entropy(logits, torch.cat(tokens, dim=1), weights)
+
+
+def infinity_loss(pipe, model, batch: dict, schedule, rng) -> torch.Tensor:
+    vae = pipe.vae
+    keep = keep_masks(batch, schedule)
+    with torch.no_grad():
+        kept = vae.encode(batch["inputs"], schedule).bit_labels
+        inputs, labels = vae.teacher_forcing_inputs(
+            vae.encode_features(batch["targets"]), schedule, keep=keep, kept_bit_labels=kept
+        )
+        embeds, text_mask, _, _ = pipe.encode_prompt(
+            [c.caption for c in batch["classes"]], "cpu", do_classifier_free_guidance=False
+        )
+    drop = torch.from_numpy(rng.random(len(batch["classes"])) < COND_DROP)
+    logits = model(inputs, embeds, text_mask, schedule, drop_text=drop).logits.view(*labels.shape, 2)
+    weights = torch.cat([~k.flatten(1) for k in keep], dim=1)[..., None].expand(labels.shape)
+    return masked_cross_entropy(logits, labels.long(), weights)
+
+
+LOSSES = {"var": var_loss, "star": star_loss, "infinity": infinity_loss}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=list(FAMILIES), required=True)
+    parser.add_argument("--model", default=None, help="the pipeline folder to start from (default: the embedded one)")
+    parser.add_argument("--out", required=True, help="folder for the fine-tuned pipeline (must not exist)")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--warmup-steps", type=int, default=50)
+    parser.add_argument("--ema", type=float, default=0.995, help="EMA decay of the exported weights (0: none)")
+    parser.add_argument("--edit-share", type=float, default=0.5)
+    parser.add_argument("--outpaint-share", type=float, default=0.1)
+    parser.add_argument("--grow-share", type=float, default=0.7, help="edits whose box grows by one latent cell")
+    parser.add_argument("--seed", type=int, default=0, help="the training images' seed (the evaluation uses 2024)")
+    parser.add_argument("--save-every", type=int, default=0, help="also write OUT-<step> every this many steps")
+    args = parser.parse_args(argv)
+    if not 0 <= args.edit_share + args.outpaint_share <= 1:
+        parser.error("`--edit-share` + `--outpaint-share` must be in [0, 1].")
+    out = Path(args.out)
+    if out.exists():
+        parser.error(f"`--out`: {out} exists; give a new folder.")
+
+    pipeline_class, inpaint_class, folder = FAMILIES[args.family]
+    pipe = pipeline_class.from_pretrained(args.model or folder, dtype=torch.float32)
+    schedule = [tuple(hw) for hw in inpaint_class.from_pipe(pipe)._edit_schedule()]
+    cell = 64 // schedule[-1][1]  # pixels per latent cell at the embedded models' 64 px
+    model = pipe.transformer.train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if args.ema > 0 else model
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / args.warmup_steps))
+    rng = np.random.default_rng(args.seed)
+    torch.manual_seed(args.seed)
+    loss_of = LOSSES[args.family]
+    start = time.perf_counter()
+
+    def export(path: Path) -> None:
+        pipe.transformer = ema
+        pipe.save_pretrained(path)
+        pipe.transformer = model
+
+    for step in range(1, args.steps + 1):
+        batch = training_batch(rng, args.batch_size, 64, cell, args)
+        loss = loss_of(pipe, model, batch, schedule, rng)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 2.0)
+        optimizer.step()
+        warmup.step()
+        if ema is not model:
+            with torch.no_grad():
+                for averaged, trained in zip(ema.parameters(), model.parameters()):
+                    averaged.lerp_(trained, 1 - args.ema)
+        if step % 50 == 0 or step == 1:
+            print(f"step {step}: loss {loss.item():.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+        if args.save_every and step % args.save_every == 0 and step < args.steps:
+            export(Path(f"{out}-{step}"))
+    export(out)
+    print(f"{args.steps} steps in {time.perf_counter() - start:.0f} s; the pipeline is in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
