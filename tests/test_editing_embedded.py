@@ -42,7 +42,7 @@ def test_editing_a_few_held_out_images(evaluation, family):
         pytest.fail(f"the embedded pipeline {folder} is missing")
     with torch.no_grad():
         results, images = evaluation.evaluate_family(
-            family, evaluation.make_edit_set(NUM_IMAGES), dilate=0, batch_size=NUM_IMAGES
+            family, evaluation.make_edit_set(NUM_IMAGES), mask_dilation=0, batch_size=NUM_IMAGES
         )
     print(family, results)
     edit, outpaint = results["edit"], results["outpaint"]
