@@ -22,13 +22,16 @@ follows the old outline. Here each training example is what an edit sees:
 
 Condition dropout for classifier-free guidance is the original training's (VAR: the transformer's own label drop;
 STAR: empty captions; Infinity: the learned unconditional rows), 10%. The weights are an exponential moving average
-(``--ema``). Writes the whole pipeline (every component, safetensors) to ``--out``.
+(``--ema``). Writes ``--out``: a copy of the source folder whose transformer is the fine-tuned one (safetensors,
+float16 like the embedded folders; every other file unchanged).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -168,6 +171,12 @@ def main(argv=None) -> int:
     parser.add_argument("--grow-share", type=float, default=0.7, help="edits whose box grows by one latent cell")
     parser.add_argument("--seed", type=int, default=0, help="the training images' seed (the evaluation uses 2024)")
     parser.add_argument("--save-every", type=int, default=0, help="also write OUT-<step> every this many steps")
+    parser.add_argument(
+        "--save-dtype",
+        choices=["float16", "float32"],
+        default="float16",
+        help="dtype of the written weights (the embedded folders store float16; they load as float32)",
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.edit_share + args.outpaint_share <= 1:
         parser.error("`--edit-share` + `--outpaint-share` must be in [0, 1].")
@@ -189,10 +198,17 @@ def main(argv=None) -> int:
     loss_of = LOSSES[args.family]
     start = time.perf_counter()
 
+    source = Path(args.model or folder)
+
     def export(path: Path) -> None:
-        pipe.transformer = ema
-        pipe.save_pretrained(path)
-        pipe.transformer = model
+        """The source folder with the averaged transformer in place of its own (every other file unchanged),
+        written next to ``path`` and renamed into place."""
+        partial = path.with_name(path.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)  # a previous export of this script that was interrupted
+        shutil.copytree(source, partial)
+        shutil.rmtree(partial / "transformer")
+        copy.deepcopy(ema).to(getattr(torch, args.save_dtype)).save_pretrained(partial / "transformer")
+        os.replace(partial, path)
 
     for step in range(1, args.steps + 1):
         batch = training_batch(rng, args.batch_size, 64, cell, args)
