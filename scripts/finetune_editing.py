@@ -3,7 +3,7 @@
 keep an input image's tokens the way the in-painting pipelines do.
 
     python scripts/finetune_editing.py --family var --out /tmp/var-edit          # then check the folder, and
-    python scripts/evaluate_editing.py --families var --model /tmp/var-edit      # replace pipelines/var-shapes
+    python scripts/finetune_editing.py --family var --evaluate /tmp/var-edit    # generation and editing figures
 
 Why: the embedded models saw whole images only. In an edit their coarse scales keep the old shape's tokens (the
 notebook's rule keeps a token unless the mask covers most of it) and the model, conditioned on the new class, still
@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -156,11 +158,44 @@ def infinity_loss(pipe, model, batch: dict, schedule, rng) -> torch.Tensor:
 LOSSES = {"var": var_loss, "star": star_loss, "infinity": infinity_loss}
 
 
+def _script(name: str):
+    """Another script of this folder as a module (they are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@torch.no_grad()
+def evaluate(family: str, folder: Path, num_images: int = 200) -> dict:
+    """Generation with the model card's sampling settings (``build_embedded.py``: 200 samples, the pixel judge) and
+    editing (``evaluate_editing.py``: tight box, ``mask_dilation`` 1 and 2, out-painting) of the pipeline in
+    ``folder``."""
+    build, editing = _script("build_embedded"), _script("evaluate_editing")
+    pipeline_class, _, _, settings = build.FAMILIES[family]
+    pipe = pipeline_class.from_pretrained(folder, dtype=torch.float32)
+    generation = {name: build.evaluate(pipe, family, num_images, **kwargs) for name, kwargs in settings.items()}
+    edit_set = editing.make_edit_set(num_images)
+    inpaint = editing.FAMILIES[family][0].from_pipe(pipe)
+    results, _ = editing.evaluate_family(family, edit_set, pipe=inpaint, mask_dilation=1)
+    margin2, _ = editing.edit_figures(inpaint, family, edit_set, 0, 50, 2, **results["sampling"])
+    results["model"] = str(folder)
+    return {"generation": generation, "editing": {**results, "edit_margin_2": margin2}}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=list(FAMILIES), required=True)
+    parser.add_argument(
+        "--evaluate",
+        default=None,
+        metavar="FOLDER",
+        help="no training: measure generation and editing of FOLDER (a pipeline of --family) and write "
+        "FOLDER/edit_finetuning.json",
+    )
     parser.add_argument("--model", default=None, help="the pipeline folder to start from (default: the embedded one)")
-    parser.add_argument("--out", required=True, help="folder for the fine-tuned pipeline (must not exist)")
+    parser.add_argument("--out", default=None, help="folder for the fine-tuned pipeline (must not exist)")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
@@ -178,6 +213,15 @@ def main(argv=None) -> int:
         help="dtype of the written weights (the embedded folders store float16; they load as float32)",
     )
     args = parser.parse_args(argv)
+    if args.evaluate:
+        torch.set_grad_enabled(False)
+        figures = evaluate(args.family, Path(args.evaluate))
+        text = json.dumps(figures, indent=1) + "\n"
+        (Path(args.evaluate) / "edit_finetuning.json").write_text(text)
+        print(text)
+        return 0
+    if args.out is None:
+        parser.error("`--out` is required for training (or pass `--evaluate FOLDER`).")
     if not 0 <= args.edit_share + args.outpaint_share <= 1:
         parser.error("`--edit-share` + `--outpaint-share` must be in [0, 1].")
     out = Path(args.out)
