@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The README's editing pictures (docs/inpainting.png, docs/outpainting.png, docs/img2img.png), made by the embedded
-pipelines on the CPU: one row per family (VAR, STAR, Infinity), columns input | mask (grey = generated latent cells) |
-seed 0 | seed 1 (not selected: the first two seeds).
+pipelines on the CPU: one row per family (VAR, STAR, Infinity), columns input | mask (grey = generated latent
+cells; in-painting: the circle's box with ``--mask-dilation``) | seed 0 | seed 1 (not selected: the first two
+seeds).
 
     python scripts/editing_examples.py [--out docs]
 """
@@ -31,7 +32,6 @@ from diffusers_var import (  # noqa: E402
     VARPipeline,
     shapes,
 )
-from diffusers_var.pipelines.pipeline_utils import latent_grid_mask  # noqa: E402
 
 FAMILIES = {  # family -> (plain, in-paint, image-to-image, folder, sampling)
     "var": (VARPipeline, VARInpaintPipeline, VARImg2ImgPipeline, "var-shapes", {}),
@@ -90,6 +90,7 @@ def sheet(rows: list[list[np.ndarray]]) -> PIL.Image.Image:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO / "docs"))
+    parser.add_argument("--mask-dilation", type=int, default=2, help="of the in-painting row (the measured setting)")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     out = Path(args.out)
@@ -101,16 +102,20 @@ def main(argv=None) -> int:
     corner = scene("square", "white", "green", 13.0, (32.0, 32.0))
     img2img_target = shapes.ShapeClass("square", "red", "green")
     figures = {"inpainting": [], "outpainting": [], "img2img": []}
+    dilation = {"mask_dilation": args.mask_dilation}
     for family, (plain_class, inpaint_class, img2img_class, folder, sampling) in FAMILIES.items():
         plain = plain_class.from_pretrained(REPO / "pipelines" / folder, dtype=torch.float32)
         inpaint, img2img = inpaint_class.from_pipe(plain), img2img_class.from_pipe(plain)
         for pipe in (inpaint, img2img):
             pipe.set_progress_bar_config(disable=True)
-        grid = tuple(inpaint._edit_schedule()[-1])
-        cells = latent_grid_mask(torch.from_numpy(box)[None, None], grid)[0].numpy()
+        schedule = inpaint._edit_schedule()
+        cells = ~inpaint.prepare_mask_keep(box, schedule, 1, 1, "cpu", args.mask_dilation)[-1][0].numpy()
         figures["inpainting"].append(
             [image, mask_view(image, cells)]
-            + [run(inpaint, family, inpaint_target, seed, sampling, image=image, mask_image=box) for seed in (0, 1)]
+            + [
+                run(inpaint, family, inpaint_target, seed, sampling, image=image, mask_image=box, **dilation)
+                for seed in (0, 1)
+            ]
         )
         band = inpaint.box_mask(0.125, 0.125, 0.875, 0.875, inpainting=False)
         original = shapes.ShapeClass("circle", "red", "blue")

@@ -190,7 +190,7 @@ def editor_value(tmp_path, paint: bool = True) -> dict:
     }
 
 
-def edit_args(value, family="var", mode=0, what="yellow square on blue", num_images=2, seed=3):
+def edit_args(value, family="var", mode=0, what="yellow square on blue", num_images=2, seed=3, mask_dilation=0):
     from diffusers_var.demo import EDIT_MODES
 
     return dict(
@@ -203,6 +203,7 @@ def edit_args(value, family="var", mode=0, what="yellow square on blue", num_ima
         num_images=num_images,
         seed=seed,
         randomize=False,
+        mask_dilation=mask_dilation,
     )
 
 
@@ -223,6 +224,10 @@ def test_edit_endpoint_every_family_and_mode(client, folders, tmp_path, family, 
         assert seed == 3 and "seed 3" in info
     again = images_of(call(client, "/edit", edit_args(value, family, 2, what))[0])
     assert all(np.array_equal(a, b) for a, b in zip(images, again))
+    # a margin around the painted region: other in-paintings than without it
+    plain = images_of(call(client, "/edit", edit_args(value, family, 0, what))[0])
+    margin = images_of(call(client, "/edit", edit_args(value, family, 0, what, mask_dilation=2))[0])
+    assert len(margin) == 2 and not all(np.array_equal(a, b) for a, b in zip(plain, margin))
 
 
 def test_edit_endpoint_readable_errors(client, tmp_path):

@@ -602,6 +602,15 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
                     elem_id="edit-strength",
                 )
                 guidance = gr.Slider(0, 10, value=4.0, step=0.1, label="Guidance scale (cfg)")
+            mask_dilation = gr.Slider(
+                0,
+                3,
+                value=0,
+                step=1,
+                label="Margin (in-/out-painting: latent cells also generated around the region; 1-2 help a new "
+                "object draw its own edges)",
+                elem_id="edit-mask-dilation",
+            )
             num_images = gr.Slider(1, max_images, value=min(2, max_images), step=1, label="Number of images")
             seed, randomize = _seed_row("edit")
             button = gr.Button("Edit", variant="primary", elem_id="edit-generate")
@@ -618,6 +627,7 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
         num_images,
         seed,
         randomize,
+        mask_dilation=0,
         progress=gr.Progress(track_tqdm=True),
     ):
         if family not in editors:
@@ -633,6 +643,7 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
                 raise gr.Error("Paint the region with the brush first (nothing is painted).")
             pipe = inpaint
             kwargs["mask_image"] = painted if mode_name == EDIT_MODES[0] else ~painted
+            kwargs["mask_dilation"] = int(mask_dilation)
         if family == "infinity" and not pipe.config.get("default_size"):  # else the size the model was trained for
             kwargs["height"], kwargs["width"] = nearest_infinity_size(pipe, *image.shape[:2])
         if family == "var":
@@ -648,7 +659,7 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
         seed = _pick_seed(seed, randomize)
         return _run(pipe, locks[family], seed, count, **kwargs)
 
-    inputs = [editor, model, mode, what, strength, guidance, num_images, seed, randomize]
+    inputs = [editor, model, mode, what, strength, guidance, num_images, seed, randomize, mask_dilation]
     gr.on([button.click, what.submit], run_edit, inputs, [gallery, seed, info], api_name="edit", **common)
 
 
