@@ -114,28 +114,28 @@ def captions(classes: list, rng: np.random.Generator) -> list[str]:
     return ["" if rng.random() < COND_DROP else c.caption for c in classes]
 
 
-def var_loss(pipe, model, batch: dict, schedule, rng) -> torch.Tensor:
-    vq = pipe.vqvae
+@torch.no_grad()
+def vq_edit_pyramid(vq, batch: dict, schedule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VAR / STAR: the teacher-forcing input, the target tokens (N, L) and the loss weights (N, L) of a batch."""
     keep = keep_masks(batch, schedule)
-    with torch.no_grad():
-        tokens = vq.encode_indices_keeping(batch["targets"], vq.encode_indices(batch["inputs"]), keep)
-        tf_input = vq.teacher_forcing_input(tokens)
+    tokens = vq.encode_indices_keeping(batch["targets"], vq.encode_indices(batch["inputs"]), keep)
+    weights = torch.cat([~k.flatten(1) for k in keep], dim=1)
+    return vq.teacher_forcing_input(tokens), torch.cat(tokens, dim=1), weights
+
+
+def var_loss(pipe, model, batch: dict, schedule, rng) -> torch.Tensor:
+    tf_input, targets, weights = vq_edit_pyramid(pipe.vqvae, batch, schedule)
     labels = torch.tensor([shapes.class_id(c.shape, c.color, c.background) for c in batch["classes"]])
     logits = model(labels, tf_input, drop_labels=True).logits
-    weights = torch.cat([~k.flatten(1) for k in keep], dim=1)
-    return masked_cross_entropy(logits, torch.cat(tokens, dim=1), weights)
+    return masked_cross_entropy(logits, targets, weights)
 
 
 def star_loss(pipe, model, batch: dict, schedule, rng) -> torch.Tensor:
-    vq = pipe.vqvae
-    keep = keep_masks(batch, schedule)
+    tf_input, targets, weights = vq_edit_pyramid(pipe.vqvae, batch, schedule)
     with torch.no_grad():
-        tokens = vq.encode_indices_keeping(batch["targets"], vq.encode_indices(batch["inputs"]), keep)
-        tf_input = vq.teacher_forcing_input(tokens)
         hidden, mask, pooled = pipe.encode_text(captions(batch["classes"], rng), "cpu")
     logits = model(tf_input, hidden, mask, pooled).logits
-    weights = torch.cat([~k.flatten(1) for k in keep], dim=1)
-    return masked_cross_entropy(logits, torch.cat(tokens, dim=1), weights)
+    return masked_cross_entropy(logits, targets, weights)
 
 
 def infinity_loss(pipe, model, batch: dict, schedule, rng) -> torch.Tensor:
