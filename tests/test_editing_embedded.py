@@ -52,6 +52,21 @@ def test_editing_a_few_held_out_images(evaluation, family):
     assert outpaint["shape_and_color"] >= 0.75, outpaint
 
 
+@pytest.mark.parametrize("family", ["var", "infinity"])
+def test_ceiling_of_the_keep_rule_grows_with_the_margin(evaluation, family):
+    """The decoded ideal pyramids (no model): with every cell kept the input comes back (the judge reads the original,
+    not the request); a margin of generated cells lets more of the requested shapes through than the box alone."""
+    pipeline_class, folder, _ = evaluation.FAMILIES[family]
+    pipe = pipeline_class.from_pretrained(folder, dtype=torch.float32)
+    edit_set = evaluation.make_edit_set(NUM_IMAGES)
+    tight, margin = (evaluation.ceiling_figures(pipe, edit_set, d) for d in (0, 2))
+    assert margin["shape_and_color"] >= tight["shape_and_color"] and margin["shape_and_color"] >= 0.75, margin
+    assert tight["mask_dilation"] == 0 and margin["mask_dilation"] == 2
+    nothing = evaluation.EditSet(**{**vars(edit_set), "boxes": [(0, 0, 0, 0)] * NUM_IMAGES})
+    kept = evaluation.ceiling_figures(pipe, nothing, 0)
+    assert kept["shape_and_color"] == 0.0 and kept["outside_pixels_kept"] >= 0.9, kept
+
+
 def test_edit_set_boxes_cover_each_shape(evaluation):
     edit_set = evaluation.make_edit_set(20)
     masks = edit_set.box_masks()
