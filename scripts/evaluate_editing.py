@@ -56,14 +56,7 @@ EVAL_SEED = 2024  # the images' seed: the embedded models were trained on seed 0
 
 
 class EditSet(shapes.EditPairs):
-    """:class:`diffusers_var.shapes.EditPairs` with the masks and pixels the evaluation needs."""
-
-    def band_masks(self, band: int) -> torch.Tensor:
-        """(N, H, W) bool: the outer ``band`` pixels of every image."""
-        n, height, width, _ = self.images.shape
-        masks = torch.ones(n, height, width, dtype=torch.bool)
-        masks[:, band : height - band, band : width - band] = False
-        return masks
+    """:class:`diffusers_var.shapes.EditPairs` with the pixels the evaluation feeds the pipelines."""
 
     def pixels(self) -> torch.Tensor:
         """(N, 3, H, W) float in [0, 1]."""

@@ -54,7 +54,6 @@ from diffusers_var import (  # noqa: E402
     VARPipeline,
     shapes,
 )
-from diffusers_var.pipelines.pipeline_utils import latent_grid_mask, scale_keep_masks  # noqa: E402
 
 FAMILIES = {  # pipeline class, in-painting class (its schedule), embedded folder
     "var": (VARPipeline, VARInpaintPipeline, REPO / "pipelines" / "var-shapes"),
@@ -70,19 +69,13 @@ def training_batch(rng: np.random.Generator, n: int, resolution: int, cell: int,
     ``edited`` (N,) bool (False: a plain example, the whole pyramid is the target) and the targets' classes."""
     pairs = shapes.edit_pairs(rng, n, resolution)
     kind = rng.choice(3, n, p=[args.edit_share, args.outpaint_share, 1 - args.edit_share - args.outpaint_share])
-    grow = np.where(rng.random(n) < args.grow_share, cell, 0)
-    masks = torch.zeros(n, resolution, resolution, dtype=torch.bool)
-    targets, classes = pairs.edited.copy(), list(pairs.targets)
-    for i in range(n):
-        if kind[i] == 0:  # edit the box
-            y0, x0, y1, x1 = pairs.boxes[i]
-            g = int(grow[i])
-            masks[i, max(y0 - g, 0) : y1 + g, max(x0 - g, 0) : x1 + g] = True
-        else:  # out-paint or plain: the image is its own target
-            targets[i], classes[i] = pairs.images[i], pairs.originals[i]
-            if kind[i] == 1:
-                masks[i] = True
-                masks[i, OUTPAINT_BAND:-OUTPAINT_BAND, OUTPAINT_BAND:-OUTPAINT_BAND] = False
+    grown = torch.from_numpy(rng.random(n) < args.grow_share)[:, None, None]
+    edit, outpaint = torch.from_numpy(kind == 0)[:, None, None], torch.from_numpy(kind == 1)[:, None, None]
+    boxes = torch.where(grown, pairs.box_masks(cell), pairs.box_masks())
+    masks = torch.where(edit, boxes, outpaint & pairs.band_masks(OUTPAINT_BAND))
+    # out-paints and plain examples are their own targets
+    targets = np.where((kind == 0)[:, None, None, None], pairs.edited, pairs.images)
+    classes = [t if k == 0 else o for k, t, o in zip(kind, pairs.targets, pairs.originals)]
 
     def to_pixels(images: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
@@ -96,10 +89,11 @@ def training_batch(rng: np.random.Generator, n: int, resolution: int, cell: int,
     }
 
 
-def keep_masks(batch: dict, schedule) -> list[torch.Tensor]:
-    """Per scale (N, h, w) bool: where the input's tokens are kept; nothing is kept for plain examples."""
-    generate = latent_grid_mask(batch["masks"][:, None].float(), schedule[-1])
-    return [keep & batch["edited"][:, None, None] for keep in scale_keep_masks(generate, schedule)]
+def keep_masks(pipe, batch: dict, schedule) -> list[torch.Tensor]:
+    """Per scale (N, h, w) bool: where the in-painting pipeline ``pipe`` keeps the input's tokens for the batch's
+    masks (its own rule); nothing is kept for plain examples."""
+    keep = pipe.prepare_mask_keep(batch["masks"], schedule, len(batch["masks"]), 1, "cpu")
+    return [k & batch["edited"][:, None, None] for k in keep]
 
 
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -115,23 +109,23 @@ def captions(classes: list, rng: np.random.Generator) -> list[str]:
 
 
 @torch.no_grad()
-def vq_edit_pyramid(vq, batch: dict, schedule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def vq_edit_pyramid(pipe, batch: dict, schedule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """VAR / STAR: the teacher-forcing input, the target tokens (N, L) and the loss weights (N, L) of a batch."""
-    keep = keep_masks(batch, schedule)
+    vq, keep = pipe.vqvae, keep_masks(pipe, batch, schedule)
     tokens = vq.encode_indices_keeping(batch["targets"], vq.encode_indices(batch["inputs"]), keep)
     weights = torch.cat([~k.flatten(1) for k in keep], dim=1)
     return vq.teacher_forcing_input(tokens), torch.cat(tokens, dim=1), weights
 
 
 def var_loss(pipe, model, batch: dict, schedule, rng) -> torch.Tensor:
-    tf_input, targets, weights = vq_edit_pyramid(pipe.vqvae, batch, schedule)
+    tf_input, targets, weights = vq_edit_pyramid(pipe, batch, schedule)
     labels = torch.tensor([shapes.class_id(c.shape, c.color, c.background) for c in batch["classes"]])
     logits = model(labels, tf_input, drop_labels=True).logits
     return masked_cross_entropy(logits, targets, weights)
 
 
 def star_loss(pipe, model, batch: dict, schedule, rng) -> torch.Tensor:
-    tf_input, targets, weights = vq_edit_pyramid(pipe.vqvae, batch, schedule)
+    tf_input, targets, weights = vq_edit_pyramid(pipe, batch, schedule)
     with torch.no_grad():
         hidden, mask, pooled = pipe.encode_text(captions(batch["classes"], rng), "cpu")
     logits = model(tf_input, hidden, mask, pooled).logits
@@ -140,7 +134,7 @@ def star_loss(pipe, model, batch: dict, schedule, rng) -> torch.Tensor:
 
 def infinity_loss(pipe, model, batch: dict, schedule, rng) -> torch.Tensor:
     vae = pipe.vae
-    keep = keep_masks(batch, schedule)
+    keep = keep_masks(pipe, batch, schedule)
     with torch.no_grad():
         kept = vae.encode(batch["inputs"], schedule).bit_labels
         inputs, labels = vae.teacher_forcing_inputs(
@@ -230,7 +224,8 @@ def main(argv=None) -> int:
 
     pipeline_class, inpaint_class, folder = FAMILIES[args.family]
     pipe = pipeline_class.from_pretrained(args.model or folder, dtype=torch.float32)
-    schedule = [tuple(hw) for hw in inpaint_class.from_pipe(pipe)._edit_schedule()]
+    inpaint = inpaint_class.from_pipe(pipe)  # the same components; its keep rule and schedule
+    schedule = [tuple(hw) for hw in inpaint._edit_schedule()]
     cell = 64 // schedule[-1][1]  # pixels per latent cell at the embedded models' 64 px
     model = pipe.transformer.train()
     ema = copy.deepcopy(model).eval().requires_grad_(False) if args.ema > 0 else model
@@ -256,7 +251,7 @@ def main(argv=None) -> int:
 
     for step in range(1, args.steps + 1):
         batch = training_batch(rng, args.batch_size, 64, cell, args)
-        loss = loss_of(pipe, model, batch, schedule, rng)
+        loss = loss_of(inpaint, model, batch, schedule, rng)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 2.0)

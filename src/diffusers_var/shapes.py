@@ -123,6 +123,13 @@ class EditPairs:
             mask[max(y0 - grow, 0) : y1 + grow, max(x0 - grow, 0) : x1 + grow] = True
         return masks
 
+    def band_masks(self, band: int) -> torch.Tensor:
+        """(N, H, W) bool: the outer ``band`` pixels of every image (out-painting)."""
+        n, height, width, _ = self.images.shape
+        masks = torch.ones(n, height, width, dtype=torch.bool)
+        masks[:, band : height - band, band : width - band] = False
+        return masks
+
 
 def edit_pairs(rng: np.random.Generator, n: int, resolution: int = 64) -> EditPairs:
     """``n`` shape images (the dataset's classes and layout sampler) and an edit request for each: another shape in
