@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu_session.sh tests battery var16 var30 t2i code sample lora     (logs and JSON under $OUT)
 # Stages: tests (tests/test_gpu.py), battery (diffusers' accelerator tests, issue 24), var16 / var30 / t2i (the fast
 # path before (.baseline) and after the pipeline-shape change, issue 16), code (CoDe vs VAR-d30, issue 23), sample
-# (issue 19), lora (LoRA vs full fine-tuning memory, issue 18).
+# (issue 19: SAMPLE_MODELS, default var-d16 var-d30), lora (LoRA vs full fine-tuning memory, issue 18: LORA_MODELS,
+# default var-d30 infinity-2b).
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
 #   .fixtures/F.tar.xz  for F in var star infinity code; do tar -cJf .fixtures/$F.tar.xz -C ../shared fixtures/$F; done
@@ -51,11 +52,19 @@ for stage in "$@"; do
       bench . code_n8 --models var-d30,code-d30-d16-n8 --batch-sizes 1,64 --modes fast --repeats 3
       bench . code_n6 --models code-d30-d16-n6 --batch-sizes 1,64 --modes fast --repeats 3 ;;
     sample)
-      log sample; timeout 200 python3 benchmarks/bench_sample.py --models var-d16 --batch-size 64 --batches 20 --no-reference \
-        --json "$OUT/sample.json" > "$OUT/sample.log" 2>&1; tail -n 15 "$OUT/sample.log" ;;
+      for model in ${SAMPLE_MODELS:-var-d16 var-d30}; do
+        log sample "$model"; timeout "${SAMPLE_TIMEOUT:-300}" python3 benchmarks/bench_sample.py --models "$model" --batch-size 64 \
+          --batches 20 --no-reference --json "$OUT/sample_$model.json" > "$OUT/sample_$model.log" 2>&1
+        tail -n 12 "$OUT/sample_$model.log"
+      done ;;
     lora)
-      log lora; timeout 240 python3 benchmarks/bench_lora_training.py --model var-d30 --out /tmp/bench-lora > "$OUT/lora.log" 2>&1
-      tail -n 15 "$OUT/lora.log" ;;
+      for model in ${LORA_MODELS:-var-d30 infinity-2b}; do
+        log lora "$model"; timeout "${LORA_TIMEOUT:-240}" python3 benchmarks/bench_lora_training.py --model "$model" \
+          --out "$OUT" > "$OUT/lora_$model.log" 2>&1
+        tail -n 12 "$OUT/lora_$model.log"
+      done ;;
   esac
 done
 log end
+# the device returns at most 8 files: pack the logs and JSON into one archive
+(cd "$OUT" && tar -czf /tmp/gpu_session.tgz . && find . -mindepth 1 -delete && mv /tmp/gpu_session.tgz .)
