@@ -538,14 +538,15 @@ def test_installed_kernels_follow_the_fast_inference_dtype():
     """The fused FFN GELU and the separable upsampling are bf16 / fp16 shortcuts, installed on the module instances
     from outside: float32 fast inference and ``disable_fast_inference`` give the classes' own methods back."""
     from diffusers_var.models.blocks import FeedForward
+    from diffusers_var.models.multiscale_vq import MultiScaleResidualQuantizer
 
     torch.manual_seed(0)
     transformer = VARTransformer2DModel(depth=1, embed_dim=32, num_heads=2, patch_nums=(1, 2), num_classes=4)
     pipe = VARPipeline(transformer=transformer, vqvae=MultiScaleVQModel(patch_nums=(1, 2)).eval())
 
     def installed():
-        ffns = {"forward" in m.__dict__ for m in transformer.modules() if isinstance(m, FeedForward)}
-        return ffns | {"upsample" in pipe.vqvae.quantize.__dict__}
+        ffns = {type(m) is not FeedForward for m in transformer.modules() if isinstance(m, FeedForward)}
+        return ffns | {type(pipe.vqvae.quantize) is not MultiScaleResidualQuantizer}
 
     assert installed() == {False}
     pipe.enable_fast_inference(dtype=torch.bfloat16)
@@ -555,6 +556,55 @@ def test_installed_kernels_follow_the_fast_inference_dtype():
     pipe.enable_fast_inference(dtype=torch.float16)
     pipe.disable_fast_inference()
     assert installed() == {False}
+
+
+def test_a_kernel_is_one_class_shared_by_every_module_and_removable_alone():
+    """torch.compile guards on the method a compiled block calls: every feed-forward with the fused GELU must call the
+    same one (a per-instance method made each of 30 blocks compile its own graph). Removing one kernel keeps the
+    others, and the parameters, names and state dict never change."""
+    from diffusers_var.models.blocks import FeedForward
+
+    torch.manual_seed(0)
+    transformer = VARTransformer2DModel(depth=3, embed_dim=32, num_heads=2, patch_nums=(1, 2), num_classes=4)
+    names = list(transformer.state_dict())
+    assert fast_inference.fuse_ffn_gelu_(transformer) == 3
+    ffns = [m for m in transformer.modules() if isinstance(m, FeedForward)]
+    assert len({type(m) for m in ffns}) == 1 and type(ffns[0]) is not FeedForward
+    assert type(ffns[0]).__name__ == "FeedForward" and "forward" not in ffns[0].__dict__
+    linear = ffns[0].fc1
+    fast_inference._install(linear, "extra_repr", lambda module: "first")
+    fast_inference._install(linear, "forward", lambda module, x, scale: x * scale, 3.0)
+    assert linear.extra_repr() == "first" and torch.equal(linear(torch.ones(2)), torch.full((2,), 3.0))
+    fast_inference._uninstall(linear, "extra_repr")
+    assert linear.extra_repr() != "first" and torch.equal(linear(torch.ones(2)), torch.full((2,), 3.0))
+    fast_inference._uninstall(linear, "forward")
+    assert type(linear) is torch.nn.Linear
+    fast_inference.fuse_ffn_gelu_(transformer, enabled=False)
+    assert {type(m) for m in ffns} == {FeedForward} and list(transformer.state_dict()) == names
+
+
+def test_compiled_blocks_with_kernels_share_one_graph(monkeypatch):
+    """Twelve blocks with the fused-GELU kernel and compiled residual branches trace one graph, not one per block
+    (dynamo's recompile limit is 8: past it a block runs eager). The eager backend: only the tracing is checked."""
+    import functools
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(fast_inference, "FUSED_GELU_MIN_ROWS", 0)
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    transformer = VARTransformer2DModel(depth=12, embed_dim=32, num_heads=2, patch_nums=(1, 2), num_classes=4)
+    fast_inference.fuse_ffn_gelu_(transformer)
+    assert fast_inference.compile_adaln_blocks_(transformer) == 12
+    x_BLC, modulation = torch.randn(2, 5, 32), torch.randn(2, 1, 32)
+    with torch.no_grad():
+        for block in transformer.blocks:
+            x_BLC = block.ffn_residual(x_BLC, modulation, modulation, modulation)
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
 
 
 def test_graph_set_keeps_what_its_step_writes_into_alive(monkeypatch):

@@ -434,6 +434,7 @@ class InfinityTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         init_adaln_transformer_weights_(
             self, std, (self.pos_start, self.text_pool.learned_query), init_adaln, init_adaln_gamma, init_head
         )
-        uncond = torch.empty(self.uncond_text_embeds.shape)
-        nn.init.trunc_normal_(uncond, std=1.2, generator=torch.Generator().manual_seed(0))
+        # drawn on the CPU whatever the default device (``with torch.device("cuda")``): the same rows everywhere
+        uncond = torch.empty(self.uncond_text_embeds.shape, device="cpu")
+        nn.init.trunc_normal_(uncond, std=1.2, generator=torch.Generator(device="cpu").manual_seed(0))
         self.uncond_text_embeds.copy_(uncond / self.config.text_dim**0.5)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import types
 from collections import OrderedDict
 from contextlib import contextmanager
-from functools import partial
 from typing import Callable, Hashable, Sequence
 
 import torch
@@ -82,18 +81,39 @@ def cast_decoder_(modules: Sequence[nn.Module], dtype: torch.dtype, compile_modu
 # ----------------------------------------------------------------------------------------------
 # Kernels installed on module instances
 # ----------------------------------------------------------------------------------------------
+# A kernel replaces a method through a subclass of the module's class, shared by every module of that class, not a
+# bound partial on each instance: torch.compile guards on the method it calls, so a per-instance partial made every
+# block compile its own graph (30 blocks: past dynamo's recompile limit, then eager).
+_KERNEL_CLASSES: dict[tuple, type] = {}  # (class, method name, function, extra args) -> subclass
+
+
 def _install(module: nn.Module, name: str, function: Callable, *args) -> None:
-    """Replace ``module.<name>`` on the instance by ``function(module, *args, ...)`` (undone by :func:`_uninstall`)."""
-    setattr(module, name, partial(function, module, *args))
-    module.__dict__.setdefault("_fast_path_installed", set()).add(name)
+    """Make ``module.<name>(...)`` call ``function(module, *args, ...)`` (undone by :func:`_uninstall`)."""
+    key = (type(module), name, function, args)
+    if key not in _KERNEL_CLASSES:
+
+        def method(self, *call_args, **call_kwargs):
+            return function(self, *args, *call_args, **call_kwargs)
+
+        # the same name and module as the original class: reprs and lookups by class name are unchanged
+        attributes = {name: method, "_fast_path_kernel": key, "__module__": key[0].__module__}
+        _KERNEL_CLASSES[key] = type(key[0].__name__, (key[0],), attributes)
+    module.__class__ = _KERNEL_CLASSES[key]
 
 
 def _uninstall(module: nn.Module, name: str) -> None:
-    """Give ``module`` back its class's own ``<name>`` if a kernel was installed in its place."""
-    installed = module.__dict__.get("_fast_path_installed", set())
-    if name in installed:
-        delattr(module, name)
-        installed.discard(name)
+    """Give ``module`` back its class's own ``<name>`` if a kernel was installed in its place (other kernels stay)."""
+    installed = []  # innermost first
+    cls = type(module)
+    while "_fast_path_kernel" in cls.__dict__:
+        installed.insert(0, cls._fast_path_kernel)
+        cls = cls.__bases__[0]
+    if all(key[1] != name for key in installed):
+        return
+    module.__class__ = cls
+    for _base, other_name, function, args in installed:
+        if other_name != name:
+            _install(module, other_name, function, *args)
 
 
 def pad_narrow_convs_(module: nn.Module, multiple: int = 32) -> int:
