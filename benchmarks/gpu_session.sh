@@ -35,7 +35,7 @@ for stage in "$@"; do
       grep -E "agreement|passed|failed|FAILED|ERROR" "$OUT/gpu_tests.log" | head -30 ;;
     battery)
       log battery; timeout 240 python3 -m pytest tests/test_diffusers_battery.py -q -p no:cacheprovider -rfE \
-        -k "float16 or to_device or to_dtype or offload or forward_pass_twice or group or device_map" > "$OUT/battery.log" 2>&1
+        -k "${BATTERY_K:-float16 or to_device or to_dtype or offload or forward_pass_twice or group or device_map}" > "$OUT/battery.log" 2>&1
       grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/battery.log" | head -30 ;;
     var16)
       bench .baseline old_var16 --models var-d16 --batch-sizes 1,64 --modes fast-compile-all --repeats 5

@@ -51,7 +51,7 @@ from diffusers_battery.pipelines.pipeline_params import (
     TEXT_TO_IMAGE_PARAMS,
 )
 from diffusers_battery.pipelines.test_pipelines_common import PipelineLatentTesterMixin, PipelineTesterMixin, to_np
-from diffusers_battery.testing_utils import torch_device
+from diffusers_battery.testing_utils import require_torch_accelerator, torch_device
 from diffusers_var import (
     InfinityImg2ImgPipeline,
     InfinityInpaintPipeline,
@@ -178,6 +178,26 @@ class VARCoDePipelineBatteryTests(VARPipelineBatteryTests):
 
     def get_dummy_components(self):
         return code_components(seed=0)
+
+    @require_torch_accelerator
+    def test_group_offloading_inference(self):
+        """diffusers' version offloads only the components it knows by name (``transformer``, ``unet``, ...) and
+        leaves the refiner on the CPU: the same check with the drafter and the refiner offloaded."""
+
+        def run(offload: dict | None):
+            torch.manual_seed(0)
+            pipe = self.pipeline_class(**self.get_dummy_components())
+            if offload is None:
+                pipe.to(torch_device)
+            else:
+                for model in (pipe.transformer, pipe.refiner):
+                    model.enable_group_offload(torch.device(torch_device), **offload)
+                pipe.vqvae.to(torch_device)
+            return pipe(**self.get_dummy_inputs(torch_device))[0]
+
+        reference = run(None)
+        for offload in ({"offload_type": "block_level", "num_blocks_per_group": 1}, {"offload_type": "leaf_level"}):
+            np.testing.assert_allclose(run(offload), reference, atol=1e-4)
 
 
 class STARPipelineBatteryTests(TextToImageTesterMixin, unittest.TestCase):

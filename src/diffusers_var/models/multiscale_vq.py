@@ -233,7 +233,9 @@ class MultiScaleResidualQuantizer(nn.Module):
 
     def nearest_code(self, z_NC: torch.Tensor) -> torch.LongTensor:
         """Index of the closest codebook vector (squared L2, first minimum on ties)."""
-        codebook = self.embedding.weight.detach().float()
+        # the codebook read through the embedding module: offloading hooks (leaf-level group offloading) move it here
+        rows = torch.arange(self.embedding.num_embeddings, device=z_NC.device)
+        codebook = self.embedding(rows).detach().float()
         dist = torch.sum(z_NC.square(), dim=1, keepdim=True) + torch.sum(codebook.square(), dim=1)
         dist.addmm_(z_NC, codebook.T, alpha=-2, beta=1)
         return dist.argmin(dim=1)
