@@ -2,8 +2,9 @@
 # The GPU runs that the open issues still need, in one driver, for the device machine (one H200, no network):
 #   bash benchmarks/gpu_session.sh tests battery var16 var30 t2i code sample lora     (logs and JSON under $OUT)
 # Stages: tests (tests/test_gpu.py), battery (diffusers' accelerator tests, issue 24), var16 / var30 / t2i (the fast
-# path before (.baseline) and after the pipeline-shape change, issue 16), code (CoDe vs VAR-d30, issue 23), sample
-# (issue 19: SAMPLE_MODELS, default var-d16 var-d30), lora (LoRA vs full fine-tuning memory, issue 18: LORA_MODELS,
+# path before (.baseline) and after the pipeline-shape change, issue 16; profile1: VAR-d16 batch 1 of both with
+# torch.profiler tables), code (CoDe vs VAR-d30, issue 23), sample
+# (issue 19: SAMPLE_MODELS, default var-d16 var-d30; SAMPLE_BATCHES, default 20), lora (LoRA vs full fine-tuning memory, issue 18: LORA_MODELS,
 # default var-d30 infinity-2b).
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
@@ -43,6 +44,11 @@ for stage in "$@"; do
     var16)
       bench .baseline old_var16 --models var-d16 --batch-sizes 1,64 --modes fast-compile-all --repeats 5
       bench . new_var16 --models var-d16 --batch-sizes 1,64 --modes fast-compile-all --repeats 5 ;;
+    profile1)  # VAR-d16 batch 1 before / after with torch.profiler tables: where the +7.5% of session 8 goes
+      bench .baseline old_var16_profile --models var-d16 --batch-sizes 1 \
+        --modes fast-compile-all --repeats 5 --profile
+      bench . new_var16_profile --models var-d16 --batch-sizes 1 --modes fast-compile-all --repeats 5 --profile
+      grep -h "profile:" "$OUT"/*_var16_profile.log ;;
     var30)
       bench .baseline old_var30 --models var-d30 --batch-sizes 64 --modes fast-compile-all --repeats 5
       bench . new_var30 --models var-d30 --batch-sizes 64 --modes fast-compile-all --repeats 5 ;;
@@ -57,7 +63,7 @@ for stage in "$@"; do
     sample)
       for model in ${SAMPLE_MODELS:-var-d16 var-d30}; do
         log sample "$model"; timeout "${SAMPLE_TIMEOUT:-300}" python3 benchmarks/bench_sample.py --models "$model" --batch-size 64 \
-          --batches 20 --no-reference --json "$OUT/sample_$model.json" > "$OUT/sample_$model.log" 2>&1
+          --batches "${SAMPLE_BATCHES:-20}" --no-reference --json "$OUT/sample_$model.json" > "$OUT/sample_$model.log" 2>&1
         tail -n 12 "$OUT/sample_$model.log"
       done ;;
     lora)
