@@ -459,7 +459,7 @@ def infinity_decoder_flops(pipe: InfinityPipeline, device) -> float:
 class Bench:
     """What the timing loop needs from a model: its pipeline and how to generate, check and count it."""
 
-    def __init__(self, name: str, device):
+    def __init__(self, name: str, device, decode_slice: int | None = None):
         self.name = name
         if name.startswith("code-"):
             self.build, self.generate, self.greedy = build_code, generate_code, greedy_code
@@ -475,15 +475,22 @@ class Bench:
             self.default_batches, self.default_modes, self.greedy_batch = "1,4", "eager-bf16,fast", 1
         if name.endswith("-tiny"):
             self.default_batches = "1,2"
-        self.pipe = self.build(name, device)
+        self.decode_slice = decode_slice
+        self.pipe = self._built(device)
         self.fresh = True
+
+    def _built(self, device):
+        pipe = self.build(self.name, device)
+        if self.decode_slice:
+            (pipe.vae if isinstance(pipe, InfinityPipeline) else pipe.vqvae).enable_slicing(self.decode_slice)
+        return pipe
 
     def rebuild(self, device) -> None:
         """A fresh float32 pipeline (same seed, same weights) after a mode changed the dtypes."""
         del self.pipe
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
-        self.pipe = self.build(self.name, device)
+        self.pipe = self._built(device)
         self.fresh = True
 
     def resolution(self) -> int:
@@ -547,6 +554,12 @@ def main() -> int:
     parser.add_argument(
         "--profile", action="store_true", help="print the top CUDA kernels of one fast generation per batch"
     )
+    parser.add_argument(
+        "--decode-slice",
+        type=int,
+        default=None,
+        help="decode this many images at a time (the tokenizer's enable_slicing): lower peak memory at large batches",
+    )
     args = parser.parse_args()
     if args.dry_run:
         args.device, args.repeats = "cpu", 1
@@ -576,7 +589,7 @@ def main() -> int:
     )
     print(header)
     for name in names:
-        bench = Bench(name, device)
+        bench = Bench(name, device, args.decode_slice)
         res = bench.resolution()
         dec_flops = bench.decoder_flops(device)
         eager_tokens = bench.greedy(bench.pipe, bench.greedy_batch, device)

@@ -209,3 +209,40 @@ def test_decoding_under_offload_hooks_and_layerwise_casting(case):
         low = _decode_all(cast, condition, tf_input, schedule)
     assert low.shape == reference.shape and torch.isfinite(low).all()
     assert 0 < (low - reference).norm() / reference.norm() < 0.2  # float8 weights: close, not equal
+
+
+TOKENIZERS = [case for case in CASES if case.io is None]
+
+
+@pytest.mark.parametrize("case", TOKENIZERS, ids=case_ids(TOKENIZERS))
+def test_sliced_decoding_gives_the_same_images(case):
+    """``enable_slicing`` (diffusers' switch) decodes a slice of images at a time: the same images as the whole
+    batch, one decoder call per slice; ``disable_slicing`` goes back; a bad slice size is refused; tiling says it is
+    absent."""
+    model = case.build().eval()
+    with torch.no_grad():
+        if isinstance(model, MultiScaleVQModel):
+            latents = torch.randn(5, model.config.z_channels, 2, 2, generator=torch.Generator().manual_seed(0))
+            decode = model.decode_latent
+        else:
+            latents = torch.randn(5, model.config.codebook_dim, 4, 4, generator=torch.Generator().manual_seed(0))
+            decode = lambda x: model.decode(x).sample  # noqa: E731
+        whole = decode(latents)
+        calls = []
+        handle = model.decoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+        model.enable_slicing(2)
+        sliced = decode(latents)
+        model.enable_slicing()
+        one_by_one = decode(latents)
+        model.disable_slicing()
+        again = decode(latents)
+        handle.remove()
+    assert calls == [2, 2, 1, 1, 1, 1, 1, 1, 5]
+    torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(one_by_one, whole, rtol=1e-5, atol=1e-5)
+    assert torch.equal(again, whole)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="slice_size"):
+            model.enable_slicing(bad)
+    with pytest.raises(NotImplementedError):
+        model.enable_tiling()

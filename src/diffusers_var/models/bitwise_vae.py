@@ -25,6 +25,7 @@ from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
 from .dynamic_resolution import normalize_schedule
+from .slicing import SlicedDecodingMixin
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -180,7 +181,7 @@ class DecoderOutput(BaseOutput):
     sample: torch.Tensor
 
 
-class BitwiseMultiScaleVAE(ModelMixin, ConfigMixin):
+class BitwiseMultiScaleVAE(ModelMixin, ConfigMixin, SlicedDecodingMixin):
     r"""Infinity's multi-scale BSQ autoencoder.
 
     Args:
@@ -317,8 +318,8 @@ class BitwiseMultiScaleVAE(ModelMixin, ConfigMixin):
 
     @apply_forward_hook
     def decode(self, latents: torch.Tensor, return_dict: bool = True):
-        """Latent (B, d, H, W) -> images (B, 3, H*s, W*s) clamped to [-1, 1]."""
-        images = self.decoder(latents).clamp_(-1, 1)
+        """Latent (B, d, H, W) -> images (B, 3, H*s, W*s) clamped to [-1, 1] (in slices after ``enable_slicing``)."""
+        images = self._decode_sliced(lambda part: self.decoder(part).clamp_(-1, 1), latents)
         return DecoderOutput(sample=images) if return_dict else (images,)
 
     def codes_from_bit_labels(self, bit_labels: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -21,6 +21,7 @@ from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
 from .blocks import validate_patch_nums
+from .slicing import SlicedDecodingMixin
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,7 +285,7 @@ class MultiScaleVQOutput(BaseOutput):
     indices: list | None = None
 
 
-class MultiScaleVQModel(ModelMixin, ConfigMixin):
+class MultiScaleVQModel(ModelMixin, ConfigMixin, SlicedDecodingMixin):
     r"""VAR's multi-scale VQ-VAE tokenizer.
 
     Images are in ``[-1, 1]``. A total downsampling of ``2 ** (len(ch_mult) - 1)`` maps the image to an
@@ -514,7 +515,10 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin):
     # -- decoding --------------------------------------------------------------------------------
     @apply_forward_hook
     def decode_latent(self, f_hat: torch.Tensor) -> torch.Tensor:
-        """f_hat (B, Cv, h, h) -> images (B, 3, 16h, 16h) clamped to [-1, 1]."""
+        """f_hat (B, Cv, h, h) -> images (B, 3, 16h, 16h) clamped to [-1, 1] (in slices after ``enable_slicing``)."""
+        return self._decode_sliced(self._decode_latent_batch, f_hat)
+
+    def _decode_latent_batch(self, f_hat: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(f_hat.to(self.post_quant_conv.weight.dtype))).float().clamp_(-1, 1)
 
     @apply_forward_hook
