@@ -5,7 +5,7 @@
 # path before (.baseline) and after the pipeline-shape change, issue 16; profile1: VAR-d16 batch 1 of both with
 # torch.profiler tables), code (CoDe vs VAR-d30, issue 23), sample
 # (issue 19: SAMPLE_MODELS, default var-d16 var-d30; SAMPLE_BATCHES, default 20), lora (LoRA vs full fine-tuning memory, issue 18: LORA_MODELS,
-# default var-d30 infinity-2b).
+# default var-d30 infinity-2b), startup (issue 20: time to the first fast images of a second process, compile cache).
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
 #   .fixtures/F.tar.xz  for F in var star infinity code; do tar -cJf .fixtures/$F.tar.xz -C ../shared fixtures/$F; done
@@ -66,6 +66,9 @@ for stage in "$@"; do
           --batches "${SAMPLE_BATCHES:-20}" --no-reference --json "$OUT/sample_$model.json" > "$OUT/sample_$model.log" 2>&1
         tail -n 12 "$OUT/sample_$model.log"
       done ;;
+    startup)  # issue 20: a second process's time to its first fast images with the compile cache the first left
+      log startup; timeout "${STARTUP_TIMEOUT:-420}" python3 benchmarks/bench_startup.py --models "${STARTUP_MODELS:-var-d16}" \
+        --processes 3 --json "$OUT/startup.json" > "$OUT/startup.log" 2>&1; tail -n 8 "$OUT/startup.log" ;;
     lora)
       for model in ${LORA_MODELS:-var-d30 infinity-2b}; do
         log lora "$model"; timeout "${LORA_TIMEOUT:-240}" python3 benchmarks/bench_lora_training.py --model "$model" \

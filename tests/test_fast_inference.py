@@ -5,6 +5,11 @@ precomputed text feature arguments (``prompt_embeds`` & co.)."""
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -736,3 +741,57 @@ def test_fp8_rowwise_quantisation_round_trips():
     assert torch.equal(x8[:4].float().abs().amax(dim=1), torch.full((4,), FLOAT8_MAX))
     assert torch.all((restored - x).abs() <= x.abs() / 16 + scale * 2**-9)
     assert torch.equal(restored[4], torch.zeros(64))
+
+
+def test_use_compile_cache_picks_a_lasting_folder(tmp_path, monkeypatch):
+    """The folder: the argument, else $DIFFUSERS_VAR_COMPILE_CACHE, else a TORCHINDUCTOR_CACHE_DIR already set, else
+    ~/.cache/diffusers_var/torch_compile (under $XDG_CACHE_HOME); Inductor is pointed at it, a file is refused."""
+    from diffusers_var import use_compile_cache
+
+    for name in ("DIFFUSERS_VAR_COMPILE_CACHE", "TORCHINDUCTOR_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert use_compile_cache() == tmp_path / "xdg" / "diffusers_var" / "torch_compile"
+    assert (tmp_path / "xdg" / "diffusers_var" / "torch_compile").is_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "xdg" / "diffusers_var" / "torch_compile")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "user_inductor"))
+    assert use_compile_cache() == tmp_path / "user_inductor"
+    monkeypatch.setenv("DIFFUSERS_VAR_COMPILE_CACHE", str(tmp_path / "env"))
+    assert use_compile_cache() == tmp_path / "env"
+    assert use_compile_cache(tmp_path / "given") == tmp_path / "given"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "given")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="`directory` must be a folder"):
+        use_compile_cache(tmp_path / "a_file")
+
+
+@pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None, reason="Inductor on the CPU needs a C++ compiler"
+)
+def test_a_second_process_loads_the_compiled_code_from_the_cache(tmp_path):
+    """Two fresh processes compile the same function with ``use_compile_cache(folder)``: the first writes Inductor's
+    compiled graph, the second finds it there (an FX graph cache hit) instead of compiling it again."""
+    script = (
+        "import sys, torch\n"
+        "from torch._dynamo.utils import counters\n"
+        "from diffusers_var import use_compile_cache\n"
+        "use_compile_cache(sys.argv[1])\n"
+        "f = torch.compile(lambda x: torch.nn.functional.gelu(x * 2 + 1).sum(-1))\n"
+        "f(torch.randn(4, 8))\n"
+        "print(counters['inductor']['fxgraph_cache_hit'], counters['inductor']['fxgraph_cache_miss'])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / "cache")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        for _ in range(2)
+    ]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+    (first_hits, first_misses), (second_hits, second_misses) = (map(int, run.stdout.split()[-2:]) for run in runs)
+    assert (first_hits, first_misses) == (0, 1) and (second_hits, second_misses) == (1, 0)

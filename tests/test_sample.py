@@ -274,6 +274,7 @@ def test_read_prompts_and_plan(tmp_path):
         (["--per-class", "1", "--prompts", "x.txt"], "`--prompts` is for text-to-image"),
         (["--per-class", "1", "--tau", "1"], "`--tau` does not apply to VARPipeline"),
         (["--per-class", "1", "--fp8"], "`--fp8` is an option of VAR's fast path"),
+        (["--per-class", "1", "--compile-cache", "cache"], "`--compile-cache` holds the fast path's compiled code"),
         (["--per-class", "1", "--model", "/nonexistent"], "`--model` '/nonexistent' is not a pipeline folder"),
         (["--per-class", "1", "--device", "gpu0"], "`--device` 'gpu0' is not a torch device"),
         pytest.param(
@@ -318,3 +319,22 @@ def test_bench_sample_smoke(tmp_path):
         assert row["reference_images_per_s"] > 0 and row["ratio_to_reference"] > 0
         assert len(row["memory_series"]) == 4 and row["rss_gib_end"] > 0
     assert "images/s (bench_pipelines:" in result.stdout
+
+
+def test_bench_startup_smoke(tmp_path):
+    """The start-up benchmark's CPU mode: two fresh ``sample --fast --compile-cache`` processes one after another,
+    each timed from launch to its first images."""
+    out = tmp_path / "startup.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_startup.py"), "--smoke", "--processes", "2"]
+        + ["--json", str(out)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [(row["process"], row["cache"]) for row in rows] == [(1, "empty"), (2, "warm")]
+    assert all(row["images"] == 2 and row["seconds"] > 0 for row in rows)

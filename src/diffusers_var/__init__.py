@@ -11,6 +11,7 @@ from .models.infinity_transformer import InfinityTransformer2DModel
 from .models.multiscale_vq import MultiScaleVQModel
 from .models.star_transformer import STARTransformer2DModel
 from .models.var_transformer import VARTransformer2DModel
+from .pipelines.fast_inference import use_compile_cache
 from .pipelines.pipeline_infinity import InfinityImg2ImgPipeline, InfinityInpaintPipeline, InfinityPipeline
 from .pipelines.pipeline_star import STARImg2ImgPipeline, STARInpaintPipeline, STARPipeline
 from .pipelines.pipeline_var import VARCoDePipeline, VARImg2ImgPipeline, VARInpaintPipeline, VARPipeline
@@ -31,4 +32,5 @@ __all__ = [
     "VARImg2ImgPipeline",
     "STARImg2ImgPipeline",
     "InfinityImg2ImgPipeline",
+    "use_compile_cache",
 ]

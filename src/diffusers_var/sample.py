@@ -209,6 +209,8 @@ def check_flags(args, pipeline_name: str) -> None:
             raise ValueError(f"`--{name.replace('_', '-')}` does not apply to {pipeline_name}.")
     if args.fp8 and (not args.fast or pipeline_name != "VARPipeline"):
         raise ValueError("`--fp8` is an option of VAR's fast path: add `--fast` (VAR pipelines only).")
+    if args.compile_cache is not None and not args.fast:
+        raise ValueError("`--compile-cache` holds the fast path's compiled code: add `--fast`.")
 
 
 def build_plan(args, pipeline_name: str, num_classes: int | None, class_names: dict[int, str]) -> SamplePlan:
@@ -466,6 +468,7 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
     """The ``sample`` command (``args`` as its parser makes them). ``on_batch(info)`` is called after each batch
     this process generated (benchmarks/bench_sample.py records speed and memory with it). Returns a summary."""
     from .cli_support import default_model, pipeline_class_of
+    from .pipelines.fast_inference import use_compile_cache
 
     for flag, value, low in (
         ("--batch-size", args.batch_size, 1),
@@ -497,6 +500,8 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
     plan = build_plan(args, pipeline_name, num_classes, class_names)
     sampling = _sampling_kwargs(args, pipe, pipeline_name, num_classes)
     if args.fast:
+        if device.type == "cuda":  # the compiled decoder and blocks: only the first process on a machine compiles
+            use_compile_cache(args.compile_cache)
         _enable_fast_path(pipe, device, dtype, args.fp8)
 
     total, batch_size = plan.total, args.batch_size
@@ -704,6 +709,12 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
         help="the GPU fast path (bf16, CUDA graphs, compiled decoder / blocks); see README 'Speed'",
     )
     group.add_argument("--fp8", action="store_true", help="VAR with --fast: float8 block matmuls (H100 / H200)")
+    group.add_argument(
+        "--compile-cache",
+        default=None,
+        help="with --fast: folder of torch.compile's caches, shared by the processes of a machine so that only the "
+        "first compiles (default $DIFFUSERS_VAR_COMPILE_CACHE, else ~/.cache/diffusers_var/torch_compile)",
+    )
     group.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],

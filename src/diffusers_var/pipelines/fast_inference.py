@@ -4,22 +4,26 @@ kernels and precision tricks installed onto the models from outside (the model f
 * :class:`CUDAGraphScaleSteps` records one CUDA graph per scale for fixed input shapes (KV cache storage, inputs and
   outputs at static addresses) and replays it: at batch 1 a next-scale transformer spends most of its time launching
   thousands of small kernels, and a replay costs one launch per scale.
-* Installed by replacing a module's ``forward`` (or a block's residual method) on the instance, so parameter names and
+* Installed by giving a module a subclass of its class with ``forward`` (or another method) replaced, one subclass for
+  every module of a class (or, for a block's residual methods, on the instance), so parameter names and
   ``state_dict`` never change, and undone by ``disable_fast_inference``:
   - :func:`fuse_ffn_gelu_`: fc1's bias and the tanh GELU in the cuBLASLt epilogue of the matmul (large scales);
   - :func:`quantize_linears_fp8_`: float8 matmuls for the attention and FFN linears (large scales, opt-in);
   - :func:`compile_adaln_blocks_`: ``torch.compile`` of each AdaLN block's elementwise work, split around the KV cache;
   - :func:`separable_upsample_`: VAR / STAR code maps upsampled by a separable bicubic;
   - :func:`pad_narrow_convs_`: the RGB output conv computed with zero-padded channels (compiled decoder).
+* :func:`use_compile_cache`: torch.compile's on-disk caches in a lasting folder, shared by the processes of a machine.
 * :class:`FastInferenceMixin` holds the switches, the cache of captured graph sets and the graph-or-eager transformer
   step every pipeline uses.
 """
 
 from __future__ import annotations
 
+import os
 import types
 from collections import OrderedDict
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Hashable, Sequence
 
 import torch
@@ -44,6 +48,46 @@ def check_fast_inference_args(dtype, **flags) -> None:
             raise ValueError(f"`{name}` must be True or False, got {value!r}.")
     if flags.get("fp8") and dtype != torch.bfloat16:
         raise ValueError(f"`fp8=True` needs `dtype=torch.bfloat16` (the float8 matmuls write bf16), got {dtype}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile caches
+# ----------------------------------------------------------------------------------------------
+COMPILE_CACHE_ENV = "DIFFUSERS_VAR_COMPILE_CACHE"
+
+
+def default_compile_cache() -> Path:
+    """``$XDG_CACHE_HOME/diffusers_var/torch_compile`` (``~/.cache/...`` without it)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffusers_var" / "torch_compile"
+
+
+def use_compile_cache(directory: str | os.PathLike | None = None) -> Path:
+    """Keep torch.compile's on-disk caches (Inductor's compiled graphs, AOTAutograd's, Triton's kernels) in a lasting
+    folder, so that another process on the machine (a demo restart, the next sampling job) loads the fast path's
+    compiled code instead of compiling it again. Call it before the first compile of the process
+    (``enable_fast_inference(compile_decoder=True, compile_blocks=True)`` compiles lazily, at the first call).
+
+    The folder: ``directory``, else ``$DIFFUSERS_VAR_COMPILE_CACHE``, else a ``TORCHINDUCTOR_CACHE_DIR`` already set,
+    else :func:`default_compile_cache` (torch's own default is a temporary folder). It is created if missing; nothing
+    in it is ever deleted by this package. Returns it.
+    """
+    if directory is None:
+        directory = os.environ.get(COMPILE_CACHE_ENV) or os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    path = Path(directory or default_compile_cache()).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"`directory` must be a folder for torch.compile's caches, got the file {path}.")
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)  # read by Inductor at every cache access
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = True  # the defaults of recent torch, set in case a user turned them off
+    try:
+        import torch._functorch.config as functorch_config
+
+        functorch_config.enable_autograd_cache = True
+    except (ImportError, AttributeError):  # older torch: the FX graph cache alone
+        pass
+    return path
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""Start-up of the fast path: how long a fresh ``diffusers-var sample --fast`` process takes to its first images, with
+an empty compile cache and then with the cache the earlier processes left (``--compile-cache``, issue 20's target:
+<= 30 s for a second process on the same machine).
+
+    python benchmarks/bench_startup.py                      # GPU: var-d16 at 256 px, batch 64, 3 processes
+    python benchmarks/bench_startup.py --models var-d16,var-d30 --processes 2 --json startup.json
+    python benchmarks/bench_startup.py --smoke              # CPU check of the script (the embedded var-shapes)
+
+The model is built once as ``bench_pipelines.py`` builds it (random weights, real configuration) and saved to a
+temporary folder (not timed). Then ``--processes`` processes run one after another, each the real command a user
+runs: ``python -m diffusers_var.cli sample --fast --compile-cache DIR --batch-size B --class-labels 0..B-1
+--per-class 1`` (one batch: its wall time is the time to the first fast images, the PNG files included). The first
+process finds ``DIR`` empty and compiles (decoder and block code, then CUDA graph capture); the later ones load
+Inductor's compiled graphs from ``DIR`` (torch.compile still traces the Python code, and the CUDA graphs are
+captured again: neither is cached by PyTorch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(HERE))
+
+TARGET_SECONDS = 30.0
+
+
+def run_process(model: Path, out: Path, cache: Path, batch: int, device: str) -> dict:
+    """One fresh ``sample --fast`` process; its wall time from launch to exit and its last output line."""
+    command = [
+        sys.executable,
+        "-m",
+        "diffusers_var.cli",
+        "sample",
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--fast",
+        "--compile-cache",
+        str(cache),
+        "--batch-size",
+        str(batch),
+        "--class-labels",
+        ",".join(str(i) for i in range(batch)),
+        "--per-class",
+        "1",
+        "--seed",
+        "0",
+        "--no-progress",
+        "--device",
+        device,
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
+    }
+    started = time.perf_counter()
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"sample failed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-3000:]}")
+    images = len(list((out / "images").glob("*.png")))
+    return {"seconds": seconds, "images": images, "cache_mib": folder_mib(cache)}
+
+
+def folder_mib(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 2**20
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="var-d16", help="comma-separated bench_pipelines.py VAR models")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 64 (--smoke: 2)")
+    parser.add_argument("--processes", type=int, default=3, help="processes per model, one after another")
+    parser.add_argument("--smoke", action="store_true", help="the embedded var-shapes on the CPU: checks the script")
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args()
+    batch = args.batch_size or (2 if args.smoke else 64)
+    if args.processes < 2:
+        parser.error("--processes must be at least 2 (the first fills the cache)")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_startup_") as scratch:
+        scratch = Path(scratch)
+        for name in ["var-shapes"] if args.smoke else args.models.split(","):
+            if args.smoke:
+                model, device = REPO / "pipelines" / "var-shapes", "cpu"
+            else:
+                import torch
+                from bench_sample import build
+
+                if not torch.cuda.is_available():
+                    print("this benchmark needs a CUDA GPU (or --smoke for a check of the script)")
+                    return 1
+                model, device = scratch / name, "cuda"
+                build(name, model, device)
+            cache = scratch / f"cache-{name}"
+            for index in range(args.processes):
+                row = {"model": name, "batch": batch, "process": index + 1, "cache": "empty" if index == 0 else "warm"}
+                row.update(run_process(model, scratch / f"out-{name}-{index}", cache, batch, device))
+                rows.append(row)
+                print(
+                    f"{name:10s} batch {batch:3d} process {index + 1} ({row['cache']} cache): "
+                    f"{row['seconds']:7.1f} s to {row['images']} images; cache {row['cache_mib']:.0f} MiB",
+                    flush=True,
+                )
+            warm = [r["seconds"] for r in rows if r["model"] == name and r["cache"] == "warm"]
+            print(
+                f"{name}: first process {rows[-args.processes]['seconds']:.1f} s, later ones "
+                f"{min(warm):.1f}-{max(warm):.1f} s (target <= {TARGET_SECONDS:.0f} s)"
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
