@@ -299,19 +299,19 @@ def test_text_pipeline_needs_prompts(tmp_path, capsys):
     assert "`--prompts FILE` is required" in capsys.readouterr().err
 
 
+def _run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``benchmarks/<script> args`` in a fresh process; it must succeed."""
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / script), *args]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, env=_env(), timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result
+
+
 def test_bench_sample_smoke(tmp_path):
     """The GPU benchmark's CPU mode: builds bench_pipelines.py's tiny VAR, times bench_pipelines.py on it, runs the
     real sample path (--fast) in a worker process and reports speed and memory per batch."""
     out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_sample.py"), "--smoke", "--json", str(out)],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    result = _run_benchmark("bench_sample.py", "--smoke", "--json", str(out))
     rows = json.loads(out.read_text())
     assert [(row["model"], row["rng"]) for row in rows] == [("var-tiny", "image"), ("var-tiny", "batch")]
     for row in rows:
@@ -325,16 +325,7 @@ def test_bench_startup_smoke(tmp_path):
     """The start-up benchmark's CPU mode: two fresh ``sample --fast --compile-cache`` processes one after another,
     each timed from launch to its first images."""
     out = tmp_path / "startup.json"
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_startup.py"), "--smoke", "--processes", "2"]
-        + ["--json", str(out)],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=_env(),
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    _run_benchmark("bench_startup.py", "--smoke", "--processes", "2", "--json", str(out))
     rows = json.loads(out.read_text())
     assert [(row["process"], row["cache"]) for row in rows] == [(1, "empty"), (2, "warm")]
     assert all(row["images"] == 2 and row["seconds"] > 0 for row in rows)
