@@ -612,6 +612,37 @@ def test_compiled_blocks_with_kernels_share_one_graph(monkeypatch):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("family", ["var", "infinity"])
+def test_compiled_blocks_trace_no_new_graph_for_another_batch_size(family, monkeypatch):
+    """The compiled block pieces are dynamic in the batch and token count from their first call: after a generation at
+    one batch size, generations at others trace nothing new (each new graph costs seconds of compiling on a GPU,
+    and past dynamo's recompile limit a piece runs eager). The eager backend: only the tracing is checked."""
+    import functools
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from tiny_components import var_components
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    if family == "var":
+        pipe = VARPipeline(**var_components(seed=0))
+        pipe.set_progress_bar_config(disable=True)
+        run = lambda batch: pipe(class_labels=[1] * batch, output_type="latent")  # noqa: E731
+    else:
+        pipe = tiny_pipeline()
+        run = lambda batch: pipe(prompt=[PROMPT] * batch, height=32, width=32, output_type="latent")  # noqa: E731
+    pipe.enable_fast_inference(dtype=torch.bfloat16, compile_blocks=True)
+    run(1)
+    first = counters["stats"]["unique_graphs"]
+    for batch in (4, 2, 3):
+        run(batch)
+    assert first > 0 and counters["stats"]["unique_graphs"] == first
+    torch._dynamo.reset()
+
+
 def test_graph_set_keeps_what_its_step_writes_into_alive(monkeypatch):
     """A captured graph writes into the step's KV cache / buffers by address, so the graph set must keep the step (and
     what it closes over) alive; the cache used to be freed when the constructor returned (CUDA stand-ins here)."""

@@ -19,6 +19,7 @@ kernels and precision tricks installed onto the models from outside (the model f
 
 from __future__ import annotations
 
+import functools
 import os
 import types
 from collections import OrderedDict
@@ -355,13 +356,13 @@ def compile_adaln_blocks_(model: nn.Module) -> int:
     """``torch.compile`` the elementwise work of every :class:`AdaLNSelfAttentionBlock` of ``model`` (in place,
     parameter names unchanged): the residual branches are replaced by versions that run compiled pieces around the
     KV cache and the attention kernels. At batch 1 a block's time is mostly its ~26 tiny elementwise kernels;
-    compiled, they fuse into a few. The compiled code is shared by all blocks (same class) and becomes dynamic in
-    the token count after the first new scale, so a generation compiles a handful of graphs. Returns the number of
-    blocks."""
+    compiled, they fuse into a few. The compiled code is shared by all blocks (same class) and is dynamic in the batch
+    and token count from the first call (:func:`_dynamic_rows`), so a generation compiles a handful of graphs and
+    another batch size none. Returns the number of blocks."""
     blocks = [m for m in model.modules() if isinstance(m, AdaLNSelfAttentionBlock)]
     for block in blocks:
         pieces = {"compiled_attention_inputs": _attention_inputs, "compiled_attention_residual": _attention_residual}
-        block.ffn_residual = torch.compile(block.ffn_residual)
+        block.ffn_residual = _dynamic_rows(torch.compile(block.ffn_residual))
         block.self_attention_residual = types.MethodType(_split_self_attention_residual, block)
         if hasattr(block, "cross_attention_residual"):
             pieces.update(
@@ -370,8 +371,27 @@ def compile_adaln_blocks_(model: nn.Module) -> int:
             )
             block.cross_attention_residual = types.MethodType(_split_cross_attention_residual, block)
         for name, function in pieces.items():
-            setattr(block, name, torch.compile(types.MethodType(function, block)))
+            setattr(block, name, _dynamic_rows(torch.compile(types.MethodType(function, block))))
     return len(blocks)
+
+
+def _dynamic_rows(compiled: Callable) -> Callable:
+    """``compiled`` with the batch and token dimensions of its (B, L, C) arguments marked dynamic before the call:
+    traced once for every batch size and scale instead of specialised on the first and recompiled for the others.
+    With automatic dynamic shapes, a new batch size after the first cost recompiles per piece, and with the fused
+    GELU's row threshold Infinity passed dynamo's recompile limit (8) and ran eager. The channels stay static (the
+    norms' reductions keep their fixed-size kernels)."""
+
+    @functools.wraps(compiled)  # keeps torch.compile's attributes (``_torchdynamo_orig_callable``)
+    def call(*args):
+        for arg in args:
+            if isinstance(arg, torch.Tensor) and arg.ndim == 3:
+                torch._dynamo.maybe_mark_dynamic(arg, 0)
+                if arg.shape[1] > 1:  # (B, 1, C) modulations stay one row
+                    torch._dynamo.maybe_mark_dynamic(arg, 1)
+        return compiled(*args)
+
+    return call
 
 
 def separable_upsample_(vqvae: nn.Module | None, enabled: bool = True) -> None:
