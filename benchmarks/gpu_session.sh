@@ -5,7 +5,7 @@
 # path before (.baseline) and after the pipeline-shape change, issue 16; profile1: VAR-d16 batch 1 of both with
 # torch.profiler tables), code (CoDe vs VAR-d30, issue 23), sample
 # (issue 19: SAMPLE_MODELS, default var-d16 var-d30; SAMPLE_BATCHES, default 20), lora (LoRA vs full fine-tuning memory, issue 18: LORA_MODELS,
-# default var-d30 infinity-2b), startup (issue 20: time to the first fast images of a second process, compile cache).
+# default var-d30 infinity-2b), batches (issue 20: batch sizes in one process against each alone), startup (issue 20: time to the first fast images of a second process, compile cache).
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
 #   .fixtures/F.tar.xz  for F in var star infinity code; do tar -cJf .fixtures/$F.tar.xz -C ../shared fixtures/$F; done
@@ -66,6 +66,16 @@ for stage in "$@"; do
         log sample "$model"; timeout "${SAMPLE_TIMEOUT:-300}" python3 benchmarks/bench_sample.py --models "$model" --batch-size 64 \
           --batches "${SAMPLE_BATCHES:-20}" --no-reference --json "$OUT/sample_$model.json" > "$OUT/sample_$model.log" 2>&1
         tail -n 12 "$OUT/sample_$model.log"
+      done ;;
+    batches)  # issue 20: batch sizes one after another in one process against each alone (recompiles, slowdown)
+      for model in ${BATCHES_MODELS:-var-d16 infinity-2b}; do
+        sizes=$([ "$model" = infinity-2b ] && echo 1,2,4 || echo 1,4,16,64)
+        TORCH_LOGS=recompiles bench . "batches_${model}_together" --models "$model" --batch-sizes "$sizes" \
+          --modes fast-compile-all --repeats 5
+        grep -c "Recompiling function" "$OUT/batches_${model}_together.log"
+        for size in ${sizes//,/ }; do
+          bench . "batches_${model}_alone_$size" --models "$model" --batch-sizes "$size" --modes fast-compile-all --repeats 5
+        done
       done ;;
     startup)  # issue 20: a second process's time to its first fast images with the compile cache the first left
       log startup; timeout "${STARTUP_TIMEOUT:-420}" python3 benchmarks/bench_startup.py --models "${STARTUP_MODELS:-var-d16}" \
