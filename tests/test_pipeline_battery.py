@@ -25,6 +25,7 @@ from diffusers_var import (
     InfinityImg2ImgPipeline,
     InfinityInpaintPipeline,
     InfinityPipeline,
+    MultiScaleVQModel,
     STARImg2ImgPipeline,
     STARInpaintPipeline,
     STARPipeline,
@@ -521,6 +522,25 @@ def test_bad_inputs_name_the_parameter(case):
 
 # -- loading ----------------------------------------------------------------------------------------------------
 EMBEDDED = {"var": "var-shapes", "star": "star-shapes", "infinity": "infinity-shapes"}
+
+
+@pytest.mark.parametrize(
+    "pipeline_class, make_components",
+    [(VARPipeline, var_components), (STARPipeline, lambda: star_components(seed=0, stable_sampler=False))],
+    ids=["var", "star"],
+)
+def test_a_vqvae_that_the_transformer_does_not_fit_is_refused(pipeline_class, make_components):
+    """VAR and STAR refuse a tokenizer of another scale schedule, vocabulary or code width, naming the config."""
+    components = make_components()
+    config = dict(components["vqvae"].config)
+    for change, message in (
+        ({"patch_nums": (1, 2)}, "`patch_nums` differ"),
+        ({"vocab_size": config["vocab_size"] * 2}, "`vocab_size`/`latent_channels`"),
+        ({"z_channels": config["z_channels"] * 2}, "`vocab_size`/`latent_channels`"),
+    ):
+        other = MultiScaleVQModel.from_config({**config, **change})
+        with pytest.raises(ValueError, match=message):
+            pipeline_class(**{**components, "vqvae": other})
 
 
 def test_every_embedded_folder_carries_its_loader_file():

@@ -96,19 +96,7 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         self, transformer: STARTransformer2DModel, vqvae: MultiScaleVQModel, text_encoder=None, tokenizer=None
     ):
         super().__init__()
-        if transformer is not None and vqvae is not None:
-            if tuple(transformer.config.patch_nums) != tuple(vqvae.config.patch_nums):
-                raise ValueError(
-                    f"transformer and vqvae `patch_nums` differ: {transformer.config.patch_nums} vs "
-                    f"{vqvae.config.patch_nums}."
-                )
-            if (
-                transformer.config.vocab_size != vqvae.config.vocab_size
-                or transformer.config.latent_channels != vqvae.config.z_channels
-            ):
-                raise ValueError(
-                    "transformer `vocab_size`/`latent_channels` must match the vqvae's `vocab_size`/`z_channels`."
-                )
+        self._check_vqvae_fits(transformer, vqvae)
         self.register_modules(transformer=transformer, vqvae=vqvae, text_encoder=text_encoder, tokenizer=tokenizer)
 
     def scale_schedule(self) -> list[tuple[int, int]]:

@@ -386,8 +386,27 @@ _LOAD_CONFIG_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_on
 
 
 class MultiScaleVQPipelineMixin:
-    """What VAR and STAR share through their tokenizer (``vqvae``, a ``MultiScaleVQModel``): the next scale's input
-    and the decode of f_hat."""
+    """What VAR and STAR share through their tokenizer (``vqvae``, a ``MultiScaleVQModel``): the check that a
+    transformer fits it, the next scale's input and the decode of f_hat."""
+
+    @staticmethod
+    def _check_vqvae_fits(transformer, vqvae) -> None:
+        """A ValueError unless ``transformer`` predicts ``vqvae``'s tokens (scale schedule, vocabulary, code width);
+        either may be None (a pipeline loaded without it)."""
+        if transformer is None or vqvae is None:
+            return
+        if tuple(transformer.config.patch_nums) != tuple(vqvae.config.patch_nums):
+            raise ValueError(
+                f"transformer and vqvae `patch_nums` differ: {transformer.config.patch_nums} vs "
+                f"{vqvae.config.patch_nums}."
+            )
+        if (
+            transformer.config.vocab_size != vqvae.config.vocab_size
+            or transformer.config.latent_channels != vqvae.config.z_channels
+        ):
+            raise ValueError(
+                "transformer `vocab_size`/`latent_channels` must match the vqvae's `vocab_size`/`z_channels`."
+            )
 
     def _next_scale_input(self, f_hat: torch.Tensor, scale_index: int) -> torch.Tensor | None:
         """The input tokens (B, l', Cv) of the scale after ``scale_index``: f_hat area-downsampled to its grid."""

@@ -129,19 +129,7 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
 
     def __init__(self, transformer: VARTransformer2DModel, vqvae: MultiScaleVQModel, id2label: dict | None = None):
         super().__init__()
-        if transformer is not None and vqvae is not None:
-            if tuple(transformer.config.patch_nums) != tuple(vqvae.config.patch_nums):
-                raise ValueError(
-                    f"transformer and vqvae `patch_nums` differ: {transformer.config.patch_nums} vs "
-                    f"{vqvae.config.patch_nums}."
-                )
-            if (
-                transformer.config.vocab_size != vqvae.config.vocab_size
-                or transformer.config.latent_channels != vqvae.config.z_channels
-            ):
-                raise ValueError(
-                    "transformer `vocab_size`/`latent_channels` must match the vqvae's `vocab_size`/`z_channels`."
-                )
+        self._check_vqvae_fits(transformer, vqvae)
         self.register_modules(transformer=transformer, vqvae=vqvae)
         if id2label is None and transformer is not None and transformer.config.num_classes == 1000:
             id2label = imagenet_id2label()
