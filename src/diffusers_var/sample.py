@@ -712,8 +712,8 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     group.add_argument(
         "--compile-cache",
         default=None,
-        help="with --fast: folder of torch.compile's caches, shared by the processes of a machine so that only the "
-        "first compiles (default $DIFFUSERS_VAR_COMPILE_CACHE, else ~/.cache/diffusers_var/torch_compile)",
+        help="with --fast on a GPU: folder of torch.compile's caches, shared by the processes of a machine so that "
+        "only the first compiles (default $DIFFUSERS_VAR_COMPILE_CACHE, else ~/.cache/diffusers_var/torch_compile)",
     )
     group.add_argument(
         "--dtype",
