@@ -578,7 +578,9 @@ def test_a_kernel_is_one_class_shared_by_every_module_and_removable_alone():
     assert type(ffns[0]).__name__ == "FeedForward" and "forward" not in ffns[0].__dict__
     linear = ffns[0].fc1
     fast_inference._install(linear, "extra_repr", lambda module: "first")
-    fast_inference._install(linear, "forward", lambda module, x, scale: x * scale, 3.0)
+    fast_inference._install(linear, "forward", lambda module, x, scale: x * scale, 2.0)
+    fast_inference._install(linear, "forward", lambda module, x, scale: x * scale, 3.0)  # replaces the first
+    assert type(linear).__bases__[0].__bases__[0] is torch.nn.Linear  # two kernels, two levels
     assert linear.extra_repr() == "first" and torch.equal(linear(torch.ones(2)), torch.full((2,), 3.0))
     fast_inference._uninstall(linear, "extra_repr")
     assert linear.extra_repr() != "first" and torch.equal(linear(torch.ones(2)), torch.full((2,), 3.0))

@@ -133,7 +133,9 @@ _KERNEL_CLASSES: dict[tuple, type] = {}  # (class, method name, function, extra 
 
 
 def _install(module: nn.Module, name: str, function: Callable, *args) -> None:
-    """Make ``module.<name>(...)`` call ``function(module, *args, ...)`` (undone by :func:`_uninstall`)."""
+    """Make ``module.<name>(...)`` call ``function(module, *args, ...)`` (undone by :func:`_uninstall`); a kernel
+    installed earlier under ``name`` is replaced, not wrapped."""
+    _uninstall(module, name)
     key = (type(module), name, function, args)
     if key not in _KERNEL_CLASSES:
 
