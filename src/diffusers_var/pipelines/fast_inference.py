@@ -64,8 +64,8 @@ def default_compile_cache() -> Path:
 
 def use_compile_cache(directory: str | os.PathLike | None = None) -> Path:
     """Keep torch.compile's on-disk caches (Inductor's compiled graphs, AOTAutograd's, Triton's kernels) in a lasting
-    folder, so that another process on the machine (a demo restart, the next sampling job) loads the fast path's
-    compiled code instead of compiling it again. Call it before the first compile of the process
+    folder, so that another process on the machine (a restarted server of your own, the next sampling job) loads the
+    fast path's compiled code instead of compiling it again. Call it before the first compile of the process
     (``enable_fast_inference(compile_decoder=True, compile_blocks=True)`` compiles lazily, at the first call).
 
     The folder: ``directory``, else ``$DIFFUSERS_VAR_COMPILE_CACHE``, else a ``TORCHINDUCTOR_CACHE_DIR`` already set,
