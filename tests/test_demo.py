@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 from demo_support import require, serve, tiny_folders
 
@@ -413,6 +414,30 @@ def test_cli_demo_var_refiner(monkeypatch, tmp_path):
     assert isinstance(seen["blocks"].loaded_pipelines["var_code"], VARCoDePipeline)
     assert cli.main(["demo", "--star", "none", "--infinity", "none", "--device", "cpu"]) == 0
     assert seen["blocks"].loaded_pipelines["var_code"] is None  # no refiner by default
+
+
+def test_cli_demo_fast_path(monkeypatch, tmp_path, capsys):
+    """``--fast`` puts every served pipeline (CoDe's refiner too) on the fast path, in bfloat16 by default (on the CPU
+    it only casts), and the app generates; it refuses ``--cpu-offload``, and ``--compile-cache`` needs it."""
+    from diffusers_var import cli
+
+    folder = tiny_refiner_folder(tmp_path / "refiner")
+    seen = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: seen.update(kwargs, blocks=self))
+    base = ["demo", "--star", "none", "--infinity", "none", "--device", "cpu"]
+    assert cli.main([*base, "--fast", "--var-refiner", str(folder)]) == 0
+    var, code = seen["blocks"].loaded_pipelines["var"], seen["blocks"].loaded_pipelines["var_code"]
+    assert var._fast_inference and code._fast_inference
+    assert var.transformer.blocks[0].attn.to_qkv.weight.dtype == torch.bfloat16
+    assert code.refiner.blocks[0].attn.to_qkv.weight.dtype == torch.bfloat16
+    images = var(class_labels=[1], generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+    capsys.readouterr()
+    assert cli.main([*base, "--fast", "--cpu-offload"]) == 2
+    assert "`fast` (--fast) cannot be combined with `cpu_offload`" in capsys.readouterr().err
+    assert cli.main([*base, "--compile-cache", str(tmp_path / "cache")]) == 2
+    assert "`--compile-cache` holds the fast path's compiled code" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
 
 
 def test_demos_app_is_a_launcher_for_the_same_app():

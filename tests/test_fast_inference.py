@@ -606,6 +606,9 @@ def test_compiled_blocks_with_kernels_share_one_graph(monkeypatch):
     transformer = VARTransformer2DModel(depth=12, embed_dim=32, num_heads=2, patch_nums=(1, 2), num_classes=4)
     fast_inference.fuse_ffn_gelu_(transformer)
     assert fast_inference.compile_adaln_blocks_(transformer) == 12
+    compiled = [block.ffn_residual for block in transformer.blocks]
+    fast_inference.compile_adaln_blocks_(transformer)  # again (a shared transformer): the blocks stay as they are
+    assert [block.ffn_residual for block in transformer.blocks] == compiled
     x_BLC, modulation = torch.randn(2, 5, 32), torch.randn(2, 1, 32)
     with torch.no_grad():
         for block in transformer.blocks:

@@ -153,8 +153,25 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "the embedded pipelines/var-shapes-refiner (default: none)",
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="weights' dtype (default float32); with --fast the fast path's dtype (default bfloat16)",
+    )
     parser.add_argument("--cpu-offload", action="store_true", help="enable_model_cpu_offload() on an accelerator")
+    parser.add_argument(
+        "--fast",
+        action="store_true",
+        help="the GPU fast path for every served pipeline (CUDA graphs, compiled decoder / blocks; README 'Speed')",
+    )
+    parser.add_argument(
+        "--compile-cache",
+        default=None,
+        metavar="DIR",
+        help="with --fast on a GPU: folder of torch.compile's caches, so that a restarted demo does not compile "
+        "again (default $DIFFUSERS_VAR_COMPILE_CACHE, else ~/.cache/diffusers_var/torch_compile)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int_in_range(1, 65535), default=7860, help="1 to 65535 (default 7860)")
     parser.add_argument("--share", action="store_true", help="also create a public gradio.live link (off by default)")
@@ -171,6 +188,31 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         "--concurrency", type=int_in_range(1), default=1, help="generations running at once, all tabs together"
     )
     add_lora_arguments(parser)  # each adapter goes to the tab of the family it was made for
+
+
+def enable_fast_path(pipe, device, dtype, fp8: bool = False, compile_cache=None) -> None:
+    """``--fast`` of ``sample`` and ``demo``: the pipeline's fast path as benchmarks/bench_pipelines.py's
+    ``fast-compile-all`` mode runs it on a GPU (``dtype`` blocks and decoder, CUDA graphs, compiled decoder and block
+    elementwise code where the pipeline has them, torch.compile's caches in ``compile_cache``: see
+    :func:`diffusers_var.use_compile_cache`); on a CPU only the casts. TF32 for the float32 matmuls (heads) as that
+    benchmark: the fast path trades precision for speed anyway."""
+    import inspect
+
+    import torch
+
+    from .pipelines.fast_inference import use_compile_cache
+
+    kwargs = {"dtype": dtype}
+    if torch.device(device).type == "cuda":
+        use_compile_cache(compile_cache)  # only the first process on a machine compiles
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        kwargs["compile_decoder"] = True
+        if "compile_blocks" in inspect.signature(pipe.enable_fast_inference).parameters:
+            kwargs["compile_blocks"] = True
+    if fp8:
+        kwargs["fp8"] = True
+    pipe.enable_fast_inference(**kwargs)
 
 
 def check_device(flag: str, device: str | None) -> str | None:

@@ -31,6 +31,7 @@ from .cli_support import (
     add_demo_arguments,
     check_device,
     embedded_pipelines_dir,
+    enable_fast_path,
     pipeline_class_of,
     print_error,
 )
@@ -676,6 +677,8 @@ def build_demo(
     loras: list[str] | None = None,
     lora_scales: list[float] | None = None,
     var_refiner: Any = None,
+    fast: bool = False,
+    compile_cache: str | Path | None = None,
 ) -> gr.Blocks:
     """Build the app (queued, not launched).
 
@@ -685,26 +688,35 @@ def build_demo(
     ``device`` defaults to CUDA when available. Generation requests run ``concurrency_limit`` at a time across all
     tabs; at most ``queue_size`` wait, and further requests are refused with gradio's "Queue is full" message.
     ``loras`` (``--lora``): LoRA adapters, each loaded into the pipeline of its family, at ``lora_scales``
-    (:func:`attach_loras`).
+    (:func:`attach_loras`). ``fast`` (``--fast``): every served pipeline (and the Edit tab's, made from them) on
+    the fast path in ``dtype`` from float32 weights, compiled on a GPU with torch.compile's caches in
+    ``compile_cache`` (:func:`diffusers_var.use_compile_cache`); without it ``dtype`` is the weights' dtype.
     """
     if not 1 <= max_images <= 64:
         raise ValueError(f"`max_images` must be in [1, 64], got {max_images}.")
+    if fast and cpu_offload:
+        raise ValueError("`fast` (--fast) cannot be combined with `cpu_offload` (--cpu-offload): choose one.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    weights_dtype = torch.float32 if fast else dtype
     loaded = {
-        key: load_family(key, spec, device, dtype, cpu_offload)
+        key: load_family(key, spec, device, weights_dtype, cpu_offload)
         for key, spec in (("var", var), ("star", star), ("infinity", infinity))
     }
-    code, code_notice = load_code(loaded["var"][0], var_refiner, device, dtype)
+    code, code_notice = load_code(loaded["var"][0], var_refiner, device, weights_dtype)
     if isinstance(loaded["var"][0], VARCoDePipeline):  # a CoDe folder: its drafter is the tab's plain VAR
         plain = VARPipeline(transformer=code.transformer, vqvae=code.vqvae, id2label=code.id2label or None)
         loaded["var"] = (plain, "")
     lora_notes = attach_loras({key: pipe for key, (pipe, _) in loaded.items()}, loras, lora_scales)
+    if fast:  # before the Edit tab's pipelines are made from these: they inherit it
+        for pipe in [pipe for pipe, _ in loaded.values() if pipe is not None] + [code] * (code is not None):
+            enable_fast_path(pipe, device, dtype, compile_cache=compile_cache)
     common = {"concurrency_limit": concurrency_limit, "concurrency_id": "generate"}
     builders = {"var": _var_tab, "star": _star_tab, "infinity": _infinity_tab}
     with gr.Blocks(title="diffusers-var demo") as demo:
         gr.Markdown(
             "# diffusers-var: next-scale prediction (VAR, STAR, Infinity)\n"
-            f"Running on `{device}` ({str(dtype).replace('torch.', '')}). Progress follows the scales."
+            f"Running on `{device}` ({str(dtype).replace('torch.', '')}{', fast path' if fast else ''}). "
+            "Progress follows the scales."
         )
         with gr.Tabs():
             for key, (title, _, _) in FAMILIES.items():
@@ -737,6 +749,8 @@ def run(args: argparse.Namespace) -> int:
     problem = check_device("--device", args.device)
     if problem:
         return print_error(problem)
+    if args.compile_cache is not None and not args.fast:
+        return print_error("`--compile-cache` holds the fast path's compiled code: add `--fast`.")
     specs = {key: (None if str(getattr(args, key)).lower() == "none" else getattr(args, key)) for key in FAMILIES}
     refiner = getattr(args, "var_refiner", None)
     refiner = None if refiner is None or str(refiner).lower() == "none" else refiner
@@ -744,7 +758,7 @@ def run(args: argparse.Namespace) -> int:
         demo = build_demo(
             **specs,
             device=args.device,
-            dtype=getattr(torch, args.dtype),
+            dtype=getattr(torch, args.dtype or ("bfloat16" if args.fast else "float32")),
             cpu_offload=args.cpu_offload,
             max_images=args.max_images,
             queue_size=args.queue_size,
@@ -752,6 +766,8 @@ def run(args: argparse.Namespace) -> int:
             loras=getattr(args, "lora", None),
             lora_scales=getattr(args, "lora_scale", None),
             var_refiner=refiner,
+            fast=args.fast,
+            compile_cache=args.compile_cache,
         )
     except ValueError as err:
         return print_error(err)

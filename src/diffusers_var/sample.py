@@ -346,24 +346,6 @@ def _sampling_kwargs(args, pipe, pipeline_name: str, num_classes: int | None) ->
     return {**defaults, **given}
 
 
-def _enable_fast_path(pipe, device: torch.device, dtype: torch.dtype, fp8: bool) -> None:
-    """``--fast``: the pipelines' fast path as benchmarks/bench_pipelines.py's ``fast-compile-all`` mode runs it on a
-    GPU (bf16 blocks and decoder, CUDA graphs, compiled decoder and block elementwise code where the pipeline has
-    them); on a CPU only the casts. TF32 for the float32 matmuls (heads) as that benchmark: the fast path trades
-    precision for speed anyway."""
-    options = inspect.signature(pipe.enable_fast_inference).parameters
-    kwargs = {"dtype": dtype}
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        kwargs["compile_decoder"] = True
-        if "compile_blocks" in options:
-            kwargs["compile_blocks"] = True
-    if fp8:
-        kwargs["fp8"] = True
-    pipe.enable_fast_inference(**kwargs)
-
-
 def _generate_batch(
     pipe,
     pipeline_name: str,
@@ -467,8 +449,7 @@ class _Progress:
 def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
     """The ``sample`` command (``args`` as its parser makes them). ``on_batch(info)`` is called after each batch
     this process generated (benchmarks/bench_sample.py records speed and memory with it). Returns a summary."""
-    from .cli_support import default_model, pipeline_class_of
-    from .pipelines.fast_inference import use_compile_cache
+    from .cli_support import default_model, enable_fast_path, pipeline_class_of
 
     for flag, value, low in (
         ("--batch-size", args.batch_size, 1),
@@ -500,9 +481,7 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
     plan = build_plan(args, pipeline_name, num_classes, class_names)
     sampling = _sampling_kwargs(args, pipe, pipeline_name, num_classes)
     if args.fast:
-        if device.type == "cuda":  # the compiled decoder and blocks: only the first process on a machine compiles
-            use_compile_cache(args.compile_cache)
-        _enable_fast_path(pipe, device, dtype, args.fp8)
+        enable_fast_path(pipe, device, dtype, args.fp8, args.compile_cache)
 
     total, batch_size = plan.total, args.batch_size
     width = max(6, len(str(total - 1)))

@@ -64,7 +64,7 @@ def default_compile_cache() -> Path:
 
 def use_compile_cache(directory: str | os.PathLike | None = None) -> Path:
     """Keep torch.compile's on-disk caches (Inductor's compiled graphs, AOTAutograd's, Triton's kernels) in a lasting
-    folder, so that another process on the machine (a restarted server of your own, the next sampling job) loads the
+    folder, so that another process on the machine (a restarted demo or server, the next sampling job) loads the
     fast path's compiled code instead of compiling it again. Call it before the first compile of the process
     (``enable_fast_inference(compile_decoder=True, compile_blocks=True)`` compiles lazily, at the first call).
 
@@ -360,9 +360,12 @@ def compile_adaln_blocks_(model: nn.Module) -> int:
     KV cache and the attention kernels. At batch 1 a block's time is mostly its ~26 tiny elementwise kernels;
     compiled, they fuse into a few. The compiled code is shared by all blocks (same class) and is dynamic in the batch
     and token count from the first call (:func:`_dynamic_rows`), so a generation compiles a handful of graphs and
-    another batch size none. Returns the number of blocks."""
+    another batch size none. Blocks compiled before (a transformer shared by pipelines made with ``from_pipe``, or
+    CoDe's drafter) are left as they are. Returns the number of blocks."""
     blocks = [m for m in model.modules() if isinstance(m, AdaLNSelfAttentionBlock)]
     for block in blocks:
+        if "compiled_attention_inputs" in block.__dict__:
+            continue
         pieces = {"compiled_attention_inputs": _attention_inputs, "compiled_attention_residual": _attention_residual}
         block.ffn_residual = _dynamic_rows(torch.compile(block.ffn_residual))
         block.self_attention_residual = types.MethodType(_split_self_attention_residual, block)
