@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -801,18 +800,16 @@ def test_use_compile_cache_picks_a_lasting_folder(tmp_path, monkeypatch):
         use_compile_cache(tmp_path / "a_file")
 
 
-@pytest.mark.skipif(
-    shutil.which("g++") is None and shutil.which("c++") is None, reason="Inductor on the CPU needs a C++ compiler"
-)
 def test_a_second_process_loads_the_compiled_code_from_the_cache(tmp_path):
     """Two fresh processes compile the same function with ``use_compile_cache(folder)``: the first writes Inductor's
-    compiled graph, the second finds it there (an FX graph cache hit) instead of compiling it again."""
+    compiled graph, the second finds it there (an FX graph cache hit) instead of compiling it again. A matmul alone:
+    Inductor calls the library kernel and needs no C++ compiler on this machine."""
     script = (
         "import sys, torch\n"
         "from torch._dynamo.utils import counters\n"
         "from diffusers_var import use_compile_cache\n"
         "use_compile_cache(sys.argv[1])\n"
-        "f = torch.compile(lambda x: torch.nn.functional.gelu(x * 2 + 1).sum(-1))\n"
+        "f = torch.compile(lambda x: x @ x.t())\n"
         "f(torch.randn(4, 8))\n"
         "print(counters['inductor']['fxgraph_cache_hit'], counters['inductor']['fxgraph_cache_miss'])\n"
     )
