@@ -708,8 +708,9 @@ def build_demo(
         loaded["var"] = (plain, "")
     lora_notes = attach_loras({key: pipe for key, (pipe, _) in loaded.items()}, loras, lora_scales)
     if fast:  # before the Edit tab's pipelines are made from these: they inherit it
-        for pipe in [pipe for pipe, _ in loaded.values() if pipe is not None] + [code] * (code is not None):
-            enable_fast_path(pipe, device, dtype, compile_cache=compile_cache)
+        for pipe in [pipe for pipe, _ in loaded.values()] + [code]:
+            if pipe is not None:
+                enable_fast_path(pipe, device, dtype, compile_cache=compile_cache)
     common = {"concurrency_limit": concurrency_limit, "concurrency_id": "generate"}
     builders = {"var": _var_tab, "star": _star_tab, "infinity": _infinity_tab}
     with gr.Blocks(title="diffusers-var demo") as demo:
