@@ -647,6 +647,33 @@ def test_compiled_blocks_trace_no_new_graph_for_another_batch_size(family, monke
     torch._dynamo.reset()
 
 
+def test_compiled_decoder_traces_three_graphs_for_any_number_of_batch_sizes(monkeypatch):
+    """The compiled decoder keeps kernels specialised on the first batch size; the second makes the batch dimension
+    dynamic (the convolutions' layout rule splits it at 16: one more graph), and later sizes trace nothing (one graph
+    per size reached dynamo's recompile limit (8) at the ninth size, which then decoded eagerly). The eager backend:
+    only the tracing is checked."""
+    import functools
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from tiny_components import var_components
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    vqvae = var_components(seed=0)["vqvae"]
+    fast_inference.cast_decoder_((vqvae.decoder, vqvae.post_quant_conv), torch.float32, vqvae.decoder)
+    graphs = []
+    with torch.no_grad():
+        for batch in (1, 4, 16, 2, 3, 5, 6, 7, 8, 9, 10, 32, 64):
+            image = vqvae.decoder(torch.randn(batch, 8, 4, 4).contiguous(memory_format=torch.channels_last))
+            assert image.shape[0] == batch
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[:3] == [1, 2, 3] and graphs[3:] == [3] * 10
+    torch._dynamo.reset()
+
+
 def test_graph_set_keeps_what_its_step_writes_into_alive(monkeypatch):
     """A captured graph writes into the step's KV cache / buffers by address, so the graph set must keep the step (and
     what it closes over) alive; the cache used to be freed when the constructor returned (CUDA stand-ins here)."""

@@ -114,13 +114,16 @@ def cast_decoder_(modules: Sequence[nn.Module], dtype: torch.dtype, compile_modu
     """The image decoder (and the convs feeding it) to ``dtype``; optionally ``torch.compile`` one module in
     place (parameter names, hence ``save_pretrained``, are unchanged). Compiled, the decoder also goes
     channels-last: cuDNN's channels-last convolutions are faster and the compiled GroupNorm reads that layout
-    directly. Eager, it stays NCHW: eager GroupNorm copies channels-last inputs at every call (BENCHMARKS.md)."""
+    directly. Eager, it stays NCHW: eager GroupNorm copies channels-last inputs at every call (BENCHMARKS.md).
+    Compiled with automatic dynamic shapes: a process that decodes one batch size keeps kernels specialised on it, and
+    the second size makes the batch dimension dynamic, so later sizes compile nothing (with one graph per size, a
+    ninth size passed dynamo's recompile limit and decoded eagerly)."""
     memory_format = torch.channels_last if compile_module is not None else torch.contiguous_format
     for module in modules:
         nn.Module.to(module, dtype=dtype, memory_format=memory_format)
     if compile_module is not None:
         pad_narrow_convs_(compile_module)
-        compile_module.compile(dynamic=False)
+        compile_module.compile()
 
 
 # ----------------------------------------------------------------------------------------------
