@@ -71,7 +71,16 @@ def run_process(model: Path, out: Path, cache: Path, batch: int, device: str) ->
     if result.returncode != 0:
         raise RuntimeError(f"sample failed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-3000:]}")
     images = len(list((out / "images").glob("*.png")))
-    return {"seconds": seconds, "images": images, "cache_mib": folder_mib(cache)}
+    row = {"seconds": seconds, "images": images, "cache_mib": folder_mib(cache)}
+    # sample's own account: "start-up: loading X s, fast path set-up Y s, first batch Z s"
+    for line in result.stdout.splitlines():
+        if line.startswith("start-up:"):
+            for part in line[len("start-up:") :].split(","):
+                name, value = part.strip().removesuffix(" s").rsplit(" ", 1)
+                row[name.replace(" ", "_").replace("-", "_") + "_s"] = float(value)
+    phases = sum(v for k, v in row.items() if k.endswith("_s"))
+    row["python_and_rest_s"] = seconds - phases  # interpreter and imports, writing the last files, exit
+    return row
 
 
 def folder_mib(folder: Path) -> float:
@@ -109,9 +118,10 @@ def main() -> int:
                 row = {"model": name, "batch": batch, "process": index + 1, "cache": "empty" if index == 0 else "warm"}
                 row.update(run_process(model, scratch / f"out-{name}-{index}", cache, batch, device))
                 rows.append(row)
+                phases = ", ".join(f"{k[:-2].replace('_', ' ')} {v:.1f} s" for k, v in row.items() if k.endswith("_s"))
                 print(
                     f"{name:10s} batch {batch:3d} process {index + 1} ({row['cache']} cache): "
-                    f"{row['seconds']:7.1f} s to {row['images']} images; cache {row['cache_mib']:.0f} MiB",
+                    f"{row['seconds']:7.1f} s to {row['images']} images ({phases}); cache {row['cache_mib']:.0f} MiB",
                     flush=True,
                 )
             warm = [r["seconds"] for r in rows if r["model"] == name and r["cache"] == "warm"]

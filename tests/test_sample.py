@@ -329,3 +329,8 @@ def test_bench_startup_smoke(tmp_path):
     rows = json.loads(out.read_text())
     assert [(row["process"], row["cache"]) for row in rows] == [(1, "empty"), (2, "warm")]
     assert all(row["images"] == 2 and row["seconds"] > 0 for row in rows)
+    # sample's own account of its start-up, and the rest (interpreter, imports, exit), adding up to the wall time
+    phases = ("loading_s", "fast_path_set_up_s", "first_batch_s", "python_and_rest_s")
+    for row in rows:
+        assert all(row[name] >= 0 for name in phases[:3]) and row["python_and_rest_s"] > 0
+        assert sum(row[name] for name in phases) == pytest.approx(row["seconds"])
