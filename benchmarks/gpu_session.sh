@@ -5,7 +5,8 @@
 # path before (.baseline) and after the pipeline-shape change, issue 16; profile1: VAR-d16 batch 1 of both with
 # torch.profiler tables), code (CoDe vs VAR-d30, issue 23), sample
 # (issue 19: SAMPLE_MODELS, default var-d16 var-d30; SAMPLE_BATCHES, default 20), lora (LoRA vs full fine-tuning memory, issue 18: LORA_MODELS,
-# default var-d30 infinity-2b), batches (issue 20: batch sizes in one process against each alone), startup (issue 20: time to the first fast images of a second process, compile cache).
+# default var-d30 infinity-2b), batches (issue 20: batch sizes in one process against each alone), startup (issue 20: time to the first fast images of a second process, compile cache),
+# train_original (issue 20: the original VAR trainer against ours), decoder (the image decoder alone).
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
 #   .fixtures/F.tar.xz  for F in var star infinity code; do tar -cJf .fixtures/$F.tar.xz -C ../shared fixtures/$F; done
@@ -15,6 +16,7 @@
 #                       stage runs in two calls, each skipping (and saying so) the families it lacks; the battery
 #                       fails on a missing fixture instead of skipping: DIFFUSERS_VAR_REQUIRE_FIXTURES=1)
 #   .baseline/          mkdir .baseline && git archive 92e0b11 src benchmarks | tar -x -C .baseline   (the code before)
+#   .originals/VAR      git clone https://github.com/FoundationVision/VAR .originals/VAR   (train_original: carry it)
 set -u
 cd "$(dirname "$0")/.."
 if [ ! -d /tmp/site/diffusers ]; then
@@ -77,6 +79,12 @@ for stage in "$@"; do
           bench . "batches_${model}_alone_$size" --models "$model" --batch-sizes "$size" --modes fast-compile-all --repeats 5
         done
       done ;;
+    train_original)  # issue 20: the original VAR trainer against ours, VAR-d16 256 px, batch 96, fp16 (carry .originals/VAR)
+      log train_original; timeout "${TRAIN_TIMEOUT:-560}" python3 benchmarks/bench_training_original.py --original .originals/VAR \
+        --steps "${TRAIN_STEPS:-300}" --out "$OUT/train_original" > "$OUT/train_original.log" 2>&1
+      tail -n 8 "$OUT/train_original.log"; rm -rf "$OUT"/train_original/{ours/final,ours/checkpoints,tokenizer,vae_original.safetensors} ;;  # weights: not for the archive
+    decoder)  # issues 20, 23: the image decoder alone, layouts and compile modes, batch 1 and 64
+      log decoder; timeout 300 python3 benchmarks/bench_decoder.py --batch-sizes 1,64 > "$OUT/decoder.log" 2>&1; tail -n 12 "$OUT/decoder.log" ;;
     startup)  # issue 20: a second process's time to its first fast images with the compile cache the first left
       log startup; timeout "${STARTUP_TIMEOUT:-420}" python3 benchmarks/bench_startup.py --models "${STARTUP_MODELS:-var-d16}" \
         --processes 3 --json "$OUT/startup.json" > "$OUT/startup.log" 2>&1; tail -n 8 "$OUT/startup.log" ;;
