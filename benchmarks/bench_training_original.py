@@ -122,9 +122,10 @@ def _stand_in_modules() -> None:
         sys.modules["pytz"] = types.SimpleNamespace(timezone=lambda name: datetime.timezone.utc)
 
 
-def run_original(original: Path, p: dict, out: Path, device: str) -> dict:
+def run_original(original: Path, p: dict, out: Path, device: str, train: bool = True) -> dict | None:
     """The original trainer's steps (this process must not have imported the package's models first: the original's
-    ``build_vae_var`` switches off torch.nn's default initialisation for the whole process)."""
+    ``build_vae_var`` switches off torch.nn's default initialisation for the whole process). Writes the tokenizer's
+    weights first; ``train=False`` stops there."""
     import torch
     from safetensors.torch import save_file
 
@@ -152,9 +153,10 @@ def run_original(original: Path, p: dict, out: Path, device: str) -> dict:
                 if isinstance(module, cls):  # subclasses too (the quantiser's residual convs)
                     initialise(module)
                     break
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}, str(out / "vae_original.safetensors")
-    )
+    weights = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
+    save_file(weights, str(out / "vae_original.safetensors"))
+    if not train:
+        return None
 
     class SingleProcess(torch.nn.Module):  # train.py's stand-in for DDP on one process
         def __init__(self, module):
@@ -202,15 +204,25 @@ def run_original(original: Path, p: dict, out: Path, device: str) -> dict:
     return {"curve": curve, "times": times, "peak_gib": peak}
 
 
-def run_ours(p: dict, out: Path, device: str) -> dict:
+OURS = {  # side: (extra config overrides, accelerate's dynamo backend)
+    "ours": ([], "no"),
+    "ours-cached": (["data.cache_tokens=true"], "no"),  # the dataset's token pyramids encoded once, up front
+    "ours-compiled": (["data.cache_tokens=true"], "inductor"),  # and the model under torch.compile
+}
+
+
+def run_ours(side: str, p: dict, out: Path, device: str) -> dict:
     """``diffusers-var train var`` on the converted tokenizer, one process under accelerate."""
     import torch
     from safetensors.torch import load_file
 
     from diffusers_var.conversion.var import convert_vae
 
-    convert_vae(load_file(str(out / "vae_original.safetensors")), p["patch_nums"]).save_pretrained(out / "tokenizer")
-    run_dir = out / "ours"
+    if not (out / "tokenizer").is_dir():
+        tokenizer = convert_vae(load_file(str(out / "vae_original.safetensors")), p["patch_nums"])
+        tokenizer.save_pretrained(out / "tokenizer")
+    extra, dynamo = OURS[side]
+    run_dir = out / side
     overrides = [
         f"output_dir={run_dir}",
         f"tokenizer_path={out / 'tokenizer'}",
@@ -237,9 +249,10 @@ def run_ours(p: dict, out: Path, device: str) -> dict:
         "sample_every=0",
         "checkpoint_every=1000000",
         "resume=never",
+        *extra,
     ]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
-    command += ["--mixed_precision", p["precision"], "--dynamo_backend", "no"]
+    command += ["--mixed_precision", p["precision"], "--dynamo_backend", dynamo]
     command += ["-m", "diffusers_var.training", "var", "--config", str(REPO / "configs" / "var_shapes.yaml")]
     env = {
         **os.environ,
@@ -247,16 +260,18 @@ def run_ours(p: dict, out: Path, device: str) -> dict:
     }
     if device == "cpu":
         command.insert(command.index("--num_processes"), "--cpu")
-    with open(out / "ours.log", "w") as log:
+    started = time.perf_counter()
+    with open(out / f"{side}.log", "w") as log:
         code = subprocess.call([*command, *overrides], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     if code != 0:
-        raise RuntimeError(f"our trainer failed ({code}); see {out / 'ours.log'}")
+        raise RuntimeError(f"our trainer failed ({code}); see {out / f'{side}.log'}")
+    wall = time.perf_counter() - started
     records = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     # images_per_s is cumulative from the first step: the elapsed time at each logged step
     times = {r["step"]: r["step"] * p["batch_size"] / r["images_per_s"] for r in records}
     curve = [{"step": r["step"], "loss": r["loss"]} for r in records]
     peak = records[-1].get("peak_memory_mb", 0) / 1024 if torch.cuda.is_available() and device != "cpu" else None
-    return {"curve": curve, "times": times, "peak_gib": peak}
+    return {"curve": curve, "times": times, "peak_gib": peak, "wall_s": wall}
 
 
 def steady_images_per_s(times: dict, batch: int, skip: int) -> float:
@@ -276,11 +291,20 @@ def main() -> int:
     parser.add_argument("--precision", choices=("fp16", "bf16"), default="fp16", help="the d16 recipe: --fp16=1")
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--smoke", action="store_true", help="CPU check of the script: 64 px, depth 2, 12 steps")
-    parser.add_argument("--side", choices=("original",), help=argparse.SUPPRESS)  # the child process
+    parser.add_argument(
+        "--sides",
+        default="original,ours",
+        help="comma-separated, run in this order: original, " + ", ".join(OURS) + " (ours-cached: data.cache_tokens; "
+        "ours-compiled: also accelerate's inductor backend); sides measured before in --out stay in the table",
+    )
+    parser.add_argument("--side", choices=("original", "tokenizer"), help=argparse.SUPPRESS)  # the child process
     args = parser.parse_args()
     original, out = Path(args.original), Path(args.out)
     if not (original / "trainer.py").is_file() or not (original / "models" / "var.py").is_file():
         parser.error(f"--original {original} is not a checkout of FoundationVision/VAR (no trainer.py, models/var.py)")
+    sides = [side for side in args.sides.split(",") if side]
+    if not sides or any(side != "original" and side not in OURS for side in sides):
+        parser.error(f"--sides must list some of original, {', '.join(OURS)}; got {args.sides!r}")
     import torch
 
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
@@ -288,36 +312,59 @@ def main() -> int:
         parser.error("this benchmark needs a CUDA GPU (or --smoke for a check of the script)")
     p = plan(args)
     out.mkdir(parents=True, exist_ok=True)
-    if args.side == "original":
-        result = run_original(original, p, out, device)
-        (out / "original.json").write_text(json.dumps(result))
+    if args.side is not None:  # the child: the original trainer, or only the tokenizer it makes
+        result = run_original(original, p, out, device, train=args.side == "original")
+        if result is not None:
+            (out / "original.json").write_text(json.dumps(result))
         return 0
 
-    child = [sys.executable, __file__, "--side", "original", *sys.argv[1:]]
-    with open(out / "original.log", "w") as log:
-        code = subprocess.call(child, stdout=log, stderr=subprocess.STDOUT)
-    if code != 0:
-        print(f"the original trainer failed ({code}); see {out / 'original.log'}", file=sys.stderr)
-        return 1
-    results = {"plan": {**p, "patch_nums": list(p["patch_nums"])}, "device": torch.cuda.get_device_name() if
-               device == "cuda" else "cpu", "original": json.loads((out / "original.json").read_text()),
-               "ours": run_ours(p, out, device)}  # fmt: skip
+    results_file, this_plan = out / "results.json", {**p, "patch_nums": list(p["patch_nums"])}
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    if results.get("plan") != this_plan:
+        results = {}  # measured with another plan: the table starts afresh
+    results.update(plan=this_plan, device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
+    if "original" in sides or not (out / "vae_original.safetensors").is_file():
+        child = [sys.executable, __file__, "--side", "original" if "original" in sides else "tokenizer", *sys.argv[1:]]
+        started = time.perf_counter()
+        with open(out / "original.log", "w") as log:
+            code = subprocess.call(child, stdout=log, stderr=subprocess.STDOUT)
+        wall = time.perf_counter() - started
+        if code != 0:
+            print(f"the original trainer failed ({code}); see {out / 'original.log'}", file=sys.stderr)
+            return 1
+        if "original" in sides:
+            results["original"] = {**json.loads((out / "original.json").read_text()), "wall_s": wall}
+    for side in sides:
+        if side != "original":
+            try:
+                results[side] = run_ours(side, p, out, device)
+            except RuntimeError as err:
+                print(err, file=sys.stderr)
+                results[side] = {"failed": str(err)}
+
     skip = p["steps"] // 4
-    print(f"| trainer | batch | precision | images/s (after step {skip}) | peak GiB | loss at steps 1 / mid / end |")
-    print("|---|---|---|---|---|---|")
-    for side in ("original", "ours"):
-        r = results[side]
+    print(
+        f"| trainer | batch | precision | images/s (after step {skip}) | peak GiB | loss at steps 1 / mid / end "
+        "| whole run, s (start-up, token cache, compiling included) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for side in ["original", *OURS]:
+        r = results.get(side)
+        if not r or "failed" in r:
+            continue
         r["images_per_s"] = steady_images_per_s(r["times"], p["batch_size"], skip)
         losses = [c["loss"] for c in r["curve"]]
         marks = " / ".join(f"{x:.3f}" for x in (losses[0], losses[len(losses) // 2], statistics.mean(losses[-3:])))
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-        print(f"| {side} | {p['batch_size']} | {p['precision']} | {r['images_per_s']:.1f} | {peak} | {marks} |")
-    ratio = results["ours"]["images_per_s"] / results["original"]["images_per_s"]
-    results["speedup"] = ratio
-    print(f"ours / original: {ratio:.2f}x images/s (target >= 1.5x)")
-    if not all(math.isfinite(c["loss"]) for side in ("original", "ours") for c in results[side]["curve"]):
-        print("a loss is not finite", file=sys.stderr)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+        row = f"| {side} | {p['batch_size']} | {p['precision']} | {r['images_per_s']:.1f} | {peak} | {marks} "
+        print(row + f"| {r['wall_s']:.0f} |")
+        if not all(math.isfinite(c["loss"]) for c in r["curve"]):
+            print(f"{side}: a loss is not finite", file=sys.stderr)
+    for side in OURS:
+        if "images_per_s" in results.get(side, {}) and "images_per_s" in results.get("original", {}):
+            results[side]["speedup"] = results[side]["images_per_s"] / results["original"]["images_per_s"]
+            print(f"{side} / original: {results[side]['speedup']:.2f}x images/s (target >= 1.5x)")
+    results_file.write_text(json.dumps(results, indent=1))
     return 0
 
 

@@ -79,10 +79,11 @@ for stage in "$@"; do
           bench . "batches_${model}_alone_$size" --models "$model" --batch-sizes "$size" --modes fast-compile-all --repeats 5
         done
       done ;;
-    train_original)  # issue 20: the original VAR trainer against ours, VAR-d16 256 px, batch 96, fp16 (carry .originals/VAR)
-      log train_original; timeout "${TRAIN_TIMEOUT:-560}" python3 benchmarks/bench_training_original.py --original .originals/VAR \
-        --steps "${TRAIN_STEPS:-300}" --out "$OUT/train_original" > "$OUT/train_original.log" 2>&1
-      tail -n 8 "$OUT/train_original.log"; rm -rf "$OUT"/train_original/{ours/final,ours/checkpoints,tokenizer,vae_original.safetensors} ;;  # weights: not for the archive
+    train_original)  # issue 20: the original VAR trainer against ours (TRAIN_SIDES), VAR-d16 256 px, batch 96, fp16 (carry .originals/VAR)
+      log train_original "${TRAIN_SIDES:=original,ours}"; timeout "${TRAIN_TIMEOUT:-560}" python3 benchmarks/bench_training_original.py \
+        --original .originals/VAR --steps "${TRAIN_STEPS:-300}" --sides "$TRAIN_SIDES" --out "$OUT/train_original" > "$OUT/train_original.log" 2>&1
+      tail -n 9 "$OUT/train_original.log"  # the weights stay out of the archive
+      rm -rf "$OUT"/train_original/*/final "$OUT"/train_original/*/checkpoints "$OUT"/train_original/{tokenizer,vae_original.safetensors} ;;
     decoder)  # issues 20, 23: the image decoder alone, layouts and compile modes, batch 1 and 64
       log decoder; timeout 300 python3 benchmarks/bench_decoder.py --batch-sizes 1,64 > "$OUT/decoder.log" 2>&1; tail -n 12 "$OUT/decoder.log" ;;
     startup)  # issue 20: a second process's time to its first fast images with the compile cache the first left

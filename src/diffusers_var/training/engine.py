@@ -612,8 +612,7 @@ def train(config: TrainConfig) -> Path:
                 if ema is not None:
                     ema.step(trainable_parameters())
                 if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{loss.item():.4f}")
+                    progress.update(1)  # the loss is shown at logged steps only: reading it waits for the GPU
                 out_of_time = (
                     config.time_limit_minutes is not None
                     and time.perf_counter() - started > 60 * config.time_limit_minutes
@@ -636,6 +635,8 @@ def train(config: TrainConfig) -> Path:
                         **metrics,
                     }
                     accelerator.log(record, step=counter.step)
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{record['loss']:.4f}")
                     if accelerator.is_main_process:
                         with log_file.open("a") as f:
                             f.write(json.dumps(record) + "\n")
