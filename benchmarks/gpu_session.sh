@@ -60,9 +60,11 @@ for stage in "$@"; do
       bench . new_star --models star-d30 --batch-sizes 1 --modes fast --repeats 5
       bench .baseline old_inf --models infinity-2b --batch-sizes 1 --modes fast --repeats 5
       bench . new_inf --models infinity-2b --batch-sizes 1 --modes fast --repeats 5 ;;
-    code)
-      bench . code_n8 --models var-d30,code-d30-d16-n8 --batch-sizes 1,64 --modes fast --repeats 3
-      bench . code_n6 --models code-d30-d16-n6 --batch-sizes 1,64 --modes fast --repeats 3 ;;
+    code)  # issue 23: one model per process, the decoder in slices of 16 on every side (session 9)
+      for model in var-d30 code-d30-d16-n8 code-d30-d16-n6; do
+        bench . "code_$model" --models "$model" --batch-sizes 1,64 --modes eager-fp16,fast,fast-compile-all \
+          --decode-slice 16 --repeats 3
+      done ;;
     sample)
       for model in ${SAMPLE_MODELS:-var-d16 var-d30}; do
         log sample "$model"; timeout "${SAMPLE_TIMEOUT:-300}" python3 benchmarks/bench_sample.py --models "$model" --batch-size 64 \
