@@ -29,6 +29,8 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
   fast-compile-all  also ``compile_blocks=True`` (VAR, Infinity: torch.compile of each block's elementwise work)
   fast-compile-all-fp8  also ``fp8=True`` (VAR: float8 matmuls in the blocks at scales of at least 4,096
                         token rows; opt-in)
+  fast-compile-all-autotune  ``fast-compile-all`` with the decoder compiled in ``max-autotune-no-cudagraphs`` mode
+                        (``compile_decoder="max-autotune-no-cudagraphs"``: convolution kernels benchmarked at compile)
 It also checks that greedy tokens (bits for Infinity) of the fast path agree with the eager float32 path.
 """
 
@@ -515,7 +517,16 @@ class Bench:
 
 AUTOCAST = {"eager-fp16": torch.float16, "eager-bf16": torch.bfloat16}
 AUTOCAST_LABEL = {"eager-fp16": "fp16-autocast", "eager-bf16": "bf16-autocast"}
-MODES = ("eager", "eager-fp16", "eager-bf16", "fast", "fast-compile", "fast-compile-all", "fast-compile-all-fp8")
+MODES = (
+    "eager",
+    "eager-fp16",
+    "eager-bf16",
+    "fast",
+    "fast-compile",
+    "fast-compile-all",
+    "fast-compile-all-fp8",
+    "fast-compile-all-autotune",
+)
 KNOWN_MODELS = (
     tuple(MODELS)
     + tuple(CODE_MODELS)
@@ -606,7 +617,8 @@ def main() -> int:
                 extra = {"compile_blocks": True} if mode.startswith("fast-compile-all") else {}
                 if mode.endswith("-fp8"):
                     extra["fp8"] = True
-                bench.pipe.enable_fast_inference(compile_decoder=mode != "fast", **extra)
+                compile_decoder = "max-autotune-no-cudagraphs" if mode.endswith("-autotune") else mode != "fast"
+                bench.pipe.enable_fast_inference(compile_decoder=compile_decoder, **extra)
                 bench.fresh = False
             for batch in (int(b) for b in (args.batch_sizes or bench.default_batches).split(",")):
                 seconds, peak = time_mode(

@@ -6,7 +6,8 @@
 # torch.profiler tables), code (CoDe vs VAR-d30, issue 23), sample
 # (issue 19: SAMPLE_MODELS, default var-d16 var-d30; SAMPLE_BATCHES, default 20), lora (LoRA vs full fine-tuning memory, issue 18: LORA_MODELS,
 # default var-d30 infinity-2b), batches (issue 20: batch sizes in one process against each alone), startup (issue 20: time to the first fast images of a second process, compile cache),
-# train_original (issue 20: the original VAR trainer against ours), decoder (the image decoder alone).
+# train_original (issue 20: the original VAR trainer against ours), decoder (the image decoder alone), autotune (the decoder
+# compiled in max-autotune mode inside the pipeline).
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
 #   .fixtures/F.tar.xz  for F in var star infinity code; do tar -cJf .fixtures/$F.tar.xz -C ../shared fixtures/$F; done
@@ -86,6 +87,11 @@ for stage in "$@"; do
         --original .originals/VAR --steps "${TRAIN_STEPS:-300}" --sides "$TRAIN_SIDES" --out "$OUT/train_original" > "$OUT/train_original.log" 2>&1
       tail -n 9 "$OUT/train_original.log"  # the weights stay out of the archive
       rm -rf "$OUT"/train_original/*/final "$OUT"/train_original/*/checkpoints "$OUT"/train_original/{tokenizer,vae_original.safetensors} ;;
+    autotune)  # issues 20, 23: the decoder compiled in max-autotune mode inside the pipeline, against the default mode
+      BENCH_TIMEOUT=${BENCH_TIMEOUT:-400} bench . autotune_var16 --models var-d16 --batch-sizes 1,64 \
+        --modes fast-compile-all,fast-compile-all-autotune --repeats 5
+      BENCH_TIMEOUT=${BENCH_TIMEOUT:-400} bench . autotune_var30 --models var-d30 --batch-sizes 64 \
+        --modes fast-compile-all,fast-compile-all-autotune --repeats 3 ;;
     decoder)  # issues 20, 23: the image decoder alone, layouts and compile modes, batch 1 and 64
       log decoder; timeout 300 python3 benchmarks/bench_decoder.py --batch-sizes 1,64 > "$OUT/decoder.log" 2>&1; tail -n 12 "$OUT/decoder.log" ;;
     startup)  # issue 20: a second process's time to its first fast images with the compile cache the first left

@@ -132,6 +132,8 @@ def test_infinity_fast_inference_on_cpu(infinity):
         (dict(dtype=None), "dtype"),
         (dict(cuda_graphs="yes"), "cuda_graphs"),
         (dict(compile_decoder=1), "compile_decoder"),
+        (dict(compile_decoder="reduce-overhead"), "compile_decoder"),
+        (dict(compile_decoder="fast"), "compile_decoder"),
     ],
 )
 def test_bad_fast_inference_arguments_name_the_parameter(star, infinity, kwargs, parameter):
@@ -645,6 +647,22 @@ def test_compiled_blocks_trace_no_new_graph_for_another_batch_size(family, monke
         run(batch)
     assert first > 0 and counters["stats"]["unique_graphs"] == first
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize(
+    "compile_decoder, mode", [(True, None), ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")]
+)
+def test_compile_decoder_takes_a_torch_compile_mode(monkeypatch, compile_decoder, mode):
+    """``compile_decoder=True`` compiles the decoder in the default mode, a mode name in that mode (every family)."""
+    from tiny_components import var_components
+
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module, **kwargs: calls.append((module, kwargs)))
+    var, star, infinity = VARPipeline(**var_components(seed=0)), make_pipe(), tiny_pipeline()
+    for pipe, decoder in ((var, var.vqvae.decoder), (star, star.vqvae.decoder), (infinity, infinity.vae.decoder)):
+        calls.clear()
+        pipe.enable_fast_inference(dtype=torch.float32, compile_decoder=compile_decoder)
+        assert calls == [(decoder, {"mode": mode})]
 
 
 def test_compiled_decoder_traces_three_graphs_for_any_number_of_batch_sizes(monkeypatch):

@@ -39,13 +39,24 @@ from ..models.multiscale_vq import MultiScaleResidualQuantizer
 FAST_INFERENCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+# torch.compile modes ``compile_decoder`` takes besides True / False ("reduce-overhead" is left out: its CUDA graphs
+# would hold the decoder's output between the pipeline's own graph replays)
+DECODER_COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def check_fast_inference_args(dtype, **flags) -> None:
     """Argument checks of ``enable_fast_inference`` (a ValueError names the parameter)."""
     if not isinstance(dtype, torch.dtype) or dtype not in FAST_INFERENCE_DTYPES:
         names = ", ".join(str(d) for d in FAST_INFERENCE_DTYPES)
         raise ValueError(f"`dtype` must be one of {names}, got {dtype!r}.")
     for name, value in flags.items():
-        if not isinstance(value, bool):
+        if name == "compile_decoder" and isinstance(value, str):
+            if value not in DECODER_COMPILE_MODES:
+                modes = ", ".join(repr(m) for m in DECODER_COMPILE_MODES)
+                raise ValueError(
+                    f"`compile_decoder` must be True, False or a torch.compile mode ({modes}), got {value!r}."
+                )
+        elif not isinstance(value, bool):
             raise ValueError(f"`{name}` must be True or False, got {value!r}.")
     if flags.get("fp8") and dtype != torch.bfloat16:
         raise ValueError(f"`fp8=True` needs `dtype=torch.bfloat16` (the float8 matmuls write bf16), got {dtype}.")
@@ -110,20 +121,22 @@ def cast_module_(module: nn.Module | None, dtype: torch.dtype) -> None:
             sub.float()
 
 
-def cast_decoder_(modules: Sequence[nn.Module], dtype: torch.dtype, compile_module: nn.Module | None = None) -> None:
+def cast_decoder_(
+    modules: Sequence[nn.Module], dtype: torch.dtype, compile_module: nn.Module | None = None, mode: str = "default"
+) -> None:
     """The image decoder (and the convs feeding it) to ``dtype``; optionally ``torch.compile`` one module in
-    place (parameter names, hence ``save_pretrained``, are unchanged). Compiled, the decoder also goes
-    channels-last: cuDNN's channels-last convolutions are faster and the compiled GroupNorm reads that layout
-    directly. Eager, it stays NCHW: eager GroupNorm copies channels-last inputs at every call (BENCHMARKS.md).
-    Compiled with automatic dynamic shapes: a process that decodes one batch size keeps kernels specialised on it, and
-    the second size makes the batch dimension dynamic, so later sizes compile nothing (with one graph per size, a
-    ninth size passed dynamo's recompile limit and decoded eagerly)."""
+    place, in torch.compile's ``mode`` (parameter names, hence ``save_pretrained``, are unchanged). Compiled, the
+    decoder also goes channels-last: cuDNN's channels-last convolutions are faster and the compiled GroupNorm reads
+    that layout directly. Eager, it stays NCHW: eager GroupNorm copies channels-last inputs at every call
+    (BENCHMARKS.md). Compiled with automatic dynamic shapes: a process that decodes one batch size keeps kernels
+    specialised on it, and the second size makes the batch dimension dynamic, so later sizes compile nothing (with
+    one graph per size, a ninth size passed dynamo's recompile limit and decoded eagerly)."""
     memory_format = torch.channels_last if compile_module is not None else torch.contiguous_format
     for module in modules:
         nn.Module.to(module, dtype=dtype, memory_format=memory_format)
     if compile_module is not None:
         pad_narrow_convs_(compile_module)
-        compile_module.compile()
+        compile_module.compile(mode=None if mode == "default" else mode)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,7 +567,7 @@ class FastInferenceMixin:
     _fast_fp8: bool = False
 
     def _cast_for_fast_inference(
-        self, dtype: torch.dtype, decoder: Sequence[nn.Module], compile_decoder: bool
+        self, dtype: torch.dtype, decoder: Sequence[nn.Module], compile_decoder: bool | str
     ) -> None:
         """The transformer and text encoder to ``dtype`` (their ``_keep_in_fp32_modules`` to float32) and the image
         decoder (optionally compiled, channels-last); the tokenizer's quantizer and the running latent stay float32."""
@@ -565,7 +578,8 @@ class FastInferenceMixin:
             )
         cast_module_(self.transformer, dtype)
         cast_module_(getattr(self, "text_encoder", None), dtype)
-        cast_decoder_(decoder, dtype, decoder[0] if compile_decoder else None)
+        mode = compile_decoder if isinstance(compile_decoder, str) else "default"
+        cast_decoder_(decoder, dtype, decoder[0] if compile_decoder else None, mode)
 
     def _set_fast_inference(
         self, enabled: bool, cuda_graphs: bool = False, dtype: torch.dtype | None = None, fp8: bool = False

@@ -218,7 +218,7 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         self,
         dtype: torch.dtype = torch.bfloat16,
         cuda_graphs: bool = True,
-        compile_decoder: bool = False,
+        compile_decoder: bool | str = False,
         compile_blocks: bool = False,
     ) -> "InfinityPipeline":
         """Speed switch for GPUs (as :meth:`VARPipeline.enable_fast_inference`). The transformer (text pooling and
@@ -229,7 +229,8 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         set; at most ``graph_cache_size`` are kept); the text encoding, the AdaLN modulations and every block's text
         keys / values are computed once per generation inside the first scale's graph. Use a CUDA
         ``torch.Generator``. On the CPU it only casts: with ``dtype=torch.float32`` the images are the eager ones.
-        ``compile_decoder``: channels-last ``torch.compile`` of the VAE decoder. ``compile_blocks``:
+        ``compile_decoder``: channels-last ``torch.compile`` of the VAE decoder (``True``, or a torch.compile mode
+        as for :meth:`VARPipeline.enable_fast_inference`). ``compile_blocks``:
         ``torch.compile`` of each block's elementwise work (norms, modulation, q/k normalisation, 2-D RoPE, gating),
         fused before the graphs are captured. Returns the pipeline.
         """

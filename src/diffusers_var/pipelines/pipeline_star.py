@@ -285,7 +285,7 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
 
     # -- fast inference ------------------------------------------------------------------------------
     def enable_fast_inference(
-        self, dtype: torch.dtype = torch.bfloat16, cuda_graphs: bool = True, compile_decoder: bool = False
+        self, dtype: torch.dtype = torch.bfloat16, cuda_graphs: bool = True, compile_decoder: bool | str = False
     ) -> "STARPipeline":
         """Speed switch for GPUs (as :meth:`VARPipeline.enable_fast_inference`). The transformer (blocks, text
         projection, stable-sampler blocks), the image decoder and the text encoder run in ``dtype`` (bf16 by

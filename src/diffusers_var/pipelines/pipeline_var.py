@@ -159,7 +159,7 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         self,
         dtype: torch.dtype = torch.bfloat16,
         cuda_graphs: bool = True,
-        compile_decoder: bool = False,
+        compile_decoder: bool | str = False,
         compile_blocks: bool = False,
         fp8: bool = False,
     ) -> "VARPipeline":
@@ -182,7 +182,9 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         Args:
             dtype: compute dtype of the blocks and the decoder.
             cuda_graphs: replay one CUDA graph per scale (on CUDA).
-            compile_decoder: channels-last ``torch.compile`` of the image decoder.
+            compile_decoder: channels-last ``torch.compile`` of the image decoder; ``True`` compiles in torch's
+                default mode, ``"max-autotune"`` or ``"max-autotune-no-cudagraphs"`` in that mode (it benchmarks
+                convolution kernels while compiling; the compile caches keep the choice).
             compile_blocks: ``torch.compile`` of each block's elementwise work (fused before the CUDA graphs are
                 captured; the first generation per batch size compiles).
             fp8: (opt-in, for large batches of the large models) float8 (e4m3) matmuls for the attention and FFN
@@ -1020,7 +1022,7 @@ class VARCoDePipeline(VARPipeline):
         self,
         dtype: torch.dtype = torch.bfloat16,
         cuda_graphs: bool = True,
-        compile_decoder: bool = False,
+        compile_decoder: bool | str = False,
         compile_blocks: bool = False,
         fp8: bool = False,
     ) -> "VARCoDePipeline":
@@ -1034,7 +1036,7 @@ class VARCoDePipeline(VARPipeline):
             compile_adaln_blocks_(self.refiner)
         return self
 
-    def _cast_for_fast_inference(self, dtype: torch.dtype, decoder, compile_decoder: bool) -> None:
+    def _cast_for_fast_inference(self, dtype: torch.dtype, decoder, compile_decoder: bool | str) -> None:
         super()._cast_for_fast_inference(dtype, decoder, compile_decoder)
         cast_module_(self.refiner, dtype)
 
