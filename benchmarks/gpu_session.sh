@@ -54,13 +54,16 @@ for stage in "$@"; do
       bench . new_var16_profile --models var-d16 --batch-sizes 1 --modes fast-compile-all --repeats 5 --profile
       grep -h "profile:" "$OUT"/*_var16_profile.log ;;
     var30)
-      bench .baseline old_var30 --models var-d30 --batch-sizes 64 --modes fast-compile-all --repeats 5
-      bench . new_var30 --models var-d30 --batch-sizes 64 --modes fast-compile-all --repeats 5 ;;
+      bench .baseline old_var30 --models var-d30 --batch-sizes 1,64 --modes fast-compile-all --repeats 5
+      bench . new_var30 --models var-d30 --batch-sizes 1,64 --modes fast-compile-all --repeats 5 ;;
     t2i)
       bench .baseline old_star --models star-d30 --batch-sizes 1 --modes fast --repeats 5
       bench . new_star --models star-d30 --batch-sizes 1 --modes fast --repeats 5
       bench .baseline old_inf --models infinity-2b --batch-sizes 1 --modes fast --repeats 5
       bench . new_inf --models infinity-2b --batch-sizes 1 --modes fast --repeats 5 ;;
+    t2i_all)  # issue 16: Infinity-2B under fast-compile-all at batch 1 and 4, before / after (the README table's rows)
+      BENCH_TIMEOUT=${BENCH_TIMEOUT:-290} bench .baseline old_inf_all --models infinity-2b --batch-sizes 1,4 --modes fast-compile-all --repeats 5
+      BENCH_TIMEOUT=${BENCH_TIMEOUT:-290} bench . new_inf_all --models infinity-2b --batch-sizes 1,4 --modes fast-compile-all --repeats 5 ;;
     code)  # issue 23: one model per process, the decoder in slices of 16 on every side (session 9)
       for model in var-d30 code-d30-d16-n8 code-d30-d16-n6; do
         bench . "code_$model" --models "$model" --batch-sizes 1,64 --modes eager-fp16,fast,fast-compile-all \
