@@ -78,7 +78,7 @@ def run_process(model: Path, out: Path, cache: Path, batch: int, device: str) ->
             for part in line[len("start-up:") :].split(","):
                 name, value = part.strip().removesuffix(" s").rsplit(" ", 1)
                 row[name.replace(" ", "_").replace("-", "_") + "_s"] = float(value)
-    phases = sum(v for k, v in row.items() if k.endswith("_s"))
+    phases = sum(v for k, v in row.items() if k.endswith("_s") and not k.startswith("of_which"))
     row["python_and_rest_s"] = seconds - phases  # interpreter and imports, writing the last files, exit
     return row
 

@@ -446,6 +446,17 @@ class _Progress:
             self.bar.close()
 
 
+def _compile_seconds() -> float | None:
+    """Seconds this process spent in torch.compile so far (tracing and code generation, cache hits included), from
+    dynamo's own timers; None where this torch does not keep them."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+
+        return float(sum(compilation_time_metrics.get("_compile.compile_inner", ())))
+    except (ImportError, AttributeError, TypeError):
+        return None
+
+
 def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
     """The ``sample`` command (``args`` as its parser makes them). ``on_batch(info)`` is called after each batch
     this process generated (benchmarks/bench_sample.py records speed and memory with it). Returns a summary."""
@@ -559,6 +570,7 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
             written += len(futures)
             if number == 1:
                 startup["first_batch_seconds"] = time.perf_counter() - started
+                startup["compile_seconds"] = _compile_seconds()
             _fault_injection(number)
             # At most two batches wait for the writers: host memory stays flat however long the run.
             while len(in_flight) > 2:
@@ -609,6 +621,11 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
         print(
             f"start-up: loading {startup['load_seconds']:.1f} s, fast path set-up {startup['fast_path_seconds']:.1f} s"
             + (f", first batch {startup['first_batch_seconds']:.1f} s" if "first_batch_seconds" in startup else "")
+            + (
+                f", of which torch.compile {startup['compile_seconds']:.1f} s"
+                if startup.get("compile_seconds")
+                else ""
+            )
         )
     # No barrier after this: the other processes need not wait (perhaps past a collective timeout) for the npz.
     return summary
