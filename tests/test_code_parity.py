@@ -231,11 +231,14 @@ def test_generation(pipe, code_fixture, case):
         fixture_dir("code")
     spec = manifest["generation_cases"][case]
     kwargs, prefix, N = spec["kwargs"], spec["prefix"], spec["kwargs"]["exit_num"]
-    generator = torch.Generator().manual_seed(kwargs["g_seed"])
+    generator, latent_generator = (torch.Generator().manual_seed(kwargs["g_seed"]) for _ in range(2))
     with torch.no_grad():
         images, seen = generate(pipe, kwargs, ref, generator)
-        latent, _ = generate(pipe, kwargs, ref, output_type="latent")
+        # no callback asks for the discarded re-samples: they are only drawn (the same numbers, no tokens)
+        no_callback = dict(callback_on_step_end=None, callback_on_step_end_tensor_inputs=None)
+        latent, _ = generate(pipe, kwargs, ref, latent_generator, output_type="latent", **no_callback)
     check_code_run(manifest, ref, prefix, N, images, seen, latent)
+    assert torch.equal(latent_generator.get_state(), generator.get_state())
     batch = images.shape[0]
     if kwargs["label_B"] is None:  # drawn from the generator, by both stages alike
         labels = draw_class_labels(

@@ -128,6 +128,43 @@ def test_refiner_stage_restarts_from_the_calls_generator_state(more_smooth):
     torch.testing.assert_close(batch[1:2], alone, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("per_image", [False, True])
+def test_discarded_resamples_are_only_drawn_unless_a_callback_asks(per_image, monkeypatch):
+    """Without a callback asking for ``"draft_resamples"``, the refiner draws the re-samples' random numbers without
+    filtering and sampling (the tokens are thrown away): the same images and generator end states as when they are
+    computed, for one generator and for one per image."""
+
+    def generators():
+        return [torch.Generator().manual_seed(s) for s in (1, 2, 3)] if per_image else torch.Generator().manual_seed(5)
+
+    pipe, seen = code_pipe(), []
+
+    def keep(p, si, hw, tensors):
+        seen.append(tensors["draft_resamples"])
+        return {}
+
+    samples = []
+    sample = pipeline_var.sample_from_logits
+    monkeypatch.setattr(pipeline_var, "sample_from_logits", lambda *a, **k: samples.append(1) or sample(*a, **k))
+    asked, plain = generators(), generators()
+    with_tokens = latents(
+        pipe,
+        generator=asked,
+        temperature=1.3,
+        callback_on_step_end=keep,
+        callback_on_step_end_tensor_inputs=["draft_resamples"],
+    )
+    sampled_with_tokens = len(samples)
+    drawn_only = latents(pipe, generator=plain, temperature=1.3)
+    num_scales, draft_steps = len(VAR_PATCH_NUMS), pipe.config.draft_steps
+    # one draw per scale, plus the drafted scales' re-samples when they are computed
+    assert (sampled_with_tokens, len(samples) - sampled_with_tokens) == (num_scales + draft_steps, num_scales)
+    assert any(resamples is not None for resamples in seen)
+    assert torch.equal(with_tokens, drawn_only)
+    for a, b in zip(asked if per_image else [asked], plain if per_image else [plain]):
+        assert torch.equal(a.get_state(), b.get_state())
+
+
 def test_one_model_in_both_roles_equals_plain_var():
     """The same transformer as drafter and refiner: CoDe samples the tokens a plain VAR call samples (same seed)."""
     components = code_components(seed=0)

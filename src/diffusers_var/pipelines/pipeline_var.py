@@ -43,6 +43,7 @@ from .pipeline_utils import (
 )
 from .sampling import (
     GeneratorArg,
+    advance_as_sample_from_logits,
     apply_guidance,
     draw_class_labels,
     filter_top_k_top_p_,
@@ -68,12 +69,14 @@ ScaleForcing = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, t
 
 class ScaleSampling(NamedTuple):
     """What shapes a scale's sampling code (a CUDA graph set is captured per value): Gumbel smoothing, copies of the
-    logits for the callback, the k-wide top-p of the fast path, a temperature other than 1 at some scale."""
+    logits for the callback, the k-wide top-p of the fast path, a temperature other than 1 at some scale, and whether
+    CoDe's discarded re-samples are computed (for the callback) or only drawn."""
 
     more_smooth: bool
     keep_logits: bool
     fast_filter: bool
     tempered: bool = False
+    keep_resamples: bool = False
 
 
 class ScaleRun(NamedTuple):
@@ -343,8 +346,16 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
     ):
         """CoDe's refiner re-samples every scale before ``first_scale`` from the conditional rows of its prefill logits
         (no guidance; each scale's top-k, top-p and temperature) and discards the tokens: only the draws matter (they
-        keep a seeded generator on the original's stream). Returns the re-sampled tokens, (B, l) per scale."""
+        keep a seeded generator on the original's stream). Returns the re-sampled tokens, (B, l) per scale, when
+        ``settings.keep_resamples`` (a callback asks for them); otherwise only draws the same numbers and returns
+        None."""
         B = prefill_logits.shape[0] // 2
+        if not settings.keep_resamples:
+            V = prefill_logits.shape[-1]
+            for si in range(first_scale):
+                begin, end = self.transformer.begin_ends[si]
+                advance_as_sample_from_logits((B, end - begin, V), generator, prefill_logits.device)
+            return None
         replayed = []
         for si in range(first_scale):
             begin, end = self.transformer.begin_ends[si]
@@ -427,6 +438,7 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
             keep_logits=wants_logits,
             fast_filter=self._fast_top_p(device),
             tempered=any(t != 1 for t in temperatures),
+            keep_resamples=callback is not None and "draft_resamples" in tensor_names,
         )
         graphs, graph_generator = None, self._graph_sampling_generator(device, generator)
         if graph_generator is not None and forcing is not None and not isinstance(forcing, TokenForcing):

@@ -118,6 +118,13 @@ def sample_from_logits(logits_BlV: torch.Tensor, generator: GeneratorArg, return
     return indices.view(B, length), probs.gather(1, indices[:, None]).view(B, length, 1)
 
 
+def advance_as_sample_from_logits(logits_shape: tuple[int, int, int], generator: GeneratorArg, device) -> None:
+    """Advance ``generator`` exactly as :func:`sample_from_logits` on logits of ``logits_shape`` (B, l, V) does, with
+    the same draws and nothing else: for draws whose tokens are thrown away."""
+    B, length, V = logits_shape
+    exponential_draws((B, length, V) if isinstance(generator, (list, tuple)) else (B * length, V), generator, device)
+
+
 def gumbel_softmax(logits_BlV: torch.Tensor, tau: float, generator: GeneratorArg) -> torch.Tensor:
     """Soft Gumbel-softmax with noise ``-log(Exp(1))`` of the logits' shape, drawn from ``generator``."""
     gumbels = -exponential_draws(tuple(logits_BlV.shape), generator, logits_BlV.device).log()
