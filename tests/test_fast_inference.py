@@ -650,7 +650,7 @@ def test_compiled_blocks_trace_no_new_graph_for_another_batch_size(family, monke
 
 
 @pytest.mark.parametrize(
-    "compile_decoder, mode", [(True, None), ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")]
+    "compile_decoder, mode", [(True, "default"), ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")]
 )
 def test_compile_decoder_takes_a_torch_compile_mode(monkeypatch, compile_decoder, mode):
     """``compile_decoder=True`` compiles the decoder in the default mode, a mode name in that mode (every family)."""

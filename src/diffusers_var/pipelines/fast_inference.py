@@ -136,7 +136,7 @@ def cast_decoder_(
         nn.Module.to(module, dtype=dtype, memory_format=memory_format)
     if compile_module is not None:
         pad_narrow_convs_(compile_module)
-        compile_module.compile(mode=None if mode == "default" else mode)
+        compile_module.compile(mode=mode)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -578,8 +578,12 @@ class FastInferenceMixin:
             )
         cast_module_(self.transformer, dtype)
         cast_module_(getattr(self, "text_encoder", None), dtype)
-        mode = compile_decoder if isinstance(compile_decoder, str) else "default"
-        cast_decoder_(decoder, dtype, decoder[0] if compile_decoder else None, mode)
+        cast_decoder_(
+            decoder,
+            dtype,
+            decoder[0] if compile_decoder else None,
+            compile_decoder if isinstance(compile_decoder, str) else "default",
+        )
 
     def _set_fast_inference(
         self, enabled: bool, cuda_graphs: bool = False, dtype: torch.dtype | None = None, fp8: bool = False

@@ -349,22 +349,19 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         keep a seeded generator on the original's stream). Returns the re-sampled tokens, (B, l) per scale, when
         ``settings.keep_resamples`` (a callback asks for them); otherwise only draws the same numbers and returns
         None."""
-        B = prefill_logits.shape[0] // 2
-        if not settings.keep_resamples:
-            V = prefill_logits.shape[-1]
-            for si in range(first_scale):
-                begin, end = self.transformer.begin_ends[si]
-                advance_as_sample_from_logits((B, end - begin, V), generator, prefill_logits.device)
-            return None
+        B, V = prefill_logits.shape[0] // 2, prefill_logits.shape[-1]
         replayed = []
         for si in range(first_scale):
             begin, end = self.transformer.begin_ends[si]
+            if not settings.keep_resamples:
+                advance_as_sample_from_logits((B, end - begin, V), generator, prefill_logits.device)
+                continue
             logits = prefill_logits[:B, begin:end].clone()  # the prefill logits stay as the model gave them
             filter_top_k_top_p_(logits, top_ks[si], top_p, fast=settings.fast_filter, top_p_mass=top_p_mass)
             if settings.tempered:
                 logits = logits / temperatures[si]
             replayed.append(sample_from_logits(logits, generator))
-        return replayed
+        return replayed if settings.keep_resamples else None
 
     # -- one scale -------------------------------------------------------------------------------------
     def _sample_scale(
