@@ -26,7 +26,7 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
   eager        our eager code in float32
   fast         ``pipe.enable_fast_inference()``: bf16 blocks and decoder, CUDA graphs per scale
   fast-compile the same with ``compile_decoder=True`` (torch.compile of the image decoder)
-  fast-compile-all  also ``compile_blocks=True`` (VAR, Infinity: torch.compile of each block's elementwise work)
+  fast-compile-all  also ``compile_blocks=True`` (torch.compile of each block's elementwise work)
   fast-compile-all-fp8  also ``fp8=True`` (VAR: float8 matmuls in the blocks at scales of at least 4,096
                         token rows; opt-in)
   fast-compile-all-autotune  ``fast-compile-all`` with the decoder compiled in ``max-autotune-no-cudagraphs`` mode
@@ -608,9 +608,6 @@ def main() -> int:
             if not bench.fresh:
                 bench.rebuild(device)
             if mode.startswith("fast"):
-                if mode.startswith("fast-compile-all") and isinstance(bench.pipe, STARPipeline):
-                    print(f"  {name}: {mode} (compile_blocks) is VAR / Infinity only; skipped")
-                    continue
                 if mode.endswith("-fp8") and not isinstance(bench.pipe, VARPipeline):
                     print(f"  {name}: {mode} is VAR only; skipped")
                     continue

@@ -20,6 +20,7 @@ from diffusers_var import (
     VARPipeline,
     VARTransformer2DModel,
 )
+from diffusers_var.models.star_transformer import STARBlock
 from diffusers_var.pipelines import fast_inference, pipeline_var
 from test_infinity_pipeline import PROMPT, tiny_pipeline
 from test_star_pipeline import make_pipe
@@ -134,6 +135,7 @@ def test_infinity_fast_inference_on_cpu(infinity):
         (dict(compile_decoder=1), "compile_decoder"),
         (dict(compile_decoder="reduce-overhead"), "compile_decoder"),
         (dict(compile_decoder="fast"), "compile_decoder"),
+        (dict(compile_blocks="yes"), "compile_blocks"),
     ],
 )
 def test_bad_fast_inference_arguments_name_the_parameter(star, infinity, kwargs, parameter):
@@ -480,6 +482,48 @@ def test_var_compiled_blocks_generate_what_the_eager_blocks_do():
         torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="compile_blocks"):
         pipe.enable_fast_inference(compile_blocks="yes")
+
+
+@pytest.mark.parametrize("quirk", [False, True])
+def test_star_compiled_blocks_generate_what_the_eager_blocks_do(quirk):
+    """STAR's blocks (main and stable sampler) with their elementwise work compiled: in float32 greedy generation
+    gives the eager tokens and model logits at every scale, with the released checkpoints' cross-attention quirk too
+    (weights perturbed so the blocks matter). Compiling twice leaves the blocks as they are."""
+    pipe = make_pipe(quirk=quirk)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        for parameter in pipe.transformer.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+
+    def run():
+        seen = []
+
+        def keep(p, si, hw, tensors):
+            seen.append((tensors["tokens"].clone(), tensors["model_logits"].clone()))
+            return {}
+
+        pipe(
+            prompt=["a red cat", "the city"],
+            top_k=1,
+            generator=torch.Generator().manual_seed(0),
+            sampler_generator=torch.Generator().manual_seed(1),
+            output_type="latent",
+            callback_on_step_end=keep,
+            callback_on_step_end_tensor_inputs=["tokens", "model_logits"],
+        )
+        return seen
+
+    eager = run()
+    pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=True)
+    blocks = [m for m in pipe.transformer.modules() if isinstance(m, STARBlock)]
+    assert len(blocks) > len(pipe.transformer.blocks)  # the stable sampler's blocks too
+    compiled = [block.compiled_ffn_residual for block in blocks]
+    assert all(hasattr(piece, "_torchdynamo_orig_callable") for piece in compiled)
+    assert fast_inference.compile_star_blocks_(pipe.transformer) == len(blocks)
+    assert [block.compiled_ffn_residual for block in blocks] == compiled
+    for (tokens, logits), (eager_tokens, eager_logits) in zip(run(), eager, strict=True):
+        assert torch.equal(tokens, eager_tokens)
+        torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
 
 
 def test_infinity_compiled_blocks_generate_what_the_eager_blocks_do():

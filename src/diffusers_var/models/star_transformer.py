@@ -95,6 +95,20 @@ class CosineCrossAttention(nn.Module):
         k, v = kv.view(B, Lc, 2, self.num_heads, self.head_dim).unbind(dim=2)
         return F.normalize(k, dim=-1), v
 
+    def query(self, x_BLC: torch.Tensor) -> torch.Tensor:
+        """L2-normalised queries (B, L, H, D), scaled per head."""
+        B, L, _ = x_BLC.shape
+        q = self.to_q(x_BLC, self.q_bias).view(B, L, self.num_heads, self.head_dim)
+        head_scale = self.log_scale.clamp_max(MAX_LOG_ATTN_SCALE).exp().transpose(1, 2)  # (1, 1, H, 1)
+        return F.normalize(q, dim=-1).mul(head_scale)
+
+    @staticmethod
+    def attend(q_BLHD, k_BLcHD, v_BLcHD, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of the queries to the context: (B, L, C), before ``to_out``."""
+        B, L = q_BLHD.shape[:2]
+        attn_mask = None if context_mask is None else context_mask.to(torch.bool).view(B, 1, 1, k_BLcHD.shape[1])
+        return dispatch_attention_fn(q_BLHD, k_BLcHD, v_BLcHD, attn_mask=attn_mask, scale=1.0).reshape(B, L, -1)
+
     def forward(
         self,
         x_BLC: torch.Tensor,
@@ -102,16 +116,10 @@ class CosineCrossAttention(nn.Module):
         context_mask: torch.Tensor | None = None,
         kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
-        B, L, C = x_BLC.shape
-        Lc = context_BLcD.shape[1]
-        q = self.to_q(x_BLC, self.q_bias).view(B, L, self.num_heads, self.head_dim)
+        q = self.query(x_BLC)
         # decoding: the text is fixed for a generation, so its keys / values are computed once
         k, v = memoized(kv_cache, "cross_kv", lambda: self.context_keys_values(context_BLcD))
-        head_scale = self.log_scale.clamp_max(MAX_LOG_ATTN_SCALE).exp().transpose(1, 2)  # (1, 1, H, 1)
-        q = F.normalize(q, dim=-1).mul(head_scale)
-        attn_mask = None if context_mask is None else context_mask.to(torch.bool).view(B, 1, 1, Lc)
-        out = dispatch_attention_fn(q, k, v, attn_mask=attn_mask, scale=1.0)
-        return self.to_out(out.reshape(B, L, C))
+        return self.to_out(self.attend(q, k, v, context_mask))
 
 
 @dataclass
@@ -161,15 +169,20 @@ class STARBlock(nn.Module):
             self.attn(self.norm(x_BLC), attn_mask=attn_mask, kv_cache=kv_cache, rotary=rotary)
         )
         if self.cross_attn is not None:
-            rows = x_BLC[:1] if cross_attention_row0 else x_BLC  # quirk: only row 0 is used, broadcast over the batch
-            context = encoder_hidden_states[:1] if cross_attention_row0 else encoder_hidden_states
-            mask = (
-                encoder_attention_mask[:1]
-                if cross_attention_row0 and encoder_attention_mask is not None
-                else encoder_attention_mask
+            rows, context, mask = self.cross_attention_inputs(
+                x_BLC, encoder_hidden_states, encoder_attention_mask, cross_attention_row0
             )
             x_BLC = x_BLC + self.cross_attn(self.norm(rows), context, mask, kv_cache)
         return x_BLC + self.drop_path(self.ffn(self.norm(x_BLC)))
+
+    @staticmethod
+    def cross_attention_inputs(x_BLC, encoder_hidden_states, encoder_attention_mask, cross_attention_row0: bool):
+        """The rows, text and text mask the cross-attention sees: all of them, or (the quirk) row 0's, whose output
+        is broadcast over the batch."""
+        if not cross_attention_row0:
+            return x_BLC, encoder_hidden_states, encoder_attention_mask
+        mask = encoder_attention_mask[:1] if encoder_attention_mask is not None else None
+        return x_BLC[:1], encoder_hidden_states[:1], mask
 
 
 class STARStableSampler(nn.Module):

@@ -9,7 +9,8 @@ kernels and precision tricks installed onto the models from outside (the model f
   ``state_dict`` never change, and undone by ``disable_fast_inference``:
   - :func:`fuse_ffn_gelu_`: fc1's bias and the tanh GELU in the cuBLASLt epilogue of the matmul (large scales);
   - :func:`quantize_linears_fp8_`: float8 matmuls for the attention and FFN linears (large scales, opt-in);
-  - :func:`compile_adaln_blocks_`: ``torch.compile`` of each AdaLN block's elementwise work, split around the KV cache;
+  - :func:`compile_adaln_blocks_` / :func:`compile_star_blocks_`: ``torch.compile`` of each block's elementwise work,
+    split around the KV cache;
   - :func:`separable_upsample_`: VAR / STAR code maps upsampled by a separable bicubic;
   - :func:`pad_narrow_convs_`: the RGB output conv computed with zero-padded channels (compiled decoder).
 * :func:`use_compile_cache`: torch.compile's on-disk caches in a lasting folder, shared by the processes of a machine.
@@ -35,6 +36,7 @@ from torch import nn
 from ..loaders import adapter_state
 from ..models.blocks import AdaLNSelfAttentionBlock, CosineSelfAttention, FeedForward, Rotary2D, memoized
 from ..models.multiscale_vq import MultiScaleResidualQuantizer
+from ..models.star_transformer import STARBlock
 
 FAST_INFERENCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -393,6 +395,76 @@ def compile_adaln_blocks_(model: nn.Module) -> int:
             block.cross_attention_residual = types.MethodType(_split_cross_attention_residual, block)
         for name, function in pieces.items():
             setattr(block, name, _dynamic_rows(torch.compile(types.MethodType(function, block))))
+    return len(blocks)
+
+
+# STAR's plain pre-LayerNorm blocks, compiled the same way: pieces around the KV cache and the attention kernels
+def _star_attention_inputs(block, x_BLC, rotary_cos=None, rotary_sin=None):
+    q, k, v, softmax_scale = block.attn.project(block.norm(x_BLC))
+    if rotary_cos is not None:
+        q, k = Rotary2D.rotate(q, k, rotary_cos, rotary_sin)
+    return q, k, v, softmax_scale
+
+
+def _star_attention_residual(block, x_BLC, attended_BLC):
+    return x_BLC + block.drop_path(block.attn.to_out(attended_BLC))
+
+
+def _star_cross_attention_query(block, rows_BLC):
+    return block.cross_attn.query(block.norm(rows_BLC))
+
+
+def _star_ffn_residual(block, x_BLC):
+    return x_BLC + block.drop_path(block.ffn(block.norm(x_BLC)))
+
+
+def _split_star_block(
+    block,
+    x_BLC,
+    attn_mask=None,
+    kv_cache=None,
+    rotary=None,
+    encoder_hidden_states=None,
+    encoder_attention_mask=None,
+    cross_attention_row0=False,
+):
+    """:meth:`STARBlock.forward` with its elementwise work in compiled pieces."""
+    tables = () if rotary is None else (rotary.cos, rotary.sin)
+    q, k, v, softmax_scale = block.compiled_attention_inputs(x_BLC, *tables)
+    x_BLC = block.compiled_attention_residual(x_BLC, block.attn.attend(q, k, v, softmax_scale, attn_mask, kv_cache))
+    if block.cross_attn is not None:
+        cross = block.cross_attn
+        rows, context, mask = block.cross_attention_inputs(
+            x_BLC, encoder_hidden_states, encoder_attention_mask, cross_attention_row0
+        )
+        k, v = memoized(kv_cache, "cross_kv", lambda: cross.context_keys_values(context))
+        attended = cross.attend(block.compiled_cross_attention_query(rows), k, v, mask)
+        x_BLC = block.compiled_cross_attention_output(x_BLC, attended)
+    return block.compiled_ffn_residual(x_BLC)
+
+
+def compile_star_blocks_(model: nn.Module) -> int:
+    """:func:`compile_adaln_blocks_` for STAR's blocks (the main ones and the stable sampler's): their norms, q/k
+    normalisation, RoPE, residuals and FFN go to torch.compile in pieces around the KV cache and the attention
+    kernels, dynamic in the batch and token count from the first call. Blocks compiled before are left as they are.
+    Returns the number of blocks."""
+    blocks = [m for m in model.modules() if isinstance(m, STARBlock)]
+    for block in blocks:
+        if "compiled_attention_inputs" in block.__dict__:
+            continue
+        pieces = {
+            "compiled_attention_inputs": _star_attention_inputs,
+            "compiled_attention_residual": _star_attention_residual,
+            "compiled_ffn_residual": _star_ffn_residual,
+        }
+        if block.cross_attn is not None:
+            pieces.update(
+                compiled_cross_attention_query=_star_cross_attention_query,
+                compiled_cross_attention_output=_cross_attention_output,
+            )
+        for name, function in pieces.items():
+            setattr(block, name, _dynamic_rows(torch.compile(types.MethodType(function, block))))
+        block.forward = types.MethodType(_split_star_block, block)
     return len(blocks)
 
 
