@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE))
 TARGET_SECONDS = 30.0
 
 
-def run_process(model: Path, out: Path, cache: Path, batch: int, device: str) -> dict:
+def run_process(model: Path, out: Path, cache: Path, batch: int, device: str, extra_env: dict | None = None) -> dict:
     """One fresh ``sample --fast`` process; its wall time from launch to exit and its last output line."""
     command = [
         sys.executable,
@@ -64,6 +64,7 @@ def run_process(model: Path, out: Path, cache: Path, batch: int, device: str) ->
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
+        **(extra_env or {}),
     }
     started = time.perf_counter()
     result = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -94,7 +95,21 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=3, help="processes per model, one after another")
     parser.add_argument("--smoke", action="store_true", help="the embedded var-shapes on the CPU: checks the script")
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument(
+        "--warm-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="one more warm-cache process with this environment variable set (repeatable: one process each), e.g. "
+        "TORCHINDUCTOR_COMPILE_THREADS=1 (no compile worker pool when everything comes from the cache)",
+    )
     args = parser.parse_args()
+    variants = [None]
+    for item in args.warm_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--warm-env must be NAME=VALUE, got {item!r}")
+        variants.append({key: value})
     batch = args.batch_size or (2 if args.smoke else 64)
     if args.processes < 2:
         parser.error("--processes must be at least 2 (the first fills the cache)")
@@ -114,19 +129,23 @@ def main() -> int:
                 model, device = scratch / name, "cuda"
                 build(name, model, device)
             cache = scratch / f"cache-{name}"
-            for index in range(args.processes):
+            runs = [None] * args.processes + variants[1:]  # the plain processes, then one per --warm-env
+            for index, extra_env in enumerate(runs):
                 row = {"model": name, "batch": batch, "process": index + 1, "cache": "empty" if index == 0 else "warm"}
-                row.update(run_process(model, scratch / f"out-{name}-{index}", cache, batch, device))
+                if extra_env:
+                    row["env"] = extra_env
+                row.update(run_process(model, scratch / f"out-{name}-{index}", cache, batch, device, extra_env))
                 rows.append(row)
                 phases = ", ".join(f"{k[:-2].replace('_', ' ')} {v:.1f} s" for k, v in row.items() if k.endswith("_s"))
+                label = row["cache"] + " cache" + "".join(f", {k}={v}" for k, v in (extra_env or {}).items())
                 print(
-                    f"{name:10s} batch {batch:3d} process {index + 1} ({row['cache']} cache): "
+                    f"{name:10s} batch {batch:3d} process {index + 1} ({label}): "
                     f"{row['seconds']:7.1f} s to {row['images']} images ({phases}); cache {row['cache_mib']:.0f} MiB",
                     flush=True,
                 )
-            warm = [r["seconds"] for r in rows if r["model"] == name and r["cache"] == "warm"]
+            warm = [r["seconds"] for r in rows if r["model"] == name and r["cache"] == "warm" and "env" not in r]
             print(
-                f"{name}: first process {rows[-args.processes]['seconds']:.1f} s, later ones "
+                f"{name}: first process {rows[-len(runs)]['seconds']:.1f} s, later ones "
                 f"{min(warm):.1f}-{max(warm):.1f} s (target <= {TARGET_SECONDS:.0f} s)"
             )
     if args.json:
