@@ -245,6 +245,7 @@ def run_ours(side: str, p: dict, out: Path, device: str) -> dict:
         f"seed={p['seed']}",
         f"num_workers={p['num_workers']}",
         f"log_every={p['log_every']}",
+        "allow_tf32=true",  # as the original (its --tf32 default)
         "ema_decay=null",
         "sample_every=0",
         "checkpoint_every=1000000",

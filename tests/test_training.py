@@ -272,6 +272,22 @@ def test_checkpoints_of_the_pickle_format_are_refused(tokenizer_dir, tmp_path):
         train(TrainConfig(**config))
 
 
+def test_allow_tf32_turns_tf32_on_for_the_run(tokenizer_dir, tmp_path):
+    """``allow_tf32: true`` (the original VAR trainer's default) sets PyTorch's TF32 switches for matmuls and
+    convolutions; the default leaves them as they are."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        train(TrainConfig(**var_config(tmp_path / "default", tokenizer_dir, max_steps=1, ema_decay=None)))
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+        train(
+            TrainConfig(**var_config(tmp_path / "tf32", tokenizer_dir, max_steps=1, ema_decay=None, allow_tf32=True))
+        )
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 @pytest.mark.parametrize(
     "override, key",
     [
@@ -292,6 +308,8 @@ def test_checkpoints_of_the_pickle_format_are_refused(tokenizer_dir, tmp_path):
         ("resume=sometimes", "resume"),
         ("data.bad_images=ignore", "data.bad_images"),
         ("model=3", "model"),
+        ("allow_tf32=maybe", "allow_tf32"),
+        ("gradient_checkpointing=1", "gradient_checkpointing"),
     ],
 )
 def test_config_values_are_checked(override, key):

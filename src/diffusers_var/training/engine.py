@@ -73,6 +73,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16
     gradient_checkpointing: bool = False
+    allow_tf32: bool = False  # TF32 for float32 matmuls and convolutions on GPUs (the original VAR trainer's default)
     ema_decay: float | None = 0.999  # None: no EMA
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -163,10 +164,11 @@ class TrainConfig:
                 f"`data.bad_images` must be one of {', '.join(repr(p) for p in BAD_IMAGE_POLICIES)}, "
                 f"got {bad_images!r}."
             )
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise ValueError(  # noqa: TRY004 - every config error is a ValueError (the command line prints those)
-                f"`gradient_checkpointing` must be true or false, got {self.gradient_checkpointing!r}."
-            )
+        for name in ("gradient_checkpointing", "allow_tf32"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(  # noqa: TRY004 - every config error is a ValueError (the command line prints those)
+                    f"`{name}` must be true or false, got {getattr(self, name)!r}."
+                )
         for name in (
             "batch_size",
             "max_steps",
@@ -468,6 +470,8 @@ def train(config: TrainConfig) -> Path:
         )
     if on_cpu:
         accelerator.print(f"no GPU: the {world_size} processes train together on the CPU (DDP over gloo)")
+    if config.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     set_seed(config.seed)
     if accelerator.distributed_type == DistributedType.FSDP:
         if config.ema_decay:  # each rank would average its own shard only
