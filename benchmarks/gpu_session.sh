@@ -88,7 +88,7 @@ for stage in "$@"; do
         done
       done ;;
     train_original)  # issue 20: the original VAR trainer against ours (TRAIN_SIDES), VAR-d16 256 px, batch 96, fp16 (carry .originals/VAR)
-      log train_original "${TRAIN_SIDES:=original,ours}"; timeout "${TRAIN_TIMEOUT:-560}" python3 benchmarks/bench_training_original.py \
+      log train_original "${TRAIN_SIDES:=original}"; timeout "${TRAIN_TIMEOUT:-560}" python3 benchmarks/bench_training_original.py \
         --original .originals/VAR --steps "${TRAIN_STEPS:-300}" --sides "$TRAIN_SIDES" --out "$OUT/train_original" > "$OUT/train_original.log" 2>&1
       tail -n 9 "$OUT/train_original.log"  # the weights stay out of the archive
       rm -rf "$OUT"/train_original/*/final "$OUT"/train_original/*/checkpoints "$OUT"/train_original/{tokenizer,vae_original.safetensors} ;;
