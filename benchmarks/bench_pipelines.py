@@ -31,6 +31,8 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
                         token rows; opt-in)
   fast-compile-all-autotune  ``fast-compile-all`` with the decoder compiled in ``max-autotune-no-cudagraphs`` mode
                         (``compile_decoder="max-autotune-no-cudagraphs"``: convolution kernels benchmarked at compile)
+  fast-compile-all-graphed  ``fast-compile-all`` with ``compile_decoder="reduce-overhead"`` (the decoder replayed as
+                        a CUDA graph too)
 It also checks that greedy tokens (bits for Infinity) of the fast path agree with the eager float32 path.
 """
 
@@ -526,7 +528,9 @@ MODES = (
     "fast-compile-all",
     "fast-compile-all-fp8",
     "fast-compile-all-autotune",
+    "fast-compile-all-graphed",
 )
+DECODER_MODES = {"-autotune": "max-autotune-no-cudagraphs", "-graphed": "reduce-overhead"}  # mode suffix: compile mode
 KNOWN_MODELS = (
     tuple(MODELS)
     + tuple(CODE_MODELS)
@@ -614,7 +618,8 @@ def main() -> int:
                 extra = {"compile_blocks": True} if mode.startswith("fast-compile-all") else {}
                 if mode.endswith("-fp8"):
                     extra["fp8"] = True
-                compile_decoder = "max-autotune-no-cudagraphs" if mode.endswith("-autotune") else mode != "fast"
+                suffix = next((suffix for suffix in DECODER_MODES if mode.endswith(suffix)), None)
+                compile_decoder = DECODER_MODES[suffix] if suffix else mode != "fast"
                 bench.pipe.enable_fast_inference(compile_decoder=compile_decoder, **extra)
                 bench.fresh = False
             for batch in (int(b) for b in (args.batch_sizes or bench.default_batches).split(",")):

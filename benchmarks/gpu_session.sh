@@ -7,7 +7,7 @@
 # (issue 19: SAMPLE_MODELS, default var-d16 var-d30; SAMPLE_BATCHES, default 20), lora (LoRA vs full fine-tuning memory, issue 18: LORA_MODELS,
 # default var-d30 infinity-2b), batches (issue 20: batch sizes in one process against each alone), startup (issue 20: time to the first fast images of a second process, compile cache),
 # train_original (issue 20: the original VAR trainer against ours), decoder (the image decoder alone), autotune (the decoder
-# compiled in max-autotune mode inside the pipeline).
+# compiled in max-autotune mode inside the pipeline), graphed (the decoder replayed as a CUDA graph), star_all, t2i_all.
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
 #   .fixtures/F.tar.xz  for F in var star infinity code; do tar -cJf .fixtures/$F.tar.xz -C ../shared fixtures/$F; done
@@ -92,6 +92,9 @@ for stage in "$@"; do
         --original .originals/VAR --steps "${TRAIN_STEPS:-300}" --sides "$TRAIN_SIDES" --out "$OUT/train_original" > "$OUT/train_original.log" 2>&1
       tail -n 9 "$OUT/train_original.log"  # the weights stay out of the archive
       rm -rf "$OUT"/train_original/*/final "$OUT"/train_original/*/checkpoints "$OUT"/train_original/{tokenizer,vae_original.safetensors} ;;
+    graphed)  # issue 20: the decoder replayed as a CUDA graph (compile_decoder="reduce-overhead"): batch 1 is host-bound
+      bench . graphed_var16 --models var-d16 --batch-sizes 1,64 --modes fast-compile-all,fast-compile-all-graphed --repeats 5
+      bench . graphed_var30 --models var-d30 --batch-sizes 1 --modes fast-compile-all,fast-compile-all-graphed --repeats 5 ;;
     autotune)  # issues 20, 23: the decoder compiled in max-autotune mode inside the pipeline, against the default mode
       BENCH_TIMEOUT=${BENCH_TIMEOUT:-400} bench . autotune_var16 --models var-d16 --batch-sizes 1,64 \
         --modes fast-compile-all,fast-compile-all-autotune --repeats 5

@@ -133,7 +133,7 @@ def test_infinity_fast_inference_on_cpu(infinity):
         (dict(dtype=None), "dtype"),
         (dict(cuda_graphs="yes"), "cuda_graphs"),
         (dict(compile_decoder=1), "compile_decoder"),
-        (dict(compile_decoder="reduce-overhead"), "compile_decoder"),
+        (dict(compile_decoder="max-autotune-cudagraphs"), "compile_decoder"),
         (dict(compile_decoder="fast"), "compile_decoder"),
         (dict(compile_blocks="yes"), "compile_blocks"),
     ],
@@ -694,7 +694,12 @@ def test_compiled_blocks_trace_no_new_graph_for_another_batch_size(family, monke
 
 
 @pytest.mark.parametrize(
-    "compile_decoder, mode", [(True, "default"), ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")]
+    "compile_decoder, mode",
+    [
+        (True, "default"),
+        ("reduce-overhead", "reduce-overhead"),
+        ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"),
+    ],
 )
 def test_compile_decoder_takes_a_torch_compile_mode(monkeypatch, compile_decoder, mode):
     """``compile_decoder=True`` compiles the decoder in the default mode, a mode name in that mode (every family)."""

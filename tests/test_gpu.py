@@ -358,6 +358,27 @@ def test_graphs_keep_what_they_write_into_alive(fixture):
         assert all(bool(t.isnan().all()) for t in filler)  # the replays wrote only into memory they own
 
 
+def test_decoder_replayed_as_a_cuda_graph_gives_the_compiled_decoders_images(fixture):
+    """``compile_decoder="reduce-overhead"`` (the decoder replayed as a CUDA graph) gives the images of the default
+    compiled decoder, at two batch sizes; an image returned by one call is not changed by the next call."""
+    images = {}
+    for mode in (True, "reduce-overhead"):
+        pipe = _pipe(fixture).enable_fast_inference(dtype=torch.float32, compile_decoder=mode)
+        for labels in ([3, 7], [1, 2, 5]):
+            generator = torch.Generator("cuda").manual_seed(0)
+            images[mode, len(labels)] = pipe(class_labels=labels, generator=generator, output_type="pt").images
+        kept = images[mode, 2].clone()
+        pipe(class_labels=[4, 4], generator=torch.Generator("cuda").manual_seed(1), output_type="pt")
+        torch.testing.assert_close(images[mode, 2], kept, atol=0, rtol=0)
+        pipe.vqvae.enable_slicing(1)  # one replay per image: each slice's output must survive the next replay
+        sliced = pipe(
+            class_labels=[1, 2, 5], generator=torch.Generator("cuda").manual_seed(0), output_type="pt"
+        ).images
+        torch.testing.assert_close(sliced, images[mode, 3], atol=1e-4, rtol=1e-4)
+    for batch in (2, 3):
+        torch.testing.assert_close(images["reduce-overhead", batch], images[True, batch], atol=1e-4, rtol=1e-4)
+
+
 # -- STAR and Infinity on their converted parity fixtures: the issue-8 correctness bar ---------------------------
 # Their tiny random-weight fixtures have near-ties far below 16-bit resolution (STAR: two codes 0.0009 apart at logits
 # of about 5), and one flipped greedy token changes every later scale. So besides the free-running agreement (printed),

@@ -41,9 +41,10 @@ from ..models.star_transformer import STARBlock
 FAST_INFERENCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-# torch.compile modes ``compile_decoder`` takes besides True / False ("reduce-overhead" is left out: its CUDA graphs
-# would hold the decoder's output between the pipeline's own graph replays)
-DECODER_COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs")
+# torch.compile modes ``compile_decoder`` takes besides True / False. "reduce-overhead" also replays the decoder as
+# a CUDA graph (at batch 1 launching its kernels takes longer than running them); the decoder's raw output then lives
+# in the graph's memory until the next replay, so the tokenizers clamp it into a new tensor (also between slices).
+DECODER_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def check_fast_inference_args(dtype, **flags) -> None:
