@@ -381,21 +381,39 @@ def compile_adaln_blocks_(model: nn.Module) -> int:
     and token count from the first call (:func:`_dynamic_rows`), so a generation compiles a handful of graphs and
     another batch size none. Blocks compiled before (a transformer shared by pipelines made with ``from_pipe``, or
     CoDe's drafter) are left as they are. Returns the number of blocks."""
-    blocks = [m for m in model.modules() if isinstance(m, AdaLNSelfAttentionBlock)]
-    for block in blocks:
-        if "compiled_attention_inputs" in block.__dict__:
-            continue
-        pieces = {"compiled_attention_inputs": _attention_inputs, "compiled_attention_residual": _attention_residual}
-        block.ffn_residual = _dynamic_rows(torch.compile(block.ffn_residual))
-        block.self_attention_residual = types.MethodType(_split_self_attention_residual, block)
+
+    def plan(block):
+        pieces = {
+            "compiled_attention_inputs": _attention_inputs,
+            "compiled_attention_residual": _attention_residual,
+            "ffn_residual": type(block).ffn_residual,  # compiled whole, under its own name
+        }
+        methods = {"self_attention_residual": _split_self_attention_residual}
         if hasattr(block, "cross_attention_residual"):
             pieces.update(
                 compiled_cross_attention_query=_cross_attention_query,
                 compiled_cross_attention_output=_cross_attention_output,
             )
-            block.cross_attention_residual = types.MethodType(_split_cross_attention_residual, block)
+            methods["cross_attention_residual"] = _split_cross_attention_residual
+        return pieces, methods
+
+    return _compile_block_pieces_(model, AdaLNSelfAttentionBlock, plan)
+
+
+def _compile_block_pieces_(model: nn.Module, block_class: type, plan: Callable) -> int:
+    """For every ``block_class`` block of ``model`` not compiled before: ``plan(block) -> (pieces, methods)``; each
+    piece ``function(block, ...)`` is set on the block under its name, compiled with dynamic rows, and each method
+    (the block's own, rewritten to call the pieces around the KV cache and attention kernels) replaces the block's.
+    Returns the number of blocks."""
+    blocks = [m for m in model.modules() if isinstance(m, block_class)]
+    for block in blocks:
+        if "compiled_attention_inputs" in block.__dict__:
+            continue
+        pieces, methods = plan(block)
         for name, function in pieces.items():
             setattr(block, name, _dynamic_rows(torch.compile(types.MethodType(function, block))))
+        for name, function in methods.items():
+            setattr(block, name, types.MethodType(function, block))
     return len(blocks)
 
 
@@ -449,10 +467,8 @@ def compile_star_blocks_(model: nn.Module) -> int:
     normalisation, RoPE, residuals and FFN go to torch.compile in pieces around the KV cache and the attention
     kernels, dynamic in the batch and token count from the first call. Blocks compiled before are left as they are.
     Returns the number of blocks."""
-    blocks = [m for m in model.modules() if isinstance(m, STARBlock)]
-    for block in blocks:
-        if "compiled_attention_inputs" in block.__dict__:
-            continue
+
+    def plan(block):
         pieces = {
             "compiled_attention_inputs": _star_attention_inputs,
             "compiled_attention_residual": _star_attention_residual,
@@ -463,10 +479,9 @@ def compile_star_blocks_(model: nn.Module) -> int:
                 compiled_cross_attention_query=_star_cross_attention_query,
                 compiled_cross_attention_output=_cross_attention_output,
             )
-        for name, function in pieces.items():
-            setattr(block, name, _dynamic_rows(torch.compile(types.MethodType(function, block))))
-        block.forward = types.MethodType(_split_star_block, block)
-    return len(blocks)
+        return pieces, {"forward": _split_star_block}
+
+    return _compile_block_pieces_(model, STARBlock, plan)
 
 
 def _dynamic_rows(compiled: Callable) -> Callable:
