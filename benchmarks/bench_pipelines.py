@@ -33,6 +33,8 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
                         (``compile_decoder="max-autotune-no-cudagraphs"``: convolution kernels benchmarked at compile)
   fast-compile-all-graphed  ``fast-compile-all`` with ``compile_decoder="reduce-overhead"`` (the decoder replayed as
                         a CUDA graph too)
+  fast-compile-all-subpixel  ``fast-compile-all`` with the decoder's upsamplers in sub-pixel form
+                        (``fast_inference.subpixel_upsample_``: one 2x2 conv on the small map, opt-in until measured)
 It also checks that greedy tokens (bits for Infinity) of the fast path agree with the eager float32 path.
 """
 
@@ -63,6 +65,7 @@ from diffusers_var import (  # noqa: E402
 )
 from diffusers_var.models.dynamic_resolution import schedule_for_pixels  # noqa: E402
 from diffusers_var.models.infinity_transformer import infinity_ffn_dim  # noqa: E402
+from diffusers_var.pipelines.fast_inference import subpixel_upsample_  # noqa: E402
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 MODELS = {  # name: (depth, patch_nums); width 64 * depth and depth heads, as every VAR release
@@ -529,6 +532,7 @@ MODES = (
     "fast-compile-all-fp8",
     "fast-compile-all-autotune",
     "fast-compile-all-graphed",
+    "fast-compile-all-subpixel",
 )
 DECODER_MODES = {"-autotune": "max-autotune-no-cudagraphs", "-graphed": "reduce-overhead"}  # mode suffix: compile mode
 KNOWN_MODELS = (
@@ -621,6 +625,8 @@ def main() -> int:
                 suffix = next((suffix for suffix in DECODER_MODES if mode.endswith(suffix)), None)
                 compile_decoder = DECODER_MODES[suffix] if suffix else mode != "fast"
                 bench.pipe.enable_fast_inference(compile_decoder=compile_decoder, **extra)
+                if mode.endswith("-subpixel"):
+                    subpixel_upsample_(getattr(bench.pipe, "vqvae", None) or bench.pipe.vae)
                 bench.fresh = False
             for batch in (int(b) for b in (args.batch_sizes or bench.default_batches).split(",")):
                 seconds, peak = time_mode(

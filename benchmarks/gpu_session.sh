@@ -7,7 +7,8 @@
 # (issue 19: SAMPLE_MODELS, default var-d16 var-d30; SAMPLE_BATCHES, default 20), lora (LoRA vs full fine-tuning memory, issue 18: LORA_MODELS,
 # default var-d30 infinity-2b), batches (issue 20: batch sizes in one process against each alone), startup (issue 20: time to the first fast images of a second process, compile cache),
 # train_original (issue 20: the original VAR trainer against ours), decoder (the image decoder alone), autotune (the decoder
-# compiled in max-autotune mode inside the pipeline), graphed (the decoder replayed as a CUDA graph), star_all, t2i_all.
+# compiled in max-autotune mode inside the pipeline), graphed (the decoder replayed as a CUDA graph), subpixel (the
+# decoder's upsamplers as one 2x2 conv on the small map), star_all, t2i_all.
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
 #   .fixtures/F.tar.xz  for F in var star infinity code; do tar -cJf .fixtures/$F.tar.xz -C ../shared fixtures/$F; done
@@ -102,6 +103,12 @@ for stage in "$@"; do
         --modes fast-compile-all,fast-compile-all-autotune --repeats 3 ;;
     decoder)  # issues 20, 23: the image decoder alone, layouts and compile modes, batch 1 and 64
       log decoder; timeout 300 python3 benchmarks/bench_decoder.py --batch-sizes 1,64 > "$OUT/decoder.log" 2>&1; tail -n 12 "$OUT/decoder.log" ;;
+    subpixel)  # issues 20, 23: the upsamplers in sub-pixel form (fast_inference.subpixel_upsample_), decoder alone and inside
+      log subpixel_decoder; timeout 240 python3 benchmarks/bench_decoder.py --batch-sizes 1,64 \
+        --variants bf16-nchw-eager,bf16-nchw-eager-subpixel,bf16-cl-compile-padded,bf16-cl-compile-padded-subpixel \
+        > "$OUT/subpixel_decoder.log" 2>&1; tail -n 10 "$OUT/subpixel_decoder.log"
+      bench . subpixel_var16 --models var-d16 --batch-sizes 1,64 --modes fast-compile-all,fast-compile-all-subpixel --repeats 5
+      bench . subpixel_var30 --models var-d30 --batch-sizes 64 --modes fast-compile-all,fast-compile-all-subpixel --repeats 3 ;;
     startup)  # issue 20: a second process's time to its first fast images with the compile cache the first left
       log startup; timeout "${STARTUP_TIMEOUT:-420}" python3 benchmarks/bench_startup.py --models "${STARTUP_MODELS:-var-d16}" \
         --processes 3 --warm-env TORCHINDUCTOR_COMPILE_THREADS=1 --json "$OUT/startup.json" > "$OUT/startup.log" 2>&1; tail -n 9 "$OUT/startup.log" ;;

@@ -584,6 +584,58 @@ def test_padded_narrow_convs_keep_outputs_and_parameter_names():
     assert list(model.state_dict()) == names and model[1].weight.shape == (3, 16, 3, 3)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("family", ["var", "infinity"])
+def test_subpixel_upsampling_equals_nearest_upsampling_and_conv(family, channels_last):
+    """The decoder with its upsamplers in sub-pixel form gives the decoder's output (float32, both layouts, odd and
+    even sides), keeps its parameter names, and is given back its own upsamplers."""
+    from diffusers_var.models.bitwise_vae import BitwiseDecoder
+    from diffusers_var.models.multiscale_vq import Decoder
+
+    torch.manual_seed(0)
+    if family == "var":
+        decoder = Decoder(
+            3, 32, (1, 1, 2), num_res_blocks=1, z_channels=8, dropout=0.0, using_sa=True, using_mid_sa=True
+        )
+    else:
+        decoder = BitwiseDecoder(8, 32, (1, 1, 2), num_res_blocks=1, out_channels=3)
+    for module in decoder.modules():  # upsampler biases are zero at init: make them count
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.normal_(module.bias, std=0.5)
+    decoder.eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    decoder.to(memory_format=memory_format)
+    z = torch.randn(2, 8, 5, 6).contiguous(memory_format=memory_format)
+    names = list(decoder.state_dict())
+    with torch.no_grad():
+        reference = decoder(z)
+        assert fast_inference.subpixel_upsample_(decoder) == 2
+        subpixel = decoder(z)
+        assert fast_inference.subpixel_upsample_(decoder, enabled=False) == 2
+        restored = decoder(z)
+    assert subpixel.shape == reference.shape == (2, 3, 20, 24)
+    torch.testing.assert_close(subpixel, reference, rtol=1e-5, atol=1e-5)
+    assert subpixel.is_contiguous(memory_format=memory_format)
+    assert torch.equal(restored, reference) and list(decoder.state_dict()) == names
+
+
+def test_subpixel_weights_fold_the_kernel_into_each_phase():
+    """One output channel, one input channel: each phase's 2x2 kernel sums the 3x3 taps that read the same small-map
+    pixel (even rows: k0 | k1 + k2; odd rows: k0 + k1 | k2; the same along columns)."""
+    weight = torch.arange(9.0).view(1, 1, 3, 3)
+    phases = fast_inference.subpixel_weights(weight).view(2, 2, 2, 2)
+    k = weight[0, 0]
+    assert torch.equal(
+        phases[0, 0],
+        torch.stack([torch.stack([k[0, 0], k[0, 1] + k[0, 2]]), torch.stack([k[1:, 0].sum(), k[1:, 1:].sum()])]),
+    )
+    assert torch.equal(
+        phases[1, 1],
+        torch.stack([torch.stack([k[:2, :2].sum(), k[:2, 2].sum()]), torch.stack([k[2, :2].sum(), k[2, 2]])]),
+    )
+    assert phases.sum(dim=(-1, -2)).eq(weight.sum()).all()  # every phase keeps all nine taps
+
+
 def test_installed_kernels_follow_the_fast_inference_dtype():
     """The fused FFN GELU and the separable upsampling are bf16 / fp16 shortcuts, installed on the module instances
     from outside: float32 fast inference and ``disable_fast_inference`` give the classes' own methods back."""

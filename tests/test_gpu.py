@@ -379,6 +379,21 @@ def test_decoder_replayed_as_a_cuda_graph_gives_the_compiled_decoders_images(fix
         torch.testing.assert_close(images["reduce-overhead", batch], images[True, batch], atol=1e-4, rtol=1e-4)
 
 
+def test_subpixel_upsampling_on_the_gpu_gives_the_compiled_decoders_images(fixture):
+    """The decoder's upsamplers in sub-pixel form (``fast_inference.subpixel_upsample_``) under the compiled
+    channels-last decoder: the images of the plain compiled decoder, in float32 and within bf16's rounding in bf16."""
+    from diffusers_var.pipelines.fast_inference import subpixel_upsample_
+
+    for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        images = []
+        for subpixel in (False, True):
+            pipe = _pipe(fixture).enable_fast_inference(dtype=dtype, compile_decoder=True)
+            subpixel_upsample_(pipe.vqvae, subpixel)
+            generator = torch.Generator("cuda").manual_seed(0)
+            images.append(pipe(class_labels=[3, 7], generator=generator, output_type="pt").images)
+        torch.testing.assert_close(images[1], images[0], atol=tolerance, rtol=0)
+
+
 # -- STAR and Infinity on their converted parity fixtures: the issue-8 correctness bar ---------------------------
 # Their tiny random-weight fixtures have near-ties far below 16-bit resolution (STAR: two codes 0.0009 apart at logits
 # of about 5), and one flipped greedy token changes every later scale. So besides the free-running agreement (printed),

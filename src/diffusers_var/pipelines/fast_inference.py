@@ -12,7 +12,9 @@ kernels and precision tricks installed onto the models from outside (the model f
   - :func:`compile_adaln_blocks_` / :func:`compile_star_blocks_`: ``torch.compile`` of each block's elementwise work,
     split around the KV cache;
   - :func:`separable_upsample_`: VAR / STAR code maps upsampled by a separable bicubic;
-  - :func:`pad_narrow_convs_`: the RGB output conv computed with zero-padded channels (compiled decoder).
+  - :func:`pad_narrow_convs_`: the RGB output conv computed with zero-padded channels (compiled decoder);
+  - :func:`subpixel_upsample_`: the decoders' nearest 2x upsampling + 3x3 conv as one 2x2 conv on the small map
+    (opt-in while it is measured on the GPU: ``benchmarks/bench_pipelines.py --modes fast-compile-all-subpixel``).
 * :func:`use_compile_cache`: torch.compile's on-disk caches in a lasting folder, shared by the processes of a machine.
 * :class:`FastInferenceMixin` holds the switches, the cache of captured graph sets and the graph-or-eager transformer
   step every pipeline uses.
@@ -34,8 +36,9 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..loaders import adapter_state
+from ..models.bitwise_vae import Upsample as BitwiseUpsample
 from ..models.blocks import AdaLNSelfAttentionBlock, CosineSelfAttention, FeedForward, Rotary2D, memoized
-from ..models.multiscale_vq import MultiScaleResidualQuantizer
+from ..models.multiscale_vq import MultiScaleResidualQuantizer, Upsample2x
 from ..models.star_transformer import STARBlock
 
 FAST_INFERENCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -200,6 +203,57 @@ def _padded_conv_forward(conv: nn.Conv2d, multiple: int, x: torch.Tensor) -> tor
     weight = F.pad(conv.weight, (0, 0, 0, 0, 0, 0, 0, extra))
     bias = None if conv.bias is None else F.pad(conv.bias, (0, extra))
     return conv._conv_forward(x, weight, bias)[:, : conv.out_channels]
+
+
+def subpixel_upsample_(module: nn.Module | None, enabled: bool = True) -> int:
+    """Install (``enabled``) or remove the sub-pixel form of every decoder upsampler in ``module`` (VAR / STAR's
+    ``Upsample2x``, Infinity's ``Upsample``): nearest 2x upsampling followed by a 3x3 conv equals, for each of the
+    four output phases, a 2x2 conv of the small map, so one 2x2 conv with 4x the output channels on the zero-padded
+    small map, interleaved, gives the same output with 16 instead of 36 multiply-adds per output value and without
+    the upsampled copy of the input (float32: the same values up to summation order). Returns how many upsamplers
+    changed."""
+    changed = 0
+    for upsampler in module.modules() if module is not None else ():
+        if isinstance(upsampler, (Upsample2x, BitwiseUpsample)):
+            _uninstall(upsampler, "forward")
+            if enabled:
+                _install(upsampler, "forward", _subpixel_upsample_forward)
+            changed += 1
+    return changed
+
+
+# Row a of phase p: the weights of the two small-map taps of output phase p (0: even rows, 1: odd rows), read off the
+# three taps of the 3x3 conv over the upsampled map. Even output row 2i sees upsampled rows 2i-1, 2i, 2i+1, i.e.
+# small rows i-1, i, i (taps: k0 | k1 + k2); odd row 2i+1 sees small rows i, i, i+1 (taps: k0 + k1 | k2).
+_PHASE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+
+
+def subpixel_weights(weight_OI33: torch.Tensor) -> torch.Tensor:
+    """(4 O, I, 2, 2): the 3x3 kernel folded into the 2x2 kernel of each output phase (row phase, column phase),
+    summed in float32."""
+    taps_P23 = torch.tensor(_PHASE_TAPS, dtype=torch.float32, device=weight_OI33.device)
+    folded = torch.einsum("apk,bql,oikl->aboipq", taps_P23, taps_P23, weight_OI33.float())
+    return folded.reshape(4 * weight_OI33.shape[0], weight_OI33.shape[1], 2, 2).to(weight_OI33.dtype)
+
+
+def _subpixel_upsample_forward(upsampler: nn.Module, x_BCHW: torch.Tensor) -> torch.Tensor:
+    conv = upsampler.conv
+    B, _, H, W = x_BCHW.shape
+    C_out = conv.out_channels
+    bias = None if conv.bias is None else conv.bias.repeat(4)
+    # phase (a, b) of output pixel (2i + a, 2j + b) is the 2x2 conv at (i + a, j + b) of the map padded by one
+    phases = F.conv2d(F.pad(x_BCHW, (1, 1, 1, 1)), subpixel_weights(conv.weight), bias).view(
+        B, 2, 2, C_out, H + 1, W + 1
+    )
+
+    def phase(a: int, b: int) -> torch.Tensor:
+        return phases[:, a, b, :, a : a + H, b : b + W]
+
+    if x_BCHW.is_contiguous(memory_format=torch.channels_last) and not x_BCHW.is_contiguous():
+        rows = [torch.stack([phase(a, b).permute(0, 2, 3, 1) for b in (0, 1)], dim=3) for a in (0, 1)]
+        return torch.stack(rows, dim=2).reshape(B, 2 * H, 2 * W, C_out).permute(0, 3, 1, 2)  # channels-last
+    rows = [torch.stack([phase(a, b) for b in (0, 1)], dim=-1) for a in (0, 1)]
+    return torch.stack(rows, dim=3).reshape(B, C_out, 2 * H, 2 * W)
 
 
 # fc1's bias + GELU in the matmul epilogue: only from this many token rows (fewer rows: cuBLASLt's small-row kernels
