@@ -4,6 +4,7 @@ found before anything is generated; many images are generated in bounded batches
 from __future__ import annotations
 
 import ast
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +115,32 @@ def test_no_import_circle_between_cli_and_demo():
         imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         assert not {name for name in imported if name.split(".")[-1] in forbidden}, (module, imported)
+
+
+def test_embedded_pipelines_are_found_by_name_wherever_the_command_runs(tmp_path, monkeypatch):
+    """``--model star-shapes`` (or the checkout's ``pipelines/star-shapes``) names the embedded pipeline when no such
+    folder exists where the command runs; an existing folder of that name wins, and other names stay paths."""
+    from diffusers_var.cli_support import embedded_pipelines_dir, resolve_pipeline_folder
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("var-shapes", "star-shapes", "infinity-shapes", "var-shapes-refiner"):
+        assert resolve_pipeline_folder(name) == embedded_pipelines_dir() / name
+        assert resolve_pipeline_folder(f"pipelines/{name}") == embedded_pipelines_dir() / name
+    assert resolve_pipeline_folder("elsewhere/star-shapes") == Path("elsewhere/star-shapes")
+    assert resolve_pipeline_folder("star-shape") == Path("star-shape")
+    (tmp_path / "star-shapes").mkdir()  # a folder of the user's with that name is what they mean
+    assert resolve_pipeline_folder("star-shapes").resolve() == tmp_path / "star-shapes"
+    assert _exit_code(["generate", "--model", "star-shapes", "--out", str(tmp_path / "x.png")]) == 2
+
+
+def test_embedded_pipeline_names_its_folder_or_says_which_names_exist():
+    from diffusers import DiffusionPipeline
+
+    import diffusers_var
+    from diffusers_var.cli_support import embedded_pipelines_dir
+
+    assert diffusers_var.embedded_pipeline() == embedded_pipelines_dir() / "var-shapes"
+    pipe = DiffusionPipeline.from_pretrained(diffusers_var.embedded_pipeline("star-shapes"))
+    assert type(pipe) is diffusers_var.STARPipeline
+    with pytest.raises(ValueError, match="`name` must be one of var-shapes, star-shapes"):
+        diffusers_var.embedded_pipeline("pipelines/var-shapes")

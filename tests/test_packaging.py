@@ -1,16 +1,18 @@
 """The package as users install it: ``pip install .`` (a wheel, not editable) in a fresh virtual environment,
 then the README's main command. The wheel must carry the embedded pipelines (they live in the repository's
 ``pipelines/`` folder). Offline: the wheel is built with ``--no-build-isolation`` from the setuptools installed
-here (the ``test`` extra pins it), and installed with ``--no-deps --no-index``; torch & co. come from this
-environment through a ``.pth`` line, so nothing is downloaded."""
+here (the ``test`` extra pins it), and installed with ``--no-deps --no-index``; its requirements come from this
+environment, so nothing is downloaded: only the distributions the wheel's requirements reach (themselves and
+their own requirements, recursively), linked into one folder that a ``.pth`` line adds. A package the command
+needs that no requirement brings (the test extra's ``accelerate`` once was one) fails the test."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import shutil
 import subprocess
 import sys
-import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -57,6 +59,40 @@ def wheel(tmp_path_factory) -> Path:
     return built
 
 
+def requirement_closure(requirements: list[str]) -> dict[str, importlib.metadata.Distribution]:
+    """The installed distributions ``requirements`` reach, by canonical name: each requirement whose marker holds
+    without extras, then its own requirements, recursively. One not installed here is left out (then whatever
+    needs it fails in the fresh environment, as it would for a user without it)."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    found: dict[str, importlib.metadata.Distribution] = {}
+    pending = list(requirements)
+    while pending:
+        requirement = Requirement(pending.pop())
+        name = canonicalize_name(requirement.name)
+        if name in found or (requirement.marker is not None and not requirement.marker.evaluate({"extra": ""})):
+            continue
+        try:
+            found[name] = importlib.metadata.distribution(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        pending.extend(found[name].requires or [])
+    return found
+
+
+def link_distributions(distributions, folder: Path) -> None:
+    """Symbolic links in ``folder`` to the top-level modules, packages and metadata of ``distributions``."""
+    folder.mkdir()
+    for distribution in distributions:
+        tops = {Path(f).parts[0] for f in distribution.files or () if not str(f).startswith("..")}
+        assert tops, f"{distribution.metadata['Name']} lists no files"
+        for top in tops - {"__pycache__"}:
+            source = Path(distribution.locate_file(top))
+            if source.exists() and not (folder / top).exists():
+                (folder / top).symlink_to(source)
+
+
 def test_wheel_ships_the_embedded_pipelines(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for family in ("var-shapes", "star-shapes", "infinity-shapes"):
@@ -76,10 +112,15 @@ def test_pip_install_then_the_readme_command_works(wheel, tmp_path):
     python = venv / "bin" / "python"
     site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
     assert site.is_relative_to(venv), site
-    # the fresh environment sees this one's packages (torch, diffusers, ...) after its own site-packages; a path
-    # added by a .pth line does not run that folder's .pth files, so an editable diffusers_var here stays out
-    here = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    (site / "outer-environment.pth").write_text("\n".join(sorted(here)) + "\n")
+    # the fresh environment sees the wheel's requirements from this environment, and nothing else of it
+    with zipfile.ZipFile(wheel) as archive:
+        (metadata,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        text = archive.read(metadata).decode()
+    requirements = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Requires-Dist:")]
+    reached = requirement_closure(requirements)
+    assert {"torch", "diffusers", "transformers"} <= set(reached), sorted(reached)
+    link_distributions(reached.values(), tmp_path / "requirements")
+    (site / "requirements.pth").write_text(f"{tmp_path / 'requirements'}\n")
     _run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index", str(wheel)]
     )
@@ -105,3 +146,10 @@ def test_pip_install_then_the_readme_command_works(wheel, tmp_path):
 
     judged = shapes.judge_images([Image.open(work / "out.png")])[0]
     assert judged == shapes.ShapeClass("circle", "red", "blue"), judged
+    # the embedded pipelines by name, as the README writes them (short and checkout forms), from the wheel's copies
+    for command in (
+        ["diffusers-var", "generate", "--model", "star-shapes", "--prompt", "a red circle", "--out", "star.png"],
+        ["diffusers-var", "generate", "--refiner", "pipelines/var-shapes-refiner", "--out", "code.png"],
+    ):
+        result = _run(command, cwd=work, env=env)
+        assert (work / command[-1]).is_file(), result.stdout + result.stderr

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from .cli_support import (
+    EMBEDDED_PIPELINES,
     OneLineErrorParser,
     add_demo_arguments,
     add_lora_arguments,
@@ -23,9 +24,11 @@ from .cli_support import (
     load_loras,
     pipeline_class_of,
     print_error,
+    resolve_pipeline_folder,
 )
 
 DEFAULT_MODEL = default_model()
+EMBEDDED_NAMES = ", ".join(EMBEDDED_PIPELINES)
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 PIPELINE_FLAGS = {
     "class_labels": "--class-label",
@@ -90,7 +93,7 @@ def _generate(args) -> int:
     for problem in (check_device("--device", args.device), check_output(out, args.num_images)):
         if problem:
             return print_error(problem)
-    model = Path(args.model) if args.model else DEFAULT_MODEL
+    model = resolve_pipeline_folder(args.model) if args.model else DEFAULT_MODEL
     try:
         pipeline_class = pipeline_class_of(model)
     except ValueError as err:
@@ -221,7 +224,7 @@ def _edit(args) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
 
-    model = Path(args.model) if args.model else DEFAULT_MODEL
+    model = resolve_pipeline_folder(args.model) if args.model else DEFAULT_MODEL
     masks = [name for name in ("mask", "box") if getattr(args, name) is not None]
     if len(masks) > 1:
         return fail("pass one of `--mask` and `--box`")
@@ -291,13 +294,14 @@ def _with_refiner(pipe, args, kwargs):
     if args.refiner is not None:
         if type(pipe) is not VARPipeline:
             raise ValueError(f"`--refiner` needs a VAR `--model` (the drafter), got a {type(pipe).__name__}")
+        refiner_folder = resolve_pipeline_folder(args.refiner)
         try:
-            refiner_class = pipeline_class_of(args.refiner)
+            refiner_class = pipeline_class_of(refiner_folder)
         except ValueError as err:
             raise ValueError(f"`--refiner` {err}") from None
         if refiner_class is not VARPipeline:
             raise ValueError(f"`--refiner` {args.refiner!r} holds a {refiner_class.__name__}, not a VARPipeline")
-        refiner = refiner_class.from_pretrained(args.refiner, dtype=getattr(torch, args.dtype)).to(args.device)
+        refiner = refiner_class.from_pretrained(refiner_folder, dtype=getattr(torch, args.dtype)).to(args.device)
         pipe = VARCoDePipeline.from_var_pipelines(pipe, refiner)
     if args.draft_steps is not None:
         if not isinstance(pipe, VARCoDePipeline):
@@ -339,7 +343,11 @@ def build_parser() -> OneLineErrorParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate images with a pipeline folder (default: the embedded VAR)")
-    gen.add_argument("--model", default=None, help=f"pipeline folder (default: {DEFAULT_MODEL})")
+    gen.add_argument(
+        "--model",
+        default=None,
+        help=f"pipeline folder, or an embedded one by name ({EMBEDDED_NAMES}; default: var-shapes)",
+    )
     gen.add_argument("--prompt", default=None, help="text prompt (STAR / Infinity), or a class name for VAR")
     gen.add_argument("--class-label", default=None, help="VAR: class index or name (default: random)")
     gen.add_argument(
@@ -369,7 +377,7 @@ def build_parser() -> OneLineErrorParser:
         default=None,
         metavar="PATH",
         help="CoDe: a small VAR pipeline folder on the same tokenizer that samples the fine scales after "
-        "the VAR --model drafted the coarse ones",
+        "the VAR --model drafted the coarse ones (the embedded one: var-shapes-refiner)",
     )
     gen.add_argument(
         "--draft-steps",
@@ -391,7 +399,11 @@ def build_parser() -> OneLineErrorParser:
         "box), image-to-image keeps the image's first scales and samples the share "
         "--strength of them.",
     )
-    ed.add_argument("--model", default=None, help=f"pipeline folder (default: {DEFAULT_MODEL})")
+    ed.add_argument(
+        "--model",
+        default=None,
+        help=f"pipeline folder, or an embedded one by name ({EMBEDDED_NAMES}; default: var-shapes)",
+    )
     ed.add_argument("--image", required=True, help="the image to edit (resized to the model's size)")
     ed.add_argument(
         "--mask",

@@ -28,6 +28,31 @@ def embedded_pipelines_dir() -> Path:
     return PACKAGE_DIR.parents[1] / "pipelines"
 
 
+EMBEDDED_PIPELINES = ("var-shapes", "star-shapes", "infinity-shapes", "var-shapes-refiner")
+
+
+def embedded_pipeline(name: str = "var-shapes") -> Path:
+    """The folder of an embedded pipeline (``var-shapes``, ``star-shapes``, ``infinity-shapes``,
+    ``var-shapes-refiner``) for ``from_pretrained``, from a source checkout or a wheel alike."""
+    if name not in EMBEDDED_PIPELINES:
+        raise ValueError(f"`name` must be one of {', '.join(EMBEDDED_PIPELINES)}, got {name!r}")
+    folder = embedded_pipelines_dir() / name
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"the embedded pipeline {name!r} is not part of this installation (no {folder})")
+    return folder
+
+
+def resolve_pipeline_folder(model: str | Path) -> Path:
+    """A pipeline folder named on the command line: the path itself when it exists, else, for the name of an
+    embedded pipeline (``var-shapes``, ``star-shapes``, ``infinity-shapes``, ``var-shapes-refiner``; also in the
+    checkout's form ``pipelines/NAME``), the embedded copy, so the same commands work from a wheel."""
+    path = Path(model)
+    if path.exists() or path.name not in EMBEDDED_PIPELINES or str(path.parent) not in (".", "pipelines"):
+        return path
+    embedded = embedded_pipelines_dir() / path.name
+    return embedded if (embedded / "model_index.json").is_file() else path
+
+
 def default_model() -> Path:
     """The folder ``diffusers-var generate`` / ``sample`` use without ``--model``: the embedded VAR."""
     return embedded_pipelines_dir() / "var-shapes"
@@ -40,7 +65,10 @@ def pipeline_class_of(model) -> type:
 
     model = Path(model)
     if not (model / "model_index.json").is_file():
-        raise ValueError(f"{str(model)!r} is not a pipeline folder (no model_index.json)")
+        raise ValueError(
+            f"{str(model)!r} is not a pipeline folder (no model_index.json); the embedded pipelines are "
+            f"{', '.join(EMBEDDED_PIPELINES)}"
+        )
     try:
         class_name = json.loads((model / "model_index.json").read_text()).get("_class_name")
     except (OSError, ValueError, AttributeError) as err:

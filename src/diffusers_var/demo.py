@@ -34,6 +34,7 @@ from .cli_support import (
     enable_fast_path,
     pipeline_class_of,
     print_error,
+    resolve_pipeline_folder,
 )
 from .models.dynamic_resolution import supported_pixel_sizes
 from .pipelines.pipeline_infinity import InfinityImg2ImgPipeline, InfinityInpaintPipeline, InfinityPipeline
@@ -77,6 +78,7 @@ def load_family(family: str, spec: Any, device: str, dtype: torch.dtype, cpu_off
             )
         spec = embedded
     if isinstance(spec, (str, Path)):
+        spec = resolve_pipeline_folder(spec)
         try:
             found = pipeline_class_of(spec)
             if not issubclass(found, pipeline_class):
@@ -144,6 +146,7 @@ def load_code(var_pipe, refiner: Any, device: str, dtype: torch.dtype):
         refiner = EMBEDDED_VAR_REFINER
     try:
         if isinstance(refiner, (str, Path)):
+            refiner = resolve_pipeline_folder(refiner)
             found = pipeline_class_of(refiner)
             if found is not VARPipeline:
                 raise ValueError(f"{str(refiner)!r} holds a {found.__name__}, not a VARPipeline")

@@ -460,7 +460,7 @@ def _compile_seconds() -> float | None:
 def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
     """The ``sample`` command (``args`` as its parser makes them). ``on_batch(info)`` is called after each batch
     this process generated (benchmarks/bench_sample.py records speed and memory with it). Returns a summary."""
-    from .cli_support import default_model, enable_fast_path, pipeline_class_of
+    from .cli_support import default_model, enable_fast_path, pipeline_class_of, resolve_pipeline_folder
 
     for flag, value, low in (
         ("--batch-size", args.batch_size, 1),
@@ -471,7 +471,7 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
     ):
         if value is not None and value < low:
             raise ValueError(f"`{flag}` must be >= {low}, got {value}.")
-    model = Path(args.model) if args.model else default_model()
+    model = resolve_pipeline_folder(args.model) if args.model else default_model()
     try:
         pipeline_class = pipeline_class_of(model)
     except ValueError as err:
@@ -666,7 +666,12 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
         "Runs unchanged under `accelerate launch --num_processes N -m diffusers_var.cli sample ...`; "
         "rerun the same command to finish an interrupted run.",
     )
-    parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded var-shapes)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="pipeline folder, or an embedded one by name (var-shapes, star-shapes, infinity-shapes; default: "
+        "var-shapes)",
+    )
     parser.add_argument("--out", required=True, help="output folder")
     group = parser.add_argument_group("class-conditional (VAR)")
     group.add_argument(
