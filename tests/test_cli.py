@@ -134,13 +134,11 @@ def test_embedded_pipelines_are_found_by_name_wherever_the_command_runs(tmp_path
 
 
 def test_embedded_pipeline_names_its_folder_or_says_which_names_exist():
-    from diffusers import DiffusionPipeline
-
     import diffusers_var
     from diffusers_var.cli_support import embedded_pipelines_dir
 
     assert diffusers_var.embedded_pipeline() == embedded_pipelines_dir() / "var-shapes"
-    pipe = DiffusionPipeline.from_pretrained(diffusers_var.embedded_pipeline("star-shapes"))
-    assert type(pipe) is diffusers_var.STARPipeline
+    pipe = diffusers_var.STARPipeline.from_pretrained(diffusers_var.embedded_pipeline("star-shapes"))
+    assert isinstance(pipe.transformer, diffusers_var.STARTransformer2DModel)
     with pytest.raises(ValueError, match="`name` must be one of var-shapes, star-shapes"):
         diffusers_var.embedded_pipeline("pipelines/var-shapes")
