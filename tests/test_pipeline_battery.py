@@ -69,6 +69,8 @@ def inpaint_bad_inputs(image: torch.Tensor, grid: int) -> list:
         ({"mask_dilation": -1}, "mask_dilation"),
         ({"mask_dilation": 1.5}, "mask_dilation"),
         ({"mask_dilation": True}, "mask_dilation"),
+        ({"mask_dilation": grid + 1}, "mask_dilation"),  # past every cell (10**9 used to run for seconds)
+        ({"mask_image": torch.ones(0, grid, grid)}, "mask_image"),
         *edit_bad_inputs(image),
     ]
 
@@ -83,6 +85,8 @@ def edit_bad_inputs(image: torch.Tensor) -> list:
         ({"image": image[:, :2]}, "image"),
         ({"image": image * 3}, "image"),
         ({"image": "photo.png"}, "image"),
+        ({"image": image[:0]}, "image"),
+        ({"image": torch.zeros(3, 0, 0)}, "image"),
     ]
 
 
@@ -140,6 +144,7 @@ CASES = [
             ({"top_k": [8, 8, 8, -1]}, "top_k"),
             ({"temperature": [1.0] * 5}, "temperature"),
             ({"temperature": -1.0}, "temperature"),
+            ({"temperature": [1.0, 1.0, 1.0, 1e-300]}, "temperature"),
             ({"more_smooth": "yes"}, "more_smooth"),
         ],
     ),
@@ -157,6 +162,12 @@ CASES = [
             ({"use_stable_sampler": True}, "use_stable_sampler"),
             ({"sampler_version": "2"}, "sampler_version"),
             ({"max_sequence_length": 0}, "max_sequence_length"),
+            ({"max_sequence_length": 1}, "max_sequence_length"),  # no room for the start and end tokens
+            ({"max_sequence_length": 10**6}, "max_sequence_length"),
+            (
+                {"negative_prompt_embeds": torch.zeros(2, 3, 32), "negative_pooled_prompt_embeds": torch.zeros(2, 32)},
+                "negative_prompt_embeds",
+            ),
             (
                 {
                     "prompt_embeds": torch.full((2, 4, 32), float("nan")),
@@ -185,6 +196,9 @@ CASES = [
         call={"height": 32, "width": 32, "guidance_scale": 3.0, "top_k": 2},
         bad_inputs=[
             ({"tau": 0.0}, "tau"),
+            ({"tau": 1e-300}, "tau"),
+            ({"guidance_scale": [3.0] * 6 + [1e39]}, "guidance_scale"),
+            ({"height": 10**200, "width": 10**200}, "height"),
             ({"tau": float("nan")}, "tau"),
             ({"guidance_scale": [1.0, 2.0]}, "guidance_scale"),
             ({"height": 0}, "height"),
@@ -263,6 +277,8 @@ COMMON_BAD_INPUTS = [
     ({"guidance_scale": float("inf")}, "guidance_scale"),
     ({"guidance_scale": -1.0}, "guidance_scale"),
     ({"guidance_scale": "4"}, "guidance_scale"),
+    ({"guidance_scale": 1e39}, "guidance_scale"),  # finite, but the guided logits overflowed: every token 0
+    ({"num_images_per_prompt": 10**12}, "num_images_per_prompt"),
     ({"top_p": 1.5}, "top_p"),
     ({"top_p": float("nan")}, "top_p"),
     ({"top_k": -1}, "top_k"),
@@ -272,6 +288,14 @@ COMMON_BAD_INPUTS = [
     ({"generator": [torch.Generator()]}, "generator"),
     ({"generator": 3}, "generator"),
     ({"callback_on_step_end_tensor_inputs": ["unknown"]}, "callback_on_step_end_tensor_inputs"),
+    ({"callback_on_step_end_tensor_inputs": 5}, "callback_on_step_end_tensor_inputs"),
+    ({"callback_on_step_end_tensor_inputs": "latents"}, "callback_on_step_end_tensor_inputs"),
+    ({"callback_on_step_end": lambda pipe, i, hw, tensors: tensors["latents"]}, "callback_on_step_end"),
+    (
+        {"callback_on_step_end": lambda pipe, i, hw, tensors: {"latents": tensors["latents"] * float("nan")}},
+        "callback_on_step_end",
+    ),
+    ({"callback_on_step_end": lambda pipe, i, hw, tensors: setattr(pipe, "_guidance_scale", "x")}, "pipe._guidance"),
     ({"callback_on_step_end": "print"}, "callback_on_step_end"),
     ({"return_dict": "yes"}, "return_dict"),
 ]
@@ -522,6 +546,37 @@ def test_bad_inputs_name_the_parameter(case):
 
 # -- loading ----------------------------------------------------------------------------------------------------
 EMBEDDED = {"var": "var-shapes", "star": "star-shapes", "infinity": "infinity-shapes"}
+
+
+def test_bad_loading_arguments_name_the_parameter(case, tmp_path):
+    """``from_pretrained`` / ``from_pipe`` refuse what diffusers would ignore (a dtype given as a string loaded
+    float32 with a log line) or fail on deep inside (a path that is not a string)."""
+    pipe = pipeline(case)
+    pipe.save_pretrained(tmp_path)
+    for kwargs, parameter in (
+        ({"dtype": "float16"}, "dtype"),
+        ({"torch_dtype": 5}, "torch_dtype"),
+        ({"dtype": {"transformer": "bf16"}}, "dtype"),
+    ):
+        with pytest.raises(ValueError, match=f"`{parameter}`"):
+            case.pipeline_class.from_pretrained(tmp_path, **kwargs)
+    for path in (None, 123):
+        with pytest.raises(ValueError, match="`pretrained_model_name_or_path`"):
+            case.pipeline_class.from_pretrained(path)
+    with pytest.raises(ValueError, match="`dtype`"):
+        case.pipeline_class.from_pipe(pipe, dtype="float16")
+
+
+def test_bad_family_specific_arguments_name_the_parameter():
+    var = pipeline(CASES[0])
+    with pytest.raises(ValueError, match="`label`"):
+        var.get_label_ids(None)
+    with pytest.raises(ValueError, match="`id2label`"):
+        VARPipeline(transformer=var.transformer, vqvae=var.vqvae, id2label=["a"])
+    infinity = pipeline(next(case for case in CASES if case.id == "infinity"))
+    for default_size in ("64", [64.5, 64], [64], [0, 64]):
+        with pytest.raises(ValueError, match="`default_size`"):
+            InfinityPipeline(**{**infinity.components, "default_size": default_size})
 
 
 @pytest.mark.parametrize(

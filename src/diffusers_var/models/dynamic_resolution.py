@@ -187,6 +187,9 @@ def supported_pixel_sizes(pixels_per_token: int) -> list[tuple[int, int]]:
     return sorted(sizes)
 
 
+MAX_SIDE = 2**16  # far above every preset; larger values only overflowed the float arithmetic below
+
+
 def schedule_for_pixels(height: int, width: int, pixels_per_token: int) -> list[tuple[int, int]]:
     """Map a requested image size to the nearest template and preset.
 
@@ -194,8 +197,8 @@ def schedule_for_pixels(height: int, width: int, pixels_per_token: int) -> list[
     area. Sizes more than 25% away (per side, geometric mean) from every preset of that template are refused.
     """
     for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_SIDE:
+            raise ValueError(f"`{name}` must be an integer in [1, {MAX_SIDE}] (pixels), got {repr(value):.40}.")
     hw = ASPECT_RATIO_TEMPLATES[nearest_aspect_ratio(height / width)]
     side = (height * width) ** 0.5
     best = min(

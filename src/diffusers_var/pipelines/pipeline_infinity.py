@@ -11,7 +11,7 @@ from diffusers.utils import logging
 
 from ..loaders import InfinityLoraLoaderMixin
 from ..models.bitwise_vae import BitwiseMultiScaleVAE
-from ..models.dynamic_resolution import schedule_for_pixels
+from ..models.dynamic_resolution import MAX_SIDE, schedule_for_pixels
 from ..models.infinity_transformer import InfinityTransformer2DModel
 from .fast_inference import check_fast_inference_args, compile_adaln_blocks_
 from .pipeline_utils import (
@@ -25,9 +25,10 @@ from .pipeline_utils import (
     check_common_inputs,
     check_finite_number,
     check_generator,
+    check_guidance_scale,
     check_prompts,
+    check_temperature,
     check_text_embeds,
-    per_scale_values,
     repeat_rows,
     shorten,
 )
@@ -66,6 +67,7 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
     _optional_components = ["text_encoder", "tokenizer"]
     _callback_tensor_inputs = UNIFIED_CALLBACK_TENSORS + ["summed_codes", "bits", "logits"]
     _family = "infinity"
+    _per_scale_guidance = True
     _callback_aliases = {"summed_codes": "latents", "bits": "tokens", "logits": "model_logits"}
 
     @property
@@ -89,8 +91,15 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
                 f"({vae.bits_per_token} = codebook_dim x {vae.patch_factor**2})."
             )
         self.register_modules(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
-        if default_size is not None and (len(default_size) != 2 or min(default_size) < 1):
-            raise ValueError(f"`default_size` must be [height, width], got {default_size!r}.")
+        if default_size is not None and (
+            not isinstance(default_size, (list, tuple))
+            or len(default_size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIDE for v in default_size)
+        ):
+            raise ValueError(
+                f"`default_size` must be [height, width], two integers in [1, {MAX_SIDE}] (pixels), "
+                f"got {default_size!r}."
+            )
         # the size a model was trained for (small embedded models); height/width default to it, else 1024
         self.register_to_config(default_size=list(default_size) if default_size is not None else None)
 
@@ -261,8 +270,8 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         num_scales = len(schedule)
         guided = condition[0].shape[0] == 2 * B
         cfg_source = self._guidance_scale
-        cfg_list = per_scale_values(cfg_source, num_scales, "guidance_scale")
-        tau_list = per_scale_values(tau, num_scales, "tau", low_inclusive=False)
+        cfg_list = check_guidance_scale(cfg_source, num_scales)
+        tau_list = check_temperature(tau, num_scales, "tau")
         device = condition[0].device
         transformer_step = self._transformer_steps(condition, schedule, device)
         bits_per_token, vae = self.transformer.config.bits_per_token, self.vae
@@ -277,7 +286,7 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
                 if self._guidance_scale is not cfg_source:  # a callback changed the guidance
                     cfg_source, cfg_list = (
                         self._guidance_scale,
-                        per_scale_values(self._guidance_scale, num_scales, "guidance_scale"),
+                        check_guidance_scale(self._guidance_scale, num_scales),
                     )
                 raw_logits = transformer_step(si, scale_input)
                 model_logits = raw_logits.clone() if callback is not None else None  # a graph output is overwritten
@@ -350,8 +359,8 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         schedule and the number of prompts."""
         check_common_inputs(top_k, top_p, output_type, num_images_per_prompt, return_dict)
         schedule = self.scale_schedule(height, width)
-        per_scale_values(guidance_scale, len(schedule), "guidance_scale")
-        per_scale_values(tau, len(schedule), "tau", low_inclusive=False)
+        check_guidance_scale(guidance_scale, len(schedule))
+        check_temperature(tau, len(schedule), "tau")
         if max_sequence_length is not None and (
             not isinstance(max_sequence_length, int)
             or isinstance(max_sequence_length, bool)
@@ -508,7 +517,7 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         num_scales = len(schedule)
         self._begin_call(guidance_scale, num_scales)
         device = self._execution_device
-        guided = any(c != 1.0 for c in per_scale_values(guidance_scale, num_scales, "guidance_scale"))
+        guided = any(c != 1.0 for c in check_guidance_scale(guidance_scale, num_scales))
 
         # 1. the text of every row (conditional rows first), encoded by the transformer at the first scale
         embeds, mask, negative_embeds, negative_mask = self.encode_prompt(
@@ -565,7 +574,7 @@ class _InfinityEditCall:
         negative_prompt_attention_mask,
         device,
     ):
-        guided = any(c != 1.0 for c in per_scale_values(guidance_scale, num_scales, "guidance_scale"))
+        guided = any(c != 1.0 for c in check_guidance_scale(guidance_scale, num_scales))
         embeds, mask, negative_embeds, negative_mask = self.encode_prompt(
             prompt,
             device,

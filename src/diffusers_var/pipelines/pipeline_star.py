@@ -25,6 +25,7 @@ from .pipeline_utils import (
     check_common_inputs,
     check_finite_number,
     check_generator,
+    check_guidance_scale,
     check_prompts,
     check_text_embeds,
     repeat_rows,
@@ -493,15 +494,21 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
     ) -> int:
         """Every argument check of a call, before any work (a ValueError names the parameter). Returns the number of
         prompts."""
-        check_finite_number(guidance_scale, "guidance_scale", 0.0)
+        check_guidance_scale(guidance_scale)
         check_common_inputs(top_k, top_p, output_type, num_images_per_prompt, return_dict)
         check_bool(more_smooth, "more_smooth")
+        # at least the tokenizer's start and end tokens; at most what the text encoder's positions cover
+        longest = self.text_max_length
         if max_sequence_length is not None and (
             not isinstance(max_sequence_length, int)
             or isinstance(max_sequence_length, bool)
-            or max_sequence_length < 1
+            or max_sequence_length < 2
+            or (longest is not None and max_sequence_length > longest)
         ):
-            raise ValueError(f"`max_sequence_length` must be a positive integer or None, got {max_sequence_length!r}.")
+            raise ValueError(
+                f"`max_sequence_length` must be None or an integer in [2, {longest or 'inf'}] (text tokens), got "
+                f"{max_sequence_length!r}."
+            )
         if prompt_embeds is None:
             for name, value in (
                 ("prompt_attention_mask", prompt_attention_mask),
@@ -544,6 +551,17 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
                 raise ValueError(
                     f"`negative_prompt_embeds` has {negative_prompt_embeds.shape[1]} tokens but `prompt_embeds` "
                     f"has {prompt_embeds.shape[1]}; pad both to the same length."
+                )
+            encoded_length = max_sequence_length or limit  # the prompt is tokenised padded to this length
+            if (
+                prompt_embeds is None
+                and encoded_length is not None
+                and negative_prompt_embeds.shape[1] != encoded_length
+            ):
+                raise ValueError(
+                    f"`negative_prompt_embeds` has {negative_prompt_embeds.shape[1]} tokens but `prompt` is encoded "
+                    f"to {encoded_length} (`max_sequence_length`); pass embeddings of that length, or "
+                    "`prompt_embeds` too."
                 )
         if self.text_encoder is None or self.tokenizer is None:
             if prompt_embeds is None:

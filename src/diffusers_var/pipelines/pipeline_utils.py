@@ -49,6 +49,12 @@ from .sampling import GeneratorArg
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 UNIFIED_CALLBACK_TENSORS = ["latents", "tokens", "guided_logits", "model_logits", "next_scale_input"]
+# Bounds that keep the sampled logits finite in float32: guidance multiplies them by up to (1 + scale), a temperature
+# divides them; beyond these every logit overflowed to inf / NaN and every token came out 0.
+MAX_GUIDANCE_SCALE = 1e4
+MIN_TEMPERATURE = 1e-4
+# A bound far above any batch that fits a GPU: a mistyped count fails here, not deep in an allocation.
+MAX_BATCH_SIZE = 2**16
 
 CallbackArg = Callable[[Any, int, tuple, dict], dict] | PipelineCallback | MultiPipelineCallbacks | None
 
@@ -84,12 +90,26 @@ def check_finite_number(
     return float(value)
 
 
-def per_scale_values(value, num_scales: int, name: str, low: float = 0.0, low_inclusive: bool = True) -> list[float]:
+def per_scale_values(
+    value, num_scales: int, name: str, low: float = 0.0, low_inclusive: bool = True, high: float | None = None
+) -> list[float]:
     """A finite number broadcast to every scale, or a list with one finite number per scale."""
     values = list(value) if isinstance(value, (list, tuple)) else [value] * num_scales
     if len(values) != num_scales:
         raise ValueError(f"`{name}` has {len(values)} entries but the schedule has {num_scales} scales.")
-    return [check_finite_number(v, name, low, low_inclusive=low_inclusive) for v in values]
+    return [check_finite_number(v, name, low, high, low_inclusive=low_inclusive) for v in values]
+
+
+def check_guidance_scale(value, num_scales: int | None = None, name: str = "guidance_scale"):
+    """A finite number in ``[0, MAX_GUIDANCE_SCALE]``; with ``num_scales``, also a list with one per scale."""
+    if num_scales is not None:
+        return per_scale_values(value, num_scales, name, 0.0, high=MAX_GUIDANCE_SCALE)
+    return check_finite_number(value, name, 0.0, MAX_GUIDANCE_SCALE)
+
+
+def check_temperature(value, num_scales: int, name: str = "temperature") -> list[float]:
+    """One temperature for every scale, or one per scale, each in ``[MIN_TEMPERATURE, inf)``."""
+    return per_scale_values(value, num_scales, name, MIN_TEMPERATURE)
 
 
 def per_scale(value, num_scales: int) -> list:
@@ -114,11 +134,23 @@ def check_common_inputs(
     if (
         not isinstance(num_images_per_prompt, int)
         or isinstance(num_images_per_prompt, bool)
-        or num_images_per_prompt < 1
+        or not 1 <= num_images_per_prompt <= MAX_BATCH_SIZE
     ):
-        raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}.")
+        raise ValueError(
+            f"`num_images_per_prompt` must be an integer in [1, {MAX_BATCH_SIZE}], got {num_images_per_prompt!r}."
+        )
     if not isinstance(return_dict, bool):
         raise ValueError(f"`return_dict` must be True or False, got {return_dict!r}.")
+
+
+def check_dtype_argument(dtype, name: str = "dtype") -> None:
+    """``from_pretrained``'s ``dtype``: None, a ``torch.dtype``, or a dict of them by component name (diffusers'
+    forms; anything else it ignores with a log line and loads float32)."""
+    values = dtype.values() if isinstance(dtype, dict) else [dtype]
+    if not all(value is None or isinstance(value, torch.dtype) for value in values):
+        raise ValueError(
+            f"`{name}` must be a torch.dtype (e.g. torch.float16) or a dict of them by component name, got {dtype!r}."
+        )
 
 
 def check_bool(value, name: str) -> None:
@@ -127,6 +159,13 @@ def check_bool(value, name: str) -> None:
 
 
 def check_generator(generator: GeneratorArg, batch_size: int) -> None:
+    """``generator`` for a batch of ``batch_size`` images (prompts x ``num_images_per_prompt``), which is checked
+    against :data:`MAX_BATCH_SIZE` here, where every family knows it."""
+    if batch_size > MAX_BATCH_SIZE:
+        raise ValueError(
+            f"a call generates at most {MAX_BATCH_SIZE} images (prompts / labels x `num_images_per_prompt`), got "
+            f"{batch_size}; generate in several calls (or with `diffusers-var sample`)."
+        )
     if isinstance(generator, (list, tuple)):
         if len(generator) != batch_size:
             raise ValueError(
@@ -225,6 +264,7 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         _PIPELINE_CLASSES[cls.__name__] = cls  # by the name model_index.json stores
 
     _guidance_scale = None
+    _per_scale_guidance = False  # whether guidance_scale may be a list with one value per scale
     _num_timesteps: int | None = None
     _interrupt: bool = False
 
@@ -265,6 +305,15 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
             raise ValueError(f"`callback_on_step_end` must be callable, got {type(callback_on_step_end).__name__}.")
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             tensor_inputs = callback_on_step_end.tensor_inputs
+        if tensor_inputs is not None and (
+            isinstance(tensor_inputs, str)
+            or not isinstance(tensor_inputs, (list, tuple))
+            or not all(isinstance(name, str) for name in tensor_inputs)
+        ):
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` must be a list of names from {self._callback_tensor_inputs}, "
+                f"got {tensor_inputs!r}."
+            )
         names = list(tensor_inputs or ["latents"])
         bad = [name for name in names if name not in self._callback_tensor_inputs]
         if bad:
@@ -289,7 +338,20 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         filled in here). Returns the latent it hands back in place of ``tensors["latents"]``, or ``None``."""
         for alias, unified in self._callback_aliases.items():
             tensors.setdefault(alias, tensors.get(unified))
-        out = callback(self, scale_index, tuple(scale_hw), {name: tensors[name] for name in names}) or {}
+        guidance_before = self._guidance_scale
+        out = callback(self, scale_index, tuple(scale_hw), {name: tensors[name] for name in names})
+        if self._guidance_scale is not guidance_before:  # a callback may change it for the next scales
+            check_guidance_scale(
+                self._guidance_scale,
+                self._num_timesteps if self._per_scale_guidance else None,
+                "pipe._guidance_scale (set by callback_on_step_end)",
+            )
+        if out is None:
+            out = {}
+        elif not isinstance(out, dict):
+            raise ValueError(
+                f"`callback_on_step_end` must return a dict of tensors to replace (or None), got {type(out).__name__}."
+            )
         latent_names = ["latents"] + [
             alias for alias, unified in self._callback_aliases.items() if unified == "latents"
         ]
@@ -298,10 +360,12 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
             if new is not None and new is not tensors["latents"]:
                 if not torch.is_tensor(new) or tuple(new.shape) != tuple(tensors["latents"].shape):
                     raise ValueError(
-                        f"callback_on_step_end returned `{name}` of shape "
+                        f"`callback_on_step_end` returned `{name}` of shape "
                         f"{tuple(new.shape) if torch.is_tensor(new) else type(new).__name__}; expected "
                         f"{tuple(tensors['latents'].shape)}."
                     )
+                if not bool(torch.isfinite(new).all()):
+                    raise ValueError(f"`callback_on_step_end` returned `{name}` with NaN or infinite values.")
                 # a copy: the next scales add into the running latent in place
                 return new.to(device=tensors["latents"].device, dtype=torch.float32, copy=True)
         return None
@@ -326,7 +390,15 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' ``from_pretrained``, refusing a folder (or Hub repo) that holds a pipeline of another family
-        (its components would load with warnings and fail only when called)."""
+        (its components would load with warnings and fail only when called), and a ``dtype`` / ``torch_dtype`` that
+        is not a ``torch.dtype`` (or a dict of them per component), which diffusers ignores with a log line."""
+        if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+            raise ValueError(
+                "`pretrained_model_name_or_path` must be a folder or a Hub repo id (str or path), got "
+                f"{type(pretrained_model_name_or_path).__name__}."
+            )
+        for name in ("dtype", "torch_dtype"):
+            check_dtype_argument(kwargs.get(name), name)
         try:
             config = cls.load_config(
                 pretrained_model_name_or_path, **{k: kwargs[k] for k in _LOAD_CONFIG_KWARGS if k in kwargs}
@@ -360,6 +432,8 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         with ``enable_fast_inference()`` on passes it on (its modules, shared, are already cast and fitted); the new
         pipeline captures its own CUDA graphs."""
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise ValueError(f"`dtype` must be a torch.dtype (e.g. torch.float16), got {dtype!r}.")
         token = _KEEP_COMPONENT_DTYPES.set(True)
         try:
             new = super().from_pipe(pipeline, **kwargs)
@@ -535,6 +609,8 @@ def _spatial_size_of(value, name: str, image: bool) -> tuple[int, int, int]:
     if isinstance(value, (np.ndarray, torch.Tensor)):
         numpy = isinstance(value, np.ndarray)
         shape = tuple(value.shape)
+        if 0 in shape:
+            raise ValueError(f"`{name}` is empty (shape {shape}).")
         if image and value.ndim in (3, 4):
             height_width = shape[-3:-1] if numpy else shape[-2:]
             return (1 if value.ndim == 3 else shape[0]), *height_width
@@ -746,10 +822,13 @@ class NextScaleEditMixin:
     ) -> None:
         """``mask_image`` at the image's size (or, for ``image_indices``, the pipeline's pixel size) or at the
         latent grid (the last scale's grid): one for all, one per prompt / label, or one per generated image;
-        ``mask_dilation`` a whole number of latent cells >= 0."""
-        if isinstance(mask_dilation, bool) or not isinstance(mask_dilation, int) or mask_dilation < 0:
+        ``mask_dilation`` a whole number of latent cells from 0 to the grid's longer side (which already reaches
+        every cell)."""
+        longest = max(schedule[-1])
+        if isinstance(mask_dilation, bool) or not isinstance(mask_dilation, int) or not 0 <= mask_dilation <= longest:
             raise ValueError(
-                f"`mask_dilation` must be a whole number of latent cells >= 0 (0: the mask as given), got "
+                f"`mask_dilation` must be a whole number of latent cells in [0, {longest}] (0: the mask as given; "
+                f"{longest} reaches every cell of the {schedule[-1][0]}x{schedule[-1][1]} grid), got "
                 f"{mask_dilation!r}."
             )
         if mask_image is None:

@@ -36,9 +36,11 @@ from .pipeline_utils import (
     check_common_inputs,
     check_finite_number,
     check_generator,
+    check_guidance_scale,
+    check_temperature,
     flatten_labels,
     per_scale,
-    per_scale_values,
+    shorten,
     warn_eager_forcing,
 )
 from .sampling import (
@@ -136,6 +138,14 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         self.register_modules(transformer=transformer, vqvae=vqvae)
         if id2label is None and transformer is not None and transformer.config.num_classes == 1000:
             id2label = imagenet_id2label()
+        if id2label is not None and (
+            not isinstance(id2label, dict)
+            or not all(isinstance(v, str) and str(k).lstrip("-").isdigit() for k, v in id2label.items())
+        ):
+            raise ValueError(
+                f"`id2label` must be a dict from class index to class name (synonyms comma-separated), got "
+                f"{shorten(id2label)}."
+            )
         id2label = {int(k): v for k, v in (id2label or {}).items()}
         self.register_to_config(id2label={str(k): v for k, v in id2label.items()} or None)
         self.id2label = id2label
@@ -147,7 +157,9 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
 
     def get_label_ids(self, label: str | list[str]) -> list[int]:
         """Map class names (any synonym, e.g. ``"golden retriever"``) to class indices."""
-        labels = [label] if isinstance(label, str) else list(label)
+        labels = [label] if isinstance(label, str) else label
+        if not isinstance(labels, (list, tuple)) or not labels or not all(isinstance(n, str) for n in labels):
+            raise ValueError(f"`label` must be a class name or a non-empty list of them, got {label!r}.")
         unknown = [name for name in labels if name not in self.labels]
         if unknown:
             raise ValueError(f"`label` {unknown} not found; choose from `pipe.labels` ({len(self.labels)} names).")
@@ -549,9 +561,9 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
     ) -> None:
         """Every argument check of a call, before any work (a ValueError names the parameter)."""
         num_scales = len(self.transformer.config.patch_nums)
-        check_finite_number(guidance_scale, "guidance_scale", 0.0)
+        check_guidance_scale(guidance_scale)
         check_common_inputs(top_k, top_p, output_type, num_images_per_prompt, return_dict, num_scales=num_scales)
-        per_scale_values(temperature, num_scales, "temperature", low=0.0, low_inclusive=False)
+        check_temperature(temperature, num_scales)
         check_bool(more_smooth, "more_smooth")
         num_classes = self.transformer.config.num_classes
         if class_labels is None:
