@@ -470,8 +470,8 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
                 1024 x 1024); mapped to the nearest aspect-ratio template and preset
                 (unsupported sizes raise and list the supported ones).
             guidance_scale: the original ``cfg``, on logits: ``cfg * cond + (1 - cfg) * uncond`` (1 = off,
-                no unconditional branch). A list gives one value per scale.
-            tau: temperature dividing the logits (> 0); a list gives one value per scale. 2B notebooks: 0.5.
+                no unconditional branch), in [0, 1e4]. A list gives one value per scale.
+            tau: temperature dividing the logits (>= 1e-4); a list gives one value per scale. 2B notebooks: 0.5.
             top_k, top_p: filtering of the two logits of every bit (``top_k=1``: deterministic).
             num_images_per_prompt: images per prompt.
             generator: one ``torch.Generator`` (original draw order) or one per image.

@@ -623,7 +623,7 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
             prompt: prompt or list of prompts (or pass ``prompt_embeds``).
             negative_prompt: unconditional text (default ``""``, as the original).
             guidance_scale: the original ``cfg``: guidance ramps linearly from 0 at the first scale to
-                ``guidance_scale`` at the last (``(1 + t) cond - t uncond`` on logits). Demo: 4.0.
+                ``guidance_scale`` at the last (``(1 + t) cond - t uncond`` on logits), in [0, 1e4]. Demo: 4.0.
             top_k, top_p: token filtering (0 disables); the demo uses 600 / 0.8.
             more_smooth: Gumbel-softmax mixture of codes instead of hard tokens (visualisation only; no
                 top-k/top-p, and not combined with the stable sampler).

@@ -620,8 +620,8 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
                 draw ``num_images_per_prompt`` labels uniformly from ``generator`` (as the original does). ``-1`` is
                 the null class.
             guidance_scale: the original ``cfg``: guidance ramps linearly from 0 at the first scale to
-                ``guidance_scale`` at the last (``(1 + t) cond - t uncond``). The demo uses 4; the FID
-                setting is 1.5 with ``top_p=0.96``.
+                ``guidance_scale`` at the last (``(1 + t) cond - t uncond``), in [0, 1e4]. The demo uses 4; the
+                FID setting is 1.5 with ``top_p=0.96``.
             top_k: keep the ``top_k`` most likely tokens (0 = off; ties with the k-th survive); one value, or a list
                 with one per scale (as CoDe passes it).
             top_p: nucleus filtering after top-k (0 = off).
@@ -637,8 +637,9 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
                 every pipeline's (``diffusers_var.pipelines.pipeline_utils``): ``"latents"`` (f_hat), ``"tokens"``,
                 ``"guided_logits"``, ``"model_logits"``, ``"next_scale_input"``; it may return a new ``"latents"``.
             callback_on_step_end_tensor_inputs: names from ``pipe._callback_tensor_inputs`` (default ``["latents"]``).
-            temperature: divides the logits after top-k / top-p, before the draw (> 0; one value, or one per scale, as
-                CoDe's sampler; 1 is the original VAR). The Gumbel mixture of ``more_smooth`` does not use it.
+            temperature: divides the logits after top-k / top-p, before the draw (>= 1e-4; one value, or one per
+                scale, as CoDe's sampler; 1 is the original VAR). The Gumbel mixture of ``more_smooth`` does not use
+                it.
         """
         callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         self.check_inputs(
