@@ -107,9 +107,14 @@ def test_errors_found_by_the_pipeline_name_the_flag(argv, flag, tmp_path, capsys
         ([*EDIT, "--out", "{tmp}/a-file/out.png"], "--out"),
         ([*EDIT, "--device", "banana"], "--device"),
         ([*EDIT, "--height", "64"], "--height"),
+        (["sample", "--class-labels", "1", "--per-class", "1", "--out", "{tmp}/a-file"], "--out"),
+        (["sample", "--class-labels", "1", "--per-class", "1", "--out", "{tmp}/a-file/run"], "--out"),
         *[
             pytest.param(argv, "--out", marks=pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc"))
-            for argv in ([*EDIT, "--out", "/proc/e.png"],)
+            for argv in (
+                [*EDIT, "--out", "/proc/e.png"],
+                ["sample", "--class-labels", "1", "--per-class", "1", "--out", "/proc/s"],
+            )
         ],
     ],
     ids=lambda value: _case_id(value) if isinstance(value, list) else value,
