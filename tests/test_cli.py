@@ -6,12 +6,14 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import PIL.Image
 import pytest
 import torch
 
 from conftest import REPO_ROOT
-from diffusers_var import VARPipeline
+from diffusers_var import InfinityInpaintPipeline, VARInpaintPipeline, VARPipeline
 from diffusers_var.cli import main
+from diffusers_var.cli_support import MAX_IMAGES
 
 
 def _exit_code(argv) -> int:
@@ -25,6 +27,9 @@ def _bad_device() -> str:
     return "cuda" if not torch.cuda.is_available() else f"cuda:{torch.cuda.device_count()}"
 
 
+# edit: in-paint {tmp}/in.png with the embedded VAR; a case's own --out / --class-label come later and win
+EDIT = ["edit", "--image", "{tmp}/in.png", "--box", "0,0,.5,.5", "--class-label", "1", "--out", "{tmp}/e.png"]
+EDIT_INFINITY = [*EDIT, "--model", "infinity-shapes", "--prompt", "a red circle on a blue background"]
 BAD_ARGUMENTS = [
     (["generate", "--seed", str(2**64)], "--seed"),
     (["generate", "--seed", "-1"], "--seed"),
@@ -34,23 +39,47 @@ BAD_ARGUMENTS = [
     (["generate", "--out", "{tmp}/a-file/out.png"], "--out"),  # its folder cannot be made: a file is in the way
     (["generate", "--out", "{tmp}"], "--out"),
     (["generate", "--num-images", "0"], "--num-images"),
+    (["generate", "--num-images", str(MAX_IMAGES + 1), "--out", "{tmp}/big/x.png"], "--num-images"),
     (["generate", "--batch-size", "0"], "--batch-size"),
     (["generate", "--top-p", "nan"], "--top-p"),
     (["generate", "--guidance-scale", "inf"], "--guidance-scale"),
     (["generate", "--class-label", "no such class"], "--class-label"),
+    ([*EDIT, "--out", "{tmp}/image.notaformat"], "--out"),
+    ([*EDIT, "--out", "{tmp}/no-extension"], "--out"),
+    ([*EDIT, "--out", "{tmp}"], "--out"),
+    ([*EDIT, "--out", "{tmp}/a-file/out.png"], "--out"),
+    ([*EDIT, "--device", _bad_device()], "--device"),
+    ([*EDIT, "--device", "banana"], "--device"),
+    ([*EDIT, "--height", "0"], "--height"),
+    ([*EDIT, "--width", "0"], "--width"),
+    ([*EDIT_INFINITY, "--height", "0"], "--height"),
+    ([*EDIT, "--height", "64"], "--height"),  # VAR: Infinity-only, as in generate
+    ([*EDIT, "--seed", "-5"], "--seed"),
+    ([*EDIT, "--seed", "100000000000000000000000"], "--seed"),
+    ([*EDIT, "--class-label", "\u00b2"], "--class-label"),  # "²".isdigit() is True, but int() refuses it
+    ([*EDIT, "--num-images", "65"], "--num-images"),  # one batch: at most the demo's 64 per request
     (["demo", "--max-images", "0"], "--max-images"),
     (["demo", "--port", "99999"], "--port"),
     (["demo", "--queue-size", "0"], "--queue-size"),
 ]
 
 
-@pytest.mark.parametrize("argv, flag", BAD_ARGUMENTS, ids=[" ".join(a[:3]) for a, _ in BAD_ARGUMENTS])
+def _case_id(argv) -> str:
+    return " ".join([argv[0], *(["infinity"] if "infinity-shapes" in argv else []), *argv[-2:]])
+
+
+@pytest.mark.parametrize("argv, flag", BAD_ARGUMENTS, ids=[_case_id(argv) for argv, _ in BAD_ARGUMENTS])
 def test_bad_arguments_are_one_line_errors_naming_the_flag(argv, flag, tmp_path, capsys, monkeypatch):
     from diffusers_var import cli
 
     (tmp_path / "a-file").write_text("in the way")
+    PIL.Image.new("RGB", (64, 64), "blue").save(tmp_path / "in.png")
+    monkeypatch.chdir(tmp_path)  # a case that slips through writes its default --out here
     calls = []
-    monkeypatch.setattr(VARPipeline, "__call__", lambda self, *a, **k: calls.append(k) or pytest.fail("generated"))
+    for pipeline_class in (VARPipeline, VARInpaintPipeline, InfinityInpaintPipeline):
+        monkeypatch.setattr(
+            pipeline_class, "__call__", lambda self, *a, **k: calls.append(k) or pytest.fail("generated")
+        )
     monkeypatch.setattr(cli, "_demo", lambda args: pytest.fail("the demo was started"))  # would serve forever
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert _exit_code(argv) == 2
@@ -70,10 +99,46 @@ def test_errors_found_by_the_pipeline_name_the_flag(argv, flag, tmp_path, capsys
     assert not (tmp_path / "out.png").exists()
 
 
-def test_output_is_checked_before_the_model_is_loaded(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["generate", "--out", "{tmp}/out"], "--out"),
+        ([*EDIT, "--out", "{tmp}/out"], "--out"),
+        ([*EDIT, "--out", "{tmp}/a-file/out.png"], "--out"),
+        ([*EDIT, "--device", "banana"], "--device"),
+        ([*EDIT, "--height", "64"], "--height"),
+        (["sample", "--class-labels", "1", "--per-class", "1", "--out", "{tmp}/a-file"], "--out"),
+        (["sample", "--class-labels", "1", "--per-class", "1", "--out", "{tmp}/a-file/run"], "--out"),
+        *[
+            pytest.param(argv, "--out", marks=pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc"))
+            for argv in (
+                [*EDIT, "--out", "/proc/e.png"],
+                ["sample", "--class-labels", "1", "--per-class", "1", "--out", "/proc/s"],
+            )
+        ],
+    ],
+    ids=lambda value: _case_id(value) if isinstance(value, list) else value,
+)
+def test_arguments_are_checked_before_the_model_is_loaded(argv, flag, tmp_path, monkeypatch, capsys):
+    (tmp_path / "a-file").write_text("in the way")
+    PIL.Image.new("RGB", (64, 64), "blue").save(tmp_path / "in.png")
     monkeypatch.setattr(VARPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: pytest.fail("loaded")))
-    assert _exit_code(["generate", "--out", str(tmp_path / "out")]) == 2
-    assert "--out" in capsys.readouterr().err
+    assert _exit_code([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and flag in err, err
+    assert (tmp_path / "a-file").is_file() and not (tmp_path / "out").exists()
+
+
+def test_many_images_are_named_one_at_a_time(tmp_path):
+    """``--num-images`` up to a million: the output names are made one at a time (a list of them all would take
+    memory in proportion to the count) and the existing files are listed once."""
+    from diffusers_var.cli import check_output, output_name, output_path
+
+    assert output_path(tmp_path / "sq.png", 0, 1) == tmp_path / "sq.png"
+    assert output_name(tmp_path / "sq.png", MAX_IMAGES - 1, MAX_IMAGES) == f"sq-{MAX_IMAGES - 1}.png"
+    (tmp_path / f"sq-{MAX_IMAGES - 1}.png").mkdir()
+    assert "is a folder" in check_output(tmp_path / "sq.png", MAX_IMAGES)
+    assert check_output(tmp_path / "sq.png", MAX_IMAGES - 1) is None
 
 
 def test_many_images_are_generated_in_batches_and_written_as_they_come(tmp_path, monkeypatch, capsys):

@@ -401,6 +401,42 @@ def test_cli_demo_binds_localhost_without_share_by_default(monkeypatch):
     assert seen["blocks"].loaded_pipelines["star"] is None and seen["blocks"]._queue.max_size == 5
 
 
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--var", "{tmp}/nonexistent"], "`--var` "),
+        (["--var", "{tmp}"], "`--var` "),  # a folder without model_index.json
+        (["--var", "pipelines/star-shapes"], "`--var` "),  # a STAR folder given for VAR
+        (["--star", "pipelines/var-shapes"], "`--star` "),
+        (["--var-refiner", "pipelines/star-shapes"], "`--var-refiner` "),
+        (["--var", "none", "--var-refiner", "default"], "`--var-refiner` "),  # nothing to refine
+        (["--var", "none", "--star", "none", "--infinity", "none"], "nothing to serve"),
+    ],
+)
+def test_cli_demo_checks_the_folders_it_is_given_before_loading(argv, flag, monkeypatch, tmp_path, capsys):
+    """A folder named on the command line that holds no pipeline of its family is a one-line error before anything is
+    loaded (build_demo, for Python, turns it into a tab notice: a person at the terminal would not see it)."""
+    from diffusers_var import cli, demo
+
+    monkeypatch.setattr(demo, "build_demo", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: pytest.fail("served"))
+    assert cli.main(["demo", "--device", "cpu", *[a.replace("{tmp}", str(tmp_path)) for a in argv]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and flag in err, err
+
+
+def test_cli_demo_without_any_model_is_an_error(monkeypatch, tmp_path, capsys):
+    """No embedded pipeline installed and none named: nothing to serve, rather than an app of notices."""
+    from diffusers_var import cli
+
+    for key, (title, pipeline_class, _) in list(FAMILIES.items()):
+        monkeypatch.setitem(FAMILIES, key, (title, pipeline_class, tmp_path / key))
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: pytest.fail("served"))
+    assert cli.main(["demo", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: nothing to serve") and len(err.splitlines()) == 1, err
+
+
 def test_cli_demo_var_refiner(monkeypatch, tmp_path):
     from diffusers_var import VARCoDePipeline, cli
 

@@ -17,7 +17,9 @@ import torch
 from PIL import Image
 
 from conftest import REPO_ROOT
+from diffusers_var import STARPipeline
 from diffusers_var.cli import main
+from diffusers_var.cli_support import MAX_IMAGES
 from diffusers_var.sample import SamplePlan, image_seed, read_prompts
 
 VAR = REPO_ROOT / "pipelines" / "var-shapes"
@@ -277,6 +279,10 @@ def test_read_prompts_and_plan(tmp_path):
         (["--per-class", "1", "--compile-cache", "cache"], "`--compile-cache` holds the fast path's compiled code"),
         (["--per-class", "1", "--model", "/nonexistent"], "`--model` '/nonexistent' is not a pipeline folder"),
         (["--per-class", "1", "--device", "gpu0"], "`--device` 'gpu0' is not a torch device"),
+        (["--class-labels", "0", "--per-class", str(MAX_IMAGES + 1)], f"`--per-class` must be <= {MAX_IMAGES}"),
+        (["--class-labels", "0,1", "--per-class", str(MAX_IMAGES // 2 + 1)], f"at most {MAX_IMAGES}"),  # the total
+        (["--per-class", "1", "--batch-size", str(MAX_IMAGES + 1)], f"`--batch-size` must be <= {MAX_IMAGES}"),
+        (["--per-class", "1", "--writer-threads", "100000"], "`--writer-threads` must be <= 256"),
         pytest.param(
             ["--per-class", "1", "--device", "cuda"],
             "this machine has no CUDA device",
@@ -285,11 +291,21 @@ def test_read_prompts_and_plan(tmp_path):
         ),
     ],
 )
-def test_bad_input_is_one_error_line(argv, message, tmp_path, capsys):
+def test_bad_input_is_one_error_line(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("diffusers_var.sample._generate_batch", lambda *a, **k: pytest.fail("generated"))
     assert main(["sample", "--out", str(tmp_path / "o"), "--model", str(VAR), "--no-progress", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_unreadable_prompt_file_names_the_flag_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(STARPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: pytest.fail("loaded")))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle", encoding="utf-16")  # starts with the byte-order mark 0xff 0xfe
+    assert main(["sample", "--out", str(tmp_path / "o"), "--model", str(STAR), "--prompts", str(prompts)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: `--prompts`") and "not UTF-8" in err and len(err.splitlines()) == 1, err
 
 
 def test_text_pipeline_needs_prompts(tmp_path, capsys):

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from .cli_support import (
     EMBEDDED_PIPELINES,
+    MAX_IMAGES,
+    MAX_SEED,
     OneLineErrorParser,
     add_demo_arguments,
     add_lora_arguments,
     check_device,
     default_model,
+    expect_pipeline_class,
     finite_float,
+    folder_problem,
     int_in_range,
     load_loras,
     pipeline_class_of,
@@ -29,8 +32,8 @@ from .cli_support import (
 
 DEFAULT_MODEL = default_model()
 EMBEDDED_NAMES = ", ".join(EMBEDDED_PIPELINES)
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
-PIPELINE_FLAGS = {
+MAX_EDIT_IMAGES = 64  # `edit` makes all its images in one pipeline call (the demo's most per request)
+PIPELINE_FLAGS = {  # the pipelines' parameters as ``generate`` / ``edit`` call them: the flag each comes from
     "class_labels": "--class-label",
     "prompt": "--prompt",
     "guidance_scale": "--guidance-scale",
@@ -38,25 +41,32 @@ PIPELINE_FLAGS = {
     "top_p": "--top-p",
     "height": "--height",
     "width": "--width",
-    "num_images_per_prompt": "--batch-size",
     "draft_steps": "--draft-steps",
+    "image": "--image",
+    "mask_image": "--mask",
+    "mask_dilation": "--mask-dilation",
+    "strength": "--strength",
 }
 
 __all__ = ["DEFAULT_MODEL", "main", "pipeline_class_of", "train_main"]
 
 
-def output_paths(out: Path, count: int) -> list[Path]:
-    """Where ``generate`` writes ``count`` images: ``out`` itself for one image, else ``STEM-0.EXT`` ...
-    ``STEM-{count-1}.EXT`` next to it (``--out squares.png --num-images 4`` -> ``squares-0.png`` ..
-    ``squares-3.png``)."""
-    if count == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+def output_name(out: Path, index: int, count: int) -> str:
+    """The file name of image ``index`` of ``count`` written to ``--out``: ``out``'s own for one image, else
+    ``STEM-{index}.EXT`` (``--out squares.png --num-images 4`` -> ``squares-0.png`` .. ``squares-3.png``).
+    One name at a time: a list of all of them would take memory in proportion to ``--num-images``."""
+    return out.name if count == 1 else f"{out.stem}-{index}{out.suffix}"
+
+
+def output_path(out: Path, index: int, count: int) -> Path:
+    """Where ``generate`` / ``edit`` write image ``index`` of ``count``: :func:`output_name` next to ``out``."""
+    return out if count == 1 else out.with_name(output_name(out, index, count))
 
 
 def check_output(out: Path, count: int) -> str | None:
     """``None`` when the images can be written to ``--out``, else the one-line reason (checked before generating,
-    so a typo costs nothing): an image extension PIL can write, a folder that exists or can be made, write access."""
+    so a typo costs nothing): an image extension PIL can write, a folder that exists or can be made (made when the
+    first image is written), write access, no folder or read-only file in the way of an image."""
     import PIL.Image
 
     suffix = out.suffix.lower()
@@ -72,13 +82,16 @@ def check_output(out: Path, count: int) -> str | None:
         return (
             f"`--out` {str(out)!r}: {suffix!r} is not an image format PIL can write; use one of {', '.join(writable)}"
         )
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out.parent):  # the only reliable test of write access (ACLs, read-only mounts)
-            pass
-    except OSError as err:
-        return f"`--out` {str(out)!r}: cannot write into {str(out.parent)!r} ({err.strerror or err})"
-    for path in output_paths(out, count):
+    problem = folder_problem(out.parent)
+    if problem:
+        return f"`--out` {str(out)!r}: {problem}"
+    if not out.parent.is_dir():  # made when the first image is written
+        return None
+    existing = set(os.listdir(out.parent))  # one listing, not one look-up per image
+    for index in range(count):
+        if output_name(out, index, count) not in existing:
+            continue
+        path = output_path(out, index, count)
         if path.is_dir():
             return f"`--out` {str(path)!r} is a folder; give a file name such as {str(path / 'out.png')!r}"
         if path.exists() and not os.access(path, os.W_OK):
@@ -86,13 +99,56 @@ def check_output(out: Path, count: int) -> str | None:
     return None
 
 
+def output_and_device_problem(args) -> str | None:
+    """``generate``'s and ``edit``'s checks of ``--device`` and ``--out``, before anything is loaded."""
+    return check_device("--device", args.device) or check_output(Path(args.out), args.num_images)
+
+
+def size_flags_problem(args, pipeline_class: type) -> str | None:
+    """``--height/--width`` choose the size of Infinity images only; VAR and STAR models have one size."""
+    import diffusers_var
+
+    if (args.height is not None or args.width is not None) and not issubclass(
+        pipeline_class, diffusers_var.InfinityPipeline
+    ):
+        return "`--height/--width` apply to Infinity pipelines only (VAR/STAR sizes are fixed by the model)"
+    return None
+
+
+def class_labels_of(pipe, label: str) -> list[int]:
+    """A ``--class-label``: a class index (the pipeline checks its range) or a class name; ``ValueError`` naming the
+    flag. ``int`` decides what is an index: ``str.isdigit`` also accepts characters such as ``²`` that ``int``
+    refuses."""
+    try:
+        return [int(label)]
+    except ValueError:
+        pass
+    try:
+        return pipe.get_label_ids([label])
+    except ValueError:
+        names = list(pipe.labels)
+        known = f"{len(names)} names such as {names[0]!r}" if names else "this model has no class names"
+        last = pipe.transformer.config.num_classes - 1
+        raise ValueError(
+            f"`--class-label` {label!r} is neither a class index (0 to {last}) nor a class name ({known})"
+        ) from None
+
+
+def flag_names(message: str, num_images_flag: str) -> str:
+    """A pipeline's error message with its parameters named by the flags they come from (``num_images_per_prompt``
+    is ``generate``'s ``--batch-size``, ``edit``'s ``--num-images``)."""
+    for parameter, flag in {**PIPELINE_FLAGS, "num_images_per_prompt": num_images_flag}.items():
+        message = message.replace(f"`{parameter}`", f"`{flag}`")
+    return message
+
+
 def _generate(args) -> int:
     import torch
 
     out = Path(args.out)
-    for problem in (check_device("--device", args.device), check_output(out, args.num_images)):
-        if problem:
-            return print_error(problem)
+    problem = output_and_device_problem(args)
+    if problem:
+        return print_error(problem)
     model = resolve_pipeline_folder(args.model) if args.model else DEFAULT_MODEL
     try:
         pipeline_class = pipeline_class_of(model)
@@ -108,16 +164,11 @@ def _generate(args) -> int:
     if name in ("VARPipeline", "VARCoDePipeline"):
         if args.prompt and not args.class_label:
             args.class_label = args.prompt
-        if args.height or args.width:
-            return print_error(
-                "`--height/--width` apply to Infinity pipelines only (VAR/STAR sizes are fixed by the model)"
-            )
     elif not args.prompt:
         return print_error("`--prompt` is required for text-to-image pipelines")
-    elif (args.height or args.width) and name != "InfinityPipeline":
-        return print_error(
-            "`--height/--width` apply to Infinity pipelines only (VAR/STAR sizes are fixed by the model)"
-        )
+    problem = size_flags_problem(args, pipeline_class)
+    if problem:
+        return print_error(problem)
 
     pipe = pipeline_class.from_pretrained(model, dtype=getattr(torch, args.dtype)).to(args.device)
     try:
@@ -135,19 +186,18 @@ def _generate(args) -> int:
     if name in ("VARPipeline", "VARCoDePipeline"):
         if args.class_label is not None:
             try:
-                label = args.class_label
-                kwargs["class_labels"] = [int(label)] if label.lstrip("-").isdigit() else pipe.get_label_ids([label])
+                kwargs["class_labels"] = class_labels_of(pipe, args.class_label)
             except ValueError as err:
-                return print_error(f"`--class-label` {err}")
+                return print_error(str(err))
     else:
         kwargs["prompt"] = args.prompt
-        if args.height or args.width:
+        if args.height is not None or args.width is not None:
             kwargs.update(height=args.height, width=args.width)
 
     # Generate in batches and write each image as it comes: memory stays bounded by --batch-size whatever
     # --num-images is. One generator runs through all batches, so a seed and batch size give the same images.
     generator = torch.Generator().manual_seed(args.seed)
-    paths = output_paths(out, args.num_images)
+    out.parent.mkdir(parents=True, exist_ok=True)
     batch_size = min(args.batch_size, args.num_images)
     several = batch_size < args.num_images
     progress = None
@@ -162,34 +212,24 @@ def _generate(args) -> int:
             count = min(batch_size, args.num_images - written)
             images = pipe(num_images_per_prompt=count, generator=generator, **kwargs).images
             for image in images:
-                image.save(paths[written])
+                image.save(output_path(out, written, args.num_images))
                 written += 1
             if progress is not None:
                 progress.update(len(images))
             del images
     except ValueError as err:  # the pipeline's own argument checks: name the flags, not the Python parameters
-        message = str(err)
-        for parameter, flag in PIPELINE_FLAGS.items():
-            message = message.replace(f"`{parameter}`", f"`{flag}`")
-        return print_error(message)
+        return print_error(flag_names(str(err), "--batch-size"))
     finally:
         if progress is not None:
             progress.close()
-    shown = [str(p) for p in paths] if len(paths) <= 8 else [str(paths[0]), "...", str(paths[-1])]
-    print(f"saved {len(paths)} image{'s' * (len(paths) != 1)}: " + ", ".join(shown))
+    _print_saved(out, args.num_images)
     return 0
 
 
-def _save(images, out) -> None:
-    """Save PIL images to ``out`` (``out-0.png``, ``out-1.png``, ... for several) and say where."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, image in enumerate(images):
-        path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
-        image.save(path)
-        paths.append(str(path))
-    print("saved " + ", ".join(paths))
+def _print_saved(out: Path, count: int) -> None:
+    shown = range(count) if count <= 8 else (0, None, count - 1)
+    names = ["..." if i is None else str(output_path(out, i, count)) for i in shown]
+    print(f"saved {count} image{'s' * (count != 1)}: " + ", ".join(names))
 
 
 def edit_pipeline_class(model, inpainting: bool) -> type:
@@ -220,33 +260,48 @@ def _edit(args) -> int:
 
     import diffusers_var
 
-    def fail(message: str) -> int:
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-
-    model = resolve_pipeline_folder(args.model) if args.model else DEFAULT_MODEL
     masks = [name for name in ("mask", "box") if getattr(args, name) is not None]
     if len(masks) > 1:
-        return fail("pass one of `--mask` and `--box`")
+        return print_error("pass one of `--mask` and `--box`")
     if masks and args.strength is not None:
-        return fail("`--strength` is for image-to-image, `--mask` / `--box` for in-painting: pass one of them")
+        return print_error("`--strength` is for image-to-image, `--mask` / `--box` for in-painting: pass one of them")
     if not masks and args.strength is None:
-        return fail("pass `--mask` / `--box` (in-painting) or `--strength` (image-to-image)")
+        return print_error("pass `--mask` / `--box` (in-painting) or `--strength` (image-to-image)")
     if args.outpaint and args.box is None:
-        return fail("`--outpaint` applies to `--box` (a mask file already says what to generate)")
-    if args.mask_dilation is not None and (not masks or args.mask_dilation < 0):
-        return fail("`--mask-dilation` is a whole number of latent cells >= 0, for in-painting (`--mask` / `--box`)")
+        return print_error("`--outpaint` applies to `--box` (a mask file already says what to generate)")
+    if args.mask_dilation is not None and not masks:
+        return print_error("`--mask-dilation` is for in-painting (`--mask` / `--box`)")
+    try:
+        box = _parse_box(args.box) if args.box is not None else None
+    except ValueError as err:
+        return print_error(str(err))
+    problem = output_and_device_problem(args)
+    if problem:
+        return print_error(problem)
+    model = resolve_pipeline_folder(args.model) if args.model else DEFAULT_MODEL
     try:
         pipeline_class = edit_pipeline_class(model, inpainting=bool(masks))
-        image = PIL.Image.open(args.image).convert("RGB")
-        mask = PIL.Image.open(args.mask).convert("L") if args.mask else None
     except ValueError as err:
-        return fail(f"`--model` {err}")
-    except OSError as err:
-        return fail(f"could not read an image: {err}")
+        return print_error(f"`--model` {err}")
+    class_conditional = issubclass(pipeline_class, diffusers_var.VARPipeline)
+    label = (args.class_label if args.class_label is not None else args.prompt) if class_conditional else None
+    if class_conditional and label is None:
+        return print_error("`--class-label` (a class index or name) is required for VAR")
+    if not class_conditional and not args.prompt:
+        return print_error("`--prompt` is required for text-to-image pipelines")
+    problem = size_flags_problem(args, pipeline_class)
+    if problem:
+        return print_error(problem)
+    images = {}
+    for flag, path, mode in (("--image", args.image, "RGB"), ("--mask", args.mask, "L")):
+        try:
+            images[flag] = PIL.Image.open(path).convert(mode) if path is not None else None
+        except OSError as err:
+            return print_error(f"`{flag}` {str(path)!r} is not an image that can be read ({err})")
+
     pipe = pipeline_class.from_pretrained(model, dtype=getattr(torch, args.dtype)).to(args.device)
     kwargs = dict(
-        image=image,
+        image=images["--image"],
         generator=torch.Generator().manual_seed(args.seed),
         num_images_per_prompt=args.num_images,
         output_type="pil",
@@ -254,33 +309,29 @@ def _edit(args) -> int:
     for name in ("guidance_scale", "top_k", "top_p", "strength"):
         if getattr(args, name) is not None:
             kwargs[name] = getattr(args, name)
+    if args.height is not None or args.width is not None:
+        kwargs.update(height=args.height, width=args.width)
     try:
-        if args.height or args.width:
-            if not issubclass(pipeline_class, diffusers_var.InfinityPipeline):
-                return fail(
-                    "`--height/--width` apply to Infinity pipelines only (VAR/STAR sizes are fixed by the model)"
-                )
-            kwargs.update(height=args.height, width=args.width)
         if masks:
-            if args.box is not None:
+            mask = images["--mask"]
+            if box is not None:
                 size = {k: kwargs[k] for k in ("height", "width") if k in kwargs}
-                mask = pipe.box_mask(*_parse_box(args.box), inpainting=not args.outpaint, **size)
+                mask = pipe.box_mask(*box, inpainting=not args.outpaint, **size)
             kwargs["mask_image"] = mask
             if args.mask_dilation is not None:
                 kwargs["mask_dilation"] = args.mask_dilation
-        if issubclass(pipeline_class, diffusers_var.VARPipeline):
-            label = args.class_label if args.class_label is not None else args.prompt
-            if label is None:
-                return fail("`--class-label` (a class index or name) is required for VAR")
-            kwargs["class_labels"] = [int(label)] if label.lstrip("-").isdigit() else pipe.get_label_ids([label])
+        if class_conditional:
+            kwargs["class_labels"] = class_labels_of(pipe, label)
         else:
-            if not args.prompt:
-                return fail("`--prompt` is required for text-to-image pipelines")
             kwargs["prompt"] = args.prompt
-        images = pipe(**kwargs).images
-    except ValueError as err:
-        return fail(str(err))
-    _save(images, args.out)
+        edited = pipe(**kwargs).images
+    except ValueError as err:  # the pipeline's own argument checks: name the flags, not the Python parameters
+        return print_error(flag_names(str(err), "--num-images"))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(edited):
+        image.save(output_path(out, index, len(edited)))
+    _print_saved(out, len(edited))
     return 0
 
 
@@ -296,11 +347,9 @@ def _with_refiner(pipe, args, kwargs):
             raise ValueError(f"`--refiner` needs a VAR `--model` (the drafter), got a {type(pipe).__name__}")
         refiner_folder = resolve_pipeline_folder(args.refiner)
         try:
-            refiner_class = pipeline_class_of(refiner_folder)
+            refiner_class = expect_pipeline_class(refiner_folder, VARPipeline, exact=True)
         except ValueError as err:
             raise ValueError(f"`--refiner` {err}") from None
-        if refiner_class is not VARPipeline:
-            raise ValueError(f"`--refiner` {args.refiner!r} holds a {refiner_class.__name__}, not a VARPipeline")
         refiner = refiner_class.from_pretrained(refiner_folder, dtype=getattr(torch, args.dtype)).to(args.device)
         pipe = VARCoDePipeline.from_var_pipelines(pipe, refiner)
     if args.draft_steps is not None:
@@ -336,6 +385,20 @@ def _demo(args) -> int:
     return run(args)
 
 
+def add_sampling_arguments(parser) -> None:
+    """The flags ``generate`` and ``edit`` share, with the same ranges (checked when parsing)."""
+    parser.add_argument("--guidance-scale", type=finite_float, default=None, help="default: the pipeline's")
+    parser.add_argument("--top-k", type=int_in_range(0), default=None, help="default: the pipeline's (0 = off)")
+    parser.add_argument("--top-p", type=finite_float, default=None, help="default: the pipeline's (0 = off)")
+    for flag in ("height", "width"):
+        parser.add_argument(
+            f"--{flag}", type=int_in_range(1), default=None, help=f"Infinity: image {flag} (default: the model's)"
+        )
+    parser.add_argument("--seed", type=int_in_range(0, MAX_SEED), default=0, help=f"0 to {MAX_SEED} (default 0)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+
+
 def build_parser() -> OneLineErrorParser:
     parser = OneLineErrorParser(
         prog="diffusers-var", description="Next-scale-prediction image generation (VAR, STAR, Infinity)."
@@ -352,9 +415,9 @@ def build_parser() -> OneLineErrorParser:
     gen.add_argument("--class-label", default=None, help="VAR: class index or name (default: random)")
     gen.add_argument(
         "--num-images",
-        type=int_in_range(1),
+        type=int_in_range(1, MAX_IMAGES),
         default=1,
-        help="images to generate (default 1); several are written as OUT-0.png, OUT-1.png, ...",
+        help=f"images to generate, 1 to {MAX_IMAGES} (default 1); several are written as OUT-0.png, OUT-1.png, ...",
     )
     gen.add_argument(
         "--batch-size",
@@ -362,16 +425,7 @@ def build_parser() -> OneLineErrorParser:
         default=16,
         help="images generated at once (default 16): bounds memory whatever --num-images is",
     )
-    gen.add_argument("--guidance-scale", type=finite_float, default=None, help="default: the pipeline's")
-    gen.add_argument("--top-k", type=int_in_range(0), default=None, help="default: the pipeline's (0 = off)")
-    gen.add_argument("--top-p", type=finite_float, default=None, help="default: the pipeline's (0 = off)")
-    gen.add_argument(
-        "--height", type=int_in_range(1), default=None, help="Infinity: image height (default: the model's)"
-    )
-    gen.add_argument(
-        "--width", type=int_in_range(1), default=None, help="Infinity: image width (default: the model's)"
-    )
-    gen.add_argument("--seed", type=int_in_range(0, MAX_SEED), default=0, help=f"0 to {MAX_SEED} (default 0)")
+    add_sampling_arguments(gen)
     gen.add_argument(
         "--refiner",
         default=None,
@@ -385,8 +439,6 @@ def build_parser() -> OneLineErrorParser:
         default=None,
         help="CoDe: scales the drafter samples (default: the pipeline's, num_scales - 2 when built here)",
     )
-    gen.add_argument("--device", default="cpu")
-    gen.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     gen.add_argument("--out", default="out.png", help="image file; its extension picks the format (default out.png)")
     add_lora_arguments(gen)
     gen.set_defaults(func=_generate)
@@ -419,7 +471,7 @@ def build_parser() -> OneLineErrorParser:
     ed.add_argument("--outpaint", action="store_true", help="with --box: generate everything around the box")
     ed.add_argument(
         "--mask-dilation",
-        type=int,
+        type=int_in_range(0),
         default=None,
         metavar="CELLS",
         help="in-painting: also generate this many latent cells around the mask (1 lets a new object draw its own "
@@ -427,22 +479,21 @@ def build_parser() -> OneLineErrorParser:
     )
     ed.add_argument(
         "--strength",
-        type=float,
+        type=finite_float,
         default=None,
         help="image-to-image: share of the scales sampled, in [0, 1] (1 ignores the image)",
     )
     ed.add_argument("--class-label", default=None, help="VAR: class index or name of what to generate")
     ed.add_argument("--prompt", default=None, help="STAR / Infinity: what the edited image shows")
-    ed.add_argument("--num-images", type=int, default=1)
-    ed.add_argument("--guidance-scale", type=float, default=None, help="default: the pipeline's")
-    ed.add_argument("--top-k", type=int, default=None, help="default: the pipeline's (0 = off)")
-    ed.add_argument("--top-p", type=float, default=None, help="default: the pipeline's (0 = off)")
-    ed.add_argument("--height", type=int, default=None, help="Infinity: image height (default: the model's)")
-    ed.add_argument("--width", type=int, default=None, help="Infinity: image width (default: the model's)")
-    ed.add_argument("--seed", type=int, default=0)
-    ed.add_argument("--device", default="cpu")
-    ed.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    ed.add_argument("--out", default="edited.png")
+    ed.add_argument(
+        "--num-images",
+        type=int_in_range(1, MAX_EDIT_IMAGES),
+        default=1,
+        help=f"edited images, 1 to {MAX_EDIT_IMAGES}: made in one batch (default 1); several are written as "
+        "OUT-0.png, OUT-1.png, ...",
+    )
+    add_sampling_arguments(ed)
+    ed.add_argument("--out", default="edited.png", help="image file; its extension picks the format")
     ed.set_defaults(func=_edit)
 
     from .training.engine import TASK_NAMES

@@ -11,9 +11,14 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+# Most images one command writes (``generate --num-images``, a ``sample`` run): 20x an FID-50k run, and few
+# enough that the command's bookkeeping (file names, metadata.jsonl) stays small next to the images themselves.
+MAX_IMAGES = 1_000_000
 
 
 def embedded_pipelines_dir() -> Path:
@@ -77,6 +82,32 @@ def pipeline_class_of(model) -> type:
     if pipeline_class is None:
         raise ValueError(f"{str(model)!r} holds a {class_name!r}, not a diffusers-var pipeline")
     return pipeline_class
+
+
+def expect_pipeline_class(model, expected: type, exact: bool = False) -> type:
+    """:func:`pipeline_class_of`, which must be ``expected`` (or, unless ``exact``, a subclass of it: a
+    VARCoDePipeline folder serves as a VAR); ``ValueError`` naming the folder and both classes otherwise."""
+    found = pipeline_class_of(model)
+    if found is not expected and (exact or not issubclass(found, expected)):
+        raise ValueError(f"{str(model)!r} holds a {found.__name__}, not a {expected.__name__}")
+    return found
+
+
+def folder_problem(folder: Path) -> str | None:
+    """``None`` when files can be written into ``folder`` (it exists, or its nearest existing parent is a folder we
+    may write into, so it can be made), else the reason, for the caller to put after its flag. Creates nothing: it
+    runs before the model is loaded, and a run that then fails on another argument leaves no empty folder behind."""
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{str(existing)!r} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=existing):  # the only reliable test of write access (ACLs, read-only mounts)
+            pass
+    except OSError as err:
+        return f"cannot write into {str(existing)!r} ({err.strerror or err})"
+    return None
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

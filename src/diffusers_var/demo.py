@@ -32,7 +32,7 @@ from .cli_support import (
     check_device,
     embedded_pipelines_dir,
     enable_fast_path,
-    pipeline_class_of,
+    expect_pipeline_class,
     print_error,
     resolve_pipeline_folder,
 )
@@ -80,11 +80,7 @@ def load_family(family: str, spec: Any, device: str, dtype: torch.dtype, cpu_off
     if isinstance(spec, (str, Path)):
         spec = resolve_pipeline_folder(spec)
         try:
-            found = pipeline_class_of(spec)
-            if not issubclass(found, pipeline_class):
-                # the folder's content is wrong, not an argument's type: a ValueError like pipeline_class_of's
-                raise ValueError(f"{str(spec)!r} holds a {found.__name__}, not a {pipeline_class.__name__}")  # noqa: TRY004
-            pipe = found.from_pretrained(spec, dtype=dtype)
+            pipe = expect_pipeline_class(spec, pipeline_class).from_pretrained(spec, dtype=dtype)
         except Exception as err:  # never crash the app for one tab
             logger.exception("could not load %s pipeline from %s", family, spec)
             return None, f"Could not load the {title.split()[0]} pipeline: {err}"
@@ -147,10 +143,7 @@ def load_code(var_pipe, refiner: Any, device: str, dtype: torch.dtype):
     try:
         if isinstance(refiner, (str, Path)):
             refiner = resolve_pipeline_folder(refiner)
-            found = pipeline_class_of(refiner)
-            if found is not VARPipeline:
-                raise ValueError(f"{str(refiner)!r} holds a {found.__name__}, not a VARPipeline")
-            refiner = found.from_pretrained(refiner, dtype=dtype)
+            refiner = expect_pipeline_class(refiner, VARPipeline, exact=True).from_pretrained(refiner, dtype=dtype)
         code = VARCoDePipeline.from_var_pipelines(var_pipe, refiner)
     except Exception as err:  # the plain VAR tab still works
         logger.exception("could not set up CoDe with the refiner %s", refiner)
@@ -748,6 +741,33 @@ def build_demo(
 
 
 # -- command line -----------------------------------------------------------------------------------
+def model_flags_problem(specs: dict[str, Any], refiner: Any) -> str | None:
+    """The command line's check of ``--var/--star/--infinity/--var-refiner`` before anything is loaded: a folder given
+    there must hold a pipeline of its family (:func:`build_demo` turns a bad folder into a tab notice, which a person
+    who named the folder would not see in the terminal), and something must be served. ``DEFAULT``: the embedded
+    pipeline, whose absence stays a notice."""
+    if all(spec is None for spec in specs.values()):
+        return (
+            "nothing to serve: `--var`, `--star` and `--infinity` are all 'none'; leave one out (its embedded "
+            "pipeline) or give a pipeline folder"
+        )
+    for key, spec in specs.items():
+        if spec is not None and str(spec) != DEFAULT:
+            try:
+                expect_pipeline_class(resolve_pipeline_folder(spec), FAMILIES[key][1])
+            except ValueError as err:
+                return f"`--{key}` {err}"
+    if refiner is not None:
+        if specs["var"] is None:
+            return "`--var-refiner` refines a VAR model's images: it needs `--var` (not 'none')"
+        if str(refiner) != DEFAULT:
+            try:
+                expect_pipeline_class(resolve_pipeline_folder(refiner), VARPipeline, exact=True)
+            except ValueError as err:
+                return f"`--var-refiner` {err}"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     """Serve the app for parsed :func:`add_demo_arguments` flags; a bad value is a one-line error (exit code 2)."""
     problem = check_device("--device", args.device)
@@ -758,6 +778,9 @@ def run(args: argparse.Namespace) -> int:
     specs = {key: (None if str(getattr(args, key)).lower() == "none" else getattr(args, key)) for key in FAMILIES}
     refiner = getattr(args, "var_refiner", None)
     refiner = None if refiner is None or str(refiner).lower() == "none" else refiner
+    problem = model_flags_problem(specs, refiner)
+    if problem:
+        return print_error(problem)
     try:
         demo = build_demo(
             **specs,
@@ -775,6 +798,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         return print_error(err)
+    if not any(demo.loaded_pipelines[key] is not None for key in FAMILIES):  # no embedded pipeline installed either
+        return print_error("nothing to serve: no embedded pipeline here; give one with `--var/--star/--infinity PATH`")
     try:
         demo.launch(server_name=args.host, server_port=args.port, share=args.share)
     except OSError as err:  # the port is taken, or the host is not an address of this machine

@@ -42,10 +42,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cli_support import (
+    MAX_IMAGES,
+    default_model,
+    enable_fast_path,
+    folder_problem,
+    pipeline_class_of,
+    resolve_pipeline_folder,
+)
+
 IMAGES_DIR = "images"
 RUN_FILE = "run.json"
 METADATA_FILE = "metadata.jsonl"
 NPZ_FILE = "samples.npz"
+MAX_WRITER_THREADS = 256
 # The original VAR code's FID-50k setting (its README and paper): the default for converted ImageNet models.
 IMAGENET_FID_SAMPLING = {"guidance_scale": 1.5, "top_k": 900, "top_p": 0.96, "more_smooth": False}
 # Keys this command writes into metadata.jsonl; a prompt file's own fields must not reuse them.
@@ -137,7 +147,14 @@ def read_prompts(path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"`--prompts` {str(path)!r} is not a file.")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"`--prompts` {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8."
+        ) from None
+    except OSError as err:
+        raise ValueError(f"`--prompts` {str(path)!r} cannot be read ({err.strerror or err}).") from None
     if path.suffix.lower() not in (".jsonl", ".json"):
         entries = [{"prompt": line.strip()} for line in lines if line.strip()]
     else:
@@ -213,13 +230,38 @@ def check_flags(args, pipeline_name: str) -> None:
         raise ValueError("`--compile-cache` holds the fast path's compiled code: add `--fast`.")
 
 
-def build_plan(args, pipeline_name: str, num_classes: int | None, class_names: dict[int, str]) -> SamplePlan:
+def check_out(out: Path) -> None:
+    """``--out`` must be a folder that exists or can be made, and that we may write into; checked before the model
+    is loaded, creating nothing."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(
+            f"`--out` {str(out)!r} is a file; sample writes a folder ({IMAGES_DIR}/, {METADATA_FILE}): give a "
+            f"folder's name."
+        )
+    problem = folder_problem(out)
+    if problem:
+        raise ValueError(f"`--out` {str(out)!r}: {problem}.")
+
+
+def build_plan(
+    args, pipeline_name: str, num_classes: int | None, class_names: dict[int, str], prompts: list[dict] | None = None
+) -> SamplePlan:
+    """What to generate; ``prompts``: the ``--prompts`` file already read (:func:`read_prompts`), else it is read
+    here. A run of more than ``MAX_IMAGES`` images is refused."""
     if pipeline_name == "VARPipeline":
         labels = parse_class_labels(args.class_labels, num_classes) if args.class_labels else list(range(num_classes))
-        return SamplePlan(labels=labels, prompts=None, per_item=args.per_class or 1, class_names=class_names)
-    return SamplePlan(
-        labels=None, prompts=read_prompts(args.prompts), per_item=args.images_per_prompt or 1, class_names={}
-    )
+        plan = SamplePlan(labels=labels, prompts=None, per_item=args.per_class or 1, class_names=class_names)
+        flag, items = "--per-class", f"{len(labels)} classes"
+    else:
+        prompts = prompts if prompts is not None else read_prompts(args.prompts)
+        plan = SamplePlan(labels=None, prompts=prompts, per_item=args.images_per_prompt or 1, class_names={})
+        flag, items = "--images-per-prompt", f"{len(prompts)} prompts"
+    if plan.total > MAX_IMAGES:
+        raise ValueError(
+            f"`{flag}` {plan.per_item} over {items} makes {plan.total} images; a run holds at most {MAX_IMAGES} "
+            f"(split it into several --out folders)."
+        )
+    return plan
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,24 +502,26 @@ def _compile_seconds() -> float | None:
 def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
     """The ``sample`` command (``args`` as its parser makes them). ``on_batch(info)`` is called after each batch
     this process generated (benchmarks/bench_sample.py records speed and memory with it). Returns a summary."""
-    from .cli_support import default_model, enable_fast_path, pipeline_class_of, resolve_pipeline_folder
-
-    for flag, value, low in (
-        ("--batch-size", args.batch_size, 1),
-        ("--per-class", args.per_class, 1),
-        ("--images-per-prompt", args.images_per_prompt, 1),
-        ("--seed", args.seed, 0),
-        ("--writer-threads", args.writer_threads, 1),
+    for flag, value, low, high in (
+        ("--batch-size", args.batch_size, 1, MAX_IMAGES),
+        ("--per-class", args.per_class, 1, MAX_IMAGES),
+        ("--images-per-prompt", args.images_per_prompt, 1, MAX_IMAGES),
+        ("--seed", args.seed, 0, None),  # any size: image_seed hashes it
+        ("--writer-threads", args.writer_threads, 1, MAX_WRITER_THREADS),
     ):
         if value is not None and value < low:
             raise ValueError(f"`{flag}` must be >= {low}, got {value}.")
+        if value is not None and high is not None and value > high:
+            raise ValueError(f"`{flag}` must be <= {high}, got {value}.")
     model = resolve_pipeline_folder(args.model) if args.model else default_model()
     try:
         pipeline_class = pipeline_class_of(model)
     except ValueError as err:
         raise ValueError(f"`--model` {err}") from None
     check_flags(args, pipeline_class.__name__)
+    prompts = read_prompts(args.prompts) if args.prompts is not None else None  # a bad file costs no model load
     out = Path(args.out)
+    check_out(out)
     started_run = time.perf_counter()
     processes = Processes(args.device)
     device = processes.device
@@ -490,7 +534,7 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
     pipeline_name = type(pipe).__name__
     num_classes = pipe.transformer.config.num_classes if pipeline_name == "VARPipeline" else None
     class_names = dict(getattr(pipe, "id2label", None) or {})
-    plan = build_plan(args, pipeline_name, num_classes, class_names)
+    plan = build_plan(args, pipeline_name, num_classes, class_names, prompts)
     sampling = _sampling_kwargs(args, pipe, pipeline_name, num_classes)
     loaded = time.perf_counter()
     if args.fast:
@@ -678,7 +722,8 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
         "--per-class",
         type=int,
         default=None,
-        help="images per class (the papers' FID-50k: 50 over the 1000 ImageNet classes)",
+        help="images per class (the papers' FID-50k: 50 over the 1000 ImageNet classes); a run holds at most "
+        f"{MAX_IMAGES} images",
     )
     group.add_argument("--class-labels", default=None, help="comma-separated class indices (default: every class)")
     group = parser.add_argument_group("text-to-image (STAR, Infinity)")
@@ -687,7 +732,12 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help='prompt file: one prompt a line, or .jsonl objects with "prompt" and any metadata',
     )
-    group.add_argument("--images-per-prompt", type=int, default=None, help="images per prompt (default 1)")
+    group.add_argument(
+        "--images-per-prompt",
+        type=int,
+        default=None,
+        help=f"images per prompt (default 1); a run holds at most {MAX_IMAGES} images",
+    )
     group = parser.add_argument_group(
         "sampling (default: the pipeline's; converted ImageNet VARs: the FID setting cfg 1.5, top-k 900, top-p 0.96)"
     )
@@ -741,7 +791,9 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     group.add_argument(
         "--save-npz", action="store_true", help="also write DIR/samples.npz (ADM's layout, arr_0 uint8 NHWC)"
     )
-    group.add_argument("--writer-threads", type=int, default=None, help="PNG writer threads per process")
+    group.add_argument(
+        "--writer-threads", type=int, default=None, help=f"PNG writer threads per process (1 to {MAX_WRITER_THREADS})"
+    )
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=sample_command)
     return parser
