@@ -308,6 +308,20 @@ def test_unreadable_prompt_file_names_the_flag_before_loading(tmp_path, capsys, 
     assert err.startswith("error: `--prompts`") and "not UTF-8" in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("content", ["{not json", '{"other": 1}', '{"settings": [1]}', "\udcff"])
+def test_a_run_file_that_is_not_ours_is_one_error_line_and_kept(content, tmp_path, capsys, monkeypatch):
+    """``--out`` holding a run.json this command did not write (or a damaged one): refused, nothing changed."""
+    monkeypatch.setattr("diffusers_var.sample._generate_batch", lambda *a, **k: pytest.fail("generated"))
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "run.json").write_bytes(content.encode("utf-8", "surrogateescape"))
+    before = (out / "run.json").read_bytes()
+    assert main(["sample", "--out", str(out), "--model", str(VAR), "--per-class", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: `--out`") and "run.json" in err and len(err.splitlines()) == 1, err
+    assert (out / "run.json").read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["run.json"]
+
+
 def test_text_pipeline_needs_prompts(tmp_path, capsys):
     assert main(["sample", "--out", str(tmp_path / "o"), "--model", str(STAR), "--per-class", "1"]) == 2
     assert "`--per-class` is for class-conditional" in capsys.readouterr().err

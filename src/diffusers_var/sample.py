@@ -423,7 +423,15 @@ def _check_run_file(out: Path, settings: dict, processes: Processes) -> None:
     """Refuse to mix two different runs in one folder; the main process records the settings of a new one."""
     run_file = out / RUN_FILE
     if run_file.is_file():
-        recorded = json.loads(run_file.read_text()).get("settings", {})
+        try:
+            recorded = json.loads(run_file.read_text())["settings"]
+            if not isinstance(recorded, dict):
+                raise TypeError
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+            raise ValueError(
+                f"`--out` {str(out)!r} holds a {RUN_FILE} that is not this command's (unreadable, or no "
+                f'"settings" object); choose another --out, or remove that file if the folder is yours to reuse.'
+            ) from None
         differ = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
         images = out / IMAGES_DIR
         started = images.is_dir() and any(
