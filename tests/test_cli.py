@@ -61,6 +61,8 @@ BAD_ARGUMENTS = [
     (["demo", "--max-images", "0"], "--max-images"),
     (["demo", "--port", "99999"], "--port"),
     (["demo", "--queue-size", "0"], "--queue-size"),
+    (["demo", "--queue-size", "10001"], "--queue-size"),
+    (["demo", "--concurrency", "65"], "--concurrency"),
 ]
 
 

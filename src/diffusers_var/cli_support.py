@@ -239,12 +239,15 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--queue-size",
-        type=int_in_range(1),
+        type=int_in_range(1, 10_000),
         default=32,
-        help="most waiting requests (default 32); more are told the queue is full",
+        help="most waiting requests, 1 to 10000 (default 32); more are told the queue is full",
     )
     parser.add_argument(
-        "--concurrency", type=int_in_range(1), default=1, help="generations running at once, all tabs together"
+        "--concurrency",
+        type=int_in_range(1, 64),
+        default=1,
+        help="generations running at once, all tabs together, 1 to 64 (default 1)",
     )
     add_lora_arguments(parser)  # each adapter goes to the tab of the family it was made for
 
