@@ -401,3 +401,184 @@ def test_fsdp_checkpoints_resume_across_shards(tmp_path):
     ]
     assert report["step"] == 3 and report["accelerator_step"] == 7
     assert report["model_diff"] == 0 and report["optimizer_diff"] == 0 and report["lr"][0] == report["lr"][1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad configs: one-line errors naming the key, found before the model is built or the output folder touched
+# ----------------------------------------------------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+TRANSFORMER_KEYS = {
+    "var": ["tokenizer_path=x"],
+    "star": ["tokenizer_path=x", "text_encoder_path=tiny-clip"],
+    "infinity": ["tokenizer_path=x", "text_encoder_path=tiny-t5"],
+}
+
+
+@pytest.mark.parametrize(
+    "task, overrides, match",
+    [
+        ("tokenizer", ["model.foo=1"], r"unknown key `model\.foo` for task tokenizer .*ch_mult, .*vocab_size"),
+        ("bitwise_tokenizer", ["model.foo=1"], r"unknown key `model\.foo`.*codebook_dim"),
+        ("var", ["model.foo=1"], r"unknown key `model\.foo` for task var .*depth, .*init_from"),
+        ("star", ["model.foo=1"], r"unknown key `model\.foo`.*init_head.*rope"),
+        ("infinity", ["model.foo=1"], r"unknown key `model\.foo`.*block_chunks"),
+        ("var", ["model.vocab_size=5"], r"`model\.vocab_size` is set by the trainer \(from the tokenizer\)"),
+        ("star", ["model.text_embed_dim=5"], r"`model\.text_embed_dim` is set by the trainer"),
+        ("tokenizer", ["model.vocab_size=-5"], r"`model\.vocab_size` must be a whole number >= 1, got -5"),
+        ("var", ["model.depth=2.5"], r"`model\.depth` must be a whole number >= 1"),
+        ("tokenizer", ["model.using_sa=1"], r"`model\.using_sa` must be true or false"),
+        ("tokenizer", ["model.patch_nums=[1,-2]"], r"`model\.patch_nums` must be a non-empty list"),
+        ("var", ["model.mlp_ratio=abc"], r"`model\.mlp_ratio` must be a number"),
+        ("var", ['model.init_blocks=[0,"a"]'], r"`model\.init_blocks` must be a list of block indices"),
+    ],
+)
+def test_model_keys_are_checked_against_the_model_class(task, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.load(None, [f"task={task}", *TRANSFORMER_KEYS.get(task, []), *overrides])
+
+
+def test_model_keys_with_a_lora_section_are_refused():
+    base = REPO / "pipelines" / "var-shapes"
+    with pytest.raises(ValueError, match=r"`model`: a LoRA run adapts the transformer of `lora\.base`.*depth"):
+        TrainConfig.load(None, ["task=var", f"lora.base={base}", "model.depth=2"])
+
+
+def _error_line(capsys) -> str:
+    """The command's stderr: exactly one line, the error."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def test_cli_model_errors_are_one_line_and_nothing_is_created(tmp_path, capsys):
+    from diffusers_var.cli import main
+
+    run = tmp_path / "run"
+    common = ["train", "tokenizer", f"output_dir={run}", f"model={json.dumps(TOKENIZER_MODEL)}", "resolution=16"]
+    assert main([*common, "model.foo=1"]) == 2
+    assert "`model.foo`" in _error_line(capsys)
+    assert main([*common, "model.vocab_size=-5"]) == 2
+    assert "`model.vocab_size`" in _error_line(capsys)
+    # an error of the model constructor itself names the section (and here the key, which its message names)
+    assert main([*common, "model.ch=30"]) == 2
+    assert re.match(r"error: `model`: cannot build a MultiScaleVQModel .*`model\.ch`", _error_line(capsys))
+    assert not run.exists()
+
+
+def test_path_keys_name_a_missing_folder(tmp_path, capsys):
+    missing = tmp_path / "missing"
+    cases = [
+        (["task=var", f"tokenizer_path={missing}"], "tokenizer_path"),
+        (["task=star", f"tokenizer_path={tmp_path}", f"text_encoder_path={missing}"], "text_encoder_path"),
+        (["task=var", f"tokenizer_path={tmp_path}", f"model.init_from={missing}"], "model.init_from"),
+        (["task=tokenizer", "data.type=imagefolder", f"data.path={missing}"], "data.path"),
+        (["task=tokenizer", "data.type=hf", f"data.path={missing}"], "data.path"),
+        (["task=var", f"lora.base={missing}"], "lora.base"),
+    ]
+    for overrides, key in cases:
+        with pytest.raises(ValueError, match=f"`{re.escape(key)}`: '{re.escape(str(missing))}' does not exist"):
+            TrainConfig.load(None, overrides)
+    from diffusers_var.cli import main
+
+    assert main(["train", "var", f"tokenizer_path={missing}", f"output_dir={tmp_path / 'run'}"]) == 2
+    assert "`tokenizer_path`" in _error_line(capsys) and not (tmp_path / "run").exists()
+    # a folder of another model: named, not a failure inside diffusers' loader
+    transformer = REPO / "pipelines" / "var-shapes" / "transformer"
+    config = TrainConfig(task="var", tokenizer_path=str(transformer), output_dir=str(tmp_path / "run"), resolution=64)
+    with pytest.raises(ValueError, match=r"`tokenizer_path`: .* holds a VARTransformer2DModel, not a MultiScaleVQ"):
+        train(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_output_dir_that_is_a_file_is_named(tmp_path, capsys):
+    from diffusers_var.cli import main
+
+    file = tmp_path / "notes.txt"
+    file.write_text("mine")
+    for output_dir in (file, file / "run"):
+        assert main(["train", "tokenizer", f"output_dir={output_dir}", "max_steps=1"]) == 2
+        assert "`output_dir`" in _error_line(capsys)
+    assert file.read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("data.num_images.x=1", r"`data\.num_images` is 10000, not a mapping of keys"),
+        ("max_steps.x=1", r"`max_steps` takes a single value"),
+        ("data..seed=1", "is not a config key"),
+        ("data.num_images=abc", r"`data\.num_images` must be a whole number >= 1, got 'abc'"),
+        ("data.seed=-1", r"`data\.seed` must be a whole number"),
+        ("data.nmu=1", r"unknown `data` keys \['nmu'\]"),
+        ("data.path=my_images", r"`data\.path` .* but `data\.type` is 'shapes'"),
+    ],
+)
+def test_bad_data_overrides_name_the_key(override, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.load(None, ["task=tokenizer", override])
+
+
+def test_a_dotted_override_keeps_the_sections_other_keys(tmp_path):
+    """``data.num_images=4`` alone used to replace the whole default ``data`` section (its ``type: shapes`` lost);
+    a dotted override sets that one key, in the default section or the config file's, for every section."""
+    assert TrainConfig.load(None, ["task=tokenizer", "data.num_images=4"]).data == {"type": "shapes", "num_images": 4}
+    base = REPO / "pipelines" / "var-shapes"
+    path = tmp_path / "config.json"
+    path.write_text(
+        json.dumps(
+            {"task": "tokenizer", "data": {**DATA, "bad_images": "error"}, "model": TOKENIZER_MODEL, "resolution": 16}
+        )
+    )
+    config = TrainConfig.load(path, ["data.seed=5", "model.vocab_size=32"])
+    assert config.data == {**DATA, "bad_images": "error", "seed": 5}
+    assert config.model == {**TOKENIZER_MODEL, "vocab_size": 32}
+    path.write_text(json.dumps({"task": "var", "lora": {"base": str(base), "rank": 4, "dropout": 0.1}}))
+    assert TrainConfig.load(path, ["lora.rank=8"]).lora == {"base": str(base), "rank": 8, "dropout": 0.1}
+    # a whole section given without a dot replaces the section
+    assert TrainConfig.load(None, ["task=tokenizer", 'data={"type": "shapes", "seed": 1}']).data == {
+        "type": "shapes",
+        "seed": 1,
+    }
+
+
+def test_a_run_on_an_image_folder_resumes_with_the_same_config():
+    """The default ``data`` section's keys (``num_images``) were compared with an image-folder run's own section, so
+    ``resume=auto`` refused every unchanged image-folder config."""
+    from diffusers_var.training.engine import _config_snapshot, config_differences
+
+    config = TrainConfig(task="tokenizer", data={"type": "imagefolder", "path": "images"})
+    assert config_differences(_config_snapshot(config), _config_snapshot(config)) == {}
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize(
+    "failing",
+    ["resolution=24", "batch_size=64", "model.foo=1", "data.num_images=abc"],
+    ids=["model-check", "data-size-check", "unknown-model-key", "bad-data-value"],
+)
+def test_failing_checks_leave_the_output_folder_as_it_was(tmp_path, capsys, failing):
+    """``resume=never`` moved the previous run to previous-runs/ before the data and model checks failed; every
+    check now runs before anything in output_dir changes (and a missing output_dir is not created)."""
+    from diffusers_var.cli import main
+
+    run = tmp_path / "run"
+    for name, content in {
+        "checkpoints/step-0000002/model.safetensors": b"weights",
+        "final/model_index.json": b"{}",
+        "samples/step-0000002.png": b"png",
+        "train_log.jsonl": b'{"step": 1}\n',
+        "train_config.json": b"{}",
+        "notes.txt": b"the user's",
+    }.items():
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_bytes(content)
+    before = _tree(run)
+    common = ["train", "tokenizer", f"model={json.dumps(TOKENIZER_MODEL)}", "resolution=16", "data.num_images=16"]
+    assert main([*common, f"output_dir={run}", "batch_size=8", "resume=never", failing]) == 2
+    _error_line(capsys)
+    assert _tree(run) == before
+    assert main([*common, f"output_dir={tmp_path / 'new'}", "batch_size=8", failing]) == 2
+    assert not (tmp_path / "new").exists()

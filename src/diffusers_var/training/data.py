@@ -194,11 +194,18 @@ class HFDataset(_SkipsBadImages):
             import datasets
         except ImportError as err:
             raise ValueError("`data.type: hf` needs the `datasets` package (pip install datasets).") from err
-        self.dataset = (
-            datasets.load_dataset(name_or_path, split=split)
-            if not Path(name_or_path).is_dir()
-            else datasets.load_from_disk(name_or_path)
-        )
+        try:
+            self.dataset = (
+                datasets.load_dataset(name_or_path, split=split)
+                if not Path(name_or_path).is_dir()
+                else datasets.load_from_disk(name_or_path)
+            )
+        except Exception as err:  # noqa: BLE001 - datasets raises many kinds (not found, offline, bad split, ...)
+            message = (str(err).strip().splitlines() or [""])[0]
+            raise ValueError(
+                f"`data.path`: cannot load the dataset {name_or_path!r} (split {split!r}; {type(err).__name__}: "
+                f"{message})."
+            ) from None
         for column in (image_column, label_column, caption_column):
             if column is not None and column not in self.dataset.column_names:
                 raise ValueError(
@@ -244,6 +251,57 @@ class RepeatedDataset(torch.utils.data.Dataset):
         if name in ("dataset", "repeats"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+
+DATA_TYPES = ("shapes", "imagefolder", "hf")
+# the keys each `data.type` reads; any type takes the common ones. A key of another type is ignored (a config file's
+# shapes section keeps num_images / seed when the command line switches it to data.type=imagefolder).
+DATA_KEYS = {
+    "shapes": ("num_images", "seed", "concept", "concept_fraction", "concept_replaces"),
+    "imagefolder": ("path",),
+    "hf": ("path", "split", "image_column", "label_column", "caption_column"),
+}
+COMMON_DATA_KEYS = ("type", "bad_images", "repeats", "cache_tokens")
+
+
+def check_data_section(data_config: dict) -> dict:
+    """Validate the ``data`` section of a training config (before anything is built or written); a ``ValueError``
+    names the key. Returns a copy with integral numbers as ints (``data.num_images=500.0``)."""
+    data_config = dict(data_config)
+    known = sorted({*COMMON_DATA_KEYS, *(key for keys in DATA_KEYS.values() for key in keys)})
+    unknown = sorted(set(data_config) - set(known))
+    if unknown:
+        raise ValueError(f"unknown `data` keys {unknown}; known: {known}.")
+    kind = data_config.get("type", "imagefolder")
+    if kind not in DATA_TYPES:
+        raise ValueError(f"`data.type` must be one of {', '.join(repr(t) for t in DATA_TYPES)}; got {kind!r}.")
+    for key, low in (("num_images", 1), ("seed", 0), ("repeats", 1)):
+        if key not in data_config:  # (no default is added: the saved config of a run stays as it was given)
+            continue
+        value = data_config[key]
+        whole = isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+        if not whole or value < low or (key == "seed" and value > 2**32 - 1):
+            bounds = f">= {low}" + (f" and <= {2**32 - 1}" if key == "seed" else "")
+            raise ValueError(f"`data.{key}` must be a whole number {bounds}, got {value!r}.")
+        data_config[key] = int(value)
+    if not isinstance(data_config.get("cache_tokens", False), bool):
+        raise ValueError(f"`data.cache_tokens` must be true or false, got {data_config['cache_tokens']!r}.")
+    path = data_config.get("path")
+    if kind == "shapes" and path is not None:  # the shapes are generated: a path here means data.type was forgotten
+        raise ValueError(
+            f"`data.path` ({path!r}) is set, but `data.type` is 'shapes' (generated images, no path); set "
+            "data.type=imagefolder or data.type=hf to train on it (or data.path=null)."
+        )
+    if kind != "shapes":
+        if path is None:
+            raise ValueError(f"`data.path` is required for `data.type: {kind}`.")
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"`data.path` must be a folder path{' or dataset name' * (kind == 'hf')}, got {path!r}.")
+    for key in ("split", "image_column", "label_column", "caption_column"):
+        value = data_config.get(key)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ValueError(f"`data.{key}` must be a non-empty string, got {value!r}.")
+    return data_config
 
 
 def build_dataset(data_config: dict, resolution: int, need_labels: bool = False, need_captions: bool = False):
@@ -292,7 +350,7 @@ def _build_dataset(data_config: dict, resolution: int, need_labels: bool = False
             data_config.get("caption_column"),
             bad_images=data_config.get("bad_images", "skip"),
         )
-    raise ValueError(f"`data.type` must be one of 'shapes', 'imagefolder', 'hf'; got {kind!r}.")
+    raise ValueError(f"`data.type` must be one of {', '.join(repr(t) for t in DATA_TYPES)}; got {kind!r}.")
 
 
 def collate(items: list[dict]) -> dict:

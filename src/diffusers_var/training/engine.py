@@ -12,6 +12,7 @@ origin cannot run code. A resume checks that the config is the one the checkpoin
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -19,14 +20,15 @@ import re
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .checkpoint import load_training_state, read_training_state, save_training_state
-from .data import BAD_IMAGE_POLICIES
+from .data import BAD_IMAGE_POLICIES, check_data_section
+from .text_encoders import TINY_TEXT_ENCODERS
 
 CHECKPOINT_PATTERN = re.compile(r"step-(\d+)\Z")
 TASK_NAMES = ("tokenizer", "bitwise_tokenizer", "var", "star", "infinity")
@@ -46,6 +48,7 @@ RESUME_SAFE_KEYS = {
     "data.bad_images",
 }
 PATH_KEYS = {"tokenizer_path", "text_encoder_path", "data.path"}
+SECTIONS = ("data", "model", "lora")  # the config keys that hold keys of their own (``data.num_images=500``)
 RUN_FILES = ("checkpoints", "final", "samples", "logs", "train_log.jsonl", "train_config.json")
 
 
@@ -117,6 +120,7 @@ class TrainConfig:
                 raise ValueError(
                     f"`--config`: {str(path)!r} must hold a mapping of config keys, not a {type(values).__name__}."
                 )
+        known = {f.name for f in fields(cls)}
         for item in overrides or []:
             if "=" not in item:
                 raise ValueError(
@@ -127,12 +131,7 @@ class TrainConfig:
                 value = json.loads(raw)
             except json.JSONDecodeError:
                 value = raw
-            target = values
-            *parents, leaf = key.split(".")
-            for parent in parents:
-                target = target.setdefault(parent, {})
-            target[leaf] = value
-        known = {f.name for f in fields(cls)}
+            _set_override(values, key, value, known)
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown training config keys {unknown}; known: {sorted(known)}.")
@@ -164,6 +163,7 @@ class TrainConfig:
                 f"`data.bad_images` must be one of {', '.join(repr(p) for p in BAD_IMAGE_POLICIES)}, "
                 f"got {bad_images!r}."
             )
+        self.data = check_data_section(self.data)
         for name in ("gradient_checkpointing", "allow_tf32"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(  # noqa: TRY004 - every config error is a ValueError (the command line prints those)
@@ -220,6 +220,35 @@ class TrainConfig:
                 "`tokenizer/` sub-folders (or a plain transformers model folder), or 'tiny-clip' / 'tiny-t5' "
                 "(see diffusers_var.training.text_encoders)."
             )
+        from .tasks import check_model_section
+
+        check_model_section(self)
+        self._check_paths()
+
+    def _check_paths(self) -> None:
+        """Path-valued keys name places that exist (a loader would fail deep inside diffusers / huggingface_hub,
+        e.g. with its "couldn't connect to huggingface.co" text), and ``output_dir`` is or can become a folder."""
+        if self.tokenizer_path:
+            _check_folder("tokenizer_path", self.tokenizer_path, hub_ids=True)
+        if self.text_encoder_path and self.text_encoder_path not in TINY_TEXT_ENCODERS:
+            _check_folder("text_encoder_path", self.text_encoder_path)
+        if self.model.get("init_from") is not None:
+            _check_folder("model.init_from", self.model["init_from"], hub_ids=True)
+        kind = self.data.get("type", "imagefolder")
+        if kind != "shapes":  # imagefolder: a folder; hf: a saved dataset folder, or a dataset name on the Hub
+            _check_folder("data.path", self.data["path"], hub_ids=kind == "hf", bare_names=kind == "hf")
+        output_dir = Path(self.output_dir)
+        if output_dir.is_symlink() and not output_dir.exists():
+            raise ValueError(f"`output_dir`: {str(output_dir)!r} is a broken symbolic link.")
+        if output_dir.exists() and not output_dir.is_dir():
+            raise ValueError(
+                f"`output_dir`: {str(output_dir)!r} is a file, not a folder (the run folder, created when missing)."
+            )
+        existing = next(p for p in (output_dir.absolute(), *output_dir.absolute().parents) if p.exists())
+        if not existing.is_dir():
+            raise ValueError(
+                f"`output_dir`: {str(existing)!r} is a file, so {str(output_dir)!r} cannot be created as a folder."
+            )
 
     def _check(
         self,
@@ -249,6 +278,62 @@ class TrainConfig:
                 f"{hint}, got {value!r}."
             )
         setattr(self, name, int(value) if integer else float(value))
+
+
+def _section_defaults() -> dict[str, dict]:
+    """The default of each section of keys (``data``, ``model``): what a dotted override of a section that neither
+    the config file nor an earlier override gave is merged into."""
+    return {f.name: f.default_factory() for f in fields(TrainConfig) if f.default_factory is not MISSING}
+
+
+def _set_override(values: dict, key: str, value, known: set[str]) -> None:
+    """Apply one ``key=value`` override. A dotted key sets only that key of its section and keeps the others (the
+    config file's section, else the default one: ``data.num_images=500`` alone still trains on the shapes);
+    ``section=...`` without a dot replaces the whole section."""
+    *parents, leaf = key.split(".")
+    if not all(parents) or not leaf:
+        raise ValueError(f"override {key}=...: {key!r} is not a config key (e.g. max_steps or data.num_images).")
+    if parents and parents[0] in known and parents[0] not in SECTIONS:
+        raise ValueError(
+            f"override `{key}`: `{parents[0]}` takes a single value, not keys; sections of keys are "
+            f"{', '.join(f'`{s}`' for s in SECTIONS)}."
+        )
+    target = values
+    for depth, parent in enumerate(parents):
+        current = target.get(parent)
+        if current is None:
+            default = _section_defaults().get(parent) if depth == 0 else None
+            target[parent] = current = copy.deepcopy(default) if isinstance(default, dict) else {}
+        elif not isinstance(current, dict):
+            section = ".".join(parents[: depth + 1])
+            raise ValueError(
+                f"override `{key}`: `{section}` is {current!r}, not a mapping of keys, so it has no key "
+                f"{'.'.join(parents[depth + 1 :] + [leaf])!r} (set `{section}=...` itself)."
+            )
+        target = current
+    target[leaf] = value
+
+
+# "org/name" (a model on the Hub, which from_pretrained looks up when no such local folder exists); datasets also
+# have bare names ("mnist")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_DATASET_NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
+
+
+def _check_folder(key: str, value, hub_ids: bool = False, bare_names: bool = False) -> None:
+    """``value`` of the path-valued config key ``key`` is an existing folder (or, where the loader also takes Hub
+    ids, shaped like one: its download is left to the loader, whose errors name the key as well)."""
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise ValueError(f"`{key}` must be a folder path, got {value!r}.")
+    path = Path(value)
+    if path.is_dir():
+        return
+    if path.exists():
+        raise ValueError(f"`{key}`: {str(value)!r} is a file, not a folder.")
+    if (hub_ids and HUB_ID.fullmatch(str(value))) or (bare_names and HUB_DATASET_NAME.fullmatch(str(value))):
+        return
+    where = "" if path.is_absolute() else f" under the current folder {os.getcwd()!r}"
+    raise ValueError(f"`{key}`: {str(value)!r} does not exist (no such folder{where}).")
 
 
 def _is_number(value) -> bool:
@@ -332,10 +417,10 @@ def _config_snapshot(config: TrainConfig) -> dict:
 
 def config_differences(saved: dict, current: dict) -> dict[str, tuple]:
     """Keys whose values differ between a checkpoint's config and the current one: ``{key: (old, new)}``, nested keys
-    dotted (``model.depth``). Keys missing from ``saved`` (an older version) compare against their defaults;
+    dotted (``model.depth``). Keys missing from ``saved`` (an older version) compare against their defaults, a
+    section as a whole (the default ``data`` section's keys are not the keys of a run's own ``data`` section);
     :data:`RESUME_SAFE_KEYS` are ignored; path keys naming the same place (relative / absolute) are equal."""
-    defaults = _flat(_config_snapshot(TrainConfig()))
-    old, new = {**defaults, **_flat(saved)}, _flat(current)
+    old, new = _flat({**_config_snapshot(TrainConfig()), **saved}), _flat(current)
     differences = {}
     for key in sorted(set(old) | set(new)):
         if key in RESUME_SAFE_KEYS or key.split(".")[0] in RESUME_SAFE_KEYS:
@@ -371,14 +456,11 @@ def _move_previous_run(output_dir: Path) -> Path | None:
 
 def _resume_point(config: TrainConfig, output_dir: Path, is_main: bool) -> Path | None:
     """The checkpoint to resume from (``None``: start afresh), following ``config.resume``. Every process reads the
-    same folder and comes to the same answer; only the main process moves files."""
-    checkpoint = latest_checkpoint(output_dir / "checkpoints")
+    same folder and comes to the same answer; nothing is moved here (``resume=never`` moves the previous run aside
+    only once every check has passed, see :func:`train`)."""
     if config.resume == "never":
-        if is_main:
-            moved = _move_previous_run(output_dir)
-            if moved is not None:
-                print(f"resume=never: moved the previous run's files to {moved}")
         return None
+    checkpoint = latest_checkpoint(output_dir / "checkpoints")
     if checkpoint is None:
         return None
     saved = read_training_state(checkpoint)  # refuses a checkpoint of accelerate's pickle format
@@ -435,6 +517,8 @@ def train(config: TrainConfig) -> Path:
     from . import lora
     from .tasks import build_task
 
+    # also for a TrainConfig built in Python; like every check below, before anything in output_dir is changed
+    config.validate()
     lora_settings = lora.settings_of(config)
 
     output_dir = Path(config.output_dir)
@@ -487,15 +571,13 @@ def train(config: TrainConfig) -> Path:
             )
     snapshot = _config_snapshot(config)  # before a time limit shortens max_steps
     resume_from = _resume_point(config, output_dir, accelerator.is_main_process)
-    accelerator.wait_for_everyone()  # the main process may have moved a previous run aside
-    if accelerator.is_main_process:
-        check_output_dir(output_dir / "final", overwrite=True)  # refuse now rather than after training
-        output_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint_dir.mkdir(exist_ok=True)
-        for stale in checkpoint_dir.glob(".tmp-*"):  # half-written by an interrupted save
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    if config.resume != "never":  # (with resume=never a previous export is moved aside, not replaced)
+        try:
+            check_output_dir(output_dir / "final", overwrite=True)  # refuse now rather than after training
+        except ValueError as err:
+            raise ValueError(str(err).replace("`output`", "`output_dir`", 1)) from None
 
+    # the data and the model: their checks fail here, before the output folder is touched
     task = build_task(config, accelerator.device)
     model = task.model
     text_encoder = getattr(task, "trainable_text_encoder", None)  # LoRA with lora.train_text_encoder
@@ -517,6 +599,19 @@ def train(config: TrainConfig) -> Path:
     )
     if len(loader) == 0:
         raise ValueError(f"`batch_size` {config.batch_size} is larger than the dataset ({len(task.dataset)} images).")
+
+    # every check has passed: only now is the output folder changed
+    accelerator.wait_for_everyone()  # every process has read the folder (_resume_point) before it changes
+    if accelerator.is_main_process:
+        if config.resume == "never":
+            moved = _move_previous_run(output_dir)
+            if moved is not None:
+                print(f"resume=never: moved the previous run's files to {moved}")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint_dir.mkdir(exist_ok=True)
+        for stale in checkpoint_dir.glob(".tmp-*"):  # half-written by an interrupted save
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
     if text_encoder is not None:
         model, text_encoder, optimizer, loader, scheduler = accelerator.prepare(
             model, text_encoder, optimizer, loader, scheduler

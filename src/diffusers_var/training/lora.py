@@ -74,8 +74,12 @@ class LoraSettings:
         if not section.get("base"):
             raise ValueError("`lora.base` (the pipeline folder to fine-tune, e.g. pipelines/var-shapes) is required.")
         settings = cls(**section)
+        if not isinstance(settings.base, str):
+            raise ValueError(f"`lora.base` must be a pipeline folder path, got {settings.base!r}.")
         base = Path(settings.base)
         index = base / "model_index.json"
+        if not base.exists():
+            raise ValueError(f"`lora.base`: {str(base)!r} does not exist (no such folder).")
         if not index.is_file():
             raise ValueError(f"`lora.base`: {str(base)!r} is not a pipeline folder (no model_index.json).")
         class_name = json.loads(index.read_text()).get("_class_name")
@@ -146,7 +150,15 @@ def transformer_for_training(config, model_class, build):
     settings = settings_of(config)
     if settings is None:
         return build()
-    model = model_class.from_pretrained(settings.component("transformer"))
+    folder = settings.component("transformer")
+    try:
+        model = model_class.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, RuntimeError, KeyError) as err:
+        message = (str(err).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"`lora.base`: cannot load a {model_class.__name__} from {str(folder)!r} ({type(err).__name__}: "
+            f"{message})."
+        ) from None
     if config.task == "var" and model.config.cond_drop_rate != config.cond_drop_rate:
         model.register_to_config(cond_drop_rate=config.cond_drop_rate)  # VAR drops labels inside its forward
     return attach_lora(model, settings, config.mixed_precision)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -48,11 +51,168 @@ def _frozen(model, device):
     return model.to(device).eval().requires_grad_(False)
 
 
+# what a model constructor raises for arguments it cannot build (a ValueError naming the argument, or torch's own
+# errors, e.g. "Trying to create tensor with negative dimension")
+CONSTRUCTOR_ERRORS = (ValueError, TypeError, RuntimeError, IndexError, ArithmeticError, AssertionError)
+# errors of ``from_pretrained`` on a folder that is not the expected model (or a Hub id that cannot be fetched)
+LOAD_ERRORS = (OSError, ValueError, TypeError, RuntimeError, KeyError)
+# integer constructor arguments that are sizes or counts (>= 1); other integer arguments may be 0
+# (``share_quant_resi``: one Phi per scale, ``num_res_blocks``, ``num_legacy_classes``, ...)
+POSITIVE_MODEL_KEYS = {
+    "in_channels",
+    "out_channels",
+    "ch",
+    "base_channels",
+    "vocab_size",
+    "z_channels",
+    "codebook_dim",
+    "quant_conv_ks",
+    "num_classes",
+    "depth",
+    "embed_dim",
+    "num_heads",
+    "latent_channels",
+    "text_embed_dim",
+    "sampler_depth",
+    "bits_per_token",
+    "text_dim",
+    "text_max_length",
+    "pool_num_heads",
+    "block_chunks",
+    "num_level_embeddings",
+}
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:500]
+
+
+def _construct(model_class, model_args: dict):
+    """``model_class(**model_args)``; a constructor error becomes a ``ValueError`` naming the ``model`` section (and
+    the key, where the model's message names its argument)."""
+    try:
+        return model_class(**model_args)
+    except CONSTRUCTOR_ERRORS as err:
+        params = model_parameters(model_class)
+        message = re.sub(r"`(\w+)`", lambda m: f"`model.{m[1]}`" if m[1] in params else m[0], _one_line(err))
+        raise ValueError(
+            f"`model`: cannot build a {model_class.__name__} from the `model` section ({message})."
+        ) from None
+
+
 def _new(model_class, model_args: dict, **init):
-    """A freshly initialised model (``init_weights(**init)``)."""
-    model = model_class(**model_args)
+    """A freshly initialised transformer (``init_weights(**init)``)."""
+    model = _construct(model_class, model_args)
     model.init_weights(**init)
     return model
+
+
+def _load_pretrained(model_class, path: str, key: str, **kwargs):
+    """``model_class.from_pretrained(path)``; a folder that does not hold one is a ``ValueError`` naming ``key``."""
+    config_file = Path(path) / "config.json"
+    if config_file.is_file():  # another model's folder would load with missing weights left on the meta device
+        try:
+            class_name = json.loads(config_file.read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError) as err:
+            raise ValueError(f"`{key}`: cannot read {str(config_file)!r} ({_one_line(err)}).") from None
+        if class_name != model_class.__name__:
+            raise ValueError(f"`{key}`: {str(path)!r} holds a {class_name}, not a {model_class.__name__}.")
+    try:
+        return model_class.from_pretrained(path, **kwargs)
+    except LOAD_ERRORS as err:
+        raise ValueError(
+            f"`{key}`: cannot load a {model_class.__name__} from {str(path)!r} ({_one_line(err)})."
+        ) from None
+
+
+def model_parameters(model_class) -> dict[str, inspect.Parameter]:
+    """The constructor arguments of a model class (its diffusers config keys)."""
+    return {
+        name: parameter
+        for name, parameter in inspect.signature(model_class.__init__).parameters.items()
+        if name != "self" and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+    }
+
+
+def _check_model_value(key: str, value, default) -> None:
+    """Cheap type / range checks from the constructor default's type (the model checks the rest when built)."""
+    name = f"`model.{key}`"
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r}.")
+    elif isinstance(default, int):
+        low = 1 if key in POSITIVE_MODEL_KEYS else 0
+        if not whole or value < low:
+            raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}.")
+    elif isinstance(default, float):
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+            raise ValueError(f"{name} must be a number, got {value!r}.")
+    elif isinstance(default, (tuple, list)):
+        if not (
+            isinstance(value, (list, tuple))
+            and value
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+        ):
+            raise ValueError(
+                f"{name} must be a non-empty list of whole numbers >= 1, e.g. {list(default)}, got {value!r}."
+            )
+
+
+def check_model_section(config) -> dict:
+    """Validate the ``model`` section for ``config.task`` before anything is built: every key is a constructor
+    argument of the trained model class (or one of the task's initialisation keys) with a value of the right kind.
+    A ``ValueError`` names the key and lists the accepted ones."""
+    task_class = TASKS[config.task]
+    model_class = task_class.model_class
+    if config.lora is not None:  # the transformer of lora.base is trained as it is
+        if config.model:
+            raise ValueError(
+                f"`model`: a LoRA run adapts the transformer of `lora.base` as it is; remove the `model` keys "
+                f"{sorted(config.model)}."
+            )
+        return config.model
+    params = model_parameters(model_class)
+    set_by_trainer = task_class.model_keys_set_by_trainer
+    init_keys = task_class.model_init_keys
+    accepted = sorted((set(params) - set(set_by_trainer)) | set(init_keys))
+    for key, value in config.model.items():
+        if key in set_by_trainer:
+            raise ValueError(
+                f"`model.{key}` is set by the trainer (from {set_by_trainer[key]}); remove it. Accepted `model` "
+                f"keys for task {config.task}: {', '.join(accepted)}."
+            )
+        if key not in accepted:
+            raise ValueError(
+                f"unknown key `model.{key}` for task {config.task} ({model_class.__name__}); accepted `model` "
+                f"keys: {', '.join(accepted)}."
+            )
+        if key in init_keys:
+            kind = init_keys[key]
+            if kind == "number" and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ):
+                raise ValueError(f"`model.{key}` must be a number, got {value!r}.")
+            if (
+                kind == "indices"
+                and value is not None
+                and not (
+                    isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+                )
+            ):
+                raise ValueError(f"`model.{key}` must be a list of block indices, e.g. [0, 5], got {value!r}.")
+            if kind == "path" and value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"`model.{key}` must be a model folder path, got {value!r}.")
+        else:
+            _check_model_value(key, value, params[key].default)
+    return config.model
+
+
+def _load_tokenizer(model_class, config):
+    """The frozen image tokenizer of a transformer task: ``tokenizer_path``, or the ``lora.base`` pipeline's."""
+    key = "tokenizer_path" if config.tokenizer_path or config.lora is None else "lora.base"
+    return _load_pretrained(model_class, lora.tokenizer_path(config), key)
 
 
 def _drop_mask(batch_size: int, rate: float) -> torch.Tensor:
@@ -99,6 +259,8 @@ class _ReconstructionTask:
     """Shared by the tokenizer tasks: a reconstruction grid as samples, the bare model as export."""
 
     collate = staticmethod(collate)
+    model_keys_set_by_trainer: dict[str, str] = {}  # constructor arguments the trainer sets: key -> from what
+    model_init_keys: dict[str, str] = {}  # `model` keys that are not constructor arguments: key -> kind of value
 
     @torch.no_grad()
     def save_samples(self, model, path: Path) -> None:
@@ -117,6 +279,8 @@ class _PipelineTask:
     """Shared by the transformer tasks: samples and export go through the matching pipeline."""
 
     collate = staticmethod(collate)
+    model_keys_set_by_trainer: dict[str, str] = {}
+    model_init_keys: dict[str, str] = {}
 
     @torch.no_grad()
     def save_samples(self, model, path: Path) -> None:
@@ -145,10 +309,12 @@ class TokenizerTask(_ReconstructionTask):
     """MultiScaleVQModel: L1 + L2 reconstruction plus the multi-scale VQ loss; codebook usage reported.
     (The original also uses LPIPS and a GAN loss; both need pretrained weights from outside and are left out.)"""
 
+    model_class = MultiScaleVQModel
+
     def __init__(self, config, device):
         self.config = config
         self.dataset = build_dataset(config.data, config.resolution)
-        self.model = MultiScaleVQModel(**config.model)
+        self.model = _construct(MultiScaleVQModel, config.model)
         if config.resolution != self.model.latent_size * self.model.downsample_factor:
             raise ValueError(
                 f"`resolution` {config.resolution} must equal patch_nums[-1] * 2**(len(ch_mult)-1) = "
@@ -217,10 +383,12 @@ class BitwiseTokenizerTask(_ReconstructionTask):
     (VGG / DINO) and are left out, so reconstructions are blurrier than the released tokenizers'.
     """
 
+    model_class = BitwiseMultiScaleVAE
+
     def __init__(self, config, device):
         self.config = config
         self.dataset = build_dataset(config.data, config.resolution)
-        self.model = BitwiseMultiScaleVAE(**config.model)
+        self.model = _construct(BitwiseMultiScaleVAE, config.model)
         self.schedule = bitwise_schedule(config.resolution, self.model)
 
     def loss(self, model, batch):
@@ -322,11 +490,19 @@ class VARTask(_PipelineTask):
     ``data.cache_tokens: true`` encodes the dataset once up front (:class:`TokenCachedDataset`)."""
 
     collate = staticmethod(_collate_with_tokens)
+    model_class = VARTransformer2DModel
+    model_keys_set_by_trainer = {
+        "vocab_size": "the tokenizer",
+        "latent_channels": "the tokenizer",
+        "patch_nums": "the tokenizer",
+        "cond_drop_rate": "the top-level `cond_drop_rate`",
+    }
+    model_init_keys = {"init_adaln_gamma": "number", "init_from": "path", "init_blocks": "indices"}
 
     def __init__(self, config, device):
         self.config = config
         self.dataset = build_dataset(config.data, config.resolution, need_labels=True)
-        self.tokenizer = _frozen(MultiScaleVQModel.from_pretrained(lora.tokenizer_path(config)), device)
+        self.tokenizer = _frozen(_load_tokenizer(MultiScaleVQModel, config), device)
         tok = self.tokenizer.config
         _check_vq_resolution(config, self.tokenizer)
         if config.data.get("cache_tokens", False):
@@ -346,7 +522,8 @@ class VARTask(_PipelineTask):
         def build():
             model = _new(VARTransformer2DModel, model_args, init_adaln_gamma=init_adaln_gamma)
             if init_from is not None:
-                init_from_larger_var_(model, VARTransformer2DModel.from_pretrained(init_from), init_blocks)
+                source = _load_pretrained(VARTransformer2DModel, init_from, "model.init_from")
+                init_from_larger_var_(model, source, init_blocks)
             return model
 
         self.model = lora.transformer_for_training(config, VARTransformer2DModel, build)
@@ -395,10 +572,20 @@ class STARTask(_PipelineTask):
     quirk of its LMDB loader; here every caption may be dropped.) Trained without the stable-sampler head.
     """
 
+    model_class = STARTransformer2DModel
+    model_keys_set_by_trainer = {
+        "vocab_size": "the tokenizer",
+        "latent_channels": "the tokenizer",
+        "patch_nums": "the tokenizer",
+        "text_embed_dim": "the text encoder",
+        "cond_drop_rate": "the top-level `cond_drop_rate`",
+    }
+    model_init_keys = {"init_head": "number"}
+
     def __init__(self, config, device):
         self.config, self.device = config, device
         self.dataset = build_dataset(config.data, config.resolution, need_captions=True)
-        self.tokenizer = _frozen(MultiScaleVQModel.from_pretrained(lora.tokenizer_path(config)), device)
+        self.tokenizer = _frozen(_load_tokenizer(MultiScaleVQModel, config), device)
         _check_vq_resolution(config, self.tokenizer)
         self.text_encoder, self.text_tokenizer = load_text_encoder(lora.text_encoder_path(config), device)
         self.trainable_text_encoder = lora.text_encoder_for_training(config, self.text_encoder)
@@ -470,10 +657,18 @@ class InfinityTask(_PipelineTask):
     up to 16x16), so the exported pipeline generates at ``height = width = resolution``.
     """
 
+    model_class = InfinityTransformer2DModel
+    model_keys_set_by_trainer = {
+        "bits_per_token": "the tokenizer",
+        "text_dim": "the text encoder",
+        "cond_drop_rate": "the top-level `cond_drop_rate`",
+    }
+    model_init_keys = {"init_adaln": "number", "init_adaln_gamma": "number", "init_head": "number"}
+
     def __init__(self, config, device):
         self.config, self.device = config, device
         self.dataset = build_dataset(config.data, config.resolution, need_captions=True)
-        self.vae = _frozen(BitwiseMultiScaleVAE.from_pretrained(lora.tokenizer_path(config)), device)
+        self.vae = _frozen(_load_tokenizer(BitwiseMultiScaleVAE, config), device)
         self.schedule = bitwise_schedule(config.resolution, self.vae)
         self.text_encoder, self.text_tokenizer = load_text_encoder(lora.text_encoder_path(config), device)
         self.trainable_text_encoder = lora.text_encoder_for_training(config, self.text_encoder)

@@ -163,7 +163,14 @@ def load_text_encoder(path: str, device=None):
             from transformers import T5EncoderModel as model_class
         else:
             raise ValueError(f"`text_encoder_path`: unsupported text encoder type {model_type!r} (CLIP or T5).")
-        model = model_class.from_pretrained(model_dir, local_files_only=True)
+        try:
+            model = model_class.from_pretrained(model_dir, local_files_only=True)
+        except (OSError, ValueError) as err:
+            message = (str(err).strip().splitlines() or [""])[0]
+            raise ValueError(
+                f"`text_encoder_path`: cannot load a {model_class.__name__} from {str(model_dir)!r} "
+                f"({type(err).__name__}: {message})."
+            ) from None
         try:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         except (OSError, ValueError) as err:
