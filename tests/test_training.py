@@ -68,6 +68,17 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return train(config)
 
 
+def test_a_tokenizer_run_with_an_unused_phi_layer_resumes(tmp_path):
+    """With patch_nums [1, 2, 4] one of the four shared Phi convs is used by no scale: it never gets a gradient, so
+    the optimizer keeps no state for it; resuming must not ask for that state (it raised "Missing optimizer state")."""
+    config = base_config(
+        tmp_path, task="tokenizer", model=TOKENIZER_MODEL, max_steps=2, checkpoint_every=1, ema_decay=None
+    )
+    train(TrainConfig(**config))
+    final = train(TrainConfig(**{**config, "max_steps": 3, "resume": "force"}))
+    assert len(losses(tmp_path)) == 3 and (final / "config.json").is_file()
+
+
 def test_tokenizer_training_reduces_loss_and_exports(tokenizer_dir):
     run = tokenizer_dir.parent
     history = losses(run)

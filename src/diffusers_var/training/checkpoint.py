@@ -238,7 +238,6 @@ def load_training_state(
         shapes = {name: shape for name, shape in shapes.items() if name in trained}
     model_state = load_file(folder / "model.safetensors")
     _check_fits("model weights", shapes, model_state, folder)
-    options = _state_dict_options(accelerator, for_save=False)
     set_model_state_dict(
         model, model_state, options=_state_dict_options(accelerator, False, strict=not trainable_only)
     )
@@ -261,8 +260,13 @@ def load_training_state(
             f"`model`: the optimizer state in checkpoint {str(folder)!r} is for other trainable parameters "
             f"(e.g. {sorted(grouped ^ trained)[:3]}); set resume=never to start a fresh run."
         )
+    # Not strict: a parameter that never had a gradient (e.g. a Phi layer no scale uses) has no optimizer state to
+    # save, and starts without one again, as it would have; the groups were compared above.
     set_optimizer_state_dict(
-        model, optimizer.optimizer, {"state": per_parameter, "param_groups": param_groups}, options=options
+        model,
+        optimizer.optimizer,
+        {"state": per_parameter, "param_groups": param_groups},
+        options=_state_dict_options(accelerator, for_save=False, strict=False),
     )
     scheduler.load_state_dict(state["scheduler"])
     if accelerator.scaler is not None and state.get("grad_scaler"):
