@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,16 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(
         json.dumps(data, indent=1) + "\n"
     )  # floats round-trip exactly (repr), NaN / inf as Python writes them
+
+
+def sync_to_disk(path: Path) -> None:
+    """``fsync`` a file or folder: the checkpoint's files reach the disk before the rename that makes it one, so a
+    power cut cannot leave a renamed checkpoint with empty files."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 # -- random number generators --------------------------------------------------------------------------
@@ -165,10 +176,43 @@ def save_training_state(
         )
         ema_state.pop("collected_params", None)
         state["ema"] = {"values": _json_value(ema_state), "parameters": names}
+    for written in folder.iterdir():
+        sync_to_disk(written)
     _write_json(folder / STATE_FILE, state)  # last: a folder without it is not a checkpoint
+    sync_to_disk(folder / STATE_FILE)
+    sync_to_disk(folder)
 
 
 # -- load ----------------------------------------------------------------------------------------------
+def checkpoint_damage(folder: Path) -> str | None:
+    """Why a checkpoint folder of ours cannot be resumed (a file missing, truncated or not parseable), or ``None``
+    when it is whole. Reads only headers and JSON. A folder that is not of this format (accelerate's pickles) is
+    not damaged but foreign: :func:`read_training_state` refuses it."""
+    from safetensors import safe_open
+
+    state_file = folder / STATE_FILE
+    if state_file.is_file():
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError) as err:
+            return f"{STATE_FILE} is unreadable ({err})"
+    elif (folder / "model.safetensors").exists():
+        return f"{STATE_FILE} is missing"
+    else:
+        return None  # not one of ours: read_training_state says what it is
+    needed = ["model.safetensors", "optimizer.safetensors"] + (["ema.safetensors"] if state.get("ema") else [])
+    missing = [name for name in needed if not (folder / name).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    for tensors_file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(tensors_file, "pt"):  # validates the header and that the data covers the file
+                pass
+        except Exception as err:  # safetensors raises its own error type for a damaged file
+            return f"{tensors_file.name} is damaged ({str(err).splitlines()[0]})"
+    return None
+
+
 def read_training_state(folder: Path) -> dict:
     """``trainer_state.json`` of a checkpoint; a ``ValueError`` naming ``resume`` for anything else (in particular a
     checkpoint of accelerate's pickle format, which is never unpickled)."""

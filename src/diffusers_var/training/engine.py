@@ -26,7 +26,13 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_training_state, read_training_state, save_training_state
+from .checkpoint import (
+    checkpoint_damage,
+    load_training_state,
+    read_training_state,
+    save_training_state,
+    sync_to_disk,
+)
 from .data import BAD_IMAGE_POLICIES, check_data_section
 from .text_encoders import TINY_TEXT_ENCODERS
 
@@ -348,16 +354,43 @@ class _StepCounter:
         self.step = 0
 
 
-def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """Newest complete checkpoint folder (temporary ones, from an interrupted save, are ignored)."""
+def checkpoints_newest_first(checkpoint_dir: Path) -> list[Path]:
+    """The complete checkpoint folders, newest first (temporary ones, from an interrupted save, are ignored)."""
     if not checkpoint_dir.is_dir():
-        return None
+        return []
     done = [
         (int(m.group(1)), p)
         for p in checkpoint_dir.iterdir()
         if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()
     ]
-    return max(done)[1] if done else None
+    return [path for _, path in sorted(done, reverse=True)]
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """Newest complete checkpoint folder (temporary ones, from an interrupted save, are ignored)."""
+    found = checkpoints_newest_first(checkpoint_dir)
+    return found[0] if found else None
+
+
+def resumable_checkpoint(checkpoint_dir: Path, is_main: bool = True) -> Path | None:
+    """The newest checkpoint that is whole: a damaged one (a file missing or cut short, say by a full disk or a
+    copy) is skipped with a warning and left where it is, and the one before it is used; all damaged is an error."""
+    damaged = []
+    for checkpoint in checkpoints_newest_first(checkpoint_dir):
+        problem = checkpoint_damage(checkpoint)
+        if problem is None:
+            if damaged and is_main:
+                skipped = "; ".join(f"{path.name}: {why}" for path, why in damaged)
+                print(f"warning: resuming from {checkpoint.name}; skipped damaged checkpoints (kept): {skipped}")
+            return checkpoint
+        damaged.append((checkpoint, problem))
+    if damaged:
+        details = "; ".join(f"{path.name}: {why}" for path, why in damaged)
+        raise ValueError(
+            f"`resume`: every checkpoint in {str(checkpoint_dir)!r} is damaged ({details}); set resume=never to "
+            "start a fresh run (the previous run's files are moved aside, nothing is deleted)."
+        )
+    return None
 
 
 def _unsharded_copy(sharded, full_state: dict):
@@ -460,7 +493,7 @@ def _resume_point(config: TrainConfig, output_dir: Path, is_main: bool) -> Path 
     only once every check has passed, see :func:`train`)."""
     if config.resume == "never":
         return None
-    checkpoint = latest_checkpoint(output_dir / "checkpoints")
+    checkpoint = resumable_checkpoint(output_dir / "checkpoints", is_main)
     if checkpoint is None:
         return None
     saved = read_training_state(checkpoint)  # refuses a checkpoint of accelerate's pickle format
@@ -673,6 +706,7 @@ def train(config: TrainConfig) -> Path:
         _fault_injection("checkpoint", step)
         if accelerator.is_main_process:
             os.replace(tmp, final)
+            sync_to_disk(checkpoint_dir)  # the rename itself
             done = sorted(p for p in checkpoint_dir.iterdir() if CHECKPOINT_PATTERN.match(p.name))
             for old in done[: -config.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
