@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from .fid_inception import WEIGHTS_FILENAMES, WEIGHTS_URL, FIDInceptionV3
-from .sample import IMAGES_DIR, METADATA_FILE, write_atomic
+from .file_utils import write_atomic
+from .sample import IMAGES_DIR, METADATA_FILE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 IS_SPLIT_SIZE = 5000  # ADM's compute_inception_score

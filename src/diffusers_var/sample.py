@@ -50,6 +50,7 @@ from .cli_support import (
     pipeline_class_of,
     resolve_pipeline_folder,
 )
+from .file_utils import write_atomic
 
 IMAGES_DIR = "images"
 RUN_FILE = "run.json"
@@ -313,13 +314,6 @@ class Processes:
 # ----------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename ``tmp`` to ``path``: a reader (or a restarted run) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_png(path: Path, image: np.ndarray) -> None:
     from PIL import Image
 

@@ -43,6 +43,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import logging
 
+from ..file_utils import write_text_atomic
 from ..models.multiscale_vq import area_down
 from .fast_inference import FastInferenceMixin
 from .sampling import GeneratorArg
@@ -504,9 +505,7 @@ def write_loader_module(folder, class_name: str) -> Path:
         f'    DiffusionPipeline.from_pretrained(folder, custom_pipeline="{class_name}", trust_remote_code=True)\n'
         f'"""\n\nfrom diffusers_var import {class_name}  # noqa: F401\n'
     )
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    write_text_atomic(path, text)
     return path
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..file_utils import write_text_atomic
 from .checkpoint import (
     checkpoint_damage,
     load_training_state,
@@ -683,7 +684,7 @@ def train(config: TrainConfig) -> Path:
             ema.to(accelerator.device)  # the EMA shadow weights are loaded on the CPU
         accelerator.print(f"resumed from {resume_from} (step {counter.step})")
     if accelerator.is_main_process:  # only now that the run is known to start or resume with this config
-        (output_dir / "train_config.json").write_text(json.dumps(snapshot, indent=2))
+        write_text_atomic(output_dir / "train_config.json", json.dumps(snapshot, indent=2))
     if trackers:
         accelerator.init_trackers("train", config={k: str(v) for k, v in asdict(config).items()})
 
