@@ -29,6 +29,7 @@ from .cli_support import (
     print_error,
     resolve_pipeline_folder,
 )
+from .file_utils import write_atomic
 
 DEFAULT_MODEL = default_model()
 EMBEDDED_NAMES = ", ".join(EMBEDDED_PIPELINES)
@@ -142,6 +143,14 @@ def flag_names(message: str, num_images_flag: str) -> str:
     return message
 
 
+def save_image(image, path: Path) -> None:
+    """``image`` to ``path`` atomically, in the format its extension names (checked by ``check_output``)."""
+    import PIL.Image
+
+    image_format = PIL.Image.registered_extensions()[path.suffix.lower()]
+    write_atomic(path, lambda tmp: image.save(tmp, format=image_format))
+
+
 def _generate(args) -> int:
     import torch
 
@@ -212,7 +221,7 @@ def _generate(args) -> int:
             count = min(batch_size, args.num_images - written)
             images = pipe(num_images_per_prompt=count, generator=generator, **kwargs).images
             for image in images:
-                image.save(output_path(out, written, args.num_images))
+                save_image(image, output_path(out, written, args.num_images))
                 written += 1
             if progress is not None:
                 progress.update(len(images))
@@ -330,7 +339,7 @@ def _edit(args) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(edited):
-        image.save(output_path(out, index, len(edited)))
+        save_image(image, output_path(out, index, len(edited)))
     _print_saved(out, len(edited))
     return 0
 
