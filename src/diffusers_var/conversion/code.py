@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from .common import ConversionError, atomic_save_pipeline
+from .common import ConversionError, atomic_save_pipeline, check_output_dir
 from .var import _load_vae, _load_var, convert_vae, convert_var_transformer
 
 
@@ -43,6 +43,8 @@ def convert_code_checkpoint(
     (:class:`ConversionError`, a ``ValueError``) name the argument at fault."""
     from ..pipelines.pipeline_var import VARCoDePipeline
 
+    if output_dir is not None:  # before reading the checkpoints
+        check_output_dir(output_dir, overwrite)
     drafter = _convert_role(drafter_path, patch_nums, "drafter")
     refiner = _convert_role(refiner_path, patch_nums, "refiner")
     vqvae = convert_vae(_load_vae(vae_path), drafter.config.patch_nums, quant_resi)

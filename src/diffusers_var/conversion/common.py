@@ -30,6 +30,10 @@ class ConversionError(ValueError):
     """A checkpoint cannot be converted (wrong family, truncated, ambiguous configuration)."""
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [""])[0][:200]
+
+
 def load_checkpoint(path: str | os.PathLike, param_name: str) -> dict[str, torch.Tensor]:
     """Load an original ``.pth`` with ``torch.load(weights_only=True)`` (never executes pickled code).
 
@@ -44,7 +48,7 @@ def load_checkpoint(path: str | os.PathLike, param_name: str) -> dict[str, torch
         raise ConversionError(
             f"`{param_name}`: {str(path)!r} is not a readable PyTorch checkpoint (truncated, corrupted, or it "
             "needs arbitrary code to unpickle, which is refused): "
-            f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            f"{type(err).__name__}: {_first_line(err)}"
         ) from None
     if not isinstance(obj, Mapping):
         raise ConversionError(f"`{param_name}`: {str(path)!r} holds a {type(obj).__name__}, not a state dict.")
@@ -185,16 +189,50 @@ def _refuse_foreign(output_dir: Path, foreign: set[str]) -> None:
         )
 
 
+def folder_problem(folder: Path) -> str | None:
+    """``None`` when files can be written into ``folder`` (it exists, or its nearest existing parent is a folder we
+    may write into, so it can be made), else the reason, for the caller to put after its flag. Creates nothing: it
+    runs before the model is loaded, and a run that then fails on another argument leaves no empty folder behind."""
+    existing = Path(folder)
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{str(existing)!r} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=existing):  # the only reliable test of write access (ACLs, read-only mounts)
+            pass
+    except OSError as err:
+        return f"cannot write into {str(existing)!r} ({err.strerror or err})"
+    return None
+
+
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Refuse an output folder that a save would not be allowed to replace (call it before long work).
 
     Without ``overwrite`` any existing path is refused. With it, the existing folder must be empty or a folder
     that diffusers-var wrote: its manifest lists every file in it, or (folders from before manifests) it is a
-    diffusers folder of one of our classes. A folder holding the current working directory is refused as well.
+    diffusers folder of one of our classes. A folder holding the current working directory is refused as well, and
+    so is a location that cannot be written (the staging folder and the final rename happen in its parent).
     """
-    output_dir = Path(output_dir).resolve()
-    if not output_dir.exists() and not output_dir.is_symlink():
-        return output_dir
+    try:
+        output_dir = Path(output_dir).resolve()
+        if not output_dir.exists() and not output_dir.is_symlink():
+            _check_writable(output_dir)
+            return output_dir
+        _check_replaceable(output_dir, overwrite)
+        _check_writable(output_dir)
+    except (OSError, RuntimeError) as err:  # an unreadable parent, a symlink loop (RuntimeError before Python 3.13)
+        raise ConversionError(f"`output`: cannot use {str(output_dir)!r}: {err}") from None
+    return output_dir
+
+
+def _check_writable(output_dir: Path) -> None:
+    problem = folder_problem(output_dir.parent)
+    if problem:
+        raise ConversionError(f"`output`: cannot write {str(output_dir)!r}: {problem}.")
+
+
+def _check_replaceable(output_dir: Path, overwrite: bool) -> None:
     if not overwrite:
         raise ConversionError(
             f"`output`: {str(output_dir)!r} already exists (pass overwrite / --overwrite to replace it)."
@@ -220,7 +258,6 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> 
             f"`output`: {str(output_dir)!r} is not a pipeline or model folder written by diffusers-var; --overwrite "
             "replaces only those (and empty folders), so nothing of yours is deleted: choose another folder."
         )
-    return output_dir
 
 
 def _process_alive(pid: int) -> bool:
@@ -262,8 +299,22 @@ def atomic_save_pipeline(pipeline, output_dir: str | os.PathLike, overwrite: boo
     removed after the new one is complete, and only when it is a folder diffusers-var wrote (see
     :func:`check_output_dir`): no file that we did not write is ever deleted. Stale staging folders of
     interrupted earlier saves of the same output are cleaned first. The saved folder gets a manifest of its files.
+    A write that fails (disk full, no permission) is a ConversionError naming ``output``.
     """
+    from safetensors import SafetensorError
+
     output_dir = Path(output_dir).resolve()
+    try:
+        return _atomic_save(pipeline, output_dir, overwrite)
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as a SafetensorError
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else _first_line(err)
+        where = f": {str(err.filename)!r}" if isinstance(err, OSError) and err.filename else ""
+        raise ConversionError(
+            f"`output`: writing {str(output_dir)!r} failed: {reason}{where}; any previous output is kept."
+        ) from err
+
+
+def _atomic_save(pipeline, output_dir: Path, overwrite: bool) -> Path:
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_staging(output_dir)
     check_output_dir(output_dir, overwrite)
