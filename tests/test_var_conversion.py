@@ -124,3 +124,78 @@ def test_failed_conversion_leaves_existing_output_intact(originals, tmp_path):
     assert before == after
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.pth", "out"]  # no temp folders left behind
     convert_var_checkpoint(vae, var, out, overwrite=True)  # a real overwrite works
+
+
+def _run_main(script: str, argv, capsys) -> tuple[int, str]:
+    """A converter's ``main`` as the command line runs it: (exit code, stderr); argparse errors exit."""
+    import runpy
+
+    main = runpy.run_path(str(REPO_ROOT / "conversion" / script))["main"]
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        rc = exit_.code
+    return rc, capsys.readouterr().err
+
+
+def _assert_one_line_error(rc, err, *needles):
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_patch_nums_must_be_strictly_increasing_before_converting(originals, tmp_path, capsys):
+    """The audit: VAR / CoDe ``--patch-nums 0,1,2,3,4``, ``4,3,2,1``, ``--patch-nums=-1,2,3,4`` were a ValueError
+    traceback (rc 1) from the model after both checkpoints were read; now a one-line error when parsing."""
+    vae, var = originals
+    for value in ("0,1,2,3,4", "4,3,2,1", "-1,2,3,4", "4"):
+        runs = {
+            "convert_var.py": ["--vae", vae, "--transformer", var],
+            "convert_code.py": ["--vae", vae, "--drafter", var, "--refiner", var],
+        }
+        for script, argv in runs.items():
+            rc, err = _run_main(script, argv + ["--output", tmp_path / "out", f"--patch-nums={value}"], capsys)
+            _assert_one_line_error(rc, err, "--patch-nums", "strictly increasing positive integers")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConversionError, match="strictly increasing"):  # the library: a ConversionError too
+        convert_var_checkpoint(vae, var, patch_nums=[4, 3, 2, 1])
+
+
+def test_float_flags_have_ranges(originals, capsys):
+    """The audit: STAR ``--rope-theta nan`` (written to the config), ``--rope-norm 0``, VAR / CoDe ``--quant-resi
+    inf`` or ``7`` were accepted, VAR ``--quant-resi nan`` failed with an unrelated message. Checked when parsing
+    (the checkpoints here do not exist), and by the library."""
+    from diffusers_var.conversion.star import load_star_snapshot, star_config_from_state_dict
+    from diffusers_var.conversion.var import convert_vae
+
+    var_argv = ["--vae", "v.pth", "--transformer", "t.pth", "--output", "out"]
+    code_argv = ["--vae", "v.pth", "--drafter", "d.pth", "--refiner", "r.pth", "--output", "out"]
+    star_argv = ["--vae", "v.pth", "--transformer", "t.pth", "--text-encoder", "te", "--output", "out"]
+    for value in ("nan", "inf", "7", "0", "-0.5"):
+        for script, argv in (("convert_var.py", var_argv), ("convert_code.py", code_argv)):
+            rc, err = _run_main(script, argv + ["--quant-resi", value], capsys)
+            _assert_one_line_error(rc, err, "--quant-resi", "finite number in (1e-06, 1]")
+    for flag, value in (("--rope-theta", "nan"), ("--rope-theta", "-1"), ("--rope-norm", "0"), ("--rope-norm", "inf")):
+        rc, err = _run_main("convert_star.py", star_argv + [flag, value], capsys)
+        _assert_one_line_error(rc, err, flag, "finite number > 0")
+
+    vae, _ = originals
+    vae_sd = torch.load(vae, weights_only=True)
+    with pytest.raises(ConversionError, match="`quant_resi` must be a finite number"):
+        convert_vae(vae_sd, (1, 2, 3, 4), quant_resi=float("nan"))
+    star_sd, snapshot = load_star_snapshot(fixture_dir("star") / "star_transformer.pth")
+    with pytest.raises(ConversionError, match="`rope_theta` must be a finite number > 0"):
+        star_config_from_state_dict(star_sd, snapshot_config=snapshot, rope_theta=float("nan"))
+
+
+def test_depth_states_its_range(originals, capsys):
+    """The audit: ``--depth -1`` said "more blocks than -1" without the allowed values."""
+    from diffusers_var.conversion.var import convert_var_transformer
+
+    vae, var = originals
+    rc, err = _run_main(
+        "convert_var.py", ["--vae", vae, "--transformer", var, "--output", "o", "--depth", "-1"], capsys
+    )
+    _assert_one_line_error(rc, err, "--depth", ">= 1")
+    with pytest.raises(ConversionError, match=r"`depth` must be a whole number of blocks >= 1, got -1"):
+        convert_var_transformer(torch.load(var, weights_only=True), depth=-1)

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from .common import ConversionError, atomic_save_pipeline, check_output_dir
-from .var import _load_vae, _load_var, convert_vae, convert_var_transformer
+from .var import _load_vae, _load_var, check_arguments, convert_vae, convert_var_transformer
 
 
 def _convert_role(path, patch_nums, role: str):
@@ -43,6 +43,11 @@ def convert_code_checkpoint(
     (:class:`ConversionError`, a ``ValueError``) name the argument at fault."""
     from ..pipelines.pipeline_var import VARCoDePipeline
 
+    check_arguments(patch_nums, quant_resi)
+    if draft_steps is not None and (
+        isinstance(draft_steps, bool) or not isinstance(draft_steps, int) or draft_steps < 1
+    ):
+        raise ConversionError(f"`draft_steps` must be a whole number >= 1 (and < num_scales), got {draft_steps!r}.")
     if output_dir is not None:  # before reading the checkpoints
         check_output_dir(output_dir, overwrite)
     drafter = _convert_role(drafter_path, patch_nums, "drafter")

@@ -3,15 +3,17 @@ and atomic writing of a diffusers folder."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -28,6 +30,87 @@ KNOWN_PATCH_NUMS = {
 
 class ConversionError(ValueError):
     """A checkpoint cannot be converted (wrong family, truncated, ambiguous configuration)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Values of the converters' flags: checked when the command line is parsed (before any checkpoint is read; the
+# argparse types below) and again by the library functions, in this one place for every converter.
+# ----------------------------------------------------------------------------------------------
+# Phi_k(x) = (1 - r) x + r conv_k(x) in the VQ-VAE (models/multiscale_vq.py): r is a mixing ratio, 0.5 in every
+# release. At r <= 1e-6 the model has no Phi convs at all, so a checkpoint's convs could not be loaded into it.
+QUANT_RESI_RANGE = (1e-6, 1.0)
+# STAR's RoPE base and the side of the square every scale spans (10000 and 64 in every release): positive.
+POSITIVE = (0.0, None)
+
+
+def _float_problem(value, bounds: tuple[float | None, float | None]) -> str | None:
+    """Why ``value`` is not a finite number in ``(low, high]`` (either bound may be None), or None."""
+    low, high = bounds
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if math.isfinite(number) and (low is None or number > low) and (high is None or number <= high):
+        return None
+    span = f" in ({low:g}, {high:g}]" if low is not None and high is not None else ""
+    span = span or (f" > {low:g}" if low is not None else f" <= {high:g}" if high is not None else "")
+    return f"must be a finite number{span}, got {value!r}"
+
+
+def check_float(value, name: str, bounds: tuple[float | None, float | None]) -> float:
+    """``value`` as a float, or a ConversionError naming ``name`` and the allowed range."""
+    problem = _float_problem(value, bounds)
+    if problem:
+        raise ConversionError(f"`{name}` {problem}.")
+    return float(value)
+
+
+def float_arg(bounds: tuple[float | None, float | None]):
+    """An argparse ``type`` for a finite float in ``bounds`` (argparse puts the flag before the error)."""
+
+    def parse(text: str) -> float:
+        problem = _float_problem(text, bounds)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return float(text)
+
+    return parse
+
+
+def check_patch_nums(patch_nums, name: str = "patch_nums") -> tuple[int, ...]:
+    """The models' own schedule check (at least two strictly increasing positive integers) as a ConversionError."""
+    from ..models.blocks import validate_patch_nums
+
+    try:
+        return validate_patch_nums(patch_nums, name)
+    except (TypeError, ValueError) as err:
+        raise ConversionError(str(err)) from None
+
+
+def patch_nums_arg(named: Mapping[str, Sequence[int]] | None = None):
+    """An argparse ``type`` for ``--patch-nums``: comma-separated, strictly increasing positive integers (or one of
+    the names in ``named``, e.g. STAR's resolutions), checked by :func:`check_patch_nums`."""
+    names = f"{', '.join(named)} or " if named else ""
+
+    def parse(text: str) -> tuple[int, ...]:
+        if named and text in named:
+            return tuple(named[text])
+        try:
+            return check_patch_nums([int(p) for p in text.split(",")])
+        except ValueError:  # ConversionError is one
+            raise argparse.ArgumentTypeError(
+                f"must be {names}at least two comma-separated, strictly increasing positive integers "
+                f"(e.g. 1,2,3,4,5,6,8,10,13,16), got {text!r}"
+            ) from None
+
+    return parse
+
+
+def check_depth(depth: int | None) -> int | None:
+    """``--depth``: None (inferred) or a whole number of blocks >= 1."""
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+        raise ConversionError(f"`depth` must be a whole number of blocks >= 1, got {depth!r}.")
+    return depth
 
 
 def _first_line(err: BaseException) -> str:
@@ -68,6 +151,7 @@ def count_blocks(
     A block removed at the end leaves no gap; the original's strict load catches it because its command line gives
     the depth. So does ``depth`` here; without it, a checkpoint with the release layout (``width = 64 * num_heads``,
     ``num_heads = depth``: every VAR and STAR release) must have ``num_heads`` blocks."""
+    depth = check_depth(depth)
     found = {int(m.group(1)) for k in state_dict if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))}
     expected = depth
     if expected is None and num_heads is not None and width == 64 * num_heads:

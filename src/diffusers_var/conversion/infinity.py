@@ -24,6 +24,7 @@ from ..models.infinity_transformer import InfinityTransformer2DModel, infinity_f
 from .common import (
     ConversionError,
     atomic_save_pipeline,
+    check_depth,
     check_output_dir,
     find_state_dict,
     load_checkpoint,
@@ -102,6 +103,7 @@ def _vae_get(state_dict: Mapping, prefix: str) -> tuple[int, ...] | None:
 def _block_index_map(keys, depth: int | None = None) -> dict[str, str]:
     """``block_chunks.{c}.module.{j}.`` -> ``blocks.{c * per_chunk + j}.``: every chunk holds the same blocks
     ``0 .. per_chunk - 1`` (a ConversionError lists the missing ones); ``depth``, when given, must be their number."""
+    depth = check_depth(depth)
     pairs = {
         (int(m.group(1)), int(m.group(2))) for k in keys if (m := re.match(r"block_chunks\.(\d+)\.module\.(\d+)\.", k))
     }
@@ -310,6 +312,7 @@ def convert_infinity_checkpoint(
 
     from ..pipelines.pipeline_infinity import InfinityPipeline
 
+    check_depth(depth)
     if output_dir is not None:  # before reading multi-GB checkpoints
         check_output_dir(output_dir, overwrite)
     transformer = convert_infinity_transformer(
