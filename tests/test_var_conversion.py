@@ -199,3 +199,25 @@ def test_depth_states_its_range(originals, capsys):
     _assert_one_line_error(rc, err, "--depth", ">= 1")
     with pytest.raises(ConversionError, match=r"`depth` must be a whole number of blocks >= 1, got -1"):
         convert_var_transformer(torch.load(var, weights_only=True), depth=-1)
+
+
+def test_an_unreadable_infinity_shard_is_one_error_naming_the_file(tmp_path):
+    """The audit: a truncated ``.safetensors`` shard in an Infinity shard folder was a SafetensorError traceback."""
+    from safetensors.torch import save_file
+
+    from diffusers_var.conversion.infinity import load_infinity_transformer_state_dict
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    save_file(
+        {"cfg_uncond": torch.zeros(4, 8), "word_embed.weight": torch.zeros(8, 4)}, shards / "model-1.safetensors"
+    )
+    data = (shards / "model-1.safetensors").read_bytes()
+    (shards / "model-1.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        ConversionError, match=r"`transformer`: '.*model-1\.safetensors' is not a readable safetensors"
+    ):
+        load_infinity_transformer_state_dict(shards)
+    (shards / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(ConversionError, match="`transformer`: cannot read the shard index"):
+        load_infinity_transformer_state_dict(shards)

@@ -138,6 +138,19 @@ def load_checkpoint(path: str | os.PathLike, param_name: str) -> dict[str, torch
     return dict(obj)
 
 
+def load_safetensors(path: str | os.PathLike, param_name: str) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file's tensors; an unreadable one is a ConversionError naming ``param_name`` and the file."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except Exception as err:  # noqa: BLE001 - SafetensorError (truncated, bad header), OSError
+        raise ConversionError(
+            f"`{param_name}`: {str(path)!r} is not a readable safetensors file (truncated or corrupted?): "
+            f"{type(err).__name__}: {_first_line(err)}"
+        ) from None
+
+
 def count_blocks(
     state_dict: Mapping,
     prefix: str,
