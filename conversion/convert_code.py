@@ -20,7 +20,7 @@ import torch
 
 from diffusers_var.cli_support import OneLineErrorParser
 from diffusers_var.conversion import ConversionError, convert_code_checkpoint
-from diffusers_var.conversion.common import QUANT_RESI_RANGE, float_arg, patch_nums_arg
+from diffusers_var.conversion.common import QUANT_RESI_RANGE, float_arg, patch_nums_arg, warnings_as_lines
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,17 +57,18 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
     try:
-        pipe = convert_code_checkpoint(
-            args.vae,
-            args.drafter,
-            args.refiner,
-            args.output,
-            draft_steps=args.draft_steps,
-            patch_nums=args.patch_nums,
-            quant_resi=args.quant_resi,
-            dtype=DTYPES[args.dtype],
-            overwrite=args.overwrite,
-        )
+        with warnings_as_lines():  # a drafter smaller than the refiner: "warning: ... did you swap ...?"
+            pipe = convert_code_checkpoint(
+                args.vae,
+                args.drafter,
+                args.refiner,
+                args.output,
+                draft_steps=args.draft_steps,
+                patch_nums=args.patch_nums,
+                quant_resi=args.quant_resi,
+                dtype=DTYPES[args.dtype],
+                overwrite=args.overwrite,
+            )
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -221,3 +221,23 @@ def test_an_unreadable_infinity_shard_is_one_error_naming_the_file(tmp_path):
     (shards / "model.safetensors.index.json").write_text("{not json")
     with pytest.raises(ConversionError, match="`transformer`: cannot read the shard index"):
         load_infinity_transformer_state_dict(shards)
+
+
+def test_code_with_swapped_roles_converts_with_a_warning(tmp_path, capsys):
+    """CoDe drafts with the large model and refines with the small one; any pair converts (training-free CoDe),
+    but a drafter smaller than its refiner is a one-line warning (the roles were probably swapped)."""
+    import warnings
+
+    from diffusers_var.conversion import convert_code_checkpoint
+    from diffusers_var.conversion.common import ConversionWarning
+
+    path = fixture_dir("code")
+    files = {k: path / v["path"] for k, v in load_manifest(path)["files"].items() if k.endswith("_pth")}
+    argv = ["--vae", files["vae_pth"], "--drafter", files["refiner_pth"], "--refiner", files["drafter_pth"]]
+    rc, err = _run_main("convert_code.py", argv + ["--output", tmp_path / "swapped"], capsys)
+    assert rc == 0 and (tmp_path / "swapped" / "model_index.json").is_file()
+    assert err.startswith("warning: the drafter is the smaller model") and err.count("\n") == 1, err
+    assert "did you swap --drafter and --refiner?" in err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConversionWarning)  # the usual order: no warning
+        convert_code_checkpoint(files["vae_pth"], files["drafter_pth"], files["refiner_pth"])

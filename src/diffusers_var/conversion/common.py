@@ -4,6 +4,7 @@ and atomic writing of a diffusers folder."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -11,8 +12,10 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -30,6 +33,28 @@ KNOWN_PATCH_NUMS = {
 
 class ConversionError(ValueError):
     """A checkpoint cannot be converted (wrong family, truncated, ambiguous configuration)."""
+
+
+class ConversionWarning(UserWarning):
+    """A conversion that works but is probably not what was meant (the converters print it as one line)."""
+
+
+@contextlib.contextmanager
+def warnings_as_lines():
+    """On the command line a :class:`ConversionWarning` is one line, ``warning: ...``, on stderr (not the
+    ``file:line: category`` form of :mod:`warnings`); other warnings are shown as usual."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, ConversionWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ConversionWarning)
+        warnings.showwarning = show
+        yield
 
 
 # ----------------------------------------------------------------------------------------------
