@@ -201,6 +201,21 @@ def test_depth_states_its_range(originals, capsys):
         convert_var_transformer(torch.load(var, weights_only=True), depth=-1)
 
 
+def test_legacy_format_checkpoint_is_read(originals, tmp_path):
+    """A valid checkpoint saved with ``_use_new_zipfile_serialization=False`` was refused as "truncated or corrupted"
+    (mmap needs the zip format); it is read without mmap, still with weights_only."""
+    from diffusers_var.conversion import load_checkpoint
+
+    _, var = originals
+    state_dict = torch.load(var, weights_only=True)
+    torch.save(state_dict, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    loaded = load_checkpoint(tmp_path / "legacy.pth", "transformer")
+    assert loaded.keys() == state_dict.keys() and all(torch.equal(loaded[k], state_dict[k]) for k in state_dict)
+    torch.save({"x": Evil()}, tmp_path / "evil.pth", _use_new_zipfile_serialization=False)
+    with pytest.raises(ConversionError, match="transformer.*arbitrary code"):  # still weights_only
+        load_checkpoint(tmp_path / "evil.pth", "transformer")
+
+
 def test_an_unreadable_infinity_shard_is_one_error_naming_the_file(tmp_path):
     """The audit: a truncated ``.safetensors`` shard in an Infinity shard folder was a SafetensorError traceback."""
     from safetensors.torch import save_file

@@ -151,7 +151,11 @@ def load_checkpoint(path: str | os.PathLike, param_name: str) -> dict[str, torch
     if not path.is_file():
         raise ConversionError(f"`{param_name}`: no such file {str(path)!r}.")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with open(path, "rb") as file:
+            # mmap works only for the zip format (torch >= 1.6); files saved with
+            # _use_new_zipfile_serialization=False are read whole, still with weights_only
+            mmap = file.read(4) == b"PK\x03\x04"
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - truncated zip, pickle with code, not a torch file at all
         raise ConversionError(
             f"`{param_name}`: {str(path)!r} is not a readable PyTorch checkpoint (truncated, corrupted, or it "
