@@ -18,13 +18,15 @@ import sys
 
 import torch
 
+from diffusers_var.cli_support import OneLineErrorParser
 from diffusers_var.conversion import ConversionError, convert_code_checkpoint
+from diffusers_var.conversion.common import QUANT_RESI_RANGE, float_arg, patch_nums_arg, warnings_as_lines
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vae", required=True, help="original VQ-VAE checkpoint, e.g. vae_ch160v4096z32.pth")
     parser.add_argument(
         "--drafter", required=True, help="the large VAR: drafter_N.pth, or var_d30.pth (training-free)"
@@ -40,28 +42,33 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--output", required=True, help="output folder (diffusers layout)")
     parser.add_argument(
-        "--patch-nums", default=None, help="comma-separated scale schedule, when it cannot be inferred"
+        "--patch-nums",
+        type=patch_nums_arg(),
+        default=None,
+        help="comma-separated, strictly increasing scale schedule, when it cannot be inferred",
     )
-    parser.add_argument("--quant-resi", type=float, default=0.5, help="Phi ratio of the VQ-VAE (0.5 in every release)")
+    parser.add_argument(
+        "--quant-resi",
+        type=float_arg(QUANT_RESI_RANGE),
+        default=0.5,
+        help="Phi mixing ratio r of the VQ-VAE, 0 < r <= 1 (0.5 in every release)",
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
     try:
-        patch_nums = [int(p) for p in args.patch_nums.split(",")] if args.patch_nums else None
-    except ValueError:
-        parser.error(f"--patch-nums must be comma-separated integers, got {args.patch_nums!r}")
-    try:
-        pipe = convert_code_checkpoint(
-            args.vae,
-            args.drafter,
-            args.refiner,
-            args.output,
-            draft_steps=args.draft_steps,
-            patch_nums=patch_nums,
-            quant_resi=args.quant_resi,
-            dtype=DTYPES[args.dtype],
-            overwrite=args.overwrite,
-        )
+        with warnings_as_lines():  # a drafter smaller than the refiner: "warning: ... did you swap ...?"
+            pipe = convert_code_checkpoint(
+                args.vae,
+                args.drafter,
+                args.refiner,
+                args.output,
+                draft_steps=args.draft_steps,
+                patch_nums=args.patch_nums,
+                quant_resi=args.quant_resi,
+                dtype=DTYPES[args.dtype],
+                overwrite=args.overwrite,
+            )
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -15,13 +15,14 @@ import sys
 
 import torch
 
+from diffusers_var.cli_support import OneLineErrorParser, int_in_range
 from diffusers_var.conversion import ConversionError, convert_infinity_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vae", required=True, help="original BSQ VAE checkpoint, e.g. infinity_vae_d32reg.pth")
     parser.add_argument(
         "--transformer", required=True, help="infinity_2b_reg.pth, or the infinity_8b_weights/ directory"
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument(
         "--depth",
-        type=int,
+        type=int_in_range(1),
         default=None,
         help="the number of transformer blocks the checkpoint must have (a missing block is an error)",
     )

@@ -19,26 +19,35 @@ import sys
 
 import torch
 
+from diffusers_var.cli_support import OneLineErrorParser, int_in_range
 from diffusers_var.conversion import ConversionError, convert_star_checkpoint
+from diffusers_var.conversion.common import POSITIVE, float_arg, patch_nums_arg
+from diffusers_var.conversion.star import NAMED_PATCH_NUMS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def parse_patch_nums(value: str | None):
-    if value is None or value in ("256", "512", "1024"):
-        return value
-    return [int(p) for p in value.split(",")]
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vae", required=True, help="original VQ-VAE checkpoint (vae_ch160v4096z32.pth)")
     parser.add_argument("--transformer", required=True, help="original STAR training snapshot (.pth)")
     parser.add_argument("--text-encoder", required=True, help="folder with tokenizer/ and text_encoder/ (SD-2.x CLIP)")
     parser.add_argument("--output", required=True, help="output folder (diffusers layout)")
-    parser.add_argument("--patch-nums", default=None, help="256, 512, 1024 or a comma-separated schedule")
-    parser.add_argument("--rope-theta", type=float, default=10000.0, help="RoPE base (10000 in every release)")
-    parser.add_argument("--rope-norm", type=float, default=64.0, help="normalised RoPE extent (64 in every release)")
+    parser.add_argument(
+        "--patch-nums",
+        type=patch_nums_arg(NAMED_PATCH_NUMS),
+        default=None,
+        help="256, 512, 1024 or a comma-separated, strictly increasing schedule",
+    )
+    parser.add_argument(
+        "--rope-theta", type=float_arg(POSITIVE), default=10000.0, help="RoPE base, > 0 (10000 in every release)"
+    )
+    parser.add_argument(
+        "--rope-norm",
+        type=float_arg(POSITIVE),
+        default=64.0,
+        help="normalised RoPE extent, > 0 (64 in every release)",
+    )
     parser.add_argument("--no-logit-norm", action="store_true", help="no LayerNorm before the head (no release)")
     parser.add_argument("--sampler-start-scale", type=int, default=None, help="first stable-sampler scale (default 9)")
     parser.add_argument(
@@ -48,22 +57,18 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument(
         "--depth",
-        type=int,
+        type=int_in_range(1),
         default=None,
         help="the number of transformer blocks the checkpoint must have (a missing block is an error)",
     )
     args = parser.parse_args(argv)
-    try:
-        patch_nums = parse_patch_nums(args.patch_nums)
-    except ValueError:
-        parser.error(f"--patch-nums must be 256, 512, 1024 or comma-separated integers, got {args.patch_nums!r}")
     try:
         pipe = convert_star_checkpoint(
             args.vae,
             args.transformer,
             args.text_encoder,
             args.output,
-            patch_nums=patch_nums,
+            patch_nums=args.patch_nums,
             rope_theta=args.rope_theta,
             rope_norm=args.rope_norm,
             logit_norm=not args.no_logit_norm,

@@ -13,39 +13,45 @@ import sys
 
 import torch
 
+from diffusers_var.cli_support import OneLineErrorParser, int_in_range
 from diffusers_var.conversion import ConversionError, convert_var_checkpoint
+from diffusers_var.conversion.common import QUANT_RESI_RANGE, float_arg, patch_nums_arg
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vae", required=True, help="original VQ-VAE checkpoint, e.g. vae_ch160v4096z32.pth")
     parser.add_argument("--transformer", required=True, help="original VAR checkpoint, e.g. var_d16.pth")
     parser.add_argument("--output", required=True, help="output folder (diffusers layout)")
     parser.add_argument(
-        "--patch-nums", default=None, help="comma-separated scale schedule, when it cannot be inferred"
+        "--patch-nums",
+        type=patch_nums_arg(),
+        default=None,
+        help="comma-separated, strictly increasing scale schedule, when it cannot be inferred",
     )
-    parser.add_argument("--quant-resi", type=float, default=0.5, help="Phi ratio of the VQ-VAE (0.5 in every release)")
+    parser.add_argument(
+        "--quant-resi",
+        type=float_arg(QUANT_RESI_RANGE),
+        default=0.5,
+        help="Phi mixing ratio r of the VQ-VAE, 0 < r <= 1 (0.5 in every release)",
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument(
         "--depth",
-        type=int,
+        type=int_in_range(1),
         default=None,
         help="the number of transformer blocks the checkpoint must have (a missing block is an error)",
     )
     args = parser.parse_args(argv)
     try:
-        patch_nums = [int(p) for p in args.patch_nums.split(",")] if args.patch_nums else None
-    except ValueError:
-        parser.error(f"--patch-nums must be comma-separated integers, got {args.patch_nums!r}")
-    try:
         pipe = convert_var_checkpoint(
             args.vae,
             args.transformer,
             args.output,
-            patch_nums=patch_nums,
+            patch_nums=args.patch_nums,
             quant_resi=args.quant_resi,
             dtype=DTYPES[args.dtype],
             overwrite=args.overwrite,

@@ -139,3 +139,71 @@ def test_a_save_stopped_mid_swap_restores_the_previous_output(tmp_path):
     with pytest.raises(ConversionError, match="already exists"):  # restored first, then refused without overwrite
         atomic_save_pipeline(FakePipeline("v2"), out)
     assert contents(out)["transformer/diffusion_pytorch_model.safetensors"] == "v1" and not staging.exists()
+
+
+def _main_of(script: str):
+    import runpy
+
+    return runpy.run_path(str(REPO_ROOT / "conversion" / script))["main"]
+
+
+def test_an_unwritable_output_is_refused_before_converting(tmp_path, monkeypatch, capsys):
+    """The audit's cases: ``--output somefile.pth/sub`` (FileExistsError) and ``--output rodir/out`` (PermissionError
+    from mkdtemp) were tracebacks after the whole conversion. Now one line naming `output`, before any checkpoint is
+    read (the checkpoints here do not exist: reading them would be the error instead)."""
+    import errno
+    import tempfile
+
+    (tmp_path / "somefile.pth").write_text("mine")
+    rodir = tmp_path / "rodir"
+    rodir.mkdir()
+    # a folder we may not write into, for any user (root ignores permission bits): refuse files made in it
+    temporary_file, mkdtemp = tempfile.TemporaryFile, tempfile.mkdtemp
+
+    def refuse(original):
+        def make(*args, dir=None, **kwargs):
+            if dir is not None and os.path.realpath(dir) == os.path.realpath(rodir):
+                raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+            return original(*args, dir=dir, **kwargs)
+
+        return make
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse(temporary_file))
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse(mkdtemp))
+    runs = {
+        "convert_var.py": ["--vae", "vae.pth", "--transformer", "var.pth"],
+        "convert_code.py": ["--vae", "vae.pth", "--drafter", "d.pth", "--refiner", "r.pth"],
+    }
+    for script, argv in runs.items():
+        main = _main_of(script)
+        for output, reason in ((tmp_path / "somefile.pth" / "sub", "is a file"), (rodir / "out", "Permission")):
+            assert main(argv + ["--output", str(output)]) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("error: `output`") and reason in err and err.count("\n") == 1, (script, err)
+    with pytest.raises(ConversionError, match="`output`.*Permission denied"):
+        atomic_save_pipeline(FakePipeline(), rodir / "out")
+    assert contents(tmp_path) == {"somefile.pth": "mine"} and not any(rodir.iterdir())
+
+
+@pytest.mark.parametrize("error", ["oserror", "safetensors"])
+def test_a_failed_write_is_one_error_naming_output_and_keeps_the_previous_output(tmp_path, error):
+    """A full disk while saving: an OSError from a config write, a SafetensorError from safetensors' writer (it
+    reports I/O errors so). Both become a ConversionError naming `output`; the previous output stays, no staging
+    folder is left."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    class DiskFull(FakePipeline):
+        def save_pretrained(self, path, safe_serialization=True):
+            super().save_pretrained(path, safe_serialization)
+            if error == "oserror":
+                raise OSError(errno.ENOSPC, "No space left on device", str(path / "vqvae" / "config.json"))
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    out = tmp_path / "out"
+    atomic_save_pipeline(FakePipeline("v1"), out)
+    with pytest.raises(ConversionError, match="`output`.*No space left on device"):
+        atomic_save_pipeline(DiskFull("v2"), out, overwrite=True)
+    assert contents(out)["transformer/diffusion_pytorch_model.safetensors"] == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -124,3 +124,135 @@ def test_failed_conversion_leaves_existing_output_intact(originals, tmp_path):
     assert before == after
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.pth", "out"]  # no temp folders left behind
     convert_var_checkpoint(vae, var, out, overwrite=True)  # a real overwrite works
+
+
+def _run_main(script: str, argv, capsys) -> tuple[int, str]:
+    """A converter's ``main`` as the command line runs it: (exit code, stderr); argparse errors exit."""
+    import runpy
+
+    main = runpy.run_path(str(REPO_ROOT / "conversion" / script))["main"]
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as exit_:
+        rc = exit_.code
+    return rc, capsys.readouterr().err
+
+
+def _assert_one_line_error(rc, err, *needles):
+    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_patch_nums_must_be_strictly_increasing_before_converting(originals, tmp_path, capsys):
+    """The audit: VAR / CoDe ``--patch-nums 0,1,2,3,4``, ``4,3,2,1``, ``--patch-nums=-1,2,3,4`` were a ValueError
+    traceback (rc 1) from the model after both checkpoints were read; now a one-line error when parsing."""
+    vae, var = originals
+    for value in ("0,1,2,3,4", "4,3,2,1", "-1,2,3,4", "4"):
+        runs = {
+            "convert_var.py": ["--vae", vae, "--transformer", var],
+            "convert_code.py": ["--vae", vae, "--drafter", var, "--refiner", var],
+        }
+        for script, argv in runs.items():
+            rc, err = _run_main(script, argv + ["--output", tmp_path / "out", f"--patch-nums={value}"], capsys)
+            _assert_one_line_error(rc, err, "--patch-nums", "strictly increasing positive integers")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConversionError, match="strictly increasing"):  # the library: a ConversionError too
+        convert_var_checkpoint(vae, var, patch_nums=[4, 3, 2, 1])
+
+
+def test_float_flags_have_ranges(originals, capsys):
+    """The audit: STAR ``--rope-theta nan`` (written to the config), ``--rope-norm 0``, VAR / CoDe ``--quant-resi
+    inf`` or ``7`` were accepted, VAR ``--quant-resi nan`` failed with an unrelated message. Checked when parsing
+    (the checkpoints here do not exist), and by the library."""
+    from diffusers_var.conversion.star import load_star_snapshot, star_config_from_state_dict
+    from diffusers_var.conversion.var import convert_vae
+
+    var_argv = ["--vae", "v.pth", "--transformer", "t.pth", "--output", "out"]
+    code_argv = ["--vae", "v.pth", "--drafter", "d.pth", "--refiner", "r.pth", "--output", "out"]
+    star_argv = ["--vae", "v.pth", "--transformer", "t.pth", "--text-encoder", "te", "--output", "out"]
+    for value in ("nan", "inf", "7", "0", "-0.5"):
+        for script, argv in (("convert_var.py", var_argv), ("convert_code.py", code_argv)):
+            rc, err = _run_main(script, argv + ["--quant-resi", value], capsys)
+            _assert_one_line_error(rc, err, "--quant-resi", "finite number in (1e-06, 1]")
+    for flag, value in (("--rope-theta", "nan"), ("--rope-theta", "-1"), ("--rope-norm", "0"), ("--rope-norm", "inf")):
+        rc, err = _run_main("convert_star.py", star_argv + [flag, value], capsys)
+        _assert_one_line_error(rc, err, flag, "finite number > 0")
+
+    vae, _ = originals
+    vae_sd = torch.load(vae, weights_only=True)
+    with pytest.raises(ConversionError, match="`quant_resi` must be a finite number"):
+        convert_vae(vae_sd, (1, 2, 3, 4), quant_resi=float("nan"))
+    star_sd, snapshot = load_star_snapshot(fixture_dir("star") / "star_transformer.pth")
+    with pytest.raises(ConversionError, match="`rope_theta` must be a finite number > 0"):
+        star_config_from_state_dict(star_sd, snapshot_config=snapshot, rope_theta=float("nan"))
+
+
+def test_depth_states_its_range(originals, capsys):
+    """The audit: ``--depth -1`` said "more blocks than -1" without the allowed values."""
+    from diffusers_var.conversion.var import convert_var_transformer
+
+    vae, var = originals
+    rc, err = _run_main(
+        "convert_var.py", ["--vae", vae, "--transformer", var, "--output", "o", "--depth", "-1"], capsys
+    )
+    _assert_one_line_error(rc, err, "--depth", ">= 1")
+    with pytest.raises(ConversionError, match=r"`depth` must be a whole number of blocks >= 1, got -1"):
+        convert_var_transformer(torch.load(var, weights_only=True), depth=-1)
+
+
+def test_legacy_format_checkpoint_is_read(originals, tmp_path):
+    """A valid checkpoint saved with ``_use_new_zipfile_serialization=False`` was refused as "truncated or corrupted"
+    (mmap needs the zip format); it is read without mmap, still with weights_only."""
+    from diffusers_var.conversion import load_checkpoint
+
+    _, var = originals
+    state_dict = torch.load(var, weights_only=True)
+    torch.save(state_dict, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    loaded = load_checkpoint(tmp_path / "legacy.pth", "transformer")
+    assert loaded.keys() == state_dict.keys() and all(torch.equal(loaded[k], state_dict[k]) for k in state_dict)
+    torch.save({"x": Evil()}, tmp_path / "evil.pth", _use_new_zipfile_serialization=False)
+    with pytest.raises(ConversionError, match="transformer.*arbitrary code"):  # still weights_only
+        load_checkpoint(tmp_path / "evil.pth", "transformer")
+
+
+def test_an_unreadable_infinity_shard_is_one_error_naming_the_file(tmp_path):
+    """The audit: a truncated ``.safetensors`` shard in an Infinity shard folder was a SafetensorError traceback."""
+    from safetensors.torch import save_file
+
+    from diffusers_var.conversion.infinity import load_infinity_transformer_state_dict
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    save_file(
+        {"cfg_uncond": torch.zeros(4, 8), "word_embed.weight": torch.zeros(8, 4)}, shards / "model-1.safetensors"
+    )
+    data = (shards / "model-1.safetensors").read_bytes()
+    (shards / "model-1.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        ConversionError, match=r"`transformer`: '.*model-1\.safetensors' is not a readable safetensors"
+    ):
+        load_infinity_transformer_state_dict(shards)
+    (shards / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(ConversionError, match="`transformer`: cannot read the shard index"):
+        load_infinity_transformer_state_dict(shards)
+
+
+def test_code_with_swapped_roles_converts_with_a_warning(tmp_path, capsys):
+    """CoDe drafts with the large model and refines with the small one; any pair converts (training-free CoDe),
+    but a drafter smaller than its refiner is a one-line warning (the roles were probably swapped)."""
+    import warnings
+
+    from diffusers_var.conversion import convert_code_checkpoint
+    from diffusers_var.conversion.common import ConversionWarning
+
+    path = fixture_dir("code")
+    files = {k: path / v["path"] for k, v in load_manifest(path)["files"].items() if k.endswith("_pth")}
+    argv = ["--vae", files["vae_pth"], "--drafter", files["refiner_pth"], "--refiner", files["drafter_pth"]]
+    rc, err = _run_main("convert_code.py", argv + ["--output", tmp_path / "swapped"], capsys)
+    assert rc == 0 and (tmp_path / "swapped" / "model_index.json").is_file()
+    assert err.startswith("warning: the drafter is the smaller model") and err.count("\n") == 1, err
+    assert "did you swap --drafter and --refiner?" in err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConversionWarning)  # the usual order: no warning
+        convert_code_checkpoint(files["vae_pth"], files["drafter_pth"], files["refiner_pth"])

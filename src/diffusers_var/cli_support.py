@@ -11,7 +11,6 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -94,20 +93,11 @@ def expect_pipeline_class(model, expected: type, exact: bool = False) -> type:
 
 
 def folder_problem(folder: Path) -> str | None:
-    """``None`` when files can be written into ``folder`` (it exists, or its nearest existing parent is a folder we
-    may write into, so it can be made), else the reason, for the caller to put after its flag. Creates nothing: it
-    runs before the model is loaded, and a run that then fails on another argument leaves no empty folder behind."""
-    existing = folder
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{str(existing)!r} is a file, not a folder"
-    try:
-        with tempfile.TemporaryFile(dir=existing):  # the only reliable test of write access (ACLs, read-only mounts)
-            pass
-    except OSError as err:
-        return f"cannot write into {str(existing)!r} ({err.strerror or err})"
-    return None
+    """``None`` when files can be written into ``folder``, else the reason (one implementation, shared with the
+    converters' output check: :func:`diffusers_var.conversion.common.folder_problem`)."""
+    from .conversion.common import folder_problem as problem  # here, not at the top: the package imports this module
+
+    return problem(folder)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):

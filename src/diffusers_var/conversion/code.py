@@ -9,12 +9,13 @@ count, else ``patch_nums``), and the two models must agree with each other and w
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Sequence
 
 import torch
 
-from .common import ConversionError, atomic_save_pipeline
-from .var import _load_vae, _load_var, convert_vae, convert_var_transformer
+from .common import ConversionError, ConversionWarning, atomic_save_pipeline, check_output_dir
+from .var import _load_vae, _load_var, check_arguments, convert_vae, convert_var_transformer
 
 
 def _convert_role(path, patch_nums, role: str):
@@ -23,6 +24,24 @@ def _convert_role(path, patch_nums, role: str):
         return convert_var_transformer(_load_var(path), patch_nums)
     except ConversionError as err:
         raise ConversionError(str(err).replace("`transformer`", f"`{role}`")) from None
+
+
+def _size(model) -> tuple[int, int]:
+    return sum(p.numel() for p in model.parameters()), model.config.depth
+
+
+def swapped_roles_warning(drafter, refiner) -> str | None:
+    """The warning for a drafter smaller than its refiner (fewer parameters, then fewer blocks): CoDe drafts the
+    early scales with the large model and refines with the small one. Any pair converts (training-free CoDe takes
+    two checkpoints), so a swap is only reported."""
+    (drafter_params, drafter_depth), (refiner_params, refiner_depth) = _size(drafter), _size(refiner)
+    if (drafter_params, drafter_depth) >= (refiner_params, refiner_depth):
+        return None
+    return (
+        f"the drafter is the smaller model (depth {drafter_depth}, {drafter_params:,} parameters; the refiner depth "
+        f"{refiner_depth}, {refiner_params:,}): CoDe drafts with the large one and refines with the small one; did "
+        "you swap --drafter and --refiner?"
+    )
 
 
 def convert_code_checkpoint(
@@ -40,11 +59,22 @@ def convert_code_checkpoint(
 
     ``draft_steps`` (the N the pair was fine-tuned for; default ``num_scales - 2``) is stored with the pipeline. When
     ``output_dir`` is given the pipeline is written there atomically (safetensors only). Returns the pipeline. Errors
-    (:class:`ConversionError`, a ``ValueError``) name the argument at fault."""
+    (:class:`ConversionError`, a ``ValueError``) name the argument at fault; a drafter smaller than the refiner (the
+    roles swapped?) is a :class:`ConversionWarning`."""
     from ..pipelines.pipeline_var import VARCoDePipeline
 
+    check_arguments(patch_nums, quant_resi)
+    if draft_steps is not None and (
+        isinstance(draft_steps, bool) or not isinstance(draft_steps, int) or draft_steps < 1
+    ):
+        raise ConversionError(f"`draft_steps` must be a whole number >= 1 (and < num_scales), got {draft_steps!r}.")
+    if output_dir is not None:  # before reading the checkpoints
+        check_output_dir(output_dir, overwrite)
     drafter = _convert_role(drafter_path, patch_nums, "drafter")
     refiner = _convert_role(refiner_path, patch_nums, "refiner")
+    swapped = swapped_roles_warning(drafter, refiner)
+    if swapped:
+        warnings.warn(swapped, ConversionWarning, stacklevel=2)
     vqvae = convert_vae(_load_vae(vae_path), drafter.config.patch_nums, quant_resi)
     for name, model in (("drafter", drafter), ("refiner", refiner)):
         if (

@@ -3,15 +3,20 @@ and atomic writing of a diffusers folder."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -30,6 +35,113 @@ class ConversionError(ValueError):
     """A checkpoint cannot be converted (wrong family, truncated, ambiguous configuration)."""
 
 
+class ConversionWarning(UserWarning):
+    """A conversion that works but is probably not what was meant (the converters print it as one line)."""
+
+
+@contextlib.contextmanager
+def warnings_as_lines():
+    """On the command line a :class:`ConversionWarning` is one line, ``warning: ...``, on stderr (not the
+    ``file:line: category`` form of :mod:`warnings`); other warnings are shown as usual."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, ConversionWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ConversionWarning)
+        warnings.showwarning = show
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# Values of the converters' flags: checked when the command line is parsed (before any checkpoint is read; the
+# argparse types below) and again by the library functions, in this one place for every converter.
+# ----------------------------------------------------------------------------------------------
+# Phi_k(x) = (1 - r) x + r conv_k(x) in the VQ-VAE (models/multiscale_vq.py): r is a mixing ratio, 0.5 in every
+# release. At r <= 1e-6 the model has no Phi convs at all, so a checkpoint's convs could not be loaded into it.
+QUANT_RESI_RANGE = (1e-6, 1.0)
+# STAR's RoPE base and the side of the square every scale spans (10000 and 64 in every release): positive.
+POSITIVE = (0.0, None)
+
+
+def _float_problem(value, bounds: tuple[float | None, float | None]) -> str | None:
+    """Why ``value`` is not a finite number in ``(low, high]`` (either bound may be None), or None."""
+    low, high = bounds
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if math.isfinite(number) and (low is None or number > low) and (high is None or number <= high):
+        return None
+    span = f" in ({low:g}, {high:g}]" if low is not None and high is not None else ""
+    span = span or (f" > {low:g}" if low is not None else f" <= {high:g}" if high is not None else "")
+    return f"must be a finite number{span}, got {value!r}"
+
+
+def check_float(value, name: str, bounds: tuple[float | None, float | None]) -> float:
+    """``value`` as a float, or a ConversionError naming ``name`` and the allowed range."""
+    problem = _float_problem(value, bounds)
+    if problem:
+        raise ConversionError(f"`{name}` {problem}.")
+    return float(value)
+
+
+def float_arg(bounds: tuple[float | None, float | None]):
+    """An argparse ``type`` for a finite float in ``bounds`` (argparse puts the flag before the error)."""
+
+    def parse(text: str) -> float:
+        problem = _float_problem(text, bounds)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return float(text)
+
+    return parse
+
+
+def check_patch_nums(patch_nums, name: str = "patch_nums") -> tuple[int, ...]:
+    """The models' own schedule check (at least two strictly increasing positive integers) as a ConversionError."""
+    from ..models.blocks import validate_patch_nums
+
+    try:
+        return validate_patch_nums(patch_nums, name)
+    except (TypeError, ValueError) as err:
+        raise ConversionError(str(err)) from None
+
+
+def patch_nums_arg(named: Mapping[str, Sequence[int]] | None = None):
+    """An argparse ``type`` for ``--patch-nums``: comma-separated, strictly increasing positive integers (or one of
+    the names in ``named``, e.g. STAR's resolutions), checked by :func:`check_patch_nums`."""
+    names = f"{', '.join(named)} or " if named else ""
+
+    def parse(text: str) -> tuple[int, ...]:
+        if named and text in named:
+            return tuple(named[text])
+        try:
+            return check_patch_nums([int(p) for p in text.split(",")])
+        except ValueError:  # ConversionError is one
+            raise argparse.ArgumentTypeError(
+                f"must be {names}at least two comma-separated, strictly increasing positive integers "
+                f"(e.g. 1,2,3,4,5,6,8,10,13,16), got {text!r}"
+            ) from None
+
+    return parse
+
+
+def check_depth(depth: int | None) -> int | None:
+    """``--depth``: None (inferred) or a whole number of blocks >= 1."""
+    if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+        raise ConversionError(f"`depth` must be a whole number of blocks >= 1, got {depth!r}.")
+    return depth
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [""])[0][:200]
+
+
 def load_checkpoint(path: str | os.PathLike, param_name: str) -> dict[str, torch.Tensor]:
     """Load an original ``.pth`` with ``torch.load(weights_only=True)`` (never executes pickled code).
 
@@ -39,16 +151,33 @@ def load_checkpoint(path: str | os.PathLike, param_name: str) -> dict[str, torch
     if not path.is_file():
         raise ConversionError(f"`{param_name}`: no such file {str(path)!r}.")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with open(path, "rb") as file:
+            # mmap works only for the zip format (torch >= 1.6); files saved with
+            # _use_new_zipfile_serialization=False are read whole, still with weights_only
+            mmap = file.read(4) == b"PK\x03\x04"
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - truncated zip, pickle with code, not a torch file at all
         raise ConversionError(
             f"`{param_name}`: {str(path)!r} is not a readable PyTorch checkpoint (truncated, corrupted, or it "
             "needs arbitrary code to unpickle, which is refused): "
-            f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            f"{type(err).__name__}: {_first_line(err)}"
         ) from None
     if not isinstance(obj, Mapping):
         raise ConversionError(f"`{param_name}`: {str(path)!r} holds a {type(obj).__name__}, not a state dict.")
     return dict(obj)
+
+
+def load_safetensors(path: str | os.PathLike, param_name: str) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file's tensors; an unreadable one is a ConversionError naming ``param_name`` and the file."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except Exception as err:  # noqa: BLE001 - SafetensorError (truncated, bad header), OSError
+        raise ConversionError(
+            f"`{param_name}`: {str(path)!r} is not a readable safetensors file (truncated or corrupted?): "
+            f"{type(err).__name__}: {_first_line(err)}"
+        ) from None
 
 
 def count_blocks(
@@ -64,6 +193,7 @@ def count_blocks(
     A block removed at the end leaves no gap; the original's strict load catches it because its command line gives
     the depth. So does ``depth`` here; without it, a checkpoint with the release layout (``width = 64 * num_heads``,
     ``num_heads = depth``: every VAR and STAR release) must have ``num_heads`` blocks."""
+    depth = check_depth(depth)
     found = {int(m.group(1)) for k in state_dict if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))}
     expected = depth
     if expected is None and num_heads is not None and width == 64 * num_heads:
@@ -185,16 +315,50 @@ def _refuse_foreign(output_dir: Path, foreign: set[str]) -> None:
         )
 
 
+def folder_problem(folder: Path) -> str | None:
+    """``None`` when files can be written into ``folder`` (it exists, or its nearest existing parent is a folder we
+    may write into, so it can be made), else the reason, for the caller to put after its flag. Creates nothing: it
+    runs before the model is loaded, and a run that then fails on another argument leaves no empty folder behind."""
+    existing = Path(folder)
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{str(existing)!r} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=existing):  # the only reliable test of write access (ACLs, read-only mounts)
+            pass
+    except OSError as err:
+        return f"cannot write into {str(existing)!r} ({err.strerror or err})"
+    return None
+
+
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Refuse an output folder that a save would not be allowed to replace (call it before long work).
 
     Without ``overwrite`` any existing path is refused. With it, the existing folder must be empty or a folder
     that diffusers-var wrote: its manifest lists every file in it, or (folders from before manifests) it is a
-    diffusers folder of one of our classes. A folder holding the current working directory is refused as well.
+    diffusers folder of one of our classes. A folder holding the current working directory is refused as well, and
+    so is a location that cannot be written (the staging folder and the final rename happen in its parent).
     """
-    output_dir = Path(output_dir).resolve()
-    if not output_dir.exists() and not output_dir.is_symlink():
-        return output_dir
+    try:
+        output_dir = Path(output_dir).resolve()
+        if not output_dir.exists() and not output_dir.is_symlink():
+            _check_writable(output_dir)
+            return output_dir
+        _check_replaceable(output_dir, overwrite)
+        _check_writable(output_dir)
+    except (OSError, RuntimeError) as err:  # an unreadable parent, a symlink loop (RuntimeError before Python 3.13)
+        raise ConversionError(f"`output`: cannot use {str(output_dir)!r}: {err}") from None
+    return output_dir
+
+
+def _check_writable(output_dir: Path) -> None:
+    problem = folder_problem(output_dir.parent)
+    if problem:
+        raise ConversionError(f"`output`: cannot write {str(output_dir)!r}: {problem}.")
+
+
+def _check_replaceable(output_dir: Path, overwrite: bool) -> None:
     if not overwrite:
         raise ConversionError(
             f"`output`: {str(output_dir)!r} already exists (pass overwrite / --overwrite to replace it)."
@@ -220,7 +384,6 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> 
             f"`output`: {str(output_dir)!r} is not a pipeline or model folder written by diffusers-var; --overwrite "
             "replaces only those (and empty folders), so nothing of yours is deleted: choose another folder."
         )
-    return output_dir
 
 
 def _process_alive(pid: int) -> bool:
@@ -262,8 +425,22 @@ def atomic_save_pipeline(pipeline, output_dir: str | os.PathLike, overwrite: boo
     removed after the new one is complete, and only when it is a folder diffusers-var wrote (see
     :func:`check_output_dir`): no file that we did not write is ever deleted. Stale staging folders of
     interrupted earlier saves of the same output are cleaned first. The saved folder gets a manifest of its files.
+    A write that fails (disk full, no permission) is a ConversionError naming ``output``.
     """
+    from safetensors import SafetensorError
+
     output_dir = Path(output_dir).resolve()
+    try:
+        return _atomic_save(pipeline, output_dir, overwrite)
+    except (OSError, SafetensorError) as err:  # safetensors reports a full disk as a SafetensorError
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else _first_line(err)
+        where = f": {str(err.filename)!r}" if isinstance(err, OSError) and err.filename else ""
+        raise ConversionError(
+            f"`output`: writing {str(output_dir)!r} failed: {reason}{where}; any previous output is kept."
+        ) from err
+
+
+def _atomic_save(pipeline, output_dir: Path, overwrite: bool) -> Path:
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_staging(output_dir)
     check_output_dir(output_dir, overwrite)

@@ -17,17 +17,18 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from ..models.bitwise_vae import BitwiseMultiScaleVAE
 from ..models.infinity_transformer import InfinityTransformer2DModel, infinity_ffn_dim
 from .common import (
     ConversionError,
     atomic_save_pipeline,
+    check_depth,
     check_output_dir,
     find_state_dict,
     load_checkpoint,
     load_into,
+    load_safetensors,
     rename_keys,
 )
 
@@ -102,6 +103,7 @@ def _vae_get(state_dict: Mapping, prefix: str) -> tuple[int, ...] | None:
 def _block_index_map(keys, depth: int | None = None) -> dict[str, str]:
     """``block_chunks.{c}.module.{j}.`` -> ``blocks.{c * per_chunk + j}.``: every chunk holds the same blocks
     ``0 .. per_chunk - 1`` (a ConversionError lists the missing ones); ``depth``, when given, must be their number."""
+    depth = check_depth(depth)
     pairs = {
         (int(m.group(1)), int(m.group(2))) for k in keys if (m := re.match(r"block_chunks\.(\d+)\.module\.(\d+)\.", k))
     }
@@ -260,23 +262,29 @@ def load_infinity_transformer_state_dict(path: str | os.PathLike) -> dict:
         return find_state_dict(
             obj, [("trainer", "gpt_fsdp"), ("model",), ("state_dict",)], _looks_like_transformer, "transformer"
         )
-    indexes = sorted(path.glob("*.index.json"))
-    if indexes:
-        try:
-            weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        except (ValueError, KeyError) as err:
-            raise ConversionError(f"`transformer`: unreadable shard index {str(indexes[0])!r}: {err}") from None
-        shards = sorted({path / name for name in weight_map.values()})
-    else:
-        shards = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".pth"})
+    index = path  # what is being read, for the message
+    try:
+        indexes = sorted(path.glob("*.index.json"))
+        if indexes:
+            index = indexes[0]
+            shards = sorted({path / name for name in json.loads(index.read_text())["weight_map"].values()})
+        else:
+            shards = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".pth"})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # unreadable, not JSON, no weight_map
+        raise ConversionError(
+            f"`transformer`: cannot read the shard index or folder {str(index)!r}: {err!r}"
+        ) from None
     if not shards:
         raise ConversionError(f"`transformer`: directory {str(path)!r} holds no shard files.")
     state_dict = {}
     for shard in shards:
         if not shard.is_file():
             raise ConversionError(f"`transformer`: shard {str(shard)!r} listed in the index is missing.")
+        # every shard read through the checked loaders: an unreadable one is an error naming the flag and the file
         state_dict.update(
-            load_file(shard) if shard.suffix == ".safetensors" else load_checkpoint(shard, "transformer")
+            load_safetensors(shard, "transformer")
+            if shard.suffix == ".safetensors"
+            else load_checkpoint(shard, "transformer")
         )
     if not _looks_like_transformer(state_dict):
         raise ConversionError(f"`transformer`: the shards in {str(path)!r} are not an Infinity transformer.")
@@ -310,6 +318,7 @@ def convert_infinity_checkpoint(
 
     from ..pipelines.pipeline_infinity import InfinityPipeline
 
+    check_depth(depth)
     if output_dir is not None:  # before reading multi-GB checkpoints
         check_output_dir(output_dir, overwrite)
     transformer = convert_infinity_transformer(

@@ -17,13 +17,17 @@ from pathlib import Path
 
 import torch
 
-from ..models.blocks import validate_patch_nums
 from ..models.star_transformer import STARTransformer2DModel
 from .common import (
     KNOWN_PATCH_NUMS,
+    POSITIVE,
+    QUANT_RESI_RANGE,
     ConversionError,
     atomic_save_pipeline,
+    check_depth,
+    check_float,
     check_output_dir,
+    check_patch_nums,
     count_blocks,
     find_state_dict,
     load_checkpoint,
@@ -118,10 +122,7 @@ def infer_star_patch_nums(
                 f"--patch-nums 256, 512, 1024 or a comma-separated list."
             )
         patch_nums, source = candidates[0], "the number of scales"
-    try:
-        patch_nums = validate_patch_nums(patch_nums, "patch_nums")
-    except ValueError as err:
-        raise ConversionError(str(err)) from None
+    patch_nums = check_patch_nums(patch_nums)
     if len(patch_nums) != num_scales:
         raise ConversionError(
             f"`patch_nums` from {source} has {len(patch_nums)} scales, but the checkpoint has {num_scales}."
@@ -166,8 +167,8 @@ def star_config_from_state_dict(
         "text_embed_dim": _shape(state_dict["encoder_proj.weight"])[1],
         "cross_attention": "blocks.0.cross_attn.mat_q.weight" in state_dict,
         "rope": "pos_1LC" not in state_dict,
-        "rope_theta": float(rope_theta),
-        "rope_norm": float(rope_norm),
+        "rope_theta": check_float(rope_theta, "rope_theta", POSITIVE),
+        "rope_norm": check_float(rope_norm, "rope_norm", POSITIVE),
         "logit_norm": bool(logit_norm),
         "num_legacy_classes": _shape(state_dict["class_emb.weight"])[0] - 1 if "class_emb.weight" in state_dict else 0,
         "stable_sampler": sampler_depth > 0,
@@ -264,6 +265,13 @@ def convert_star_checkpoint(
     """
     from ..pipelines.pipeline_star import STARPipeline
 
+    # what can be checked before a checkpoint is read
+    if patch_nums is not None and not isinstance(patch_nums, str):
+        check_patch_nums(patch_nums)
+    check_float(rope_theta, "rope_theta", POSITIVE)
+    check_float(rope_norm, "rope_norm", POSITIVE)
+    check_float(quant_resi, "quant_resi", QUANT_RESI_RANGE)
+    check_depth(depth)
     if output_dir is not None:  # before reading multi-GB checkpoints
         check_output_dir(output_dir, overwrite)
     star_sd, snapshot_config = load_star_snapshot(transformer_path)

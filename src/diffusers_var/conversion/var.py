@@ -13,14 +13,18 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ..models.blocks import block_causal_bias, scale_level_ids, validate_patch_nums
+from ..models.blocks import block_causal_bias, scale_level_ids
 from ..models.multiscale_vq import MultiScaleVQModel
 from ..models.var_transformer import VARTransformer2DModel
 from .common import (
     KNOWN_PATCH_NUMS,
+    QUANT_RESI_RANGE,
     ConversionError,
     atomic_save_pipeline,
+    check_depth,
+    check_float,
     check_output_dir,
+    check_patch_nums,
     count_blocks,
     find_state_dict,
     load_checkpoint,
@@ -77,7 +81,7 @@ def infer_patch_nums(
     """Scale schedule: explicit > the ``lvl_1L`` buffer's values > the known schedule for L."""
     L = _shape(state_dict["pos_1LC"])[1]
     if patch_nums is not None:
-        patch_nums = validate_patch_nums(patch_nums, "patch_nums")
+        patch_nums = check_patch_nums(patch_nums)
         if sum(p * p for p in patch_nums) != L:
             raise ConversionError(
                 f"`--patch-nums` {patch_nums} gives {sum(p * p for p in patch_nums)} tokens, "
@@ -89,7 +93,7 @@ def infer_patch_nums(
         counts = torch.bincount(levels.flatten().long()).tolist()
         sides = [round(c**0.5) for c in counts]
         if all(s * s == c for s, c in zip(sides, counts)) and len(sides) >= 2:
-            return validate_patch_nums(sides, "patch_nums")
+            return check_patch_nums(sides)
     if L in KNOWN_PATCH_NUMS:
         return KNOWN_PATCH_NUMS[L]
     raise ConversionError(f"`{param_name}`: cannot infer the scale schedule from L={L} tokens; pass --patch-nums.")
@@ -129,6 +133,7 @@ def vae_config_from_state_dict(state_dict: Mapping, patch_nums: Sequence[int], q
     missing = [k for k in _VAE_REQUIRED if k not in state_dict]
     if missing:
         raise ConversionError(f"`vae`: not a VAR VQ-VAE checkpoint (missing {missing}).")
+    quant_resi = check_float(quant_resi, "quant_resi", QUANT_RESI_RANGE)
     vocab_size, z_channels = _shape(state_dict["quantize.embedding.weight"])
     ch = _shape(state_dict["encoder.conv_in.weight"])[0]
     levels = sorted({int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
@@ -245,6 +250,14 @@ def _load_vae(path) -> dict:
     )
 
 
+def check_arguments(patch_nums=None, quant_resi: float = 0.5, depth: int | None = None) -> None:
+    """What can be checked before a checkpoint is read (VAR, CoDe)."""
+    if patch_nums is not None:
+        check_patch_nums(patch_nums)
+    check_float(quant_resi, "quant_resi", QUANT_RESI_RANGE)
+    check_depth(depth)
+
+
 def convert_var_checkpoint(
     vae_path: str | os.PathLike,
     transformer_path: str | os.PathLike,
@@ -263,6 +276,7 @@ def convert_var_checkpoint(
     """
     from ..pipelines.pipeline_var import VARPipeline
 
+    check_arguments(patch_nums, quant_resi, depth)
     if output_dir is not None:  # before reading multi-GB checkpoints
         check_output_dir(output_dir, overwrite)
     var_sd = _load_var(transformer_path)
