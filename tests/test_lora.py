@@ -586,6 +586,28 @@ def test_missing_lora_paths_are_clear_errors(var_adapter, tmp_path, capsys, monk
     assert not lora_layers(pipe.transformer)
 
 
+def test_unknown_adapters_bad_adapter_weights_and_non_finite_files_are_refused(var_adapter, tmp_path):
+    pipe = embedded("var")
+    pipe.load_lora_weights(var_adapter, adapter_name="good")
+    state = model_state(pipe.transformer)
+    for weights in ([{"transformer": math.nan}], [{"foo": 1.0}], {"transformer": math.inf}):
+        with pytest.raises(ValueError, match="`adapter_weights`: a dict maps components"):
+            pipe.set_adapters(["good"], weights)
+    with pytest.raises(ValueError, match=r"`adapter_names`: \['zzz'\] not loaded \(loaded: \['good'\]\)"):
+        pipe.fuse_lora(adapter_names=["zzz"])
+    with pytest.raises(ValueError, match=r"`adapter_names`: \['zzz'\] not loaded \(loaded: \['good'\]\)"):
+        pipe.delete_adapters("zzz")
+    assert_same_state(state, model_state(pipe.transformer))
+    for value in (math.nan, math.inf):
+        path = adapter_variant(var_adapter, tmp_path / f"{value}.safetensors", tensors=lambda k, t: t * value)
+        with pytest.raises(ValueError, match=f"'{path}': not usable LoRA weights: .* holds NaN or infinite values"):
+            pipe.load_lora_weights(path, adapter_name="bad")
+    assert_same_state(state, model_state(pipe.transformer))
+    pipe.set_adapters(["good"], [{"transformer": 0.5}])
+    pipe.delete_adapters("good")
+    assert not pipe.get_list_adapters()
+
+
 # ----------------------------------------------------------------------------------------------
 # The fast path with adapters
 # ----------------------------------------------------------------------------------------------

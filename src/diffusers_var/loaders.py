@@ -799,6 +799,8 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         components = self._check_components(components)
         if not isinstance(lora_scale, (int, float)) or isinstance(lora_scale, bool) or not math.isfinite(lora_scale):
             raise ValueError(f"`lora_scale` must be a finite number, got {lora_scale!r}.")
+        if adapter_names is not None:  # diffusers fuses nothing, without a word, for a name it does not know
+            adapter_names = self._check_adapter_names(adapter_names)
         snapshots = self.__dict__.setdefault("_lora_fuse_snapshots", {})
         for layer in self._lora_layers(components):
             if id(layer) not in snapshots:  # the weights before the first fusion (later ones add to them)
@@ -835,29 +837,52 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         super().unload_lora_weights()
         self.__dict__.pop("_lora_fuse_snapshots", None)
 
+    def _check_adapter_names(self, adapter_names, parameter: str = "adapter_names") -> list[str]:
+        """``adapter_names`` (a name or a non-empty list of names) as a list; a ``ValueError`` naming ``parameter``,
+        the unknown names and the loaded ones when some are not loaded."""
+        names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+        if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"`{parameter}` must be a name or a non-empty list of names, got {adapter_names!r}.")
+        loaded = self._loaded_adapter_names()
+        missing = [n for n in names if n not in loaded]
+        if missing:
+            raise ValueError(f"`{parameter}`: {missing} not loaded (loaded: {sorted(loaded)}).")
+        return list(names)
+
+    def delete_adapters(self, adapter_names: list[str] | str):
+        """Remove the adapters ``adapter_names`` from every component (diffusers' ``delete_adapters``, which ignores
+        names it does not know: here they are a ``ValueError``)."""
+        super().delete_adapters(self._check_adapter_names(adapter_names))
+
     def set_adapters(self, adapter_names: list[str] | str, adapter_weights=None):
         r"""Activate ``adapter_names`` with ``adapter_weights`` (a number per adapter, default 1.0; 0 gives the base
-        model's outputs). diffusers' ``set_adapters``, with the arguments checked."""
+        model's outputs; or a dict ``{component: number}`` per adapter). diffusers' ``set_adapters``, with the
+        arguments checked."""
         names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
         if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
             raise ValueError(f"`adapter_names` must be a name or a non-empty list of names, got {adapter_names!r}.")
         weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
         if len(weights) != len(names):
             raise ValueError(f"`adapter_weights` has {len(weights)} entries for {len(names)} adapters.")
+
+        def is_scale(value) -> bool:
+            return value is None or (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            )
+
         for weight in weights:
-            if (
-                weight is not None
-                and not isinstance(weight, dict)
-                and (not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight))
-            ):
+            if isinstance(weight, dict):  # per component; diffusers drops unknown components with a warning only
+                unknown = [c for c in weight if c not in self._lora_loadable_modules]
+                if unknown or not all(is_scale(v) for v in weight.values()):
+                    raise ValueError(
+                        f"`adapter_weights`: a dict maps components {self._lora_loadable_modules} to finite "
+                        f"numbers, got {weight!r}."
+                    )
+            elif not is_scale(weight):
                 raise ValueError(
                     f"`adapter_weights` must be finite numbers (one per adapter), got {adapter_weights!r}."
                 )
-        loaded = {name for names_ in self.get_list_adapters().values() for name in names_}
-        missing = [n for n in names if n not in loaded]
-        if missing:
-            raise ValueError(f"`adapter_names`: {missing} not loaded (loaded: {sorted(loaded)}).")
-        super().set_adapters(list(names), adapter_weights)
+        super().set_adapters(self._check_adapter_names(names), adapter_weights)
 
 
 class VARLoraLoaderMixin(NextScaleLoraLoaderMixin):
