@@ -608,6 +608,32 @@ def test_unknown_adapters_bad_adapter_weights_and_non_finite_files_are_refused(v
     assert not pipe.get_list_adapters()
 
 
+def test_saving_is_atomic(var_adapter, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    pipe = embedded("var")
+    pipe.load_lora_weights(var_adapter, adapter_name="a")
+    layers = dict(
+        transformer_lora_layers=get_peft_model_state_dict(pipe.transformer, adapter_name="a"),
+        transformer_lora_adapter_metadata=pipe.transformer.peft_config["a"].to_dict(),
+    )
+    VARPipeline.save_lora_weights(tmp_path, **layers)
+    saved = (tmp_path / "pytorch_lora_weights.safetensors").read_bytes()
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        VARPipeline.save_lora_weights(tmp_path, **layers)
+    # the file that was there is whole, and no temporary file is left
+    assert os.listdir(tmp_path) == ["pytorch_lora_weights.safetensors"]
+    assert (tmp_path / "pytorch_lora_weights.safetensors").read_bytes() == saved
+    with pytest.raises(ValueError, match="`save_directory`.*is a file"):
+        VARPipeline.save_lora_weights(tmp_path / "pytorch_lora_weights.safetensors", **layers)
+
+
 # ----------------------------------------------------------------------------------------------
 # The fast path with adapters
 # ----------------------------------------------------------------------------------------------

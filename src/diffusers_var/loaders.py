@@ -740,6 +740,8 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             lora_metadata[cls.text_encoder_name] = _json_safe(text_encoder_lora_adapter_metadata)
         if not lora_layers:
             raise ValueError("Pass at least one of `transformer_lora_layers` or `text_encoder_lora_layers`.")
+        if os.path.isfile(save_directory):  # diffusers only logs this and writes nothing
+            raise ValueError(f"`save_directory` {str(save_directory)!r} is a file, not a folder.")
         header = {"format": "pt"}
         packed = {f"{prefix}.{k}": v for prefix, meta in lora_metadata.items() if meta for k, v in meta.items()}
         if packed:
@@ -748,12 +750,23 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         header[FAMILY_METADATA_KEY] = json.dumps(family, sort_keys=True)
 
         def write(tensors, path):
+            """Atomically: a reader (or a crash mid-write) never sees half a file, and a file already there stays
+            whole until the new one is complete (diffusers writes in place)."""
             from safetensors.torch import save_file
 
             tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-            if save_function is not None:
-                return save_function(tensors, path)
-            return save_file(tensors, path, metadata=header)
+            folder, name = os.path.split(path)
+            temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+            try:
+                if save_function is not None:
+                    save_function(tensors, temporary)
+                else:
+                    save_file(tensors, temporary, metadata=header)
+                if os.path.exists(temporary):  # a custom save_function may write nothing (other processes)
+                    os.replace(temporary, path)
+            finally:
+                if os.path.exists(temporary):
+                    os.remove(temporary)
 
         cls._save_lora_weights(
             save_directory=save_directory,
