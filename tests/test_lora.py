@@ -21,7 +21,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import REPO_ROOT
 from diffusers_var import (
@@ -292,7 +292,7 @@ def test_adapter_files_are_peft_files_without_this_package(tmp_path):
         import json, sys
         import torch
         from safetensors import safe_open
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file, save_file
         from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
         path = {str(folder / "pytorch_lora_weights.safetensors")!r}
@@ -424,6 +424,214 @@ def test_safetensors_only_and_bad_arguments_name_the_parameter(tmp_path):
         pipe.fuse_lora(lora_scale=math.inf)
     with pytest.raises(ValueError, match="`components`"):
         pipe.fuse_lora(components=["vqvae"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad LoRA files and arguments: a ValueError naming the file or parameter, the models left as they were
+# ----------------------------------------------------------------------------------------------
+def adapter_variant(adapter: Path, path: Path, tensors=None, config=None, **header) -> Path:
+    """A copy of ``adapter``'s file at ``path``: tensors mapped by ``tensors(key, tensor)``, the transformer's
+    LoraConfig entries updated with ``config``, header entries replaced by ``header``."""
+    source = adapter / "pytorch_lora_weights.safetensors"
+    with safe_open(source, "pt") as f:
+        metadata = f.metadata()
+    state = load_file(source)
+    if tensors is not None:
+        state = {key: tensors(key, value) for key, value in state.items()}
+    if config:
+        entries = json.loads(metadata["lora_adapter_metadata"])
+        entries.update({f"transformer.{k}": v for k, v in config.items()})
+        metadata["lora_adapter_metadata"] = json.dumps(entries)
+    save_file(state, str(path), metadata={**metadata, **header})
+    return path
+
+
+def model_state(model) -> tuple:
+    """Everything a failed load must leave as it was: weights (and their names), requires_grad, adapters."""
+    from diffusers_var.loaders import adapter_state
+
+    weights = {key: value.clone() for key, value in model.state_dict().items()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    return weights, flags, sorted(getattr(model, "peft_config", {})), adapter_state(model)
+
+
+def assert_same_state(before: tuple, after: tuple) -> None:
+    assert list(before[0]) == list(after[0])
+    assert all(torch.equal(before[0][key], after[0][key]) for key in before[0])
+    assert before[1:] == after[1:]
+
+
+def generate_error(capsys, tmp_path, *lora) -> str:
+    """``diffusers-var generate --lora ...``: exit code 2 and one line on stderr, returned."""
+    from diffusers_var.cli import main
+
+    capsys.readouterr()
+    code = main(["generate", "--class-label", "3", "--out", str(tmp_path / "x.png"), *lora])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line and "Loading pipeline" not in line]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: `--lora`"), lines
+    return lines[0]
+
+
+def test_corrupt_or_fake_safetensors_files_are_clear_errors(var_adapter, tmp_path, capsys):
+    class Unpickled:  # leaves a file behind if anything unpickles it
+        def __reduce__(self):
+            return open, (str(tmp_path / "unpickled"), "w")
+
+    truncated = tmp_path / "truncated.safetensors"
+    data = (var_adapter / "pytorch_lora_weights.safetensors").read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    pickled = tmp_path / "pickled.safetensors"
+    torch.save({"transformer.blocks.0.attn.to_qkv.lora_A.weight": Unpickled()}, pickled)
+    pipe = embedded("var")
+    for path in (truncated, pickled):
+        with pytest.raises(ValueError, match=f"'{path}': not a readable safetensors file"):
+            pipe.load_lora_weights(path)
+        assert "not a readable safetensors file" in generate_error(capsys, tmp_path, "--lora", str(path))
+    assert not lora_layers(pipe.transformer) and not (tmp_path / "unpickled").exists()
+
+
+def test_ranks_that_do_not_fit_are_refused_and_failed_loads_roll_back(var_adapter, tmp_path, monkeypatch):
+    import peft
+
+    pipe = embedded("var")
+    before = model_state(pipe.transformer)
+    wrong_rank = adapter_variant(var_adapter, tmp_path / "r8.safetensors", config={"r": 8, "lora_alpha": 8})
+    with pytest.raises(ValueError, match="r8.safetensors'.*`blocks.0.attn.to_out` has rank 4, the LoraConfig says 8"):
+        pipe.load_lora_weights(wrong_rank)
+    assert_same_state(before, model_state(pipe.transformer))
+
+    def rank_3_b(key, tensor):
+        return tensor[:, :3].contiguous() if ".lora_B." in key else tensor
+
+    for header in ({}, {"lora_adapter_metadata": ""}):  # with the LoraConfig, and with ranks from the tensors
+        uneven = adapter_variant(var_adapter, tmp_path / "uneven.safetensors", tensors=rank_3_b, **header)
+        with pytest.raises(ValueError, match="uneven.*`blocks.0.attn.to_out`: lora_A has rank 4, lora_B has rank 3"):
+            pipe.load_lora_weights(uneven)
+        assert_same_state(before, model_state(pipe.transformer))
+
+    # a failure while PEFT injects the layers (after every check passed): each model is put back as it was,
+    # the text encoder's and the transformer's (loaded first, without a fault) alike, other adapters untouched
+    star = embedded("star")
+    add_random_adapter(star.transformer)
+    add_random_adapter(star.text_encoder)
+    star_adapter = save_adapter(star, tmp_path / "star", text_encoder=True)
+    for loaded in ([], ["first"]):
+        star = embedded("star")
+        for name in loaded:
+            star.load_lora_weights(star_adapter, adapter_name=name)
+        before = [model_state(star.transformer), model_state(star.text_encoder)]
+        load_state = peft.set_peft_model_state_dict
+        calls = []
+
+        def fails_for_the_text_encoder(model, *args, **kwargs):
+            calls.append(model)
+            if model is star.text_encoder:
+                raise RuntimeError("injection failed")
+            return load_state(model, *args, **kwargs)
+
+        monkeypatch.setattr(peft, "set_peft_model_state_dict", fails_for_the_text_encoder)
+        with pytest.raises(RuntimeError, match="injection failed"):
+            star.load_lora_weights(star_adapter, adapter_name="second")
+        monkeypatch.setattr(peft, "set_peft_model_state_dict", load_state)
+        assert [type(m) for m in calls] == [type(star.transformer), type(star.text_encoder)]
+        assert_same_state(before[0], model_state(star.transformer))
+        assert_same_state(before[1], model_state(star.text_encoder))
+        star.load_lora_weights(star_adapter, adapter_name="second")
+        assert star.get_list_adapters() == {"transformer": loaded + ["second"], "text_encoder": loaded + ["second"]}
+
+
+def test_malformed_lora_inputs_name_the_file_or_parameter(var_adapter, tmp_path):
+    pipe = embedded("var")
+    before = model_state(pipe.transformer)
+    cases = [
+        ("1-D", {"tensors": lambda key, tensor: tensor.flatten()}, "has 1 dimensions, 2 expected"),
+        ("int", {"tensors": lambda key, tensor: tensor.to(torch.int64)}, "holds int64 values, not floating point"),
+        ("json", {"lora_adapter_metadata": "{not json"}, "the `lora_adapter_metadata` header entry is not JSON"),
+        ("family", {FAMILY_METADATA_KEY: "{not json"}, "the `diffusers_var_lora` header entry is not JSON"),
+        ("list", {"lora_adapter_metadata": "[1]"}, "the `lora_adapter_metadata` header entry is not a JSON object"),
+        ("rank", {"config": {"r": -1}}, r"LoraConfig's `r` must be an integer >= 1, got -1"),
+        ("alpha", {"config": {"lora_alpha": math.nan}}, "LoraConfig's `lora_alpha` must be a positive number"),
+        ("config", {"config": {"no_such_field": 1}}, "the transformer LoRA metadata is not a LoraConfig"),
+    ]
+    for name, variant, message in cases:
+        path = adapter_variant(var_adapter, tmp_path / f"{name}.safetensors", **variant)
+        with pytest.raises(ValueError, match=f"`pretrained_model_name_or_path_or_dict` '{path}'.*{message}"):
+            pipe.load_lora_weights(path)
+    with pytest.raises(ValueError, match="`pretrained_model_name_or_path_or_dict`: .*`transformer.x.lora_A.weight`"):
+        pipe.load_lora_weights({"transformer.x.lora_A.weight": 3})
+    for name in ("a.b", " "):
+        with pytest.raises(ValueError, match="`adapter_name` must be a non-empty string without `.`"):
+            pipe.load_lora_weights(var_adapter, adapter_name=name)
+    assert_same_state(before, model_state(pipe.transformer))
+    pipe.load_lora_weights(var_adapter, adapter_name="a")
+    with pytest.raises(ValueError, match="`adapter_name` 'a' is already loaded"):
+        pipe.load_lora_weights(var_adapter, adapter_name="a")
+    with pytest.raises(ValueError, match="`hotswap`: no adapter 'b' to replace"):
+        pipe.load_lora_weights(var_adapter, adapter_name="b", hotswap=True)
+
+
+def test_missing_lora_paths_are_clear_errors(var_adapter, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    pipe = embedded("var")
+    for path in ("does/not/exist", "./typo", "typo.safetensors", str(tmp_path / "nope"), "~/nope"):
+        with pytest.raises(ValueError, match=f"`pretrained_model_name_or_path_or_dict` '{path}': no such file or"):
+            pipe.load_lora_weights(path)
+    assert "'does/not/exist': no such file or folder." in generate_error(capsys, tmp_path, "--lora", "does/not/exist")
+    # a name that could be a Hub repository id: what the Hub said, wrapped (offline here: nothing is asked)
+    for name in ("org/name", "typo_dir"):
+        with pytest.raises(ValueError, match=f"'{name}': no such file or folder, and no LoRA could be loaded from"):
+            pipe.load_lora_weights(name, local_files_only=True)
+    with pytest.raises(ValueError, match=r"no other\.safetensors in"):
+        pipe.load_lora_weights(var_adapter, weight_name="other.safetensors")
+    assert not lora_layers(pipe.transformer)
+
+
+def test_unknown_adapters_bad_adapter_weights_and_non_finite_files_are_refused(var_adapter, tmp_path):
+    pipe = embedded("var")
+    pipe.load_lora_weights(var_adapter, adapter_name="good")
+    state = model_state(pipe.transformer)
+    for weights in ([{"transformer": math.nan}], [{"foo": 1.0}], {"transformer": math.inf}):
+        with pytest.raises(ValueError, match="`adapter_weights`: a dict maps components"):
+            pipe.set_adapters(["good"], weights)
+    with pytest.raises(ValueError, match=r"`adapter_names`: \['zzz'\] not loaded \(loaded: \['good'\]\)"):
+        pipe.fuse_lora(adapter_names=["zzz"])
+    with pytest.raises(ValueError, match=r"`adapter_names`: \['zzz'\] not loaded \(loaded: \['good'\]\)"):
+        pipe.delete_adapters("zzz")
+    assert_same_state(state, model_state(pipe.transformer))
+    for value in (math.nan, math.inf):
+        path = adapter_variant(var_adapter, tmp_path / f"{value}.safetensors", tensors=lambda k, t: t * value)
+        with pytest.raises(ValueError, match=f"'{path}': not usable LoRA weights: .* holds NaN or infinite values"):
+            pipe.load_lora_weights(path, adapter_name="bad")
+    assert_same_state(state, model_state(pipe.transformer))
+    pipe.set_adapters(["good"], [{"transformer": 0.5}])
+    pipe.delete_adapters("good")
+    assert not pipe.get_list_adapters()
+
+
+def test_saving_is_atomic(var_adapter, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    pipe = embedded("var")
+    pipe.load_lora_weights(var_adapter, adapter_name="a")
+    layers = dict(
+        transformer_lora_layers=get_peft_model_state_dict(pipe.transformer, adapter_name="a"),
+        transformer_lora_adapter_metadata=pipe.transformer.peft_config["a"].to_dict(),
+    )
+    VARPipeline.save_lora_weights(tmp_path, **layers)
+    saved = (tmp_path / "pytorch_lora_weights.safetensors").read_bytes()
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        VARPipeline.save_lora_weights(tmp_path, **layers)
+    # the file that was there is whole, and no temporary file is left
+    assert os.listdir(tmp_path) == ["pytorch_lora_weights.safetensors"]
+    assert (tmp_path / "pytorch_lora_weights.safetensors").read_bytes() == saved
+    with pytest.raises(ValueError, match="`save_directory`.*is a file"):
+        VARPipeline.save_lora_weights(tmp_path / "pytorch_lora_weights.safetensors", **layers)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -182,8 +182,8 @@ def _generate(args) -> int:
     pipe = pipeline_class.from_pretrained(model, dtype=getattr(torch, args.dtype)).to(args.device)
     try:
         load_loras(pipe, args.lora, args.lora_scale)
-    except ValueError as err:
-        return print_error(f"`--lora` {err}")
+    except ValueError as err:  # its messages name the flags
+        return print_error(str(err))
     kwargs = {"output_type": "pil"}
     for key in ("guidance_scale", "top_k", "top_p"):
         if getattr(args, key) is not None:

@@ -141,6 +141,12 @@ def finite_float(text: str) -> float:
     return value
 
 
+def lora_flag_error(err: ValueError, path: str) -> ValueError:
+    """A LoRA loader's error about ``path``, naming the ``--lora`` flag instead of the Python parameter."""
+    message = str(err).replace("`pretrained_model_name_or_path_or_dict`", "`--lora`")
+    return ValueError(message if message.startswith("`--lora`") else f"`--lora` {path!r}: {message}")
+
+
 def load_loras(pipe, paths: list[str] | None, scales: list[float] | None) -> list[str]:
     """``pipe.load_lora_weights`` of every ``--lora`` (adapters ``lora_0``, ``lora_1``, ...), then ``set_adapters``
     with the ``--lora-scale`` values (one for all, or one per adapter; default 1.0). Returns the adapter names."""
@@ -153,7 +159,10 @@ def load_loras(pipe, paths: list[str] | None, scales: list[float] | None) -> lis
         raise ValueError(f"`--lora-scale`: give one scale, or one per `--lora` ({len(paths)}), got {len(scales)}.")
     names = [f"lora_{i}" for i in range(len(paths))]
     for name, path in zip(names, paths):
-        pipe.load_lora_weights(path, adapter_name=name)
+        try:
+            pipe.load_lora_weights(path, adapter_name=name)
+        except ValueError as err:
+            raise lora_flag_error(err, path) from None
     weights = scales * len(paths) if len(scales) == 1 else (scales or [1.0] * len(paths))
     pipe.set_adapters(names, adapter_weights=[float(w) for w in weights])
     return names

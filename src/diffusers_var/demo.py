@@ -102,7 +102,7 @@ def attach_loras(pipelines: dict, paths: list[str] | None, scales: list[float] |
     """Load each ``--lora`` into the served pipeline of the family it was made for (its file says which
     transformer); ``--lora-scale`` as in ``diffusers-var generate``. Returns ``{family: description}`` for the tabs.
     A ``ValueError`` when an adapter fits no served pipeline."""
-    from .cli_support import load_loras
+    from .cli_support import load_loras, lora_flag_error
     from .loaders import NextScaleLoraLoaderMixin
 
     paths, scales = list(paths or []), list(scales or [])
@@ -110,7 +110,10 @@ def attach_loras(pipelines: dict, paths: list[str] | None, scales: list[float] |
         raise ValueError(f"`--lora-scale`: give one scale, or one per `--lora` ({len(paths)}), got {len(scales)}.")
     chosen: dict[str, list[tuple[str, float]]] = {}
     for i, path in enumerate(paths):
-        _, family = NextScaleLoraLoaderMixin.lora_state_dict(path, return_family_metadata=True)
+        try:
+            _, family = NextScaleLoraLoaderMixin.lora_state_dict(path, return_family_metadata=True)
+        except ValueError as err:
+            raise lora_flag_error(err, path) from None
         made_for = (family or {}).get("transformer_class")
         served = [
             key

@@ -31,6 +31,8 @@ targeted by default (pass ``target_modules`` to :func:`lora_config` for anything
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import os
@@ -46,6 +48,7 @@ from diffusers.loaders.lora_base import (
 )
 from diffusers.loaders.lora_pipeline import _LOW_CPU_MEM_USAGE_DEFAULT_LORA
 from diffusers.utils import is_peft_available, logging
+from safetensors import SafetensorError
 from torch import nn
 
 logger = logging.get_logger(__name__)
@@ -186,13 +189,52 @@ def _module_dims(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def lora_config_problems(config) -> list[str]:
+    """What is wrong with the ranks and scales of a ``LoraConfig`` read from a file (PEFT itself checks them only
+    while it injects layers, or not at all: ``lora_alpha`` NaN gives NaN outputs). Empty when they are usable."""
+    problems = []
+    if not _is_positive_int(config.r):
+        problems.append(f"its LoraConfig's `r` must be an integer >= 1, got {config.r!r}")
+    if not _is_positive_number(config.lora_alpha):
+        problems.append(f"its LoraConfig's `lora_alpha` must be a positive number, got {config.lora_alpha!r}")
+    for field, is_valid, what in (
+        ("rank_pattern", _is_positive_int, "integers >= 1"),
+        ("alpha_pattern", _is_positive_number, "positive numbers"),
+    ):
+        pattern = getattr(config, field, None) or {}
+        if not isinstance(pattern, dict) or not all(isinstance(k, str) and is_valid(v) for k, v in pattern.items()):
+            problems.append(f"its LoraConfig's `{field}` must map module names to {what}, got {pattern!r}")
+    return problems
+
+
+def _configured_rank(config, module_name: str) -> int:
+    """The rank PEFT gives ``module_name`` under ``config`` (``rank_pattern`` first, then ``r``)."""
+    from peft.utils.other import get_pattern_key
+
+    pattern = config.rank_pattern or {}
+    return pattern.get(get_pattern_key(pattern.keys(), module_name), config.r)
+
+
 def lora_mismatches(state_dict: dict[str, torch.Tensor], model: nn.Module, config=None) -> list[str]:
     """What keeps ``state_dict`` (PEFT key names, no component prefix) from fitting ``model``: keys that name no
-    adaptable layer, tensors whose shapes do not match the layer's widths, and, when the adapter's ``LoraConfig``
-    (``config``) is known, layers it targets in ``model`` that the file does not cover (a transformer of another
-    depth). Empty when it fits."""
+    adaptable layer, tensors whose shapes do not match the layer's widths, layers whose ``lora_A`` and ``lora_B``
+    disagree on the rank (or lack one of the two), and, when the adapter's ``LoraConfig`` (``config``) is known,
+    unusable ranks or scales, ranks other than the config's, and layers it targets in ``model`` that the file does not
+    cover (a transformer of another depth). Empty when it fits. Everything PEFT and torch would otherwise fail on
+    half-way through injecting the adapter is found here, before anything changes."""
     modules = dict(model.named_modules())
     problems, covered = [], set()
+    if config is not None:
+        problems += lora_config_problems(config)
+    ranks: dict[str, dict[str, int]] = {}  # layer: {"lora_A": rank, "lora_B": rank}
     for key, tensor in state_dict.items():
         match = _LORA_KEY.match(key)
         if match is None:
@@ -205,14 +247,36 @@ def lora_mismatches(state_dict: dict[str, torch.Tensor], model: nn.Module, confi
             continue
         covered.add(name)
         d_in, d_out = dims
-        if part == "lora_A" and tensor.ndim == 2 and tensor.shape[1] != d_in:
+        # DoRA's magnitude and lora_B's bias (PEFT's lora_bias) are vectors; the LoRA matrices are matrices
+        vector = part == "lora_magnitude_vector" or key.endswith(".bias")
+        if tensor.ndim != (1 if vector else 2):
+            problems.append(f"`{key}` has {tensor.ndim} dimensions, {'1' if vector else '2'} expected")
+            continue
+        if vector:
+            if tensor.shape[0] != d_out:
+                problems.append(f"`{key}` has {tensor.shape[0]} entries, `{name}` has {d_out} outputs")
+            continue
+        if part == "lora_A" and tensor.shape[1] != d_in:
             problems.append(f"`{key}` reads {tensor.shape[1]} inputs, `{name}` has {d_in}")
-        elif part == "lora_B" and tensor.ndim == 2 and tensor.shape[0] != d_out:
+        elif part == "lora_B" and tensor.shape[0] != d_out:
             problems.append(f"`{key}` writes {tensor.shape[0]} outputs, `{name}` has {d_out}")
         elif part == "lora_embedding_A" and tensor.shape[-1] != d_in:
             problems.append(f"`{key}` has {tensor.shape[-1]} rows, `{name}` has {d_in}")
         elif part == "lora_embedding_B" and tensor.shape[0] != d_out:
             problems.append(f"`{key}` has width {tensor.shape[0]}, `{name}` has {d_out}")
+        # A: (rank, inputs), B: (outputs, rank), for Linear and Embedding layers alike
+        side = part[-1]
+        ranks.setdefault(name, {})[f"lora_{side}"] = tensor.shape[0] if side == "A" else tensor.shape[1]
+    for name, found in sorted(ranks.items(), key=lambda item: _natural_key(item[0])):
+        if len(found) == 1:
+            (have,) = found
+            problems.append(f"`{name}` has {have} but no {'lora_B' if have == 'lora_A' else 'lora_A'} weights")
+        elif found["lora_A"] != found["lora_B"]:
+            problems.append(f"`{name}`: lora_A has rank {found['lora_A']}, lora_B has rank {found['lora_B']}")
+        elif config is not None and not problems and found["lora_A"] != _configured_rank(config, name):
+            problems.append(
+                f"`{name}` has rank {found['lora_A']}, the LoraConfig says {_configured_rank(config, name)}"
+            )
     if config is not None and not problems:
         from peft.tuners.tuners_utils import check_target_module_exists
 
@@ -235,6 +299,21 @@ def lora_mismatches(state_dict: dict[str, torch.Tensor], model: nn.Module, confi
     return problems
 
 
+def lora_tensor_problems(state_dict: dict) -> list[str]:
+    """Values of a LoRA state dict that are no usable weights: not tensors, not floating point (torch refuses them
+    only while copying into the injected layers), or not finite (a NaN adapter would load without a word and turn
+    every image to noise). Empty when all are usable."""
+    problems = []
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            problems.append(f"`{key}` is a {type(value).__name__}, not a tensor")
+        elif not value.is_floating_point():
+            problems.append(f"`{key}` holds {str(value.dtype).removeprefix('torch.')} values, not floating point")
+        elif not bool(torch.isfinite(value).all()):
+            problems.append(f"`{key}` holds NaN or infinite values")
+    return problems
+
+
 def _natural_key(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
@@ -244,6 +323,92 @@ def _json_safe(metadata: dict | None) -> dict | None:
     if metadata is None:
         return None
     return {k: sorted(v) if isinstance(v, set) else v for k, v in dict(metadata).items()}
+
+
+_SOURCE = "`pretrained_model_name_or_path_or_dict`"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _is_local_path(path: str) -> bool:
+    """Whether ``path`` can only mean a local file or folder: not a Hub repository id (``org/name``: one slash at
+    most, no leading ``.`` / ``/`` / ``~``, no ``..``), or a ``.safetensors`` file name."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return True
+    return path.endswith(".safetensors")
+
+
+@contextlib.contextmanager
+def _restored_on_failure(models: list[nn.Module], adapter_name: str, hotswap: bool = False):
+    """Load adapter ``adapter_name`` into ``models`` all or nothing. When the load fails half-way, PEFT has already
+    wrapped layers, and diffusers' clean-up leaves the wrappers in place (and, for a failed hot-swap, deletes the
+    adapter it was to replace): put each model back as it was. Layers wrapped for this adapter are unwrapped; layers
+    that were LoRA layers before get back their per-adapter entries (``lora_A``, ``lora_B``, ``r``, ``scaling``, ...:
+    the same objects), active / merged adapters and enabled state; then the configs, ``requires_grad`` flags and, for
+    ``hotswap``, the weights the adapter had (replaced in place; LoRA weights are small enough to copy)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    saved = []
+    for model in models:
+        attributes = {k: model.__dict__[k] for k in ("peft_config", "_hf_peft_config_loaded") if k in model.__dict__}
+        layers = {}
+        for name, module in model.named_modules():
+            if isinstance(module, BaseTunerLayer):
+                entries = {
+                    attr: dict(getattr(module, attr).items())
+                    for attr in (*module.adapter_layer_names, *module.other_param_names)
+                    if hasattr(module, attr)
+                }
+                state = (copy.copy(module._active_adapter), module._disable_adapters, list(module.merged_adapters))
+                layers[name] = (entries, state)
+        adapter_weights = {}
+        if hotswap:
+            for name, parameter in model.named_parameters():
+                if f".{adapter_name}." in name or name.endswith(f".{adapter_name}"):
+                    adapter_weights[name] = parameter.detach().clone()
+        configs = dict(attributes.get("peft_config") or {})
+        flags = {name: p.requires_grad for name, p in model.named_parameters()}
+        saved.append((model, attributes, configs, layers, adapter_weights, flags))
+    try:
+        yield
+    except BaseException:
+        for model, attributes, configs, layers, adapter_weights, flags in saved:
+            for name, module in list(model.named_modules()):
+                if not isinstance(module, BaseTunerLayer):
+                    continue
+                if name not in layers:  # wrapped for this adapter: the original layer takes its place again
+                    parent, _, child = name.rpartition(".")
+                    setattr(model.get_submodule(parent), child, module.get_base_layer())
+                    continue
+                entries, (active, disabled, merged) = layers[name]
+                for attr, before in entries.items():
+                    container = getattr(module, attr)
+                    for key in [k for k in container.keys() if k not in before]:
+                        del container[key]
+                    for key, value in before.items():
+                        container[key] = value
+                module._active_adapter, module._disable_adapters = active, disabled
+                module.merged_adapters[:] = merged
+            for key in ("peft_config", "_hf_peft_config_loaded"):
+                model.__dict__.pop(key, None)
+            model.__dict__.update(attributes)
+            if "peft_config" in attributes:  # the same dict object, with its former entries
+                attributes["peft_config"].clear()
+                attributes["peft_config"].update(configs)
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if name in adapter_weights:
+                        parameter.data = adapter_weights[name].to(parameter.device)
+                    if name in flags:
+                        parameter.requires_grad_(flags[name])
+        raise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,37 +450,64 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         not_safetensors = weight_name is not None and not str(weight_name).endswith(".safetensors")
         if kwargs.pop("use_safetensors", True) is False or not_safetensors:
             raise ValueError("`weight_name`: LoRA files are safetensors only (pickled .bin files are not loaded).")
-        if not isinstance(source, dict) and os.path.isfile(source):
-            if not str(source).endswith(".safetensors"):
+        subfolder = kwargs.pop("subfolder", None)
+        from_hub = False
+        where = _SOURCE  # what errors name: the file, or the Hub repository
+        if not isinstance(source, dict):
+            path = os.fspath(source)
+            if os.path.isfile(path):
+                if not path.endswith(".safetensors"):
+                    raise ValueError(f"{_SOURCE}: {path!r} is not a .safetensors file.")
+                if subfolder:
+                    raise ValueError(f"`subfolder` applies to a folder or a Hub repository, not to the file {path!r}.")
+            elif os.path.isdir(path):
+                folder = os.path.join(path, subfolder) if subfolder else path
+                path = os.path.join(folder, weight_name or LORA_WEIGHT_NAME_SAFE)
+                if not os.path.isfile(path):
+                    hint = "" if weight_name else " (pass `weight_name=` for another file name)"
+                    raise ValueError(f"{_SOURCE}: no {weight_name or LORA_WEIGHT_NAME_SAFE} in {str(folder)!r}{hint}.")
+            elif _is_local_path(path):  # diffusers would ask the Hub about it, or talk of offline mode
+                raise ValueError(f"{_SOURCE} {path!r}: no such file or folder.")
+            else:
+                from_hub = True
+            where = f"{_SOURCE} {path!r}"
+            if not from_hub:  # diffusers reads a local file as folder + weight_name
+                source, weight_name, subfolder = os.path.dirname(os.path.abspath(path)), os.path.basename(path), None
+        try:
+            state_dict, metadata, file_metadata = _fetch_state_dict(
+                pretrained_model_name_or_path_or_dict=source,
+                weight_name=weight_name,
+                use_safetensors=True,
+                local_files_only=kwargs.pop("local_files_only", None),
+                cache_dir=kwargs.pop("cache_dir", None),
+                force_download=kwargs.pop("force_download", False),
+                proxies=kwargs.pop("proxies", None),
+                token=kwargs.pop("token", None),
+                revision=kwargs.pop("revision", None),
+                subfolder=subfolder,
+                user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
+                allow_pickle=False,
+                return_file_metadata=True,
+            )
+        except json.JSONDecodeError as err:  # diffusers parses the LoraConfig header entry
+            raise ValueError(f"{where}: the `{LORA_ADAPTER_METADATA_KEY}` header entry is not JSON ({err}).") from None
+        except (OSError, ValueError, SafetensorError) as err:
+            if from_hub:  # a repository id, or a typo of a local path: say both
                 raise ValueError(
-                    f"`pretrained_model_name_or_path_or_dict`: {str(source)!r} is not a .safetensors file."
-                )
-            source, weight_name = os.path.dirname(os.path.abspath(source)), os.path.basename(source)
-        elif not isinstance(source, dict) and os.path.isdir(source) and weight_name is None:
-            if not os.path.isfile(os.path.join(source, LORA_WEIGHT_NAME_SAFE)):
-                raise ValueError(
-                    f"`pretrained_model_name_or_path_or_dict`: no {LORA_WEIGHT_NAME_SAFE} in "
-                    f"{str(source)!r} (pass `weight_name=` for another file name)."
-                )
-            weight_name = LORA_WEIGHT_NAME_SAFE
-        state_dict, metadata, file_metadata = _fetch_state_dict(
-            pretrained_model_name_or_path_or_dict=source,
-            weight_name=weight_name,
-            use_safetensors=True,
-            local_files_only=kwargs.pop("local_files_only", None),
-            cache_dir=kwargs.pop("cache_dir", None),
-            force_download=kwargs.pop("force_download", False),
-            proxies=kwargs.pop("proxies", None),
-            token=kwargs.pop("token", None),
-            revision=kwargs.pop("revision", None),
-            subfolder=kwargs.pop("subfolder", None),
-            user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
-            allow_pickle=False,
-            return_file_metadata=True,
-        )
+                    f"{where}: no such file or folder, and no LoRA could be loaded from the Hub repository of that "
+                    f"name ({_first_line(err)})."
+                ) from None
+            raise ValueError(f"{where}: not a readable safetensors file ({_first_line(err)}).") from None
+        if metadata is not None and not isinstance(metadata, dict):
+            raise ValueError(f"{where}: the `{LORA_ADAPTER_METADATA_KEY}` header entry is not a JSON object.")
         family = None
         if file_metadata and file_metadata.get(FAMILY_METADATA_KEY):
-            family = json.loads(file_metadata[FAMILY_METADATA_KEY])
+            try:
+                family = json.loads(file_metadata[FAMILY_METADATA_KEY])
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: the `{FAMILY_METADATA_KEY}` header entry is not JSON ({err}).") from None
+            if not isinstance(family, dict):
+                raise ValueError(f"{where}: the `{FAMILY_METADATA_KEY}` header entry is not a JSON object.")
         out = (state_dict,)
         if return_lora_metadata:
             out += (metadata,)
@@ -345,24 +537,30 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         return {prefix: part for prefix, part in parts.items() if part}
 
     def check_lora_state_dict(
-        self, state_dict: dict, metadata: dict | None = None, family: dict | None = None
+        self, state_dict: dict, metadata: dict | None = None, family: dict | None = None, source_name: str = _SOURCE
     ) -> None:
-        """``ValueError`` when a LoRA state dict (with component prefixes, or the transformer's without) does not fit
-        this pipeline: made for another transformer class, keys naming no layer, widths or depth that differ."""
-        if not state_dict:
-            raise ValueError("`pretrained_model_name_or_path_or_dict` holds no tensors.")
-        if not all("lora" in key for key in state_dict):
+        """``ValueError`` when a LoRA state dict (with component prefixes, or the transformer's without) cannot be
+        loaded into this pipeline: values that are no finite floating-point tensors, made for another transformer
+        class, keys naming no layer, widths, ranks or depth that differ, an unusable ``LoraConfig`` in ``metadata``.
+        ``source_name``: how the messages name the file (default: the parameter)."""
+        if not isinstance(state_dict, dict) or not state_dict:
+            raise ValueError(f"{source_name} holds no tensors.")
+        if not all(isinstance(key, str) and "lora" in key for key in state_dict):
             raise ValueError(
-                "Invalid LoRA checkpoint: every key must contain `lora` (PEFT names such as "
+                f"{source_name}: invalid LoRA checkpoint: every key must contain `lora` (PEFT names such as "
                 "`transformer.blocks.0.attn.to_qkv.lora_A.weight`)."
             )
+        unusable = lora_tensor_problems(state_dict)
+        if unusable:
+            shown = "; ".join(unusable[:3]) + (f"; ... ({len(unusable)} tensors)" if len(unusable) > 3 else "")
+            raise ValueError(f"{source_name}: not usable LoRA weights: {shown}.")
         transformer = getattr(self, self.transformer_name, None)
         if family and transformer is not None:
             made_for = family.get("transformer_class")
             if made_for and made_for not in {c.__name__ for c in type(transformer).__mro__}:
                 made_by = family.get("pipeline_class", "another pipeline")
                 raise ValueError(
-                    f"`pretrained_model_name_or_path_or_dict`: this LoRA was made for a {made_for} "
+                    f"{source_name}: this LoRA was made for a {made_for} "
                     f"({made_by}); this pipeline's transformer is a {type(transformer).__name__}."
                 )
         problems = []
@@ -382,16 +580,15 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
 
                 try:
                     config = LoraConfig(**prefixed)
-                except TypeError as err:
+                except (TypeError, ValueError) as err:
                     raise ValueError(
-                        f"`pretrained_model_name_or_path_or_dict`: the {component} LoRA metadata is not "
-                        f"a LoraConfig ({err})."
+                        f"{source_name}: the {component} LoRA metadata is not a LoraConfig ({_first_line(err)})."
                     ) from None
             problems += [f"{component}: {p}" for p in lora_mismatches(part, model, config)]
         if problems:
             shown = "; ".join(problems[:4]) + (f"; ... ({len(problems)} problems)" if len(problems) > 4 else "")
             raise ValueError(
-                f"`pretrained_model_name_or_path_or_dict`: this LoRA does not fit the pipeline's "
+                f"{source_name}: this LoRA does not fit the pipeline's "
                 f"{type(transformer).__name__ if transformer is not None else 'models'}: {shown}."
             )
 
@@ -409,10 +606,14 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             hotswap: replace the weights of the already loaded adapter ``adapter_name`` in place (diffusers').
             kwargs: ``weight_name``, ``subfolder``, ``local_files_only``, ``low_cpu_mem_usage``, ... (diffusers').
 
-        A ``ValueError`` (before anything changes) when the file was made for another family or transformer shape.
+        A ``ValueError`` (before anything changes) when the file cannot be read, holds no usable weights, or was made
+        for another family or transformer shape (widths, ranks, depth); if loading fails all the same, every model is
+        put back as it was.
         """
-        if adapter_name is not None and (not isinstance(adapter_name, str) or not adapter_name):
-            raise ValueError(f"`adapter_name` must be a non-empty string or None, got {adapter_name!r}.")
+        if adapter_name is not None and (
+            not isinstance(adapter_name, str) or not adapter_name.strip() or "." in adapter_name
+        ):  # it becomes a key of torch ModuleDicts, which refuse "."
+            raise ValueError(f"`adapter_name` must be a non-empty string without `.`, or None, got {adapter_name!r}.")
         low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", _LOW_CPU_MEM_USAGE_DEFAULT_LORA)
         source = pretrained_model_name_or_path_or_dict
         if isinstance(source, dict):
@@ -420,38 +621,53 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         state_dict, metadata, family = self.lora_state_dict(
             source, return_lora_metadata=True, return_family_metadata=True, **kwargs
         )
-        self.check_lora_state_dict(state_dict, metadata, family)
+        source_name = _SOURCE if isinstance(source, dict) else f"{_SOURCE} {os.fspath(source)!r}"
+        self.check_lora_state_dict(state_dict, metadata, family, source_name=source_name)
         parts = self._split_by_component(state_dict)
+        transformer = getattr(self, self.transformer_name)
         if adapter_name is None:
             from diffusers.utils import get_adapter_name
 
-            adapter_name = get_adapter_name(getattr(self, self.transformer_name))
-        transformer_part = parts.get(self.transformer_name)
-        if transformer_part:
-            meta = {
-                k.removeprefix(f"{self.transformer_name}."): v
-                for k, v in (metadata or {}).items()
-                if k.startswith(f"{self.transformer_name}.")
-            } or None
-            getattr(self, self.transformer_name).load_lora_adapter(
-                transformer_part,
-                prefix=None,
-                adapter_name=adapter_name,
-                metadata=meta,
-                _pipeline=self,
-                low_cpu_mem_usage=low_cpu_mem_usage,
-                hotswap=hotswap,
+            adapter_name = get_adapter_name(transformer)
+        loaded = self._loaded_adapter_names()
+        if hotswap and adapter_name not in getattr(transformer, "peft_config", {}):
+            raise ValueError(f"`hotswap`: no adapter {adapter_name!r} to replace (loaded: {sorted(loaded)}).")
+        if hotswap and parts.get(self.text_encoder_name):
+            raise ValueError("`hotswap`: hot-swapping applies to the transformer's adapters only.")
+        if not hotswap and adapter_name in loaded:
+            raise ValueError(
+                f"`adapter_name` {adapter_name!r} is already loaded (loaded: {sorted(loaded)}): pick another name, "
+                "or pass `hotswap=True` to replace its weights."
             )
-        text_part = parts.get(self.text_encoder_name)
-        if text_part:
-            if hotswap:
-                raise ValueError("`hotswap`: hot-swapping applies to the transformer's adapters only.")
-            meta = {
-                k.removeprefix(f"{self.text_encoder_name}."): v
-                for k, v in (metadata or {}).items()
-                if k.startswith(f"{self.text_encoder_name}.")
-            }
-            self._load_text_encoder_adapter(text_part, meta or None, adapter_name)
+        models = [getattr(self, c) for c in parts]
+        with _restored_on_failure(models, adapter_name, hotswap):
+            transformer_part = parts.get(self.transformer_name)
+            if transformer_part:
+                meta = {
+                    k.removeprefix(f"{self.transformer_name}."): v
+                    for k, v in (metadata or {}).items()
+                    if k.startswith(f"{self.transformer_name}.")
+                } or None
+                transformer.load_lora_adapter(
+                    transformer_part,
+                    prefix=None,
+                    adapter_name=adapter_name,
+                    metadata=meta,
+                    _pipeline=self,
+                    low_cpu_mem_usage=low_cpu_mem_usage,
+                    hotswap=hotswap,
+                )
+            text_part = parts.get(self.text_encoder_name)
+            if text_part:
+                meta = {
+                    k.removeprefix(f"{self.text_encoder_name}."): v
+                    for k, v in (metadata or {}).items()
+                    if k.startswith(f"{self.text_encoder_name}.")
+                }
+                self._load_text_encoder_adapter(text_part, meta or None, adapter_name)
+
+    def _loaded_adapter_names(self) -> set[str]:
+        return {name for names in self.get_list_adapters().values() for name in names}
 
     def _load_text_encoder_adapter(self, state_dict: dict, metadata: dict | None, adapter_name: str) -> None:
         """PEFT's ``inject_adapter_in_model`` + ``set_peft_model_state_dict`` on the text encoder, with the
@@ -524,6 +740,8 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             lora_metadata[cls.text_encoder_name] = _json_safe(text_encoder_lora_adapter_metadata)
         if not lora_layers:
             raise ValueError("Pass at least one of `transformer_lora_layers` or `text_encoder_lora_layers`.")
+        if os.path.isfile(save_directory):  # diffusers only logs this and writes nothing
+            raise ValueError(f"`save_directory` {str(save_directory)!r} is a file, not a folder.")
         header = {"format": "pt"}
         packed = {f"{prefix}.{k}": v for prefix, meta in lora_metadata.items() if meta for k, v in meta.items()}
         if packed:
@@ -532,12 +750,23 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         header[FAMILY_METADATA_KEY] = json.dumps(family, sort_keys=True)
 
         def write(tensors, path):
+            """Atomically: a reader (or a crash mid-write) never sees half a file, and a file already there stays
+            whole until the new one is complete (diffusers writes in place)."""
             from safetensors.torch import save_file
 
             tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-            if save_function is not None:
-                return save_function(tensors, path)
-            return save_file(tensors, path, metadata=header)
+            folder, name = os.path.split(path)
+            temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+            try:
+                if save_function is not None:
+                    save_function(tensors, temporary)
+                else:
+                    save_file(tensors, temporary, metadata=header)
+                if os.path.exists(temporary):  # a custom save_function may write nothing (other processes)
+                    os.replace(temporary, path)
+            finally:
+                if os.path.exists(temporary):
+                    os.remove(temporary)
 
         cls._save_lora_weights(
             save_directory=save_directory,
@@ -583,6 +812,8 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         components = self._check_components(components)
         if not isinstance(lora_scale, (int, float)) or isinstance(lora_scale, bool) or not math.isfinite(lora_scale):
             raise ValueError(f"`lora_scale` must be a finite number, got {lora_scale!r}.")
+        if adapter_names is not None:  # diffusers fuses nothing, without a word, for a name it does not know
+            adapter_names = self._check_adapter_names(adapter_names)
         snapshots = self.__dict__.setdefault("_lora_fuse_snapshots", {})
         for layer in self._lora_layers(components):
             if id(layer) not in snapshots:  # the weights before the first fusion (later ones add to them)
@@ -619,29 +850,52 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         super().unload_lora_weights()
         self.__dict__.pop("_lora_fuse_snapshots", None)
 
+    def _check_adapter_names(self, adapter_names, parameter: str = "adapter_names") -> list[str]:
+        """``adapter_names`` (a name or a non-empty list of names) as a list; a ``ValueError`` naming ``parameter``,
+        the unknown names and the loaded ones when some are not loaded."""
+        names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
+        if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"`{parameter}` must be a name or a non-empty list of names, got {adapter_names!r}.")
+        loaded = self._loaded_adapter_names()
+        missing = [n for n in names if n not in loaded]
+        if missing:
+            raise ValueError(f"`{parameter}`: {missing} not loaded (loaded: {sorted(loaded)}).")
+        return list(names)
+
+    def delete_adapters(self, adapter_names: list[str] | str):
+        """Remove the adapters ``adapter_names`` from every component (diffusers' ``delete_adapters``, which ignores
+        names it does not know: here they are a ``ValueError``)."""
+        super().delete_adapters(self._check_adapter_names(adapter_names))
+
     def set_adapters(self, adapter_names: list[str] | str, adapter_weights=None):
         r"""Activate ``adapter_names`` with ``adapter_weights`` (a number per adapter, default 1.0; 0 gives the base
-        model's outputs). diffusers' ``set_adapters``, with the arguments checked."""
+        model's outputs; or a dict ``{component: number}`` per adapter). diffusers' ``set_adapters``, with the
+        arguments checked."""
         names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
         if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
             raise ValueError(f"`adapter_names` must be a name or a non-empty list of names, got {adapter_names!r}.")
         weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
         if len(weights) != len(names):
             raise ValueError(f"`adapter_weights` has {len(weights)} entries for {len(names)} adapters.")
+
+        def is_scale(value) -> bool:
+            return value is None or (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            )
+
         for weight in weights:
-            if (
-                weight is not None
-                and not isinstance(weight, dict)
-                and (not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight))
-            ):
+            if isinstance(weight, dict):  # per component; diffusers drops unknown components with a warning only
+                unknown = [c for c in weight if c not in self._lora_loadable_modules]
+                if unknown or not all(is_scale(v) for v in weight.values()):
+                    raise ValueError(
+                        f"`adapter_weights`: a dict maps components {self._lora_loadable_modules} to finite "
+                        f"numbers, got {weight!r}."
+                    )
+            elif not is_scale(weight):
                 raise ValueError(
                     f"`adapter_weights` must be finite numbers (one per adapter), got {adapter_weights!r}."
                 )
-        loaded = {name for names_ in self.get_list_adapters().values() for name in names_}
-        missing = [n for n in names if n not in loaded]
-        if missing:
-            raise ValueError(f"`adapter_names`: {missing} not loaded (loaded: {sorted(loaded)}).")
-        super().set_adapters(list(names), adapter_weights)
+        super().set_adapters(self._check_adapter_names(names), adapter_weights)
 
 
 class VARLoraLoaderMixin(NextScaleLoraLoaderMixin):
