@@ -631,3 +631,46 @@ def test_diffusers_generic_loader_and_a_folder_of_another_family(case, tmp_path)
     other = next(c.pipeline_class for c in CASES if c.pipeline_class._family != case.pipeline_class._family)
     with pytest.raises(ValueError, match="`pretrained_model_name_or_path`"):
         other.from_pretrained(tmp_path / "p")
+
+
+def test_save_pretrained_is_atomic_and_keeps_the_users_files(tmp_path, monkeypatch):
+    """A new folder appears whole; saving into an existing one keeps files the save does not write, replaces the
+    old weights (shards of an earlier sharded save included, so they cannot be loaded instead); a save that fails
+    half-way leaves the folder as it was and no staging folder behind."""
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+
+    case = CASES[0]
+    pipe, target = pipeline(case), tmp_path / "saved"
+    pipe.save_pretrained(target, max_shard_size="20KB")
+    shards = sorted(p.name for p in (target / "transformer").iterdir())
+    assert any("-of-" in name for name in shards) and oct((target).stat().st_mode)[-3:] == "755"
+    (target / "notes.txt").write_text("mine")
+    (target / "transformer" / "notes.txt").write_text("mine too")
+    pipe.save_pretrained(target)
+    assert sorted(p.name for p in (target / "transformer").iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "notes.txt",
+    ]
+    assert (target / "notes.txt").read_text() == "mine"
+    reloaded = case.pipeline_class.from_pretrained(target)
+    reloaded.set_progress_bar_config(disable=True)
+    assert torch.equal(run(case, reloaded), run(case))
+
+    before = {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()}
+    real_save = DiffusionPipeline.save_pretrained
+
+    def save_then_fail(self, folder, **kwargs):
+        real_save(self, folder, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(DiffusionPipeline, "save_pretrained", save_then_fail)
+    for destination in (target, tmp_path / "new"):
+        with pytest.raises(OSError, match="disk full"):
+            pipe.save_pretrained(destination)
+    assert {p.relative_to(target): p.read_bytes() for p in target.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved"]
+    monkeypatch.undo()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ValueError, match="`save_directory`"):
+        pipe.save_pretrained(tmp_path / "a-file")

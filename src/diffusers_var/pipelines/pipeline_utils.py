@@ -43,7 +43,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import logging
 
-from ..file_utils import write_text_atomic
+from ..file_utils import save_folder_atomic, write_text_atomic
 from ..models.multiscale_vq import area_down
 from .fast_inference import FastInferenceMixin
 from .sampling import GeneratorArg
@@ -420,9 +420,17 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
     def save_pretrained(self, save_directory, **kwargs):
         """diffusers' ``save_pretrained``, plus the small module that lets diffusers' generic loader find the class,
         e.g. ``DiffusionPipeline.from_pretrained(folder, custom_pipeline="VARPipeline", trust_remote_code=True)`` (it
-        imports this class from the installed ``diffusers_var``; loading with the class itself runs no code)."""
-        super().save_pretrained(save_directory, **kwargs)
-        write_loader_module(save_directory, type(self).__name__)
+        imports this class from the installed ``diffusers_var``; loading with the class itself runs no code).
+        Written through a staging folder (:func:`~diffusers_var.file_utils.save_folder_atomic`): an interrupted save
+        leaves ``save_directory`` as it was, and files of yours in it are kept."""
+        if kwargs.get("push_to_hub"):  # diffusers names the repository after the folder it saved
+            kwargs.setdefault("repo_id", Path(save_directory).name)
+
+        def save(folder: Path) -> None:
+            super(NextScalePipeline, self).save_pretrained(folder, **kwargs)
+            write_loader_module(folder, type(self).__name__)
+
+        save_folder_atomic(Path(save_directory), save)
 
     # -- from_pipe keeps each component's dtype ------------------------------------------------------------------
     @classmethod
