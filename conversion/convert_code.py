@@ -16,13 +16,14 @@ is written atomically. Load it with ``diffusers_var.VARCoDePipeline.from_pretrai
 import argparse
 import sys
 
-import torch
-
 from diffusers_var.cli_support import OneLineErrorParser
 from diffusers_var.conversion import ConversionError, convert_code_checkpoint
-from diffusers_var.conversion.common import QUANT_RESI_RANGE, float_arg, patch_nums_arg, warnings_as_lines
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from diffusers_var.conversion.common import (
+    OUTPUT_DTYPES,
+    add_output_dtype_argument,
+    add_vq_tokenizer_arguments,
+    warnings_as_lines,
+)
 
 
 def main(argv=None) -> int:
@@ -41,19 +42,8 @@ def main(argv=None) -> int:
         help="scales the drafter samples, in [1, num_scales - 1] (default num_scales - 2)",
     )
     parser.add_argument("--output", required=True, help="output folder (diffusers layout)")
-    parser.add_argument(
-        "--patch-nums",
-        type=patch_nums_arg(),
-        default=None,
-        help="comma-separated, strictly increasing scale schedule, when it cannot be inferred",
-    )
-    parser.add_argument(
-        "--quant-resi",
-        type=float_arg(QUANT_RESI_RANGE),
-        default=0.5,
-        help="Phi mixing ratio r of the VQ-VAE, 0 < r <= 1 (0.5 in every release)",
-    )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    add_vq_tokenizer_arguments(parser)
+    add_output_dtype_argument(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
     try:
@@ -66,7 +56,7 @@ def main(argv=None) -> int:
                 draft_steps=args.draft_steps,
                 patch_nums=args.patch_nums,
                 quant_resi=args.quant_resi,
-                dtype=DTYPES[args.dtype],
+                dtype=OUTPUT_DTYPES[args.dtype],
                 overwrite=args.overwrite,
             )
     except ConversionError as err:

@@ -13,12 +13,9 @@ holds safetensors only and is written atomically.
 import argparse
 import sys
 
-import torch
-
 from diffusers_var.cli_support import OneLineErrorParser, int_in_range
 from diffusers_var.conversion import ConversionError, convert_infinity_checkpoint
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from diffusers_var.conversion.common import OUTPUT_DTYPES, add_output_dtype_argument
 
 
 def main(argv=None) -> int:
@@ -39,7 +36,7 @@ def main(argv=None) -> int:
         action="store_true",
         help="the original add_lvl_embeding_only_first_block=0 (no release uses it; not visible in the weights)",
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    add_output_dtype_argument(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument(
         "--depth",
@@ -56,7 +53,7 @@ def main(argv=None) -> int:
             args.tokenizer,
             args.output,
             level_embed_every_chunk=args.level_embed_every_chunk,
-            dtype=DTYPES[args.dtype],
+            dtype=OUTPUT_DTYPES[args.dtype],
             overwrite=args.overwrite,
             depth=args.depth,
         )

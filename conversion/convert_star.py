@@ -17,14 +17,16 @@ only and is written atomically.
 import argparse
 import sys
 
-import torch
-
 from diffusers_var.cli_support import OneLineErrorParser, int_in_range
 from diffusers_var.conversion import ConversionError, convert_star_checkpoint
-from diffusers_var.conversion.common import POSITIVE, float_arg, patch_nums_arg
+from diffusers_var.conversion.common import (
+    OUTPUT_DTYPES,
+    POSITIVE,
+    add_output_dtype_argument,
+    float_arg,
+    patch_nums_arg,
+)
 from diffusers_var.conversion.star import NAMED_PATCH_NUMS
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main(argv=None) -> int:
@@ -53,7 +55,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--no-row0-quirk", action="store_true", help="per-row cross-attention (does not match the original)"
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    add_output_dtype_argument(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument(
         "--depth",
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
             logit_norm=not args.no_logit_norm,
             sampler_start_scale=args.sampler_start_scale,
             cross_attention_row0_quirk=not args.no_row0_quirk,
-            dtype=DTYPES[args.dtype],
+            dtype=OUTPUT_DTYPES[args.dtype],
             overwrite=args.overwrite,
             depth=args.depth,
         )

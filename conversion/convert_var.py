@@ -11,13 +11,9 @@ atomically (a temporary folder renamed into place).
 import argparse
 import sys
 
-import torch
-
 from diffusers_var.cli_support import OneLineErrorParser, int_in_range
 from diffusers_var.conversion import ConversionError, convert_var_checkpoint
-from diffusers_var.conversion.common import QUANT_RESI_RANGE, float_arg, patch_nums_arg
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from diffusers_var.conversion.common import OUTPUT_DTYPES, add_output_dtype_argument, add_vq_tokenizer_arguments
 
 
 def main(argv=None) -> int:
@@ -25,19 +21,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vae", required=True, help="original VQ-VAE checkpoint, e.g. vae_ch160v4096z32.pth")
     parser.add_argument("--transformer", required=True, help="original VAR checkpoint, e.g. var_d16.pth")
     parser.add_argument("--output", required=True, help="output folder (diffusers layout)")
-    parser.add_argument(
-        "--patch-nums",
-        type=patch_nums_arg(),
-        default=None,
-        help="comma-separated, strictly increasing scale schedule, when it cannot be inferred",
-    )
-    parser.add_argument(
-        "--quant-resi",
-        type=float_arg(QUANT_RESI_RANGE),
-        default=0.5,
-        help="Phi mixing ratio r of the VQ-VAE, 0 < r <= 1 (0.5 in every release)",
-    )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    add_vq_tokenizer_arguments(parser)
+    add_output_dtype_argument(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument(
         "--depth",
@@ -53,7 +38,7 @@ def main(argv=None) -> int:
             args.output,
             patch_nums=args.patch_nums,
             quant_resi=args.quant_resi,
-            dtype=DTYPES[args.dtype],
+            dtype=OUTPUT_DTYPES[args.dtype],
             overwrite=args.overwrite,
             depth=args.depth,
         )

@@ -131,6 +131,31 @@ def patch_nums_arg(named: Mapping[str, Sequence[int]] | None = None):
     return parse
 
 
+OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_output_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """``--dtype``: the weights' dtype in the output folder (a key of :data:`OUTPUT_DTYPES`)."""
+    parser.add_argument("--dtype", choices=sorted(OUTPUT_DTYPES), default="float32")
+
+
+def add_vq_tokenizer_arguments(parser: argparse.ArgumentParser) -> None:
+    """The VQ-VAE flags of the VAR-family converters: ``--patch-nums`` (when the tensors cannot tell) and
+    ``--quant-resi``."""
+    parser.add_argument(
+        "--patch-nums",
+        type=patch_nums_arg(),
+        default=None,
+        help="comma-separated, strictly increasing scale schedule, when it cannot be inferred",
+    )
+    parser.add_argument(
+        "--quant-resi",
+        type=float_arg(QUANT_RESI_RANGE),
+        default=0.5,
+        help="Phi mixing ratio r of the VQ-VAE, 0 < r <= 1 (0.5 in every release)",
+    )
+
+
 def check_depth(depth: int | None) -> int | None:
     """``--depth``: None (inferred) or a whole number of blocks >= 1."""
     if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
