@@ -187,7 +187,7 @@ def test_no_import_circle_between_cli_and_demo():
 def test_embedded_pipelines_are_found_by_name_wherever_the_command_runs(tmp_path, monkeypatch):
     """``--model star-shapes`` (or the checkout's ``pipelines/star-shapes``) names the embedded pipeline when no such
     folder exists where the command runs; an existing folder of that name wins, and other names stay paths."""
-    from diffusers_var.cli_support import embedded_pipelines_dir, resolve_pipeline_folder
+    from diffusers_var.embedded_models import embedded_pipelines_dir, resolve_pipeline_folder
 
     monkeypatch.chdir(tmp_path)
     for name in ("var-shapes", "star-shapes", "infinity-shapes", "var-shapes-refiner"):
@@ -202,7 +202,7 @@ def test_embedded_pipelines_are_found_by_name_wherever_the_command_runs(tmp_path
 
 def test_embedded_pipeline_names_its_folder_or_says_which_names_exist():
     import diffusers_var
-    from diffusers_var.cli_support import embedded_pipelines_dir
+    from diffusers_var.embedded_models import embedded_pipelines_dir
 
     assert diffusers_var.embedded_pipeline() == embedded_pipelines_dir() / "var-shapes"
     pipe = diffusers_var.STARPipeline.from_pretrained(diffusers_var.embedded_pipeline("star-shapes"))

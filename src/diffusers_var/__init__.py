@@ -6,7 +6,7 @@ Importing this package makes its classes resolvable by ``model_index.json``, so
 
 __version__ = "0.1.0"
 
-from .cli_support import embedded_pipeline
+from .embedded_models import embedded_pipeline
 from .models.bitwise_vae import BitwiseMultiScaleVAE
 from .models.infinity_transformer import InfinityTransformer2DModel
 from .models.multiscale_vq import MultiScaleVQModel

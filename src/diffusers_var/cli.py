@@ -12,14 +12,12 @@ import sys
 from pathlib import Path
 
 from .cli_support import (
-    EMBEDDED_PIPELINES,
     MAX_IMAGES,
     MAX_SEED,
     OneLineErrorParser,
     add_demo_arguments,
     add_lora_arguments,
     check_device,
-    default_model,
     expect_pipeline_class,
     finite_float,
     folder_problem,
@@ -27,8 +25,8 @@ from .cli_support import (
     load_loras,
     pipeline_class_of,
     print_error,
-    resolve_pipeline_folder,
 )
+from .embedded_models import EMBEDDED_PIPELINES, default_model, resolve_pipeline_folder
 from .file_utils import write_atomic
 
 DEFAULT_MODEL = default_model()

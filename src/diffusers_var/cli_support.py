@@ -1,5 +1,5 @@
-"""What the ``diffusers-var`` command and the Gradio demo share: where the embedded pipelines live, which
-pipeline class a folder holds, the demo's flags and one-line argument errors.
+"""What the ``diffusers-var`` command and the Gradio demo share: which pipeline class a folder holds (where the
+embedded pipelines live: :mod:`diffusers_var.embedded_models`), the demo's flags and one-line argument errors.
 
 Both :mod:`diffusers_var.cli` and :mod:`diffusers_var.demo` import this module and neither imports the other
 (the demo used to import the command's helpers while the command imported the demo).
@@ -13,53 +13,12 @@ import math
 import sys
 from pathlib import Path
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+from .embedded_models import EMBEDDED_PIPELINES
+
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 # Most images one command writes (``generate --num-images``, a ``sample`` run): 20x an FID-50k run, and few
 # enough that the command's bookkeeping (file names, metadata.jsonl) stays small next to the images themselves.
 MAX_IMAGES = 1_000_000
-
-
-def embedded_pipelines_dir() -> Path:
-    """The folder holding the embedded default pipelines (``var-shapes``, ``star-shapes``, ``infinity-shapes``).
-
-    A wheel (``pip install .``) ships them inside the package as ``diffusers_var/embedded/``; a source checkout
-    or an editable install reads the repository's ``pipelines/`` folder.
-    """
-    packaged = PACKAGE_DIR / "embedded"
-    if (packaged / "var-shapes" / "model_index.json").is_file():
-        return packaged
-    return PACKAGE_DIR.parents[1] / "pipelines"
-
-
-EMBEDDED_PIPELINES = ("var-shapes", "star-shapes", "infinity-shapes", "var-shapes-refiner")
-
-
-def embedded_pipeline(name: str = "var-shapes") -> Path:
-    """The folder of an embedded pipeline (``var-shapes``, ``star-shapes``, ``infinity-shapes``,
-    ``var-shapes-refiner``) for ``from_pretrained``, from a source checkout or a wheel alike."""
-    if name not in EMBEDDED_PIPELINES:
-        raise ValueError(f"`name` must be one of {', '.join(EMBEDDED_PIPELINES)}, got {name!r}")
-    folder = embedded_pipelines_dir() / name
-    if not (folder / "model_index.json").is_file():
-        raise ValueError(f"the embedded pipeline {name!r} is not part of this installation (no {folder})")
-    return folder
-
-
-def resolve_pipeline_folder(model: str | Path) -> Path:
-    """A pipeline folder named on the command line: the path itself when it exists, else, for the name of an
-    embedded pipeline (``var-shapes``, ``star-shapes``, ``infinity-shapes``, ``var-shapes-refiner``; also in the
-    checkout's form ``pipelines/NAME``), the embedded copy, so the same commands work from a wheel."""
-    path = Path(model)
-    if path.exists() or path.name not in EMBEDDED_PIPELINES or str(path.parent) not in (".", "pipelines"):
-        return path
-    embedded = embedded_pipelines_dir() / path.name
-    return embedded if (embedded / "model_index.json").is_file() else path
-
-
-def default_model() -> Path:
-    """The folder ``diffusers-var generate`` / ``sample`` use without ``--model``: the embedded VAR."""
-    return embedded_pipelines_dir() / "var-shapes"
 
 
 def pipeline_class_of(model) -> type:

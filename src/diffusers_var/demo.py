@@ -30,12 +30,11 @@ from .cli_support import (
     OneLineErrorParser,
     add_demo_arguments,
     check_device,
-    embedded_pipelines_dir,
     enable_fast_path,
     expect_pipeline_class,
     print_error,
-    resolve_pipeline_folder,
 )
+from .embedded_models import embedded_pipelines_dir, resolve_pipeline_folder
 from .models.dynamic_resolution import supported_pixel_sizes
 from .pipelines.pipeline_infinity import InfinityImg2ImgPipeline, InfinityInpaintPipeline, InfinityPipeline
 from .pipelines.pipeline_star import STARImg2ImgPipeline, STARInpaintPipeline, STARPipeline

@@ -44,12 +44,11 @@ import torch
 
 from .cli_support import (
     MAX_IMAGES,
-    default_model,
     enable_fast_path,
     folder_problem,
     pipeline_class_of,
-    resolve_pipeline_folder,
 )
+from .embedded_models import default_model, resolve_pipeline_folder
 from .file_utils import write_atomic
 
 IMAGES_DIR = "images"
