@@ -3,7 +3,7 @@
 They live in the repository's ``pipelines/`` folder (README, tests, scripts/build_embedded.py and the demo use that
 path); ``package_dir`` maps that folder to the package ``diffusers_var.embedded`` so that ``pip install .`` puts them
 at ``diffusers_var/embedded/`` and ``diffusers-var generate`` works from a wheel. The code finds them through
-``diffusers_var.cli_support.embedded_pipelines_dir()`` (the package copy first, else the repository's folder, which
+``diffusers_var.embedded_models.embedded_pipelines_dir()`` (the package copy first, else the repository's folder, which
 is what a source checkout or an editable install uses).
 """
 
