@@ -9,6 +9,7 @@ A new pipeline class joins by adding one :class:`Case` to ``CASES``.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -634,21 +635,43 @@ def test_diffusers_generic_loader_and_a_folder_of_another_family(case, tmp_path)
 
 
 def test_save_pretrained_is_atomic_and_keeps_the_users_files(tmp_path, monkeypatch):
-    """A new folder appears whole; saving into an existing one keeps files the save does not write, replaces the
-    old weights (shards of an earlier sharded save included, so they cannot be loaded instead); a save that fails
-    half-way leaves the folder as it was and no staging folder behind."""
+    """A new folder appears whole; saving into an existing one keeps files the save does not write and replaces the
+    old weights (the shards and index of an earlier sharded save removed last, so that they cannot be loaded
+    instead; a user's other weight file is kept); a save that fails leaves the folder as it was (old shards too
+    when the failure comes while files move) and no staging folder behind."""
     from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+
+    from diffusers_var import file_utils
 
     case = CASES[0]
     pipe, target = pipeline(case), tmp_path / "saved"
     pipe.save_pretrained(target, max_shard_size="20KB")
     shards = sorted(p.name for p in (target / "transformer").iterdir())
-    assert any("-of-" in name for name in shards) and oct((target).stat().st_mode)[-3:] == "755"
+    assert any("-of-" in name for name in shards) and any(name.endswith(".index.json") for name in shards)
     (target / "notes.txt").write_text("mine")
     (target / "transformer" / "notes.txt").write_text("mine too")
+    (target / "transformer" / "diffusion_pytorch_model.bin").write_text("mine as well")
+
+    real_replace = os.replace
+    calls = []
+
+    def fail_on_the_third_move(source, destination):
+        calls.append(destination)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return real_replace(source, destination)
+
+    monkeypatch.setattr(file_utils.os, "replace", fail_on_the_third_move)
+    with pytest.raises(OSError, match="disk full"):
+        pipe.save_pretrained(target)
+    monkeypatch.undo()
+    assert {p.name for p in (target / "transformer").iterdir()} >= set(shards)  # the old shards not deleted
+    assert sorted(p.name for p in target.iterdir() if p.name.startswith(".")) == []  # no staging left
+
     pipe.save_pretrained(target)
     assert sorted(p.name for p in (target / "transformer").iterdir()) == [
         "config.json",
+        "diffusion_pytorch_model.bin",
         "diffusion_pytorch_model.safetensors",
         "notes.txt",
     ]
@@ -674,3 +697,29 @@ def test_save_pretrained_is_atomic_and_keeps_the_users_files(tmp_path, monkeypat
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(ValueError, match="`save_directory`"):
         pipe.save_pretrained(tmp_path / "a-file")
+
+
+def test_push_to_hub_uploads_the_saved_folder(tmp_path, monkeypatch):
+    """``push_to_hub=True``: the folder is saved (loader module included) before the upload, and a failed upload
+    keeps the local save."""
+    import huggingface_hub
+
+    case = CASES[0]
+    pipe, uploads = pipeline(case), []
+    repo = type("Repo", (), {"repo_id": "me/var-test"})
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kwargs: repo)
+    monkeypatch.setattr(
+        "diffusers.utils.hub_utils.load_or_create_model_card",
+        lambda repo_id, **kwargs: huggingface_hub.ModelCard("card"),
+    )
+
+    def upload(self, folder, repo_id, **kwargs):
+        uploads.append((repo_id, sorted(p.name for p in Path(folder).iterdir())))
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(type(pipe), "_upload_folder", upload)
+    with pytest.raises(ConnectionError):
+        pipe.save_pretrained(tmp_path / "saved", push_to_hub=True, repo_id="me/var-test")
+    assert uploads and uploads[0][0] == "me/var-test"
+    assert {"model_index.json", "VARPipeline.py", "README.md", "transformer"} <= set(uploads[0][1])
+    assert (tmp_path / "saved" / "model_index.json").is_file()

@@ -281,7 +281,7 @@ def test_read_prompts_and_plan(tmp_path):
         (["--per-class", "1", "--device", "gpu0"], "`--device` 'gpu0' is not a torch device"),
         (["--class-labels", "0", "--per-class", str(MAX_IMAGES + 1)], f"`--per-class` must be <= {MAX_IMAGES}"),
         (["--class-labels", "0,1", "--per-class", str(MAX_IMAGES // 2 + 1)], f"at most {MAX_IMAGES}"),  # the total
-        (["--per-class", "1", "--batch-size", str(MAX_IMAGES + 1)], f"`--batch-size` must be <= {MAX_IMAGES}"),
+        (["--per-class", "1", "--batch-size", "65537"], "`--batch-size` must be <= 65536"),
         (["--per-class", "1", "--writer-threads", "100000"], "`--writer-threads` must be <= 256"),
         pytest.param(
             ["--per-class", "1", "--device", "cuda"],

@@ -180,3 +180,5 @@ def test_t5_text_path_pools_over_all_positions(text):
     assert hidden.shape == (1, 120, 32)
     torch.testing.assert_close(pooled, hidden.mean(dim=1))
     assert generate(pipe, prompt="a red cat").shape == (1, 8, 4, 4)
+    # T5's positions are relative: texts longer than the ablation's 120 tokens are allowed (CLIP stops at 77)
+    assert generate(pipe, prompt="a red cat", max_sequence_length=200).shape == (1, 8, 4, 4)

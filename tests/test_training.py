@@ -244,27 +244,35 @@ def test_resume_never_unpickles_and_continues_from_safe_state(tokenizer_dir, tmp
 
 def test_a_damaged_newest_checkpoint_is_skipped_and_kept(tokenizer_dir, tmp_path, capsys):
     """A checkpoint whose files were cut short or lost after it was written (a full disk, a partial copy): resuming
-    uses the checkpoint before it, says so, and leaves the damaged one as it is; all damaged is a named error."""
-    run = tmp_path / "run"
-    config = var_config(run, tokenizer_dir, max_steps=4, checkpoint_every=2, data={**DATA, "num_images": 16})
+    uses the checkpoint before it, says so, and moves the damaged one aside (kept, out of the way of the saves at
+    the same steps and of the rotation); the result equals an uninterrupted run. All damaged is a named error."""
+    config = var_config(
+        tmp_path / "straight",
+        tokenizer_dir,
+        max_steps=4,
+        checkpoint_every=1,
+        keep_checkpoints=2,
+        data={**DATA, "num_images": 16},
+    )
     reference = _weights(train(TrainConfig(**config)))
+    run = tmp_path / "run"
+    config = {**config, "output_dir": str(run)}
+    train(TrainConfig(**{**config, "max_steps": 3}))
     checkpoints = run / "checkpoints"
-    shutil.rmtree(checkpoints / "step-0000004")
-    # step 3 of a second, identical run: a checkpoint whose optimizer file lost its second half
-    train(TrainConfig(**{**config, "max_steps": 3, "checkpoint_every": 3, "resume": "force"}))
     damaged = checkpoints / "step-0000003" / "optimizer.safetensors"
     damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
     kept = damaged.read_bytes()
     capsys.readouterr()
-    resumed = _weights(train(TrainConfig(**{**config, "resume": "force"})))
-    assert (
-        "skipped damaged checkpoints (kept): step-0000003: optimizer.safetensors is damaged" in capsys.readouterr().out
-    )
-    assert damaged.read_bytes() == kept
+    resumed = _weights(train(TrainConfig(**{**config, "resume": "force"})))  # force: max_steps differs
+    out = capsys.readouterr().out
+    assert "skipped damaged checkpoints (kept): step-0000003: optimizer.safetensors is damaged" in out
+    (aside,) = checkpoints.glob("damaged-step-0000003-*")
+    assert (aside / "optimizer.safetensors").read_bytes() == kept
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-0000003", "step-0000004"]
     for key in reference:
         torch.testing.assert_close(resumed[key], reference[key], atol=0, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
 
-    for checkpoint in checkpoints.iterdir():  # now every one of them
+    for checkpoint in checkpoints.glob("step-*"):  # now every one of them
         (checkpoint / "model.safetensors").unlink()
     with pytest.raises(ValueError, match=r"`resume`: every checkpoint .* is damaged .*model\.safetensors missing"):
         train(TrainConfig(**{**config, "max_steps": 5, "resume": "force"}))

@@ -3,69 +3,132 @@ puts in place, so a reader (or a restarted run) never sees half a file and an in
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
+STAGING_MARKER = "diffusers-var-staging.json"
 
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then rename ``tmp`` to ``path`` (the temporary name is hidden and unique to the process)."""
+
+def write_atomic(path: Path, write: Callable[[Path], None], may_write_nothing: bool = False) -> None:
+    """``write(tmp)`` then rename ``tmp`` to ``path`` (the temporary name is hidden and unique to the process and
+    thread; it is removed when writing fails). ``may_write_nothing``: a ``write`` that made no file leaves ``path``
+    as it is (a save function that writes on one process only)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
         write(tmp)
+        if may_write_nothing and not tmp.exists():
+            return
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)  # only left when writing failed
+        tmp.unlink(missing_ok=True)
+
+
+def is_hub_repo_id(text: str, bare_names: bool = False) -> bool:
+    """Whether ``text`` is shaped like a Hugging Face Hub repository id: ``org/name`` (models), or also a bare
+    ``name`` with ``bare_names`` (datasets, and what the Hub resolves for legacy models)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(str(text))
+    except HFValidationError:
+        return False
+    return bare_names or "/" in str(text)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
-# The weight files diffusers / transformers write for a weights name ``stem`` (single file, shards and their index):
-# the files a new save of that component replaces, and the only ones a save into an existing folder removes.
-def _weight_file_pattern(stem: str) -> re.Pattern:
-    return re.compile(rf"{re.escape(stem)}(-\d{{5}}-of-\d{{5}})?\.(safetensors|bin)(\.index\.json)?\Z")
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host runs under ``pid``."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _default_folder_mode() -> int:
+    """The mode a new folder gets under the process's umask (``mkdtemp`` makes 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+# Weight files that a component's new save makes stale: shards and shard indices of its weights name (variants
+# included), which a loader would read in place of a new single file. A plain single file is replaced by name.
+def _stale_weight_pattern(stem: str) -> re.Pattern:
+    stem = re.escape(stem)
+    return re.compile(
+        rf"{stem}(\.\w+)?-\d{{5}}-of-\d{{5}}\.(safetensors|bin)\Z|{stem}\.(safetensors|bin)\.index(\.\w+)?\.json\Z"
+    )
 
 
 def _weight_stem(name: str) -> str | None:
-    match = re.match(r"(.+?)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?\Z", name)
-    return match.group(1) if match else None
+    """``diffusion_pytorch_model`` of ``diffusion_pytorch_model[.fp16][-00001-of-00002].safetensors`` (or an index)."""
+    if not re.search(r"\.(safetensors|bin)(\.index(\.\w+)?\.json)?\Z", name):
+        return None
+    return re.sub(r"-\d{5}-of-\d{5}\Z", "", name.split(".")[0])
+
+
+def _clean_stale_staging(folder: Path, prefix: str) -> None:
+    """Remove staging folders ``folder/<prefix>*`` that a killed save of this host left (marker checked)."""
+    for staging in folder.glob(f"{prefix}*"):
+        try:
+            marker = json.loads((staging / STAGING_MARKER).read_text())
+        except (OSError, ValueError):
+            continue  # not recognisably ours: never touched
+        if isinstance(marker, dict) and marker.get("host") == socket.gethostname():
+            if not process_alive(int(marker.get("pid", -1))):
+                shutil.rmtree(staging, ignore_errors=True)
 
 
 def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
-    """``save(folder)`` into a hidden staging folder next to ``target``, then into place: a new ``target`` appears
-    whole by one rename; into an existing one each file is renamed over its old version (files of the user's that
-    the save does not write are kept; old weight files of a component the save rewrites, e.g. the shards of an
-    earlier sharded save, are removed so that they cannot be loaded in place of the new ones). An interrupted save
-    leaves ``target`` as it was (a new one does not appear) and no staging folder behind."""
+    """``save(folder)`` into a hidden staging folder, then into ``target``.
+
+    A new ``target`` appears whole, by one rename (the staging folder sits next to it). Into an existing one (the
+    staging folder sits inside it, on the same filesystem as every file it replaces) each new file is renamed over
+    its old version, so each file is whole at any moment; only then are the old shards and shard indices of a
+    rewritten component removed (a loader would read them in place of a new single file). Files of the user's that
+    the save does not write are kept. A save that fails leaves ``target`` as it was; one killed while the files move
+    can leave some of them new. Staging folders of killed saves are removed by the next save."""
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise ValueError(f"`save_directory` {str(target)!r} is a file, not a folder.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    existing = target.exists()
+    if not existing:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    where, prefix = (target, ".saving-") if existing else (target.parent, f".{target.name}.saving-")
+    _clean_stale_staging(where, prefix)
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=where))
     try:
-        save(staging)
-        os.chmod(staging, 0o755)  # mkdtemp's 0700 would carry over to a new target
-        if not target.exists():
-            os.replace(staging, target)
+        (staging / STAGING_MARKER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        new = staging / "new"
+        save(new)
+        if not existing:
+            os.chmod(new, _default_folder_mode())
+            os.replace(new, target)
             return target
-        written = sorted(path for path in staging.rglob("*") if path.is_file())
-        for folder in {path.parent for path in written}:
-            new_names = {path.name for path in written if path.parent == folder}
-            patterns = [_weight_file_pattern(stem) for stem in filter(None, map(_weight_stem, new_names))]
-            old_folder = target / folder.relative_to(staging)
-            for old in old_folder.iterdir() if old_folder.is_dir() else ():
-                if old.is_file() and old.name not in new_names and any(p.match(old.name) for p in patterns):
+        written = sorted(path.relative_to(new) for path in new.rglob("*") if path.is_file())
+        for relative in written:
+            (target / relative).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(new / relative, target / relative)
+        for folder in {relative.parent for relative in written}:
+            names = {relative.name for relative in written if relative.parent == folder}
+            patterns = [_stale_weight_pattern(stem) for stem in {_weight_stem(name) for name in names} - {None}]
+            for old in (target / folder).iterdir():
+                if old.is_file() and old.name not in names and any(p.match(old.name) for p in patterns):
                     old.unlink()
-        for path in written:
-            destination = target / path.relative_to(staging)
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, destination)
         return target
     finally:
         shutil.rmtree(staging, ignore_errors=True)

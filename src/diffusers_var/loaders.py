@@ -51,6 +51,8 @@ from diffusers.utils import is_peft_available, logging
 from safetensors import SafetensorError
 from torch import nn
 
+from .file_utils import is_hub_repo_id, write_atomic
+
 logger = logging.get_logger(__name__)
 
 FAMILY_METADATA_KEY = "diffusers_var_lora"  # safetensors header entry: the transformer class an adapter is for
@@ -336,13 +338,7 @@ def _first_line(err: BaseException) -> str:
 def _is_local_path(path: str) -> bool:
     """Whether ``path`` can only mean a local file or folder: not a Hub repository id (``org/name``: one slash at
     most, no leading ``.`` / ``/`` / ``~``, no ``..``), or a ``.safetensors`` file name."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(path)
-    except HFValidationError:
-        return True
-    return path.endswith(".safetensors")
+    return not is_hub_repo_id(path, bare_names=True) or path.endswith(".safetensors")
 
 
 @contextlib.contextmanager
@@ -755,18 +751,10 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             from safetensors.torch import save_file
 
             tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
-            folder, name = os.path.split(path)
-            temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-            try:
-                if save_function is not None:
-                    save_function(tensors, temporary)
-                else:
-                    save_file(tensors, temporary, metadata=header)
-                if os.path.exists(temporary):  # a custom save_function may write nothing (other processes)
-                    os.replace(temporary, path)
-            finally:
-                if os.path.exists(temporary):
-                    os.remove(temporary)
+            if save_function is not None:  # a custom save_function may write nothing (other processes)
+                write_atomic(path, lambda tmp: save_function(tensors, str(tmp)), may_write_nothing=True)
+            else:
+                write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
 
         cls._save_lora_weights(
             save_directory=save_directory,

@@ -50,6 +50,7 @@ from .cli_support import (
 )
 from .embedded_models import default_model, resolve_pipeline_folder
 from .file_utils import write_atomic
+from .pipelines.pipeline_utils import MAX_BATCH_SIZE
 
 IMAGES_DIR = "images"
 RUN_FILE = "run.json"
@@ -504,7 +505,7 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
     """The ``sample`` command (``args`` as its parser makes them). ``on_batch(info)`` is called after each batch
     this process generated (benchmarks/bench_sample.py records speed and memory with it). Returns a summary."""
     for flag, value, low, high in (
-        ("--batch-size", args.batch_size, 1, MAX_IMAGES),
+        ("--batch-size", args.batch_size, 1, MAX_BATCH_SIZE),  # one pipeline call
         ("--per-class", args.per_class, 1, MAX_IMAGES),
         ("--images-per-prompt", args.images_per_prompt, 1, MAX_IMAGES),
         ("--seed", args.seed, 0, None),  # any size: image_seed hashes it
@@ -755,7 +756,8 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=32,
-        help="images per batch (per process); the same command and batch size give the same bytes",
+        help=f"images per batch (per process), 1 to {MAX_BATCH_SIZE}; the same command and batch size give the same "
+        "bytes",
     )
     group.add_argument(
         "--rng",

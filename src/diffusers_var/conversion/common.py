@@ -411,16 +411,6 @@ def _check_replaceable(output_dir: Path, overwrite: bool) -> None:
         )
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def clean_stale_staging(output_dir: Path) -> None:
     """Finish or remove staging folders that an interrupted save of ``output_dir`` left next to it.
 
@@ -434,7 +424,9 @@ def clean_stale_staging(output_dir: Path) -> None:
             isinstance(marker, dict) and marker.get("written_by") == WRITER and marker.get("output") == str(output_dir)
         ):
             continue  # not recognisably ours: never touched
-        if marker.get("host") != socket.gethostname() or _process_alive(int(marker.get("pid", -1))):
+        from ..file_utils import process_alive  # here: this module also runs alone (tests/test_conversion_output.py)
+
+        if marker.get("host") != socket.gethostname() or process_alive(int(marker.get("pid", -1))):
             continue  # another machine's or a running save
         old = staging / "old"
         if old.is_dir() and not output_dir.exists():

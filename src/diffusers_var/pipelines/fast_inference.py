@@ -209,9 +209,9 @@ def subpixel_upsample_(module: nn.Module | None, enabled: bool = True) -> int:
     """Install (``enabled``) or remove the sub-pixel form of every decoder upsampler in ``module`` (VAR / STAR's
     ``Upsample2x``, Infinity's ``Upsample``): nearest 2x upsampling followed by a 3x3 conv equals, for each of the
     four output phases, a 2x2 conv of the small map, so one 2x2 conv with 4x the output channels on the zero-padded
-    small map, interleaved, gives the same output with 16 instead of 36 multiply-adds per output value and without
-    the upsampled copy of the input (float32: the same values up to summation order). Returns how many upsamplers
-    changed."""
+    small map, interleaved, gives the same output with 4 instead of 9 multiply-adds per output value and input
+    channel, and without the upsampled copy of the input (float32: the same values up to summation order). Returns
+    how many upsamplers it found (each now in the requested form)."""
     changed = 0
     for upsampler in module.modules() if module is not None else ():
         if isinstance(upsampler, (Upsample2x, BitwiseUpsample)):

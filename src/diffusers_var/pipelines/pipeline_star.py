@@ -497,8 +497,8 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         check_guidance_scale(guidance_scale)
         check_common_inputs(top_k, top_p, output_type, num_images_per_prompt, return_dict)
         check_bool(more_smooth, "more_smooth")
-        # at least the tokenizer's start and end tokens; at most what the text encoder's positions cover
-        longest = self.text_max_length
+        # at least the tokenizer's start and end tokens; at most CLIP's 77 positions (T5's are relative: no limit)
+        longest = None if self.tokenizer is None or self._is_t5 else self.tokenizer.model_max_length
         if max_sequence_length is not None and (
             not isinstance(max_sequence_length, int)
             or isinstance(max_sequence_length, bool)

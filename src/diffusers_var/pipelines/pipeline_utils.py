@@ -43,7 +43,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import logging
 
-from ..file_utils import save_folder_atomic, write_text_atomic
+from ..file_utils import save_folder_atomic, write_atomic, write_text_atomic
 from ..models.multiscale_vq import area_down
 from .fast_inference import FastInferenceMixin
 from .sampling import GeneratorArg
@@ -423,14 +423,29 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         imports this class from the installed ``diffusers_var``; loading with the class itself runs no code).
         Written through a staging folder (:func:`~diffusers_var.file_utils.save_folder_atomic`): an interrupted save
         leaves ``save_directory`` as it was, and files of yours in it are kept."""
-        if kwargs.get("push_to_hub"):  # diffusers names the repository after the folder it saved
-            kwargs.setdefault("repo_id", Path(save_directory).name)
+        hub = {key: kwargs.pop(key) for key in _PUSH_KWARGS if key in kwargs}
+        push_to_hub = kwargs.pop("push_to_hub", False)
 
         def save(folder: Path) -> None:
-            super(NextScalePipeline, self).save_pretrained(folder, **kwargs)
+            super(NextScalePipeline, self).save_pretrained(folder, push_to_hub=False, **kwargs)
             write_loader_module(folder, type(self).__name__)
 
-        save_folder_atomic(Path(save_directory), save)
+        target = save_folder_atomic(Path(save_directory), save)
+        if push_to_hub:  # diffusers' upload, of the folder as saved (a failed upload keeps the local save)
+            self._push_folder_to_hub(target, **hub)
+
+    def _push_folder_to_hub(
+        self, folder: Path, repo_id=None, token=None, private=None, commit_message=None, create_pr=False
+    ) -> None:
+        """What diffusers' ``save_pretrained(push_to_hub=True)`` does after saving: create the repository (named after
+        the folder by default), write the pipeline's model card, upload the folder."""
+        from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+        from huggingface_hub import create_repo
+
+        repo_id = create_repo(repo_id or folder.name, exist_ok=True, private=private, token=token).repo_id
+        card = populate_model_card(load_or_create_model_card(repo_id, token=token, is_pipeline=True))
+        write_atomic(folder / "README.md", lambda tmp: card.save(str(tmp)))
+        self._upload_folder(folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
 
     # -- from_pipe keeps each component's dtype ------------------------------------------------------------------
     @classmethod
@@ -465,6 +480,7 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         return x_BlC.repeat(2, 1, 1) if guided else x_BlC
 
 
+_PUSH_KWARGS = ("repo_id", "token", "private", "commit_message", "create_pr")
 _LOAD_CONFIG_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
 
 

@@ -144,6 +144,8 @@ def save_training_state(
     optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer, options=options)
     folder.mkdir(parents=True, exist_ok=True)
     _save_rng(folder, accelerator.process_index)
+    for rng_file in folder.glob(f"rng_state_{accelerator.process_index}.*"):  # each rank its own, before the rename
+        sync_to_disk(rng_file)
     if not accelerator.is_main_process:
         return
     save_file({name: _cpu(t) for name, t in model_state.items()}, folder / "model.safetensors")
@@ -204,6 +206,11 @@ def checkpoint_damage(folder: Path) -> str | None:
     missing = [name for name in needed if not (folder / name).is_file()]
     if missing:
         return f"{', '.join(missing)} missing"
+    for json_file in sorted(folder.glob("rng_state_*.json")):
+        try:
+            json.loads(json_file.read_text())
+        except (OSError, ValueError) as err:
+            return f"{json_file.name} is unreadable ({err})"
     for tensors_file in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(tensors_file, "pt"):  # validates the header and that the data covers the file

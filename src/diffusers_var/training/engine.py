@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..file_utils import write_text_atomic
+from ..file_utils import is_hub_repo_id, write_text_atomic
 from .checkpoint import (
     checkpoint_damage,
     load_training_state,
@@ -321,12 +321,6 @@ def _set_override(values: dict, key: str, value, known: set[str]) -> None:
     target[leaf] = value
 
 
-# "org/name" (a model on the Hub, which from_pretrained looks up when no such local folder exists); datasets also
-# have bare names ("mnist")
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-HUB_DATASET_NAME = re.compile(r"[A-Za-z0-9][\w.-]*")
-
-
 def _check_folder(key: str, value, hub_ids: bool = False, bare_names: bool = False) -> None:
     """``value`` of the path-valued config key ``key`` is an existing folder (or, where the loader also takes Hub
     ids, shaped like one: its download is left to the loader, whose errors name the key as well)."""
@@ -337,7 +331,9 @@ def _check_folder(key: str, value, hub_ids: bool = False, bare_names: bool = Fal
         return
     if path.exists():
         raise ValueError(f"`{key}`: {str(value)!r} is a file, not a folder.")
-    if (hub_ids and HUB_ID.fullmatch(str(value))) or (bare_names and HUB_DATASET_NAME.fullmatch(str(value))):
+    # "org/name": a model on the Hub, which from_pretrained looks up when no such local folder exists; datasets
+    # also have bare names ("mnist")
+    if (hub_ids or bare_names) and is_hub_repo_id(str(value), bare_names=bare_names):
         return
     where = "" if path.is_absolute() else f" under the current folder {os.getcwd()!r}"
     raise ValueError(f"`{key}`: {str(value)!r} does not exist (no such folder{where}).")
@@ -547,7 +543,7 @@ def train(config: TrainConfig) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 
-    from ..conversion.common import check_output_dir
+    from ..conversion.common import ConversionError, check_output_dir
     from . import lora
     from .tasks import build_task
 
@@ -645,6 +641,13 @@ def train(config: TrainConfig) -> Path:
         checkpoint_dir.mkdir(exist_ok=True)
         for stale in checkpoint_dir.glob(".tmp-*"):  # half-written by an interrupted save
             shutil.rmtree(stale, ignore_errors=True)
+        if resume_from is not None:  # damaged checkpoints after it: out of the way of the saves to come, kept
+            for damaged in checkpoints_newest_first(checkpoint_dir):
+                if damaged == resume_from:
+                    break
+                aside = damaged.with_name(f"damaged-{damaged.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(damaged, aside)
+                print(f"kept the damaged checkpoint {damaged.name} as {aside.name}")
     accelerator.wait_for_everyone()
     if text_encoder is not None:
         model, text_encoder, optimizer, loader, scheduler = accelerator.prepare(
@@ -796,29 +799,32 @@ def train(config: TrainConfig) -> Path:
     if ema is not None:  # never under FSDP (refused at the start): each rank holds the whole model; rank 0 exports it
         ema.store(trainable_parameters())
         ema.copy_to(trainable_parameters())
-    if lora_settings is not None:
-        if accelerator.is_main_process:
-            summary = {
-                "steps": counter.step,
-                "seconds": time.perf_counter() - started,
-                "device": accelerator.device.type,
-                "processes": accelerator.num_processes,
-            }
-            lora.export_lora(
-                config,
-                task,
-                trained,
-                accelerator.unwrap_model(text_encoder) if text_encoder else None,
-                export_dir,
-                summary,
-            )
-    elif accelerator.distributed_type == DistributedType.FSDP:
-        full_state = accelerator.get_state_dict(model)  # a collective: gathers the shards onto the main process
-        if accelerator.is_main_process:
-            plain = _unsharded_copy(trained, full_state)
-            task.export(plain, export_dir)
-    elif accelerator.is_main_process:
-        task.export(trained, export_dir)
+    try:
+        if lora_settings is not None:
+            if accelerator.is_main_process:
+                summary = {
+                    "steps": counter.step,
+                    "seconds": time.perf_counter() - started,
+                    "device": accelerator.device.type,
+                    "processes": accelerator.num_processes,
+                }
+                lora.export_lora(
+                    config,
+                    task,
+                    trained,
+                    accelerator.unwrap_model(text_encoder) if text_encoder else None,
+                    export_dir,
+                    summary,
+                )
+        elif accelerator.distributed_type == DistributedType.FSDP:
+            full_state = accelerator.get_state_dict(model)  # a collective: gathers the shards onto the main process
+            if accelerator.is_main_process:
+                plain = _unsharded_copy(trained, full_state)
+                task.export(plain, export_dir)
+        elif accelerator.is_main_process:
+            task.export(trained, export_dir)
+    except ConversionError as err:  # a failed write of the export: the training key is output_dir
+        raise ValueError(str(err).replace("`output`", "`output_dir`", 1)) from None
     if ema is not None:
         ema.restore(trainable_parameters())
     accelerator.wait_for_everyone()
