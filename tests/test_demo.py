@@ -255,8 +255,9 @@ def test_painted_mask_reads_layers_or_the_composite():
     composite[0, 0] = 255
     assert painted_mask({"background": background, "layers": [], "composite": composite})[1].sum() == 1
     for empty in (None, {"background": None, "layers": [], "composite": None}):
-        with pytest.raises(gr.Error, match="Upload an image"):
+        with pytest.raises(gr.Error, match="Upload an image") as raised:
             painted_mask(empty)
+        assert raised.value.print_exception is False  # a user's mistake: no traceback in the server's log
 
 
 # -- readable errors; the app keeps serving ------------------------------------------------------------

@@ -60,7 +60,15 @@ SHAPE_PROMPTS = [
 ]
 
 
+def user_error(message: str):
+    """A ``gr.Error`` for a user's mistake: shown in the page, not printed as a traceback in the server's log
+    (failures of the generation itself still are)."""
+    return gr.Error(message, print_exception=False)
+
+
 # -- loading ----------------------------------------------------------------------------------------
+
+
 def load_family(family: str, spec: Any, device: str, dtype: torch.dtype, cpu_offload: bool = False):
     """Resolve a tab's model: ``spec`` is a pipeline object, a pipeline folder, ``DEFAULT`` (the embedded
     folder when it exists) or ``None`` (no model). Returns ``(pipeline or None, notice)``; loading errors
@@ -158,7 +166,7 @@ def load_code(var_pipe, refiner: Any, device: str, dtype: torch.dtype):
 # -- generation -------------------------------------------------------------------------------------
 def _check_count(num_images, max_images: int) -> int:
     if num_images is None or int(num_images) != num_images or not 1 <= int(num_images) <= max_images:
-        raise gr.Error(f"Number of images must be a whole number from 1 to {max_images}; got {num_images}.")
+        raise user_error(f"Number of images must be a whole number from 1 to {max_images}; got {num_images}.")
     return int(num_images)
 
 
@@ -166,13 +174,13 @@ def _pick_seed(seed, randomize: bool) -> int:
     if randomize:
         return random.randint(0, MAX_SEED)
     if seed is None or int(seed) != seed or not 0 <= int(seed) <= MAX_SEED:
-        raise gr.Error(f"Seed must be a whole number from 0 to {MAX_SEED}; got {seed}.")
+        raise user_error(f"Seed must be a whole number from 0 to {MAX_SEED}; got {seed}.")
     return int(seed)
 
 
 def _prompt(prompt) -> str:
     if not isinstance(prompt, str) or not prompt.strip():
-        raise gr.Error("Please enter a prompt: it is empty.")
+        raise user_error("Please enter a prompt: it is empty.")
     return prompt.strip()
 
 
@@ -188,7 +196,7 @@ def _run(pipe, lock: threading.Lock, seed: int, num_images: int, **kwargs):
                 **kwargs,
             ).images
     except ValueError as err:
-        raise gr.Error(str(err)) from None
+        raise user_error(str(err)) from None
     except Exception as err:  # a readable message in the page, the traceback in the server log
         logger.exception("generation failed")
         raise gr.Error(f"Generation failed ({type(err).__name__}: {err}).") from None
@@ -288,7 +296,7 @@ def _var_tab(
                     [int(class_name)] if str(class_name).lstrip("-").isdigit() else pipe.get_label_ids([class_name])
                 )
             except ValueError:
-                raise gr.Error(
+                raise user_error(
                     f"Unknown class {class_name!r}: pick one from the Class list (type to search)."
                 ) from None
         seed = _pick_seed(seed, randomize)
@@ -422,7 +430,7 @@ def _parse_size(size) -> tuple[int, int]:
     try:
         height, width = (int(v) for v in str(size).lower().replace(" ", "").split("x"))
     except ValueError:
-        raise gr.Error(f"Size must look like HEIGHTxWIDTH (e.g. 1024x1024); got {size!r}.") from None
+        raise user_error(f"Size must look like HEIGHTxWIDTH (e.g. 1024x1024); got {size!r}.") from None
     return height, width
 
 
@@ -530,7 +538,7 @@ def painted_mask(editor: dict | None) -> tuple[np.ndarray, np.ndarray]:
     layer has paint (or, without layers, where the composite differs from the background)."""
     background = None if not editor else editor.get("background")
     if background is None:
-        raise gr.Error("Upload an image to edit (or use the example) first.")
+        raise user_error("Upload an image to edit (or use the example) first.")
     background = np.asarray(background)
     image = background[..., :3] if background.ndim == 3 else np.repeat(background[..., None], 3, axis=-1)
     painted = np.zeros(image.shape[:2], dtype=bool)
@@ -630,7 +638,7 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
         progress=gr.Progress(track_tqdm=True),
     ):
         if family not in editors:
-            raise gr.Error(f"Pick a served model: {', '.join(titles.values())}.")
+            raise user_error(f"Pick a served model: {', '.join(titles.values())}.")
         image, painted = painted_mask(editor_value)
         count = _check_count(num_images, max_images)
         inpaint, img2img = editors[family]
@@ -639,7 +647,7 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
             pipe, kwargs["strength"] = img2img, float(strength)
         else:
             if not painted.any():
-                raise gr.Error("Paint the region with the brush first (nothing is painted).")
+                raise user_error("Paint the region with the brush first (nothing is painted).")
             pipe = inpaint
             kwargs["mask_image"] = painted if mode_name == EDIT_MODES[0] else ~painted
             kwargs["mask_dilation"] = int(mask_dilation)
@@ -648,11 +656,11 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
         if family == "var":
             name = str(text or "").strip()
             if not name:
-                raise gr.Error("Say what to generate: a class name (or index).")
+                raise user_error("Say what to generate: a class name (or index).")
             try:
                 kwargs["class_labels"] = [int(name)] if name.lstrip("-").isdigit() else pipe.get_label_ids([name])
             except ValueError:
-                raise gr.Error(f"Unknown class {name!r}: use a name of the VAR tab's Class list.") from None
+                raise user_error(f"Unknown class {name!r}: use a name of the VAR tab's Class list.") from None
         else:
             kwargs["prompt"] = _prompt(text)
         seed = _pick_seed(seed, randomize)
