@@ -568,6 +568,19 @@ def test_bad_loading_arguments_name_the_parameter(case, tmp_path):
         case.pipeline_class.from_pipe(pipe, dtype="float16")
 
 
+def test_from_pipe_refuses_components_of_another_family_and_unknown_arguments(case):
+    pipe = pipeline(case)
+    other = pipeline(next(c for c in CASES if c.pipeline_class._family != case.pipeline_class._family))
+    with pytest.raises(ValueError, match="`transformer` must be a"):
+        case.pipeline_class.from_pipe(pipe, transformer=other.transformer)
+    with pytest.raises(ValueError, match=r"from_pipe takes components / settings .*got \['bogus'\]"):
+        case.pipeline_class.from_pipe(pipe, bogus=1)
+    with pytest.raises(ValueError, match="`pipeline` must be a diffusers pipeline"):
+        case.pipeline_class.from_pipe("a-folder")
+    with pytest.raises(ValueError, match=rf"`pipeline` is a .*{case.pipeline_class.__name__} needs the"):
+        case.pipeline_class.from_pipe(other)
+
+
 def test_bad_family_specific_arguments_name_the_parameter():
     var = pipeline(CASES[0])
     with pytest.raises(ValueError, match="`label`"):

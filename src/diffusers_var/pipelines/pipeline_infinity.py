@@ -85,6 +85,7 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         default_size: list[int] | None = None,
     ):
         super().__init__()
+        self._check_component_types(transformer=transformer, vae=vae)
         if transformer is not None and vae is not None and transformer.config.bits_per_token != vae.bits_per_token:
             raise ValueError(
                 f"transformer `bits_per_token` ({transformer.config.bits_per_token}) differs from the vae's "

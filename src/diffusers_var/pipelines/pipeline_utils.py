@@ -29,8 +29,11 @@ or set ``pipe._interrupt = True`` to stop after the current scale (the image is 
 from __future__ import annotations
 
 import contextvars
+import functools
+import inspect
 import math
 import os
+import typing
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -447,6 +450,25 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         write_atomic(folder / "README.md", lambda tmp: card.save(str(tmp)))
         self._upload_folder(folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
 
+    def register_modules(self, **modules):
+        """diffusers' ``register_modules``, refusing a component of the wrong class (a transformer of another family
+        failed only when called, e.g. through ``from_pipe(pipe, transformer=...)``)."""
+        self._check_component_types(**modules)
+        super().register_modules(**modules)
+
+    def _check_component_types(self, **modules) -> None:
+        expected = _component_types(type(self))
+        for name, module in modules.items():
+            if module is not None and name in expected and not isinstance(module, expected[name]):
+                raise ValueError(
+                    f"`{name}` must be a {expected[name].__name__}, got a {type(module).__name__} (a component of "
+                    "another family?)."
+                )
+
+    @classmethod
+    def _required_components(cls) -> list[str]:
+        return [name for name in _component_types(cls) if name not in cls._optional_components]
+
     # -- from_pipe keeps each component's dtype ------------------------------------------------------------------
     @classmethod
     def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs):
@@ -458,6 +480,23 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise ValueError(f"`dtype` must be a torch.dtype (e.g. torch.float16), got {dtype!r}.")
+        if not isinstance(pipeline, DiffusionPipeline):
+            raise ValueError(f"`pipeline` must be a diffusers pipeline, got {type(pipeline).__name__}.")
+        accepted = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise ValueError(f"{cls.__name__}.from_pipe takes components / settings {accepted}, got {unknown}.")
+        if isinstance(pipeline, NextScalePipeline) and pipeline._family != cls._family:
+            missing = [
+                name
+                for name in cls._required_components()
+                if name not in kwargs and not isinstance(pipeline.components.get(name), _component_types(cls)[name])
+            ]
+            if missing:
+                raise ValueError(
+                    f"`pipeline` is a {type(pipeline).__name__} ({pipeline._family} family); {cls.__name__} "
+                    f"needs the {cls._family} family's {missing}: pass them, or start from a {cls._family} pipeline."
+                )
         token = _KEEP_COMPONENT_DTYPES.set(True)
         try:
             new = super().from_pipe(pipeline, **kwargs)
@@ -480,6 +519,13 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         return x_BlC.repeat(2, 1, 1) if guided else x_BlC
 
 
+@functools.cache
+def _component_types(pipeline_class: type) -> dict[str, type]:
+    """The components of ``pipeline_class`` whose ``__init__`` annotation is one class (name -> class)."""
+    hints = typing.get_type_hints(pipeline_class.__init__)
+    return {name: hint for name, hint in hints.items() if isinstance(hint, type) and issubclass(hint, torch.nn.Module)}
+
+
 _PUSH_KWARGS = ("repo_id", "token", "private", "commit_message", "create_pr")
 _LOAD_CONFIG_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
 
@@ -488,10 +534,10 @@ class MultiScaleVQPipelineMixin:
     """What VAR and STAR share through their tokenizer (``vqvae``, a ``MultiScaleVQModel``): the check that a
     transformer fits it, the next scale's input and the decode of f_hat."""
 
-    @staticmethod
-    def _check_vqvae_fits(transformer, vqvae) -> None:
+    def _check_vqvae_fits(self, transformer, vqvae) -> None:
         """A ValueError unless ``transformer`` predicts ``vqvae``'s tokens (scale schedule, vocabulary, code width);
         either may be None (a pipeline loaded without it)."""
+        self._check_component_types(transformer=transformer, vqvae=vqvae)
         if transformer is None or vqvae is None:
             return
         if tuple(transformer.config.patch_nums) != tuple(vqvae.config.patch_nums):
