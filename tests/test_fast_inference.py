@@ -974,3 +974,21 @@ def test_a_second_process_loads_the_compiled_code_from_the_cache(tmp_path):
         assert run.returncode == 0, run.stderr[-2000:]
     (first_hits, first_misses), (second_hits, second_misses) = (map(int, run.stdout.split()[-2:]) for run in runs)
     assert (first_hits, first_misses) == (0, 1) and (second_hits, second_misses) == (1, 0)
+
+
+def test_a_higher_precision_after_a_16_bit_fast_path_warns_that_the_weights_stay_rounded(caplog):
+    from diffusers.utils import logging as diffusers_logging
+
+    torch.manual_seed(0)
+    transformer = VARTransformer2DModel(depth=1, embed_dim=32, num_heads=2, patch_nums=(1, 2), num_classes=4)
+    pipe = VARPipeline(transformer=transformer, vqvae=MultiScaleVQModel(patch_nums=(1, 2)).eval())
+    diffusers_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            pipe.enable_fast_inference(dtype=torch.float32)
+            assert "keep that rounding" not in caplog.text  # never rounded: nothing to say
+            pipe.enable_fast_inference(dtype=torch.bfloat16)
+            pipe.enable_fast_inference(dtype=torch.float32)
+    finally:
+        diffusers_logging.disable_propagation()
+    assert "cast the weights to torch.bfloat16; they keep that rounding in torch.float32" in caplog.text

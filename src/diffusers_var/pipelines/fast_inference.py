@@ -33,6 +33,7 @@ from typing import Callable, Hashable, Sequence
 import torch
 import torch.nn.functional as F
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import logging
 from torch import nn
 
 from ..loaders import adapter_state
@@ -40,6 +41,8 @@ from ..models.bitwise_vae import Upsample as BitwiseUpsample
 from ..models.blocks import AdaLNSelfAttentionBlock, CosineSelfAttention, FeedForward, Rotary2D, memoized
 from ..models.multiscale_vq import MultiScaleResidualQuantizer, Upsample2x
 from ..models.star_transformer import STARBlock
+
+logger = logging.get_logger(__name__)
 
 FAST_INFERENCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -718,6 +721,14 @@ class FastInferenceMixin:
                 "`enable_fast_inference()` cannot be combined with CPU offloading, group offloading or "
                 "layerwise casting (their hooks move or cast weights at every call); reload the pipeline."
             )
+        rounded_to = getattr(self, "_rounded_by_fast_path", None)
+        if rounded_to is not None and torch.finfo(dtype).bits > torch.finfo(rounded_to).bits:
+            logger.warning(
+                f"enable_fast_inference(dtype={dtype}): an earlier call cast the weights to {rounded_to}; they keep "
+                f"that rounding in {dtype} (reload the pipeline for its full-precision weights)."
+            )
+        if torch.finfo(dtype).bits < 32:
+            self._rounded_by_fast_path = dtype
         cast_module_(self.transformer, dtype)
         cast_module_(getattr(self, "text_encoder", None), dtype)
         cast_decoder_(
