@@ -350,3 +350,128 @@ def test_clip_score_with_a_tiny_clip(tmp_path, capsys):
         == 2
     )
     assert "`--clip-model`" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad inputs and outputs: one error line naming the flag, before the feature passes
+# ----------------------------------------------------------------------------------------------
+def _no_features(monkeypatch):
+    """Fail the test if the feature pass starts: the error must come before it."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the feature pass ran before the error")
+
+    monkeypatch.setattr(ev, "inception_features", fail)
+
+
+def _one_error(capsys, argv, *messages):
+    assert main(["evaluate", *argv, "--no-progress", "--device", "cpu"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    for message in messages:
+        assert message in err, err
+    assert "NaN" not in captured.out
+    return captured
+
+
+def test_bad_output_paths_fail_before_the_work(tmp_path, monkeypatch, capsys, inception_weights):
+    samples = _save_images(tmp_path / "samples", ShapesDataset(4, 32, seed=1).images)
+    (tmp_path / "file").write_text("x")
+    common = ["--samples", str(samples), "--reference", str(samples), "--inception-weights", str(inception_weights)]
+    _no_features(monkeypatch)
+    for flag, target, message in [
+        ("--out", tmp_path, "is a folder"),
+        ("--out", tmp_path / "file" / "r.json", "is a file, not a folder"),
+        ("--save-reference-stats", tmp_path / "samples", "is a folder"),
+        ("--save-reference-stats", tmp_path / "file" / "sub" / "s.npz", "is a file, not a folder"),
+    ]:
+        _one_error(capsys, [*common, flag, str(target)], f"`{flag}`", message)
+    # without --reference there is nothing to save: both flags named
+    _one_error(
+        capsys,
+        ["--samples", str(samples), "--save-reference-stats", str(tmp_path / "s.npz")],
+        "`--save-reference-stats`",
+        "`--reference`",
+    )
+
+
+def test_a_late_write_failure_still_prints_the_results(tmp_path, monkeypatch, capsys, inception_weights):
+    samples = _save_images(tmp_path / "samples", ShapesDataset(4, 32, seed=1).images)
+    real_write = ev.write_atomic
+
+    def failing_write(path, write, **kwargs):
+        if path.suffix == ".json":
+            raise PermissionError(13, "Permission denied")
+        return real_write(path, write, **kwargs)
+
+    monkeypatch.setattr(ev, "write_atomic", failing_write)
+    argv = ["--samples", str(samples), "--inception-weights", str(inception_weights), "--metrics", "is"]
+    captured = _one_error(capsys, [*argv, "--out", str(tmp_path / "r.json")], "`--out`", "was not written")
+    assert json.loads(captured.out)["inception_score"] >= 1.0
+
+
+def test_non_finite_statistics_and_metrics_are_errors(tmp_path, monkeypatch, capsys, inception_weights):
+    samples = _save_images(tmp_path / "samples", ShapesDataset(4, 32, seed=1).images)
+    common = ["--samples", str(samples), "--inception-weights", str(inception_weights)]
+    sigma = np.eye(2048)
+    np.savez(tmp_path / "nan_mu.npz", mu=np.full(2048, np.nan), sigma=sigma)
+    np.savez(tmp_path / "inf_sigma.npz", mu=np.zeros(2048), sigma=np.where(sigma > 0, np.inf, 0.0))
+    np.savez(tmp_path / "nan_pool.npz", inception_pool_3=np.full((5, 2048), np.nan, np.float32))
+    with monkeypatch.context() as patch:
+        _no_features(patch)
+        for name, key in [("nan_mu", "mu"), ("inf_sigma", "sigma"), ("nan_pool", "inception_pool_3")]:
+            path = str(tmp_path / f"{name}.npz")
+            _one_error(capsys, [*common, "--reference", path], "`--reference`", path, f"`{key}`", "NaN or infinite")
+
+    # features that come out non-finite (broken weights) give an error, never "NaN" in the JSON
+    def nan_features(model, images, batch_size=64, progress=False):
+        return np.full((images.length, 2048), np.nan, np.float32), np.full((images.length, 1008), np.nan, np.float32)
+
+    monkeypatch.setattr(ev, "inception_features", nan_features)
+    _one_error(capsys, [*common, "--reference", str(samples)], "`--samples`", "NaN or infinite")
+
+
+def test_unreadable_inputs_are_one_error_line(tmp_path, monkeypatch, capsys, inception_weights):
+    images = ShapesDataset(4, 32, seed=1).images
+    good = _save_images(tmp_path / "good", images)
+    np.save(tmp_path / "array.npy", images)
+    (tmp_path / "array.npy").rename(tmp_path / "renamed.npz")
+    np.savez(tmp_path / "whole.npz", arr_0=images)
+    (tmp_path / "truncated.npz").write_bytes((tmp_path / "whole.npz").read_bytes()[:200])
+    (tmp_path / "text.npz").write_text("not an archive")
+    np.savez(tmp_path / "object.npz", mu=np.array([{"a": 1}] * 3, dtype=object), sigma=np.eye(3))
+    np.savez(tmp_path / "shapes.npz", mu=np.zeros(10), sigma=np.eye(10))
+    np.savez(tmp_path / "ints.npz", mu=np.zeros(2048, np.int64), sigma=np.eye(2048))
+    np.savez(tmp_path / "mu_only.npz", mu=np.zeros(2048))
+    np.savez(tmp_path / "other_keys.npz", foo=np.zeros(3))
+    no_name = _sample_folder(tmp_path / "no_name", images)
+    (no_name / "metadata.jsonl").write_text('{"file_name": "images/000000.png"}\n{"index": 1}\n')
+    missing = _sample_folder(tmp_path / "missing", images)
+    (missing / "images" / "000002.png").unlink()
+    weights = ["--inception-weights", str(inception_weights)]
+    with monkeypatch.context() as patch:
+        _no_features(patch)
+        for flag in ("--samples", "--reference"):
+            other = [] if flag == "--samples" else ["--samples", str(good)]
+            for name, message in [
+                ("renamed.npz", "is a .npy array"),
+                ("truncated.npz", "not an .npz archive"),
+                ("text.npz", "not an .npz archive"),
+            ]:
+                path = str(tmp_path / name)
+                _one_error(capsys, [flag, path, *other, *weights], f"`{flag}`", path, message)
+        for name, message in [
+            ("object.npz", "object (pickled) array"),
+            ("shapes.npz", "(2048,)"),
+            ("ints.npz", "must be a float array"),
+            ("mu_only.npz", "only one of `mu` and `sigma`"),
+            ("other_keys.npz", "neither images"),
+        ]:
+            path = str(tmp_path / name)
+            _one_error(capsys, ["--samples", str(good), "--reference", path, *weights], "`--reference`", message)
+        _one_error(capsys, ["--samples", str(no_name), *weights], "`--samples`", "line 2 has no `file_name`")
+        _one_error(capsys, ["--samples", str(missing), *weights], "`--samples`", "000002.png", "not there")
+    # a file that is not an image, found during the pass: named
+    (good / "x.png").write_bytes(b"not a png")
+    _one_error(capsys, ["--samples", str(good), "--metrics", "is", *weights], "`--samples`", "x.png", "cannot read")

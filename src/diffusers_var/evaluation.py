@@ -30,6 +30,7 @@ import json
 import pickle
 import sys
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +46,7 @@ IS_SPLIT_SIZE = 5000  # ADM's compute_inception_score
 PR_NEIGHBOURHOOD = 3  # ADM's ManifoldEstimator(nhood_sizes=(3,))
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 METRICS = ("fid", "is", "pr", "clip")
+FEATURE_DIM = 2048  # pool_3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,15 +62,22 @@ class ImageSet:
         self.path, self.flag = Path(path), flag
         self.prompts: list[str] | None = None
         self.files: list[Path] | None = None
+        self.stored: dict[str, np.ndarray] = {}
         if self.path.suffix == ".npz" and self.path.is_file():
             self.kind = "npz"
-            self.length = _npz_shape(self.path, "arr_0", flag)[0] if self._has("arr_0") else 0
+            self.keys = _npz_keys(self.path, flag)
+            self.length = _npz_shape(self.path, "arr_0", flag)[0] if "arr_0" in self.keys else 0
+            self.stored = _npz_statistics(self.path, self.keys, flag)
         elif (self.path / IMAGES_DIR).is_dir() and (self.path / METADATA_FILE).is_file():
             self.kind = "samples"
-            entries = [
-                json.loads(line) for line in (self.path / METADATA_FILE).read_text().splitlines() if line.strip()
-            ]
+            entries = _metadata_entries(self.path / METADATA_FILE, flag)
             self.files = [self.path / entry["file_name"] for entry in entries]
+            missing = [f for f in self.files if not f.is_file()]
+            if missing:
+                raise ValueError(
+                    f"`{flag}` {str(self.path / METADATA_FILE)!r} lists {len(missing)} file(s) that are not there, "
+                    f"the first {str(missing[0])!r}."
+                )
             if all("prompt" in entry for entry in entries):
                 self.prompts = [entry["prompt"] for entry in entries]
         elif self.path.is_dir():
@@ -89,17 +98,12 @@ class ImageSet:
         return self.length > 0 or self._has("inception_pool_3")
 
     def _has(self, key: str) -> bool:
-        if self.kind != "npz":
-            return False
-        with np.load(self.path) as data:
-            return key in data.files
+        return self.kind == "npz" and key in self.keys
 
     def arrays(self, *keys: str) -> dict[str, np.ndarray]:
-        """Small arrays stored beside the images in an .npz (``mu``, ``sigma``, ``inception_pool_3``)."""
-        if self.kind != "npz":
-            return {}
-        with np.load(self.path) as data:
-            return {key: data[key] for key in keys if key in data.files}
+        """Small arrays stored beside the images in an .npz (``mu``, ``sigma``, ``inception_pool_3``), read and
+        checked (finite, float, consistent shapes) when the set was opened."""
+        return {key: self.stored[key] for key in keys if key in self.stored}
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         if self.kind == "npz":
@@ -109,8 +113,11 @@ class ImageSet:
 
         batch: list[np.ndarray] = []
         for path in self.files:
-            with Image.open(path) as image:
-                array = np.asarray(image.convert("RGB"))
+            try:
+                with Image.open(path) as image:
+                    array = np.asarray(image.convert("RGB"))
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # PIL raises all of these
+                raise ValueError(f"`{self.flag}`: cannot read the image {str(path)!r} ({_reason(err)}).") from None
             if batch and (len(batch) == batch_size or array.shape != batch[0].shape):  # one size per batch
                 yield np.stack(batch)
                 batch = []
@@ -119,16 +126,108 @@ class ImageSet:
             yield np.stack(batch)
 
 
+def _reason(err: BaseException) -> str:
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+# What a damaged or foreign .npz raises inside numpy / zipfile (a CRC or truncation error mid-read included).
+_NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError)
+
+
+def _npz_keys(path: Path, flag: str) -> list[str]:
+    """The array names of an .npz, or one error naming the flag when it is not a readable zip of .npy files."""
+    try:
+        with open(path, "rb") as file:
+            magic = file.read(6)
+    except OSError as err:
+        raise ValueError(f"`{flag}` {str(path)!r} cannot be read ({_reason(err)}).") from None
+    if magic == b"\x93NUMPY":
+        raise ValueError(f"`{flag}` {str(path)!r} is a .npy array, not an .npz archive (write it with np.savez).")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"`{flag}` {str(path)!r} is not an .npz archive (not a whole zip file).")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except _NPZ_ERRORS as err:
+        raise ValueError(f"`{flag}` {str(path)!r} is a damaged .npz archive ({_reason(err)}).") from None
+    return [name[: -len(".npy")] for name in names if name.endswith(".npy")]
+
+
+def _npz_statistics(path: Path, keys: list[str], flag: str) -> dict[str, np.ndarray]:
+    """``mu``, ``sigma`` and ``inception_pool_3`` of an .npz, checked: float arrays of shapes (D,), (D, D) and
+    (N, D) with D = 2048 (pool_3), all finite; and some images or statistics to use."""
+    stored = {}
+    for key in ("mu", "sigma", "inception_pool_3"):
+        if key not in keys:
+            continue
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                array = data[key]
+        except ValueError as err:
+            if "allow_pickle" in str(err):
+                message = f"`{flag}` {str(path)!r}: `{key}` is an object (pickled) array, not numbers."
+                raise ValueError(message) from None
+            raise ValueError(f"`{flag}` {str(path)!r}: `{key}` cannot be read ({_reason(err)}).") from None
+        except _NPZ_ERRORS as err:
+            raise ValueError(f"`{flag}` {str(path)!r}: `{key}` cannot be read ({_reason(err)}).") from None
+        expected = {"mu": "(2048,)", "sigma": "(2048, 2048)", "inception_pool_3": "(N, 2048)"}[key]
+        shape_ok = {
+            "mu": array.shape == (FEATURE_DIM,),
+            "sigma": array.shape == (FEATURE_DIM, FEATURE_DIM),
+            "inception_pool_3": array.ndim == 2 and array.shape[1:] == (FEATURE_DIM,),
+        }[key]
+        if not np.issubdtype(array.dtype, np.floating) or not shape_ok:
+            raise ValueError(
+                f"`{flag}` {str(path)!r}: `{key}` must be a float array of shape {expected} (Inception pool_3), "
+                f"got {array.dtype} {array.shape}."
+            )
+        if not np.isfinite(array).all():
+            raise ValueError(f"`{flag}` {str(path)!r}: `{key}` holds NaN or infinite values.")
+        stored[key] = array
+    if ("mu" in stored) != ("sigma" in stored):
+        raise ValueError(f"`{flag}` {str(path)!r} has only one of `mu` and `sigma` (FID needs both).")
+    return stored
+
+
+def _metadata_entries(path: Path, flag: str) -> list[dict]:
+    """The entries of a sample folder's metadata.jsonl, each an object with a string ``file_name``."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"`{flag}` {str(path)!r} cannot be read ({_reason(err)}).") from None
+    entries = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"`{flag}` {str(path)!r} line {number} is not JSON ({err.msg}).") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str) or not entry["file_name"]:
+            raise ValueError(f"`{flag}` {str(path)!r} line {number} has no `file_name`.")
+        entries.append(entry)
+    return entries
+
+
 def _npz_member(path: Path, key: str, flag: str):
-    archive = zipfile.ZipFile(path)
+    try:
+        archive = zipfile.ZipFile(path)
+    except _NPZ_ERRORS as err:
+        raise ValueError(f"`{flag}` {str(path)!r} is a damaged .npz archive ({_reason(err)}).") from None
     try:
         member = archive.open(f"{key}.npy")
     except KeyError:
         archive.close()
         raise ValueError(f"`{flag}` {str(path)!r} has no `{key}` array.") from None
-    version = np.lib.format.read_magic(member)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran_order, dtype = read_header(member)
+    try:
+        version = np.lib.format.read_magic(member)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(member)
+    except _NPZ_ERRORS as err:
+        member.close()
+        archive.close()
+        raise ValueError(f"`{flag}` {str(path)!r}: `{key}` cannot be read ({_reason(err)}).") from None
     if key == "arr_0" and (dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran_order):
         archive.close()
         raise ValueError(
@@ -151,7 +250,11 @@ def _npz_batches(path: Path, key: str, batch_size: int, flag: str) -> Iterator[n
     with archive, member:
         for start in range(0, shape[0], batch_size):
             count = min(batch_size, shape[0] - start)
-            yield np.frombuffer(member.read(count * row), dtype=dtype).reshape(count, *shape[1:])
+            try:
+                batch = np.frombuffer(member.read(count * row), dtype=dtype).reshape(count, *shape[1:])
+            except _NPZ_ERRORS as err:  # a truncated or corrupt member
+                raise ValueError(f"`{flag}` {str(path)!r}: `{key}` cannot be read ({_reason(err)}).") from None
+            yield batch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,6 +517,25 @@ def run_evaluate(args) -> dict:
     if samples.length == 0:
         raise ValueError(f"`--samples` {args.samples!r} has no `arr_0` images.")
     reference = ImageSet(args.reference, "--reference") if args.reference else None
+    if reference is not None and not reference.length and not reference.arrays("inception_pool_3"):
+        if not reference.arrays("mu", "sigma"):
+            raise ValueError(
+                f"`--reference` {args.reference!r} has neither images (`arr_0`) nor statistics (`mu`, `sigma`)."
+            )
+    if args.save_reference_stats:
+        if reference is None:
+            raise ValueError(
+                "`--save-reference-stats` saves the statistics of `--reference`, which is not given (the samples' "
+                "statistics are not saved)."
+            )
+        if not reference.length and not reference.arrays("inception_pool_3"):
+            raise ValueError(
+                f"`--save-reference-stats`: `--reference` {args.reference!r} holds statistics only, no images or "
+                f"features to save."
+            )
+    for flag, target in (("--save-reference-stats", args.save_reference_stats), ("--out", args.out)):
+        if target:
+            check_output_file(flag, target)
     metrics = _metrics(args, samples, reference)
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -432,7 +554,7 @@ def run_evaluate(args) -> dict:
     result = {"samples": str(samples.path), "num_samples": samples.length}
     if inception is not None:
         result["inception_weights"] = str(weights)
-        pool, logits = inception_features(inception, samples, args.batch_size, progress)
+        pool, logits = _finite_features(inception_features(inception, samples, args.batch_size, progress), samples)
         if "is" in metrics:
             result["inception_score"] = inception_score(logits)
     if reference is not None and ({"fid", "pr"} & set(metrics) or args.save_reference_stats):
@@ -440,15 +562,14 @@ def run_evaluate(args) -> dict:
         stored = reference.arrays("mu", "sigma", "inception_pool_3")
         ref_pool = stored.get("inception_pool_3")
         if ref_pool is None and reference.length:
-            ref_pool, _ = inception_features(
-                inception or load_inception(inception_weights_path(args.inception_weights), device),
+            ref_pool, _ = _finite_features(
+                inception_features(
+                    inception or load_inception(inception_weights_path(args.inception_weights), device),
+                    reference,
+                    args.batch_size,
+                    progress,
+                ),
                 reference,
-                args.batch_size,
-                progress,
-            )
-        if ref_pool is None and not ("mu" in stored and "sigma" in stored):
-            raise ValueError(
-                f"`--reference` {args.reference!r} has neither images (`arr_0`) nor statistics (`mu`, `sigma`)."
             )
         result["num_reference"] = None if ref_pool is None else len(ref_pool)
         # ADM's reference batches carry their TensorFlow statistics: FID uses them, as ADM does (a file of
@@ -467,15 +588,6 @@ def run_evaluate(args) -> dict:
                     f"images or `inception_pool_3` features (or leave pr out of --metrics)."
                 )
             result["precision"], result["recall"] = precision_recall(ref_pool, pool, device=device)
-        if args.save_reference_stats:
-            if ref_pool is None:
-                raise ValueError("`--save-reference-stats`: the reference has no images to take features from.")
-            target = Path(args.save_reference_stats)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            ref_mu, ref_sigma = feature_statistics(ref_pool)
-            arrays = {"mu": ref_mu, "sigma": ref_sigma, "inception_pool_3": ref_pool}
-            write_atomic(target, lambda tmp: _savez(tmp, arrays))
-            result["reference_stats"] = str(target)
     if clip is not None:
         scores = clip_scores(clip, samples, samples.prompts, args.batch_size)
         result["clip_score"] = float(scores.mean())
@@ -484,7 +596,57 @@ def run_evaluate(args) -> dict:
         "ADM evaluator: TF-Inception pool_3 FID, Inception score (splits of 5000), precision/recall "
         "(k=3)" + ("; CLIP score 100*max(cos,0)" if clip is not None else "")
     )
+    bad = [key for key in METRIC_KEYS if key in result and not np.isfinite(result[key])]
+    if bad:
+        raise ValueError(
+            f"{', '.join(bad)} came out as NaN or infinite: the features are not finite (check "
+            f"`--inception-weights` / `--clip-model` and the images)."
+        )
+    if args.save_reference_stats:  # last: a failed write still prints the results (LateWriteError)
+        target = Path(args.save_reference_stats)
+        ref_mu, ref_sigma = feature_statistics(ref_pool)
+        arrays = {"mu": ref_mu, "sigma": ref_sigma, "inception_pool_3": ref_pool}
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(target, lambda tmp: _savez(tmp, arrays))
+        except OSError as err:
+            message = f"`--save-reference-stats` {str(target)!r} was not written ({_reason(err)})."
+            raise LateWriteError(message, result) from None
+        result["reference_stats"] = str(target)
     return result
+
+
+def _finite_features(features: tuple[np.ndarray, np.ndarray], images: ImageSet) -> tuple[np.ndarray, np.ndarray]:
+    if not all(np.isfinite(f).all() for f in features):
+        raise ValueError(
+            f"the Inception features of `{images.flag}` {str(images.path)!r} hold NaN or infinite values (check "
+            f"`--inception-weights`)."
+        )
+    return features
+
+
+METRIC_KEYS = ("inception_score", "fid", "precision", "recall", "clip_score")
+
+
+class LateWriteError(ValueError):
+    """A file that could not be written after the metrics were computed: the results are printed all the same."""
+
+    def __init__(self, message: str, result: dict):
+        super().__init__(message)
+        self.result = result
+
+
+def check_output_file(flag: str, path: str) -> None:
+    """Refuse, before any work, an output file that cannot be written: a folder, or a path whose folder is a file
+    or cannot be made / written into."""
+    from .cli_support import folder_problem
+
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"`{flag}` {path!r} is a folder, not a file.")
+    problem = folder_problem(target.parent)
+    if problem:
+        raise ValueError(f"`{flag}` {path!r}: {problem}.")
 
 
 def _savez(path: Path, arrays: dict) -> None:
@@ -527,7 +689,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
         "--save-reference-stats",
         default=None,
         metavar="FILE.npz",
-        help="write the reference's mu, sigma and features here (reuse it as --reference)",
+        help="write the --reference's mu, sigma and features here (reuse it as --reference); needs --reference",
     )
     parser.add_argument("--out", default=None, help="also write the JSON results here")
     parser.add_argument("--no-progress", action="store_true")
@@ -536,14 +698,23 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def evaluate_command(args) -> int:
+    late_error = None
     try:
         result = run_evaluate(args)
+    except LateWriteError as err:
+        result, late_error = err.result, str(err)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    text = json.dumps(result, indent=2)
+    text = json.dumps(result, indent=2, allow_nan=False)
+    print(text, flush=True)  # before --out: a failed write does not lose the results
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(Path(args.out), lambda tmp: tmp.write_text(text + "\n"))
-    print(text)
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(Path(args.out), lambda tmp: tmp.write_text(text + "\n"))
+        except OSError as err:
+            late_error = late_error or f"`--out` {args.out!r} was not written ({_reason(err)})."
+    if late_error:
+        print(f"error: {late_error}", file=sys.stderr)
+        return 2
     return 0
