@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .fid_inception import WEIGHTS_FILENAMES, WEIGHTS_URL, FIDInceptionV3
-from .file_utils import write_atomic
+from .file_utils import json_lines, write_atomic
 from .sample import IMAGES_DIR, METADATA_FILE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -197,13 +197,7 @@ def _metadata_entries(path: Path, flag: str) -> list[dict]:
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"`{flag}` {str(path)!r} cannot be read ({_reason(err)}).") from None
     entries = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"`{flag}` {str(path)!r} line {number} is not JSON ({err.msg}).") from None
+    for number, entry in json_lines(lines, path, flag):
         if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str) or not entry["file_name"]:
             raise ValueError(f"`{flag}` {str(path)!r} line {number} has no `file_name`.")
         entries.append(entry)

@@ -1,5 +1,6 @@
 """Files written whole or not at all: the content goes to a temporary file next to its target, which a rename then
-puts in place, so a reader (or a restarted run) never sees half a file and an interrupted write leaves the old one."""
+puts in place, so a reader (or a restarted run) never sees half a file and an interrupted write leaves the old one.
+Also the JSON-lines reading that the commands share."""
 
 from __future__ import annotations
 
@@ -132,3 +133,17 @@ def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
         return target
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def json_lines(lines: list[str], path: Path, flag: str) -> list[tuple[int, object]]:
+    """``(line number, value)`` of every non-blank line of a JSON-lines file; a line that is not JSON is a
+    ValueError naming ``flag``, the file and the line."""
+    entries = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entries.append((number, json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"`{flag}` {str(path)!r} line {number} is not JSON ({err.msg}).") from None
+    return entries

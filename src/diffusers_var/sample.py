@@ -49,7 +49,7 @@ from .cli_support import (
     pipeline_class_of,
 )
 from .embedded_models import default_model, resolve_pipeline_folder
-from .file_utils import write_atomic
+from .file_utils import json_lines, write_atomic
 from .pipelines.pipeline_utils import MAX_BATCH_SIZE
 
 IMAGES_DIR = "images"
@@ -160,13 +160,7 @@ def read_prompts(path) -> list[dict]:
         entries = [{"prompt": line.strip()} for line in lines if line.strip()]
     else:
         entries = []
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"`--prompts` {str(path)!r} line {number} is not JSON ({err.msg}).") from None
+        for number, entry in json_lines(lines, path, "--prompts"):
             if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or not entry["prompt"].strip():
                 raise ValueError(
                     f"`--prompts` {str(path)!r} line {number}: each line must be a JSON object with a "
