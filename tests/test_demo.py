@@ -272,6 +272,7 @@ def test_painted_mask_reads_layers_or_the_composite():
             var_args(label="999"),
             "`class_labels` entries must be integers in [0, 89]",
         ),  # pipeline's ValueError
+        ("/generate_var", var_args(num_images=1, top_k=2.5), "Top-k must be a whole number; got 2.5"),  # API only
         ("/generate_star", star_args(prompt="   "), "Please enter a prompt"),
         ("/generate_infinity", infinity_args(prompt=""), "Please enter a prompt"),
         ("/generate_infinity", infinity_args(size="1000x1000"), "is not near any supported size"),

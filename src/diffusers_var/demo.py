@@ -170,6 +170,14 @@ def _check_count(num_images, max_images: int) -> int:
     return int(num_images)
 
 
+def _whole(value, label: str) -> int:
+    """A slider's value as an int; the sliders step by 1, but the HTTP API can send 2.5 (truncating it would run
+    with another value than asked). Ranges are the pipeline's to check."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise user_error(f"{label} must be a whole number; got {value}.")
+    return int(value)
+
+
 def _pick_seed(seed, randomize: bool) -> int:
     if randomize:
         return random.randint(0, MAX_SEED)
@@ -307,7 +315,7 @@ def _var_tab(
             count,
             class_labels=labels,
             guidance_scale=float(guidance_scale),
-            top_k=int(top_k),
+            top_k=_whole(top_k, "Top-k"),
             top_p=float(top_p),
             more_smooth=bool(more_smooth),
             **extra,
@@ -339,7 +347,7 @@ def _var_tab(
         steps,
         progress=gr.Progress(track_tqdm=True),
     ):
-        target, extra = (code, {"draft_steps": int(steps)}) if with_code else (pipe, {})
+        target, extra = (code, {"draft_steps": _whole(steps, "Draft steps")}) if with_code else (pipe, {})
         return run_var(
             target, extra, class_name, guidance_scale, top_k, top_p, more_smooth, num_images, seed, randomize
         )
@@ -408,7 +416,7 @@ def _star_tab(pipe: STARPipeline, common: dict, max_images: int):
             prompt=text,
             negative_prompt=(negative_prompt or None),
             guidance_scale=float(guidance_scale),
-            top_k=int(top_k),
+            top_k=_whole(top_k, "Top-k"),
             top_p=float(top_p),
             use_stable_sampler=bool(use_stable_sampler) and has_sampler,
             sampler_generator=torch.Generator().manual_seed(seed + 1),
@@ -496,7 +504,7 @@ def _infinity_tab(pipe: InfinityPipeline, common: dict, max_images: int):
             width=width,
             guidance_scale=float(guidance_scale),
             tau=float(tau),
-            top_k=int(top_k),
+            top_k=_whole(top_k, "Top-k"),
             top_p=float(top_p),
         )
 
@@ -650,7 +658,7 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
                 raise user_error("Paint the region with the brush first (nothing is painted).")
             pipe = inpaint
             kwargs["mask_image"] = painted if mode_name == EDIT_MODES[0] else ~painted
-            kwargs["mask_dilation"] = int(mask_dilation)
+            kwargs["mask_dilation"] = _whole(mask_dilation, "Margin")
         if family == "infinity" and not pipe.config.get("default_size"):  # else the size the model was trained for
             kwargs["height"], kwargs["width"] = nearest_infinity_size(pipe, *image.shape[:2])
         if family == "var":
