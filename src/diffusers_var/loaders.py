@@ -316,6 +316,12 @@ def lora_tensor_problems(state_dict: dict) -> list[str]:
     return problems
 
 
+def _component_metadata(metadata: dict | None, component: str) -> dict:
+    """The ``LoraConfig`` entries of one component in a file's metadata (keys ``"<component>.<field>"``)."""
+    prefix = f"{component}."
+    return {k.removeprefix(prefix): v for k, v in (metadata or {}).items() if k.startswith(prefix)}
+
+
 def _natural_key(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
@@ -566,11 +572,7 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
                 problems.append(f"the adapter has {component} weights but this pipeline has no {component}")
                 continue
             config = None
-            prefixed = {
-                k.removeprefix(f"{component}."): v
-                for k, v in (metadata or {}).items()
-                if k.startswith(f"{component}.")
-            }
+            prefixed = _component_metadata(metadata, component)
             if prefixed:
                 from peft import LoraConfig
 
@@ -639,28 +641,19 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         with _restored_on_failure(models, adapter_name, hotswap):
             transformer_part = parts.get(self.transformer_name)
             if transformer_part:
-                meta = {
-                    k.removeprefix(f"{self.transformer_name}."): v
-                    for k, v in (metadata or {}).items()
-                    if k.startswith(f"{self.transformer_name}.")
-                } or None
                 transformer.load_lora_adapter(
                     transformer_part,
                     prefix=None,
                     adapter_name=adapter_name,
-                    metadata=meta,
+                    metadata=_component_metadata(metadata, self.transformer_name) or None,
                     _pipeline=self,
                     low_cpu_mem_usage=low_cpu_mem_usage,
                     hotswap=hotswap,
                 )
             text_part = parts.get(self.text_encoder_name)
             if text_part:
-                meta = {
-                    k.removeprefix(f"{self.text_encoder_name}."): v
-                    for k, v in (metadata or {}).items()
-                    if k.startswith(f"{self.text_encoder_name}.")
-                }
-                self._load_text_encoder_adapter(text_part, meta or None, adapter_name)
+                meta = _component_metadata(metadata, self.text_encoder_name) or None
+                self._load_text_encoder_adapter(text_part, meta, adapter_name)
 
     def _loaded_adapter_names(self) -> set[str]:
         return {name for names in self.get_list_adapters().values() for name in names}
