@@ -147,14 +147,13 @@ def check_common_inputs(
         raise ValueError(f"`return_dict` must be True or False, got {return_dict!r}.")
 
 
-def check_dtype_argument(dtype, name: str = "dtype") -> None:
-    """``from_pretrained``'s ``dtype``: None, a ``torch.dtype``, or a dict of them by component name (diffusers'
-    forms; anything else it ignores with a log line and loads float32)."""
-    values = dtype.values() if isinstance(dtype, dict) else [dtype]
+def check_dtype_argument(dtype, name: str = "dtype", per_component: bool = True) -> None:
+    """A loading ``dtype``: None, a ``torch.dtype``, or (``per_component``, as ``from_pretrained`` takes it) a dict
+    of them by component name; diffusers ignores anything else with a log line and loads float32."""
+    values = dtype.values() if per_component and isinstance(dtype, dict) else [dtype]
     if not all(value is None or isinstance(value, torch.dtype) for value in values):
-        raise ValueError(
-            f"`{name}` must be a torch.dtype (e.g. torch.float16) or a dict of them by component name, got {dtype!r}."
-        )
+        forms = " or a dict of them by component name" if per_component else ""
+        raise ValueError(f"`{name}` must be a torch.dtype (e.g. torch.float16){forms}, got {dtype!r}.")
 
 
 def check_bool(value, name: str) -> None:
@@ -478,8 +477,7 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         with ``enable_fast_inference()`` on passes it on (its modules, shared, are already cast and fitted); the new
         pipeline captures its own CUDA graphs."""
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
-        if dtype is not None and not isinstance(dtype, torch.dtype):
-            raise ValueError(f"`dtype` must be a torch.dtype (e.g. torch.float16), got {dtype!r}.")
+        check_dtype_argument(dtype, per_component=False)
         if not isinstance(pipeline, DiffusionPipeline):
             raise ValueError(f"`pipeline` must be a diffusers pipeline, got {type(pipeline).__name__}.")
         accepted = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
