@@ -251,11 +251,11 @@ class TrainConfig:
             raise ValueError(
                 f"`output_dir`: {str(output_dir)!r} is a file, not a folder (the run folder, created when missing)."
             )
-        existing = next(p for p in (output_dir.absolute(), *output_dir.absolute().parents) if p.exists())
-        if not existing.is_dir():
-            raise ValueError(
-                f"`output_dir`: {str(existing)!r} is a file, so {str(output_dir)!r} cannot be created as a folder."
-            )
+        from ..conversion.common import folder_problem
+
+        problem = folder_problem(output_dir)  # its nearest existing parent: a folder, writable
+        if problem:
+            raise ValueError(f"`output_dir`: {str(output_dir)!r} cannot be created as a folder: {problem}.")
 
     def _check(
         self,
