@@ -20,12 +20,12 @@ from .cli_support import (
     check_device,
     expect_pipeline_class,
     finite_float,
-    folder_problem,
     int_in_range,
     load_loras,
     pipeline_class_of,
     print_error,
 )
+from .conversion.common import folder_problem
 from .embedded_models import EMBEDDED_PIPELINES, default_model, resolve_pipeline_folder
 from .file_utils import write_atomic
 

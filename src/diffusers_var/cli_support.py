@@ -51,14 +51,6 @@ def expect_pipeline_class(model, expected: type, exact: bool = False) -> type:
     return found
 
 
-def folder_problem(folder: Path) -> str | None:
-    """``None`` when files can be written into ``folder``, else the reason (one implementation, shared with the
-    converters' output check: :func:`diffusers_var.conversion.common.folder_problem`)."""
-    from .conversion.common import folder_problem as problem  # here, not at the top: the package imports this module
-
-    return problem(folder)
-
-
 class OneLineErrorParser(argparse.ArgumentParser):
     """Argument errors as one line, ``error: ...`` naming the flag, exit code 2 (argparse prints the whole usage
     block first, which buries the message)."""

@@ -633,7 +633,7 @@ class LateWriteError(ValueError):
 def check_output_file(flag: str, path: str) -> None:
     """Refuse, before any work, an output file that cannot be written: a folder, or a path whose folder is a file
     or cannot be made / written into."""
-    from .cli_support import folder_problem
+    from .conversion.common import folder_problem
 
     target = Path(path)
     if target.is_dir():

@@ -45,9 +45,9 @@ import torch
 from .cli_support import (
     MAX_IMAGES,
     enable_fast_path,
-    folder_problem,
     pipeline_class_of,
 )
+from .conversion.common import folder_problem
 from .embedded_models import default_model, resolve_pipeline_folder
 from .file_utils import json_lines, write_atomic
 from .pipelines.pipeline_utils import MAX_BATCH_SIZE
