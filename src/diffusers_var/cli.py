@@ -18,6 +18,7 @@ from .cli_support import (
     add_demo_arguments,
     add_lora_arguments,
     check_device,
+    class_label_ids,
     expect_pipeline_class,
     finite_float,
     int_in_range,
@@ -115,15 +116,10 @@ def size_flags_problem(args, pipeline_class: type) -> str | None:
 
 
 def class_labels_of(pipe, label: str) -> list[int]:
-    """A ``--class-label``: a class index (the pipeline checks its range) or a class name; ``ValueError`` naming the
-    flag. ``int`` decides what is an index: ``str.isdigit`` also accepts characters such as ``²`` that ``int``
-    refuses."""
+    """A ``--class-label``: a class index or a class name (:func:`class_label_ids`); ``ValueError`` naming the
+    flag."""
     try:
-        return [int(label)]
-    except ValueError:
-        pass
-    try:
-        return pipe.get_label_ids([label])
+        return class_label_ids(pipe, label)
     except ValueError:
         names = list(pipe.labels)
         known = f"{len(names)} names such as {names[0]!r}" if names else "this model has no class names"

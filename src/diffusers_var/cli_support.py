@@ -51,6 +51,16 @@ def expect_pipeline_class(model, expected: type, exact: bool = False) -> type:
     return found
 
 
+def class_label_ids(pipe, label: str) -> list[int]:
+    """The class ids a typed class means: a class index (the pipeline checks its range), else a class name or any
+    synonym (``pipe.get_label_ids``, a ValueError when unknown). ``int`` decides what is an index: ``str.isdigit``
+    also accepts characters such as ``²`` that ``int`` refuses."""
+    try:
+        return [int(label)]
+    except ValueError:
+        return pipe.get_label_ids([label])
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """Argument errors as one line, ``error: ...`` naming the flag, exit code 2 (argparse prints the whole usage
     block first, which buries the message)."""

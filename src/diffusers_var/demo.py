@@ -30,6 +30,7 @@ from .cli_support import (
     OneLineErrorParser,
     add_demo_arguments,
     check_device,
+    class_label_ids,
     enable_fast_path,
     expect_pipeline_class,
     print_error,
@@ -300,9 +301,7 @@ def _var_tab(
             labels = [name_to_id[class_name]]
         else:
             try:  # a class index, or any synonym of a name (e.g. "golden retriever")
-                labels = (
-                    [int(class_name)] if str(class_name).lstrip("-").isdigit() else pipe.get_label_ids([class_name])
-                )
+                labels = class_label_ids(pipe, str(class_name))
             except ValueError:
                 raise user_error(
                     f"Unknown class {class_name!r}: pick one from the Class list (type to search)."
@@ -666,7 +665,7 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
             if not name:
                 raise user_error("Say what to generate: a class name (or index).")
             try:
-                kwargs["class_labels"] = [int(name)] if name.lstrip("-").isdigit() else pipe.get_label_ids([name])
+                kwargs["class_labels"] = class_label_ids(pipe, name)
             except ValueError:
                 raise user_error(f"Unknown class {name!r}: use a name of the VAR tab's Class list.") from None
         else:
