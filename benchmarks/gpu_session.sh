@@ -8,7 +8,8 @@
 # default var-d30 infinity-2b), batches (issue 20: batch sizes in one process against each alone), startup (issue 20: time to the first fast images of a second process, compile cache),
 # train_original (issue 20: the original VAR trainer against ours), decoder (the image decoder alone), autotune (the decoder
 # compiled in max-autotune mode inside the pipeline), graphed (the decoder replayed as a CUDA graph), subpixel (the
-# decoder's upsamplers as one 2x2 conv on the small map), star_all, t2i_all.
+# decoder's upsamplers as one 2x2 conv on the small map), decoders16 (graphed and subpixel against the default in one
+# process), code8 (CoDe N = 8 against VAR-d30, batch 64, both decoders), star_all, t2i_all.
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
 #   .fixtures/F.tar.xz  for F in var star infinity code; do tar -cJf .fixtures/$F.tar.xz -C ../shared fixtures/$F; done
@@ -109,6 +110,14 @@ for stage in "$@"; do
         > "$OUT/subpixel_decoder.log" 2>&1; tail -n 10 "$OUT/subpixel_decoder.log"
       bench . subpixel_var16 --models var-d16 --batch-sizes 1,64 --modes fast-compile-all,fast-compile-all-subpixel --repeats 5
       bench . subpixel_var30 --models var-d30 --batch-sizes 64 --modes fast-compile-all,fast-compile-all-subpixel --repeats 3 ;;
+    decoders16)  # issues 20, 23: VAR-d16's decoder three ways in one process: default compile, CUDA graph, sub-pixel
+      BENCH_TIMEOUT=${BENCH_TIMEOUT:-450} bench . decoders_var16 --models var-d16 --batch-sizes 1,64 \
+        --modes fast-compile-all,fast-compile-all-graphed,fast-compile-all-subpixel --repeats 5 ;;
+    code8)  # issue 23: CoDe N = 8 against VAR-d30 at batch 64, default decoder and sub-pixel upsamplers
+      for model in var-d30 code-d30-d16-n8; do
+        BENCH_TIMEOUT=${BENCH_TIMEOUT:-280} bench . "code8_$model" --models "$model" --batch-sizes 64 \
+          --modes fast-compile-all,fast-compile-all-subpixel --decode-slice 16 --repeats 5
+      done ;;
     startup)  # issue 20: a second process's time to its first fast images with the compile cache the first left
       log startup; timeout "${STARTUP_TIMEOUT:-420}" python3 benchmarks/bench_startup.py --models "${STARTUP_MODELS:-var-d16}" \
         --processes 3 --warm-env TORCHINDUCTOR_COMPILE_THREADS=1 --json "$OUT/startup.json" > "$OUT/startup.log" 2>&1; tail -n 9 "$OUT/startup.log" ;;
