@@ -7,8 +7,9 @@
     python benchmarks/bench_pipelines.py --dry-run          # tiny configurations on the CPU: checks the script
 
 For every model, batch size and mode it warms up, times ``--repeats`` full generations (sampling and VAE
-decode included) and prints the median: ms per image, images/s, peak GPU memory and effective TFLOP/s
-(analytic transformer FLOPs + the measured decoder FLOPs). Models and their sampling settings:
+decode included) and prints the median: ms per image, images/s, peak GPU memory (allocated: live tensors; reserved:
+what the process holds, which also counts the temporaries of CUDA graphs that the allocated peak misses) and effective
+TFLOP/s (analytic transformer FLOPs + the measured decoder FLOPs). Models and their sampling settings:
   var-d16 .. var-d30  256 px, cfg 1.5, top-k 900, top-p 0.96 (the original's FID setting); batches 1, 64
   code-d30-d16-n8, code-d30-d16-n6   CoDe (VARCoDePipeline): a VAR-d30 drafter for the first 8 / 6 of the 10 scales,
                       a VAR-d16 refiner for the rest; VAR's sampling settings plus CoDe's per-scale temperature
@@ -31,8 +32,6 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
                         token rows; opt-in)
   fast-compile-all-autotune  ``fast-compile-all`` with the decoder compiled in ``max-autotune-no-cudagraphs`` mode
                         (``compile_decoder="max-autotune-no-cudagraphs"``: convolution kernels benchmarked at compile)
-  fast-compile-all-graphed  ``fast-compile-all`` with ``compile_decoder="reduce-overhead"`` (the decoder replayed as
-                        a CUDA graph too)
   fast-compile-all-subpixel  ``fast-compile-all`` with the decoder's upsamplers in sub-pixel form
                         (``fast_inference.subpixel_upsample_``: one 2x2 conv on the small map, opt-in until measured)
 It also checks that greedy tokens (bits for Infinity) of the fast path agree with the eager float32 path.
@@ -191,8 +190,12 @@ def time_mode(pipe, batch, device, repeats, autocast_dtype=None, generate_fn=Non
             generate_fn(pipe, batch, device)
             synchronize(device)
             times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device_type == "cuda" else float("nan")
-    return statistics.median(times), peak
+    if device_type != "cuda":
+        return statistics.median(times), float("nan"), float("nan")
+    # allocated: tensors alive at the peak; reserved: what the process holds from the GPU, which also counts the
+    # temporaries of CUDA graphs (freed into the graphs' private pools at capture, never allocated again at replay)
+    allocated, reserved = torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
+    return statistics.median(times), allocated, reserved
 
 
 def greedy_tokens(pipe, batch, device):
@@ -531,10 +534,9 @@ MODES = (
     "fast-compile-all",
     "fast-compile-all-fp8",
     "fast-compile-all-autotune",
-    "fast-compile-all-graphed",
     "fast-compile-all-subpixel",
 )
-DECODER_MODES = {"-autotune": "max-autotune-no-cudagraphs", "-graphed": "reduce-overhead"}  # mode suffix: compile mode
+DECODER_MODES = {"-autotune": "max-autotune-no-cudagraphs"}  # mode suffix: compile mode
 KNOWN_MODELS = (
     tuple(MODELS)
     + tuple(CODE_MODELS)
@@ -604,7 +606,7 @@ def main() -> int:
     width = max([8] + [len(n) for n in names])
     header = (
         f"{'model':{width}s} {'res':>4s} {'batch':>5s} {'mode':11s} {'dtype':9s} "
-        f"{'ms/image':>9s} {'images/s':>9s} {'peak GiB':>9s} {'TFLOP/s':>8s}"
+        f"{'ms/image':>9s} {'images/s':>9s} {'peak GiB':>9s} {'reserved':>9s} {'TFLOP/s':>8s}"
     )
     print(header)
     for name in names:
@@ -629,7 +631,7 @@ def main() -> int:
                     subpixel_upsample_(getattr(bench.pipe, "vqvae", None) or bench.pipe.vae)
                 bench.fresh = False
             for batch in (int(b) for b in (args.batch_sizes or bench.default_batches).split(",")):
-                seconds, peak = time_mode(
+                seconds, peak, reserved = time_mode(
                     bench.pipe,
                     batch,
                     device,
@@ -649,12 +651,14 @@ def main() -> int:
                     ms_per_image=1000 * seconds / batch,
                     images_per_s=batch / seconds,
                     peak_gib=peak,
+                    peak_reserved_gib=reserved,
                     tflops=flops / seconds / 1e12,
                 )
                 rows.append(row)
                 print(
                     f"{name:{width}s} {res:4d} {batch:5d} {mode:11s} {row['dtype']:9s} "
-                    f"{row['ms_per_image']:9.1f} {row['images_per_s']:9.1f} {peak:9.2f} {row['tflops']:8.1f}",
+                    f"{row['ms_per_image']:9.1f} {row['images_per_s']:9.1f} {peak:9.2f} {reserved:9.2f} "
+                    f"{row['tflops']:8.1f}",
                     flush=True,
                 )
                 if args.profile and mode.startswith("fast") and device.type == "cuda":

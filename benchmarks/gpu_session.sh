@@ -7,9 +7,8 @@
 # (issue 19: SAMPLE_MODELS, default var-d16 var-d30; SAMPLE_BATCHES, default 20), lora (LoRA vs full fine-tuning memory, issue 18: LORA_MODELS,
 # default var-d30 infinity-2b), batches (issue 20: batch sizes in one process against each alone), startup (issue 20: time to the first fast images of a second process, compile cache),
 # train_original (issue 20: the original VAR trainer against ours), decoder (the image decoder alone), autotune (the decoder
-# compiled in max-autotune mode inside the pipeline), graphed (the decoder replayed as a CUDA graph), subpixel (the
-# decoder's upsamplers as one 2x2 conv on the small map), decoders16 (graphed and subpixel against the default in one
-# process), code8 (CoDe N = 8 against VAR-d30, batch 64, both decoders), star_all, t2i_all.
+# compiled in max-autotune mode inside the pipeline), subpixel (the decoder's upsamplers as one 2x2 conv on the small
+# map), code8 (CoDe N = 8 against VAR-d30, batch 64, both decoders), star_all, t2i_all.
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
 #   .fixtures/F.tar.xz  for F in var star infinity code; do tar -cJf .fixtures/$F.tar.xz -C ../shared fixtures/$F; done
@@ -94,9 +93,6 @@ for stage in "$@"; do
         --original .originals/VAR --steps "${TRAIN_STEPS:-300}" --sides "$TRAIN_SIDES" --out "$OUT/train_original" > "$OUT/train_original.log" 2>&1
       tail -n 9 "$OUT/train_original.log"  # the weights stay out of the archive
       rm -rf "$OUT"/train_original/*/final "$OUT"/train_original/*/checkpoints "$OUT"/train_original/{tokenizer,vae_original.safetensors} ;;
-    graphed)  # issue 20: the decoder replayed as a CUDA graph (compile_decoder="reduce-overhead"): batch 1 is host-bound
-      bench . graphed_var16 --models var-d16 --batch-sizes 1,64 --modes fast-compile-all,fast-compile-all-graphed --repeats 5
-      bench . graphed_var30 --models var-d30 --batch-sizes 1 --modes fast-compile-all,fast-compile-all-graphed --repeats 5 ;;
     autotune)  # issues 20, 23: the decoder compiled in max-autotune mode inside the pipeline, against the default mode
       BENCH_TIMEOUT=${BENCH_TIMEOUT:-400} bench . autotune_var16 --models var-d16 --batch-sizes 1,64 \
         --modes fast-compile-all,fast-compile-all-autotune --repeats 5
@@ -110,9 +106,6 @@ for stage in "$@"; do
         > "$OUT/subpixel_decoder.log" 2>&1; tail -n 10 "$OUT/subpixel_decoder.log"
       bench . subpixel_var16 --models var-d16 --batch-sizes 1,64 --modes fast-compile-all,fast-compile-all-subpixel --repeats 5
       bench . subpixel_var30 --models var-d30 --batch-sizes 64 --modes fast-compile-all,fast-compile-all-subpixel --repeats 3 ;;
-    decoders16)  # issues 20, 23: VAR-d16's decoder three ways in one process: default compile, CUDA graph, sub-pixel
-      BENCH_TIMEOUT=${BENCH_TIMEOUT:-450} bench . decoders_var16 --models var-d16 --batch-sizes 1,64 \
-        --modes fast-compile-all,fast-compile-all-graphed,fast-compile-all-subpixel --repeats 5 ;;
     code8)  # issue 23: CoDe N = 8 against VAR-d30 at batch 64, default decoder and sub-pixel upsamplers
       for model in var-d30 code-d30-d16-n8; do
         BENCH_TIMEOUT=${BENCH_TIMEOUT:-280} bench . "code8_$model" --models "$model" --batch-sizes 64 \

@@ -134,6 +134,8 @@ def test_infinity_fast_inference_on_cpu(infinity):
         (dict(cuda_graphs="yes"), "cuda_graphs"),
         (dict(compile_decoder=1), "compile_decoder"),
         (dict(compile_decoder="max-autotune-cudagraphs"), "compile_decoder"),
+        (dict(compile_decoder="reduce-overhead"), "compile_decoder"),
+        (dict(compile_decoder="max-autotune"), "compile_decoder"),
         (dict(compile_decoder="fast"), "compile_decoder"),
         (dict(compile_blocks="yes"), "compile_blocks"),
     ],
@@ -749,7 +751,6 @@ def test_compiled_blocks_trace_no_new_graph_for_another_batch_size(family, monke
     "compile_decoder, mode",
     [
         (True, "default"),
-        ("reduce-overhead", "reduce-overhead"),
         ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"),
     ],
 )

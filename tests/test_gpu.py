@@ -358,27 +358,6 @@ def test_graphs_keep_what_they_write_into_alive(fixture):
         assert all(bool(t.isnan().all()) for t in filler)  # the replays wrote only into memory they own
 
 
-def test_decoder_replayed_as_a_cuda_graph_gives_the_compiled_decoders_images(fixture):
-    """``compile_decoder="reduce-overhead"`` (the decoder replayed as a CUDA graph) gives the images of the default
-    compiled decoder, at two batch sizes; an image returned by one call is not changed by the next call."""
-    images = {}
-    for mode in (True, "reduce-overhead"):
-        pipe = _pipe(fixture).enable_fast_inference(dtype=torch.float32, compile_decoder=mode)
-        for labels in ([3, 7], [1, 2, 5]):
-            generator = torch.Generator("cuda").manual_seed(0)
-            images[mode, len(labels)] = pipe(class_labels=labels, generator=generator, output_type="pt").images
-        kept = images[mode, 2].clone()
-        pipe(class_labels=[4, 4], generator=torch.Generator("cuda").manual_seed(1), output_type="pt")
-        torch.testing.assert_close(images[mode, 2], kept, atol=0, rtol=0)
-        pipe.vqvae.enable_slicing(1)  # one replay per image: each slice's output must survive the next replay
-        sliced = pipe(
-            class_labels=[1, 2, 5], generator=torch.Generator("cuda").manual_seed(0), output_type="pt"
-        ).images
-        torch.testing.assert_close(sliced, images[mode, 3], atol=1e-4, rtol=1e-4)
-    for batch in (2, 3):
-        torch.testing.assert_close(images["reduce-overhead", batch], images[True, batch], atol=1e-4, rtol=1e-4)
-
-
 def test_subpixel_upsampling_on_the_gpu_gives_the_compiled_decoders_images(fixture):
     """The decoder's upsamplers in sub-pixel form (``fast_inference.subpixel_upsample_``) under the compiled
     channels-last decoder: the images of the plain compiled decoder, in float32 and within bf16's rounding in bf16."""

@@ -319,7 +319,7 @@ class BitwiseMultiScaleVAE(ModelMixin, ConfigMixin, SlicedDecodingMixin):
     @apply_forward_hook
     def decode(self, latents: torch.Tensor, return_dict: bool = True):
         """Latent (B, d, H, W) -> images (B, 3, H*s, W*s) clamped to [-1, 1] (in slices after ``enable_slicing``)."""
-        # out of place: a compiled decoder replayed as a CUDA graph reuses its output buffer at the next slice
+        # out of place: a decoder compiled into CUDA graphs (a user's torch.compile mode) reuses its output buffer
         images = self._decode_sliced(lambda part: self.decoder(part).clamp(-1, 1), latents)
         return DecoderOutput(sample=images) if return_dict else (images,)
 

@@ -519,7 +519,7 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin, SlicedDecodingMixin):
         return self._decode_sliced(self._decode_latent_batch, f_hat)
 
     def _decode_latent_batch(self, f_hat: torch.Tensor) -> torch.Tensor:
-        # out of place: a compiled decoder replayed as a CUDA graph reuses its output buffer at the next slice
+        # out of place: a decoder compiled into CUDA graphs (a user's torch.compile mode) reuses its output buffer
         return self.decoder(self.post_quant_conv(f_hat.to(self.post_quant_conv.weight.dtype))).float().clamp(-1, 1)
 
     @apply_forward_hook

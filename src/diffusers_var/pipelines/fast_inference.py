@@ -47,10 +47,11 @@ logger = logging.get_logger(__name__)
 FAST_INFERENCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-# torch.compile modes ``compile_decoder`` takes besides True / False. "reduce-overhead" also replays the decoder as
-# a CUDA graph (at batch 1 launching its kernels takes longer than running them); the decoder's raw output then lives
-# in the graph's memory until the next replay, so the tokenizers clamp it into a new tensor (also between slices).
-DECODER_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# torch.compile modes ``compile_decoder`` takes besides True / False. The modes that replay the decoder as CUDA graphs
+# of torch's own ("reduce-overhead", "max-autotune") are refused: measured, they gain nothing beside the pipeline's
+# per-scale graphs, and a process that had run another fast pipeline crashed in them (BENCHMARKS.md, session 11).
+DECODER_COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+REFUSED_DECODER_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 
 
 def check_fast_inference_args(dtype, **flags) -> None:
@@ -62,8 +63,14 @@ def check_fast_inference_args(dtype, **flags) -> None:
         if name == "compile_decoder" and isinstance(value, str):
             if value not in DECODER_COMPILE_MODES:
                 modes = ", ".join(repr(m) for m in DECODER_COMPILE_MODES)
+                why = (
+                    " (torch's CUDA graphs of the decoder are not supported beside the pipeline's own: use"
+                    " 'max-autotune-no-cudagraphs')"
+                    if value in REFUSED_DECODER_COMPILE_MODES
+                    else ""
+                )
                 raise ValueError(
-                    f"`compile_decoder` must be True, False or a torch.compile mode ({modes}), got {value!r}."
+                    f"`compile_decoder` must be True, False or a torch.compile mode ({modes}), got {value!r}{why}."
                 )
         elif not isinstance(value, bool):
             raise ValueError(f"`{name}` must be True or False, got {value!r}.")

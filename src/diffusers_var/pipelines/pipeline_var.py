@@ -198,9 +198,9 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
             dtype: compute dtype of the blocks and the decoder.
             cuda_graphs: replay one CUDA graph per scale (on CUDA).
             compile_decoder: channels-last ``torch.compile`` of the image decoder; ``True`` compiles in torch's
-                default mode, a mode name in that mode: ``"reduce-overhead"`` (the decoder replayed as a CUDA graph
-                too), ``"max-autotune"`` or ``"max-autotune-no-cudagraphs"`` (convolution kernels benchmarked while
-                compiling; the compile caches keep the choice).
+                default mode, ``"max-autotune-no-cudagraphs"`` in that mode (convolution kernels benchmarked while
+                compiling; the compile caches keep the choice). The modes that replay the decoder as torch's own
+                CUDA graphs (``"reduce-overhead"``, ``"max-autotune"``) are refused.
             compile_blocks: ``torch.compile`` of each block's elementwise work (fused before the CUDA graphs are
                 captured; the first generation per batch size compiles).
             fp8: (opt-in, for large batches of the large models) float8 (e4m3) matmuls for the attention and FFN
