@@ -581,6 +581,12 @@ def main() -> int:
         default=None,
         help="decode this many images at a time (the tokenizer's enable_slicing): lower peak memory at large batches",
     )
+    parser.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="torch.backends.cudnn.benchmark = True (cuDNN times its convolution kernels per shape; the pipelines "
+        "leave this process-wide switch to the user)",
+    )
     args = parser.parse_args()
     if args.dry_run:
         args.device, args.repeats = "cpu", 1
@@ -598,9 +604,11 @@ def main() -> int:
         return 1
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     rows = []
     if device.type == "cuda":
-        print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+        gpu = torch.cuda.get_device_name()
+        print(f"GPU: {gpu}, torch {torch.__version__}, cudnn.benchmark {args.cudnn_benchmark}")
     else:
         print(f"CPU ({args.device}; timings only check the script), torch {torch.__version__}")
     width = max([8] + [len(n) for n in names])
@@ -652,6 +660,7 @@ def main() -> int:
                     images_per_s=batch / seconds,
                     peak_gib=peak,
                     peak_reserved_gib=reserved,
+                    cudnn_benchmark=args.cudnn_benchmark,
                     tflops=flops / seconds / 1e12,
                 )
                 rows.append(row)

@@ -8,7 +8,8 @@
 # default var-d30 infinity-2b), batches (issue 20: batch sizes in one process against each alone), startup (issue 20: time to the first fast images of a second process, compile cache),
 # train_original (issue 20: the original VAR trainer against ours), decoder (the image decoder alone), autotune (the decoder
 # compiled in max-autotune mode inside the pipeline), subpixel (the decoder's upsamplers as one 2x2 conv on the small
-# map), code8 (CoDe N = 8 against VAR-d30, batch 64, both decoders), star_all, t2i_all.
+# map), code8 (CoDe N = 8 against VAR-d30, batch 64, both decoders), cudnn (cudnn.benchmark on / off at batch 64),
+# star_all, t2i_all.
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
 #   .fixtures/F.tar.xz  for F in var star infinity code; do tar -cJf .fixtures/$F.tar.xz -C ../shared fixtures/$F; done
@@ -106,6 +107,13 @@ for stage in "$@"; do
         > "$OUT/subpixel_decoder.log" 2>&1; tail -n 10 "$OUT/subpixel_decoder.log"
       bench . subpixel_var16 --models var-d16 --batch-sizes 1,64 --modes fast-compile-all,fast-compile-all-subpixel --repeats 5
       bench . subpixel_var30 --models var-d30 --batch-sizes 64 --modes fast-compile-all,fast-compile-all-subpixel --repeats 3 ;;
+    cudnn)  # issues 20, 23: cudnn.benchmark for the decoder's convolutions, batch 64, off / on in two processes per model
+      for model in ${CUDNN_MODELS:-var-d30 code-d30-d16-n8}; do
+        for flag in "" --cudnn-benchmark; do
+          BENCH_TIMEOUT=${BENCH_TIMEOUT:-200} bench . "cudnn_${model}${flag:+_on}" --models "$model" --batch-sizes 64 \
+            --modes fast-compile-all --decode-slice 16 --repeats 5 $flag
+        done
+      done ;;
     code8)  # issue 23: CoDe N = 8 against VAR-d30 at batch 64, default decoder and sub-pixel upsamplers
       for model in var-d30 code-d30-d16-n8; do
         BENCH_TIMEOUT=${BENCH_TIMEOUT:-280} bench . "code8_$model" --models "$model" --batch-sizes 64 \
