@@ -908,6 +908,50 @@ def test_fp8_linears_quantize_the_block_matmuls_and_nothing_else(monkeypatch):
     assert not refused._fast_inference
 
 
+def _first_scale_logits_and_images(pipe, images):
+    """The logits of the first scale (whose input does not depend on sampling) and the images of one generation."""
+    seen = []
+    handle = pipe.transformer.head.register_forward_hook(lambda m, i, out: seen.append(out.detach().float().clone()))
+    try:
+        result = images(pipe)
+    finally:
+        handle.remove()
+    return seen[0], result
+
+
+@pytest.mark.parametrize("family", ["star", "infinity"])
+def test_text_to_image_fp8_runs_the_block_matmuls_in_float8(star, family, monkeypatch):
+    """STAR and Infinity take ``fp8=True`` as VAR does: float8 weights for the attention and FFN linears of the blocks
+    only (not the text projection, the cross-attention or STAR's stable sampler); below ``FP8_MIN_ROWS`` token rows
+    the images are the bf16 path's; above it the logits move, but stay close; the state dict keeps its keys."""
+    make, images = (lambda: own_star(star), star_images) if family == "star" else (tiny_pipeline, infinity_images)
+    bf16_logits, bf16_images = _first_scale_logits_and_images(make().enable_fast_inference(), images)
+    pipe = make()
+    keys = set(pipe.transformer.state_dict())
+    pipe.enable_fast_inference(fp8=True)
+    transformer = pipe.transformer
+    carrying = {
+        name for name, module in transformer.named_modules() if getattr(module, "weight_fp8", None) is not None
+    }
+    leaves = ("attn.to_qkv", "attn.to_out", "ffn.fc1", "ffn.fc2")
+    assert carrying == {f"blocks.{i}.{leaf}" for i in range(len(transformer.blocks)) for leaf in leaves}
+    logits, fp8_images = _first_scale_logits_and_images(pipe, images)
+    assert torch.equal(logits, bf16_logits) and torch.equal(fp8_images, bf16_images)  # tiny scales: all bf16
+
+    quantized = []
+    quantize = fast_inference.quantize_to_float8
+    monkeypatch.setattr(fast_inference, "quantize_to_float8", lambda x: quantized.append(x.shape) or quantize(x))
+    monkeypatch.setattr(fast_inference, "FP8_MIN_ROWS", 1)
+    logits, fp8_images = _first_scale_logits_and_images(pipe, images)
+    assert len(quantized) >= 4 * len(transformer.blocks)  # every block linear, at every scale
+    error = (logits - bf16_logits).norm() / bf16_logits.norm()
+    assert 0 < error < 0.1, error.item()
+    assert fp8_images.shape == bf16_images.shape and torch.isfinite(fp8_images).all()
+    assert set(transformer.state_dict()) == keys
+    pipe.disable_fast_inference()
+    assert not carrying & {n for n, m in transformer.named_modules() if getattr(m, "weight_fp8", None) is not None}
+
+
 def test_fp8_rowwise_quantisation_round_trips():
     """Row-wise float8: each row's largest magnitude maps to 448 and the round trip stays within e4m3's precision
     (3 mantissa bits: relative step 1/8 at worst); an all-zero row stays zero instead of dividing by zero."""

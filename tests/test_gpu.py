@@ -117,12 +117,12 @@ def _star_text(batch: int, length: int, seed: int) -> dict:
     return {k: v.cuda() for k, v in text.items()}
 
 
-def _star_run(pipe, text, top_p=0.0, generator=None):
+def _star_run(pipe, text, top_p=0.0, generator=None, top_k=10):
     seen = []
     latent = pipe(
         **text,
         guidance_scale=4.0,
-        top_k=10,
+        top_k=top_k,
         top_p=top_p,
         output_type="latent",
         generator=generator or torch.Generator().manual_seed(0),
@@ -240,6 +240,30 @@ def test_infinity_bf16_fast_path_generates():
         for _ in range(2)
     )
     assert first.shape == (2, 3, 32, 32) and torch.isfinite(first).all() and torch.equal(first, again)
+
+
+@pytest.mark.parametrize("family", ["star", "infinity"])
+def test_text_to_image_fp8_fast_path_generates(family, monkeypatch):
+    """``fp8=True`` with compiled blocks and CUDA graphs on STAR and Infinity, the float8 matmuls forced at every
+    scale: finite latents, the same on a replay, and greedy tokens mostly those of the bf16 path (printed)."""
+    from diffusers_var.pipelines import fast_inference
+
+    def run(pipe):
+        if family == "star":
+            return _star_run(
+                pipe, _star_text(2, 12, seed=1), generator=torch.Generator("cuda").manual_seed(0), top_k=1
+            )
+        return _infinity_run(pipe, _infinity_text(2, 9, seed=1), top_k=1)
+
+    make = (lambda: _star_pipe(quirk=False)) if family == "star" else _infinity_pipe
+    _, bf16_tokens = run(make().enable_fast_inference(compile_blocks=True))
+    monkeypatch.setattr(fast_inference, "FP8_MIN_ROWS", 1)
+    pipe = make().enable_fast_inference(compile_blocks=True, fp8=True)
+    (first, tokens), (again, _) = run(pipe), run(pipe)
+    assert torch.isfinite(first).all() and torch.equal(first, again)
+    agreement = (tokens == bf16_tokens).float().mean().item()
+    print(f"{family}: fp8 vs bf16 fast path token agreement: {agreement:.4f}")
+    assert agreement >= 0.5
 
 
 def test_fp8_fast_path_on_the_converted_fixture(fixture, monkeypatch):

@@ -275,7 +275,7 @@ def test_read_prompts_and_plan(tmp_path):
         (["--class-labels", "a,b"], "`--class-labels` must be comma-separated"),
         (["--per-class", "1", "--prompts", "x.txt"], "`--prompts` is for text-to-image"),
         (["--per-class", "1", "--tau", "1"], "`--tau` does not apply to VARPipeline"),
-        (["--per-class", "1", "--fp8"], "`--fp8` is an option of VAR's fast path"),
+        (["--per-class", "1", "--fp8"], "`--fp8` is an option of the fast path: add `--fast`"),
         (["--per-class", "1", "--compile-cache", "cache"], "`--compile-cache` holds the fast path's compiled code"),
         (["--per-class", "1", "--model", "/nonexistent"], "`--model` '/nonexistent' is not a pipeline folder"),
         (["--per-class", "1", "--device", "gpu0"], "`--device` 'gpu0' is not a torch device"),

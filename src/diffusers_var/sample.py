@@ -219,8 +219,8 @@ def check_flags(args, pipeline_name: str) -> None:
         value = getattr(args, name)
         if value is not None and value is not False and pipeline_name not in pipelines:
             raise ValueError(f"`--{name.replace('_', '-')}` does not apply to {pipeline_name}.")
-    if args.fp8 and (not args.fast or pipeline_name != "VARPipeline"):
-        raise ValueError("`--fp8` is an option of VAR's fast path: add `--fast` (VAR pipelines only).")
+    if args.fp8 and not args.fast:
+        raise ValueError("`--fp8` is an option of the fast path: add `--fast`.")
     if args.compile_cache is not None and not args.fast:
         raise ValueError("`--compile-cache` holds the fast path's compiled code: add `--fast`.")
 
@@ -767,7 +767,7 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="the GPU fast path (bf16, CUDA graphs, compiled decoder / blocks); see README 'Speed'",
     )
-    group.add_argument("--fp8", action="store_true", help="VAR with --fast: float8 block matmuls (H100 / H200)")
+    group.add_argument("--fp8", action="store_true", help="with --fast: float8 block matmuls (H100 / H200)")
     group.add_argument(
         "--compile-cache",
         default=None,

@@ -311,7 +311,7 @@ def adds_lora_output(layer: nn.Module) -> bool:
     return any(name in getattr(layer, "lora_A", {}) for name in layer.active_adapters)
 
 
-# float8 linears (opt-in: ``VARPipeline.enable_fast_inference(fp8=True)``)
+# float8 linears (opt-in: ``enable_fast_inference(fp8=True)`` of every family)
 FLOAT8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_MIN_ROWS = 4096  # fewer token rows keep the bf16 matmul: the quantisation would cost more than it saves
 
@@ -357,10 +357,11 @@ def _fp8_linear_forward(linear: nn.Linear, x: torch.Tensor, bias=_MODULE_BIAS) -
 
 def fp8_linears(model: nn.Module) -> list[nn.Linear]:
     """The linears that ``fp8=True`` runs in float8: attention (qkv, out) and FFN (fc1, fc2) of every
-    :class:`CosineSelfAttention` / :class:`FeedForward` of ``model``. A ValueError if one has a width that
-    ``torch._scaled_mm`` cannot take (not a multiple of 16), raised before anything is changed."""
+    :class:`CosineSelfAttention` / :class:`FeedForward` in ``model.blocks`` (not the text projections, cross-attention
+    or STAR's stable sampler). A ValueError if one has a width that ``torch._scaled_mm`` cannot take (not a multiple of
+    16), raised before anything is changed."""
     linears = []
-    for module in model.modules():
+    for module in model.blocks.modules():
         if isinstance(module, CosineSelfAttention):
             linears += [module.to_qkv, module.to_out]
         elif isinstance(module, FeedForward):
@@ -717,6 +718,13 @@ class FastInferenceMixin:
     _use_cuda_graphs: bool = False
     _fast_dtype: torch.dtype | None = None
     _fast_fp8: bool = False
+
+    def _check_fast_inference_args(self, dtype: torch.dtype, **flags) -> None:
+        """:func:`check_fast_inference_args`, then, for ``fp8=True``, the transformer's widths: a model that float8
+        cannot take is refused before anything is cast or compiled."""
+        check_fast_inference_args(dtype, **flags)
+        if flags.get("fp8"):
+            fp8_linears(self.transformer)
 
     def _cast_for_fast_inference(
         self, dtype: torch.dtype, decoder: Sequence[nn.Module], compile_decoder: bool | str

@@ -13,7 +13,7 @@ from ..loaders import InfinityLoraLoaderMixin
 from ..models.bitwise_vae import BitwiseMultiScaleVAE
 from ..models.dynamic_resolution import MAX_SIDE, schedule_for_pixels
 from ..models.infinity_transformer import InfinityTransformer2DModel
-from .fast_inference import check_fast_inference_args, compile_adaln_blocks_
+from .fast_inference import compile_adaln_blocks_
 from .pipeline_utils import (
     UNIFIED_CALLBACK_TENSORS,
     BitwiseEditTokens,
@@ -230,6 +230,7 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         cuda_graphs: bool = True,
         compile_decoder: bool | str = False,
         compile_blocks: bool = False,
+        fp8: bool = False,
     ) -> "InfinityPipeline":
         """Speed switch for GPUs (as :meth:`VARPipeline.enable_fast_inference`). The transformer (text pooling and
         projection, blocks), the VAE decoder and the T5 encoder run in ``dtype`` (bf16 by default); the transformer's
@@ -242,15 +243,17 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         ``compile_decoder``: channels-last ``torch.compile`` of the VAE decoder (``True``, or a torch.compile mode
         as for :meth:`VARPipeline.enable_fast_inference`). ``compile_blocks``:
         ``torch.compile`` of each block's elementwise work (norms, modulation, q/k normalisation, 2-D RoPE, gating),
-        fused before the graphs are captured. Returns the pipeline.
+        fused before the graphs are captured. ``fp8``: float8 matmuls in the blocks' self-attention and FFN at
+        scales of at least 4,096 token rows (as for VAR; the cross-attention stays in ``dtype``). Returns the
+        pipeline.
         """
-        check_fast_inference_args(
-            dtype, cuda_graphs=cuda_graphs, compile_decoder=compile_decoder, compile_blocks=compile_blocks
+        self._check_fast_inference_args(
+            dtype, cuda_graphs=cuda_graphs, compile_decoder=compile_decoder, compile_blocks=compile_blocks, fp8=fp8
         )
         self._cast_for_fast_inference(dtype, (self.vae.decoder,), compile_decoder)
         if compile_blocks:
             compile_adaln_blocks_(self.transformer)
-        return self._set_fast_inference(True, cuda_graphs, dtype)
+        return self._set_fast_inference(True, cuda_graphs, dtype, fp8)
 
     def _sample_scales(
         self,

@@ -12,7 +12,7 @@ from ..loaders import STARLoraLoaderMixin
 from ..models.blocks import square_schedule
 from ..models.multiscale_vq import MultiScaleVQModel
 from ..models.star_transformer import STARTransformer2DModel
-from .fast_inference import check_fast_inference_args, compile_star_blocks_
+from .fast_inference import compile_star_blocks_
 from .pipeline_utils import (
     UNIFIED_CALLBACK_TENSORS,
     CallbackArg,
@@ -291,6 +291,7 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         cuda_graphs: bool = True,
         compile_decoder: bool | str = False,
         compile_blocks: bool = False,
+        fp8: bool = False,
     ) -> "STARPipeline":
         """Speed switch for GPUs (as :meth:`VARPipeline.enable_fast_inference`). The transformer (blocks, text
         projection, stable-sampler blocks), the image decoder and the text encoder run in ``dtype`` (bf16 by
@@ -301,15 +302,16 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         stable sampler's extra head passes and all sampling run eagerly. Use a CUDA ``torch.Generator``. On the
         CPU it only casts: with ``dtype=torch.float32`` the images are the eager ones. ``compile_blocks``:
         ``torch.compile`` of each block's elementwise work (norms, q/k normalisation, RoPE, residuals, FFN; the
-        stable sampler's blocks too), fused before the graphs are captured. Returns the pipeline.
+        stable sampler's blocks too), fused before the graphs are captured. ``fp8``: float8 matmuls in the main
+        blocks' attention and FFN at scales of at least 4,096 token rows (as for VAR). Returns the pipeline.
         """
-        check_fast_inference_args(
-            dtype, cuda_graphs=cuda_graphs, compile_decoder=compile_decoder, compile_blocks=compile_blocks
+        self._check_fast_inference_args(
+            dtype, cuda_graphs=cuda_graphs, compile_decoder=compile_decoder, compile_blocks=compile_blocks, fp8=fp8
         )
         self._cast_for_fast_inference(dtype, (self.vqvae.decoder, self.vqvae.post_quant_conv), compile_decoder)
         if compile_blocks:
             compile_star_blocks_(self.transformer)
-        return self._set_fast_inference(True, cuda_graphs, dtype)
+        return self._set_fast_inference(True, cuda_graphs, dtype, fp8)
 
     # -- one scale -----------------------------------------------------------------------------------
     def _stable_sampler_scale(

@@ -17,7 +17,6 @@ from ..models.var_transformer import VARTransformer2DModel
 from .fast_inference import (
     CUDAGraphScaleSteps,
     cast_module_,
-    check_fast_inference_args,
     compile_adaln_blocks_,
     fp8_linears,
     fuse_ffn_gelu_,
@@ -211,11 +210,9 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
 
         Returns the pipeline. Not combinable with CPU / group offloading or layerwise casting.
         """
-        check_fast_inference_args(
+        self._check_fast_inference_args(
             dtype, cuda_graphs=cuda_graphs, compile_decoder=compile_decoder, compile_blocks=compile_blocks, fp8=fp8
         )
-        if fp8:
-            fp8_linears(self.transformer)  # a model float8 cannot take is refused before anything is cast or compiled
         self._cast_for_fast_inference(dtype, (self.vqvae.decoder, self.vqvae.post_quant_conv), compile_decoder)
         if compile_blocks:
             compile_adaln_blocks_(self.transformer)
