@@ -298,6 +298,32 @@ def test_graph_wiring_of_both_stages(monkeypatch, stand_in_graphs, sampling_in_g
             )
 
 
+def test_fp8_covers_both_models_and_refuses_a_refiner_it_cannot_take():
+    """``fp8=True`` gives the drafter's and the refiner's block linears float8 weights; a refiner whose FFN width is
+    not a multiple of 16 is refused, naming the width, before any model is cast or quantised."""
+    pipe = code_pipe().enable_fast_inference(fp8=True)
+    for model in (pipe.transformer, pipe.refiner):
+        assert sum(getattr(m, "weight_fp8", None) is not None for m in model.modules()) == 4 * len(model.blocks)
+    components = code_components(seed=0)
+    refiner = VARTransformer2DModel(
+        num_classes=10,
+        depth=1,
+        embed_dim=32,
+        num_heads=1,
+        mlp_ratio=4.125,
+        vocab_size=32,
+        latent_channels=8,
+        patch_nums=VAR_PATCH_NUMS,
+    )  # FFN width 132
+    refused = code_pipe(refiner=refiner.eval(), transformer=components["transformer"], vqvae=components["vqvae"])
+    with pytest.raises(ValueError, match="132"):
+        refused.enable_fast_inference(fp8=True)
+    for model in (refused.transformer, refused.refiner):
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert not any(getattr(m, "weight_fp8", None) is not None for m in model.modules())
+    assert not refused._fast_inference
+
+
 def test_kv_caches_can_share_one_buffer():
     """``KVCache.share_storage``: the layers' keys and values are views of the buffer when it has room (CoDe's two
     stages keep one buffer on the fast path), new tensors otherwise; decoding is the same either way."""

@@ -1049,12 +1049,15 @@ class VARCoDePipeline(VARPipeline):
         """:meth:`VARPipeline.enable_fast_inference` for both models: each stage replays its own CUDA graphs (the
         refiner's prefill, with its re-sampling of the drafted scales, is one graph), so CoDe's saving stacks on the
         fast path's. Arguments as there."""
-        if fp8:
-            fp8_linears(self.refiner)  # refused before anything is cast (VARPipeline checks the drafter the same way)
         super().enable_fast_inference(dtype, cuda_graphs, compile_decoder, compile_blocks, fp8)
         if compile_blocks:
             compile_adaln_blocks_(self.refiner)
         return self
+
+    def _check_fast_inference_args(self, dtype: torch.dtype, **flags) -> None:
+        super()._check_fast_inference_args(dtype, **flags)
+        if flags.get("fp8"):
+            fp8_linears(self.refiner)  # a refiner float8 cannot take is refused before anything is cast
 
     def _cast_for_fast_inference(self, dtype: torch.dtype, decoder, compile_decoder: bool | str) -> None:
         super()._cast_for_fast_inference(dtype, decoder, compile_decoder)
