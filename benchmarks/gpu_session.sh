@@ -9,7 +9,8 @@
 # train_original (issue 20: the original VAR trainer against ours), decoder (the image decoder alone), autotune (the decoder
 # compiled in max-autotune mode inside the pipeline), subpixel (the decoder's upsamplers as one 2x2 conv on the small
 # map), code8 (CoDe N = 8 against VAR-d30, batch 64, both decoders), cudnn (cudnn.benchmark on / off at batch 64),
-# fp8_t2i (float8 matmuls for Infinity-2B and STAR-d30), star_all, t2i_all.
+# fp8_t2i (float8 matmuls for Infinity-2B and STAR-d30), star_all, t2i_all, star_debug (STAR's compiled blocks
+# on CUDA, variant by variant).
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
 #   .fixtures/F.tar.xz  for F in var star infinity code; do tar -cJf .fixtures/$F.tar.xz -C ../shared fixtures/$F; done
@@ -120,6 +121,10 @@ for stage in "$@"; do
         --modes fast-compile-all,fast-compile-all-fp8 --repeats 5
       BENCH_TIMEOUT=${BENCH_TIMEOUT:-290} bench . fp8_star --models star-d30 --batch-sizes 1 \
         --modes fast-compile-all,fast-compile-all-fp8 --repeats 5 ;;
+    star_debug)  # issue 20: where STAR's compiled blocks go wrong on CUDA (fast_inference.STAR_COMPILED_BLOCKS_ON_CUDA)
+      log star_debug; timeout "${STAR_DEBUG_TIMEOUT:-560}" python3 benchmarks/debug_star_compile.py \
+        ${STAR_DEBUG_VARIANTS:+--variants "$STAR_DEBUG_VARIANTS"} > "$OUT/star_debug.log" 2>&1
+      grep -v "^W[0-9]" "$OUT/star_debug.log" | tail -n 12 ;;
     code8)  # issue 23: CoDe N = 8 against VAR-d30 at batch 64, default decoder and sub-pixel upsamplers
       for model in var-d30 code-d30-d16-n8; do
         BENCH_TIMEOUT=${BENCH_TIMEOUT:-280} bench . "code8_$model" --models "$model" --batch-sizes 64 \

@@ -564,6 +564,50 @@ def test_infinity_compiled_blocks_generate_what_the_eager_blocks_do():
         pipe.enable_fast_inference(compile_blocks=1)
 
 
+def test_star_compiled_blocks_step_aside_where_they_are_not_trusted(monkeypatch, caplog):
+    """Where STAR's compiled pieces may not run (on CUDA, until ``STAR_COMPILED_BLOCKS_ON_CUDA``; forced here on
+    the CPU), a compiled block runs its own forward instead: the eager logits exactly, no compiled piece called,
+    and one warning that names ``compile_blocks``."""
+    pipe = make_pipe(quirk=True)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        for parameter in pipe.transformer.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+
+    def logits():
+        seen = []
+        pipe(
+            prompt=["a red cat", "the city"],
+            top_k=1,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+            callback_on_step_end=lambda p, si, hw, t: seen.append(t["model_logits"].clone()) or {},
+            callback_on_step_end_tensor_inputs=["model_logits"],
+        )
+        return seen
+
+    eager = logits()
+    pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=True)
+    calls = []
+    for block in pipe.transformer.blocks:
+        piece = block.compiled_ffn_residual
+        block.compiled_ffn_residual = lambda x, piece=piece: calls.append(1) or piece(x)
+    assert fast_inference.star_compiled_pieces_run(torch.zeros(1, 2, 3))  # the CPU runs them
+    monkeypatch.setattr(fast_inference, "star_compiled_pieces_run", lambda x_BLC: False)
+    fast_inference._warn_star_blocks_uncompiled.cache_clear()
+    monkeypatch.setattr(fast_inference.logger, "propagate", True)
+    with caplog.at_level("WARNING"):
+        stepped_aside = logits()
+    assert calls == []
+    for got, reference in zip(stepped_aside, eager, strict=True):
+        torch.testing.assert_close(got, reference, rtol=0, atol=0)
+    warnings = [r.getMessage() for r in caplog.records if "compile_blocks" in r.getMessage()]
+    assert len(warnings) == 1 and "CUDA" in warnings[0]
+    monkeypatch.undo()
+    fast_inference._warn_star_blocks_uncompiled.cache_clear()
+    assert len(logits()) == len(eager) and len(calls) == len(pipe.transformer.blocks) * len(eager)
+
+
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 13])
 def test_separable_bicubic_upsampling_equals_the_fused_kernel(size):
     from diffusers_var.models.multiscale_vq import bicubic_up

@@ -166,6 +166,22 @@ def test_star_bf16_fast_path_generates():
     assert first.shape == (2, 3, 8, 8) and torch.isfinite(first).all() and torch.equal(first, again)
 
 
+def test_star_compiled_blocks_step_aside_on_cuda(caplog, monkeypatch):
+    """STAR's compiled pieces gave wrong tokens on CUDA (H100, STAR-d30): until ``STAR_COMPILED_BLOCKS_ON_CUDA``,
+    ``compile_blocks=True`` runs the blocks uncompiled there, so its tokens are those of ``compile_blocks=False``,
+    and a warning says so."""
+    from diffusers_var.pipelines import fast_inference
+
+    text = _star_text(2, 12, seed=1)
+    uncompiled = _star_run(_star_pipe(quirk=True).enable_fast_inference(), text)
+    fast_inference._warn_star_blocks_uncompiled.cache_clear()
+    monkeypatch.setattr(fast_inference.logger, "propagate", True)  # whatever diffusers' logging set
+    with caplog.at_level("WARNING"):
+        compiled = _star_run(_star_pipe(quirk=True).enable_fast_inference(compile_blocks=True), text)
+    assert torch.equal(compiled[1], uncompiled[1]) and torch.equal(compiled[0], uncompiled[0])
+    assert any("compile_blocks" in r.getMessage() and "CUDA" in r.getMessage() for r in caplog.records)
+
+
 def _infinity_pipe() -> InfinityPipeline:
     torch.manual_seed(0)
     vae = BitwiseMultiScaleVAE(

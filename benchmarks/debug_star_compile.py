@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""Where STAR's compiled blocks go wrong on CUDA (``fast_inference.STAR_COMPILED_BLOCKS_ON_CUDA``).
+
+On an H100, STAR-d30 at 1024 px under ``enable_fast_inference(compile_blocks=True)`` gave greedy tokens that agree
+with eager float32 on 0.0% of positions, against 96.9% without ``compile_blocks``; on the CPU the compiled blocks
+give the eager tokens. This script runs the same greedy generation (random weights of the real configuration,
+``bench_pipelines.py``'s text features, batch 1) under variants that each take one suspect away, and prints the
+agreement with eager float32 overall and per scale, and how far the first scale's logits moved:
+
+    python benchmarks/debug_star_compile.py                          # on the GPU: every variant
+    python benchmarks/debug_star_compile.py --model star-tiny --device cpu --variants fast,compiled   # checks it
+
+Variants (a fresh pipeline each, same weights):
+  fast                  enable_fast_inference() (bf16, CUDA graphs; no compiled blocks): the working reference
+  compiled              + compile_blocks=True, the compiled pieces allowed on CUDA
+  compiled-no-graphs    the same without CUDA graphs
+  split-uncompiled      the split block (pieces around the KV cache and attention) with the pieces not compiled
+  compiled-no-gelu      compiled, without the fused bias + GELU epilogue of the FFN
+  compiled-real-tables  compiled, with STAR's RoPE tables as contiguous real tensors (not views of the complex table)
+  compiled-float32      compiled in float32 with CUDA graphs (should give the eager tokens exactly)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_pipelines as bench  # noqa: E402
+
+from diffusers_var.models import star_transformer  # noqa: E402
+from diffusers_var.models.blocks import Rotary2D  # noqa: E402
+from diffusers_var.pipelines import fast_inference  # noqa: E402
+
+VARIANTS = (
+    "fast",
+    "compiled",
+    "compiled-no-graphs",
+    "split-uncompiled",
+    "compiled-no-gelu",
+    "compiled-real-tables",
+    "compiled-float32",
+)
+
+
+@contextlib.contextmanager
+def patched(owner, name: str, value):
+    old = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, old)
+
+
+def real_tables(table_LD2: torch.Tensor) -> Rotary2D:
+    return Rotary2D(table_LD2.real.contiguous(), table_LD2.imag.contiguous())
+
+
+def greedy(pipe, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens of every scale (1, L) and the first scale's model logits."""
+    seen, logits = [], []
+
+    def keep(p, si, scale, tensors):
+        seen.append(tensors["tokens"].clone())
+        if si == 0:
+            logits.append(tensors["model_logits"].float().clone())
+        return {}
+
+    bench.generate_star(
+        pipe,
+        1,
+        device,
+        top_k=1,
+        top_p=0.0,
+        output_type="latent",
+        callback_on_step_end_tensor_inputs=["tokens", "model_logits"],
+        callback_on_step_end=keep,
+    )
+    return torch.cat(seen, dim=1), logits[0]
+
+
+def run_variant(model: str, variant: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    pipe = bench.build_star(model, device)
+    dtype = torch.float32 if variant == "compiled-float32" else torch.bfloat16
+    compiled = variant != "fast"
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(patched(fast_inference, "STAR_COMPILED_BLOCKS_ON_CUDA", True))
+        if variant == "split-uncompiled":  # the pieces stay plain Python: torch.compile returns its argument
+            stack.enter_context(patched(torch, "compile", lambda fn, *a, **k: fn))
+        if variant == "compiled-real-tables":
+            stack.enter_context(patched(star_transformer, "rope_rotary", real_tables))
+        pipe.enable_fast_inference(dtype=dtype, cuda_graphs=variant != "compiled-no-graphs", compile_blocks=compiled)
+        if variant == "compiled-no-gelu":
+            fast_inference.fuse_ffn_gelu_(pipe.transformer, False)
+        return greedy(pipe, device)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="star-d30", choices=("star-d30", "star-tiny"))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    args = parser.parse_args()
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; allowed: {', '.join(VARIANTS)}")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
+    schedule = bench.PATCH_NUMS_1024 if args.model == "star-d30" else bench.TINY_PATCH_NUMS
+    with torch.no_grad():
+        reference_tokens, reference_logits = greedy(bench.build_star(args.model, device), device)  # eager float32
+    starts = [0]
+    for side in schedule:
+        starts.append(starts[-1] + side * side)
+    for variant in variants:
+        try:
+            tokens, logits = run_variant(args.model, variant, device)
+        except Exception as error:  # a diagnosis: report and go on with the next variant
+            print(f"{variant:22s} failed: {type(error).__name__}: {error}", flush=True)
+            continue
+        same = (tokens == reference_tokens).float()
+        per_scale = " ".join(f"{same[:, a:b].mean().item():.2f}" for a, b in zip(starts, starts[1:]))
+        moved = (logits - reference_logits).norm() / reference_logits.norm()
+        print(
+            f"{variant:22s} agreement {same.mean().item():.4f}; first scale's logits moved {moved.item():.2e} of "
+            f"their norm, finite {bool(torch.isfinite(logits).all())}; per scale: {per_scale}",
+            flush=True,
+        )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
