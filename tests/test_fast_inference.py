@@ -8,6 +8,7 @@ import copy
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -562,6 +563,33 @@ def test_infinity_compiled_blocks_generate_what_the_eager_blocks_do():
         torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="compile_blocks"):
         pipe.enable_fast_inference(compile_blocks=1)
+
+
+def test_compiled_pieces_trace_each_row_regime_in_its_own_copy():
+    """A compiled piece is two copies with their own code objects (dynamo's compiled code and guards live per code
+    object): calls below ``FP8_MIN_ROWS`` token rows (batch x tokens) go to one, calls from it on to the other, so the
+    fused GELU's and float8's row thresholds (the same number) never become guards that pile up recompiles."""
+    entries = torch._C._dynamo.eval_frame._debug_get_cache_entry_list
+
+    def piece(block, x_BLC, shift_B1C):
+        return x_BLC * 2 + shift_B1C + block.bias
+
+    block = torch.nn.Module()
+    block.bias = torch.nn.Parameter(torch.randn(8))
+    below, above = fast_inference._row_regime_copies(piece)
+    assert fast_inference._row_regime_copies(piece) == (below, above)  # one pair per function, shared by blocks
+    assert len({piece.__code__, below.__code__, above.__code__}) == 3
+    assert fast_inference.FP8_MIN_ROWS == fast_inference.FUSED_GELU_MIN_ROWS
+    call = fast_inference._dynamic_rows(*(torch.compile(types.MethodType(c, block)) for c in (below, above)))
+    assert hasattr(call, "_torchdynamo_orig_callable")
+    split = fast_inference.FP8_MIN_ROWS
+    shapes = [(2, 1), (2, 5), (4, 9), (2, split // 2 - 1), (2, split // 2), (4, split // 2 + 3), (1, 7)]
+    for batch, tokens in shapes:
+        x, shift = torch.randn(batch, tokens, 8), torch.randn(batch, 1, 8)
+        torch.testing.assert_close(call(x, shift), x * 2 + shift + block.bias.detach())
+        assert bool(entries(above.__code__)) == (batch * tokens >= split or (batch, tokens) == (1, 7))
+    assert entries(below.__code__) and not entries(piece.__code__)
+    assert len(entries(below.__code__)) + len(entries(above.__code__)) <= 5  # no recompile per size
 
 
 def test_star_compiled_blocks_step_aside_where_they_are_not_trusted(monkeypatch, caplog):

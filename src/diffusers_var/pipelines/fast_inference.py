@@ -313,7 +313,8 @@ def adds_lora_output(layer: nn.Module) -> bool:
 
 # float8 linears (opt-in: ``enable_fast_inference(fp8=True)`` of every family)
 FLOAT8_MAX = 448.0  # largest finite float8_e4m3fn
-FP8_MIN_ROWS = 4096  # fewer token rows keep the bf16 matmul: the quantisation would cost more than it saves
+FP8_MIN_ROWS = FUSED_GELU_MIN_ROWS  # fewer token rows keep the bf16 matmul: the quantisation would cost more than
+# it saves. The same split as the fused GELU's: compiled pieces are traced once per side of it (``_dynamic_rows``).
 
 
 def quantize_to_float8(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -476,7 +477,9 @@ def _compile_block_pieces_(model: nn.Module, block_class: type, plan: Callable) 
             continue
         pieces, methods = plan(block)
         for name, function in pieces.items():
-            setattr(block, name, _dynamic_rows(torch.compile(types.MethodType(function, block))))
+            below, above = _row_regime_copies(function)
+            compiled = (torch.compile(types.MethodType(copy, block)) for copy in (below, above))
+            setattr(block, name, _dynamic_rows(*compiled))
         for name, function in methods.items():
             setattr(block, name, types.MethodType(function, block))
     return len(blocks)
@@ -576,22 +579,46 @@ def compile_star_blocks_(model: nn.Module) -> int:
     return _compile_block_pieces_(model, STARBlock, plan)
 
 
-def _dynamic_rows(compiled: Callable) -> Callable:
-    """``compiled`` with the batch and token dimensions of its (B, L, C) arguments marked dynamic before the call:
-    traced once for every batch size and scale instead of specialised on the first and recompiled for the others.
-    With automatic dynamic shapes, a new batch size after the first cost recompiles per piece, and with the fused
-    GELU's row threshold Infinity passed dynamo's recompile limit (8) and ran eager. The channels stay static (the
-    norms' reductions keep their fixed-size kernels)."""
+@functools.cache
+def _row_regime_copies(function: Callable) -> tuple[Callable, Callable]:
+    """Two copies of ``function``, each with its own code object (dynamo keeps compiled code and its guards per code
+    object): one traced for calls below :data:`FP8_MIN_ROWS` token rows, one for calls at or above it. Shared by
+    every block, as ``function`` is."""
 
-    @functools.wraps(compiled)  # keeps torch.compile's attributes (``_torchdynamo_orig_callable``)
+    def copy(regime: str) -> Callable:
+        name = f"{function.__name__}_{regime}"
+        code = function.__code__.replace(co_name=name, co_qualname=name)
+        clone = types.FunctionType(code, function.__globals__, name, function.__defaults__, function.__closure__)
+        clone.__kwdefaults__ = function.__kwdefaults__
+        return clone
+
+    return copy("below_row_split"), copy("above_row_split")
+
+
+def _dynamic_rows(below: Callable, above: Callable) -> Callable:
+    """One compiled piece from its two row regimes (:func:`_row_regime_copies`, compiled): the call goes to ``above``
+    from :data:`FP8_MIN_ROWS` rows (batch x tokens of its first (B, L, C) argument) on, else to ``below``, with the
+    batch and token dimensions of its (B, L, C) arguments marked dynamic.
+
+    Dynamic dimensions trace a piece once for every batch size and scale instead of specialising on the first. The two
+    regimes keep the row thresholds of the fused GELU and the float8 matmuls (:data:`FUSED_GELU_MIN_ROWS`,
+    :data:`FP8_MIN_ROWS`, the same number) out of the guards: each copy only ever sees one side of them. With one copy,
+    that guard came on top of the dynamic dimensions, and Infinity with ``fp8=True`` passed dynamo's recompile
+    limit (8) on two pieces, which then ran eagerly (H100, session 12). The channels stay static (the norms'
+    reductions keep their fixed-size kernels)."""
+
+    @functools.wraps(below)  # keeps torch.compile's attributes (``_torchdynamo_orig_callable``)
     def call(*args):
+        rows = None
         for arg in args:
             if isinstance(arg, torch.Tensor) and arg.ndim == 3:
+                rows = arg.shape[0] * arg.shape[1] if rows is None else rows
                 torch._dynamo.maybe_mark_dynamic(arg, 0)
                 if arg.shape[1] > 1:  # (B, 1, C) modulations stay one row
                     torch._dynamo.maybe_mark_dynamic(arg, 1)
-        return compiled(*args)
+        return (above if rows is not None and rows >= FP8_MIN_ROWS else below)(*args)
 
+    call.below, call.above = below, above
     return call
 
 
