@@ -487,16 +487,22 @@ def test_var_compiled_blocks_generate_what_the_eager_blocks_do():
         pipe.enable_fast_inference(compile_blocks="yes")
 
 
-@pytest.mark.parametrize("quirk", [False, True])
-def test_star_compiled_blocks_generate_what_the_eager_blocks_do(quirk):
-    """STAR's blocks (main and stable sampler) with their elementwise work compiled: in float32 greedy generation
-    gives the eager tokens and model logits at every scale, with the released checkpoints' cross-attention quirk too
-    (weights perturbed so the blocks matter). Compiling twice leaves the blocks as they are."""
+def _perturbed_star_pipe(quirk: bool):
+    """A tiny STAR pipeline whose weights are perturbed so that the blocks matter (fresh ones barely do)."""
     pipe = make_pipe(quirk=quirk)
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         for parameter in pipe.transformer.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.05)
+    return pipe
+
+
+@pytest.mark.parametrize("quirk", [False, True])
+def test_star_compiled_blocks_generate_what_the_eager_blocks_do(quirk):
+    """STAR's blocks (main and stable sampler) with their elementwise work compiled: in float32 greedy generation
+    gives the eager tokens and model logits at every scale, with the released checkpoints' cross-attention quirk too
+    (weights perturbed so the blocks matter). Compiling twice leaves the blocks as they are."""
+    pipe = _perturbed_star_pipe(quirk)
 
     def run():
         seen = []
@@ -596,11 +602,7 @@ def test_star_compiled_blocks_step_aside_where_they_are_not_trusted(monkeypatch,
     """Where STAR's compiled pieces may not run (on CUDA, until ``STAR_COMPILED_BLOCKS_ON_CUDA``; forced here on
     the CPU), a compiled block runs its own forward instead: the eager logits exactly, no compiled piece called,
     and one warning that names ``compile_blocks``."""
-    pipe = make_pipe(quirk=True)
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        for parameter in pipe.transformer.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.05)
+    pipe = _perturbed_star_pipe(quirk=True)
 
     def logits():
         seen = []
