@@ -117,8 +117,9 @@ for stage in "$@"; do
         done
       done ;;
     fp8_t2i)  # issue 20: float8 block matmuls for Infinity-2B and STAR-d30 at 1024 px against bf16, one model per process
-      BENCH_TIMEOUT=${BENCH_TIMEOUT:-290} bench . fp8_inf --models infinity-2b --batch-sizes 1,4 \
+      TORCH_LOGS=recompiles BENCH_TIMEOUT=${BENCH_TIMEOUT:-290} bench . fp8_inf --models infinity-2b --batch-sizes 1,4 \
         --modes fast-compile-all,fast-compile-all-fp8 --repeats 5
+      echo "recompiles: $(grep -c 'Recompiling function' "$OUT/fp8_inf.log"), recompile limit hit: $(grep -c 'hit config.recompile_limit' "$OUT/fp8_inf.log")"
       BENCH_TIMEOUT=${BENCH_TIMEOUT:-290} bench . fp8_star --models star-d30 --batch-sizes 1 \
         --modes fast-compile-all,fast-compile-all-fp8 --repeats 5 ;;
     star_debug)  # issue 20: where STAR's compiled blocks go wrong on CUDA (fast_inference.STAR_COMPILED_BLOCKS_ON_CUDA)
