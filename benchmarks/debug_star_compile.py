@@ -18,6 +18,10 @@ Variants (a fresh pipeline each, same weights):
   compiled-no-gelu      compiled, without the fused bias + GELU epilogue of the FFN
   compiled-real-tables  compiled, with STAR's RoPE tables as contiguous real tensors (not views of the complex table)
   compiled-float32      compiled in float32 with CUDA graphs (should give the eager tokens exactly)
+  compiled-only-ffn     only the FFN piece compiled (the others run their uncompiled code)
+  compiled-only-self-attention   only the self-attention pieces compiled
+  compiled-no-cross     every piece compiled but the cross-attention's two
+The default order puts the most telling first; ``--variants`` picks (``gpu_session.sh``: ``STAR_DEBUG_VARIANTS``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -39,14 +44,27 @@ from diffusers_var.models.blocks import Rotary2D  # noqa: E402
 from diffusers_var.pipelines import fast_inference  # noqa: E402
 
 VARIANTS = (
-    "fast",
     "compiled",
     "compiled-no-graphs",
+    "compiled-float32",
     "split-uncompiled",
+    "compiled-only-ffn",
+    "compiled-only-self-attention",
+    "compiled-no-cross",
     "compiled-no-gelu",
     "compiled-real-tables",
-    "compiled-float32",
+    "fast",
 )
+PIECES = {  # the compiled pieces of a STAR block (fast_inference.compile_star_blocks_)
+    "ffn": ("compiled_ffn_residual",),
+    "self-attention": ("compiled_attention_inputs", "compiled_attention_residual"),
+    "cross": ("compiled_cross_attention_query", "compiled_cross_attention_output"),
+}
+COMPILED_PIECES = {  # variant -> the pieces that stay compiled (default: all)
+    "compiled-only-ffn": PIECES["ffn"],
+    "compiled-only-self-attention": PIECES["self-attention"],
+    "compiled-no-cross": PIECES["ffn"] + PIECES["self-attention"],
+}
 
 
 @contextlib.contextmanager
@@ -61,6 +79,15 @@ def patched(owner, name: str, value):
 
 def real_tables(table_LD2: torch.Tensor) -> Rotary2D:
     return Rotary2D(table_LD2.real.contiguous(), table_LD2.imag.contiguous())
+
+
+def uncompile_pieces(transformer, keep: tuple[str, ...]) -> None:
+    """Every compiled piece of the main blocks not in ``keep`` back to its plain (bound) function."""
+    for block in transformer.blocks:
+        for name in sum(PIECES.values(), ()):
+            piece = getattr(block, name, None)
+            if piece is not None and name not in keep:
+                setattr(block, name, piece.below._torchdynamo_orig_callable)
 
 
 def greedy(pipe, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,6 +126,8 @@ def run_variant(model: str, variant: str, device) -> tuple[torch.Tensor, torch.T
         pipe.enable_fast_inference(dtype=dtype, cuda_graphs=variant != "compiled-no-graphs", compile_blocks=compiled)
         if variant == "compiled-no-gelu":
             fast_inference.fuse_ffn_gelu_(pipe.transformer, False)
+        if variant in COMPILED_PIECES:
+            uncompile_pieces(pipe.transformer, keep=COMPILED_PIECES[variant])
         return greedy(pipe, device)
 
 
@@ -122,6 +151,7 @@ def main() -> int:
     for side in schedule:
         starts.append(starts[-1] + side * side)
     for variant in variants:
+        started = time.perf_counter()
         try:
             tokens, logits = run_variant(args.model, variant, device)
         except Exception as error:  # a diagnosis: report and go on with the next variant
@@ -132,7 +162,8 @@ def main() -> int:
         moved = (logits - reference_logits).norm() / reference_logits.norm()
         print(
             f"{variant:22s} agreement {same.mean().item():.4f}; first scale's logits moved {moved.item():.2e} of "
-            f"their norm, finite {bool(torch.isfinite(logits).all())}; per scale: {per_scale}",
+            f"their norm, finite {bool(torch.isfinite(logits).all())}; per scale: {per_scale} "
+            f"({time.perf_counter() - started:.0f} s)",
             flush=True,
         )
         if device.type == "cuda":
