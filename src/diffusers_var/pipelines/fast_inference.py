@@ -717,6 +717,10 @@ class CUDAGraphScaleSteps:
                 for si, inputs in enumerate(self.static_inputs, first_scale):
                     step(si, *self.shared_inputs, *inputs)
         torch.cuda.current_stream().wait_stream(side)
+        # the warm-up's temporaries are cached for ``side`` alone, which nothing uses again: handed back, they do not
+        # add to the graphs' pool and the main stream's blocks in the process's reserved memory
+        side.synchronize()
+        torch.cuda.empty_cache()
         reset_cache()
         with torch.no_grad():
             for si, inputs in enumerate(self.static_inputs, first_scale):
