@@ -260,8 +260,9 @@ def test_infinity_bf16_fast_path_generates():
 
 @pytest.mark.parametrize("family", ["star", "infinity"])
 def test_text_to_image_fp8_fast_path_generates(family, monkeypatch):
-    """``fp8=True`` with compiled blocks and CUDA graphs on STAR and Infinity, the float8 matmuls forced at every
-    scale: finite latents, the same on a replay, and greedy tokens mostly those of the bf16 path (printed)."""
+    """``fp8=True`` with compiled blocks (STAR's step aside on CUDA: ``STAR_COMPILED_BLOCKS_ON_CUDA``) and CUDA graphs
+    on STAR and Infinity, the float8 matmuls forced at every scale: finite latents, the same on a replay, and greedy
+    tokens mostly those of the bf16 path (printed)."""
     from diffusers_var.pipelines import fast_inference
 
     def run(pipe):
@@ -273,7 +274,7 @@ def test_text_to_image_fp8_fast_path_generates(family, monkeypatch):
 
     make = (lambda: _star_pipe(quirk=False)) if family == "star" else _infinity_pipe
     _, bf16_tokens = run(make().enable_fast_inference(compile_blocks=True))
-    monkeypatch.setattr(fast_inference, "FP8_MIN_ROWS", 1)
+    monkeypatch.setattr(fast_inference, "LARGE_SCALE_MIN_ROWS", 1)
     pipe = make().enable_fast_inference(compile_blocks=True, fp8=True)
     (first, tokens), (again, _) = run(pipe), run(pipe)
     assert torch.isfinite(first).all() and torch.equal(first, again)
@@ -284,11 +285,11 @@ def test_text_to_image_fp8_fast_path_generates(family, monkeypatch):
 
 def test_fp8_fast_path_on_the_converted_fixture(fixture, monkeypatch):
     """``fp8=True`` (with the blocks compiled and the CUDA graphs) on the converted fixture, with the float8 matmuls
-    forced at every scale (the fixture's scales are far below ``FP8_MIN_ROWS``): it runs, and its greedy tokens
+    forced at every scale (the fixture's scales are far below ``LARGE_SCALE_MIN_ROWS``): it runs, and its greedy tokens
     mostly agree with the eager float32 ones (float8 keeps 3 mantissa bits; the figure is printed)."""
     from diffusers_var.pipelines import fast_inference
 
-    monkeypatch.setattr(fast_inference, "FP8_MIN_ROWS", 1)
+    monkeypatch.setattr(fast_inference, "LARGE_SCALE_MIN_ROWS", 1)
     _, manifest, ref = fixture
     pipe = _pipe(fixture)
     eager = {case: torch.cat(_tokens(pipe, manifest, ref, case), dim=1) for case in GREEDY_CASES}
@@ -302,12 +303,12 @@ def test_fp8_fast_path_on_the_converted_fixture(fixture, monkeypatch):
 def test_fused_gelu_feed_forward_matches_the_unfused_one():
     """``fuse_ffn_gelu_`` moves fc1's bias and the tanh GELU into the matmul epilogue: same function on CUDA."""
     from diffusers_var.models.blocks import FeedForward
-    from diffusers_var.pipelines.fast_inference import FUSED_GELU_MIN_ROWS, fuse_ffn_gelu_
+    from diffusers_var.pipelines.fast_inference import LARGE_SCALE_MIN_ROWS, fuse_ffn_gelu_
 
     torch.manual_seed(0)
     for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
         ffn = FeedForward(256, 1024).to("cuda", dtype)
-        x = torch.randn(2, FUSED_GELU_MIN_ROWS // 2, 256, device="cuda", dtype=dtype)  # enough rows to fuse
+        x = torch.randn(2, LARGE_SCALE_MIN_ROWS // 2, 256, device="cuda", dtype=dtype)  # enough rows to fuse
         with torch.no_grad():
             reference = ffn(x)
             assert fuse_ffn_gelu_(ffn) == 1

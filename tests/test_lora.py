@@ -677,7 +677,7 @@ def test_fp8_and_fused_gelu_keep_the_lora_update(monkeypatch):
         bf16_base = _var_logits(pipe.transformer)
         pipe.transformer.enable_adapters()
     pipe.enable_fast_inference(fp8=True)
-    monkeypatch.setattr(fast_inference, "FP8_MIN_ROWS", 1)
+    monkeypatch.setattr(fast_inference, "LARGE_SCALE_MIN_ROWS", 1)
     assert pipe.transformer.blocks[0].attn.to_qkv.base_layer.weight_fp8.dtype == torch.float8_e4m3fn
     assert getattr(pipe.transformer.blocks[0].attn.to_qkv, "weight_fp8", None) is None
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import types
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -266,9 +267,11 @@ def _subpixel_upsample_forward(upsampler: nn.Module, x_BCHW: torch.Tensor) -> to
     return torch.stack(rows, dim=3).reshape(B, C_out, 2 * H, 2 * W)
 
 
-# fc1's bias + GELU in the matmul epilogue: only from this many token rows (fewer rows: cuBLASLt's small-row kernels
-# are slower than the plain matmul plus a separate GELU).
-FUSED_GELU_MIN_ROWS = 4096
+# Token rows (batch x tokens) from which the large-scale kernels run: fc1's bias + GELU in the matmul epilogue (fewer
+# rows: cuBLASLt's small-row kernels are slower than the plain matmul plus a separate GELU) and the float8 matmuls
+# (fewer rows: the quantisation would cost more than it saves). Compiled pieces are traced once per side of it
+# (``_dynamic_rows``), so both kernels read this one number.
+LARGE_SCALE_MIN_ROWS = 4096
 
 
 def fuse_ffn_gelu_(model: nn.Module | None, enabled: bool = True) -> int:
@@ -288,7 +291,7 @@ def _fused_gelu_ffn_forward(ffn: FeedForward, x: torch.Tensor) -> torch.Tensor:
         uses_fp8(_base_layer(ffn.fc1), x)
         or not x.is_cuda
         or torch.is_grad_enabled()
-        or rows < FUSED_GELU_MIN_ROWS
+        or rows < LARGE_SCALE_MIN_ROWS
         or adds_lora_output(ffn.fc1)
     ):  # an unfused LoRA on fc1: its own forward adds the adapters' update
         # float8 fc1: its GELU fuses with the quantisation of fc2's input in the compiled block instead
@@ -313,8 +316,6 @@ def adds_lora_output(layer: nn.Module) -> bool:
 
 # float8 linears (opt-in: ``enable_fast_inference(fp8=True)`` of every family)
 FLOAT8_MAX = 448.0  # largest finite float8_e4m3fn
-FP8_MIN_ROWS = FUSED_GELU_MIN_ROWS  # fewer token rows keep the bf16 matmul: the quantisation would cost more than
-# it saves. The same split as the fused GELU's: compiled pieces are traced once per side of it (``_dynamic_rows``).
 
 
 def quantize_to_float8(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,11 +327,11 @@ def quantize_to_float8(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def uses_fp8(linear: nn.Linear, x: torch.Tensor) -> bool:
     """Whether ``linear`` runs in float8 for ``x``: it carries float8 weights (:func:`quantize_linears_fp8_`), no
-    autograd, and at least ``FP8_MIN_ROWS`` token rows."""
+    autograd, and at least ``LARGE_SCALE_MIN_ROWS`` token rows."""
     return (
         getattr(linear, "weight_fp8", None) is not None
         and not torch.is_grad_enabled()
-        and x.numel() >= FP8_MIN_ROWS * x.shape[-1]
+        and x.numel() >= LARGE_SCALE_MIN_ROWS * x.shape[-1]
     )
 
 
@@ -582,14 +583,15 @@ def compile_star_blocks_(model: nn.Module) -> int:
 @functools.cache
 def _row_regime_copies(function: Callable) -> tuple[Callable, Callable]:
     """Two copies of ``function``, each with its own code object (dynamo keeps compiled code and its guards per code
-    object): one traced for calls below :data:`FP8_MIN_ROWS` token rows, one for calls at or above it. Shared by
+    object): one traced for calls below :data:`LARGE_SCALE_MIN_ROWS` token rows, one for calls from it on. Shared by
     every block, as ``function`` is."""
 
     def copy(regime: str) -> Callable:
         name = f"{function.__name__}_{regime}"
-        code = function.__code__.replace(co_name=name, co_qualname=name)
+        names = {"co_name": name, **({"co_qualname": name} if sys.version_info >= (3, 11) else {})}
+        code = function.__code__.replace(**names)
         clone = types.FunctionType(code, function.__globals__, name, function.__defaults__, function.__closure__)
-        clone.__kwdefaults__ = function.__kwdefaults__
+        clone.__kwdefaults__, clone.__qualname__ = function.__kwdefaults__, name
         return clone
 
     return copy("below_row_split"), copy("above_row_split")
@@ -597,15 +599,14 @@ def _row_regime_copies(function: Callable) -> tuple[Callable, Callable]:
 
 def _dynamic_rows(below: Callable, above: Callable) -> Callable:
     """One compiled piece from its two row regimes (:func:`_row_regime_copies`, compiled): the call goes to ``above``
-    from :data:`FP8_MIN_ROWS` rows (batch x tokens of its first (B, L, C) argument) on, else to ``below``, with the
-    batch and token dimensions of its (B, L, C) arguments marked dynamic.
+    from :data:`LARGE_SCALE_MIN_ROWS` rows (batch x tokens of its first (B, L, C) argument) on, else to ``below``,
+    with the batch and token dimensions of its (B, L, C) arguments marked dynamic.
 
     Dynamic dimensions trace a piece once for every batch size and scale instead of specialising on the first. The two
-    regimes keep the row thresholds of the fused GELU and the float8 matmuls (:data:`FUSED_GELU_MIN_ROWS`,
-    :data:`FP8_MIN_ROWS`, the same number) out of the guards: each copy only ever sees one side of them. With one copy,
-    that guard came on top of the dynamic dimensions, and Infinity with ``fp8=True`` passed dynamo's recompile
-    limit (8) on two pieces, which then ran eagerly (H100, session 12). The channels stay static (the norms'
-    reductions keep their fixed-size kernels)."""
+    regimes keep the row threshold of the fused GELU and the float8 matmuls out of the guards: each copy only ever
+    sees one side of it. With one copy, that guard came on top of the dynamic dimensions, and Infinity with
+    ``fp8=True`` passed dynamo's recompile limit (8) on two pieces, which then ran eagerly (H100, session 12). The
+    channels stay static (the norms' reductions keep their fixed-size kernels)."""
 
     @functools.wraps(below)  # keeps torch.compile's attributes (``_torchdynamo_orig_callable``)
     def call(*args):
@@ -616,7 +617,7 @@ def _dynamic_rows(below: Callable, above: Callable) -> Callable:
                 torch._dynamo.maybe_mark_dynamic(arg, 0)
                 if arg.shape[1] > 1:  # (B, 1, C) modulations stay one row
                     torch._dynamo.maybe_mark_dynamic(arg, 1)
-        return (above if rows is not None and rows >= FP8_MIN_ROWS else below)(*args)
+        return (above if rows is not None and rows >= LARGE_SCALE_MIN_ROWS else below)(*args)
 
     call.below, call.above = below, above
     return call
