@@ -540,10 +540,10 @@ def _split_star_block(
 ):
     """:meth:`STARBlock.forward` with its elementwise work in compiled pieces (on CUDA: see
     :data:`STAR_COMPILED_BLOCKS_ON_CUDA`)."""
-    args = (x_BLC, attn_mask, kv_cache, rotary, encoder_hidden_states, encoder_attention_mask, cross_attention_row0)
     if not star_compiled_pieces_run(x_BLC):
         _warn_star_blocks_uncompiled()
-        return STARBlock.forward(block, *args)
+        text = (encoder_hidden_states, encoder_attention_mask, cross_attention_row0)
+        return STARBlock.forward(block, x_BLC, attn_mask, kv_cache, rotary, *text)
     tables = () if rotary is None else (rotary.cos, rotary.sin)
     q, k, v, softmax_scale = block.compiled_attention_inputs(x_BLC, *tables)
     x_BLC = block.compiled_attention_residual(x_BLC, block.attn.attend(q, k, v, softmax_scale, attn_mask, kv_cache))
