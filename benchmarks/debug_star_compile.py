@@ -16,7 +16,8 @@ Variants (a fresh pipeline each, same weights):
   compiled-no-graphs    the same without CUDA graphs
   split-uncompiled      the split block (pieces around the KV cache and attention) with the pieces not compiled
   compiled-no-gelu      compiled, without the fused bias + GELU epilogue of the FFN
-  compiled-real-tables  compiled, with STAR's RoPE tables as contiguous real tensors (not views of the complex table)
+  compiled-complex-views  compiled, with STAR's RoPE tables as ``.real`` / ``.imag`` views of the complex table (as
+                        in session 12; ``rope_rotary`` now passes contiguous real tables)
   compiled-float32      compiled in float32 with CUDA graphs (close to 1.0 if the compiled code is right: inductor
                         reorders reductions, which can flip a near-tie of the random weights)
   compiled-only-ffn     only the FFN piece compiled (the others run their uncompiled code)
@@ -46,6 +47,8 @@ from diffusers_var.pipelines import fast_inference  # noqa: E402
 
 VARIANTS = (
     "compiled",
+    "compiled-complex-views",
+    "fast",
     "compiled-no-graphs",
     "compiled-float32",
     "split-uncompiled",
@@ -53,8 +56,6 @@ VARIANTS = (
     "compiled-only-self-attention",
     "compiled-no-cross",
     "compiled-no-gelu",
-    "compiled-real-tables",
-    "fast",
 )
 PIECES = {  # the compiled pieces of a STAR block (fast_inference.compile_star_blocks_)
     "ffn": ("compiled_ffn_residual",),
@@ -78,8 +79,9 @@ def patched(owner, name: str, value):
         setattr(owner, name, old)
 
 
-def real_tables(table_LD2: torch.Tensor) -> Rotary2D:
-    return Rotary2D(table_LD2.real.contiguous(), table_LD2.imag.contiguous())
+def complex_views(table_LD2: torch.Tensor) -> Rotary2D:
+    """The tables as they were when the compiled blocks went wrong on an H100: views of the complex table."""
+    return Rotary2D(table_LD2.real, table_LD2.imag)
 
 
 def uncompile_pieces(transformer, keep: tuple[str, ...]) -> None:
@@ -122,8 +124,8 @@ def run_variant(model: str, variant: str, device) -> tuple[torch.Tensor, torch.T
         stack.enter_context(patched(fast_inference, "STAR_COMPILED_BLOCKS_ON_CUDA", True))
         if variant == "split-uncompiled":  # the pieces stay plain Python: torch.compile returns its argument
             stack.enter_context(patched(torch, "compile", lambda fn, *a, **k: fn))
-        if variant == "compiled-real-tables":
-            stack.enter_context(patched(star_transformer, "rope_rotary", real_tables))
+        if variant == "compiled-complex-views":
+            stack.enter_context(patched(star_transformer, "rope_rotary", complex_views))
         pipe.enable_fast_inference(dtype=dtype, cuda_graphs=variant != "compiled-no-graphs", compile_blocks=compiled)
         if variant == "compiled-no-gelu":
             fast_inference.fuse_ffn_gelu_(pipe.transformer, False)

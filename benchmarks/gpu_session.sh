@@ -65,7 +65,8 @@ for stage in "$@"; do
       bench .baseline old_inf --models infinity-2b --batch-sizes 1 --modes fast --repeats 5
       bench . new_inf --models infinity-2b --batch-sizes 1 --modes fast --repeats 5 ;;
     star_all)  # issue 20: STAR-d30 1024 px batch 1 with its blocks compiled (new: compile_blocks for STAR) against fast
-      BENCH_TIMEOUT=${BENCH_TIMEOUT:-400} bench . star_all --models star-d30 --batch-sizes 1 --modes fast,fast-compile-all --repeats 5 ;;
+      # (STAR_ALL_ARGS: e.g. --star-compiled-blocks-on-cuda)
+      BENCH_TIMEOUT=${BENCH_TIMEOUT:-400} bench . star_all --models star-d30 --batch-sizes 1 --modes fast,fast-compile-all --repeats 5 ${STAR_ALL_ARGS:-} ;;
     t2i_all)  # issue 16: Infinity-2B under fast-compile-all at batch 1 and 4, before / after (the README table's rows)
       BENCH_TIMEOUT=${BENCH_TIMEOUT:-290} bench .baseline old_inf_all --models infinity-2b --batch-sizes 1,4 --modes fast-compile-all --repeats 5
       BENCH_TIMEOUT=${BENCH_TIMEOUT:-290} bench . new_inf_all --models infinity-2b --batch-sizes 1,4 --modes fast-compile-all --repeats 5 ;;
