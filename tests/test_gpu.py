@@ -182,6 +182,22 @@ def test_star_compiled_blocks_step_aside_on_cuda(caplog, monkeypatch):
     assert any("compile_blocks" in r.getMessage() and "CUDA" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("quirk", [False, True])
+def test_star_compiled_pieces_on_cuda_match_eager_in_float32(monkeypatch, quirk):
+    """The compiled pieces themselves on CUDA (``STAR_COMPILED_BLOCKS_ON_CUDA`` forced on), in float32 with CUDA
+    graphs: the tokens of eager float32 and latents within float32 reordering noise (session 12 saw STAR-d30's compiled
+    blocks give wrong tokens on an H100)."""
+    from diffusers_var.pipelines import fast_inference
+
+    monkeypatch.setattr(fast_inference, "STAR_COMPILED_BLOCKS_ON_CUDA", True)
+    text = _star_text(2, 12, seed=1)
+    eager_latent, eager_tokens = _star_run(_star_pipe(quirk), text)
+    pipe = _star_pipe(quirk).enable_fast_inference(dtype=torch.float32, compile_blocks=True)
+    latent, tokens = _star_run(pipe, text)
+    assert torch.equal(tokens, eager_tokens)
+    torch.testing.assert_close(latent, eager_latent, atol=1e-4, rtol=1e-4)
+
+
 def _infinity_pipe() -> InfinityPipeline:
     torch.manual_seed(0)
     vae = BitwiseMultiScaleVAE(
