@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from conftest import assert_matches, fixture_dir, load_manifest
 from diffusers_var import STARPipeline
 from diffusers_var.conversion import convert_star_checkpoint
+from diffusers_var.models.star_transformer import rope_rotary
 
 MAX_ERRORS: dict[str, float] = {}
 FALLBACK_TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}  # float tensors the manifest's table does not name (confidences)
@@ -115,6 +116,12 @@ def test_rope_table(pipe, star_fixture):
     table = pipe.transformer.rope_table()
     check(manifest, ref, "rope.freqs_cis_real", table.real)
     check(manifest, ref, "rope.freqs_cis_imag", table.imag)
+    # the blocks get the rows of a scale as their own contiguous real tables (the compiled pieces read them), equal to
+    # the table's real and imaginary parts
+    rotary = rope_rotary(table[5:14])
+    for part, expected in ((rotary.cos, table[5:14].real), (rotary.sin, table[5:14].imag)):
+        assert part.is_contiguous() and part.dtype == torch.float32 and torch.equal(part, expected)
+        assert part.untyped_storage().data_ptr() != table.untyped_storage().data_ptr()
 
 
 def test_vq_tokenizer(pipe, star_fixture):
