@@ -131,8 +131,8 @@ def test_refiner_stage_restarts_from_the_calls_generator_state(more_smooth):
 @pytest.mark.parametrize("per_image", [False, True])
 def test_discarded_resamples_are_only_drawn_unless_a_callback_asks(per_image, monkeypatch):
     """Without a callback asking for ``"draft_resamples"``, the refiner draws the re-samples' random numbers without
-    filtering and sampling (the tokens are thrown away): the same images and generator end states as when they are
-    computed, for one generator and for one per image."""
+    filtering and sampling (the tokens are thrown away), and its prefill computes the logits of its first scale alone:
+    the same images and generator end states as when they are computed, for one generator and for one per image."""
 
     def generators():
         return [torch.Generator().manual_seed(s) for s in (1, 2, 3)] if per_image else torch.Generator().manual_seed(5)
@@ -143,9 +143,10 @@ def test_discarded_resamples_are_only_drawn_unless_a_callback_asks(per_image, mo
         seen.append(tensors["draft_resamples"])
         return {}
 
-    samples = []
+    samples, head_rows = [], []
     sample = pipeline_var.sample_from_logits
     monkeypatch.setattr(pipeline_var, "sample_from_logits", lambda *a, **k: samples.append(1) or sample(*a, **k))
+    pipe.refiner.head.register_forward_pre_hook(lambda module, args: head_rows.append(args[0].shape[1]))
     asked, plain = generators(), generators()
     with_tokens = latents(
         pipe,
@@ -154,11 +155,15 @@ def test_discarded_resamples_are_only_drawn_unless_a_callback_asks(per_image, mo
         callback_on_step_end=keep,
         callback_on_step_end_tensor_inputs=["draft_resamples"],
     )
-    sampled_with_tokens = len(samples)
+    sampled_with_tokens, head_rows_with_tokens = len(samples), head_rows[:]
     drawn_only = latents(pipe, generator=plain, temperature=1.3)
     num_scales, draft_steps = len(VAR_PATCH_NUMS), pipe.config.draft_steps
     # one draw per scale, plus the drafted scales' re-samples when they are computed
     assert (sampled_with_tokens, len(samples) - sampled_with_tokens) == (num_scales + draft_steps, num_scales)
+    # the refiner's head: the prefill's positions up to its first scale, or that scale's alone; then one per scale
+    begin, end = pipe.refiner.begin_ends[draft_steps]
+    later = [pn * pn for pn in VAR_PATCH_NUMS[draft_steps + 1 :]]
+    assert head_rows_with_tokens == [end, *later] and head_rows[len(head_rows_with_tokens) :] == [end - begin, *later]
     assert any(resamples is not None for resamples in seen)
     assert torch.equal(with_tokens, drawn_only)
     for a, b in zip(asked if per_image else [asked], plain if per_image else [plain]):
@@ -206,6 +211,16 @@ def test_prefill_equals_the_scale_by_scale_cache():
             b, e = transformer.begin_ends[k + 1]
             after = transformer.forward_scale(k + 1, (labels,), prefill_cache, inputs[:, b - 1 : e - 1])
             torch.testing.assert_close(after, stepwise[k + 1], atol=1e-5, rtol=1e-5)
+            # scale k's logits alone (the head skips the positions before it), the same cache
+            begin = transformer.begin_ends[k][0]
+            last_cache = transformer.init_kv_cache()
+            last = transformer.prefill_scale((labels,), last_cache, prefix, logits_from=begin)
+            assert last.shape == (B, transformer.begin_ends[k][1] - begin, transformer.config.vocab_size)
+            torch.testing.assert_close(last, prefill[:, begin:], atol=1e-6, rtol=1e-6)
+            after = transformer.forward_scale(k + 1, (labels,), last_cache, inputs[:, b - 1 : e - 1])
+            torch.testing.assert_close(after, stepwise[k + 1], atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="`logits_from`.*\\[0, 4\\]"):
+            transformer.prefill_scale((labels,), transformer.init_kv_cache(), inputs[:, :4], logits_from=5)
         with pytest.raises(ValueError, match="`kv_cache`"):
             transformer.prefill_scale((labels,), cache, inputs[:, :4])  # a filled cache
         with pytest.raises(ValueError, match="`teacher_forcing_input`"):

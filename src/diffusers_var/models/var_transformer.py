@@ -167,7 +167,9 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         """Per-block AdaLN input: the class embedding, or the shared (B, 1, 6, C) modulation."""
         return cond_BD if self.shared_modulation is None else self.shared_modulation(cond_BD)
 
-    def _run_blocks(self, x_BLC, cond_BD, attn_mask=None, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def _run_blocks(
+        self, x_BLC, cond_BD, attn_mask=None, kv_cache: KVCache | None = None, logits_from: int = 0
+    ) -> torch.Tensor:
         head_memo = kv_cache.head if kv_cache is not None else None
         block_cond = memoized(head_memo, "shared_adaln", lambda: self._adaln_condition(cond_BD))
         for i, block in enumerate(self.blocks):
@@ -177,7 +179,8 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             else:
                 x_BLC = block(x_BLC, block_cond, attn_mask=attn_mask, kv_cache=layer_cache)
         head_dtype = self.head.weight.dtype  # the head stays float32 in a low-precision model
-        return self.head(self.head_norm(x_BLC.to(head_dtype), cond_BD.to(head_dtype), head_memo)).float()
+        x_BLC = x_BLC[:, logits_from:].to(head_dtype)
+        return self.head(self.head_norm(x_BLC, cond_BD.to(head_dtype), head_memo)).float()
 
     # -- forward: teacher forcing (training) or one scale of decoding ---------------------------------
     def forward(
@@ -188,6 +191,7 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return_dict: bool = True,
         scale_index: int | None = None,
         kv_cache: KVCache | None = None,
+        logits_from: int = 0,
     ):
         r"""Teacher-forcing forward with the block-causal mask, or (``scale_index`` given) one scale of decoding.
 
@@ -202,8 +206,11 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 ``kv_cache`` without ``scale_index`` is a prefill: the teacher-forcing pass over the scales 0..k of
                 ``teacher_forcing_input`` also writes their keys and values into the (empty) cache, so decoding goes
                 on at scale k + 1 (CoDe's refiner continues a drafted pyramid this way).
+            logits_from: teacher forcing and prefill: the logits of the positions from this one on only (the head
+                skips those before it).
 
-        Returns logits (B, L, vocab_size), float32 (decoding: the scale's (B, pn*pn, vocab_size), as a tensor).
+        Returns logits (B, L - logits_from, vocab_size), float32 (decoding: the scale's (B, pn*pn, vocab_size), as a
+        tensor).
         """
         if scale_index is not None:
             return self._decode_scale(scale_index, class_labels, kv_cache, teacher_forcing_input)
@@ -221,7 +228,9 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         level_ids = self._level_ids(length, x_BLC.device)
         x_BLC = x_BLC + (self.level_embedding(level_ids) + self.pos_embed[:, :length])
         attn_mask = (level_ids[0, :, None] >= level_ids[0, None, :])[None, None]  # block-causal
-        logits = self._run_blocks(x_BLC, cond_BD, attn_mask=attn_mask, kv_cache=kv_cache)
+        if not 0 <= logits_from < length:
+            raise ValueError(f"`logits_from` must be in [0, {length - 1}] for {length} positions, got {logits_from}.")
+        logits = self._run_blocks(x_BLC, cond_BD, attn_mask=attn_mask, kv_cache=kv_cache, logits_from=logits_from)
         if not return_dict:
             return (logits,)
         return NextScaleTransformerOutput(logits=logits)
@@ -290,7 +299,7 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         return self(class_labels, scale_input, scale_index=scale_index, kv_cache=kv_cache)
 
     def prefill_scale(
-        self, condition: tuple[torch.Tensor], kv_cache: KVCache, prefix_input: torch.Tensor
+        self, condition: tuple[torch.Tensor], kv_cache: KVCache, prefix_input: torch.Tensor, logits_from: int = 0
     ) -> torch.Tensor:
         r"""Logits of every position of scales 0..k from one block-causal pass (through ``forward``), which also fills
         the empty ``kv_cache`` with them, so that :meth:`forward_scale` goes on at scale k + 1.
@@ -301,11 +310,13 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             prefix_input: (B, cum_k - pn_0^2, latent_channels): the inputs of scales 1..k (each the area-downsampled
                 cumulative f_hat of the scales before it, row-major), as
                 :meth:`MultiScaleVQModel.teacher_forcing_input` builds them.
+            logits_from: the first position whose logits are wanted (e.g. ``begin_ends[k][0]``: scale k's alone);
+                the positions before it fill the cache without going through the head.
 
-        Returns (B, cum_k, vocab_size) float32 logits (the last pn_k^2 rows predict scale k).
+        Returns (B, cum_k - logits_from, vocab_size) float32 logits (the last pn_k^2 rows predict scale k).
         """
         (class_labels,) = condition
-        return self(class_labels, prefix_input, drop_labels=False, kv_cache=kv_cache).logits
+        return self(class_labels, prefix_input, drop_labels=False, kv_cache=kv_cache, logits_from=logits_from).logits
 
     def _decode_scale(self, scale_index: int, class_labels, kv_cache: KVCache, scale_input) -> torch.Tensor:
         begin, end = self.begin_ends[scale_index]

@@ -915,6 +915,7 @@ class FastInferenceMixin:
         transformer: nn.Module | None = None,
         scales: range | None = None,
         prefill: bool = False,
+        prefill_logits_from: int = 0,
     ):
         """``step(scale_index, scale_input) -> transformer outputs`` for one generation with ``condition`` (the
         tensors of ``transformer.forward_scale``, guidance rows included): eager with a fresh KV cache, or replayed
@@ -922,8 +923,8 @@ class FastInferenceMixin:
 
         ``transformer`` (default: the pipeline's) runs the ``scales`` (default: all, in order). With ``prefill`` the
         first of them is a continuation: its ``scale_input`` is the input of every scale up to it (the teacher-forcing
-        prefix) and the step is ``transformer.prefill_scale`` (the logits of all those positions; the KV cache
-        filled)."""
+        prefix) and the step is ``transformer.prefill_scale`` (the logits of those positions from
+        ``prefill_logits_from`` on; the KV cache filled)."""
         self._sync_adapters()
         transformer = self.transformer if transformer is None else transformer
         schedule = tuple(tuple(hw) for hw in schedule)
@@ -932,7 +933,7 @@ class FastInferenceMixin:
 
         def forward(cache, si, condition, scale_input):
             if prefill and si == scales.start:
-                return transformer.prefill_scale(condition, cache, scale_input)
+                return transformer.prefill_scale(condition, cache, scale_input, prefill_logits_from)
             return transformer.forward_scale(si, condition, cache, scale_input)
 
         def build() -> CUDAGraphScaleSteps:
@@ -956,7 +957,7 @@ class FastInferenceMixin:
 
         key = ("transformer", schedule, tuple((t.shape, t.dtype) for t in condition))
         if transformer is not self.transformer or scales != range(len(schedule)) or prefill:  # a part of a generation
-            key += (id(transformer), scales, prefill)
+            key += (id(transformer), scales, prefill, prefill_logits_from)
         graphs = self._graph_scale_steps(key, device, build)
         if graphs is not None:
             return graphs.set_shared_inputs(*condition)

@@ -79,6 +79,13 @@ class ScaleSampling(NamedTuple):
     tempered: bool = False
     keep_resamples: bool = False
 
+    def prefill_logits_from(self, run: "ScaleRun") -> int:
+        """The first position of a prefill whose logits are computed: 0 when a callback may read them all (the
+        prefill's own logits or the re-samples drawn from them), else the run's first scale (its logits alone)."""
+        if self.keep_logits or self.keep_resamples:
+            return 0
+        return run.transformer.begin_ends[run.scales.start][0]
+
 
 class ScaleRun(NamedTuple):
     """The part of a token pyramid that one :meth:`VARPipeline._sample_scales` call samples, and the model that does
@@ -243,6 +250,7 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         rows, first = 2 * B, run.scales.start
         top_ks = [k if 0 < k < cfg.vocab_size else 0 for k in per_scale(top_k, num_scales)]
         prefill = run.prefix is not None
+        logits_from = settings.prefill_logits_from(run) if prefill else 0
 
         def build() -> CUDAGraphScaleSteps:
             cache = transformer.init_kv_cache(schedule[: run.scales.stop])  # room for the run's scales only
@@ -265,7 +273,7 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
             def step(si, labels_2B, guidance_S2, removable_mass, temperature_S):
                 prefill_logits = replayed = None
                 if prefill and si == first:
-                    prefill_logits = transformer.prefill_scale((labels_2B,), cache, scale_inputs[si])
+                    prefill_logits = transformer.prefill_scale((labels_2B,), cache, scale_inputs[si], logits_from)
                     if run.replay_prefix_draws:
                         replayed = self._replay_draws(
                             prefill_logits,
@@ -277,7 +285,7 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
                             settings,
                             removable_mass if use_top_p else None,
                         )
-                    logits = prefill_logits[:, transformer.begin_ends[si][0] :]
+                    logits = prefill_logits[:, transformer.begin_ends[si][0] - logits_from :]
                 else:
                     logits = transformer.forward_scale(si, (labels_2B,), cache, scale_inputs[si])
                 indices, guided_logits, next_input = self._sample_scale(
@@ -358,7 +366,8 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         (no guidance; each scale's top-k, top-p and temperature) and discards the tokens: only the draws matter (they
         keep a seeded generator on the original's stream). Returns the re-sampled tokens, (B, l) per scale, when
         ``settings.keep_resamples`` (a callback asks for them); otherwise only draws the same numbers and returns
-        None."""
+        None (``prefill_logits`` then holds the first scale's positions alone: only its batch and vocabulary sizes
+        are read)."""
         B, V = prefill_logits.shape[0] // 2, prefill_logits.shape[-1]
         replayed = []
         for si in range(first_scale):
@@ -467,8 +476,9 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
             if prefill:
                 graphs.scale_inputs[run.scales.start].copy_(self._guidance_rows(run.prefix))
         else:
+            prefill_from = settings.prefill_logits_from(run) if prefill else 0
             transformer_step = self._transformer_steps(
-                condition, schedule, device, run.transformer, run.scales, prefill
+                condition, schedule, device, run.transformer, run.scales, prefill, prefill_from
             )
             latents = (
                 run.latents
@@ -495,13 +505,14 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
                 else:
                     model_logits = transformer_step(si, scale_input)
                     prefill_logits = replayed = None
-                    if prefill and si == run.scales.start:  # the logits of every position up to this scale
+                    if prefill and si == run.scales.start:  # the logits of the positions from prefill_from on
                         begin = run.transformer.begin_ends[si][0]
-                        prefill_logits, model_logits = model_logits, model_logits[:, begin:]
+                        head_rows, model_logits = model_logits, model_logits[:, begin - prefill_from :]
                         if run.replay_prefix_draws:
                             replayed = self._replay_draws(
-                                prefill_logits, si, top_ks, top_p, temperatures, generator, settings
+                                head_rows, si, top_ks, top_p, temperatures, generator, settings
                             )
+                        prefill_logits = head_rows if prefill_from == 0 else None
                     strength = linear_guidance_ramp(self._guidance_scale, si, num_scales)
                     tokens, guided_logits, next_input = self._sample_scale(
                         si,
