@@ -110,9 +110,10 @@ for stage in "$@"; do
       bench . subpixel_var16 --models var-d16 --batch-sizes 1,64 --modes fast-compile-all,fast-compile-all-subpixel --repeats 5
       bench . subpixel_var30 --models var-d30 --batch-sizes 64 --modes fast-compile-all,fast-compile-all-subpixel --repeats 3 ;;
     cudnn)  # issues 20, 23: cudnn.benchmark for the decoder's convolutions, batch 64, off / on in two processes per model
-      # (CUDNN_MODELS, CUDNN_MODES: bench_pipelines.py --modes, default fast-compile-all)
+      # (CUDNN_MODELS, CUDNN_MODES: bench_pipelines.py --modes, default fast-compile-all; CUDNN_SIDES: off on)
       for model in ${CUDNN_MODELS:-var-d30 code-d30-d16-n8}; do
-        for flag in "" --cudnn-benchmark; do
+        for side in ${CUDNN_SIDES:-off on}; do
+          flag=""; [ "$side" = on ] && flag=--cudnn-benchmark
           BENCH_TIMEOUT=${BENCH_TIMEOUT:-200} bench . "cudnn_${model}${flag:+_on}" --models "$model" --batch-sizes 64 \
             --modes "${CUDNN_MODES:-fast-compile-all}" --decode-slice 16 --repeats 5 $flag
         done
