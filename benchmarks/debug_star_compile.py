@@ -23,6 +23,9 @@ Variants (a fresh pipeline each, same weights):
   compiled-only-ffn     only the FFN piece compiled (the others run their uncompiled code)
   compiled-only-self-attention   only the self-attention pieces compiled
   compiled-no-cross     every piece compiled but the cross-attention's two
+  compiled-only-cross   only the cross-attention's two pieces compiled
+  compiled-no-cross-query / compiled-no-cross-output   every piece compiled but that one
+  compiled-as-shipped   the blocks compiled as enable_fast_inference does on CUDA (the cross-attention uncompiled)
 The default order puts the most telling first; ``--variants`` picks (``gpu_session.sh``: ``STAR_DEBUG_VARIANTS``).
 """
 
@@ -46,6 +49,10 @@ from diffusers_var.models.blocks import Rotary2D  # noqa: E402
 from diffusers_var.pipelines import fast_inference  # noqa: E402
 
 VARIANTS = (
+    "compiled-as-shipped",
+    "compiled-only-cross",
+    "compiled-no-cross-query",
+    "compiled-no-cross-output",
     "compiled",
     "compiled-complex-views",
     "fast",
@@ -66,6 +73,9 @@ COMPILED_PIECES = {  # variant -> the pieces that stay compiled (default: all)
     "compiled-only-ffn": PIECES["ffn"],
     "compiled-only-self-attention": PIECES["self-attention"],
     "compiled-no-cross": PIECES["ffn"] + PIECES["self-attention"],
+    "compiled-only-cross": PIECES["cross"],
+    "compiled-no-cross-query": PIECES["ffn"] + PIECES["self-attention"] + PIECES["cross"][1:],
+    "compiled-no-cross-output": PIECES["ffn"] + PIECES["self-attention"] + PIECES["cross"][:1],
 }
 
 
@@ -122,6 +132,8 @@ def run_variant(model: str, variant: str, device) -> tuple[torch.Tensor, torch.T
     compiled = variant != "fast"
     with contextlib.ExitStack() as stack:
         stack.enter_context(patched(fast_inference, "STAR_COMPILED_BLOCKS_ON_CUDA", True))
+        if variant != "compiled-as-shipped":  # every piece may run compiled (the cross-attention's too)
+            stack.enter_context(patched(fast_inference, "STAR_COMPILED_CROSS_ATTENTION_ON_CUDA", True))
         if variant == "split-uncompiled":  # the pieces stay plain Python: torch.compile returns its argument
             stack.enter_context(patched(torch, "compile", lambda fn, *a, **k: fn))
         if variant == "compiled-complex-views":

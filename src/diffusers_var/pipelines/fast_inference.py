@@ -507,10 +507,12 @@ def _star_ffn_residual(block, x_BLC):
 
 
 # STAR's compiled pieces gave wrong tokens on CUDA: greedy agreement 0.0 with eager float32 for STAR-d30 at 1024 px on
-# an H100 (bf16, with and without float8; the same pipeline uncompiled agrees on 0.97), while on the CPU they give
-# the eager tokens. Until a GPU run finds the cause (``benchmarks/debug_star_compile.py``), STAR's blocks run their
-# uncompiled forward on CUDA and say so once. True lets the compiled pieces run there (the diagnosis, a GPU test).
+# an H100 in bf16 (float32 compiled: 1.0; uncompiled bf16: 0.97), while on the CPU they give the eager tokens. With
+# the cross-attention's two pieces left uncompiled (the others compiled) bf16 agreed on 0.85, within the spread of
+# uncompiled variants (``benchmarks/debug_star_compile.py``, session 13): on CUDA those two run their plain code.
+# False for either switch makes that part run uncompiled on CUDA (the blocks: their own forward, said once).
 STAR_COMPILED_BLOCKS_ON_CUDA = False
+STAR_COMPILED_CROSS_ATTENTION_ON_CUDA = False
 
 
 def star_compiled_pieces_run(x_BLC: torch.Tensor) -> bool:
@@ -553,8 +555,13 @@ def _split_star_block(
             x_BLC, encoder_hidden_states, encoder_attention_mask, cross_attention_row0
         )
         k, v = memoized(kv_cache, "cross_kv", lambda: cross.context_keys_values(context))
-        attended = cross.attend(block.compiled_cross_attention_query(rows), k, v, mask)
-        x_BLC = block.compiled_cross_attention_output(x_BLC, attended)
+        if x_BLC.is_cuda and not STAR_COMPILED_CROSS_ATTENTION_ON_CUDA:
+            x_BLC = _cross_attention_output(
+                block, x_BLC, cross.attend(_star_cross_attention_query(block, rows), k, v, mask)
+            )
+        else:
+            attended = cross.attend(block.compiled_cross_attention_query(rows), k, v, mask)
+            x_BLC = block.compiled_cross_attention_output(x_BLC, attended)
     return block.compiled_ffn_residual(x_BLC)
 
 
