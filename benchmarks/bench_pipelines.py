@@ -64,7 +64,6 @@ from diffusers_var import (  # noqa: E402
 )
 from diffusers_var.models.dynamic_resolution import schedule_for_pixels  # noqa: E402
 from diffusers_var.models.infinity_transformer import infinity_ffn_dim  # noqa: E402
-from diffusers_var.pipelines import fast_inference  # noqa: E402
 from diffusers_var.pipelines.fast_inference import subpixel_upsample_  # noqa: E402
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -588,15 +587,7 @@ def main() -> int:
         help="torch.backends.cudnn.benchmark = True (cuDNN times its convolution kernels per shape; the pipelines "
         "leave this process-wide switch to the user)",
     )
-    parser.add_argument(
-        "--star-compiled-blocks-on-cuda",
-        action="store_true",
-        help="let STAR's compiled blocks run on CUDA (fast_inference.STAR_COMPILED_BLOCKS_ON_CUDA; off by default "
-        "since they gave wrong tokens there in session 12): the agreement line says whether they are right now",
-    )
     args = parser.parse_args()
-    if args.star_compiled_blocks_on_cuda:
-        fast_inference.STAR_COMPILED_BLOCKS_ON_CUDA = True
     if args.dry_run:
         args.device, args.repeats = "cpu", 1
         args.models = args.models or "var-tiny,code-tiny,star-tiny,infinity-tiny"

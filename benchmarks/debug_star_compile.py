@@ -1,18 +1,21 @@
 #!/usr/bin/env python
-"""Where STAR's compiled blocks go wrong on CUDA (``fast_inference.STAR_COMPILED_BLOCKS_ON_CUDA``).
+"""Where STAR's compiled blocks went wrong on CUDA (``fast_inference.STAR_COMPILED_CROSS_QUERY_ON_CUDA``).
 
 On an H100, STAR-d30 at 1024 px under ``enable_fast_inference(compile_blocks=True)`` gave greedy tokens that agree
 with eager float32 on 0.0% of positions, against 96.9% without ``compile_blocks``; on the CPU the compiled blocks
-give the eager tokens. This script runs the same greedy generation (random weights of the real configuration,
-``bench_pipelines.py``'s text features, batch 1) under variants that each take one suspect away, and prints the
-agreement with eager float32 overall and per scale, and how far the first scale's logits moved:
+give the eager tokens. Found with this script in session 13 (H100, bf16): the compiled cross-attention query alone
+does it (0.0% whenever it is compiled, with or without CUDA graphs; 85% with every other piece compiled; 100% in
+float32), so ``enable_fast_inference`` runs that piece uncompiled on CUDA. This script runs the same greedy
+generation (random weights of the real configuration, ``bench_pipelines.py``'s text features, batch 1) under
+variants that each take one suspect away, and prints the agreement with eager float32 overall and per scale, and how
+far the first scale's logits moved:
 
     python benchmarks/debug_star_compile.py                          # on the GPU: every variant
     python benchmarks/debug_star_compile.py --model star-tiny --device cpu --variants fast,compiled   # checks it
 
 Variants (a fresh pipeline each, same weights):
   fast                  enable_fast_inference() (bf16, CUDA graphs; no compiled blocks): the working reference
-  compiled              + compile_blocks=True, the compiled pieces allowed on CUDA
+  compiled              + compile_blocks=True, every piece compiled on CUDA (the cross-attention query too)
   compiled-no-graphs    the same without CUDA graphs
   split-uncompiled      the split block (pieces around the KV cache and attention) with the pieces not compiled
   compiled-no-gelu      compiled, without the fused bias + GELU epilogue of the FFN
@@ -25,7 +28,7 @@ Variants (a fresh pipeline each, same weights):
   compiled-no-cross     every piece compiled but the cross-attention's two
   compiled-only-cross   only the cross-attention's two pieces compiled
   compiled-no-cross-query / compiled-no-cross-output   every piece compiled but that one
-  compiled-as-shipped   the blocks compiled as enable_fast_inference does on CUDA (the cross-attention uncompiled)
+  compiled-as-shipped   the blocks compiled as enable_fast_inference does on CUDA (cross-attention query uncompiled)
 The default order puts the most telling first; ``--variants`` picks (``gpu_session.sh``: ``STAR_DEBUG_VARIANTS``).
 """
 
@@ -132,8 +135,8 @@ def run_variant(model: str, variant: str, device) -> tuple[torch.Tensor, torch.T
     compiled = variant != "fast"
     with contextlib.ExitStack() as stack:
         stack.enter_context(patched(fast_inference, "STAR_COMPILED_BLOCKS_ON_CUDA", True))
-        if variant != "compiled-as-shipped":  # every piece may run compiled (the cross-attention's too)
-            stack.enter_context(patched(fast_inference, "STAR_COMPILED_CROSS_ATTENTION_ON_CUDA", True))
+        if variant != "compiled-as-shipped":  # every piece may run compiled (the cross-attention query too)
+            stack.enter_context(patched(fast_inference, "STAR_COMPILED_CROSS_QUERY_ON_CUDA", True))
         if variant == "split-uncompiled":  # the pieces stay plain Python: torch.compile returns its argument
             stack.enter_context(patched(torch, "compile", lambda fn, *a, **k: fn))
         if variant == "compiled-complex-views":

@@ -65,7 +65,7 @@ for stage in "$@"; do
       bench .baseline old_inf --models infinity-2b --batch-sizes 1 --modes fast --repeats 5
       bench . new_inf --models infinity-2b --batch-sizes 1 --modes fast --repeats 5 ;;
     star_all)  # issue 20: STAR-d30 1024 px batch 1 with its blocks compiled (new: compile_blocks for STAR) against fast
-      # (STAR_ALL_ARGS: e.g. --star-compiled-blocks-on-cuda)
+      # (STAR_ALL_ARGS: more bench_pipelines.py arguments)
       BENCH_TIMEOUT=${BENCH_TIMEOUT:-400} bench . star_all --models star-d30 --batch-sizes 1 --modes fast,fast-compile-all --repeats 5 ${STAR_ALL_ARGS:-} ;;
     t2i_all)  # issue 16: Infinity-2B under fast-compile-all at batch 1 and 4, before / after (the README table's rows)
       BENCH_TIMEOUT=${BENCH_TIMEOUT:-290} bench .baseline old_inf_all --models infinity-2b --batch-sizes 1,4 --modes fast-compile-all --repeats 5
@@ -124,7 +124,7 @@ for stage in "$@"; do
       echo "recompiles: $(grep -c 'Recompiling function' "$OUT/fp8_inf.log"), recompile limit hit: $(grep -c 'hit config.recompile_limit' "$OUT/fp8_inf.log")"
       BENCH_TIMEOUT=${BENCH_TIMEOUT:-290} bench . fp8_star --models star-d30 --batch-sizes 1 \
         --modes fast-compile-all,fast-compile-all-fp8 --repeats 5 ;;
-    star_debug)  # issue 20: where STAR's compiled blocks go wrong on CUDA (fast_inference.STAR_COMPILED_BLOCKS_ON_CUDA)
+    star_debug)  # issue 20: where STAR's compiled blocks went wrong on CUDA (fast_inference.STAR_COMPILED_CROSS_QUERY_ON_CUDA)
       log star_debug; timeout "${STAR_DEBUG_TIMEOUT:-560}" python3 benchmarks/debug_star_compile.py \
         ${STAR_DEBUG_VARIANTS:+--variants "$STAR_DEBUG_VARIANTS"} > "$OUT/star_debug.log" 2>&1
       grep -v "^W[0-9]" "$OUT/star_debug.log" | tail -n 12 ;;

@@ -605,7 +605,7 @@ def test_compiled_pieces_trace_each_row_regime_in_its_own_copy():
 
 
 def test_star_compiled_blocks_step_aside_where_they_are_not_trusted(monkeypatch, caplog):
-    """Where STAR's compiled pieces may not run (on CUDA, until ``STAR_COMPILED_BLOCKS_ON_CUDA``; forced here on
+    """Where STAR's compiled pieces may not run (on CUDA with ``STAR_COMPILED_BLOCKS_ON_CUDA`` off; forced here on
     the CPU), a compiled block runs its own forward instead: the eager logits exactly, no compiled piece called,
     and one warning that names ``compile_blocks``."""
     pipe = _perturbed_star_pipe(quirk=True)
@@ -642,6 +642,47 @@ def test_star_compiled_blocks_step_aside_where_they_are_not_trusted(monkeypatch,
     monkeypatch.undo()
     fast_inference._warn_star_blocks_uncompiled.cache_clear()
     assert len(logits()) == len(eager) and len(calls) == len(pipe.transformer.blocks) * len(eager)
+
+
+def test_star_cross_attention_query_runs_uncompiled_where_it_is_not_trusted(monkeypatch):
+    """Where the compiled cross-attention query may not run (on CUDA unless ``STAR_COMPILED_CROSS_QUERY_ON_CUDA``;
+    forced here on the CPU), the blocks run its plain code and every other piece compiled: in float32 the logits of
+    the eager path within float32 reordering noise."""
+    pipe = _perturbed_star_pipe(quirk=True)
+
+    def logits():
+        seen = []
+        pipe(
+            prompt=["a red cat", "the city"],
+            top_k=1,
+            generator=torch.Generator().manual_seed(0),
+            output_type="latent",
+            callback_on_step_end=lambda p, si, hw, t: seen.append(t["model_logits"].clone()) or {},
+            callback_on_step_end_tensor_inputs=["model_logits"],
+        )
+        return seen
+
+    eager = logits()
+    pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=True)
+    calls = {"query": 0, "output": 0}
+    for block in pipe.transformer.blocks:
+        for name, piece_name in (
+            ("query", "compiled_cross_attention_query"),
+            ("output", "compiled_cross_attention_output"),
+        ):
+            piece = getattr(block, piece_name)
+            setattr(
+                block,
+                piece_name,
+                lambda *a, piece=piece, name=name: calls.__setitem__(name, calls[name] + 1) or piece(*a),
+            )
+    assert fast_inference.star_compiled_query_runs(torch.zeros(1, 2, 3))  # the CPU runs it compiled
+    monkeypatch.setattr(fast_inference, "star_compiled_query_runs", lambda rows_BLC: False)
+    plain_query = logits()
+    scales_run = len(pipe.transformer.blocks) * len(eager)
+    assert calls == {"query": 0, "output": scales_run}
+    for got, reference in zip(plain_query, eager, strict=True):
+        torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5, 13])

@@ -167,11 +167,11 @@ def test_star_bf16_fast_path_generates():
 
 
 def test_star_compiled_blocks_step_aside_on_cuda(caplog, monkeypatch):
-    """STAR's compiled pieces gave wrong tokens on CUDA (H100, STAR-d30): until ``STAR_COMPILED_BLOCKS_ON_CUDA``,
-    ``compile_blocks=True`` runs the blocks uncompiled there, so its tokens are those of ``compile_blocks=False``,
-    and a warning says so."""
+    """With ``STAR_COMPILED_BLOCKS_ON_CUDA`` off, ``compile_blocks=True`` runs STAR's blocks uncompiled on CUDA, so its
+    tokens are those of ``compile_blocks=False``, and a warning says so."""
     from diffusers_var.pipelines import fast_inference
 
+    monkeypatch.setattr(fast_inference, "STAR_COMPILED_BLOCKS_ON_CUDA", False)
     text = _star_text(2, 12, seed=1)
     uncompiled = _star_run(_star_pipe(quirk=True).enable_fast_inference(), text)
     fast_inference._warn_star_blocks_uncompiled.cache_clear()
@@ -184,12 +184,12 @@ def test_star_compiled_blocks_step_aside_on_cuda(caplog, monkeypatch):
 
 @pytest.mark.parametrize("quirk", [False, True])
 def test_star_compiled_pieces_on_cuda_match_eager_in_float32(monkeypatch, quirk):
-    """The compiled pieces themselves on CUDA (``STAR_COMPILED_BLOCKS_ON_CUDA`` forced on), in float32 with CUDA
-    graphs: the tokens of eager float32 and latents within float32 reordering noise (session 12 saw STAR-d30's compiled
-    blocks give wrong tokens on an H100)."""
+    """Every compiled piece on CUDA, the cross-attention query too (``STAR_COMPILED_CROSS_QUERY_ON_CUDA`` forced on),
+    in float32 with CUDA graphs: the tokens of eager float32 and latents within float32 reordering noise (in bf16
+    the compiled query gave STAR-d30 wrong tokens on an H100; in float32 it agreed on every token)."""
     from diffusers_var.pipelines import fast_inference
 
-    monkeypatch.setattr(fast_inference, "STAR_COMPILED_BLOCKS_ON_CUDA", True)
+    monkeypatch.setattr(fast_inference, "STAR_COMPILED_CROSS_QUERY_ON_CUDA", True)
     text = _star_text(2, 12, seed=1)
     eager_latent, eager_tokens = _star_run(_star_pipe(quirk), text)
     pipe = _star_pipe(quirk).enable_fast_inference(dtype=torch.float32, compile_blocks=True)
@@ -276,7 +276,7 @@ def test_infinity_bf16_fast_path_generates():
 
 @pytest.mark.parametrize("family", ["star", "infinity"])
 def test_text_to_image_fp8_fast_path_generates(family, monkeypatch):
-    """``fp8=True`` with compiled blocks (STAR's step aside on CUDA: ``STAR_COMPILED_BLOCKS_ON_CUDA``) and CUDA graphs
+    """``fp8=True`` with compiled blocks (STAR's cross-attention query uncompiled on CUDA) and CUDA graphs
     on STAR and Infinity, the float8 matmuls forced at every scale: finite latents, the same on a replay, and greedy
     tokens mostly those of the bf16 path (printed)."""
     from diffusers_var.pipelines import fast_inference

@@ -63,8 +63,8 @@ def normalized_rope_2d_table(
 
 def rope_rotary(table_LD2: torch.Tensor) -> Rotary2D:
     """The ``rotary`` argument of :class:`CosineSelfAttention` for rows of a complex rotation table, as contiguous
-    real cos / sin tables: not ``.real`` / ``.imag`` views, which alias one complex storage (the second at an odd
-    offset) and were the suspect when the compiled blocks gave wrong tokens on CUDA (``debug_star_compile.py``)."""
+    real cos / sin tables (not ``.real`` / ``.imag`` views aliasing one complex storage: the compiled blocks take
+    them as inputs, and were checked on CUDA with these)."""
     return Rotary2D(table_LD2.real.contiguous(), table_LD2.imag.contiguous())
 
 

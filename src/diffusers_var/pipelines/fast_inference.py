@@ -506,26 +506,34 @@ def _star_ffn_residual(block, x_BLC):
     return x_BLC + block.drop_path(block.ffn(block.norm(x_BLC)))
 
 
-# STAR's compiled pieces gave wrong tokens on CUDA: greedy agreement 0.0 with eager float32 for STAR-d30 at 1024 px on
-# an H100 in bf16 (float32 compiled: 1.0; uncompiled bf16: 0.97), while on the CPU they give the eager tokens. With
-# the cross-attention's two pieces left uncompiled (the others compiled) bf16 agreed on 0.85, within the spread of
-# uncompiled variants (``benchmarks/debug_star_compile.py``, session 13): on CUDA those two run their plain code.
-# False for either switch makes that part run uncompiled on CUDA (the blocks: their own forward, said once).
-STAR_COMPILED_BLOCKS_ON_CUDA = False
-STAR_COMPILED_CROSS_ATTENTION_ON_CUDA = False
+# STAR's compiled cross-attention query gives wrong tokens on CUDA in bf16: STAR-d30 at 1024 px on an H100 agreed with
+# eager float32 on 0.0% of its greedy tokens with it compiled (with or without CUDA graphs; in float32 on 100%), on
+# 85% with it uncompiled and every other piece compiled, as with the cross-attention's output piece also uncompiled
+# (``benchmarks/debug_star_compile.py``, session 13; uncompiled blocks: 97%, the spread of bf16 rounding over 14
+# scales of random weights). The CPU gives the eager tokens either way. So on CUDA that one piece runs its plain code.
+# The switches: False for the blocks runs them uncompiled on CUDA (their own forward, said once); True for the query
+# compiles it there too (what the diagnosis and a GPU test force).
+STAR_COMPILED_BLOCKS_ON_CUDA = True
+STAR_COMPILED_CROSS_QUERY_ON_CUDA = False
 
 
 def star_compiled_pieces_run(x_BLC: torch.Tensor) -> bool:
-    """Whether a compiled STAR block runs its compiled pieces for ``x_BLC`` (always on the CPU; on CUDA only with
+    """Whether a compiled STAR block runs its compiled pieces for ``x_BLC`` (always on the CPU; on CUDA with
     :data:`STAR_COMPILED_BLOCKS_ON_CUDA`)."""
     return not x_BLC.is_cuda or STAR_COMPILED_BLOCKS_ON_CUDA
+
+
+def star_compiled_query_runs(rows_BLC: torch.Tensor) -> bool:
+    """Whether the cross-attention query of a compiled STAR block runs compiled (always on the CPU; on CUDA only with
+    :data:`STAR_COMPILED_CROSS_QUERY_ON_CUDA`)."""
+    return not rows_BLC.is_cuda or STAR_COMPILED_CROSS_QUERY_ON_CUDA
 
 
 @functools.lru_cache(maxsize=1)
 def _warn_star_blocks_uncompiled() -> None:
     logger.warning(
-        "`compile_blocks=True`: STAR's compiled blocks are not used on CUDA (they gave wrong tokens on an H100; "
-        "see diffusers_var.pipelines.fast_inference.STAR_COMPILED_BLOCKS_ON_CUDA); the blocks run uncompiled, "
+        "`compile_blocks=True`: STAR's compiled blocks are switched off on CUDA "
+        "(diffusers_var.pipelines.fast_inference.STAR_COMPILED_BLOCKS_ON_CUDA = False); the blocks run uncompiled, "
         "at the speed of `compile_blocks=False`."
     )
 
@@ -541,7 +549,7 @@ def _split_star_block(
     cross_attention_row0=False,
 ):
     """:meth:`STARBlock.forward` with its elementwise work in compiled pieces (on CUDA: see
-    :data:`STAR_COMPILED_BLOCKS_ON_CUDA`)."""
+    :data:`STAR_COMPILED_BLOCKS_ON_CUDA`, :data:`STAR_COMPILED_CROSS_QUERY_ON_CUDA`)."""
     if not star_compiled_pieces_run(x_BLC):
         _warn_star_blocks_uncompiled()
         text = (encoder_hidden_states, encoder_attention_mask, cross_attention_row0)
@@ -555,13 +563,11 @@ def _split_star_block(
             x_BLC, encoder_hidden_states, encoder_attention_mask, cross_attention_row0
         )
         k, v = memoized(kv_cache, "cross_kv", lambda: cross.context_keys_values(context))
-        if x_BLC.is_cuda and not STAR_COMPILED_CROSS_ATTENTION_ON_CUDA:
-            x_BLC = _cross_attention_output(
-                block, x_BLC, cross.attend(_star_cross_attention_query(block, rows), k, v, mask)
-            )
+        if star_compiled_query_runs(rows):
+            q = block.compiled_cross_attention_query(rows)
         else:
-            attended = cross.attend(block.compiled_cross_attention_query(rows), k, v, mask)
-            x_BLC = block.compiled_cross_attention_output(x_BLC, attended)
+            q = _star_cross_attention_query(block, rows)
+        x_BLC = block.compiled_cross_attention_output(x_BLC, cross.attend(q, k, v, mask))
     return block.compiled_ffn_residual(x_BLC)
 
 
