@@ -604,25 +604,27 @@ def test_compiled_pieces_trace_each_row_regime_in_its_own_copy():
     assert 1 <= len(entries(above.__code__)) <= 2 and 1 <= len(entries(below.__code__)) <= 3  # no recompile per size
 
 
+def _star_model_logits(pipe) -> list[torch.Tensor]:
+    """The model logits of every scale of one greedy two-prompt STAR generation."""
+    seen = []
+    pipe(
+        prompt=["a red cat", "the city"],
+        top_k=1,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+        callback_on_step_end=lambda p, si, hw, t: seen.append(t["model_logits"].clone()) or {},
+        callback_on_step_end_tensor_inputs=["model_logits"],
+    )
+    return seen
+
+
 def test_star_compiled_blocks_step_aside_where_they_are_not_trusted(monkeypatch, caplog):
     """Where STAR's compiled pieces may not run (on CUDA with ``STAR_COMPILED_BLOCKS_ON_CUDA`` off; forced here on
     the CPU), a compiled block runs its own forward instead: the eager logits exactly, no compiled piece called,
     and one warning that names ``compile_blocks``."""
     pipe = _perturbed_star_pipe(quirk=True)
 
-    def logits():
-        seen = []
-        pipe(
-            prompt=["a red cat", "the city"],
-            top_k=1,
-            generator=torch.Generator().manual_seed(0),
-            output_type="latent",
-            callback_on_step_end=lambda p, si, hw, t: seen.append(t["model_logits"].clone()) or {},
-            callback_on_step_end_tensor_inputs=["model_logits"],
-        )
-        return seen
-
-    eager = logits()
+    eager = _star_model_logits(pipe)
     pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=True)
     calls = []
     for block in pipe.transformer.blocks:
@@ -633,7 +635,7 @@ def test_star_compiled_blocks_step_aside_where_they_are_not_trusted(monkeypatch,
     fast_inference._warn_star_blocks_uncompiled.cache_clear()
     monkeypatch.setattr(fast_inference.logger, "propagate", True)
     with caplog.at_level("WARNING"):
-        stepped_aside = logits()
+        stepped_aside = _star_model_logits(pipe)
     assert calls == []
     for got, reference in zip(stepped_aside, eager, strict=True):
         torch.testing.assert_close(got, reference, rtol=0, atol=0)
@@ -641,7 +643,7 @@ def test_star_compiled_blocks_step_aside_where_they_are_not_trusted(monkeypatch,
     assert len(warnings) == 1 and "CUDA" in warnings[0]
     monkeypatch.undo()
     fast_inference._warn_star_blocks_uncompiled.cache_clear()
-    assert len(logits()) == len(eager) and len(calls) == len(pipe.transformer.blocks) * len(eager)
+    assert len(_star_model_logits(pipe)) == len(eager) and len(calls) == len(pipe.transformer.blocks) * len(eager)
 
 
 def test_star_cross_attention_query_runs_uncompiled_where_it_is_not_trusted(monkeypatch):
@@ -650,19 +652,7 @@ def test_star_cross_attention_query_runs_uncompiled_where_it_is_not_trusted(monk
     the eager path within float32 reordering noise."""
     pipe = _perturbed_star_pipe(quirk=True)
 
-    def logits():
-        seen = []
-        pipe(
-            prompt=["a red cat", "the city"],
-            top_k=1,
-            generator=torch.Generator().manual_seed(0),
-            output_type="latent",
-            callback_on_step_end=lambda p, si, hw, t: seen.append(t["model_logits"].clone()) or {},
-            callback_on_step_end_tensor_inputs=["model_logits"],
-        )
-        return seen
-
-    eager = logits()
+    eager = _star_model_logits(pipe)
     pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=True)
     calls = {"query": 0, "output": 0}
     for block in pipe.transformer.blocks:
@@ -678,7 +668,7 @@ def test_star_cross_attention_query_runs_uncompiled_where_it_is_not_trusted(monk
             )
     assert fast_inference.star_compiled_query_runs(torch.zeros(1, 2, 3))  # the CPU runs it compiled
     monkeypatch.setattr(fast_inference, "star_compiled_query_runs", lambda rows_BLC: False)
-    plain_query = logits()
+    plain_query = _star_model_logits(pipe)
     scales_run = len(pipe.transformer.blocks) * len(eager)
     assert calls == {"query": 0, "output": scales_run}
     for got, reference in zip(plain_query, eager, strict=True):
