@@ -124,7 +124,7 @@ for stage in "$@"; do
       echo "recompiles: $(grep -c 'Recompiling function' "$OUT/fp8_inf.log"), recompile limit hit: $(grep -c 'hit config.recompile_limit' "$OUT/fp8_inf.log")"
       BENCH_TIMEOUT=${BENCH_TIMEOUT:-290} bench . fp8_star --models star-d30 --batch-sizes 1 \
         --modes fast-compile-all,fast-compile-all-fp8 --repeats 5 ;;
-    star_debug)  # issue 20: where STAR's compiled blocks went wrong on CUDA (fast_inference.STAR_COMPILED_CROSS_QUERY_ON_CUDA)
+    star_debug)  # issue 20: where STAR's compiled blocks went wrong on CUDA (the cross-attention query)
       log star_debug; timeout "${STAR_DEBUG_TIMEOUT:-560}" python3 benchmarks/debug_star_compile.py \
         ${STAR_DEBUG_VARIANTS:+--variants "$STAR_DEBUG_VARIANTS"} > "$OUT/star_debug.log" 2>&1
       grep -v "^W[0-9]" "$OUT/star_debug.log" | tail -n 12 ;;

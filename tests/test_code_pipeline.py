@@ -170,6 +170,24 @@ def test_discarded_resamples_are_only_drawn_unless_a_callback_asks(per_image, mo
         assert torch.equal(a.get_state(), b.get_state())
 
 
+def test_a_callback_reading_the_prefill_gets_every_position():
+    """A callback that asks for ``"prefill_logits"`` alone gets the logits of every position up to the refiner's first
+    scale (the head runs over all of them), and the images stay those of a call without it."""
+    pipe, seen = code_pipe(), {}
+    draft_steps = pipe.config.draft_steps
+    plain = latents(pipe, seed=3)
+    with_prefill = latents(
+        pipe,
+        seed=3,
+        callback_on_step_end=lambda p, si, hw, t: seen.__setitem__(si, t["prefill_logits"]) or {},
+        callback_on_step_end_tensor_inputs=["prefill_logits"],
+    )
+    end = pipe.refiner.begin_ends[draft_steps][1]
+    assert seen[draft_steps].shape == (6, end, pipe.refiner.config.vocab_size)
+    assert all(seen[si] is None for si in seen if si != draft_steps)
+    assert torch.equal(with_prefill, plain)
+
+
 def test_one_model_in_both_roles_equals_plain_var():
     """The same transformer as drafter and refiner: CoDe samples the tokens a plain VAR call samples (same seed)."""
     components = code_components(seed=0)
@@ -221,6 +239,8 @@ def test_prefill_equals_the_scale_by_scale_cache():
             torch.testing.assert_close(after, stepwise[k + 1], atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match="`logits_from`.*\\[0, 4\\]"):
             transformer.prefill_scale((labels,), transformer.init_kv_cache(), inputs[:, :4], logits_from=5)
+        with pytest.raises(ValueError, match="`logits_from`.*`scale_index`"):
+            transformer(labels, None, scale_index=0, kv_cache=transformer.init_kv_cache(), logits_from=1)
         with pytest.raises(ValueError, match="`kv_cache`"):
             transformer.prefill_scale((labels,), cache, inputs[:, :4])  # a filled cache
         with pytest.raises(ValueError, match="`teacher_forcing_input`"):

@@ -667,6 +667,8 @@ def test_star_cross_attention_query_runs_uncompiled_where_it_is_not_trusted(monk
                 lambda *a, piece=piece, name=name: calls.__setitem__(name, calls[name] + 1) or piece(*a),
             )
     assert fast_inference.star_compiled_query_runs(torch.zeros(1, 2, 3))  # the CPU runs it compiled
+    on_cuda = types.SimpleNamespace(is_cuda=True)  # the shipped switches: blocks compiled on CUDA, the query not
+    assert fast_inference.star_compiled_pieces_run(on_cuda) and not fast_inference.star_compiled_query_runs(on_cuda)
     monkeypatch.setattr(fast_inference, "star_compiled_query_runs", lambda rows_BLC: False)
     plain_query = _star_model_logits(pipe)
     scales_run = len(pipe.transformer.blocks) * len(eager)

@@ -63,8 +63,8 @@ def normalized_rope_2d_table(
 
 def rope_rotary(table_LD2: torch.Tensor) -> Rotary2D:
     """The ``rotary`` argument of :class:`CosineSelfAttention` for rows of a complex rotation table, as contiguous
-    real cos / sin tables (not ``.real`` / ``.imag`` views aliasing one complex storage: the compiled blocks take
-    them as inputs, and were checked on CUDA with these)."""
+    real cos / sin tables rather than ``.real`` / ``.imag`` views of one complex storage (the compiled blocks take
+    them as inputs; the GPU measurements of session 13 ran with these copies)."""
     return Rotary2D(table_LD2.real.contiguous(), table_LD2.imag.contiguous())
 
 

@@ -213,9 +213,16 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         tensor).
         """
         if scale_index is not None:
+            if logits_from:
+                raise ValueError(
+                    "`logits_from` is for teacher forcing and prefill; decoding one scale (`scale_index`) "
+                    f"gives that scale's logits, got logits_from={logits_from}."
+                )
             return self._decode_scale(scale_index, class_labels, kv_cache, teacher_forcing_input)
         self._check_labels(class_labels)
         length = self._teacher_forcing_length(teacher_forcing_input)
+        if not 0 <= logits_from < length:
+            raise ValueError(f"`logits_from` must be in [0, {length - 1}] for {length} positions, got {logits_from}.")
         if kv_cache is not None and kv_cache.length:
             raise ValueError(f"`kv_cache` must be empty for a prefill; it holds {kv_cache.length} positions.")
         if drop_labels if drop_labels is not None else self.training:
@@ -228,8 +235,6 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         level_ids = self._level_ids(length, x_BLC.device)
         x_BLC = x_BLC + (self.level_embedding(level_ids) + self.pos_embed[:, :length])
         attn_mask = (level_ids[0, :, None] >= level_ids[0, None, :])[None, None]  # block-causal
-        if not 0 <= logits_from < length:
-            raise ValueError(f"`logits_from` must be in [0, {length - 1}] for {length} positions, got {logits_from}.")
         logits = self._run_blocks(x_BLC, cond_BD, attn_mask=attn_mask, kv_cache=kv_cache, logits_from=logits_from)
         if not return_dict:
             return (logits,)

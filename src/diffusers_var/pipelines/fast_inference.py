@@ -512,7 +512,8 @@ def _star_ffn_residual(block, x_BLC):
 # (``benchmarks/debug_star_compile.py``, session 13; uncompiled blocks: 97%, the spread of bf16 rounding over 14
 # scales of random weights). The CPU gives the eager tokens either way. So on CUDA that one piece runs its plain code.
 # The switches: False for the blocks runs them uncompiled on CUDA (their own forward, said once); True for the query
-# compiles it there too (what the diagnosis and a GPU test force).
+# compiles it there too (what the diagnosis and a GPU test force). Set them before the first generation with CUDA
+# graphs: captured graphs keep the code they captured.
 STAR_COMPILED_BLOCKS_ON_CUDA = True
 STAR_COMPILED_CROSS_QUERY_ON_CUDA = False
 

@@ -70,19 +70,21 @@ ScaleForcing = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, t
 
 class ScaleSampling(NamedTuple):
     """What shapes a scale's sampling code (a CUDA graph set is captured per value): Gumbel smoothing, copies of the
-    logits for the callback, the k-wide top-p of the fast path, a temperature other than 1 at some scale, and whether
-    CoDe's discarded re-samples are computed (for the callback) or only drawn."""
+    logits for the callback, the k-wide top-p of the fast path, a temperature other than 1 at some scale, whether
+    CoDe's discarded re-samples are computed (for the callback) or only drawn, and whether its refiner's prefill gives
+    the logits of the drafted positions too (for the callback)."""
 
     more_smooth: bool
     keep_logits: bool
     fast_filter: bool
     tempered: bool = False
     keep_resamples: bool = False
+    keep_prefill_logits: bool = False
 
     def prefill_logits_from(self, run: "ScaleRun") -> int:
-        """The first position of a prefill whose logits are computed: 0 when a callback may read them all (the
-        prefill's own logits or the re-samples drawn from them), else the run's first scale (its logits alone)."""
-        if self.keep_logits or self.keep_resamples:
+        """The first position of a prefill whose logits are computed: 0 when a callback reads them all (the prefill's
+        logits, or the re-samples drawn from them), else the run's first scale (its logits alone)."""
+        if self.keep_prefill_logits or self.keep_resamples:
             return 0
         return run.transformer.begin_ends[run.scales.start][0]
 
@@ -308,7 +310,7 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
                     indices,
                     guided_logits,
                     logits.clone() if keep else None,
-                    prefill_logits.clone() if keep and prefill_logits is not None else None,
+                    prefill_logits.clone() if settings.keep_prefill_logits and prefill_logits is not None else None,
                     replayed,
                 )
 
@@ -366,7 +368,7 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         (no guidance; each scale's top-k, top-p and temperature) and discards the tokens: only the draws matter (they
         keep a seeded generator on the original's stream). Returns the re-sampled tokens, (B, l) per scale, when
         ``settings.keep_resamples`` (a callback asks for them); otherwise only draws the same numbers and returns
-        None (``prefill_logits`` then holds the first scale's positions alone: only its batch and vocabulary sizes
+        None (``prefill_logits`` may then hold the first scale's positions alone: only its batch and vocabulary sizes
         are read)."""
         B, V = prefill_logits.shape[0] // 2, prefill_logits.shape[-1]
         replayed = []
@@ -455,6 +457,7 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
             fast_filter=self._fast_top_p(device),
             tempered=any(t != 1 for t in temperatures),
             keep_resamples=callback is not None and "draft_resamples" in tensor_names,
+            keep_prefill_logits=callback is not None and "prefill_logits" in tensor_names,
         )
         graphs, graph_generator = None, self._graph_sampling_generator(device, generator)
         if graph_generator is not None and forcing is not None and not isinstance(forcing, TokenForcing):
