@@ -12,6 +12,7 @@ far the first scale's logits moved:
 
     python benchmarks/debug_star_compile.py                          # on the GPU: every variant
     python benchmarks/debug_star_compile.py --model star-tiny --device cpu --variants fast,compiled   # checks it
+    python benchmarks/debug_star_compile.py --query-check     # the cross-attention query piece alone, and attention
 
 Variants (a fresh pipeline each, same weights):
   fast                  enable_fast_inference() (bf16, CUDA graphs; no compiled blocks): the working reference
@@ -38,6 +39,7 @@ import argparse
 import contextlib
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -149,12 +151,60 @@ def run_variant(model: str, variant: str, device) -> tuple[torch.Tensor, torch.T
         return greedy(pipe, device)
 
 
+def query_check(model: str, device, dtype: torch.dtype) -> None:
+    """The cross-attention query piece alone, on one block of the model's width with random weights: for the rows
+    ``x[:1]`` of a (2, L, C) stream (the row-0 quirk), at every scale's L, how far the compiled query is from the
+    plain one, their strides, and how far the attention over random text keys moves with each (a kernel that reads
+    the compiled query's layout differently shows there, not in the query)."""
+    pipe = bench.build_star(model, "cpu")
+    block = pipe.transformer.blocks[0].to(device, dtype)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    copies = fast_inference._row_regime_copies(fast_inference._star_cross_attention_query)
+    compiled = fast_inference._dynamic_rows(*(torch.compile(types.MethodType(c, block)) for c in copies))
+    cfg = pipe.transformer.config
+    heads, head_dim = cfg.num_heads, cfg.embed_dim // cfg.num_heads
+    schedule = bench.PATCH_NUMS_1024 if model == "star-d30" else bench.TINY_PATCH_NUMS
+    g = torch.Generator().manual_seed(0)
+    k = torch.nn.functional.normalize(torch.randn(1, 77, heads, head_dim, generator=g), dim=-1).to(device, dtype)
+    v = torch.randn(1, 77, heads, head_dim, generator=g).to(device, dtype)
+    mask = (torch.arange(77) < 16)[None].to(device)
+    with torch.no_grad():
+        for side in schedule:
+            x = torch.randn(2, side * side, cfg.embed_dim, generator=g).to(device, dtype)
+            rows = x[:1]
+            plain = fast_inference._star_cross_attention_query(block, rows)
+            fused = compiled(rows)
+            attended = [block.cross_attn.attend(q, k, v, mask).float() for q in (plain, fused)]
+
+            def moved(a, b):
+                return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+            print(
+                f"L={side * side:5d}: query moved {moved(fused, plain):.2e}, attention moved "
+                f"{moved(attended[1], attended[0]):.2e}; strides plain {tuple(plain.stride())}, compiled "
+                f"{tuple(fused.stride())}",
+                flush=True,
+            )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="star-d30", choices=("star-d30", "star-tiny"))
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    parser.add_argument(
+        "--query-check",
+        action="store_true",
+        help="only the cross-attention query piece of one block, compiled against plain, in bf16 and float32",
+    )
     args = parser.parse_args()
+    if args.query_check:
+        for dtype in (torch.bfloat16, torch.float32):
+            print(f"query check, {dtype}:", flush=True)
+            query_check(args.model, torch.device(args.device), dtype)
+        return 0
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:

@@ -126,7 +126,7 @@ for stage in "$@"; do
         --modes fast-compile-all,fast-compile-all-fp8 --repeats 5 ;;
     star_debug)  # issue 20: where STAR's compiled blocks went wrong on CUDA (the cross-attention query)
       log star_debug; timeout "${STAR_DEBUG_TIMEOUT:-560}" python3 benchmarks/debug_star_compile.py \
-        ${STAR_DEBUG_VARIANTS:+--variants "$STAR_DEBUG_VARIANTS"} > "$OUT/star_debug.log" 2>&1
+        ${STAR_DEBUG_VARIANTS:+--variants "$STAR_DEBUG_VARIANTS"} ${STAR_DEBUG_ARGS:-} > "$OUT/star_debug.log" 2>&1
       grep -v "^W[0-9]" "$OUT/star_debug.log" | tail -n 12 ;;
     code8)  # issue 23: CoDe N = 8 against VAR-d30 at batch 64, default decoder and sub-pixel upsamplers
       for model in var-d30 code-d30-d16-n8; do
