@@ -165,13 +165,12 @@ def query_check(model: str, device, dtype: torch.dtype) -> None:
     compiled = fast_inference._dynamic_rows(*(torch.compile(types.MethodType(c, block)) for c in copies))
     cfg = pipe.transformer.config
     heads, head_dim = cfg.num_heads, cfg.embed_dim // cfg.num_heads
-    schedule = bench.PATCH_NUMS_1024 if model == "star-d30" else bench.TINY_PATCH_NUMS
     g = torch.Generator().manual_seed(0)
     k = torch.nn.functional.normalize(torch.randn(1, 77, heads, head_dim, generator=g), dim=-1).to(device, dtype)
     v = torch.randn(1, 77, heads, head_dim, generator=g).to(device, dtype)
     mask = (torch.arange(77) < 16)[None].to(device)
     with torch.no_grad():
-        for side in schedule:
+        for side in cfg.patch_nums:
             x = torch.randn(2, side * side, cfg.embed_dim, generator=g).to(device, dtype)
             rows = x[:1]
             plain = fast_inference._star_cross_attention_query(block, rows)
@@ -212,11 +211,13 @@ def main() -> int:
     device = torch.device(args.device)
     if device.type == "cuda":
         print(f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}", flush=True)
-    schedule = bench.PATCH_NUMS_1024 if args.model == "star-d30" else bench.TINY_PATCH_NUMS
+    reference = bench.build_star(args.model, device)
+    patch_nums = reference.transformer.config.patch_nums
     with torch.no_grad():
-        reference_tokens, reference_logits = greedy(bench.build_star(args.model, device), device)  # eager float32
+        reference_tokens, reference_logits = greedy(reference, device)  # eager float32
+    del reference  # the variants build their own
     starts = [0]
-    for side in schedule:
+    for side in patch_nums:
         starts.append(starts[-1] + side * side)
     for variant in variants:
         started = time.perf_counter()

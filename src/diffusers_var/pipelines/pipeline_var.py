@@ -82,9 +82,10 @@ class ScaleSampling(NamedTuple):
     keep_prefill_logits: bool = False
 
     def prefill_logits_from(self, run: "ScaleRun") -> int:
-        """The first position of a prefill whose logits are computed: 0 when a callback reads them all (the prefill's
-        logits, or the re-samples drawn from them), else the run's first scale (its logits alone)."""
-        if self.keep_prefill_logits or self.keep_resamples:
+        """The first position of the prefill of ``run`` whose logits are computed: 0 when a callback reads them all
+        (the prefill's logits, or the re-samples drawn from them) or the run has no prefill, else the run's first
+        scale (its logits alone)."""
+        if run.prefix is None or self.keep_prefill_logits or self.keep_resamples:
             return 0
         return run.transformer.begin_ends[run.scales.start][0]
 
@@ -252,7 +253,7 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         rows, first = 2 * B, run.scales.start
         top_ks = [k if 0 < k < cfg.vocab_size else 0 for k in per_scale(top_k, num_scales)]
         prefill = run.prefix is not None
-        logits_from = settings.prefill_logits_from(run) if prefill else 0
+        logits_from = settings.prefill_logits_from(run)
 
         def build() -> CUDAGraphScaleSteps:
             cache = transformer.init_kv_cache(schedule[: run.scales.stop])  # room for the run's scales only
@@ -479,7 +480,7 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
             if prefill:
                 graphs.scale_inputs[run.scales.start].copy_(self._guidance_rows(run.prefix))
         else:
-            prefill_from = settings.prefill_logits_from(run) if prefill else 0
+            prefill_from = settings.prefill_logits_from(run)
             transformer_step = self._transformer_steps(
                 condition, schedule, device, run.transformer, run.scales, prefill, prefill_from
             )
