@@ -113,13 +113,23 @@ def _stand_in_modules() -> None:
     try:
         import tap  # noqa: F401
     except ImportError:
-        sys.modules["tap"] = types.SimpleNamespace(Tap=object)
+        sys.modules["tap"] = _stand_in("tap", Tap=object)
     try:
         import pytz  # noqa: F401
     except ImportError:
         import datetime
 
-        sys.modules["pytz"] = types.SimpleNamespace(timezone=lambda name: datetime.timezone.utc)
+        sys.modules["pytz"] = _stand_in("pytz", timezone=lambda name: datetime.timezone.utc)
+
+
+def _stand_in(name: str, **attributes) -> types.ModuleType:
+    """A real module object (libraries imported later probe optional imports for ``__name__`` / ``__version__``:
+    pandas, through transformers, looks for pytz). Version 0 is below any minimum, so they take it as absent."""
+    module = types.ModuleType(name)
+    module.__version__ = "0"
+    for key, value in attributes.items():
+        setattr(module, key, value)
+    return module
 
 
 def run_original(original: Path, p: dict, out: Path, device: str, train: bool = True) -> dict | None:
