@@ -210,6 +210,8 @@ def run_original(original: Path, p: dict, out: Path, device: str, train: bool = 
         if cuda:
             torch.cuda.synchronize()
         times[step + 1] = time.perf_counter() - started
+        if step in metrics.log_iters:  # a run cut short by a time limit still shows its speed
+            print(f"step {step + 1}: loss {curve[-1]['loss']:.4f}, {times[step + 1]:.1f} s", flush=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     return {"curve": curve, "times": times, "peak_gib": peak}
 

@@ -32,6 +32,18 @@ for archive in .fixtures/*.tar.xz; do
 done
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/tests HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 export DIFFUSERS_VAR_FIXTURES=/tmp/fx/fixtures
+# The device returns at most 8 files from $OUT, and what is there when a call runs past its limit: the stages write
+# into a folder of their own, packed into $OUT/gpu_session.tgz after every stage and every minute (weights left out).
+# Do not pack $OUT yourself after this script: that would replace its archive.
+RESULTS=$OUT
+OUT=$(mktemp -d /tmp/gpu_session.XXXXXX)
+pack() {
+  tar -czf "$RESULTS/.gpu_session.tgz.part" -C "$OUT" --exclude='*.safetensors' --exclude=checkpoints --exclude=final \
+    --exclude=tokenizer . 2>/dev/null && mv -f "$RESULTS/.gpu_session.tgz.part" "$RESULTS/gpu_session.tgz"
+}
+(while sleep 60; do pack; done) &
+packer=$!
+trap 'kill $packer 2>/dev/null; pack' EXIT
 log() { echo "=== $(date +%T) $*"; }
 bench() {  # tree name args...
   local tree=$1 name=$2; shift 2
@@ -94,8 +106,7 @@ for stage in "$@"; do
     train_original)  # issue 20: the original VAR trainer against ours (TRAIN_SIDES), VAR-d16 256 px, batch 96, fp16 (carry .originals/VAR)
       log train_original "${TRAIN_SIDES:=original}"; timeout "${TRAIN_TIMEOUT:-560}" python3 benchmarks/bench_training_original.py \
         --original .originals/VAR --steps "${TRAIN_STEPS:-300}" --sides "$TRAIN_SIDES" --out "$OUT/train_original" > "$OUT/train_original.log" 2>&1
-      tail -n 9 "$OUT/train_original.log"  # the weights stay out of the archive
-      rm -rf "$OUT"/train_original/*/final "$OUT"/train_original/*/checkpoints "$OUT"/train_original/{tokenizer,vae_original.safetensors} ;;
+      tail -n 9 "$OUT/train_original.log" ;;  # pack() leaves the weights out
     autotune)  # issues 20, 23: the decoder compiled in max-autotune mode inside the pipeline, against the default mode
       BENCH_TIMEOUT=${BENCH_TIMEOUT:-400} bench . autotune_var16 --models var-d16 --batch-sizes 1,64 \
         --modes fast-compile-all,fast-compile-all-autotune --repeats 5
@@ -142,8 +153,9 @@ for stage in "$@"; do
           --out "$OUT" > "$OUT/lora_$model.log" 2>&1
         tail -n 12 "$OUT/lora_$model.log"
       done ;;
+    *)
+      echo "unknown stage: $stage (see the list at the top of benchmarks/gpu_session.sh)" ;;
   esac
+  pack
 done
 log end
-# the device returns at most 8 files: pack the logs and JSON into one archive
-(cd "$OUT" && tar -czf /tmp/gpu_session.tgz . && find . -mindepth 1 -delete && mv /tmp/gpu_session.tgz .)

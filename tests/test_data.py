@@ -8,6 +8,7 @@ import re
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 from diffusers_var import shapes
 from diffusers_var.training.data import ImageFolderDataset, collate
@@ -26,6 +27,19 @@ def test_shapes_dataset_is_deterministic_and_captioned():
     cls = shapes.CLASSES[item["class_labels"]]
     assert item["caption"] == f"a {cls.color} {cls.shape} on a {cls.background} background"
     assert shapes.NUM_CLASSES == 90
+
+
+def test_a_shapes_set_too_large_to_hold_is_drawn_when_read_with_the_same_pixels(monkeypatch):
+    held = shapes.ShapesDataset(40, 32, seed=7)
+    monkeypatch.setattr(shapes.ShapesDataset, "MAX_RENDERED_BYTES", 40 * 32 * 32 * 3 - 1)
+    drawn = shapes.ShapesDataset(40, 32, seed=7)
+    assert held.images is not None and drawn.images is None
+    for index in (0, 17, 39, -1):
+        a, b = held[index], drawn[index]
+        assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["class_labels"] == b["class_labels"]
+    assert not torch.equal(drawn[0]["pixel_values"], drawn[1]["pixel_values"])
+    with pytest.raises(IndexError):
+        drawn[40]
 
 
 def test_judge_reads_real_samples():

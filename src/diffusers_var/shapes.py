@@ -157,25 +157,34 @@ def edit_pairs(rng: np.random.Generator, n: int, resolution: int = 64) -> EditPa
 
 class ShapesDataset(torch.utils.data.Dataset):
     """``num_images`` deterministic samples: dicts with ``pixel_values`` (3, H, W) in [-1, 1],
-    ``class_labels`` (int) and ``caption`` (str). Images are rendered once, in memory."""
+    ``class_labels`` (int) and ``caption`` (str). Images are rendered once, in memory, while they fit in
+    :attr:`MAX_RENDERED_BYTES`; a larger set (28,800 images at 256 px are 5.7 GB and minutes of rendering) is drawn
+    image by image when read, in the data loader's workers, with the same pixels."""
+
+    MAX_RENDERED_BYTES = 512 * 2**20
 
     def __init__(self, num_images: int = 10000, resolution: int = 64, seed: int = 0):
         if num_images < 1 or resolution < 16:
             raise ValueError(f"`num_images` must be >= 1 and `resolution` >= 16, got {num_images}, {resolution}.")
         rng = np.random.default_rng(seed)
         self.class_ids = rng.integers(0, NUM_CLASSES, num_images)
-        sizes, centers = sample_layout(rng, num_images, resolution)
-        chunks = [
-            render(self.class_ids[i : i + 2048], sizes[i : i + 2048], centers[i : i + 2048], resolution)
-            for i in range(0, num_images, 2048)
-        ]
-        self.images = np.concatenate(chunks)
+        self.sizes, self.centers = sample_layout(rng, num_images, resolution)
+        self.resolution = resolution
+        self.images = None
+        if num_images * resolution * resolution * 3 <= self.MAX_RENDERED_BYTES:
+            chunks = [self._render(slice(i, i + 2048)) for i in range(0, num_images, 2048)]
+            self.images = np.concatenate(chunks)
+
+    def _render(self, rows: slice) -> np.ndarray:
+        return render(self.class_ids[rows], self.sizes[rows], self.centers[rows], self.resolution)
 
     def __len__(self) -> int:
         return len(self.class_ids)
 
     def __getitem__(self, index: int) -> dict:
-        pixels = torch.from_numpy(self.images[index]).permute(2, 0, 1).float().div(127.5).sub(1)
+        index = range(len(self))[index]  # negative indices as a list takes them, IndexError past the end
+        image = self.images[index] if self.images is not None else self._render(slice(index, index + 1))[0]
+        pixels = torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1)
         label = int(self.class_ids[index])
         return {"pixel_values": pixels, "class_labels": label, "caption": CLASSES[label].caption}
 
