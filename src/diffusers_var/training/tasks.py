@@ -427,7 +427,7 @@ class BitwiseTokenizerTask(_ReconstructionTask):
 
 class TokenCachedDataset(torch.utils.data.Dataset):
     """A dataset whose items also carry ``token_indices`` (L,): every image encoded once, up front, by the frozen
-    tokenizer (``data.cache_tokens: true``). Only for data without random augmentation (the shapes are rendered once):
+    tokenizer (``data.cache_tokens: true``). Only for data without random augmentation (the shapes are deterministic):
     training then skips the tokenizer's encoder at every step, which dominates a small transformer's step on a CPU."""
 
     def __init__(self, dataset, tokenizer: MultiScaleVQModel, device, chunk: int = 256):
