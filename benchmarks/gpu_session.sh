@@ -37,9 +37,10 @@ export DIFFUSERS_VAR_FIXTURES=/tmp/fx/fixtures
 # Do not pack $OUT yourself after this script: that would replace its archive.
 RESULTS=$OUT
 OUT=$(mktemp -d /tmp/gpu_session.XXXXXX)
-pack() {
-  tar -czf "$RESULTS/.gpu_session.tgz.part" -C "$OUT" --exclude='*.safetensors' --exclude=checkpoints --exclude=final \
-    --exclude=tokenizer . 2>/dev/null && mv -f "$RESULTS/.gpu_session.tgz.part" "$RESULTS/gpu_session.tgz"
+pack() {  # a part file per shell: the minute packer's tar, cut off at the end, never writes into the last pack's
+  local part="$RESULTS/.gpu_session.$BASHPID.part"
+  tar -czf "$part" -C "$OUT" --exclude='*.safetensors' --exclude=checkpoints --exclude=final --exclude=tokenizer . \
+    2>/dev/null && mv -f "$part" "$RESULTS/gpu_session.tgz"
 }
 (while sleep 60; do pack; done) &
 packer=$!
