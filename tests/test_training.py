@@ -319,6 +319,19 @@ def test_checkpoints_of_the_pickle_format_are_refused(tokenizer_dir, tmp_path):
         train(TrainConfig(**config))
 
 
+def test_adamw_is_fused_on_cuda_except_under_fsdp(tokenizer_dir, tmp_path):
+    """The update is one fused kernel on CUDA (as the original trainers'); FSDP and the CPU keep the default.
+    Built on CPU parameters here: only the choice is checked (PyTorch accepts fused on the CPU too)."""
+    from diffusers_var.training.engine import _adamw
+
+    config = TrainConfig(**var_config(tmp_path, tokenizer_dir, max_steps=1))
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2, 2))], "weight_decay": 0.0}]
+    assert _adamw(groups, config, torch.device("cuda"), fsdp=False).defaults["fused"] is True
+    for device, fsdp in (("cuda", True), ("cpu", False)):
+        optimizer = _adamw(groups, config, torch.device(device), fsdp=fsdp)
+        assert not optimizer.defaults["fused"] and optimizer.defaults["lr"] == config.learning_rate
+
+
 def test_allow_tf32_turns_tf32_on_for_the_run(tokenizer_dir, tmp_path):
     """``allow_tf32: true`` (the original VAR trainer's default) sets PyTorch's TF32 switches for matmuls and
     convolutions; the default leaves them as they are."""

@@ -429,6 +429,16 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _adamw(groups: list[dict], config: TrainConfig, device: torch.device, fsdp: bool) -> torch.optim.AdamW:
+    """AdamW, fused on CUDA as in the original trainers: one kernel for the update, and with fp16 loss scaling the
+    overflow check stays on the GPU (the optimizer skips the update itself, so the learning-rate schedule follows
+    the step count through the overflow steps, as the originals' does). FSDP keeps the multi-tensor update."""
+    fused = torch.device(device).type == "cuda" and not fsdp
+    return torch.optim.AdamW(
+        groups, lr=config.learning_rate, betas=tuple(config.adam_betas), **({"fused": True} if fused else {})
+    )
+
+
 def _flat(values: dict, prefix: str = "") -> dict:
     """``{"data": {"path": x}}`` -> ``{"data.path": x}`` (lists and tuples stay values)."""
     flat = {}
@@ -616,7 +626,7 @@ def train(config: TrainConfig) -> Path:
     groups = _param_groups(model, config.weight_decay)
     if text_encoder is not None:
         groups += _param_groups(text_encoder, config.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=tuple(config.adam_betas))
+    optimizer = _adamw(groups, config, accelerator.device, accelerator.distributed_type == DistributedType.FSDP)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     loader = torch.utils.data.DataLoader(
         task.dataset,
