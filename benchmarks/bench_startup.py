@@ -61,13 +61,8 @@ def run_process(model: Path, out: Path, cache: Path, batch: int, device: str, ex
         "--device",
         device,
     ]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
-        **(extra_env or {}),
-    }
     started = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    result = subprocess.run(command, env=child_env(extra_env), capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"sample failed ({result.returncode}):\n{result.stdout[-2000:]}{result.stderr[-3000:]}")
@@ -82,6 +77,18 @@ def run_process(model: Path, out: Path, cache: Path, batch: int, device: str, ex
     phases = sum(v for k, v in row.items() if k.endswith("_s") and not k.startswith("of_which"))
     row["python_and_rest_s"] = seconds - phases  # interpreter and imports, writing the last files, exit
     return row
+
+
+def child_env(extra_env: dict | None = None) -> dict:
+    path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **(extra_env or {})}
+
+
+def import_seconds() -> float:
+    """Wall time of a process that imports ``diffusers_var.cli`` (diffusers, transformers, torch) and exits."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import diffusers_var.cli"], env=child_env(), check=True)
+    return time.perf_counter() - started
 
 
 def folder_mib(folder: Path) -> float:
@@ -148,6 +155,10 @@ def main() -> int:
                 f"{name}: first process {rows[-len(runs)]['seconds']:.1f} s, later ones "
                 f"{min(warm):.1f}-{max(warm):.1f} s (target <= {TARGET_SECONDS:.0f} s)"
             )
+            imports = import_seconds()
+            for row in rows[-len(runs) :]:
+                row["imports_alone_s"] = imports
+            print(f"a process that only imports the CLI and exits: {imports:.1f} s (within 'python and rest')")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
