@@ -332,6 +332,30 @@ def test_adamw_is_fused_on_cuda_except_under_fsdp(tokenizer_dir, tmp_path):
         assert not optimizer.defaults["fused"] and optimizer.defaults["lr"] == config.learning_rate
 
 
+def test_a_resumed_run_keeps_its_own_optimizer_implementation(tokenizer_dir, tmp_path, monkeypatch):
+    """A checkpoint saved by an unfused AdamW (the CPU, or a run before the fused one) resumed where the optimizer is
+    fused (CUDA): the groups keep ``fused=True`` (the saved ``fused=None`` would come back with the groups, and fp16
+    loss scaling then fails), and the learning rate still comes from the checkpoint. Fused on the CPU stands in."""
+    from diffusers_var.training import engine
+
+    run = tmp_path / "run"
+    config = var_config(run, tokenizer_dir, max_steps=2, checkpoint_every=1, ema_decay=None)
+    train(TrainConfig(**config))
+    shutil.rmtree(run / "checkpoints" / "step-0000002")
+    built = []
+
+    def fused_adamw(groups, config, device, fsdp):
+        optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, betas=tuple(config.adam_betas), fused=True)
+        built.append(optimizer)
+        return optimizer
+
+    monkeypatch.setattr(engine, "_adamw", fused_adamw)
+    train(TrainConfig(**config))
+    (optimizer,) = built
+    assert [group["fused"] for group in optimizer.param_groups] == [True, True]
+    assert all(state["step"].item() == 2 for state in optimizer.state.values())  # one step loaded, one taken
+
+
 def test_allow_tf32_turns_tf32_on_for_the_run(tokenizer_dir, tmp_path):
     """``allow_tf32: true`` (the original VAR trainer's default) sets PyTorch's TF32 switches for matmuls and
     convolutions; the default leaves them as they are."""

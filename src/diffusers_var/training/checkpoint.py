@@ -37,6 +37,8 @@ FORMAT = "diffusers-var-training-checkpoint"
 FORMAT_VERSION = 1
 STATE_FILE = "trainer_state.json"
 PICKLE_SUFFIXES = {".pkl", ".bin", ".pt", ".pth", ".ckpt"}
+# optimizer settings that choose an implementation, not a hyperparameter: a resumed run keeps its own
+OPTIMIZER_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
 
 
 def _state_dict_options(accelerator, for_save: bool, strict: bool = True):
@@ -301,9 +303,13 @@ def load_training_state(
     for fqn, values in state["optimizer"]["values"].items():
         per_parameter.setdefault(fqn, {}).update(values)
     param_groups = [dict(group) for group in state["optimizer"]["param_groups"]]
+    implementation = {k: v for k, v in optimizer.optimizer.defaults.items() if k in OPTIMIZER_IMPLEMENTATION_KEYS}
     for group in param_groups:
         if isinstance(group.get("betas"), list):
             group["betas"] = tuple(group["betas"])
+        # how this run's optimizer updates (fused on CUDA, not on the CPU), not how the saving run's did: the saved
+        # flag would come back with the groups, and a fused optimizer told it is not breaks fp16 loss scaling
+        group.update(implementation)
     grouped = {fqn for group in param_groups for fqn in group["params"]}
     trained = {name for name, p in unwrapped.named_parameters() if p.requires_grad}
     if grouped != trained:
