@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU runs that the open issues still need, in one driver, for the device machine (one H200, no network):
-#   bash benchmarks/gpu_session.sh tests battery var16 var30 t2i code sample lora     (logs and JSON under $OUT)
+#   bash benchmarks/gpu_session.sh tests battery var16 var30 t2i code sample lora     (logs and JSON in $OUT/gpu_session.tgz)
 # Stages: tests (tests/test_gpu.py), battery (diffusers' accelerator tests, issue 24), var16 / var30 / t2i (the fast
 # path before (.baseline) and after the pipeline-shape change, issue 16; profile1: VAR-d16 batch 1 of both with
 # torch.profiler tables), code (CoDe vs VAR-d30, issue 23), sample
@@ -37,14 +37,15 @@ export DIFFUSERS_VAR_FIXTURES=/tmp/fx/fixtures
 # Do not pack $OUT yourself after this script: that would replace its archive.
 RESULTS=$OUT
 OUT=$(mktemp -d /tmp/gpu_session.XXXXXX)
-pack() {  # a part file per shell: the minute packer's tar, cut off at the end, never writes into the last pack's
-  local part="$RESULTS/.gpu_session.$BASHPID.part"
-  tar -czf "$part" -C "$OUT" --exclude='*.safetensors' --exclude=checkpoints --exclude=final --exclude=tokenizer . \
-    2>/dev/null && mv -f "$part" "$RESULTS/gpu_session.tgz"
+pack() {  # $1: the part file's name (each packer its own); tar's status 1 is a log that grew while it was read
+  local part="$RESULTS/.gpu_session.$1.part"
+  tar -czf "$part" -C "$OUT" --warning=no-file-changed --exclude='*.safetensors' --exclude=checkpoints \
+    --exclude=final --exclude=tokenizer . 2>/dev/null
+  [ $? -le 1 ] && mv -f "$part" "$RESULTS/gpu_session.tgz"
 }
-(while sleep 60; do pack; done) &
+(while sleep 60; do pack minute; done) &
 packer=$!
-trap 'kill $packer 2>/dev/null; pack' EXIT
+trap 'kill $packer 2>/dev/null; pack final; rm -f "$RESULTS"/.gpu_session.*.part; rm -rf "$OUT"' EXIT
 log() { echo "=== $(date +%T) $*"; }
 bench() {  # tree name args...
   local tree=$1 name=$2; shift 2
@@ -157,6 +158,6 @@ for stage in "$@"; do
     *)
       echo "unknown stage: $stage (see the list at the top of benchmarks/gpu_session.sh)" ;;
   esac
-  pack
+  pack stage
 done
 log end
