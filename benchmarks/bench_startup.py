@@ -157,7 +157,7 @@ def main() -> int:
             )
             imports = import_seconds()
             for row in rows[-len(runs) :]:
-                row["imports_alone_s"] = imports
+                row["imports_alone_seconds"] = imports
             print(f"a process that only imports the CLI and exits: {imports:.1f} s (within 'python and rest')")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))

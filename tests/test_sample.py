@@ -364,4 +364,4 @@ def test_bench_startup_smoke(tmp_path):
     for row in rows:
         assert all(row[name] >= 0 for name in phases[:3]) and row["python_and_rest_s"] > 0
         assert sum(row[name] for name in phases) == pytest.approx(row["seconds"])
-        assert row["imports_alone_s"] > 0  # a process that only imports: the floor under "python and rest"
+        assert row["imports_alone_seconds"] > 0  # a process that only imports: the floor under "python and rest"

@@ -159,7 +159,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     """``num_images`` deterministic samples: dicts with ``pixel_values`` (3, H, W) in [-1, 1],
     ``class_labels`` (int) and ``caption`` (str). Images are rendered once, in memory, while they fit in
     :attr:`MAX_RENDERED_BYTES`; a larger set (28,800 images at 256 px are 5.7 GB and minutes of rendering) is drawn
-    image by image when read, in the data loader's workers, with the same pixels."""
+    image by image when read (in the data loader's workers, where it has some), with the same pixels."""
 
     MAX_RENDERED_BYTES = 512 * 2**20
 

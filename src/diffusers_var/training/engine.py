@@ -431,7 +431,8 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def _adamw(groups: list[dict], config: TrainConfig, device: torch.device, fsdp: bool) -> torch.optim.AdamW:
     """AdamW, fused on CUDA as in the original trainers: one kernel for the update, and with fp16 loss scaling the
-    overflow check stays on the GPU (the kernel skips the update itself). FSDP keeps the multi-tensor update."""
+    overflow check stays on the GPU (the kernel skips the update itself, so accelerate's ``step_was_skipped`` stays
+    False; the schedule steps with the step count either way). FSDP keeps the multi-tensor update."""
     fused = torch.device(device).type == "cuda" and not fsdp
     return torch.optim.AdamW(
         groups, lr=config.learning_rate, betas=tuple(config.adam_betas), **({"fused": True} if fused else {})
