@@ -604,6 +604,29 @@ def test_compiled_pieces_trace_each_row_regime_in_its_own_copy():
     assert 1 <= len(entries(above.__code__)) <= 2 and 1 <= len(entries(below.__code__)) <= 3  # no recompile per size
 
 
+def test_compiled_pieces_take_per_token_tables_dynamic_from_the_first_call():
+    """The (L, P) RoPE tables passed beside a (B, L, C) stream have their token dimension marked dynamic with it: a
+    piece traced at one token count serves the next without a recompile (the tables stayed static and guarded the
+    count: Infinity-2B recompiled its attention inputs at 4,096 tokens after tracing them at 2,304). The eager
+    backend: only the tracing is checked."""
+    entries = torch._C._dynamo.eval_frame._debug_get_cache_entry_list
+
+    def piece(block, x_BLC, table_LC):
+        return x_BLC * block.scale + table_LC
+
+    block = torch.nn.Module()
+    block.scale = torch.nn.Parameter(torch.randn(8))
+    below, above = fast_inference._row_regime_copies(piece)
+    compiled = fast_inference._dynamic_rows(
+        *(torch.compile(types.MethodType(c, block), backend="eager") for c in (below, above))
+    )
+    split = fast_inference.LARGE_SCALE_MIN_ROWS
+    for tokens in (split // 2, split // 2 + 5, split):  # batch 2: every call in the "above" regime
+        x, table = torch.randn(2, tokens, 8), torch.randn(tokens, 8)
+        torch.testing.assert_close(compiled(x, table), x * block.scale.detach() + table)
+    assert len(entries(above.__code__)) == 1 and not entries(below.__code__)
+
+
 def _star_model_logits(pipe) -> list[torch.Tensor]:
     """The model logits of every scale of one greedy two-prompt STAR generation."""
     seen = []

@@ -614,7 +614,8 @@ def _row_regime_copies(function: Callable) -> tuple[Callable, Callable]:
 def _dynamic_rows(below: Callable, above: Callable) -> Callable:
     """One compiled piece from its two row regimes (:func:`_row_regime_copies`, compiled): the call goes to ``above``
     from :data:`LARGE_SCALE_MIN_ROWS` rows (batch x tokens of its first (B, L, C) argument) on, else to ``below``,
-    with the batch and token dimensions of its (B, L, C) arguments marked dynamic.
+    with the batch and token dimensions of its (B, L, C) arguments marked dynamic, and the token dimension of its
+    (L, P) RoPE tables (static, they guarded the token count and cost a recompile at the second one).
 
     Dynamic dimensions trace a piece once for every batch size and scale instead of specialising on the first. The two
     regimes keep the row threshold of the fused GELU and the float8 matmuls out of the guards: each copy only ever
@@ -631,6 +632,8 @@ def _dynamic_rows(below: Callable, above: Callable) -> Callable:
                 torch._dynamo.maybe_mark_dynamic(arg, 0)
                 if arg.shape[1] > 1:  # (B, 1, C) modulations stay one row
                     torch._dynamo.maybe_mark_dynamic(arg, 1)
+            elif isinstance(arg, torch.Tensor) and arg.ndim == 2 and arg.shape[0] > 1:  # (L, P) RoPE tables
+                torch._dynamo.maybe_mark_dynamic(arg, 0)
         return (above if rows is not None and rows >= LARGE_SCALE_MIN_ROWS else below)(*args)
 
     call.below, call.above = below, above
