@@ -29,14 +29,23 @@ def test_shapes_dataset_is_deterministic_and_captioned():
     assert shapes.NUM_CLASSES == 90
 
 
-def test_a_shapes_set_too_large_to_hold_is_drawn_when_read_with_the_same_pixels(monkeypatch):
-    held = shapes.ShapesDataset(40, 32, seed=7)
-    monkeypatch.setattr(shapes.ShapesDataset, "MAX_RENDERED_BYTES", 40 * 32 * 32 * 3 - 1)
-    drawn = shapes.ShapesDataset(40, 32, seed=7)
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: shapes.ShapesDataset(40, 32, seed=7),
+        lambda: shapes.ConceptShapesDataset(40, 32, seed=7, concept_replaces="square", need_labels=True),
+    ],
+    ids=["shapes", "concept"],
+)
+def test_a_shapes_set_too_large_to_hold_is_drawn_when_read_with_the_same_pixels(make, monkeypatch):
+    held = make()
+    monkeypatch.setattr(shapes._DrawnShapes, "MAX_RENDERED_BYTES", 40 * 32 * 32 * 3 - 1)
+    drawn = make()
     assert held.images is not None and drawn.images is None
     for index in (0, 17, 39, -1, np.int64(5), torch.tensor(6)):  # samplers may hand numpy or torch integers
         a, b = held[index], drawn[index]
         assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["class_labels"] == b["class_labels"]
+        assert a["caption"] == b["caption"]
     assert not torch.equal(drawn[0]["pixel_values"], drawn[1]["pixel_values"])
     with pytest.raises(IndexError):
         drawn[40]

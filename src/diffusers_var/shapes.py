@@ -155,38 +155,46 @@ def edit_pairs(rng: np.random.Generator, n: int, resolution: int = 64) -> EditPa
     return EditPairs(images, originals, boxes, targets, edited)
 
 
-class ShapesDataset(torch.utils.data.Dataset):
-    """``num_images`` deterministic samples: dicts with ``pixel_values`` (3, H, W) in [-1, 1],
-    ``class_labels`` (int) and ``caption`` (str). Images are rendered once, in memory, while they fit in
-    :attr:`MAX_RENDERED_BYTES`; a larger set (28,800 images at 256 px are 5.7 GB and minutes of rendering) is drawn
-    image by image when read (in the data loader's workers, where it has some), with the same pixels."""
+class _DrawnShapes(torch.utils.data.Dataset):
+    """Images of ``classes`` (:class:`ShapeClass`) at the given sizes and centres: rendered once, in memory, while
+    they fit in :attr:`MAX_RENDERED_BYTES`; a larger set (28,800 images at 256 px are 5.7 GB and minutes of rendering)
+    is drawn image by image when read (in the data loader's workers, where it has some), with the same pixels."""
 
     MAX_RENDERED_BYTES = 512 * 2**20
+
+    def _draw(self, classes: list, sizes: np.ndarray, centers: np.ndarray, resolution: int) -> None:
+        self.classes, self.sizes, self.centers, self.resolution = classes, sizes, centers, resolution
+        self.images = None
+        if len(classes) * resolution * resolution * 3 <= self.MAX_RENDERED_BYTES:
+            self.images = np.concatenate([self._render(slice(i, i + 2048)) for i in range(0, len(classes), 2048)])
+
+    def _render(self, rows: slice) -> np.ndarray:
+        return render_shapes(self.classes[rows], self.sizes[rows], self.centers[rows], self.resolution)
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def _pixels(self, index: int) -> torch.Tensor:
+        """(3, H, W) in [-1, 1]; ``index`` as :meth:`__getitem__` normalised it."""
+        image = self.images[index] if self.images is not None else self._render(slice(index, index + 1))[0]
+        return torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1)
+
+
+class ShapesDataset(_DrawnShapes):
+    """``num_images`` deterministic samples: dicts with ``pixel_values`` (3, H, W) in [-1, 1],
+    ``class_labels`` (int) and ``caption`` (str); held in memory or drawn when read, as :class:`_DrawnShapes`."""
 
     def __init__(self, num_images: int = 10000, resolution: int = 64, seed: int = 0):
         if num_images < 1 or resolution < 16:
             raise ValueError(f"`num_images` must be >= 1 and `resolution` >= 16, got {num_images}, {resolution}.")
         rng = np.random.default_rng(seed)
         self.class_ids = rng.integers(0, NUM_CLASSES, num_images)
-        self.sizes, self.centers = sample_layout(rng, num_images, resolution)
-        self.resolution = resolution
-        self.images = None
-        if num_images * resolution * resolution * 3 <= self.MAX_RENDERED_BYTES:
-            chunks = [self._render(slice(i, i + 2048)) for i in range(0, num_images, 2048)]
-            self.images = np.concatenate(chunks)
-
-    def _render(self, rows: slice) -> np.ndarray:
-        return render(self.class_ids[rows], self.sizes[rows], self.centers[rows], self.resolution)
-
-    def __len__(self) -> int:
-        return len(self.class_ids)
+        self._draw([CLASSES[i] for i in self.class_ids], *sample_layout(rng, num_images, resolution), resolution)
 
     def __getitem__(self, index: int) -> dict:
         index = range(len(self))[index]  # negative indices as a list takes them, IndexError past the end
-        image = self.images[index] if self.images is not None else self._render(slice(index, index + 1))[0]
-        pixels = torch.from_numpy(image).permute(2, 0, 1).float().div(127.5).sub(1)
         label = int(self.class_ids[index])
-        return {"pixel_values": pixels, "class_labels": label, "caption": CLASSES[label].caption}
+        return {"pixel_values": self._pixels(index), "class_labels": label, "caption": CLASSES[label].caption}
 
 
 def concept_classes(concept: str = "bar") -> list[ShapeClass]:
@@ -208,7 +216,7 @@ def _layout_for(classes, rng: np.random.Generator, resolution: int) -> tuple[np.
     return sizes, centers
 
 
-class ConceptShapesDataset(torch.utils.data.Dataset):
+class ConceptShapesDataset(_DrawnShapes):
     """Fine-tuning data for a new concept, DreamBooth-style with prior preservation: ``num_images`` deterministic
     samples, ``concept_fraction`` of them the :data:`NEW_SHAPES` shape ``concept`` in any colour on any other
     background (captions such as "a red bar on a blue background"), the others the original classes, so that the
@@ -247,30 +255,21 @@ class ConceptShapesDataset(torch.utils.data.Dataset):
         prior_ids = [i for i, c in enumerate(CLASSES) if c.shape != concept_replaces]
         classes = [new_classes[i] for i in rng.integers(0, len(new_classes), num_new)]
         classes += [CLASSES[i] for i in rng.choice(prior_ids, num_images - num_new)]
-        self.classes = [classes[i] for i in rng.permutation(num_images)]
+        classes = [classes[i] for i in rng.permutation(num_images)]
         self.class_ids = np.array(
             [
                 (class_id(concept_replaces, c.color, c.background) if concept_replaces else -1)
                 if c.shape == concept
                 else CLASSES.index(c)
-                for c in self.classes
+                for c in classes
             ]
         )
-        sizes, centers = _layout_for(self.classes, rng, resolution)
-        self.images = np.concatenate(
-            [
-                render_shapes(self.classes[i : i + 2048], sizes[i : i + 2048], centers[i : i + 2048], resolution)
-                for i in range(0, num_images, 2048)
-            ]
-        )
-
-    def __len__(self) -> int:
-        return len(self.classes)
+        self._draw(classes, *_layout_for(classes, rng, resolution), resolution)
 
     def __getitem__(self, index: int) -> dict:
-        pixels = torch.from_numpy(self.images[index]).permute(2, 0, 1).float().div(127.5).sub(1)
+        index = range(len(self))[index]
         caption = self.classes[index].caption
-        return {"pixel_values": pixels, "class_labels": int(self.class_ids[index]), "caption": caption}
+        return {"pixel_values": self._pixels(index), "class_labels": int(self.class_ids[index]), "caption": caption}
 
 
 # ----------------------------------------------------------------------------------------------
