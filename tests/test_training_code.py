@@ -98,3 +98,37 @@ def test_token_cache_and_init_from(tmp_path):
     pipe = VARPipeline.from_pretrained(train(config))
     assert pipe.transformer.config.depth == 2
     torch.testing.assert_close(pipe.transformer.head.weight, source.head.weight, atol=1e-4, rtol=0)  # barely moved
+
+
+def test_tokenizer_precision(tmp_path):
+    """``tokenizer_precision``: the frozen tokenizer's encoder under autocast, its quantiser in float32; a batch that
+    overflows in fp16 is encoded again in float32; bad values name the key."""
+    from diffusers_var.training.tasks import _frozen_latent
+
+    torch.manual_seed(0)
+    tokenizer = MultiScaleVQModel(
+        ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, vocab_size=64, z_channels=8, patch_nums=PATCH_NUMS,
+        using_sa=False, using_mid_sa=False,
+    ).eval()  # fmt: skip
+    dataset = ShapesDataset(16, 16, 3)
+    images = torch.stack([dataset[i]["pixel_values"] for i in range(16)])
+    with torch.no_grad():
+        reference = tokenizer.encode_latent(images)
+        tokens = torch.cat(tokenizer.quantize_latent(reference), dim=1)
+        assert torch.equal(tokens, torch.cat(tokenizer.encode_indices(images), dim=1))
+        low = _frozen_latent(tokenizer.encode_latent, images, "bf16")
+        assert low.dtype == torch.float32 and not torch.equal(low, reference)  # the encoder ran in bf16
+        agreement = (torch.cat(tokenizer.quantize_latent(low), dim=1) == tokens).float().mean().item()
+        assert agreement > 0.8, agreement
+        assert torch.equal(_frozen_latent(tokenizer.encode_latent, images, "no"), reference)
+
+        tokenizer.encoder.conv_in.weight.mul_(1e6)  # past fp16's range (65,504): the fallback must take over
+        reference = tokenizer.encode_latent(images)
+        assert torch.isfinite(reference).all()
+        with pytest.warns(UserWarning, match="tokenizer_precision=fp16"):
+            assert torch.equal(_frozen_latent(tokenizer.encode_latent, images, "fp16"), reference)
+
+    with pytest.raises(ValueError, match="`tokenizer_precision` must be 'no', 'bf16' or 'fp16'"):
+        TrainConfig.load(None, ["task=var", "tokenizer_path=x", "tokenizer_precision=fp8"])
+    with pytest.raises(ValueError, match="`tokenizer_precision` applies to the frozen tokenizer"):
+        TrainConfig.load(None, ["task=tokenizer", "tokenizer_precision=fp16"])

@@ -420,8 +420,12 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin, SlicedDecodingMixin):
     @apply_forward_hook
     def encode_indices(self, images: torch.Tensor, patch_nums: Sequence[int] | None = None) -> list[torch.LongTensor]:
         """Images (B, 3, H, W) in [-1, 1] -> list of LongTensor (B, pn*pn), one per scale (row-major)."""
-        f = self.encode_latent(images)
-        return self.quantize.quantize(f, self._resolve_patch_nums(patch_nums, f.shape[-1]))
+        return self.quantize_latent(self.encode_latent(images), patch_nums)
+
+    def quantize_latent(self, f: torch.Tensor, patch_nums: Sequence[int] | None = None) -> list[torch.LongTensor]:
+        """A continuous latent of :meth:`encode_latent` -> its token pyramid, as :meth:`encode_indices` (the two
+        halves apart, so a trainer can run the encoder in another precision than the quantiser)."""
+        return self.quantize.quantize(f.float(), self._resolve_patch_nums(patch_nums, f.shape[-1]))
 
     @apply_forward_hook
     def encode_indices_keeping(

@@ -6,6 +6,7 @@ import inspect
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -244,14 +245,38 @@ def bitwise_schedule(resolution: int, vae: BitwiseMultiScaleVAE) -> list[tuple[i
 
 
 def _token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float):
-    """Mean cross-entropy over all tokens of all scales (each position weighs 1/L, as VAR / STAR) + accuracy."""
+    """Mean cross-entropy over all tokens of all scales (each position weighs 1/L, as VAR / STAR) + accuracy. Metrics
+    stay tensors on the device (every task's): the trainer reads them at logged steps only, since reading one waits
+    for the GPU."""
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), label_smoothing=label_smoothing)
-    return loss, {"token_accuracy": (logits.argmax(-1) == targets).float().mean().item()}
+    return loss, {"token_accuracy": (logits.argmax(-1) == targets).float().mean()}
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @torch.no_grad()
-def _vq_teacher_forcing(tokenizer: MultiScaleVQModel, images: torch.Tensor):
-    indices = tokenizer.encode_indices(images)
+def _frozen_latent(encode, images: torch.Tensor, precision: str) -> torch.Tensor:
+    """The frozen tokenizer's continuous latent of ``images`` in float32, its encoder (``encode``) under autocast
+    in ``precision`` (``tokenizer_precision``: no, bf16, fp16). A batch whose reduced-precision latent is not finite
+    (an fp16 overflow) is encoded again in float32, with a warning."""
+    if precision == "no":
+        return encode(images).float()
+    with torch.autocast(images.device.type, dtype=AUTOCAST_DTYPES[precision]):
+        latent = encode(images).float()
+    if not bool(torch.isfinite(latent).all()):  # waits for the encoder; the step needs its result next anyway
+        warnings.warn(
+            f"`tokenizer_precision={precision}`: the tokenizer's encoder overflowed on a batch, which was encoded "
+            "again in float32; set tokenizer_precision to 'no' or 'bf16' if this repeats.",
+            stacklevel=2,
+        )
+        latent = encode(images).float()
+    return latent
+
+
+@torch.no_grad()
+def _vq_teacher_forcing(tokenizer: MultiScaleVQModel, images: torch.Tensor, precision: str):
+    indices = tokenizer.quantize_latent(_frozen_latent(tokenizer.encode_latent, images, precision))
     return tokenizer.teacher_forcing_input(indices), torch.cat(indices, dim=1)
 
 
@@ -330,10 +355,10 @@ class TokenizerTask(_ReconstructionTask):
         total = c.recon_l1_weight * l1 + c.recon_l2_weight * l2 + c.vq_loss_weight * vq_loss
         usage = _unwrap(model).quantize.codebook_usage
         return total, {
-            "l1": l1.item(),
-            "l2": l2.item(),
-            "vq_loss": float(vq_loss.detach()),
-            "codebook_usage": (usage.sum(0) > 1e-3).float().mean().item(),
+            "l1": l1.detach(),
+            "l2": l2.detach(),
+            "vq_loss": vq_loss.detach(),
+            "codebook_usage": (usage.sum(0) > 1e-3).float().mean(),
         }
 
     @staticmethod
@@ -411,13 +436,13 @@ class BitwiseTokenizerTask(_ReconstructionTask):
                 .mean(0)
                 .clamp(1e-6, 1 - 1e-6)
             )
-            balance = (-(ones * ones.log2() + (1 - ones) * (1 - ones).log2())).mean().item()
+            balance = (-(ones * ones.log2() + (1 - ones) * (1 - ones).log2())).mean()
         return total, {
-            "l1": l1.item(),
-            "l2": l2.item(),
-            "commit": float(commit.detach()),
-            "per_sample_entropy": float(per_sample.detach()),
-            "codebook_entropy": float(codebook.detach()),
+            "l1": l1.detach(),
+            "l2": l2.detach(),
+            "commit": commit.detach(),
+            "per_sample_entropy": per_sample.detach(),
+            "codebook_entropy": codebook.detach(),
             "bit_balance": balance,
         }
 
@@ -430,14 +455,15 @@ class TokenCachedDataset(torch.utils.data.Dataset):
     tokenizer (``data.cache_tokens: true``). Only for data without random augmentation (the shapes are deterministic):
     training then skips the tokenizer's encoder at every step, which dominates a small transformer's step on a CPU."""
 
-    def __init__(self, dataset, tokenizer: MultiScaleVQModel, device, chunk: int = 256):
+    def __init__(self, dataset, tokenizer: MultiScaleVQModel, device, precision: str = "no", chunk: int = 256):
         self.dataset = dataset
         pieces = []
         with torch.no_grad():
             for start in range(0, len(dataset), chunk):
                 end = min(start + chunk, len(dataset))
                 images = torch.stack([dataset[i]["pixel_values"] for i in range(start, end)])
-                pieces.append(torch.cat(tokenizer.encode_indices(images.to(device)), dim=1).cpu())
+                latent = _frozen_latent(tokenizer.encode_latent, images.to(device), precision)
+                pieces.append(torch.cat(tokenizer.quantize_latent(latent), dim=1).cpu())
         self.token_indices = torch.cat(pieces)
         if hasattr(dataset, "class_names"):
             self.class_names = dataset.class_names
@@ -506,7 +532,7 @@ class VARTask(_PipelineTask):
         tok = self.tokenizer.config
         _check_vq_resolution(config, self.tokenizer)
         if config.data.get("cache_tokens", False):
-            self.dataset = TokenCachedDataset(self.dataset, self.tokenizer, device)
+            self.dataset = TokenCachedDataset(self.dataset, self.tokenizer, device, config.tokenizer_precision)
         self.num_classes, self.id2label = self._classes()
         model_args = dict(config.model)
         init_adaln_gamma = float(model_args.pop("init_adaln_gamma", 1e-3))
@@ -546,7 +572,9 @@ class VARTask(_PipelineTask):
                 counts = [pn * pn for pn in self.tokenizer.config.patch_nums]
                 tf_input = self.tokenizer.teacher_forcing_input(list(targets.split(counts, dim=1)))
         else:
-            tf_input, targets = _vq_teacher_forcing(self.tokenizer, batch["pixel_values"])
+            tf_input, targets = _vq_teacher_forcing(
+                self.tokenizer, batch["pixel_values"], self.config.tokenizer_precision
+            )
         logits = model(batch["class_labels"], tf_input, drop_labels=True).logits
         return _token_cross_entropy(logits, targets, self.config.label_smoothing)
 
@@ -608,7 +636,7 @@ class STARTask(_PipelineTask):
     def loss(self, model, batch):
         drop = _drop_mask(len(batch["caption"]), self.config.cond_drop_rate).tolist()
         texts = ["" if dropped else caption for caption, dropped in zip(batch["caption"], drop)]
-        tf_input, targets = _vq_teacher_forcing(self.tokenizer, batch["pixel_values"])
+        tf_input, targets = _vq_teacher_forcing(self.tokenizer, batch["pixel_values"], self.config.tokenizer_precision)
         hidden, mask, pooled = self.encode_text(texts)
         logits = model(tf_input, hidden, mask, pooled).logits
         return _token_cross_entropy(logits, targets, self.config.label_smoothing)
@@ -698,7 +726,7 @@ class InfinityTask(_PipelineTask):
     def loss(self, model, batch):
         images = batch["pixel_values"]
         with torch.no_grad():
-            features = self.vae.encode_features(images)
+            features = _frozen_latent(self.vae.encode_features, images, self.config.tokenizer_precision)
             inputs, labels = self.vae.teacher_forcing_inputs(
                 features, self.schedule, self.bsc_num_scales, self.config.bsc_flip_prob
             )
@@ -708,7 +736,7 @@ class InfinityTask(_PipelineTask):
         logits = logits.view(*labels.shape, 2)
         labels = labels.long()
         loss = F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1), label_smoothing=self.config.label_smoothing)
-        return loss, {"bit_accuracy": (logits.argmax(-1) == labels).float().mean().item()}
+        return loss, {"bit_accuracy": (logits.argmax(-1) == labels).float().mean()}
 
     def encode_text(self, captions: list[str]):
         """T5 features and mask of the captions as the pipeline's ``encode_prompt`` computes them (frozen text
