@@ -15,10 +15,11 @@ grad clip 2),
 ``VARTrainer.train_step``, and the learning rate of ``lr_wd_annealing('lin0', ...)`` at every step (peak
 ``1e-4 * batch / 256``, warm-up over the first 2% of the steps, ``wpe=0.1`` as the d16 recipe). What it does not use is
 its data pipeline (``utils/data.py`` needs torchvision and an ImageNet folder): both sides read the same images, the
-package's generated shapes at 256 px (``data.type=shapes``, seed 0, 90 classes) in [-1, 1], shuffled by a seeded
-loader with the same number of workers. ``typed-argument-parser`` and ``pytz``, which the original imports for its
-argument parser and log time stamps, are replaced by empty stand-ins when they are not installed (neither is used
-here).
+package's generated shapes at 256 px (``data.type=shapes``, seed 0, 90 classes) in [-1, 1], in the same order (the
+permutation accelerate's seeded sampler gives ours) with the same number of workers. TF32 and ``cudnn.benchmark``
+are on for the original as its ``train.py`` sets them; both sides wait for the GPU at logged steps only.
+``typed-argument-parser`` and ``pytz``, which the original imports for its argument parser and log time stamps, are
+replaced by empty stand-ins when they are not installed (neither is used here).
 
 The tokenizer is the released VQ-VAE configuration (ch 160, 4,096 codes, 32 channels) with random weights, made by
 the original code (its convolutions initialised by PyTorch's default rule, seeded) and converted with the package's
@@ -83,14 +84,15 @@ def shapes_loader(p: dict):
         p["resolution"],
         need_labels=True,
     )
+    # the order accelerate's seeded sampler gives our trainer (seed + epoch 0): one permutation of the whole set
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(p["seed"])).tolist()
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=p["batch_size"],
-        shuffle=True,
+        sampler=order,
         drop_last=True,
         num_workers=p["num_workers"],
         collate_fn=collate,
-        generator=torch.Generator().manual_seed(p["seed"]),
         pin_memory=torch.cuda.is_available(),
     )
 
@@ -150,6 +152,8 @@ def run_original(original: Path, p: dict, out: Path, device: str, train: bool = 
     from utils.lr_control import filter_params, lr_wd_annealing
 
     misc._change_builtin_print(True)  # as train.py's set-up does: the original's print takes force= / clean=
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # its --tf32 default
+    torch.backends.cudnn.benchmark = True  # as its arg_util sets up
     torch.manual_seed(p["seed"])
     vae, var = build_vae_var(
         V=4096, Cvae=32, ch=160, share_quant_resi=4, device=device, patch_nums=p["patch_nums"], num_classes=90,
@@ -205,13 +209,14 @@ def run_original(original: Path, p: dict, out: Path, device: str, train: bool = 
             it=step, g_it=step, stepping=True, metric_lg=metrics, tb_lg=quiet, inp_B3HW=images, label_B=labels,
             prog_si=-1, prog_wp_it=1,
         )  # fmt: skip
+        if step not in metrics.log_iters and step + 1 != steps:
+            continue  # timed at logged steps only, as ours: a read-back every step would cost it the overlap
         if step in metrics.log_iters:
             curve.append({"step": step + 1, "loss": metrics.meters["Lm"].value})
         if cuda:
             torch.cuda.synchronize()
         times[step + 1] = time.perf_counter() - started
-        if step in metrics.log_iters:  # a run cut short by a time limit still shows its speed
-            print(f"step {step + 1}: loss {curve[-1]['loss']:.4f}, {times[step + 1]:.1f} s", flush=True)
+        print(f"step {step + 1}: loss {curve[-1]['loss']:.4f}, {times[step + 1]:.1f} s", flush=True)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     return {"curve": curve, "times": times, "peak_gib": peak}
 
