@@ -666,3 +666,17 @@ def test_failing_checks_leave_the_output_folder_as_it_was(tmp_path, capsys, fail
     assert _tree(run) == before
     assert main([*common, f"output_dir={tmp_path / 'new'}", "batch_size=8", failing]) == 2
     assert not (tmp_path / "new").exists()
+
+
+def test_forced_resume_decays_every_decayed_group():
+    """``resume=force`` puts the config's weight decay back on each trained model's decayed group (the transformer's
+    and a LoRA text encoder's), and none on the others."""
+    from diffusers_var.training.engine import _apply_hyperparameters, _param_groups
+
+    config = TrainConfig.load(None, ["task=tokenizer", "weight_decay=0.2", "learning_rate=0.01"])
+    groups = _param_groups(torch.nn.Linear(4, 4), 0.05) + _param_groups(torch.nn.Linear(4, 4), 0.05)
+    optimizer = torch.optim.AdamW(groups, lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    _apply_hyperparameters(optimizer, scheduler, config)
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.2, 0.0, 0.2, 0.0]
+    assert all(group["initial_lr"] == 0.01 for group in optimizer.param_groups)

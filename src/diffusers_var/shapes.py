@@ -166,7 +166,8 @@ class _DrawnShapes(torch.utils.data.Dataset):
         self.classes, self.sizes, self.centers, self.resolution = classes, sizes, centers, resolution
         self.images = None
         if len(classes) * resolution * resolution * 3 <= self.MAX_RENDERED_BYTES:
-            self.images = np.concatenate([self._render(slice(i, i + 2048)) for i in range(0, len(classes), 2048)])
+            chunk = max(1, 2**25 // resolution**2)  # rendering takes a few times its output's memory for a moment
+            self.images = np.concatenate([self._render(slice(i, i + chunk)) for i in range(0, len(classes), chunk)])
 
     def _render(self, rows: slice) -> np.ndarray:
         return render_shapes(self.classes[rows], self.sizes[rows], self.centers[rows], self.resolution)

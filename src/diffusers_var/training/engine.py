@@ -532,7 +532,8 @@ def _apply_hyperparameters(optimizer, scheduler, config: TrainConfig) -> None:
     config's in (learning rate and its schedule, weight decay of the decayed group, betas)."""
     factor = _lr_lambda(config)
     for index, group in enumerate(optimizer.param_groups):
-        group["weight_decay"] = config.weight_decay if index == 0 else 0.0  # _param_groups: decayed group first
+        # _param_groups: (decayed, not decayed) per trained model (the transformer, then a LoRA text encoder)
+        group["weight_decay"] = config.weight_decay if index % 2 == 0 else 0.0
         group["betas"] = tuple(config.adam_betas)
         group["initial_lr"] = config.learning_rate
     inner = getattr(scheduler, "scheduler", scheduler)
