@@ -41,6 +41,13 @@ PICKLE_SUFFIXES = {".pkl", ".bin", ".pt", ".pth", ".ckpt"}
 OPTIMIZER_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiable")
 
 
+def bare_model(accelerator, model):
+    """``model`` without accelerate's wrappers (DDP, mixed precision) and without torch.compile's (accelerate's
+    ``dynamo_backend``): the module whose parameter names the checkpoints and exported pipelines use."""
+    model = accelerator.unwrap_model(model)
+    return getattr(model, "_orig_mod", model)  # unwrap_model keeps the compiled wrapper by default
+
+
 def _state_dict_options(accelerator, for_save: bool, strict: bool = True):
     from accelerate.utils import DistributedType
     from torch.distributed.checkpoint.state_dict import StateDictOptions
@@ -141,7 +148,7 @@ def save_training_state(
     options = _state_dict_options(accelerator, for_save=True)
     model_state = get_model_state_dict(model, options=options)
     if trainable_only:
-        trained = _trainable_names(accelerator.unwrap_model(model))
+        trained = _trainable_names(bare_model(accelerator, model))
         model_state = {name: t for name, t in model_state.items() if name in trained}
     optimizer_state = get_optimizer_state_dict(model, optimizer.optimizer, options=options)
     folder.mkdir(parents=True, exist_ok=True)
@@ -174,7 +181,7 @@ def save_training_state(
     }
     if ema is not None:  # EMA of the trained parameters, in their order
         ema_state = ema.state_dict()
-        names = [name for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad]
+        names = [name for name, p in bare_model(accelerator, model).named_parameters() if p.requires_grad]
         save_file(
             {name: _cpu(t) for name, t in zip(names, ema_state.pop("shadow_params"))}, folder / "ema.safetensors"
         )
@@ -279,7 +286,7 @@ def load_training_state(
     ignored = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if ignored:
         logger.warning("ignoring %s in %s: pickle files are never loaded", ", ".join(ignored), folder)
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = bare_model(accelerator, model)
     if bool(state.get("trainable_only", False)) != trainable_only:
         raise ValueError(
             f"`lora`: checkpoint {str(folder)!r} is of a {'LoRA' if not trainable_only else 'full'} run; "

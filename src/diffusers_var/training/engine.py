@@ -28,6 +28,7 @@ import torch
 
 from ..file_utils import is_hub_repo_id, write_text_atomic
 from .checkpoint import (
+    bare_model,
     checkpoint_damage,
     load_training_state,
     read_training_state,
@@ -684,7 +685,7 @@ def train(config: TrainConfig) -> Path:
     trained_models = [m for m in (model, text_encoder) if m is not None]
 
     def trainable_parameters():  # every trainable parameter, in a fixed order (all of the model's in full training)
-        return lora.trainable_parameters(*(accelerator.unwrap_model(m) for m in trained_models))
+        return lora.trainable_parameters(*(bare_model(accelerator, m) for m in trained_models))
 
     counter = _StepCounter()
     ema = None
@@ -801,7 +802,7 @@ def train(config: TrainConfig) -> Path:
                             f.write(json.dumps(record) + "\n")
                 if config.sample_every and counter.step % config.sample_every == 0 and accelerator.is_main_process:
                     task.save_samples(
-                        accelerator.unwrap_model(model), output_dir / "samples" / f"step-{counter.step:07d}.png"
+                        bare_model(accelerator, model), output_dir / "samples" / f"step-{counter.step:07d}.png"
                     )
                 _fault_injection("step", counter.step)
                 if counter.step % config.checkpoint_every == 0 or counter.step == config.max_steps or out_of_time:
@@ -817,7 +818,7 @@ def train(config: TrainConfig) -> Path:
 
     accelerator.wait_for_everyone()
     export_dir = output_dir / "final"
-    trained = accelerator.unwrap_model(model)
+    trained = bare_model(accelerator, model)
     if ema is not None:  # never under FSDP (refused at the start): each rank holds the whole model; rank 0 exports it
         ema.store(trainable_parameters())
         ema.copy_to(trainable_parameters())
@@ -834,7 +835,7 @@ def train(config: TrainConfig) -> Path:
                     config,
                     task,
                     trained,
-                    accelerator.unwrap_model(text_encoder) if text_encoder else None,
+                    bare_model(accelerator, text_encoder) if text_encoder else None,
                     export_dir,
                     summary,
                 )
