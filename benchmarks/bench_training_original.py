@@ -26,7 +26,8 @@ the original code (its convolutions initialised by PyTorch's default rule, seede
 own converter for our side, so both sides train on the same tokens.
 
 Our side is ``accelerate launch -m diffusers_var.training var`` with the same model (``model.drop_path_rate`` as the
-original's), batch, precision, peak learning rate (warm-up over the same steps, cosine to 0.1 of it), weight decay,
+original's), batch, precision, peak learning rate and schedule (warm-up over the same steps, then ``lr_schedule=linear``,
+the shape of the original's lin0, to 0.1 of the peak), weight decay,
 grad clip, label dropout 0.1 and seed. Images/s are measured after a quarter of the steps on both sides; peak memory
 is ``torch.cuda.max_memory_allocated``. Writes ``results.json`` (both curves) and prints a markdown table.
 """
@@ -257,6 +258,7 @@ def run_ours(side: str, p: dict, out: Path, device: str) -> dict:
         f"learning_rate={p['peak_lr']}",
         f"warmup_steps={max(1, round(0.02 * p['steps']))}",
         "min_lr_ratio=0.1",
+        "lr_schedule=linear",
         f"weight_decay={p['weight_decay']}",
         f"grad_clip={p['grad_clip']}",
         f"mixed_precision={p['precision']}",

@@ -680,3 +680,20 @@ def test_forced_resume_decays_every_decayed_group():
     _apply_hyperparameters(optimizer, scheduler, config)
     assert [group["weight_decay"] for group in optimizer.param_groups] == [0.2, 0.0, 0.2, 0.0]
     assert all(group["initial_lr"] == 0.01 for group in optimizer.param_groups)
+
+
+def test_linear_lr_schedule():
+    """``lr_schedule=linear`` (the original VAR trainer's lin0 shape): warm-up, the peak for the first 5% of the
+    remaining steps, then a straight line down to ``min_lr_ratio``; cosine stays the default."""
+    from diffusers_var.training.engine import _lr_lambda
+
+    overrides = ["task=tokenizer", "warmup_steps=2", "max_steps=102", "min_lr_ratio=0.1"]
+    linear = _lr_lambda(TrainConfig.load(None, [*overrides, "lr_schedule=linear"]))
+    assert [linear(step) for step in (0, 1)] == [0.5, 1.0]
+    assert linear(2) == linear(6) == 1.0  # held: progress 0 and 0.04
+    assert linear(2 + 52.5) == pytest.approx(0.1 + 0.9 * 0.5)  # progress 0.525: halfway down the line
+    assert linear(102) == pytest.approx(0.1) and linear(500) == pytest.approx(0.1)
+    cosine = _lr_lambda(TrainConfig.load(None, overrides))
+    assert cosine(52) == pytest.approx(0.1 + 0.9 * 0.5) and cosine(6) < 1.0
+    with pytest.raises(ValueError, match="`lr_schedule` must be one of 'cosine', 'linear', got 'step'"):
+        TrainConfig.load(None, ["task=tokenizer", "lr_schedule=step"])

@@ -41,6 +41,8 @@ from .text_encoders import TINY_TEXT_ENCODERS
 CHECKPOINT_PATTERN = re.compile(r"step-(\d+)\Z")
 TASK_NAMES = ("tokenizer", "bitwise_tokenizer", "var", "star", "infinity")
 TOKENIZER_TASKS = ("tokenizer", "bitwise_tokenizer")
+LR_SCHEDULES = ("cosine", "linear")
+LINEAR_SCHEDULE_HOLD = 0.05  # "linear": the share of the post-warm-up steps at the peak rate (the original's lin0)
 TEXT_TASKS = ("star", "infinity")
 RESUME_MODES = ("auto", "never", "force")
 # keys that may change between a run and its resume: they do not change what is trained
@@ -80,6 +82,9 @@ class TrainConfig:
     adam_betas: tuple = (0.9, 0.95)
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
+    # after the warm-up: "cosine" to min_lr_ratio, or "linear" as the original VAR trainer's lin0 schedule (flat for
+    # the first 5% of the remaining steps, then a straight line to min_lr_ratio)
+    lr_schedule: str = "cosine"
     grad_clip: float = 2.0
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16
@@ -157,6 +162,10 @@ class TrainConfig:
         """Check every value (types and ranges) and name the key in the error; integral floats become ints."""
         if self.task not in TASK_NAMES:
             raise ValueError(f"`task` must be one of {', '.join(repr(t) for t in TASK_NAMES)}, got {self.task!r}.")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"`lr_schedule` must be one of {', '.join(repr(s) for s in LR_SCHEDULES)}, got {self.lr_schedule!r}."
+            )
         for name in ("mixed_precision", "tokenizer_precision"):
             if getattr(self, name) not in ("no", "bf16", "fp16"):
                 raise ValueError(f"`{name}` must be 'no', 'bf16' or 'fp16', got {getattr(self, name)!r}.")
@@ -423,7 +432,11 @@ def _lr_lambda(config: TrainConfig):
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
         progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
-        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if config.lr_schedule == "linear":
+            shape = min(1.0, (1 - progress) / (1 - LINEAR_SCHEDULE_HOLD))
+        else:
+            shape = 0.5 * (1 + math.cos(math.pi * progress))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * shape
 
     return factor
 
