@@ -26,9 +26,9 @@ the original code (its convolutions initialised by PyTorch's default rule, seede
 own converter for our side, so both sides train on the same tokens.
 
 Our side is ``accelerate launch -m diffusers_var.training var`` with the same model (``model.drop_path_rate`` as the
-original's), batch, precision, peak learning rate and schedule (warm-up over the same steps, then ``lr_schedule=linear``,
-the shape of the original's lin0, to 0.1 of the peak), weight decay,
-grad clip, label dropout 0.1 and seed. Images/s are measured after a quarter of the steps on both sides; peak memory
+original's), batch, precision, peak learning rate and schedule (warm-up over the same steps, then
+``lr_schedule=linear``, the shape of the original's lin0, to 0.1 of the peak), weight decay, grad clip, label dropout
+0.1 and seed. Images/s are measured after a quarter of the steps on both sides; peak memory
 is ``torch.cuda.max_memory_allocated``. Writes ``results.json`` (both curves) and prints a markdown table.
 """
 
