@@ -697,3 +697,19 @@ def test_linear_lr_schedule():
     assert cosine(52) == pytest.approx(0.1 + 0.9 * 0.5) and cosine(6) < 1.0
     with pytest.raises(ValueError, match="`lr_schedule` must be one of 'cosine', 'linear', got 'step'"):
         TrainConfig.load(None, ["task=tokenizer", "lr_schedule=step"])
+
+
+def test_compiled_training_saves_and_exports_the_bare_model(tokenizer_dir, tmp_path):
+    """``torch_compile: true`` (accelerate's inductor backend): the checkpoint and the export carry the model's own
+    parameter names, not torch.compile's wrapper's (the export failed on the wrapper), and the run resumes without
+    compiling (the key may change on resume)."""
+    model = {"depth": 1, "embed_dim": 32, "num_heads": 2}
+    config = var_config(tmp_path, tokenizer_dir, max_steps=2, checkpoint_every=1, ema_decay=None, model=model)
+    export = train(TrainConfig(**{**config, "torch_compile": True}))
+    names = set(load_file(tmp_path / "checkpoints" / "step-0000002" / "model.safetensors"))
+    assert names == set(VARPipeline.from_pretrained(export).transformer.state_dict())
+    assert not any("_orig_mod" in name for name in names)
+    train(TrainConfig(**{**config, "torch_compile": False}))  # resume=auto: nothing left to train, no refusal
+    assert len(losses(tmp_path)) == 2
+    with pytest.raises(ValueError, match="`torch_compile` must be true or false"):
+        TrainConfig.load(None, ["task=tokenizer", "torch_compile=yes"])
