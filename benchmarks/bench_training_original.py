@@ -17,7 +17,8 @@ grad clip 2),
 its data pipeline (``utils/data.py`` needs torchvision and an ImageNet folder): both sides read the same images, the
 package's generated shapes at 256 px (``data.type=shapes``, seed 0, 90 classes) in [-1, 1], in the same order (the
 permutation accelerate's seeded sampler gives ours) with the same number of workers. TF32 and ``cudnn.benchmark``
-are on for the original as its ``train.py`` sets them; both sides wait for the GPU at logged steps only.
+are on for the original as its ``train.py`` sets them (our trainer leaves cuDNN's timing off); both sides wait for
+the GPU at logged steps only.
 ``typed-argument-parser`` and ``pytz``, which the original imports for its argument parser and log time stamps, are
 replaced by empty stand-ins when they are not installed (neither is used here).
 
@@ -27,9 +28,10 @@ own converter for our side, so both sides train on the same tokens.
 
 Our side is ``accelerate launch -m diffusers_var.training var`` with the same model (``model.drop_path_rate`` as the
 original's), batch, precision, peak learning rate and schedule (warm-up over the same steps, then
-``lr_schedule=linear``, the shape of the original's lin0, to 0.1 of the peak), weight decay, grad clip, label dropout
-0.1 and seed. Images/s are measured after a quarter of the steps on both sides; peak memory
-is ``torch.cuda.max_memory_allocated``. Writes ``results.json`` (both curves) and prints a markdown table.
+``lr_schedule=linear``, the shape of the original's lin0, to 0.1 of the peak; ours warms up from 1/warm-up steps of
+the peak, the original from 0.005 of it), weight decay, grad clip, label dropout 0.1 and seed. Images/s are
+measured after a quarter of the steps on both sides; peak memory is ``torch.cuda.max_memory_allocated``. Writes
+``results.json`` (both curves) and prints a markdown table.
 """
 
 from __future__ import annotations

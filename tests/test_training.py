@@ -687,13 +687,14 @@ def test_linear_lr_schedule():
     remaining steps, then a straight line down to ``min_lr_ratio``; cosine stays the default."""
     from diffusers_var.training.engine import _lr_lambda
 
-    overrides = ["task=tokenizer", "warmup_steps=2", "max_steps=102", "min_lr_ratio=0.1"]
-    linear = _lr_lambda(TrainConfig.load(None, [*overrides, "lr_schedule=linear"]))
+    overrides = ["task=tokenizer", "warmup_steps=2", "min_lr_ratio=0.1"]
+    # as lin0, the line ends at the last step: 100 steps after the warm-up here
+    linear = _lr_lambda(TrainConfig.load(None, [*overrides, "max_steps=103", "lr_schedule=linear"]))
     assert [linear(step) for step in (0, 1)] == [0.5, 1.0]
     assert linear(2) == linear(6) == 1.0  # held: progress 0 and 0.04
     assert linear(2 + 52.5) == pytest.approx(0.1 + 0.9 * 0.5)  # progress 0.525: halfway down the line
     assert linear(102) == pytest.approx(0.1) and linear(500) == pytest.approx(0.1)
-    cosine = _lr_lambda(TrainConfig.load(None, overrides))
+    cosine = _lr_lambda(TrainConfig.load(None, [*overrides, "max_steps=102"]))
     assert cosine(52) == pytest.approx(0.1 + 0.9 * 0.5) and cosine(6) < 1.0
     with pytest.raises(ValueError, match="`lr_schedule` must be one of 'cosine', 'linear', got 'step'"):
         TrainConfig.load(None, ["task=tokenizer", "lr_schedule=step"])

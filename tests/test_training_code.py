@@ -132,3 +132,30 @@ def test_tokenizer_precision(tmp_path):
         TrainConfig.load(None, ["task=var", "tokenizer_path=x", "tokenizer_precision=fp8"])
     with pytest.raises(ValueError, match="`tokenizer_precision` applies to the frozen tokenizer"):
         TrainConfig.load(None, ["task=tokenizer", "tokenizer_precision=fp16"])
+
+
+def test_class_labels_are_checked_on_the_cpu(tmp_path):
+    """The VAR task checks each batch's class labels against the model's classes where the batch is made (the
+    model's own check skips device tensors in training: it would wait for the GPU at every step)."""
+    MultiScaleVQModel(
+        ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, vocab_size=64, z_channels=8, patch_nums=PATCH_NUMS,
+        using_sa=False, using_mid_sa=False,
+    ).save_pretrained(tmp_path / "tokenizer")  # fmt: skip
+
+    def task_with(num_classes: int):
+        model = {"depth": 1, "embed_dim": 32, "num_heads": 2, "num_classes": num_classes}
+        config = TrainConfig(
+            task="var", output_dir=str(tmp_path / "run"), tokenizer_path=str(tmp_path / "tokenizer"), resolution=16,
+            data={"type": "shapes", "num_images": 16, "seed": 3}, model=model,
+        )  # fmt: skip
+        return build_task(config, "cpu")
+
+    task = task_with(NUM_CLASSES)
+    items = [task.dataset[i] for i in range(8)]
+    labels = [int(item["class_labels"]) for item in items]
+    assert task.collate(items)["class_labels"].tolist() == labels
+    with pytest.raises(ValueError, match=rf"`data`: class label {max(labels)} is outside \[0, 1\]"):
+        task_with(2).collate(items)  # fewer classes than the data has
+    items[0] = {**items[0], "class_labels": torch.tensor(-1)}
+    with pytest.raises(ValueError, match=r"`data`: class label -1 is outside \[0, 89\]"):
+        task.collate(items)

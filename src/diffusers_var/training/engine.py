@@ -435,10 +435,12 @@ def _lr_lambda(config: TrainConfig):
     def factor(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
-        progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
-        if config.lr_schedule == "linear":
+        after_warmup = step - config.warmup_steps
+        if config.lr_schedule == "linear":  # lin0 reaches the end at the last step (max_steps - 1)
+            progress = min(1.0, after_warmup / max(1, config.max_steps - 1 - config.warmup_steps))
             shape = min(1.0, (1 - progress) / (1 - LINEAR_SCHEDULE_HOLD))
         else:
+            progress = min(1.0, after_warmup / max(1, config.max_steps - config.warmup_steps))
             shape = 0.5 * (1 + math.cos(math.pi * progress))
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * shape
 
@@ -695,7 +697,12 @@ def train(config: TrainConfig) -> Path:
         )
         task.trainable_text_encoder = text_encoder  # the loss calls it through its (DDP) wrapper
         # one module holding both, so the checkpoint's model and optimizer states name every trained parameter
-        checkpointed = torch.nn.ModuleDict({"transformer": model, "text_encoder": text_encoder})
+        checkpointed = torch.nn.ModuleDict(  # (`accelerate launch --dynamo_backend` compiled them: names without it)
+            {
+                "transformer": getattr(model, "_orig_mod", model),
+                "text_encoder": getattr(text_encoder, "_orig_mod", text_encoder),
+            }
+        )
     else:
         model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
         checkpointed = model
@@ -805,10 +812,11 @@ def train(config: TrainConfig) -> Path:
                         accelerator.gather(torch.tensor([out_of_time], device=accelerator.device)).any()
                     )
                 if counter.step % config.log_every == 0 or counter.step == config.max_steps or out_of_time:
+                    loss_value = loss.item()  # waits for the GPU, so the time below counts the steps' work
                     elapsed = time.perf_counter() - started
                     record = {
                         "step": counter.step,
-                        "loss": loss.item(),
+                        "loss": loss_value,
                         "lr": scheduler.get_last_lr()[0],
                         "grad_norm": float(grad_norm) if grad_norm is not None else None,
                         "images_per_s": images_seen / max(elapsed, 1e-9),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -264,10 +265,11 @@ def _frozen_latent(encode, images: torch.Tensor, precision: str) -> torch.Tensor
         return encode(images).float()
     with torch.autocast(images.device.type, dtype=AUTOCAST_DTYPES[precision]):
         latent = encode(images).float()
-    if not bool(torch.isfinite(latent).all()):  # waits for the encoder; the step needs its result next anyway
-        warnings.warn(
-            f"`tokenizer_precision={precision}`: the tokenizer's encoder overflowed on a batch, which was encoded "
-            "again in float32; set tokenizer_precision to 'no' or 'bf16' if this repeats.",
+    # fp16 only (bf16 has float32's range); waits for the encoder, whose result the step needs next anyway
+    if precision == "fp16" and not bool(torch.isfinite(latent).all()):
+        warnings.warn(  # shown once: every such batch is encoded again
+            "`tokenizer_precision=fp16`: the tokenizer's encoder overflowed on a batch, which was encoded again in "
+            "float32 (as every such batch will be); set tokenizer_precision to 'bf16' or 'no' if this is slow.",
             stacklevel=2,
         )
         latent = encode(images).float()
@@ -475,10 +477,21 @@ class TokenCachedDataset(torch.utils.data.Dataset):
         return {**self.dataset[index], "token_indices": self.token_indices[index]}
 
 
-def _collate_with_tokens(items: list[dict]) -> dict:
+def _collate_with_tokens(items: list[dict], num_classes: int | None = None) -> dict:
+    """The batch; with ``num_classes``, its class labels checked here, on the CPU (in the loader's workers): the
+    model's own range check would wait for the GPU at every step, and an index past the class table on a GPU is a
+    device-side assert, not an error naming the data."""
     batch = collate(items)
     if "token_indices" in items[0]:
         batch["token_indices"] = torch.stack([it["token_indices"] for it in items])
+    labels = batch.get("class_labels")
+    if num_classes is not None and labels is not None and labels.numel():
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(
+                f"`data`: class label {low if low < 0 else high} is outside [0, {num_classes - 1}], the model's "
+                f"{num_classes} classes (`model.num_classes`, or the classes found in the data)."
+            )
     return batch
 
 
@@ -553,6 +566,7 @@ class VARTask(_PipelineTask):
             return model
 
         self.model = lora.transformer_for_training(config, VARTransformer2DModel, build)
+        self.collate = functools.partial(_collate_with_tokens, num_classes=self.model.config.num_classes)
 
     def _classes(self):
         dataset = self.dataset
