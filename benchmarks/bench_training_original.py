@@ -304,6 +304,15 @@ def steady_images_per_s(times: dict, batch: int, skip: int) -> float:
     return (last - first) * batch / (times[last] - times[first])
 
 
+def window_images_per_s(times: dict, batch: int, skip: int, windows: int = 5) -> list[float]:
+    """Images/s over ``windows`` consecutive stretches of the timed steps after ``skip`` (the run's own spread: one
+    process per side is all a GPU session's time allows)."""
+    times = {int(k): v for k, v in times.items()}
+    steps = sorted(s for s in times if s >= min(s for s in times if s > skip))
+    bounds = [steps[round(i * (len(steps) - 1) / windows)] for i in range(windows + 1)]
+    return [(b - a) * batch / (times[b] - times[a]) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--original", required=True, help="a checkout of github.com/FoundationVision/VAR")
@@ -368,20 +377,23 @@ def main() -> int:
 
     skip = p["steps"] // 4
     print(
-        f"| trainer | batch | precision | images/s (after step {skip}) | peak GiB | loss at steps 1 / mid / end "
-        "| whole run, s (start-up, token cache, compiling included) |"
+        f"| trainer | batch | precision | images/s (after step {skip}) | median of 5 stretches (min-max) | peak GiB "
+        "| loss at steps 1 / mid / end | whole run, s (start-up, token cache, compiling included) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for side in ["original", *OURS]:
         r = results.get(side)
         if not r or "failed" in r:
             continue
         r["images_per_s"] = steady_images_per_s(r["times"], p["batch_size"], skip)
+        r["window_images_per_s"] = window_images_per_s(r["times"], p["batch_size"], skip)
+        spread = r["window_images_per_s"]
+        stretches = f"{statistics.median(spread):.1f} ({min(spread):.1f}-{max(spread):.1f})"
         losses = [c["loss"] for c in r["curve"]]
         marks = " / ".join(f"{x:.3f}" for x in (losses[0], losses[len(losses) // 2], statistics.mean(losses[-3:])))
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-        row = f"| {side} | {p['batch_size']} | {p['precision']} | {r['images_per_s']:.1f} | {peak} | {marks} "
-        print(row + f"| {r['wall_s']:.0f} |")
+        row = f"| {side} | {p['batch_size']} | {p['precision']} | {r['images_per_s']:.1f} | {stretches} | {peak} "
+        print(row + f"| {marks} | {r['wall_s']:.0f} |")
         if not all(math.isfinite(c["loss"]) for c in r["curve"]):
             print(f"{side}: a loss is not finite", file=sys.stderr)
     for side in OURS:
