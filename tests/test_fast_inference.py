@@ -1142,6 +1142,26 @@ def test_use_compile_cache_picks_a_lasting_folder(tmp_path, monkeypatch):
         use_compile_cache(tmp_path / "a_file")
 
 
+def test_a_warm_compile_cache_turns_the_compile_worker_pool_off(tmp_path, monkeypatch):
+    """A folder that already holds Inductor's compiled graphs: one compile thread (no worker pool to start), unless
+    TORCHINDUCTOR_COMPILE_THREADS is set; an empty folder leaves the setting alone."""
+    import torch._inductor.config as inductor_config
+
+    from diffusers_var import use_compile_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    monkeypatch.setattr(inductor_config, "compile_threads", 4)  # restored after the test
+    use_compile_cache(tmp_path / "cold")
+    assert inductor_config.compile_threads == 4
+    (tmp_path / "warm" / "fxgraph" / "ab").mkdir(parents=True)
+    use_compile_cache(tmp_path / "warm")
+    assert inductor_config.compile_threads == 1
+    inductor_config.compile_threads = 4
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "4")  # the user's choice stands
+    use_compile_cache(tmp_path / "warm")
+    assert inductor_config.compile_threads == 4
+
+
 def test_a_second_process_loads_the_compiled_code_from_the_cache(tmp_path):
     """Two fresh processes compile the same function with ``use_compile_cache(folder)``: the first writes Inductor's
     compiled graph, the second finds it there (an FX graph cache hit) instead of compiling it again. A matmul alone:

@@ -98,7 +98,9 @@ def use_compile_cache(directory: str | os.PathLike | None = None) -> Path:
 
     The folder: ``directory``, else ``$DIFFUSERS_VAR_COMPILE_CACHE``, else a ``TORCHINDUCTOR_CACHE_DIR`` already set,
     else :func:`default_compile_cache` (torch's own default is a temporary folder). It is created if missing; nothing
-    in it is ever deleted by this package. Returns it.
+    in it is ever deleted by this package. A folder that already holds compiled graphs also turns Inductor's pool of
+    compile workers off for this process (one compile thread), unless ``TORCHINDUCTOR_COMPILE_THREADS`` says
+    otherwise: with a warm cache little is left to compile, and starting the pool cost more than it saved. Returns it.
     """
     if directory is None:
         directory = os.environ.get(COMPILE_CACHE_ENV) or os.environ.get("TORCHINDUCTOR_CACHE_DIR")
@@ -110,6 +112,8 @@ def use_compile_cache(directory: str | os.PathLike | None = None) -> Path:
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True  # the defaults of recent torch, set in case a user turned them off
+    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ and any((path / "fxgraph").glob("*")):
+        inductor_config.compile_threads = 1  # a warm cache: see the docstring (BENCHMARKS.md, session 14)
     try:
         import torch._functorch.config as functorch_config
 
