@@ -796,6 +796,10 @@ def test_text_to_image_lora_training_with_the_text_encoder(family, tmp_path):
     pipe.load_lora_weights(export, adapter_name="t")
     assert pipe.get_list_adapters() == {"transformer": ["t"], "text_encoder": ["t"]}
     assert images(pipe, family).shape == (2, 3, 64, 64)
+    # it resumes from its checkpoint (both adapters' optimizer state; it was refused: two empty parameter groups)
+    train(TrainConfig(**{**config, "max_steps": 4, "resume": "force"}))
+    log = (tmp_path / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]
 
 
 def test_bad_lora_configs_name_the_key(tmp_path):

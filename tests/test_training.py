@@ -668,17 +668,20 @@ def test_failing_checks_leave_the_output_folder_as_it_was(tmp_path, capsys, fail
     assert not (tmp_path / "new").exists()
 
 
-def test_forced_resume_decays_every_decayed_group():
-    """``resume=force`` puts the config's weight decay back on each trained model's decayed group (the transformer's
-    and a LoRA text encoder's), and none on the others."""
+def test_one_pair_of_parameter_groups_for_every_trained_model():
+    """The transformer's and a LoRA text encoder's parameters share one (decayed, not decayed) pair, and
+    ``resume=force`` puts the config's weight decay back on the decayed one (a pair per model left a LoRA run with
+    two empty groups, which torch's checkpoint loader refuses: such a run could not resume)."""
     from diffusers_var.training.engine import _apply_hyperparameters, _param_groups
 
     config = TrainConfig.load(None, ["task=tokenizer", "weight_decay=0.2", "learning_rate=0.01"])
-    groups = _param_groups(torch.nn.Linear(4, 4), 0.05) + _param_groups(torch.nn.Linear(4, 4), 0.05)
+    first, second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+    groups = _param_groups([first, second], 0.05)
+    assert [len(group["params"]) for group in groups] == [2, 2]  # the two weights, the two biases
     optimizer = torch.optim.AdamW(groups, lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     _apply_hyperparameters(optimizer, scheduler, config)
-    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.2, 0.0, 0.2, 0.0]
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.2, 0.0]
     assert all(group["initial_lr"] == 0.01 for group in optimizer.param_groups)
 
 

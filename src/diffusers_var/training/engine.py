@@ -447,14 +447,18 @@ def _lr_lambda(config: TrainConfig):
     return factor
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, embeddings, position / level tables and AdaLN offsets."""
+def _param_groups(models: list[torch.nn.Module], weight_decay: float) -> list[dict]:
+    """The trainable parameters of ``models`` in two groups, decayed first: no weight decay on biases, norms,
+    embeddings, position / level tables and AdaLN offsets. One pair for all models: a LoRA run (the transformer's and
+    the text encoder's adapters) has no parameter without decay, and torch's checkpoint loader accepts one empty
+    group, not two."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        skip = param.ndim < 2 or any(k in name for k in ("pos_", "embedding", "log_scale", "adaln_offset"))
-        (no_decay if skip else decay).append(param)
+    for model in models:
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            skip = param.ndim < 2 or any(k in name for k in ("pos_", "embedding", "log_scale", "adaln_offset"))
+            (no_decay if skip else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -552,8 +556,7 @@ def _apply_hyperparameters(optimizer, scheduler, config: TrainConfig) -> None:
     config's in (learning rate and its schedule, weight decay of the decayed group, betas)."""
     factor = _lr_lambda(config)
     for index, group in enumerate(optimizer.param_groups):
-        # _param_groups: (decayed, not decayed) per trained model (the transformer, then a LoRA text encoder)
-        group["weight_decay"] = config.weight_decay if index % 2 == 0 else 0.0
+        group["weight_decay"] = config.weight_decay if index == 0 else 0.0  # _param_groups: the decayed group first
         group["betas"] = tuple(config.adam_betas)
         group["initial_lr"] = config.learning_rate
     inner = getattr(scheduler, "scheduler", scheduler)
@@ -654,9 +657,7 @@ def train(config: TrainConfig) -> Path:
     text_encoder = getattr(task, "trainable_text_encoder", None)  # LoRA with lora.train_text_encoder
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    groups = _param_groups(model, config.weight_decay)
-    if text_encoder is not None:
-        groups += _param_groups(text_encoder, config.weight_decay)
+    groups = _param_groups([m for m in (model, text_encoder) if m is not None], config.weight_decay)
     optimizer = _adamw(groups, config, accelerator.device, accelerator.distributed_type == DistributedType.FSDP)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     loader = torch.utils.data.DataLoader(
