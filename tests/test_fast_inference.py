@@ -1143,23 +1143,30 @@ def test_use_compile_cache_picks_a_lasting_folder(tmp_path, monkeypatch):
 
 
 def test_a_warm_compile_cache_turns_the_compile_worker_pool_off(tmp_path, monkeypatch):
-    """A folder that already holds Inductor's compiled graphs: one compile thread (no worker pool to start), unless
-    TORCHINDUCTOR_COMPILE_THREADS is set; an empty folder leaves the setting alone."""
+    """A folder that already holds Inductor's compiled graphs made with this torch: one compile thread (no worker pool
+    to start), unless TORCHINDUCTOR_COMPILE_THREADS is set; an empty folder, or graphs of another torch version,
+    leave the setting alone."""
     import torch._inductor.config as inductor_config
 
     from diffusers_var import use_compile_cache
+    from diffusers_var.pipelines.fast_inference import COMPILE_CACHE_TORCH_FILE
 
     monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
-    monkeypatch.setattr(inductor_config, "compile_threads", 4)  # restored after the test
-    use_compile_cache(tmp_path / "cold")
-    assert inductor_config.compile_threads == 4
-    (tmp_path / "warm" / "fxgraph" / "ab").mkdir(parents=True)
-    use_compile_cache(tmp_path / "warm")
-    assert inductor_config.compile_threads == 1
-    inductor_config.compile_threads = 4
-    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "4")  # the user's choice stands
-    use_compile_cache(tmp_path / "warm")
-    assert inductor_config.compile_threads == 4
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "restored"))  # put back after the test
+    with inductor_config.patch(compile_threads=4):  # (monkeypatch cannot restore a torch config option)
+        use_compile_cache(tmp_path / "cold")
+        assert inductor_config.compile_threads == 4
+        assert (tmp_path / "cold" / COMPILE_CACHE_TORCH_FILE).read_text() == torch.__version__
+        (tmp_path / "warm" / "fxgraph" / "ab").mkdir(parents=True)
+        (tmp_path / "warm" / COMPILE_CACHE_TORCH_FILE).write_text("1.0.0")  # graphs of another torch: cold
+        use_compile_cache(tmp_path / "warm")
+        assert inductor_config.compile_threads == 4
+        use_compile_cache(tmp_path / "warm")  # now marked with this torch
+        assert inductor_config.compile_threads == 1
+        inductor_config.compile_threads = 4
+        monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "4")  # the user's choice stands
+        use_compile_cache(tmp_path / "warm")
+        assert inductor_config.compile_threads == 4
 
 
 def test_a_second_process_loads_the_compiled_code_from_the_cache(tmp_path):

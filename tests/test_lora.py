@@ -802,6 +802,29 @@ def test_text_to_image_lora_training_with_the_text_encoder(family, tmp_path):
     assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]
 
 
+def test_a_text_encoder_lora_checkpoint_of_the_earlier_layout_resumes(tmp_path):
+    """Checkpoints written before the trained models shared one pair of parameter groups hold a (decayed, not
+    decayed) pair per model, two of them empty for a LoRA run with its text encoder: resuming merges them into this
+    run's pair (torch's loader refuses two empty groups)."""
+    config = lora_run(tmp_path, "star", max_steps=2, lora={"train_text_encoder": True})
+    train(TrainConfig(**config))
+    state_file = latest_checkpoint(tmp_path / "checkpoints") / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    decayed, not_decayed = state["optimizer"]["param_groups"]
+    assert not not_decayed["params"]  # LoRA matrices only
+    per_model = [
+        {**group, "params": [fqn for fqn in group["params"] if fqn.startswith(prefix)]}
+        for prefix in ("transformer.", "text_encoder.")
+        for group in (decayed, not_decayed)
+    ]
+    assert [len(group["params"]) > 0 for group in per_model] == [True, False, True, False]
+    state["optimizer"]["param_groups"] = per_model
+    state_file.write_text(json.dumps(state))
+    train(TrainConfig(**{**config, "max_steps": 3, "resume": "force"}))
+    log = (tmp_path / "train_log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2, 3]
+
+
 def test_bad_lora_configs_name_the_key(tmp_path):
     base = str(REPO_ROOT / "pipelines" / "var-shapes")
     cases = [

@@ -37,6 +37,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import logging
 from torch import nn
 
+from ..file_utils import write_atomic
 from ..loaders import adapter_state
 from ..models.bitwise_vae import Upsample as BitwiseUpsample
 from ..models.blocks import AdaLNSelfAttentionBlock, CosineSelfAttention, FeedForward, Rotary2D, memoized
@@ -90,6 +91,9 @@ def default_compile_cache() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "diffusers_var" / "torch_compile"
 
 
+COMPILE_CACHE_TORCH_FILE = ".diffusers_var_torch_version"  # in a compile cache folder: the torch that fills it
+
+
 def use_compile_cache(directory: str | os.PathLike | None = None) -> Path:
     """Keep torch.compile's on-disk caches (Inductor's compiled graphs, AOTAutograd's, Triton's kernels) in a lasting
     folder, so that another process on the machine (a restarted demo or server, the next sampling job) loads the
@@ -98,9 +102,10 @@ def use_compile_cache(directory: str | os.PathLike | None = None) -> Path:
 
     The folder: ``directory``, else ``$DIFFUSERS_VAR_COMPILE_CACHE``, else a ``TORCHINDUCTOR_CACHE_DIR`` already set,
     else :func:`default_compile_cache` (torch's own default is a temporary folder). It is created if missing; nothing
-    in it is ever deleted by this package. A folder that already holds compiled graphs also turns Inductor's pool of
-    compile workers off for this process (one compile thread), unless ``TORCHINDUCTOR_COMPILE_THREADS`` says
-    otherwise: with a warm cache little is left to compile, and starting the pool cost more than it saved. Returns it.
+    in it is ever deleted by this package. A folder that already holds compiled graphs made with this torch version
+    (it notes the version in :data:`COMPILE_CACHE_TORCH_FILE`) also turns Inductor's pool of compile workers off for
+    this process (one compile thread), unless ``TORCHINDUCTOR_COMPILE_THREADS`` says otherwise: with a warm cache
+    little is left to compile, and starting the pool cost more than it saved. Returns it.
     """
     if directory is None:
         directory = os.environ.get(COMPILE_CACHE_ENV) or os.environ.get("TORCHINDUCTOR_CACHE_DIR")
@@ -112,8 +117,15 @@ def use_compile_cache(directory: str | os.PathLike | None = None) -> Path:
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True  # the defaults of recent torch, set in case a user turned them off
-    if "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ and any((path / "fxgraph").glob("*")):
+    marker = path / COMPILE_CACHE_TORCH_FILE
+    same_torch = marker.is_file() and marker.read_text().strip() == torch.__version__
+    if same_torch and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ and any((path / "fxgraph").glob("*")):
         inductor_config.compile_threads = 1  # a warm cache: see the docstring (BENCHMARKS.md, session 14)
+    if not same_torch:  # graphs of another torch never hit (its version is in their keys): this one's from now on
+        try:
+            write_atomic(marker, lambda tmp: tmp.write_text(torch.__version__))
+        except OSError:  # a read-only shared cache: it is only read, and the worker pool stays
+            pass
     try:
         import torch._functorch.config as functorch_config
 

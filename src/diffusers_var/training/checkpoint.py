@@ -311,6 +311,14 @@ def load_training_state(
     for fqn, values in state["optimizer"]["values"].items():
         per_parameter.setdefault(fqn, {}).update(values)
     param_groups = [dict(group) for group in state["optimizer"]["param_groups"]]
+    pairs = len(optimizer.optimizer.param_groups)
+    if len(param_groups) != pairs and len(param_groups) % pairs == 0:
+        # a checkpoint of the earlier layout, a (decayed, not decayed) pair per trained model (a LoRA run with its
+        # text encoder): merged into this run's one pair, each group keeping its saved settings
+        param_groups = [
+            {**param_groups[i], "params": [fqn for group in param_groups[i::pairs] for fqn in group["params"]]}
+            for i in range(pairs)
+        ]
     implementation = {k: v for k, v in optimizer.optimizer.defaults.items() if k in OPTIMIZER_IMPLEMENTATION_KEYS}
     for group in param_groups:
         if isinstance(group.get("betas"), list):
