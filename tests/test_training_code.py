@@ -154,8 +154,12 @@ def test_class_labels_are_checked_on_the_cpu(tmp_path):
     items = [task.dataset[i] for i in range(8)]
     labels = [int(item["class_labels"]) for item in items]
     assert task.collate(items)["class_labels"].tolist() == labels
+    with pytest.raises(ValueError, match=rf"`model.num_classes` \(2\) is below the {NUM_CLASSES} classes"):
+        task_with(2)  # fewer classes than the data has: refused when the task is built
+    from diffusers_var.training.tasks import _collate_with_tokens
+
     with pytest.raises(ValueError, match=rf"`data`: class label {max(labels)} is outside \[0, 1\]"):
-        task_with(2).collate(items)  # fewer classes than the data has
+        _collate_with_tokens(items, num_classes=2)  # labels the data's first rows did not show
     items[0] = {**items[0], "class_labels": torch.tensor(-1)}
     with pytest.raises(ValueError, match=r"`data`: class label -1 is outside \[0, 89\]"):
         task.collate(items)

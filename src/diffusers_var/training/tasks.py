@@ -566,7 +566,12 @@ class VARTask(_PipelineTask):
             return model
 
         self.model = lora.transformer_for_training(config, VARTransformer2DModel, build)
-        self.collate = functools.partial(_collate_with_tokens, num_classes=self.model.config.num_classes)
+        model_classes = self.model.config.num_classes
+        if model_classes < self.num_classes:  # now, before the output folder is touched, not at the first batch
+            raise ValueError(
+                f"`model.num_classes` ({model_classes}) is below the {self.num_classes} classes found in the data."
+            )
+        self.collate = functools.partial(_collate_with_tokens, num_classes=model_classes)
 
     def _classes(self):
         dataset = self.dataset
