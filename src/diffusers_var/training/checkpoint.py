@@ -42,8 +42,9 @@ OPTIMIZER_IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable", "differentiab
 
 
 def bare_model(accelerator, model):
-    """``model`` without accelerate's wrappers (DDP, mixed precision) and without torch.compile's (accelerate's
-    ``dynamo_backend``): the module whose parameter names the checkpoints and exported pipelines use."""
+    """``model`` without accelerate's wrappers (DDP, mixed precision) and without torch.compile's (``torch_compile``
+    or accelerate's ``dynamo_backend``): the module whose parameter names the checkpoints and exported pipelines
+    use."""
     # the compiled wrapper first: unwrapping it through accelerate re-points it at the bare module, and a compiled
     # DDP model would lose its no_sync (every accumulation micro-step would all-reduce)
     return accelerator.unwrap_model(getattr(model, "_orig_mod", model))

@@ -90,7 +90,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16
     # var / star / infinity: autocast for the frozen image tokenizer's encoder (its quantiser stays float32); fp16
-    # keeps TF32's 10-bit mantissa at twice its tensor-core rate, a third of a VAR-d16 step at 256 px
+    # keeps TF32's 10-bit mantissa at twice its tensor-core rate
     tokenizer_precision: str = "no"  # no | bf16 | fp16
     gradient_checkpointing: bool = False
     allow_tf32: bool = False  # TF32 for float32 matmuls and convolutions on GPUs (the original VAR trainer's default)

@@ -276,9 +276,14 @@ def _frozen_latent(encode, images: torch.Tensor, precision: str) -> torch.Tensor
     return latent
 
 
+def _vq_indices(tokenizer: MultiScaleVQModel, images: torch.Tensor, precision: str) -> list[torch.Tensor]:
+    """The frozen VQ tokenizer's token pyramid of ``images``, its encoder in ``precision`` (:func:`_frozen_latent`)."""
+    return tokenizer.quantize_latent(_frozen_latent(tokenizer.encode_latent, images, precision))
+
+
 @torch.no_grad()
 def _vq_teacher_forcing(tokenizer: MultiScaleVQModel, images: torch.Tensor, precision: str):
-    indices = tokenizer.quantize_latent(_frozen_latent(tokenizer.encode_latent, images, precision))
+    indices = _vq_indices(tokenizer, images, precision)
     return tokenizer.teacher_forcing_input(indices), torch.cat(indices, dim=1)
 
 
@@ -464,8 +469,7 @@ class TokenCachedDataset(torch.utils.data.Dataset):
             for start in range(0, len(dataset), chunk):
                 end = min(start + chunk, len(dataset))
                 images = torch.stack([dataset[i]["pixel_values"] for i in range(start, end)])
-                latent = _frozen_latent(tokenizer.encode_latent, images.to(device), precision)
-                pieces.append(torch.cat(tokenizer.quantize_latent(latent), dim=1).cpu())
+                pieces.append(torch.cat(_vq_indices(tokenizer, images.to(device), precision), dim=1).cpu())
         self.token_indices = torch.cat(pieces)
         if hasattr(dataset, "class_names"):
             self.class_names = dataset.class_names
