@@ -24,7 +24,9 @@ replaced by empty stand-ins when they are not installed (neither is used here).
 
 The tokenizer is the released VQ-VAE configuration (ch 160, 4,096 codes, 32 channels) with random weights, made by
 the original code (its convolutions initialised by PyTorch's default rule, seeded) and converted with the package's
-own converter for our side, so both sides train on the same tokens.
+own converter for our side, so both sides train on the same tokens. The transformer starts from the same weights on
+both sides too: the original's initialisation (seeded), converted for ours and loaded through ``model.init_from``.
+Both sides log the loss of steps 10, 20, ... (one step's loss each, no running mean).
 
 Our side is ``accelerate launch -m diffusers_var.training var`` with the same model (``model.drop_path_rate`` as the
 original's), batch, precision, peak learning rate and schedule (warm-up over the same steps, then
@@ -40,6 +42,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -51,6 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 PATCH_NUMS = {256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 64: (1, 2, 3, 4)}
+VAR_INIT_FILE = "var_init_original.safetensors"
 NO_WEIGHT_DECAY = {  # train.py's nowd_keys
     "cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start", "start_pos",
     "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul",
@@ -137,6 +141,24 @@ def _stand_in(name: str, **attributes) -> types.ModuleType:
     return module
 
 
+def compare_curves(original: list[dict], ours: list[dict]) -> dict:
+    """Our loss minus the original's at the steps both logged: the mean and the largest difference over all of
+    them, and the mean over the last third (where the schedules' shapes would show)."""
+    theirs = {c["step"]: c["loss"] for c in original}
+    steps = sorted(c["step"] for c in ours if c["step"] in theirs)
+    if not steps:
+        return {}
+    mine = {c["step"]: c["loss"] for c in ours}
+    differences = [mine[step] - theirs[step] for step in steps]
+    last_third = differences[len(differences) * 2 // 3 :]
+    return {
+        "steps": len(steps),
+        "mean": round(statistics.mean(differences), 4),
+        "largest": round(max(differences, key=abs), 4),
+        "mean_last_third": round(statistics.mean(last_third), 4),
+    }
+
+
 def run_original(original: Path, p: dict, out: Path, device: str, train: bool = True) -> dict | None:
     """The original trainer's steps (this process must not have imported the package's models first: the original's
     ``build_vae_var`` switches off torch.nn's default initialisation for the whole process). Writes the tokenizer's
@@ -172,6 +194,8 @@ def run_original(original: Path, p: dict, out: Path, device: str, train: bool = 
                     break
     weights = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
     save_file(weights, str(out / "vae_original.safetensors"))
+    # the transformer as the original initialised it: our side starts from these weights (model.init_from)
+    save_file({k: v.detach().contiguous().cpu() for k, v in var.state_dict().items()}, str(out / VAR_INIT_FILE))
     if not train:
         return None
 
@@ -196,7 +220,8 @@ def run_original(original: Path, p: dict, out: Path, device: str, train: bool = 
         var=SingleProcess(var), var_opt=amp, label_smooth=0.0,
     )  # fmt: skip
     metrics, quiet = misc.MetricLogger(delimiter="  "), misc.DistLogger(None, verbose=False)
-    metrics.log_iters = set(range(0, p["steps"], p["log_every"]))  # the loss is read (one sync) at these steps only
+    # the loss is read (one sync) at these steps only: 10, 20, ... counted from 1, the steps our trainer logs
+    metrics.log_iters = set(range(p["log_every"] - 1, p["steps"], p["log_every"]))
     steps, warmup = p["steps"], max(1, round(0.02 * p["steps"]))
     curve, times = [], {}
     cuda = device != "cpu"
@@ -237,11 +262,14 @@ def run_ours(side: str, p: dict, out: Path, device: str) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from diffusers_var.conversion.var import convert_vae
+    from diffusers_var.conversion.var import convert_vae, convert_var_transformer
 
     if not (out / "tokenizer").is_dir():
         tokenizer = convert_vae(load_file(str(out / "vae_original.safetensors")), p["patch_nums"])
         tokenizer.save_pretrained(out / "tokenizer")
+    if not (out / "var_init").is_dir():  # the original's initial transformer, converted: both sides start equal
+        initial = convert_var_transformer(load_file(str(out / VAR_INIT_FILE)), p["patch_nums"])
+        initial.save_pretrained(out / "var_init")
     extra, dynamo = OURS[side]
     if device == "cpu":  # the --smoke check: fp16 convolutions crawl on a CPU (over a minute a step), bf16 does not
         extra = [item.replace("tokenizer_precision=fp16", "tokenizer_precision=bf16") for item in extra]
@@ -259,6 +287,7 @@ def run_ours(side: str, p: dict, out: Path, device: str) -> dict:
         f"model.num_heads={p['depth']}",
         "model.mlp_ratio=4.0",
         f"model.drop_path_rate={0.1 * p['depth'] / 24}",
+        f"model.init_from={out / 'var_init'}",
         f"learning_rate={p['peak_lr']}",
         f"warmup_steps={max(1, round(0.02 * p['steps']))}",
         "min_lr_ratio=0.1",
@@ -358,7 +387,7 @@ def main() -> int:
     if results.get("plan") != this_plan:
         results = {}  # measured with another plan: the table starts afresh
     results.update(plan=this_plan, device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
-    if "original" in sides or not (out / "vae_original.safetensors").is_file():
+    if "original" in sides or not all((out / name).is_file() for name in ("vae_original.safetensors", VAR_INIT_FILE)):
         child = [sys.executable, __file__, "--side", "original" if "original" in sides else "tokenizer", *sys.argv[1:]]
         started = time.perf_counter()
         with open(out / "original.log", "w") as log:
@@ -369,6 +398,8 @@ def main() -> int:
             return 1
         if "original" in sides:
             results["original"] = {**json.loads((out / "original.json").read_text()), "wall_s": wall}
+        for converted in ("tokenizer", "var_init"):  # made by this script from the child's files: made again
+            shutil.rmtree(out / converted, ignore_errors=True)
     for side in sides:
         if side != "original":
             try:
@@ -380,7 +411,7 @@ def main() -> int:
     skip = p["steps"] // 4
     print(
         f"| trainer | batch | precision | images/s (after step {skip}) | median of 5 stretches (min-max) | peak GiB "
-        "| loss at steps 1 / mid / end | whole run, s (start-up, token cache, compiling included) |"
+        "| loss at the first logged step / mid / end | whole run, s (start-up, token cache, compiling included) |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for side in ["original", *OURS]:
@@ -402,6 +433,9 @@ def main() -> int:
         if "images_per_s" in results.get(side, {}) and "images_per_s" in results.get("original", {}):
             results[side]["speedup"] = results[side]["images_per_s"] / results["original"]["images_per_s"]
             print(f"{side} / original: {results[side]['speedup']:.2f}x images/s (target >= 1.5x)")
+        if "curve" in results.get(side, {}) and "curve" in results.get("original", {}):
+            results[side]["loss_vs_original"] = compare_curves(results["original"]["curve"], results[side]["curve"])
+            print(f"{side} loss - original loss at the same steps: {results[side]['loss_vs_original']}")
     results_file.write_text(json.dumps(results, indent=1))
     return 0
 
