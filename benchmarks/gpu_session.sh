@@ -56,7 +56,8 @@ bench() {  # tree name args...
 for stage in "$@"; do
   case $stage in
     tests)
-      log tests; timeout 300 python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -s -rfEs > "$OUT/gpu_tests.log" 2>&1
+      log tests; timeout 300 python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -s -rfEs ${TESTS_K:+-k "$TESTS_K"} \
+        > "$OUT/gpu_tests.log" 2>&1
       grep -E "agreement|passed|failed|FAILED|ERROR|SKIPPED" "$OUT/gpu_tests.log" | head -30 ;;
     battery)
       log battery; DIFFUSERS_VAR_REQUIRE_FIXTURES=1 timeout 240 python3 -m pytest tests/test_diffusers_battery.py -q -p no:cacheprovider -rfEs \
@@ -101,7 +102,7 @@ for stage in "$@"; do
         TORCH_LOGS=recompiles bench . "batches_${model}_together" --models "$model" --batch-sizes "$sizes" \
           --modes fast-compile-all --repeats 5
         grep -c "Recompiling function" "$OUT/batches_${model}_together.log"
-        for size in ${sizes//,/ }; do
+        for size in ${BATCHES_ALONE:-${sizes//,/ }}; do  # BATCHES_ALONE: the sizes also run alone (default all)
           bench . "batches_${model}_alone_$size" --models "$model" --batch-sizes "$size" --modes fast-compile-all --repeats 5
         done
       done ;;
