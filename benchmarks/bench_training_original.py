@@ -382,12 +382,18 @@ def main() -> int:
             (out / "original.json").write_text(json.dumps(result))
         return 0
 
-    results_file, this_plan = out / "results.json", {**p, "patch_nums": list(p["patch_nums"])}
+    # the method is part of the plan: rows measured another way (own initialisation, cosine) are not compared
+    this_plan = {**p, "patch_nums": list(p["patch_nums"]), "initial_weights": "original", "lr_schedule": "lin0"}
+    results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    if results.get("plan") != this_plan:
+    same_plan = results.get("plan") == this_plan
+    if not same_plan:
         results = {}  # measured with another plan: the table starts afresh
     results.update(plan=this_plan, device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
-    if "original" in sides or not all((out / name).is_file() for name in ("vae_original.safetensors", VAR_INIT_FILE)):
+    made = all((out / name).is_file() for name in ("vae_original.safetensors", VAR_INIT_FILE))
+    if "original" in sides or not same_plan or not made:
+        for converted in ("tokenizer", "var_init"):  # this script's conversions of the child's files: made again
+            shutil.rmtree(out / converted, ignore_errors=True)
         child = [sys.executable, __file__, "--side", "original" if "original" in sides else "tokenizer", *sys.argv[1:]]
         started = time.perf_counter()
         with open(out / "original.log", "w") as log:
@@ -398,8 +404,6 @@ def main() -> int:
             return 1
         if "original" in sides:
             results["original"] = {**json.loads((out / "original.json").read_text()), "wall_s": wall}
-        for converted in ("tokenizer", "var_init"):  # made by this script from the child's files: made again
-            shutil.rmtree(out / converted, ignore_errors=True)
     for side in sides:
         if side != "original":
             try:

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU runs that the open issues still need, in one driver, for the device machine (one H200, no network):
 #   bash benchmarks/gpu_session.sh tests battery var16 var30 t2i code sample lora     (logs and JSON in $OUT/gpu_session.tgz)
-# Stages: tests (tests/test_gpu.py), battery (diffusers' accelerator tests, issue 24), var16 / var30 / t2i (the fast
+# Stages: tests (tests/test_gpu.py; TESTS_K: pytest -k), battery (diffusers' accelerator tests, issue 24), var16 / var30 / t2i (the fast
 # path before (.baseline) and after the pipeline-shape change, issue 16; profile1: VAR-d16 batch 1 of both with
 # torch.profiler tables), code (CoDe vs VAR-d30, issue 23), sample
 # (issue 19: SAMPLE_MODELS, default var-d16 var-d30; SAMPLE_BATCHES, default 20), lora (LoRA vs full fine-tuning memory, issue 18: LORA_MODELS,
-# default var-d30 infinity-2b), batches (issue 20: batch sizes in one process against each alone), startup (issue 20: time to the first fast images of a second process, compile cache),
+# default var-d30 infinity-2b), batches (issue 20: batch sizes in one process against each alone; BATCHES_MODELS,
+# BATCHES_ALONE), startup (issue 20: time to the first fast images of a second process, compile cache),
 # train_original (issue 20: the original VAR trainer against ours), decoder (the image decoder alone), autotune (the decoder
 # compiled in max-autotune mode inside the pipeline), subpixel (the decoder's upsamplers as one 2x2 conv on the small
 # map), code8 (CoDe N = 8 against VAR-d30, batch 64, both decoders), cudnn (cudnn.benchmark on / off at batch 64),
@@ -102,7 +103,8 @@ for stage in "$@"; do
         TORCH_LOGS=recompiles bench . "batches_${model}_together" --models "$model" --batch-sizes "$sizes" \
           --modes fast-compile-all --repeats 5
         grep -c "Recompiling function" "$OUT/batches_${model}_together.log"
-        for size in ${BATCHES_ALONE:-${sizes//,/ }}; do  # BATCHES_ALONE: the sizes also run alone (default all)
+        alone=${BATCHES_ALONE:-$sizes}  # BATCHES_ALONE: the sizes also run alone, e.g. 1,4 (default all)
+        for size in ${alone//,/ }; do
           bench . "batches_${model}_alone_$size" --models "$model" --batch-sizes "$size" --modes fast-compile-all --repeats 5
         done
       done ;;
