@@ -208,6 +208,10 @@ def test_star_graph_wiring_reuses_one_set_per_rows_and_text_length(star, stand_i
     pipe.graph_cache_size = 1
     star_images(pipe, prompt=["one"])
     assert [rows_and_length(k) for k in pipe._graph_steps] == [(2, 77)]  # least recently used sets dropped
+    for bad in (0, -1, 1.5, True, "2"):  # refused, not clamped to 1
+        pipe.graph_cache_size = bad
+        with pytest.raises(ValueError, match="`graph_cache_size`"):
+            star_images(pipe, prompt=["one"])
 
 
 def test_infinity_graph_wiring(infinity, stand_in_graphs):

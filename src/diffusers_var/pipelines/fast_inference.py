@@ -23,6 +23,7 @@ kernels and precision tricks installed onto the models from outside (the model f
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 import sys
 import types
@@ -926,10 +927,16 @@ class FastInferenceMixin:
     ) -> CUDAGraphScaleSteps | None:
         """The graph set for ``key`` (captured by ``build()`` on first use), or ``None`` for the eager path."""
         self._sync_adapters()
-        if not self._use_cuda_graphs or not self._cuda_graphs_usable(device):
+        if not self._use_cuda_graphs:
+            return None
+        size = self.graph_cache_size
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
+            raise ValueError(
+                f"`graph_cache_size` must be a whole number of at least 1 (the CUDA graph sets kept), got {size!r}."
+            )
+        if not self._cuda_graphs_usable(device):
             return None
         cache = self._graph_steps  # set by _set_fast_inference, which is what turns graphs on
-        size = max(1, int(self.graph_cache_size))
         if key in cache:
             cache.move_to_end(key)
         else:
