@@ -109,9 +109,11 @@ for stage in "$@"; do
         done
       done ;;
     train_original)  # issue 20: the original VAR trainer against ours (TRAIN_SIDES), VAR-d16 256 px, batch 96, fp16 (carry .originals/VAR)
-      log train_original "${TRAIN_SIDES:=original}"; timeout "${TRAIN_TIMEOUT:-560}" python3 benchmarks/bench_training_original.py \
+      log train_original "${TRAIN_SIDES:=original}"; TORCH_LOGS=${TORCH_LOGS-recompiles,graph_breaks} timeout "${TRAIN_TIMEOUT:-560}" \
+        python3 benchmarks/bench_training_original.py \
         --original .originals/VAR --steps "${TRAIN_STEPS:-300}" --sides "$TRAIN_SIDES" --out "$OUT/train_original" > "$OUT/train_original.log" 2>&1
-      tail -n 9 "$OUT/train_original.log" ;;  # pack() leaves the weights out
+      tail -n 9 "$OUT/train_original.log"  # pack() leaves the weights out
+      grep -c -E "Recompiling function|Graph break" "$OUT"/train_original/*.log ;;  # per side's log
     autotune)  # issues 20, 23: the decoder compiled in max-autotune mode inside the pipeline, against the default mode
       BENCH_TIMEOUT=${BENCH_TIMEOUT:-400} bench . autotune_var16 --models var-d16 --batch-sizes 1,64 \
         --modes fast-compile-all,fast-compile-all-autotune --repeats 5
