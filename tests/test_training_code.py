@@ -9,7 +9,12 @@ import torch
 from diffusers_var import MultiScaleVQModel, VARPipeline, VARTransformer2DModel
 from diffusers_var.shapes import NUM_CLASSES, ShapesDataset
 from diffusers_var.training import TrainConfig, train
-from diffusers_var.training.tasks import TokenCachedDataset, build_task, init_from_larger_var_
+from diffusers_var.training.tasks import (
+    TokenCachedDataset,
+    _collate_with_tokens,
+    build_task,
+    init_from_larger_var_,
+)
 
 PATCH_NUMS = [1, 2, 4]
 
@@ -156,8 +161,6 @@ def test_class_labels_are_checked_on_the_cpu(tmp_path):
     assert task.collate(items)["class_labels"].tolist() == labels
     with pytest.raises(ValueError, match=rf"`model.num_classes` \(2\) is below the {NUM_CLASSES} classes"):
         task_with(2)  # fewer classes than the data has: refused when the task is built
-    from diffusers_var.training.tasks import _collate_with_tokens
-
     with pytest.raises(ValueError, match=rf"`data`: class label {max(labels)} is outside \[0, 1\]"):
         _collate_with_tokens(items, num_classes=2)  # labels the data's first rows did not show
     items[0] = {**items[0], "class_labels": torch.tensor(-1)}
