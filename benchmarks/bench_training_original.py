@@ -159,6 +159,36 @@ def compare_curves(original: list[dict], ours: list[dict]) -> dict:
     }
 
 
+def build_original_models(original: Path, device: str, seed: int, **var_kwargs):
+    """The original's ``build_vae_var`` (the released VQ-VAE configuration, the VAR of ``var_kwargs``) with the
+    original repository on ``sys.path``, seeded; its own initialisation for the transformer and PyTorch's default rule
+    for the tokenizer, which ``build_vae_var`` leaves uninitialised (it expects a checkpoint). This process must not
+    have imported the package's models first: ``build_vae_var`` switches off torch.nn's default initialisation for the
+    whole process."""
+    import torch
+
+    sys.path.insert(0, str(Path(original).resolve()))
+    _stand_in_modules()
+    nn = torch.nn  # the classes whose default initialisation build_vae_var switches off, and their initialisers
+    reset = {cls: cls.reset_parameters for cls in (nn.Linear, nn.LayerNorm, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)}
+    from models import build_vae_var
+
+    kwargs = dict(
+        V=4096, Cvae=32, ch=160, share_quant_resi=4, shared_aln=False, attn_l2_norm=True, flash_if_available=True,
+        fused_if_available=True, init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=-1,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    vae, var = build_vae_var(device=device, **{**kwargs, **var_kwargs})
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in vae.modules():
+            for cls, initialise in reset.items():
+                if isinstance(module, cls):  # subclasses too (the quantiser's residual convs)
+                    initialise(module)
+                    break
+    return vae, var
+
+
 def run_original(original: Path, p: dict, out: Path, device: str, train: bool = True) -> dict | None:
     """The original trainer's steps (this process must not have imported the package's models first: the original's
     ``build_vae_var`` switches off torch.nn's default initialisation for the whole process). Writes the tokenizer's
@@ -166,11 +196,10 @@ def run_original(original: Path, p: dict, out: Path, device: str, train: bool = 
     import torch
     from safetensors.torch import save_file
 
-    sys.path.insert(0, str(original.resolve()))
-    _stand_in_modules()
-    nn = torch.nn  # the classes whose default initialisation build_vae_var switches off, and their initialisers
-    reset = {cls: cls.reset_parameters for cls in (nn.Linear, nn.LayerNorm, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)}
-    from models import build_vae_var
+    vae, var = build_original_models(
+        original, device, p["seed"], depth=p["depth"], patch_nums=p["patch_nums"], num_classes=90,
+        init_adaln_gamma=1e-3,
+    )  # fmt: skip
     from trainer import VARTrainer
     from utils import misc
     from utils.amp_sc import AmpOptimizer
@@ -179,19 +208,6 @@ def run_original(original: Path, p: dict, out: Path, device: str, train: bool = 
     misc._change_builtin_print(True)  # as train.py's set-up does: the original's print takes force= / clean=
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # its --tf32 default
     torch.backends.cudnn.benchmark = True  # as its arg_util sets up
-    torch.manual_seed(p["seed"])
-    vae, var = build_vae_var(
-        V=4096, Cvae=32, ch=160, share_quant_resi=4, device=device, patch_nums=p["patch_nums"], num_classes=90,
-        depth=p["depth"], shared_aln=False, attn_l2_norm=True, flash_if_available=True, fused_if_available=True,
-        init_adaln=0.5, init_adaln_gamma=1e-3, init_head=0.02, init_std=-1,
-    )  # fmt: skip
-    torch.manual_seed(p["seed"])
-    with torch.no_grad():  # build_vae_var left the tokenizer's linears and convs uninitialised (it loads a checkpoint)
-        for module in vae.modules():
-            for cls, initialise in reset.items():
-                if isinstance(module, cls):  # subclasses too (the quantiser's residual convs)
-                    initialise(module)
-                    break
     weights = {k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}
     save_file(weights, str(out / "vae_original.safetensors"))
     # the transformer as the original initialised it: our side starts from these weights (model.init_from)

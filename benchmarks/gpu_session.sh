@@ -11,7 +11,8 @@
 # compiled in max-autotune mode inside the pipeline), subpixel (the decoder's upsamplers as one 2x2 conv on the small
 # map), code8 (CoDe N = 8 against VAR-d30, batch 64, both decoders), cudnn (cudnn.benchmark on / off at batch 64),
 # fp8_t2i (float8 matmuls for Infinity-2B and STAR-d30), star_all, t2i_all, star_debug (STAR's compiled blocks
-# on CUDA, variant by variant).
+# on CUDA, variant by variant), side_by_side (the original VAR code's inference and ours in one call, issue 20),
+# profile_ours (torch.profiler tables of today's code).
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
 #   .fixtures/F.tar.xz  for F in var star infinity code; do tar -cJf .fixtures/$F.tar.xz -C ../shared fixtures/$F; done
@@ -72,6 +73,18 @@ for stage in "$@"; do
         --modes fast-compile-all --repeats 5 --profile
       bench . new_var16_profile --models var-d16 --batch-sizes 1 --modes fast-compile-all --repeats 5 --profile
       grep -h "profile:" "$OUT"/*_var16_profile.log ;;
+    side_by_side)  # issue 20: the original VAR code and ours (fast-compile-all), one model per process, in one call (carry .originals/VAR)
+      models=${SIDE_MODELS:-var-d16,var-d30}
+      log original_var "$models"; timeout "${ORIGINAL_TIMEOUT:-300}" python3 benchmarks/bench_original_inference.py \
+        --original .originals/VAR --models "$models" --batch-sizes "${SIDE_BATCHES:-1,64}" --json "$OUT/original_var.json" \
+        > "$OUT/original_var.log" 2>&1; grep "^|" "$OUT/original_var.log"
+      for model in ${models//,/ }; do
+        bench . "ours_$model" --models "$model" --batch-sizes "${SIDE_BATCHES:-1,64}" --modes fast-compile-all --repeats 5
+      done ;;
+    profile_ours)  # issue 20: VAR-d16 batch 1, today's code only, with torch.profiler tables (PROFILE_MODEL, PROFILE_BATCH)
+      bench . "profile_${PROFILE_MODEL:-var-d16}" --models "${PROFILE_MODEL:-var-d16}" --batch-sizes "${PROFILE_BATCH:-1}" \
+        --modes fast-compile-all --repeats 5 --profile
+      grep -h "profile:" "$OUT/profile_${PROFILE_MODEL:-var-d16}.log" ;;
     var30)
       bench .baseline old_var30 --models var-d30 --batch-sizes 1,64 --modes fast-compile-all --repeats 5
       bench . new_var30 --models var-d30 --batch-sizes 1,64 --modes fast-compile-all --repeats 5 ;;
