@@ -118,9 +118,7 @@ def main() -> int:
             row = time_original(var, batch, device, repeats)
             results[f"var-d{depth}/{batch}"] = row
             low, high = row["images_per_s_range"]
-            memory = (
-                f"{row['peak_allocated_gib']:.2f} / {row['peak_reserved_gib']:.2f}" if device == "cuda" else "-"
-            )
+            memory = f"{row['peak_allocated_gib']:.2f} / {row['peak_reserved_gib']:.2f}" if device == "cuda" else "-"
             print(
                 f"| var-d{depth} | {batch} | {row['ms_per_image']:.2f} | {row['images_per_s']:.1f} "
                 f"({low:.1f}-{high:.1f}) | {memory} |",
