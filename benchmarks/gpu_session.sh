@@ -12,7 +12,8 @@
 # map), code8 (CoDe N = 8 against VAR-d30, batch 64, both decoders), cudnn (cudnn.benchmark on / off at batch 64),
 # fp8_t2i (float8 matmuls for Infinity-2B and STAR-d30), star_all, t2i_all, star_debug (STAR's compiled blocks
 # on CUDA, variant by variant), side_by_side (the original VAR code's inference and ours in one call, issue 20),
-# profile_ours (torch.profiler tables of today's code).
+# profile_ours (torch.profiler tables of today's code), attention (SDPA kernels on a generation's shapes), sdpa (the
+# pipelines with cuDNN's attention kernel first).
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
 #   .fixtures/F.tar.xz  for F in var star infinity code; do tar -cJf .fixtures/$F.tar.xz -C ../shared fixtures/$F; done
@@ -85,6 +86,16 @@ for stage in "$@"; do
       bench . "profile_${PROFILE_MODEL:-var-d16}" --models "${PROFILE_MODEL:-var-d16}" --batch-sizes "${PROFILE_BATCH:-1}" \
         --modes fast-compile-all --repeats 5 --profile
       grep -h "profile:" "$OUT/profile_${PROFILE_MODEL:-var-d16}.log" ;;
+    attention)  # issue 20: the SDPA kernels (flash, memory-efficient, cuDNN) on one generation's self-attention shapes
+      log attention; timeout 240 python3 benchmarks/bench_attention.py --batch-sizes "${ATTENTION_BATCHES:-1,4,64}" \
+        --models "${ATTENTION_MODELS:-var-d16,var-d30,star-d30,infinity-2b}" --json "$OUT/attention.json" > "$OUT/attention.log" 2>&1
+      grep -E "^\||GPU|Error" "$OUT/attention.log" ;;
+    sdpa)  # issue 20: the pipelines with cuDNN's attention kernel tried first against PyTorch's order (SDPA_MODEL, SDPA_BATCHES)
+      for first in default cudnn; do
+        flag=""; [ "$first" = default ] || flag="--sdpa-first $first"
+        BENCH_TIMEOUT=${BENCH_TIMEOUT:-290} bench . "sdpa_${SDPA_MODEL:-infinity-2b}_$first" --models "${SDPA_MODEL:-infinity-2b}" \
+          --batch-sizes "${SDPA_BATCHES:-1}" --modes fast-compile-all --repeats 5 $flag
+      done ;;
     var30)
       bench .baseline old_var30 --models var-d30 --batch-sizes 1,64 --modes fast-compile-all --repeats 5
       bench . new_var30 --models var-d30 --batch-sizes 1,64 --modes fast-compile-all --repeats 5 ;;
