@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """The self-attention of one generation, kernel by kernel: PyTorch's scaled_dot_product_attention kernels (flash,
-memory-efficient, cuDNN) on the shapes the fast path gives them (issue 20).
+memory-efficient, cuDNN, and PyTorch's default choice) on the shapes the fast path gives them (issue 20).
 
     python benchmarks/bench_attention.py --models var-d16,var-d30,star-d30,infinity-2b --batch-sizes 1,4,64
 
@@ -15,6 +15,7 @@ graphs), and the result compared with the eager call. A kernel that refuses a sh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -31,7 +32,8 @@ MODELS = {  # name: (depth, heads, head dim, side of each scale's square token m
     "star-d30": (30, 30, 64, (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)),
     "infinity-2b": (32, 16, 128, (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)),
 }
-KERNELS = {
+KERNELS = {  # "default": PyTorch's own choice (its priority order and the shape's checks)
+    "default": None,
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -39,7 +41,7 @@ KERNELS = {
 
 
 def attention(kernel: str, q, k, v):
-    with sdpa_kernel([KERNELS[kernel]]):
+    with sdpa_kernel([KERNELS[kernel]]) if KERNELS[kernel] is not None else contextlib.nullcontext():
         return F.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
 
 
