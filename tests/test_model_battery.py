@@ -1,7 +1,8 @@
 """One battery for every model class (the spirit of diffusers' ModelTesterMixin): save / load, ``dtype=`` loading
 with ``_keep_in_fp32_modules``, documented config arguments, and for the transformers: scale-by-scale decoding equals
 the teacher-forcing forward, gradient checkpointing gives the same gradients, and offloading hooks and layerwise
-casting work (every parameter is used inside its module's forward).
+casting work (every parameter is used inside its module's forward), and diffusers' ``set_attention_backend`` routes
+every attention call.
 
 A new model class joins by adding one :class:`ModelCase` to ``CASES``.
 """
@@ -15,7 +16,9 @@ from typing import Callable
 
 import pytest
 import torch
+import torch.nn.functional as F
 from accelerate import cpu_offload
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
 from diffusers_var import (
     BitwiseMultiScaleVAE,
@@ -209,6 +212,49 @@ def test_decoding_under_offload_hooks_and_layerwise_casting(case):
         low = _decode_all(cast, condition, tf_input, schedule)
     assert low.shape == reference.shape and torch.isfinite(low).all()
     assert 0 < (low - reference).norm() / reference.norm() < 0.2  # float8 weights: close, not equal
+
+
+@pytest.fixture
+def attention_backend_restored():
+    """diffusers' ``set_attention_backend`` sets the process-wide active backend (``reset_attention_backend`` only
+    clears attention processors, which these models do not have): put the active one back after the test."""
+    active = _AttentionBackendRegistry._active_backend
+    yield
+    _AttentionBackendRegistry._active_backend = active
+
+
+@pytest.mark.parametrize("case", TRANSFORMERS, ids=case_ids(TRANSFORMERS))
+def test_set_attention_backend_routes_every_attention_call(case, monkeypatch, attention_backend_restored):
+    """DESIGN: attention goes through diffusers' ``dispatch_attention_fn``, so ``model.set_attention_backend(name)``
+    picks the kernel of every attention call (self- and cross-attention, teacher forcing and KV-cached decoding);
+    a name diffusers does not know is a ValueError naming the backends."""
+    model = case.build()
+    teacher_forcing, condition, tf_input, schedule = case.io(model)
+    with torch.no_grad():
+        reference, reference_decoded = teacher_forcing(), _decode_all(model, condition, tf_input, schedule)
+    math_backend = AttentionBackendName._NATIVE_MATH
+    routed_calls, kernel_calls = [], []  # calls through the backend; calls of PyTorch's attention from anywhere
+    math_attention, sdpa = _AttentionBackendRegistry._backends[math_backend], F.scaled_dot_product_attention
+    monkeypatch.setitem(
+        _AttentionBackendRegistry._backends,
+        math_backend,
+        lambda *args, **kwargs: routed_calls.append(1) or math_attention(*args, **kwargs),
+    )
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: kernel_calls.append(1) or sdpa(*a, **k))
+    model.set_attention_backend("_native_math")
+    with torch.no_grad():
+        routed = teacher_forcing()
+        forward_calls = len(routed_calls)
+        decoded = _decode_all(model, condition, tf_input, schedule)
+    # every attention call went through the backend (none called PyTorch's kernel directly), at least one per block
+    # in the forward and one per block and scale in the decoding
+    assert len(routed_calls) == len(kernel_calls), (len(routed_calls), len(kernel_calls))
+    assert forward_calls >= len(model.blocks)
+    assert len(routed_calls) - forward_calls >= len(model.blocks) * len(schedule)
+    torch.testing.assert_close(routed, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(decoded, reference_decoded, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="must be one of the following"):
+        model.set_attention_backend("no_such_kernel")
 
 
 TOKENIZERS = [case for case in CASES if case.io is None]
