@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers.models.attention_dispatch import attention_backend
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -602,6 +603,13 @@ def main() -> int:
         "PyTorch's order); PyTorch's own order is flash, memory-efficient, math, cuDNN, so cuDNN's kernel is never "
         "picked by default",
     )
+    parser.add_argument(
+        "--attention-backend",
+        default=None,
+        help="diffusers' attention backend for the whole process (diffusers.models.attention_dispatch."
+        "attention_backend, what pipe.transformer.set_attention_backend sets), e.g. _native_cudnn (CUDA only); "
+        "default diffusers' (native SDPA)",
+    )
     args = parser.parse_args()
     if args.dry_run:
         args.device, args.repeats = "cpu", 1
@@ -626,11 +634,14 @@ def main() -> int:
         order = [first] + [b for b in SDPA_BACKENDS.values() if b != first]
         process_settings.enter_context(sdpa_kernel(order, set_priority=True))
         print(f"SDPA order: {torch._C._get_sdp_priority_order()}")
+    if args.attention_backend:  # diffusers checks the name (a ValueError lists the backends)
+        process_settings.enter_context(attention_backend(args.attention_backend))
     if device.type == "cuda":
         gpu = torch.cuda.get_device_name()
         print(
             f"GPU: {gpu}, torch {torch.__version__}, cudnn.benchmark {args.cudnn_benchmark}, "
-            f"SDPA first: {args.sdpa_first or 'PyTorch default'}"
+            f"SDPA first: {args.sdpa_first or 'PyTorch default'}, "
+            f"attention backend: {args.attention_backend or 'native'}"
         )
     else:
         print(f"CPU ({args.device}; timings only check the script), torch {torch.__version__}")
@@ -682,6 +693,7 @@ def main() -> int:
                     peak_reserved_gib=reserved,
                     cudnn_benchmark=args.cudnn_benchmark,
                     sdpa_first=args.sdpa_first,
+                    attention_backend=args.attention_backend,
                     tflops=flops / seconds / 1e12,
                 )
                 rows.append(row)

@@ -90,10 +90,12 @@ for stage in "$@"; do
       log attention; timeout 240 python3 benchmarks/bench_attention.py --batch-sizes "${ATTENTION_BATCHES:-1,4,64}" \
         --models "${ATTENTION_MODELS:-var-d16,var-d30,star-d30,infinity-2b}" --json "$OUT/attention.json" > "$OUT/attention.log" 2>&1
       grep -E "^\||GPU|Error" "$OUT/attention.log" ;;
-    sdpa)  # issue 20: the pipelines with cuDNN's attention kernel tried first against PyTorch's order (SDPA_MODEL, SDPA_BATCHES)
-      for first in default cudnn; do
-        flag=""; [ "$first" = default ] || flag="--sdpa-first $first"
-        BENCH_TIMEOUT=${BENCH_TIMEOUT:-290} bench . "sdpa_${SDPA_MODEL:-infinity-2b}_$first" --models "${SDPA_MODEL:-infinity-2b}" \
+    sdpa)  # issue 20: the pipelines with diffusers' cuDNN attention backend against the default, one process each
+      # (SDPA_MODEL, SDPA_BATCHES; SDPA_SIDES: default, diffusers' backend names such as _native_cudnn, or
+      # sdpa-cudnn: bench_pipelines.py --sdpa-first cudnn, PyTorch's cuDNN kernel first without diffusers' copies)
+      for side in ${SDPA_SIDES:-default _native_cudnn}; do
+        case $side in default) flag="" ;; sdpa-*) flag="--sdpa-first ${side#sdpa-}" ;; *) flag="--attention-backend $side" ;; esac
+        BENCH_TIMEOUT=${BENCH_TIMEOUT:-290} bench . "sdpa_${SDPA_MODEL:-infinity-2b}_$side" --models "${SDPA_MODEL:-infinity-2b}" \
           --batch-sizes "${SDPA_BATCHES:-1}" --modes fast-compile-all --repeats 5 $flag
       done ;;
     var30)
