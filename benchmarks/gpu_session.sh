@@ -93,11 +93,21 @@ for stage in "$@"; do
     sdpa)  # issue 20: the pipelines with diffusers' cuDNN attention backend against the default, one process each
       # (SDPA_MODEL, SDPA_BATCHES; SDPA_SIDES: default, diffusers' backend names such as _native_cudnn, or
       # sdpa-cudnn: bench_pipelines.py --sdpa-first cudnn, PyTorch's cuDNN kernel first without diffusers' copies)
+      if [ -n "${SDPA_IF_FASTER:-}" ] && [ -f "$OUT/attention.json" ] && ! python3 - "$OUT/attention.json" "${SDPA_MODEL:-infinity-2b}" <<'PY'
+import json, sys
+rows = [r for r in json.load(open(sys.argv[1])) if r["model"] == sys.argv[2] and r["batch"] == 1]
+ms = lambda r, k: r[k].get("ms_per_generation", float("inf"))
+sys.exit(0 if rows and ms(rows[0], "cudnn") < 0.95 * ms(rows[0], "default") else 1)
+PY
+      then
+        echo "sdpa: skipped (SDPA_IF_FASTER: cuDNN's kernel is not 5% faster than the default on ${SDPA_MODEL:-infinity-2b}'s attention)"
+      else
       for side in ${SDPA_SIDES:-default _native_cudnn}; do
         case $side in default) flag="" ;; sdpa-*) flag="--sdpa-first ${side#sdpa-}" ;; *) flag="--attention-backend $side" ;; esac
         BENCH_TIMEOUT=${BENCH_TIMEOUT:-290} bench . "sdpa_${SDPA_MODEL:-infinity-2b}_$side" --models "${SDPA_MODEL:-infinity-2b}" \
           --batch-sizes "${SDPA_BATCHES:-1}" --modes fast-compile-all --repeats 5 $flag
-      done ;;
+      done
+      fi ;;
     var30)
       bench .baseline old_var30 --models var-d30 --batch-sizes 1,64 --modes fast-compile-all --repeats 5
       bench . new_var30 --models var-d30 --batch-sizes 1,64 --modes fast-compile-all --repeats 5 ;;
