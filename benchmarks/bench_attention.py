@@ -6,10 +6,13 @@ memory-efficient, cuDNN, and PyTorch's default choice) on the shapes the fast pa
 
 For every scale of a model's schedule the queries are that scale's tokens and the keys / values every token so far
 (the KV cache), guidance rows included (2 x batch), in the layout the blocks hand over ((B, L, H, D) tensors viewed as
-(B, H, L, D)), bf16. One call per block and scale; the figure is the sum over a generation (depth x scales) of the
-median time of ``--repeats`` CUDA-event timed calls, per kernel, with the largest difference from the flash kernel's
-output. Each kernel is also captured in a CUDA graph and replayed once (the fast path replays its attention inside
-graphs), and the result compared with the eager call. A kernel that refuses a shape is reported as such.
+(B, H, L, D)), bf16. Each kernel's calls are captured in a CUDA graph (``--calls`` calls of one scale), as the fast
+path replays its attention, and the replays are timed with CUDA events: GPU time, no host launch cost. The figure is
+the sum over a generation (one call per block and scale) of the median of ``--repeats`` replays. A kernel that refuses
+a scale (cuDNN's checks turn down a single key, the first scale of every model) is listed with the scales it
+refused, and the totals of every kernel are also given over the scales that all kernels ran. Also printed: PyTorch's
+kernel order after a first CUDA attention call (PyTorch may reorder it then, e.g. cuDNN first on Hopper with a recent
+cuDNN) and the kernel its default choice picks at each model's last scale.
 """
 
 from __future__ import annotations
@@ -40,85 +43,84 @@ KERNELS = {  # "default": PyTorch's own choice (its priority order and the shape
 }
 
 
-def attention(kernel: str, q, k, v):
-    with sdpa_kernel([KERNELS[kernel]]) if KERNELS[kernel] is not None else contextlib.nullcontext():
-        return F.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
+def kernel_context(kernel: str):
+    return sdpa_kernel([KERNELS[kernel]]) if KERNELS[kernel] is not None else contextlib.nullcontext()
 
 
-def time_call(fn, repeats: int) -> float:
-    """Median milliseconds of ``repeats`` calls, each between two CUDA events."""
-    fn()
+def attention(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
+
+
+def graph_time(kernel: str, q, k, v, calls: int, repeats: int) -> tuple[float, torch.Tensor]:
+    """Milliseconds per call (median over ``repeats`` replays of a graph of ``calls`` calls) and the graph's output;
+    raises RuntimeError when the kernel refuses the shape or cannot be captured."""
+    with kernel_context(kernel):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            attention(q, k, v)  # refusals raise here, before any capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                out = attention(q, k, v)
+    graph.replay()
     torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        graph.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times), out
 
 
-def graph_replay_error(kernel: str, q, k, v) -> float:
-    """Capture the call in a CUDA graph, replay it and return the largest difference from the eager call."""
-    eager = attention(kernel, q, k, v)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        attention(kernel, q, k, v)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = attention(kernel, q, k, v)
-    graph.replay()
-    torch.cuda.synchronize()
-    return (out.float() - eager.float()).abs().max().item()
+def default_choice(q, k, v) -> str:
+    """The kernel PyTorch's default picks for these inputs (after its first-call set-up)."""
+    choice = torch._fused_sdp_choice(q, k, v, scale=q.shape[-1] ** -0.5)
+    return {int(b): name for name, b in KERNELS.items() if b is not None}.get(int(choice), f"other ({int(choice)})")
 
 
-def bench_model(name: str, batch: int, repeats: int) -> dict:
+def bench_model(name: str, batch: int, calls: int, repeats: int) -> dict:
     depth, heads, head_dim, sides = MODELS[name]
     rows, total_tokens = 2 * batch, sum(s * s for s in sides)
     g = torch.Generator("cuda").manual_seed(0)
 
     def blhd(length):  # the blocks' (B, L, H, D) layout, viewed as (B, H, L, D)
-        return torch.randn(rows, length, heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g).transpose(
-            1, 2
-        )
+        shape = (rows, length, heads, head_dim)
+        return torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
 
     k_all, v_all = blhd(total_tokens), blhd(total_tokens)
-    result = {"model": name, "batch": batch}
-    seen = 0
-    per_kernel = {kernel: 0.0 for kernel in KERNELS}
-    errors = {kernel: 0.0 for kernel in KERNELS}
-    graph_errors = {kernel: 0.0 for kernel in KERNELS}
-    refused = {}
+    ms = {kernel: {} for kernel in KERNELS}  # kernel -> side -> ms per generation at that scale (depth calls)
+    largest_difference = {kernel: 0.0 for kernel in KERNELS}
+    refused = {kernel: [] for kernel in KERNELS}
+    seen, last_choice = 0, None
     for side in sides:
-        length = side * side
-        seen += length
-        q, k, v = blhd(length), k_all[:, :, :seen], v_all[:, :, :seen]
-        reference = attention("flash", q, k, v).float()
+        seen += side * side
+        q, k, v = blhd(side * side), k_all[:, :, :seen], v_all[:, :, :seen]
+        reference = attention(q, k, v).float()  # PyTorch's default choice, eager
         for kernel in KERNELS:
-            if kernel in refused:
-                continue
             try:
-                out = attention(kernel, q, k, v)
+                per_call, out = graph_time(kernel, q, k, v, calls, repeats)
             except RuntimeError as err:
-                refused[kernel] = f"scale {side}x{side}: {str(err).splitlines()[0][:160]}"
+                refused[kernel].append(f"{side}x{side}: {str(err).splitlines()[0][:120]}")
                 continue
-            errors[kernel] = max(errors[kernel], (out.float() - reference).abs().max().item())
-            per_kernel[kernel] += depth * time_call(lambda kernel=kernel: attention(kernel, q, k, v), repeats)
-            if side == sides[-1]:
-                graph_errors[kernel] = graph_replay_error(kernel, q, k, v)
+            ms[kernel][side] = depth * per_call
+            largest_difference[kernel] = max(largest_difference[kernel], (out.float() - reference).abs().max().item())
+        if side == sides[-1]:
+            last_choice = default_choice(q, k, v)
+    common = [s for s in sides if all(s in ms[kernel] for kernel in KERNELS)]
+    result = {"model": name, "batch": batch, "default_choice_at_last_scale": last_choice, "common_scales": common}
     for kernel in KERNELS:
-        if kernel in refused:
-            result[kernel] = {"refused": refused[kernel]}
-        else:
-            result[kernel] = {
-                "ms_per_generation": round(per_kernel[kernel], 3),
-                "largest_difference_from_flash": errors[kernel],
-                "graph_replay_difference": graph_errors[kernel],
-            }
+        result[kernel] = {
+            "ms_per_generation": round(sum(ms[kernel].values()), 4),
+            "ms_over_common_scales": round(sum(ms[kernel][s] for s in common), 4),
+            "per_scale_ms": {str(s): round(t, 4) for s, t in ms[kernel].items()},
+            "largest_difference_from_default": largest_difference[kernel],
+            "refused": refused[kernel],
+        }
     return result
 
 
@@ -126,12 +128,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--batch-sizes", default="1", help="images per generation (2x rows with guidance)")
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--calls", type=int, default=10, help="attention calls per captured graph")
+    parser.add_argument("--repeats", type=int, default=10, help="timed replays per kernel and scale")
+    parser.add_argument("--json", help="write the results here (after every row)")
     args = parser.parse_args()
     names = [m for m in args.models.split(",") if m]
-    unknown = [m for m in names if m not in MODELS]
-    if unknown or not names:
+    if not names or any(m not in MODELS for m in names):
         parser.error(f"--models takes names from {', '.join(MODELS)}; got {args.models!r}")
     try:
         batches = [int(b) for b in args.batch_sizes.split(",") if b]
@@ -139,34 +141,43 @@ def main() -> int:
         batches = []
     if not batches or min(batches) < 1:
         parser.error(f"--batch-sizes takes positive whole numbers, e.g. 1,4; got {args.batch_sizes!r}")
-    if args.repeats < 1:
-        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.calls < 1 or args.repeats < 1:
+        parser.error(f"--calls and --repeats must be at least 1, got {args.calls} and {args.repeats}")
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU")
         return 1
-    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}")
-    print("| model | batch | " + " | ".join(f"{k} ms / generation" for k in KERNELS) + " | cuDNN vs flash |")
+    probe = torch.randn(1, 1, 8, 64, device="cuda", dtype=torch.bfloat16)
+    print(f"SDPA kernel order before any CUDA attention call: {torch._C._get_sdp_priority_order()}")
+    attention(probe, probe, probe)
+    print(
+        f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, cuDNN {torch.backends.cudnn.version()}; "
+        f"SDPA kernel order after the first call: {torch._C._get_sdp_priority_order()} "
+        f"({', '.join(f'{b.name}={int(b)}' for b in KERNELS.values() if b is not None)})"
+    )
+    print(
+        "| model | batch | "
+        + " | ".join(f"{k} ms / generation (common scales)" for k in KERNELS)
+        + " | default picks |"
+    )
     print("|---|---|" + "---|" * (len(KERNELS) + 1))
     results = []
     for name in names:
         for batch in batches:
-            row = bench_model(name, batch, args.repeats)
+            row = bench_model(name, batch, args.calls, args.repeats)
             results.append(row)
-            cells = [
-                f"{row[k]['ms_per_generation']:.2f} (diff {row[k]['largest_difference_from_flash']:.1e}, "
-                f"graph {row[k]['graph_replay_difference']:.1e})"
-                if "refused" not in row[k]
-                else f"refused: {row[k]['refused']}"
-                for k in KERNELS
-            ]
-            ratio = (
-                f"{row['cudnn']['ms_per_generation'] / row['flash']['ms_per_generation']:.2f}x"
-                if "refused" not in row["cudnn"] and "refused" not in row["flash"]
-                else "-"
+            cells = []
+            for kernel in KERNELS:
+                r = row[kernel]
+                cell = f"{r['ms_per_generation']:.3f} ({r['ms_over_common_scales']:.3f})"
+                if r["refused"]:
+                    cell += f", refused {len(r['refused'])} scales: {r['refused'][0]}"
+                cells.append(cell)
+            print(
+                f"| {name} | {batch} | " + " | ".join(cells) + f" | {row['default_choice_at_last_scale']} |",
+                flush=True,
             )
-            print(f"| {name} | {batch} | " + " | ".join(cells) + f" | {ratio} |", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
 
 

@@ -10,7 +10,8 @@ the same session on the same machine.
 The original repository's ``build_vae_var`` builds the released configurations (VQ-VAE ch 160, 4,096 codes; VAR-dN:
 width 64 N, N heads, 1,000 classes) with random weights (its own initialisation, seeded), and
 ``VAR.autoregressive_infer_cfg`` generates, set up as its ``demo_sample.ipynb`` does: TF32 on, cuDNN deterministic
-without benchmarking, ``torch.inference_mode`` and fp16 autocast. The sampling settings are ``bench_pipelines.py``'s
+without benchmarking (this limits cuDNN's convolution algorithms for its VQ-VAE decode; ours leaves both flags at
+PyTorch's defaults), ``torch.inference_mode`` and fp16 autocast. The sampling settings are ``bench_pipelines.py``'s
 for VAR (cfg 1.5, top-k 900, top-p 0.96, labels 0 .. B-1, seed 0). Without flash-attn or xFormers installed, the
 original's attention is PyTorch's ``scaled_dot_product_attention``. For every model and batch size: two warm-up
 generations, then the median (and min-max) of ``--repeats`` timed ones, images/s, and the allocated peak GPU memory of
@@ -112,6 +113,7 @@ def main() -> int:
     for depth in depths:
         vae, var = build_original_models(original, device, 0, depth=depth, patch_nums=patch_nums, num_classes=1000)
         vae.eval(), var.eval()
+        var.rng = torch.Generator(device)  # the original makes it on dist.get_device(): CUDA whenever there is one
         for parameter in (*vae.parameters(), *var.parameters()):
             parameter.requires_grad_(False)
         for batch in batches:
