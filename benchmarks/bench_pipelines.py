@@ -171,6 +171,31 @@ def recorded_greedy(generate_fn, tensor_name: str, pipe, batch, device, **kw) ->
     return torch.cat(seen, dim=1)
 
 
+def gpu_timeline(prof) -> str:
+    """One generation's GPU work from a torch.profiler trace: how many kernels ran, their summed time, and how much of
+    the span from the first kernel's start to the last one's end the GPU was busy (the rest: gaps between kernels,
+    launch latency inside CUDA graphs included, and waits for the host)."""
+    from torch.autograd import DeviceType
+
+    intervals = sorted(
+        (e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA
+    )
+    if not intervals:
+        return "no CUDA kernels traced"
+    busy, covered_until = 0.0, intervals[0][0]
+    for start, end in intervals:
+        if end > covered_until:
+            busy += end - max(start, covered_until)
+            covered_until = end
+    span = intervals[-1][1] - intervals[0][0]
+    kernel_time = sum(end - start for start, end in intervals)
+    return (
+        f"{len(intervals)} GPU kernels / copies, {kernel_time / 1e3:.2f} ms summed; busy {busy / 1e3:.2f} ms of a "
+        f"{span / 1e3:.2f} ms span (idle {(span - busy) / 1e3:.2f} ms, {(span - busy) / len(intervals):.2f} us per "
+        "kernel)"
+    )
+
+
 def synchronize(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -726,6 +751,7 @@ def main() -> int:
                         f"  profile: {wall_ms:.1f} ms wall with the profiler on; {launches} eager kernel launches; "
                         f"{sum(e.count for e in events if e.key == 'cudaGraphLaunch')} graph launches"
                     )
+                    print(f"  profile: {gpu_timeline(prof)}")
                     print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60))
                     print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
             if mode.startswith("fast"):  # after the timings: compiled code specialises on the first batch size it sees

@@ -82,8 +82,8 @@ for stage in "$@"; do
       for model in ${models//,/ }; do
         bench . "ours_$model" --models "$model" --batch-sizes "${SIDE_BATCHES:-1,64}" --modes fast-compile-all --repeats 5
       done ;;
-    profile_ours)  # issue 20: VAR-d16 batch 1, today's code only, with torch.profiler tables (PROFILE_MODEL, PROFILE_BATCH)
-      bench . "profile_${PROFILE_MODEL:-var-d16}" --models "${PROFILE_MODEL:-var-d16}" --batch-sizes "${PROFILE_BATCH:-1}" \
+    profile_ours)  # issue 20: VAR-d16 batches 1 and 64, today's code only, torch.profiler tables and GPU timeline (PROFILE_MODEL, PROFILE_BATCH)
+      bench . "profile_${PROFILE_MODEL:-var-d16}" --models "${PROFILE_MODEL:-var-d16}" --batch-sizes "${PROFILE_BATCH:-1,64}" \
         --modes fast-compile-all --repeats 5 --profile
       grep -h "profile:" "$OUT/profile_${PROFILE_MODEL:-var-d16}.log" ;;
     attention)  # issue 20: the SDPA kernels (flash, memory-efficient, cuDNN) on one generation's self-attention shapes
