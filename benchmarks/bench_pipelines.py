@@ -34,6 +34,8 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
                         (``compile_decoder="max-autotune-no-cudagraphs"``: convolution kernels benchmarked at compile)
   fast-compile-all-subpixel  ``fast-compile-all`` with the decoder's upsamplers in sub-pixel form
                         (``fast_inference.subpixel_upsample_``: one 2x2 conv on the small map, opt-in until measured)
+  fast-compile-all-unchained  ``fast-compile-all`` with VAR's blocks compiled piece by piece, each block on its own
+                        (``fast_inference.CHAIN_VAR_BLOCKS = False``: the code before the chained blocks)
 It also checks that greedy tokens (bits for Infinity) of the fast path agree with the eager float32 path.
 """
 
@@ -66,6 +68,7 @@ from diffusers_var import (  # noqa: E402
 )
 from diffusers_var.models.dynamic_resolution import schedule_for_pixels  # noqa: E402
 from diffusers_var.models.infinity_transformer import infinity_ffn_dim  # noqa: E402
+from diffusers_var.pipelines import fast_inference  # noqa: E402
 from diffusers_var.pipelines.fast_inference import subpixel_upsample_  # noqa: E402
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -562,6 +565,7 @@ MODES = (
     "fast-compile-all-fp8",
     "fast-compile-all-autotune",
     "fast-compile-all-subpixel",
+    "fast-compile-all-unchained",
 )
 SDPA_BACKENDS = {  # --sdpa-first: PyTorch's own order after the one named
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -695,6 +699,7 @@ def main() -> int:
                     extra["fp8"] = True
                 suffix = next((suffix for suffix in DECODER_MODES if mode.endswith(suffix)), None)
                 compile_decoder = DECODER_MODES[suffix] if suffix else mode != "fast"
+                fast_inference.CHAIN_VAR_BLOCKS = not mode.endswith("-unchained")
                 bench.pipe.enable_fast_inference(compile_decoder=compile_decoder, **extra)
                 if mode.endswith("-subpixel"):
                     subpixel_upsample_(getattr(bench.pipe, "vqvae", None) or bench.pipe.vae)

@@ -13,7 +13,7 @@
 # fp8_t2i (float8 matmuls for Infinity-2B and STAR-d30), star_all, t2i_all, star_debug (STAR's compiled blocks
 # on CUDA, variant by variant), side_by_side (the original VAR code's inference and ours in one call, issue 20),
 # profile_ours (torch.profiler tables of today's code), attention (SDPA kernels on a generation's shapes), sdpa (the
-# pipelines with cuDNN's attention kernel first).
+# pipelines with cuDNN's attention kernel first), chain (VAR's blocks chained across block boundaries against each on its own).
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
 #   .fixtures/F.tar.xz  for F in var star infinity code; do tar -cJf .fixtures/$F.tar.xz -C ../shared fixtures/$F; done
@@ -81,6 +81,13 @@ for stage in "$@"; do
         > "$OUT/original_var.log" 2>&1; grep "^|" "$OUT/original_var.log"
       for model in ${models//,/ }; do
         bench . "ours_$model" --models "$model" --batch-sizes "${SIDE_BATCHES:-1,64}" --modes fast-compile-all --repeats 5
+      done ;;
+    chain)  # issue 20: VAR's blocks chained across block boundaries (fast-compile-all) against each block on its own, one process each
+      for model in ${CHAIN_MODELS:-var-d16 var-d30}; do
+        for side in ${CHAIN_SIDES:-unchained chained}; do
+          mode=fast-compile-all; [ "$side" = unchained ] && mode=fast-compile-all-unchained
+          bench . "chain_${model}_$side" --models "$model" --batch-sizes "${CHAIN_BATCHES:-1,64}" --modes "$mode" --repeats 5
+        done
       done ;;
     profile_ours)  # issue 20: VAR-d16 batches 1 and 64, today's code only, torch.profiler tables and GPU timeline (PROFILE_MODEL, PROFILE_BATCH)
       bench . "profile_${PROFILE_MODEL:-var-d16}" --models "${PROFILE_MODEL:-var-d16}" --batch-sizes "${PROFILE_BATCH:-1,64}" \

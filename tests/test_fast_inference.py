@@ -485,8 +485,23 @@ def test_var_compiled_blocks_generate_what_the_eager_blocks_do():
     pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=True)
     assert all(hasattr(block.ffn_residual, "_torchdynamo_orig_callable") for block in transformer.blocks)
     assert all(hasattr(block.compiled_attention_inputs, "_torchdynamo_orig_callable") for block in transformer.blocks)
+    # decoding runs the chained pieces (the blocks' own forward is not called), teacher forcing too under no_grad
+    assert all(hasattr(block.compiled_block_tail, "_torchdynamo_orig_callable") for block in transformer.blocks)
+    block_calls = []
+    hooks = [block.register_forward_pre_hook(lambda *_: block_calls.append(1)) for block in transformer.blocks]
     for compiled, reference in zip(all_logits(), eager):
         torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
+    assert block_calls == []
+    labels = torch.tensor([1, 2, 3, 4])
+    teacher_input = torch.cat(scale_inputs[1:], dim=1)
+    with torch.no_grad():
+        chained = transformer(labels, teacher_input, drop_labels=False).logits
+    with torch.enable_grad():  # with autograd the blocks run as they are (training)
+        plain = transformer(labels, teacher_input, drop_labels=False).logits
+    assert len(block_calls) == len(transformer.blocks)
+    torch.testing.assert_close(chained, plain.detach(), rtol=1e-5, atol=1e-5)
+    for hook in hooks:
+        hook.remove()
     with pytest.raises(ValueError, match="compile_blocks"):
         pipe.enable_fast_inference(compile_blocks="yes")
 

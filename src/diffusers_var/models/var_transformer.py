@@ -169,17 +169,22 @@ class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         """Per-block AdaLN input: the class embedding, or the shared (B, 1, 6, C) modulation."""
         return cond_BD if self.shared_modulation is None else self.shared_modulation(cond_BD)
 
-    def _run_blocks(
-        self, x_BLC, cond_BD, attn_mask=None, kv_cache: KVCache | None = None, logits_from: int = 0
-    ) -> torch.Tensor:
-        head_memo = kv_cache.head if kv_cache is not None else None
-        block_cond = memoized(head_memo, "shared_adaln", lambda: self._adaln_condition(cond_BD))
+    def _run_block_stack(self, x_BLC, block_cond, attn_mask=None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """The blocks in order (the fast path may chain their compiled pieces across block boundaries instead)."""
         for i, block in enumerate(self.blocks):
             layer_cache = kv_cache[i] if kv_cache is not None else None
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x_BLC = self._gradient_checkpointing_func(block, x_BLC, block_cond, attn_mask, layer_cache)
             else:
                 x_BLC = block(x_BLC, block_cond, attn_mask=attn_mask, kv_cache=layer_cache)
+        return x_BLC
+
+    def _run_blocks(
+        self, x_BLC, cond_BD, attn_mask=None, kv_cache: KVCache | None = None, logits_from: int = 0
+    ) -> torch.Tensor:
+        head_memo = kv_cache.head if kv_cache is not None else None
+        block_cond = memoized(head_memo, "shared_adaln", lambda: self._adaln_condition(cond_BD))
+        x_BLC = self._run_block_stack(x_BLC, block_cond, attn_mask, kv_cache)
         head_dtype = self.head.weight.dtype  # the head stays float32 in a low-precision model
         x_BLC = x_BLC[:, logits_from:].to(head_dtype)
         return self.head(self.head_norm(x_BLC, cond_BD.to(head_dtype), head_memo)).float()

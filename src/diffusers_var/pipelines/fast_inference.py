@@ -457,14 +457,84 @@ def _split_cross_attention_residual(block, x_BLC, context_BSC, context_mask_BS=N
     return block.compiled_cross_attention_output(x_BLC, attended)
 
 
+# VAR's blocks chained: the pieces between two attention kernels run as one compiled piece across the block boundary
+# (False: each block runs its own pieces, as Infinity's do; read by ``compile_adaln_blocks_``)
+CHAIN_VAR_BLOCKS = True
+
+
+def _project_modulated(block, h_BLC):
+    return block.attn.project(h_BLC)
+
+
+def _block_tail(block, x_BLC, attended_BLC, gamma1, gamma2, scale2_plus_one, shift2, next_scale_plus_one, next_shift):
+    """The rest of a block after its attention kernel, and the next block's modulated norm (its attention input)."""
+    x_BLC = type(block).ffn_residual(
+        block, _attention_residual(block, x_BLC, attended_BLC, gamma1), gamma2, scale2_plus_one, shift2
+    )
+    return x_BLC, block.norm(x_BLC).mul(next_scale_plus_one).add_(next_shift)
+
+
+def _last_block_tail(block, x_BLC, attended_BLC, gamma1, gamma2, scale2_plus_one, shift2):
+    return type(block).ffn_residual(
+        block, _attention_residual(block, x_BLC, attended_BLC, gamma1), gamma2, scale2_plus_one, shift2
+    )
+
+
+def _chained_block_stack(model, x_BLC, block_cond, attn_mask=None, kv_cache=None):
+    """``model._run_block_stack`` with the compiled pieces of consecutive blocks fused across the boundary: after the
+    first block's attention inputs, each block is its projection piece, the attention kernel and one tail piece that
+    also computes the next block's modulated norm. Per block and scale that is two elementwise kernels fewer than the
+    per-block pieces (the residual add and the next norm share one pass over the rows). With autograd (training,
+    gradient checkpointing) the blocks run as they are."""
+    if torch.is_grad_enabled():
+        return type(model)._run_block_stack(model, x_BLC, block_cond, attn_mask, kv_cache)
+    blocks = model.blocks
+    caches = [kv_cache[i] if kv_cache is not None else None for i in range(len(blocks))]
+    modulations = [  # (gamma1, gamma2, 1 + scale1, 1 + scale2, shift1, shift2) of each block, once per generation
+        memoized(cache, "adaln", lambda block=block: block.modulation(block_cond))
+        for block, cache in zip(blocks, caches)
+    ]
+    _, _, scale1, _, shift1, _ = modulations[0]
+    q, k, v, softmax_scale = blocks[0].compiled_attention_inputs(x_BLC, scale1, shift1)
+    for i, (block, cache) in enumerate(zip(blocks, caches)):
+        attended_BLC = block.attn.attend(q, k, v, softmax_scale, attn_mask, cache)
+        gamma1, gamma2, _, scale2, _, shift2 = modulations[i]
+        if i + 1 == len(blocks):
+            return block.compiled_last_block_tail(x_BLC, attended_BLC, gamma1, gamma2, scale2, shift2)
+        _, _, next_scale1, _, next_shift1, _ = modulations[i + 1]
+        x_BLC, h_BLC = block.compiled_block_tail(
+            x_BLC, attended_BLC, gamma1, gamma2, scale2, shift2, next_scale1, next_shift1
+        )
+        q, k, v, softmax_scale = blocks[i + 1].compiled_project_modulated(h_BLC)
+
+
+def _chainable(model: nn.Module) -> bool:
+    """Whether ``model``'s block stack can run chained: a model with ``_run_block_stack`` (VAR) whose blocks are
+    self-attention blocks without cross-attention, all with the same parameter-free norm (a block's tail computes
+    the next block's norm with its own)."""
+    blocks = list(getattr(model, "blocks", ()))
+    norms = {(b.norm.normalized_shape, b.norm.eps, b.norm.elementwise_affine) for b in blocks if hasattr(b, "norm")}
+    return (
+        CHAIN_VAR_BLOCKS
+        and hasattr(type(model), "_run_block_stack")
+        and len(blocks) > 0
+        and all(type(b) is AdaLNSelfAttentionBlock for b in blocks)
+        and len(norms) == 1
+        and not next(iter(norms))[2]
+    )
+
+
 def compile_adaln_blocks_(model: nn.Module) -> int:
     """``torch.compile`` the elementwise work of every :class:`AdaLNSelfAttentionBlock` of ``model`` (in place,
     parameter names unchanged): the residual branches are replaced by versions that run compiled pieces around the
-    KV cache and the attention kernels. At batch 1 a block's time is mostly its ~26 tiny elementwise kernels;
-    compiled, they fuse into a few. The compiled code is shared by all blocks (same class) and is dynamic in the batch
-    and token count from the first call (:func:`_dynamic_rows`), so a generation compiles a handful of graphs and
-    another batch size none. Blocks compiled before (a transformer shared by pipelines made with ``from_pipe``, or
-    CoDe's drafter) are left as they are. Returns the number of blocks."""
+    KV cache and the attention kernels; for VAR (:func:`_chainable`) the block stack runs the pieces chained across
+    block boundaries (:func:`_chained_block_stack`). At batch 1 a block's time is mostly its ~26 tiny elementwise
+    kernels; compiled, they fuse into a few. The compiled code is shared by all blocks (same class) and is dynamic
+    in the batch and token count from the first call (:func:`_dynamic_rows`), so a generation compiles a handful of
+    graphs and another batch size none. Blocks compiled before (a transformer shared by pipelines made with
+    ``from_pipe``, or CoDe's drafter) are left as they are. Returns the number of blocks."""
+
+    chained = _chainable(model)
 
     def plan(block):
         pieces = {
@@ -479,9 +549,18 @@ def compile_adaln_blocks_(model: nn.Module) -> int:
                 compiled_cross_attention_output=_cross_attention_output,
             )
             methods["cross_attention_residual"] = _split_cross_attention_residual
+        if chained:
+            pieces.update(
+                compiled_project_modulated=_project_modulated,
+                compiled_block_tail=_block_tail,
+                compiled_last_block_tail=_last_block_tail,
+            )
         return pieces, methods
 
-    return _compile_block_pieces_(model, AdaLNSelfAttentionBlock, plan)
+    compiled = _compile_block_pieces_(model, AdaLNSelfAttentionBlock, plan)
+    if chained and all(hasattr(block, "compiled_block_tail") for block in model.blocks):
+        model._run_block_stack = types.MethodType(_chained_block_stack, model)
+    return compiled
 
 
 def _compile_block_pieces_(model: nn.Module, block_class: type, plan: Callable) -> int:
