@@ -121,6 +121,21 @@ class LayerKVCache:
         self.length = new_len
         return self._keys[:, :new_len], self._values[:, :new_len]
 
+    def reserve(self, batch: int, length: int, heads: int, head_dim: int, like: torch.Tensor):
+        """Room for ``length`` more positions without writing them: ``(keys, values, start)``, the whole (batch,
+        max_length, heads, head_dim) storage and the first new position. The caller writes the new keys and values at
+        ``[start, start + length)`` (e.g. from the kernel that computes them, instead of a copy) and reads the first
+        ``start + length`` positions. Only for a cache with ``max_length``."""
+        if self.max_length is None:
+            raise ValueError("`reserve` needs a KV cache with `max_length` (pre-allocated storage).")
+        new_len = self.length + length
+        if new_len > self.max_length:
+            raise ValueError(f"KV cache overflow: {new_len} tokens > max_length={self.max_length}.")
+        if self._keys is None or self._keys.shape[0] != batch:
+            self._keys, self._values = self._allocate((batch, self.max_length, heads, head_dim), like)
+        start, self.length = self.length, new_len
+        return self._keys, self._values, start
+
     def _allocate(self, shape, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Key and value storage of ``shape``: views of the shared buffer when it has room (``KVCache.share_storage``),
         else new tensors."""

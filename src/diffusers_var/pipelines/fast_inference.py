@@ -462,8 +462,23 @@ def _split_cross_attention_residual(block, x_BLC, context_BSC, context_mask_BS=N
 CHAIN_VAR_BLOCKS = True
 
 
+def _modulated_norm(block, x_BLC, scale_plus_one, shift):
+    return block.norm(x_BLC).mul(scale_plus_one).add_(shift)
+
+
 def _project_modulated(block, h_BLC):
     return block.attn.project(h_BLC)
+
+
+def _project_into_cache(block, h_BLC, keys_BMHD, values_BMHD, start: int):
+    """The projection of an already modulated input whose keys and values are written straight into the KV cache's
+    storage at ``[start, start + L)`` by the kernel that normalises them (no copy kernels); returns the queries and
+    the softmax scale."""
+    q, k, v, softmax_scale = block.attn.project(h_BLC)
+    end = start + h_BLC.shape[1]
+    keys_BMHD[:, start:end].copy_(k)
+    values_BMHD[:, start:end].copy_(v)
+    return q, softmax_scale
 
 
 def _block_tail(block, x_BLC, attended_BLC, gamma1, gamma2, scale2_plus_one, shift2, next_scale_plus_one, next_shift):
@@ -481,12 +496,13 @@ def _last_block_tail(block, x_BLC, attended_BLC, gamma1, gamma2, scale2_plus_one
 
 
 def _chained_block_stack(model, x_BLC, block_cond, attn_mask=None, kv_cache=None):
-    """``model._run_block_stack`` with the compiled pieces of consecutive blocks fused across the boundary: after the
-    first block's attention inputs, each block is its projection piece, the attention kernel and one tail piece that
-    also computes the next block's modulated norm. Per block and scale that is two elementwise kernels fewer than the
-    per-block pieces (the residual add and the next norm share one pass over the rows). With autograd (training,
-    gradient checkpointing) the blocks run as they are."""
-    if torch.is_grad_enabled():
+    """``model._run_block_stack`` with the compiled pieces of consecutive blocks fused across the boundary: each
+    block is its projection piece, the attention kernel and one tail piece that also computes the next block's
+    modulated norm (the residual add and the next norm share one pass over the rows). When decoding, the projection
+    piece writes the keys and values into the KV cache's storage itself (:meth:`LayerKVCache.reserve`). Per block and
+    scale that is four kernels fewer than the per-block pieces (two elementwise, two copies). With autograd (training,
+    gradient checkpointing) or autocast the blocks run as they are."""
+    if torch.is_grad_enabled() or torch.is_autocast_enabled(x_BLC.device.type):
         return type(model)._run_block_stack(model, x_BLC, block_cond, attn_mask, kv_cache)
     blocks = model.blocks
     caches = [kv_cache[i] if kv_cache is not None else None for i in range(len(blocks))]
@@ -495,9 +511,18 @@ def _chained_block_stack(model, x_BLC, block_cond, attn_mask=None, kv_cache=None
         for block, cache in zip(blocks, caches)
     ]
     _, _, scale1, _, shift1, _ = modulations[0]
-    q, k, v, softmax_scale = blocks[0].compiled_attention_inputs(x_BLC, scale1, shift1)
+    h_BLC = blocks[0].compiled_modulated_norm(x_BLC, scale1, shift1)
+    B, L, _ = x_BLC.shape
     for i, (block, cache) in enumerate(zip(blocks, caches)):
-        attended_BLC = block.attn.attend(q, k, v, softmax_scale, attn_mask, cache)
+        attn = block.attn
+        if cache is not None and cache.max_length is not None:  # decoding: keys and values written in place
+            keys, values, start = cache.reserve(B, L, attn.num_heads, attn.head_dim, h_BLC)
+            q, softmax_scale = block.compiled_project_into_cache(h_BLC, keys, values, start)
+            keys, values = keys[:, : start + L], values[:, : start + L]
+            attended_BLC = attn.attend(q, keys, values, softmax_scale, attn_mask)
+        else:
+            q, k, v, softmax_scale = block.compiled_project_modulated(h_BLC)
+            attended_BLC = attn.attend(q, k, v, softmax_scale, attn_mask, cache)
         gamma1, gamma2, _, scale2, _, shift2 = modulations[i]
         if i + 1 == len(blocks):
             return block.compiled_last_block_tail(x_BLC, attended_BLC, gamma1, gamma2, scale2, shift2)
@@ -505,7 +530,6 @@ def _chained_block_stack(model, x_BLC, block_cond, attn_mask=None, kv_cache=None
         x_BLC, h_BLC = block.compiled_block_tail(
             x_BLC, attended_BLC, gamma1, gamma2, scale2, shift2, next_scale1, next_shift1
         )
-        q, k, v, softmax_scale = blocks[i + 1].compiled_project_modulated(h_BLC)
 
 
 def _chainable(model: nn.Module) -> bool:
@@ -551,7 +575,9 @@ def compile_adaln_blocks_(model: nn.Module) -> int:
             methods["cross_attention_residual"] = _split_cross_attention_residual
         if chained:
             pieces.update(
+                compiled_modulated_norm=_modulated_norm,
                 compiled_project_modulated=_project_modulated,
+                compiled_project_into_cache=_project_into_cache,
                 compiled_block_tail=_block_tail,
                 compiled_last_block_tail=_last_block_tail,
             )
@@ -710,8 +736,9 @@ def _row_regime_copies(function: Callable) -> tuple[Callable, Callable]:
 def _dynamic_rows(below: Callable, above: Callable) -> Callable:
     """One compiled piece from its two row regimes (:func:`_row_regime_copies`, compiled): the call goes to ``above``
     from :data:`LARGE_SCALE_MIN_ROWS` rows (batch x tokens of its first (B, L, C) argument) on, else to ``below``,
-    with the batch and token dimensions of its (B, L, C) arguments marked dynamic, and the token dimension of its
-    (L, P) RoPE tables (static, they guarded the token count and cost a recompile at the second one).
+    with the batch and token dimensions of its (B, L, C) arguments marked dynamic, the token dimension of its
+    (L, P) RoPE tables (static, they guarded the token count and cost a recompile at the second one) and the batch and
+    length of (B, max_length, H, D) KV-cache storage.
 
     Dynamic dimensions trace a piece once for every batch size and scale instead of specialising on the first. The two
     regimes keep the row threshold of the fused GELU and the float8 matmuls out of the guards: each copy only ever
@@ -730,6 +757,9 @@ def _dynamic_rows(below: Callable, above: Callable) -> Callable:
                     torch._dynamo.maybe_mark_dynamic(arg, 1)
             elif isinstance(arg, torch.Tensor) and arg.ndim == 2 and arg.shape[0] > 1:  # (L, P) RoPE tables
                 torch._dynamo.maybe_mark_dynamic(arg, 0)
+            elif isinstance(arg, torch.Tensor) and arg.ndim == 4:  # (B, max_length, H, D) KV-cache storage
+                torch._dynamo.maybe_mark_dynamic(arg, 0)
+                torch._dynamo.maybe_mark_dynamic(arg, 1)
         return (above if rows is not None and rows >= LARGE_SCALE_MIN_ROWS else below)(*args)
 
     call.below, call.above = below, above
