@@ -454,9 +454,11 @@ def test_infinity_bad_prompt_embeds_name_the_parameter(infinity):
             infinity_images(infinity, **kwargs)
 
 
-def test_var_compiled_blocks_generate_what_the_eager_blocks_do():
-    """``compile_blocks=True`` hands each block's elementwise work to torch.compile; in float32 its logits are
-    the eager ones. The weights are perturbed first: freshly initialised AdaLN gates (1e-5) would make the
+def test_var_compiled_blocks_generate_what_the_eager_blocks_do(monkeypatch):
+    """``compile_blocks=True`` hands each block's elementwise work to torch.compile, chained across the blocks (keys
+    and values written into the cache by the projection piece); in float32 its logits are the eager ones, for
+    decoding, teacher forcing and a prefill followed by decoding. A hook on a block, or ``CHAIN_VAR_BLOCKS`` off, runs
+    the blocks one by one. The weights are perturbed first: freshly initialised AdaLN gates (1e-5) would make the
     blocks (compiled or not) irrelevant to the output. Bad values name the parameter."""
     torch.manual_seed(0)
     transformer = VARTransformer2DModel(depth=2, embed_dim=64, num_heads=2, patch_nums=(1, 2, 3, 4), num_classes=10)
@@ -485,23 +487,43 @@ def test_var_compiled_blocks_generate_what_the_eager_blocks_do():
     pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=True)
     assert all(hasattr(block.ffn_residual, "_torchdynamo_orig_callable") for block in transformer.blocks)
     assert all(hasattr(block.compiled_attention_inputs, "_torchdynamo_orig_callable") for block in transformer.blocks)
-    # decoding runs the chained pieces (the blocks' own forward is not called), teacher forcing too under no_grad
-    assert all(hasattr(block.compiled_block_tail, "_torchdynamo_orig_callable") for block in transformer.blocks)
-    block_calls = []
-    hooks = [block.register_forward_pre_hook(lambda *_: block_calls.append(1)) for block in transformer.blocks]
+    # decoding runs the chained pieces (no block is called), teacher forcing too under no_grad
+    tail_calls = []
+    for block in transformer.blocks:
+        assert hasattr(block.compiled_block_tail, "_torchdynamo_orig_callable")
+        tail = block.compiled_block_tail
+        block.compiled_block_tail = lambda *args, tail=tail: tail_calls.append(1) or tail(*args)
     for compiled, reference in zip(all_logits(), eager):
         torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
-    assert block_calls == []
+    assert len(tail_calls) == len(scale_inputs) * (len(transformer.blocks) - 1)
     labels = torch.tensor([1, 2, 3, 4])
     teacher_input = torch.cat(scale_inputs[1:], dim=1)
     with torch.no_grad():
         chained = transformer(labels, teacher_input, drop_labels=False).logits
     with torch.enable_grad():  # with autograd the blocks run as they are (training)
         plain = transformer(labels, teacher_input, drop_labels=False).logits
-    assert len(block_calls) == len(transformer.blocks)
     torch.testing.assert_close(chained, plain.detach(), rtol=1e-5, atol=1e-5)
-    for hook in hooks:
-        hook.remove()
+
+    # a prefill (CoDe's refiner: the first scales in one block-causal pass into the cache), then decoding
+    prefill_scales = 2
+    cache = transformer.init_kv_cache()
+    with torch.no_grad():
+        prefill = transformer.prefill_scale(condition, cache, torch.cat(scale_inputs[1:prefill_scales], dim=1))
+        rest = [transformer.forward_scale(si, condition, cache, scale_inputs[si]) for si in range(prefill_scales, 4)]
+    torch.testing.assert_close(prefill, torch.cat(eager[:prefill_scales], dim=1), rtol=1e-5, atol=1e-5)
+    for compiled, reference in zip(rest, eager[prefill_scales:]):
+        torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
+
+    # a hook on a block still runs (the blocks run one by one), and so does the switch
+    tail_calls.clear()
+    hook = transformer.blocks[1].register_forward_hook(lambda module, args, output: output * 0)
+    hooked = all_logits()
+    hook.remove()
+    assert tail_calls == [] and (hooked[-1] - eager[-1]).abs().max() > 1e-2
+    monkeypatch.setattr(fast_inference, "CHAIN_VAR_BLOCKS", False)
+    for compiled, reference in zip(all_logits(), eager):
+        torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
+    assert tail_calls == []
     with pytest.raises(ValueError, match="compile_blocks"):
         pipe.enable_fast_inference(compile_blocks="yes")
 
@@ -1234,3 +1256,30 @@ def test_a_higher_precision_after_a_16_bit_fast_path_warns_that_the_weights_stay
     finally:
         diffusers_logging.disable_propagation()
     assert "cast the weights to torch.bfloat16; they keep that rounding in torch.float32" in caplog.text
+
+
+def test_kv_cache_reserve():
+    """``LayerKVCache.reserve`` hands out the next positions of the pre-allocated storage without writing them (the
+    chained VAR blocks write keys and values from their projection kernel): it advances the length as ``append``
+    does, mixes with it, reallocates for another batch size, refuses overflow and a cache without ``max_length``."""
+    from diffusers_var.models.blocks import LayerKVCache
+
+    cache = LayerKVCache(max_length=6)
+    like = torch.zeros(2, 1, 3, dtype=torch.bfloat16)
+    keys, values, start = cache.reserve(2, 1, 3, 4, like)
+    assert start == 0 and cache.length == 1 and keys.shape == values.shape == (2, 6, 3, 4)
+    assert keys.dtype == torch.bfloat16 and keys.data_ptr() != values.data_ptr()
+    keys[:, :1] = 1.0
+    k, v = cache.append(
+        torch.full((2, 2, 3, 4), 2.0, dtype=torch.bfloat16), torch.zeros(2, 2, 3, 4, dtype=torch.bfloat16)
+    )
+    assert cache.length == 3 and k.shape[1] == 3 and k[:, 0].eq(1).all() and k[:, 1:].eq(2).all()
+    again, _, start = cache.reserve(2, 3, 3, 4, like)
+    assert start == 3 and cache.length == 6 and again.data_ptr() == keys.data_ptr()
+    with pytest.raises(ValueError, match="overflow"):
+        cache.reserve(2, 1, 3, 4, like)
+    cache.reset()
+    other, _, start = cache.reserve(5, 2, 3, 4, like)  # another batch size: new storage
+    assert start == 0 and other.shape == (5, 6, 3, 4)
+    with pytest.raises(ValueError, match="max_length"):
+        LayerKVCache().reserve(1, 1, 3, 4, like)

@@ -458,7 +458,8 @@ def _split_cross_attention_residual(block, x_BLC, context_BSC, context_mask_BS=N
 
 
 # VAR's blocks chained: the pieces between two attention kernels run as one compiled piece across the block boundary
-# (False: each block runs its own pieces, as Infinity's do; read by ``compile_adaln_blocks_``)
+# (False: each block runs its own compiled pieces, as Infinity's do; read at every call, so graphs captured after a
+# change follow it)
 CHAIN_VAR_BLOCKS = True
 
 
@@ -501,10 +502,16 @@ def _chained_block_stack(model, x_BLC, block_cond, attn_mask=None, kv_cache=None
     modulated norm (the residual add and the next norm share one pass over the rows). When decoding, the projection
     piece writes the keys and values into the KV cache's storage itself (:meth:`LayerKVCache.reserve`). Per block and
     scale that is four kernels fewer than the per-block pieces (two elementwise, two copies). With autograd (training,
-    gradient checkpointing) or autocast the blocks run as they are."""
-    if torch.is_grad_enabled() or torch.is_autocast_enabled(x_BLC.device.type):
-        return type(model)._run_block_stack(model, x_BLC, block_cond, attn_mask, kv_cache)
+    gradient checkpointing), autocast, a hook on a block (the chained pieces never call a block) or
+    :data:`CHAIN_VAR_BLOCKS` off, the blocks run as they are."""
     blocks = model.blocks
+    if (
+        not CHAIN_VAR_BLOCKS
+        or torch.is_grad_enabled()
+        or torch.is_autocast_enabled(x_BLC.device.type)
+        or any(_has_forward_hooks(block) for block in blocks)
+    ):
+        return type(model)._run_block_stack(model, x_BLC, block_cond, attn_mask, kv_cache)
     caches = [kv_cache[i] if kv_cache is not None else None for i in range(len(blocks))]
     modulations = [  # (gamma1, gamma2, 1 + scale1, 1 + scale2, shift1, shift2) of each block, once per generation
         memoized(cache, "adaln", lambda block=block: block.modulation(block_cond))
@@ -532,6 +539,18 @@ def _chained_block_stack(model, x_BLC, block_cond, attn_mask=None, kv_cache=None
         )
 
 
+def _has_forward_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (its own, global ones, or a diffusers hook registry)."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or nn.modules.module._global_forward_hooks
+        or nn.modules.module._global_forward_pre_hooks
+        or getattr(module, "_diffusers_hook", None)
+        or getattr(module, "_hf_hook", None)
+    )
+
+
 def _chainable(model: nn.Module) -> bool:
     """Whether ``model``'s block stack can run chained: a model with ``_run_block_stack`` (VAR) whose blocks are
     self-attention blocks without cross-attention, all with the same parameter-free norm (a block's tail computes
@@ -539,8 +558,7 @@ def _chainable(model: nn.Module) -> bool:
     blocks = list(getattr(model, "blocks", ()))
     norms = {(b.norm.normalized_shape, b.norm.eps, b.norm.elementwise_affine) for b in blocks if hasattr(b, "norm")}
     return (
-        CHAIN_VAR_BLOCKS
-        and hasattr(type(model), "_run_block_stack")
+        hasattr(type(model), "_run_block_stack")
         and len(blocks) > 0
         and all(type(b) is AdaLNSelfAttentionBlock for b in blocks)
         and len(norms) == 1
