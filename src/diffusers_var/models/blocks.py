@@ -318,10 +318,15 @@ class CosineSelfAttention(nn.Module):
             q, k = rotary(q, k)
         return self.to_out(self.attend(q, k, v, softmax_scale, attn_mask, kv_cache))
 
-    def project(self, x_BLC: torch.Tensor):
-        """``(q, k, v, softmax_scale)``, each (B, L, H, D), q and k L2-normalised with q scaled per head."""
+    def qkv_bias(self) -> torch.Tensor:
+        """The (3C,) bias of the fused projection: the learned q bias, zeros for k, the learned v bias."""
+        return torch.cat((self.q_bias, self.zero_k_bias.to(self.q_bias.dtype), self.v_bias))
+
+    def project(self, x_BLC: torch.Tensor, qkv_bias: torch.Tensor | None = None):
+        """``(q, k, v, softmax_scale)``, each (B, L, H, D), q and k L2-normalised with q scaled per head.
+        ``qkv_bias``: :meth:`qkv_bias` computed by the caller (e.g. once per generation), else here."""
         B, L, C = x_BLC.shape
-        bias = torch.cat((self.q_bias, self.zero_k_bias.to(self.q_bias.dtype), self.v_bias))
+        bias = self.qkv_bias() if qkv_bias is None else qkv_bias
         qkv = self.to_qkv(x_BLC, bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(dim=2)
         if self.attn_l2_norm:

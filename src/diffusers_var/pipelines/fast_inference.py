@@ -467,15 +467,16 @@ def _modulated_norm(block, x_BLC, scale_plus_one, shift):
     return block.norm(x_BLC).mul(scale_plus_one).add_(shift)
 
 
-def _project_modulated(block, h_BLC):
-    return block.attn.project(h_BLC)
+def _project_modulated(block, h_BLC, qkv_bias):
+    return block.attn.project(h_BLC, qkv_bias)
 
 
-def _project_into_cache(block, h_BLC, keys_BMHD, values_BMHD, start: int):
+def _project_into_cache(block, h_BLC, keys_BMHD, values_BMHD, start: int, qkv_bias):
     """The projection of an already modulated input whose keys and values are written straight into the KV cache's
     storage at ``[start, start + L)`` by the kernel that normalises them (no copy kernels); returns the queries and
-    the softmax scale."""
-    q, k, v, softmax_scale = block.attn.project(h_BLC)
+    the softmax scale. ``qkv_bias`` comes from outside: concatenated in the piece, it was a kernel of its own at every
+    call (the projection's matmul needs the bias in memory)."""
+    q, k, v, softmax_scale = block.attn.project(h_BLC, qkv_bias)
     end = start + h_BLC.shape[1]
     keys_BMHD[:, start:end].copy_(k)
     values_BMHD[:, start:end].copy_(v)
@@ -522,13 +523,14 @@ def _chained_block_stack(model, x_BLC, block_cond, attn_mask=None, kv_cache=None
     B, L, _ = x_BLC.shape
     for i, (block, cache) in enumerate(zip(blocks, caches)):
         attn = block.attn
+        qkv_bias = memoized(cache, "qkv_bias", attn.qkv_bias)  # once per generation
         if cache is not None and cache.max_length is not None:  # decoding: keys and values written in place
             keys, values, start = cache.reserve(B, L, attn.num_heads, attn.head_dim, h_BLC)
-            q, softmax_scale = block.compiled_project_into_cache(h_BLC, keys, values, start)
+            q, softmax_scale = block.compiled_project_into_cache(h_BLC, keys, values, start, qkv_bias)
             keys, values = keys[:, : start + L], values[:, : start + L]
             attended_BLC = attn.attend(q, keys, values, softmax_scale, attn_mask)
         else:
-            q, k, v, softmax_scale = block.compiled_project_modulated(h_BLC)
+            q, k, v, softmax_scale = block.compiled_project_modulated(h_BLC, qkv_bias)
             attended_BLC = attn.attend(q, k, v, softmax_scale, attn_mask, cache)
         gamma1, gamma2, _, scale2, _, shift2 = modulations[i]
         if i + 1 == len(blocks):
