@@ -10,7 +10,8 @@ kernels and precision tricks installed onto the models from outside (the model f
   - :func:`fuse_ffn_gelu_`: fc1's bias and the tanh GELU in the cuBLASLt epilogue of the matmul (large scales);
   - :func:`quantize_linears_fp8_`: float8 matmuls for the attention and FFN linears (large scales, opt-in);
   - :func:`compile_adaln_blocks_` / :func:`compile_star_blocks_`: ``torch.compile`` of each block's elementwise work,
-    split around the KV cache;
+    split around the KV cache; VAR's blocks chained across block boundaries, keys and values written into the cache
+    by the projection piece (:func:`_chained_block_stack`, :data:`CHAIN_VAR_BLOCKS`);
   - :func:`separable_upsample_`: VAR / STAR code maps upsampled by a separable bicubic;
   - :func:`pad_narrow_convs_`: the RGB output conv computed with zero-padded channels (compiled decoder);
   - :func:`subpixel_upsample_`: the decoders' nearest 2x upsampling + 3x3 conv as one 2x2 conv on the small map
