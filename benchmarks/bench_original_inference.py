@@ -117,21 +117,7 @@ def main() -> int:
         for parameter in (*vae.parameters(), *var.parameters()):
             parameter.requires_grad_(False)
         for batch in batches:
-            try:
-                row = time_original(var, batch, device, repeats)
-            except RuntimeError as error:  # PyTorch's cuDNN attention kernel fails on some of the original's calls
-                if "mha_graph" not in str(error) or not torch.backends.cuda.cudnn_sdp_enabled():
-                    raise
-                print(
-                    f"(var-d{depth}, batch {batch}: cuDNN's attention failed, {str(error)[:90]}...; PyTorch's "
-                    "cuDNN attention is switched off for the rest of this run: flash / memory-efficient as before "
-                    "PyTorch moved cuDNN first)",
-                    flush=True,
-                )
-                torch.backends.cuda.enable_cudnn_sdp(False)
-                torch.cuda.empty_cache()
-                row = time_original(var, batch, device, repeats)
-            row["cudnn_attention"] = torch.backends.cuda.cudnn_sdp_enabled()
+            row = time_original(var, batch, device, repeats)
             results[f"var-d{depth}/{batch}"] = row
             low, high = row["images_per_s_range"]
             memory = f"{row['peak_allocated_gib']:.2f} / {row['peak_reserved_gib']:.2f}" if device == "cuda" else "-"

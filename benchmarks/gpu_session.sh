@@ -76,9 +76,12 @@ for stage in "$@"; do
       grep -h "profile:" "$OUT"/*_var16_profile.log ;;
     side_by_side)  # issue 20: the original VAR code and ours (fast-compile-all), one model per process, in one call (carry .originals/VAR)
       models=${SIDE_MODELS:-var-d16,var-d30}
-      log original_var "$models"; timeout "${ORIGINAL_TIMEOUT:-300}" python3 benchmarks/bench_original_inference.py \
-        --original .originals/VAR --models "$models" --batch-sizes "${SIDE_BATCHES:-1,64}" --json "$OUT/original_var.json" \
-        > "$OUT/original_var.log" 2>&1; grep "^|" "$OUT/original_var.log"
+      for model in ${models//,/ }; do  # one process per model: the original's VAR-d30 after its VAR-d16 in one process hit a
+        # device-side assert in its sampler (inf / nan probabilities) at its first generation (H100, session 18)
+        log original "$model"; timeout "${ORIGINAL_TIMEOUT:-300}" python3 benchmarks/bench_original_inference.py \
+          --original .originals/VAR --models "$model" --batch-sizes "${SIDE_BATCHES:-1,64}" --json "$OUT/original_$model.json" \
+          > "$OUT/original_$model.log" 2>&1; grep "^|" "$OUT/original_$model.log"
+      done
       for model in ${models//,/ }; do
         bench . "ours_$model" --models "$model" --batch-sizes "${SIDE_BATCHES:-1,64}" --modes fast-compile-all --repeats 5
       done ;;
