@@ -21,6 +21,7 @@ from diffusers_var import (
     VARPipeline,
     VARTransformer2DModel,
 )
+from diffusers_var.models.blocks import CosineSelfAttention
 from diffusers_var.models.star_transformer import STARBlock
 from diffusers_var.pipelines import fast_inference, pipeline_var
 from test_infinity_pipeline import PROMPT, tiny_pipeline
@@ -496,6 +497,14 @@ def test_var_compiled_blocks_generate_what_the_eager_blocks_do(monkeypatch):
     for compiled, reference in zip(all_logits(), eager):
         torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
     assert len(tail_calls) == len(scale_inputs) * (len(transformer.blocks) - 1)
+    bias_calls = []  # the qkv bias is concatenated once per block and generation, not at every scale
+    plain_bias = CosineSelfAttention.qkv_bias
+    CosineSelfAttention.qkv_bias = lambda self: bias_calls.append(1) or plain_bias(self)
+    try:
+        all_logits()
+    finally:
+        CosineSelfAttention.qkv_bias = plain_bias
+    assert len(bias_calls) == len(transformer.blocks)
     labels = torch.tensor([1, 2, 3, 4])
     teacher_input = torch.cat(scale_inputs[1:], dim=1)
     with torch.no_grad():
