@@ -36,6 +36,8 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
                         (``fast_inference.subpixel_upsample_``: one 2x2 conv on the small map, opt-in until measured)
   fast-compile-all-unchained  ``fast-compile-all`` with VAR's blocks compiled piece by piece, each block on its own
                         (``fast_inference.CHAIN_VAR_BLOCKS = False``: the code before the chained blocks)
+  fast-compile-all-kvcopy  ``fast-compile-all`` with VAR's chained blocks leaving the KV-cache writes to the cache's
+                        own copies (``fast_inference.CHAINED_KV_WRITES = False``)
 It also checks that greedy tokens (bits for Infinity) of the fast path agree with the eager float32 path.
 """
 
@@ -566,6 +568,7 @@ MODES = (
     "fast-compile-all-autotune",
     "fast-compile-all-subpixel",
     "fast-compile-all-unchained",
+    "fast-compile-all-kvcopy",
 )
 SDPA_BACKENDS = {  # --sdpa-first: PyTorch's own order after the one named
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -700,6 +703,7 @@ def main() -> int:
                 suffix = next((suffix for suffix in DECODER_MODES if mode.endswith(suffix)), None)
                 compile_decoder = DECODER_MODES[suffix] if suffix else mode != "fast"
                 fast_inference.CHAIN_VAR_BLOCKS = not mode.endswith("-unchained")
+                fast_inference.CHAINED_KV_WRITES = not mode.endswith("-kvcopy")
                 bench.pipe.enable_fast_inference(compile_decoder=compile_decoder, **extra)
                 if mode.endswith("-subpixel"):
                     subpixel_upsample_(getattr(bench.pipe, "vqvae", None) or bench.pipe.vae)

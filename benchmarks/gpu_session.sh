@@ -87,14 +87,14 @@ for stage in "$@"; do
       done ;;
     chain)  # issue 20: VAR's blocks chained across block boundaries (fast-compile-all) against each block on its own, one process each
       for model in ${CHAIN_MODELS:-var-d16 var-d30}; do
-        for side in ${CHAIN_SIDES:-unchained chained}; do
-          mode=fast-compile-all; [ "$side" = unchained ] && mode=fast-compile-all-unchained
+        for side in ${CHAIN_SIDES:-unchained chained}; do  # sides: unchained, chained, kvcopy (chained, cache copies)
+          mode=fast-compile-all; [ "$side" = chained ] || mode=fast-compile-all-$side
           bench . "chain_${model}_$side" --models "$model" --batch-sizes "${CHAIN_BATCHES:-1,64}" --modes "$mode" --repeats 5
         done
       done ;;
-    profile_ours)  # issue 20: VAR-d16 batches 1 and 64, today's code only, torch.profiler tables and GPU timeline (PROFILE_MODEL, PROFILE_BATCH)
+    profile_ours)  # issue 20: VAR-d16 batches 1 and 64, today's code only, torch.profiler tables and GPU timeline (PROFILE_MODEL, PROFILE_BATCH, PROFILE_MODE)
       bench . "profile_${PROFILE_MODEL:-var-d16}" --models "${PROFILE_MODEL:-var-d16}" --batch-sizes "${PROFILE_BATCH:-1,64}" \
-        --modes fast-compile-all --repeats 5 --profile
+        --modes "${PROFILE_MODE:-fast-compile-all}" --repeats 5 --profile
       grep -h "profile:" "$OUT/profile_${PROFILE_MODEL:-var-d16}.log" ;;
     attention)  # issue 20: the SDPA kernels (flash, memory-efficient, cuDNN) on one generation's self-attention shapes
       log attention; timeout 240 python3 benchmarks/bench_attention.py --batch-sizes "${ATTENTION_BATCHES:-1,4,64}" \

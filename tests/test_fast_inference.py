@@ -523,6 +523,14 @@ def test_var_compiled_blocks_generate_what_the_eager_blocks_do(monkeypatch):
     for compiled, reference in zip(rest, eager[prefill_scales:]):
         torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
 
+    # chained, with the KV cache's own copies instead of the projection piece's writes
+    monkeypatch.setattr(fast_inference, "CHAINED_KV_WRITES", False)
+    tail_calls.clear()
+    for compiled, reference in zip(all_logits(), eager):
+        torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
+    assert len(tail_calls) == len(scale_inputs) * (len(transformer.blocks) - 1)
+    monkeypatch.setattr(fast_inference, "CHAINED_KV_WRITES", True)
+
     # a hook on a block still runs (the blocks run one by one), and so does the switch
     tail_calls.clear()
     hook = transformer.blocks[1].register_forward_hook(lambda module, args, output: output * 0)

@@ -462,6 +462,9 @@ def _split_cross_attention_residual(block, x_BLC, context_BSC, context_mask_BS=N
 # (False: each block runs its own compiled pieces, as Infinity's do; read at every call, so graphs captured after a
 # change follow it)
 CHAIN_VAR_BLOCKS = True
+# the chained projection piece writes keys and values into the KV cache itself (False: the cache's own copies; at
+# batch 64 the in-piece writes ran well below the memory bandwidth in the H100 profile of session 18, to be compared)
+CHAINED_KV_WRITES = True
 
 
 def _modulated_norm(block, x_BLC, scale_plus_one, shift):
@@ -525,7 +528,7 @@ def _chained_block_stack(model, x_BLC, block_cond, attn_mask=None, kv_cache=None
     for i, (block, cache) in enumerate(zip(blocks, caches)):
         attn = block.attn
         qkv_bias = memoized(cache, "qkv_bias", attn.qkv_bias)  # once per generation
-        if cache is not None and cache.max_length is not None:  # decoding: keys and values written in place
+        if CHAINED_KV_WRITES and cache is not None and cache.max_length is not None:  # keys, values written in place
             keys, values, start = cache.reserve(B, L, attn.num_heads, attn.head_dim, h_BLC)
             q, softmax_scale = block.compiled_project_into_cache(h_BLC, keys, values, start, qkv_bias)
             keys, values = keys[:, : start + L], values[:, : start + L]
