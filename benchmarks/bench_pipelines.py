@@ -207,6 +207,8 @@ def synchronize(device) -> None:
 
 
 def time_mode(pipe, batch, device, repeats, autocast_dtype=None, generate_fn=None, warmups=2):
+    """``(median seconds, peak allocated GiB, peak reserved GiB, every timed run's seconds)`` of ``repeats``
+    generations after ``warmups``."""
     generate_fn = generate_fn or generate
     device_type = torch.device(device).type
     ctx = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
@@ -223,11 +225,11 @@ def time_mode(pipe, batch, device, repeats, autocast_dtype=None, generate_fn=Non
             synchronize(device)
             times.append(time.perf_counter() - start)
     if device_type != "cuda":
-        return statistics.median(times), float("nan"), float("nan")
+        return statistics.median(times), float("nan"), float("nan"), times
     # allocated: tensors alive at the peak; reserved: what the process holds from the GPU, which also counts the
     # temporaries of CUDA graphs (freed into the graphs' private pools at capture, never allocated again at replay)
     allocated, reserved = torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
-    return statistics.median(times), allocated, reserved
+    return statistics.median(times), allocated, reserved, times
 
 
 def greedy_tokens(pipe, batch, device):
@@ -685,7 +687,7 @@ def main() -> int:
     width = max([8] + [len(n) for n in names])
     header = (
         f"{'model':{width}s} {'res':>4s} {'batch':>5s} {'mode':11s} {'dtype':9s} "
-        f"{'ms/image':>9s} {'images/s':>9s} {'peak GiB':>9s} {'reserved':>9s} {'TFLOP/s':>8s}"
+        f"{'ms/image':>9s} {'images/s':>9s} {'peak GiB':>9s} {'reserved':>9s} {'TFLOP/s':>8s} ms/image min-max"
     )
     print(header)
     for name in names:
@@ -709,7 +711,7 @@ def main() -> int:
                     subpixel_upsample_(getattr(bench.pipe, "vqvae", None) or bench.pipe.vae)
                 bench.fresh = False
             for batch in (int(b) for b in (args.batch_sizes or bench.default_batches).split(",")):
-                seconds, peak, reserved = time_mode(
+                seconds, peak, reserved, times = time_mode(
                     bench.pipe,
                     batch,
                     device,
@@ -728,6 +730,7 @@ def main() -> int:
                     dtype=dtype,
                     ms_per_image=1000 * seconds / batch,
                     images_per_s=batch / seconds,
+                    ms_per_image_range=[1000 * min(times) / batch, 1000 * max(times) / batch],
                     peak_gib=peak,
                     peak_reserved_gib=reserved,
                     cudnn_benchmark=args.cudnn_benchmark,
@@ -739,7 +742,7 @@ def main() -> int:
                 print(
                     f"{name:{width}s} {res:4d} {batch:5d} {mode:11s} {row['dtype']:9s} "
                     f"{row['ms_per_image']:9.1f} {row['images_per_s']:9.1f} {peak:9.2f} {reserved:9.2f} "
-                    f"{row['tflops']:8.1f}",
+                    f"{row['tflops']:8.1f} {row['ms_per_image_range'][0]:.2f}-{row['ms_per_image_range'][1]:.2f}",
                     flush=True,
                 )
                 if args.profile and mode.startswith("fast") and device.type == "cuda":
