@@ -423,8 +423,12 @@ def quantize_linears_fp8_(model: nn.Module | None, enabled: bool = True) -> int:
 
 # compiled blocks: the elementwise work of a block (norms, modulation, q/k normalisation, RoPE, gating) fused by
 # torch.compile, split around the KV cache (Python state) and the attention kernels
+def _modulated_norm(block, x_BLC, scale_plus_one, shift):
+    return block.norm(x_BLC).mul(scale_plus_one).add_(shift)
+
+
 def _attention_inputs(block, x_BLC, scale_plus_one, shift, rotary_cos=None, rotary_sin=None):
-    q, k, v, softmax_scale = block.attn.project(block.norm(x_BLC).mul(scale_plus_one).add_(shift))
+    q, k, v, softmax_scale = block.attn.project(_modulated_norm(block, x_BLC, scale_plus_one, shift))
     if rotary_cos is not None:
         q, k = Rotary2D.rotate(q, k, rotary_cos, rotary_sin)
     return q, k, v, softmax_scale
@@ -467,10 +471,6 @@ CHAIN_VAR_BLOCKS = True
 CHAINED_KV_WRITES = True
 
 
-def _modulated_norm(block, x_BLC, scale_plus_one, shift):
-    return block.norm(x_BLC).mul(scale_plus_one).add_(shift)
-
-
 def _project_modulated(block, h_BLC, qkv_bias):
     return block.attn.project(h_BLC, qkv_bias)
 
@@ -487,18 +487,16 @@ def _project_into_cache(block, h_BLC, keys_BMHD, values_BMHD, start: int, qkv_bi
     return q, softmax_scale
 
 
-def _block_tail(block, x_BLC, attended_BLC, gamma1, gamma2, scale2_plus_one, shift2, next_scale_plus_one, next_shift):
-    """The rest of a block after its attention kernel, and the next block's modulated norm (its attention input)."""
-    x_BLC = type(block).ffn_residual(
-        block, _attention_residual(block, x_BLC, attended_BLC, gamma1), gamma2, scale2_plus_one, shift2
-    )
-    return x_BLC, block.norm(x_BLC).mul(next_scale_plus_one).add_(next_shift)
-
-
 def _last_block_tail(block, x_BLC, attended_BLC, gamma1, gamma2, scale2_plus_one, shift2):
-    return type(block).ffn_residual(
-        block, _attention_residual(block, x_BLC, attended_BLC, gamma1), gamma2, scale2_plus_one, shift2
-    )
+    """The rest of a block after its attention kernel: output projection, residual, FFN, residual."""
+    x_BLC = _attention_residual(block, x_BLC, attended_BLC, gamma1)
+    return type(block).ffn_residual(block, x_BLC, gamma2, scale2_plus_one, shift2)
+
+
+def _block_tail(block, x_BLC, attended_BLC, gamma1, gamma2, scale2_plus_one, shift2, next_scale_plus_one, next_shift):
+    """:func:`_last_block_tail`, and the next block's modulated norm (its attention input) in the same piece."""
+    x_BLC = _last_block_tail(block, x_BLC, attended_BLC, gamma1, gamma2, scale2_plus_one, shift2)
+    return x_BLC, _modulated_norm(block, x_BLC, next_scale_plus_one, next_shift)
 
 
 def _chained_block_stack(model, x_BLC, block_cond, attn_mask=None, kv_cache=None):
