@@ -211,7 +211,9 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
                 compiling; the compile caches keep the choice). The modes that replay the decoder as torch's own
                 CUDA graphs (``"reduce-overhead"``, ``"max-autotune"``) are refused.
             compile_blocks: ``torch.compile`` of each block's elementwise work (fused before the CUDA graphs are
-                captured; the first generation per batch size compiles).
+                captured; the first generation compiles). The blocks run chained: the end of one block and the next
+                block's norm are one compiled piece, and the projection writes keys and values into the KV cache
+                (``fast_inference.CHAIN_VAR_BLOCKS``; a hook on a block runs the blocks one by one).
             fp8: (opt-in, for large batches of the large models) float8 (e4m3) matmuls for the attention and FFN
                 linears of the blocks at scales of at least 4,096 token rows (activations scaled per row, weights per
                 output channel); needs ``dtype=torch.bfloat16`` and a GPU with float8 tensor cores, and is meant for
