@@ -38,6 +38,8 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
                         (``fast_inference.CHAIN_VAR_BLOCKS = False``: the code before the chained blocks)
   fast-compile-all-kvcopy  ``fast-compile-all`` with VAR's chained blocks leaving the KV-cache writes to the cache's
                         own copies (``fast_inference.CHAINED_KV_WRITES = False``)
+  fast-compile-all-gelu-always  ``fast-compile-all`` with fc1's bias + GELU in the matmul epilogue at every scale,
+                        not only from 4,096 token rows (``fast_inference.FUSED_GELU_MIN_ROWS = 1``)
 It also checks that greedy tokens (bits for Infinity) of the fast path agree with the eager float32 path.
 """
 
@@ -571,6 +573,7 @@ MODES = (
     "fast-compile-all-subpixel",
     "fast-compile-all-unchained",
     "fast-compile-all-kvcopy",
+    "fast-compile-all-gelu-always",
 )
 SDPA_BACKENDS = {  # --sdpa-first: PyTorch's own order after the one named
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -706,6 +709,7 @@ def main() -> int:
                 compile_decoder = DECODER_MODES[suffix] if suffix else mode != "fast"
                 fast_inference.CHAIN_VAR_BLOCKS = not mode.endswith("-unchained")
                 fast_inference.CHAINED_KV_WRITES = not mode.endswith("-kvcopy")
+                fast_inference.FUSED_GELU_MIN_ROWS = 1 if mode.endswith("-gelu-always") else None
                 bench.pipe.enable_fast_inference(compile_decoder=compile_decoder, **extra)
                 if mode.endswith("-subpixel"):
                     subpixel_upsample_(getattr(bench.pipe, "vqvae", None) or bench.pipe.vae)

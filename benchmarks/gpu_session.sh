@@ -87,7 +87,7 @@ for stage in "$@"; do
       done ;;
     chain)  # issue 20: VAR's blocks chained across block boundaries (fast-compile-all) against each block on its own, one process each
       for model in ${CHAIN_MODELS:-var-d16 var-d30}; do
-        for side in ${CHAIN_SIDES:-unchained chained}; do  # sides: unchained, chained, kvcopy (chained, cache copies)
+        for side in ${CHAIN_SIDES:-unchained chained}; do  # unchained, chained, kvcopy (cache copies), gelu-always
           mode=fast-compile-all; [ "$side" = chained ] || mode=fast-compile-all-$side
           bench . "chain_${model}_$side" --models "$model" --batch-sizes "${CHAIN_BATCHES:-1,64}" --modes "$mode" --repeats 5
         done

@@ -332,19 +332,27 @@ def test_fp8_fast_path_on_the_converted_fixture(fixture, monkeypatch):
     assert agreement >= 0.97  # 0.9833 measured on the H100
 
 
-def test_fused_gelu_feed_forward_matches_the_unfused_one():
-    """``fuse_ffn_gelu_`` moves fc1's bias and the tanh GELU into the matmul epilogue: same function on CUDA."""
+@pytest.mark.parametrize("min_rows", [None, 1])
+def test_fused_gelu_feed_forward_matches_the_unfused_one(min_rows, monkeypatch):
+    """``fuse_ffn_gelu_`` moves fc1's bias and the tanh GELU into the matmul epilogue: same function on CUDA, from
+    ``LARGE_SCALE_MIN_ROWS`` token rows on, or from ``FUSED_GELU_MIN_ROWS`` (a few rows) when that is set."""
     from diffusers_var.models.blocks import FeedForward
-    from diffusers_var.pipelines.fast_inference import LARGE_SCALE_MIN_ROWS, fuse_ffn_gelu_
+    from diffusers_var.pipelines import fast_inference
 
+    monkeypatch.setattr(fast_inference, "FUSED_GELU_MIN_ROWS", min_rows)
+    epilogue_calls, epilogue = [], torch._addmm_activation
+    monkeypatch.setattr(torch, "_addmm_activation", lambda *a, **k: epilogue_calls.append(1) or epilogue(*a, **k))
+    rows = fast_inference.LARGE_SCALE_MIN_ROWS if min_rows is None else 6
     torch.manual_seed(0)
     for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
         ffn = FeedForward(256, 1024).to("cuda", dtype)
-        x = torch.randn(2, LARGE_SCALE_MIN_ROWS // 2, 256, device="cuda", dtype=dtype)  # enough rows to fuse
+        x = torch.randn(2, rows // 2, 256, device="cuda", dtype=dtype)  # enough rows to fuse
         with torch.no_grad():
             reference = ffn(x)
-            assert fuse_ffn_gelu_(ffn) == 1
+            assert fast_inference.fuse_ffn_gelu_(ffn) == 1
+            calls_before = len(epilogue_calls)
             fused = ffn(x)
+        assert len(epilogue_calls) == calls_before + 1  # the epilogue ran
         torch.testing.assert_close(fused.float(), reference.float(), rtol=tolerance, atol=tolerance)
 
 

@@ -290,6 +290,9 @@ def _subpixel_upsample_forward(upsampler: nn.Module, x_BCHW: torch.Tensor) -> to
 # (fewer rows: the quantisation would cost more than it saves). Compiled pieces are traced once per side of it
 # (``_dynamic_rows``), so both kernels read this one number.
 LARGE_SCALE_MIN_ROWS = 4096
+# fc1's fused GELU from this many rows instead (None: LARGE_SCALE_MIN_ROWS), for measuring the epilogue at small rows
+# again (BENCHMARKS.md session 3: slower at batch 1 then; ``bench_pipelines.py --modes fast-compile-all-gelu-always``)
+FUSED_GELU_MIN_ROWS: int | None = None
 
 
 def fuse_ffn_gelu_(model: nn.Module | None, enabled: bool = True) -> int:
@@ -309,7 +312,7 @@ def _fused_gelu_ffn_forward(ffn: FeedForward, x: torch.Tensor) -> torch.Tensor:
         uses_fp8(_base_layer(ffn.fc1), x)
         or not x.is_cuda
         or torch.is_grad_enabled()
-        or rows < LARGE_SCALE_MIN_ROWS
+        or rows < (LARGE_SCALE_MIN_ROWS if FUSED_GELU_MIN_ROWS is None else FUSED_GELU_MIN_ROWS)
         or adds_lora_output(ffn.fc1)
     ):  # an unfused LoRA on fc1: its own forward adds the adapters' update
         # float8 fc1: its GELU fuses with the quantisation of fc2's input in the compiled block instead
