@@ -209,8 +209,8 @@ def synchronize(device) -> None:
 
 
 def time_mode(pipe, batch, device, repeats, autocast_dtype=None, generate_fn=None, warmups=2):
-    """``(median seconds, peak allocated GiB, peak reserved GiB, every timed run's seconds)`` of ``repeats``
-    generations after ``warmups``."""
+    """``(every timed run's seconds, peak allocated GiB, peak reserved GiB)`` of ``repeats`` generations after
+    ``warmups``."""
     generate_fn = generate_fn or generate
     device_type = torch.device(device).type
     ctx = torch.autocast(device_type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
@@ -227,11 +227,11 @@ def time_mode(pipe, batch, device, repeats, autocast_dtype=None, generate_fn=Non
             synchronize(device)
             times.append(time.perf_counter() - start)
     if device_type != "cuda":
-        return statistics.median(times), float("nan"), float("nan"), times
+        return times, float("nan"), float("nan")
     # allocated: tensors alive at the peak; reserved: what the process holds from the GPU, which also counts the
     # temporaries of CUDA graphs (freed into the graphs' private pools at capture, never allocated again at replay)
     allocated, reserved = torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
-    return statistics.median(times), allocated, reserved, times
+    return times, allocated, reserved
 
 
 def greedy_tokens(pipe, batch, device):
@@ -715,7 +715,7 @@ def main() -> int:
                     subpixel_upsample_(getattr(bench.pipe, "vqvae", None) or bench.pipe.vae)
                 bench.fresh = False
             for batch in (int(b) for b in (args.batch_sizes or bench.default_batches).split(",")):
-                seconds, peak, reserved, times = time_mode(
+                times, peak, reserved = time_mode(
                     bench.pipe,
                     batch,
                     device,
@@ -724,6 +724,7 @@ def main() -> int:
                     bench.generate,
                     warmups=1 if args.dry_run else 2,
                 )
+                seconds = statistics.median(times)
                 flops = bench.transformer_flops(batch) + batch * dec_flops
                 dtype = AUTOCAST_LABEL.get(mode) or str(bench.pipe.transformer.dtype).replace("torch.", "")
                 row = dict(

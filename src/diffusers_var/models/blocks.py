@@ -103,23 +103,19 @@ class LayerKVCache:
         self.storage: tuple[torch.Tensor, int] | None = None  # (flat buffer, layer index): see KVCache.share_storage
 
     def append(self, key_BLHD: torch.Tensor, value_BLHD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        new_len = self.length + key_BLHD.shape[1]
         if self.max_length is None:
             if self._keys is None:
                 self._keys, self._values = key_BLHD, value_BLHD
             else:
                 self._keys = torch.cat((self._keys, key_BLHD), dim=1)
                 self._values = torch.cat((self._values, value_BLHD), dim=1)
-        else:
-            if new_len > self.max_length:
-                raise ValueError(f"KV cache overflow: {new_len} tokens > max_length={self.max_length}.")
-            if self._keys is None or self._keys.shape[0] != key_BLHD.shape[0]:
-                shape = (key_BLHD.shape[0], self.max_length, *key_BLHD.shape[2:])
-                self._keys, self._values = self._allocate(shape, key_BLHD)
-            self._keys[:, self.length : new_len] = key_BLHD
-            self._values[:, self.length : new_len] = value_BLHD
-        self.length = new_len
-        return self._keys[:, :new_len], self._values[:, :new_len]
+            self.length += key_BLHD.shape[1]
+            return self._keys, self._values
+        B, L, H, D = key_BLHD.shape
+        keys, values, start = self.reserve(B, L, H, D, key_BLHD)
+        keys[:, start : start + L] = key_BLHD
+        values[:, start : start + L] = value_BLHD
+        return keys[:, : start + L], values[:, : start + L]
 
     def reserve(self, batch: int, length: int, heads: int, head_dim: int, like: torch.Tensor):
         """Room for ``length`` more positions without writing them: ``(keys, values, start)``, the whole (batch,
