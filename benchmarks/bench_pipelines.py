@@ -40,6 +40,10 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
                         own copies (``fast_inference.CHAINED_KV_WRITES = False``)
   fast-compile-all-gelu-always  ``fast-compile-all`` with fc1's bias + GELU in the matmul epilogue at every scale,
                         not only from 4,096 token rows (``fast_inference.FUSED_GELU_MIN_ROWS = 1``)
+  fast-compile-all-static  ``fast-compile-all`` with the block pieces compiled for each shape they meet, every scale
+                        and batch size its own kernels (``fast_inference.STATIC_BLOCK_SHAPES = True``)
+  fast-compile-all-static-tuned  the same in ``max-autotune-no-cudagraphs`` mode: inductor times Triton matmul
+                        templates against cuBLAS for every piece and shape (``fast_inference.BLOCK_COMPILE_MODE``)
 It also checks that greedy tokens (bits for Infinity) of the fast path agree with the eager float32 path.
 """
 
@@ -574,6 +578,8 @@ MODES = (
     "fast-compile-all-unchained",
     "fast-compile-all-kvcopy",
     "fast-compile-all-gelu-always",
+    "fast-compile-all-static",
+    "fast-compile-all-static-tuned",
 )
 SDPA_BACKENDS = {  # --sdpa-first: PyTorch's own order after the one named
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -710,6 +716,8 @@ def main() -> int:
                 fast_inference.CHAIN_VAR_BLOCKS = not mode.endswith("-unchained")
                 fast_inference.CHAINED_KV_WRITES = not mode.endswith("-kvcopy")
                 fast_inference.FUSED_GELU_MIN_ROWS = 1 if mode.endswith("-gelu-always") else None
+                fast_inference.STATIC_BLOCK_SHAPES = "-static" in mode
+                fast_inference.BLOCK_COMPILE_MODE = "max-autotune-no-cudagraphs" if mode.endswith("-tuned") else None
                 bench.pipe.enable_fast_inference(compile_decoder=compile_decoder, **extra)
                 if mode.endswith("-subpixel"):
                     subpixel_upsample_(getattr(bench.pipe, "vqvae", None) or bench.pipe.vae)

@@ -545,6 +545,42 @@ def test_var_compiled_blocks_generate_what_the_eager_blocks_do(monkeypatch):
         pipe.enable_fast_inference(compile_blocks="yes")
 
 
+def test_var_blocks_compiled_per_shape_generate_what_the_eager_blocks_do(monkeypatch):
+    """``fast_inference.STATIC_BLOCK_SHAPES`` (the benchmark's ``-static`` modes) compiles the block pieces for every
+    shape they meet instead of once with dynamic rows: each scale traces its own graphs, dynamo's recompile limit is
+    raised so that they all stay compiled, and in float32 the logits are the eager ones at every scale."""
+    torch.manual_seed(0)
+    transformer = VARTransformer2DModel(depth=2, embed_dim=64, num_heads=2, patch_nums=(1, 2, 3, 4), num_classes=10)
+    transformer.init_weights()
+    with torch.no_grad():
+        for parameter in transformer.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    transformer.eval()
+    condition = (torch.tensor([1, 2, 10, 10]),)
+    scale_inputs = [None] + [
+        torch.randn(4, e - b, transformer.config.latent_channels) for b, e in transformer.begin_ends[1:]
+    ]
+
+    def all_logits():
+        cache = transformer.init_kv_cache()
+        with torch.no_grad():
+            return [transformer.forward_scale(si, condition, cache, x) for si, x in enumerate(scale_inputs)]
+
+    eager = all_logits()
+    monkeypatch.setattr(fast_inference, "STATIC_BLOCK_SHAPES", True)
+    with torch._dynamo.config.patch(recompile_limit=8):  # the default, restored afterwards
+        pipe = VARPipeline(transformer=transformer, vqvae=MultiScaleVQModel(patch_nums=(1, 2, 3, 4)).eval())
+        pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=True)
+        assert torch._dynamo.config.recompile_limit == fast_inference.STATIC_RECOMPILE_LIMIT
+        tail_code = transformer.blocks[0].compiled_block_tail.below._torchdynamo_orig_callable  # shared by all blocks
+        entries_before = len(torch._dynamo.eval_frame._debug_get_cache_entry_list(tail_code))
+        for compiled, reference in zip(all_logits(), eager):
+            torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
+    # one compiled entry per scale (dynamic rows trace one or two in all)
+    entries = len(torch._dynamo.eval_frame._debug_get_cache_entry_list(tail_code)) - entries_before
+    assert entries == len(scale_inputs)
+
+
 def _perturbed_star_pipe(quirk: bool):
     """A tiny STAR pipeline whose weights are perturbed so that the blocks matter (fresh ones barely do)."""
     pipe = make_pipe(quirk=quirk)

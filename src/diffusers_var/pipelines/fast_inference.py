@@ -614,20 +614,33 @@ def compile_adaln_blocks_(model: nn.Module) -> int:
     return compiled
 
 
+# For measuring (bench modes ``fast-compile-all-static`` and ``-static-autotune``), read when blocks are compiled: the
+# block pieces compiled for every shape they meet (each scale and batch size its own kernels, index arithmetic folded
+# into constants; dynamo's recompile limit goes up to STATIC_RECOMPILE_LIMIT for it), and the torch.compile mode of
+# the pieces (``"max-autotune-no-cudagraphs"``: inductor times its Triton matmul templates against cuBLAS per shape)
+STATIC_BLOCK_SHAPES = False
+STATIC_RECOMPILE_LIMIT = 64
+BLOCK_COMPILE_MODE: str | None = None
+
+
 def _compile_block_pieces_(model: nn.Module, block_class: type, plan: Callable) -> int:
     """For every ``block_class`` block of ``model`` not compiled before: ``plan(block) -> (pieces, methods)``; each
-    piece ``function(block, ...)`` is set on the block under its name, compiled with dynamic rows, and each method
-    (the block's own, rewritten to call the pieces around the KV cache and attention kernels) replaces the block's.
-    Returns the number of blocks."""
+    piece ``function(block, ...)`` is set on the block under its name, compiled with dynamic rows (or per shape:
+    :data:`STATIC_BLOCK_SHAPES`), and each method (the block's own, rewritten to call the pieces around the KV cache
+    and attention kernels) replaces the block's. Returns the number of blocks."""
     blocks = [m for m in model.modules() if isinstance(m, block_class)]
+    options = {"mode": BLOCK_COMPILE_MODE}
+    if STATIC_BLOCK_SHAPES:
+        options["dynamic"] = False
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, STATIC_RECOMPILE_LIMIT)
     for block in blocks:
         if "compiled_attention_inputs" in block.__dict__:
             continue
         pieces, methods = plan(block)
         for name, function in pieces.items():
             below, above = _row_regime_copies(function)
-            compiled = (torch.compile(types.MethodType(copy, block)) for copy in (below, above))
-            setattr(block, name, _dynamic_rows(*compiled))
+            compiled = (torch.compile(types.MethodType(copy, block), **options) for copy in (below, above))
+            setattr(block, name, _dynamic_rows(*compiled, mark_dynamic=not STATIC_BLOCK_SHAPES))
         for name, function in methods.items():
             setattr(block, name, types.MethodType(function, block))
     return len(blocks)
@@ -758,7 +771,7 @@ def _row_regime_copies(function: Callable) -> tuple[Callable, Callable]:
     return copy("below_row_split"), copy("above_row_split")
 
 
-def _dynamic_rows(below: Callable, above: Callable) -> Callable:
+def _dynamic_rows(below: Callable, above: Callable, mark_dynamic: bool = True) -> Callable:
     """One compiled piece from its two row regimes (:func:`_row_regime_copies`, compiled): the call goes to ``above``
     from :data:`LARGE_SCALE_MIN_ROWS` rows (batch x tokens of its first (B, L, C) argument) on, else to ``below``,
     with the batch and token dimensions of its (B, L, C) arguments marked dynamic, the token dimension of its
@@ -769,7 +782,8 @@ def _dynamic_rows(below: Callable, above: Callable) -> Callable:
     regimes keep the row threshold of the fused GELU and the float8 matmuls out of the guards: each copy only ever
     sees one side of it. With one copy, that guard came on top of the dynamic dimensions, and Infinity with
     ``fp8=True`` passed dynamo's recompile limit (8) on two pieces, which then ran eagerly (H100, session 12). The
-    channels stay static (the norms' reductions keep their fixed-size kernels)."""
+    channels stay static (the norms' reductions keep their fixed-size kernels). ``mark_dynamic=False`` only routes
+    (pieces compiled per shape)."""
 
     @functools.wraps(below)  # keeps torch.compile's attributes (``_torchdynamo_orig_callable``)
     def call(*args):
@@ -777,12 +791,15 @@ def _dynamic_rows(below: Callable, above: Callable) -> Callable:
         for arg in args:
             if isinstance(arg, torch.Tensor) and arg.ndim == 3:
                 rows = arg.shape[0] * arg.shape[1] if rows is None else rows
+            if not mark_dynamic or not isinstance(arg, torch.Tensor):
+                continue
+            if arg.ndim == 3:
                 torch._dynamo.maybe_mark_dynamic(arg, 0)
                 if arg.shape[1] > 1:  # (B, 1, C) modulations stay one row
                     torch._dynamo.maybe_mark_dynamic(arg, 1)
-            elif isinstance(arg, torch.Tensor) and arg.ndim == 2 and arg.shape[0] > 1:  # (L, P) RoPE tables
+            elif arg.ndim == 2 and arg.shape[0] > 1:  # (L, P) RoPE tables
                 torch._dynamo.maybe_mark_dynamic(arg, 0)
-            elif isinstance(arg, torch.Tensor) and arg.ndim == 4:  # (B, max_length, H, D) KV-cache storage
+            elif arg.ndim == 4:  # (B, max_length, H, D) KV-cache storage
                 torch._dynamo.maybe_mark_dynamic(arg, 0)
                 torch._dynamo.maybe_mark_dynamic(arg, 1)
         return (above if rows is not None and rows >= LARGE_SCALE_MIN_ROWS else below)(*args)
