@@ -41,7 +41,9 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
   fast-compile-all-gelu-always  ``fast-compile-all`` with fc1's bias + GELU in the matmul epilogue at every scale,
                         not only from 4,096 token rows (``fast_inference.FUSED_GELU_MIN_ROWS = 1``)
   fast-compile-all-static  ``fast-compile-all`` with the block pieces compiled for each shape they meet, every scale
-                        and batch size its own kernels (``fast_inference.STATIC_BLOCK_SHAPES = True``)
+                        and batch size its own kernels (``fast_inference.BLOCK_SHAPES = "static"``)
+  fast-compile-all-static-tokens  every scale its own kernels, the batch dimension dynamic
+                        (``fast_inference.BLOCK_SHAPES = "static-tokens"``)
   fast-compile-all-static-tuned  the same in ``max-autotune-no-cudagraphs`` mode: inductor times Triton matmul
                         templates against cuBLAS for every piece and shape (``fast_inference.BLOCK_COMPILE_MODE``)
 It also checks that greedy tokens (bits for Infinity) of the fast path agree with the eager float32 path.
@@ -579,6 +581,7 @@ MODES = (
     "fast-compile-all-kvcopy",
     "fast-compile-all-gelu-always",
     "fast-compile-all-static",
+    "fast-compile-all-static-tokens",
     "fast-compile-all-static-tuned",
 )
 SDPA_BACKENDS = {  # --sdpa-first: PyTorch's own order after the one named
@@ -716,7 +719,9 @@ def main() -> int:
                 fast_inference.CHAIN_VAR_BLOCKS = not mode.endswith("-unchained")
                 fast_inference.CHAINED_KV_WRITES = not mode.endswith("-kvcopy")
                 fast_inference.FUSED_GELU_MIN_ROWS = 1 if mode.endswith("-gelu-always") else None
-                fast_inference.STATIC_BLOCK_SHAPES = "-static" in mode
+                fast_inference.BLOCK_SHAPES = next(
+                    (shapes for shapes in ("static-tokens", "static") if f"-{shapes}" in mode), "dynamic"
+                )
                 fast_inference.BLOCK_COMPILE_MODE = "max-autotune-no-cudagraphs" if mode.endswith("-tuned") else None
                 bench.pipe.enable_fast_inference(compile_decoder=compile_decoder, **extra)
                 if mode.endswith("-subpixel"):

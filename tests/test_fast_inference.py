@@ -545,10 +545,12 @@ def test_var_compiled_blocks_generate_what_the_eager_blocks_do(monkeypatch):
         pipe.enable_fast_inference(compile_blocks="yes")
 
 
-def test_var_blocks_compiled_per_shape_generate_what_the_eager_blocks_do(monkeypatch):
-    """``fast_inference.STATIC_BLOCK_SHAPES`` (the benchmark's ``-static`` modes) compiles the block pieces for every
-    shape they meet instead of once with dynamic rows: each scale traces its own graphs, dynamo's recompile limit is
-    raised so that they all stay compiled, and in float32 the logits are the eager ones at every scale."""
+@pytest.mark.parametrize("shapes", ["static", "static-tokens"])
+def test_var_blocks_compiled_per_shape_generate_what_the_eager_blocks_do(monkeypatch, shapes):
+    """``fast_inference.BLOCK_SHAPES`` (the benchmark's ``-static`` modes) compiles the block pieces for every scale
+    instead of once with dynamic rows; "static" also for every batch size, "static-tokens" keeps the batch dynamic.
+    Dynamo's recompile limit is raised so that they all stay compiled, and in float32 the logits are the eager ones at
+    every scale and batch size. An unknown value is refused by name."""
     torch.manual_seed(0)
     transformer = VARTransformer2DModel(depth=2, embed_dim=64, num_heads=2, patch_nums=(1, 2, 3, 4), num_classes=10)
     transformer.init_weights()
@@ -556,29 +558,40 @@ def test_var_blocks_compiled_per_shape_generate_what_the_eager_blocks_do(monkeyp
         for parameter in transformer.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.05)
     transformer.eval()
-    condition = (torch.tensor([1, 2, 10, 10]),)
-    scale_inputs = [None] + [
-        torch.randn(4, e - b, transformer.config.latent_channels) for b, e in transformer.begin_ends[1:]
-    ]
 
-    def all_logits():
+    def all_logits(batch):
+        condition = (torch.arange(batch) % 11,)
+        generator = torch.Generator().manual_seed(batch)
+        scale_inputs = [None] + [
+            torch.randn(batch, e - b, transformer.config.latent_channels, generator=generator)
+            for b, e in transformer.begin_ends[1:]
+        ]
         cache = transformer.init_kv_cache()
         with torch.no_grad():
             return [transformer.forward_scale(si, condition, cache, x) for si, x in enumerate(scale_inputs)]
 
-    eager = all_logits()
-    monkeypatch.setattr(fast_inference, "STATIC_BLOCK_SHAPES", True)
+    eager = {batch: all_logits(batch) for batch in (4, 6)}
+    pipe = VARPipeline(transformer=transformer, vqvae=MultiScaleVQModel(patch_nums=(1, 2, 3, 4)).eval())
+    monkeypatch.setattr(fast_inference, "BLOCK_SHAPES", "per-scale")
+    with pytest.raises(ValueError, match="BLOCK_SHAPES"):
+        pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=True)
+    monkeypatch.setattr(fast_inference, "BLOCK_SHAPES", shapes)
     with torch._dynamo.config.patch(recompile_limit=8):  # the default, restored afterwards
-        pipe = VARPipeline(transformer=transformer, vqvae=MultiScaleVQModel(patch_nums=(1, 2, 3, 4)).eval())
         pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=True)
         assert torch._dynamo.config.recompile_limit == fast_inference.STATIC_RECOMPILE_LIMIT
         tail_code = transformer.blocks[0].compiled_block_tail.below._torchdynamo_orig_callable  # shared by all blocks
-        entries_before = len(torch._dynamo.eval_frame._debug_get_cache_entry_list(tail_code))
-        for compiled, reference in zip(all_logits(), eager):
-            torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
-    # one compiled entry per scale (dynamic rows trace one or two in all)
-    entries = len(torch._dynamo.eval_frame._debug_get_cache_entry_list(tail_code)) - entries_before
-    assert entries == len(scale_inputs)
+
+        def entries():
+            return len(torch._dynamo.eval_frame._debug_get_cache_entry_list(tail_code))
+
+        counts = [entries()]
+        for batch in (4, 6):  # the first batch size traces every scale; the second again only with "static"
+            for compiled, reference in zip(all_logits(batch), eager[batch]):
+                torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
+            counts.append(entries())
+    scales = len(transformer.begin_ends)
+    assert counts[1] - counts[0] == scales  # dynamic rows trace one or two in all
+    assert counts[2] - counts[1] == (scales if shapes == "static" else 0)
 
 
 def _perturbed_star_pipe(quirk: bool):

@@ -614,23 +614,30 @@ def compile_adaln_blocks_(model: nn.Module) -> int:
     return compiled
 
 
-# For measuring (bench modes ``fast-compile-all-static`` and ``-static-autotune``), read when blocks are compiled: the
-# block pieces compiled for every shape they meet (each scale and batch size its own kernels, index arithmetic folded
-# into constants; dynamo's recompile limit goes up to STATIC_RECOMPILE_LIMIT for it), and the torch.compile mode of
-# the pieces (``"max-autotune-no-cudagraphs"``: inductor times its Triton matmul templates against cuBLAS per shape)
-STATIC_BLOCK_SHAPES = False
+# How the block pieces are compiled, read when the blocks are compiled: "dynamic" (batch and token dimensions dynamic
+# from the first call: one trace serves every scale and batch size), "static-tokens" (every scale its own trace, the
+# batch dynamic), "static" (every scale and batch size its own trace). Static dimensions fold the index arithmetic
+# into constants; dynamo's recompile limit goes up to STATIC_RECOMPILE_LIMIT for them. BLOCK_COMPILE_MODE: the
+# torch.compile mode of the pieces ("max-autotune-no-cudagraphs": inductor times Triton matmul templates against
+# cuBLAS per shape). Bench modes ``fast-compile-all-static``, ``-static-tokens``, ``-static-tuned``.
+BLOCK_SHAPES = "dynamic"
 STATIC_RECOMPILE_LIMIT = 64
 BLOCK_COMPILE_MODE: str | None = None
+_DYNAMIC_DIMS = {"dynamic": ("batch", "tokens"), "static-tokens": ("batch",), "static": ()}
 
 
 def _compile_block_pieces_(model: nn.Module, block_class: type, plan: Callable) -> int:
     """For every ``block_class`` block of ``model`` not compiled before: ``plan(block) -> (pieces, methods)``; each
     piece ``function(block, ...)`` is set on the block under its name, compiled with dynamic rows (or per shape:
-    :data:`STATIC_BLOCK_SHAPES`), and each method (the block's own, rewritten to call the pieces around the KV cache
+    :data:`BLOCK_SHAPES`), and each method (the block's own, rewritten to call the pieces around the KV cache
     and attention kernels) replaces the block's. Returns the number of blocks."""
     blocks = [m for m in model.modules() if isinstance(m, block_class)]
+    if BLOCK_SHAPES not in _DYNAMIC_DIMS:
+        allowed = sorted(_DYNAMIC_DIMS)
+        raise ValueError(f"`fast_inference.BLOCK_SHAPES` must be one of {allowed}, got {BLOCK_SHAPES!r}.")
+    dynamic_dims = _DYNAMIC_DIMS[BLOCK_SHAPES]
     options = {"mode": BLOCK_COMPILE_MODE}
-    if STATIC_BLOCK_SHAPES:
+    if BLOCK_SHAPES != "dynamic":  # no automatic dynamic shapes: only the marked dimensions are dynamic
         options["dynamic"] = False
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, STATIC_RECOMPILE_LIMIT)
     for block in blocks:
@@ -640,7 +647,7 @@ def _compile_block_pieces_(model: nn.Module, block_class: type, plan: Callable) 
         for name, function in pieces.items():
             below, above = _row_regime_copies(function)
             compiled = (torch.compile(types.MethodType(copy, block), **options) for copy in (below, above))
-            setattr(block, name, _dynamic_rows(*compiled, mark_dynamic=not STATIC_BLOCK_SHAPES))
+            setattr(block, name, _dynamic_rows(*compiled, dynamic_dims=dynamic_dims))
         for name, function in methods.items():
             setattr(block, name, types.MethodType(function, block))
     return len(blocks)
@@ -771,7 +778,7 @@ def _row_regime_copies(function: Callable) -> tuple[Callable, Callable]:
     return copy("below_row_split"), copy("above_row_split")
 
 
-def _dynamic_rows(below: Callable, above: Callable, mark_dynamic: bool = True) -> Callable:
+def _dynamic_rows(below: Callable, above: Callable, dynamic_dims: tuple[str, ...] = ("batch", "tokens")) -> Callable:
     """One compiled piece from its two row regimes (:func:`_row_regime_copies`, compiled): the call goes to ``above``
     from :data:`LARGE_SCALE_MIN_ROWS` rows (batch x tokens of its first (B, L, C) argument) on, else to ``below``,
     with the batch and token dimensions of its (B, L, C) arguments marked dynamic, the token dimension of its
@@ -782,8 +789,9 @@ def _dynamic_rows(below: Callable, above: Callable, mark_dynamic: bool = True) -
     regimes keep the row threshold of the fused GELU and the float8 matmuls out of the guards: each copy only ever
     sees one side of it. With one copy, that guard came on top of the dynamic dimensions, and Infinity with
     ``fp8=True`` passed dynamo's recompile limit (8) on two pieces, which then ran eagerly (H100, session 12). The
-    channels stay static (the norms' reductions keep their fixed-size kernels). ``mark_dynamic=False`` only routes
-    (pieces compiled per shape)."""
+    channels stay static (the norms' reductions keep their fixed-size kernels). ``dynamic_dims`` names the dimensions
+    marked (:data:`BLOCK_SHAPES`)."""
+    batch, tokens = "batch" in dynamic_dims, "tokens" in dynamic_dims
 
     @functools.wraps(below)  # keeps torch.compile's attributes (``_torchdynamo_orig_callable``)
     def call(*args):
@@ -791,17 +799,20 @@ def _dynamic_rows(below: Callable, above: Callable, mark_dynamic: bool = True) -
         for arg in args:
             if isinstance(arg, torch.Tensor) and arg.ndim == 3:
                 rows = arg.shape[0] * arg.shape[1] if rows is None else rows
-            if not mark_dynamic or not isinstance(arg, torch.Tensor):
+            if not isinstance(arg, torch.Tensor):
                 continue
             if arg.ndim == 3:
-                torch._dynamo.maybe_mark_dynamic(arg, 0)
-                if arg.shape[1] > 1:  # (B, 1, C) modulations stay one row
+                if batch:
+                    torch._dynamo.maybe_mark_dynamic(arg, 0)
+                if tokens and arg.shape[1] > 1:  # (B, 1, C) modulations stay one row
                     torch._dynamo.maybe_mark_dynamic(arg, 1)
-            elif arg.ndim == 2 and arg.shape[0] > 1:  # (L, P) RoPE tables
+            elif arg.ndim == 2 and arg.shape[0] > 1 and tokens:  # (L, P) RoPE tables
                 torch._dynamo.maybe_mark_dynamic(arg, 0)
             elif arg.ndim == 4:  # (B, max_length, H, D) KV-cache storage
-                torch._dynamo.maybe_mark_dynamic(arg, 0)
-                torch._dynamo.maybe_mark_dynamic(arg, 1)
+                if batch:
+                    torch._dynamo.maybe_mark_dynamic(arg, 0)
+                if tokens:
+                    torch._dynamo.maybe_mark_dynamic(arg, 1)
         return (above if rows is not None and rows >= LARGE_SCALE_MIN_ROWS else below)(*args)
 
     call.below, call.above = below, above
