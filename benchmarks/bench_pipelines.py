@@ -40,12 +40,9 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
                         own copies (``fast_inference.CHAINED_KV_WRITES = False``)
   fast-compile-all-gelu-always  ``fast-compile-all`` with fc1's bias + GELU in the matmul epilogue at every scale,
                         not only from 4,096 token rows (``fast_inference.FUSED_GELU_MIN_ROWS = 1``)
-  fast-compile-all-static  ``fast-compile-all`` with the block pieces compiled for each shape they meet, every scale
-                        and batch size its own kernels (``fast_inference.BLOCK_SHAPES = "static"``)
-  fast-compile-all-static-tokens  every scale its own kernels, the batch dimension dynamic
-                        (``fast_inference.BLOCK_SHAPES = "static-tokens"``)
-  fast-compile-all-static-tuned  the same in ``max-autotune-no-cudagraphs`` mode: inductor times Triton matmul
-                        templates against cuBLAS for every piece and shape (``fast_inference.BLOCK_COMPILE_MODE``)
+  fast-compile-all-static-tokens  ``compile_blocks="static-tokens"``: the block pieces compiled for every scale, the
+                        batch dimension dynamic
+  fast-compile-all-static  ``compile_blocks="static"``: the block pieces compiled for every scale and batch size
 It also checks that greedy tokens (bits for Infinity) of the fast path agree with the eager float32 path.
 """
 
@@ -580,9 +577,8 @@ MODES = (
     "fast-compile-all-unchained",
     "fast-compile-all-kvcopy",
     "fast-compile-all-gelu-always",
-    "fast-compile-all-static",
     "fast-compile-all-static-tokens",
-    "fast-compile-all-static-tuned",
+    "fast-compile-all-static",
 )
 SDPA_BACKENDS = {  # --sdpa-first: PyTorch's own order after the one named
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -591,6 +587,7 @@ SDPA_BACKENDS = {  # --sdpa-first: PyTorch's own order after the one named
     "cudnn": SDPBackend.CUDNN_ATTENTION,
 }
 DECODER_MODES = {"-autotune": "max-autotune-no-cudagraphs"}  # mode suffix: compile mode
+BLOCK_SHAPES = {f"fast-compile-all-{shapes}": shapes for shapes in ("static-tokens", "static")}  # compile_blocks=
 KNOWN_MODELS = (
     tuple(MODELS)
     + tuple(CODE_MODELS)
@@ -711,7 +708,7 @@ def main() -> int:
             if not bench.fresh:
                 bench.rebuild(device)
             if mode.startswith("fast"):
-                extra = {"compile_blocks": True} if mode.startswith("fast-compile-all") else {}
+                extra = {"compile_blocks": BLOCK_SHAPES.get(mode, True)} if mode.startswith("fast-compile-all") else {}
                 if mode.endswith("-fp8"):
                     extra["fp8"] = True
                 suffix = next((suffix for suffix in DECODER_MODES if mode.endswith(suffix)), None)
@@ -719,10 +716,6 @@ def main() -> int:
                 fast_inference.CHAIN_VAR_BLOCKS = not mode.endswith("-unchained")
                 fast_inference.CHAINED_KV_WRITES = not mode.endswith("-kvcopy")
                 fast_inference.FUSED_GELU_MIN_ROWS = 1 if mode.endswith("-gelu-always") else None
-                fast_inference.BLOCK_SHAPES = next(
-                    (shapes for shapes in ("static-tokens", "static") if f"-{shapes}" in mode), "dynamic"
-                )
-                fast_inference.BLOCK_COMPILE_MODE = "max-autotune-no-cudagraphs" if mode.endswith("-tuned") else None
                 bench.pipe.enable_fast_inference(compile_decoder=compile_decoder, **extra)
                 if mode.endswith("-subpixel"):
                     subpixel_upsample_(getattr(bench.pipe, "vqvae", None) or bench.pipe.vae)

@@ -35,8 +35,11 @@ sys.path.insert(0, str(HERE))
 TARGET_SECONDS = 30.0
 
 
-def run_process(model: Path, out: Path, cache: Path, batch: int, device: str, extra_env: dict | None = None) -> dict:
-    """One fresh ``sample --fast`` process; its wall time from launch to exit and its last output line."""
+def run_process(
+    model: Path, out: Path, cache: Path, batch: int, device: str, extra_env: dict | None = None, compile_blocks=None
+) -> dict:
+    """One fresh ``sample --fast`` process (``--compile-blocks compile_blocks`` when given); its wall time from launch
+    to exit and its last output line."""
     command = [
         sys.executable,
         "-m",
@@ -60,7 +63,7 @@ def run_process(model: Path, out: Path, cache: Path, batch: int, device: str, ex
         "--no-progress",
         "--device",
         device,
-    ]
+    ] + (["--compile-blocks", compile_blocks] if compile_blocks else [])
     started = time.perf_counter()
     result = subprocess.run(command, env=child_env(extra_env), capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -101,6 +104,12 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="default 64 (--smoke: 2)")
     parser.add_argument("--processes", type=int, default=3, help="processes per model, one after another")
     parser.add_argument("--smoke", action="store_true", help="the embedded var-shapes on the CPU: checks the script")
+    parser.add_argument(
+        "--compile-blocks",
+        choices=["dynamic", "static-tokens", "static"],
+        default=None,
+        help="sample's --compile-blocks (default: sample's default, dynamic)",
+    )
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument(
         "--warm-env",
@@ -141,7 +150,8 @@ def main() -> int:
                 row = {"model": name, "batch": batch, "process": index + 1, "cache": "empty" if index == 0 else "warm"}
                 if extra_env:
                     row["env"] = extra_env
-                row.update(run_process(model, scratch / f"out-{name}-{index}", cache, batch, device, extra_env))
+                out = scratch / f"out-{name}-{index}"
+                row.update(run_process(model, out, cache, batch, device, extra_env, args.compile_blocks))
                 rows.append(row)
                 phases = ", ".join(f"{k[:-2].replace('_', ' ')} {v:.1f} s" for k, v in row.items() if k.endswith("_s"))
                 label = row["cache"] + " cache" + "".join(f", {k}={v}" for k, v in (extra_env or {}).items())

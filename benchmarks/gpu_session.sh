@@ -13,7 +13,8 @@
 # fp8_t2i (float8 matmuls for Infinity-2B and STAR-d30), star_all, t2i_all, star_debug (STAR's compiled blocks
 # on CUDA, variant by variant), side_by_side (the original VAR code's inference and ours in one call, issue 20),
 # profile_ours (torch.profiler tables of today's code), attention (SDPA kernels on a generation's shapes), sdpa (the
-# pipelines with cuDNN's attention kernel first), chain (VAR's blocks chained across block boundaries against each on its own).
+# pipelines with cuDNN's attention kernel first), chain (VAR's blocks chained across block boundaries against each on its own;
+# CHAIN_SIDES also static-tokens / static: compile_blocks' shapes). startup: STARTUP_COMPILE_BLOCKS, sample's --compile-blocks.
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
 #   .fixtures/F.tar.xz  for F in var star infinity code; do tar -cJf .fixtures/$F.tar.xz -C ../shared fixtures/$F; done
@@ -87,7 +88,7 @@ for stage in "$@"; do
       done ;;
     chain)  # issue 20: VAR's blocks chained across block boundaries (fast-compile-all) against each block on its own, one process each
       for model in ${CHAIN_MODELS:-var-d16 var-d30}; do
-        for side in ${CHAIN_SIDES:-unchained chained}; do  # unchained, chained, kvcopy (cache copies), gelu-always
+        for side in ${CHAIN_SIDES:-unchained chained}; do  # unchained, chained, kvcopy, gelu-always, static-tokens, static
           mode=fast-compile-all; [ "$side" = chained ] || mode=fast-compile-all-$side
           bench . "chain_${model}_$side" --models "$model" --batch-sizes "${CHAIN_BATCHES:-1,64}" --modes "$mode" --repeats 5
         done
@@ -200,7 +201,7 @@ PY
       done ;;
     startup)  # issue 20: a second process's time to its first fast images with the compile cache the first left
       log startup; timeout "${STARTUP_TIMEOUT:-420}" python3 benchmarks/bench_startup.py --models "${STARTUP_MODELS:-var-d16}" \
-        --processes 3 --warm-env TORCHINDUCTOR_COMPILE_THREADS=1 --json "$OUT/startup.json" > "$OUT/startup.log" 2>&1; tail -n 9 "$OUT/startup.log" ;;
+        ${STARTUP_COMPILE_BLOCKS:+--compile-blocks "$STARTUP_COMPILE_BLOCKS"} --processes 3 --warm-env TORCHINDUCTOR_COMPILE_THREADS=1 --json "$OUT/startup.json" > "$OUT/startup.log" 2>&1; tail -n 9 "$OUT/startup.log" ;;
     lora)
       for model in ${LORA_MODELS:-var-d30 infinity-2b}; do
         log lora "$model"; timeout "${LORA_TIMEOUT:-240}" python3 benchmarks/bench_lora_training.py --model "$model" \

@@ -5,6 +5,7 @@ precomputed text feature arguments (``prompt_embeds`` & co.)."""
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import subprocess
 import sys
@@ -523,12 +524,32 @@ def test_var_compiled_blocks_generate_what_the_eager_blocks_do(monkeypatch):
     for compiled, reference in zip(rest, eager[prefill_scales:]):
         torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
 
-    # chained, with the KV cache's own copies instead of the projection piece's writes
-    monkeypatch.setattr(fast_inference, "CHAINED_KV_WRITES", False)
-    tail_calls.clear()
+    # chained, with the KV cache's own copies instead of the projection piece's writes: switched off, or from the
+    # rows on where the pieces compiled with dynamic rows stop writing (LARGE_SCALE_MIN_ROWS; here moved to 9 rows)
+    writes = []  # token rows of every projection piece that wrote into the cache
+    for block in transformer.blocks:
+        project = block.compiled_project_into_cache
+        block.compiled_project_into_cache = lambda h, *a, project=project: (
+            writes.append(h.shape[0] * h.shape[1]) or (project(h, *a))
+        )
+    all_logits()
+    assert writes == [4 * (e - b) for b, e in transformer.begin_ends for _ in transformer.blocks]
+    assert transformer._run_block_stack.keywords == {"write_below": fast_inference.LARGE_SCALE_MIN_ROWS}
+    dynamic_stack = transformer._run_block_stack
+    transformer._run_block_stack = types.MethodType(
+        functools.partial(fast_inference._chained_block_stack, write_below=9), transformer
+    )
+    writes.clear()
     for compiled, reference in zip(all_logits(), eager):
         torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
-    assert len(tail_calls) == len(scale_inputs) * (len(transformer.blocks) - 1)
+    assert writes == [4, 4]  # the first scale only (4 rows); the others through the cache's copies
+    transformer._run_block_stack = dynamic_stack
+    monkeypatch.setattr(fast_inference, "CHAINED_KV_WRITES", False)
+    tail_calls.clear()
+    writes.clear()
+    for compiled, reference in zip(all_logits(), eager):
+        torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
+    assert len(tail_calls) == len(scale_inputs) * (len(transformer.blocks) - 1) and writes == []
     monkeypatch.setattr(fast_inference, "CHAINED_KV_WRITES", True)
 
     # a hook on a block still runs (the blocks run one by one), and so does the switch
@@ -547,10 +568,11 @@ def test_var_compiled_blocks_generate_what_the_eager_blocks_do(monkeypatch):
 
 @pytest.mark.parametrize("shapes", ["static", "static-tokens"])
 def test_var_blocks_compiled_per_shape_generate_what_the_eager_blocks_do(monkeypatch, shapes):
-    """``fast_inference.BLOCK_SHAPES`` (the benchmark's ``-static`` modes) compiles the block pieces for every scale
-    instead of once with dynamic rows; "static" also for every batch size, "static-tokens" keeps the batch dynamic.
-    Dynamo's recompile limit is raised so that they all stay compiled, and in float32 the logits are the eager ones at
-    every scale and batch size. An unknown value is refused by name."""
+    """``compile_blocks="static"`` / ``"static-tokens"`` compile the block pieces for every scale instead of once with
+    dynamic rows; "static" also for every batch size, "static-tokens" keeps the batch dynamic. Dynamo's recompile
+    limit is raised so that they all stay compiled, and in float32 the logits are the eager ones at every scale and
+    batch size. Static pieces write keys and values into the cache at every scale (dynamic ones below the large
+    scales' rows). An unknown value is refused by name."""
     torch.manual_seed(0)
     transformer = VARTransformer2DModel(depth=2, embed_dim=64, num_heads=2, patch_nums=(1, 2, 3, 4), num_classes=10)
     transformer.init_weights()
@@ -572,12 +594,14 @@ def test_var_blocks_compiled_per_shape_generate_what_the_eager_blocks_do(monkeyp
 
     eager = {batch: all_logits(batch) for batch in (4, 6)}
     pipe = VARPipeline(transformer=transformer, vqvae=MultiScaleVQModel(patch_nums=(1, 2, 3, 4)).eval())
-    monkeypatch.setattr(fast_inference, "BLOCK_SHAPES", "per-scale")
-    with pytest.raises(ValueError, match="BLOCK_SHAPES"):
-        pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=True)
-    monkeypatch.setattr(fast_inference, "BLOCK_SHAPES", shapes)
+    for wrong in ("per-scale", "Static", 1):
+        with pytest.raises(ValueError, match="`compile_blocks` must be True, False or one of 'dynamic'"):
+            pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=wrong)
+    assert "compiled_attention_inputs" not in transformer.blocks[0].__dict__  # refused before anything changed
     with torch._dynamo.config.patch(recompile_limit=8):  # the default, restored afterwards
-        pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=True)
+        pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=shapes)
+        assert transformer._run_block_stack.func.__name__ == "_chained_block_stack"
+        assert transformer._run_block_stack.keywords == {"write_below": None}
         assert torch._dynamo.config.recompile_limit == fast_inference.STATIC_RECOMPILE_LIMIT
         tail_code = transformer.blocks[0].compiled_block_tail.below._torchdynamo_orig_callable  # shared by all blocks
 

@@ -277,6 +277,7 @@ def test_read_prompts_and_plan(tmp_path):
         (["--per-class", "1", "--tau", "1"], "`--tau` does not apply to VARPipeline"),
         (["--per-class", "1", "--fp8"], "`--fp8` is an option of the fast path: add `--fast`"),
         (["--per-class", "1", "--compile-cache", "cache"], "`--compile-cache` holds the fast path's compiled code"),
+        (["--per-class", "1", "--compile-blocks", "static"], "`--compile-blocks` is an option of the fast path"),
         (["--per-class", "1", "--model", "/nonexistent"], "`--model` '/nonexistent' is not a pipeline folder"),
         (["--per-class", "1", "--device", "gpu0"], "`--device` 'gpu0' is not a torch device"),
         (["--class-labels", "0", "--per-class", str(MAX_IMAGES + 1)], f"`--per-class` must be <= {MAX_IMAGES}"),
@@ -296,6 +297,29 @@ def test_bad_input_is_one_error_line(argv, message, tmp_path, capsys, monkeypatc
     assert main(["sample", "--out", str(tmp_path / "o"), "--model", str(VAR), "--no-progress", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_compile_blocks_names_its_choices(tmp_path, capsys):
+    """An unknown ``--compile-blocks`` value is refused by argparse with the allowed shapes, before anything runs."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "sample",
+                "--out",
+                str(tmp_path / "o"),
+                "--model",
+                str(VAR),
+                "--per-class",
+                "1",
+                "--fast",
+                "--compile-blocks",
+                "fixed",
+            ]
+        )
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--compile-blocks: invalid choice: 'fixed' (choose from 'dynamic', 'static-tokens', 'static')" in err
     assert not (tmp_path / "o").exists()
 
 

@@ -212,12 +212,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     add_lora_arguments(parser)  # each adapter goes to the tab of the family it was made for
 
 
-def enable_fast_path(pipe, device, dtype, fp8: bool = False, compile_cache=None) -> None:
+def enable_fast_path(pipe, device, dtype, fp8: bool = False, compile_cache=None, compile_blocks=True) -> None:
     """``--fast`` of ``sample`` and ``demo``: the pipeline's fast path as benchmarks/bench_pipelines.py's
     ``fast-compile-all`` mode runs it on a GPU (``dtype`` blocks and decoder, CUDA graphs, compiled decoder and block
-    elementwise code where the pipeline has them, torch.compile's caches in ``compile_cache``: see
-    :func:`diffusers_var.use_compile_cache`); on a CPU only the casts. TF32 for the float32 matmuls (heads) as that
-    benchmark: the fast path trades precision for speed anyway."""
+    elementwise code where the pipeline has them, compiled for the shapes ``compile_blocks`` names, torch.compile's
+    caches in ``compile_cache``: see :func:`diffusers_var.use_compile_cache`); on a CPU only the casts. TF32 for the
+    float32 matmuls (heads) as that benchmark: the fast path trades precision for speed anyway."""
     import inspect
 
     import torch
@@ -231,7 +231,7 @@ def enable_fast_path(pipe, device, dtype, fp8: bool = False, compile_cache=None)
         torch.backends.cudnn.allow_tf32 = True
         kwargs["compile_decoder"] = True
         if "compile_blocks" in inspect.signature(pipe.enable_fast_inference).parameters:
-            kwargs["compile_blocks"] = True
+            kwargs["compile_blocks"] = compile_blocks
     if fp8:
         kwargs["fp8"] = True
     pipe.enable_fast_inference(**kwargs)

@@ -223,6 +223,8 @@ def check_flags(args, pipeline_name: str) -> None:
         raise ValueError("`--fp8` is an option of the fast path: add `--fast`.")
     if args.compile_cache is not None and not args.fast:
         raise ValueError("`--compile-cache` holds the fast path's compiled code: add `--fast`.")
+    if args.compile_blocks is not None and not args.fast:
+        raise ValueError("`--compile-blocks` is an option of the fast path: add `--fast`.")
 
 
 def check_out(out: Path) -> None:
@@ -534,7 +536,7 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
     sampling = _sampling_kwargs(args, pipe, pipeline_name, num_classes)
     loaded = time.perf_counter()
     if args.fast:
-        enable_fast_path(pipe, device, dtype, args.fp8, args.compile_cache)
+        enable_fast_path(pipe, device, dtype, args.fp8, args.compile_cache, args.compile_blocks or True)
     # where a process's start-up goes (the first batch holds the compiles and CUDA graph captures of --fast)
     startup = {"load_seconds": loaded - started_run, "fast_path_seconds": time.perf_counter() - loaded}
 
@@ -768,6 +770,14 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
         help="the GPU fast path (bf16, CUDA graphs, compiled decoder / blocks); see README 'Speed'",
     )
     group.add_argument("--fp8", action="store_true", help="with --fast: float8 block matmuls (H100 / H200)")
+    group.add_argument(
+        "--compile-blocks",
+        choices=["dynamic", "static-tokens", "static"],
+        default=None,
+        help="with --fast on a GPU: the shapes the block code is compiled for. dynamic (default): once for every "
+        "scale; static-tokens: each scale for itself; static: each scale at this batch size (every batch of a run "
+        "has one size), the fastest at large batches, with the longest first compile (README 'Speed')",
+    )
     group.add_argument(
         "--compile-cache",
         default=None,

@@ -76,6 +76,8 @@ def check_fast_inference_args(dtype, **flags) -> None:
                 raise ValueError(
                     f"`compile_decoder` must be True, False or a torch.compile mode ({modes}), got {value!r}{why}."
                 )
+        elif name == "compile_blocks" and not isinstance(value, bool):
+            compile_blocks_shapes(value)
         elif not isinstance(value, bool):
             raise ValueError(f"`{name}` must be True or False, got {value!r}.")
     if flags.get("fp8") and dtype != torch.bfloat16:
@@ -469,8 +471,9 @@ def _split_cross_attention_residual(block, x_BLC, context_BSC, context_mask_BS=N
 # (False: each block runs its own compiled pieces, as Infinity's do; read at every call, so graphs captured after a
 # change follow it)
 CHAIN_VAR_BLOCKS = True
-# the chained projection piece writes keys and values into the KV cache itself (False: the cache's own copies; at
-# batch 64 the in-piece writes ran well below the memory bandwidth in the H100 profile of session 18, to be compared)
+# the chained projection piece writes keys and values into the KV cache itself, where that paid (below the large
+# scales' rows with dynamic shapes, everywhere with static ones: :func:`compile_adaln_blocks_`); False: always the
+# cache's own copies
 CHAINED_KV_WRITES = True
 
 
@@ -502,12 +505,13 @@ def _block_tail(block, x_BLC, attended_BLC, gamma1, gamma2, scale2_plus_one, shi
     return x_BLC, _modulated_norm(block, x_BLC, next_scale_plus_one, next_shift)
 
 
-def _chained_block_stack(model, x_BLC, block_cond, attn_mask=None, kv_cache=None):
+def _chained_block_stack(model, x_BLC, block_cond, attn_mask=None, kv_cache=None, write_below: int | None = None):
     """``model._run_block_stack`` with the compiled pieces of consecutive blocks fused across the boundary: each
     block is its projection piece, the attention kernel and one tail piece that also computes the next block's
     modulated norm (the residual add and the next norm share one pass over the rows). When decoding, the projection
-    piece writes the keys and values into the KV cache's storage itself (:meth:`LayerKVCache.reserve`). Per block and
-    scale that is four kernels fewer than the per-block pieces (two elementwise, two copies). With autograd (training,
+    piece writes the keys and values into the KV cache's storage itself (:meth:`LayerKVCache.reserve`), below
+    ``write_below`` token rows (None: always). Per block and scale that is four kernels fewer than the per-block
+    pieces (two elementwise, two copies). With autograd (training,
     gradient checkpointing), autocast, a hook on a block (the chained pieces never call a block) or
     :data:`CHAIN_VAR_BLOCKS` off, the blocks run as they are."""
     blocks = model.blocks
@@ -526,10 +530,11 @@ def _chained_block_stack(model, x_BLC, block_cond, attn_mask=None, kv_cache=None
     _, _, scale1, _, shift1, _ = modulations[0]
     h_BLC = blocks[0].compiled_modulated_norm(x_BLC, scale1, shift1)
     B, L, _ = x_BLC.shape
+    write_in_piece = CHAINED_KV_WRITES and (write_below is None or B * L < write_below)
     for i, (block, cache) in enumerate(zip(blocks, caches)):
         attn = block.attn
         qkv_bias = memoized(cache, "qkv_bias", attn.qkv_bias)  # once per generation
-        if CHAINED_KV_WRITES and cache is not None and cache.max_length is not None:  # keys, values written in place
+        if write_in_piece and cache is not None and cache.max_length is not None:  # keys, values written in place
             keys, values, start = cache.reserve(B, L, attn.num_heads, attn.head_dim, h_BLC)
             q, softmax_scale = block.compiled_project_into_cache(h_BLC, keys, values, start, qkv_bias)
             keys, values = keys[:, : start + L], values[:, : start + L]
@@ -573,7 +578,20 @@ def _chainable(model: nn.Module) -> bool:
     )
 
 
-def compile_adaln_blocks_(model: nn.Module) -> int:
+def compile_blocks_shapes(compile_blocks: bool | str) -> str:
+    """The shapes the block pieces are compiled for, from ``enable_fast_inference(compile_blocks=...)``: ``True`` or
+    ``"dynamic"``: batch and token dimensions dynamic from the first call, one trace for every scale and batch size;
+    ``"static-tokens"``: every scale its own trace, the batch dynamic (no recompile at another batch size);
+    ``"static"``: every scale and batch size its own trace (for jobs of one batch size). Static dimensions fold the
+    index arithmetic into constants, which paid at batch 64 (BENCHMARKS.md, session 19)."""
+    shapes = "dynamic" if compile_blocks is True else compile_blocks
+    if shapes not in _DYNAMIC_DIMS:
+        allowed = ", ".join(repr(s) for s in _DYNAMIC_DIMS)
+        raise ValueError(f"`compile_blocks` must be True, False or one of {allowed}, got {compile_blocks!r}.")
+    return shapes
+
+
+def compile_adaln_blocks_(model: nn.Module, shapes: bool | str = True) -> int:
     """``torch.compile`` the elementwise work of every :class:`AdaLNSelfAttentionBlock` of ``model`` (in place,
     parameter names unchanged): the residual branches are replaced by versions that run compiled pieces around the
     KV cache and the attention kernels; for VAR (:func:`_chainable`) the block stack runs the pieces chained across
@@ -581,8 +599,9 @@ def compile_adaln_blocks_(model: nn.Module) -> int:
     kernels; compiled, they fuse into a few. The compiled code is shared by all blocks (same class) and is dynamic
     in the batch and token count from the first call (:func:`_dynamic_rows`), so a generation compiles a handful of
     graphs and another batch size none. Blocks compiled before (a transformer shared by pipelines made with
-    ``from_pipe``, or CoDe's drafter) are left as they are. Returns the number of blocks."""
-
+    ``from_pipe``, or CoDe's drafter) are left as they are. ``shapes``: :func:`compile_blocks_shapes`. Returns the
+    number of blocks."""
+    shapes = compile_blocks_shapes(shapes)
     chained = _chainable(model)
 
     def plan(block):
@@ -608,36 +627,32 @@ def compile_adaln_blocks_(model: nn.Module) -> int:
             )
         return pieces, methods
 
-    compiled = _compile_block_pieces_(model, AdaLNSelfAttentionBlock, plan)
+    compiled = _compile_block_pieces_(model, AdaLNSelfAttentionBlock, plan, shapes)
     if chained and all(hasattr(block, "compiled_block_tail") for block in model.blocks):
-        model._run_block_stack = types.MethodType(_chained_block_stack, model)
+        # the pieces write keys and values into the cache at every scale when compiled per scale, else below the large
+        # scales' rows (from there the cache's copies were faster with dynamic rows)
+        write_below = None if shapes != "dynamic" else LARGE_SCALE_MIN_ROWS
+        model._run_block_stack = types.MethodType(
+            functools.partial(_chained_block_stack, write_below=write_below), model
+        )
     return compiled
 
 
-# How the block pieces are compiled, read when the blocks are compiled: "dynamic" (batch and token dimensions dynamic
-# from the first call: one trace serves every scale and batch size), "static-tokens" (every scale its own trace, the
-# batch dynamic), "static" (every scale and batch size its own trace). Static dimensions fold the index arithmetic
-# into constants; dynamo's recompile limit goes up to STATIC_RECOMPILE_LIMIT for them. BLOCK_COMPILE_MODE: the
-# torch.compile mode of the pieces ("max-autotune-no-cudagraphs": inductor times Triton matmul templates against
-# cuBLAS per shape). Bench modes ``fast-compile-all-static``, ``-static-tokens``, ``-static-tuned``.
-BLOCK_SHAPES = "dynamic"
-STATIC_RECOMPILE_LIMIT = 64
-BLOCK_COMPILE_MODE: str | None = None
+# Dynamic dimensions of the compiled block pieces for each ``compile_blocks`` shapes value (see
+# :func:`compile_blocks_shapes`); with static dimensions dynamo's recompile limit goes up to STATIC_RECOMPILE_LIMIT.
 _DYNAMIC_DIMS = {"dynamic": ("batch", "tokens"), "static-tokens": ("batch",), "static": ()}
+STATIC_RECOMPILE_LIMIT = 64
 
 
-def _compile_block_pieces_(model: nn.Module, block_class: type, plan: Callable) -> int:
+def _compile_block_pieces_(model: nn.Module, block_class: type, plan: Callable, shapes: str = "dynamic") -> int:
     """For every ``block_class`` block of ``model`` not compiled before: ``plan(block) -> (pieces, methods)``; each
-    piece ``function(block, ...)`` is set on the block under its name, compiled with dynamic rows (or per shape:
-    :data:`BLOCK_SHAPES`), and each method (the block's own, rewritten to call the pieces around the KV cache
-    and attention kernels) replaces the block's. Returns the number of blocks."""
+    piece ``function(block, ...)`` is set on the block under its name, compiled with the dynamic dimensions of
+    ``shapes`` (:func:`compile_blocks_shapes`), and each method (the block's own, rewritten to call the pieces around
+    the KV cache and attention kernels) replaces the block's. Returns the number of blocks."""
     blocks = [m for m in model.modules() if isinstance(m, block_class)]
-    if BLOCK_SHAPES not in _DYNAMIC_DIMS:
-        allowed = sorted(_DYNAMIC_DIMS)
-        raise ValueError(f"`fast_inference.BLOCK_SHAPES` must be one of {allowed}, got {BLOCK_SHAPES!r}.")
-    dynamic_dims = _DYNAMIC_DIMS[BLOCK_SHAPES]
-    options = {"mode": BLOCK_COMPILE_MODE}
-    if BLOCK_SHAPES != "dynamic":  # no automatic dynamic shapes: only the marked dimensions are dynamic
+    dynamic_dims = _DYNAMIC_DIMS[shapes]
+    options = {}
+    if shapes != "dynamic":  # no automatic dynamic shapes: only the marked dimensions are dynamic
         options["dynamic"] = False
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, STATIC_RECOMPILE_LIMIT)
     for block in blocks:
@@ -739,11 +754,11 @@ def _split_star_block(
     return block.compiled_ffn_residual(x_BLC)
 
 
-def compile_star_blocks_(model: nn.Module) -> int:
+def compile_star_blocks_(model: nn.Module, shapes: bool | str = True) -> int:
     """:func:`compile_adaln_blocks_` for STAR's blocks (the main ones and the stable sampler's): their norms, q/k
     normalisation, RoPE, residuals and FFN go to torch.compile in pieces around the KV cache and the attention
-    kernels, dynamic in the batch and token count from the first call. Blocks compiled before are left as they are.
-    Returns the number of blocks."""
+    kernels, dynamic in the batch and token count from the first call (``shapes``: :func:`compile_blocks_shapes`).
+    Blocks compiled before are left as they are. Returns the number of blocks."""
 
     def plan(block):
         pieces = {
@@ -758,7 +773,7 @@ def compile_star_blocks_(model: nn.Module) -> int:
             )
         return pieces, {"forward": _split_star_block}
 
-    return _compile_block_pieces_(model, STARBlock, plan)
+    return _compile_block_pieces_(model, STARBlock, plan, compile_blocks_shapes(shapes))
 
 
 @functools.cache
@@ -790,7 +805,7 @@ def _dynamic_rows(below: Callable, above: Callable, dynamic_dims: tuple[str, ...
     sees one side of it. With one copy, that guard came on top of the dynamic dimensions, and Infinity with
     ``fp8=True`` passed dynamo's recompile limit (8) on two pieces, which then ran eagerly (H100, session 12). The
     channels stay static (the norms' reductions keep their fixed-size kernels). ``dynamic_dims`` names the dimensions
-    marked (:data:`BLOCK_SHAPES`)."""
+    marked (:func:`compile_blocks_shapes`)."""
     batch, tokens = "batch" in dynamic_dims, "tokens" in dynamic_dims
 
     @functools.wraps(below)  # keeps torch.compile's attributes (``_torchdynamo_orig_callable``)

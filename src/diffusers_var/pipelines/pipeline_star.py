@@ -290,7 +290,7 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         dtype: torch.dtype = torch.bfloat16,
         cuda_graphs: bool = True,
         compile_decoder: bool | str = False,
-        compile_blocks: bool = False,
+        compile_blocks: bool | str = False,
         fp8: bool = False,
     ) -> "STARPipeline":
         """Speed switch for GPUs (as :meth:`VARPipeline.enable_fast_inference`). The transformer (blocks, text
@@ -304,7 +304,8 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         ``torch.compile`` of each block's elementwise work (norms, q/k normalisation, RoPE, residuals, FFN; the
         stable sampler's blocks too), fused before the graphs are captured; on CUDA the cross-attention query runs
         uncompiled (compiled, it gave wrong tokens there in bf16:
-        ``fast_inference.STAR_COMPILED_CROSS_QUERY_ON_CUDA``).
+        ``fast_inference.STAR_COMPILED_CROSS_QUERY_ON_CUDA``); ``True``, ``"static-tokens"`` or ``"static"`` as for
+        VAR.
         ``fp8``: float8 matmuls in the main blocks' attention and FFN at scales of at least 4,096 token rows (as for
         VAR). Returns the pipeline.
         """
@@ -313,7 +314,7 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         )
         self._cast_for_fast_inference(dtype, (self.vqvae.decoder, self.vqvae.post_quant_conv), compile_decoder)
         if compile_blocks:
-            compile_star_blocks_(self.transformer)
+            compile_star_blocks_(self.transformer, compile_blocks)
         return self._set_fast_inference(True, cuda_graphs, dtype, fp8)
 
     # -- one scale -----------------------------------------------------------------------------------

@@ -184,7 +184,7 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         dtype: torch.dtype = torch.bfloat16,
         cuda_graphs: bool = True,
         compile_decoder: bool | str = False,
-        compile_blocks: bool = False,
+        compile_blocks: bool | str = False,
         fp8: bool = False,
     ) -> "VARPipeline":
         """Speed switch for GPUs. The transformer blocks and the image decoder run in ``dtype`` (bf16 by
@@ -213,7 +213,11 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
             compile_blocks: ``torch.compile`` of each block's elementwise work (fused before the CUDA graphs are
                 captured; the first generation compiles). The blocks run chained: the end of one block and the next
                 block's norm are one compiled piece, and the projection writes keys and values into the KV cache
-                (``fast_inference.CHAIN_VAR_BLOCKS``; a hook on a block runs the blocks one by one).
+                (``fast_inference.CHAIN_VAR_BLOCKS``; a hook on a block runs the blocks one by one). ``True`` (or
+                ``"dynamic"``) compiles once for every scale and batch size; ``"static-tokens"`` compiles each scale
+                for itself (a longer first generation, faster after) and still any batch size without recompiling;
+                ``"static"`` each scale and batch size (for jobs of one batch size: fastest at large batches, a
+                recompile at every new batch size); see ``fast_inference.compile_blocks_shapes``.
             fp8: (opt-in, for large batches of the large models) float8 (e4m3) matmuls for the attention and FFN
                 linears of the blocks at scales of at least 4,096 token rows (activations scaled per row, weights per
                 output channel); needs ``dtype=torch.bfloat16`` and a GPU with float8 tensor cores, and is meant for
@@ -227,7 +231,7 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         )
         self._cast_for_fast_inference(dtype, (self.vqvae.decoder, self.vqvae.post_quant_conv), compile_decoder)
         if compile_blocks:
-            compile_adaln_blocks_(self.transformer)
+            compile_adaln_blocks_(self.transformer, compile_blocks)
         return self._set_fast_inference(True, cuda_graphs, dtype, fp8)
 
     def _sampling_graphs(
@@ -1060,7 +1064,7 @@ class VARCoDePipeline(VARPipeline):
         dtype: torch.dtype = torch.bfloat16,
         cuda_graphs: bool = True,
         compile_decoder: bool | str = False,
-        compile_blocks: bool = False,
+        compile_blocks: bool | str = False,
         fp8: bool = False,
     ) -> "VARCoDePipeline":
         """:meth:`VARPipeline.enable_fast_inference` for both models: each stage replays its own CUDA graphs (the
@@ -1068,7 +1072,7 @@ class VARCoDePipeline(VARPipeline):
         fast path's. Arguments as there."""
         super().enable_fast_inference(dtype, cuda_graphs, compile_decoder, compile_blocks, fp8)
         if compile_blocks:
-            compile_adaln_blocks_(self.refiner)
+            compile_adaln_blocks_(self.refiner, compile_blocks)
         return self
 
     def _check_fast_inference_args(self, dtype: torch.dtype, **flags) -> None:
