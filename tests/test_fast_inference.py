@@ -456,19 +456,25 @@ def test_infinity_bad_prompt_embeds_name_the_parameter(infinity):
             infinity_images(infinity, **kwargs)
 
 
-def test_var_compiled_blocks_generate_what_the_eager_blocks_do(monkeypatch):
-    """``compile_blocks=True`` hands each block's elementwise work to torch.compile, chained across the blocks (keys
-    and values written into the cache by the projection piece); in float32 its logits are the eager ones, for
-    decoding, teacher forcing and a prefill followed by decoding. A hook on a block, or ``CHAIN_VAR_BLOCKS`` off, runs
-    the blocks one by one. The weights are perturbed first: freshly initialised AdaLN gates (1e-5) would make the
-    blocks (compiled or not) irrelevant to the output. Bad values name the parameter."""
+def _perturbed_var_transformer() -> VARTransformer2DModel:
+    """A tiny VAR transformer whose weights are perturbed so that the blocks matter (freshly initialised AdaLN gates,
+    1e-5, would make them irrelevant to the output)."""
     torch.manual_seed(0)
     transformer = VARTransformer2DModel(depth=2, embed_dim=64, num_heads=2, patch_nums=(1, 2, 3, 4), num_classes=10)
     transformer.init_weights()
     with torch.no_grad():
         for parameter in transformer.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.05)
-    transformer.eval()
+    return transformer.eval()
+
+
+def test_var_compiled_blocks_generate_what_the_eager_blocks_do(monkeypatch):
+    """``compile_blocks=True`` hands each block's elementwise work to torch.compile, chained across the blocks (keys
+    and values written into the cache by the projection piece); in float32 its logits are the eager ones, for
+    decoding, teacher forcing and a prefill followed by decoding. A hook on a block, or ``CHAIN_VAR_BLOCKS`` off, runs
+    the blocks one by one. The weights are perturbed first: freshly initialised AdaLN gates (1e-5) would make the
+    blocks (compiled or not) irrelevant to the output. Bad values name the parameter."""
+    transformer = _perturbed_var_transformer()
     condition = (torch.tensor([1, 2, 10, 10]),)
     scale_inputs = [None] + [
         torch.randn(4, e - b, transformer.config.latent_channels) for b, e in transformer.begin_ends[1:]
@@ -573,13 +579,7 @@ def test_var_blocks_compiled_per_shape_generate_what_the_eager_blocks_do(monkeyp
     limit is raised so that they all stay compiled, and in float32 the logits are the eager ones at every scale and
     batch size. Static pieces write keys and values into the cache at every scale (dynamic ones below the large
     scales' rows). An unknown value is refused by name."""
-    torch.manual_seed(0)
-    transformer = VARTransformer2DModel(depth=2, embed_dim=64, num_heads=2, patch_nums=(1, 2, 3, 4), num_classes=10)
-    transformer.init_weights()
-    with torch.no_grad():
-        for parameter in transformer.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.05)
-    transformer.eval()
+    transformer = _perturbed_var_transformer()
 
     def all_logits(batch):
         condition = (torch.arange(batch) % 11,)
@@ -601,6 +601,8 @@ def test_var_blocks_compiled_per_shape_generate_what_the_eager_blocks_do(monkeyp
     with torch._dynamo.config.patch(recompile_limit=8):  # the default, restored afterwards
         pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=shapes)
         assert transformer._run_block_stack.func.__name__ == "_chained_block_stack"
+        assert transformer._run_block_stack.keywords == {"write_below": None}
+        fast_inference.compile_adaln_blocks_(transformer, True)  # compiled before: pieces and write rule stay
         assert transformer._run_block_stack.keywords == {"write_below": None}
         assert torch._dynamo.config.recompile_limit == fast_inference.STATIC_RECOMPILE_LIMIT
         tail_code = transformer.blocks[0].compiled_block_tail.below._torchdynamo_orig_callable  # shared by all blocks
@@ -666,9 +668,11 @@ def test_star_compiled_blocks_generate_what_the_eager_blocks_do(quirk):
         torch.testing.assert_close(logits, eager_logits, rtol=1e-4, atol=1e-4)
 
 
-def test_infinity_compiled_blocks_generate_what_the_eager_blocks_do():
+@pytest.mark.parametrize("compile_blocks", [True, "static"])
+def test_infinity_compiled_blocks_generate_what_the_eager_blocks_do(compile_blocks):
     """The same for Infinity, whose compiled pieces also hold the 2-D RoPE and the cross-attention query /
-    residual: float32 logits of every scale equal the eager ones (weights perturbed so the blocks matter)."""
+    residual: float32 logits of every scale equal the eager ones (weights perturbed so the blocks matter), with the
+    pieces compiled once for all shapes or for each scale."""
     pipe = tiny_pipeline()
     transformer = pipe.transformer
     with torch.no_grad():
@@ -692,7 +696,7 @@ def test_infinity_compiled_blocks_generate_what_the_eager_blocks_do():
     assert (all_logits()[-1] - eager[-1]).abs().max() > 1e-2
     transformer.blocks = torch.nn.ModuleList(blocks)
 
-    pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=True)
+    pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=compile_blocks)
     assert all(
         hasattr(block.compiled_cross_attention_query, "_torchdynamo_orig_callable") for block in transformer.blocks
     )
@@ -987,11 +991,13 @@ def test_compiled_blocks_with_kernels_share_one_graph(monkeypatch):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("family", ["var", "infinity"])
-def test_compiled_blocks_trace_no_new_graph_for_another_batch_size(family, monkeypatch):
-    """The compiled block pieces are dynamic in the batch and token count from their first call: after a generation at
-    one batch size, generations at others trace nothing new (each new graph costs seconds of compiling on a GPU,
-    and past dynamo's recompile limit a piece runs eager). The eager backend: only the tracing is checked."""
+@pytest.mark.parametrize("compile_blocks", [True, "static-tokens"])
+@pytest.mark.parametrize("family", ["var", "infinity", "star"])
+def test_compiled_blocks_trace_no_new_graph_for_another_batch_size(family, compile_blocks, monkeypatch):
+    """The compiled block pieces are dynamic in the batch (and, with ``compile_blocks=True``, the token count) from
+    their first call: after a generation at one batch size, generations at others trace nothing new (each new graph
+    costs seconds of compiling on a GPU, and past dynamo's recompile limit a piece runs eager). The eager backend: only
+    the tracing is checked."""
     import functools
 
     import torch._dynamo
@@ -1006,10 +1012,14 @@ def test_compiled_blocks_trace_no_new_graph_for_another_batch_size(family, monke
         pipe = VARPipeline(**var_components(seed=0))
         pipe.set_progress_bar_config(disable=True)
         run = lambda batch: pipe(class_labels=[1] * batch, output_type="latent")  # noqa: E731
-    else:
+    elif family == "infinity":
         pipe = tiny_pipeline()
         run = lambda batch: pipe(prompt=[PROMPT] * batch, height=32, width=32, output_type="latent")  # noqa: E731
-    pipe.enable_fast_inference(dtype=torch.bfloat16, compile_blocks=True)
+    else:
+        pipe = make_pipe()
+        pipe.set_progress_bar_config(disable=True)
+        run = lambda batch: pipe(prompt=["a red cat"] * batch, output_type="latent")  # noqa: E731
+    pipe.enable_fast_inference(dtype=torch.bfloat16, compile_blocks=compile_blocks)
     run(1)
     first = counters["stats"]["unique_graphs"]
     for batch in (4, 2, 3):

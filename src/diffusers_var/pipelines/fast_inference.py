@@ -471,9 +471,9 @@ def _split_cross_attention_residual(block, x_BLC, context_BSC, context_mask_BS=N
 # (False: each block runs its own compiled pieces, as Infinity's do; read at every call, so graphs captured after a
 # change follow it)
 CHAIN_VAR_BLOCKS = True
-# the chained projection piece writes keys and values into the KV cache itself, where that paid (below the large
-# scales' rows with dynamic shapes, everywhere with static ones: :func:`compile_adaln_blocks_`); False: always the
-# cache's own copies
+# the chained projection piece writes keys and values into the KV cache itself: with dynamic shapes below the large
+# scales' rows (above them the cache's copies were faster), with static ones at every scale (not compared there), see
+# :func:`compile_adaln_blocks_`; False: always the cache's own copies
 CHAINED_KV_WRITES = True
 
 
@@ -511,9 +511,9 @@ def _chained_block_stack(model, x_BLC, block_cond, attn_mask=None, kv_cache=None
     modulated norm (the residual add and the next norm share one pass over the rows). When decoding, the projection
     piece writes the keys and values into the KV cache's storage itself (:meth:`LayerKVCache.reserve`), below
     ``write_below`` token rows (None: always). Per block and scale that is four kernels fewer than the per-block
-    pieces (two elementwise, two copies). With autograd (training,
-    gradient checkpointing), autocast, a hook on a block (the chained pieces never call a block) or
-    :data:`CHAIN_VAR_BLOCKS` off, the blocks run as they are."""
+    pieces (two elementwise, two copies; two fewer from ``write_below`` rows on, where the cache copies). With
+    autograd (training, gradient checkpointing), autocast, a hook on a block (the chained pieces never call a block)
+    or :data:`CHAIN_VAR_BLOCKS` off, the blocks run as they are."""
     blocks = model.blocks
     if (
         not CHAIN_VAR_BLOCKS
@@ -580,10 +580,12 @@ def _chainable(model: nn.Module) -> bool:
 
 def compile_blocks_shapes(compile_blocks: bool | str) -> str:
     """The shapes the block pieces are compiled for, from ``enable_fast_inference(compile_blocks=...)``: ``True`` or
-    ``"dynamic"``: batch and token dimensions dynamic from the first call, one trace for every scale and batch size;
+    ``"dynamic"``: batch and token dimensions dynamic from the first call, one trace (per row regime,
+    :func:`_dynamic_rows`) for every scale and batch size;
     ``"static-tokens"``: every scale its own trace, the batch dynamic (no recompile at another batch size);
     ``"static"``: every scale and batch size its own trace (for jobs of one batch size). Static dimensions fold the
-    index arithmetic into constants, which paid at batch 64 (BENCHMARKS.md, session 19)."""
+    index arithmetic into constants; with them the chained VAR blocks write keys and values in the projection at every
+    scale (BENCHMARKS.md, session 19)."""
     shapes = "dynamic" if compile_blocks is True else compile_blocks
     if shapes not in _DYNAMIC_DIMS:
         allowed = ", ".join(repr(s) for s in _DYNAMIC_DIMS)
@@ -596,11 +598,11 @@ def compile_adaln_blocks_(model: nn.Module, shapes: bool | str = True) -> int:
     parameter names unchanged): the residual branches are replaced by versions that run compiled pieces around the
     KV cache and the attention kernels; for VAR (:func:`_chainable`) the block stack runs the pieces chained across
     block boundaries (:func:`_chained_block_stack`). At batch 1 a block's time is mostly its ~26 tiny elementwise
-    kernels; compiled, they fuse into a few. The compiled code is shared by all blocks (same class) and is dynamic
-    in the batch and token count from the first call (:func:`_dynamic_rows`), so a generation compiles a handful of
-    graphs and another batch size none. Blocks compiled before (a transformer shared by pipelines made with
-    ``from_pipe``, or CoDe's drafter) are left as they are. ``shapes``: :func:`compile_blocks_shapes`. Returns the
-    number of blocks."""
+    kernels; compiled, they fuse into a few. The compiled code is shared by all blocks (same class); with
+    ``shapes=True`` it is dynamic in the batch and token count from the first call (:func:`_dynamic_rows`), so a
+    generation compiles a handful of graphs and another batch size none (other ``shapes``:
+    :func:`compile_blocks_shapes`). Blocks compiled before (a transformer shared by pipelines made with ``from_pipe``,
+    or CoDe's drafter) are left as they are, with the shapes they were compiled for. Returns the number of blocks."""
     shapes = compile_blocks_shapes(shapes)
     chained = _chainable(model)
 
@@ -628,7 +630,8 @@ def compile_adaln_blocks_(model: nn.Module, shapes: bool | str = True) -> int:
         return pieces, methods
 
     compiled = _compile_block_pieces_(model, AdaLNSelfAttentionBlock, plan, shapes)
-    if chained and all(hasattr(block, "compiled_block_tail") for block in model.blocks):
+    already_chained = "_run_block_stack" in model.__dict__  # compiled before: its write rule matches its pieces
+    if chained and not already_chained and all(hasattr(block, "compiled_block_tail") for block in model.blocks):
         # the pieces write keys and values into the cache at every scale when compiled per scale, else below the large
         # scales' rows (from there the cache's copies were faster with dynamic rows)
         write_below = None if shapes != "dynamic" else LARGE_SCALE_MIN_ROWS
@@ -757,8 +760,8 @@ def _split_star_block(
 def compile_star_blocks_(model: nn.Module, shapes: bool | str = True) -> int:
     """:func:`compile_adaln_blocks_` for STAR's blocks (the main ones and the stable sampler's): their norms, q/k
     normalisation, RoPE, residuals and FFN go to torch.compile in pieces around the KV cache and the attention
-    kernels, dynamic in the batch and token count from the first call (``shapes``: :func:`compile_blocks_shapes`).
-    Blocks compiled before are left as they are. Returns the number of blocks."""
+    kernels, with ``shapes=True`` dynamic in the batch and token count from the first call (other ``shapes``:
+    :func:`compile_blocks_shapes`). Blocks compiled before are left as they are. Returns the number of blocks."""
 
     def plan(block):
         pieces = {

@@ -304,8 +304,8 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         ``torch.compile`` of each block's elementwise work (norms, q/k normalisation, RoPE, residuals, FFN; the
         stable sampler's blocks too), fused before the graphs are captured; on CUDA the cross-attention query runs
         uncompiled (compiled, it gave wrong tokens there in bf16:
-        ``fast_inference.STAR_COMPILED_CROSS_QUERY_ON_CUDA``); ``True``, ``"static-tokens"`` or ``"static"`` as for
-        VAR.
+        ``fast_inference.STAR_COMPILED_CROSS_QUERY_ON_CUDA``); ``True`` / ``"dynamic"``, ``"static-tokens"`` or
+        ``"static"`` as for VAR.
         ``fp8``: float8 matmuls in the main blocks' attention and FFN at scales of at least 4,096 token rows (as for
         VAR). Returns the pipeline.
         """

@@ -213,7 +213,9 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
             compile_blocks: ``torch.compile`` of each block's elementwise work (fused before the CUDA graphs are
                 captured; the first generation compiles). The blocks run chained: the end of one block and the next
                 block's norm are one compiled piece, and the projection writes keys and values into the KV cache
-                (``fast_inference.CHAIN_VAR_BLOCKS``; a hook on a block runs the blocks one by one). ``True`` (or
+                (with dynamic shapes below 4,096 token rows, guidance rows included, the cache copying above; with
+                static ones at every scale; ``fast_inference.CHAIN_VAR_BLOCKS``; a hook on a block runs the blocks
+                one by one). ``True`` (or
                 ``"dynamic"``) compiles once for every scale and batch size; ``"static-tokens"`` compiles each scale
                 for itself (a longer first generation, faster after) and still any batch size without recompiling;
                 ``"static"`` each scale and batch size (for jobs of one batch size: fastest at large batches, a
