@@ -585,7 +585,8 @@ def compile_blocks_shapes(compile_blocks: bool | str) -> str:
     ``"static-tokens"``: every scale its own trace, the batch dynamic (no recompile at another batch size);
     ``"static"``: every scale and batch size its own trace (for jobs of one batch size). Static dimensions fold the
     index arithmetic into constants; with them the chained VAR blocks write keys and values in the projection at every
-    scale (BENCHMARKS.md, session 19)."""
+    scale (BENCHMARKS.md, session 19), and dynamo's recompile limit of the process goes up to
+    :data:`STATIC_RECOMPILE_LIMIT` (every scale's trace is a recompile of the shared piece code)."""
     shapes = "dynamic" if compile_blocks is True else compile_blocks
     if shapes not in _DYNAMIC_DIMS:
         allowed = ", ".join(repr(s) for s in _DYNAMIC_DIMS)
