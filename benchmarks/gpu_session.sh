@@ -14,7 +14,8 @@
 # on CUDA, variant by variant), side_by_side (the original VAR code's inference and ours in one call, issue 20),
 # profile_ours (torch.profiler tables of today's code), attention (SDPA kernels on a generation's shapes), sdpa (the
 # pipelines with cuDNN's attention kernel first), chain (VAR's blocks chained across block boundaries against each on its own;
-# CHAIN_SIDES also static-tokens / static: compile_blocks' shapes). startup: STARTUP_COMPILE_BLOCKS, sample's --compile-blocks.
+# CHAIN_SIDES also static-tokens / static: compile_blocks' shapes), trace (dynamo's tracing per shapes).
+# startup: STARTUP_COMPILE_BLOCKS, sample's --compile-blocks.
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
 #   .fixtures/F.tar.xz  for F in var star infinity code; do tar -cJf .fixtures/$F.tar.xz -C ../shared fixtures/$F; done
@@ -199,6 +200,9 @@ PY
         BENCH_TIMEOUT=${BENCH_TIMEOUT:-280} bench . "code8_$model" --models "$model" --batch-sizes 64 \
           --modes fast-compile-all,fast-compile-all-subpixel --decode-slice 16 --repeats 5
       done ;;
+    trace)  # issue 20: dynamo's tracing per compile_blocks shapes (not saved by the compile caches), VAR-d16 on this host
+      log trace; timeout 300 python3 benchmarks/bench_trace.py --models "${TRACE_MODELS:-var-d16}" --device cuda \
+        --json "$OUT/trace.json" > "$OUT/trace.log" 2>&1; tail -n 8 "$OUT/trace.log" ;;
     startup)  # issue 20: a second process's time to its first fast images with the compile cache the first left
       log startup; timeout "${STARTUP_TIMEOUT:-420}" python3 benchmarks/bench_startup.py --models "${STARTUP_MODELS:-var-d16}" \
         ${STARTUP_COMPILE_BLOCKS:+--compile-blocks "$STARTUP_COMPILE_BLOCKS"} --processes 3 --warm-env TORCHINDUCTOR_COMPILE_THREADS=1 --json "$OUT/startup.json" > "$OUT/startup.log" 2>&1; tail -n 9 "$OUT/startup.log" ;;

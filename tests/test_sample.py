@@ -375,6 +375,18 @@ def test_bench_sample_smoke(tmp_path):
     assert "images/s (bench_pipelines:" in result.stdout
 
 
+def test_bench_trace_smoke(tmp_path):
+    """The tracing benchmark of ``compile_blocks``' shapes on bench_pipelines.py's tiny VAR, each shapes value in its
+    own process: every one traces graphs at the first batch size; at the second only ``"static"`` traces again."""
+    out = tmp_path / "trace.json"
+    _run_benchmark("bench_trace.py", "--models", "var-tiny", "--batch-sizes", "1,2", "--json", str(out))
+    rows = {(row["shapes"], row["batch"]): row for row in json.loads(out.read_text())}
+    assert sorted(rows) == [(s, b) for s in ("dynamic", "static", "static-tokens") for b in (1, 2)]
+    assert all(rows[shapes, 1]["new_graphs"] > 0 for shapes in ("dynamic", "static-tokens", "static"))
+    assert [rows[shapes, 2]["new_graphs"] for shapes in ("dynamic", "static-tokens")] == [0, 0]
+    assert rows["static", 2]["new_graphs"] == rows["static", 1]["new_graphs"]  # every piece and scale again
+
+
 def test_bench_startup_smoke(tmp_path):
     """The start-up benchmark's CPU mode: two fresh ``sample --fast --compile-cache`` processes one after another,
     each timed from launch to its first images."""
