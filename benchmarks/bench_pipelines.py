@@ -43,6 +43,8 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
   fast-compile-all-static-tokens  ``compile_blocks="static-tokens"``: the block pieces compiled for every scale, the
                         batch dimension dynamic
   fast-compile-all-static  ``compile_blocks="static"``: the block pieces compiled for every scale and batch size
+                        (both static modes raise dynamo's recompile limit for the rest of the process: give them a
+                        process of their own, as ``gpu_session.sh chain`` does)
 It also checks that greedy tokens (bits for Infinity) of the fast path agree with the eager float32 path.
 """
 

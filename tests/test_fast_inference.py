@@ -43,6 +43,23 @@ def star_images(pipe, seed=0, **kwargs):
     ).images
 
 
+@pytest.fixture(autouse=True)
+def _keep_the_recompile_limit():
+    """``compile_blocks="static"`` / ``"static-tokens"`` raise dynamo's recompile limit for the process: put it back
+    after each test, so that no test depends on the ones before it."""
+    with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit):
+        yield
+
+
+def _new_cache_entries(piece, run) -> int:
+    """How many compiled entries the below-threshold code of a compiled block piece gains while ``run()`` runs (the
+    code is shared by every block and test, so count the difference)."""
+    code = piece.below._torchdynamo_orig_callable
+    before = len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code))
+    run()
+    return len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code)) - before
+
+
 def infinity_images(pipe, seed=0, **kwargs):
     kwargs.setdefault("prompt", PROMPT)
     kwargs.setdefault("guidance_scale", 3.0)
@@ -573,12 +590,12 @@ def test_var_compiled_blocks_generate_what_the_eager_blocks_do(monkeypatch):
 
 
 @pytest.mark.parametrize("shapes", ["static", "static-tokens"])
-def test_var_blocks_compiled_per_shape_generate_what_the_eager_blocks_do(monkeypatch, shapes):
+def test_var_blocks_compiled_per_shape_generate_what_the_eager_blocks_do(monkeypatch, caplog, shapes):
     """``compile_blocks="static"`` / ``"static-tokens"`` compile the block pieces for every scale instead of once with
     dynamic rows; "static" also for every batch size, "static-tokens" keeps the batch dynamic. Dynamo's recompile
     limit is raised so that they all stay compiled, and in float32 the logits are the eager ones at every scale and
     batch size. Static pieces write keys and values into the cache at every scale (dynamic ones below the large
-    scales' rows). An unknown value is refused by name."""
+    scales' rows). An unknown value is refused by name; compiling again with other shapes keeps the first and warns."""
     transformer = _perturbed_var_transformer()
 
     def all_logits(batch):
@@ -594,16 +611,23 @@ def test_var_blocks_compiled_per_shape_generate_what_the_eager_blocks_do(monkeyp
 
     eager = {batch: all_logits(batch) for batch in (4, 6)}
     pipe = VARPipeline(transformer=transformer, vqvae=MultiScaleVQModel(patch_nums=(1, 2, 3, 4)).eval())
-    for wrong in ("per-scale", "Static", 1):
+    for wrong in ("per-scale", "Static", 1, ["static"], None):
         with pytest.raises(ValueError, match="`compile_blocks` must be True, False or one of 'dynamic'"):
             pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=wrong)
     assert "compiled_attention_inputs" not in transformer.blocks[0].__dict__  # refused before anything changed
-    with torch._dynamo.config.patch(recompile_limit=8):  # the default, restored afterwards
+    with torch._dynamo.config.patch(recompile_limit=4):  # below the traces "static" makes: the raise must happen
         pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=shapes)
         assert transformer._run_block_stack.func.__name__ == "_chained_block_stack"
         assert transformer._run_block_stack.keywords == {"write_below": None}
-        fast_inference.compile_adaln_blocks_(transformer, True)  # compiled before: pieces and write rule stay
+        fast_inference._warn_compiled_before.cache_clear()
+        monkeypatch.setattr(fast_inference.logger, "propagate", True)
+        with caplog.at_level("WARNING"):  # compiled before: pieces and write rule stay, and a warning says so
+            fast_inference.compile_adaln_blocks_(transformer, True)
         assert transformer._run_block_stack.keywords == {"write_below": None}
+        assert [r.getMessage() for r in caplog.records if "compiled before" in r.getMessage()] == [
+            f"`compile_blocks='dynamic'`: the blocks were compiled before for {shapes!r} shapes (a transformer shared "
+            "through `from_pipe`, or enabled twice) and keep them; reload the pipeline to compile them anew."
+        ]
         assert torch._dynamo.config.recompile_limit == fast_inference.STATIC_RECOMPILE_LIMIT
         tail_code = transformer.blocks[0].compiled_block_tail.below._torchdynamo_orig_callable  # shared by all blocks
 
@@ -700,8 +724,14 @@ def test_infinity_compiled_blocks_generate_what_the_eager_blocks_do(compile_bloc
     assert all(
         hasattr(block.compiled_cross_attention_query, "_torchdynamo_orig_callable") for block in transformer.blocks
     )
-    for compiled, reference in zip(all_logits(), eager):
+    results = []
+    traces = _new_cache_entries(transformer.blocks[0].compiled_attention_inputs, lambda: results.extend(all_logits()))
+    for compiled, reference in zip(results, eager, strict=True):
         torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
+    if compile_blocks == "static":
+        assert traces == len(schedule)  # one per scale
+    else:
+        assert 1 <= traces <= 2  # the first call, then dynamic
     with pytest.raises(ValueError, match="compile_blocks"):
         pipe.enable_fast_inference(compile_blocks=1)
 
@@ -1020,7 +1050,11 @@ def test_compiled_blocks_trace_no_new_graph_for_another_batch_size(family, compi
         pipe.set_progress_bar_config(disable=True)
         run = lambda batch: pipe(prompt=["a red cat"] * batch, output_type="latent")  # noqa: E731
     pipe.enable_fast_inference(dtype=torch.bfloat16, compile_blocks=compile_blocks)
-    run(1)
+    block = pipe.transformer.blocks[0]
+    piece = block.compiled_block_tail if family == "var" else block.compiled_attention_inputs
+    traces = _new_cache_entries(piece, lambda: run(1))
+    # per scale with "static-tokens" (every tiny schedule has at least three), else the first call, then dynamic
+    assert traces >= 3 if compile_blocks == "static-tokens" else 1 <= traces <= 2
     first = counters["stats"]["unique_graphs"]
     for batch in (4, 2, 3):
         run(batch)

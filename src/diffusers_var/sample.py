@@ -776,7 +776,8 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="with --fast on a GPU: the shapes the block code is compiled for. dynamic (default): once for every "
         "scale; static-tokens: each scale for itself; static: each scale at this batch size (every batch of a run "
-        "has one size), the fastest at large batches, with the longest first compile (README 'Speed')",
+        "has one size), the fastest at large batches (VAR on an H100), with the longest first compile "
+        "(README 'Speed')",
     )
     group.add_argument(
         "--compile-cache",

@@ -588,7 +588,7 @@ def compile_blocks_shapes(compile_blocks: bool | str) -> str:
     scale (BENCHMARKS.md, session 19), and dynamo's recompile limit of the process goes up to
     :data:`STATIC_RECOMPILE_LIMIT` (every scale's trace is a recompile of the shared piece code)."""
     shapes = "dynamic" if compile_blocks is True else compile_blocks
-    if shapes not in _DYNAMIC_DIMS:
+    if not isinstance(shapes, str) or shapes not in _DYNAMIC_DIMS:
         allowed = ", ".join(repr(s) for s in _DYNAMIC_DIMS)
         raise ValueError(f"`compile_blocks` must be True, False or one of {allowed}, got {compile_blocks!r}.")
     return shapes
@@ -631,7 +631,7 @@ def compile_adaln_blocks_(model: nn.Module, shapes: bool | str = True) -> int:
         return pieces, methods
 
     compiled = _compile_block_pieces_(model, AdaLNSelfAttentionBlock, plan, shapes)
-    already_chained = "_run_block_stack" in model.__dict__  # compiled before: its write rule matches its pieces
+    already_chained = getattr(model.__dict__.get("_run_block_stack"), "func", None) is _chained_block_stack
     if chained and not already_chained and all(hasattr(block, "compiled_block_tail") for block in model.blocks):
         # the pieces write keys and values into the cache at every scale when compiled per scale, else below the large
         # scales' rows (from there the cache's copies were faster with dynamic rows)
@@ -648,6 +648,22 @@ _DYNAMIC_DIMS = {"dynamic": ("batch", "tokens"), "static-tokens": ("batch",), "s
 STATIC_RECOMPILE_LIMIT = 64
 
 
+def _raise_recompile_limit() -> None:
+    """Dynamo's recompile limit of the process to at least :data:`STATIC_RECOMPILE_LIMIT` (``cache_size_limit``
+    before torch 2.7 named it)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), STATIC_RECOMPILE_LIMIT))
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_compiled_before(compiled: str, requested: str) -> None:
+    logger.warning(
+        f"`compile_blocks={requested!r}`: the blocks were compiled before for {compiled!r} shapes (a transformer "
+        f"shared through `from_pipe`, or enabled twice) and keep them; reload the pipeline to compile them anew."
+    )
+
+
 def _compile_block_pieces_(model: nn.Module, block_class: type, plan: Callable, shapes: str = "dynamic") -> int:
     """For every ``block_class`` block of ``model`` not compiled before: ``plan(block) -> (pieces, methods)``; each
     piece ``function(block, ...)`` is set on the block under its name, compiled with the dynamic dimensions of
@@ -655,13 +671,15 @@ def _compile_block_pieces_(model: nn.Module, block_class: type, plan: Callable, 
     the KV cache and attention kernels) replaces the block's. Returns the number of blocks."""
     blocks = [m for m in model.modules() if isinstance(m, block_class)]
     dynamic_dims = _DYNAMIC_DIMS[shapes]
-    options = {}
-    if shapes != "dynamic":  # no automatic dynamic shapes: only the marked dimensions are dynamic
-        options["dynamic"] = False
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, STATIC_RECOMPILE_LIMIT)
+    options = {"dynamic": False} if shapes != "dynamic" else {}  # static: only the marked dimensions are dynamic
     for block in blocks:
         if "compiled_attention_inputs" in block.__dict__:
+            if getattr(block, "compiled_shapes", shapes) != shapes:
+                _warn_compiled_before(block.compiled_shapes, shapes)
             continue
+        if shapes != "dynamic":
+            _raise_recompile_limit()
+        block.compiled_shapes = shapes
         pieces, methods = plan(block)
         for name, function in pieces.items():
             below, above = _row_regime_copies(function)

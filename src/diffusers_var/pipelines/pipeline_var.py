@@ -219,7 +219,8 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
                 ``"dynamic"``) compiles once for every scale and batch size; ``"static-tokens"`` compiles each scale
                 for itself (a longer first generation, faster after) and still any batch size without recompiling;
                 ``"static"`` each scale and batch size (for jobs of one batch size: fastest at large batches, a
-                recompile at every new batch size); see ``fast_inference.compile_blocks_shapes``.
+                recompile at every new batch size); both raise dynamo's recompile limit of the process to 64; see
+                ``fast_inference.compile_blocks_shapes``.
             fp8: (opt-in, for large batches of the large models) float8 (e4m3) matmuls for the attention and FFN
                 linears of the blocks at scales of at least 4,096 token rows (activations scaled per row, weights per
                 output channel); needs ``dtype=torch.bfloat16`` and a GPU with float8 tensor cores, and is meant for
