@@ -32,6 +32,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(HERE))
 
+from diffusers_var.cli_support import COMPILE_BLOCKS_SHAPES  # noqa: E402
+
 TARGET_SECONDS = 30.0
 
 
@@ -106,7 +108,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="the embedded var-shapes on the CPU: checks the script")
     parser.add_argument(
         "--compile-blocks",
-        choices=["dynamic", "static-tokens", "static"],
+        choices=COMPILE_BLOCKS_SHAPES,
         default=None,
         help="sample's --compile-blocks (default: sample's default, dynamic)",
     )

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-SHAPES = ("dynamic", "static-tokens", "static")
+from diffusers_var.cli_support import COMPILE_BLOCKS_SHAPES as SHAPES  # noqa: E402
 
 
 def measure(model: str, shapes: str, batch_sizes: list[int], device: str) -> list[dict]:

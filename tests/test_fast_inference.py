@@ -22,6 +22,7 @@ from diffusers_var import (
     VARPipeline,
     VARTransformer2DModel,
 )
+from diffusers_var.cli_support import COMPILE_BLOCKS_SHAPES
 from diffusers_var.models.blocks import CosineSelfAttention
 from diffusers_var.models.star_transformer import STARBlock
 from diffusers_var.pipelines import fast_inference, pipeline_var
@@ -611,6 +612,7 @@ def test_var_blocks_compiled_per_shape_generate_what_the_eager_blocks_do(monkeyp
 
     eager = {batch: all_logits(batch) for batch in (4, 6)}
     pipe = VARPipeline(transformer=transformer, vqvae=MultiScaleVQModel(patch_nums=(1, 2, 3, 4)).eval())
+    assert tuple(fast_inference._DYNAMIC_DIMS) == COMPILE_BLOCKS_SHAPES  # the command-line flags' choices
     for wrong in ("per-scale", "Static", 1, ["static"], None):
         with pytest.raises(ValueError, match="`compile_blocks` must be True, False or one of 'dynamic'"):
             pipe.enable_fast_inference(dtype=torch.float32, compile_blocks=wrong)

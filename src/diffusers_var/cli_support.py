@@ -19,6 +19,9 @@ MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit see
 # Most images one command writes (``generate --num-images``, a ``sample`` run): 20x an FID-50k run, and few
 # enough that the command's bookkeeping (file names, metadata.jsonl) stays small next to the images themselves.
 MAX_IMAGES = 1_000_000
+# ``enable_fast_inference(compile_blocks=...)``'s shapes (``fast_inference.compile_blocks_shapes``), for the
+# command-line flags; written here too so that building a parser does not import torch
+COMPILE_BLOCKS_SHAPES = ("dynamic", "static-tokens", "static")
 
 
 def pipeline_class_of(model) -> type:

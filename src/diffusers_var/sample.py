@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from .cli_support import (
+    COMPILE_BLOCKS_SHAPES,
     MAX_IMAGES,
     enable_fast_path,
     pipeline_class_of,
@@ -772,7 +773,7 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     group.add_argument("--fp8", action="store_true", help="with --fast: float8 block matmuls (H100 / H200)")
     group.add_argument(
         "--compile-blocks",
-        choices=["dynamic", "static-tokens", "static"],
+        choices=COMPILE_BLOCKS_SHAPES,
         default=None,
         help="with --fast on a GPU: the shapes the block code is compiled for. dynamic (default): once for every "
         "scale; static-tokens: each scale for itself; static: each scale at this batch size (every batch of a run "
