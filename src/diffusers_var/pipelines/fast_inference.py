@@ -672,13 +672,13 @@ def _compile_block_pieces_(model: nn.Module, block_class: type, plan: Callable, 
     blocks = [m for m in model.modules() if isinstance(m, block_class)]
     dynamic_dims = _DYNAMIC_DIMS[shapes]
     options = {"dynamic": False} if shapes != "dynamic" else {}  # static: only the marked dimensions are dynamic
+    if shapes != "dynamic" and any("compiled_attention_inputs" not in block.__dict__ for block in blocks):
+        _raise_recompile_limit()  # once, and only when something is compiled
     for block in blocks:
         if "compiled_attention_inputs" in block.__dict__:
             if getattr(block, "compiled_shapes", shapes) != shapes:
                 _warn_compiled_before(block.compiled_shapes, shapes)
             continue
-        if shapes != "dynamic":
-            _raise_recompile_limit()
         block.compiled_shapes = shapes
         pieces, methods = plan(block)
         for name, function in pieces.items():
@@ -834,11 +834,10 @@ def _dynamic_rows(below: Callable, above: Callable, dynamic_dims: tuple[str, ...
     def call(*args):
         rows = None
         for arg in args:
-            if isinstance(arg, torch.Tensor) and arg.ndim == 3:
-                rows = arg.shape[0] * arg.shape[1] if rows is None else rows
             if not isinstance(arg, torch.Tensor):
                 continue
             if arg.ndim == 3:
+                rows = arg.shape[0] * arg.shape[1] if rows is None else rows
                 if batch:
                     torch._dynamo.maybe_mark_dynamic(arg, 0)
                 if tokens and arg.shape[1] > 1:  # (B, 1, C) modulations stay one row
