@@ -28,9 +28,10 @@
 #   .originals/VAR      git clone https://github.com/FoundationVision/VAR .originals/VAR   (train_original: carry it)
 set -u
 cd "$(dirname "$0")/.."
-if [ ! -d /tmp/site/diffusers ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
+if [ ! -d /tmp/site/diffusers ]; then  # byte-compiled as a user's pip install is: start-up times the imports
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1
 fi
+python3 -m compileall -q src >/dev/null 2>&1  # in case the image does not write bytecode (PYTHONDONTWRITEBYTECODE)
 mkdir -p /tmp/fx
 for archive in .fixtures/*.tar.xz; do
   [ -f "$archive" ] && [ ! -d "/tmp/fx/fixtures/$(basename "$archive" .tar.xz)" ] && tar -xJf "$archive" -C /tmp/fx
@@ -204,7 +205,8 @@ PY
       log trace; timeout 300 python3 benchmarks/bench_trace.py --models "${TRACE_MODELS:-var-d16}" --device cuda \
         --json "$OUT/trace.json" > "$OUT/trace.log" 2>&1; tail -n 8 "$OUT/trace.log" ;;
     startup)  # issue 20: a second process's time to its first fast images with the compile cache the first left
-      log startup; timeout "${STARTUP_TIMEOUT:-420}" python3 benchmarks/bench_startup.py --models "${STARTUP_MODELS:-var-d16}" \
+      log startup; python3 -c "import sys; print('writes bytecode:', not sys.dont_write_bytecode)"
+      timeout "${STARTUP_TIMEOUT:-420}" python3 benchmarks/bench_startup.py --models "${STARTUP_MODELS:-var-d16}" \
         ${STARTUP_COMPILE_BLOCKS:+--compile-blocks "$STARTUP_COMPILE_BLOCKS"} --processes 3 --warm-env TORCHINDUCTOR_COMPILE_THREADS=1 --json "$OUT/startup.json" > "$OUT/startup.log" 2>&1; tail -n 9 "$OUT/startup.log" ;;
     lora)
       for model in ${LORA_MODELS:-var-d30 infinity-2b}; do
