@@ -205,7 +205,7 @@ PY
       log trace; timeout 300 python3 benchmarks/bench_trace.py --models "${TRACE_MODELS:-var-d16}" --device cuda \
         --json "$OUT/trace.json" > "$OUT/trace.log" 2>&1; tail -n 8 "$OUT/trace.log" ;;
     startup)  # issue 20: a second process's time to its first fast images with the compile cache the first left
-      log startup; python3 -c "import sys; print('writes bytecode:', not sys.dont_write_bytecode)"
+      log startup; python3 -c "import sys; print('writes bytecode:', not sys.dont_write_bytecode)" | tee "$OUT/bytecode.txt"
       timeout "${STARTUP_TIMEOUT:-420}" python3 benchmarks/bench_startup.py --models "${STARTUP_MODELS:-var-d16}" \
         ${STARTUP_COMPILE_BLOCKS:+--compile-blocks "$STARTUP_COMPILE_BLOCKS"} --processes 3 --warm-env TORCHINDUCTOR_COMPILE_THREADS=1 --json "$OUT/startup.json" > "$OUT/startup.log" 2>&1; tail -n 9 "$OUT/startup.log" ;;
     lora)
