@@ -28,8 +28,9 @@ def _bad_device() -> str:
 
 
 # edit: in-paint {tmp}/in.png with the embedded VAR; a case's own --out / --class-label come later and win
-EDIT = ["edit", "--image", "{tmp}/in.png", "--box", "0,0,.5,.5", "--class-label", "1", "--out", "{tmp}/e.png"]
-EDIT_INFINITY = [*EDIT, "--model", "infinity-shapes", "--prompt", "a red circle on a blue background"]
+EDIT_IMAGE = ["edit", "--image", "{tmp}/in.png", "--box", "0,0,.5,.5", "--out", "{tmp}/e.png"]
+EDIT = [*EDIT_IMAGE, "--class-label", "1"]
+EDIT_INFINITY = [*EDIT_IMAGE, "--model", "infinity-shapes", "--prompt", "a red circle on a blue background"]
 BAD_ARGUMENTS = [
     (["generate", "--seed", str(2**64)], "--seed"),
     (["generate", "--seed", "-1"], "--seed"),
@@ -50,6 +51,9 @@ BAD_ARGUMENTS = [
     ([*EDIT, "--out", "{tmp}/a-file/out.png"], "--out"),
     ([*EDIT, "--device", _bad_device()], "--device"),
     ([*EDIT, "--device", "banana"], "--device"),
+    (["generate", "--device", "meta"], "--device"),
+    (["generate", "--model", "star-shapes", "--prompt", "a", "--class-label", "3"], "--class-label"),
+    ([*EDIT_INFINITY, "--class-label", "3"], "--class-label"),
     ([*EDIT, "--height", "0"], "--height"),
     ([*EDIT, "--width", "0"], "--width"),
     ([*EDIT_INFINITY, "--height", "0"], "--height"),

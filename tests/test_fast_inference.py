@@ -1313,6 +1313,11 @@ def test_use_compile_cache_picks_a_lasting_folder(tmp_path, monkeypatch):
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(ValueError, match="`directory` must be a folder"):
         use_compile_cache(tmp_path / "a_file")
+    with pytest.raises(ValueError, match="`directory` .* cannot be made"):  # a file where a parent should be
+        use_compile_cache(tmp_path / "a_file" / "cache")
+    with pytest.raises(ValueError, match="`directory` must be a folder path"):
+        use_compile_cache(123)
+    assert (tmp_path / "a_file").read_text() == "x"
 
 
 def test_a_warm_compile_cache_turns_the_compile_worker_pool_off(tmp_path, monkeypatch):

@@ -299,3 +299,67 @@ def test_sliced_decoding_gives_the_same_images(case):
             model.enable_slicing(bad)
     with pytest.raises(NotImplementedError):
         model.enable_tiling()
+
+
+def _tokenizer_calls(model):
+    """``(encode(images), decode(latents), decode_tokens(tokens), tokens, latent_channels, latent_name,
+    tokens_name)`` of a tokenizer, on 8 x 8 images."""
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    if isinstance(model, MultiScaleVQModel):
+        tokens = model.encode_indices(images)
+        return (
+            model.encode_indices,
+            model.decode_latent,
+            model.decode_indices,
+            tokens,
+            model.config.z_channels,
+            "f_hat",
+            "indices",
+        )
+    tokens = model.encode(images, INFINITY_SCHEDULE).bit_labels
+    return (
+        lambda x: model.encode(x, INFINITY_SCHEDULE),
+        lambda x: model.decode(x).sample,
+        model.decode_bit_labels,
+        tokens,
+        model.config.codebook_dim,
+        "latents",
+        "bit_labels",
+    )
+
+
+@pytest.mark.parametrize("case", TOKENIZERS, ids=case_ids(TOKENIZERS))
+def test_bad_tokenizer_inputs_name_the_parameter(case):
+    """The tokenizers' public encode / decode calls refuse what they cannot use, naming the parameter, instead of a
+    torch error from inside, tokens of garbage or NaN images: images outside [-1, 1] (0..255, uint8), NaN images or
+    latents, latents of the wrong width or so large that they decode to non-finite pixels, tokens of a float dtype,
+    outside the vocabulary / not bits, of two batch sizes, or with the scales out of order."""
+    model = case.build().eval()
+    encode, decode, decode_tokens, tokens, channels, latent_name, tokens_name = _tokenizer_calls(model)
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        assert torch.isfinite(decode_tokens(tokens)).all()  # the good input works
+        for bad in (
+            images * 127.5 + 127.5,
+            ((images + 1) * 127.5).to(torch.uint8),
+            images.clone().fill_(float("nan")),
+        ):
+            with pytest.raises(ValueError, match="`images`"):
+                encode(bad)
+        latents = torch.randn(2, channels, 4, 4, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(decode(latents)).all()
+        nan = torch.full_like(latents, float("nan"))
+        for bad in (latents[:, :1], nan, torch.full_like(latents, 1e30), latents.long()):
+            with pytest.raises(ValueError, match=f"`{latent_name}`"):
+                decode(bad)
+        high = model.config.vocab_size if isinstance(model, MultiScaleVQModel) else 2
+        for bad in (
+            [t.float() for t in tokens],
+            [t.clone().fill_(high) for t in tokens],
+            [torch.full_like(t, -1) for t in tokens],
+            [tokens[0].repeat(2, *[1] * (tokens[0].ndim - 1))] + list(tokens[1:]),
+            list(reversed(tokens)),
+            [],
+        ):
+            with pytest.raises(ValueError, match=f"`{tokens_name}"):
+                decode_tokens(bad)

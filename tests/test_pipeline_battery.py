@@ -72,6 +72,7 @@ def inpaint_bad_inputs(image: torch.Tensor, grid: int) -> list:
         ({"mask_dilation": True}, "mask_dilation"),
         ({"mask_dilation": grid + 1}, "mask_dilation"),  # past every cell (10**9 used to run for seconds)
         ({"mask_image": torch.ones(0, grid, grid)}, "mask_image"),
+        ({"mask_image": np.ones((grid, grid, 3), np.float32)}, "mask_image"),  # an RGB array, not H masks
         *edit_bad_inputs(image),
     ]
 
@@ -88,6 +89,8 @@ def edit_bad_inputs(image: torch.Tensor) -> list:
         ({"image": "photo.png"}, "image"),
         ({"image": image[:0]}, "image"),
         ({"image": torch.zeros(3, 0, 0)}, "image"),
+        ({"image": [image, image[0]]}, "image"),  # one list, two numbers of dimensions
+        ({"image": [image[0], PIL.Image.new("RGB", tuple(image.shape[-2:][::-1]))]}, "image"),  # tensors and PIL
     ]
 
 
@@ -165,6 +168,10 @@ CASES = [
             ({"max_sequence_length": 0}, "max_sequence_length"),
             ({"max_sequence_length": 1}, "max_sequence_length"),  # no room for the start and end tokens
             ({"max_sequence_length": 10**6}, "max_sequence_length"),
+            (  # the negative prompt is encoded to this length: no room for the start and end tokens
+                {"prompt_embeds": torch.zeros(2, 1, 32), "prompt": None, "pooled_prompt_embeds": torch.zeros(2, 32)},
+                "prompt_embeds",
+            ),
             (
                 {"negative_prompt_embeds": torch.zeros(2, 3, 32), "negative_pooled_prompt_embeds": torch.zeros(2, 32)},
                 "negative_prompt_embeds",
@@ -295,6 +302,14 @@ COMMON_BAD_INPUTS = [
     (
         {"callback_on_step_end": lambda pipe, i, hw, tensors: {"latents": tensors["latents"] * float("nan")}},
         "callback_on_step_end",
+    ),
+    (  # finite, but too large for the decoder: refused rather than NaN images
+        {
+            "callback_on_step_end": lambda pipe, i, hw, tensors: {
+                "latents": tensors["latents"] * (1e30 if i == pipe.num_timesteps - 1 else 1.0)
+            }
+        },
+        "(f_hat|latents)` decoded to NaN",
     ),
     ({"callback_on_step_end": lambda pipe, i, hw, tensors: setattr(pipe, "_guidance_scale", "x")}, "pipe._guidance"),
     ({"callback_on_step_end": "print"}, "callback_on_step_end"),
@@ -566,6 +581,13 @@ def test_bad_loading_arguments_name_the_parameter(case, tmp_path):
             case.pipeline_class.from_pretrained(path)
     with pytest.raises(ValueError, match="`dtype`"):
         case.pipeline_class.from_pipe(pipe, dtype="float16")
+    for bad in (None, 123):
+        with pytest.raises(ValueError, match="`save_directory`"):
+            pipe.save_pretrained(bad)
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(ValueError, match="`save_directory`"):  # a file where a parent folder should be
+        pipe.save_pretrained(tmp_path / "a-file" / "pipe")
+    assert (tmp_path / "a-file").read_text() == "mine"
 
 
 def test_from_pipe_refuses_components_of_another_family_and_unknown_arguments(case):
@@ -581,6 +603,14 @@ def test_from_pipe_refuses_components_of_another_family_and_unknown_arguments(ca
         case.pipeline_class.from_pipe(other)
 
 
+def test_numpy_scalars_are_numbers():
+    """A numpy float (``np.float32(0.5)``, not a Python float subclass as ``np.float64`` is) is a number: the same
+    images as the Python float."""
+    case = CASES[0]
+    expected = run(case, top_p=0.5, guidance_scale=1.5)
+    assert torch.equal(run(case, top_p=np.float32(0.5), guidance_scale=np.float32(1.5)), expected)
+
+
 def test_bad_family_specific_arguments_name_the_parameter():
     var = pipeline(CASES[0])
     with pytest.raises(ValueError, match="`label`"):
@@ -591,6 +621,40 @@ def test_bad_family_specific_arguments_name_the_parameter():
     for default_size in ("64", [64.5, 64], [64], [0, 64]):
         with pytest.raises(ValueError, match="`default_size`"):
             InfinityPipeline(**{**infinity.components, "default_size": default_size})
+
+
+def test_encode_prompt_checks_its_arguments():
+    """``encode_prompt`` is public on its own (DESIGN): it refuses what ``__call__`` refuses, naming the parameter,
+    instead of empty features, a torch / tokenizer error or NaN features passed on."""
+    for case_id in ("star", "infinity"):
+        pipe = pipeline(next(case for case in CASES if case.id == case_id))
+        width = 32
+        bad_calls = [
+            ({"num_images_per_prompt": 0}, "num_images_per_prompt"),
+            ({"num_images_per_prompt": -1}, "num_images_per_prompt"),
+            ({"num_images_per_prompt": 2.5}, "num_images_per_prompt"),
+            ({"max_sequence_length": 0}, "max_sequence_length"),
+            ({"max_sequence_length": "10"}, "max_sequence_length"),
+            ({"max_sequence_length": 10**6}, "max_sequence_length"),
+            ({"prompt": None, "prompt_embeds": torch.full((1, 4, width), float("nan"))}, "prompt_embeds"),
+            ({"prompt": None, "prompt_embeds": torch.zeros(4, width)}, "prompt_embeds"),
+            ({"prompt": None, "prompt_embeds": torch.zeros(1, 4, width + 1)}, "prompt_embeds"),
+        ]
+        if case_id == "star":  # STAR's features come with their pooled vector
+            pooled = {"pooled_prompt_embeds": torch.zeros(1, width)}
+            bad_calls = [
+                (kwargs | pooled if "prompt_embeds" in kwargs else kwargs, name) for kwargs, name in bad_calls
+            ]
+            bad_calls.append(({"prompt": None, "prompt_embeds": torch.zeros(1, 1, width)} | pooled, "prompt_embeds"))
+        for kwargs, parameter in bad_calls:
+            with pytest.raises(ValueError, match=f"`{parameter}`"):
+                pipe.encode_prompt(**{"prompt": "a red square", **kwargs})
+    star = pipeline(next(case for case in CASES if case.id == "star"))
+    for texts, parameter in (([], "texts"), ([3], "texts")):
+        with pytest.raises(ValueError, match=f"`{parameter}`"):
+            star.encode_text(texts)
+    with pytest.raises(ValueError, match="`max_sequence_length`"):
+        star.encode_text(["a"], max_sequence_length=1)
 
 
 @pytest.mark.parametrize(

@@ -280,14 +280,19 @@ def test_read_prompts_and_plan(tmp_path):
         (["--per-class", "1", "--compile-cache", "cache"], "`--compile-cache` holds the fast path's compiled code"),
         (["--per-class", "1", "--compile-blocks", "static"], "`--compile-blocks` is an option of the fast path"),
         (["--per-class", "1", "--model", "/nonexistent"], "`--model` '/nonexistent' is not a pipeline folder"),
-        (["--per-class", "1", "--device", "gpu0"], "`--device` 'gpu0' is not a torch device"),
+        (["--per-class", "1", "--device", "gpu0"], "`--device` 'gpu0' is not usable here"),
+        (["--per-class", "1", "--device", "meta"], "`--device` 'meta' is not usable here"),
+        (["--per-class", "1", "--guidance-scale", "nan"], "--guidance-scale: must be a finite number"),
+        (["--per-class", "1", "--guidance-scale", "-1"], "`--guidance-scale` must be in [0.0"),
+        (["--per-class", "1", "--top-p", "5"], "`--top-p` must be in [0.0, 1.0]"),
+        (["--per-class", "1", "--top-k", "-5"], "--top-k: must be a whole number >= 0"),
         (["--class-labels", "0", "--per-class", str(MAX_IMAGES + 1)], f"`--per-class` must be <= {MAX_IMAGES}"),
         (["--class-labels", "0,1", "--per-class", str(MAX_IMAGES // 2 + 1)], f"at most {MAX_IMAGES}"),  # the total
         (["--per-class", "1", "--batch-size", "65537"], "`--batch-size` must be <= 65536"),
         (["--per-class", "1", "--writer-threads", "100000"], "`--writer-threads` must be <= 256"),
         pytest.param(
             ["--per-class", "1", "--device", "cuda"],
-            "this machine has no CUDA device",
+            "`--device` 'cuda' is not usable here",
             id="no-cuda",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present"),
         ),
@@ -295,7 +300,11 @@ def test_read_prompts_and_plan(tmp_path):
 )
 def test_bad_input_is_one_error_line(argv, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("diffusers_var.sample._generate_batch", lambda *a, **k: pytest.fail("generated"))
-    assert main(["sample", "--out", str(tmp_path / "o"), "--model", str(VAR), "--no-progress", *argv]) == 2
+    try:
+        code = main(["sample", "--out", str(tmp_path / "o"), "--model", str(VAR), "--no-progress", *argv])
+    except SystemExit as exit_:  # the parser's own refusals (a flag's type)
+        code = exit_.code
+    assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "o").exists()

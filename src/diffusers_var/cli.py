@@ -169,6 +169,8 @@ def _generate(args) -> int:
             args.class_label = args.prompt
     elif not args.prompt:
         return print_error("`--prompt` is required for text-to-image pipelines")
+    elif args.class_label is not None:
+        return print_error(f"`--class-label` is for class-conditional (VAR) models; {name} takes `--prompt`")
     problem = size_flags_problem(args, pipeline_class)
     if problem:
         return print_error(problem)
@@ -292,6 +294,10 @@ def _edit(args) -> int:
         return print_error("`--class-label` (a class index or name) is required for VAR")
     if not class_conditional and not args.prompt:
         return print_error("`--prompt` is required for text-to-image pipelines")
+    if not class_conditional and args.class_label is not None:
+        return print_error(
+            f"`--class-label` is for class-conditional (VAR) models; {pipeline_class.__name__} takes `--prompt`"
+        )
     problem = size_flags_problem(args, pipeline_class)
     if problem:
         return print_error(problem)

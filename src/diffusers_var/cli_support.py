@@ -247,12 +247,14 @@ def check_device(flag: str, device: str | None) -> str | None:
         return None
     import torch
 
+    available = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())])
     try:
+        if torch.device(device).type == "meta":
+            raise ValueError("a placeholder device that holds no data")
         torch.empty(1, device=torch.device(device))
     except (RuntimeError, AssertionError, ValueError) as err:  # CPU builds raise AssertionError for "cuda"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        available = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-        return f"`{flag}` {device!r} is not usable here ({reason}); available: {', '.join(available)}"
+        return f"`{flag}` {device!r} is not usable here ({reason}); available: {available}"
     return None
 
 

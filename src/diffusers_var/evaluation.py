@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cli_support import check_device
 from .fid_inception import WEIGHTS_FILENAMES, WEIGHTS_URL, FIDInceptionV3
 from .file_utils import json_lines, write_atomic
 from .sample import IMAGES_DIR, METADATA_FILE
@@ -531,12 +532,10 @@ def run_evaluate(args) -> dict:
         if target:
             check_output_file(flag, target)
     metrics = _metrics(args, samples, reference)
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        raise ValueError(f"`--device` {args.device!r} is not a torch device.") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"`--device` {args.device!r}: this machine has no CUDA device.")
+    problem = check_device("--device", args.device)
+    if problem:
+        raise ValueError(problem)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     progress = not args.no_progress
     # Load every network before the long feature passes, so that a missing file fails at once.
     inception = None

@@ -108,7 +108,11 @@ def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
         raise ValueError(f"`save_directory` {str(target)!r} is a file, not a folder.")
     existing = target.exists()
     if not existing:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as err:  # a file where a parent folder should be
+            reason = f"{err.strerror} ({err.filename})"
+            raise ValueError(f"`save_directory` {str(target)!r} cannot be made: {reason}.") from None
     where, prefix = (target, ".saving-") if existing else (target.parent, f".{target.name}.saving-")
     _clean_stale_staging(where, prefix)
     staging = Path(tempfile.mkdtemp(prefix=prefix, dir=where))

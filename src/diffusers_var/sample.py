@@ -45,13 +45,21 @@ import torch
 from .cli_support import (
     COMPILE_BLOCKS_SHAPES,
     MAX_IMAGES,
+    check_device,
     enable_fast_path,
+    finite_float,
+    int_in_range,
     pipeline_class_of,
 )
 from .conversion.common import folder_problem
 from .embedded_models import default_model, resolve_pipeline_folder
 from .file_utils import json_lines, write_atomic
-from .pipelines.pipeline_utils import MAX_BATCH_SIZE
+from .pipelines.pipeline_utils import (
+    MAX_BATCH_SIZE,
+    check_common_inputs,
+    check_guidance_scale,
+    check_temperature,
+)
 
 IMAGES_DIR = "images"
 RUN_FILE = "run.json"
@@ -270,12 +278,10 @@ class Processes:
     several (``accelerate launch``, torchrun), else one plain process (accelerate's global state left untouched)."""
 
     def __init__(self, device: str | None):
-        try:
-            requested = torch.device(device) if device is not None else None
-        except RuntimeError:
-            raise ValueError(f"`--device` {device!r} is not a torch device (cpu, cuda, cuda:1, ...).") from None
-        if requested is not None and requested.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"`--device` {device!r}: this machine has no CUDA device.")
+        problem = check_device("--device", device)
+        if problem:
+            raise ValueError(problem)
+        requested = torch.device(device) if device is not None else None
         self._state, self.index, self.count = None, 0, 1
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
             self.device = requested or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -377,6 +383,23 @@ def _sampling_kwargs(args, pipe, pipeline_name: str, num_classes: int | None) ->
     if pipeline_name == "VARPipeline" and num_classes == 1000:
         defaults.update(IMAGENET_FID_SAMPLING)
     return {**defaults, **given}
+
+
+def _check_sampling(pipe, pipeline_name: str, sampling: dict) -> None:
+    """The pipeline's own checks of the sampling settings, their errors naming the flags they come from."""
+    try:
+        check_common_inputs(sampling.get("top_k", 0), sampling.get("top_p", 0.0), "np", 1)
+        if pipeline_name == "InfinityPipeline":
+            num_scales = len(pipe.scale_schedule(sampling.get("height"), sampling.get("width")))
+            check_guidance_scale(sampling.get("guidance_scale"), num_scales)
+            check_temperature(sampling.get("tau"), num_scales, "tau")
+        else:
+            check_guidance_scale(sampling.get("guidance_scale"))
+    except ValueError as err:
+        message = str(err)
+        for name in SAMPLING_FLAGS:
+            message = message.replace(f"`{name}`", f"`--{name.replace('_', '-')}`")
+        raise ValueError(message) from None
 
 
 def _generate_batch(
@@ -535,6 +558,7 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
     class_names = dict(getattr(pipe, "id2label", None) or {})
     plan = build_plan(args, pipeline_name, num_classes, class_names, prompts)
     sampling = _sampling_kwargs(args, pipe, pipeline_name, num_classes)
+    _check_sampling(pipe, pipeline_name, sampling)  # before the run folder is written to
     loaded = time.perf_counter()
     if args.fast:
         enable_fast_path(pipe, device, dtype, args.fp8, args.compile_cache, args.compile_blocks or True)
@@ -740,13 +764,13 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     group = parser.add_argument_group(
         "sampling (default: the pipeline's; converted ImageNet VARs: the FID setting cfg 1.5, top-k 900, top-p 0.96)"
     )
-    group.add_argument("--guidance-scale", type=float, default=None)
-    group.add_argument("--top-k", type=int, default=None, help="0 = off")
-    group.add_argument("--top-p", type=float, default=None, help="0 = off")
+    group.add_argument("--guidance-scale", type=finite_float, default=None)
+    group.add_argument("--top-k", type=int_in_range(0), default=None, help="0 = off")
+    group.add_argument("--top-p", type=finite_float, default=None, help="0 to 1 (0 = off)")
     group.add_argument("--more-smooth", action="store_true", help="VAR / STAR: Gumbel-softmax smoothing")
-    group.add_argument("--tau", type=float, default=None, help="Infinity: temperature")
-    group.add_argument("--height", type=int, default=None, help="Infinity: image height")
-    group.add_argument("--width", type=int, default=None, help="Infinity: image width")
+    group.add_argument("--tau", type=finite_float, default=None, help="Infinity: temperature")
+    group.add_argument("--height", type=int_in_range(1), default=None, help="Infinity: image height")
+    group.add_argument("--width", type=int_in_range(1), default=None, help="Infinity: image width")
     group = parser.add_argument_group("run")
     group.add_argument("--seed", type=int, default=0, help="image i draws from a generator seeded from (seed, i)")
     group.add_argument(

@@ -25,7 +25,7 @@ from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
 from .dynamic_resolution import normalize_schedule
-from .slicing import SlicedDecodingMixin
+from .slicing import SlicedDecodingMixin, check_image_values, check_token_values
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -277,6 +277,11 @@ class BitwiseMultiScaleVAE(ModelMixin, ConfigMixin, SlicedDecodingMixin):
     @apply_forward_hook
     def encode_features(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> raw latent features (B, d, H/s, W/s)."""
+        channels = self.config.in_channels
+        if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != channels:
+            got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+            raise ValueError(f"`images` must be a (B, {channels}, H, W) tensor in [-1, 1], got {got}.")
+        check_image_values(images)
         return self.encoder(images)
 
     @apply_forward_hook
@@ -320,15 +325,43 @@ class BitwiseMultiScaleVAE(ModelMixin, ConfigMixin, SlicedDecodingMixin):
     def decode(self, latents: torch.Tensor, return_dict: bool = True):
         """Latent (B, d, H, W) -> images (B, 3, H*s, W*s) clamped to [-1, 1] (in slices after ``enable_slicing``)."""
         # out of place: a decoder compiled into CUDA graphs (a user's torch.compile mode) reuses its output buffer
-        images = self._decode_sliced(lambda part: self.decoder(part).clamp(-1, 1), latents)
+        images = self._decode_sliced(
+            lambda part: self.decoder(part).clamp(-1, 1), latents, self.config.codebook_dim, "latents"
+        )
         return DecoderOutput(sample=images) if return_dict else (images,)
 
     def codes_from_bit_labels(self, bit_labels: Sequence[torch.Tensor]) -> torch.Tensor:
         """Latent-layout bits per scale ((B, h, w, d)) -> the summed, upsampled codes (B, d, H, W)."""
+        self._check_bit_labels(bit_labels)
         full = tuple(bit_labels[-1].shape[1:3])
         return sum(self.scale_contribution(self.bits_to_codes(bits.permute(0, 3, 1, 2)), full) for bits in bit_labels)
 
+    def _check_bit_labels(self, bit_labels) -> None:
+        """Per scale an integer / bool (B, h, w, d) tensor of 0 / 1 with one batch, the grids growing."""
+        d = self.config.codebook_dim
+        if not isinstance(bit_labels, (list, tuple)) or not bit_labels:
+            raise ValueError(f"`bit_labels` must be a non-empty list of (B, h, w, {d}) 0/1 tensors, one per scale.")
+        for i, bits in enumerate(bit_labels):
+            if (
+                not torch.is_tensor(bits)
+                or bits.ndim != 4
+                or bits.shape[-1] != d
+                or bits.is_floating_point()
+                or bits.is_complex()
+                or bits.shape[0] != bit_labels[0].shape[0]
+            ):
+                got = f"{tuple(bits.shape)} {bits.dtype}" if torch.is_tensor(bits) else type(bits).__name__
+                raise ValueError(
+                    f"`bit_labels[{i}]` must be an integer or bool (B, h, w, {d}) tensor with the batch of "
+                    f"`bit_labels[0]`, got {got}."
+                )
+        grids = [tuple(bits.shape[1:3]) for bits in bit_labels]
+        if any(b[0] < a[0] or b[1] < a[1] for a, b in zip(grids, grids[1:])):
+            raise ValueError(f"`bit_labels` must go from small to large grids, got {grids}.")
+        check_token_values(bit_labels, 0, 1, "bit_labels")
+
     def decode_bit_labels(self, bit_labels: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Latent-layout bits per scale ((B, h, w, d), as :meth:`encode` returns them) -> images in [-1, 1]."""
         return self.decode(self.codes_from_bit_labels(bit_labels)).sample
 
     # -- what the transformer sees -----------------------------------------------------------------

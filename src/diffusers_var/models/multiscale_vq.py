@@ -21,7 +21,7 @@ from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
 from .blocks import validate_patch_nums
-from .slicing import SlicedDecodingMixin
+from .slicing import SlicedDecodingMixin, check_image_values, check_token_values
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,6 +398,7 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin, SlicedDecodingMixin):
                 f"`images` height and width must be multiples of {self.downsample_factor}, "
                 f"got {tuple(images.shape[-2:])}."
             )
+        check_image_values(images)
 
     def _resolve_patch_nums(self, patch_nums, latent_side: int) -> tuple[int, ...]:
         patch_nums = self.patch_nums if patch_nums is None else validate_patch_nums(patch_nums)
@@ -435,7 +436,7 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin, SlicedDecodingMixin):
         are ``kept_indices``' ((B, pn*pn) per scale, e.g. another image's ``encode_indices``): the others are
         quantised from the residual that the image and the kept tokens leave, scale by scale. This is what an edit
         that keeps those tokens should sample (the targets of edit fine-tuning)."""
-        patch_nums = self._check_indices(kept_indices)
+        patch_nums = self._check_indices(kept_indices, "kept_indices")
         if len(keep) != len(patch_nums) or any(tuple(k.shape[-2:]) != (pn, pn) for k, pn in zip(keep, patch_nums)):
             raise ValueError(f"`keep` must hold one (B, pn, pn) mask per scale of {patch_nums}.")
         f = self.encode_latent(images)
@@ -448,15 +449,24 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin, SlicedDecodingMixin):
         return self.quantize.quantize(f, self._resolve_patch_nums(patch_nums, f.shape[-1]), return_fhat=True)
 
     # -- from tokens to latents ------------------------------------------------------------------
-    def _check_indices(self, indices) -> tuple[int, ...]:
+    def _check_indices(self, indices, name: str = "indices") -> tuple[int, ...]:
+        """A token pyramid: integer tensors (B, pn*pn) with one batch, strictly growing sides, codebook indices."""
         if not isinstance(indices, (list, tuple)) or not indices:
-            raise ValueError("`indices` must be a non-empty list of LongTensors (B, pn*pn), one per scale.")
+            raise ValueError(f"`{name}` must be a non-empty list of LongTensors (B, pn*pn), one per scale.")
         patch_nums = []
         for i, idx in enumerate(indices):
-            side = round(idx.shape[-1] ** 0.5)
-            if idx.ndim != 2 or side * side != idx.shape[-1]:
-                raise ValueError(f"`indices[{i}]` must have shape (B, pn*pn), got {tuple(idx.shape)}.")
+            if not torch.is_tensor(idx) or idx.dtype not in (torch.int64, torch.int32):
+                got = idx.dtype if torch.is_tensor(idx) else type(idx).__name__
+                raise ValueError(f"`{name}[{i}]` must be a LongTensor (B, pn*pn), got {got}.")
+            side = round(idx.shape[-1] ** 0.5) if idx.ndim else 0
+            if idx.ndim != 2 or side * side != idx.shape[-1] or idx.shape[0] != indices[0].shape[0]:
+                raise ValueError(
+                    f"`{name}[{i}]` must have shape (B, pn*pn) with the batch of `{name}[0]`, got {tuple(idx.shape)}."
+                )
             patch_nums.append(side)
+        if any(p < 1 for p in patch_nums) or any(b <= a for a, b in zip(patch_nums, patch_nums[1:])):
+            raise ValueError(f"`{name}` must go from small to large scales (growing sides), got {patch_nums}.")
+        check_token_values(indices, 0, self.config.vocab_size - 1, name)
         return tuple(patch_nums)
 
     @apply_forward_hook
@@ -520,7 +530,7 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin, SlicedDecodingMixin):
     @apply_forward_hook
     def decode_latent(self, f_hat: torch.Tensor) -> torch.Tensor:
         """f_hat (B, Cv, h, h) -> images (B, 3, 16h, 16h) clamped to [-1, 1] (in slices after ``enable_slicing``)."""
-        return self._decode_sliced(self._decode_latent_batch, f_hat)
+        return self._decode_sliced(self._decode_latent_batch, f_hat, self.config.z_channels, "f_hat")
 
     def _decode_latent_batch(self, f_hat: torch.Tensor) -> torch.Tensor:
         # out of place: a decoder compiled into CUDA graphs (a user's torch.compile mode) reuses its output buffer

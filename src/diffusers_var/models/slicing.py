@@ -1,11 +1,43 @@
-"""Decoding a batch in slices: diffusers' ``enable_slicing`` / ``disable_slicing`` for the two image tokenizers."""
+"""What the two image tokenizers share: decoding a batch in slices (diffusers' ``enable_slicing`` /
+``disable_slicing``) and the checks of their public inputs and decoded outputs."""
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Callable, Sequence
 
 import torch
 from diffusers.models.autoencoders.vae import AutoencoderMixin
+
+# Images are in [-1, 1]; resampling may overshoot that a little. Beyond this bound they are in another range
+# (0..255, say), which the encoders would quantise without complaint.
+IMAGE_RANGE_BOUND = 1.5
+
+
+def check_image_values(images: torch.Tensor, name: str = "images") -> None:
+    """Floating point, finite and within [-1, 1] (to :data:`IMAGE_RANGE_BOUND`): one device sync."""
+    if not images.is_floating_point():
+        raise ValueError(
+            f"`{name}` must be a floating-point tensor in [-1, 1], got {images.dtype} (uint8 pixels: x / 127.5 - 1)."
+        )
+    if images.numel():
+        low, high = (float(v) for v in torch.aminmax(images.detach()))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"`{name}` holds NaN or infinite values.")
+        if low < -IMAGE_RANGE_BOUND or high > IMAGE_RANGE_BOUND:
+            raise ValueError(
+                f"`{name}` must be in [-1, 1], got values in [{low:.4g}, {high:.4g}] (images in [0, 1]: x * 2 - 1; "
+                "in [0, 255]: x / 127.5 - 1)."
+            )
+
+
+def check_token_values(tokens: Sequence[torch.Tensor], low: int, high: int, name: str) -> None:
+    """Every entry of the per-scale integer ``tokens`` within ``[low, high]`` (one device sync for all scales)."""
+    flat = torch.cat([t.detach().reshape(-1).long() for t in tokens])
+    if flat.numel():
+        found_low, found_high = (int(v) for v in torch.aminmax(flat))
+        if found_low < low or found_high > high:
+            raise ValueError(f"`{name}` must hold values in [{low}, {high}], got [{found_low}, {found_high}].")
 
 
 class SlicedDecodingMixin(AutoencoderMixin):
@@ -28,8 +60,28 @@ class SlicedDecodingMixin(AutoencoderMixin):
         """Decode the whole batch at once again (the default)."""
         self.use_slicing = False
 
-    def _decode_sliced(self, decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor) -> torch.Tensor:
-        """``decode(latents)``, slice by slice along the batch when slicing is on."""
+    def _decode_sliced(
+        self, decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor, channels: int, name: str
+    ) -> torch.Tensor:
+        """``decode(latents)``, slice by slice along the batch when slicing is on. ``latents`` (named ``name``) must
+        be a floating-point (B, ``channels``, h, w) tensor, and the pixels it decodes to must be finite: NaN or
+        infinite latents, or values too large for the decoder, are refused instead of returned as NaN images (the
+        check reads the decoded images once, after the decoder's kernels are queued)."""
+        if (
+            not torch.is_tensor(latents)
+            or latents.ndim != 4
+            or latents.shape[1] != channels
+            or not latents.is_floating_point()
+        ):
+            got = f"{tuple(latents.shape)} {latents.dtype}" if torch.is_tensor(latents) else type(latents).__name__
+            raise ValueError(f"`{name}` must be a floating-point (B, {channels}, h, w) tensor, got {got}.")
         if not self.use_slicing or latents.shape[0] <= self.slice_size:
-            return decode(latents)
-        return torch.cat([decode(part) for part in latents.split(self.slice_size)])
+            images = decode(latents)
+        else:
+            images = torch.cat([decode(part) for part in latents.split(self.slice_size)])
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError(
+                f"`{name}` decoded to NaN or infinite pixels: it holds NaN or infinite values, or values too large "
+                "for the decoder."
+            )
+        return images

@@ -111,12 +111,17 @@ def use_compile_cache(directory: str | os.PathLike | None = None) -> Path:
     this process (one compile thread), unless ``TORCHINDUCTOR_COMPILE_THREADS`` says otherwise: with a warm cache
     little is left to compile, and starting the pool cost more than it saved. Returns it.
     """
+    if directory is not None and not isinstance(directory, (str, os.PathLike)):
+        raise ValueError(f"`directory` must be a folder path (str or os.PathLike) or None, got {directory!r}.")
     if directory is None:
         directory = os.environ.get(COMPILE_CACHE_ENV) or os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     path = Path(directory or default_compile_cache()).expanduser().absolute()
     if path.exists() and not path.is_dir():
         raise ValueError(f"`directory` must be a folder for torch.compile's caches, got the file {path}.")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:  # a file where a parent folder should be
+        raise ValueError(f"`directory` {path} cannot be made: {err.strerror} ({err.filename}).") from None
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)  # read by Inductor at every cache access
     import torch._inductor.config as inductor_config
 

@@ -26,6 +26,7 @@ from .pipeline_utils import (
     check_finite_number,
     check_generator,
     check_guidance_scale,
+    check_num_images_per_prompt,
     check_prompts,
     check_temperature,
     check_text_embeds,
@@ -160,6 +161,23 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
             )
         return list(negatives) * (batch_size if len(negatives) == 1 else 1)
 
+    def _check_max_sequence_length(self, max_sequence_length) -> None:
+        if max_sequence_length is not None and (
+            not isinstance(max_sequence_length, int)
+            or isinstance(max_sequence_length, bool)
+            or not 1 <= max_sequence_length <= self.text_max_length
+        ):
+            raise ValueError(
+                f"`max_sequence_length` must be an integer in [1, {self.text_max_length}] or None, "
+                f"got {max_sequence_length!r}."
+            )
+
+    def _check_text_half(self, embeds, mask, prefix: str, batch_size: int | None = None) -> None:
+        """Validate one half of precomputed text features."""
+        cfg = self.transformer.config
+        names = (f"{prefix}prompt_embeds", f"{prefix}prompt_attention_mask")
+        check_text_embeds(embeds, mask, cfg.text_dim, *names, batch_size, cfg.text_max_length)
+
     @torch.no_grad()
     def encode_prompt(
         self,
@@ -193,12 +211,14 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         Returns ``(prompt_embeds (B, S, text_dim) float32, prompt_attention_mask (B, S) bool, negative_prompt_embeds,
         negative_prompt_attention_mask)`` with ``B = len(prompt) * num_images_per_prompt``.
         """
+        check_num_images_per_prompt(num_images_per_prompt)
+        self._check_max_sequence_length(max_sequence_length)
+        if prompt_embeds is not None:
+            self._check_text_half(prompt_embeds, prompt_attention_mask, "")
+        if negative_prompt_embeds is not None:
+            self._check_text_half(negative_prompt_embeds, negative_prompt_attention_mask, "negative_")
         device = device or self._execution_device
         max_length = self.text_max_length if max_sequence_length is None else max_sequence_length
-        if max_length > self.text_max_length:
-            raise ValueError(
-                f"`max_sequence_length` ({max_length}) exceeds the model's `text_max_length` ({self.text_max_length})."
-            )
         if prompt_embeds is None:
             prompt_embeds, prompt_attention_mask = self._encode_texts(check_prompts(prompt), device, max_length)
         elif prompt_attention_mask is None:
@@ -365,16 +385,7 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         schedule = self.scale_schedule(height, width)
         check_guidance_scale(guidance_scale, len(schedule))
         check_temperature(tau, len(schedule), "tau")
-        if max_sequence_length is not None and (
-            not isinstance(max_sequence_length, int)
-            or isinstance(max_sequence_length, bool)
-            or not 1 <= max_sequence_length <= self.text_max_length
-        ):
-            raise ValueError(
-                f"`max_sequence_length` must be an integer in [1, {self.text_max_length}] or None, "
-                f"got {max_sequence_length!r}."
-            )
-        cfg = self.transformer.config
+        self._check_max_sequence_length(max_sequence_length)
         if prompt_embeds is None:
             if prompt_attention_mask is not None:
                 raise ValueError("`prompt_attention_mask` is only used with `prompt_embeds`.")
@@ -382,29 +393,13 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         else:
             if prompt is not None:
                 raise ValueError("pass either `prompt` or `prompt_embeds`, not both.")
-            check_text_embeds(
-                prompt_embeds,
-                prompt_attention_mask,
-                cfg.text_dim,
-                "prompt_embeds",
-                "prompt_attention_mask",
-                None,
-                cfg.text_max_length,
-            )
+            self._check_text_half(prompt_embeds, prompt_attention_mask, "")
             num_prompts = prompt_embeds.shape[0]
         negatives = self._negative_prompts(negative_prompt, num_prompts)
         if negative_prompt_embeds is not None:
             if negative_prompt is not None:
                 raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both.")
-            check_text_embeds(
-                negative_prompt_embeds,
-                negative_prompt_attention_mask,
-                cfg.text_dim,
-                "negative_prompt_embeds",
-                "negative_prompt_attention_mask",
-                num_prompts,
-                cfg.text_max_length,
-            )
+            self._check_text_half(negative_prompt_embeds, negative_prompt_attention_mask, "negative_", num_prompts)
         elif negative_prompt_attention_mask is not None:
             raise ValueError("`negative_prompt_attention_mask` is only used with `negative_prompt_embeds`.")
         if self.text_encoder is None or self.tokenizer is None:

@@ -26,6 +26,7 @@ from .pipeline_utils import (
     check_finite_number,
     check_generator,
     check_guidance_scale,
+    check_num_images_per_prompt,
     check_prompts,
     check_text_embeds,
     repeat_rows,
@@ -144,9 +145,11 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
                 "`prompt`: this pipeline has no text encoder / tokenizer; pass `prompt_embeds`, "
                 "`pooled_prompt_embeds` and their `negative_` counterparts instead."
             )
+        texts = check_prompts(texts, "texts")
+        self._check_max_sequence_length(max_sequence_length)
         device = device or self._execution_device
         max_length = self.text_max_length if max_sequence_length is None else max_sequence_length
-        input_ids, attention_mask = self._tokenize(list(texts), max_length, device)
+        input_ids, attention_mask = self._tokenize(texts, max_length, device)
         output = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask)
         hidden = output.last_hidden_state
         pooled = hidden.mean(dim=1) if self._is_t5 else output.pooler_output
@@ -189,6 +192,16 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         (``pooler_output``); T5's is the mean over all positions, padding included, like the original ablation. The
         prompt and the negative prompt are encoded in one text encoder call, as the original does.
         """
+        check_num_images_per_prompt(num_images_per_prompt)
+        self._check_max_sequence_length(max_sequence_length)
+        if prompt_embeds is not None:
+            self._check_text_half(prompt_embeds, prompt_attention_mask, pooled_prompt_embeds, "")
+            if do_classifier_free_guidance and negative_prompt_embeds is None:
+                self._check_negative_length(prompt_embeds)
+        if negative_prompt_embeds is not None:
+            self._check_text_half(
+                negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds, "negative_"
+            )
         device = device or self._execution_device
         if prompt_embeds is None:
             prompts = check_prompts(prompt)
@@ -261,6 +274,31 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
                 f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {batch_size}; they must match."
             )
         return list(negative_prompt)
+
+    def _check_max_sequence_length(self, max_sequence_length) -> None:
+        # at least the tokenizer's start and end tokens; at most CLIP's 77 positions (T5's are relative: no limit)
+        longest = None if self.tokenizer is None or self._is_t5 else self.tokenizer.model_max_length
+        if max_sequence_length is not None and (
+            not isinstance(max_sequence_length, int)
+            or isinstance(max_sequence_length, bool)
+            or max_sequence_length < 2
+            or (longest is not None and max_sequence_length > longest)
+        ):
+            raise ValueError(
+                f"`max_sequence_length` must be None or an integer in [2, {longest or 'inf'}] (text tokens), got "
+                f"{max_sequence_length!r}."
+            )
+
+    def _check_negative_length(self, prompt_embeds: torch.Tensor) -> None:
+        """The negative prompt is encoded to ``prompt_embeds``' length: the tokenizer's start and end tokens at
+        least, the text encoder's positions at most."""
+        limit = self.text_max_length
+        if prompt_embeds.shape[1] < 2 or (limit is not None and prompt_embeds.shape[1] > limit):
+            raise ValueError(
+                f"`prompt_embeds` has {prompt_embeds.shape[1]} tokens: the negative prompt is encoded to the same "
+                f"length, which must be in [2, {limit or 'inf'}] (the tokenizer's start and end tokens, the text "
+                "encoder's positions); pass `negative_prompt_embeds` too."
+            )
 
     def _check_text_half(self, embeds, mask, pooled, prefix: str, batch_size: int | None = None) -> None:
         """Validate one half of precomputed text features."""
@@ -503,18 +541,7 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         check_guidance_scale(guidance_scale)
         check_common_inputs(top_k, top_p, output_type, num_images_per_prompt, return_dict)
         check_bool(more_smooth, "more_smooth")
-        # at least the tokenizer's start and end tokens; at most CLIP's 77 positions (T5's are relative: no limit)
-        longest = None if self.tokenizer is None or self._is_t5 else self.tokenizer.model_max_length
-        if max_sequence_length is not None and (
-            not isinstance(max_sequence_length, int)
-            or isinstance(max_sequence_length, bool)
-            or max_sequence_length < 2
-            or (longest is not None and max_sequence_length > longest)
-        ):
-            raise ValueError(
-                f"`max_sequence_length` must be None or an integer in [2, {longest or 'inf'}] (text tokens), got "
-                f"{max_sequence_length!r}."
-            )
+        self._check_max_sequence_length(max_sequence_length)
         if prompt_embeds is None:
             for name, value in (
                 ("prompt_attention_mask", prompt_attention_mask),
@@ -537,12 +564,8 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
                 if value is not None:
                     raise ValueError(f"`{name}` is only used with `negative_prompt_embeds`.")
             self._negative_prompts(negative_prompt, num_prompts)
-            if prompt_embeds is not None and limit is not None and prompt_embeds.shape[1] > limit:
-                raise ValueError(
-                    f"`prompt_embeds` has {prompt_embeds.shape[1]} tokens: the negative prompt is encoded to "
-                    f"the same length and the text encoder takes at most {limit}; pass "
-                    f"`negative_prompt_embeds` too, or at most {limit} tokens."
-                )
+            if prompt_embeds is not None:
+                self._check_negative_length(prompt_embeds)
         else:
             if negative_prompt is not None:
                 raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both.")

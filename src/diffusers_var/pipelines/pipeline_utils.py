@@ -74,7 +74,8 @@ _KEEP_COMPONENT_DTYPES = contextvars.ContextVar("keep_component_dtypes", default
 # Argument checks shared by every family (each names the parameter and the allowed values)
 # ----------------------------------------------------------------------------------------------
 def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real Python or numpy scalar (``np.float32(0.5)`` too), not a bool."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def check_finite_number(
@@ -135,6 +136,12 @@ def check_common_inputs(
     check_finite_number(top_p, "top_p", 0.0, 1.0)
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+    check_num_images_per_prompt(num_images_per_prompt)
+    if not isinstance(return_dict, bool):
+        raise ValueError(f"`return_dict` must be True or False, got {return_dict!r}.")
+
+
+def check_num_images_per_prompt(num_images_per_prompt) -> None:
     if (
         not isinstance(num_images_per_prompt, int)
         or isinstance(num_images_per_prompt, bool)
@@ -143,8 +150,6 @@ def check_common_inputs(
         raise ValueError(
             f"`num_images_per_prompt` must be an integer in [1, {MAX_BATCH_SIZE}], got {num_images_per_prompt!r}."
         )
-    if not isinstance(return_dict, bool):
-        raise ValueError(f"`return_dict` must be True or False, got {return_dict!r}.")
 
 
 def check_dtype_argument(dtype, name: str = "dtype", per_component: bool = True) -> None:
@@ -425,6 +430,8 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         imports this class from the installed ``diffusers_var``; loading with the class itself runs no code).
         Written through a staging folder (:func:`~diffusers_var.file_utils.save_folder_atomic`): an interrupted save
         leaves ``save_directory`` as it was, and files of yours in it are kept."""
+        if not isinstance(save_directory, (str, os.PathLike)):
+            raise ValueError(f"`save_directory` must be a folder path (str or os.PathLike), got {save_directory!r}.")
         hub = {key: kwargs.pop(key) for key in _PUSH_KWARGS if key in kwargs}
         push_to_hub = kwargs.pop("push_to_hub", False)
 
@@ -724,6 +731,17 @@ def image_batch_and_size(image, name: str = "image") -> tuple[int, int, int]:
             f"`{name}`: every image of the list must have the same size, got "
             f"{sorted({size[1:] for size in sizes})} (height, width)."
         )
+    # diffusers' image processor stacks a list as it is: one kind of image, arrays of one number of dimensions
+    kinds = {
+        "PIL image" if isinstance(item, PIL.Image.Image) else f"{type(item).__name__} of {item.ndim} dimensions"
+        for item in items
+    }
+    if len(kinds) != 1:
+        described = sorted(kinds)
+        raise ValueError(
+            f"`{name}`: a list must hold one kind of image (all PIL, or all arrays / tensors with the same number of "
+            f"dimensions), got {', '.join(described)}."
+        )
     return sum(size[0] for size in sizes), sizes[0][1], sizes[0][2]
 
 
@@ -756,6 +774,11 @@ def mask_to_tensor(mask_image, name: str = "mask_image") -> torch.Tensor:
         else:
             values = torch.as_tensor(item)
             if isinstance(item, np.ndarray):  # numpy masks are channels-last
+                if values.ndim == 3 and values.shape[-1] in (3, 4):
+                    raise ValueError(
+                        f"`{name}` of shape {tuple(item.shape)} looks like an RGB(A) image; a mask has one channel: "
+                        "(H, W) or (H, W, 1), or a batch (B, H, W, 1)."
+                    )
                 if values.ndim == 3 and values.shape[-1] == 1:
                     values = values[None]
                 if values.ndim == 4:
