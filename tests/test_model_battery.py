@@ -338,7 +338,11 @@ def test_bad_tokenizer_inputs_name_the_parameter(case):
     encode, decode, decode_tokens, tokens, channels, latent_name, tokens_name = _tokenizer_calls(model)
     images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
-        assert torch.isfinite(decode_tokens(tokens)).all()  # the good input works
+        assert torch.isfinite(decode_tokens(tokens)).all()  # the good input works, and what is legitimate:
+        encode(images * 1.2)  # a resampling overshoot past [-1, 1]
+        narrow = [t.int() if isinstance(model, MultiScaleVQModel) else t.bool() for t in tokens]  # int32 / bool
+        assert torch.equal(decode_tokens(narrow), decode_tokens(tokens))
+        assert torch.isfinite(decode_tokens(tokens[:2])).all()  # the first scales only
         for bad in (
             images * 127.5 + 127.5,
             ((images + 1) * 127.5).to(torch.uint8),
@@ -349,14 +353,14 @@ def test_bad_tokenizer_inputs_name_the_parameter(case):
         latents = torch.randn(2, channels, 4, 4, generator=torch.Generator().manual_seed(0))
         assert torch.isfinite(decode(latents)).all()
         nan = torch.full_like(latents, float("nan"))
-        for bad in (latents[:, :1], nan, torch.full_like(latents, 1e30), latents.long()):
+        for bad in (latents[:, :1], nan, torch.full_like(latents, 1e30), latents.long()):  # NaNs, by overflow
             with pytest.raises(ValueError, match=f"`{latent_name}`"):
                 decode(bad)
         high = model.config.vocab_size if isinstance(model, MultiScaleVQModel) else 2
         for bad in (
             [t.float() for t in tokens],
             [t.clone().fill_(high) for t in tokens],
-            [torch.full_like(t, -1) for t in tokens],
+            [torch.full_like(t, -1, dtype=torch.long) for t in tokens],
             [tokens[0].repeat(2, *[1] * (tokens[0].ndim - 1))] + list(tokens[1:]),
             list(reversed(tokens)),
             [],

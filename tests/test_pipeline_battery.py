@@ -72,7 +72,7 @@ def inpaint_bad_inputs(image: torch.Tensor, grid: int) -> list:
         ({"mask_dilation": True}, "mask_dilation"),
         ({"mask_dilation": grid + 1}, "mask_dilation"),  # past every cell (10**9 used to run for seconds)
         ({"mask_image": torch.ones(0, grid, grid)}, "mask_image"),
-        ({"mask_image": np.ones((grid, grid, 3), np.float32)}, "mask_image"),  # an RGB array, not H masks
+        ({"mask_image": np.ones((grid, grid, 3), np.float32)}, "mask_image` of shape .* looks like an RGB"),
         *edit_bad_inputs(image),
     ]
 
@@ -309,7 +309,7 @@ COMMON_BAD_INPUTS = [
                 "latents": tensors["latents"] * (1e30 if i == pipe.num_timesteps - 1 else 1.0)
             }
         },
-        "(f_hat|latents)` decoded to NaN",
+        "latents` decoded to NaN pixels",
     ),
     ({"callback_on_step_end": lambda pipe, i, hw, tensors: setattr(pipe, "_guidance_scale", "x")}, "pipe._guidance"),
     ({"callback_on_step_end": "print"}, "callback_on_step_end"),

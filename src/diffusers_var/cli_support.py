@@ -249,10 +249,17 @@ def check_device(flag: str, device: str | None) -> str | None:
 
     available = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())])
     try:
-        if torch.device(device).type == "meta":
+        requested = torch.device(device)
+        if requested.type == "meta":
             raise ValueError("a placeholder device that holds no data")
-        torch.empty(1, device=torch.device(device))
-    except (RuntimeError, AssertionError, ValueError) as err:  # CPU builds raise AssertionError for "cuda"
+        if requested.type == "cuda":  # checked without a CUDA context (every process of a launch would open one)
+            if not torch.cuda.is_available():
+                raise ValueError("this machine has no CUDA device")
+            if requested.index is not None and requested.index >= torch.cuda.device_count():
+                raise ValueError(f"there are {torch.cuda.device_count()} CUDA devices")
+        elif requested.type != "cpu":
+            torch.empty(1, device=requested)
+    except (RuntimeError, AssertionError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return f"`{flag}` {device!r} is not usable here ({reason}); available: {available}"
     return None

@@ -276,17 +276,22 @@ class BitwiseMultiScaleVAE(ModelMixin, ConfigMixin, SlicedDecodingMixin):
     # -- encode / decode ---------------------------------------------------------------------------
     @apply_forward_hook
     def encode_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> raw latent features (B, d, H/s, W/s)."""
+        """Images (B, 3, H, W) in [-1, 1] -> raw latent features (B, d, H/s, W/s). Checks the images' shape only
+        (trainers call it every step: the values of :meth:`encode`'s check would cost a device sync each)."""
+        self._check_images(images)
+        return self.encoder(images)
+
+    def _check_images(self, images) -> None:
         channels = self.config.in_channels
         if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != channels:
             got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
             raise ValueError(f"`images` must be a (B, {channels}, H, W) tensor in [-1, 1], got {got}.")
-        check_image_values(images)
-        return self.encoder(images)
 
     @apply_forward_hook
     def encode(self, images: torch.Tensor, scale_schedule, return_dict: bool = True):
         """Multi-scale BSQ of the encoder features along ``scale_schedule`` (transformer token grids)."""
+        self._check_images(images)
+        check_image_values(images)
         features = self.encode_features(images)
         out = self.quantize(features, scale_schedule)
         return out if return_dict else tuple(out.values())

@@ -398,7 +398,6 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin, SlicedDecodingMixin):
                 f"`images` height and width must be multiples of {self.downsample_factor}, "
                 f"got {tuple(images.shape[-2:])}."
             )
-        check_image_values(images)
 
     def _resolve_patch_nums(self, patch_nums, latent_side: int) -> tuple[int, ...]:
         patch_nums = self.patch_nums if patch_nums is None else validate_patch_nums(patch_nums)
@@ -414,13 +413,17 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin, SlicedDecodingMixin):
     # -- encoding ------------------------------------------------------------------------------
     @apply_forward_hook
     def encode_latent(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> continuous latent f (B, Cv, H/16, W/16), before quantisation."""
+        """Images (B, 3, H, W) in [-1, 1] -> continuous latent f (B, Cv, H/16, W/16), before quantisation. Checks
+        the images' shape only (trainers call it every step: the values of :meth:`encode_indices`' check would cost
+        a device sync each)."""
         self._check_images(images)
         return self.quant_conv(self.encoder(images.to(self.encoder.conv_in.weight.dtype))).float()
 
     @apply_forward_hook
     def encode_indices(self, images: torch.Tensor, patch_nums: Sequence[int] | None = None) -> list[torch.LongTensor]:
         """Images (B, 3, H, W) in [-1, 1] -> list of LongTensor (B, pn*pn), one per scale (row-major)."""
+        self._check_images(images)
+        check_image_values(images)
         return self.quantize_latent(self.encode_latent(images), patch_nums)
 
     def quantize_latent(self, f: torch.Tensor, patch_nums: Sequence[int] | None = None) -> list[torch.LongTensor]:
@@ -437,6 +440,8 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin, SlicedDecodingMixin):
         quantised from the residual that the image and the kept tokens leave, scale by scale. This is what an edit
         that keeps those tokens should sample (the targets of edit fine-tuning)."""
         patch_nums = self._check_indices(kept_indices, "kept_indices")
+        self._check_images(images)
+        check_image_values(images)
         if len(keep) != len(patch_nums) or any(tuple(k.shape[-2:]) != (pn, pn) for k, pn in zip(keep, patch_nums)):
             raise ValueError(f"`keep` must hold one (B, pn, pn) mask per scale of {patch_nums}.")
         f = self.encode_latent(images)
@@ -445,19 +450,22 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin, SlicedDecodingMixin):
     @apply_forward_hook
     def encode_fhat(self, images: torch.Tensor, patch_nums: Sequence[int] | None = None) -> list[torch.Tensor]:
         """Images -> cumulative quantised latent after each scale (the last one is the reconstruction latent)."""
+        self._check_images(images)
+        check_image_values(images)
         f = self.encode_latent(images)
         return self.quantize.quantize(f, self._resolve_patch_nums(patch_nums, f.shape[-1]), return_fhat=True)
 
     # -- from tokens to latents ------------------------------------------------------------------
-    def _check_indices(self, indices, name: str = "indices") -> tuple[int, ...]:
-        """A token pyramid: integer tensors (B, pn*pn) with one batch, strictly growing sides, codebook indices."""
+    def _check_indices(self, indices, name: str = "indices", values: bool = True) -> tuple[int, ...]:
+        """A token pyramid: integer tensors (B, pn*pn) with one batch, strictly growing sides, and (``values``, one
+        device sync) codebook indices."""
         if not isinstance(indices, (list, tuple)) or not indices:
             raise ValueError(f"`{name}` must be a non-empty list of LongTensors (B, pn*pn), one per scale.")
         patch_nums = []
         for i, idx in enumerate(indices):
             if not torch.is_tensor(idx) or idx.dtype not in (torch.int64, torch.int32):
                 got = idx.dtype if torch.is_tensor(idx) else type(idx).__name__
-                raise ValueError(f"`{name}[{i}]` must be a LongTensor (B, pn*pn), got {got}.")
+                raise ValueError(f"`{name}[{i}]` must be an int64 / int32 tensor (B, pn*pn), got {got}.")
             side = round(idx.shape[-1] ** 0.5) if idx.ndim else 0
             if idx.ndim != 2 or side * side != idx.shape[-1] or idx.shape[0] != indices[0].shape[0]:
                 raise ValueError(
@@ -466,7 +474,8 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin, SlicedDecodingMixin):
             patch_nums.append(side)
         if any(p < 1 for p in patch_nums) or any(b <= a for a, b in zip(patch_nums, patch_nums[1:])):
             raise ValueError(f"`{name}` must go from small to large scales (growing sides), got {patch_nums}.")
-        check_token_values(indices, 0, self.config.vocab_size - 1, name)
+        if values:
+            check_token_values(indices, 0, self.config.vocab_size - 1, name)
         return tuple(patch_nums)
 
     @apply_forward_hook
@@ -494,9 +503,11 @@ class MultiScaleVQModel(ModelMixin, ConfigMixin, SlicedDecodingMixin):
     def teacher_forcing_input(self, indices: Sequence[torch.LongTensor]) -> torch.Tensor:
         """Ground-truth token pyramid -> transformer training input (B, L - pn_0^2, Cv).
 
-        The input of scale k+1 is the cumulative f_hat of scales 0..k, area-downsampled to pn_{k+1}.
+        The input of scale k+1 is the cumulative f_hat of scales 0..k, area-downsampled to pn_{k+1}. The indices'
+        values are not checked (trainers call it every step with :meth:`encode_indices`' tokens; a check would cost a
+        device sync each).
         """
-        patch_nums = self._check_indices(indices)
+        patch_nums = self._check_indices(indices, values=False)
         side, S = patch_nums[-1], len(patch_nums)
         B = indices[0].shape[0]
         f_hat = torch.zeros(B, self.config.z_channels, side, side, device=indices[0].device)

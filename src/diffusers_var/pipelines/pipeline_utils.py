@@ -48,6 +48,7 @@ from diffusers.utils import logging
 
 from ..file_utils import save_folder_atomic, write_atomic, write_text_atomic
 from ..models.multiscale_vq import area_down
+from ..models.slicing import NaNDecodeError, check_token_values
 from .fast_inference import FastInferenceMixin
 from .sampling import GeneratorArg
 
@@ -388,7 +389,14 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         if output_type == "latent":
             images = latents
         else:
-            images = images_to_output((self.decode_latents(latents) + 1) / 2, output_type)
+            try:
+                decoded = self.decode_latents(latents)
+            except NaNDecodeError:
+                raise ValueError(
+                    "the call's final `latents` decoded to NaN pixels: values too large for the decoder (from a "
+                    "`callback_on_step_end`?), or a decoder dtype too narrow for them (float16: use bfloat16)."
+                ) from None
+            images = images_to_output((decoded + 1) / 2, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)
@@ -733,14 +741,15 @@ def image_batch_and_size(image, name: str = "image") -> tuple[int, int, int]:
         )
     # diffusers' image processor stacks a list as it is: one kind of image, arrays of one number of dimensions
     kinds = {
-        "PIL image" if isinstance(item, PIL.Image.Image) else f"{type(item).__name__} of {item.ndim} dimensions"
+        "PIL images"
+        if isinstance(item, PIL.Image.Image)
+        else f"{'numpy arrays' if isinstance(item, np.ndarray) else 'torch tensors'} of {item.ndim} dimensions"
         for item in items
     }
     if len(kinds) != 1:
-        described = sorted(kinds)
         raise ValueError(
-            f"`{name}`: a list must hold one kind of image (all PIL, or all arrays / tensors with the same number of "
-            f"dimensions), got {', '.join(described)}."
+            f"`{name}`: a list must hold one kind of image (all PIL images, all numpy arrays or all torch tensors, "
+            f"arrays and tensors with one number of dimensions), got {', '.join(sorted(kinds))}."
         )
     return sum(size[0] for size in sizes), sizes[0][1], sizes[0][2]
 
@@ -1031,10 +1040,8 @@ class VQEditTokens:
                     f"`image_indices[{si}]` must be an integer tensor of shape (B, {h * w}) with the "
                     f"batch of the other scales, got {shape}."
                 )
-            vocab_size = self.vqvae.config.vocab_size
-            if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab_size):
-                raise ValueError(f"`image_indices[{si}]` holds indices outside [0, {vocab_size - 1}].")
             batch = tokens.shape[0]
+        check_token_values(image_indices, 0, self.vqvae.config.vocab_size - 1, "image_indices")
         return batch
 
     def _token_forcing(self, tokens: list[torch.Tensor], keep: list[torch.Tensor]) -> TokenForcing:
@@ -1083,9 +1090,8 @@ class BitwiseEditTokens:
                     f"`image_indices[{si}]` must be an integer / bool tensor of shape (B, {h}, {w}, {d}) "
                     f"with the batch of the other scales, got {shape}."
                 )
-            if bits.numel() and (bits.min() < 0 or bits.max() > 1):
-                raise ValueError(f"`image_indices[{si}]` must hold bits (0 or 1).")
             batch = bits.shape[0]
+        check_token_values(image_indices, 0, 1, "image_indices")  # bits
         return batch
 
     def _token_forcing(self, tokens: list[torch.Tensor], keep: list[torch.Tensor]) -> TokenForcing:
