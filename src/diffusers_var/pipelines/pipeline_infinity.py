@@ -217,7 +217,13 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
             self._check_text_half(prompt_embeds, prompt_attention_mask, "")
         if negative_prompt_embeds is not None:
             self._check_text_half(negative_prompt_embeds, negative_prompt_attention_mask, "negative_")
-        return self._encode_prompt(
+        # named outputs, as diffusers' encode_prompt returns them (its test battery reads the names)
+        (
+            prompt_embeds,
+            prompt_attention_mask,
+            negative_prompt_embeds,
+            negative_prompt_attention_mask,
+        ) = self._encode_prompt(
             prompt,
             device,
             num_images_per_prompt,
@@ -227,6 +233,12 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
             negative_prompt_embeds,
             max_sequence_length,
             prompt_attention_mask,
+            negative_prompt_attention_mask,
+        )
+        return (
+            prompt_embeds,
+            prompt_attention_mask,
+            negative_prompt_embeds,
             negative_prompt_attention_mask,
         )
 

@@ -202,7 +202,15 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
             self._check_text_half(
                 negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds, "negative_"
             )
-        return self._encode_prompt(
+        # named outputs, as diffusers' encode_prompt returns them (its test battery reads the names)
+        (
+            prompt_embeds,
+            prompt_attention_mask,
+            pooled_prompt_embeds,
+            negative_prompt_embeds,
+            negative_prompt_attention_mask,
+            negative_pooled_prompt_embeds,
+        ) = self._encode_prompt(
             prompt,
             device,
             num_images_per_prompt,
@@ -213,6 +221,14 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
             max_sequence_length,
             prompt_attention_mask,
             pooled_prompt_embeds,
+            negative_prompt_attention_mask,
+            negative_pooled_prompt_embeds,
+        )
+        return (
+            prompt_embeds,
+            prompt_attention_mask,
+            pooled_prompt_embeds,
+            negative_prompt_embeds,
             negative_prompt_attention_mask,
             negative_pooled_prompt_embeds,
         )
