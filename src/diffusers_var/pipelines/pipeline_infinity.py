@@ -217,45 +217,6 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
             self._check_text_half(prompt_embeds, prompt_attention_mask, "")
         if negative_prompt_embeds is not None:
             self._check_text_half(negative_prompt_embeds, negative_prompt_attention_mask, "negative_")
-        # named outputs, as diffusers' encode_prompt returns them (its test battery reads the names)
-        (
-            prompt_embeds,
-            prompt_attention_mask,
-            negative_prompt_embeds,
-            negative_prompt_attention_mask,
-        ) = self._encode_prompt(
-            prompt,
-            device,
-            num_images_per_prompt,
-            do_classifier_free_guidance,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            max_sequence_length,
-            prompt_attention_mask,
-            negative_prompt_attention_mask,
-        )
-        return (
-            prompt_embeds,
-            prompt_attention_mask,
-            negative_prompt_embeds,
-            negative_prompt_attention_mask,
-        )
-
-    def _encode_prompt(
-        self,
-        prompt,
-        device,
-        num_images_per_prompt,
-        do_classifier_free_guidance,
-        negative_prompt,
-        prompt_embeds,
-        negative_prompt_embeds,
-        max_sequence_length,
-        prompt_attention_mask,
-        negative_prompt_attention_mask,
-    ):
-        """:meth:`encode_prompt` without its argument checks (``__call__`` ran them in ``check_inputs``)."""
         device = device or self._execution_device
         max_length = self.text_max_length if max_sequence_length is None else max_sequence_length
         if prompt_embeds is None:
@@ -558,7 +519,7 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         guided = any(c != 1.0 for c in check_guidance_scale(guidance_scale, num_scales))
 
         # 1. the text of every row (conditional rows first), encoded by the transformer at the first scale
-        embeds, mask, negative_embeds, negative_mask = self._encode_prompt(
+        embeds, mask, negative_embeds, negative_mask = self.encode_prompt(
             prompt,
             device,
             num_images_per_prompt,
@@ -613,7 +574,7 @@ class _InfinityEditCall:
         device,
     ):
         guided = any(c != 1.0 for c in check_guidance_scale(guidance_scale, num_scales))
-        embeds, mask, negative_embeds, negative_mask = self._encode_prompt(
+        embeds, mask, negative_embeds, negative_mask = self.encode_prompt(
             prompt,
             device,
             num_images_per_prompt,

@@ -202,53 +202,6 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
             self._check_text_half(
                 negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds, "negative_"
             )
-        # named outputs, as diffusers' encode_prompt returns them (its test battery reads the names)
-        (
-            prompt_embeds,
-            prompt_attention_mask,
-            pooled_prompt_embeds,
-            negative_prompt_embeds,
-            negative_prompt_attention_mask,
-            negative_pooled_prompt_embeds,
-        ) = self._encode_prompt(
-            prompt,
-            device,
-            num_images_per_prompt,
-            do_classifier_free_guidance,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            max_sequence_length,
-            prompt_attention_mask,
-            pooled_prompt_embeds,
-            negative_prompt_attention_mask,
-            negative_pooled_prompt_embeds,
-        )
-        return (
-            prompt_embeds,
-            prompt_attention_mask,
-            pooled_prompt_embeds,
-            negative_prompt_embeds,
-            negative_prompt_attention_mask,
-            negative_pooled_prompt_embeds,
-        )
-
-    def _encode_prompt(
-        self,
-        prompt,
-        device,
-        num_images_per_prompt,
-        do_classifier_free_guidance,
-        negative_prompt,
-        prompt_embeds,
-        negative_prompt_embeds,
-        max_sequence_length,
-        prompt_attention_mask,
-        pooled_prompt_embeds,
-        negative_prompt_attention_mask,
-        negative_pooled_prompt_embeds,
-    ):
-        """:meth:`encode_prompt` without its argument checks (``__call__`` ran them in ``check_inputs``)."""
         device = device or self._execution_device
         if prompt_embeds is None:
             prompts = check_prompts(prompt)
@@ -759,7 +712,7 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         sampler_generator = self.sampler_generators(generator, sampler_generator)
 
         # 1. the text of both guidance halves (conditional rows first)
-        text = self._encode_prompt(
+        text = self.encode_prompt(
             prompt,
             device,
             num_images_per_prompt,
@@ -817,7 +770,7 @@ class _STAREditCall:
         negative_pooled_prompt_embeds,
         device,
     ):
-        text = self._encode_prompt(
+        text = self.encode_prompt(
             prompt,
             device,
             num_images_per_prompt,
