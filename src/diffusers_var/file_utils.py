@@ -94,6 +94,15 @@ def _clean_stale_staging(folder: Path, prefix: str) -> None:
                 shutil.rmtree(staging, ignore_errors=True)
 
 
+def make_folder(path: Path, name: str) -> None:
+    """``path`` and its missing parents (``mkdir -p``); a file where a folder should be is a ValueError naming the
+    parameter ``name``."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:
+        raise ValueError(f"`{name}` {str(path)!r} cannot be made: {err.strerror} ({err.filename}).") from None
+
+
 def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
     """``save(folder)`` into a hidden staging folder, then into ``target``.
 
@@ -108,11 +117,7 @@ def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
         raise ValueError(f"`save_directory` {str(target)!r} is a file, not a folder.")
     existing = target.exists()
     if not existing:
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-        except (FileExistsError, NotADirectoryError) as err:  # a file where a parent folder should be
-            reason = f"{err.strerror} ({err.filename})"
-            raise ValueError(f"`save_directory` {str(target)!r} cannot be made: {reason}.") from None
+        make_folder(target.parent, "save_directory")
     where, prefix = (target, ".saving-") if existing else (target.parent, f".{target.name}.saving-")
     _clean_stale_staging(where, prefix)
     staging = Path(tempfile.mkdtemp(prefix=prefix, dir=where))

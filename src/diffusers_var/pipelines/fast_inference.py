@@ -39,7 +39,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import logging
 from torch import nn
 
-from ..file_utils import write_atomic
+from ..file_utils import make_folder, write_atomic
 from ..loaders import adapter_state
 from ..models.bitwise_vae import Upsample as BitwiseUpsample
 from ..models.blocks import AdaLNSelfAttentionBlock, CosineSelfAttention, FeedForward, Rotary2D, memoized
@@ -118,10 +118,7 @@ def use_compile_cache(directory: str | os.PathLike | None = None) -> Path:
     path = Path(directory or default_compile_cache()).expanduser().absolute()
     if path.exists() and not path.is_dir():
         raise ValueError(f"`directory` must be a folder for torch.compile's caches, got the file {path}.")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as err:  # a file where a parent folder should be
-        raise ValueError(f"`directory` {path} cannot be made: {err.strerror} ({err.filename}).") from None
+    make_folder(path, "directory")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)  # read by Inductor at every cache access
     import torch._inductor.config as inductor_config
 
