@@ -161,6 +161,10 @@ def test_bad_weight_files_are_clear_errors(tmp_path):
     torch.save({"fc.weight": torch.zeros(3, 3)}, other)
     with pytest.raises(ValueError, match="does not hold the FID Inception weights"):
         ev.load_inception(other)
+    text = tmp_path / "notes.pth"  # not a torch file at all (the unpickler raised a KeyError)
+    text.write_text("these are not weights\n" * 10)
+    with pytest.raises(ValueError, match="could not read the Inception weights"):
+        ev.load_inception(text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,11 +422,16 @@ def test_non_finite_statistics_and_metrics_are_errors(tmp_path, monkeypatch, cap
     np.savez(tmp_path / "nan_mu.npz", mu=np.full(2048, np.nan), sigma=sigma)
     np.savez(tmp_path / "inf_sigma.npz", mu=np.zeros(2048), sigma=np.where(sigma > 0, np.inf, 0.0))
     np.savez(tmp_path / "nan_pool.npz", inception_pool_3=np.full((5, 2048), np.nan, np.float32))
+    np.savez(tmp_path / "negative_sigma.npz", mu=np.zeros(2048), sigma=-sigma)  # gave a negative FID
+    np.savez(tmp_path / "skewed_sigma.npz", mu=np.zeros(2048), sigma=sigma + np.triu(np.ones((2048, 2048)), 1))
     with monkeypatch.context() as patch:
         _no_features(patch)
         for name, key in [("nan_mu", "mu"), ("inf_sigma", "sigma"), ("nan_pool", "inception_pool_3")]:
             path = str(tmp_path / f"{name}.npz")
             _one_error(capsys, [*common, "--reference", path], "`--reference`", path, f"`{key}`", "NaN or infinite")
+        for name in ("negative_sigma", "skewed_sigma"):
+            path = str(tmp_path / f"{name}.npz")
+            _one_error(capsys, [*common, "--reference", path], "`--reference`", "`sigma` is not a covariance")
 
     # features that come out non-finite (broken weights) give an error, never "NaN" in the JSON
     def nan_features(model, images, batch_size=64, progress=False):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -164,6 +165,22 @@ def test_killed_run_resumes_to_identical_weights(tokenizer_dir, tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_a_diverging_run_stops_before_saving_nan_weights(tmp_path):
+    """A learning rate that blows the weights up: the run stops with an error naming the step, writes no checkpoint
+    or export of NaN weights and no NaN loss into the log (bare ``NaN`` is not JSON); earlier checkpoints stay."""
+    config = base_config(
+        tmp_path, task="tokenizer", model=TOKENIZER_MODEL, max_steps=4, checkpoint_every=1, ema_decay=None
+    )
+    with pytest.raises(ValueError, match="NaN or infinite at step [234]"):  # step 1 is the warm-up's, at lr 0
+        train(TrainConfig(**{**config, "learning_rate": 1e30}))
+    assert not (tmp_path / "final").exists()
+    saved = sorted((tmp_path / "checkpoints").glob("step-*"))
+    assert [path.name for path in saved] == ["step-0000001"]
+    assert all(torch.isfinite(tensor).all() for tensor in load_file(saved[0] / "model.safetensors").values())
+    logged = [json.loads(line)["loss"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert logged and all(math.isfinite(loss) for loss in logged)
 
 
 def test_bad_training_configs(tmp_path):
@@ -583,6 +600,12 @@ def test_output_dir_that_is_a_file_is_named(tmp_path, capsys):
         assert main(["train", "tokenizer", f"output_dir={output_dir}", "max_steps=1"]) == 2
         assert "`output_dir`" in _error_line(capsys)
     assert file.read_text() == "mine"
+    run = tmp_path / "run"  # a file where the run's checkpoints folder goes
+    run.mkdir()
+    (run / "checkpoints").write_text("mine")
+    with pytest.raises(ValueError, match="`output_dir`"):
+        train(TrainConfig(**base_config(run, task="tokenizer", model=TOKENIZER_MODEL, max_steps=1)))
+    assert (run / "checkpoints").read_text() == "mine"
 
 
 @pytest.mark.parametrize(

@@ -126,6 +126,17 @@ def test_failed_conversion_leaves_existing_output_intact(originals, tmp_path):
     convert_var_checkpoint(vae, var, out, overwrite=True)  # a real overwrite works
 
 
+def test_a_checkpoint_holding_nan_is_refused(originals, tmp_path):
+    """NaN weights would convert into a pipeline that draws NaN images: refused, naming the converted weight."""
+    vae, var = originals
+    state = torch.load(var, map_location="cpu", weights_only=True)
+    state["head.weight"] = torch.full_like(state["head.weight"], float("nan"))
+    torch.save(state, tmp_path / "nan.pth")
+    with pytest.raises(ValueError, match="NaN or infinite values: converted to `transformer.head"):
+        convert_var_checkpoint(vae, tmp_path / "nan.pth", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def _run_main(script: str, argv, capsys) -> tuple[int, str]:
     """A converter's ``main`` as the command line runs it: (exit code, stderr); argparse errors exit."""
     import runpy

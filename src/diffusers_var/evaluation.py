@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import pickle
 import sys
 import zipfile
 import zlib
@@ -185,6 +184,11 @@ def _npz_statistics(path: Path, keys: list[str], flag: str) -> dict[str, np.ndar
             )
         if not np.isfinite(array).all():
             raise ValueError(f"`{flag}` {str(path)!r}: `{key}` holds NaN or infinite values.")
+        # a covariance is symmetric with a non-negative diagonal (cheap necessary checks; FID would go negative)
+        if key == "sigma" and (not np.allclose(array, array.T, rtol=1e-4, atol=1e-6) or (np.diag(array) < 0).any()):
+            raise ValueError(
+                f"`{flag}` {str(path)!r}: `sigma` is not a covariance matrix (symmetric, non-negative diagonal)."
+            )
         stored[key] = array
     if ("mu" in stored) != ("sigma" in stored):
         raise ValueError(f"`{flag}` {str(path)!r} has only one of `mu` and `sigma` (FID needs both).")
@@ -276,7 +280,7 @@ def load_inception(path, device="cpu") -> FIDInceptionV3:
     """The FID Inception with the weights in ``path`` (a torch state dict, read with ``weights_only=True``)."""
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:  # truncated, or not torch's
+    except Exception as err:  # noqa: BLE001 - truncated, not torch's at all, or a pickle needing code (refused)
         raise ValueError(
             f"could not read the Inception weights {str(path)!r} ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}); download it again."

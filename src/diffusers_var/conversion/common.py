@@ -472,6 +472,7 @@ def _atomic_save(pipeline, output_dir: Path, overwrite: bool) -> Path:
     (staging / STAGING_MARKER).write_text(json.dumps(marker))
     new, old = staging / "new", staging / "old"
     try:
+        _check_finite_weights(pipeline)
         pipeline.save_pretrained(new, safe_serialization=True)
         written = _files(new)
         pickles = [name for name in written if Path(name).suffix in {".bin", ".pth", ".pt", ".pkl", ".ckpt"}]
@@ -495,6 +496,18 @@ def _atomic_save(pipeline, output_dir: Path, overwrite: bool) -> Path:
         if output_dir.exists() or not old.exists():  # never remove the only copy of the previous output
             shutil.rmtree(staging, ignore_errors=True)
     return output_dir
+
+
+def _check_finite_weights(pipeline) -> None:
+    """Converted weights are finite: a checkpoint holding NaN / inf converts to a pipeline that draws NaN images."""
+    for component_name, component in getattr(pipeline, "components", {}).items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        for name, tensor in component.state_dict().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ConversionError(
+                    f"the checkpoint holds NaN or infinite values: converted to `{component_name}.{name}`."
+                )
 
 
 def _version() -> str:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..file_utils import is_hub_repo_id, write_text_atomic
+from ..file_utils import is_hub_repo_id, make_folder, write_text_atomic
 from .checkpoint import (
     bare_model,
     checkpoint_damage,
@@ -362,6 +362,29 @@ def _check_folder(key: str, value, hub_ids: bool = False, bare_names: bool = Fal
     raise ValueError(f"`{key}`: {str(value)!r} does not exist (no such folder{where}).")
 
 
+def _check_finite_loss(accelerator, loss: torch.Tensor, step: int) -> None:
+    """Stop a run whose loss is NaN or infinite on any process (all agree, or the others would hang) before it is
+    logged, checkpointed or exported: the checkpoints saved so far are kept."""
+    diverged = accelerator.gather(torch.logical_not(torch.isfinite(loss.detach())).reshape(1)).any()
+    if bool(diverged):
+        raise ValueError(
+            f"the loss is NaN or infinite at step {step} (training diverged); nothing of this step was saved and the "
+            "checkpoints before it are kept: lower `learning_rate` (or the loss weights) and train again."
+        )
+
+
+def _check_finite_weights(accelerator, parameters, step: int) -> None:
+    """Stop before NaN or infinite trained weights are checkpointed or exported (all processes agree)."""
+    local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in parameters]  # FSDP: shards
+    finite = torch.stack([p.isfinite().all() for p in local]).all() if local else torch.tensor(True)
+    if not bool(accelerator.gather(finite.reshape(1).to(accelerator.device)).all()):
+        raise ValueError(
+            f"the trained weights are NaN or infinite at step {step} (training diverged); nothing of this step was "
+            "saved and the checkpoints before it are kept: lower `learning_rate` (or the loss weights) and train "
+            "again."
+        )
+
+
 def _is_number(value) -> bool:
     """A finite int or float (not a bool, a string or NaN: ``key=abc`` overrides arrive as strings)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -681,7 +704,7 @@ def train(config: TrainConfig) -> Path:
             if moved is not None:
                 print(f"resume=never: moved the previous run's files to {moved}")
         output_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint_dir.mkdir(exist_ok=True)
+        make_folder(checkpoint_dir, "output_dir")
         for stale in checkpoint_dir.glob(".tmp-*"):  # half-written by an interrupted save
             shutil.rmtree(stale, ignore_errors=True)
         if resume_from is not None:  # damaged checkpoints after it: out of the way of the saves to come, kept
@@ -744,6 +767,7 @@ def train(config: TrainConfig) -> Path:
         accelerator.init_trackers("train", config={k: str(v) for k, v in asdict(config).items()})
 
     def save_checkpoint(step: int) -> None:
+        _check_finite_weights(accelerator, trainable_parameters(), step)  # never a checkpoint of NaN weights
         final = checkpoint_dir / f"step-{step:07d}"
         tmp = checkpoint_dir / f".tmp-step-{step:07d}"
         # safetensors + JSON only (never pickles); every rank writes its RNG state here
@@ -812,7 +836,13 @@ def train(config: TrainConfig) -> Path:
                     out_of_time = bool(
                         accelerator.gather(torch.tensor([out_of_time], device=accelerator.device)).any()
                     )
-                if counter.step % config.log_every == 0 or counter.step == config.max_steps or out_of_time:
+                logging = counter.step % config.log_every == 0 or counter.step == config.max_steps or out_of_time
+                checkpointing = (
+                    counter.step % config.checkpoint_every == 0 or counter.step == config.max_steps or out_of_time
+                )
+                if logging or checkpointing:  # a step that reads the loss anyway, or would save the weights
+                    _check_finite_loss(accelerator, loss, counter.step)
+                if logging:
                     loss_value = loss.item()  # waits for the GPU, so the time below counts the steps' work
                     elapsed = time.perf_counter() - started
                     record = {
@@ -835,7 +865,7 @@ def train(config: TrainConfig) -> Path:
                         bare_model(accelerator, model), output_dir / "samples" / f"step-{counter.step:07d}.png"
                     )
                 _fault_injection("step", counter.step)
-                if counter.step % config.checkpoint_every == 0 or counter.step == config.max_steps or out_of_time:
+                if checkpointing:
                     save_checkpoint(counter.step)
                 if out_of_time:
                     accelerator.print(f"time limit of {config.time_limit_minutes} min reached at step {counter.step}")
@@ -847,6 +877,7 @@ def train(config: TrainConfig) -> Path:
             progress.close()
 
     accelerator.wait_for_everyone()
+    _check_finite_weights(accelerator, trainable_parameters(), counter.step)
     export_dir = output_dir / "final"
     trained = bare_model(accelerator, model)
     if ema is not None:  # never under FSDP (refused at the start): each rank holds the whole model; rank 0 exports it
