@@ -403,6 +403,13 @@ def test_safetensors_only_and_bad_arguments_name_the_parameter(tmp_path):
         VARPipeline.save_lora_weights(tmp_path, transformer_lora_layers=layers, weight_name="lora.bin")
     with pytest.raises(ValueError, match="`text_encoder_lora_layers`"):
         VARPipeline.save_lora_weights(tmp_path, transformer_lora_layers=layers, text_encoder_lora_layers=layers)
+    first = next(iter(layers))
+    for bad, match in (
+        ({**layers, first: layers[first] * float("nan")}, "NaN or infinite"),  # load_lora_weights refuses these
+        ({**layers, first: 1}, "must map names to tensors"),
+    ):
+        with pytest.raises(ValueError, match=f"`transformer_lora_layers`.*{match}"):
+            VARPipeline.save_lora_weights(tmp_path, transformer_lora_layers=bad)
     with pytest.raises(ValueError, match="no pytorch_lora_weights.safetensors"):
         pipe.load_lora_weights(tmp_path)
     (tmp_path / "lora.bin").write_bytes(b"0")
