@@ -327,6 +327,20 @@ def test_a_changed_config_is_refused_unless_told(tokenizer_dir, tmp_path):
     assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_a_trainer_state_with_a_bad_step_count_is_named(tokenizer_dir, tmp_path):
+    """``step`` / ``accelerator_step`` of ``trainer_state.json`` set the resumed counters: anything but a whole number
+    is an error naming the file and the key, not ``int()``'s message."""
+    from diffusers_var.training.checkpoint import STATE_FILE, read_training_state
+
+    checkpoint = shutil.copytree(tokenizer_dir.parent / "checkpoints" / "step-0000016", tmp_path / "step-0000016")
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    assert read_training_state(checkpoint)["step"] == 16
+    for key, value in (("step", "abc"), ("step", -1), ("accelerator_step", 2.5), ("step", True)):
+        (checkpoint / STATE_FILE).write_text(json.dumps({**state, key: value}))
+        with pytest.raises(ValueError, match=rf"`resume`: .*{STATE_FILE}.* has `{key}`"):
+            read_training_state(checkpoint)
+
+
 def test_checkpoints_of_the_pickle_format_are_refused(tokenizer_dir, tmp_path):
     old = tmp_path / "checkpoints" / "step-0000004"
     old.mkdir(parents=True)

@@ -258,6 +258,13 @@ def read_training_state(folder: Path) -> dict:
             f"`resume`: {str(state_file)!r} is not a diffusers-var checkpoint of format version "
             f"{FORMAT_VERSION}; set resume=never to start afresh."
         )
+    for key in ("step", "accelerator_step"):  # counters the resume sets from this file
+        value = state.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(
+                f"`resume`: {str(state_file)!r} has `{key}` {value!r}, not a whole number of steps; set "
+                "resume=never to start afresh."
+            )
     return state
 
 
