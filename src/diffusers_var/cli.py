@@ -23,6 +23,7 @@ from .cli_support import (
     finite_float,
     int_in_range,
     load_loras,
+    name_flags,
     pipeline_class_of,
     print_error,
 )
@@ -132,9 +133,7 @@ def class_labels_of(pipe, label: str) -> list[int]:
 def flag_names(message: str, num_images_flag: str) -> str:
     """A pipeline's error message with its parameters named by the flags they come from (``num_images_per_prompt``
     is ``generate``'s ``--batch-size``, ``edit``'s ``--num-images``)."""
-    for parameter, flag in {**PIPELINE_FLAGS, "num_images_per_prompt": num_images_flag}.items():
-        message = message.replace(f"`{parameter}`", f"`{flag}`")
-    return message
+    return name_flags(message, {**PIPELINE_FLAGS, "num_images_per_prompt": num_images_flag})
 
 
 def save_image(image, path: Path) -> None:

@@ -265,6 +265,13 @@ def check_device(flag: str, device: str | None) -> str | None:
     return None
 
 
+def name_flags(message: str, flags: dict[str, str]) -> str:
+    """A pipeline's error message with its parameters (``flags``' keys) named by the flags they come from."""
+    for parameter, flag in flags.items():
+        message = message.replace(f"`{parameter}`", f"`{flag}`")
+    return message
+
+
 def print_error(message: str) -> int:
     """Print ``error: message`` (one line) and return the exit code 2."""
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr)

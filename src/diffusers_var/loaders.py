@@ -731,11 +731,11 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             raise ValueError("Pass at least one of `transformer_lora_layers` or `text_encoder_lora_layers`.")
         for component, layers in lora_layers.items():  # what load_lora_weights would refuse, refused before writing
             parameter = "text_encoder_lora_layers" if component == cls.text_encoder_name else "transformer_lora_layers"
-            for key, value in (layers.state_dict() if isinstance(layers, torch.nn.Module) else layers).items():
-                if not torch.is_tensor(value):
-                    raise ValueError(f"`{parameter}` must map names to tensors; {key!r} is a {type(value).__name__}.")
-                if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                    raise ValueError(f"`{parameter}` {key!r} holds NaN or infinite values.")
+            problems = lora_tensor_problems(layers.state_dict() if isinstance(layers, torch.nn.Module) else layers)
+            if problems:
+                raise ValueError(
+                    f"`{parameter}` must map names to tensors (finite, floating point): {'; '.join(problems[:3])}."
+                )
         if os.path.isfile(save_directory):  # diffusers only logs this and writes nothing
             raise ValueError(f"`save_directory` {str(save_directory)!r} is a file, not a folder.")
         header = {"format": "pt"}

@@ -49,6 +49,7 @@ from .cli_support import (
     enable_fast_path,
     finite_float,
     int_in_range,
+    name_flags,
     pipeline_class_of,
 )
 from .conversion.common import folder_problem
@@ -396,10 +397,8 @@ def _check_sampling(pipe, pipeline_name: str, sampling: dict) -> None:
         else:
             check_guidance_scale(sampling.get("guidance_scale"))
     except ValueError as err:
-        message = str(err)
-        for name in SAMPLING_FLAGS:
-            message = message.replace(f"`{name}`", f"`--{name.replace('_', '-')}`")
-        raise ValueError(message) from None
+        flags = {name: f"--{name.replace('_', '-')}" for name in SAMPLING_FLAGS}
+        raise ValueError(name_flags(str(err), flags)) from None
 
 
 def _generate_batch(

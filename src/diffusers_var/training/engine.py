@@ -363,25 +363,24 @@ def _check_folder(key: str, value, hub_ids: bool = False, bare_names: bool = Fal
 
 
 def _check_finite_loss(accelerator, loss: torch.Tensor, step: int) -> None:
-    """Stop a run whose loss is NaN or infinite on any process (all agree, or the others would hang) before it is
-    logged, checkpointed or exported: the checkpoints saved so far are kept."""
-    diverged = accelerator.gather(torch.logical_not(torch.isfinite(loss.detach())).reshape(1)).any()
-    if bool(diverged):
-        raise ValueError(
-            f"the loss is NaN or infinite at step {step} (training diverged); nothing of this step was saved and the "
-            "checkpoints before it are kept: lower `learning_rate` (or the loss weights) and train again."
-        )
+    """Stop a run whose loss is NaN or infinite on any process before it is logged, checkpointed or exported."""
+    _stop_if_diverged(accelerator, torch.isfinite(loss.detach()), "loss is", step)
 
 
 def _check_finite_weights(accelerator, parameters, step: int) -> None:
-    """Stop before NaN or infinite trained weights are checkpointed or exported (all processes agree)."""
+    """Stop before NaN or infinite trained weights are checkpointed."""
     local = [p.detach().to_local() if hasattr(p, "to_local") else p.detach() for p in parameters]  # FSDP: shards
     finite = torch.stack([p.isfinite().all() for p in local]).all() if local else torch.tensor(True)
+    _stop_if_diverged(accelerator, finite, "trained weights are", step)
+
+
+def _stop_if_diverged(accelerator, finite: torch.Tensor, what: str, step: int) -> None:
+    """A ValueError when ``finite`` (a bool scalar) is False on any process: all agree, or the others would hang.
+    The checkpoints saved so far are kept."""
     if not bool(accelerator.gather(finite.reshape(1).to(accelerator.device)).all()):
         raise ValueError(
-            f"the trained weights are NaN or infinite at step {step} (training diverged); nothing of this step was "
-            "saved and the checkpoints before it are kept: lower `learning_rate` (or the loss weights) and train "
-            "again."
+            f"the {what} NaN or infinite at step {step} (training diverged); nothing of this step was saved and the "
+            "checkpoints before it are kept: lower `learning_rate` (or the loss weights) and train again."
         )
 
 
@@ -876,8 +875,7 @@ def train(config: TrainConfig) -> Path:
         if progress is not None:
             progress.close()
 
-    accelerator.wait_for_everyone()
-    _check_finite_weights(accelerator, trainable_parameters(), counter.step)
+    accelerator.wait_for_everyone()  # the weights exported below passed the last checkpoint's check, at this step
     export_dir = output_dir / "final"
     trained = bare_model(accelerator, model)
     if ema is not None:  # never under FSDP (refused at the start): each rank holds the whole model; rank 0 exports it
