@@ -45,6 +45,7 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
   fast-compile-all-static  ``compile_blocks="static"``: the block pieces compiled for every scale and batch size
                         (both static modes raise dynamo's recompile limit for the rest of the process: give them a
                         process of their own, as ``gpu_session.sh chain`` does)
+  fast-compile-all-static-tokens-fp8  ``"static-tokens"`` with ``fp8=True`` (for the text-to-image models at 1024 px)
 It also checks that greedy tokens (bits for Infinity) of the fast path agree with the eager float32 path.
 """
 
@@ -581,6 +582,7 @@ MODES = (
     "fast-compile-all-gelu-always",
     "fast-compile-all-static-tokens",
     "fast-compile-all-static",
+    "fast-compile-all-static-tokens-fp8",
 )
 SDPA_BACKENDS = {  # --sdpa-first: PyTorch's own order after the one named
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -590,6 +592,7 @@ SDPA_BACKENDS = {  # --sdpa-first: PyTorch's own order after the one named
 }
 DECODER_MODES = {"-autotune": "max-autotune-no-cudagraphs"}  # mode suffix: compile mode
 BLOCK_SHAPES = {f"fast-compile-all-{shapes}": shapes for shapes in ("static-tokens", "static")}  # compile_blocks=
+BLOCK_SHAPES["fast-compile-all-static-tokens-fp8"] = "static-tokens"
 KNOWN_MODELS = (
     tuple(MODELS)
     + tuple(CODE_MODELS)
