@@ -677,8 +677,8 @@ def _tree(folder: Path) -> dict:
 
 @pytest.mark.parametrize(
     "failing",
-    ["resolution=24", "batch_size=64", "model.foo=1", "data.num_images=abc"],
-    ids=["model-check", "data-size-check", "unknown-model-key", "bad-data-value"],
+    ["resolution=24", "batch_size=64", "model.foo=1", "data.num_images=abc", "gradient_accumulation_steps=3"],
+    ids=["model-check", "data-size-check", "unknown-model-key", "bad-data-value", "accumulation-past-an-epoch"],
 )
 def test_failing_checks_leave_the_output_folder_as_it_was(tmp_path, capsys, failing):
     """``resume=never`` moved the previous run to previous-runs/ before the data and model checks failed; every
@@ -703,6 +703,37 @@ def test_failing_checks_leave_the_output_folder_as_it_was(tmp_path, capsys, fail
     assert _tree(run) == before
     assert main([*common, f"output_dir={tmp_path / 'new'}", "batch_size=8", failing]) == 2
     assert not (tmp_path / "new").exists()
+
+
+def test_accumulated_updates_end_with_the_epoch_and_never_skip_batches(tokenizer_dir, tmp_path, monkeypatch):
+    """Five batches an epoch with two accumulated a step: accelerate updates after batches 2, 4 and 5, so six steps
+    are two whole epochs. Counted as two updates an epoch, the run skipped the next epoch's first batches as if
+    it resumed there, and each epoch after the first started elsewhere."""
+    from accelerate import Accelerator
+    from accelerate.data_loader import DataLoaderShard
+
+    skips, epochs = [], []
+    real_skip, real_set_epoch = Accelerator.skip_first_batches, DataLoaderShard.set_epoch
+    monkeypatch.setattr(
+        Accelerator, "skip_first_batches", lambda self, loader, n: skips.append(n) or real_skip(self, loader, n)
+    )
+    monkeypatch.setattr(
+        DataLoaderShard, "set_epoch", lambda self, epoch: epochs.append(epoch) or real_set_epoch(self, epoch)
+    )
+    config = var_config(
+        tmp_path, tokenizer_dir, max_steps=6, gradient_accumulation_steps=2, data={**DATA, "num_images": 40}
+    )
+    train(TrainConfig(**config))
+    assert skips == []
+    assert sorted(set(epochs)) == [0, 1]  # (accelerate sets each epoch a second time as it starts iterating)
+    assert [json.loads(line)["step"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
 
 
 def test_one_pair_of_parameter_groups_for_every_trained_model():

@@ -694,6 +694,15 @@ def train(config: TrainConfig) -> Path:
     )
     if len(loader) == 0:
         raise ValueError(f"`batch_size` {config.batch_size} is larger than the dataset ({len(task.dataset)} images).")
+    batches_per_process = math.ceil(len(loader) / accelerator.num_processes)  # accelerate's even batches
+    if config.gradient_accumulation_steps > batches_per_process:  # accelerate ends an accumulation with the epoch
+        raise ValueError(
+            f"`gradient_accumulation_steps` {config.gradient_accumulation_steps} is more than the "
+            f"{batches_per_process} batches of an epoch on each of the {accelerator.num_processes} process(es) "
+            f"({len(task.dataset)} images, batch_size {config.batch_size}): an update ends with the epoch, so it "
+            f"would average {batches_per_process} batches. Use at most {batches_per_process}, a smaller batch_size "
+            "or more images."
+        )
 
     # every check has passed: only now is the output folder changed
     accelerator.wait_for_everyone()  # every process has read the folder (_resume_point) before it changes
@@ -791,7 +800,8 @@ def train(config: TrainConfig) -> Path:
                 shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
 
-    updates_per_epoch = max(1, len(loader) // config.gradient_accumulation_steps)
+    # accelerate also updates at an epoch's end, after the last batches short of a whole accumulation
+    updates_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
     log_file = output_dir / "train_log.jsonl"
     progress = None
     if accelerator.is_main_process:
