@@ -677,8 +677,22 @@ def _tree(folder: Path) -> dict:
 
 @pytest.mark.parametrize(
     "failing",
-    ["resolution=24", "batch_size=64", "model.foo=1", "data.num_images=abc", "gradient_accumulation_steps=3"],
-    ids=["model-check", "data-size-check", "unknown-model-key", "bad-data-value", "accumulation-past-an-epoch"],
+    [
+        "resolution=24",
+        "batch_size=64",
+        "model.foo=1",
+        "data.num_images=abc",
+        "gradient_accumulation_steps=3",
+        pytest.param("mixed_precision=fp16", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU")),
+    ],
+    ids=[
+        "model-check",
+        "data-size-check",
+        "unknown-model-key",
+        "bad-data-value",
+        "accumulation-past-an-epoch",
+        "fp16-on-the-cpu",
+    ],
 )
 def test_failing_checks_leave_the_output_folder_as_it_was(tmp_path, capsys, failing):
     """``resume=never`` moved the previous run to previous-runs/ before the data and model checks failed; every
@@ -699,7 +713,7 @@ def test_failing_checks_leave_the_output_folder_as_it_was(tmp_path, capsys, fail
     before = _tree(run)
     common = ["train", "tokenizer", f"model={json.dumps(TOKENIZER_MODEL)}", "resolution=16", "data.num_images=16"]
     assert main([*common, f"output_dir={run}", "batch_size=8", "resume=never", failing]) == 2
-    _error_line(capsys)
+    assert f"`{failing.split('=')[0]}`" in _error_line(capsys)
     assert _tree(run) == before
     assert main([*common, f"output_dir={tmp_path / 'new'}", "batch_size=8", failing]) == 2
     assert not (tmp_path / "new").exists()

@@ -630,6 +630,11 @@ def train(config: TrainConfig) -> Path:
     # its CPU mode instead, which joins them into one DDP run over gloo.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     on_cpu = world_size > 1 and not _has_accelerator_device()
+    if config.mixed_precision == "fp16" and not _has_accelerator_device():  # accelerate would train in float32
+        raise ValueError(
+            "`mixed_precision` 'fp16' needs a GPU: on the CPU accelerate trains in float32 instead. Use 'bf16' or "
+            "'no' here."
+        )
     accelerator = Accelerator(
         cpu=on_cpu,
         mixed_precision=config.mixed_precision,
