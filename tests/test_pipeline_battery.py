@@ -603,12 +603,21 @@ def test_from_pipe_refuses_components_of_another_family_and_unknown_arguments(ca
         case.pipeline_class.from_pipe(other)
 
 
-def test_numpy_scalars_are_numbers():
-    """A numpy float (``np.float32(0.5)``, not a Python float subclass as ``np.float64`` is) is a number: the same
-    images as the Python float."""
-    case = CASES[0]
-    expected = run(case, top_p=0.5, guidance_scale=1.5)
-    assert torch.equal(run(case, top_p=np.float32(0.5), guidance_scale=np.float32(1.5)), expected)
+def test_numpy_scalars_are_numbers(case):
+    """A numpy float (``np.float32(0.5)``, not a Python float subclass as ``np.float64`` is) is a number and a numpy
+    integer (what indexing an array gives) an integer: the same images as the Python values."""
+    expected = run(case, top_p=0.5, guidance_scale=1.5, top_k=3, num_images_per_prompt=2)
+    numpy_values = {"top_p": np.float32(0.5), "guidance_scale": np.float32(1.5), "top_k": np.int64(3)}
+    assert torch.equal(run(case, **numpy_values, num_images_per_prompt=np.int32(2)), expected)
+    if "class_labels" in case.batch(case.items):  # labels drawn with numpy: an array, or a list of its items
+        labels = np.array(case.batch(case.items)["class_labels"])
+        assert torch.equal(
+            run(case, top_p=0.5, guidance_scale=1.5, top_k=3, class_labels=labels, num_images_per_prompt=2), expected
+        )
+        assert torch.equal(
+            run(case, top_p=0.5, guidance_scale=1.5, top_k=3, class_labels=list(labels), num_images_per_prompt=2),
+            expected,
+        )
 
 
 def test_bad_family_specific_arguments_name_the_parameter():

@@ -79,6 +79,11 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
+def is_integer(value) -> bool:
+    """A Python or numpy integer (``np.int64(3)``, what indexing a numpy array gives), not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def check_finite_number(
     value, name: str, low: float | None = None, high: float | None = None, low_inclusive: bool = True
 ) -> float:
@@ -129,7 +134,7 @@ def check_common_inputs(
     """The sampling and output arguments every family takes. With ``num_scales``, ``top_k`` may also be a list with
     one value per scale."""
     listed = num_scales is not None and isinstance(top_k, (list, tuple))
-    if not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in (top_k if listed else [top_k])):
+    if not all(is_integer(k) and k >= 0 for k in (top_k if listed else [top_k])):
         per_scale_note = " or a list of them, one per scale" if num_scales is not None else ""
         raise ValueError(f"`top_k` must be an integer >= 0 (0 disables top-k){per_scale_note}, got {shorten(top_k)}.")
     if listed and len(top_k) != num_scales:
@@ -143,11 +148,7 @@ def check_common_inputs(
 
 
 def check_num_images_per_prompt(num_images_per_prompt) -> None:
-    if (
-        not isinstance(num_images_per_prompt, int)
-        or isinstance(num_images_per_prompt, bool)
-        or not 1 <= num_images_per_prompt <= MAX_BATCH_SIZE
-    ):
+    if not is_integer(num_images_per_prompt) or not 1 <= num_images_per_prompt <= MAX_BATCH_SIZE:
         raise ValueError(
             f"`num_images_per_prompt` must be an integer in [1, {MAX_BATCH_SIZE}], got {num_images_per_prompt!r}."
         )
@@ -594,16 +595,16 @@ def write_loader_module(folder, class_name: str) -> Path:
 
 def flatten_labels(class_labels) -> list:
     """``class_labels`` as a flat list: an int, a list of ints, a list of lists of ints (diffusers' DiT batches
-    labels that way), or a 1-D tensor."""
-    if isinstance(class_labels, torch.Tensor):
+    labels that way), or a 1-D tensor / numpy array; numpy integers become Python ints."""
+    if isinstance(class_labels, (torch.Tensor, np.ndarray)):
         return class_labels.flatten().tolist()
-    if isinstance(class_labels, int) and not isinstance(class_labels, bool):
-        return [class_labels]
+    if is_integer(class_labels):
+        return [int(class_labels)]
     if isinstance(class_labels, (list, tuple)):
         flat = []
         for entry in class_labels:
-            flat.extend(entry if isinstance(entry, (list, tuple)) else [entry])
-        return flat
+            flat.extend(entry if isinstance(entry, (list, tuple, np.ndarray)) else [entry])
+        return [int(entry) if isinstance(entry, np.integer) else entry for entry in flat]
     return class_labels
 
 
@@ -924,7 +925,7 @@ class NextScaleEditMixin:
         ``mask_dilation`` a whole number of latent cells from 0 to the grid's longer side (which already reaches
         every cell)."""
         longest = max(schedule[-1])
-        if isinstance(mask_dilation, bool) or not isinstance(mask_dilation, int) or not 0 <= mask_dilation <= longest:
+        if not is_integer(mask_dilation) or not 0 <= mask_dilation <= longest:
             raise ValueError(
                 f"`mask_dilation` must be a whole number of latent cells in [0, {longest}] (0: the mask as given; "
                 f"{longest} reaches every cell of the {schedule[-1][0]}x{schedule[-1][1]} grid), got "

@@ -38,6 +38,7 @@ from .pipeline_utils import (
     check_guidance_scale,
     check_temperature,
     flatten_labels,
+    is_integer,
     per_scale,
     shorten,
     warn_eager_forcing,
@@ -593,11 +594,11 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         labels = flatten_labels(class_labels)
         if not isinstance(labels, list) or not labels:
             raise ValueError(
-                "`class_labels` must be an int, a non-empty list of ints (or of lists of ints), a 1-D tensor, "
-                f"or None; got {class_labels!r}."
+                "`class_labels` must be an int, a non-empty list of ints (or of lists of ints), a tensor or numpy "
+                f"array of ints, or None; got {class_labels!r}."
             )
         for label in labels:
-            if not isinstance(label, int) or isinstance(label, bool) or not -1 <= label <= num_classes:
+            if not is_integer(label) or not -1 <= label <= num_classes:
                 raise ValueError(
                     f"`class_labels` entries must be integers in [0, {num_classes - 1}], or -1 / {num_classes} "
                     f"for the null (unconditional) class; got {label!r}."
