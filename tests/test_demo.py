@@ -413,6 +413,7 @@ def test_cli_demo_binds_localhost_without_share_by_default(monkeypatch):
         (["--var-refiner", "pipelines/star-shapes"], "`--var-refiner` "),
         (["--var", "none", "--var-refiner", "default"], "`--var-refiner` "),  # nothing to refine
         (["--var", "none", "--star", "none", "--infinity", "none"], "nothing to serve"),
+        (["--host", "999.1.1.1"], "`--host 999.1.1.1`: not a name or address this machine can resolve"),
     ],
 )
 def test_cli_demo_checks_the_folders_it_is_given_before_loading(argv, flag, monkeypatch, tmp_path, capsys):

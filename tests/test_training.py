@@ -620,6 +620,13 @@ def test_output_dir_that_is_a_file_is_named(tmp_path, capsys):
     with pytest.raises(ValueError, match="`output_dir`"):
         train(TrainConfig(**base_config(run, task="tokenizer", model=TOKENIZER_MODEL, max_steps=1)))
     assert (run / "checkpoints").read_text() == "mine"
+    (run / "checkpoints").unlink()
+    (run / "final").mkdir()  # a folder of the user's where the run exports: named as train's, no conversion flag
+    (run / "final" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="`output_dir`: .*final.* the run's final export replaces only") as error:
+        train(TrainConfig(**base_config(run, task="tokenizer", model=TOKENIZER_MODEL, max_steps=1)))
+    assert "--overwrite" not in str(error.value)
+    assert sorted(p.name for p in run.rglob("*")) == ["final", "notes.txt"]
 
 
 @pytest.mark.parametrize(

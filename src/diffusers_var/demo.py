@@ -17,6 +17,7 @@ import argparse
 import logging
 import math
 import random
+import socket
 import threading
 import time
 from pathlib import Path
@@ -790,6 +791,14 @@ def run(args: argparse.Namespace) -> int:
     problem = check_device("--device", args.device)
     if problem:
         return print_error(problem)
+    try:  # before loading anything; the server's own message for this blamed the port
+        socket.getaddrinfo(args.host, args.port)
+    except (socket.gaierror, UnicodeError) as err:
+        reason = getattr(err, "strerror", None) or err
+        return print_error(
+            f"`--host {args.host}`: not a name or address this machine can resolve ({reason}); e.g. 127.0.0.1 (this "
+            "machine only) or 0.0.0.0 (every network interface)."
+        )
     if args.compile_cache is not None and not args.fast:
         return print_error("`--compile-cache` holds the fast path's compiled code: add `--fast`.")
     specs = {key: (None if str(getattr(args, key)).lower() == "none" else getattr(args, key)) for key in FAMILIES}

@@ -330,12 +330,12 @@ def _manifest_files(folder: Path) -> set[str] | None:
     return None
 
 
-def _refuse_foreign(output_dir: Path, foreign: set[str]) -> None:
+def _refuse_foreign(output_dir: Path, foreign: set[str], name: str = "output", replacer: str = "--overwrite") -> None:
     if foreign:
         shown = ", ".join(sorted(foreign)[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise ConversionError(
-            f"`output`: {str(output_dir)!r} holds files that diffusers-var did not write ({shown}); "
-            "--overwrite replaces only folders written by diffusers-var, so nothing of yours is deleted: "
+            f"`{name}`: {str(output_dir)!r} holds files that diffusers-var did not write ({shown}); "
+            f"{replacer} replaces only folders written by diffusers-var, so nothing of yours is deleted: "
             "move those files or choose another folder."
         )
 
@@ -357,40 +357,43 @@ def folder_problem(folder: Path) -> str | None:
     return None
 
 
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+def check_output_dir(
+    output_dir: str | os.PathLike, overwrite: bool = False, name: str = "output", replacer: str = "--overwrite"
+) -> Path:
     """Refuse an output folder that a save would not be allowed to replace (call it before long work).
 
     Without ``overwrite`` any existing path is refused. With it, the existing folder must be empty or a folder
     that diffusers-var wrote: its manifest lists every file in it, or (folders from before manifests) it is a
     diffusers folder of one of our classes. A folder holding the current working directory is refused as well, and
     so is a location that cannot be written (the staging folder and the final rename happen in its parent).
+    Errors name the parameter ``name`` and say what replaces folders (``replacer``: the caller's flag or step).
     """
     try:
         output_dir = Path(output_dir).resolve()
         if not output_dir.exists() and not output_dir.is_symlink():
-            _check_writable(output_dir)
+            _check_writable(output_dir, name)
             return output_dir
-        _check_replaceable(output_dir, overwrite)
-        _check_writable(output_dir)
+        _check_replaceable(output_dir, overwrite, name, replacer)
+        _check_writable(output_dir, name)
     except (OSError, RuntimeError) as err:  # an unreadable parent, a symlink loop (RuntimeError before Python 3.13)
-        raise ConversionError(f"`output`: cannot use {str(output_dir)!r}: {err}") from None
+        raise ConversionError(f"`{name}`: cannot use {str(output_dir)!r}: {err}") from None
     return output_dir
 
 
-def _check_writable(output_dir: Path) -> None:
+def _check_writable(output_dir: Path, name: str = "output") -> None:
     problem = folder_problem(output_dir.parent)
     if problem:
-        raise ConversionError(f"`output`: cannot write {str(output_dir)!r}: {problem}.")
+        raise ConversionError(f"`{name}`: cannot write {str(output_dir)!r}: {problem}.")
 
 
-def _check_replaceable(output_dir: Path, overwrite: bool) -> None:
+def _check_replaceable(output_dir: Path, overwrite: bool, name: str = "output", replacer: str = "--overwrite") -> None:
     if not overwrite:
         raise ConversionError(
-            f"`output`: {str(output_dir)!r} already exists (pass overwrite / --overwrite to replace it)."
+            f"`{name}`: {str(output_dir)!r} already exists (pass overwrite / --overwrite to replace it)."
         )
     if not output_dir.is_dir():
         raise ConversionError(
-            f"`output`: {str(output_dir)!r} is a file, not a folder; --overwrite replaces folders only."
+            f"`{name}`: {str(output_dir)!r} is a file, not a folder; {replacer} replaces folders only."
         )
     try:
         cwd = Path.cwd().resolve()
@@ -398,15 +401,15 @@ def _check_replaceable(output_dir: Path, overwrite: bool) -> None:
         cwd = None
     if cwd is not None and cwd.is_relative_to(output_dir):
         raise ConversionError(
-            f"`output`: {str(output_dir)!r} is the current folder or holds it; write next to it instead."
+            f"`{name}`: {str(output_dir)!r} is the current folder or holds it; write next to it instead."
         )
     present = _files(output_dir) - {MANIFEST_NAME}
     listed = _manifest_files(output_dir)
     if listed is not None:
-        _refuse_foreign(output_dir, present - listed)
+        _refuse_foreign(output_dir, present - listed, name, replacer)
     elif present and not _is_ours(output_dir):
         raise ConversionError(
-            f"`output`: {str(output_dir)!r} is not a pipeline or model folder written by diffusers-var; --overwrite "
+            f"`{name}`: {str(output_dir)!r} is not a pipeline or model folder written by diffusers-var; {replacer} "
             "replaces only those (and empty folders), so nothing of yours is deleted: choose another folder."
         )
 

@@ -673,10 +673,8 @@ def train(config: TrainConfig) -> Path:
     snapshot = _config_snapshot(config)  # before a time limit shortens max_steps
     resume_from = _resume_point(config, output_dir, accelerator.is_main_process)
     if config.resume != "never":  # (with resume=never a previous export is moved aside, not replaced)
-        try:
-            check_output_dir(output_dir / "final", overwrite=True)  # refuse now rather than after training
-        except ValueError as err:
-            raise ValueError(str(err).replace("`output`", "`output_dir`", 1)) from None
+        # refuse now rather than after training
+        check_output_dir(output_dir / "final", overwrite=True, name="output_dir", replacer="the run's final export")
 
     # the data and the model: their checks fail here, before the output folder is touched
     task = build_task(config, accelerator.device)
