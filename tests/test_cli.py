@@ -37,6 +37,8 @@ BAD_ARGUMENTS = [
     (["generate", "--device", _bad_device()], "--device"),
     (["generate", "--out", "{tmp}/no-extension"], "--out"),
     (["generate", "--out", "{tmp}/image.notaformat"], "--out"),
+    (["generate", "--out", "{tmp}/image.xbm"], "--out"),  # PIL writes XBM, but not from RGB
+    (["generate", "--out", "{tmp}/image.h5"], "--out"),  # a format PIL knows, without its writer plug-in
     (["generate", "--out", "{tmp}/a-file/out.png"], "--out"),  # its folder cannot be made: a file is in the way
     (["generate", "--out", "{tmp}"], "--out"),
     (["generate", "--num-images", "0"], "--num-images"),
@@ -46,6 +48,7 @@ BAD_ARGUMENTS = [
     (["generate", "--guidance-scale", "inf"], "--guidance-scale"),
     (["generate", "--class-label", "no such class"], "--class-label"),
     ([*EDIT, "--out", "{tmp}/image.notaformat"], "--out"),
+    ([*EDIT, "--out", "{tmp}/image.msp"], "--out"),
     ([*EDIT, "--out", "{tmp}/no-extension"], "--out"),
     ([*EDIT, "--out", "{tmp}"], "--out"),
     ([*EDIT, "--out", "{tmp}/a-file/out.png"], "--out"),

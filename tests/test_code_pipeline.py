@@ -81,6 +81,10 @@ def test_constructor_refuses_a_refiner_of_another_schedule_or_codebook():
         with pytest.raises(ValueError, match=f"`refiner` has {name}"):
             VARCoDePipeline(**{**components, "refiner": VARTransformer2DModel(**config)})
     assert VARCoDePipeline(**{**components, "draft_steps": None}).config.draft_steps == 2  # num_scales - 2
+    # a refiner that is no VAR transformer: named before its config is read (a KeyError / AttributeError before)
+    for refiner in ("a-folder", torch.nn.Linear(2, 2)):
+        with pytest.raises(ValueError, match="`refiner` must be a VARTransformer2DModel"):
+            VARCoDePipeline(**{**components, "refiner": refiner})
 
 
 def test_save_load_keeps_draft_steps_and_the_images(tmp_path):

@@ -603,6 +603,38 @@ def test_from_pipe_refuses_components_of_another_family_and_unknown_arguments(ca
         case.pipeline_class.from_pipe(other)
 
 
+def test_a_component_left_out_is_named_at_the_call(case):
+    """diffusers lets a pipeline be built with ``None`` for a component; the call then failed deep inside (an
+    AttributeError on ``None``). It names the component instead, before any work."""
+    pipe = pipeline(case)
+    required = type(pipe)._required_components()
+    assert {"transformer", "vqvae"} <= set(required) or {"transformer", "vae"} <= set(required)
+    for name in required:
+        built = case.pipeline_class(**{**pipe.components, name: None})
+        with pytest.raises(ValueError, match=f"has no `{name}`"):
+            run(case, pipe=built)
+
+
+def test_nonfinite_logits_are_refused_not_sampled(case):
+    """Logits that overflow (every linear layer of the transformer scaled to infinity: a LoRA scale or weights past
+    the dtype's range) made the draw's argmax pick token 0 everywhere, an ordinary-looking image; the call refuses
+    them, decoded or returned as latents."""
+    pipe = pipeline(case)
+    overflow = [
+        module.register_forward_hook(lambda module, inputs, output: output * float("inf"))
+        for module in pipe.transformer.modules()
+        if isinstance(module, torch.nn.Linear)
+    ]
+    try:
+        for output_type in ("pt", "latent"):
+            with pytest.raises(ValueError, match=r"final `latents`.* logits were NaN / infinite"):
+                run(case, output_type=output_type)
+    finally:
+        for hook in overflow:
+            hook.remove()
+    assert run(case).isfinite().all()
+
+
 def test_numpy_scalars_are_numbers(case):
     """A numpy float (``np.float32(0.5)``, not a Python float subclass as ``np.float64`` is) is a number and a numpy
     integer (what indexing an array gives) an integer: the same images as the Python values."""

@@ -440,3 +440,30 @@ def test_bench_startup_smoke(tmp_path):
         assert all(row[name] >= 0 for name in phases[:3]) and row["python_and_rest_s"] > 0
         assert sum(row[name] for name in phases) == pytest.approx(row["seconds"])
         assert row["imports_alone_seconds"] > 0  # a process that only imports: the floor under "python and rest"
+
+
+def test_saved_editing_and_code_pipelines_generate_and_sample(tmp_path, capsys):
+    """A saved in-painting / image-to-image pipeline is sampled (and generated) as its family's pipeline, whose
+    components it has; a CoDe folder as the class-conditional pipeline it is. They were told to pass `--prompts`
+    (CoDe, VAR in-painting), or failed after loading, with a traceback and a half-written run folder."""
+    from diffusers_var import STARImg2ImgPipeline, VARCoDePipeline, VARInpaintPipeline, VARPipeline
+
+    var = VARPipeline.from_pretrained(VAR)
+    folders = {  # name: (pipeline saved, conditioning flags, images expected, pipeline recorded in run.json)
+        "code": (VARCoDePipeline.from_var_pipelines(var, var), ["--class-labels", "1,2", "--per-class", "1"], 2),
+        "inpaint": (VARInpaintPipeline.from_pipe(var), ["--class-labels", "1,2", "--per-class", "1"], 2),
+        "star_i2i": (STARImg2ImgPipeline.from_pipe(STARPipeline.from_pretrained(STAR)), ["--prompts", "p.txt"], 1),
+    }
+    (tmp_path / "p.txt").write_text("red circle\n")
+    recorded = {"code": "VARCoDePipeline", "inpaint": "VARPipeline", "star_i2i": "STARPipeline"}
+    for name, (pipe, flags, count) in folders.items():
+        pipe.save_pretrained(tmp_path / name)
+        out = tmp_path / f"run-{name}"
+        flags = [str(tmp_path / flag) if flag == "p.txt" else flag for flag in flags]
+        assert main(["sample", "--model", str(tmp_path / name), "--out", str(out), *flags]) == 0, capsys.readouterr()
+        assert len(list((out / "images").iterdir())) == count
+        assert json.loads((out / "run.json").read_text())["settings"]["pipeline"] == recorded[name]
+    for name, flags in (("inpaint", ["--class-label", "1"]), ("star_i2i", ["--prompt", "red circle"])):
+        out = tmp_path / f"{name}.png"
+        assert main(["generate", "--model", str(tmp_path / name), *flags, "--out", str(out)]) == 0
+        assert Image.open(out).size == (64, 64)

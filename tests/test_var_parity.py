@@ -250,9 +250,13 @@ def test_zero_shot_edit(converted, var_fixture, case, monkeypatch):
 
     sampled = []
     sample = pipeline_var.sample_from_logits
-    monkeypatch.setattr(
-        pipeline_var, "sample_from_logits", lambda *a, **kw: sampled.append(sample(*a, **kw)) or sampled[-1]
-    )
+
+    def sample_and_record(*args, **kwargs):  # (tokens, their probabilities): the tokens are recorded
+        drawn = sample(*args, **kwargs)
+        sampled.append(drawn[0] if isinstance(drawn, tuple) else drawn)
+        return drawn
+
+    monkeypatch.setattr(pipeline_var, "sample_from_logits", sample_and_record)
     seen = {}
 
     def record(p, scale_index, hw, tensors):

@@ -7,6 +7,7 @@ the output path are all checked before a model is loaded or an image generated.
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from pathlib import Path
@@ -21,10 +22,12 @@ from .cli_support import (
     class_label_ids,
     expect_pipeline_class,
     finite_float,
+    generation_pipeline_class,
     int_in_range,
     load_loras,
     name_flags,
     pipeline_class_of,
+    pipeline_family,
     print_error,
 )
 from .conversion.common import folder_problem
@@ -64,6 +67,20 @@ def output_path(out: Path, index: int, count: int) -> Path:
     return out if count == 1 else out.with_name(output_name(out, index, count))
 
 
+def _writes_rgb(image_format: str | None) -> bool:
+    """Whether PIL saves an RGB image in ``image_format``: some formats it knows take other modes only (XBM) or
+    need a plug-in (BUFR, HDF5), and failed only once the images were made."""
+    import PIL.Image
+
+    if image_format not in PIL.Image.SAVE:
+        return False
+    try:
+        PIL.Image.new("RGB", (8, 8)).save(io.BytesIO(), format=image_format)
+    except Exception:  # noqa: BLE001 - PIL's writers raise OSError, ValueError, KeyError...: any means no
+        return False
+    return True
+
+
 def check_output(out: Path, count: int) -> str | None:
     """``None`` when the images can be written to ``--out``, else the one-line reason (checked before generating,
     so a typo costs nothing): an image extension PIL can write, a folder that exists or can be made (made when the
@@ -74,7 +91,7 @@ def check_output(out: Path, count: int) -> str | None:
     formats = PIL.Image.registered_extensions()
     if not suffix:
         return f"`--out` {str(out)!r} has no file extension; add one (.png, .jpg, .webp): it picks the image format"
-    if formats.get(suffix) not in PIL.Image.SAVE:
+    if not _writes_rgb(formats.get(suffix)):
         writable = sorted(
             ext
             for ext, fmt in formats.items()
@@ -153,7 +170,7 @@ def _generate(args) -> int:
         return print_error(problem)
     model = resolve_pipeline_folder(args.model) if args.model else DEFAULT_MODEL
     try:
-        pipeline_class = pipeline_class_of(model)
+        pipeline_class = generation_pipeline_class(model)
     except ValueError as err:
         return print_error(f"`--model` {err}")
     name = pipeline_class.__name__
@@ -241,11 +258,12 @@ def edit_pipeline_class(model, inpainting: bool) -> type:
     import diffusers_var
 
     found = pipeline_class_of(model)
-    for family in (diffusers_var.VARPipeline, diffusers_var.STARPipeline, diffusers_var.InfinityPipeline):
-        if issubclass(found, family):
-            name = family.__name__.replace("Pipeline", "InpaintPipeline" if inpainting else "Img2ImgPipeline")
-            return getattr(diffusers_var, name)
-    raise ValueError(f"{str(model)!r} holds a {found.__name__}, which has no editing pipeline")
+    try:
+        family = pipeline_family(found)
+    except ValueError:
+        raise ValueError(f"{str(model)!r} holds a {found.__name__}, which has no editing pipeline") from None
+    name = family.__name__.replace("Pipeline", "InpaintPipeline" if inpainting else "Img2ImgPipeline")
+    return getattr(diffusers_var, name)
 
 
 def _parse_box(text: str) -> tuple[float, ...]:

@@ -45,6 +45,27 @@ def pipeline_class_of(model) -> type:
     return pipeline_class
 
 
+def pipeline_family(pipeline_class: type) -> type:
+    """The family's generating pipeline (VARPipeline, STARPipeline, InfinityPipeline) that ``pipeline_class`` is or
+    derives from: its in-painting / image-to-image pipelines and CoDe share its components."""
+    import diffusers_var
+
+    for family in (diffusers_var.VARPipeline, diffusers_var.STARPipeline, diffusers_var.InfinityPipeline):
+        if issubclass(pipeline_class, family):
+            return family
+    raise ValueError(f"{pipeline_class.__name__} is not a pipeline of the VAR, STAR or Infinity family")
+
+
+def generation_pipeline_class(model) -> type:
+    """The class a generating command (generate, sample) loads a pipeline folder as: the folder's own for the
+    families' pipelines and CoDe; the family's generating pipeline for a saved in-painting / image-to-image one,
+    whose calls need an input image (the same components load either way)."""
+    import diffusers_var
+
+    found = pipeline_class_of(model)
+    return found if issubclass(found, diffusers_var.VARCoDePipeline) else pipeline_family(found)
+
+
 def expect_pipeline_class(model, expected: type, exact: bool = False) -> type:
     """:func:`pipeline_class_of`, which must be ``expected`` (or, unless ``exact``, a subclass of it: a
     VARCoDePipeline folder serves as a VAR); ``ValueError`` naming the folder and both classes otherwise."""

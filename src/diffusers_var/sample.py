@@ -48,9 +48,10 @@ from .cli_support import (
     check_device,
     enable_fast_path,
     finite_float,
+    generation_pipeline_class,
     int_in_range,
     name_flags,
-    pipeline_class_of,
+    pipeline_family,
 )
 from .conversion.common import folder_problem
 from .embedded_models import default_model, resolve_pipeline_folder
@@ -536,10 +537,11 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
             raise ValueError(f"`{flag}` must be <= {high}, got {value}.")
     model = resolve_pipeline_folder(args.model) if args.model else default_model()
     try:
-        pipeline_class = pipeline_class_of(model)
+        pipeline_class = generation_pipeline_class(model)
     except ValueError as err:
         raise ValueError(f"`--model` {err}") from None
-    check_flags(args, pipeline_class.__name__)
+    pipeline_name = pipeline_family(pipeline_class).__name__  # what the flags follow (CoDe: VAR's)
+    check_flags(args, pipeline_name)
     prompts = read_prompts(args.prompts) if args.prompts is not None else None  # a bad file costs no model load
     out = Path(args.out)
     check_out(out)
@@ -552,7 +554,6 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
     with _loading_bars(processes.is_main and not args.no_progress):
         pipe = pipeline_class.from_pretrained(model, dtype=torch.float32 if args.fast else dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
-    pipeline_name = type(pipe).__name__
     num_classes = pipe.transformer.config.num_classes if pipeline_name == "VARPipeline" else None
     class_names = dict(getattr(pipe, "id2label", None) or {})
     plan = build_plan(args, pipeline_name, num_classes, class_names, prompts)
@@ -568,7 +569,7 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
     width = max(6, len(str(total - 1)))
     settings = {
         "model": str(model.resolve()),
-        "pipeline": pipeline_name,
+        "pipeline": type(pipe).__name__,
         "seed": args.seed,
         "total": total,
         "labels": plan.labels,

@@ -33,7 +33,7 @@ from .pipeline_utils import (
     repeat_rows,
     shorten,
 )
-from .sampling import GeneratorArg, filter_top_k_top_p_, sample_from_logits
+from .sampling import GeneratorArg, filter_top_k_top_p_, nan_where_drawn_from_nonfinite, sample_from_logits
 
 logger = logging.get_logger(__name__)
 
@@ -323,10 +323,14 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
                 logits = logits.reshape(B, h * w * bits_per_token, 2)
                 guided_logits = logits.view(B, h * w, bits_per_token, 2).clone() if callback is not None else None
                 filter_top_k_top_p_(logits, top_k, top_p)
-                bits = sample_from_logits(logits, generator).view(B, h, w, bits_per_token)
+                bits, confidence = sample_from_logits(logits, generator, return_confidence=True)
+                bits = bits.view(B, h, w, bits_per_token)
                 if forcing is not None:
                     bits = forcing(si, bits)
-                codes = vae.bits_to_codes(vae.token_bits_to_latent_bits(bits))
+                codes = nan_where_drawn_from_nonfinite(
+                    vae.bits_to_codes(vae.token_bits_to_latent_bits(bits)),
+                    vae.token_bits_to_latent_bits(confidence.view(B, h, w, bits_per_token)),
+                )
                 latents, _ = vae.next_scale_input(latents, codes, None)
                 next_input = self._next_scale_input(latents, si, schedule)
 
@@ -381,6 +385,7 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
     ) -> tuple[list, int]:
         """Every argument check of a call, before any work (a ValueError names the parameter). Returns the scale
         schedule and the number of prompts."""
+        self._check_required_components()
         check_common_inputs(top_k, top_p, output_type, num_images_per_prompt, return_dict)
         schedule = self.scale_schedule(height, width)
         check_guidance_scale(guidance_scale, len(schedule))

@@ -41,6 +41,7 @@ from .sampling import (
     filter_top_k_top_p_,
     gumbel_softmax,
     linear_guidance_ramp,
+    nan_where_drawn_from_nonfinite,
     sample_from_logits,
     smooth_tau,
     stable_sampler_counts,
@@ -402,7 +403,7 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
             trace[0].append(mixed.clone())
             filter_top_k_top_p_(mixed, top_k, top_p, fast=self._fast_top_p(device))
             indices, confidence = sample_from_logits(mixed, generator, return_confidence=True)
-            codes = vqvae.embed_tokens(indices)
+            codes = nan_where_drawn_from_nonfinite(vqvae.embed_tokens(indices), confidence)
             trace[1].append(indices)
             trace[2].append(confidence)
             if step < main_head_steps:  # main-head steps first commit the most confident positions overall
@@ -475,7 +476,7 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
                     filter_top_k_top_p_(guided_logits, top_k, top_p, fast=fast_top_p)
                     tokens, confidence = sample_from_logits(guided_logits, generator, return_confidence=True)
                     step_indices, step_conf = tokens[None], confidence[None]
-                    embedding = vqvae.embed_tokens(tokens)
+                    embedding = nan_where_drawn_from_nonfinite(vqvae.embed_tokens(tokens), confidence)
                 embedding = embedding.to(device).transpose(1, 2).reshape(B, -1, pn, pn)
                 if forcing is not None:
                     embedding, tokens = forcing(si, embedding, tokens)
@@ -538,6 +539,7 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
     ) -> int:
         """Every argument check of a call, before any work (a ValueError names the parameter). Returns the number of
         prompts."""
+        self._check_required_components()
         check_guidance_scale(guidance_scale)
         check_common_inputs(top_k, top_p, output_type, num_images_per_prompt, return_dict)
         check_bool(more_smooth, "more_smooth")

@@ -387,15 +387,21 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
 
     def _finish(self, latents: torch.Tensor, output_type: str, return_dict: bool):
         """Decode the final latent (unless ``"latent"``), free offload hooks and wrap the output."""
+        causes = (
+            "the transformer's logits were NaN / infinite at some scale (a LoRA scale or weights too large for the "
+            "dtype), a `callback_on_step_end` wrote such values"
+        )
         if output_type == "latent":
+            if not bool(latents.isfinite().all()):  # one sync, at the end of the call
+                raise ValueError(f"the call's final `latents` hold NaN / infinite values: {causes}.")
             images = latents
         else:
             try:
                 decoded = self.decode_latents(latents)
             except NaNDecodeError:
                 raise ValueError(
-                    "the call's final `latents` decoded to NaN pixels: values too large for the decoder (from a "
-                    "`callback_on_step_end`?), or a decoder dtype too narrow for them (float16: use bfloat16)."
+                    f"the call's final `latents` decoded to NaN pixels: {causes}, the latents are too large for the "
+                    "decoder, or the decoder's dtype is too narrow for them (float16: use bfloat16)."
                 ) from None
             images = images_to_output((decoded + 1) / 2, output_type)
         self.maybe_free_model_hooks()
@@ -483,6 +489,17 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
     @classmethod
     def _required_components(cls) -> list[str]:
         return [name for name in _component_types(cls) if name not in cls._optional_components]
+
+    def _check_required_components(self) -> None:
+        """At the start of a call: every required component is there (a pipeline built with ``None`` for one, as
+        diffusers allows, failed deep inside the call)."""
+        missing = [name for name in self._required_components() if getattr(self, name, None) is None]
+        if missing:
+            names = ", ".join(f"`{name}`" for name in missing)
+            raise ValueError(
+                f"this {type(self).__name__} has no {names} (built with None); pass it to the constructor, "
+                "`from_pipe` or `from_pretrained`."
+            )
 
     # -- from_pipe keeps each component's dtype ------------------------------------------------------------------
     @classmethod
@@ -874,6 +891,7 @@ class NextScaleEditMixin:
     :meth:`_edit_schedule`."""
 
     def _edit_schedule(self, height=None, width=None) -> list[tuple[int, int]]:
+        self._check_required_components()  # the schedule comes first in an editing call, before check_inputs
         return [tuple(hw) for hw in self.scale_schedule()]
 
     @property

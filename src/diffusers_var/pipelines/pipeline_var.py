@@ -52,6 +52,7 @@ from .sampling import (
     guidance_table,
     gumbel_softmax,
     linear_guidance_ramp,
+    nan_where_drawn_from_nonfinite,
     sample_from_logits,
     smooth_tau,
     top_p_mass,
@@ -421,12 +422,14 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         logits = apply_guidance(logits_2BlV, strength)
         guided_logits = logits.clone() if settings.keep_logits else None
         filter_top_k_top_p_(logits, top_k, top_p, fast=settings.fast_filter, top_p_mass=top_p_mass)
-        indices = sample_from_logits(logits if temperature is None else logits / temperature, generator)
-        if settings.more_smooth:  # soft mixture of codes; the hard sample above is discarded
+        indices, confidence = sample_from_logits(
+            logits if temperature is None else logits / temperature, generator, return_confidence=True
+        )
+        if settings.more_smooth:  # soft mixture of codes (NaN logits give NaN codes); the hard sample is discarded
             weights = gumbel_softmax(logits.mul(1 + ratio), smooth_tau(ratio), generator)
             embedding = weights @ self.vqvae.codebook_vectors(weights.device)
         else:
-            embedding = self.vqvae.embed_tokens(indices)
+            embedding = nan_where_drawn_from_nonfinite(self.vqvae.embed_tokens(indices), confidence)
         embedding = embedding.transpose(1, 2).reshape(B, -1, pn, pn)
         if forcing is not None:
             embedding, indices = forcing(si, embedding, indices)
@@ -582,6 +585,7 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         temperature=1.0,
     ) -> None:
         """Every argument check of a call, before any work (a ValueError names the parameter)."""
+        self._check_required_components()
         num_scales = len(self.transformer.config.patch_nums)
         check_guidance_scale(guidance_scale)
         check_common_inputs(top_k, top_p, output_type, num_images_per_prompt, return_dict, num_scales=num_scales)
@@ -1015,6 +1019,7 @@ class VARCoDePipeline(VARPipeline):
         id2label: dict | None = None,
     ):
         super().__init__(transformer=transformer, vqvae=vqvae, id2label=id2label)
+        self._check_component_types(refiner=refiner)  # before its config is read
         if transformer is not None and refiner is not None:
             drafted, refined = transformer.config, refiner.config
             for name in ("patch_nums", "vocab_size", "latent_channels", "num_classes"):

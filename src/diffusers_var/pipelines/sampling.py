@@ -118,6 +118,15 @@ def sample_from_logits(logits_BlV: torch.Tensor, generator: GeneratorArg, return
     return indices.view(B, length), probs.gather(1, indices[:, None]).view(B, length, 1)
 
 
+def nan_where_drawn_from_nonfinite(values: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+    """``values`` (what drawn tokens became: code vectors, bit codes) set to NaN where the draw's probability
+    ``confidence`` (broadcast against them) is not finite, i.e. where the logits were NaN or infinite (an adapter
+    scaled past the float range, weights that overflow). The argmax over NaN probabilities picks token 0, which gave an
+    ordinary-looking image; the NaN reaches the final latents instead, which the pipelines refuse. Elementwise, with
+    no device sync: it runs inside the per-scale CUDA graphs too."""
+    return values.masked_fill(~confidence.isfinite(), torch.nan)
+
+
 def advance_as_sample_from_logits(logits_shape: tuple[int, int, int], generator: GeneratorArg, device) -> None:
     """Advance ``generator`` exactly as :func:`sample_from_logits` on logits of ``logits_shape`` (B, l, V) does, with
     the same draws and nothing else: for draws whose tokens are thrown away."""
