@@ -4,6 +4,7 @@ path's CUDA-graph wiring (with the CPU stand-in of test_fast_inference.py)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -81,6 +82,8 @@ def test_constructor_refuses_a_refiner_of_another_schedule_or_codebook():
         with pytest.raises(ValueError, match=f"`refiner` has {name}"):
             VARCoDePipeline(**{**components, "refiner": VARTransformer2DModel(**config)})
     assert VARCoDePipeline(**{**components, "draft_steps": None}).config.draft_steps == 2  # num_scales - 2
+    stored = VARCoDePipeline(**{**components, "draft_steps": np.int64(1)}).config.draft_steps  # numpy's: stored as int
+    assert stored == 1 and type(stored) is int
     # a refiner that is no VAR transformer: named before its config is read (a KeyError / AttributeError before)
     for refiner in ("a-folder", torch.nn.Linear(2, 2)):
         with pytest.raises(ValueError, match="`refiner` must be a VARTransformer2DModel"):

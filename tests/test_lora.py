@@ -249,7 +249,10 @@ def test_two_adapters_mix_with_their_weights(tmp_path):
     assert sorted(pipe.get_active_adapters()) == ["a", "b"]
     assert torch.equal(images(pipe, "var"), only_a)
     pipe.set_adapters(["a", "b"], adapter_weights=[1.0, 1.0])
-    assert not torch.equal(images(pipe, "var"), only_a)
+    both = images(pipe, "var")
+    assert not torch.equal(both, only_a)
+    pipe.set_adapters(["a", "b"], adapter_weights=[np.float32(1.0), np.int64(1)])  # numpy scalars are numbers
+    assert torch.equal(images(pipe, "var"), both)
     pipe.delete_adapters("b")
     assert pipe.get_list_adapters() == {"transformer": ["a"]}
     pipe.fuse_lora()
@@ -609,6 +612,9 @@ def test_unknown_adapters_bad_adapter_weights_and_non_finite_files_are_refused(v
         path = adapter_variant(var_adapter, tmp_path / f"{value}.safetensors", tensors=lambda k, t: t * value)
         with pytest.raises(ValueError, match=f"'{path}': not usable LoRA weights: .* holds NaN or infinite values"):
             pipe.load_lora_weights(path, adapter_name="bad")
+    assert_same_state(state, model_state(pipe.transformer))
+    with pytest.raises(ValueError, match="`hotswap` must be True or False"):
+        pipe.load_lora_weights(var_adapter, adapter_name="good", hotswap="yes")
     assert_same_state(state, model_state(pipe.transformer))
     pipe.set_adapters(["good"], [{"transformer": 0.5}])
     pipe.delete_adapters("good")

@@ -8,6 +8,7 @@ A new pipeline class joins by adding one :class:`Case` to ``CASES``.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import warnings
@@ -650,6 +651,18 @@ def test_numpy_scalars_are_numbers(case):
             run(case, top_p=0.5, guidance_scale=1.5, top_k=3, class_labels=list(labels), num_images_per_prompt=2),
             expected,
         )
+    parameters = inspect.signature(case.pipeline_class.__call__).parameters
+    family_values = {  # the family's own integer / bool parameters, as numpy scalars
+        "more_smooth": np.bool_(False),
+        "draft_steps": np.int64(pipeline(case).config.get("draft_steps") or 1),
+        "height": np.int64(expected.shape[-2]),
+        "width": np.int64(expected.shape[-1]),
+    }
+    given = {name: value for name, value in family_values.items() if name in parameters}
+    assert given  # every family has at least one of them
+    python_values = {name: value.item() for name, value in given.items()}
+    common = {"top_p": 0.5, "guidance_scale": 1.5, "top_k": 3, "num_images_per_prompt": 2}
+    assert torch.equal(run(case, **common, **given), run(case, **common, **python_values))
 
 
 def test_bad_family_specific_arguments_name_the_parameter():

@@ -52,6 +52,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .file_utils import is_hub_repo_id, write_atomic
+from .scalars import is_bool, is_number
 
 logger = logging.get_logger(__name__)
 
@@ -612,6 +613,9 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             not isinstance(adapter_name, str) or not adapter_name.strip() or "." in adapter_name
         ):  # it becomes a key of torch ModuleDicts, which refuse "."
             raise ValueError(f"`adapter_name` must be a non-empty string without `.`, or None, got {adapter_name!r}.")
+        if not is_bool(hotswap):
+            raise ValueError(f"`hotswap` must be True or False, got {hotswap!r}.")
+        hotswap = bool(hotswap)
         low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", _LOW_CPU_MEM_USAGE_DEFAULT_LORA)
         source = pretrained_model_name_or_path_or_dict
         if isinstance(source, dict):
@@ -798,8 +802,9 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         ``components`` (default: every LoRA component): inference then costs what the base model costs (the fast path
         runs fused adapters at full speed). :meth:`unfuse_lora` restores the weights exactly."""
         components = self._check_components(components)
-        if not isinstance(lora_scale, (int, float)) or isinstance(lora_scale, bool) or not math.isfinite(lora_scale):
+        if not is_number(lora_scale) or not math.isfinite(lora_scale):
             raise ValueError(f"`lora_scale` must be a finite number, got {lora_scale!r}.")
+        lora_scale = float(lora_scale)
         if adapter_names is not None:  # diffusers fuses nothing, without a word, for a name it does not know
             adapter_names = self._check_adapter_names(adapter_names)
         snapshots = self.__dict__.setdefault("_lora_fuse_snapshots", {})
@@ -867,9 +872,10 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             raise ValueError(f"`adapter_weights` has {len(weights)} entries for {len(names)} adapters.")
 
         def is_scale(value) -> bool:
-            return value is None or (
-                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            )
+            return value is None or (is_number(value) and math.isfinite(value))
+
+        def as_python(value):  # numpy scalars as Python floats, for peft
+            return float(value) if is_number(value) else value
 
         for weight in weights:
             if isinstance(weight, dict):  # per component; diffusers drops unknown components with a warning only
@@ -883,6 +889,10 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
                 raise ValueError(
                     f"`adapter_weights` must be finite numbers (one per adapter), got {adapter_weights!r}."
                 )
+        if adapter_weights is not None:
+            adapter_weights = [
+                {c: as_python(v) for c, v in w.items()} if isinstance(w, dict) else as_python(w) for w in weights
+            ]
         super().set_adapters(self._check_adapter_names(names), adapter_weights)
 
 

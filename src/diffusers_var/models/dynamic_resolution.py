@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ..scalars import is_integer
+
 # (h, w) for the templates with h >= w; the template w/h (written int(1000/r)/1000) uses the transposes.
 _BASE_SCHEDULES: dict[float, list[tuple[int, int]]] = {
     1.0: [(s, s) for s in (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)],
@@ -197,7 +199,7 @@ def schedule_for_pixels(height: int, width: int, pixels_per_token: int) -> list[
     area. Sizes more than 25% away (per side, geometric mean) from every preset of that template are refused.
     """
     for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_SIDE:
+        if not is_integer(value) or not 1 <= value <= MAX_SIDE:
             raise ValueError(f"`{name}` must be an integer in [1, {MAX_SIDE}] (pixels), got {repr(value):.40}.")
     hw = ASPECT_RATIO_TEMPLATES[nearest_aspect_ratio(height / width)]
     side = (height * width) ** 0.5

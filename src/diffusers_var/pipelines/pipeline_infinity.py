@@ -13,6 +13,7 @@ from ..loaders import InfinityLoraLoaderMixin
 from ..models.bitwise_vae import BitwiseMultiScaleVAE
 from ..models.dynamic_resolution import MAX_SIDE, schedule_for_pixels
 from ..models.infinity_transformer import InfinityTransformer2DModel
+from ..scalars import is_integer
 from .fast_inference import compile_adaln_blocks_
 from .pipeline_utils import (
     UNIFIED_CALLBACK_TENSORS,
@@ -96,14 +97,14 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         if default_size is not None and (
             not isinstance(default_size, (list, tuple))
             or len(default_size) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_SIDE for v in default_size)
+            or not all(is_integer(v) and 1 <= v <= MAX_SIDE for v in default_size)
         ):
             raise ValueError(
                 f"`default_size` must be [height, width], two integers in [1, {MAX_SIDE}] (pixels), "
                 f"got {default_size!r}."
             )
         # the size a model was trained for (small embedded models); height/width default to it, else 1024
-        self.register_to_config(default_size=list(default_size) if default_size is not None else None)
+        self.register_to_config(default_size=[int(v) for v in default_size] if default_size is not None else None)
 
     def scale_schedule(self, height: int | None = None, width: int | None = None) -> list[tuple[int, int]]:
         """The token grid ``(h, w)`` of every scale for an image of about ``height x width`` pixels (default: the

@@ -49,6 +49,7 @@ from diffusers.utils import logging
 from ..file_utils import save_folder_atomic, write_atomic, write_text_atomic
 from ..models.multiscale_vq import area_down
 from ..models.slicing import NaNDecodeError, check_token_values
+from ..scalars import is_bool, is_integer, is_number
 from .fast_inference import FastInferenceMixin
 from .sampling import GeneratorArg
 
@@ -74,16 +75,6 @@ _KEEP_COMPONENT_DTYPES = contextvars.ContextVar("keep_component_dtypes", default
 # ----------------------------------------------------------------------------------------------
 # Argument checks shared by every family (each names the parameter and the allowed values)
 # ----------------------------------------------------------------------------------------------
-def is_number(value) -> bool:
-    """A real Python or numpy scalar (``np.float32(0.5)`` too), not a bool."""
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
-def is_integer(value) -> bool:
-    """A Python or numpy integer (``np.int64(3)``, what indexing a numpy array gives), not a bool."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
 def check_finite_number(
     value, name: str, low: float | None = None, high: float | None = None, low_inclusive: bool = True
 ) -> float:
@@ -164,7 +155,7 @@ def check_dtype_argument(dtype, name: str = "dtype", per_component: bool = True)
 
 
 def check_bool(value, name: str) -> None:
-    if not isinstance(value, bool):
+    if not is_bool(value):
         raise ValueError(f"`{name}` must be True or False, got {value!r}.")
 
 

@@ -1034,11 +1034,11 @@ class VARCoDePipeline(VARPipeline):
             draft_steps = max(1, num_scales - 2) if draft_steps is None else draft_steps
             self._check_draft_steps(draft_steps, num_scales)
         self.register_modules(refiner=refiner)
-        self.register_to_config(draft_steps=draft_steps)
+        self.register_to_config(draft_steps=None if draft_steps is None else int(draft_steps))
 
     @staticmethod
     def _check_draft_steps(draft_steps, num_scales: int) -> None:
-        if not isinstance(draft_steps, int) or isinstance(draft_steps, bool) or not 1 <= draft_steps <= num_scales - 1:
+        if not is_integer(draft_steps) or not 1 <= draft_steps <= num_scales - 1:
             raise ValueError(
                 f"`draft_steps` must be an integer in [1, {num_scales - 1}] (the drafter samples that "
                 f"many of the {num_scales} scales, the refiner the rest), got {draft_steps!r}."
