@@ -230,6 +230,10 @@ def test_image_and_its_tokens_give_the_same_edit(family):
         run(inpaint, family, image=image, mask_image=mask), run(inpaint, family, image_indices=tokens, mask_image=mask)
     )
     assert torch.equal(run(img2img, family, image=image), run(img2img, family, image_indices=tokens))
+    # the right shapes in a dtype that is not taken (VQ tokens: int16; bits: float): the dtype is named
+    wrong = torch.float32 if family.startswith("infinity") else torch.int16
+    with pytest.raises(ValueError, match=rf"`image_indices\[0\]` must be .* got \([0-9, ]+\) {wrong}"):
+        run(img2img, family, image_indices=[t.to(wrong) for t in tokens])
 
 
 def test_image_formats_give_the_same_edit():
@@ -261,8 +265,14 @@ def test_pixel_masks_become_latent_grid_masks(family):
         pixels,
         torch.from_numpy(pixels > 0),
         torch.from_numpy(pixels)[None] / 255.0,
+        (pixels > 0).astype(int),  # 0 / 1 integers, what np.zeros(..., int) makes
+        torch.from_numpy(pixels > 0).long(),
     ):
         assert torch.equal(run(inpaint, family, image=image, mask_image=mask), reference), type(mask)
+    with pytest.raises(ValueError, match=r"`mask_image` of integers \(torch.int64\) must hold 0 / 1"):
+        run(inpaint, family, image=image, mask_image=(pixels > 0).astype(int) * 2)
+    with pytest.raises(ValueError, match=r"`image` must hold floats in \[0, 1\] or uint8 values, got torch.int64"):
+        run(inpaint, family, image=np.zeros((height, width, 3), dtype=np.int64), mask_image=expected)
 
 
 def test_one_image_per_prompt_or_per_generated_image(family):

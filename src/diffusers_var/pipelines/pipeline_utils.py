@@ -735,12 +735,9 @@ def image_batch_and_size(image, name: str = "image") -> tuple[int, int, int]:
                 )
             if item.dtype != np.uint8 and item.dtype != torch.uint8:
                 values = torch.as_tensor(item)
-                if (
-                    not values.is_floating_point()
-                    or not bool(torch.isfinite(values).all())
-                    or values.min() < -1
-                    or values.max() > 1
-                ):
+                if not values.is_floating_point():
+                    raise ValueError(f"`{name}` must hold floats in [0, 1] or uint8 values, got {values.dtype}.")
+                if not bool(torch.isfinite(values).all()) or values.min() < -1 or values.max() > 1:
                     raise ValueError(f"`{name}` must hold finite floats in [0, 1] (or uint8), got values outside.")
         sizes.append((batch, height, width))
     if len({size[1:] for size in sizes}) != 1:
@@ -809,8 +806,13 @@ def mask_to_tensor(mask_image, name: str = "mask_image") -> torch.Tensor:
                 values = values.float() / 255
             elif values.dtype == torch.bool:
                 values = values.float()
-            elif not values.is_floating_point():
-                raise ValueError(f"`{name}` must be bool, uint8 or float, got {values.dtype}.")
+            elif not values.is_floating_point():  # other integers: 0 / 1 masks (what np.zeros(..., int) makes)
+                if bool(((values != 0) & (values != 1)).any()):
+                    raise ValueError(
+                        f"`{name}` of integers ({values.dtype}) must hold 0 / 1 (1 = generate), or be bool, uint8 "
+                        "or float in [0, 1]."
+                    )
+                values = values.float()
             values = values.float()
             if not bool(torch.isfinite(values).all()) or values.min() < 0 or values.max() > 1:
                 raise ValueError(f"`{name}` float values must be finite and in [0, 1] (white / 1 = generate).")
@@ -1045,10 +1047,10 @@ class VQEditTokens:
                 or tokens.dtype not in (torch.int32, torch.int64)
                 or (batch is not None and tokens.shape[0] != batch)
             ):
-                shape = tuple(tokens.shape) if torch.is_tensor(tokens) else type(tokens).__name__
+                got = f"{tuple(tokens.shape)} {tokens.dtype}" if torch.is_tensor(tokens) else type(tokens).__name__
                 raise ValueError(
-                    f"`image_indices[{si}]` must be an integer tensor of shape (B, {h * w}) with the "
-                    f"batch of the other scales, got {shape}."
+                    f"`image_indices[{si}]` must be an int64 / int32 tensor of shape (B, {h * w}) with the "
+                    f"batch of the other scales, got {got}."
                 )
             batch = tokens.shape[0]
         check_token_values(image_indices, 0, self.vqvae.config.vocab_size - 1, "image_indices")
@@ -1095,10 +1097,10 @@ class BitwiseEditTokens:
                 or bits.is_floating_point()
                 or (batch is not None and bits.shape[0] != batch)
             ):
-                shape = tuple(bits.shape) if torch.is_tensor(bits) else type(bits).__name__
+                got = f"{tuple(bits.shape)} {bits.dtype}" if torch.is_tensor(bits) else type(bits).__name__
                 raise ValueError(
                     f"`image_indices[{si}]` must be an integer / bool tensor of shape (B, {h}, {w}, {d}) "
-                    f"with the batch of the other scales, got {shape}."
+                    f"with the batch of the other scales, got {got}."
                 )
             batch = bits.shape[0]
         check_token_values(image_indices, 0, 1, "image_indices")  # bits
