@@ -138,6 +138,9 @@ def test_edit_command(tmp_path):
         (["--class-label", "3"], "--mask"),
         (["--strength", "0.5", "--box", "0,0,1,1", "--class-label", "3"], "--strength"),
         (["--box", "0,0,1", "--class-label", "3"], "--box"),
+        (["--box", "nan,0,1,1", "--class-label", "3"], "`--box`"),  # named as the flag, not as `y0`
+        (["--box", "0.5,0,0.2,1", "--class-label", "3"], "`--box`"),
+        (["--box", "0,0,1.5,1", "--class-label", "3"], "`--box`"),
         (["--strength", "1.5", "--class-label", "3"], "strength"),
         (["--strength", "0.5"], "--class-label"),
         (["--strength", "0.5", "--class-label", "3", "--height", "32"], "--height"),

@@ -271,8 +271,12 @@ def _parse_box(text: str) -> tuple[float, ...]:
         box = tuple(float(v) for v in text.split(","))
     except ValueError:
         box = ()
-    if len(box) != 4:
-        raise ValueError(f"`--box` must be four fractions y0,x0,y1,x1 (e.g. 0.25,0.25,0.75,0.75), got {text!r}")
+    y0, x0, y1, x1 = box if len(box) == 4 else (1.0, 1.0, 0.0, 0.0)
+    if len(box) != 4 or not all(0.0 <= v <= 1.0 for v in box) or y1 < y0 or x1 < x0:  # NaN fails the range too
+        raise ValueError(
+            f"`--box` must be four fractions y0,x0,y1,x1 in [0, 1] with y0 <= y1 and x0 <= x1 (e.g. "
+            f"0.25,0.25,0.75,0.75), got {text!r}"
+        )
     return box
 
 
