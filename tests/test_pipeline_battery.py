@@ -313,6 +313,14 @@ COMMON_BAD_INPUTS = [
         "latents` decoded to NaN pixels",
     ),
     ({"callback_on_step_end": lambda pipe, i, hw, tensors: setattr(pipe, "_guidance_scale", "x")}, "pipe._guidance"),
+    (  # a misspelt name: it replaced nothing, without a word
+        {"callback_on_step_end": lambda pipe, i, hw, tensors: {"latent": tensors["latents"] * 0}},
+        r"callback_on_step_end` returned \['latent'\], which are not tensor names",
+    ),
+    (
+        {"callback_on_step_end": lambda pipe, i, hw, tensors: {"latents": tensors["latents"].to(torch.complex64)}},
+        "callback_on_step_end` returned `latents` of complex dtype",
+    ),
     ({"callback_on_step_end": "print"}, "callback_on_step_end"),
     ({"return_dict": "yes"}, "return_dict"),
 ]

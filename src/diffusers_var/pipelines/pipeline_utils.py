@@ -353,12 +353,20 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
             raise ValueError(
                 f"`callback_on_step_end` must return a dict of tensors to replace (or None), got {type(out).__name__}."
             )
+        unknown = sorted(str(name) for name in out if name not in self._callback_tensor_inputs)
+        if unknown:  # a misspelt "latents" was dropped without a word
+            raise ValueError(
+                f"`callback_on_step_end` returned {unknown}, which are not tensor names of this pipeline; it may "
+                f"return names from {self._callback_tensor_inputs} (only `latents` replaces a tensor)."
+            )
         latent_names = ["latents"] + [
             alias for alias, unified in self._callback_aliases.items() if unified == "latents"
         ]
         for name in latent_names:  # the first name whose tensor the callback replaced
             new = out.get(name)
             if new is not None and new is not tensors["latents"]:
+                if torch.is_tensor(new) and new.is_complex():  # float32 below would drop the imaginary part
+                    raise ValueError(f"`callback_on_step_end` returned `{name}` of complex dtype {new.dtype}.")
                 if not torch.is_tensor(new) or tuple(new.shape) != tuple(tensors["latents"].shape):
                     raise ValueError(
                         f"`callback_on_step_end` returned `{name}` of shape "
