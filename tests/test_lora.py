@@ -404,6 +404,11 @@ def test_safetensors_only_and_bad_arguments_name_the_parameter(tmp_path):
         VARPipeline.save_lora_weights(tmp_path, transformer_lora_layers=layers, safe_serialization=False)
     with pytest.raises(ValueError, match="`weight_name`"):
         VARPipeline.save_lora_weights(tmp_path, transformer_lora_layers=layers, weight_name="lora.bin")
+    (tmp_path / "inner").mkdir()
+    for name in ("../escape.safetensors", str(tmp_path / "elsewhere.safetensors")):  # outside save_directory
+        with pytest.raises(ValueError, match="`weight_name` must be a file name"):
+            VARPipeline.save_lora_weights(tmp_path / "inner", transformer_lora_layers=layers, weight_name=name)
+    assert not list(tmp_path.glob("*.safetensors")) and not list((tmp_path / "inner").iterdir())
     with pytest.raises(ValueError, match="`text_encoder_lora_layers`"):
         VARPipeline.save_lora_weights(tmp_path, transformer_lora_layers=layers, text_encoder_lora_layers=layers)
     first = next(iter(layers))

@@ -720,8 +720,12 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         """
         if not safe_serialization:
             raise ValueError("`safe_serialization`: LoRA files are safetensors only.")
-        if weight_name is not None and not str(weight_name).endswith(".safetensors"):
-            raise ValueError(f"`weight_name` must end with .safetensors, got {weight_name!r}.")
+        if weight_name is not None and (
+            not isinstance(weight_name, str)
+            or not weight_name.endswith(".safetensors")
+            or os.path.basename(weight_name) != weight_name  # a path would write outside save_directory
+        ):
+            raise ValueError(f"`weight_name` must be a file name ending with .safetensors, got {weight_name!r}.")
         lora_layers, lora_metadata = {}, {}
         if transformer_lora_layers:
             lora_layers[cls.transformer_name] = transformer_lora_layers
