@@ -46,6 +46,8 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
                         (both static modes raise dynamo's recompile limit for the rest of the process: give them a
                         process of their own, as ``gpu_session.sh chain`` does)
   fast-compile-all-static-tokens-fp8  ``"static-tokens"`` with ``fp8=True`` (for the text-to-image models at 1024 px)
+  fast-compile-all-gnsums  ``fast-compile-all`` with the decoder's GroupNorm statistics as per-channel sums
+                        (``fast_inference.channel_sum_group_norm_``, opt-in until measured)
 It also checks that greedy tokens (bits for Infinity) of the fast path agree with the eager float32 path.
 """
 
@@ -79,7 +81,7 @@ from diffusers_var import (  # noqa: E402
 from diffusers_var.models.dynamic_resolution import schedule_for_pixels  # noqa: E402
 from diffusers_var.models.infinity_transformer import infinity_ffn_dim  # noqa: E402
 from diffusers_var.pipelines import fast_inference  # noqa: E402
-from diffusers_var.pipelines.fast_inference import subpixel_upsample_  # noqa: E402
+from diffusers_var.pipelines.fast_inference import channel_sum_group_norm_, subpixel_upsample_  # noqa: E402
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 MODELS = {  # name: (depth, patch_nums); width 64 * depth and depth heads, as every VAR release
@@ -583,6 +585,7 @@ MODES = (
     "fast-compile-all-static-tokens",
     "fast-compile-all-static",
     "fast-compile-all-static-tokens-fp8",
+    "fast-compile-all-gnsums",
 )
 SDPA_BACKENDS = {  # --sdpa-first: PyTorch's own order after the one named
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -724,6 +727,8 @@ def main() -> int:
                 bench.pipe.enable_fast_inference(compile_decoder=compile_decoder, **extra)
                 if mode.endswith("-subpixel"):
                     subpixel_upsample_(getattr(bench.pipe, "vqvae", None) or bench.pipe.vae)
+                if mode.endswith("-gnsums"):
+                    channel_sum_group_norm_(getattr(bench.pipe, "vqvae", None) or bench.pipe.vae)
                 bench.fresh = False
             for batch in (int(b) for b in (args.batch_sizes or bench.default_batches).split(",")):
                 times, peak, reserved = time_mode(

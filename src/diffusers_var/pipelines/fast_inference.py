@@ -14,6 +14,7 @@ kernels and precision tricks installed onto the models from outside (the model f
     by the projection piece (:func:`_chained_block_stack`, :data:`CHAIN_VAR_BLOCKS`);
   - :func:`separable_upsample_`: VAR / STAR code maps upsampled by a separable bicubic;
   - :func:`pad_narrow_convs_`: the RGB output conv computed with zero-padded channels (compiled decoder);
+  - :func:`channel_sum_group_norm_`: the decoders' GroupNorm statistics as per-channel sums (opt-in);
   - :func:`subpixel_upsample_`: the decoders' nearest 2x upsampling + 3x3 conv as one 2x2 conv on the small map
     (opt-in while it is measured on the GPU: ``benchmarks/bench_pipelines.py --modes fast-compile-all-subpixel``).
 * :func:`use_compile_cache`: torch.compile's on-disk caches in a lasting folder, shared by the processes of a machine.
@@ -236,6 +237,45 @@ def _padded_conv_forward(conv: nn.Conv2d, multiple: int, x: torch.Tensor) -> tor
     weight = F.pad(conv.weight, (0, 0, 0, 0, 0, 0, 0, extra))
     bias = None if conv.bias is None else F.pad(conv.bias, (0, extra))
     return conv._conv_forward(x, weight, bias)[:, : conv.out_channels]
+
+
+def channel_sum_group_norm_(module: nn.Module | None, enabled: bool = True) -> int:
+    """Install (``enabled``) or remove, on every ``GroupNorm`` of ``module`` (the image decoders), a GroupNorm whose
+    statistics are per-channel sums over the image (a reduction over rows whose channels are contiguous in the
+    channels-last decoder), added up per group afterwards, in place of the reduction over each group's
+    (channels, height, width) that torch.compile makes of ``F.group_norm``: with 5 of 160 contiguous channels a
+    group, that one read the decoder's largest maps at a small share of the memory bandwidth (BENCHMARKS.md, session
+    21). Opt-in until measured (``bench_pipelines.py --modes fast-compile-all-gnsums``). Returns how many norms it
+    found (each now in the requested form)."""
+    changed = 0
+    for norm in module.modules() if module is not None else ():
+        if isinstance(norm, nn.GroupNorm):
+            _uninstall(norm, "forward")
+            if enabled:
+                _install(norm, "forward", _channel_sum_group_norm_forward)
+            changed += 1
+    return changed
+
+
+def _channel_sum_group_norm_forward(norm: nn.GroupNorm, x_BCHW: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` from float32 sums per (image, channel) of ``x - pivot`` and its square, the pivot a value of each
+    (image, group) (its first channel's first pixel), so that the variance from sums does not cancel for a group far
+    from zero; then per group: mean = pivot + S1 / n, variance = S2 / n - (S1 / n)^2."""
+    B, C = x_BCHW.shape[:2]
+    G = norm.num_groups
+    x = x_BCHW.float()
+    pivot_BG = x[:, :: C // G, 0, 0]  # (B, G)
+    centred = x - pivot_BG.repeat_interleave(C // G, dim=1)[:, :, None, None]
+    s1_BG = centred.sum(dim=(2, 3)).view(B, G, -1).sum(-1)
+    s2_BG = centred.square().sum(dim=(2, 3)).view(B, G, -1).sum(-1)
+    n = x.numel() // (B * G)
+    shift_mean_BG = s1_BG / n
+    rstd_BG = (s2_BG / n - shift_mean_BG.square()).clamp_min(0).add(norm.eps).rsqrt()
+    scale_BC = rstd_BG.repeat_interleave(C // G, dim=1)
+    shift_BC = -(pivot_BG + shift_mean_BG).repeat_interleave(C // G, dim=1) * scale_BC
+    if norm.affine:
+        scale_BC, shift_BC = scale_BC * norm.weight.float(), shift_BC * norm.weight.float() + norm.bias.float()
+    return (x * scale_BC[:, :, None, None] + shift_BC[:, :, None, None]).to(x_BCHW.dtype)
 
 
 def subpixel_upsample_(module: nn.Module | None, enabled: bool = True) -> int:
