@@ -46,8 +46,9 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
                         (both static modes raise dynamo's recompile limit for the rest of the process: give them a
                         process of their own, as ``gpu_session.sh chain`` does)
   fast-compile-all-static-tokens-fp8  ``"static-tokens"`` with ``fp8=True`` (for the text-to-image models at 1024 px)
-  fast-compile-all-gnsums  ``fast-compile-all`` with the decoder's GroupNorm statistics as per-channel sums
-                        (``fast_inference.channel_sum_group_norm_``, opt-in until measured)
+  fast-compile-all-gnsums  ``fast-compile-all`` with the decoder's GroupNorm statistics as per-channel sums at
+                        every batch size (``fast_inference.channel_sum_group_norm_(min_batch=1)``; the default
+                        takes them from 64 images on)
 It also checks that greedy tokens (bits for Infinity) of the fast path agree with the eager float32 path.
 """
 
@@ -727,8 +728,8 @@ def main() -> int:
                 bench.pipe.enable_fast_inference(compile_decoder=compile_decoder, **extra)
                 if mode.endswith("-subpixel"):
                     subpixel_upsample_(getattr(bench.pipe, "vqvae", None) or bench.pipe.vae)
-                if mode.endswith("-gnsums"):
-                    channel_sum_group_norm_(getattr(bench.pipe, "vqvae", None) or bench.pipe.vae)
+                if mode.endswith("-gnsums"):  # at every batch size (the default: from 64 images on)
+                    channel_sum_group_norm_(getattr(bench.pipe, "vqvae", None) or bench.pipe.vae, min_batch=1)
                 bench.fresh = False
             for batch in (int(b) for b in (args.batch_sizes or bench.default_batches).split(",")):
                 times, peak, reserved = time_mode(

@@ -885,21 +885,23 @@ def test_padded_narrow_convs_keep_outputs_and_parameter_names():
     assert list(model.state_dict()) == names and model[1].weight.shape == (3, 16, 3, 3)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("family", ["var", "infinity"])
-def test_subpixel_upsampling_equals_nearest_upsampling_and_conv(family, channels_last):
-    """The decoder with its upsamplers in sub-pixel form gives the decoder's output (float32, both layouts, odd and
-    even sides), keeps its parameter names, and is given back its own upsamplers."""
+def _tiny_decoder(family: str) -> torch.nn.Module:
+    """A small image decoder of ``family`` (VAR / STAR's, or Infinity's), seeded."""
     from diffusers_var.models.bitwise_vae import BitwiseDecoder
     from diffusers_var.models.multiscale_vq import Decoder
 
     torch.manual_seed(0)
     if family == "var":
-        decoder = Decoder(
-            3, 32, (1, 1, 2), num_res_blocks=1, z_channels=8, dropout=0.0, using_sa=True, using_mid_sa=True
-        )
-    else:
-        decoder = BitwiseDecoder(8, 32, (1, 1, 2), num_res_blocks=1, out_channels=3)
+        return Decoder(3, 32, (1, 1, 2), num_res_blocks=1, z_channels=8, dropout=0.0, using_sa=True, using_mid_sa=True)
+    return BitwiseDecoder(8, 32, (1, 1, 2), num_res_blocks=1, out_channels=3)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("family", ["var", "infinity"])
+def test_subpixel_upsampling_equals_nearest_upsampling_and_conv(family, channels_last):
+    """The decoder with its upsamplers in sub-pixel form gives the decoder's output (float32, both layouts, odd and
+    even sides), keeps its parameter names, and is given back its own upsamplers."""
+    decoder = _tiny_decoder(family)
     for module in decoder.modules():  # upsampler biases are zero at init: make them count
         if isinstance(module, torch.nn.Conv2d):
             torch.nn.init.normal_(module.bias, std=0.5)
@@ -918,6 +920,48 @@ def test_subpixel_upsampling_equals_nearest_upsampling_and_conv(family, channels
     torch.testing.assert_close(subpixel, reference, rtol=1e-5, atol=1e-5)
     assert subpixel.is_contiguous(memory_format=memory_format)
     assert torch.equal(restored, reference) and list(decoder.state_dict()) == names
+
+
+@pytest.mark.parametrize("family", ["var", "infinity"])
+def test_channel_sum_group_norm_equals_group_norm(family):
+    """The decoders' GroupNorm with statistics from per-channel sums (compiled decoders, from
+    ``CHANNEL_SUM_GROUP_NORM_MIN_BATCH`` images on) gives the decoder's output in float32, also for groups far from
+    zero (where a plain E[x^2] - E[x]^2 would cancel), compiled and channels-last as the fast path runs it; below the
+    threshold it is GroupNorm itself; removed, the norms are their own again."""
+    decoder = _tiny_decoder(family)
+    norms = [m for m in decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    for norm in norms:
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
+    decoder.eval().to(memory_format=torch.channels_last)
+    z = torch.randn(3, 8, 5, 6).contiguous(memory_format=torch.channels_last)
+    far = torch.randn(3, norms[0].num_channels, 7, 5) * 0.5 + 1e3  # every group far from zero
+    with torch.no_grad():
+        reference, far_reference = decoder(z), norms[0](far)
+        assert fast_inference.channel_sum_group_norm_(decoder, min_batch=3) == len(norms)
+        summed, far_summed = decoder(z), norms[0](far)
+        compiled = torch.compile(decoder)(z)
+        below = decoder(z[:2])  # two images: under the threshold, GroupNorm's own kernel
+        assert fast_inference.channel_sum_group_norm_(decoder, enabled=False) == len(norms)
+        restored = decoder(z)
+        below_reference = decoder(z[:2])
+    torch.testing.assert_close(summed, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(far_summed, far_reference, rtol=1e-3, atol=1e-3)
+    assert torch.equal(below, below_reference) and torch.equal(restored, reference)
+    assert all(type(norm) is torch.nn.GroupNorm for norm in norms)
+
+
+def test_compiled_decoders_take_channel_sum_group_norm():
+    """``compile_decoder`` installs the per-channel-sum GroupNorm (from 64 images) on the compiled decoder only."""
+    from tiny_components import var_components
+
+    pipe = VARPipeline(**var_components(seed=0))
+    pipe.enable_fast_inference(dtype=torch.float32, cuda_graphs=False, compile_decoder=True)
+    norms = [m for m in pipe.vqvae.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    kinds = {type(norm).__dict__.get("_fast_path_kernel") for norm in norms}
+    assert kinds and all(key is not None and key[2] is fast_inference._channel_sum_group_norm_forward for key in kinds)
+    assert {key[3] for key in kinds} == {(fast_inference.CHANNEL_SUM_GROUP_NORM_MIN_BATCH,)}
 
 
 def test_subpixel_weights_fold_the_kernel_into_each_phase():
@@ -1083,8 +1127,9 @@ def test_compile_decoder_takes_a_torch_compile_mode(monkeypatch, compile_decoder
 def test_compiled_decoder_traces_three_graphs_for_any_number_of_batch_sizes(monkeypatch):
     """The compiled decoder keeps kernels specialised on the first batch size; the second makes the batch dimension
     dynamic (the convolutions' layout rule splits it at 16: one more graph), and later sizes trace nothing (one graph
-    per size reached dynamo's recompile limit (8) at the ninth size, which then decoded eagerly). The eager backend:
-    only the tracing is checked."""
+    per size reached dynamo's recompile limit (8) at the ninth size, which then decoded eagerly), except one graph
+    from 64 images on, where GroupNorm takes its statistics as per-channel sums. The eager backend: only the tracing
+    is checked."""
     import functools
 
     import torch._dynamo
@@ -1099,11 +1144,12 @@ def test_compiled_decoder_traces_three_graphs_for_any_number_of_batch_sizes(monk
     fast_inference.cast_decoder_((vqvae.decoder, vqvae.post_quant_conv), torch.float32, vqvae.decoder)
     graphs = []
     with torch.no_grad():
-        for batch in (1, 4, 16, 2, 3, 5, 6, 7, 8, 9, 10, 32, 64):
+        for batch in (1, 4, 16, 2, 3, 5, 6, 7, 8, 9, 10, 32, 63, 64, 80, 65):
             image = vqvae.decoder(torch.randn(batch, 8, 4, 4).contiguous(memory_format=torch.channels_last))
             assert image.shape[0] == batch
             graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs[:3] == [1, 2, 3] and graphs[3:] == [3] * 10
+    assert fast_inference.CHANNEL_SUM_GROUP_NORM_MIN_BATCH == 64
+    assert graphs[:3] == [1, 2, 3] and graphs[3:13] == [3] * 10 and graphs[13:] == [4] * 3
     torch._dynamo.reset()
 
 

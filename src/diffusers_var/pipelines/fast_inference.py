@@ -14,7 +14,7 @@ kernels and precision tricks installed onto the models from outside (the model f
     by the projection piece (:func:`_chained_block_stack`, :data:`CHAIN_VAR_BLOCKS`);
   - :func:`separable_upsample_`: VAR / STAR code maps upsampled by a separable bicubic;
   - :func:`pad_narrow_convs_`: the RGB output conv computed with zero-padded channels (compiled decoder);
-  - :func:`channel_sum_group_norm_`: the decoders' GroupNorm statistics as per-channel sums (opt-in);
+  - :func:`channel_sum_group_norm_`: the compiled decoders' GroupNorm statistics as per-channel sums (large batches);
   - :func:`subpixel_upsample_`: the decoders' nearest 2x upsampling + 3x3 conv as one 2x2 conv on the small map
     (opt-in while it is measured on the GPU: ``benchmarks/bench_pipelines.py --modes fast-compile-all-subpixel``).
 * :func:`use_compile_cache`: torch.compile's on-disk caches in a lasting folder, shared by the processes of a machine.
@@ -170,12 +170,15 @@ def cast_decoder_(
     that layout directly. Eager, it stays NCHW: eager GroupNorm copies channels-last inputs at every call
     (BENCHMARKS.md). Compiled with automatic dynamic shapes: a process that decodes one batch size keeps kernels
     specialised on it, and the second size makes the batch dimension dynamic, so later sizes compile nothing (with
-    one graph per size, a ninth size passed dynamo's recompile limit and decoded eagerly)."""
+    one graph per size, a ninth size passed dynamo's recompile limit and decoded eagerly), but for one graph from
+    :data:`CHANNEL_SUM_GROUP_NORM_MIN_BATCH` images on, whose GroupNorm takes per-channel sums
+    (:func:`channel_sum_group_norm_`)."""
     memory_format = torch.channels_last if compile_module is not None else torch.contiguous_format
     for module in modules:
         nn.Module.to(module, dtype=dtype, memory_format=memory_format)
     if compile_module is not None:
         pad_narrow_convs_(compile_module)
+        channel_sum_group_norm_(compile_module)
         compile_module.compile(mode=mode)
 
 
@@ -239,29 +242,37 @@ def _padded_conv_forward(conv: nn.Conv2d, multiple: int, x: torch.Tensor) -> tor
     return conv._conv_forward(x, weight, bias)[:, : conv.out_channels]
 
 
-def channel_sum_group_norm_(module: nn.Module | None, enabled: bool = True) -> int:
-    """Install (``enabled``) or remove, on every ``GroupNorm`` of ``module`` (the image decoders), a GroupNorm whose
-    statistics are per-channel sums over the image (a reduction over rows whose channels are contiguous in the
-    channels-last decoder), added up per group afterwards, in place of the reduction over each group's
-    (channels, height, width) that torch.compile makes of ``F.group_norm``: with 5 of 160 contiguous channels a
-    group, that one read the decoder's largest maps at a small share of the memory bandwidth (BENCHMARKS.md, session
-    21). Opt-in until measured (``bench_pipelines.py --modes fast-compile-all-gnsums``). Returns how many norms it
-    found (each now in the requested form)."""
+# From this many images a compiled decoder takes its GroupNorm statistics as per-channel sums (measured at 64: +9.8%
+# images/s for VAR-d16; at one image the extra small kernels cost 9%, BENCHMARKS.md session 21)
+CHANNEL_SUM_GROUP_NORM_MIN_BATCH = 64
+
+
+def channel_sum_group_norm_(
+    module: nn.Module | None, enabled: bool = True, min_batch: int = CHANNEL_SUM_GROUP_NORM_MIN_BATCH
+) -> int:
+    """Install (``enabled``) or remove, on every ``GroupNorm`` of ``module`` (the image decoders), a GroupNorm that,
+    from ``min_batch`` images on, takes its statistics as per-channel sums over the image (a reduction over rows
+    whose channels are contiguous in the channels-last decoder), added up per group afterwards. torch.compile makes of
+    ``F.group_norm`` a reduction over each group's (channels, height, width), which with 5 of 160 contiguous channels
+    a group read VAR's largest decoder maps at a small share of the memory bandwidth. Installed by
+    :func:`cast_decoder_` on compiled decoders. Returns how many norms it found (each now in the requested form)."""
     changed = 0
     for norm in module.modules() if module is not None else ():
         if isinstance(norm, nn.GroupNorm):
             _uninstall(norm, "forward")
             if enabled:
-                _install(norm, "forward", _channel_sum_group_norm_forward)
+                _install(norm, "forward", _channel_sum_group_norm_forward, min_batch)
             changed += 1
     return changed
 
 
-def _channel_sum_group_norm_forward(norm: nn.GroupNorm, x_BCHW: torch.Tensor) -> torch.Tensor:
-    """``norm(x)`` from float32 sums per (image, channel) of ``x - pivot`` and its square, the pivot a value of each
-    (image, group) (its first channel's first pixel), so that the variance from sums does not cancel for a group far
-    from zero; then per group: mean = pivot + S1 / n, variance = S2 / n - (S1 / n)^2."""
+def _channel_sum_group_norm_forward(norm: nn.GroupNorm, min_batch: int, x_BCHW: torch.Tensor) -> torch.Tensor:
+    """``norm(x)``; from ``min_batch`` images on, from float32 sums per (image, channel) of ``x - pivot`` and its
+    square, the pivot a value of each (image, group) (its first channel's first pixel), so that the variance from sums
+    does not cancel for a group far from zero; per group: mean = pivot + S1 / n, variance = S2 / n - (S1 / n)^2."""
     B, C = x_BCHW.shape[:2]
+    if B < min_batch:
+        return F.group_norm(x_BCHW, norm.num_groups, norm.weight, norm.bias, norm.eps)
     G = norm.num_groups
     x = x_BCHW.float()
     pivot_BG = x[:, :: C // G, 0, 0]  # (B, G)
