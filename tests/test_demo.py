@@ -474,6 +474,8 @@ def test_cli_demo_fast_path(monkeypatch, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main([*base, "--fast", "--cpu-offload"]) == 2
     assert "`fast` (--fast) cannot be combined with `cpu_offload`" in capsys.readouterr().err
+    assert cli.main([*base, "--cpu-offload"]) == 2  # nothing to offload to: it was ignored without a word
+    assert "`cpu_offload` (--cpu-offload) keeps the weights on the CPU between calls" in capsys.readouterr().err
     assert cli.main([*base, "--compile-cache", str(tmp_path / "cache")]) == 2
     assert "`--compile-cache` holds the fast path's compiled code" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()

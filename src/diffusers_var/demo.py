@@ -711,6 +711,11 @@ def build_demo(
     if fast and cpu_offload:
         raise ValueError("`fast` (--fast) cannot be combined with `cpu_offload` (--cpu-offload): choose one.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cpu_offload and torch.device(device).type == "cpu":  # it moves weights to an accelerator per call
+        raise ValueError(
+            "`cpu_offload` (--cpu-offload) keeps the weights on the CPU between calls on an accelerator; the demo "
+            "runs on the CPU here: leave it out, or pass a GPU `device` (--device cuda)."
+        )
     weights_dtype = torch.float32 if fast else dtype
     loaded = {
         key: load_family(key, spec, device, weights_dtype, cpu_offload)
