@@ -280,7 +280,7 @@ def test_read_prompts_and_plan(tmp_path):
         (["--per-class", "1", "--compile-cache", "cache"], "`--compile-cache` holds the fast path's compiled code"),
         (["--per-class", "1", "--compile-blocks", "static"], "`--compile-blocks` is an option of the fast path"),
         (["--per-class", "1", "--model", "/nonexistent"], "`--model` '/nonexistent' is not a pipeline folder"),
-        (["--per-class", "1", "--device", "gpu0"], "`--device` 'gpu0' is not usable here"),
+        (["--per-class", "1", "--device", "gpu0"], "`--device` 'gpu0' is not usable here (not a torch device name)"),
         (["--per-class", "1", "--device", "meta"], "`--device` 'meta' is not usable here"),
         (["--per-class", "1", "--guidance-scale", "nan"], "--guidance-scale: must be a finite number"),
         (["--per-class", "1", "--guidance-scale", "-1"], "`--guidance-scale` must be in [0.0"),

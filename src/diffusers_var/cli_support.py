@@ -282,6 +282,10 @@ def check_device(flag: str, device: str | None) -> str | None:
             torch.empty(1, device=requested)
     except (RuntimeError, AssertionError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if reason.startswith("Expected one of"):  # torch lists every device type it knows
+            reason = "not a torch device name"
+        reason = reason.split(". ")[0]  # torch's backend errors go on to list every dispatch key
+        reason = reason if len(reason) <= 160 else reason[:157] + "..."
         return f"`{flag}` {device!r} is not usable here ({reason}); available: {available}"
     return None
 
