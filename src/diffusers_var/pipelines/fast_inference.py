@@ -242,8 +242,8 @@ def _padded_conv_forward(conv: nn.Conv2d, multiple: int, x: torch.Tensor) -> tor
     return conv._conv_forward(x, weight, bias)[:, : conv.out_channels]
 
 
-# From this many images a compiled decoder takes its GroupNorm statistics as per-channel sums (measured at 64: +9.8%
-# images/s for VAR-d16; at one image the extra small kernels cost 9%, BENCHMARKS.md session 21)
+# From this many images a compiled decoder takes its GroupNorm statistics as per-channel sums (faster at 64 images,
+# slower at one, BENCHMARKS.md session 21; sizes between were not measured)
 CHANNEL_SUM_GROUP_NORM_MIN_BATCH = 64
 
 
