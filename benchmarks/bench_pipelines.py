@@ -43,7 +43,7 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
   fast-compile-all-static-tokens  ``compile_blocks="static-tokens"``: the block pieces compiled for every scale, the
                         batch dimension dynamic
   fast-compile-all-static  ``compile_blocks="static"``: the block pieces compiled for every scale and batch size
-                        (both static modes raise dynamo's recompile limit for the rest of the process: give them a
+                        (the static modes raise dynamo's recompile limit for the rest of the process: give them a
                         process of their own, as ``gpu_session.sh chain`` does)
   fast-compile-all-static-tokens-fp8  ``"static-tokens"`` with ``fp8=True`` (for the text-to-image models at 1024 px)
   fast-compile-all-gnsums  ``fast-compile-all`` with the decoder's GroupNorm statistics as per-channel sums at
@@ -729,7 +729,9 @@ def main() -> int:
                 if mode.endswith("-subpixel"):
                     subpixel_upsample_(getattr(bench.pipe, "vqvae", None) or bench.pipe.vae)
                 if mode.endswith("-gnsums"):  # at every batch size (the default: from 64 images on)
-                    channel_sum_group_norm_(getattr(bench.pipe, "vqvae", None) or bench.pipe.vae, min_batch=1)
+                    channel_sum_group_norm_(
+                        (getattr(bench.pipe, "vqvae", None) or bench.pipe.vae).decoder, min_batch=1
+                    )
                 bench.fresh = False
             for batch in (int(b) for b in (args.batch_sizes or bench.default_batches).split(",")):
                 times, peak, reserved = time_mode(

@@ -181,6 +181,15 @@ def test_many_images_are_generated_in_batches_and_written_as_they_come(tmp_path,
     assert "saved 5 images" in capsys.readouterr().out
 
 
+def test_a_folder_naming_a_module_of_the_package_is_not_a_pipeline(tmp_path, capsys):
+    """``_class_name`` is looked up in the package: a name there that is no pipeline class (a submodule) is the
+    `--model` error, not a TypeError."""
+    (tmp_path / "model_index.json").write_text('{"_class_name": "scalars"}')
+    assert main(["generate", "--model", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: `--model`") and "holds a 'scalars', not a diffusers-var pipeline" in error
+
+
 def test_no_import_circle_between_cli_and_demo():
     """``demo`` used to import its flags from ``cli`` while ``cli`` imports ``demo`` (lazily, for gradio): the shared
     pieces live in ``cli_support``, which imports neither."""

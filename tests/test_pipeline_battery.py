@@ -671,6 +671,8 @@ def test_numpy_scalars_are_numbers(case):
     python_values = {name: value.item() for name, value in given.items()}
     common = {"top_p": 0.5, "guidance_scale": 1.5, "top_k": 3, "num_images_per_prompt": 2}
     assert torch.equal(run(case, **common, **given), run(case, **common, **python_values))
+    with pytest.raises(ValueError, match="`num_images_per_prompt`"):  # narrower numpy integers wrap around: refused
+        run(case, num_images_per_prompt=np.int16(2))
 
 
 def test_bad_family_specific_arguments_name_the_parameter():

@@ -757,6 +757,31 @@ def test_accumulated_updates_end_with_the_epoch_and_never_skip_batches(tokenizer
     ]
 
 
+def test_a_run_with_accumulation_resumed_mid_epoch_equals_an_uninterrupted_one(tokenizer_dir, tmp_path):
+    """Five batches an epoch, two accumulated a step (three updates an epoch): killed after step 5 and resumed from
+    the checkpoint of step 4, inside the second epoch, the run skips exactly the batches of that epoch's first update
+    and ends with the weights of a run that was never stopped."""
+    straight = var_config(
+        tmp_path / "straight",
+        tokenizer_dir,
+        max_steps=7,
+        checkpoint_every=2,
+        gradient_accumulation_steps=2,
+        data={**DATA, "num_images": 40},
+        ema_decay=None,
+    )
+    interrupted = {**straight, "output_dir": str(tmp_path / "interrupted")}
+    assert _run_cli(straight, tmp_path / "a.json").returncode == 0
+    assert _run_cli(interrupted, tmp_path / "b.json", fault="step:5").returncode == -signal.SIGKILL
+    assert latest_checkpoint(tmp_path / "interrupted" / "checkpoints").name == "step-0000004"
+    resumed = _run_cli(interrupted, tmp_path / "b.json")
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout + resumed.stderr, resumed.stderr[-2000:]
+    weights = "final/transformer/diffusion_pytorch_model.safetensors"
+    a, b = load_file(tmp_path / "straight" / weights), load_file(tmp_path / "interrupted" / weights)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+
+
 def test_one_pair_of_parameter_groups_for_every_trained_model():
     """The transformer's and a LoRA text encoder's parameters share one (decayed, not decayed) pair, and
     ``resume=force`` puts the config's weight decay back on the decayed one (a pair per model left a LoRA run with

@@ -92,14 +92,9 @@ def check_output(out: Path, count: int) -> str | None:
     if not suffix:
         return f"`--out` {str(out)!r} has no file extension; add one (.png, .jpg, .webp): it picks the image format"
     if not _writes_rgb(formats.get(suffix)):
-        writable = sorted(
-            ext
-            for ext, fmt in formats.items()
-            if fmt in PIL.Image.SAVE and ext in {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-        )
-        return (
-            f"`--out` {str(out)!r}: {suffix!r} is not an image format PIL can write; use one of {', '.join(writable)}"
-        )
+        common = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+        writable = sorted(ext for ext in common if _writes_rgb(formats.get(ext)))
+        return f"`--out` {str(out)!r}: PIL cannot write an RGB image as {suffix!r}; use one of {', '.join(writable)}"
     problem = folder_problem(out.parent)
     if problem:
         return f"`--out` {str(out)!r}: {problem}"
@@ -271,8 +266,7 @@ def _parse_box(text: str) -> tuple[float, ...]:
         box = tuple(float(v) for v in text.split(","))
     except ValueError:
         box = ()
-    y0, x0, y1, x1 = box if len(box) == 4 else (1.0, 1.0, 0.0, 0.0)
-    if len(box) != 4 or not all(0.0 <= v <= 1.0 for v in box) or y1 < y0 or x1 < x0:  # NaN fails the range too
+    if len(box) != 4 or not all(0.0 <= v <= 1.0 for v in box) or box[2] < box[0] or box[3] < box[1]:  # NaN too
         raise ValueError(
             f"`--box` must be four fractions y0,x0,y1,x1 in [0, 1] with y0 <= y1 and x0 <= x1 (e.g. "
             f"0.25,0.25,0.75,0.75), got {text!r}"

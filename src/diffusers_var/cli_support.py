@@ -40,7 +40,7 @@ def pipeline_class_of(model) -> type:
     except (OSError, ValueError, AttributeError) as err:
         raise ValueError(f"{str(model)!r} has an unreadable model_index.json ({err})") from None
     pipeline_class = getattr(diffusers_var, class_name, None) if isinstance(class_name, str) else None
-    if pipeline_class is None:
+    if not isinstance(pipeline_class, type) or not hasattr(pipeline_class, "_family"):  # not a name of a module
         raise ValueError(f"{str(model)!r} holds a {class_name!r}, not a diffusers-var pipeline")
     return pipeline_class
 
@@ -63,7 +63,12 @@ def generation_pipeline_class(model) -> type:
     import diffusers_var
 
     found = pipeline_class_of(model)
-    return found if issubclass(found, diffusers_var.VARCoDePipeline) else pipeline_family(found)
+    if issubclass(found, diffusers_var.VARCoDePipeline):
+        return found
+    try:
+        return pipeline_family(found)
+    except ValueError as err:
+        raise ValueError(f"{str(model)!r}: {err}") from None
 
 
 def expect_pipeline_class(model, expected: type, exact: bool = False) -> type:

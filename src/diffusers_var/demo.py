@@ -796,8 +796,8 @@ def run(args: argparse.Namespace) -> int:
     problem = check_device("--device", args.device)
     if problem:
         return print_error(problem)
-    try:  # before loading anything; the server's own message for this blamed the port
-        socket.getaddrinfo(args.host, args.port)
+    try:  # before loading anything; the server's own message for this blamed the port ("": the server's default)
+        socket.getaddrinfo(args.host or None, args.port)
     except (socket.gaierror, UnicodeError) as err:
         reason = getattr(err, "strerror", None) or err
         return print_error(

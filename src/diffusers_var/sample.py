@@ -204,9 +204,9 @@ def parse_class_labels(text: str, num_classes: int) -> list[int]:
     return labels
 
 
-def check_flags(args, pipeline_name: str) -> None:
+def check_flags(args, family_name: str) -> None:
     """The flag errors that need only the pipeline's class (before a long model load)."""
-    if pipeline_name == "VARPipeline":
+    if family_name == "VARPipeline":
         for flag, value in (("--prompts", args.prompts), ("--images-per-prompt", args.images_per_prompt)):
             if value is not None:
                 raise ValueError(
@@ -221,15 +221,13 @@ def check_flags(args, pipeline_name: str) -> None:
     else:
         for flag, value in (("--per-class", args.per_class), ("--class-labels", args.class_labels)):
             if value is not None:
-                raise ValueError(
-                    f"`{flag}` is for class-conditional pipelines; {pipeline_name} takes `--prompts FILE`."
-                )
+                raise ValueError(f"`{flag}` is for class-conditional pipelines; {family_name} takes `--prompts FILE`.")
         if args.prompts is None:
-            raise ValueError(f"`--prompts FILE` is required for {pipeline_name} (one prompt a line, or JSONL).")
+            raise ValueError(f"`--prompts FILE` is required for {family_name} (one prompt a line, or JSONL).")
     for name, pipelines in SAMPLING_FLAGS.items():
         value = getattr(args, name)
-        if value is not None and value is not False and pipeline_name not in pipelines:
-            raise ValueError(f"`--{name.replace('_', '-')}` does not apply to {pipeline_name}.")
+        if value is not None and value is not False and family_name not in pipelines:
+            raise ValueError(f"`--{name.replace('_', '-')}` does not apply to {family_name}.")
     if args.fp8 and not args.fast:
         raise ValueError("`--fp8` is an option of the fast path: add `--fast`.")
     if args.compile_cache is not None and not args.fast:
@@ -252,11 +250,11 @@ def check_out(out: Path) -> None:
 
 
 def build_plan(
-    args, pipeline_name: str, num_classes: int | None, class_names: dict[int, str], prompts: list[dict] | None = None
+    args, family_name: str, num_classes: int | None, class_names: dict[int, str], prompts: list[dict] | None = None
 ) -> SamplePlan:
     """What to generate; ``prompts``: the ``--prompts`` file already read (:func:`read_prompts`), else it is read
     here. A run of more than ``MAX_IMAGES`` images is refused."""
-    if pipeline_name == "VARPipeline":
+    if family_name == "VARPipeline":
         labels = parse_class_labels(args.class_labels, num_classes) if args.class_labels else list(range(num_classes))
         plan = SamplePlan(labels=labels, prompts=None, per_item=args.per_class or 1, class_names=class_names)
         flag, items = "--per-class", f"{len(labels)} classes"
@@ -369,7 +367,7 @@ def _fault_injection(batches_done: int) -> None:
 # ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
-def _sampling_kwargs(args, pipe, pipeline_name: str, num_classes: int | None) -> dict:
+def _sampling_kwargs(args, pipe, family_name: str, num_classes: int | None) -> dict:
     """Sampling settings: the flags given, else the papers' FID setting for converted ImageNet VARs, else the
     pipeline's defaults (recorded explicitly so that run.json says what was used)."""
     given = {
@@ -382,16 +380,16 @@ def _sampling_kwargs(args, pipe, pipeline_name: str, num_classes: int | None) ->
         for name, p in inspect.signature(type(pipe).__call__).parameters.items()
         if name in SAMPLING_FLAGS and p.default is not inspect.Parameter.empty
     }
-    if pipeline_name == "VARPipeline" and num_classes == 1000:
+    if type(pipe).__name__ == "VARPipeline" and num_classes == 1000:  # VAR's recipe; CoDe keeps its call's defaults
         defaults.update(IMAGENET_FID_SAMPLING)
     return {**defaults, **given}
 
 
-def _check_sampling(pipe, pipeline_name: str, sampling: dict) -> None:
+def _check_sampling(pipe, family_name: str, sampling: dict) -> None:
     """The pipeline's own checks of the sampling settings, their errors naming the flags they come from."""
     try:
         check_common_inputs(sampling.get("top_k", 0), sampling.get("top_p", 0.0), "np", 1)
-        if pipeline_name == "InfinityPipeline":
+        if family_name == "InfinityPipeline":
             num_scales = len(pipe.scale_schedule(sampling.get("height"), sampling.get("width")))
             check_guidance_scale(sampling.get("guidance_scale"), num_scales)
             check_temperature(sampling.get("tau"), num_scales, "tau")
@@ -404,7 +402,7 @@ def _check_sampling(pipe, pipeline_name: str, sampling: dict) -> None:
 
 def _generate_batch(
     pipe,
-    pipeline_name: str,
+    family_name: str,
     plan: SamplePlan,
     indices: list[int],
     seed: int,
@@ -420,11 +418,11 @@ def _generate_batch(
     else:
         generators = torch.Generator(device).manual_seed(batch_stream)
     conditions = [plan.condition(i) for i in indices]
-    if pipeline_name == "VARPipeline":
+    if family_name == "VARPipeline":
         inputs = {"class_labels": conditions}
     else:
         inputs = {"prompt": conditions}
-        if pipeline_name == "STARPipeline":
+        if family_name == "STARPipeline":
             # The stable sampler's commit positions take one stream per call (the pipeline has no per-image form):
             # the batch's, which fixed global batches keep the same in every run.
             inputs["sampler_generator"] = torch.Generator(device).manual_seed(batch_stream ^ 1)
@@ -540,8 +538,8 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
         pipeline_class = generation_pipeline_class(model)
     except ValueError as err:
         raise ValueError(f"`--model` {err}") from None
-    pipeline_name = pipeline_family(pipeline_class).__name__  # what the flags follow (CoDe: VAR's)
-    check_flags(args, pipeline_name)
+    family_name = pipeline_family(pipeline_class).__name__  # what the flags follow (CoDe: VAR's)
+    check_flags(args, family_name)
     prompts = read_prompts(args.prompts) if args.prompts is not None else None  # a bad file costs no model load
     out = Path(args.out)
     check_out(out)
@@ -554,11 +552,11 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
     with _loading_bars(processes.is_main and not args.no_progress):
         pipe = pipeline_class.from_pretrained(model, dtype=torch.float32 if args.fast else dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
-    num_classes = pipe.transformer.config.num_classes if pipeline_name == "VARPipeline" else None
+    num_classes = pipe.transformer.config.num_classes if family_name == "VARPipeline" else None
     class_names = dict(getattr(pipe, "id2label", None) or {})
-    plan = build_plan(args, pipeline_name, num_classes, class_names, prompts)
-    sampling = _sampling_kwargs(args, pipe, pipeline_name, num_classes)
-    _check_sampling(pipe, pipeline_name, sampling)  # before the run folder is written to
+    plan = build_plan(args, family_name, num_classes, class_names, prompts)
+    sampling = _sampling_kwargs(args, pipe, family_name, num_classes)
+    _check_sampling(pipe, family_name, sampling)  # before the run folder is written to
     loaded = time.perf_counter()
     if args.fast:
         enable_fast_path(pipe, device, dtype, args.fp8, args.compile_cache, args.compile_blocks or True)
@@ -619,7 +617,7 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
             padded = indices + list(range(total, total + batch_size - len(indices))) if args.fast else indices
             images = _generate_batch(
                 pipe,
-                pipeline_name,
+                family_name,
                 plan,
                 padded,
                 args.seed,

@@ -201,6 +201,7 @@ def schedule_for_pixels(height: int, width: int, pixels_per_token: int) -> list[
     for name, value in (("height", height), ("width", width)):
         if not is_integer(value) or not 1 <= value <= MAX_SIDE:
             raise ValueError(f"`{name}` must be an integer in [1, {MAX_SIDE}] (pixels), got {repr(value):.40}.")
+    height, width = int(height), int(width)  # numpy's: Python arithmetic below
     hw = ASPECT_RATIO_TEMPLATES[nearest_aspect_ratio(height / width)]
     side = (height * width) ** 0.5
     best = min(

@@ -178,7 +178,7 @@ def cast_decoder_(
         nn.Module.to(module, dtype=dtype, memory_format=memory_format)
     if compile_module is not None:
         pad_narrow_convs_(compile_module)
-        channel_sum_group_norm_(compile_module)
+        channel_sum_group_norm_(compile_module)  # large batches: inductor's GroupNorm reduction read them slowly
         compile_module.compile(mode=mode)
 
 

@@ -387,20 +387,20 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
     def _finish(self, latents: torch.Tensor, output_type: str, return_dict: bool):
         """Decode the final latent (unless ``"latent"``), free offload hooks and wrap the output."""
         causes = (
-            "the transformer's logits were NaN / infinite at some scale (a LoRA scale or weights too large for the "
-            "dtype), a `callback_on_step_end` wrote such values"
+            "the transformer's logits overflowed at some scale (a LoRA `lora_scale` / `adapter_weights`, or weights, "
+            "too large for the dtype), or a `callback_on_step_end` wrote such values"
         )
         if output_type == "latent":
             if not bool(latents.isfinite().all()):  # one sync, at the end of the call
-                raise ValueError(f"the call's final `latents` hold NaN / infinite values: {causes}.")
+                raise ValueError(f"the call's final `latents` hold NaN / infinite values: either {causes}.")
             images = latents
         else:
             try:
                 decoded = self.decode_latents(latents)
             except NaNDecodeError:
                 raise ValueError(
-                    f"the call's final `latents` decoded to NaN pixels: {causes}, the latents are too large for the "
-                    "decoder, or the decoder's dtype is too narrow for them (float16: use bfloat16)."
+                    f"the call's final `latents` decoded to NaN pixels: {causes}, or the latents are too large for "
+                    "the decoder, or the decoder's dtype is too narrow for them (float16: use bfloat16)."
                 ) from None
             images = images_to_output((decoded + 1) / 2, output_type)
         self.maybe_free_model_hooks()
@@ -614,7 +614,7 @@ def flatten_labels(class_labels) -> list:
     labels that way), or a 1-D tensor / numpy array; numpy integers become Python ints."""
     if isinstance(class_labels, (torch.Tensor, np.ndarray)):
         return class_labels.flatten().tolist()
-    if is_integer(class_labels):
+    if isinstance(class_labels, np.integer) or is_integer(class_labels):  # a label is converted at once
         return [int(class_labels)]
     if isinstance(class_labels, (list, tuple)):
         flat = []
@@ -812,15 +812,12 @@ def mask_to_tensor(mask_image, name: str = "mask_image") -> torch.Tensor:
                 raise ValueError(f"`{name}` must have a single channel, got shape {shape}.")
             if values.dtype == torch.uint8:
                 values = values.float() / 255
-            elif values.dtype == torch.bool:
-                values = values.float()
-            elif not values.is_floating_point():  # other integers: 0 / 1 masks (what np.zeros(..., int) makes)
+            elif values.dtype != torch.bool and not values.is_floating_point():  # 0 / 1 masks (np.zeros(..., int))
                 if bool(((values != 0) & (values != 1)).any()):
                     raise ValueError(
                         f"`{name}` of integers ({values.dtype}) must hold 0 / 1 (1 = generate), or be bool, uint8 "
                         "or float in [0, 1]."
                     )
-                values = values.float()
             values = values.float()
             if not bool(torch.isfinite(values).all()) or values.min() < 0 or values.max() > 1:
                 raise ValueError(f"`{name}` float values must be finite and in [0, 1] (white / 1 = generate).")

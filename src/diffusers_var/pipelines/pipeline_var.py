@@ -211,7 +211,10 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
             compile_decoder: channels-last ``torch.compile`` of the image decoder; ``True`` compiles in torch's
                 default mode, ``"max-autotune-no-cudagraphs"`` in that mode (convolution kernels benchmarked while
                 compiling; the compile caches keep the choice). The modes that replay the decoder as torch's own
-                CUDA graphs (``"reduce-overhead"``, ``"max-autotune"``) are refused.
+                CUDA graphs (``"reduce-overhead"``, ``"max-autotune"``) are refused. In calls of 64 images or more
+                the decoder's GroupNorm statistics come from per-channel sums
+                (:func:`~.fast_inference.channel_sum_group_norm_`): images as a smaller batch gives them, within
+                float rounding.
             compile_blocks: ``torch.compile`` of each block's elementwise work (fused before the CUDA graphs are
                 captured; the first generation compiles). The blocks run chained: the end of one block and the next
                 block's norm are one compiled piece, and the projection writes keys and values into the KV cache

@@ -697,7 +697,12 @@ def train(config: TrainConfig) -> Path:
     )
     if len(loader) == 0:
         raise ValueError(f"`batch_size` {config.batch_size} is larger than the dataset ({len(task.dataset)} images).")
-    batches_per_process = math.ceil(len(loader) / accelerator.num_processes)  # accelerate's even batches
+    batches_per_process = len(loader) // accelerator.num_processes  # accelerate's shards drop the last (drop_last)
+    if batches_per_process == 0:
+        raise ValueError(
+            f"`batch_size` {config.batch_size}: the {len(task.dataset)} images make {len(loader)} batch(es), fewer "
+            f"than the {accelerator.num_processes} processes, so a process would have none; use a smaller batch_size."
+        )
     if config.gradient_accumulation_steps > batches_per_process:  # accelerate ends an accumulation with the epoch
         raise ValueError(
             f"`gradient_accumulation_steps` {config.gradient_accumulation_steps} is more than the "
