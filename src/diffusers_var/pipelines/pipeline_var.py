@@ -8,6 +8,7 @@ from contextlib import nullcontext
 from importlib import resources
 from typing import Callable, NamedTuple
 
+import numpy as np
 import torch
 
 from ..loaders import VARLoraLoaderMixin
@@ -629,7 +630,7 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
     @torch.no_grad()
     def __call__(
         self,
-        class_labels: int | list[int] | torch.Tensor | None = None,
+        class_labels: int | list[int] | torch.Tensor | np.ndarray | None = None,
         guidance_scale: float = 4.0,
         top_k: int = 900,
         top_p: float = 0.95,
@@ -645,9 +646,9 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         r"""Generate images.
 
         Args:
-            class_labels: class index, list of indices (or of lists, as diffusers' DiT takes them), or ``None`` to
-                draw ``num_images_per_prompt`` labels uniformly from ``generator`` (as the original does). ``-1`` is
-                the null class.
+            class_labels: class index, list of indices (or of lists, as diffusers' DiT takes them; a tensor or numpy
+                array of them too), or ``None`` to draw ``num_images_per_prompt`` labels uniformly from
+                ``generator`` (as the original does). ``-1`` is the null class.
             guidance_scale: the original ``cfg``: guidance ramps linearly from 0 at the first scale to
                 ``guidance_scale`` at the last (``(1 + t) cond - t uncond``), in [0, 1e4]. The demo uses 4; the
                 FID setting is 1.5 with ``top_p=0.96``.
@@ -719,7 +720,7 @@ class VARInpaintPipeline(VQEditTokens, NextScaleInpaintMixin, VARPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        class_labels: int | list[int] | torch.Tensor | None = None,
+        class_labels: int | list[int] | torch.Tensor | np.ndarray | None = None,
         image=None,
         mask_image=None,
         image_indices: list[torch.Tensor] | None = None,
@@ -847,7 +848,7 @@ class VARImg2ImgPipeline(VQEditTokens, NextScaleEditMixin, VARPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        class_labels: int | list[int] | torch.Tensor | None = None,
+        class_labels: int | list[int] | torch.Tensor | np.ndarray | None = None,
         image=None,
         strength: float = 0.5,
         image_indices: list[torch.Tensor] | None = None,
@@ -1158,7 +1159,7 @@ class VARCoDePipeline(VARPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        class_labels: int | list[int] | torch.Tensor | None = None,
+        class_labels: int | list[int] | torch.Tensor | np.ndarray | None = None,
         guidance_scale: float = 4.0,
         top_k: int | list[int] = 600,
         top_p: float = 0.95,
