@@ -325,12 +325,11 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
                 guided_logits = logits.view(B, h * w, bits_per_token, 2).clone() if callback is not None else None
                 filter_top_k_top_p_(logits, top_k, top_p)
                 bits, confidence = sample_from_logits(logits, generator, return_confidence=True)
-                bits = bits.view(B, h, w, bits_per_token)
-                if forcing is not None:
-                    bits = forcing(si, bits)
+                bits, confidence = bits.view(B, h, w, bits_per_token), confidence.view(B, h, w, bits_per_token)
+                if forcing is not None:  # kept positions: the input's bits, and (finite) stand-in probabilities
+                    bits, confidence = forcing(si, bits), forcing(si, confidence)
                 codes = nan_where_drawn_from_nonfinite(
-                    vae.bits_to_codes(vae.token_bits_to_latent_bits(bits)),
-                    vae.token_bits_to_latent_bits(confidence.view(B, h, w, bits_per_token)),
+                    vae.bits_to_codes(vae.token_bits_to_latent_bits(bits)), vae.token_bits_to_latent_bits(confidence)
                 )
                 latents, _ = vae.next_scale_input(latents, codes, None)
                 next_input = self._next_scale_input(latents, si, schedule)
