@@ -92,6 +92,22 @@ def test_image_folder_labels_captions_and_bad_files(tmp_path, caplog):
     (tmp_path / "dogs" / "a.txt").unlink()
     with pytest.raises(ValueError, match="no caption"):
         ImageFolderDataset(tmp_path, 16, need_captions=True)
+    # a malformed metadata.jsonl is named with its line (it gave KeyError / AttributeError / TypeError tracebacks,
+    # or json's message without a file); a caption that is not text is refused here, not at the first step
+    meta = tmp_path / "cats" / "metadata.jsonl"
+    for line, message in (
+        ('{"text": "a"}', "line 2 must be a JSON object with a string `file_name`"),
+        ('["a.png", "a"]', "line 2 must be a JSON object"),
+        ('{"file_name": 5, "text": "x"}', "line 2 must be a JSON object with a string `file_name`"),
+        ("{bad json", "line 2 is not JSON"),
+        ('{"file_name": "a.png", "text": 1}', "line 2 has a caption that is not a string"),
+    ):
+        meta.write_text(json.dumps({"file_name": "a.png", "text": "meta caption"}) + "\n" + line + "\n")
+        with pytest.raises(ValueError, match=rf"`data.path`: '.*metadata.jsonl' {message}"):
+            ImageFolderDataset(tmp_path, 16, need_captions=True)
+    meta.write_bytes(b'{"file_name": "a.png", "text": "caf\xe9"}\n')  # Latin-1
+    with pytest.raises(ValueError, match=r"`data.path`: cannot read '.*metadata.jsonl' as UTF-8"):
+        ImageFolderDataset(tmp_path, 16, need_captions=True)
 
 
 def broken_stream_png(path, size=(24, 24)):

@@ -855,6 +855,9 @@ def test_bad_lora_configs_name_the_key(tmp_path):
         (["task=var", f"lora.base={base}", "lora.train_text_encoder=true"], "VAR has no text encoder"),
         (["task=var", f"lora.base={base}", 'lora.targets=["cross_attention"]'], "`lora.targets`"),
         (["task=var", f"lora.base={base}", "lora.dropout=1.5"], "`lora.dropout`"),
+        (["task=var", f"lora.base={base}", "lora.target_modules=5"], "`lora.target_modules` must be"),
+        (["task=var", f"lora.base={base}", "lora.target_modules=[]"], "`lora.target_modules` must be"),
+        (["task=var", f"lora.base={base}", "lora.adapter_name=a.b"], "`lora.adapter_name` must be .* without `.`"),
     ]
     for overrides, match in cases:
         with pytest.raises(ValueError, match=match):
@@ -863,6 +866,10 @@ def test_bad_lora_configs_name_the_key(tmp_path):
     assert config.lora == {"base": base, "rank": 8} and config.tokenizer_path is None
     with pytest.raises(ValueError, match="`concept_replaces`"):
         train(TrainConfig(**lora_run(tmp_path, "var", data={"concept_replaces": None})))
+    run = lora_run(tmp_path / "modules", "var")  # PEFT's "not found" names the key, and nothing is written
+    with pytest.raises(ValueError, match="`lora.target_modules` 'nonexistent': Target modules nonexistent not found"):
+        train(TrainConfig(**{**run, "lora": {**run["lora"], "target_modules": "nonexistent"}}))
+    assert not (tmp_path / "modules").exists()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import PIL.Image
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -192,6 +193,21 @@ def test_bad_training_configs(tmp_path):
         TrainConfig.load(None, ["task=var"])
     with pytest.raises(ValueError, match="mixed_precision"):
         TrainConfig.load(None, ["task=tokenizer", "mixed_precision=fp8"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("task: tokenizer\n\tresolution: 16\n")  # a tab: PyYAML's ScannerError is no ValueError
+    with pytest.raises(ValueError, match=r"`--config`: cannot read '.*broken.yaml' \(ValueError: while scanning"):
+        TrainConfig.load(broken)
+    exponent = tmp_path / "lr.yaml"
+    exponent.write_text("task: tokenizer\nlearning_rate: 1e-4\n")  # YAML 1.1 reads it as text
+    with pytest.raises(ValueError, match=r"`learning_rate` .*write it with a dot, e.g. 1.0e-4"):
+        TrainConfig.load(exponent)
+    images = tmp_path / "images"
+    (images / "a").mkdir(parents=True)
+    PIL.Image.new("RGB", (16, 16)).save(images / "a" / "0.png")
+    with pytest.raises(ValueError, match="`output_dir` .* is inside `data.path`"):
+        TrainConfig.load(
+            None, ["task=tokenizer", "data.type=imagefolder", f"data.path={images}", f"output_dir={images / 'run'}"]
+        )
     empty = tmp_path / "empty"
     empty.mkdir()
     from diffusers_var.training.data import build_dataset
@@ -577,6 +593,9 @@ def test_cli_model_errors_are_one_line_and_nothing_is_created(tmp_path, capsys):
     # an error of the model constructor itself names the section (and here the key, which its message names)
     assert main([*common, "model.ch=30"]) == 2
     assert re.match(r"error: `model`: cannot build a MultiScaleVQModel .*`model\.ch`", _error_line(capsys))
+    # an override naming another task would have won over the TASK given first, without a word
+    assert main(["train", "var", f"output_dir={run}", "task=tokenizer"]) == 2
+    assert "`task`: the command names 'var', an override names ['tokenizer']" in _error_line(capsys)
     assert not run.exists()
 
 

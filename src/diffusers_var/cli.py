@@ -388,6 +388,9 @@ def _with_refiner(pipe, args, kwargs):
 def _train(args) -> int:
     from .training import TrainConfig, train
 
+    named = {item.split("=", 1)[1].strip() for item in args.overrides if item.split("=", 1)[0].strip() == "task"}
+    if named - {args.task}:  # the later override would win over the TASK given first
+        return print_error(f"`task`: the command names {args.task!r}, an override names {sorted(named)}; give one.")
     try:
         config = TrainConfig.load(args.config, [f"task={args.task}", *args.overrides])
         export = train(config)

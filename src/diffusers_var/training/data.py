@@ -77,6 +77,30 @@ class _SkipsBadImages(torch.utils.data.Dataset):
         raise ValueError(f"`data`: none of the {len(self)} images could be read (see the warnings above).")
 
 
+def _read_text(path: Path) -> str:
+    """A caption file's text, UTF-8; anything else is an error naming the file under ``data.path``."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"`data.path`: cannot read {str(path)!r} as UTF-8 text ({err}).") from None
+
+
+def _metadata_entry(line: str, where: str) -> tuple[str, str | None]:
+    """``(file_name, caption)`` of one ``metadata.jsonl`` line (``where``: the file and line, for the error): a JSON
+    object with a string ``file_name`` and a string ``text`` (or ``caption``), or no caption at all."""
+    expected = '{"file_name": "0.png", "text": "a caption"}'
+    try:
+        entry = json.loads(line)
+    except ValueError as err:
+        raise ValueError(f"`data.path`: {where} is not JSON ({err}); each line is like {expected}.") from None
+    if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
+        raise ValueError(f"`data.path`: {where} must be a JSON object with a string `file_name`, like {expected}.")
+    caption = entry.get("text", entry.get("caption"))
+    if caption is not None and not isinstance(caption, str):
+        raise ValueError(f"`data.path`: {where} has a caption that is not a string ({caption!r}), like {expected}.")
+    return entry["file_name"], caption
+
+
 class ImageFolderDataset(_SkipsBadImages):
     """Images under ``root``.
 
@@ -145,15 +169,13 @@ class ImageFolderDataset(_SkipsBadImages):
         if not hasattr(self, "_metadata"):
             self._metadata = {}
             for meta in self.root.rglob("metadata.jsonl"):
-                for line in meta.read_text().splitlines():
+                for number, line in enumerate(_read_text(meta).splitlines(), start=1):
                     if line.strip():
-                        entry = json.loads(line)
-                        self._metadata[(meta.parent / entry["file_name"]).resolve()] = entry.get("text") or entry.get(
-                            "caption"
-                        )
+                        file_name, caption = _metadata_entry(line, f"{str(meta)!r} line {number}")
+                        self._metadata[(meta.parent / file_name).resolve()] = caption
         caption = self._metadata.get(path.resolve())
         if caption is None and path.with_suffix(".txt").is_file():
-            caption = path.with_suffix(".txt").read_text().strip()
+            caption = _read_text(path.with_suffix(".txt")).strip()
         if not caption:
             raise ValueError(
                 f"`data.path`: image {str(path)!r} has no caption (metadata.jsonl 'text' or a .txt next to it)."

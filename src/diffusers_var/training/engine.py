@@ -127,15 +127,10 @@ class TrainConfig:
         values: dict[str, Any] = {}
         if path is not None:
             try:
-                text = Path(path).read_text()
-                if str(path).endswith((".yaml", ".yml")):
-                    import yaml
-
-                    values = yaml.safe_load(text) or {}
-                else:
-                    values = json.loads(text)
-            except (OSError, ValueError) as err:  # yaml.YAMLError is a ValueError too
-                raise ValueError(f"`--config`: cannot read {str(path)!r} ({type(err).__name__}: {err})") from None
+                values = _parse_config(Path(path))
+            except (OSError, ValueError) as err:
+                reason = " ".join(f"{type(err).__name__}: {err}".split())  # YAML's messages span lines
+                raise ValueError(f"`--config`: cannot read {str(path)!r} ({reason})") from None
             if not isinstance(values, dict):
                 raise ValueError(
                     f"`--config`: {str(path)!r} must hold a mapping of config keys, not a {type(values).__name__}."
@@ -268,6 +263,11 @@ class TrainConfig:
         if kind != "shapes":  # imagefolder: a folder; hf: a saved dataset folder, or a dataset name on the Hub
             _check_folder("data.path", self.data["path"], hub_ids=kind == "hf", bare_names=kind == "hf")
         output_dir = Path(self.output_dir)
+        if kind == "imagefolder" and output_dir.resolve().is_relative_to(Path(self.data["path"]).resolve()):
+            raise ValueError(  # its sample grids would become training images (and a class) of the next run
+                f"`output_dir` {str(output_dir)!r} is inside `data.path` {self.data['path']!r}: put the run folder "
+                "next to the images, not among them."
+            )
         if output_dir.is_symlink() and not output_dir.exists():
             raise ValueError(f"`output_dir`: {str(output_dir)!r} is a broken symbolic link.")
         if output_dir.exists() and not output_dir.is_dir():
@@ -303,11 +303,21 @@ class TrainConfig:
                 f"{'>' if low_open else '>='} {low}" if low is not None else "",
                 f"{'<' if high_open else '<='} {high}" if high is not None else "",
             ]
+            if isinstance(value, str) and _is_float_text(value):  # PyYAML reads 1e-4 (no dot) as text
+                hint += f" (YAML reads {value} as text: write it with a dot, e.g. 1.0e-4)"
             raise ValueError(
                 f"`{name}` must be {kind} {' and '.join(b for b in bounds if b)}{' or null' if optional else ''}"
                 f"{hint}, got {value!r}."
             )
         setattr(self, name, int(value) if integer else float(value))
+
+
+def _is_float_text(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _section_defaults() -> dict[str, dict]:
@@ -503,6 +513,19 @@ def _flat(values: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def _parse_config(path: Path) -> Any:
+    """A config file's values: YAML (``.yaml`` / ``.yml``) or JSON; a YAML error (no ValueError) as a ValueError."""
+    text = path.read_text()
+    if not str(path).endswith((".yaml", ".yml")):
+        return json.loads(text)
+    import yaml
+
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(str(err)) from None
 
 
 def _config_snapshot(config: TrainConfig) -> dict:

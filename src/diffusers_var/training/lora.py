@@ -111,8 +111,23 @@ class LoraSettings:
             raise ValueError(f"`lora.train_text_encoder` must be true or false, got {settings.train_text_encoder!r}.")
         if settings.train_text_encoder and task == "var":
             raise ValueError("`lora.train_text_encoder`: VAR has no text encoder.")
-        if not isinstance(settings.adapter_name, str) or not settings.adapter_name:
-            raise ValueError(f"`lora.adapter_name` must be a non-empty string, got {settings.adapter_name!r}.")
+        if (
+            not isinstance(settings.adapter_name, str)
+            or not settings.adapter_name.strip()
+            or "." in settings.adapter_name
+        ):
+            raise ValueError(  # it becomes a key of torch ModuleDicts, which refuse "."
+                f"`lora.adapter_name` must be a non-empty string without `.`, got {settings.adapter_name!r}."
+            )
+        modules = settings.target_modules
+        if modules is not None and not (
+            (isinstance(modules, str) and modules.strip())
+            or (isinstance(modules, list) and modules and all(isinstance(m, str) and m.strip() for m in modules))
+        ):  # a name (or regular expression) of modules, or a list of names: PEFT's forms
+            raise ValueError(
+                "`lora.target_modules` must be a module name / regular expression or a non-empty list of module "
+                f"names (e.g. [to_qkv, proj]), got {modules!r}."
+            )
         return settings
 
     def component(self, name: str) -> Path:
@@ -173,10 +188,15 @@ def attach_lora(model, settings: LoraSettings, mixed_precision: str = "no"):
     model.requires_grad_(False)
     if mixed_precision in ("bf16", "fp16"):
         cast_module_(model, torch.bfloat16 if mixed_precision == "bf16" else torch.float16)
-    model.add_adapter(
-        lora_config(model, settings.rank, settings.alpha, settings.dropout, settings.targets, settings.target_modules),
-        adapter_name=settings.adapter_name,
+    config = lora_config(
+        model, settings.rank, settings.alpha, settings.dropout, settings.targets, settings.target_modules
     )
+    try:
+        model.add_adapter(config, adapter_name=settings.adapter_name)
+    except ValueError as err:  # PEFT: target modules that match nothing in the model
+        if settings.target_modules is None:
+            raise
+        raise ValueError(f"`lora.target_modules` {settings.target_modules!r}: {err}") from None
     for parameter in model.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
