@@ -89,6 +89,13 @@ def test_image_folder_labels_captions_and_bad_files(tmp_path, caplog):
         json.dumps({"file_name": "a.png", "text": "meta caption"}) + "\n"
     )
     assert ImageFolderDataset(tmp_path, 16, need_captions=True)[0]["caption"] == "meta caption"
+    (tmp_path / "cats" / "metadata.jsonl").write_text(  # an empty "text" falls back to "caption"
+        json.dumps({"file_name": "a.png", "text": "", "caption": "the caption key"}) + "\n"
+    )
+    assert ImageFolderDataset(tmp_path, 16, need_captions=True)[0]["caption"] == "the caption key"
+    (tmp_path / "cats" / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "a.png", "text": "meta caption"}) + "\n"
+    )
     (tmp_path / "dogs" / "a.txt").unlink()
     with pytest.raises(ValueError, match="no caption"):
         ImageFolderDataset(tmp_path, 16, need_captions=True)

@@ -160,12 +160,7 @@ def test_killed_run_resumes_to_identical_weights(tokenizer_dir, tmp_path):
     assert third.returncode == 0, third.stderr[-2000:]
     assert not [p for p in (tmp_path / "interrupted" / "checkpoints").iterdir() if p.name.startswith(".tmp")]
 
-    for folder in ("transformer",):
-        a = load_file(tmp_path / "straight" / "final" / folder / "diffusion_pytorch_model.safetensors")
-        b = load_file(tmp_path / "interrupted" / "final" / folder / "diffusion_pytorch_model.safetensors")
-        assert a.keys() == b.keys()
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+    _assert_same_exported_weights(tmp_path / "straight", tmp_path / "interrupted")
 
 
 def test_a_diverging_run_stops_before_saving_nan_weights(tmp_path):
@@ -248,6 +243,14 @@ class PlantedPayload:
 
 def _weights(folder: Path) -> dict:
     return load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def _assert_same_exported_weights(first_run: Path, second_run: Path) -> None:
+    """The transformers two runs exported (``final/``) hold the same weights."""
+    a, b = _weights(first_run / "final"), _weights(second_run / "final")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_resume_never_unpickles_and_continues_from_safe_state(tokenizer_dir, tmp_path):
@@ -795,10 +798,7 @@ def test_a_run_with_accumulation_resumed_mid_epoch_equals_an_uninterrupted_one(t
     assert latest_checkpoint(tmp_path / "interrupted" / "checkpoints").name == "step-0000004"
     resumed = _run_cli(interrupted, tmp_path / "b.json")
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout + resumed.stderr, resumed.stderr[-2000:]
-    a, b = _weights(tmp_path / "straight" / "final"), _weights(tmp_path / "interrupted" / "final")
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=lambda m, key=key: f"{key}: {m}")
+    _assert_same_exported_weights(tmp_path / "straight", tmp_path / "interrupted")
 
 
 def test_one_pair_of_parameter_groups_for_every_trained_model():

@@ -95,7 +95,9 @@ def _metadata_entry(line: str, where: str) -> tuple[str, str | None]:
         raise ValueError(f"`data.path`: {where} is not JSON ({err}); each line is like {expected}.") from None
     if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
         raise ValueError(f"`data.path`: {where} must be a JSON object with a string `file_name`, like {expected}.")
-    caption = entry.get("text", entry.get("caption"))
+    caption = entry.get("text")
+    if caption is None or caption == "":  # as before: an empty or missing "text" falls back to "caption"
+        caption = entry.get("caption")
     if caption is not None and not isinstance(caption, str):
         raise ValueError(f"`data.path`: {where} has a caption that is not a string ({caption!r}), like {expected}.")
     return entry["file_name"], caption
