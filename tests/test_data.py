@@ -117,6 +117,46 @@ def test_image_folder_labels_captions_and_bad_files(tmp_path, caplog):
         ImageFolderDataset(tmp_path, 16, need_captions=True)
 
 
+def test_image_folder_walk_follows_links_skips_hidden_and_warns_on_top_level_images(tmp_path, caplog):
+    root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    for folder, color in ((root / "cats", (250, 0, 0)), (elsewhere / "dogs", (0, 250, 0))):
+        folder.mkdir(parents=True)
+        PIL.Image.new("RGB", (20, 20), color).save(folder / "a.png")
+    (root / "dogs").symlink_to(elsewhere / "dogs", target_is_directory=True)  # a class folder that is a link
+    (root / "cats" / "loop").symlink_to(root, target_is_directory=True)  # a link back up is no loop
+    for hidden in (root / ".ipynb_checkpoints", root / "cats" / "__MACOSX"):
+        hidden.mkdir()
+        PIL.Image.new("RGB", (20, 20), (0, 0, 250)).save(hidden / "a.png")
+    PIL.Image.new("RGB", (20, 20), (0, 0, 250)).save(root / "cats" / "._a.png")  # a macOS resource fork's name
+    PIL.Image.new("RGB", (20, 20), (0, 0, 250)).save(root / "stray.png")  # beside the class folders
+    with caplog.at_level("WARNING"):
+        ds = ImageFolderDataset(root, 16, need_labels=True)
+    assert ds.class_names == ["cats", "dogs"] and ds.labels == [0, 1] and len(ds) == 2
+    assert [p.name for p in ds.files] == ["a.png", "a.png"]
+    assert ds[1]["pixel_values"][1].mean() > 0.9  # the green dog through the link
+    assert "left out 1 image(s) at the top" in caplog.text and "stray.png" in caplog.text
+    assert len(ImageFolderDataset(root, 16)) == 3  # unconditional training takes the top-level image too
+
+
+def test_sixteen_bit_grayscale_images_are_scaled_not_clipped(tmp_path):
+    from diffusers_var.pil_images import to_grayscale, to_rgb
+
+    ramp = np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (32, 1))
+    PIL.Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    with PIL.Image.open(tmp_path / "ramp16.png") as image:
+        assert image.mode.startswith("I")  # PIL's convert("RGB") turns all but the darkest pixels white here
+        rgb, gray = np.asarray(to_rgb(image)), np.asarray(to_grayscale(image))
+    expected = np.rint(ramp * (255 / 65535)).astype(np.uint8)
+    assert np.array_equal(rgb[..., 0], expected) and np.array_equal(rgb[..., 2], expected)
+    assert np.array_equal(gray, expected)
+    item = ImageFolderDataset(tmp_path, 32)[0]["pixel_values"]
+    assert -1 <= item.min() < -0.9 and 0.9 < item.max() <= 1 and abs(float(item.mean())) < 0.05
+    floats = PIL.Image.fromarray(np.full((4, 4), 0.5, np.float32))  # mode F in [0, 1]
+    assert np.asarray(to_rgb(floats)).max() == 128
+    eight = PIL.Image.fromarray(np.full((4, 4), 200, np.int32))  # mode I holding 8-bit values stays as it is
+    assert np.asarray(to_rgb(eight)).max() == 200
+
+
 def broken_stream_png(path, size=(24, 24)):
     """A PNG whose chunks and CRCs are all valid but whose compressed pixel data is garbage: PIL's verify() accepts
     it, decoding fails with "broken data stream"."""

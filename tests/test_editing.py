@@ -234,6 +234,13 @@ def test_image_and_its_tokens_give_the_same_edit(family):
     wrong = torch.float32 if family.startswith("infinity") else torch.int16
     with pytest.raises(ValueError, match=rf"`image_indices\[0\]` must be .* got \([0-9, ]+\) {wrong}"):
         run(img2img, family, image_indices=[t.to(wrong) for t in tokens])
+    # meta-device tensors (a shape without values) are named, not failed on deep inside torch
+    with pytest.raises(ValueError, match="`image_indices` holds tensors on the meta device"):
+        run(img2img, family, image_indices=[t.to("meta") for t in tokens])
+    with pytest.raises(ValueError, match="`image` is a tensor on the meta device"):
+        run(img2img, family, image=torch.empty(1, 3, height, width, device="meta"))
+    with pytest.raises(ValueError, match="`mask_image` is a tensor on the meta device"):
+        run(inpaint, family, image=image, mask_image=torch.empty(1, height, width, device="meta"))
 
 
 def test_image_formats_give_the_same_edit():
@@ -245,6 +252,16 @@ def test_image_formats_give_the_same_edit():
     reference = run(inpaint, "var", image=pixels / 255.0, mask_image=mask)
     for image in (array, PIL.Image.fromarray(array), PIL.Image.fromarray(array).convert("RGBA"), [array]):
         assert torch.equal(run(inpaint, "var", image=image, mask_image=mask), reference), type(image)
+    # a 16-bit grayscale PNG and mask (mode I;16) are scaled to 8 bits; PIL's convert had clipped them to white
+    gray16 = PIL.Image.fromarray((array[..., 0].astype(np.uint16) * 257))
+    gray8 = PIL.Image.fromarray(array[..., 0]).convert("RGB")
+    assert torch.equal(
+        run(inpaint, "var", image=gray16, mask_image=mask), run(inpaint, "var", image=gray8, mask_image=mask)
+    )
+    mask16 = PIL.Image.fromarray(mask.numpy().astype(np.uint16) * 65535)
+    assert torch.equal(
+        run(inpaint, "var", image=gray8, mask_image=mask16), run(inpaint, "var", image=gray8, mask_image=mask)
+    )
 
 
 def test_pixel_masks_become_latent_grid_masks(family):

@@ -152,6 +152,20 @@ def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise(inception_weig
     np.testing.assert_array_equal(np.concatenate(list(ev.ImageSet(npz, "--samples").batches(7))), clean)
 
 
+def test_an_image_folder_follows_links_and_leaves_out_hidden_files(tmp_path):
+    """A notebook's .ipynb_checkpoints copies had been counted twice in the statistics, a linked folder not at all."""
+    images = ShapesDataset(4, 32, seed=1).images
+    _save_images(tmp_path / "elsewhere", images[2:])
+    root = _save_images(tmp_path / "samples", images[:2])
+    (root / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    _save_images(root / ".ipynb_checkpoints", images[:2])
+    Image.fromarray(images[0]).save(root / "._000000.png")
+    Image.fromarray((images[1].astype(np.uint16) * 257)[..., 0]).save(root / "gray16.png")  # 16-bit grayscale
+    read = np.concatenate(list(ev.ImageSet(root, "--samples").batches(8)))
+    assert len(read) == 5 and np.array_equal(read[:2], images[:2]) and np.array_equal(read[3:], images[2:])
+    assert np.array_equal(read[2], np.repeat(images[1][..., :1], 3, axis=-1))  # scaled to 8 bits, not clipped
+
+
 def test_bad_weight_files_are_clear_errors(tmp_path):
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(b"PK\x03\x04 not a whole file")

@@ -689,6 +689,18 @@ def test_a_dotted_override_keeps_the_sections_other_keys(tmp_path):
         "type": "shapes",
         "seed": 1,
     }
+    # lists and mappings in YAML's flow style, as a config file writes them (they had to be quoted JSON)
+    overrides = ["lora.target_modules=[to_qkv, proj]", "lora.rank=4.0", "adam_betas=[0.9,0.99]"]
+    config = TrainConfig.load(path, overrides)
+    assert config.lora["target_modules"] == ["to_qkv", "proj"] and config.adam_betas == (0.9, 0.99)
+    from diffusers_var.training.lora import settings_of
+
+    assert settings_of(config).rank == 4 and isinstance(settings_of(config).rank, int)  # as top-level keys take it
+    assert TrainConfig.load(None, ["task=tokenizer", "data={type: shapes, seed: 2}"]).data == {
+        "type": "shapes",
+        "seed": 2,
+    }
+    assert TrainConfig.load(None, ["task=tokenizer", "output_dir=[runs] 1"]).output_dir == "[runs] 1"  # a name
 
 
 def test_a_run_on_an_image_folder_resumes_with_the_same_config():
@@ -746,6 +758,49 @@ def test_failing_checks_leave_the_output_folder_as_it_was(tmp_path, capsys, fail
     assert _tree(run) == before
     assert main([*common, f"output_dir={tmp_path / 'new'}", "batch_size=8", failing]) == 2
     assert not (tmp_path / "new").exists()
+
+
+def test_a_folder_of_undecodable_images_is_refused_before_output_dir_is_made(tmp_path, capsys):
+    """PIL's verify() passes a PNG whose pixel data is broken: the run found out at its first batch, after making
+    output_dir; one item is now decoded with the other checks."""
+    from diffusers_var.cli import main
+    from test_data import broken_stream_png
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        broken_stream_png(images / f"{i}.png")
+    run = tmp_path / "run"
+    common = ["train", "tokenizer", f"model={json.dumps(TOKENIZER_MODEL)}", "resolution=16", "batch_size=2"]
+    assert main([*common, f"output_dir={run}", "data.type=imagefolder", f"data.path={images}"]) == 2
+    assert "none of the 4 images could be read" in _error_line(capsys)
+    assert not run.exists()
+
+
+def test_a_fresh_start_keeps_what_an_earlier_run_left(tmp_path):
+    """A folder without a checkpoint (a user's own train_config.json, a run stopped before its first checkpoint):
+    ``resume=auto`` starts afresh and had replaced those files; they are moved to previous-runs/ as with never."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_config.json").write_text("# my notes\n")
+    (run / "train_log.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    (run / "notes.txt").write_text("the user's")
+    train(TrainConfig(**base_config(run, task="tokenizer", model=TOKENIZER_MODEL, max_steps=1, ema_decay=None)))
+    (previous,) = (run / "previous-runs").iterdir()
+    assert (previous / "train_config.json").read_text() == "# my notes\n"
+    assert (previous / "train_log.jsonl").read_text() == '{"step": 1, "loss": 9.0}\n'
+    assert (run / "notes.txt").read_text() == "the user's"  # not a run's file: left where it is
+    assert json.loads((run / "train_config.json").read_text())["max_steps"] == 1 and len(losses(run)) == 1
+
+
+def test_a_second_run_in_one_process_may_change_mixed_precision(tmp_path):
+    """accelerate keeps the first Accelerator's mixed precision for the process and refused the next run's
+    ("AcceleratorState has already been initialized"): a notebook had to restart between runs."""
+    for precision in ("bf16", "no"):
+        run = tmp_path / precision
+        settings = base_config(run, task="tokenizer", model=TOKENIZER_MODEL, max_steps=1, ema_decay=None)
+        train(TrainConfig(**{**settings, "mixed_precision": precision}))
+        assert len(losses(run)) == 1
 
 
 def test_accumulated_updates_end_with_the_epoch_and_never_skip_batches(tokenizer_dir, tmp_path, monkeypatch):

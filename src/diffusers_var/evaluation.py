@@ -38,7 +38,7 @@ import torch
 
 from .cli_support import check_device
 from .fid_inception import WEIGHTS_FILENAMES, WEIGHTS_URL, FIDInceptionV3
-from .file_utils import json_lines, write_atomic
+from .file_utils import files_under, json_lines, write_atomic
 from .sample import IMAGES_DIR, METADATA_FILE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -82,7 +82,7 @@ class ImageSet:
                 self.prompts = [entry["prompt"] for entry in entries]
         elif self.path.is_dir():
             self.kind = "folder"
-            self.files = sorted(p for p in self.path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            self.files = files_under(self.path, lambda name: Path(name).suffix.lower() in IMAGE_SUFFIXES)
         else:
             raise ValueError(
                 f"`{flag}` {str(self.path)!r} is not an image folder, a `diffusers-var sample` folder or an .npz file."
@@ -111,11 +111,13 @@ class ImageSet:
             return
         from PIL import Image
 
+        from .pil_images import to_rgb
+
         batch: list[np.ndarray] = []
         for path in self.files:
             try:
                 with Image.open(path) as image:
-                    array = np.asarray(image.convert("RGB"))
+                    array = np.asarray(to_rgb(image))
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # PIL raises all of these
                 raise ValueError(f"`{self.flag}`: cannot read the image {str(path)!r} ({_reason(err)}).") from None
             if batch and (len(batch) == batch_size or array.shape != batch[0].shape):  # one size per batch

@@ -1,6 +1,6 @@
 """Files written whole or not at all: the content goes to a temporary file next to its target, which a rename then
 puts in place, so a reader (or a restarted run) never sees half a file and an interrupted write leaves the old one.
-Also the JSON-lines reading that the commands share."""
+Also the JSON-lines reading and the image-folder walk that the commands share."""
 
 from __future__ import annotations
 
@@ -156,3 +156,23 @@ def json_lines(lines: list[str], path: Path, flag: str) -> list[tuple[int, objec
         except json.JSONDecodeError as err:
             raise ValueError(f"`{flag}` {str(path)!r} line {number} is not JSON ({err.msg}).") from None
     return entries
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith((".", "__"))
+
+
+def files_under(root: Path, wanted: Callable[[str], bool]) -> list[Path]:
+    """The files under ``root`` whose names ``wanted(name)`` accepts, sorted. Folder links are followed (each real
+    folder once, so a link back up is no loop); hidden files and folders (``.ipynb_checkpoints``, ``__MACOSX``) are
+    left out, as HF ``datasets``' imagefolder does."""
+    found, seen = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders[:] = sorted(name for name in subfolders if not _hidden(name))
+        found += [Path(folder, name) for name in names if not _hidden(name) and wanted(name)]
+    return sorted(path for path in found if path.is_file())

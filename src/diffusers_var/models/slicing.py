@@ -33,6 +33,8 @@ def check_image_values(images: torch.Tensor, name: str = "images") -> None:
 
 def check_token_values(tokens: Sequence[torch.Tensor], low: int, high: int, name: str) -> None:
     """Every entry of the per-scale integer ``tokens`` within ``[low, high]`` (one device sync for all scales)."""
+    if any(t.is_meta for t in tokens):  # a shape without values: name the parameter rather than fail inside torch
+        raise ValueError(f"`{name}` holds tensors on the meta device (shapes without values); pass ones with data.")
     flat = torch.cat([t.detach().reshape(-1).long() for t in tokens])
     if flat.numel():
         found_low, found_high = (int(v) for v in torch.aminmax(flat))

@@ -49,6 +49,7 @@ from diffusers.utils import logging
 from ..file_utils import save_folder_atomic, write_atomic, write_text_atomic
 from ..models.multiscale_vq import area_down
 from ..models.slicing import NaNDecodeError, check_token_values
+from ..pil_images import to_grayscale, to_rgb
 from ..scalars import is_bool, is_integer, is_number
 from .fast_inference import FastInferenceMixin
 from .sampling import GeneratorArg
@@ -706,6 +707,8 @@ def _spatial_size_of(value, name: str, image: bool) -> tuple[int, int, int]:
     if isinstance(value, PIL.Image.Image):
         return 1, value.height, value.width
     if isinstance(value, (np.ndarray, torch.Tensor)):
+        if isinstance(value, torch.Tensor) and value.is_meta:  # a shape without values: torch would fail deep down
+            raise ValueError(f"`{name}` is a tensor on the meta device (a shape without values); pass one with data.")
         numpy = isinstance(value, np.ndarray)
         shape = tuple(value.shape)
         if 0 in shape:
@@ -774,7 +777,7 @@ def _processor_input(image):
     if isinstance(image, (list, tuple)):
         return [_processor_input(item) for item in image]
     if isinstance(image, PIL.Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     if isinstance(image, np.ndarray) and image.dtype == np.uint8:
         return image.astype(np.float32) / 255
     if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
@@ -793,7 +796,7 @@ def mask_to_tensor(mask_image, name: str = "mask_image") -> torch.Tensor:
     for item in items:
         _spatial_size_of(item, name, image=False)  # the type check
         if isinstance(item, PIL.Image.Image):
-            values = torch.from_numpy(np.asarray(item.convert("L"), dtype=np.float32) / 255)[None, None]
+            values = torch.from_numpy(np.asarray(to_grayscale(item), dtype=np.float32) / 255)[None, None]
         else:
             values = torch.as_tensor(item)
             if isinstance(item, np.ndarray):  # numpy masks are channels-last

@@ -15,6 +15,9 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..file_utils import files_under
+from ..pil_images import to_rgb
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
@@ -22,7 +25,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 
 def resize_center_crop(image: PIL.Image.Image, resolution: int) -> torch.Tensor:
     """Resize the short side to ``resolution`` (Lanczos), centre-crop, scale to [-1, 1]."""
-    image = image.convert("RGB")
+    image = to_rgb(image)  # (a 16-bit PNG scaled, not clipped white)
     w, h = image.size
     scale = resolution / min(w, h)
     image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), PIL.Image.LANCZOS)
@@ -128,7 +131,7 @@ class ImageFolderDataset(_SkipsBadImages):
         self.root, self.resolution, self.bad_images = Path(root), resolution, bad_images
         if not self.root.is_dir():
             raise ValueError(f"`data.path`: {str(self.root)!r} is not a folder.")
-        files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        files = files_under(self.root, lambda name: Path(name).suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"`data.path`: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {str(self.root)!r}.")
         readable, skipped = [], []
@@ -163,6 +166,16 @@ class ImageFolderDataset(_SkipsBadImages):
                 )
             index = {name: i for i, name in enumerate(self.class_names)}
             self.files = [p for p in readable if len(p.relative_to(self.root).parts) > 1]
+            outside = [p for p in readable if len(p.relative_to(self.root).parts) == 1]
+            if outside:
+                names = ", ".join(p.name for p in outside[:5]) + (" ..." if len(outside) > 5 else "")
+                logger.warning(
+                    "left out %d image(s) at the top of %s, outside the class folders (%s): class-conditional "
+                    "training takes the images of one sub-folder per class",
+                    len(outside),
+                    self.root,
+                    names,
+                )
             self.labels = [index[p.relative_to(self.root).parts[0]] for p in self.files]
         if need_captions:
             self.captions = [self._caption(p) for p in self.files]
@@ -170,7 +183,7 @@ class ImageFolderDataset(_SkipsBadImages):
     def _caption(self, path: Path) -> str:
         if not hasattr(self, "_metadata"):
             self._metadata = {}
-            for meta in self.root.rglob("metadata.jsonl"):
+            for meta in files_under(self.root, lambda name: name == "metadata.jsonl"):
                 for number, line in enumerate(_read_text(meta).splitlines(), start=1):
                     if line.strip():
                         file_name, caption = _metadata_entry(line, f"{str(meta)!r} line {number}")

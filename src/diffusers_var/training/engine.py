@@ -117,8 +117,9 @@ class TrainConfig:
     bsc_flip_prob: float = 0.3  # infinity: Bitwise Self-Correction maximum flip probability (0 disables)
     bsc_num_scales: int | None = None  # infinity: scales that get flipped bits (None: all)
     # what to do with a run already in output_dir: "auto" resumes its newest checkpoint when the config is the same
-    # (and refuses, naming the differing keys, when it is not), "never" starts afresh (the previous run's files are
-    # moved to output_dir/previous-runs/), "force" resumes from the checkpoint with the new settings
+    # (and refuses, naming the differing keys, when it is not), "never" starts afresh, "force" resumes from the
+    # checkpoint with the new settings; a fresh start (also "auto" without a checkpoint) moves the files of an
+    # earlier run there to output_dir/previous-runs/ (a train_config.json of the user's own too)
     resume: str = "auto"
     lora: dict | None = None  # LoRA fine-tuning of a pipeline: lora.base, lora.rank, ... (diffusers_var.training.lora)
 
@@ -142,11 +143,7 @@ class TrainConfig:
                     f"override {item!r} must look like key=value (e.g. max_steps=100 or data.num_images=500)."
                 )
             key, raw = item.split("=", 1)
-            try:
-                value = json.loads(raw)
-            except json.JSONDecodeError:
-                value = raw
-            _set_override(values, key, value, known)
+            _set_override(values, key, _override_value(raw), known)
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown training config keys {unknown}; known: {sorted(known)}.")
@@ -324,6 +321,25 @@ def _section_defaults() -> dict[str, dict]:
     """The default of each section of keys (``data``, ``model``): what a dotted override of a section that neither
     the config file nor an earlier override gave is merged into."""
     return {f.name: f.default_factory() for f in fields(TrainConfig) if f.default_factory is not MISSING}
+
+
+def _override_value(raw: str):
+    """An override's value: JSON (``100``, ``null``, ``[0.9, 0.95]``), a list or mapping in YAML's flow style
+    without quotes (``[to_q, to_k]``, as in a config file), else the text itself (a path may begin with ``[``)."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        pass
+    if raw.strip().startswith(("[", "{")):
+        import yaml
+
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            return raw
+        if isinstance(value, (list, dict)):
+            return value
+    return raw
 
 
 def _set_override(values: dict, key: str, value, known: set[str]) -> None:
@@ -558,7 +574,8 @@ def config_differences(saved: dict, current: dict) -> dict[str, tuple]:
 
 
 def _move_previous_run(output_dir: Path) -> Path | None:
-    """``resume=never``: move the previous run's files to ``output_dir/previous-runs/<time>/`` (nothing is deleted)."""
+    """A fresh start: move an earlier run's files to ``output_dir/previous-runs/<time>/`` (nothing is deleted or
+    replaced: ``train_config.json``, ``final``, logs and checkpoints of a run that never saved a resumable one)."""
     present = [output_dir / name for name in RUN_FILES if (output_dir / name).exists()]
     if not present:
         return None
@@ -570,6 +587,17 @@ def _move_previous_run(output_dir: Path) -> Path | None:
     for path in present:
         os.replace(path, target / path.name)
     return target
+
+
+def _forget_other_precision(mixed_precision: str, world_size: int) -> None:
+    """A second ``train()`` in one process (a notebook) with another ``mixed_precision``: accelerate keeps the first
+    run's for the whole process and refuses any other. A lone process starts accelerate's state afresh instead;
+    launched processes run one training each and keep theirs."""
+    from accelerate.state import AcceleratorState
+
+    shared = AcceleratorState._shared_state
+    if world_size == 1 and shared and shared.get("_mixed_precision", mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state()
 
 
 def _resume_point(config: TrainConfig, output_dir: Path, is_main: bool) -> Path | None:
@@ -658,6 +686,7 @@ def train(config: TrainConfig) -> Path:
             "`mixed_precision` 'fp16' needs a GPU: on the CPU accelerate trains in float32 instead. Use 'bf16' or "
             "'no' here."
         )
+    _forget_other_precision(config.mixed_precision, world_size)
     accelerator = Accelerator(
         cpu=on_cpu,
         mixed_precision=config.mixed_precision,
@@ -695,7 +724,7 @@ def train(config: TrainConfig) -> Path:
             )
     snapshot = _config_snapshot(config)  # before a time limit shortens max_steps
     resume_from = _resume_point(config, output_dir, accelerator.is_main_process)
-    if config.resume != "never":  # (with resume=never a previous export is moved aside, not replaced)
+    if resume_from is not None:  # (a fresh start moves an earlier export aside, not replaced)
         # refuse now rather than after training
         check_output_dir(output_dir / "final", overwrite=True, name="output_dir", replacer="the run's final export")
 
@@ -734,14 +763,15 @@ def train(config: TrainConfig) -> Path:
             f"would average {batches_per_process} batches. Use at most {batches_per_process}, a smaller batch_size "
             "or more images."
         )
+    task.dataset[0]  # decoded: a folder whose images all fail to decode stops here, before output_dir is made
 
     # every check has passed: only now is the output folder changed
     accelerator.wait_for_everyone()  # every process has read the folder (_resume_point) before it changes
     if accelerator.is_main_process:
-        if config.resume == "never":
+        if resume_from is None:  # a fresh start: the files of an earlier run there are kept, never replaced
             moved = _move_previous_run(output_dir)
             if moved is not None:
-                print(f"resume=never: moved the previous run's files to {moved}")
+                print(f"starting afresh (resume={config.resume}): moved the previous run's files to {moved}")
         output_dir.mkdir(parents=True, exist_ok=True)
         make_folder(checkpoint_dir, "output_dir")
         for stale in checkpoint_dir.glob(".tmp-*"):  # half-written by an interrupted save

@@ -90,8 +90,10 @@ class LoraSettings:
             )
         for name in ("rank",) + (("text_encoder_rank",) if settings.text_encoder_rank is not None else ()):
             value = getattr(settings, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            whole = isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+            if not whole or value < 1:  # (4.0, as the top-level keys take it)
                 raise ValueError(f"`lora.{name}` must be an integer >= 1, got {value!r}.")
+            setattr(settings, name, int(value))
         alpha = settings.alpha
         if alpha is not None and (
             not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0
