@@ -953,7 +953,7 @@ def test_channel_sum_group_norm_equals_group_norm(family):
 
 
 def test_compiled_decoders_take_channel_sum_group_norm():
-    """``compile_decoder`` installs the per-channel-sum GroupNorm (from 64 images) on the compiled decoder only."""
+    """``compile_decoder`` installs the per-channel-sum GroupNorm (from 16 images) on the compiled decoder only."""
     from tiny_components import var_components
 
     pipe = VARPipeline(**var_components(seed=0))
@@ -1126,10 +1126,10 @@ def test_compile_decoder_takes_a_torch_compile_mode(monkeypatch, compile_decoder
 
 def test_compiled_decoder_traces_three_graphs_for_any_number_of_batch_sizes(monkeypatch):
     """The compiled decoder keeps kernels specialised on the first batch size; the second makes the batch dimension
-    dynamic (the convolutions' layout rule splits it at 16: one more graph), and later sizes trace nothing (one graph
-    per size reached dynamo's recompile limit (8) at the ninth size, which then decoded eagerly), except one graph
-    from 64 images on, where GroupNorm takes its statistics as per-channel sums. The eager backend: only the tracing
-    is checked."""
+    dynamic (the convolutions' layout rule splits it at 16: one more graph, which is also where GroupNorm starts to
+    take its statistics as per-channel sums), and later sizes trace nothing (one graph per size reached dynamo's
+    recompile limit (8) at the ninth size, which then decoded eagerly). The eager backend: only the tracing is
+    checked."""
     import functools
 
     import torch._dynamo
@@ -1148,8 +1148,8 @@ def test_compiled_decoder_traces_three_graphs_for_any_number_of_batch_sizes(monk
             image = vqvae.decoder(torch.randn(batch, 8, 4, 4).contiguous(memory_format=torch.channels_last))
             assert image.shape[0] == batch
             graphs.append(counters["stats"]["unique_graphs"])
-    assert fast_inference.CHANNEL_SUM_GROUP_NORM_MIN_BATCH == 64
-    assert graphs[:3] == [1, 2, 3] and graphs[3:13] == [3] * 10 and graphs[13:] == [4] * 3
+    assert fast_inference.CHANNEL_SUM_GROUP_NORM_MIN_BATCH == 16
+    assert graphs[:3] == [1, 2, 3] and graphs[3:] == [3] * 13
     torch._dynamo.reset()
 
 

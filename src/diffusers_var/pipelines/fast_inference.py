@@ -171,8 +171,8 @@ def cast_decoder_(
     (BENCHMARKS.md). Compiled with automatic dynamic shapes: a process that decodes one batch size keeps kernels
     specialised on it, and the second size makes the batch dimension dynamic, so later sizes compile nothing (with
     one graph per size, a ninth size passed dynamo's recompile limit and decoded eagerly), but for one graph from
-    :data:`CHANNEL_SUM_GROUP_NORM_MIN_BATCH` images on, whose GroupNorm takes per-channel sums
-    (:func:`channel_sum_group_norm_`)."""
+    16 images on (the convolutions' layout rule), where GroupNorm also takes per-channel sums
+    (:data:`CHANNEL_SUM_GROUP_NORM_MIN_BATCH`, :func:`channel_sum_group_norm_`)."""
     memory_format = torch.channels_last if compile_module is not None else torch.contiguous_format
     for module in modules:
         nn.Module.to(module, dtype=dtype, memory_format=memory_format)
@@ -242,9 +242,10 @@ def _padded_conv_forward(conv: nn.Conv2d, multiple: int, x: torch.Tensor) -> tor
     return conv._conv_forward(x, weight, bias)[:, : conv.out_channels]
 
 
-# From this many images a compiled decoder takes its GroupNorm statistics as per-channel sums (faster at 64 images,
-# slower at one, BENCHMARKS.md session 21; sizes between were not measured)
-CHANNEL_SUM_GROUP_NORM_MIN_BATCH = 64
+# From this many images a compiled decoder takes its GroupNorm statistics as per-channel sums (faster from 16 images
+# on, slower up to 8, BENCHMARKS.md session 22); 16 is also where the convolutions' layout rule splits the batch
+# dimension, so the sums add no graph of their own
+CHANNEL_SUM_GROUP_NORM_MIN_BATCH = 16
 
 
 def channel_sum_group_norm_(
