@@ -190,6 +190,27 @@ def test_a_folder_naming_a_module_of_the_package_is_not_a_pipeline(tmp_path, cap
     assert error.startswith("error: `--model`") and "holds a 'scalars', not a diffusers-var pipeline" in error
 
 
+@pytest.mark.parametrize("command", ["generate", "edit", "sample"])
+def test_a_damaged_model_folder_is_one_error_line(command, tmp_path, capsys):
+    """A truncated weights file (a copy cut short) gave diffusers' OSError as a 14-frame traceback."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(REPO_ROOT / "pipelines" / "var-shapes", model)
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    PIL.Image.new("RGB", (32, 32)).save(tmp_path / "in.png")
+    argv = {
+        "generate": ["generate", "--class-label", "1", "--out", str(tmp_path / "x.png")],
+        "edit": [*(a.format(tmp=tmp_path) for a in EDIT)],
+        "sample": ["sample", "--per-class", "1", "--out", str(tmp_path / "samples")],
+    }[command]
+    assert _exit_code([*argv, "--model", str(model)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # (after diffusers' loading bar)
+    assert error.startswith(f"error: `--model` {str(model)!r} does not load: "), error
+    assert "diffusion_pytorch_model.safetensors" in error
+
+
 def test_no_import_circle_between_cli_and_demo():
     """``demo`` used to import its flags from ``cli`` while ``cli`` imports ``demo`` (lazily, for gradio): the shared
     pieces live in ``cli_support``, which imports neither."""

@@ -151,6 +151,52 @@ def test_save_load_round_trip_and_dtype_loading(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
+def test_loading_refuses_what_does_not_fit_and_saving_is_atomic(case, tmp_path):
+    """Weights that do not fit the config (diffusers: a log line, then missing weights on the meta device or unused
+    ones dropped) and a config that cannot build the model are ValueErrors naming the folder; a save that fails
+    leaves the folder as it was."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    model, folder = case.build(), tmp_path / "m"
+    model.save_pretrained(folder)
+    loaded, info = case.model_class.from_pretrained(folder, output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("diffusers.models.modeling_utils.safetensors.torch.save_file", fail)
+        with pytest.raises(OSError, match="disk full"):
+            model.save_pretrained(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ValueError, match="`save_directory`"):
+        model.save_pretrained(tmp_path / "a-file")
+
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    first = sorted(state)[0]
+    save_file({k: v for k, v in state.items() if k != first}, weights)
+    with pytest.raises(
+        ValueError, match=rf"does not hold the weights .*\(missing from the weights: {re.escape(first)}\)"
+    ):
+        case.model_class.from_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    size = next(  # the first size-like argument
+        name
+        for name, parameter in inspect.signature(case.model_class.__init__).parameters.items()
+        if type(parameter.default) is int and parameter.default > 1
+    )
+    (folder / "config.json").write_text(json.dumps({**config, size: "x"}))
+    with pytest.raises(ValueError, match=rf"{case.model_class.__name__}"):
+        case.model_class.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
 def test_every_config_argument_is_documented(case):
     """diffusers' convention: one ``name (`type`, defaults to ...)`` entry per config argument in the class
     docstring."""

@@ -799,9 +799,10 @@ def test_save_pretrained_is_atomic_and_keeps_the_users_files(tmp_path, monkeypat
     calls = []
 
     def fail_on_the_third_move(source, destination):
-        calls.append(destination)
-        if len(calls) == 3:
-            raise OSError("disk full")
+        if ".saving-" not in str(destination) and Path(destination).name != file_utils.SAVING_MARKER:
+            calls.append(destination)  # a file moving into the target
+            if len(calls) == 3:
+                raise OSError("disk full")
         return real_replace(source, destination)
 
     monkeypatch.setattr(file_utils.os, "replace", fail_on_the_third_move)
@@ -809,7 +810,12 @@ def test_save_pretrained_is_atomic_and_keeps_the_users_files(tmp_path, monkeypat
         pipe.save_pretrained(target)
     monkeypatch.undo()
     assert {p.name for p in (target / "transformer").iterdir()} >= set(shards)  # the old shards not deleted
-    assert sorted(p.name for p in target.iterdir() if p.name.startswith(".")) == []  # no staging left
+    # no staging left; the folder, some files new and some old, is marked and refused until a save completes
+    assert sorted(p.name for p in target.iterdir() if p.name.startswith(".")) == [file_utils.SAVING_MARKER]
+    with pytest.raises(ValueError, match="partly rewritten by a save_pretrained that did not finish"):
+        case.pipeline_class.from_pretrained(target)
+    with pytest.raises(ValueError, match="partly rewritten by a save_pretrained that did not finish"):
+        type(pipe.transformer).from_pretrained(target / "transformer")
 
     pipe.save_pretrained(target)
     assert sorted(p.name for p in (target / "transformer").iterdir()) == [
@@ -818,7 +824,7 @@ def test_save_pretrained_is_atomic_and_keeps_the_users_files(tmp_path, monkeypat
         "diffusion_pytorch_model.safetensors",
         "notes.txt",
     ]
-    assert (target / "notes.txt").read_text() == "mine"
+    assert (target / "notes.txt").read_text() == "mine" and not (target / file_utils.SAVING_MARKER).exists()
     reloaded = case.pipeline_class.from_pretrained(target)
     reloaded.set_progress_bar_config(disable=True)
     assert torch.equal(run(case, reloaded), run(case))
@@ -840,6 +846,72 @@ def test_save_pretrained_is_atomic_and_keeps_the_users_files(tmp_path, monkeypat
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(ValueError, match="`save_directory`"):
         pipe.save_pretrained(tmp_path / "a-file")
+
+
+def test_a_folder_whose_weights_do_not_fit_its_config_is_refused(case, tmp_path):
+    """A pipeline folder holding the config of one model and the weights of another (a copy gone wrong, a mix of two
+    saves): diffusers loaded it with a log line, dropping unused weights (other images) or leaving missing ones on
+    the meta device (a RuntimeError at the call)."""
+    import json
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    pipe, target = pipeline(case), tmp_path / "saved"
+    pipe.save_pretrained(target)
+    weights = target / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    first = sorted(state)[0]
+    save_file({**{k: v for k, v in state.items() if k != first}, "blocks.99.extra.weight": state[first]}, weights)
+    for load in (
+        lambda: case.pipeline_class.from_pretrained(target),
+        lambda: type(pipe.transformer).from_pretrained(target, subfolder="transformer"),
+    ):
+        with pytest.raises(
+            ValueError, match=rf"does not hold the weights .*\(missing from the weights: {re.escape(first)};"
+        ):
+            load()
+        with pytest.raises(ValueError, match=r"in the weights but not in the model: blocks\.99\.extra\.weight"):
+            load()
+    # a component loaded from another component's folder
+    tokenizer_class = type(pipe.components.get("vqvae", pipe.components.get("vae")))
+    with pytest.raises(ValueError, match=f"does not hold the weights of the {tokenizer_class.__name__}"):
+        tokenizer_class.from_pretrained(target, subfolder="transformer")
+    # a config that cannot build the model is named with the folder
+    config_file = target / "transformer" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["num_heads"] = "two"
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"cannot load a {type(pipe.transformer).__name__} from .*transformer"):
+        type(pipe.transformer).from_pretrained(target, subfolder="transformer")
+
+
+def test_saving_with_lora_layers_in_is_refused(tmp_path):
+    """Injected LoRA layers are saved under PEFT's wrapped names (``base_layer``), a folder that does not load: the
+    save is refused, naming the ways out; fused and unloaded, the weights save and load with the adapter in them."""
+    from test_lora import add_random_adapter
+
+    case = CASES[0]
+    pipe = case.pipeline_class(**case.components())  # its own: the module's shared pipeline stays unadapted
+    pipe.set_progress_bar_config(disable=True)
+    add_random_adapter(pipe.transformer, "a", scale=0.5)
+    for save in (
+        lambda: pipe.save_pretrained(tmp_path / "saved"),
+        lambda: pipe.transformer.save_pretrained(tmp_path / "t"),
+    ):
+        with pytest.raises(
+            ValueError, match=r"holds LoRA adapters .* `fuse_lora\(\)` and then `unload_lora_weights\(\)`"
+        ):
+            save()
+    assert not (tmp_path / "saved").exists() and not (tmp_path / "t").exists()
+    with_adapter = run(case, pipe)
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    pipe.save_pretrained(tmp_path / "saved")
+    reloaded = case.pipeline_class.from_pretrained(tmp_path / "saved")
+    reloaded.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(run(case, reloaded), with_adapter)
+    assert not torch.equal(with_adapter, run(case))  # the adapter changed the images
 
 
 def test_push_to_hub_uploads_the_saved_folder(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from conftest import REPO_ROOT
 from diffusers_var import STARPipeline
 from diffusers_var.cli import main
 from diffusers_var.cli_support import MAX_IMAGES
-from diffusers_var.sample import SamplePlan, image_seed, read_prompts
+from diffusers_var.sample import SamplePlan, image_seed, model_files_digest, read_prompts
 
 VAR = REPO_ROOT / "pipelines" / "var-shapes"
 STAR = REPO_ROOT / "pipelines" / "star-shapes"
@@ -259,11 +259,16 @@ def test_read_prompts_and_plan(tmp_path):
         ("not json", "is not JSON"),
         ('{"prompt": "x", "seed": 1}', "written by this command"),
         ("", "holds no prompt"),
+        ('{"prompt": "x", "score": NaN}', "line 1: NaN is not JSON"),  # metadata.jsonl would not be JSON
+        ('{"prompt": "a \\udcff b"}', "prompt 1 holds characters that are not Unicode text"),
     ):
         bad = tmp_path / "bad.jsonl"
         bad.write_text(content)
         with pytest.raises(ValueError, match=message):
             read_prompts(bad)
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("a red circle\n".encode("utf-8-sig"))  # what some editors save
+    assert read_prompts(bom) == [{"prompt": "a red circle"}]
 
 
 @pytest.mark.parametrize(
@@ -291,6 +296,7 @@ def test_read_prompts_and_plan(tmp_path):
         (["--class-labels", "0,1", "--per-class", str(MAX_IMAGES // 2 + 1)], f"at most {MAX_IMAGES}"),  # the total
         (["--per-class", "1", "--batch-size", "65537"], "`--batch-size` must be <= 65536"),
         (["--per-class", "1", "--writer-threads", "100000"], "`--writer-threads` must be <= 256"),
+        (["--per-class", "1", "--class-labels", ""], "`--class-labels` is empty"),  # (it had meant every class)
         pytest.param(
             ["--per-class", "1", "--device", "cuda"],
             "`--device` 'cuda' is not usable here",
@@ -383,6 +389,64 @@ def test_a_run_file_that_is_not_ours_is_one_error_line_and_kept(content, tmp_pat
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: `--out`") and "run.json" in err and len(err.splitlines()) == 1, err
     assert (out / "run.json").read_bytes() == before and sorted(p.name for p in out.iterdir()) == ["run.json"]
+
+
+def test_files_that_no_run_wrote_are_never_replaced(tmp_path, capsys, monkeypatch):
+    """An image folder's own metadata.jsonl (or a samples.npz) in --out, with no run.json: the run had replaced
+    them. A folder where a file goes, and an empty --out (the current folder), are refused too."""
+    monkeypatch.setattr("diffusers_var.sample._generate_batch", lambda *a, **k: pytest.fail("generated"))
+    common = ["--model", str(VAR), "--per-class", "1", "--class-labels", "0", "--no-progress"]
+    for name, make in (
+        ("metadata.jsonl", lambda p: p.write_text('{"file_name": "cat.png"}\n')),
+        ("samples.npz", lambda p: p.write_text("mine")),
+        ("run.json", lambda p: p.mkdir()),
+        ("images", lambda p: p.write_text("mine")),
+    ):
+        out = tmp_path / name.replace(".", "-")
+        out.mkdir()
+        make(out / name)
+        before = sorted(p.name for p in out.iterdir())
+        assert main(["sample", "--out", str(out), *common]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: `--out` {str(out)!r} holds") and len(err.splitlines()) == 1, err
+        assert sorted(p.name for p in out.iterdir()) == before
+    assert main(["sample", "--out", "", *common]) == 2
+    assert "`--out` is empty" in capsys.readouterr().err
+
+
+def test_a_second_run_into_a_folder_being_written_is_refused(one_process, tmp_path, capsys):
+    """Two runs started together into one --out had mixed their images and settings: the first holds the folder."""
+    from diffusers_var.sample import exclusive_run
+
+    out = tmp_path / "busy"
+    with exclusive_run(out, is_main=True):
+        assert main(["sample", "--out", str(out), *VAR_RUN]) == 2
+        assert "is being written by another `diffusers-var sample` run" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == []  # the refused run wrote nothing
+
+
+def test_a_replaced_model_or_a_damaged_image_is_named_on_resume(one_process, tmp_path, capsys):
+    """run.json recorded the model's path only: a folder replaced between a kill and the restart mixed two models.
+    An image damaged after it was written is named by --save-npz, with the way to regenerate it."""
+    model, out = tmp_path / "model", tmp_path / "run"
+    shutil.copytree(VAR, model)
+    shutil.copytree(one_process, out)
+    run = [a if a != str(VAR) else str(model) for a in VAR_RUN]
+    run_file = json.loads((out / "run.json").read_text())
+    run_file["settings"].update(model=str(model.resolve()), model_files=model_files_digest(model))
+    (out / "run.json").write_text(json.dumps(run_file))
+    (out / "images" / "000003.png").write_bytes((out / "images" / "000003.png").read_bytes()[:200])
+    assert main(["sample", "--out", str(out), *run]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "`--save-npz`: the image" in err and "000003.png" in err and "delete it and run the same" in err, err
+    (out / "images" / "000003.png").unlink()
+    assert main(["sample", "--out", str(out), *run]) == 0
+    assert _files(out) == _files(one_process)
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # "replaced"
+    (out / "images" / "000004.png").unlink()
+    assert main(["sample", "--out", str(out), *run]) == 2
+    assert "model_files" in capsys.readouterr().err
 
 
 def test_text_pipeline_needs_prompts(tmp_path, capsys):

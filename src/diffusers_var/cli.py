@@ -25,6 +25,7 @@ from .cli_support import (
     generation_pipeline_class,
     int_in_range,
     load_loras,
+    load_pipeline,
     name_flags,
     pipeline_class_of,
     pipeline_family,
@@ -186,8 +187,8 @@ def _generate(args) -> int:
     if problem:
         return print_error(problem)
 
-    pipe = pipeline_class.from_pretrained(model, dtype=getattr(torch, args.dtype)).to(args.device)
     try:
+        pipe = load_pipeline(pipeline_class, model, "--model", dtype=getattr(torch, args.dtype)).to(args.device)
         load_loras(pipe, args.lora, args.lora_scale)
     except ValueError as err:  # its messages name the flags
         return print_error(str(err))
@@ -280,6 +281,8 @@ def _edit(args) -> int:
 
     import diffusers_var
 
+    from .pil_images import to_grayscale, to_rgb
+
     masks = [name for name in ("mask", "box") if getattr(args, name) is not None]
     if len(masks) > 1:
         return print_error("pass one of `--mask` and `--box`")
@@ -317,13 +320,16 @@ def _edit(args) -> int:
     if problem:
         return print_error(problem)
     images = {}
-    for flag, path, mode in (("--image", args.image, "RGB"), ("--mask", args.mask, "L")):
+    for flag, path, convert in (("--image", args.image, to_rgb), ("--mask", args.mask, to_grayscale)):
         try:
-            images[flag] = PIL.Image.open(path).convert(mode) if path is not None else None
+            images[flag] = convert(PIL.Image.open(path)) if path is not None else None
         except OSError as err:
             return print_error(f"`{flag}` {str(path)!r} is not an image that can be read ({err})")
 
-    pipe = pipeline_class.from_pretrained(model, dtype=getattr(torch, args.dtype)).to(args.device)
+    try:
+        pipe = load_pipeline(pipeline_class, model, "--model", dtype=getattr(torch, args.dtype)).to(args.device)
+    except ValueError as err:
+        return print_error(str(err))
     kwargs = dict(
         image=images["--image"],
         generator=torch.Generator().manual_seed(args.seed),
@@ -374,7 +380,8 @@ def _with_refiner(pipe, args, kwargs):
             refiner_class = expect_pipeline_class(refiner_folder, VARPipeline, exact=True)
         except ValueError as err:
             raise ValueError(f"`--refiner` {err}") from None
-        refiner = refiner_class.from_pretrained(refiner_folder, dtype=getattr(torch, args.dtype)).to(args.device)
+        refiner = load_pipeline(refiner_class, refiner_folder, "--refiner", dtype=getattr(torch, args.dtype))
+        refiner = refiner.to(args.device)
         pipe = VARCoDePipeline.from_var_pipelines(pipe, refiner)
     if args.draft_steps is not None:
         if not isinstance(pipe, VARCoDePipeline):

@@ -71,6 +71,15 @@ def generation_pipeline_class(model) -> type:
         raise ValueError(f"{str(model)!r}: {err}") from None
 
 
+def load_pipeline(pipeline_class: type, folder, flag: str, **kwargs):
+    """``pipeline_class.from_pretrained(folder, **kwargs)``; a folder that does not load (damaged weights, a config
+    that does not fit them, a save that did not finish) is a ValueError naming ``flag`` and the folder."""
+    try:
+        return pipeline_class.from_pretrained(folder, **kwargs)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"`{flag}` {str(folder)!r} does not load: {' '.join(str(err).split())}") from None
+
+
 def expect_pipeline_class(model, expected: type, exact: bool = False) -> type:
     """:func:`pipeline_class_of`, which must be ``expected`` (or, unless ``exact``, a subclass of it: a
     VARCoDePipeline folder serves as a VAR); ``ValueError`` naming the folder and both classes otherwise."""

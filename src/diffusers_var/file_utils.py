@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 STAGING_MARKER = "diffusers-var-staging.json"
+# in a folder whose files a save is replacing one by one; removed when the last has moved (see save_folder_atomic)
+SAVING_MARKER = ".diffusers-var-saving.json"
 
 
 def write_atomic(path: Path, write: Callable[[Path], None], may_write_nothing: bool = False) -> None:
@@ -111,7 +113,9 @@ def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
     its old version, so each file is whole at any moment; only then are the old shards and shard indices of a
     rewritten component removed (a loader would read them in place of a new single file). Files of the user's that
     the save does not write are kept. A save that fails leaves ``target`` as it was; one killed while the files move
-    can leave some of them new. Staging folders of killed saves are removed by the next save."""
+    can leave some of them new, and leaves :data:`SAVING_MARKER` in ``target``, which the loaders refuse
+    (:func:`interrupted_save_problem`) until a save into it completes. Staging folders of killed saves are removed by
+    the next save."""
     target = Path(target)
     if target.exists() and not target.is_dir():
         raise ValueError(f"`save_directory` {str(target)!r} is a file, not a folder.")
@@ -130,6 +134,10 @@ def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
             os.replace(new, target)
             return target
         written = sorted(path.relative_to(new) for path in new.rglob("*") if path.is_file())
+        marker = target / SAVING_MARKER  # until every file has moved, a loader refuses the mix of old and new
+        write_text_atomic(
+            marker, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "files": len(written)})
+        )
         for relative in written:
             (target / relative).parent.mkdir(parents=True, exist_ok=True)
             os.replace(new / relative, target / relative)
@@ -139,9 +147,24 @@ def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
             for old in (target / folder).iterdir():
                 if old.is_file() and old.name not in names and any(p.match(old.name) for p in patterns):
                     old.unlink()
+        marker.unlink()
         return target
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def interrupted_save_problem(folder) -> str | None:
+    """What is wrong with a local ``folder`` (a pipeline or component folder) that a killed save left partly rewritten,
+    or ``None``: the marker in it, or in its parent (a component of a pipeline folder)."""
+    folder = Path(folder)
+    for place in (folder, folder.parent):
+        if (place / SAVING_MARKER).is_file():
+            return (
+                f"{str(place)!r} was left partly rewritten by a save_pretrained that did not finish (some files new, "
+                f"some old, which may not belong together); save into it again, or delete {SAVING_MARKER!r} there if "
+                "you know its files match"
+            )
+    return None
 
 
 def json_lines(lines: list[str], path: Path, flag: str) -> list[tuple[int, object]]:
@@ -152,10 +175,16 @@ def json_lines(lines: list[str], path: Path, flag: str) -> list[tuple[int, objec
         if not line.strip():
             continue
         try:
-            entries.append((number, json.loads(line)))
+            entries.append((number, json.loads(line, parse_constant=_refuse_constant)))
         except json.JSONDecodeError as err:
             raise ValueError(f"`{flag}` {str(path)!r} line {number} is not JSON ({err.msg}).") from None
+        except ValueError as err:  # NaN / Infinity: Python's json reads them, no other JSON reader does
+            raise ValueError(f"`{flag}` {str(path)!r} line {number}: {err}.") from None
     return entries
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not JSON (write a number, or the value as a string)")
 
 
 def _hidden(name: str) -> bool:

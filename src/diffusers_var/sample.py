@@ -50,17 +50,19 @@ from .cli_support import (
     finite_float,
     generation_pipeline_class,
     int_in_range,
+    load_pipeline,
     name_flags,
     pipeline_family,
 )
 from .conversion.common import folder_problem
 from .embedded_models import default_model, resolve_pipeline_folder
-from .file_utils import json_lines, write_atomic
+from .file_utils import files_under, json_lines, write_atomic
 from .pipelines.pipeline_utils import (
     MAX_BATCH_SIZE,
     check_common_inputs,
     check_guidance_scale,
     check_temperature,
+    is_unicode_text,
 )
 
 IMAGES_DIR = "images"
@@ -160,7 +162,7 @@ def read_prompts(path) -> list[dict]:
     if not path.is_file():
         raise ValueError(f"`--prompts` {str(path)!r} is not a file.")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # (a byte-order mark is not the first prompt's)
     except UnicodeDecodeError as err:
         raise ValueError(
             f"`--prompts` {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8."
@@ -186,11 +188,19 @@ def read_prompts(path) -> list[dict]:
             entries.append(entry)
     if not entries:
         raise ValueError(f"`--prompts` {str(path)!r} holds no prompt.")
+    for number, entry in enumerate(entries, 1):
+        if not is_unicode_text(entry["prompt"]):
+            raise ValueError(
+                f"`--prompts` {str(path)!r}: prompt {number} holds characters that are not Unicode text (lone "
+                "surrogates, e.g. from undecodable bytes); fix the file."
+            )
     return entries
 
 
 def parse_class_labels(text: str, num_classes: int) -> list[int]:
     """``--class-labels 0,5,17`` (``-1`` is the null class, as in the pipeline)."""
+    if not text.strip():
+        raise ValueError("`--class-labels` is empty; give class indices (0,5,17) or leave the flag out for all.")
     try:
         labels = [int(item) for item in text.split(",") if item.strip()]
     except ValueError:
@@ -237,8 +247,8 @@ def check_flags(args, family_name: str) -> None:
 
 
 def check_out(out: Path) -> None:
-    """``--out`` must be a folder that exists or can be made, and that we may write into; checked before the model
-    is loaded, creating nothing."""
+    """``--out`` must be a folder that exists or can be made, and that we may write into, without files of its
+    names that no run wrote; checked before the model is loaded, creating nothing."""
     if out.exists() and not out.is_dir():
         raise ValueError(
             f"`--out` {str(out)!r} is a file; sample writes a folder ({IMAGES_DIR}/, {METADATA_FILE}): give a "
@@ -247,6 +257,45 @@ def check_out(out: Path) -> None:
     problem = folder_problem(out)
     if problem:
         raise ValueError(f"`--out` {str(out)!r}: {problem}.")
+    in_the_way = [name for name in (RUN_FILE, METADATA_FILE, NPZ_FILE) if (out / name).exists()]
+    if any(not (out / name).is_file() for name in in_the_way) or (out / IMAGES_DIR).is_file():
+        raise ValueError(
+            f"`--out` {str(out)!r} holds a folder named {RUN_FILE} / {METADATA_FILE} / {NPZ_FILE} or a file named "
+            f"{IMAGES_DIR}, where sample writes its own; choose another --out."
+        )
+    if in_the_way and RUN_FILE not in in_the_way:  # (an image folder's own metadata.jsonl, say)
+        raise ValueError(
+            f"`--out` {str(out)!r} holds {', '.join(in_the_way)} but no {RUN_FILE}: files that no sample run wrote, "
+            "which this one would replace; choose another --out."
+        )
+
+
+@contextlib.contextmanager
+def exclusive_run(out: Path, is_main: bool):
+    """One run writes into ``out`` at a time: its main process holds an exclusive lock on the folder itself (no lock
+    file left behind), which the system drops when the process ends, killed too (two runs started together had
+    mixed their images and settings). Creates ``out``."""
+    if not is_main:
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not on this system (Windows): no lock
+        yield
+        return
+    handle = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ValueError(
+                f"`--out` {str(out)!r} is being written by another `diffusers-var sample` run; wait for it to end "
+                "or choose another --out."
+            ) from None
+        yield
+    finally:
+        os.close(handle)
 
 
 def build_plan(
@@ -255,7 +304,11 @@ def build_plan(
     """What to generate; ``prompts``: the ``--prompts`` file already read (:func:`read_prompts`), else it is read
     here. A run of more than ``MAX_IMAGES`` images is refused."""
     if family_name == "VARPipeline":
-        labels = parse_class_labels(args.class_labels, num_classes) if args.class_labels else list(range(num_classes))
+        labels = (
+            parse_class_labels(args.class_labels, num_classes)
+            if args.class_labels is not None
+            else list(range(num_classes))
+        )
         plan = SamplePlan(labels=labels, prompts=None, per_item=args.per_class or 1, class_names=class_names)
         flag, items = "--per-class", f"{len(labels)} classes"
     else:
@@ -431,6 +484,17 @@ def _generate_batch(
     return images.float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
+def model_files_digest(model: Path) -> str:
+    """A digest of the pipeline folder's files (names, sizes, modification times; not their bytes, which may be many
+    GB): a resumed run whose model folder was replaced in the meantime is refused, not mixed."""
+    listing = sorted(
+        (str(path.relative_to(model)), stat.st_size, stat.st_mtime_ns)
+        for path in files_under(model, lambda name: True)
+        for stat in (path.stat(),)
+    )
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+
+
 def _check_run_file(out: Path, settings: dict, processes: Processes) -> None:
     """Refuse to mix two different runs in one folder; the main process records the settings of a new one."""
     run_file = out / RUN_FILE
@@ -444,7 +508,11 @@ def _check_run_file(out: Path, settings: dict, processes: Processes) -> None:
                 f"`--out` {str(out)!r} holds a {RUN_FILE} that is not this command's (unreadable, or no "
                 f'"settings" object); choose another --out, or remove that file if the folder is yours to reuse.'
             ) from None
-        differ = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
+        differ = sorted(
+            k
+            for k in set(recorded) | set(settings)
+            if recorded.get(k) != settings.get(k) and (k in recorded or k != "model_files")  # (not in older runs)
+        )
         images = out / IMAGES_DIR
         started = images.is_dir() and any(
             e.name.endswith(".png") and not e.name.startswith(".") for e in os.scandir(images)
@@ -533,6 +601,8 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
             raise ValueError(f"`{flag}` must be >= {low}, got {value}.")
         if value is not None and high is not None and value > high:
             raise ValueError(f"`{flag}` must be <= {high}, got {value}.")
+    if not str(args.out).strip():
+        raise ValueError("`--out` is empty; give the folder to write the run into.")
     model = resolve_pipeline_folder(args.model) if args.model else default_model()
     try:
         pipeline_class = generation_pipeline_class(model)
@@ -550,7 +620,7 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
     # --fast keeps float32 weights and casts what the fast path casts; otherwise --dtype is the weights' dtype.
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.fast else "float32"))
     with _loading_bars(processes.is_main and not args.no_progress):
-        pipe = pipeline_class.from_pretrained(model, dtype=torch.float32 if args.fast else dtype).to(device)
+        pipe = load_pipeline(pipeline_class, model, "--model", dtype=torch.float32 if args.fast else dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     num_classes = pipe.transformer.config.num_classes if family_name == "VARPipeline" else None
     class_names = dict(getattr(pipe, "id2label", None) or {})
@@ -567,6 +637,7 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
     width = max(6, len(str(total - 1)))
     settings = {
         "model": str(model.resolve()),
+        "model_files": model_files_digest(model),
         "pipeline": type(pipe).__name__,
         "seed": args.seed,
         "total": total,
@@ -587,113 +658,118 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
     }
     if args.rng == "batch":  # each image depends on its batch's stream, so on the batch size
         settings["batch_size"] = batch_size
-    _check_run_file(out, settings, processes)
-    images_dir = out / IMAGES_DIR
-    if processes.is_main:
-        images_dir.mkdir(parents=True, exist_ok=True)
-        for entry in os.scandir(images_dir):  # half-written files of a killed run
-            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
-                os.unlink(entry.path)
-    processes.barrier()  # nobody writes before every process has listed what is done
-    done = completed_indices(images_dir, total, width)
-    num_batches = (total + batch_size - 1) // batch_size
-    pending = [
-        b
-        for b in range(num_batches)
-        if any(i not in done for i in range(b * batch_size, min((b + 1) * batch_size, total)))
-    ]
-    mine = pending[processes.index :: processes.count]
-    processes.barrier()
+    with exclusive_run(out, processes.is_main):  # until the run ends: a second run into out waits or stops
+        _check_run_file(out, settings, processes)
+        images_dir = out / IMAGES_DIR
+        if processes.is_main:
+            images_dir.mkdir(parents=True, exist_ok=True)
+            for entry in os.scandir(images_dir):  # half-written files of a killed run
+                if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+                    os.unlink(entry.path)
+        processes.barrier()  # nobody writes before every process has listed what is done
+        done = completed_indices(images_dir, total, width)
+        num_batches = (total + batch_size - 1) // batch_size
+        pending = [
+            b
+            for b in range(num_batches)
+            if any(i not in done for i in range(b * batch_size, min((b + 1) * batch_size, total)))
+        ]
+        mine = pending[processes.index :: processes.count]
+        processes.barrier()
 
-    progress = _Progress(processes.is_main and not args.no_progress, images_dir, total, len(done), width)
-    threads = args.writer_threads or max(1, min(8, (os.cpu_count() or 2) // max(1, processes.count)))
-    written, waited, started = 0, 0.0, time.perf_counter()
-    with ThreadPoolExecutor(max_workers=threads) as writer:
-        in_flight: deque[list] = deque()
-        for number, b in enumerate(mine, 1):
-            indices = list(range(b * batch_size, min((b + 1) * batch_size, total)))
-            # The fast path captures CUDA graphs and compiles per batch size: pad a short last batch with images
-            # past the end (generated, then dropped) instead of capturing and compiling a second size.
-            padded = indices + list(range(total, total + batch_size - len(indices))) if args.fast else indices
-            images = _generate_batch(
-                pipe,
-                family_name,
-                plan,
-                padded,
-                args.seed,
-                sampling,
-                device,
-                batch_seed(args.seed, b, batch_size),
-                per_image=args.rng == "image",
-            )
-            futures = [
-                writer.submit(write_png, images_dir / f"{i:0{width}d}.png", images[k])
-                for k, i in enumerate(indices)
-                if i not in done
-            ]
-            in_flight.append(futures)
-            written += len(futures)
-            if number == 1:
-                startup["first_batch_seconds"] = time.perf_counter() - started
-                startup["compile_seconds"] = _compile_seconds()
-            _fault_injection(number)
-            # At most two batches wait for the writers: host memory stays flat however long the run.
-            while len(in_flight) > 2:
-                tic = time.perf_counter()
-                for future in in_flight.popleft():
-                    future.result()
-                waited += time.perf_counter() - tic
-            progress.update()
-            if on_batch is not None:
-                on_batch(
-                    {
-                        "batch": b,
-                        "images": written,
-                        "seconds": time.perf_counter() - started,
-                        "writer_wait_seconds": waited,
-                    }
+        progress = _Progress(processes.is_main and not args.no_progress, images_dir, total, len(done), width)
+        threads = args.writer_threads or max(1, min(8, (os.cpu_count() or 2) // max(1, processes.count)))
+        written, waited, started = 0, 0.0, time.perf_counter()
+        with ThreadPoolExecutor(max_workers=threads) as writer:
+            in_flight: deque[list] = deque()
+            for number, b in enumerate(mine, 1):
+                indices = list(range(b * batch_size, min((b + 1) * batch_size, total)))
+                # The fast path captures CUDA graphs and compiles per batch size: pad a short last batch with images
+                # past the end (generated, then dropped) instead of capturing and compiling a second size.
+                padded = indices + list(range(total, total + batch_size - len(indices))) if args.fast else indices
+                images = _generate_batch(
+                    pipe,
+                    family_name,
+                    plan,
+                    padded,
+                    args.seed,
+                    sampling,
+                    device,
+                    batch_seed(args.seed, b, batch_size),
+                    per_image=args.rng == "image",
                 )
-        for futures in in_flight:
-            for future in futures:
-                future.result()
-    seconds = time.perf_counter() - started
-    processes.barrier()
-    progress.close()
+                futures = [
+                    writer.submit(write_png, images_dir / f"{i:0{width}d}.png", images[k])
+                    for k, i in enumerate(indices)
+                    if i not in done
+                ]
+                in_flight.append(futures)
+                written += len(futures)
+                if number == 1:
+                    startup["first_batch_seconds"] = time.perf_counter() - started
+                    startup["compile_seconds"] = _compile_seconds()
+                _fault_injection(number)
+                # At most two batches wait for the writers: host memory stays flat however long the run.
+                while len(in_flight) > 2:
+                    tic = time.perf_counter()
+                    for future in in_flight.popleft():
+                        future.result()
+                    waited += time.perf_counter() - tic
+                progress.update()
+                if on_batch is not None:
+                    on_batch(
+                        {
+                            "batch": b,
+                            "images": written,
+                            "seconds": time.perf_counter() - started,
+                            "writer_wait_seconds": waited,
+                        }
+                    )
+            for futures in in_flight:
+                for future in futures:
+                    future.result()
+        seconds = time.perf_counter() - started
+        processes.barrier()
+        progress.close()
 
-    summary = {
-        "out": str(out),
-        "total": total,
-        "generated_here": written,
-        "batches_here": len(mine),
-        "seconds": seconds,
-        "processes": processes.count,
-        "startup": startup,
-    }
-    if processes.is_main:
-        missing = total - len(completed_indices(images_dir, total, width))
-        if missing:  # another process failed; its launcher reports why
-            raise RuntimeError(f"{missing} images are missing in {images_dir}; run the same command again to finish.")
-        per_batch = batch_size if args.rng == "batch" else None
-        lines = (json.dumps(plan.metadata(i, args.seed, width, per_batch)) + "\n" for i in range(total))
-        write_atomic(out / METADATA_FILE, lambda tmp: tmp.write_text("".join(lines)))
-        if args.save_npz:
-            write_samples_npz(out / NPZ_FILE, images_dir, total, width, plan)
-            summary["npz"] = str(out / NPZ_FILE)
-        print(
-            f"{total} images in {images_dir} ({written} generated by this process in {seconds:.1f} s); "
-            f"metadata in {out / METADATA_FILE}" + (f"; {out / NPZ_FILE}" if args.save_npz else "")
-        )
-        print(
-            f"start-up: loading {startup['load_seconds']:.1f} s, fast path set-up {startup['fast_path_seconds']:.1f} s"
-            + (f", first batch {startup['first_batch_seconds']:.1f} s" if "first_batch_seconds" in startup else "")
-            + (
-                f", of which torch.compile {startup['compile_seconds']:.1f} s"
-                if startup.get("compile_seconds")
-                else ""
+        summary = {
+            "out": str(out),
+            "total": total,
+            "generated_here": written,
+            "batches_here": len(mine),
+            "seconds": seconds,
+            "processes": processes.count,
+            "startup": startup,
+        }
+        if processes.is_main:
+            missing = total - len(completed_indices(images_dir, total, width))
+            if missing:  # another process failed; its launcher reports why
+                raise RuntimeError(
+                    f"{missing} images are missing in {images_dir}; run the same command again to finish."
+                )
+            per_batch = batch_size if args.rng == "batch" else None
+            lines = (json.dumps(plan.metadata(i, args.seed, width, per_batch)) + "\n" for i in range(total))
+            write_atomic(out / METADATA_FILE, lambda tmp: tmp.write_text("".join(lines)))
+            if args.save_npz:
+                write_samples_npz(out / NPZ_FILE, images_dir, total, width, plan)
+                summary["npz"] = str(out / NPZ_FILE)
+            print(
+                f"{total} images in {images_dir} ({written} generated by this process in {seconds:.1f} s); "
+                f"metadata in {out / METADATA_FILE}" + (f"; {out / NPZ_FILE}" if args.save_npz else "")
             )
-        )
-    # No barrier after this: the other processes need not wait (perhaps past a collective timeout) for the npz.
-    return summary
+            first_batch = startup.get("first_batch_seconds")
+            print(
+                f"start-up: loading {startup['load_seconds']:.1f} s, "
+                f"fast path set-up {startup['fast_path_seconds']:.1f} s"
+                + (f", first batch {first_batch:.1f} s" if first_batch is not None else "")
+                + (
+                    f", of which torch.compile {startup['compile_seconds']:.1f} s"
+                    if startup.get("compile_seconds")
+                    else ""
+                )
+            )
+        # No barrier after this: the other processes need not wait (perhaps past a collective timeout) for the npz.
+        return summary
 
 
 def write_samples_npz(path: Path, images_dir: Path, total: int, width: int, plan: SamplePlan) -> None:
@@ -701,8 +777,15 @@ def write_samples_npz(path: Path, images_dir: Path, total: int, width: int, plan
     from PIL import Image
 
     def load(i: int) -> np.ndarray:
-        with Image.open(images_dir / f"{i:0{width}d}.png") as image:
-            return np.asarray(image.convert("RGB"))
+        path = images_dir / f"{i:0{width}d}.png"
+        try:
+            with Image.open(path) as image:
+                return np.asarray(image.convert("RGB"))
+        except (OSError, ValueError, SyntaxError) as err:  # damaged after it was written (its write is atomic)
+            raise ValueError(
+                f"`--save-npz`: the image {str(path)!r} cannot be read ({err}); delete it and run the same command "
+                "again to generate it anew."
+            ) from None
 
     first = load(0)
 

@@ -25,6 +25,7 @@ from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
 from .dynamic_resolution import normalize_schedule
+from .loading import CheckedLoadingMixin
 from .slicing import SlicedDecodingMixin, check_image_values, check_token_values
 
 
@@ -181,7 +182,7 @@ class DecoderOutput(BaseOutput):
     sample: torch.Tensor
 
 
-class BitwiseMultiScaleVAE(ModelMixin, ConfigMixin, SlicedDecodingMixin):
+class BitwiseMultiScaleVAE(CheckedLoadingMixin, ModelMixin, ConfigMixin, SlicedDecodingMixin):
     r"""Infinity's multi-scale BSQ autoencoder.
 
     Args:

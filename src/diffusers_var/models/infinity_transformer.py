@@ -29,6 +29,7 @@ from .blocks import (
     memoized,
 )
 from .dynamic_resolution import normalize_schedule, rope_grid_for_schedule
+from .loading import CheckedLoadingMixin
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +178,7 @@ class InfinityTransformerOutput(BaseOutput):
     logits: torch.Tensor
 
 
-class InfinityTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class InfinityTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""Infinity: predicts every bit of every token of scale k from all coarser scales and the text.
 
     * Text (T5 features, padded, with a mask) is RMS-normalised, attention-pooled into one vector (the

@@ -21,6 +21,7 @@ from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
 from .blocks import validate_patch_nums
+from .loading import CheckedLoadingMixin
 from .slicing import SlicedDecodingMixin, check_image_values, check_token_values
 
 
@@ -285,7 +286,7 @@ class MultiScaleVQOutput(BaseOutput):
     indices: list | None = None
 
 
-class MultiScaleVQModel(ModelMixin, ConfigMixin, SlicedDecodingMixin):
+class MultiScaleVQModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, SlicedDecodingMixin):
     r"""VAR's multi-scale VQ-VAE tokenizer.
 
     Images are in ``[-1, 1]``. A total downsampling of ``2 ** (len(ch_mult) - 1)`` maps the image to an

@@ -32,6 +32,7 @@ from .blocks import (
     square_schedule,
     validate_patch_nums,
 )
+from .loading import CheckedLoadingMixin
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,7 +241,7 @@ class STARStableSampler(nn.Module):
         return self.head(self.norm(h.float()).to(self.head.weight.dtype)).float()[:, 1:]
 
 
-class STARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class STARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""STAR: VAR made text-to-image.
 
     * The first token is ``text_proj(pooled text) + pos_start``; every token gets ``level_embedding[scale]``.

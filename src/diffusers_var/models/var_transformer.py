@@ -25,6 +25,7 @@ from .blocks import (
     square_schedule,
     validate_patch_nums,
 )
+from .loading import CheckedLoadingMixin
 
 
 @dataclass
@@ -34,7 +35,7 @@ class NextScaleTransformerOutput(BaseOutput):
     logits: torch.Tensor
 
 
-class VARTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class VARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAdapterMixin):
     r"""VAR: a GPT-style transformer that predicts the token map of scale k+1 from all coarser scales.
 
     * The class embedding (row ``num_classes`` is the null class used for guidance and label dropout)

@@ -46,7 +46,8 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import logging
 
-from ..file_utils import save_folder_atomic, write_atomic, write_text_atomic
+from ..file_utils import interrupted_save_problem, save_folder_atomic, write_text_atomic
+from ..models.loading import PUSH_KWARGS, push_folder_to_hub, refuse_lora_layers
 from ..models.multiscale_vq import area_down
 from ..models.slicing import NaNDecodeError, check_token_values
 from ..pil_images import to_grayscale, to_rgb
@@ -189,7 +190,21 @@ def check_prompts(prompt, name: str = "prompt") -> list[str]:
             f"`{name}` must be a string or a non-empty list of strings (or pass `{name}_embeds`), "
             f"got {shorten(prompt)}."
         )
+    if not all(is_unicode_text(p) for p in prompts):  # the tokenizers fail on them with a TypeError
+        raise ValueError(
+            f"`{name}` holds characters that are not Unicode text (lone surrogates, as undecodable bytes of a file "
+            f"name or terminal become), got {shorten(prompt)}."
+        )
     return list(prompts)
+
+
+def is_unicode_text(text: str) -> bool:
+    """``text`` encodes as UTF-8: no lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def shorten(value, limit: int = 120) -> str:
@@ -422,6 +437,10 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
             )
         for name in ("dtype", "torch_dtype"):
             check_dtype_argument(kwargs.get(name), name)
+        if os.path.isdir(pretrained_model_name_or_path):
+            problem = interrupted_save_problem(pretrained_model_name_or_path)
+            if problem:
+                raise ValueError(f"`pretrained_model_name_or_path`: {problem}.")
         try:
             config = cls.load_config(
                 pretrained_model_name_or_path, **{k: kwargs[k] for k in _LOAD_CONFIG_KWARGS if k in kwargs}
@@ -447,29 +466,19 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         leaves ``save_directory`` as it was, and files of yours in it are kept."""
         if not isinstance(save_directory, (str, os.PathLike)):
             raise ValueError(f"`save_directory` must be a folder path (str or os.PathLike), got {save_directory!r}.")
-        hub = {key: kwargs.pop(key) for key in _PUSH_KWARGS if key in kwargs}
+        hub = {key: kwargs.pop(key) for key in PUSH_KWARGS if key in kwargs}
         push_to_hub = kwargs.pop("push_to_hub", False)
 
         def save(folder: Path) -> None:
             super(NextScalePipeline, self).save_pretrained(folder, push_to_hub=False, **kwargs)
             write_loader_module(folder, type(self).__name__)
 
+        for name, component in self.components.items():
+            if isinstance(component, torch.nn.Module):
+                refuse_lora_layers(component, name)
         target = save_folder_atomic(Path(save_directory), save)
         if push_to_hub:  # diffusers' upload, of the folder as saved (a failed upload keeps the local save)
-            self._push_folder_to_hub(target, **hub)
-
-    def _push_folder_to_hub(
-        self, folder: Path, repo_id=None, token=None, private=None, commit_message=None, create_pr=False
-    ) -> None:
-        """What diffusers' ``save_pretrained(push_to_hub=True)`` does after saving: create the repository (named after
-        the folder by default), write the pipeline's model card, upload the folder."""
-        from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
-        from huggingface_hub import create_repo
-
-        repo_id = create_repo(repo_id or folder.name, exist_ok=True, private=private, token=token).repo_id
-        card = populate_model_card(load_or_create_model_card(repo_id, token=token, is_pipeline=True))
-        write_atomic(folder / "README.md", lambda tmp: card.save(str(tmp)))
-        self._upload_folder(folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
+            push_folder_to_hub(self, target, is_pipeline=True, **hub)
 
     def register_modules(self, **modules):
         """diffusers' ``register_modules``, refusing a component of the wrong class (a transformer of another family
@@ -557,7 +566,6 @@ def _component_types(pipeline_class: type) -> dict[str, type]:
     return {name: hint for name, hint in hints.items() if isinstance(hint, type) and issubclass(hint, torch.nn.Module)}
 
 
-_PUSH_KWARGS = ("repo_id", "token", "private", "commit_message", "create_pr")
 _LOAD_CONFIG_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
 
 

@@ -1,0 +1,152 @@
+"""Loading and saving of the package's models: diffusers' ``ModelMixin.from_pretrained`` / ``save_pretrained``,
+checked. diffusers loads weights that do not fit the config with a log line (missing ones stay on the meta device and
+fail at the first call; unused ones are dropped, so a folder whose config and weights disagree generates other
+images), and saves into the target folder file by file."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from safetensors import SafetensorError
+
+from ..file_utils import interrupted_save_problem, save_folder_atomic, write_atomic
+
+PUSH_KWARGS = ("repo_id", "token", "private", "commit_message", "create_pr")
+# what building a model from a config of wrong types or values raises from inside torch (a negative dimension,
+# num_heads 0, a string size)
+_BUILD_ERRORS = (TypeError, ZeroDivisionError, RuntimeError, SafetensorError, json.JSONDecodeError)
+
+
+def _listed(keys, limit: int = 5) -> str:
+    keys = sorted(str(k) for k in keys)
+    return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def lora_adapter_names(module) -> list[str]:
+    """The PEFT adapters injected into ``module`` (LoRA layers wrapping its own), ``[]`` without any."""
+    if "peft" not in sys.modules:  # no adapter can have been injected without importing peft
+        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not any(isinstance(layer, BaseTunerLayer) for layer in module.modules()):
+        return []
+    return sorted(getattr(module, "peft_config", None) or {}) or ["(unnamed)"]
+
+
+def refuse_lora_layers(module, name: str) -> None:
+    """A ValueError when ``module`` holds injected LoRA layers: its saved weights would carry PEFT's wrapped names
+    (``...base_layer.weight``, ``lora_A``), which no loader maps back to the model."""
+    adapters = lora_adapter_names(module)
+    if adapters:
+        raise ValueError(
+            f"`save_pretrained`: the {name} holds LoRA adapters {adapters}, whose layers would be saved under PEFT's "
+            "wrapped names, a folder that does not load. Save the adapters with `save_lora_weights`; to save the "
+            "weights with the adapters in them, call `fuse_lora()` and then `unload_lora_weights()` first "
+            "(`unload_lora_weights()` alone leaves the base weights)."
+        )
+
+
+def push_folder_to_hub(
+    owner,
+    folder: Path,
+    is_pipeline: bool,
+    repo_id=None,
+    token=None,
+    private=None,
+    commit_message=None,
+    create_pr=False,
+) -> None:
+    """What diffusers' ``save_pretrained(push_to_hub=True)`` does after saving: create the repository (named after
+    the folder by default), write the model card, upload the folder (``owner``: the pipeline or model)."""
+    from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+    from huggingface_hub import create_repo
+
+    repo_id = create_repo(repo_id or folder.name, exist_ok=True, private=private, token=token).repo_id
+    card = populate_model_card(load_or_create_model_card(repo_id, token=token, is_pipeline=is_pipeline))
+    write_atomic(folder / "README.md", lambda tmp: card.save(str(tmp)))
+    owner._upload_folder(folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
+
+
+class CheckedLoadingMixin:
+    """``from_pretrained`` refuses a folder whose weights do not fit its config (missing, unused or misshapen weights,
+    named with the folder), a config that cannot build the model, and a folder a killed save left half rewritten;
+    ``save_pretrained`` writes through a staging folder (an interrupted save leaves the folder as it was) and refuses
+    a model holding injected LoRA layers. Put before ``ModelMixin`` in the bases."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        subfolder = kwargs.get("subfolder") or ""
+        folder = Path(pretrained_model_name_or_path, subfolder)
+        where = f"{str(folder)!r}"
+        if os.path.isdir(pretrained_model_name_or_path):
+            problem = interrupted_save_problem(folder)
+            if problem:
+                raise ValueError(f"`pretrained_model_name_or_path`: {problem}.")
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        if kwargs.get("ignore_mismatched_sizes"):  # a deliberate partial load: diffusers' own behaviour
+            return super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=output_loading_info, **kwargs
+            )
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        except _BUILD_ERRORS as err:
+            message = " ".join(str(err).split())[:400]
+            raise ValueError(
+                f"cannot load a {cls.__name__} from {where} ({type(err).__name__}: {message}); check its "
+                "config.json and weights."
+            ) from err
+        missing, unused = info["missing_keys"], info["unexpected_keys"]
+        misshapen = [key for key, *_ in info["mismatched_keys"]]
+        if missing or unused or misshapen:
+            problems = [
+                f"{what}: {_listed(keys)}"
+                for what, keys in (
+                    ("missing from the weights", missing),
+                    ("in the weights but not in the model", unused),
+                    ("of another shape than the config gives", misshapen),
+                )
+                if keys
+            ]
+            raise ValueError(
+                f"{where} does not hold the weights of the {cls.__name__} its config describes ("
+                + "; ".join(problems)
+                + "): config.json and the weights come from different models, or a save was interrupted."
+            )
+        return (model, info) if output_loading_info else model
+
+    def save_pretrained(
+        self,
+        save_directory,
+        is_main_process: bool = True,
+        save_function=None,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size="10GB",
+        push_to_hub: bool = False,
+        **kwargs,
+    ):
+        """diffusers' ``save_pretrained`` (the same arguments: a pipeline's save passes those it finds in the
+        signature), through a staging folder."""
+        if not isinstance(save_directory, (str, os.PathLike)) or not str(save_directory):
+            raise ValueError(f"`save_directory` must be a folder path (str or os.PathLike), got {save_directory!r}.")
+        refuse_lora_layers(self, type(self).__name__)
+        hub = {key: kwargs.pop(key) for key in PUSH_KWARGS if key in kwargs}
+        settings = dict(
+            is_main_process=is_main_process,
+            save_function=save_function,
+            safe_serialization=safe_serialization,
+            variant=variant,
+            max_shard_size=max_shard_size,
+        )
+
+        def save(folder: Path) -> None:
+            super(CheckedLoadingMixin, self).save_pretrained(folder, **settings, **kwargs)
+
+        target = save_folder_atomic(Path(save_directory), save)
+        if push_to_hub:
+            push_folder_to_hub(self, target, is_pipeline=False, **hub)
