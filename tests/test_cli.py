@@ -211,6 +211,37 @@ def test_a_damaged_model_folder_is_one_error_line(command, tmp_path, capsys):
     assert "diffusion_pytorch_model.safetensors" in error
 
 
+def test_files_that_the_commands_did_not_write_are_replaced_only_with_overwrite(tmp_path, capsys):
+    """``generate --out mine.png`` (and ``edit --image in.png --out in.png``) replaced the user's file silently;
+    an image these commands wrote (its EXIF "Software" tag) is replaced as before."""
+    mine = tmp_path / "mine.png"
+    PIL.Image.new("RGB", (8, 8), (1, 2, 3)).save(mine)
+    before = mine.read_bytes()
+    generate = ["generate", "--class-label", "1", "--out", str(mine)]
+    assert _exit_code(generate) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: `--out` {str(mine)!r} exists and was not written by diffusers-var"), error
+    assert "--overwrite" in error and mine.read_bytes() == before
+    edit = [a.format(tmp=tmp_path) for a in EDIT]
+    PIL.Image.new("RGB", (32, 32)).save(tmp_path / "in.png")
+    assert _exit_code([*edit, "--out", str(tmp_path / "in.png")]) == 2  # the input itself
+    assert "exists and was not written by diffusers-var" in capsys.readouterr().err
+    assert _exit_code([*generate, "--overwrite"]) == 0
+    assert mine.read_bytes() != before
+    written = mine.read_bytes()
+    assert _exit_code([*generate[:-1], str(mine), "--seed", "3"]) == 0  # its own image: replaced without a word
+    assert mine.read_bytes() != written
+
+
+def test_an_image_too_large_to_decode_is_one_error_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 100)  # PIL's decompression-bomb guard, reached cheaply
+    PIL.Image.new("RGB", (32, 32)).save(tmp_path / "in.png")
+    assert _exit_code([a.format(tmp=tmp_path) for a in EDIT]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: `--image`") and "is not an image that can be read" in error, error
+    assert len(error.splitlines()) == 1, error  # (it was a DecompressionBombError traceback)
+
+
 def test_no_import_circle_between_cli_and_demo():
     """``demo`` used to import its flags from ``cli`` while ``cli`` imports ``demo`` (lazily, for gradio): the shared
     pieces live in ``cli_support``, which imports neither."""

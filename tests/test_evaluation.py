@@ -403,8 +403,20 @@ def test_bad_output_paths_fail_before_the_work(tmp_path, monkeypatch, capsys, in
         ("--out", tmp_path / "file" / "r.json", "is a file, not a folder"),
         ("--save-reference-stats", tmp_path / "samples", "is a folder"),
         ("--save-reference-stats", tmp_path / "file" / "sub" / "s.npz", "is a file, not a folder"),
+        # the inputs and files this command did not write were replaced (the samples turned into JSON)
+        ("--out", samples / "000000.png", "is an input of this evaluation (or inside one)"),
+        ("--out", tmp_path / "file", "exists and is not a file this command wrote"),
+        ("--save-reference-stats", tmp_path / "file", "exists and is not a file this command wrote"),
+        ("--out", "", "is empty"),
     ]:
         _one_error(capsys, [*common, flag, str(target)], f"`{flag}`", message)
+    assert (tmp_path / "file").read_text() == "x"
+    _one_error(capsys, [*common, "--out", str(samples / "new.png")], "is an input of this evaluation")
+    # an unfinished `diffusers-var sample` folder (no metadata.jsonl yet) was scored as a plain image folder
+    unfinished = tmp_path / "unfinished"
+    _save_images(unfinished / "images", ShapesDataset(2, 32, seed=1).images)
+    (unfinished / "run.json").write_text('{"settings": {"total": 90}}')
+    _one_error(capsys, ["--samples", str(unfinished)], "`--samples`", "has not finished")
     # without --reference there is nothing to save: both flags named
     _one_error(
         capsys,

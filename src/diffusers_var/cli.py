@@ -82,10 +82,26 @@ def _writes_rgb(image_format: str | None) -> bool:
     return True
 
 
-def check_output(out: Path, count: int) -> str | None:
+# the EXIF "Software" tag of the images generate / edit write: an existing file is replaced only if it carries it
+SOFTWARE_TAG, SOFTWARE = 0x0131, "diffusers-var"
+
+
+def written_here(path: Path) -> bool:
+    """Whether the image file ``path`` was written by ``generate`` / ``edit`` (its EXIF "Software" tag)."""
+    import PIL.Image
+
+    try:
+        with PIL.Image.open(path) as image:
+            return image.getexif().get(SOFTWARE_TAG) == SOFTWARE
+    except Exception:  # noqa: BLE001 - not an image PIL reads: not ours
+        return False
+
+
+def check_output(out: Path, count: int, overwrite: bool = False) -> str | None:
     """``None`` when the images can be written to ``--out``, else the one-line reason (checked before generating,
     so a typo costs nothing): an image extension PIL can write, a folder that exists or can be made (made when the
-    first image is written), write access, no folder or read-only file in the way of an image."""
+    first image is written), write access, no folder or read-only file in the way of an image, and no existing file
+    that these commands did not write (unless ``overwrite``)."""
     import PIL.Image
 
     suffix = out.suffix.lower()
@@ -110,12 +126,17 @@ def check_output(out: Path, count: int) -> str | None:
             return f"`--out` {str(path)!r} is a folder; give a file name such as {str(path / 'out.png')!r}"
         if path.exists() and not os.access(path, os.W_OK):
             return f"`--out` {str(path)!r} exists and is not writable"
+        if not overwrite and not written_here(path):
+            return (
+                f"`--out` {str(path)!r} exists and was not written by diffusers-var; choose another name, or pass "
+                "--overwrite to replace it"
+            )
     return None
 
 
 def output_and_device_problem(args) -> str | None:
     """``generate``'s and ``edit``'s checks of ``--device`` and ``--out``, before anything is loaded."""
-    return check_device("--device", args.device) or check_output(Path(args.out), args.num_images)
+    return check_device("--device", args.device) or check_output(Path(args.out), args.num_images, args.overwrite)
 
 
 def size_flags_problem(args, pipeline_class: type) -> str | None:
@@ -154,7 +175,9 @@ def save_image(image, path: Path) -> None:
     import PIL.Image
 
     image_format = PIL.Image.registered_extensions()[path.suffix.lower()]
-    write_atomic(path, lambda tmp: image.save(tmp, format=image_format))
+    exif = PIL.Image.Exif()
+    exif[SOFTWARE_TAG] = SOFTWARE  # (formats without EXIF ignore it: their files are replaced with --overwrite only)
+    write_atomic(path, lambda tmp: image.save(tmp, format=image_format, exif=exif))
 
 
 def _generate(args) -> int:
@@ -323,7 +346,7 @@ def _edit(args) -> int:
     for flag, path, convert in (("--image", args.image, to_rgb), ("--mask", args.mask, to_grayscale)):
         try:
             images[flag] = convert(PIL.Image.open(path)) if path is not None else None
-        except OSError as err:
+        except (OSError, PIL.Image.DecompressionBombError, SyntaxError, ValueError) as err:  # what PIL raises
             return print_error(f"`{flag}` {str(path)!r} is not an image that can be read ({err})")
 
     try:
@@ -474,6 +497,9 @@ def build_parser() -> OneLineErrorParser:
         help="CoDe: scales the drafter samples (default: the pipeline's, num_scales - 2 when built here)",
     )
     gen.add_argument("--out", default="out.png", help="image file; its extension picks the format (default out.png)")
+    gen.add_argument(
+        "--overwrite", action="store_true", help="replace existing files that diffusers-var did not write"
+    )
     add_lora_arguments(gen)
     gen.set_defaults(func=_generate)
 
@@ -528,6 +554,7 @@ def build_parser() -> OneLineErrorParser:
     )
     add_sampling_arguments(ed)
     ed.add_argument("--out", default="edited.png", help="image file; its extension picks the format")
+    ed.add_argument("--overwrite", action="store_true", help="replace files diffusers-var did not write")
     ed.set_defaults(func=_edit)
 
     from .training.engine import TASK_NAMES

@@ -39,7 +39,7 @@ import torch
 from .cli_support import check_device
 from .fid_inception import WEIGHTS_FILENAMES, WEIGHTS_URL, FIDInceptionV3
 from .file_utils import files_under, json_lines, write_atomic
-from .sample import IMAGES_DIR, METADATA_FILE
+from .sample import IMAGES_DIR, METADATA_FILE, RUN_FILE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 IS_SPLIT_SIZE = 5000  # ADM's compute_inception_score
@@ -80,6 +80,11 @@ class ImageSet:
                 )
             if all("prompt" in entry for entry in entries):
                 self.prompts = [entry["prompt"] for entry in entries]
+        elif (self.path / RUN_FILE).is_file() and (self.path / IMAGES_DIR).is_dir():
+            raise ValueError(
+                f"`{flag}` {str(self.path)!r} is a `diffusers-var sample` run that has not finished (no "
+                f"{METADATA_FILE} yet); run the same sample command again to finish it."
+            )
         elif self.path.is_dir():
             self.kind = "folder"
             self.files = files_under(self.path, lambda name: Path(name).suffix.lower() in IMAGE_SUFFIXES)
@@ -534,9 +539,19 @@ def run_evaluate(args) -> dict:
                 f"`--save-reference-stats`: `--reference` {args.reference!r} holds statistics only, no images or "
                 f"features to save."
             )
-    for flag, target in (("--save-reference-stats", args.save_reference_stats), ("--out", args.out)):
-        if target:
-            check_output_file(flag, target)
+    inputs = [Path(p) for p in (args.samples, args.reference) if p]
+    for flag, target, ours in (
+        ("--save-reference-stats", args.save_reference_stats, _is_reference_statistics),
+        ("--out", args.out, _is_results_file),
+    ):
+        if target is not None:
+            check_output_file(flag, target, inputs, ours)
+    if (
+        args.out
+        and args.save_reference_stats
+        and Path(args.out).resolve() == Path(args.save_reference_stats).resolve()
+    ):
+        raise ValueError("`--out` and `--save-reference-stats` name the same file; give each its own.")
     metrics = _metrics(args, samples, reference)
     problem = check_device("--device", args.device)
     if problem:
@@ -635,17 +650,49 @@ class LateWriteError(ValueError):
         self.result = result
 
 
-def check_output_file(flag: str, path: str) -> None:
-    """Refuse, before any work, an output file that cannot be written: a folder, or a path whose folder is a file
-    or cannot be made / written into."""
+def check_output_file(flag: str, path: str, inputs: list[Path] = (), ours=None) -> None:
+    """Refuse, before any work, an output file that cannot be written (a folder, or a path whose folder is a file or
+    cannot be made / written into), one that is an input or inside an input folder, and an existing file that
+    ``ours(path)`` does not recognise as this command's output (it would be replaced)."""
     from .conversion.common import folder_problem
 
+    if not str(path).strip():
+        raise ValueError(f"`{flag}` is empty; give a file name.")
     target = Path(path)
     if target.is_dir():
         raise ValueError(f"`{flag}` {path!r} is a folder, not a file.")
     problem = folder_problem(target.parent)
     if problem:
         raise ValueError(f"`{flag}` {path!r}: {problem}.")
+    resolved = target.resolve()
+    read_there = target.suffix.lower() in IMAGE_SUFFIXES or target.name in (METADATA_FILE, RUN_FILE)
+    for source in inputs:
+        source = source.resolve()
+        if resolved == source or (read_there and source in resolved.parents):  # (eval.json in a run folder is fine)
+            raise ValueError(f"`{flag}` {path!r} is an input of this evaluation (or inside one); write elsewhere.")
+    if target.is_file() and ours is not None and not ours(target):
+        raise ValueError(
+            f"`{flag}` {path!r} exists and is not a file this command wrote; choose another name (or delete it)."
+        )
+
+
+def _is_results_file(path: Path) -> bool:
+    """A JSON results file of ``evaluate --out``."""
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(results, dict) and {"samples", "num_samples"} <= set(results)
+
+
+def _is_reference_statistics(path: Path) -> bool:
+    """An ``.npz`` of ``--save-reference-stats``: the statistics and features, no images."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys = set(npz.files)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
+        return False
+    return bool(keys) and keys <= {"mu", "sigma", "inception_pool_3"}
 
 
 def _savez(path: Path, arrays: dict) -> None:
