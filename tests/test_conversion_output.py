@@ -56,6 +56,10 @@ def test_overwrite_never_deletes_files_it_did_not_write(tmp_path):
         atomic_save_pipeline(FakePipeline("v2"), ours, overwrite=True)
     assert contents(ours)["transformer/diffusion_pytorch_model.safetensors"] == "v1"
     (ours / "notes.txt").unlink()
+    (ours / "transformer" / "my-runs").mkdir()  # an empty folder of the user's was deleted with the output
+    with pytest.raises(ConversionError, match="transformer/my-runs/"):
+        atomic_save_pipeline(FakePipeline("v2"), ours, overwrite=True)
+    (ours / "transformer" / "my-runs").rmdir()
     atomic_save_pipeline(FakePipeline("v2"), ours, overwrite=True)
     assert contents(ours)["transformer/diffusion_pytorch_model.safetensors"] == "v2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["converted", "home"]  # no staging folder left

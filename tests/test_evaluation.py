@@ -417,6 +417,18 @@ def test_bad_output_paths_fail_before_the_work(tmp_path, monkeypatch, capsys, in
     _save_images(unfinished / "images", ShapesDataset(2, 32, seed=1).images)
     (unfinished / "run.json").write_text('{"settings": {"total": 90}}')
     _one_error(capsys, ["--samples", str(unfinished)], "`--samples`", "has not finished")
+    # an .npz of empty images, one in Fortran order (its message showed a shape that looked right), a null prompt
+    for name, images in (
+        ("empty", np.zeros((2, 0, 5, 3), np.uint8)),
+        ("fortran", np.asfortranarray(np.zeros((2, 8, 8, 3), np.uint8))),
+    ):
+        np.savez(tmp_path / f"{name}.npz", arr_0=images)
+    _one_error(capsys, ["--samples", str(tmp_path / "empty.npz")], "`arr_0` must be uint8 images", "(2, 0, 5, 3)")
+    _one_error(capsys, ["--samples", str(tmp_path / "fortran.npz")], "in Fortran order")
+    nulled = tmp_path / "nulled"
+    _save_images(nulled / "images", ShapesDataset(1, 32, seed=1).images)
+    (nulled / "metadata.jsonl").write_text('{"file_name": "images/000000.png", "prompt": null}\n')
+    _one_error(capsys, ["--samples", str(nulled)], "entry 1 has a `prompt` that is not a non-empty string")
     # without --reference there is nothing to save: both flags named
     _one_error(
         capsys,

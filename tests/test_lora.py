@@ -650,6 +650,20 @@ def test_saving_is_atomic(var_adapter, tmp_path, monkeypatch):
     assert (tmp_path / "pytorch_lora_weights.safetensors").read_bytes() == saved
     with pytest.raises(ValueError, match="`save_directory`.*is a file"):
         VARPipeline.save_lora_weights(tmp_path / "pytorch_lora_weights.safetensors", **layers)
+    # what load_lora_weights would refuse is refused before writing: keys of no LoRA, a rank the tensors do not
+    # have, metadata that is not JSON; and no file name reaches outside the folder, read or written
+    metadata = layers["transformer_lora_adapter_metadata"]
+    for bad, message in (
+        ({**layers, "transformer_lora_layers": {"foo": torch.zeros(2)}}, r"\['foo'\] are no LoRA weights"),
+        ({**layers, "transformer_lora_adapter_metadata": {**metadata, "r": 8}}, "says rank 8, but the lora_A"),
+        ({**layers, "transformer_lora_adapter_metadata": {**metadata, "r": float("nan")}}, "must hold JSON values"),
+        ({**layers, "transformer_lora_adapter_metadata": {**metadata, "x": object()}}, "must hold JSON values"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            VARPipeline.save_lora_weights(tmp_path / "bad", **bad)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="`weight_name` must be a file name in the folder"):
+        pipe.load_lora_weights(tmp_path / "sub", weight_name="../pytorch_lora_weights.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------

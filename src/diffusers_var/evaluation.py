@@ -80,6 +80,12 @@ class ImageSet:
                 )
             if all("prompt" in entry for entry in entries):
                 self.prompts = [entry["prompt"] for entry in entries]
+                bad = next((i for i, p in enumerate(self.prompts) if not isinstance(p, str) or not p.strip()), None)
+                if bad is not None:  # (the CLIP tokenizer's own message named neither the flag nor the line)
+                    raise ValueError(
+                        f"`{flag}` {str(self.path / METADATA_FILE)!r}: entry {bad + 1} has a `prompt` that is not a "
+                        f"non-empty string ({self.prompts[bad]!r})."
+                    )
         elif (self.path / RUN_FILE).is_file() and (self.path / IMAGES_DIR).is_dir():
             raise ValueError(
                 f"`{flag}` {str(self.path)!r} is a `diffusers-var sample` run that has not finished (no "
@@ -234,10 +240,12 @@ def _npz_member(path: Path, key: str, flag: str):
         member.close()
         archive.close()
         raise ValueError(f"`{flag}` {str(path)!r}: `{key}` cannot be read ({_reason(err)}).") from None
-    if key == "arr_0" and (dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran_order):
+    if key == "arr_0" and (dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or fortran_order or 0 in shape[1:3]):
         archive.close()
+        order = " in Fortran order (np.asfortranarray; save np.ascontiguousarray(images))" if fortran_order else ""
         raise ValueError(
-            f"`{flag}` {str(path)!r}: `arr_0` must be uint8 images (N, H, W, 3) as ADM's batches, got {dtype} {shape}."
+            f"`{flag}` {str(path)!r}: `arr_0` must be uint8 images (N, H, W, 3) as ADM's batches, got {dtype} "
+            f"{shape}{order}."
         )
     return archive, member, shape, dtype
 

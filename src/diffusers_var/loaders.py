@@ -52,7 +52,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .file_utils import is_hub_repo_id, write_atomic
-from .scalars import is_bool, is_number
+from .scalars import is_bool, is_integer, is_number
 
 logger = logging.get_logger(__name__)
 
@@ -334,6 +334,23 @@ def _json_safe(metadata: dict | None) -> dict | None:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in dict(metadata).items()}
 
 
+def _check_saved_metadata(metadata: dict | None, tensors: dict, parameter: str) -> None:
+    """An adapter's ``LoraConfig`` as a file header: JSON, a LoraConfig, and its rank that of the ``lora_A``
+    tensors (without a ``rank_pattern``), so that load_lora_weights takes the file back."""
+    if not metadata:
+        return
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"`{parameter}` must hold JSON values (a LoraConfig.to_dict()): {err}.") from None
+    rank = metadata.get("r")
+    if rank is not None and (not is_integer(rank) or rank < 1):
+        raise ValueError(f"`{parameter}`: `r` must be a positive integer, got {rank!r}.")
+    ranks = {tuple(v.shape)[0] for k, v in tensors.items() if k.endswith("lora_A.weight") and v.ndim == 2}
+    if rank is not None and not metadata.get("rank_pattern") and ranks and ranks != {rank}:
+        raise ValueError(f"`{parameter}` says rank {rank}, but the lora_A tensors have rank(s) {sorted(ranks)}.")
+
+
 _SOURCE = "`pretrained_model_name_or_path_or_dict`"
 
 
@@ -453,6 +470,10 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         not_safetensors = weight_name is not None and not str(weight_name).endswith(".safetensors")
         if kwargs.pop("use_safetensors", True) is False or not_safetensors:
             raise ValueError("`weight_name`: LoRA files are safetensors only (pickled .bin files are not loaded).")
+        if weight_name is not None and os.path.basename(str(weight_name)) != str(weight_name):
+            raise ValueError(  # as save_lora_weights: a file of the folder, never one beside or above it
+                f"`weight_name` must be a file name in the folder (`subfolder=` for one below), got {weight_name!r}."
+            )
         subfolder = kwargs.pop("subfolder", None)
         from_hub = False
         where = _SOURCE  # what errors name: the file, or the Hub repository
@@ -739,11 +760,19 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             raise ValueError("Pass at least one of `transformer_lora_layers` or `text_encoder_lora_layers`.")
         for component, layers in lora_layers.items():  # what load_lora_weights would refuse, refused before writing
             parameter = "text_encoder_lora_layers" if component == cls.text_encoder_name else "transformer_lora_layers"
-            problems = lora_tensor_problems(layers.state_dict() if isinstance(layers, torch.nn.Module) else layers)
+            tensors = layers.state_dict() if isinstance(layers, torch.nn.Module) else layers
+            problems = lora_tensor_problems(tensors)
             if problems:
                 raise ValueError(
                     f"`{parameter}` must map names to tensors (finite, floating point): {'; '.join(problems[:3])}."
                 )
+            not_lora = [key for key in tensors if not isinstance(key, str) or "lora" not in key]
+            if not_lora:
+                raise ValueError(
+                    f"`{parameter}`: {not_lora[:3]} are no LoRA weights (PEFT's names hold `lora`, e.g. "
+                    "`blocks.0.attn.to_qkv.lora_A.weight`)."
+                )
+            _check_saved_metadata(lora_metadata[component], tensors, parameter.replace("layers", "adapter_metadata"))
         if os.path.isfile(save_directory):  # diffusers only logs this and writes nothing
             raise ValueError(f"`save_directory` {str(save_directory)!r} is a file, not a folder.")
         header = {"format": "pt"}

@@ -405,9 +405,14 @@ def _check_replaceable(output_dir: Path, overwrite: bool, name: str = "output", 
         )
     present = _files(output_dir) - {MANIFEST_NAME}
     listed = _manifest_files(output_dir)
-    if listed is not None:
-        _refuse_foreign(output_dir, present - listed, name, replacer)
-    elif present and not _is_ours(output_dir):
+    empty = {  # a folder the user made inside (no save of ours leaves one empty)
+        p.relative_to(output_dir).as_posix() + "/"
+        for p in output_dir.rglob("*")
+        if p.is_dir() and not p.is_symlink() and not any(p.iterdir())
+    }
+    if listed is not None or empty:
+        _refuse_foreign(output_dir, (present - (present if listed is None else listed)) | empty, name, replacer)
+    if listed is None and present and not _is_ours(output_dir):
         raise ConversionError(
             f"`{name}`: {str(output_dir)!r} is not a pipeline or model folder written by diffusers-var; {replacer} "
             "replaces only those (and empty folders), so nothing of yours is deleted: choose another folder."

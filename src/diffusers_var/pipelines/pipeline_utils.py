@@ -464,7 +464,7 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         imports this class from the installed ``diffusers_var``; loading with the class itself runs no code).
         Written through a staging folder (:func:`~diffusers_var.file_utils.save_folder_atomic`): an interrupted save
         leaves ``save_directory`` as it was, and files of yours in it are kept."""
-        if not isinstance(save_directory, (str, os.PathLike)):
+        if not isinstance(save_directory, (str, os.PathLike)) or not str(save_directory):
             raise ValueError(f"`save_directory` must be a folder path (str or os.PathLike), got {save_directory!r}.")
         hub = {key: kwargs.pop(key) for key in PUSH_KWARGS if key in kwargs}
         push_to_hub = kwargs.pop("push_to_hub", False)
