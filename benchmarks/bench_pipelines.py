@@ -46,9 +46,10 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
                         (the static modes raise dynamo's recompile limit for the rest of the process: give them a
                         process of their own, as ``gpu_session.sh chain`` does)
   fast-compile-all-static-tokens-fp8  ``"static-tokens"`` with ``fp8=True`` (for the text-to-image models at 1024 px)
+  fast-compile-all-static-fp8  ``"static"`` with ``fp8=True`` (VAR at batch 64)
   fast-compile-all-gnsums  ``fast-compile-all`` with the decoder's GroupNorm statistics as per-channel sums at
                         every batch size (``fast_inference.channel_sum_group_norm_(min_batch=1)``; the default
-                        takes them from 64 images on)
+                        takes them from 16 images on)
 It also checks that greedy tokens (bits for Infinity) of the fast path agree with the eager float32 path.
 """
 
@@ -586,6 +587,7 @@ MODES = (
     "fast-compile-all-static-tokens",
     "fast-compile-all-static",
     "fast-compile-all-static-tokens-fp8",
+    "fast-compile-all-static-fp8",
     "fast-compile-all-gnsums",
 )
 SDPA_BACKENDS = {  # --sdpa-first: PyTorch's own order after the one named
@@ -597,6 +599,7 @@ SDPA_BACKENDS = {  # --sdpa-first: PyTorch's own order after the one named
 DECODER_MODES = {"-autotune": "max-autotune-no-cudagraphs"}  # mode suffix: compile mode
 BLOCK_SHAPES = {f"fast-compile-all-{shapes}": shapes for shapes in ("static-tokens", "static")}  # compile_blocks=
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8"] = "static-tokens"
+BLOCK_SHAPES["fast-compile-all-static-fp8"] = "static"
 KNOWN_MODELS = (
     tuple(MODELS)
     + tuple(CODE_MODELS)
@@ -728,7 +731,7 @@ def main() -> int:
                 bench.pipe.enable_fast_inference(compile_decoder=compile_decoder, **extra)
                 if mode.endswith("-subpixel"):
                     subpixel_upsample_(getattr(bench.pipe, "vqvae", None) or bench.pipe.vae)
-                if mode.endswith("-gnsums"):  # at every batch size (the default: from 64 images on)
+                if mode.endswith("-gnsums"):  # at every batch size (the default: from 16 images on)
                     channel_sum_group_norm_(
                         (getattr(bench.pipe, "vqvae", None) or bench.pipe.vae).decoder, min_batch=1
                     )
