@@ -197,6 +197,25 @@ def test_loading_refuses_what_does_not_fit_and_saving_is_atomic(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
+def test_config_arguments_of_the_wrong_kind_are_named(case):
+    """Each config argument is checked against its annotation before anything is built (``num_heads=0`` was a
+    ZeroDivisionError, ``depth="6"`` a TypeError, ``quant_resi=NaN`` silently dropped layers)."""
+    bad_values = {
+        "int": [-1, 2.5, "6", True],
+        "float": [float("nan"), "x"],
+        "bool": ["yes", 1],
+        "Sequence[int]": [[], [0]],
+    }
+    checked = 0
+    for name, parameter in inspect.signature(case.model_class.__init__).parameters.items():
+        for value in bad_values.get(str(parameter.annotation).removesuffix(" | None"), []):
+            with pytest.raises(ValueError, match=rf"`{name}` of {case.model_class.__name__} must be"):
+                case.model_class(**{name: value})
+            checked += 1
+    assert checked >= 8, checked
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
 def test_every_config_argument_is_documented(case):
     """diffusers' convention: one ``name (`type`, defaults to ...)`` entry per config argument in the class
     docstring."""

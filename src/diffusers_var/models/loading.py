@@ -5,7 +5,9 @@ images), and saves into the target folder file by file."""
 
 from __future__ import annotations
 
-import json
+import functools
+import inspect
+import math
 import os
 import sys
 from pathlib import Path
@@ -13,11 +15,12 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from ..file_utils import interrupted_save_problem, save_folder_atomic, write_atomic
+from ..scalars import is_bool, is_integer, is_number
 
 PUSH_KWARGS = ("repo_id", "token", "private", "commit_message", "create_pr")
 # what building a model from a config of wrong types or values raises from inside torch (a negative dimension,
 # num_heads 0, a string size)
-_BUILD_ERRORS = (TypeError, ZeroDivisionError, RuntimeError, SafetensorError, json.JSONDecodeError)
+_BUILD_ERRORS = (TypeError, ValueError, ZeroDivisionError, RuntimeError, SafetensorError)
 
 
 def _listed(keys, limit: int = 5) -> str:
@@ -70,11 +73,64 @@ def push_folder_to_hub(
     owner._upload_folder(folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
 
 
+# config arguments that are sizes: an integer >= 1 (other integers >= 0); checked whatever builds the model
+SIZE_ARGUMENTS = {
+    "num_classes", "embed_dim", "num_heads", "vocab_size", "latent_channels", "text_embed_dim", "bits_per_token",
+    "text_dim", "pool_num_heads", "in_channels", "out_channels", "ch", "base_channels", "z_channels", "codebook_dim",
+}  # fmt: skip
+
+
+def config_problem(name: str, annotation: str, value) -> str | None:
+    """What is wrong with the config argument ``name`` = ``value`` for its annotation (``int``, ``float``, ``bool``,
+    ``Sequence[int]``, optionally ``| None``), or ``None``."""
+    if annotation.endswith(" | None"):
+        if value is None:
+            return None
+        annotation = annotation[: -len(" | None")]
+    if annotation == "int":
+        low = 1 if name in SIZE_ARGUMENTS else 0
+        return None if is_integer(value) and value >= low else f"an integer >= {low}"
+    if annotation == "float":
+        return None if is_number(value) and math.isfinite(value) else "a finite number"
+    if annotation == "bool":
+        return None if is_bool(value) else "true or false"
+    if annotation == "Sequence[int]":
+        good = isinstance(value, (list, tuple)) and value and all(is_integer(v) and v >= 1 for v in value)
+        return None if good else "a non-empty list of integers >= 1"
+    return None
+
+
+def check_config_arguments(model_class: type, init, arguments: dict) -> None:
+    """A ValueError naming the first config argument of ``model_class`` whose value does not fit its annotation."""
+    for name, parameter in inspect.signature(init).parameters.items():
+        if name in arguments and isinstance(parameter.annotation, str):
+            problem = config_problem(name, parameter.annotation, arguments[name])
+            if problem:
+                raise ValueError(f"`{name}` of {model_class.__name__} must be {problem}, got {arguments[name]!r}.")
+
+
 class CheckedLoadingMixin:
     """``from_pretrained`` refuses a folder whose weights do not fit its config (missing, unused or misshapen weights,
     named with the folder), a config that cannot build the model, and a folder a killed save left half rewritten;
     ``save_pretrained`` writes through a staging folder (an interrupted save leaves the folder as it was) and refuses
-    a model holding injected LoRA layers. Put before ``ModelMixin`` in the bases."""
+    a model holding injected LoRA layers. Its subclasses' config arguments are checked against their annotations
+    when the model is built (a ValueError naming the argument, not a ZeroDivisionError from inside). Put before
+    ``ModelMixin`` in the bases."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)  # (diffusers reads the config arguments from the signature, which this keeps)
+        def checked_init(self, *args, **kwargs):
+            bound = signature.bind(self, *args, **kwargs)
+            check_config_arguments(cls, init, bound.arguments)
+            init(self, *args, **kwargs)
+
+        cls.__init__ = checked_init
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

@@ -61,6 +61,7 @@ RESUME_SAFE_KEYS = {
 PATH_KEYS = {"tokenizer_path", "text_encoder_path", "data.path"}
 SECTIONS = ("data", "model", "lora")  # the config keys that hold keys of their own (``data.num_images=500``)
 RUN_FILES = ("checkpoints", "final", "samples", "logs", "train_log.jsonl", "train_config.json")
+FRESH_START_FILES = ("samples", "logs", "train_log.jsonl", "train_config.json")  # what a new run writes anew
 
 
 @dataclass
@@ -118,8 +119,8 @@ class TrainConfig:
     bsc_num_scales: int | None = None  # infinity: scales that get flipped bits (None: all)
     # what to do with a run already in output_dir: "auto" resumes its newest checkpoint when the config is the same
     # (and refuses, naming the differing keys, when it is not), "never" starts afresh, "force" resumes from the
-    # checkpoint with the new settings; a fresh start (also "auto" without a checkpoint) moves the files of an
-    # earlier run there to output_dir/previous-runs/ (a train_config.json of the user's own too)
+    # checkpoint with the new settings; "never" moves the previous run's files to output_dir/previous-runs/, and
+    # "auto" without a checkpoint moves there the files it would rewrite (a train_config.json of the user's own too)
     resume: str = "auto"
     lora: dict | None = None  # LoRA fine-tuning of a pipeline: lora.base, lora.rank, ... (diffusers_var.training.lora)
 
@@ -573,10 +574,11 @@ def config_differences(saved: dict, current: dict) -> dict[str, tuple]:
     return differences
 
 
-def _move_previous_run(output_dir: Path) -> Path | None:
-    """A fresh start: move an earlier run's files to ``output_dir/previous-runs/<time>/`` (nothing is deleted or
-    replaced: ``train_config.json``, ``final``, logs and checkpoints of a run that never saved a resumable one)."""
-    present = [output_dir / name for name in RUN_FILES if (output_dir / name).exists()]
+def _move_previous_run(output_dir: Path, names=RUN_FILES) -> Path | None:
+    """A fresh start: move an earlier run's files ``names`` to ``output_dir/previous-runs/<time>/`` (nothing is
+    deleted or replaced: ``resume=never`` moves them all, a fresh start otherwise those the run would rewrite, such as
+    ``train_config.json``, which may be the user's own)."""
+    present = [output_dir / name for name in names if (output_dir / name).exists()]
     if not present:
         return None
     base = output_dir / "previous-runs" / time.strftime("%Y%m%d-%H%M%S")
@@ -724,7 +726,7 @@ def train(config: TrainConfig) -> Path:
             )
     snapshot = _config_snapshot(config)  # before a time limit shortens max_steps
     resume_from = _resume_point(config, output_dir, accelerator.is_main_process)
-    if resume_from is not None:  # (a fresh start moves an earlier export aside, not replaced)
+    if config.resume != "never":  # (with resume=never a previous export is moved aside, not replaced)
         # refuse now rather than after training
         check_output_dir(output_dir / "final", overwrite=True, name="output_dir", replacer="the run's final export")
 
@@ -769,7 +771,8 @@ def train(config: TrainConfig) -> Path:
     accelerator.wait_for_everyone()  # every process has read the folder (_resume_point) before it changes
     if accelerator.is_main_process:
         if resume_from is None:  # a fresh start: the files of an earlier run there are kept, never replaced
-            moved = _move_previous_run(output_dir)
+            # (resume=never moves all of them; otherwise the export and checkpoints stay, checked above)
+            moved = _move_previous_run(output_dir, RUN_FILES if config.resume == "never" else FRESH_START_FILES)
             if moved is not None:
                 print(f"starting afresh (resume={config.resume}): moved the previous run's files to {moved}")
         output_dir.mkdir(parents=True, exist_ok=True)
