@@ -220,12 +220,12 @@ def test_files_that_the_commands_did_not_write_are_replaced_only_with_overwrite(
     generate = ["generate", "--class-label", "1", "--out", str(mine)]
     assert _exit_code(generate) == 2
     error = capsys.readouterr().err.strip()
-    assert error.startswith(f"error: `--out` {str(mine)!r} exists and was not written by diffusers-var"), error
+    assert error.startswith(f"error: `--out` {str(mine)!r} exists and carries no diffusers-var tag"), error
     assert "--overwrite" in error and mine.read_bytes() == before
     edit = [a.format(tmp=tmp_path) for a in EDIT]
     PIL.Image.new("RGB", (32, 32)).save(tmp_path / "in.png")
     assert _exit_code([*edit, "--out", str(tmp_path / "in.png")]) == 2  # the input itself
-    assert "exists and was not written by diffusers-var" in capsys.readouterr().err
+    assert "exists and carries no diffusers-var tag" in capsys.readouterr().err
     assert _exit_code([*generate, "--overwrite"]) == 0
     assert mine.read_bytes() != before
     written = mine.read_bytes()

@@ -443,10 +443,13 @@ def test_a_replaced_model_or_a_damaged_image_is_named_on_resume(one_process, tmp
     assert main(["sample", "--out", str(out), *run]) == 0
     assert _files(out) == _files(one_process)
     weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
-    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # "replaced"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # touched: the same model
+    assert main(["sample", "--out", str(out), *run]) == 0
+    shutil.rmtree(model)
+    shutil.copytree(REPO_ROOT / "pipelines" / "var-shapes-refiner", model)  # replaced by another model
     (out / "images" / "000004.png").unlink()
     assert main(["sample", "--out", str(out), *run]) == 2
-    assert "model_files" in capsys.readouterr().err
+    assert "the model folder's files (another model" in capsys.readouterr().err
 
 
 def test_text_pipeline_needs_prompts(tmp_path, capsys):

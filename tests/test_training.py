@@ -562,7 +562,7 @@ TRANSFORMER_KEYS = {
         ("var", ["model.depth=2.5"], r"`model\.depth` must be a whole number >= 1"),
         ("tokenizer", ["model.using_sa=1"], r"`model\.using_sa` must be true or false"),
         ("tokenizer", ["model.patch_nums=[1,-2]"], r"`model\.patch_nums` must be a non-empty list"),
-        ("var", ["model.mlp_ratio=abc"], r"`model\.mlp_ratio` must be a number"),
+        ("var", ["model.mlp_ratio=abc"], r"`model\.mlp_ratio` must be a finite number"),
         ("var", ['model.init_blocks=[0,"a"]'], r"`model\.init_blocks` must be a list of block indices"),
     ],
 )

@@ -128,8 +128,9 @@ def check_output(out: Path, count: int, overwrite: bool = False) -> str | None:
             return f"`--out` {str(path)!r} exists and is not writable"
         if not overwrite and not written_here(path):
             return (
-                f"`--out` {str(path)!r} exists and was not written by diffusers-var; choose another name, or pass "
-                "--overwrite to replace it"
+                f"`--out` {str(path)!r} exists and carries no diffusers-var tag (this version writes one in EXIF's "
+                "Software field of PNG, JPEG, WebP and TIFF files); choose another name, or pass --overwrite to "
+                "replace it"
             )
     return None
 

@@ -147,7 +147,7 @@ def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
             for old in (target / folder).iterdir():
                 if old.is_file() and old.name not in names and any(p.match(old.name) for p in patterns):
                     old.unlink()
-        marker.unlink()
+        marker.unlink(missing_ok=True)
         return target
     finally:
         shutil.rmtree(staging, ignore_errors=True)

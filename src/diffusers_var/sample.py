@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import inspect
 import json
+import logging
 import os
 import signal
 import sys
@@ -65,6 +66,7 @@ from .pipelines.pipeline_utils import (
     is_unicode_text,
 )
 
+logger = logging.getLogger(__name__)
 IMAGES_DIR = "images"
 RUN_FILE = "run.json"
 METADATA_FILE = "metadata.jsonl"
@@ -273,27 +275,34 @@ def check_out(out: Path) -> None:
 @contextlib.contextmanager
 def exclusive_run(out: Path, is_main: bool):
     """One run writes into ``out`` at a time: its main process holds an exclusive lock on the folder itself (no lock
-    file left behind), which the system drops when the process ends, killed too (two runs started together had
-    mixed their images and settings). Creates ``out``."""
+    file left behind), which the system drops when the process ends, killed too (two runs started together had mixed
+    their images and settings). The lock is the local machine's: runs on two machines sharing a network folder are
+    not kept apart. Creates ``out``; a run that fails before writing anything leaves no empty folder it made."""
     if not is_main:
         yield
         return
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # not on this system (Windows): no lock
-        yield
-        return
     handle = os.open(out, os.O_RDONLY)
     try:
         try:
+            import fcntl
+
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except ImportError:  # not on this system (Windows): no lock
+            pass
+        except BlockingIOError:
             raise ValueError(
                 f"`--out` {str(out)!r} is being written by another `diffusers-var sample` run; wait for it to end "
                 "or choose another --out."
             ) from None
+        except OSError as err:  # a filesystem without locks
+            logger.warning("cannot lock %s (%s); do not start a second run into it", out, err)
         yield
+    except BaseException:
+        if made and not any(out.iterdir()):
+            out.rmdir()
+        raise
     finally:
         os.close(handle)
 
@@ -485,14 +494,15 @@ def _generate_batch(
 
 
 def model_files_digest(model: Path) -> str:
-    """A digest of the pipeline folder's files (names, sizes, modification times; not their bytes, which may be many
-    GB): a resumed run whose model folder was replaced in the meantime is refused, not mixed."""
-    listing = sorted(
-        (str(path.relative_to(model)), stat.st_size, stat.st_mtime_ns)
-        for path in files_under(model, lambda name: True)
-        for stat in (path.stat(),)
-    )
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+    """A digest of the pipeline folder: its files' names and sizes, and the contents of the small ones (configs,
+    tokenizers; the weights may be many GB). A copy or a re-download of the same folder gives the same digest; a
+    folder replaced by another model in the meantime does not, so a restarted run cannot mix the two."""
+    listing = []
+    for path in files_under(model, lambda name: True):
+        size = path.stat().st_size
+        content = hashlib.sha256(path.read_bytes()).hexdigest() if size < 2**20 else None
+        listing.append((str(path.relative_to(model)), size, content))
+    return hashlib.sha256(json.dumps(sorted(listing)).encode()).hexdigest()[:16]
 
 
 def _check_run_file(out: Path, settings: dict, processes: Processes) -> None:
@@ -518,7 +528,12 @@ def _check_run_file(out: Path, settings: dict, processes: Processes) -> None:
             e.name.endswith(".png") and not e.name.startswith(".") for e in os.scandir(images)
         )
         if differ and started:
-            changes = "; ".join(f"{k}: {recorded.get(k)!r} -> {settings.get(k)!r}" for k in differ[:4])
+            changes = "; ".join(
+                "the model folder's files (another model, or its weights or configs replaced)"
+                if k == "model_files"
+                else f"{k}: {recorded.get(k)!r} -> {settings.get(k)!r}"
+                for k in differ[:4]
+            )
             raise ValueError(
                 f"`--out` {str(out)!r} holds a run with other settings ({changes}); restart it with "
                 f"its own command or choose another --out."
@@ -616,49 +631,51 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
     started_run = time.perf_counter()
     processes = Processes(args.device)
     device = processes.device
+    # held until the run ends; taken before the model loads, so a second run into out stops at once
+    with exclusive_run(out, processes.is_main):
+        # --fast keeps float32 weights and casts what the fast path casts; otherwise --dtype is the weights' dtype.
+        dtype = getattr(torch, args.dtype or ("bfloat16" if args.fast else "float32"))
+        with _loading_bars(processes.is_main and not args.no_progress):
+            pipe = load_pipeline(pipeline_class, model, "--model", dtype=torch.float32 if args.fast else dtype).to(
+                device
+            )
+        pipe.set_progress_bar_config(disable=True)
+        num_classes = pipe.transformer.config.num_classes if family_name == "VARPipeline" else None
+        class_names = dict(getattr(pipe, "id2label", None) or {})
+        plan = build_plan(args, family_name, num_classes, class_names, prompts)
+        sampling = _sampling_kwargs(args, pipe, family_name, num_classes)
+        _check_sampling(pipe, family_name, sampling)  # before the run folder is written to
+        loaded = time.perf_counter()
+        if args.fast:
+            enable_fast_path(pipe, device, dtype, args.fp8, args.compile_cache, args.compile_blocks or True)
+        # where a process's start-up goes (the first batch holds the compiles and CUDA graph captures of --fast)
+        startup = {"load_seconds": loaded - started_run, "fast_path_seconds": time.perf_counter() - loaded}
 
-    # --fast keeps float32 weights and casts what the fast path casts; otherwise --dtype is the weights' dtype.
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.fast else "float32"))
-    with _loading_bars(processes.is_main and not args.no_progress):
-        pipe = load_pipeline(pipeline_class, model, "--model", dtype=torch.float32 if args.fast else dtype).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    num_classes = pipe.transformer.config.num_classes if family_name == "VARPipeline" else None
-    class_names = dict(getattr(pipe, "id2label", None) or {})
-    plan = build_plan(args, family_name, num_classes, class_names, prompts)
-    sampling = _sampling_kwargs(args, pipe, family_name, num_classes)
-    _check_sampling(pipe, family_name, sampling)  # before the run folder is written to
-    loaded = time.perf_counter()
-    if args.fast:
-        enable_fast_path(pipe, device, dtype, args.fp8, args.compile_cache, args.compile_blocks or True)
-    # where a process's start-up goes (the first batch holds the compiles and CUDA graph captures of --fast)
-    startup = {"load_seconds": loaded - started_run, "fast_path_seconds": time.perf_counter() - loaded}
-
-    total, batch_size = plan.total, args.batch_size
-    width = max(6, len(str(total - 1)))
-    settings = {
-        "model": str(model.resolve()),
-        "model_files": model_files_digest(model),
-        "pipeline": type(pipe).__name__,
-        "seed": args.seed,
-        "total": total,
-        "labels": plan.labels,
-        "per_class": plan.per_item if plan.labels is not None else None,
-        "prompts_sha256": None
-        if plan.prompts is None
-        else hashlib.sha256(json.dumps(plan.prompts, sort_keys=True).encode()).hexdigest(),
-        "images_per_prompt": plan.per_item if plan.prompts is not None else None,
-        "sampling": sampling,
-        "fast": bool(args.fast),
-        "fp8": bool(args.fp8),
-        "dtype": str(dtype).replace("torch.", ""),
-        # CPU and CUDA generators draw different numbers from one seed; with per-image streams the batch size may
-        # change on a restart (the random streams do not depend on it; only float rounding does).
-        "device_type": device.type,
-        "rng": args.rng,
-    }
-    if args.rng == "batch":  # each image depends on its batch's stream, so on the batch size
-        settings["batch_size"] = batch_size
-    with exclusive_run(out, processes.is_main):  # until the run ends: a second run into out waits or stops
+        total, batch_size = plan.total, args.batch_size
+        width = max(6, len(str(total - 1)))
+        settings = {
+            "model": str(model.resolve()),
+            "model_files": model_files_digest(model),
+            "pipeline": type(pipe).__name__,
+            "seed": args.seed,
+            "total": total,
+            "labels": plan.labels,
+            "per_class": plan.per_item if plan.labels is not None else None,
+            "prompts_sha256": None
+            if plan.prompts is None
+            else hashlib.sha256(json.dumps(plan.prompts, sort_keys=True).encode()).hexdigest(),
+            "images_per_prompt": plan.per_item if plan.prompts is not None else None,
+            "sampling": sampling,
+            "fast": bool(args.fast),
+            "fp8": bool(args.fp8),
+            "dtype": str(dtype).replace("torch.", ""),
+            # CPU and CUDA generators draw different numbers from one seed; with per-image streams the batch size may
+            # change on a restart (the random streams do not depend on it; only float rounding does).
+            "device_type": device.type,
+            "rng": args.rng,
+        }
+        if args.rng == "batch":  # each image depends on its batch's stream, so on the batch size
+            settings["batch_size"] = batch_size
         _check_run_file(out, settings, processes)
         images_dir = out / IMAGES_DIR
         if processes.is_main:

@@ -403,12 +403,14 @@ def _check_replaceable(output_dir: Path, overwrite: bool, name: str = "output", 
         raise ConversionError(
             f"`{name}`: {str(output_dir)!r} is the current folder or holds it; write next to it instead."
         )
-    present = _files(output_dir) - {MANIFEST_NAME}
+    from ..file_utils import SAVING_MARKER  # (here: this module also runs alone, see clean_stale_staging)
+
+    present = _files(output_dir) - {MANIFEST_NAME, SAVING_MARKER}  # (the marker: a save_pretrained of ours)
     listed = _manifest_files(output_dir)
-    empty = {  # a folder the user made inside (no save of ours leaves one empty)
+    empty = {  # a folder the user made inside (no save of ours leaves one empty, but a killed one's staging)
         p.relative_to(output_dir).as_posix() + "/"
         for p in output_dir.rglob("*")
-        if p.is_dir() and not p.is_symlink() and not any(p.iterdir())
+        if p.is_dir() and not p.is_symlink() and not any(p.iterdir()) and not p.name.startswith(".saving-")
     }
     if listed is not None or empty:
         _refuse_foreign(output_dir, (present - (present if listed is None else listed)) | empty, name, replacer)

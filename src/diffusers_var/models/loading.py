@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 
 from ..file_utils import interrupted_save_problem, save_folder_atomic, write_atomic
@@ -20,7 +21,11 @@ from ..scalars import is_bool, is_integer, is_number
 PUSH_KWARGS = ("repo_id", "token", "private", "commit_message", "create_pr")
 # what building a model from a config of wrong types or values raises from inside torch (a negative dimension,
 # num_heads 0, a string size)
-_BUILD_ERRORS = (TypeError, ValueError, ZeroDivisionError, RuntimeError, SafetensorError)
+_BUILD_ERRORS = (TypeError, ValueError, ZeroDivisionError, RuntimeError)  # what a config of wrong values raises
+
+
+class ConfigBuildError(ValueError):
+    """A config that does not build the model (raised by ``from_config``; ``from_pretrained`` adds the folder)."""
 
 
 def _listed(keys, limit: int = 5) -> str:
@@ -73,10 +78,12 @@ def push_folder_to_hub(
     owner._upload_folder(folder, repo_id, token=token, commit_message=commit_message, create_pr=create_pr)
 
 
-# config arguments that are sizes: an integer >= 1 (other integers >= 0); checked whatever builds the model
+# config arguments that are sizes or counts: a whole number >= 1 (other integers >= 0); checked whatever builds the
+# model (and by training's `model.*` keys)
 SIZE_ARGUMENTS = {
-    "num_classes", "embed_dim", "num_heads", "vocab_size", "latent_channels", "text_embed_dim", "bits_per_token",
-    "text_dim", "pool_num_heads", "in_channels", "out_channels", "ch", "base_channels", "z_channels", "codebook_dim",
+    "in_channels", "out_channels", "ch", "base_channels", "vocab_size", "z_channels", "codebook_dim", "quant_conv_ks",
+    "num_classes", "depth", "embed_dim", "num_heads", "latent_channels", "text_embed_dim", "sampler_depth",
+    "bits_per_token", "text_dim", "text_max_length", "pool_num_heads", "block_chunks", "num_level_embeddings",
 }  # fmt: skip
 
 
@@ -89,20 +96,20 @@ def config_problem(name: str, annotation: str, value) -> str | None:
         annotation = annotation[: -len(" | None")]
     if annotation == "int":
         low = 1 if name in SIZE_ARGUMENTS else 0
-        return None if is_integer(value) and value >= low else f"an integer >= {low}"
+        return None if is_integer(value) and value >= low else f"a whole number >= {low}"
     if annotation == "float":
         return None if is_number(value) and math.isfinite(value) else "a finite number"
     if annotation == "bool":
         return None if is_bool(value) else "true or false"
     if annotation == "Sequence[int]":
         good = isinstance(value, (list, tuple)) and value and all(is_integer(v) and v >= 1 for v in value)
-        return None if good else "a non-empty list of integers >= 1"
+        return None if good else "a non-empty list of whole numbers >= 1"
     return None
 
 
-def check_config_arguments(model_class: type, init, arguments: dict) -> None:
+def check_config_arguments(model_class: type, signature: inspect.Signature, arguments: dict) -> None:
     """A ValueError naming the first config argument of ``model_class`` whose value does not fit its annotation."""
-    for name, parameter in inspect.signature(init).parameters.items():
+    for name, parameter in signature.parameters.items():
         if name in arguments and isinstance(parameter.annotation, str):
             problem = config_problem(name, parameter.annotation, arguments[name])
             if problem:
@@ -127,7 +134,7 @@ class CheckedLoadingMixin:
         @functools.wraps(init)  # (diffusers reads the config arguments from the signature, which this keeps)
         def checked_init(self, *args, **kwargs):
             bound = signature.bind(self, *args, **kwargs)
-            check_config_arguments(cls, init, bound.arguments)
+            check_config_arguments(cls, signature, bound.arguments)
             init(self, *args, **kwargs)
 
         cls.__init__ = checked_init
@@ -150,12 +157,9 @@ class CheckedLoadingMixin:
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
             )
-        except _BUILD_ERRORS as err:
+        except (ConfigBuildError, SafetensorError) as err:  # (other errors, out of memory say, pass unchanged)
             message = " ".join(str(err).split())[:400]
-            raise ValueError(
-                f"cannot load a {cls.__name__} from {where} ({type(err).__name__}: {message}); check its "
-                "config.json and weights."
-            ) from err
+            raise ValueError(f"cannot load a {cls.__name__} from {where}: {message}; check its config.json.") from err
         missing, unused = info["missing_keys"], info["unexpected_keys"]
         misshapen = [key for key, *_ in info["mismatched_keys"]]
         if missing or unused or misshapen:
@@ -175,6 +179,18 @@ class CheckedLoadingMixin:
             )
         return (model, info) if output_loading_info else model
 
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """diffusers' ``from_config``; a config whose values do not build the model is a :class:`ConfigBuildError`
+        (a ValueError) naming the class, not a TypeError / ZeroDivisionError from inside the constructor."""
+        try:
+            return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except _BUILD_ERRORS as err:
+            message = " ".join(f"{type(err).__name__}: {err}".split())[:400]
+            raise ConfigBuildError(f"the config does not build a {cls.__name__} ({message})") from err
+
     def save_pretrained(
         self,
         save_directory,
@@ -184,12 +200,15 @@ class CheckedLoadingMixin:
         variant: str | None = None,
         max_shard_size="10GB",
         push_to_hub: bool = False,
+        use_flashpack: bool = False,
         **kwargs,
     ):
         """diffusers' ``save_pretrained`` (the same arguments: a pipeline's save passes those it finds in the
         signature), through a staging folder."""
         if not isinstance(save_directory, (str, os.PathLike)) or not str(save_directory):
             raise ValueError(f"`save_directory` must be a folder path (str or os.PathLike), got {save_directory!r}.")
+        if not is_main_process:  # the main process saves (diffusers' other processes rewrote the weights in place)
+            return
         refuse_lora_layers(self, type(self).__name__)
         hub = {key: kwargs.pop(key) for key in PUSH_KWARGS if key in kwargs}
         settings = dict(
@@ -198,6 +217,7 @@ class CheckedLoadingMixin:
             safe_serialization=safe_serialization,
             variant=variant,
             max_shard_size=max_shard_size,
+            use_flashpack=use_flashpack,
         )
 
         def save(folder: Path) -> None:

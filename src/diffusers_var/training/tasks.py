@@ -19,6 +19,7 @@ from ..conversion.common import atomic_save_pipeline
 from ..models.bitwise_vae import BitwiseMultiScaleVAE
 from ..models.dynamic_resolution import schedule_for_pixels, supported_pixel_sizes
 from ..models.infinity_transformer import InfinityTransformer2DModel, infinity_ffn_dim
+from ..models.loading import config_problem
 from ..models.multiscale_vq import MultiScaleVQModel
 from ..models.star_transformer import STARTransformer2DModel
 from ..models.var_transformer import VARTransformer2DModel
@@ -58,33 +59,10 @@ def _frozen(model, device):
 CONSTRUCTOR_ERRORS = (ValueError, TypeError, RuntimeError, IndexError, ArithmeticError, AssertionError)
 # errors of ``from_pretrained`` on a folder that is not the expected model (or a Hub id that cannot be fetched)
 LOAD_ERRORS = (OSError, ValueError, TypeError, RuntimeError, KeyError)
+
+
 # integer constructor arguments that are sizes or counts (>= 1); other integer arguments may be 0
 # (``share_quant_resi``: one Phi per scale, ``num_res_blocks``, ``num_legacy_classes``, ...)
-POSITIVE_MODEL_KEYS = {
-    "in_channels",
-    "out_channels",
-    "ch",
-    "base_channels",
-    "vocab_size",
-    "z_channels",
-    "codebook_dim",
-    "quant_conv_ks",
-    "num_classes",
-    "depth",
-    "embed_dim",
-    "num_heads",
-    "latent_channels",
-    "text_embed_dim",
-    "sampler_depth",
-    "bits_per_token",
-    "text_dim",
-    "text_max_length",
-    "pool_num_heads",
-    "block_chunks",
-    "num_level_embeddings",
-}
-
-
 def _one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"[:500]
@@ -137,29 +115,12 @@ def model_parameters(model_class) -> dict[str, inspect.Parameter]:
     }
 
 
-def _check_model_value(key: str, value, default) -> None:
-    """Cheap type / range checks from the constructor default's type (the model checks the rest when built)."""
-    name = f"`model.{key}`"
-    whole = isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ValueError(f"{name} must be true or false, got {value!r}.")
-    elif isinstance(default, int):
-        low = 1 if key in POSITIVE_MODEL_KEYS else 0
-        if not whole or value < low:
-            raise ValueError(f"{name} must be a whole number >= {low}, got {value!r}.")
-    elif isinstance(default, float):
-        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
-            raise ValueError(f"{name} must be a number, got {value!r}.")
-    elif isinstance(default, (tuple, list)):
-        if not (
-            isinstance(value, (list, tuple))
-            and value
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
-        ):
-            raise ValueError(
-                f"{name} must be a non-empty list of whole numbers >= 1, e.g. {list(default)}, got {value!r}."
-            )
+def _check_model_value(key: str, value, parameter) -> None:
+    """The checks of the model's own config arguments (their annotations), named as `model.*` keys, before
+    anything is built."""
+    problem = config_problem(key, str(parameter.annotation), value)
+    if problem:
+        raise ValueError(f"`model.{key}` must be {problem}, got {value!r}.")
 
 
 def check_model_section(config) -> dict:
@@ -207,7 +168,7 @@ def check_model_section(config) -> dict:
             if kind == "path" and value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"`model.{key}` must be a model folder path, got {value!r}.")
         else:
-            _check_model_value(key, value, params[key].default)
+            _check_model_value(key, value, params[key])
     return config.model
 
 
