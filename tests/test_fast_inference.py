@@ -306,6 +306,12 @@ def test_var_sampling_graph_wiring(monkeypatch, stand_in_graphs):
         )
     for reference, got in zip(seen[id(eager)], seen[id(graphed)]):
         assert all((r is None and g is None) or torch.equal(r, g) for r, g in zip(reference, got))
+    # moved or cast, the weights live in other memory: the captured graphs are dropped, not replayed
+    assert graphed._graph_steps
+    graphed.to("cpu")
+    assert not graphed._graph_steps
+    latent, _ = run(graphed, 0, **cases[0])
+    assert torch.equal(latent, run(eager, 0, **cases[0])[0]) and graphed._graph_steps  # captured anew
 
 
 # -- precomputed text features ---------------------------------------------------------------------------

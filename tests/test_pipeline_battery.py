@@ -612,6 +612,31 @@ def test_from_pipe_refuses_components_of_another_family_and_unknown_arguments(ca
         case.pipeline_class.from_pipe(other)
 
 
+def test_switches_that_do_not_apply_are_refused_and_layerwise_casting_is_named(case):
+    """``enable_attention_slicing`` / ``enable_xformers_memory_efficient_attention`` did nothing without a word, a
+    changed tensor other than the latents returned by a callback was ignored, and layerwise casting (hooks on the
+    layers, not on the component) passed ``enable_fast_inference``'s check and broke every later call."""
+    pipe = pipeline(case)
+    with pytest.raises(ValueError, match="`enable_attention_slicing` does not apply"):
+        pipe.enable_attention_slicing()
+    pipe.disable_attention_slicing()  # diffusers' disable calls enable(None): still fine
+    with pytest.raises(ValueError, match="`enable_xformers_memory_efficient_attention` does not apply"):
+        pipe.enable_xformers_memory_efficient_attention()
+    with pytest.raises(ValueError, match=r"returned new values for \['tokens'\]; only `latents` can be replaced"):
+        run(
+            case,
+            callback_on_step_end_tensor_inputs=["tokens"],
+            callback_on_step_end=lambda p, si, hw, t: {"tokens": torch.zeros_like(t["tokens"])},
+        )
+    same = run(case, callback_on_step_end_tensor_inputs=["tokens"], callback_on_step_end=lambda p, si, hw, t: t)
+    assert torch.equal(same, run(case))  # the tensors handed back as given: accepted
+    cast = case.pipeline_class(**case.components())
+    cast.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    with pytest.raises(ValueError, match="cannot be combined with CPU offloading, group offloading or layerwise"):
+        cast.enable_fast_inference(dtype=torch.float32)
+    assert not cast._fast_inference
+
+
 def test_a_component_left_out_is_named_at_the_call(case):
     """diffusers lets a pipeline be built with ``None`` for a component; the call then failed deep inside (an
     AttributeError on ``None``). It names the component instead, before any work."""

@@ -1076,7 +1076,13 @@ class FastInferenceMixin:
     ) -> None:
         """The transformer and text encoder to ``dtype`` (their ``_keep_in_fp32_modules`` to float32) and the image
         decoder (optionally compiled, channels-last); the tokenizer's quantizer and the running latent stay float32."""
-        if any(hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook") for m in self.components.values()):
+        hooked = (  # on a component or inside it (layerwise casting hooks each layer)
+            hasattr(layer, "_hf_hook") or hasattr(layer, "_diffusers_hook")
+            for component in self.components.values()
+            if isinstance(component, nn.Module)
+            for layer in component.modules()
+        )
+        if any(hooked):
             raise ValueError(
                 "`enable_fast_inference()` cannot be combined with CPU offloading, group offloading or "
                 "layerwise casting (their hooks move or cast weights at every call); reload the pipeline."

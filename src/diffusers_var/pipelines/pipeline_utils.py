@@ -378,6 +378,12 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         latent_names = ["latents"] + [
             alias for alias, unified in self._callback_aliases.items() if unified == "latents"
         ]
+        replaced = sorted(name for name in out if name not in latent_names and out[name] is not tensors.get(name))
+        if replaced:  # (they were ignored without a word)
+            raise ValueError(
+                f"`callback_on_step_end` returned new values for {replaced}; only `latents` can be replaced, the "
+                "other tensors are for reading (return them as given, or leave them out)."
+            )
         for name in latent_names:  # the first name whose tensor the callback replaced
             new = out.get(name)
             if new is not None and new is not tensors["latents"]:
@@ -423,6 +429,26 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+    # -- diffusers switches that do not apply ---------------------------------------------------------------------
+    def enable_attention_slicing(self, slice_size="auto"):
+        """Not for these pipelines (diffusers' version did nothing without a word): their attention runs in
+        PyTorch's ``scaled_dot_product_attention`` kernels, not diffusers' attention processors."""
+        if slice_size is None:  # diffusers' disable_attention_slicing()
+            return
+        raise ValueError(
+            "`enable_attention_slicing` does not apply: the transformers run PyTorch's scaled_dot_product_attention "
+            "kernels (memory-efficient already). For less memory at large batches, decode in slices "
+            "(`pipe.vqvae.enable_slicing()` / `pipe.vae.enable_slicing()`)."
+        )
+
+    def enable_xformers_memory_efficient_attention(self, attention_op=None):
+        """Not for these pipelines (diffusers' version did nothing without a word, xformers installed or not)."""
+        raise ValueError(
+            "`enable_xformers_memory_efficient_attention` does not apply: the transformers run PyTorch's "
+            "scaled_dot_product_attention kernels; to choose another kernel, call "
+            "`pipe.transformer.set_attention_backend(...)` (diffusers' attention backends)."
+        )
 
     # -- loading and saving --------------------------------------------------------------------------------------
     @classmethod
@@ -550,7 +576,10 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
     def to(self, *args, **kwargs):
         if _KEEP_COMPONENT_DTYPES.get() and not args and set(kwargs) == {"dtype"}:
             return self
-        return super().to(*args, **kwargs)
+        moved = super().to(*args, **kwargs)
+        if getattr(self, "_graph_steps", None):  # captured CUDA graphs would replay the old weights' memory
+            self._graph_steps = type(self._graph_steps)()
+        return moved
 
     # -- small shared helpers ------------------------------------------------------------------------------------
     @staticmethod
