@@ -280,7 +280,7 @@ class BitwiseMultiScaleVAE(CheckedLoadingMixin, ModelMixin, ConfigMixin, SlicedD
         """Images (B, 3, H, W) in [-1, 1] -> raw latent features (B, d, H/s, W/s). Checks the images' shape only
         (trainers call it every step: the values of :meth:`encode`'s check would cost a device sync each)."""
         self._check_images(images)
-        return self.encoder(images)
+        return self.encoder(images.to(next(self.encoder.parameters()).dtype))  # (float32 images, a bf16 model)
 
     def _check_images(self, images) -> None:
         channels = self.config.in_channels
@@ -331,8 +331,9 @@ class BitwiseMultiScaleVAE(CheckedLoadingMixin, ModelMixin, ConfigMixin, SlicedD
     def decode(self, latents: torch.Tensor, return_dict: bool = True):
         """Latent (B, d, H, W) -> images (B, 3, H*s, W*s) clamped to [-1, 1] (in slices after ``enable_slicing``)."""
         # out of place: a decoder compiled into CUDA graphs (a user's torch.compile mode) reuses its output buffer
+        dtype = next(self.decoder.parameters()).dtype  # (the bits' float32 codes into a bf16 model)
         images = self._decode_sliced(
-            lambda part: self.decoder(part).clamp(-1, 1), latents, self.config.codebook_dim, "latents"
+            lambda part: self.decoder(part.to(dtype)).clamp(-1, 1), latents, self.config.codebook_dim, "latents"
         )
         return DecoderOutput(sample=images) if return_dict else (images,)
 
