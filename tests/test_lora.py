@@ -213,6 +213,10 @@ def test_round_trips_on_the_embedded_pipelines(family, tmp_path):
     fresh.fuse_lora(lora_scale=0.5)
     fresh.unfuse_lora()  # the scale fuse_lora applied is undone too
     assert torch.equal(images(fresh, family), in_memory)
+    sibling = type(fresh).from_pipe(fresh)  # shares the transformer: its unfuse is exact too (it had kept scale 0.5)
+    fresh.fuse_lora(lora_scale=0.5)
+    sibling.unfuse_lora()
+    assert torch.equal(images(fresh, family), in_memory)
     fresh.unload_lora_weights()
     assert not lora_layers(fresh.transformer)
     assert torch.equal(images(fresh, family), base)

@@ -352,6 +352,7 @@ def _check_saved_metadata(metadata: dict | None, tensors: dict, parameter: str) 
 
 
 _SOURCE = "`pretrained_model_name_or_path_or_dict`"
+_FUSE_SNAPSHOT = "_diffusers_var_fuse_snapshot"  # a LoRA layer's base weight and scales before fuse_lora
 
 
 def _first_line(err: BaseException) -> str:
@@ -840,11 +841,12 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         lora_scale = float(lora_scale)
         if adapter_names is not None:  # diffusers fuses nothing, without a word, for a name it does not know
             adapter_names = self._check_adapter_names(adapter_names)
-        snapshots = self.__dict__.setdefault("_lora_fuse_snapshots", {})
         for layer in self._lora_layers(components):
-            if id(layer) not in snapshots:  # the weights before the first fusion (later ones add to them)
-                base = layer.get_base_layer()
-                snapshots[id(layer)] = (layer, base.weight.detach().to("cpu", copy=True), dict(layer.scaling))
+            # the weights before the first fusion (later ones add to them), kept on the layer: a pipeline sharing
+            # the transformer (from_pipe, CoDe) unfuses it exactly too
+            if _FUSE_SNAPSHOT not in layer.__dict__:
+                weight = layer.get_base_layer().weight.detach().to("cpu", copy=True)
+                layer.__dict__[_FUSE_SNAPSHOT] = (weight, dict(layer.scaling))
         super().fuse_lora(
             components=components,
             lora_scale=lora_scale,
@@ -859,11 +861,10 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         again, which is exact only up to float rounding, and keeps ``lora_scale`` in the adapter scales)."""
         components = self._check_components(components)
         super().unfuse_lora(components=components, **kwargs)
-        snapshots = self.__dict__.get("_lora_fuse_snapshots", {})
         for layer in self._lora_layers(components):
-            saved = snapshots.pop(id(layer), None)
+            saved = layer.__dict__.pop(_FUSE_SNAPSHOT, None)
             if saved is not None:
-                _, weight, scaling = saved
+                weight, scaling = saved
                 base_weight = layer.get_base_layer().weight
                 with torch.no_grad():
                     base_weight.copy_(weight.to(base_weight.device, base_weight.dtype))
@@ -873,8 +874,7 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         """Remove every adapter; the models are the plain base models again. Fused adapters stay fused (diffusers'
         behaviour: ``fuse_lora`` then ``unload_lora_weights`` keeps the merged weights without the LoRA layers);
         call :meth:`unfuse_lora` first for the base weights."""
-        super().unload_lora_weights()
-        self.__dict__.pop("_lora_fuse_snapshots", None)
+        super().unload_lora_weights()  # (the LoRA layers go, with the snapshots they hold)
 
     def _check_adapter_names(self, adapter_names, parameter: str = "adapter_names") -> list[str]:
         """``adapter_names`` (a name or a non-empty list of names) as a list; a ``ValueError`` naming ``parameter``,
