@@ -610,6 +610,11 @@ def test_from_pipe_refuses_components_of_another_family_and_unknown_arguments(ca
         case.pipeline_class.from_pipe("a-folder")
     with pytest.raises(ValueError, match=rf"`pipeline` is a .*{case.pipeline_class.__name__} needs the"):
         case.pipeline_class.from_pipe(other)
+    if "text_encoder" in pipe.components:  # any transformers text model, not any module (or a string)
+        with pytest.raises(ValueError, match="`text_encoder` must be a transformers PreTrainedModel"):
+            case.pipeline_class.from_pipe(pipe, text_encoder=pipe.transformer)
+        with pytest.raises(ValueError, match="`tokenizer` must be a transformers PreTrainedTokenizerBase"):
+            case.pipeline_class.from_pipe(pipe, tokenizer="abc")
 
 
 def test_switches_that_do_not_apply_are_refused_and_layerwise_casting_is_named(case):

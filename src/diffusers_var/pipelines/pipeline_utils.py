@@ -520,6 +520,20 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
                     f"`{name}` must be a {expected[name].__name__}, got a {type(module).__name__} (a component of "
                     "another family?)."
                 )
+        # the text towers are any transformers model / tokenizer (CLIP, T5, ...): of those kinds, at least
+        text_encoder, tokenizer = modules.get("text_encoder"), modules.get("tokenizer")
+        if text_encoder is not None or tokenizer is not None:
+            from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+            for name, value, kind, example in (
+                ("text_encoder", text_encoder, PreTrainedModel, "CLIPTextModel, T5EncoderModel"),
+                ("tokenizer", tokenizer, PreTrainedTokenizerBase, "CLIPTokenizer, T5TokenizerFast"),
+            ):
+                if value is not None and not isinstance(value, kind):
+                    raise ValueError(
+                        f"`{name}` must be a transformers {kind.__name__} ({example}, ...), got a "
+                        f"{type(value).__name__}."
+                    )
 
     @classmethod
     def _required_components(cls) -> list[str]:
