@@ -114,7 +114,7 @@ def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
     rewritten component removed (a loader would read them in place of a new single file). Files of the user's that
     the save does not write are kept. A save that fails leaves ``target`` as it was; one killed while the files move
     can leave some of them new, and leaves :data:`SAVING_MARKER` in ``target``, which the loaders refuse
-    (:func:`interrupted_save_problem`) until a save into it completes. Staging folders of killed saves are removed by
+    (:func:`refuse_interrupted_save`) until a save into it completes. Staging folders of killed saves are removed by
     the next save."""
     target = Path(target)
     if target.exists() and not target.is_dir():
@@ -153,18 +153,17 @@ def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def interrupted_save_problem(folder) -> str | None:
-    """What is wrong with a local ``folder`` (a pipeline or component folder) that a killed save left partly rewritten,
-    or ``None``: the marker in it, or in its parent (a component of a pipeline folder)."""
+def refuse_interrupted_save(folder) -> None:
+    """A ValueError naming ``pretrained_model_name_or_path`` when ``folder`` (a pipeline or component folder), or its
+    parent (the pipeline of a component), holds the marker a killed save left; nothing for other paths (Hub ids)."""
     folder = Path(folder)
     for place in (folder, folder.parent):
         if (place / SAVING_MARKER).is_file():
-            return (
-                f"{str(place)!r} was left partly rewritten by a save_pretrained that did not finish (some files new, "
-                f"some old, which may not belong together); save into it again, or delete {SAVING_MARKER!r} there if "
-                "you know its files match"
+            raise ValueError(
+                f"`pretrained_model_name_or_path`: {str(place)!r} was left partly rewritten by a save_pretrained that "
+                "did not finish (some files new, some old, which may not belong together); save into it again, or "
+                f"delete {SAVING_MARKER!r} there if you know its files match."
             )
-    return None
 
 
 def json_lines(lines: list[str], path: Path, flag: str) -> list[tuple[int, object]]:

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from ..file_utils import interrupted_save_problem, save_folder_atomic, write_atomic
+from ..file_utils import refuse_interrupted_save, save_folder_atomic, write_atomic
 from ..scalars import is_bool, is_integer, is_number
 
 PUSH_KWARGS = ("repo_id", "token", "private", "commit_message", "create_pr")
 # what building a model from a config of wrong types or values raises from inside torch (a negative dimension,
 # num_heads 0, a string size)
-_BUILD_ERRORS = (TypeError, ValueError, ZeroDivisionError, RuntimeError)  # what a config of wrong values raises
+_BUILD_ERRORS = (TypeError, ValueError, ZeroDivisionError, RuntimeError)
 
 
 class ConfigBuildError(ValueError):
@@ -144,10 +144,7 @@ class CheckedLoadingMixin:
         subfolder = kwargs.get("subfolder") or ""
         folder = Path(pretrained_model_name_or_path, subfolder)
         where = f"{str(folder)!r}"
-        if os.path.isdir(pretrained_model_name_or_path):
-            problem = interrupted_save_problem(folder)
-            if problem:
-                raise ValueError(f"`pretrained_model_name_or_path`: {problem}.")
+        refuse_interrupted_save(folder)
         output_loading_info = kwargs.pop("output_loading_info", False)
         if kwargs.get("ignore_mismatched_sizes"):  # a deliberate partial load: diffusers' own behaviour
             return super().from_pretrained(

@@ -46,7 +46,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import logging
 
-from ..file_utils import interrupted_save_problem, save_folder_atomic, write_text_atomic
+from ..file_utils import refuse_interrupted_save, save_folder_atomic, write_text_atomic
 from ..models.loading import PUSH_KWARGS, push_folder_to_hub, refuse_lora_layers
 from ..models.multiscale_vq import area_down
 from ..models.slicing import NaNDecodeError, check_token_values
@@ -463,10 +463,7 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
             )
         for name in ("dtype", "torch_dtype"):
             check_dtype_argument(kwargs.get(name), name)
-        if os.path.isdir(pretrained_model_name_or_path):
-            problem = interrupted_save_problem(pretrained_model_name_or_path)
-            if problem:
-                raise ValueError(f"`pretrained_model_name_or_path`: {problem}.")
+        refuse_interrupted_save(pretrained_model_name_or_path)
         try:
             config = cls.load_config(
                 pretrained_model_name_or_path, **{k: kwargs[k] for k in _LOAD_CONFIG_KWARGS if k in kwargs}
