@@ -388,3 +388,14 @@ def test_kv_caches_can_share_one_buffer():
         assert all(torch.equal(a, b) for a, b in zip(decode(cache), reference))
         keys = cache.layers[0]._keys
         assert (keys.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()) == shared
+
+
+def test_code_refuses_a_drafter_switched_without_its_refiner():
+    """A VAR pipeline sharing CoDe's drafter switches the drafter alone: the CoDe pipeline says which call puts both
+    stages back on one footing, instead of running a fitted drafter beside an unfitted refiner."""
+    code = code_pipe()
+    VARPipeline.from_pipe(code).enable_fast_inference(dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"call `enable_fast_inference\(\)` or `disable_fast_inference\(\)`"):
+        code(class_labels=[1], top_k=10, output_type="latent")
+    code.enable_fast_inference(dtype=torch.float32)
+    assert code(class_labels=[1], top_k=10, output_type="latent").images.shape[0] == 1

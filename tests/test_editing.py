@@ -450,3 +450,19 @@ def test_var_graphs_fall_back_to_eager_for_other_forcing_hooks_and_say_so(graphs
     pipe._begin_call(4.0, 4)
     pipe._sample_scales(labels, 10, 0.9, False, torch.Generator().manual_seed(0), forcing=forcing)
     assert [key for key in pipe._graph_steps if key[0] == "sampling"]  # a TokenForcing runs in the graphs
+
+
+def test_fast_switches_are_shared_by_pipelines_sharing_the_transformer(graphs_on_cpu):
+    """``enable_fast_inference`` casts and fits modules that ``from_pipe`` shares, so its switches live on the
+    transformer: a derived pipeline's switch is its source's too (no pipeline runs the eager path on fitted modules),
+    and each pipeline's captured graphs are dropped when the switches change."""
+    source = tiny_var()
+    derived = VARImg2ImgPipeline.from_pipe(source)
+    derived.enable_fast_inference(dtype=torch.float32)
+    assert source._fast_inference and source._use_cuda_graphs and source._fast_dtype == torch.float32
+    source(class_labels=[1], generator=torch.Generator().manual_seed(0), top_k=10, output_type="latent")
+    assert source._graph_steps
+    derived.disable_fast_inference()
+    assert not source._fast_inference and not source._graph_steps  # the graphs of the old switches are gone
+    source.enable_fast_inference(dtype=torch.float32)
+    assert derived._fast_inference and not VARPipeline.from_pipe(derived)._graph_steps

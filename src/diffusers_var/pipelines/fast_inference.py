@@ -24,6 +24,7 @@ kernels and precision tricks installed onto the models from outside (the model f
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
 import os
@@ -1049,20 +1050,70 @@ class CUDAGraphScaleSteps:
         return self.outputs[index]
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class FastSettings:
+    """What ``enable_fast_inference`` switched on, kept on the transformer it cast and fitted: pipelines that share the
+    module (``from_pipe``) share the state, so none of them runs the eager path on fitted modules. A new object per
+    switch: a pipeline's captured graphs belong to the object they were captured under."""
+
+    enabled: bool = False
+    dtype: torch.dtype | None = None
+    fp8: bool = False
+    cuda_graphs: bool = False
+
+
+FAST_SETTINGS_ATTRIBUTE = "_diffusers_var_fast_settings"
+ROUNDED_ATTRIBUTE = "_diffusers_var_rounded_to"  # the lowest dtype the fast path ever cast the module's weights to
+_OFF = FastSettings()
+
+
+def fast_settings(module: nn.Module | None) -> FastSettings:
+    return getattr(module, FAST_SETTINGS_ATTRIBUTE, _OFF)
+
+
 class FastInferenceMixin:
     """The switches of ``enable_fast_inference``, the cache of captured CUDA graph sets, and the transformer step of
     every pipeline (:meth:`_transformer_steps`: replayed graphs, or eager).
 
     ``enable_fast_inference`` casts (:meth:`_cast_for_fast_inference`), installs what its flags ask for and calls
-    :meth:`_set_fast_inference`. ``graph_cache_size`` (default 4) bounds how many graph sets are kept (each owns a KV
-    cache for the whole token pyramid and a memory pool); the least recently used one is dropped first.
+    :meth:`_set_fast_inference`, which records the switches on the transformer (:class:`FastSettings`).
+    ``graph_cache_size`` (default 4) bounds how many graph sets are kept (each owns a KV cache for the whole token
+    pyramid and a memory pool); the least recently used one is dropped first.
     """
 
     graph_cache_size: int = 4
-    _fast_inference: bool = False
-    _use_cuda_graphs: bool = False
-    _fast_dtype: torch.dtype | None = None
-    _fast_fp8: bool = False
+
+    @property
+    def _fast_settings(self) -> FastSettings:
+        return fast_settings(getattr(self, "transformer", None))
+
+    @property
+    def _fast_inference(self) -> bool:
+        return self._fast_settings.enabled
+
+    @property
+    def _fast_dtype(self) -> torch.dtype | None:
+        return self._fast_settings.dtype
+
+    @property
+    def _fast_fp8(self) -> bool:
+        return self._fast_settings.fp8
+
+    @property
+    def _use_cuda_graphs(self) -> bool:
+        return self._fast_settings.cuda_graphs
+
+    @property
+    def _graph_steps(self) -> OrderedDict:
+        """This pipeline's captured graph sets, emptied when the transformer's switches changed since (through this
+        pipeline or another that shares the transformer)."""
+        settings = self._fast_settings
+        if self.__dict__.get("_graph_settings") is not settings or "_graph_cache" not in self.__dict__:
+            self.__dict__["_graph_cache"], self.__dict__["_graph_settings"] = OrderedDict(), settings
+        return self.__dict__["_graph_cache"]
+
+    def _drop_graphs(self) -> None:
+        self.__dict__.pop("_graph_cache", None)
 
     def _check_fast_inference_args(self, dtype: torch.dtype, **flags) -> None:
         """:func:`check_fast_inference_args`, then, for ``fp8=True``, the transformer's widths: a model that float8
@@ -1087,14 +1138,14 @@ class FastInferenceMixin:
                 "`enable_fast_inference()` cannot be combined with CPU offloading, group offloading or "
                 "layerwise casting (their hooks move or cast weights at every call); reload the pipeline."
             )
-        rounded_to = getattr(self, "_rounded_by_fast_path", None)
+        rounded_to = getattr(self.transformer, ROUNDED_ATTRIBUTE, None)
         if rounded_to is not None and torch.finfo(dtype).bits > torch.finfo(rounded_to).bits:
             logger.warning(
                 f"enable_fast_inference(dtype={dtype}): an earlier call cast the weights to {rounded_to}; they keep "
                 f"that rounding in {dtype} (reload the pipeline for its full-precision weights)."
             )
         if torch.finfo(dtype).bits < 32:
-            self._rounded_by_fast_path = dtype
+            setattr(self.transformer, ROUNDED_ATTRIBUTE, dtype)
         cast_module_(self.transformer, dtype)
         cast_module_(getattr(self, "text_encoder", None), dtype)
         cast_decoder_(
@@ -1107,6 +1158,7 @@ class FastInferenceMixin:
     def _set_fast_inference(
         self, enabled: bool, cuda_graphs: bool = False, dtype: torch.dtype | None = None, fp8: bool = False
     ):
+        enabled, cuda_graphs, fp8 = bool(enabled), bool(cuda_graphs), bool(fp8)
         low_precision = enabled and dtype != torch.float32  # float32 keeps the eager ops, so its outputs equal eager
         quantize_linears_fp8_(self.transformer, enabled and fp8)
         fuse_ffn_gelu_(self.transformer, low_precision)
@@ -1117,11 +1169,9 @@ class FastInferenceMixin:
             False,
         )
         separable_upsample_(getattr(self, "vqvae", None), low_precision)
-        self._fast_inference = bool(enabled)
-        self._fast_dtype = dtype if enabled else None
-        self._fast_fp8 = bool(enabled and fp8)
-        self._use_cuda_graphs = bool(enabled and cuda_graphs)
-        self._graph_steps = OrderedDict()
+        if self.transformer is not None:
+            settings = FastSettings(enabled, dtype if enabled else None, enabled and fp8, enabled and cuda_graphs)
+            setattr(self.transformer, FAST_SETTINGS_ATTRIBUTE, settings)
         self._adapter_state = adapter_state(self.transformer)
         return self
 
@@ -1134,7 +1184,7 @@ class FastInferenceMixin:
             return
         state = adapter_state(self.transformer)
         if state != self.__dict__.get("_adapter_state"):
-            self._graph_steps = OrderedDict()
+            self._drop_graphs()
             quantize_linears_fp8_(self.transformer, self._fast_fp8)
             self._adapter_state = state
 

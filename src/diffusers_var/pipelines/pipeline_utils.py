@@ -552,9 +552,9 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
     def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs):
         """diffusers' ``from_pipe`` (the new pipeline shares the components, no weights are copied), except that
         each component keeps its dtype: diffusers casts every component to float32 (or ``dtype``), which, the
-        components being shared, also casts those of ``pipeline``. ``dtype=`` still casts, when given. A pipeline
-        with ``enable_fast_inference()`` on passes it on (its modules, shared, are already cast and fitted); the new
-        pipeline captures its own CUDA graphs."""
+        components being shared, also casts those of ``pipeline``. ``dtype=`` still casts, when given.
+        ``enable_fast_inference()`` / ``disable_fast_inference()`` cast and fit the modules, so their switches live on
+        the transformer: pipelines sharing it share them (each captures its own CUDA graphs)."""
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
         check_dtype_argument(dtype, per_component=False)
         if not isinstance(pipeline, DiffusionPipeline):
@@ -579,17 +579,13 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
             new = super().from_pipe(pipeline, **kwargs)
         finally:
             _KEEP_COMPONENT_DTYPES.reset(token)
-        if getattr(pipeline, "_fast_inference", False) and isinstance(new, FastInferenceMixin):
-            new._fast_inference, new._fast_dtype = True, pipeline._fast_dtype
-            new._use_cuda_graphs, new._graph_steps = pipeline._use_cuda_graphs, type(pipeline._graph_steps)()
         return new.to(dtype=dtype) if dtype is not None else new
 
     def to(self, *args, **kwargs):
         if _KEEP_COMPONENT_DTYPES.get() and not args and set(kwargs) == {"dtype"}:
             return self
         moved = super().to(*args, **kwargs)
-        if getattr(self, "_graph_steps", None):  # captured CUDA graphs would replay the old weights' memory
-            self._graph_steps = type(self._graph_steps)()
+        self._drop_graphs()  # captured CUDA graphs would replay the old weights' memory
         return moved
 
     # -- small shared helpers ------------------------------------------------------------------------------------

@@ -16,9 +16,12 @@ from ..models.blocks import square_schedule
 from ..models.multiscale_vq import MultiScaleVQModel
 from ..models.var_transformer import VARTransformer2DModel
 from .fast_inference import (
+    FAST_SETTINGS_ATTRIBUTE,
     CUDAGraphScaleSteps,
+    FastSettings,
     cast_module_,
     compile_adaln_blocks_,
+    fast_settings,
     fp8_linears,
     fuse_ffn_gelu_,
     quantize_linears_fp8_,
@@ -1088,6 +1091,19 @@ class VARCoDePipeline(VARPipeline):
             compile_adaln_blocks_(self.refiner, compile_blocks)
         return self
 
+    @property
+    def _fast_settings(self) -> FastSettings:
+        """The drafter's switches, which must be the refiner's: a pipeline sharing only one of them (``from_pipe``)
+        may have switched it alone."""
+        drafter, refiner = fast_settings(self.transformer), fast_settings(getattr(self, "refiner", None))
+        if drafter is not refiner and (drafter.enabled or refiner.enabled):
+            raise ValueError(
+                "the drafter's and the refiner's fast-inference switches differ (another pipeline sharing one of "
+                "them called enable_fast_inference / disable_fast_inference): call `enable_fast_inference()` or "
+                "`disable_fast_inference()` on this VARCoDePipeline."
+            )
+        return drafter
+
     def _check_fast_inference_args(self, dtype: torch.dtype, **flags) -> None:
         super()._check_fast_inference_args(dtype, **flags)
         if flags.get("fp8"):
@@ -1103,6 +1119,7 @@ class VARCoDePipeline(VARPipeline):
         super()._set_fast_inference(enabled, cuda_graphs, dtype, fp8)
         quantize_linears_fp8_(self.refiner, enabled and fp8)
         fuse_ffn_gelu_(self.refiner, enabled and dtype != torch.float32)
+        setattr(self.refiner, FAST_SETTINGS_ATTRIBUTE, fast_settings(self.transformer))
         self._stage_memories = weakref.WeakValueDictionary()  # alive while a graph set of its stages is cached
         return self
 
