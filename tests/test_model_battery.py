@@ -240,6 +240,30 @@ def test_scale_by_scale_decoding_equals_teacher_forcing(case):
 
 
 @pytest.mark.parametrize("case", TRANSFORMERS, ids=case_ids(TRANSFORMERS))
+def test_decoding_out_of_order_is_refused(case):
+    """Scales run in order on one cache per generation: a skipped scale, a repeated one, a cache left over from the
+    last generation, a missing cache or an index outside the schedule get a ValueError naming the parameter."""
+    model = case.build()
+    _, condition, tf_input, schedule = case.io(model)
+    first = schedule[0][0] * schedule[0][1]
+    second = tf_input[:, : schedule[1][0] * schedule[1][1]]
+    with torch.no_grad():
+        cache = model.init_kv_cache(schedule)
+        with pytest.raises(ValueError, match=r"`scale_index` 1 starts at token .*holds 0"):
+            model.forward_scale(1, condition, cache, second)  # scale 0 skipped
+        model.forward_scale(0, condition, cache, None)
+        with pytest.raises(ValueError, match=rf"`scale_index` 0 starts at token 0, but its `kv_cache` holds {first}"):
+            model.forward_scale(0, condition, cache, None)  # repeated, or the last generation's cache
+        with pytest.raises(ValueError, match=r"`scale_index` must be an int in \[0, \d+\]"):
+            model.forward_scale(len(schedule), condition, cache, second)
+        with pytest.raises(ValueError, match=r"needs the `kv_cache` of `init_kv_cache\(\)`, got NoneType"):
+            model.forward_scale(0, condition, None, None)
+        cache.reset()
+        model.forward_scale(0, condition, cache, None)  # a reset cache starts a new generation
+        model.forward_scale(1, condition, cache, second)
+
+
+@pytest.mark.parametrize("case", TRANSFORMERS, ids=case_ids(TRANSFORMERS))
 def test_gradient_checkpointing_gives_the_same_gradients(case):
     model = case.build().train()
     model.config.cond_drop_rate = 0.0

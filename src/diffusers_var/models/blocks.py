@@ -13,6 +13,7 @@ onto these modules from ``pipelines/fast_inference.py``; nothing here depends on
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Sequence
 
 import torch
@@ -199,6 +200,28 @@ class KVCache:
     def reset(self) -> None:
         for layer in (*self.layers, self.head):
             layer.reset()
+
+
+def check_decoding_step(kv_cache, scale_index) -> None:
+    """Scale-by-scale decoding runs the scales in order on one cache per generation: a ValueError for anything else,
+    instead of attention over a wrong prefix or an error from deep inside a block."""
+    if not isinstance(kv_cache, KVCache):
+        raise ValueError(
+            "decoding one scale (`scale_index`) needs the `kv_cache` of `init_kv_cache()`, got "
+            f"{type(kv_cache).__name__}."
+        )
+    num_scales = len(kv_cache.schedule)
+    whole = isinstance(scale_index, numbers.Integral) and not isinstance(scale_index, bool)
+    if not whole or not 0 <= scale_index < num_scales:
+        raise ValueError(
+            f"`scale_index` must be an int in [0, {num_scales - 1}] for this `kv_cache`, got {scale_index!r}."
+        )
+    begin, _ = kv_cache.scale_range(scale_index)
+    if kv_cache.layers and kv_cache.length != begin:  # (a model without blocks caches nothing)
+        raise ValueError(
+            f"`scale_index` {scale_index} starts at token {begin}, but its `kv_cache` holds {kv_cache.length}: run "
+            "the scales in order from 0, with a new cache (`init_kv_cache()`) or `kv_cache.reset()` per generation."
+        )
 
 
 # ----------------------------------------------------------------------------------------------

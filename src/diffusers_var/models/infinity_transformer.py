@@ -24,6 +24,7 @@ from .blocks import (
     LayerKVCache,
     Rotary2D,
     block_causal_mask_from_counts,
+    check_decoding_step,
     init_adaln_transformer_weights_,
     level_ids_from_counts,
     memoized,
@@ -408,6 +409,7 @@ class InfinityTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, P
     def _decode_scale(
         self, scale_index, scale_input, text_embeds, text_mask, drop_text, kv_cache: KVCache
     ) -> torch.Tensor:
+        check_decoding_step(kv_cache, scale_index)
         schedule = kv_cache.schedule
         begin, end = kv_cache.scale_range(scale_index)
         text = memoized(kv_cache.head, "text", lambda: self.encode_text(text_embeds, text_mask, drop_text))

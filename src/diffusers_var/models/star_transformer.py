@@ -25,6 +25,7 @@ from .blocks import (
     LayerKVCache,
     Rotary2D,
     block_causal_mask,
+    check_decoding_step,
     init_linear_and_embedding_weights_,
     memoized,
     scale_begin_ends,
@@ -601,6 +602,7 @@ class STARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftA
         pooled_text_embeds,
         kv_cache: KVCache,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        check_decoding_step(kv_cache, scale_index)
         begin, end = self.begin_ends[scale_index]
         B = pooled_text_embeds.shape[0]
         if scale_index == 0:

@@ -18,6 +18,7 @@ from .blocks import (
     AdaLNModulation,
     AdaLNSelfAttentionBlock,
     KVCache,
+    check_decoding_step,
     init_adaln_transformer_weights_,
     memoized,
     scale_begin_ends,
@@ -332,6 +333,7 @@ class VARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAd
         return self(class_labels, prefix_input, drop_labels=False, kv_cache=kv_cache, logits_from=logits_from).logits
 
     def _decode_scale(self, scale_index: int, class_labels, kv_cache: KVCache, scale_input) -> torch.Tensor:
+        check_decoding_step(kv_cache, scale_index)
         begin, end = self.begin_ends[scale_index]
         if scale_index == 0:
             self._check_labels(class_labels)
