@@ -263,6 +263,35 @@ def test_decoding_out_of_order_is_refused(case):
         model.forward_scale(1, condition, cache, second)
 
 
+# the teacher-forcing call with one input row against the condition's two, and the parameter the error must name
+ROW_MISMATCHES = {
+    "var": (lambda model, condition, tf_input: model(condition[0], tf_input[:1]), "teacher_forcing_input"),
+    "star": (lambda model, condition, tf_input: model(tf_input[:1], *condition), "pooled_text_embeds"),
+    "infinity": (
+        lambda model, condition, tf_input: model(tf_input[:1], *condition[:2], INFINITY_SCHEDULE),
+        "hidden_states",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", TRANSFORMERS, ids=case_ids(TRANSFORMERS))
+def test_teacher_forcing_rows_must_match_the_condition(case):
+    model = case.build()
+    _, condition, tf_input, _ = case.io(model)
+    call, parameter = ROW_MISMATCHES[case.id.split("_")[0]]
+    with torch.no_grad(), pytest.raises(ValueError, match=f"`{parameter}`"):
+        call(model, condition, tf_input)
+
+
+def test_infinity_drop_text_must_be_one_bool_per_row():
+    """A (1,) mask would broadcast over every row (all texts dropped), an int mask would index."""
+    model = _infinity_transformer()
+    _, (embeds, mask, _), tf_input, _ = _infinity_io(model)
+    for drop in (torch.tensor([True]), torch.tensor([0, 1]), [False, True]):
+        with torch.no_grad(), pytest.raises(ValueError, match=r"`drop_text` must be a bool tensor of shape \(2,\)"):
+            model(tf_input, embeds, mask, INFINITY_SCHEDULE, drop_text=drop)
+
+
 @pytest.mark.parametrize("case", TRANSFORMERS, ids=case_ids(TRANSFORMERS))
 def test_gradient_checkpointing_gives_the_same_gradients(case):
     model = case.build().train()

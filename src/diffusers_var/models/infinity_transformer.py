@@ -287,6 +287,10 @@ class InfinityTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, P
             raise ValueError("`text_mask`: every sample needs at least one real token.")
         text_embeds = text_embeds.to(self.uncond_text_embeds.dtype)
         if drop_text is not None:  # also when no row is dropped, so DDP always sees the parameter used
+            rows = text_mask.shape[:1]
+            if not torch.is_tensor(drop_text) or drop_text.dtype != torch.bool or drop_text.shape != rows:
+                got = f"{drop_text.dtype} {tuple(drop_text.shape)}" if torch.is_tensor(drop_text) else drop_text
+                raise ValueError(f"`drop_text` must be a bool tensor of shape ({rows[0]},), got {got}.")
             uncond = self.unconditional_text_embeds(text_mask)
             text_embeds = torch.where(drop_text.to(text_embeds.device)[:, None, None], uncond, text_embeds)
         normed = self.text_norm(text_embeds.float()).to(text_embeds.dtype)
@@ -370,6 +374,11 @@ class InfinityTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, P
         if hidden_states is None or hidden_states.ndim != 3 or tuple(hidden_states.shape[1:]) != expected:
             got = None if hidden_states is None else tuple(hidden_states.shape)
             raise ValueError(f"`hidden_states` must have shape (B, {expected[0]}, {expected[1]}), got {got}.")
+        if hidden_states.shape[0] != text_embeds.shape[0]:
+            raise ValueError(
+                f"`hidden_states` has {hidden_states.shape[0]} rows and `text_embeds` {text_embeds.shape[0]}: one "
+                "text per row."
+            )
         if drop_text is None and self.training and self.config.cond_drop_rate > 0:
             drop_text = torch.rand(hidden_states.shape[0]) < self.config.cond_drop_rate
         text = self.encode_text(text_embeds, text_mask, drop_text)

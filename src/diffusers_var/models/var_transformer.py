@@ -230,6 +230,11 @@ class VARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAd
             return self._decode_scale(scale_index, class_labels, kv_cache, teacher_forcing_input)
         self._check_labels(class_labels)
         length = self._teacher_forcing_length(teacher_forcing_input)
+        if teacher_forcing_input.shape[0] != class_labels.shape[0]:
+            raise ValueError(
+                f"`teacher_forcing_input` has {teacher_forcing_input.shape[0]} rows and `class_labels` "
+                f"{class_labels.shape[0]}: one label per row."
+            )
         if not 0 <= logits_from < length:
             raise ValueError(f"`logits_from` must be in [0, {length - 1}] for {length} positions, got {logits_from}.")
         if kv_cache is not None and kv_cache.length:
