@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -488,3 +489,17 @@ def test_bad_tokenizer_inputs_name_the_parameter(case):
         ):
             with pytest.raises(ValueError, match=f"`{tokens_name}"):
                 decode_tokens(bad)
+        multiples = rf"`images` height and width must be multiples of {model.downsample_factor}"
+        with pytest.raises(ValueError, match=multiples):
+            encode(torch.zeros(2, 3, 9, 9))  # the encoder's strided convs would drop the last row and column
+
+
+def test_bitwise_schedules_take_whole_numbers_only():
+    """``int()`` would read a 1.5 grid side as 1: the schedule's entries are whole numbers, (h, w) or (1, h, w)."""
+    vae = infinity_components(seed=0)["vae"].eval()
+    images = torch.zeros(1, 3, 8, 8)
+    with torch.no_grad():
+        assert vae.encode(images, np.array([[1, 1], [2, 2], [4, 4]])).bit_labels[-1].shape[1:3] == (4, 4)
+        for bad in ([(1, 1), (2, 2), (4.0, 4.0)], [(1, 1), (2, 2.5), (4, 4)], [(1, 1), (True, 2), (4, 4)], 4):
+            with pytest.raises(ValueError, match="`scale_schedule`"):
+                vae.encode(images, bad)

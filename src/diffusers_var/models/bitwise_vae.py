@@ -287,6 +287,11 @@ class BitwiseMultiScaleVAE(CheckedLoadingMixin, ModelMixin, ConfigMixin, SlicedD
         if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != channels:
             got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
             raise ValueError(f"`images` must be a (B, {channels}, H, W) tensor in [-1, 1], got {got}.")
+        if images.shape[-1] % self.downsample_factor or images.shape[-2] % self.downsample_factor:
+            raise ValueError(  # the encoder's strided convs would drop the last rows / columns
+                f"`images` height and width must be multiples of {self.downsample_factor}, "
+                f"got {tuple(images.shape[-2:])}."
+            )
 
     @apply_forward_hook
     def encode(self, images: torch.Tensor, scale_schedule, return_dict: bool = True):
@@ -324,7 +329,7 @@ class BitwiseMultiScaleVAE(CheckedLoadingMixin, ModelMixin, ConfigMixin, SlicedD
     def forward(self, images: torch.Tensor, scale_schedule):
         """Training forward: encode, multi-scale BSQ along ``scale_schedule`` (straight-through), decode without
         clamping (so every pixel gets a gradient). Returns ``(reconstruction, BitwiseEncodeOutput)``."""
-        encoded = self.quantize(self.encoder(images), scale_schedule)
+        encoded = self.quantize(self.encode_features(images), scale_schedule)
         return self.decoder(encoded.quantized), encoded
 
     @apply_forward_hook

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 from ..scalars import is_integer
 
 # (h, w) for the templates with h >= w; the template w/h (written int(1000/r)/1000) uses the transposes.
@@ -152,9 +154,18 @@ def scale_schedule_for(aspect_ratio: float, preset: str) -> list[tuple[int, int]
 
 def normalize_schedule(scale_schedule: Sequence[Sequence[int]], name: str = "scale_schedule") -> list[tuple[int, int]]:
     """Accept ``(h, w)`` or the original ``(t, h, w)`` entries (t must be 1 for images)."""
+
+    def is_list(value) -> bool:
+        return isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes))
+
+    if not is_list(scale_schedule):
+        raise ValueError(f"`{name}` must be a list of (h, w) token grids, got {type(scale_schedule).__name__}.")
     out = []
     for entry in scale_schedule:
-        entry = tuple(int(v) for v in entry)
+        values = tuple(entry) if is_list(entry) else None
+        if values is None or not all(is_integer(v) for v in values):  # int() would truncate 1.5 to 1
+            raise ValueError(f"`{name}` entries must be (h, w) or (1, h, w) positive integers, got {entry!r}.")
+        entry = tuple(int(v) for v in values)
         if len(entry) == 3:
             if entry[0] != 1:
                 raise ValueError(f"`{name}`: only image schedules (t == 1) are supported, got {entry}.")
