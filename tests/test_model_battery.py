@@ -10,6 +10,7 @@ A new model class joins by adding one :class:`ModelCase` to ``CASES``.
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -198,6 +199,34 @@ def test_loading_refuses_what_does_not_fit_and_saving_is_atomic(case, tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, size: "x"}))
     with pytest.raises(ValueError, match=rf"{case.model_class.__name__}"):
         case.model_class.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
+def test_weights_are_safetensors_and_variants_keep_each_other(case, tmp_path, caplog):
+    """Only safetensors are written (a pickle can run code when loaded): ``safe_serialization=False`` (which diffusers'
+    own test battery passes) says so and writes safetensors. A ``.bin`` that diffusers' own save wrote still loads
+    (torch's weights-only reader). Saving a variant leaves the default weights (sharded here) in place, and the other
+    way round."""
+    from diffusers import ModelMixin
+
+    model, folder = case.build(), tmp_path / "m"
+    expected = _output(case, model)
+    with caplog.at_level(logging.WARNING):
+        model.save_pretrained(folder, safe_serialization=False)
+    assert "writes safetensors only" in caplog.text
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    ModelMixin.save_pretrained(model, tmp_path / "pickled", safe_serialization=False)
+    torch.testing.assert_close(_output(case, case.model_class.from_pretrained(tmp_path / "pickled")), expected)
+    model.save_pretrained(folder, max_shard_size="50KB")
+    shards = sorted(p.name for p in folder.iterdir() if "-of-" in p.name)
+    assert len(shards) > 1
+    model.save_pretrained(folder, variant="fp16")
+    assert sorted(p.name for p in folder.iterdir() if "-of-" in p.name) == shards
+    for variant in (None, "fp16"):
+        torch.testing.assert_close(_output(case, case.model_class.from_pretrained(folder, variant=variant)), expected)
+    model.save_pretrained(folder)  # the default weights as one file: its stale shards go, the variant stays
+    assert not [p for p in folder.iterdir() if "-of-" in p.name]
+    assert (folder / "diffusion_pytorch_model.fp16.safetensors").is_file()
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))

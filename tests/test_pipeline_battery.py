@@ -400,6 +400,8 @@ def test_save_load_round_trip_is_exact_and_safetensors_only(case, tmp_path):
     loaded = case.pipeline_class.from_pretrained(tmp_path / "p")
     loaded.set_progress_bar_config(disable=True)
     assert torch.equal(run(case, loaded), run(case))
+    pipe.save_pretrained(tmp_path / "q", safe_serialization=False)  # (diffusers' battery asks so) safetensors anyway
+    assert not [p for p in (tmp_path / "q").rglob("*") if p.suffix in (".bin", ".pth", ".pt", ".pkl", ".ckpt")]
 
 
 def test_dtype_loading_keeps_the_fp32_modules(case, tmp_path):

@@ -68,20 +68,31 @@ def _default_folder_mode() -> int:
     return 0o777 & ~umask
 
 
-# Weight files that a component's new save makes stale: shards and shard indices of its weights name (variants
-# included), which a loader would read in place of a new single file. A plain single file is replaced by name.
-def _stale_weight_pattern(stem: str) -> re.Pattern:
-    stem = re.escape(stem)
-    return re.compile(
-        rf"{stem}(\.\w+)?-\d{{5}}-of-\d{{5}}\.(safetensors|bin)\Z|{stem}\.(safetensors|bin)\.index(\.\w+)?\.json\Z"
-    )
+# Weight files that a component's new save makes stale: shards and shard indices of its weights name and variant,
+# which a loader would read in place of a new single file. A plain single file is replaced by name. Another variant's
+# files are left alone: they load on their own (``variant=``).
+_WEIGHT_NAME = re.compile(
+    r"(?P<stem>[^.]+?)(\.(?P<variant>\w+))?(-\d{5}-of-\d{5})?\.(safetensors|bin)\Z"
+    r"|(?P<index_stem>[^.]+)\.(safetensors|bin)\.index(\.(?P<index_variant>\w+))?\.json\Z"
+)
 
 
-def _weight_stem(name: str) -> str | None:
-    """``diffusion_pytorch_model`` of ``diffusion_pytorch_model[.fp16][-00001-of-00002].safetensors`` (or an index)."""
-    if not re.search(r"\.(safetensors|bin)(\.index(\.\w+)?\.json)?\Z", name):
+def _weight_key(name: str) -> tuple[str, str | None] | None:
+    """``(stem, variant)`` of ``stem[.variant][-00001-of-00002].safetensors`` or its index
+    ``stem.safetensors.index[.variant].json``; ``None`` for other files."""
+    match = _WEIGHT_NAME.match(name)
+    if match is None:
         return None
-    return re.sub(r"-\d{5}-of-\d{5}\Z", "", name.split(".")[0])
+    if match["stem"] is not None:
+        return match["stem"], match["variant"]
+    return match["index_stem"], match["index_variant"]
+
+
+def _stale_weight_pattern(stem: str, variant: str | None) -> re.Pattern:
+    stem, variant = re.escape(stem), rf"\.{re.escape(variant)}" if variant else ""
+    return re.compile(
+        rf"{stem}{variant}-\d{{5}}-of-\d{{5}}\.(safetensors|bin)\Z|{stem}\.(safetensors|bin)\.index{variant}\.json\Z"
+    )
 
 
 def _clean_stale_staging(folder: Path, prefix: str) -> None:
@@ -143,7 +154,7 @@ def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
             os.replace(new / relative, target / relative)
         for folder in {relative.parent for relative in written}:
             names = {relative.name for relative in written if relative.parent == folder}
-            patterns = [_stale_weight_pattern(stem) for stem in {_weight_stem(name) for name in names} - {None}]
+            patterns = [_stale_weight_pattern(*key) for key in {_weight_key(name) for name in names} - {None}]
             for old in (target / folder).iterdir():
                 if old.is_file() and old.name not in names and any(p.match(old.name) for p in patterns):
                     old.unlink()
@@ -151,6 +162,12 @@ def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
         return target
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+SAFETENSORS_ONLY = (
+    "save_pretrained(safe_serialization=False): diffusers-var writes safetensors only (a pickle can run code when "
+    "loaded); writing safetensors."
+)
 
 
 def refuse_interrupted_save(folder) -> None:

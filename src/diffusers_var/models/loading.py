@@ -13,10 +13,18 @@ import sys
 from pathlib import Path
 
 import torch
+from diffusers.utils import logging
 from safetensors import SafetensorError
 
-from ..file_utils import refuse_interrupted_save, save_folder_atomic, write_atomic
+from ..file_utils import (
+    SAFETENSORS_ONLY,
+    refuse_interrupted_save,
+    save_folder_atomic,
+    write_atomic,
+)
 from ..scalars import is_bool, is_integer, is_number
+
+logger = logging.get_logger(__name__)
 
 PUSH_KWARGS = ("repo_id", "token", "private", "commit_message", "create_pr")
 # what building a model from a config of wrong types or values raises from inside torch (a negative dimension,
@@ -204,6 +212,8 @@ class CheckedLoadingMixin:
         signature), through a staging folder."""
         if not isinstance(save_directory, (str, os.PathLike)) or not str(save_directory):
             raise ValueError(f"`save_directory` must be a folder path (str or os.PathLike), got {save_directory!r}.")
+        if not safe_serialization:
+            logger.warning(SAFETENSORS_ONLY)
         if not is_main_process:  # the main process saves (diffusers' other processes rewrote the weights in place)
             return
         refuse_lora_layers(self, type(self).__name__)
@@ -211,7 +221,7 @@ class CheckedLoadingMixin:
         settings = dict(
             is_main_process=is_main_process,
             save_function=save_function,
-            safe_serialization=safe_serialization,
+            safe_serialization=True,
             variant=variant,
             max_shard_size=max_shard_size,
             use_flashpack=use_flashpack,

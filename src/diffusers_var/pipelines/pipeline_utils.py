@@ -46,7 +46,12 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import logging
 
-from ..file_utils import refuse_interrupted_save, save_folder_atomic, write_text_atomic
+from ..file_utils import (
+    SAFETENSORS_ONLY,
+    refuse_interrupted_save,
+    save_folder_atomic,
+    write_text_atomic,
+)
 from ..models.loading import PUSH_KWARGS, push_folder_to_hub, refuse_lora_layers
 from ..models.multiscale_vq import area_down
 from ..models.slicing import NaNDecodeError, check_token_values
@@ -489,6 +494,8 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         leaves ``save_directory`` as it was, and files of yours in it are kept."""
         if not isinstance(save_directory, (str, os.PathLike)) or not str(save_directory):
             raise ValueError(f"`save_directory` must be a folder path (str or os.PathLike), got {save_directory!r}.")
+        if not kwargs.pop("safe_serialization", True):
+            logger.warning(SAFETENSORS_ONLY)
         hub = {key: kwargs.pop(key) for key in PUSH_KWARGS if key in kwargs}
         push_to_hub = kwargs.pop("push_to_hub", False)
 
