@@ -279,10 +279,18 @@ def test_text_encoder_adapters_round_trip(tmp_path):
     assert fresh.get_list_adapters() == {"transformer": ["x"], "text_encoder": ["x"]}
     assert torch.equal(images(fresh, "star"), both)
     fresh.fuse_lora()
+    with pytest.raises(ValueError, match=r"`set_adapters` on fused adapters.*`unfuse_lora\(\)` first"):
+        fresh.set_adapters("x", 0.5)  # the fused weights hold the adapter at weight 1; unfuse would undo 0.5
     fresh.unfuse_lora()
+    assert torch.equal(images(fresh, "star"), both)
+    fresh.delete_adapters("x")  # gone from both components: the name loads again
+    assert fresh.get_list_adapters() == {} and torch.equal(images(fresh, "star"), base)
+    fresh.load_lora_weights(folder, adapter_name="x")
     assert torch.equal(images(fresh, "star"), both)
     fresh.unload_lora_weights()
     assert not lora_layers(fresh.text_encoder) and torch.equal(images(fresh, "star"), base)
+    fresh.load_lora_weights(folder, adapter_name="x")
+    assert fresh.get_list_adapters() == {"transformer": ["x"], "text_encoder": ["x"]}
 
 
 # ----------------------------------------------------------------------------------------------

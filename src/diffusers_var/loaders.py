@@ -891,7 +891,17 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
     def delete_adapters(self, adapter_names: list[str] | str):
         """Remove the adapters ``adapter_names`` from every component (diffusers' ``delete_adapters``, which ignores
         names it does not know: here they are a ``ValueError``)."""
-        super().delete_adapters(self._check_adapter_names(adapter_names))
+        names = self._check_adapter_names(adapter_names)
+        super().delete_adapters(names)
+        # diffusers forgets a text encoder's adapter config only when transformers' own loader put it there (a flag
+        # that PEFT's inject_adapter_in_model, which add_text_encoder_adapter uses, does not set)
+        text_encoder = getattr(self, "text_encoder", None)
+        configs = getattr(text_encoder, "peft_config", None)
+        if isinstance(configs, dict):
+            for name in names:
+                configs.pop(name, None)
+            if not configs:
+                del text_encoder.peft_config
 
     def set_adapters(self, adapter_names: list[str] | str, adapter_weights=None):
         r"""Activate ``adapter_names`` with ``adapter_weights`` (a number per adapter, default 1.0; 0 gives the base
@@ -926,7 +936,13 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             adapter_weights = [
                 {c: as_python(v) for c, v in w.items()} if isinstance(w, dict) else as_python(w) for w in weights
             ]
-        super().set_adapters(self._check_adapter_names(names), adapter_weights)
+        names = self._check_adapter_names(names)
+        if any(_FUSE_SNAPSHOT in layer.__dict__ for layer in self._lora_layers(self._lora_loadable_modules)):
+            raise ValueError(
+                "`set_adapters` on fused adapters: the weights hold them at the scales they were fused with; call "
+                "`unfuse_lora()` first, then `set_adapters(...)` (and `fuse_lora()` again)."
+            )
+        super().set_adapters(names, adapter_weights)
 
 
 class VARLoraLoaderMixin(NextScaleLoraLoaderMixin):
