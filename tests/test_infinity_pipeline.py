@@ -73,6 +73,35 @@ def test_seeded_generation_is_reproducible_and_callback_runs_per_scale(pipe):
     assert per_image.shape[0] == 2
 
 
+def test_an_empty_negative_prompt_is_per_row(pipe):
+    """``""`` in a list of negative prompts is that row's learned unconditional text, whatever the other rows ask: a
+    row's image does not depend on its neighbours' negatives. As precomputed features, a negative row without real
+    tokens means the same; a one-item list for two prompts is refused (one string per prompt, or one string)."""
+    prompts, other = [PROMPT, "a blue cube"], "a green square"
+
+    def two(**kwargs):
+        generators = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+        return generate(pipe, **{"prompt": prompts, "generator": generators, "guidance_scale": 3.0, **kwargs})
+
+    without, mixed, both = two(), two(negative_prompt=["", other]), two(negative_prompt=[other, other])
+    assert torch.equal(mixed[0], without[0]) and torch.equal(mixed[1], both[1])
+    assert not torch.equal(mixed[1], without[1])
+    embeds, mask, negative_embeds, negative_mask = pipe.encode_prompt(prompts, negative_prompt=["", other])
+    assert not negative_mask[0].any() and negative_mask[1].any() and not negative_embeds[0].any()
+    from_embeds = two(
+        prompt=None,
+        prompt_embeds=embeds,
+        prompt_attention_mask=mask,
+        negative_prompt_embeds=negative_embeds,
+        negative_prompt_attention_mask=negative_mask,
+    )
+    assert torch.equal(from_embeds, mixed)
+    with pytest.raises(ValueError, match=r"`negative_prompt` must be a string or a list with one string per prompt"):
+        two(negative_prompt=[other])
+    with pytest.raises(ValueError, match=r"`prompt_attention_mask`: every row needs at least one real"):
+        two(prompt=None, prompt_embeds=embeds, prompt_attention_mask=torch.zeros_like(mask))
+
+
 def test_offload_sequence_moves_text_encoder_first():
     assert InfinityPipeline.model_cpu_offload_seq.split("->")[0] == "text_encoder"
 

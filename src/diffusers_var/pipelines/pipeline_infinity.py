@@ -147,20 +147,21 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
 
     @staticmethod
     def _negative_prompts(negative_prompt, batch_size: int) -> list[str] | None:
-        """The negative texts, one per prompt, or None for the learned unconditional text (``None`` / ``""``)."""
-        if negative_prompt is None or negative_prompt == "" or negative_prompt == [""] * batch_size:
+        """The negative texts, one per prompt (``""``: that row's learned unconditional text), or None when every row
+        takes the learned unconditional text (``None`` / ``""``)."""
+        if negative_prompt is None or negative_prompt == "":
             return None
-        negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+        negatives = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
         if (
             not isinstance(negatives, (list, tuple))
-            or len(negatives) not in (1, batch_size)
+            or len(negatives) != batch_size
             or not all(isinstance(p, str) for p in negatives)
         ):
             raise ValueError(
                 f"`negative_prompt` must be a string or a list with one string per prompt ({batch_size}), "
                 f"got {shorten(negative_prompt)}."
             )
-        return list(negatives) * (batch_size if len(negatives) == 1 else 1)
+        return None if all(p == "" for p in negatives) else list(negatives)
 
     def _check_max_sequence_length(self, max_sequence_length) -> None:
         if max_sequence_length is not None and (
@@ -174,10 +175,11 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
             )
 
     def _check_text_half(self, embeds, mask, prefix: str, batch_size: int | None = None) -> None:
-        """Validate one half of precomputed text features."""
+        """Validate one half of precomputed text features (a negative row without real tokens: the learned
+        unconditional text)."""
         cfg = self.transformer.config
         names = (f"{prefix}prompt_embeds", f"{prefix}prompt_attention_mask")
-        check_text_embeds(embeds, mask, cfg.text_dim, *names, batch_size, cfg.text_max_length)
+        check_text_embeds(embeds, mask, cfg.text_dim, *names, batch_size, cfg.text_max_length, empty_rows=bool(prefix))
 
     @torch.no_grad()
     def encode_prompt(
@@ -203,7 +205,9 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
             num_images_per_prompt: rows per prompt (repeated consecutively).
             do_classifier_free_guidance: also encode ``negative_prompt``.
             negative_prompt: ``None`` or ``""``: the learned unconditional text, which the transformer holds
-                (``negative_prompt_embeds`` is then returned as ``None``); otherwise one text, or one per prompt.
+                (``negative_prompt_embeds`` is then returned as ``None``); otherwise one text, or one per prompt
+                (a ``""`` among them: that row's learned unconditional text, returned as a row without real tokens
+                in ``negative_prompt_attention_mask``).
             prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask: precomputed
                 features replace either half.
             max_sequence_length: text tokens kept (default: the model's ``text_max_length``); longer prompts are
@@ -229,6 +233,9 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         )
         if negative_prompt_embeds is None and negatives is not None:
             negative_prompt_embeds, negative_prompt_attention_mask = self._encode_texts(negatives, device, max_length)
+            empty = torch.tensor([text == "" for text in negatives], device=negative_prompt_embeds.device)
+            negative_prompt_attention_mask = negative_prompt_attention_mask & ~empty[:, None]  # the learned one
+            negative_prompt_embeds = negative_prompt_embeds * negative_prompt_attention_mask[..., None]
         elif negative_prompt_embeds is not None and negative_prompt_attention_mask is None:
             negative_prompt_attention_mask = torch.ones(
                 negative_prompt_embeds.shape[:2], dtype=torch.bool, device=negative_prompt_embeds.device
@@ -423,22 +430,26 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
 
     def prepare_condition(self, embeds, mask, negative_embeds, negative_mask, guided: bool):
         """The transformer's condition ``(text_embeds, text_mask, drop_text)`` of every row: the prompts, then (with
-        guidance) the negatives, padded to one length; rows without a negative use the learned unconditional text
-        (``drop_text``) at the length of their prompt, as the original does."""
+        guidance) the negatives, padded to one length; rows without a negative (no negatives at all, or a negative
+        row without real tokens) use the learned unconditional text (``drop_text``) at the length of their prompt,
+        as the original does."""
         B = embeds.shape[0]
         if not guided:
             return embeds, mask, torch.zeros(B, dtype=torch.bool, device=embeds.device)
-        if negative_embeds is None:  # the learned empty text replaces these rows inside the transformer
-            negative_embeds, negative_mask, drop = embeds, mask, True
+        if negative_embeds is None:
+            negative_embeds, negative_mask = embeds, mask
+            unconditional_B = torch.ones(B, dtype=torch.bool, device=embeds.device)
         else:
-            negative_embeds, drop = negative_embeds.to(embeds.dtype), False
+            negative_embeds, negative_mask = negative_embeds.to(embeds.dtype), negative_mask.bool()
+            unconditional_B = ~negative_mask.any(dim=1)
         length = max(embeds.shape[1], negative_embeds.shape[1])
-        embeds, mask = (
-            torch.cat(pair)
-            for pair in zip(_pad_text(embeds, mask, length), _pad_text(negative_embeds, negative_mask, length))
-        )
-        drop_text = torch.tensor([False] * B + [drop] * B, device=embeds.device)
-        return embeds, mask, drop_text
+        embeds, mask = _pad_text(embeds, mask, length)
+        negative_embeds, negative_mask = _pad_text(negative_embeds, negative_mask, length)
+        # the learned empty text replaces these rows inside the transformer, at their prompt's length
+        negative_embeds = torch.where(unconditional_B[:, None, None], embeds, negative_embeds)
+        negative_mask = torch.where(unconditional_B[:, None], mask, negative_mask)
+        drop_text = torch.cat((torch.zeros_like(unconditional_B), unconditional_B))
+        return torch.cat((embeds, negative_embeds)), torch.cat((mask, negative_mask)), drop_text
 
     # -- generation ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -469,7 +480,7 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         Args:
             prompt: text or list of texts (or pass ``prompt_embeds``).
             negative_prompt: ``None`` or empty: the learned unconditional text (as the original); otherwise
-                one text, or one per prompt.
+                one text, or one per prompt (``""`` among them: that row's learned unconditional text).
             height, width: requested size in pixels (default: the pipeline's ``default_size`` if set, else
                 1024 x 1024); mapped to the nearest aspect-ratio template and preset
                 (unsupported sizes raise and list the supported ones).
@@ -496,7 +507,8 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
                 their padding mask (B, S) (True / 1 = real token; default all real), as :meth:`encode_prompt`
                 returns them.
             negative_prompt_embeds, negative_prompt_attention_mask: the same for the unconditional half (any length
-                up to ``text_max_length``); default: ``negative_prompt``, else the learned unconditional text.
+                up to ``text_max_length``; a row whose mask has no real token takes the learned unconditional text);
+                default: ``negative_prompt``, else the learned unconditional text.
         """
         callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         schedule, num_prompts = self.check_inputs(

@@ -219,11 +219,18 @@ def shorten(value, limit: int = 120) -> str:
 
 
 def check_text_embeds(
-    embeds, mask, width: int, name: str, mask_name: str, batch_size: int | None = None, max_length: int | None = None
+    embeds,
+    mask,
+    width: int,
+    name: str,
+    mask_name: str,
+    batch_size: int | None = None,
+    max_length: int | None = None,
+    empty_rows: bool = False,
 ) -> None:
     """Precomputed text features ``embeds`` (B, N, width), finite, and their optional padding ``mask`` (B, N) (1 /
-    True for real tokens, at least one per row); ``batch_size`` / ``max_length`` pin B / bound N. The errors name
-    the parameters (``name``, ``mask_name``)."""
+    True for real tokens, at least one per row unless ``empty_rows``); ``batch_size`` / ``max_length`` pin B / bound
+    N. The errors name the parameters (``name``, ``mask_name``)."""
     if (
         not torch.is_tensor(embeds)
         or embeds.ndim != 3
@@ -252,7 +259,7 @@ def check_text_embeds(
                 f"`{mask_name}` must be a bool or integer tensor of shape {tuple(embeds.shape[:2])} "
                 f"(the shape of `{name}` without its last dimension), got {shape}."
             )
-        if not bool(mask.bool().any(dim=1).all()):
+        if not empty_rows and not bool(mask.bool().any(dim=1).all()):
             raise ValueError(f"`{mask_name}`: every row needs at least one real (non-padding) token.")
 
 
