@@ -102,6 +102,25 @@ def test_an_empty_negative_prompt_is_per_row(pipe):
         two(prompt=None, prompt_embeds=embeds, prompt_attention_mask=torch.zeros_like(mask))
 
 
+def test_a_callback_cannot_turn_guidance_on_in_a_call_started_without_it(pipe):
+    """A call with guidance 1 at every scale runs no unconditional rows: a callback raising the guidance is refused
+    (it changed nothing before); one lowering a guided call's guidance to 1 works."""
+
+    def set_guidance(value):
+        def callback(p, i, hw, tensors):
+            if i == 1:
+                p._guidance_scale = value
+            return {}
+
+        return callback
+
+    with pytest.raises(ValueError, match=r"a callback set `guidance_scale` to 3\.0, but this call started without"):
+        generate(pipe, guidance_scale=1.0, callback_on_step_end=set_guidance(3.0))
+    assert not torch.equal(
+        generate(pipe, guidance_scale=3.0, callback_on_step_end=set_guidance(1.0)), generate(pipe, guidance_scale=3.0)
+    )
+
+
 def test_offload_sequence_moves_text_encoder_first():
     assert InfinityPipeline.model_cpu_offload_seq.split("->")[0] == "text_encoder"
 

@@ -320,6 +320,12 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
                         self._guidance_scale,
                         check_guidance_scale(self._guidance_scale, num_scales),
                     )
+                    if not guided and any(c != 1.0 for c in cfg_list[si:]):
+                        raise ValueError(
+                            f"a callback set `guidance_scale` to {shorten(cfg_source)}, but this call started without "
+                            "guidance (1 at every scale), so it runs no unconditional rows to guide with; start the "
+                            "call with the guidance wanted at some scale (a callback may then change it)."
+                        )
                 raw_logits = transformer_step(si, scale_input)
                 model_logits = raw_logits.clone() if callback is not None else None  # a graph output is overwritten
                 cfg, tau_k = cfg_list[si], tau_list[si]
