@@ -452,17 +452,35 @@ def test_var_graphs_fall_back_to_eager_for_other_forcing_hooks_and_say_so(graphs
     assert [key for key in pipe._graph_steps if key[0] == "sampling"]  # a TokenForcing runs in the graphs
 
 
-def test_fast_switches_are_shared_by_pipelines_sharing_the_transformer(graphs_on_cpu):
+def test_fast_switches_are_shared_by_pipelines_sharing_the_transformer(graphs_on_cpu, monkeypatch):
     """``enable_fast_inference`` casts and fits modules that ``from_pipe`` shares, so its switches live on the
-    transformer: a derived pipeline's switch is its source's too (no pipeline runs the eager path on fitted modules),
-    and each pipeline's captured graphs are dropped when the switches change."""
+    transformer: a derived pipeline's switch is its source's too (no pipeline runs the eager path on fitted modules).
+    Each pipeline's captured graphs are freed when the switches change or the weights move, through it or a sibling,
+    and a sibling's first call leaves the others' graphs (and the float8 copies they read) alone."""
+    monkeypatch.setattr(fast_inference, "uses_fp8", lambda linear, x: False)  # float8 copies made, matmuls eager
+
+    def generate(pipe):
+        pipe(class_labels=[1], generator=torch.Generator().manual_seed(0), top_k=10, output_type="latent")
+
+    def captured(pipe):  # without reading `_graph_steps`, which frees stale sets
+        return len(pipe.__dict__.get("_graph_cache", ()))
+
     source = tiny_var()
     derived = VARImg2ImgPipeline.from_pipe(source)
-    derived.enable_fast_inference(dtype=torch.float32)
-    assert source._fast_inference and source._use_cuda_graphs and source._fast_dtype == torch.float32
-    source(class_labels=[1], generator=torch.Generator().manual_seed(0), top_k=10, output_type="latent")
-    assert source._graph_steps
+    derived.enable_fast_inference(fp8=True)
+    assert source._fast_inference and source._use_cuda_graphs and source._fast_dtype == torch.bfloat16
+    generate(source)
+    fp8_weight = source.transformer.blocks[0].attn.to_qkv.weight_fp8
+    sibling = VARPipeline.from_pipe(source)
+    generate(sibling)  # its first call: the float8 copies stay, so do the source's graphs
+    assert source.transformer.blocks[0].attn.to_qkv.weight_fp8 is fp8_weight
+    assert captured(source) == 1 and captured(sibling) == 1
+    sibling.to("cpu")  # (a move or cast) every sibling's graphs are stale
+    assert captured(sibling) == 0 and not source._graph_steps
+    generate(source)
     derived.disable_fast_inference()
-    assert not source._fast_inference and not source._graph_steps  # the graphs of the old switches are gone
-    source.enable_fast_inference(dtype=torch.float32)
+    assert not source._fast_inference and captured(derived) == 0
+    generate(source)  # graphs off: its stale sets are freed at its next call
+    assert captured(source) == 0
+    source.enable_fast_inference()
     assert derived._fast_inference and not VARPipeline.from_pipe(derived)._graph_steps

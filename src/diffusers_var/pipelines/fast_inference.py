@@ -1050,11 +1050,10 @@ class CUDAGraphScaleSteps:
         return self.outputs[index]
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True)
 class FastSettings:
     """What ``enable_fast_inference`` switched on, kept on the transformer it cast and fitted: pipelines that share the
-    module (``from_pipe``) share the state, so none of them runs the eager path on fitted modules. A new object per
-    switch: a pipeline's captured graphs belong to the object they were captured under."""
+    module (``from_pipe``) share the state, so none of them runs the eager path on fitted modules."""
 
     enabled: bool = False
     dtype: torch.dtype | None = None
@@ -1064,11 +1063,20 @@ class FastSettings:
 
 FAST_SETTINGS_ATTRIBUTE = "_diffusers_var_fast_settings"
 ROUNDED_ATTRIBUTE = "_diffusers_var_rounded_to"  # the lowest dtype the fast path ever cast the module's weights to
+ADAPTER_STATE_ATTRIBUTE = "_diffusers_var_adapter_state"  # the adapters the float8 copies were made with
+# A new object whenever graphs captured over the module would replay stale memory or maths (switches, float8 copies
+# remade, adapters changed, weights moved or cast): every pipeline sharing the module drops its graph sets.
+GRAPH_TOKEN_ATTRIBUTE = "_diffusers_var_graph_token"
 _OFF = FastSettings()
 
 
 def fast_settings(module: nn.Module | None) -> FastSettings:
     return getattr(module, FAST_SETTINGS_ATTRIBUTE, _OFF)
+
+
+def invalidate_graphs_(module: nn.Module | None) -> None:
+    if module is not None:
+        setattr(module, GRAPH_TOKEN_ATTRIBUTE, object())
 
 
 class FastInferenceMixin:
@@ -1103,16 +1111,24 @@ class FastInferenceMixin:
     def _use_cuda_graphs(self) -> bool:
         return self._fast_settings.cuda_graphs
 
+    def _graphed_models(self) -> tuple[nn.Module | None, ...]:
+        """The models this pipeline's graphs replay (CoDe: both stages)."""
+        return (getattr(self, "transformer", None),)
+
     @property
     def _graph_steps(self) -> OrderedDict:
-        """This pipeline's captured graph sets, emptied when the transformer's switches changed since (through this
-        pipeline or another that shares the transformer)."""
-        settings = self._fast_settings
-        if self.__dict__.get("_graph_settings") is not settings or "_graph_cache" not in self.__dict__:
-            self.__dict__["_graph_cache"], self.__dict__["_graph_settings"] = OrderedDict(), settings
+        """This pipeline's captured graph sets; emptied (freed) first when the graphed models changed since they were
+        captured, through this pipeline or another that shares them (:data:`GRAPH_TOKEN_ATTRIBUTE`)."""
+        token = tuple(getattr(model, GRAPH_TOKEN_ATTRIBUTE, None) for model in self._graphed_models())
+        if self.__dict__.get("_graph_cache_token") != token or "_graph_cache" not in self.__dict__:
+            self.__dict__["_graph_cache"], self.__dict__["_graph_cache_token"] = OrderedDict(), token
         return self.__dict__["_graph_cache"]
 
-    def _drop_graphs(self) -> None:
+    def _invalidate_graphs(self) -> None:
+        """The graphs of every pipeline sharing this one's models are stale (this one's are freed now, the others' at
+        their next call)."""
+        for model in self._graphed_models():
+            invalidate_graphs_(model)
         self.__dict__.pop("_graph_cache", None)
 
     def _check_fast_inference_args(self, dtype: torch.dtype, **flags) -> None:
@@ -1172,21 +1188,25 @@ class FastInferenceMixin:
         if self.transformer is not None:
             settings = FastSettings(enabled, dtype if enabled else None, enabled and fp8, enabled and cuda_graphs)
             setattr(self.transformer, FAST_SETTINGS_ATTRIBUTE, settings)
-        self._adapter_state = adapter_state(self.transformer)
+            setattr(self.transformer, ADAPTER_STATE_ATTRIBUTE, adapter_state(self.transformer))
+        self._invalidate_graphs()
         return self
 
     def _sync_adapters(self) -> None:
-        """The CUDA graphs replay the LoRA layers as they were when captured (active adapters, scales, fused or not),
-        and the float8 weights are copies: when loading, fusing, switching or scaling adapters has changed what the
-        transformer computes since, the graphs are dropped (recaptured on the next call) and the float8 copies
-        remade."""
-        if not self._fast_inference:
+        """At every generation's start. The CUDA graphs replay the LoRA layers as they were when captured (active
+        adapters, scales, fused or not), and the float8 weights are copies: when loading, fusing, switching or scaling
+        adapters has changed what the transformer computes since, the float8 copies are remade and the graphs of
+        every pipeline sharing the transformer dropped (recaptured on the next call). Stale graph sets of this
+        pipeline are freed here too, graphs on or off."""
+        self._graph_steps  # noqa: B018 (the read frees them)
+        transformer = getattr(self, "transformer", None)
+        if not self._fast_inference or transformer is None:
             return
-        state = adapter_state(self.transformer)
-        if state != self.__dict__.get("_adapter_state"):
-            self._drop_graphs()
-            quantize_linears_fp8_(self.transformer, self._fast_fp8)
-            self._adapter_state = state
+        state = adapter_state(transformer)
+        if state != getattr(transformer, ADAPTER_STATE_ATTRIBUTE, None):
+            quantize_linears_fp8_(transformer, self._fast_fp8)
+            setattr(transformer, ADAPTER_STATE_ATTRIBUTE, state)
+            self._invalidate_graphs()
 
     def disable_fast_inference(self):
         """Back to the eager path without CUDA graphs (captured graphs are freed), the fused FFN GELU, the separable

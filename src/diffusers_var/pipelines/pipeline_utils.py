@@ -599,7 +599,7 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         if _KEEP_COMPONENT_DTYPES.get() and not args and set(kwargs) == {"dtype"}:
             return self
         moved = super().to(*args, **kwargs)
-        self._drop_graphs()  # captured CUDA graphs would replay the old weights' memory
+        self._invalidate_graphs()  # captured CUDA graphs (this pipeline's and its siblings') read the old memory
         return moved
 
     # -- small shared helpers ------------------------------------------------------------------------------------

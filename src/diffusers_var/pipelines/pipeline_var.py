@@ -207,7 +207,8 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         buffers (clone what you keep). A CPU generator, or a list of generators, keeps the original's host-side draws
         (graphs for the transformer step only). On the CPU it only casts (the sampler and the step stay eager).
         The editing pipelines (:class:`VARInpaintPipeline`, :class:`VARImg2ImgPipeline`) put the input's tokens back
-        inside these graphs; a pipeline made with ``from_pipe`` of a fast one is fast too.
+        inside these graphs. The switch lives on the transformer it casts: pipelines sharing it (``from_pipe``, either
+        way) are fast or not together, each with its own graphs.
 
         Args:
             dtype: compute dtype of the blocks and the decoder.
@@ -1090,6 +1091,9 @@ class VARCoDePipeline(VARPipeline):
         if compile_blocks:
             compile_adaln_blocks_(self.refiner, compile_blocks)
         return self
+
+    def _graphed_models(self):
+        return (self.transformer, getattr(self, "refiner", None))
 
     @property
     def _fast_settings(self) -> FastSettings:
