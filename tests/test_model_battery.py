@@ -290,7 +290,7 @@ def test_decoding_out_of_order_is_refused(case):
             model.forward_scale(0, condition, None, None)
         cache.reset()
         model.forward_scale(0, condition, cache, None)  # a reset cache starts a new generation
-        model.forward_scale(1, condition, cache, second)
+        model.forward_scale(torch.tensor(1), condition, cache, second)  # (a 0-d integer tensor is an index too)
 
 
 # the teacher-forcing call with one input row against the condition's two, and the parameter the error must name
@@ -528,7 +528,14 @@ def test_bitwise_schedules_take_whole_numbers_only():
     vae = infinity_components(seed=0)["vae"].eval()
     images = torch.zeros(1, 3, 8, 8)
     with torch.no_grad():
-        assert vae.encode(images, np.array([[1, 1], [2, 2], [4, 4]])).bit_labels[-1].shape[1:3] == (4, 4)
-        for bad in ([(1, 1), (2, 2), (4.0, 4.0)], [(1, 1), (2, 2.5), (4, 4)], [(1, 1), (True, 2), (4, 4)], 4):
+        for good in (np.array([[1, 1], [2, 2], [4, 4]], dtype=np.int16), torch.tensor([[1, 1], [2, 2], [4, 4]])):
+            assert vae.encode(images, good).bit_labels[-1].shape[1:3] == (4, 4)
+        for bad in (
+            [(1, 1), (2, 2), (4.0, 4.0)],
+            [(1, 1), (2, 2.5), (4, 4)],
+            [(1, 1), (True, 2), (4, 4)],
+            torch.tensor([[1.0, 1.0], [2.0, 2.0], [4.0, 4.0]]),
+            4,
+        ):
             with pytest.raises(ValueError, match="`scale_schedule`"):
                 vae.encode(images, bad)

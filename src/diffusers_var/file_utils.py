@@ -165,8 +165,8 @@ def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
 
 
 SAFETENSORS_ONLY = (
-    "save_pretrained(safe_serialization=False): diffusers-var writes safetensors only (a pickle can run code when "
-    "loaded); writing safetensors."
+    "safe_serialization=False: diffusers-var writes safetensors only (a pickle can run code when loaded); writing "
+    "safetensors."
 )
 
 

@@ -51,7 +51,7 @@ from diffusers.utils import is_peft_available, logging
 from safetensors import SafetensorError
 from torch import nn
 
-from .file_utils import is_hub_repo_id, write_atomic
+from .file_utils import SAFETENSORS_ONLY, is_hub_repo_id, write_atomic
 from .scalars import is_bool, is_integer, is_number
 
 logger = logging.get_logger(__name__)
@@ -738,10 +738,10 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
                 (``pipe.transformer.peft_config["default"].to_dict()``); without it a loader takes the rank from the
                 tensors and scale 1 (``lora_alpha = rank``), as diffusers does. Likewise for the text encoder.
             is_main_process, save_function: diffusers' (several processes; a custom writer of ``(tensors, path)``).
-            safe_serialization: must be True (safetensors only).
+            safe_serialization: ``False`` is noted and ignored (safetensors only: a pickle can run code).
         """
         if not safe_serialization:
-            raise ValueError("`safe_serialization`: LoRA files are safetensors only.")
+            logger.warning(SAFETENSORS_ONLY)
         if weight_name is not None and (
             not isinstance(weight_name, str)
             or not weight_name.endswith(".safetensors")

@@ -211,12 +211,15 @@ def check_decoding_step(kv_cache, scale_index) -> None:
             f"{type(kv_cache).__name__}."
         )
     num_scales = len(kv_cache.schedule)
-    whole = isinstance(scale_index, numbers.Integral) and not isinstance(scale_index, bool)
-    if not whole or not 0 <= scale_index < num_scales:
+    whole = not isinstance(scale_index, bool) and (
+        isinstance(scale_index, numbers.Integral)
+        or (torch.is_tensor(scale_index) and scale_index.ndim == 0 and not scale_index.is_floating_point())
+    )
+    if not whole or not 0 <= int(scale_index) < num_scales:
         raise ValueError(
             f"`scale_index` must be an int in [0, {num_scales - 1}] for this `kv_cache`, got {scale_index!r}."
         )
-    begin, _ = kv_cache.scale_range(scale_index)
+    begin, _ = kv_cache.scale_range(int(scale_index))
     if kv_cache.layers and kv_cache.length != begin:  # (a model without blocks caches nothing)
         raise ValueError(
             f"`scale_index` {scale_index} starts at token {begin}, but its `kv_cache` holds {kv_cache.length}: run "

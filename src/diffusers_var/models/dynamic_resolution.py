@@ -8,9 +8,10 @@ last scale of the 1M list of its template, whatever the preset.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
+import torch
 
 from ..scalars import is_integer
 
@@ -153,17 +154,26 @@ def scale_schedule_for(aspect_ratio: float, preset: str) -> list[tuple[int, int]
 
 
 def normalize_schedule(scale_schedule: Sequence[Sequence[int]], name: str = "scale_schedule") -> list[tuple[int, int]]:
-    """Accept ``(h, w)`` or the original ``(t, h, w)`` entries (t must be 1 for images)."""
+    """Accept ``(h, w)`` or the original ``(t, h, w)`` entries (t must be 1 for images): lists, tuples, integer numpy
+    arrays or tensors of whole numbers (a float is refused: ``int()`` would read 1.5 as 1)."""
 
-    def is_list(value) -> bool:
-        return isinstance(value, (Sequence, np.ndarray)) and not isinstance(value, (str, bytes))
+    def as_list(value):
+        if isinstance(value, (np.ndarray, torch.Tensor)):
+            is_whole = value.dtype.kind in "iu" if isinstance(value, np.ndarray) else not value.is_floating_point()
+            return value.tolist() if is_whole and value.dtype != torch.bool and value.dtype != np.bool_ else None
+        if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+            return None
+        return list(value)
 
-    if not is_list(scale_schedule):
-        raise ValueError(f"`{name}` must be a list of (h, w) token grids, got {type(scale_schedule).__name__}.")
+    entries = as_list(scale_schedule)
+    if entries is None:
+        raise ValueError(
+            f"`{name}` must be a list of (h, w) token grids of whole numbers, got {type(scale_schedule).__name__}."
+        )
     out = []
-    for entry in scale_schedule:
-        values = tuple(entry) if is_list(entry) else None
-        if values is None or not all(is_integer(v) for v in values):  # int() would truncate 1.5 to 1
+    for entry in entries:
+        values = as_list(entry)
+        if values is None or not all(is_integer(v) for v in values):
             raise ValueError(f"`{name}` entries must be (h, w) or (1, h, w) positive integers, got {entry!r}.")
         entry = tuple(int(v) for v in values)
         if len(entry) == 3:

@@ -212,10 +212,10 @@ class CheckedLoadingMixin:
         signature), through a staging folder."""
         if not isinstance(save_directory, (str, os.PathLike)) or not str(save_directory):
             raise ValueError(f"`save_directory` must be a folder path (str or os.PathLike), got {save_directory!r}.")
-        if not safe_serialization:
-            logger.warning(SAFETENSORS_ONLY)
         if not is_main_process:  # the main process saves (diffusers' other processes rewrote the weights in place)
             return
+        if not safe_serialization:
+            logger.warning(SAFETENSORS_ONLY)
         refuse_lora_layers(self, type(self).__name__)
         hub = {key: kwargs.pop(key) for key in PUSH_KWARGS if key in kwargs}
         settings = dict(
