@@ -778,15 +778,20 @@ def test_a_folder_of_undecodable_images_is_refused_before_output_dir_is_made(tmp
 
 
 def test_a_fresh_start_keeps_what_an_earlier_run_left(tmp_path):
-    """A folder without a checkpoint (a user's own train_config.json, a run stopped before its first checkpoint):
-    ``resume=auto`` starts afresh and had replaced those files; they are moved to previous-runs/ as with never."""
+    """A folder without a checkpoint (a user's own train_config.json, a run whose checkpoints were deleted):
+    ``resume=auto`` starts afresh and had replaced those files and the export; they are moved to previous-runs/ as
+    with never."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / "train_config.json").write_text("# my notes\n")
-    (run / "train_log.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
     (run / "notes.txt").write_text("the user's")
     train(TrainConfig(**base_config(run, task="tokenizer", model=TOKENIZER_MODEL, max_steps=1, ema_decay=None)))
+    (run / "train_config.json").write_text("# my notes\n")
+    (run / "train_log.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    shutil.rmtree(run / "checkpoints")  # a finished run without checkpoints: its export is the previous run's too
+    export = {p.relative_to(run): p.read_bytes() for p in (run / "final").rglob("*") if p.is_file()}
+    train(TrainConfig(**base_config(run, task="tokenizer", model=TOKENIZER_MODEL, max_steps=1, ema_decay=None)))
     (previous,) = (run / "previous-runs").iterdir()
+    assert {p.relative_to(previous): p.read_bytes() for p in (previous / "final").rglob("*") if p.is_file()} == export
     assert (previous / "train_config.json").read_text() == "# my notes\n"
     assert (previous / "train_log.jsonl").read_text() == '{"step": 1, "loss": 9.0}\n'
     assert (run / "notes.txt").read_text() == "the user's"  # not a run's file: left where it is

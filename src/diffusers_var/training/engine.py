@@ -61,7 +61,7 @@ RESUME_SAFE_KEYS = {
 PATH_KEYS = {"tokenizer_path", "text_encoder_path", "data.path"}
 SECTIONS = ("data", "model", "lora")  # the config keys that hold keys of their own (``data.num_images=500``)
 RUN_FILES = ("checkpoints", "final", "samples", "logs", "train_log.jsonl", "train_config.json")
-FRESH_START_FILES = ("samples", "logs", "train_log.jsonl", "train_config.json")  # what a new run writes anew
+FRESH_START_FILES = ("final", "samples", "logs", "train_log.jsonl", "train_config.json")  # what a new run rewrites
 
 
 @dataclass
@@ -771,7 +771,7 @@ def train(config: TrainConfig) -> Path:
     accelerator.wait_for_everyone()  # every process has read the folder (_resume_point) before it changes
     if accelerator.is_main_process:
         if resume_from is None:  # a fresh start: the files of an earlier run there are kept, never replaced
-            # (resume=never moves all of them; otherwise the export and checkpoints stay, checked above)
+            # (resume=never moves all of them; otherwise the folder holds no checkpoint to resume from)
             moved = _move_previous_run(output_dir, RUN_FILES if config.resume == "never" else FRESH_START_FILES)
             if moved is not None:
                 print(f"starting afresh (resume={config.resume}): moved the previous run's files to {moved}")
