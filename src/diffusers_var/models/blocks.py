@@ -157,6 +157,15 @@ class LayerKVCache:
         return self.memo[key]
 
 
+def check_ffn_width(dim: int, mlp_ratio: float) -> int:
+    """``round(dim * mlp_ratio)``, the FFN width of VAR's and STAR's blocks; a ValueError naming ``mlp_ratio`` when
+    that is no unit at all."""
+    width = round(dim * mlp_ratio)
+    if width < 1:
+        raise ValueError(f"`mlp_ratio` {mlp_ratio} gives an FFN of width {width} for embed_dim {dim}; it needs >= 1.")
+    return width
+
+
 def memoized(cache: LayerKVCache | None, key: str, compute: Callable):
     """``compute()``, once per generation when decoding with ``cache`` (every call when training)."""
     return compute() if cache is None else cache.memoize(key, compute)
@@ -405,7 +414,7 @@ class AdaLNSelfAttentionBlock(nn.Module):
         self.dim, self.shared_adaln = dim, shared_adaln
         self.norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
         self.attn = CosineSelfAttention(dim, num_heads, attn_l2_norm=attn_l2_norm)
-        self.ffn = FeedForward(dim, round(dim * mlp_ratio) if ffn_dim is None else ffn_dim)
+        self.ffn = FeedForward(dim, check_ffn_width(dim, mlp_ratio) if ffn_dim is None else ffn_dim)
         self.drop_path = DropPath(drop_path)
         if shared_adaln:
             self.adaln_offset = nn.Parameter(torch.randn(1, 1, 6, dim) / dim**0.5)

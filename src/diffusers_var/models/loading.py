@@ -95,6 +95,30 @@ SIZE_ARGUMENTS = {
 }  # fmt: skip
 
 
+# float config arguments with a range: (low, high, whether low itself is allowed, whether high is), None unbounded
+FLOAT_RANGES = {
+    "mlp_ratio": (0.0, None, False, False),
+    "norm_eps": (0.0, None, False, False),
+    "rope_theta": (0.0, None, False, False),
+    "rope_norm": (0.0, None, False, False),
+    "beta": (0.0, None, True, False),
+    "cond_drop_rate": (0.0, 1.0, True, True),
+    "dropout": (0.0, 1.0, True, False),
+    "drop_path_rate": (0.0, 1.0, True, False),
+}
+
+
+def _float_range_problem(name: str, value: float) -> str | None:
+    if name not in FLOAT_RANGES:
+        return None
+    low, high, low_in, high_in = FLOAT_RANGES[name]
+    above = value >= low if low_in else value > low
+    if high is None:
+        return None if above else f"a finite number {'>=' if low_in else '>'} {low:g}"
+    below = value <= high if high_in else value < high
+    return None if above and below else f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
 def config_problem(name: str, annotation: str, value) -> str | None:
     """What is wrong with the config argument ``name`` = ``value`` for its annotation (``int``, ``float``, ``bool``,
     ``Sequence[int]``, optionally ``| None``), or ``None``."""
@@ -106,7 +130,9 @@ def config_problem(name: str, annotation: str, value) -> str | None:
         low = 1 if name in SIZE_ARGUMENTS else 0
         return None if is_integer(value) and value >= low else f"a whole number >= {low}"
     if annotation == "float":
-        return None if is_number(value) and math.isfinite(value) else "a finite number"
+        if not is_number(value) or not math.isfinite(value):
+            return "a finite number"
+        return _float_range_problem(name, value)
     if annotation == "bool":
         return None if is_bool(value) else "true or false"
     if annotation == "Sequence[int]":

@@ -26,6 +26,7 @@ from .blocks import (
     Rotary2D,
     block_causal_mask,
     check_decoding_step,
+    check_ffn_width,
     init_linear_and_embedding_weights_,
     memoized,
     scale_begin_ends,
@@ -156,7 +157,7 @@ class STARBlock(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
         self.attn = CosineSelfAttention(dim, num_heads, attn_l2_norm=True)
         self.cross_attn = CosineCrossAttention(dim, text_embed_dim, num_heads) if text_embed_dim else None
-        self.ffn = FeedForward(dim, round(dim * mlp_ratio))
+        self.ffn = FeedForward(dim, check_ffn_width(dim, mlp_ratio))
         self.drop_path = DropPath(drop_path)
 
     def forward(

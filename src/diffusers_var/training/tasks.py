@@ -252,7 +252,11 @@ class _ReconstructionTask:
     """Shared by the tokenizer tasks: a reconstruction grid as samples, the bare model as export."""
 
     collate = staticmethod(collate)
-    model_keys_set_by_trainer: dict[str, str] = {}  # constructor arguments the trainer sets: key -> from what
+    # constructor arguments the trainer sets: key -> from what
+    model_keys_set_by_trainer: dict[str, str] = {
+        "in_channels": "the training images, RGB: 3",
+        "out_channels": "the training images, RGB: 3",
+    }
     model_init_keys: dict[str, str] = {}  # `model` keys that are not constructor arguments: key -> kind of value
 
     @torch.no_grad()
