@@ -161,6 +161,12 @@ def test_killed_run_resumes_to_identical_weights(tokenizer_dir, tmp_path):
     assert not [p for p in (tmp_path / "interrupted" / "checkpoints").iterdir() if p.name.startswith(".tmp")]
 
     _assert_same_exported_weights(tmp_path / "straight", tmp_path / "interrupted")
+    # each resume cut the steps after its checkpoint from the log: every step once, as in the straight run
+    steps = {
+        run: [json.loads(line)["step"] for line in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
+        for run in ("straight", "interrupted")
+    }
+    assert steps["interrupted"] == steps["straight"] == sorted(set(steps["straight"]))
 
 
 def test_a_diverging_run_stops_before_saving_nan_weights(tmp_path):

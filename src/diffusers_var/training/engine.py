@@ -656,6 +656,22 @@ def _has_accelerator_device() -> bool:
     return torch.cuda.is_available()
 
 
+def _cut_log_after(log_file: Path, step: int) -> None:
+    """Resuming from the checkpoint of ``step`` runs the steps after it again: their records (and a line a kill left
+    half written) leave the JSONL log, which then holds each step once."""
+    if not log_file.is_file():
+        return
+    kept = []
+    for line in log_file.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or record["step"] <= step:
+            kept.append(line)
+    write_text_atomic(log_file, "".join(f"{line}\n" for line in kept))
+
+
 def train(config: TrainConfig) -> Path:
     """Run (or resume) training; returns the exported folder."""
     from accelerate import Accelerator
@@ -833,10 +849,14 @@ def train(config: TrainConfig) -> Path:
         if ema is not None:
             ema.to(accelerator.device)  # the EMA shadow weights are loaded on the CPU
         accelerator.print(f"resumed from {resume_from} (step {counter.step})")
+    log_file = output_dir / "train_log.jsonl"
     if accelerator.is_main_process:  # only now that the run is known to start or resume with this config
         write_text_atomic(output_dir / "train_config.json", json.dumps(snapshot, indent=2))
-    if trackers:
-        accelerator.init_trackers("train", config={k: str(v) for k, v in asdict(config).items()})
+        if resume_from is not None:
+            _cut_log_after(log_file, counter.step)
+    if trackers:  # TensorBoard hides the events of the steps to be run again
+        purge = {"tensorboard": {"purge_step": counter.step + 1}} if resume_from is not None else {}
+        accelerator.init_trackers("train", config={k: str(v) for k, v in asdict(config).items()}, init_kwargs=purge)
 
     def save_checkpoint(step: int) -> None:
         _check_finite_weights(accelerator, trainable_parameters(), step)  # never a checkpoint of NaN weights
@@ -866,7 +886,6 @@ def train(config: TrainConfig) -> Path:
 
     # accelerate also updates at an epoch's end, after the last batches short of a whole accumulation
     updates_per_epoch = math.ceil(len(loader) / config.gradient_accumulation_steps)
-    log_file = output_dir / "train_log.jsonl"
     progress = None
     if accelerator.is_main_process:
         from tqdm.auto import tqdm
