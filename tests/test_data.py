@@ -15,6 +15,9 @@ from diffusers_var.training.data import ImageFolderDataset, collate
 
 
 def test_shapes_dataset_is_deterministic_and_captioned():
+    for size, message in (((0, 32), r"`num_images` must be >= 1, got 0"), ((4, 7), r"`resolution` must be >= 16")):
+        with pytest.raises(ValueError, match=message):  # each names its own value
+            shapes.ShapesDataset(*size)
     a, b = shapes.ShapesDataset(40, 32, seed=7), shapes.ShapesDataset(40, 32, seed=7)
     assert np.array_equal(a.images, b.images)
     assert not np.array_equal(a.images, shapes.ShapesDataset(40, 32, seed=8).images)

@@ -279,6 +279,7 @@ def test_read_prompts_and_plan(tmp_path):
         ([], "needs `--per-class N`"),
         (["--class-labels", "0,90"], "`--class-labels` must hold class indices in [0, 89]"),
         (["--class-labels", "a,b"], "`--class-labels` must be comma-separated"),
+        (["--class-labels", "0,,1"], "`--class-labels` must be comma-separated"),  # (an empty entry was dropped)
         (["--per-class", "1", "--prompts", "x.txt"], "`--prompts` is for text-to-image"),
         (["--per-class", "1", "--tau", "1"], "`--tau` does not apply to VARPipeline"),
         (["--per-class", "1", "--fp8"], "`--fp8` is an option of the fast path: add `--fast`"),

@@ -202,6 +202,9 @@ def test_bad_training_configs(tmp_path):
     exponent.write_text("task: tokenizer\nlearning_rate: 1e-4\n")  # YAML 1.1 reads it as text
     with pytest.raises(ValueError, match=r"`learning_rate` .*write it with a dot, e.g. 1.0e-4"):
         TrainConfig.load(exponent)
+    exponent.write_text("task: tokenizer\nlearning_rate: .nan\n")  # a NaN is no number written without a dot
+    with pytest.raises(ValueError, match=r"`learning_rate` must be a number > 0, got nan\.$"):
+        TrainConfig.load(exponent)
     images = tmp_path / "images"
     (images / "a").mkdir(parents=True)
     PIL.Image.new("RGB", (16, 16)).save(images / "a" / "0.png")

@@ -170,6 +170,9 @@ def test_patch_nums_must_be_strictly_increasing_before_converting(originals, tmp
     assert not (tmp_path / "out").exists()
     with pytest.raises(ConversionError, match="strictly increasing"):  # the library: a ConversionError too
         convert_var_checkpoint(vae, var, patch_nums=[4, 3, 2, 1])
+    argv = ["--vae", vae, "--transformer", tmp_path, "--output", tmp_path / "o"]
+    rc, err = _run_main("convert_var.py", argv, capsys)
+    _assert_one_line_error(rc, err, "`transformer`", "is a folder; give the checkpoint file")  # not "no such file"
 
 
 def test_float_flags_have_ranges(originals, capsys):

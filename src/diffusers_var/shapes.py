@@ -33,6 +33,13 @@ COLOR_NAMES = tuple(COLORS)
 _PALETTE = np.array([COLORS[c] for c in COLOR_NAMES], dtype=np.float32)
 
 
+def check_shapes_size(num_images: int, resolution: int) -> None:
+    if num_images < 1:
+        raise ValueError(f"`num_images` must be >= 1, got {num_images}.")
+    if resolution < 16:
+        raise ValueError(f"`resolution` must be >= 16 (pixels), got {resolution}.")
+
+
 @dataclass(frozen=True)
 class ShapeClass:
     shape: str
@@ -186,8 +193,7 @@ class ShapesDataset(_DrawnShapes):
     ``class_labels`` (int) and ``caption`` (str); held in memory or drawn when read, as :class:`_DrawnShapes`."""
 
     def __init__(self, num_images: int = 10000, resolution: int = 64, seed: int = 0):
-        if num_images < 1 or resolution < 16:
-            raise ValueError(f"`num_images` must be >= 1 and `resolution` >= 16, got {num_images}, {resolution}.")
+        check_shapes_size(num_images, resolution)
         rng = np.random.default_rng(seed)
         self.class_ids = rng.integers(0, NUM_CLASSES, num_images)
         self._draw([CLASSES[i] for i in self.class_ids], *sample_layout(rng, num_images, resolution), resolution)
@@ -239,8 +245,7 @@ class ConceptShapesDataset(_DrawnShapes):
         concept_replaces: str | None = None,
         need_labels: bool = False,
     ):
-        if num_images < 1 or resolution < 16:
-            raise ValueError(f"`num_images` must be >= 1 and `resolution` >= 16, got {num_images}, {resolution}.")
+        check_shapes_size(num_images, resolution)
         new_classes = concept_classes(concept)
         if not isinstance(concept_fraction, (int, float)) or not 0 < concept_fraction <= 1:
             raise ValueError(f"`concept_fraction` must be in (0, 1], got {concept_fraction!r}.")

@@ -173,6 +173,8 @@ def load_checkpoint(path: str | os.PathLike, param_name: str) -> dict[str, torch
     Errors name the command-line parameter (``param_name``) the file was given to.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConversionError(f"`{param_name}`: {str(path)!r} is a folder; give the checkpoint file (.pth) in it.")
     if not path.is_file():
         raise ConversionError(f"`{param_name}`: no such file {str(path)!r}.")
     try:

@@ -311,11 +311,11 @@ class TrainConfig:
 
 
 def _is_float_text(text: str) -> bool:
+    """Whether ``text`` is a finite number that YAML read as a string (``1e-4``, no dot); nan / inf are not."""
     try:
-        float(text)
+        return math.isfinite(float(text))
     except ValueError:
         return False
-    return True
 
 
 def _section_defaults() -> dict[str, dict]:
