@@ -289,6 +289,24 @@ def test_bad_input_gives_a_readable_error_and_the_app_keeps_serving(client, fold
     assert len(images_of(call(client, "/generate_var", var_args(num_images=1))[0])) == 1
 
 
+def test_the_functions_behind_the_api_turn_what_no_slider_sends_into_readable_errors(server, tmp_path):
+    """The HTTP API (or a script calling the app's functions) can send NaN, infinity or nothing where a slider
+    sends numbers, and any text as the edit mode: readable errors, not a ValueError / OverflowError / TypeError."""
+    functions = {f.api_name: f.fn for f in server[1].fns.values() if getattr(f, "api_name", None)}
+    nan, inf = float("nan"), float("inf")
+    for overrides, message in [
+        (dict(seed=nan), "Seed must be a whole number"),
+        (dict(seed=inf), "Seed must be a whole number"),
+        (dict(num_images=nan), "Number of images must be a whole number"),
+        (dict(guidance_scale=None), "Guidance scale must be a number; got None"),
+        (dict(top_p="high"), "Top-p must be a number"),
+    ]:
+        with pytest.raises(gr.Error, match=message):
+            functions["generate_var"](**var_args(**{"num_images": 1, **overrides}))
+    with pytest.raises(gr.Error, match="Pick a mode: In-paint"):
+        functions["edit"](**{**edit_args(editor_value(tmp_path)), "mode_name": "bogus"})
+
+
 # -- CoDe in the VAR tab -------------------------------------------------------------------------------
 def tiny_refiner_folder(root, vqvae=None):
     """A one-block random VAR on the embedded var-shapes tokenizer (or ``vqvae``), saved as a VARPipeline folder."""

@@ -166,24 +166,41 @@ def load_code(var_pipe, refiner: Any, device: str, dtype: torch.dtype):
 
 
 # -- generation -------------------------------------------------------------------------------------
+def _is_whole(value) -> bool:
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and float(value).is_integer()
+    )
+
+
 def _check_count(num_images, max_images: int) -> int:
-    if num_images is None or int(num_images) != num_images or not 1 <= int(num_images) <= max_images:
+    if not _is_whole(num_images) or not 1 <= int(num_images) <= max_images:
         raise user_error(f"Number of images must be a whole number from 1 to {max_images}; got {num_images}.")
     return int(num_images)
 
 
 def _whole(value, label: str) -> int:
     """A slider's value as an int; the sliders step by 1, but the HTTP API can send 2.5 (truncating it would run
-    with another value than asked). Ranges are the pipeline's to check."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+    with another value than asked), NaN or nothing. Ranges are the pipeline's to check."""
+    if not _is_whole(value):
         raise user_error(f"{label} must be a whole number; got {value}.")
     return int(value)
+
+
+def _number(value, label: str) -> float:
+    """A slider's value as a float (the HTTP API can send nothing or text); finiteness and ranges are the
+    pipeline's to check."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise user_error(f"{label} must be a number; got {value}.")
+    return float(value)
 
 
 def _pick_seed(seed, randomize: bool) -> int:
     if randomize:
         return random.randint(0, MAX_SEED)
-    if seed is None or int(seed) != seed or not 0 <= int(seed) <= MAX_SEED:
+    if not _is_whole(seed) or not 0 <= int(seed) <= MAX_SEED:
         raise user_error(f"Seed must be a whole number from 0 to {MAX_SEED}; got {seed}.")
     return int(seed)
 
@@ -314,9 +331,9 @@ def _var_tab(
             seed,
             count,
             class_labels=labels,
-            guidance_scale=float(guidance_scale),
+            guidance_scale=_number(guidance_scale, "Guidance scale"),
             top_k=_whole(top_k, "Top-k"),
-            top_p=float(top_p),
+            top_p=_number(top_p, "Top-p"),
             more_smooth=bool(more_smooth),
             **extra,
         )
@@ -415,9 +432,9 @@ def _star_tab(pipe: STARPipeline, common: dict, max_images: int):
             count,
             prompt=text,
             negative_prompt=(negative_prompt or None),
-            guidance_scale=float(guidance_scale),
+            guidance_scale=_number(guidance_scale, "Guidance scale"),
             top_k=_whole(top_k, "Top-k"),
-            top_p=float(top_p),
+            top_p=_number(top_p, "Top-p"),
             use_stable_sampler=bool(use_stable_sampler) and has_sampler,
             sampler_generator=torch.Generator().manual_seed(seed + 1),
         )
@@ -502,10 +519,10 @@ def _infinity_tab(pipe: InfinityPipeline, common: dict, max_images: int):
             negative_prompt=(negative_prompt or None),
             height=height,
             width=width,
-            guidance_scale=float(guidance_scale),
-            tau=float(tau),
+            guidance_scale=_number(guidance_scale, "Guidance scale"),
+            tau=_number(tau, "Tau"),
             top_k=_whole(top_k, "Top-k"),
-            top_p=float(top_p),
+            top_p=_number(top_p, "Top-p"),
         )
 
     inputs = [prompt, negative, size, guidance, tau, top_k, top_p, num_images, seed, randomize]
@@ -647,12 +664,14 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
     ):
         if family not in editors:
             raise user_error(f"Pick a served model: {', '.join(titles.values())}.")
+        if mode_name not in EDIT_MODES:  # (the HTTP API can send any text)
+            raise user_error(f"Pick a mode: {'; '.join(EDIT_MODES)}.")
         image, painted = painted_mask(editor_value)
         count = _check_count(num_images, max_images)
         inpaint, img2img = editors[family]
-        kwargs = dict(image=image, guidance_scale=float(guidance_scale))
+        kwargs = dict(image=image, guidance_scale=_number(guidance_scale, "Guidance scale"))
         if mode_name == EDIT_MODES[2]:
-            pipe, kwargs["strength"] = img2img, float(strength)
+            pipe, kwargs["strength"] = img2img, _number(strength, "Strength")
         else:
             if not painted.any():
                 raise user_error("Paint the region with the brush first (nothing is painted).")
