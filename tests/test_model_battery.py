@@ -291,6 +291,54 @@ def test_decoding_out_of_order_is_refused(case):
         cache.reset()
         model.forward_scale(0, condition, cache, None)  # a reset cache starts a new generation
         model.forward_scale(torch.tensor(1), condition, cache, second)  # (a 0-d integer tensor is an index too)
+        cache.reset()  # ... also in another precision: the storage follows the keys' dtype
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.forward_scale(0, condition, cache, None)
+        cache.reset()
+        model.forward_scale(0, condition, cache, None)
+        deeper = type(model).from_config({**model.config, "depth": 2 * model.config.depth})
+        with pytest.raises(ValueError, match=r"`kv_cache` has \d+ layers and this model \d+ blocks"):
+            deeper.forward_scale(0, condition, model.init_kv_cache(schedule), None)
+
+
+def test_family_specific_arguments_are_checked():
+    """VAR: a dropout ``rate`` outside [0, 1] and a ``logits_from`` that is no whole number; STAR: a text row without
+    a real token (it attended to nothing) and a cache schedule that is not the model's (it was ignored)."""
+    var = _var_transformer()
+    _, (labels,), tf_input, _ = _var_io(var)
+    for rate in (1.5, float("nan"), -0.1):
+        with pytest.raises(ValueError, match=r"`rate` must be a probability in \[0, 1\]"):
+            var.drop_labels(labels, rate=rate)
+    for logits_from in (True, 2.5):
+        with torch.no_grad(), pytest.raises(ValueError, match="`logits_from` must be in"):
+            var(labels, tf_input, logits_from=logits_from)
+    star = _star_transformer(False)()
+    _, (hidden, mask, pooled), tf_input, schedule = _star_io(star)
+    mask = mask.clone()
+    mask[1] = 0
+    with torch.no_grad(), pytest.raises(ValueError, match="`encoder_attention_mask`: every row needs at least one"):
+        star(tf_input, hidden, mask, pooled)
+    assert star.init_kv_cache(schedule[:2]).schedule == schedule[:2]
+    with pytest.raises(ValueError, match=r"`scale_schedule` must be the model's schedule"):
+        star.init_kv_cache([(7, 7)])
+
+
+# the condition of an empty batch, and the parameter the error must name
+EMPTY_BATCHES = {
+    "var": (lambda condition: (condition[0][:0],), "class_labels"),
+    "star": (lambda condition: tuple(t[:0] for t in condition), "pooled_text_embeds"),
+    "infinity": (lambda condition: tuple(t[:0] for t in condition), "text_embeds"),
+}
+
+
+@pytest.mark.parametrize("case", TRANSFORMERS, ids=case_ids(TRANSFORMERS))
+def test_an_empty_batch_is_named(case):
+    """A batch of no rows failed inside the attention's reshape; the tokenizers return empty results instead."""
+    model = case.build()
+    _, condition, _, schedule = case.io(model)
+    empty, parameter = EMPTY_BATCHES[case.id.split("_")[0]]
+    with torch.no_grad(), pytest.raises(ValueError, match=f"`{parameter}`.*empty"):
+        model.forward_scale(0, empty(condition), model.init_kv_cache(schedule), None)
 
 
 # the teacher-forcing call with one input row against the condition's two, and the parameter the error must name
@@ -521,6 +569,40 @@ def test_bad_tokenizer_inputs_name_the_parameter(case):
         multiples = rf"`images` height and width must be multiples of {model.downsample_factor}"
         with pytest.raises(ValueError, match=multiples):
             encode(torch.zeros(2, 3, 9, 9))  # the encoder's strided convs would drop the last row and column
+
+
+def test_multiscale_vq_patch_nums_and_training_forward():
+    """``patch_nums`` of the encode calls are whole numbers (2.5 was read as 2); the training forward of a bf16 model
+    takes float32 images (it fed them to the bf16 convolutions)."""
+    vq = var_components(seed=0)["vqvae"].eval()
+    images = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        assert [t.shape[1] for t in vq.encode_indices(images, patch_nums=np.array([1, 4]))] == [1, 16]
+        for bad in ([1, 1.5], [1.0, 2.0], ["1", "2"], [True, 2]):
+            with pytest.raises(ValueError, match="`patch_nums` must be a list of strictly increasing"):
+                vq.encode_indices(images, patch_nums=bad)
+    out = vq.to(torch.bfloat16).train()(images)
+    assert torch.isfinite(out[1]) and out[0].shape == images.shape
+
+
+def test_bitwise_teacher_forcing_inputs_check_their_arguments():
+    """Training inputs of a schedule that does not end at the features' size, of images instead of features, or
+    with noise settings outside their range came back without a word (or failed inside numpy)."""
+    vae = infinity_components(seed=0)["vae"].eval()
+    with torch.no_grad():
+        features = vae.encode_features(torch.zeros(1, 3, 8, 8))
+        inputs, labels = vae.teacher_forcing_inputs(features, INFINITY_SCHEDULE, 2, 0.3)
+        assert labels.shape[1] == sum(h * w for h, w in INFINITY_SCHEDULE)
+        for args, parameter in [
+            ((features, [(1, 1), (2, 2)]), "scale_schedule"),
+            ((features, [(1, 1), (4, 4), (2, 2), (4, 4)]), "scale_schedule"),
+            ((torch.zeros(1, 3, 4, 4), INFINITY_SCHEDULE), "features_BdHW"),
+            ((features, INFINITY_SCHEDULE, -1), "noise_apply_layers"),
+            ((features, INFINITY_SCHEDULE, 2, float("nan")), "noise_apply_strength"),
+            ((features, INFINITY_SCHEDULE, 2, 5.0), "noise_apply_strength"),
+        ]:
+            with pytest.raises(ValueError, match=f"`{parameter}`"):
+                vae.teacher_forcing_inputs(*args)
 
 
 def test_bitwise_schedules_take_whole_numbers_only():

@@ -24,6 +24,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
+from ..scalars import is_integer, is_number
 from .dynamic_resolution import normalize_schedule
 from .loading import CheckedLoadingMixin
 from .slicing import SlicedDecodingMixin, check_image_values, check_token_values
@@ -302,11 +303,26 @@ class BitwiseMultiScaleVAE(CheckedLoadingMixin, ModelMixin, ConfigMixin, SlicedD
         out = self.quantize(features, scale_schedule)
         return out if return_dict else tuple(out.values())
 
-    def quantize(self, features_BdHW: torch.Tensor, scale_schedule) -> BitwiseEncodeOutput:
+    def _checked_latent_sizes(self, features_BdHW, scale_schedule) -> list[tuple[int, int]]:
+        """The latent grids of ``scale_schedule`` for ``features_BdHW``; a ValueError naming the argument unless the
+        features are the encoder's (B, d, H, W) and the schedule grows scale by scale up to their H x W."""
+        d = self.config.codebook_dim
+        if not torch.is_tensor(features_BdHW) or features_BdHW.ndim != 4 or features_BdHW.shape[1] != d:
+            got = tuple(features_BdHW.shape) if torch.is_tensor(features_BdHW) else type(features_BdHW).__name__
+            raise ValueError(f"`features_BdHW` must be the encoder's (B, {d}, H, W) features, got {got}.")
         sizes = self.latent_schedule(scale_schedule)
+        if any(b[0] < a[0] or b[1] < a[1] for a, b in zip(sizes, sizes[1:])):
+            raise ValueError(
+                f"`scale_schedule` must grow scale by scale (no grid smaller than the one before), got {sizes}."
+            )
         full = tuple(features_BdHW.shape[-2:])
         if sizes[-1] != full:
             raise ValueError(f"`scale_schedule` ends at latent size {sizes[-1]} but the features are {full}.")
+        return sizes
+
+    def quantize(self, features_BdHW: torch.Tensor, scale_schedule) -> BitwiseEncodeOutput:
+        sizes = self._checked_latent_sizes(features_BdHW, scale_schedule)
+        full = tuple(features_BdHW.shape[-2:])
         residual, summed = features_BdHW, torch.zeros_like(features_BdHW)
         bit_labels, inputs, area_inputs = [], [], []
         for k, size in enumerate(sizes):
@@ -417,7 +433,14 @@ class BitwiseMultiScaleVAE(CheckedLoadingMixin, ModelMixin, ConfigMixin, SlicedD
         Returns ``(inputs (B, L - first, bits_per_token), labels (B, L, bits_per_token) uint8)``.
         """
         schedule = normalize_schedule(scale_schedule)
-        sizes = self.latent_schedule(schedule)
+        sizes = self._checked_latent_sizes(features_BdHW, schedule)
+        if not is_integer(noise_apply_layers) or noise_apply_layers < 0:
+            raise ValueError(f"`noise_apply_layers` must be a whole number >= 0 (scales), got {noise_apply_layers!r}.")
+        if not is_number(noise_apply_strength) or not 0 <= noise_apply_strength <= 1:
+            raise ValueError(
+                "`noise_apply_strength` must be in [0, 1] (the largest bit-flip probability), got "
+                f"{noise_apply_strength!r}."
+            )
         full = tuple(features_BdHW.shape[-2:])
         summed = torch.zeros_like(features_BdHW)
         inputs, labels = [], []

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch import nn
 
+from ..scalars import is_integer
+
 # exp(clamp(log_scale, max=ln 100)): the original clamps the learned per-head logit scale at 100.
 MAX_LOG_ATTN_SCALE = math.log(100.0)
 
@@ -29,6 +31,14 @@ MAX_LOG_ATTN_SCALE = math.log(100.0)
 # Scale schedules
 # ----------------------------------------------------------------------------------------------
 def validate_patch_nums(patch_nums: Sequence[int], name: str = "patch_nums") -> tuple[int, ...]:
+    if isinstance(patch_nums, torch.Tensor) or hasattr(patch_nums, "tolist"):  # a tensor / numpy array of them
+        patch_nums = patch_nums.tolist()
+    if (
+        isinstance(patch_nums, (str, bytes))
+        or not isinstance(patch_nums, Sequence)
+        or not all(is_integer(p) for p in patch_nums)
+    ):  # (int() would read 2.5 as 2)
+        raise ValueError(f"`{name}` must be a list of strictly increasing positive integers, got {patch_nums!r}.")
     patch_nums = tuple(int(p) for p in patch_nums)
     if len(patch_nums) < 2:
         raise ValueError(f"`{name}` needs at least two scales, got {patch_nums}.")
@@ -128,7 +138,8 @@ class LayerKVCache:
         new_len = self.length + length
         if new_len > self.max_length:
             raise ValueError(f"KV cache overflow: {new_len} tokens > max_length={self.max_length}.")
-        if self._keys is None or self._keys.shape[0] != batch:
+        keys = self._keys
+        if keys is None or keys.shape[0] != batch or keys.dtype != like.dtype or keys.device != like.device:
             self._keys, self._values = self._allocate((batch, self.max_length, heads, head_dim), like)
         start, self.length = self.length, new_len
         return self._keys, self._values, start
@@ -148,6 +159,8 @@ class LayerKVCache:
         """Forget the cached tokens but keep the storage (its addresses stay valid for CUDA graphs)."""
         self.length = 0
         self.memo.clear()
+        if self.max_length is None:  # (grown by concatenation: nothing to keep)
+            self._keys = self._values = None
 
     def memoize(self, key: str, compute: Callable):
         """``compute()`` once per generation: the condition is the same at every scale, so e.g. the AdaLN
@@ -211,13 +224,33 @@ class KVCache:
             layer.reset()
 
 
-def check_decoding_step(kv_cache, scale_index) -> None:
-    """Scale-by-scale decoding runs the scales in order on one cache per generation: a ValueError for anything else,
-    instead of attention over a wrong prefix or an error from deep inside a block."""
+def square_kv_cache(num_layers: int, patch_nums: Sequence[int], scale_schedule=None) -> KVCache:
+    """The KV cache of one VAR / STAR generation: room for the scales of ``scale_schedule`` (the ``(h, w)`` grids
+    of the model's own schedule, or its first ones for a generation that stops early; default all of them)."""
+    schedule = square_schedule(patch_nums)
+    if scale_schedule is not None:
+        if [tuple(hw) for hw in scale_schedule] != schedule[: len(scale_schedule)] or not len(scale_schedule):
+            raise ValueError(
+                f"`scale_schedule` must be the model's schedule {schedule} or its first scales, got "
+                f"{list(scale_schedule)}."
+            )
+        schedule = schedule[: len(scale_schedule)]
+    return KVCache(num_layers, schedule)
+
+
+def check_decoding_step(kv_cache, scale_index, num_layers: int) -> None:
+    """Scale-by-scale decoding runs the scales in order on one cache per generation (of this model: ``num_layers``
+    blocks): a ValueError for anything else, instead of attention over a wrong prefix or an error from deep inside a
+    block."""
     if not isinstance(kv_cache, KVCache):
         raise ValueError(
             "decoding one scale (`scale_index`) needs the `kv_cache` of `init_kv_cache()`, got "
             f"{type(kv_cache).__name__}."
+        )
+    if len(kv_cache) != num_layers:
+        raise ValueError(
+            f"`kv_cache` has {len(kv_cache)} layers and this model {num_layers} blocks: it is another model's cache; "
+            "make one with this model's `init_kv_cache()`."
         )
     num_scales = len(kv_cache.schedule)
     whole = not isinstance(scale_index, bool) and (

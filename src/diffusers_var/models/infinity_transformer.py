@@ -273,10 +273,13 @@ class InfinityTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, P
 
         ``drop_text`` (B,) bool replaces those rows by the learned unconditional features.
         """
-        if text_embeds.ndim != 3 or text_embeds.shape[-1] != self.config.text_dim:
-            raise ValueError(
-                f"`text_embeds` must have shape (B, S, {self.config.text_dim}), got {tuple(text_embeds.shape)}."
-            )
+        if not torch.is_tensor(text_embeds) or text_embeds.ndim != 3 or text_embeds.shape[-1] != self.config.text_dim:
+            got = tuple(text_embeds.shape) if torch.is_tensor(text_embeds) else type(text_embeds).__name__
+            raise ValueError(f"`text_embeds` must be a (B, S, {self.config.text_dim}) tensor, got {got}.")
+        if text_embeds.shape[0] == 0:
+            raise ValueError("`text_embeds` is empty: the batch needs at least one row.")
+        if not torch.is_tensor(text_mask):
+            raise ValueError(f"`text_mask` must be a (B, S) tensor, got {type(text_mask).__name__}.")
         if tuple(text_mask.shape) != tuple(text_embeds.shape[:2]):
             raise ValueError(
                 f"`text_mask` must have shape {tuple(text_embeds.shape[:2])}, got {tuple(text_mask.shape)}."
@@ -418,7 +421,7 @@ class InfinityTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, P
     def _decode_scale(
         self, scale_index, scale_input, text_embeds, text_mask, drop_text, kv_cache: KVCache
     ) -> torch.Tensor:
-        check_decoding_step(kv_cache, scale_index)
+        check_decoding_step(kv_cache, scale_index, len(self.blocks))
         schedule = kv_cache.schedule
         begin, end = kv_cache.scale_range(scale_index)
         text = memoized(kv_cache.head, "text", lambda: self.encode_text(text_embeds, text_mask, drop_text))

@@ -560,8 +560,7 @@ class MultiScaleVQModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, SlicedDeco
         Returns the (unclamped) reconstruction, the VQ loss (mean over scales of
         ``beta * |sg(f_hat) - f|^2 + |f_hat - sg(f)|^2``) and the token pyramid.
         """
-        self._check_images(images)
-        f = self.quant_conv(self.encoder(images)).float()
+        f = self.encode_latent(images)  # (the images in the encoder's dtype)
         B, C, H, W = f.shape
         q = self.quantize
         patch_nums = self._resolve_patch_nums(None, W)

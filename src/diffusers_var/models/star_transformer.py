@@ -31,7 +31,7 @@ from .blocks import (
     memoized,
     scale_begin_ends,
     scale_level_ids,
-    square_schedule,
+    square_kv_cache,
     validate_patch_nums,
 )
 from .loading import CheckedLoadingMixin
@@ -284,7 +284,10 @@ class STARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftA
             through the start token. ``False``: each row attends to its own text.
         norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon.
         cond_drop_rate (`float`, defaults to 0.1): caption-dropout probability during training (classifier-free
-            guidance).
+            guidance), recorded for the trainer: a dropped caption is the empty text, which only the text encoder
+            can encode, so ``forward`` drops nothing itself (unlike VAR's and Infinity's, whose null condition is a
+            parameter of the model). Train on captions replaced by ``""`` with this probability, as
+            ``diffusers-var train star`` does.
         drop_path_rate (`float`, defaults to 0.0): stochastic-depth rate of the last block (linearly increasing over
             depth).
     """
@@ -412,6 +415,8 @@ class STARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftA
 
     def _check_text(self, encoder_hidden_states, encoder_attention_mask, pooled_text_embeds, batch_size) -> None:
         D = self.config.text_embed_dim
+        if batch_size < 1:
+            raise ValueError("`pooled_text_embeds`: the batch is empty; give at least one row.")
         if pooled_text_embeds is None or pooled_text_embeds.ndim != 2 or pooled_text_embeds.shape != (batch_size, D):
             raise ValueError(
                 f"`pooled_text_embeds` must have shape ({batch_size}, {D}), got "
@@ -435,6 +440,13 @@ class STARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftA
                     f"`encoder_attention_mask` must have shape {tuple(encoder_hidden_states.shape[:2])}, "
                     f"got {tuple(encoder_attention_mask.shape)}."
                 )
+            # a row without a real token attends to nothing (NaN on some kernels); the check waits for the device,
+            # so not inside a CUDA graph capture, nor at every GPU training step
+            on_device = encoder_attention_mask is not None and encoder_attention_mask.device.type != "cpu"
+            capturing = on_device and encoder_attention_mask.is_cuda and torch.cuda.is_current_stream_capturing()
+            checked = encoder_attention_mask is not None and not capturing and not (on_device and self.training)
+            if checked and not bool(encoder_attention_mask.bool().any(dim=1).all()):
+                raise ValueError("`encoder_attention_mask`: every row needs at least one real (non-padding) token.")
 
     def _run_blocks(
         self, x_BLC, attn_mask, kv_cache, rotary, encoder_hidden_states, encoder_attention_mask
@@ -563,8 +575,9 @@ class STARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftA
 
     # -- scale-by-scale decoding -------------------------------------------------------------------
     def init_kv_cache(self, scale_schedule=None) -> KVCache:
-        """The KV cache of one generation (the schedule is the model's own)."""
-        return KVCache(len(self.blocks), square_schedule(self.config.patch_nums))
+        """The KV cache of one generation: room for the scales of ``scale_schedule`` (the model's own schedule, or
+        its first scales; default all of them)."""
+        return square_kv_cache(len(self.blocks), self.config.patch_nums, scale_schedule)
 
     def forward_scale(
         self,
@@ -603,7 +616,7 @@ class STARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftA
         pooled_text_embeds,
         kv_cache: KVCache,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        check_decoding_step(kv_cache, scale_index)
+        check_decoding_step(kv_cache, scale_index, len(self.blocks))
         begin, end = self.begin_ends[scale_index]
         B = pooled_text_embeds.shape[0]
         if scale_index == 0:

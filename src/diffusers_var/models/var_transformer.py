@@ -13,6 +13,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from ..scalars import is_integer, is_number
 from .blocks import (
     AdaLNHeadNorm,
     AdaLNModulation,
@@ -23,7 +24,7 @@ from .blocks import (
     memoized,
     scale_begin_ends,
     scale_level_ids,
-    square_schedule,
+    square_kv_cache,
     validate_patch_nums,
 )
 from .loading import CheckedLoadingMixin
@@ -142,6 +143,8 @@ class VARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAd
         probability ``rate`` (default ``cond_drop_rate``). Draws ``torch.rand(B)`` like the original
         (from the global RNG when no generator is given)."""
         rate = self.config.cond_drop_rate if rate is None else rate
+        if not is_number(rate) or not 0 <= rate <= 1:
+            raise ValueError(f"`rate` must be a probability in [0, 1], got {rate!r}.")
         if rate <= 0:
             return class_labels
         device = generator.device if generator is not None else class_labels.device
@@ -159,7 +162,9 @@ class VARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAd
                 if torch.is_tensor(class_labels)
                 else type(class_labels).__name__
             )
-            raise ValueError(f"`class_labels` must be a 1-D integer tensor, got {got}.")
+            raise ValueError(f"`class_labels` must be a 1-D int64 or int32 tensor, got {got}.")
+        if class_labels.shape[0] == 0:
+            raise ValueError("`class_labels` is empty: the batch needs at least one row.")
         if class_labels.is_cuda and torch.cuda.is_current_stream_capturing():
             return  # no host sync inside a CUDA graph capture: the pipeline checked the labels as Python ints
         if class_labels.device.type != "cpu" and self.training:
@@ -235,7 +240,7 @@ class VARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAd
                 f"`teacher_forcing_input` has {teacher_forcing_input.shape[0]} rows and `class_labels` "
                 f"{class_labels.shape[0]}: one label per row."
             )
-        if not 0 <= logits_from < length:
+        if not is_integer(logits_from) or not 0 <= logits_from < length:
             raise ValueError(f"`logits_from` must be in [0, {length - 1}] for {length} positions, got {logits_from}.")
         if kv_cache is not None and kv_cache.length:
             raise ValueError(f"`kv_cache` must be empty for a prefill; it holds {kv_cache.length} positions.")
@@ -286,15 +291,7 @@ class VARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAd
     def init_kv_cache(self, scale_schedule=None) -> KVCache:
         """The KV cache of one generation: room for the scales of ``scale_schedule`` (the ``(h, w)`` grids of the
         model's own schedule, or its first ones for a generation that stops early; default all of them)."""
-        schedule = square_schedule(self.config.patch_nums)
-        if scale_schedule is not None:
-            if [tuple(hw) for hw in scale_schedule] != schedule[: len(scale_schedule)]:
-                raise ValueError(
-                    f"`scale_schedule` must be the model's schedule {schedule} or its first scales, got "
-                    f"{list(scale_schedule)}."
-                )
-            schedule = schedule[: len(scale_schedule)]
-        return KVCache(len(self.blocks), schedule)
+        return square_kv_cache(len(self.blocks), self.config.patch_nums, scale_schedule)
 
     def forward_scale(
         self,
@@ -338,7 +335,7 @@ class VARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAd
         return self(class_labels, prefix_input, drop_labels=False, kv_cache=kv_cache, logits_from=logits_from).logits
 
     def _decode_scale(self, scale_index: int, class_labels, kv_cache: KVCache, scale_input) -> torch.Tensor:
-        check_decoding_step(kv_cache, scale_index)
+        check_decoding_step(kv_cache, scale_index, len(self.blocks))
         begin, end = self.begin_ends[scale_index]
         if scale_index == 0:
             self._check_labels(class_labels)
