@@ -321,6 +321,21 @@ def test_family_specific_arguments_are_checked():
     assert star.init_kv_cache(schedule[:2]).schedule == schedule[:2]
     with pytest.raises(ValueError, match=r"`scale_schedule` must be the model's schedule"):
         star.init_kv_cache([(7, 7)])
+    sampled = _star_transformer(True)()  # the stable sampler's inputs: shapes named, not a torch.cat error
+    _, (hidden, mask, pooled), tf_input, _ = _star_io(sampled)
+    with torch.no_grad():
+        states = sampled(tf_input, hidden, mask, pooled).hidden_states
+        begin = sampled.begin_ends[sampled.config.sampler_start_scale][0]
+        known = torch.zeros(2, sampled.seq_len - begin, sampled.config.latent_channels)
+        ones = torch.ones(2, sampled.seq_len - begin)
+        assert sampled.forward_sampler(states, known, ones, pooled).shape[:2] == ones.shape
+        for args, parameter in [
+            ((states[:, 1:], known, ones, pooled), "hidden_states"),
+            ((states, known[:1], ones, pooled), "known_embeddings"),
+            ((states, known, ones[:, 1:], pooled), "known_mask"),
+        ]:
+            with pytest.raises(ValueError, match=f"`{parameter}` must have shape"):
+                sampled.forward_sampler(*args)
 
 
 # the condition of an empty batch, and the parameter the error must name

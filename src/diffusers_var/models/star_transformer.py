@@ -71,6 +71,12 @@ def rope_rotary(table_LD2: torch.Tensor) -> Rotary2D:
     return Rotary2D(table_LD2.real.contiguous(), table_LD2.imag.contiguous())
 
 
+def _check_shape(name: str, tensor, shape: tuple[int, ...]) -> None:
+    if not torch.is_tensor(tensor) or tuple(tensor.shape) != tuple(shape):
+        got = tuple(tensor.shape) if torch.is_tensor(tensor) else type(tensor).__name__
+        raise ValueError(f"`{name}` must have shape {tuple(shape)}, got {got}.")
+
+
 class CosineCrossAttention(nn.Module):
     """Multi-head cross-attention from the token stream to encoder (text) states, with the same
     L2-normalised q/k and clamped learned per-head scale as :class:`CosineSelfAttention` (softmax scale 1).
@@ -560,6 +566,14 @@ class STARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftA
         if self.sampler is None:
             raise ValueError("this checkpoint has no stable-sampler head (`stable_sampler=False`).")
         begin = self.begin_ends[self.config.sampler_start_scale][0]
+        B, known = pooled_text_embeds.shape[0], self.seq_len - begin
+        C, Cv = self.config.embed_dim, self.config.latent_channels
+        for name, tensor, shape in (
+            ("hidden_states", hidden_states, (B, self.seq_len, C)),
+            ("known_embeddings", known_embeddings, (B, known, Cv)),
+            ("known_mask", known_mask, (B, known)),
+        ):
+            _check_shape(name, tensor, shape)
         device = hidden_states.device
         table = self.rope_table(device)
         rows = torch.cat((table[:1], table[begin:]))
@@ -665,10 +679,21 @@ class STARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftA
         if self.sampler is None:
             raise ValueError("this checkpoint has no stable-sampler head (`stable_sampler=False`).")
         begin, end = self.begin_ends[scale_index]
+        rows_2B = pooled_text_embeds.shape[0]
+        _check_shape("hidden_states", hidden_states, (rows_2B, end - begin, self.config.embed_dim))
+        committed_rows = committed_embeddings.shape[0] if torch.is_tensor(committed_embeddings) else 0
+        if committed_rows < 1 or rows_2B % committed_rows:
+            raise ValueError(
+                f"`committed_embeddings` must have a number of rows that divides the {rows_2B} rows of "
+                f"`pooled_text_embeds` (shared by the guidance halves), got {committed_rows}."
+            )
+        _check_shape(
+            "committed_embeddings", committed_embeddings, (committed_rows, end - begin, self.config.latent_channels)
+        )
         device = hidden_states.device
         table = self.rope_table(device)
         rows = torch.cat((table[:1], table[begin:end]))
-        repeats = hidden_states.shape[0] // committed_embeddings.shape[0]
+        repeats = rows_2B // committed_rows
         return self.sampler(
             committed_embeddings.repeat(repeats, 1, 1),
             self._level_ids(begin, end, device),
