@@ -275,12 +275,13 @@ class VARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAd
         Cv = self.config.latent_channels
         lengths = [end - self.first_len for _, end in self.begin_ends[1:]]
         if (
-            teacher_forcing_input is None
+            not torch.is_tensor(teacher_forcing_input)
             or teacher_forcing_input.ndim != 3
             or teacher_forcing_input.shape[2] != Cv
             or teacher_forcing_input.shape[1] not in lengths
         ):
-            got = None if teacher_forcing_input is None else tuple(teacher_forcing_input.shape)
+            tensor = torch.is_tensor(teacher_forcing_input)
+            got = tuple(teacher_forcing_input.shape) if tensor else type(teacher_forcing_input).__name__
             raise ValueError(
                 f"`teacher_forcing_input` must have shape (B, {lengths[-1]}, {Cv}), or cover the first "
                 f"scales: (B, n, {Cv}) with n in {lengths}; got {got}."
