@@ -100,7 +100,14 @@ def test_bad_arguments_are_one_line_errors_naming_the_flag(argv, flag, tmp_path,
     assert not calls
 
 
-@pytest.mark.parametrize("argv, flag", [(["--class-label", "999"], "--class-label"), (["--top-p", "2"], "--top-p")])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--class-label", "999"], "--class-label"),
+        (["--prompt", "a purple blob"], "--prompt"),  # (VAR reads its class from --prompt too)
+        (["--top-p", "2"], "--top-p"),
+    ],
+)
 def test_errors_found_by_the_pipeline_name_the_flag(argv, flag, tmp_path, capsys):
     assert _exit_code(["generate", *argv, "--out", str(tmp_path / "out.png")]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
@@ -277,3 +284,19 @@ def test_embedded_pipeline_names_its_folder_or_says_which_names_exist():
     assert isinstance(pipe.transformer, diffusers_var.STARTransformer2DModel)
     with pytest.raises(ValueError, match="`name` must be one of var-shapes, star-shapes"):
         diffusers_var.embedded_pipeline("pipelines/var-shapes")
+
+
+def test_a_full_disk_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """No space left (a full disk or quota) while writing: one line naming --out and what to do, not a traceback."""
+    import errno
+
+    from diffusers_var import cli
+
+    def full(image, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(cli, "save_image", full)
+    out = tmp_path / "out.png"
+    assert _exit_code(["generate", "--class-label", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: no space left on the device writing") and f"(`--out` {str(out)!r})" in err

@@ -393,6 +393,23 @@ def _one_error(capsys, argv, *messages):
     return captured
 
 
+def test_metrics_the_set_sizes_cannot_give(tmp_path, monkeypatch, capsys, inception_weights):
+    """``auto`` leaves out what the set sizes cannot give (precision/recall with 2 images a side; FID with one), so
+    the FID it can give is not lost to a late error; a metric asked for by name fails before the feature pass."""
+    two = _save_images(tmp_path / "two", ShapesDataset(2, 32, seed=1).images)
+    one = _save_images(tmp_path / "one", ShapesDataset(1, 32, seed=2).images)
+    common = ["--inception-weights", str(inception_weights), "--device", "cpu", "--no-progress"]
+    assert main(["evaluate", "--samples", str(two), "--reference", str(two), *common]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["fid"] == pytest.approx(0, abs=1e-6) and result["fid"] >= 0 and "precision" not in result
+    assert main(["evaluate", "--samples", str(one), "--reference", str(two), *common]) == 0
+    assert "fid" not in json.loads(capsys.readouterr().out)
+    _no_features(monkeypatch)
+    for samples, metric in ((two, "pr"), (one, "fid")):
+        argv = ["--samples", str(samples), "--reference", str(two), "--metrics", metric, *common[:2]]
+        _one_error(capsys, argv, f"`--metrics` {metric}")
+
+
 def test_bad_output_paths_fail_before_the_work(tmp_path, monkeypatch, capsys, inception_weights):
     samples = _save_images(tmp_path / "samples", ShapesDataset(4, 32, seed=1).images)
     (tmp_path / "file").write_text("x")

@@ -453,6 +453,45 @@ def test_a_replaced_model_or_a_damaged_image_is_named_on_resume(one_process, tmp
     assert "the model folder's files (another model" in capsys.readouterr().err
 
 
+def test_a_finished_run_a_copied_model_and_what_a_kill_left(one_process, tmp_path, capsys):
+    """A finished run whose images/ was deleted (metadata and npz kept, to save space) is still that run: other
+    settings are refused. The same model files at another path (a copy, a moved checkout) resume it. Temporaries of a
+    run killed while writing the npz or the metadata go at the restart. A dangling link as --out is named."""
+    out = tmp_path / "run"
+    shutil.copytree(one_process, out)
+    shutil.rmtree(out / "images")
+    assert main(["sample", "--out", str(out), *[a if a != "7" else "8" for a in VAR_RUN]]) == 2
+    assert "seed: 7 -> 8" in capsys.readouterr().err
+    model = tmp_path / "model"
+    shutil.copytree(VAR, model)
+    (out / ".samples.npz.123-456.tmp").write_bytes(b"a part of an npz")
+    (out / ".metadata.jsonl.123-456.tmp").write_text("{}")
+    assert main(["sample", "--out", str(out), *[a if a != str(VAR) else str(model) for a in VAR_RUN]]) == 0
+    assert _files(out) == _files(one_process) and not list(out.glob(".*.tmp"))
+    assert (out / "samples.npz").read_bytes() == (one_process / "samples.npz").read_bytes()
+    link = tmp_path / "dangling"
+    link.symlink_to(tmp_path / "nowhere")
+    assert main(["sample", "--out", str(link), *VAR_RUN]) == 2
+    assert "is a link to" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()
+
+
+def test_a_run_that_loses_the_lock_leaves_the_folder(tmp_path, monkeypatch):
+    """Two runs starting together both see no folder; the one refused the lock must not remove the folder the
+    other holds (its lock would then be on a deleted folder, and a third run could start)."""
+    import fcntl
+
+    from diffusers_var.sample import exclusive_run
+
+    def held(handle, operation):
+        raise BlockingIOError
+
+    monkeypatch.setattr(fcntl, "flock", held)
+    out = tmp_path / "race"
+    with pytest.raises(ValueError, match="is being written by another"), exclusive_run(out, is_main=True):
+        pass
+    assert out.is_dir()
+
+
 def test_text_pipeline_needs_prompts(tmp_path, capsys):
     assert main(["sample", "--out", str(tmp_path / "o"), "--model", str(STAR), "--per-class", "1"]) == 2
     assert "`--per-class` is for class-conditional" in capsys.readouterr().err

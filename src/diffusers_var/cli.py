@@ -7,6 +7,7 @@ the output path are all checked before a model is loaded or an image generated.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import sys
@@ -151,9 +152,9 @@ def size_flags_problem(args, pipeline_class: type) -> str | None:
     return None
 
 
-def class_labels_of(pipe, label: str) -> list[int]:
-    """A ``--class-label``: a class index or a class name (:func:`class_label_ids`); ``ValueError`` naming the
-    flag."""
+def class_labels_of(pipe, label: str, flag: str = "--class-label") -> list[int]:
+    """A ``--class-label`` (or the ``flag`` it came from): a class index or a class name (:func:`class_label_ids`);
+    ``ValueError`` naming the flag."""
     try:
         return class_label_ids(pipe, label)
     except ValueError:
@@ -161,7 +162,7 @@ def class_labels_of(pipe, label: str) -> list[int]:
         known = f"{len(names)} names such as {names[0]!r}" if names else "this model has no class names"
         last = pipe.transformer.config.num_classes - 1
         raise ValueError(
-            f"`--class-label` {label!r} is neither a class index (0 to {last}) nor a class name ({known})"
+            f"`{flag}` {label!r} is neither a class index (0 to {last}) nor a class name ({known})"
         ) from None
 
 
@@ -200,9 +201,10 @@ def _generate(args) -> int:
         return print_error(
             "`--draft-steps` applies to CoDe only: pass `--refiner PATH`, or a VARCoDePipeline `--model`"
         )
+    label_flag = "--class-label"
     if name in ("VARPipeline", "VARCoDePipeline"):
         if args.prompt and not args.class_label:
-            args.class_label = args.prompt
+            args.class_label, label_flag = args.prompt, "--prompt"
     elif not args.prompt:
         return print_error("`--prompt` is required for text-to-image pipelines")
     elif args.class_label is not None:
@@ -227,7 +229,7 @@ def _generate(args) -> int:
     if name in ("VARPipeline", "VARCoDePipeline"):
         if args.class_label is not None:
             try:
-                kwargs["class_labels"] = class_labels_of(pipe, args.class_label)
+                kwargs["class_labels"] = class_labels_of(pipe, args.class_label, label_flag)
             except ValueError as err:
                 return print_error(str(err))
     else:
@@ -375,7 +377,9 @@ def _edit(args) -> int:
             if args.mask_dilation is not None:
                 kwargs["mask_dilation"] = args.mask_dilation
         if class_conditional:
-            kwargs["class_labels"] = class_labels_of(pipe, label)
+            kwargs["class_labels"] = class_labels_of(
+                pipe, label, "--class-label" if args.class_label is not None else "--prompt"
+            )
         else:
             kwargs["prompt"] = args.prompt
         edited = pipe(**kwargs).images
@@ -588,7 +592,17 @@ def main(argv=None) -> int:
         args.overrides = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {err.filename!r}" if err.filename else ""
+        out = f" (`--out` {str(args.out)!r})" if getattr(args, "out", None) else ""
+        return print_error(
+            f"no space left on the device{where}{out}: free some space and run the same command again (files are "
+            "written whole or not at all; a sample run goes on where it stopped)."
+        )
 
 
 def train_main(argv=None) -> int:

@@ -297,7 +297,7 @@ def load_inception(path, device="cpu") -> FIDInceptionV3:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - truncated, not torch's at all, or a pickle needing code (refused)
         raise ValueError(
-            f"could not read the Inception weights {str(path)!r} ({type(err).__name__}: "
+            f"`--inception-weights`: could not read the Inception weights {str(path)!r} ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}); download it again."
         ) from None
     model = FIDInceptionV3()
@@ -371,7 +371,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
         )
     covmean_trace = np.linalg.svd(_psd_sqrt(sigma1) @ _psd_sqrt(sigma2), compute_uv=False).sum()
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * covmean_trace)
+    distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * covmean_trace)
+    return max(distance, 0.0)  # a distance: identical statistics give 0 up to float rounding (-1.7e-12 was seen)
 
 
 def frechet_distance_of_features(features1: np.ndarray, features2: np.ndarray) -> float:
@@ -387,7 +388,7 @@ def frechet_distance_of_features(features1: np.ndarray, features2: np.ndarray) -
     x1, x2 = x1 - x1.mean(axis=0), x2 - x2.mean(axis=0)
     n1, n2 = len(x1) - 1, len(x2) - 1
     covmean_trace = np.linalg.svd(x1 @ x2.T, compute_uv=False).sum() / np.sqrt(n1 * n2)
-    return float(diff @ diff + (x1**2).sum() / n1 + (x2**2).sum() / n2 - 2 * covmean_trace)
+    return max(float(diff @ diff + (x1**2).sum() / n1 + (x2**2).sum() / n2 - 2 * covmean_trace), 0.0)
 
 
 def inception_score(logits_unbiased: np.ndarray, split_size: int = IS_SPLIT_SIZE) -> float:
@@ -501,11 +502,27 @@ def clip_scores(clip, images: ImageSet, prompts: list[str], batch_size: int = 64
 # ----------------------------------------------------------------------------------------------
 # The command
 # ----------------------------------------------------------------------------------------------
+def _reference_size(reference: ImageSet | None) -> int | None:
+    """Images or stored features of the reference; ``None`` for none, or for statistics (``mu``, ``sigma``) only."""
+    if reference is None:
+        return None
+    if reference.length:
+        return reference.length
+    features = reference.arrays("inception_pool_3").get("inception_pool_3")
+    return None if features is None else len(features)
+
+
 def _metrics(args, samples: ImageSet, reference: ImageSet | None) -> list[str]:
+    """The metrics to compute, settled before any feature pass: ``auto`` leaves out what the set sizes cannot give
+    (FID: 2 images a side; precision/recall: more than k, and the reference's images or features); a metric asked
+    for by name that they cannot give is a ValueError naming ``--metrics``."""
+    n_ref = _reference_size(reference)
+    stats_only = reference is not None and n_ref is None
+    fid_possible = samples.length >= 2 and (stats_only or (n_ref or 0) >= 2)
+    pr_possible = n_ref is not None and min(samples.length, n_ref) > PR_NEIGHBOURHOOD
     if args.metrics == "auto":
-        chosen = ["is"] + (["fid"] if reference is not None else []) + (["clip"] if samples.prompts else [])
-        if reference is not None and reference.has_features:
-            chosen.append("pr")
+        chosen = ["is"] + (["clip"] if samples.prompts else [])
+        chosen += (["fid"] if reference is not None and fid_possible else []) + (["pr"] if pr_possible else [])
     else:
         chosen = [m.strip() for m in args.metrics.split(",") if m.strip()]
         bad = [m for m in chosen if m not in METRICS]
@@ -516,6 +533,18 @@ def _metrics(args, samples: ImageSet, reference: ImageSet | None) -> list[str]:
             )
     if reference is None and ({"fid", "pr"} & set(chosen)):
         raise ValueError("`--reference` is required for FID and precision/recall.")
+    sizes = f"{samples.length} sample(s), " + (f"{n_ref} reference image(s)" if n_ref else "reference statistics")
+    if "fid" in chosen and not fid_possible:
+        raise ValueError(f"`--metrics` fid needs at least 2 images on each side, got {sizes}; leave it out.")
+    if "pr" in chosen and stats_only:
+        raise ValueError(
+            f"`--metrics` pr: `--reference` {args.reference!r} holds statistics only; precision/recall need its "
+            "images or `inception_pool_3` features (or leave pr out of --metrics)."
+        )
+    if "pr" in chosen and not pr_possible:
+        raise ValueError(
+            f"`--metrics` pr needs more than {PR_NEIGHBOURHOOD} images on each side, got {sizes}; leave it out."
+        )
     if "clip" in chosen and not samples.prompts:
         raise ValueError(
             "`--metrics clip` needs the prompts: evaluate a `diffusers-var sample` folder of a "

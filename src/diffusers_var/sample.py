@@ -251,6 +251,8 @@ def check_flags(args, family_name: str) -> None:
 def check_out(out: Path) -> None:
     """``--out`` must be a folder that exists or can be made, and that we may write into, without files of its
     names that no run wrote; checked before the model is loaded, creating nothing."""
+    if out.is_symlink() and not out.exists():
+        raise ValueError(f"`--out` {str(out)!r} is a link to {os.readlink(out)!r}, which does not exist.")
     if out.exists() and not out.is_dir():
         raise ValueError(
             f"`--out` {str(out)!r} is a file; sample writes a folder ({IMAGES_DIR}/, {METADATA_FILE}): give a "
@@ -284,6 +286,7 @@ def exclusive_run(out: Path, is_main: bool):
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     handle = os.open(out, os.O_RDONLY)
+    owned = False  # only the run holding the lock may remove the folder (another may have made it and hold it)
     try:
         try:
             import fcntl
@@ -298,9 +301,10 @@ def exclusive_run(out: Path, is_main: bool):
             ) from None
         except OSError as err:  # a filesystem without locks
             logger.warning("cannot lock %s (%s); do not start a second run into it", out, err)
+        owned = True
         yield
     except BaseException:
-        if made and not any(out.iterdir()):
+        if made and owned and not any(out.iterdir()):
             out.rmdir()
         raise
     finally:
@@ -518,15 +522,20 @@ def _check_run_file(out: Path, settings: dict, processes: Processes) -> None:
                 f"`--out` {str(out)!r} holds a {RUN_FILE} that is not this command's (unreadable, or no "
                 f'"settings" object); choose another --out, or remove that file if the folder is yours to reuse.'
             ) from None
+        same_model_files = "model_files" in recorded and recorded["model_files"] == settings.get("model_files")
         differ = sorted(
             k
             for k in set(recorded) | set(settings)
-            if recorded.get(k) != settings.get(k) and (k in recorded or k != "model_files")  # (not in older runs)
+            if recorded.get(k) != settings.get(k)
+            and (k in recorded or k != "model_files")  # (not in older runs)
+            and not (k == "model" and same_model_files)  # the same files at another path: a copy, a moved checkout
         )
         images = out / IMAGES_DIR
-        started = images.is_dir() and any(
+        has_images = images.is_dir() and any(
             e.name.endswith(".png") and not e.name.startswith(".") for e in os.scandir(images)
         )
+        # (or what a finished run wrote: its images/ may have been deleted to save space)
+        started = has_images or (out / METADATA_FILE).is_file() or (out / NPZ_FILE).is_file()
         if differ and started:
             changes = "; ".join(
                 "the model folder's files (another model, or its weights or configs replaced)"
@@ -683,6 +692,9 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
             for entry in os.scandir(images_dir):  # half-written files of a killed run
                 if entry.name.startswith(".") and entry.name.endswith(".tmp"):
                     os.unlink(entry.path)
+            for name in (METADATA_FILE, NPZ_FILE, RUN_FILE):  # (its write_atomic temporaries beside them too)
+                for stale in out.glob(f".{name}.*.tmp"):
+                    stale.unlink(missing_ok=True)
         processes.barrier()  # nobody writes before every process has listed what is done
         done = completed_indices(images_dir, total, width)
         num_batches = (total + batch_size - 1) // batch_size
