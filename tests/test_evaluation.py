@@ -403,7 +403,8 @@ def test_metrics_the_set_sizes_cannot_give(tmp_path, monkeypatch, capsys, incept
     result = json.loads(capsys.readouterr().out)
     assert result["fid"] == pytest.approx(0, abs=1e-6) and result["fid"] >= 0 and "precision" not in result
     assert main(["evaluate", "--samples", str(one), "--reference", str(two), *common]) == 0
-    assert "fid" not in json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert "fid" not in json.loads(captured.out) and "--metrics auto left out FID" in captured.err
     _no_features(monkeypatch)
     for samples, metric in ((two, "pr"), (one, "fid")):
         argv = ["--samples", str(samples), "--reference", str(two), "--metrics", metric, *common[:2]]

@@ -296,6 +296,13 @@ def test_decoding_out_of_order_is_refused(case):
             model.forward_scale(0, condition, cache, None)
         cache.reset()
         model.forward_scale(0, condition, cache, None)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # within a generation: cast into the storage it has
+            out = model.forward_scale(1, condition, cache, second)
+        assert torch.isfinite(out[0] if isinstance(out, tuple) else out).all()
+        cache.reset()
+        model.forward_scale(0, condition, cache, None)
+        with pytest.raises(ValueError, match=r"`(scale_input|kv_cache)`"):  # another batch mid-generation: named
+            model.forward_scale(1, tuple(t[:1] for t in condition), cache, second[:1])
         deeper = type(model).from_config({**model.config, "depth": 2 * model.config.depth})
         with pytest.raises(ValueError, match=r"`kv_cache` has \d+ layers and this model \d+ blocks"):
             deeper.forward_scale(0, condition, model.init_kv_cache(schedule), None)
@@ -318,6 +325,9 @@ def test_family_specific_arguments_are_checked():
     mask[1] = 0
     with torch.no_grad(), pytest.raises(ValueError, match="`encoder_attention_mask`: every row needs at least one"):
         star(tf_input, hidden, mask, pooled)
+    star.config.cross_attention_row0_quirk = True  # (every row reads row 0's text: row 1's mask is never read)
+    with torch.no_grad():
+        assert torch.isfinite(star(tf_input, hidden, mask, pooled).logits).all()
     assert star.init_kv_cache(schedule[:2]).schedule == schedule[:2]
     with pytest.raises(ValueError, match=r"`scale_schedule` must be the model's schedule"):
         star.init_kv_cache([(7, 7)])

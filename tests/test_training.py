@@ -579,8 +579,8 @@ TRANSFORMER_KEYS = {
         ("var", ["model.norm_eps=-1"], r"`model\.norm_eps` must be a finite number > 0"),
         ("tokenizer", ["model.beta=-1"], r"`model\.beta` must be a finite number >= 0"),
         ("tokenizer", ["model.dropout=-1"], r"`model\.dropout` must be in \[0, 1\)"),
-        ("tokenizer", ["model.in_channels=1"], r"`model\.in_channels` is set by the trainer \(from the training"),
-        ("bitwise_tokenizer", ["model.out_channels=4"], r"`model\.out_channels` is set by the trainer"),
+        ("tokenizer", ["model.in_channels=1"], r"`model\.in_channels` must be 3 \(the training images are RGB\)"),
+        ("bitwise_tokenizer", ["model.out_channels=4"], r"`model\.out_channels` must be 3"),
         ("var", ['model.init_blocks=[0,"a"]'], r"`model\.init_blocks` must be a list of block indices"),
     ],
 )

@@ -518,11 +518,22 @@ def _metrics(args, samples: ImageSet, reference: ImageSet | None) -> list[str]:
     for by name that they cannot give is a ValueError naming ``--metrics``."""
     n_ref = _reference_size(reference)
     stats_only = reference is not None and n_ref is None
-    fid_possible = samples.length >= 2 and (stats_only or (n_ref or 0) >= 2)
+    # (FID takes a reference's stored statistics unless it stores features: run_evaluate's use_stats)
+    stored = reference.arrays("mu", "sigma", "inception_pool_3") if reference is not None else {}
+    uses_stats = "mu" in stored and "sigma" in stored and "inception_pool_3" not in stored
+    fid_possible = samples.length >= 2 and (uses_stats or (n_ref or 0) >= 2)
     pr_possible = n_ref is not None and min(samples.length, n_ref) > PR_NEIGHBOURHOOD
     if args.metrics == "auto":
         chosen = ["is"] + (["clip"] if samples.prompts else [])
         chosen += (["fid"] if reference is not None and fid_possible else []) + (["pr"] if pr_possible else [])
+        needs = (("FID", "at least 2", fid_possible), ("pr", f"more than {PR_NEIGHBOURHOOD}", pr_possible))
+        left_out = [
+            f"{name} (it needs {need} images on each side)"
+            for name, need, possible in needs
+            if reference is not None and not possible and not (name == "pr" and stats_only)
+        ]
+        if left_out:
+            print(f"note: --metrics auto left out {' and '.join(left_out)}.", file=sys.stderr)
     else:
         chosen = [m.strip() for m in args.metrics.split(",") if m.strip()]
         bad = [m for m in chosen if m not in METRICS]

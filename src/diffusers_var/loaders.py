@@ -740,7 +740,7 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             is_main_process, save_function: diffusers' (several processes; a custom writer of ``(tensors, path)``).
             safe_serialization: ``False`` is noted and ignored (safetensors only: a pickle can run code).
         """
-        if not safe_serialization:
+        if not safe_serialization and is_main_process:
             logger.warning(SAFETENSORS_ONLY)
         if weight_name is not None and (
             not isinstance(weight_name, str)

@@ -204,7 +204,7 @@ def parse_class_labels(text: str, num_classes: int) -> list[int]:
     if not text.strip():
         raise ValueError("`--class-labels` is empty; give class indices (0,5,17) or leave the flag out for all.")
     try:
-        labels = [int(item) for item in text.removesuffix(",").split(",")]  # (a trailing comma is harmless)
+        labels = [int(item) for item in text.strip().removesuffix(",").split(",")]  # (a trailing comma is harmless)
     except ValueError:
         raise ValueError(f"`--class-labels` must be comma-separated class indices, got {text!r}.") from None
     bad = [label for label in labels if not -1 <= label < num_classes]

@@ -139,7 +139,15 @@ class LayerKVCache:
         if new_len > self.max_length:
             raise ValueError(f"KV cache overflow: {new_len} tokens > max_length={self.max_length}.")
         keys = self._keys
-        if keys is None or keys.shape[0] != batch or keys.dtype != like.dtype or keys.device != like.device:
+        if keys is not None and keys.shape[0] != batch and self.length:
+            raise ValueError(
+                f"`kv_cache` holds {keys.shape[0]} rows of this generation, the scale brings {batch}: one batch per "
+                "generation (`kv_cache.reset()` or a new cache for another)."
+            )
+        # new storage for a new generation of another batch, dtype or device (reset() keeps the old, whose addresses
+        # CUDA graphs hold); within a generation the keys are cast into the storage they started in
+        fits = keys is not None and (keys.shape[0], keys.dtype, keys.device) == (batch, like.dtype, like.device)
+        if keys is None or (not self.length and not fits):
             self._keys, self._values = self._allocate((batch, self.max_length, heads, head_dim), like)
         start, self.length = self.length, new_len
         return self._keys, self._values, start
@@ -255,7 +263,12 @@ def check_decoding_step(kv_cache, scale_index, num_layers: int) -> None:
     num_scales = len(kv_cache.schedule)
     whole = not isinstance(scale_index, bool) and (
         isinstance(scale_index, numbers.Integral)
-        or (torch.is_tensor(scale_index) and scale_index.ndim == 0 and not scale_index.is_floating_point())
+        or (
+            torch.is_tensor(scale_index)
+            and scale_index.ndim == 0
+            and not scale_index.is_floating_point()
+            and scale_index.dtype != torch.bool
+        )
     )
     if not whole or not 0 <= int(scale_index) < num_scales:
         raise ValueError(

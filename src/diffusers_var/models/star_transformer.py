@@ -451,8 +451,12 @@ class STARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftA
             on_device = encoder_attention_mask is not None and encoder_attention_mask.device.type != "cpu"
             capturing = on_device and encoder_attention_mask.is_cuda and torch.cuda.is_current_stream_capturing()
             checked = encoder_attention_mask is not None and not capturing and not (on_device and self.training)
-            if checked and not bool(encoder_attention_mask.bool().any(dim=1).all()):
-                raise ValueError("`encoder_attention_mask`: every row needs at least one real (non-padding) token.")
+            if checked:  # (with the row-0 quirk every row attends to row 0's text: only that row's mask is read)
+                read = encoder_attention_mask[:1] if self.config.cross_attention_row0_quirk else encoder_attention_mask
+                if not bool(read.bool().any(dim=1).all()):
+                    raise ValueError(
+                        "`encoder_attention_mask`: every row needs at least one real (non-padding) token."
+                    )
 
     def _run_blocks(
         self, x_BLC, attn_mask, kv_cache, rotary, encoder_hidden_states, encoder_attention_mask

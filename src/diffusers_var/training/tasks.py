@@ -169,6 +169,9 @@ def check_model_section(config) -> dict:
                 raise ValueError(f"`model.{key}` must be a model folder path, got {value!r}.")
         else:
             _check_model_value(key, value, params[key])
+        fixed = getattr(task_class, "model_keys_fixed", {})
+        if key in fixed and value != fixed[key]:
+            raise ValueError(f"`model.{key}` must be {fixed[key]} (the training images are RGB), got {value!r}.")
     return config.model
 
 
@@ -252,11 +255,8 @@ class _ReconstructionTask:
     """Shared by the tokenizer tasks: a reconstruction grid as samples, the bare model as export."""
 
     collate = staticmethod(collate)
-    # constructor arguments the trainer sets: key -> from what
-    model_keys_set_by_trainer: dict[str, str] = {
-        "in_channels": "the training images, RGB: 3",
-        "out_channels": "the training images, RGB: 3",
-    }
+    model_keys_set_by_trainer: dict[str, str] = {}  # constructor arguments the trainer sets: key -> from what
+    model_keys_fixed = {"in_channels": 3, "out_channels": 3}  # the training images are RGB
     model_init_keys: dict[str, str] = {}  # `model` keys that are not constructor arguments: key -> kind of value
 
     @torch.no_grad()
