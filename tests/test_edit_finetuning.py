@@ -59,8 +59,11 @@ def test_vq_pyramid_keeping_another_images_tokens():
     for k, got, want in zip(keep, mixed, kept):
         assert torch.equal(got[k.flatten(1)], want[k.flatten(1)])
     assert not all(map(torch.equal, mixed, kept)) and not all(map(torch.equal, mixed, own))
-    with pytest.raises(ValueError, match="`keep`"):
-        vq.encode_indices_keeping(target, kept, keep[:-1])
+    for bad in (keep[:-1], [k.float() for k in keep], [k[:1] for k in keep]):  # a scale short, float, one row
+        with pytest.raises(ValueError, match=r"`keep` must hold one \(3, pn, pn\) bool mask per scale"):
+            vq.encode_indices_keeping(target, kept, bad)
+    with pytest.raises(ValueError, match="`images` has 1 rows and `kept_indices` 3"):
+        vq.encode_indices_keeping(target[:1], kept, keep)
 
 
 @torch.no_grad()

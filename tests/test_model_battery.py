@@ -379,11 +379,20 @@ ROW_MISMATCHES = {
 
 @pytest.mark.parametrize("case", TRANSFORMERS, ids=case_ids(TRANSFORMERS))
 def test_teacher_forcing_rows_must_match_the_condition(case):
+    """One input row against the condition's two, and an input that is a numpy array, are named."""
     model = case.build()
     _, condition, tf_input, _ = case.io(model)
     call, parameter = ROW_MISMATCHES[case.id.split("_")[0]]
     with torch.no_grad(), pytest.raises(ValueError, match=f"`{parameter}`"):
         call(model, condition, tf_input)
+    family, array = case.id.split("_")[0], tf_input.numpy()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"must have shape .*got ndarray"):
+        if family == "var":
+            model(condition[0], array)
+        elif family == "star":
+            model(array, *condition)
+        else:
+            model(array, *condition[:2], INFINITY_SCHEDULE)
 
 
 def test_infinity_drop_text_must_be_one_bool_per_row():

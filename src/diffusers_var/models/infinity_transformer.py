@@ -374,8 +374,8 @@ class InfinityTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, P
         schedule = self._check_schedule(scale_schedule)
         counts = [h * w for h, w in schedule]
         expected = (sum(counts) - 1, self.config.bits_per_token)
-        if hidden_states is None or hidden_states.ndim != 3 or tuple(hidden_states.shape[1:]) != expected:
-            got = None if hidden_states is None else tuple(hidden_states.shape)
+        if not torch.is_tensor(hidden_states) or hidden_states.ndim != 3 or tuple(hidden_states.shape[1:]) != expected:
+            got = tuple(hidden_states.shape) if torch.is_tensor(hidden_states) else type(hidden_states).__name__
             raise ValueError(f"`hidden_states` must have shape (B, {expected[0]}, {expected[1]}), got {got}.")
         if hidden_states.shape[0] != text_embeds.shape[0]:
             raise ValueError(

@@ -443,8 +443,16 @@ class MultiScaleVQModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, SlicedDeco
         patch_nums = self._check_indices(kept_indices, "kept_indices")
         self._check_images(images)
         check_image_values(images)
-        if len(keep) != len(patch_nums) or any(tuple(k.shape[-2:]) != (pn, pn) for k, pn in zip(keep, patch_nums)):
-            raise ValueError(f"`keep` must hold one (B, pn, pn) mask per scale of {patch_nums}.")
+        rows = kept_indices[0].shape[0]
+        if (
+            not isinstance(keep, (list, tuple))
+            or len(keep) != len(patch_nums)
+            or not all(torch.is_tensor(k) and k.dtype == torch.bool for k in keep)
+            or any(tuple(k.shape) != (rows, pn, pn) for k, pn in zip(keep, patch_nums))
+        ):
+            raise ValueError(f"`keep` must hold one ({rows}, pn, pn) bool mask per scale of {patch_nums}.")
+        if images.shape[0] != rows:
+            raise ValueError(f"`images` has {images.shape[0]} rows and `kept_indices` {rows}: one per image.")
         f = self.encode_latent(images)
         return self.quantize.quantize(f, self._resolve_patch_nums(patch_nums, f.shape[-1]), False, keep, kept_indices)
 

@@ -518,11 +518,12 @@ class STARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftA
             )
         expected = (self.seq_len - 1, self.config.latent_channels)
         if (
-            teacher_forcing_input is None
+            not torch.is_tensor(teacher_forcing_input)
             or teacher_forcing_input.ndim != 3
             or tuple(teacher_forcing_input.shape[1:]) != expected
         ):
-            got = None if teacher_forcing_input is None else tuple(teacher_forcing_input.shape)
+            tensor = torch.is_tensor(teacher_forcing_input)
+            got = tuple(teacher_forcing_input.shape) if tensor else type(teacher_forcing_input).__name__
             raise ValueError(f"`teacher_forcing_input` must have shape (B, {expected[0]}, {expected[1]}), got {got}.")
         B = teacher_forcing_input.shape[0]
         self._check_text(encoder_hidden_states, encoder_attention_mask, pooled_text_embeds, B)
