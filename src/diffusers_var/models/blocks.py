@@ -31,7 +31,7 @@ MAX_LOG_ATTN_SCALE = math.log(100.0)
 # Scale schedules
 # ----------------------------------------------------------------------------------------------
 def validate_patch_nums(patch_nums: Sequence[int], name: str = "patch_nums") -> tuple[int, ...]:
-    if isinstance(patch_nums, torch.Tensor) or hasattr(patch_nums, "tolist"):  # a tensor / numpy array of them
+    if hasattr(patch_nums, "tolist"):  # a tensor / numpy array of them
         patch_nums = patch_nums.tolist()
     if (
         isinstance(patch_nums, (str, bytes))

@@ -1115,14 +1115,17 @@ class FastInferenceMixin:
         """The models this pipeline's graphs replay (CoDe: both stages)."""
         return (getattr(self, "transformer", None),)
 
-    @property
-    def _graph_steps(self) -> OrderedDict:
+    def _graph_cache(self) -> OrderedDict:
         """This pipeline's captured graph sets; emptied (freed) first when the graphed models changed since they were
         captured, through this pipeline or another that shares them (:data:`GRAPH_TOKEN_ATTRIBUTE`)."""
         token = tuple(getattr(model, GRAPH_TOKEN_ATTRIBUTE, None) for model in self._graphed_models())
         if self.__dict__.get("_graph_cache_token") != token or "_graph_cache" not in self.__dict__:
             self.__dict__["_graph_cache"], self.__dict__["_graph_cache_token"] = OrderedDict(), token
         return self.__dict__["_graph_cache"]
+
+    @property
+    def _graph_steps(self) -> OrderedDict:
+        return self._graph_cache()
 
     def _invalidate_graphs(self) -> None:
         """The graphs of every pipeline sharing this one's models are stale (this one's are freed now, the others' at
@@ -1198,7 +1201,7 @@ class FastInferenceMixin:
         adapters has changed what the transformer computes since, the float8 copies are remade and the graphs of
         every pipeline sharing the transformer dropped (recaptured on the next call). Stale graph sets of this
         pipeline are freed here too, graphs on or off."""
-        self._graph_steps  # noqa: B018 (the read frees them)
+        self._graph_cache()  # (frees stale sets)
         transformer = getattr(self, "transformer", None)
         if not self._fast_inference or transformer is None:
             return
