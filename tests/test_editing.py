@@ -463,7 +463,7 @@ def test_fast_switches_are_shared_by_pipelines_sharing_the_transformer(graphs_on
         pipe(class_labels=[1], generator=torch.Generator().manual_seed(0), top_k=10, output_type="latent")
 
     def captured(pipe):  # without reading `_graph_steps`, which frees stale sets
-        return len(pipe.__dict__.get("_graph_cache", ()))
+        return len(pipe.__dict__.get("_graph_sets", ()))
 
     source = tiny_var()
     derived = VARImg2ImgPipeline.from_pipe(source)

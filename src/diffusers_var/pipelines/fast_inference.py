@@ -1119,9 +1119,9 @@ class FastInferenceMixin:
         """This pipeline's captured graph sets; emptied (freed) first when the graphed models changed since they were
         captured, through this pipeline or another that shares them (:data:`GRAPH_TOKEN_ATTRIBUTE`)."""
         token = tuple(getattr(model, GRAPH_TOKEN_ATTRIBUTE, None) for model in self._graphed_models())
-        if self.__dict__.get("_graph_cache_token") != token or "_graph_cache" not in self.__dict__:
-            self.__dict__["_graph_cache"], self.__dict__["_graph_cache_token"] = OrderedDict(), token
-        return self.__dict__["_graph_cache"]
+        if self.__dict__.get("_graph_sets_token") != token or "_graph_sets" not in self.__dict__:
+            self.__dict__["_graph_sets"], self.__dict__["_graph_sets_token"] = OrderedDict(), token
+        return self.__dict__["_graph_sets"]
 
     @property
     def _graph_steps(self) -> OrderedDict:
@@ -1132,7 +1132,7 @@ class FastInferenceMixin:
         their next call)."""
         for model in self._graphed_models():
             invalidate_graphs_(model)
-        self.__dict__.pop("_graph_cache", None)
+        self.__dict__.pop("_graph_sets", None)
 
     def _check_fast_inference_args(self, dtype: torch.dtype, **flags) -> None:
         """:func:`check_fast_inference_args`, then, for ``fp8=True``, the transformer's widths: a model that float8
