@@ -178,6 +178,14 @@ class LayerKVCache:
         return self.memo[key]
 
 
+def may_read_values(tensor: torch.Tensor, training: bool) -> bool:
+    """Whether a check of ``tensor``'s values (a host sync) may run: never inside a CUDA graph capture, nor off the
+    CPU while ``training`` (it would wait for the device at every step and break a compiled graph)."""
+    if tensor.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return tensor.device.type == "cpu" or not training
+
+
 def check_ffn_width(dim: int, mlp_ratio: float) -> int:
     """``round(dim * mlp_ratio)``, the FFN width of VAR's and STAR's blocks; a ValueError naming ``mlp_ratio`` when
     that is no unit at all."""

@@ -27,6 +27,7 @@ from .blocks import (
     check_decoding_step,
     init_adaln_transformer_weights_,
     level_ids_from_counts,
+    may_read_values,
     memoized,
 )
 from .dynamic_resolution import normalize_schedule, rope_grid_for_schedule
@@ -285,8 +286,7 @@ class InfinityTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, P
                 f"`text_mask` must have shape {tuple(text_embeds.shape[:2])}, got {tuple(text_mask.shape)}."
             )
         text_mask = text_mask.to(device=text_embeds.device, dtype=torch.bool)
-        capturing = text_mask.is_cuda and torch.cuda.is_current_stream_capturing()  # no host sync in a graph capture
-        if not capturing and not bool(text_mask.any(dim=1).all()):
+        if may_read_values(text_mask, training=False) and not bool(text_mask.any(dim=1).all()):  # (also in training)
             raise ValueError("`text_mask`: every sample needs at least one real token.")
         text_embeds = text_embeds.to(self.uncond_text_embeds.dtype)
         if drop_text is not None:  # also when no row is dropped, so DDP always sees the parameter used

@@ -28,6 +28,7 @@ from .blocks import (
     check_decoding_step,
     check_ffn_width,
     init_linear_and_embedding_weights_,
+    may_read_values,
     memoized,
     scale_begin_ends,
     scale_level_ids,
@@ -446,12 +447,9 @@ class STARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftA
                     f"`encoder_attention_mask` must have shape {tuple(encoder_hidden_states.shape[:2])}, "
                     f"got {tuple(encoder_attention_mask.shape)}."
                 )
-            # a row without a real token attends to nothing (NaN on some kernels); the check waits for the device,
-            # so not inside a CUDA graph capture, nor at every GPU training step
-            on_device = encoder_attention_mask is not None and encoder_attention_mask.device.type != "cpu"
-            capturing = on_device and encoder_attention_mask.is_cuda and torch.cuda.is_current_stream_capturing()
-            checked = encoder_attention_mask is not None and not capturing and not (on_device and self.training)
-            if checked:  # (with the row-0 quirk every row attends to row 0's text: only that row's mask is read)
+            # a row without a real token attends to nothing (NaN on some kernels); with the row-0 quirk every row
+            # attends to row 0's text, so only that row's mask is read
+            if encoder_attention_mask is not None and may_read_values(encoder_attention_mask, self.training):
                 read = encoder_attention_mask[:1] if self.config.cross_attention_row0_quirk else encoder_attention_mask
                 if not bool(read.bool().any(dim=1).all()):
                     raise ValueError(

@@ -21,6 +21,7 @@ from .blocks import (
     KVCache,
     check_decoding_step,
     init_adaln_transformer_weights_,
+    may_read_values,
     memoized,
     scale_begin_ends,
     scale_level_ids,
@@ -165,10 +166,8 @@ class VARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAd
             raise ValueError(f"`class_labels` must be a 1-D int64 or int32 tensor, got {got}.")
         if class_labels.shape[0] == 0:
             raise ValueError("`class_labels` is empty: the batch needs at least one row.")
-        if class_labels.is_cuda and torch.cuda.is_current_stream_capturing():
-            return  # no host sync inside a CUDA graph capture: the pipeline checked the labels as Python ints
-        if class_labels.device.type != "cpu" and self.training:
-            return  # the range check would wait for the GPU at every training step (and break a compiled graph)
+        if not may_read_values(class_labels, self.training):
+            return  # (in a graph capture the pipeline checked the labels as Python ints)
         if class_labels.numel() and (class_labels.min() < 0 or class_labels.max() > self.null_class):
             raise ValueError(f"`class_labels` must lie in [0, {self.null_class}] ({self.null_class} = null class).")
 
