@@ -4,11 +4,19 @@ path's CUDA-graph wiring (with the CPU stand-in of test_fast_inference.py)."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
 
-from diffusers_var import MultiScaleVQModel, VARCoDePipeline, VARPipeline, VARTransformer2DModel
+from diffusers_var import (
+    MultiScaleVQModel,
+    VARCoDePipeline,
+    VARImg2ImgPipeline,
+    VARPipeline,
+    VARTransformer2DModel,
+)
 from diffusers_var.pipelines import fast_inference, pipeline_var
 from test_fast_inference import EagerGraphStandIn
 from tiny_components import VAR_PATCH_NUMS, code_components, var_components
@@ -45,6 +53,16 @@ def test_from_var_pipelines_shares_the_weights_and_checks_the_tokenizer():
     copy = MultiScaleVQModel.from_config(components["vqvae"].config)
     copy.load_state_dict(components["vqvae"].state_dict())
     VARCoDePipeline.from_var_pipelines(drafter, VARPipeline(transformer=components["refiner"], vqvae=copy))
+    # the same tokenizer in bf16 (loaded so, or cast by enable_fast_inference), on either side
+    coarse = MultiScaleVQModel.from_config(components["vqvae"].config)
+    coarse.load_state_dict(components["vqvae"].state_dict())
+    coarse.to(torch.bfloat16)
+    VARCoDePipeline.from_var_pipelines(drafter, VARPipeline(transformer=components["refiner"], vqvae=coarse))
+    VARCoDePipeline.from_var_pipelines(VARPipeline(transformer=components["transformer"], vqvae=coarse), refiner)
+    with torch.no_grad():
+        coarse.quantize.embedding.weight[0, 0] += 0.25  # more than bf16's rounding: another codebook
+    with pytest.raises(ValueError, match="`refiner`.*tokenizer"):
+        VARCoDePipeline.from_var_pipelines(drafter, VARPipeline(transformer=components["refiner"], vqvae=coarse))
     with torch.no_grad():
         copy.quantize.embedding.weight[0, 0] += 1  # another codebook: refused
     with pytest.raises(ValueError, match="`refiner`.*tokenizer"):
@@ -99,6 +117,25 @@ def test_save_load_keeps_draft_steps_and_the_images(tmp_path):
     assert torch.equal(latents(loaded), latents(pipe))
     assert torch.equal(latents(loaded, draft_steps=3), latents(pipe, draft_steps=3))  # a call's draft_steps wins
     assert not torch.equal(latents(loaded, draft_steps=3), latents(loaded))
+
+
+def test_task_pipelines_load_a_code_folder_with_one_plain_note(tmp_path, caplog):
+    """A CoDe folder loads into the other VAR pipelines without its refiner, with a note of ours instead of diffusers'
+    "please verify your model_index.json"."""
+    code_pipe(draft_steps=1).save_pretrained(tmp_path / "p")
+    for pipeline_class in (VARPipeline, VARImg2ImgPipeline):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            pipe = pipeline_class.from_pretrained(tmp_path / "p")
+        assert not hasattr(pipe, "refiner") or pipe.components.get("refiner") is None
+        assert "verify your" not in caplog.text
+        assert (
+            f"holds a VARCoDePipeline: {pipeline_class.__name__} does not use its draft_steps, refiner" in caplog.text
+        )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        VARCoDePipeline.from_pretrained(tmp_path / "p")
+    assert "does not use" not in caplog.text and "verify your" not in caplog.text
 
 
 # -- the generator contract ---------------------------------------------------------------------------------------

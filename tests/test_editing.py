@@ -8,6 +8,7 @@ bad inputs; ``test_var_parity.py`` the original notebook's edit.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import PIL.Image
@@ -262,6 +263,62 @@ def test_image_formats_give_the_same_edit():
     assert torch.equal(
         run(inpaint, "var", image=gray8, mask_image=mask16), run(inpaint, "var", image=gray8, mask_image=mask)
     )
+
+
+def test_flipped_and_rotated_numpy_inputs_are_taken_as_they_look(family):
+    """numpy views with negative strides (``np.fliplr``, ``[::-1]``, ``np.rot90``) of images and masks, which
+    ``torch.as_tensor`` refuses, are the same inputs as their contiguous copies."""
+    _, inpaint, img2img = pipes(family)
+    image = input_image(family, seed=6)[0].permute(1, 2, 0).numpy()
+    height, width = image.shape[:2]
+    mask = np.zeros((height, width), dtype=np.float32)
+    mask[: height // 2, : width // 4] = 1
+    for view in (np.fliplr(image), image[::-1], np.rot90(image, 2)):
+        assert torch.equal(
+            run(img2img, family, image=view, strength=0.5), run(img2img, family, image=view.copy(), strength=0.5)
+        )
+    for view in (np.fliplr(mask), np.fliplr(mask > 0), np.fliplr((mask * 255).astype(np.uint8))):
+        assert torch.equal(
+            run(inpaint, family, image=image, mask_image=view),
+            run(inpaint, family, image=image, mask_image=view.copy()),
+        )
+
+
+def test_an_image_just_below_zero_is_read_as_minus_one_to_one_with_a_warning(family):
+    """diffusers' rule reads an image with a negative value as [-1, 1]; a [0, 1] image with a little undershoot would
+    silently wash out, so that case is said."""
+    _, _, img2img = pipes(family)
+    image = input_image(family, seed=7)
+    undershoot = image.clone()
+    undershoot[0, 0, 0, 0] = -1e-3
+    with pytest.warns(UserWarning, match=r"`image` has values just below 0 \(min -0.001\).*clamp"):
+        run(img2img, family, image=undershoot, strength=0.5)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*just below 0")
+        run(img2img, family, image=image * 2 - 1, strength=0.5)  # a [-1, 1] image: as diffusers reads it
+        run(img2img, family, image=image, strength=0.5)
+
+
+def test_var_task_pipelines_take_the_temperature():
+    """``temperature`` (one value or one per scale) works in VAR's task pipelines as in VARPipeline."""
+    plain, inpaint, img2img = pipes("var")
+    num_scales = len(schedule_of("var"))
+    image = input_image("var", seed=8)
+    for temperature in (0.01, [0.01] * num_scales):  # the tiny logits are flat: only a sharp temperature shows
+        assert torch.equal(
+            run(img2img, "var", image=image, strength=1.0, temperature=temperature),
+            run(plain, "var", temperature=temperature),
+        )
+    assert not torch.equal(run(plain, "var", temperature=0.01), run(plain, "var"))
+    assert not torch.equal(
+        run(inpaint, "var", image=image, mask_image=grid_mask("var", slice(1, None)), temperature=0.01),
+        run(inpaint, "var", image=image, mask_image=grid_mask("var", slice(1, None))),
+    )
+    for pipe, extra in ((img2img, {}), (inpaint, {"mask_image": grid_mask("var")})):
+        with pytest.raises(ValueError, match="`temperature`"):
+            run(pipe, "var", image=image, temperature=0.0, **extra)
+        with pytest.raises(ValueError, match="`temperature`"):
+            run(pipe, "var", image=image, temperature=[1.0, 2.0], **extra)
 
 
 def test_pixel_masks_become_latent_grid_masks(family):

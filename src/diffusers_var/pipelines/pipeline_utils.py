@@ -292,6 +292,14 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         super().__init_subclass__(**kwargs)
         _PIPELINE_CLASSES[cls.__name__] = cls  # by the name model_index.json stores
 
+    # diffusers drops the model_index.json keys of "compatible" classes without its "please verify your
+    # model_index.json" warning: a same-family folder's extra components (a CoDe refiner) are a note of ours instead
+    has_compatibles = True
+
+    @classmethod
+    def _get_compatibles(cls) -> list[type]:
+        return [other for other in _PIPELINE_CLASSES.values() if other._family == cls._family]
+
     _guidance_scale = None
     _per_scale_guidance = False  # whether guidance_scale may be a list with one value per scale
     _num_timesteps: int | None = None
@@ -490,6 +498,12 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
                     f"`pretrained_model_name_or_path` {str(pretrained_model_name_or_path)!r} holds a {saved!r}, "
                     f"not a pipeline of the {cls.__name__} family; load it with its own class "
                     f"(`diffusers-var generate --model` reads the class from model_index.json)."
+                )
+            unused = sorted(set(cls._get_init_keys(saved_class)) - set(cls._get_init_keys(cls)) - {"self"})
+            if unused:
+                logger.warning(
+                    f"{str(pretrained_model_name_or_path)!r} holds a {saved}: {cls.__name__} does not use its "
+                    f"{', '.join(unused)} and loads without them (`{saved}.from_pretrained` loads them)."
                 )
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
@@ -785,6 +799,18 @@ def _spatial_size_of(value, name: str, image: bool) -> tuple[int, int, int]:
     raise ValueError(f"`{name}` entries must be PIL images, numpy arrays or torch tensors of {what}, got {kind}.")
 
 
+# a [0, 1] image's resampling undershoot, or the darkest pixel of a [-1, 1] image that is almost all light grey
+UNDERSHOOT = 0.05
+
+
+def as_tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """``torch.as_tensor``, also of the numpy views that flips and rotations make (negative strides, which torch
+    refuses)."""
+    if isinstance(value, np.ndarray) and any(stride < 0 for stride in value.strides):
+        value = np.ascontiguousarray(value)
+    return torch.as_tensor(value)
+
+
 def image_batch_and_size(image, name: str = "image") -> tuple[int, int, int]:
     """``(batch, height, width)`` of an ``image`` argument: a PIL image, a numpy array ((H, W, 3) or (B, H, W, 3),
     float in [0, 1] or uint8), a torch tensor ((3, H, W) or (B, 3, H, W) in [0, 1]; [-1, 1] is taken as is, as
@@ -803,11 +829,20 @@ def image_batch_and_size(image, name: str = "image") -> tuple[int, int, int]:
                     "(numpy: channels last; torch: channels first)."
                 )
             if item.dtype != np.uint8 and item.dtype != torch.uint8:
-                values = torch.as_tensor(item)
+                values = as_tensor(item)
                 if not values.is_floating_point():
                     raise ValueError(f"`{name}` must hold floats in [0, 1] or uint8 values, got {values.dtype}.")
                 if not bool(torch.isfinite(values).all()) or values.min() < -1 or values.max() > 1:
                     raise ValueError(f"`{name}` must hold finite floats in [0, 1] (or uint8), got values outside.")
+                lowest = float(values.min())
+                if -UNDERSHOOT < lowest < 0:
+                    warnings.warn(
+                        f"`{name}` has values just below 0 (min {lowest:.3g}), so it is read as a [-1, 1] image, as "
+                        "diffusers' VaeImageProcessor reads any image with a negative value; clamp a [0, 1] image "
+                        "with resampling undershoot first (`image.clamp(0, 1)`).",
+                        UserWarning,
+                        stacklevel=2,
+                    )
         sizes.append((batch, height, width))
     if len({size[1:] for size in sizes}) != 1:
         raise ValueError(
@@ -838,6 +873,8 @@ def _processor_input(image):
         return to_rgb(image)
     if isinstance(image, np.ndarray) and image.dtype == np.uint8:
         return image.astype(np.float32) / 255
+    if isinstance(image, np.ndarray):
+        return np.ascontiguousarray(image)  # torch.from_numpy refuses the negative strides of flips and rotations
     if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
         return image.float() / 255
     return image
@@ -856,7 +893,7 @@ def mask_to_tensor(mask_image, name: str = "mask_image") -> torch.Tensor:
         if isinstance(item, PIL.Image.Image):
             values = torch.from_numpy(np.asarray(to_grayscale(item), dtype=np.float32) / 255)[None, None]
         else:
-            values = torch.as_tensor(item)
+            values = as_tensor(item)
             if isinstance(item, np.ndarray):  # numpy masks are channels-last
                 if values.ndim == 3 and values.shape[-1] in (3, 4):
                     raise ValueError(
@@ -869,7 +906,7 @@ def mask_to_tensor(mask_image, name: str = "mask_image") -> torch.Tensor:
                     values = values.permute(0, 3, 1, 2)
             values = values.reshape(-1, 1, *values.shape[-2:]) if values.ndim < 4 else values
             if values.shape[1] != 1:
-                shape = tuple(torch.as_tensor(item).shape)
+                shape = tuple(item.shape)
                 raise ValueError(f"`{name}` must have a single channel, got shape {shape}.")
             if values.dtype == torch.uint8:
                 values = values.float() / 255

@@ -739,6 +739,7 @@ class VARInpaintPipeline(VQEditTokens, NextScaleInpaintMixin, VARPipeline):
         callback_on_step_end: CallbackArg = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         mask_dilation: int = 0,
+        temperature: float | list[float] = 1.0,
     ):
         r"""Re-generate the masked region of ``image``.
 
@@ -760,8 +761,9 @@ class VARInpaintPipeline(VQEditTokens, NextScaleInpaintMixin, VARPipeline):
                 kept cells around it: one cell of margin lets it draw its own (README, "Quality on the embedded
                 models").
             guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator, output_type, return_dict,
-            callback_on_step_end, callback_on_step_end_tensor_inputs: as in :meth:`VARPipeline.__call__`; the
-                callback's ``"tokens"`` are the scale's tokens after the input's were put back.
+            callback_on_step_end, callback_on_step_end_tensor_inputs, temperature: as in
+                :meth:`VARPipeline.__call__`; the callback's ``"tokens"`` are the scale's tokens after the input's
+                were put back.
         """
         callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         schedule = self._edit_schedule()
@@ -779,6 +781,7 @@ class VARInpaintPipeline(VQEditTokens, NextScaleInpaintMixin, VARPipeline):
             image_indices,
             mask_image,
             mask_dilation,
+            temperature,
         )
         self._begin_call(guidance_scale, len(schedule))
         device = self._execution_device
@@ -798,6 +801,7 @@ class VARInpaintPipeline(VQEditTokens, NextScaleInpaintMixin, VARPipeline):
             callback,
             tensor_names,
             forcing=self._token_forcing(tokens, keep),
+            temperature=temperature,
         )
         return self._finish(latents, output_type, return_dict)
 
@@ -816,6 +820,7 @@ class VARInpaintPipeline(VQEditTokens, NextScaleInpaintMixin, VARPipeline):
         image_indices=None,
         mask_image=None,
         mask_dilation=0,
+        temperature=1.0,
     ) -> int:
         """:meth:`VARPipeline.check_inputs` and the image / mask checks. Returns the number of labels given (1 for
         ``class_labels=None``)."""
@@ -829,6 +834,7 @@ class VARInpaintPipeline(VQEditTokens, NextScaleInpaintMixin, VARPipeline):
             generator,
             output_type,
             return_dict,
+            temperature,
         )
         num_labels = 1 if class_labels is None else len(flatten_labels(class_labels))
         schedule = self._edit_schedule()
@@ -866,6 +872,7 @@ class VARImg2ImgPipeline(VQEditTokens, NextScaleEditMixin, VARPipeline):
         return_dict: bool = True,
         callback_on_step_end: CallbackArg = None,
         callback_on_step_end_tensor_inputs: list[str] | None = None,
+        temperature: float | list[float] = 1.0,
     ):
         r"""Generate images of ``class_labels`` that start from ``image``.
 
@@ -877,7 +884,8 @@ class VARImg2ImgPipeline(VQEditTokens, NextScaleEditMixin, VARPipeline):
                 default 0.5.
             image_indices: instead of ``image``, the per-scale tokens ``vqvae.encode_indices`` returns.
             guidance_scale, top_k, top_p, more_smooth, num_images_per_prompt, generator, output_type, return_dict,
-            callback_on_step_end, callback_on_step_end_tensor_inputs: as in :meth:`VARPipeline.__call__`.
+            callback_on_step_end, callback_on_step_end_tensor_inputs, temperature: as in
+                :meth:`VARPipeline.__call__`.
         """
         callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
         schedule = self._edit_schedule()
@@ -894,6 +902,7 @@ class VARImg2ImgPipeline(VQEditTokens, NextScaleEditMixin, VARPipeline):
             image,
             image_indices,
             strength,
+            temperature,
         )
         self._begin_call(guidance_scale, len(schedule))
         device = self._execution_device
@@ -913,6 +922,7 @@ class VARImg2ImgPipeline(VQEditTokens, NextScaleEditMixin, VARPipeline):
             callback,
             tensor_names,
             forcing=self._token_forcing(tokens, keep),
+            temperature=temperature,
         )
         return self._finish(latents, output_type, return_dict)
 
@@ -930,6 +940,7 @@ class VARImg2ImgPipeline(VQEditTokens, NextScaleEditMixin, VARPipeline):
         image=None,
         image_indices=None,
         strength=0.5,
+        temperature=1.0,
     ) -> int:
         """:meth:`VARPipeline.check_inputs`, the image checks and ``strength``. Returns the number of labels given."""
         super().check_inputs(
@@ -942,6 +953,7 @@ class VARImg2ImgPipeline(VQEditTokens, NextScaleEditMixin, VARPipeline):
             generator,
             output_type,
             return_dict,
+            temperature,
         )
         check_finite_number(strength, "strength", 0.0, 1.0)
         num_labels = 1 if class_labels is None else len(flatten_labels(class_labels))
@@ -972,7 +984,8 @@ def _set_generator_states(generator: GeneratorArg, states) -> None:
 
 
 def _same_tokenizer(a: MultiScaleVQModel, b: MultiScaleVQModel) -> bool:
-    """The same module, or equal configurations and equal weights."""
+    """The same module, or equal configurations and equal weights (in the coarser dtype of the two: a tokenizer
+    loaded in bf16, or cast by ``enable_fast_inference``, is the same as its float32 original)."""
     if a is b:
         return True
     config_a, config_b = ({k: v for k, v in dict(m.config).items() if not k.startswith("_")} for m in (a, b))
@@ -980,10 +993,17 @@ def _same_tokenizer(a: MultiScaleVQModel, b: MultiScaleVQModel) -> bool:
         return False
     state_a, state_b = a.state_dict(), b.state_dict()
     return state_a.keys() == state_b.keys() and all(
-        state_a[k].shape == state_b[k].shape
-        and torch.equal(state_a[k].detach().cpu().float(), state_b[k].detach().cpu().float())
+        state_a[k].shape == state_b[k].shape and _equal_weights(state_a[k].detach().cpu(), state_b[k].detach().cpu())
         for k in state_a
     )
+
+
+def _equal_weights(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, or within one rounding step of the coarser float dtype when the dtypes differ."""
+    if a.dtype == b.dtype or not (a.is_floating_point() and b.is_floating_point()):
+        return torch.equal(a, b) if a.dtype == b.dtype else torch.equal(a.double(), b.double())
+    coarse = max((torch.finfo(a.dtype), torch.finfo(b.dtype)), key=lambda info: info.eps)
+    return torch.allclose(a.double(), b.double(), rtol=coarse.eps, atol=coarse.tiny)
 
 
 class VARCoDePipeline(VARPipeline):
