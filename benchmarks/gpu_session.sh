@@ -24,6 +24,9 @@
 #                       ".fixtures/infinity.tar.xz"]: the tree and its carries travel within 64 MiB, so the tests
 #                       stage runs in two calls, each skipping (and saying so) the families it lacks; the battery
 #                       fails on a missing fixture instead of skipping: DIFFUSERS_VAR_REQUIRE_FIXTURES=1)
+#   .fixtures/var_code.tar.xz   the VAR and CoDe fixtures in one archive, their shared vae.pth stored once (a hard
+#                       link): both fit the carry beside .whl (cp -r ../shared/fixtures/{var,code} to a folder, replace
+#                       code/vae.pth by `ln var/vae.pth code/vae.pth`, tar -cJf of its fixtures/)
 #   .baseline/          mkdir .baseline && git archive 92e0b11 src benchmarks | tar -x -C .baseline   (the code before)
 #   .originals/VAR      git clone https://github.com/FoundationVision/VAR .originals/VAR   (train_original: carry it)
 set -u

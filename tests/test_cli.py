@@ -105,7 +105,7 @@ def test_bad_arguments_are_one_line_errors_naming_the_flag(argv, flag, tmp_path,
     [
         (["--class-label", "999"], "--class-label"),
         (["--prompt", "a purple blob"], "--prompt"),  # (VAR reads its class from --prompt too)
-        (["--top-p", "2"], "--top-p"),
+        (["--guidance-scale", "20000"], "--guidance-scale"),  # above the pipelines' 1e4
     ],
 )
 def test_errors_found_by_the_pipeline_name_the_flag(argv, flag, tmp_path, capsys):
@@ -119,6 +119,14 @@ def test_errors_found_by_the_pipeline_name_the_flag(argv, flag, tmp_path, capsys
     "argv, flag",
     [
         (["generate", "--out", "{tmp}/out"], "--out"),
+        (["generate", "--guidance-scale", "-1"], "--guidance-scale"),
+        (["generate", "--top-p", "1.5"], "--top-p"),
+        (["generate", "--class-label", "3", "--prompt", "green triangle on white"], "--prompt"),
+        ([*EDIT, "--prompt", "green triangle on white"], "--prompt"),
+        (
+            ["edit", "--image", "{tmp}/in.png", "--strength", "2", "--class-label", "1", "--out", "{tmp}/e.png"],
+            "--strength",
+        ),
         ([*EDIT, "--out", "{tmp}/out"], "--out"),
         ([*EDIT, "--out", "{tmp}/a-file/out.png"], "--out"),
         ([*EDIT, "--device", "banana"], "--device"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -224,6 +225,25 @@ def test_round_trips_on_the_embedded_pipelines(family, tmp_path):
     assert state.keys() == base_state.keys() and all(torch.equal(state[k], base_state[k]) for k in state)
 
 
+def test_unfuse_restores_the_scale_of_an_adapter_loaded_after_the_first_fusion(tmp_path):
+    """A second fusion after a new adapter was loaded (and made active by the load): unfusing gives that adapter its
+    own scale back too."""
+    source = embedded("var")
+    add_random_adapter(source.transformer, "c", seed=2)
+    folder = save_adapter(source, tmp_path / "c", name="c")
+    only_c = images(source, "var")
+    pipe = embedded("var")
+    add_random_adapter(pipe.transformer, "a", seed=1)
+    pipe.fuse_lora()
+    pipe.load_lora_weights(folder, adapter_name="c")
+    assert pipe.get_active_adapters() == ["c"]
+    scales = [dict(layer.scaling) for layer in lora_layers(pipe.transformer)]
+    pipe.fuse_lora(lora_scale=0.5)
+    pipe.unfuse_lora()
+    assert [dict(layer.scaling) for layer in lora_layers(pipe.transformer)] == scales
+    assert torch.equal(images(pipe, "var"), only_c)
+
+
 def _scale_logits(pipe, family):
     """The transformer's logits of the first two scales, the second fed zeros (a deterministic probe)."""
     transformer, schedule = pipe.transformer, pipe.scale_schedule()
@@ -251,6 +271,8 @@ def test_two_adapters_mix_with_their_weights(tmp_path):
     add_random_adapter(pipe.transformer, "b", seed=2)
     pipe.set_adapters(["a", "b"], adapter_weights=[1.0, 0.0])
     assert sorted(pipe.get_active_adapters()) == ["a", "b"]
+    assert torch.equal(images(pipe, "var"), only_a)
+    pipe.set_adapters(("a", "b"), adapter_weights=(1.0, 0.0))  # tuples as lists
     assert torch.equal(images(pipe, "var"), only_a)
     pipe.set_adapters(["a", "b"], adapter_weights=[1.0, 1.0])
     both = images(pipe, "var")
@@ -604,6 +626,10 @@ def test_missing_lora_paths_are_clear_errors(var_adapter, tmp_path, capsys, monk
         with pytest.raises(ValueError, match=f"`pretrained_model_name_or_path_or_dict` '{path}': no such file or"):
             pipe.load_lora_weights(path)
     assert "'does/not/exist': no such file or folder." in generate_error(capsys, tmp_path, "--lora", "does/not/exist")
+    (tmp_path / "empty").mkdir()  # a folder without the adapter file: the command's way to name another file
+    assert "(or pass the path of the .safetensors file)" in generate_error(capsys, tmp_path, "--lora", "empty")
+    twice = generate_error(capsys, tmp_path, "--lora", str(var_adapter), "--lora", f"{var_adapter}/")
+    assert "is given twice" in twice and "`--lora-scale`" in twice
     # a name that could be a Hub repository id: what the Hub said, wrapped (offline here: nothing is asked)
     for name in ("org/name", "typo_dir"):
         with pytest.raises(ValueError, match=f"'{name}': no such file or folder, and no LoRA could be loaded from"):
@@ -896,6 +922,15 @@ def test_bad_lora_configs_name_the_key(tmp_path):
     with pytest.raises(ValueError, match="`lora.target_modules` 'nonexistent': Target modules nonexistent not found"):
         train(TrainConfig(**{**run, "lora": {**run["lora"], "target_modules": "nonexistent"}}))
     assert not (tmp_path / "modules").exists()
+    # a rank above every targeted layer's full rank (the embedded VAR is 192 wide): named before any memory is taken
+    with pytest.raises(ValueError, match=r"`lora.rank` 100000 is more than the full rank .* at most 192"):
+        train(TrainConfig(**{**run, "lora": {**run["lora"], "rank": 100000}}))
+    assert not (tmp_path / "modules").exists()
+    pipe = embedded("var")
+    with pytest.raises(ValueError, match=r"`rank` 193 is more than the full rank"):
+        lora_config(pipe.transformer, rank=193)
+    lora_config(pipe.transformer, rank=192)
+    lora_config(VARTransformer2DModel, rank=100000)  # a class: no widths to check against
 
 
 # ----------------------------------------------------------------------------------------------
@@ -967,13 +1002,14 @@ def test_generate_command_takes_loras(var_adapter, tmp_path):
     assert np.array_equal(generate("zero.png", "--lora", str(var_adapter), "--lora-scale", "0"), base)
     adapted = generate("one.png", "--lora", str(var_adapter / "pytorch_lora_weights.safetensors"))
     assert not np.array_equal(adapted, base)
+    copy = shutil.copytree(var_adapter, tmp_path / "copy")  # one scale per --lora (the same path twice is refused)
     assert not np.array_equal(
         generate(
             "twice.png",
             "--lora",
             str(var_adapter),
             "--lora",
-            str(var_adapter),
+            str(copy),
             "--lora-scale",
             "0.5",
             "--lora-scale",

@@ -15,7 +15,7 @@ from pathlib import Path
 import PIL.Image
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from diffusers_var import MultiScaleVQModel, VARPipeline
 from diffusers_var.training import TrainConfig, latest_checkpoint, train
@@ -322,6 +322,89 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_kept(tokenizer_dir, tmp_path
         (checkpoint / "model.safetensors").unlink()
     with pytest.raises(ValueError, match=r"`resume`: every checkpoint .* is damaged .*model\.safetensors missing"):
         train(TrainConfig(**{**config, "max_steps": 5, "resume": "force"}))
+
+
+def test_pruning_deletes_only_the_trainers_oldest_checkpoints(tokenizer_dir, tmp_path, capsys):
+    """Pruning counts the trainer's checkpoints by step number: a file or folder that only has a checkpoint's name
+    is neither counted nor deleted (a stray ``step-0000008`` file once made it delete every real checkpoint), and a
+    user's file inside a pruned checkpoint stays, with its folder."""
+    from diffusers_var.training.engine import prune_checkpoints
+
+    run = tmp_path / "run"
+    config = var_config(
+        run, tokenizer_dir, max_steps=2, checkpoint_every=1, keep_checkpoints=1, data={**DATA, "num_images": 16}
+    )
+    train(TrainConfig(**config))
+    checkpoints = run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-0000002"]
+    (checkpoints / "step-0000008").write_text("not a checkpoint")
+    (checkpoints / "step-0000001").mkdir()
+    (checkpoints / "step-0000001" / "notes.txt").write_text("mine")
+    (checkpoints / "step-0000002" / "notes.md").write_text("mine too")
+    capsys.readouterr()
+    train(TrainConfig(**{**config, "max_steps": 4, "resume": "force"}))
+    assert "pruned checkpoint step-0000002, but kept its files ['notes.md']" in capsys.readouterr().out
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "step-0000001",
+        "step-0000002",
+        "step-0000004",
+        "step-0000008",
+    ]
+    assert [p.name for p in (checkpoints / "step-0000002").iterdir()] == ["notes.md"]
+    assert (checkpoints / "step-0000001" / "notes.txt").read_text() == "mine"
+    assert (checkpoints / "step-0000008").read_text() == "not a checkpoint"
+    assert (checkpoints / "step-0000004" / "trainer_state.json").is_file()
+
+    # by step number, not by name: step-10000000 is newer than step-9999998
+    for step in (9999998, 10000000):
+        shutil.copytree(checkpoints / "step-0000004", checkpoints / f"step-{step:07d}")
+    prune_checkpoints(checkpoints, keep=1)
+    assert sorted(p.name for p in checkpoints.glob("step-*") if (p / "trainer_state.json").exists()) == [
+        "step-10000000"
+    ]
+
+
+def test_checkpoints_edited_after_saving_are_damaged_or_named(tokenizer_dir, tmp_path):
+    """Files that parse but lack what a resume reads are damage (skipped, the checkpoint before is used), not a
+    KeyError from deep inside the resume; NaN weights or a scheduler state of another kind are a named error."""
+    from diffusers_var.training.checkpoint import STATE_FILE, checkpoint_damage
+
+    source = tokenizer_dir.parent / "checkpoints" / "step-0000016"
+    assert checkpoint_damage(source) is None
+    edits = {
+        "rng": ("rng_state_0.json", lambda _: {}, "rng_state_0.json has no python random state"),
+        "optimizer": (STATE_FILE, lambda s: {k: v for k, v in s.items() if k != "optimizer"}, "no optimizer"),
+        "scheduler": (STATE_FILE, lambda s: {**s, "scheduler": {}}, "has no scheduler state"),
+    }
+    for name, (file, edit, problem) in edits.items():
+        checkpoint = shutil.copytree(source, tmp_path / name / "step-0000016")
+        (checkpoint / file).write_text(json.dumps(edit(json.loads((source / file).read_text()))))
+        assert problem in checkpoint_damage(checkpoint), name
+    checkpoint = shutil.copytree(source, tmp_path / "keys" / "step-0000016")
+    tensors = load_file(checkpoint / "optimizer.safetensors")
+    save_file({key.replace(":", "_"): t for key, t in tensors.items()}, checkpoint / "optimizer.safetensors")
+    assert "optimizer.safetensors has keys that are not '<parameter>:<state>'" in checkpoint_damage(checkpoint)
+
+    run = tmp_path / "run"
+    config = var_config(run, tokenizer_dir, max_steps=2, checkpoint_every=2, data={**DATA, "num_images": 16})
+    train(TrainConfig(**config))
+    model_file = run / "checkpoints" / "step-0000002" / "model.safetensors"
+    weights = load_file(model_file)
+    key = next(k for k, t in weights.items() if t.is_floating_point())
+    save_file({**weights, key: torch.full_like(weights[key], float("nan"))}, model_file)
+    with pytest.raises(ValueError, match=r"`resume`: checkpoint .* holds non-finite \(NaN / inf\) weights"):
+        train(TrainConfig(**{**config, "max_steps": 3, "resume": "force"}))
+    save_file(weights, model_file)
+    state_file = run / "checkpoints" / "step-0000002" / STATE_FILE
+    saved = json.loads(state_file.read_text())
+    scheduler = {k: v for k, v in saved["scheduler"].items() if k != "lr_lambdas"}
+    state_file.write_text(json.dumps({**saved, "scheduler": scheduler}))
+    with pytest.raises(ValueError, match=r"`resume`: the scheduler state in .* does not fit this run's scheduler"):
+        train(TrainConfig(**{**config, "max_steps": 3, "resume": "force"}))
+    fewer = {**saved["scheduler"], "base_lrs": saved["scheduler"]["base_lrs"][:1]}  # zip() failed at the first step
+    state_file.write_text(json.dumps({**saved, "scheduler": fewer}))
+    with pytest.raises(ValueError, match=r"scheduler state .* \(ValueError: 1 base learning rates for 2 optimizer"):
+        train(TrainConfig(**{**config, "max_steps": 3, "resume": "force"}))
 
 
 def test_a_changed_config_is_refused_unless_told(tokenizer_dir, tmp_path):

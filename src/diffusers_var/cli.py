@@ -22,7 +22,7 @@ from .cli_support import (
     check_device,
     class_label_ids,
     expect_pipeline_class,
-    finite_float,
+    float_in_range,
     generation_pipeline_class,
     int_in_range,
     load_loras,
@@ -152,6 +152,9 @@ def size_flags_problem(args, pipeline_class: type) -> str | None:
     return None
 
 
+VAR_LABEL_TWICE = "`--prompt` and `--class-label` both name the class for a VAR model: pass one of them"
+
+
 def class_labels_of(pipe, label: str, flag: str = "--class-label") -> list[int]:
     """A ``--class-label`` (or the ``flag`` it came from): a class index or a class name (:func:`class_label_ids`);
     ``ValueError`` naming the flag."""
@@ -203,6 +206,8 @@ def _generate(args) -> int:
         )
     label_flag = "--class-label"
     if name in ("VARPipeline", "VARCoDePipeline"):
+        if args.prompt is not None and args.class_label is not None:
+            return print_error(VAR_LABEL_TWICE)
         if args.prompt and not args.class_label:
             args.class_label, label_flag = args.prompt, "--prompt"
     elif not args.prompt:
@@ -336,6 +341,8 @@ def _edit(args) -> int:
     label = (args.class_label if args.class_label is not None else args.prompt) if class_conditional else None
     if class_conditional and label is None:
         return print_error("`--class-label` (a class index or name) is required for VAR")
+    if class_conditional and args.class_label is not None and args.prompt is not None:
+        return print_error(VAR_LABEL_TWICE)
     if not class_conditional and not args.prompt:
         return print_error("`--prompt` is required for text-to-image pipelines")
     if not class_conditional and args.class_label is not None:
@@ -449,9 +456,11 @@ def _demo(args) -> int:
 
 def add_sampling_arguments(parser) -> None:
     """The flags ``generate`` and ``edit`` share, with the same ranges (checked when parsing)."""
-    parser.add_argument("--guidance-scale", type=finite_float, default=None, help="default: the pipeline's")
+    parser.add_argument("--guidance-scale", type=float_in_range(0.0), default=None, help="default: the pipeline's")
     parser.add_argument("--top-k", type=int_in_range(0), default=None, help="default: the pipeline's (0 = off)")
-    parser.add_argument("--top-p", type=finite_float, default=None, help="default: the pipeline's (0 = off)")
+    parser.add_argument(
+        "--top-p", type=float_in_range(0.0, 1.0), default=None, help="default: the pipeline's (0 = off)"
+    )
     for flag in ("height", "width"):
         parser.add_argument(
             f"--{flag}", type=int_in_range(1), default=None, help=f"Infinity: image {flag} (default: the model's)"
@@ -544,7 +553,7 @@ def build_parser() -> OneLineErrorParser:
     )
     ed.add_argument(
         "--strength",
-        type=finite_float,
+        type=float_in_range(0.0, 1.0),
         default=None,
         help="image-to-image: share of the scales sampled, in [0, 1] (1 ignores the image)",
     )

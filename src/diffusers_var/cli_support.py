@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -140,9 +141,28 @@ def finite_float(text: str) -> float:
     return value
 
 
+def float_in_range(low: float, high: float | None = None):
+    """An argparse ``type`` for a finite float in ``[low, high]`` (checked before any model is loaded)."""
+
+    def parse(text: str) -> float:
+        value = finite_float(text)
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                f"must be in [{low:g}, {high:g}], got {text!r}"
+                if high is not None
+                else f"must be >= {low:g}, got {text!r}"
+            )
+        return value
+
+    return parse
+
+
 def lora_flag_error(err: ValueError, path: str) -> ValueError:
     """A LoRA loader's error about ``path``, naming the ``--lora`` flag instead of the Python parameter."""
     message = str(err).replace("`pretrained_model_name_or_path_or_dict`", "`--lora`")
+    message = message.replace(
+        "(pass `weight_name=` for another file name)", "(or pass the path of the .safetensors file)"
+    )
     return ValueError(message if message.startswith("`--lora`") else f"`--lora` {path!r}: {message}")
 
 
@@ -156,6 +176,15 @@ def load_loras(pipe, paths: list[str] | None, scales: list[float] | None) -> lis
         return []
     if len(scales) not in (0, 1, len(paths)):
         raise ValueError(f"`--lora-scale`: give one scale, or one per `--lora` ({len(paths)}), got {len(scales)}.")
+    seen = {}
+    for path in paths:
+        key = os.path.realpath(os.path.expanduser(path)) if os.path.exists(os.path.expanduser(path)) else path
+        if key in seen:
+            raise ValueError(
+                f"`--lora` {path!r} is given twice (as {seen[key]!r} too): an adapter applies once; for a stronger "
+                "effect raise its `--lora-scale`."
+            )
+        seen[key] = path
     names = [f"lora_{i}" for i in range(len(paths))]
     for name, path in zip(names, paths):
         try:

@@ -113,11 +113,14 @@ def lora_config(
     dropout: float = 0.0,
     targets: list[str] | None = None,
     target_modules=None,
+    rank_name: str = "rank",
     **kwargs,
 ):
     """A ``peft.LoraConfig`` for a transformer: rank ``rank``, ``lora_alpha`` (default: ``rank``, i.e. scale 1),
     ``lora_dropout``, and the modules of ``targets`` (:func:`lora_target_modules`) unless ``target_modules`` (PEFT's
-    own form: a list of names or a regular expression) is given. Extra keyword arguments go to ``LoraConfig``."""
+    own form: a list of names or a regular expression) is given. Extra keyword arguments go to ``LoraConfig``.
+    Given a transformer (not its class), a rank above every targeted layer's full rank is a ``ValueError`` naming
+    ``rank_name``."""
     from peft import LoraConfig
 
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
@@ -129,7 +132,7 @@ def lora_config(
         raise ValueError(f"`dropout` must be in [0, 1), got {dropout!r}.")
     if target_modules is None:
         target_modules = lora_target_modules(transformer_or_class, targets)
-    return LoraConfig(
+    config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=float(dropout),
@@ -137,6 +140,27 @@ def lora_config(
         init_lora_weights=kwargs.pop("init_lora_weights", True),
         **kwargs,
     )
+    if isinstance(transformer_or_class, nn.Module):
+        check_rank_fits(transformer_or_class, config, rank_name)
+    return config
+
+
+def check_rank_fits(model: nn.Module, config, parameter: str) -> None:
+    """A ``ValueError`` naming ``parameter`` when ``config.r`` is more than the full rank (``min(in, out)``) of every
+    layer the config targets in ``model``: such a rank only adds parameters (and memory: 100,000 took a process
+    past 24 GB), never expressiveness."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    full_ranks = [
+        min(module.weight.shape)
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.Embedding)) and check_target_module_exists(config, name)
+    ]
+    if full_ranks and config.r > max(full_ranks):
+        raise ValueError(
+            f"`{parameter}` {config.r} is more than the full rank of every targeted layer (at most {max(full_ranks)}, "
+            f"the smaller of a layer's input and output widths); use at most {max(full_ranks)}."
+        )
 
 
 def add_text_encoder_adapter(text_encoder: nn.Module, config, adapter_name: str = "default") -> None:
@@ -150,8 +174,11 @@ def add_text_encoder_adapter(text_encoder: nn.Module, config, adapter_name: str 
     inject_adapter_in_model(config, text_encoder, adapter_name=adapter_name)
 
 
-def text_encoder_lora_config(text_encoder, rank: int = 16, alpha: float | None = None, dropout: float = 0.0):
-    """A ``peft.LoraConfig`` on the attention projections of a CLIP / T5 text encoder."""
+def text_encoder_lora_config(
+    text_encoder, rank: int = 16, alpha: float | None = None, dropout: float = 0.0, rank_name: str = "rank"
+):
+    """A ``peft.LoraConfig`` on the attention projections of a CLIP / T5 text encoder (a rank above their full rank
+    is a ``ValueError`` naming ``rank_name``)."""
     from peft import LoraConfig
 
     model_type = getattr(text_encoder.config, "model_type", "")
@@ -160,13 +187,15 @@ def text_encoder_lora_config(text_encoder, rank: int = 16, alpha: float | None =
             f"`text_encoder`: LoRA targets are defined for {sorted(TEXT_ENCODER_LORA_TARGETS)} models, "
             f"got {model_type!r}."
         )
-    return LoraConfig(
+    config = LoraConfig(
         r=rank,
         lora_alpha=rank if alpha is None else alpha,
         lora_dropout=float(dropout),
         target_modules=TEXT_ENCODER_LORA_TARGETS[model_type],
         init_lora_weights=True,
     )
+    check_rank_fits(text_encoder, config, rank_name)
+    return config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -847,6 +876,9 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             if _FUSE_SNAPSHOT not in layer.__dict__:
                 weight = layer.get_base_layer().weight.detach().to("cpu", copy=True)
                 layer.__dict__[_FUSE_SNAPSHOT] = (weight, dict(layer.scaling))
+            else:  # an adapter loaded since the first fusion: its scale before this one
+                for adapter, scale in layer.scaling.items():
+                    layer.__dict__[_FUSE_SNAPSHOT][1].setdefault(adapter, scale)
         super().fuse_lora(
             components=components,
             lora_scale=lora_scale,
@@ -910,7 +942,7 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         names = [adapter_names] if isinstance(adapter_names, str) else adapter_names
         if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
             raise ValueError(f"`adapter_names` must be a name or a non-empty list of names, got {adapter_names!r}.")
-        weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
+        weights = adapter_weights if isinstance(adapter_weights, (list, tuple)) else [adapter_weights] * len(names)
         if len(weights) != len(names):
             raise ValueError(f"`adapter_weights` has {len(weights)} entries for {len(names)} adapters.")
 

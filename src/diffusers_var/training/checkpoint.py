@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,58 @@ def save_training_state(
     sync_to_disk(folder)
 
 
+# the files save_training_state writes: pruning deletes these, and a folder only when nothing else is left in it
+CHECKPOINT_FILES = re.compile(
+    r"(trainer_state\.json|(model|optimizer|ema)\.safetensors|rng_state_\d+\.(safetensors|json))\Z"
+)
+
+
+def is_training_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` is a checkpoint this package wrote (whole or damaged): its ``trainer_state.json`` names
+    the format. A folder or file that only has a checkpoint's name is someone else's."""
+    try:
+        state = json.loads((folder / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and state.get("format") == FORMAT
+
+
+def remove_training_checkpoint(folder: Path) -> list[str]:
+    """Delete a checkpoint's files (the state file first: a half-deleted folder is no checkpoint), then the folder
+    if nothing else is in it. Returns the names of the files kept (not written by this package)."""
+    (folder / STATE_FILE).unlink(missing_ok=True)
+    kept = []
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not path.is_symlink() and CHECKPOINT_FILES.match(path.name):
+            path.unlink()
+        else:
+            kept.append(path.name)
+    if not kept:
+        folder.rmdir()
+    return kept
+
+
+def _state_structure_problem(state: dict) -> str | None:
+    """What ``trainer_state.json`` lacks that a resume reads (it parses, but was cut or edited)."""
+    optimizer, scheduler = state.get("optimizer"), state.get("scheduler")
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("param_groups"), list):
+        return f"{STATE_FILE} has no optimizer param_groups"
+    if not isinstance(optimizer.get("values"), dict):
+        return f"{STATE_FILE} has no optimizer values"
+    if not isinstance(scheduler, dict) or not isinstance(scheduler.get("base_lrs"), list):
+        return f"{STATE_FILE} has no scheduler state"
+    return None
+
+
+def _rng_structure_problem(meta) -> str | None:
+    python, numpy = (meta.get(key) if isinstance(meta, dict) else None for key in ("python", "numpy"))
+    if not isinstance(python, dict) or not {"version", "state", "gauss_next"} <= python.keys():
+        return "has no python random state"
+    if not isinstance(numpy, dict) or not {"pos", "has_gauss", "cached_gaussian"} <= numpy.keys():
+        return "has no numpy random state"
+    return None
+
+
 # -- load ----------------------------------------------------------------------------------------------
 def checkpoint_damage(folder: Path) -> str | None:
     """Why a checkpoint folder of ours cannot be resumed (a file missing, truncated or not parseable), or ``None``
@@ -213,21 +266,29 @@ def checkpoint_damage(folder: Path) -> str | None:
         return f"{STATE_FILE} is missing"
     else:
         return None  # not one of ours: read_training_state says what it is
+    if not isinstance(state, dict):
+        return f"{STATE_FILE} holds no mapping"
+    if state.get("format") == FORMAT and (problem := _state_structure_problem(state)):
+        return problem
     needed = ["model.safetensors", "optimizer.safetensors"] + (["ema.safetensors"] if state.get("ema") else [])
     missing = [name for name in needed if not (folder / name).is_file()]
     if missing:
         return f"{', '.join(missing)} missing"
     for json_file in sorted(folder.glob("rng_state_*.json")):
         try:
-            json.loads(json_file.read_text())
+            problem = _rng_structure_problem(json.loads(json_file.read_text()))
         except (OSError, ValueError) as err:
             return f"{json_file.name} is unreadable ({err})"
+        if problem:
+            return f"{json_file.name} {problem}"
     for tensors_file in sorted(folder.glob("*.safetensors")):
         try:
-            with safe_open(tensors_file, "pt"):  # validates the header and that the data covers the file
-                pass
+            with safe_open(tensors_file, "pt") as opened:  # validates the header and that the data covers the file
+                keys = list(opened.keys())
         except Exception as err:  # safetensors raises its own error type for a damaged file
             return f"{tensors_file.name} is damaged ({str(err).splitlines()[0]})"
+        if tensors_file.name == "optimizer.safetensors" and (odd := [k for k in keys if ":" not in k]):
+            return f"optimizer.safetensors has keys that are not '<parameter>:<state>' ({odd[:2]})"
     return None
 
 
@@ -307,6 +368,13 @@ def load_training_state(
         shapes = {name: shape for name, shape in shapes.items() if name in trained}
     model_state = load_file(folder / "model.safetensors")
     _check_fits("model weights", shapes, model_state, folder)
+    non_finite = sorted(k for k, t in model_state.items() if t.is_floating_point() and not bool(t.isfinite().all()))
+    if non_finite:  # never saved so (save_checkpoint refuses NaN weights): the file was changed since
+        raise ValueError(
+            f"`resume`: checkpoint {str(folder)!r} holds non-finite (NaN / inf) weights ({non_finite[:3]}); it was "
+            "changed after it was saved. Move it out of the checkpoints folder to resume from the one before, or "
+            "set resume=never."
+        )
     set_model_state_dict(
         model, model_state, options=_state_dict_options(accelerator, False, strict=not trainable_only)
     )
@@ -349,7 +417,17 @@ def load_training_state(
         {"state": per_parameter, "param_groups": param_groups},
         options=_state_dict_options(accelerator, for_save=False, strict=False),
     )
-    scheduler.load_state_dict(state["scheduler"])
+    try:
+        scheduler.load_state_dict(state["scheduler"])
+        rates, groups = len(state["scheduler"]["base_lrs"]), len(optimizer.optimizer.param_groups)
+        if rates != groups:  # (its zip() would fail at the first step)
+            raise ValueError(f"{rates} base learning rates for {groups} optimizer groups")
+    except (KeyError, TypeError, ValueError, IndexError) as err:  # parsed, but not a state of this scheduler
+        raise ValueError(
+            f"`resume`: the scheduler state in {str(folder / STATE_FILE)!r} does not fit this run's scheduler "
+            f"({type(err).__name__}: {err}); it was changed after it was saved. Move the checkpoint out of the "
+            "checkpoints folder to resume from the one before, or set resume=never."
+        ) from None
     if accelerator.scaler is not None and state.get("grad_scaler"):
         accelerator.scaler.load_state_dict(state["grad_scaler"])
     accelerator.step = int(state["accelerator_step"])  # gradient accumulation's micro-step counter

@@ -30,8 +30,10 @@ from ..file_utils import is_hub_repo_id, make_folder, write_text_atomic
 from .checkpoint import (
     bare_model,
     checkpoint_damage,
+    is_training_checkpoint,
     load_training_state,
     read_training_state,
+    remove_training_checkpoint,
     save_training_state,
     sync_to_disk,
 )
@@ -39,6 +41,7 @@ from .data import BAD_IMAGE_POLICIES, check_data_section
 from .text_encoders import TINY_TEXT_ENCODERS
 
 CHECKPOINT_PATTERN = re.compile(r"step-(\d+)\Z")
+TEMPORARY_CHECKPOINT = re.compile(r"\.tmp-step-\d+\Z")
 TASK_NAMES = ("tokenizer", "bitwise_tokenizer", "var", "star", "infinity")
 TOKENIZER_TASKS = ("tokenizer", "bitwise_tokenizer")
 LR_SCHEDULES = ("cosine", "linear")
@@ -435,6 +438,17 @@ def checkpoints_newest_first(checkpoint_dir: Path) -> list[Path]:
     return [path for _, path in sorted(done, reverse=True)]
 
 
+def prune_checkpoints(checkpoint_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` of the trainer's checkpoints, by step number. A file or folder that only
+    has a checkpoint's name is not one: it is neither counted nor touched; files of someone else in a checkpoint
+    are kept (with its folder)."""
+    ours = [path for path in checkpoints_newest_first(checkpoint_dir) if is_training_checkpoint(path)]
+    for old in ours[keep:]:
+        kept = remove_training_checkpoint(old)
+        if kept:
+            print(f"pruned checkpoint {old.name}, but kept its files {kept} (not written by the trainer)")
+
+
 def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     """Newest complete checkpoint folder (temporary ones, from an interrupted save, are ignored)."""
     found = checkpoints_newest_first(checkpoint_dir)
@@ -793,8 +807,9 @@ def train(config: TrainConfig) -> Path:
                 print(f"starting afresh (resume={config.resume}): moved the previous run's files to {moved}")
         output_dir.mkdir(parents=True, exist_ok=True)
         make_folder(checkpoint_dir, "output_dir")
-        for stale in checkpoint_dir.glob(".tmp-*"):  # half-written by an interrupted save
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in checkpoint_dir.glob(".tmp-step-*"):  # half-written by an interrupted save
+            if TEMPORARY_CHECKPOINT.match(stale.name) and stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
         if resume_from is not None:  # damaged checkpoints after it: out of the way of the saves to come, kept
             for damaged in checkpoints_newest_first(checkpoint_dir):
                 if damaged == resume_from:
@@ -879,9 +894,7 @@ def train(config: TrainConfig) -> Path:
         if accelerator.is_main_process:
             os.replace(tmp, final)
             sync_to_disk(checkpoint_dir)  # the rename itself
-            done = sorted(p for p in checkpoint_dir.iterdir() if CHECKPOINT_PATTERN.match(p.name))
-            for old in done[: -config.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            prune_checkpoints(checkpoint_dir, config.keep_checkpoints)
         accelerator.wait_for_everyone()
 
     # accelerate also updates at an epoch's end, after the last batches short of a whole accumulation

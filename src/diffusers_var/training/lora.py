@@ -191,7 +191,13 @@ def attach_lora(model, settings: LoraSettings, mixed_precision: str = "no"):
     if mixed_precision in ("bf16", "fp16"):
         cast_module_(model, torch.bfloat16 if mixed_precision == "bf16" else torch.float16)
     config = lora_config(
-        model, settings.rank, settings.alpha, settings.dropout, settings.targets, settings.target_modules
+        model,
+        settings.rank,
+        settings.alpha,
+        settings.dropout,
+        settings.targets,
+        settings.target_modules,
+        rank_name="lora.rank",
     )
     try:
         model.add_adapter(config, adapter_name=settings.adapter_name)
@@ -214,9 +220,9 @@ def text_encoder_for_training(config, text_encoder):
     rank = settings.text_encoder_rank or settings.rank
     alpha = settings.alpha and settings.alpha * rank / settings.rank  # the transformer adapter's scale
     text_encoder.requires_grad_(False)
-    add_text_encoder_adapter(
-        text_encoder, text_encoder_lora_config(text_encoder, rank, alpha, settings.dropout), settings.adapter_name
-    )
+    rank_name = "lora.text_encoder_rank" if settings.text_encoder_rank else "lora.rank"
+    config = text_encoder_lora_config(text_encoder, rank, alpha, settings.dropout, rank_name=rank_name)
+    add_text_encoder_adapter(text_encoder, config, settings.adapter_name)
     for parameter in text_encoder.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
