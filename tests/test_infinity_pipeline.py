@@ -3,6 +3,7 @@ sizes and templates, truncation, the callback's scale grids, the offload order, 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from diffusers.utils import logging
@@ -53,6 +54,34 @@ def test_long_prompt_is_truncated_with_warning(pipe):
         logger.setLevel(level)
     assert embeds.shape[1] == pipe.transformer.config.text_max_length and mask.all()
     assert any("truncated" in m for m in messages)
+
+
+def same(a, b) -> bool:
+    return a is b is None or (a is not None and b is not None and torch.equal(a, b))
+
+
+def test_text_inputs_a_user_may_give(pipe):
+    """A left-padding tokenizer is padded on the right (the trim keeps the first columns); a text-only pipeline
+    takes precomputed features; numpy negative prompts and non-tensor features are named errors."""
+    reference = pipe.encode_prompt([PROMPT, "a cat"])
+    pipe.tokenizer.padding_side = "left"
+    try:
+        left = pipe.encode_prompt([PROMPT, "a cat"])
+    finally:
+        pipe.tokenizer.padding_side = "right"
+    assert all(same(a, b) for a, b in zip(left, reference))
+    text_only = InfinityPipeline(transformer=None, vae=None, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    embeds, mask, _, _ = pipe.encode_prompt(PROMPT)
+    again = text_only.encode_prompt(None, prompt_embeds=embeds, prompt_attention_mask=mask)
+    assert all(same(a, b) for a, b in zip(again, pipe.encode_prompt(PROMPT)))
+    with pytest.raises(ValueError, match="`negative_prompt` must be a string or a list"):
+        generate(pipe, prompt=[PROMPT, "a cat"], negative_prompt=np.array(["x", "y"]))
+    transformer, schedule = pipe.transformer, pipe.scale_schedule(32, 32)
+    inputs = torch.zeros(1, sum(h * w for h, w in schedule) - 1, transformer.config.bits_per_token)
+    with pytest.raises(ValueError, match=r"`text_embeds` must be a \(B, S, "):
+        transformer(inputs, embeds[0].tolist(), mask, schedule)
+    with pytest.raises(ValueError, match=r"`text_embeds` must be a \(B, S, "):
+        transformer(inputs, embeds[0], mask, schedule)  # 2-D: named as such, not as a row-count mismatch
 
 
 def test_non_square_and_patchify():

@@ -68,6 +68,75 @@ def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
     assert "truncated" in caplog.text and len(caplog.text) < 1_000
 
 
+def test_a_prompt_one_token_too_long_is_cut_with_clips_padding(pipe, caplog):
+    """CLIP's released tokenizers pad with their end token: a prompt one token too long is still found, said and cut
+    (counting ids other than the pad id missed it, and the warning then raised an IndexError)."""
+    tokenizer, limit = pipe.tokenizer, pipe.tokenizer.model_max_length
+    words = next(n for n in range(limit) if len(tokenizer(" ".join(["a"] * n)).input_ids) == limit + 1)
+    pad_token = tokenizer.pad_token
+    tokenizer.pad_token = tokenizer.eos_token
+    try:
+        with caplog.at_level(logging.WARNING, logger="diffusers_var.pipelines.pipeline_star"):
+            hidden, mask, *_ = pipe.encode_prompt([" ".join(["a"] * words), "the city"])
+    finally:
+        tokenizer.pad_token = pad_token
+    assert "prompts [0]" in caplog.text and "truncated" in caplog.text
+    assert hidden.shape[1] == limit and mask[0].all()
+
+
+def test_a_left_padding_tokenizer_gives_the_same_features(pipe):
+    """The original pads on the right; a tokenizer set to pad on the left is padded on the right all the same."""
+    reference = pipe.encode_prompt(["a red cat", "the city at night"])
+    pipe.tokenizer.padding_side = "left"
+    try:
+        left = pipe.encode_prompt(["a red cat", "the city at night"])
+    finally:
+        pipe.tokenizer.padding_side = "right"
+    assert all(torch.equal(a, b) for a, b in zip(left, reference))
+
+
+def test_a_text_only_pipeline_takes_precomputed_features(pipe):
+    """DESIGN.md: ``encode_prompt`` works with ``transformer=None, vqvae=None``, for features given as well."""
+    text_only = STARPipeline(transformer=None, vqvae=None, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    hidden, mask, pooled, *_ = pipe.encode_prompt("a red cat")
+    again = text_only.encode_prompt(
+        None, prompt_embeds=hidden, prompt_attention_mask=mask, pooled_prompt_embeds=pooled
+    )
+    assert all(torch.equal(a, b) for a, b in zip(again, pipe.encode_prompt("a red cat")))
+    with pytest.raises(ValueError, match=r"`prompt_embeds` must be a floating-point \(batch, tokens, "):
+        text_only.encode_prompt(None, prompt_embeds=hidden[..., :-1], pooled_prompt_embeds=pooled)
+    with pytest.raises(ValueError, match="`prompt_embeds` is a tensor on the meta device"):
+        pipe.encode_prompt(None, prompt_embeds=hidden.to("meta"), pooled_prompt_embeds=pooled)
+
+
+def test_the_transformer_names_conditioning_that_is_not_a_tensor(pipe):
+    hidden, mask, pooled, *_ = pipe.encode_prompt("a red cat", do_classifier_free_guidance=False)
+    transformer = pipe.transformer
+    inputs = torch.zeros(1, transformer.seq_len - 1, transformer.config.latent_channels)
+    for name, arguments in (
+        ("pooled_text_embeds", (hidden, mask, pooled.numpy())),
+        ("encoder_hidden_states", (hidden.tolist(), mask, pooled)),
+        ("encoder_attention_mask", (hidden, mask.numpy(), pooled)),
+    ):
+        with pytest.raises(ValueError, match=f"`{name}` must be a torch tensor"):
+            transformer(inputs, *arguments)
+
+
+def test_a_plain_load_is_float32_throughout(tmp_path):
+    """The embedded folders store the text encoder in float16; transformers 5 would load it so without a dtype, while
+    the project's models load in float32: every component is float32 unless ``dtype`` says otherwise."""
+    import json
+
+    from diffusers_var import embedded_pipeline
+
+    folder = embedded_pipeline("star-shapes")
+    assert json.loads((folder / "text_encoder" / "config.json").read_text())["dtype"] == "float16"
+    loaded = STARPipeline.from_pretrained(folder)
+    assert {p.dtype for p in loaded.text_encoder.parameters()} == {torch.float32}
+    assert loaded.transformer.dtype == torch.float32
+    assert STARPipeline.from_pretrained(folder, dtype=torch.bfloat16).text_encoder.dtype == torch.bfloat16
+
+
 # -- text ------------------------------------------------------------------------------------------
 def test_encode_prompt_alone(pipe):
     hidden, mask, pooled, neg_hidden, neg_mask, neg_pooled = pipe.encode_prompt("a red cat", num_images_per_prompt=3)

@@ -377,7 +377,8 @@ class InfinityTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, P
         if not torch.is_tensor(hidden_states) or hidden_states.ndim != 3 or tuple(hidden_states.shape[1:]) != expected:
             got = tuple(hidden_states.shape) if torch.is_tensor(hidden_states) else type(hidden_states).__name__
             raise ValueError(f"`hidden_states` must have shape (B, {expected[0]}, {expected[1]}), got {got}.")
-        if hidden_states.shape[0] != text_embeds.shape[0]:
+        text_ok = torch.is_tensor(text_embeds) and text_embeds.ndim == 3  # (encode_text names what else is wrong)
+        if text_ok and hidden_states.shape[0] != text_embeds.shape[0]:
             raise ValueError(
                 f"`hidden_states` has {hidden_states.shape[0]} rows and `text_embeds` {text_embeds.shape[0]}: one "
                 "text per row."

@@ -422,6 +422,13 @@ class STARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftA
 
     def _check_text(self, encoder_hidden_states, encoder_attention_mask, pooled_text_embeds, batch_size) -> None:
         D = self.config.text_embed_dim
+        for name, value in (
+            ("pooled_text_embeds", pooled_text_embeds),
+            ("encoder_hidden_states", encoder_hidden_states),
+            ("encoder_attention_mask", encoder_attention_mask),
+        ):
+            if value is not None and not torch.is_tensor(value):
+                raise ValueError(f"`{name}` must be a torch tensor, got {type(value).__name__}.")
         if batch_size < 1:
             raise ValueError("`pooled_text_embeds`: the batch is empty; give at least one row.")
         if pooled_text_embeds is None or pooled_text_embeds.ndim != 2 or pooled_text_embeds.shape != (batch_size, D):

@@ -33,6 +33,7 @@ from .pipeline_utils import (
     check_text_embeds,
     repeat_rows,
     shorten,
+    text_encoder_width,
 )
 from .sampling import GeneratorArg, filter_top_k_top_p_, nan_where_drawn_from_nonfinite, sample_from_logits
 
@@ -137,8 +138,13 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
                 f"prompts {too_long} ({shorten(texts[too_long[0]], 60)}{', ...' if len(too_long) > 1 else ''}) "
                 f"have more than {max_length} tokens and are truncated (as the original does)."
             )
-        tokens = self.tokenizer(
-            list(texts), max_length=max_length, padding="max_length", truncation=True, return_tensors="pt"
+        tokens = self.tokenizer(  # padded on the right: the trim below keeps the first columns
+            list(texts),
+            max_length=max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+            padding_side="right",
         )
         input_ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
         embeds = self.text_encoder(input_ids=input_ids, attention_mask=mask)[0].float()
@@ -149,7 +155,7 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
     def _negative_prompts(negative_prompt, batch_size: int) -> list[str] | None:
         """The negative texts, one per prompt (``""``: that row's learned unconditional text), or None when every row
         takes the learned unconditional text (``None`` / ``""``)."""
-        if negative_prompt is None or negative_prompt == "":
+        if negative_prompt is None or (isinstance(negative_prompt, str) and negative_prompt == ""):
             return None
         negatives = [negative_prompt] * batch_size if isinstance(negative_prompt, str) else negative_prompt
         if (
@@ -177,9 +183,12 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
     def _check_text_half(self, embeds, mask, prefix: str, batch_size: int | None = None) -> None:
         """Validate one half of precomputed text features (a negative row without real tokens: the learned
         unconditional text)."""
-        cfg = self.transformer.config
+        # the transformer's width, or on a text-only pipeline the text encoder's
+        width = (
+            self.transformer.config.text_dim if self.transformer is not None else text_encoder_width(self.text_encoder)
+        )
         names = (f"{prefix}prompt_embeds", f"{prefix}prompt_attention_mask")
-        check_text_embeds(embeds, mask, cfg.text_dim, *names, batch_size, cfg.text_max_length, empty_rows=bool(prefix))
+        check_text_embeds(embeds, mask, width, *names, batch_size, self.text_max_length, empty_rows=bool(prefix))
 
     @torch.no_grad()
     def encode_prompt(

@@ -31,6 +31,7 @@ from .pipeline_utils import (
     check_text_embeds,
     repeat_rows,
     shorten,
+    text_encoder_width,
 )
 from .sampling import (
     RANDOM_COMMIT_STEPS,
@@ -119,14 +120,19 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         return T5_MAX_LENGTH if self._is_t5 else self.tokenizer.model_max_length
 
     def _tokenize(self, texts: list[str], max_length: int, device):
-        tokens = self.tokenizer(
-            texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+        tokens = self.tokenizer(  # padded on the right, as the original (a left-padding tokenizer too)
+            texts,
+            padding="max_length",
+            max_length=max_length,
+            truncation=True,
+            return_tensors="pt",
+            padding_side="right",
         )
-        untruncated = self.tokenizer(texts, padding="longest", return_tensors="pt").input_ids
-        if untruncated.shape[-1] > tokens.input_ids.shape[-1]:
-            cut = [
-                i for i, ids in enumerate(untruncated) if int((ids != self.tokenizer.pad_token_id).sum()) > max_length
-            ]
+        # lengths from the attention mask: CLIP's tokenizers pad with their end token, which counting non-padding
+        # ids would miss
+        lengths = self.tokenizer(texts, padding="longest", return_tensors="pt").attention_mask.sum(-1)
+        cut = [i for i, length in enumerate(lengths.tolist()) if length > max_length]
+        if cut:
             logger.warning(
                 f"prompts {cut} ({shorten(texts[cut[0]], 60)}{', ...' if len(cut) > 1 else ''}) are longer than "
                 f"the text encoder's {max_length} tokens and are truncated (as the original does)."
@@ -302,8 +308,10 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
             )
 
     def _check_text_half(self, embeds, mask, pooled, prefix: str, batch_size: int | None = None) -> None:
-        """Validate one half of precomputed text features."""
-        D = self.transformer.config.text_embed_dim
+        """Validate one half of precomputed text features (their width: the transformer's, or without one, the text
+        encoder's)."""
+        D = self.transformer.config.text_embed_dim if self.transformer is not None else None
+        D = D or text_encoder_width(self.text_encoder) or embeds.shape[-1]
         check_text_embeds(embeds, mask, D, f"{prefix}prompt_embeds", f"{prefix}prompt_attention_mask", batch_size)
         if pooled is None:
             raise ValueError(

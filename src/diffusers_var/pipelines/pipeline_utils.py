@@ -218,10 +218,16 @@ def shorten(value, limit: int = 120) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+def text_encoder_width(text_encoder) -> int | None:
+    """The feature width of a transformers text encoder (``hidden_size``, T5's ``d_model``), or None."""
+    config = getattr(text_encoder, "config", None)
+    return getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+
+
 def check_text_embeds(
     embeds,
     mask,
-    width: int,
+    width: int | None,
     name: str,
     mask_name: str,
     batch_size: int | None = None,
@@ -230,17 +236,20 @@ def check_text_embeds(
 ) -> None:
     """Precomputed text features ``embeds`` (B, N, width), finite, and their optional padding ``mask`` (B, N) (1 /
     True for real tokens, at least one per row unless ``empty_rows``); ``batch_size`` / ``max_length`` pin B / bound
-    N. The errors name the parameters (``name``, ``mask_name``)."""
+    N; ``width`` None: any width. The errors name the parameters (``name``, ``mask_name``)."""
     if (
         not torch.is_tensor(embeds)
         or embeds.ndim != 3
         or embeds.shape[0] < 1
         or embeds.shape[1] < 1
-        or embeds.shape[2] != width
+        or (width is not None and embeds.shape[2] != width)
         or not embeds.is_floating_point()
     ):
         shape = tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__
-        raise ValueError(f"`{name}` must be a floating-point (batch, tokens, {width}) tensor, got {shape}.")
+        raise ValueError(f"`{name}` must be a floating-point (batch, tokens, {width or 'width'}) tensor, got {shape}.")
+    for tensor, tensor_name in ((embeds, name), (mask, mask_name)):
+        if torch.is_tensor(tensor) and tensor.is_meta:  # a shape without values: its checks would fail deep down
+            raise ValueError(f"`{tensor_name}` is a tensor on the meta device (a shape without values).")
     if batch_size is not None and embeds.shape[0] != batch_size:
         raise ValueError(f"`{name}` has {embeds.shape[0]} rows but the batch has {batch_size}; they must match.")
     if max_length is not None and embeds.shape[1] > max_length:
@@ -475,7 +484,8 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' ``from_pretrained``, refusing a folder (or Hub repo) that holds a pipeline of another family
         (its components would load with warnings and fail only when called), and a ``dtype`` / ``torch_dtype`` that
-        is not a ``torch.dtype`` (or a dict of them per component), which diffusers ignores with a log line."""
+        is not a ``torch.dtype`` (or a dict of them per component), which diffusers ignores with a log line. Without
+        a ``dtype`` every component loads in float32 (text encoders too)."""
         if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
             raise ValueError(
                 "`pretrained_model_name_or_path` must be a folder or a Hub repo id (str or path), got "
@@ -483,6 +493,10 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
             )
         for name in ("dtype", "torch_dtype"):
             check_dtype_argument(kwargs.get(name), name)
+        if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
+            # float32 for every component, as diffusers loads its own models: transformers 5 would otherwise load a
+            # text encoder in the dtype its config names (the embedded ones store float16 weights)
+            kwargs["dtype"] = torch.float32
         refuse_interrupted_save(pretrained_model_name_or_path)
         try:
             config = cls.load_config(
