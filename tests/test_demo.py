@@ -258,6 +258,9 @@ def test_painted_mask_reads_layers_or_the_composite():
         with pytest.raises(gr.Error, match="Upload an image") as raised:
             painted_mask(empty)
         assert raised.value.print_exception is False  # a user's mistake: no traceback in the server's log
+    for pixels in (np.full((8, 8, 3), np.nan, np.float32), np.full((8, 8, 3), 60000, np.uint16)):  # NaN; would wrap
+        with pytest.raises(gr.Error, match=r"must be 8-bit \(uint8\) pixels"):
+            painted_mask({"background": pixels, "layers": [], "composite": None})
 
 
 # -- readable errors; the app keeps serving ------------------------------------------------------------

@@ -238,6 +238,10 @@ def test_evaluate_command_and_reference_statistics(inception_weights, tmp_path, 
     second = json.loads(capsys.readouterr().out)
     for key in ("fid", "inception_score", "precision", "recall"):
         assert second[key] == pytest.approx(first[key], rel=1e-6, abs=1e-9), key
+    upper = tmp_path / "SAMPLES.NPZ"  # the extension in capitals, as image extensions are taken
+    upper.write_bytes((tmp_path / "samples.npz").read_bytes())
+    assert main(["evaluate", "--samples", str(upper), "--reference", str(stats), *common]) == 0
+    assert json.loads(capsys.readouterr().out)["fid"] == pytest.approx(first["fid"], rel=1e-6, abs=1e-9)
 
     # ADM's reference batches may hold statistics only: FID from them, precision/recall left out of "auto".
     with np.load(stats) as data:
@@ -414,9 +418,14 @@ def test_metrics_the_set_sizes_cannot_give(tmp_path, monkeypatch, capsys, incept
 def test_bad_output_paths_fail_before_the_work(tmp_path, monkeypatch, capsys, inception_weights):
     samples = _save_images(tmp_path / "samples", ShapesDataset(4, 32, seed=1).images)
     (tmp_path / "file").write_text("x")
+    # someone else's statistics (pytorch-fid's --save-stats: mu and sigma) and a JSON file that only shares two keys
+    np.savez(tmp_path / "fid_stats.npz", mu=np.zeros(4), sigma=np.eye(4))
+    (tmp_path / "notes.json").write_text(json.dumps({"samples": "mine", "num_samples": 3, "notes": "keep"}))
     common = ["--samples", str(samples), "--reference", str(samples), "--inception-weights", str(inception_weights)]
     _no_features(monkeypatch)
     for flag, target, message in [
+        ("--save-reference-stats", tmp_path / "fid_stats.npz", "exists and is not a file this command wrote"),
+        ("--out", tmp_path / "notes.json", "exists and is not a file this command wrote"),
         ("--out", tmp_path, "is a folder"),
         ("--out", tmp_path / "file" / "r.json", "is a file, not a folder"),
         ("--save-reference-stats", tmp_path / "samples", "is a folder"),
@@ -429,6 +438,7 @@ def test_bad_output_paths_fail_before_the_work(tmp_path, monkeypatch, capsys, in
     ]:
         _one_error(capsys, [*common, flag, str(target)], f"`{flag}`", message)
     assert (tmp_path / "file").read_text() == "x"
+    assert set(np.load(tmp_path / "fid_stats.npz").files) == {"mu", "sigma"}
     _one_error(capsys, [*common, "--out", str(samples / "new.png")], "is an input of this evaluation")
     # an unfinished `diffusers-var sample` folder (no metadata.jsonl yet) was scored as a plain image folder
     unfinished = tmp_path / "unfinished"

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO_ROOT
-from diffusers_var import STARPipeline
+from diffusers_var import STARPipeline, VARPipeline
 from diffusers_var.cli import main
 from diffusers_var.cli_support import MAX_IMAGES
 from diffusers_var.sample import SamplePlan, image_seed, model_files_digest, read_prompts
@@ -269,6 +269,13 @@ def test_read_prompts_and_plan(tmp_path):
     bom = tmp_path / "bom.txt"
     bom.write_bytes("a red circle\n".encode("utf-8-sig"))  # what some editors save
     assert read_prompts(bom) == [{"prompt": "a red circle"}]
+    # lines end at \n (or \r\n) only: a form feed or U+2028 inside a prompt (or a JSON string) is part of it
+    odd = tmp_path / "odd.txt"
+    odd.write_text("line with\u2028separator inside\r\nform\x0cfeed\n", encoding="utf-8", newline="")
+    assert read_prompts(odd) == [{"prompt": "line with\u2028separator inside"}, {"prompt": "form\x0cfeed"}]
+    odd_json = tmp_path / "odd.jsonl"
+    odd_json.write_text(json.dumps({"prompt": "a\u2028b red circle"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_prompts(odd_json) == [{"prompt": "a\u2028b red circle"}]
 
 
 @pytest.mark.parametrize(
@@ -378,7 +385,7 @@ def test_unreadable_prompt_file_names_the_flag_before_loading(tmp_path, capsys, 
     assert err.startswith("error: `--prompts`") and "not UTF-8" in err and len(err.splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"other": 1}', '{"settings": [1]}', "\udcff"])
+@pytest.mark.parametrize("content", ["{not json", '{"other": 1}', '{"settings": [1]}', '{"settings": {}}', "\udcff"])
 def test_a_run_file_that_is_not_ours_is_one_error_line_and_kept(content, tmp_path, capsys, monkeypatch):
     """``--out`` holding a run.json this command did not write (or a damaged one): refused, nothing changed."""
     monkeypatch.setattr("diffusers_var.sample._generate_batch", lambda *a, **k: pytest.fail("generated"))
@@ -466,13 +473,54 @@ def test_a_finished_run_a_copied_model_and_what_a_kill_left(one_process, tmp_pat
     shutil.copytree(VAR, model)
     (out / ".samples.npz.123-456.tmp").write_bytes(b"a part of an npz")
     (out / ".metadata.jsonl.123-456.tmp").write_text("{}")
+    (out / ".run.json.backup.tmp").write_text("mine")  # hidden .tmp files of someone else: not write_atomic's
+    (out / "images").mkdir()
+    (out / "images" / ".my-notes.tmp").write_text("mine")
     assert main(["sample", "--out", str(out), *[a if a != str(VAR) else str(model) for a in VAR_RUN]]) == 0
-    assert _files(out) == _files(one_process) and not list(out.glob(".*.tmp"))
+    assert sorted(p.name for p in out.rglob(".*.tmp")) == [".my-notes.tmp", ".run.json.backup.tmp"]
+    (out / "images" / ".my-notes.tmp").unlink()
+    assert _files(out) == _files(one_process)
     assert (out / "samples.npz").read_bytes() == (one_process / "samples.npz").read_bytes()
     link = tmp_path / "dangling"
     link.symlink_to(tmp_path / "nowhere")
     assert main(["sample", "--out", str(link), *VAR_RUN]) == 2
     assert "is a link to" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()
+
+
+def test_a_run_inside_its_model_folder_resumes(one_process, tmp_path, capsys):
+    """``--out`` inside the ``--model`` folder: the run's own files are not part of the model's digest, so the same
+    command resumes (it was refused as "another model")."""
+    model = tmp_path / "model"
+    shutil.copytree(VAR, model)
+    out = model / "samples"
+    argv = ["sample", "--out", str(out), *[a if a != str(VAR) else str(model) for a in VAR_RUN]]
+    assert main(argv) == 0
+    (out / "images" / "000010.png").unlink()  # as if killed before the last image
+    assert main(argv) == 0, capsys.readouterr().err
+    assert _files(out) == _files(one_process)
+
+
+def test_labels_and_sizes_are_checked_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(VARPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: pytest.fail("loaded")))
+    for argv, message in (
+        (["--class-labels", "0,5000", "--per-class", "1"], "`--class-labels` must hold class indices in [0, 89]"),
+        (["--class-labels", "0,1", "--per-class", str(MAX_IMAGES // 2 + 1)], f"at most {MAX_IMAGES}"),
+    ):
+        assert main(["sample", "--out", str(tmp_path / "o"), "--model", str(VAR), "--no-progress", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+
+
+def test_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during a command: one line saying how to go on, exit code 130, not a traceback."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("diffusers_var.sample._generate_batch", interrupted)
+    assert main(["sample", "--out", str(tmp_path / "o"), *VAR_RUN]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("interrupted:") and "run the same command again" in err and len(err.splitlines()) == 1
 
 
 def test_a_run_that_loses_the_lock_leaves_the_folder(tmp_path, monkeypatch):

@@ -603,6 +603,13 @@ def main(argv=None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from wherever the work was
+        print(
+            "interrupted: files are written whole or not at all; run the same command again to go on (sample and "
+            "train resume where they stopped).",
+            file=sys.stderr,
+        )
+        return 130
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

@@ -313,6 +313,8 @@ def _var_tab(
         target, extra: dict, class_name, guidance_scale, top_k, top_p, more_smooth, num_images, seed, randomize
     ):
         count = _check_count(num_images, max_images)
+        if class_name is not None and not isinstance(class_name, (str, int)):  # (only the HTTP API can send this)
+            raise user_error(f"The class must be a name or an index, got {type(class_name).__name__}.")
         if class_name == RANDOM_CLASS or class_name in (None, ""):
             labels = None
         elif class_name in name_to_id:
@@ -565,6 +567,8 @@ def painted_mask(editor: dict | None) -> tuple[np.ndarray, np.ndarray]:
     if background is None:
         raise user_error("Upload an image to edit (or use the example) first.")
     background = np.asarray(background)
+    if background.dtype != np.uint8:  # Gradio's editor gives 8-bit images; anything else would wrap or take NaN
+        raise user_error(f"The image to edit must be 8-bit (uint8) pixels, got {background.dtype}.")
     image = background[..., :3] if background.ndim == 3 else np.repeat(background[..., None], 3, axis=-1)
     painted = np.zeros(image.shape[:2], dtype=bool)
     for layer in editor.get("layers") or []:

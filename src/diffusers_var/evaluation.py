@@ -38,7 +38,7 @@ import torch
 
 from .cli_support import check_device
 from .fid_inception import WEIGHTS_FILENAMES, WEIGHTS_URL, FIDInceptionV3
-from .file_utils import files_under, json_lines, write_atomic
+from .file_utils import files_under, json_lines, text_lines, write_atomic
 from .sample import IMAGES_DIR, METADATA_FILE, RUN_FILE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -63,7 +63,7 @@ class ImageSet:
         self.prompts: list[str] | None = None
         self.files: list[Path] | None = None
         self.stored: dict[str, np.ndarray] = {}
-        if self.path.suffix == ".npz" and self.path.is_file():
+        if self.path.suffix.lower() == ".npz" and self.path.is_file():
             self.kind = "npz"
             self.keys = _npz_keys(self.path, flag)
             self.length = _npz_shape(self.path, "arr_0", flag)[0] if "arr_0" in self.keys else 0
@@ -211,7 +211,7 @@ def _npz_statistics(path: Path, keys: list[str], flag: str) -> dict[str, np.ndar
 def _metadata_entries(path: Path, flag: str) -> list[dict]:
     """The entries of a sample folder's metadata.jsonl, each an object with a string ``file_name``."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = text_lines(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"`{flag}` {str(path)!r} cannot be read ({_reason(err)}).") from None
     entries = []
@@ -654,8 +654,8 @@ def run_evaluate(args) -> dict:
         scores = clip_scores(clip, samples, samples.prompts, args.batch_size)
         result["clip_score"] = float(scores.mean())
         result["clip_model"] = args.clip_model
-    result["protocol"] = (
-        "ADM evaluator: TF-Inception pool_3 FID, Inception score (splits of 5000), precision/recall "
+    result["protocol"] = PROTOCOL_START + (
+        ": TF-Inception pool_3 FID, Inception score (splits of 5000), precision/recall "
         "(k=3)" + ("; CLIP score 100*max(cos,0)" if clip is not None else "")
     )
     bad = [key for key in METRIC_KEYS if key in result and not np.isfinite(result[key])]
@@ -688,6 +688,19 @@ def _finite_features(features: tuple[np.ndarray, np.ndarray], images: ImageSet) 
 
 
 METRIC_KEYS = ("inception_score", "fid", "precision", "recall", "clip_score")
+PROTOCOL_START = "ADM evaluator"
+# every key a results file of this command holds: a JSON file with others is someone else's
+RESULT_KEYS = {
+    "samples",
+    "num_samples",
+    "inception_weights",
+    "reference",
+    "num_reference",
+    "clip_model",
+    "protocol",
+    "reference_stats",
+    *METRIC_KEYS,
+}
 
 
 class LateWriteError(ValueError):
@@ -730,17 +743,22 @@ def _is_results_file(path: Path) -> bool:
         results = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(results, dict) and {"samples", "num_samples"} <= set(results)
+    return (
+        isinstance(results, dict)
+        and {"samples", "num_samples", "protocol"} <= set(results) <= RESULT_KEYS
+        and str(results["protocol"]).startswith(PROTOCOL_START)
+    )
 
 
 def _is_reference_statistics(path: Path) -> bool:
-    """An ``.npz`` of ``--save-reference-stats``: the statistics and features, no images."""
+    """An ``.npz`` of ``--save-reference-stats``: the statistics and the features, nothing else (pytorch-fid's
+    ``--save-stats`` files hold only mu and sigma: someone else's)."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             keys = set(npz.files)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError):
         return False
-    return bool(keys) and keys <= {"mu", "sigma", "inception_pool_3"}
+    return keys == {"mu", "sigma", "inception_pool_3"}
 
 
 def _savez(path: Path, arrays: dict) -> None:

@@ -19,6 +19,25 @@ STAGING_MARKER = "diffusers-var-staging.json"
 SAVING_MARKER = ".diffusers-var-saving.json"
 
 
+def text_lines(text: str) -> list[str]:
+    """The lines of a text file: split at ``\n`` (``\r\n`` too) only. ``str.splitlines`` also splits at form feeds,
+    U+2028 and other separators, which a prompt or a JSON string may hold."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+ATOMIC_TEMPORARY = re.compile(r"\.(?P<name>.+)\.\d+-\d+\.tmp\Z")  # write_atomic's temporary names
+
+
+def is_atomic_temporary(name: str, of: str | None = None) -> bool:
+    """Whether ``name`` is a temporary file of :func:`write_atomic` (of the file ``of``, if given), which a killed
+    process may have left: the only hidden files the package removes."""
+    match = ATOMIC_TEMPORARY.match(name)
+    return match is not None and (of is None or match["name"] == of)
+
+
 def write_atomic(path: Path, write: Callable[[Path], None], may_write_nothing: bool = False) -> None:
     """``write(tmp)`` then rename ``tmp`` to ``path`` (the temporary name is hidden and unique to the process and
     thread; it is removed when writing fails). ``may_write_nothing``: a ``write`` that made no file leaves ``path``

@@ -57,7 +57,7 @@ from .cli_support import (
 )
 from .conversion.common import folder_problem
 from .embedded_models import default_model, resolve_pipeline_folder
-from .file_utils import files_under, json_lines, write_atomic
+from .file_utils import files_under, is_atomic_temporary, json_lines, text_lines, write_atomic
 from .pipelines.pipeline_utils import (
     MAX_BATCH_SIZE,
     check_common_inputs,
@@ -164,7 +164,7 @@ def read_prompts(path) -> list[dict]:
     if not path.is_file():
         raise ValueError(f"`--prompts` {str(path)!r} is not a file.")
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()  # (a byte-order mark is not the first prompt's)
+        lines = text_lines(path.read_text(encoding="utf-8-sig"))  # (a byte-order mark is not the first prompt's)
     except UnicodeDecodeError as err:
         raise ValueError(
             f"`--prompts` {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8."
@@ -497,16 +497,35 @@ def _generate_batch(
     return images.float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
-def model_files_digest(model: Path) -> str:
+def _plan_from_configs(model: Path, args, family_name: str, prompts: list[dict] | None) -> None:
+    """:func:`build_plan`'s label and size checks before the model loads, with the class count of its transformer's
+    config: a typo costs no model load. A folder whose config cannot be read is left to the load to name."""
+    num_classes = None
+    if family_name == "VARPipeline":
+        try:
+            num_classes = int(json.loads((model / "transformer" / "config.json").read_text())["num_classes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+    build_plan(args, family_name, num_classes, {}, prompts)
+
+
+def model_files_digest(model: Path, out: Path | None = None) -> str:
     """A digest of the pipeline folder: its files' names and sizes, and the contents of the small ones (configs,
     tokenizers; the weights may be many GB). A copy or a re-download of the same folder gives the same digest; a
-    folder replaced by another model in the meantime does not, so a restarted run cannot mix the two."""
+    folder replaced by another model in the meantime does not, so a restarted run cannot mix the two. A run folder
+    ``out`` inside the model folder is left out (its own images would change the digest)."""
     listing = []
+    skipped = out.resolve() if out is not None else None
     for path in files_under(model, lambda name: True):
+        if skipped is not None and path.resolve().is_relative_to(skipped):
+            continue
         size = path.stat().st_size
         content = hashlib.sha256(path.read_bytes()).hexdigest() if size < 2**20 else None
         listing.append((str(path.relative_to(model)), size, content))
     return hashlib.sha256(json.dumps(sorted(listing)).encode()).hexdigest()[:16]
+
+
+RUN_SETTINGS_ALWAYS = {"model", "pipeline", "seed", "total"}  # in every run.json this command wrote
 
 
 def _check_run_file(out: Path, settings: dict, processes: Processes) -> None:
@@ -515,7 +534,7 @@ def _check_run_file(out: Path, settings: dict, processes: Processes) -> None:
     if run_file.is_file():
         try:
             recorded = json.loads(run_file.read_text())["settings"]
-            if not isinstance(recorded, dict):
+            if not isinstance(recorded, dict) or not RUN_SETTINGS_ALWAYS <= set(recorded):
                 raise TypeError
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
             raise ValueError(
@@ -635,6 +654,7 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
     family_name = pipeline_family(pipeline_class).__name__  # what the flags follow (CoDe: VAR's)
     check_flags(args, family_name)
     prompts = read_prompts(args.prompts) if args.prompts is not None else None  # a bad file costs no model load
+    _plan_from_configs(model, args, family_name, prompts)
     out = Path(args.out)
     check_out(out)
     started_run = time.perf_counter()
@@ -664,7 +684,7 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
         width = max(6, len(str(total - 1)))
         settings = {
             "model": str(model.resolve()),
-            "model_files": model_files_digest(model),
+            "model_files": model_files_digest(model, out),
             "pipeline": type(pipe).__name__,
             "seed": args.seed,
             "total": total,
@@ -689,12 +709,13 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
         images_dir = out / IMAGES_DIR
         if processes.is_main:
             images_dir.mkdir(parents=True, exist_ok=True)
-            for entry in os.scandir(images_dir):  # half-written files of a killed run
-                if entry.name.startswith(".") and entry.name.endswith(".tmp"):
+            for entry in os.scandir(images_dir):  # half-written files of a killed run (write_atomic's names only)
+                if is_atomic_temporary(entry.name) and entry.is_file(follow_symlinks=False):
                     os.unlink(entry.path)
             for name in (METADATA_FILE, NPZ_FILE, RUN_FILE):  # (its write_atomic temporaries beside them too)
                 for stale in out.glob(f".{name}.*.tmp"):
-                    stale.unlink(missing_ok=True)
+                    if is_atomic_temporary(stale.name, of=name) and not stale.is_symlink():
+                        stale.unlink(missing_ok=True)
         processes.barrier()  # nobody writes before every process has listed what is done
         done = completed_indices(images_dir, total, width)
         num_batches = (total + batch_size - 1) // batch_size

@@ -15,7 +15,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..file_utils import files_under
+from ..file_utils import files_under, text_lines
 from ..pil_images import to_rgb
 
 logger = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ class ImageFolderDataset(_SkipsBadImages):
         if not hasattr(self, "_metadata"):
             self._metadata = {}
             for meta in files_under(self.root, lambda name: name == "metadata.jsonl"):
-                for number, line in enumerate(_read_text(meta).splitlines(), start=1):
+                for number, line in enumerate(text_lines(_read_text(meta)), start=1):
                     if line.strip():
                         file_name, caption = _metadata_entry(line, f"{str(meta)!r} line {number}")
                         self._metadata[(meta.parent / file_name).resolve()] = caption
