@@ -525,7 +525,7 @@ def model_files_digest(model: Path, out: Path | None = None) -> str:
     return hashlib.sha256(json.dumps(sorted(listing)).encode()).hexdigest()[:16]
 
 
-RUN_SETTINGS_ALWAYS = {"model", "pipeline", "seed", "total"}  # in every run.json this command wrote
+RUN_SETTINGS_ALWAYS = {"model", "seed", "total"}  # in every run.json this command wrote, older versions too
 
 
 def _check_run_file(out: Path, settings: dict, processes: Processes) -> None:

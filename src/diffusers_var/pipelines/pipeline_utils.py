@@ -846,9 +846,9 @@ def image_batch_and_size(image, name: str = "image") -> tuple[int, int, int]:
                 values = as_tensor(item)
                 if not values.is_floating_point():
                     raise ValueError(f"`{name}` must hold floats in [0, 1] or uint8 values, got {values.dtype}.")
-                if not bool(torch.isfinite(values).all()) or values.min() < -1 or values.max() > 1:
-                    raise ValueError(f"`{name}` must hold finite floats in [0, 1] (or uint8), got values outside.")
                 lowest = float(values.min())
+                if not bool(torch.isfinite(values).all()) or lowest < -1 or values.max() > 1:
+                    raise ValueError(f"`{name}` must hold finite floats in [0, 1] (or uint8), got values outside.")
                 if -UNDERSHOOT < lowest < 0:
                     warnings.warn(
                         f"`{name}` has values just below 0 (min {lowest:.3g}), so it is read as a [-1, 1] image, as "
