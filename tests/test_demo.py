@@ -303,9 +303,14 @@ def test_the_functions_behind_the_api_turn_what_no_slider_sends_into_readable_er
         (dict(num_images=nan), "Number of images must be a whole number"),
         (dict(guidance_scale=None), "Guidance scale must be a number; got None"),
         (dict(top_p="high"), "Top-p must be a number"),
+        (dict(label=["a"]), "The class must be a name or an index, got list"),
     ]:
         with pytest.raises(gr.Error, match=message):
             functions["generate_var"](**var_args(**{"num_images": 1, **overrides}))
+    from diffusers_var.demo import _prompt
+
+    with pytest.raises(gr.Error, match="The prompt must be text, got int"):
+        _prompt(5)
     with pytest.raises(gr.Error, match="Pick a mode: In-paint"):
         functions["edit"](**{**edit_args(editor_value(tmp_path)), "mode_name": "bogus"})
 

@@ -190,6 +190,12 @@ def test_loading_refuses_what_does_not_fit_and_saving_is_atomic(case, tmp_path):
         ValueError, match=rf"does not hold the weights .*\(missing from the weights: {re.escape(first)}\)"
     ):
         case.model_class.from_pretrained(folder)
+    floating = next(k for k, v in state.items() if v.is_floating_point() and v.ndim == 1 and v.numel() > 1)
+    save_file({**state, floating: state[floating][:-1].clone()}, weights)  # a weight of another shape
+    with pytest.raises(
+        ValueError, match=rf"{re.escape(repr(str(folder)))} does not hold the weights .*expected shape"
+    ):
+        case.model_class.from_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     size = next(  # the first size-like argument
         name

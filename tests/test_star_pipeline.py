@@ -251,3 +251,7 @@ def test_t5_text_path_pools_over_all_positions(text):
     assert generate(pipe, prompt="a red cat").shape == (1, 8, 4, 4)
     # T5's positions are relative: texts longer than the ablation's 120 tokens are allowed (CLIP stops at 77)
     assert generate(pipe, prompt="a red cat", max_sequence_length=200).shape == (1, 8, 4, 4)
+    # and so are given features of that length (the negative prompt is encoded to it; they were refused over 120)
+    long_hidden, long_mask, long_pooled, *_ = pipe.encode_prompt(["a red cat"], max_sequence_length=200)
+    features = dict(prompt_embeds=long_hidden, prompt_attention_mask=long_mask, pooled_prompt_embeds=long_pooled)
+    assert generate(pipe, prompt=None, **features).shape == (1, 8, 4, 4)

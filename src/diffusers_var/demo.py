@@ -206,7 +206,9 @@ def _pick_seed(seed, randomize: bool) -> int:
 
 
 def _prompt(prompt) -> str:
-    if not isinstance(prompt, str) or not prompt.strip():
+    if not isinstance(prompt, str):  # (only the HTTP API can send this)
+        raise user_error(f"The prompt must be text, got {type(prompt).__name__}.")
+    if not prompt.strip():
         raise user_error("Please enter a prompt: it is empty.")
     return prompt.strip()
 

@@ -191,6 +191,14 @@ class CheckedLoadingMixin:
         except (ConfigBuildError, SafetensorError) as err:  # (other errors, out of memory say, pass unchanged)
             message = " ".join(str(err).split())[:400]
             raise ValueError(f"cannot load a {cls.__name__} from {where}: {message}; check its config.json.") from err
+        except ValueError as err:
+            if "expected shape" not in str(err):  # diffusers' refusal of a weight of another shape, without the folder
+                raise
+            shape = " ".join(str(err).split(". ")[0].split())[:300]
+            raise ValueError(
+                f"{where} does not hold the weights of the {cls.__name__} its config describes ({shape}); a folder "
+                "of another model or a changed config? `ignore_mismatched_sizes=True` loads the weights that fit."
+            ) from None
         missing, unused = info["missing_keys"], info["unexpected_keys"]
         misshapen = [key for key, *_ in info["mismatched_keys"]]
         if missing or unused or misshapen:

@@ -299,7 +299,7 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
     def _check_negative_length(self, prompt_embeds: torch.Tensor) -> None:
         """The negative prompt is encoded to ``prompt_embeds``' length: the tokenizer's start and end tokens at
         least, the text encoder's positions at most."""
-        limit = self.text_max_length
+        limit = None if self._is_t5 else self.text_max_length  # (T5's positions are relative: no limit)
         if prompt_embeds.shape[1] < 2 or (limit is not None and prompt_embeds.shape[1] > limit):
             raise ValueError(
                 f"`prompt_embeds` has {prompt_embeds.shape[1]} tokens: the negative prompt is encoded to the same "
