@@ -456,7 +456,15 @@ def test_bad_output_paths_fail_before_the_work(tmp_path, monkeypatch, capsys, in
     nulled = tmp_path / "nulled"
     _save_images(nulled / "images", ShapesDataset(1, 32, seed=1).images)
     (nulled / "metadata.jsonl").write_text('{"file_name": "images/000000.png", "prompt": null}\n')
-    _one_error(capsys, ["--samples", str(nulled)], "entry 1 has a `prompt` that is not a non-empty string")
+    _one_error(
+        capsys,
+        ["--samples", str(nulled), "--metrics", "clip"],
+        "entry 1 has a `prompt` that is not a non-empty string",
+    )
+    # the other metrics need no prompt: auto leaves clip out with a note, and goes on to the feature pass
+    with pytest.raises(AssertionError, match="the feature pass ran"):
+        main(["evaluate", "--samples", str(nulled), "--inception-weights", str(inception_weights), "--no-progress"])
+    assert "--metrics auto left out clip: `--samples`" in capsys.readouterr().err
     # without --reference there is nothing to save: both flags named
     _one_error(
         capsys,

@@ -61,6 +61,7 @@ class ImageSet:
     def __init__(self, path, flag: str):
         self.path, self.flag = Path(path), flag
         self.prompts: list[str] | None = None
+        self.prompt_problem: str | None = None  # why the prompts cannot be CLIP-scored (the other metrics need none)
         self.files: list[Path] | None = None
         self.stored: dict[str, np.ndarray] = {}
         if self.path.suffix.lower() == ".npz" and self.path.is_file():
@@ -82,9 +83,9 @@ class ImageSet:
                 self.prompts = [entry["prompt"] for entry in entries]
                 bad = next((i for i, p in enumerate(self.prompts) if not isinstance(p, str) or not p.strip()), None)
                 if bad is not None:  # (the CLIP tokenizer's own message named neither the flag nor the line)
-                    raise ValueError(
+                    self.prompt_problem = (
                         f"`{flag}` {str(self.path / METADATA_FILE)!r}: entry {bad + 1} has a `prompt` that is not a "
-                        f"non-empty string ({self.prompts[bad]!r})."
+                        f"non-empty string ({self.prompts[bad]!r})"
                     )
         elif (self.path / RUN_FILE).is_file() and (self.path / IMAGES_DIR).is_dir():
             raise ValueError(
@@ -524,7 +525,9 @@ def _metrics(args, samples: ImageSet, reference: ImageSet | None) -> list[str]:
     fid_possible = samples.length >= 2 and (uses_stats or (n_ref or 0) >= 2)
     pr_possible = n_ref is not None and min(samples.length, n_ref) > PR_NEIGHBOURHOOD
     if args.metrics == "auto":
-        chosen = ["is"] + (["clip"] if samples.prompts else [])
+        chosen = ["is"] + (["clip"] if samples.prompts and not samples.prompt_problem else [])
+        if samples.prompt_problem:
+            print(f"note: --metrics auto left out clip: {samples.prompt_problem}.", file=sys.stderr)
         chosen += (["fid"] if reference is not None and fid_possible else []) + (["pr"] if pr_possible else [])
         needs = (("FID", "at least 2", fid_possible), ("pr", f"more than {PR_NEIGHBOURHOOD}", pr_possible))
         left_out = [
@@ -556,6 +559,8 @@ def _metrics(args, samples: ImageSet, reference: ImageSet | None) -> list[str]:
         raise ValueError(
             f"`--metrics` pr needs more than {PR_NEIGHBOURHOOD} images on each side, got {sizes}; leave it out."
         )
+    if "clip" in chosen and samples.prompt_problem:
+        raise ValueError(f"`--metrics clip`: {samples.prompt_problem}.")
     if "clip" in chosen and not samples.prompts:
         raise ValueError(
             "`--metrics clip` needs the prompts: evaluate a `diffusers-var sample` folder of a "
