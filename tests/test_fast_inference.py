@@ -9,6 +9,7 @@ import functools
 import os
 import subprocess
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -1445,6 +1446,47 @@ def test_a_higher_precision_after_a_16_bit_fast_path_warns_that_the_weights_stay
     finally:
         diffusers_logging.disable_propagation()
     assert "cast the weights to torch.bfloat16; they keep that rounding in torch.float32" in caplog.text
+    caplog.clear()
+    diffusers_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):  # bf16, then fp16: the coarser bf16 rounding is the one named, each time
+            pipe.enable_fast_inference(dtype=torch.float16)
+            assert "cast the weights to torch.bfloat16; they keep that rounding in torch.float16" in caplog.text
+            caplog.clear()
+            pipe.enable_fast_inference(dtype=torch.float32)
+            assert "cast the weights to torch.bfloat16; they keep that rounding in torch.float32" in caplog.text
+            caplog.clear()
+            with tempfile.TemporaryDirectory() as folder:  # a save says the weights carry the rounding
+                pipe.save_pretrained(folder)
+            assert "cast `transformer`'s weights to torch.bfloat16; the saved weights carry that rounding" in (
+                caplog.text
+            )
+    finally:
+        diffusers_logging.disable_propagation()
+
+
+def test_a_dtype_cast_is_refused_while_the_fast_path_runs():
+    """A cast after enable_fast_inference turned the float8 copies into plain floats under the matmuls reading them
+    (and left the fast settings naming another dtype), in this pipeline and in every one sharing its modules."""
+    pipe = tiny_var()
+    pipe.enable_fast_inference(fp8=True)
+    fp8_buffers = [m.weight_fp8 for m in pipe.transformer.modules() if hasattr(m, "weight_fp8")]
+    assert fp8_buffers and {b.dtype for b in fp8_buffers} == {torch.float8_e4m3fn}
+    for cast in (
+        lambda: pipe.to(torch.float16),
+        lambda: pipe.to("cpu", torch.float32),
+        lambda: pipe.to(dtype=torch.float32),
+        lambda: VARPipeline.from_pipe(pipe, dtype=torch.float16),
+    ):
+        with pytest.raises(ValueError, match=r"`dtype`: this pipeline runs the fast path .*disable_fast_inference"):
+            cast()
+    fp8_buffers = [m.weight_fp8 for m in pipe.transformer.modules() if hasattr(m, "weight_fp8")]
+    assert {b.dtype for b in fp8_buffers} == {torch.float8_e4m3fn}
+    pipe.to("cpu")  # a move without a cast is fine
+    pipe.disable_fast_inference()
+    assert pipe.to(torch.float32).transformer.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"`compile_decoder` must be True, False or a torch.compile mode .* got 1"):
+        pipe.enable_fast_inference(compile_decoder=1)
 
 
 def test_kv_cache_reserve():

@@ -80,6 +80,11 @@ def check_fast_inference_args(dtype, **flags) -> None:
                 )
         elif name == "compile_blocks" and not isinstance(value, bool):
             compile_blocks_shapes(value)
+        elif name == "compile_decoder" and not isinstance(value, bool):
+            modes = ", ".join(repr(m) for m in DECODER_COMPILE_MODES)
+            raise ValueError(
+                f"`compile_decoder` must be True, False or a torch.compile mode ({modes}), got {value!r}."
+            )
         elif not isinstance(value, bool):
             raise ValueError(f"`{name}` must be True or False, got {value!r}.")
     if flags.get("fp8") and dtype != torch.bfloat16:
@@ -1062,7 +1067,7 @@ class FastSettings:
 
 
 FAST_SETTINGS_ATTRIBUTE = "_diffusers_var_fast_settings"
-ROUNDED_ATTRIBUTE = "_diffusers_var_rounded_to"  # the lowest dtype the fast path ever cast the module's weights to
+ROUNDED_ATTRIBUTE = "_diffusers_var_rounded_to"  # the coarsest dtype the fast path ever cast the module's weights to
 ADAPTER_STATE_ATTRIBUTE = "_diffusers_var_adapter_state"  # the adapters the float8 copies were made with
 # A new object whenever graphs captured over the module would replay stale memory or maths (switches, float8 copies
 # remade, adapters changed, weights moved or cast): every pipeline sharing the module drops its graph sets.
@@ -1157,13 +1162,16 @@ class FastInferenceMixin:
                 "`enable_fast_inference()` cannot be combined with CPU offloading, group offloading or "
                 "layerwise casting (their hooks move or cast weights at every call); reload the pipeline."
             )
+        # the coarsest rounding the weights ever took (bf16's 8-bit mantissa is coarser than fp16's 11 bits)
         rounded_to = getattr(self.transformer, ROUNDED_ATTRIBUTE, None)
-        if rounded_to is not None and torch.finfo(dtype).bits > torch.finfo(rounded_to).bits:
+        if rounded_to is not None and torch.finfo(dtype).eps < torch.finfo(rounded_to).eps:
             logger.warning(
                 f"enable_fast_inference(dtype={dtype}): an earlier call cast the weights to {rounded_to}; they keep "
                 f"that rounding in {dtype} (reload the pipeline for its full-precision weights)."
             )
-        if torch.finfo(dtype).bits < 32:
+        if torch.finfo(dtype).bits < 32 and (
+            rounded_to is None or torch.finfo(dtype).eps > torch.finfo(rounded_to).eps
+        ):
             setattr(self.transformer, ROUNDED_ATTRIBUTE, dtype)
         cast_module_(self.transformer, dtype)
         cast_module_(getattr(self, "text_encoder", None), dtype)

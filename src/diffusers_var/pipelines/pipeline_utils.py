@@ -57,7 +57,7 @@ from ..models.multiscale_vq import area_down
 from ..models.slicing import NaNDecodeError, check_token_values
 from ..pil_images import to_grayscale, to_rgb
 from ..scalars import is_bool, is_integer, is_number
-from .fast_inference import FastInferenceMixin
+from .fast_inference import ROUNDED_ATTRIBUTE, FastInferenceMixin
 from .sampling import GeneratorArg
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -541,6 +541,12 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         for name, component in self.components.items():
             if isinstance(component, torch.nn.Module):
                 refuse_lora_layers(component, name)
+                rounded_to = getattr(component, ROUNDED_ATTRIBUTE, None)
+                if rounded_to is not None:
+                    logger.warning(
+                        f"save_pretrained: enable_fast_inference cast `{name}`'s weights to {rounded_to}; the saved "
+                        f"weights carry that rounding (save from a pipeline loaded afresh for full precision)."
+                    )
         target = save_folder_atomic(Path(save_directory), save)
         if push_to_hub:  # diffusers' upload, of the folder as saved (a failed upload keeps the local save)
             push_folder_to_hub(self, target, is_pipeline=True, **hub)
@@ -626,6 +632,17 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
     def to(self, *args, **kwargs):
         if _KEEP_COMPONENT_DTYPES.get() and not args and set(kwargs) == {"dtype"}:
             return self
+        casts = any(isinstance(a, torch.dtype) for a in args) or any(
+            kwargs.get(name) is not None for name in ("dtype", "torch_dtype")
+        )
+        if casts and self._fast_inference:
+            # the fast path holds the modules in its dtype, with float8 copies beside some weights (a cast would
+            # turn them into plain floats under the matmuls that read them) and kernels fitted to both
+            raise ValueError(
+                "`dtype`: this pipeline runs the fast path (enable_fast_inference), which set its components' dtypes "
+                "(shared by every pipeline made from it with from_pipe); call disable_fast_inference() first, or "
+                "enable_fast_inference(dtype=...) for another fast dtype."
+            )
         moved = super().to(*args, **kwargs)
         self._invalidate_graphs()  # captured CUDA graphs (this pipeline's and its siblings') read the old memory
         return moved
