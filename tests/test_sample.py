@@ -487,6 +487,24 @@ def test_a_finished_run_a_copied_model_and_what_a_kill_left(one_process, tmp_pat
     assert "is a link to" in capsys.readouterr().err and not (tmp_path / "nowhere").exists()
 
 
+def test_a_restart_with_another_batch_size_says_so(one_process, tmp_path, capsys):
+    """Per-image streams let a restart change ``--batch-size`` (float rounding may differ): it is said, not silent."""
+    out = tmp_path / "run"
+    shutil.copytree(one_process, out)
+    (out / "images" / "000010.png").unlink()
+    (out / "metadata.jsonl").unlink()
+    (out / "samples.npz").unlink()
+    capsys.readouterr()
+    argv = ["sample", "--out", str(out), *[a if a != "2" else "4" for a in VAR_RUN]]
+    assert main(argv) == 0
+    assert "note: going on with --batch-size 4 in a run started with 2" in capsys.readouterr().err
+    assert json.loads((out / "run.json").read_text())["batch_size"] == 2
+    assert main(argv) == 0  # finished: the note again, nothing else changes
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(
+        p.name for p in (one_process / "images").iterdir()
+    )
+
+
 def test_a_run_inside_its_model_folder_resumes(one_process, tmp_path, capsys):
     """``--out`` inside the ``--model`` folder: the run's own files are not part of the model's digest, so the same
     command resumes (it was refused as "another model")."""

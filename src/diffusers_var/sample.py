@@ -65,6 +65,7 @@ from .pipelines.pipeline_utils import (
     check_temperature,
     is_unicode_text,
 )
+from .scalars import is_integer
 
 logger = logging.getLogger(__name__)
 IMAGES_DIR = "images"
@@ -528,12 +529,20 @@ def model_files_digest(model: Path, out: Path | None = None) -> str:
 RUN_SETTINGS_ALWAYS = {"model", "seed", "total"}  # in every run.json this command wrote, older versions too
 
 
-def _check_run_file(out: Path, settings: dict, processes: Processes) -> None:
-    """Refuse to mix two different runs in one folder; the main process records the settings of a new one."""
+def _write_run_file(run_file: Path, settings: dict, batch_size: int) -> None:
+    """``run.json``: the settings a restart must match, and the batch size the run started with (it may change)."""
+    content = json.dumps({"settings": settings, "batch_size": batch_size}, indent=2) + "\n"
+    write_atomic(run_file, lambda tmp: tmp.write_text(content))
+
+
+def _check_run_file(out: Path, settings: dict, processes: Processes, batch_size: int) -> None:
+    """Refuse to mix two different runs in one folder; the main process records the settings of a new one, and says
+    when a restart changes the batch size."""
     run_file = out / RUN_FILE
     if run_file.is_file():
         try:
-            recorded = json.loads(run_file.read_text())["settings"]
+            content = json.loads(run_file.read_text())
+            recorded = content["settings"]
             if not isinstance(recorded, dict) or not RUN_SETTINGS_ALWAYS <= set(recorded):
                 raise TypeError
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
@@ -567,7 +576,14 @@ def _check_run_file(out: Path, settings: dict, processes: Processes) -> None:
                 f"its own command or choose another --out."
             )
         if differ and processes.is_main:  # a run that failed before its first image (bad size, ...): nothing to keep
-            write_atomic(run_file, lambda tmp: tmp.write_text(json.dumps({"settings": settings}, indent=2) + "\n"))
+            _write_run_file(run_file, settings, batch_size)
+        earlier = content.get("batch_size")  # (not in older runs)
+        if started and not differ and processes.is_main and is_integer(earlier) and earlier != batch_size:
+            print(
+                f"note: going on with --batch-size {batch_size} in a run started with {earlier}: the same random "
+                "streams, but the images made from here may differ from an uninterrupted run's by float rounding.",
+                file=sys.stderr,
+            )
     elif processes.is_main:
         if (out / IMAGES_DIR).exists():
             raise ValueError(
@@ -575,7 +591,7 @@ def _check_run_file(out: Path, settings: dict, processes: Processes) -> None:
                 f"command; choose another --out."
             )
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_file, lambda tmp: tmp.write_text(json.dumps({"settings": settings}, indent=2) + "\n"))
+        _write_run_file(run_file, settings, batch_size)
 
 
 @contextlib.contextmanager
@@ -705,7 +721,7 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
         }
         if args.rng == "batch":  # each image depends on its batch's stream, so on the batch size
             settings["batch_size"] = batch_size
-        _check_run_file(out, settings, processes)
+        _check_run_file(out, settings, processes, batch_size)
         images_dir = out / IMAGES_DIR
         if processes.is_main:
             images_dir.mkdir(parents=True, exist_ok=True)
