@@ -213,6 +213,60 @@ def gpu_timeline(prof) -> str:
     )
 
 
+# kernel name fragments -> category, first match wins (cuDNN's attention before its convolutions)
+KERNEL_CATEGORIES = (
+    ("attention", ("sdpa", "flash", "fmha", "attention")),
+    ("convolution", ("fprop", "conv", "dgrad", "xmma_fprop")),
+    ("matmul", ("nvjet", "gemm", "cutlass", "sm90_xmma", "scaled_mm", "f8f8")),
+    ("compiled (Triton)", ("triton_",)),
+    (
+        "eager elementwise / reductions",
+        (
+            "elementwise",
+            "reduce_kernel",
+            "vectorized",
+            "index",
+            "scatter",
+            "sort",
+            "topk",
+            "gather",
+            "softmax",
+            "distribution",
+            "cat",
+            "copy",
+        ),
+    ),
+)
+PROFILER_PSEUDO_EVENTS = ("Command Buffer Full", "cudaStreamIsCapturing", "cudaGraphLaunch", "Activity Buffer")
+
+
+def kernel_categories(prof) -> str:
+    """The GPU time of one traced generation by kind of kernel (name fragments: :data:`KERNEL_CATEGORIES`), with
+    the profiler's pseudo-events (a full command buffer, capture checks, graph launches) left out, and the three
+    largest kernels of each kind."""
+    from torch.autograd import DeviceType
+
+    totals, largest = {}, {}
+    for event in prof.key_averages():
+        if event.device_type != DeviceType.CUDA and not getattr(event, "self_device_time_total", 0):
+            continue
+        name = event.key
+        if name.startswith(PROFILER_PSEUDO_EVENTS) or name.startswith(("aten::", "cuda", "cu")):
+            continue
+        us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+        if not us:
+            continue
+        lowered = name.lower()
+        kind = next((k for k, parts in KERNEL_CATEGORIES if any(part in lowered for part in parts)), "other")
+        totals[kind] = totals.get(kind, 0.0) + us
+        largest.setdefault(kind, []).append((us, event.count, name[:70]))
+    lines = [f"{sum(totals.values()) / 1e3:.2f} ms of kernels by kind:"]
+    for kind, us in sorted(totals.items(), key=lambda item: -item[1]):
+        top = sorted(largest[kind], reverse=True)[:3]
+        lines.append(f"    {kind}: {us / 1e3:.2f} ms; " + "; ".join(f"{n} x{c} {t / 1e3:.2f} ms" for t, c, n in top))
+    return "\n".join(lines)
+
+
 def synchronize(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -791,7 +845,8 @@ def main() -> int:
                         f"{sum(e.count for e in events if e.key == 'cudaGraphLaunch')} graph launches"
                     )
                     print(f"  profile: {gpu_timeline(prof)}")
-                    print(events.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60))
+                    print(f"  profile: {kernel_categories(prof)}")
+                    print(events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=100))
                     print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
             if mode.startswith("fast"):  # after the timings: compiled code specialises on the first batch size it sees
                 fast_tokens = bench.greedy(bench.pipe, bench.greedy_batch, device)

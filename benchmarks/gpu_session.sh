@@ -98,10 +98,13 @@ for stage in "$@"; do
           bench . "chain_${model}_$side" --models "$model" --batch-sizes "${CHAIN_BATCHES:-1,64}" --modes "$mode" --repeats 5
         done
       done ;;
-    profile_ours)  # issue 20: VAR-d16 batches 1 and 64, today's code only, torch.profiler tables and GPU timeline (PROFILE_MODEL, PROFILE_BATCH, PROFILE_MODE)
-      bench . "profile_${PROFILE_MODEL:-var-d16}" --models "${PROFILE_MODEL:-var-d16}" --batch-sizes "${PROFILE_BATCH:-1,64}" \
-        --modes "${PROFILE_MODE:-fast-compile-all}" --repeats 5 --profile
-      grep -h "profile:" "$OUT/profile_${PROFILE_MODEL:-var-d16}.log" ;;
+    profile_ours)  # issue 20: VAR-d16 batches 1 and 64, today's code only, torch.profiler tables and GPU timeline
+      # (PROFILE_MODEL: one or more models, one process each; PROFILE_BATCH, PROFILE_MODE)
+      for model in ${PROFILE_MODEL:-var-d16}; do
+        bench . "profile_$model" --models "$model" --batch-sizes "${PROFILE_BATCH:-1,64}" \
+          --modes "${PROFILE_MODE:-fast-compile-all}" --repeats 5 --profile
+        grep -h -A8 "profile:" "$OUT/profile_$model.log" | grep -E "profile:|^    "
+      done ;;
     attention)  # issue 20: the SDPA kernels (flash, memory-efficient, cuDNN) on one generation's self-attention shapes
       log attention; timeout 240 python3 benchmarks/bench_attention.py --batch-sizes "${ATTENTION_BATCHES:-1,4,64}" \
         --models "${ATTENTION_MODELS:-var-d16,var-d30,star-d30,infinity-2b}" --json "$OUT/attention.json" > "$OUT/attention.log" 2>&1
