@@ -734,6 +734,7 @@ def test_encode_prompt_checks_its_arguments():
             ({"max_sequence_length": 0}, "max_sequence_length"),
             ({"max_sequence_length": "10"}, "max_sequence_length"),
             ({"max_sequence_length": 10**6}, "max_sequence_length"),
+            ({"max_sequence_length": np.int16(10)}, "max_sequence_length"),
             ({"prompt": None, "prompt_embeds": torch.full((1, 4, width), float("nan"))}, "prompt_embeds"),
             ({"prompt": None, "prompt_embeds": torch.zeros(4, width)}, "prompt_embeds"),
             ({"prompt": None, "prompt_embeds": torch.zeros(1, 4, width + 1)}, "prompt_embeds"),
@@ -747,6 +748,9 @@ def test_encode_prompt_checks_its_arguments():
         for kwargs, parameter in bad_calls:
             with pytest.raises(ValueError, match=f"`{parameter}`"):
                 pipe.encode_prompt(**{"prompt": "a red square", **kwargs})
+        # a numpy integer (what indexing an array of lengths gives) counts as the same length
+        as_int, as_numpy = (pipe.encode_prompt("a red square", max_sequence_length=n)[0] for n in (10, np.int64(10)))
+        assert as_int.shape[1] == 10 and torch.equal(as_int, as_numpy)
     star = pipeline(next(case for case in CASES if case.id == "star"))
     for texts, parameter in (([], "texts"), ([3], "texts")):
         with pytest.raises(ValueError, match=f"`{parameter}`"):

@@ -171,9 +171,7 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
 
     def _check_max_sequence_length(self, max_sequence_length) -> None:
         if max_sequence_length is not None and (
-            not isinstance(max_sequence_length, int)
-            or isinstance(max_sequence_length, bool)
-            or not 1 <= max_sequence_length <= self.text_max_length
+            not is_integer(max_sequence_length) or not 1 <= max_sequence_length <= self.text_max_length
         ):
             raise ValueError(
                 f"`max_sequence_length` must be an integer in [1, {self.text_max_length}] or None, "
@@ -232,7 +230,7 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         if negative_prompt_embeds is not None:
             self._check_text_half(negative_prompt_embeds, negative_prompt_attention_mask, "negative_")
         device = device or self._execution_device
-        max_length = self.text_max_length if max_sequence_length is None else max_sequence_length
+        max_length = self.text_max_length if max_sequence_length is None else int(max_sequence_length)
         if prompt_embeds is None:
             prompt_embeds, prompt_attention_mask = self._encode_texts(check_prompts(prompt), device, max_length)
         elif prompt_attention_mask is None:

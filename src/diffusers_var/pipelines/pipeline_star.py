@@ -12,6 +12,7 @@ from ..loaders import STARLoraLoaderMixin
 from ..models.blocks import square_schedule
 from ..models.multiscale_vq import MultiScaleVQModel
 from ..models.star_transformer import STARTransformer2DModel
+from ..scalars import is_integer
 from .fast_inference import compile_star_blocks_
 from .pipeline_utils import (
     UNIFIED_CALLBACK_TENSORS,
@@ -155,7 +156,7 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         texts = check_prompts(texts, "texts")
         self._check_max_sequence_length(max_sequence_length)
         device = device or self._execution_device
-        max_length = self.text_max_length if max_sequence_length is None else max_sequence_length
+        max_length = self.text_max_length if max_sequence_length is None else int(max_sequence_length)
         input_ids, attention_mask = self._tokenize(texts, max_length, device)
         output = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask)
         hidden = output.last_hidden_state
@@ -286,8 +287,7 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         # at least the tokenizer's start and end tokens; at most CLIP's 77 positions (T5's are relative: no limit)
         longest = None if self.tokenizer is None or self._is_t5 else self.tokenizer.model_max_length
         if max_sequence_length is not None and (
-            not isinstance(max_sequence_length, int)
-            or isinstance(max_sequence_length, bool)
+            not is_integer(max_sequence_length)
             or max_sequence_length < 2
             or (longest is not None and max_sequence_length > longest)
         ):
