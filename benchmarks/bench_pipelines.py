@@ -50,6 +50,8 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
   fast-compile-all-gnsums  ``fast-compile-all`` with the decoder's GroupNorm statistics as per-channel sums at
                         every batch size (``fast_inference.channel_sum_group_norm_(min_batch=1)``; the default
                         takes them from 16 images on)
+  fast-compile-all-static-tokens-fp8-gnsums  both (the text-to-image models at batch 1: a 1024 px image is as
+                        many decoder positions as 16 images of 256 px)
 It also checks that greedy tokens (bits for Infinity) of the fast path agree with the eager float32 path.
 """
 
@@ -643,6 +645,7 @@ MODES = (
     "fast-compile-all-static-tokens-fp8",
     "fast-compile-all-static-fp8",
     "fast-compile-all-gnsums",
+    "fast-compile-all-static-tokens-fp8-gnsums",
 )
 SDPA_BACKENDS = {  # --sdpa-first: PyTorch's own order after the one named
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -654,6 +657,7 @@ DECODER_MODES = {"-autotune": "max-autotune-no-cudagraphs"}  # mode suffix: comp
 BLOCK_SHAPES = {f"fast-compile-all-{shapes}": shapes for shapes in ("static-tokens", "static")}  # compile_blocks=
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8"] = "static-tokens"
 BLOCK_SHAPES["fast-compile-all-static-fp8"] = "static"
+BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-gnsums"] = "static-tokens"
 KNOWN_MODELS = (
     tuple(MODELS)
     + tuple(CODE_MODELS)
@@ -775,7 +779,7 @@ def main() -> int:
                 bench.rebuild(device)
             if mode.startswith("fast"):
                 extra = {"compile_blocks": BLOCK_SHAPES.get(mode, True)} if mode.startswith("fast-compile-all") else {}
-                if mode.endswith("-fp8"):
+                if mode.endswith("-fp8") or "-fp8-" in mode:
                     extra["fp8"] = True
                 suffix = next((suffix for suffix in DECODER_MODES if mode.endswith(suffix)), None)
                 compile_decoder = DECODER_MODES[suffix] if suffix else mode != "fast"
