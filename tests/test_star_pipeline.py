@@ -55,6 +55,17 @@ def test_stable_sampler_requires_the_head(text):
     assert generate(plain, prompt="a red cat").shape == (1, 8, 4, 4)  # None = off without the head
 
 
+def test_a_stable_sampler_scale_with_fewer_tokens_than_steps_is_refused(text):
+    """Scale 1 of (1, 2, 3, 4) has 4 tokens for 8 commit steps: the schedule's last count would be negative (a torch
+    top-k error at the first sampler step); the call is refused before anything runs, naming the settings."""
+    early = make_pipe(sampler_start_scale=1, text=text)
+    for version in ("1024", "new"):
+        with pytest.raises(ValueError, match="`sampler_start_scale` \\(1\\) is too early"):
+            early("a red cat", sampler_version=version)
+    assert generate(early, prompt="a red cat", use_stable_sampler=False).shape == (1, 8, 4, 4)
+    assert generate(make_pipe(sampler_start_scale=3, text=text), prompt="a red cat").shape == (1, 8, 4, 4)
+
+
 def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
     long_prompt = "a red cat " * 60
     with caplog.at_level(logging.WARNING, logger="diffusers_var.pipelines.pipeline_star"):

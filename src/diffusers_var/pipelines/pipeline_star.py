@@ -622,12 +622,27 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
                 )
         if sampler_version not in STABLE_SAMPLER_VERSIONS:
             raise ValueError(f"`sampler_version` must be one of {STABLE_SAMPLER_VERSIONS}, got {sampler_version!r}.")
+        if self.transformer.has_stable_sampler if use_stable_sampler is None else use_stable_sampler:
+            self._check_stable_sampler_scales(sampler_version)
         if sampler_generator is not None and not isinstance(sampler_generator, torch.Generator):
             raise ValueError(
                 f"`sampler_generator` must be a torch.Generator or None, got {type(sampler_generator).__name__}."
             )
         check_generator(generator, num_prompts * num_images_per_prompt)
         return num_prompts
+
+    def _check_stable_sampler_scales(self, sampler_version: str) -> None:
+        """Every stable-sampler scale needs a token for each of its commit steps (the released models start at a scale
+        of 441 tokens): with fewer, the schedule's last count would be negative."""
+        start = self.transformer.config.sampler_start_scale
+        for si, (h, w) in enumerate(self.scale_schedule()[start:], start):
+            steps, _ = stable_sampler_plan(si, sampler_version)
+            if min(stable_sampler_counts(h * w, steps)) < 0:
+                raise ValueError(
+                    f"The stable sampler (`use_stable_sampler`, `sampler_version={sampler_version!r}`) commits scale "
+                    f"{si}'s {h * w} tokens in {steps} steps, which needs more tokens: this transformer's "
+                    f"`sampler_start_scale` ({start}) is too early for it; pass `use_stable_sampler=False`."
+                )
 
     # -- generation ---------------------------------------------------------------------------------
     @torch.no_grad()
