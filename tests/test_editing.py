@@ -299,6 +299,29 @@ def test_an_image_just_below_zero_is_read_as_minus_one_to_one_with_a_warning(fam
         run(img2img, family, image=image, strength=0.5)
 
 
+def test_each_image_of_a_batch_is_read_in_its_own_range(family):
+    """diffusers' image processor reads a whole batch as [-1, 1] when any value of it is negative: a [0, 1] or uint8
+    image beside a [-1, 1] one came out with other colours. Each image keeps its own range (the README's rule)."""
+    _, _, img2img = pipes(family)
+    image, other = input_image(family, seed=9), input_image(family, seed=10)
+    as_uint8 = (image * 255).round().to(torch.uint8)
+
+    def pair(batch):  # one image per prompt / label; strength 0: the tokenizer's reconstruction of each, no draw
+        return run(img2img, family, image=batch, strength=0.0)
+
+    other_alone = run(img2img, family, image=other, strength=0.0)
+    for first, batch in (
+        (image, [image[0], other[0] * 2 - 1]),
+        (image, torch.cat([image, other * 2 - 1])),
+        (as_uint8, [as_uint8[0], other[0] * 2 - 1]),
+        (image, np.stack([image[0].permute(1, 2, 0).numpy(), (other[0] * 2 - 1).permute(1, 2, 0).numpy()])),
+    ):
+        images = pair(batch)
+        first_alone = run(img2img, family, image=first, strength=0.0)
+        torch.testing.assert_close(images[:1], first_alone[:1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(images[1:], other_alone[1:], atol=1e-5, rtol=0)
+
+
 def test_var_task_pipelines_take_the_temperature():
     """``temperature`` (one value or one per scale) works in VAR's task pipelines as in VARPipeline."""
     plain, inpaint, img2img = pipes("var")

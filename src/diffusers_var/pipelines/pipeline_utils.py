@@ -896,19 +896,32 @@ def image_batch_and_size(image, name: str = "image") -> tuple[int, int, int]:
 
 
 def _processor_input(image):
-    """What diffusers' ``VaeImageProcessor`` takes: PIL images in RGB (an RGBA or grayscale PNG too), uint8 arrays /
-    tensors as float in [0, 1]."""
+    """What diffusers' ``VaeImageProcessor`` takes: PIL images in RGB (an RGBA or grayscale PNG too), arrays and
+    tensors as float in [0, 1] image by image (uint8 / 255; a float image with a negative value is in [-1, 1]). The
+    processor decides [-1, 1] for a whole batch from any negative value: a [0, 1] or uint8 image beside a [-1, 1] one
+    was read as [-1, 1] and came out with other colours."""
     if isinstance(image, (list, tuple)):
         return [_processor_input(item) for item in image]
     if isinstance(image, PIL.Image.Image):
         return to_rgb(image)
     if isinstance(image, np.ndarray) and image.dtype == np.uint8:
         return image.astype(np.float32) / 255
-    if isinstance(image, np.ndarray):
-        return np.ascontiguousarray(image)  # torch.from_numpy refuses the negative strides of flips and rotations
+    if isinstance(image, np.ndarray):  # a copy: torch.from_numpy refuses the negative strides of flips and rotations
+        return _unit_range_per_image(torch.from_numpy(np.ascontiguousarray(image))).numpy()
     if isinstance(image, torch.Tensor) and image.dtype == torch.uint8:
         return image.float() / 255
-    return image
+    return _unit_range_per_image(image)
+
+
+def _unit_range_per_image(values: torch.Tensor) -> torch.Tensor:
+    """A float image (3-D) or batch of images (4-D, any layout) with every image that has a negative value mapped from
+    [-1, 1] to [0, 1]."""
+    batch = values if values.ndim == 4 else values[None]
+    negative = batch.amin(dim=(1, 2, 3)) < 0
+    if not bool(negative.any()):
+        return values
+    batch = torch.where(negative[:, None, None, None], (batch + 1) / 2, batch)
+    return batch if values.ndim == 4 else batch[0]
 
 
 def mask_to_tensor(mask_image, name: str = "mask_image") -> torch.Tensor:
