@@ -484,6 +484,32 @@ def test_callback_returning_latents_replaces_them(case):
     assert not torch.equal(steered, plain) and not torch.equal(steered, replacement)
 
 
+def test_editing_the_callback_latents_in_place_replaces_them(case):
+    """As in diffusers, a callback may edit ``latents`` in place, returned or not: the same as returning a new tensor
+    (the next scale's input was built from the latent before the edit). Every scale hands a new tensor: a kept
+    history is one latent per scale, not the final one repeated."""
+
+    def halve(replace: bool, returned: bool):
+        def callback(pipe, si, hw, tensors):
+            if si == pipe.num_timesteps - 2:  # (image-to-image keeps the input's first scales)
+                if replace:
+                    tensors["latents"] = tensors["latents"] * 0.5
+                else:
+                    tensors["latents"].mul_(0.5)
+            return tensors if returned else None
+
+        return run(case, output_type="latent", callback_on_step_end=callback)
+
+    replaced = halve(replace=True, returned=True)
+    assert not torch.equal(replaced, run(case, output_type="latent"))
+    assert torch.equal(halve(replace=False, returned=True), replaced)
+    assert torch.equal(halve(replace=False, returned=False), replaced)
+    history = []
+    final = run(case, output_type="latent", callback_on_step_end=lambda p, si, hw, t: history.append(t["latents"]))
+    assert len({id(latent) for latent in history}) == len(history)
+    assert torch.equal(history[-1], final) and not any(torch.equal(latent, final) for latent in history[:-1])
+
+
 def test_deprecated_callback_names_still_work(case):
     pipe = pipeline(case)
     latent_alias = next(alias for alias, unified in pipe._callback_aliases.items() if unified == "latents")

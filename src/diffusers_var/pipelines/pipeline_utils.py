@@ -381,11 +381,23 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         self, callback, names: list[str], scale_index: int, scale_hw: tuple[int, int], tensors: dict[str, Any]
     ) -> torch.Tensor | None:
         """Run ``callback`` for one scale with the requested ``names`` from ``tensors`` (unified names; aliases are
-        filled in here). Returns the latent it hands back in place of ``tensors["latents"]``, or ``None``."""
+        filled in here). Returns the latent it hands back in place of ``tensors["latents"]``, or ``None``.
+
+        The callback gets a copy of the running latent, a new one every scale (the loop adds into the running latent
+        in place: a kept history would be the final latent over and over). As in diffusers, editing it in place
+        counts as replacing it, returned or not."""
         for alias, unified in self._callback_aliases.items():
             tensors.setdefault(alias, tensors.get(unified))
+        latent_names = ["latents"] + [
+            alias for alias, unified in self._callback_aliases.items() if unified == "latents"
+        ]
+        handed = {name: tensors[name] for name in names}
+        snapshot = None
+        if any(name in latent_names for name in names) and tensors["latents"] is not None:
+            snapshot = tensors["latents"].clone()
+            handed.update({name: snapshot for name in names if name in latent_names})
         guidance_before = self._guidance_scale
-        out = callback(self, scale_index, tuple(scale_hw), {name: tensors[name] for name in names})
+        out = callback(self, scale_index, tuple(scale_hw), handed)
         if self._guidance_scale is not guidance_before:  # a callback may change it for the next scales
             check_guidance_scale(
                 self._guidance_scale,
@@ -404,31 +416,34 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
                 f"`callback_on_step_end` returned {unknown}, which are not tensor names of this pipeline; it may "
                 f"return names from {self._callback_tensor_inputs} (only `latents` replaces a tensor)."
             )
-        latent_names = ["latents"] + [
-            alias for alias, unified in self._callback_aliases.items() if unified == "latents"
-        ]
         replaced = sorted(name for name in out if name not in latent_names and out[name] is not tensors.get(name))
         if replaced:  # (they were ignored without a word)
             raise ValueError(
                 f"`callback_on_step_end` returned new values for {replaced}; only `latents` can be replaced, the "
                 "other tensors are for reading (return them as given, or leave them out)."
             )
-        for name in latent_names:  # the first name whose tensor the callback replaced
-            new = out.get(name)
-            if new is not None and new is not tensors["latents"]:
-                if torch.is_tensor(new) and new.is_complex():  # float32 below would drop the imaginary part
-                    raise ValueError(f"`callback_on_step_end` returned `{name}` of complex dtype {new.dtype}.")
-                if not torch.is_tensor(new) or tuple(new.shape) != tuple(tensors["latents"].shape):
-                    raise ValueError(
-                        f"`callback_on_step_end` returned `{name}` of shape "
-                        f"{tuple(new.shape) if torch.is_tensor(new) else type(new).__name__}; expected "
-                        f"{tuple(tensors['latents'].shape)}."
-                    )
-                if not bool(torch.isfinite(new).all()):
-                    raise ValueError(f"`callback_on_step_end` returned `{name}` with NaN or infinite values.")
-                # a copy: the next scales add into the running latent in place
-                return new.to(device=tensors["latents"].device, dtype=torch.float32, copy=True)
-        return None
+        returned = (  # the first latent name whose tensor the callback replaced
+            (name, out[name])
+            for name in latent_names
+            if out.get(name) is not None and out[name] is not snapshot and out[name] is not tensors["latents"]
+        )
+        name, new = next(returned, (None, None))
+        if new is None and snapshot is not None and not torch.equal(snapshot, tensors["latents"]):
+            name, new = next(name for name in names if name in latent_names), snapshot  # edited in place
+        if new is None:
+            return None
+        if torch.is_tensor(new) and new.is_complex():  # float32 below would drop the imaginary part
+            raise ValueError(f"`callback_on_step_end` returned `{name}` of complex dtype {new.dtype}.")
+        if not torch.is_tensor(new) or tuple(new.shape) != tuple(tensors["latents"].shape):
+            raise ValueError(
+                f"`callback_on_step_end` returned `{name}` of shape "
+                f"{tuple(new.shape) if torch.is_tensor(new) else type(new).__name__}; expected "
+                f"{tuple(tensors['latents'].shape)}."
+            )
+        if not bool(torch.isfinite(new).all()):
+            raise ValueError(f"`callback_on_step_end` returned `{name}` with NaN or infinite values.")
+        # a copy: the next scales add into the running latent in place
+        return new.to(device=tensors["latents"].device, dtype=torch.float32, copy=True)
 
     # -- the end of a call ------------------------------------------------------------------------------------------
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
