@@ -309,6 +309,21 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
     def _get_compatibles(cls) -> list[type]:
         return [other for other in _PIPELINE_CLASSES.values() if other._family == cls._family]
 
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = None):
+        """diffusers' sequential offload onto an accelerator ``device``. A CPU ``device`` is refused: diffusers takes
+        it and leaves every weight on the meta device, so the pipeline can then neither run nor be saved."""
+        if device is not None:
+            try:
+                kind = torch.device(device).type
+            except (RuntimeError, TypeError):
+                raise ValueError(f"`device` must be a torch device or its name, got {device!r}.") from None
+            if kind == "cpu":
+                raise ValueError(
+                    "`device`: sequential CPU offload moves each layer onto an accelerator when it runs; on the CPU "
+                    "there is nothing to offload to (and diffusers would leave the weights on the meta device)."
+                )
+        return super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+
     _guidance_scale = None
     _per_scale_guidance = False  # whether guidance_scale may be a list with one value per scale
     _num_timesteps: int | None = None
