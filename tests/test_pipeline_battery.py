@@ -913,6 +913,30 @@ def test_save_pretrained_is_atomic_and_keeps_the_users_files(tmp_path, monkeypat
     with pytest.raises(ValueError, match="`save_directory`"):
         pipe.save_pretrained(tmp_path / "a-file")
 
+    # a file of the user's where a component folder goes: refused before any file moves (nothing new, no marker)
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "model_index.json").write_text("the user's")
+    (blocked / "vqvae").write_text("a file of the user's")
+    with pytest.raises(ValueError, match="`save_directory`: .*vqvae' is a file where the save puts a folder"):
+        pipe.save_pretrained(blocked)
+    assert sorted(p.name for p in blocked.iterdir()) == ["model_index.json", "vqvae"]
+    assert (blocked / "model_index.json").read_text() == "the user's"
+
+
+def test_saved_files_get_the_umask_mode(tmp_path):
+    """safetensors writes its files 0600: a folder saved by one user could not be loaded by another. Every saved file
+    gets the mode a new file has under the process's umask."""
+    pipe = pipeline(CASES[0])
+    previous = os.umask(0o022)
+    try:
+        pipe.save_pretrained(tmp_path / "new")
+        pipe.save_pretrained(tmp_path / "new")  # into an existing folder: files moved one by one
+    finally:
+        os.umask(previous)
+    modes = {p.relative_to(tmp_path): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
+    assert any(str(p).endswith(".safetensors") for p in modes) and set(modes.values()) == {0o644}, modes
+
 
 def test_a_folder_whose_weights_do_not_fit_its_config_is_refused(case, tmp_path):
     """A pipeline folder holding the config of one model and the weights of another (a copy gone wrong, a mix of two

@@ -48,6 +48,7 @@ def write_atomic(path: Path, write: Callable[[Path], None], may_write_nothing: b
         write(tmp)
         if may_write_nothing and not tmp.exists():
             return
+        os.chmod(tmp, _default_file_mode())  # safetensors writes 0600: others could not load what we save
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -80,11 +81,20 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def _default_folder_mode() -> int:
-    """The mode a new folder gets under the process's umask (``mkdtemp`` makes 0700)."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o777 & ~umask
+    return umask
+
+
+def _default_folder_mode() -> int:
+    """The mode a new folder gets under the process's umask (``mkdtemp`` makes 0700)."""
+    return 0o777 & ~_umask()
+
+
+def _default_file_mode() -> int:
+    """The mode a new file gets under the process's umask (safetensors' ``save_file`` makes 0600)."""
+    return 0o666 & ~_umask()
 
 
 # Weight files that a component's new save makes stale: shards and shard indices of its weights name and variant,
@@ -159,11 +169,16 @@ def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
         (staging / STAGING_MARKER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
         new = staging / "new"
         save(new)
+        file_mode = _default_file_mode()
+        for path in new.rglob("*"):  # safetensors writes 0600: other users could not load the folder
+            if path.is_file() and not path.is_symlink():
+                os.chmod(path, file_mode)
         if not existing:
             os.chmod(new, _default_folder_mode())
             os.replace(new, target)
             return target
         written = sorted(path.relative_to(new) for path in new.rglob("*") if path.is_file())
+        _check_destinations(target, written)  # before anything moves: a refusal leaves the folder as it was
         marker = target / SAVING_MARKER  # until every file has moved, a loader refuses the mix of old and new
         write_text_atomic(
             marker, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "files": len(written)})
@@ -181,6 +196,27 @@ def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
         return target
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_destinations(target: Path, written: list[Path]) -> None:
+    """A ValueError naming ``save_directory`` when a file of the save cannot be moved into ``target``: a file of the
+    user's where a component folder goes, a folder where a file goes, or a folder that is not writable."""
+    folders = {relative.parent for relative in written}
+    for folder in sorted(folders):
+        for place in [target / part for part in reversed(folder.parents)][1:] + [target / folder]:
+            if place.exists() and not place.is_dir():
+                raise ValueError(
+                    f"`save_directory`: {str(place)!r} is a file where the save puts a folder; move it away first."
+                )
+        existing = next(place for place in [target / folder, *(target / folder).parents] if place.exists())
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"`save_directory`: {str(existing)!r} is not writable; nothing was saved into it.")
+    for relative in written:
+        if (target / relative).is_dir():
+            raise ValueError(
+                f"`save_directory`: {str(target / relative)!r} is a folder where the save writes a file; move it "
+                "away first."
+            )
 
 
 SAFETENSORS_ONLY = (
