@@ -270,3 +270,49 @@ def test_code_with_swapped_roles_converts_with_a_warning(tmp_path, capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConversionWarning)  # the usual order: no warning
         convert_code_checkpoint(files["vae_pth"], files["drafter_pth"], files["refiner_pth"])
+
+
+def test_edited_checkpoints_are_one_error_line_naming_the_file(originals, tmp_path, capsys):
+    """The audit: a key removed or of another rank, an impossible size or a stray block index made raw tracebacks
+    (KeyError, IndexError, ZeroDivisionError; a stray index of 10**9 a list of a billion missing blocks). Each is one
+    error line naming the flag; the block message lists the first missing indices only."""
+    vae, var = originals
+    state = torch.load(var, map_location="cpu", weights_only=True)
+    vae_state = torch.load(vae, map_location="cpu", weights_only=True)
+    edits = {
+        "no_fc1": ("transformer", {k: v for k, v in state.items() if k != "blocks.0.ffn.fc1.weight"}),
+        "flat_class_emb": ("transformer", {**state, "class_emb.weight": state["class_emb.weight"].flatten()}),
+        "flat_word_embed": ("transformer", {**state, "word_embed.weight": state["word_embed.weight"].flatten()}),
+        "stray_block": ("transformer", {**state, "blocks.1000000000.attn.q_bias": torch.zeros(4)}),
+        "empty_conv_in": ("vae", {**vae_state, "encoder.conv_in.weight": torch.zeros(0, 3, 3, 3)}),
+    }
+    for name, (flag, edited) in edits.items():
+        torch.save(edited, tmp_path / f"{name}.pth")
+        files = {"vae": vae, "transformer": var, flag: tmp_path / f"{name}.pth"}
+        argv = ["--vae", files["vae"], "--transformer", files["transformer"], "--output", tmp_path / name]
+        rc, err = _run_main("convert_var.py", argv, capsys)
+        _assert_one_line_error(rc, err, f"`{flag}`")
+        assert not (tmp_path / name).exists()
+        if name == "stray_block":
+            assert "'...'" in err and len(err) < 1000, err
+
+
+def test_half_precision_output_keeps_the_heads_in_float32_and_names_an_overflow(originals, tmp_path):
+    """``_keep_in_fp32_modules`` (the logit head and its norm) stay float32 in a float16 / bfloat16 output, as every
+    loader keeps them; a weight beyond float16's range is refused naming ``dtype`` (it became inf, and the
+    finite-weights check blamed the checkpoint)."""
+    from safetensors import safe_open
+
+    vae, var = originals
+    out = tmp_path / "half"
+    convert_var_checkpoint(vae, var, out, dtype=torch.float16)
+    with safe_open(out / "transformer" / "diffusion_pytorch_model.safetensors", "pt") as weights:
+        dtypes = {key: weights.get_slice(key).get_dtype() for key in weights.keys()}
+    assert {dtypes[k] for k in dtypes if k.startswith(("head.", "head_norm."))} == {"F32"}
+    assert "F16" in {dtypes[k] for k in dtypes if k.startswith("blocks.")}
+    state = torch.load(var, map_location="cpu", weights_only=True)
+    state["blocks.0.ffn.fc1.weight"][0, 0] = 1e6
+    torch.save(state, tmp_path / "large.pth")
+    with pytest.raises(ValueError, match=r"`dtype` float16: `transformer.blocks.0.ffn.fc1.weight` holds values up to"):
+        convert_var_checkpoint(vae, tmp_path / "large.pth", tmp_path / "out", dtype=torch.float16)
+    assert convert_var_checkpoint(vae, tmp_path / "large.pth", dtype=torch.bfloat16) is not None

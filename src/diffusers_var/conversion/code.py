@@ -14,14 +14,23 @@ from typing import Sequence
 
 import torch
 
-from .common import ConversionError, ConversionWarning, atomic_save_pipeline, check_output_dir
+from .common import (
+    ConversionError,
+    ConversionWarning,
+    atomic_save_pipeline,
+    cast_for_output,
+    check_output_dir,
+    reading_checkpoint,
+)
 from .var import _load_vae, _load_var, check_arguments, convert_vae, convert_var_transformer
 
 
 def _convert_role(path, patch_nums, role: str):
     """One of CoDe's two VAR checkpoints, converted; errors name its role (``drafter`` / ``refiner``)."""
     try:
-        return convert_var_transformer(_load_var(path), patch_nums)
+        state_dict = _load_var(path)
+        with reading_checkpoint("transformer", path):
+            return convert_var_transformer(state_dict, patch_nums)
     except ConversionError as err:
         raise ConversionError(str(err).replace("`transformer`", f"`{role}`")) from None
 
@@ -75,7 +84,9 @@ def convert_code_checkpoint(
     swapped = swapped_roles_warning(drafter, refiner)
     if swapped:
         warnings.warn(swapped, ConversionWarning, stacklevel=2)
-    vqvae = convert_vae(_load_vae(vae_path), drafter.config.patch_nums, quant_resi)
+    vae_sd = _load_vae(vae_path)
+    with reading_checkpoint("vae", vae_path):
+        vqvae = convert_vae(vae_sd, drafter.config.patch_nums, quant_resi)
     for name, model in (("drafter", drafter), ("refiner", refiner)):
         if (
             vqvae.config.vocab_size != model.config.vocab_size
@@ -96,8 +107,7 @@ def convert_code_checkpoint(
         raise ConversionError(
             f"`draft_steps` must be in [1, {num_scales - 1}] for {num_scales} scales, got {draft_steps!r}."
         )
-    if dtype != torch.float32:
-        drafter, refiner, vqvae = drafter.to(dtype), refiner.to(dtype), vqvae.to(dtype)
+    cast_for_output(dtype, transformer=drafter, refiner=refiner, vqvae=vqvae)
     pipe = VARCoDePipeline(transformer=drafter, refiner=refiner, vqvae=vqvae, draft_steps=draft_steps)
     if output_dir is not None:
         atomic_save_pipeline(pipe, output_dir, overwrite=overwrite)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -167,6 +168,45 @@ def _first_line(err: BaseException) -> str:
     return (str(err).splitlines() or [""])[0][:200]
 
 
+@contextlib.contextmanager
+def reading_checkpoint(param_name: str, path):
+    """What a checkpoint of another layout raises while its configuration is read and its tensors converted (a key
+    missing, a tensor of another rank, sizes that make no model, a model's own refusal) becomes one ConversionError
+    naming ``param_name`` and the file, instead of a traceback from deep inside."""
+    try:
+        yield
+    except ConversionError:
+        raise
+    except (KeyError, ValueError, IndexError, ZeroDivisionError, RuntimeError, TypeError, AttributeError) as err:
+        raise ConversionError(
+            f"`{param_name}`: {str(path)!r} does not hold a checkpoint of the expected layout "
+            f"({type(err).__name__}: {_first_line(err)}); is it another model's, or edited?"
+        ) from None
+
+
+def cast_for_output(dtype: torch.dtype, **models: torch.nn.Module) -> None:
+    """The converted models to the output ``dtype`` in place, their ``_keep_in_fp32_modules`` (output heads) kept in
+    float32 as every loader keeps them. A weight beyond the dtype's range (float16's 65504) is a ConversionError
+    naming ``dtype``: it would turn infinite, and the finite-weights check blamed the checkpoint."""
+    from ..pipelines.fast_inference import cast_module_
+
+    if dtype == torch.float32:
+        return
+    largest = torch.finfo(dtype).max
+    for model_name, model in models.items():
+        keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+        for name, tensor in model.state_dict().items():
+            if keep & set(name.split(".")) or not tensor.is_floating_point() or not tensor.numel():
+                continue
+            peak = float(tensor.detach().abs().max())
+            if peak > largest:  # (NaN compares false: the finite-weights check names it)
+                raise ConversionError(
+                    f"`dtype` {str(dtype).replace('torch.', '')}: `{model_name}.{name}` holds values up to "
+                    f"{peak:.4g}, beyond its largest {largest:.4g}; convert to bfloat16 or float32."
+                )
+        cast_module_(model, dtype)
+
+
 def load_checkpoint(path: str | os.PathLike, param_name: str) -> dict[str, torch.Tensor]:
     """Load an original ``.pth`` with ``torch.load(weights_only=True)`` (never executes pickled code).
 
@@ -226,9 +266,15 @@ def count_blocks(
     if expected is None and num_heads is not None and width == 64 * num_heads:
         expected = num_heads  # release layout
     count = expected if expected is not None else (max(found) + 1 if found else 0)
-    missing, extra = sorted(set(range(count)) - found), sorted(i for i in found if i >= count)
+    # the first few only: one stray index of 10**9 made a list (and a message) of a billion missing blocks
+    missing = list(itertools.islice((i for i in range(count) if i not in found), 10))
+    extra = sorted(i for i in found if i >= count)
     if missing or extra:
-        detail = f"no keys for {prefix} {missing}" if missing else f"more {prefix} than {count}: {extra}"
+        number_missing = count - len(found) + len(extra)
+        shown = missing if number_missing <= len(missing) else missing[:-1] + ["..."]
+        missing_text = f"{shown}" + ("" if shown is missing else f" ({number_missing})")
+        extra_text = f"{extra}" if len(extra) <= 10 else f"{extra[:9] + ['...']} ({len(extra)})"
+        detail = f"no keys for {prefix} {missing_text}" if missing else f"more {prefix} than {count}: {extra_text}"
         source = (
             "`--depth`"
             if depth is not None

@@ -23,12 +23,14 @@ from ..models.infinity_transformer import InfinityTransformer2DModel, infinity_f
 from .common import (
     ConversionError,
     atomic_save_pipeline,
+    cast_for_output,
     check_depth,
     check_output_dir,
     find_state_dict,
     load_checkpoint,
     load_into,
     load_safetensors,
+    reading_checkpoint,
     rename_keys,
 )
 
@@ -321,18 +323,20 @@ def convert_infinity_checkpoint(
     check_depth(depth)
     if output_dir is not None:  # before reading multi-GB checkpoints
         check_output_dir(output_dir, overwrite)
-    transformer = convert_infinity_transformer(
-        load_infinity_transformer_state_dict(transformer_path), level_embed_every_chunk, depth
-    )
+    transformer_sd = load_infinity_transformer_state_dict(transformer_path)
+    with reading_checkpoint("transformer", transformer_path):
+        transformer = convert_infinity_transformer(transformer_sd, level_embed_every_chunk, depth)
     vae_sd = load_bitwise_vae_state_dict(vae_path)
-    d = vae_config_from_state_dict(vae_sd)["codebook_dim"]
+    with reading_checkpoint("vae", vae_path):
+        d = vae_config_from_state_dict(vae_sd)["codebook_dim"]
     bits = transformer.config.bits_per_token
     if bits not in (d, 4 * d):
         raise ConversionError(
             f"`vae` (codebook_dim {d}) does not belong to `transformer` "
             f"({bits} bits per token: expected {d} or {4 * d})."
         )
-    vae = convert_bitwise_vae(vae_sd, spatial_patchify=bits == 4 * d)
+    with reading_checkpoint("vae", vae_path):
+        vae = convert_bitwise_vae(vae_sd, spatial_patchify=bits == 4 * d)
     for name, folder in (("text_encoder", text_encoder_path), ("tokenizer", tokenizer_path)):
         if not Path(folder).is_dir():
             raise ConversionError(f"`{name.replace('_', '-')}`: {str(folder)!r} is not a directory.")
@@ -351,8 +355,7 @@ def convert_infinity_checkpoint(
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, legacy=True)
     except Exception as err:  # noqa: BLE001 - transformers raises many kinds; each becomes a message naming the flag
         raise ConversionError(f"`tokenizer`: cannot load a tokenizer from {str(tokenizer_path)!r}: {err}") from None
-    if dtype != torch.float32:
-        transformer, vae = transformer.to(dtype), vae.to(dtype)
+    cast_for_output(dtype, transformer=transformer, vae=vae)
     pipe = InfinityPipeline(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
     if output_dir is not None:
         atomic_save_pipeline(pipe, output_dir, overwrite=overwrite)

@@ -24,6 +24,7 @@ from .common import (
     QUANT_RESI_RANGE,
     ConversionError,
     atomic_save_pipeline,
+    cast_for_output,
     check_depth,
     check_float,
     check_output_dir,
@@ -32,6 +33,7 @@ from .common import (
     find_state_dict,
     load_checkpoint,
     load_into,
+    reading_checkpoint,
     rename_keys,
 )
 from .var import _load_vae, _shape, convert_vae
@@ -275,18 +277,21 @@ def convert_star_checkpoint(
     if output_dir is not None:  # before reading multi-GB checkpoints
         check_output_dir(output_dir, overwrite)
     star_sd, snapshot_config = load_star_snapshot(transformer_path)
-    transformer = convert_star_transformer(
-        star_sd,
-        patch_nums=patch_nums,
-        snapshot_config=snapshot_config,
-        rope_theta=rope_theta,
-        rope_norm=rope_norm,
-        logit_norm=logit_norm,
-        sampler_start_scale=sampler_start_scale,
-        cross_attention_row0_quirk=cross_attention_row0_quirk,
-        depth=depth,
-    )
-    vqvae = convert_vae(_load_vae(vae_path), transformer.config.patch_nums, quant_resi)
+    with reading_checkpoint("transformer", transformer_path):
+        transformer = convert_star_transformer(
+            star_sd,
+            patch_nums=patch_nums,
+            snapshot_config=snapshot_config,
+            rope_theta=rope_theta,
+            rope_norm=rope_norm,
+            logit_norm=logit_norm,
+            sampler_start_scale=sampler_start_scale,
+            cross_attention_row0_quirk=cross_attention_row0_quirk,
+            depth=depth,
+        )
+    vae_sd = _load_vae(vae_path)
+    with reading_checkpoint("vae", vae_path):
+        vqvae = convert_vae(vae_sd, transformer.config.patch_nums, quant_resi)
     if (
         vqvae.config.vocab_size != transformer.config.vocab_size
         or vqvae.config.z_channels != transformer.config.latent_channels
@@ -302,8 +307,7 @@ def convert_star_checkpoint(
             f"`text_encoder` width {width} does not match "
             f"the transformer's text width {transformer.config.text_embed_dim}."
         )
-    if dtype != torch.float32:
-        transformer, vqvae = transformer.to(dtype), vqvae.to(dtype)
+    cast_for_output(dtype, transformer=transformer, vqvae=vqvae)
     pipe = STARPipeline(transformer=transformer, vqvae=vqvae, text_encoder=text_encoder, tokenizer=tokenizer)
     if output_dir is not None:
         atomic_save_pipeline(pipe, output_dir, overwrite=overwrite)

@@ -21,6 +21,7 @@ from .common import (
     QUANT_RESI_RANGE,
     ConversionError,
     atomic_save_pipeline,
+    cast_for_output,
     check_depth,
     check_float,
     check_output_dir,
@@ -29,6 +30,7 @@ from .common import (
     find_state_dict,
     load_checkpoint,
     load_into,
+    reading_checkpoint,
     rename_keys,
 )
 
@@ -281,8 +283,10 @@ def convert_var_checkpoint(
         check_output_dir(output_dir, overwrite)
     var_sd = _load_var(transformer_path)
     vae_sd = _load_vae(vae_path)
-    transformer = convert_var_transformer(var_sd, patch_nums, depth)
-    vqvae = convert_vae(vae_sd, transformer.config.patch_nums, quant_resi)
+    with reading_checkpoint("transformer", transformer_path):
+        transformer = convert_var_transformer(var_sd, patch_nums, depth)
+    with reading_checkpoint("vae", vae_path):
+        vqvae = convert_vae(vae_sd, transformer.config.patch_nums, quant_resi)
     if (
         vqvae.config.vocab_size != transformer.config.vocab_size
         or vqvae.config.z_channels != transformer.config.latent_channels
@@ -291,8 +295,7 @@ def convert_var_checkpoint(
             f"`vae` (vocab {vqvae.config.vocab_size}, z {vqvae.config.z_channels}) does not belong to `transformer` "
             f"(vocab {transformer.config.vocab_size}, z {transformer.config.latent_channels})."
         )
-    if dtype != torch.float32:
-        transformer, vqvae = transformer.to(dtype), vqvae.to(dtype)
+    cast_for_output(dtype, transformer=transformer, vqvae=vqvae)
     pipe = VARPipeline(transformer=transformer, vqvae=vqvae)
     if output_dir is not None:
         atomic_save_pipeline(pipe, output_dir, overwrite=overwrite)
