@@ -629,6 +629,25 @@ def test_bad_loading_arguments_name_the_parameter(case, tmp_path):
     with pytest.raises(ValueError, match="`save_directory`"):  # a file where a parent folder should be
         pipe.save_pretrained(tmp_path / "a-file" / "pipe")
     assert (tmp_path / "a-file").read_text() == "mine"
+    # a model's own from_pretrained took a dtype string for float32 with a log line
+    model_class = type(pipe.transformer)
+    for kwargs, parameter in (({"dtype": "bfloat16"}, "dtype"), ({"torch_dtype": 3}, "torch_dtype")):
+        with pytest.raises(ValueError, match=f"`{parameter}`"):
+            model_class.from_pretrained(tmp_path / "transformer", **kwargs)
+    # a variant with a slash failed inside safetensors, "" wrote a file no loader reads, a shard size of 0 wrote one
+    # file per tensor; nothing is written for any of them
+    for kwargs, parameter in (
+        ({"variant": "a/b"}, "variant"),
+        ({"variant": ""}, "variant"),
+        ({"variant": 3}, "variant"),
+        ({"max_shard_size": 0}, "max_shard_size"),
+        ({"max_shard_size": "-5"}, "max_shard_size"),
+        ({"max_shard_size": "lots"}, "max_shard_size"),
+    ):
+        for saver in (pipe, pipe.transformer):
+            with pytest.raises(ValueError, match=f"`{parameter}`"):
+                saver.save_pretrained(tmp_path / "refused", **kwargs)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_from_pipe_refuses_components_of_another_family_and_unknown_arguments(case):

@@ -150,6 +150,38 @@ def check_config_arguments(model_class: type, signature: inspect.Signature, argu
                 raise ValueError(f"`{name}` of {model_class.__name__} must be {problem}, got {arguments[name]!r}.")
 
 
+def check_dtype_argument(dtype, name: str = "dtype", per_component: bool = True) -> None:
+    """A loading ``dtype``: None, a ``torch.dtype``, or (``per_component``, as ``from_pretrained`` takes it) a dict
+    of them by component name; diffusers ignores anything else with a log line and loads float32."""
+    values = dtype.values() if per_component and isinstance(dtype, dict) else [dtype]
+    if not all(value is None or isinstance(value, torch.dtype) for value in values):
+        forms = " or a dict of them by component name" if per_component else ""
+        raise ValueError(f"`{name}` must be a torch.dtype (e.g. torch.float16){forms}, got {dtype!r}.")
+
+
+def check_save_arguments(variant=None, max_shard_size="10GB") -> None:
+    """``save_pretrained``'s ``variant`` (None, or a name of letters, digits and underscores: it goes into the weight
+    file names, where a ``/`` failed deep inside safetensors and ``""`` wrote a file no loader reads) and
+    ``max_shard_size`` (a positive number of bytes, or ``"<number><TB|GB|MB|KB>"``: 0 wrote one file per tensor)."""
+    import re
+
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    if variant is not None and not (isinstance(variant, str) and re.fullmatch(r"\w+", variant)):
+        raise ValueError(
+            f"`variant` must be None or a name of letters, digits and underscores (e.g. 'fp16'), got {variant!r}."
+        )
+    try:
+        size = parse_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
+    except ValueError:
+        size = None
+    if not is_integer(size) or size <= 0:
+        raise ValueError(
+            f"`max_shard_size` must be a positive number of bytes or a size such as '10GB' (units TB, GB, MB, KB), "
+            f"got {max_shard_size!r}."
+        )
+
+
 class CheckedLoadingMixin:
     """``from_pretrained`` refuses a folder whose weights do not fit its config (missing, unused or misshapen weights,
     named with the folder), a config that cannot build the model, and a folder a killed save left half rewritten;
@@ -175,6 +207,8 @@ class CheckedLoadingMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        for name in ("dtype", "torch_dtype"):  # diffusers ignores another value with a log line and loads float32
+            check_dtype_argument(kwargs.get(name), name, per_component=False)
         subfolder = kwargs.get("subfolder") or ""
         folder = Path(pretrained_model_name_or_path, subfolder)
         where = f"{str(folder)!r}"
@@ -246,6 +280,7 @@ class CheckedLoadingMixin:
         signature), through a staging folder."""
         if not isinstance(save_directory, (str, os.PathLike)) or not str(save_directory):
             raise ValueError(f"`save_directory` must be a folder path (str or os.PathLike), got {save_directory!r}.")
+        check_save_arguments(variant, max_shard_size)
         if not is_main_process:  # the main process saves (diffusers' other processes rewrote the weights in place)
             return
         if not safe_serialization:

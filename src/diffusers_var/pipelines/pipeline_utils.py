@@ -52,7 +52,13 @@ from ..file_utils import (
     save_folder_atomic,
     write_text_atomic,
 )
-from ..models.loading import PUSH_KWARGS, push_folder_to_hub, refuse_lora_layers
+from ..models.loading import (
+    PUSH_KWARGS,
+    check_dtype_argument,
+    check_save_arguments,
+    push_folder_to_hub,
+    refuse_lora_layers,
+)
 from ..models.multiscale_vq import area_down
 from ..models.slicing import NaNDecodeError, check_token_values
 from ..pil_images import to_grayscale, to_rgb
@@ -150,15 +156,6 @@ def check_num_images_per_prompt(num_images_per_prompt) -> None:
         raise ValueError(
             f"`num_images_per_prompt` must be an integer in [1, {MAX_BATCH_SIZE}], got {num_images_per_prompt!r}."
         )
-
-
-def check_dtype_argument(dtype, name: str = "dtype", per_component: bool = True) -> None:
-    """A loading ``dtype``: None, a ``torch.dtype``, or (``per_component``, as ``from_pretrained`` takes it) a dict
-    of them by component name; diffusers ignores anything else with a log line and loads float32."""
-    values = dtype.values() if per_component and isinstance(dtype, dict) else [dtype]
-    if not all(value is None or isinstance(value, torch.dtype) for value in values):
-        forms = " or a dict of them by component name" if per_component else ""
-        raise ValueError(f"`{name}` must be a torch.dtype (e.g. torch.float16){forms}, got {dtype!r}.")
 
 
 def check_bool(value, name: str) -> None:
@@ -561,6 +558,7 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
             raise ValueError(f"`save_directory` must be a folder path (str or os.PathLike), got {save_directory!r}.")
         if not kwargs.pop("safe_serialization", True):
             logger.warning(SAFETENSORS_ONLY)
+        check_save_arguments(kwargs.get("variant"), kwargs.get("max_shard_size", "10GB"))
         hub = {key: kwargs.pop(key) for key in PUSH_KWARGS if key in kwargs}
         push_to_hub = kwargs.pop("push_to_hub", False)
 
