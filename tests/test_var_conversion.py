@@ -316,3 +316,26 @@ def test_half_precision_output_keeps_the_heads_in_float32_and_names_an_overflow(
     with pytest.raises(ValueError, match=r"`dtype` float16: `transformer.blocks.0.ffn.fc1.weight` holds values up to"):
         convert_var_checkpoint(vae, tmp_path / "large.pth", tmp_path / "out", dtype=torch.float16)
     assert convert_var_checkpoint(vae, tmp_path / "large.pth", dtype=torch.bfloat16) is not None
+
+
+def test_overwrite_takes_back_what_our_own_saves_wrote_into_a_converted_folder(originals, tmp_path):
+    """``--overwrite`` refused a converted folder after a ``save_pretrained`` of ours into it: a variant's weights were
+    not in the converter's manifest, and a killed save's staging folder (marked) counted as the user's files. A
+    file of the user's is still refused."""
+    from diffusers_var.file_utils import STAGING_MARKER
+
+    vae, var = originals
+    out = tmp_path / "out"
+    pipe = convert_var_checkpoint(vae, var, out)
+    pipe.save_pretrained(out, variant="fp16")
+    assert (out / "transformer" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    killed = out / ".saving-k_930314"
+    (killed / "new" / "transformer").mkdir(parents=True)
+    (killed / STAGING_MARKER).write_text('{"host": "elsewhere", "pid": 1}')
+    (killed / "new" / "transformer" / "config.json").write_text("{}")
+    convert_var_checkpoint(vae, var, out, overwrite=True)
+    assert not killed.exists() and not (out / "transformer" / "diffusion_pytorch_model.fp16.safetensors").exists()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="did not write \\(notes.txt\\)"):
+        convert_var_checkpoint(vae, var, out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"

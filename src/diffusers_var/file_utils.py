@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Callable
 
 STAGING_MARKER = "diffusers-var-staging.json"
+# the converters' list of the files they wrote (conversion/common.py's MANIFEST_NAME: that module also runs alone);
+# --overwrite replaces a folder only when every file in it is listed, so a save into the folder adds its files
+CONVERSION_MANIFEST = ".diffusers-var-manifest.json"
 # in a folder whose files a save is replacing one by one; removed when the last has moved (see save_folder_atomic)
 SAVING_MARKER = ".diffusers-var-saving.json"
 
@@ -192,10 +195,27 @@ def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
             for old in (target / folder).iterdir():
                 if old.is_file() and old.name not in names and any(p.match(old.name) for p in patterns):
                     old.unlink()
+        _list_in_conversion_manifest(target, written)
         marker.unlink(missing_ok=True)
         return target
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _list_in_conversion_manifest(target: Path, written: list[Path]) -> None:
+    """Add the files a save wrote into a converted folder to its manifest: a later ``--overwrite`` of the folder
+    (which replaces only folders whose every file is listed) refused the new files, e.g. a ``variant`` save's."""
+    path = target / CONVERSION_MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # no manifest (a folder the converters did not write), or not one of ours
+    if not (isinstance(manifest, dict) and manifest.get("written_by") == "diffusers-var"):
+        return
+    if not isinstance(manifest.get("files"), list):
+        return
+    manifest["files"] = sorted(set(map(str, manifest["files"])) | {relative.as_posix() for relative in written})
+    write_text_atomic(path, json.dumps(manifest, indent=1) + "\n")
 
 
 def _check_destinations(target: Path, written: list[Path]) -> None:

@@ -341,7 +341,7 @@ def load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], param
 
 # Every folder atomic_save_pipeline writes lists its files here: an overwrite replaces only folders of ours and
 # refuses when a file not listed (a user's) would be lost.
-MANIFEST_NAME = ".diffusers-var-manifest.json"
+MANIFEST_NAME = ".diffusers-var-manifest.json"  # file_utils.CONVERSION_MANIFEST (this module also runs alone)
 # A staging folder ``.NAME.tmp-XXXX`` next to the output holds this marker (who made it, for which output), the
 # save in progress (``new/``) and, during the swap, the previous output (``old/``). Only folders with the marker
 # are ever cleaned up, and only once the process that made them is gone.
@@ -452,8 +452,15 @@ def _check_replaceable(output_dir: Path, overwrite: bool, name: str = "output", 
             f"`{name}`: {str(output_dir)!r} is the current folder or holds it; write next to it instead."
         )
     from ..file_utils import SAVING_MARKER  # (here: this module also runs alone, see clean_stale_staging)
+    from ..file_utils import STAGING_MARKER as SAVE_STAGING_MARKER
 
     present = _files(output_dir) - {MANIFEST_NAME, SAVING_MARKER}  # (the marker: a save_pretrained of ours)
+    killed_saves = [  # the staging folders that a killed save_pretrained into the folder left (marked)
+        p.relative_to(output_dir).as_posix() + "/"
+        for p in output_dir.rglob(".saving-*")
+        if p.is_dir() and not p.is_symlink() and (p / SAVE_STAGING_MARKER).is_file()
+    ]
+    present = {name for name in present if not name.startswith(tuple(killed_saves))}
     listed = _manifest_files(output_dir)
     empty = {  # a folder the user made inside (no save of ours leaves one empty, but a killed one's staging)
         p.relative_to(output_dir).as_posix() + "/"
