@@ -285,6 +285,8 @@ def test_edited_checkpoints_are_one_error_line_naming_the_file(originals, tmp_pa
         "flat_word_embed": ("transformer", {**state, "word_embed.weight": state["word_embed.weight"].flatten()}),
         "stray_block": ("transformer", {**state, "blocks.1000000000.attn.q_bias": torch.zeros(4)}),
         "empty_conv_in": ("vae", {**vae_state, "encoder.conv_in.weight": torch.zeros(0, 3, 3, 3)}),
+        "integer_head": ("transformer", {**state, "head.weight": state["head.weight"].long()}),
+        "complex_head": ("transformer", {**state, "head.weight": state["head.weight"].to(torch.complex64)}),
     }
     for name, (flag, edited) in edits.items():
         torch.save(edited, tmp_path / f"{name}.pth")

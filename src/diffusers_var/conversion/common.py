@@ -336,6 +336,13 @@ def load_into(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], param
             f"`{param_name}`: checkpoint does not fit the inferred configuration (missing {missing[:5]}, "
             f"unexpected {extra[:5]}, wrong shapes {wrong[:5]})."
         )
+    # a float weight stored as integers or complex numbers (an edited or foreign file) is not cast silently
+    kinds = [
+        k for k, v in state_dict.items() if v.is_complex() or v.is_floating_point() != expected[k].is_floating_point()
+    ]
+    if kinds:
+        shown = ", ".join(f"{k} ({state_dict[k].dtype}, {expected[k].dtype} expected)" for k in kinds[:3])
+        raise ConversionError(f"`{param_name}`: tensors of the wrong kind of number: {shown}.")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()}, strict=True, assign=False)
 
 
