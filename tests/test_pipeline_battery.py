@@ -650,6 +650,16 @@ def test_bad_loading_arguments_name_the_parameter(case, tmp_path):
     assert not (tmp_path / "refused").exists()
 
 
+def test_components_and_parameters_rebuild_the_same_pipeline(case):
+    """diffusers' idiom ``Cls(**pipe.components, **pipe.parameters)``: the same modules and settings (class names,
+    ``default_size``, ``draft_steps``), the same images."""
+    pipe = pipeline(case)
+    rebuilt = case.pipeline_class(**pipe.components, **pipe.parameters)
+    rebuilt.set_progress_bar_config(disable=True)
+    assert dict(rebuilt.config) == dict(pipe.config)
+    assert torch.equal(run(case, rebuilt), run(case, pipe))
+
+
 def test_from_pipe_refuses_components_of_another_family_and_unknown_arguments(case):
     pipe = pipeline(case)
     other = pipeline(next(c for c in CASES if c.pipeline_class._family != case.pipeline_class._family))
