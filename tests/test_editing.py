@@ -396,6 +396,21 @@ def test_one_image_per_prompt_or_per_generated_image(family):
     assert per_image.shape[0] == 4
 
 
+def test_a_numpy_batch_of_masks_of_a_grid_four_wide_is_not_an_rgba_image():
+    """numpy (B, H, W) is a batch of masks; its width of 3 or 4 made it an "RGB(A) image" although it had the latent
+    grid's size (the tiny VAR grid is 4 x 4). The same masks as torch tensors give the same images."""
+    _, inpaint, _ = pipes("var")
+    image = input_image("var", seed=11, batch=2)
+    masks = np.zeros((2, 4, 4), np.float32)
+    masks[0, :2] = masks[1, :, 2:] = 1
+    assert torch.equal(
+        run(inpaint, "var", image=image, mask_image=masks),
+        run(inpaint, "var", image=image, mask_image=torch.from_numpy(masks)),
+    )
+    with pytest.raises(ValueError, match="looks like an RGB"):  # (H, W, 3) at no mask size is still an image
+        run(inpaint, "var", image=image, mask_image=np.zeros((8, 8, 3), np.float32))
+
+
 def test_box_mask_rounds_half_to_even_like_the_notebook():
     pipe = pipes("var")[1]  # a 4 x 4 latent grid
     mask = pipe.box_mask(0.125, 0.375, 0.625, 0.875)  # rows round(0.5)=0 .. round(2.5)=2, columns round(1.5)=2 .. 4

@@ -862,12 +862,19 @@ def _spatial_size_of(value, name: str, image: bool) -> tuple[int, int, int]:
 UNDERSHOOT = 0.05
 
 
-def as_tensor(value: np.ndarray | torch.Tensor) -> torch.Tensor:
+def as_tensor(value: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
     """``torch.as_tensor``, also of the numpy views that flips and rotations make (negative strides, which torch
-    refuses)."""
-    if isinstance(value, np.ndarray) and any(stride < 0 for stride in value.strides):
-        value = np.ascontiguousarray(value)
-    return torch.as_tensor(value)
+    refuses); an array or tensor of another kind of number than bool, integer or float (object, complex, numpy's
+    long double) is a ValueError naming ``name``."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf" or value.dtype.itemsize > 8:
+            raise ValueError(f"`{name}` of numpy dtype {value.dtype} is not supported: use uint8, bool or float.")
+        if any(stride < 0 for stride in value.strides):
+            value = np.ascontiguousarray(value)
+    values = torch.as_tensor(value)
+    if values.is_complex():
+        raise ValueError(f"`{name}` of dtype {values.dtype} is not supported: use uint8, bool or float.")
+    return values
 
 
 def image_batch_and_size(image, name: str = "image") -> tuple[int, int, int]:
@@ -888,7 +895,7 @@ def image_batch_and_size(image, name: str = "image") -> tuple[int, int, int]:
                     "(numpy: channels last; torch: channels first)."
                 )
             if item.dtype != np.uint8 and item.dtype != torch.uint8:
-                values = as_tensor(item)
+                values = as_tensor(item, name)
                 if not values.is_floating_point():
                     raise ValueError(f"`{name}` must hold floats in [0, 1] or uint8 values, got {values.dtype}.")
                 lowest = float(values.min())
@@ -952,10 +959,12 @@ def _unit_range_per_image(values: torch.Tensor) -> torch.Tensor:
     return batch if values.ndim == 4 else batch[0]
 
 
-def mask_to_tensor(mask_image, name: str = "mask_image") -> torch.Tensor:
+def mask_to_tensor(mask_image, name: str = "mask_image", sizes=()) -> torch.Tensor:
     """A mask (white / 1 / True = generate) as (B, 1, H, W) float in [0, 1]: PIL images (converted to grayscale),
     numpy arrays ((H, W), (H, W, 1), (B, H, W), (B, H, W, 1)) or torch tensors ((H, W), (B, H, W), (B, 1, H, W)),
-    bool, uint8 (0-255) or float in [0, 1], or a list of these."""
+    bool, uint8 (0-255) or float in [0, 1], or a list of these. A numpy (H, W, 3 or 4) array is refused as an RGB(A)
+    image, unless its last two sizes are one of the mask ``sizes`` the caller takes ((height, width) pairs): then
+    it is a batch of masks of a grid 3 or 4 wide (``None``: a mask checked before, always read so)."""
     items = list(mask_image) if isinstance(mask_image, (list, tuple)) else [mask_image]
     if not items:
         raise ValueError(f"`{name}` is an empty list.")
@@ -965,9 +974,10 @@ def mask_to_tensor(mask_image, name: str = "mask_image") -> torch.Tensor:
         if isinstance(item, PIL.Image.Image):
             values = torch.from_numpy(np.asarray(to_grayscale(item), dtype=np.float32) / 255)[None, None]
         else:
-            values = as_tensor(item)
+            values = as_tensor(item, name)
             if isinstance(item, np.ndarray):  # numpy masks are channels-last
-                if values.ndim == 3 and values.shape[-1] in (3, 4):
+                rgb = values.ndim == 3 and values.shape[-1] in (3, 4)
+                if rgb and sizes is not None and tuple(values.shape[1:]) not in sizes:
                     raise ValueError(
                         f"`{name}` of shape {tuple(item.shape)} looks like an RGB(A) image; a mask has one channel: "
                         "(H, W) or (H, W, 1), or a batch (B, H, W, 1)."
@@ -1122,9 +1132,9 @@ class NextScaleEditMixin:
                 "`mask_image` is required (white / 1 / True = generate); see `box_mask()` for the "
                 "original notebook's box masks."
             )
-        mask = mask_to_tensor(mask_image)
         grid = tuple(schedule[-1])
         pixels = tuple(image_size[1:]) if image_size is not None else self.pixel_size(schedule)
+        mask = mask_to_tensor(mask_image, sizes=(grid, pixels))
         if tuple(mask.shape[-2:]) not in (grid, pixels):
             what = "the image's size" if image_size is not None else "the pipeline's image size"
             raise ValueError(
@@ -1165,7 +1175,7 @@ class NextScaleEditMixin:
     ) -> list[torch.Tensor]:
         """Per scale, (B, h, w) bool: where the input's tokens are kept (the notebook's rule, module comment), after
         the latent-grid mask grew by ``mask_dilation`` cells on every side (8-connected)."""
-        mask = mask_to_tensor(mask_image) >= 0.5  # diffusers' binarisation
+        mask = mask_to_tensor(mask_image, sizes=None) >= 0.5  # (checked by check_mask_input); diffusers' binarisation
         generate = latent_grid_mask(mask, schedule[-1]).to(device)
         if mask_dilation:
             size = 2 * mask_dilation + 1
