@@ -1009,6 +1009,12 @@ def test_a_folder_whose_weights_do_not_fit_its_config_is_refused(case, tmp_path)
     config_file.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=rf"cannot load a {type(pipe.transformer).__name__} from .*transformer"):
         type(pipe.transformer).from_pretrained(target, subfolder="transformer")
+    # a truncated weights file: diffusers' OSError without the folder's part in it
+    tokenizer_folder = target / next(name for name in ("vqvae", "vae") if (target / name).is_dir())
+    weights = tokenizer_folder / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(ValueError, match="weights file cannot be read"):
+        tokenizer_class.from_pretrained(tokenizer_folder)
 
 
 def test_saving_with_lora_layers_in_is_refused(tmp_path):

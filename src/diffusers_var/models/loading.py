@@ -225,6 +225,13 @@ class CheckedLoadingMixin:
         except (ConfigBuildError, SafetensorError) as err:  # (other errors, out of memory say, pass unchanged)
             message = " ".join(str(err).split())[:400]
             raise ValueError(f"cannot load a {cls.__name__} from {where}: {message}; check its config.json.") from err
+        except OSError as err:
+            if "Unable to load weights" not in str(err):  # diffusers' wrapping of a damaged weights file
+                raise
+            raise ValueError(
+                f"cannot load a {cls.__name__} from {where}: its weights file cannot be read (truncated or damaged: "
+                "save or convert it again)."
+            ) from err
         except ValueError as err:
             if "expected shape" not in str(err):  # diffusers' refusal of a weight of another shape, without the folder
                 raise

@@ -465,8 +465,9 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
     def _finish(self, latents: torch.Tensor, output_type: str, return_dict: bool):
         """Decode the final latent (unless ``"latent"``), free offload hooks and wrap the output."""
         causes = (
-            "the transformer's logits overflowed at some scale (a LoRA `lora_scale` / `adapter_weights`, or weights, "
-            "too large for the dtype), or a `callback_on_step_end` wrote such values"
+            "the transformer's logits overflowed at some scale (a LoRA `lora_scale` / `adapter_weights` too large for "
+            "the dtype, or weights that are: a folder whose weights hold NaN / inf loads without a check), or a "
+            "`callback_on_step_end` wrote such values"
         )
         if output_type == "latent":
             if not bool(latents.isfinite().all()):  # one sync, at the end of the call
