@@ -399,6 +399,20 @@ def test_var_sampling_inside_cuda_graphs_matches_the_eager_sampler(fixture):
         ).images
         for _ in range(2)
     ]
+
+    def halve_in_place(p, si, hw, tensors):  # diffusers' idiom: the same as returning a new latent
+        if si == 3:
+            tensors["latents"].mul_(0.5)
+
+    in_place = pipe(
+        class_labels=[3, 7],
+        generator=torch.Generator("cuda").manual_seed(5),
+        output_type="latent",
+        guidance_scale=3.0,
+        top_k=100,
+        callback_on_step_end=halve_in_place,
+    ).images
+    assert torch.equal(in_place, steered[0])
     pipe.enable_fast_inference(dtype=torch.float32, cuda_graphs=False)
     reference = pipe(
         class_labels=[3, 7],
