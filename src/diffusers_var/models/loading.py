@@ -228,9 +228,10 @@ class CheckedLoadingMixin:
         except OSError as err:
             if "Unable to load weights" not in str(err):  # diffusers' wrapping of a damaged weights file
                 raise
+            detail = " ".join(str(err).split())[:300]
             raise ValueError(
-                f"cannot load a {cls.__name__} from {where}: its weights file cannot be read (truncated or damaged: "
-                "save or convert it again)."
+                f"cannot load a {cls.__name__} from {where}: its weights file cannot be read, truncated or damaged "
+                f"({detail}); save or convert it again."
             ) from err
         except ValueError as err:
             if "expected shape" not in str(err):  # diffusers' refusal of a weight of another shape, without the folder
