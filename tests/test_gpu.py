@@ -386,43 +386,30 @@ def test_var_sampling_inside_cuda_graphs_matches_the_eager_sampler(fixture):
         assert torch.equal(idx, eager_idx)
         torch.testing.assert_close(latent, eager_latent, atol=1e-6, rtol=1e-6)
         assert torch.equal(state, eager_state)  # the caller's generator advanced as if it had drawn eagerly
+
     # a callback that replaces f_hat steers the graphs exactly as it steers the eager loop
-    halve = lambda p, si, hw, t: {"latents": t["latents"] * 0.5} if si == 3 else {}  # noqa: E731
-    steered = [
-        pipe(
+    def steered(callback):
+        return pipe(
             class_labels=[3, 7],
             generator=torch.Generator("cuda").manual_seed(5),
             output_type="latent",
             guidance_scale=3.0,
             top_k=100,
-            callback_on_step_end=halve,
+            callback_on_step_end=callback,
         ).images
-        for _ in range(2)
-    ]
+
+    def halve(p, si, hw, tensors):
+        return {"latents": tensors["latents"] * 0.5} if si == 3 else {}
 
     def halve_in_place(p, si, hw, tensors):  # diffusers' idiom: the same as returning a new latent
         if si == 3:
             tensors["latents"].mul_(0.5)
 
-    in_place = pipe(
-        class_labels=[3, 7],
-        generator=torch.Generator("cuda").manual_seed(5),
-        output_type="latent",
-        guidance_scale=3.0,
-        top_k=100,
-        callback_on_step_end=halve_in_place,
-    ).images
-    assert torch.equal(in_place, steered[0])
+    graphed_runs = [steered(halve) for _ in range(2)]
+    assert torch.equal(steered(halve_in_place), graphed_runs[0])
     pipe.enable_fast_inference(dtype=torch.float32, cuda_graphs=False)
-    reference = pipe(
-        class_labels=[3, 7],
-        generator=torch.Generator("cuda").manual_seed(5),
-        output_type="latent",
-        guidance_scale=3.0,
-        top_k=100,
-        callback_on_step_end=halve,
-    ).images
-    for latent in steered:
+    reference = steered(halve)
+    for latent in graphed_runs:
         torch.testing.assert_close(latent, reference, atol=1e-6, rtol=1e-6)
     # the default CUDA generator (generator=None) is borrowed the same way
     pipe.enable_fast_inference(dtype=torch.float32)
