@@ -218,7 +218,9 @@ def gpu_timeline(prof) -> str:
 # kernel name fragments -> category, first match wins (cuDNN's attention before its convolutions)
 KERNEL_CATEGORIES = (
     ("attention", ("sdpa", "flash", "fmha", "attention")),
-    ("convolution", ("fprop", "conv", "dgrad", "xmma_fprop")),
+    ("convolution", ("fprop", "dgrad", "cudnn_convolution")),
+    ("image decoder (Triton, around its convolutions)", ("convolution_",)),
+    ("float8 scaling (Triton: amax, cast)", ("_scaled_mm__to_copy_abs",)),
     ("matmul", ("nvjet", "gemm", "cutlass", "sm90_xmma", "scaled_mm", "f8f8")),
     ("compiled (Triton)", ("triton_",)),
     (
@@ -240,6 +242,7 @@ KERNEL_CATEGORIES = (
     ),
 )
 PROFILER_PSEUDO_EVENTS = ("Command Buffer Full", "cudaStreamIsCapturing", "cudaGraphLaunch", "Activity Buffer")
+HOST_CALLS = ("aten::", "cuda", "cuLaunch", "cuMem", "cuStream")  # operators and runtime calls (not cudnn_ kernels)
 
 
 def kernel_categories(prof) -> str:
@@ -253,7 +256,7 @@ def kernel_categories(prof) -> str:
         if event.device_type != DeviceType.CUDA and not getattr(event, "self_device_time_total", 0):
             continue
         name = event.key
-        if name.startswith(PROFILER_PSEUDO_EVENTS) or name.startswith(("aten::", "cuda", "cu")):
+        if name.startswith(PROFILER_PSEUDO_EVENTS + HOST_CALLS):
             continue
         us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
         if not us:
