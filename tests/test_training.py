@@ -355,9 +355,23 @@ def test_pruning_deletes_only_the_trainers_oldest_checkpoints(tokenizer_dir, tmp
     assert (checkpoints / "step-0000008").read_text() == "not a checkpoint"
     assert (checkpoints / "step-0000004" / "trainer_state.json").is_file()
 
+    # an unfinished save's folder (.tmp-step-N) is cleaned at the next start, but a file of the user's in it stays:
+    # the folder goes aside with it (it was deleted whole)
+    unfinished = checkpoints / ".tmp-step-0000099"
+    shutil.copytree(checkpoints / "step-0000004", unfinished)
+    (unfinished / "notes.txt").write_text("mine")
+    shutil.copytree(checkpoints / "step-0000004", checkpoints / ".tmp-step-0000098")  # ours alone: removed
+    capsys.readouterr()
+    train(TrainConfig(**{**config, "max_steps": 5, "resume": "force"}))
+    assert "kept notes.txt of an unfinished checkpoint folder as kept.tmp-step-0000099-" in capsys.readouterr().out
+    (aside,) = checkpoints.glob("kept.tmp-step-0000099-*")
+    assert [p.name for p in aside.iterdir()] == ["notes.txt"] and (aside / "notes.txt").read_text() == "mine"
+    assert not unfinished.exists() and not (checkpoints / ".tmp-step-0000098").exists()
+    shutil.rmtree(aside)
+
     # by step number, not by name: step-10000000 is newer than step-9999998
     for step in (9999998, 10000000):
-        shutil.copytree(checkpoints / "step-0000004", checkpoints / f"step-{step:07d}")
+        shutil.copytree(checkpoints / "step-0000005", checkpoints / f"step-{step:07d}")
     prune_checkpoints(checkpoints, keep=1)
     assert sorted(p.name for p in checkpoints.glob("step-*") if (p / "trainer_state.json").exists()) == [
         "step-10000000"
@@ -375,11 +389,22 @@ def test_checkpoints_edited_after_saving_are_damaged_or_named(tokenizer_dir, tmp
         "rng": ("rng_state_0.json", lambda _: {}, "rng_state_0.json has no python random state"),
         "optimizer": (STATE_FILE, lambda s: {k: v for k, v in s.items() if k != "optimizer"}, "no optimizer"),
         "scheduler": (STATE_FILE, lambda s: {**s, "scheduler": {}}, "has no scheduler state"),
+        # random.setstate's bare "state vector is the wrong size" at the resume, with no fallback
+        "rng_size": (
+            "rng_state_0.json",
+            lambda s: {**s, "python": {**s["python"], "state": s["python"]["state"][:10]}},
+            "rng_state_0.json has a python random state of the wrong size",
+        ),
     }
     for name, (file, edit, problem) in edits.items():
         checkpoint = shutil.copytree(source, tmp_path / name / "step-0000016")
         (checkpoint / file).write_text(json.dumps(edit(json.loads((source / file).read_text()))))
         assert problem in checkpoint_damage(checkpoint), name
+    # a copy cut short before its model file and state file: damaged (the one before is used), not foreign
+    checkpoint = shutil.copytree(source, tmp_path / "cut" / "step-0000016")
+    for name in (STATE_FILE, "model.safetensors"):
+        (checkpoint / name).unlink()
+    assert "trainer_state.json is missing" in checkpoint_damage(checkpoint)
     checkpoint = shutil.copytree(source, tmp_path / "keys" / "step-0000016")
     tensors = load_file(checkpoint / "optimizer.safetensors")
     save_file({key.replace(":", "_"): t for key, t in tensors.items()}, checkpoint / "optimizer.safetensors")

@@ -244,6 +244,9 @@ def _rng_structure_problem(meta) -> str | None:
     python, numpy = (meta.get(key) if isinstance(meta, dict) else None for key in ("python", "numpy"))
     if not isinstance(python, dict) or not {"version", "state", "gauss_next"} <= python.keys():
         return "has no python random state"
+    state = python["state"]  # Mersenne Twister: 624 words and a position (random.setstate's own check is bare)
+    if not isinstance(state, list) or len(state) != 625 or not all(isinstance(v, int) for v in state):
+        return "has a python random state of the wrong size"
     if not isinstance(numpy, dict) or not {"pos", "has_gauss", "cached_gaussian"} <= numpy.keys():
         return "has no numpy random state"
     return None
@@ -262,7 +265,9 @@ def checkpoint_damage(folder: Path) -> str | None:
             state = json.loads(state_file.read_text())
         except (OSError, ValueError) as err:
             return f"{STATE_FILE} is unreadable ({err})"
-    elif (folder / "model.safetensors").exists():
+    elif (folder / "model.safetensors").exists() or any(
+        CHECKPOINT_FILES.match(path.name) for path in folder.iterdir() if path.is_file()
+    ):  # files of ours without the state file, written last: a save cut short, or a copy
         return f"{STATE_FILE} is missing"
     else:
         return None  # not one of ours: read_training_state says what it is

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -809,7 +808,11 @@ def train(config: TrainConfig) -> Path:
         make_folder(checkpoint_dir, "output_dir")
         for stale in checkpoint_dir.glob(".tmp-step-*"):  # half-written by an interrupted save
             if TEMPORARY_CHECKPOINT.match(stale.name) and stale.is_dir() and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
+                kept = remove_training_checkpoint(stale)  # our files only: a file of someone else's stays
+                if kept:  # out of the way of the save of that step, with what it holds
+                    aside = stale.with_name(f"kept{stale.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+                    os.replace(stale, aside)
+                    print(f"kept {', '.join(kept[:3])} of an unfinished checkpoint folder as {aside.name}")
         if resume_from is not None:  # damaged checkpoints after it: out of the way of the saves to come, kept
             for damaged in checkpoints_newest_first(checkpoint_dir):
                 if damaged == resume_from:
