@@ -821,6 +821,34 @@ def test_lora_training_exports_an_adapter_and_a_model_card(tmp_path):
     assert not torch.equal(images(pipe, "var"), base)
 
 
+def test_a_var_lora_on_class_folders_trains_the_base_classes_of_those_names(tmp_path):
+    """Class folders named after the base pipeline's classes train those classes' ids: the folders' positions (0, 1)
+    taught two other classes without a word. A folder that is no class of the base is refused before training."""
+    import PIL.Image
+
+    from diffusers_var.training.tasks import build_task
+
+    base = embedded("var")
+    names = ["black triangle on white", "green circle on black"]
+    for index, name in enumerate(names):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for k in range(2):
+            PIL.Image.new("RGB", (64, 64), (40 * index + k, 0, 0)).save(tmp_path / "images" / name / f"{k}.png")
+    config = {**lora_run(tmp_path / "run", "var"), "data": {"type": "imagefolder", "path": str(tmp_path / "images")}}
+    task = build_task(TrainConfig(**config), torch.device("cpu"))
+    labels = sorted({int(task.dataset[i]["class_labels"]) for i in range(len(task.dataset))})
+    assert labels == sorted(base.get_label_ids(names)) and task.sample_labels == base.get_label_ids(names)
+    assert task.id2label == base.id2label  # the pipeline a LoRA run exports keeps every class name of the base
+    from diffusers_var.training.lora import model_card, settings_of
+
+    card = model_card(task.config, settings_of(task.config), "VARPipeline", task.model, {"steps": 1})
+    assert "class folders train the base's classes" in card and "now draw" not in card and "num_images" not in card
+    (tmp_path / "images" / "purple blob").mkdir()
+    PIL.Image.new("RGB", (64, 64)).save(tmp_path / "images" / "purple blob" / "0.png")
+    with pytest.raises(ValueError, match=r"`data.path`: the class folders \['purple blob'\] are no class names"):
+        build_task(TrainConfig(**config), torch.device("cpu"))
+
+
 def _run_cli(config: dict, path: Path, fault: str | None = None) -> subprocess.CompletedProcess:
     path.write_text(json.dumps(config))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

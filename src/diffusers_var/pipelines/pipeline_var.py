@@ -63,6 +63,13 @@ from .sampling import (
 )
 
 
+def label_ids(id2label: dict) -> dict[str, int]:
+    """Class name -> class index of an ``id2label`` mapping (each comma-separated synonym a name of its own), sorted by
+    name: ``pipe.labels``."""
+    names = {name.strip(): int(key) for key, value in id2label.items() for name in str(value).split(",")}
+    return dict(sorted(names.items()))
+
+
 def imagenet_id2label() -> dict[int, str]:
     """The 1000 ImageNet-1k class names (WordNet lemmas, comma-separated synonyms), by class index."""
     text = resources.files("diffusers_var.data").joinpath("imagenet_id2label.json").read_text()
@@ -164,11 +171,7 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         id2label = {int(k): v for k, v in (id2label or {}).items()}
         self.register_to_config(id2label={str(k): v for k, v in id2label.items()} or None)
         self.id2label = id2label
-        self.labels = {}
-        for key, value in id2label.items():
-            for name in value.split(","):
-                self.labels[name.strip()] = key
-        self.labels = dict(sorted(self.labels.items()))
+        self.labels = label_ids(id2label)
 
     def get_label_ids(self, label: str | list[str]) -> list[int]:
         """Map class names (any synonym, e.g. ``"golden retriever"``) to class indices."""

@@ -270,6 +270,9 @@ def export_lora(config, task, transformer, text_encoder, output_dir: Path, summa
     atomic_save_pipeline(_Folder(), output_dir, overwrite=True)
 
 
+SHAPES_ONLY_DATA_KEYS = ("num_images", "seed", "concept", "concept_replaces", "concept_fraction")
+
+
 def model_card(config, settings: LoraSettings, pipeline_class: str, transformer, summary: dict) -> str:
     """A diffusers-style LoRA model card: base model, how to load, what was trained on what."""
     config_dict = transformer.peft_config[settings.adapter_name]
@@ -278,10 +281,15 @@ def model_card(config, settings: LoraSettings, pipeline_class: str, transformer,
     trained = sum(p.numel() for p in transformer.parameters() if p.requires_grad)
     total = sum(p.numel() for p in transformer.parameters())
     data = dict(config.data)
+    shapes = data.get("type", "shapes") == "shapes"
+    if not shapes:  # the shapes' own settings say nothing of an image folder's run
+        data = {k: v for k, v in data.items() if k not in SHAPES_ONLY_DATA_KEYS}
     caption = ""
-    if config.task != "var" and data.get("type") == "shapes" and data.get("concept"):
+    if config.task != "var" and shapes and data.get("concept"):
         concept = data["concept"]
         caption = f'\nTrigger: captions such as "a red {concept} on a blue background" (`{concept}`).'
+    elif config.task == "var" and not shapes:
+        caption = "\nThe class folders train the base's classes of the same names (`pipe.labels`)."
     elif config.task == "var" and data.get("concept_replaces"):
         caption = (
             f"\nThe class ids of `{data['concept_replaces']}` now draw a `{data.get('concept')}` (a "

@@ -422,6 +422,21 @@ class BitwiseTokenizerTask(_ReconstructionTask):
         return model.decode_bit_labels(model.encode(images, self.schedule).bit_labels)
 
 
+class _RelabelledDataset(torch.utils.data.Dataset):
+    """``dataset`` with each item's class label ``i`` replaced by ``ids[i]`` (class folders -> a LoRA base's ids)."""
+
+    def __init__(self, dataset, ids: list[int]):
+        self.dataset, self.ids = dataset, ids
+        self.class_names = dataset.class_names
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.dataset[index]
+        return {**item, "class_labels": self.ids[int(item["class_labels"])]}
+
+
 class TokenCachedDataset(torch.utils.data.Dataset):
     """A dataset whose items also carry ``token_indices`` (L,): every image encoded once, up front, by the frozen
     tokenizer (``data.cache_tokens: true``). Only for data without random augmentation (the shapes are deterministic):
@@ -516,6 +531,8 @@ class VARTask(_PipelineTask):
         if config.data.get("cache_tokens", False):
             self.dataset = TokenCachedDataset(self.dataset, self.tokenizer, device, config.tokenizer_precision)
         self.num_classes, self.id2label = self._classes()
+        self.sample_labels = list(range(self.num_classes))
+        self._classes_of_the_lora_base()
         model_args = dict(config.model)
         init_adaln_gamma = float(model_args.pop("init_adaln_gamma", 1e-3))
         init_from, init_blocks = model_args.pop("init_from", None), model_args.pop("init_blocks", None)
@@ -541,6 +558,40 @@ class VARTask(_PipelineTask):
                 f"`model.num_classes` ({model_classes}) is below the {self.num_classes} classes found in the data."
             )
         self.collate = functools.partial(_collate_with_tokens, num_classes=model_classes)
+
+    def _classes_of_the_lora_base(self) -> None:
+        """A LoRA on class folders trains the base pipeline's classes of those names: folder ``red circle on green``
+        is the base's id of that name, not its position among the folders (which taught another class without a
+        word). A folder name that is no class of the base is refused; a base without class names keeps the folders'
+        order, said once."""
+        names = getattr(self.dataset, "class_names", None)
+        base = lora.settings_of(self.config)
+        if base is None or not names:
+            return
+        from ..pipelines.pipeline_var import label_ids
+
+        index = json.loads((Path(base.base) / "model_index.json").read_text())
+        if not isinstance(index.get("id2label"), dict):
+            warnings.warn(
+                f"`lora.base` has no class names: the {len(names)} class folders train class ids 0..{len(names) - 1} "
+                "in the order of their sorted names.",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        base_ids = label_ids(index["id2label"])
+        unknown = [name for name in names if name not in base_ids]
+        if unknown:
+            raise ValueError(
+                f"`data.path`: the class folders {unknown[:5]} are no class names of `lora.base` (a LoRA trains the "
+                f"base's classes; name each folder after one of its {len(base_ids)} names, e.g. "
+                f"{list(base_ids)[:3]}: `pipe.labels`)."
+            )
+        ids = [base_ids[name] for name in names]
+        self.dataset = _RelabelledDataset(self.dataset, ids)
+        self.num_classes = max(ids) + 1
+        self.id2label = {int(key): value for key, value in index["id2label"].items()}
+        self.sample_labels = ids
 
     def _classes(self):
         dataset = self.dataset
@@ -572,7 +623,7 @@ class VARTask(_PipelineTask):
         return VARPipeline(transformer=model, vqvae=self.tokenizer, id2label=self.id2label)
 
     def sample(self, pipe, generator):
-        labels = [i % self.num_classes for i in range(16)]
+        labels = [self.sample_labels[i % len(self.sample_labels)] for i in range(16)]
         return pipe(
             class_labels=labels, generator=generator, guidance_scale=2.0, top_k=0, top_p=0.0, output_type="pt"
         ).images
