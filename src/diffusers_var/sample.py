@@ -489,9 +489,9 @@ def _generate_batch(
         inputs = {"class_labels": conditions}
     else:
         inputs = {"prompt": conditions}
-        if family_name == "STARPipeline":
-            # The stable sampler's commit positions take one stream per call (the pipeline has no per-image form):
-            # the batch's, which fixed global batches keep the same in every run.
+        if family_name == "STARPipeline" and not per_image:
+            # The stable sampler's commit positions: with per-image generators the pipeline derives one stream per
+            # image from each (so an image does not depend on the batch it is in); --rng batch takes the batch's.
             inputs["sampler_generator"] = torch.Generator(device).manual_seed(batch_stream ^ 1)
     images = pipe(**inputs, generator=generators, num_images_per_prompt=1, output_type="pt", **sampling).images
     # The rounding of diffusers' numpy_to_pil, on the device, so only uint8 crosses to the host.
