@@ -106,13 +106,29 @@ def test_bad_arguments_are_one_line_errors_naming_the_flag(argv, flag, tmp_path,
         (["--class-label", "999"], "--class-label"),
         (["--prompt", "a purple blob"], "--prompt"),  # (VAR reads its class from --prompt too)
         (["--guidance-scale", "20000"], "--guidance-scale"),  # above the pipelines' 1e4
+        (["--prompt", "  "], "--prompt"),  # (a blank one drew a random class)
+        (["--model", str(REPO_ROOT / "pipelines" / "star-shapes"), "--prompt", " "], "--prompt"),
+        (["--model", str(REPO_ROOT / "pipelines" / "infinity-shapes"), "--prompt", "a", "--height", "1"], "--height"),
     ],
 )
 def test_errors_found_by_the_pipeline_name_the_flag(argv, flag, tmp_path, capsys):
-    assert _exit_code(["generate", *argv, "--out", str(tmp_path / "out.png")]) == 2
+    out = tmp_path / "new-folder" / "out.png"
+    assert _exit_code(["generate", *argv, "--out", str(out)]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(lines) == 1 and f"`{flag}`" in lines[0], lines
-    assert not (tmp_path / "out.png").exists()
+    assert not out.parent.exists()  # (it was made, empty, before the pipeline refused)
+
+
+def test_whole_number_flags_take_leading_zeros(tmp_path, capsys):
+    """``--seed 010`` was refused as not a whole number (Python's ``int(text, 0)``); it is ten, as everywhere."""
+    from diffusers_var.cli_support import int_in_range
+
+    assert int_in_range(0)("010") == 10 and int_in_range(0)("0x10") == 16 and int_in_range(1, 8)("08") == 8
+    assert _exit_code(["generate", "--seed", "07", "--out", str(tmp_path / "a.png")]) == 0
+    assert _exit_code(["generate", "--seed", "7", "--out", str(tmp_path / "b.png")]) == 0
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert _exit_code(["generate", "--batch-size", "70000", "--out", str(tmp_path / "c.png")]) == 2
+    assert "--batch-size: must be a whole number from 1 to 65536" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

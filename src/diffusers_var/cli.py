@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .cli_support import (
+    MAX_BATCH_SIZE,
     MAX_IMAGES,
     MAX_SEED,
     OneLineErrorParser,
@@ -208,10 +209,12 @@ def _generate(args) -> int:
     if name in ("VARPipeline", "VARCoDePipeline"):
         if args.prompt is not None and args.class_label is not None:
             return print_error(VAR_LABEL_TWICE)
+        if args.prompt is not None and not args.prompt.strip():
+            return print_error("`--prompt` is empty: give a class name (or `--class-label`), or leave it out")
         if args.prompt and not args.class_label:
             args.class_label, label_flag = args.prompt, "--prompt"
-    elif not args.prompt:
-        return print_error("`--prompt` is required for text-to-image pipelines")
+    elif not (args.prompt or "").strip():
+        return print_error("`--prompt` is required (and not blank) for text-to-image pipelines")
     elif args.class_label is not None:
         return print_error(f"`--class-label` is for class-conditional (VAR) models; {name} takes `--prompt`")
     problem = size_flags_problem(args, pipeline_class)
@@ -245,7 +248,6 @@ def _generate(args) -> int:
     # Generate in batches and write each image as it comes: memory stays bounded by --batch-size whatever
     # --num-images is. One generator runs through all batches, so a seed and batch size give the same images.
     generator = torch.Generator().manual_seed(args.seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
     batch_size = min(args.batch_size, args.num_images)
     several = batch_size < args.num_images
     progress = None
@@ -259,6 +261,7 @@ def _generate(args) -> int:
         while written < args.num_images:
             count = min(batch_size, args.num_images - written)
             images = pipe(num_images_per_prompt=count, generator=generator, **kwargs).images
+            out.parent.mkdir(parents=True, exist_ok=True)  # once the pipeline took the arguments: no empty folder
             for image in images:
                 save_image(image, output_path(out, written, args.num_images))
                 written += 1
@@ -343,8 +346,8 @@ def _edit(args) -> int:
         return print_error("`--class-label` (a class index or name) is required for VAR")
     if class_conditional and args.class_label is not None and args.prompt is not None:
         return print_error(VAR_LABEL_TWICE)
-    if not class_conditional and not args.prompt:
-        return print_error("`--prompt` is required for text-to-image pipelines")
+    if not class_conditional and not (args.prompt or "").strip():
+        return print_error("`--prompt` is required (and not blank) for text-to-image pipelines")
     if not class_conditional and args.class_label is not None:
         return print_error(
             f"`--class-label` is for class-conditional (VAR) models; {pipeline_class.__name__} takes `--prompt`"
@@ -492,7 +495,7 @@ def build_parser() -> OneLineErrorParser:
     )
     gen.add_argument(
         "--batch-size",
-        type=int_in_range(1),
+        type=int_in_range(1, MAX_BATCH_SIZE),
         default=16,
         help="images generated at once (default 16): bounds memory whatever --num-images is",
     )

@@ -20,6 +20,9 @@ MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit see
 # Most images one command writes (``generate --num-images``, a ``sample`` run): 20x an FID-50k run, and few
 # enough that the command's bookkeeping (file names, metadata.jsonl) stays small next to the images themselves.
 MAX_IMAGES = 1_000_000
+# the most images one pipeline call draws (``pipeline_utils.MAX_BATCH_SIZE``), here too so that building a parser does
+# not import torch
+MAX_BATCH_SIZE = 2**16
 # ``enable_fast_inference(compile_blocks=...)``'s shapes (``fast_inference.compile_blocks_shapes``), for the
 # command-line flags; written here too so that building a parser does not import torch
 COMPILE_BLOCKS_SHAPES = ("dynamic", "static-tokens", "static")
@@ -112,10 +115,13 @@ def int_in_range(low: int | None = None, high: int | None = None):
     """An argparse ``type`` accepting whole numbers in ``[low, high]`` (argparse puts the flag before the error)."""
 
     def parse(text: str) -> int:
-        try:
-            value = int(text, 0)
-        except ValueError:
-            value = None
+        value = None
+        for base in (10, 0):  # decimal (leading zeros too: "08"), then 0x / 0o / 0b literals
+            try:
+                value = int(text, base)
+                break
+            except ValueError:
+                continue
         if value is None or (low is not None and value < low) or (high is not None and value > high):
             bounds = (
                 f"from {low} to {high}"
