@@ -175,14 +175,15 @@ def test_infinity_endpoint_count_size_and_seed(client, folders):
     assert wide[0].shape == (30, 40, 3)
 
 
-def editor_value(tmp_path, paint: bool = True) -> dict:
-    """An Edit-tab image editor value as a client sends it: the example image and a layer painted over its middle."""
+def editor_value(tmp_path, paint: bool = True, everything: bool = False) -> dict:
+    """An Edit-tab image editor value as a client sends it: the example image and a layer painted over its middle
+    (or over all of it)."""
     from diffusers_var.demo import edit_example_image
 
     PIL.Image.fromarray(edit_example_image()).save(tmp_path / "background.png")
     layer = np.zeros((256, 256, 4), dtype=np.uint8)
     if paint:
-        layer[90:170, 100:180] = 255
+        layer[(slice(None), slice(None)) if everything else (slice(90, 170), slice(100, 180))] = 255
     PIL.Image.fromarray(layer).save(tmp_path / "layer.png")
     return {
         "background": gradio_client.handle_file(str(tmp_path / "background.png")),
@@ -233,8 +234,10 @@ def test_edit_endpoint_every_family_and_mode(client, folders, tmp_path, family, 
 
 def test_edit_endpoint_readable_errors(client, tmp_path):
     (tmp_path / "blank").mkdir()
+    (tmp_path / "all").mkdir()
     for args, message in [
         (edit_args(editor_value(tmp_path / "blank", paint=False)), "Paint the region"),
+        (edit_args(editor_value(tmp_path / "all", everything=True), mode=1), "the whole image is painted"),
         (edit_args(editor_value(tmp_path), what="purple blob"), "Unknown class 'purple blob'"),
     ]:
         with pytest.raises(Exception) as info:

@@ -681,6 +681,8 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
         else:
             if not painted.any():
                 raise user_error("Paint the region with the brush first (nothing is painted).")
+            if mode_name == EDIT_MODES[1] and painted.all():  # out-painting keeps what is painted
+                raise user_error("Out-paint keeps the painted region: the whole image is painted, nothing is left.")
             pipe = inpaint
             kwargs["mask_image"] = painted if mode_name == EDIT_MODES[0] else ~painted
             kwargs["mask_dilation"] = _whole(mask_dilation, "Margin")
