@@ -838,6 +838,22 @@ def test_a_run_on_an_image_folder_resumes_with_the_same_config():
     assert config_differences(_config_snapshot(config), _config_snapshot(config)) == {}
 
 
+def test_the_lora_base_and_init_from_written_another_way_are_the_same_place(tmp_path, monkeypatch):
+    """A resume from another working folder, with ``lora.base`` or ``model.init_from`` written relative instead of
+    absolute, was refused as a changed config; another folder still is."""
+    from diffusers_var.training.engine import _config_snapshot, config_differences
+
+    defaults = _config_snapshot(TrainConfig())
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pipelines" / "var-shapes").mkdir(parents=True)
+    absolute = str(tmp_path / "pipelines" / "var-shapes")
+    for key in ("lora", "model"):
+        name = "base" if key == "lora" else "init_from"
+        saved, current = {**defaults, key: {name: absolute}}, {**defaults, key: {name: "pipelines/var-shapes"}}
+        assert config_differences(saved, current) == {}
+        assert f"{key}.{name}" in config_differences(saved, {**defaults, key: {name: "pipelines/other"}})
+
+
 def _tree(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
 

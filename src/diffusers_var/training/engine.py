@@ -60,7 +60,7 @@ RESUME_SAFE_KEYS = {
     "time_limit_minutes",
     "data.bad_images",
 }
-PATH_KEYS = {"tokenizer_path", "text_encoder_path", "data.path"}
+PATH_KEYS = {"tokenizer_path", "text_encoder_path", "data.path", "lora.base", "model.init_from"}
 SECTIONS = ("data", "model", "lora")  # the config keys that hold keys of their own (``data.num_images=500``)
 RUN_FILES = ("checkpoints", "final", "samples", "logs", "train_log.jsonl", "train_config.json")
 FRESH_START_FILES = ("final", "samples", "logs", "train_log.jsonl", "train_config.json")  # what a new run rewrites
