@@ -279,8 +279,13 @@ def test_two_adapters_mix_with_their_weights(tmp_path):
     assert not torch.equal(both, only_a)
     pipe.set_adapters(["a", "b"], adapter_weights=[np.float32(1.0), np.int64(1)])  # numpy scalars are numbers
     assert torch.equal(images(pipe, "var"), both)
+    with pytest.raises(ValueError, match=r"`adapter_names` names \['a'\] more than once"):  # the last weight won
+        pipe.set_adapters(["a", "a"], adapter_weights=[1.0, 2.0])
+    assert torch.equal(images(pipe, "var"), both)
     pipe.delete_adapters("b")
     assert pipe.get_list_adapters() == {"transformer": ["a"]}
+    pipe.fuse_lora(components="transformer")  # one name, as adapter_names takes it (it was split into letters)
+    pipe.unfuse_lora(components="transformer")
     pipe.fuse_lora()
     pipe.unload_lora_weights()  # diffusers: fuse then unload keeps the merged weights without LoRA layers
     assert not lora_layers(pipe.transformer) and torch.equal(images(pipe, "var"), only_a)

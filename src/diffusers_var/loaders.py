@@ -845,6 +845,8 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
                         yield module
 
     def _check_components(self, components) -> list[str]:
+        if isinstance(components, str):  # one name, as adapter_names takes it (a string was split into letters)
+            components = [components]
         components = list(self._lora_loadable_modules if components is None else components)
         bad = [c for c in components if c not in self._lora_loadable_modules]
         if not components or bad:
@@ -945,6 +947,9 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         weights = adapter_weights if isinstance(adapter_weights, (list, tuple)) else [adapter_weights] * len(names)
         if len(weights) != len(names):
             raise ValueError(f"`adapter_weights` has {len(weights)} entries for {len(names)} adapters.")
+        if len(set(names)) != len(names):  # peft kept both, and the last weight won without a word
+            repeated = sorted({name for name in names if names.count(name) > 1})
+            raise ValueError(f"`adapter_names` names {repeated} more than once; give each adapter once.")
 
         def is_scale(value) -> bool:
             return value is None or (is_number(value) and math.isfinite(value))
