@@ -854,6 +854,15 @@ def test_a_var_lora_on_class_folders_trains_the_base_classes_of_those_names(tmp_
         build_task(TrainConfig(**config), torch.device("cpu"))
 
 
+def test_a_lora_whose_gradient_norms_are_not_finite_stops(tmp_path):
+    """``lora.alpha=1e30``: every gradient norm was infinite, clipping zeroed every update, and the run exported an
+    adapter of zeros with ``"grad_norm": Infinity`` (not JSON) in its log. It stops, naming the step."""
+    config = lora_run(tmp_path, "var", max_steps=3, lora={"alpha": 1e30})
+    with pytest.raises(ValueError, match="gradient norms were NaN or infinite at step 1 .*`lora.alpha`"):
+        train(TrainConfig(**config))
+    assert not (tmp_path / "final").exists()
+
+
 def _run_cli(config: dict, path: Path, fault: str | None = None) -> subprocess.CompletedProcess:
     path.write_text(json.dumps(config))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

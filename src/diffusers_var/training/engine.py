@@ -409,7 +409,8 @@ def _stop_if_diverged(accelerator, finite: torch.Tensor, what: str, step: int) -
     if not bool(accelerator.gather(finite.reshape(1).to(accelerator.device)).all()):
         raise ValueError(
             f"the {what} NaN or infinite at step {step} (training diverged); nothing of this step was saved and the "
-            "checkpoints before it are kept: lower `learning_rate` (or the loss weights) and train again."
+            "checkpoints before it are kept: lower `learning_rate` (or the loss weights, or `lora.alpha`) and train "
+            "again."
         )
 
 
@@ -909,6 +910,7 @@ def train(config: TrainConfig) -> Path:
         progress = tqdm(total=config.max_steps, initial=counter.step, desc=f"train {config.task}")
     model.train()
     started, images_seen = time.perf_counter(), 0
+    finite_grads = torch.tensor(True, device=accelerator.device)  # every gradient norm since the start was finite
     try:  # the bar is closed before an error is printed, not after it
         while counter.step < config.max_steps:
             epoch = counter.step // updates_per_epoch
@@ -922,6 +924,8 @@ def train(config: TrainConfig) -> Path:
                     grad_norm = None
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(trainable_parameters(), config.grad_clip)
+                        if config.mixed_precision != "fp16":  # (fp16's loss scaling skips such steps by design)
+                            finite_grads &= torch.isfinite(torch.as_tensor(grad_norm)).to(finite_grads.device)
                     optimizer.step()
                     if accelerator.sync_gradients:
                         scheduler.step()
@@ -950,6 +954,8 @@ def train(config: TrainConfig) -> Path:
                 )
                 if logging or checkpointing:  # a step that reads the loss anyway, or would save the weights
                     _check_finite_loss(accelerator, loss, counter.step)
+                    # a non-finite gradient norm clipped every update of its step to nothing (or to NaN)
+                    _stop_if_diverged(accelerator, finite_grads, "gradient norms were", counter.step)
                 if logging:
                     loss_value = loss.item()  # waits for the GPU, so the time below counts the steps' work
                     elapsed = time.perf_counter() - started
