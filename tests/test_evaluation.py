@@ -472,6 +472,14 @@ def test_bad_output_paths_fail_before_the_work(tmp_path, monkeypatch, capsys, in
         "`--save-reference-stats`",
         "`--reference`",
     )
+    # a reference of one image has no covariance: said before the feature passes (it failed after them)
+    one = _save_images(tmp_path / "one", ShapesDataset(1, 32, seed=2).images)
+    _one_error(
+        capsys,
+        ["--samples", str(samples), "--reference", str(one), "--save-reference-stats", str(tmp_path / "s.npz")],
+        "`--save-reference-stats`",
+        "has 1 image",
+    )
 
 
 def test_a_late_write_failure_still_prints_the_results(tmp_path, monkeypatch, capsys, inception_weights):

@@ -592,6 +592,12 @@ def run_evaluate(args) -> dict:
                 f"`--save-reference-stats`: `--reference` {args.reference!r} holds statistics only, no images or "
                 f"features to save."
             )
+        count = reference.length or len(reference.arrays("inception_pool_3").get("inception_pool_3", ()))
+        if count < 2:  # (it failed after both Inception passes, the results lost)
+            raise ValueError(
+                f"`--save-reference-stats`: `--reference` {args.reference!r} has {count} image; statistics (a mean "
+                "and a covariance) need at least 2."
+            )
     inputs = [Path(p) for p in (args.samples, args.reference) if p]
     for flag, target, ours in (
         ("--save-reference-stats", args.save_reference_stats, _is_reference_statistics),
