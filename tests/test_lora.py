@@ -624,6 +624,24 @@ def test_malformed_lora_inputs_name_the_file_or_parameter(var_adapter, tmp_path)
         pipe.load_lora_weights(var_adapter, adapter_name="b", hotswap=True)
 
 
+def test_a_hotswap_to_another_rank_updates_the_adapter_config(tmp_path):
+    """The layers took the new rank, the adapter's config kept the old one: saving it afterwards failed (rank 4 in
+    the metadata beside rank-8 tensors)."""
+    source = embedded("var")
+    add_random_adapter(source.transformer, "r8", rank=8, seed=4)
+    rank8 = save_adapter(source, tmp_path / "r8", name="r8")
+    pipe = embedded("var")
+    add_random_adapter(pipe.transformer, "a", rank=4, seed=1)
+    pipe.load_lora_weights(rank8, adapter_name="a", hotswap=True)
+    config = pipe.transformer.peft_config["a"]
+    assert (config.r, config.lora_alpha) == (8, source.transformer.peft_config["r8"].lora_alpha)
+    swapped = images(pipe, "var")
+    save_adapter(pipe, tmp_path / "again", name="a")  # (it failed here)
+    fresh = embedded("var")
+    fresh.load_lora_weights(tmp_path / "again", adapter_name="x")
+    assert torch.equal(images(fresh, "var"), swapped)
+
+
 def test_missing_lora_paths_are_clear_errors(var_adapter, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     pipe = embedded("var")

@@ -352,6 +352,19 @@ def _component_metadata(metadata: dict | None, component: str) -> dict:
     return {k.removeprefix(prefix): v for k, v in (metadata or {}).items() if k.startswith(prefix)}
 
 
+def _update_hotswapped_config(config, metadata: dict, state_dict: dict) -> None:
+    """After a hot-swap, the adapter's ``LoraConfig`` as the file describes it (rank, alpha and their per-layer
+    patterns from its metadata; without metadata the rank of its tensors, alpha unchanged): saving the adapter
+    afterwards wrote the old rank beside tensors of the new one, a file that does not load."""
+    for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern"):
+        if key in metadata:
+            setattr(config, key, metadata[key])
+    if "r" not in metadata:
+        ranks = {tensor.shape[1] for key, tensor in state_dict.items() if ".lora_B." in key and tensor.ndim == 2}
+        if len(ranks) == 1:
+            config.r = ranks.pop()
+
+
 def _natural_key(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
@@ -705,6 +718,12 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
                     low_cpu_mem_usage=low_cpu_mem_usage,
                     hotswap=hotswap,
                 )
+                if hotswap:  # the layers took the new rank and scale; the adapter's config kept the old ones
+                    _update_hotswapped_config(
+                        transformer.peft_config[adapter_name],
+                        _component_metadata(metadata, self.transformer_name),
+                        transformer_part,
+                    )
             text_part = parts.get(self.text_encoder_name)
             if text_part:
                 meta = _component_metadata(metadata, self.text_encoder_name) or None
