@@ -1036,6 +1036,10 @@ def test_data_repeats():
     assert len(data) == 12 and torch.equal(data[5]["pixel_values"], data[2]["pixel_values"])
     with pytest.raises(ValueError, match="`data.repeats`"):
         build_dataset({"type": "shapes", "num_images": 3, "repeats": 0}, 32)
+    # the concept settings as the config names them (the dataset's own error said `concept`)
+    for data, name in (({"concept": "blob"}, "data.concept"), ({"concept_fraction": 2}, "data.concept_fraction")):
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            build_dataset({"type": "shapes", "num_images": 3, **data}, 32)
 
 
 # ----------------------------------------------------------------------------------------------

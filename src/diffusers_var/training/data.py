@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import struct
 from pathlib import Path
 
@@ -359,13 +360,16 @@ def _build_dataset(data_config: dict, resolution: int, need_labels: bool = False
 
         concept = {k: data_config[k] for k in ("concept", "concept_fraction", "concept_replaces") if k in data_config}
         if concept:  # a new shape for fine-tuning, with prior preservation (diffusers_var.shapes.ConceptShapesDataset)
-            return ConceptShapesDataset(
-                int(data_config.get("num_images", 1000)),
-                resolution,
-                int(data_config.get("seed", 0)),
-                need_labels=need_labels,
-                **concept,
-            )
+            try:
+                return ConceptShapesDataset(
+                    int(data_config.get("num_images", 1000)),
+                    resolution,
+                    int(data_config.get("seed", 0)),
+                    need_labels=need_labels,
+                    **concept,
+                )
+            except ValueError as err:  # the dataset's own names (`concept`) as the config's keys (`data.concept`)
+                raise ValueError(re.sub(r"`(concept\w*)`", r"`data.\1`", str(err))) from None
         return ShapesDataset(int(data_config.get("num_images", 10000)), resolution, int(data_config.get("seed", 0)))
     if kind == "imagefolder":
         if "path" not in data_config:
