@@ -172,15 +172,15 @@ def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
         (staging / STAGING_MARKER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
         new = staging / "new"
         save(new)
+        files = [path for path in new.rglob("*") if path.is_file()]
         file_mode = _default_file_mode()
-        for path in new.rglob("*"):  # safetensors writes 0600: other users could not load the folder
-            if path.is_file() and not path.is_symlink():
-                os.chmod(path, file_mode)
+        for path in files:  # safetensors writes 0600: other users could not load the folder
+            os.chmod(path, file_mode)
         if not existing:
             os.chmod(new, _default_folder_mode())
             os.replace(new, target)
             return target
-        written = sorted(path.relative_to(new) for path in new.rglob("*") if path.is_file())
+        written = sorted(path.relative_to(new) for path in files)
         _check_destinations(target, written)  # before anything moves: a refusal leaves the folder as it was
         marker = target / SAVING_MARKER  # until every file has moved, a loader refuses the mix of old and new
         write_text_atomic(
@@ -221,14 +221,14 @@ def _list_in_conversion_manifest(target: Path, written: list[Path]) -> None:
 def _check_destinations(target: Path, written: list[Path]) -> None:
     """A ValueError naming ``save_directory`` when a file of the save cannot be moved into ``target``: a file of the
     user's where a component folder goes, a folder where a file goes, or a folder that is not writable."""
-    folders = {relative.parent for relative in written}
-    for folder in sorted(folders):
-        for place in [target / part for part in reversed(folder.parents)][1:] + [target / folder]:
-            if place.exists() and not place.is_dir():
-                raise ValueError(
-                    f"`save_directory`: {str(place)!r} is a file where the save puts a folder; move it away first."
-                )
-        existing = next(place for place in [target / folder, *(target / folder).parents] if place.exists())
+    for folder in sorted({relative.parent for relative in written}):
+        places = [target / folder, *(target / parent for parent in folder.parents)]  # up to ``target`` itself
+        blocking = next((place for place in places if place.exists() and not place.is_dir()), None)
+        if blocking is not None:
+            raise ValueError(
+                f"`save_directory`: {str(blocking)!r} is a file where the save puts a folder; move it away first."
+            )
+        existing = next(place for place in places if place.exists())
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ValueError(f"`save_directory`: {str(existing)!r} is not writable; nothing was saved into it.")
     for relative in written:
