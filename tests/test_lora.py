@@ -866,6 +866,10 @@ def test_a_var_lora_on_class_folders_trains_the_base_classes_of_those_names(tmp_
 
     card = model_card(task.config, settings_of(task.config), "VARPipeline", task.model, {"steps": 1})
     assert "class folders train the base's classes" in card and "now draw" not in card and "num_images" not in card
+    for index, name in zip(base.get_label_ids(names), names):  # folders named by class index: the same classes
+        (tmp_path / "images" / name).rename(tmp_path / "images" / str(index))
+    task = build_task(TrainConfig(**config), torch.device("cpu"))
+    assert task.sample_labels == base.get_label_ids(names)
     (tmp_path / "images" / "purple blob").mkdir()
     PIL.Image.new("RGB", (64, 64)).save(tmp_path / "images" / "purple blob" / "0.png")
     with pytest.raises(ValueError, match=r"`data.path`: the class folders \['purple blob'\] are no class names"):

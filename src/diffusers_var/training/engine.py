@@ -924,7 +924,7 @@ def train(config: TrainConfig) -> Path:
                     grad_norm = None
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(trainable_parameters(), config.grad_clip)
-                        if config.mixed_precision != "fp16":  # (fp16's loss scaling skips such steps by design)
+                        if grad_norm is not None and config.mixed_precision != "fp16":  # (fp16 skips such steps)
                             finite_grads &= torch.isfinite(torch.as_tensor(grad_norm)).to(finite_grads.device)
                     optimizer.step()
                     if accelerator.sync_gradients:

@@ -562,8 +562,9 @@ class VARTask(_PipelineTask):
     def _classes_of_the_lora_base(self) -> None:
         """A LoRA on class folders trains the base pipeline's classes of those names: folder ``red circle on green``
         is the base's id of that name, not its position among the folders (which taught another class without a
-        word). A folder name that is no class of the base is refused; a base without class names keeps the folders'
-        order, said once."""
+        word); a folder may also be named by its class index. A base without class names, or folders for every class
+        of it (ImageNet's synset folders, sorted as the ids), keep the folders' order; another folder name is
+        refused."""
         names = getattr(self.dataset, "class_names", None)
         base = lora.settings_of(self.config)
         if base is None or not names:
@@ -579,18 +580,23 @@ class VARTask(_PipelineTask):
                 stacklevel=2,
             )
             return
-        base_ids = label_ids(index["id2label"])
-        unknown = [name for name in names if name not in base_ids]
+        id2label = {int(key): value for key, value in index["id2label"].items()}
+        base_ids = label_ids(id2label)
+        ids = [  # by class name, else by class index
+            base_ids.get(name, int(name) if name.isdigit() and int(name) in id2label else None) for name in names
+        ]
+        unknown = [name for name, class_id in zip(names, ids) if class_id is None]
+        if unknown and len(names) == len(id2label):  # every class, in the order of its ids (ImageNet's synset folders)
+            return
         if unknown:
             raise ValueError(
                 f"`data.path`: the class folders {unknown[:5]} are no class names of `lora.base` (a LoRA trains the "
-                f"base's classes; name each folder after one of its {len(base_ids)} names, e.g. "
-                f"{list(base_ids)[:3]}: `pipe.labels`)."
+                f"base's classes: name each folder after one of its {len(base_ids)} names, e.g. "
+                f"{list(base_ids)[:3]} (`pipe.labels`), or by its class index)."
             )
-        ids = [base_ids[name] for name in names]
         self.dataset = _RelabelledDataset(self.dataset, ids)
         self.num_classes = max(ids) + 1
-        self.id2label = {int(key): value for key, value in index["id2label"].items()}
+        self.id2label = id2label
         self.sample_labels = ids
 
     def _classes(self):
