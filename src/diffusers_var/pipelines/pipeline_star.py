@@ -632,8 +632,9 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         return num_prompts
 
     def _check_stable_sampler_scales(self, sampler_version: str) -> None:
-        """Every stable-sampler scale needs a token for each of its commit steps (the released models start at a scale
-        of 441 tokens): with fewer, the schedule's last count would be negative."""
+        """Every stable-sampler scale needs about as many tokens as it has commit steps (the released models start at a
+        scale of 441 tokens): with fewer, the schedule's last count goes negative (steps raised to one token take
+        more than there are)."""
         start = self.transformer.config.sampler_start_scale
         for si, (h, w) in enumerate(self.scale_schedule()[start:], start):
             steps, _ = stable_sampler_plan(si, sampler_version)
