@@ -15,9 +15,18 @@ from diffusers_var.training.data import ImageFolderDataset, collate
 
 
 def test_shapes_dataset_is_deterministic_and_captioned():
-    for size, message in (((0, 32), r"`num_images` must be >= 1, got 0"), ((4, 7), r"`resolution` must be >= 16")):
+    for size, message in (
+        ((0, 32), r"`num_images` must be in \[1, 10,000,000\], got 0"),
+        ((10**9, 32), r"`num_images` must be in \[1, 10,000,000\], got 1000000000"),  # (minutes, then out of memory)
+        ((4, 7), r"`resolution` must be >= 16"),
+    ):
         with pytest.raises(ValueError, match=message):  # each names its own value
             shapes.ShapesDataset(*size)
+    from diffusers_var.training.data import build_dataset
+
+    for data in ({"num_images": 10**9}, {"num_images": 10**9, "concept": "bar"}):  # the config's key is named
+        with pytest.raises(ValueError, match=r"`data.num_images` must be in"):
+            build_dataset({"type": "shapes", **data}, 32)
     a, b = shapes.ShapesDataset(40, 32, seed=7), shapes.ShapesDataset(40, 32, seed=7)
     assert np.array_equal(a.images, b.images)
     assert not np.array_equal(a.images, shapes.ShapesDataset(40, 32, seed=8).images)

@@ -33,9 +33,14 @@ COLOR_NAMES = tuple(COLORS)
 _PALETTE = np.array([COLORS[c] for c in COLOR_NAMES], dtype=np.float32)
 
 
+# the most samples a shapes dataset describes: its layout and classes are held for every sample (about 100 bytes
+# each; 10**9 ran for minutes and out of memory before the first image)
+MAX_SHAPES_IMAGES = 10**7
+
+
 def check_shapes_size(num_images: int, resolution: int) -> None:
-    if num_images < 1:
-        raise ValueError(f"`num_images` must be >= 1, got {num_images}.")
+    if not 1 <= num_images <= MAX_SHAPES_IMAGES:
+        raise ValueError(f"`num_images` must be in [1, {MAX_SHAPES_IMAGES:,}], got {num_images}.")
     if resolution < 16:
         raise ValueError(f"`resolution` must be >= 16 (pixels), got {resolution}.")
 

@@ -359,18 +359,14 @@ def _build_dataset(data_config: dict, resolution: int, need_labels: bool = False
         from ..shapes import ConceptShapesDataset, ShapesDataset
 
         concept = {k: data_config[k] for k in ("concept", "concept_fraction", "concept_replaces") if k in data_config}
-        if concept:  # a new shape for fine-tuning, with prior preservation (diffusers_var.shapes.ConceptShapesDataset)
-            try:
-                return ConceptShapesDataset(
-                    int(data_config.get("num_images", 1000)),
-                    resolution,
-                    int(data_config.get("seed", 0)),
-                    need_labels=need_labels,
-                    **concept,
-                )
-            except ValueError as err:  # the dataset's own names (`concept`) as the config's keys (`data.concept`)
-                raise ValueError(re.sub(r"`(concept\w*)`", r"`data.\1`", str(err))) from None
-        return ShapesDataset(int(data_config.get("num_images", 10000)), resolution, int(data_config.get("seed", 0)))
+        seed = int(data_config.get("seed", 0))
+        try:
+            if concept:  # a new shape for fine-tuning, with prior preservation (shapes.ConceptShapesDataset)
+                num_images = int(data_config.get("num_images", 1000))
+                return ConceptShapesDataset(num_images, resolution, seed, need_labels=need_labels, **concept)
+            return ShapesDataset(int(data_config.get("num_images", 10000)), resolution, seed)
+        except ValueError as err:  # the datasets' own names (`concept`) as the config's keys (`data.concept`)
+            raise ValueError(re.sub(r"`(concept\w*|num_images)`", r"`data.\1`", str(err))) from None
     if kind == "imagefolder":
         if "path" not in data_config:
             raise ValueError("`data.path` is required for `data.type: imagefolder`.")
