@@ -346,7 +346,8 @@ def _check_fits(kind: str, expected: dict[str, tuple], found: dict[str, torch.Te
         )
         raise ValueError(
             f"`model`: the {kind} in checkpoint {str(folder)!r} does not fit the configured model ({detail}); "
-            "a changed architecture cannot be resumed: set resume=never to start a fresh run."
+            "a changed architecture (the `model` section, or a LoRA run's `lora.rank` / `lora.targets`) cannot be "
+            "resumed: set resume=never to start a fresh run."
         )
 
 
