@@ -980,7 +980,7 @@ def test_bad_lora_configs_name_the_key(tmp_path):
             TrainConfig.load(None, overrides)
     config = TrainConfig.load(None, ["task=var", f"lora.base={base}", "lora.rank=8"])  # tokenizer from the base
     assert config.lora == {"base": base, "rank": 8} and config.tokenizer_path is None
-    with pytest.raises(ValueError, match="`concept_replaces`"):
+    with pytest.raises(ValueError, match="`data.concept_replaces`"):
         train(TrainConfig(**lora_run(tmp_path, "var", data={"concept_replaces": None})))
     run = lora_run(tmp_path / "modules", "var")  # PEFT's "not found" names the key, and nothing is written
     with pytest.raises(ValueError, match="`lora.target_modules` 'nonexistent': Target modules nonexistent not found"):
