@@ -124,6 +124,10 @@ def test_whole_number_flags_take_leading_zeros(tmp_path, capsys):
     from diffusers_var.cli_support import int_in_range
 
     assert int_in_range(0)("010") == 10 and int_in_range(0)("0x10") == 16 and int_in_range(1, 8)("08") == 8
+    from diffusers_var.cli_support import MAX_BATCH_SIZE
+    from diffusers_var.pipelines.pipeline_utils import MAX_BATCH_SIZE as PIPELINE_MAX_BATCH_SIZE
+
+    assert MAX_BATCH_SIZE == PIPELINE_MAX_BATCH_SIZE  # the flags' bound is the pipelines' (no torch import)
     assert _exit_code(["generate", "--seed", "07", "--out", str(tmp_path / "a.png")]) == 0
     assert _exit_code(["generate", "--seed", "7", "--out", str(tmp_path / "b.png")]) == 0
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()

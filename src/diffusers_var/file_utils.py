@@ -210,7 +210,7 @@ def _list_in_conversion_manifest(target: Path, written: list[Path]) -> None:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError):
         return  # no manifest (a folder the converters did not write), or not one of ours
-    if not (isinstance(manifest, dict) and manifest.get("written_by") == "diffusers-var"):
+    if not (isinstance(manifest, dict) and manifest.get("written_by") == "diffusers-var"):  # (common.py's WRITER)
         return
     if not isinstance(manifest.get("files"), list):
         return

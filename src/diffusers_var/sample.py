@@ -45,6 +45,7 @@ import torch
 
 from .cli_support import (
     COMPILE_BLOCKS_SHAPES,
+    MAX_BATCH_SIZE,
     MAX_IMAGES,
     check_device,
     enable_fast_path,
@@ -59,7 +60,6 @@ from .conversion.common import folder_problem
 from .embedded_models import default_model, resolve_pipeline_folder
 from .file_utils import files_under, is_atomic_temporary, json_lines, text_lines, write_atomic
 from .pipelines.pipeline_utils import (
-    MAX_BATCH_SIZE,
     check_common_inputs,
     check_guidance_scale,
     check_temperature,
