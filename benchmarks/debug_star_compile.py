@@ -175,14 +175,16 @@ def query_check(model: str, device, dtype: torch.dtype) -> None:
             rows = x[:1]
             plain = fast_inference._star_cross_attention_query(block, rows)
             fused = compiled(rows)
-            attended = [block.cross_attn.attend(q, k, v, mask).float() for q in (plain, fused)]
+            queries = (plain, fused, fused.contiguous())
+            attended = [block.cross_attn.attend(q, k, v, mask).float() for q in queries]
 
             def moved(a, b):
                 return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
             print(
                 f"L={side * side:5d}: query moved {moved(fused, plain):.2e}, attention moved "
-                f"{moved(attended[1], attended[0]):.2e}; strides plain {tuple(plain.stride())}, compiled "
+                f"{moved(attended[1], attended[0]):.2e} (compiled made contiguous: "
+                f"{moved(attended[2], attended[0]):.2e}); strides plain {tuple(plain.stride())}, compiled "
                 f"{tuple(fused.stride())}",
                 flush=True,
             )
