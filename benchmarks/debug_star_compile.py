@@ -30,6 +30,8 @@ Variants (a fresh pipeline each, same weights):
   compiled-only-cross   only the cross-attention's two pieces compiled
   compiled-no-cross-query / compiled-no-cross-output   every piece compiled but that one
   compiled-as-shipped   the blocks compiled as enable_fast_inference does on CUDA (cross-attention query uncompiled)
+  compiled-watch-query  every piece compiled, no CUDA graphs, each compiled query call also checked against the plain
+                        query on the same rows inside the generation (how far, which block)
 The default order puts the most telling first; ``--variants`` picks (``gpu_session.sh``: ``STAR_DEBUG_VARIANTS``).
 """
 
@@ -68,6 +70,7 @@ VARIANTS = (
     "compiled-only-self-attention",
     "compiled-no-cross",
     "compiled-no-gelu",
+    "compiled-watch-query",
 )
 PIECES = {  # the compiled pieces of a STAR block (fast_inference.compile_star_blocks_)
     "ffn": ("compiled_ffn_residual",),
@@ -143,19 +146,31 @@ def run_variant(model: str, variant: str, device) -> tuple[torch.Tensor, torch.T
             stack.enter_context(patched(torch, "compile", lambda fn, *a, **k: fn))
         if variant == "compiled-complex-views":
             stack.enter_context(patched(star_transformer, "rope_rotary", complex_views))
-        pipe.enable_fast_inference(dtype=dtype, cuda_graphs=variant != "compiled-no-graphs", compile_blocks=compiled)
+        graphs = variant not in ("compiled-no-graphs", "compiled-watch-query")
+        pipe.enable_fast_inference(dtype=dtype, cuda_graphs=graphs, compile_blocks=compiled)
         if variant == "compiled-no-gelu":
             fast_inference.fuse_ffn_gelu_(pipe.transformer, False)
         if variant in COMPILED_PIECES:
             uncompile_pieces(pipe.transformer, keep=COMPILED_PIECES[variant])
-        return greedy(pipe, device)
+        watched = watch_query_in_place(pipe.transformer) if variant == "compiled-watch-query" else None
+        result = greedy(pipe, device)
+        if watched:
+            distances = torch.tensor([distance for _, _, distance in watched])
+            worst = max(watched, key=lambda call: call[2])
+            print(
+                f"  compiled query against the plain one on the same rows, {len(watched)} calls: median "
+                f"{distances.median().item():.2e}, largest {worst[2]:.2e} (block {worst[0]}, {worst[1]} rows); "
+                f"above 1e-2: {int((distances > 1e-2).sum())}",
+                flush=True,
+            )
+        return result
 
 
 def query_check(model: str, device, dtype: torch.dtype) -> None:
     """The cross-attention query piece alone, on one block of the model's width with random weights: for the rows
-    ``x[:1]`` of a (2, L, C) stream (the row-0 quirk), at every scale's L, how far the compiled query is from the
-    plain one, their strides, and how far the attention over random text keys moves with each (a kernel that reads
-    the compiled query's layout differently shows there, not in the query)."""
+    ``x[:1]`` of a (2, L, C) stream (the row-0 quirk) and for the whole stream, at every scale's L, how far the
+    compiled query is from the plain one, their strides, and how far the attention over random text keys moves with
+    each (a kernel that reads the compiled query's layout differently shows there, not in the query)."""
     pipe = bench.build_star(model, "cpu")
     block = pipe.transformer.blocks[0].to(device, dtype)
     with torch.no_grad():
@@ -169,25 +184,45 @@ def query_check(model: str, device, dtype: torch.dtype) -> None:
     k = torch.nn.functional.normalize(torch.randn(1, 77, heads, head_dim, generator=g), dim=-1).to(device, dtype)
     v = torch.randn(1, 77, heads, head_dim, generator=g).to(device, dtype)
     mask = (torch.arange(77) < 16)[None].to(device)
+
+    def moved(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
     with torch.no_grad():
         for side in cfg.patch_nums:
             x = torch.randn(2, side * side, cfg.embed_dim, generator=g).to(device, dtype)
-            rows = x[:1]
-            plain = fast_inference._star_cross_attention_query(block, rows)
+            for rows_name, rows in (("x[:1]", x[:1]), ("x", x)):
+                plain, fused = fast_inference._star_cross_attention_query(block, rows), compiled(rows)
+                rows_k, rows_v, rows_mask = (t.expand(rows.shape[0], *t.shape[1:]) for t in (k, v, mask))
+                queries = (plain, fused, fused.contiguous())
+                attended = [block.cross_attn.attend(q, rows_k, rows_v, rows_mask).float() for q in queries]
+                print(
+                    f"L={side * side:5d} rows {rows_name:5s}: query moved {moved(fused, plain):.2e}, attention moved "
+                    f"{moved(attended[1], attended[0]):.2e} (compiled made contiguous: "
+                    f"{moved(attended[2], attended[0]):.2e}); strides plain {tuple(plain.stride())}, compiled "
+                    f"{tuple(fused.stride())}",
+                    flush=True,
+                )
+
+
+def watch_query_in_place(transformer) -> list[tuple[int, int, float]]:
+    """Wrap every main block's compiled cross-attention query so that each call also runs the plain query on the
+    same rows: returns the list it fills with (block, rows, relative distance) per call."""
+    seen = []
+    for index, block in enumerate(transformer.blocks):
+        compiled = getattr(block, "compiled_cross_attention_query", None)
+        if compiled is None:
+            continue
+
+        def watched(rows, compiled=compiled, block=block, index=index):
             fused = compiled(rows)
-            queries = (plain, fused, fused.contiguous())
-            attended = [block.cross_attn.attend(q, k, v, mask).float() for q in queries]
+            plain = fast_inference._star_cross_attention_query(block, rows)
+            distance = ((fused.float() - plain.float()).norm() / plain.float().norm()).item()
+            seen.append((index, rows.shape[0] * rows.shape[1], distance))
+            return fused
 
-            def moved(a, b):
-                return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-            print(
-                f"L={side * side:5d}: query moved {moved(fused, plain):.2e}, attention moved "
-                f"{moved(attended[1], attended[0]):.2e} (compiled made contiguous: "
-                f"{moved(attended[2], attended[0]):.2e}); strides plain {tuple(plain.stride())}, compiled "
-                f"{tuple(fused.stride())}",
-                flush=True,
-            )
+        block.compiled_cross_attention_query = watched
+    return seen
 
 
 def main() -> int:
@@ -231,9 +266,13 @@ def main() -> int:
         same = (tokens == reference_tokens).float()
         per_scale = " ".join(f"{same[:, a:b].mean().item():.2f}" for a, b in zip(starts, starts[1:]))
         moved = (logits - reference_logits).norm() / reference_logits.norm()
+        half = logits.shape[0] // 2  # conditional rows first: what guidance amplifies is their difference
+        difference, reference_difference = (t[:half] - t[half:] for t in (logits, reference_logits))
+        difference_moved = (difference - reference_difference).norm() / reference_difference.norm()
         print(
             f"{variant:22s} agreement {same.mean().item():.4f}; first scale's logits moved {moved.item():.2e} of "
-            f"their norm, finite {bool(torch.isfinite(logits).all())}; per scale: {per_scale} "
+            f"their norm (conditional - unconditional: {difference_moved.item():.2e}), finite "
+            f"{bool(torch.isfinite(logits).all())}; per scale: {per_scale} "
             f"({time.perf_counter() - started:.0f} s)",
             flush=True,
         )
