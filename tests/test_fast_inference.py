@@ -1514,3 +1514,128 @@ def test_kv_cache_reserve():
     assert start == 0 and other.shape == (5, 6, 3, 4)
     with pytest.raises(ValueError, match="max_length"):
         LayerKVCache().reserve(1, 1, 3, 4, like)
+
+
+# -- the fast path's casts, marks and hooks ----------------------------------------------------------------------
+def test_modules_kept_in_float32_keep_their_exact_values_under_a_16_bit_fast_path():
+    """The heads a model keeps in float32 went through bf16 first (the whole module was cast, then the heads back to
+    float32): float32 in name, bf16 values for good, unlike ``from_pretrained(dtype=torch.bfloat16)``. A transformers
+    text encoder keeps what transformers keeps (T5's ``wo`` in float16)."""
+    pipe = tiny_var()
+    keep = set(pipe.transformer._keep_in_fp32_modules)
+    kept = {k: v.clone() for k, v in pipe.transformer.state_dict().items() if keep & set(k.split("."))}
+    assert kept and any(not torch.equal(v, v.bfloat16().float()) for v in kept.values())
+    for dtype in (torch.bfloat16, torch.float16):
+        pipe.enable_fast_inference(dtype=dtype)
+        state = pipe.transformer.state_dict()
+        assert all(state[k].dtype == torch.float32 and torch.equal(state[k], v) for k, v in kept.items())
+        assert {v.dtype for k, v in state.items() if k not in kept and v.is_floating_point()} == {dtype}
+
+    infinity = tiny_pipeline()
+    assert "wo" in infinity.text_encoder._keep_in_fp32_modules
+    infinity.enable_fast_inference(dtype=torch.float16)
+    wo = [m.wo.weight for m in infinity.text_encoder.modules() if hasattr(m, "wo")]
+    assert wo and {w.dtype for w in wo} == {torch.float32}
+    assert torch.isfinite(infinity_images(infinity)).all()
+    infinity.enable_fast_inference(dtype=torch.bfloat16)  # transformers keeps `wo` in float32 for float16 only
+    assert {w.dtype for w in wo} == {torch.bfloat16}
+
+
+def test_kept_in_float32_follows_each_library():
+    class Strict(torch.nn.Module):
+        _keep_in_fp32_modules = ["wo"]
+        _keep_in_fp32_modules_strict = ["router"]
+
+    assert fast_inference.kept_in_float32(Strict(), torch.float16) == {"wo", "router"}
+    assert fast_inference.kept_in_float32(Strict(), torch.bfloat16) == {"router"}
+    assert fast_inference.kept_in_float32(Strict(), torch.float32) == set()
+    transformer = tiny_var().transformer
+    assert fast_inference.kept_in_float32(transformer, torch.bfloat16) == set(transformer._keep_in_fp32_modules)
+
+
+def test_save_after_a_16_bit_fast_path_names_every_rounded_component(star, caplog):
+    """Only the transformer was named: the decoder, the text encoder and CoDe's refiner were saved rounded too."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from diffusers_var import VARCoDePipeline
+    from tiny_components import code_components
+
+    pipes = {"star": own_star(star), "code": VARCoDePipeline(**code_components())}
+    expected = {"star": ("transformer", "vqvae", "text_encoder"), "code": ("transformer", "vqvae", "refiner")}
+    for name, pipe in pipes.items():
+        pipe.enable_fast_inference(dtype=torch.bfloat16)
+        pipe.disable_fast_inference()  # the rounding stays
+        caplog.clear()
+        diffusers_logging.enable_propagation()
+        try:
+            with caplog.at_level("WARNING"), tempfile.TemporaryDirectory() as folder:
+                pipe.save_pretrained(folder)
+        finally:
+            diffusers_logging.disable_propagation()
+        for component in expected[name]:
+            assert f"cast `{component}`'s weights to torch.bfloat16" in caplog.text, (name, component)
+
+
+def test_offloading_or_casting_hooks_after_the_fast_path_are_refused():
+    """The refusal held in one order only: offloading, group offloading or layerwise casting added after
+    ``enable_fast_inference`` was taken, and the fast path ran on weights that the hooks move or cast."""
+    pipe = tiny_var()
+    pipe.enable_fast_inference()
+    for method in ("enable_model_cpu_offload", "enable_sequential_cpu_offload"):
+        with pytest.raises(ValueError, match=rf"`{method}\(\)`: this pipeline runs the fast path"):
+            getattr(pipe, method)(device="cuda")
+    for add_hooks in (
+        lambda t: t.enable_group_offload(
+            onload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1
+        ),
+        lambda t: t.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16),
+    ):
+        pipe = tiny_var()
+        pipe.enable_fast_inference()
+        add_hooks(pipe.transformer)
+        with pytest.raises(ValueError, match="offloading or layerwise casting was added since"):
+            pipe(class_labels=[1], output_type="pt")
+        pipe.disable_fast_inference()  # off the fast path, the hooks run as diffusers has them
+        assert pipe(class_labels=[1], output_type="pt").images.shape == (1, 3, 8, 8)
+
+
+def test_modules_with_kernels_pickle_and_copy_with_their_kernels(tmp_path):
+    """``torch.save`` of a component failed while a 16-bit fast path was on (its kernel classes are made at run time,
+    so pickle could not find them by name); saved, loaded in a new process or deep-copied, a module keeps them."""
+    pipe = tiny_var()
+    pipe.enable_fast_inference(dtype=torch.bfloat16)
+
+    def kernels(module):
+        return sorted(
+            (type(m).__name__, type(m)._fast_path_kernel[1])
+            for m in module.modules()
+            if hasattr(type(m), "_fast_path_kernel")
+        )
+
+    for name in ("transformer", "vqvae"):
+        module = getattr(pipe, name)
+        assert kernels(module)
+        torch.save(module, tmp_path / f"{name}.pt")
+        for twin in (torch.load(tmp_path / f"{name}.pt", weights_only=False), copy.deepcopy(module)):
+            assert kernels(twin) == kernels(module)
+            assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), module.state_dict().values()))
+    script = (
+        "import sys, torch; m = torch.load(sys.argv[1], weights_only=False); "
+        "print(sorted({type(x)._fast_path_kernel[1] for x in m.modules() if hasattr(type(x), '_fast_path_kernel')}))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "transformer.pt")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "['forward']", run.stderr
+
+
+@pytest.mark.parametrize("missing", ["transformer", "vqvae"])
+def test_fast_path_of_a_pipeline_without_a_component_names_it(missing):
+    components = {"transformer": tiny_var().transformer, "vqvae": tiny_var().vqvae, missing: None}
+    pipe = VARPipeline(**components)
+    for kwargs in ({}, {"fp8": True}):
+        with pytest.raises(ValueError, match=f"has no `{missing}`"):
+            pipe.enable_fast_inference(**kwargs)

@@ -152,19 +152,36 @@ def use_compile_cache(directory: str | os.PathLike | None = None) -> Path:
 # Casts
 # ----------------------------------------------------------------------------------------------
 def cast_module_(module: nn.Module | None, dtype: torch.dtype) -> None:
-    """In place: floating parameters and buffers of ``module`` to ``dtype``, except the sub-modules a model declares
-    in ``_keep_in_fp32_modules`` (output heads and their norms, where the logits are produced), which become float32.
+    """In place: floating parameters and buffers of ``module`` to ``dtype``, except the sub-modules a model keeps in
+    float32, which go to float32 without passing through ``dtype`` (their values stay exact): a diffusers
+    ``ModelMixin``'s ``_keep_in_fp32_modules`` at any dtype (output heads and their norms, where the logits are
+    produced), a transformers model's as ``from_pretrained`` keeps them (``_keep_in_fp32_modules`` for float16, such
+    as T5's ``wo``; ``_keep_in_fp32_modules_strict`` for float16 and bfloat16).
 
-    ``nn.Module.to`` is called directly, so a diffusers ``ModelMixin`` does not warn about a partial cast and a
-    ``transformers`` model is cast like any module. ``None`` (an absent component) is skipped."""
+    Each module is cast on its own (``nn.Module._apply`` without recursion), so a diffusers ``ModelMixin`` does not
+    warn about a partial cast. ``None`` (an absent component) is skipped."""
     if module is None:
         return
-    nn.Module.to(module, dtype)
-    # diffusers models keep these in float32 at any dtype (transformers models only for float16: not here)
-    keep = set(module._keep_in_fp32_modules or ()) if isinstance(module, ModelMixin) else set()
+    keep = kept_in_float32(module, dtype)
     for name, sub in module.named_modules():
-        if keep & set(name.split(".")):
-            sub.float()
+        target = torch.float32 if keep & set(name.split(".")) else dtype
+        sub._apply(functools.partial(_cast_floating, dtype=target), recurse=False)
+
+
+def kept_in_float32(module: nn.Module, dtype: torch.dtype) -> set[str]:
+    """The names of the sub-modules of ``module`` that its library keeps in float32 when it is loaded in ``dtype``."""
+    if isinstance(module, ModelMixin):
+        return set(module._keep_in_fp32_modules or ())
+    keep = set()
+    if dtype == torch.float16:
+        keep |= set(getattr(module, "_keep_in_fp32_modules", None) or ())
+    if dtype in (torch.float16, torch.bfloat16):
+        keep |= set(getattr(module, "_keep_in_fp32_modules_strict", None) or ())
+    return keep
+
+
+def _cast_floating(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
 def cast_decoder_(
@@ -201,25 +218,56 @@ def _install(module: nn.Module, name: str, function: Callable, *args) -> None:
     """Make ``module.<name>(...)`` call ``function(module, *args, ...)`` (undone by :func:`_uninstall`); a kernel
     installed earlier under ``name`` is replaced, not wrapped."""
     _uninstall(module, name)
-    key = (type(module), name, function, args)
+    module.__class__ = _kernel_class((type(module), name, function, args))
+
+
+def _kernel_class(key: tuple) -> type:
+    """The subclass of ``key[0]`` whose method ``key[1]`` calls ``key[2](self, *key[3], ...)`` (made once)."""
     if key not in _KERNEL_CLASSES:
+        base, name, function, args = key
 
         def method(self, *call_args, **call_kwargs):
             return function(self, *args, *call_args, **call_kwargs)
 
         # the same name and module as the original class: reprs and lookups by class name are unchanged
-        attributes = {name: method, "_fast_path_kernel": key, "__module__": key[0].__module__}
-        _KERNEL_CLASSES[key] = type(key[0].__name__, (key[0],), attributes)
-    module.__class__ = _KERNEL_CLASSES[key]
+        attributes = {
+            name: method,
+            "_fast_path_kernel": key,
+            "__module__": base.__module__,
+            "__reduce_ex__": _reduce_with_kernels,
+        }
+        _KERNEL_CLASSES[key] = type(base.__name__, (base,), attributes)
+    return _KERNEL_CLASSES[key]
+
+
+def _installed_kernels(module: nn.Module) -> tuple[type, list[tuple]]:
+    """The class ``module`` had before any kernel, and the kernels installed on it (innermost first)."""
+    installed, cls = [], type(module)
+    while "_fast_path_kernel" in cls.__dict__:
+        installed.insert(0, cls._fast_path_kernel)
+        cls = cls.__bases__[0]
+    return cls, installed
+
+
+def _reduce_with_kernels(module: nn.Module, protocol: int):
+    """Pickling, ``torch.save`` and ``copy.deepcopy`` of a module with kernels installed: the kernel classes are made
+    at run time, so pickle cannot find them by name; the module is rebuilt from its own class with the same kernels
+    installed again (:func:`_rebuild_with_kernels`), its state as ``nn.Module`` gives it."""
+    base, installed = _installed_kernels(module)
+    _constructor, _arguments, *state = object.__reduce_ex__(module, max(protocol, 2))
+    return (_rebuild_with_kernels, (base, tuple(installed)), *state)
+
+
+def _rebuild_with_kernels(base: type, installed: tuple[tuple, ...]) -> nn.Module:
+    module = base.__new__(base)
+    for _base, name, function, args in installed:
+        module.__class__ = _kernel_class((type(module), name, function, args))
+    return module
 
 
 def _uninstall(module: nn.Module, name: str) -> None:
     """Give ``module`` back its class's own ``<name>`` if a kernel was installed in its place (other kernels stay)."""
-    installed = []  # innermost first
-    cls = type(module)
-    while "_fast_path_kernel" in cls.__dict__:
-        installed.insert(0, cls._fast_path_kernel)
-        cls = cls.__bases__[0]
+    cls, installed = _installed_kernels(module)
     if all(key[1] != name for key in installed):
         return
     module.__class__ = cls
@@ -1084,6 +1132,23 @@ def invalidate_graphs_(module: nn.Module | None) -> None:
         setattr(module, GRAPH_TOKEN_ATTRIBUTE, object())
 
 
+def note_rounding_(module: nn.Module | None, dtype: torch.dtype) -> None:
+    """Record on ``module`` that the fast path cast its weights to ``dtype``, keeping the coarsest rounding ever taken
+    (bf16's 8-bit mantissa is coarser than fp16's 11 bits): ``save_pretrained`` names every component holding one."""
+    if module is None or not isinstance(module, nn.Module) or torch.finfo(dtype).bits == 32:
+        return
+    earlier = getattr(module, ROUNDED_ATTRIBUTE, None)
+    if earlier is None or torch.finfo(dtype).eps > torch.finfo(earlier).eps:
+        setattr(module, ROUNDED_ATTRIBUTE, dtype)
+
+
+def rounded_to(module: nn.Module) -> torch.dtype | None:
+    """The coarsest dtype the fast path cast ``module``'s weights or any of its sub-modules' to (``None``: never)."""
+    marks = [getattr(sub, ROUNDED_ATTRIBUTE, None) for sub in module.modules()]
+    marks = [mark for mark in marks if mark is not None]
+    return max(marks, key=lambda mark: torch.finfo(mark).eps) if marks else None
+
+
 class FastInferenceMixin:
     """The switches of ``enable_fast_inference``, the cache of captured CUDA graph sets, and the transformer step of
     every pipeline (:meth:`_transformer_steps`: replayed graphs, or eager).
@@ -1140,9 +1205,11 @@ class FastInferenceMixin:
         self.__dict__.pop("_graph_sets", None)
 
     def _check_fast_inference_args(self, dtype: torch.dtype, **flags) -> None:
-        """:func:`check_fast_inference_args`, then, for ``fp8=True``, the transformer's widths: a model that float8
-        cannot take is refused before anything is cast or compiled."""
+        """:func:`check_fast_inference_args`, the components (a pipeline built with ``None`` for one is refused as
+        its call refuses it), then, for ``fp8=True``, the transformer's widths: a model that float8 cannot take is
+        refused before anything is cast or compiled."""
         check_fast_inference_args(dtype, **flags)
+        self._check_required_components()
         if flags.get("fp8"):
             fp8_linears(self.transformer)
 
@@ -1151,28 +1218,17 @@ class FastInferenceMixin:
     ) -> None:
         """The transformer and text encoder to ``dtype`` (their ``_keep_in_fp32_modules`` to float32) and the image
         decoder (optionally compiled, channels-last); the tokenizer's quantizer and the running latent stay float32."""
-        hooked = (  # on a component or inside it (layerwise casting hooks each layer)
-            hasattr(layer, "_hf_hook") or hasattr(layer, "_diffusers_hook")
-            for component in self.components.values()
-            if isinstance(component, nn.Module)
-            for layer in component.modules()
-        )
-        if any(hooked):
+        if self._has_weight_hooks():
             raise ValueError(
                 "`enable_fast_inference()` cannot be combined with CPU offloading, group offloading or "
                 "layerwise casting (their hooks move or cast weights at every call); reload the pipeline."
             )
-        # the coarsest rounding the weights ever took (bf16's 8-bit mantissa is coarser than fp16's 11 bits)
-        rounded_to = getattr(self.transformer, ROUNDED_ATTRIBUTE, None)
-        if rounded_to is not None and torch.finfo(dtype).eps < torch.finfo(rounded_to).eps:
+        earlier = rounded_to(self.transformer)  # the coarsest rounding the weights ever took
+        if earlier is not None and torch.finfo(dtype).eps < torch.finfo(earlier).eps:
             logger.warning(
-                f"enable_fast_inference(dtype={dtype}): an earlier call cast the weights to {rounded_to}; they keep "
+                f"enable_fast_inference(dtype={dtype}): an earlier call cast the weights to {earlier}; they keep "
                 f"that rounding in {dtype} (reload the pipeline for its full-precision weights)."
             )
-        if torch.finfo(dtype).bits < 32 and (
-            rounded_to is None or torch.finfo(dtype).eps > torch.finfo(rounded_to).eps
-        ):
-            setattr(self.transformer, ROUNDED_ATTRIBUTE, dtype)
         cast_module_(self.transformer, dtype)
         cast_module_(getattr(self, "text_encoder", None), dtype)
         cast_decoder_(
@@ -1181,6 +1237,8 @@ class FastInferenceMixin:
             decoder[0] if compile_decoder else None,
             compile_decoder if isinstance(compile_decoder, str) else "default",
         )
+        for module in (self.transformer, getattr(self, "text_encoder", None), *decoder):
+            note_rounding_(module, dtype)
 
     def _set_fast_inference(
         self, enabled: bool, cuda_graphs: bool = False, dtype: torch.dtype | None = None, fp8: bool = False
@@ -1203,16 +1261,32 @@ class FastInferenceMixin:
         self._invalidate_graphs()
         return self
 
+    def _has_weight_hooks(self) -> bool:
+        """Whether a component, or a layer inside one (layerwise casting hooks each layer), carries an offloading or
+        casting hook."""
+        return any(
+            hasattr(layer, "_hf_hook") or hasattr(layer, "_diffusers_hook")
+            for component in self.components.values()
+            if isinstance(component, nn.Module)
+            for layer in component.modules()
+        )
+
     def _sync_adapters(self) -> None:
-        """At every generation's start. The CUDA graphs replay the LoRA layers as they were when captured (active
-        adapters, scales, fused or not), and the float8 weights are copies: when loading, fusing, switching or scaling
-        adapters has changed what the transformer computes since, the float8 copies are remade and the graphs of
-        every pipeline sharing the transformer dropped (recaptured on the next call). Stale graph sets of this
-        pipeline are freed here too, graphs on or off."""
+        """At every generation's start. Offloading or layerwise casting added after ``enable_fast_inference`` is
+        refused (their hooks move or cast the weights the fast path fitted and its graphs read). The CUDA graphs
+        replay the LoRA layers as they were when captured (active adapters, scales, fused or not), and the float8
+        weights are copies: when loading, fusing, switching or scaling adapters has changed what the transformer
+        computes since, the float8 copies are remade and the graphs of every pipeline sharing the transformer dropped
+        (recaptured on the next call). Stale graph sets of this pipeline are freed here too, graphs on or off."""
         self._graph_cache()  # (frees stale sets)
         transformer = getattr(self, "transformer", None)
         if not self._fast_inference or transformer is None:
             return
+        if self._has_weight_hooks():
+            raise ValueError(
+                "this pipeline runs the fast path (enable_fast_inference) and CPU offloading, group offloading or "
+                "layerwise casting was added since; call disable_fast_inference() first, or reload the pipeline."
+            )
         state = adapter_state(transformer)
         if state != getattr(transformer, ADAPTER_STATE_ATTRIBUTE, None):
             quantize_linears_fp8_(transformer, self._fast_fp8)

@@ -63,7 +63,7 @@ from ..models.multiscale_vq import area_down
 from ..models.slicing import NaNDecodeError, check_token_values
 from ..pil_images import to_grayscale, to_rgb
 from ..scalars import is_bool, is_integer, is_number
-from .fast_inference import ROUNDED_ATTRIBUTE, FastInferenceMixin
+from .fast_inference import FastInferenceMixin, rounded_to
 from .sampling import GeneratorArg
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -306,9 +306,23 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
     def _get_compatibles(cls) -> list[type]:
         return [other for other in _PIPELINE_CLASSES.values() if other._family == cls._family]
 
+    def _refuse_offload_on_fast_path(self, method: str) -> None:
+        if self._fast_inference:
+            raise ValueError(
+                f"`{method}()`: this pipeline runs the fast path (enable_fast_inference), whose CUDA graphs and "
+                "fitted modules cannot follow weights that move at every call; call disable_fast_inference() first."
+            )
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = None):
+        """diffusers' model offload, refused while the fast path is on (:meth:`disable_fast_inference` first)."""
+        self._refuse_offload_on_fast_path("enable_model_cpu_offload")
+        return super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+
     def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = None):
         """diffusers' sequential offload onto an accelerator ``device``. A CPU ``device`` is refused: diffusers takes
-        it and leaves every weight on the meta device, so the pipeline can then neither run nor be saved."""
+        it and leaves every weight on the meta device, so the pipeline can then neither run nor be saved. Refused
+        while the fast path is on, as :meth:`enable_model_cpu_offload`."""
+        self._refuse_offload_on_fast_path("enable_sequential_cpu_offload")
         if device is not None:
             try:
                 kind = torch.device(device).type
@@ -570,10 +584,10 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         for name, component in self.components.items():
             if isinstance(component, torch.nn.Module):
                 refuse_lora_layers(component, name)
-                rounded_to = getattr(component, ROUNDED_ATTRIBUTE, None)
-                if rounded_to is not None:
+                rounding = rounded_to(component)
+                if rounding is not None:
                     logger.warning(
-                        f"save_pretrained: enable_fast_inference cast `{name}`'s weights to {rounded_to}; the saved "
+                        f"save_pretrained: enable_fast_inference cast `{name}`'s weights to {rounding}; the saved "
                         f"weights carry that rounding (save from a pipeline loaded afresh for full precision)."
                     )
         target = save_folder_atomic(Path(save_directory), save)

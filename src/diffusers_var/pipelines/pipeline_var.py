@@ -24,6 +24,7 @@ from .fast_inference import (
     fast_settings,
     fp8_linears,
     fuse_ffn_gelu_,
+    note_rounding_,
     quantize_linears_fp8_,
 )
 from .pipeline_utils import (
@@ -240,7 +241,8 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
                 ``compile_blocks=True``, which fuses the quantisation into the norms. It changes the numerics more
                 than bf16 (BENCHMARKS.md).
 
-        Returns the pipeline. Not combinable with CPU / group offloading or layerwise casting.
+        Returns the pipeline. Not combinable with CPU / group offloading or layerwise casting, in either order (a
+        ``ValueError``; :meth:`disable_fast_inference` first).
         """
         self._check_fast_inference_args(
             dtype, cuda_graphs=cuda_graphs, compile_decoder=compile_decoder, compile_blocks=compile_blocks, fp8=fp8
@@ -1139,6 +1141,7 @@ class VARCoDePipeline(VARPipeline):
     def _cast_for_fast_inference(self, dtype: torch.dtype, decoder, compile_decoder: bool | str) -> None:
         super()._cast_for_fast_inference(dtype, decoder, compile_decoder)
         cast_module_(self.refiner, dtype)
+        note_rounding_(self.refiner, dtype)
 
     def _set_fast_inference(
         self, enabled: bool, cuda_graphs: bool = False, dtype: torch.dtype | None = None, fp8: bool = False
