@@ -6,7 +6,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import pytest
 import torch
 
@@ -328,3 +330,27 @@ def test_a_full_disk_is_one_error_line(tmp_path, capsys, monkeypatch):
     assert _exit_code(["generate", "--class-label", "1", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: no space left on the device writing") and f"(`--out` {str(out)!r})" in err
+
+
+def test_edit_reads_image_and_mask_upright_as_their_exif_says(tmp_path):
+    """``edit`` took a phone photo's stored pixels (sideways), so the edit and a mask drawn on the upright view did
+    not line up with what the user sees."""
+    from test_data import sideways_photo
+
+    halves = np.zeros((64, 64, 3), np.uint8)
+    halves[:32] = (255, 0, 0)
+    halves[32:] = (0, 0, 255)
+    sideways_photo(tmp_path / "photo.jpg", halves)
+    with PIL.Image.open(tmp_path / "photo.jpg") as stored:
+        PIL.ImageOps.exif_transpose(stored).save(tmp_path / "upright.png")
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:16] = 255  # the top band, on the upright view
+    sideways_photo(tmp_path / "mask.jpg", np.repeat(mask[..., None], 3, axis=2))
+    PIL.Image.fromarray(mask).save(tmp_path / "mask.png")
+    outputs = {}
+    for name, image, mask_file in (("exif", "photo.jpg", "mask.jpg"), ("upright", "upright.png", "mask.png")):
+        argv = ["edit", "--image", str(tmp_path / image), "--mask", str(tmp_path / mask_file), "--class-label", "1"]
+        assert _exit_code([*argv, "--seed", "0", "--out", str(tmp_path / f"out-{name}.png")]) == 0
+        outputs[name] = np.asarray(PIL.Image.open(tmp_path / f"out-{name}.png").convert("RGB")).astype(int)
+    assert np.abs(outputs["exif"] - outputs["upright"]).mean() < 3  # JPEG's rounding apart, the same edit
+    assert outputs["exif"][40:, :, 2].mean() > 150  # the blue bottom half kept where the user sees it

@@ -248,3 +248,21 @@ def test_training_on_a_folder_with_a_broken_image(tmp_path, capsys, caplog):
     assert main([*common, f"output_dir={tmp_path / 'error'}", "data.bad_images=error"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: `data`: cannot read image") and str(broken) in err
+
+
+def sideways_photo(path, upright_rgb: np.ndarray) -> None:
+    """A JPEG stored rotated a quarter turn with the EXIF orientation tag (6) that turns it back, as phones write."""
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    PIL.Image.fromarray(upright_rgb).transpose(PIL.Image.Transpose.ROTATE_90).save(path, exif=exif, quality=95)
+
+
+def test_training_images_are_turned_upright_as_their_exif_says(tmp_path):
+    """A phone photo (pixels stored sideways, an EXIF orientation tag) trained sideways."""
+    top_white = np.zeros((32, 32, 3), np.uint8)
+    top_white[:16] = 255
+    sideways_photo(tmp_path / "photo.jpg", top_white)
+    with PIL.Image.open(tmp_path / "photo.jpg") as stored:
+        assert np.asarray(stored)[:, :16].mean() > 200  # stored: the white half is on the left
+    item = ImageFolderDataset(tmp_path, 32)[0]["pixel_values"]
+    assert item[:, :16].mean() > 0.8 and item[:, 16:].mean() < -0.8  # trained: white on top, as viewers show it

@@ -315,7 +315,7 @@ def _edit(args) -> int:
 
     import diffusers_var
 
-    from .pil_images import to_grayscale, to_rgb
+    from .pil_images import open_upright, to_grayscale, to_rgb
 
     masks = [name for name in ("mask", "box") if getattr(args, name) is not None]
     if len(masks) > 1:
@@ -358,7 +358,7 @@ def _edit(args) -> int:
     images = {}
     for flag, path, convert in (("--image", args.image, to_rgb), ("--mask", args.mask, to_grayscale)):
         try:
-            images[flag] = convert(PIL.Image.open(path)) if path is not None else None
+            images[flag] = convert(open_upright(path)) if path is not None else None
         except (OSError, PIL.Image.DecompressionBombError, SyntaxError, ValueError) as err:  # what PIL raises
             return print_error(f"`{flag}` {str(path)!r} is not an image that can be read ({err})")
 

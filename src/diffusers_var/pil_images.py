@@ -1,11 +1,13 @@
 """PIL images of any mode as 8-bit RGB or grayscale. PIL's own ``convert("RGB")`` / ``convert("L")`` clips the
 high-bit-depth grayscale modes at 255: a 16-bit PNG (mode ``I;16``) turns white wherever it is brighter than 255 of
-65535. Shared by the pipelines (``image`` / ``mask_image``), training data and evaluation image folders."""
+65535. Shared by the pipelines (``image`` / ``mask_image``), training data and evaluation image folders. Image files
+a user hands over (``edit``'s ``--image`` / ``--mask``, training images) are turned upright first (:func:`upright`)."""
 
 from __future__ import annotations
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
@@ -35,3 +37,15 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
 def to_grayscale(image: PIL.Image.Image) -> PIL.Image.Image:
     """``image`` as 8-bit grayscale, mode ``L`` (a 16-bit mask scaled, not clipped)."""
     return _eight_bit(image).convert("L")
+
+
+def upright(image: PIL.Image.Image) -> PIL.Image.Image:
+    """``image`` turned as its EXIF orientation tag says, as diffusers' ``load_image`` does: a phone photo stored
+    sideways with a rotation tag comes out as every viewer shows it (and a mask drawn on that view lines up)."""
+    return PIL.ImageOps.exif_transpose(image)
+
+
+def open_upright(path) -> PIL.Image.Image:
+    """The image file at ``path``, read and turned upright (:func:`upright`); the file is closed on return."""
+    with PIL.Image.open(path) as image:
+        return upright(image)

@@ -17,7 +17,7 @@ import PIL.Image
 import torch
 
 from ..file_utils import files_under, text_lines
-from ..pil_images import to_rgb
+from ..pil_images import to_rgb, upright
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +25,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 
 
 def resize_center_crop(image: PIL.Image.Image, resolution: int) -> torch.Tensor:
-    """Resize the short side to ``resolution`` (Lanczos), centre-crop, scale to [-1, 1]."""
-    image = to_rgb(image)  # (a 16-bit PNG scaled, not clipped white)
+    """Turn upright (EXIF orientation), resize the short side to ``resolution`` (Lanczos), centre-crop, scale to
+    [-1, 1]."""
+    image = to_rgb(upright(image))  # (a 16-bit PNG scaled, not clipped white)
     w, h = image.size
     scale = resolution / min(w, h)
     image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), PIL.Image.LANCZOS)
