@@ -266,6 +266,20 @@ def test_evaluate_command_and_reference_statistics(inception_weights, tmp_path, 
     )
     assert "holds statistics only" in capsys.readouterr().err
 
+    # An ADM reference batch: images and its own (TensorFlow) statistics, which FID uses. Statistics saved from it
+    # kept our features' statistics instead, so the saved file gave another FID than the reference it came from.
+    with np.load(stats) as data:
+        foreign_mu = data["mu"] + 0.05 * np.random.default_rng(0).standard_normal(2048)
+        np.savez(tmp_path / "adm.npz", arr_0=ShapesDataset(8, 32, seed=2).images, mu=foreign_mu, sigma=data["sigma"])
+    adm, saved = ["--reference", str(tmp_path / "adm.npz")], tmp_path / "from_adm.npz"
+    assert main(["evaluate", "--samples", str(samples), *adm, "--save-reference-stats", str(saved), *common]) == 0
+    from_adm = json.loads(capsys.readouterr().out)
+    assert from_adm["fid"] != pytest.approx(first["fid"], rel=1e-3)  # the given statistics were used
+    assert main(["evaluate", "--samples", str(samples), "--reference", str(saved), *common]) == 0
+    again = json.loads(capsys.readouterr().out)
+    for key in ("fid", "precision", "recall"):
+        assert again[key] == pytest.approx(from_adm[key], rel=1e-6, abs=1e-9), key
+
 
 def test_missing_weights_and_bad_flags_are_one_error_line(tmp_path, monkeypatch, capsys, inception_weights):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -445,6 +459,7 @@ def test_bad_output_paths_fail_before_the_work(tmp_path, monkeypatch, capsys, in
     _save_images(unfinished / "images", ShapesDataset(2, 32, seed=1).images)
     (unfinished / "run.json").write_text('{"settings": {"total": 90}}')
     _one_error(capsys, ["--samples", str(unfinished)], "`--samples`", "has not finished")
+    _one_error(capsys, ["--samples", str(unfinished / "images")], "`--samples`", "is in a `diffusers-var sample` run")
     # an .npz of empty images, one in Fortran order (its message showed a shape that looked right), a null prompt
     for name, images in (
         ("empty", np.zeros((2, 0, 5, 3), np.uint8)),

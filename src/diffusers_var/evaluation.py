@@ -47,6 +47,9 @@ PR_NEIGHBOURHOOD = 3  # ADM's ManifoldEstimator(nhood_sizes=(3,))
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 METRICS = ("fid", "is", "pr", "clip")
 FEATURE_DIM = 2048  # pool_3
+# in a --save-reference-stats file: its mu / sigma are the reference's own (ADM's TensorFlow statistics), which FID
+# uses, rather than those of its features
+GIVEN_STATISTICS_KEY = "statistics_given"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,10 +90,11 @@ class ImageSet:
                         f"`{flag}` {str(self.path / METADATA_FILE)!r}: entry {bad + 1} has a `prompt` that is not a "
                         f"non-empty string ({self.prompts[bad]!r})"
                     )
-        elif (self.path / RUN_FILE).is_file() and (self.path / IMAGES_DIR).is_dir():
+        elif unfinished_run(self.path) is not None:
             raise ValueError(
-                f"`{flag}` {str(self.path)!r} is a `diffusers-var sample` run that has not finished (no "
-                f"{METADATA_FILE} yet); run the same sample command again to finish it."
+                f"`{flag}` {str(self.path)!r} is {'' if unfinished_run(self.path) == self.path else 'in '}a "
+                f"`diffusers-var sample` run that has not finished (no {METADATA_FILE} yet); run the same sample "
+                "command again to finish it."
             )
         elif self.path.is_dir():
             self.kind = "folder"
@@ -107,9 +111,10 @@ class ImageSet:
     @property
     def has_features(self) -> bool:
         """Images, or stored Inception features: what precision/recall need (statistics alone are not enough)."""
-        return self.length > 0 or self._has("inception_pool_3")
+        return self.length > 0 or self.has_key("inception_pool_3")
 
-    def _has(self, key: str) -> bool:
+    def has_key(self, key: str) -> bool:
+        """Whether the set is an .npz holding an array named ``key``."""
         return self.kind == "npz" and key in self.keys
 
     def arrays(self, *keys: str) -> dict[str, np.ndarray]:
@@ -147,6 +152,15 @@ def _reason(err: BaseException) -> str:
 
 # What a damaged or foreign .npz raises inside numpy / zipfile (a CRC or truncation error mid-read included).
 _NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError)
+
+
+def unfinished_run(path: Path) -> Path | None:
+    """The unfinished ``diffusers-var sample`` run folder that ``path`` is, or whose ``images/`` folder it is: it has
+    the run's ``run.json`` and ``images/`` but no ``metadata.jsonl`` yet (``None``: not one)."""
+    for run in (path, path.parent if path.name == IMAGES_DIR else None):
+        if run is not None and (run / RUN_FILE).is_file() and (run / IMAGES_DIR).is_dir():
+            return run if not (run / METADATA_FILE).is_file() else None
+    return None
 
 
 def _npz_keys(path: Path, flag: str) -> list[str]:
@@ -645,9 +659,14 @@ def run_evaluate(args) -> dict:
                 reference,
             )
         result["num_reference"] = None if ref_pool is None else len(ref_pool)
-        # ADM's reference batches carry their TensorFlow statistics: FID uses them, as ADM does (a file of
-        # --save-reference-stats carries the features themselves, which give the same statistics).
-        use_stats = "mu" in stored and "sigma" in stored and "inception_pool_3" not in stored
+        # ADM's reference batches carry their TensorFlow statistics: FID uses them, as ADM does. A file of
+        # --save-reference-stats carries the features, which give its own statistics, and keeps the given ones
+        # (marked by GIVEN_STATISTICS_KEY) when its reference had them.
+        use_stats = (
+            "mu" in stored
+            and "sigma" in stored
+            and ("inception_pool_3" not in stored or reference.has_key(GIVEN_STATISTICS_KEY))
+        )
         if "fid" in metrics:
             result["fid"] = (
                 frechet_distance(*feature_statistics(pool), stored["mu"], stored["sigma"])
@@ -677,8 +696,11 @@ def run_evaluate(args) -> dict:
         )
     if args.save_reference_stats:  # last: a failed write still prints the results (LateWriteError)
         target = Path(args.save_reference_stats)
-        ref_mu, ref_sigma = feature_statistics(ref_pool)
-        arrays = {"mu": ref_mu, "sigma": ref_sigma, "inception_pool_3": ref_pool}
+        if use_stats:  # the reference's own statistics (ADM's), which FID used: the next runs use them too
+            arrays = {"mu": stored["mu"], "sigma": stored["sigma"], GIVEN_STATISTICS_KEY: np.array(True)}
+        else:
+            arrays = dict(zip(("mu", "sigma"), feature_statistics(ref_pool)))
+        arrays["inception_pool_3"] = ref_pool
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(target, lambda tmp: _savez(tmp, arrays))
