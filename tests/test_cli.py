@@ -72,6 +72,23 @@ BAD_ARGUMENTS = [
     (["demo", "--queue-size", "0"], "--queue-size"),
     (["demo", "--queue-size", "10001"], "--queue-size"),
     (["demo", "--concurrency", "65"], "--concurrency"),
+    # a blank path ("$UNSET") was read as the default model, or as the current folder
+    (["generate", "--model", ""], "--model"),
+    (["generate", "--refiner", " "], "--refiner"),
+    (["generate", "--lora", ""], "--lora"),
+    ([*EDIT, "--model", ""], "--model"),
+    ([*EDIT, "--image", ""], "--image"),
+    ([*EDIT, "--mask", ""], "--mask"),
+    (["sample", "--out", "{tmp}/run", "--model", ""], "--model"),
+    (["sample", "--out", "{tmp}/run", "--prompts", ""], "--prompts"),
+    (["sample", "--out", "{tmp}/run", "--compile-cache", ""], "--compile-cache"),
+    (["evaluate", "--samples", ""], "--samples"),
+    (["evaluate", "--samples", "{tmp}", "--reference", ""], "--reference"),
+    (["evaluate", "--samples", "{tmp}", "--inception-weights", ""], "--inception-weights"),
+    (["evaluate", "--samples", "{tmp}", "--clip-model", ""], "--clip-model"),
+    (["demo", "--var", ""], "--var"),
+    (["demo", "--var-refiner", ""], "--var-refiner"),
+    (["demo", "--compile-cache", ""], "--compile-cache"),
 ]
 
 

@@ -461,6 +461,31 @@ def test_a_replaced_model_or_a_damaged_image_is_named_on_resume(one_process, tmp
     assert "the model folder's files (another model" in capsys.readouterr().err
 
 
+def test_the_model_digest_leaves_out_only_what_the_run_writes(tmp_path):
+    """With ``--out`` the model folder itself, the digest skipped all of ``--out``: the whole model, so a model
+    replaced in place was not noticed on restart. Only the run's own files are left out now."""
+    model = tmp_path / "model"
+    shutil.copytree(VAR, model)
+    before = model_files_digest(model, out=model)
+    assert before == model_files_digest(model)  # nothing of a run yet: the whole model counts
+    (model / "images").mkdir()
+    (model / "images" / "000000.png").write_bytes(b"an image of the run")
+    for name in ("run.json", "metadata.jsonl", ".metadata.jsonl.123-456.tmp"):
+        (model / name).write_text("{}")
+    assert model_files_digest(model, out=model) == before  # the run's own files do not change it
+    weights = model / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"replaced")  # another model, same size
+    config = model / "transformer" / "config.json"
+    config.write_text(config.read_text().replace("{", '{"replaced": 1, ', 1))
+    assert model_files_digest(model, out=model) != before
+    inside = model / "runs" / "first"  # a run folder inside the model: its own files only are left out
+    (inside / "images").mkdir(parents=True)
+    (inside / "images" / "000000.png").write_bytes(b"x")
+    after = model_files_digest(model, out=inside)
+    (inside / "images" / "000001.png").write_bytes(b"y")
+    assert model_files_digest(model, out=inside) == after
+
+
 def test_a_finished_run_a_copied_model_and_what_a_kill_left(one_process, tmp_path, capsys):
     """A finished run whose images/ was deleted (metadata and npz kept, to save space) is still that run: other
     settings are refused. The same model files at another path (a copy, a moved checkout) resume it. Temporaries of a

@@ -29,6 +29,7 @@ from .cli_support import (
     load_loras,
     load_pipeline,
     name_flags,
+    nonblank,
     pipeline_class_of,
     pipeline_family,
     print_error,
@@ -482,6 +483,7 @@ def build_parser() -> OneLineErrorParser:
     gen = sub.add_parser("generate", help="generate images with a pipeline folder (default: the embedded VAR)")
     gen.add_argument(
         "--model",
+        type=nonblank,
         default=None,
         help=f"pipeline folder, or an embedded one by name ({EMBEDDED_NAMES}; default: var-shapes)",
     )
@@ -502,6 +504,7 @@ def build_parser() -> OneLineErrorParser:
     add_sampling_arguments(gen)
     gen.add_argument(
         "--refiner",
+        type=nonblank,
         default=None,
         metavar="PATH",
         help="CoDe: a small VAR pipeline folder on the same tokenizer that samples the fine scales after "
@@ -530,12 +533,14 @@ def build_parser() -> OneLineErrorParser:
     )
     ed.add_argument(
         "--model",
+        type=nonblank,
         default=None,
         help=f"pipeline folder, or an embedded one by name ({EMBEDDED_NAMES}; default: var-shapes)",
     )
-    ed.add_argument("--image", required=True, help="the image to edit (resized to the model's size)")
+    ed.add_argument("--image", type=nonblank, required=True, help="the image to edit (resized to the model's size)")
     ed.add_argument(
         "--mask",
+        type=nonblank,
         default=None,
         help="in-painting: mask image, white = generate (the image's size, or the model's last token grid)",
     )

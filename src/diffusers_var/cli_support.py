@@ -136,6 +136,14 @@ def int_in_range(low: int | None = None, high: int | None = None):
     return parse
 
 
+def nonblank(text: str) -> str:
+    """An argparse ``type`` for a path or name: a blank value (``--model "$UNSET"``) is refused, naming the flag,
+    rather than read as the default or as the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"must not be blank (a path or name), got {text!r}")
+    return text
+
+
 def finite_float(text: str) -> float:
     """An argparse ``type`` for a finite float: NaN and infinity are refused here, naming the flag."""
     try:
@@ -206,6 +214,7 @@ def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lora",
         action="append",
+        type=nonblank,
         default=None,
         metavar="PATH",
         help="LoRA adapter: a folder with pytorch_lora_weights.safetensors or a .safetensors file "
@@ -231,6 +240,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     ):
         parser.add_argument(
             flag,
+            type=nonblank,
             default="default",
             metavar="PATH",
             help=f"{name} pipeline folder (default: the embedded pipelines/{folder} when present; "
@@ -238,6 +248,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         )
     parser.add_argument(
         "--var-refiner",
+        type=nonblank,
         default="none",
         metavar="PATH",
         help="a small VAR pipeline folder on the VAR model's tokenizer: the VAR tab then offers CoDe "
@@ -259,6 +270,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--compile-cache",
+        type=nonblank,
         default=None,
         metavar="DIR",
         help="with --fast on a GPU: folder of torch.compile's caches, so that a restarted demo does not compile "

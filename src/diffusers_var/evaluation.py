@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cli_support import check_device
+from .cli_support import check_device, nonblank
 from .fid_inception import WEIGHTS_FILENAMES, WEIGHTS_URL, FIDInceptionV3
 from .file_utils import files_under, json_lines, text_lines, write_atomic
 from .sample import IMAGES_DIR, METADATA_FILE, RUN_FILE
@@ -807,9 +807,12 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
         "reference (an image folder, or an .npz with images `arr_0` and/or statistics `mu`/`sigma`). "
         "Prints the results as JSON.",
     )
-    parser.add_argument("--samples", required=True, help="sample folder, image folder or .npz (arr_0 uint8 NHWC)")
+    parser.add_argument(
+        "--samples", type=nonblank, required=True, help="sample folder, image folder or .npz (arr_0 uint8 NHWC)"
+    )
     parser.add_argument(
         "--reference",
+        type=nonblank,
         default=None,
         help="image folder or .npz (ADM's reference batch, or a file of --save-reference-stats)",
     )
@@ -820,11 +823,13 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--inception-weights",
+        type=nonblank,
         default=None,
         help="FID Inception weight file (default: torch-fidelity's cache file in $TORCH_HOME/hub/checkpoints)",
     )
     parser.add_argument(
         "--clip-model",
+        type=nonblank,
         default=DEFAULT_CLIP_MODEL,
         help=f"transformers CLIP folder or cached Hub id (default {DEFAULT_CLIP_MODEL})",
     )

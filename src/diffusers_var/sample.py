@@ -54,6 +54,7 @@ from .cli_support import (
     int_in_range,
     load_pipeline,
     name_flags,
+    nonblank,
     pipeline_family,
 )
 from .conversion.common import folder_problem
@@ -513,12 +514,18 @@ def _plan_from_configs(model: Path, args, family_name: str, prompts: list[dict] 
 def model_files_digest(model: Path, out: Path | None = None) -> str:
     """A digest of the pipeline folder: its files' names and sizes, and the contents of the small ones (configs,
     tokenizers; the weights may be many GB). A copy or a re-download of the same folder gives the same digest; a
-    folder replaced by another model in the meantime does not, so a restarted run cannot mix the two. A run folder
-    ``out`` inside the model folder is left out (its own images would change the digest)."""
+    folder replaced by another model in the meantime does not, so a restarted run cannot mix the two. What the run in
+    ``out`` writes is left out where ``out`` is, or is inside, the model folder (its own images would change the
+    digest); the rest of ``out`` is not (with ``--out`` the model folder itself, that is the whole model)."""
     listing = []
-    skipped = out.resolve() if out is not None else None
+    run_files = (
+        [] if out is None else [(out / name).resolve() for name in (IMAGES_DIR, RUN_FILE, METADATA_FILE, NPZ_FILE)]
+    )
     for path in files_under(model, lambda name: True):
-        if skipped is not None and path.resolve().is_relative_to(skipped):
+        resolved = path.resolve()
+        if any(resolved.is_relative_to(run_file) for run_file in run_files) or (
+            out is not None and resolved.parent == out.resolve() and is_atomic_temporary(path.name)
+        ):
             continue
         size = path.stat().st_size
         content = hashlib.sha256(path.read_bytes()).hexdigest() if size < 2**20 else None
@@ -882,6 +889,7 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--model",
+        type=nonblank,
         default=None,
         help="pipeline folder, or an embedded one by name (var-shapes, star-shapes, infinity-shapes; default: "
         "var-shapes)",
@@ -899,6 +907,7 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     group = parser.add_argument_group("text-to-image (STAR, Infinity)")
     group.add_argument(
         "--prompts",
+        type=nonblank,
         default=None,
         help='prompt file: one prompt a line, or .jsonl objects with "prompt" and any metadata',
     )
@@ -953,6 +962,7 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--compile-cache",
+        type=nonblank,
         default=None,
         help="with --fast on a GPU: folder of torch.compile's caches, shared by the processes of a machine so that "
         "only the first compiles (default $DIFFUSERS_VAR_COMPILE_CACHE, else ~/.cache/diffusers_var/torch_compile)",
