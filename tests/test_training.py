@@ -378,6 +378,21 @@ def test_pruning_deletes_only_the_trainers_oldest_checkpoints(tokenizer_dir, tmp
     ]
 
 
+def test_checkpoint_files_get_the_mode_of_the_umask(tmp_path):
+    """safetensors writes its files 0600: a run folder shared with a group (umask 002 / 022) held checkpoints that
+    nobody else could resume, beside JSON files of the umask's mode."""
+    old = os.umask(0o022)
+    try:
+        config = base_config(tmp_path, task="tokenizer", model=TOKENIZER_MODEL, max_steps=1, ema_decay=0.9)
+        train(TrainConfig(**config))
+    finally:
+        os.umask(old)
+    checkpoint = tmp_path / "checkpoints" / "step-0000001"
+    modes = {path.name: path.stat().st_mode & 0o777 for path in checkpoint.iterdir()}
+    assert {"model.safetensors", "optimizer.safetensors", "ema.safetensors", "rng_state_0.safetensors"} <= set(modes)
+    assert set(modes.values()) == {0o644}, modes
+
+
 def test_checkpoints_edited_after_saving_are_damaged_or_named(tokenizer_dir, tmp_path):
     """Files that parse but lack what a resume reads are damage (skipped, the checkpoint before is used), not a
     KeyError from deep inside the resume; NaN weights or a scheduler state of another kind are a named error."""
