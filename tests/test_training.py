@@ -393,6 +393,18 @@ def test_checkpoint_files_get_the_mode_of_the_umask(tmp_path):
     assert set(modes.values()) == {0o644}, modes
 
 
+def test_a_checkpoint_without_its_random_state_is_damaged(tokenizer_dir, tmp_path):
+    """A lost RNG file was not damage: the run resumed from that checkpoint with a fresh random state (other label
+    dropout than the run it continued); it is skipped like any checkpoint with a file missing."""
+    from diffusers_var.training.checkpoint import checkpoint_damage
+
+    source = tokenizer_dir.parent / "checkpoints" / "step-0000016"
+    for name in ("rng_state_0.json", "rng_state_0.safetensors"):
+        checkpoint = shutil.copytree(source, tmp_path / name / "step-0000016")
+        (checkpoint / name).unlink()
+        assert checkpoint_damage(checkpoint) == f"{name} missing"
+
+
 def test_checkpoints_edited_after_saving_are_damaged_or_named(tokenizer_dir, tmp_path):
     """Files that parse but lack what a resume reads are damage (skipped, the checkpoint before is used), not a
     KeyError from deep inside the resume; NaN weights or a scheduler state of another kind are a named error."""

@@ -285,6 +285,10 @@ def checkpoint_damage(folder: Path) -> str | None:
     if state.get("format") == FORMAT and (problem := _state_structure_problem(state)):
         return problem
     needed = ["model.safetensors", "optimizer.safetensors"] + (["ema.safetensors"] if state.get("ema") else [])
+    # every saving rank's RNG state: without it the resume would draw other dropout / flips than the run it continues
+    processes = state.get("num_processes")
+    processes = processes if isinstance(processes, int) and not isinstance(processes, bool) and processes > 0 else 1
+    needed += [f"rng_state_{rank}.{suffix}" for rank in range(processes) for suffix in ("safetensors", "json")]
     missing = [name for name in needed if not (folder / name).is_file()]
     if missing:
         return f"{', '.join(missing)} missing"
