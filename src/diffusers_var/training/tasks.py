@@ -756,6 +756,14 @@ class InfinityTask(_PipelineTask):
         model_args.update(
             bits_per_token=self.vae.bits_per_token, text_dim=text_dim, cond_drop_rate=config.cond_drop_rate
         )
+        levels = model_args.get(
+            "num_level_embeddings", model_parameters(InfinityTransformer2DModel)["num_level_embeddings"].default
+        )
+        if config.lora is None and levels < len(self.schedule):  # now, not at the first step after output_dir is made
+            raise ValueError(
+                f"`model.num_level_embeddings` ({levels}) must be at least the {len(self.schedule)} scales of the "
+                f"schedule of `resolution` {config.resolution}."
+            )
         if infinity_ffn_dim(int(model_args.get("embed_dim", 2048)), float(model_args.get("mlp_ratio", 4.0))) < 1:
             raise ValueError(
                 "`model`: Infinity's FFN width round(embed_dim * mlp_ratio / 256) * 256 is 0; raise `embed_dim` "
@@ -764,6 +772,11 @@ class InfinityTask(_PipelineTask):
         self.model = lora.transformer_for_training(
             config, InfinityTransformer2DModel, lambda: _new(InfinityTransformer2DModel, model_args, **init_args)
         )
+        if self.model.config.num_level_embeddings < len(self.schedule):  # a LoRA base made for fewer scales
+            raise ValueError(
+                f"`resolution` {config.resolution}: its schedule has {len(self.schedule)} scales; the transformer of "
+                f"`lora.base` supports {self.model.config.num_level_embeddings}."
+            )
         self.text_pipe = self.pipeline(self.model)  # its encode_prompt only
         flips = len(self.schedule) if config.bsc_num_scales is None else int(config.bsc_num_scales)
         self.bsc_num_scales = flips if config.bsc_flip_prob > 0 else 0
