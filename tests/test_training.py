@@ -703,6 +703,10 @@ TRANSFORMER_KEYS = {
         ("infinity", ["model.foo=1"], r"unknown key `model\.foo`.*block_chunks"),
         ("var", ["model.vocab_size=5"], r"`model\.vocab_size` is set by the trainer \(from the tokenizer\)"),
         ("star", ["model.text_embed_dim=5"], r"`model\.text_embed_dim` is set by the trainer"),
+        # STAR's loss trains no stable-sampler head: the export carried a random one that generation used by default
+        ("star", ["model.stable_sampler=true"], r"`model\.stable_sampler`: task star does not train the stable-sam"),
+        ("star", ["model.sampler_depth=2"], r"`model\.sampler_depth`: task star does not train the stable-sampler"),
+        ("star", ["model.sampler_start_scale=2"], r"`model\.sampler_start_scale`: task star does not train"),
         ("tokenizer", ["model.vocab_size=-5"], r"`model\.vocab_size` must be a whole number >= 1, got -5"),
         ("var", ["model.depth=2.5"], r"`model\.depth` must be a whole number >= 1"),
         ("tokenizer", ["model.using_sa=1"], r"`model\.using_sa` must be true or false"),

@@ -139,8 +139,14 @@ def check_model_section(config) -> dict:
     params = model_parameters(model_class)
     set_by_trainer = task_class.model_keys_set_by_trainer
     init_keys = task_class.model_init_keys
-    accepted = sorted((set(params) - set(set_by_trainer)) | set(init_keys))
+    refused = task_class.model_keys_refused
+    accepted = sorted((set(params) - set(set_by_trainer) - set(refused)) | set(init_keys))
     for key, value in config.model.items():
+        if key in refused:
+            raise ValueError(
+                f"`model.{key}`: task {config.task} {refused[key]}; remove it. Accepted `model` "
+                f"keys for task {config.task}: {', '.join(accepted)}."
+            )
         if key in set_by_trainer:
             raise ValueError(
                 f"`model.{key}` is set by the trainer (from {set_by_trainer[key]}); remove it. Accepted `model` "
@@ -256,6 +262,7 @@ class _ReconstructionTask:
 
     collate = staticmethod(collate)
     model_keys_set_by_trainer: dict[str, str] = {}  # constructor arguments the trainer sets: key -> from what
+    model_keys_refused: dict[str, str] = {}  # constructor arguments of parts the task does not train: key -> why
     model_keys_fixed = {"in_channels": 3, "out_channels": 3}  # the training images are RGB
     model_init_keys: dict[str, str] = {}  # `model` keys that are not constructor arguments: key -> kind of value
 
@@ -277,6 +284,7 @@ class _PipelineTask:
 
     collate = staticmethod(collate)
     model_keys_set_by_trainer: dict[str, str] = {}
+    model_keys_refused: dict[str, str] = {}
     model_init_keys: dict[str, str] = {}
 
     @torch.no_grad()
@@ -653,6 +661,13 @@ class STARTask(_PipelineTask):
         "text_embed_dim": "the text encoder",
         "cond_drop_rate": "the top-level `cond_drop_rate`",
     }
+    # the loss trains the main head only: an exported sampler head would keep its random weights, and generation
+    # uses it by default when the transformer has one
+    model_keys_refused = dict.fromkeys(
+        ("stable_sampler", "sampler_depth", "sampler_start_scale"),
+        "does not train the stable-sampler head (the export would carry it untrained, and generation uses it "
+        "by default)",
+    )
     model_init_keys = {"init_head": "number"}
 
     def __init__(self, config, device):
