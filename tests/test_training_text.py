@@ -285,6 +285,26 @@ def test_infinity_model_errors_name_their_key_before_output_dir_is_made(bitwise_
         assert not run.exists()
 
 
+def test_hf_data_names_the_column_the_task_needs(tmp_path, capsys):
+    """`data.type=hf` without `data.caption_column` crashed STAR / Infinity with a bare KeyError: 'caption' at the
+    first step, after output_dir was made (VAR without `data.label_column` with KeyError: 'class_labels')."""
+    from diffusers_var.cli import main
+
+    for task, extra, column in (
+        ("star", ["text_encoder_path=tiny-clip"], "caption_column"),
+        ("infinity", ["text_encoder_path=tiny-t5"], "caption_column"),
+        ("var", [], "label_column"),
+    ):
+        overrides = [f"task={task}", f"tokenizer_path={tmp_path}", *extra, "data.type=hf", f"data.path={tmp_path}"]
+        with pytest.raises(ValueError, match=rf"`data\.{column}` is required for `task: {task}` with `data.type: hf`"):
+            TrainConfig.load(None, overrides)
+        assert TrainConfig.load(None, [*overrides, f"data.{column}=c"]).data[column] == "c"
+    run = tmp_path / "run"
+    star = [f"tokenizer_path={tmp_path}", "text_encoder_path=tiny-clip", "data.type=hf", f"data.path={tmp_path}"]
+    assert main(["train", "star", *star, f"output_dir={run}"]) == 2
+    assert "`data.caption_column` is required" in capsys.readouterr().err and not run.exists()
+
+
 def test_killed_infinity_run_resumes_to_identical_weights(bitwise_vae_dir, tmp_path):
     """Bitwise Self-Correction draws from the numpy RNG and text dropout from torch's: both are restored."""
     from safetensors.torch import load_file

@@ -47,6 +47,12 @@ LR_SCHEDULES = ("cosine", "linear")
 LINEAR_SCHEDULE_HOLD = 0.05  # "linear": the share of the post-warm-up steps at the peak rate (the original's lin0)
 TEXT_TASKS = ("star", "infinity")
 RESUME_MODES = ("auto", "never", "force")
+# data.type hf: the column each task needs (key, what it holds, an example name)
+HF_COLUMNS = {
+    "var": ("label_column", "class labels", "label"),
+    "star": ("caption_column", "captions", "text"),
+    "infinity": ("caption_column", "captions", "text"),
+}
 # keys that may change between a run and its resume: they do not change what is trained
 RESUME_SAFE_KEYS = {
     "output_dir",
@@ -189,6 +195,14 @@ class TrainConfig:
                 f"got {bad_images!r}."
             )
         self.data = check_data_section(self.data)
+        # the column the task's loss reads (no name is assumed): missing, the run failed at its first batch
+        needed = HF_COLUMNS.get(self.task)
+        if self.data.get("type") == "hf" and needed and not self.data.get(needed[0]):
+            column, what, example = needed
+            raise ValueError(
+                f"`data.{column}` is required for `task: {self.task}` with `data.type: hf`: the dataset column "
+                f"holding the {what} (e.g. data.{column}={example})."
+            )
         for name in ("gradient_checkpointing", "allow_tf32", "torch_compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(  # noqa: TRY004 - every config error is a ValueError (the command line prints those)
