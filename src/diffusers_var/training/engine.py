@@ -249,7 +249,15 @@ class TrainConfig:
         if self.lora is not None:
             from .lora import LoraSettings
 
-            LoraSettings.parse(self.lora, self.task)  # tokenizer and text encoder default to the base pipeline's
+            LoraSettings.parse(self.lora, self.task)
+            for name in ("tokenizer_path", "text_encoder_path"):
+                # the adapter is loaded into lora.base, so it must learn on that pipeline's own components
+                if getattr(self, name) is not None:
+                    part = "tokenizer" if name == "tokenizer_path" else "text encoder"
+                    raise ValueError(
+                        f"`{name}`: a LoRA run trains on the {part} of `lora.base`, the pipeline its adapter is "
+                        f"loaded into; remove `{name}` (set: {getattr(self, name)!r})."
+                    )
         elif self.task not in TOKENIZER_TASKS and not self.tokenizer_path:
             kind = "BitwiseMultiScaleVAE" if self.task == "infinity" else "MultiScaleVQModel"
             raise ValueError(f"`tokenizer_path` (a trained {kind} folder) is required for `task: {self.task}`.")

@@ -183,7 +183,7 @@ def check_model_section(config) -> dict:
 
 def _load_tokenizer(model_class, config):
     """The frozen image tokenizer of a transformer task: ``tokenizer_path``, or the ``lora.base`` pipeline's."""
-    key = "tokenizer_path" if config.tokenizer_path or config.lora is None else "lora.base"
+    key = "tokenizer_path" if config.lora is None else "lora.base"
     return _load_pretrained(model_class, lora.tokenizer_path(config), key)
 
 
