@@ -734,6 +734,63 @@ def test_model_keys_with_a_lora_section_are_refused():
         TrainConfig.load(None, ["task=var", f"lora.base={base}", "model.depth=2"])
 
 
+def readme_train_commands() -> list[list[str]]:
+    """The training commands of README.md (code blocks, and inline ones in backquotes) as ``[TASK, ARGS...]``; those
+    with a ``...`` placeholder are left out."""
+    import shlex
+
+    text = (REPO / "README.md").read_text()
+    logical, current = [], ""
+    for line in text.splitlines():
+        if line.startswith("    ") or current:
+            current += line.strip().removesuffix("\\") + " "
+            if not line.rstrip().endswith("\\"):
+                logical.append(current)
+                current = ""
+    logical += re.findall(r"`(diffusers-var train [^`]*)`", text)
+    commands = []
+    for line in logical:
+        if not line.startswith(("diffusers-var train", "accelerate launch", "torchrun")):
+            continue
+        words = shlex.split(line, comments=True)
+        if words[:2] == ["diffusers-var", "train"]:
+            commands.append(words[2:])
+        elif "diffusers_var.training" in words and words[0] in ("accelerate", "torchrun"):
+            commands.append(words[words.index("diffusers_var.training") + 1 :])
+    return [command for command in commands if "..." not in command]
+
+
+def test_every_readme_train_command_is_a_valid_config(tmp_path, monkeypatch):
+    """README's LoRA example took `configs/star_shapes.yaml` (a full run's `model` keys) with a `lora` section: it
+    failed. Every documented train command must pass the config check (its placeholder folders made to exist)."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("configs", "pipelines"):
+        (tmp_path / name).symlink_to(REPO / name)
+    (tmp_path / "MY_PIPELINE").symlink_to(REPO / "pipelines" / "star-shapes")
+    for folder in (
+        "my_images",
+        "my_concept",
+        "outputs/tokenizer-shapes/final",
+        "outputs/bitwise-tokenizer-shapes/final",
+        "path/to/clip",
+        "path/to/flan-t5-xl",
+    ):
+        (tmp_path / folder).mkdir(parents=True)
+    commands = readme_train_commands()
+    assert len(commands) >= 9 and any("lora.base=pipelines/star-shapes" in c for c in commands), commands
+    for task, *args in commands:
+        config, overrides = None, []
+        for index, arg in enumerate(args):
+            if arg == "--config":
+                config = args[index + 1]
+            elif "=" in arg and args[index - 1] != "--config":
+                overrides.append(arg)
+        try:
+            TrainConfig.load(config, [f"task={task}", *overrides])
+        except ValueError as err:
+            raise AssertionError(f"README: `train {task} {' '.join(args)}`: {err}") from None
+
+
 def _error_line(capsys) -> str:
     """The command's stderr: exactly one line, the error."""
     lines = capsys.readouterr().err.strip().splitlines()
