@@ -1028,6 +1028,35 @@ def test_a_fresh_start_keeps_what_an_earlier_run_left(tmp_path):
     assert json.loads((run / "train_config.json").read_text())["max_steps"] == 1 and len(losses(run)) == 1
 
 
+def test_a_second_run_in_the_same_output_dir_is_refused_while_the_first_runs(tmp_path, capsys):
+    """Two runs in one output_dir at once: the second resumed from the first's checkpoints while they were written,
+    logged its steps into the same file and crashed with a bare OSError. The running one holds a lock; the other is
+    refused with one line, before it changes anything."""
+    import fcntl
+
+    from diffusers_var.cli import main
+    from diffusers_var.training.engine import LOCK_FILE
+
+    run = tmp_path / "run"
+    config = base_config(run, task="tokenizer", model=TOKENIZER_MODEL, max_steps=1, ema_decay=None)
+    train(TrainConfig(**config))
+    lock_file = run / LOCK_FILE
+    assert lock_file.is_file()  # left in the folder: it locks nothing once its process is gone
+    before = _tree(run)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**config, "max_steps": 2, "resume": "force"}))
+    with lock_file.open("w") as held:  # another run, holding the lock
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        capsys.readouterr()
+        assert main(["train", "tokenizer", "--config", str(path)]) == 2
+        assert f"another training run is using {str(run)!r}" in _error_line(capsys)
+        assert _tree(run) == before
+        other = tmp_path / "other"  # another folder is free
+        assert main(["train", "tokenizer", "--config", str(path), f"output_dir={other}"]) == 0
+    assert main(["train", "tokenizer", "--config", str(path)]) == 0  # released: the run resumes
+    assert len(losses(run)) == 2
+
+
 def test_a_second_run_in_one_process_may_change_mixed_precision(tmp_path):
     """accelerate keeps the first Accelerator's mixed precision for the process and refused the next run's
     ("AcceleratorState has already been initialized"): a notebook had to restart between runs."""

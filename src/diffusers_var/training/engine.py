@@ -25,6 +25,11 @@ from typing import Any
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
+
 from ..file_utils import is_hub_repo_id, make_folder, write_text_atomic
 from .checkpoint import (
     bare_model,
@@ -68,6 +73,7 @@ RESUME_SAFE_KEYS = {
 }
 PATH_KEYS = {"tokenizer_path", "text_encoder_path", "data.path", "lora.base", "model.init_from"}
 SECTIONS = ("data", "model", "lora")  # the config keys that hold keys of their own (``data.num_images=500``)
+LOCK_FILE = ".diffusers-var-train.lock"  # the run lock (_RunLock); never moved with a run's files, never deleted
 RUN_FILES = ("checkpoints", "final", "samples", "logs", "train_log.jsonl", "train_config.json")
 FRESH_START_FILES = ("final", "samples", "logs", "train_log.jsonl", "train_config.json")  # what a new run rewrites
 
@@ -708,8 +714,56 @@ def _cut_log_after(log_file: Path, step: int) -> None:
     write_text_atomic(log_file, "".join(f"{line}\n" for line in kept))
 
 
+class _RunLock:
+    """An exclusive ``flock`` on ``OUTPUT_DIR/.diffusers-var-train.lock``, held by the main process for the whole run:
+    a second run in the same folder would resume from the checkpoints of the first while it writes them. The kernel
+    releases it when the process ends, however it ends (a lock file left behind locks nothing)."""
+
+    def __init__(self):
+        self.descriptor = None
+
+    def acquire(self, output_dir: Path, create: bool) -> None:
+        """Take the lock (no-op when held); ``create=False`` only where the lock file exists (the checks before the
+        output folder is changed create nothing). A ``ValueError`` when another process holds it."""
+        if self.descriptor is not None or fcntl is None:
+            return
+        path = output_dir / LOCK_FILE
+        try:
+            descriptor = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
+        except FileNotFoundError:
+            if create:
+                raise
+            return
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise ValueError(
+                f"`output_dir`: another training run is using {str(output_dir)!r} (it holds {LOCK_FILE}); wait for it "
+                "to end, or use another output_dir."
+            ) from None
+        except OSError as err:  # a file system without flock (some network mounts): train, unguarded
+            os.close(descriptor)
+            print(f"warning: cannot lock {str(path)!r} ({err}); make sure no other run uses this output_dir")
+            return
+        self.descriptor = descriptor
+
+    def release(self) -> None:
+        if self.descriptor is not None:
+            os.close(self.descriptor)  # closing the only descriptor of the file releases the flock
+            self.descriptor = None
+
+
 def train(config: TrainConfig) -> Path:
     """Run (or resume) training; returns the exported folder."""
+    lock = _RunLock()
+    try:
+        return _train(config, lock)
+    finally:
+        lock.release()  # a second run in this process (a notebook) may take the folder
+
+
+def _train(config: TrainConfig, lock: _RunLock) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 
@@ -777,10 +831,14 @@ def train(config: TrainConfig) -> Path:
                 "`lora`: LoRA fine-tuning runs under DDP (each GPU holds the frozen base model), not FSDP."
             )
     snapshot = _config_snapshot(config)  # before a time limit shortens max_steps
+    if accelerator.is_main_process and output_dir.is_dir():  # a folder a run may be using: it is ours from here
+        lock.acquire(output_dir, create=False)
     resume_from = _resume_point(config, output_dir, accelerator.is_main_process)
     if config.resume != "never":  # (with resume=never a previous export is moved aside, not replaced)
         # refuse now rather than after training
         check_output_dir(output_dir / "final", overwrite=True, name="output_dir", replacer="the run's final export")
+        if checkpoint_dir.exists() and not checkpoint_dir.is_dir():  # (resume=never moves it aside with the run)
+            raise ValueError(f"`output_dir`: {str(checkpoint_dir)!r} is a file, not the run's checkpoints folder.")
 
     # the data and the model: their checks fail here, before the output folder is touched
     task = build_task(config, accelerator.device)
@@ -822,12 +880,19 @@ def train(config: TrainConfig) -> Path:
     # every check has passed: only now is the output folder changed
     accelerator.wait_for_everyone()  # every process has read the folder (_resume_point) before it changes
     if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire(output_dir, create=True)  # (held since the start where the folder and its lock file existed)
+        now = None if config.resume == "never" else resumable_checkpoint(checkpoint_dir, is_main=False)
+        if now != resume_from:  # a run that ended meanwhile saved a checkpoint this run did not check
+            raise ValueError(
+                f"`output_dir`: another run changed the checkpoints in {str(output_dir)!r} while this one started; "
+                "run the command again."
+            )
         if resume_from is None:  # a fresh start: the files of an earlier run there are kept, never replaced
             # (resume=never moves all of them; otherwise the folder holds no checkpoint to resume from)
             moved = _move_previous_run(output_dir, RUN_FILES if config.resume == "never" else FRESH_START_FILES)
             if moved is not None:
                 print(f"starting afresh (resume={config.resume}): moved the previous run's files to {moved}")
-        output_dir.mkdir(parents=True, exist_ok=True)
         make_folder(checkpoint_dir, "output_dir")
         for stale in checkpoint_dir.glob(".tmp-step-*"):  # half-written by an interrupted save
             if TEMPORARY_CHECKPOINT.match(stale.name) and stale.is_dir() and not stale.is_symlink():
