@@ -969,6 +969,8 @@ def test_bad_lora_configs_name_the_key(tmp_path):
         (["task=var", f"lora.base={base}", "lora.rank=0"], "`lora.rank`"),
         (["task=var", f"lora.base={base}", "lora.rnak=4"], "unknown `lora` keys"),
         (["task=var", f"lora.base={base}", "lora.train_text_encoder=true"], "VAR has no text encoder"),
+        # without the text encoder's adapter its rank did nothing, without a word
+        (["task=var", f"lora.base={base}", "lora.text_encoder_rank=4"], "`lora.text_encoder_rank` is the rank of"),
         (["task=var", f"lora.base={base}", 'lora.targets=["cross_attention"]'], "`lora.targets`"),
         (["task=var", f"lora.base={base}", "lora.dropout=1.5"], "`lora.dropout`"),
         (["task=var", f"lora.base={base}", "lora.target_modules=5"], "`lora.target_modules` must be"),

@@ -791,6 +791,55 @@ def test_every_readme_train_command_is_a_valid_config(tmp_path, monkeypatch):
             raise AssertionError(f"README: `train {task} {' '.join(args)}`: {err}") from None
 
 
+@pytest.mark.parametrize(
+    "task, override, readers",
+    [
+        ("star", "bsc_flip_prob=0.5", "infinity"),
+        ("star", "bsc_num_scales=2", "infinity"),
+        ("star", "bsq_commit_weight=1", "bitwise_tokenizer"),
+        ("star", "recon_l1_weight=2", "tokenizer, bitwise_tokenizer"),
+        ("star", "data.cache_tokens=true", "var"),
+        ("var", "text_encoder_path=tiny-clip", "star, infinity"),
+        ("infinity", "vq_loss_weight=2", "tokenizer"),
+        ("bitwise_tokenizer", "text_encoder_path=tiny-t5", "star, infinity"),
+        ("bitwise_tokenizer", "cond_drop_rate=0.2", "var, star, infinity"),
+        ("tokenizer", "label_smoothing=0.1", "var, star, infinity"),
+        ("tokenizer", f"tokenizer_path={REPO}", "var, star, infinity"),
+        ("tokenizer", "data.caption_column=text", "star, infinity"),
+    ],
+)
+def test_keys_another_task_reads_are_refused(task, override, readers):
+    """README: every value is checked. A key only another task reads was taken and did nothing (`bsc_flip_prob` on a
+    STAR run, `cond_drop_rate` on a tokenizer); set to its default it stays harmless."""
+    key = override.split("=")[0]
+    with pytest.raises(ValueError, match=rf"`{re.escape(key)}` .* is not read by `task: {task}`, only by {readers};"):
+        TrainConfig.load(None, [f"task={task}", *TRANSFORMER_KEYS.get(task, []), override])
+    star = ["task=star", f"tokenizer_path={REPO}", "text_encoder_path=tiny-clip"]
+    TrainConfig.load(None, [*star, "bsc_flip_prob=0.3", "data.cache_tokens=false"])
+
+
+def test_every_shipped_config_validates_and_resumes_past_keys_of_other_tasks(tmp_path, monkeypatch):
+    """The configs in configs/ pass the check of their task; a run saved with a key its task does not read (before
+    such keys were refused) still resumes once the key is removed: that key did not change what was trained."""
+    from diffusers_var.training.engine import _config_snapshot, config_differences
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("configs", "pipelines"):
+        (tmp_path / name).symlink_to(REPO / name)
+    for folder in ("outputs/tokenizer-shapes/final", "outputs/bitwise-tokenizer-shapes/final"):
+        (tmp_path / folder).mkdir(parents=True)
+    shipped = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("accelerate_"))
+    assert len(shipped) == 9
+    for path in shipped:
+        TrainConfig.load(Path("configs") / path.name)
+    current = _config_snapshot(
+        TrainConfig.load(None, ["task=star", f"tokenizer_path={REPO}", "text_encoder_path=tiny-clip"])
+    )
+    saved = {**current, "bsc_flip_prob": 0.5, "data": {**current["data"], "cache_tokens": True}}
+    assert config_differences(saved, current) == {}
+    assert list(config_differences({**saved, "cond_drop_rate": 0.3}, current)) == ["cond_drop_rate"]
+
+
 def _error_line(capsys) -> str:
     """The command's stderr: exactly one line, the error."""
     lines = capsys.readouterr().err.strip().splitlines()

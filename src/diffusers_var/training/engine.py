@@ -58,6 +58,27 @@ HF_COLUMNS = {
     "star": ("caption_column", "captions", "text"),
     "infinity": ("caption_column", "captions", "text"),
 }
+# the keys that only some tasks read: key -> those tasks (every other key is read by every task; `lora` and
+# `tokenizer_precision` have checks of their own). Set for another task, they would do nothing without a word.
+TASK_KEYS = {
+    "tokenizer_path": ("var", "star", "infinity"),
+    "text_encoder_path": TEXT_TASKS,
+    "label_smoothing": ("var", "star", "infinity"),
+    "cond_drop_rate": ("var", "star", "infinity"),
+    "recon_l1_weight": TOKENIZER_TASKS,
+    "recon_l2_weight": TOKENIZER_TASKS,
+    "vq_loss_weight": ("tokenizer",),
+    "bsq_commit_weight": ("bitwise_tokenizer",),
+    "bsq_entropy_weight": ("bitwise_tokenizer",),
+    "bsq_codebook_entropy_weight": ("bitwise_tokenizer",),
+    "bsq_inv_temperature": ("bitwise_tokenizer",),
+    "bsc_flip_prob": ("infinity",),
+    "bsc_num_scales": ("infinity",),
+    "data.cache_tokens": ("var",),
+    "data.label_column": ("var",),
+    "data.caption_column": TEXT_TASKS,
+}
+DATA_KEY_DEFAULTS = {"data.cache_tokens": False, "data.label_column": None, "data.caption_column": None}
 # keys that may change between a run and its resume: they do not change what is trained
 RESUME_SAFE_KEYS = {
     "output_dir",
@@ -252,6 +273,7 @@ class TrainConfig:
         ):
             raise ValueError(f"`adam_betas` must be two numbers in [0, 1), e.g. [0.9, 0.95], got {betas!r}.")
         self.adam_betas = tuple(float(b) for b in betas)
+        self._check_task_keys()
         if self.lora is not None:
             from .lora import LoraSettings
 
@@ -277,6 +299,23 @@ class TrainConfig:
 
         check_model_section(self)
         self._check_paths()
+
+    def _check_task_keys(self) -> None:
+        """A key that the task does not read, set to other than its default, is an error naming the key and the
+        tasks that read it (README: every value is checked; `bsc_flip_prob` on a STAR run did nothing)."""
+        defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+        for key, tasks in TASK_KEYS.items():
+            if self.task in tasks:
+                continue
+            if key.startswith("data."):
+                value, default = self.data.get(key[5:], DATA_KEY_DEFAULTS[key]), DATA_KEY_DEFAULTS[key]
+            else:
+                value, default = getattr(self, key), defaults[key]
+            if value != default:
+                raise ValueError(
+                    f"`{key}` ({value!r}) is not read by `task: {self.task}`, only by {', '.join(tasks)}; remove it "
+                    f"(or set it to its default, {default!r})."
+                )
 
     def _check_paths(self) -> None:
         """Path-valued keys name places that exist (a loader would fail deep inside diffusers / huggingface_hub,
@@ -601,6 +640,8 @@ def config_differences(saved: dict, current: dict) -> dict[str, tuple]:
     differences = {}
     for key in sorted(set(old) | set(new)):
         if key in RESUME_SAFE_KEYS or key.split(".")[0] in RESUME_SAFE_KEYS:
+            continue
+        if key in TASK_KEYS and new.get("task") not in TASK_KEYS[key]:  # a run saved before such keys were refused
             continue
         a, b = old.get(key), new.get(key)
         if a == b:

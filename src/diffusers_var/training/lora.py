@@ -113,6 +113,11 @@ class LoraSettings:
             raise ValueError(f"`lora.train_text_encoder` must be true or false, got {settings.train_text_encoder!r}.")
         if settings.train_text_encoder and task == "var":
             raise ValueError("`lora.train_text_encoder`: VAR has no text encoder.")
+        if settings.text_encoder_rank is not None and not settings.train_text_encoder:  # it would do nothing
+            raise ValueError(
+                "`lora.text_encoder_rank` is the rank of the text encoder's adapter, trained only with "
+                "`lora.train_text_encoder: true`; set that too, or remove `lora.text_encoder_rank`."
+            )
         if (
             not isinstance(settings.adapter_name, str)
             or not settings.adapter_name.strip()
