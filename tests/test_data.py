@@ -129,6 +129,26 @@ def test_image_folder_labels_captions_and_bad_files(tmp_path, caplog):
         ImageFolderDataset(tmp_path, 16, need_captions=True)
 
 
+def test_captions_are_normalised_alike_in_both_formats(tmp_path):
+    """metadata.jsonl captions were taken as written (padding kept, a blank one accepted) while .txt captions were
+    stripped and a blank one refused; a .txt saved with a UTF-8 byte-order mark kept '\ufeff' in its caption."""
+    PIL.Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    meta = tmp_path / "metadata.jsonl"
+    meta.write_text(json.dumps({"file_name": "a.png", "text": "  a padded caption \n"}) + "\n")
+    assert ImageFolderDataset(tmp_path, 16, need_captions=True)[0]["caption"] == "a padded caption"
+    meta.write_text(json.dumps({"file_name": "a.png", "text": " \t"}) + "\n")
+    with pytest.raises(ValueError, match="has no caption"):
+        ImageFolderDataset(tmp_path, 16, need_captions=True)
+    (tmp_path / "a.txt").write_text("the caption file")  # a blank metadata caption is none: the .txt is used
+    assert ImageFolderDataset(tmp_path, 16, need_captions=True)[0]["caption"] == "the caption file"
+    meta.unlink()
+    (tmp_path / "a.txt").write_bytes("\ufeffa caption with a BOM".encode())
+    assert ImageFolderDataset(tmp_path, 16, need_captions=True)[0]["caption"] == "a caption with a BOM"
+    (tmp_path / "a.txt").unlink()
+    meta.write_bytes("\ufeff".encode() + json.dumps({"file_name": "a.png", "text": "x"}).encode() + b"\n")
+    assert ImageFolderDataset(tmp_path, 16, need_captions=True)[0]["caption"] == "x"
+
+
 def test_image_folder_walk_follows_links_skips_hidden_and_warns_on_top_level_images(tmp_path, caplog):
     root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
     for folder, color in ((root / "cats", (250, 0, 0)), (elsewhere / "dogs", (0, 250, 0))):

@@ -969,6 +969,8 @@ def test_bad_lora_configs_name_the_key(tmp_path):
         (["task=var", f"lora.base={base}", "lora.rank=0"], "`lora.rank`"),
         (["task=var", f"lora.base={base}", "lora.rnak=4"], "unknown `lora` keys"),
         (["task=var", f"lora.base={base}", "lora.train_text_encoder=true"], "VAR has no text encoder"),
+        # without the text encoder's adapter its rank did nothing, without a word
+        (["task=var", f"lora.base={base}", "lora.text_encoder_rank=4"], "`lora.text_encoder_rank` is the rank of"),
         (["task=var", f"lora.base={base}", 'lora.targets=["cross_attention"]'], "`lora.targets`"),
         (["task=var", f"lora.base={base}", "lora.dropout=1.5"], "`lora.dropout`"),
         (["task=var", f"lora.base={base}", "lora.target_modules=5"], "`lora.target_modules` must be"),
@@ -995,6 +997,21 @@ def test_bad_lora_configs_name_the_key(tmp_path):
         lora_config(pipe.transformer, rank=193)
     lora_config(pipe.transformer, rank=192)
     lora_config(VARTransformer2DModel, rank=100000)  # a class: no widths to check against
+
+
+def test_a_lora_run_refuses_a_tokenizer_or_text_encoder_other_than_the_bases(tmp_path):
+    """`text_encoder_path` / `tokenizer_path` beside a `lora` section were used without a word, so the adapter learnt
+    on other components than those of `lora.base`, the pipeline it is loaded into (README: they come from the base)."""
+    base = str(REPO_ROOT / "pipelines" / "star-shapes")
+    for override, part in (
+        ("text_encoder_path=tiny-clip", "text encoder"),
+        (f"text_encoder_path={base}", "text encoder"),
+        (f"tokenizer_path={base}/vqvae", "tokenizer"),
+    ):
+        key = override.split("=")[0]
+        with pytest.raises(ValueError, match=rf"`{key}`: a LoRA run trains on the {part} of `lora\.base`"):
+            TrainConfig.load(None, ["task=star", f"lora.base={base}", override])
+    assert TrainConfig.load(None, ["task=star", f"lora.base={base}"]).text_encoder_path is None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -378,6 +378,33 @@ def test_pruning_deletes_only_the_trainers_oldest_checkpoints(tokenizer_dir, tmp
     ]
 
 
+def test_checkpoint_files_get_the_mode_of_the_umask(tmp_path):
+    """safetensors writes its files 0600: a run folder shared with a group (umask 002 / 022) held checkpoints that
+    nobody else could resume, beside JSON files of the umask's mode."""
+    old = os.umask(0o022)
+    try:
+        config = base_config(tmp_path, task="tokenizer", model=TOKENIZER_MODEL, max_steps=1, ema_decay=0.9)
+        train(TrainConfig(**config))
+    finally:
+        os.umask(old)
+    checkpoint = tmp_path / "checkpoints" / "step-0000001"
+    modes = {path.name: path.stat().st_mode & 0o777 for path in checkpoint.iterdir()}
+    assert {"model.safetensors", "optimizer.safetensors", "ema.safetensors", "rng_state_0.safetensors"} <= set(modes)
+    assert set(modes.values()) == {0o644}, modes
+
+
+def test_a_checkpoint_without_its_random_state_is_damaged(tokenizer_dir, tmp_path):
+    """A lost RNG file was not damage: the run resumed from that checkpoint with a fresh random state (other label
+    dropout than the run it continued); it is skipped like any checkpoint with a file missing."""
+    from diffusers_var.training.checkpoint import checkpoint_damage
+
+    source = tokenizer_dir.parent / "checkpoints" / "step-0000016"
+    for name in ("rng_state_0.json", "rng_state_0.safetensors"):
+        checkpoint = shutil.copytree(source, tmp_path / name / "step-0000016")
+        (checkpoint / name).unlink()
+        assert checkpoint_damage(checkpoint) == f"{name} missing"
+
+
 def test_checkpoints_edited_after_saving_are_damaged_or_named(tokenizer_dir, tmp_path):
     """Files that parse but lack what a resume reads are damage (skipped, the checkpoint before is used), not a
     KeyError from deep inside the resume; NaN weights or a scheduler state of another kind are a named error."""
@@ -676,6 +703,10 @@ TRANSFORMER_KEYS = {
         ("infinity", ["model.foo=1"], r"unknown key `model\.foo`.*block_chunks"),
         ("var", ["model.vocab_size=5"], r"`model\.vocab_size` is set by the trainer \(from the tokenizer\)"),
         ("star", ["model.text_embed_dim=5"], r"`model\.text_embed_dim` is set by the trainer"),
+        # STAR's loss trains no stable-sampler head: the export carried a random one that generation used by default
+        ("star", ["model.stable_sampler=true"], r"`model\.stable_sampler`: task star does not train the stable-sam"),
+        ("star", ["model.sampler_depth=2"], r"`model\.sampler_depth`: task star does not train the stable-sampler"),
+        ("star", ["model.sampler_start_scale=2"], r"`model\.sampler_start_scale`: task star does not train"),
         ("tokenizer", ["model.vocab_size=-5"], r"`model\.vocab_size` must be a whole number >= 1, got -5"),
         ("var", ["model.depth=2.5"], r"`model\.depth` must be a whole number >= 1"),
         ("tokenizer", ["model.using_sa=1"], r"`model\.using_sa` must be true or false"),
@@ -701,6 +732,112 @@ def test_model_keys_with_a_lora_section_are_refused():
     base = REPO / "pipelines" / "var-shapes"
     with pytest.raises(ValueError, match=r"`model`: a LoRA run adapts the transformer of `lora\.base`.*depth"):
         TrainConfig.load(None, ["task=var", f"lora.base={base}", "model.depth=2"])
+
+
+def readme_train_commands() -> list[list[str]]:
+    """The training commands of README.md (code blocks, and inline ones in backquotes) as ``[TASK, ARGS...]``; those
+    with a ``...`` placeholder are left out."""
+    import shlex
+
+    text = (REPO / "README.md").read_text()
+    logical, current = [], ""
+    for line in text.splitlines():
+        if line.startswith("    ") or current:
+            current += line.strip().removesuffix("\\") + " "
+            if not line.rstrip().endswith("\\"):
+                logical.append(current)
+                current = ""
+    logical += re.findall(r"`(diffusers-var train [^`]*)`", text)
+    commands = []
+    for line in logical:
+        if not line.startswith(("diffusers-var train", "accelerate launch", "torchrun")):
+            continue
+        words = shlex.split(line, comments=True)
+        if words[:2] == ["diffusers-var", "train"]:
+            commands.append(words[2:])
+        elif "diffusers_var.training" in words and words[0] in ("accelerate", "torchrun"):
+            commands.append(words[words.index("diffusers_var.training") + 1 :])
+    return [command for command in commands if "..." not in command]
+
+
+def test_every_readme_train_command_is_a_valid_config(tmp_path, monkeypatch):
+    """README's LoRA example took `configs/star_shapes.yaml` (a full run's `model` keys) with a `lora` section: it
+    failed. Every documented train command must pass the config check (its placeholder folders made to exist)."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("configs", "pipelines"):
+        (tmp_path / name).symlink_to(REPO / name)
+    (tmp_path / "MY_PIPELINE").symlink_to(REPO / "pipelines" / "star-shapes")
+    for folder in (
+        "my_images",
+        "my_concept",
+        "outputs/tokenizer-shapes/final",
+        "outputs/bitwise-tokenizer-shapes/final",
+        "path/to/clip",
+        "path/to/flan-t5-xl",
+    ):
+        (tmp_path / folder).mkdir(parents=True)
+    commands = readme_train_commands()
+    assert len(commands) >= 9 and any("lora.base=pipelines/star-shapes" in c for c in commands), commands
+    for task, *args in commands:
+        config, overrides = None, []
+        for index, arg in enumerate(args):
+            if arg == "--config":
+                config = args[index + 1]
+            elif "=" in arg and args[index - 1] != "--config":
+                overrides.append(arg)
+        try:
+            TrainConfig.load(config, [f"task={task}", *overrides])
+        except ValueError as err:
+            raise AssertionError(f"README: `train {task} {' '.join(args)}`: {err}") from None
+
+
+@pytest.mark.parametrize(
+    "task, override, readers",
+    [
+        ("star", "bsc_flip_prob=0.5", "infinity"),
+        ("star", "bsc_num_scales=2", "infinity"),
+        ("star", "bsq_commit_weight=1", "bitwise_tokenizer"),
+        ("star", "recon_l1_weight=2", "tokenizer, bitwise_tokenizer"),
+        ("star", "data.cache_tokens=true", "var"),
+        ("var", "text_encoder_path=tiny-clip", "star, infinity"),
+        ("infinity", "vq_loss_weight=2", "tokenizer"),
+        ("bitwise_tokenizer", "text_encoder_path=tiny-t5", "star, infinity"),
+        ("bitwise_tokenizer", "cond_drop_rate=0.2", "var, star, infinity"),
+        ("tokenizer", "label_smoothing=0.1", "var, star, infinity"),
+        ("tokenizer", f"tokenizer_path={REPO}", "var, star, infinity"),
+        ("tokenizer", "data.caption_column=text", "star, infinity"),
+    ],
+)
+def test_keys_another_task_reads_are_refused(task, override, readers):
+    """README: every value is checked. A key only another task reads was taken and did nothing (`bsc_flip_prob` on a
+    STAR run, `cond_drop_rate` on a tokenizer); set to its default it stays harmless."""
+    key = override.split("=")[0]
+    with pytest.raises(ValueError, match=rf"`{re.escape(key)}` .* is not read by `task: {task}`, only by {readers};"):
+        TrainConfig.load(None, [f"task={task}", *TRANSFORMER_KEYS.get(task, []), override])
+    star = ["task=star", f"tokenizer_path={REPO}", "text_encoder_path=tiny-clip"]
+    TrainConfig.load(None, [*star, "bsc_flip_prob=0.3", "data.cache_tokens=false"])
+
+
+def test_every_shipped_config_validates_and_resumes_past_keys_of_other_tasks(tmp_path, monkeypatch):
+    """The configs in configs/ pass the check of their task; a run saved with a key its task does not read (before
+    such keys were refused) still resumes once the key is removed: that key did not change what was trained."""
+    from diffusers_var.training.engine import _config_snapshot, config_differences
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("configs", "pipelines"):
+        (tmp_path / name).symlink_to(REPO / name)
+    for folder in ("outputs/tokenizer-shapes/final", "outputs/bitwise-tokenizer-shapes/final"):
+        (tmp_path / folder).mkdir(parents=True)
+    shipped = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("accelerate_"))
+    assert len(shipped) == 9
+    for path in shipped:
+        TrainConfig.load(Path("configs") / path.name)
+    current = _config_snapshot(
+        TrainConfig.load(None, ["task=star", f"tokenizer_path={REPO}", "text_encoder_path=tiny-clip"])
+    )
+    saved = {**current, "bsc_flip_prob": 0.5, "data": {**current["data"], "cache_tokens": True}}
+    assert config_differences(saved, current) == {}
+    assert list(config_differences({**saved, "cond_drop_rate": 0.3}, current)) == ["cond_drop_rate"]
 
 
 def _error_line(capsys) -> str:
@@ -938,6 +1075,35 @@ def test_a_fresh_start_keeps_what_an_earlier_run_left(tmp_path):
     assert (previous / "train_log.jsonl").read_text() == '{"step": 1, "loss": 9.0}\n'
     assert (run / "notes.txt").read_text() == "the user's"  # not a run's file: left where it is
     assert json.loads((run / "train_config.json").read_text())["max_steps"] == 1 and len(losses(run)) == 1
+
+
+def test_a_second_run_in_the_same_output_dir_is_refused_while_the_first_runs(tmp_path, capsys):
+    """Two runs in one output_dir at once: the second resumed from the first's checkpoints while they were written,
+    logged its steps into the same file and crashed with a bare OSError. The running one holds a lock; the other is
+    refused with one line, before it changes anything."""
+    import fcntl
+
+    from diffusers_var.cli import main
+    from diffusers_var.training.engine import LOCK_FILE
+
+    run = tmp_path / "run"
+    config = base_config(run, task="tokenizer", model=TOKENIZER_MODEL, max_steps=1, ema_decay=None)
+    train(TrainConfig(**config))
+    lock_file = run / LOCK_FILE
+    assert lock_file.is_file()  # left in the folder: it locks nothing once its process is gone
+    before = _tree(run)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**config, "max_steps": 2, "resume": "force"}))
+    with lock_file.open("w") as held:  # another run, holding the lock
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        capsys.readouterr()
+        assert main(["train", "tokenizer", "--config", str(path)]) == 2
+        assert f"another training run is using {str(run)!r}" in _error_line(capsys)
+        assert _tree(run) == before
+        other = tmp_path / "other"  # another folder is free
+        assert main(["train", "tokenizer", "--config", str(path), f"output_dir={other}"]) == 0
+    assert main(["train", "tokenizer", "--config", str(path)]) == 0  # released: the run resumes
+    assert len(losses(run)) == 2
 
 
 def test_a_second_run_in_one_process_may_change_mixed_precision(tmp_path):

@@ -257,6 +257,54 @@ def test_bad_text_training_configs(tmp_path, bitwise_vae_dir):
     assert main(["train", "star", "tokenizer_path=x"]) == 2  # the ValueError is printed, not raised
 
 
+def test_infinity_model_errors_name_their_key_before_output_dir_is_made(bitwise_vae_dir, tmp_path, capsys):
+    """`model.pool_num_heads=3` was reported as `model.num_heads` (the pooling layer's own check), and a
+    `model.num_level_embeddings` below the schedule's scales failed at the first step, after output_dir was made."""
+    from diffusers_var.cli import main
+
+    run = tmp_path / "run"
+    common = [
+        "train",
+        "infinity",
+        f"tokenizer_path={bitwise_vae_dir}",
+        "text_encoder_path=tiny-t5",
+        "resolution=16",
+        "batch_size=8",
+        "max_steps=1",
+        f"data={json.dumps(DATA)}",
+        'model={"depth": 2, "embed_dim": 64, "num_heads": 2}',
+        f"output_dir={run}",
+    ]
+    for override, message in (
+        ("model.pool_num_heads=3", "`model.embed_dim` (64) must be divisible by `model.pool_num_heads` (3)"),
+        ("model.num_level_embeddings=3", "`model.num_level_embeddings` (3) must be at least the 7 scales"),
+    ):
+        assert main([*common, override]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], lines
+        assert not run.exists()
+
+
+def test_hf_data_names_the_column_the_task_needs(tmp_path, capsys):
+    """`data.type=hf` without `data.caption_column` crashed STAR / Infinity with a bare KeyError: 'caption' at the
+    first step, after output_dir was made (VAR without `data.label_column` with KeyError: 'class_labels')."""
+    from diffusers_var.cli import main
+
+    for task, extra, column in (
+        ("star", ["text_encoder_path=tiny-clip"], "caption_column"),
+        ("infinity", ["text_encoder_path=tiny-t5"], "caption_column"),
+        ("var", [], "label_column"),
+    ):
+        overrides = [f"task={task}", f"tokenizer_path={tmp_path}", *extra, "data.type=hf", f"data.path={tmp_path}"]
+        with pytest.raises(ValueError, match=rf"`data\.{column}` is required for `task: {task}` with `data.type: hf`"):
+            TrainConfig.load(None, overrides)
+        assert TrainConfig.load(None, [*overrides, f"data.{column}=c"]).data[column] == "c"
+    run = tmp_path / "run"
+    star = [f"tokenizer_path={tmp_path}", "text_encoder_path=tiny-clip", "data.type=hf", f"data.path={tmp_path}"]
+    assert main(["train", "star", *star, f"output_dir={run}"]) == 2
+    assert "`data.caption_column` is required" in capsys.readouterr().err and not run.exists()
+
+
 def test_killed_infinity_run_resumes_to_identical_weights(bitwise_vae_dir, tmp_path):
     """Bitwise Self-Correction draws from the numpy RNG and text dropout from torch's: both are restored."""
     from safetensors.torch import load_file

@@ -238,6 +238,9 @@ class InfinityTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, P
         super().__init__()
         if depth % block_chunks:
             raise ValueError(f"`depth` ({depth}) must be divisible by `block_chunks` ({block_chunks}).")
+        # named here: the pooling layer's own check would name `num_heads`, the blocks' key
+        if pool_num_heads < 1 or embed_dim % pool_num_heads:
+            raise ValueError(f"`embed_dim` ({embed_dim}) must be divisible by `pool_num_heads` ({pool_num_heads}).")
         C = embed_dim
         self.uncond_text_embeds = nn.Parameter(torch.zeros(text_max_length, text_dim))
         self.text_norm = nn.RMSNorm(text_dim, eps=1e-6)

@@ -81,6 +81,15 @@ def _json_value(value):
     return value
 
 
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``save_file``, with the mode the umask gives: safetensors writes 0600, so another user sharing the run folder
+    could not resume it (the JSON files beside it get the umask's mode)."""
+    save_file(tensors, path)
+    umask = os.umask(0)  # read here, not from file_utils: this module has no package imports (tests load it alone)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(
         json.dumps(data, indent=1) + "\n"
@@ -105,7 +114,7 @@ def _save_rng(folder: Path, rank: int) -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for index, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda_{index}"] = state
-    save_file(tensors, folder / f"rng_state_{rank}.safetensors")
+    _save_tensors(tensors, folder / f"rng_state_{rank}.safetensors")
     _write_json(
         folder / f"rng_state_{rank}.json",
         {
@@ -160,7 +169,7 @@ def save_training_state(
         sync_to_disk(rng_file)
     if not accelerator.is_main_process:
         return
-    save_file({name: _cpu(t) for name, t in model_state.items()}, folder / "model.safetensors")
+    _save_tensors({name: _cpu(t) for name, t in model_state.items()}, folder / "model.safetensors")
     optimizer_tensors, optimizer_values = {}, {}
     for fqn, entries in optimizer_state["state"].items():
         for name, value in entries.items():
@@ -168,7 +177,7 @@ def save_training_state(
                 optimizer_tensors[f"{fqn}:{name}"] = _cpu(value)
             else:
                 optimizer_values.setdefault(fqn, {})[name] = _json_value(value)
-    save_file(optimizer_tensors, folder / "optimizer.safetensors")
+    _save_tensors(optimizer_tensors, folder / "optimizer.safetensors")
     state: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -185,7 +194,7 @@ def save_training_state(
     if ema is not None:  # EMA of the trained parameters, in their order
         ema_state = ema.state_dict()
         names = [name for name, p in bare_model(accelerator, model).named_parameters() if p.requires_grad]
-        save_file(
+        _save_tensors(
             {name: _cpu(t) for name, t in zip(names, ema_state.pop("shadow_params"))}, folder / "ema.safetensors"
         )
         ema_state.pop("collected_params", None)
@@ -276,6 +285,10 @@ def checkpoint_damage(folder: Path) -> str | None:
     if state.get("format") == FORMAT and (problem := _state_structure_problem(state)):
         return problem
     needed = ["model.safetensors", "optimizer.safetensors"] + (["ema.safetensors"] if state.get("ema") else [])
+    # every saving rank's RNG state: without it the resume would draw other dropout / flips than the run it continues
+    processes = state.get("num_processes")
+    processes = processes if isinstance(processes, int) and not isinstance(processes, bool) and processes > 0 else 1
+    needed += [f"rng_state_{rank}.{suffix}" for rank in range(processes) for suffix in ("safetensors", "json")]
     missing = [name for name in needed if not (folder / name).is_file()]
     if missing:
         return f"{', '.join(missing)} missing"

@@ -83,9 +83,10 @@ class _SkipsBadImages(torch.utils.data.Dataset):
 
 
 def _read_text(path: Path) -> str:
-    """A caption file's text, UTF-8; anything else is an error naming the file under ``data.path``."""
+    """A caption file's text, UTF-8 (a leading byte-order mark, as Windows editors write, is not part of it); anything
+    else is an error naming the file under ``data.path``."""
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
         raise ValueError(f"`data.path`: cannot read {str(path)!r} as UTF-8 text ({err}).") from None
 
@@ -101,11 +102,12 @@ def _metadata_entry(line: str, where: str) -> tuple[str, str | None]:
     if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
         raise ValueError(f"`data.path`: {where} must be a JSON object with a string `file_name`, like {expected}.")
     caption = entry.get("text")
-    if caption is None or caption == "":  # as before: an empty or missing "text" falls back to "caption"
+    if caption is None or (isinstance(caption, str) and not caption.strip()):  # a blank "text": "caption" instead
         caption = entry.get("caption")
     if caption is not None and not isinstance(caption, str):
         raise ValueError(f"`data.path`: {where} has a caption that is not a string ({caption!r}), like {expected}.")
-    return entry["file_name"], caption
+    # stripped as a .txt caption is: a blank one is no caption (the .txt next to the image, else an error)
+    return entry["file_name"], (caption.strip() or None) if caption is not None else None
 
 
 class ImageFolderDataset(_SkipsBadImages):

@@ -25,6 +25,11 @@ from typing import Any
 
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
+
 from ..file_utils import is_hub_repo_id, make_folder, write_text_atomic
 from .checkpoint import (
     bare_model,
@@ -47,6 +52,33 @@ LR_SCHEDULES = ("cosine", "linear")
 LINEAR_SCHEDULE_HOLD = 0.05  # "linear": the share of the post-warm-up steps at the peak rate (the original's lin0)
 TEXT_TASKS = ("star", "infinity")
 RESUME_MODES = ("auto", "never", "force")
+# data.type hf: the column each task needs (key, what it holds, an example name)
+HF_COLUMNS = {
+    "var": ("label_column", "class labels", "label"),
+    "star": ("caption_column", "captions", "text"),
+    "infinity": ("caption_column", "captions", "text"),
+}
+# the keys that only some tasks read: key -> those tasks (every other key is read by every task; `lora` and
+# `tokenizer_precision` have checks of their own). Set for another task, they would do nothing without a word.
+TASK_KEYS = {
+    "tokenizer_path": ("var", "star", "infinity"),
+    "text_encoder_path": TEXT_TASKS,
+    "label_smoothing": ("var", "star", "infinity"),
+    "cond_drop_rate": ("var", "star", "infinity"),
+    "recon_l1_weight": TOKENIZER_TASKS,
+    "recon_l2_weight": TOKENIZER_TASKS,
+    "vq_loss_weight": ("tokenizer",),
+    "bsq_commit_weight": ("bitwise_tokenizer",),
+    "bsq_entropy_weight": ("bitwise_tokenizer",),
+    "bsq_codebook_entropy_weight": ("bitwise_tokenizer",),
+    "bsq_inv_temperature": ("bitwise_tokenizer",),
+    "bsc_flip_prob": ("infinity",),
+    "bsc_num_scales": ("infinity",),
+    "data.cache_tokens": ("var",),
+    "data.label_column": ("var",),
+    "data.caption_column": TEXT_TASKS,
+}
+DATA_KEY_DEFAULTS = {"data.cache_tokens": False, "data.label_column": None, "data.caption_column": None}
 # keys that may change between a run and its resume: they do not change what is trained
 RESUME_SAFE_KEYS = {
     "output_dir",
@@ -62,6 +94,7 @@ RESUME_SAFE_KEYS = {
 }
 PATH_KEYS = {"tokenizer_path", "text_encoder_path", "data.path", "lora.base", "model.init_from"}
 SECTIONS = ("data", "model", "lora")  # the config keys that hold keys of their own (``data.num_images=500``)
+LOCK_FILE = ".diffusers-var-train.lock"  # the run lock (_RunLock); never moved with a run's files, never deleted
 RUN_FILES = ("checkpoints", "final", "samples", "logs", "train_log.jsonl", "train_config.json")
 FRESH_START_FILES = ("final", "samples", "logs", "train_log.jsonl", "train_config.json")  # what a new run rewrites
 
@@ -189,6 +222,14 @@ class TrainConfig:
                 f"got {bad_images!r}."
             )
         self.data = check_data_section(self.data)
+        # the column the task's loss reads (no name is assumed): missing, the run failed at its first batch
+        needed = HF_COLUMNS.get(self.task)
+        if self.data.get("type") == "hf" and needed and not self.data.get(needed[0]):
+            column, what, example = needed
+            raise ValueError(
+                f"`data.{column}` is required for `task: {self.task}` with `data.type: hf`: the dataset column "
+                f"holding the {what} (e.g. data.{column}={example})."
+            )
         for name in ("gradient_checkpointing", "allow_tf32", "torch_compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(  # noqa: TRY004 - every config error is a ValueError (the command line prints those)
@@ -232,10 +273,19 @@ class TrainConfig:
         ):
             raise ValueError(f"`adam_betas` must be two numbers in [0, 1), e.g. [0.9, 0.95], got {betas!r}.")
         self.adam_betas = tuple(float(b) for b in betas)
+        self._check_task_keys()
         if self.lora is not None:
             from .lora import LoraSettings
 
-            LoraSettings.parse(self.lora, self.task)  # tokenizer and text encoder default to the base pipeline's
+            LoraSettings.parse(self.lora, self.task)
+            for name in ("tokenizer_path", "text_encoder_path"):
+                # the adapter is loaded into lora.base, so it must learn on that pipeline's own components
+                if getattr(self, name) is not None:
+                    part = "tokenizer" if name == "tokenizer_path" else "text encoder"
+                    raise ValueError(
+                        f"`{name}`: a LoRA run trains on the {part} of `lora.base`, the pipeline its adapter is "
+                        f"loaded into; remove `{name}` (set: {getattr(self, name)!r})."
+                    )
         elif self.task not in TOKENIZER_TASKS and not self.tokenizer_path:
             kind = "BitwiseMultiScaleVAE" if self.task == "infinity" else "MultiScaleVQModel"
             raise ValueError(f"`tokenizer_path` (a trained {kind} folder) is required for `task: {self.task}`.")
@@ -249,6 +299,23 @@ class TrainConfig:
 
         check_model_section(self)
         self._check_paths()
+
+    def _check_task_keys(self) -> None:
+        """A key that the task does not read, set to other than its default, is an error naming the key and the
+        tasks that read it (README: every value is checked; `bsc_flip_prob` on a STAR run did nothing)."""
+        defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+        for key, tasks in TASK_KEYS.items():
+            if self.task in tasks:
+                continue
+            if key.startswith("data."):
+                value, default = self.data.get(key[5:], DATA_KEY_DEFAULTS[key]), DATA_KEY_DEFAULTS[key]
+            else:
+                value, default = getattr(self, key), defaults[key]
+            if value != default:
+                raise ValueError(
+                    f"`{key}` ({value!r}) is not read by `task: {self.task}`, only by {', '.join(tasks)}; remove it "
+                    f"(or set it to its default, {default!r})."
+                )
 
     def _check_paths(self) -> None:
         """Path-valued keys name places that exist (a loader would fail deep inside diffusers / huggingface_hub,
@@ -574,6 +641,8 @@ def config_differences(saved: dict, current: dict) -> dict[str, tuple]:
     for key in sorted(set(old) | set(new)):
         if key in RESUME_SAFE_KEYS or key.split(".")[0] in RESUME_SAFE_KEYS:
             continue
+        if key in TASK_KEYS and new.get("task") not in TASK_KEYS[key]:  # a run saved before such keys were refused
+            continue
         a, b = old.get(key), new.get(key)
         if a == b:
             continue
@@ -686,8 +755,56 @@ def _cut_log_after(log_file: Path, step: int) -> None:
     write_text_atomic(log_file, "".join(f"{line}\n" for line in kept))
 
 
+class _RunLock:
+    """An exclusive ``flock`` on ``OUTPUT_DIR/.diffusers-var-train.lock``, held by the main process for the whole run:
+    a second run in the same folder would resume from the checkpoints of the first while it writes them. The kernel
+    releases it when the process ends, however it ends (a lock file left behind locks nothing)."""
+
+    def __init__(self):
+        self.descriptor = None
+
+    def acquire(self, output_dir: Path, create: bool) -> None:
+        """Take the lock (no-op when held); ``create=False`` only where the lock file exists (the checks before the
+        output folder is changed create nothing). A ``ValueError`` when another process holds it."""
+        if self.descriptor is not None or fcntl is None:
+            return
+        path = output_dir / LOCK_FILE
+        try:
+            descriptor = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
+        except FileNotFoundError:
+            if create:
+                raise
+            return
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise ValueError(
+                f"`output_dir`: another training run is using {str(output_dir)!r} (it holds {LOCK_FILE}); wait for it "
+                "to end, or use another output_dir."
+            ) from None
+        except OSError as err:  # a file system without flock (some network mounts): train, unguarded
+            os.close(descriptor)
+            print(f"warning: cannot lock {str(path)!r} ({err}); make sure no other run uses this output_dir")
+            return
+        self.descriptor = descriptor
+
+    def release(self) -> None:
+        if self.descriptor is not None:
+            os.close(self.descriptor)  # closing the only descriptor of the file releases the flock
+            self.descriptor = None
+
+
 def train(config: TrainConfig) -> Path:
     """Run (or resume) training; returns the exported folder."""
+    lock = _RunLock()
+    try:
+        return _train(config, lock)
+    finally:
+        lock.release()  # a second run in this process (a notebook) may take the folder
+
+
+def _train(config: TrainConfig, lock: _RunLock) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 
@@ -755,10 +872,14 @@ def train(config: TrainConfig) -> Path:
                 "`lora`: LoRA fine-tuning runs under DDP (each GPU holds the frozen base model), not FSDP."
             )
     snapshot = _config_snapshot(config)  # before a time limit shortens max_steps
+    if accelerator.is_main_process and output_dir.is_dir():  # a folder a run may be using: it is ours from here
+        lock.acquire(output_dir, create=False)
     resume_from = _resume_point(config, output_dir, accelerator.is_main_process)
     if config.resume != "never":  # (with resume=never a previous export is moved aside, not replaced)
         # refuse now rather than after training
         check_output_dir(output_dir / "final", overwrite=True, name="output_dir", replacer="the run's final export")
+        if checkpoint_dir.exists() and not checkpoint_dir.is_dir():  # (resume=never moves it aside with the run)
+            raise ValueError(f"`output_dir`: {str(checkpoint_dir)!r} is a file, not the run's checkpoints folder.")
 
     # the data and the model: their checks fail here, before the output folder is touched
     task = build_task(config, accelerator.device)
@@ -800,12 +921,19 @@ def train(config: TrainConfig) -> Path:
     # every check has passed: only now is the output folder changed
     accelerator.wait_for_everyone()  # every process has read the folder (_resume_point) before it changes
     if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire(output_dir, create=True)  # (held since the start where the folder and its lock file existed)
+        now = None if config.resume == "never" else resumable_checkpoint(checkpoint_dir, is_main=False)
+        if now != resume_from:  # a run that ended meanwhile saved a checkpoint this run did not check
+            raise ValueError(
+                f"`output_dir`: another run changed the checkpoints in {str(output_dir)!r} while this one started; "
+                "run the command again."
+            )
         if resume_from is None:  # a fresh start: the files of an earlier run there are kept, never replaced
             # (resume=never moves all of them; otherwise the folder holds no checkpoint to resume from)
             moved = _move_previous_run(output_dir, RUN_FILES if config.resume == "never" else FRESH_START_FILES)
             if moved is not None:
                 print(f"starting afresh (resume={config.resume}): moved the previous run's files to {moved}")
-        output_dir.mkdir(parents=True, exist_ok=True)
         make_folder(checkpoint_dir, "output_dir")
         for stale in checkpoint_dir.glob(".tmp-step-*"):  # half-written by an interrupted save
             if TEMPORARY_CHECKPOINT.match(stale.name) and stale.is_dir() and not stale.is_symlink():

@@ -113,6 +113,11 @@ class LoraSettings:
             raise ValueError(f"`lora.train_text_encoder` must be true or false, got {settings.train_text_encoder!r}.")
         if settings.train_text_encoder and task == "var":
             raise ValueError("`lora.train_text_encoder`: VAR has no text encoder.")
+        if settings.text_encoder_rank is not None and not settings.train_text_encoder:  # it would do nothing
+            raise ValueError(
+                "`lora.text_encoder_rank` is the rank of the text encoder's adapter, trained only with "
+                "`lora.train_text_encoder: true`; set that too, or remove `lora.text_encoder_rank`."
+            )
         if (
             not isinstance(settings.adapter_name, str)
             or not settings.adapter_name.strip()
@@ -144,18 +149,19 @@ def settings_of(config) -> LoraSettings | None:
 
 
 def tokenizer_path(config) -> str:
-    """The frozen image tokenizer: ``tokenizer_path``, or the ``lora.base`` pipeline's."""
+    """The frozen image tokenizer: ``tokenizer_path``, or in a LoRA run the ``lora.base`` pipeline's (the config
+    check refuses ``tokenizer_path`` with a ``lora`` section)."""
     settings = settings_of(config)
-    if config.tokenizer_path or settings is None:
+    if settings is None:
         return config.tokenizer_path
     return str(settings.component(TOKENIZER_FOLDERS[config.task]))
 
 
 def text_encoder_path(config) -> str:
-    """The text encoder: ``text_encoder_path``, or the ``lora.base`` pipeline folder (``text_encoder/`` +
-    ``tokenizer/``)."""
+    """The text encoder: ``text_encoder_path``, or in a LoRA run the ``lora.base`` pipeline folder (``text_encoder/``
+    + ``tokenizer/``; the config check refuses ``text_encoder_path`` with a ``lora`` section)."""
     settings = settings_of(config)
-    if config.text_encoder_path or settings is None:
+    if settings is None:
         return config.text_encoder_path
     settings.component("text_encoder")
     return str(Path(settings.base))

@@ -139,8 +139,14 @@ def check_model_section(config) -> dict:
     params = model_parameters(model_class)
     set_by_trainer = task_class.model_keys_set_by_trainer
     init_keys = task_class.model_init_keys
-    accepted = sorted((set(params) - set(set_by_trainer)) | set(init_keys))
+    refused = task_class.model_keys_refused
+    accepted = sorted((set(params) - set(set_by_trainer) - set(refused)) | set(init_keys))
     for key, value in config.model.items():
+        if key in refused:
+            raise ValueError(
+                f"`model.{key}`: task {config.task} {refused[key]}; remove it. Accepted `model` "
+                f"keys for task {config.task}: {', '.join(accepted)}."
+            )
         if key in set_by_trainer:
             raise ValueError(
                 f"`model.{key}` is set by the trainer (from {set_by_trainer[key]}); remove it. Accepted `model` "
@@ -177,7 +183,7 @@ def check_model_section(config) -> dict:
 
 def _load_tokenizer(model_class, config):
     """The frozen image tokenizer of a transformer task: ``tokenizer_path``, or the ``lora.base`` pipeline's."""
-    key = "tokenizer_path" if config.tokenizer_path or config.lora is None else "lora.base"
+    key = "tokenizer_path" if config.lora is None else "lora.base"
     return _load_pretrained(model_class, lora.tokenizer_path(config), key)
 
 
@@ -256,6 +262,7 @@ class _ReconstructionTask:
 
     collate = staticmethod(collate)
     model_keys_set_by_trainer: dict[str, str] = {}  # constructor arguments the trainer sets: key -> from what
+    model_keys_refused: dict[str, str] = {}  # constructor arguments of parts the task does not train: key -> why
     model_keys_fixed = {"in_channels": 3, "out_channels": 3}  # the training images are RGB
     model_init_keys: dict[str, str] = {}  # `model` keys that are not constructor arguments: key -> kind of value
 
@@ -277,6 +284,7 @@ class _PipelineTask:
 
     collate = staticmethod(collate)
     model_keys_set_by_trainer: dict[str, str] = {}
+    model_keys_refused: dict[str, str] = {}
     model_init_keys: dict[str, str] = {}
 
     @torch.no_grad()
@@ -653,6 +661,13 @@ class STARTask(_PipelineTask):
         "text_embed_dim": "the text encoder",
         "cond_drop_rate": "the top-level `cond_drop_rate`",
     }
+    # the loss trains the main head only: an exported sampler head would keep its random weights, and generation
+    # uses it by default when the transformer has one
+    model_keys_refused = dict.fromkeys(
+        ("stable_sampler", "sampler_depth", "sampler_start_scale"),
+        "does not train the stable-sampler head (the export would carry it untrained, and generation uses it "
+        "by default)",
+    )
     model_init_keys = {"init_head": "number"}
 
     def __init__(self, config, device):
@@ -756,6 +771,14 @@ class InfinityTask(_PipelineTask):
         model_args.update(
             bits_per_token=self.vae.bits_per_token, text_dim=text_dim, cond_drop_rate=config.cond_drop_rate
         )
+        levels = model_args.get(
+            "num_level_embeddings", model_parameters(InfinityTransformer2DModel)["num_level_embeddings"].default
+        )
+        if config.lora is None and levels < len(self.schedule):  # now, not at the first step after output_dir is made
+            raise ValueError(
+                f"`model.num_level_embeddings` ({levels}) must be at least the {len(self.schedule)} scales of the "
+                f"schedule of `resolution` {config.resolution}."
+            )
         if infinity_ffn_dim(int(model_args.get("embed_dim", 2048)), float(model_args.get("mlp_ratio", 4.0))) < 1:
             raise ValueError(
                 "`model`: Infinity's FFN width round(embed_dim * mlp_ratio / 256) * 256 is 0; raise `embed_dim` "
@@ -764,6 +787,11 @@ class InfinityTask(_PipelineTask):
         self.model = lora.transformer_for_training(
             config, InfinityTransformer2DModel, lambda: _new(InfinityTransformer2DModel, model_args, **init_args)
         )
+        if self.model.config.num_level_embeddings < len(self.schedule):  # a LoRA base made for fewer scales
+            raise ValueError(
+                f"`resolution` {config.resolution}: its schedule has {len(self.schedule)} scales; the transformer of "
+                f"`lora.base` supports {self.model.config.num_level_embeddings}."
+            )
         self.text_pipe = self.pipeline(self.model)  # its encode_prompt only
         flips = len(self.schedule) if config.bsc_num_scales is None else int(config.bsc_num_scales)
         self.bsc_num_scales = flips if config.bsc_flip_prob > 0 else 0
