@@ -250,6 +250,7 @@ def test_painted_mask_reads_layers_or_the_composite():
     from diffusers_var.demo import painted_mask
 
     background = np.zeros((8, 8, 4), dtype=np.uint8)
+    background[..., 3] = 255  # an opaque black image (a transparent one is edited on white, as the page shows it)
     layer = np.zeros((8, 8, 4), dtype=np.uint8)
     layer[2:4, 5:7, 3] = 255
     image, mask = painted_mask({"background": background, "layers": [layer], "composite": None})
@@ -283,6 +284,14 @@ def test_painted_mask_reads_layers_or_the_composite():
         ("/generate_infinity", infinity_args(prompt=""), "Please enter a prompt"),
         ("/generate_infinity", infinity_args(size="1000x1000"), "is not near any supported size"),
         ("/generate_infinity", infinity_args(size="big"), "Size must look like HEIGHTxWIDTH"),
+        # a slider sent nothing or text over HTTP: gradio's own bounds check raised a TypeError (its generic message)
+        (
+            "/generate_var",
+            var_args(num_images=1, guidance_scale=None),
+            "Guidance scale (cfg) must be a number from 0 to 10; got None",
+        ),
+        ("/generate_var", var_args(num_images=None), "Number of images must be a number from 1 to 4; got None"),
+        ("/generate_var", var_args(num_images=1, top_p="abc"), "Top-p (0 = off) must be a number from 0 to 1"),
     ],
 )
 def test_bad_input_gives_a_readable_error_and_the_app_keeps_serving(client, folders, endpoint, args, message):
@@ -316,6 +325,38 @@ def test_the_functions_behind_the_api_turn_what_no_slider_sends_into_readable_er
         _prompt(5)
     with pytest.raises(gr.Error, match="Pick a mode: In-paint"):
         functions["edit"](**{**edit_args(editor_value(tmp_path)), "mode_name": "bogus"})
+
+
+def test_edit_inputs_that_would_waste_or_mislead_are_refused(server):
+    """Out-painting a region smaller than the token grid's cells kept nothing and regenerated the whole image; a
+    tiny PNG of a huge image took gigabytes of server memory; a transparent upload was edited on black (the page
+    shows it on white); an editor value that is no dict was an AttributeError; a class typed with a trailing space
+    was unknown in the VAR tab but not in the Edit tab."""
+    from diffusers_var.demo import MAX_EDIT_PIXELS, edit_example_image, painted_mask
+
+    functions = {f.api_name: f.fn for f in server[1].fns.values() if getattr(f, "api_name", None)}
+    dab = np.zeros((256, 256, 4), np.uint8)
+    dab[110:134, 110:134] = 255  # one stroke of the default 24 px brush: inside no whole cell of the 8x8 grid
+    value = {"background": edit_example_image(), "layers": [dab], "composite": None}
+    with pytest.raises(gr.Error, match="covers none .with this Margin., so nothing would be kept"):
+        functions["edit"](**edit_args(value, mode=1, num_images=1))
+    big = np.zeros((256, 256, 4), np.uint8)
+    big[64:192, 64:192] = 255  # whole cells: kept
+    gallery, _, _ = functions["edit"](**edit_args({**value, "layers": [big]}, mode=1, num_images=1))
+    assert len(gallery) == 1
+    with pytest.raises(gr.Error, match="keeps nothing|nothing would be kept"):  # a margin that eats the region
+        functions["edit"](**edit_args({**value, "layers": [big]}, mode=1, num_images=1, mask_dilation=3))
+    side = int(MAX_EDIT_PIXELS**0.5) + 1
+    with pytest.raises(gr.Error, match="too large"):
+        painted_mask({"background": np.zeros((side, side, 3), np.uint8), "layers": [], "composite": None})
+    with pytest.raises(gr.Error, match="must be its background, layers and composite"):
+        painted_mask("photo.png")
+    transparent = np.zeros((4, 4, 4), np.uint8)
+    transparent[1:3, 1:3] = (255, 0, 0, 255)
+    image, _ = painted_mask({"background": transparent, "layers": [], "composite": None})
+    assert (image[0, 0] == 255).all() and (image[1, 1] == (255, 0, 0)).all()
+    padded = var_args(label="red circle on blue ", num_images=1)
+    assert len(functions["generate_var"](**padded)[0]) == 1
 
 
 # -- CoDe in the VAR tab -------------------------------------------------------------------------------
@@ -422,13 +463,21 @@ def test_full_queue_answers_busy():
 
 
 # -- command line ----------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True)
+def _keep_pil_image_limit(monkeypatch):
+    """The demo command lowers PIL's decompression-bomb limit for its server process: put it back after a test."""
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", PIL.Image.MAX_IMAGE_PIXELS)
+
+
 def test_cli_demo_binds_localhost_without_share_by_default(monkeypatch):
     from diffusers_var import cli
+    from diffusers_var.demo import MAX_EDIT_PIXELS
 
     seen = {}
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: seen.update(kwargs, blocks=self))
     assert cli.main(["demo", "--star", "none", "--infinity", "none", "--device", "cpu", "--queue-size", "5"]) == 0
     assert seen["server_name"] == "127.0.0.1" and seen["share"] is False and seen["server_port"] == 7860
+    assert seen["max_file_size"] == "50mb" and PIL.Image.MAX_IMAGE_PIXELS == MAX_EDIT_PIXELS  # uploads bounded
     assert seen["blocks"].loaded_pipelines["star"] is None and seen["blocks"]._queue.max_size == 5
 
 

@@ -196,6 +196,26 @@ def test_mask_dilation_grows_the_generated_cells(family):
     assert torch.equal(tokens[-1][kept], input_tokens(family, image)[-1][kept])
 
 
+def test_kept_token_grid_says_what_a_mask_keeps_before_generating(family):
+    """``kept_token_grid``: the last scale's cells a mask keeps, as the call keeps them; a region smaller than a
+    cell keeps nothing when out-painting around it (the demo refuses that instead of regenerating everything)."""
+    _, inpaint, _ = pipes(family)
+    schedule, size = schedule_of(family), size_kwargs(family)
+    h, w = schedule[-1]
+    mask = grid_mask(family, slice(1, 2), slice(w - 2, w - 1))
+    for dilation in (0, 1):
+        expected = inpaint.prepare_mask_keep(mask, schedule, 1, 1, "cpu", mask_dilation=dilation)[-1]
+        assert torch.equal(inpaint.kept_token_grid(mask, dilation, **size), expected)
+    height, width = inpaint.pixel_size(schedule)
+    dab = torch.zeros(height, width, dtype=torch.bool)
+    dab[height // 2 - 1 : height // 2 + 1, width // 2 - 1 : width // 2 + 1] = True  # inside no whole cell
+    assert not inpaint.kept_token_grid(~dab, **size).any() and inpaint.kept_token_grid(dab, **size).any()
+    with pytest.raises(ValueError, match="mask_dilation"):
+        inpaint.kept_token_grid(mask, -1, **size)
+    with pytest.raises(ValueError, match="mask_image"):
+        inpaint.kept_token_grid("mask.png", **size)
+
+
 def test_all_false_mask_returns_the_reconstruction(family):
     _, inpaint, _ = pipes(family)
     image = input_image(family, seed=1)

@@ -25,6 +25,7 @@ from typing import Any
 
 import gradio as gr
 import numpy as np
+import PIL.Image
 import torch
 
 from .cli_support import (
@@ -66,6 +67,26 @@ def user_error(message: str):
     """A ``gr.Error`` for a user's mistake: shown in the page, not printed as a traceback in the server's log
     (failures of the generation itself still are)."""
     return gr.Error(message, print_exception=False)
+
+
+def number_slider(*args, **kwargs) -> gr.Slider:
+    """``gr.Slider(...)`` whose HTTP API value that is no number (nothing, text) is a readable error naming the
+    slider: gradio's own bounds check raised a TypeError, shown as its generic "the app has raised an exception".
+    (The check wraps the instance's ``preprocess``: a subclass of a gradio component writes a .pyi stub beside
+    this module.)"""
+    slider = gr.Slider(*args, **kwargs)
+    gradio_preprocess = slider.preprocess
+
+    def preprocess(payload):
+        if isinstance(payload, bool) or not isinstance(payload, (int, float)) or math.isnan(payload):
+            raise user_error(
+                f"{slider.label or 'A slider'} must be a number from {slider.minimum:g} to {slider.maximum:g}; "
+                f"got {payload!r}."
+            )
+        return gradio_preprocess(payload)
+
+    slider.preprocess = preprocess
+    return slider
 
 
 # -- loading ----------------------------------------------------------------------------------------
@@ -277,12 +298,12 @@ def _var_tab(
                 allow_custom_value=True,
                 elem_id="var-class",
             )
-            guidance = gr.Slider(0, 10, value=4.0, step=0.1, label="Guidance scale (cfg)")
+            guidance = number_slider(0, 10, value=4.0, step=0.1, label="Guidance scale (cfg)")
             with gr.Row():
-                top_k = gr.Slider(
+                top_k = number_slider(
                     0, max(pipe.transformer.config.vocab_size, 900), value=900, step=1, label="Top-k (0 = off)"
                 )
-                top_p = gr.Slider(0, 1, value=0.95, step=0.01, label="Top-p (0 = off)")
+                top_p = number_slider(0, 1, value=0.95, step=0.01, label="Top-p (0 = off)")
             more_smooth = gr.Checkbox(label="More smooth (Gumbel-softmax codes)", value=False)
             if code is not None:
                 num_scales, refiner = len(code.scale_schedule()), code.refiner.config
@@ -293,7 +314,7 @@ def _var_tab(
                         value=True,
                         elem_id="var-code",
                     )
-                    draft_steps = gr.Slider(
+                    draft_steps = number_slider(
                         1,
                         num_scales - 1,
                         value=code.config.draft_steps,
@@ -303,7 +324,7 @@ def _var_tab(
                     )
             elif code_notice:
                 gr.Markdown(code_notice, elem_id="var-code-notice")
-            num_images = gr.Slider(
+            num_images = number_slider(
                 1, max_images, value=min(4, max_images), step=1, label="Number of images", elem_id="var-num-images"
             )
             seed, randomize = _seed_row("var")
@@ -317,6 +338,8 @@ def _var_tab(
         count = _check_count(num_images, max_images)
         if class_name is not None and not isinstance(class_name, (str, int)):  # (only the HTTP API can send this)
             raise user_error(f"The class must be a name or an index, got {type(class_name).__name__}.")
+        if isinstance(class_name, str):  # typed into the searchable list: spaces around it, as the Edit tab takes
+            class_name = class_name.strip()
         if class_name == RANDOM_CLASS or class_name in (None, ""):
             labels = None
         elif class_name in name_to_id:
@@ -397,18 +420,18 @@ def _star_tab(pipe: STARPipeline, common: dict, max_images: int):
     with gr.Row():
         with gr.Column():
             prompt, negative = _text_controls("star")
-            guidance = gr.Slider(0, 10, value=4.0, step=0.1, label="Guidance scale (cfg)")
+            guidance = number_slider(0, 10, value=4.0, step=0.1, label="Guidance scale (cfg)")
             with gr.Row():
-                top_k = gr.Slider(
+                top_k = number_slider(
                     0, max(pipe.transformer.config.vocab_size, 600), value=600, step=1, label="Top-k (0 = off)"
                 )
-                top_p = gr.Slider(0, 1, value=0.8, step=0.01, label="Top-p (0 = off)")
+                top_p = number_slider(0, 1, value=0.8, step=0.01, label="Top-p (0 = off)")
             stable = gr.Checkbox(
                 label="Stable sampler" + ("" if has_sampler else " (this checkpoint has no sampler head)"),
                 value=has_sampler,
                 interactive=has_sampler,
             )
-            num_images = gr.Slider(1, max_images, value=min(2, max_images), step=1, label="Number of images")
+            num_images = number_slider(1, max_images, value=min(2, max_images), step=1, label="Number of images")
             seed, randomize = _seed_row("star")
             button = gr.Button("Generate", variant="primary", elem_id="star-generate")
         with gr.Column():
@@ -486,12 +509,12 @@ def _infinity_tab(pipe: InfinityPipeline, common: dict, max_images: int):
                 elem_id="infinity-size",
             )
             with gr.Row():
-                guidance = gr.Slider(0, 10, value=3.0, step=0.1, label="Guidance scale (cfg)")
-                tau = gr.Slider(0.05, 2, value=0.5, step=0.05, label="Tau (temperature)")
+                guidance = number_slider(0, 10, value=3.0, step=0.1, label="Guidance scale (cfg)")
+                tau = number_slider(0.05, 2, value=0.5, step=0.05, label="Tau (temperature)")
             with gr.Row():
-                top_k = gr.Slider(0, 1000, value=900, step=1, label="Top-k (0 = off)")
-                top_p = gr.Slider(0, 1, value=0.97, step=0.01, label="Top-p (0 = off)")
-            num_images = gr.Slider(1, max_images, value=min(2, max_images), step=1, label="Number of images")
+                top_k = number_slider(0, 1000, value=900, step=1, label="Top-k (0 = off)")
+                top_p = number_slider(0, 1, value=0.97, step=0.01, label="Top-p (0 = off)")
+            num_images = number_slider(1, max_images, value=min(2, max_images), step=1, label="Number of images")
             seed, randomize = _seed_row("infinity")
             button = gr.Button("Generate", variant="primary", elem_id="infinity-generate")
         with gr.Column():
@@ -548,6 +571,7 @@ EDIT_PIPELINES = {
     "infinity": (InfinityInpaintPipeline, InfinityImg2ImgPipeline),
 }
 EDIT_EXAMPLE_SIZE = 256  # px: the example image is drawn large enough to paint on (the pipeline resizes it)
+MAX_EDIT_PIXELS = 4096 * 4096  # an upload above is refused: a tiny PNG of 100 megapixels took 3 GB of server memory
 
 
 def edit_example_image(shape: str = "circle", color: str = "red", background: str = "blue") -> np.ndarray:
@@ -565,13 +589,21 @@ def edit_example_image(shape: str = "circle", color: str = "red", background: st
 def painted_mask(editor: dict | None) -> tuple[np.ndarray, np.ndarray]:
     """``(image uint8 (H, W, 3), painted (H, W) bool)`` from a ``gr.ImageEditor`` value: the background and where any
     layer has paint (or, without layers, where the composite differs from the background)."""
+    if editor is not None and not isinstance(editor, dict):  # (only the HTTP API can send this)
+        raise user_error(f"The image editor's value must be its background, layers and composite, got {editor!r}.")
     background = None if not editor else editor.get("background")
     if background is None:
         raise user_error("Upload an image to edit (or use the example) first.")
     background = np.asarray(background)
     if background.dtype != np.uint8:  # Gradio's editor gives 8-bit images; anything else would wrap or take NaN
         raise user_error(f"The image to edit must be 8-bit (uint8) pixels, got {background.dtype}.")
-    image = background[..., :3] if background.ndim == 3 else np.repeat(background[..., None], 3, axis=-1)
+    if background.ndim < 2 or background.shape[0] * background.shape[1] > MAX_EDIT_PIXELS:
+        # every copy below is of the full image; the pipeline resizes it to the model's size anyway
+        raise user_error(
+            f"The image to edit is too large ({'x'.join(map(str, background.shape[1::-1]))} pixels): at most "
+            f"{MAX_EDIT_PIXELS // 10**6} megapixels; make it smaller first."
+        )
+    image = _on_white(background)
     painted = np.zeros(image.shape[:2], dtype=bool)
     for layer in editor.get("layers") or []:
         layer = np.asarray(layer)
@@ -580,8 +612,19 @@ def painted_mask(editor: dict | None) -> tuple[np.ndarray, np.ndarray]:
             painted |= (layer[..., 3] if has_alpha else layer.reshape(*painted.shape, -1).max(-1)) > 0
     composite = editor.get("composite")
     if not painted.any() and composite is not None and np.asarray(composite).shape[:2] == painted.shape:
-        painted = (np.abs(np.asarray(composite)[..., :3].astype(int) - image.astype(int)) > 0).any(-1)
+        painted = (np.abs(_on_white(np.asarray(composite)).astype(int) - image.astype(int)) > 0).any(-1)
     return image.astype(np.uint8), painted
+
+
+def _on_white(pixels: np.ndarray) -> np.ndarray:
+    """(H, W, 3) RGB of an editor image: grayscale repeated, transparent parts on white as the page shows them (the
+    colour under a fully transparent pixel is arbitrary)."""
+    if pixels.ndim == 2:
+        return np.repeat(pixels[..., None], 3, axis=-1)
+    if pixels.shape[-1] == 4:
+        alpha = pixels[..., 3:].astype(np.float32) / 255
+        return np.rint(pixels[..., :3] * alpha + 255 * (1 - alpha)).astype(pixels.dtype)
+    return pixels[..., :3]
 
 
 def nearest_infinity_size(pipe: InfinityPipeline, height: int, width: int) -> tuple[int, int]:
@@ -631,7 +674,7 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
                 elem_id="edit-what",
             )
             with gr.Row():
-                strength = gr.Slider(
+                strength = number_slider(
                     0,
                     1,
                     value=0.5,
@@ -639,8 +682,8 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
                     label="Strength (image-to-image: share of the scales sampled)",
                     elem_id="edit-strength",
                 )
-                guidance = gr.Slider(0, 10, value=4.0, step=0.1, label="Guidance scale (cfg)")
-            mask_dilation = gr.Slider(
+                guidance = number_slider(0, 10, value=4.0, step=0.1, label="Guidance scale (cfg)")
+            mask_dilation = number_slider(
                 0,
                 3,
                 value=0,
@@ -649,7 +692,7 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
                 "object draw its own edges)",
                 elem_id="edit-mask-dilation",
             )
-            num_images = gr.Slider(1, max_images, value=min(2, max_images), step=1, label="Number of images")
+            num_images = number_slider(1, max_images, value=min(2, max_images), step=1, label="Number of images")
             seed, randomize = _seed_row("edit")
             button = gr.Button("Edit", variant="primary", elem_id="edit-generate")
         with gr.Column():
@@ -688,6 +731,18 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
             kwargs["mask_dilation"] = _whole(mask_dilation, "Margin")
         if family == "infinity" and not pipe.config.get("default_size"):  # else the size the model was trained for
             kwargs["height"], kwargs["width"] = nearest_infinity_size(pipe, *image.shape[:2])
+        if mode_name == EDIT_MODES[1]:  # a kept region smaller than the token grid's cells keeps nothing
+            size = {key: kwargs[key] for key in ("height", "width") if key in kwargs}
+            try:
+                kept = pipe.kept_token_grid(kwargs["mask_image"], kwargs["mask_dilation"], **size)
+            except ValueError as err:
+                raise user_error(str(err)) from None
+            if not kept.any():
+                grid = "x".join(map(str, kept.shape[-2:]))
+                raise user_error(
+                    f"Out-paint keeps whole cells of the model's {grid} token grid: the painted region covers none "
+                    "(with this Margin), so nothing would be kept. Paint a larger region, or lower the Margin."
+                )
         if family == "var":
             name = str(text or "").strip()
             if not name:
@@ -859,7 +914,9 @@ def run(args: argparse.Namespace) -> int:
     if not any(demo.loaded_pipelines[key] is not None for key in FAMILIES):  # no embedded pipeline installed either
         return print_error("nothing to serve: no embedded pipeline here; give one with `--var/--star/--infinity PATH`")
     try:
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share)
+        # uploads: a decompression bomb is refused as it is decoded, a large file before that
+        PIL.Image.MAX_IMAGE_PIXELS = MAX_EDIT_PIXELS
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size="50mb")
     except OSError as err:  # the port is taken, or the host is not an address of this machine
         return print_error(f"`--host {args.host} --port {args.port}`: cannot serve there ({err})")
     return 0

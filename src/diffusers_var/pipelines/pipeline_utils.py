@@ -1212,6 +1212,16 @@ class NextScaleEditMixin:
 class NextScaleInpaintMixin(NextScaleEditMixin):
     """In-painting / out-painting: ``mask_image`` says where to generate."""
 
+    def kept_token_grid(self, mask_image, mask_dilation: int = 0, height=None, width=None) -> torch.Tensor:
+        """(B, h, w) bool on the last scale's token grid: where in-painting with ``mask_image`` (white = generate;
+        one mask or several, at the image's or the grid's size) keeps the input's tokens, ``mask_dilation`` applied.
+        Shows before generating what a mask keeps: a region smaller than a cell keeps nothing (Infinity: the grid of
+        ``height`` x ``width``, default the pipeline's size)."""
+        schedule = self._edit_schedule(height, width)
+        mask = mask_to_tensor(mask_image, sizes=None)
+        self.check_mask_input(mask_image, schedule, (1, *mask.shape[-2:]), mask.shape[0], 1, mask_dilation)
+        return self.prepare_mask_keep(mask_image, schedule, mask.shape[0], 1, "cpu", mask_dilation)[-1]
+
     def box_mask(self, y0: float, x0: float, y1: float, x1: float, inpainting: bool = True) -> torch.Tensor:
         """The latent-grid mask (h, w) bool (True = generate) of the original notebook's
         ``get_edit_mask(patch_nums, y0, x0, y1, x1, inpainting)``: with ``inpainting`` the box
