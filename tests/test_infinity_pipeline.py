@@ -178,6 +178,38 @@ def test_converter_errors_name_the_parameter(tmp_path):
         )
 
 
+def test_converter_refuses_a_tokenizer_that_is_not_the_text_encoders_and_names_float16_overflow(tmp_path):
+    """A folder without tokenizer files (every word unknown: the prompts were ignored) or another model's tokenizer
+    (ids beyond T5's table: an IndexError at generation) converted without a word; a T5 weight beyond float16's range
+    was blamed on the checkpoint (T5 was loaded in float16, where it turned infinite)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from conftest import fixture_dir as fixtures
+
+    path = fixture_dir("infinity")
+    checkpoints = (path / "vae.pth", path / "transformer/infinity.pth", path / "text_encoder")
+    for tokenizer, message in (
+        (path / "text_encoder", "reads plain words .* as unknown tokens"),
+        (fixtures("star") / "text_encoder_sd21_layout" / "tokenizer", "has 520 tokens, more than the text encoder.s"),
+    ):
+        with pytest.raises(ConversionError, match=f"`tokenizer`: the tokenizer {message}"):
+            convert_infinity_checkpoint(*checkpoints, tokenizer, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    shutil.copytree(path / "text_encoder", tmp_path / "t5")
+    weights = load_file(tmp_path / "t5" / "model.safetensors")
+    key = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    weights[key] = weights[key].clone()
+    weights[key][0, 0] = 1e5
+    save_file(weights, tmp_path / "t5" / "model.safetensors", metadata={"format": "pt"})
+    t5 = (path / "vae.pth", path / "transformer/infinity.pth", tmp_path / "t5", path / "tokenizer")
+    with pytest.raises(ConversionError, match=rf"`dtype` float16: `text_encoder.{key}` holds values up to 1e\+05"):
+        convert_infinity_checkpoint(*t5, dtype=torch.float16)
+    pipe = convert_infinity_checkpoint(*t5, dtype=torch.bfloat16)
+    assert pipe.text_encoder.dtype == torch.bfloat16
+
+
 def test_converter_reads_a_sharded_directory(tmp_path):
     import json
 

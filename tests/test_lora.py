@@ -624,6 +624,40 @@ def test_malformed_lora_inputs_name_the_file_or_parameter(var_adapter, tmp_path)
         pipe.load_lora_weights(var_adapter, adapter_name="b", hotswap=True)
 
 
+def test_keys_with_an_adapter_name_are_refused_before_anything_changes(var_adapter, tmp_path):
+    """A file of a model's own state_dict keys (``lora_A.default.weight``) loaded without an error: its weights
+    stayed on the meta device (NaN images) or at their initial values (no effect)."""
+    pipe = embedded("var")
+    before = model_state(pipe.transformer)
+    tensors = load_file(var_adapter / "pytorch_lora_weights.safetensors")
+    named = {
+        key.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): value
+        for key, value in tensors.items()
+    }
+    save_file(named, tmp_path / "named.safetensors")
+    with pytest.raises(ValueError, match=r"is not a LoRA key .*`default` looks like an adapter name"):
+        pipe.load_lora_weights(tmp_path / "named.safetensors")
+    assert_same_state(before, model_state(pipe.transformer))
+    assert pipe.get_list_adapters() == {}
+
+
+def test_default_adapter_names_count_every_components_adapters(tmp_path):
+    """The default name came from the transformer's adapters alone: after a text-encoder-only adapter took
+    ``default_0``, the next load without a name was refused as ``default_0`` again."""
+    source = embedded("star")
+    add_random_adapter(source.text_encoder, "t", seed=3)
+    STARPipeline.save_lora_weights(
+        tmp_path / "text", text_encoder_lora_layers=get_peft_model_state_dict(source.text_encoder, adapter_name="t")
+    )
+    add_random_adapter(source.transformer, "a")
+    folder = save_adapter(source, tmp_path / "transformer")
+    pipe = embedded("star")
+    pipe.load_lora_weights(tmp_path / "text")
+    pipe.load_lora_weights(folder)
+    pipe.load_lora_weights(tmp_path / "text")
+    assert pipe.get_list_adapters() == {"text_encoder": ["default_0", "default_2"], "transformer": ["default_1"]}
+
+
 def test_a_hotswap_to_another_rank_updates_the_adapter_config(tmp_path):
     """The layers took the new rank, the adapter's config kept the old one: saving it afterwards failed (rank 4 in
     the metadata beside rank-8 tensors)."""

@@ -625,6 +625,9 @@ def test_bad_loading_arguments_name_the_parameter(case, tmp_path):
     for path in (None, 123):
         with pytest.raises(ValueError, match="`pretrained_model_name_or_path`"):
             case.pipeline_class.from_pretrained(path)
+    for missing in (tmp_path / "missing", str(tmp_path / "missing")):  # a Path was an AttributeError in diffusers
+        with pytest.raises(ValueError, match="is neither a valid local path nor a valid repo id"):
+            case.pipeline_class.from_pretrained(missing)
     with pytest.raises(ValueError, match="`dtype`"):
         case.pipeline_class.from_pipe(pipe, dtype="float16")
     for bad in (None, 123):

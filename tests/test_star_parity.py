@@ -343,3 +343,27 @@ def test_command_line_converter(star_fixture, tmp_path, capsys):
         cli.main(common + ["--transformer", str(path / "star_transformer.pth"), "--output", str(tmp_path / "b")]) == 2
     )
     assert "`output`" in capsys.readouterr().err
+
+
+def test_converter_refuses_a_tokenizer_of_another_text_encoder_and_casts_the_text_encoder(star_fixture, tmp_path):
+    """A CLIP text encoder with a T5 tokenizer converted, then failed deep inside transformers at generation (512
+    positions asked of 77); ``--dtype`` left STAR's text encoder float32 while Infinity's followed it."""
+    import shutil
+
+    from diffusers_var.conversion import ConversionError
+
+    path, manifest, _ = star_fixture
+    folder = text_encoder_folder(path, manifest)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(folder, mixed)
+    shutil.rmtree(mixed / "tokenizer")
+    shutil.copytree(fixture_dir("infinity") / "tokenizer", mixed / "tokenizer")
+    with pytest.raises(ConversionError, match="`text_encoder`: the tokenizer"):
+        convert_star_checkpoint(
+            path / "vae.pth", path / "star_transformer.pth", mixed, tmp_path / "refused", **conversion_kwargs(manifest)
+        )
+    assert not (tmp_path / "refused").exists()
+    pipe = convert_star_checkpoint(
+        path / "vae.pth", path / "star_transformer.pth", folder, dtype=torch.float16, **conversion_kwargs(manifest)
+    )
+    assert pipe.text_encoder.dtype == torch.float16

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import math
 import os
@@ -201,10 +202,11 @@ def text_encoder_lora_config(
 # ----------------------------------------------------------------------------------------------
 # Does a LoRA state dict fit a model?
 # ----------------------------------------------------------------------------------------------
-_LORA_KEY = re.compile(
-    r"(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
-    r"lora_magnitude_vector)(?:\.[^.]+)*\Z"
-)
+_LORA_PARTS = r"(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
+# PEFT's saved names: the part, then its tensor (none for embedding parameters); an adapter name in between (keys of
+# a model's own state_dict, ``lora_A.default.weight``) is not one: PEFT loads such a file as no weights at all
+_LORA_KEY = re.compile(r"(?P<module>.+)\." + _LORA_PARTS + r"(?:\.weight|\.bias)?\Z")
+_LORA_KEY_WITH_ADAPTER_NAME = re.compile(r".+\." + _LORA_PARTS + r"\.(?P<adapter>[^.]+)(?:\.weight|\.bias)?\Z")
 
 
 def _base_module(module: nn.Module) -> nn.Module:
@@ -270,7 +272,16 @@ def lora_mismatches(state_dict: dict[str, torch.Tensor], model: nn.Module, confi
     for key, tensor in state_dict.items():
         match = _LORA_KEY.match(key)
         if match is None:
-            problems.append(f"`{key}` is not a LoRA key (PEFT names: `<module>.lora_A.weight` / `.lora_B.weight`)")
+            named = _LORA_KEY_WITH_ADAPTER_NAME.match(key)
+            hint = (
+                f"; `{named['adapter']}` looks like an adapter name, as in a model's own state_dict: save with "
+                "peft's get_peft_model_state_dict(model, adapter_name=...), which leaves it out"
+                if named
+                else ""
+            )
+            problems.append(
+                f"`{key}` is not a LoRA key (PEFT names: `<module>.lora_A.weight` / `.lora_B.weight`){hint}"
+            )
             continue
         name, part = match["module"], match["part"]
         dims = _module_dims(modules[name]) if name in modules else None
@@ -691,11 +702,9 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         self.check_lora_state_dict(state_dict, metadata, family, source_name=source_name)
         parts = self._split_by_component(state_dict)
         transformer = getattr(self, self.transformer_name)
-        if adapter_name is None:
-            from diffusers.utils import get_adapter_name
-
-            adapter_name = get_adapter_name(transformer)
         loaded = self._loaded_adapter_names()
+        if adapter_name is None:  # the first free of default_0, default_1, ... over every component's adapters
+            adapter_name = next(f"default_{i}" for i in itertools.count() if f"default_{i}" not in loaded)
         if hotswap and adapter_name not in getattr(transformer, "peft_config", {}):
             raise ValueError(f"`hotswap`: no adapter {adapter_name!r} to replace (loaded: {sorted(loaded)}).")
         if hotswap and parts.get(self.text_encoder_name):

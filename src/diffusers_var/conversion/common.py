@@ -184,6 +184,34 @@ def reading_checkpoint(param_name: str, path):
         ) from None
 
 
+TOKENIZER_PROBE = "a red circle on a blue background"  # plain words any text tokenizer of these models knows
+
+
+def check_tokenizer_fits(tokenizer, text_encoder, flag: str, max_length: int | None = None) -> None:
+    """A ConversionError naming ``flag`` when ``tokenizer`` cannot be the text encoder's: it turns plain words into
+    unknown tokens (a folder without the tokenizer's files), gives ids beyond the encoder's embedding table (another
+    model's vocabulary), or pads to more positions than the encoder has (``max_length``: what the pipeline pads to).
+    Such a folder converted without a word, then ignored the prompts or failed deep inside transformers."""
+    vocabulary = getattr(text_encoder.config, "vocab_size", None)
+    if vocabulary is not None and len(tokenizer) > vocabulary:
+        raise ConversionError(
+            f"`{flag}`: the tokenizer has {len(tokenizer)} tokens, more than the text encoder's {vocabulary}: it is "
+            "another model's tokenizer."
+        )
+    ids = tokenizer(TOKENIZER_PROBE, add_special_tokens=False).input_ids
+    if not ids or (tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids):
+        raise ConversionError(
+            f"`{flag}`: the tokenizer reads plain words ({TOKENIZER_PROBE!r}) as unknown tokens; the folder does not "
+            "hold the text encoder's tokenizer files."
+        )
+    positions = getattr(text_encoder.config, "max_position_embeddings", None)
+    if max_length is not None and positions is not None and max_length > positions:
+        raise ConversionError(
+            f"`{flag}`: the tokenizer pads texts to {max_length} tokens, the text encoder has {positions} positions: "
+            "it is another model's tokenizer."
+        )
+
+
 def cast_for_output(dtype: torch.dtype, **models: torch.nn.Module) -> None:
     """The converted models to the output ``dtype`` in place, their ``_keep_in_fp32_modules`` (output heads) kept in
     float32 as every loader keeps them. A weight beyond the dtype's range (float16's 65504) is a ConversionError

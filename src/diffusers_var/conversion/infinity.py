@@ -26,6 +26,7 @@ from .common import (
     cast_for_output,
     check_depth,
     check_output_dir,
+    check_tokenizer_fits,
     find_state_dict,
     load_checkpoint,
     load_into,
@@ -341,7 +342,9 @@ def convert_infinity_checkpoint(
         if not Path(folder).is_dir():
             raise ConversionError(f"`{name.replace('_', '-')}`: {str(folder)!r} is not a directory.")
     try:
-        text_encoder = T5EncoderModel.from_pretrained(text_encoder_path, dtype=dtype, use_safetensors=True)
+        # float32 first: cast_for_output refuses a weight beyond float16's range by name (it turned infinite while
+        # loading, and the finite-weights check blamed the checkpoint)
+        text_encoder = T5EncoderModel.from_pretrained(text_encoder_path, dtype=torch.float32, use_safetensors=True)
     except Exception as err:  # noqa: BLE001 - transformers raises many kinds; each becomes a message naming the flag
         raise ConversionError(
             f"`text-encoder`: cannot load a T5 encoder (safetensors) from {str(text_encoder_path)!r}: {err}"
@@ -355,7 +358,8 @@ def convert_infinity_checkpoint(
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, legacy=True)
     except Exception as err:  # noqa: BLE001 - transformers raises many kinds; each becomes a message naming the flag
         raise ConversionError(f"`tokenizer`: cannot load a tokenizer from {str(tokenizer_path)!r}: {err}") from None
-    cast_for_output(dtype, transformer=transformer, vae=vae)
+    check_tokenizer_fits(tokenizer, text_encoder, "tokenizer")
+    cast_for_output(dtype, transformer=transformer, vae=vae, text_encoder=text_encoder)
     pipe = InfinityPipeline(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
     if output_dir is not None:
         atomic_save_pipeline(pipe, output_dir, overwrite=overwrite)

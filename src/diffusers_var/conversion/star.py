@@ -29,6 +29,7 @@ from .common import (
     check_float,
     check_output_dir,
     check_patch_nums,
+    check_tokenizer_fits,
     count_blocks,
     find_state_dict,
     load_checkpoint,
@@ -307,7 +308,9 @@ def convert_star_checkpoint(
             f"`text_encoder` width {width} does not match "
             f"the transformer's text width {transformer.config.text_embed_dim}."
         )
-    cast_for_output(dtype, transformer=transformer, vqvae=vqvae)
+    max_length = None if text_encoder.config.model_type == "t5" else tokenizer.model_max_length  # (as the pipeline)
+    check_tokenizer_fits(tokenizer, text_encoder, "text_encoder", max_length)
+    cast_for_output(dtype, transformer=transformer, vqvae=vqvae, text_encoder=text_encoder)
     pipe = STARPipeline(transformer=transformer, vqvae=vqvae, text_encoder=text_encoder, tokenizer=tokenizer)
     if output_dir is not None:
         atomic_save_pipeline(pipe, output_dir, overwrite=overwrite)

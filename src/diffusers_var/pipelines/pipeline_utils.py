@@ -533,6 +533,8 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
                 "`pretrained_model_name_or_path` must be a folder or a Hub repo id (str or path), got "
                 f"{type(pretrained_model_name_or_path).__name__}."
             )
+        # a str from here: diffusers tells a Hub id from a folder with str methods (a missing Path folder crashed)
+        pretrained_model_name_or_path = os.fspath(pretrained_model_name_or_path)
         for name in ("dtype", "torch_dtype"):
             check_dtype_argument(kwargs.get(name), name)
         if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
