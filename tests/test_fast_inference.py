@@ -1592,11 +1592,17 @@ def test_offloading_or_casting_hooks_after_the_fast_path_are_refused():
     ):
         pipe = tiny_var()
         pipe.enable_fast_inference()
-        add_hooks(pipe.transformer)
-        with pytest.raises(ValueError, match="offloading or layerwise casting was added since"):
-            pipe(class_labels=[1], output_type="pt")
+        with pytest.raises(ValueError, match=r"\(\)`: this VARTransformer2DModel runs a pipeline's fast path"):
+            add_hooks(pipe.transformer)
         pipe.disable_fast_inference()  # off the fast path, the hooks run as diffusers has them
+        add_hooks(pipe.transformer)
         assert pipe(class_labels=[1], output_type="pt").images.shape == (1, 3, 8, 8)
+    pipe = tiny_var()
+    pipe.enable_fast_inference()
+    with pytest.raises(ValueError, match=r"`enable_group_offload\(\)`: this pipeline runs the fast path"):
+        pipe.enable_group_offload(
+            onload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1
+        )
 
 
 def test_modules_with_kernels_pickle_and_copy_with_their_kernels(tmp_path):

@@ -30,6 +30,9 @@ PUSH_KWARGS = ("repo_id", "token", "private", "commit_message", "create_pr")
 # what building a model from a config of wrong types or values raises from inside torch (a negative dimension,
 # num_heads 0, a string size)
 _BUILD_ERRORS = (TypeError, ValueError, ZeroDivisionError, RuntimeError)
+# set on a model while a pipeline's fast path (enable_fast_inference) holds it fitted: its offloading and casting
+# hooks would move or cast the weights the fast path's kernels and CUDA graphs read
+FAST_PATH_ATTRIBUTE = "_diffusers_var_fast_path_on"
 
 
 class ConfigBuildError(ValueError):
@@ -204,6 +207,24 @@ class CheckedLoadingMixin:
             init(self, *args, **kwargs)
 
         cls.__init__ = checked_init
+
+    def _refuse_hooks_on_fast_path(self, method: str) -> None:
+        if getattr(self, FAST_PATH_ATTRIBUTE, False):
+            raise ValueError(
+                f"`{method}()`: this {type(self).__name__} runs a pipeline's fast path (enable_fast_inference), whose "
+                "fitted modules and CUDA graphs cannot follow weights moved or cast at every call; call the "
+                "pipeline's disable_fast_inference() first."
+            )
+
+    def enable_group_offload(self, *args, **kwargs):
+        """diffusers' group offloading, refused while a pipeline's fast path holds this model."""
+        self._refuse_hooks_on_fast_path("enable_group_offload")
+        return super().enable_group_offload(*args, **kwargs)
+
+    def enable_layerwise_casting(self, *args, **kwargs):
+        """diffusers' layerwise casting, refused while a pipeline's fast path holds this model."""
+        self._refuse_hooks_on_fast_path("enable_layerwise_casting")
+        return super().enable_layerwise_casting(*args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):

@@ -45,6 +45,7 @@ from ..file_utils import make_folder, write_atomic
 from ..loaders import adapter_state
 from ..models.bitwise_vae import Upsample as BitwiseUpsample
 from ..models.blocks import AdaLNSelfAttentionBlock, CosineSelfAttention, FeedForward, Rotary2D, memoized
+from ..models.loading import FAST_PATH_ATTRIBUTE
 from ..models.multiscale_vq import MultiScaleResidualQuantizer, Upsample2x
 from ..models.star_transformer import STARBlock
 
@@ -1254,6 +1255,9 @@ class FastInferenceMixin:
             False,
         )
         separable_upsample_(getattr(self, "vqvae", None), low_precision)
+        for component in self.components.values():  # their offloading / casting hooks are refused while it is on
+            if isinstance(component, nn.Module):
+                setattr(component, FAST_PATH_ATTRIBUTE, enabled)
         if self.transformer is not None:
             settings = FastSettings(enabled, dtype if enabled else None, enabled and fp8, enabled and cuda_graphs)
             setattr(self.transformer, FAST_SETTINGS_ATTRIBUTE, settings)
@@ -1263,7 +1267,8 @@ class FastInferenceMixin:
 
     def _has_weight_hooks(self) -> bool:
         """Whether a component, or a layer inside one (layerwise casting hooks each layer), carries an offloading or
-        casting hook."""
+        casting hook. (Once the fast path is on, the pipeline's offloading methods and the models' group offloading
+        and layerwise casting refuse to add one: ``FAST_PATH_ATTRIBUTE``.)"""
         return any(
             hasattr(layer, "_hf_hook") or hasattr(layer, "_diffusers_hook")
             for component in self.components.values()
@@ -1272,21 +1277,15 @@ class FastInferenceMixin:
         )
 
     def _sync_adapters(self) -> None:
-        """At every generation's start. Offloading or layerwise casting added after ``enable_fast_inference`` is
-        refused (their hooks move or cast the weights the fast path fitted and its graphs read). The CUDA graphs
-        replay the LoRA layers as they were when captured (active adapters, scales, fused or not), and the float8
-        weights are copies: when loading, fusing, switching or scaling adapters has changed what the transformer
-        computes since, the float8 copies are remade and the graphs of every pipeline sharing the transformer dropped
-        (recaptured on the next call). Stale graph sets of this pipeline are freed here too, graphs on or off."""
+        """At every generation's start. The CUDA graphs replay the LoRA layers as they were when captured (active
+        adapters, scales, fused or not), and the float8 weights are copies: when loading, fusing, switching or scaling
+        adapters has changed what the transformer computes since, the float8 copies are remade and the graphs of
+        every pipeline sharing the transformer dropped (recaptured on the next call). Stale graph sets of this
+        pipeline are freed here too, graphs on or off."""
         self._graph_cache()  # (frees stale sets)
         transformer = getattr(self, "transformer", None)
         if not self._fast_inference or transformer is None:
             return
-        if self._has_weight_hooks():
-            raise ValueError(
-                "this pipeline runs the fast path (enable_fast_inference) and CPU offloading, group offloading or "
-                "layerwise casting was added since; call disable_fast_inference() first, or reload the pipeline."
-            )
         state = adapter_state(transformer)
         if state != getattr(transformer, ADAPTER_STATE_ATTRIBUTE, None):
             quantize_linears_fp8_(transformer, self._fast_fp8)

@@ -318,6 +318,11 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         self._refuse_offload_on_fast_path("enable_model_cpu_offload")
         return super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
 
+    def enable_group_offload(self, *args, **kwargs):
+        """diffusers' group offloading, refused while the fast path is on (:meth:`disable_fast_inference` first)."""
+        self._refuse_offload_on_fast_path("enable_group_offload")
+        return super().enable_group_offload(*args, **kwargs)
+
     def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = None):
         """diffusers' sequential offload onto an accelerator ``device``. A CPU ``device`` is refused: diffusers takes
         it and leaves every weight on the meta device, so the pipeline can then neither run nor be saved. Refused
