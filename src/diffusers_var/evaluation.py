@@ -90,9 +90,9 @@ class ImageSet:
                         f"`{flag}` {str(self.path / METADATA_FILE)!r}: entry {bad + 1} has a `prompt` that is not a "
                         f"non-empty string ({self.prompts[bad]!r})"
                     )
-        elif unfinished_run(self.path) is not None:
+        elif (unfinished := unfinished_run(self.path)) is not None:
             raise ValueError(
-                f"`{flag}` {str(self.path)!r} is {'' if unfinished_run(self.path) == self.path else 'in '}a "
+                f"`{flag}` {str(self.path)!r} is {'' if unfinished == self.path else 'in '}a "
                 f"`diffusers-var sample` run that has not finished (no {METADATA_FILE} yet); run the same sample "
                 "command again to finish it."
             )

@@ -308,10 +308,9 @@ def convert_star_checkpoint(
             f"`text_encoder` width {width} does not match "
             f"the transformer's text width {transformer.config.text_embed_dim}."
         )
-    max_length = None if text_encoder.config.model_type == "t5" else tokenizer.model_max_length  # (as the pipeline)
-    check_tokenizer_fits(tokenizer, text_encoder, "text_encoder", max_length)
-    cast_for_output(dtype, transformer=transformer, vqvae=vqvae, text_encoder=text_encoder)
     pipe = STARPipeline(transformer=transformer, vqvae=vqvae, text_encoder=text_encoder, tokenizer=tokenizer)
+    check_tokenizer_fits(tokenizer, text_encoder, "text_encoder", pipe.text_max_length)  # what the pipeline pads to
+    cast_for_output(dtype, transformer=transformer, vqvae=vqvae, text_encoder=text_encoder)
     if output_dir is not None:
         atomic_save_pipeline(pipe, output_dir, overwrite=overwrite)
     return pipe
