@@ -36,8 +36,9 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
                         (``fast_inference.subpixel_upsample_``: one 2x2 conv on the small map, opt-in until measured)
   fast-compile-all-unchained  ``fast-compile-all`` with VAR's blocks compiled piece by piece, each block on its own
                         (``fast_inference.CHAIN_VAR_BLOCKS = False``: the code before the chained blocks)
-  fast-compile-all-kvcopy  ``fast-compile-all`` with VAR's chained blocks leaving the KV-cache writes to the cache's
-                        own copies (``fast_inference.CHAINED_KV_WRITES = False``)
+  fast-compile-all-kvcopy  ``fast-compile-all`` with the compiled projection pieces (VAR's chained blocks,
+                        Infinity's blocks) leaving the KV-cache writes to the cache's own copies
+                        (``fast_inference.KV_WRITES_IN_PIECE = False``)
   fast-compile-all-gelu-always  ``fast-compile-all`` with fc1's bias + GELU in the matmul epilogue at every scale,
                         not only from 4,096 token rows (``fast_inference.FUSED_GELU_MIN_ROWS = 1``)
   fast-compile-all-static-tokens  ``compile_blocks="static-tokens"``: the block pieces compiled for every scale, the
@@ -47,6 +48,8 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
                         process of their own, as ``gpu_session.sh chain`` does)
   fast-compile-all-static-tokens-fp8  ``"static-tokens"`` with ``fp8=True`` (for the text-to-image models at 1024 px)
   fast-compile-all-static-fp8  ``"static"`` with ``fp8=True`` (VAR at batch 64)
+  fast-compile-all-static-tokens-fp8-kvcopy  ``"static-tokens"`` with ``fp8=True`` and the cache's own copies (the
+                        A/B of Infinity's in-piece KV-cache writes)
   fast-compile-all-gnsums  ``fast-compile-all`` with the decoder's GroupNorm statistics as per-channel sums at
                         every batch size (``fast_inference.channel_sum_group_norm_(min_batch=1)``; the default
                         takes them from 16 images on)
@@ -647,6 +650,7 @@ MODES = (
     "fast-compile-all-static",
     "fast-compile-all-static-tokens-fp8",
     "fast-compile-all-static-fp8",
+    "fast-compile-all-static-tokens-fp8-kvcopy",
     "fast-compile-all-gnsums",
     "fast-compile-all-static-tokens-fp8-gnsums",
 )
@@ -661,6 +665,7 @@ BLOCK_SHAPES = {f"fast-compile-all-{shapes}": shapes for shapes in ("static-toke
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8"] = "static-tokens"
 BLOCK_SHAPES["fast-compile-all-static-fp8"] = "static"
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-gnsums"] = "static-tokens"
+BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-kvcopy"] = "static-tokens"
 KNOWN_MODELS = (
     tuple(MODELS)
     + tuple(CODE_MODELS)
@@ -787,7 +792,7 @@ def main() -> int:
                 suffix = next((suffix for suffix in DECODER_MODES if mode.endswith(suffix)), None)
                 compile_decoder = DECODER_MODES[suffix] if suffix else mode != "fast"
                 fast_inference.CHAIN_VAR_BLOCKS = not mode.endswith("-unchained")
-                fast_inference.CHAINED_KV_WRITES = not mode.endswith("-kvcopy")
+                fast_inference.KV_WRITES_IN_PIECE = not mode.endswith("-kvcopy")
                 fast_inference.FUSED_GELU_MIN_ROWS = 1 if mode.endswith("-gelu-always") else None
                 bench.pipe.enable_fast_inference(compile_decoder=compile_decoder, **extra)
                 if mode.endswith("-subpixel"):

@@ -74,7 +74,11 @@ VARIANTS = (
 )
 PIECES = {  # the compiled pieces of a STAR block (fast_inference.compile_star_blocks_)
     "ffn": ("compiled_ffn_residual",),
-    "self-attention": ("compiled_attention_inputs", "compiled_attention_residual"),
+    "self-attention": (
+        "compiled_attention_inputs",
+        "compiled_attention_inputs_into_cache",
+        "compiled_attention_residual",
+    ),
     "cross": ("compiled_cross_attention_query", "compiled_cross_attention_output"),
 }
 COMPILED_PIECES = {  # variant -> the pieces that stay compiled (default: all)

@@ -575,13 +575,13 @@ def test_var_compiled_blocks_generate_what_the_eager_blocks_do(monkeypatch):
         torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
     assert writes == [4, 4]  # the first scale only (4 rows); the others through the cache's copies
     transformer._run_block_stack = dynamic_stack
-    monkeypatch.setattr(fast_inference, "CHAINED_KV_WRITES", False)
+    monkeypatch.setattr(fast_inference, "KV_WRITES_IN_PIECE", False)
     tail_calls.clear()
     writes.clear()
     for compiled, reference in zip(all_logits(), eager):
         torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
     assert len(tail_calls) == len(scale_inputs) * (len(transformer.blocks) - 1) and writes == []
-    monkeypatch.setattr(fast_inference, "CHAINED_KV_WRITES", True)
+    monkeypatch.setattr(fast_inference, "KV_WRITES_IN_PIECE", True)
 
     # a hook on a block still runs (the blocks run one by one), and so does the switch
     tail_calls.clear()
@@ -698,10 +698,12 @@ def test_star_compiled_blocks_generate_what_the_eager_blocks_do(quirk):
 
 
 @pytest.mark.parametrize("compile_blocks", [True, "static"])
-def test_infinity_compiled_blocks_generate_what_the_eager_blocks_do(compile_blocks):
+def test_infinity_compiled_blocks_generate_what_the_eager_blocks_do(monkeypatch, compile_blocks):
     """The same for Infinity, whose compiled pieces also hold the 2-D RoPE and the cross-attention query /
     residual: float32 logits of every scale equal the eager ones (weights perturbed so the blocks matter), with the
-    pieces compiled once for all shapes or for each scale."""
+    pieces compiled once for all shapes or for each scale. The projection piece writes the keys and values into the
+    KV cache itself (the cache's copies from the large scales' rows on with dynamic shapes, or with
+    ``KV_WRITES_IN_PIECE`` off: the same logits)."""
     pipe = tiny_pipeline()
     transformer = pipe.transformer
     with torch.no_grad():
@@ -730,13 +732,37 @@ def test_infinity_compiled_blocks_generate_what_the_eager_blocks_do(compile_bloc
         hasattr(block.compiled_cross_attention_query, "_torchdynamo_orig_callable") for block in transformer.blocks
     )
     results = []
-    traces = _new_cache_entries(transformer.blocks[0].compiled_attention_inputs, lambda: results.extend(all_logits()))
+    traces = _new_cache_entries(
+        transformer.blocks[0].compiled_attention_inputs_into_cache, lambda: results.extend(all_logits())
+    )
     for compiled, reference in zip(results, eager, strict=True):
         torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
     if compile_blocks == "static":
         assert traces == len(schedule)  # one per scale
     else:
-        assert 1 <= traces <= 2  # the first call, then dynamic
+        assert 1 <= traces <= 3  # the first call, the second start position, then dynamic
+
+    def rows_of(piece_name):  # token rows of every call of one piece, across the blocks
+        calls = []
+        for block in transformer.blocks:
+            piece = getattr(block, piece_name)
+            monkeypatch.setattr(block, piece_name, lambda x, *a, piece=piece: calls.append(x.shape[1]) or piece(x, *a))
+        return calls
+
+    writes, copies = rows_of("compiled_attention_inputs_into_cache"), rows_of("compiled_attention_inputs")
+    depth = len(transformer.blocks)
+    monkeypatch.setattr(fast_inference, "LARGE_SCALE_MIN_ROWS", 2 * 16)  # 2 rows of 16 tokens: the last scale copies
+    for compiled, reference in zip(all_logits(), eager, strict=True):
+        torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
+    if compile_blocks == "static":  # static shapes write at every scale
+        assert writes == [h * w for h, w in schedule for _ in range(depth)] and copies == []
+    else:
+        assert writes == [h * w for h, w in schedule[:2] for _ in range(depth)] and copies == [16] * depth
+    writes.clear(), copies.clear()
+    monkeypatch.setattr(fast_inference, "KV_WRITES_IN_PIECE", False)
+    for compiled, reference in zip(all_logits(), eager, strict=True):
+        torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-5)
+    assert writes == [] and copies == [h * w for h, w in schedule for _ in range(depth)]
     with pytest.raises(ValueError, match="compile_blocks"):
         pipe.enable_fast_inference(compile_blocks=1)
 
@@ -1100,10 +1126,14 @@ def test_compiled_blocks_trace_no_new_graph_for_another_batch_size(family, compi
         run = lambda batch: pipe(prompt=["a red cat"] * batch, output_type="latent")  # noqa: E731
     pipe.enable_fast_inference(dtype=torch.bfloat16, compile_blocks=compile_blocks)
     block = pipe.transformer.blocks[0]
-    piece = block.compiled_block_tail if family == "var" else block.compiled_attention_inputs
+    # the projection piece that writes into the KV cache, traced again for the cache's start position (0, 1: dynamo
+    # specialises them) before it goes dynamic
+    piece, dynamic_traces = (
+        (block.compiled_block_tail, 2) if family == "var" else (block.compiled_attention_inputs_into_cache, 3)
+    )
     traces = _new_cache_entries(piece, lambda: run(1))
     # per scale with "static-tokens" (every tiny schedule has at least three), else the first call, then dynamic
-    assert traces >= 3 if compile_blocks == "static-tokens" else 1 <= traces <= 2
+    assert traces >= 3 if compile_blocks == "static-tokens" else 1 <= traces <= dynamic_traces
     first = counters["stats"]["unique_graphs"]
     for batch in (4, 2, 3):
         run(batch)

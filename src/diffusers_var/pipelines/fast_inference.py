@@ -541,11 +541,30 @@ def _modulated_norm(block, x_BLC, scale_plus_one, shift):
     return block.norm(x_BLC).mul(scale_plus_one).add_(shift)
 
 
-def _attention_inputs(block, x_BLC, scale_plus_one, shift, rotary_cos=None, rotary_sin=None):
-    q, k, v, softmax_scale = block.attn.project(_modulated_norm(block, x_BLC, scale_plus_one, shift))
+def _attention_inputs(block, x_BLC, scale_plus_one, shift, qkv_bias=None, rotary_cos=None, rotary_sin=None):
+    q, k, v, softmax_scale = block.attn.project(_modulated_norm(block, x_BLC, scale_plus_one, shift), qkv_bias)
     if rotary_cos is not None:
         q, k = Rotary2D.rotate(q, k, rotary_cos, rotary_sin)
     return q, k, v, softmax_scale
+
+
+def _write_into_cache(keys_BMHD, values_BMHD, start: int, k_BLHD, v_BLHD) -> None:
+    """Keys and values written into a KV cache's storage at ``[start, start + L)`` (:meth:`LayerKVCache.reserve`),
+    inside the compiled piece that computes them: the kernel that normalises or rotates them stores them there, with
+    no copy kernels of the cache's own."""
+    end = start + k_BLHD.shape[1]
+    keys_BMHD[:, start:end].copy_(k_BLHD)
+    values_BMHD[:, start:end].copy_(v_BLHD)
+
+
+def _attention_inputs_into_cache(
+    block, x_BLC, scale_plus_one, shift, keys_BMHD, values_BMHD, start: int, qkv_bias, rotary_cos=None, rotary_sin=None
+):
+    """:func:`_attention_inputs` with the keys and values written into the KV cache's storage
+    (:func:`_write_into_cache`); returns the queries and the softmax scale."""
+    q, k, v, softmax_scale = _attention_inputs(block, x_BLC, scale_plus_one, shift, qkv_bias, rotary_cos, rotary_sin)
+    _write_into_cache(keys_BMHD, values_BMHD, start, k, v)
+    return q, softmax_scale
 
 
 def _attention_residual(block, x_BLC, attended_BLC, gamma):
@@ -555,10 +574,27 @@ def _attention_residual(block, x_BLC, attended_BLC, gamma):
 def _split_self_attention_residual(
     block, x_BLC, gamma, scale_plus_one, shift, attn_mask=None, kv_cache=None, rotary=None
 ):
-    tables = () if rotary is None else (rotary.cos, rotary.sin)  # rotated inside the compiled piece
-    q, k, v, softmax_scale = block.compiled_attention_inputs(x_BLC, scale_plus_one, shift, *tables)
-    attended = block.attn.attend(q, k, v, softmax_scale, attn_mask, kv_cache)
+    attended = _compiled_self_attention(block, x_BLC, (scale_plus_one, shift), attn_mask, kv_cache, rotary)
     return block.compiled_attention_residual(x_BLC, attended, gamma)
+
+
+def _compiled_self_attention(block, x_BLC, modulation: tuple, attn_mask=None, kv_cache=None, rotary=None):
+    """A compiled block's self-attention before ``to_out``, (B, L, C): its projection piece
+    (``compiled_attention_inputs(x, *modulation, qkv_bias, *rotary tables)``), the KV cache and the attention kernel.
+    Where :func:`writes_kv_in_piece`, the piece ``compiled_attention_inputs_into_cache`` (the same arguments with the
+    cache's storage and start position after ``modulation``) writes the keys and values into the cache itself."""
+    attn = block.attn
+    tables = () if rotary is None else (rotary.cos, rotary.sin)  # rotated inside the compiled piece
+    qkv_bias = memoized(kv_cache, "qkv_bias", attn.qkv_bias)  # decoding: once per generation
+    if not writes_kv_in_piece(kv_cache, x_BLC, kv_write_below(block.compiled_shapes)):
+        q, k, v, softmax_scale = block.compiled_attention_inputs(x_BLC, *modulation, qkv_bias, *tables)
+        return attn.attend(q, k, v, softmax_scale, attn_mask, kv_cache)
+    B, L, _ = x_BLC.shape
+    keys, values, start = kv_cache.reserve(B, L, attn.num_heads, attn.head_dim, x_BLC)
+    q, softmax_scale = block.compiled_attention_inputs_into_cache(
+        x_BLC, *modulation, keys, values, start, qkv_bias, *tables
+    )
+    return attn.attend(q, keys[:, : start + L], values[:, : start + L], softmax_scale, attn_mask)
 
 
 def _cross_attention_query(block, x_BLC):
@@ -580,10 +616,31 @@ def _split_cross_attention_residual(block, x_BLC, context_BSC, context_mask_BS=N
 # (False: each block runs its own compiled pieces, as Infinity's do; read at every call, so graphs captured after a
 # change follow it)
 CHAIN_VAR_BLOCKS = True
-# the chained projection piece writes keys and values into the KV cache itself: with dynamic shapes below the large
-# scales' rows (above them the cache's copies were faster), with static ones at every scale (not compared there), see
-# :func:`compile_adaln_blocks_`; False: always the cache's own copies
-CHAINED_KV_WRITES = True
+# the compiled projection pieces write keys and values into the KV cache themselves (VAR's chained blocks, Infinity's
+# and VAR's own blocks): with dynamic shapes below the large scales' rows (above them the cache's copies were faster),
+# with static ones at every scale (not compared there), see :func:`writes_kv_in_piece`; False: always the cache's own
+# copies
+KV_WRITES_IN_PIECE = True
+
+
+def kv_write_below(shapes: str) -> int | None:
+    """The token rows (batch x tokens) from which the pieces compiled for ``shapes`` leave the keys and values to the
+    KV cache's copies: :data:`LARGE_SCALE_MIN_ROWS` with dynamic shapes, never (None) with static ones."""
+    return LARGE_SCALE_MIN_ROWS if shapes == "dynamic" else None
+
+
+def writes_kv_in_piece(kv_cache, x_BLC: torch.Tensor, write_below: int | None) -> bool:
+    """Whether a compiled piece writes this call's keys and values into ``kv_cache``'s storage itself: with
+    :data:`KV_WRITES_IN_PIECE`, a pre-allocated cache, no autograd or autocast (the storage takes the keys' dtype from
+    ``x_BLC``), and fewer token rows than ``write_below`` (:func:`kv_write_below`; None: any number)."""
+    return (
+        KV_WRITES_IN_PIECE
+        and kv_cache is not None
+        and kv_cache.max_length is not None
+        and not torch.is_grad_enabled()
+        and not torch.is_autocast_enabled(x_BLC.device.type)
+        and (write_below is None or x_BLC.shape[0] * x_BLC.shape[1] < write_below)
+    )
 
 
 def _project_modulated(block, h_BLC, qkv_bias):
@@ -596,9 +653,7 @@ def _project_into_cache(block, h_BLC, keys_BMHD, values_BMHD, start: int, qkv_bi
     the softmax scale. ``qkv_bias`` comes from outside: concatenated in the piece, it was a kernel of its own at every
     call (the projection's matmul needs the bias in memory)."""
     q, k, v, softmax_scale = block.attn.project(h_BLC, qkv_bias)
-    end = start + h_BLC.shape[1]
-    keys_BMHD[:, start:end].copy_(k)
-    values_BMHD[:, start:end].copy_(v)
+    _write_into_cache(keys_BMHD, values_BMHD, start, k, v)
     return q, softmax_scale
 
 
@@ -639,11 +694,10 @@ def _chained_block_stack(model, x_BLC, block_cond, attn_mask=None, kv_cache=None
     _, _, scale1, _, shift1, _ = modulations[0]
     h_BLC = blocks[0].compiled_modulated_norm(x_BLC, scale1, shift1)
     B, L, _ = x_BLC.shape
-    write_in_piece = CHAINED_KV_WRITES and (write_below is None or B * L < write_below)
     for i, (block, cache) in enumerate(zip(blocks, caches)):
         attn = block.attn
         qkv_bias = memoized(cache, "qkv_bias", attn.qkv_bias)  # once per generation
-        if write_in_piece and cache is not None and cache.max_length is not None:  # keys, values written in place
+        if writes_kv_in_piece(cache, h_BLC, write_below):  # keys, values written in place
             keys, values, start = cache.reserve(B, L, attn.num_heads, attn.head_dim, h_BLC)
             q, softmax_scale = block.compiled_project_into_cache(h_BLC, keys, values, start, qkv_bias)
             keys, values = keys[:, : start + L], values[:, : start + L]
@@ -719,6 +773,7 @@ def compile_adaln_blocks_(model: nn.Module, shapes: bool | str = True) -> int:
     def plan(block):
         pieces = {
             "compiled_attention_inputs": _attention_inputs,
+            "compiled_attention_inputs_into_cache": _attention_inputs_into_cache,
             "compiled_attention_residual": _attention_residual,
             "ffn_residual": type(block).ffn_residual,  # compiled whole, under its own name
         }
@@ -744,9 +799,8 @@ def compile_adaln_blocks_(model: nn.Module, shapes: bool | str = True) -> int:
     if chained and not already_chained and all(hasattr(block, "compiled_block_tail") for block in model.blocks):
         # the pieces write keys and values into the cache at every scale when compiled per scale, else below the large
         # scales' rows (from there the cache's copies were faster with dynamic rows)
-        write_below = None if shapes != "dynamic" else LARGE_SCALE_MIN_ROWS
         model._run_block_stack = types.MethodType(
-            functools.partial(_chained_block_stack, write_below=write_below), model
+            functools.partial(_chained_block_stack, write_below=kv_write_below(shapes)), model
         )
     return compiled
 
@@ -800,11 +854,19 @@ def _compile_block_pieces_(model: nn.Module, block_class: type, plan: Callable, 
 
 
 # STAR's plain pre-LayerNorm blocks, compiled the same way: pieces around the KV cache and the attention kernels
-def _star_attention_inputs(block, x_BLC, rotary_cos=None, rotary_sin=None):
-    q, k, v, softmax_scale = block.attn.project(block.norm(x_BLC))
+def _star_attention_inputs(block, x_BLC, qkv_bias=None, rotary_cos=None, rotary_sin=None):
+    q, k, v, softmax_scale = block.attn.project(block.norm(x_BLC), qkv_bias)
     if rotary_cos is not None:
         q, k = Rotary2D.rotate(q, k, rotary_cos, rotary_sin)
     return q, k, v, softmax_scale
+
+
+def _star_attention_inputs_into_cache(
+    block, x_BLC, keys_BMHD, values_BMHD, start: int, qkv_bias, rotary_cos=None, rotary_sin=None
+):
+    q, k, v, softmax_scale = _star_attention_inputs(block, x_BLC, qkv_bias, rotary_cos, rotary_sin)
+    _write_into_cache(keys_BMHD, values_BMHD, start, k, v)
+    return q, softmax_scale
 
 
 def _star_attention_residual(block, x_BLC, attended_BLC):
@@ -868,9 +930,8 @@ def _split_star_block(
         _warn_star_blocks_uncompiled()
         text = (encoder_hidden_states, encoder_attention_mask, cross_attention_row0)
         return STARBlock.forward(block, x_BLC, attn_mask, kv_cache, rotary, *text)
-    tables = () if rotary is None else (rotary.cos, rotary.sin)
-    q, k, v, softmax_scale = block.compiled_attention_inputs(x_BLC, *tables)
-    x_BLC = block.compiled_attention_residual(x_BLC, block.attn.attend(q, k, v, softmax_scale, attn_mask, kv_cache))
+    attended = _compiled_self_attention(block, x_BLC, (), attn_mask, kv_cache, rotary)
+    x_BLC = block.compiled_attention_residual(x_BLC, attended)
     if block.cross_attn is not None:
         cross = block.cross_attn
         rows, context, mask = block.cross_attention_inputs(
@@ -894,6 +955,7 @@ def compile_star_blocks_(model: nn.Module, shapes: bool | str = True) -> int:
     def plan(block):
         pieces = {
             "compiled_attention_inputs": _star_attention_inputs,
+            "compiled_attention_inputs_into_cache": _star_attention_inputs_into_cache,
             "compiled_attention_residual": _star_attention_residual,
             "compiled_ffn_residual": _star_ffn_residual,
         }
