@@ -14,7 +14,8 @@
 # on CUDA, variant by variant), side_by_side (the original VAR code's inference and ours in one call, issue 20),
 # profile_ours (torch.profiler tables of today's code), attention (SDPA kernels on a generation's shapes), sdpa (the
 # pipelines with cuDNN's attention kernel first), chain (VAR's blocks chained across block boundaries against each on its own;
-# CHAIN_SIDES also static-tokens / static: compile_blocks' shapes), trace (dynamo's tracing per shapes).
+# CHAIN_SIDES also static-tokens / static: compile_blocks' shapes), trace (dynamo's tracing per shapes), kv_writes (Infinity's and STAR's in-piece
+# KV-cache writes against the cache's copies).
 # startup: STARTUP_COMPILE_BLOCKS, sample's --compile-blocks.
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
@@ -198,6 +199,12 @@ PY
       echo "recompiles: $(grep -c 'Recompiling function' "$OUT/fp8_inf.log"), recompile limit hit: $(grep -c 'hit config.recompile_limit' "$OUT/fp8_inf.log")"
       BENCH_TIMEOUT=${BENCH_TIMEOUT:-290} bench . fp8_star --models star-d30 --batch-sizes 1 \
         --modes fast-compile-all,fast-compile-all-fp8 --repeats 5 ;;
+    kv_writes)  # issue 20: Infinity's and STAR's projection pieces writing the KV cache themselves against the cache's
+      # copies, at 1024 px batch 1 in their fastest mode, one model per process (KV_MODELS, default both)
+      for model in ${KV_MODELS:-infinity-2b star-d30}; do
+        BENCH_TIMEOUT=${BENCH_TIMEOUT:-300} bench . "kv_$model" --models "$model" --batch-sizes 1 \
+          --modes fast-compile-all-static-tokens-fp8,fast-compile-all-static-tokens-fp8-kvcopy --repeats 5
+      done ;;
     star_debug)  # issue 20: where STAR's compiled blocks went wrong on CUDA (the cross-attention query)
       log star_debug; timeout "${STAR_DEBUG_TIMEOUT:-560}" python3 benchmarks/debug_star_compile.py \
         ${STAR_DEBUG_VARIANTS:+--variants "$STAR_DEBUG_VARIANTS"} ${STAR_DEBUG_ARGS:-} > "$OUT/star_debug.log" 2>&1
