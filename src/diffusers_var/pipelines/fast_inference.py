@@ -1438,8 +1438,8 @@ class FastInferenceMixin:
         ``transformer`` (default: the pipeline's) runs the ``scales`` (default: all, in order). With ``prefill`` the
         first of them is a continuation: its ``scale_input`` is the input of every scale up to it (the teacher-forcing
         prefix) and the step is ``transformer.prefill_scale`` (the logits of those positions from
-        ``prefill_logits_from`` on; the KV cache filled)."""
-        self._sync_adapters()
+        ``prefill_logits_from`` on; the KV cache filled). (:meth:`_graph_scale_steps` syncs the adapters first, graphs
+        on or off.)"""
         transformer = self.transformer if transformer is None else transformer
         schedule = tuple(tuple(hw) for hw in schedule)
         scales = range(len(schedule)) if scales is None else scales
