@@ -214,6 +214,23 @@ def test_kept_token_grid_says_what_a_mask_keeps_before_generating(family):
         inpaint.kept_token_grid(mask, -1, **size)
     with pytest.raises(ValueError, match="mask_image"):
         inpaint.kept_token_grid("mask.png", **size)
+    # what the call refuses, this refuses too (it read an RGB array as a batch of masks W x 3 and gave H grids)
+    with pytest.raises(ValueError, match="looks like an RGB"):
+        inpaint.kept_token_grid(np.zeros((height, width, 3), np.float32), **size)
+    with pytest.raises(ValueError, match=r"`mask_image` is an empty image \(0x0\)"):
+        inpaint.kept_token_grid(PIL.Image.new("L", (0, 0)), **size)
+
+
+def test_an_empty_pil_image_or_mask_is_refused(family):
+    """A 0-pixel PIL image was edited as whatever resizing it gave, and a 0-pixel PIL mask failed inside torch's
+    pooling; arrays of no pixels were refused already."""
+    _, inpaint, img2img = pipes(family)
+    for width, height in ((0, 0), (0, 5)):
+        empty = PIL.Image.new("RGB", (width, height))
+        with pytest.raises(ValueError, match=rf"`image` is an empty image \({width}x{height}\)"):
+            run(img2img, family, image=empty, strength=0.5)
+        with pytest.raises(ValueError, match=rf"`mask_image` is an empty image \({width}x{height}\)"):
+            run(inpaint, family, image=input_image(family), mask_image=empty.convert("L"))
 
 
 def test_all_false_mask_returns_the_reconstruction(family):
@@ -384,6 +401,9 @@ def test_pixel_masks_become_latent_grid_masks(family):
         torch.from_numpy(pixels)[None] / 255.0,
         (pixels > 0).astype(int),  # 0 / 1 integers, what np.zeros(..., int) makes
         torch.from_numpy(pixels > 0).long(),
+        (pixels > 0).astype(np.uint8),  # uint8 0 / 1 (not 0-255): it edited nothing, silently
+        torch.from_numpy(pixels > 0).to(torch.uint8),
+        PIL.Image.fromarray((pixels > 0).astype(np.uint8)),
     ):
         assert torch.equal(run(inpaint, family, image=image, mask_image=mask), reference), type(mask)
     with pytest.raises(ValueError, match=r"`mask_image` of integers \(torch.int64\) must hold 0 / 1"):

@@ -374,6 +374,9 @@ def test_output_types_and_return_dict(case):
     assert torch.allclose(pipeline(case).decode_latents(latent).add(1).div(2), pt, atol=1e-6)
     as_tuple = pipeline(case)(**case.call, **case.batch(case.items[:1]), output_type="pt", return_dict=False)
     assert isinstance(as_tuple, tuple) and as_tuple[0].shape == (1, 3, H, W)
+    # numpy's bools are bools here as for every other flag (scalars.py)
+    as_numpy_flag = pipeline(case)(**case.call, **case.batch(case.items[:1]), output_type="pt", return_dict=np.False_)
+    assert isinstance(as_numpy_flag, tuple) and as_numpy_flag[0].shape == (1, 3, H, W)
 
 
 def test_seed_reproduces_and_differs(case):
@@ -466,6 +469,17 @@ def test_callback_receives_every_declared_tensor(case):
         for alias, unified in pipe._callback_aliases.items():
             assert (t[alias] is None and t[unified] is None) or torch.equal(t[alias], t[unified])
     assert torch.equal(seen[-1][2]["latents"], latent)
+
+    # the default is ["latents"]; an empty list asks for no tensors (as in diffusers), not for the default
+    asked = []
+    run(case, output_type="latent", callback_on_step_end=lambda p, si, hw, t: asked.append(set(t)) or {})
+    run(
+        case,
+        output_type="latent",
+        callback_on_step_end=lambda p, si, hw, t: asked.append(set(t)) or {},
+        callback_on_step_end_tensor_inputs=[],
+    )
+    assert asked == [{"latents"}] * len(schedule) + [set()] * len(schedule)
 
 
 def test_callback_returning_latents_replaces_them(case):

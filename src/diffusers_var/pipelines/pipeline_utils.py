@@ -147,8 +147,7 @@ def check_common_inputs(
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
     check_num_images_per_prompt(num_images_per_prompt)
-    if not isinstance(return_dict, bool):
-        raise ValueError(f"`return_dict` must be True or False, got {return_dict!r}.")
+    check_bool(return_dict, "return_dict")
 
 
 def check_num_images_per_prompt(num_images_per_prompt) -> None:
@@ -391,7 +390,7 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
                 f"`callback_on_step_end_tensor_inputs` must be a list of names from {self._callback_tensor_inputs}, "
                 f"got {tensor_inputs!r}."
             )
-        names = list(tensor_inputs or ["latents"])
+        names = ["latents"] if tensor_inputs is None else list(tensor_inputs)  # [] asks for none, as in diffusers
         bad = [name for name in names if name not in self._callback_tensor_inputs]
         if bad:
             raise ValueError(
@@ -650,7 +649,8 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
     def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs):
         """diffusers' ``from_pipe`` (the new pipeline shares the components, no weights are copied), except that
         each component keeps its dtype: diffusers casts every component to float32 (or ``dtype``), which, the
-        components being shared, also casts those of ``pipeline``. ``dtype=`` still casts, when given.
+        components being shared, also casts those of ``pipeline``. ``dtype=`` still casts, when given (the shared
+        components: ``pipeline``'s too).
         ``enable_fast_inference()`` / ``disable_fast_inference()`` cast and fit the modules, so their switches live on
         the transformer: pipelines sharing it share them (each captures its own CUDA graphs)."""
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
@@ -858,6 +858,8 @@ def _spatial_size_of(value, name: str, image: bool) -> tuple[int, int, int]:
     ``name``. Images: numpy (H, W, C) / (B, H, W, C), torch (C, H, W) / (B, C, H, W). Masks: (H, W), numpy
     (H, W, 1) / (B, H, W) / (B, H, W, 1), torch (B, H, W) / (B, 1, H, W)."""
     if isinstance(value, PIL.Image.Image):
+        if 0 in value.size:
+            raise ValueError(f"`{name}` is an empty image ({value.width}x{value.height}).")
         return 1, value.height, value.width
     if isinstance(value, (np.ndarray, torch.Tensor)):
         if isinstance(value, torch.Tensor) and value.is_meta:  # a shape without values: torch would fail deep down
@@ -984,9 +986,10 @@ def _unit_range_per_image(values: torch.Tensor) -> torch.Tensor:
 def mask_to_tensor(mask_image, name: str = "mask_image", sizes=()) -> torch.Tensor:
     """A mask (white / 1 / True = generate) as (B, 1, H, W) float in [0, 1]: PIL images (converted to grayscale),
     numpy arrays ((H, W), (H, W, 1), (B, H, W), (B, H, W, 1)) or torch tensors ((H, W), (B, H, W), (B, 1, H, W)),
-    bool, uint8 (0-255) or float in [0, 1], or a list of these. A numpy (H, W, 3 or 4) array is refused as an RGB(A)
-    image, unless its last two sizes are one of the mask ``sizes`` the caller takes ((height, width) pairs): then
-    it is a batch of masks of a grid 3 or 4 wide (``None``: a mask checked before, always read so)."""
+    bool, uint8 (0-255; one whose largest value is 1 holds 0 / 1, as ``(seg > 0).astype(np.uint8)`` makes, and so
+    does a PIL image), integer 0 / 1 or float in [0, 1], or a list of these. A numpy (H, W, 3 or 4) array is refused
+    as an RGB(A) image, unless its last two sizes are one of the mask ``sizes`` the caller takes ((height, width)
+    pairs): then it is a batch of masks of a grid 3 or 4 wide (``None``: a mask checked before, always read so)."""
     items = list(mask_image) if isinstance(mask_image, (list, tuple)) else [mask_image]
     if not items:
         raise ValueError(f"`{name}` is an empty list.")
@@ -994,7 +997,8 @@ def mask_to_tensor(mask_image, name: str = "mask_image", sizes=()) -> torch.Tens
     for item in items:
         _spatial_size_of(item, name, image=False)  # the type check
         if isinstance(item, PIL.Image.Image):
-            values = torch.from_numpy(np.asarray(to_grayscale(item), dtype=np.float32) / 255)[None, None]
+            gray = np.asarray(to_grayscale(item), dtype=np.float32)
+            values = torch.from_numpy(gray / 255 if gray.max() > 1 else gray)[None, None]  # 0-255, or 0 / 1
         else:
             values = as_tensor(item, name)
             if isinstance(item, np.ndarray):  # numpy masks are channels-last
@@ -1012,7 +1016,7 @@ def mask_to_tensor(mask_image, name: str = "mask_image", sizes=()) -> torch.Tens
             if values.shape[1] != 1:
                 shape = tuple(item.shape)
                 raise ValueError(f"`{name}` must have a single channel, got shape {shape}.")
-            if values.dtype == torch.uint8:
+            if values.dtype == torch.uint8 and values.max() > 1:  # 0-255; a uint8 mask of 0 / 1 is read as 0 / 1
                 values = values.float() / 255
             elif values.dtype != torch.bool and not values.is_floating_point():  # 0 / 1 masks (np.zeros(..., int))
                 if bool(((values != 0) & (values != 1)).any()):
@@ -1097,6 +1101,7 @@ class NextScaleEditMixin:
     @property
     def image_processor(self) -> VaeImageProcessor:
         """diffusers' image processor of the pipeline's images (resize, [0, 1] -> [-1, 1])."""
+        self._check_required_components()  # (an AttributeError here would be hidden by diffusers' __getattr__)
         return VaeImageProcessor(vae_scale_factor=self._pixels_per_token(), do_resize=True, do_normalize=True)
 
     def pixel_size(self, schedule) -> tuple[int, int]:
@@ -1225,7 +1230,7 @@ class NextScaleInpaintMixin(NextScaleEditMixin):
         Shows before generating what a mask keeps: a region smaller than a cell keeps nothing (Infinity: the grid of
         ``height`` x ``width``, default the pipeline's size)."""
         schedule = self._edit_schedule(height, width)
-        mask = mask_to_tensor(mask_image, sizes=None)
+        mask = mask_to_tensor(mask_image, sizes=(tuple(schedule[-1]), self.pixel_size(schedule)))
         self.check_mask_input(mask_image, schedule, (1, *mask.shape[-2:]), mask.shape[0], 1, mask_dilation)
         return self.prepare_mask_keep(mask_image, schedule, mask.shape[0], 1, "cpu", mask_dilation)[-1]
 
