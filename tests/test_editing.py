@@ -619,3 +619,11 @@ def test_fast_switches_are_shared_by_pipelines_sharing_the_transformer(graphs_on
     assert captured(source) == 0
     source.enable_fast_inference()
     assert derived._fast_inference and not VARPipeline.from_pipe(derived)._graph_steps
+
+
+def test_image_processor_of_a_pipeline_without_its_tokenizer_names_it():
+    """diffusers' ``__getattr__`` turned the property's AttributeError (no ``vqvae``) into "no attribute
+    'image_processor'"; the pipeline's own check names the missing component."""
+    plain = pipes("var")[0]
+    with pytest.raises(ValueError, match=r"this VARInpaintPipeline has no `vqvae` \(built with None\)"):
+        VARInpaintPipeline.from_pipe(plain, vqvae=None).image_processor
