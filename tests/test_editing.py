@@ -449,6 +449,10 @@ def test_a_numpy_batch_of_masks_of_a_grid_four_wide_is_not_an_rgba_image():
     )
     with pytest.raises(ValueError, match="looks like an RGB"):  # (H, W, 3) at no mask size is still an image
         run(inpaint, "var", image=image, mask_image=np.zeros((8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match=r"got shape \(1, 1, 8, 8\) \(numpy masks are channels-last"):
+        run(inpaint, "var", image=image, mask_image=np.zeros((1, 1, 8, 8), np.float32))  # channels-first numpy
+    with pytest.raises(ValueError, match=r"got shape \(1, 2, 8, 8\) \(torch masks: \(H, W\)"):
+        run(inpaint, "var", image=image, mask_image=torch.zeros(1, 2, 8, 8))
 
 
 def test_box_mask_rounds_half_to_even_like_the_notebook():

@@ -1014,8 +1014,12 @@ def mask_to_tensor(mask_image, name: str = "mask_image", sizes=()) -> torch.Tens
                     values = values.permute(0, 3, 1, 2)
             values = values.reshape(-1, 1, *values.shape[-2:]) if values.ndim < 4 else values
             if values.shape[1] != 1:
-                shape = tuple(item.shape)
-                raise ValueError(f"`{name}` must have a single channel, got shape {shape}.")
+                layouts = (
+                    "numpy masks are channels-last: (H, W), (H, W, 1), (B, H, W) or (B, H, W, 1)"
+                    if isinstance(item, np.ndarray)
+                    else "torch masks: (H, W), (B, H, W) or (B, 1, H, W)"
+                )
+                raise ValueError(f"`{name}` must have a single channel, got shape {tuple(item.shape)} ({layouts}).")
             if values.dtype == torch.uint8 and values.max() > 1:  # 0-255; a uint8 mask of 0 / 1 is read as 0 / 1
                 values = values.float() / 255
             elif values.dtype != torch.bool and not values.is_floating_point():  # 0 / 1 masks (np.zeros(..., int))
