@@ -912,6 +912,14 @@ def test_save_pretrained_is_atomic_and_keeps_the_users_files(tmp_path, monkeypat
     (target / "notes.txt").write_text("mine")
     (target / "transformer" / "notes.txt").write_text("mine too")
     (target / "transformer" / "diffusion_pytorch_model.bin").write_text("mine as well")
+    # files of the same names that no index of ours lists, and other formats: not ours to delete (they were)
+    users = [
+        "diffusion_pytorch_model-00001-of-00002.bin",
+        "diffusion_pytorch_model.bin.index.json",
+        "diffusion_pytorch_model-00007-of-00009.safetensors",
+    ]
+    for name in users:
+        (target / "transformer" / name).write_text("the user's")
 
     real_replace = os.replace
     calls = []
@@ -936,12 +944,15 @@ def test_save_pretrained_is_atomic_and_keeps_the_users_files(tmp_path, monkeypat
         type(pipe.transformer).from_pretrained(target / "transformer")
 
     pipe.save_pretrained(target)
-    assert sorted(p.name for p in (target / "transformer").iterdir()) == [
-        "config.json",
-        "diffusion_pytorch_model.bin",
-        "diffusion_pytorch_model.safetensors",
-        "notes.txt",
-    ]
+    assert sorted(p.name for p in (target / "transformer").iterdir()) == sorted(
+        [
+            "config.json",
+            "diffusion_pytorch_model.bin",
+            "diffusion_pytorch_model.safetensors",
+            "notes.txt",
+            *users,
+        ]
+    )
     assert (target / "notes.txt").read_text() == "mine" and not (target / file_utils.SAVING_MARKER).exists()
     reloaded = case.pipeline_class.from_pretrained(target)
     reloaded.set_progress_bar_config(disable=True)

@@ -367,3 +367,13 @@ def test_converter_refuses_a_tokenizer_of_another_text_encoder_and_casts_the_tex
         path / "vae.pth", path / "star_transformer.pth", folder, dtype=torch.float16, **conversion_kwargs(manifest)
     )
     assert pipe.text_encoder.dtype == torch.float16
+    # a text encoder saved in float16 (its config says so, and transformers loads it so) becomes float32 by default
+    half = tmp_path / "half"
+    shutil.copytree(folder, half)
+    encoder_dir = half / "text_encoder" if (half / "text_encoder").is_dir() else half
+    type(pipe.text_encoder).from_pretrained(encoder_dir).half().save_pretrained(encoder_dir)
+    assert type(pipe.text_encoder).from_pretrained(encoder_dir).dtype == torch.float16
+    pipe = convert_star_checkpoint(
+        path / "vae.pth", path / "star_transformer.pth", half, **conversion_kwargs(manifest)
+    )
+    assert pipe.text_encoder.dtype == torch.float32

@@ -100,12 +100,13 @@ def _default_file_mode() -> int:
     return 0o666 & ~_umask()
 
 
-# Weight files that a component's new save makes stale: shards and shard indices of its weights name and variant,
-# which a loader would read in place of a new single file. A plain single file is replaced by name. Another variant's
-# files are left alone: they load on their own (``variant=``).
+# Weight files that a component's new save makes stale: the shard index of its weights name and variant, which a
+# loader would read in place of a new single file, and the shards that index lists. A plain single file is replaced by
+# name. Another variant's files are left alone (they load on their own, ``variant=``), and so are shards no index
+# lists and other formats (``.bin``: never read here): files the package did not write are never deleted.
 _WEIGHT_NAME = re.compile(
-    r"(?P<stem>[^.]+?)(\.(?P<variant>\w+))?(-\d{5}-of-\d{5})?\.(safetensors|bin)\Z"
-    r"|(?P<index_stem>[^.]+)\.(safetensors|bin)\.index(\.(?P<index_variant>\w+))?\.json\Z"
+    r"(?P<stem>[^.]+?)(\.(?P<variant>\w+))?(-\d{5}-of-\d{5})?\.safetensors\Z"
+    r"|(?P<index_stem>[^.]+)\.safetensors\.index(\.(?P<index_variant>\w+))?\.json\Z"
 )
 
 
@@ -120,11 +121,28 @@ def _weight_key(name: str) -> tuple[str, str | None] | None:
     return match["index_stem"], match["index_variant"]
 
 
-def _stale_weight_pattern(stem: str, variant: str | None) -> re.Pattern:
-    stem, variant = re.escape(stem), rf"\.{re.escape(variant)}" if variant else ""
-    return re.compile(
-        rf"{stem}{variant}-\d{{5}}-of-\d{{5}}\.(safetensors|bin)\Z|{stem}\.(safetensors|bin)\.index{variant}\.json\Z"
-    )
+def _stale_weight_files(folder: Path, written: set[str]) -> list[Path]:
+    """In ``folder``, the shard indices of the weights names and variants of the files just ``written`` there (not
+    among them) and the shards each lists (same name and variant, not just written): what a loader would read in
+    place of the new files. An index that cannot be read is stale itself, its shards are kept."""
+    stale = []
+    for stem, variant in {_weight_key(name) for name in written} - {None}:
+        dot_variant = f".{variant}" if variant else ""
+        shard = re.compile(rf"{re.escape(stem + dot_variant)}-\d{{5}}-of-\d{{5}}\.safetensors\Z")
+        index = folder / f"{stem}.safetensors.index{dot_variant}.json"
+        if index.name in written or not index.is_file():
+            continue
+        stale.append(index)
+        try:
+            listed = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        except (OSError, ValueError, AttributeError):
+            continue
+        stale += [
+            folder / name
+            for name in listed
+            if isinstance(name, str) and shard.match(name) and name not in written and (folder / name).is_file()
+        ]
+    return stale
 
 
 def _clean_stale_staging(folder: Path, prefix: str) -> None:
@@ -191,10 +209,8 @@ def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
             os.replace(new / relative, target / relative)
         for folder in {relative.parent for relative in written}:
             names = {relative.name for relative in written if relative.parent == folder}
-            patterns = [_stale_weight_pattern(*key) for key in {_weight_key(name) for name in names} - {None}]
-            for old in (target / folder).iterdir():
-                if old.is_file() and old.name not in names and any(p.match(old.name) for p in patterns):
-                    old.unlink()
+            for old in _stale_weight_files(target / folder, names):
+                old.unlink(missing_ok=True)
         _list_in_conversion_manifest(target, written)
         marker.unlink(missing_ok=True)
         return target

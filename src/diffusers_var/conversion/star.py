@@ -232,7 +232,10 @@ def _load_text_components(text_encoder_dir):
             raise ConversionError(
                 f"`text_encoder`: unsupported text encoder type {config.model_type!r} (CLIP text or T5 expected)."
             )
-        encoder = model_class.from_pretrained(encoder_dir, local_files_only=True, use_safetensors=None)
+        # float32 whatever its config says (transformers reads a saved dtype): --dtype casts it afterwards
+        encoder = model_class.from_pretrained(
+            encoder_dir, local_files_only=True, use_safetensors=None, dtype=torch.float32
+        )
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     except ConversionError:
         raise
