@@ -895,6 +895,25 @@ def test_diffusers_generic_loader_and_a_folder_of_another_family(case, tmp_path)
         other.from_pretrained(tmp_path / "p")
 
 
+def test_a_component_folder_missing_is_named(case, tmp_path):
+    """A pipeline folder without a component's subfolder: diffusers looked in the pipeline folder instead, where
+    transformers built an empty tokenizer (Infinity read every prompt as the same unknown tokens, STAR failed deep
+    inside). The component given as an argument needs no folder."""
+    import shutil
+
+    pipe = pipeline(case)
+    pipe.save_pretrained(tmp_path / "p")
+    for name in ("tokenizer", "transformer"):
+        if not (tmp_path / "p" / name).is_dir():
+            continue
+        shutil.copytree(tmp_path / "p", tmp_path / name)
+        shutil.rmtree(tmp_path / name / name)
+        with pytest.raises(ValueError, match=rf"model_index.json names a `{name}` .* no `{name}/` subfolder"):
+            case.pipeline_class.from_pretrained(tmp_path / name)
+        loaded = case.pipeline_class.from_pretrained(tmp_path / name, **{name: getattr(pipe, name)})
+        assert getattr(loaded, name) is getattr(pipe, name)
+
+
 def test_save_pretrained_is_atomic_and_keeps_the_users_files(tmp_path, monkeypatch):
     """A new folder appears whole; saving into an existing one keeps files the save does not write and replaces the
     old weights (the shards and index of an earlier sharded save removed last, so that they cannot be loaded

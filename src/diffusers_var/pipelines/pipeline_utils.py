@@ -150,6 +150,21 @@ def check_common_inputs(
     check_bool(return_dict, "return_dict")
 
 
+def check_component_folders(folder: str, model_index: dict, names: set[str]) -> None:
+    """Every component of ``names`` that ``model_index`` (a pipeline folder's ``model_index.json``) names with a
+    library and class has its subfolder in ``folder``: without it diffusers looks in the pipeline folder itself,
+    where transformers builds an empty tokenizer (every prompt became the same unknown tokens) or fails deep inside."""
+    for name in sorted(names):
+        entry = model_index.get(name)
+        if isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(part, str) for part in entry):
+            if not os.path.isdir(os.path.join(folder, name)):
+                raise ValueError(
+                    f"`pretrained_model_name_or_path` {folder!r}: model_index.json names a `{name}` "
+                    f"({entry[0]}.{entry[1]}) but the folder has no `{name}/` subfolder; restore it, or pass "
+                    f"`{name}=...` to from_pretrained."
+                )
+
+
 def check_num_images_per_prompt(num_images_per_prompt) -> None:
     if not is_integer(num_images_per_prompt) or not 1 <= num_images_per_prompt <= MAX_BATCH_SIZE:
         raise ValueError(
@@ -567,6 +582,8 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
                     f"{str(pretrained_model_name_or_path)!r} holds a {saved}: {cls.__name__} does not use its "
                     f"{', '.join(unused)} and loads without them (`{saved}.from_pretrained` loads them)."
                 )
+        if isinstance(config, dict) and os.path.isdir(pretrained_model_name_or_path):
+            check_component_folders(pretrained_model_name_or_path, config, set(cls._get_init_keys(cls)) - set(kwargs))
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory, **kwargs):
