@@ -127,12 +127,13 @@ def test_interrupted_saves_are_cleaned_up_and_only_ours(tmp_path):
     assert contents(out)["transformer/diffusion_pytorch_model.safetensors"] == "v1"
 
 
-def test_a_save_stopped_mid_swap_restores_the_previous_output(tmp_path):
-    out = tmp_path / "out"
+@pytest.mark.parametrize("name", ["out", "out[d16]*?"])  # glob characters: the staging was never found
+def test_a_save_stopped_mid_swap_restores_the_previous_output(tmp_path, name):
+    out = tmp_path / name
     atomic_save_pipeline(FakePipeline("v1"), out)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    staging = tmp_path / ".out.tmp-abc123"  # as left by a process killed between its two renames
+    staging = tmp_path / f".{name}.tmp-abc123"  # as left by a process killed between its two renames
     staging.mkdir()
     (staging / STAGING_MARKER).write_text(
         json.dumps(
@@ -211,3 +212,20 @@ def test_a_failed_write_is_one_error_naming_output_and_keeps_the_previous_output
         atomic_save_pipeline(DiskFull("v2"), out, overwrite=True)
     assert contents(out)["transformer/diffusion_pytorch_model.safetensors"] == "v1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_the_output_folder_gets_the_mode_of_the_umask(tmp_path):
+    """The converted folder was always 0755 (``mkdtemp`` makes 0700, then a fixed chmod); its subfolders and files
+    follow the umask, as ``save_pretrained``'s do."""
+    previous = os.umask(0o077)
+    try:
+        atomic_save_pipeline(FakePipeline("v1"), tmp_path / "private")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "private").stat().st_mode & 0o777 == 0o700
+    previous = os.umask(0o022)
+    try:
+        atomic_save_pipeline(FakePipeline("v1"), tmp_path / "shared")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755

@@ -181,6 +181,11 @@ def test_loading_refuses_what_does_not_fit_and_saving_is_atomic(case, tmp_path):
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(ValueError, match="`save_directory`"):
         model.save_pretrained(tmp_path / "a-file")
+    for path in (None, 3, [str(folder)]):  # a TypeError from pathlib before
+        with pytest.raises(ValueError, match="`pretrained_model_name_or_path` must be a folder or a Hub repo id"):
+            case.model_class.from_pretrained(path)
+    with pytest.raises(ValueError, match="`subfolder` must be a folder name"):
+        case.model_class.from_pretrained(folder, subfolder=1)
 
     weights = folder / "diffusion_pytorch_model.safetensors"
     state = load_file(weights)
@@ -196,6 +201,15 @@ def test_loading_refuses_what_does_not_fit_and_saving_is_atomic(case, tmp_path):
         ValueError, match=rf"{re.escape(repr(str(folder)))} does not hold the weights .*expected shape"
     ):
         case.model_class.from_pretrained(folder)
+    # what the message offers: the weights that fit load, the others keep their initialisation (they were left on the
+    # meta device, and the model failed at its first call)
+    partial, info = case.model_class.from_pretrained(folder, ignore_mismatched_sizes=True, output_loading_info=True)
+    assert [key for key, *_ in info["mismatched_keys"]] == [floating]
+    tensors = dict((*partial.named_parameters(), *partial.named_buffers()))
+    assert not [name for name, tensor in tensors.items() if tensor.is_meta]
+    assert all(torch.equal(tensors[k], v) for k, v in state.items() if k != floating)
+    assert tensors[floating].shape == state[floating].shape and torch.isfinite(tensors[floating]).all()
+    assert torch.isfinite(_output(case, partial)).all()
     config = json.loads((folder / "config.json").read_text())
     size = next(  # the first size-like argument
         name

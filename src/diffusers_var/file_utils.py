@@ -147,7 +147,7 @@ def _stale_weight_files(folder: Path, written: set[str]) -> list[Path]:
 
 def _clean_stale_staging(folder: Path, prefix: str) -> None:
     """Remove staging folders ``folder/<prefix>*`` that a killed save of this host left (marker checked)."""
-    for staging in folder.glob(f"{prefix}*"):
+    for staging in [path for path in folder.iterdir() if path.name.startswith(prefix)]:  # (a name may hold [ ] * ?)
         try:
             marker = json.loads((staging / STAGING_MARKER).read_text())
         except (OSError, ValueError):

@@ -518,7 +518,9 @@ def clean_stale_staging(output_dir: Path) -> None:
     already moved the previous output aside (``old/``) while ``output_dir`` is missing was stopped mid-swap: the
     previous output is put back instead of being removed.
     """
-    for staging in output_dir.parent.glob(f".{output_dir.name}.tmp-*"):
+    prefix = f".{output_dir.name}.tmp-"  # (not a glob pattern: a name may hold [ ] * ?)
+    stagings = [path for path in output_dir.parent.iterdir() if path.name.startswith(prefix)]
+    for staging in stagings:
         marker = _read_json(staging / STAGING_MARKER) if staging.is_dir() and not staging.is_symlink() else None
         if not (
             isinstance(marker, dict) and marker.get("written_by") == WRITER and marker.get("output") == str(output_dir)
@@ -580,7 +582,9 @@ def _atomic_save(pipeline, output_dir: Path, overwrite: bool) -> Path:
             raise ConversionError(f"refusing to write pickle files: {pickles}")
         manifest = {"written_by": WRITER, "version": _version(), "files": sorted(written - {MANIFEST_NAME})}
         (new / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
-        os.chmod(new, 0o755)
+        from ..file_utils import _default_folder_mode  # (here: this module also runs alone)
+
+        os.chmod(new, _default_folder_mode())  # mkdtemp makes 0700; a new folder's mode under the umask
         if output_dir.exists():
             check_output_dir(output_dir, overwrite)  # again: files may have appeared during the save
             if _manifest_files(output_dir) is None:  # a folder from before manifests: everything must be rewritten

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from diffusers.utils import logging
 from safetensors import SafetensorError
+from torch import nn
 
 from ..file_utils import (
     SAFETENSORS_ONLY,
@@ -37,6 +38,31 @@ FAST_PATH_ATTRIBUTE = "_diffusers_var_fast_path_on"
 
 class ConfigBuildError(ValueError):
     """A config that does not build the model (raised by ``from_config``; ``from_pretrained`` adds the folder)."""
+
+
+def _initialise_skipped_(model: nn.Module) -> None:
+    """The weights that ``ignore_mismatched_sizes=True`` skipped as their model's initialisation gives them (a model
+    built from the same config), in the dtype and device of the loaded ones: diffusers left them on the meta device,
+    and the model failed at its first call."""
+    skipped = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
+    if not skipped:
+        return
+    initialised = type(model).from_config(model.config)
+    fresh = dict((*initialised.named_parameters(), *initialised.named_buffers()))
+    kept_in_float32 = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name in skipped:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        loaded = next((t for t in (*owner.parameters(), *model.parameters()) if not t.is_meta), None)
+        dtype = loaded.dtype if loaded is not None and fresh[name].is_floating_point() else fresh[name].dtype
+        if fresh[name].is_floating_point() and kept_in_float32 & set(name.split(".")):
+            dtype = torch.float32
+        device = loaded.device if loaded is not None else torch.device("cpu")
+        value = fresh[name].detach().to(device, dtype)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(value, requires_grad=owner._parameters[leaf].requires_grad)
+        else:
+            owner._buffers[leaf] = value
 
 
 def _listed(keys, limit: int = 5) -> str:
@@ -230,15 +256,24 @@ class CheckedLoadingMixin:
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         for name in ("dtype", "torch_dtype"):  # diffusers ignores another value with a log line and loads float32
             check_dtype_argument(kwargs.get(name), name, per_component=False)
+        if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+            raise ValueError(
+                "`pretrained_model_name_or_path` must be a folder or a Hub repo id (str or path), got "
+                f"{type(pretrained_model_name_or_path).__name__}."
+            )
         subfolder = kwargs.get("subfolder") or ""
+        if not isinstance(subfolder, (str, os.PathLike)):
+            raise ValueError(f"`subfolder` must be a folder name (str), got {type(subfolder).__name__}.")
         folder = Path(pretrained_model_name_or_path, subfolder)
         where = f"{str(folder)!r}"
         refuse_interrupted_save(folder)
         output_loading_info = kwargs.pop("output_loading_info", False)
         if kwargs.get("ignore_mismatched_sizes"):  # a deliberate partial load: diffusers' own behaviour
-            return super().from_pretrained(
-                pretrained_model_name_or_path, *args, output_loading_info=output_loading_info, **kwargs
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
             )
+            _initialise_skipped_(model)
+            return (model, info) if output_loading_info else model
         try:
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
