@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -912,6 +913,21 @@ def test_a_component_folder_missing_is_named(case, tmp_path):
             case.pipeline_class.from_pretrained(tmp_path / name)
         loaded = case.pipeline_class.from_pretrained(tmp_path / name, **{name: getattr(pipe, name)})
         assert getattr(loaded, name) is getattr(pipe, name)
+
+
+def test_a_damaged_model_index_is_named(tmp_path):
+    """A model_index.json that is a JSON list (a TypeError inside diffusers), not JSON (diffusers then said it could
+    not reach huggingface.co) or without ``_class_name`` (a bare KeyError) is a ValueError naming the file."""
+    case = CASES[0]
+    pipeline(case).save_pretrained(tmp_path / "p")
+    for content, message in (
+        ("[1, 2]", "holds a list, not a JSON object"),
+        ("{not json", "model_index.json' cannot be read"),
+        ('{"transformer": ["diffusers_var", "VARTransformer2DModel"]}', "names no `_class_name`"),
+    ):
+        (tmp_path / "p" / "model_index.json").write_text(content)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            case.pipeline_class.from_pretrained(tmp_path / "p")
 
 
 def test_save_pretrained_is_atomic_and_keeps_the_users_files(tmp_path, monkeypatch):

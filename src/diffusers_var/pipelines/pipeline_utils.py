@@ -565,8 +565,23 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
             config = cls.load_config(
                 pretrained_model_name_or_path, **{k: kwargs[k] for k in _LOAD_CONFIG_KWARGS if k in kwargs}
             )
-        except (OSError, ValueError, EnvironmentError):
-            config = None  # let diffusers report what is wrong with the path
+        except (OSError, ValueError, EnvironmentError) as err:
+            config = None  # let diffusers report what is wrong with the path, unless it is a folder of a pipeline
+            index = os.path.join(pretrained_model_name_or_path, "model_index.json")
+            if os.path.isfile(index):  # diffusers then says it could not reach huggingface.co
+                raise ValueError(
+                    f"`pretrained_model_name_or_path`: {index!r} cannot be read: {' '.join(str(err).split())[:300]}"
+                ) from None
+        if config is not None and not isinstance(config, dict):
+            raise ValueError(
+                f"`pretrained_model_name_or_path` {pretrained_model_name_or_path!r}: its model_index.json holds a "
+                f"{type(config).__name__}, not a JSON object; it is not a pipeline folder that diffusers saved."
+            )
+        if isinstance(config, dict) and os.path.isdir(pretrained_model_name_or_path) and "_class_name" not in config:
+            raise ValueError(  # (diffusers: a bare KeyError)
+                f"`pretrained_model_name_or_path` {pretrained_model_name_or_path!r}: its model_index.json names no "
+                "`_class_name`; it is not a pipeline folder that diffusers saved."
+            )
         saved = config.get("_class_name") if isinstance(config, dict) else None
         if saved is not None and saved != cls.__name__:
             saved_class = _PIPELINE_CLASSES.get(saved) if isinstance(saved, str) else None
