@@ -274,6 +274,9 @@ def test_evaluate_command_and_reference_statistics(inception_weights, tmp_path, 
     adm, saved = ["--reference", str(tmp_path / "adm.npz")], tmp_path / "from_adm.npz"
     assert main(["evaluate", "--samples", str(samples), *adm, "--save-reference-stats", str(saved), *common]) == 0
     from_adm = json.loads(capsys.readouterr().out)
+    # the same command again replaces its own file (its statistics_given key made it "not a file this command wrote")
+    assert main(["evaluate", "--samples", str(samples), *adm, "--save-reference-stats", str(saved), *common]) == 0
+    assert json.loads(capsys.readouterr().out)["fid"] == pytest.approx(from_adm["fid"], rel=1e-6)
     assert from_adm["fid"] != pytest.approx(first["fid"], rel=1e-3)  # the given statistics were used
     assert main(["evaluate", "--samples", str(samples), "--reference", str(saved), *common]) == 0
     again = json.loads(capsys.readouterr().out)
@@ -581,3 +584,17 @@ def test_unreadable_inputs_are_one_error_line(tmp_path, monkeypatch, capsys, inc
     # a file that is not an image, found during the pass: named
     (good / "x.png").write_bytes(b"not a png")
     _one_error(capsys, ["--samples", str(good), "--metrics", "is", *weights], "`--samples`", "x.png", "cannot read")
+
+
+def test_a_clip_hub_id_is_read_from_the_local_cache_only(tmp_path, monkeypatch):
+    """The README's "nothing is downloaded": a Hub id not in the cache went to the network (about 1.7 GB, or 50 s of
+    retries offline) before the error. Now it is one error at once, the network never asked (offline mode off)."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    asked = []
+    monkeypatch.setattr(huggingface_hub.file_download, "get_hf_file_metadata", lambda *a, **k: asked.append(a))
+    with pytest.raises(ValueError, match="`--clip-model` 'openai/clip-vit-large-patch14' could not be loaded"):
+        ev.load_clip("openai/clip-vit-large-patch14")
+    assert asked == []

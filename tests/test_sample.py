@@ -463,7 +463,8 @@ def test_a_replaced_model_or_a_damaged_image_is_named_on_resume(one_process, tmp
 
 def test_the_model_digest_leaves_out_only_what_the_run_writes(tmp_path):
     """With ``--out`` the model folder itself, the digest skipped all of ``--out``: the whole model, so a model
-    replaced in place was not noticed on restart. Only the run's own files are left out now."""
+    replaced in place was not noticed on restart. The digest reads what loading reads: model_index.json and the
+    components' folders."""
     model = tmp_path / "model"
     shutil.copytree(VAR, model)
     before = model_files_digest(model, out=model)
@@ -484,6 +485,17 @@ def test_the_model_digest_leaves_out_only_what_the_run_writes(tmp_path):
     after = model_files_digest(model, out=inside)
     (inside / "images" / "000001.png").write_bytes(b"y")
     assert model_files_digest(model, out=inside) == after
+    # another run beside it, an evaluation report, a note: not what loading reads (a sibling run's images made the
+    # first run's restart refused as "another model")
+    sibling = model / "runs" / "second"
+    (sibling / "images").mkdir(parents=True)
+    (sibling / "images" / "000000.png").write_bytes(b"z")
+    (sibling / "run.json").write_text("{}")
+    (inside / "eval.json").write_text("{}")
+    (model / "notes.txt").write_text("mine")
+    assert model_files_digest(model, out=inside) == after
+    (model / "model_index.json").write_text((model / "model_index.json").read_text() + " ")  # what loading reads
+    assert model_files_digest(model, out=inside) != after
 
 
 def test_a_finished_run_a_copied_model_and_what_a_kill_left(one_process, tmp_path, capsys):

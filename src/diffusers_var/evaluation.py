@@ -474,9 +474,10 @@ def load_clip(name_or_path: str, device="cpu"):
     except ImportError:
         from transformers import CLIPImageProcessor as ImageProcessor
     try:
-        model = CLIPModel.from_pretrained(name_or_path)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        processor = ImageProcessor.from_pretrained(name_or_path)
+        # never a download (the README's promise): a Hub id is read from the local cache
+        model = CLIPModel.from_pretrained(name_or_path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+        processor = ImageProcessor.from_pretrained(name_or_path, local_files_only=True)
     except (OSError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ValueError(
@@ -791,7 +792,7 @@ def _is_reference_statistics(path: Path) -> bool:
             keys = set(npz.files)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError):
         return False
-    return keys == {"mu", "sigma", "inception_pool_3"}
+    return keys in ({"mu", "sigma", "inception_pool_3"}, {"mu", "sigma", "inception_pool_3", GIVEN_STATISTICS_KEY})
 
 
 def _savez(path: Path, arrays: dict) -> None:

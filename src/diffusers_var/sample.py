@@ -511,17 +511,37 @@ def _plan_from_configs(model: Path, args, family_name: str, prompts: list[dict] 
     build_plan(args, family_name, num_classes, {}, prompts)
 
 
+def _loaded_files(model: Path) -> list[Path]:
+    """The files of the pipeline folder ``model`` that loading it reads: ``model_index.json`` and the folders of the
+    components it names (every file of the folder when it has no readable index)."""
+    try:
+        index = json.loads((model / "model_index.json").read_text())
+    except (OSError, ValueError):
+        index = None
+    if not isinstance(index, dict):
+        return list(files_under(model, lambda name: True))
+    components = [
+        model / name
+        for name, entry in index.items()
+        if isinstance(entry, list) and len(entry) == 2 and all(isinstance(part, str) for part in entry)
+    ]
+    return [model / "model_index.json"] + [
+        path for folder in components if folder.is_dir() for path in files_under(folder, lambda name: True)
+    ]
+
+
 def model_files_digest(model: Path, out: Path | None = None) -> str:
-    """A digest of the pipeline folder: its files' names and sizes, and the contents of the small ones (configs,
-    tokenizers; the weights may be many GB). A copy or a re-download of the same folder gives the same digest; a
-    folder replaced by another model in the meantime does not, so a restarted run cannot mix the two. What the run in
-    ``out`` writes is left out where ``out`` is, or is inside, the model folder (its own images would change the
-    digest); the rest of ``out`` is not (with ``--out`` the model folder itself, that is the whole model)."""
+    """A digest of what loading the pipeline folder reads (``model_index.json`` and its components' folders): the
+    files' names and sizes, and the contents of the small ones (configs, tokenizers; the weights may be many GB). A
+    copy or a re-download of the same folder gives the same digest; a folder replaced by another model in the
+    meantime does not, so a restarted run cannot mix the two. Other runs' folders inside the model folder, and files
+    such as an evaluation's report, are not part of it; nor is what the run in ``out`` writes, where ``out`` is inside
+    a component's folder."""
     listing = []
     run_files = (
         [] if out is None else [(out / name).resolve() for name in (IMAGES_DIR, RUN_FILE, METADATA_FILE, NPZ_FILE)]
     )
-    for path in files_under(model, lambda name: True):
+    for path in _loaded_files(model):
         resolved = path.resolve()
         if any(resolved.is_relative_to(run_file) for run_file in run_files) or (
             out is not None and resolved.parent == out.resolve() and is_atomic_temporary(path.name)
