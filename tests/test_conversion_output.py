@@ -217,15 +217,10 @@ def test_a_failed_write_is_one_error_naming_output_and_keeps_the_previous_output
 def test_the_output_folder_gets_the_mode_of_the_umask(tmp_path):
     """The converted folder was always 0755 (``mkdtemp`` makes 0700, then a fixed chmod); its subfolders and files
     follow the umask, as ``save_pretrained``'s do."""
-    previous = os.umask(0o077)
-    try:
-        atomic_save_pipeline(FakePipeline("v1"), tmp_path / "private")
-    finally:
-        os.umask(previous)
-    assert (tmp_path / "private").stat().st_mode & 0o777 == 0o700
-    previous = os.umask(0o022)
-    try:
-        atomic_save_pipeline(FakePipeline("v1"), tmp_path / "shared")
-    finally:
-        os.umask(previous)
-    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755
+    for name, umask, mode in (("private", 0o077, 0o700), ("shared", 0o022, 0o755)):
+        previous = os.umask(umask)
+        try:
+            atomic_save_pipeline(FakePipeline("v1"), tmp_path / name)
+        finally:
+            os.umask(previous)
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
