@@ -135,9 +135,10 @@ def test_generate_command_uses_the_embedded_var(tmp_path):
     assert judged == shapes.ShapeClass("triangle", "yellow", "green"), judged
 
 
-def test_generate_command_with_a_refiner(tmp_path, capsys):
+def test_generate_command_with_a_refiner(tmp_path, capsys, monkeypatch):
     """``--refiner`` turns the VAR model into CoDe's drafter; ``--draft-steps`` needs CoDe; a refiner of another
-    family or tokenizer is a one-line error."""
+    family or tokenizer is a one-line error, given before anything loads (the drafter loaded first)."""
+    from diffusers_var import cli
     from diffusers_var.cli import main
 
     refiner = str(_folder("var-shapes-refiner"))
@@ -161,6 +162,7 @@ def test_generate_command_with_a_refiner(tmp_path, capsys):
         == 0
     )
     assert (tmp_path / "code-0.png").is_file() and (tmp_path / "code-1.png").is_file()
+    monkeypatch.setattr(cli, "load_pipeline", lambda *a, **k: pytest.fail("a model loaded before the flags' check"))
     assert main(["generate", "--draft-steps", "3", "--out", str(out)]) == 2
     assert "`--draft-steps`" in capsys.readouterr().err
     assert main(["generate", "--refiner", refiner, "--draft-steps", "6", "--out", str(out)]) == 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import sys
 from pathlib import Path
@@ -218,7 +219,7 @@ def _generate(args) -> int:
         return print_error("`--prompt` is required (and not blank) for text-to-image pipelines")
     elif args.class_label is not None:
         return print_error(f"`--class-label` is for class-conditional (VAR) models; {name} takes `--prompt`")
-    problem = size_flags_problem(args, pipeline_class)
+    problem = size_flags_problem(args, pipeline_class) or _code_flags_problem(args, model)
     if problem:
         return print_error(problem)
 
@@ -402,6 +403,28 @@ def _edit(args) -> int:
         save_image(image, output_path(out, index, len(edited)))
     _print_saved(out, len(edited))
     return 0
+
+
+def _code_flags_problem(args, model: Path) -> str | None:
+    """``--refiner`` (a VAR pipeline folder) and ``--draft-steps`` (in [1, scales - 1] of the ``--model``'s
+    transformer config) checked before anything loads; a config that cannot be read is left to the load."""
+    from .pipelines.pipeline_var import VARCoDePipeline, VARPipeline
+
+    if args.refiner is not None:
+        try:
+            expect_pipeline_class(resolve_pipeline_folder(args.refiner), VARPipeline, exact=True)
+        except ValueError as err:
+            return f"`--refiner` {err}"
+    if args.draft_steps is not None:
+        try:
+            num_scales = len(json.loads((model / "transformer" / "config.json").read_text())["patch_nums"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        try:
+            VARCoDePipeline._check_draft_steps(args.draft_steps, num_scales)
+        except ValueError as err:
+            return name_flags(str(err), PIPELINE_FLAGS)
+    return None
 
 
 def _with_refiner(pipe, args, kwargs):
