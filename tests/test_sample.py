@@ -704,3 +704,32 @@ def test_star_stable_sampler_images_do_not_depend_on_the_batch_size(tmp_path):
     # the same images up to the float rounding of another batch size (one uint8 step); other commit positions
     # changed them by up to 249
     assert np.abs(runs[1].astype(int) - runs[3].astype(int)).max() <= 1
+
+
+def test_converted_imagenet_code_samples_with_its_fid_recipe(monkeypatch):
+    """A 1000-class CoDe folder sampled with the demo's defaults (cfg 4, top-p 0.95); now with sample_CoDe.py's FID
+    recipe (cfg 1.5, top-k 600, top-p 0.96, temperature 1.1 on the first seven of its ten scales) where no flag says
+    otherwise. A pair of another schedule keeps the pipeline's defaults (the temperatures are per scale)."""
+    import argparse
+
+    from diffusers_var import VARCoDePipeline
+    from diffusers_var.sample import SAMPLING_FLAGS, _sampling_kwargs
+    from tiny_components import code_components
+
+    args = argparse.Namespace(**dict.fromkeys(SAMPLING_FLAGS))
+    code = VARCoDePipeline(**code_components(num_classes=1000))
+    own = _sampling_kwargs(args, code, "VARPipeline", 1000)  # the tiny schedule: 4 scales
+    assert own["guidance_scale"] == 4.0 and "temperature" not in own
+    monkeypatch.setattr(code, "scale_schedule", lambda: [(pn, pn) for pn in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)])
+    recipe = _sampling_kwargs(args, code, "VARPipeline", 1000)
+    assert recipe == {
+        **own,
+        "guidance_scale": 1.5,
+        "top_k": 600,
+        "top_p": 0.96,
+        "more_smooth": False,
+        "temperature": [1.1] * 7 + [1.0] * 3,
+    }
+    args.top_k = 0
+    assert _sampling_kwargs(args, code, "VARPipeline", 1000)["top_k"] == 0  # a flag given wins
+    assert "temperature" not in _sampling_kwargs(args, code, "VARPipeline", 10)  # not ImageNet

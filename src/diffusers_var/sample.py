@@ -76,6 +76,8 @@ NPZ_FILE = "samples.npz"
 MAX_WRITER_THREADS = 256
 # The original VAR code's FID-50k setting (its README and paper): the default for converted ImageNet models.
 IMAGENET_FID_SAMPLING = {"guidance_scale": 1.5, "top_k": 900, "top_p": 0.96, "more_smooth": False}
+# CoDe's (sample_CoDe.py, 10 scales): cfg 1.5, top-k 600, top-p 0.96, the temperature 1.1 on the first seven scales
+CODE_IMAGENET_FID_SAMPLING = {**IMAGENET_FID_SAMPLING, "top_k": 600, "temperature": [1.1] * 7 + [1.0] * 3}
 # Keys this command writes into metadata.jsonl; a prompt file's own fields must not reuse them.
 RESERVED_METADATA = (
     "index",
@@ -448,8 +450,10 @@ def _sampling_kwargs(args, pipe, family_name: str, num_classes: int | None) -> d
         for name, p in inspect.signature(type(pipe).__call__).parameters.items()
         if name in SAMPLING_FLAGS and p.default is not inspect.Parameter.empty
     }
-    if type(pipe).__name__ == "VARPipeline" and num_classes == 1000:  # VAR's recipe; CoDe keeps its call's defaults
+    if num_classes == 1000 and type(pipe).__name__ == "VARPipeline":  # the papers' recipes for converted ImageNet VARs
         defaults.update(IMAGENET_FID_SAMPLING)
+    elif num_classes == 1000 and type(pipe).__name__ == "VARCoDePipeline" and len(pipe.scale_schedule()) == 10:
+        defaults.update(CODE_IMAGENET_FID_SAMPLING)
     return {**defaults, **given}
 
 
@@ -938,7 +942,8 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
         help=f"images per prompt (default 1); a run holds at most {MAX_IMAGES} images",
     )
     group = parser.add_argument_group(
-        "sampling (default: the pipeline's; converted ImageNet VARs: the FID setting cfg 1.5, top-k 900, top-p 0.96)"
+        "sampling (default: the pipeline's; converted ImageNet VARs: the FID setting cfg 1.5, top-k 900, top-p 0.96; "
+        "CoDe pairs: cfg 1.5, top-k 600, top-p 0.96, temperature 1.1 on the first seven scales)"
     )
     group.add_argument("--guidance-scale", type=finite_float, default=None)
     group.add_argument("--top-k", type=int_in_range(0), default=None, help="0 = off")
