@@ -372,16 +372,18 @@ class CosineSelfAttention(nn.Module):
     """Multi-head self-attention with a fused bias-free qkv projection, learned q/v biases (k has none),
     and optionally L2-normalised q/k with a clamped learned per-head logit scale (softmax scale 1).
 
-    ``rotary`` (optional, :class:`Rotary2D`) is applied after normalisation; ``kv_cache`` turns the layer into an
+    ``rotary`` (optional, :class:`Rotary2D`) is applied after the normalisation and the per-head scale (Infinity), or
+    with ``rotary_before_norm`` before them (STAR); the two orders differ only by float rounding, which a sampler
+    with a sharp Gumbel temperature (VAR's ``more_smooth``) amplifies. ``kv_cache`` turns the layer into an
     incremental decoder over the cached sequence.
     """
 
-    def __init__(self, dim: int, num_heads: int, attn_l2_norm: bool = True):
+    def __init__(self, dim: int, num_heads: int, attn_l2_norm: bool = True, rotary_before_norm: bool = False):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"`embed_dim` ({dim}) must be divisible by `num_heads` ({num_heads}).")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.attn_l2_norm = attn_l2_norm
+        self.attn_l2_norm, self.rotary_before_norm = attn_l2_norm, rotary_before_norm
         self.to_qkv = ExternalBiasLinear(dim, 3 * dim)
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
@@ -398,26 +400,32 @@ class CosineSelfAttention(nn.Module):
         kv_cache: LayerKVCache | None = None,
         rotary: Rotary2D | None = None,
     ) -> torch.Tensor:
-        q, k, v, softmax_scale = self.project(x_BLC)
-        if rotary is not None:
-            q, k = rotary(q, k)
+        tables = () if rotary is None else (rotary.cos, rotary.sin)
+        q, k, v, softmax_scale = self.project(x_BLC, None, *tables)
         return self.to_out(self.attend(q, k, v, softmax_scale, attn_mask, kv_cache))
 
     def qkv_bias(self) -> torch.Tensor:
         """The (3C,) bias of the fused projection: the learned q bias, zeros for k, the learned v bias."""
         return torch.cat((self.q_bias, self.zero_k_bias.to(self.q_bias.dtype), self.v_bias))
 
-    def project(self, x_BLC: torch.Tensor, qkv_bias: torch.Tensor | None = None):
-        """``(q, k, v, softmax_scale)``, each (B, L, H, D), q and k L2-normalised with q scaled per head.
+    def project(self, x_BLC: torch.Tensor, qkv_bias: torch.Tensor | None = None, rotary_cos=None, rotary_sin=None):
+        """``(q, k, v, softmax_scale)``, each (B, L, H, D), q and k L2-normalised with q scaled per head and rotated
+        by the (L, D / 2) tables ``rotary_cos`` / ``rotary_sin`` when given (in the order of ``rotary_before_norm``).
         ``qkv_bias``: :meth:`qkv_bias` computed by the caller (e.g. once per generation), else here."""
         B, L, C = x_BLC.shape
         bias = self.qkv_bias() if qkv_bias is None else qkv_bias
         qkv = self.to_qkv(x_BLC, bias).view(B, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(dim=2)
+        rotate = rotary_cos is not None
+        if rotate and self.rotary_before_norm:
+            q, k = Rotary2D.rotate(q, k, rotary_cos, rotary_sin)
+        softmax_scale = 0.25 / math.sqrt(self.head_dim)
         if self.attn_l2_norm:
             head_scale = self.log_scale.clamp_max(MAX_LOG_ATTN_SCALE).exp().transpose(1, 2)  # (1, 1, H, 1)
-            return F.normalize(q, dim=-1).mul(head_scale), F.normalize(k, dim=-1), v, 1.0
-        return q, k, v, 0.25 / math.sqrt(self.head_dim)
+            q, k, softmax_scale = F.normalize(q, dim=-1).mul(head_scale), F.normalize(k, dim=-1), 1.0
+        if rotate and not self.rotary_before_norm:
+            q, k = Rotary2D.rotate(q, k, rotary_cos, rotary_sin)
+        return q, k, v, softmax_scale
 
     @staticmethod
     def attend(q, k, v, softmax_scale: float, attn_mask=None, kv_cache: LayerKVCache | None = None) -> torch.Tensor:

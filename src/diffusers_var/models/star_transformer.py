@@ -162,7 +162,7 @@ class STARBlock(nn.Module):
     ):
         super().__init__()
         self.norm = nn.LayerNorm(dim, eps=norm_eps, elementwise_affine=False)
-        self.attn = CosineSelfAttention(dim, num_heads, attn_l2_norm=True)
+        self.attn = CosineSelfAttention(dim, num_heads, attn_l2_norm=True, rotary_before_norm=True)
         self.cross_attn = CosineCrossAttention(dim, text_embed_dim, num_heads) if text_embed_dim else None
         self.ffn = FeedForward(dim, check_ffn_width(dim, mlp_ratio))
         self.drop_path = DropPath(drop_path)
@@ -181,10 +181,10 @@ class STARBlock(nn.Module):
             self.attn(self.norm(x_BLC), attn_mask=attn_mask, kv_cache=kv_cache, rotary=rotary)
         )
         if self.cross_attn is not None:
-            rows, context, mask = self.cross_attention_inputs(
-                x_BLC, encoder_hidden_states, encoder_attention_mask, cross_attention_row0
-            )
-            x_BLC = x_BLC + self.cross_attn(self.norm(rows), context, mask, kv_cache)
+            # with the quirk, row 0's output of the cross-attention of every row, as the original computes it (row 0
+            # alone goes through other matmul blocking: float rounding that VAR's more_smooth sampling amplifies)
+            attended = self.cross_attn(self.norm(x_BLC), encoder_hidden_states, encoder_attention_mask, kv_cache)
+            x_BLC = x_BLC + (attended[:1] if cross_attention_row0 else attended)
         return x_BLC + self.drop_path(self.ffn(self.norm(x_BLC)))
 
     @staticmethod

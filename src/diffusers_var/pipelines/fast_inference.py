@@ -44,7 +44,7 @@ from torch import nn
 from ..file_utils import make_folder, write_atomic
 from ..loaders import adapter_state
 from ..models.bitwise_vae import Upsample as BitwiseUpsample
-from ..models.blocks import AdaLNSelfAttentionBlock, CosineSelfAttention, FeedForward, Rotary2D, memoized
+from ..models.blocks import AdaLNSelfAttentionBlock, CosineSelfAttention, FeedForward, memoized
 from ..models.loading import FAST_PATH_ATTRIBUTE
 from ..models.multiscale_vq import MultiScaleResidualQuantizer, Upsample2x
 from ..models.star_transformer import STARBlock
@@ -542,10 +542,8 @@ def _modulated_norm(block, x_BLC, scale_plus_one, shift):
 
 
 def _attention_inputs(block, x_BLC, scale_plus_one, shift, qkv_bias=None, rotary_cos=None, rotary_sin=None):
-    q, k, v, softmax_scale = block.attn.project(_modulated_norm(block, x_BLC, scale_plus_one, shift), qkv_bias)
-    if rotary_cos is not None:
-        q, k = Rotary2D.rotate(q, k, rotary_cos, rotary_sin)
-    return q, k, v, softmax_scale
+    h_BLC = _modulated_norm(block, x_BLC, scale_plus_one, shift)
+    return block.attn.project(h_BLC, qkv_bias, rotary_cos, rotary_sin)
 
 
 def _write_into_cache(keys_BMHD, values_BMHD, start: int, k_BLHD, v_BLHD) -> None:
@@ -855,10 +853,7 @@ def _compile_block_pieces_(model: nn.Module, block_class: type, plan: Callable, 
 
 # STAR's plain pre-LayerNorm blocks, compiled the same way: pieces around the KV cache and the attention kernels
 def _star_attention_inputs(block, x_BLC, qkv_bias=None, rotary_cos=None, rotary_sin=None):
-    q, k, v, softmax_scale = block.attn.project(block.norm(x_BLC), qkv_bias)
-    if rotary_cos is not None:
-        q, k = Rotary2D.rotate(q, k, rotary_cos, rotary_sin)
-    return q, k, v, softmax_scale
+    return block.attn.project(block.norm(x_BLC), qkv_bias, rotary_cos, rotary_sin)
 
 
 def _star_attention_inputs_into_cache(
