@@ -452,7 +452,7 @@ def test_infinity_prompt_embeds_reproduce_the_prompt(infinity):
 
 
 def test_infinity_bad_prompt_embeds_name_the_parameter(infinity):
-    T, S_max = infinity.transformer.config.text_dim, infinity.transformer.config.text_max_length
+    T, S_max = infinity.transformer.config.text_dim, infinity.prompt_max_length  # 512, as the original tokenises
     e, m = torch.randn(2, 5, T), torch.ones(2, 5, dtype=torch.bool)
     empty_row = m.clone()
     empty_row[0] = False

@@ -38,7 +38,12 @@ def test_unsupported_size_lists_supported_sizes(pipe):
         generate(pipe, height=1000, width=1000)
 
 
-def test_long_prompt_is_truncated_with_warning(pipe):
+def test_long_prompt_is_truncated_at_512_tokens_with_warning(pipe):
+    """The original tokenises every prompt to 512 T5 tokens, whatever the transformer's text_max_length (the rows of
+    its learned unconditional text, 24 here): a prompt was cut at those rows, which changed even the features kept
+    (T5 is bidirectional) and every image of a small model with a long prompt. Longer than 512: cut, with a warning.
+    The learned unconditional text serves prompts up to its rows; beyond them a negative prompt, or no guidance, is
+    needed (the original fails there)."""
     logger = logging.get_logger("diffusers_var.pipelines.pipeline_infinity")
     messages = []
     handler = type(
@@ -47,13 +52,23 @@ def test_long_prompt_is_truncated_with_warning(pipe):
     logger.addHandler(handler)
     level = logger.level
     logger.setLevel(logging.WARNING)  # diffusers' battery leaves the pipeline modules' loggers at FATAL
+    rows = pipe.transformer.config.text_max_length
+    long_prompt = " ".join(["a photo of a red fox"] * 10)
     try:
-        embeds, mask, _, _ = pipe.encode_prompt(" ".join(["a photo of a red fox"] * 20))
+        embeds, mask, _, _ = pipe.encode_prompt(long_prompt)
+        assert messages == [] and rows < embeds.shape[1] == int(mask.sum()) < 512  # kept whole
+        too_long, mask, _, _ = pipe.encode_prompt(" ".join(["a photo of a red fox"] * 100))
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
-    assert embeds.shape[1] == pipe.transformer.config.text_max_length and mask.all()
-    assert any("truncated" in m for m in messages)
+    assert too_long.shape[1] == 512 and mask.all() and any("truncated" in m for m in messages)
+    unguided = generate(pipe, prompt=long_prompt, guidance_scale=1.0)
+    negative = generate(pipe, prompt=long_prompt, negative_prompt=long_prompt[:40])
+    assert torch.isfinite(unguided).all() and torch.isfinite(negative).all()
+    with pytest.raises(ValueError, match=rf"takes the learned unconditional text, which has {rows} rows"):
+        generate(pipe, prompt=long_prompt)
+    with pytest.raises(ValueError, match=r"`max_sequence_length` must be an integer in \[1, 512\]"):
+        pipe.encode_prompt(long_prompt, max_sequence_length=513)
 
 
 def same(a, b) -> bool:
@@ -259,3 +274,35 @@ def test_cli(tmp_path):
     assert (tmp_path / "out" / "model_index.json").is_file()
     assert main(args) == 2  # refuses to overwrite without --overwrite
     assert main(args + ["--overwrite"]) == 0
+
+
+def test_tau_multiplies_by_its_reciprocal_as_the_original(pipe):
+    """The original scales the logits by ``.mul(1 / tau)``; a division rounds differently for a tau that is not a power
+    of two (a third of the logits 1 ulp off at tau 0.7), enough to flip a sampled bit at a near-tie. The guided logits
+    a callback sees are the model's, times 1 / tau, mixed by cfg, bit for bit."""
+    seen = []
+    generate(
+        pipe,
+        tau=0.7,
+        guidance_scale=3.0,
+        callback_on_step_end=lambda p, si, hw, t: seen.append((t["model_logits"], t["guided_logits"])) or {},
+        callback_on_step_end_tensor_inputs=["model_logits", "guided_logits"],
+    )
+    for model_logits, guided_logits in seen:
+        scaled = model_logits.mul(1 / 0.7)
+        B = scaled.shape[0] // 2
+        expected = 3.0 * scaled[:B] + (1 - 3.0) * scaled[B:]
+        assert torch.equal(guided_logits.flatten(1), expected.flatten(1))
+
+
+def test_bsq_codes_are_the_originals_scale_exactly():
+    """The binary spherical quantiser's value is ``q_scale * (+-1)`` with ``q_scale = 1 / sqrt(d)`` in the original; a
+    division by sqrt(d) rounds to the neighbouring float32 for some d (24: 1.8e-7 off in the quantised latent)."""
+    from diffusers_var.models.bitwise_vae import BitwiseMultiScaleVAE
+
+    for d in (14, 16, 24, 32):
+        residual = torch.randn(2, d, 3, 3, generator=torch.Generator().manual_seed(d))
+        bits, quantized = BitwiseMultiScaleVAE._bsq(residual)
+        z = torch.nn.functional.normalize(residual, dim=1)
+        zhat = (1.0 / d**0.5) * torch.where(z > 0, torch.tensor(1.0), torch.tensor(-1.0))
+        assert torch.equal(quantized, z + (zhat - z)), d  # the original's straight-through sum, bit for bit

@@ -272,7 +272,7 @@ class BitwiseMultiScaleVAE(CheckedLoadingMixin, ModelMixin, ConfigMixin, SlicedD
         d = residual_BdHW.shape[1]
         unit = F.normalize(residual_BdHW, dim=1, eps=1e-12)
         bits = unit > 0
-        quantized = bits.to(unit.dtype).mul(2).sub(1).div(d**0.5)
+        quantized = bits.to(unit.dtype).mul(2).sub(1).mul(1 / d**0.5)  # the original's q_scale * (+-1), exactly
         return bits, unit + (quantized - unit).detach()  # straight-through: forward = quantized, gradient = identity
 
     # -- encode / decode ---------------------------------------------------------------------------

@@ -261,13 +261,24 @@ class InfinityTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, P
         self._rope_tables: dict = {}
 
     # -- text --------------------------------------------------------------------------------------
-    def unconditional_text_embeds(self, text_mask_BS: torch.Tensor) -> torch.Tensor:
+    def unconditional_text_embeds(self, text_mask_BS: torch.Tensor, drop_text: torch.Tensor | None = None):
         """Learned empty-text features shaped like a padded batch: row i's real tokens get the first
-        ``len_i`` rows of ``uncond_text_embeds`` (same length as the prompt it replaces)."""
+        ``len_i`` rows of ``uncond_text_embeds`` (same length as the prompt it replaces). A batch padded beyond those
+        rows (prompts of up to 512 tokens, as the original takes them) is fine where the rows that take them
+        (``drop_text``, default all) are not longer; a longer one is a ValueError (the original fails there too)."""
         B, S = text_mask_BS.shape
-        if S > self.config.text_max_length:
-            raise ValueError(f"text of {S} tokens exceeds `text_max_length` ({self.config.text_max_length}).")
-        return self.uncond_text_embeds[:S].unsqueeze(0).expand(B, S, -1)
+        rows = self.config.text_max_length
+        if S <= rows:
+            return self.uncond_text_embeds[:S].unsqueeze(0).expand(B, S, -1)
+        dropped = text_mask_BS if drop_text is None else text_mask_BS[drop_text.to(text_mask_BS.device)]
+        longest = int(dropped.sum(dim=1).max()) if dropped.numel() else 0
+        if longest > rows:
+            raise ValueError(
+                f"a text of {longest} tokens takes the learned unconditional text, which has {rows} rows "
+                f"(`text_max_length`): give a `negative_prompt`, or a prompt of at most {rows} tokens."
+            )
+        padded = torch.nn.functional.pad(self.uncond_text_embeds, (0, 0, 0, S - rows))  # rows no text reaches
+        return padded.unsqueeze(0).expand(B, S, -1)
 
     def encode_text(
         self, text_embeds: torch.Tensor, text_mask: torch.Tensor, drop_text: torch.Tensor | None = None
@@ -297,7 +308,7 @@ class InfinityTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, P
             if not torch.is_tensor(drop_text) or drop_text.dtype != torch.bool or drop_text.shape != rows:
                 got = f"{drop_text.dtype} {tuple(drop_text.shape)}" if torch.is_tensor(drop_text) else drop_text
                 raise ValueError(f"`drop_text` must be a bool tensor of shape ({rows[0]},), got {got}.")
-            uncond = self.unconditional_text_embeds(text_mask)
+            uncond = self.unconditional_text_embeds(text_mask, drop_text)
             text_embeds = torch.where(drop_text.to(text_embeds.device)[:, None, None], uncond, text_embeds)
         normed = self.text_norm(text_embeds.float()).to(text_embeds.dtype)
         pooled = self.text_pool(None, normed, text_mask).squeeze(1)

@@ -38,6 +38,9 @@ from .pipeline_utils import (
 from .sampling import GeneratorArg, filter_top_k_top_p_, nan_where_drawn_from_nonfinite, sample_from_logits
 
 logger = logging.get_logger(__name__)
+# The original tokenises every prompt to 512 T5 tokens (tools/run_infinity.py), whatever the transformer's
+# text_max_length (the rows of its learned unconditional text, which only the rows that take it need)
+PROMPT_MAX_TOKENS = 512
 
 # ``forcing(scale_index, bits_BhwK) -> bits``: a task pipeline's replacement of a scale's sampled bits before they
 # become codes (in-painting keeps the input image's bits)
@@ -117,10 +120,17 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
 
     @property
     def text_max_length(self) -> int:
-        """Most text tokens: the transformer's ``text_max_length`` (512 for the releases), else the tokenizer's."""
+        """The transformer's ``text_max_length`` (rows of its learned unconditional text; 512 for the releases), else
+        the tokenizer's: what training tokenises captions to."""
         if self.transformer is not None:
             return self.transformer.config.text_max_length
         return self.tokenizer.model_max_length
+
+    @property
+    def prompt_max_length(self) -> int:
+        """Most prompt tokens: :data:`PROMPT_MAX_TOKENS` (the original tokenises every prompt to 512), or
+        ``text_max_length`` where it is larger."""
+        return max(PROMPT_MAX_TOKENS, self.text_max_length)
 
     # -- text ---------------------------------------------------------------------------------------
     def _encode_texts(self, texts: list[str], device, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,10 +181,10 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
 
     def _check_max_sequence_length(self, max_sequence_length) -> None:
         if max_sequence_length is not None and (
-            not is_integer(max_sequence_length) or not 1 <= max_sequence_length <= self.text_max_length
+            not is_integer(max_sequence_length) or not 1 <= max_sequence_length <= self.prompt_max_length
         ):
             raise ValueError(
-                f"`max_sequence_length` must be an integer in [1, {self.text_max_length}] or None, "
+                f"`max_sequence_length` must be an integer in [1, {self.prompt_max_length}] or None, "
                 f"got {max_sequence_length!r}."
             )
 
@@ -186,7 +196,7 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
             self.transformer.config.text_dim if self.transformer is not None else text_encoder_width(self.text_encoder)
         )
         names = (f"{prefix}prompt_embeds", f"{prefix}prompt_attention_mask")
-        check_text_embeds(embeds, mask, width, *names, batch_size, self.text_max_length, empty_rows=bool(prefix))
+        check_text_embeds(embeds, mask, width, *names, batch_size, self.prompt_max_length, empty_rows=bool(prefix))
 
     @torch.no_grad()
     def encode_prompt(
@@ -217,7 +227,7 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
                 in ``negative_prompt_attention_mask``).
             prompt_embeds, prompt_attention_mask, negative_prompt_embeds, negative_prompt_attention_mask: precomputed
                 features replace either half.
-            max_sequence_length: text tokens kept (default: the model's ``text_max_length``); longer prompts are
+            max_sequence_length: text tokens kept (default 512, as the original tokenises); longer prompts are
                 truncated with a warning.
 
         Returns ``(prompt_embeds (B, S, text_dim) float32, prompt_attention_mask (B, S) bool, negative_prompt_embeds,
@@ -230,7 +240,7 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         if negative_prompt_embeds is not None:
             self._check_text_half(negative_prompt_embeds, negative_prompt_attention_mask, "negative_")
         device = device or self._execution_device
-        max_length = self.text_max_length if max_sequence_length is None else int(max_sequence_length)
+        max_length = self.prompt_max_length if max_sequence_length is None else int(max_sequence_length)
         if prompt_embeds is None:
             prompt_embeds, prompt_attention_mask = self._encode_texts(check_prompts(prompt), device, max_length)
         elif prompt_attention_mask is None:
@@ -336,11 +346,11 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
                 raw_logits = transformer_step(si, scale_input)
                 model_logits = raw_logits.clone() if callback is not None else None  # a graph output is overwritten
                 cfg, tau_k = cfg_list[si], tau_list[si]
-                if guided and cfg != 1.0:  # tau before the mix, as the original (bit-exact logits)
-                    scaled = raw_logits / tau_k
+                if guided and cfg != 1.0:  # tau before the mix, times 1 / tau as the original (bit-exact logits)
+                    scaled = raw_logits.mul(1 / tau_k)
                     logits = cfg * scaled[:B] + (1 - cfg) * scaled[B:]
                 else:  # the unconditional half (if any) only fills its KV cache
-                    logits = raw_logits[:B] / tau_k
+                    logits = raw_logits[:B].mul(1 / tau_k)
                 logits = logits.reshape(B, h * w * bits_per_token, 2)
                 guided_logits = logits.view(B, h * w, bits_per_token, 2).clone() if callback is not None else None
                 filter_top_k_top_p_(logits, top_k, top_p)
@@ -514,13 +524,13 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
                 return a new ``"latents"``. Guidance changed by a callback applies from the next scale if guidance was
                 on when the call began (else there are no unconditional rows).
             callback_on_step_end_tensor_inputs: names from ``pipe._callback_tensor_inputs`` (default ``["latents"]``).
-            max_sequence_length: text tokens kept (default the model's ``text_max_length``); longer prompts
+            max_sequence_length: text tokens kept (default 512, as the original tokenises); longer prompts
                 are truncated with a warning.
             prompt_embeds, prompt_attention_mask: precomputed T5 features (B, S, text_dim) instead of ``prompt``, with
                 their padding mask (B, S) (True / 1 = real token; default all real), as :meth:`encode_prompt`
                 returns them.
             negative_prompt_embeds, negative_prompt_attention_mask: the same for the unconditional half (any length
-                up to ``text_max_length``; a row whose mask has no real token takes the learned unconditional text);
+                up to 512; a row whose mask has no real token takes the learned unconditional text);
                 default: ``negative_prompt``, else the learned unconditional text.
         """
         callback, tensor_names = self.check_callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs)
