@@ -1675,3 +1675,30 @@ def test_fast_path_of_a_pipeline_without_a_component_names_it(missing):
     for kwargs in ({}, {"fp8": True}):
         with pytest.raises(ValueError, match=f"has no `{missing}`"):
             pipe.enable_fast_inference(**kwargs)
+
+
+def test_from_pipe_with_a_new_transformer_says_the_shared_decoder_was_cast(caplog):
+    """A pipeline made with from_pipe and a fresh transformer reports the fast path off, but shares the decoder the
+    first pipeline's fast path cast to bf16: its images carry that rounding, and a warning now says so (not when it
+    shares the fast transformer too, or nothing was cast)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from tiny_components import var_components
+
+    first = VARPipeline(**var_components(seed=0))
+    fresh = VARPipeline(**var_components(seed=1)).transformer
+    diffusers_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            VARPipeline.from_pipe(first, transformer=fresh)
+            assert "enable_fast_inference() cast them" not in caplog.text  # nothing cast yet
+            first.enable_fast_inference(dtype=torch.bfloat16)
+            sharing = VARPipeline.from_pipe(first)
+            assert sharing._fast_inference and "enable_fast_inference() cast them" not in caplog.text
+            sibling = VARPipeline.from_pipe(first, transformer=fresh)
+    finally:
+        diffusers_logging.disable_propagation()
+    assert not sibling._fast_inference
+    assert "VARPipeline.from_pipe shares `vqvae` (bfloat16) with a pipeline whose enable_fast_inference()" in (
+        caplog.text
+    )

@@ -709,6 +709,18 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
             new = super().from_pipe(pipeline, **kwargs)
         finally:
             _KEEP_COMPONENT_DTYPES.reset(token)
+        if not new._fast_inference:  # a new transformer, but a decoder or text encoder the fast path cast and fitted
+            fitted = [
+                f"`{name}` ({str(rounded_to(component)).replace('torch.', '')})"
+                for name, component in new.components.items()
+                if isinstance(component, torch.nn.Module) and rounded_to(component) is not None
+            ]
+            if fitted:
+                logger.warning(
+                    f"{cls.__name__}.from_pipe shares {', '.join(fitted)} with a pipeline whose "
+                    "enable_fast_inference() cast them; this pipeline runs eager with them as they are (rounded), "
+                    "and reports the fast path off. Pass fresh components, or enable the fast path here too."
+                )
         return new.to(dtype=dtype) if dtype is not None else new
 
     def to(self, *args, **kwargs):
