@@ -40,10 +40,11 @@ def test_unsupported_size_lists_supported_sizes(pipe):
 
 def test_long_prompt_is_truncated_at_512_tokens_with_warning(pipe):
     """The original tokenises every prompt to 512 T5 tokens, whatever the transformer's text_max_length (the rows of
-    its learned unconditional text, 24 here): a prompt was cut at those rows, which changed even the features kept
+    its learned unconditional text, 32 here): a prompt was cut at those rows, which changed even the features kept
     (T5 is bidirectional) and every image of a small model with a long prompt. Longer than 512: cut, with a warning.
-    The learned unconditional text serves prompts up to its rows; beyond them a negative prompt, or no guidance, is
-    needed (the original fails there)."""
+    The learned unconditional text serves prompts up to its rows: a longer prompt that guidance mixes with it (no
+    negative prompt) is cut to those rows with a warning (the original fails there); precomputed features that long
+    are refused by name."""
     logger = logging.get_logger("diffusers_var.pipelines.pipeline_infinity")
     messages = []
     handler = type(
@@ -55,18 +56,28 @@ def test_long_prompt_is_truncated_at_512_tokens_with_warning(pipe):
     rows = pipe.transformer.config.text_max_length
     long_prompt = " ".join(["a photo of a red fox"] * 10)
     try:
-        embeds, mask, _, _ = pipe.encode_prompt(long_prompt)
-        assert messages == [] and rows < embeds.shape[1] == int(mask.sum()) < 512  # kept whole
-        too_long, mask, _, _ = pipe.encode_prompt(" ".join(["a photo of a red fox"] * 100))
+        whole, mask, _, _ = pipe.encode_prompt(long_prompt, do_classifier_free_guidance=False)
+        assert messages == [] and rows < whole.shape[1] == int(mask.sum()) < 512  # kept whole
+        with_negative, _, _, _ = pipe.encode_prompt(long_prompt, negative_prompt="blurry")
+        assert messages == [] and torch.equal(with_negative, whole)
+        cut, cut_mask, _, _ = pipe.encode_prompt(long_prompt)  # guided by the learned unconditional text
+        assert cut.shape[1] == rows and cut_mask.all() and "the learned unconditional text's" in messages[-1]
+        alone, _, _, _ = pipe.encode_prompt(long_prompt, do_classifier_free_guidance=False, max_sequence_length=rows)
+        assert torch.equal(cut, alone)  # the prompt encoded at that length, not its features cut
+        messages.clear()
+        too_long, mask, _, _ = pipe.encode_prompt(" ".join(["a photo of a red fox"] * 100), negative_prompt="x")
+        guided = generate(pipe, prompt=long_prompt)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
     assert too_long.shape[1] == 512 and mask.all() and any("truncated" in m for m in messages)
     unguided = generate(pipe, prompt=long_prompt, guidance_scale=1.0)
     negative = generate(pipe, prompt=long_prompt, negative_prompt=long_prompt[:40])
-    assert torch.isfinite(unguided).all() and torch.isfinite(negative).all()
+    assert all(torch.isfinite(images).all() for images in (guided, unguided, negative))
     with pytest.raises(ValueError, match=rf"takes the learned unconditional text, which has {rows} rows"):
-        generate(pipe, prompt=long_prompt)
+        generate(
+            pipe, prompt=None, prompt_embeds=whole, prompt_attention_mask=torch.ones(whole.shape[:2], dtype=torch.bool)
+        )
     with pytest.raises(ValueError, match=r"`max_sequence_length` must be an integer in \[1, 512\]"):
         pipe.encode_prompt(long_prompt, max_sequence_length=513)
 

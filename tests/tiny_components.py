@@ -135,7 +135,7 @@ def infinity_components(seed: int = 0, spatial_patchify: bool = False) -> dict:
     transformer = InfinityTransformer2DModel(
         bits_per_token=vae.bits_per_token,
         text_dim=32,
-        text_max_length=24,
+        text_max_length=32,  # the diffusers battery's prompt has 28 tokens here
         pool_num_heads=2,
         depth=2,
         embed_dim=64,

@@ -133,7 +133,9 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         return max(PROMPT_MAX_TOKENS, self.text_max_length)
 
     # -- text ---------------------------------------------------------------------------------------
-    def _encode_texts(self, texts: list[str], device, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode_texts(
+        self, texts: list[str], device, max_length: int, warn: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """T5 features of ``texts`` as the original computes them: padded to ``max_length``, then trimmed to the
         longest real length, padding zeroed. Returns ``(embeds (B, S, text_dim) float32, mask (B, S) bool)``."""
         if self.text_encoder is None or self.tokenizer is None:
@@ -143,7 +145,7 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
             )
         full_lengths = [len(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
         too_long = [i for i, n in enumerate(full_lengths) if n > max_length]
-        if too_long:
+        if too_long and warn:
             logger.warning(
                 f"prompts {too_long} ({shorten(texts[too_long[0]], 60)}{', ...' if len(too_long) > 1 else ''}) "
                 f"have more than {max_length} tokens and are truncated (as the original does)."
@@ -160,6 +162,28 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         embeds = self.text_encoder(input_ids=input_ids, attention_mask=mask)[0].float()
         longest = int(mask.sum(dim=1).max())
         return embeds[:, :longest] * mask[:, :longest, None], mask[:, :longest].bool()
+
+    def _fit_learned_unconditional_text(self, texts, embeds, mask, takes_learned, negative_prompt_embeds):
+        """Prompts longer than the learned unconditional text (``text_max_length`` rows) in the rows that take it
+        (guidance without a negative prompt for them) are encoded again, truncated to those rows, with a warning: the
+        original fails there (the learned rows cannot match the prompt's length); other prompts keep up to 512."""
+        if self.transformer is None or negative_prompt_embeds is not None:
+            return embeds, mask
+        rows, lengths = self.text_max_length, mask.sum(dim=1).tolist()
+        cut = [i for i, (n, learned) in enumerate(zip(lengths, takes_learned)) if learned and n > rows]
+        if not cut:
+            return embeds, mask
+        logger.warning(
+            f"prompts {cut} have more tokens than the learned unconditional text's {rows} rows that guidance mixes "
+            f"them with: truncated to {rows} tokens (the original fails here; give a `negative_prompt`, or "
+            "guidance_scale=1, to keep them whole)."
+        )
+        short, short_mask = self._encode_texts([texts[i] for i in cut], embeds.device, rows, warn=False)
+        embeds, mask = embeds.clone(), mask.clone()
+        embeds[cut], mask[cut] = 0, False
+        embeds[cut, : short.shape[1]], mask[cut, : short.shape[1]] = short, short_mask
+        longest = int(mask.sum(dim=1).max())
+        return embeds[:, :longest], mask[:, :longest]
 
     @staticmethod
     def _negative_prompts(negative_prompt, batch_size: int) -> list[str] | None:
@@ -248,6 +272,11 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         negatives = (
             self._negative_prompts(negative_prompt, prompt_embeds.shape[0]) if do_classifier_free_guidance else None
         )
+        if prompt is not None and max_sequence_length is None and do_classifier_free_guidance:
+            takes_learned = [True] * len(prompt_embeds) if negatives is None else [text == "" for text in negatives]
+            prompt_embeds, prompt_attention_mask = self._fit_learned_unconditional_text(
+                check_prompts(prompt), prompt_embeds, prompt_attention_mask, takes_learned, negative_prompt_embeds
+            )
         if negative_prompt_embeds is None and negatives is not None:
             negative_prompt_embeds, negative_prompt_attention_mask = self._encode_texts(negatives, device, max_length)
             empty = torch.tensor([text == "" for text in negatives], device=negative_prompt_embeds.device)
