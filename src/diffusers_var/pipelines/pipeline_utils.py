@@ -1278,9 +1278,9 @@ class NextScaleInpaintMixin(NextScaleEditMixin):
         Shows before generating what a mask keeps: a region smaller than a cell keeps nothing (Infinity: the grid of
         ``height`` x ``width``, default the pipeline's size)."""
         schedule = self._edit_schedule(height, width)
-        mask = mask_to_tensor(mask_image, sizes=(tuple(schedule[-1]), self.pixel_size(schedule)))
-        self.check_mask_input(mask_image, schedule, (1, *mask.shape[-2:]), mask.shape[0], 1, mask_dilation)
-        return self.prepare_mask_keep(mask_image, schedule, mask.shape[0], 1, "cpu", mask_dilation)[-1]
+        mask = mask_to_tensor(mask_image, sizes=(tuple(schedule[-1]), self.pixel_size(schedule)))  # once: (B, 1, H, W)
+        self.check_mask_input(mask, schedule, (1, *mask.shape[-2:]), mask.shape[0], 1, mask_dilation)
+        return self.prepare_mask_keep(mask, schedule, mask.shape[0], 1, "cpu", mask_dilation)[-1]
 
     def box_mask(self, y0: float, x0: float, y1: float, x1: float, inpainting: bool = True) -> torch.Tensor:
         """The latent-grid mask (h, w) bool (True = generate) of the original notebook's
