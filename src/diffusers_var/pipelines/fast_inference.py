@@ -614,10 +614,10 @@ def _split_cross_attention_residual(block, x_BLC, context_BSC, context_mask_BS=N
 # (False: each block runs its own compiled pieces, as Infinity's do; read at every call, so graphs captured after a
 # change follow it)
 CHAIN_VAR_BLOCKS = True
-# the compiled projection pieces write keys and values into the KV cache themselves (VAR's chained blocks, Infinity's
-# and VAR's own blocks): with dynamic shapes below the large scales' rows (above them the cache's copies were faster),
-# with static ones at every scale (not compared there), see :func:`writes_kv_in_piece`; False: always the cache's own
-# copies
+# the compiled projection pieces write keys and values into the KV cache themselves (VAR's chained blocks, and every
+# compiled VAR / Infinity / STAR block on its own): with dynamic shapes below the large scales' rows (above them the
+# cache's copies were faster for VAR), with static ones at every scale (not compared there), see
+# :func:`writes_kv_in_piece`; False: always the cache's own copies
 KV_WRITES_IN_PIECE = True
 
 
