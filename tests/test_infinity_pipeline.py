@@ -64,6 +64,15 @@ def test_long_prompt_is_truncated_at_512_tokens_with_warning(pipe):
         assert cut.shape[1] == rows and cut_mask.all() and "the learned unconditional text's" in messages[-1]
         alone, _, _, _ = pipe.encode_prompt(long_prompt, do_classifier_free_guidance=False, max_sequence_length=rows)
         assert torch.equal(cut, alone)  # the prompt encoded at that length, not its features cut
+        explicit, _, _, _ = pipe.encode_prompt(long_prompt, max_sequence_length=512)  # the default, given: the same
+        assert torch.equal(explicit, cut)
+        _, _, negative_embeds, negative_mask = pipe.encode_prompt([long_prompt, "a fox"], negative_prompt=["", "x"])
+        given, _, _, _ = pipe.encode_prompt(  # a negative row without real tokens takes the learned text too
+            [long_prompt, "a fox"],
+            negative_prompt_embeds=negative_embeds,
+            negative_prompt_attention_mask=negative_mask,
+        )
+        assert int(given[0].abs().sum(dim=-1).gt(0).sum()) == rows
         messages.clear()
         too_long, mask, _, _ = pipe.encode_prompt(" ".join(["a photo of a red fox"] * 100), negative_prompt="x")
         guided = generate(pipe, prompt=long_prompt)

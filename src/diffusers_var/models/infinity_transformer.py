@@ -270,8 +270,10 @@ class InfinityTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, P
         rows = self.config.text_max_length
         if S <= rows:
             return self.uncond_text_embeds[:S].unsqueeze(0).expand(B, S, -1)
-        dropped = text_mask_BS if drop_text is None else text_mask_BS[drop_text.to(text_mask_BS.device)]
-        longest = int(dropped.sum(dim=1).max()) if dropped.numel() else 0
+        lengths = text_mask_BS.sum(dim=1)
+        if drop_text is not None:  # (no boolean indexing: it would sync with the device)
+            lengths = lengths * drop_text.to(lengths.device)
+        longest = int(lengths.max()) if may_read_values(text_mask_BS, self.training) else 0  # not inside a capture
         if longest > rows:
             raise ValueError(
                 f"a text of {longest} tokens takes the learned unconditional text, which has {rows} rows "

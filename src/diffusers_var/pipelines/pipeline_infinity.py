@@ -163,11 +163,11 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         longest = int(mask.sum(dim=1).max())
         return embeds[:, :longest] * mask[:, :longest, None], mask[:, :longest].bool()
 
-    def _fit_learned_unconditional_text(self, texts, embeds, mask, takes_learned, negative_prompt_embeds):
+    def _fit_learned_unconditional_text(self, texts, embeds, mask, takes_learned):
         """Prompts longer than the learned unconditional text (``text_max_length`` rows) in the rows that take it
         (guidance without a negative prompt for them) are encoded again, truncated to those rows, with a warning: the
         original fails there (the learned rows cannot match the prompt's length); other prompts keep up to 512."""
-        if self.transformer is None or negative_prompt_embeds is not None:
+        if self.transformer is None:
             return embeds, mask
         rows, lengths = self.text_max_length, mask.sum(dim=1).tolist()
         cut = [i for i, (n, learned) in enumerate(zip(lengths, takes_learned)) if learned and n > rows]
@@ -272,10 +272,16 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         negatives = (
             self._negative_prompts(negative_prompt, prompt_embeds.shape[0]) if do_classifier_free_guidance else None
         )
-        if prompt is not None and max_sequence_length is None and do_classifier_free_guidance:
-            takes_learned = [True] * len(prompt_embeds) if negatives is None else [text == "" for text in negatives]
+        if prompt is not None and do_classifier_free_guidance:  # the rows that the learned unconditional text guides
+            if negative_prompt_embeds is not None:  # a row without real tokens takes it
+                given = negative_prompt_attention_mask
+                takes_learned = [False] * len(prompt_embeds) if given is None else (~given.bool().any(dim=1)).tolist()
+            elif negatives is not None:
+                takes_learned = [text == "" for text in negatives]
+            else:
+                takes_learned = [True] * len(prompt_embeds)
             prompt_embeds, prompt_attention_mask = self._fit_learned_unconditional_text(
-                check_prompts(prompt), prompt_embeds, prompt_attention_mask, takes_learned, negative_prompt_embeds
+                check_prompts(prompt), prompt_embeds, prompt_attention_mask, takes_learned
             )
         if negative_prompt_embeds is None and negatives is not None:
             negative_prompt_embeds, negative_prompt_attention_mask = self._encode_texts(negatives, device, max_length)
