@@ -733,3 +733,23 @@ def test_converted_imagenet_code_samples_with_its_fid_recipe(monkeypatch):
     args.top_k = 0
     assert _sampling_kwargs(args, code, "VARPipeline", 1000)["top_k"] == 0  # a flag given wins
     assert "temperature" not in _sampling_kwargs(args, code, "VARPipeline", 10)  # not ImageNet
+
+
+def test_a_run_recorded_with_the_whole_folder_digest_still_resumes(one_process, tmp_path, capsys):
+    """Runs recorded their model's digest over every file of its folder (READMEs, reports, other runs); the digest
+    reads only what loading reads now, and a run interrupted before that change still resumes on the same folder
+    (it was refused as "another model"), not on another one."""
+    out = tmp_path / "run"
+    shutil.copytree(one_process, out)
+    run_file = out / "run.json"
+    content = json.loads(run_file.read_text())
+    content["settings"]["model_files"] = model_files_digest(VAR, out, whole_folder=True)
+    run_file.write_text(json.dumps(content))
+    (out / "images" / "000004.png").unlink()
+    assert main(["sample", "--out", str(out), *VAR_RUN]) == 0
+    assert (out / "images" / "000004.png").is_file()
+    content["settings"]["model_files"] = "0123456789abcdef"  # neither digest: another model
+    run_file.write_text(json.dumps(content))
+    (out / "images" / "000004.png").unlink()
+    assert main(["sample", "--out", str(out), *VAR_RUN]) == 2
+    assert "the model folder's files (another model" in capsys.readouterr().err

@@ -534,18 +534,19 @@ def _loaded_files(model: Path) -> list[Path]:
     ]
 
 
-def model_files_digest(model: Path, out: Path | None = None) -> str:
+def model_files_digest(model: Path, out: Path | None = None, whole_folder: bool = False) -> str:
     """A digest of what loading the pipeline folder reads (``model_index.json`` and its components' folders): the
     files' names and sizes, and the contents of the small ones (configs, tokenizers; the weights may be many GB). A
     copy or a re-download of the same folder gives the same digest; a folder replaced by another model in the
     meantime does not, so a restarted run cannot mix the two. Other runs' folders inside the model folder, and files
     such as an evaluation's report, are not part of it; nor is what the run in ``out`` writes, where ``out`` is inside
-    a component's folder."""
+    a component's folder. ``whole_folder``: every file of the folder, as runs recorded it before (their restart is
+    still recognised)."""
     listing = []
     run_files = (
         [] if out is None else [(out / name).resolve() for name in (IMAGES_DIR, RUN_FILE, METADATA_FILE, NPZ_FILE)]
     )
-    for path in _loaded_files(model):
+    for path in files_under(model, lambda name: True) if whole_folder else _loaded_files(model):
         resolved = path.resolve()
         if any(resolved.is_relative_to(run_file) for run_file in run_files) or (
             out is not None and resolved.parent == out.resolve() and is_atomic_temporary(path.name)
@@ -581,6 +582,11 @@ def _check_run_file(out: Path, settings: dict, processes: Processes, batch_size:
                 f"`--out` {str(out)!r} holds a {RUN_FILE} that is not this command's (unreadable, or no "
                 f'"settings" object); choose another --out, or remove that file if the folder is yours to reuse.'
             ) from None
+        if "model_files" in recorded and recorded["model_files"] != settings.get("model_files"):
+            # a run recorded before the digest read only what loading reads: its whole-folder digest, if it matches
+            model = Path(settings["model"])
+            if model.is_dir() and recorded["model_files"] == model_files_digest(model, out, whole_folder=True):
+                settings = {**settings, "model_files": recorded["model_files"]}
         same_model_files = "model_files" in recorded and recorded["model_files"] == settings.get("model_files")
         differ = sorted(
             k
