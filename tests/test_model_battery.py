@@ -10,6 +10,7 @@ A new model class joins by adding one :class:`ModelCase` to ``CASES``.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -244,8 +245,12 @@ def test_weights_are_safetensors_and_variants_keep_each_other(case, tmp_path, ca
     assert sorted(p.name for p in folder.iterdir() if "-of-" in p.name) == shards
     for variant in (None, "fp16"):
         torch.testing.assert_close(_output(case, case.model_class.from_pretrained(folder, variant=variant)), expected)
+    model.save_pretrained(folder, max_shard_size="100KB")  # fewer shards: those the new index does not list go
+    index = json.loads((folder / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    fewer = sorted(p.name for p in folder.iterdir() if "-of-" in p.name and ".fp16" not in p.name)
+    assert fewer == sorted(set(index["weight_map"].values()))
     model.save_pretrained(folder)  # the default weights as one file: its stale shards go, the variant stays
-    assert not [p for p in folder.iterdir() if "-of-" in p.name]
+    assert not [p for p in folder.iterdir() if "-of-" in p.name and ".fp16" not in p.name]
     assert (folder / "diffusion_pytorch_model.fp16.safetensors").is_file()
 
 

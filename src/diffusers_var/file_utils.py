@@ -122,17 +122,19 @@ def _weight_key(name: str) -> tuple[str, str | None] | None:
 
 
 def _stale_weight_files(folder: Path, written: set[str]) -> list[Path]:
-    """In ``folder``, the shard indices of the weights names and variants of the files just ``written`` there (not
-    among them) and the shards each lists (same name and variant, not just written): what a loader would read in
-    place of the new files. An index that cannot be read is stale itself, its shards are kept."""
+    """In ``folder``, read before the new files move in: the shard indices of the weights names and variants of the
+    files being ``written`` there (unless rewritten) and the shards each lists (same name and variant, not rewritten):
+    what a loader would read in place of the new files, or shards no index will list. An index that cannot be read is
+    stale itself, its shards are kept."""
     stale = []
     for stem, variant in {_weight_key(name) for name in written} - {None}:
         dot_variant = f".{variant}" if variant else ""
         shard = re.compile(rf"{re.escape(stem + dot_variant)}-\d{{5}}-of-\d{{5}}\.safetensors\Z")
         index = folder / f"{stem}.safetensors.index{dot_variant}.json"
-        if index.name in written or not index.is_file():
+        if not index.is_file():
             continue
-        stale.append(index)
+        if index.name not in written:
+            stale.append(index)
         try:
             listed = set(json.loads(index.read_text()).get("weight_map", {}).values())
         except (OSError, ValueError, AttributeError):
@@ -204,13 +206,16 @@ def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
         write_text_atomic(
             marker, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "files": len(written)})
         )
+        stale = [  # read from the old indices before the new files replace them
+            old
+            for folder in {relative.parent for relative in written}
+            for old in _stale_weight_files(target / folder, {r.name for r in written if r.parent == folder})
+        ]
         for relative in written:
             (target / relative).parent.mkdir(parents=True, exist_ok=True)
             os.replace(new / relative, target / relative)
-        for folder in {relative.parent for relative in written}:
-            names = {relative.name for relative in written if relative.parent == folder}
-            for old in _stale_weight_files(target / folder, names):
-                old.unlink(missing_ok=True)
+        for old in stale:
+            old.unlink(missing_ok=True)
         _list_in_conversion_manifest(target, written)
         marker.unlink(missing_ok=True)
         return target

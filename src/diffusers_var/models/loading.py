@@ -47,7 +47,8 @@ def _initialise_skipped_(model: nn.Module) -> None:
     skipped = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
     if not skipped:
         return
-    initialised = type(model).from_config(model.config)
+    with torch.random.fork_rng(devices=[]):  # the caller's random state stays as it was
+        initialised = type(model).from_config(model.config)
     fresh = dict((*initialised.named_parameters(), *initialised.named_buffers()))
     kept_in_float32 = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     for name in skipped:
