@@ -147,9 +147,25 @@ def _stale_weight_files(folder: Path, written: set[str]) -> list[Path]:
     return stale
 
 
+def entries_starting_with(folder: Path, prefix: str) -> list[Path]:
+    """The entries of ``folder`` whose names start with ``prefix`` (``glob`` would read ``[ ] * ?`` in a folder's
+    name as a pattern, and miss its own staging folders)."""
+    return [path for path in folder.iterdir() if path.name.startswith(prefix)]
+
+
+def model_index_components(model_index: dict) -> list[str]:
+    """The components a pipeline folder's ``model_index.json`` names with a library and class (``[library, class]``),
+    each loaded from the subfolder of its name; not its settings (``default_size``, ``_class_name``, ...)."""
+    return [
+        name
+        for name, entry in model_index.items()
+        if isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(part, str) for part in entry)
+    ]
+
+
 def _clean_stale_staging(folder: Path, prefix: str) -> None:
     """Remove staging folders ``folder/<prefix>*`` that a killed save of this host left (marker checked)."""
-    for staging in [path for path in folder.iterdir() if path.name.startswith(prefix)]:  # (a name may hold [ ] * ?)
+    for staging in entries_starting_with(folder, prefix):
         try:
             marker = json.loads((staging / STAGING_MARKER).read_text())
         except (OSError, ValueError):

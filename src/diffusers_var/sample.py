@@ -59,7 +59,14 @@ from .cli_support import (
 )
 from .conversion.common import folder_problem
 from .embedded_models import default_model, resolve_pipeline_folder
-from .file_utils import files_under, is_atomic_temporary, json_lines, text_lines, write_atomic
+from .file_utils import (
+    files_under,
+    is_atomic_temporary,
+    json_lines,
+    model_index_components,
+    text_lines,
+    write_atomic,
+)
 from .pipelines.pipeline_utils import (
     check_common_inputs,
     check_guidance_scale,
@@ -524,13 +531,9 @@ def _loaded_files(model: Path) -> list[Path]:
         index = None
     if not isinstance(index, dict):
         return list(files_under(model, lambda name: True))
-    components = [
-        model / name
-        for name, entry in index.items()
-        if isinstance(entry, list) and len(entry) == 2 and all(isinstance(part, str) for part in entry)
-    ]
+    folders = [model / name for name in model_index_components(index)]
     return [model / "model_index.json"] + [
-        path for folder in components if folder.is_dir() for path in files_under(folder, lambda name: True)
+        path for folder in folders if folder.is_dir() for path in files_under(folder, lambda name: True)
     ]
 
 

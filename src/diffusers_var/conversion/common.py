@@ -518,9 +518,9 @@ def clean_stale_staging(output_dir: Path) -> None:
     already moved the previous output aside (``old/``) while ``output_dir`` is missing was stopped mid-swap: the
     previous output is put back instead of being removed.
     """
-    prefix = f".{output_dir.name}.tmp-"  # (not a glob pattern: a name may hold [ ] * ?)
-    stagings = [path for path in output_dir.parent.iterdir() if path.name.startswith(prefix)]
-    for staging in stagings:
+    prefix = f".{output_dir.name}.tmp-"  # (not a glob pattern: a name may hold [ ] * ?; file_utils's
+    # entries_starting_with is not imported here: this module also runs alone, tests/test_conversion_output.py)
+    for staging in [path for path in output_dir.parent.iterdir() if path.name.startswith(prefix)]:
         marker = _read_json(staging / STAGING_MARKER) if staging.is_dir() and not staging.is_symlink() else None
         if not (
             isinstance(marker, dict) and marker.get("written_by") == WRITER and marker.get("output") == str(output_dir)

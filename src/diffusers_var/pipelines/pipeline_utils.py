@@ -48,6 +48,7 @@ from diffusers.utils import logging
 
 from ..file_utils import (
     SAFETENSORS_ONLY,
+    model_index_components,
     refuse_interrupted_save,
     save_folder_atomic,
     write_text_atomic,
@@ -154,15 +155,14 @@ def check_component_folders(folder: str, model_index: dict, names: set[str]) -> 
     """Every component of ``names`` that ``model_index`` (a pipeline folder's ``model_index.json``) names with a
     library and class has its subfolder in ``folder``: without it diffusers looks in the pipeline folder itself,
     where transformers builds an empty tokenizer (every prompt became the same unknown tokens) or fails deep inside."""
-    for name in sorted(names):
-        entry = model_index.get(name)
-        if isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(part, str) for part in entry):
-            if not os.path.isdir(os.path.join(folder, name)):
-                raise ValueError(
-                    f"`pretrained_model_name_or_path` {folder!r}: model_index.json names a `{name}` "
-                    f"({entry[0]}.{entry[1]}) but the folder has no `{name}/` subfolder; restore it, or pass "
-                    f"`{name}=...` to from_pretrained."
-                )
+    for name in sorted(set(model_index_components(model_index)) & names):
+        if not os.path.isdir(os.path.join(folder, name)):
+            library, class_name = model_index[name]
+            raise ValueError(
+                f"`pretrained_model_name_or_path` {folder!r}: model_index.json names a `{name}` "
+                f"({library}.{class_name}) but the folder has no `{name}/` subfolder; restore it, or pass "
+                f"`{name}=...` to from_pretrained."
+            )
 
 
 def check_num_images_per_prompt(num_images_per_prompt) -> None:
@@ -577,7 +577,8 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
                 f"`pretrained_model_name_or_path` {pretrained_model_name_or_path!r}: its model_index.json holds a "
                 f"{type(config).__name__}, not a JSON object; it is not a pipeline folder that diffusers saved."
             )
-        if isinstance(config, dict) and os.path.isdir(pretrained_model_name_or_path) and "_class_name" not in config:
+        local_index = config is not None and os.path.isdir(pretrained_model_name_or_path)
+        if local_index and "_class_name" not in config:
             raise ValueError(  # (diffusers: a bare KeyError)
                 f"`pretrained_model_name_or_path` {pretrained_model_name_or_path!r}: its model_index.json names no "
                 "`_class_name`; it is not a pipeline folder that diffusers saved."
@@ -597,7 +598,7 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
                     f"{str(pretrained_model_name_or_path)!r} holds a {saved}: {cls.__name__} does not use its "
                     f"{', '.join(unused)} and loads without them (`{saved}.from_pretrained` loads them)."
                 )
-        if isinstance(config, dict) and os.path.isdir(pretrained_model_name_or_path):
+        if local_index:
             check_component_folders(pretrained_model_name_or_path, config, set(cls._get_init_keys(cls)) - set(kwargs))
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
@@ -710,10 +711,15 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         finally:
             _KEEP_COMPONENT_DTYPES.reset(token)
         if not new._fast_inference:  # a new transformer, but a decoder or text encoder the fast path cast and fitted
-            fitted = [
-                f"`{name}` ({str(rounded_to(component)).replace('torch.', '')})"
+            roundings = {
+                name: rounded_to(component)
                 for name, component in new.components.items()
-                if isinstance(component, torch.nn.Module) and rounded_to(component) is not None
+                if isinstance(component, torch.nn.Module)
+            }
+            fitted = [
+                f"`{name}` ({str(dtype).removeprefix('torch.')})"
+                for name, dtype in roundings.items()
+                if dtype is not None
             ]
             if fitted:
                 logger.warning(
