@@ -692,10 +692,11 @@ def _chained_block_stack(model, x_BLC, block_cond, attn_mask=None, kv_cache=None
     _, _, scale1, _, shift1, _ = modulations[0]
     h_BLC = blocks[0].compiled_modulated_norm(x_BLC, scale1, shift1)
     B, L, _ = x_BLC.shape
+    write_in_piece = writes_kv_in_piece(caches[0], h_BLC, write_below)  # (every block's cache is of one kind)
     for i, (block, cache) in enumerate(zip(blocks, caches)):
         attn = block.attn
         qkv_bias = memoized(cache, "qkv_bias", attn.qkv_bias)  # once per generation
-        if writes_kv_in_piece(cache, h_BLC, write_below):  # keys, values written in place
+        if write_in_piece:  # keys, values written in place
             keys, values, start = cache.reserve(B, L, attn.num_heads, attn.head_dim, h_BLC)
             q, softmax_scale = block.compiled_project_into_cache(h_BLC, keys, values, start, qkv_bias)
             keys, values = keys[:, : start + L], values[:, : start + L]
