@@ -72,6 +72,15 @@ def rope_rotary(table_LD2: torch.Tensor) -> Rotary2D:
     return Rotary2D(table_LD2.real.contiguous(), table_LD2.imag.contiguous())
 
 
+def attend_somewhere(mask_BS: torch.Tensor) -> torch.Tensor:
+    """``mask_BS`` (B, S) as booleans, a row without a real token given its first one (no host read: it runs inside
+    CUDA graph captures)."""
+    mask_BS = mask_BS.to(torch.bool)
+    first_BS = torch.zeros_like(mask_BS)
+    first_BS[:, 0] = True
+    return mask_BS | (first_BS & ~mask_BS.any(dim=1, keepdim=True))
+
+
 def _check_shape(name: str, tensor, shape: tuple[int, ...]) -> None:
     if not torch.is_tensor(tensor) or tuple(tensor.shape) != tuple(shape):
         got = tuple(tensor.shape) if torch.is_tensor(tensor) else type(tensor).__name__
@@ -183,7 +192,10 @@ class STARBlock(nn.Module):
         if self.cross_attn is not None:
             # with the quirk, row 0's output of the cross-attention of every row, as the original computes it (row 0
             # alone goes through other matmul blocking: float rounding that VAR's more_smooth sampling amplifies)
-            attended = self.cross_attn(self.norm(x_BLC), encoder_hidden_states, encoder_attention_mask, kv_cache)
+            mask = encoder_attention_mask
+            if cross_attention_row0 and mask is not None:  # rows after 0 are dropped, but a row that attends to
+                mask = attend_somewhere(mask)  # no token is NaN on some kernels, and NaN * 0 in their backward
+            attended = self.cross_attn(self.norm(x_BLC), encoder_hidden_states, mask, kv_cache)
             x_BLC = x_BLC + (attended[:1] if cross_attention_row0 else attended)
         return x_BLC + self.drop_path(self.ffn(self.norm(x_BLC)))
 
