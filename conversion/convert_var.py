@@ -30,6 +30,17 @@ def main(argv=None) -> int:
         default=None,
         help="the number of transformer blocks the checkpoint must have (a missing block is an error)",
     )
+    parser.add_argument(
+        "--num-heads",
+        type=int_in_range(1),
+        default=None,
+        help="the attention's heads, for a checkpoint trained with attn_l2_norm=False (default: width / 64)",
+    )
+    parser.add_argument(
+        "--using-znorm",
+        action="store_true",
+        help="the VQ-VAE was trained with using_znorm=True (codes by cosine similarity; off in the release)",
+    )
     args = parser.parse_args(argv)
     try:
         pipe = convert_var_checkpoint(
@@ -41,6 +52,8 @@ def main(argv=None) -> int:
             dtype=OUTPUT_DTYPES[args.dtype],
             overwrite=args.overwrite,
             depth=args.depth,
+            num_heads=args.num_heads,
+            using_znorm=args.using_znorm,
         )
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)

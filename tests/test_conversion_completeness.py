@@ -45,6 +45,23 @@ def test_var_missing_blocks_and_keys():
         convert_var_transformer(_without(state_dict, "blocks.1.ffn.fc2.bias"))
 
 
+def test_var_heads_without_l2_norm_come_from_the_argument():
+    """A checkpoint trained with ``attn_l2_norm=False`` has no per-head scales, so nothing in it counts the heads:
+    ``num_heads`` gives them (the fixture's 2 heads of 32 features); by default 64 features a head, as released."""
+    state_dict = {k: v for k, v in _var_state_dict().items() if "scale_mul_1H11" not in k}  # width 64
+    model = convert_var_transformer(state_dict, num_heads=2)
+    assert (model.config.num_heads, model.config.attn_l2_norm) == (2, False)
+    assert convert_var_transformer(state_dict, depth=2).config.num_heads == 1  # (the release layout has 1 block)
+    with pytest.raises(ConversionError, match=r"`num_heads` must divide the width 64, got 3"):
+        convert_var_transformer(state_dict, num_heads=3)
+    with pytest.raises(ConversionError, match=r"`num_heads`: the checkpoint's attention has 2 heads, got 4"):
+        convert_var_transformer(_var_state_dict(), num_heads=4)
+    wide = {k: v for k, v in state_dict.items()}
+    wide["class_emb.weight"] = torch.zeros(11, 96)
+    with pytest.raises(ConversionError, match=r"width 96 is not 64 features a head.*--num-heads"):
+        var_config_from_state_dict(wide)
+
+
 def test_release_layout_catches_a_removed_last_block():
     """VAR-d16's released key layout (width 64 x 16 heads) without its last block: refused with no --depth."""
     path = keys_dir("var") / "var_d16.json"

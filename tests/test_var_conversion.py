@@ -341,3 +341,29 @@ def test_overwrite_takes_back_what_our_own_saves_wrote_into_a_converted_folder(o
     with pytest.raises(ValueError, match="did not write \\(notes.txt\\)"):
         convert_var_checkpoint(vae, var, out, overwrite=True)
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_cosine_trained_tokenizer_converts_with_using_znorm(originals, tmp_path):
+    """``using_znorm=True`` (a tokenizer trained to pick codes by cosine similarity; nothing in its weights says so)
+    reaches the converted tokenizer, whose encoder then picks the most similar code, not the nearest one."""
+    vae, var = originals
+    out = tmp_path / "cosine"
+    command = [sys.executable, str(REPO_ROOT / "conversion" / "convert_var.py"), "--vae", str(vae)]
+    command += ["--transformer", str(var), "--output", str(out), "--using-znorm"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    vqvae = VARPipeline.from_pretrained(out).vqvae
+    assert vqvae.config.using_znorm and not convert_var_checkpoint(vae, var).vqvae.config.using_znorm
+    quantizer = vqvae.quantize
+    codebook = torch.zeros_like(quantizer.embedding.weight)
+    codebook[0, :2] = torch.tensor([1.0, 0.3])  # nearest to (1, 0): squared distance 0.09, cosine 0.958
+    codebook[1:, 0] = 5.0  # cosine 1, squared distance 16
+    codebook[1:, 1] = -torch.arange(1, codebook.shape[0]).float()  # (all but code 1 less similar than it)
+    codebook[1, 1] = 0.0
+    with torch.no_grad():
+        quantizer.embedding.weight.copy_(codebook)
+    z_NC = torch.zeros(1, codebook.shape[1])
+    z_NC[0, 0] = 1.0
+    assert quantizer.nearest_code(z_NC).item() == 1
+    quantizer.using_znorm = False
+    assert quantizer.nearest_code(z_NC).item() == 0

@@ -110,6 +110,13 @@ def test_teacher_forcing(pipe, var_fixture):
         check(
             manifest, ref, "var_train_drop_logits", tr(dropped, ref["var_x_BLCv_wo_first_l"], drop_labels=False).logits
         )
+        # at rate 0 as well (the original draws whatever the rate): the draws after it, drop-path's, stay in step
+        torch.manual_seed(1239)
+        assert torch.equal(tr.drop_labels(ref["var_train_labels"], rate=0.0), ref["var_train_labels"])
+        after_drop = torch.rand(4)
+        torch.manual_seed(1239)
+        torch.rand(ref["var_train_labels"].shape[0])
+        assert torch.equal(after_drop, torch.rand(4))
 
 
 def _generation_cases():

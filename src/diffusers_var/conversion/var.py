@@ -102,14 +102,17 @@ def infer_patch_nums(
 
 
 def var_config_from_state_dict(
-    state_dict: Mapping, patch_nums: Sequence[int] | None = None, depth: int | None = None
+    state_dict: Mapping,
+    patch_nums: Sequence[int] | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
 ) -> dict:
     missing = [k for k in _VAR_REQUIRED if k not in state_dict]
     if missing:
         raise ConversionError(f"`transformer`: not a VAR transformer checkpoint (missing {missing}).")
     num_classes_plus_null, C = _shape(state_dict["class_emb.weight"])
     attn_l2_norm = "blocks.0.attn.scale_mul_1H11" in state_dict
-    num_heads = _shape(state_dict["blocks.0.attn.scale_mul_1H11"])[1] if attn_l2_norm else C // 64
+    num_heads = _num_heads(state_dict, attn_l2_norm, C, num_heads)
     depth = count_blocks(state_dict, "blocks", "transformer", depth, num_heads, C)
     if depth == 0:
         raise ConversionError("`transformer`: the checkpoint has no transformer blocks.")
@@ -131,7 +134,29 @@ def var_config_from_state_dict(
     }
 
 
-def vae_config_from_state_dict(state_dict: Mapping, patch_nums: Sequence[int], quant_resi: float = 0.5) -> dict:
+def _num_heads(state_dict: Mapping, attn_l2_norm: bool, width: int, num_heads: int | None) -> int:
+    """The attention's heads: the L2-normalised attention's per-head scales count them; without them the weights
+    do not (``--num-heads``; by default 64 features a head, as in every release)."""
+    if attn_l2_norm:
+        found = _shape(state_dict["blocks.0.attn.scale_mul_1H11"])[1]
+        if num_heads is not None and num_heads != found:
+            raise ConversionError(f"`num_heads`: the checkpoint's attention has {found} heads, got {num_heads}.")
+        return found
+    if num_heads is None:
+        if width % 64:
+            raise ConversionError(
+                f"`num_heads`: the checkpoint's width {width} is not 64 features a head and its attention does not "
+                "say how many heads it has; pass --num-heads."
+            )
+        return width // 64
+    if width % num_heads:
+        raise ConversionError(f"`num_heads` must divide the width {width}, got {num_heads}.")
+    return num_heads
+
+
+def vae_config_from_state_dict(
+    state_dict: Mapping, patch_nums: Sequence[int], quant_resi: float = 0.5, using_znorm: bool = False
+) -> dict:
     missing = [k for k in _VAE_REQUIRED if k not in state_dict]
     if missing:
         raise ConversionError(f"`vae`: not a VAR VQ-VAE checkpoint (missing {missing}).")
@@ -169,6 +194,7 @@ def vae_config_from_state_dict(state_dict: Mapping, patch_nums: Sequence[int], q
         "patch_nums": list(patch_nums),
         "quant_resi": quant_resi,
         "share_quant_resi": share,
+        "using_znorm": bool(using_znorm),
         "beta": 0.25,
         "using_sa": f"encoder.down.{last}.attn.0.qkv.weight" in state_dict,
         "using_mid_sa": "encoder.mid.attn_1.qkv.weight" in state_dict,
@@ -199,9 +225,12 @@ def _expected_derived(model: VARTransformer2DModel, name: str) -> torch.Tensor:
 
 
 def convert_var_transformer(
-    state_dict: Mapping, patch_nums: Sequence[int] | None = None, depth: int | None = None
+    state_dict: Mapping,
+    patch_nums: Sequence[int] | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
 ) -> VARTransformer2DModel:
-    config = var_config_from_state_dict(state_dict, patch_nums, depth)
+    config = var_config_from_state_dict(state_dict, patch_nums, depth, num_heads)
     model = VARTransformer2DModel(**config)
     converted = {}
     for old, new in var_key_map(state_dict).items():
@@ -220,8 +249,10 @@ def convert_var_transformer(
     return model.eval()
 
 
-def convert_vae(state_dict: Mapping, patch_nums: Sequence[int], quant_resi: float = 0.5) -> MultiScaleVQModel:
-    config = vae_config_from_state_dict(state_dict, patch_nums, quant_resi)
+def convert_vae(
+    state_dict: Mapping, patch_nums: Sequence[int], quant_resi: float = 0.5, using_znorm: bool = False
+) -> MultiScaleVQModel:
+    config = vae_config_from_state_dict(state_dict, patch_nums, quant_resi, using_znorm)
     model = MultiScaleVQModel(**config)
     converted = {new: state_dict[old] for old, new in vae_key_map(state_dict).items()}
     usage = converted.get("quantize.codebook_usage")
@@ -252,12 +283,14 @@ def _load_vae(path) -> dict:
     )
 
 
-def check_arguments(patch_nums=None, quant_resi: float = 0.5, depth: int | None = None) -> None:
+def check_arguments(patch_nums=None, quant_resi: float = 0.5, depth: int | None = None, num_heads=None) -> None:
     """What can be checked before a checkpoint is read (VAR, CoDe)."""
     if patch_nums is not None:
         check_patch_nums(patch_nums)
     check_float(quant_resi, "quant_resi", QUANT_RESI_RANGE)
     check_depth(depth)
+    if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1):
+        raise ConversionError(f"`num_heads` must be a whole number >= 1, got {num_heads!r}.")
 
 
 def convert_var_checkpoint(
@@ -269,24 +302,29 @@ def convert_var_checkpoint(
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
     depth: int | None = None,
+    num_heads: int | None = None,
+    using_znorm: bool = False,
 ):
     """Convert an original VQ-VAE + VAR checkpoint pair into a :class:`VARPipeline` (``depth``: the number of blocks
-    the checkpoint must have; by default every block index present, and the release layout's depth where it applies).
+    the checkpoint must have; by default every block index present, and the release layout's depth where it applies;
+    ``num_heads``: the attention's heads, which a checkpoint trained with ``attn_l2_norm=False`` does not record; by
+    default 64 features a head, as in every release; ``using_znorm``: the VQ-VAE was trained to pick codes by
+    cosine similarity, which its weights do not record either).
 
     When ``output_dir`` is given the pipeline is written there atomically (safetensors only).
     Returns the pipeline.
     """
     from ..pipelines.pipeline_var import VARPipeline
 
-    check_arguments(patch_nums, quant_resi, depth)
+    check_arguments(patch_nums, quant_resi, depth, num_heads)
     if output_dir is not None:  # before reading multi-GB checkpoints
         check_output_dir(output_dir, overwrite)
     var_sd = _load_var(transformer_path)
     vae_sd = _load_vae(vae_path)
     with reading_checkpoint("transformer", transformer_path):
-        transformer = convert_var_transformer(var_sd, patch_nums, depth)
+        transformer = convert_var_transformer(var_sd, patch_nums, depth, num_heads)
     with reading_checkpoint("vae", vae_path):
-        vqvae = convert_vae(vae_sd, transformer.config.patch_nums, quant_resi)
+        vqvae = convert_vae(vae_sd, transformer.config.patch_nums, quant_resi, using_znorm)
     if (
         vqvae.config.vocab_size != transformer.config.vocab_size
         or vqvae.config.z_channels != transformer.config.latent_channels

@@ -198,9 +198,10 @@ def bicubic_up(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class MultiScaleResidualQuantizer(nn.Module):
-    def __init__(self, vocab_size, z_channels, patch_nums, quant_resi, share_quant_resi, beta):
+    def __init__(self, vocab_size, z_channels, patch_nums, quant_resi, share_quant_resi, beta, using_znorm=False):
         super().__init__()
         self.vocab_size, self.z_channels, self.beta = vocab_size, z_channels, beta
+        self.using_znorm = using_znorm
         self.patch_nums = tuple(patch_nums)
         self.phi_ratio = abs(quant_resi)
         self.embedding = nn.Embedding(vocab_size, z_channels)
@@ -234,10 +235,13 @@ class MultiScaleResidualQuantizer(nn.Module):
         return h_BChw.mul(1 - self.phi_ratio) + refined.mul_(self.phi_ratio)
 
     def nearest_code(self, z_NC: torch.Tensor) -> torch.LongTensor:
-        """Index of the closest codebook vector (squared L2, first minimum on ties)."""
+        """Index of the closest codebook vector (squared L2, first minimum on ties; with ``using_znorm`` the largest
+        cosine similarity)."""
         # the codebook read through the embedding module: offloading hooks (leaf-level group offloading) move it here
         rows = torch.arange(self.embedding.num_embeddings, device=z_NC.device)
         codebook = self.embedding(rows).detach().float()
+        if self.using_znorm:
+            return torch.argmax(F.normalize(z_NC, dim=-1) @ F.normalize(codebook.T, dim=0), dim=1)
         dist = torch.sum(z_NC.square(), dim=1, keepdim=True) + torch.sum(codebook.square(), dim=1)
         dist.addmm_(z_NC, codebook.T, alpha=-2, beta=1)
         return dist.argmin(dim=1)
@@ -310,6 +314,8 @@ class MultiScaleVQModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, SlicedDeco
         using_sa (`bool`, defaults to `True`): spatial attention at the lowest resolution level.
         using_mid_sa (`bool`, defaults to `True`): spatial attention in the middle block.
         quant_conv_ks (`int`, defaults to 3): kernel size of ``quant_conv`` / ``post_quant_conv`` (1 or 3).
+        using_znorm (`bool`, defaults to `False`): pick codes by cosine similarity instead of L2 distance (an
+            option of the original's tokenizer training, off in its release; nothing in the weights records it).
     """
 
     _supports_gradient_checkpointing = False
@@ -331,6 +337,7 @@ class MultiScaleVQModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, SlicedDeco
         using_sa: bool = True,
         using_mid_sa: bool = True,
         quant_conv_ks: int = 3,
+        using_znorm: bool = False,
     ):
         super().__init__()
         patch_nums = validate_patch_nums(patch_nums)
@@ -340,6 +347,8 @@ class MultiScaleVQModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, SlicedDeco
             )
         if quant_conv_ks not in (1, 3):
             raise ValueError(f"`quant_conv_ks` must be 1 or 3, got {quant_conv_ks}.")
+        if not isinstance(using_znorm, bool):
+            raise ValueError(f"`using_znorm` must be True or False, got {using_znorm!r}.")
         args = dict(
             ch=ch,
             ch_mult=tuple(ch_mult),
@@ -355,7 +364,7 @@ class MultiScaleVQModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, SlicedDeco
         self.quant_conv = nn.Conv2d(z_channels, z_channels, quant_conv_ks, 1, pad)
         self.post_quant_conv = nn.Conv2d(z_channels, z_channels, quant_conv_ks, 1, pad)
         self.quantize = MultiScaleResidualQuantizer(
-            vocab_size, z_channels, patch_nums, quant_resi, share_quant_resi, beta
+            vocab_size, z_channels, patch_nums, quant_resi, share_quant_resi, beta, using_znorm
         )
 
     # -- properties ---------------------------------------------------------------------------

@@ -142,12 +142,11 @@ class VARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftAd
     ) -> torch.LongTensor:
         """Label dropout for classifier-free guidance training: each label becomes the null class with
         probability ``rate`` (default ``cond_drop_rate``). Draws ``torch.rand(B)`` like the original
-        (from the global RNG when no generator is given)."""
+        (from the global RNG when no generator is given), at rate 0 too: the random draws that follow, drop-path's
+        say, are the original's."""
         rate = self.config.cond_drop_rate if rate is None else rate
         if not is_number(rate) or not 0 <= rate <= 1:
             raise ValueError(f"`rate` must be a probability in [0, 1], got {rate!r}.")
-        if rate <= 0:
-            return class_labels
         device = generator.device if generator is not None else class_labels.device
         draw = torch.rand(class_labels.shape[0], generator=generator, device=device).to(class_labels.device)
         return torch.where(draw < rate, self.null_class, class_labels)

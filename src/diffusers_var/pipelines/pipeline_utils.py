@@ -871,7 +871,10 @@ class TokenForcing:
             (bits,) = sampled
             return torch.where(keep[..., None], self.tokens[scale_index].to(bits.dtype), bits)
         code_map, indices = sampled
-        code_map = torch.where(keep[:, None], self.codes[scale_index].to(code_map.dtype), code_map)
+        # the original's blend, not torch.where: the same values, and its memory layout (a 1x1 map's channels-last
+        # strides send the tokenizer's upsampling and Phi conv down other kernels: rounding that more_smooth amplifies)
+        force_B1hw = keep[:, None].int()
+        code_map = self.codes[scale_index].to(code_map.dtype) * force_B1hw + code_map * (1 - force_B1hw)
         if indices is not None:  # STAR's more_smooth has no hard tokens
             indices = torch.where(keep.flatten(1), self.tokens[scale_index], indices)
         return code_map, indices
