@@ -631,3 +631,20 @@ def test_image_processor_of_a_pipeline_without_its_tokenizer_names_it():
     plain = pipes("var")[0]
     with pytest.raises(ValueError, match=r"this VARInpaintPipeline has no `vqvae` \(built with None\)"):
         VARInpaintPipeline.from_pipe(plain, vqvae=None).image_processor
+
+
+def test_forced_code_maps_keep_the_memory_layout_of_the_originals_blend():
+    """The forced code map is the original's ``gt * force + h * (1 - force)``, layout included: a 1x1 map of
+    channels-last strides comes out in NCHW strides, which the tokenizer's upsampling and Phi conv then read as the
+    original does (with ``torch.where`` it kept (C, 1, C, C) and VAR's 512 px edits with ``more_smooth`` drifted from
+    the original by up to 7e-3 in f_hat); larger channels-last maps stay channels-last."""
+    sides, C = (1, 2, 3), 8
+    keep = [torch.rand(1, n, n, generator=torch.Generator().manual_seed(n)) < 0.5 for n in sides]
+    codes = [torch.randn(1, n * n, C).transpose(1, 2).reshape(1, C, n, n) for n in sides]  # as the tokenizer embeds
+    forcing = TokenForcing(keep, [torch.zeros(1, n * n, dtype=torch.long) for n in sides], codes)
+    for index, side in enumerate(sides):
+        sampled = torch.randn(1, side * side, C).transpose(1, 2).reshape(1, C, side, side)
+        code_map, _ = forcing(index, sampled, None)
+        expected = torch.where(keep[index][:, None], codes[index], sampled)
+        assert torch.equal(code_map, expected)
+        assert code_map.stride() == ((C, 1, 1, 1) if side == 1 else (C * side * side, 1, side * C, C))
