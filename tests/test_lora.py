@@ -66,7 +66,7 @@ def add_random_adapter(model, name: str = "a", rank: int = 4, seed: int = 0, sca
     else:
         from diffusers_var.loaders import add_text_encoder_adapter, text_encoder_lora_config
 
-        add_text_encoder_adapter(model, text_encoder_lora_config(model, rank=rank), name)
+        add_text_encoder_adapter(model, text_encoder_lora_config(model, rank=rank, **config), name)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for key, parameter in model.named_parameters():
@@ -318,6 +318,27 @@ def test_text_encoder_adapters_round_trip(tmp_path):
     assert not lora_layers(fresh.text_encoder) and torch.equal(images(fresh, "star"), base)
     fresh.load_lora_weights(folder, adapter_name="x")
     assert fresh.get_list_adapters() == {"transformer": ["x"], "text_encoder": ["x"]}
+
+
+def test_adapters_trained_with_dropout_load_in_the_models_mode(tmp_path):
+    """PEFT makes an adapter's layers in training mode: loaded into a pipeline (eval mode), an adapter trained with
+    lora_dropout > 0 dropped activations at inference, so the same seed gave other text features and images."""
+    pipe = embedded("star")
+    add_random_adapter(pipe.transformer, "a", dropout=0.5)
+    add_random_adapter(pipe.text_encoder, "a", seed=3, dropout=0.5)
+    folder = save_adapter(pipe, tmp_path / "adapter", text_encoder=True)
+    fresh = embedded("star")
+    fresh.load_lora_weights(folder, adapter_name="x")
+    for model in (fresh.transformer, fresh.text_encoder):
+        dropouts = [layer.lora_dropout["x"] for layer in lora_layers(model)]
+        assert dropouts and all(d.p == 0.5 for d in dropouts)
+        assert not model.training and not any(m.training for m in model.modules())
+    features = [fresh.encode_text(PROMPTS, "cpu")[0] for _ in range(2)]
+    assert torch.equal(*features)
+    assert torch.equal(images(fresh, "star"), images(fresh, "star"))
+    fresh.transformer.train()  # a model in training mode gets adapters in training mode
+    fresh.load_lora_weights(folder, adapter_name="y")
+    assert all(layer.lora_dropout["y"].training for layer in lora_layers(fresh.transformer))
 
 
 # ----------------------------------------------------------------------------------------------
