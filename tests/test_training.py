@@ -491,6 +491,54 @@ def test_a_changed_config_is_refused_unless_told(tokenizer_dir, tmp_path):
     assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_a_model_folder_replaced_at_the_same_path_is_refused(tokenizer_dir, tmp_path, capsys):
+    """The resume compared the path strings only: a tokenizer folder swapped for another tokenizer at the same path
+    (weights of the same size) resumed without a word. A copy of the same folder at another path still resumes."""
+    tokenizer = shutil.copytree(tokenizer_dir, tmp_path / "tok")
+    run = tmp_path / "run"
+    config = var_config(run, tokenizer, max_steps=2, checkpoint_every=2, ema_decay=None)
+    train(TrainConfig(**config))
+    weights = next(tokenizer.glob("*.safetensors"))
+    original = weights.read_bytes()
+    other = load_file(weights)
+    save_file({k: t + 0.01 if t.is_floating_point() else t for k, t in other.items()}, weights, {"format": "pt"})
+    assert weights.stat().st_size == len(original)
+    message = rf"`resume`: .*: tokenizer_path the files of '{re.escape(str(tokenizer))}' are not those the run started"
+    with pytest.raises(ValueError, match=message):
+        train(TrainConfig(**config))
+    weights.write_bytes(original)
+    moved = shutil.copytree(tokenizer, tmp_path / "elsewhere" / "tok")
+    capsys.readouterr()
+    train(TrainConfig(**{**config, "max_steps": 3, "tokenizer_path": str(moved), "resume": "force"}))
+    assert "continuing step-0000002 with changed max_steps\n" in capsys.readouterr().out  # the same files
+    assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_relative_data_path_resumed_from_another_folder_is_another_folder(tmp_path, monkeypatch):
+    """``data.path`` is compared resolved; a model folder by its files, less a run folder inside it."""
+    from diffusers_var.training.engine import input_differences, input_fingerprints
+
+    for name in ("a", "b"):
+        (tmp_path / name / "images").mkdir(parents=True)
+    config = TrainConfig(task="tokenizer", data={"type": "imagefolder", "path": "images"})
+    monkeypatch.chdir(tmp_path / "a")
+    started = input_fingerprints(config)
+    assert started == {"data.path": {"path": str(tmp_path / "a" / "images")}}
+    assert input_differences(started, input_fingerprints(config)) == {}
+    monkeypatch.chdir(tmp_path / "b")
+    assert list(input_differences(started, input_fingerprints(config))) == ["data.path"]
+    # a run folder inside a model folder: what the run writes there is not part of the model's files
+    (tmp_path / "tok" / "config.json").parent.mkdir()
+    (tmp_path / "tok" / "config.json").write_text("{}")
+    config = TrainConfig(task="var", tokenizer_path=str(tmp_path / "tok"), output_dir=str(tmp_path / "tok" / "run"))
+    started = input_fingerprints(config)
+    (tmp_path / "tok" / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "tok" / "run" / "train_log.jsonl").write_text("{}")
+    assert input_differences(started, input_fingerprints(config)) == {}
+    (tmp_path / "tok" / "config.json").write_text('{"vocab_size": 8}')
+    assert list(input_differences(started, input_fingerprints(config))) == ["tokenizer_path"]
+
+
 def test_a_trainer_state_with_a_bad_step_count_is_named(tokenizer_dir, tmp_path):
     """``step`` / ``accelerator_step`` of ``trainer_state.json`` set the resumed counters: anything but a whole number
     is an error naming the file and the key, not ``int()``'s message."""

@@ -7,7 +7,8 @@ and everything else in JSON, and resuming reads only those files (a ``.pkl`` / `
 
     step-0000500/
       trainer_state.json          format, step, scheduler / grad-scaler / optimizer hyper-parameters, EMA scalars,
-                                  the run's config (to refuse a resume with a changed config)
+                                  the run's config and what its paths pointed to (to refuse a resume with a
+                                  changed config or a replaced model folder)
       model.safetensors           the trained model's full state dict (FQNs of the unwrapped model)
       optimizer.safetensors       per-parameter optimizer tensors, keyed "<parameter FQN>:<name>" (e.g. exp_avg)
       ema.safetensors             EMA shadow weights keyed by parameter FQN (when EMA is on)
@@ -150,11 +151,21 @@ def _load_rng(folder: Path, rank: int) -> bool:
 
 # -- save ----------------------------------------------------------------------------------------------
 def save_training_state(
-    folder: Path, accelerator, model, optimizer, scheduler, ema, step: int, config: dict, trainable_only: bool = False
+    folder: Path,
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    ema,
+    step: int,
+    config: dict,
+    trainable_only: bool = False,
+    inputs: dict | None = None,
 ) -> None:
     """Write a checkpoint into ``folder``. Every process calls it (under FSDP gathering the state is a collective);
     each writes its own RNG state, the main process everything else. ``trainable_only`` (LoRA): the model file holds
-    the trained weights only (the frozen base comes from the base pipeline again on resume)."""
+    the trained weights only (the frozen base comes from the base pipeline again on resume). ``inputs``: what the
+    config's paths pointed to (the engine's ``input_fingerprints``), for the resume to compare."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     options = _state_dict_options(accelerator, for_save=True)
@@ -189,6 +200,7 @@ def save_training_state(
         "grad_scaler": _json_value(accelerator.scaler.state_dict()) if accelerator.scaler is not None else None,
         "ema": None,
         "config": config,
+        "inputs": inputs or {},
         "trainable_only": bool(trainable_only),
     }
     if ema is not None:  # EMA of the trained parameters, in their order
