@@ -475,14 +475,19 @@ def test_a_changed_config_is_refused_unless_told(tokenizer_dir, tmp_path):
         train(TrainConfig(**deeper, resume="force"))  # a named error, not a raw state_dict one
     assert (run / "train_config.json").read_text() == saved_config
 
-    # force: continue from the checkpoint, with the new learning rate and schedule from here on
-    forced = {**config, "learning_rate": 1e-3, "max_steps": 3, "resume": "force"}
+    # force: continue from the checkpoint, with the new learning rate and schedule (and EMA decay) from here on
+    forced = {**config, "learning_rate": 1e-3, "max_steps": 3, "ema_decay": 0.5, "resume": "force"}
     train(TrainConfig(**forced))
     last = json.loads((run / "train_log.jsonl").read_text().splitlines()[-1])
     from diffusers_var.training.engine import _lr_lambda
 
     assert last["step"] == 3 and last["lr"] == pytest.approx(1e-3 * _lr_lambda(TrainConfig(**forced))(3))
     assert json.loads((run / "train_config.json").read_text())["learning_rate"] == 1e-3
+    # the EMA decay too (the loaded EMA state kept 0.9 while train_config.json said 0.5)
+    assert (
+        json.loads((run / "checkpoints" / "step-0000003" / "trainer_state.json").read_text())["ema"]["values"]["decay"]
+        == 0.5
+    )
 
     # never: a fresh run; the previous one's files are moved aside, not deleted
     train(TrainConfig(**{**config, "resume": "never"}))

@@ -763,9 +763,11 @@ def _resume_point(config: TrainConfig, output_dir: Path, is_main: bool, inputs: 
     return checkpoint
 
 
-def _apply_hyperparameters(optimizer, scheduler, config: TrainConfig) -> None:
-    """``resume=force``: the loaded optimizer / scheduler carry the old run's hyper-parameters; put the current
-    config's in (learning rate and its schedule, weight decay of the decayed group, betas)."""
+def _apply_hyperparameters(optimizer, scheduler, config: TrainConfig, ema=None) -> None:
+    """``resume=force``: the loaded optimizer / scheduler / EMA carry the old run's hyper-parameters; put the current
+    config's in (learning rate and its schedule, weight decay of the decayed group, betas, the EMA decay)."""
+    if ema is not None:  # the loaded state set the old decay, while train_config.json records the new one
+        ema.decay = config.ema_decay
     factor = _lr_lambda(config)
     for index, group in enumerate(optimizer.param_groups):
         group["weight_decay"] = config.weight_decay if index == 0 else 0.0  # _param_groups: the decayed group first
@@ -1047,7 +1049,7 @@ def _train(config: TrainConfig, lock: _RunLock) -> Path:
         )
         counter.step = int(state["step"])
         if config.resume == "force" and config_differences(state.get("config") or {}, snapshot):
-            _apply_hyperparameters(optimizer, scheduler, config)
+            _apply_hyperparameters(optimizer, scheduler, config, ema)
         if ema is not None:
             ema.to(accelerator.device)  # the EMA shadow weights are loaded on the CPU
         accelerator.print(f"resumed from {resume_from} (step {counter.step})")
