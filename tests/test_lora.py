@@ -708,6 +708,8 @@ def test_missing_lora_paths_are_clear_errors(var_adapter, tmp_path, capsys, monk
     assert "(or pass the path of the .safetensors file)" in generate_error(capsys, tmp_path, "--lora", "empty")
     twice = generate_error(capsys, tmp_path, "--lora", str(var_adapter), "--lora", f"{var_adapter}/")
     assert "is given twice" in twice and "`--lora-scale`" in twice
+    file = f"{var_adapter}/pytorch_lora_weights.safetensors"  # the folder and its file: one adapter, loaded twice
+    assert "is given twice" in generate_error(capsys, tmp_path, "--lora", str(var_adapter), "--lora", file)
     # a name that could be a Hub repository id: what the Hub said, wrapped (offline here: nothing is asked)
     for name in ("org/name", "typo_dir"):
         with pytest.raises(ValueError, match=f"'{name}': no such file or folder, and no LoRA could be loaded from"):
