@@ -378,6 +378,38 @@ def test_pruning_deletes_only_the_trainers_oldest_checkpoints(tokenizer_dir, tmp
     ]
 
 
+def test_files_and_folders_of_yours_with_a_checkpoints_name_neither_resume_nor_are_replaced(tokenizer_dir, tmp_path):
+    """A file of the user's named ``checkpoints/step-0000002`` ended the run with NotADirectoryError after it had
+    trained; a folder of the user's named like the newest checkpoint was resumed from (and refused)."""
+    run = tmp_path / "run"
+    config = var_config(
+        run, tokenizer_dir, max_steps=2, checkpoint_every=2, ema_decay=None, data={**DATA, "num_images": 16}
+    )
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step-0000002").write_text("mine")
+    with pytest.raises(
+        ValueError,
+        match=r"`output_dir`: the run saves its step-2 checkpoint as .*step-0000002', but a file the trainer did not",
+    ):
+        train(TrainConfig(**config))
+    assert not (run / "train_log.jsonl").exists()  # refused before training
+    train(TrainConfig(**{**config, "checkpoint_every": 1, "max_steps": 1}))  # a run that does not save step 2
+    assert (run / "checkpoints" / "step-0000002").read_text() == "mine"
+    os.remove(run / "checkpoints" / "step-0000002")
+    (run / "checkpoints" / "step-0000009").mkdir()
+    (run / "checkpoints" / "step-0000009" / "notes.txt").write_text("mine")
+    train(TrainConfig(**{**config, "max_steps": 2, "resume": "force"}))  # from step-0000001, the trainer's newest
+    assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+    with pytest.raises(ValueError, match=r"saves its step-9 checkpoint as .*step-0000009', but a folder the trainer"):
+        # (step 9 is no multiple of checkpoint_every, but a time limit may end the run there)
+        train(
+            TrainConfig(
+                **{**config, "max_steps": 10, "checkpoint_every": 4, "time_limit_minutes": 60, "resume": "force"}
+            )
+        )
+    assert (run / "checkpoints" / "step-0000009" / "notes.txt").read_text() == "mine"
+
+
 def test_checkpoint_files_get_the_mode_of_the_umask(tmp_path):
     """safetensors writes its files 0600: a run folder shared with a group (umask 002 / 022) held checkpoints that
     nobody else could resume, beside JSON files of the umask's mode."""

@@ -234,6 +234,17 @@ def is_training_checkpoint(folder: Path) -> bool:
     return isinstance(state, dict) and state.get("format") == FORMAT
 
 
+def written_by_trainer(folder: Path) -> bool:
+    """Whether ``folder``, named like a checkpoint, is one the trainer wrote: whole or damaged (it holds a file of
+    :data:`CHECKPOINT_FILES`), or of accelerate's pickle format, which earlier versions wrote (a resume refuses it). A
+    folder of yours that only has a checkpoint's name is not, nor is a file."""
+    try:
+        names = [entry.name for entry in os.scandir(folder) if entry.is_file()]
+    except OSError:  # (a file, or a folder that cannot be read)
+        return False
+    return any(CHECKPOINT_FILES.match(name) or Path(name).suffix in PICKLE_SUFFIXES for name in names)
+
+
 def remove_training_checkpoint(folder: Path) -> list[str]:
     """Delete a checkpoint's files (the state file first: a half-deleted folder is no checkpoint), then the folder
     if nothing else is in it. Returns the names of the files kept (not written by this package)."""

@@ -40,12 +40,13 @@ from .checkpoint import (
     remove_training_checkpoint,
     save_training_state,
     sync_to_disk,
+    written_by_trainer,
 )
 from .data import BAD_IMAGE_POLICIES, check_data_section
 from .text_encoders import TINY_TEXT_ENCODERS
 
 CHECKPOINT_PATTERN = re.compile(r"step-(\d+)\Z")
-TEMPORARY_CHECKPOINT = re.compile(r"\.tmp-step-\d+\Z")
+TEMPORARY_CHECKPOINT = re.compile(r"\.tmp-step-(\d+)\Z")
 TASK_NAMES = ("tokenizer", "bitwise_tokenizer", "var", "star", "infinity")
 TOKENIZER_TASKS = ("tokenizer", "bitwise_tokenizer")
 LR_SCHEDULES = ("cosine", "linear")
@@ -494,15 +495,36 @@ class _StepCounter:
 
 
 def checkpoints_newest_first(checkpoint_dir: Path) -> list[Path]:
-    """The complete checkpoint folders, newest first (temporary ones, from an interrupted save, are ignored)."""
+    """The checkpoint folders the trainer wrote (whole or damaged), newest first (temporary ones, from an interrupted
+    save, are ignored, and so is a file or folder of yours that only has a checkpoint's name)."""
     if not checkpoint_dir.is_dir():
         return []
     done = [
         (int(m.group(1)), p)
         for p in checkpoint_dir.iterdir()
-        if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()
+        if (m := CHECKPOINT_PATTERN.match(p.name)) and written_by_trainer(p)
     ]
     return [path for _, path in sorted(done, reverse=True)]
+
+
+def _check_checkpoint_paths_free(config: TrainConfig, checkpoint_dir: Path, start: int) -> None:
+    """A ``ValueError`` (before anything is trained) when a file or folder the trainer did not write has the name of a
+    checkpoint this run will save after step ``start``: the save would fail after the training (or replace an empty
+    folder of yours). With a time limit any step may be the last one saved."""
+    if not checkpoint_dir.is_dir():
+        return
+    for path in sorted(checkpoint_dir.iterdir()):
+        m = CHECKPOINT_PATTERN.match(path.name) or TEMPORARY_CHECKPOINT.match(path.name)
+        if not m or not start < int(m.group(1)) <= config.max_steps:
+            continue
+        step = int(m.group(1))
+        saved = step % config.checkpoint_every == 0 or step == config.max_steps or config.time_limit_minutes
+        if saved and not (path.is_dir() and written_by_trainer(path)):
+            kind = "folder" if path.is_dir() else "file"
+            raise ValueError(
+                f"`output_dir`: the run saves its step-{step} checkpoint as {str(path)!r}, but a {kind} the trainer "
+                "did not write is there; move or rename it (it is left alone), or use another output_dir."
+            )
 
 
 def prune_checkpoints(checkpoint_dir: Path, keep: int) -> None:
@@ -937,6 +959,8 @@ def _train(config: TrainConfig, lock: _RunLock) -> Path:
         check_output_dir(output_dir / "final", overwrite=True, name="output_dir", replacer="the run's final export")
         if checkpoint_dir.exists() and not checkpoint_dir.is_dir():  # (resume=never moves it aside with the run)
             raise ValueError(f"`output_dir`: {str(checkpoint_dir)!r} is a file, not the run's checkpoints folder.")
+        start = read_training_state(resume_from)["step"] if resume_from is not None else 0
+        _check_checkpoint_paths_free(config, checkpoint_dir, start)
 
     # the data and the model: their checks fail here, before the output folder is touched
     task = build_task(config, accelerator.device)
