@@ -454,6 +454,22 @@ def test_checkpoints_edited_after_saving_are_damaged_or_named(tokenizer_dir, tmp
             lambda s: {**s, "python": {**s["python"], "state": s["python"]["state"][:10]}},
             "rng_state_0.json has a python random state of the wrong size",
         ),
+        # int() / random.setstate of these failed bare at the resume (or at the next random.gauss)
+        "rng_pos": (
+            "rng_state_0.json",
+            lambda s: {**s, "numpy": {**s["numpy"], "pos": "abc"}},
+            "rng_state_0.json has numpy `pos` 'abc', not a whole number in [0, 624]",
+        ),
+        "rng_gauss": (
+            "rng_state_0.json",
+            lambda s: {**s, "python": {**s["python"], "gauss_next": "x"}},
+            "rng_state_0.json has python `gauss_next` 'x', not a number or null",
+        ),
+        "rng_has_gauss": (
+            "rng_state_0.json",
+            lambda s: {**s, "numpy": {**s["numpy"], "has_gauss": 2}},
+            "has numpy `has_gauss` 2, not 0 or 1",
+        ),
     }
     for name, (file, edit, problem) in edits.items():
         checkpoint = shutil.copytree(source, tmp_path / name / "step-0000016")
@@ -468,6 +484,10 @@ def test_checkpoints_edited_after_saving_are_damaged_or_named(tokenizer_dir, tmp
     tensors = load_file(checkpoint / "optimizer.safetensors")
     save_file({key.replace(":", "_"): t for key, t in tensors.items()}, checkpoint / "optimizer.safetensors")
     assert "optimizer.safetensors has keys that are not '<parameter>:<state>'" in checkpoint_damage(checkpoint)
+    checkpoint = shutil.copytree(source, tmp_path / "numpy_keys" / "step-0000016")  # an IndexError at the resume
+    rng = load_file(checkpoint / "rng_state_0.safetensors")
+    save_file({**rng, "numpy_keys": rng["numpy_keys"][:100]}, checkpoint / "rng_state_0.safetensors")
+    assert "rng_state_0.safetensors has `numpy_keys` of shape [100], not numpy's 624" in checkpoint_damage(checkpoint)
 
     run = tmp_path / "run"
     config = var_config(run, tokenizer_dir, max_steps=2, checkpoint_every=2, data={**DATA, "num_images": 16})
@@ -489,6 +509,35 @@ def test_checkpoints_edited_after_saving_are_damaged_or_named(tokenizer_dir, tmp
     state_file.write_text(json.dumps({**saved, "scheduler": fewer}))
     with pytest.raises(ValueError, match=r"scheduler state .* \(ValueError: 1 base learning rates for 2 optimizer"):
         train(TrainConfig(**{**config, "max_steps": 3, "resume": "force"}))
+    state_file.write_text(json.dumps(saved))
+    # a moment of another shape failed at the first step; a NaN one was reported as a diverged run; NaN EMA weights
+    # became the export
+    optimizer_file, ema_file = model_file.with_name("optimizer.safetensors"), model_file.with_name("ema.safetensors")
+    moments, shadow = load_file(optimizer_file), load_file(ema_file)
+    key = next(k for k in moments if k.endswith(":exp_avg_sq") and moments[k].ndim == 2)
+    for file, tensors, message in (
+        (
+            optimizer_file,
+            {**moments, key: moments[key][:1]},
+            rf"has optimizer\.safetensors entry '{re.escape(key)}' of shape \(1, ",
+        ),
+        (
+            optimizer_file,
+            {**moments, key: moments[key] * float("nan")},
+            rf"has non-finite \(NaN / inf\) values in .*'{re.escape(key)}'",
+        ),
+        (
+            optimizer_file,
+            {**moments, key: -moments[key] - 1},
+            rf"has negative values in .*'{re.escape(key)}' \(a sum of squares\)",
+        ),
+        (ema_file, {k: t * float("nan") for k, t in shadow.items()}, r"holds non-finite \(NaN / inf\) EMA weights"),
+    ):
+        save_file(tensors, file)
+        with pytest.raises(ValueError, match=rf"`resume`: checkpoint .*step-0000002' {message}.*changed after it was"):
+            train(TrainConfig(**{**config, "max_steps": 3, "resume": "force"}))
+        save_file(moments if file == optimizer_file else shadow, file)
+    train(TrainConfig(**{**config, "max_steps": 3, "resume": "force"}))  # as saved: it resumes
 
 
 def test_a_changed_config_is_refused_unless_told(tokenizer_dir, tmp_path):
