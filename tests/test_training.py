@@ -410,6 +410,25 @@ def test_files_and_folders_of_yours_with_a_checkpoints_name_neither_resume_nor_a
     assert (run / "checkpoints" / "step-0000009" / "notes.txt").read_text() == "mine"
 
 
+def test_a_full_disk_while_saving_a_checkpoint_is_one_error_line(tokenizer_dir, tmp_path, capsys, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError, not an OSError: the command's one-line message for
+    a full disk missed it, and a traceback ended the run."""
+    from safetensors import SafetensorError
+
+    from diffusers_var.cli import main
+    from diffusers_var.training import checkpoint
+
+    def full(tensors, path, *args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(var_config(tmp_path / "run", tokenizer_dir, max_steps=1, ema_decay=None)))
+    assert main(["train", "var", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: no space left on the device writing ") and "rng_state_0.safetensors" in err
+
+
 def test_checkpoint_files_get_the_mode_of_the_umask(tmp_path):
     """safetensors writes its files 0600: a run folder shared with a group (umask 002 / 022) held checkpoints that
     nobody else could resume, beside JSON files of the umask's mode."""

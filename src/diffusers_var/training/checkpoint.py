@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
@@ -84,8 +85,16 @@ def _json_value(value):
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """``save_file``, with the mode the umask gives: safetensors writes 0600, so another user sharing the run folder
-    could not resume it (the JSON files beside it get the umask's mode)."""
-    save_file(tensors, path)
+    could not resume it (the JSON files beside it get the umask's mode). A failed write is the ``OSError`` every other
+    write raises (safetensors raises its own error, "... No space left on device (os error 28)", which the command's
+    one-line message for a full disk did not recognise)."""
+    try:
+        save_file(tensors, path)
+    except SafetensorError as err:
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from err
     umask = os.umask(0)  # read here, not from file_utils: this module has no package imports (tests load it alone)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
