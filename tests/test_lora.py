@@ -1034,6 +1034,14 @@ def test_bad_lora_configs_name_the_key(tmp_path):
         (["task=var", f"lora.base={base}", "lora.target_modules=[]"], "`lora.target_modules` must be"),
         (["task=var", f"lora.base={base}", "lora.adapter_name=a.b"], "`lora.adapter_name` must be .* without `.`"),
     ]
+    # a model_index.json that is a JSON list, or no JSON: an AttributeError, or an error not naming lora.base
+    for name, text, match in (
+        ("list", "[1, 2]", "holds a list, not a pipeline's"),
+        ("bad", "{", "cannot read .* as JSON"),
+    ):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text(text)
+        cases.append((["task=var", f"lora.base={tmp_path / name}"], rf"`lora\.base`: .*{match}"))
     for overrides, match in cases:
         with pytest.raises(ValueError, match=match):
             TrainConfig.load(None, overrides)
