@@ -931,6 +931,9 @@ def test_a_var_lora_on_class_folders_trains_the_base_classes_of_those_names(tmp_
     PIL.Image.new("RGB", (64, 64)).save(tmp_path / "images" / "purple blob" / "0.png")
     with pytest.raises(ValueError, match=r"`data.path`: the class folders \['purple blob'\] are no class names"):
         build_task(TrainConfig(**config), torch.device("cpu"))
+    (tmp_path / "images" / "purple blob").rename(tmp_path / "images" / "²")  # a digit to str.isdigit: int() failed
+    with pytest.raises(ValueError, match=r"`data.path`: the class folders \['²'\] are no class names"):
+        build_task(TrainConfig(**config), torch.device("cpu"))
 
 
 def test_a_lora_whose_gradient_norms_are_not_finite_stops(tmp_path):

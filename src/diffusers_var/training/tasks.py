@@ -590,8 +590,9 @@ class VARTask(_PipelineTask):
             return
         id2label = {int(key): value for key, value in index["id2label"].items()}
         base_ids = label_ids(id2label)
-        ids = [  # by class name, else by class index
-            base_ids.get(name, int(name) if name.isdigit() and int(name) in id2label else None) for name in names
+        ids = [  # by class name, else by class index (ASCII digits: "²" is a digit to str.isdigit, not to int())
+            base_ids.get(name, int(name) if re.fullmatch(r"[0-9]+", name) and int(name) in id2label else None)
+            for name in names
         ]
         unknown = [name for name, class_id in zip(names, ids) if class_id is None]
         if unknown and len(names) == len(id2label):  # every class, in the order of its ids (ImageNet's synset folders)
