@@ -429,6 +429,25 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_error_line(tokenizer_dir, 
     assert err.startswith("error: no space left on the device writing ") and "rng_state_0.safetensors" in err
 
 
+def test_sample_grids_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A run killed (or a disk filled) while it wrote a sample grid left half a PNG in place of the grid before."""
+    from diffusers_var.training.tasks import _save_grid
+
+    path = tmp_path / "samples" / "step-0000002.png"
+    _save_grid(torch.rand(3, 3, 8, 8), path)
+    before = path.read_bytes()
+    assert PIL.Image.open(path).size == (24, 8)
+
+    def cut_short(image, fp, *args, **kwargs):
+        Path(fp).write_bytes(before[:20])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PIL.Image.Image, "save", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        _save_grid(torch.rand(3, 3, 8, 8), path)
+    assert path.read_bytes() == before and os.listdir(path.parent) == [path.name]
+
+
 def test_checkpoint_files_get_the_mode_of_the_umask(tmp_path):
     """safetensors writes its files 0600: a run folder shared with a group (umask 002 / 022) held checkpoints that
     nobody else could resume, beside JSON files of the umask's mode."""

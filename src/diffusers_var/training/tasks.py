@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..conversion.common import atomic_save_pipeline
+from ..file_utils import write_atomic
 from ..models.bitwise_vae import BitwiseMultiScaleVAE
 from ..models.dynamic_resolution import schedule_for_pixels, supported_pixel_sizes
 from ..models.infinity_transformer import InfinityTransformer2DModel, infinity_ffn_dim
@@ -33,7 +34,8 @@ def _save_grid(images_01: torch.Tensor, path: Path, columns: int = 8) -> None:
     rows = [np.concatenate(list(array[i : i + columns]), axis=1) for i in range(0, len(array), columns)]
     rows = [np.pad(r, ((0, 0), (0, rows[0].shape[1] - r.shape[1]), (0, 0))) for r in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
-    PIL.Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    grid = PIL.Image.fromarray(np.concatenate(rows, axis=0))
+    write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))  # a kill mid-write leaves no half a PNG
 
 
 class _AtomicFolder:
