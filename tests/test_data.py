@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+import types
 
 import numpy as np
 import PIL.Image
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from diffusers_var import shapes
-from diffusers_var.training.data import ImageFolderDataset, collate
+from diffusers_var.training.data import HFDataset, ImageFolderDataset, collate
 
 
 def test_shapes_dataset_is_deterministic_and_captioned():
@@ -286,3 +288,65 @@ def test_training_images_are_turned_upright_as_their_exif_says(tmp_path):
         assert np.asarray(stored)[:, :16].mean() > 200  # stored: the white half is on the left
     item = ImageFolderDataset(tmp_path, 32)[0]["pixel_values"]
     assert item[:, :16].mean() > 0.8 and item[:, 16:].mean() < -0.8  # trained: white on top, as viewers show it
+
+
+class _Rows:
+    """What HFDataset reads of a ``datasets.Dataset``: rows by index, a column by name, column names, features."""
+
+    def __init__(self, rows: list[dict], features: dict | None = None):
+        self.rows, self.column_names, self.features = rows, list(rows[0]), features
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key):
+        return [row[key] for row in self.rows] if isinstance(key, str) else self.rows[key]
+
+
+@pytest.fixture
+def hf_rows(monkeypatch, tmp_path):
+    """``HFDataset(str(tmp_path), ...)`` loads the rows given to the returned function, through a stand-in for the
+    ``datasets`` package (not needed by the tests, and never the network)."""
+    fake = types.ModuleType("datasets")
+    fake.Image = type("Image", (), {})
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+
+    def load(rows, features=None):
+        fake.load_from_disk = lambda path: _Rows(rows, features)
+
+    return load
+
+
+def test_hf_rows_without_a_caption_or_class_id_are_errors_naming_the_row_and_column(hf_rows, tmp_path):
+    """A null caption was trained on as the prompt "None"; a label 2.7 as class 2."""
+    image = PIL.Image.new("RGB", (16, 16), (200, 0, 0))
+    hf_rows([{"image": image, "text": "a red", "label": 2.0}, {"image": image, "text": "a blue", "label": 1}])
+    ds = HFDataset(str(tmp_path), 8, label_column="label", caption_column="text")
+    assert [(ds[i]["caption"], ds[i]["class_labels"]) for i in range(2)] == [("a red", 2), ("a blue", 1)]
+    assert type(ds[0]["class_labels"]) is int
+    for column, values, message in (
+        ("text", ["a red", None], r"`data\.caption_column`: row 1 of the dataset has no caption \(None\)"),
+        ("text", ["a red", " "], r"`data\.caption_column`: row 1 .*no caption \(' '\)"),
+        ("label", [0, 2.7], r"`data\.label_column`: row 1 of the dataset has label 2\.7, not a class id"),
+        ("label", [-1, 0], r"`data\.label_column`: row 0 .*label -1, not a class id"),
+        ("label", [0, None], r"`data\.label_column`: row 1 .*label None"),
+    ):
+        hf_rows([{"image": image, column: value} for value in values])
+        keys = {"caption_column": "text"} if column == "text" else {"label_column": "label"}
+        with pytest.raises(ValueError, match=message):
+            HFDataset(str(tmp_path), 8, **keys)
+
+
+def test_hf_image_columns_of_file_paths_are_errors_naming_the_column(hf_rows, tmp_path):
+    """A column of file path strings ended in an AttributeError traceback from PIL's EXIF code."""
+    image = PIL.Image.new("RGB", (16, 16), (200, 0, 0))
+    hf_rows([{"image": image}, {"image": "/data/1.png"}, {"image": image}])
+    ds = HFDataset(str(tmp_path), 8)  # (data.bad_images=skip: it is no unreadable image, and not skipped)
+    assert ds[0]["pixel_values"].shape == (3, 8, 8)
+    with pytest.raises(ValueError, match=r"`data\.image_column`: row 1 of the dataset holds str '/data/1\.png', not "):
+        ds[1]
+    hf_rows([{"image": "/data/0.png"}], features={"image": "Value('string')"})  # told before any row is read
+    with pytest.raises(
+        ValueError, match=r"`data\.image_column`: column 'image' holds Value\('string'\), not images.*cast_column"
+    ):
+        HFDataset(str(tmp_path), 8)

@@ -66,7 +66,7 @@ def add_random_adapter(model, name: str = "a", rank: int = 4, seed: int = 0, sca
     else:
         from diffusers_var.loaders import add_text_encoder_adapter, text_encoder_lora_config
 
-        add_text_encoder_adapter(model, text_encoder_lora_config(model, rank=rank), name)
+        add_text_encoder_adapter(model, text_encoder_lora_config(model, rank=rank, **config), name)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for key, parameter in model.named_parameters():
@@ -318,6 +318,27 @@ def test_text_encoder_adapters_round_trip(tmp_path):
     assert not lora_layers(fresh.text_encoder) and torch.equal(images(fresh, "star"), base)
     fresh.load_lora_weights(folder, adapter_name="x")
     assert fresh.get_list_adapters() == {"transformer": ["x"], "text_encoder": ["x"]}
+
+
+def test_adapters_trained_with_dropout_load_in_the_models_mode(tmp_path):
+    """PEFT makes an adapter's layers in training mode: loaded into a pipeline (eval mode), an adapter trained with
+    lora_dropout > 0 dropped activations at inference, so the same seed gave other text features and images."""
+    pipe = embedded("star")
+    add_random_adapter(pipe.transformer, "a", dropout=0.5)
+    add_random_adapter(pipe.text_encoder, "a", seed=3, dropout=0.5)
+    folder = save_adapter(pipe, tmp_path / "adapter", text_encoder=True)
+    fresh = embedded("star")
+    fresh.load_lora_weights(folder, adapter_name="x")
+    for model in (fresh.transformer, fresh.text_encoder):
+        dropouts = [layer.lora_dropout["x"] for layer in lora_layers(model)]
+        assert dropouts and all(d.p == 0.5 for d in dropouts)
+        assert not model.training and not any(m.training for m in model.modules())
+    features = [fresh.encode_text(PROMPTS, "cpu")[0] for _ in range(2)]
+    assert torch.equal(*features)
+    assert torch.equal(images(fresh, "star"), images(fresh, "star"))
+    fresh.transformer.train()  # a model in training mode gets adapters in training mode
+    fresh.load_lora_weights(folder, adapter_name="y")
+    assert all(layer.lora_dropout["y"].training for layer in lora_layers(fresh.transformer))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -687,6 +708,8 @@ def test_missing_lora_paths_are_clear_errors(var_adapter, tmp_path, capsys, monk
     assert "(or pass the path of the .safetensors file)" in generate_error(capsys, tmp_path, "--lora", "empty")
     twice = generate_error(capsys, tmp_path, "--lora", str(var_adapter), "--lora", f"{var_adapter}/")
     assert "is given twice" in twice and "`--lora-scale`" in twice
+    file = f"{var_adapter}/pytorch_lora_weights.safetensors"  # the folder and its file: one adapter, loaded twice
+    assert "is given twice" in generate_error(capsys, tmp_path, "--lora", str(var_adapter), "--lora", file)
     # a name that could be a Hub repository id: what the Hub said, wrapped (offline here: nothing is asked)
     for name in ("org/name", "typo_dir"):
         with pytest.raises(ValueError, match=f"'{name}': no such file or folder, and no LoRA could be loaded from"):
@@ -908,6 +931,9 @@ def test_a_var_lora_on_class_folders_trains_the_base_classes_of_those_names(tmp_
     PIL.Image.new("RGB", (64, 64)).save(tmp_path / "images" / "purple blob" / "0.png")
     with pytest.raises(ValueError, match=r"`data.path`: the class folders \['purple blob'\] are no class names"):
         build_task(TrainConfig(**config), torch.device("cpu"))
+    (tmp_path / "images" / "purple blob").rename(tmp_path / "images" / "²")  # a digit to str.isdigit: int() failed
+    with pytest.raises(ValueError, match=r"`data.path`: the class folders \['²'\] are no class names"):
+        build_task(TrainConfig(**config), torch.device("cpu"))
 
 
 def test_a_lora_whose_gradient_norms_are_not_finite_stops(tmp_path):
@@ -1011,6 +1037,14 @@ def test_bad_lora_configs_name_the_key(tmp_path):
         (["task=var", f"lora.base={base}", "lora.target_modules=[]"], "`lora.target_modules` must be"),
         (["task=var", f"lora.base={base}", "lora.adapter_name=a.b"], "`lora.adapter_name` must be .* without `.`"),
     ]
+    # a model_index.json that is a JSON list, or no JSON: an AttributeError, or an error not naming lora.base
+    for name, text, match in (
+        ("list", "[1, 2]", "holds a list, not a pipeline's"),
+        ("bad", "{", "cannot read .* as JSON"),
+    ):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text(text)
+        cases.append((["task=var", f"lora.base={tmp_path / name}"], rf"`lora\.base`: .*{match}"))
     for overrides, match in cases:
         with pytest.raises(ValueError, match=match):
             TrainConfig.load(None, overrides)

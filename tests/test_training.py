@@ -378,6 +378,76 @@ def test_pruning_deletes_only_the_trainers_oldest_checkpoints(tokenizer_dir, tmp
     ]
 
 
+def test_files_and_folders_of_yours_with_a_checkpoints_name_neither_resume_nor_are_replaced(tokenizer_dir, tmp_path):
+    """A file of the user's named ``checkpoints/step-0000002`` ended the run with NotADirectoryError after it had
+    trained; a folder of the user's named like the newest checkpoint was resumed from (and refused)."""
+    run = tmp_path / "run"
+    config = var_config(
+        run, tokenizer_dir, max_steps=2, checkpoint_every=2, ema_decay=None, data={**DATA, "num_images": 16}
+    )
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step-0000002").write_text("mine")
+    with pytest.raises(
+        ValueError,
+        match=r"`output_dir`: the run saves its step-2 checkpoint as .*step-0000002', but a file the trainer did not",
+    ):
+        train(TrainConfig(**config))
+    assert not (run / "train_log.jsonl").exists()  # refused before training
+    train(TrainConfig(**{**config, "checkpoint_every": 1, "max_steps": 1}))  # a run that does not save step 2
+    assert (run / "checkpoints" / "step-0000002").read_text() == "mine"
+    os.remove(run / "checkpoints" / "step-0000002")
+    (run / "checkpoints" / "step-0000009").mkdir()
+    (run / "checkpoints" / "step-0000009" / "notes.txt").write_text("mine")
+    train(TrainConfig(**{**config, "max_steps": 2, "resume": "force"}))  # from step-0000001, the trainer's newest
+    assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+    with pytest.raises(ValueError, match=r"saves its step-9 checkpoint as .*step-0000009', but a folder the trainer"):
+        # (step 9 is no multiple of checkpoint_every, but a time limit may end the run there)
+        train(
+            TrainConfig(
+                **{**config, "max_steps": 10, "checkpoint_every": 4, "time_limit_minutes": 60, "resume": "force"}
+            )
+        )
+    assert (run / "checkpoints" / "step-0000009" / "notes.txt").read_text() == "mine"
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_error_line(tokenizer_dir, tmp_path, capsys, monkeypatch):
+    """safetensors reports a full disk as its own SafetensorError, not an OSError: the command's one-line message for
+    a full disk missed it, and a traceback ended the run."""
+    from safetensors import SafetensorError
+
+    from diffusers_var.cli import main
+    from diffusers_var.training import checkpoint
+
+    def full(tensors, path, *args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(var_config(tmp_path / "run", tokenizer_dir, max_steps=1, ema_decay=None)))
+    assert main(["train", "var", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: no space left on the device writing ") and "rng_state_0.safetensors" in err
+
+
+def test_sample_grids_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A run killed (or a disk filled) while it wrote a sample grid left half a PNG in place of the grid before."""
+    from diffusers_var.training.tasks import _save_grid
+
+    path = tmp_path / "samples" / "step-0000002.png"
+    _save_grid(torch.rand(3, 3, 8, 8), path)
+    before = path.read_bytes()
+    assert PIL.Image.open(path).size == (24, 8)
+
+    def cut_short(image, fp, *args, **kwargs):
+        Path(fp).write_bytes(before[:20])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PIL.Image.Image, "save", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        _save_grid(torch.rand(3, 3, 8, 8), path)
+    assert path.read_bytes() == before and os.listdir(path.parent) == [path.name]
+
+
 def test_checkpoint_files_get_the_mode_of_the_umask(tmp_path):
     """safetensors writes its files 0600: a run folder shared with a group (umask 002 / 022) held checkpoints that
     nobody else could resume, beside JSON files of the umask's mode."""
@@ -422,6 +492,22 @@ def test_checkpoints_edited_after_saving_are_damaged_or_named(tokenizer_dir, tmp
             lambda s: {**s, "python": {**s["python"], "state": s["python"]["state"][:10]}},
             "rng_state_0.json has a python random state of the wrong size",
         ),
+        # int() / random.setstate of these failed bare at the resume (or at the next random.gauss)
+        "rng_pos": (
+            "rng_state_0.json",
+            lambda s: {**s, "numpy": {**s["numpy"], "pos": "abc"}},
+            "rng_state_0.json has numpy `pos` 'abc', not a whole number in [0, 624]",
+        ),
+        "rng_gauss": (
+            "rng_state_0.json",
+            lambda s: {**s, "python": {**s["python"], "gauss_next": "x"}},
+            "rng_state_0.json has python `gauss_next` 'x', not a number or null",
+        ),
+        "rng_has_gauss": (
+            "rng_state_0.json",
+            lambda s: {**s, "numpy": {**s["numpy"], "has_gauss": 2}},
+            "has numpy `has_gauss` 2, not 0 or 1",
+        ),
     }
     for name, (file, edit, problem) in edits.items():
         checkpoint = shutil.copytree(source, tmp_path / name / "step-0000016")
@@ -436,6 +522,10 @@ def test_checkpoints_edited_after_saving_are_damaged_or_named(tokenizer_dir, tmp
     tensors = load_file(checkpoint / "optimizer.safetensors")
     save_file({key.replace(":", "_"): t for key, t in tensors.items()}, checkpoint / "optimizer.safetensors")
     assert "optimizer.safetensors has keys that are not '<parameter>:<state>'" in checkpoint_damage(checkpoint)
+    checkpoint = shutil.copytree(source, tmp_path / "numpy_keys" / "step-0000016")  # an IndexError at the resume
+    rng = load_file(checkpoint / "rng_state_0.safetensors")
+    save_file({**rng, "numpy_keys": rng["numpy_keys"][:100]}, checkpoint / "rng_state_0.safetensors")
+    assert "rng_state_0.safetensors has `numpy_keys` of shape [100], not numpy's 624" in checkpoint_damage(checkpoint)
 
     run = tmp_path / "run"
     config = var_config(run, tokenizer_dir, max_steps=2, checkpoint_every=2, data={**DATA, "num_images": 16})
@@ -457,6 +547,35 @@ def test_checkpoints_edited_after_saving_are_damaged_or_named(tokenizer_dir, tmp
     state_file.write_text(json.dumps({**saved, "scheduler": fewer}))
     with pytest.raises(ValueError, match=r"scheduler state .* \(ValueError: 1 base learning rates for 2 optimizer"):
         train(TrainConfig(**{**config, "max_steps": 3, "resume": "force"}))
+    state_file.write_text(json.dumps(saved))
+    # a moment of another shape failed at the first step; a NaN one was reported as a diverged run; NaN EMA weights
+    # became the export
+    optimizer_file, ema_file = model_file.with_name("optimizer.safetensors"), model_file.with_name("ema.safetensors")
+    moments, shadow = load_file(optimizer_file), load_file(ema_file)
+    key = next(k for k in moments if k.endswith(":exp_avg_sq") and moments[k].ndim == 2)
+    for file, tensors, message in (
+        (
+            optimizer_file,
+            {**moments, key: moments[key][:1]},
+            rf"has optimizer\.safetensors entry '{re.escape(key)}' of shape \(1, ",
+        ),
+        (
+            optimizer_file,
+            {**moments, key: moments[key] * float("nan")},
+            rf"has non-finite \(NaN / inf\) values in .*'{re.escape(key)}'",
+        ),
+        (
+            optimizer_file,
+            {**moments, key: -moments[key] - 1},
+            rf"has negative values in .*'{re.escape(key)}' \(a sum of squares\)",
+        ),
+        (ema_file, {k: t * float("nan") for k, t in shadow.items()}, r"holds non-finite \(NaN / inf\) EMA weights"),
+    ):
+        save_file(tensors, file)
+        with pytest.raises(ValueError, match=rf"`resume`: checkpoint .*step-0000002' {message}.*changed after it was"):
+            train(TrainConfig(**{**config, "max_steps": 3, "resume": "force"}))
+        save_file(moments if file == optimizer_file else shadow, file)
+    train(TrainConfig(**{**config, "max_steps": 3, "resume": "force"}))  # as saved: it resumes
 
 
 def test_a_changed_config_is_refused_unless_told(tokenizer_dir, tmp_path):
@@ -475,20 +594,73 @@ def test_a_changed_config_is_refused_unless_told(tokenizer_dir, tmp_path):
         train(TrainConfig(**deeper, resume="force"))  # a named error, not a raw state_dict one
     assert (run / "train_config.json").read_text() == saved_config
 
-    # force: continue from the checkpoint, with the new learning rate and schedule from here on
-    forced = {**config, "learning_rate": 1e-3, "max_steps": 3, "resume": "force"}
+    # force: continue from the checkpoint, with the new learning rate and schedule (and EMA decay) from here on
+    forced = {**config, "learning_rate": 1e-3, "max_steps": 3, "ema_decay": 0.5, "resume": "force"}
     train(TrainConfig(**forced))
     last = json.loads((run / "train_log.jsonl").read_text().splitlines()[-1])
     from diffusers_var.training.engine import _lr_lambda
 
     assert last["step"] == 3 and last["lr"] == pytest.approx(1e-3 * _lr_lambda(TrainConfig(**forced))(3))
     assert json.loads((run / "train_config.json").read_text())["learning_rate"] == 1e-3
+    # the EMA decay too (the loaded EMA state kept 0.9 while train_config.json said 0.5)
+    assert (
+        json.loads((run / "checkpoints" / "step-0000003" / "trainer_state.json").read_text())["ema"]["values"]["decay"]
+        == 0.5
+    )
 
     # never: a fresh run; the previous one's files are moved aside, not deleted
     train(TrainConfig(**{**config, "resume": "never"}))
     (previous,) = (run / "previous-runs").iterdir()
     assert (previous / "checkpoints" / "step-0000003").is_dir() and (previous / "final" / "model_index.json").is_file()
     assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_model_folder_replaced_at_the_same_path_is_refused(tokenizer_dir, tmp_path, capsys):
+    """The resume compared the path strings only: a tokenizer folder swapped for another tokenizer at the same path
+    (weights of the same size) resumed without a word. A copy of the same folder at another path still resumes."""
+    tokenizer = shutil.copytree(tokenizer_dir, tmp_path / "tok")
+    run = tmp_path / "run"
+    config = var_config(run, tokenizer, max_steps=2, checkpoint_every=2, ema_decay=None)
+    train(TrainConfig(**config))
+    weights = next(tokenizer.glob("*.safetensors"))
+    original = weights.read_bytes()
+    other = load_file(weights)
+    save_file({k: t + 0.01 if t.is_floating_point() else t for k, t in other.items()}, weights, {"format": "pt"})
+    assert weights.stat().st_size == len(original)
+    message = rf"`resume`: .*: tokenizer_path the files of '{re.escape(str(tokenizer))}' are not those the run started"
+    with pytest.raises(ValueError, match=message):
+        train(TrainConfig(**config))
+    weights.write_bytes(original)
+    moved = shutil.copytree(tokenizer, tmp_path / "elsewhere" / "tok")
+    capsys.readouterr()
+    train(TrainConfig(**{**config, "max_steps": 3, "tokenizer_path": str(moved), "resume": "force"}))
+    assert "continuing step-0000002 with changed max_steps\n" in capsys.readouterr().out  # the same files
+    assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_relative_data_path_resumed_from_another_folder_is_another_folder(tmp_path, monkeypatch):
+    """``data.path`` is compared resolved; a model folder by its files, less a run folder inside it."""
+    from diffusers_var.training.engine import input_differences, input_fingerprints
+
+    for name in ("a", "b"):
+        (tmp_path / name / "images").mkdir(parents=True)
+    config = TrainConfig(task="tokenizer", data={"type": "imagefolder", "path": "images"})
+    monkeypatch.chdir(tmp_path / "a")
+    started = input_fingerprints(config)
+    assert started == {"data.path": {"path": str(tmp_path / "a" / "images")}}
+    assert input_differences(started, input_fingerprints(config)) == {}
+    monkeypatch.chdir(tmp_path / "b")
+    assert list(input_differences(started, input_fingerprints(config))) == ["data.path"]
+    # a run folder inside a model folder: what the run writes there is not part of the model's files
+    (tmp_path / "tok" / "config.json").parent.mkdir()
+    (tmp_path / "tok" / "config.json").write_text("{}")
+    config = TrainConfig(task="var", tokenizer_path=str(tmp_path / "tok"), output_dir=str(tmp_path / "tok" / "run"))
+    started = input_fingerprints(config)
+    (tmp_path / "tok" / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "tok" / "run" / "train_log.jsonl").write_text("{}")
+    assert input_differences(started, input_fingerprints(config)) == {}
+    (tmp_path / "tok" / "config.json").write_text('{"vocab_size": 8}')
+    assert list(input_differences(started, input_fingerprints(config))) == ["tokenizer_path"]
 
 
 def test_a_trainer_state_with_a_bad_step_count_is_named(tokenizer_dir, tmp_path):

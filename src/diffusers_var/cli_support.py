@@ -26,6 +26,9 @@ MAX_BATCH_SIZE = 2**16
 # ``enable_fast_inference(compile_blocks=...)``'s shapes (``fast_inference.compile_blocks_shapes``), for the
 # command-line flags; written here too so that building a parser does not import torch
 COMPILE_BLOCKS_SHAPES = ("dynamic", "static-tokens", "static")
+# the file a LoRA folder is read from (diffusers' ``LORA_WEIGHT_NAME_SAFE``), here too so that building a parser does
+# not import torch
+LORA_WEIGHT_NAME_SAFE = "pytorch_lora_weights.safetensors"
 
 
 def pipeline_class_of(model) -> type:
@@ -192,7 +195,10 @@ def load_loras(pipe, paths: list[str] | None, scales: list[float] | None) -> lis
         raise ValueError(f"`--lora-scale`: give one scale, or one per `--lora` ({len(paths)}), got {len(scales)}.")
     seen = {}
     for path in paths:
-        key = os.path.realpath(os.path.expanduser(path)) if os.path.exists(os.path.expanduser(path)) else path
+        key = os.path.expanduser(path)
+        if os.path.isdir(key):  # the file a folder is read from: `--lora DIR --lora DIR/<that file>` is one adapter
+            key = os.path.join(key, LORA_WEIGHT_NAME_SAFE)
+        key = os.path.realpath(key) if os.path.exists(key) else path
         if key in seen:
             raise ValueError(
                 f"`--lora` {path!r} is given twice (as {seen[key]!r} too): an adapter applies once; for a stronger "

@@ -173,6 +173,27 @@ def add_text_encoder_adapter(text_encoder: nn.Module, config, adapter_name: str 
     if adapter_name in getattr(text_encoder, "peft_config", {}):
         raise ValueError(f"`adapter_name` {adapter_name!r} is already loaded in the text encoder.")
     inject_adapter_in_model(config, text_encoder, adapter_name=adapter_name)
+    match_adapter_mode(text_encoder, adapter_name)
+
+
+def match_adapter_mode(model: nn.Module, adapter_name: str) -> None:
+    """Put the layers PEFT made for adapter ``adapter_name`` in ``model``'s mode (``model.training``). PEFT makes
+    them in training mode whatever the model's: an adapter trained with ``lora_dropout`` > 0 and loaded into a model
+    in eval mode would drop activations at inference (from the global random state: a seed no longer reproduces the
+    image). The wrappers' own flags follow too (DoRA caches its norm only outside training); their base layers keep
+    theirs."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        module.training = model.training
+        for attr in (*module.adapter_layer_names, *module.other_param_names):
+            container = getattr(module, attr, None)
+            if isinstance(container, nn.Module):  # ModuleDict, ParameterDict
+                container.training = model.training
+            if isinstance(container, nn.ModuleDict) and adapter_name in container:
+                container[adapter_name].train(model.training)
 
 
 def text_encoder_lora_config(
@@ -733,6 +754,7 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
                         _component_metadata(metadata, self.transformer_name),
                         transformer_part,
                     )
+                match_adapter_mode(transformer, adapter_name)
             text_part = parts.get(self.text_encoder_name)
             if text_part:
                 meta = _component_metadata(metadata, self.text_encoder_name) or None

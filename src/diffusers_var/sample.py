@@ -537,18 +537,28 @@ def _loaded_files(model: Path) -> list[Path]:
     ]
 
 
-def model_files_digest(model: Path, out: Path | None = None, whole_folder: bool = False) -> str:
+def model_files_digest(
+    model: Path,
+    out: Path | None = None,
+    whole_folder: bool = False,
+    edges: bool = False,
+    leave_out: Path | None = None,
+) -> str:
     """A digest of what loading the pipeline folder reads (``model_index.json`` and its components' folders): the
     files' names and sizes, and the contents of the small ones (configs, tokenizers; the weights may be many GB). A
     copy or a re-download of the same folder gives the same digest; a folder replaced by another model in the
     meantime does not, so a restarted run cannot mix the two. Other runs' folders inside the model folder, and files
     such as an evaluation's report, are not part of it; nor is what the run in ``out`` writes, where ``out`` is inside
     a component's folder. ``whole_folder``: every file of the folder, as runs recorded it before (their restart is
-    still recognised)."""
+    still recognised). ``edges``: the first and last MiB of the larger files too (weights retrained or fine-tuned
+    into a file of the same size differ there: what training records of its model folders). ``leave_out``: a folder
+    inside ``model`` whose files are not part of it (a training run's ``output_dir``)."""
     listing = []
     run_files = (
         [] if out is None else [(out / name).resolve() for name in (IMAGES_DIR, RUN_FILE, METADATA_FILE, NPZ_FILE)]
     )
+    if leave_out is not None:
+        run_files.append(leave_out.resolve())
     for path in files_under(model, lambda name: True) if whole_folder else _loaded_files(model):
         resolved = path.resolve()
         if any(resolved.is_relative_to(run_file) for run_file in run_files) or (
@@ -556,7 +566,15 @@ def model_files_digest(model: Path, out: Path | None = None, whole_folder: bool 
         ):
             continue
         size = path.stat().st_size
-        content = hashlib.sha256(path.read_bytes()).hexdigest() if size < 2**20 else None
+        if size < 2**20:
+            content = hashlib.sha256(path.read_bytes()).hexdigest()
+        elif edges:
+            with path.open("rb") as f:
+                head = f.read(2**20)
+                f.seek(max(2**20, size - 2**20))
+                content = hashlib.sha256(head + f.read()).hexdigest()
+        else:
+            content = None
         listing.append((str(path.relative_to(model)), size, content))
     return hashlib.sha256(json.dumps(sorted(listing)).encode()).hexdigest()[:16]
 

@@ -7,7 +7,8 @@ and everything else in JSON, and resuming reads only those files (a ``.pkl`` / `
 
     step-0000500/
       trainer_state.json          format, step, scheduler / grad-scaler / optimizer hyper-parameters, EMA scalars,
-                                  the run's config (to refuse a resume with a changed config)
+                                  the run's config and what its paths pointed to (to refuse a resume with a
+                                  changed config or a replaced model folder)
       model.safetensors           the trained model's full state dict (FQNs of the unwrapped model)
       optimizer.safetensors       per-parameter optimizer tensors, keyed "<parameter FQN>:<name>" (e.g. exp_avg)
       ema.safetensors             EMA shadow weights keyed by parameter FQN (when EMA is on)
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
@@ -83,8 +85,16 @@ def _json_value(value):
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """``save_file``, with the mode the umask gives: safetensors writes 0600, so another user sharing the run folder
-    could not resume it (the JSON files beside it get the umask's mode)."""
-    save_file(tensors, path)
+    could not resume it (the JSON files beside it get the umask's mode). A failed write is the ``OSError`` every other
+    write raises (safetensors raises its own error, "... No space left on device (os error 28)", which the command's
+    one-line message for a full disk did not recognise)."""
+    try:
+        save_file(tensors, path)
+    except SafetensorError as err:
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from err
     umask = os.umask(0)  # read here, not from file_utils: this module has no package imports (tests load it alone)
     os.umask(umask)
     os.chmod(path, 0o666 & ~umask)
@@ -150,11 +160,21 @@ def _load_rng(folder: Path, rank: int) -> bool:
 
 # -- save ----------------------------------------------------------------------------------------------
 def save_training_state(
-    folder: Path, accelerator, model, optimizer, scheduler, ema, step: int, config: dict, trainable_only: bool = False
+    folder: Path,
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    ema,
+    step: int,
+    config: dict,
+    trainable_only: bool = False,
+    inputs: dict | None = None,
 ) -> None:
     """Write a checkpoint into ``folder``. Every process calls it (under FSDP gathering the state is a collective);
     each writes its own RNG state, the main process everything else. ``trainable_only`` (LoRA): the model file holds
-    the trained weights only (the frozen base comes from the base pipeline again on resume)."""
+    the trained weights only (the frozen base comes from the base pipeline again on resume). ``inputs``: what the
+    config's paths pointed to (the engine's ``input_fingerprints``), for the resume to compare."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     options = _state_dict_options(accelerator, for_save=True)
@@ -189,6 +209,7 @@ def save_training_state(
         "grad_scaler": _json_value(accelerator.scaler.state_dict()) if accelerator.scaler is not None else None,
         "ema": None,
         "config": config,
+        "inputs": inputs or {},
         "trainable_only": bool(trainable_only),
     }
     if ema is not None:  # EMA of the trained parameters, in their order
@@ -222,6 +243,17 @@ def is_training_checkpoint(folder: Path) -> bool:
     return isinstance(state, dict) and state.get("format") == FORMAT
 
 
+def written_by_trainer(folder: Path) -> bool:
+    """Whether ``folder``, named like a checkpoint, is one the trainer wrote: whole or damaged (it holds a file of
+    :data:`CHECKPOINT_FILES`), or of accelerate's pickle format, which earlier versions wrote (a resume refuses it). A
+    folder of yours that only has a checkpoint's name is not, nor is a file."""
+    try:
+        names = [entry.name for entry in os.scandir(folder) if entry.is_file()]
+    except OSError:  # (a file, or a folder that cannot be read)
+        return False
+    return any(CHECKPOINT_FILES.match(name) or Path(name).suffix in PICKLE_SUFFIXES for name in names)
+
+
 def remove_training_checkpoint(folder: Path) -> list[str]:
     """Delete a checkpoint's files (the state file first: a half-deleted folder is no checkpoint), then the folder
     if nothing else is in it. Returns the names of the files kept (not written by this package)."""
@@ -249,6 +281,14 @@ def _state_structure_problem(state: dict) -> str | None:
     return None
 
 
+def _is_int(value) -> bool:  # (this module has no package imports: scalars.is_integer is not at hand)
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _rng_structure_problem(meta) -> str | None:
     python, numpy = (meta.get(key) if isinstance(meta, dict) else None for key in ("python", "numpy"))
     if not isinstance(python, dict) or not {"version", "state", "gauss_next"} <= python.keys():
@@ -256,8 +296,27 @@ def _rng_structure_problem(meta) -> str | None:
     state = python["state"]  # Mersenne Twister: 624 words and a position (random.setstate's own check is bare)
     if not isinstance(state, list) or len(state) != 625 or not all(isinstance(v, int) for v in state):
         return "has a python random state of the wrong size"
+    if not _is_int(python["version"]):
+        return f"has python `version` {python['version']!r}, not an integer"
+    if python["gauss_next"] is not None and not _is_real(python["gauss_next"]):
+        return f"has python `gauss_next` {python['gauss_next']!r}, not a number or null"
     if not isinstance(numpy, dict) or not {"pos", "has_gauss", "cached_gaussian"} <= numpy.keys():
         return "has no numpy random state"
+    if not _is_int(numpy["pos"]) or not 0 <= numpy["pos"] <= 624:  # (int() of it failed bare at the resume)
+        return f"has numpy `pos` {numpy['pos']!r}, not a whole number in [0, 624]"
+    if numpy["has_gauss"] not in (0, 1) or isinstance(numpy["has_gauss"], (bool, float)):
+        return f"has numpy `has_gauss` {numpy['has_gauss']!r}, not 0 or 1"
+    if not _is_real(numpy["cached_gaussian"]):
+        return f"has numpy `cached_gaussian` {numpy['cached_gaussian']!r}, not a number"
+    return None
+
+
+def _rng_tensors_problem(shapes: dict[str, list[int]]) -> str | None:
+    """What ``rng_state_<rank>.safetensors`` lacks (from its header: names and shapes), or ``None``."""
+    if shapes.get("torch") != list(torch.get_rng_state().shape):
+        return f"has no torch random state of shape {list(torch.get_rng_state().shape)} ({shapes.get('torch')})"
+    if shapes.get("numpy_keys") != [624]:  # (a shorter one failed with a bare IndexError at the resume)
+        return f"has `numpy_keys` of shape {shapes.get('numpy_keys')}, not numpy's 624 words"
     return None
 
 
@@ -302,11 +361,13 @@ def checkpoint_damage(folder: Path) -> str | None:
     for tensors_file in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(tensors_file, "pt") as opened:  # validates the header and that the data covers the file
-                keys = list(opened.keys())
+                shapes = {key: list(opened.get_slice(key).get_shape()) for key in opened.keys()}
         except Exception as err:  # safetensors raises its own error type for a damaged file
             return f"{tensors_file.name} is damaged ({str(err).splitlines()[0]})"
-        if tensors_file.name == "optimizer.safetensors" and (odd := [k for k in keys if ":" not in k]):
+        if tensors_file.name == "optimizer.safetensors" and (odd := [k for k in shapes if ":" not in k]):
             return f"optimizer.safetensors has keys that are not '<parameter>:<state>' ({odd[:2]})"
+        if tensors_file.name.startswith("rng_state_") and (problem := _rng_tensors_problem(shapes)):
+            return f"{tensors_file.name} {problem}"
     return None
 
 
@@ -364,6 +425,33 @@ def _check_fits(kind: str, expected: dict[str, tuple], found: dict[str, torch.Te
         )
 
 
+def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(t.isfinite().all()))
+
+
+def _changed_after_saving(folder: Path, problem: str) -> ValueError:
+    return ValueError(
+        f"`resume`: checkpoint {str(folder)!r} {problem}; it was changed after it was saved. Move it out of the "
+        "checkpoints folder to resume from the one before, or set resume=never."
+    )
+
+
+def _check_optimizer_tensors(per_parameter: dict[str, dict], parameters: dict, folder: Path) -> None:
+    """The optimizer's per-parameter tensors fit their parameters and are finite (a moment of another shape failed at
+    the first step; a NaN second moment made the first update NaN, reported as a diverged run)."""
+    for fqn, values in sorted(per_parameter.items()):
+        for name, tensor in sorted(values.items()):
+            entry = f"optimizer.safetensors entry '{fqn}:{name}'"
+            parameter = parameters.get(fqn)
+            if parameter is not None and tensor.ndim and tuple(tensor.shape) != tuple(parameter.shape):
+                shape = tuple(parameter.shape)
+                raise _changed_after_saving(folder, f"has {entry} of shape {tuple(tensor.shape)}, not {shape}")
+            if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+                raise _changed_after_saving(folder, f"has non-finite (NaN / inf) values in {entry}")
+            if name in ("exp_avg_sq", "max_exp_avg_sq") and bool((tensor < 0).any()):
+                raise _changed_after_saving(folder, f"has negative values in {entry} (a sum of squares)")
+
+
 def load_training_state(
     folder: Path, accelerator, model, optimizer, scheduler, ema, trainable_only: bool = False
 ) -> dict:
@@ -387,13 +475,8 @@ def load_training_state(
         shapes = {name: shape for name, shape in shapes.items() if name in trained}
     model_state = load_file(folder / "model.safetensors")
     _check_fits("model weights", shapes, model_state, folder)
-    non_finite = sorted(k for k, t in model_state.items() if t.is_floating_point() and not bool(t.isfinite().all()))
-    if non_finite:  # never saved so (save_checkpoint refuses NaN weights): the file was changed since
-        raise ValueError(
-            f"`resume`: checkpoint {str(folder)!r} holds non-finite (NaN / inf) weights ({non_finite[:3]}); it was "
-            "changed after it was saved. Move it out of the checkpoints folder to resume from the one before, or "
-            "set resume=never."
-        )
+    if non_finite := _non_finite(model_state):  # never saved so (save_checkpoint refuses NaN weights)
+        raise _changed_after_saving(folder, f"holds non-finite (NaN / inf) weights ({non_finite[:3]})")
     set_model_state_dict(
         model, model_state, options=_state_dict_options(accelerator, False, strict=not trainable_only)
     )
@@ -403,6 +486,7 @@ def load_training_state(
     for key, tensor in optimizer_tensors.items():
         fqn, name = key.rsplit(":", 1)
         per_parameter.setdefault(fqn, {})[name] = tensor
+    _check_optimizer_tensors(per_parameter, dict(unwrapped.named_parameters()), folder)
     for fqn, values in state["optimizer"]["values"].items():
         per_parameter.setdefault(fqn, {}).update(values)
     param_groups = [dict(group) for group in state["optimizer"]["param_groups"]]
@@ -464,6 +548,8 @@ def load_training_state(
             shadow,
             folder,
         )
+        if non_finite := _non_finite(shadow):  # the export would be the EMA weights: NaN
+            raise _changed_after_saving(folder, f"holds non-finite (NaN / inf) EMA weights ({non_finite[:3]})")
         ema.load_state_dict({**state["ema"]["values"], "shadow_params": [shadow[name] for name in names]})
     if not _load_rng(folder, accelerator.process_index):
         logger.warning(

@@ -18,6 +18,7 @@ import torch
 
 from ..file_utils import files_under, text_lines
 from ..pil_images import to_rgb, upright
+from ..scalars import is_number
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,11 @@ BAD_IMAGE_POLICIES = ("skip", "error")
 DECODE_ERRORS = (OSError, SyntaxError, struct.error, EOFError, ValueError, PIL.Image.DecompressionBombError)
 
 
+class DataError(ValueError):
+    """Data that is wrong whatever ``data.bad_images`` says (no caption, a label that is no class id, a column that
+    holds no images): an error, never skipped as an unreadable image."""
+
+
 class _SkipsBadImages(torch.utils.data.Dataset):
     """``__getitem__`` for datasets whose images may fail to decode mid-training (``data.bad_images``).
 
@@ -66,6 +72,8 @@ class _SkipsBadImages(torch.utils.data.Dataset):
             candidate = (index + offset) % len(self)
             try:
                 return self._load(candidate)
+            except DataError:
+                raise
             except DECODE_ERRORS as err:
                 name = self._name(candidate)
                 reason = f"{type(err).__name__}: {err}"
@@ -257,6 +265,47 @@ class HFDataset(_SkipsBadImages):
             (image_column, label_column, caption_column),
             bad_images,
         )
+        # up front, as an image folder's captions and class folders are (a column is read without decoding images)
+        self.labels = [self._label(i, v) for i, v in enumerate(self.dataset[label_column])] if label_column else None
+        self.captions = (
+            [self._caption(i, v) for i, v in enumerate(self.dataset[caption_column])] if caption_column else None
+        )
+        feature = (getattr(self.dataset, "features", None) or {}).get(image_column)
+        if feature is not None and not isinstance(feature, datasets.Image):  # without decoding an image
+            raise DataError(self._not_images(f"column {image_column!r} holds {feature}"))
+
+    @staticmethod
+    def _label(index: int, value) -> int:
+        whole = is_number(value) and float(value).is_integer() and value >= 0
+        if not whole:  # int(2.7) would train on class 2; int(None) would stop with a bare TypeError
+            raise DataError(
+                f"`data.label_column`: row {index} of the dataset has label {_shown(value)}, not a class id (a whole "
+                "number >= 0)."
+            )
+        return int(value)
+
+    @staticmethod
+    def _caption(index: int, value) -> str:
+        if not isinstance(value, str) or not value.strip():  # str(None) would train on the prompt "None"
+            raise DataError(
+                f"`data.caption_column`: row {index} of the dataset has no caption ({_shown(value)}); every row needs "
+                "a non-empty string."
+            )
+        return value
+
+    def _image(self, index: int, value) -> PIL.Image.Image:
+        if not isinstance(value, PIL.Image.Image):  # e.g. file paths in a string column, or undecoded {"bytes": ...}
+            raise DataError(
+                self._not_images(f"row {index} of the dataset holds {type(value).__name__} {_shown(value)}")
+            )
+        return value
+
+    def _not_images(self, what: str) -> str:
+        column = self.columns[0]
+        return (
+            f"`data.image_column`: {what}, not images; make {column!r} an image column first "
+            f"(`dataset.cast_column({column!r}, datasets.Image())` reads file paths), or name another column."
+        )
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -265,14 +314,18 @@ class HFDataset(_SkipsBadImages):
         return f"row {index} of the dataset"
 
     def _load(self, index: int) -> dict:
-        row = self.dataset[index]
-        image_column, label_column, caption_column = self.columns
-        item = {"pixel_values": resize_center_crop(row[image_column], self.resolution)}
-        if label_column:
-            item["class_labels"] = int(row[label_column])
-        if caption_column:
-            item["caption"] = str(row[caption_column])
+        image = self._image(index, self.dataset[index][self.columns[0]])
+        item = {"pixel_values": resize_center_crop(image, self.resolution)}
+        if self.labels is not None:
+            item["class_labels"] = self.labels[index]
+        if self.captions is not None:
+            item["caption"] = self.captions[index]
         return item
+
+
+def _shown(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class RepeatedDataset(torch.utils.data.Dataset):

@@ -40,12 +40,13 @@ from .checkpoint import (
     remove_training_checkpoint,
     save_training_state,
     sync_to_disk,
+    written_by_trainer,
 )
 from .data import BAD_IMAGE_POLICIES, check_data_section
 from .text_encoders import TINY_TEXT_ENCODERS
 
 CHECKPOINT_PATTERN = re.compile(r"step-(\d+)\Z")
-TEMPORARY_CHECKPOINT = re.compile(r"\.tmp-step-\d+\Z")
+TEMPORARY_CHECKPOINT = re.compile(r"\.tmp-step-(\d+)\Z")
 TASK_NAMES = ("tokenizer", "bitwise_tokenizer", "var", "star", "infinity")
 TOKENIZER_TASKS = ("tokenizer", "bitwise_tokenizer")
 LR_SCHEDULES = ("cosine", "linear")
@@ -494,15 +495,36 @@ class _StepCounter:
 
 
 def checkpoints_newest_first(checkpoint_dir: Path) -> list[Path]:
-    """The complete checkpoint folders, newest first (temporary ones, from an interrupted save, are ignored)."""
+    """The checkpoint folders the trainer wrote (whole or damaged), newest first (temporary ones, from an interrupted
+    save, are ignored, and so is a file or folder of yours that only has a checkpoint's name)."""
     if not checkpoint_dir.is_dir():
         return []
     done = [
         (int(m.group(1)), p)
         for p in checkpoint_dir.iterdir()
-        if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()
+        if (m := CHECKPOINT_PATTERN.match(p.name)) and written_by_trainer(p)
     ]
     return [path for _, path in sorted(done, reverse=True)]
+
+
+def _check_checkpoint_paths_free(config: TrainConfig, checkpoint_dir: Path, start: int) -> None:
+    """A ``ValueError`` (before anything is trained) when a file or folder the trainer did not write has the name of a
+    checkpoint this run will save after step ``start``: the save would fail after the training (or replace an empty
+    folder of yours). With a time limit any step may be the last one saved."""
+    if not checkpoint_dir.is_dir():
+        return
+    for path in sorted(checkpoint_dir.iterdir()):
+        m = CHECKPOINT_PATTERN.match(path.name) or TEMPORARY_CHECKPOINT.match(path.name)
+        if not m or not start < int(m.group(1)) <= config.max_steps:
+            continue
+        step = int(m.group(1))
+        saved = step % config.checkpoint_every == 0 or step == config.max_steps or config.time_limit_minutes
+        if saved and not (path.is_dir() and written_by_trainer(path)):
+            kind = "folder" if path.is_dir() else "file"
+            raise ValueError(
+                f"`output_dir`: the run saves its step-{step} checkpoint as {str(path)!r}, but a {kind} the trainer "
+                "did not write is there; move or rename it (it is left alone), or use another output_dir."
+            )
 
 
 def prune_checkpoints(checkpoint_dir: Path, keep: int) -> None:
@@ -657,6 +679,53 @@ def config_differences(saved: dict, current: dict) -> dict[str, tuple]:
     return differences
 
 
+def input_fingerprints(config: TrainConfig) -> dict[str, dict]:
+    """What the path keys of ``config`` point to as the run starts, recorded in each checkpoint for the resume to
+    compare (the config holds only the path strings: a tokenizer folder replaced by another at the same path resumed
+    without a word). A model folder (``tokenizer_path``, ``text_encoder_path``, ``lora.base``, ``model.init_from``):
+    its resolved path and a digest of its files (``generate``'s: names, sizes, the small files' contents, the first and
+    last MiB of the weights). ``data.path``: its resolved path (an image folder may hold millions of files; their
+    contents are not read). Hub ids and the built-in text encoders' names are left out (their strings are compared)."""
+    from ..sample import model_files_digest
+
+    inputs = {}
+    for key, value in _flat(_config_snapshot(config)).items():
+        if (
+            key not in PATH_KEYS
+            or not isinstance(value, str)
+            or value in TINY_TEXT_ENCODERS
+            or not os.path.isdir(value)
+        ):
+            continue
+        path = Path(value).resolve()
+        inputs[key] = {"path": str(path)}
+        if key != "data.path":
+            inputs[key]["files"] = model_files_digest(path, edges=True, leave_out=Path(config.output_dir))
+    return inputs
+
+
+def input_differences(recorded: dict, current: dict[str, dict]) -> dict[str, str]:
+    """The keys whose folders are not those the resumed run recorded (:func:`input_fingerprints`), each with what
+    changed. A model folder's files count, not its path (a copy or a moved folder is the same model); ``data.path``
+    is compared resolved (a relative path resumed from another working folder names other images)."""
+    changes = {}
+    for key, old in recorded.items():
+        if key not in PATH_KEYS or not isinstance(old, dict) or not isinstance(old.get("path"), str):
+            continue  # (not of this version: its path string was compared)
+        new = current.get(key)
+        if new is None:
+            changes[key] = f"{old['path']!r} when the run started, now no local folder"
+        elif key == "data.path" and new["path"] != old["path"]:
+            changes[key] = f"{old['path']!r} when the run started, now {new['path']!r}"
+        elif key != "data.path" and new.get("files") != old.get("files"):
+            moved = "" if new["path"] == old["path"] else f" (then at {old['path']!r})"
+            changes[key] = (
+                f"the files of {new['path']!r} are not those the run started with{moved}: another model, or its "
+                "weights or configs replaced"
+            )
+    return changes
+
+
 def _move_previous_run(output_dir: Path, names=RUN_FILES) -> Path | None:
     """A fresh start: move an earlier run's files ``names`` to ``output_dir/previous-runs/<time>/`` (nothing is
     deleted or replaced: ``resume=never`` moves them all, a fresh start otherwise those the run would rewrite, such as
@@ -685,19 +754,26 @@ def _forget_other_precision(mixed_precision: str, world_size: int) -> None:
         AcceleratorState._reset_state()
 
 
-def _resume_point(config: TrainConfig, output_dir: Path, is_main: bool) -> Path | None:
-    """The checkpoint to resume from (``None``: start afresh), following ``config.resume``. Every process reads the
-    same folder and comes to the same answer; nothing is moved here (``resume=never`` moves the previous run aside
-    only once every check has passed, see :func:`train`)."""
+def _resume_point(config: TrainConfig, output_dir: Path, is_main: bool, inputs: dict[str, dict]) -> Path | None:
+    """The checkpoint to resume from (``None``: start afresh), following ``config.resume`` (``inputs``: the run's
+    :func:`input_fingerprints`). Every process reads the same folder and comes to the same answer; nothing is moved
+    here (``resume=never`` moves the previous run aside only once every check has passed, see :func:`train`)."""
     if config.resume == "never":
         return None
     checkpoint = resumable_checkpoint(output_dir / "checkpoints", is_main)
     if checkpoint is None:
         return None
     saved = read_training_state(checkpoint)  # refuses a checkpoint of accelerate's pickle format
-    differences = config_differences(saved.get("config") or {}, _config_snapshot(config))
+    differences = {
+        key: f"{old!r} -> {new!r}"
+        for key, (old, new) in config_differences(saved.get("config") or {}, _config_snapshot(config)).items()
+    }
+    recorded = saved.get("inputs") if isinstance(saved.get("inputs"), dict) else {}
+    for key in set(recorded) & set(inputs):  # what the paths point to is compared instead of their strings
+        differences.pop(key, None)
+    differences = dict(sorted({**differences, **input_differences(recorded, inputs)}.items()))
     if differences and config.resume == "auto":
-        changes = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in differences.items())
+        changes = ", ".join(f"{key} {change}" for key, change in differences.items())
         raise ValueError(
             f"`resume`: the config differs from the run being resumed in {str(output_dir)!r} (checkpoint "
             f"{checkpoint.name}): {changes}. Set resume=never to start a fresh run (the previous run's files "
@@ -709,9 +785,11 @@ def _resume_point(config: TrainConfig, output_dir: Path, is_main: bool) -> Path 
     return checkpoint
 
 
-def _apply_hyperparameters(optimizer, scheduler, config: TrainConfig) -> None:
-    """``resume=force``: the loaded optimizer / scheduler carry the old run's hyper-parameters; put the current
-    config's in (learning rate and its schedule, weight decay of the decayed group, betas)."""
+def _apply_hyperparameters(optimizer, scheduler, config: TrainConfig, ema=None) -> None:
+    """``resume=force``: the loaded optimizer / scheduler / EMA carry the old run's hyper-parameters; put the current
+    config's in (learning rate and its schedule, weight decay of the decayed group, betas, the EMA decay)."""
+    if ema is not None:  # the loaded state set the old decay, while train_config.json records the new one
+        ema.decay = config.ema_decay
     factor = _lr_lambda(config)
     for index, group in enumerate(optimizer.param_groups):
         group["weight_decay"] = config.weight_decay if index == 0 else 0.0  # _param_groups: the decayed group first
@@ -874,12 +952,15 @@ def _train(config: TrainConfig, lock: _RunLock) -> Path:
     snapshot = _config_snapshot(config)  # before a time limit shortens max_steps
     if accelerator.is_main_process and output_dir.is_dir():  # a folder a run may be using: it is ours from here
         lock.acquire(output_dir, create=False)
-    resume_from = _resume_point(config, output_dir, accelerator.is_main_process)
+    inputs = input_fingerprints(config)  # what the paths point to now: a resume compares, each checkpoint records
+    resume_from = _resume_point(config, output_dir, accelerator.is_main_process, inputs)
     if config.resume != "never":  # (with resume=never a previous export is moved aside, not replaced)
         # refuse now rather than after training
         check_output_dir(output_dir / "final", overwrite=True, name="output_dir", replacer="the run's final export")
         if checkpoint_dir.exists() and not checkpoint_dir.is_dir():  # (resume=never moves it aside with the run)
             raise ValueError(f"`output_dir`: {str(checkpoint_dir)!r} is a file, not the run's checkpoints folder.")
+        start = read_training_state(resume_from)["step"] if resume_from is not None else 0
+        _check_checkpoint_paths_free(config, checkpoint_dir, start)
 
     # the data and the model: their checks fail here, before the output folder is touched
     task = build_task(config, accelerator.device)
@@ -992,7 +1073,7 @@ def _train(config: TrainConfig, lock: _RunLock) -> Path:
         )
         counter.step = int(state["step"])
         if config.resume == "force" and config_differences(state.get("config") or {}, snapshot):
-            _apply_hyperparameters(optimizer, scheduler, config)
+            _apply_hyperparameters(optimizer, scheduler, config, ema)
         if ema is not None:
             ema.to(accelerator.device)  # the EMA shadow weights are loaded on the CPU
         accelerator.print(f"resumed from {resume_from} (step {counter.step})")
@@ -1020,6 +1101,7 @@ def _train(config: TrainConfig, lock: _RunLock) -> Path:
             step,
             snapshot,
             trainable_only=lora_settings is not None,
+            inputs=inputs,
         )
         accelerator.wait_for_everyone()
         _fault_injection("checkpoint", step)

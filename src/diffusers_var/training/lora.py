@@ -82,7 +82,16 @@ class LoraSettings:
             raise ValueError(f"`lora.base`: {str(base)!r} does not exist (no such folder).")
         if not index.is_file():
             raise ValueError(f"`lora.base`: {str(base)!r} is not a pipeline folder (no model_index.json).")
-        class_name = json.loads(index.read_text()).get("_class_name")
+        try:
+            content = json.loads(index.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise ValueError(f"`lora.base`: cannot read {str(index)!r} as JSON ({err}).") from None
+        if not isinstance(content, dict):
+            raise ValueError(
+                f"`lora.base`: {str(index)!r} holds a {type(content).__name__}, not a pipeline's model_index.json "
+                "(a JSON object)."
+            )
+        class_name = content.get("_class_name")
         if class_name != PIPELINE_CLASSES[task]:
             raise ValueError(
                 f"`lora.base`: {str(base)!r} holds a {class_name}; `task: {task}` fine-tunes a "

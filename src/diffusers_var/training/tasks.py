@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..conversion.common import atomic_save_pipeline
+from ..file_utils import write_atomic
 from ..models.bitwise_vae import BitwiseMultiScaleVAE
 from ..models.dynamic_resolution import schedule_for_pixels, supported_pixel_sizes
 from ..models.infinity_transformer import InfinityTransformer2DModel, infinity_ffn_dim
@@ -33,7 +34,8 @@ def _save_grid(images_01: torch.Tensor, path: Path, columns: int = 8) -> None:
     rows = [np.concatenate(list(array[i : i + columns]), axis=1) for i in range(0, len(array), columns)]
     rows = [np.pad(r, ((0, 0), (0, rows[0].shape[1] - r.shape[1]), (0, 0))) for r in rows]
     path.parent.mkdir(parents=True, exist_ok=True)
-    PIL.Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    grid = PIL.Image.fromarray(np.concatenate(rows, axis=0))
+    write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))  # a kill mid-write leaves no half a PNG
 
 
 class _AtomicFolder:
@@ -590,8 +592,9 @@ class VARTask(_PipelineTask):
             return
         id2label = {int(key): value for key, value in index["id2label"].items()}
         base_ids = label_ids(id2label)
-        ids = [  # by class name, else by class index
-            base_ids.get(name, int(name) if name.isdigit() and int(name) in id2label else None) for name in names
+        ids = [  # by class name, else by class index (ASCII digits: "²" is a digit to str.isdigit, not to int())
+            base_ids.get(name, int(name) if re.fullmatch(r"[0-9]+", name) and int(name) in id2label else None)
+            for name in names
         ]
         unknown = [name for name, class_id in zip(names, ids) if class_id is None]
         if unknown and len(names) == len(id2label):  # every class, in the order of its ids (ImageNet's synset folders)
