@@ -50,6 +50,8 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
   fast-compile-all-static-fp8  ``"static"`` with ``fp8=True`` (VAR at batch 64)
   fast-compile-all-static-tokens-fp8-kvcopy  ``"static-tokens"`` with ``fp8=True`` and the cache's own copies (the
                         A/B of Infinity's in-piece KV-cache writes)
+  fast-compile-all-static-tokens-fp8-crossquery  ``"static-tokens"`` with ``fp8=True`` and STAR's cross-attention
+                        query compiled on CUDA too (``fast_inference.STAR_COMPILED_CROSS_QUERY_ON_CUDA = True``)
   fast-compile-all-gnsums  ``fast-compile-all`` with the decoder's GroupNorm statistics as per-channel sums at
                         every batch size (``fast_inference.channel_sum_group_norm_(min_batch=1)``; the default
                         takes them from 16 images on)
@@ -651,6 +653,7 @@ MODES = (
     "fast-compile-all-static-tokens-fp8",
     "fast-compile-all-static-fp8",
     "fast-compile-all-static-tokens-fp8-kvcopy",
+    "fast-compile-all-static-tokens-fp8-crossquery",
     "fast-compile-all-gnsums",
     "fast-compile-all-static-tokens-fp8-gnsums",
 )
@@ -666,6 +669,7 @@ BLOCK_SHAPES["fast-compile-all-static-tokens-fp8"] = "static-tokens"
 BLOCK_SHAPES["fast-compile-all-static-fp8"] = "static"
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-gnsums"] = "static-tokens"
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-kvcopy"] = "static-tokens"
+BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-crossquery"] = "static-tokens"
 KNOWN_MODELS = (
     tuple(MODELS)
     + tuple(CODE_MODELS)
@@ -793,6 +797,7 @@ def main() -> int:
                 compile_decoder = DECODER_MODES[suffix] if suffix else mode != "fast"
                 fast_inference.CHAIN_VAR_BLOCKS = not mode.endswith("-unchained")
                 fast_inference.KV_WRITES_IN_PIECE = not mode.endswith("-kvcopy")
+                fast_inference.STAR_COMPILED_CROSS_QUERY_ON_CUDA = mode.endswith("-crossquery")
                 fast_inference.FUSED_GELU_MIN_ROWS = 1 if mode.endswith("-gelu-always") else None
                 bench.pipe.enable_fast_inference(compile_decoder=compile_decoder, **extra)
                 if mode.endswith("-subpixel"):

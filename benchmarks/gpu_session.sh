@@ -15,7 +15,8 @@
 # profile_ours (torch.profiler tables of today's code), attention (SDPA kernels on a generation's shapes), sdpa (the
 # pipelines with cuDNN's attention kernel first), chain (VAR's blocks chained across block boundaries against each on its own;
 # CHAIN_SIDES also static-tokens / static: compile_blocks' shapes), trace (dynamo's tracing per shapes), kv_writes (Infinity's and STAR's in-piece
-# KV-cache writes against the cache's copies).
+# KV-cache writes against the cache's copies), star_query (STAR's cross-attention query compiled on CUDA: the fixture
+# test, then STAR-d30's time; carry .fixtures/star.tar.xz).
 # startup: STARTUP_COMPILE_BLOCKS, sample's --compile-blocks.
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
@@ -205,6 +206,12 @@ PY
         BENCH_TIMEOUT=${BENCH_TIMEOUT:-300} bench . "kv_$model" --models "$model" --batch-sizes 1 \
           --modes fast-compile-all-static-tokens-fp8,fast-compile-all-static-tokens-fp8-kvcopy --repeats 5
       done ;;
+    star_query)  # issue 20: STAR's cross-attention query compiled on CUDA: the fixture's near-tie rule, then its speed
+      log star_query; timeout 300 python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -s -rfEs \
+        -k compiled_blocks_on_the_converted_fixture > "$OUT/star_query_tests.log" 2>&1
+      grep -E "agreement|passed|failed|FAILED|ERROR|SKIPPED" "$OUT/star_query_tests.log" | head -10
+      BENCH_TIMEOUT=${BENCH_TIMEOUT:-300} bench . star_query --models star-d30 --batch-sizes 1 \
+        --modes fast-compile-all-static-tokens-fp8,fast-compile-all-static-tokens-fp8-crossquery --repeats 5 ;;
     star_debug)  # issue 20: where STAR's compiled blocks went wrong on CUDA (the cross-attention query)
       log star_debug; timeout "${STAR_DEBUG_TIMEOUT:-560}" python3 benchmarks/debug_star_compile.py \
         ${STAR_DEBUG_VARIANTS:+--variants "$STAR_DEBUG_VARIANTS"} ${STAR_DEBUG_ARGS:-} > "$OUT/star_debug.log" 2>&1
