@@ -877,11 +877,13 @@ def _star_ffn_residual(block, x_BLC):
     return x_BLC + block.drop_path(block.ffn(block.norm(x_BLC)))
 
 
-# STAR's compiled cross-attention query gives wrong tokens on CUDA in bf16: STAR-d30 at 1024 px on an H100 agreed with
+# STAR's compiled cross-attention query seemed to give wrong tokens on CUDA in bf16: STAR-d30 at 1024 px agreed with
 # eager float32 on 0.0% of its greedy tokens with it compiled (with or without CUDA graphs; in float32 on 100%), on
 # 85% with it uncompiled and every other piece compiled, as with the cross-attention's output piece also uncompiled
 # (``benchmarks/debug_star_compile.py``, session 13; uncompiled blocks: 97%, the spread of bf16 rounding over 14
 # scales of random weights). The CPU gives the eager tokens either way. So on CUDA that one piece runs its plain code.
+# Session 28 found its values right inside a generation and the first token a near-tie (BENCHMARKS.md): the query
+# stays plain until the fixture's GPU test (``gpu_session.sh star_query``) says otherwise.
 # The switches: False for the blocks runs them uncompiled on CUDA (their own forward, said once); True for the query
 # compiles it there too (what the diagnosis and a GPU test force). Set them before the first generation with CUDA
 # graphs: captured graphs keep the code they captured.
