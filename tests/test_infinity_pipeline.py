@@ -166,6 +166,25 @@ def test_an_empty_negative_prompt_is_per_row(pipe):
         two(prompt=None, prompt_embeds=embeds, prompt_attention_mask=torch.zeros_like(mask))
 
 
+def test_text_masks_must_pad_on_the_right(pipe):
+    """The original keeps each prompt's first ``len`` features and guides them with the first ``len`` rows of the
+    learned unconditional text: a left-padded mask put those rows beside other positions, and gave another image
+    with guidance than the same features padded on the right. Such masks are refused by name."""
+    embeds, mask, _, _ = pipe.encode_prompt(["a red", "a blue square on a green background"])
+    assert not mask[0].all() and mask[1].all()
+    length, S = int(mask[0].sum()), mask.shape[1]
+    left, left_mask = torch.zeros_like(embeds), torch.zeros_like(mask)
+    left[:, S - length :], left_mask[:, S - length :] = embeds[0, :length], True
+    left[1], left_mask[1] = embeds[1], mask[1]
+    for name, prompt in (("prompt", None), ("negative_prompt", [PROMPT, PROMPT])):
+        with pytest.raises(ValueError, match=rf"`{name}_attention_mask` must pad on the right"):
+            generate(pipe, prompt=prompt, **{f"{name}_embeds": left, f"{name}_attention_mask": left_mask})
+    with pytest.raises(ValueError, match=r"`prompt_attention_mask` must pad on the right"):
+        pipe.encode_prompt(None, prompt_embeds=left, prompt_attention_mask=left_mask)
+    right = generate(pipe, prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask, guidance_scale=3.0)
+    assert right.shape == (2, 3, 32, 32)
+
+
 def test_a_callback_cannot_turn_guidance_on_in_a_call_started_without_it(pipe):
     """A call with guidance 1 at every scale runs no unconditional rows: a callback raising the guidance is refused
     (it changed nothing before); one lowering a guided call's guidance to 1 works."""

@@ -214,13 +214,16 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
 
     def _check_text_half(self, embeds, mask, prefix: str, batch_size: int | None = None) -> None:
         """Validate one half of precomputed text features (a negative row without real tokens: the learned
-        unconditional text)."""
+        unconditional text). Masks pad on the right: the original keeps each row's first ``len`` features, and the
+        learned unconditional text replaces them by its first ``len`` rows, position by position."""
         # the transformer's width, or on a text-only pipeline the text encoder's
         width = (
             self.transformer.config.text_dim if self.transformer is not None else text_encoder_width(self.text_encoder)
         )
         names = (f"{prefix}prompt_embeds", f"{prefix}prompt_attention_mask")
-        check_text_embeds(embeds, mask, width, *names, batch_size, self.prompt_max_length, empty_rows=bool(prefix))
+        check_text_embeds(
+            embeds, mask, width, *names, batch_size, self.prompt_max_length, empty_rows=bool(prefix), right_padded=True
+        )
 
     @torch.no_grad()
     def encode_prompt(
@@ -562,8 +565,8 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
             max_sequence_length: text tokens kept (default 512, as the original tokenises); longer prompts
                 are truncated with a warning.
             prompt_embeds, prompt_attention_mask: precomputed T5 features (B, S, text_dim) instead of ``prompt``, with
-                their padding mask (B, S) (True / 1 = real token; default all real), as :meth:`encode_prompt`
-                returns them.
+                their padding mask (B, S) (True / 1 = real token, padding on the right; default all real), as
+                :meth:`encode_prompt` returns them.
             negative_prompt_embeds, negative_prompt_attention_mask: the same for the unconditional half (any length
                 up to 512; a row whose mask has no real token takes the learned unconditional text);
                 default: ``negative_prompt``, else the learned unconditional text.

@@ -244,10 +244,12 @@ def check_text_embeds(
     batch_size: int | None = None,
     max_length: int | None = None,
     empty_rows: bool = False,
+    right_padded: bool = False,
 ) -> None:
     """Precomputed text features ``embeds`` (B, N, width), finite, and their optional padding ``mask`` (B, N) (1 /
-    True for real tokens, at least one per row unless ``empty_rows``); ``batch_size`` / ``max_length`` pin B / bound
-    N; ``width`` None: any width. The errors name the parameters (``name``, ``mask_name``)."""
+    True for real tokens, at least one per row unless ``empty_rows``; with ``right_padded``, each row's real tokens
+    first); ``batch_size`` / ``max_length`` pin B / bound N; ``width`` None: any width. The errors name the parameters
+    (``name``, ``mask_name``)."""
     if (
         not torch.is_tensor(embeds)
         or embeds.ndim != 3
@@ -281,6 +283,11 @@ def check_text_embeds(
             )
         if not empty_rows and not bool(mask.bool().any(dim=1).all()):
             raise ValueError(f"`{mask_name}`: every row needs at least one real (non-padding) token.")
+        if right_padded and bool((mask[:, 1:].bool() & ~mask[:, :-1].bool()).any()):
+            raise ValueError(
+                f"`{mask_name}` must pad on the right (each row's real tokens first, then its padding), as the "
+                "tokenizer pads; a row has padding before a real token."
+            )
 
 
 # ----------------------------------------------------------------------------------------------
