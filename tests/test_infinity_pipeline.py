@@ -38,6 +38,18 @@ def test_unsupported_size_lists_supported_sizes(pipe):
         generate(pipe, height=1000, width=1000)
 
 
+def test_an_aspect_ratio_far_from_every_template_is_refused(pipe):
+    """Only the area was checked: any aspect ratio took the nearest template (64x1000 gave a 148x444 image of the 1B
+    models, 1x65536 was accepted) while 100x100 was refused. Now height / width must be within 25% of a template's,
+    as the area of a preset's."""
+    assert pipe.scale_schedule(54, 72)[-1] == (27, 36)  # 3:4, exactly
+    assert pipe.scale_schedule(32, 30)[-1] == (16, 16)  # 1:1, within 25%
+    assert pipe.scale_schedule(48, 14)[-1] == (27, 9)  # 3:1 (54x18), within 25%
+    for height, width in ((60, 14), (14, 60), (64, 1000), (1, 65536), (4000, 16)):
+        with pytest.raises(ValueError, match=rf"`height`/`width` {height}x{width} is not near any supported .*32x32"):
+            generate(pipe, height=height, width=width)
+
+
 def test_long_prompt_is_truncated_at_512_tokens_with_warning(pipe):
     """The original tokenises every prompt to 512 T5 tokens, whatever the transformer's text_max_length (the rows of
     its learned unconditional text, 32 here): a prompt was cut at those rows, which changed even the features kept
