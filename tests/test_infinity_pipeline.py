@@ -38,6 +38,20 @@ def test_unsupported_size_lists_supported_sizes(pipe):
         generate(pipe, height=1000, width=1000)
 
 
+def test_an_unsupported_default_size_says_where_it_came_from(pipe):
+    """Without height / width the size comes from ``default_size``, else 1024 x 1024: the error blamed
+    "`height`/`width` 1024x1024", which the caller never gave."""
+    assert pipe.config.default_size is None
+    with pytest.raises(ValueError, match=r"^`height` and `width` not given and the pipeline has no `default_size`"):
+        generate(pipe, height=None, width=None)
+    with pytest.raises(ValueError, match=r"^`width` not given and the pipeline has no `default_size` .* 32x1024 is"):
+        generate(pipe, width=None)
+    sized = InfinityPipeline(**{**pipe.components, "default_size": [1000, 1000]})
+    with pytest.raises(ValueError, match=r"^`height` and `width` not given and taken from the pipeline's `default"):
+        generate(sized, height=None, width=None)
+    assert generate(sized, height=32, width=32).shape == (1, 3, 32, 32)
+
+
 def test_an_aspect_ratio_far_from_every_template_is_refused(pipe):
     """Only the area was checked: any aspect ratio took the nearest template (64x1000 gave a 148x444 image of the 1B
     models, 1x65536 was accepted) while 100x100 was refused. Now height / width must be within 25% of a template's,

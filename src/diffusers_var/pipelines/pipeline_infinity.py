@@ -113,10 +113,20 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
     def scale_schedule(self, height: int | None = None, width: int | None = None) -> list[tuple[int, int]]:
         """The token grid ``(h, w)`` of every scale for an image of about ``height x width`` pixels (default: the
         pipeline's ``default_size``, else 1024 x 1024)."""
-        default_height, default_width = self.config.get("default_size") or (1024, 1024)
+        default_size = self.config.get("default_size")
+        default_height, default_width = default_size or (1024, 1024)
+        size_name = "`height`/`width`"
+        defaulted = [f"`{name}`" for name, value in (("height", height), ("width", width)) if value is None]
+        if defaulted:  # an unsupported size the caller never gave: say where it came from
+            origin = (
+                "taken from the pipeline's `default_size`"
+                if default_size
+                else "the pipeline has no `default_size` (1024 x 1024 then)"
+            )
+            size_name = f"{' and '.join(defaulted)} not given and {origin}, so the size"
         height = default_height if height is None else height
         width = default_width if width is None else width
-        return schedule_for_pixels(height, width, self.vae.pixels_per_token)
+        return schedule_for_pixels(height, width, self.vae.pixels_per_token, size_name)
 
     @property
     def text_max_length(self) -> int:
