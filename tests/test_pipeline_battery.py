@@ -673,6 +673,20 @@ def test_bad_loading_arguments_name_the_parameter(case, tmp_path):
     assert not (tmp_path / "refused").exists()
 
 
+def test_a_dtype_dict_names_components_or_default(case, tmp_path):
+    """A misspelt component in a ``dtype`` dict was ignored without a word (that component loaded float32); diffusers'
+    ``"default"`` key sets the others."""
+    pipeline(case).save_pretrained(tmp_path)
+    components = sorted(case.pipeline_class._get_signature_keys(case.pipeline_class)[0])
+    with pytest.raises(ValueError, match=rf"`dtype` names \['transformr'\], .*\({', '.join(components)}\) or 'def"):
+        case.pipeline_class.from_pretrained(tmp_path, dtype={"transformr": torch.bfloat16})
+    loaded = case.pipeline_class.from_pretrained(
+        tmp_path, dtype={"default": torch.bfloat16, "transformer": torch.float32}
+    )
+    dtypes = {name: c.dtype for name, c in loaded.components.items() if isinstance(c, torch.nn.Module)}
+    assert dtypes.pop("transformer") == torch.float32 and set(dtypes.values()) == {torch.bfloat16}, dtypes
+
+
 def test_components_and_parameters_rebuild_the_same_pipeline(case):
     """diffusers' idiom ``Cls(**pipe.components, **pipe.parameters)``: the same modules and settings (class names,
     ``default_size``, ``draft_steps``), the same images."""

@@ -562,7 +562,7 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         # a str from here: diffusers tells a Hub id from a folder with str methods (a missing Path folder crashed)
         pretrained_model_name_or_path = os.fspath(pretrained_model_name_or_path)
         for name in ("dtype", "torch_dtype"):
-            check_dtype_argument(kwargs.get(name), name)
+            check_dtype_argument(kwargs.get(name), name, components=cls._get_signature_keys(cls)[0])
         if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
             # float32 for every component, as diffusers loads its own models: transformers 5 would otherwise load a
             # text encoder in the dtype its config names (the embedded ones store float16 weights)
