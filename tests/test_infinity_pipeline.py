@@ -230,6 +230,38 @@ def test_a_callback_cannot_turn_guidance_on_in_a_call_started_without_it(pipe):
     )
 
 
+def test_a_callback_may_edit_the_per_scale_guidance_list_in_place(pipe):
+    """The loop noticed only a new object in ``pipe._guidance_scale``: a list edited in place kept the old guidance
+    (and a NaN written into it went unchecked), and the edit changed the caller's list. The call now works on a copy
+    and notices an edit as it notices an assignment."""
+
+    def edit(change):
+        def callback(p, i, hw, tensors):
+            if i == 0:
+                change(p)
+            return {}
+
+        return callback
+
+    def in_place(p):
+        p._guidance_scale[1:] = [1.0] * 6
+
+    def assign(p):
+        p._guidance_scale = [3.0] + [1.0] * 6
+
+    guidance = [3.0] * 7
+    edited = generate(pipe, guidance_scale=guidance, callback_on_step_end=edit(in_place))
+    assert guidance == [3.0] * 7  # the caller's list as it was
+    assert torch.equal(edited, generate(pipe, guidance_scale=guidance, callback_on_step_end=edit(assign)))
+    assert not torch.equal(edited, generate(pipe, guidance_scale=guidance))
+
+    def nan_in_place(p):
+        p._guidance_scale[3] = float("nan")
+
+    with pytest.raises(ValueError, match=r"`pipe._guidance_scale \(set by callback_on_step_end\)` must be a finite"):
+        generate(pipe, guidance_scale=guidance, callback_on_step_end=edit(nan_in_place))
+
+
 def test_offload_sequence_moves_text_encoder_first():
     assert InfinityPipeline.model_cpu_offload_seq.split("->")[0] == "text_encoder"
 

@@ -366,8 +366,8 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         become codes."""
         num_scales = len(schedule)
         guided = condition[0].shape[0] == 2 * B
-        cfg_source = self._guidance_scale
-        cfg_list = check_guidance_scale(cfg_source, num_scales)
+        cfg_state = self._guidance_state()
+        cfg_list = check_guidance_scale(self._guidance_scale, num_scales)
         tau_list = check_temperature(tau, num_scales, "tau")
         device = condition[0].device
         transformer_step = self._transformer_steps(condition, schedule, device)
@@ -380,16 +380,17 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
             for si, (h, w) in enumerate(schedule):
                 if self.interrupt:
                     break
-                if self._guidance_scale is not cfg_source:  # a callback changed the guidance
-                    cfg_source, cfg_list = (
-                        self._guidance_scale,
+                if self._guidance_changed(cfg_state):  # a callback changed the guidance (or its list in place)
+                    cfg_state, cfg_list = (
+                        self._guidance_state(),
                         check_guidance_scale(self._guidance_scale, num_scales),
                     )
                     if not guided and any(c != 1.0 for c in cfg_list[si:]):
                         raise ValueError(
-                            f"a callback set `guidance_scale` to {shorten(cfg_source)}, but this call started without "
-                            "guidance (1 at every scale), so it runs no unconditional rows to guide with; start the "
-                            "call with the guidance wanted at some scale (a callback may then change it)."
+                            f"a callback set `guidance_scale` to {shorten(self._guidance_scale)}, but this call "
+                            "started without guidance (1 at every scale), so it runs no unconditional rows to guide "
+                            "with; start the call with the guidance wanted at some scale (a callback may then change "
+                            "it)."
                         )
                 raw_logits = transformer_step(si, scale_input)
                 model_logits = raw_logits.clone() if callback is not None else None  # a graph output is overwritten

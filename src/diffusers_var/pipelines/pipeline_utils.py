@@ -391,7 +391,23 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         return self._interrupt
 
     def _begin_call(self, guidance_scale, num_scales: int) -> None:
+        # a per-scale list is copied: a callback editing `pipe._guidance_scale` in place edited the caller's list
+        guidance_scale = list(guidance_scale) if isinstance(guidance_scale, list) else guidance_scale
         self._guidance_scale, self._num_timesteps, self._interrupt = guidance_scale, num_scales, False
+
+    def _guidance_state(self) -> tuple:
+        """What :meth:`_guidance_changed` compares with: ``pipe._guidance_scale`` and, for a per-scale list, its
+        items (a callback may assign a new value or edit the list in place)."""
+        value = self._guidance_scale
+        return value, tuple(value) if isinstance(value, list) else None
+
+    def _guidance_changed(self, state: tuple) -> bool:
+        """Whether ``pipe._guidance_scale`` changed since :meth:`_guidance_state` gave ``state`` (a new value, or a
+        list's items replaced: by identity, so a NaN written in place counts as a change and is checked)."""
+        value, items = state
+        if self._guidance_scale is not value:
+            return True
+        return items is not None and (len(value) != len(items) or any(a is not b for a, b in zip(value, items)))
 
     # -- callbacks --------------------------------------------------------------------------------------------------
     def check_callback_inputs(
@@ -448,9 +464,9 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         if any(name in latent_names for name in names) and tensors["latents"] is not None:
             snapshot = tensors["latents"].clone()
             handed.update({name: snapshot for name in names if name in latent_names})
-        guidance_before = self._guidance_scale
+        guidance_before = self._guidance_state()
         out = callback(self, scale_index, tuple(scale_hw), handed)
-        if self._guidance_scale is not guidance_before:  # a callback may change it for the next scales
+        if self._guidance_changed(guidance_before):  # a callback may change it for the next scales
             check_guidance_scale(
                 self._guidance_scale,
                 self._num_timesteps if self._per_scale_guidance else None,
