@@ -121,6 +121,21 @@ def test_a_text_only_pipeline_takes_precomputed_features(pipe):
         pipe.encode_prompt(None, prompt_embeds=hidden.to("meta"), pooled_prompt_embeds=pooled)
 
 
+def test_text_features_of_a_wrong_dtype_are_named_by_their_dtype(pipe):
+    """A complex or integer feature tensor, or a float mask, of the right shape was refused with its (right) shape
+    quoted as what was wrong; the error now says the dtype."""
+    hidden, mask, pooled, *_ = pipe.encode_prompt("a red cat", do_classifier_free_guidance=False)
+    features = dict(prompt_embeds=hidden, prompt_attention_mask=mask, pooled_prompt_embeds=pooled)
+    for name, value, dtype in (
+        ("prompt_embeds", hidden.to(torch.complex64), "torch.complex64"),
+        ("prompt_embeds", hidden.long(), "torch.int64"),
+        ("prompt_attention_mask", mask.float(), "torch.float32"),
+        ("pooled_prompt_embeds", pooled.to(torch.complex64), "torch.complex64"),
+    ):
+        with pytest.raises(ValueError, match=rf"^`{name}` must be a .*tensor.*, got one of dtype {dtype}\.$"):
+            pipe.encode_prompt(None, **{**features, name: value})
+
+
 def test_the_transformer_names_conditioning_that_is_not_a_tensor(pipe):
     hidden, mask, pooled, *_ = pipe.encode_prompt("a red cat", do_classifier_free_guidance=False)
     transformer = pipe.transformer

@@ -330,15 +330,15 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
                 f"`{prefix}pooled_prompt_embeds` (B, {D}) is required with `{prefix}prompt_embeds` "
                 "(STAR's first token is the pooled text)."
             )
-        if (
-            not torch.is_tensor(pooled)
-            or tuple(pooled.shape) != (embeds.shape[0], D)
-            or not pooled.is_floating_point()
-        ):
+        if not torch.is_tensor(pooled) or tuple(pooled.shape) != (embeds.shape[0], D):
             shape = tuple(pooled.shape) if torch.is_tensor(pooled) else type(pooled).__name__
             raise ValueError(
                 f"`{prefix}pooled_prompt_embeds` must be a floating-point ({embeds.shape[0]}, {D}) tensor, "
                 f"got {shape}."
+            )
+        if not pooled.is_floating_point():
+            raise ValueError(
+                f"`{prefix}pooled_prompt_embeds` must be a floating-point tensor, got one of dtype {pooled.dtype}."
             )
         if not bool(torch.isfinite(pooled).all()):
             raise ValueError(f"`{prefix}pooled_prompt_embeds` holds NaN or infinite values.")

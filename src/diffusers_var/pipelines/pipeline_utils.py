@@ -256,10 +256,11 @@ def check_text_embeds(
         or embeds.shape[0] < 1
         or embeds.shape[1] < 1
         or (width is not None and embeds.shape[2] != width)
-        or not embeds.is_floating_point()
     ):
         shape = tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__
         raise ValueError(f"`{name}` must be a floating-point (batch, tokens, {width or 'width'}) tensor, got {shape}.")
+    if not embeds.is_floating_point():  # (complex too: its imaginary part would be dropped)
+        raise ValueError(f"`{name}` must be a floating-point tensor, got one of dtype {embeds.dtype}.")
     for tensor, tensor_name in ((embeds, name), (mask, mask_name)):
         if torch.is_tensor(tensor) and tensor.is_meta:  # a shape without values: its checks would fail deep down
             raise ValueError(f"`{tensor_name}` is a tensor on the meta device (a shape without values).")
@@ -270,16 +271,16 @@ def check_text_embeds(
     if not bool(torch.isfinite(embeds).all()):
         raise ValueError(f"`{name}` holds NaN or infinite values.")
     if mask is not None:
-        if (
-            not torch.is_tensor(mask)
-            or tuple(mask.shape) != tuple(embeds.shape[:2])
-            or mask.is_floating_point()
-            or mask.is_complex()
-        ):
+        if not torch.is_tensor(mask) or tuple(mask.shape) != tuple(embeds.shape[:2]):
             shape = tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__
             raise ValueError(
                 f"`{mask_name}` must be a bool or integer tensor of shape {tuple(embeds.shape[:2])} "
                 f"(the shape of `{name}` without its last dimension), got {shape}."
+            )
+        if mask.is_floating_point() or mask.is_complex():
+            raise ValueError(
+                f"`{mask_name}` must be a bool or integer tensor (True / 1 for real tokens), got one of dtype "
+                f"{mask.dtype}."
             )
         if not empty_rows and not bool(mask.bool().any(dim=1).all()):
             raise ValueError(f"`{mask_name}`: every row needs at least one real (non-padding) token.")
