@@ -614,6 +614,19 @@ def test_cpu_offload_generates_the_same_images(case, offload):
     assert torch.equal(run(case, pipe), reference)  # and a second time, after the hooks offloaded again
 
 
+def test_offload_without_an_accelerator_is_a_value_error_naming_device(case, monkeypatch):
+    """Without an accelerator diffusers raised a RuntimeError (and an AssertionError for ``device="cuda"`` on a torch
+    built without CUDA) where ``device="cpu"`` got the project's ValueError: the same ValueError for all."""
+    monkeypatch.setattr("diffusers_var.pipelines.pipeline_utils.get_device", lambda: "cpu", raising=False)
+    pipe = case.pipeline_class(**case.components())
+    for method in ("enable_model_cpu_offload", "enable_sequential_cpu_offload"):
+        with pytest.raises(ValueError, match=rf"^`device`: {method}\(\) found no accelerator"):
+            getattr(pipe, method)()
+        with pytest.raises(ValueError, match=r"^`device` 'cuda': this machine has no cuda accelerator \(none found\)"):
+            getattr(pipe, method)(device="cuda")
+    assert pipe.transformer.device.type == "cpu" and not getattr(pipe, "_offload_device", None)
+
+
 # -- bad input --------------------------------------------------------------------------------------------------
 def test_bad_inputs_name_the_parameter(case):
     for kwargs, parameter in COMMON_BAD_INPUTS + case.bad_inputs:

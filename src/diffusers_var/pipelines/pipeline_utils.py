@@ -45,6 +45,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import logging
+from diffusers.utils.torch_utils import get_device
 
 from ..file_utils import (
     SAFETENSORS_ONLY,
@@ -335,9 +336,39 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
                 "fitted modules cannot follow weights that move at every call; call disable_fast_inference() first."
             )
 
+    def _check_offload_device(self, method: str, device, sequential: bool = False) -> None:
+        """``device`` of an offload: None (the accelerator found) or an accelerator of this machine; the CPU too for
+        model offload (its hooks then run, moving nothing). diffusers raised a RuntimeError without an accelerator,
+        an AssertionError for one torch was not built for, and took the CPU for sequential offload (below)."""
+        found = get_device()
+        if device is None:
+            if found == "cpu":
+                cpu = "" if sequential else '; `device="cpu"` runs its hooks without moving anything'
+                raise ValueError(
+                    f"`device`: {method}() found no accelerator (CUDA, XPU, MPS, ...) on this machine; offloading "
+                    f"keeps the weights on the CPU and moves them onto an accelerator when they run{cpu}."
+                )
+            return
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, TypeError):
+            raise ValueError(f"`device` must be a torch device or its name, got {device!r}.") from None
+        if kind == "cpu" and sequential:
+            raise ValueError(
+                "`device`: sequential CPU offload moves each layer onto an accelerator when it runs; on the CPU "
+                "there is nothing to offload to (and diffusers would leave the weights on the meta device)."
+            )
+        if kind not in ("cpu", found):
+            raise ValueError(
+                f"`device` {device!r}: this machine has no {kind} accelerator "
+                f"({'none found' if found == 'cpu' else f'it has {found}'})."
+            )
+
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = None):
-        """diffusers' model offload, refused while the fast path is on (:meth:`disable_fast_inference` first)."""
+        """diffusers' model offload, refused while the fast path is on (:meth:`disable_fast_inference` first) and
+        without an accelerator (``device="cpu"`` runs the hooks without moving anything)."""
         self._refuse_offload_on_fast_path("enable_model_cpu_offload")
+        self._check_offload_device("enable_model_cpu_offload", device)
         return super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
 
     def enable_group_offload(self, *args, **kwargs):
@@ -348,18 +379,9 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
     def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = None):
         """diffusers' sequential offload onto an accelerator ``device``. A CPU ``device`` is refused: diffusers takes
         it and leaves every weight on the meta device, so the pipeline can then neither run nor be saved. Refused
-        while the fast path is on, as :meth:`enable_model_cpu_offload`."""
+        while the fast path is on, as :meth:`enable_model_cpu_offload`, and without an accelerator."""
         self._refuse_offload_on_fast_path("enable_sequential_cpu_offload")
-        if device is not None:
-            try:
-                kind = torch.device(device).type
-            except (RuntimeError, TypeError):
-                raise ValueError(f"`device` must be a torch device or its name, got {device!r}.") from None
-            if kind == "cpu":
-                raise ValueError(
-                    "`device`: sequential CPU offload moves each layer onto an accelerator when it runs; on the CPU "
-                    "there is nothing to offload to (and diffusers would leave the weights on the meta device)."
-                )
+        self._check_offload_device("enable_sequential_cpu_offload", device, sequential=True)
         return super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
 
     _guidance_scale = None
