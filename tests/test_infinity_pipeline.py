@@ -40,14 +40,15 @@ def test_unsupported_size_lists_supported_sizes(pipe):
 
 def test_an_unsupported_default_size_says_where_it_came_from(pipe):
     """Without height / width the size comes from ``default_size``, else 1024 x 1024: the error blamed
-    "`height`/`width` 1024x1024", which the caller never gave."""
+    "`height`/`width` 1024x1024", which the caller never gave; it now says where the size came from."""
     assert pipe.config.default_size is None
-    with pytest.raises(ValueError, match=r"^`height` and `width` not given and the pipeline has no `default_size`"):
+    no_default = r" not given: 1024, as the pipeline has no `default_size`\) is not near any supported size"
+    with pytest.raises(ValueError, match=rf"^`height`/`width` 1024x1024 \(`height` and `width`{no_default}"):
         generate(pipe, height=None, width=None)
-    with pytest.raises(ValueError, match=r"^`width` not given and the pipeline has no `default_size` .* 32x1024 is"):
+    with pytest.raises(ValueError, match=rf"^`height`/`width` 32x1024 \(`width`{no_default}"):
         generate(pipe, width=None)
     sized = InfinityPipeline(**{**pipe.components, "default_size": [1000, 1000]})
-    with pytest.raises(ValueError, match=r"^`height` and `width` not given and taken from the pipeline's `default"):
+    with pytest.raises(ValueError, match=r"^`height`/`width` 1000x1000 \(`height` and `width` not given: the pipel"):
         generate(sized, height=None, width=None)
     assert generate(sized, height=32, width=32).shape == (1, 3, 32, 32)
 

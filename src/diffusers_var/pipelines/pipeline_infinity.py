@@ -115,18 +115,14 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         pipeline's ``default_size``, else 1024 x 1024)."""
         default_size = self.config.get("default_size")
         default_height, default_width = default_size or (1024, 1024)
-        size_name = "`height`/`width`"
+        origin = ""
         defaulted = [f"`{name}`" for name, value in (("height", height), ("width", width)) if value is None]
-        if defaulted:  # an unsupported size the caller never gave: say where it came from
-            origin = (
-                "taken from the pipeline's `default_size`"
-                if default_size
-                else "the pipeline has no `default_size` (1024 x 1024 then)"
-            )
-            size_name = f"{' and '.join(defaulted)} not given and {origin}, so the size"
+        if defaulted:  # an unsupported size the caller did not give: say where it came from
+            source = "the pipeline's `default_size`" if default_size else "1024, as the pipeline has no `default_size`"
+            origin = f" ({' and '.join(defaulted)} not given: {source})"
         height = default_height if height is None else height
         width = default_width if width is None else width
-        return schedule_for_pixels(height, width, self.vae.pixels_per_token, size_name)
+        return schedule_for_pixels(height, width, self.vae.pixels_per_token, origin)
 
     @property
     def text_max_length(self) -> int:
