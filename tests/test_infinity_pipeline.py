@@ -54,9 +54,9 @@ def test_an_unsupported_default_size_says_where_it_came_from(pipe):
 
 
 def test_an_aspect_ratio_far_from_every_template_is_refused(pipe):
-    """Only the area was checked: any aspect ratio took the nearest template (64x1000 gave a 148x444 image of the 1B
-    models, 1x65536 was accepted) while 100x100 was refused. Now height / width must be within 25% of a template's,
-    as the area of a preset's."""
+    """Only the area was checked: any aspect ratio took the nearest template (the embedded infinity-shapes model made
+    a 148x444 image of a 64x1000 request, and took 1x65536) while 100x100 was refused. Now height / width must be
+    within 25% of a template's, as the area of a preset's."""
     assert pipe.scale_schedule(54, 72)[-1] == (27, 36)  # 3:4, exactly
     assert pipe.scale_schedule(32, 30)[-1] == (16, 16)  # 1:1, within 25%
     assert pipe.scale_schedule(48, 14)[-1] == (27, 9)  # 3:1 (54x18), within 25%
