@@ -38,6 +38,33 @@ def test_unsupported_size_lists_supported_sizes(pipe):
         generate(pipe, height=1000, width=1000)
 
 
+def test_an_unsupported_default_size_says_where_it_came_from(pipe):
+    """Without height / width the size comes from ``default_size``, else 1024 x 1024: the error blamed
+    "`height`/`width` 1024x1024", which the caller never gave; it now says where the size came from."""
+    assert pipe.config.default_size is None
+    no_default = r" not given: 1024, as the pipeline has no `default_size`\) is not near any supported size"
+    with pytest.raises(ValueError, match=rf"^`height`/`width` 1024x1024 \(`height` and `width`{no_default}"):
+        generate(pipe, height=None, width=None)
+    with pytest.raises(ValueError, match=rf"^`height`/`width` 32x1024 \(`width`{no_default}"):
+        generate(pipe, width=None)
+    sized = InfinityPipeline(**{**pipe.components, "default_size": [1000, 1000]})
+    with pytest.raises(ValueError, match=r"^`height`/`width` 1000x1000 \(`height` and `width` not given: the pipel"):
+        generate(sized, height=None, width=None)
+    assert generate(sized, height=32, width=32).shape == (1, 3, 32, 32)
+
+
+def test_an_aspect_ratio_far_from_every_template_is_refused(pipe):
+    """Only the area was checked: any aspect ratio took the nearest template (the embedded infinity-shapes model made
+    a 148x444 image of a 64x1000 request, and took 1x65536) while 100x100 was refused. Now height / width must be
+    within 25% of a template's, as the area of a preset's."""
+    assert pipe.scale_schedule(54, 72)[-1] == (27, 36)  # 3:4, exactly
+    assert pipe.scale_schedule(32, 30)[-1] == (16, 16)  # 1:1, within 25%
+    assert pipe.scale_schedule(48, 14)[-1] == (27, 9)  # 3:1 (54x18), within 25%
+    for height, width in ((60, 14), (14, 60), (64, 1000), (1, 65536), (4000, 16)):
+        with pytest.raises(ValueError, match=rf"`height`/`width` {height}x{width} is not near any supported .*32x32"):
+            generate(pipe, height=height, width=width)
+
+
 def test_long_prompt_is_truncated_at_512_tokens_with_warning(pipe):
     """The original tokenises every prompt to 512 T5 tokens, whatever the transformer's text_max_length (the rows of
     its learned unconditional text, 32 here): a prompt was cut at those rows, which changed even the features kept
@@ -166,6 +193,25 @@ def test_an_empty_negative_prompt_is_per_row(pipe):
         two(prompt=None, prompt_embeds=embeds, prompt_attention_mask=torch.zeros_like(mask))
 
 
+def test_text_masks_must_pad_on_the_right(pipe):
+    """The original keeps each prompt's first ``len`` features and guides them with the first ``len`` rows of the
+    learned unconditional text: a left-padded mask put those rows beside other positions, and gave another image
+    with guidance than the same features padded on the right. Such masks are refused by name."""
+    embeds, mask, _, _ = pipe.encode_prompt(["a red", "a blue square on a green background"])
+    assert not mask[0].all() and mask[1].all()
+    length, S = int(mask[0].sum()), mask.shape[1]
+    left, left_mask = torch.zeros_like(embeds), torch.zeros_like(mask)
+    left[:, S - length :], left_mask[:, S - length :] = embeds[0, :length], True
+    left[1], left_mask[1] = embeds[1], mask[1]
+    for name, prompt in (("prompt", None), ("negative_prompt", [PROMPT, PROMPT])):
+        with pytest.raises(ValueError, match=rf"`{name}_attention_mask` must pad on the right"):
+            generate(pipe, prompt=prompt, **{f"{name}_embeds": left, f"{name}_attention_mask": left_mask})
+    with pytest.raises(ValueError, match=r"`prompt_attention_mask` must pad on the right"):
+        pipe.encode_prompt(None, prompt_embeds=left, prompt_attention_mask=left_mask)
+    right = generate(pipe, prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask, guidance_scale=3.0)
+    assert right.shape == (2, 3, 32, 32)
+
+
 def test_a_callback_cannot_turn_guidance_on_in_a_call_started_without_it(pipe):
     """A call with guidance 1 at every scale runs no unconditional rows: a callback raising the guidance is refused
     (it changed nothing before); one lowering a guided call's guidance to 1 works."""
@@ -183,6 +229,38 @@ def test_a_callback_cannot_turn_guidance_on_in_a_call_started_without_it(pipe):
     assert not torch.equal(
         generate(pipe, guidance_scale=3.0, callback_on_step_end=set_guidance(1.0)), generate(pipe, guidance_scale=3.0)
     )
+
+
+def test_a_callback_may_edit_the_per_scale_guidance_list_in_place(pipe):
+    """The loop noticed only a new object in ``pipe._guidance_scale``: a list edited in place kept the old guidance
+    (and a NaN written into it went unchecked), and the edit changed the caller's list. The call now works on a copy
+    and notices an edit as it notices an assignment."""
+
+    def edit(change):
+        def callback(p, i, hw, tensors):
+            if i == 0:
+                change(p)
+            return {}
+
+        return callback
+
+    def in_place(p):
+        p._guidance_scale[1:] = [1.0] * 6
+
+    def assign(p):
+        p._guidance_scale = [3.0] + [1.0] * 6
+
+    guidance = [3.0] * 7
+    edited = generate(pipe, guidance_scale=guidance, callback_on_step_end=edit(in_place))
+    assert guidance == [3.0] * 7  # the caller's list as it was
+    assert torch.equal(edited, generate(pipe, guidance_scale=guidance, callback_on_step_end=edit(assign)))
+    assert not torch.equal(edited, generate(pipe, guidance_scale=guidance))
+
+    def nan_in_place(p):
+        p._guidance_scale[3] = float("nan")
+
+    with pytest.raises(ValueError, match=r"`pipe._guidance_scale \(set by callback_on_step_end\)` must be a finite"):
+        generate(pipe, guidance_scale=guidance, callback_on_step_end=edit(nan_in_place))
 
 
 def test_offload_sequence_moves_text_encoder_first():

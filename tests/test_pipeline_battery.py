@@ -614,6 +614,19 @@ def test_cpu_offload_generates_the_same_images(case, offload):
     assert torch.equal(run(case, pipe), reference)  # and a second time, after the hooks offloaded again
 
 
+def test_offload_without_an_accelerator_is_a_value_error_naming_device(case, monkeypatch):
+    """Without an accelerator diffusers raised a RuntimeError (and an AssertionError for ``device="cuda"`` on a torch
+    built without CUDA) where ``device="cpu"`` got the project's ValueError: the same ValueError for all."""
+    monkeypatch.setattr("diffusers_var.pipelines.pipeline_utils.get_device", lambda: "cpu", raising=False)
+    pipe = case.pipeline_class(**case.components())
+    for method in ("enable_model_cpu_offload", "enable_sequential_cpu_offload"):
+        with pytest.raises(ValueError, match=rf"^`device`: {method}\(\) found no accelerator"):
+            getattr(pipe, method)()
+        with pytest.raises(ValueError, match=r"^`device` 'cuda': this machine has no cuda accelerator \(none found\)"):
+            getattr(pipe, method)(device="cuda")
+    assert pipe.transformer.device.type == "cpu" and not getattr(pipe, "_offload_device", None)
+
+
 # -- bad input --------------------------------------------------------------------------------------------------
 def test_bad_inputs_name_the_parameter(case):
     for kwargs, parameter in COMMON_BAD_INPUTS + case.bad_inputs:
@@ -671,6 +684,20 @@ def test_bad_loading_arguments_name_the_parameter(case, tmp_path):
             with pytest.raises(ValueError, match=f"`{parameter}`"):
                 saver.save_pretrained(tmp_path / "refused", **kwargs)
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_dtype_dict_names_components_or_default(case, tmp_path):
+    """A misspelt component in a ``dtype`` dict was ignored without a word (that component loaded float32); diffusers'
+    ``"default"`` key sets the others."""
+    pipeline(case).save_pretrained(tmp_path)
+    components = sorted(case.pipeline_class._get_signature_keys(case.pipeline_class)[0])
+    with pytest.raises(ValueError, match=rf"`dtype` names \['transformr'\], .*\({', '.join(components)}\) or 'def"):
+        case.pipeline_class.from_pretrained(tmp_path, dtype={"transformr": torch.bfloat16})
+    loaded = case.pipeline_class.from_pretrained(
+        tmp_path, dtype={"default": torch.bfloat16, "transformer": torch.float32}
+    )
+    dtypes = {name: c.dtype for name, c in loaded.components.items() if isinstance(c, torch.nn.Module)}
+    assert dtypes.pop("transformer") == torch.float32 and set(dtypes.values()) == {torch.bfloat16}, dtypes
 
 
 def test_components_and_parameters_rebuild_the_same_pipeline(case):

@@ -121,6 +121,21 @@ def test_a_text_only_pipeline_takes_precomputed_features(pipe):
         pipe.encode_prompt(None, prompt_embeds=hidden.to("meta"), pooled_prompt_embeds=pooled)
 
 
+def test_text_features_of_a_wrong_dtype_are_named_by_their_dtype(pipe):
+    """A complex or integer feature tensor, or a float mask, of the right shape was refused with its (right) shape
+    quoted as what was wrong; the error now says the dtype."""
+    hidden, mask, pooled, *_ = pipe.encode_prompt("a red cat", do_classifier_free_guidance=False)
+    features = dict(prompt_embeds=hidden, prompt_attention_mask=mask, pooled_prompt_embeds=pooled)
+    for name, value, dtype in (
+        ("prompt_embeds", hidden.to(torch.complex64), "torch.complex64"),
+        ("prompt_embeds", hidden.long(), "torch.int64"),
+        ("prompt_attention_mask", mask.float(), "torch.float32"),
+        ("pooled_prompt_embeds", pooled.to(torch.complex64), "torch.complex64"),
+    ):
+        with pytest.raises(ValueError, match=rf"^`{name}` must be a .*tensor.*, got one of dtype {dtype}\.$"):
+            pipe.encode_prompt(None, **{**features, name: value})
+
+
 def test_the_transformer_names_conditioning_that_is_not_a_tensor(pipe):
     hidden, mask, pooled, *_ = pipe.encode_prompt("a red cat", do_classifier_free_guidance=False)
     transformer = pipe.transformer
@@ -267,6 +282,17 @@ def test_t5_text_path_pools_over_all_positions(text):
     long_hidden, long_mask, long_pooled, *_ = pipe.encode_prompt(["a red cat"], max_sequence_length=200)
     features = dict(prompt_embeds=long_hidden, prompt_attention_mask=long_mask, pooled_prompt_embeds=long_pooled)
     assert generate(pipe, prompt=None, **features).shape == (1, 8, 4, 4)
+    # but not without bound: T5 was trained on up to 512 tokens and its attention grows with the square of the length
+    # (100,000 tokens asked for 80 GB, 10,000 ran a minute on this tiny encoder)
+    with pytest.raises(ValueError, match=r"`max_sequence_length` must be None or an integer in \[2, 512\]"):
+        generate(pipe, prompt="a red cat", max_sequence_length=513)
+    with pytest.raises(ValueError, match=r"`max_sequence_length` must be None or an integer in \[2, 512\]"):
+        pipe.encode_prompt(["a red cat"], max_sequence_length=100_000)
+    features = dict(prompt_embeds=torch.zeros(1, 513, 32), pooled_prompt_embeds=torch.zeros(1, 32))
+    with pytest.raises(ValueError, match=r"`prompt_embeds` has 513 tokens: .* in \[2, 512\]"):
+        generate(pipe, prompt=None, **features)
+    negative = dict(negative_prompt_embeds=torch.zeros(1, 513, 32), negative_pooled_prompt_embeds=torch.zeros(1, 32))
+    assert generate(pipe, prompt=None, **features, **negative).shape == (1, 8, 4, 4)  # nothing to encode at 513
 
 
 def test_star_blocks_rotate_before_normalising_and_take_row_0_of_every_rows_cross_attention():

@@ -67,6 +67,39 @@ def test_labels_and_get_label_ids():
     assert imagenet.id2label[360] == "otter"
 
 
+def test_a_name_of_several_classes_and_a_class_the_model_lacks_are_refused(tmp_path):
+    """A synonym two classes share mapped to the last of them without a word (ImageNet's "crane" gave 517, the
+    machine, never 134, the bird); a class index beyond the transformer's classes was accepted until a call used it.
+    Shared names stay (ImageNet has 18) but name no class; the indices are checked when the pipeline is built, and so
+    when it loads."""
+    imagenet = tiny_pipeline(num_classes=1000)
+    assert imagenet.shared_labels["crane"] == [134, 517] and len(imagenet.shared_labels) == 18
+    with pytest.raises(ValueError, match=r"`label` 'crane' names several classes: 134 \('crane'\), 517 \('crane'\)"):
+        imagenet.get_label_ids(["tench", "crane"])
+    assert "crane" not in imagenet.labels and imagenet.get_label_ids(["giant panda"]) == [388]
+    from diffusers_var.cli import class_labels_of
+
+    with pytest.raises(ValueError, match=r"^`--class-label`: `label` 'crane' names several classes: 134"):
+        class_labels_of(imagenet, "crane")  # (not "neither a class index nor a class name")
+    pipe = tiny_pipeline(id2label={0: "cat, kitty", 1: "dog, kitty"})
+    with pytest.raises(ValueError, match=r"'kitty' names several classes: 0 \('cat, kitty'\), 1 \('dog, kitty'\)"):
+        pipe.get_label_ids("kitty")
+    for id2label, message in (
+        ({0: "a", 10: "b"}, r"class indices \[10\], but the transformer's classes are 0 to 9"),
+        ({-1: "none"}, r"class indices \[-1\]"),
+        ({1: "a", "1": "b"}, r"gives class indices \[1\] twice"),
+        ({"²": "a"}, "must be a dict from class index to class name"),
+    ):
+        with pytest.raises(ValueError, match=rf"`id2label` .*{message}"):
+            tiny_pipeline(id2label=id2label)
+    pipe = tiny_pipeline(id2label={0: "a", 9: "b"})
+    pipe.save_pretrained(tmp_path / "p")
+    config = tmp_path / "p" / "model_index.json"
+    config.write_text(config.read_text().replace('"9": "b"', '"12": "b"'))
+    with pytest.raises(ValueError, match=r"`id2label` names class indices \[12\]"):
+        VARPipeline.from_pretrained(tmp_path / "p")
+
+
 def test_id2label_survives_save_and_load(tmp_path):
     pipe = tiny_pipeline(id2label={0: "a", 1: "b"})
     pipe.save_pretrained(tmp_path / "p")

@@ -163,7 +163,9 @@ def class_labels_of(pipe, label: str, flag: str = "--class-label") -> list[int]:
     ``ValueError`` naming the flag."""
     try:
         return class_label_ids(pipe, label)
-    except ValueError:
+    except ValueError as error:
+        if label in pipe.shared_labels:  # a name of several classes: the pipeline's message names them
+            raise ValueError(f"`{flag}`: {error}") from None
         names = list(pipe.labels)
         known = f"{len(names)} names such as {names[0]!r}" if names else "this model has no class names"
         last = pipe.transformer.config.num_classes - 1

@@ -213,11 +213,13 @@ def supported_pixel_sizes(pixels_per_token: int) -> list[tuple[int, int]]:
 MAX_SIDE = 2**16  # far above every preset; larger values only overflowed the float arithmetic below
 
 
-def schedule_for_pixels(height: int, width: int, pixels_per_token: int) -> list[tuple[int, int]]:
+def schedule_for_pixels(height: int, width: int, pixels_per_token: int, origin: str = "") -> list[tuple[int, int]]:
     """Map a requested image size to the nearest template and preset.
 
     The template is the nearest by height / width; the preset is the one whose final size is closest in
-    area. Sizes more than 25% away (per side, geometric mean) from every preset of that template are refused.
+    area. Sizes more than 25% away from every supported size are refused: in aspect ratio (height / width) from the
+    nearest template, or in area (per side, geometric mean) from every preset of that template. ``origin`` follows
+    the size in that error (where it came from, when the caller did not give it).
     """
     for name, value in (("height", height), ("width", width)):
         if not is_integer(value) or not 1 <= value <= MAX_SIDE:
@@ -231,9 +233,11 @@ def schedule_for_pixels(height: int, width: int, pixels_per_token: int) -> list[
     )
     h, w = hw[best - 1]
     ratio = (h * w) ** 0.5 * pixels_per_token / side
-    if not 0.8 <= ratio <= 1.25:
+    aspect = h / w * width / height
+    if not (0.8 <= ratio <= 1.25 and 0.8 <= aspect <= 1.25):  # a 64x1000 request became 148x444 (4 px / token)
         sizes = ", ".join(f"{a}x{b}" for a, b in supported_pixel_sizes(pixels_per_token))
         raise ValueError(
-            f"`height`/`width` {height}x{width} is not near any supported size (height x width in pixels): {sizes}."
+            f"`height`/`width` {height}x{width}{origin} is not near any supported size (height x width in pixels, "
+            f"aspect ratios 1:3 to 3:1): {sizes}."
         )
     return hw[:best]

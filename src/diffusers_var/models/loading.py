@@ -11,6 +11,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from diffusers.utils import logging
@@ -180,13 +181,24 @@ def check_config_arguments(model_class: type, signature: inspect.Signature, argu
                 raise ValueError(f"`{name}` of {model_class.__name__} must be {problem}, got {arguments[name]!r}.")
 
 
-def check_dtype_argument(dtype, name: str = "dtype", per_component: bool = True) -> None:
+def check_dtype_argument(
+    dtype, name: str = "dtype", per_component: bool = True, components: Iterable[str] | None = None
+) -> None:
     """A loading ``dtype``: None, a ``torch.dtype``, or (``per_component``, as ``from_pretrained`` takes it) a dict
-    of them by component name; diffusers ignores anything else with a log line and loads float32."""
+    of them by component name (one of ``components`` when given, or diffusers' ``"default"`` for the others);
+    diffusers ignores anything else with a log line and loads float32 (a misspelt component too)."""
     values = dtype.values() if per_component and isinstance(dtype, dict) else [dtype]
     if not all(value is None or isinstance(value, torch.dtype) for value in values):
         forms = " or a dict of them by component name" if per_component else ""
         raise ValueError(f"`{name}` must be a torch.dtype (e.g. torch.float16){forms}, got {dtype!r}.")
+    if per_component and isinstance(dtype, dict) and components is not None:
+        components = sorted(components)
+        unknown = [key for key in dtype if key not in components and key != "default"]
+        if unknown:
+            raise ValueError(
+                f"`{name}` names {unknown}, which are no components of this pipeline: its keys are component names "
+                f"({', '.join(components)}) or 'default' (the dtype of the others)."
+            )
 
 
 def check_save_arguments(variant=None, max_shard_size="10GB") -> None:

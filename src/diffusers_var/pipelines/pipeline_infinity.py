@@ -113,10 +113,16 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
     def scale_schedule(self, height: int | None = None, width: int | None = None) -> list[tuple[int, int]]:
         """The token grid ``(h, w)`` of every scale for an image of about ``height x width`` pixels (default: the
         pipeline's ``default_size``, else 1024 x 1024)."""
-        default_height, default_width = self.config.get("default_size") or (1024, 1024)
+        default_size = self.config.get("default_size")
+        default_height, default_width = default_size or (1024, 1024)
+        origin = ""
+        defaulted = [f"`{name}`" for name, value in (("height", height), ("width", width)) if value is None]
+        if defaulted:  # an unsupported size the caller did not give: say where it came from
+            source = "the pipeline's `default_size`" if default_size else "1024, as the pipeline has no `default_size`"
+            origin = f" ({' and '.join(defaulted)} not given: {source})"
         height = default_height if height is None else height
         width = default_width if width is None else width
-        return schedule_for_pixels(height, width, self.vae.pixels_per_token)
+        return schedule_for_pixels(height, width, self.vae.pixels_per_token, origin)
 
     @property
     def text_max_length(self) -> int:
@@ -214,13 +220,16 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
 
     def _check_text_half(self, embeds, mask, prefix: str, batch_size: int | None = None) -> None:
         """Validate one half of precomputed text features (a negative row without real tokens: the learned
-        unconditional text)."""
+        unconditional text). Masks pad on the right: the original keeps each row's first ``len`` features, and the
+        learned unconditional text replaces them by its first ``len`` rows, position by position."""
         # the transformer's width, or on a text-only pipeline the text encoder's
         width = (
             self.transformer.config.text_dim if self.transformer is not None else text_encoder_width(self.text_encoder)
         )
         names = (f"{prefix}prompt_embeds", f"{prefix}prompt_attention_mask")
-        check_text_embeds(embeds, mask, width, *names, batch_size, self.prompt_max_length, empty_rows=bool(prefix))
+        check_text_embeds(
+            embeds, mask, width, *names, batch_size, self.prompt_max_length, empty_rows=bool(prefix), right_padded=True
+        )
 
     @torch.no_grad()
     def encode_prompt(
@@ -353,8 +362,8 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         become codes."""
         num_scales = len(schedule)
         guided = condition[0].shape[0] == 2 * B
-        cfg_source = self._guidance_scale
-        cfg_list = check_guidance_scale(cfg_source, num_scales)
+        cfg_state = self._guidance_state()
+        cfg_list = check_guidance_scale(self._guidance_scale, num_scales)
         tau_list = check_temperature(tau, num_scales, "tau")
         device = condition[0].device
         transformer_step = self._transformer_steps(condition, schedule, device)
@@ -367,16 +376,17 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
             for si, (h, w) in enumerate(schedule):
                 if self.interrupt:
                     break
-                if self._guidance_scale is not cfg_source:  # a callback changed the guidance
-                    cfg_source, cfg_list = (
-                        self._guidance_scale,
+                if self._guidance_changed(cfg_state):  # a callback changed the guidance (or its list in place)
+                    cfg_state, cfg_list = (
+                        self._guidance_state(),
                         check_guidance_scale(self._guidance_scale, num_scales),
                     )
                     if not guided and any(c != 1.0 for c in cfg_list[si:]):
                         raise ValueError(
-                            f"a callback set `guidance_scale` to {shorten(cfg_source)}, but this call started without "
-                            "guidance (1 at every scale), so it runs no unconditional rows to guide with; start the "
-                            "call with the guidance wanted at some scale (a callback may then change it)."
+                            f"a callback set `guidance_scale` to {shorten(self._guidance_scale)}, but this call "
+                            "started without guidance (1 at every scale), so it runs no unconditional rows to guide "
+                            "with; start the call with the guidance wanted at some scale (a callback may then change "
+                            "it)."
                         )
                 raw_logits = transformer_step(si, scale_input)
                 model_logits = raw_logits.clone() if callback is not None else None  # a graph output is overwritten
@@ -562,8 +572,8 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
             max_sequence_length: text tokens kept (default 512, as the original tokenises); longer prompts
                 are truncated with a warning.
             prompt_embeds, prompt_attention_mask: precomputed T5 features (B, S, text_dim) instead of ``prompt``, with
-                their padding mask (B, S) (True / 1 = real token; default all real), as :meth:`encode_prompt`
-                returns them.
+                their padding mask (B, S) (True / 1 = real token, padding on the right; default all real), as
+                :meth:`encode_prompt` returns them.
             negative_prompt_embeds, negative_prompt_attention_mask: the same for the unconditional half (any length
                 up to 512; a row whose mask has no real token takes the learned unconditional text);
                 default: ``negative_prompt``, else the learned unconditional text.

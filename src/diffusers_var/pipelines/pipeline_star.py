@@ -59,6 +59,10 @@ ScaleForcing = Callable[[int, torch.Tensor, torch.Tensor | None], tuple[torch.Te
 
 # The T5 ablation pads every caption to 120 tokens and averages all of them (padding included).
 T5_MAX_LENGTH = 120
+# T5's positions are relative, but it was trained on texts of up to 512 tokens (flan-t5's tokenizers' model_max_length,
+# the length Infinity's original tokenises to); its attention grows with the square of the length (100,000 tokens
+# asked for 80 GB), so longer texts are refused.
+T5_MAX_POSITIONS = 512
 
 
 class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderMixin):
@@ -192,7 +196,8 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
             prompt_embeds, prompt_attention_mask, pooled_prompt_embeds: precomputed conditional features.
             negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds: the same for the
                 unconditional half.
-            max_sequence_length: tokens per text (default: the tokenizer's 77 for CLIP, 120 for T5).
+            max_sequence_length: tokens per text (default: the tokenizer's 77 for CLIP, 120 for T5; at most 77 for
+                CLIP, 512 for T5).
 
         Returns ``(prompt_embeds, prompt_attention_mask, pooled_prompt_embeds, negative_prompt_embeds,
         negative_prompt_attention_mask, negative_pooled_prompt_embeds)``: hidden states (B, N, D), masks (B, N) int64,
@@ -283,9 +288,16 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
             )
         return list(negative_prompt)
 
+    @property
+    def _longest_text(self) -> int | None:
+        """Most tokens per text: CLIP's positions (77), :data:`T5_MAX_POSITIONS` for T5, None without a tokenizer."""
+        if self.tokenizer is None:
+            return None
+        return T5_MAX_POSITIONS if self._is_t5 else self.tokenizer.model_max_length
+
     def _check_max_sequence_length(self, max_sequence_length) -> None:
-        # at least the tokenizer's start and end tokens; at most CLIP's 77 positions (T5's are relative: no limit)
-        longest = None if self.tokenizer is None or self._is_t5 else self.tokenizer.model_max_length
+        # at least the tokenizer's start and end tokens; at most the text encoder's positions
+        longest = self._longest_text
         if max_sequence_length is not None and (
             not is_integer(max_sequence_length)
             or max_sequence_length < 2
@@ -299,7 +311,7 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
     def _check_negative_length(self, prompt_embeds: torch.Tensor) -> None:
         """The negative prompt is encoded to ``prompt_embeds``' length: the tokenizer's start and end tokens at
         least, the text encoder's positions at most."""
-        limit = None if self._is_t5 else self.text_max_length  # (T5's positions are relative: no limit)
+        limit = self._longest_text
         if prompt_embeds.shape[1] < 2 or (limit is not None and prompt_embeds.shape[1] > limit):
             raise ValueError(
                 f"`prompt_embeds` has {prompt_embeds.shape[1]} tokens: the negative prompt is encoded to the same "
@@ -318,15 +330,15 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
                 f"`{prefix}pooled_prompt_embeds` (B, {D}) is required with `{prefix}prompt_embeds` "
                 "(STAR's first token is the pooled text)."
             )
-        if (
-            not torch.is_tensor(pooled)
-            or tuple(pooled.shape) != (embeds.shape[0], D)
-            or not pooled.is_floating_point()
-        ):
+        if not torch.is_tensor(pooled) or tuple(pooled.shape) != (embeds.shape[0], D):
             shape = tuple(pooled.shape) if torch.is_tensor(pooled) else type(pooled).__name__
             raise ValueError(
                 f"`{prefix}pooled_prompt_embeds` must be a floating-point ({embeds.shape[0]}, {D}) tensor, "
                 f"got {shape}."
+            )
+        if not pooled.is_floating_point():
+            raise ValueError(
+                f"`{prefix}pooled_prompt_embeds` must be a floating-point tensor, got one of dtype {pooled.dtype}."
             )
         if not bool(torch.isfinite(pooled).all()):
             raise ValueError(f"`{prefix}pooled_prompt_embeds` holds NaN or infinite values.")
@@ -691,8 +703,8 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
             sampler_generator: the stable sampler's commit-position stream (the original's global RNG:
                 ``torch.default_generator``); ``None`` derives it from ``generator`` (each image's own for a list), or
                 uses the global RNG when ``generator`` is None.
-            max_sequence_length: text tokens (default 77 for CLIP, 120 for T5); longer prompts are truncated
-                with a warning.
+            max_sequence_length: text tokens (default 77 for CLIP, 120 for T5; at most 77 for CLIP, 512 for T5);
+                longer prompts are truncated with a warning.
             output_type: ``"pil"``, ``"np"``, ``"pt"`` (float (B, 3, H, W) in [0, 1]) or ``"latent"`` (f_hat).
             return_dict: return an ``ImagePipelineOutput`` (else a tuple).
             callback_on_step_end: called once per scale as ``fn(pipe, scale_index, (h, w), tensors)`` (or a diffusers

@@ -45,6 +45,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import logging
+from diffusers.utils.torch_utils import get_device
 
 from ..file_utils import (
     SAFETENSORS_ONLY,
@@ -244,20 +245,23 @@ def check_text_embeds(
     batch_size: int | None = None,
     max_length: int | None = None,
     empty_rows: bool = False,
+    right_padded: bool = False,
 ) -> None:
     """Precomputed text features ``embeds`` (B, N, width), finite, and their optional padding ``mask`` (B, N) (1 /
-    True for real tokens, at least one per row unless ``empty_rows``); ``batch_size`` / ``max_length`` pin B / bound
-    N; ``width`` None: any width. The errors name the parameters (``name``, ``mask_name``)."""
+    True for real tokens, at least one per row unless ``empty_rows``; with ``right_padded``, each row's real tokens
+    first); ``batch_size`` / ``max_length`` pin B / bound N; ``width`` None: any width. The errors name the parameters
+    (``name``, ``mask_name``)."""
     if (
         not torch.is_tensor(embeds)
         or embeds.ndim != 3
         or embeds.shape[0] < 1
         or embeds.shape[1] < 1
         or (width is not None and embeds.shape[2] != width)
-        or not embeds.is_floating_point()
     ):
         shape = tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__
         raise ValueError(f"`{name}` must be a floating-point (batch, tokens, {width or 'width'}) tensor, got {shape}.")
+    if not embeds.is_floating_point():  # (complex too: its imaginary part would be dropped)
+        raise ValueError(f"`{name}` must be a floating-point tensor, got one of dtype {embeds.dtype}.")
     for tensor, tensor_name in ((embeds, name), (mask, mask_name)):
         if torch.is_tensor(tensor) and tensor.is_meta:  # a shape without values: its checks would fail deep down
             raise ValueError(f"`{tensor_name}` is a tensor on the meta device (a shape without values).")
@@ -268,19 +272,24 @@ def check_text_embeds(
     if not bool(torch.isfinite(embeds).all()):
         raise ValueError(f"`{name}` holds NaN or infinite values.")
     if mask is not None:
-        if (
-            not torch.is_tensor(mask)
-            or tuple(mask.shape) != tuple(embeds.shape[:2])
-            or mask.is_floating_point()
-            or mask.is_complex()
-        ):
+        if not torch.is_tensor(mask) or tuple(mask.shape) != tuple(embeds.shape[:2]):
             shape = tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__
             raise ValueError(
                 f"`{mask_name}` must be a bool or integer tensor of shape {tuple(embeds.shape[:2])} "
                 f"(the shape of `{name}` without its last dimension), got {shape}."
             )
+        if mask.is_floating_point() or mask.is_complex():
+            raise ValueError(
+                f"`{mask_name}` must be a bool or integer tensor (True / 1 for real tokens), got one of dtype "
+                f"{mask.dtype}."
+            )
         if not empty_rows and not bool(mask.bool().any(dim=1).all()):
             raise ValueError(f"`{mask_name}`: every row needs at least one real (non-padding) token.")
+        if right_padded and bool((mask[:, 1:].bool() & ~mask[:, :-1].bool()).any()):
+            raise ValueError(
+                f"`{mask_name}` must pad on the right (each row's real tokens first, then its padding), as the "
+                "tokenizer pads; a row has padding before a real token."
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,9 +336,39 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
                 "fitted modules cannot follow weights that move at every call; call disable_fast_inference() first."
             )
 
+    def _check_offload_device(self, method: str, device, sequential: bool = False) -> None:
+        """``device`` of an offload: None (the accelerator found) or an accelerator of this machine; the CPU too for
+        model offload (its hooks then run, moving nothing). diffusers raised a RuntimeError without an accelerator,
+        an AssertionError for one torch was not built for, and took the CPU for sequential offload (below)."""
+        found = get_device()
+        if device is None:
+            if found == "cpu":
+                cpu = "" if sequential else '; `device="cpu"` runs its hooks without moving anything'
+                raise ValueError(
+                    f"`device`: {method}() found no accelerator (CUDA, XPU, MPS, ...) on this machine; offloading "
+                    f"keeps the weights on the CPU and moves them onto an accelerator when they run{cpu}."
+                )
+            return
+        try:
+            kind = torch.device(device).type
+        except (RuntimeError, TypeError):
+            raise ValueError(f"`device` must be a torch device or its name, got {device!r}.") from None
+        if kind == "cpu" and sequential:
+            raise ValueError(
+                "`device`: sequential CPU offload moves each layer onto an accelerator when it runs; on the CPU "
+                "there is nothing to offload to (and diffusers would leave the weights on the meta device)."
+            )
+        if kind not in ("cpu", found):
+            raise ValueError(
+                f"`device` {device!r}: this machine has no {kind} accelerator "
+                f"({'none found' if found == 'cpu' else f'it has {found}'})."
+            )
+
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = None):
-        """diffusers' model offload, refused while the fast path is on (:meth:`disable_fast_inference` first)."""
+        """diffusers' model offload, refused while the fast path is on (:meth:`disable_fast_inference` first) and
+        without an accelerator (``device="cpu"`` runs the hooks without moving anything)."""
         self._refuse_offload_on_fast_path("enable_model_cpu_offload")
+        self._check_offload_device("enable_model_cpu_offload", device)
         return super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
 
     def enable_group_offload(self, *args, **kwargs):
@@ -340,18 +379,9 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
     def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str = None):
         """diffusers' sequential offload onto an accelerator ``device``. A CPU ``device`` is refused: diffusers takes
         it and leaves every weight on the meta device, so the pipeline can then neither run nor be saved. Refused
-        while the fast path is on, as :meth:`enable_model_cpu_offload`."""
+        while the fast path is on, as :meth:`enable_model_cpu_offload`, and without an accelerator."""
         self._refuse_offload_on_fast_path("enable_sequential_cpu_offload")
-        if device is not None:
-            try:
-                kind = torch.device(device).type
-            except (RuntimeError, TypeError):
-                raise ValueError(f"`device` must be a torch device or its name, got {device!r}.") from None
-            if kind == "cpu":
-                raise ValueError(
-                    "`device`: sequential CPU offload moves each layer onto an accelerator when it runs; on the CPU "
-                    "there is nothing to offload to (and diffusers would leave the weights on the meta device)."
-                )
+        self._check_offload_device("enable_sequential_cpu_offload", device, sequential=True)
         return super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
 
     _guidance_scale = None
@@ -384,7 +414,23 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         return self._interrupt
 
     def _begin_call(self, guidance_scale, num_scales: int) -> None:
+        # a per-scale list is copied: a callback editing `pipe._guidance_scale` in place edited the caller's list
+        guidance_scale = list(guidance_scale) if isinstance(guidance_scale, list) else guidance_scale
         self._guidance_scale, self._num_timesteps, self._interrupt = guidance_scale, num_scales, False
+
+    def _guidance_state(self) -> tuple:
+        """What :meth:`_guidance_changed` compares with: ``pipe._guidance_scale`` and, for a per-scale list, its
+        items (a callback may assign a new value or edit the list in place)."""
+        value = self._guidance_scale
+        return value, tuple(value) if isinstance(value, list) else None
+
+    def _guidance_changed(self, state: tuple) -> bool:
+        """Whether ``pipe._guidance_scale`` changed since :meth:`_guidance_state` gave ``state`` (a new value, or a
+        list's items replaced: by identity, so a NaN written in place counts as a change and is checked)."""
+        value, items = state
+        if self._guidance_scale is not value:
+            return True
+        return items is not None and (len(value) != len(items) or any(a is not b for a, b in zip(value, items)))
 
     # -- callbacks --------------------------------------------------------------------------------------------------
     def check_callback_inputs(
@@ -441,9 +487,9 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         if any(name in latent_names for name in names) and tensors["latents"] is not None:
             snapshot = tensors["latents"].clone()
             handed.update({name: snapshot for name in names if name in latent_names})
-        guidance_before = self._guidance_scale
+        guidance_before = self._guidance_state()
         out = callback(self, scale_index, tuple(scale_hw), handed)
-        if self._guidance_scale is not guidance_before:  # a callback may change it for the next scales
+        if self._guidance_changed(guidance_before):  # a callback may change it for the next scales
             check_guidance_scale(
                 self._guidance_scale,
                 self._num_timesteps if self._per_scale_guidance else None,
@@ -555,7 +601,7 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         # a str from here: diffusers tells a Hub id from a folder with str methods (a missing Path folder crashed)
         pretrained_model_name_or_path = os.fspath(pretrained_model_name_or_path)
         for name in ("dtype", "torch_dtype"):
-            check_dtype_argument(kwargs.get(name), name)
+            check_dtype_argument(kwargs.get(name), name, components=cls._get_signature_keys(cls)[0])
         if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
             # float32 for every component, as diffusers loads its own models: transformers 5 would otherwise load a
             # text encoder in the dtype its config names (the embedded ones store float16 weights)

@@ -64,11 +64,47 @@ from .sampling import (
 )
 
 
-def label_ids(id2label: dict) -> dict[str, int]:
-    """Class name -> class index of an ``id2label`` mapping (each comma-separated synonym a name of its own), sorted by
-    name: ``pipe.labels``."""
-    names = {name.strip(): int(key) for key, value in id2label.items() for name in str(value).split(",")}
+def label_classes(id2label: dict) -> dict[str, list[int]]:
+    """Class name -> the class indices it names, of an ``id2label`` mapping (each comma-separated synonym a name of its
+    own), sorted by name. Most name one class; ImageNet's names 18 twice ("crane": a bird and a machine)."""
+    names: dict[str, list[int]] = {}
+    for key, value in sorted(id2label.items(), key=lambda item: int(item[0])):
+        for name in str(value).split(","):
+            if name.strip() and int(key) not in names.setdefault(name.strip(), []):
+                names[name.strip()].append(int(key))
     return dict(sorted(names.items()))
+
+
+def label_ids(id2label: dict) -> dict[str, int]:
+    """Class name -> class index of an ``id2label`` mapping, for the names of one class only (a name shared by several
+    classes is no class: it mapped to the last of them without a word), sorted by name: ``pipe.labels``."""
+    return {name: ids[0] for name, ids in label_classes(id2label).items() if len(ids) == 1}
+
+
+def check_id2label(id2label, num_classes: int | None) -> dict[int, str]:
+    """``id2label`` as ``{class index: names}``: a dict from whole-number class indices (ints or their strings, as
+    JSON stores them; each once, within ``[0, num_classes)`` when the transformer is known) to strings of
+    comma-separated names."""
+    if not isinstance(id2label, dict) or not all(
+        isinstance(v, str) and (is_integer(k) or (isinstance(k, str) and k.isascii() and k.isdigit()))
+        for k, v in id2label.items()
+    ):
+        raise ValueError(
+            f"`id2label` must be a dict from class index to class name (synonyms comma-separated), got "
+            f"{shorten(id2label)}."
+        )
+    indices = [int(k) for k in id2label]
+    twice = sorted({i for i in indices if indices.count(i) > 1})
+    if twice:
+        raise ValueError(f"`id2label` gives class indices {twice} twice (as a number and as a string).")
+    outside = sorted(i for i in indices if i < 0 or (num_classes is not None and i >= num_classes))
+    if outside:
+        classes = f"0 to {num_classes - 1}" if num_classes is not None else "0 or more"
+        raise ValueError(
+            f"`id2label` names class indices {outside[:5]}, but the transformer's classes are {classes} "
+            "(`num_classes`)."
+        )
+    return {int(k): v for k, v in id2label.items()}
 
 
 def imagenet_id2label() -> dict[int, str]:
@@ -159,26 +195,27 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
         super().__init__()
         self._check_vqvae_fits(transformer, vqvae)
         self.register_modules(transformer=transformer, vqvae=vqvae)
-        if id2label is None and transformer is not None and transformer.config.num_classes == 1000:
+        num_classes = transformer.config.num_classes if transformer is not None else None
+        if id2label is None and num_classes == 1000:
             id2label = imagenet_id2label()
-        if id2label is not None and (
-            not isinstance(id2label, dict)
-            or not all(isinstance(v, str) and str(k).lstrip("-").isdigit() for k, v in id2label.items())
-        ):
-            raise ValueError(
-                f"`id2label` must be a dict from class index to class name (synonyms comma-separated), got "
-                f"{shorten(id2label)}."
-            )
-        id2label = {int(k): v for k, v in (id2label or {}).items()}
+        id2label = check_id2label(id2label, num_classes) if id2label is not None else {}
         self.register_to_config(id2label={str(k): v for k, v in id2label.items()} or None)
         self.id2label = id2label
         self.labels = label_ids(id2label)
+        # names of several classes (ImageNet's "crane", "panda", ...): get_label_ids refuses them, naming the classes
+        self.shared_labels = {name: ids for name, ids in label_classes(id2label).items() if len(ids) > 1}
 
     def get_label_ids(self, label: str | list[str]) -> list[int]:
         """Map class names (any synonym, e.g. ``"golden retriever"``) to class indices."""
         labels = [label] if isinstance(label, str) else label
         if not isinstance(labels, (list, tuple)) or not labels or not all(isinstance(n, str) for n in labels):
             raise ValueError(f"`label` must be a class name or a non-empty list of them, got {label!r}.")
+        shared = [name for name in labels if name in self.shared_labels]
+        if shared:
+            classes = ", ".join(f"{i} ({self.id2label[i]!r})" for i in self.shared_labels[shared[0]])
+            raise ValueError(
+                f"`label` {shared[0]!r} names several classes: {classes}; give a name of one of them, or its index."
+            )
         unknown = [name for name in labels if name not in self.labels]
         if unknown:
             raise ValueError(f"`label` {unknown} not found; choose from `pipe.labels` ({len(self.labels)} names).")
