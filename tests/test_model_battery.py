@@ -694,3 +694,24 @@ def test_bitwise_schedules_take_whole_numbers_only():
         ):
             with pytest.raises(ValueError, match="`scale_schedule`"):
                 vae.encode(images, bad)
+
+
+def test_infinity_from_scratch_init_is_the_original_trainers():
+    """``InfinityTransformer2DModel.init_weights``: every residual output, the cross-attention's included, divided by
+    sqrt(2 depth) (the original's ``special_init`` scales ``ca.proj`` too), and the AdaLN multipliers of the original
+    trainer's script (``--aln`` 1e-3, ``--alng`` 5e-6)."""
+    depth, width = 8, 256
+    model = InfinityTransformer2DModel(
+        bits_per_token=8, text_dim=32, text_max_length=8, pool_num_heads=2, depth=depth, embed_dim=width, num_heads=4
+    )
+    torch.manual_seed(0)
+    model.init_weights()
+    std = (1 / width / 3) ** 0.5  # the truncated normal's, before any scaling
+    block = model.blocks[3]
+    for linear in (block.attn.to_out, block.ffn.fc2, block.cross_attn.to_out):
+        assert abs(linear.weight.std().item() / (std / (2 * depth) ** 0.5) - 1) < 0.1
+    assert abs(block.cross_attn.to_q.weight.std().item() / std - 1) < 0.1  # not a residual output: unscaled
+    assert block.shared_adaln  # Infinity's per-block offsets to the shared AdaLN: randn / sqrt(C), then multiplied
+    gates, scales = block.adaln_offset[:, :, :2], block.adaln_offset[:, :, 2:]
+    assert abs(scales.std().item() / (1e-3 / width**0.5) - 1) < 0.1
+    assert abs(gates.std().item() / (5e-6 / width**0.5) - 1) < 0.1

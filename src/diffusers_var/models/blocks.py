@@ -563,7 +563,8 @@ def init_adaln_transformer_weights_(
 ) -> None:
     """The original VAR / Infinity initialisation of a model with ``blocks`` of :class:`AdaLNSelfAttentionBlock`,
     ``head`` and ``head_norm``: truncated normal (``std``) for Linear / Embedding weights and ``extra_params``,
-    zero biases, a small head, residual outputs divided by sqrt(2 depth), near-zero AdaLN gates."""
+    zero biases, a small head, residual outputs (cross-attention's too) divided by sqrt(2 depth), near-zero AdaLN
+    gates."""
     C, depth = model.config.embed_dim, len(model.blocks)
     init_linear_and_embedding_weights_(model, std, extra_params)
     model.head.weight.mul_(init_head)
@@ -573,6 +574,8 @@ def init_adaln_transformer_weights_(
     for block in model.blocks:
         block.attn.to_out.weight.div_(math.sqrt(2 * depth))
         block.ffn.fc2.weight.div_(math.sqrt(2 * depth))
+        if getattr(block, "cross_attn", None) is not None:  # Infinity's: a residual output as well
+            block.cross_attn.to_out.weight.div_(math.sqrt(2 * depth))
         if block.attn.attn_l2_norm:
             block.attn.log_scale.fill_(math.log(4.0))
         block.attn.q_bias.zero_()

@@ -459,9 +459,10 @@ class InfinityTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, P
 
     # -- initialisation for training from scratch ----------------------------------------------------
     @torch.no_grad()
-    def init_weights(self, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-5, init_head: float = 0.02):
+    def init_weights(self, init_adaln: float = 1e-3, init_adaln_gamma: float = 5e-6, init_head: float = 0.02):
         """Truncated-normal init (std sqrt(1/(3C))), scaled head / AdaLN / residual outputs, and the
-        original's unconditional rows (std 1.2 / sqrt(text_dim), CPU generator seeded 0)."""
+        original's unconditional rows (std 1.2 / sqrt(text_dim), CPU generator seeded 0). The AdaLN multipliers are
+        the original trainer's (``--aln`` 1e-3, ``--alng`` 5e-6 in its training script)."""
         std = math.sqrt(1 / self.config.embed_dim / 3)
         init_adaln_transformer_weights_(
             self, std, (self.pos_start, self.text_pool.learned_query), init_adaln, init_adaln_gamma, init_head
