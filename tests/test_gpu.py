@@ -229,7 +229,7 @@ def _infinity_pipe() -> InfinityPipeline:
         num_heads=2,
         block_chunks=2,
     )
-    transformer.init_weights()
+    transformer.init_weights(init_adaln=0.5, init_adaln_gamma=1e-5)  # gates large enough for the blocks to matter
     pipe = InfinityPipeline(transformer=transformer.eval(), vae=vae.eval()).to("cuda")
     pipe.set_progress_bar_config(disable=True)
     return pipe
