@@ -427,6 +427,10 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_error_line(tokenizer_dir, 
     assert main(["train", "var", "--config", str(config)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: no space left on the device writing ") and "rng_state_0.safetensors" in err
+    # space freed: the rerun is not refused over the (empty) folder of the interrupted save, which it clears
+    monkeypatch.undo()
+    assert main(["train", "var", "--config", str(config)]) == 0
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000001"]
 
 
 def test_sample_grids_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
@@ -659,8 +663,18 @@ def test_a_relative_data_path_resumed_from_another_folder_is_another_folder(tmp_
     (tmp_path / "tok" / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "tok" / "run" / "train_log.jsonl").write_text("{}")
     assert input_differences(started, input_fingerprints(config)) == {}
+    (tmp_path / "tok" / "README.md").write_text("notes")  # files no loader reads: a README, other formats' weights
+    (tmp_path / "tok" / "flax_model.msgpack").write_bytes(b"0")
+    (tmp_path / "tok" / "weights.safetensors").write_bytes(b"0")
+    started = input_fingerprints(config)
+    (tmp_path / "tok" / "README.md").write_text("other notes")
+    os.remove(tmp_path / "tok" / "flax_model.msgpack")
+    assert input_differences(started, input_fingerprints(config)) == {}
     (tmp_path / "tok" / "config.json").write_text('{"vocab_size": 8}')
     assert list(input_differences(started, input_fingerprints(config))) == ["tokenizer_path"]
+    # model.init_from: a resume takes the checkpoint's weights, not its, so only its string is compared
+    config = TrainConfig(task="var", tokenizer_path=str(tmp_path / "tok"), model={"init_from": str(tmp_path / "tok")})
+    assert "model.init_from" not in input_fingerprints(config)
 
 
 def test_a_trainer_state_with_a_bad_step_count_is_named(tokenizer_dir, tmp_path):

@@ -522,15 +522,22 @@ def _plan_from_configs(model: Path, args, family_name: str, prompts: list[dict] 
     build_plan(args, family_name, num_classes, {}, prompts)
 
 
+LOADED_SUFFIXES = (".json", ".safetensors", ".model", ".txt")  # configs, weights, sentencepiece, vocabularies
+
+
 def _loaded_files(model: Path) -> list[Path]:
     """The files of the pipeline folder ``model`` that loading it reads: ``model_index.json`` and the folders of the
-    components it names (every file of the folder when it has no readable index)."""
+    components it names. A folder without a readable index (one model, a text encoder or a tokenizer): its configs,
+    safetensors weights (``.bin`` ones where it has none), sentencepiece models and vocabularies, not the other
+    formats' weights or a README a loader never reads."""
     try:
         index = json.loads((model / "model_index.json").read_text())
     except (OSError, ValueError):
         index = None
     if not isinstance(index, dict):
-        return list(files_under(model, lambda name: True))
+        files = list(files_under(model, lambda name: True))
+        suffixes = LOADED_SUFFIXES if any(f.suffix == ".safetensors" for f in files) else (*LOADED_SUFFIXES, ".bin")
+        return [f for f in files if f.suffix in suffixes]
     folders = [model / name for name in model_index_components(index)]
     return [model / "model_index.json"] + [
         path for folder in folders if folder.is_dir() for path in files_under(folder, lambda name: True)

@@ -238,6 +238,6 @@ def schedule_for_pixels(height: int, width: int, pixels_per_token: int, origin: 
         sizes = ", ".join(f"{a}x{b}" for a, b in supported_pixel_sizes(pixels_per_token))
         raise ValueError(
             f"`height`/`width` {height}x{width}{origin} is not near any supported size (height x width in pixels, "
-            f"aspect ratios 1:3 to 3:1): {sizes}."
+            f"aspect ratios within 25% of 1:3 to 3:1): {sizes}."
         )
     return hw[:best]

@@ -192,10 +192,7 @@ class STARBlock(nn.Module):
         if self.cross_attn is not None:
             # with the quirk, row 0's output of the cross-attention of every row, as the original computes it (row 0
             # alone goes through other matmul blocking: float rounding that VAR's more_smooth sampling amplifies)
-            mask = encoder_attention_mask
-            if cross_attention_row0 and mask is not None:  # rows after 0 are dropped, but a row that attends to
-                mask = attend_somewhere(mask)  # no token is NaN on some kernels, and NaN * 0 in their backward
-            attended = self.cross_attn(self.norm(x_BLC), encoder_hidden_states, mask, kv_cache)
+            attended = self.cross_attn(self.norm(x_BLC), encoder_hidden_states, encoder_attention_mask, kv_cache)
             x_BLC = x_BLC + (attended[:1] if cross_attention_row0 else attended)
         return x_BLC + self.drop_path(self.ffn(self.norm(x_BLC)))
 
@@ -481,6 +478,10 @@ class STARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftA
         row0 = self.config.cross_attention_row0_quirk
         if encoder_hidden_states is not None:
             encoder_hidden_states = encoder_hidden_states.to(x_BLC.dtype)
+        if row0 and encoder_attention_mask is not None and torch.is_grad_enabled():
+            # the quirk's dropped rows still run: one that attends to no token is NaN on some kernels, and their
+            # backward multiplies it by 0 into the weights' gradients
+            encoder_attention_mask = attend_somewhere(encoder_attention_mask)
         for i, block in enumerate(self.blocks):
             layer_cache = kv_cache[i] if kv_cache is not None else None
             args = (x_BLC, attn_mask, layer_cache, rotary, encoder_hidden_states, encoder_attention_mask, row0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import weakref
 from contextlib import nullcontext
@@ -94,7 +95,7 @@ def check_id2label(id2label, num_classes: int | None) -> dict[int, str]:
             f"{shorten(id2label)}."
         )
     indices = [int(k) for k in id2label]
-    twice = sorted({i for i in indices if indices.count(i) > 1})
+    twice = sorted(i for i, count in collections.Counter(indices).items() if count > 1)
     if twice:
         raise ValueError(f"`id2label` gives class indices {twice} twice (as a number and as a string).")
     outside = sorted(i for i in indices if i < 0 or (num_classes is not None and i >= num_classes))

@@ -265,11 +265,17 @@ class HFDataset(_SkipsBadImages):
             (image_column, label_column, caption_column),
             bad_images,
         )
-        # up front, as an image folder's captions and class folders are (a column is read without decoding images)
-        self.labels = [self._label(i, v) for i, v in enumerate(self.dataset[label_column])] if label_column else None
-        self.captions = (
-            [self._caption(i, v) for i, v in enumerate(self.dataset[caption_column])] if caption_column else None
+        # checked up front, as an image folder's captions and class folders are (a column is read without decoding
+        # images); kept only as a numpy array of labels: Python lists of millions of rows would be copied into every
+        # DataLoader worker as it touched them
+        self.labels = (
+            np.array([self._label(i, v) for i, v in enumerate(self.dataset[label_column])], dtype=np.int64)
+            if label_column
+            else None
         )
+        if caption_column:
+            for i, value in enumerate(self.dataset[caption_column]):
+                self._caption(i, value)
         feature = (getattr(self.dataset, "features", None) or {}).get(image_column)
         if feature is not None and not isinstance(feature, datasets.Image):  # without decoding an image
             raise DataError(self._not_images(f"column {image_column!r} holds {feature}"))
@@ -314,12 +320,12 @@ class HFDataset(_SkipsBadImages):
         return f"row {index} of the dataset"
 
     def _load(self, index: int) -> dict:
-        image = self._image(index, self.dataset[index][self.columns[0]])
-        item = {"pixel_values": resize_center_crop(image, self.resolution)}
+        row = self.dataset[index]
+        item = {"pixel_values": resize_center_crop(self._image(index, row[self.columns[0]]), self.resolution)}
         if self.labels is not None:
-            item["class_labels"] = self.labels[index]
-        if self.captions is not None:
-            item["caption"] = self.captions[index]
+            item["class_labels"] = int(self.labels[index])
+        if self.columns[2] is not None:
+            item["caption"] = row[self.columns[2]]
         return item
 
 

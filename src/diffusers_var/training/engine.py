@@ -517,6 +517,8 @@ def _check_checkpoint_paths_free(config: TrainConfig, checkpoint_dir: Path, star
         m = CHECKPOINT_PATTERN.match(path.name) or TEMPORARY_CHECKPOINT.match(path.name)
         if not m or not start < int(m.group(1)) <= config.max_steps:
             continue
+        if TEMPORARY_CHECKPOINT.match(path.name) and path.is_dir():  # an interrupted save of ours (possibly still
+            continue  # empty): the clean-up of unfinished saves takes it away or aside
         step = int(m.group(1))
         saved = step % config.checkpoint_every == 0 or step == config.max_steps or config.time_limit_minutes
         if saved and not (path.is_dir() and written_by_trainer(path)):
@@ -682,7 +684,7 @@ def config_differences(saved: dict, current: dict) -> dict[str, tuple]:
 def input_fingerprints(config: TrainConfig) -> dict[str, dict]:
     """What the path keys of ``config`` point to as the run starts, recorded in each checkpoint for the resume to
     compare (the config holds only the path strings: a tokenizer folder replaced by another at the same path resumed
-    without a word). A model folder (``tokenizer_path``, ``text_encoder_path``, ``lora.base``, ``model.init_from``):
+    without a word). A model folder a resume reads (``tokenizer_path``, ``text_encoder_path``, ``lora.base``):
     its resolved path and a digest of its files (``generate``'s: names, sizes, the small files' contents, the first and
     last MiB of the weights). ``data.path``: its resolved path (an image folder may hold millions of files; their
     contents are not read). Hub ids and the built-in text encoders' names are left out (their strings are compared)."""
@@ -696,6 +698,8 @@ def input_fingerprints(config: TrainConfig) -> dict[str, dict]:
             or value in TINY_TEXT_ENCODERS
             or not os.path.isdir(value)
         ):
+            continue
+        if key == "model.init_from":  # a resume replaces its weights by the checkpoint's (its string is compared)
             continue
         path = Path(value).resolve()
         inputs[key] = {"path": str(path)}
