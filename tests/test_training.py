@@ -115,6 +115,7 @@ def test_var_training_reduces_loss_and_exports(tokenizer_dir, tmp_path):
     assert (tmp_path / "samples" / "step-0000012.png").is_file()
     pipe = VARPipeline.from_pretrained(export)
     assert pipe.transformer.config.num_classes == 90  # the shapes classes
+    assert pipe.transformer.config.drop_path_rate == pytest.approx(0.1 * 2 / 24)  # the original trainer's rate
     assert pipe.get_label_ids(["red circle on blue"]) == [pipe.labels["red circle on blue"]]
     images = pipe(class_labels=[0, 5], generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (2, 16, 16, 3)

@@ -112,6 +112,7 @@ def test_star_training_reduces_loss_and_exports(vq_dir, tmp_path):
     pipe = STARPipeline.from_pretrained(export)
     assert {"text_encoder", "tokenizer"} <= {p.name for p in export.iterdir()}
     assert pipe.transformer.config.text_embed_dim == pipe.text_encoder.config.hidden_size
+    assert pipe.transformer.config.drop_path_rate == pytest.approx(0.1 * 2 / 24)  # the original trainer's rate
     images = pipe(
         prompt=["a red circle on a blue background", "a green square on a white background"],
         generator=torch.Generator().manual_seed(0),

@@ -24,6 +24,7 @@ from ..models.loading import config_problem
 from ..models.multiscale_vq import MultiScaleVQModel
 from ..models.star_transformer import STARTransformer2DModel
 from ..models.var_transformer import VARTransformer2DModel
+from ..scalars import is_number
 from . import lora
 from .data import build_dataset, collate
 from .text_encoders import load_text_encoder, text_hidden_size
@@ -81,6 +82,14 @@ def _construct(model_class, model_args: dict):
         raise ValueError(
             f"`model`: cannot build a {model_class.__name__} from the `model` section ({message})."
         ) from None
+
+
+def _original_drop_path(model_args: dict, model_class: type) -> None:
+    """``model.drop_path_rate`` of a new VAR / STAR model, unless the config gives it: the original trainers' 0.1 x
+    depth / 24 (the models' own default, 0, is what a converted checkpoint's inference needs)."""
+    depth = model_args.get("depth", model_parameters(model_class)["depth"].default)
+    if is_number(depth):  # (a wrong type is the model's ValueError, naming the key)
+        model_args.setdefault("drop_path_rate", 0.1 * depth / 24)
 
 
 def _new(model_class, model_args: dict, **init):
@@ -547,6 +556,7 @@ class VARTask(_PipelineTask):
         init_adaln_gamma = float(model_args.pop("init_adaln_gamma", 1e-3))
         init_from, init_blocks = model_args.pop("init_from", None), model_args.pop("init_blocks", None)
         model_args.setdefault("num_classes", self.num_classes)
+        _original_drop_path(model_args, VARTransformer2DModel)
         model_args.update(
             vocab_size=tok.vocab_size,
             latent_channels=tok.z_channels,
@@ -684,6 +694,7 @@ class STARTask(_PipelineTask):
         model_args = dict(config.model)
         init_head = float(model_args.pop("init_head", 0.02))
         model_args.setdefault("num_legacy_classes", 0)
+        _original_drop_path(model_args, STARTransformer2DModel)
         model_args.update(
             vocab_size=tok.vocab_size,
             latent_channels=tok.z_channels,
