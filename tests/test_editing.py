@@ -644,6 +644,7 @@ def test_forced_code_maps_keep_the_memory_layout_of_the_originals_blend():
     forcing = TokenForcing(keep, [torch.zeros(1, n * n, dtype=torch.long) for n in sides], codes)
     for index, side in enumerate(sides):
         sampled = torch.randn(1, side * side, C).transpose(1, 2).reshape(1, C, side, side)
+        sampled.masked_fill_(keep[index][:, None], float("nan"))  # overflowed where the given codes replace them
         code_map, _ = forcing(index, sampled, None)
         expected = torch.where(keep[index][:, None], codes[index], sampled)
         assert torch.equal(code_map, expected)

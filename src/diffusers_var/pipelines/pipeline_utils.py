@@ -917,10 +917,13 @@ class TokenForcing:
             (bits,) = sampled
             return torch.where(keep[..., None], self.tokens[scale_index].to(bits.dtype), bits)
         code_map, indices = sampled
-        # the original's blend, not torch.where: the same values, and its memory layout (a 1x1 map's channels-last
-        # strides send the tokenizer's upsampling and Phi conv down other kernels: rounding that more_smooth amplifies)
+        # in the memory layout of the original's blend ``gt * force + h * (1 - force)`` (a 1x1 map's channels-last
+        # strides send the tokenizer's upsampling and Phi conv down other kernels: rounding that more_smooth
+        # amplifies), with torch.where's values: an overflowed sampled code (inf, NaN) that no position keeps stays out
+        codes = self.codes[scale_index].to(code_map.dtype)
         force_B1hw = keep[:, None].int()
-        code_map = self.codes[scale_index].to(code_map.dtype) * force_B1hw + code_map * (1 - force_B1hw)
+        blended = codes * force_B1hw + code_map * (1 - force_B1hw)
+        code_map = blended.copy_(torch.where(keep[:, None], codes, code_map))
         if indices is not None:  # STAR's more_smooth has no hard tokens
             indices = torch.where(keep.flatten(1), self.tokens[scale_index], indices)
         return code_map, indices
