@@ -673,6 +673,11 @@ def test_a_relative_data_path_resumed_from_another_folder_is_another_folder(tmp_
     assert input_differences(started, input_fingerprints(config)) == {}
     (tmp_path / "tok" / "config.json").write_text('{"vocab_size": 8}')
     assert list(input_differences(started, input_fingerprints(config))) == ["tokenizer_path"]
+    # a model folder inside the run's output_dir: its files count (leaving the run's folder out left out all of them)
+    inside = TrainConfig(task="var", tokenizer_path=str(tmp_path / "tok"), output_dir=str(tmp_path))
+    started = input_fingerprints(inside)
+    (tmp_path / "tok" / "config.json").write_text('{"vocab_size": 9}')
+    assert list(input_differences(started, input_fingerprints(inside))) == ["tokenizer_path"]
     # model.init_from: a resume takes the checkpoint's weights, not its, so only its string is compared
     config = TrainConfig(task="var", tokenizer_path=str(tmp_path / "tok"), model={"init_from": str(tmp_path / "tok")})
     assert "model.init_from" not in input_fingerprints(config)

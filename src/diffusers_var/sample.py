@@ -564,8 +564,8 @@ def model_files_digest(
     run_files = (
         [] if out is None else [(out / name).resolve() for name in (IMAGES_DIR, RUN_FILE, METADATA_FILE, NPZ_FILE)]
     )
-    if leave_out is not None:
-        run_files.append(leave_out.resolve())
+    if leave_out is not None and leave_out.resolve().is_relative_to(model.resolve()):  # (a model folder inside
+        run_files.append(leave_out.resolve())  # the run's would otherwise leave out every file of it)
     for path in files_under(model, lambda name: True) if whole_folder else _loaded_files(model):
         resolved = path.resolve()
         if any(resolved.is_relative_to(run_file) for run_file in run_files) or (
