@@ -514,12 +514,15 @@ def _check_checkpoint_paths_free(config: TrainConfig, checkpoint_dir: Path, star
     if not checkpoint_dir.is_dir():
         return
     for path in sorted(checkpoint_dir.iterdir()):
-        m = CHECKPOINT_PATTERN.match(path.name) or TEMPORARY_CHECKPOINT.match(path.name)
-        if not m or not start < int(m.group(1)) <= config.max_steps:
+        temporary = TEMPORARY_CHECKPOINT.match(path.name)
+        m = CHECKPOINT_PATTERN.match(path.name) or temporary
+        # (a temporary folder is an interrupted save of ours, possibly still empty: the clean-up of unfinished saves
+        # takes it away or aside)
+        if not m or (temporary and path.is_dir()):
             continue
-        if TEMPORARY_CHECKPOINT.match(path.name) and path.is_dir():  # an interrupted save of ours (possibly still
-            continue  # empty): the clean-up of unfinished saves takes it away or aside
         step = int(m.group(1))
+        if not start < step <= config.max_steps:
+            continue
         saved = step % config.checkpoint_every == 0 or step == config.max_steps or config.time_limit_minutes
         if saved and not (path.is_dir() and written_by_trainer(path)):
             kind = "folder" if path.is_dir() else "file"
