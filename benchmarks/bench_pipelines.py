@@ -52,6 +52,10 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
                         A/B of Infinity's in-piece KV-cache writes)
   fast-compile-all-static-tokens-fp8-crossquery  ``"static-tokens"`` with ``fp8=True`` and STAR's cross-attention
                         query compiled on CUDA too (``fast_inference.STAR_COMPILED_CROSS_QUERY_ON_CUDA = True``)
+  fast-compile-all-static-tokens-fp8-persistent  ``"static-tokens"`` with ``fp8=True`` and Inductor's row
+                        reductions of up to 16,384 features in one pass (``torch._inductor.config.triton.multi_kernel
+                        = 2``: persistent reductions forced, the row kept in registers; the default loops twice over
+                        rows above 1,024 features, e.g. fc2's float8 input of 8,192 features)
   fast-compile-all-gnsums  ``fast-compile-all`` with the decoder's GroupNorm statistics as per-channel sums at
                         every batch size (``fast_inference.channel_sum_group_norm_(min_batch=1)``; the default
                         takes them from 16 images on)
@@ -71,6 +75,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config  # the -persistent modes set its multi_kernel
 from diffusers.models.attention_dispatch import attention_backend
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -656,6 +661,7 @@ MODES = (
     "fast-compile-all-static-tokens-fp8-crossquery",
     "fast-compile-all-gnsums",
     "fast-compile-all-static-tokens-fp8-gnsums",
+    "fast-compile-all-static-tokens-fp8-persistent",
 )
 SDPA_BACKENDS = {  # --sdpa-first: PyTorch's own order after the one named
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -670,6 +676,7 @@ BLOCK_SHAPES["fast-compile-all-static-fp8"] = "static"
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-gnsums"] = "static-tokens"
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-kvcopy"] = "static-tokens"
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-crossquery"] = "static-tokens"
+BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-persistent"] = "static-tokens"
 KNOWN_MODELS = (
     tuple(MODELS)
     + tuple(CODE_MODELS)
@@ -799,6 +806,10 @@ def main() -> int:
                 fast_inference.KV_WRITES_IN_PIECE = not mode.endswith("-kvcopy")
                 fast_inference.STAR_COMPILED_CROSS_QUERY_ON_CUDA = mode.endswith("-crossquery")
                 fast_inference.FUSED_GELU_MIN_ROWS = 1 if mode.endswith("-gelu-always") else None
+                multi_kernel = 2 if mode.endswith("-persistent") else 0
+                if torch._inductor.config.triton.multi_kernel != multi_kernel:  # dynamo's guards do not see it
+                    torch._dynamo.reset()
+                    torch._inductor.config.triton.multi_kernel = multi_kernel
                 bench.pipe.enable_fast_inference(compile_decoder=compile_decoder, **extra)
                 if mode.endswith("-subpixel"):
                     subpixel_upsample_(getattr(bench.pipe, "vqvae", None) or bench.pipe.vae)

@@ -16,7 +16,8 @@
 # pipelines with cuDNN's attention kernel first), chain (VAR's blocks chained across block boundaries against each on its own;
 # CHAIN_SIDES also static-tokens / static: compile_blocks' shapes), trace (dynamo's tracing per shapes), kv_writes (Infinity's and STAR's in-piece
 # KV-cache writes against the cache's copies), star_query (STAR's cross-attention query compiled on CUDA: the fixture
-# test, then STAR-d30's time; carry .fixtures/star.tar.xz).
+# test, then STAR-d30's time; carry .fixtures/star.tar.xz), persistent (Inductor's one-pass row reductions: the
+# float8 quantisation of fc2's input, LayerNorms; Infinity-2B and STAR-d30 at batch 1).
 # startup: STARTUP_COMPILE_BLOCKS, sample's --compile-blocks.
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
@@ -212,6 +213,12 @@ PY
       grep -E "agreement|passed|failed|FAILED|ERROR|SKIPPED" "$OUT/star_query_tests.log" | head -10
       BENCH_TIMEOUT=${BENCH_TIMEOUT:-300} bench . star_query --models star-d30 --batch-sizes 1 \
         --modes fast-compile-all-static-tokens-fp8,fast-compile-all-static-tokens-fp8-crossquery --repeats 5 ;;
+    persistent)  # issue 20: Inductor's row reductions in one pass (fc2's float8 input, LayerNorms over 1,920-2,048
+      # features) against the default's two loops, 1024 px batch 1, one model per process (PERSIST_MODELS, default both)
+      for model in ${PERSIST_MODELS:-infinity-2b star-d30}; do
+        BENCH_TIMEOUT=${BENCH_TIMEOUT:-300} bench . "persistent_$model" --models "$model" --batch-sizes 1 \
+          --modes fast-compile-all-static-tokens-fp8,fast-compile-all-static-tokens-fp8-persistent --repeats 5
+      done ;;
     star_debug)  # issue 20: where STAR's compiled blocks went wrong on CUDA (the cross-attention query)
       log star_debug; timeout "${STAR_DEBUG_TIMEOUT:-560}" python3 benchmarks/debug_star_compile.py \
         ${STAR_DEBUG_VARIANTS:+--variants "$STAR_DEBUG_VARIANTS"} ${STAR_DEBUG_ARGS:-} > "$OUT/star_debug.log" 2>&1
