@@ -8,15 +8,17 @@
 
 Both roles are plain VAR state dicts: depth, width, heads, classes, vocabulary, shared AdaLN and the scale schedule
 are inferred from the tensors (``--patch-nums`` where they cannot tell), and the two models must share the VQ-VAE,
-the scale schedule and the class set. ``--draft-steps`` (the N a fine-tuned pair was made for; default
-num_scales - 2) is stored with the pipeline and is the default of every call. The output holds safetensors only and
-is written atomically. Load it with ``diffusers_var.VARCoDePipeline.from_pretrained(DIR)``.
+the scale schedule and the class set. A role trained with ``attn_l2_norm=False`` does not record its heads:
+``--drafter-num-heads`` / ``--refiner-num-heads`` give them (default 64 features a head, as released).
+``--draft-steps`` (the N a fine-tuned pair was made for; default num_scales - 2) is stored with the pipeline and is
+the default of every call. The output holds safetensors only and is written atomically. Load it with
+``diffusers_var.VARCoDePipeline.from_pretrained(DIR)``.
 """
 
 import argparse
 import sys
 
-from diffusers_var.cli_support import OneLineErrorParser
+from diffusers_var.cli_support import OneLineErrorParser, int_in_range
 from diffusers_var.conversion import ConversionError, convert_code_checkpoint
 from diffusers_var.conversion.common import (
     OUTPUT_DTYPES,
@@ -45,6 +47,24 @@ def main(argv=None) -> int:
     add_vq_tokenizer_arguments(parser)
     add_output_dtype_argument(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    for role in ("drafter", "refiner"):
+        parser.add_argument(
+            f"--{role}-depth",
+            type=int_in_range(1),
+            default=None,
+            help=f"the number of blocks the {role} checkpoint must have (a missing block is an error)",
+        )
+        parser.add_argument(
+            f"--{role}-num-heads",
+            type=int_in_range(1),
+            default=None,
+            help=f"the {role}'s attention heads, for a checkpoint trained with attn_l2_norm=False (default: width/64)",
+        )
+    parser.add_argument(
+        "--using-znorm",
+        action="store_true",
+        help="the VQ-VAE was trained with using_znorm=True (codes by cosine similarity; off in the release)",
+    )
     args = parser.parse_args(argv)
     try:
         with warnings_as_lines():  # a drafter smaller than the refiner: "warning: ... did you swap ...?"
@@ -58,6 +78,11 @@ def main(argv=None) -> int:
                 quant_resi=args.quant_resi,
                 dtype=OUTPUT_DTYPES[args.dtype],
                 overwrite=args.overwrite,
+                drafter_depth=args.drafter_depth,
+                drafter_num_heads=args.drafter_num_heads,
+                refiner_depth=args.refiner_depth,
+                refiner_num_heads=args.refiner_num_heads,
+                using_znorm=args.using_znorm,
             )
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -367,3 +367,32 @@ def test_a_cosine_trained_tokenizer_converts_with_using_znorm(originals, tmp_pat
     assert quantizer.nearest_code(z_NC).item() == 1
     quantizer.using_znorm = False
     assert quantizer.nearest_code(z_NC).item() == 0
+
+
+def test_code_roles_without_l2_norm_take_their_heads_per_role(tmp_path, capsys):
+    """A CoDe pair trained with ``attn_l2_norm=False`` does not record its heads: ``--drafter-num-heads`` /
+    ``--refiner-num-heads`` give them (the converter had no such flag, so such a pair could not be converted), the
+    errors name the role's flag, and ``--using-znorm`` reaches the shared VQ-VAE."""
+    path = fixture_dir("code")
+    files = {k: path / v["path"] for k, v in load_manifest(path)["files"].items() if k.endswith("_pth")}
+    for role in ("drafter", "refiner"):  # the fixture's drafter: width 64, 2 heads; refiner: width 32, 1 head
+        state = torch.load(files[f"{role}_pth"], map_location="cpu", weights_only=True)
+        torch.save({k: v for k, v in state.items() if "scale_mul_1H11" not in k}, tmp_path / f"{role}.pth")
+    argv = ["--vae", files["vae_pth"], "--drafter", tmp_path / "drafter.pth", "--refiner", tmp_path / "refiner.pth"]
+    rc, err = _run_main("convert_code.py", argv + ["--output", tmp_path / "no_heads"], capsys)
+    # 64 features a head make the drafter the release layout of 1 block: its 3 blocks are refused, naming its flag
+    assert rc == 2 and "`drafter`: more blocks than 1" in err and "pass --drafter-depth" in err, err
+    rc, err = _run_main("convert_code.py", argv + ["--output", tmp_path / "no_heads", "--drafter-depth", "3"], capsys)
+    assert rc == 2 and "`refiner_num_heads`: the checkpoint's width 32 is not 64 features a head" in err, err
+    assert "pass --refiner-num-heads" in err and not (tmp_path / "no_heads").exists()
+    rc, err = _run_main("convert_code.py", argv + ["--output", tmp_path / "bad", "--drafter-num-heads", "3"], capsys)
+    assert rc == 2 and "`drafter_num_heads` must divide the width 64, got 3" in err, err
+    heads = ["--drafter-num-heads", "2", "--refiner-num-heads", "1", "--using-znorm"]
+    rc, err = _run_main("convert_code.py", argv + ["--output", tmp_path / "out", *heads], capsys)
+    assert rc == 0, err
+    from diffusers_var import VARCoDePipeline
+
+    pipe = VARCoDePipeline.from_pretrained(tmp_path / "out")
+    assert (pipe.transformer.config.num_heads, pipe.refiner.config.num_heads) == (2, 1)
+    assert not pipe.transformer.config.attn_l2_norm and not pipe.refiner.config.attn_l2_norm
+    assert pipe.vqvae.config.using_znorm

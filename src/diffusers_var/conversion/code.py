@@ -25,14 +25,23 @@ from .common import (
 from .var import _load_vae, _load_var, check_arguments, convert_vae, convert_var_transformer
 
 
-def _convert_role(path, patch_nums, role: str):
+def _for_role(err: ConversionError, role: str) -> ConversionError:
+    """A VAR conversion error reworded for CoDe's ``role``: its argument and flag names carry the role."""
+    message = str(err).replace("`transformer`", f"`{role}`")
+    for name in ("depth", "num_heads"):
+        message = message.replace(f"`{name}`", f"`{role}_{name}`")
+        message = message.replace(f"--{name.replace('_', '-')}", f"--{role}-{name.replace('_', '-')}")
+    return ConversionError(message)
+
+
+def _convert_role(path, patch_nums, role: str, depth: int | None = None, num_heads: int | None = None):
     """One of CoDe's two VAR checkpoints, converted; errors name its role (``drafter`` / ``refiner``)."""
     try:
         state_dict = _load_var(path)
         with reading_checkpoint("transformer", path):
-            return convert_var_transformer(state_dict, patch_nums)
+            return convert_var_transformer(state_dict, patch_nums, depth, num_heads)
     except ConversionError as err:
-        raise ConversionError(str(err).replace("`transformer`", f"`{role}`")) from None
+        raise _for_role(err, role) from None
 
 
 def _size(model) -> tuple[int, int]:
@@ -63,30 +72,45 @@ def convert_code_checkpoint(
     quant_resi: float = 0.5,
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
+    drafter_depth: int | None = None,
+    drafter_num_heads: int | None = None,
+    refiner_depth: int | None = None,
+    refiner_num_heads: int | None = None,
+    using_znorm: bool = False,
 ):
     """Convert an original VQ-VAE and a drafter / refiner pair of VAR checkpoints into a :class:`VARCoDePipeline`.
 
-    ``draft_steps`` (the N the pair was fine-tuned for; default ``num_scales - 2``) is stored with the pipeline. When
+    ``draft_steps`` (the N the pair was fine-tuned for; default ``num_scales - 2``) is stored with the pipeline.
+    ``drafter_depth`` / ``refiner_depth``, ``drafter_num_heads`` / ``refiner_num_heads`` and ``using_znorm`` are
+    :func:`convert_var_checkpoint`'s ``depth``, ``num_heads`` and ``using_znorm`` for each role (heads for a model
+    trained with ``attn_l2_norm=False``, which its tensors do not record; codes by cosine similarity). When
     ``output_dir`` is given the pipeline is written there atomically (safetensors only). Returns the pipeline. Errors
     (:class:`ConversionError`, a ``ValueError``) name the argument at fault; a drafter smaller than the refiner (the
     roles swapped?) is a :class:`ConversionWarning`."""
     from ..pipelines.pipeline_var import VARCoDePipeline
 
-    check_arguments(patch_nums, quant_resi)
+    for role, depth, num_heads in (
+        ("drafter", drafter_depth, drafter_num_heads),
+        ("refiner", refiner_depth, refiner_num_heads),
+    ):
+        try:
+            check_arguments(patch_nums, quant_resi, depth, num_heads)
+        except ConversionError as err:
+            raise _for_role(err, role) from None
     if draft_steps is not None and (
         isinstance(draft_steps, bool) or not isinstance(draft_steps, int) or draft_steps < 1
     ):
         raise ConversionError(f"`draft_steps` must be a whole number >= 1 (and < num_scales), got {draft_steps!r}.")
     if output_dir is not None:  # before reading the checkpoints
         check_output_dir(output_dir, overwrite)
-    drafter = _convert_role(drafter_path, patch_nums, "drafter")
-    refiner = _convert_role(refiner_path, patch_nums, "refiner")
+    drafter = _convert_role(drafter_path, patch_nums, "drafter", drafter_depth, drafter_num_heads)
+    refiner = _convert_role(refiner_path, patch_nums, "refiner", refiner_depth, refiner_num_heads)
     swapped = swapped_roles_warning(drafter, refiner)
     if swapped:
         warnings.warn(swapped, ConversionWarning, stacklevel=2)
     vae_sd = _load_vae(vae_path)
     with reading_checkpoint("vae", vae_path):
-        vqvae = convert_vae(vae_sd, drafter.config.patch_nums, quant_resi)
+        vqvae = convert_vae(vae_sd, drafter.config.patch_nums, quant_resi, using_znorm)
     for name, model in (("drafter", drafter), ("refiner", refiner)):
         if (
             vqvae.config.vocab_size != model.config.vocab_size

@@ -1261,7 +1261,9 @@ class VARCoDePipeline(VARPipeline):
         r"""Generate images: the drafter samples scales ``0 .. draft_steps - 1``, the refiner the rest.
 
         Args:
-            class_labels: as for :class:`VARPipeline` (``None``: drawn from ``generator``; both stages use the same).
+            class_labels: as for :class:`VARPipeline` (``None``: drawn from ``generator``; both stages use the same,
+                also without a generator, where the original draws the refiner's labels again from the global
+                random stream and refines towards other classes).
             guidance_scale: the original ``cfg``, ramped over the global scale index in both stages (4 in
                 ``infer_CoDe.py``; its FID recipe uses 1.5 with ``top_p=0.96``).
             top_k: one value, or one per scale (the original passes ``[600] * 10``); 0 disables top-k.
