@@ -353,3 +353,20 @@ def test_bsq_straight_through_passes_reconstruction_gradients_to_the_encoder():
     assert grad is not None and grad.abs().sum() > 0
     # the forward value is still the hard code: the sum over scales of upsampled +-1/sqrt(d) codes
     torch.testing.assert_close(encoded.quantized.detach(), vae.codes_from_bit_labels(encoded.bit_labels))
+
+
+def test_new_infinity_models_pool_the_text_with_the_originals_head_size():
+    """The original's text pooling has heads of 128 features, of 64 in models wider than 4,096 (infinity_20b: 2,048
+    T5 features are 32 heads there, not 16); a config's own ``pool_num_heads`` is kept."""
+    from diffusers_var.training.tasks import _original_pool_heads
+
+    for width, heads in ((2048, 16), (4096, 16), (4608, 32)):
+        model_args = {"embed_dim": width}
+        _original_pool_heads(model_args, 2048)
+        assert model_args["pool_num_heads"] == heads, width
+    model_args = {}  # the model's default width (2,048)
+    _original_pool_heads(model_args, 32)
+    assert model_args["pool_num_heads"] == 1
+    model_args = {"embed_dim": 4608, "pool_num_heads": 4}
+    _original_pool_heads(model_args, 2048)
+    assert model_args["pool_num_heads"] == 4

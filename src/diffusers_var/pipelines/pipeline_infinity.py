@@ -368,9 +368,9 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         device = condition[0].device
         transformer_step = self._transformer_steps(condition, schedule, device)
         bits_per_token, vae = self.transformer.config.bits_per_token, self.vae
-        latents = torch.zeros(
+        latents = torch.zeros(  # channels-last: the original's sum of its codes' channels-last views (see decode)
             B, vae.config.codebook_dim, *vae.latent_schedule(schedule)[-1], device=device, dtype=torch.float32
-        )
+        ).contiguous(memory_format=torch.channels_last)
         scale_input = None
         with self.progress_bar(total=num_scales) as progress_bar:
             for si, (h, w) in enumerate(schedule):

@@ -123,8 +123,10 @@ def nan_where_drawn_from_nonfinite(values: torch.Tensor, confidence: torch.Tenso
     ``confidence`` (broadcast against them) is not finite, i.e. where the logits were NaN or infinite (an adapter
     scaled past the float range, weights that overflow). The argmax over NaN probabilities picks token 0, which gave an
     ordinary-looking image; the NaN reaches the final latents instead, which the pipelines refuse. Elementwise, with
-    no device sync: it runs inside the per-scale CUDA graphs too."""
-    return values.masked_fill(~confidence.isfinite(), torch.nan)
+    no device sync: it runs inside the per-scale CUDA graphs too. The result keeps the memory layout of ``values``
+    (out-of-place ``masked_fill`` returns a contiguous tensor): Infinity's codes are a channels-last view as in the
+    original, and the upsampling and decoder kernels that read them depend on the layout in the last float bits."""
+    return values.clone().masked_fill_(~confidence.isfinite(), torch.nan)
 
 
 def advance_as_sample_from_logits(logits_shape: tuple[int, int, int], generator: GeneratorArg, device) -> None:

@@ -92,6 +92,14 @@ def _original_drop_path(model_args: dict, model_class: type) -> None:
         model_args.setdefault("drop_path_rate", 0.1 * depth / 24)
 
 
+def _original_pool_heads(model_args: dict, text_dim: int) -> None:
+    """``model.pool_num_heads`` of a new Infinity model, unless the config gives it: the original's text pooling
+    heads of 128 features, of 64 in models wider than 4,096 (infinity_20b)."""
+    width = model_args.get("embed_dim", model_parameters(InfinityTransformer2DModel)["embed_dim"].default)
+    if is_number(width):  # (a wrong type is the model's ValueError, naming the key)
+        model_args.setdefault("pool_num_heads", max(1, text_dim // (64 if width > 4096 else 128)))
+
+
 def _new(model_class, model_args: dict, **init):
     """A freshly initialised transformer (``init_weights(**init)``)."""
     model = _construct(model_class, model_args)
@@ -780,7 +788,7 @@ class InfinityTask(_PipelineTask):
             k: float(model_args.pop(k)) for k in ("init_adaln", "init_adaln_gamma", "init_head") if k in model_args
         }
         model_args.setdefault("block_chunks", math.gcd(int(model_args.get("depth", 32)), 8))
-        model_args.setdefault("pool_num_heads", max(1, text_dim // 128))
+        _original_pool_heads(model_args, text_dim)
         model_args.setdefault("text_max_length", min(int(self.text_tokenizer.model_max_length), 512))
         model_args.update(
             bits_per_token=self.vae.bits_per_token, text_dim=text_dim, cond_drop_rate=config.cond_drop_rate
