@@ -51,7 +51,9 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
   fast-compile-all-static-tokens-fp8-kvcopy  ``"static-tokens"`` with ``fp8=True`` and the cache's own copies (the
                         A/B of Infinity's in-piece KV-cache writes)
   fast-compile-all-static-tokens-fp8-crossquery  ``"static-tokens"`` with ``fp8=True`` and STAR's cross-attention
-                        query compiled on CUDA too (``fast_inference.STAR_COMPILED_CROSS_QUERY_ON_CUDA = True``)
+                        query compiled on CUDA too (the default since session 29: the same as the plain mode)
+  fast-compile-all-static-tokens-fp8-plainquery  ``"static-tokens"`` with ``fp8=True`` and STAR's cross-attention
+                        query uncompiled on CUDA (``fast_inference.STAR_COMPILED_CROSS_QUERY_ON_CUDA = False``)
   fast-compile-all-static-tokens-fp8-persistent  ``"static-tokens"`` with ``fp8=True`` and Inductor's row
                         reductions of up to 16,384 features in one pass (``torch._inductor.config.triton.multi_kernel
                         = 2``: persistent reductions forced, the row kept in registers; the default loops twice over
@@ -659,6 +661,7 @@ MODES = (
     "fast-compile-all-static-fp8",
     "fast-compile-all-static-tokens-fp8-kvcopy",
     "fast-compile-all-static-tokens-fp8-crossquery",
+    "fast-compile-all-static-tokens-fp8-plainquery",
     "fast-compile-all-gnsums",
     "fast-compile-all-static-tokens-fp8-gnsums",
     "fast-compile-all-static-tokens-fp8-persistent",
@@ -676,6 +679,7 @@ BLOCK_SHAPES["fast-compile-all-static-fp8"] = "static"
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-gnsums"] = "static-tokens"
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-kvcopy"] = "static-tokens"
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-crossquery"] = "static-tokens"
+BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-plainquery"] = "static-tokens"
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-persistent"] = "static-tokens"
 KNOWN_MODELS = (
     tuple(MODELS)
@@ -804,7 +808,7 @@ def main() -> int:
                 compile_decoder = DECODER_MODES[suffix] if suffix else mode != "fast"
                 fast_inference.CHAIN_VAR_BLOCKS = not mode.endswith("-unchained")
                 fast_inference.KV_WRITES_IN_PIECE = not mode.endswith("-kvcopy")
-                fast_inference.STAR_COMPILED_CROSS_QUERY_ON_CUDA = mode.endswith("-crossquery")
+                fast_inference.STAR_COMPILED_CROSS_QUERY_ON_CUDA = not mode.endswith("-plainquery")
                 fast_inference.FUSED_GELU_MIN_ROWS = 1 if mode.endswith("-gelu-always") else None
                 multi_kernel = 2 if mode.endswith("-persistent") else 0
                 if torch._inductor.config.triton.multi_kernel != multi_kernel:  # dynamo's guards do not see it

@@ -866,7 +866,7 @@ def test_star_compiled_blocks_step_aside_where_they_are_not_trusted(monkeypatch,
 
 
 def test_star_cross_attention_query_runs_uncompiled_where_it_is_not_trusted(monkeypatch):
-    """Where the compiled cross-attention query may not run (on CUDA unless ``STAR_COMPILED_CROSS_QUERY_ON_CUDA``;
+    """Where the compiled cross-attention query may not run (on CUDA with ``STAR_COMPILED_CROSS_QUERY_ON_CUDA`` off;
     forced here on the CPU), the blocks run its plain code and every other piece compiled: in float32 the logits of
     the eager path within float32 reordering noise."""
     pipe = _perturbed_star_pipe(quirk=True)
@@ -886,8 +886,10 @@ def test_star_cross_attention_query_runs_uncompiled_where_it_is_not_trusted(monk
                 lambda *a, piece=piece, name=name: calls.__setitem__(name, calls[name] + 1) or piece(*a),
             )
     assert fast_inference.star_compiled_query_runs(torch.zeros(1, 2, 3))  # the CPU runs it compiled
-    on_cuda = types.SimpleNamespace(is_cuda=True)  # the shipped switches: blocks compiled on CUDA, the query not
-    assert fast_inference.star_compiled_pieces_run(on_cuda) and not fast_inference.star_compiled_query_runs(on_cuda)
+    on_cuda = types.SimpleNamespace(is_cuda=True)  # shipped: blocks and query compiled on CUDA (session 29)
+    assert fast_inference.star_compiled_pieces_run(on_cuda) and fast_inference.star_compiled_query_runs(on_cuda)
+    monkeypatch.setattr(fast_inference, "STAR_COMPILED_CROSS_QUERY_ON_CUDA", False)
+    assert not fast_inference.star_compiled_query_runs(on_cuda) and fast_inference.star_compiled_pieces_run(on_cuda)
     monkeypatch.setattr(fast_inference, "star_compiled_query_runs", lambda rows_BLC: False)
     plain_query = _star_model_logits(pipe)
     scales_run = len(pipe.transformer.blocks) * len(eager)

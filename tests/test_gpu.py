@@ -237,8 +237,8 @@ def _infinity_pipe() -> InfinityPipeline:
 
 def _infinity_text(batch: int, length: int, seed: int, negative: bool = False) -> dict:
     g = torch.Generator().manual_seed(seed)
-    mask = torch.ones(batch, length, dtype=torch.bool)
-    mask[:, length // 2 :] = torch.rand(batch, length - length // 2, generator=g) < 0.5
+    real = length // 2 + torch.randint(0, length - length // 2 + 1, (batch,), generator=g)
+    mask = torch.arange(length)[None, :] < real[:, None]  # padding on the right, as the tokenizer (and the pipeline)
     text = dict(prompt_embeds=torch.randn(batch, length, 32, generator=g), prompt_attention_mask=mask)
     if negative:
         text.update(

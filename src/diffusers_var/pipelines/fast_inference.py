@@ -877,18 +877,16 @@ def _star_ffn_residual(block, x_BLC):
     return x_BLC + block.drop_path(block.ffn(block.norm(x_BLC)))
 
 
-# STAR's compiled cross-attention query seemed to give wrong tokens on CUDA in bf16: STAR-d30 at 1024 px agreed with
-# eager float32 on 0.0% of its greedy tokens with it compiled (with or without CUDA graphs; in float32 on 100%), on
-# 85% with it uncompiled and every other piece compiled, as with the cross-attention's output piece also uncompiled
-# (``benchmarks/debug_star_compile.py``, session 13; uncompiled blocks: 97%, the spread of bf16 rounding over 14
-# scales of random weights). The CPU gives the eager tokens either way. So on CUDA that one piece runs its plain code.
-# Session 28 found its values right inside a generation and the first token a near-tie (BENCHMARKS.md): the query
-# stays plain until the fixture's GPU test (``gpu_session.sh star_query``) says otherwise.
-# The switches: False for the blocks runs them uncompiled on CUDA (their own forward, said once); True for the query
-# compiles it there too (what the diagnosis and a GPU test force). Set them before the first generation with CUDA
-# graphs: captured graphs keep the code they captured.
+# STAR's compiled cross-attention query: sessions 13 and 28 read STAR-d30's 0% greedy agreement with it compiled
+# (random weights, bf16) as a fault; session 28 found its values right inside a generation and the first token a
+# near-tie that one bf16 rounding flips, and session 29 ran the parity fixture's near-tie rule with it compiled on an
+# H100 (0.92 free-running, 0.94 on the same prefix, against 0.87 / 0.95 with it plain) and STAR-d30 3% faster with
+# it (BENCHMARKS.md). So it runs compiled on CUDA too.
+# The switches: False for the blocks runs them uncompiled on CUDA (their own forward, said once); False for the query
+# runs it plain there. Set them before the first generation with CUDA graphs: captured graphs keep the code they
+# captured.
 STAR_COMPILED_BLOCKS_ON_CUDA = True
-STAR_COMPILED_CROSS_QUERY_ON_CUDA = False
+STAR_COMPILED_CROSS_QUERY_ON_CUDA = True
 
 
 def star_compiled_pieces_run(x_BLC: torch.Tensor) -> bool:
