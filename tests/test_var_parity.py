@@ -305,3 +305,25 @@ def test_zero_shot_edit(converted, var_fixture, case, monkeypatch):
     with torch.no_grad():
         from_image = pipe(**call, image=(images + 1) / 2, generator=torch.Generator().manual_seed(kwargs["g_seed"]))
     check(manifest, ref, f"{prefix}img", from_image.images)
+
+
+def test_phi_reads_the_layouts_of_the_originals_paths(pipe, var_fixture):
+    """The original's encoding makes each upsampled code map contiguous before Phi (``quant.py``:
+    ``F.interpolate(...).contiguous()``); its generation and its f_hat from embeddings hand Phi the channels-last
+    view of the embedding. The layout picks Phi's convolution kernel: with release-size codes (z 32) the encoded f_hat
+    was up to 3e-6 off the original's (a spec-review beside STAR's code); with the original's layouts it is equal."""
+    _, _, ref = var_fixture
+    vq = pipe.vqvae
+    seen = []
+    hooks = [conv.register_forward_pre_hook(lambda m, args: seen.append(args[0])) for conv in vq.quantize.phi]
+    try:
+        with torch.no_grad():
+            indices = vq.encode_indices(ref["input_img"][:1])
+            encoded = len(seen)
+            codes = vq.quantize.embedding(indices[1].view(1, 2, 2)).permute(0, 3, 1, 2)  # generation's view
+            vq.quantize.scale_contribution(codes, 1, len(indices), ref["input_img"].shape[-1] // 16)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert encoded == len(indices) and all(h.is_contiguous() for h in seen[:encoded])
+    assert len(seen) == encoded + 1 and not seen[-1].is_contiguous()

@@ -218,14 +218,16 @@ class MultiScaleResidualQuantizer(nn.Module):
         return bicubic_up(codes_BChw, size)
 
     def scale_contribution(
-        self, codes_BChw: torch.Tensor, scale_index: int, num_scales: int, side: int
+        self, codes_BChw: torch.Tensor, scale_index: int, num_scales: int, side: int, contiguous: bool = False
     ) -> torch.Tensor:
         """What scale ``scale_index`` adds to f_hat: ``Phi_k(up(codes))`` in float32 (no upsampling at the last
-        scale, whose map already has the latent side)."""
+        scale, whose map already has the latent side). ``contiguous``: Phi reads the map in NCHW order, as the
+        original's encoding does (its generation does not); the layout picks Phi's convolution kernel, which rounds
+        differently."""
         h = codes_BChw.float()
         if scale_index != num_scales - 1:
             h = self.upsample(h, side)
-        return self.apply_phi(h, scale_index, num_scales)
+        return self.apply_phi(h.contiguous() if contiguous else h, scale_index, num_scales)
 
     def apply_phi(self, h_BChw: torch.Tensor, scale_index: int, num_scales: int) -> torch.Tensor:
         if len(self.phi) == 0:
@@ -271,7 +273,7 @@ class MultiScaleResidualQuantizer(nn.Module):
             idx_N = self.nearest_code(z.permute(0, 2, 3, 1).reshape(-1, C))
             if keep is not None:
                 idx_N = torch.where(keep[si].reshape(-1), kept_indices[si].reshape(-1), idx_N)
-            h = self.scale_contribution(self.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2), si, S, H)
+            h = self.scale_contribution(self.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2), si, S, H, True)
             f_hat.add_(h)
             f_rest.sub_(h)
             outputs.append(f_hat.clone() if return_fhat else idx_N.reshape(B, pn * pn))
@@ -591,7 +593,7 @@ class MultiScaleVQModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, SlicedDeco
             if self.training:
                 hits = idx_N.bincount(minlength=q.vocab_size).float()
                 q.codebook_usage[si].mul_(0.99).add_(hits, alpha=0.01)
-            h = q.scale_contribution(q.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2), si, S, H)
+            h = q.scale_contribution(q.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2), si, S, H, True)
             f_hat = f_hat + h
             f_rest = f_rest - h.detach()
             vq_loss = vq_loss + F.mse_loss(f_hat.detach(), f).mul(q.beta) + F.mse_loss(f_hat, f_detached)
