@@ -334,3 +334,29 @@ def test_star_blocks_rotate_before_normalising_and_take_row_0_of_every_rows_cros
             x, rotary=rotary, encoder_hidden_states=text, encoder_attention_mask=mask, cross_attention_row0=True
         )
         assert torch.equal(actual, expected)
+
+
+def test_t5_prompts_are_cleaned_as_the_originals_t5_embedder(text, monkeypatch):
+    """STAR's T5 ablation cleans every caption twice (DeepFloyd IF's cleaning: lower case, no URLs / HTML / '&') before
+    tokenising; raw text gave other features for 'A Red Cat' (3.6 off in the hidden states, a spec-review beside
+    the original). Without beautifulsoup4 / ftfy the call names them instead of encoding other text."""
+    from transformers import T5Config, T5EncoderModel
+
+    from diffusers_var.pipelines import pipeline_star
+
+    tokenizer, _ = text
+    torch.manual_seed(0)
+    t5 = T5EncoderModel(T5Config(vocab_size=1024, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)).eval()
+    pipe = make_pipe(stable_sampler=False, text=(tokenizer, t5))
+    assert pipeline_star.t5_embedder_captions(["A Red Cat", 'a "cat" & a dog, www.example.com']) == [
+        "a red cat",
+        'a "cat" a dog',
+    ]
+    cleaned, *_ = pipe.encode_text(["a red cat"])
+    for raw in ("A Red Cat", "  a red cat  <b></b>"):
+        torch.testing.assert_close(pipe.encode_text([raw])[0], cleaned, rtol=0, atol=0)
+    clip = make_pipe(stable_sampler=False)  # CLIP reads the text as given, as the original
+    assert not torch.equal(clip.encode_text(["A Red Cat!"])[0], clip.encode_text(["a red cat"])[0])
+    monkeypatch.setattr(pipeline_star, "_installed", lambda module: module != "ftfy")
+    with pytest.raises(ImportError, match=r"needs ftfy: pip install ftfy"):
+        pipe.encode_text(["a red cat"])

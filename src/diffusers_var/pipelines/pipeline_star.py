@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import types
 from inspect import signature
 from typing import Callable
 
@@ -65,6 +67,27 @@ T5_MAX_LENGTH = 120
 T5_MAX_POSITIONS = 512
 
 
+def t5_embedder_captions(texts: list[str]) -> list[str]:
+    """Captions as STAR's T5 ablation reads them: its ``T5Embedder`` cleans each caption twice with DeepFloyd IF's
+    caption cleaning (lower case; URLs, HTML, handles and stray punctuation removed). diffusers ships that cleaning
+    with its PixArt-alpha pipeline, which needs ``beautifulsoup4`` and ``ftfy``."""
+    missing = [package for package, module in (("beautifulsoup4", "bs4"), ("ftfy", "ftfy")) if not _installed(module)]
+    if missing:
+        raise ImportError(
+            f"a STAR pipeline with a T5 text encoder cleans prompts as the original's T5Embedder does, which needs "
+            f"{' and '.join(missing)}: pip install {' '.join(missing)} (or pip install 'diffusers-var[t5]')."
+        )
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import PixArtAlphaPipeline
+
+    cleaner = types.SimpleNamespace(bad_punct_regex=PixArtAlphaPipeline.bad_punct_regex)  # all the method reads
+    clean = PixArtAlphaPipeline._clean_caption
+    return [clean(cleaner, clean(cleaner, text)) for text in texts]
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
 class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderMixin):
     r"""Text-to-image generation with STAR (scale-wise text-to-image autoregression).
 
@@ -125,6 +148,8 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         return T5_MAX_LENGTH if self._is_t5 else self.tokenizer.model_max_length
 
     def _tokenize(self, texts: list[str], max_length: int, device):
+        if self._is_t5:
+            texts = t5_embedder_captions(texts)
         tokens = self.tokenizer(  # padded on the right, as the original (a left-padding tokenizer too)
             texts,
             padding="max_length",
