@@ -389,3 +389,10 @@ def test_a_refiner_that_does_not_fit_the_model_is_named_by_its_flag(tmp_path, ca
         error = capsys.readouterr().err.strip().splitlines()[-1]
         assert error.startswith("error: `--refiner`") and reason in error and "`refiner`" not in error, error
         assert "`transformer`" not in error, error
+
+
+@pytest.mark.parametrize("command, default", [("generate", "out.png"), ("edit", "edited.png")])
+def test_out_help_states_its_default(command, default, capsys):
+    """``edit --help`` did not say where the image goes without ``--out`` (``generate``'s did)."""
+    assert _exit_code([command, "--help"]) == 0
+    assert f"(default {default})" in " ".join(capsys.readouterr().out.split())

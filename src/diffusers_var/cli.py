@@ -605,7 +605,9 @@ def build_parser() -> OneLineErrorParser:
         "OUT-0.png, OUT-1.png, ...",
     )
     add_sampling_arguments(ed)
-    ed.add_argument("--out", default="edited.png", help="image file; its extension picks the format")
+    ed.add_argument(
+        "--out", default="edited.png", help="image file; its extension picks the format (default edited.png)"
+    )
     ed.add_argument("--overwrite", action="store_true", help="replace files diffusers-var did not write")
     ed.set_defaults(func=_edit)
 
