@@ -18,7 +18,7 @@ the default of every call. The output holds safetensors only and is written atom
 import argparse
 import sys
 
-from diffusers_var.cli_support import OneLineErrorParser, int_in_range
+from diffusers_var.cli_support import OneLineErrorParser, int_in_range, name_flags, parser_flags, print_error
 from diffusers_var.conversion import ConversionError, convert_code_checkpoint
 from diffusers_var.conversion.common import (
     OUTPUT_DTYPES,
@@ -84,9 +84,8 @@ def main(argv=None) -> int:
                 refiner_num_heads=args.refiner_num_heads,
                 using_znorm=args.using_znorm,
             )
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except ConversionError as err:  # the library names its arguments (`transformer`); the command its flags
+        return print_error(name_flags(str(err), parser_flags(parser)))
     drafter, refiner = pipe.transformer.config, pipe.refiner.config
     print(
         f"wrote {args.output}: CoDe drafter depth {drafter.depth} / width {drafter.embed_dim}, refiner depth "

@@ -13,7 +13,7 @@ holds safetensors only and is written atomically.
 import argparse
 import sys
 
-from diffusers_var.cli_support import OneLineErrorParser, int_in_range
+from diffusers_var.cli_support import OneLineErrorParser, int_in_range, name_flags, parser_flags, print_error
 from diffusers_var.conversion import ConversionError, convert_infinity_checkpoint
 from diffusers_var.conversion.common import OUTPUT_DTYPES, add_output_dtype_argument
 
@@ -57,9 +57,8 @@ def main(argv=None) -> int:
             overwrite=args.overwrite,
             depth=args.depth,
         )
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except ConversionError as err:  # the library names its arguments (`transformer`); the command its flags
+        return print_error(name_flags(str(err), parser_flags(parser)))
     cfg = pipe.transformer.config
     print(
         f"wrote {args.output}: Infinity depth {cfg.depth}, width {cfg.embed_dim}, {cfg.bits_per_token} bits/token, "

@@ -17,7 +17,7 @@ only and is written atomically.
 import argparse
 import sys
 
-from diffusers_var.cli_support import OneLineErrorParser, int_in_range
+from diffusers_var.cli_support import OneLineErrorParser, int_in_range, name_flags, parser_flags, print_error
 from diffusers_var.conversion import ConversionError, convert_star_checkpoint
 from diffusers_var.conversion.common import (
     OUTPUT_DTYPES,
@@ -80,9 +80,8 @@ def main(argv=None) -> int:
             overwrite=args.overwrite,
             depth=args.depth,
         )
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except ConversionError as err:  # the library names its arguments (`transformer`); the command its flags
+        return print_error(name_flags(str(err), parser_flags(parser)))
     cfg = pipe.transformer.config
     print(
         f"wrote {args.output}: STAR depth {cfg.depth}, width {cfg.embed_dim}, text width {cfg.text_embed_dim}, "

@@ -11,7 +11,7 @@ atomically (a temporary folder renamed into place).
 import argparse
 import sys
 
-from diffusers_var.cli_support import OneLineErrorParser, int_in_range
+from diffusers_var.cli_support import OneLineErrorParser, int_in_range, name_flags, parser_flags, print_error
 from diffusers_var.conversion import ConversionError, convert_var_checkpoint
 from diffusers_var.conversion.common import OUTPUT_DTYPES, add_output_dtype_argument, add_vq_tokenizer_arguments
 
@@ -55,9 +55,8 @@ def main(argv=None) -> int:
             num_heads=args.num_heads,
             using_znorm=args.using_znorm,
         )
-    except ConversionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except ConversionError as err:  # the library names its arguments (`transformer`); the command its flags
+        return print_error(name_flags(str(err), parser_flags(parser)))
     cfg = pipe.transformer.config
     print(
         f"wrote {args.output}: VAR depth {cfg.depth}, width {cfg.embed_dim}, {cfg.num_classes} classes, "

@@ -40,6 +40,27 @@ def _reference_missing(message: str) -> None:
     pytest.skip(message)
 
 
+def assert_ruff_clean(*paths: Path) -> None:
+    """``ruff check`` and ``ruff format --check`` pass on ``paths`` with the repository's settings (the pinned ruff of
+    the test extra; skipped where it is not installed). Files the package writes may land inside a checkout, whose
+    lint command then reads them."""
+    import shutil
+    import subprocess
+
+    try:
+        from ruff.__main__ import find_ruff_bin
+
+        ruff = find_ruff_bin()
+    except (ImportError, FileNotFoundError):
+        ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (pip install -e '.[test]')")
+    config = ["--config", str(REPO_ROOT / "pyproject.toml"), "--no-cache"]
+    for command in (["check", *config], ["format", "--check", "--diff", *config]):
+        done = subprocess.run([ruff, *command, *map(str, paths)], capture_output=True, text=True, check=False)
+        assert done.returncode == 0, f"ruff {command[0]}:\n{done.stdout}{done.stderr}"
+
+
 def load_manifest(path: Path) -> dict:
     return json.loads((path / "manifest.json").read_text())
 

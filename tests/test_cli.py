@@ -371,3 +371,28 @@ def test_edit_reads_image_and_mask_upright_as_their_exif_says(tmp_path):
         outputs[name] = np.asarray(PIL.Image.open(tmp_path / f"out-{name}.png").convert("RGB")).astype(int)
     assert np.abs(outputs["exif"] - outputs["upright"]).mean() < 3  # JPEG's rounding apart, the same edit
     assert outputs["exif"][40:, :, 2].mean() > 150  # the blue bottom half kept where the user sees it
+
+
+def test_a_refiner_that_does_not_fit_the_model_is_named_by_its_flag(tmp_path, capsys):
+    """``generate --refiner``: a refiner of another tokenizer or class count was refused with the library's names
+    (`refiner`, the drafter's `transformer`), while every other error of the command names its flag."""
+    from tiny_components import var_components
+
+    drafter = var_components(seed=0)
+    VARPipeline(**drafter).save_pretrained(tmp_path / "drafter")
+    VARPipeline(**var_components(seed=1)).save_pretrained(tmp_path / "other-tokenizer")
+    other_classes = var_components(seed=0, num_classes=12)["transformer"]
+    VARPipeline(transformer=other_classes, vqvae=drafter["vqvae"]).save_pretrained(tmp_path / "other-classes")
+    for refiner, reason in (("other-tokenizer", "another tokenizer"), ("other-classes", "num_classes=12")):
+        argv = ["generate", "--model", tmp_path / "drafter", "--refiner", tmp_path / refiner, "--class-label", "1"]
+        assert _exit_code([str(a) for a in [*argv, "--out", tmp_path / "x.png"]]) == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith("error: `--refiner`") and reason in error and "`refiner`" not in error, error
+        assert "`transformer`" not in error, error
+
+
+@pytest.mark.parametrize("command, default", [("generate", "out.png"), ("edit", "edited.png")])
+def test_out_help_states_its_default(command, default, capsys):
+    """``edit --help`` did not say where the image goes without ``--out`` (``generate``'s did)."""
+    assert _exit_code([command, "--help"]) == 0
+    assert f"(default {default})" in " ".join(capsys.readouterr().out.split())

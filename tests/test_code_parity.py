@@ -201,10 +201,10 @@ def test_converter_errors_name_the_argument(code_fixture, tmp_path, capsys):
     main = runpy.run_path(str(CONVERTER))["main"]
     S = len(manifest["config"]["patch_nums"])
     cases = [
-        (["--refiner", str(path / files["refiner_pth"]["path"]), "--draft-steps", str(S)], "`draft_steps`"),
-        (["--refiner", str(path / files["refiner_pth"]["path"]), "--draft-steps", "0"], "`draft_steps`"),
-        (["--refiner", str(path / files["vae_pth"]["path"])], "`refiner`"),  # a VQ-VAE, not a VAR
-        (["--refiner", str(tmp_path / "missing.pth")], "`refiner`"),
+        (["--refiner", str(path / files["refiner_pth"]["path"]), "--draft-steps", str(S)], "`--draft-steps`"),
+        (["--refiner", str(path / files["refiner_pth"]["path"]), "--draft-steps", "0"], "`--draft-steps`"),
+        (["--refiner", str(path / files["vae_pth"]["path"])], "`--refiner`"),  # a VQ-VAE, not a VAR
+        (["--refiner", str(tmp_path / "missing.pth")], "`--refiner`"),
     ]
     for extra, named in cases:
         assert main(base + extra + ["--output", str(tmp_path / "out")]) == 2

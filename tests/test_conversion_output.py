@@ -91,7 +91,7 @@ def test_command_line_overwrite_refuses_the_current_folder_and_foreign_folders(t
     for output in (".", str(tmp_path)):
         assert main(["--vae", "vae.pth", "--transformer", "var.pth", "--output", output, "--overwrite"]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("error: `output`") and err.count("\n") == 1, err
+        assert err.startswith("error: `--output`") and err.count("\n") == 1, err
     assert contents(tmp_path) == {"notes.txt": "mine"}
 
 
@@ -184,7 +184,7 @@ def test_an_unwritable_output_is_refused_before_converting(tmp_path, monkeypatch
         for output, reason in ((tmp_path / "somefile.pth" / "sub", "is a file"), (rodir / "out", "Permission")):
             assert main(argv + ["--output", str(output)]) == 2
             err = capsys.readouterr().err
-            assert err.startswith("error: `output`") and reason in err and err.count("\n") == 1, (script, err)
+            assert err.startswith("error: `--output`") and reason in err and err.count("\n") == 1, (script, err)
     with pytest.raises(ConversionError, match="`output`.*Permission denied"):
         atomic_save_pipeline(FakePipeline(), rodir / "out")
     assert contents(tmp_path) == {"somefile.pth": "mine"} and not any(rodir.iterdir())

@@ -595,6 +595,8 @@ def test_a_clip_hub_id_is_read_from_the_local_cache_only(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
     asked = []
     monkeypatch.setattr(huggingface_hub.file_download, "get_hf_file_metadata", lambda *a, **k: asked.append(a))
-    with pytest.raises(ValueError, match="`--clip-model` 'openai/clip-vit-large-patch14' could not be loaded"):
+    with pytest.raises(ValueError, match="`--clip-model` 'openai/clip-vit-large-patch14' could not be loaded") as err:
         ev.load_clip("openai/clip-vit-large-patch14")
     assert asked == []
+    # huggingface_hub 1.x and later install only the `hf` command (no `huggingface-cli`)
+    assert "`hf download openai/clip-vit-large-patch14`" in str(err.value)

@@ -24,7 +24,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, assert_ruff_clean
 from diffusers_var import (
     InfinityPipeline,
     InfinityTransformer2DModel,
@@ -1286,3 +1286,25 @@ def test_gpu_fused_adapter_runs_like_the_merged_model():
     close = (tokens["fused"] == tokens["unfused"]).float().mean().item()
     print(f"bf16 fast path, greedy tokens: fused adapter vs merged model {same:.4f}, fused vs unfused {close:.4f}")
     assert same >= 0.99 and close >= 0.95
+
+
+def test_the_model_card_is_ruff_clean_whatever_the_paths(tmp_path):
+    """The card's code block had ``fuse_lora(lora_scale=1.0)          # optional`` (ruff format, which formats the
+    Python blocks of Markdown, wants two spaces), so an export inside a checkout failed the README's lint command;
+    a long ``output_dir`` made a call ruff would wrap. The paths are variables now, wrapped as ruff wraps them."""
+    from types import SimpleNamespace
+
+    from diffusers_var.training.lora import model_card, settings_of
+
+    transformer = torch.nn.Linear(2, 2)
+    transformer.peft_config = {"bar": SimpleNamespace(target_modules=["to_qkv"])}
+    cards = []
+    # lengths around the line width: ruff wraps the assignment of some of them in parentheses
+    for output_dir in ["outputs/lora", *("o" * n for n in range(100, 120)), 'my "quoted" run', "é/" + "x" * 200]:
+        config = TrainConfig(
+            task="star", output_dir=output_dir, lora={"base": "pipelines/star-shapes", "adapter_name": "bar"}
+        )
+        cards.append(tmp_path / f"card{len(cards)}.md")
+        cards[-1].write_text(model_card(config, settings_of(config), "STARPipeline", transformer, {"steps": 1}))
+    assert_ruff_clean(*cards)
+    assert 'pipe.load_lora_weights(lora, adapter_name="bar")' in cards[0].read_text()

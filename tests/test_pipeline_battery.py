@@ -898,6 +898,18 @@ def test_every_embedded_folder_carries_its_loader_file():
         assert f"from diffusers_var import {class_name}" in (folder / f"{class_name}.py").read_text(), folder
 
 
+def test_written_loader_files_are_ruff_clean(tmp_path):
+    """A folder saved inside a checkout (the README's `conversion/convert_var.py ... --output var-d16-256`) failed the
+    README's lint command: ruff format dedented the indented example of ``<ClassName>.py``'s docstring."""
+    import diffusers_var
+    from conftest import assert_ruff_clean
+    from diffusers_var.pipelines.pipeline_utils import write_loader_module
+
+    names = sorted(name for name in diffusers_var.__all__ if name.endswith("Pipeline"))
+    assert {"VARPipeline", "VARCoDePipeline", "InfinityInpaintPipeline"} <= set(names)
+    assert_ruff_clean(*(write_loader_module(tmp_path, name) for name in names))
+
+
 def test_diffusers_generic_loader_and_a_folder_of_another_family(case, tmp_path):
     """``DiffusionPipeline.from_pretrained`` loads our folders through diffusers' custom-pipeline mechanism (the
     folder's ``<ClassName>.py`` imports the class from the installed package), for a saved folder and an embedded one;

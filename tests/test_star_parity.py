@@ -334,7 +334,7 @@ def test_command_line_converter(star_fixture, tmp_path, capsys):
     path, manifest, _ = star_fixture
     common = ["--vae", str(path / "vae.pth"), "--text-encoder", str(text_encoder_folder(path, manifest))]
     assert cli.main(common + ["--transformer", str(tmp_path / "missing.pth"), "--output", str(tmp_path / "a")]) == 2
-    assert "`transformer`" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    assert "`--transformer`" in capsys.readouterr().err and not (tmp_path / "a").exists()
     assert (
         cli.main(common + ["--transformer", str(path / "star_transformer.pth"), "--output", str(tmp_path / "b")]) == 0
     )
@@ -342,7 +342,7 @@ def test_command_line_converter(star_fixture, tmp_path, capsys):
     assert (
         cli.main(common + ["--transformer", str(path / "star_transformer.pth"), "--output", str(tmp_path / "b")]) == 2
     )
-    assert "`output`" in capsys.readouterr().err
+    assert "`--output`" in capsys.readouterr().err
 
 
 def test_converter_refuses_a_tokenizer_of_another_text_encoder_and_casts_the_text_encoder(star_fixture, tmp_path):

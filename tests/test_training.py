@@ -1410,3 +1410,36 @@ def test_compiled_training_saves_and_exports_the_bare_model(tokenizer_dir, tmp_p
     assert len(losses(tmp_path)) == 2
     with pytest.raises(ValueError, match="`torch_compile` must be true or false"):
         TrainConfig.load(None, ["task=tokenizer", "torch_compile=yes"])
+
+
+def test_tokenizer_tasks_train_without_a_config_at_their_models_size(tmp_path, capsys):
+    """``train tokenizer max_steps=1`` (and ``bitwise_tokenizer``) without ``--config`` failed: ``resolution``
+    defaulted to 64, which neither task's default model takes (256 px). Left out, it is now the size the task's model
+    settings need, recorded in the run's config; the transformer tasks keep 64 (their tokenizer decides)."""
+    from diffusers_var.cli import main
+
+    assert TrainConfig.load(None, ["task=tokenizer"]).resolution == 256  # the release VQ-VAE's settings
+    assert TrainConfig.load(None, ["task=bitwise_tokenizer"]).resolution == 256  # 16 px a token: 16x16 tokens
+    assert TrainConfig(task="bitwise_tokenizer", model={"encoder_ch_mult": [1, 2, 2]}).resolution == 64
+    assert TrainConfig(task="tokenizer", resolution=32).resolution == 32  # given: kept
+    assert TrainConfig(task="var").resolution == 64
+    images = tmp_path / "images"
+    images.mkdir()
+    for k in range(2):
+        PIL.Image.new("RGB", (40, 40), (100 * k, 50, 0)).save(images / f"{k}.png")
+    small = {
+        "tokenizer": [f"model={json.dumps(TOKENIZER_MODEL)}"],  # patch_nums [1, 2, 4], 2 stride-2 levels: 16 px
+        "bitwise_tokenizer": [  # 4 px a token: 64 px
+            "model.base_channels=32",
+            "model.encoder_ch_mult=[1,2,2]",
+            "model.decoder_ch_mult=[1,2,2]",
+            "model.num_res_blocks=1",
+            "model.codebook_dim=8",
+        ],
+    }
+    for task, size in (("tokenizer", 16), ("bitwise_tokenizer", 64)):
+        run = tmp_path / task
+        common = ["data.type=imagefolder", f"data.path={images}", f"output_dir={run}", "max_steps=1", "batch_size=2"]
+        assert main(["train", task, *common, *small[task], "ema_decay=null", "warmup_steps=0"]) == 0, capsys
+        assert json.loads((run / "train_config.json").read_text())["resolution"] == size
+        assert (run / "final").is_dir()

@@ -172,7 +172,7 @@ def test_patch_nums_must_be_strictly_increasing_before_converting(originals, tmp
         convert_var_checkpoint(vae, var, patch_nums=[4, 3, 2, 1])
     argv = ["--vae", vae, "--transformer", tmp_path, "--output", tmp_path / "o"]
     rc, err = _run_main("convert_var.py", argv, capsys)
-    _assert_one_line_error(rc, err, "`transformer`", "is a folder; give the checkpoint file")  # not "no such file"
+    _assert_one_line_error(rc, err, "`--transformer`", "is a folder; give the checkpoint file")  # not "no such file"
 
 
 def test_float_flags_have_ranges(originals, capsys):
@@ -293,7 +293,7 @@ def test_edited_checkpoints_are_one_error_line_naming_the_file(originals, tmp_pa
         files = {"vae": vae, "transformer": var, flag: tmp_path / f"{name}.pth"}
         argv = ["--vae", files["vae"], "--transformer", files["transformer"], "--output", tmp_path / name]
         rc, err = _run_main("convert_var.py", argv, capsys)
-        _assert_one_line_error(rc, err, f"`{flag}`")
+        _assert_one_line_error(rc, err, f"`--{flag}`")
         assert not (tmp_path / name).exists()
         if name == "stray_block":
             assert "'...'" in err and len(err) < 1000, err
@@ -381,12 +381,12 @@ def test_code_roles_without_l2_norm_take_their_heads_per_role(tmp_path, capsys):
     argv = ["--vae", files["vae_pth"], "--drafter", tmp_path / "drafter.pth", "--refiner", tmp_path / "refiner.pth"]
     rc, err = _run_main("convert_code.py", argv + ["--output", tmp_path / "no_heads"], capsys)
     # 64 features a head make the drafter the release layout of 1 block: its 3 blocks are refused, naming its flag
-    assert rc == 2 and "`drafter`: more blocks than 1" in err and "pass --drafter-depth" in err, err
+    assert rc == 2 and "`--drafter`: more blocks than 1" in err and "pass --drafter-depth" in err, err
     rc, err = _run_main("convert_code.py", argv + ["--output", tmp_path / "no_heads", "--drafter-depth", "3"], capsys)
-    assert rc == 2 and "`refiner_num_heads`: the checkpoint's width 32 is not 64 features a head" in err, err
+    assert rc == 2 and "`--refiner-num-heads`: the checkpoint's width 32 is not 64 features a head" in err, err
     assert "pass --refiner-num-heads" in err and not (tmp_path / "no_heads").exists()
     rc, err = _run_main("convert_code.py", argv + ["--output", tmp_path / "bad", "--drafter-num-heads", "3"], capsys)
-    assert rc == 2 and "`drafter_num_heads` must divide the width 64, got 3" in err, err
+    assert rc == 2 and "`--drafter-num-heads` must divide the width 64, got 3" in err, err
     heads = ["--drafter-num-heads", "2", "--refiner-num-heads", "1", "--using-znorm"]
     rc, err = _run_main("convert_code.py", argv + ["--output", tmp_path / "out", *heads], capsys)
     assert rc == 0, err
@@ -396,3 +396,35 @@ def test_code_roles_without_l2_norm_take_their_heads_per_role(tmp_path, capsys):
     assert (pipe.transformer.config.num_heads, pipe.refiner.config.num_heads) == (2, 1)
     assert not pipe.transformer.config.attn_l2_norm and not pipe.refiner.config.attn_l2_norm
     assert pipe.vqvae.config.using_znorm
+
+
+def test_converter_command_lines_name_the_flags(originals, tmp_path, capsys, monkeypatch):
+    """README: a converter's error is one line naming the flag. The library's messages name its arguments
+    (`transformer`, `output`, `text-encoder`); the commands printed those, unlike the other commands."""
+    vae, var = originals
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("")
+    var_argv = ["--vae", vae, "--transformer", "missing.pth", "--output", "o"]
+    rc, err = _run_main("convert_var.py", var_argv, capsys)
+    assert (rc, err) == (2, "error: `--transformer`: no such file 'missing.pth'.\n"), err
+    rc, err = _run_main("convert_var.py", ["--vae", vae, "--transformer", var, "--output", "out"], capsys)
+    _assert_one_line_error(rc, err, "error: `--output`: ", "out' already exists")
+    star = fixture_dir("star")
+    star_argv = ["--vae", star / "vae.pth", "--transformer", star / "star_transformer.pth", "--output", "o"]
+    rc, err = _run_main("convert_star.py", [*star_argv, "--text-encoder", "none"], capsys)
+    assert (rc, err) == (2, "error: `--text-encoder`: no such folder 'none'.\n"), err
+    infinity = fixture_dir("infinity")
+    infinity_argv = ["--vae", infinity / "vae.pth", "--transformer", infinity / "transformer/infinity.pth"]
+    infinity_argv += ["--text-encoder", infinity / "tokenizer", "--output", "o"]  # no encoder in that folder
+    rc, err = _run_main("convert_infinity.py", [*infinity_argv, "--tokenizer", infinity / "tokenizer"], capsys)
+    _assert_one_line_error(rc, err, "error: `--text-encoder`: cannot load a T5 encoder")
+    rc, err = _run_main("convert_infinity.py", [*infinity_argv, "--tokenizer", "none"], capsys)
+    assert (rc, err) == (2, "error: `--tokenizer`: 'none' is not a directory.\n"), err
+    code_argv = ["--vae", vae, "--drafter", var, "--refiner", "missing.pth", "--output", "o"]
+    rc, err = _run_main("convert_code.py", code_argv, capsys)
+    assert (rc, err) == (2, "error: `--refiner`: no such file 'missing.pth'.\n"), err
+    rc, err = _run_main(
+        "convert_code.py", [*code_argv[:4], "--refiner", var, "--output", "o", "--draft-steps", "9"], capsys
+    )
+    _assert_one_line_error(rc, err, "error: `--draft-steps`")

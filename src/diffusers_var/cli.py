@@ -446,7 +446,12 @@ def _with_refiner(pipe, args, kwargs):
             raise ValueError(f"`--refiner` {err}") from None
         refiner = load_pipeline(refiner_class, refiner_folder, "--refiner", dtype=getattr(torch, args.dtype))
         refiner = refiner.to(args.device)
-        pipe = VARCoDePipeline.from_var_pipelines(pipe, refiner)
+        try:
+            pipe = VARCoDePipeline.from_var_pipelines(pipe, refiner)
+        except ValueError as err:  # the library names its parameters: the drafter is `transformer`
+            raise ValueError(
+                name_flags(str(err), {"refiner": "--refiner", "drafter": "--model", "transformer": "--model"})
+            ) from None
     if args.draft_steps is not None:
         if not isinstance(pipe, VARCoDePipeline):
             raise ValueError(
@@ -600,7 +605,9 @@ def build_parser() -> OneLineErrorParser:
         "OUT-0.png, OUT-1.png, ...",
     )
     add_sampling_arguments(ed)
-    ed.add_argument("--out", default="edited.png", help="image file; its extension picks the format")
+    ed.add_argument(
+        "--out", default="edited.png", help="image file; its extension picks the format (default edited.png)"
+    )
     ed.add_argument("--overwrite", action="store_true", help="replace files diffusers-var did not write")
     ed.set_defaults(func=_edit)
 

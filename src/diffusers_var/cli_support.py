@@ -364,6 +364,18 @@ def name_flags(message: str, flags: dict[str, str]) -> str:
     return message
 
 
+def parser_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each long flag of ``parser`` by its argument name, either spelling (``text_encoder`` and ``text-encoder`` ->
+    ``--text-encoder``), for :func:`name_flags`: the converters' library errors name the arguments, their command
+    lines the flags."""
+    flags = {}
+    for action in parser._actions:
+        for flag in action.option_strings[:1]:
+            if flag.startswith("--") and action.dest != "help":
+                flags[action.dest] = flags[flag[2:]] = flag
+    return flags
+
+
 def print_error(message: str) -> int:
     """Print ``error: message`` (one line) and return the exit code 2."""
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr)

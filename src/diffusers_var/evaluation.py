@@ -484,7 +484,7 @@ def load_clip(name_or_path: str, device="cpu"):
             f"`--clip-model` {name_or_path!r} could not be loaded ({reason}). Pass a folder holding a "
             f"CLIPModel with its tokenizer and preprocessor_config.json (CLIPModel / CLIPProcessor "
             f"save_pretrained), or put the Hub model into the Hugging Face cache on a machine with network "
-            f"(`huggingface-cli download {DEFAULT_CLIP_MODEL}`)."
+            f"(`hf download {DEFAULT_CLIP_MODEL}`)."
         ) from None
     return model.requires_grad_(False).eval().to(device), tokenizer, processor
 

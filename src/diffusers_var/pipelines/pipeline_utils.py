@@ -850,9 +850,12 @@ def write_loader_module(folder, class_name: str) -> Path:
     custom-pipeline mechanism loads (the only pipeline class the module holds, as diffusers requires; named after the
     class because diffusers caches these modules by file name within a process). Written atomically."""
     path = Path(folder) / f"{class_name}.py"
+    # ruff-clean as written (a folder saved inside a checkout is linted with it): the unindented last line keeps
+    # ruff format from dedenting the indented example, as it does to a docstring's common indentation
     text = (
         f'"""Loads this folder with diffusers\' generic loader (needs ``pip install diffusers-var``):\n\n'
-        f'    DiffusionPipeline.from_pretrained(folder, custom_pipeline="{class_name}", trust_remote_code=True)\n'
+        f'    DiffusionPipeline.from_pretrained(folder, custom_pipeline="{class_name}", trust_remote_code=True)\n\n'
+        f"diffusers-var's own ``{class_name}.from_pretrained`` never runs this file.\n"
         f'"""\n\nfrom diffusers_var import {class_name}  # noqa: F401\n'
     )
     write_text_atomic(path, text)

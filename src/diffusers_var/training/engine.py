@@ -107,7 +107,9 @@ class TrainConfig:
     task: str = "var"  # tokenizer | bitwise_tokenizer | var | star | infinity
     output_dir: str = "outputs/run"
     data: dict = field(default_factory=lambda: {"type": "shapes", "num_images": 10000})
-    resolution: int = 64
+    # None: the task's default, what its model settings need (tokenizer: the model's image size; bitwise_tokenizer:
+    # the smallest square of Infinity's schedules for its VAE); 64 for the transformer tasks, whose tokenizer fixes it
+    resolution: int | None = None
     model: dict = field(default_factory=dict)  # constructor arguments of the trained model
     tokenizer_path: str | None = None  # frozen tokenizer for transformer training
     text_encoder_path: str | None = (
@@ -159,6 +161,12 @@ class TrainConfig:
     # "auto" without a checkpoint moves there the files it would rewrite (a train_config.json of the user's own too)
     resume: str = "auto"
     lora: dict | None = None  # LoRA fine-tuning of a pipeline: lora.base, lora.rank, ... (diffusers_var.training.lora)
+
+    def __post_init__(self):
+        if self.resolution is None:  # resolved here, so a run's recorded config holds the size it trains at
+            from .tasks import default_resolution
+
+            self.resolution = default_resolution(self.task, self.model)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:

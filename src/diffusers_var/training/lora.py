@@ -288,6 +288,25 @@ def export_lora(config, task, transformer, text_encoder, output_dir: Path, summa
 SHAPES_ONLY_DATA_KEYS = ("num_images", "seed", "concept", "concept_replaces", "concept_fraction")
 
 
+def _python_string(text: str) -> str:
+    """``text`` as the Python string literal ruff format writes: double quotes unless the text holds some and no
+    single quote (JSON's escapes are Python's)."""
+    literal = json.dumps(text, ensure_ascii=False)
+    if '"' in text and "'" not in text:
+        literal = "'" + literal[1:-1].replace('\\"', '"') + "'"
+    return literal
+
+
+def _python_assignment(name: str, text: str, line_length: int = 119) -> str:
+    """``name = "text"`` as ruff format writes it at ``line_length`` (the repository's): a line too long whose string
+    fits on a line of its own is wrapped in parentheses; a string too long for that stays on the line."""
+    literal = _python_string(text)
+    line = f"{name} = {literal}"
+    if len(line) > line_length and 4 + len(literal) <= line_length:
+        return f"{name} = (\n    {literal}\n)"
+    return line
+
+
 def model_card(config, settings: LoraSettings, pipeline_class: str, transformer, summary: dict) -> str:
     """A diffusers-style LoRA model card: base model, how to load, what was trained on what."""
     config_dict = transformer.peft_config[settings.adapter_name]
@@ -311,7 +330,10 @@ def model_card(config, settings: LoraSettings, pipeline_class: str, transformer,
             "class-conditional model learns no new ids: the adapter re-purposes existing classes)."
         )
     te = "yes (LoRA on its attention projections)" if settings.train_text_encoder else "no (frozen)"
-    load = f'pipe.load_lora_weights("{config.output_dir}/final", adapter_name="{settings.adapter_name}")'
+    # the paths as variables: the calls stay short whatever the paths, so the block is as ruff format writes it
+    base_line = _python_assignment("base", str(settings.base))
+    lora_line = _python_assignment("lora", f"{config.output_dir}/final")
+    adapter = _python_string(settings.adapter_name)
     return f"""---
 base_model: {settings.base}
 library_name: diffusers
@@ -337,9 +359,11 @@ dropout {settings.dropout}); text encoder trained: {te}. The image tokenizer is 
 import torch
 from diffusers_var import {pipeline_class}
 
-pipe = {pipeline_class}.from_pretrained("{settings.base}", dtype=torch.float32)
-{load}
-pipe.fuse_lora(lora_scale=1.0)          # optional: full speed (also under enable_fast_inference())
+{base_line}
+{lora_line}
+pipe = {pipeline_class}.from_pretrained(base, dtype=torch.float32)
+pipe.load_lora_weights(lora, adapter_name={adapter})
+pipe.fuse_lora(lora_scale=1.0)  # optional: full speed (also under enable_fast_inference())
 ```
 
 or `diffusers-var generate --model {settings.base} --lora {config.output_dir}/final --lora-scale 1.0 ...`.

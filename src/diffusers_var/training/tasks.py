@@ -214,7 +214,29 @@ def _drop_mask(batch_size: int, rate: float) -> torch.Tensor:
 def _check_vq_resolution(config, tokenizer: MultiScaleVQModel) -> None:
     size = tokenizer.latent_size * tokenizer.downsample_factor
     if config.resolution != size:
-        raise ValueError(f"`resolution` {config.resolution} does not match the tokenizer's {size}.")
+        raise ValueError(
+            f"`resolution` {config.resolution} does not match the tokenizer's {size}: set resolution={size}."
+        )
+
+
+def default_resolution(task: str, model) -> int:
+    """``resolution`` when the config gives none: what the tokenizer tasks' model settings (``model`` over the model
+    class's defaults) need, so that they train without a config; 64 for the transformer tasks (their tokenizer fixes
+    the size, and a mismatch says which). A ``model`` section that gives no size falls back to 64; building the
+    model then names its fault."""
+    if task not in ("tokenizer", "bitwise_tokenizer") or not isinstance(model, dict):
+        return 64
+    model_class = TASKS[task].model_class
+    settings = {name: p.default for name, p in model_parameters(model_class).items()} | model
+    try:
+        if task == "tokenizer":
+            size = int(settings["patch_nums"][-1]) * 2 ** (len(settings["ch_mult"]) - 1)
+        else:
+            ppt = 2 ** (len(settings["encoder_ch_mult"]) - 1) * (2 if settings["spatial_patchify"] else 1)
+            size = min(h for h, w in supported_pixel_sizes(ppt) if h == w)
+    except (TypeError, ValueError, IndexError, KeyError):
+        return 64
+    return size if size >= 1 else 64  # a bad setting is named by the model section's checks, not as `resolution`
 
 
 def bitwise_schedule(resolution: int, vae: BitwiseMultiScaleVAE) -> list[tuple[int, int]]:
@@ -229,7 +251,7 @@ def bitwise_schedule(resolution: int, vae: BitwiseMultiScaleVAE) -> list[tuple[i
         raise ValueError(
             f"`resolution` {resolution} is not a square size of Infinity's schedules for a VAE with "
             f"{ppt} pixels per token (2 ** (len(encoder_ch_mult) - 1), x2 with spatial_patchify); "
-            f"supported: {sizes}."
+            f"supported: {sizes}; set resolution= to one of them."
         )
     return schedule
 
@@ -342,7 +364,8 @@ class TokenizerTask(_ReconstructionTask):
         if config.resolution != self.model.latent_size * self.model.downsample_factor:
             raise ValueError(
                 f"`resolution` {config.resolution} must equal patch_nums[-1] * 2**(len(ch_mult)-1) = "
-                f"{self.model.latent_size * self.model.downsample_factor} for this tokenizer config."
+                f"{self.model.latent_size * self.model.downsample_factor} for this tokenizer config (leave "
+                "`resolution` out to train at that size)."
             )
 
     def loss(self, model, batch):
