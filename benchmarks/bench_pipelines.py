@@ -51,7 +51,8 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
   fast-compile-all-static-tokens-fp8-kvcopy  ``"static-tokens"`` with ``fp8=True`` and the cache's own copies (the
                         A/B of Infinity's in-piece KV-cache writes)
   fast-compile-all-static-tokens-fp8-crossquery  ``"static-tokens"`` with ``fp8=True`` and STAR's cross-attention
-                        query compiled on CUDA too (the default since session 29: the same as the plain mode)
+                        query compiled on CUDA too (the default since session 29, so the same as
+                        ``fast-compile-all-static-tokens-fp8``; kept for session 28's commands)
   fast-compile-all-static-tokens-fp8-plainquery  ``"static-tokens"`` with ``fp8=True`` and STAR's cross-attention
                         query uncompiled on CUDA (``fast_inference.STAR_COMPILED_CROSS_QUERY_ON_CUDA = False``)
   fast-compile-all-static-tokens-fp8-persistent  ``"static-tokens"`` with ``fp8=True`` and Inductor's row

@@ -212,7 +212,7 @@ PY
         -k compiled_blocks_on_the_converted_fixture > "$OUT/star_query_tests.log" 2>&1
       grep -E "agreement|passed|failed|FAILED|ERROR|SKIPPED" "$OUT/star_query_tests.log" | head -10
       BENCH_TIMEOUT=${BENCH_TIMEOUT:-300} bench . star_query --models star-d30 --batch-sizes 1 \
-        --modes fast-compile-all-static-tokens-fp8,fast-compile-all-static-tokens-fp8-crossquery --repeats 5 ;;
+        --modes fast-compile-all-static-tokens-fp8-plainquery,fast-compile-all-static-tokens-fp8 --repeats 5 ;;
     persistent)  # issue 20: Inductor's row reductions in one pass (fc2's float8 input, LayerNorms over 1,920-2,048
       # features) against the default's two loops, 1024 px batch 1, one model per process (PERSIST_MODELS, default both)
       for model in ${PERSIST_MODELS:-infinity-2b star-d30}; do

@@ -1297,14 +1297,24 @@ def test_the_model_card_is_ruff_clean_whatever_the_paths(tmp_path):
     from diffusers_var.training.lora import model_card, settings_of
 
     transformer = torch.nn.Linear(2, 2)
-    transformer.peft_config = {"bar": SimpleNamespace(target_modules=["to_qkv"])}
+    cases = [
+        ("outputs/lora", "bar"),
+        *(("o" * n, "bar") for n in range(100, 120)),  # around the line width: ruff wraps some in parentheses
+        ('my "quoted" run', "bar"),
+        ("""runs/"a" and "b" it's""", "bar"),  # single quotes need fewer escapes: ruff picks them
+        ("é/" + "x" * 200, "bar"),
+        ("outputs/lora", "a" * 90),  # a long adapter name: its call line would pass 119 columns
+    ]
     cards = []
-    # lengths around the line width: ruff wraps the assignment of some of them in parentheses
-    for output_dir in ["outputs/lora", *("o" * n for n in range(100, 120)), 'my "quoted" run', "é/" + "x" * 200]:
+    for output_dir, adapter in cases:
         config = TrainConfig(
-            task="star", output_dir=output_dir, lora={"base": "pipelines/star-shapes", "adapter_name": "bar"}
+            task="star",
+            output_dir=output_dir,
+            lora={"base": str(REPO_ROOT / "pipelines" / "star-shapes"), "adapter_name": adapter},
         )
+        transformer.peft_config = {adapter: SimpleNamespace(target_modules=["to_qkv"])}
         cards.append(tmp_path / f"card{len(cards)}.md")
         cards[-1].write_text(model_card(config, settings_of(config), "STARPipeline", transformer, {"steps": 1}))
     assert_ruff_clean(*cards)
-    assert 'pipe.load_lora_weights(lora, adapter_name="bar")' in cards[0].read_text()
+    assert 'adapter = "bar"\npipe = STARPipeline' in cards[0].read_text()
+    assert "pipe.load_lora_weights(lora, adapter_name=adapter)" in cards[0].read_text()

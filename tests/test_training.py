@@ -1421,6 +1421,8 @@ def test_tokenizer_tasks_train_without_a_config_at_their_models_size(tmp_path, c
     assert TrainConfig.load(None, ["task=tokenizer"]).resolution == 256  # the release VQ-VAE's settings
     assert TrainConfig.load(None, ["task=bitwise_tokenizer"]).resolution == 256  # 16 px a token: 16x16 tokens
     assert TrainConfig(task="bitwise_tokenizer", model={"encoder_ch_mult": [1, 2, 2]}).resolution == 64
+    # 2 px a token: its schedules have 32 and 64; 64, the size earlier runs recorded, so they resume
+    assert TrainConfig(task="bitwise_tokenizer", model={"encoder_ch_mult": [1, 2]}).resolution == 64
     assert TrainConfig(task="tokenizer", resolution=32).resolution == 32  # given: kept
     assert TrainConfig(task="var").resolution == 64
     images = tmp_path / "images"
@@ -1440,6 +1442,8 @@ def test_tokenizer_tasks_train_without_a_config_at_their_models_size(tmp_path, c
     for task, size in (("tokenizer", 16), ("bitwise_tokenizer", 64)):
         run = tmp_path / task
         common = ["data.type=imagefolder", f"data.path={images}", f"output_dir={run}", "max_steps=1", "batch_size=2"]
-        assert main(["train", task, *common, *small[task], "ema_decay=null", "warmup_steps=0"]) == 0, capsys
+        assert main(["train", task, *common, *small[task], "ema_decay=null", "warmup_steps=0"]) == 0, (
+            capsys.readouterr().err
+        )
         assert json.loads((run / "train_config.json").read_text())["resolution"] == size
         assert (run / "final").is_dir()

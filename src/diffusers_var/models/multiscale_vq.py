@@ -273,7 +273,9 @@ class MultiScaleResidualQuantizer(nn.Module):
             idx_N = self.nearest_code(z.permute(0, 2, 3, 1).reshape(-1, C))
             if keep is not None:
                 idx_N = torch.where(keep[si].reshape(-1), kept_indices[si].reshape(-1), idx_N)
-            h = self.scale_contribution(self.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2), si, S, H, True)
+            h = self.scale_contribution(
+                self.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2), si, S, H, contiguous=True
+            )
             f_hat.add_(h)
             f_rest.sub_(h)
             outputs.append(f_hat.clone() if return_fhat else idx_N.reshape(B, pn * pn))
@@ -593,7 +595,7 @@ class MultiScaleVQModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, SlicedDeco
             if self.training:
                 hits = idx_N.bincount(minlength=q.vocab_size).float()
                 q.codebook_usage[si].mul_(0.99).add_(hits, alpha=0.01)
-            h = q.scale_contribution(q.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2), si, S, H, True)
+            h = q.scale_contribution(q.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2), si, S, H, contiguous=True)
             f_hat = f_hat + h
             f_rest = f_rest - h.detach()
             vq_loss = vq_loss + F.mse_loss(f_hat.detach(), f).mul(q.beta) + F.mse_loss(f_hat, f_detached)

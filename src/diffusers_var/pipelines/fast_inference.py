@@ -879,9 +879,8 @@ def _star_ffn_residual(block, x_BLC):
 
 # STAR's compiled cross-attention query: sessions 13 and 28 read STAR-d30's 0% greedy agreement with it compiled
 # (random weights, bf16) as a fault; session 28 found its values right inside a generation and the first token a
-# near-tie that one bf16 rounding flips, and session 29 ran the parity fixture's near-tie rule with it compiled on an
-# H100 (0.92 free-running, 0.94 on the same prefix, against 0.87 / 0.95 with it plain) and STAR-d30 3% faster with
-# it (BENCHMARKS.md). So it runs compiled on CUDA too.
+# near-tie that one bf16 rounding flips, and session 29's GPU run of the parity fixture's near-tie rule agreed with it
+# compiled as with it plain, and STAR-d30 ran faster with it (BENCHMARKS.md). So it runs compiled on CUDA too.
 # The switches: False for the blocks runs them uncompiled on CUDA (their own forward, said once); False for the query
 # runs it plain there. Set them before the first generation with CUDA graphs: captured graphs keep the code they
 # captured.

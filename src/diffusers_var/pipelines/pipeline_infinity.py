@@ -368,7 +368,7 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         device = condition[0].device
         transformer_step = self._transformer_steps(condition, schedule, device)
         bits_per_token, vae = self.transformer.config.bits_per_token, self.vae
-        latents = torch.zeros(  # channels-last: the original's sum of its codes' channels-last views (see decode)
+        latents = torch.zeros(  # channels-last: the original's sum of its codes' channels-last views
             B, vae.config.codebook_dim, *vae.latent_schedule(schedule)[-1], device=device, dtype=torch.float32
         ).contiguous(memory_format=torch.channels_last)
         scale_input = None
@@ -418,8 +418,9 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
                         next_scale_input=next_input,
                     )
                     new_latents = self._step_callback(callback, tensor_names, si, (h, w), tensors)
-                    if new_latents is not None:
-                        latents, next_input = new_latents, self._next_scale_input(new_latents, si, schedule)
+                    if new_latents is not None:  # kept channels-last: the kernels that read the sum follow the layout
+                        latents = new_latents.contiguous(memory_format=torch.channels_last)
+                        next_input = self._next_scale_input(latents, si, schedule)
                 if next_input is not None:
                     scale_input = self._guidance_rows(next_input, guided)
                 progress_bar.update()
@@ -435,7 +436,9 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Summed codes (B, d, h, w) -> images (B, 3, H, W) in [-1, 1]."""
         decoder_dtype = next(self.vae.decoder.parameters()).dtype  # the decoder alone may be cast (fast inference)
-        return self.vae.decode(latents.to(decoder_dtype)).sample.float()
+        # channels-last as the original's decoder input: its CPU convolution kernels round by the layout
+        latents = latents.to(decoder_dtype).contiguous(memory_format=torch.channels_last)
+        return self.vae.decode(latents).sample.float()
 
     # -- inputs -------------------------------------------------------------------------------------
     def check_inputs(

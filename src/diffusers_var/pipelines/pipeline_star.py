@@ -386,10 +386,9 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         stable sampler's extra head passes and all sampling run eagerly. Use a CUDA ``torch.Generator``. On the
         CPU it only casts: with ``dtype=torch.float32`` the images are the eager ones. ``compile_blocks``:
         ``torch.compile`` of each block's elementwise work (norms, q/k normalisation, RoPE, residuals, FFN; the
-        stable sampler's blocks too), fused before the graphs are captured; on CUDA the cross-attention query runs
-        uncompiled (compiled, it gave wrong tokens there in bf16:
-        ``fast_inference.STAR_COMPILED_CROSS_QUERY_ON_CUDA``); ``True`` / ``"dynamic"``, ``"static-tokens"`` or
-        ``"static"`` as for VAR.
+        stable sampler's blocks too), fused before the graphs are captured (on CUDA,
+        ``fast_inference.STAR_COMPILED_CROSS_QUERY_ON_CUDA = False`` keeps the cross-attention query uncompiled);
+        ``True`` / ``"dynamic"``, ``"static-tokens"`` or ``"static"`` as for VAR.
         ``fp8``: float8 matmuls in the main blocks' attention and FFN at scales of at least 4,096 token rows (as for
         VAR). Returns the pipeline.
         """

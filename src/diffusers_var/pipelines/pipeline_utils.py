@@ -551,7 +551,7 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         if output_type == "latent":
             if not bool(latents.isfinite().all()):  # one sync, at the end of the call
                 raise ValueError(f"the call's final `latents` hold NaN / infinite values: either {causes}.")
-            images = latents
+            images = latents.contiguous()  # (Infinity sums its codes channels-last, as the original)
         else:
             try:
                 decoded = self.decode_latents(latents)

@@ -108,7 +108,8 @@ class TrainConfig:
     output_dir: str = "outputs/run"
     data: dict = field(default_factory=lambda: {"type": "shapes", "num_images": 10000})
     # None: the task's default, what its model settings need (tokenizer: the model's image size; bitwise_tokenizer:
-    # the smallest square of Infinity's schedules for its VAE); 64 for the transformer tasks, whose tokenizer fixes it
+    # 64 where Infinity's schedules have it for its VAE, else their smallest square); 64 for the transformer tasks,
+    # whose tokenizer fixes it
     resolution: int | None = None
     model: dict = field(default_factory=dict)  # constructor arguments of the trained model
     tokenizer_path: str | None = None  # frozen tokenizer for transformer training

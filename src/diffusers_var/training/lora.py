@@ -289,11 +289,11 @@ SHAPES_ONLY_DATA_KEYS = ("num_images", "seed", "concept", "concept_replaces", "c
 
 
 def _python_string(text: str) -> str:
-    """``text`` as the Python string literal ruff format writes: double quotes unless the text holds some and no
-    single quote (JSON's escapes are Python's)."""
+    """``text`` as the Python string literal ruff format writes: double quotes unless single quotes need fewer
+    escapes (JSON's escapes are Python's)."""
     literal = json.dumps(text, ensure_ascii=False)
-    if '"' in text and "'" not in text:
-        literal = "'" + literal[1:-1].replace('\\"', '"') + "'"
+    if text.count('"') > text.count("'"):
+        literal = "'" + literal[1:-1].replace('\\"', '"').replace("'", "\\'") + "'"
     return literal
 
 
@@ -333,7 +333,7 @@ def model_card(config, settings: LoraSettings, pipeline_class: str, transformer,
     # the paths as variables: the calls stay short whatever the paths, so the block is as ruff format writes it
     base_line = _python_assignment("base", str(settings.base))
     lora_line = _python_assignment("lora", f"{config.output_dir}/final")
-    adapter = _python_string(settings.adapter_name)
+    adapter_line = _python_assignment("adapter", settings.adapter_name)
     return f"""---
 base_model: {settings.base}
 library_name: diffusers
@@ -361,8 +361,9 @@ from diffusers_var import {pipeline_class}
 
 {base_line}
 {lora_line}
+{adapter_line}
 pipe = {pipeline_class}.from_pretrained(base, dtype=torch.float32)
-pipe.load_lora_weights(lora, adapter_name={adapter})
+pipe.load_lora_weights(lora, adapter_name=adapter)
 pipe.fuse_lora(lora_scale=1.0)  # optional: full speed (also under enable_fast_inference())
 ```
 

@@ -233,7 +233,8 @@ def default_resolution(task: str, model) -> int:
             size = int(settings["patch_nums"][-1]) * 2 ** (len(settings["ch_mult"]) - 1)
         else:
             ppt = 2 ** (len(settings["encoder_ch_mult"]) - 1) * (2 if settings["spatial_patchify"] else 1)
-            size = min(h for h, w in supported_pixel_sizes(ppt) if h == w)
+            squares = [h for h, w in supported_pixel_sizes(ppt) if h == w]
+            size = 64 if 64 in squares else min(squares)  # 64: the size every task took before (runs resume)
     except (TypeError, ValueError, IndexError, KeyError):
         return 64
     return size if size >= 1 else 64  # a bad setting is named by the model section's checks, not as `resolution`
