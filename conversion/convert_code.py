@@ -24,6 +24,7 @@ from diffusers_var.conversion.common import (
     OUTPUT_DTYPES,
     add_output_dtype_argument,
     add_vq_tokenizer_arguments,
+    vq_tokenizer_kwargs,
     warnings_as_lines,
 )
 
@@ -60,11 +61,6 @@ def main(argv=None) -> int:
             default=None,
             help=f"the {role}'s attention heads, for a checkpoint trained with attn_l2_norm=False (default: width/64)",
         )
-    parser.add_argument(
-        "--using-znorm",
-        action="store_true",
-        help="the VQ-VAE was trained with using_znorm=True (codes by cosine similarity; off in the release)",
-    )
     args = parser.parse_args(argv)
     try:
         with warnings_as_lines():  # a drafter smaller than the refiner: "warning: ... did you swap ...?"
@@ -74,15 +70,13 @@ def main(argv=None) -> int:
                 args.refiner,
                 args.output,
                 draft_steps=args.draft_steps,
-                patch_nums=args.patch_nums,
-                quant_resi=args.quant_resi,
                 dtype=OUTPUT_DTYPES[args.dtype],
                 overwrite=args.overwrite,
                 drafter_depth=args.drafter_depth,
                 drafter_num_heads=args.drafter_num_heads,
                 refiner_depth=args.refiner_depth,
                 refiner_num_heads=args.refiner_num_heads,
-                using_znorm=args.using_znorm,
+                **vq_tokenizer_kwargs(args),
             )
     except ConversionError as err:  # the library names its arguments (`transformer`); the command its flags
         return print_error(name_flags(str(err), parser_flags(parser)))

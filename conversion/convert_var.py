@@ -13,7 +13,12 @@ import sys
 
 from diffusers_var.cli_support import OneLineErrorParser, int_in_range, name_flags, parser_flags, print_error
 from diffusers_var.conversion import ConversionError, convert_var_checkpoint
-from diffusers_var.conversion.common import OUTPUT_DTYPES, add_output_dtype_argument, add_vq_tokenizer_arguments
+from diffusers_var.conversion.common import (
+    OUTPUT_DTYPES,
+    add_output_dtype_argument,
+    add_vq_tokenizer_arguments,
+    vq_tokenizer_kwargs,
+)
 
 
 def main(argv=None) -> int:
@@ -36,24 +41,17 @@ def main(argv=None) -> int:
         default=None,
         help="the attention's heads, for a checkpoint trained with attn_l2_norm=False (default: width / 64)",
     )
-    parser.add_argument(
-        "--using-znorm",
-        action="store_true",
-        help="the VQ-VAE was trained with using_znorm=True (codes by cosine similarity; off in the release)",
-    )
     args = parser.parse_args(argv)
     try:
         pipe = convert_var_checkpoint(
             args.vae,
             args.transformer,
             args.output,
-            patch_nums=args.patch_nums,
-            quant_resi=args.quant_resi,
             dtype=OUTPUT_DTYPES[args.dtype],
             overwrite=args.overwrite,
             depth=args.depth,
             num_heads=args.num_heads,
-            using_znorm=args.using_znorm,
+            **vq_tokenizer_kwargs(args),
         )
     except ConversionError as err:  # the library names its arguments (`transformer`); the command its flags
         return print_error(name_flags(str(err), parser_flags(parser)))

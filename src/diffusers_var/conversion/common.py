@@ -141,8 +141,8 @@ def add_output_dtype_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_vq_tokenizer_arguments(parser: argparse.ArgumentParser) -> None:
-    """The VQ-VAE flags of the VAR-family converters: ``--patch-nums`` (when the tensors cannot tell) and
-    ``--quant-resi``."""
+    """The VQ-VAE flags of the VAR-family converters: ``--patch-nums`` (when the tensors cannot tell),
+    ``--quant-resi`` and ``--using-znorm`` (which the weights do not record)."""
     parser.add_argument(
         "--patch-nums",
         type=patch_nums_arg(),
@@ -155,6 +155,16 @@ def add_vq_tokenizer_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.5,
         help="Phi mixing ratio r of the VQ-VAE, 0 < r <= 1 (0.5 in every release)",
     )
+    parser.add_argument(
+        "--using-znorm",
+        action="store_true",
+        help="the VQ-VAE was trained with using_znorm=True (codes by cosine similarity; off in the release)",
+    )
+
+
+def vq_tokenizer_kwargs(args: argparse.Namespace) -> dict:
+    """The values of :func:`add_vq_tokenizer_arguments`' flags, as the converters' keyword arguments."""
+    return dict(patch_nums=args.patch_nums, quant_resi=args.quant_resi, using_znorm=args.using_znorm)
 
 
 def check_depth(depth: int | None) -> int | None:
