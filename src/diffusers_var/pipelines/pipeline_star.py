@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import types
 from inspect import signature
 from typing import Callable
 
 import torch
-from diffusers.utils import logging
+from diffusers.utils import is_bs4_available, is_ftfy_available, logging
 
 from ..loaders import STARLoraLoaderMixin
 from ..models.blocks import square_schedule
@@ -71,7 +70,11 @@ def t5_embedder_captions(texts: list[str]) -> list[str]:
     """Captions as STAR's T5 ablation reads them: its ``T5Embedder`` cleans each caption twice with DeepFloyd IF's
     caption cleaning (lower case; URLs, HTML, handles and stray punctuation removed). diffusers ships that cleaning
     with its PixArt-alpha pipeline, which needs ``beautifulsoup4`` and ``ftfy``."""
-    missing = [package for package, module in (("beautifulsoup4", "bs4"), ("ftfy", "ftfy")) if not _installed(module)]
+    missing = [
+        name
+        for name, available in (("beautifulsoup4", is_bs4_available), ("ftfy", is_ftfy_available))
+        if not available()
+    ]
     if missing:
         raise ImportError(
             f"a STAR pipeline with a T5 text encoder cleans prompts as the original's T5Embedder does, which needs "
@@ -82,10 +85,6 @@ def t5_embedder_captions(texts: list[str]) -> list[str]:
     cleaner = types.SimpleNamespace(bad_punct_regex=PixArtAlphaPipeline.bad_punct_regex)  # all the method reads
     clean = PixArtAlphaPipeline._clean_caption
     return [clean(cleaner, clean(cleaner, text)) for text in texts]
-
-
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
 
 
 class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderMixin):
