@@ -1447,3 +1447,22 @@ def test_tokenizer_tasks_train_without_a_config_at_their_models_size(tmp_path, c
         )
         assert json.loads((run / "train_config.json").read_text())["resolution"] == size
         assert (run / "final").is_dir()
+
+
+def test_weight_decay_spares_what_the_original_trainers_spare():
+    """The originals' ``nowd_keys``: VAR decays its class embedding (ours had spared every 'embedding'), Infinity
+    spares its learned unconditional text (``cfg_uncond``) and text-pooling query (``mat_q``), which ours decayed."""
+    from diffusers_var.training.engine import _param_groups
+    from tiny_components import infinity_components, var_components
+
+    for components, decayed, spared in (
+        (var_components(), {"class_embedding.weight", "head.weight"}, {"level_embedding.weight", "pos_start"}),
+        (infinity_components(), set(), {"uncond_text_embeds", "text_pool.learned_query", "level_embedding.weight"}),
+    ):
+        transformer = components["transformer"]
+        names = {id(param): name for name, param in transformer.named_parameters()}
+        decay, no_decay = (
+            {names[id(param)] for param in group["params"]} for group in _param_groups([transformer], 0.05)
+        )
+        assert decayed <= decay and spared <= no_decay and not any(name.endswith("bias") for name in decay)
+        assert {name for name in decay if "log_scale" in name or "adaln_offset" in name} == set()

@@ -613,17 +613,23 @@ def _lr_lambda(config: TrainConfig):
     return factor
 
 
+# our names of the originals' no-decay keys (pos_1LC / pos_start, lvl_embed, scale_mul, ada_gss, cfg_uncond, mat_q)
+NO_WEIGHT_DECAY = ("pos_", "level_embedding", "log_scale", "adaln_offset", "uncond_text_embeds", "learned_query")
+
+
 def _param_groups(models: list[torch.nn.Module], weight_decay: float) -> list[dict]:
-    """The trainable parameters of ``models`` in two groups, decayed first: no weight decay on biases, norms,
-    embeddings, position / level tables and AdaLN offsets. One pair for all models: a LoRA run (the transformer's and
-    the text encoder's adapters) has no parameter without decay, and torch's checkpoint loader accepts one empty
-    group, not two."""
+    """The trainable parameters of ``models`` in two groups, decayed first: no weight decay where the original
+    trainers have none (their ``nowd_keys``): biases, norms and other 1-d parameters, position and level tables, the
+    attention's head scales, AdaLN offsets, Infinity's learned unconditional text and text-pooling query; the class
+    embedding is decayed, as VAR's trainer does. One pair for all models: a LoRA run (the transformer's and the text
+    encoder's adapters) has no parameter without decay, and torch's checkpoint loader accepts one empty group, not
+    two."""
     decay, no_decay = [], []
     for model in models:
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
-            skip = param.ndim < 2 or any(k in name for k in ("pos_", "embedding", "log_scale", "adaln_offset"))
+            skip = param.ndim < 2 or any(k in name for k in NO_WEIGHT_DECAY)
             (no_decay if skip else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
