@@ -776,15 +776,18 @@ def _forget_other_precision(mixed_precision: str, world_size: int) -> None:
         AcceleratorState._reset_state()
 
 
-def _resume_point(config: TrainConfig, output_dir: Path, is_main: bool, inputs: dict[str, dict]) -> Path | None:
-    """The checkpoint to resume from (``None``: start afresh), following ``config.resume`` (``inputs``: the run's
-    :func:`input_fingerprints`). Every process reads the same folder and comes to the same answer; nothing is moved
-    here (``resume=never`` moves the previous run aside only once every check has passed, see :func:`train`)."""
+def _resume_point(
+    config: TrainConfig, output_dir: Path, is_main: bool, inputs: dict[str, dict]
+) -> tuple[Path | None, int]:
+    """The checkpoint to resume from and its step (``(None, 0)``: start afresh), following ``config.resume``
+    (``inputs``: the run's :func:`input_fingerprints`). Every process reads the same folder and comes to the same
+    answer; nothing is moved here (``resume=never`` moves the previous run aside only once every check has passed, see
+    :func:`train`)."""
     if config.resume == "never":
-        return None
+        return None, 0
     checkpoint = resumable_checkpoint(output_dir / "checkpoints", is_main)
     if checkpoint is None:
-        return None
+        return None, 0
     saved = read_training_state(checkpoint)  # refuses a checkpoint of accelerate's pickle format
     differences = {
         key: f"{old!r} -> {new!r}"
@@ -804,7 +807,7 @@ def _resume_point(config: TrainConfig, output_dir: Path, is_main: bool, inputs: 
         )
     if differences and is_main:
         print(f"resume=force: continuing {checkpoint.name} with changed {', '.join(differences)}")
-    return checkpoint
+    return checkpoint, saved["step"]
 
 
 def _apply_hyperparameters(optimizer, scheduler, config: TrainConfig, ema=None) -> None:
@@ -975,14 +978,13 @@ def _train(config: TrainConfig, lock: _RunLock) -> Path:
     if accelerator.is_main_process and output_dir.is_dir():  # a folder a run may be using: it is ours from here
         lock.acquire(output_dir, create=False)
     inputs = input_fingerprints(config)  # what the paths point to now: a resume compares, each checkpoint records
-    resume_from = _resume_point(config, output_dir, accelerator.is_main_process, inputs)
+    resume_from, resume_step = _resume_point(config, output_dir, accelerator.is_main_process, inputs)
     if config.resume != "never":  # (with resume=never a previous export is moved aside, not replaced)
         # refuse now rather than after training
         check_output_dir(output_dir / "final", overwrite=True, name="output_dir", replacer="the run's final export")
         if checkpoint_dir.exists() and not checkpoint_dir.is_dir():  # (resume=never moves it aside with the run)
             raise ValueError(f"`output_dir`: {str(checkpoint_dir)!r} is a file, not the run's checkpoints folder.")
-        start = read_training_state(resume_from)["step"] if resume_from is not None else 0
-        _check_checkpoint_paths_free(config, checkpoint_dir, start)
+        _check_checkpoint_paths_free(config, checkpoint_dir, resume_step)
 
     # the data and the model: their checks fail here, before the output folder is touched
     task = build_task(config, accelerator.device)
