@@ -64,6 +64,9 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
                         takes them from 16 images on)
   fast-compile-all-static-tokens-fp8-gnsums  both (the text-to-image models at batch 1: a 1024 px image is as
                         many decoder positions as 16 images of 256 px)
+  fast-compile-all-static-tokens-fp8-gnsums-large  ``"static-tokens"`` with ``fp8=True`` and the sums at any batch
+                        size on maps of 512 x 512 positions and more only
+                        (``fast_inference.CHANNEL_SUM_GROUP_NORM_MIN_POSITIONS = 512 * 512``)
 It also checks that greedy tokens (bits for Infinity) of the fast path agree with the eager float32 path.
 """
 
@@ -665,6 +668,7 @@ MODES = (
     "fast-compile-all-static-tokens-fp8-plainquery",
     "fast-compile-all-gnsums",
     "fast-compile-all-static-tokens-fp8-gnsums",
+    "fast-compile-all-static-tokens-fp8-gnsums-large",
     "fast-compile-all-static-tokens-fp8-persistent",
 )
 SDPA_BACKENDS = {  # --sdpa-first: PyTorch's own order after the one named
@@ -678,6 +682,7 @@ BLOCK_SHAPES = {f"fast-compile-all-{shapes}": shapes for shapes in ("static-toke
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8"] = "static-tokens"
 BLOCK_SHAPES["fast-compile-all-static-fp8"] = "static"
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-gnsums"] = "static-tokens"
+BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-gnsums-large"] = "static-tokens"
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-kvcopy"] = "static-tokens"
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-crossquery"] = "static-tokens"
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-plainquery"] = "static-tokens"
@@ -818,6 +823,10 @@ def main() -> int:
                 bench.pipe.enable_fast_inference(compile_decoder=compile_decoder, **extra)
                 if mode.endswith("-subpixel"):
                     subpixel_upsample_(getattr(bench.pipe, "vqvae", None) or bench.pipe.vae)
+                large_map = 512 * 512 if mode.endswith("-gnsums-large") else None
+                if fast_inference.CHANNEL_SUM_GROUP_NORM_MIN_POSITIONS != large_map:  # read when traced
+                    torch._dynamo.reset()
+                    fast_inference.CHANNEL_SUM_GROUP_NORM_MIN_POSITIONS = large_map
                 if mode.endswith("-gnsums"):  # at every batch size (the default: from 16 images on)
                     channel_sum_group_norm_(
                         (getattr(bench.pipe, "vqvae", None) or bench.pipe.vae).decoder, min_batch=1

@@ -17,7 +17,8 @@
 # CHAIN_SIDES also static-tokens / static: compile_blocks' shapes), trace (dynamo's tracing per shapes), kv_writes (Infinity's and STAR's in-piece
 # KV-cache writes against the cache's copies), star_query (STAR's cross-attention query compiled on CUDA: the fixture
 # test, then STAR-d30's time; carry .fixtures/star.tar.xz), persistent (Inductor's one-pass row reductions: the
-# float8 quantisation of fc2's input, LayerNorms; Infinity-2B and STAR-d30 at batch 1).
+# float8 quantisation of fc2's input, LayerNorms; Infinity-2B and STAR-d30 at batch 1), gnsums_t2i (the decoder's
+# GroupNorm sums at batch 1 for the 1024 px models; GN_MODELS, GN_MODES).
 # startup: STARTUP_COMPILE_BLOCKS, sample's --compile-blocks.
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
@@ -218,6 +219,12 @@ PY
       for model in ${PERSIST_MODELS:-infinity-2b star-d30}; do
         BENCH_TIMEOUT=${BENCH_TIMEOUT:-300} bench . "persistent_$model" --models "$model" --batch-sizes 1 \
           --modes fast-compile-all-static-tokens-fp8,fast-compile-all-static-tokens-fp8-persistent --repeats 5
+      done ;;
+    gnsums_t2i)  # issue 20: the decoder's GroupNorm sums at batch 1 for the 1024 px models (a 1024 px image is as many
+      # positions as 16 of 256 px): on maps of 512 x 512 and more, on every map, against the default; one model per process
+      for model in ${GN_MODELS:-infinity-2b star-d30}; do
+        BENCH_TIMEOUT=${BENCH_TIMEOUT:-450} bench . "gnsums_$model" --models "$model" --batch-sizes 1 --repeats 5 \
+          --modes "${GN_MODES:-fast-compile-all-static-tokens-fp8,fast-compile-all-static-tokens-fp8-gnsums-large,fast-compile-all-static-tokens-fp8-gnsums}"
       done ;;
     star_debug)  # issue 20: where STAR's compiled blocks went wrong on CUDA (the cross-attention query)
       log star_debug; timeout "${STAR_DEBUG_TIMEOUT:-560}" python3 benchmarks/debug_star_compile.py \

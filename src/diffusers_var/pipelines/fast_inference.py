@@ -301,6 +301,9 @@ def _padded_conv_forward(conv: nn.Conv2d, multiple: int, x: torch.Tensor) -> tor
 # on, slower up to 8, BENCHMARKS.md session 22); 16 is also where the convolutions' layout rule splits the batch
 # dimension, so the sums add no graph of their own
 CHANNEL_SUM_GROUP_NORM_MIN_BATCH = 16
+# And at any batch size on maps of at least this many positions (None: never): one 1024 px image's largest maps are as
+# many positions as 16 images of 256 px. A static shape, so it adds no guard on the dynamic batch dimension.
+CHANNEL_SUM_GROUP_NORM_MIN_POSITIONS: int | None = None
 
 
 def channel_sum_group_norm_(
@@ -326,8 +329,9 @@ def _channel_sum_group_norm_forward(norm: nn.GroupNorm, min_batch: int, x_BCHW: 
     """``norm(x)``; from ``min_batch`` images on, from float32 sums per (image, channel) of ``x - pivot`` and its
     square, the pivot a value of each (image, group) (its first channel's first pixel), so that the variance from sums
     does not cancel for a group far from zero; per group: mean = pivot + S1 / n, variance = S2 / n - (S1 / n)^2."""
-    B, C = x_BCHW.shape[:2]
-    if B < min_batch:
+    B, C, H, W = x_BCHW.shape
+    large_map = CHANNEL_SUM_GROUP_NORM_MIN_POSITIONS is not None and H * W >= CHANNEL_SUM_GROUP_NORM_MIN_POSITIONS
+    if B < min_batch and not large_map:
         return F.group_norm(x_BCHW, norm.num_groups, norm.weight, norm.bias, norm.eps)
     G = norm.num_groups
     x = x_BCHW.float()
