@@ -64,9 +64,12 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
                         takes them from 16 images on)
   fast-compile-all-static-tokens-fp8-gnsums  both (the text-to-image models at batch 1: a 1024 px image is as
                         many decoder positions as 16 images of 256 px)
-  fast-compile-all-static-tokens-fp8-gnsums-large  ``"static-tokens"`` with ``fp8=True`` and the sums at any batch
-                        size on maps of 512 x 512 positions and more only
-                        (``fast_inference.CHANNEL_SUM_GROUP_NORM_MIN_POSITIONS = 512 * 512``)
+  fast-compile-all-static-tokens-fp8-gnsums-large  the same as ``fast-compile-all-static-tokens-fp8`` since session
+                        30 (the sums at any batch size on maps of 512 x 512 positions and more,
+                        ``fast_inference.CHANNEL_SUM_GROUP_NORM_MIN_POSITIONS``); kept for session 30's commands
+  fast-compile-all-static-tokens-fp8-nolargesums  without them (GroupNorm below 16 images, as before session 30)
+  fast-compile-all-static-tokens-fp8-fp8rows2048  float8 matmuls from 2,048 token rows instead of 4,096
+                        (``fast_inference.FP8_MIN_ROWS = 2048``)
 It also checks that greedy tokens (bits for Infinity) of the fast path agree with the eager float32 path.
 """
 
@@ -669,6 +672,8 @@ MODES = (
     "fast-compile-all-gnsums",
     "fast-compile-all-static-tokens-fp8-gnsums",
     "fast-compile-all-static-tokens-fp8-gnsums-large",
+    "fast-compile-all-static-tokens-fp8-nolargesums",
+    "fast-compile-all-static-tokens-fp8-fp8rows2048",
     "fast-compile-all-static-tokens-fp8-persistent",
 )
 SDPA_BACKENDS = {  # --sdpa-first: PyTorch's own order after the one named
@@ -683,10 +688,13 @@ BLOCK_SHAPES["fast-compile-all-static-tokens-fp8"] = "static-tokens"
 BLOCK_SHAPES["fast-compile-all-static-fp8"] = "static"
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-gnsums"] = "static-tokens"
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-gnsums-large"] = "static-tokens"
+BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-nolargesums"] = "static-tokens"
+BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-fp8rows2048"] = "static-tokens"
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-kvcopy"] = "static-tokens"
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-crossquery"] = "static-tokens"
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-plainquery"] = "static-tokens"
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-persistent"] = "static-tokens"
+DEFAULT_GN_MIN_POSITIONS = fast_inference.CHANNEL_SUM_GROUP_NORM_MIN_POSITIONS
 KNOWN_MODELS = (
     tuple(MODELS)
     + tuple(CODE_MODELS)
@@ -823,10 +831,15 @@ def main() -> int:
                 bench.pipe.enable_fast_inference(compile_decoder=compile_decoder, **extra)
                 if mode.endswith("-subpixel"):
                     subpixel_upsample_(getattr(bench.pipe, "vqvae", None) or bench.pipe.vae)
-                large_map = 512 * 512 if mode.endswith("-gnsums-large") else None
-                if fast_inference.CHANNEL_SUM_GROUP_NORM_MIN_POSITIONS != large_map:  # read when traced
+                large_map = None if mode.endswith("-nolargesums") else DEFAULT_GN_MIN_POSITIONS
+                fp8_rows = 2048 if mode.endswith("-fp8rows2048") else None
+                if (fast_inference.CHANNEL_SUM_GROUP_NORM_MIN_POSITIONS, fast_inference.FP8_MIN_ROWS) != (
+                    large_map,
+                    fp8_rows,
+                ):  # read when traced
                     torch._dynamo.reset()
                     fast_inference.CHANNEL_SUM_GROUP_NORM_MIN_POSITIONS = large_map
+                    fast_inference.FP8_MIN_ROWS = fp8_rows
                 if mode.endswith("-gnsums"):  # at every batch size (the default: from 16 images on)
                     channel_sum_group_norm_(
                         (getattr(bench.pipe, "vqvae", None) or bench.pipe.vae).decoder, min_batch=1

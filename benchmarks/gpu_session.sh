@@ -18,7 +18,7 @@
 # KV-cache writes against the cache's copies), star_query (STAR's cross-attention query compiled on CUDA: the fixture
 # test, then STAR-d30's time; carry .fixtures/star.tar.xz), persistent (Inductor's one-pass row reductions: the
 # float8 quantisation of fc2's input, LayerNorms; Infinity-2B and STAR-d30 at batch 1), gnsums_t2i (the decoder's
-# GroupNorm sums at batch 1 for the 1024 px models; GN_MODELS, GN_MODES).
+# GroupNorm sums at batch 1 for the 1024 px models; GN_MODELS, GN_MODES), fp8rows (float8 from 2,048 token rows).
 # startup: STARTUP_COMPILE_BLOCKS, sample's --compile-blocks.
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
@@ -225,6 +225,12 @@ PY
       for model in ${GN_MODELS:-infinity-2b star-d30}; do
         BENCH_TIMEOUT=${BENCH_TIMEOUT:-450} bench . "gnsums_$model" --models "$model" --batch-sizes 1 --repeats 5 \
           --modes "${GN_MODES:-fast-compile-all-static-tokens-fp8,fast-compile-all-static-tokens-fp8-gnsums-large,fast-compile-all-static-tokens-fp8-gnsums}"
+      done ;;
+    fp8rows)  # issue 20: the float8 matmuls from 2,048 token rows (the 1024 px models' 32 x 32 and 40 x 40 scales at
+      # batch 1) against 4,096, one model per process (FP8ROWS_MODELS, default both)
+      for model in ${FP8ROWS_MODELS:-star-d30 infinity-2b}; do
+        BENCH_TIMEOUT=${BENCH_TIMEOUT:-280} bench . "fp8rows_$model" --models "$model" --batch-sizes 1 --repeats 5 \
+          --modes fast-compile-all-static-tokens-fp8,fast-compile-all-static-tokens-fp8-fp8rows2048
       done ;;
     star_debug)  # issue 20: where STAR's compiled blocks went wrong on CUDA (the cross-attention query)
       log star_debug; timeout "${STAR_DEBUG_TIMEOUT:-560}" python3 benchmarks/debug_star_compile.py \

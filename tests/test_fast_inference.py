@@ -987,6 +987,36 @@ def test_channel_sum_group_norm_equals_group_norm(family):
     assert all(type(norm) is torch.nn.GroupNorm for norm in norms)
 
 
+def test_channel_sum_group_norm_takes_the_sums_on_large_maps_at_any_batch(monkeypatch):
+    """Below ``min_batch`` images the norm takes the per-channel sums on maps of at least
+    ``CHANNEL_SUM_GROUP_NORM_MIN_POSITIONS`` positions (one 1024 px image's largest maps) and GroupNorm's own kernel on
+    smaller maps; with the threshold off (None), GroupNorm on every map."""
+    norm = torch.nn.GroupNorm(4, 8)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    small, large = torch.randn(1, 8, 4, 4), torch.randn(1, 8, 8, 8) + 3.0
+    with torch.no_grad():
+        large_reference = norm(large)
+    plain_calls = []
+    group_norm = torch.nn.functional.group_norm
+
+    def counted(x, *args, **kwargs):
+        plain_calls.append(tuple(x.shape))
+        return group_norm(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "group_norm", counted)
+    monkeypatch.setattr(fast_inference, "CHANNEL_SUM_GROUP_NORM_MIN_POSITIONS", 8 * 8)
+    assert fast_inference.channel_sum_group_norm_(norm, min_batch=16) == 1
+    with torch.no_grad():
+        norm(small)
+        summed = norm(large)
+        assert plain_calls == [(1, 8, 4, 4)]
+        monkeypatch.setattr(fast_inference, "CHANNEL_SUM_GROUP_NORM_MIN_POSITIONS", None)
+        norm(large)
+    assert plain_calls == [(1, 8, 4, 4), (1, 8, 8, 8)]
+    torch.testing.assert_close(summed, large_reference, rtol=1e-5, atol=1e-5)
+
+
 def test_compiled_decoders_take_channel_sum_group_norm():
     """``compile_decoder`` installs the per-channel-sum GroupNorm (from 16 images) on the compiled decoder only."""
     from tiny_components import var_components

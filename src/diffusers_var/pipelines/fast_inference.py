@@ -302,8 +302,9 @@ def _padded_conv_forward(conv: nn.Conv2d, multiple: int, x: torch.Tensor) -> tor
 # dimension, so the sums add no graph of their own
 CHANNEL_SUM_GROUP_NORM_MIN_BATCH = 16
 # And at any batch size on maps of at least this many positions (None: never): one 1024 px image's largest maps are as
-# many positions as 16 images of 256 px. A static shape, so it adds no guard on the dynamic batch dimension.
-CHANNEL_SUM_GROUP_NORM_MIN_POSITIONS: int | None = None
+# many positions as 16 images of 256 px (at batch 1: Infinity-2B -3.7%, STAR-d30 -3.7%, BENCHMARKS.md session 30). A
+# static shape, so it adds no guard on the dynamic batch dimension.
+CHANNEL_SUM_GROUP_NORM_MIN_POSITIONS: int | None = 512 * 512
 
 
 def channel_sum_group_norm_(
@@ -408,6 +409,10 @@ LARGE_SCALE_MIN_ROWS = 4096
 # fc1's fused GELU from this many rows instead (None: LARGE_SCALE_MIN_ROWS), for measuring the epilogue at small rows
 # again (BENCHMARKS.md session 3: slower at batch 1 then; ``bench_pipelines.py --modes fast-compile-all-gelu-always``)
 FUSED_GELU_MIN_ROWS: int | None = None
+# The float8 matmuls from this many rows instead (None: LARGE_SCALE_MIN_ROWS), for measuring the break-even of the
+# quantisation again (``bench_pipelines.py --modes ...-fp8rows2048``; static shapes only: a dynamic piece would be
+# traced again on each side of it)
+FP8_MIN_ROWS: int | None = None
 
 
 def fuse_ffn_gelu_(model: nn.Module | None, enabled: bool = True) -> int:
@@ -463,11 +468,12 @@ def quantize_to_float8(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def uses_fp8(linear: nn.Linear, x: torch.Tensor) -> bool:
     """Whether ``linear`` runs in float8 for ``x``: it carries float8 weights (:func:`quantize_linears_fp8_`), no
-    autograd, and at least ``LARGE_SCALE_MIN_ROWS`` token rows."""
+    autograd, and at least ``LARGE_SCALE_MIN_ROWS`` token rows (or ``FP8_MIN_ROWS`` when set)."""
+    min_rows = LARGE_SCALE_MIN_ROWS if FP8_MIN_ROWS is None else FP8_MIN_ROWS
     return (
         getattr(linear, "weight_fp8", None) is not None
         and not torch.is_grad_enabled()
-        and x.numel() >= LARGE_SCALE_MIN_ROWS * x.shape[-1]
+        and x.numel() >= min_rows * x.shape[-1]
     )
 
 
