@@ -18,7 +18,8 @@
 # KV-cache writes against the cache's copies), star_query (STAR's cross-attention query compiled on CUDA: the fixture
 # test, then STAR-d30's time; carry .fixtures/star.tar.xz), persistent (Inductor's one-pass row reductions: the
 # float8 quantisation of fc2's input, LayerNorms; Infinity-2B and STAR-d30 at batch 1), gnsums_t2i (the decoder's
-# GroupNorm sums at batch 1 for the 1024 px models; GN_MODELS, GN_MODES), fp8rows (float8 from 2,048 token rows).
+# GroupNorm sums at batch 1 for the 1024 px models; GN_MODELS, GN_MODES), fp8rows, fp8rows_var (float8 from 2,048 token
+# rows against 4,096), cudnn_t2i (cudnn.benchmark for the 1024 px decoder).
 # startup: STARTUP_COMPILE_BLOCKS, sample's --compile-blocks.
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
@@ -230,7 +231,18 @@ PY
       # batch 1) against 4,096, one model per process (FP8ROWS_MODELS, default both)
       for model in ${FP8ROWS_MODELS:-star-d30 infinity-2b}; do
         BENCH_TIMEOUT=${BENCH_TIMEOUT:-280} bench . "fp8rows_$model" --models "$model" --batch-sizes 1 --repeats 5 \
-          --modes fast-compile-all-static-tokens-fp8,fast-compile-all-static-tokens-fp8-fp8rows2048
+          --modes fast-compile-all-static-tokens-fp8-fp8rows4096,fast-compile-all-static-tokens-fp8
+      done ;;
+    fp8rows_var)  # issue 20: the same for VAR-d30 at batch 64, static shapes (its 4 x 4 and 5 x 5 scales: 2,048 and
+      # 3,200 rows)
+      BENCH_TIMEOUT=${BENCH_TIMEOUT:-280} bench . fp8rows_var-d30 --models var-d30 --batch-sizes 64 --repeats 5 \
+        --modes fast-compile-all-static-fp8-fp8rows4096,fast-compile-all-static-fp8 ;;
+    cudnn_t2i)  # issue 20: cudnn.benchmark for STAR-d30's (CUDNN_T2I_MODELS) 1024 px decoder at batch 1, off / on
+      for model in ${CUDNN_T2I_MODELS:-star-d30}; do
+        for flag in "" --cudnn-benchmark; do
+          BENCH_TIMEOUT=${BENCH_TIMEOUT:-200} bench . "cudnn_t2i_$model${flag:+_on}" --models "$model" --batch-sizes 1 \
+            --repeats 5 --modes fast-compile-all-static-tokens-fp8 $flag
+        done
       done ;;
     star_debug)  # issue 20: where STAR's compiled blocks went wrong on CUDA (the cross-attention query)
       log star_debug; timeout "${STAR_DEBUG_TIMEOUT:-560}" python3 benchmarks/debug_star_compile.py \

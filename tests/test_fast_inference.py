@@ -1017,6 +1017,35 @@ def test_channel_sum_group_norm_takes_the_sums_on_large_maps_at_any_batch(monkey
     torch.testing.assert_close(summed, large_reference, rtol=1e-5, atol=1e-5)
 
 
+def test_float8_row_threshold(monkeypatch):
+    """``uses_fp8`` takes float8 from ``FP8_MIN_ROWS`` token rows (below ``LARGE_SCALE_MIN_ROWS``), eagerly and in a
+    trace with dynamic rows (one more trace there), from ``LARGE_SCALE_MIN_ROWS`` when it is None or when
+    ``LARGE_SCALE_MIN_ROWS`` is lower; never with autograd on or without float8 weights."""
+    low, high = fast_inference.FP8_MIN_ROWS, fast_inference.LARGE_SCALE_MIN_ROWS
+    assert low is not None and low < high
+    linear = torch.nn.Linear(16, 16)
+    assert not fast_inference.uses_fp8(linear, torch.zeros(high, 16))  # no float8 weights
+    linear.register_buffer("weight_fp8", torch.zeros(16, 16), persistent=False)
+    with torch.no_grad():
+        assert [fast_inference.uses_fp8(linear, torch.zeros(rows, 16)) for rows in (low - 1, low, high)] == [
+            False,
+            True,
+            True,
+        ]
+
+        def sign(x):
+            return x[0, 0] + 1 if fast_inference.uses_fp8(linear, x) else x[0, 0] - 1
+
+        torch._dynamo.reset()
+        traced = torch.compile(sign, dynamic=True, backend="eager")
+        assert [traced(torch.zeros(rows, 16)).item() for rows in (low - 1, low, low + 1, high)] == [-1, 1, 1, 1]
+    assert not fast_inference.uses_fp8(linear, torch.zeros(high, 16))  # autograd on
+    monkeypatch.setattr(fast_inference, "FP8_MIN_ROWS", None)
+    with torch.no_grad():
+        assert not fast_inference.uses_fp8(linear, torch.zeros(low, 16))
+        assert fast_inference.uses_fp8(linear, torch.zeros(high, 16))
+
+
 def test_compiled_decoders_take_channel_sum_group_norm():
     """``compile_decoder`` installs the per-channel-sum GroupNorm (from 16 images) on the compiled decoder only."""
     from tiny_components import var_components

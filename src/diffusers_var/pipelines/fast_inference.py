@@ -409,10 +409,10 @@ LARGE_SCALE_MIN_ROWS = 4096
 # fc1's fused GELU from this many rows instead (None: LARGE_SCALE_MIN_ROWS), for measuring the epilogue at small rows
 # again (BENCHMARKS.md session 3: slower at batch 1 then; ``bench_pipelines.py --modes fast-compile-all-gelu-always``)
 FUSED_GELU_MIN_ROWS: int | None = None
-# The float8 matmuls from this many rows instead (None: LARGE_SCALE_MIN_ROWS), for measuring the break-even of the
-# quantisation again (``bench_pipelines.py --modes ...-fp8rows2048``; static shapes only: a dynamic piece would be
-# traced again on each side of it)
-FP8_MIN_ROWS: int | None = None
+# The float8 matmuls already from this many rows (if fewer; None: from LARGE_SCALE_MIN_ROWS): Infinity-2B at 1024 px,
+# batch 1 -3.0%, STAR-d30 even (BENCHMARKS.md session 30). Pieces traced with dynamic rows take one more trace in their
+# lower row regime for it (with float8 weights only).
+FP8_MIN_ROWS: int | None = 2048
 
 
 def fuse_ffn_gelu_(model: nn.Module | None, enabled: bool = True) -> int:
@@ -468,13 +468,17 @@ def quantize_to_float8(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def uses_fp8(linear: nn.Linear, x: torch.Tensor) -> bool:
     """Whether ``linear`` runs in float8 for ``x``: it carries float8 weights (:func:`quantize_linears_fp8_`), no
-    autograd, and at least ``LARGE_SCALE_MIN_ROWS`` token rows (or ``FP8_MIN_ROWS`` when set)."""
-    min_rows = LARGE_SCALE_MIN_ROWS if FP8_MIN_ROWS is None else FP8_MIN_ROWS
+    autograd, and at least ``LARGE_SCALE_MIN_ROWS`` token rows, or :data:`FP8_MIN_ROWS` if fewer."""
     return (
         getattr(linear, "weight_fp8", None) is not None
         and not torch.is_grad_enabled()
-        and x.numel() >= min_rows * x.shape[-1]
+        and x.numel() >= fp8_min_rows() * x.shape[-1]
     )
+
+
+def fp8_min_rows() -> int:
+    """The token rows from which the float8 matmuls run (:func:`uses_fp8`)."""
+    return LARGE_SCALE_MIN_ROWS if FP8_MIN_ROWS is None else min(LARGE_SCALE_MIN_ROWS, FP8_MIN_ROWS)
 
 
 _MODULE_BIAS = object()
