@@ -219,6 +219,14 @@ def test_kept_token_grid_says_what_a_mask_keeps_before_generating(family):
         inpaint.kept_token_grid(np.zeros((height, width, 3), np.float32), **size)
     with pytest.raises(ValueError, match=r"`mask_image` is an empty image \(0x0\)"):
         inpaint.kept_token_grid(PIL.Image.new("L", (0, 0)), **size)
+    # a mask at neither the image's (default: the pipeline's) size nor the grid's, as the call refuses it
+    photo = torch.rand(3, 2 * height, 2 * width)
+    with pytest.raises(ValueError, match=rf"`mask_image` is {height}x{width}, but the image's size is"):
+        inpaint.kept_token_grid(dab, image=photo, **size)
+    with pytest.raises(ValueError, match=rf"`mask_image` is {2 * height}x{2 * width}, but the pipeline's image size"):
+        inpaint.kept_token_grid(torch.zeros(2 * height, 2 * width, dtype=torch.bool), **size)
+    large_dab = dab.repeat_interleave(2, 0).repeat_interleave(2, 1)
+    assert torch.equal(inpaint.kept_token_grid(large_dab, image=photo, **size), inpaint.kept_token_grid(dab, **size))
 
 
 def test_an_empty_pil_image_or_mask_is_refused(family):
@@ -231,6 +239,20 @@ def test_an_empty_pil_image_or_mask_is_refused(family):
             run(img2img, family, image=empty, strength=0.5)
         with pytest.raises(ValueError, match=rf"`mask_image` is an empty image \({width}x{height}\)"):
             run(inpaint, family, image=input_image(family), mask_image=empty.convert("L"))
+
+
+def test_a_pil_mode_pil_cannot_convert_is_named(family):
+    """A PIL image of a mode PIL cannot convert to RGB / grayscale ("La"; "LAB" for a mask) raised PIL's own
+    "conversion from La to L not supported", naming neither the parameter nor what to pass."""
+    _, inpaint, img2img = pipes(family)
+    image = input_image(family)
+    height, width = image.shape[-2:]
+    la = PIL.Image.new("La", (width, height))
+    with pytest.raises(ValueError, match=r"`image` is a PIL image of mode 'La', which PIL cannot convert to 'RGB'"):
+        run(img2img, family, image=la, strength=0.5)
+    for mode in ("La", "LAB"):
+        with pytest.raises(ValueError, match=rf"`mask_image` is a PIL image of mode '{mode}'.*'L'"):
+            run(inpaint, family, image=image, mask_image=PIL.Image.new(mode, (width, height)))
 
 
 def test_all_false_mask_returns_the_reconstruction(family):

@@ -888,6 +888,28 @@ def test_a_vqvae_that_the_transformer_does_not_fit_is_refused(pipeline_class, ma
             pipeline_class(**{**components, "vqvae": other})
 
 
+@pytest.mark.parametrize(
+    "pipeline_class, make_components, width_name",
+    [
+        (STARPipeline, lambda: star_components(seed=0, stable_sampler=False), "text_embed_dim"),
+        (InfinityPipeline, infinity_components, "text_dim"),
+    ],
+    ids=["star", "infinity"],
+)
+def test_a_text_encoder_of_another_width_is_refused(pipeline_class, make_components, width_name):
+    """STAR and Infinity refuse, when built (``from_pipe`` builds too), a text encoder whose hidden states are not as
+    wide as the transformer's text features, naming both; the first call failed instead, naming the transformer's
+    internal ``text_embeds``. Without a text encoder (precomputed features) the transformer is taken."""
+    components = make_components()
+    config = dict(components["transformer"].config)
+    other = type(components["transformer"]).from_config({**config, width_name: 2 * config[width_name]})
+    with pytest.raises(ValueError, match=rf"`text_encoder` gives \d+-wide hidden states.*`{width_name}`"):
+        pipeline_class(**{**components, "transformer": other})
+    pipe = pipeline_class(**{**components, "transformer": other, "text_encoder": None, "tokenizer": None})
+    with pytest.raises(ValueError, match=rf"`text_encoder` gives \d+-wide hidden states.*`{width_name}`"):
+        type(pipe).from_pipe(pipe, text_encoder=components["text_encoder"], tokenizer=components["tokenizer"])
+
+
 def test_every_embedded_folder_carries_its_loader_file():
     """diffusers' generic loader needs ``<ClassName>.py`` in the folder: every embedded pipeline has it, importing
     the class its ``model_index.json`` names."""

@@ -734,7 +734,7 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
         if mode_name == EDIT_MODES[1]:  # a kept region smaller than the token grid's cells keeps nothing
             size = {key: kwargs[key] for key in ("height", "width") if key in kwargs}
             try:
-                kept = pipe.kept_token_grid(kwargs["mask_image"], kwargs["mask_dilation"], **size)
+                kept = pipe.kept_token_grid(kwargs["mask_image"], kwargs["mask_dilation"], image=image, **size)
             except ValueError as err:
                 raise user_error(str(err)) from None
             if not kept.any():

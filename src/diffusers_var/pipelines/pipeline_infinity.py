@@ -31,6 +31,7 @@ from .pipeline_utils import (
     check_prompts,
     check_temperature,
     check_text_embeds,
+    check_text_encoder_width,
     repeat_rows,
     shorten,
     text_encoder_width,
@@ -97,6 +98,8 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
                 f"transformer `bits_per_token` ({transformer.config.bits_per_token}) differs from the vae's "
                 f"({vae.bits_per_token} = codebook_dim x {vae.patch_factor**2})."
             )
+        if transformer is not None:
+            check_text_encoder_width(text_encoder, transformer.config.text_dim, "text_dim")
         self.register_modules(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
         if default_size is not None and (
             not isinstance(default_size, (list, tuple))

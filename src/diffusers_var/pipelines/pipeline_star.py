@@ -31,6 +31,7 @@ from .pipeline_utils import (
     check_num_images_per_prompt,
     check_prompts,
     check_text_embeds,
+    check_text_encoder_width,
     repeat_rows,
     shorten,
     text_encoder_width,
@@ -128,6 +129,8 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
     ):
         super().__init__()
         self._check_vqvae_fits(transformer, vqvae)
+        if transformer is not None:
+            check_text_encoder_width(text_encoder, transformer.config.text_embed_dim, "text_embed_dim")
         self.register_modules(transformer=transformer, vqvae=vqvae, text_encoder=text_encoder, tokenizer=tokenizer)
 
     def scale_schedule(self) -> list[tuple[int, int]]:

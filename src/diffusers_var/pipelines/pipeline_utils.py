@@ -236,6 +236,17 @@ def text_encoder_width(text_encoder) -> int | None:
     return getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
 
 
+def check_text_encoder_width(text_encoder, width: int | None, name: str) -> None:
+    """A ValueError when ``text_encoder``'s hidden states are not ``width`` wide (the transformer's ``name``), at
+    construction (``from_pipe`` too) instead of at the first call."""
+    encoder_width = text_encoder_width(text_encoder)
+    if encoder_width is not None and width is not None and encoder_width != width:
+        raise ValueError(
+            f"`text_encoder` gives {encoder_width}-wide hidden states, but the transformer takes text features "
+            f"{width} wide (`{name}`); pass the text encoder the transformer was trained with."
+        )
+
+
 def check_text_embeds(
     embeds,
     mask,
@@ -965,6 +976,7 @@ def _spatial_size_of(value, name: str, image: bool) -> tuple[int, int, int]:
     if isinstance(value, PIL.Image.Image):
         if 0 in value.size:
             raise ValueError(f"`{name}` is an empty image ({value.width}x{value.height}).")
+        _check_pil_mode(value, name, "RGB" if image else "L")
         return 1, value.height, value.width
     if isinstance(value, (np.ndarray, torch.Tensor)):
         if isinstance(value, torch.Tensor) and value.is_meta:  # a shape without values: torch would fail deep down
@@ -985,6 +997,18 @@ def _spatial_size_of(value, name: str, image: bool) -> tuple[int, int, int]:
     kind = f"a {value.ndim}-D array" if isinstance(value, (np.ndarray, torch.Tensor)) else type(value).__name__
     what = "images" if image else "masks"
     raise ValueError(f"`{name}` entries must be PIL images, numpy arrays or torch tensors of {what}, got {kind}.")
+
+
+def _check_pil_mode(image: PIL.Image.Image, name: str, mode: str) -> None:
+    """A ValueError naming ``name`` when PIL cannot convert ``image``'s mode to ``mode`` (``"La"``, ``"LAB"`` to
+    grayscale), tried on one pixel before any work."""
+    try:
+        (to_rgb if mode == "RGB" else to_grayscale)(image.crop((0, 0, 1, 1)))
+    except ValueError as error:
+        raise ValueError(
+            f"`{name}` is a PIL image of mode {image.mode!r}, which PIL cannot convert to {mode!r} ({error}); pass "
+            "an RGB, RGBA, grayscale (L, LA, I;16) or palette (P) image."
+        ) from error
 
 
 # a [0, 1] image's resampling undershoot, or the darkest pixel of a [-1, 1] image that is almost all light grey
@@ -1333,14 +1357,17 @@ class NextScaleEditMixin:
 class NextScaleInpaintMixin(NextScaleEditMixin):
     """In-painting / out-painting: ``mask_image`` says where to generate."""
 
-    def kept_token_grid(self, mask_image, mask_dilation: int = 0, height=None, width=None) -> torch.Tensor:
-        """(B, h, w) bool on the last scale's token grid: where in-painting with ``mask_image`` (white = generate;
-        one mask or several, at the image's or the grid's size) keeps the input's tokens, ``mask_dilation`` applied.
-        Shows before generating what a mask keeps: a region smaller than a cell keeps nothing (Infinity: the grid of
+    def kept_token_grid(self, mask_image, mask_dilation: int = 0, height=None, width=None, image=None) -> torch.Tensor:
+        """(B, h, w) bool on the last scale's token grid: where in-painting ``image`` with ``mask_image`` (white =
+        generate; one mask or several, at the image's size, or without ``image`` the pipeline's, or at the grid's)
+        keeps the input's tokens, ``mask_dilation`` applied; the mask sizes the call refuses, this refuses too. Shows
+        before generating what a mask keeps: a region smaller than a cell keeps nothing (Infinity: the grid of
         ``height`` x ``width``, default the pipeline's size)."""
         schedule = self._edit_schedule(height, width)
-        mask = mask_to_tensor(mask_image, sizes=(tuple(schedule[-1]), self.pixel_size(schedule)))  # once: (B, 1, H, W)
-        self.check_mask_input(mask, schedule, (1, *mask.shape[-2:]), mask.shape[0], 1, mask_dilation)
+        image_size = image_batch_and_size(image) if image is not None else None
+        pixels = tuple(image_size[1:]) if image_size is not None else self.pixel_size(schedule)
+        mask = mask_to_tensor(mask_image, sizes=(tuple(schedule[-1]), pixels))  # once: (B, 1, H, W)
+        self.check_mask_input(mask, schedule, image_size, mask.shape[0], 1, mask_dilation)
         return self.prepare_mask_keep(mask, schedule, mask.shape[0], 1, "cpu", mask_dilation)[-1]
 
     def box_mask(self, y0: float, x0: float, y1: float, x1: float, inpainting: bool = True) -> torch.Tensor:
