@@ -255,6 +255,42 @@ def test_a_pil_mode_pil_cannot_convert_is_named(family):
             run(inpaint, family, image=image, mask_image=PIL.Image.new(mode, (width, height)))
 
 
+def test_star_stable_sampler_sees_the_kept_tokens_from_its_first_step():
+    """In-painting with STAR's stable sampler: the kept positions' input codes are committed before a scale's first
+    step, so every sampler-head pass conditions on them (it saw its own samples there before, and the input came back
+    only after the scale); the kept tokens still end up as the input's."""
+    family = "star_stable_sampler"
+    _, inpaint, _ = pipes(family)
+    image = input_image(family, seed=2)
+    schedule = schedule_of(family)
+    h, w = schedule[-1]
+    mask = grid_mask(family, slice(0, h // 2))  # generate the top half
+    keep = inpaint.prepare_mask_keep(mask, schedule, len(PROMPTS), 1, "cpu")
+    codes = [inpaint.vqvae.embed_tokens(t).float() for t in input_tokens(family, image)]
+    start = inpaint.transformer.config.sampler_start_scale
+    seen = []
+    sampler_logits = inpaint.transformer.sampler_scale_logits
+
+    def spy(scale_index, hidden, committed, pooled):
+        seen.append((scale_index, committed.clone()))
+        return sampler_logits(scale_index, hidden, committed, pooled)
+
+    inpaint.transformer.sampler_scale_logits = spy
+    try:
+        images, tokens = traced(inpaint, family, image=image, mask_image=mask)
+    finally:
+        del inpaint.transformer.sampler_scale_logits
+    checked = 0
+    for scale_index, committed in seen:
+        kept = keep[scale_index].flatten(1)  # (B, l)
+        assert scale_index >= start
+        torch.testing.assert_close(committed[kept], codes[scale_index][kept], rtol=0, atol=0)
+        checked += int(kept.sum())
+    assert checked and {k for k, _ in seen} == set(range(start, len(schedule)))
+    last = keep[-1].flatten(1)
+    assert torch.equal(tokens[-1][last], input_tokens(family, image)[-1][last])
+
+
 def test_all_false_mask_returns_the_reconstruction(family):
     _, inpaint, _ = pipes(family)
     image = input_image(family, seed=1)

@@ -22,6 +22,7 @@ from .pipeline_utils import (
     NextScaleEditMixin,
     NextScaleInpaintMixin,
     NextScalePipeline,
+    TokenForcing,
     VQEditTokens,
     check_bool,
     check_common_inputs,
@@ -415,8 +416,12 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         version,
         generator,
         sampler_generator,
+        known=None,
     ):
-        """Commit a scale's tokens over several steps (STAR's causal-driven stable sampling).
+        """Commit a scale's tokens over several steps (STAR's causal-driven stable sampling). ``known`` (in-painting:
+        :meth:`TokenForcing.known_tokens`) is committed before the first step, so the sampler head sees the kept
+        input around the positions it proposes; the steps then commit the other positions on the same schedule
+        (finishing earlier), with the same random draws.
 
         Returns the committed codes (B, l, Cv), their indices (B, l) and the per-step trace
         (mixed logits, sampled indices, confidences)."""
@@ -428,6 +433,11 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         committed = torch.zeros(B, n, vqvae.config.z_channels, device=device, dtype=torch.float32)
         committed_idx = torch.zeros(B, n, dtype=torch.long, device=device)
         mask = torch.zeros(B, n, dtype=torch.bool, device=device)
+        if known is not None:
+            keep_Bl, codes_BlCv, indices_Bl = (t.to(device) for t in known)
+            committed.copy_(codes_BlCv)
+            committed_idx.copy_(indices_Bl)
+            mask.copy_(keep_Bl)
         trace = ([], [], [])
 
         def commit(positions_Bk, codes_BlCv, indices_Bl):  # torch.where, not boolean indexing: no host sync
@@ -511,6 +521,7 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
                         sampler_version,
                         generator,
                         sampler_generator,
+                        forcing.known_tokens(si) if isinstance(forcing, TokenForcing) else None,
                     )
                 elif more_smooth:  # soft mixture of codes, no hard sample (no draw), as the original
                     weights = gumbel_softmax(guided_logits.mul(1 + ratio), smooth_tau(ratio), generator)

@@ -942,6 +942,14 @@ class TokenForcing:
             indices = torch.where(keep.flatten(1), self.tokens[scale_index], indices)
         return code_map, indices
 
+    def known_tokens(self, scale_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """VAR / STAR: ``(keep (B, l), codes (B, l, C), indices (B, l))`` of a scale, the kept positions' input codes
+        and tokens (zeros elsewhere): what a sampler that commits a scale's positions step by step (STAR's stable
+        sampler) commits before its first step."""
+        keep_Bl = self.keep[scale_index].flatten(1)
+        codes_BlC = self.codes[scale_index].flatten(2).transpose(1, 2).float()
+        return keep_Bl, codes_BlC * keep_Bl[..., None], self.tokens[scale_index] * keep_Bl
+
     def _buffers(self) -> list[torch.Tensor]:
         return self.keep + self.tokens + (self.codes or [])
 
