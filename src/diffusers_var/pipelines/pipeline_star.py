@@ -392,7 +392,7 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         stable sampler's blocks too), fused before the graphs are captured (on CUDA,
         ``fast_inference.STAR_COMPILED_CROSS_QUERY_ON_CUDA = False`` keeps the cross-attention query uncompiled);
         ``True`` / ``"dynamic"``, ``"static-tokens"`` or ``"static"`` as for VAR.
-        ``fp8``: float8 matmuls in the main blocks' attention and FFN at scales of at least 4,096 token rows (as for
+        ``fp8``: float8 matmuls in the main blocks' attention and FFN at scales of at least 2,048 token rows (as for
         VAR). Returns the pipeline.
         """
         self._check_fast_inference_args(

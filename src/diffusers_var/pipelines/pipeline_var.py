@@ -274,7 +274,7 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
                 recompile at every new batch size); both raise dynamo's recompile limit of the process to 64; see
                 ``fast_inference.compile_blocks_shapes``.
             fp8: (opt-in, for large batches of the large models) float8 (e4m3) matmuls for the attention and FFN
-                linears of the blocks at scales of at least 4,096 token rows (activations scaled per row, weights per
+                linears of the blocks at scales of at least 2,048 token rows (activations scaled per row, weights per
                 output channel); needs ``dtype=torch.bfloat16`` and a GPU with float8 tensor cores, and is meant for
                 ``compile_blocks=True``, which fuses the quantisation into the norms. It changes the numerics more
                 than bf16 (BENCHMARKS.md).
