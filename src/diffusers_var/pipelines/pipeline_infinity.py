@@ -336,7 +336,7 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         as for :meth:`VARPipeline.enable_fast_inference`). ``compile_blocks``:
         ``torch.compile`` of each block's elementwise work (norms, modulation, q/k normalisation, 2-D RoPE, gating),
         fused before the graphs are captured (``True`` / ``"dynamic"``, ``"static-tokens"`` or ``"static"`` as for
-        VAR). ``fp8``: float8 matmuls in the blocks' self-attention and FFN at scales of at least 4,096 token rows (as
+        VAR). ``fp8``: float8 matmuls in the blocks' self-attention and FFN at scales of at least 2,048 token rows (as
         for VAR; the cross-attention stays in ``dtype``). Returns the pipeline.
         """
         self._check_fast_inference_args(
