@@ -235,7 +235,7 @@ PY
       done ;;
     fp8rows_var)  # issue 20: the same for VAR-d30 at batch 64, static shapes (its 4 x 4 and 5 x 5 scales: 2,048 and
       # 3,200 rows)
-      BENCH_TIMEOUT=${BENCH_TIMEOUT:-280} bench . fp8rows_var-d30 --models var-d30 --batch-sizes 64 --repeats 5 \
+      BENCH_TIMEOUT=${BENCH_TIMEOUT:-400} bench . fp8rows_var-d30 --models var-d30 --batch-sizes 64 --repeats 5 \
         --modes fast-compile-all-static-fp8-fp8rows4096,fast-compile-all-static-fp8 ;;
     cudnn_t2i)  # issue 20: cudnn.benchmark for STAR-d30's (CUDNN_T2I_MODELS) 1024 px decoder at batch 1, off / on
       for model in ${CUDNN_T2I_MODELS:-star-d30}; do
