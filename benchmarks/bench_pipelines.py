@@ -710,6 +710,25 @@ KNOWN_MODELS = (
 )
 
 
+def host_syncs(bench, batch: int, device) -> str:
+    """The places where one generation waited for the GPU (torch's sync debug mode), by how often."""
+    import collections
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            bench.generate(bench.pipe, batch, device)
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    places = collections.Counter(
+        f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)
+    )
+    return ", ".join(f"{place} x{count}" for place, count in places.most_common()) or "none"
+
+
 def var_greedy_reaches_fp8(bench) -> bool:
     """Whether the greedy check's batch (both guidance halves) reaches the float8 row threshold at VAR's last scale."""
     side = bench.pipe.transformer.config.patch_nums[-1]
@@ -752,6 +771,13 @@ def main() -> int:
         type=int,
         default=None,
         help="decode this many images at a time (the tokenizer's enable_slicing): lower peak memory at large batches",
+    )
+    parser.add_argument(
+        "--sync-debug",
+        action="store_true",
+        help="after each fast mode's timings, one more generation with torch.cuda.set_sync_debug_mode('warn'): "
+        "prints each place that waited for the GPU (a host sync idles the GPU while the host launches what "
+        "follows), with how often",
     )
     parser.add_argument(
         "--cudnn-benchmark",
@@ -895,6 +921,8 @@ def main() -> int:
                     f"{row['tflops']:8.1f} {row['ms_per_image_range'][0]:.2f}-{row['ms_per_image_range'][1]:.2f}",
                     flush=True,
                 )
+                if args.sync_debug and mode.startswith("fast") and device.type == "cuda":
+                    print(f"  sync-debug: {host_syncs(bench, batch, device)}", flush=True)
                 if args.profile and mode.startswith("fast") and device.type == "cuda":
                     started = time.perf_counter()
                     with torch.profiler.profile(

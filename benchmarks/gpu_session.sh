@@ -19,7 +19,8 @@
 # test, then STAR-d30's time; carry .fixtures/star.tar.xz), persistent (Inductor's one-pass row reductions: the
 # float8 quantisation of fc2's input, LayerNorms; Infinity-2B and STAR-d30 at batch 1), gnsums_t2i (the decoder's
 # GroupNorm sums at batch 1 for the 1024 px models; GN_MODELS, GN_MODES), fp8rows, fp8rows_var (float8 from 2,048 token
-# rows against 4,096), cudnn_t2i (cudnn.benchmark for the 1024 px decoder).
+# rows against 4,096), cudnn_t2i (cudnn.benchmark for the 1024 px decoder),
+# syncs (where a generation waits for the GPU; SYNC_MODELS).
 # startup: STARTUP_COMPILE_BLOCKS, sample's --compile-blocks.
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
@@ -243,6 +244,14 @@ PY
           BENCH_TIMEOUT=${BENCH_TIMEOUT:-200} bench . "cudnn_t2i_$model${flag:+_on}" --models "$model" --batch-sizes 1 \
             --repeats 5 --modes fast-compile-all-static-tokens-fp8 $flag
         done
+      done ;;
+    syncs)  # issue 20: where a generation waits for the GPU (torch's sync debug mode), 1024 px models at batch 1 and
+      # VAR-d16 at batch 1 (SYNC_MODELS), their fastest mode: profiles showed 18-20 ms idle at batch 1 in the t2i models
+      for model in ${SYNC_MODELS:-star-d30 infinity-2b var-d16}; do
+        mode=fast-compile-all-static-tokens-fp8; [ "$model" = var-d16 ] && mode=fast-compile-all
+        BENCH_TIMEOUT=${BENCH_TIMEOUT:-200} bench . "syncs_$model" --models "$model" --batch-sizes 1 --repeats 2 \
+          --modes "$mode" --sync-debug
+        grep "sync-debug" "$OUT/syncs_$model.log"
       done ;;
     star_debug)  # issue 20: where STAR's compiled blocks went wrong on CUDA (the cross-attention query)
       log star_debug; timeout "${STAR_DEBUG_TIMEOUT:-560}" python3 benchmarks/debug_star_compile.py \
