@@ -378,6 +378,15 @@ def test_pruning_deletes_only_the_trainers_oldest_checkpoints(tokenizer_dir, tmp
         "step-10000000"
     ]
 
+    # a pruning killed after it deleted the state file left a damaged folder, which was no checkpoint and never
+    # pruned again (an optimizer's worth of disk): older than the newest kept, it goes at the next pruning
+    half_pruned = checkpoints / "step-0000003"
+    shutil.copytree(checkpoints / "step-10000000", half_pruned)
+    (half_pruned / "trainer_state.json").unlink()
+    prune_checkpoints(checkpoints, keep=1)
+    assert not half_pruned.exists() and (checkpoints / "step-10000000" / "trainer_state.json").is_file()
+    assert (checkpoints / "step-0000001" / "notes.txt").read_text() == "mine"
+
 
 def test_files_and_folders_of_yours_with_a_checkpoints_name_neither_resume_nor_are_replaced(tokenizer_dir, tmp_path):
     """A file of the user's named ``checkpoints/step-0000002`` ended the run with NotADirectoryError after it had
@@ -1229,6 +1238,39 @@ def test_failing_checks_leave_the_output_folder_as_it_was(tmp_path, capsys, fail
     assert _tree(run) == before
     assert main([*common, f"output_dir={tmp_path / 'new'}", "batch_size=8", failing]) == 2
     assert not (tmp_path / "new").exists()
+
+
+def test_resume_never_keeps_an_export_that_a_killed_export_left_aside(tmp_path, capsys):
+    """An export killed mid-swap leaves the previous final/ in its staging folder (``old/``); a ``resume=never`` run
+    then found no final/ to move to previous-runs/, and its own export's clean-up restored the old one only to replace
+    it. It is put back first now and moves with the run. A file named previous-runs is an error naming output_dir."""
+    import os
+    import socket
+
+    from diffusers_var.cli import main
+    from diffusers_var.conversion.common import STAGING_MARKER, WRITER
+
+    run = tmp_path / "run"
+    staging = run / ".final.tmp-killed"
+    (staging / "old").mkdir(parents=True)
+    (staging / "old" / "model_index.json").write_text('{"the": "previous export"}')
+    dead = max(os.getpid(), 4_000_000) + 1  # no such process
+    marker = {"written_by": WRITER, "output": str(run / "final"), "host": socket.gethostname(), "pid": dead}
+    (staging / STAGING_MARKER).write_text(json.dumps(marker))
+    (run / "train_log.jsonl").write_text('{"step": 1}\n')
+    common = ["train", "tokenizer", f"model={json.dumps(TOKENIZER_MODEL)}", "resolution=16", "data.num_images=16"]
+    args = [*common, f"output_dir={run}", "batch_size=8", "max_steps=1", "resume=never"]
+    assert main(args) == 0
+    (previous,) = (run / "previous-runs").iterdir()
+    assert (previous / "final" / "model_index.json").read_text() == '{"the": "previous export"}'
+    assert (run / "final" / "config.json").is_file() and not staging.exists()
+
+    shutil.rmtree(run / "previous-runs")
+    (run / "previous-runs").write_text("a file of the user's")
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "`output_dir`" in _error_line(capsys)
+    assert (run / "previous-runs").read_text() == "a file of the user's"
 
 
 def test_a_folder_of_undecodable_images_is_refused_before_output_dir_is_made(tmp_path, capsys):

@@ -542,11 +542,15 @@ def _check_checkpoint_paths_free(config: TrainConfig, checkpoint_dir: Path, star
 
 
 def prune_checkpoints(checkpoint_dir: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` of the trainer's checkpoints, by step number. A file or folder that only
-    has a checkpoint's name is not one: it is neither counted nor touched; files of someone else in a checkpoint
-    are kept (with its folder)."""
-    ours = [path for path in checkpoints_newest_first(checkpoint_dir) if is_training_checkpoint(path)]
-    for old in ours[keep:]:
+    """Delete all but the newest ``keep`` of the trainer's checkpoints, by step number, and the trainer's damaged
+    checkpoint folders older than the last one kept (a pruning killed after it removed the state file left one: no
+    longer a checkpoint, it was never pruned again). A file or folder that only has a checkpoint's name is not one: it
+    is neither counted nor touched; files of someone else in a checkpoint are kept (with its folder)."""
+    written = checkpoints_newest_first(checkpoint_dir)  # whole or damaged
+    whole = [path for path in written if is_training_checkpoint(path)]
+    if len(whole) < keep:
+        return
+    for old in written[written.index(whole[keep - 1]) + 1 :]:  # (keep_checkpoints >= 1)
         kept = remove_training_checkpoint(old)
         if kept:
             print(f"pruned checkpoint {old.name}, but kept its files {kept} (not written by the trainer)")
@@ -759,7 +763,7 @@ def _move_previous_run(output_dir: Path, names=RUN_FILES) -> Path | None:
     target, n = base, 1
     while target.exists():
         target, n = base.with_name(f"{base.name}-{n}"), n + 1
-    target.mkdir(parents=True)
+    make_folder(target, "output_dir")  # (a file named previous-runs: a ValueError, not NotADirectoryError)
     for path in present:
         os.replace(path, target / path.name)
     return target
@@ -911,7 +915,7 @@ def _train(config: TrainConfig, lock: _RunLock) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
 
-    from ..conversion.common import ConversionError, check_output_dir
+    from ..conversion.common import ConversionError, check_output_dir, clean_stale_staging
     from . import lora
     from .tasks import build_task
 
@@ -1035,7 +1039,9 @@ def _train(config: TrainConfig, lock: _RunLock) -> Path:
                 "run the command again."
             )
         if resume_from is None:  # a fresh start: the files of an earlier run there are kept, never replaced
-            # (resume=never moves all of them; otherwise the folder holds no checkpoint to resume from)
+            # (resume=never moves all of them; otherwise the folder holds no checkpoint to resume from). An export
+            # killed mid-swap left the previous final/ in its staging folder: put back first, it moves with the run
+            clean_stale_staging(output_dir / "final")
             moved = _move_previous_run(output_dir, RUN_FILES if config.resume == "never" else FRESH_START_FILES)
             if moved is not None:
                 print(f"starting afresh (resume={config.resume}): moved the previous run's files to {moved}")
