@@ -12,6 +12,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1081,6 +1082,40 @@ def test_save_pretrained_is_atomic_and_keeps_the_users_files(tmp_path, monkeypat
         pipe.save_pretrained(blocked)
     assert sorted(p.name for p in blocked.iterdir()) == ["model_index.json", "vqvae"]
     assert (blocked / "model_index.json").read_text() == "the user's"
+
+
+def test_a_save_moves_the_users_stale_shards_aside_and_deletes_its_own(tmp_path, monkeypatch):
+    """A sharded index and its shards that the new single file makes stale (a loader would read them instead) were
+    deleted whoever wrote them; a save of the package tags the indices it writes and deletes only those shards, others
+    go into a hidden ``.replaced-<time>`` folder, whole. A folder that cannot be written into is a ValueError naming
+    ``save_directory`` (mkdtemp's OSError was not)."""
+    from diffusers_var import file_utils
+
+    case = CASES[0]
+    pipe, ours, theirs = pipeline(case), tmp_path / "ours", tmp_path / "theirs"
+    pipe.save_pretrained(ours, max_shard_size="20KB")
+    index = json.loads((ours / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    assert index["metadata"]["written_by"] == "diffusers-var"
+    shutil.copytree(ours, theirs)
+    untagged = theirs / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+    untagged.write_text(json.dumps({**index, "metadata": {"total_size": 1}}))  # as another tool writes it
+    shard_names = sorted(set(index["weight_map"].values()))
+    content = {name: (theirs / "transformer" / name).read_bytes() for name in shard_names}
+    for folder in (ours, theirs):
+        pipe.save_pretrained(folder)
+        assert not [p for p in (folder / "transformer").iterdir() if "-of-" in p.name or ".index" in p.name]
+        reloaded = case.pipeline_class.from_pretrained(folder)
+        reloaded.set_progress_bar_config(disable=True)
+        assert torch.equal(run(case, reloaded), run(case))
+    assert not list((ours / "transformer").glob(".replaced-*"))
+    (aside,) = (theirs / "transformer").glob(".replaced-*")
+    assert {p.name: p.read_bytes() for p in aside.iterdir() if "-of-" in p.name} == content
+    assert (aside / untagged.name).is_file()
+
+    monkeypatch.setattr(file_utils.os, "access", lambda path, mode: False)  # a read-only filesystem
+    for destination in (ours, tmp_path / "new"):
+        with pytest.raises(ValueError, match="`save_directory`: .* is not writable; nothing was saved"):
+            pipe.save_pretrained(destination)
 
 
 def test_saved_files_get_the_umask_mode(tmp_path):

@@ -5,14 +5,18 @@ Also the JSON-lines reading and the image-folder walk that the commands share.""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import socket
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Callable
+
+logger = logging.getLogger(__name__)
 
 STAGING_MARKER = "diffusers-var-staging.json"
 # the converters' list of the files they wrote (conversion/common.py's MANIFEST_NAME: that module also runs alone);
@@ -103,7 +107,9 @@ def _default_file_mode() -> int:
 # Weight files that a component's new save makes stale: the shard index of its weights name and variant, which a
 # loader would read in place of a new single file, and the shards that index lists. A plain single file is replaced by
 # name. Another variant's files are left alone (they load on their own, ``variant=``), and so are shards no index
-# lists and other formats (``.bin``: never read here): files the package did not write are never deleted.
+# lists and other formats (``.bin``: never read here). Stale files that a converted folder's manifest lists (ours) are
+# deleted; others are moved into a hidden ``.replaced-<time>`` folder beside them: files the package did not write are
+# never deleted.
 _WEIGHT_NAME = re.compile(
     r"(?P<stem>[^.]+?)(\.(?P<variant>\w+))?(-\d{5}-of-\d{5})?\.safetensors\Z"
     r"|(?P<index_stem>[^.]+)\.safetensors\.index(\.(?P<index_variant>\w+))?\.json\Z"
@@ -121,11 +127,16 @@ def _weight_key(name: str) -> tuple[str, str | None] | None:
     return match["index_stem"], match["index_variant"]
 
 
-def _stale_weight_files(folder: Path, written: set[str]) -> list[Path]:
+# a shard index that a save of the package wrote names it in its metadata: its stale shards are ours to delete
+_INDEX_WRITER = {"written_by": "diffusers-var"}
+
+
+def _stale_weight_files(folder: Path, written: set[str]) -> list[tuple[Path, bool]]:
     """In ``folder``, read before the new files move in: the shard indices of the weights names and variants of the
     files being ``written`` there (unless rewritten) and the shards each lists (same name and variant, not rewritten):
-    what a loader would read in place of the new files, or shards no index will list. An index that cannot be read is
-    stale itself, its shards are kept."""
+    what a loader would read in place of the new files, or shards no index will list; each with whether the index
+    says a save of the package wrote it (:func:`_tag_shard_indices`). An index that cannot be read is stale itself
+    (not ours), its shards are kept."""
     stale = []
     for stem, variant in {_weight_key(name) for name in written} - {None}:
         dot_variant = f".{variant}" if variant else ""
@@ -133,18 +144,34 @@ def _stale_weight_files(folder: Path, written: set[str]) -> list[Path]:
         index = folder / f"{stem}.safetensors.index{dot_variant}.json"
         if not index.is_file():
             continue
-        if index.name not in written:
-            stale.append(index)
         try:
-            listed = set(json.loads(index.read_text()).get("weight_map", {}).values())
+            content = json.loads(index.read_text())
+            listed = set(content.get("weight_map", {}).values())
+            ours = (content.get("metadata") or {}).get("written_by") == _INDEX_WRITER["written_by"]
         except (OSError, ValueError, AttributeError):
-            continue
+            listed, ours = set(), False
+        if index.name not in written:
+            stale.append((index, ours))
         stale += [
-            folder / name
+            (folder / name, ours)
             for name in listed
             if isinstance(name, str) and shard.match(name) and name not in written and (folder / name).is_file()
         ]
     return stale
+
+
+def _tag_shard_indices(folder: Path) -> None:
+    """Name the package in the metadata of the shard indices a save wrote into ``folder`` (staging): a later save
+    that makes their shards stale deletes them, where shards of others are moved aside."""
+    for index in folder.rglob("*.safetensors.index*.json"):
+        try:
+            content = json.loads(index.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(content, dict):
+            metadata = content.get("metadata") if isinstance(content.get("metadata"), dict) else {}
+            content["metadata"] = {**metadata, **_INDEX_WRITER}
+            index.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
 def entries_starting_with(folder: Path, prefix: str) -> list[Path]:
@@ -202,12 +229,15 @@ def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
     if not existing:
         make_folder(target.parent, "save_directory")
     where, prefix = (target, ".saving-") if existing else (target.parent, f".{target.name}.saving-")
+    if not os.access(where, os.W_OK | os.X_OK):  # (mkdtemp's bare OSError named no parameter)
+        raise ValueError(f"`save_directory`: {str(where)!r} is not writable; nothing was saved.")
     _clean_stale_staging(where, prefix)
     staging = Path(tempfile.mkdtemp(prefix=prefix, dir=where))
     try:
         (staging / STAGING_MARKER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
         new = staging / "new"
         save(new)
+        _tag_shard_indices(new)
         files = [path for path in new.rglob("*") if path.is_file()]
         file_mode = _default_file_mode()
         for path in files:  # safetensors writes 0600: other users could not load the folder
@@ -230,8 +260,7 @@ def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
         for relative in written:
             (target / relative).parent.mkdir(parents=True, exist_ok=True)
             os.replace(new / relative, target / relative)
-        for old in stale:
-            old.unlink(missing_ok=True)
+        _remove_stale_weights(target, stale)
         _list_in_conversion_manifest(target, written)
         marker.unlink(missing_ok=True)
         return target
@@ -239,20 +268,53 @@ def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _remove_stale_weights(target: Path, stale: list[tuple[Path, bool]]) -> None:
+    """Delete the stale weight files that a save of the package wrote (their index says so, or ``target``'s
+    conversion manifest lists them); move the others into ``.replaced-<time>`` in their folder (a loader does not
+    look there), with a warning."""
+    listed = _manifest_files(target)
+    aside = {}
+    for old, ours in stale:
+        if ours or old.relative_to(target).as_posix() in listed:
+            old.unlink(missing_ok=True)
+        elif old.is_file():
+            folder = aside.get(old.parent)
+            if folder is None:
+                folder = aside[old.parent] = old.parent / time.strftime(".replaced-%Y%m%d-%H%M%S")
+                folder.mkdir(exist_ok=True)
+            os.replace(old, folder / old.name)
+    for folder in aside.values():
+        logger.warning(
+            "moved sharded weights that the new save replaces (not written by diffusers-var, so not deleted) into "
+            "%s; a loader reads the new files",
+            folder,
+        )
+
+
+def _our_manifest(target: Path) -> dict | None:
+    """``target``'s conversion manifest, if it is one of ours with its list of files."""
+    try:
+        manifest = json.loads((target / CONVERSION_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None  # no manifest (a folder the converters did not write), or not one of ours
+    ours = isinstance(manifest, dict) and manifest.get("written_by") == "diffusers-var"  # (common.py's WRITER)
+    return manifest if ours and isinstance(manifest.get("files"), list) else None
+
+
+def _manifest_files(target: Path) -> set[str]:
+    """The files ``target``'s conversion manifest lists (empty without one of ours)."""
+    manifest = _our_manifest(target)
+    return set() if manifest is None else set(map(str, manifest["files"]))
+
+
 def _list_in_conversion_manifest(target: Path, written: list[Path]) -> None:
     """Add the files a save wrote into a converted folder to its manifest: a later ``--overwrite`` of the folder
     (which replaces only folders whose every file is listed) refused the new files, e.g. a ``variant`` save's."""
-    path = target / CONVERSION_MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return  # no manifest (a folder the converters did not write), or not one of ours
-    if not (isinstance(manifest, dict) and manifest.get("written_by") == "diffusers-var"):  # (common.py's WRITER)
-        return
-    if not isinstance(manifest.get("files"), list):
+    manifest = _our_manifest(target)
+    if manifest is None:
         return
     manifest["files"] = sorted(set(map(str, manifest["files"])) | {relative.as_posix() for relative in written})
-    write_text_atomic(path, json.dumps(manifest, indent=1) + "\n")
+    write_text_atomic(target / CONVERSION_MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def _check_destinations(target: Path, written: list[Path]) -> None:
