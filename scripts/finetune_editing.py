@@ -35,6 +35,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -221,6 +222,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     if out.exists():
         parser.error(f"`--out`: {out} exists; give a new folder.")
+    taken = [f"{out}-{step}" for step in range(args.save_every, args.steps, args.save_every or args.steps)]
+    taken = [name for name in taken if args.save_every and Path(name).exists()]
+    if taken:
+        parser.error(f"`--save-every` writes {taken[0]}, which exists; give another `--out`.")
 
     pipeline_class, inpaint_class, folder = FAMILIES[args.family]
     pipe = pipeline_class.from_pretrained(args.model or folder, dtype=torch.float32)
@@ -242,12 +247,16 @@ def main(argv=None) -> int:
     def export(path: Path) -> None:
         """The source folder with the averaged transformer in place of its own (every other file unchanged),
         written next to ``path`` and renamed into place."""
-        partial = path.with_name(path.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)  # a previous export of this script that was interrupted
-        shutil.copytree(source, partial)
-        shutil.rmtree(partial / "transformer")
-        copy.deepcopy(ema).to(getattr(torch, args.save_dtype)).save_pretrained(partial / "transformer")
-        os.replace(partial, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))  # ours alone
+        try:
+            partial = staging / path.name
+            shutil.copytree(source, partial)
+            shutil.rmtree(partial / "transformer")  # (the copy's)
+            copy.deepcopy(ema).to(getattr(torch, args.save_dtype)).save_pretrained(partial / "transformer")
+            os.replace(partial, path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     for step in range(1, args.steps + 1):
         batch = training_batch(rng, args.batch_size, 64, cell, args)

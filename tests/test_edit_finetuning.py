@@ -97,3 +97,16 @@ def test_finetune_script_writes_a_loadable_pipeline(family, tmp_path):
     assert (out / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
     again = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert again.returncode == 2 and "`--out`" in again.stderr  # never written over
+    if family == "var":  # a folder of the user's named like the script's staging (it deleted one), a taken step
+        (tmp_path / "edit2.partial").mkdir()
+        (tmp_path / "edit2.partial" / "notes.txt").write_text("mine")
+        (tmp_path / "edit2-2").mkdir()
+        second = [*command[:-1], str(tmp_path / "edit2"), "--steps", "3", "--save-every", "2"]
+        taken = subprocess.run(second, capture_output=True, text=True, timeout=300, check=False)
+        assert taken.returncode == 2 and "`--save-every` writes" in taken.stderr
+        (tmp_path / "edit2-2").rmdir()
+        done = subprocess.run(second, capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert (tmp_path / "edit2-2" / "transformer").is_dir() and (tmp_path / "edit2" / "transformer").is_dir()
+        assert (tmp_path / "edit2.partial" / "notes.txt").read_text() == "mine"
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
