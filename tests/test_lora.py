@@ -634,7 +634,7 @@ def test_malformed_lora_inputs_name_the_file_or_parameter(var_adapter, tmp_path)
             pipe.load_lora_weights(path)
     with pytest.raises(ValueError, match="`pretrained_model_name_or_path_or_dict`: .*`transformer.x.lora_A.weight`"):
         pipe.load_lora_weights({"transformer.x.lora_A.weight": 3})
-    for name in ("a.b", " "):
+    for name in ("a.b", " ", "train", "to", "keys"):  # (ModuleDict attributes: a KeyError deep in PEFT)
         with pytest.raises(ValueError, match="`adapter_name` must be a non-empty string without `.`"):
             pipe.load_lora_weights(var_adapter, adapter_name=name)
     assert_same_state(before, model_state(pipe.transformer))
@@ -1036,6 +1036,7 @@ def test_bad_lora_configs_name_the_key(tmp_path):
         (["task=var", f"lora.base={base}", "lora.target_modules=5"], "`lora.target_modules` must be"),
         (["task=var", f"lora.base={base}", "lora.target_modules=[]"], "`lora.target_modules` must be"),
         (["task=var", f"lora.base={base}", "lora.adapter_name=a.b"], "`lora.adapter_name` must be .* without `.`"),
+        (["task=var", f"lora.base={base}", "lora.adapter_name=train"], "`lora.adapter_name` must be .*ModuleDict"),
     ]
     # a model_index.json that is a JSON list, or no JSON: an AttributeError, or an error not naming lora.base
     for name, text, match in (
@@ -1318,3 +1319,18 @@ def test_the_model_card_is_ruff_clean_whatever_the_paths(tmp_path):
     assert_ruff_clean(*cards)
     assert 'adapter = "bar"\npipe = STARPipeline' in cards[0].read_text()
     assert "pipe.load_lora_weights(lora, adapter_name=adapter)" in cards[0].read_text()
+
+
+def test_a_lora_loads_under_model_offload_on_the_cpu(tmp_path):
+    """diffusers' LoRA loading takes the offload hooks off and turns offloading back on without a device: after
+    ``enable_model_cpu_offload(device="cpu")`` that looked for an accelerator, failed, and left the pipeline without
+    its hooks. The device chosen before is kept now; the adapter applies."""
+    source = embedded("var")
+    add_random_adapter(source.transformer, "a", scale=0.3)
+    adapter = save_adapter(source, tmp_path / "a")
+    expected = images(source, "var")
+    pipe = embedded("var")
+    pipe.enable_model_cpu_offload(device="cpu")
+    pipe.load_lora_weights(adapter, adapter_name="a")
+    assert hasattr(pipe.transformer, "_hf_hook") and pipe.get_list_adapters() == {"transformer": ["a"]}
+    assert torch.equal(images(pipe, "var"), expected)

@@ -244,6 +244,17 @@ def _module_dims(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def check_adapter_name(name, parameter: str = "adapter_name") -> None:
+    """A ValueError naming ``parameter`` unless ``name`` can key PEFT's torch ``ModuleDict``s: a non-empty string
+    without ``.`` that is not one of their attributes (``train``, ``eval``, ``to``, ``keys``, ...: torch refused it
+    deep inside PEFT with a KeyError)."""
+    if not isinstance(name, str) or not name.strip() or "." in name or hasattr(nn.ModuleDict(), name):
+        raise ValueError(
+            f"`{parameter}` must be a non-empty string without `.` that is not an attribute of torch's ModuleDict "
+            f"(such as train, eval, to, keys), got {name!r}."
+        )
+
+
 def _is_positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
@@ -705,10 +716,8 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         for another family or transformer shape (widths, ranks, depth); if loading fails all the same, every model is
         put back as it was.
         """
-        if adapter_name is not None and (
-            not isinstance(adapter_name, str) or not adapter_name.strip() or "." in adapter_name
-        ):  # it becomes a key of torch ModuleDicts, which refuse "."
-            raise ValueError(f"`adapter_name` must be a non-empty string without `.`, or None, got {adapter_name!r}.")
+        if adapter_name is not None:  # it becomes a key of PEFT's torch ModuleDicts
+            check_adapter_name(adapter_name)
         if not is_bool(hotswap):
             raise ValueError(f"`hotswap` must be True or False, got {hotswap!r}.")
         hotswap = bool(hotswap)

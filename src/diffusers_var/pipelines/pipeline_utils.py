@@ -379,6 +379,8 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         """diffusers' model offload, refused while the fast path is on (:meth:`disable_fast_inference` first) and
         without an accelerator (``device="cpu"`` runs the hooks without moving anything)."""
         self._refuse_offload_on_fast_path("enable_model_cpu_offload")
+        if device is None and gpu_id is None:  # diffusers' LoRA loading turns offloading back on without a device:
+            device = getattr(self, "_offload_device", None)  # the one chosen before (``"cpu"`` had failed)
         self._check_offload_device("enable_model_cpu_offload", device)
         return super().enable_model_cpu_offload(gpu_id=gpu_id, device=device)
 

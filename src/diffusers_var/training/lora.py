@@ -32,7 +32,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..loaders import FAMILY_LORA_GROUPS, add_text_encoder_adapter, lora_config, text_encoder_lora_config
+from ..loaders import (
+    FAMILY_LORA_GROUPS,
+    add_text_encoder_adapter,
+    check_adapter_name,
+    lora_config,
+    text_encoder_lora_config,
+)
 
 LORA_TASKS = ("var", "star", "infinity")
 TOKENIZER_FOLDERS = {"var": "vqvae", "star": "vqvae", "infinity": "vae"}
@@ -127,14 +133,7 @@ class LoraSettings:
                 "`lora.text_encoder_rank` is the rank of the text encoder's adapter, trained only with "
                 "`lora.train_text_encoder: true`; set that too, or remove `lora.text_encoder_rank`."
             )
-        if (
-            not isinstance(settings.adapter_name, str)
-            or not settings.adapter_name.strip()
-            or "." in settings.adapter_name
-        ):
-            raise ValueError(  # it becomes a key of torch ModuleDicts, which refuse "."
-                f"`lora.adapter_name` must be a non-empty string without `.`, got {settings.adapter_name!r}."
-            )
+        check_adapter_name(settings.adapter_name, "lora.adapter_name")
         modules = settings.target_modules
         if modules is not None and not (
             (isinstance(modules, str) and modules.strip())
