@@ -696,6 +696,22 @@ def test_a_hotswap_to_another_rank_updates_the_adapter_config(tmp_path):
     fresh.load_lora_weights(tmp_path / "again", adapter_name="x")
     assert torch.equal(images(fresh, "var"), swapped)
 
+    # on the fast path the hot-swap gave the adapter's weights new storage, which captured CUDA graphs would not
+    # read; the adapters' names, scales and flags were the same, so the graph sets were kept
+    fast = embedded("var")
+    fast.load_lora_weights(tmp_path / "again", adapter_name="a")
+    fast.enable_fast_inference(dtype=torch.float32)
+    images(fast, "var")
+    fast._graph_steps["stand-in"] = object()
+    fast.load_lora_weights(rank8, adapter_name="a", hotswap=True)  # the same rank: weights copied in place
+    fast._sync_adapters()
+    assert "stand-in" in fast._graph_steps
+    rank16 = embedded("var")
+    add_random_adapter(rank16.transformer, "r16", rank=16, seed=5)
+    fast.load_lora_weights(save_adapter(rank16, tmp_path / "r16", name="r16"), adapter_name="a", hotswap=True)
+    fast._sync_adapters()
+    assert "stand-in" not in fast._graph_steps
+
 
 def test_missing_lora_paths_are_clear_errors(var_adapter, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -1063,7 +1063,9 @@ class InfinityLoraLoaderMixin(NextScaleLoraLoaderMixin):
 
 def adapter_state(model: nn.Module | None) -> tuple:
     """A hashable summary of what the LoRA layers of ``model`` compute now (adapters, active ones, merged ones,
-    scales, enabled): it changes whenever loading, fusing, switching or scaling adapters changes the outputs."""
+    scales, enabled, and where and how large their weights are: a hot-swap to another rank gives them new storage,
+    which captured CUDA graphs would not read): it changes whenever loading, fusing, switching or scaling adapters
+    changes the outputs."""
     if model is None or not is_peft_available():
         return ()
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -1079,6 +1081,11 @@ def adapter_state(model: nn.Module | None) -> tuple:
                     tuple(module.merged_adapters),
                     module.disable_adapters,
                     tuple(sorted((k, float(v)) for k, v in scaling.items())),
+                    tuple(
+                        (key, weight.data_ptr(), tuple(weight.shape))
+                        for key, weight in module.named_parameters()
+                        if "lora_" in key
+                    ),
                 )
             )
     return tuple(state)
