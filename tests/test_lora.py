@@ -792,10 +792,37 @@ def test_saving_is_atomic(var_adapter, tmp_path, monkeypatch):
         ({**layers, "transformer_lora_adapter_metadata": {**metadata, "r": 8}}, "says rank 8, but the lora_A"),
         ({**layers, "transformer_lora_adapter_metadata": {**metadata, "r": float("nan")}}, "must hold JSON values"),
         ({**layers, "transformer_lora_adapter_metadata": {**metadata, "x": object()}}, "must hold JSON values"),
+        # a model's own state_dict (the adapter's name in the keys) and keys with the component's prefix were
+        # written over a good file, which no load then took
+        (
+            {
+                **layers,
+                "transformer_lora_layers": {k: v for k, v in pipe.transformer.state_dict().items() if "lora" in k},
+            },
+            r"are no LoRA weights.*an adapter name in the names",
+        ),
+        (
+            {
+                **layers,
+                "transformer_lora_layers": {
+                    f"transformer.{k}": v for k, v in layers["transformer_lora_layers"].items()
+                },
+            },
+            "start with `transformer.`, which the save adds",
+        ),
+        ({**layers, "transformer_lora_adapter_metadata": [1, 2]}, "must be a LoraConfig or its to_dict"),
     ):
         with pytest.raises(ValueError, match=message):
             VARPipeline.save_lora_weights(tmp_path / "bad", **bad)
     assert not (tmp_path / "bad").exists()
+    # the LoraConfig itself is taken as its to_dict()
+    monkeypatch.undo()  # (the full disk)
+    VARPipeline.save_lora_weights(
+        tmp_path / "config", **{**layers, "transformer_lora_adapter_metadata": pipe.transformer.peft_config["a"]}
+    )
+    fresh = embedded("var")
+    fresh.load_lora_weights(tmp_path / "config", adapter_name="a")
+    assert torch.equal(images(fresh, "var"), images(pipe, "var"))
     with pytest.raises(ValueError, match="`weight_name` must be a file name in the folder"):
         pipe.load_lora_weights(tmp_path / "sub", weight_name="../pytorch_lora_weights.safetensors")
 

@@ -412,11 +412,16 @@ def _natural_key(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def _json_safe(metadata: dict | None) -> dict | None:
-    """A ``LoraConfig.to_dict()`` for the file header: sets become sorted lists (diffusers does the same)."""
+def _json_safe(metadata, parameter: str) -> dict | None:
+    """A ``LoraConfig`` or its ``to_dict()`` for the file header: sets become sorted lists (diffusers does the
+    same)."""
     if metadata is None:
         return None
-    return {k: sorted(v) if isinstance(v, set) else v for k, v in dict(metadata).items()}
+    if callable(getattr(metadata, "to_dict", None)):  # the LoraConfig itself
+        metadata = metadata.to_dict()
+    if not isinstance(metadata, dict):
+        raise ValueError(f"`{parameter}` must be a LoraConfig or its to_dict(), got {type(metadata).__name__}.")
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in metadata.items()}
 
 
 def _check_saved_metadata(metadata: dict | None, tensors: dict, parameter: str) -> None:
@@ -839,12 +844,16 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         lora_layers, lora_metadata = {}, {}
         if transformer_lora_layers:
             lora_layers[cls.transformer_name] = transformer_lora_layers
-            lora_metadata[cls.transformer_name] = _json_safe(transformer_lora_adapter_metadata)
+            lora_metadata[cls.transformer_name] = _json_safe(
+                transformer_lora_adapter_metadata, "transformer_lora_adapter_metadata"
+            )
         if text_encoder_lora_layers:
             if "text_encoder" not in cls._lora_loadable_modules:
                 raise ValueError(f"`text_encoder_lora_layers`: {cls.__name__} has no text encoder.")
             lora_layers[cls.text_encoder_name] = text_encoder_lora_layers
-            lora_metadata[cls.text_encoder_name] = _json_safe(text_encoder_lora_adapter_metadata)
+            lora_metadata[cls.text_encoder_name] = _json_safe(
+                text_encoder_lora_adapter_metadata, "text_encoder_lora_adapter_metadata"
+            )
         if not lora_layers:
             raise ValueError("Pass at least one of `transformer_lora_layers` or `text_encoder_lora_layers`.")
         for component, layers in lora_layers.items():  # what load_lora_weights would refuse, refused before writing
@@ -855,11 +864,24 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
                 raise ValueError(
                     f"`{parameter}` must map names to tensors (finite, floating point): {'; '.join(problems[:3])}."
                 )
-            not_lora = [key for key in tensors if not isinstance(key, str) or "lora" not in key]
+            not_lora = [key for key in tensors if not isinstance(key, str) or not _LORA_KEY.match(key)]
             if not_lora:
+                named = any(isinstance(key, str) and _LORA_KEY_WITH_ADAPTER_NAME.match(key) for key in not_lora)
+                hint = (
+                    "; an adapter name in the names, as in a model's own state_dict: take them from peft's "
+                    "get_peft_model_state_dict(model, adapter_name=...), which leaves it out"
+                    if named
+                    else ""
+                )
                 raise ValueError(
-                    f"`{parameter}`: {not_lora[:3]} are no LoRA weights (PEFT's names hold `lora`, e.g. "
-                    "`blocks.0.attn.to_qkv.lora_A.weight`)."
+                    f"`{parameter}`: {not_lora[:3]} are no LoRA weights (PEFT's names: `<module>.lora_A.weight` / "
+                    f"`.lora_B.weight`, e.g. `blocks.0.attn.to_qkv.lora_A.weight`){hint}."
+                )
+            prefixed = [key for key in tensors if key.startswith(f"{component}.")]
+            if prefixed:  # the file would hold `transformer.transformer.`, which no load finds
+                raise ValueError(
+                    f"`{parameter}`: {prefixed[:3]} start with `{component}.`, which the save adds; pass the names "
+                    "without it."
                 )
             _check_saved_metadata(lora_metadata[component], tensors, parameter.replace("layers", "adapter_metadata"))
         if os.path.isfile(save_directory):  # diffusers only logs this and writes nothing
