@@ -1377,3 +1377,20 @@ def test_a_lora_loads_under_model_offload_on_the_cpu(tmp_path):
     pipe.load_lora_weights(adapter, adapter_name="a")
     assert hasattr(pipe.transformer, "_hf_hook") and pipe.get_list_adapters() == {"transformer": ["a"]}
     assert torch.equal(images(pipe, "var"), expected)
+
+
+def test_a_hotswap_to_other_layers_is_refused_before_anything_changes(tmp_path):
+    """A file that adapts other layers than the loaded adapter raised PEFT's RuntimeError half-way through the swap
+    (the model was put back); it is a ValueError naming ``hotswap`` and the layers now; the adapter stays."""
+    source = embedded("var")
+    add_random_adapter(source.transformer, "a", seed=0, scale=0.3)
+    everywhere = save_adapter(source, tmp_path / "a", name="a")
+    expected = images(source, "var")
+    other = embedded("var")
+    add_random_adapter(other.transformer, "d", seed=3, scale=0.3, targets=["attention", "adaln"])
+    elsewhere = save_adapter(other, tmp_path / "d", name="d")
+    pipe = embedded("var")
+    pipe.load_lora_weights(everywhere, adapter_name="x")
+    with pytest.raises(ValueError, match=r"`hotswap`: the file's LoRA weights must target the layers adapter 'x'"):
+        pipe.load_lora_weights(elsewhere, adapter_name="x", hotswap=True)
+    assert torch.equal(images(pipe, "var"), expected)

@@ -408,6 +408,23 @@ def _update_hotswapped_config(config, metadata: dict, state_dict: dict) -> None:
             config.r = ranks.pop()
 
 
+def _check_hotswap_layers(model: nn.Module, adapter_name: str, state_dict: dict) -> None:
+    """A ValueError (before anything changes) unless the file's LoRA weights cover the layers ``adapter_name``
+    adapts in ``model``, no more and no fewer: PEFT's hot-swap raised its own RuntimeError half-way otherwise."""
+    adapted = {name for name, module in model.named_modules() if adapter_name in getattr(module, "lora_A", {})}
+    given = {match["module"] for key in state_dict if (match := _LORA_KEY.match(key))}
+    if given != adapted:
+        extra, missing = sorted(given - adapted, key=_natural_key), sorted(adapted - given, key=_natural_key)
+        said = [
+            f"layers it does not adapt: {extra[:3]}" if extra else "",
+            f"none for: {missing[:3]}" if missing else "",
+        ]
+        raise ValueError(
+            f"`hotswap`: the file's LoRA weights must target the layers adapter {adapter_name!r} adapts; it has "
+            f"{'; '.join(part for part in said if part)}. Load it as another adapter instead."
+        )
+
+
 def _natural_key(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
@@ -744,6 +761,8 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             raise ValueError(f"`hotswap`: no adapter {adapter_name!r} to replace (loaded: {sorted(loaded)}).")
         if hotswap and parts.get(self.text_encoder_name):
             raise ValueError("`hotswap`: hot-swapping applies to the transformer's adapters only.")
+        if hotswap:
+            _check_hotswap_layers(transformer, adapter_name, parts.get(self.transformer_name) or {})
         if not hotswap and adapter_name in loaded:
             raise ValueError(
                 f"`adapter_name` {adapter_name!r} is already loaded (loaded: {sorted(loaded)}): pick another name, "
