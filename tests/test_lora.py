@@ -1394,3 +1394,30 @@ def test_a_hotswap_to_other_layers_is_refused_before_anything_changes(tmp_path):
     with pytest.raises(ValueError, match=r"`hotswap`: the file's LoRA weights must target the layers adapter 'x'"):
         pipe.load_lora_weights(elsewhere, adapter_name="x", hotswap=True)
     assert torch.equal(images(pipe, "var"), expected)
+
+
+def test_disable_or_load_after_fusing_unfuses_exactly(tmp_path):
+    """After ``fuse_lora()``, ``disable_lora()`` or loading another adapter made PEFT unmerge the fused one on its own,
+    by subtracting its update again (base weights off by float rounding), while the pipeline still counted it fused
+    and refused ``set_adapters``. Both unfuse exactly first now."""
+    other = embedded("var")
+    add_random_adapter(other.transformer, "b", seed=2, scale=0.3)
+    b_file = save_adapter(other, tmp_path / "b", name="b")
+    for then in ("disable_lora", "load_lora_weights"):
+        pipe = embedded("var")
+        base = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+        base_images = images(pipe, "var")
+        add_random_adapter(pipe.transformer, "a", scale=0.3)
+        pipe.fuse_lora()
+        if then == "disable_lora":
+            pipe.disable_lora()
+            assert torch.equal(images(pipe, "var"), base_images)
+        else:
+            pipe.load_lora_weights(b_file, adapter_name="b")
+        weights = {
+            k.replace(".base_layer", ""): v for k, v in pipe.transformer.state_dict().items() if "lora_" not in k
+        }
+        assert set(weights) == set(base) and all(torch.equal(weights[k], base[k]) for k in base), then
+        assert not pipe.fused_loras
+        pipe.enable_lora()
+        pipe.set_adapters(["a"], [0.5])  # (refused as "fused" before)

@@ -768,6 +768,7 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
                 f"`adapter_name` {adapter_name!r} is already loaded (loaded: {sorted(loaded)}): pick another name, "
                 "or pass `hotswap=True` to replace its weights."
             )
+        self._unfuse_before("load_lora_weights")
         models = [getattr(self, c) for c in parts]
         with _restored_on_failure(models, adapter_name, hotswap):
             transformer_part = parts.get(self.transformer_name)
@@ -1003,6 +1004,19 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
                 with torch.no_grad():
                     base_weight.copy_(weight.to(base_weight.device, base_weight.dtype))
                 layer.scaling.update({k: v for k, v in scaling.items() if k in layer.scaling})
+
+    def _unfuse_before(self, method: str) -> None:
+        """Unfuse fused adapters exactly (:meth:`unfuse_lora`) before ``method``, after which PEFT unmerges them on its
+        own by subtracting the update again (base weights off by float rounding) and the fused bookkeeping went stale
+        (``set_adapters`` refused "fused" adapters that no weight held any more)."""
+        if any(_FUSE_SNAPSHOT in layer.__dict__ for layer in self._lora_layers(self._lora_loadable_modules)):
+            logger.warning(f"`{method}` with fused adapters: unfused them first (`unfuse_lora()`), as PEFT would.")
+            self.unfuse_lora()
+
+    def disable_lora(self):
+        """diffusers' ``disable_lora`` (the base model's outputs); fused adapters are unfused first, exactly."""
+        self._unfuse_before("disable_lora")
+        super().disable_lora()
 
     def unload_lora_weights(self):
         """Remove every adapter; the models are the plain base models again. Fused adapters stay fused (diffusers'
