@@ -95,6 +95,23 @@ def test_command_line_overwrite_refuses_the_current_folder_and_foreign_folders(t
     assert contents(tmp_path) == {"notes.txt": "mine"}
 
 
+@pytest.mark.parametrize("script", ["convert_var", "convert_star", "convert_infinity", "convert_code"])
+def test_ctrl_c_in_a_converter_is_one_line(script, monkeypatch, capsys):
+    """Ctrl-C in a conversion script printed a traceback from wherever the work was (the CLI printed one line)."""
+    import argparse
+    import runpy
+
+    from diffusers_var.cli_support import INTERRUPTED
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(REPO_ROOT / "conversion" / f"{script}.py"), run_name="__main__")
+    assert stopped.value.code == 130 and capsys.readouterr().err == INTERRUPTED + "\n"
+
+
 def test_interrupted_saves_are_cleaned_up_and_only_ours(tmp_path):
     out = tmp_path / "out"
     # a save SIGKILLed half-way leaves its staging folder ...

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .cli_support import (
+    INTERRUPTED,
     MAX_BATCH_SIZE,
     MAX_IMAGES,
     MAX_SEED,
@@ -644,11 +645,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback from wherever the work was
-        print(
-            "interrupted: files are written whole or not at all; run the same command again to go on (sample and "
-            "train resume where they stopped).",
-            file=sys.stderr,
-        )
+        print(INTERRUPTED, file=sys.stderr)
         return 130
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT):

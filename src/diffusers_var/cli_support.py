@@ -13,6 +13,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from .embedded_models import EMBEDDED_PIPELINES
 
@@ -374,6 +375,22 @@ def parser_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
             if flag.startswith("--") and action.dest != "help":
                 flags[action.dest] = flags[flag[2:]] = flag
     return flags
+
+
+INTERRUPTED = (
+    "interrupted: files are written whole or not at all; run the same command again to go on (sample and train "
+    "resume where they stopped)."
+)
+
+
+def run_interruptible(main: Callable[[], int]) -> int:
+    """``main()``'s exit code; Ctrl-C prints one line (:data:`INTERRUPTED`) and gives 130, not a traceback from
+    wherever the work was."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr)
+        return 130
 
 
 def print_error(message: str) -> int:
