@@ -799,7 +799,7 @@ def test_saving_is_atomic(var_adapter, tmp_path, monkeypatch):
                 **layers,
                 "transformer_lora_layers": {k: v for k, v in pipe.transformer.state_dict().items() if "lora" in k},
             },
-            r"are no LoRA weights.*an adapter name in the names",
+            r"are no LoRA weights.*looks like an adapter name",
         ),
         (
             {

@@ -230,6 +230,18 @@ _LORA_KEY = re.compile(r"(?P<module>.+)\." + _LORA_PARTS + r"(?:\.weight|\.bias)
 _LORA_KEY_WITH_ADAPTER_NAME = re.compile(r".+\." + _LORA_PARTS + r"\.(?P<adapter>[^.]+)(?:\.weight|\.bias)?\Z")
 
 
+def _adapter_name_hint(keys) -> str:
+    """What to say when a key that is no LoRA key holds an adapter's name, as a model's own state_dict does."""
+    for key in keys:
+        named = _LORA_KEY_WITH_ADAPTER_NAME.match(key) if isinstance(key, str) else None
+        if named:
+            return (
+                f"; `{named['adapter']}` looks like an adapter name, as in a model's own state_dict: take the weights "
+                "from peft's get_peft_model_state_dict(model, adapter_name=...), which leaves it out"
+            )
+    return ""
+
+
 def _base_module(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if hasattr(module, "get_base_layer") else module
 
@@ -304,15 +316,9 @@ def lora_mismatches(state_dict: dict[str, torch.Tensor], model: nn.Module, confi
     for key, tensor in state_dict.items():
         match = _LORA_KEY.match(key)
         if match is None:
-            named = _LORA_KEY_WITH_ADAPTER_NAME.match(key)
-            hint = (
-                f"; `{named['adapter']}` looks like an adapter name, as in a model's own state_dict: save with "
-                "peft's get_peft_model_state_dict(model, adapter_name=...), which leaves it out"
-                if named
-                else ""
-            )
             problems.append(
-                f"`{key}` is not a LoRA key (PEFT names: `<module>.lora_A.weight` / `.lora_B.weight`){hint}"
+                f"`{key}` is not a LoRA key (PEFT names: `<module>.lora_A.weight` / `.lora_B.weight`)"
+                f"{_adapter_name_hint([key])}"
             )
             continue
         name, part = match["module"], match["part"]
@@ -886,16 +892,9 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
                 )
             not_lora = [key for key in tensors if not isinstance(key, str) or not _LORA_KEY.match(key)]
             if not_lora:
-                named = any(isinstance(key, str) and _LORA_KEY_WITH_ADAPTER_NAME.match(key) for key in not_lora)
-                hint = (
-                    "; an adapter name in the names, as in a model's own state_dict: take them from peft's "
-                    "get_peft_model_state_dict(model, adapter_name=...), which leaves it out"
-                    if named
-                    else ""
-                )
                 raise ValueError(
                     f"`{parameter}`: {not_lora[:3]} are no LoRA weights (PEFT's names: `<module>.lora_A.weight` / "
-                    f"`.lora_B.weight`, e.g. `blocks.0.attn.to_qkv.lora_A.weight`){hint}."
+                    f"`.lora_B.weight`, e.g. `blocks.0.attn.to_qkv.lora_A.weight`){_adapter_name_hint(not_lora)}."
                 )
             prefixed = [key for key in tensors if key.startswith(f"{component}.")]
             if prefixed:  # the file would hold `transformer.transformer.`, which no load finds
