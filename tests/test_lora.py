@@ -499,6 +499,14 @@ def test_safetensors_only_and_bad_arguments_name_the_parameter(tmp_path):
         pipe.fuse_lora(lora_scale=math.inf)
     with pytest.raises(ValueError, match="`components`"):
         pipe.fuse_lora(components=["vqvae"])
+    # diffusers ignores keyword arguments it does not know, typos too (the adapter stayed unfused at scale 1)
+    with pytest.raises(ValueError, match=r"`fuse_lora` takes .*unknown arguments \['lora_sclae'\]"):
+        pipe.fuse_lora(lora_sclae=0.5)
+    with pytest.raises(ValueError, match="`safe_fusing` must be True or False"):
+        pipe.fuse_lora(safe_fusing="yes")
+    with pytest.raises(ValueError, match=r"`unfuse_lora` takes components; got unknown arguments \['unfuse_unet'\]"):
+        pipe.unfuse_lora(unfuse_unet=True)
+    assert not pipe.fused_loras
 
 
 # ----------------------------------------------------------------------------------------------

@@ -431,6 +431,12 @@ def _check_hotswap_layers(model: nn.Module, adapter_name: str, state_dict: dict)
         )
 
 
+def _refuse_unknown_arguments(method: str, kwargs: dict, known: str) -> None:
+    """A ValueError naming the keyword arguments ``method`` does not take (diffusers' ignored them, typos too)."""
+    if kwargs:
+        raise ValueError(f"`{method}` takes {known}; got unknown arguments {sorted(kwargs)}.")
+
+
 def _natural_key(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
@@ -966,6 +972,9 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         r"""Merge the active adapters (or ``adapter_names``), scaled by ``lora_scale``, into the weights of
         ``components`` (default: every LoRA component): inference then costs what the base model costs (the fast path
         runs fused adapters at full speed). :meth:`unfuse_lora` restores the weights exactly."""
+        _refuse_unknown_arguments("fuse_lora", kwargs, "components, lora_scale, safe_fusing, adapter_names")
+        if not is_bool(safe_fusing):
+            raise ValueError(f"`safe_fusing` must be True or False, got {safe_fusing!r}.")
         components = self._check_components(components)
         if not is_number(lora_scale) or not math.isfinite(lora_scale):
             raise ValueError(f"`lora_scale` must be a finite number, got {lora_scale!r}.")
@@ -984,17 +993,17 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         super().fuse_lora(
             components=components,
             lora_scale=lora_scale,
-            safe_fusing=safe_fusing,
+            safe_fusing=bool(safe_fusing),
             adapter_names=adapter_names,
-            **kwargs,
         )
 
     def unfuse_lora(self, components: list[str] | None = None, **kwargs):
         r"""Undo :meth:`fuse_lora` for ``components`` (default: every LoRA component): the layers get back the exact
         weights they had before fusing, and the adapters their scales (diffusers' own unfuse subtracts the update
         again, which is exact only up to float rounding, and keeps ``lora_scale`` in the adapter scales)."""
+        _refuse_unknown_arguments("unfuse_lora", kwargs, "components")
         components = self._check_components(components)
-        super().unfuse_lora(components=components, **kwargs)
+        super().unfuse_lora(components=components)
         for layer in self._lora_layers(components):
             saved = layer.__dict__.pop(_FUSE_SNAPSHOT, None)
             if saved is not None:
