@@ -452,6 +452,8 @@ def test_bad_output_paths_fail_before_the_work(tmp_path, monkeypatch, capsys, in
         ("--out", tmp_path / "file", "exists and is not a file this command wrote"),
         ("--save-reference-stats", tmp_path / "file", "exists and is not a file this command wrote"),
         ("--out", "", "is empty"),
+        # a file --reference then refused (it tells an .npz by its suffix)
+        ("--save-reference-stats", tmp_path / "refstats", "must name an .npz file"),
     ]:
         _one_error(capsys, [*common, flag, str(target)], f"`{flag}`", message)
     assert (tmp_path / "file").read_text() == "x"
@@ -584,6 +586,10 @@ def test_unreadable_inputs_are_one_error_line(tmp_path, monkeypatch, capsys, inc
     # a file that is not an image, found during the pass: named
     (good / "x.png").write_bytes(b"not a png")
     _one_error(capsys, ["--samples", str(good), "--metrics", "is", *weights], "`--samples`", "x.png", "cannot read")
+    # a link to nothing: named too (it was left out, and the set was smaller than its folder without a word)
+    (good / "x.png").unlink()
+    (good / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    _one_error(capsys, ["--samples", str(good), "--metrics", "is", *weights], "`--samples`", "gone.png", "cannot read")
 
 
 def test_a_clip_hub_id_is_read_from_the_local_cache_only(tmp_path, monkeypatch):

@@ -421,6 +421,22 @@ def test_files_that_no_run_wrote_are_never_replaced(tmp_path, capsys, monkeypatc
         assert sorted(p.name for p in out.iterdir()) == before
     assert main(["sample", "--out", "", *common]) == 2
     assert "`--out` is empty" in capsys.readouterr().err
+    # an images/ folder without run.json, or a run.json of another tool: refused before the model loads (a
+    # converted model of several GB took minutes to load first)
+    monkeypatch.setattr("diffusers_var.sample.load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
+    foreign = tmp_path / "foreign-images"
+    (foreign / "images").mkdir(parents=True)
+    (foreign / "images" / "cat.png").write_bytes(b"mine")
+    other = tmp_path / "other-run-json"
+    other.mkdir()
+    (other / "run.json").write_text('{"epoch": 3}')
+    for out, message in ((foreign, "has an images/ folder but no run.json"), (other, "that is not this command's")):
+        assert main(["sample", "--out", str(out), *common]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: `--out` {str(out)!r}") and message in err, err
+    assert (foreign / "images" / "cat.png").read_bytes() == b"mine" and (
+        other / "run.json"
+    ).read_text() == '{"epoch": 3}'
 
 
 def test_a_second_run_into_a_folder_being_written_is_refused(one_process, tmp_path, capsys):

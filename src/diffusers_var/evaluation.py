@@ -98,7 +98,9 @@ class ImageSet:
             )
         elif self.path.is_dir():
             self.kind = "folder"
-            self.files = files_under(self.path, lambda name: Path(name).suffix.lower() in IMAGE_SUFFIXES)
+            self.files = files_under(
+                self.path, lambda name: Path(name).suffix.lower() in IMAGE_SUFFIXES, broken_links=True
+            )
         else:
             raise ValueError(
                 f"`{flag}` {str(self.path)!r} is not an image folder, a `diffusers-var sample` folder or an .npz file."
@@ -620,6 +622,11 @@ def run_evaluate(args) -> dict:
     ):
         if target is not None:
             check_output_file(flag, target, inputs, ours)
+    if args.save_reference_stats and Path(args.save_reference_stats).suffix.lower() != ".npz":
+        raise ValueError(  # (--reference tells an .npz by its suffix: the file written was refused there)
+            f"`--save-reference-stats` must name an .npz file, which `--reference` reads back, got "
+            f"{args.save_reference_stats!r}."
+        )
     if (
         args.out
         and args.save_reference_stats

@@ -381,10 +381,11 @@ def _hidden(name: str) -> bool:
     return name.startswith((".", "__"))
 
 
-def files_under(root: Path, wanted: Callable[[str], bool]) -> list[Path]:
+def files_under(root: Path, wanted: Callable[[str], bool], broken_links: bool = False) -> list[Path]:
     """The files under ``root`` whose names ``wanted(name)`` accepts, sorted. Folder links are followed (each real
     folder once, so a link back up is no loop); hidden files and folders (``.ipynb_checkpoints``, ``__MACOSX``) are
-    left out, as HF ``datasets``' imagefolder does."""
+    left out, as HF ``datasets``' imagefolder does. With ``broken_links``, links to nothing are listed too (their
+    reader then says what it cannot read: an image set that left them out was smaller than its folder, silently)."""
     found, seen = [], set()
     for folder, subfolders, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -394,4 +395,4 @@ def files_under(root: Path, wanted: Callable[[str], bool]) -> list[Path]:
         seen.add(real)
         subfolders[:] = sorted(name for name in subfolders if not _hidden(name))
         found += [Path(folder, name) for name in names if not _hidden(name) and wanted(name)]
-    return sorted(path for path in found if path.is_file())
+    return sorted(path for path in found if path.is_file() or (broken_links and path.is_symlink()))

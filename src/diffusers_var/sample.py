@@ -283,6 +283,9 @@ def check_out(out: Path) -> None:
             f"`--out` {str(out)!r} holds {', '.join(in_the_way)} but no {RUN_FILE}: files that no sample run wrote, "
             "which this one would replace; choose another --out."
         )
+    _refuse_images_without_run_file(out)  # (these two need no model: refused before it loads)
+    if RUN_FILE in in_the_way:
+        _run_file_content(out)
 
 
 @contextlib.contextmanager
@@ -595,21 +598,36 @@ def _write_run_file(run_file: Path, settings: dict, batch_size: int) -> None:
     write_atomic(run_file, lambda tmp: tmp.write_text(content))
 
 
+def _run_file_content(out: Path) -> dict:
+    """``out``'s run file, or a ValueError naming ``--out`` when it is not this command's."""
+    try:
+        content = json.loads((out / RUN_FILE).read_text())
+        recorded = content["settings"]
+        if not isinstance(recorded, dict) or not RUN_SETTINGS_ALWAYS <= set(recorded):
+            raise TypeError
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        raise ValueError(
+            f"`--out` {str(out)!r} holds a {RUN_FILE} that is not this command's (unreadable, or no "
+            f'"settings" object); choose another --out, or remove that file if the folder is yours to reuse.'
+        ) from None
+    return content
+
+
+def _refuse_images_without_run_file(out: Path) -> None:
+    if (out / IMAGES_DIR).exists() and not (out / RUN_FILE).exists():
+        raise ValueError(
+            f"`--out` {str(out)!r} has an images/ folder but no {RUN_FILE}: not a folder of this "
+            f"command; choose another --out."
+        )
+
+
 def _check_run_file(out: Path, settings: dict, processes: Processes, batch_size: int) -> None:
     """Refuse to mix two different runs in one folder; the main process records the settings of a new one, and says
     when a restart changes the batch size."""
     run_file = out / RUN_FILE
     if run_file.is_file():
-        try:
-            content = json.loads(run_file.read_text())
-            recorded = content["settings"]
-            if not isinstance(recorded, dict) or not RUN_SETTINGS_ALWAYS <= set(recorded):
-                raise TypeError
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
-            raise ValueError(
-                f"`--out` {str(out)!r} holds a {RUN_FILE} that is not this command's (unreadable, or no "
-                f'"settings" object); choose another --out, or remove that file if the folder is yours to reuse.'
-            ) from None
+        content = _run_file_content(out)
+        recorded = content["settings"]
         if "model_files" in recorded and recorded["model_files"] != settings.get("model_files"):
             # a run recorded before the digest read only what loading reads: its whole-folder digest, if it matches
             model = Path(settings["model"])
@@ -650,11 +668,7 @@ def _check_run_file(out: Path, settings: dict, processes: Processes, batch_size:
                 file=sys.stderr,
             )
     elif processes.is_main:
-        if (out / IMAGES_DIR).exists():
-            raise ValueError(
-                f"`--out` {str(out)!r} has an images/ folder but no {RUN_FILE}: not a folder of this "
-                f"command; choose another --out."
-            )
+        _refuse_images_without_run_file(out)
         out.mkdir(parents=True, exist_ok=True)
         _write_run_file(run_file, settings, batch_size)
 
@@ -961,7 +975,12 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
         help="images per class (the papers' FID-50k: 50 over the 1000 ImageNet classes); a run holds at most "
         f"{MAX_IMAGES} images",
     )
-    group.add_argument("--class-labels", default=None, help="comma-separated class indices (default: every class)")
+    group.add_argument(
+        "--class-labels",
+        default=None,
+        help="comma-separated class indices (default: every class); -1 is the null class: write a list that starts "
+        "with it as --class-labels=-1,5 (argparse reads a lone -1,5 as a flag)",
+    )
     group = parser.add_argument_group("text-to-image (STAR, Infinity)")
     group.add_argument(
         "--prompts",
@@ -999,8 +1018,9 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
         "--rng",
         choices=["image", "batch"],
         default="image",
-        help="image (default): a generator per image, seeded from (seed, index): images do not depend on "
-        "the batch size. batch: one generator per global batch (VAR's fast path then samples inside "
+        help="image (default): a generator per image, seeded from (seed, index): its random numbers do not depend "
+        "on the batch size (the pixels may, by float rounding). batch: one generator per global batch (VAR's fast "
+        "path then samples inside "
         "its CUDA graphs); still the same files on any number of processes, but the images change "
         "with --batch-size",
     )

@@ -143,7 +143,7 @@ class ImageFolderDataset(_SkipsBadImages):
         self.root, self.resolution, self.bad_images = Path(root), resolution, bad_images
         if not self.root.is_dir():
             raise ValueError(f"`data.path`: {str(self.root)!r} is not a folder.")
-        files = files_under(self.root, lambda name: Path(name).suffix.lower() in IMAGE_SUFFIXES)
+        files = files_under(self.root, lambda name: Path(name).suffix.lower() in IMAGE_SUFFIXES, broken_links=True)
         if not files:
             raise ValueError(f"`data.path`: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {str(self.root)!r}.")
         readable, skipped = [], []
