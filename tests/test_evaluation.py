@@ -82,6 +82,10 @@ def test_inception_score_follows_adm():
     # splits of 5,000: the score is the mean of the splits' scores (here 10, 10 and the last split's 5 classes -> 5)
     confident[10_000:] = confident[np.arange(10_000, 12_000) % 5]
     assert ev.inception_score(confident) == pytest.approx((10 + 10 + 5) / 3, rel=1e-6)
+    # a class no image gives any probability to (its softmax underflows to 0 everywhere): 0 * log 0 was NaN
+    certain = np.full((4, 3), -1e4)
+    certain[np.arange(4), np.arange(4) % 2] = 0.0  # classes 0 and 1, never 2
+    assert ev.inception_score(certain) == pytest.approx(2.0, rel=1e-12)
 
 
 def _adm_precision_recall(reference, samples, k=3):

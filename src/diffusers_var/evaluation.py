@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 import zipfile
 import zlib
@@ -414,8 +415,9 @@ def inception_score(logits_unbiased: np.ndarray, split_size: int = IS_SPLIT_SIZE
     scores = []
     for start in range(0, len(logits), split_size):
         log_p = logits[start : start + split_size].log_softmax(dim=1)
-        p = log_p.exp()
-        kl = (p * (log_p - p.mean(dim=0, keepdim=True).log())).sum(dim=1).mean()
+        # log p(y) as a logsumexp: a class whose probability underflows to 0 in every image gave log 0 and 0 * inf
+        log_marginal = log_p.logsumexp(dim=0, keepdim=True) - math.log(len(log_p))
+        kl = (log_p.exp() * (log_p - log_marginal)).sum(dim=1).mean()
         scores.append(kl.exp().item())
     return float(np.mean(scores))
 
