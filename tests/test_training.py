@@ -1508,3 +1508,44 @@ def test_weight_decay_spares_what_the_original_trainers_spare():
         )
         assert decayed <= decay and spared <= no_decay and not any(name.endswith("bias") for name in decay)
         assert {name for name in decay if "log_scale" in name or "adaln_offset" in name} == set()
+
+
+def test_the_main_process_syncs_only_checkpoint_files(tmp_path, monkeypatch):
+    """Rank 0 fsynced every entry of the checkpoint folder, and another rank's temporary file of an atomic write,
+    listed and then renamed away, was a FileNotFoundError that ended the run (the FSDP test, under load)."""
+    import types
+
+    from accelerate.utils import DistributedType
+
+    from diffusers_var.training import checkpoint
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    accelerator = types.SimpleNamespace(
+        distributed_type=DistributedType.NO,
+        process_index=0,
+        is_main_process=True,
+        num_processes=2,
+        step=3,
+        scaler=None,
+        unwrap_model=lambda m: m,
+    )
+    folder = tmp_path / ".tmp-step-0000003"
+    folder.mkdir()
+    (folder / ".rng_state_1.json.12-34.tmp").write_text("another rank's, about to be renamed")
+    synced, real_sync = [], checkpoint.sync_to_disk
+
+    def sync(path):
+        if path.parent == folder and path.name.startswith("."):
+            raise FileNotFoundError(2, "No such file or directory", str(path))  # renamed away since it was listed
+        synced.append(path.name)
+        real_sync(path)
+
+    monkeypatch.setattr(checkpoint, "sync_to_disk", sync)
+    checkpoint.save_training_state(
+        folder, accelerator, model, types.SimpleNamespace(optimizer=optimizer), scheduler, None, 3, {"task": "test"}
+    )
+    assert checkpoint.is_training_checkpoint(folder)
+    assert {"model.safetensors", "optimizer.safetensors", "trainer_state.json"} <= set(synced)

@@ -221,7 +221,10 @@ def save_training_state(
         ema_state.pop("collected_params", None)
         state["ema"] = {"values": _json_value(ema_state), "parameters": names}
     for written in folder.iterdir():
-        sync_to_disk(written)
+        # not another rank's temporary file of an atomic write (it was renamed away while listed: FileNotFoundError
+        # on rank 0 under load); the other ranks sync their own files
+        if CHECKPOINT_FILES.match(written.name):
+            sync_to_disk(written)
     _write_json(folder / STATE_FILE, state)  # last: a folder without it is not a checkpoint
     sync_to_disk(folder / STATE_FILE)
     sync_to_disk(folder)
