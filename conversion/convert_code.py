@@ -18,14 +18,8 @@ the default of every call. The output holds safetensors only and is written atom
 import argparse
 import sys
 
-from diffusers_var.cli_support import (
-    OneLineErrorParser,
-    int_in_range,
-    name_flags,
-    parser_flags,
-    print_error,
-    run_interruptible,
-)
+from diffusers_var import cli_support
+from diffusers_var.cli_support import OneLineErrorParser, int_in_range, name_flags, parser_flags, print_error
 from diffusers_var.conversion import ConversionError, convert_code_checkpoint
 from diffusers_var.conversion.common import (
     OUTPUT_DTYPES,
@@ -97,4 +91,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_interruptible(main))
+    sys.exit(cli_support.run_interruptible(main))

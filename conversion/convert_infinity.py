@@ -13,14 +13,8 @@ holds safetensors only and is written atomically.
 import argparse
 import sys
 
-from diffusers_var.cli_support import (
-    OneLineErrorParser,
-    int_in_range,
-    name_flags,
-    parser_flags,
-    print_error,
-    run_interruptible,
-)
+from diffusers_var import cli_support
+from diffusers_var.cli_support import OneLineErrorParser, int_in_range, name_flags, parser_flags, print_error
 from diffusers_var.conversion import ConversionError, convert_infinity_checkpoint
 from diffusers_var.conversion.common import OUTPUT_DTYPES, add_output_dtype_argument
 
@@ -75,4 +69,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_interruptible(main))
+    sys.exit(cli_support.run_interruptible(main))
