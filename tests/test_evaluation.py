@@ -489,6 +489,14 @@ def test_bad_output_paths_fail_before_the_work(tmp_path, monkeypatch, capsys, in
     with pytest.raises(AssertionError, match="the feature pass ran"):
         main(["evaluate", "--samples", str(nulled), "--inception-weights", str(inception_weights), "--no-progress"])
     assert "--metrics auto left out clip: `--samples`" in capsys.readouterr().err
+    # a CLIP model that cannot be loaded: auto leaves clip out with a note (it failed the whole evaluation), while
+    # clip asked for by name is the error
+    prompted = _sample_folder(tmp_path / "prompted", ShapesDataset(2, 32, seed=1).images, ["a red square"] * 2)
+    missing_clip = ["--clip-model", str(tmp_path / "no-clip")]
+    with pytest.raises(AssertionError, match="the feature pass ran"):
+        main(["evaluate", "--samples", str(prompted), *missing_clip, "--inception-weights", str(inception_weights)])
+    assert "note: --metrics auto left out clip: `--clip-model`" in capsys.readouterr().err
+    _one_error(capsys, ["--samples", str(prompted), "--metrics", "clip", *missing_clip], "`--clip-model`")
     # without --reference there is nothing to save: both flags named
     _one_error(
         capsys,

@@ -646,7 +646,16 @@ def run_evaluate(args) -> dict:
     if {"fid", "is", "pr"} & set(metrics):
         weights = inception_weights_path(args.inception_weights)
         inception = load_inception(weights, device)
-    clip = load_clip(args.clip_model, device) if "clip" in metrics else None
+    clip = None
+    if "clip" in metrics:
+        try:
+            clip = load_clip(args.clip_model, device)
+        except ValueError as err:
+            if args.metrics != "auto":
+                raise
+            # auto asks for what applies: without the CLIP model the other metrics still come, said in a note
+            print(f"note: --metrics auto left out clip: {err} (or pass --metrics fid,is,pr).", file=sys.stderr)
+            metrics = [metric for metric in metrics if metric != "clip"]
 
     result = {"samples": str(samples.path), "num_samples": samples.length}
     if inception is not None:
