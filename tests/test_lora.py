@@ -1429,3 +1429,18 @@ def test_disable_or_load_after_fusing_unfuses_exactly(tmp_path):
         assert not pipe.fused_loras
         pipe.enable_lora()
         pipe.set_adapters(["a"], [0.5])  # (refused as "fused" before)
+
+
+def test_a_folder_with_one_lora_file_of_another_name_loads_it(tmp_path):
+    """A folder holding only ``my_lora.safetensors`` was refused (diffusers takes a folder's only .safetensors file);
+    with several, the error lists them."""
+    source = embedded("var")
+    add_random_adapter(source.transformer, "a", scale=0.3)
+    folder = save_adapter(source, tmp_path / "one", name="a")
+    (folder / "pytorch_lora_weights.safetensors").rename(folder / "my_lora.safetensors")
+    pipe = embedded("var")
+    pipe.load_lora_weights(tmp_path / "one", adapter_name="a")
+    assert torch.equal(images(pipe, "var"), images(source, "var"))
+    shutil.copy(tmp_path / "one" / "my_lora.safetensors", tmp_path / "one" / "other.safetensors")
+    with pytest.raises(ValueError, match=r"no pytorch_lora_weights.safetensors .*it holds \['my_lora.safetensors', "):
+        embedded("var").load_lora_weights(tmp_path / "one")

@@ -437,6 +437,19 @@ def _refuse_unknown_arguments(method: str, kwargs: dict, known: str) -> None:
         raise ValueError(f"`{method}` takes {known}; got unknown arguments {sorted(kwargs)}.")
 
 
+def _safetensors_files(folder: str) -> list[str]:
+    """The ``.safetensors`` files of ``folder`` (not hidden, not in subfolders), sorted; none if it cannot be read."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    return sorted(
+        name
+        for name in names
+        if name.endswith(".safetensors") and not name.startswith(".") and os.path.isfile(os.path.join(folder, name))
+    )
+
+
 def _natural_key(name: str):
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
@@ -607,8 +620,12 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             elif os.path.isdir(path):
                 folder = os.path.join(path, subfolder) if subfolder else path
                 path = os.path.join(folder, weight_name or LORA_WEIGHT_NAME_SAFE)
+                candidates = _safetensors_files(folder) if not weight_name and not os.path.isfile(path) else []
+                if len(candidates) == 1:  # the folder's only .safetensors file, as diffusers takes it
+                    path = os.path.join(folder, candidates[0])
                 if not os.path.isfile(path):
-                    hint = "" if weight_name else " (pass `weight_name=` for another file name)"
+                    found = f"; it holds {candidates[:5]}" if candidates else ""
+                    hint = "" if weight_name else f" (pass `weight_name=` for another file name{found})"
                     raise ValueError(f"{_SOURCE}: no {weight_name or LORA_WEIGHT_NAME_SAFE} in {str(folder)!r}{hint}.")
             elif _is_local_path(path):  # diffusers would ask the Hub about it, or talk of offline mode
                 raise ValueError(f"{_SOURCE} {path!r}: no such file or folder.")
