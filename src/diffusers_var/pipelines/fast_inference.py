@@ -402,9 +402,8 @@ def _subpixel_upsample_forward(upsampler: nn.Module, x_BCHW: torch.Tensor) -> to
 
 
 # Token rows (batch x tokens) from which the large-scale kernels run: fc1's bias + GELU in the matmul epilogue (fewer
-# rows: cuBLASLt's small-row kernels are slower than the plain matmul plus a separate GELU) and the float8 matmuls
-# (fewer rows: the quantisation would cost more than it saves). Compiled pieces are traced once per side of it
-# (``_dynamic_rows``), so both kernels read this one number.
+# rows: cuBLASLt's small-row kernels are slower than the plain matmul plus a separate GELU), and the float8 matmuls
+# unless FP8_MIN_ROWS starts them earlier. Compiled pieces are traced once per side of it (``_dynamic_rows``).
 LARGE_SCALE_MIN_ROWS = 4096
 # fc1's fused GELU from this many rows instead (None: LARGE_SCALE_MIN_ROWS), for measuring the epilogue at small rows
 # again (BENCHMARKS.md session 3: slower at batch 1 then; ``bench_pipelines.py --modes fast-compile-all-gelu-always``)
@@ -1003,8 +1002,9 @@ def _dynamic_rows(below: Callable, above: Callable, dynamic_dims: tuple[str, ...
     length of (B, max_length, H, D) KV-cache storage.
 
     Dynamic dimensions trace a piece once for every batch size and scale instead of specialising on the first. The two
-    regimes keep the row threshold of the fused GELU and the float8 matmuls out of the guards: each copy only ever
-    sees one side of it. With one copy, that guard came on top of the dynamic dimensions, and Infinity with
+    regimes keep the row threshold of the fused GELU out of the guards: each copy only ever sees one side of it (the
+    float8 one, :data:`FP8_MIN_ROWS`, below it, adds one guard to the lower copy). With one copy, that guard came on
+    top of the dynamic dimensions, and Infinity with
     ``fp8=True`` passed dynamo's recompile limit (8) on two pieces, which then ran eagerly (H100, session 12). The
     channels stay static (the norms' reductions keep their fixed-size kernels). ``dynamic_dims`` names the dimensions
     marked (:func:`compile_blocks_shapes`)."""
