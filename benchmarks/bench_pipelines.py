@@ -711,21 +711,40 @@ KNOWN_MODELS = (
 
 
 def host_syncs(bench, batch: int, device) -> str:
-    """The places where one generation waited for the GPU (torch's sync debug mode), by how often."""
+    """The places where one generation waited for the GPU (torch's sync debug mode), by how often.
+
+    Each place is the innermost frame of this package (or of this script) on the stack when the sync happened, then
+    the frame that raised it where that one is elsewhere (torch's own Python), so a sync inside a torch helper is
+    traced to the line of ours that called it.
+    """
     import collections
+    import traceback
     import warnings
 
-    with warnings.catch_warnings(record=True) as caught:
+    places = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        ours = [
+            frame
+            for frame in traceback.extract_stack()[:-1]
+            if "diffusers_var" in frame.filename or frame.filename.endswith("bench_pipelines.py")
+        ]
+        where = f"{Path(ours[-1].filename).name}:{ours[-1].lineno}" if ours else "?"
+        if not ours or (ours[-1].filename, ours[-1].lineno) != (filename, lineno):
+            where += f" via {Path(filename).name}:{lineno}"
+        places[where] += 1
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
             bench.generate(bench.pipe, batch, device)
             torch.cuda.synchronize()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    places = collections.Counter(
-        f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)
-    )
     return ", ".join(f"{place} x{count}" for place, count in places.most_common()) or "none"
 
 
