@@ -583,6 +583,32 @@ def test_diffusers_pipeline_callback_changes_guidance_and_interrupt_stops(case):
     assert not pipe.interrupt  # a new call starts uninterrupted
 
 
+def test_a_call_from_inside_its_own_callback_is_refused(case):
+    """A nested call on the same models would overwrite the running call's guidance, interrupt flag and caches (a
+    preview from a callback changed the outer image); one on other model instances runs."""
+    pipe = pipeline(case)
+    shared = case.pipeline_class.from_pipe(pipe)  # the same model instances
+    other = case.pipeline_class(**case.components())
+    other.set_progress_bar_config(disable=True)
+    nested = []
+
+    def preview(target):
+        def callback(p, si, hw, t):
+            if si == 0:
+                nested.append(run(case, pipe=target, guidance_scale=0.0))
+            return {}
+
+        return callback
+
+    for target in (pipe, shared):
+        with pytest.raises(RuntimeError, match="called from inside a `callback_on_step_end`.*transformer"):
+            run(case, guidance_scale=4.0, callback_on_step_end=preview(target))
+    assert torch.equal(
+        run(case, guidance_scale=4.0), run(case, guidance_scale=4.0, callback_on_step_end=preview(other))
+    )
+    assert len(nested) == 1 and pipe.guidance_scale == 4.0 and not pipe.interrupt
+
+
 # -- offloading -------------------------------------------------------------------------------------------------
 def sequential_offload_to_cpu(pipe) -> None:
     """``enable_sequential_cpu_offload``'s hooks with the CPU as the execution device: what diffusers does

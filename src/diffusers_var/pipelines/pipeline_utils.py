@@ -43,6 +43,7 @@ import PIL.Image
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.modeling_utils import ModelMixin
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import get_device
@@ -85,6 +86,8 @@ logger = logging.get_logger(__name__)
 _PIPELINE_CLASSES: dict[str, type] = {}
 # set while ``from_pipe`` builds a pipeline: its trailing ``.to(dtype)`` must not cast the shared components
 _KEEP_COMPONENT_DTYPES = contextvars.ContextVar("keep_component_dtypes", default=False)
+# ids of the model components whose generation is inside its `callback_on_step_end` (a nested call on them is refused)
+_MODELS_IN_CALLBACK = contextvars.ContextVar("models_in_callback", default=frozenset())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -426,7 +429,20 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
     def interrupt(self) -> bool:
         return self._interrupt
 
+    def _call_state_models(self) -> dict[str, torch.nn.Module]:
+        """The components that hold a call's state (KV caches, CUDA graphs, adapter scales): the models, not the
+        text encoders."""
+        return {name: module for name, module in self.components.items() if isinstance(module, ModelMixin)}
+
     def _begin_call(self, guidance_scale, num_scales: int) -> None:
+        running = _MODELS_IN_CALLBACK.get()
+        shared = [name for name, module in self._call_state_models().items() if id(module) in running]
+        if shared:  # the inner call would overwrite the outer one's guidance, interrupt flag, caches and graphs
+            raise RuntimeError(
+                f"{type(self).__name__} was called from inside a `callback_on_step_end` of a generation that uses "
+                f"the same {', '.join(shared)}: the models hold the running call's state. Generate after that call "
+                "returns, or with a pipeline of other model instances."
+            )
         # a per-scale list is copied: a callback editing `pipe._guidance_scale` in place edited the caller's list
         guidance_scale = list(guidance_scale) if isinstance(guidance_scale, list) else guidance_scale
         self._guidance_scale, self._num_timesteps, self._interrupt = guidance_scale, num_scales, False
@@ -501,7 +517,12 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
             snapshot = tensors["latents"].clone()
             handed.update({name: snapshot for name in names if name in latent_names})
         guidance_before = self._guidance_state()
-        out = callback(self, scale_index, tuple(scale_hw), handed)
+        running = _MODELS_IN_CALLBACK.get()
+        token = _MODELS_IN_CALLBACK.set(running | {id(module) for module in self._call_state_models().values()})
+        try:
+            out = callback(self, scale_index, tuple(scale_hw), handed)
+        finally:
+            _MODELS_IN_CALLBACK.reset(token)
         if self._guidance_changed(guidance_before):  # a callback may change it for the next scales
             check_guidance_scale(
                 self._guidance_scale,
