@@ -110,7 +110,7 @@ def test_long_prompt_is_truncated_at_512_tokens_with_warning(pipe):
     unguided = generate(pipe, prompt=long_prompt, guidance_scale=1.0)
     negative = generate(pipe, prompt=long_prompt, negative_prompt=long_prompt[:40])
     assert all(torch.isfinite(images).all() for images in (guided, unguided, negative))
-    with pytest.raises(ValueError, match=rf"takes the learned unconditional text, which has {rows} rows"):
+    with pytest.raises(ValueError, match=rf"`prompt_embeds` rows \[0\] have more than the {rows} tokens"):
         generate(
             pipe, prompt=None, prompt_embeds=whole, prompt_attention_mask=torch.ones(whole.shape[:2], dtype=torch.bool)
         )
@@ -210,6 +210,28 @@ def test_text_masks_must_pad_on_the_right(pipe):
         pipe.encode_prompt(None, prompt_embeds=left, prompt_attention_mask=left_mask)
     right = generate(pipe, prompt=None, prompt_embeds=embeds, prompt_attention_mask=mask, guidance_scale=3.0)
     assert right.shape == (2, 3, 32, 32)
+
+
+def test_precomputed_prompts_longer_than_the_learned_text_are_refused_before_the_call(pipe):
+    """Prompt texts are truncated to the learned unconditional text's rows where guidance mixes them with it;
+    precomputed features cannot be: they used to fail inside the transformer, naming a prompt the user never gave."""
+    rows = pipe.transformer.config.text_max_length
+    long = torch.randn(2, rows + 3, 32)
+    mask = torch.ones(2, rows + 3, dtype=torch.bool)
+    mask[0, rows:] = False  # row 0 fits, row 1 does not
+    calls = []
+    with pytest.raises(
+        ValueError, match=r"`prompt_embeds` rows \[1\] have more than the 32 tokens.*`text_max_length`"
+    ):
+        generate(pipe, prompt=None, prompt_embeds=long, prompt_attention_mask=mask, callback_on_step_end=calls.append)
+    assert calls == []  # refused in check_inputs, before the first scale
+    negative_mask = torch.zeros(2, 4, dtype=torch.bool)
+    negative_mask[1] = True  # row 1 has its own negative, row 0 takes the learned text and fits
+    kept = dict(prompt=None, prompt_embeds=long, prompt_attention_mask=mask, num_images_per_prompt=1)
+    assert generate(
+        pipe, **kept, negative_prompt_embeds=torch.randn(2, 4, 32), negative_prompt_attention_mask=negative_mask
+    ).shape == (2, 3, 32, 32)
+    assert generate(pipe, **kept, guidance_scale=1.0).shape == (2, 3, 32, 32)  # no guidance: no learned text
 
 
 def test_a_callback_cannot_turn_guidance_on_in_a_call_started_without_it(pipe):

@@ -195,6 +195,40 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         return embeds[:, :longest], mask[:, :longest]
 
     @staticmethod
+    def _rows_taking_learned_text(
+        num_rows: int, negatives, negative_prompt_embeds, negative_prompt_attention_mask
+    ) -> list[bool]:
+        """The rows that guidance mixes with the learned unconditional text: a negative row without real tokens, an
+        empty negative prompt, every row where no negatives are given."""
+        if negative_prompt_embeds is not None:
+            given = negative_prompt_attention_mask
+            return [False] * num_rows if given is None else (~given.bool().any(dim=1)).tolist()
+        if negatives is not None:
+            return [text == "" for text in negatives]
+        return [True] * num_rows
+
+    def _check_prompt_embeds_fit_learned_text(
+        self, prompt_embeds, prompt_attention_mask, negatives, negative_prompt_embeds, negative_prompt_attention_mask
+    ) -> None:
+        """Precomputed prompts are not truncated as prompt texts are: one longer than the learned unconditional text
+        in a row that takes it has no unconditional rows to match (the transformer would fail mid-call)."""
+        takes_learned = self._rows_taking_learned_text(
+            len(prompt_embeds), negatives, negative_prompt_embeds, negative_prompt_attention_mask
+        )
+        if prompt_attention_mask is None:
+            lengths = [prompt_embeds.shape[1]] * len(prompt_embeds)
+        else:
+            lengths = prompt_attention_mask.bool().sum(dim=1).tolist()
+        rows = self.text_max_length
+        too_long = [i for i, (n, learned) in enumerate(zip(lengths, takes_learned)) if learned and n > rows]
+        if too_long:
+            raise ValueError(
+                f"`prompt_embeds` rows {too_long} have more than the {rows} tokens of the learned unconditional text "
+                "(`text_max_length`) that guidance mixes them with: pass `negative_prompt_embeds` for them, at most "
+                f"{rows} tokens, or guidance_scale=1."
+            )
+
+    @staticmethod
     def _negative_prompts(negative_prompt, batch_size: int) -> list[str] | None:
         """The negative texts, one per prompt (``""``: that row's learned unconditional text), or None when every row
         takes the learned unconditional text (``None`` / ``""``)."""
@@ -284,14 +318,10 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         negatives = (
             self._negative_prompts(negative_prompt, prompt_embeds.shape[0]) if do_classifier_free_guidance else None
         )
-        if prompt is not None and do_classifier_free_guidance:  # the rows that the learned unconditional text guides
-            if negative_prompt_embeds is not None:  # a row without real tokens takes it
-                given = negative_prompt_attention_mask
-                takes_learned = [False] * len(prompt_embeds) if given is None else (~given.bool().any(dim=1)).tolist()
-            elif negatives is not None:
-                takes_learned = [text == "" for text in negatives]
-            else:
-                takes_learned = [True] * len(prompt_embeds)
+        if prompt is not None and do_classifier_free_guidance:
+            takes_learned = self._rows_taking_learned_text(
+                len(prompt_embeds), negatives, negative_prompt_embeds, negative_prompt_attention_mask
+            )
             prompt_embeds, prompt_attention_mask = self._fit_learned_unconditional_text(
                 check_prompts(prompt), prompt_embeds, prompt_attention_mask, takes_learned
             )
@@ -469,7 +499,7 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         self._check_required_components()
         check_common_inputs(top_k, top_p, output_type, num_images_per_prompt, return_dict)
         schedule = self.scale_schedule(height, width)
-        check_guidance_scale(guidance_scale, len(schedule))
+        guided = any(c != 1.0 for c in check_guidance_scale(guidance_scale, len(schedule)))
         check_temperature(tau, len(schedule), "tau")
         self._check_max_sequence_length(max_sequence_length)
         if prompt_embeds is None:
@@ -488,6 +518,10 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
             self._check_text_half(negative_prompt_embeds, negative_prompt_attention_mask, "negative_", num_prompts)
         elif negative_prompt_attention_mask is not None:
             raise ValueError("`negative_prompt_attention_mask` is only used with `negative_prompt_embeds`.")
+        if prompt_embeds is not None and guided and self.transformer is not None:
+            self._check_prompt_embeds_fit_learned_text(
+                prompt_embeds, prompt_attention_mask, negatives, negative_prompt_embeds, negative_prompt_attention_mask
+            )
         if self.text_encoder is None or self.tokenizer is None:
             if prompt_embeds is None:
                 raise ValueError(
