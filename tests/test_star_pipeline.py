@@ -92,8 +92,12 @@ def test_a_prompt_one_token_too_long_is_cut_with_clips_padding(pipe, caplog):
             hidden, mask, *_ = pipe.encode_prompt([" ".join(["a"] * words), "the city"])
     finally:
         tokenizer.pad_token = pad_token
-    assert "prompts [0]" in caplog.text and "truncated" in caplog.text
+    assert "`prompt[0]` (" in caplog.text and "truncated" in caplog.text
     assert hidden.shape[1] == limit and mask[0].all()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="diffusers_var.pipelines.pipeline_star"):
+        pipe.encode_prompt("the city", negative_prompt=" ".join(["a"] * words))  # encoded with the prompt, one call
+    assert "`negative_prompt[0]` (" in caplog.text and "prompt[1]" not in caplog.text
 
 
 def test_a_left_padding_tokenizer_gives_the_same_features(pipe):

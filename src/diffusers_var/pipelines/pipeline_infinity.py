@@ -143,7 +143,7 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
 
     # -- text ---------------------------------------------------------------------------------------
     def _encode_texts(
-        self, texts: list[str], device, max_length: int, warn: bool = True
+        self, texts: list[str], device, max_length: int, warn: bool = True, name: str = "prompt"
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """T5 features of ``texts`` as the original computes them: padded to ``max_length``, then trimmed to the
         longest real length, padding zeroed. Returns ``(embeds (B, S, text_dim) float32, mask (B, S) bool)``."""
@@ -156,8 +156,9 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         too_long = [i for i, n in enumerate(full_lengths) if n > max_length]
         if too_long and warn:
             logger.warning(
-                f"prompts {too_long} ({shorten(texts[too_long[0]], 60)}{', ...' if len(too_long) > 1 else ''}) "
-                f"have more than {max_length} tokens and are truncated (as the original does)."
+                f"{', '.join(f'`{name}[{i}]`' for i in too_long)} ({shorten(texts[too_long[0]], 60)}"
+                f"{', ...' if len(too_long) > 1 else ''}) more than {max_length} tokens: truncated (as the original "
+                "does)."
             )
         tokens = self.tokenizer(  # padded on the right: the trim below keeps the first columns
             list(texts),
@@ -326,7 +327,9 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
                 check_prompts(prompt), prompt_embeds, prompt_attention_mask, takes_learned
             )
         if negative_prompt_embeds is None and negatives is not None:
-            negative_prompt_embeds, negative_prompt_attention_mask = self._encode_texts(negatives, device, max_length)
+            negative_prompt_embeds, negative_prompt_attention_mask = self._encode_texts(
+                negatives, device, max_length, name="negative_prompt"
+            )
             empty = torch.tensor([text == "" for text in negatives], device=negative_prompt_embeds.device)
             negative_prompt_attention_mask = negative_prompt_attention_mask & ~empty[:, None]  # the learned one
             negative_prompt_embeds = negative_prompt_embeds * negative_prompt_attention_mask[..., None]

@@ -150,7 +150,9 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
             return None
         return T5_MAX_LENGTH if self._is_t5 else self.tokenizer.model_max_length
 
-    def _tokenize(self, texts: list[str], max_length: int, device):
+    def _tokenize(self, texts: list[str], max_length: int, device, names: list[str] | None = None):
+        """Token ids and attention masks (B, max_length); ``names`` say which argument each text came from (the
+        truncation warning's words; default ``prompt[i]``)."""
         if self._is_t5:
             texts = t5_embedder_captions(texts)
         tokens = self.tokenizer(  # padded on the right, as the original (a left-padding tokenizer too)
@@ -166,17 +168,24 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         lengths = self.tokenizer(texts, padding="longest", return_tensors="pt").attention_mask.sum(-1)
         cut = [i for i, length in enumerate(lengths.tolist()) if length > max_length]
         if cut:
+            names = [f"prompt[{i}]" for i in range(len(texts))] if names is None else names
             logger.warning(
-                f"prompts {cut} ({shorten(texts[cut[0]], 60)}{', ...' if len(cut) > 1 else ''}) are longer than "
-                f"the text encoder's {max_length} tokens and are truncated (as the original does)."
+                f"{', '.join(f'`{names[i]}`' for i in cut)} ({shorten(texts[cut[0]], 60)}"
+                f"{', ...' if len(cut) > 1 else ''}) longer than the text encoder's {max_length} tokens: truncated "
+                "(as the original does)."
             )
         return tokens.input_ids.to(device), tokens.attention_mask.to(device)
 
     @torch.no_grad()
     def encode_text(
-        self, texts: list[str], device: torch.device | None = None, max_sequence_length: int | None = None
+        self,
+        texts: list[str],
+        device: torch.device | None = None,
+        max_sequence_length: int | None = None,
+        text_names: list[str] | None = None,
     ):
-        r"""One text encoder call on ``texts`` (training encodes captions with this, ``""`` for dropped ones).
+        r"""One text encoder call on ``texts`` (training encodes captions with this, ``""`` for dropped ones);
+        ``text_names`` name each text in the truncation warning (default ``prompt[i]``).
 
         Returns ``(hidden (B, N, D), attention_mask (B, N) int64, pooled (B, D))`` as in :meth:`encode_prompt`.
         """
@@ -189,7 +198,7 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         self._check_max_sequence_length(max_sequence_length)
         device = device or self._execution_device
         max_length = self.text_max_length if max_sequence_length is None else int(max_sequence_length)
-        input_ids, attention_mask = self._tokenize(texts, max_length, device)
+        input_ids, attention_mask = self._tokenize(texts, max_length, device, text_names)
         output = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask)
         hidden = output.last_hidden_state
         pooled = hidden.mean(dim=1) if self._is_t5 else output.pooler_output
@@ -248,7 +257,9 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
             prompts = check_prompts(prompt)
             negatives = self._negative_prompts(negative_prompt, len(prompts)) if do_classifier_free_guidance else []
             if do_classifier_free_guidance and negative_prompt_embeds is None:  # both halves in one call
-                hidden, mask, pooled = self.encode_text(prompts + negatives, device, max_sequence_length)
+                names = [f"prompt[{i}]" for i in range(len(prompts))]
+                names += [f"negative_prompt[{i}]" for i in range(len(negatives))]
+                hidden, mask, pooled = self.encode_text(prompts + negatives, device, max_sequence_length, names)
                 B = len(prompts)
                 prompt_embeds, prompt_attention_mask, pooled_prompt_embeds = hidden[:B], mask[:B], pooled[:B]
                 negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds = (
@@ -265,7 +276,7 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         if do_classifier_free_guidance and negative_prompt_embeds is None:  # the prompt features were given
             negatives = self._negative_prompts(negative_prompt, prompt_embeds.shape[0])
             negative_prompt_embeds, negative_prompt_attention_mask, negative_pooled_prompt_embeds = self.encode_text(
-                negatives, device, prompt_embeds.shape[1]
+                negatives, device, prompt_embeds.shape[1], [f"negative_prompt[{i}]" for i in range(len(negatives))]
             )
         elif negative_prompt_embeds is not None and negative_prompt_attention_mask is None:
             negative_prompt_attention_mask = torch.ones(
