@@ -436,3 +436,14 @@ def test_code_refuses_a_drafter_switched_without_its_refiner():
         code(class_labels=[1], top_k=10, output_type="latent")
     code.enable_fast_inference(dtype=torch.float32)
     assert code(class_labels=[1], top_k=10, output_type="latent").images.shape[0] == 1
+
+
+def test_from_pipe_of_a_var_pipeline_names_the_missing_refiner():
+    """A VAR pipeline holds no refiner: the error says how to give one (diffusers' own listed the expected names)."""
+    var = VARPipeline(**var_components(seed=0))
+    with pytest.raises(
+        ValueError, match=r"VARCoDePipeline needs \['refiner'\].*from_pipe\(pipeline, refiner=\.\.\.\)"
+    ):
+        VARCoDePipeline.from_pipe(var)
+    code = VARCoDePipeline.from_pipe(var, refiner=code_components(seed=0)["refiner"])
+    assert code.transformer is var.transformer and code.vqvae is var.vqvae

@@ -774,17 +774,21 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         unknown = sorted(set(kwargs) - set(accepted))
         if unknown:
             raise ValueError(f"{cls.__name__}.from_pipe takes components / settings {accepted}, got {unknown}.")
-        if isinstance(pipeline, NextScalePipeline) and pipeline._family != cls._family:
-            missing = [
-                name
-                for name in cls._required_components()
-                if name not in kwargs and not isinstance(pipeline.components.get(name), _component_types(cls)[name])
-            ]
-            if missing:
-                raise ValueError(
-                    f"`pipeline` is a {type(pipeline).__name__} ({pipeline._family} family); {cls.__name__} "
-                    f"needs the {cls._family} family's {missing}: pass them, or start from a {cls._family} pipeline."
-                )
+        missing = [
+            name
+            for name in cls._required_components()
+            if name not in kwargs and not isinstance(pipeline.components.get(name), _component_types(cls)[name])
+        ]
+        if missing and isinstance(pipeline, NextScalePipeline) and pipeline._family != cls._family:
+            raise ValueError(
+                f"`pipeline` is a {type(pipeline).__name__} ({pipeline._family} family); {cls.__name__} "
+                f"needs the {cls._family} family's {missing}: pass them, or start from a {cls._family} pipeline."
+            )
+        if missing:  # (diffusers' own message does not say how to give them)
+            raise ValueError(
+                f"{cls.__name__} needs {missing}, which `pipeline` ({type(pipeline).__name__}) does not hold: pass "
+                f"them as keyword arguments, e.g. {cls.__name__}.from_pipe(pipeline, {missing[0]}=...)."
+            )
         token = _KEEP_COMPONENT_DTYPES.set(True)
         try:
             new = super().from_pipe(pipeline, **kwargs)
