@@ -99,6 +99,7 @@ def edit_bad_inputs(image: torch.Tensor) -> list:
         ({"image": [image[0], PIL.Image.new("RGB", tuple(image.shape[-2:][::-1]))]}, "image"),  # tensors and PIL
         ({"image": image[0].permute(1, 2, 0).numpy().astype(object)}, "image` of numpy dtype object"),
         ({"image": image.to(torch.complex64)}, "image` of dtype torch.complex64"),
+        ({"image": np.ones((*image.shape[-2:], 3), bool)}, "image` must hold floats .* got numpy bool"),
     ]
 
 
@@ -137,6 +138,7 @@ CASES = [
             ({"class_labels": [1.5]}, "class_labels"),
             ({"class_labels": []}, "class_labels"),
             ({"class_labels": "cat"}, "class_labels"),
+            ({"class_labels": torch.tensor([1, 2], device="meta")}, "class_labels` is a tensor on the meta device"),
             ({"more_smooth": "yes"}, "more_smooth"),
         ],
     ),

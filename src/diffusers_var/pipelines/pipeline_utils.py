@@ -903,6 +903,8 @@ def write_loader_module(folder, class_name: str) -> Path:
 def flatten_labels(class_labels) -> list:
     """``class_labels`` as a flat list: an int, a list of ints, a list of lists of ints (diffusers' DiT batches
     labels that way), or a 1-D tensor / numpy array; numpy integers become Python ints."""
+    if isinstance(class_labels, torch.Tensor) and class_labels.is_meta:  # (torch: "Cannot copy out of meta tensor")
+        raise ValueError("`class_labels` is a tensor on the meta device (a shape without values); pass one with data.")
     if isinstance(class_labels, (torch.Tensor, np.ndarray)):
         return class_labels.flatten().tolist()
     if isinstance(class_labels, np.integer) or is_integer(class_labels):  # a label is converted at once
@@ -1085,7 +1087,8 @@ def image_batch_and_size(image, name: str = "image") -> tuple[int, int, int]:
             if item.dtype != np.uint8 and item.dtype != torch.uint8:
                 values = as_tensor(item, name)
                 if not values.is_floating_point():
-                    raise ValueError(f"`{name}` must hold floats in [0, 1] or uint8 values, got {values.dtype}.")
+                    kind = f"numpy {item.dtype}" if isinstance(item, np.ndarray) else str(values.dtype)
+                    raise ValueError(f"`{name}` must hold floats in [0, 1] or uint8 values, got {kind}.")
                 lowest = float(values.min())
                 if not bool(torch.isfinite(values).all()) or lowest < -1 or values.max() > 1:
                     raise ValueError(f"`{name}` must hold finite floats in [0, 1] (or uint8), got values outside.")
