@@ -466,7 +466,7 @@ def test_pixel_masks_become_latent_grid_masks(family):
         assert torch.equal(run(inpaint, family, image=image, mask_image=mask), reference), type(mask)
     with pytest.raises(ValueError, match=r"`mask_image` of integers \(torch.int64\) must hold 0 / 1"):
         run(inpaint, family, image=image, mask_image=(pixels > 0).astype(int) * 2)
-    with pytest.raises(ValueError, match=r"`image` must hold floats in \[0, 1\] or uint8 values, got torch.int64"):
+    with pytest.raises(ValueError, match=r"`image` must hold floats in \[0, 1\] or uint8 values, got numpy int64"):
         run(inpaint, family, image=np.zeros((height, width, 3), dtype=np.int64), mask_image=expected)
 
 

@@ -151,3 +151,34 @@ def test_edit_command_errors_name_the_option(tmp_path, capsys, args, message):
     assert main(["edit", "--image", str(tmp_path / "in.png"), *args, "--out", str(tmp_path / "x.png")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("family", ["var", "star", "infinity"])
+def test_strength_one_is_the_plain_pipeline_bit_for_bit(evaluation, family):
+    """``strength=1.0`` keeps nothing: the plain pipeline's call. A blend that kept nothing changed the embedded VAR /
+    STAR images by about 2e-6 (the code maps' memory layout, which the decoder rounds by); the tiny models did not."""
+    from diffusers_var import (
+        InfinityImg2ImgPipeline,
+        InfinityPipeline,
+        STARImg2ImgPipeline,
+        STARPipeline,
+        VARImg2ImgPipeline,
+        VARPipeline,
+    )
+
+    folder = evaluation.FAMILIES[family][1]
+    plain_class, img2img_class = {
+        "var": (VARPipeline, VARImg2ImgPipeline),
+        "star": (STARPipeline, STARImg2ImgPipeline),
+        "infinity": (InfinityPipeline, InfinityImg2ImgPipeline),
+    }[family]
+    plain = plain_class.from_pretrained(folder, dtype=torch.float32)
+    plain.set_progress_bar_config(disable=True)
+    condition = {"class_labels": [3]} if family == "var" else {"prompt": "a red circle on a blue background"}
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+    def call(pipe, **kwargs):
+        return pipe(**condition, generator=torch.Generator().manual_seed(0), output_type="pt", **kwargs).images
+
+    expected = call(plain)
+    assert torch.equal(call(img2img_class.from_pipe(plain), image=image, strength=1.0), expected)

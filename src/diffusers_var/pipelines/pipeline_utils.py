@@ -1261,9 +1261,17 @@ class NextScaleEditMixin:
     """What the in-painting and image-to-image pipelines of every family share: the input image (or its tokens),
     their checks, and the :class:`TokenForcing` their scale loop runs with. A family's tokenizer supplies
     ``_pixels_per_token()``, ``encode_image_tokens(images, schedule)``,
-    ``_check_image_indices(image_indices, schedule)`` and ``_token_forcing(tokens, keep)`` (:class:`VQEditTokens`,
+    ``_check_image_indices(image_indices, schedule)`` and ``_make_token_forcing(tokens, keep)`` (:class:`VQEditTokens`,
     :class:`BitwiseEditTokens`, listed before this mixin among a pipeline's bases); the pipeline may override
     :meth:`_edit_schedule`."""
+
+    def _token_forcing(self, tokens: list[torch.Tensor], keep: list[torch.Tensor]) -> TokenForcing | None:
+        """The scale loop's ``forcing`` hook, or None where no position of any scale is kept (``strength=1.0``; a
+        mask always keeps the first scales): then the call is the plain pipeline's, bit for bit (a blend that keeps
+        nothing still gives the code maps another memory layout, and the decoder rounds by it)."""
+        if not bool(torch.stack([k.any() for k in keep]).any()):  # one sync, before the loop
+            return None
+        return self._make_token_forcing(tokens, keep)
 
     def _edit_schedule(self, height=None, width=None) -> list[tuple[int, int]]:
         self._check_required_components()  # the schedule comes first in an editing call, before check_inputs
@@ -1452,7 +1460,7 @@ class VQEditTokens:
         check_token_values(image_indices, 0, self.vqvae.config.vocab_size - 1, "image_indices")
         return batch
 
-    def _token_forcing(self, tokens: list[torch.Tensor], keep: list[torch.Tensor]) -> TokenForcing:
+    def _make_token_forcing(self, tokens: list[torch.Tensor], keep: list[torch.Tensor]) -> TokenForcing:
         tokens = [t.long() for t in tokens]
         codes = [self.vqvae.quantize.embed(t, k.shape[-1]).float() for t, k in zip(tokens, keep)]
         return TokenForcing(keep, tokens, codes)
@@ -1502,5 +1510,5 @@ class BitwiseEditTokens:
         check_token_values(image_indices, 0, 1, "image_indices")  # bits
         return batch
 
-    def _token_forcing(self, tokens: list[torch.Tensor], keep: list[torch.Tensor]) -> TokenForcing:
+    def _make_token_forcing(self, tokens: list[torch.Tensor], keep: list[torch.Tensor]) -> TokenForcing:
         return TokenForcing(keep, [t.long() for t in tokens])
