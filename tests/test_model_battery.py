@@ -157,6 +157,32 @@ def test_save_load_round_trip_and_dtype_loading(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
+def test_a_damaged_shard_index_is_named(case, tmp_path):
+    """diffusers reads a sharded model's index without checks: JSONDecodeError, KeyError, AttributeError or TypeError
+    from deep inside, naming neither the file nor the model."""
+    folder = tmp_path / "m"
+    case.build().save_pretrained(folder, max_shard_size="20KB")
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    good = json.loads(index.read_text())
+    assert len(set(good["weight_map"].values())) > 1
+    for text, problem in (
+        ("{not json", "not JSON"),
+        ("[]", "a JSON list, not an object"),
+        ("{}", "no `weight_map`"),
+        ('{"weight_map": []}', "no `weight_map`"),
+        (json.dumps({**good, "weight_map": {name: 5 for name in good["weight_map"]}}), "not all shard file names"),
+        (json.dumps({"weight_map": good["weight_map"]}), "no `metadata`"),
+    ):
+        index.write_text(text)
+        with pytest.raises(ValueError, match=rf"{case.model_class.__name__} from .*shard index {index.name} is "):
+            case.model_class.from_pretrained(folder)
+        with pytest.raises(ValueError, match=re.escape(problem)):
+            case.model_class.from_pretrained(folder)
+    index.write_text(json.dumps(good))
+    assert torch.equal(_output(case, case.model_class.from_pretrained(folder).eval()), _output(case, case.build()))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
 def test_loading_refuses_what_does_not_fit_and_saving_is_atomic(case, tmp_path):
     """Weights that do not fit the config (diffusers: a log line, then missing weights on the meta device or unused
     ones dropped) and a config that cannot build the model are ValueErrors naming the folder; a save that fails

@@ -687,6 +687,12 @@ def test_bad_loading_arguments_name_the_parameter(case, tmp_path):
             case.pipeline_class.from_pretrained(missing)
     with pytest.raises(ValueError, match="`dtype`"):
         case.pipeline_class.from_pipe(pipe, dtype="float16")
+    # float8 loaded (or failed in diffusers), then the first call failed inside torch
+    for float8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+        with pytest.raises(ValueError, match=r"`dtype` must be one of torch.float32, .*got torch.float8"):
+            case.pipeline_class.from_pretrained(tmp_path, dtype=float8)
+        with pytest.raises(ValueError, match=r"`dtype` must be one of torch.float32, .*got torch.float8"):
+            pipe.to(float8)
     for bad in (None, 123):
         with pytest.raises(ValueError, match="`save_directory`"):
             pipe.save_pretrained(bad)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import math
 import os
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from diffusers.utils import logging
+from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, _add_variant, logging
 from safetensors import SafetensorError
 from torch import nn
 
@@ -181,6 +182,38 @@ def check_config_arguments(model_class: type, signature: inspect.Signature, argu
                 raise ValueError(f"`{name}` of {model_class.__name__} must be {problem}, got {arguments[name]!r}.")
 
 
+# the dtypes the models compute in (float8 runs only as the fast path's matmul weights)
+LOADING_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_shard_index(folder: Path, variant, model_name: str) -> None:
+    """A sharded model's index as diffusers reads it (without checks: a damaged one raised a JSONDecodeError,
+    KeyError or TypeError from deep inside): a ValueError naming the file instead."""
+    path = folder / _add_variant(SAFE_WEIGHTS_INDEX_NAME, variant if isinstance(variant, str) else None)
+    if not path.is_file():
+        return
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        problem = f"not JSON: {err}"
+    else:
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(index, dict):
+            problem = f"a JSON {type(index).__name__}, not an object"
+        elif not isinstance(weight_map, dict):
+            problem = "no `weight_map` object of weight names to shard file names"
+        elif not all(isinstance(shard, str) for shard in weight_map.values()):
+            problem = "a `weight_map` whose values are not all shard file names"
+        elif not isinstance(index.get("metadata"), dict):
+            problem = "no `metadata` object"
+        else:
+            return
+    raise ValueError(
+        f"cannot load a {model_name} from {str(folder)!r}: its shard index {path.name} is damaged ({problem}); save "
+        "or convert it again."
+    )
+
+
 def check_dtype_argument(
     dtype, name: str = "dtype", per_component: bool = True, components: Iterable[str] | None = None
 ) -> None:
@@ -191,6 +224,12 @@ def check_dtype_argument(
     if not all(value is None or isinstance(value, torch.dtype) for value in values):
         forms = " or a dict of them by component name" if per_component else ""
         raise ValueError(f"`{name}` must be a torch.dtype (e.g. torch.float16){forms}, got {dtype!r}.")
+    other = [value for value in values if value is not None and value not in LOADING_DTYPES]
+    if other:  # float8 loaded, then failed inside torch ("add_stub" not implemented) or in diffusers' loading
+        allowed = ", ".join(str(value) for value in LOADING_DTYPES)
+        raise ValueError(
+            f"`{name}` must be one of {allowed}, got {other[0]} (float8: enable_fast_inference(fp8=True))."
+        )
     if per_component and isinstance(dtype, dict) and components is not None:
         components = sorted(components)
         unknown = [key for key in dtype if key not in components and key != "default"]
@@ -280,6 +319,7 @@ class CheckedLoadingMixin:
         folder = Path(pretrained_model_name_or_path, subfolder)
         where = f"{str(folder)!r}"
         refuse_interrupted_save(folder)
+        check_shard_index(folder, kwargs.get("variant"), cls.__name__)
         output_loading_info = kwargs.pop("output_loading_info", False)
         if kwargs.get("ignore_mismatched_sizes"):  # a deliberate partial load: diffusers' own behaviour
             model, info = super().from_pretrained(

@@ -816,9 +816,12 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
     def to(self, *args, **kwargs):
         if _KEEP_COMPONENT_DTYPES.get() and not args and set(kwargs) == {"dtype"}:
             return self
-        casts = any(isinstance(a, torch.dtype) for a in args) or any(
-            kwargs.get(name) is not None for name in ("dtype", "torch_dtype")
-        )
+        dtypes = [a for a in args if isinstance(a, torch.dtype)] + [
+            kwargs[name] for name in ("dtype", "torch_dtype") if kwargs.get(name) is not None
+        ]
+        for dtype in dtypes:
+            check_dtype_argument(dtype, per_component=False)
+        casts = bool(dtypes)
         if casts and self._fast_inference:
             # the fast path holds the modules in its dtype, with float8 copies beside some weights (a cast would
             # turn them into plain floats under the matmuls that read them) and kernels fitted to both
