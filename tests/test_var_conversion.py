@@ -330,13 +330,16 @@ def test_overwrite_takes_back_what_our_own_saves_wrote_into_a_converted_folder(o
     out = tmp_path / "out"
     pipe = convert_var_checkpoint(vae, var, out)
     pipe.save_pretrained(out, variant="fp16")
+    pipe.transformer.save_pretrained(out / "transformer", variant="ema")  # a model's save into a component folder
     assert (out / "transformer" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert (out / "transformer" / "diffusion_pytorch_model.ema.safetensors").is_file()
     killed = out / ".saving-k_930314"
     (killed / "new" / "transformer").mkdir(parents=True)
     (killed / STAGING_MARKER).write_text('{"host": "elsewhere", "pid": 1}')
     (killed / "new" / "transformer" / "config.json").write_text("{}")
     convert_var_checkpoint(vae, var, out, overwrite=True)
     assert not killed.exists() and not (out / "transformer" / "diffusion_pytorch_model.fp16.safetensors").exists()
+    assert not (out / "transformer" / "diffusion_pytorch_model.ema.safetensors").exists()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="did not write \\(notes.txt\\)"):
         convert_var_checkpoint(vae, var, out, overwrite=True)

@@ -301,20 +301,40 @@ def _our_manifest(target: Path) -> dict | None:
     return manifest if ours and isinstance(manifest.get("files"), list) else None
 
 
-def _manifest_files(target: Path) -> set[str]:
-    """The files ``target``'s conversion manifest lists (empty without one of ours)."""
+def _manifest_of(target: Path) -> tuple[Path, str, dict] | None:
+    """``(folder, prefix, manifest)``: the conversion manifest that lists files saved into ``target``, its own or,
+    for a component folder the converter wrote (a model's ``save_pretrained`` into it), its pipeline folder's, with
+    the prefix of ``target``'s files there; None without one of ours."""
     manifest = _our_manifest(target)
-    return set() if manifest is None else set(map(str, manifest["files"]))
+    if manifest is not None:
+        return target, "", manifest
+    prefix = f"{target.name}/"
+    manifest = _our_manifest(target.parent)
+    if manifest is not None and any(str(name).startswith(prefix) for name in manifest["files"]):
+        return target.parent, prefix, manifest
+    return None
+
+
+def _manifest_files(target: Path) -> set[str]:
+    """The files of ``target`` that our conversion manifest lists, relative to ``target`` (empty without one)."""
+    found = _manifest_of(target)
+    if found is None:
+        return set()
+    _, prefix, manifest = found
+    return {name.removeprefix(prefix) for name in map(str, manifest["files"]) if name.startswith(prefix)}
 
 
 def _list_in_conversion_manifest(target: Path, written: list[Path]) -> None:
-    """Add the files a save wrote into a converted folder to its manifest: a later ``--overwrite`` of the folder
-    (which replaces only folders whose every file is listed) refused the new files, e.g. a ``variant`` save's."""
-    manifest = _our_manifest(target)
-    if manifest is None:
+    """Add the files a save wrote into a converted folder (or into one of its component folders) to its manifest: a
+    later ``--overwrite`` of the folder (which replaces only folders whose every file is listed) refused the new
+    files, e.g. a ``variant`` save's."""
+    found = _manifest_of(target)
+    if found is None:
         return
-    manifest["files"] = sorted(set(map(str, manifest["files"])) | {relative.as_posix() for relative in written})
-    write_text_atomic(target / CONVERSION_MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    folder, prefix, manifest = found
+    names = {prefix + relative.as_posix() for relative in written}
+    manifest["files"] = sorted(set(map(str, manifest["files"])) | names)
+    write_text_atomic(folder / CONVERSION_MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def _check_destinations(target: Path, written: list[Path]) -> None:
