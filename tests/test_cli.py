@@ -168,6 +168,9 @@ def test_whole_number_flags_take_leading_zeros(tmp_path, capsys):
         ),
         ([*EDIT, "--out", "{tmp}/out"], "--out"),
         ([*EDIT, "--out", "{tmp}/a-file/out.png"], "--out"),
+        # legal names whose atomic write's temporary name is too long (the traceback came after generating)
+        (["generate", "--out", "{tmp}/" + "a" * 240 + ".png"], "--out"),
+        (["generate", "--num-images", "2", "--out", "{tmp}/" + "a" * 226 + ".png"], "--out"),
         ([*EDIT, "--device", "banana"], "--device"),
         ([*EDIT, "--height", "64"], "--height"),
         (["sample", "--class-labels", "1", "--per-class", "1", "--out", "{tmp}/a-file"], "--out"),

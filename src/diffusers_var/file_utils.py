@@ -45,12 +45,33 @@ def is_atomic_temporary(name: str, of: str | None = None) -> bool:
     return match is not None and (of is None or match["name"] == of)
 
 
+def _atomic_temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+
+
+def atomic_name_problem(path: Path) -> str | None:
+    """Why :func:`write_atomic` cannot write ``path`` (its temporary name, about 30 bytes longer than the name, is
+    past the file system's limit on a name), else None: checked before the work whose result it writes."""
+    path = Path(path)
+    try:
+        limit = os.pathconf(path.parent if path.parent.is_dir() else ".", "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    extra = len(os.fsencode(_atomic_temporary(path).name)) - len(os.fsencode(path.name))
+    if len(os.fsencode(path.name)) + extra > limit:
+        return f"the file name {path.name[:40]!r}... is too long: at most {limit - extra} bytes here"
+    return None
+
+
 def write_atomic(path: Path, write: Callable[[Path], None], may_write_nothing: bool = False) -> None:
     """``write(tmp)`` then rename ``tmp`` to ``path`` (the temporary name is hidden and unique to the process and
     thread; it is removed when writing fails). ``may_write_nothing``: a ``write`` that made no file leaves ``path``
     as it is (a save function that writes on one process only)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    problem = atomic_name_problem(path)
+    if problem:  # (the temporary's ENAMETOOLONG, raised again by its clean-up, hid the cause)
+        raise ValueError(f"cannot write {str(path)!r}: {problem}.")
+    tmp = _atomic_temporary(path)
     try:
         write(tmp)
         if may_write_nothing and not tmp.exists():
