@@ -612,6 +612,17 @@ def test_a_run_that_loses_the_lock_leaves_the_folder(tmp_path, monkeypatch):
     assert out.is_dir()
 
 
+def test_a_run_that_fails_before_writing_leaves_no_folder_it_made(tmp_path):
+    """The folders ``--out`` needed above it too (only ``out`` itself was removed: empty parents stayed)."""
+    from diffusers_var.sample import exclusive_run
+
+    (tmp_path / "kept").mkdir()
+    out = tmp_path / "kept" / "new" / "deeper" / "run"
+    with pytest.raises(RuntimeError, match="load failed"), exclusive_run(out, is_main=True):
+        raise RuntimeError("load failed")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]
+
+
 def test_text_pipeline_needs_prompts(tmp_path, capsys):
     assert main(["sample", "--out", str(tmp_path / "o"), "--model", str(STAR), "--per-class", "1"]) == 2
     assert "`--per-class` is for class-conditional" in capsys.readouterr().err

@@ -297,7 +297,7 @@ def exclusive_run(out: Path, is_main: bool):
     if not is_main:
         yield
         return
-    made = not out.exists()
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # innermost first
     out.mkdir(parents=True, exist_ok=True)
     handle = os.open(out, os.O_RDONLY)
     owned = False  # only the run holding the lock may remove the folder (another may have made it and hold it)
@@ -319,7 +319,11 @@ def exclusive_run(out: Path, is_main: bool):
         yield
     except BaseException:
         if made and owned and not any(out.iterdir()):
-            out.rmdir()
+            for folder in made:  # the parents it made too, while empty (another process may have filled one)
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
         raise
     finally:
         os.close(handle)
