@@ -12,7 +12,12 @@ try:
 except ImportError:  # running from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from diffusers_var.demo import build_demo, main  # noqa: E402
+try:
+    from diffusers_var.demo import build_demo, main
+except ModuleNotFoundError as err:  # gradio missing: one line, as `diffusers-var demo` says it, not a traceback
+    if err.name != "gradio" or __name__ != "__main__":
+        raise
+    sys.exit(f"error: the demo needs gradio ({err}); install it with `pip install gradio`")
 
 __all__ = ["build_demo", "main"]
 

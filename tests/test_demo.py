@@ -566,3 +566,22 @@ def test_demos_app_is_a_launcher_for_the_same_app():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.build_demo is build_demo
+
+
+def test_demos_app_without_gradio_is_one_error_line(tmp_path):
+    """``diffusers-var demo`` says how to get gradio; ``python demos/app.py`` gave an ImportError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "gradio.py").write_text("raise ModuleNotFoundError('No module named gradio', name='gradio')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(EMBEDDED_VAR.parents[1] / "src")])}
+    result = subprocess.run(
+        [sys.executable, str(EMBEDDED_VAR.parents[1] / "demos" / "app.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().startswith("error: the demo needs gradio") and "pip install gradio" in result.stderr
