@@ -399,3 +399,14 @@ def test_out_help_states_its_default(command, default, capsys):
     """``edit --help`` did not say where the image goes without ``--out`` (``generate``'s did)."""
     assert _exit_code([command, "--help"]) == 0
     assert f"(default {default})" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize(
+    "argv, choices",
+    [([], "command: one of generate, edit, train"), (["train"], "task: one of tokenizer, bitwise_tokenizer, var")],
+)
+def test_a_missing_command_lists_the_commands(argv, choices, capsys):
+    """The one-line error dropped argparse's usage block, which was the only place the choices appeared."""
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "are required" in err and choices in err, err

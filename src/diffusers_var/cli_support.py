@@ -112,6 +112,14 @@ class OneLineErrorParser(argparse.ArgumentParser):
     block first, which buries the message)."""
 
     def error(self, message: str):
+        if message.startswith("the following arguments are required:"):  # the usage line listed a command's choices
+            missing = [name.strip() for name in message.split(":", 1)[1].split(",")]
+            choices = [  # a command's or positional's allowed values (not a flag's: its error names them)
+                f"{action.metavar or action.dest}: one of {', '.join(map(str, action.choices))}"
+                for action in self._actions
+                if not action.option_strings and action.choices and (action.metavar or action.dest) in missing
+            ]
+            message += f" ({'; '.join(choices)})" if choices else ""
         self.exit(2, f"error: {' '.join(message.split())}\n")
 
 
