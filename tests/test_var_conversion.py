@@ -252,6 +252,55 @@ def test_an_unreadable_infinity_shard_is_one_error_naming_the_file(tmp_path):
         load_infinity_transformer_state_dict(shards)
 
 
+def test_infinity_shards_are_read_as_their_index_maps_them(tmp_path):
+    """The probe: a key that the index puts in one shard but that another shard holds too (with other values) was
+    taken from whichever shard came last, silently; a shard name in the index could be an absolute path or leave
+    the folder through '..'. Each tensor now comes from the shard the index names, and such folders are refused."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from diffusers_var.conversion.infinity import load_infinity_transformer_state_dict
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    save_file({"cfg_uncond": torch.ones(4, 8)}, shards / "model-1.safetensors")
+    save_file({"word_embed.weight": torch.ones(8, 4)}, shards / "model-2.safetensors")
+    index = shards / "model.safetensors.index.json"
+
+    def write_index(**weight_map):
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    write_index(cfg_uncond="model-1.safetensors", **{"word_embed.weight": "model-2.safetensors"})
+    assert bool((load_infinity_transformer_state_dict(shards)["cfg_uncond"] == 1).all())
+    # the same key, zeroed, in the shard read last
+    save_file({"word_embed.weight": torch.ones(8, 4), "cfg_uncond": torch.zeros(4, 8)}, shards / "model-2.safetensors")
+    with pytest.raises(ConversionError, match=r"`transformer`: .*'cfg_uncond' is in two shards"):
+        load_infinity_transformer_state_dict(shards)
+    index.unlink()  # no index: every shard file of the folder, each key still read once
+    with pytest.raises(ConversionError, match=r"'cfg_uncond' is in two shards, '.*model-1\.safetensors' and"):
+        load_infinity_transformer_state_dict(shards)
+    write_index(cfg_uncond="model-1.safetensors", **{"word_embed.weight": "model-2.safetensors"})
+    save_file({"word_embed.weight": torch.ones(8, 4)}, shards / "model-2.safetensors")
+    save_file({"cfg_uncond": torch.ones(4, 8), "word_embed.weight": torch.zeros(8, 4)}, shards / "model-1.safetensors")
+    with pytest.raises(
+        ConversionError, match=r"1\.safetensors' holds 'word_embed\.weight', which the index .* assigns"
+    ):
+        load_infinity_transformer_state_dict(shards)
+    save_file({"cfg_uncond": torch.ones(4, 8)}, shards / "model-1.safetensors")
+    write_index(cfg_uncond="model-2.safetensors", **{"word_embed.weight": "model-2.safetensors"})
+    with pytest.raises(
+        ConversionError, match=r"assigns 'cfg_uncond' to '.*model-2\.safetensors', which does not hold"
+    ):
+        load_infinity_transformer_state_dict(shards)
+    outside = tmp_path / "outside.safetensors"
+    save_file({"cfg_uncond": torch.zeros(4, 8)}, outside)
+    for name in (str(outside), "../outside.safetensors", "sub/../../outside.safetensors"):
+        write_index(cfg_uncond=name, **{"word_embed.weight": "model-2.safetensors"})
+        with pytest.raises(ConversionError, match=r"`transformer`: the shard index '.*index\.json' names the shard"):
+            load_infinity_transformer_state_dict(shards)
+
+
 def test_code_with_swapped_roles_converts_with_a_warning(tmp_path, capsys):
     """CoDe drafts with the large model and refines with the small one; any pair converts (training-free CoDe),
     but a drafter smaller than its refiner is a one-line warning (the roles were probably swapped)."""
