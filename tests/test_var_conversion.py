@@ -84,6 +84,24 @@ def test_truncated_checkpoint(originals, tmp_path):
         convert_var_checkpoint(vae, tmp_path / "cut.pth")
 
 
+def test_a_bit_flipped_checkpoint_is_refused(originals, tmp_path):
+    """The probe: a zip-format .pth with one byte of a tensor flipped (not truncated) converted silently, because
+    torch.load does not check the zip's CRC-32s."""
+    import struct
+    import zipfile
+
+    vae, var = originals
+    with zipfile.ZipFile(var) as archive:
+        member = max(archive.infolist(), key=lambda info: info.file_size)  # a tensor's bytes
+    data = bytearray(var.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[member.header_offset + 26 : member.header_offset + 30])
+    data[member.header_offset + 30 + name_length + extra_length + member.file_size // 2] ^= 0xFF
+    (tmp_path / "flipped.pth").write_bytes(data)
+    pattern = rf"`transformer`: '.*flipped\.pth' is corrupted: its member '{member.filename}' fails its CRC-32"
+    with pytest.raises(ConversionError, match=pattern + r".*re-download it"):
+        convert_var_checkpoint(vae, tmp_path / "flipped.pth")
+
+
 def test_missing_file(originals, tmp_path):
     vae, _ = originals
     with pytest.raises(ValueError, match="transformer"):
