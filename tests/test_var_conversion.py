@@ -495,3 +495,42 @@ def test_converter_command_lines_name_the_flags(originals, tmp_path, capsys, mon
         "convert_code.py", [*code_argv[:4], "--refiner", var, "--output", "o", "--draft-steps", "9"], capsys
     )
     _assert_one_line_error(rc, err, "error: `--draft-steps`")
+
+
+def test_converter_paths_expand_the_home_folder(originals, tmp_path, capsys, monkeypatch):
+    """The probe: the shell expands ``--output ~/x`` but not ``--output=~/x``; the converters made a folder named
+    '~' in the current one, and ``--transformer=~/var.pth`` was "no such file". Every path flag expands it."""
+    import shutil
+
+    import diffusers_var.conversion
+
+    vae, var = originals
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    shutil.copy(vae, home / "vae.pth")
+    shutil.copy(var, home / "var.pth")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    rc, err = _run_main("convert_var.py", ["--vae=~/vae.pth", "--transformer=~/var.pth", "--output=~/out"], capsys)
+    assert rc == 0, err
+    assert (home / "out" / "model_index.json").is_file() and not list(work.iterdir())
+
+    # the other converters: what each hands the library (stopped there)
+    received = {}
+
+    def stop(*args, **kwargs):
+        received["args"] = args
+        raise ConversionError("stopped")
+
+    flags = {
+        "convert_star.py": ["--vae", "--transformer", "--text-encoder", "--output"],
+        "convert_infinity.py": ["--vae", "--transformer", "--text-encoder", "--tokenizer", "--output"],
+        "convert_code.py": ["--vae", "--drafter", "--refiner", "--output"],
+    }
+    for script, names in flags.items():
+        function = f"{script[:-3]}_checkpoint"
+        monkeypatch.setattr(diffusers_var.conversion, function, stop)
+        rc, err = _run_main(script, [f"{name}=~/{name[2:]}" for name in names], capsys)
+        assert (rc, err) == (2, "error: stopped\n"), err
+        assert received["args"] == tuple(str(home / name[2:]) for name in names), script
