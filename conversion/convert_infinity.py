@@ -11,7 +11,13 @@ holds safetensors only and is written atomically.
 """
 
 import argparse
+import signal
 import sys
+
+if __name__ == "__main__" and hasattr(signal, "pthread_sigmask"):
+    # importing torch and diffusers takes seconds: a Ctrl-C meanwhile is held until cli_support.run_interruptible,
+    # which ends the run as at any later moment (one line, exit code 130), not with a traceback from an import
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 
 from diffusers_var import cli_support
 from diffusers_var.cli_support import (

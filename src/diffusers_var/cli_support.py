@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -392,8 +393,11 @@ INTERRUPTED = (
 
 def run_interruptible(main: Callable[[], int]) -> int:
     """``main()``'s exit code; Ctrl-C prints one line (:data:`INTERRUPTED`) and gives 130, not a traceback from
-    wherever the work was."""
+    wherever the work was. The conversion scripts block SIGINT before their imports: unblocked here, a Ctrl-C
+    pressed while they imported arrives inside this ``try``."""
     try:
+        if hasattr(signal, "pthread_sigmask"):  # (not on Windows)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         return main()
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)
