@@ -11,27 +11,46 @@ holds safetensors only and is written atomically.
 """
 
 import argparse
+import signal
 import sys
 
+if __name__ == "__main__" and hasattr(signal, "pthread_sigmask"):
+    # importing torch and diffusers takes seconds: a Ctrl-C meanwhile is held until cli_support.run_interruptible,
+    # which ends the run as at any later moment (one line, exit code 130), not with a traceback from an import
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
 from diffusers_var import cli_support
-from diffusers_var.cli_support import OneLineErrorParser, int_in_range, name_flags, parser_flags, print_error
+from diffusers_var.cli_support import (
+    OneLineErrorParser,
+    int_in_range,
+    name_flags,
+    nonblank,
+    parser_flags,
+    print_error,
+)
 from diffusers_var.conversion import ConversionError, convert_infinity_checkpoint
 from diffusers_var.conversion.common import OUTPUT_DTYPES, add_output_dtype_argument
 
 
 def main(argv=None) -> int:
     parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vae", required=True, help="original BSQ VAE checkpoint, e.g. infinity_vae_d32reg.pth")
     parser.add_argument(
-        "--transformer", required=True, help="infinity_2b_reg.pth, or the infinity_8b_weights/ directory"
+        "--vae", required=True, type=nonblank, help="original BSQ VAE checkpoint, e.g. infinity_vae_d32reg.pth"
+    )
+    parser.add_argument(
+        "--transformer",
+        required=True,
+        type=nonblank,
+        help="infinity_2b_reg.pth, or the infinity_8b_weights/ directory",
     )
     parser.add_argument(
         "--text-encoder",
         required=True,
+        type=nonblank,
         help="folder of a transformers T5EncoderModel (google/flan-t5-xl), safetensors",
     )
-    parser.add_argument("--tokenizer", required=True, help="folder of the T5 tokenizer")
-    parser.add_argument("--output", required=True, help="output folder (diffusers layout)")
+    parser.add_argument("--tokenizer", required=True, type=nonblank, help="folder of the T5 tokenizer")
+    parser.add_argument("--output", required=True, type=nonblank, help="output folder (diffusers layout)")
     parser.add_argument(
         "--level-embed-every-chunk",
         action="store_true",

@@ -15,10 +15,23 @@ only and is written atomically.
 """
 
 import argparse
+import signal
 import sys
 
+if __name__ == "__main__" and hasattr(signal, "pthread_sigmask"):
+    # importing torch and diffusers takes seconds: a Ctrl-C meanwhile is held until cli_support.run_interruptible,
+    # which ends the run as at any later moment (one line, exit code 130), not with a traceback from an import
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
 from diffusers_var import cli_support
-from diffusers_var.cli_support import OneLineErrorParser, int_in_range, name_flags, parser_flags, print_error
+from diffusers_var.cli_support import (
+    OneLineErrorParser,
+    int_in_range,
+    name_flags,
+    nonblank,
+    parser_flags,
+    print_error,
+)
 from diffusers_var.conversion import ConversionError, convert_star_checkpoint
 from diffusers_var.conversion.common import (
     OUTPUT_DTYPES,
@@ -32,10 +45,14 @@ from diffusers_var.conversion.star import NAMED_PATCH_NUMS
 
 def main(argv=None) -> int:
     parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vae", required=True, help="original VQ-VAE checkpoint (vae_ch160v4096z32.pth)")
-    parser.add_argument("--transformer", required=True, help="original STAR training snapshot (.pth)")
-    parser.add_argument("--text-encoder", required=True, help="folder with tokenizer/ and text_encoder/ (SD-2.x CLIP)")
-    parser.add_argument("--output", required=True, help="output folder (diffusers layout)")
+    parser.add_argument(
+        "--vae", required=True, type=nonblank, help="original VQ-VAE checkpoint (vae_ch160v4096z32.pth)"
+    )
+    parser.add_argument("--transformer", required=True, type=nonblank, help="original STAR training snapshot (.pth)")
+    parser.add_argument(
+        "--text-encoder", required=True, type=nonblank, help="folder with tokenizer/ and text_encoder/ (SD-2.x CLIP)"
+    )
+    parser.add_argument("--output", required=True, type=nonblank, help="output folder (diffusers layout)")
     parser.add_argument(
         "--patch-nums",
         type=patch_nums_arg(NAMED_PATCH_NUMS),

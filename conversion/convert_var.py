@@ -9,10 +9,23 @@ atomically (a temporary folder renamed into place).
 """
 
 import argparse
+import signal
 import sys
 
+if __name__ == "__main__" and hasattr(signal, "pthread_sigmask"):
+    # importing torch and diffusers takes seconds: a Ctrl-C meanwhile is held until cli_support.run_interruptible,
+    # which ends the run as at any later moment (one line, exit code 130), not with a traceback from an import
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
 from diffusers_var import cli_support
-from diffusers_var.cli_support import OneLineErrorParser, int_in_range, name_flags, parser_flags, print_error
+from diffusers_var.cli_support import (
+    OneLineErrorParser,
+    int_in_range,
+    name_flags,
+    nonblank,
+    parser_flags,
+    print_error,
+)
 from diffusers_var.conversion import ConversionError, convert_var_checkpoint
 from diffusers_var.conversion.common import (
     OUTPUT_DTYPES,
@@ -24,9 +37,13 @@ from diffusers_var.conversion.common import (
 
 def main(argv=None) -> int:
     parser = OneLineErrorParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vae", required=True, help="original VQ-VAE checkpoint, e.g. vae_ch160v4096z32.pth")
-    parser.add_argument("--transformer", required=True, help="original VAR checkpoint, e.g. var_d16.pth")
-    parser.add_argument("--output", required=True, help="output folder (diffusers layout)")
+    parser.add_argument(
+        "--vae", required=True, type=nonblank, help="original VQ-VAE checkpoint, e.g. vae_ch160v4096z32.pth"
+    )
+    parser.add_argument(
+        "--transformer", required=True, type=nonblank, help="original VAR checkpoint, e.g. var_d16.pth"
+    )
+    parser.add_argument("--output", required=True, type=nonblank, help="output folder (diffusers layout)")
     add_vq_tokenizer_arguments(parser)
     add_output_dtype_argument(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

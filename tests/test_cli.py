@@ -96,6 +96,31 @@ def _case_id(argv) -> str:
     return " ".join([argv[0], *(["infinity"] if "infinity-shapes" in argv else []), *argv[-2:]])
 
 
+# every path flag of every command: the shell expands `--out ~/x` but not `--out=~/x`
+PATH_FLAGS = {
+    "generate": ["--model", "--refiner", "--out", "--lora"],
+    "edit": ["--model", "--image", "--mask", "--out"],
+    "train var": ["--config"],
+    "sample": ["--model", "--out", "--prompts", "--compile-cache"],
+    "evaluate": ["--samples", "--reference", "--inception-weights", "--clip-model", "--save-reference-stats", "--out"],
+    "demo": ["--var", "--star", "--infinity", "--var-refiner", "--compile-cache", "--lora"],
+}
+
+
+@pytest.mark.parametrize("command", list(PATH_FLAGS))
+def test_path_flags_expand_the_home_folder(command, tmp_path, monkeypatch):
+    """The probe: ``--out=~/x`` wrote a folder named '~' in the current one (only the shell's ``--out ~/x`` meant
+    the home folder); the parsed value of every path flag is now the path in the home folder."""
+    from diffusers_var.cli import build_parser
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    flags = PATH_FLAGS[command]
+    args = build_parser().parse_args([*command.split(), *(f"{flag}=~/{flag[2:]}" for flag in flags)])
+    for flag in flags:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        assert value == ([str(tmp_path / flag[2:])] if flag == "--lora" else str(tmp_path / flag[2:])), flag
+
+
 @pytest.mark.parametrize("argv, flag", BAD_ARGUMENTS, ids=[_case_id(argv) for argv, _ in BAD_ARGUMENTS])
 def test_bad_arguments_are_one_line_errors_naming_the_flag(argv, flag, tmp_path, capsys, monkeypatch):
     from diffusers_var import cli

@@ -112,6 +112,43 @@ def test_ctrl_c_in_a_converter_is_one_line(script, monkeypatch, capsys):
     assert stopped.value.code == 130 and capsys.readouterr().err == INTERRUPTED + "\n"
 
 
+def test_ctrl_c_while_a_converter_imports_is_one_line(tmp_path):
+    """The probe: Ctrl-C in a converter's first seconds (torch and diffusers importing, before run_interruptible)
+    printed a traceback and the process died of SIGINT (returncode -2). Here the signal comes while torch imports."""
+    from diffusers_var.cli_support import INTERRUPTED
+
+    interrupt_on_import = textwrap.dedent(
+        """
+        import os, runpy, signal, sys
+
+        class CtrlC:  # Ctrl-C as the import of torch starts
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch":
+                    sys.meta_path.remove(self)
+                    os.kill(os.getpid(), signal.SIGINT)
+                return None
+
+        sys.meta_path.insert(0, CtrlC())
+        sys.argv = sys.argv[1:]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        """
+    )
+    argv = ["--vae", "vae.pth", "--transformer", "t.pth", "--output", str(tmp_path / "out")]
+    runs = {
+        script: subprocess.Popen(
+            [sys.executable, "-c", interrupt_on_import, str(REPO_ROOT / "conversion" / f"{script}.py"), *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for script in ("convert_var", "convert_star", "convert_infinity", "convert_code")
+    }
+    for script, run in runs.items():
+        _, err = run.communicate(timeout=300)
+        assert (run.returncode, err) == (130, INTERRUPTED + "\n"), (script, run.returncode, err[-2000:])
+    assert not (tmp_path / "out").exists()
+
+
 def test_interrupted_saves_are_cleaned_up_and_only_ours(tmp_path):
     out = tmp_path / "out"
     # a save SIGKILLed half-way leaves its staging folder ...

@@ -84,6 +84,24 @@ def test_truncated_checkpoint(originals, tmp_path):
         convert_var_checkpoint(vae, tmp_path / "cut.pth")
 
 
+def test_a_bit_flipped_checkpoint_is_refused(originals, tmp_path):
+    """The probe: a zip-format .pth with one byte of a tensor flipped (not truncated) converted silently, because
+    torch.load does not check the zip's CRC-32s."""
+    import struct
+    import zipfile
+
+    vae, var = originals
+    with zipfile.ZipFile(var) as archive:
+        member = max(archive.infolist(), key=lambda info: info.file_size)  # a tensor's bytes
+    data = bytearray(var.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[member.header_offset + 26 : member.header_offset + 30])
+    data[member.header_offset + 30 + name_length + extra_length + member.file_size // 2] ^= 0xFF
+    (tmp_path / "flipped.pth").write_bytes(data)
+    pattern = rf"`transformer`: '.*flipped\.pth' is corrupted: its member '{member.filename}' fails its CRC-32"
+    with pytest.raises(ConversionError, match=pattern + r".*re-download it"):
+        convert_var_checkpoint(vae, tmp_path / "flipped.pth")
+
+
 def test_missing_file(originals, tmp_path):
     vae, _ = originals
     with pytest.raises(ValueError, match="transformer"):
@@ -250,6 +268,55 @@ def test_an_unreadable_infinity_shard_is_one_error_naming_the_file(tmp_path):
     (shards / "model.safetensors.index.json").write_text("{not json")
     with pytest.raises(ConversionError, match="`transformer`: cannot read the shard index"):
         load_infinity_transformer_state_dict(shards)
+
+
+def test_infinity_shards_are_read_as_their_index_maps_them(tmp_path):
+    """The probe: a key that the index puts in one shard but that another shard holds too (with other values) was
+    taken from whichever shard came last, silently; a shard name in the index could be an absolute path or leave
+    the folder through '..'. Each tensor now comes from the shard the index names, and such folders are refused."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from diffusers_var.conversion.infinity import load_infinity_transformer_state_dict
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    save_file({"cfg_uncond": torch.ones(4, 8)}, shards / "model-1.safetensors")
+    save_file({"word_embed.weight": torch.ones(8, 4)}, shards / "model-2.safetensors")
+    index = shards / "model.safetensors.index.json"
+
+    def write_index(**weight_map):
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    write_index(cfg_uncond="model-1.safetensors", **{"word_embed.weight": "model-2.safetensors"})
+    assert bool((load_infinity_transformer_state_dict(shards)["cfg_uncond"] == 1).all())
+    # the same key, zeroed, in the shard read last
+    save_file({"word_embed.weight": torch.ones(8, 4), "cfg_uncond": torch.zeros(4, 8)}, shards / "model-2.safetensors")
+    with pytest.raises(ConversionError, match=r"`transformer`: .*'cfg_uncond' is in two shards"):
+        load_infinity_transformer_state_dict(shards)
+    index.unlink()  # no index: every shard file of the folder, each key still read once
+    with pytest.raises(ConversionError, match=r"'cfg_uncond' is in two shards, '.*model-1\.safetensors' and"):
+        load_infinity_transformer_state_dict(shards)
+    write_index(cfg_uncond="model-1.safetensors", **{"word_embed.weight": "model-2.safetensors"})
+    save_file({"word_embed.weight": torch.ones(8, 4)}, shards / "model-2.safetensors")
+    save_file({"cfg_uncond": torch.ones(4, 8), "word_embed.weight": torch.zeros(8, 4)}, shards / "model-1.safetensors")
+    with pytest.raises(
+        ConversionError, match=r"1\.safetensors' holds 'word_embed\.weight', which the index .* assigns"
+    ):
+        load_infinity_transformer_state_dict(shards)
+    save_file({"cfg_uncond": torch.ones(4, 8)}, shards / "model-1.safetensors")
+    write_index(cfg_uncond="model-2.safetensors", **{"word_embed.weight": "model-2.safetensors"})
+    with pytest.raises(
+        ConversionError, match=r"assigns 'cfg_uncond' to '.*model-2\.safetensors', which does not hold"
+    ):
+        load_infinity_transformer_state_dict(shards)
+    outside = tmp_path / "outside.safetensors"
+    save_file({"cfg_uncond": torch.zeros(4, 8)}, outside)
+    for name in (str(outside), "../outside.safetensors", "sub/../../outside.safetensors"):
+        write_index(cfg_uncond=name, **{"word_embed.weight": "model-2.safetensors"})
+        with pytest.raises(ConversionError, match=r"`transformer`: the shard index '.*index\.json' names the shard"):
+            load_infinity_transformer_state_dict(shards)
 
 
 def test_code_with_swapped_roles_converts_with_a_warning(tmp_path, capsys):
@@ -431,3 +498,42 @@ def test_converter_command_lines_name_the_flags(originals, tmp_path, capsys, mon
         "convert_code.py", [*code_argv[:4], "--refiner", var, "--output", "o", "--draft-steps", "9"], capsys
     )
     _assert_one_line_error(rc, err, "error: `--draft-steps`")
+
+
+def test_converter_paths_expand_the_home_folder(originals, tmp_path, capsys, monkeypatch):
+    """The probe: the shell expands ``--output ~/x`` but not ``--output=~/x``; the converters made a folder named
+    '~' in the current one, and ``--transformer=~/var.pth`` was "no such file". Every path flag expands it."""
+    import shutil
+
+    import diffusers_var.conversion
+
+    vae, var = originals
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    shutil.copy(vae, home / "vae.pth")
+    shutil.copy(var, home / "var.pth")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    rc, err = _run_main("convert_var.py", ["--vae=~/vae.pth", "--transformer=~/var.pth", "--output=~/out"], capsys)
+    assert rc == 0, err
+    assert (home / "out" / "model_index.json").is_file() and not list(work.iterdir())
+
+    # the other converters: what each hands the library (stopped there)
+    received = {}
+
+    def stop(*args, **kwargs):
+        received["args"] = args
+        raise ConversionError("stopped")
+
+    flags = {
+        "convert_star.py": ["--vae", "--transformer", "--text-encoder", "--output"],
+        "convert_infinity.py": ["--vae", "--transformer", "--text-encoder", "--tokenizer", "--output"],
+        "convert_code.py": ["--vae", "--drafter", "--refiner", "--output"],
+    }
+    for script, names in flags.items():
+        function = f"{script[:-3]}_checkpoint"
+        monkeypatch.setattr(diffusers_var.conversion, function, stop)
+        rc, err = _run_main(script, [f"{name}=~/{name[2:]}" for name in names], capsys)
+        assert (rc, err) == (2, "error: stopped\n"), err
+        assert received["args"] == tuple(str(home / name[2:]) for name in names), script

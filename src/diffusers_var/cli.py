@@ -27,6 +27,7 @@ from .cli_support import (
     expect_pipeline_class,
     float_in_range,
     generation_pipeline_class,
+    home_path,
     int_in_range,
     load_loras,
     load_pipeline,
@@ -547,7 +548,9 @@ def build_parser() -> OneLineErrorParser:
         default=None,
         help="CoDe: scales the drafter samples (default: the pipeline's, num_scales - 2 when built here)",
     )
-    gen.add_argument("--out", default="out.png", help="image file; its extension picks the format (default out.png)")
+    gen.add_argument(
+        "--out", type=home_path, default="out.png", help="image file; its extension picks the format (default out.png)"
+    )
     gen.add_argument(
         "--overwrite", action="store_true", help="replace existing files that diffusers-var did not write"
     )
@@ -607,7 +610,10 @@ def build_parser() -> OneLineErrorParser:
     )
     add_sampling_arguments(ed)
     ed.add_argument(
-        "--out", default="edited.png", help="image file; its extension picks the format (default edited.png)"
+        "--out",
+        type=home_path,
+        default="edited.png",
+        help="image file; its extension picks the format (default edited.png)",
     )
     ed.add_argument("--overwrite", action="store_true", help="replace files diffusers-var did not write")
     ed.set_defaults(func=_edit)
@@ -616,7 +622,7 @@ def build_parser() -> OneLineErrorParser:
 
     tr = sub.add_parser("train", help="train a tokenizer or a transformer (see configs/)")
     tr.add_argument("task", choices=list(TASK_NAMES))
-    tr.add_argument("--config", default=None, help="YAML/JSON training config")
+    tr.add_argument("--config", type=home_path, default=None, help="YAML/JSON training config")
     tr.set_defaults(func=_train)
     tr.epilog = "Any number of key=value overrides may follow, e.g. max_steps=100 data.num_images=500."
 

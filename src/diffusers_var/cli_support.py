@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -148,12 +149,19 @@ def int_in_range(low: int | None = None, high: int | None = None):
     return parse
 
 
+def home_path(text: str) -> str:
+    """An argparse ``type`` for a path: a leading ``~`` is the home folder. The shell expands ``--out ~/x`` but not
+    ``--out=~/x``, which wrote into a folder named ``~`` in the current one."""
+    return os.path.expanduser(text)
+
+
 def nonblank(text: str) -> str:
     """An argparse ``type`` for a path or name: a blank value (``--model "$UNSET"``) is refused, naming the flag,
-    rather than read as the default or as the current folder."""
+    rather than read as the default or as the current folder; a path's ``~`` is expanded (:func:`home_path`; no
+    name starts with one)."""
     if not text.strip():
         raise argparse.ArgumentTypeError(f"must not be blank (a path or name), got {text!r}")
-    return text
+    return home_path(text)
 
 
 def finite_float(text: str) -> float:
@@ -393,8 +401,11 @@ INTERRUPTED = (
 
 def run_interruptible(main: Callable[[], int]) -> int:
     """``main()``'s exit code; Ctrl-C prints one line (:data:`INTERRUPTED`) and gives 130, not a traceback from
-    wherever the work was."""
+    wherever the work was. The conversion scripts block SIGINT before their imports: unblocked here, a Ctrl-C
+    pressed while they imported arrives inside this ``try``."""
     try:
+        if hasattr(signal, "pthread_sigmask"):  # (not on Windows)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         return main()
     except KeyboardInterrupt:
         print(INTERRUPTED, file=sys.stderr)

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cli_support import check_device, nonblank
+from .cli_support import check_device, home_path, nonblank
 from .fid_inception import WEIGHTS_FILENAMES, WEIGHTS_URL, FIDInceptionV3
 from .file_utils import files_under, json_lines, text_lines, write_atomic
 from .sample import IMAGES_DIR, METADATA_FILE, RUN_FILE
@@ -856,11 +856,12 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument(
         "--save-reference-stats",
+        type=home_path,
         default=None,
         metavar="FILE.npz",
         help="write the --reference's mu, sigma and features here (reuse it as --reference); needs --reference",
     )
-    parser.add_argument("--out", default=None, help="also write the JSON results here")
+    parser.add_argument("--out", type=home_path, default=None, help="also write the JSON results here")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=evaluate_command)
     return parser

@@ -51,6 +51,7 @@ from .cli_support import (
     enable_fast_path,
     finite_float,
     generation_pipeline_class,
+    home_path,
     int_in_range,
     load_pipeline,
     name_flags,
@@ -970,7 +971,7 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
         help="pipeline folder, or an embedded one by name (var-shapes, star-shapes, infinity-shapes; default: "
         "var-shapes)",
     )
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", type=home_path, required=True, help="output folder")
     group = parser.add_argument_group("class-conditional (VAR)")
     group.add_argument(
         "--per-class",

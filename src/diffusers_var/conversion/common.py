@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -255,18 +256,30 @@ def load_checkpoint(path: str | os.PathLike, param_name: str) -> dict[str, torch
         raise ConversionError(f"`{param_name}`: {str(path)!r} is a folder; give the checkpoint file (.pth) in it.")
     if not path.is_file():
         raise ConversionError(f"`{param_name}`: no such file {str(path)!r}.")
+    damaged = None
     try:
         with open(path, "rb") as file:
             # mmap works only for the zip format (torch >= 1.6); files saved with
             # _use_new_zipfile_serialization=False are read whole, still with weights_only
             mmap = file.read(4) == b"PK\x03\x04"
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        # torch.load does not check the zip's CRCs: a flipped bit in a tensor converted silently. testzip reads each
+        # member in 1 MiB chunks (the file is read once more, never held whole); the legacy format has no checksums
+        if mmap:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+        if damaged is None:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - truncated zip, pickle with code, not a torch file at all
         raise ConversionError(
             f"`{param_name}`: {str(path)!r} is not a readable PyTorch checkpoint (truncated, corrupted, or it "
             "needs arbitrary code to unpickle, which is refused): "
             f"{type(err).__name__}: {_first_line(err)}"
         ) from None
+    if damaged is not None:
+        raise ConversionError(
+            f"`{param_name}`: {str(path)!r} is corrupted: its member {damaged!r} fails its CRC-32 check (the file "
+            "changed after it was written, e.g. a damaged download or disk); re-download it."
+        )
     if not isinstance(obj, Mapping):
         raise ConversionError(f"`{param_name}`: {str(path)!r} holds a {type(obj).__name__}, not a state dict.")
     return dict(obj)

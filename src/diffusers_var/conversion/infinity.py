@@ -266,32 +266,71 @@ def load_infinity_transformer_state_dict(path: str | os.PathLike) -> dict:
             obj, [("trainer", "gpt_fsdp"), ("model",), ("state_dict",)], _looks_like_transformer, "transformer"
         )
     index = path  # what is being read, for the message
+    weight_map = None  # key -> the shard file the index names for it
     try:
         indexes = sorted(path.glob("*.index.json"))
         if indexes:
             index = indexes[0]
-            shards = sorted({path / name for name in json.loads(index.read_text())["weight_map"].values()})
+            weight_map = {
+                key: _shard_in_folder(path, name, index)
+                for key, name in json.loads(index.read_text())["weight_map"].items()
+            }
+            shards = sorted(set(weight_map.values()))
         else:
             shards = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".pth"})
+    except ConversionError:  # a shard name outside the folder
+        raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # unreadable, not JSON, no weight_map
         raise ConversionError(
             f"`transformer`: cannot read the shard index or folder {str(index)!r}: {err!r}"
         ) from None
     if not shards:
         raise ConversionError(f"`transformer`: directory {str(path)!r} holds no shard files.")
-    state_dict = {}
+    state_dict, source = {}, {}  # source: key -> the shard it was read from
     for shard in shards:
         if not shard.is_file():
             raise ConversionError(f"`transformer`: shard {str(shard)!r} listed in the index is missing.")
         # every shard read through the checked loaders: an unreadable one is an error naming the flag and the file
-        state_dict.update(
+        tensors = (
             load_safetensors(shard, "transformer")
             if shard.suffix == ".safetensors"
             else load_checkpoint(shard, "transformer")
         )
+        for key in tensors:
+            # a key held twice (or where the index does not put it) was taken from whichever shard came last
+            if key in source:
+                raise ConversionError(
+                    f"`transformer`: {key!r} is in two shards, {str(source[key])!r} and {str(shard)!r}; a sharded "
+                    "checkpoint holds each tensor once (an edited or mixed-up folder?)."
+                )
+            if weight_map is not None and weight_map.get(key) != shard:
+                listed = f"assigns to {str(weight_map[key])!r}" if key in weight_map else "does not list"
+                raise ConversionError(
+                    f"`transformer`: shard {str(shard)!r} holds {key!r}, which the index {str(index)!r} {listed}; "
+                    "a sharded checkpoint holds each tensor once, in the shard its index names."
+                )
+            source[key] = shard
+        state_dict.update(tensors)
+    missing = [key for key in weight_map or () if key not in state_dict]
+    if missing:
+        raise ConversionError(
+            f"`transformer`: the index {str(index)!r} assigns {missing[0]!r} to {str(weight_map[missing[0]])!r}, "
+            f"which does not hold it ({len(missing)} of the index's tensors are missing)."
+        )
     if not _looks_like_transformer(state_dict):
         raise ConversionError(f"`transformer`: the shards in {str(path)!r} are not an Infinity transformer.")
     return state_dict
+
+
+def _shard_in_folder(folder: Path, name, index: Path) -> Path:
+    """The file a shard index names: a file name in the index's folder. An absolute path or one through ``..``
+    would read a file from anywhere (the index is data, maybe downloaded)."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ConversionError(
+            f"`transformer`: the shard index {str(index)!r} names the shard {name!r}, which is not a file in its "
+            f"folder {str(folder)!r}; shard names are relative paths inside it (no absolute paths, no '..')."
+        )
+    return folder / name
 
 
 def load_bitwise_vae_state_dict(path: str | os.PathLike) -> dict:
