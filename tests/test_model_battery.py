@@ -511,6 +511,22 @@ def test_decoding_under_offload_hooks_and_layerwise_casting(case):
         low = _decode_all(cast, condition, tf_input, schedule)
     assert low.shape == reference.shape and torch.isfinite(low).all()
     assert 0 < (low - reference).norm() / reference.norm() < 0.2  # float8 weights: close, not equal
+    # the inputs follow the model's dtype: another compute dtype failed inside torch at the first call
+    with pytest.raises(ValueError, match=r"`compute_dtype` torch.bfloat16 is not the dtype .*\(torch.float32\)"):
+        case.build().enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    half = case.build().to(torch.bfloat16)  # diffusers' way: the model in its compute dtype first
+    half.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.isfinite(_decode_all(half, condition, tf_input, schedule)).all()
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if case.io is None], ids=lambda case: case.id)
+def test_the_image_tokenizers_refuse_layerwise_casting(case):
+    """Their inputs took the float8 dtype of the stored weights: every encode and decode failed inside torch."""
+    with pytest.raises(ValueError, match=r"`enable_layerwise_casting\(\)`: .* does not take layerwise casting"):
+        case.build().to(torch.bfloat16).enable_layerwise_casting(
+            storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16
+        )
 
 
 @pytest.fixture

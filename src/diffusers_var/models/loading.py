@@ -299,9 +299,24 @@ class CheckedLoadingMixin:
         self._refuse_hooks_on_fast_path("enable_group_offload")
         return super().enable_group_offload(*args, **kwargs)
 
+    # why a model refuses diffusers' layerwise casting (None: it takes it)
+    _layerwise_casting_refusal: str | None = None
+
     def enable_layerwise_casting(self, *args, **kwargs):
-        """diffusers' layerwise casting, refused while a pipeline's fast path holds this model."""
+        """diffusers' layerwise casting, for a model in its ``compute_dtype`` already: the models cast their inputs
+        to their own dtype, so another compute dtype failed inside torch at the first call (float32 inputs into
+        bf16 weights). Refused while a pipeline's fast path holds this model, and by the image tokenizers."""
         self._refuse_hooks_on_fast_path("enable_layerwise_casting")
+        if self._layerwise_casting_refusal:
+            raise ValueError(f"`enable_layerwise_casting()`: {type(self).__name__} {self._layerwise_casting_refusal}")
+        bound = inspect.signature(super().enable_layerwise_casting).bind(*args, **kwargs)
+        compute_dtype = bound.arguments.get("compute_dtype")
+        if compute_dtype is not None and compute_dtype != self.dtype:
+            raise ValueError(
+                f"`compute_dtype` {compute_dtype} is not the dtype this {type(self).__name__} is in ({self.dtype}), "
+                "to which it casts its inputs: load it with `dtype=` that dtype (or `.to()` it) first, or leave "
+                "`compute_dtype` out."
+            )
         return super().enable_layerwise_casting(*args, **kwargs)
 
     @classmethod

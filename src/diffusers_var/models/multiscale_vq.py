@@ -322,6 +322,13 @@ class MultiScaleVQModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, SlicedDeco
             option of the original's tokenizer training, off in its release; nothing in the weights records it).
     """
 
+    # its convolutions take their input's dtype from their weights, which layerwise casting stores in float8; it is
+    # small beside the transformer, whose casting saves the memory
+    _layerwise_casting_refusal = (
+        "does not take layerwise casting: the image tokenizer is small beside the transformer (cast that one), and "
+        "its inputs follow its stored weights' dtype."
+    )
+
     _supports_gradient_checkpointing = False
 
     @register_to_config
