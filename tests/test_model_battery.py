@@ -299,6 +299,22 @@ def test_config_arguments_of_the_wrong_kind_are_named(case):
     assert checked >= 8, checked
 
 
+def test_infinity_configs_without_ffn_or_with_heads_rope_cannot_split_are_refused():
+    """The FFN width rounds to a multiple of 256 (0 built a model without FFNs); a head of 2 features built with q / k
+    twice v's width under 2D RoPE, one of 6 failed at the first call. STAR refused the same heads already."""
+    case = next(case for case in CASES if case.model_class is InfinityTransformer2DModel)
+    config = {key: value for key, value in case.build().config.items() if not key.startswith("_")}
+    C = config["embed_dim"]
+    for heads in (C // 2, C // 6):
+        if C % heads == 0:
+            with pytest.raises(ValueError, match=r"`embed_dim` / `num_heads` must be an integer divisible by 4"):
+                InfinityTransformer2DModel(**{**config, "num_heads": heads})
+    with pytest.raises(ValueError, match=r"`mlp_ratio` 0.5 gives an FFN of width 0 for embed_dim 32"):
+        InfinityTransformer2DModel(
+            **{**config, "embed_dim": 32, "num_heads": 4, "pool_num_heads": 4, "mlp_ratio": 0.5}
+        )
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
 def test_every_config_argument_is_documented(case):
     """diffusers' convention: one ``name (`type`, defaults to ...)`` entry per config argument in the class

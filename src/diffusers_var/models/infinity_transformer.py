@@ -241,6 +241,18 @@ class InfinityTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, P
         # named here: the pooling layer's own check would name `num_heads`, the blocks' key
         if pool_num_heads < 1 or embed_dim % pool_num_heads:
             raise ValueError(f"`embed_dim` ({embed_dim}) must be divisible by `pool_num_heads` ({pool_num_heads}).")
+        if embed_dim % num_heads or (embed_dim // num_heads) % 4:  # (a head of 2 features built, and RoPE then
+            # gave q / k twice v's width; 6 failed at the first call)
+            raise ValueError(
+                "`embed_dim` / `num_heads` must be an integer divisible by 4 (2D RoPE), "
+                f"got {embed_dim} / {num_heads}."
+            )
+        ffn_dim = infinity_ffn_dim(embed_dim, mlp_ratio)
+        if ffn_dim < 1:  # a model without FFNs was built without a word
+            raise ValueError(
+                f"`mlp_ratio` {mlp_ratio} gives an FFN of width 0 for embed_dim {embed_dim} (the original rounds "
+                "embed_dim * mlp_ratio to a multiple of 256): it needs embed_dim * mlp_ratio >= 128."
+            )
         C = embed_dim
         self.uncond_text_embeds = nn.Parameter(torch.zeros(text_max_length, text_dim))
         self.text_norm = nn.RMSNorm(text_dim, eps=1e-6)
@@ -251,7 +263,6 @@ class InfinityTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, P
         self.input_proj = nn.Linear(bits_per_token, C)
         self.shared_modulation = AdaLNModulation(C, C, 6) if shared_adaln else None
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linear 0 -> rate
-        ffn_dim = infinity_ffn_dim(C, mlp_ratio)
         self.blocks = nn.ModuleList(
             AdaLNCrossAttentionBlock(C, num_heads, C, ffn_dim, norm_eps, shared_adaln, rates[i]) for i in range(depth)
         )
