@@ -299,6 +299,23 @@ def test_config_arguments_of_the_wrong_kind_are_named(case):
     assert checked >= 8, checked
 
 
+@pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
+def test_attention_processor_switches_are_refused_not_ignored(case):
+    """diffusers' xformers / NPU / XLA switches walk attention processors, which these models do not have: they
+    returned without a word. Turning them off stays harmless."""
+    model = case.build()
+    for method in (
+        "enable_xformers_memory_efficient_attention",
+        "enable_npu_flash_attention",
+        "enable_xla_flash_attention",
+    ):
+        with pytest.raises(ValueError, match=rf"`{method}` does not apply to {case.model_class.__name__}.*backend"):
+            getattr(model, method)()
+    model.disable_xformers_memory_efficient_attention()
+    model.disable_npu_flash_attention()
+    model.disable_xla_flash_attention()
+
+
 def test_infinity_configs_without_ffn_or_with_heads_rope_cannot_split_are_refused():
     """The FFN width rounds to a multiple of 256 (0 built a model without FFNs); a head of 2 features built with q / k
     twice v's width under 2D RoPE, one of 6 failed at the first call. STAR refused the same heads already."""

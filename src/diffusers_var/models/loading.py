@@ -299,6 +299,25 @@ class CheckedLoadingMixin:
         self._refuse_hooks_on_fast_path("enable_group_offload")
         return super().enable_group_offload(*args, **kwargs)
 
+    # diffusers' per-processor attention switches reach no layer here (they returned without a word): the
+    # transformers' attention calls go through ``dispatch_attention_fn``, whose kernel ``set_attention_backend`` picks
+    def _refuse_attention_switch(self, method: str, valid: bool) -> None:
+        if valid:
+            raise ValueError(
+                f"`{method}` does not apply to {type(self).__name__}: it has no attention processors. The "
+                "transformers' attention goes through diffusers' attention dispatcher: "
+                "`transformer.set_attention_backend(name)` picks its kernel (e.g. 'xformers', '_native_npu')."
+            )
+
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op=None) -> None:
+        self._refuse_attention_switch("enable_xformers_memory_efficient_attention", valid)
+
+    def set_use_npu_flash_attention(self, valid: bool) -> None:
+        self._refuse_attention_switch("enable_npu_flash_attention", valid)
+
+    def set_use_xla_flash_attention(self, use_xla_flash_attention: bool, partition_spec=None, **kwargs) -> None:
+        self._refuse_attention_switch("enable_xla_flash_attention", use_xla_flash_attention)
+
     # why a model refuses diffusers' layerwise casting (None: it takes it)
     _layerwise_casting_refusal: str | None = None
 
