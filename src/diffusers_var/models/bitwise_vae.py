@@ -295,6 +295,8 @@ class BitwiseMultiScaleVAE(CheckedLoadingMixin, ModelMixin, ConfigMixin, SlicedD
         if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != channels:
             got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
             raise ValueError(f"`images` must be a (B, {channels}, H, W) tensor in [-1, 1], got {got}.")
+        if not images.is_floating_point():  # (a dtype check costs no sync: uint8 pixels were read as floats)
+            check_image_values(images)
         if images.shape[-1] % self.downsample_factor or images.shape[-2] % self.downsample_factor:
             raise ValueError(  # the encoder's strided convs would drop the last rows / columns
                 f"`images` height and width must be multiples of {self.downsample_factor}, "
@@ -414,6 +416,36 @@ class BitwiseMultiScaleVAE(CheckedLoadingMixin, ModelMixin, ConfigMixin, SlicedD
         p = self.patch_factor
         return self.latent_to_tokens(trilinear_resize(summed_BdHW, (size_hw[0] * p, size_hw[1] * p)))
 
+    def _check_kept_bits(self, keep, kept_bit_labels, batch: int, sizes) -> None:
+        """``keep`` and ``kept_bit_labels`` of :meth:`teacher_forcing_inputs`: both or neither, one per scale, of the
+        scale's token grid and latent size (shapes and dtypes only: no device sync per training step)."""
+        if keep is None and kept_bit_labels is None:
+            return
+        if keep is None or kept_bit_labels is None:
+            raise ValueError("`keep` and `kept_bit_labels` go together: the kept positions, and the bits kept there.")
+        grids = [(batch, h // self.patch_factor, w // self.patch_factor) for h, w in sizes]
+        if (
+            not isinstance(keep, (list, tuple))
+            or len(keep) != len(sizes)
+            or not all(
+                torch.is_tensor(k) and k.dtype == torch.bool and tuple(k.shape) == g for k, g in zip(keep, grids)
+            )
+        ):
+            raise ValueError(f"`keep` must hold one bool mask per scale, of shapes {grids}.")
+        shapes = [(batch, h, w, self.config.codebook_dim) for h, w in sizes]
+        if (
+            not isinstance(kept_bit_labels, (list, tuple))
+            or len(kept_bit_labels) != len(sizes)
+            or not all(
+                torch.is_tensor(b) and not b.is_floating_point() and not b.is_complex() and tuple(b.shape) == shape
+                for b, shape in zip(kept_bit_labels, shapes)
+            )
+        ):
+            raise ValueError(
+                f"`kept_bit_labels` must hold one bool / integer bit tensor per scale, of shapes {shapes} (as "
+                "`encode(...).bit_labels` returns them)."
+            )
+
     def teacher_forcing_inputs(
         self,
         features_BdHW: torch.Tensor,
@@ -448,6 +480,7 @@ class BitwiseMultiScaleVAE(CheckedLoadingMixin, ModelMixin, ConfigMixin, SlicedD
                 "`noise_apply_strength` must be in [0, 1] (the largest bit-flip probability), got "
                 f"{noise_apply_strength!r}."
             )
+        self._check_kept_bits(keep, kept_bit_labels, features_BdHW.shape[0], sizes)
         full = tuple(features_BdHW.shape[-2:])
         summed = torch.zeros_like(features_BdHW)
         inputs, labels = [], []

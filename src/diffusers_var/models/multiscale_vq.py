@@ -412,6 +412,8 @@ class MultiScaleVQModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, SlicedDeco
                 f"`images` must be a (B, {self.config.in_channels}, H, W) tensor in [-1, 1], got "
                 f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}."
             )
+        if not images.is_floating_point():  # (a dtype check costs no sync: uint8 pixels were read as floats)
+            check_image_values(images)
         if images.shape[-1] != images.shape[-2]:
             raise ValueError(f"`images` must be square (the token maps are square), got {tuple(images.shape[-2:])}.")
         if images.shape[-1] % self.downsample_factor:
