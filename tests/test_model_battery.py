@@ -316,6 +316,15 @@ def test_attention_processor_switches_are_refused_not_ignored(case):
     model.disable_xla_flash_attention()
 
 
+def test_star_stable_sampler_scale_index_is_one_it_runs():
+    """-1 read the last scale, an index past the schedule was an IndexError, one below ``sampler_start_scale`` ran."""
+    model = next(case for case in CASES if case.id == "star_stable_sampler").build()
+    first, last = model.config.sampler_start_scale, len(model.config.patch_nums) - 1
+    for bad in (-1, first - 1, last + 1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"`scale_index` must be .* \[{first}, {last}\]"):
+            model.sampler_scale_logits(bad, torch.zeros(2, 1, 8), torch.zeros(1, 1, 8), torch.zeros(2, 8))
+
+
 def test_infinity_configs_without_ffn_or_with_heads_rope_cannot_split_are_refused():
     """The FFN width rounds to a multiple of 256 (0 built a model without FFNs); a head of 2 features built with q / k
     twice v's width under 2D RoPE, one of 6 failed at the first call. STAR refused the same heads already."""

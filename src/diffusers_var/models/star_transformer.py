@@ -15,6 +15,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from ..scalars import is_integer
 from .blocks import (
     MAX_LOG_ATTN_SCALE,
     CosineSelfAttention,
@@ -701,6 +702,12 @@ class STARTransformer2DModel(CheckedLoadingMixin, ModelMixin, ConfigMixin, PeftA
     def _sampler_scale_logits(self, scale_index: int, hidden_states, committed_embeddings, pooled_text_embeds):
         if self.sampler is None:
             raise ValueError("this checkpoint has no stable-sampler head (`stable_sampler=False`).")
+        first, last = self.config.sampler_start_scale, len(self.begin_ends) - 1
+        if not is_integer(scale_index) or not first <= scale_index <= last:  # (-1 read the last scale, 9 failed)
+            raise ValueError(
+                f"`scale_index` must be a scale the stable sampler runs, a whole number in [{first}, {last}] "
+                f"(`sampler_start_scale` to the last), got {scale_index!r}."
+            )
         begin, end = self.begin_ends[scale_index]
         rows_2B = pooled_text_embeds.shape[0]
         _check_shape("hidden_states", hidden_states, (rows_2B, end - begin, self.config.embed_dim))
