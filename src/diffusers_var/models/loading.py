@@ -214,6 +214,33 @@ def check_shard_index(folder: Path, variant, model_name: str) -> None:
     )
 
 
+# the most parameters a config may build (10x the largest released model, Infinity-20B) and the most blocks (the
+# released models have a few dozen): a typo such as depth=300000 filled the memory for a minute before failing, and
+# blocks of a tiny width cost their Python objects' memory whatever their parameters
+MAX_MODEL_PARAMETERS = 2 * 10**11
+MAX_DEPTH = 1024
+
+
+def check_model_size(model_class: type, arguments: dict) -> None:
+    """A ValueError when a transformer's config would build more than :data:`MAX_MODEL_PARAMETERS` parameters,
+    before anything is allocated. The estimate counts the blocks' attention, FFN and AdaLN matrices and the
+    vocabulary / class tables: a lower bound."""
+    if "depth" not in arguments or "embed_dim" not in arguments:
+        return
+    depth, width = arguments["depth"], arguments["embed_dim"]
+    if depth > MAX_DEPTH:
+        raise ValueError(f"`depth` of {model_class.__name__} must be at most {MAX_DEPTH} blocks, got {depth}.")
+    per_block = (4 + 2 * float(arguments.get("mlp_ratio", 4.0)) + 6) * width**2
+    tables = (2 * arguments.get("vocab_size", 0) + arguments.get("num_classes", 0)) * width
+    estimate = depth * per_block + tables
+    if estimate > MAX_MODEL_PARAMETERS:
+        raise ValueError(
+            f"{model_class.__name__} of `depth` {depth}, `embed_dim` {width} (and the FFN / vocabulary sizes) would "
+            f"hold about {estimate:.2g} parameters, more than the {MAX_MODEL_PARAMETERS:.0e} this package builds; "
+            "check the config."
+        )
+
+
 def check_dtype_argument(
     dtype, name: str = "dtype", per_component: bool = True, components: Iterable[str] | None = None
 ) -> None:
@@ -282,6 +309,8 @@ class CheckedLoadingMixin:
         def checked_init(self, *args, **kwargs):
             bound = signature.bind(self, *args, **kwargs)
             check_config_arguments(cls, signature, bound.arguments)
+            bound.apply_defaults()
+            check_model_size(cls, bound.arguments)
             init(self, *args, **kwargs)
 
         cls.__init__ = checked_init
