@@ -1316,6 +1316,31 @@ def _perturbed_tiny_var(embed_dim=64, num_heads=2, mlp_ratio=4.0) -> VARPipeline
     return VARPipeline(transformer=transformer.eval(), vqvae=MultiScaleVQModel(patch_nums=(1, 2, 3, 4)).eval())
 
 
+def test_float8_copies_follow_weights_changed_in_place(monkeypatch):
+    """The float8 copies were made once: weights loaded while the fast path was on (``load_state_dict``, an optimizer
+    step) left the float8 scales computing with the old ones, silently. They are remade at the next call."""
+    monkeypatch.setattr(fast_inference, "LARGE_SCALE_MIN_ROWS", 1)  # float8 at every scale of the tiny model
+    new_weights = _perturbed_tiny_var(embed_dim=64).transformer.state_dict()
+    with torch.no_grad():
+        for name, value in new_weights.items():
+            if name.startswith("blocks.") and value.dim() == 2:
+                value.mul_(-1.5)
+
+    def latents(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(class_labels=[1, 2], generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+    fresh = _perturbed_tiny_var()
+    fresh.transformer.load_state_dict(new_weights)
+    expected = latents(fresh.enable_fast_inference(fp8=True))
+    pipe = _perturbed_tiny_var().enable_fast_inference(fp8=True)
+    before = latents(pipe)
+    pipe.transformer.load_state_dict(new_weights)
+    assert fast_inference.fp8_copies_stale(pipe.transformer)
+    assert torch.equal(latents(pipe), expected) and not torch.equal(before, expected)
+    assert not fast_inference.fp8_copies_stale(pipe.transformer)
+
+
 def _var_logits(transformer) -> list[torch.Tensor]:
     condition = (torch.tensor([1, 2, 10, 10]),)
     generator = torch.Generator().manual_seed(1)

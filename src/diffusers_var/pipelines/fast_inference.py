@@ -545,7 +545,19 @@ def quantize_linears_fp8_(model: nn.Module | None, enabled: bool = True) -> int:
         linear.register_buffer("weight_fp8", weight8, persistent=False)
         linear.register_buffer("weight_fp8_scale", scale.t().contiguous(), persistent=False)  # (1, N)
         _install(linear, "forward", _fp8_linear_forward)
+        linear._fp8_weight_version = linear.weight._version  # what the copy was made from (fp8_copies_stale)
     return len(linears)
+
+
+def fp8_copies_stale(model: nn.Module) -> bool:
+    """Whether a weight with a float8 copy changed in place since the copy was made (``load_state_dict``, an
+    optimizer step, a ``copy_``): the float8 matmuls would compute with the old weights. By the weights' version
+    counters: a write through ``weight.data`` bypasses them (call ``enable_fast_inference()`` again after one)."""
+    return any(
+        module.weight._version != module._fp8_weight_version
+        for module in model.modules()
+        if "weight_fp8" in module._buffers and hasattr(module, "_fp8_weight_version")
+    )
 
 
 # compiled blocks: the elementwise work of a block (norms, modulation, q/k normalisation, RoPE, gating) fused by
@@ -1362,6 +1374,11 @@ class FastInferenceMixin:
             quantize_linears_fp8_(transformer, self._fast_fp8)
             setattr(transformer, ADAPTER_STATE_ATTRIBUTE, state)
             self._invalidate_graphs()
+        if self._fast_fp8:  # weights changed in place (the graphs read them where they are: only the copies are old)
+            for component in self.components.values():
+                if isinstance(component, nn.Module) and fp8_copies_stale(component):
+                    quantize_linears_fp8_(component, True)
+                    self._invalidate_graphs()  # (the graphs hold the old copies' memory)
 
     def disable_fast_inference(self):
         """Back to the eager path without CUDA graphs (captured graphs are freed), the fused FFN GELU, the separable
