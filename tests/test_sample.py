@@ -291,6 +291,7 @@ def test_read_prompts_and_plan(tmp_path):
         (["--per-class", "1", "--prompts", "x.txt"], "`--prompts` is for text-to-image"),
         (["--per-class", "1", "--tau", "1"], "`--tau` does not apply to VARPipeline"),
         (["--per-class", "1", "--fp8"], "`--fp8` is an option of the fast path: add `--fast`"),
+        (["--per-class", "1", "--fast", "--fp8", "--dtype", "float16"], "`--fp8` runs with `--dtype bfloat16`"),
         (["--per-class", "1", "--compile-cache", "cache"], "`--compile-cache` holds the fast path's compiled code"),
         (["--per-class", "1", "--compile-blocks", "static"], "`--compile-blocks` is an option of the fast path"),
         (["--per-class", "1", "--model", "/nonexistent"], "`--model` '/nonexistent' is not a pipeline folder"),

@@ -254,6 +254,10 @@ def check_flags(args, family_name: str) -> None:
             raise ValueError(f"`--{name.replace('_', '-')}` does not apply to {family_name}.")
     if args.fp8 and not args.fast:
         raise ValueError("`--fp8` is an option of the fast path: add `--fast`.")
+    if args.fp8 and args.dtype not in (None, "bfloat16"):  # (found after the model loaded, naming Python arguments)
+        raise ValueError(
+            f"`--fp8` runs with `--dtype bfloat16` (the default with --fast), got `--dtype {args.dtype}`."
+        )
     if args.compile_cache is not None and not args.fast:
         raise ValueError("`--compile-cache` holds the fast path's compiled code: add `--fast`.")
     if args.compile_blocks is not None and not args.fast:
