@@ -537,6 +537,7 @@ def quantize_linears_fp8_(model: nn.Module | None, enabled: bool = True) -> int:
                 for name in ("weight_fp8", "weight_fp8_scale"):
                     module._buffers.pop(name, None)
                 _uninstall(module, "forward")
+        model.__dict__.pop("_fp8_linears", None)
         return 0
     linears = fp8_linears(model)  # all widths checked before the first buffer is added
     for linear in linears:
@@ -546,6 +547,7 @@ def quantize_linears_fp8_(model: nn.Module | None, enabled: bool = True) -> int:
         linear.register_buffer("weight_fp8_scale", scale.t().contiguous(), persistent=False)  # (1, N)
         _install(linear, "forward", _fp8_linear_forward)
         linear._fp8_weight_version = linear.weight._version  # what the copy was made from (fp8_copies_stale)
+    model.__dict__["_fp8_linears"] = linears  # (a plain list, not submodules: fp8_copies_stale reads it every call)
     return len(linears)
 
 
@@ -554,9 +556,7 @@ def fp8_copies_stale(model: nn.Module) -> bool:
     optimizer step, a ``copy_``): the float8 matmuls would compute with the old weights. By the weights' version
     counters: a write through ``weight.data`` bypasses them (call ``enable_fast_inference()`` again after one)."""
     return any(
-        module.weight._version != module._fp8_weight_version
-        for module in model.modules()
-        if "weight_fp8" in module._buffers and hasattr(module, "_fp8_weight_version")
+        linear.weight._version != linear._fp8_weight_version for linear in model.__dict__.get("_fp8_linears", ())
     )
 
 
