@@ -55,10 +55,10 @@ from .sampling import (
     apply_guidance,
     draw_class_labels,
     filter_top_k_top_p_,
-    guidance_table,
     gumbel_softmax,
     linear_guidance_ramp,
     nan_where_drawn_from_nonfinite,
+    ramp_table,
     sample_from_logits,
     smooth_tau,
     top_p_mass,
@@ -533,10 +533,9 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
             graphs = self._sampling_graphs(B, device, settings, top_k, top_p > 0, run, forcing)
             if forcing is not None:
                 graphs.forcing.copy_(forcing)
-            strengths = [linear_guidance_ramp(table_guidance, si, num_scales) for si in range(num_scales)]
             graphs.set_shared_inputs(
                 condition[0],
-                guidance_table(strengths, device),
+                ramp_table(table_guidance, num_scales, device),
                 top_p_mass(top_p, device),
                 torch.tensor(temperatures, dtype=torch.float32).to(device, non_blocking=True),
             )
@@ -566,8 +565,7 @@ class VARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, VARLoraLoaderMix
                 if graphs is not None:  # the whole scale, sampling included, is one graph replay
                     if self._guidance_scale != table_guidance:  # a callback changed the guidance
                         table_guidance = self._guidance_scale
-                        strengths = [linear_guidance_ramp(table_guidance, k, num_scales) for k in range(num_scales)]
-                        graphs.shared_inputs[1].copy_(guidance_table(strengths, device))
+                        graphs.shared_inputs[1].copy_(ramp_table(table_guidance, num_scales, device))
                     tokens, guided_logits, model_logits, prefill_logits, replayed = graphs(si)
                     next_input = graphs.scale_inputs[si + 1][:B] if si + 1 < num_scales else None
                 else:

@@ -43,6 +43,11 @@ def guidance_table(strengths: Sequence[float], device) -> torch.Tensor:
     return torch.tensor([[1 + t, t] for t in strengths], dtype=torch.float32).to(device, non_blocking=True)
 
 
+def ramp_table(guidance_scale: float, num_scales: int, device) -> torch.Tensor:
+    """:func:`guidance_table` of :func:`linear_guidance_ramp` at every scale: what a whole-scale CUDA graph reads."""
+    return guidance_table([linear_guidance_ramp(guidance_scale, si, num_scales) for si in range(num_scales)], device)
+
+
 def filter_top_k_top_p_(
     logits_BlV: torch.Tensor,
     top_k: int = 0,
