@@ -1211,6 +1211,38 @@ def fast_settings(module: nn.Module | None) -> FastSettings:
     return getattr(module, FAST_SETTINGS_ATTRIBUTE, _OFF)
 
 
+# where and in which dtype the fast path left a component's first and last weights (watch_weights_)
+WATCHED_WEIGHTS_ATTRIBUTE = "_diffusers_var_watched_weights"
+
+
+def watch_weights_(module: nn.Module, enabled: bool = True) -> None:
+    """Record where (storage) and in which dtype the fast path leaves ``module``'s first and last weights: a ``.to()``,
+    ``.cuda()`` or ``.half()`` on the component itself (not through the pipeline) replaces every weight's storage,
+    which :func:`changed_weights` sees at the next call. Two weights, so the check costs nothing per call."""
+    module.__dict__.pop(WATCHED_WEIGHTS_ATTRIBUTE, None)
+    named = list(module.named_parameters()) if enabled else []
+    watched = []
+    for name, weight in dict(named[:1] + named[-1:]).items():
+        owner, _, leaf = name.rpartition(".")
+        watched.append((module.get_submodule(owner), leaf, weight.data_ptr(), weight.dtype))
+    if watched:
+        module.__dict__[WATCHED_WEIGHTS_ATTRIBUTE] = watched
+
+
+def changed_weights(module: nn.Module) -> tuple[torch.dtype, torch.dtype] | bool:
+    """Since :func:`watch_weights_`: ``(dtype then, dtype now)`` if the weights were cast, True if they only moved
+    (another device, shared memory), else False."""
+    moved = False
+    for owner, leaf, address, dtype in module.__dict__.get(WATCHED_WEIGHTS_ATTRIBUTE, ()):
+        weight = getattr(owner, leaf, None)
+        if not isinstance(weight, torch.Tensor):
+            continue
+        if weight.dtype != dtype:
+            return dtype, weight.dtype
+        moved = moved or weight.data_ptr() != address
+    return moved
+
+
 def invalidate_graphs_(module: nn.Module | None) -> None:
     if module is not None:
         setattr(module, GRAPH_TOKEN_ATTRIBUTE, object())
@@ -1341,6 +1373,7 @@ class FastInferenceMixin:
         for component in self.components.values():  # their offloading / casting hooks are refused while it is on
             if isinstance(component, nn.Module):
                 setattr(component, FAST_PATH_ATTRIBUTE, enabled)
+                watch_weights_(component, enabled)
         if self.transformer is not None:
             settings = FastSettings(enabled, dtype if enabled else None, enabled and fp8, enabled and cuda_graphs)
             setattr(self.transformer, FAST_SETTINGS_ATTRIBUTE, settings)
@@ -1369,6 +1402,7 @@ class FastInferenceMixin:
         transformer = getattr(self, "transformer", None)
         if not self._fast_inference or transformer is None:
             return
+        self._follow_moved_weights()
         state = adapter_state(transformer)
         if state != getattr(transformer, ADAPTER_STATE_ATTRIBUTE, None):
             quantize_linears_fp8_(transformer, self._fast_fp8)
@@ -1379,6 +1413,26 @@ class FastInferenceMixin:
                 if isinstance(component, nn.Module) and fp8_copies_stale(component):
                     quantize_linears_fp8_(component, True)
                     self._invalidate_graphs()  # (the graphs hold the old copies' memory)
+
+    def _follow_moved_weights(self) -> None:
+        """A component moved by its own ``.to()`` / ``.cuda()`` since the fast path was set (the pipeline's ``.to``
+        does this itself): the graphs read the old storage, so they are dropped (recaptured on this call). A component
+        cast behind the fast path's back is refused, as ``pipe.to(dtype)`` is: the float8 copies became plain floats
+        and the kept float32 modules were cast too."""
+        for name, component in self.components.items():
+            if not isinstance(component, nn.Module):
+                continue
+            change = changed_weights(component)
+            if isinstance(change, tuple):
+                raise ValueError(
+                    f"`{name}`: its weights were cast from {change[0]} to {change[1]} after enable_fast_inference(), "
+                    "which holds the components in the dtypes it set (as `pipe.to(dtype)` is refused on the fast "
+                    "path); call enable_fast_inference(dtype=...) again to recast every component, or "
+                    "disable_fast_inference() before casting."
+                )
+            if change:
+                self._invalidate_graphs()
+                watch_weights_(component)
 
     def disable_fast_inference(self):
         """Back to the eager path without CUDA graphs (captured graphs are freed), the fused FFN GELU, the separable
