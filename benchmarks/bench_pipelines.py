@@ -15,6 +15,7 @@ TFLOP/s (analytic transformer FLOPs + the measured decoder FLOPs). Models and th
                       a VAR-d16 refiner for the rest; VAR's sampling settings plus CoDe's per-scale temperature
                       ([1.1] * 7 + [1.0] * 3, as infer_CoDe.py); batches 1, 64. Compare with var-d30 run in its own
                       process (one model per process)
+  star-d16            STAR's released 256 px model (depth 16, width 1024, 10 scales, keys/star/star-256-d16.json)
   star-d30            STAR's released 1024 px model (depth 30, width 1920, 14 scales, CLIP-H text width 1024,
                       77 text tokens, row-0 cross-attention as released), cfg 4, top-k 600, top-p 0.8; batch 1
   infinity-2b         Infinity-2B at 1024 x 1024 (13 scales, T5-XL text width 2048, 32-bit BSQ VAE d32),
@@ -121,6 +122,7 @@ MODELS = {  # name: (depth, patch_nums); width 64 * depth and depth heads, as ev
 
 
 PATCH_NUMS_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)  # STAR 1024 px (convert_star / keys/star)
+PATCH_NUMS_STAR_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # STAR 256 px (keys/star/star-256-d16.json)
 TINY_PATCH_NUMS = (1, 2, 3, 4)
 TINY_VQVAE = dict(ch=32, ch_mult=(1, 1), num_res_blocks=1, vocab_size=64, z_channels=8, patch_nums=TINY_PATCH_NUMS)
 
@@ -409,6 +411,17 @@ def build_star(name: str, device) -> STARPipeline:
             patch_nums=TINY_PATCH_NUMS,
             text_embed_dim=32,
             num_legacy_classes=0,
+            cross_attention_row0_quirk=True,
+        )
+    elif name == "star-d16":  # keys/star/star-256-d16.json: 256 px, 10 scales
+        vqvae = MultiScaleVQModel(patch_nums=PATCH_NUMS_STAR_256)
+        transformer = STARTransformer2DModel(
+            depth=16,
+            embed_dim=1024,
+            num_heads=16,
+            patch_nums=PATCH_NUMS_STAR_256,
+            text_embed_dim=1024,
+            num_legacy_classes=1000,
             cross_attention_row0_quirk=True,
         )
     else:  # star-d30: keys/star/star-1024-d30.json (VAR_kwargs), as convert_star builds it
@@ -710,7 +723,7 @@ DEFAULT_FP8_MIN_ROWS = fast_inference.FP8_MIN_ROWS
 KNOWN_MODELS = (
     tuple(MODELS)
     + tuple(CODE_MODELS)
-    + ("star-d30", "infinity-2b", "var-tiny", "code-tiny", "star-tiny", "infinity-tiny")
+    + ("star-d30", "star-d16", "infinity-2b", "var-tiny", "code-tiny", "star-tiny", "infinity-tiny")
 )
 
 

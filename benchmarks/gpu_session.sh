@@ -249,7 +249,7 @@ PY
     graph_sampling)  # issue 20: STAR / Infinity sampling inside the whole-scale CUDA graphs against eager sampling after
       # the graphed transformer step (as before session 32), one model per process (GRAPH_SAMPLING_MODELS)
       for model in ${GRAPH_SAMPLING_MODELS:-star-d30 infinity-2b}; do
-        batches=1; [ "$model" = infinity-2b ] && batches=1,4
+        batches=1; [ "$model" = infinity-2b ] && batches=1,4; [ "$model" = star-d16 ] && batches=1,64
         BENCH_TIMEOUT=${BENCH_TIMEOUT:-280} bench . "graph_sampling_$model" --models "$model" --batch-sizes "$batches" \
           --repeats 5 --modes fast-compile-all-static-tokens-fp8-eagersampling,fast-compile-all-static-tokens-fp8
       done ;;
