@@ -1858,6 +1858,45 @@ def test_fast_path_of_a_pipeline_without_a_component_names_it(missing):
             pipe.enable_fast_inference(**kwargs)
 
 
+def test_components_a_fast_pipeline_holds_are_not_hooked_or_cast_through_a_sibling(caplog):
+    """A pipeline sharing components with a fast one (``from_pipe`` with its own transformer) cannot offload or cast
+    them under the fast pipeline's graphs and kernels, and an eager sibling made before the fast path came on is told
+    once that its images are no longer the eager path's."""
+    fast = tiny_var()
+    sibling = VARPipeline.from_pipe(fast, transformer=tiny_var().transformer)
+    fast.enable_fast_inference()
+    for change in (
+        lambda: sibling.enable_model_cpu_offload(device="cpu"),
+        lambda: sibling.enable_sequential_cpu_offload(device="cuda"),
+        lambda: sibling.to(torch.float32),
+    ):
+        with pytest.raises(ValueError, match="`vqvae` of this pipeline is shared with a pipeline that runs the fast"):
+            change()
+    assert not hasattr(fast.vqvae, "_hf_hook") and fast.vqvae.decoder.conv_in.weight.dtype == torch.bfloat16
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            for _ in range(2):
+                sibling(class_labels=[1], generator=torch.Generator().manual_seed(0), output_type="latent")
+    finally:
+        diffusers_logging.disable_propagation()
+    assert caplog.text.count("shared with a pipeline that runs the fast path, which cast and fitted them") == 1
+    fast.disable_fast_inference()
+    sibling.to(torch.float32)  # free again
+
+
+def test_a_cast_of_a_part_of_a_component_behind_the_fast_path_is_refused():
+    """The fast path keeps VAR's quantizer in float32 and casts its decoder: a cast of the decoder alone (the first
+    and last weights of the VQ-VAE stay float32) is seen too."""
+    pipe = tiny_var().enable_fast_inference()
+    pipe(class_labels=[1], generator=torch.Generator().manual_seed(0), output_type="latent")
+    pipe.vqvae.to(torch.float32)
+    with pytest.raises(ValueError, match=r"`vqvae`: its weights were cast from torch.bfloat16 to torch.float32"):
+        pipe(class_labels=[1], generator=torch.Generator().manual_seed(0), output_type="latent")
+
+
 def test_from_pipe_with_a_new_transformer_says_the_shared_decoder_was_cast(caplog):
     """A pipeline made with from_pipe and a fresh transformer reports the fast path off, but shares the decoder the
     first pipeline's fast path cast to bf16: its images carry that rounding, and a warning now says so (not when it

@@ -328,7 +328,19 @@ COMMON_BAD_INPUTS = [
     ),
     (
         {"callback_on_step_end": lambda pipe, i, hw, tensors: {"latents": tensors["latents"].to(torch.complex64)}},
-        "callback_on_step_end` returned `latents` of complex dtype",
+        "callback_on_step_end` returned `latents` of dtype torch.complex64",
+    ),
+    (  # a mask handed back as the latent was turned into 0. / 1. without a word
+        {"callback_on_step_end": lambda pipe, i, hw, tensors: {"latents": tensors["latents"] > 0}},
+        "callback_on_step_end` returned `latents` of dtype torch.bool; it must be a floating-point tensor",
+    ),
+    (
+        {"callback_on_step_end": lambda pipe, i, hw, tensors: {"latents": tensors["latents"].long()}},
+        "callback_on_step_end` returned `latents` of dtype torch.int64",
+    ),
+    (  # torch failed deep in the finite check
+        {"callback_on_step_end": lambda pipe, i, hw, tensors: {"latents": tensors["latents"].to("meta")}},
+        "callback_on_step_end` returned `latents` on the meta device",
     ),
     ({"callback_on_step_end": "print"}, "callback_on_step_end"),
     ({"return_dict": "yes"}, "return_dict"),
@@ -609,6 +621,38 @@ def test_a_call_from_inside_its_own_callback_is_refused(case):
         run(case, guidance_scale=4.0), run(case, guidance_scale=4.0, callback_on_step_end=preview(other))
     )
     assert len(nested) == 1 and pipe.guidance_scale == 4.0 and not pipe.interrupt
+
+
+def test_a_callback_cannot_change_the_running_models_or_steer_through_what_it_reads(case):
+    """Casting, moving, offloading or switching the fast path from a callback changed the models under the running
+    generation (torch failed deep in a matmul); the next scale's input handed to a callback is a copy, so editing it
+    changes nothing (only ``latents`` steers)."""
+    pipe = pipeline(case)
+    for method, change in (
+        ("to", lambda p: p.to(torch.bfloat16)),
+        ("to", lambda p: p.to("cpu")),
+        ("enable_fast_inference", lambda p: p.enable_fast_inference()),
+        ("disable_fast_inference", lambda p: p.disable_fast_inference()),
+        ("enable_model_cpu_offload", lambda p: p.enable_model_cpu_offload(device="cpu")),
+    ):
+
+        def callback(p, si, hw, t, change=change):
+            if si == 1:
+                change(p)
+            return {}
+
+        with pytest.raises(RuntimeError, match=rf"`{method}\(\)` was called from inside a `callback_on_step_end`"):
+            run(case, callback_on_step_end=callback)
+    assert pipe.transformer.dtype == torch.float32 and not pipe._fast_inference
+
+    def zero_the_next_input(p, si, hw, t):
+        if t["next_scale_input"] is not None:
+            t["next_scale_input"].mul_(0)
+
+    assert torch.equal(
+        run(case, callback_on_step_end=zero_the_next_input, callback_on_step_end_tensor_inputs=["next_scale_input"]),
+        run(case),
+    )
 
 
 # -- offloading -------------------------------------------------------------------------------------------------

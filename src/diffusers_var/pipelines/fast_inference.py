@@ -1216,15 +1216,19 @@ WATCHED_WEIGHTS_ATTRIBUTE = "_diffusers_var_watched_weights"
 
 
 def watch_weights_(module: nn.Module, enabled: bool = True) -> None:
-    """Record where (storage) and in which dtype the fast path leaves ``module``'s first and last weights: a ``.to()``,
-    ``.cuda()`` or ``.half()`` on the component itself (not through the pipeline) replaces every weight's storage,
-    which :func:`changed_weights` sees at the next call. Two weights, so the check costs nothing per call."""
+    """Record where (storage) and in which dtype the fast path leaves the first and last weights of ``module`` and of
+    each of its direct children: a ``.to()``, ``.cuda()`` or ``.half()`` on the component or a part of it (not through
+    the pipeline) replaces those weights' storage, which :func:`changed_weights` sees at the next call. A few weights,
+    so the check costs nothing per call."""
     module.__dict__.pop(WATCHED_WEIGHTS_ATTRIBUTE, None)
-    named = list(module.named_parameters()) if enabled else []
+    picked = {}
+    for part in (module, *module.children()) if enabled else ():  # each part: the fast path casts some, not others
+        named = list(part.named_parameters())
+        picked.update({id(weight): (part, name, weight) for name, weight in named[:1] + named[-1:]})
     watched = []
-    for name, weight in dict(named[:1] + named[-1:]).items():
+    for part, name, weight in picked.values():
         owner, _, leaf = name.rpartition(".")
-        watched.append((module.get_submodule(owner), leaf, weight.data_ptr(), weight.dtype))
+        watched.append((part.get_submodule(owner), leaf, weight.data_ptr(), weight.dtype))
     if watched:
         module.__dict__[WATCHED_WEIGHTS_ATTRIBUTE] = watched
 
@@ -1324,6 +1328,7 @@ class FastInferenceMixin:
         """:func:`check_fast_inference_args`, the components (a pipeline built with ``None`` for one is refused as
         its call refuses it), then, for ``fp8=True``, the transformer's widths: a model that float8 cannot take is
         refused before anything is cast or compiled."""
+        self._refuse_during_callback("enable_fast_inference")
         check_fast_inference_args(dtype, **flags)
         self._check_required_components()
         if flags.get("fp8"):
@@ -1414,6 +1419,9 @@ class FastInferenceMixin:
                     quantize_linears_fp8_(component, True)
                     self._invalidate_graphs()  # (the graphs hold the old copies' memory)
 
+    def _refuse_during_callback(self, method: str) -> None:
+        """Refuse ``method`` from inside a running generation's callback (the pipelines' base class checks)."""
+
     def _follow_moved_weights(self) -> None:
         """A component moved by its own ``.to()`` / ``.cuda()`` since the fast path was set (the pipeline's ``.to``
         does this itself): the graphs read the old storage, so they are dropped (recaptured on this call). A component
@@ -1439,6 +1447,7 @@ class FastInferenceMixin:
         upsampling or the float8 weights. The weights keep their current dtype, and a decoder or blocks compiled by
         ``compile_decoder`` / ``compile_blocks`` stay compiled (same results, compiled code): reload the pipeline for
         the plain float32 modules."""
+        self._refuse_during_callback("disable_fast_inference")
         return self._set_fast_inference(False)
 
     def _fast_top_p(self, device: torch.device) -> bool:

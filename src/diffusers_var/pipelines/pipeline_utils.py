@@ -56,6 +56,7 @@ from ..file_utils import (
     write_text_atomic,
 )
 from ..models.loading import (
+    FAST_PATH_ATTRIBUTE,
     PUSH_KWARGS,
     check_dtype_argument,
     check_save_arguments,
@@ -344,10 +345,41 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         return [other for other in _PIPELINE_CLASSES.values() if other._family == cls._family]
 
     def _refuse_offload_on_fast_path(self, method: str) -> None:
+        self._refuse_during_callback(method)
         if self._fast_inference:
             raise ValueError(
                 f"`{method}()`: this pipeline runs the fast path (enable_fast_inference), whose CUDA graphs and "
                 "fitted modules cannot follow weights that move at every call; call disable_fast_inference() first."
+            )
+        self._refuse_on_components_held_fast(method)
+
+    def _components_held_fast(self) -> list[str]:
+        """The components that a pipeline's fast path holds (this one's, or another's sharing them: ``from_pipe``)."""
+        return [
+            name
+            for name, module in self.components.items()
+            if isinstance(module, torch.nn.Module) and getattr(module, FAST_PATH_ATTRIBUTE, False)
+        ]
+
+    def _refuse_on_components_held_fast(self, method: str) -> None:
+        held = self._components_held_fast()
+        if held:  # its hooks or casts would move the weights under the other pipeline's graphs and fitted kernels
+            raise ValueError(
+                f"`{method}`: {', '.join(f'`{name}`' for name in held)} of this pipeline "
+                f"{'is' if len(held) == 1 else 'are'} shared with a pipeline that runs the fast path "
+                "(enable_fast_inference); call disable_fast_inference() on that pipeline first, or build this one "
+                "from its own components."
+            )
+
+    def _refuse_during_callback(self, method: str) -> None:
+        """``method`` changes the models (their dtype, device, hooks or fast path) under a running generation when
+        called from its ``callback_on_step_end``: its KV cache and graphs keep the old ones, and torch failed deep
+        in a matmul."""
+        running = _MODELS_IN_CALLBACK.get()
+        if any(id(module) in running for module in self._call_state_models().values()):
+            raise RuntimeError(
+                f"`{method}()` was called from inside a `callback_on_step_end` of a running generation of these "
+                "models; call it after the generation returns."
             )
 
     def _check_offload_device(self, method: str, device, sequential: bool = False) -> None:
@@ -443,6 +475,15 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
                 f"the same {', '.join(shared)}: the models hold the running call's state. Generate after that call "
                 "returns, or with a pipeline of other model instances."
             )
+        held = self._components_held_fast() if not self._fast_inference else []
+        if held and not self.__dict__.get("_warned_held_fast"):  # said once per pipeline
+            logger.warning(
+                f"{type(self).__name__}: {', '.join(f'`{name}`' for name in held)} of this pipeline "
+                f"{'is' if len(held) == 1 else 'are'} shared with a pipeline that runs the fast path, which cast and "
+                "fitted them: this pipeline's images are not its eager path's. Call enable_fast_inference() here "
+                "too, or build it from its own components for the eager path."
+            )
+            self.__dict__["_warned_held_fast"] = True
         # a per-scale list is copied: a callback editing `pipe._guidance_scale` in place edited the caller's list
         guidance_scale = list(guidance_scale) if isinstance(guidance_scale, list) else guidance_scale
         self._guidance_scale, self._num_timesteps, self._interrupt = guidance_scale, num_scales, False
@@ -512,6 +553,9 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
             alias for alias, unified in self._callback_aliases.items() if unified == "latents"
         ]
         handed = {name: tensors[name] for name in names}
+        for name in names:  # the live buffer of the next scale's input: an in-place edit steered the generation
+            if self._callback_aliases.get(name, name) == "next_scale_input" and tensors[name] is not None:
+                handed[name] = tensors[name].clone()
         snapshot = None
         if any(name in latent_names for name in names) and tensors["latents"] is not None:
             snapshot = tensors["latents"].clone()
@@ -557,8 +601,15 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
             name, new = next(name for name in names if name in latent_names), snapshot  # edited in place
         if new is None:
             return None
-        if torch.is_tensor(new) and new.is_complex():  # float32 below would drop the imaginary part
-            raise ValueError(f"`callback_on_step_end` returned `{name}` of complex dtype {new.dtype}.")
+        if torch.is_tensor(new) and not new.is_floating_point():  # bool / integer / complex: silently converted
+            raise ValueError(
+                f"`callback_on_step_end` returned `{name}` of dtype {new.dtype}; it must be a floating-point tensor."
+            )
+        if torch.is_tensor(new) and new.is_meta:
+            raise ValueError(
+                f"`callback_on_step_end` returned `{name}` on the meta device (a shape without values); return a "
+                "tensor with data."
+            )
         if not torch.is_tensor(new) or tuple(new.shape) != tuple(tensors["latents"].shape):
             raise ValueError(
                 f"`callback_on_step_end` returned `{name}` of shape "
@@ -821,7 +872,10 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         ]
         for dtype in dtypes:
             check_dtype_argument(dtype, per_component=False)
+        self._refuse_during_callback("to")
         casts = bool(dtypes)
+        if casts and not self._fast_inference:
+            self._refuse_on_components_held_fast("dtype")
         if casts and self._fast_inference:
             # the fast path holds the modules in its dtype, with float8 copies beside some weights (a cast would
             # turn them into plain floats under the matmuls that read them) and kernels fitted to both
