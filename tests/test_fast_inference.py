@@ -1501,6 +1501,12 @@ def test_use_compile_cache_picks_a_lasting_folder(tmp_path, monkeypatch):
         use_compile_cache(tmp_path / "a_file")
     with pytest.raises(ValueError, match="`directory` .* cannot be made"):  # a file where a parent should be
         use_compile_cache(tmp_path / "a_file" / "cache")
+    with monkeypatch.context() as patched:  # a read-only or virtual file system (root ignores permission bits)
+        patched.setattr(
+            Path, "mkdir", lambda self, *a, **k: (_ for _ in ()).throw(PermissionError(1, "Operation not permitted"))
+        )
+        with pytest.raises(ValueError, match="`directory` .* cannot be made: Operation not permitted"):
+            use_compile_cache(tmp_path / "elsewhere")  # a raw PermissionError before
     with pytest.raises(ValueError, match="`directory` must be a folder path"):
         use_compile_cache(123)
     assert (tmp_path / "a_file").read_text() == "x"

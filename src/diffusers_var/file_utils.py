@@ -224,12 +224,13 @@ def _clean_stale_staging(folder: Path, prefix: str) -> None:
 
 
 def make_folder(path: Path, name: str) -> None:
-    """``path`` and its missing parents (``mkdir -p``); a file where a folder should be is a ValueError naming the
-    parameter ``name``."""
+    """``path`` and its missing parents (``mkdir -p``); a folder that cannot be made (a file in the way, no permission,
+    a read-only or virtual file system) is a ValueError naming the parameter ``name``."""
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as err:
-        raise ValueError(f"`{name}` {str(path)!r} cannot be made: {err.strerror} ({err.filename}).") from None
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ValueError(f"`{name}` {str(path)!r} cannot be made: {reason} ({err.filename or path}).") from None
 
 
 def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
