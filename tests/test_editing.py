@@ -464,8 +464,10 @@ def test_pixel_masks_become_latent_grid_masks(family):
         PIL.Image.fromarray((pixels > 0).astype(np.uint8)),
     ):
         assert torch.equal(run(inpaint, family, image=image, mask_image=mask), reference), type(mask)
+    with pytest.raises(ValueError, match=r"`mask_image` of integers \(int64\) must hold 0 / 1"):  # numpy's name
+        run(inpaint, family, image=image, mask_image=(pixels > 0).astype(np.int64) * 2)
     with pytest.raises(ValueError, match=r"`mask_image` of integers \(torch.int64\) must hold 0 / 1"):
-        run(inpaint, family, image=image, mask_image=(pixels > 0).astype(int) * 2)
+        run(inpaint, family, image=image, mask_image=torch.from_numpy(pixels > 0).long() * 2)
     with pytest.raises(ValueError, match=r"`image` must hold floats in \[0, 1\] or uint8 values, got numpy int64"):
         run(inpaint, family, image=np.zeros((height, width, 3), dtype=np.int64), mask_image=expected)
 

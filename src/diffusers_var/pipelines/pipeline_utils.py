@@ -1249,7 +1249,8 @@ def mask_to_tensor(mask_image, name: str = "mask_image", sizes=()) -> torch.Tens
             elif values.dtype != torch.bool and not values.is_floating_point():  # 0 / 1 masks (np.zeros(..., int))
                 if bool(((values != 0) & (values != 1)).any()):
                     raise ValueError(
-                        f"`{name}` of integers ({values.dtype}) must hold 0 / 1 (1 = generate), or be bool, uint8 "
+                        f"`{name}` of integers ({item.dtype if isinstance(item, np.ndarray) else values.dtype}) must "
+                        "hold 0 / 1 (1 = generate), or be bool, uint8 "
                         "or float in [0, 1]."
                     )
             values = values.float()
