@@ -1549,3 +1549,40 @@ def test_the_main_process_syncs_only_checkpoint_files(tmp_path, monkeypatch):
     )
     assert checkpoint.is_training_checkpoint(folder)
     assert {"model.safetensors", "optimizer.safetensors", "trainer_state.json"} <= set(synced)
+
+
+def test_var_counts_the_classes_of_every_hf_row_without_decoding_images(monkeypatch, tmp_path):
+    """The class count came from the first 2,000 rows, decoded: a dataset sorted by label (2,000 rows of class 0,
+    then class 1) trained one class and stopped at the first batch of class 1."""
+    import types
+
+    from diffusers_var.training.data import HFDataset, RepeatedDataset
+    from diffusers_var.training.tasks import VARTask
+
+    class Rows:
+        column_names = ["image", "label"]
+
+        def __init__(self, labels, features=None):
+            self.labels, self.features = labels, features
+
+        def __len__(self):
+            return len(self.labels)
+
+        def __getitem__(self, key):
+            if key == "label":
+                return list(self.labels)
+            raise AssertionError("an image was decoded")
+
+    fake = types.ModuleType("datasets")
+    fake.Image = type("Image", (), {})
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    shapes = types.SimpleNamespace(data={"type": "hf"})
+    for labels, features, expected in (
+        ([0] * 2000 + [1] * 3, None, 2),
+        ([0, 2, 1], {"label": types.SimpleNamespace(num_classes=5)}, 5),  # a ClassLabel: classes no row has count
+    ):
+        fake.load_from_disk = lambda path, labels=labels, features=features: Rows(labels, features)
+        dataset = HFDataset(str(tmp_path), 8, label_column="label")
+        for wrapped in (dataset, RepeatedDataset(dataset, 2)):
+            task = types.SimpleNamespace(dataset=wrapped, config=shapes)
+            assert VARTask._classes(task) == (expected, None)

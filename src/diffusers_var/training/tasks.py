@@ -26,7 +26,7 @@ from ..models.star_transformer import STARTransformer2DModel
 from ..models.var_transformer import VARTransformer2DModel
 from ..scalars import is_number
 from . import lora
-from .data import build_dataset, collate
+from .data import HFDataset, build_dataset, collate
 from .text_encoders import load_text_encoder, text_hidden_size
 
 
@@ -660,7 +660,21 @@ class VARTask(_PipelineTask):
             from .. import shapes
 
             return shapes.NUM_CLASSES, shapes.id2label()
-        labels = {int(dataset[i]["class_labels"]) for i in range(min(len(dataset), 2000))}
+        inner = dataset  # under the token cache / repeats: the HF dataset, whose labels were read up front
+        while not isinstance(inner, HFDataset) and isinstance(
+            getattr(inner, "dataset", None), torch.utils.data.Dataset
+        ):
+            inner = inner.dataset
+        if isinstance(inner, HFDataset) and inner.labels is not None:
+            # every row's label, not a sample of the first rows (a dataset sorted by label had one class), and no
+            # image decoded; a ClassLabel column also counts the classes that no row has
+            count = int(inner.labels.max()) + 1 if len(inner.labels) else 1
+            feature = (getattr(inner.dataset, "features", None) or {}).get(inner.columns[1])
+            declared = getattr(feature, "num_classes", None)
+            if isinstance(declared, int) and not isinstance(declared, bool):
+                count = max(count, declared)
+            return count, None
+        labels = {int(dataset[i]["class_labels"]) for i in range(len(dataset))}
         return max(labels) + 1, None
 
     def loss(self, model, batch):
