@@ -1586,3 +1586,33 @@ def test_var_counts_the_classes_of_every_hf_row_without_decoding_images(monkeypa
         for wrapped in (dataset, RepeatedDataset(dataset, 2)):
             task = types.SimpleNamespace(dataset=wrapped, config=shapes)
             assert VARTask._classes(task) == (expected, None)
+
+
+def test_data_repeats_has_an_upper_bound(tmp_path, capsys):
+    """`data.repeats=1000000000` passed the checks; a traceback asked for 256 GB (the loader's shuffle)."""
+    from diffusers_var.cli import main
+    from diffusers_var.training.data import build_dataset
+
+    run = tmp_path / "run"
+    assert main(["train", "tokenizer", "data.repeats=1000000000", f"output_dir={run}"]) == 2
+    assert "`data.repeats` must be a whole number >= 1 and <= 1000000, got 1000000000" in capsys.readouterr().err
+    assert not run.exists()
+    with pytest.raises(ValueError, match=r"`data\.repeats` 1000000: the 1000 images repeated make 1000000000 items"):
+        build_dataset({"type": "shapes", "num_images": 1000, "repeats": 10**6}, 16)
+
+
+def test_tokenizer_sample_grids_of_fewer_than_eight_images(tmp_path):
+    """The reconstruction grid took images 0..7: a dataset of 4 stopped with an IndexError after step 1."""
+    config = base_config(
+        tmp_path,
+        task="tokenizer",
+        model=TOKENIZER_MODEL,
+        data={**DATA, "num_images": 4},
+        batch_size=4,
+        max_steps=1,
+        sample_every=1,
+        ema_decay=None,
+    )
+    train(TrainConfig(**config))
+    with PIL.Image.open(tmp_path / "samples" / "step-0000001.png") as grid:
+        assert grid.size == (4 * 16, 2 * 16)  # the 4 images over their 4 reconstructions

@@ -310,12 +310,13 @@ class _ReconstructionTask:
 
     @torch.no_grad()
     def save_samples(self, model, path: Path) -> None:
-        images = torch.stack([self.dataset[i]["pixel_values"] for i in range(8)]).to(model.device)
+        count = min(8, len(self.dataset))  # a dataset of fewer images shows them all
+        images = torch.stack([self.dataset[i]["pixel_values"] for i in range(count)]).to(model.device)
         was_training = model.training
         model.eval()
         recon = self.reconstruct(model, images)
         model.train(was_training)
-        _save_grid((torch.cat([images, recon]) + 1) / 2, path)
+        _save_grid((torch.cat([images, recon]) + 1) / 2, path, columns=count)  # the images over their reconstructions
 
     def export(self, model, output_dir: Path) -> None:
         atomic_save_pipeline(_AtomicFolder(model.eval()), output_dir, overwrite=True)
