@@ -279,6 +279,9 @@ def test_infinity_model_errors_name_their_key_before_output_dir_is_made(bitwise_
     for override, message in (
         ("model.pool_num_heads=3", "`model.embed_dim` (64) must be divisible by `model.pool_num_heads` (3)"),
         ("model.num_level_embeddings=3", "`model.num_level_embeddings` (3) must be at least the 7 scales"),
+        # a CLIP encoder failed at the first step (its 77 positions, the pipeline's 512 tokens), after output_dir
+        ("text_encoder_path=tiny-clip", "`text_encoder_path`: Infinity encodes captions of up to 512 tokens, but"),
+        ("bsc_num_scales=8", "`bsc_num_scales` must be in [0, 7]"),  # was clamped to the 7 scales without a word
     ):
         assert main([*common, override]) == 2
         lines = capsys.readouterr().err.strip().splitlines()

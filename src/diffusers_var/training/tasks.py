@@ -791,6 +791,20 @@ class STARTask(_PipelineTask):
         ).images
 
 
+def _check_infinity_text_encoder(text_encoder, key: str) -> None:
+    """Infinity's pipeline tokenises captions to 512 tokens (``PROMPT_MAX_TOKENS``, as the original): an encoder with
+    fewer positions (CLIP's 77) would fail at the first step, after the output folder is made."""
+    from ..pipelines.pipeline_infinity import PROMPT_MAX_TOKENS
+
+    positions = getattr(text_encoder.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions < PROMPT_MAX_TOKENS:
+        raise ValueError(
+            f"`{key}`: Infinity encodes captions of up to {PROMPT_MAX_TOKENS} tokens, but this "
+            f"{type(text_encoder).__name__} takes at most {positions}; use a T5 encoder (e.g. google/flan-t5-xl, or "
+            "tiny-t5)."
+        )
+
+
 class InfinityTask(_PipelineTask):
     """InfinityTransformer2DModel on a frozen BitwiseMultiScaleVAE and a frozen T5 encoder (flan-t5-xl in releases).
 
@@ -819,7 +833,13 @@ class InfinityTask(_PipelineTask):
         self.dataset = build_dataset(config.data, config.resolution, need_captions=True)
         self.vae = _frozen(_load_tokenizer(BitwiseMultiScaleVAE, config), device)
         self.schedule = bitwise_schedule(config.resolution, self.vae)
+        if config.bsc_num_scales is not None and config.bsc_num_scales > len(self.schedule):  # was clamped silently
+            raise ValueError(
+                f"`bsc_num_scales` must be in [0, {len(self.schedule)}] (the scales of the schedule of `resolution` "
+                f"{config.resolution}; null: all), got {config.bsc_num_scales}."
+            )
         self.text_encoder, self.text_tokenizer = load_text_encoder(lora.text_encoder_path(config), device)
+        _check_infinity_text_encoder(self.text_encoder, "text_encoder_path" if config.lora is None else "lora.base")
         self.trainable_text_encoder = lora.text_encoder_for_training(config, self.text_encoder)
         text_dim = text_hidden_size(self.text_encoder)
         model_args = dict(config.model)
