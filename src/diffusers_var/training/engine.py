@@ -222,6 +222,7 @@ class TrainConfig:
             )
         if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir):
             raise ValueError(f"`output_dir` must be a folder path, got {self.output_dir!r}.")
+        self._expand_home()
         for name in ("data", "model"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"`{name}` must be a mapping, got {getattr(self, name)!r}.")  # noqa: TRY004 - config errors are ValueErrors
@@ -309,6 +310,20 @@ class TrainConfig:
 
         check_model_section(self)
         self._check_paths()
+
+    def _expand_home(self) -> None:
+        """A leading ``~`` of a path key is the home folder, as the command line's path flags read it (a config
+        file's ``output_dir: ~/runs/x`` made a folder named ``~`` in the current one)."""
+
+        def expanded(value):
+            return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+        for name in ("output_dir", "tokenizer_path", "text_encoder_path"):
+            setattr(self, name, expanded(getattr(self, name)))
+        for section, key in (("data", "path"), ("model", "init_from"), ("lora", "base")):
+            values = getattr(self, section)
+            if isinstance(values, dict) and expanded(values.get(key)) != values.get(key):
+                setattr(self, section, {**values, key: expanded(values[key])})  # a copy: the caller's dict stays
 
     def _check_task_keys(self) -> None:
         """A key that the task does not read, set to other than its default, is an error naming the key and the
