@@ -1616,3 +1616,21 @@ def test_tokenizer_sample_grids_of_fewer_than_eight_images(tmp_path):
     train(TrainConfig(**config))
     with PIL.Image.open(tmp_path / "samples" / "step-0000001.png") as grid:
         assert grid.size == (4 * 16, 2 * 16)  # the 4 images over their 4 reconstructions
+
+
+def test_a_fresh_start_refuses_to_move_a_model_folder_the_config_reads(tmp_path):
+    """`resume=never` with output_dir=tokrun and tokenizer_path=tokrun/final moved the tokenizer to previous-runs/
+    (and a fresh start without a checkpoint moves final/ too)."""
+    torch.manual_seed(0)
+    MultiScaleVQModel(**TOKENIZER_MODEL).save_pretrained(tmp_path / "final")
+    config = base_config(
+        tmp_path,
+        task="var",
+        tokenizer_path=str(tmp_path / "final"),
+        model={"depth": 2, "embed_dim": 64, "num_heads": 2},
+        max_steps=1,
+    )
+    for resume in ("never", "auto"):
+        with pytest.raises(ValueError, match=r"`tokenizer_path` '.*final' is inside .*would move to .*previous-runs"):
+            train(TrainConfig(**config, resume=resume))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # nothing moved or made

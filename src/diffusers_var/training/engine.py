@@ -784,6 +784,31 @@ def _move_previous_run(output_dir: Path, names=RUN_FILES) -> Path | None:
     return target
 
 
+def _check_inputs_stay(config: TrainConfig, output_dir: Path) -> None:
+    """A fresh start moves an earlier run's files aside (:func:`_move_previous_run`): a model folder the config reads
+    inside one of them (``output_dir=tokrun`` with ``tokenizer_path=tokrun/final``) would go to previous-runs/, and
+    the config would name nothing from then on. A ``ValueError`` naming the key, before anything is moved."""
+    names = RUN_FILES if config.resume == "never" else FRESH_START_FILES
+    moved = [(output_dir / name).resolve() for name in names if (output_dir / name).exists()]
+    lora_base = config.lora.get("base") if isinstance(config.lora, dict) else None
+    for key, value in (
+        ("tokenizer_path", config.tokenizer_path),
+        ("text_encoder_path", config.text_encoder_path),
+        ("lora.base", lora_base),
+        ("model.init_from", config.model.get("init_from")),
+    ):
+        if not isinstance(value, str) or value in TINY_TEXT_ENCODERS or not os.path.exists(value):
+            continue
+        path = Path(value).resolve()
+        inside = next((target for target in moved if path.is_relative_to(target)), None)
+        if inside is not None:
+            raise ValueError(
+                f"`{key}` {value!r} is inside {str(inside)!r}, which this fresh start (resume={config.resume}) would "
+                f"move to {str(output_dir / 'previous-runs')!r} with the earlier run's files; use another output_dir "
+                f"(or copy the model out of it first)."
+            )
+
+
 def _forget_other_precision(mixed_precision: str, world_size: int) -> None:
     """A second ``train()`` in one process (a notebook) with another ``mixed_precision``: accelerate keeps the first
     run's for the whole process and refuses any other. A lone process starts accelerate's state afresh instead;
@@ -1004,6 +1029,9 @@ def _train(config: TrainConfig, lock: _RunLock) -> Path:
         if checkpoint_dir.exists() and not checkpoint_dir.is_dir():  # (resume=never moves it aside with the run)
             raise ValueError(f"`output_dir`: {str(checkpoint_dir)!r} is a file, not the run's checkpoints folder.")
         _check_checkpoint_paths_free(config, checkpoint_dir, resume_step)
+
+    if resume_from is None:
+        _check_inputs_stay(config, output_dir)
 
     # the data and the model: their checks fail here, before the output folder is touched
     task = build_task(config, accelerator.device)
