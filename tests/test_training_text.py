@@ -121,6 +121,36 @@ def test_star_training_reduces_loss_and_exports(vq_dir, tmp_path):
     assert images.shape == (2, 16, 16, 3)
 
 
+def test_star_training_warns_of_long_captions_once_per_run(vq_dir, tmp_path, capfd):
+    """The pipeline's truncation warning ("`prompt[0]`, `prompt[1]` ... longer than the text encoder's 77 tokens")
+    was logged at every step, naming rows of the batch as prompts."""
+    import warnings
+
+    import PIL.Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        PIL.Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"caption {i} " + "a red circle on a blue background " * 4)
+    config = base_config(
+        tmp_path / "run",
+        task="star",
+        tokenizer_path=str(vq_dir),
+        text_encoder_path="tiny-clip",
+        data={"type": "imagefolder", "path": str(images)},
+        batch_size=2,
+        max_steps=3,
+        model={"depth": 1, "embed_dim": 32, "num_heads": 2},
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(TrainConfig(**config))
+    truncation = [str(w.message) for w in caught if "truncated" in str(w.message)]
+    assert len(truncation) == 1 and "training captions longer than the text encoder's 77 tokens" in truncation[0]
+    assert "`prompt[" not in capfd.readouterr().err
+
+
 def test_infinity_training_reduces_loss_and_exports(bitwise_vae_dir, tmp_path):
     config = base_config(
         tmp_path,

@@ -765,12 +765,34 @@ class STARTask(_PipelineTask):
     def encode_text(self, texts: list[str]):
         """The pipeline's ``encode_text`` (frozen text encoder), or the same computation with gradients through the
         trained text encoder (``lora.train_text_encoder``; called through its accelerate wrapper)."""
+        self._warn_truncated_captions(texts)
         if self.trainable_text_encoder is None:
-            return self.text_pipe.encode_text(texts, self.device)
-        input_ids, attention_mask = self.text_pipe._tokenize(list(texts), self.text_pipe.text_max_length, self.device)
+            return self.text_pipe.encode_text(texts, self.device, warn_truncation=False)
+        input_ids, attention_mask = self.text_pipe._tokenize(
+            list(texts), self.text_pipe.text_max_length, self.device, warn=False
+        )
         output = self.trainable_text_encoder(input_ids=input_ids, attention_mask=attention_mask)
         hidden = output.last_hidden_state
         return hidden, attention_mask, hidden.mean(dim=1) if self.text_pipe._is_t5 else output.pooler_output
+
+    def _warn_truncated_captions(self, texts: list[str]) -> None:
+        """Once per run, not at every step (the pipeline's warning named the batch's rows as ``prompt[i]``): training
+        captions longer than the text encoder takes are truncated. Looked for only until the first one is found."""
+        if getattr(self, "_truncation_warned", False):
+            return
+        from ..pipelines.pipeline_star import t5_embedder_captions
+
+        pipe = self.text_pipe
+        captions = t5_embedder_captions(list(texts)) if pipe._is_t5 else list(texts)
+        cut = pipe._truncated(captions, pipe.text_max_length)
+        if cut:
+            self._truncation_warned = True
+            warnings.warn(
+                f"training captions longer than the text encoder's {pipe.text_max_length} tokens are truncated (as "
+                f"the original does), e.g. {texts[cut[0]][:60]!r}; warned once per run.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def pipeline(self, model):
         from ..pipelines.pipeline_star import STARPipeline
