@@ -1634,3 +1634,28 @@ def test_a_fresh_start_refuses_to_move_a_model_folder_the_config_reads(tmp_path)
         with pytest.raises(ValueError, match=r"`tokenizer_path` '.*final' is inside .*would move to .*previous-runs"):
             train(TrainConfig(**config, resume=resume))
         assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # nothing moved or made
+
+
+def test_ddp_trains_a_tokenizer_with_an_unused_phi_layer(tmp_path):
+    """patch_nums [1, 2, 4] with 4 shared Phi convs leaves one unused: DDP stopped at the second step ("Expected to
+    have finished reduction in the prior iteration"). Two CPU processes over gloo."""
+    from diffusers_var.training.tasks import has_unused_parameters
+
+    config = base_config(tmp_path / "run", task="tokenizer", model=TOKENIZER_MODEL, max_steps=3, ema_decay=None)
+    assert has_unused_parameters(TrainConfig(**config))
+    assert not has_unused_parameters(TrainConfig(**{**config, "model": {**TOKENIZER_MODEL, "share_quant_resi": 3}}))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("DIFFUSERS_VAR_FAULT_INJECT", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        + ["-m", "diffusers_var.training", "tokenizer", "--config", str(tmp_path / "config.json")],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "on 2 process(es)" in output and (tmp_path / "run" / "final" / "config.json").is_file()

@@ -953,11 +953,17 @@ def train(config: TrainConfig) -> Path:
 
 def _train(config: TrainConfig, lock: _RunLock) -> Path:
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
+    from accelerate.utils import (
+        DataLoaderConfiguration,
+        DistributedDataParallelKwargs,
+        DistributedType,
+        ProjectConfiguration,
+        set_seed,
+    )
 
     from ..conversion.common import ConversionError, check_output_dir, clean_stale_staging
     from . import lora
-    from .tasks import build_task
+    from .tasks import build_task, has_unused_parameters
 
     # also for a TrainConfig built in Python; like every check below, before anything in output_dir is changed
     config.validate()
@@ -994,6 +1000,10 @@ def _train(config: TrainConfig, lock: _RunLock) -> Path:
         # one scheduler step per optimizer step on any number of GPUs (accelerate's default steps it once per
         # process, which ran the warm-up + cosine schedule twice as fast under 2-GPU DDP)
         step_scheduler_with_optimizer=False,
+        # only then: DDP's search for unused parameters costs a pass over the graph at every step
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
+        if has_unused_parameters(config)
+        else None,
     )
     if accelerator.num_processes != world_size:  # never let independent runs share one output folder
         raise ValueError(

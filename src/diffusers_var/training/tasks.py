@@ -200,6 +200,25 @@ def check_model_section(config) -> dict:
     return config.model
 
 
+def has_unused_parameters(config) -> bool:
+    """Whether the model trained by ``config`` has parameters that no step uses: a tokenizer with more shared Phi convs
+    than its scales pick (``patch_nums`` [1, 2, 4] with ``share_quant_resi`` 4 leaves one unused). DDP must then look
+    for them at every step, or its second step fails waiting for their gradients."""
+    if config.task != "tokenizer":
+        return False
+    from ..models.multiscale_vq import phi_index
+
+    settings = {name: p.default for name, p in model_parameters(MultiScaleVQModel).items()} | config.model
+    try:
+        if abs(float(settings["quant_resi"])) <= 1e-6:  # no Phi convs at all
+            return False
+        scales, share = len(settings["patch_nums"]), int(settings["share_quant_resi"])
+        num_phi = share if share > 0 else scales
+        return len({phi_index(k, scales, num_phi) for k in range(scales)}) < num_phi
+    except (TypeError, ValueError, KeyError):  # a bad setting: the model's constructor names it
+        return False
+
+
 def _load_tokenizer(model_class, config):
     """The frozen image tokenizer of a transformer task: ``tokenizer_path``, or the ``lora.base`` pipeline's."""
     key = "tokenizer_path" if config.lora is None else "lora.base"
