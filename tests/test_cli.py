@@ -121,6 +121,49 @@ def test_path_flags_expand_the_home_folder(command, tmp_path, monkeypatch):
         assert value == ([str(tmp_path / flag[2:])] if flag == "--lora" else str(tmp_path / flag[2:])), flag
 
 
+def test_training_config_paths_expand_the_home_folder(tmp_path, monkeypatch):
+    """A config's `output_dir: ~/runs/x` (or `tokenizer_path`, `data.path`, ...) named a folder '~' in the current one,
+    which the run created."""
+    from diffusers_var.training import TrainConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("tok", "text", "images", "init"):
+        (tmp_path / name).mkdir()
+    model = {"depth": 2, "init_from": "~/init"}
+    config = TrainConfig.load(
+        None,
+        [
+            "task=star",
+            "output_dir=~/runs/x",
+            "tokenizer_path=~/tok",
+            "text_encoder_path=~/text",
+            "data.type=imagefolder",
+            "data.path=~/images",
+        ],
+    )
+    assert (config.output_dir, config.tokenizer_path, config.text_encoder_path, config.data["path"]) == (
+        str(tmp_path / "runs" / "x"),
+        str(tmp_path / "tok"),
+        str(tmp_path / "text"),
+        str(tmp_path / "images"),
+    )
+    var = TrainConfig(task="var", tokenizer_path="~/tok", model=model, output_dir="~/v")
+    var._expand_home()
+    assert var.model["init_from"] == str(tmp_path / "init") and model["init_from"] == "~/init"  # (a copy)
+
+
+def test_train_refuses_a_config_file_of_another_task(tmp_path, capsys):
+    """`train bitwise_tokenizer --config tokenizer.yaml` trained the command's task on the file's keys, failing with
+    an unknown-key error about the tokenizer's model settings."""
+    config = tmp_path / "tok.yaml"
+    config.write_text("task: tokenizer\nmodel: {ch: 32}\n")
+    run = tmp_path / "run"
+    assert main(["train", "bitwise_tokenizer", "--config", str(config), f"output_dir={run}"]) == 2
+    err = capsys.readouterr().err
+    assert "`task`: the command names 'bitwise_tokenizer', the `--config` file" in err and "`task: tokenizer`" in err
+    assert not run.exists()
+
+
 @pytest.mark.parametrize("argv, flag", BAD_ARGUMENTS, ids=[_case_id(argv) for argv, _ in BAD_ARGUMENTS])
 def test_bad_arguments_are_one_line_errors_naming_the_flag(argv, flag, tmp_path, capsys, monkeypatch):
     from diffusers_var import cli

@@ -453,7 +453,7 @@ def test_a_second_run_into_a_folder_being_written_is_refused(one_process, tmp_pa
 
 def test_a_replaced_model_or_a_damaged_image_is_named_on_resume(one_process, tmp_path, capsys):
     """run.json recorded the model's path only: a folder replaced between a kill and the restart mixed two models.
-    An image damaged after it was written is named by --save-npz, with the way to regenerate it."""
+    An image damaged after it was written is generated again (--save-npz named it, and said to delete it)."""
     model, out = tmp_path / "model", tmp_path / "run"
     shutil.copytree(VAR, model)
     shutil.copytree(one_process, out)
@@ -462,9 +462,8 @@ def test_a_replaced_model_or_a_damaged_image_is_named_on_resume(one_process, tmp
     run_file["settings"].update(model=str(model.resolve()), model_files=model_files_digest(model))
     (out / "run.json").write_text(json.dumps(run_file))
     (out / "images" / "000003.png").write_bytes((out / "images" / "000003.png").read_bytes()[:200])
-    assert main(["sample", "--out", str(out), *run]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "`--save-npz`: the image" in err and "000003.png" in err and "delete it and run the same" in err, err
+    assert main(["sample", "--out", str(out), *run]) == 0
+    assert _files(out) == _files(one_process)
     (out / "images" / "000003.png").unlink()
     assert main(["sample", "--out", str(out), *run]) == 0
     assert _files(out) == _files(one_process)
@@ -476,6 +475,18 @@ def test_a_replaced_model_or_a_damaged_image_is_named_on_resume(one_process, tmp
     (out / "images" / "000004.png").unlink()
     assert main(["sample", "--out", str(out), *run]) == 2
     assert "the model folder's files (another model" in capsys.readouterr().err
+
+
+def test_a_resume_without_npz_generates_damaged_images_again(one_process, tmp_path):
+    """Without --save-npz a cut-short PNG counted as done: the run finished with an image no reader could open."""
+    out = tmp_path / "run"
+    shutil.copytree(one_process, out)
+    run = [a for a in VAR_RUN if a != "--save-npz"]
+    for name, damage in (("000003.png", lambda b: b[:200]), ("000008.png", lambda b: b[: len(b) // 2])):
+        path = out / "images" / name
+        path.write_bytes(damage(path.read_bytes()))
+    assert main(["sample", "--out", str(out), *run]) == 0
+    assert _files(out) == _files(one_process)
 
 
 def test_the_model_digest_leaves_out_only_what_the_run_writes(tmp_path):

@@ -1549,3 +1549,113 @@ def test_the_main_process_syncs_only_checkpoint_files(tmp_path, monkeypatch):
     )
     assert checkpoint.is_training_checkpoint(folder)
     assert {"model.safetensors", "optimizer.safetensors", "trainer_state.json"} <= set(synced)
+
+
+def test_var_counts_the_classes_of_every_hf_row_without_decoding_images(monkeypatch, tmp_path):
+    """The class count came from the first 2,000 rows, decoded: a dataset sorted by label (2,000 rows of class 0,
+    then class 1) trained one class and stopped at the first batch of class 1."""
+    import types
+
+    from diffusers_var.training.data import HFDataset, RepeatedDataset
+    from diffusers_var.training.tasks import VARTask
+
+    class Rows:
+        column_names = ["image", "label"]
+
+        def __init__(self, labels, features=None):
+            self.labels, self.features = labels, features
+
+        def __len__(self):
+            return len(self.labels)
+
+        def __getitem__(self, key):
+            if key == "label":
+                return list(self.labels)
+            raise AssertionError("an image was decoded")
+
+    fake = types.ModuleType("datasets")
+    fake.Image = type("Image", (), {})
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    shapes = types.SimpleNamespace(data={"type": "hf"})
+    for labels, features, expected in (
+        ([0] * 2000 + [1] * 3, None, 2),
+        ([0, 2, 1], {"label": types.SimpleNamespace(num_classes=5)}, 5),  # a ClassLabel: classes no row has count
+    ):
+        fake.load_from_disk = lambda path, labels=labels, features=features: Rows(labels, features)
+        dataset = HFDataset(str(tmp_path), 8, label_column="label")
+        for wrapped in (dataset, RepeatedDataset(dataset, 2)):
+            task = types.SimpleNamespace(dataset=wrapped, config=shapes)
+            assert VARTask._classes(task) == (expected, None)
+
+
+def test_data_repeats_has_an_upper_bound(tmp_path, capsys):
+    """`data.repeats=1000000000` passed the checks; a traceback asked for 256 GB (the loader's shuffle)."""
+    from diffusers_var.cli import main
+    from diffusers_var.training.data import build_dataset
+
+    run = tmp_path / "run"
+    assert main(["train", "tokenizer", "data.repeats=1000000000", f"output_dir={run}"]) == 2
+    assert "`data.repeats` must be a whole number >= 1 and <= 1000000, got 1000000000" in capsys.readouterr().err
+    assert not run.exists()
+    with pytest.raises(ValueError, match=r"`data\.repeats` 1000000: the 1000 images repeated make 1000000000 items"):
+        build_dataset({"type": "shapes", "num_images": 1000, "repeats": 10**6}, 16)
+
+
+def test_tokenizer_sample_grids_of_fewer_than_eight_images(tmp_path):
+    """The reconstruction grid took images 0..7: a dataset of 4 stopped with an IndexError after step 1."""
+    config = base_config(
+        tmp_path,
+        task="tokenizer",
+        model=TOKENIZER_MODEL,
+        data={**DATA, "num_images": 4},
+        batch_size=4,
+        max_steps=1,
+        sample_every=1,
+        ema_decay=None,
+    )
+    train(TrainConfig(**config))
+    with PIL.Image.open(tmp_path / "samples" / "step-0000001.png") as grid:
+        assert grid.size == (4 * 16, 2 * 16)  # the 4 images over their 4 reconstructions
+
+
+def test_a_fresh_start_refuses_to_move_a_model_folder_the_config_reads(tmp_path):
+    """`resume=never` with output_dir=tokrun and tokenizer_path=tokrun/final moved the tokenizer to previous-runs/
+    (and a fresh start without a checkpoint moves final/ too)."""
+    torch.manual_seed(0)
+    MultiScaleVQModel(**TOKENIZER_MODEL).save_pretrained(tmp_path / "final")
+    config = base_config(
+        tmp_path,
+        task="var",
+        tokenizer_path=str(tmp_path / "final"),
+        model={"depth": 2, "embed_dim": 64, "num_heads": 2},
+        max_steps=1,
+    )
+    for resume in ("never", "auto"):
+        with pytest.raises(ValueError, match=r"`tokenizer_path` '.*final' is inside .*would move to .*previous-runs"):
+            train(TrainConfig(**config, resume=resume))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # nothing moved or made
+
+
+def test_ddp_trains_a_tokenizer_with_an_unused_phi_layer(tmp_path):
+    """patch_nums [1, 2, 4] with 4 shared Phi convs leaves one unused: DDP stopped at the second step ("Expected to
+    have finished reduction in the prior iteration"). Two CPU processes over gloo."""
+    from diffusers_var.training.tasks import has_unused_parameters
+
+    config = base_config(tmp_path / "run", task="tokenizer", model=TOKENIZER_MODEL, max_steps=3, ema_decay=None)
+    assert has_unused_parameters(TrainConfig(**config))
+    assert not has_unused_parameters(TrainConfig(**{**config, "model": {**TOKENIZER_MODEL, "share_quant_resi": 3}}))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("DIFFUSERS_VAR_FAULT_INJECT", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        + ["-m", "diffusers_var.training", "tokenizer", "--config", str(tmp_path / "config.json")],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "on 2 process(es)" in output and (tmp_path / "run" / "final" / "config.json").is_file()

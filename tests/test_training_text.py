@@ -121,6 +121,36 @@ def test_star_training_reduces_loss_and_exports(vq_dir, tmp_path):
     assert images.shape == (2, 16, 16, 3)
 
 
+def test_star_training_warns_of_long_captions_once_per_run(vq_dir, tmp_path, capfd):
+    """The pipeline's truncation warning ("`prompt[0]`, `prompt[1]` ... longer than the text encoder's 77 tokens")
+    was logged at every step, naming rows of the batch as prompts."""
+    import warnings
+
+    import PIL.Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        PIL.Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(images / f"{i}.png")
+        (images / f"{i}.txt").write_text(f"caption {i} " + "a red circle on a blue background " * 4)
+    config = base_config(
+        tmp_path / "run",
+        task="star",
+        tokenizer_path=str(vq_dir),
+        text_encoder_path="tiny-clip",
+        data={"type": "imagefolder", "path": str(images)},
+        batch_size=2,
+        max_steps=3,
+        model={"depth": 1, "embed_dim": 32, "num_heads": 2},
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(TrainConfig(**config))
+    truncation = [str(w.message) for w in caught if "truncated" in str(w.message)]
+    assert len(truncation) == 1 and "training captions longer than the text encoder's 77 tokens" in truncation[0]
+    assert "`prompt[" not in capfd.readouterr().err
+
+
 def test_infinity_training_reduces_loss_and_exports(bitwise_vae_dir, tmp_path):
     config = base_config(
         tmp_path,
@@ -279,6 +309,9 @@ def test_infinity_model_errors_name_their_key_before_output_dir_is_made(bitwise_
     for override, message in (
         ("model.pool_num_heads=3", "`model.embed_dim` (64) must be divisible by `model.pool_num_heads` (3)"),
         ("model.num_level_embeddings=3", "`model.num_level_embeddings` (3) must be at least the 7 scales"),
+        # a CLIP encoder failed at the first step (its 77 positions, the pipeline's 512 tokens), after output_dir
+        ("text_encoder_path=tiny-clip", "`text_encoder_path`: Infinity encodes captions of up to 512 tokens, but"),
+        ("bsc_num_scales=8", "`bsc_num_scales` must be in [0, 7]"),  # was clamped to the 7 scales without a word
     ):
         assert main([*common, override]) == 2
         lines = capsys.readouterr().err.strip().splitlines()

@@ -469,6 +469,18 @@ def _train(args) -> int:
     named = {item.split("=", 1)[1].strip() for item in args.overrides if item.split("=", 1)[0].strip() == "task"}
     if named - {args.task}:  # the later override would win over the TASK given first
         return print_error(f"`task`: the command names {args.task!r}, an override names {sorted(named)}; give one.")
+    if args.config is not None:  # the command's TASK replaced the file's without a word (its keys then unknown)
+        from .training.engine import _parse_config
+
+        try:
+            in_file = _parse_config(Path(args.config))
+        except (OSError, ValueError):
+            in_file = None  # TrainConfig.load names the file and the reason
+        if isinstance(in_file, dict) and "task" in in_file and in_file["task"] != args.task:
+            return print_error(
+                f"`task`: the command names {args.task!r}, the `--config` file {args.config!r} has "
+                f"`task: {in_file['task']}`; train {in_file['task']} with this file, or use a config for {args.task}."
+            )
     try:
         config = TrainConfig.load(args.config, [f"task={args.task}", *args.overrides])
         export = train(config)

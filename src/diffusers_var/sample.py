@@ -441,9 +441,28 @@ def write_npz(path: Path, arrays: dict[str, tuple[tuple[int, ...], np.dtype, Ite
     write_atomic(path, write)
 
 
-def completed_indices(images_dir: Path, total: int, width: int) -> set[int]:
+def completed_indices(images_dir: Path, total: int, width: int, verify: bool = True) -> set[int]:
+    """The indices whose images are in ``images_dir``. With ``verify``, an image there that does not read as a whole
+    PNG (cut short or damaged after it was written: its chunks and checksums, about 0.2 ms each) is not done: it is
+    generated again, with a warning naming it."""
     names = {entry.name for entry in os.scandir(images_dir)} if images_dir.is_dir() else set()
-    return {i for i in range(total) if f"{i:0{width}d}.png" in names}
+    done = {i for i in range(total) if f"{i:0{width}d}.png" in names}
+    if not verify:
+        return done
+    from PIL import Image
+
+    damaged = []
+    for i in sorted(done):
+        path = images_dir / f"{i:0{width}d}.png"
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception:  # noqa: BLE001 - whatever PIL raises, the file is no usable image of the run
+            damaged.append(i)
+    if damaged:
+        shown = ", ".join(f"{i:0{width}d}.png" for i in damaged[:5]) + (" ..." if len(damaged) > 5 else "")
+        logger.warning("%d unreadable image(s) in %s are generated again: %s", len(damaged), images_dir, shown)
+    return done - set(damaged)
 
 
 def _fault_injection(batches_done: int) -> None:
@@ -896,7 +915,7 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
             "startup": startup,
         }
         if processes.is_main:
-            missing = total - len(completed_indices(images_dir, total, width))
+            missing = total - len(completed_indices(images_dir, total, width, verify=False))  # (checked at the start)
             if missing:  # another process failed; its launcher reports why
                 raise RuntimeError(
                     f"{missing} images are missing in {images_dir}; run the same command again to finish."

@@ -150,9 +150,17 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
             return None
         return T5_MAX_LENGTH if self._is_t5 else self.tokenizer.model_max_length
 
-    def _tokenize(self, texts: list[str], max_length: int, device, names: list[str] | None = None):
+    def _truncated(self, texts: list[str], max_length: int) -> list[int]:
+        """The indices of ``texts`` (as tokenised: T5's captions already rewritten) longer than ``max_length``."""
+        # lengths from the attention mask: CLIP's tokenizers pad with their end token, which counting non-padding
+        # ids would miss
+        lengths = self.tokenizer(texts, padding="longest", return_tensors="pt").attention_mask.sum(-1)
+        return [i for i, length in enumerate(lengths.tolist()) if length > max_length]
+
+    def _tokenize(self, texts: list[str], max_length: int, device, names: list[str] | None = None, warn: bool = True):
         """Token ids and attention masks (B, max_length); ``names`` say which argument each text came from (the
-        truncation warning's words; default ``prompt[i]``)."""
+        truncation warning's words; default ``prompt[i]``); ``warn=False``: no truncation warning (training warns
+        once per run itself, see :meth:`STARTask.encode_text`)."""
         if self._is_t5:
             texts = t5_embedder_captions(texts)
         tokens = self.tokenizer(  # padded on the right, as the original (a left-padding tokenizer too)
@@ -163,10 +171,7 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
             return_tensors="pt",
             padding_side="right",
         )
-        # lengths from the attention mask: CLIP's tokenizers pad with their end token, which counting non-padding
-        # ids would miss
-        lengths = self.tokenizer(texts, padding="longest", return_tensors="pt").attention_mask.sum(-1)
-        cut = [i for i, length in enumerate(lengths.tolist()) if length > max_length]
+        cut = self._truncated(texts, max_length) if warn else []
         if cut:
             names = [f"prompt[{i}]" for i in range(len(texts))] if names is None else names
             logger.warning(
@@ -183,9 +188,11 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         device: torch.device | None = None,
         max_sequence_length: int | None = None,
         text_names: list[str] | None = None,
+        warn_truncation: bool = True,
     ):
         r"""One text encoder call on ``texts`` (training encodes captions with this, ``""`` for dropped ones);
-        ``text_names`` name each text in the truncation warning (default ``prompt[i]``).
+        ``text_names`` name each text in the truncation warning (default ``prompt[i]``); ``warn_truncation=False``
+        leaves the warning out (training warns once per run instead of at every step).
 
         Returns ``(hidden (B, N, D), attention_mask (B, N) int64, pooled (B, D))`` as in :meth:`encode_prompt`.
         """
@@ -198,7 +205,7 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         self._check_max_sequence_length(max_sequence_length)
         device = device or self._execution_device
         max_length = self.text_max_length if max_sequence_length is None else int(max_sequence_length)
-        input_ids, attention_mask = self._tokenize(texts, max_length, device, text_names)
+        input_ids, attention_mask = self._tokenize(texts, max_length, device, text_names, warn=warn_truncation)
         output = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask)
         hidden = output.last_hidden_state
         pooled = hidden.mean(dim=1) if self._is_t5 else output.pooler_output

@@ -362,6 +362,10 @@ DATA_KEYS = {
     "hf": ("path", "split", "image_column", "label_column", "caption_column"),
 }
 COMMON_DATA_KEYS = ("type", "bad_images", "repeats", "cache_tokens")
+# the most times `data.repeats` repeats the data, and the most items an epoch of repeated data may have: the loader's
+# shuffle holds one index (8 bytes) per item, so 10**9 repeats of 32 images asked for 256 GB
+MAX_REPEATS = 10**6
+MAX_REPEATED_ITEMS = 10**8
 
 
 def check_data_section(data_config: dict) -> dict:
@@ -375,13 +379,13 @@ def check_data_section(data_config: dict) -> dict:
     kind = data_config.get("type", "imagefolder")
     if kind not in DATA_TYPES:
         raise ValueError(f"`data.type` must be one of {', '.join(repr(t) for t in DATA_TYPES)}; got {kind!r}.")
-    for key, low in (("num_images", 1), ("seed", 0), ("repeats", 1)):
+    for key, low, high in (("num_images", 1, None), ("seed", 0, 2**32 - 1), ("repeats", 1, MAX_REPEATS)):
         if key not in data_config:  # (no default is added: the saved config of a run stays as it was given)
             continue
         value = data_config[key]
         whole = isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
-        if not whole or value < low or (key == "seed" and value > 2**32 - 1):
-            bounds = f">= {low}" + (f" and <= {2**32 - 1}" if key == "seed" else "")
+        if not whole or value < low or (high is not None and value > high):
+            bounds = f">= {low}" + (f" and <= {high}" if high is not None else "")
             raise ValueError(f"`data.{key}` must be a whole number {bounds}, got {value!r}.")
         data_config[key] = int(value)
     if not isinstance(data_config.get("cache_tokens", False), bool):
@@ -411,7 +415,14 @@ def build_dataset(data_config: dict, resolution: int, need_labels: bool = False,
     repeats = data_config.get("repeats", 1)
     if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
         raise ValueError(f"`data.repeats` must be an integer >= 1, got {repeats!r}.")
+    if repeats > MAX_REPEATS:
+        raise ValueError(f"`data.repeats` must be a whole number >= 1 and <= {MAX_REPEATS}, got {repeats!r}.")
     dataset = _build_dataset(data_config, resolution, need_labels, need_captions)
+    if repeats > 1 and len(dataset) * repeats > MAX_REPEATED_ITEMS:
+        raise ValueError(
+            f"`data.repeats` {repeats}: the {len(dataset)} images repeated make {len(dataset) * repeats} items per "
+            f"epoch, more than {MAX_REPEATED_ITEMS}; use data.repeats <= {max(1, MAX_REPEATED_ITEMS // len(dataset))}."
+        )
     return RepeatedDataset(dataset, repeats) if repeats > 1 else dataset
 
 

@@ -222,6 +222,7 @@ class TrainConfig:
             )
         if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir):
             raise ValueError(f"`output_dir` must be a folder path, got {self.output_dir!r}.")
+        self._expand_home()
         for name in ("data", "model"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"`{name}` must be a mapping, got {getattr(self, name)!r}.")  # noqa: TRY004 - config errors are ValueErrors
@@ -309,6 +310,20 @@ class TrainConfig:
 
         check_model_section(self)
         self._check_paths()
+
+    def _expand_home(self) -> None:
+        """A leading ``~`` of a path key is the home folder, as the command line's path flags read it (a config
+        file's ``output_dir: ~/runs/x`` made a folder named ``~`` in the current one)."""
+
+        def expanded(value):
+            return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+        for name in ("output_dir", "tokenizer_path", "text_encoder_path"):
+            setattr(self, name, expanded(getattr(self, name)))
+        for section, key in (("data", "path"), ("model", "init_from"), ("lora", "base")):
+            values = getattr(self, section)
+            if isinstance(values, dict) and expanded(values.get(key)) != values.get(key):
+                setattr(self, section, {**values, key: expanded(values[key])})  # a copy: the caller's dict stays
 
     def _check_task_keys(self) -> None:
         """A key that the task does not read, set to other than its default, is an error naming the key and the
@@ -769,6 +784,31 @@ def _move_previous_run(output_dir: Path, names=RUN_FILES) -> Path | None:
     return target
 
 
+def _check_inputs_stay(config: TrainConfig, output_dir: Path) -> None:
+    """A fresh start moves an earlier run's files aside (:func:`_move_previous_run`): a model folder the config reads
+    inside one of them (``output_dir=tokrun`` with ``tokenizer_path=tokrun/final``) would go to previous-runs/, and
+    the config would name nothing from then on. A ``ValueError`` naming the key, before anything is moved."""
+    names = RUN_FILES if config.resume == "never" else FRESH_START_FILES
+    moved = [(output_dir / name).resolve() for name in names if (output_dir / name).exists()]
+    lora_base = config.lora.get("base") if isinstance(config.lora, dict) else None
+    for key, value in (
+        ("tokenizer_path", config.tokenizer_path),
+        ("text_encoder_path", config.text_encoder_path),
+        ("lora.base", lora_base),
+        ("model.init_from", config.model.get("init_from")),
+    ):
+        if not isinstance(value, str) or value in TINY_TEXT_ENCODERS or not os.path.exists(value):
+            continue
+        path = Path(value).resolve()
+        inside = next((target for target in moved if path.is_relative_to(target)), None)
+        if inside is not None:
+            raise ValueError(
+                f"`{key}` {value!r} is inside {str(inside)!r}, which this fresh start (resume={config.resume}) would "
+                f"move to {str(output_dir / 'previous-runs')!r} with the earlier run's files; use another output_dir "
+                f"(or copy the model out of it first)."
+            )
+
+
 def _forget_other_precision(mixed_precision: str, world_size: int) -> None:
     """A second ``train()`` in one process (a notebook) with another ``mixed_precision``: accelerate keeps the first
     run's for the whole process and refuses any other. A lone process starts accelerate's state afresh instead;
@@ -913,11 +953,17 @@ def train(config: TrainConfig) -> Path:
 
 def _train(config: TrainConfig, lock: _RunLock) -> Path:
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, DistributedType, ProjectConfiguration, set_seed
+    from accelerate.utils import (
+        DataLoaderConfiguration,
+        DistributedDataParallelKwargs,
+        DistributedType,
+        ProjectConfiguration,
+        set_seed,
+    )
 
     from ..conversion.common import ConversionError, check_output_dir, clean_stale_staging
     from . import lora
-    from .tasks import build_task
+    from .tasks import build_task, has_unused_parameters
 
     # also for a TrainConfig built in Python; like every check below, before anything in output_dir is changed
     config.validate()
@@ -954,6 +1000,10 @@ def _train(config: TrainConfig, lock: _RunLock) -> Path:
         # one scheduler step per optimizer step on any number of GPUs (accelerate's default steps it once per
         # process, which ran the warm-up + cosine schedule twice as fast under 2-GPU DDP)
         step_scheduler_with_optimizer=False,
+        # only then: DDP's search for unused parameters costs a pass over the graph at every step
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
+        if has_unused_parameters(config)
+        else None,
     )
     if accelerator.num_processes != world_size:  # never let independent runs share one output folder
         raise ValueError(
@@ -989,6 +1039,9 @@ def _train(config: TrainConfig, lock: _RunLock) -> Path:
         if checkpoint_dir.exists() and not checkpoint_dir.is_dir():  # (resume=never moves it aside with the run)
             raise ValueError(f"`output_dir`: {str(checkpoint_dir)!r} is a file, not the run's checkpoints folder.")
         _check_checkpoint_paths_free(config, checkpoint_dir, resume_step)
+
+    if resume_from is None:
+        _check_inputs_stay(config, output_dir)
 
     # the data and the model: their checks fail here, before the output folder is touched
     task = build_task(config, accelerator.device)

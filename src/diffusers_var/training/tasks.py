@@ -26,7 +26,7 @@ from ..models.star_transformer import STARTransformer2DModel
 from ..models.var_transformer import VARTransformer2DModel
 from ..scalars import is_number
 from . import lora
-from .data import build_dataset, collate
+from .data import HFDataset, build_dataset, collate
 from .text_encoders import load_text_encoder, text_hidden_size
 
 
@@ -200,6 +200,25 @@ def check_model_section(config) -> dict:
     return config.model
 
 
+def has_unused_parameters(config) -> bool:
+    """Whether the model trained by ``config`` has parameters that no step uses: a tokenizer with more shared Phi convs
+    than its scales pick (``patch_nums`` [1, 2, 4] with ``share_quant_resi`` 4 leaves one unused). DDP must then look
+    for them at every step, or its second step fails waiting for their gradients."""
+    if config.task != "tokenizer":
+        return False
+    from ..models.multiscale_vq import phi_index
+
+    settings = {name: p.default for name, p in model_parameters(MultiScaleVQModel).items()} | config.model
+    try:
+        if abs(float(settings["quant_resi"])) <= 1e-6:  # no Phi convs at all
+            return False
+        scales, share = len(settings["patch_nums"]), int(settings["share_quant_resi"])
+        num_phi = share if share > 0 else scales
+        return len({phi_index(k, scales, num_phi) for k in range(scales)}) < num_phi
+    except (TypeError, ValueError, KeyError):  # a bad setting: the model's constructor names it
+        return False
+
+
 def _load_tokenizer(model_class, config):
     """The frozen image tokenizer of a transformer task: ``tokenizer_path``, or the ``lora.base`` pipeline's."""
     key = "tokenizer_path" if config.lora is None else "lora.base"
@@ -310,12 +329,13 @@ class _ReconstructionTask:
 
     @torch.no_grad()
     def save_samples(self, model, path: Path) -> None:
-        images = torch.stack([self.dataset[i]["pixel_values"] for i in range(8)]).to(model.device)
+        count = min(8, len(self.dataset))  # a dataset of fewer images shows them all
+        images = torch.stack([self.dataset[i]["pixel_values"] for i in range(count)]).to(model.device)
         was_training = model.training
         model.eval()
         recon = self.reconstruct(model, images)
         model.train(was_training)
-        _save_grid((torch.cat([images, recon]) + 1) / 2, path)
+        _save_grid((torch.cat([images, recon]) + 1) / 2, path, columns=count)  # the images over their reconstructions
 
     def export(self, model, output_dir: Path) -> None:
         atomic_save_pipeline(_AtomicFolder(model.eval()), output_dir, overwrite=True)
@@ -660,7 +680,21 @@ class VARTask(_PipelineTask):
             from .. import shapes
 
             return shapes.NUM_CLASSES, shapes.id2label()
-        labels = {int(dataset[i]["class_labels"]) for i in range(min(len(dataset), 2000))}
+        inner = dataset  # under the token cache / repeats: the HF dataset, whose labels were read up front
+        while not isinstance(inner, HFDataset) and isinstance(
+            getattr(inner, "dataset", None), torch.utils.data.Dataset
+        ):
+            inner = inner.dataset
+        if isinstance(inner, HFDataset) and inner.labels is not None:
+            # every row's label, not a sample of the first rows (a dataset sorted by label had one class), and no
+            # image decoded; a ClassLabel column also counts the classes that no row has
+            count = int(inner.labels.max()) + 1 if len(inner.labels) else 1
+            feature = (getattr(inner.dataset, "features", None) or {}).get(inner.columns[1])
+            declared = getattr(feature, "num_classes", None)
+            if isinstance(declared, int) and not isinstance(declared, bool):
+                count = max(count, declared)
+            return count, None
+        labels = {int(dataset[i]["class_labels"]) for i in range(len(dataset))}
         return max(labels) + 1, None
 
     def loss(self, model, batch):
@@ -750,12 +784,34 @@ class STARTask(_PipelineTask):
     def encode_text(self, texts: list[str]):
         """The pipeline's ``encode_text`` (frozen text encoder), or the same computation with gradients through the
         trained text encoder (``lora.train_text_encoder``; called through its accelerate wrapper)."""
+        self._warn_truncated_captions(texts)
         if self.trainable_text_encoder is None:
-            return self.text_pipe.encode_text(texts, self.device)
-        input_ids, attention_mask = self.text_pipe._tokenize(list(texts), self.text_pipe.text_max_length, self.device)
+            return self.text_pipe.encode_text(texts, self.device, warn_truncation=False)
+        input_ids, attention_mask = self.text_pipe._tokenize(
+            list(texts), self.text_pipe.text_max_length, self.device, warn=False
+        )
         output = self.trainable_text_encoder(input_ids=input_ids, attention_mask=attention_mask)
         hidden = output.last_hidden_state
         return hidden, attention_mask, hidden.mean(dim=1) if self.text_pipe._is_t5 else output.pooler_output
+
+    def _warn_truncated_captions(self, texts: list[str]) -> None:
+        """Once per run, not at every step (the pipeline's warning named the batch's rows as ``prompt[i]``): training
+        captions longer than the text encoder takes are truncated. Looked for only until the first one is found."""
+        if getattr(self, "_truncation_warned", False):
+            return
+        from ..pipelines.pipeline_star import t5_embedder_captions
+
+        pipe = self.text_pipe
+        captions = t5_embedder_captions(list(texts)) if pipe._is_t5 else list(texts)
+        cut = pipe._truncated(captions, pipe.text_max_length)
+        if cut:
+            self._truncation_warned = True
+            warnings.warn(
+                f"training captions longer than the text encoder's {pipe.text_max_length} tokens are truncated (as "
+                f"the original does), e.g. {texts[cut[0]][:60]!r}; warned once per run.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def pipeline(self, model):
         from ..pipelines.pipeline_star import STARPipeline
@@ -774,6 +830,20 @@ class STARTask(_PipelineTask):
             use_stable_sampler=False,
             output_type="pt",
         ).images
+
+
+def _check_infinity_text_encoder(text_encoder, key: str) -> None:
+    """Infinity's pipeline tokenises captions to 512 tokens (``PROMPT_MAX_TOKENS``, as the original): an encoder with
+    fewer positions (CLIP's 77) would fail at the first step, after the output folder is made."""
+    from ..pipelines.pipeline_infinity import PROMPT_MAX_TOKENS
+
+    positions = getattr(text_encoder.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions < PROMPT_MAX_TOKENS:
+        raise ValueError(
+            f"`{key}`: Infinity encodes captions of up to {PROMPT_MAX_TOKENS} tokens, but this "
+            f"{type(text_encoder).__name__} takes at most {positions}; use a T5 encoder (e.g. google/flan-t5-xl, or "
+            "tiny-t5)."
+        )
 
 
 class InfinityTask(_PipelineTask):
@@ -804,7 +874,13 @@ class InfinityTask(_PipelineTask):
         self.dataset = build_dataset(config.data, config.resolution, need_captions=True)
         self.vae = _frozen(_load_tokenizer(BitwiseMultiScaleVAE, config), device)
         self.schedule = bitwise_schedule(config.resolution, self.vae)
+        if config.bsc_num_scales is not None and config.bsc_num_scales > len(self.schedule):  # was clamped silently
+            raise ValueError(
+                f"`bsc_num_scales` must be in [0, {len(self.schedule)}] (the scales of the schedule of `resolution` "
+                f"{config.resolution}; null: all), got {config.bsc_num_scales}."
+            )
         self.text_encoder, self.text_tokenizer = load_text_encoder(lora.text_encoder_path(config), device)
+        _check_infinity_text_encoder(self.text_encoder, "text_encoder_path" if config.lora is None else "lora.base")
         self.trainable_text_encoder = lora.text_encoder_for_training(config, self.text_encoder)
         text_dim = text_hidden_size(self.text_encoder)
         model_args = dict(config.model)
