@@ -567,6 +567,7 @@ def test_checkpoints_edited_after_saving_are_damaged_or_named(tokenizer_dir, tmp
     optimizer_file, ema_file = model_file.with_name("optimizer.safetensors"), model_file.with_name("ema.safetensors")
     moments, shadow = load_file(optimizer_file), load_file(ema_file)
     key = next(k for k in moments if k.endswith(":exp_avg_sq") and moments[k].ndim == 2)
+    step_key = next(k for k in moments if k.endswith(":step"))
     for file, tensors, message in (
         (
             optimizer_file,
@@ -583,6 +584,11 @@ def test_checkpoints_edited_after_saving_are_damaged_or_named(tokenizer_dir, tmp
             {**moments, key: -moments[key] - 1},
             rf"has negative values in .*'{re.escape(key)}' \(a sum of squares\)",
         ),
+        (  # AdamW's bias correction of a negative step was complex: a RuntimeError at the first step
+            optimizer_file,
+            {**moments, step_key: torch.tensor(-5.0)},
+            rf"has optimizer\.safetensors entry '{re.escape(step_key)}' -5\.0, not a step count >= 0",
+        ),
         (ema_file, {k: t * float("nan") for k, t in shadow.items()}, r"holds non-finite \(NaN / inf\) EMA weights"),
     ):
         save_file(tensors, file)
@@ -590,6 +596,151 @@ def test_checkpoints_edited_after_saving_are_damaged_or_named(tokenizer_dir, tmp
             train(TrainConfig(**{**config, "max_steps": 3, "resume": "force"}))
         save_file(moments if file == optimizer_file else shadow, file)
     train(TrainConfig(**{**config, "max_steps": 3, "resume": "force"}))  # as saved: it resumes
+
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory) -> tuple[Path, dict]:
+    """A tiny tokenizer run with EMA and checkpoints at steps 2 and 4 (edited copies resume from step 2)."""
+    run = tmp_path_factory.mktemp("ema_run")
+    config = base_config(
+        run, task="tokenizer", model=TOKENIZER_MODEL, max_steps=4, checkpoint_every=2, ema_decay=0.9, weight_decay=0.0
+    )
+    train(TrainConfig(**config))
+    return run, config
+
+
+def _edit_json(file: str, edit):
+    def apply(checkpoint: Path) -> None:
+        (checkpoint / file).write_text(json.dumps(edit(json.loads((checkpoint / file).read_text()))))
+
+    return apply
+
+
+def _edit_tensors(file: str, edit):
+    def apply(checkpoint: Path) -> None:
+        save_file(edit(load_file(checkpoint / file)), checkpoint / file)
+
+    return apply
+
+
+def _first_group(state: dict, **changes) -> dict:
+    groups = state["optimizer"]["param_groups"]
+    return {**state, "optimizer": {**state["optimizer"], "param_groups": [{**groups[0], **changes}, *groups[1:]]}}
+
+
+def _without_params(state: dict) -> dict:
+    groups = state["optimizer"]["param_groups"]
+    first = {k: v for k, v in groups[0].items() if k != "params"}
+    return {**state, "optimizer": {**state["optimizer"], "param_groups": [first, *groups[1:]]}}
+
+
+def _python_rng(meta: dict, **changes) -> dict:
+    return {**meta, "python": {**meta["python"], **changes}}
+
+
+# each failed deep inside the resume (a KeyError / TypeError of torch, diffusers or random), or at the first step,
+# with no fallback to the checkpoint before
+EDITED_CHECKPOINTS = {
+    "ema_without_parameters": (
+        _edit_json("trainer_state.json", lambda s: {**s, "ema": {"values": s["ema"]["values"]}}),
+        "`ema` section without a list of distinct parameter names `parameters`",
+    ),
+    "ema_true": (_edit_json("trainer_state.json", lambda s: {**s, "ema": True}), "`ema` section without its `values`"),
+    "ema_decay": (
+        _edit_json("trainer_state.json", lambda s: {**s, "ema": {**s["ema"], "values": {"decay": "x"}}}),
+        "ema `decay` 'x', not a number in [0, 1]",
+    ),
+    "group_without_params": (
+        _edit_json("trainer_state.json", _without_params),
+        "optimizer param_groups[0] has no list of parameter names `params`",
+    ),
+    "groups_of_strings": (
+        _edit_json("trainer_state.json", lambda s: {**s, "optimizer": {**s["optimizer"], "param_groups": ["x"]}}),
+        "optimizer param_groups[0] has no list of parameter names `params`",
+    ),
+    "values_not_a_mapping": (
+        _edit_json("trainer_state.json", lambda s: {**s, "optimizer": {**s["optimizer"], "values": {"a": [1]}}}),
+        "optimizer values for 'a' that are not a mapping of numbers",
+    ),
+    "parameter_in_two_groups": (  # loaded without a word
+        _edit_json(
+            "trainer_state.json",
+            lambda s: _first_group(s, params=[*s["optimizer"]["param_groups"][0]["params"], "decoder.conv_in.bias"]),
+        ),
+        "optimizer param_groups that name a parameter twice (['decoder.conv_in.bias'])",
+    ),
+    "betas": (
+        _edit_json("trainer_state.json", lambda s: _first_group(s, betas=[2, 3])),
+        "param_groups[0] has `betas` [2, 3], not two numbers in [0, 1)",
+    ),
+    "lr": (_edit_json("trainer_state.json", lambda s: _first_group(s, lr="x")), "has `lr` 'x', not a finite number"),
+    "scheduler_last_epoch": (
+        _edit_json("trainer_state.json", lambda s: {**s, "scheduler": {**s["scheduler"], "last_epoch": "x"}}),
+        "scheduler `last_epoch` 'x', not a whole number of steps",
+    ),
+    "config_list": (
+        _edit_json("trainer_state.json", lambda s: {**s, "config": [1]}),
+        "has a `config` that is not a mapping",
+    ),
+    "torch_rng_float": (
+        _edit_tensors("rng_state_0.safetensors", lambda t: {**t, "torch": t["torch"].float()}),
+        "rng_state_0.safetensors has `torch` of dtype F32, not U8",
+    ),
+    "python_rng_version": (
+        _edit_json("rng_state_0.json", lambda m: _python_rng(m, version=99)),
+        "rng_state_0.json has python `version` 99, not 3",
+    ),
+    "python_rng_negative_word": (
+        _edit_json("rng_state_0.json", lambda m: _python_rng(m, state=[-1, *m["python"]["state"][1:]])),
+        "rng_state_0.json has a python random state with words out of range",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EDITED_CHECKPOINTS))
+def test_a_checkpoint_edited_after_saving_is_skipped_for_the_one_before(ema_run, tmp_path, capsys, case):
+    """JSON that parses and tensors that load, but of a kind the resume cannot use, are damage: the checkpoint is
+    skipped with a warning naming it and the entry, kept aside, and the run resumes from the one before."""
+    edit, problem = EDITED_CHECKPOINTS[case]
+    source, config = ema_run
+    run = shutil.copytree(source, tmp_path / "run")
+    edit(run / "checkpoints" / "step-0000004")
+    capsys.readouterr()
+    train(TrainConfig(**{**config, "output_dir": str(run)}))
+    out = capsys.readouterr().out
+    assert re.search(rf"skipped damaged checkpoints \(kept\): step-0000004: [^\n]*{re.escape(problem)}", out), out
+    assert f"resumed from {run / 'checkpoints' / 'step-0000002'} (step 2)" in out
+    (aside,) = (run / "checkpoints").glob("damaged-step-0000004-*")
+    assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_an_optimizer_state_torch_refuses_is_a_named_error(ema_run, tmp_path, monkeypatch):
+    """What the structural checks let through and torch refuses while loading the optimizer state is a `resume` error
+    naming the checkpoint, not torch's traceback."""
+    import torch.distributed.checkpoint.state_dict as state_dict
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("a state torch refuses\nmore lines")
+
+    source, config = ema_run
+    run = shutil.copytree(source, tmp_path / "run")
+    shutil.rmtree(run / "checkpoints" / "step-0000004")
+    monkeypatch.setattr(state_dict, "set_optimizer_state_dict", refuse)
+    checkpoint = re.escape(str(run / "checkpoints" / "step-0000002"))
+    message = rf"`resume`: checkpoint '{checkpoint}' has an optimizer state torch cannot load \(RuntimeError: a state"
+    with pytest.raises(ValueError, match=message):
+        train(TrainConfig(**{**config, "output_dir": str(run)}))
+
+
+def test_undecodable_bytes_in_the_log_are_dropped_on_resume(tmp_path):
+    """Bytes that are not UTF-8 in ``train_log.jsonl`` (a disk error, a binary write) stopped the resume with a
+    UnicodeDecodeError; they are a damaged line like a half-written one: dropped, the records around them kept."""
+    from diffusers_var.training.engine import _cut_log_after
+
+    log = tmp_path / "train_log.jsonl"
+    log.write_bytes(b'{"step": 1}\n\xff\xfe\x00garbage\n{"step": 2}\n{"step": 3}\n')
+    _cut_log_after(log, 2)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
 def test_a_changed_config_is_refused_unless_told(tokenizer_dir, tmp_path):

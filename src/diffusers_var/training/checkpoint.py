@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -139,18 +141,18 @@ def _load_rng(folder: Path, rank: int) -> bool:
     if not (tensors_file.is_file() and json_file.is_file()):
         return False
     tensors, meta = load_file(tensors_file), json.loads(json_file.read_text())
-    py = meta["python"]
-    random.setstate((int(py["version"]), tuple(int(v) for v in py["state"]), py["gauss_next"]))
-    np_meta = meta["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            tensors["numpy_keys"].numpy().astype(np.uint32),
-            int(np_meta["pos"]),
-            int(np_meta["has_gauss"]),
-            float(np_meta["cached_gaussian"]),
-        )
+    py, np_meta = meta["python"], meta["numpy"]
+    # each state built before any is set (their kinds and sizes were checked by checkpoint_damage)
+    python_state = (int(py["version"]), tuple(int(v) for v in py["state"]), py["gauss_next"])
+    numpy_state = (
+        "MT19937",
+        tensors["numpy_keys"].numpy().astype(np.uint32),
+        int(np_meta["pos"]),
+        int(np_meta["has_gauss"]),
+        float(np_meta["cached_gaussian"]),
     )
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[f"cuda_{i}"] for i in range(len(tensors)) if f"cuda_{i}" in tensors]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
@@ -272,24 +274,111 @@ def remove_training_checkpoint(folder: Path) -> list[str]:
     return kept
 
 
-def _state_structure_problem(state: dict) -> str | None:
-    """What ``trainer_state.json`` lacks that a resume reads (it parses, but was cut or edited)."""
-    optimizer, scheduler = state.get("optimizer"), state.get("scheduler")
-    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("param_groups"), list):
-        return f"{STATE_FILE} has no optimizer param_groups"
-    if not isinstance(optimizer.get("values"), dict):
-        return f"{STATE_FILE} has no optimizer values"
-    if not isinstance(scheduler, dict) or not isinstance(scheduler.get("base_lrs"), list):
-        return f"{STATE_FILE} has no scheduler state"
-    return None
-
-
 def _is_int(value) -> bool:  # (this module has no package imports: scalars.is_integer is not at hand)
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_scalar(value) -> bool:  # what _json_value writes for a non-tensor optimizer value
+    return (
+        value is None
+        or isinstance(value, (bool, int, float))
+        or (isinstance(value, list) and all(_is_scalar(v) for v in value))
+    )
+
+
+def _is_names(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _param_group_problem(index: int, group) -> str | None:
+    """What a saved optimizer param group lacks for the resume's AdamW (its keys fail later, deep inside torch: a
+    missing ``params`` as a KeyError, ``betas`` out of [0, 1) as a complex bias correction at the first step)."""
+    where = f"{STATE_FILE} optimizer param_groups[{index}]"
+    if not isinstance(group, dict) or not _is_names(group.get("params")):
+        return f"{where} has no list of parameter names `params`"
+    for key in ("lr", "weight_decay", "eps", "initial_lr"):
+        if key in group and not (_is_real(group[key]) and math.isfinite(group[key]) and group[key] >= 0):
+            return f"{where} has `{key}` {group[key]!r}, not a finite number >= 0"
+    betas = group.get("betas")
+    if "betas" in group and not (
+        isinstance(betas, list) and len(betas) == 2 and all(_is_real(b) and 0 <= b < 1 for b in betas)
+    ):
+        return f"{where} has `betas` {betas!r}, not two numbers in [0, 1)"
+    return None
+
+
+def _scheduler_problem(scheduler) -> str | None:
+    """What the saved LR scheduler state lacks (``last_epoch`` of another type failed at the first step)."""
+    if not isinstance(scheduler, dict) or not isinstance(scheduler.get("base_lrs"), list):
+        return f"{STATE_FILE} has no scheduler state"
+    for key in ("base_lrs", "_last_lr"):
+        rates = scheduler.get(key, [])
+        if not isinstance(rates, list) or not all(_is_real(r) and math.isfinite(r) for r in rates):
+            return f"{STATE_FILE} has scheduler `{key}` {rates!r}, not a list of finite numbers"
+    for key in ("last_epoch", "_step_count"):
+        if key in scheduler and not (_is_int(scheduler[key]) and scheduler[key] >= -1):
+            return f"{STATE_FILE} has scheduler `{key}` {scheduler[key]!r}, not a whole number of steps"
+    return None
+
+
+# EMAModel.load_state_dict's checks, which it makes only after comparing (TypeError for a string decay) or not at all
+_EMA_VALUES = {
+    "decay": (lambda v: _is_real(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "min_decay": (lambda v: isinstance(v, float) and 0 <= v <= 1, "a float in [0, 1]"),
+    "optimization_step": (lambda v: _is_int(v) and v >= 0, "a whole number"),
+    "update_after_step": (lambda v: _is_int(v) and v >= 0, "a whole number"),
+    "use_ema_warmup": (lambda v: isinstance(v, bool), "true or false"),
+    "inv_gamma": (lambda v: _is_real(v) and math.isfinite(v), "a finite number"),
+    "power": (lambda v: _is_real(v) and math.isfinite(v), "a finite number"),
+}
+
+
+def _ema_problem(ema) -> str | None:
+    if ema is None or ema is False:  # a run without EMA
+        return None
+    if not isinstance(ema, dict) or not isinstance(ema.get("values"), dict):
+        return f"{STATE_FILE} has an `ema` section without its `values`"
+    names = ema.get("parameters")
+    if not _is_names(names) or len(set(names)) != len(names):
+        return f"{STATE_FILE} has an `ema` section without a list of distinct parameter names `parameters`"
+    for key, (fits, kind) in _EMA_VALUES.items():
+        if key in ema["values"] and not fits(ema["values"][key]):
+            return f"{STATE_FILE} has ema `{key}` {ema['values'][key]!r}, not {kind}"
+    return None
+
+
+def _state_structure_problem(state: dict) -> str | None:
+    """What ``trainer_state.json`` lacks that a resume reads (it parses, but was cut or edited): each key of another
+    type failed deep inside the resume (or torch, or diffusers), with no fallback to the checkpoint before."""
+    optimizer = state.get("optimizer")
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("param_groups"), list):
+        return f"{STATE_FILE} has no optimizer param_groups"
+    for index, group in enumerate(optimizer["param_groups"]):
+        if problem := _param_group_problem(index, group):
+            return problem
+    counts = Counter(name for group in optimizer["param_groups"] for name in group["params"])
+    if twice := sorted(name for name, count in counts.items() if count > 1):  # (torch loaded it without a word)
+        return f"{STATE_FILE} has optimizer param_groups that name a parameter twice ({twice[:3]})"
+    values = optimizer.get("values")
+    if not isinstance(values, dict):
+        return f"{STATE_FILE} has no optimizer values"
+    for fqn, entries in values.items():
+        if not isinstance(entries, dict) or not all(_is_scalar(v) for v in entries.values()):
+            return f"{STATE_FILE} has optimizer values for {fqn!r} that are not a mapping of numbers"
+    if problem := _scheduler_problem(state.get("scheduler")):
+        return problem
+    if state.get("grad_scaler") is not None and not isinstance(state["grad_scaler"], dict):
+        return f"{STATE_FILE} has a `grad_scaler` that is not a mapping"
+    if problem := _ema_problem(state.get("ema")):
+        return problem
+    for key in ("config", "inputs"):  # compared with the current run's (None: a run saved before they were)
+        if state.get(key) is not None and not isinstance(state[key], dict):
+            return f"{STATE_FILE} has a `{key}` that is not a mapping"
+    return None
 
 
 def _rng_structure_problem(meta) -> str | None:
@@ -299,8 +388,11 @@ def _rng_structure_problem(meta) -> str | None:
     state = python["state"]  # Mersenne Twister: 624 words and a position (random.setstate's own check is bare)
     if not isinstance(state, list) or len(state) != 625 or not all(isinstance(v, int) for v in state):
         return "has a python random state of the wrong size"
-    if not _is_int(python["version"]):
-        return f"has python `version` {python['version']!r}, not an integer"
+    # 32-bit words and a position in [0, 624]: setstate's OverflowError / "invalid state" otherwise
+    if not all(0 <= v < 2**32 for v in state[:-1]) or not 0 <= state[-1] <= 624:
+        return "has a python random state with words out of range"
+    if python["version"] != random.Random.VERSION or not _is_int(python["version"]):  # what random.getstate writes
+        return f"has python `version` {python['version']!r}, not {random.Random.VERSION}"
     if python["gauss_next"] is not None and not _is_real(python["gauss_next"]):
         return f"has python `gauss_next` {python['gauss_next']!r}, not a number or null"
     if not isinstance(numpy, dict) or not {"pos", "has_gauss", "cached_gaussian"} <= numpy.keys():
@@ -314,12 +406,17 @@ def _rng_structure_problem(meta) -> str | None:
     return None
 
 
-def _rng_tensors_problem(shapes: dict[str, list[int]]) -> str | None:
-    """What ``rng_state_<rank>.safetensors`` lacks (from its header: names and shapes), or ``None``."""
+def _rng_tensors_problem(shapes: dict[str, list[int]], dtypes: dict[str, str]) -> str | None:
+    """What ``rng_state_<rank>.safetensors`` lacks (from its header: names, shapes and dtypes), or ``None``."""
     if shapes.get("torch") != list(torch.get_rng_state().shape):
         return f"has no torch random state of shape {list(torch.get_rng_state().shape)} ({shapes.get('torch')})"
     if shapes.get("numpy_keys") != [624]:  # (a shorter one failed with a bare IndexError at the resume)
         return f"has `numpy_keys` of shape {shapes.get('numpy_keys')}, not numpy's 624 words"
+    # torch.set_rng_state takes bytes only (a TypeError at the resume); numpy's keys are integer words
+    for key, dtype in sorted(dtypes.items()):
+        wanted = ("I64", "I32", "U32") if key == "numpy_keys" else ("U8",)
+        if (key in ("torch", "numpy_keys") or key.startswith("cuda_")) and dtype not in wanted:
+            return f"has `{key}` of dtype {dtype}, not {' / '.join(wanted)}"
     return None
 
 
@@ -365,11 +462,12 @@ def checkpoint_damage(folder: Path) -> str | None:
         try:
             with safe_open(tensors_file, "pt") as opened:  # validates the header and that the data covers the file
                 shapes = {key: list(opened.get_slice(key).get_shape()) for key in opened.keys()}
+                dtypes = {key: opened.get_slice(key).get_dtype() for key in opened.keys()}
         except Exception as err:  # safetensors raises its own error type for a damaged file
             return f"{tensors_file.name} is damaged ({str(err).splitlines()[0]})"
         if tensors_file.name == "optimizer.safetensors" and (odd := [k for k in shapes if ":" not in k]):
             return f"optimizer.safetensors has keys that are not '<parameter>:<state>' ({odd[:2]})"
-        if tensors_file.name.startswith("rng_state_") and (problem := _rng_tensors_problem(shapes)):
+        if tensors_file.name.startswith("rng_state_") and (problem := _rng_tensors_problem(shapes, dtypes)):
             return f"{tensors_file.name} {problem}"
     return None
 
@@ -453,6 +551,9 @@ def _check_optimizer_tensors(per_parameter: dict[str, dict], parameters: dict, f
                 raise _changed_after_saving(folder, f"has non-finite (NaN / inf) values in {entry}")
             if name in ("exp_avg_sq", "max_exp_avg_sq") and bool((tensor < 0).any()):
                 raise _changed_after_saving(folder, f"has negative values in {entry} (a sum of squares)")
+            # a step count below 0 made AdamW's bias correction complex ("result type ComplexFloat") at the first step
+            if name == "step" and (tensor.numel() != 1 or tensor.is_complex() or float(tensor) < 0):
+                raise _changed_after_saving(folder, f"has {entry} {tensor.tolist()}, not a step count >= 0")
 
 
 def load_training_state(
@@ -517,12 +618,19 @@ def load_training_state(
         )
     # Not strict: a parameter that never had a gradient (e.g. a Phi layer no scale uses) has no optimizer state to
     # save, and starts without one again, as it would have; the groups were compared above.
-    set_optimizer_state_dict(
-        model,
-        optimizer.optimizer,
-        {"state": per_parameter, "param_groups": param_groups},
-        options=_state_dict_options(accelerator, for_save=False, strict=False),
-    )
+    try:
+        set_optimizer_state_dict(
+            model,
+            optimizer.optimizer,
+            {"state": per_parameter, "param_groups": param_groups},
+            options=_state_dict_options(accelerator, for_save=False, strict=False),
+        )
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as err:
+        # checkpoint_damage checked the structure, not every value torch checks itself. Only this run's own model
+        # and optimizer were set so far (the RNG states come last), and the run stops: nothing half-applied outlives it
+        raise _changed_after_saving(
+            folder, f"has an optimizer state torch cannot load ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from None
     try:
         scheduler.load_state_dict(state["scheduler"])
         rates, groups = len(state["scheduler"]["base_lrs"]), len(optimizer.optimizer.param_groups)
@@ -551,6 +659,8 @@ def load_training_state(
             shadow,
             folder,
         )
+        if sorted(names) != sorted(shadow):  # (distinct names: checkpoint_damage)
+            raise _changed_after_saving(folder, f"has EMA `parameters` in {STATE_FILE} other than ema.safetensors's")
         if non_finite := _non_finite(shadow):  # the export would be the EMA weights: NaN
             raise _changed_after_saving(folder, f"holds non-finite (NaN / inf) EMA weights ({non_finite[:3]})")
         ema.load_state_dict({**state["ema"]["values"], "shadow_params": [shadow[name] for name in names]})

@@ -888,14 +888,15 @@ def _has_accelerator_device() -> bool:
 
 def _cut_log_after(log_file: Path, step: int) -> None:
     """Resuming from the checkpoint of ``step`` runs the steps after it again: their records (and a line a kill left
-    half written) leave the JSONL log, which then holds each step once."""
+    half written, or bytes that are not UTF-8) leave the JSONL log, which then holds each step once."""
     if not log_file.is_file():
         return
     kept = []
-    for line in log_file.read_text().splitlines():
+    for raw in log_file.read_bytes().splitlines():  # line by line: undecodable bytes are damage of their line only
         try:
+            line = raw.decode("utf-8")
             record = json.loads(line)
-        except ValueError:
+        except ValueError:  # (UnicodeDecodeError is one)
             continue
         if not isinstance(record, dict) or not isinstance(record.get("step"), int) or record["step"] <= step:
             kept.append(line)
