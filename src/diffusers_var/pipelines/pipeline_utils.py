@@ -585,7 +585,11 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
                 f"`callback_on_step_end` returned {unknown}, which are not tensor names of this pipeline; it may "
                 f"return names from {self._callback_tensor_inputs} (only `latents` replaces a tensor)."
             )
-        replaced = sorted(name for name in out if name not in latent_names and out[name] is not tensors.get(name))
+        replaced = sorted(  # handed back as given (diffusers' callbacks return every tensor they were handed)
+            name
+            for name in out
+            if name not in latent_names and out[name] is not tensors.get(name) and out[name] is not handed.get(name)
+        )
         if replaced:  # (they were ignored without a word)
             raise ValueError(
                 f"`callback_on_step_end` returned new values for {replaced}; only `latents` can be replaced, the "
