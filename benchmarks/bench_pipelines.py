@@ -74,6 +74,8 @@ encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
                         session 30's commands
   fast-compile-all-static-tokens-fp8-fp8rows4096  float8 from 4,096 rows everywhere (as before session 30)
   fast-compile-all-static-fp8-fp8rows4096  the same for ``fast-compile-all-static-fp8`` (VAR at batch 64)
+  fast-compile-all-static-tokens-fp8-eagersampling  STAR / Infinity sampling eagerly after the graphed transformer
+                        step (the whole-scale graphs, used up to 16 x 16 tokens since session 32, turned off)
 It also checks that greedy tokens (bits for Infinity) of the fast path agree with the eager float32 path.
 """
 
@@ -693,6 +695,7 @@ MODES = (
     "fast-compile-all-static-tokens-fp8-fp8rows4096",
     "fast-compile-all-static-fp8-fp8rows4096",
     "fast-compile-all-static-tokens-fp8-persistent",
+    "fast-compile-all-static-tokens-fp8-eagersampling",
 )
 SDPA_BACKENDS = {  # --sdpa-first: PyTorch's own order after the one named
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -714,6 +717,7 @@ BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-kvcopy"] = "static-tokens"
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-crossquery"] = "static-tokens"
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-plainquery"] = "static-tokens"
 BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-persistent"] = "static-tokens"
+BLOCK_SHAPES["fast-compile-all-static-tokens-fp8-eagersampling"] = "static-tokens"
 DEFAULT_GN_MIN_POSITIONS = fast_inference.CHANNEL_SUM_GROUP_NORM_MIN_POSITIONS
 DEFAULT_FP8_MIN_ROWS = fast_inference.FP8_MIN_ROWS
 KNOWN_MODELS = (
@@ -901,6 +905,10 @@ def main() -> int:
                     torch._dynamo.reset()
                     torch._inductor.config.triton.multi_kernel = multi_kernel
                 bench.pipe.enable_fast_inference(compile_decoder=compile_decoder, **extra)
+                if mode.endswith("-eagersampling"):  # no whole-scale graphs: the transformer-only ones
+                    bench.pipe._graph_sampling_generator = lambda device, generator: None
+                else:
+                    bench.pipe.__dict__.pop("_graph_sampling_generator", None)
                 if mode.endswith("-subpixel"):
                     subpixel_upsample_(getattr(bench.pipe, "vqvae", None) or bench.pipe.vae)
                 large_map = None if mode.endswith("-nolargesums") else DEFAULT_GN_MIN_POSITIONS

@@ -20,7 +20,8 @@
 # float8 quantisation of fc2's input, LayerNorms; Infinity-2B and STAR-d30 at batch 1), gnsums_t2i (the decoder's
 # GroupNorm sums at batch 1 for the 1024 px models; GN_MODELS, GN_MODES), fp8rows, fp8rows_var (float8 from 2,048 token
 # rows against 4,096), cudnn_t2i (cudnn.benchmark for the 1024 px decoder),
-# syncs (where a generation waits for the GPU; SYNC_MODELS).
+# syncs (where a generation waits for the GPU; SYNC_MODELS), graph_sampling (STAR / Infinity sampling inside the
+# whole-scale graphs against eager sampling; GRAPH_SAMPLING_MODELS).
 # startup: STARTUP_COMPILE_BLOCKS, sample's --compile-blocks.
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
@@ -244,6 +245,14 @@ PY
           BENCH_TIMEOUT=${BENCH_TIMEOUT:-200} bench . "cudnn_t2i_$model${flag:+_on}" --models "$model" --batch-sizes 1 \
             --repeats 5 --modes fast-compile-all-static-tokens-fp8 $flag
         done
+      done ;;
+    graph_sampling)  # issue 20: STAR / Infinity sampling inside the whole-scale CUDA graphs against eager sampling after
+      # the graphed transformer step, one model per process (GRAPH_SAMPLING_MODELS; the 1024 px models sample eagerly
+      # in both modes since session 32: raise fast_inference.WHOLE_SCALE_SAMPLING_MAX_TOKENS to compare them)
+      for model in ${GRAPH_SAMPLING_MODELS:-star-d16}; do
+        batches=1; [ "$model" = infinity-2b ] && batches=1,4; [ "$model" = star-d16 ] && batches=1,64
+        BENCH_TIMEOUT=${BENCH_TIMEOUT:-280} bench . "graph_sampling_$model" --models "$model" --batch-sizes "$batches" \
+          --repeats 5 --modes fast-compile-all-static-tokens-fp8-eagersampling,fast-compile-all-static-tokens-fp8
       done ;;
     syncs)  # issue 20: where a generation waits for the GPU (torch's sync debug mode), 1024 px models at batch 1 and
       # VAR-d16 at batch 1 (SYNC_MODELS), their fastest mode: profiles showed 18-20 ms idle at batch 1 in the t2i models

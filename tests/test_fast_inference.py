@@ -315,21 +315,115 @@ def test_var_sampling_graph_wiring(monkeypatch, stand_in_graphs):
     assert torch.equal(latent, run(eager, 0, **cases[0])[0]) and graphed._graph_steps  # captured anew
 
 
-def test_weights_moved_by_the_component_itself_drop_the_graphs_and_a_cast_is_refused(star, stand_in_graphs):
-    """``pipe.transformer.share_memory()`` / ``.to(device)`` give the weights new storage under the captured graphs:
-    they are captured anew at the next call (same images); a cast behind the fast path's back is refused, and
-    enable_fast_inference() recasts."""
-    eager, graphed = own_star(star), own_star(star).enable_fast_inference(dtype=torch.float32)
-    assert torch.equal(star_images(graphed), star_images(eager))
+def _text_to_image_runs(family: str, star):
+    """An eager pipeline, the same one on the fast path (float32), a ``run(pipe, seed, **kwargs) -> (latent,
+    generator state)`` and the cases that shape the whole-scale graphs of ``family``."""
+    if family == "star":
+        eager, graphed = own_star(star), own_star(star).enable_fast_inference(dtype=torch.float32)
+        defaults = dict(prompt=PROMPTS, top_k=10, use_stable_sampler=False)
+        cases = [
+            dict(),
+            dict(top_p=0.9, guidance_scale=2.0),
+            dict(more_smooth=True),
+            dict(prompt=["one"], top_k=0, top_p=0.8),
+        ]
+    else:
+        eager, graphed = tiny_pipeline(), tiny_pipeline().enable_fast_inference(dtype=torch.float32)
+        defaults = dict(prompt=PROMPT, guidance_scale=3.0, height=32, width=32)
+
+        def stop_guiding(p, si, hw, tensors):  # a callback that changes the guidance mid-generation
+            if si == 2:
+                p._guidance_scale = 1.0
+
+        cases = [
+            dict(),
+            dict(tau=0.5, top_p=0.9),
+            dict(guidance_scale=1.0),  # no unconditional rows
+            dict(guidance_scale=[3.0, 1.0, 2.0, 4.0, 1.5, 3.0, 2.5], negative_prompt="blurry", tau=0.7),
+            dict(callback_on_step_end=stop_guiding),
+        ]
+
+    def run(pipe, seed, **kwargs):
+        generator = torch.Generator().manual_seed(seed)
+        latent = pipe(generator=generator, output_type="latent", **{**defaults, **kwargs}).images
+        return latent, generator.get_state()
+
+    return eager, graphed, run, cases
+
+
+@pytest.mark.parametrize("family", ["star", "infinity"])
+def test_text_to_image_sampling_graph_wiring(family, star, monkeypatch, stand_in_graphs):
+    """STAR's and Infinity's whole-scale graphs (sampling inside) with the CPU stand-in: static latents and chained
+    scale inputs, guidance / tau / top-p read from the shared tensors, the borrowed generator state, a callback's
+    latent written into the static buffers and a callback that changes the guidance all reproduce the eager loop
+    exactly; the logits copies handed to a callback equal the eager ones; weights moved by the component's own
+    ``.to()`` drop the graphs, and a cast behind the fast path's back is refused."""
+    monkeypatch.setattr(
+        fast_inference.FastInferenceMixin,
+        "_graph_sampling_generator",
+        lambda self, device, generator: generator if self._use_cuda_graphs else None,
+    )
+    eager, graphed, run, cases = _text_to_image_runs(family, star)
+    cases.append(dict(callback_on_step_end=lambda p, si, hw, t: {"latents": t["latents"] * 0.5} if si == 2 else {}))
+    for seed, kwargs in enumerate(cases):
+        (reference, reference_state), (latent, state) = run(eager, seed, **kwargs), run(graphed, seed, **kwargs)
+        assert torch.equal(latent, reference), kwargs
+        assert torch.equal(state, reference_state)  # the caller's generator advanced as in the eager loop
+    assert graphed._graph_steps and all(key[0] == "whole scales" for key in graphed._graph_steps)
+    first, _ = run(graphed, 0)
+    assert not torch.equal(first, run(graphed, 1)[0])  # the returned latent is not the graphs' buffer
+    seen = {}
+    names = ["latents", "tokens", "guided_logits", "model_logits", "next_scale_input"]
+    for pipe in (eager, graphed):
+        run(
+            pipe,
+            3,
+            callback_on_step_end_tensor_inputs=names,
+            callback_on_step_end=lambda p, si, hw, t: (
+                seen.setdefault(id(p), []).append([None if t[n] is None else t[n].clone() for n in names]) or {}
+            ),
+        )
+    assert len(seen[id(graphed)]) == len(seen[id(eager)]) > 0
+    for reference, got in zip(seen[id(eager)], seen[id(graphed)]):
+        assert all((r is None and g is None) or torch.equal(r, g) for r, g in zip(reference, got))
+    # the component moved by its own .to() / share_memory(): new storage, so the graphs are captured anew
     captured = len(stand_in_graphs.built)
     graphed.transformer.share_memory()
-    assert torch.equal(star_images(graphed), star_images(eager)) and len(stand_in_graphs.built) == captured + 1
-    assert torch.equal(star_images(graphed), star_images(eager)) and len(stand_in_graphs.built) == captured + 1
+    assert torch.equal(run(graphed, 0)[0], run(eager, 0)[0]) and len(stand_in_graphs.built) == captured + 1
     graphed.transformer.to(torch.bfloat16)
     with pytest.raises(ValueError, match=r"`transformer`: its weights were cast from torch.float32 to torch.bfloat16"):
-        star_images(graphed)
+        run(graphed, 0)
     graphed.enable_fast_inference(dtype=torch.float32)  # recast: runs again
-    assert torch.isfinite(star_images(graphed)).all()
+    assert torch.isfinite(run(graphed, 0)[0]).all()
+
+
+def test_star_stable_sampler_keeps_sampling_out_of_the_graphs(star, monkeypatch, stand_in_graphs):
+    """The stable sampler's commit steps draw from a second stream: its generations replay the transformer-only graphs
+    and sample eagerly, as the eager loop does."""
+    monkeypatch.setattr(
+        fast_inference.FastInferenceMixin,
+        "_graph_sampling_generator",
+        lambda self, device, generator: generator if self._use_cuda_graphs else None,
+    )
+    eager, graphed = own_star(star), own_star(star).enable_fast_inference(dtype=torch.float32)
+    assert torch.equal(star_images(graphed), star_images(eager))
+    assert [key[0] for key in graphed._graph_steps] == ["transformer"]
+
+
+@pytest.mark.parametrize("family", ["star", "infinity"])
+def test_images_above_the_token_limit_sample_after_the_graphed_step(family, star, monkeypatch, stand_in_graphs):
+    """Above ``WHOLE_SCALE_SAMPLING_MAX_TOKENS`` at the last scale (1024 px images) the sampling stays out of the
+    graphs: transformer-only graphs, the eager loop's images."""
+    monkeypatch.setattr(
+        fast_inference.FastInferenceMixin,
+        "_graph_sampling_generator",
+        lambda self, device, generator: generator if self._use_cuda_graphs else None,
+    )
+    eager, graphed, run, _ = _text_to_image_runs(family, star)
+    for limit, kind in ((fast_inference.WHOLE_SCALE_SAMPLING_MAX_TOKENS, "whole scales"), (3, "transformer")):
+        monkeypatch.setattr(fast_inference, "WHOLE_SCALE_SAMPLING_MAX_TOKENS", limit)
+        assert torch.equal(run(graphed, 0)[0], run(eager, 0)[0])
+        assert list(graphed._graph_steps)[-1][0] == kind
 
 
 # -- precomputed text features ---------------------------------------------------------------------------

@@ -784,3 +784,112 @@ def test_code_bf16_fast_path_agrees_with_float32_greedy_tokens():
     agreement = torch.cat([(f == e).flatten() for f, e in zip(fast, eager)]).float().mean().item()
     print(f"CoDe bf16 + CUDA graphs vs float32 eager greedy-token agreement: {agreement:.4f}")
     assert agreement >= 0.9
+
+
+# -- STAR and Infinity: sampling inside the whole-scale CUDA graphs (issue 20) ----------------------------------
+def _seeded_run(pipe, text, seed, record=True, **kwargs):
+    """A generation from a seeded CUDA generator: its latent, the tokens of every scale (recorded by a callback,
+    which also keeps the logits copies in the graphs; more_smooth's soft scales have none) and the generator's
+    state afterwards."""
+    generator = torch.Generator("cuda").manual_seed(seed)
+    seen = []
+    recorder = dict(
+        callback_on_step_end_tensor_inputs=["tokens"],
+        callback_on_step_end=lambda p, si, hw, t: (
+            seen.append(t["tokens"].flatten(1).cpu()) if t["tokens"] is not None else None
+        ),
+    )
+    latent = pipe(**text, output_type="latent", generator=generator, **(recorder if record else {}), **kwargs).images
+    return latent, torch.cat(seen, dim=1) if seen else None, generator.get_state()
+
+
+def _check_graphs_match_eager(pipes, run_cases):
+    """``run_cases()`` with each of ``pipes`` on the fast path without and with CUDA graphs: the same tokens, the
+    same latents (float32) and the caller's generator advanced the same way."""
+    results = {}
+    for graphs in (False, True):
+        for pipe in pipes:
+            pipe.enable_fast_inference(dtype=torch.float32, cuda_graphs=graphs)
+        results[graphs] = run_cases()
+    assert len(results[True]) == len(results[False]) > 0
+    for (eager_latent, eager_tokens, eager_state), (latent, tokens, state) in zip(results[False], results[True]):
+        assert (tokens is None) == (eager_tokens is None)
+        if tokens is not None:
+            assert torch.equal(tokens, eager_tokens)
+        torch.testing.assert_close(latent, eager_latent, atol=1e-6, rtol=1e-6)
+        assert torch.equal(state, eager_state)  # the caller's generator advanced as if it had drawn eagerly
+    for pipe in pipes:
+        assert pipe._graph_steps and all(key[0] == "whole scales" for key in pipe._graph_steps)
+
+
+def _halve_latents_at(scale: int):
+    def callback(p, si, hw, tensors):
+        return {"latents": tensors["latents"] * 0.5} if si == scale else {}
+
+    return callback
+
+
+def test_star_sampling_inside_cuda_graphs_matches_the_eager_sampler():
+    from diffusers_var import STARImg2ImgPipeline, STARInpaintPipeline
+
+    pipe = _star_pipe(quirk=True)
+    inpaint, img2img = STARInpaintPipeline.from_pipe(pipe), STARImg2ImgPipeline.from_pipe(pipe)
+    image = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(9)).cuda()
+    plain = dict(use_stable_sampler=False)
+    cases = [
+        (pipe, _star_text(2, 12, seed=1), dict(top_k=10)),
+        (pipe, _star_text(2, 12, seed=2), dict(top_k=20, top_p=0.9, guidance_scale=2.0)),
+        (pipe, _star_text(1, 7, seed=3), dict(top_k=0, more_smooth=True)),
+        (pipe, _star_text(2, 12, seed=4), dict(top_k=10, callback_on_step_end=_halve_latents_at(2))),
+        (inpaint, _star_text(2, 12, seed=5), dict(image=image, mask_image=inpaint.box_mask(0.25, 0.25, 0.75, 0.75))),
+        (img2img, _star_text(2, 12, seed=6), dict(image=image, strength=0.5, top_k=20, top_p=0.8)),
+    ]
+
+    def run_cases():
+        runs = [
+            _seeded_run(p, text, seed, record="callback_on_step_end" not in kw, **plain, **kw)
+            for seed, (p, text, kw) in enumerate(cases)
+        ]
+        runs.append(_seeded_run(pipe, cases[1][1], 7, record=False, **plain, **cases[1][2]))  # no logits copies
+        return runs
+
+    _check_graphs_match_eager((pipe, inpaint, img2img), run_cases)
+
+
+def test_infinity_sampling_inside_cuda_graphs_matches_the_eager_sampler():
+    from diffusers_var import InfinityImg2ImgPipeline, InfinityInpaintPipeline
+
+    pipe = _infinity_pipe()
+    inpaint, img2img = InfinityInpaintPipeline.from_pipe(pipe), InfinityImg2ImgPipeline.from_pipe(pipe)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(9)).cuda()
+    size = dict(height=32, width=32)
+
+    def switch_guidance(p, si, hw, tensors):  # a callback that changes the guidance mid-generation
+        if si == 2:
+            p._guidance_scale = 1.0
+        return {}
+
+    cases = [
+        (pipe, _infinity_text(1, 9, seed=1), dict(guidance_scale=3.0, tau=0.5)),
+        (pipe, _infinity_text(2, 5, seed=3, negative=True), dict(guidance_scale=2.0, tau=1.0, top_p=0.9)),
+        (pipe, _infinity_text(2, 5, seed=4), dict(guidance_scale=1.0)),  # no unconditional rows
+        (pipe, _infinity_text(1, 9, seed=5), dict(guidance_scale=[3.0, 1.0, 2.0, 4.0, 1.5, 3.0, 2.5], tau=0.7)),
+        (pipe, _infinity_text(1, 9, seed=6), dict(guidance_scale=3.0, callback_on_step_end=switch_guidance)),
+        (pipe, _infinity_text(1, 9, seed=7), dict(guidance_scale=3.0, callback_on_step_end=_halve_latents_at(3))),
+        (
+            inpaint,
+            _infinity_text(1, 9, seed=8),
+            dict(image=image, mask_image=inpaint.box_mask(0.2, 0.2, 0.7, 0.7, height=32, width=32)),
+        ),
+        (img2img, _infinity_text(1, 9, seed=9), dict(image=image, strength=0.6, guidance_scale=2.0)),
+    ]
+
+    def run_cases():
+        runs = [
+            _seeded_run(p, text, seed, record="callback_on_step_end" not in kw, **size, **kw)
+            for seed, (p, text, kw) in enumerate(cases)
+        ]
+        runs.append(_seeded_run(pipe, cases[0][1], 11, record=False, **size, **cases[0][2]))  # no logits copies
+        return runs
+
+    _check_graphs_match_eager((pipe, inpaint, img2img), run_cases)

@@ -52,6 +52,10 @@ from ..models.star_transformer import STARBlock
 logger = logging.get_logger(__name__)
 
 FAST_INFERENCE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# STAR and Infinity sample inside their whole-scale CUDA graphs only for images of at most this many tokens at the last
+# scale (256 px): there batch 1 is bound by the host launching the sampler's kernels, while at 1024 px the GPU already
+# hid them and the graphs' pool only held the sampler's large temporaries (BENCHMARKS.md, session 32)
+WHOLE_SCALE_SAMPLING_MAX_TOKENS = 16 * 16
 
 
 # torch.compile modes ``compile_decoder`` takes besides True / False. The modes that replay the decoder as CUDA graphs
@@ -1459,6 +1463,13 @@ class FastInferenceMixin:
     def _cuda_graphs_usable(device) -> bool:
         return torch.device(device).type == "cuda"
 
+    @staticmethod
+    def _samples_in_graphs(schedule: Sequence[tuple[int, int]]) -> bool:
+        """Whether STAR / Infinity put the sampling inside the whole-scale graphs for ``schedule`` (token grids of the
+        scales): images of at most :data:`WHOLE_SCALE_SAMPLING_MAX_TOKENS` tokens at the last scale."""
+        h, w = schedule[-1]
+        return h * w <= WHOLE_SCALE_SAMPLING_MAX_TOKENS
+
     def _graph_sampling_generator(self, device, generator) -> torch.Generator | None:
         """For sampling inside the per-scale CUDA graphs: the CUDA generator whose state the graphs borrow (the
         caller's single CUDA generator, or the device's default one for ``None``), or ``None`` when sampling stays
@@ -1566,3 +1577,63 @@ class FastInferenceMixin:
             return graphs.set_shared_inputs(*condition)
         cache = transformer.init_kv_cache(schedule[: scales.stop])
         return lambda si, scale_input: forward(cache, si, condition, scale_input)
+
+    def _whole_scale_graphs(
+        self,
+        key: tuple,
+        device,
+        condition: tuple[torch.Tensor, ...],
+        parameters: tuple[torch.Tensor, ...],
+        schedule: Sequence[tuple[int, int]],
+        latents: torch.Tensor,
+        sample_scale: Callable,
+        forcing=None,
+    ) -> CUDAGraphScaleSteps | None:
+        """Whole-scale CUDA graphs of the pipeline's transformer (STAR, Infinity): per scale the transformer step on
+        the generation's ``condition``, then ``sample_scale(si, model_output, latents, generator, forcing,
+        *parameters)``, which draws from ``generator``, updates the static ``latents`` in place and returns ``(the next
+        scale's transformer input or None, *outputs)``; a replay returns the outputs. One launch per scale instead of
+        the sampler's few dozen eager kernels (at batch 1 the host launching them is slower than the GPU running them).
+
+        ``parameters``: device tensors the sampling reads (guidance table, ``1 - top_p``, temperatures), so other
+        values replay the same graphs; ``key``: what else shapes ``sample_scale`` (captured once per key, with the
+        shapes of the condition, the parameters and ``latents``). ``forcing``: a :class:`TokenForcing`, kept as a
+        static copy refilled per call. Returns the set fed with this generation's condition, parameters and forcing,
+        its ``graphs.latents`` set to ``latents`` (the running sum at the start; same memory layout), with
+        ``graphs.scale_inputs[si]`` the static transformer input of scale ``si``; ``None`` when graphs are off."""
+        transformer = self.transformer
+        schedule = tuple(tuple(hw) for hw in schedule)
+        rows = condition[0].shape[0]
+
+        def build() -> CUDAGraphScaleSteps:
+            cache = transformer.init_kv_cache(schedule)
+            static_latents = torch.zeros_like(latents)  # the same memory layout: the kernels that read it follow it
+            channels = transformer.scale_input_channels
+            scale_inputs = [None] + [torch.zeros(rows, h * w, channels, device=device) for h, w in schedule[1:]]
+            static_forcing = forcing.static_copy() if forcing is not None else None
+            generator = torch.Generator(device)
+            split = len(condition)
+
+            def step(si, *shared):
+                output = transformer.forward_scale(si, shared[:split], cache, scale_inputs[si])
+                sampled = sample_scale(si, output, static_latents, generator, static_forcing, *shared[split:])
+                next_rows, *outputs = sampled
+                if next_rows is not None:
+                    scale_inputs[si + 1].copy_(next_rows)
+                return tuple(outputs)
+
+            graphs = CUDAGraphScaleSteps(
+                step, [()] * len(schedule), cache.reset, (*condition, *parameters), generator=generator
+            )
+            graphs.latents, graphs.scale_inputs, graphs.forcing = static_latents, scale_inputs, static_forcing
+            return graphs
+
+        shapes = tuple((t.shape, t.dtype) for t in (*condition, *parameters, latents))
+        graphs = self._graph_scale_steps(("whole scales", schedule, shapes, forcing is not None, *key), device, build)
+        if graphs is None:
+            return None
+        graphs.set_shared_inputs(*condition, *parameters)
+        graphs.latents.copy_(latents)
+        if forcing is not None:
+            graphs.forcing.copy_(forcing)
+        return graphs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from inspect import signature
 from typing import Callable, Sequence
 
@@ -14,7 +15,7 @@ from ..models.bitwise_vae import BitwiseMultiScaleVAE
 from ..models.dynamic_resolution import MAX_SIDE, schedule_for_pixels
 from ..models.infinity_transformer import InfinityTransformer2DModel
 from ..scalars import is_integer
-from .fast_inference import compile_adaln_blocks_
+from .fast_inference import CUDAGraphScaleSteps, compile_adaln_blocks_
 from .pipeline_utils import (
     UNIFIED_CALLBACK_TENSORS,
     BitwiseEditTokens,
@@ -22,6 +23,7 @@ from .pipeline_utils import (
     NextScaleEditMixin,
     NextScaleInpaintMixin,
     NextScalePipeline,
+    TokenForcing,
     box_grid_mask,
     check_common_inputs,
     check_finite_number,
@@ -35,8 +37,15 @@ from .pipeline_utils import (
     repeat_rows,
     shorten,
     text_encoder_width,
+    warn_eager_forcing,
 )
-from .sampling import GeneratorArg, filter_top_k_top_p_, nan_where_drawn_from_nonfinite, sample_from_logits
+from .sampling import (
+    GeneratorArg,
+    filter_top_k_top_p_,
+    nan_where_drawn_from_nonfinite,
+    sample_from_logits,
+    top_p_mass,
+)
 
 logger = logging.get_logger(__name__)
 # The original tokenises every prompt to 512 T5 tokens (tools/run_infinity.py), whatever the transformer's
@@ -363,8 +372,13 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         and the sampler. On CUDA each scale's transformer step is a CUDA graph, captured on the first call for a
         (rows, text length, scale schedule) and replayed after (a prompt of another token length captures another
         set; at most ``graph_cache_size`` are kept); the text encoding, the AdaLN modulations and every block's text
-        keys / values are computed once per generation inside the first scale's graph. Use a CUDA
-        ``torch.Generator``. On the CPU it only casts: with ``dtype=torch.float32`` the images are the eager ones.
+        keys / values are computed once per generation inside the first scale's graph. With a CUDA
+        ``torch.Generator`` (or ``generator=None``) and images of at most 16 x 16 tokens at the last scale
+        (``fast_inference.WHOLE_SCALE_SAMPLING_MAX_TOKENS``) the whole scale is one graph, sampling included, as for
+        VAR (a seed gives the eager sampler's images; other guidance, ``tau`` and ``top_p`` values replay the same
+        graphs); larger images, a CPU generator or a list of generators keep sampling eager after the graphed
+        transformer step. On the CPU it only
+        casts: with ``dtype=torch.float32`` the images are the eager ones.
         ``compile_decoder``: channels-last ``torch.compile`` of the VAE decoder (``True``, or a torch.compile mode
         as for :meth:`VARPipeline.enable_fast_inference`). ``compile_blocks``:
         ``torch.compile`` of each block's elementwise work (norms, modulation, q/k normalisation, 2-D RoPE, gating),
@@ -379,6 +393,95 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         if compile_blocks:
             compile_adaln_blocks_(self.transformer, compile_blocks)
         return self._set_fast_inference(True, cuda_graphs, dtype, fp8)
+
+    @staticmethod
+    def _bit_logits(raw_logits: torch.Tensor, B: int, mix) -> torch.Tensor:
+        """The logits a scale draws from: tau before the guidance mix, times 1 / tau as the original (bit-exact).
+        ``mix``: ``(cfg, 1 - cfg, 1 / tau, whether cfg != 1)`` as Python numbers, or as device scalars read inside a
+        CUDA graph (the same float32 products). Without guidance the unconditional half (if any) only fills its KV
+        cache."""
+        cfg, uncond_weight, inverse_tau, mixes = mix
+        scaled = raw_logits.mul(inverse_tau)
+        if raw_logits.shape[0] == B:  # no unconditional rows
+            return scaled
+        if isinstance(mixes, torch.Tensor):
+            return torch.where(mixes, cfg * scaled[:B] + uncond_weight * scaled[B:], scaled[:B])
+        return cfg * scaled[:B] + uncond_weight * scaled[B:] if mixes else scaled[:B]
+
+    @staticmethod
+    def _mix_tables(cfg_list, tau_list, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_bit_logits`'s ``mix`` of every scale as device tables: float32 ``(S, 3)`` rows ``[cfg, 1 - cfg,
+        1 / tau]`` (rounded from the Python values, as the eager products round them) and bool ``(S,)``."""
+        values = [[cfg, 1 - cfg, 1 / tau] for cfg, tau in zip(cfg_list, tau_list)]
+        mixes = [cfg != 1.0 for cfg in cfg_list]
+        return (
+            torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True),
+            torch.tensor(mixes).to(device, non_blocking=True),
+        )
+
+    def _sample_scale(
+        self,
+        si: int,
+        raw_logits: torch.Tensor,
+        latents: torch.Tensor,
+        mix,
+        top_k: int,
+        top_p: float,
+        generator: GeneratorArg,
+        schedule,
+        keep_logits: bool,
+        forcing: BitForcing | None = None,
+        top_p_mass: torch.Tensor | None = None,
+    ) -> tuple:
+        """Guidance, top-k / top-p, the draw of every bit, the forcing and the running sum's update (in place in
+        ``latents``) of scale ``si``: eagerly, or inside a whole-scale CUDA graph (``mix`` and ``1 - top_p`` then come
+        as device tensors). Returns ``(next scale's input or None, bits (B, h*w, bits), guided logits if
+        keep_logits)``."""
+        B, (h, w) = latents.shape[0], schedule[si]
+        bits_per_token, vae = self.transformer.config.bits_per_token, self.vae
+        logits = self._bit_logits(raw_logits, B, mix).reshape(B, h * w * bits_per_token, 2)
+        guided_logits = logits.view(B, h * w, bits_per_token, 2).clone() if keep_logits else None
+        filter_top_k_top_p_(logits, top_k, top_p, top_p_mass=top_p_mass)
+        bits, confidence = sample_from_logits(logits, generator, return_confidence=True)
+        bits, confidence = bits.view(B, h, w, bits_per_token), confidence.view(B, h, w, bits_per_token)
+        if forcing is not None:  # kept positions: the input's bits, and (finite) stand-in probabilities
+            bits, confidence = forcing(si, bits), forcing(si, confidence)
+        codes = nan_where_drawn_from_nonfinite(
+            vae.bits_to_codes(vae.token_bits_to_latent_bits(bits)), vae.token_bits_to_latent_bits(confidence)
+        )
+        latents.copy_(vae.next_scale_input(latents, codes, None)[0])
+        return self._next_scale_input(latents, si, schedule), bits.view(B, h * w, bits_per_token), guided_logits
+
+    def _sampling_graphs(
+        self, condition, latents, schedule, tables, top_k: int, top_p: float, keep_logits: bool, forcing
+    ) -> CUDAGraphScaleSteps | None:
+        """The whole-scale CUDA graphs of a generation (transformer step, guidance, top-k / top-p, the draws, the
+        forcing and the running sum's update in one replay per scale), fed with this generation's condition, mix
+        ``tables`` (:meth:`_mix_tables`) and top-p; ``None`` when graphs are off."""
+        guided = condition[0].shape[0] == 2 * latents.shape[0]
+
+        def sample_scale(si, raw_logits, latents, generator, forcing, mix_S3, mixes_S, removable_mass):
+            next_input, *outputs = self._sample_scale(
+                si,
+                raw_logits,
+                latents,
+                (*mix_S3[si], mixes_S[si]),
+                top_k,
+                0.0,
+                generator,
+                schedule,
+                keep_logits,
+                forcing,
+                removable_mass if top_p > 0 else None,
+            )
+            next_rows = None if next_input is None else self._guidance_rows(next_input, guided)
+            return next_rows, raw_logits, *outputs
+
+        parameters = (*tables, top_p_mass(top_p, latents.device))
+        key = ("infinity", top_k, top_p > 0, keep_logits)
+        return self._whole_scale_graphs(
+            key, latents.device, condition, parameters, schedule, latents, sample_scale, forcing
+        )
 
     def _sample_scales(
         self,
@@ -395,20 +498,39 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
     ) -> torch.Tensor:
         """The scale loop of a generation of ``B`` images with ``condition`` (the text of every row; 2B rows with
         guidance); returns the final summed codes. ``forcing`` (task pipelines) replaces bits before they
-        become codes."""
+        become codes.
+
+        On the fast path with a CUDA generator each scale is one CUDA graph replay, sampling included; otherwise the
+        transformer step (a graph replay, or eager) is followed by the eager sampler."""
         num_scales = len(schedule)
         guided = condition[0].shape[0] == 2 * B
         cfg_state = self._guidance_state()
         cfg_list = check_guidance_scale(self._guidance_scale, num_scales)
         tau_list = check_temperature(tau, num_scales, "tau")
         device = condition[0].device
-        transformer_step = self._transformer_steps(condition, schedule, device)
-        bits_per_token, vae = self.transformer.config.bits_per_token, self.vae
+        keep_logits = callback is not None
+        vae = self.vae
         latents = torch.zeros(  # channels-last: the original's sum of its codes' channels-last views
             B, vae.config.codebook_dim, *vae.latent_schedule(schedule)[-1], device=device, dtype=torch.float32
         ).contiguous(memory_format=torch.channels_last)
+        graphs, graph_generator = None, None
+        if self._samples_in_graphs(schedule):
+            graph_generator = self._graph_sampling_generator(device, generator)
+        if graph_generator is not None and forcing is not None and not isinstance(forcing, TokenForcing):
+            warn_eager_forcing(self)  # an arbitrary hook cannot be captured: sampling stays eager, said once
+            graph_generator = None
+        if graph_generator is not None:
+            tables = self._mix_tables(cfg_list, tau_list, device)
+            graphs = self._sampling_graphs(condition, latents, schedule, tables, top_k, top_p, keep_logits, forcing)
+        if graphs is not None:
+            latents = graphs.latents
+        else:
+            transformer_step = self._transformer_steps(condition, schedule, device)
         scale_input = None
-        with self.progress_bar(total=num_scales) as progress_bar:
+        with (
+            self.progress_bar(total=num_scales) as progress_bar,
+            graphs.borrow_generator_state(graph_generator) if graphs is not None else nullcontext(),
+        ):
             for si, (h, w) in enumerate(schedule):
                 if self.interrupt:
                     break
@@ -424,44 +546,40 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
                             "with; start the call with the guidance wanted at some scale (a callback may then change "
                             "it)."
                         )
-                raw_logits = transformer_step(si, scale_input)
-                model_logits = raw_logits.clone() if callback is not None else None  # a graph output is overwritten
-                cfg, tau_k = cfg_list[si], tau_list[si]
-                if guided and cfg != 1.0:  # tau before the mix, times 1 / tau as the original (bit-exact logits)
-                    scaled = raw_logits.mul(1 / tau_k)
-                    logits = cfg * scaled[:B] + (1 - cfg) * scaled[B:]
-                else:  # the unconditional half (if any) only fills its KV cache
-                    logits = raw_logits[:B].mul(1 / tau_k)
-                logits = logits.reshape(B, h * w * bits_per_token, 2)
-                guided_logits = logits.view(B, h * w, bits_per_token, 2).clone() if callback is not None else None
-                filter_top_k_top_p_(logits, top_k, top_p)
-                bits, confidence = sample_from_logits(logits, generator, return_confidence=True)
-                bits, confidence = bits.view(B, h, w, bits_per_token), confidence.view(B, h, w, bits_per_token)
-                if forcing is not None:  # kept positions: the input's bits, and (finite) stand-in probabilities
-                    bits, confidence = forcing(si, bits), forcing(si, confidence)
-                codes = nan_where_drawn_from_nonfinite(
-                    vae.bits_to_codes(vae.token_bits_to_latent_bits(bits)), vae.token_bits_to_latent_bits(confidence)
-                )
-                latents, _ = vae.next_scale_input(latents, codes, None)
-                next_input = self._next_scale_input(latents, si, schedule)
+                    if graphs is not None:
+                        for static, table in zip(
+                            graphs.shared_inputs[len(condition) :], self._mix_tables(cfg_list, tau_list, device)
+                        ):
+                            static.copy_(table)
+                if graphs is not None:  # the whole scale, sampling included, is one graph replay
+                    model_logits, bits, guided_logits = graphs(si)
+                    next_input = graphs.scale_inputs[si + 1][:B] if si + 1 < num_scales else None
+                else:
+                    model_logits = transformer_step(si, scale_input)
+                    mix = (cfg_list[si], 1 - cfg_list[si], 1 / tau_list[si], guided and cfg_list[si] != 1.0)
+                    next_input, bits, guided_logits = self._sample_scale(
+                        si, model_logits, latents, mix, top_k, top_p, generator, schedule, keep_logits, forcing
+                    )
 
                 if callback is not None:
                     tensors = dict(
                         latents=latents,
-                        tokens=bits.view(B, h * w, bits_per_token),
+                        tokens=bits,
                         guided_logits=guided_logits,
-                        model_logits=model_logits,
+                        model_logits=model_logits.clone(),  # a graph output is overwritten
                         next_scale_input=next_input,
                     )
                     new_latents = self._step_callback(callback, tensor_names, si, (h, w), tensors)
-                    if new_latents is not None:  # kept channels-last: the kernels that read the sum follow the layout
-                        latents = new_latents.contiguous(memory_format=torch.channels_last)
+                    if new_latents is not None:  # into the running sum (channels-last: the kernels follow the layout)
+                        latents.copy_(new_latents)
                         next_input = self._next_scale_input(latents, si, schedule)
-                if next_input is not None:
+                        if graphs is not None and next_input is not None:
+                            graphs.scale_inputs[si + 1].copy_(self._guidance_rows(next_input, guided))
+                if graphs is None and next_input is not None:
                     scale_input = self._guidance_rows(next_input, guided)
                 progress_bar.update()
-
-        return latents
+        # the graphs' buffer is overwritten by the next generation
+        return latents.clone() if graphs is not None else latents
 
     def _next_scale_input(self, summed: torch.Tensor, scale_index: int, schedule) -> torch.Tensor | None:
         """The input tokens (B, h'*w', bits_per_token) of the scale after ``scale_index``."""

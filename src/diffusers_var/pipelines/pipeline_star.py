@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import types
+from contextlib import nullcontext
 from inspect import signature
 from typing import Callable
 
@@ -14,7 +15,7 @@ from ..models.blocks import square_schedule
 from ..models.multiscale_vq import MultiScaleVQModel
 from ..models.star_transformer import STARTransformer2DModel
 from ..scalars import is_integer
-from .fast_inference import compile_star_blocks_
+from .fast_inference import CUDAGraphScaleSteps, compile_star_blocks_
 from .pipeline_utils import (
     UNIFIED_CALLBACK_TENSORS,
     CallbackArg,
@@ -36,6 +37,7 @@ from .pipeline_utils import (
     repeat_rows,
     shorten,
     text_encoder_width,
+    warn_eager_forcing,
 )
 from .sampling import (
     RANDOM_COMMIT_STEPS,
@@ -47,10 +49,12 @@ from .sampling import (
     gumbel_softmax,
     linear_guidance_ramp,
     nan_where_drawn_from_nonfinite,
+    ramp_table,
     sample_from_logits,
     smooth_tau,
     stable_sampler_counts,
     stable_sampler_plan,
+    top_p_mass,
     uniform_draws,
 )
 
@@ -403,9 +407,13 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         default); the output heads (``_keep_in_fp32_modules``; their LayerNorms are parameter-free and computed in
         float32), the quantizer and f_hat stay float32. On CUDA each scale's main transformer step is a CUDA graph,
         captured on the first call for a (rows, text length) pair and replayed after; the text keys / values of every
-        block are computed once per generation inside the first scale's graph; top-p sorts only the top-k values. The
-        stable sampler's extra head passes and all sampling run eagerly. Use a CUDA ``torch.Generator``. On the
-        CPU it only casts: with ``dtype=torch.float32`` the images are the eager ones. ``compile_blocks``:
+        block are computed once per generation inside the first scale's graph; top-p sorts only the top-k values.
+        With a CUDA ``torch.Generator`` (or ``generator=None``), no stable-sampler scale and images of at most 16 x 16
+        tokens (256 px; ``fast_inference.WHOLE_SCALE_SAMPLING_MAX_TOKENS``) the whole scale is one graph, sampling
+        included, as for VAR (a seed gives the eager sampler's images; the callback's tensors are the graphs'
+        buffers); larger images, a CPU generator, a list of generators or the stable sampler (its commit steps and
+        second random stream) keep sampling eager after the graphed transformer step. On the CPU it only casts: with
+        ``dtype=torch.float32`` the images are the eager ones. ``compile_blocks``:
         ``torch.compile`` of each block's elementwise work (norms, q/k normalisation, RoPE, residuals, FFN; the
         stable sampler's blocks too), fused before the graphs are captured (on CUDA,
         ``fast_inference.STAR_COMPILED_CROSS_QUERY_ON_CUDA = False`` keeps the cross-attention query uncompiled);
@@ -488,6 +496,83 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
             commit(confidence.view(B, n).topk(count, dim=-1).indices, codes, indices)
         return committed, committed_idx, tuple(torch.stack(t) for t in trace)
 
+    def _sample_scale(
+        self,
+        si: int,
+        model_logits_2BlV: torch.Tensor,
+        latents: torch.Tensor,
+        strength,
+        top_k: int,
+        top_p: float,
+        generator: GeneratorArg,
+        *,
+        more_smooth: bool,
+        keep_logits: bool,
+        fast_filter: bool,
+        forcing: ScaleForcing | None = None,
+        top_p_mass: torch.Tensor | None = None,
+    ) -> tuple:
+        """Guidance, top-k / top-p and the draw (or ``more_smooth``'s Gumbel mixture) of a scale without the stable
+        sampler, then the forcing and the latents update (in place): eagerly, or inside a whole-scale CUDA graph
+        (``strength`` and ``1 - top_p`` then come as device tensors). Returns ``(next scale's input or None, tokens,
+        guided logits, step logits, step indices, step confidences)``; the logits copies only with ``keep_logits``."""
+        ratio = si / (len(self.transformer.config.patch_nums) - 1)
+        guided_logits = apply_guidance(model_logits_2BlV, strength)
+        logits_copy = guided_logits.clone() if keep_logits else None
+        if more_smooth:  # soft mixture of codes, no hard sample (no draw), as the original
+            weights = gumbel_softmax(guided_logits.mul(1 + ratio), smooth_tau(ratio), generator)
+            embedding = weights @ self.vqvae.codebook_vectors(weights.device)
+            tokens = step_indices = step_conf = None
+            step_logits = guided_logits[None] if keep_logits else None
+        else:
+            step_logits = logits_copy[None] if keep_logits else None
+            filter_top_k_top_p_(guided_logits, top_k, top_p, fast=fast_filter, top_p_mass=top_p_mass)
+            tokens, confidence = sample_from_logits(guided_logits, generator, return_confidence=True)
+            step_indices, step_conf = tokens[None], confidence[None]
+            embedding = nan_where_drawn_from_nonfinite(self.vqvae.embed_tokens(tokens), confidence)
+        next_input, tokens = self._commit_scale(si, embedding, tokens, latents, forcing)
+        return next_input, tokens, logits_copy, step_logits, step_indices, step_conf
+
+    def _commit_scale(self, si: int, embedding_BlC, tokens, latents, forcing: ScaleForcing | None):
+        """A scale's codes (B, l, Cv) into the running latent (in place), after the forcing. Returns ``(next scale's
+        input or None, tokens after the forcing)``."""
+        pn = self.transformer.config.patch_nums[si]
+        embedding = embedding_BlC.to(latents.device).transpose(1, 2).reshape(latents.shape[0], -1, pn, pn)
+        if forcing is not None:
+            embedding, tokens = forcing(si, embedding, tokens)
+        self.vqvae.next_scale_input(si, latents, embedding)
+        return self._next_scale_input(latents, si), tokens
+
+    def _sampling_graphs(
+        self, condition, latents, top_k: int, top_p: float, forcing, **settings
+    ) -> CUDAGraphScaleSteps | None:
+        """The whole-scale CUDA graphs of a generation without the stable sampler (transformer step, guidance, top-k /
+        top-p, the draw, the forcing and the latents update in one replay per scale), fed with this generation's
+        condition, guidance ramp and top-p; ``None`` when graphs are off. ``settings``: :meth:`_sample_scale`'s."""
+        device, num_scales = latents.device, len(self.transformer.config.patch_nums)
+
+        def sample_scale(si, output, latents, generator, forcing, guidance_S2, removable_mass):
+            model_logits, _ = output
+            next_input, *outputs = self._sample_scale(
+                si,
+                model_logits,
+                latents,
+                guidance_S2[si],
+                top_k,
+                0.0,
+                generator,
+                forcing=forcing,
+                top_p_mass=removable_mass if top_p > 0 else None,
+                **settings,
+            )
+            return None if next_input is None else self._guidance_rows(next_input), model_logits, *outputs
+
+        parameters = (ramp_table(self._guidance_scale, num_scales, device), top_p_mass(top_p, device))
+        key = ("star", top_k, top_p > 0, *sorted(settings.items()))
+        return self._whole_scale_graphs(
+            key, device, condition, parameters, self.scale_schedule(), latents, sample_scale, forcing
+        )
+
     def _sample_scales(
         self,
         condition,
@@ -504,7 +589,11 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         forcing: ScaleForcing | None = None,
     ) -> torch.Tensor:
         """The scale loop of a generation with ``condition`` (the text of both guidance halves); returns the final
-        f_hat. ``forcing`` (task pipelines) replaces code maps before they enter f_hat."""
+        f_hat. ``forcing`` (task pipelines) replaces code maps before they enter f_hat.
+
+        On the fast path with a CUDA generator and no stable-sampler scale each scale is one CUDA graph replay,
+        sampling included; otherwise the transformer step (a graph replay, or eager) is followed by the eager
+        sampler."""
         transformer, vqvae = self.transformer, self.vqvae
         schedule = self.scale_schedule()
         num_scales, side = len(schedule), schedule[-1][0]
@@ -513,21 +602,39 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         sampler_start = transformer.config.sampler_start_scale if use_stable_sampler else num_scales
         text_pooled = condition[2]
         device = text_pooled.device
-        transformer_step = self._transformer_steps(condition, schedule, device)
-        fast_top_p = self._fast_top_p(device)
+        fast_filter = self._fast_top_p(device)
+        settings = dict(more_smooth=more_smooth, keep_logits=callback is not None, fast_filter=fast_filter)
         latents = torch.zeros(B, vqvae.config.z_channels, side, side, device=device, dtype=torch.float32)
+        graphs, graph_generator = None, None
+        if sampler_start == num_scales and self._samples_in_graphs(schedule):  # the stable sampler's two random
+            graph_generator = self._graph_sampling_generator(device, generator)  # streams stay eager
+        if graph_generator is not None and forcing is not None and not isinstance(forcing, TokenForcing):
+            warn_eager_forcing(self)  # an arbitrary hook cannot be captured: sampling stays eager, said once
+            graph_generator = None
+        if graph_generator is not None:
+            graphs = self._sampling_graphs(condition, latents, top_k, top_p, forcing, **settings)
+        if graphs is not None:
+            latents, table_guidance = graphs.latents, self._guidance_scale
+        else:
+            transformer_step = self._transformer_steps(condition, schedule, device)
         scale_input = None
-        with self.progress_bar(total=num_scales) as progress_bar:
+        with (
+            self.progress_bar(total=num_scales) as progress_bar,
+            graphs.borrow_generator_state(graph_generator) if graphs is not None else nullcontext(),
+        ):
             for si, (pn, _) in enumerate(schedule):
                 if self.interrupt:
                     break
-                ratio = si / (num_scales - 1)
-                model_logits, hidden_2B = transformer_step(si, scale_input)
-                guided_logits = apply_guidance(
-                    model_logits, linear_guidance_ramp(self._guidance_scale, si, num_scales)
-                )
-                logits_copy = guided_logits.clone() if callback is not None else None
-                if si >= sampler_start:
+                if graphs is not None:  # the whole scale, sampling included, is one graph replay
+                    if self._guidance_scale != table_guidance:  # a callback changed the guidance
+                        table_guidance = self._guidance_scale
+                        graphs.shared_inputs[len(condition)].copy_(ramp_table(table_guidance, num_scales, device))
+                    model_logits, tokens, logits_copy, step_logits, step_indices, step_conf = graphs(si)
+                    next_input = graphs.scale_inputs[si + 1][:B] if si + 1 < num_scales else None
+                elif si >= sampler_start:
+                    model_logits, hidden_2B = transformer_step(si, scale_input)
+                    ramp = linear_guidance_ramp(self._guidance_scale, si, num_scales)
+                    logits_copy = apply_guidance(model_logits, ramp) if callback is not None else None
                     embedding, tokens, (step_logits, step_indices, step_conf) = self._stable_sampler_scale(
                         si,
                         model_logits,
@@ -541,22 +648,13 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
                         sampler_generator,
                         forcing.known_tokens(si) if isinstance(forcing, TokenForcing) else None,
                     )
-                elif more_smooth:  # soft mixture of codes, no hard sample (no draw), as the original
-                    weights = gumbel_softmax(guided_logits.mul(1 + ratio), smooth_tau(ratio), generator)
-                    embedding = weights @ vqvae.codebook_vectors(weights.device)
-                    tokens = step_indices = step_conf = None
-                    step_logits = guided_logits[None]
+                    next_input, tokens = self._commit_scale(si, embedding, tokens, latents, forcing)
                 else:
-                    step_logits = logits_copy[None] if callback is not None else None
-                    filter_top_k_top_p_(guided_logits, top_k, top_p, fast=fast_top_p)
-                    tokens, confidence = sample_from_logits(guided_logits, generator, return_confidence=True)
-                    step_indices, step_conf = tokens[None], confidence[None]
-                    embedding = nan_where_drawn_from_nonfinite(vqvae.embed_tokens(tokens), confidence)
-                embedding = embedding.to(device).transpose(1, 2).reshape(B, -1, pn, pn)
-                if forcing is not None:
-                    embedding, tokens = forcing(si, embedding, tokens)
-                vqvae.next_scale_input(si, latents, embedding)
-                next_input = self._next_scale_input(latents, si)
+                    model_logits, _ = transformer_step(si, scale_input)
+                    strength = linear_guidance_ramp(self._guidance_scale, si, num_scales)
+                    next_input, tokens, logits_copy, step_logits, step_indices, step_conf = self._sample_scale(
+                        si, model_logits, latents, strength, top_k, top_p, generator, forcing=forcing, **settings
+                    )
 
                 if callback is not None:
                     tensors = dict(
@@ -571,12 +669,18 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
                     )
                     new_latents = self._step_callback(callback, tensor_names, si, (pn, pn), tensors)
                     if new_latents is not None:
-                        latents, next_input = new_latents, self._next_scale_input(new_latents, si)
-                if next_input is not None:
+                        next_input = self._next_scale_input(new_latents, si)
+                        if graphs is None:
+                            latents = new_latents
+                        else:  # into the graphs' static buffers
+                            latents.copy_(new_latents)
+                            if next_input is not None:
+                                graphs.scale_inputs[si + 1].copy_(self._guidance_rows(next_input))
+                if graphs is None and next_input is not None:
                     scale_input = self._guidance_rows(next_input)
                 progress_bar.update()
-
-        return latents
+        # the graphs' buffer is overwritten by the next generation
+        return latents.clone() if graphs is not None else latents
 
     @staticmethod
     def sampler_generators(generator: GeneratorArg, sampler_generator):
