@@ -396,6 +396,9 @@ def code_transformer_flops(pipe: VARCoDePipeline, rows: int) -> float:
 # ----------------------------------------------------------------------------------------------
 STAR_TEXT_TOKENS = 77  # CLIP's padded length
 STAR_SAMPLING = dict(guidance_scale=4.0, top_k=600, top_p=0.8)  # the STAR demo / pipeline defaults
+# name: (depth, patch_nums), width 64 * depth and depth heads: star-256-d16.json (256 px, 10 scales) and
+# star-1024-d30.json (14 scales)
+RELEASED_STAR = {"star-d16": (16, PATCH_NUMS_STAR_256), "star-d30": (30, PATCH_NUMS_1024)}
 
 
 def build_star(name: str, device) -> STARPipeline:
@@ -413,24 +416,14 @@ def build_star(name: str, device) -> STARPipeline:
             num_legacy_classes=0,
             cross_attention_row0_quirk=True,
         )
-    elif name == "star-d16":  # keys/star/star-256-d16.json: 256 px, 10 scales
-        vqvae = MultiScaleVQModel(patch_nums=PATCH_NUMS_STAR_256)
+    else:  # the released configurations (keys/star/*.json, VAR_kwargs), as convert_star builds them
+        depth, patch_nums = RELEASED_STAR[name]
+        vqvae = MultiScaleVQModel(patch_nums=patch_nums)  # VAR's released VQ-VAE with STAR's schedule
         transformer = STARTransformer2DModel(
-            depth=16,
-            embed_dim=1024,
-            num_heads=16,
-            patch_nums=PATCH_NUMS_STAR_256,
-            text_embed_dim=1024,
-            num_legacy_classes=1000,
-            cross_attention_row0_quirk=True,
-        )
-    else:  # star-d30: keys/star/star-1024-d30.json (VAR_kwargs), as convert_star builds it
-        vqvae = MultiScaleVQModel(patch_nums=PATCH_NUMS_1024)  # VAR's released VQ-VAE, 14 scales
-        transformer = STARTransformer2DModel(
-            depth=30,
-            embed_dim=1920,
-            num_heads=30,
-            patch_nums=PATCH_NUMS_1024,
+            depth=depth,
+            embed_dim=64 * depth,
+            num_heads=depth,
+            patch_nums=patch_nums,
             text_embed_dim=1024,
             num_legacy_classes=1000,
             cross_attention_row0_quirk=True,

@@ -803,9 +803,19 @@ def _seeded_run(pipe, text, seed, record=True, **kwargs):
     return latent, torch.cat(seen, dim=1) if seen else None, generator.get_state()
 
 
-def _check_graphs_match_eager(pipes, run_cases):
-    """``run_cases()`` with each of ``pipes`` on the fast path without and with CUDA graphs: the same tokens, the
-    same latents (float32) and the caller's generator advanced the same way."""
+def _check_graphs_match_eager(pipes, cases, **common):
+    """``cases`` ((pipeline, text, call arguments) each, plus ``common``), and the second case again without a
+    callback (no logits copies in the graphs), with each of ``pipes`` on the fast path without and with CUDA graphs:
+    the same tokens, the same latents (float32) and the caller's generator advanced the same way."""
+
+    def run_cases():
+        runs = [
+            _seeded_run(p, text, seed, record="callback_on_step_end" not in kw, **common, **kw)
+            for seed, (p, text, kw) in enumerate(cases)
+        ]
+        pipe, text, kw = cases[1]
+        return runs + [_seeded_run(pipe, text, len(cases), record=False, **common, **kw)]
+
     results = {}
     for graphs in (False, True):
         for pipe in pipes:
@@ -835,7 +845,6 @@ def test_star_sampling_inside_cuda_graphs_matches_the_eager_sampler():
     pipe = _star_pipe(quirk=True)
     inpaint, img2img = STARInpaintPipeline.from_pipe(pipe), STARImg2ImgPipeline.from_pipe(pipe)
     image = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(9)).cuda()
-    plain = dict(use_stable_sampler=False)
     cases = [
         (pipe, _star_text(2, 12, seed=1), dict(top_k=10)),
         (pipe, _star_text(2, 12, seed=2), dict(top_k=20, top_p=0.9, guidance_scale=2.0)),
@@ -845,15 +854,7 @@ def test_star_sampling_inside_cuda_graphs_matches_the_eager_sampler():
         (img2img, _star_text(2, 12, seed=6), dict(image=image, strength=0.5, top_k=20, top_p=0.8)),
     ]
 
-    def run_cases():
-        runs = [
-            _seeded_run(p, text, seed, record="callback_on_step_end" not in kw, **plain, **kw)
-            for seed, (p, text, kw) in enumerate(cases)
-        ]
-        runs.append(_seeded_run(pipe, cases[1][1], 7, record=False, **plain, **cases[1][2]))  # no logits copies
-        return runs
-
-    _check_graphs_match_eager((pipe, inpaint, img2img), run_cases)
+    _check_graphs_match_eager((pipe, inpaint, img2img), cases, use_stable_sampler=False)
 
 
 def test_infinity_sampling_inside_cuda_graphs_matches_the_eager_sampler():
@@ -862,7 +863,6 @@ def test_infinity_sampling_inside_cuda_graphs_matches_the_eager_sampler():
     pipe = _infinity_pipe()
     inpaint, img2img = InfinityInpaintPipeline.from_pipe(pipe), InfinityImg2ImgPipeline.from_pipe(pipe)
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(9)).cuda()
-    size = dict(height=32, width=32)
 
     def switch_guidance(p, si, hw, tensors):  # a callback that changes the guidance mid-generation
         if si == 2:
@@ -884,12 +884,4 @@ def test_infinity_sampling_inside_cuda_graphs_matches_the_eager_sampler():
         (img2img, _infinity_text(1, 9, seed=9), dict(image=image, strength=0.6, guidance_scale=2.0)),
     ]
 
-    def run_cases():
-        runs = [
-            _seeded_run(p, text, seed, record="callback_on_step_end" not in kw, **size, **kw)
-            for seed, (p, text, kw) in enumerate(cases)
-        ]
-        runs.append(_seeded_run(pipe, cases[0][1], 11, record=False, **size, **cases[0][2]))  # no logits copies
-        return runs
-
-    _check_graphs_match_eager((pipe, inpaint, img2img), run_cases)
+    _check_graphs_match_eager((pipe, inpaint, img2img), cases, height=32, width=32)

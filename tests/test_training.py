@@ -137,6 +137,19 @@ def _run_cli(config: dict, path: Path, fault: str | None = None) -> subprocess.C
     )
 
 
+def _two_processes(*args: str, timeout: int = 600) -> str:
+    """``python -m *args`` (a launcher of two CPU processes, one thread each, no injected fault): the output of a
+    run that succeeded."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("DIFFUSERS_VAR_FAULT_INJECT", None)
+    result = subprocess.run(
+        [sys.executable, "-m", *args], check=False, capture_output=True, text=True, env=env, timeout=timeout
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    return output
+
+
 def test_killed_run_resumes_to_identical_weights(tokenizer_dir, tmp_path):
     """SIGKILL after step 3, then SIGKILL in the middle of writing checkpoint 4, then resume to the end:
     the result equals an uninterrupted run, and no half-written checkpoint is ever used or kept."""
@@ -961,30 +974,17 @@ def test_multi_gpu_launch_config_on_a_cpu_machine_is_one_run(tokenizer_dir, tmp_
         data={**DATA, "num_images": 16},
     )
     (tmp_path / "config.json").write_text(json.dumps(config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("DIFFUSERS_VAR_FAULT_INJECT", None)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            str(Path(__file__).resolve().parents[1] / "configs" / "accelerate_ddp.yaml"),
-            "-m",
-            "diffusers_var.training",
-            "var",
-            "--config",
-            str(tmp_path / "config.json"),
-            "mixed_precision=no",
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
+    output = _two_processes(
+        "accelerate.commands.launch",
+        "--config_file",
+        str(Path(__file__).resolve().parents[1] / "configs" / "accelerate_ddp.yaml"),
+        "-m",
+        "diffusers_var.training",
+        "var",
+        "--config",
+        str(tmp_path / "config.json"),
+        "mixed_precision=no",
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
     assert "on 2 process(es)" in output
     checkpoint = tmp_path / "run" / "checkpoints" / "step-0000002"
     assert (checkpoint / "rng_state_0.safetensors").is_file() and (checkpoint / "rng_state_1.safetensors").is_file()
@@ -1796,17 +1796,9 @@ def test_ddp_trains_a_tokenizer_with_an_unused_phi_layer(tmp_path):
     assert has_unused_parameters(TrainConfig(**config))
     assert not has_unused_parameters(TrainConfig(**{**config, "model": {**TOKENIZER_MODEL, "share_quant_resi": 3}}))
     (tmp_path / "config.json").write_text(json.dumps(config))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("DIFFUSERS_VAR_FAULT_INJECT", None)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        + ["-m", "diffusers_var.training", "tokenizer", "--config", str(tmp_path / "config.json")],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env,
+    output = _two_processes(
+        *("torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "diffusers_var.training"),
+        *("tokenizer", "--config", str(tmp_path / "config.json")),
         timeout=300,
     )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
     assert "on 2 process(es)" in output and (tmp_path / "run" / "final" / "config.json").is_file()

@@ -571,10 +571,15 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
                     )
                     new_latents = self._step_callback(callback, tensor_names, si, (h, w), tensors)
                     if new_latents is not None:  # into the running sum (channels-last: the kernels follow the layout)
-                        latents.copy_(new_latents)
-                        next_input = self._next_scale_input(latents, si, schedule)
-                        if graphs is not None and next_input is not None:
-                            graphs.scale_inputs[si + 1].copy_(self._guidance_rows(next_input, guided))
+                        latents, next_input = self._take_callback_latents(
+                            new_latents,
+                            latents,
+                            si,
+                            graphs,
+                            lambda summed: self._next_scale_input(summed, si, schedule),
+                            lambda x: self._guidance_rows(x, guided),
+                            in_place=True,
+                        )
                 if graphs is None and next_input is not None:
                     scale_input = self._guidance_rows(next_input, guided)
                 progress_bar.update()

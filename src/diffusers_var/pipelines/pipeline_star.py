@@ -669,13 +669,7 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
                     )
                     new_latents = self._step_callback(callback, tensor_names, si, (pn, pn), tensors)
                     if new_latents is not None:
-                        next_input = self._next_scale_input(new_latents, si)
-                        if graphs is None:
-                            latents = new_latents
-                        else:  # into the graphs' static buffers
-                            latents.copy_(new_latents)
-                            if next_input is not None:
-                                graphs.scale_inputs[si + 1].copy_(self._guidance_rows(next_input))
+                        latents, next_input = self._take_callback_latents(new_latents, latents, si, graphs)
                 if graphs is None and next_input is not None:
                     scale_input = self._guidance_rows(next_input)
                 progress_bar.update()

@@ -625,6 +625,30 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         # a copy: the next scales add into the running latent in place
         return new.to(device=tensors["latents"].device, dtype=torch.float32, copy=True)
 
+    def _take_callback_latents(
+        self,
+        new_latents,
+        latents,
+        si: int,
+        graphs,
+        next_input_of: Callable | None = None,
+        rows_of: Callable | None = None,
+        in_place: bool = False,
+    ):
+        """A callback's latent (:meth:`_step_callback`'s copy) as the running latent of the scale loop: ``(latents,
+        the next scale's input)``. With whole-scale graphs (or ``in_place``: a buffer whose memory layout the kernels
+        follow) it is copied into the running buffer, and with graphs the next scale's transformer input
+        (``rows_of(next_input)``) into its static input. ``next_input_of(latents)`` and ``rows_of`` default to the
+        VQ families' ``_next_scale_input(latents, si)`` and ``_guidance_rows``."""
+        next_input_of = next_input_of or (lambda f_hat: self._next_scale_input(f_hat, si))
+        rows_of = rows_of or self._guidance_rows
+        if graphs is not None or in_place:
+            new_latents = latents.copy_(new_latents)
+        next_input = next_input_of(new_latents)
+        if graphs is not None and next_input is not None:
+            graphs.scale_inputs[si + 1].copy_(rows_of(next_input))
+        return new_latents, next_input
+
     # -- the end of a call ------------------------------------------------------------------------------------------
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """The final running latent -> images (B, 3, H, W) in [-1, 1] (family-specific)."""
