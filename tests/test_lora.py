@@ -1404,14 +1404,15 @@ def test_a_hotswap_to_other_layers_is_refused_before_anything_changes(tmp_path):
     assert torch.equal(images(pipe, "var"), expected)
 
 
-def test_disable_or_load_after_fusing_unfuses_exactly(tmp_path):
+def test_disable_delete_or_load_after_fusing_unfuses_exactly(tmp_path):
     """After ``fuse_lora()``, ``disable_lora()`` or loading another adapter made PEFT unmerge the fused one on its own,
     by subtracting its update again (base weights off by float rounding), while the pipeline still counted it fused
-    and refused ``set_adapters``. Both unfuse exactly first now."""
+    and refused ``set_adapters``; ``delete_adapters`` left the fused update in the weights for good. All unfuse
+    exactly first now."""
     other = embedded("var")
     add_random_adapter(other.transformer, "b", seed=2, scale=0.3)
     b_file = save_adapter(other, tmp_path / "b", name="b")
-    for then in ("disable_lora", "load_lora_weights"):
+    for then in ("disable_lora", "load_lora_weights", "delete_adapters"):
         pipe = embedded("var")
         base = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
         base_images = images(pipe, "var")
@@ -1420,6 +1421,10 @@ def test_disable_or_load_after_fusing_unfuses_exactly(tmp_path):
         if then == "disable_lora":
             pipe.disable_lora()
             assert torch.equal(images(pipe, "var"), base_images)
+        elif then == "delete_adapters":
+            pipe.delete_adapters("a")
+            assert pipe.get_list_adapters() == {} and torch.equal(images(pipe, "var"), base_images)
+            pipe.unload_lora_weights()
         else:
             pipe.load_lora_weights(b_file, adapter_name="b")
         weights = {
@@ -1427,8 +1432,27 @@ def test_disable_or_load_after_fusing_unfuses_exactly(tmp_path):
         }
         assert set(weights) == set(base) and all(torch.equal(weights[k], base[k]) for k in base), then
         assert not pipe.fused_loras
-        pipe.enable_lora()
-        pipe.set_adapters(["a"], [0.5])  # (refused as "fused" before)
+        if then != "delete_adapters":
+            pipe.enable_lora()
+            pipe.set_adapters(["a"], [0.5])  # (refused as "fused" before)
+
+
+def test_an_adapter_loaded_after_disable_lora_is_disabled_too(tmp_path):
+    """``disable_lora()`` then loading an adapter that reaches more layers enabled only the newly wrapped layers (half
+    the adapter ran); the pipeline stays disabled until ``enable_lora()`` now, all of it."""
+    source = embedded("var")
+    base_images = images(source, "var")
+    add_random_adapter(source.transformer, "d", seed=3, scale=0.3, targets=["attention", "adaln"])
+    wider = save_adapter(source, tmp_path / "d", name="d")
+    with_d = images(source, "var")
+    pipe = embedded("var")
+    add_random_adapter(pipe.transformer, "a", scale=0.3, targets=["attention"])
+    pipe.disable_lora()
+    pipe.load_lora_weights(wider, adapter_name="d")
+    assert torch.equal(images(pipe, "var"), base_images)
+    pipe.enable_lora()
+    pipe.set_adapters("d")
+    assert torch.equal(images(pipe, "var"), with_d)
 
 
 def test_a_folder_with_one_lora_file_of_another_name_loads_it(tmp_path):

@@ -799,6 +799,10 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             )
         self._unfuse_before("load_lora_weights")
         models = [getattr(self, c) for c in parts]
+        # after disable_lora the pipeline stays disabled until enable_lora: PEFT makes new layers enabled, and an
+        # adapter reaching layers the others do not would run only there
+        layers = list(self._lora_layers(self._lora_loadable_modules))
+        disabled = bool(layers) and all(layer.disable_adapters for layer in layers)
         with _restored_on_failure(models, adapter_name, hotswap):
             transformer_part = parts.get(self.transformer_name)
             if transformer_part:
@@ -822,6 +826,9 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             if text_part:
                 meta = _component_metadata(metadata, self.text_encoder_name) or None
                 self._load_text_encoder_adapter(text_part, meta, adapter_name)
+            if disabled:
+                for layer in self._lora_layers(list(parts)):
+                    layer.enable_adapters(False)
 
     def _loaded_adapter_names(self) -> set[str]:
         return {name for names in self.get_list_adapters().values() for name in names}
@@ -1065,6 +1072,8 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         """Remove the adapters ``adapter_names`` from every component (diffusers' ``delete_adapters``, which ignores
         names it does not know: here they are a ``ValueError``)."""
         names = self._check_adapter_names(adapter_names)
+        # a fused adapter's update lives in the base weights, which deleting its layers would keep for good
+        self._unfuse_before("delete_adapters")
         super().delete_adapters(names)
         # diffusers forgets a text encoder's adapter config only when transformers' own loader put it there (a flag
         # that PEFT's inject_adapter_in_model, which add_text_encoder_adapter uses, does not set)
