@@ -635,10 +635,32 @@ def test_malformed_lora_inputs_name_the_file_or_parameter(var_adapter, tmp_path)
         ("rank", {"config": {"r": -1}}, r"LoraConfig's `r` must be an integer >= 1, got -1"),
         ("alpha", {"config": {"lora_alpha": math.nan}}, "LoraConfig's `lora_alpha` must be a positive number"),
         ("config", {"config": {"no_such_field": 1}}, "the transformer LoRA metadata is not a LoraConfig"),
+        # these failed inside PEFT or torch while injecting (or loaded another adapter than was saved)
+        ("dropout", {"config": {"lora_dropout": 2.0}}, r"`lora_dropout` must be a number in \[0, 1\), got 2.0"),
+        ("targets", {"config": {"target_modules": 5}}, "`target_modules` must be a regular expression or a list"),
+        ("init", {"config": {"init_lora_weights": "pissa"}}, "`init_lora_weights` must be true, false or 'gaussian'"),
+        ("save", {"config": {"modules_to_save": ["head"]}}, r"`modules_to_save` must be empty, got \['head'\]"),
+        ("rank0", {"tensors": lambda key, t: t[:0] if ".lora_A." in key else t[:, :0]}, "to_out` has rank 0; ranks"),
+        ("dora", {"config": {"use_dora": True}}, r"`use_dora` in its LoraConfig\) but no `lora_magnitude_vector` for"),
     ]
     for name, variant, message in cases:
         path = adapter_variant(var_adapter, tmp_path / f"{name}.safetensors", **variant)
         with pytest.raises(ValueError, match=f"`pretrained_model_name_or_path_or_dict` '{path}'.*{message}"):
+            pipe.load_lora_weights(path)
+    # DoRA magnitudes for one layer only: without metadata (DoRA inferred) the others lack theirs; with a LoraConfig
+    # whose use_dora is false they are refused (torch failed on meta tensors, or the layers ran as plain LoRA)
+    state = load_file(var_adapter / "pytorch_lora_weights.safetensors")
+    state["transformer.blocks.0.attn.to_out.lora_magnitude_vector"] = torch.ones(
+        state["transformer.blocks.0.attn.to_out.lora_B.weight"].shape[0]
+    )
+    for header, message in (
+        ({"lora_adapter_metadata": ""}, "DoRA .*but no `lora_magnitude_vector` for 23 layers"),
+        ({}, "`lora_magnitude_vector` weights .*but its LoraConfig's `use_dora` is false"),
+    ):
+        path = adapter_variant(var_adapter, tmp_path / "magnitude.safetensors", **header)
+        with safe_open(path, "pt") as f:
+            save_file(state, str(path), metadata=f.metadata())
+        with pytest.raises(ValueError, match=f"'{path}'.*{message}"):
             pipe.load_lora_weights(path)
     with pytest.raises(ValueError, match="`pretrained_model_name_or_path_or_dict`: .*`transformer.x.lora_A.weight`"):
         pipe.load_lora_weights({"transformer.x.lora_A.weight": 3})

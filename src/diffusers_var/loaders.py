@@ -290,6 +290,25 @@ def lora_config_problems(config) -> list[str]:
         pattern = getattr(config, field, None) or {}
         if not isinstance(pattern, dict) or not all(isinstance(k, str) and is_valid(v) for k, v in pattern.items()):
             problems.append(f"its LoraConfig's `{field}` must map module names to {what}, got {pattern!r}")
+    # the rest fails deep inside PEFT or torch while the layers are injected, or loads something else than was saved
+    dropout = config.lora_dropout
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        problems.append(f"its LoraConfig's `lora_dropout` must be a number in [0, 1), got {dropout!r}")
+    targets = config.target_modules
+    if not (
+        isinstance(targets, str)
+        or (isinstance(targets, (list, tuple, set)) and targets and all(isinstance(t, str) for t in targets))
+    ):
+        problems.append(
+            f"its LoraConfig's `target_modules` must be a regular expression or a list of module names, got "
+            f"{targets!r}"
+        )
+    # the file's weights replace the initial ones; other initialisations (pissa, olora, ...) change the base weights
+    init = config.init_lora_weights
+    if not (init is True or init is False or init == "gaussian"):
+        problems.append(f"its LoraConfig's `init_lora_weights` must be true, false or 'gaussian', got {init!r}")
+    if config.modules_to_save:  # whole trained copies of layers: a LoRA file holds no such weights
+        problems.append(f"its LoraConfig's `modules_to_save` must be empty, got {config.modules_to_save!r}")
     return problems
 
 
@@ -313,6 +332,7 @@ def lora_mismatches(state_dict: dict[str, torch.Tensor], model: nn.Module, confi
     if config is not None:
         problems += lora_config_problems(config)
     ranks: dict[str, dict[str, int]] = {}  # layer: {"lora_A": rank, "lora_B": rank}
+    magnitudes = set()  # layers with DoRA's magnitude vector
     for key, tensor in state_dict.items():
         match = _LORA_KEY.match(key)
         if match is None:
@@ -333,6 +353,8 @@ def lora_mismatches(state_dict: dict[str, torch.Tensor], model: nn.Module, confi
         if tensor.ndim != (1 if vector else 2):
             problems.append(f"`{key}` has {tensor.ndim} dimensions, {'1' if vector else '2'} expected")
             continue
+        if part == "lora_magnitude_vector":
+            magnitudes.add(name)
         if vector:
             if tensor.shape[0] != d_out:
                 problems.append(f"`{key}` has {tensor.shape[0]} entries, `{name}` has {d_out} outputs")
@@ -354,10 +376,32 @@ def lora_mismatches(state_dict: dict[str, torch.Tensor], model: nn.Module, confi
             problems.append(f"`{name}` has {have} but no {'lora_B' if have == 'lora_A' else 'lora_A'} weights")
         elif found["lora_A"] != found["lora_B"]:
             problems.append(f"`{name}`: lora_A has rank {found['lora_A']}, lora_B has rank {found['lora_B']}")
+        elif found["lora_A"] < 1:
+            problems.append(f"`{name}` has rank {found['lora_A']}; ranks must be >= 1")
         elif config is not None and not problems and found["lora_A"] != _configured_rank(config, name):
             problems.append(
                 f"`{name}` has rank {found['lora_A']}, the LoraConfig says {_configured_rank(config, name)}"
             )
+    # DoRA: a magnitude per adapted layer, exactly when the config says use_dora (diffusers infers it, without
+    # metadata, from any magnitude key); otherwise torch failed on meta tensors, or layers ran as plain LoRA
+    use_dora = bool(config.use_dora) if config is not None else bool(magnitudes)
+    adapted = set(ranks)
+    if use_dora and adapted - magnitudes:
+        missing = sorted(adapted - magnitudes, key=_natural_key)
+        problems.append(
+            f"DoRA (`use_dora`{' in its LoraConfig' if config is not None and config.use_dora else ''}) but no "
+            f"`lora_magnitude_vector` for {len(missing)} layers (e.g. `{missing[0]}`)"
+        )
+    if not use_dora and magnitudes:
+        problems.append(
+            f"`lora_magnitude_vector` weights (DoRA) for {sorted(magnitudes, key=_natural_key)[:3]}, but its "
+            "LoraConfig's `use_dora` is false"
+        )
+    if magnitudes - adapted:
+        problems.append(
+            f"`lora_magnitude_vector` without lora_A / lora_B weights for "
+            f"{sorted(magnitudes - adapted, key=_natural_key)[:3]}"
+        )
     if config is not None and not problems:
         from peft.tuners.tuners_utils import check_target_module_exists
 
