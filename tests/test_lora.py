@@ -507,6 +507,19 @@ def test_safetensors_only_and_bad_arguments_name_the_parameter(tmp_path):
     with pytest.raises(ValueError, match=r"`unfuse_lora` takes components; got unknown arguments \['unfuse_unet'\]"):
         pipe.unfuse_lora(unfuse_unet=True)
     assert not pipe.fused_loras
+    # loading too (the adapter loaded as default_0, or at scale 1); a weight_name beside a file path was ignored
+    file = tmp_path / "q" / "pytorch_lora_weights.safetensors"
+    for unknown in ({"adaptor_name": "style"}, {"lora_scale": 0.0}):
+        with pytest.raises(
+            ValueError, match=rf"`load_lora_weights` takes .*unknown arguments \['{next(iter(unknown))}'\]"
+        ):
+            pipe.load_lora_weights(file, **unknown)
+    with pytest.raises(ValueError, match=r"`lora_state_dict` takes .*unknown arguments \['bogus'\]"):
+        VARPipeline.lora_state_dict(file, bogus=1)
+    with pytest.raises(ValueError, match="`weight_name` 'other.safetensors' names a file of a folder"):
+        pipe.load_lora_weights(file, weight_name="other.safetensors")
+    assert pipe.get_list_adapters() == {"transformer": ["a", "b"]}
+    pipe.load_lora_weights(file, weight_name=file.name, adapter_name="c")
 
 
 # ----------------------------------------------------------------------------------------------

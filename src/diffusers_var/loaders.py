@@ -528,6 +528,9 @@ def _check_saved_metadata(metadata: dict | None, tensors: dict, parameter: str) 
 
 
 _SOURCE = "`pretrained_model_name_or_path_or_dict`"
+_LORA_STATE_DICT_ARGUMENTS = (
+    "weight_name, subfolder, use_safetensors, local_files_only, cache_dir, force_download, proxies, token, revision"
+)
 _FUSE_SNAPSHOT = "_diffusers_var_fuse_snapshot"  # a LoRA layer's base weight and scales before fuse_lora
 
 
@@ -652,6 +655,20 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
                 f"`weight_name` must be a file name in the folder (`subfolder=` for one below), got {weight_name!r}."
             )
         subfolder = kwargs.pop("subfolder", None)
+        hub = {
+            key: kwargs.pop(key, default)
+            for key, default in (
+                ("local_files_only", None),
+                ("cache_dir", None),
+                ("force_download", False),
+                ("proxies", None),
+                ("token", None),
+                ("revision", None),
+            )
+        }
+        _refuse_unknown_arguments(
+            "lora_state_dict", kwargs, f"return_lora_metadata, return_family_metadata, {_LORA_STATE_DICT_ARGUMENTS}"
+        )
         from_hub = False
         where = _SOURCE  # what errors name: the file, or the Hub repository
         if not isinstance(source, dict):
@@ -661,6 +678,11 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
                     raise ValueError(f"{_SOURCE}: {path!r} is not a .safetensors file.")
                 if subfolder:
                     raise ValueError(f"`subfolder` applies to a folder or a Hub repository, not to the file {path!r}.")
+                if weight_name is not None and os.path.basename(path) != weight_name:  # it was ignored
+                    raise ValueError(
+                        f"`weight_name` {weight_name!r} names a file of a folder or a Hub repository; "
+                        f"{_SOURCE} is the file {path!r} itself."
+                    )
             elif os.path.isdir(path):
                 folder = os.path.join(path, subfolder) if subfolder else path
                 path = os.path.join(folder, weight_name or LORA_WEIGHT_NAME_SAFE)
@@ -683,13 +705,8 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
                 pretrained_model_name_or_path_or_dict=source,
                 weight_name=weight_name,
                 use_safetensors=True,
-                local_files_only=kwargs.pop("local_files_only", None),
-                cache_dir=kwargs.pop("cache_dir", None),
-                force_download=kwargs.pop("force_download", False),
-                proxies=kwargs.pop("proxies", None),
-                token=kwargs.pop("token", None),
-                revision=kwargs.pop("revision", None),
                 subfolder=subfolder,
+                **hub,
                 user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
                 allow_pickle=False,
                 return_file_metadata=True,
@@ -817,6 +834,14 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             raise ValueError(f"`hotswap` must be True or False, got {hotswap!r}.")
         hotswap = bool(hotswap)
         low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", _LOW_CPU_MEM_USAGE_DEFAULT_LORA)
+        # diffusers ignores the rest without a word (adaptor_name=, lora_scale=, ...)
+        unknown = {k: v for k, v in kwargs.items() if k not in _LORA_STATE_DICT_ARGUMENTS.split(", ")}
+        _refuse_unknown_arguments(
+            "load_lora_weights",
+            unknown,
+            f"pretrained_model_name_or_path_or_dict, adapter_name, hotswap, low_cpu_mem_usage, "
+            f"{_LORA_STATE_DICT_ARGUMENTS}",
+        )
         source = pretrained_model_name_or_path_or_dict
         if isinstance(source, dict):
             source = dict(source)
