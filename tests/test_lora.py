@@ -830,6 +830,7 @@ def test_saving_is_atomic(var_adapter, tmp_path, monkeypatch):
     # what load_lora_weights would refuse is refused before writing: keys of no LoRA, a rank the tensors do not
     # have, metadata that is not JSON; and no file name reaches outside the folder, read or written
     metadata = layers["transformer_lora_adapter_metadata"]
+    lora_b_keys = [k for k in layers["transformer_lora_layers"] if k.startswith("blocks.0.attn.to_out.lora_B")]
     for bad, message in (
         ({**layers, "transformer_lora_layers": {"foo": torch.zeros(2)}}, r"\['foo'\] are no LoRA weights"),
         ({**layers, "transformer_lora_adapter_metadata": {**metadata, "r": 8}}, "says rank 8, but the lora_A"),
@@ -854,6 +855,19 @@ def test_saving_is_atomic(var_adapter, tmp_path, monkeypatch):
             "start with `transformer.`, which the save adds",
         ),
         ({**layers, "transformer_lora_adapter_metadata": [1, 2]}, "must be a LoraConfig or its to_dict"),
+        # scales, dropout or fields the loader's LoraConfig refuses, and a lora_A without its lora_B
+        ({**layers, "transformer_lora_adapter_metadata": {**metadata, "lora_alpha": -1}}, "`lora_alpha` must be a"),
+        ({**layers, "transformer_lora_adapter_metadata": {**metadata, "lora_dropout": 5}}, "`lora_dropout` must be"),
+        ({**layers, "transformer_lora_adapter_metadata": {**metadata, "future": 1}}, "is not a LoraConfig"),
+        (
+            {
+                **layers,
+                "transformer_lora_layers": {
+                    k: v for k, v in layers["transformer_lora_layers"].items() if k != next(iter(lora_b_keys))
+                },
+            },
+            "`transformer_lora_layers`: `blocks.0.attn.to_out` has lora_A but not both lora_A and lora_B",
+        ),
     ):
         with pytest.raises(ValueError, match=message):
             VARPipeline.save_lora_weights(tmp_path / "bad", **bad)

@@ -513,12 +513,38 @@ def _json_safe(metadata, parameter: str) -> dict | None:
 def _check_saved_metadata(metadata: dict | None, tensors: dict, parameter: str) -> None:
     """An adapter's ``LoraConfig`` as a file header: JSON, a LoraConfig, and its rank that of the ``lora_A``
     tensors (without a ``rank_pattern``), so that load_lora_weights takes the file back."""
+    layers: dict[str, dict[str, int]] = {}  # as lora_mismatches pairs them when loading
+    for key, tensor in tensors.items():
+        match = _LORA_KEY.match(key)
+        if match and match["part"] != "lora_magnitude_vector" and not key.endswith(".bias") and tensor.ndim == 2:
+            side = match["part"][-1]
+            layers.setdefault(match["module"], {})[side] = tensor.shape[0] if side == "A" else tensor.shape[1]
+    layers_parameter = parameter.replace("adapter_metadata", "layers")
+    for name, found in sorted(layers.items(), key=lambda item: _natural_key(item[0])):
+        if len(found) == 1:
+            raise ValueError(
+                f"`{layers_parameter}`: `{name}` has lora_{next(iter(found))} but not both lora_A and lora_B."
+            )
+        if found["A"] != found["B"] or found["A"] < 1:
+            raise ValueError(
+                f"`{layers_parameter}`: `{name}` has lora_A of rank {found['A']}, lora_B of rank {found['B']}; "
+                "they must agree and be >= 1."
+            )
     if not metadata:
         return
     try:
         json.dumps(metadata, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise ValueError(f"`{parameter}` must hold JSON values (a LoraConfig.to_dict()): {err}.") from None
+    from peft import LoraConfig
+
+    try:  # the loader builds this LoraConfig from the header
+        config = LoraConfig(**metadata)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"`{parameter}` is not a LoraConfig ({_first_line(err)}).") from None
+    problems = lora_config_problems(config)
+    if problems:
+        raise ValueError(f"`{parameter}`: {'; '.join(problems)}.")
     rank = metadata.get("r")
     if rank is not None and (not is_integer(rank) or rank < 1):
         raise ValueError(f"`{parameter}`: `r` must be a positive integer, got {rank!r}.")
