@@ -282,6 +282,10 @@ def test_two_adapters_mix_with_their_weights(tmp_path):
     with pytest.raises(ValueError, match=r"`adapter_names` names \['a'\] more than once"):  # the last weight won
         pipe.set_adapters(["a", "a"], adapter_weights=[1.0, 2.0])
     assert torch.equal(images(pipe, "var"), both)
+    # fusing one of two active adapters silently stopped the other (PEFT skips unmerged adapters once one is merged)
+    with pytest.raises(ValueError, match=r"`adapter_names` \['a'\] leaves out the active adapters \['b'\]"):
+        pipe.fuse_lora(adapter_names=["a"])
+    assert not pipe.fused_loras and torch.equal(images(pipe, "var"), both)
     pipe.delete_adapters("b")
     assert pipe.get_list_adapters() == {"transformer": ["a"]}
     pipe.fuse_lora(components="transformer")  # one name, as adapter_names takes it (it was split into letters)
@@ -289,6 +293,19 @@ def test_two_adapters_mix_with_their_weights(tmp_path):
     pipe.fuse_lora()
     pipe.unload_lora_weights()  # diffusers: fuse then unload keeps the merged weights without LoRA layers
     assert not lora_layers(pipe.transformer) and torch.equal(images(pipe, "var"), only_a)
+
+
+def test_an_adapter_that_cannot_be_merged_is_refused_before_fusing():
+    """An adapter with a LoRA bias on layers without a bias: PEFT's RuntimeError came after some layers were merged,
+    whose update then ran twice (merged and unmerged)."""
+    pipe = embedded("var")
+    add_random_adapter(pipe.transformer, "x", lora_bias=True)
+    before = model_state(pipe.transformer)
+    expected = images(pipe, "var")
+    with pytest.raises(ValueError, match=r"`fuse_lora`: adapter 'x' has a LoRA bias .*no bias"):
+        pipe.fuse_lora()
+    assert_same_state(before, model_state(pipe.transformer))
+    assert not pipe.fused_loras and torch.equal(images(pipe, "var"), expected)
 
 
 def test_text_encoder_adapters_round_trip(tmp_path):

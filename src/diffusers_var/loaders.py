@@ -1100,6 +1100,23 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         lora_scale = float(lora_scale)
         if adapter_names is not None:  # diffusers fuses nothing, without a word, for a name it does not know
             adapter_names = self._check_adapter_names(adapter_names)
+        layers = list(self._lora_layers(components))
+        if adapter_names is not None:
+            # once one adapter is merged, PEFT's forward skips the unmerged ones: the others active stopped running
+            left_out = sorted({a for layer in layers for a in layer.active_adapters} - set(adapter_names))
+            if left_out:
+                raise ValueError(
+                    f"`adapter_names` {adapter_names} leaves out the active adapters {left_out}, which would stop "
+                    "running once the others are fused; fuse all active adapters, or `set_adapters(...)` first."
+                )
+        for layer in layers:  # PEFT failed half-way (a layer merged, its delta then applied twice): refuse first
+            fused = adapter_names if adapter_names is not None else layer.active_adapters
+            with_bias = [a for a in fused if getattr(layer, "lora_bias", {}).get(a)]
+            if with_bias and getattr(layer.get_base_layer(), "bias", None) is None:
+                raise ValueError(
+                    f"`fuse_lora`: adapter {with_bias[0]!r} has a LoRA bias (lora_bias=True) but its layer "
+                    f"{type(layer.get_base_layer()).__name__} has no bias to merge it into; it can run unfused only."
+                )
         for layer in self._lora_layers(components):
             # the weights before the first fusion (later ones add to them), kept on the layer: a pipeline sharing
             # the transformer (from_pipe, CoDe) unfuses it exactly too
