@@ -1007,6 +1007,7 @@ def test_lora_training_exports_an_adapter_and_a_model_card(tmp_path):
     assert all(k.startswith("transformer.") for k in tensors)
     assert any(v.abs().max() > 0 for k, v in tensors.items() if "lora_B" in k)  # trained (PEFT starts B at zero)
     checkpoint = latest_checkpoint(tmp_path / "checkpoints")
+    assert latest_checkpoint(str(tmp_path / "checkpoints")) == checkpoint  # a str path too (AttributeError)
     names = {p.name for p in checkpoint.iterdir()}
     assert "model.safetensors" in names  # the trained weights only, no frozen base weights:
     trained = {name for name, p in embedded("var").transformer.named_parameters()}
