@@ -106,6 +106,22 @@ def test_constructor_refuses_a_refiner_of_another_schedule_or_codebook():
     for refiner in ("a-folder", torch.nn.Linear(2, 2)):
         with pytest.raises(ValueError, match="`refiner` must be a VARTransformer2DModel"):
             VARCoDePipeline(**{**components, "refiner": refiner})
+    # without a drafter the refiner's schedule bounds draft_steps (99 was stored, and a call failed with IndexError)
+    with pytest.raises(ValueError, match=r"`draft_steps` must be an integer in \[1, 3\]"):
+        VARCoDePipeline(**{**components, "transformer": None, "draft_steps": 99})
+    # models swapped in after construction are checked at the call (an IndexError or misleading errors before)
+    code = VARCoDePipeline(**components)
+    code.refiner = VARTransformer2DModel(**{**config, "patch_nums": (1, 2, 4)})
+    with pytest.raises(ValueError, match="`refiner` has patch_nums"):
+        code(class_labels=[1], output_type="latent")
+    code.refiner, code.transformer = components["refiner"], code.refiner
+    with pytest.raises(ValueError, match="`refiner` has patch_nums"):
+        code(class_labels=[1], output_type="latent")
+    code.transformer = None
+    with pytest.raises(
+        ValueError, match="`transformer` must be a VARTransformer2DModel for a CoDe call, got NoneType"
+    ):
+        code(class_labels=[1], output_type="latent")
 
 
 def test_save_load_keeps_draft_steps_and_the_images(tmp_path):

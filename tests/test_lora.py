@@ -282,6 +282,10 @@ def test_two_adapters_mix_with_their_weights(tmp_path):
     with pytest.raises(ValueError, match=r"`adapter_names` names \['a'\] more than once"):  # the last weight won
         pipe.set_adapters(["a", "a"], adapter_weights=[1.0, 2.0])
     assert torch.equal(images(pipe, "var"), both)
+    # fusing one of two active adapters silently stopped the other (PEFT skips unmerged adapters once one is merged)
+    with pytest.raises(ValueError, match=r"`adapter_names` \['a'\] leaves out the active adapters \['b'\]"):
+        pipe.fuse_lora(adapter_names=["a"])
+    assert not pipe.fused_loras and torch.equal(images(pipe, "var"), both)
     pipe.delete_adapters("b")
     assert pipe.get_list_adapters() == {"transformer": ["a"]}
     pipe.fuse_lora(components="transformer")  # one name, as adapter_names takes it (it was split into letters)
@@ -289,6 +293,19 @@ def test_two_adapters_mix_with_their_weights(tmp_path):
     pipe.fuse_lora()
     pipe.unload_lora_weights()  # diffusers: fuse then unload keeps the merged weights without LoRA layers
     assert not lora_layers(pipe.transformer) and torch.equal(images(pipe, "var"), only_a)
+
+
+def test_an_adapter_that_cannot_be_merged_is_refused_before_fusing():
+    """An adapter with a LoRA bias on layers without a bias: PEFT's RuntimeError came after some layers were merged,
+    whose update then ran twice (merged and unmerged)."""
+    pipe = embedded("var")
+    add_random_adapter(pipe.transformer, "x", lora_bias=True)
+    before = model_state(pipe.transformer)
+    expected = images(pipe, "var")
+    with pytest.raises(ValueError, match=r"`fuse_lora`: adapter 'x' has a LoRA bias .*no bias"):
+        pipe.fuse_lora()
+    assert_same_state(before, model_state(pipe.transformer))
+    assert not pipe.fused_loras and torch.equal(images(pipe, "var"), expected)
 
 
 def test_text_encoder_adapters_round_trip(tmp_path):
@@ -507,6 +524,19 @@ def test_safetensors_only_and_bad_arguments_name_the_parameter(tmp_path):
     with pytest.raises(ValueError, match=r"`unfuse_lora` takes components; got unknown arguments \['unfuse_unet'\]"):
         pipe.unfuse_lora(unfuse_unet=True)
     assert not pipe.fused_loras
+    # loading too (the adapter loaded as default_0, or at scale 1); a weight_name beside a file path was ignored
+    file = tmp_path / "q" / "pytorch_lora_weights.safetensors"
+    for unknown in ({"adaptor_name": "style"}, {"lora_scale": 0.0}):
+        with pytest.raises(
+            ValueError, match=rf"`load_lora_weights` takes .*unknown arguments \['{next(iter(unknown))}'\]"
+        ):
+            pipe.load_lora_weights(file, **unknown)
+    with pytest.raises(ValueError, match=r"`lora_state_dict` takes .*unknown arguments \['bogus'\]"):
+        VARPipeline.lora_state_dict(file, bogus=1)
+    with pytest.raises(ValueError, match="`weight_name` 'other.safetensors' names a file of a folder"):
+        pipe.load_lora_weights(file, weight_name="other.safetensors")
+    assert pipe.get_list_adapters() == {"transformer": ["a", "b"]}
+    pipe.load_lora_weights(file, weight_name=file.name, adapter_name="c")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -635,10 +665,32 @@ def test_malformed_lora_inputs_name_the_file_or_parameter(var_adapter, tmp_path)
         ("rank", {"config": {"r": -1}}, r"LoraConfig's `r` must be an integer >= 1, got -1"),
         ("alpha", {"config": {"lora_alpha": math.nan}}, "LoraConfig's `lora_alpha` must be a positive number"),
         ("config", {"config": {"no_such_field": 1}}, "the transformer LoRA metadata is not a LoraConfig"),
+        # these failed inside PEFT or torch while injecting (or loaded another adapter than was saved)
+        ("dropout", {"config": {"lora_dropout": 2.0}}, r"`lora_dropout` must be a number in \[0, 1\), got 2.0"),
+        ("targets", {"config": {"target_modules": 5}}, "`target_modules` must be a regular expression or a list"),
+        ("init", {"config": {"init_lora_weights": "pissa"}}, "`init_lora_weights` must be true, false or 'gaussian'"),
+        ("save", {"config": {"modules_to_save": ["head"]}}, r"`modules_to_save` must be empty, got \['head'\]"),
+        ("rank0", {"tensors": lambda key, t: t[:0] if ".lora_A." in key else t[:, :0]}, "to_out` has rank 0; ranks"),
+        ("dora", {"config": {"use_dora": True}}, r"`use_dora` in its LoraConfig\) but no `lora_magnitude_vector` for"),
     ]
     for name, variant, message in cases:
         path = adapter_variant(var_adapter, tmp_path / f"{name}.safetensors", **variant)
         with pytest.raises(ValueError, match=f"`pretrained_model_name_or_path_or_dict` '{path}'.*{message}"):
+            pipe.load_lora_weights(path)
+    # DoRA magnitudes for one layer only: without metadata (DoRA inferred) the others lack theirs; with a LoraConfig
+    # whose use_dora is false they are refused (torch failed on meta tensors, or the layers ran as plain LoRA)
+    state = load_file(var_adapter / "pytorch_lora_weights.safetensors")
+    state["transformer.blocks.0.attn.to_out.lora_magnitude_vector"] = torch.ones(
+        state["transformer.blocks.0.attn.to_out.lora_B.weight"].shape[0]
+    )
+    for header, message in (
+        ({"lora_adapter_metadata": ""}, "DoRA .*but no `lora_magnitude_vector` for 23 layers"),
+        ({}, "`lora_magnitude_vector` weights .*but its LoraConfig's `use_dora` is false"),
+    ):
+        path = adapter_variant(var_adapter, tmp_path / "magnitude.safetensors", **header)
+        with safe_open(path, "pt") as f:
+            save_file(state, str(path), metadata=f.metadata())
+        with pytest.raises(ValueError, match=f"'{path}'.*{message}"):
             pipe.load_lora_weights(path)
     with pytest.raises(ValueError, match="`pretrained_model_name_or_path_or_dict`: .*`transformer.x.lora_A.weight`"):
         pipe.load_lora_weights({"transformer.x.lora_A.weight": 3})
@@ -795,6 +847,7 @@ def test_saving_is_atomic(var_adapter, tmp_path, monkeypatch):
     # what load_lora_weights would refuse is refused before writing: keys of no LoRA, a rank the tensors do not
     # have, metadata that is not JSON; and no file name reaches outside the folder, read or written
     metadata = layers["transformer_lora_adapter_metadata"]
+    lora_b_keys = [k for k in layers["transformer_lora_layers"] if k.startswith("blocks.0.attn.to_out.lora_B")]
     for bad, message in (
         ({**layers, "transformer_lora_layers": {"foo": torch.zeros(2)}}, r"\['foo'\] are no LoRA weights"),
         ({**layers, "transformer_lora_adapter_metadata": {**metadata, "r": 8}}, "says rank 8, but the lora_A"),
@@ -819,6 +872,19 @@ def test_saving_is_atomic(var_adapter, tmp_path, monkeypatch):
             "start with `transformer.`, which the save adds",
         ),
         ({**layers, "transformer_lora_adapter_metadata": [1, 2]}, "must be a LoraConfig or its to_dict"),
+        # scales, dropout or fields the loader's LoraConfig refuses, and a lora_A without its lora_B
+        ({**layers, "transformer_lora_adapter_metadata": {**metadata, "lora_alpha": -1}}, "`lora_alpha` must be a"),
+        ({**layers, "transformer_lora_adapter_metadata": {**metadata, "lora_dropout": 5}}, "`lora_dropout` must be"),
+        ({**layers, "transformer_lora_adapter_metadata": {**metadata, "future": 1}}, "is not a LoraConfig"),
+        (
+            {
+                **layers,
+                "transformer_lora_layers": {
+                    k: v for k, v in layers["transformer_lora_layers"].items() if k != next(iter(lora_b_keys))
+                },
+            },
+            "`transformer_lora_layers`: `blocks.0.attn.to_out` has lora_A but not both lora_A and lora_B",
+        ),
     ):
         with pytest.raises(ValueError, match=message):
             VARPipeline.save_lora_weights(tmp_path / "bad", **bad)
@@ -941,6 +1007,7 @@ def test_lora_training_exports_an_adapter_and_a_model_card(tmp_path):
     assert all(k.startswith("transformer.") for k in tensors)
     assert any(v.abs().max() > 0 for k, v in tensors.items() if "lora_B" in k)  # trained (PEFT starts B at zero)
     checkpoint = latest_checkpoint(tmp_path / "checkpoints")
+    assert latest_checkpoint(str(tmp_path / "checkpoints")) == checkpoint  # a str path too (AttributeError)
     names = {p.name for p in checkpoint.iterdir()}
     assert "model.safetensors" in names  # the trained weights only, no frozen base weights:
     trained = {name for name, p in embedded("var").transformer.named_parameters()}
@@ -1404,14 +1471,15 @@ def test_a_hotswap_to_other_layers_is_refused_before_anything_changes(tmp_path):
     assert torch.equal(images(pipe, "var"), expected)
 
 
-def test_disable_or_load_after_fusing_unfuses_exactly(tmp_path):
+def test_disable_delete_or_load_after_fusing_unfuses_exactly(tmp_path):
     """After ``fuse_lora()``, ``disable_lora()`` or loading another adapter made PEFT unmerge the fused one on its own,
     by subtracting its update again (base weights off by float rounding), while the pipeline still counted it fused
-    and refused ``set_adapters``. Both unfuse exactly first now."""
+    and refused ``set_adapters``; ``delete_adapters`` left the fused update in the weights for good. All unfuse
+    exactly first now."""
     other = embedded("var")
     add_random_adapter(other.transformer, "b", seed=2, scale=0.3)
     b_file = save_adapter(other, tmp_path / "b", name="b")
-    for then in ("disable_lora", "load_lora_weights"):
+    for then in ("disable_lora", "load_lora_weights", "delete_adapters"):
         pipe = embedded("var")
         base = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
         base_images = images(pipe, "var")
@@ -1420,6 +1488,10 @@ def test_disable_or_load_after_fusing_unfuses_exactly(tmp_path):
         if then == "disable_lora":
             pipe.disable_lora()
             assert torch.equal(images(pipe, "var"), base_images)
+        elif then == "delete_adapters":
+            pipe.delete_adapters("a")
+            assert pipe.get_list_adapters() == {} and torch.equal(images(pipe, "var"), base_images)
+            pipe.unload_lora_weights()
         else:
             pipe.load_lora_weights(b_file, adapter_name="b")
         weights = {
@@ -1427,8 +1499,27 @@ def test_disable_or_load_after_fusing_unfuses_exactly(tmp_path):
         }
         assert set(weights) == set(base) and all(torch.equal(weights[k], base[k]) for k in base), then
         assert not pipe.fused_loras
-        pipe.enable_lora()
-        pipe.set_adapters(["a"], [0.5])  # (refused as "fused" before)
+        if then != "delete_adapters":
+            pipe.enable_lora()
+            pipe.set_adapters(["a"], [0.5])  # (refused as "fused" before)
+
+
+def test_an_adapter_loaded_after_disable_lora_is_disabled_too(tmp_path):
+    """``disable_lora()`` then loading an adapter that reaches more layers enabled only the newly wrapped layers (half
+    the adapter ran); the pipeline stays disabled until ``enable_lora()`` now, all of it."""
+    source = embedded("var")
+    base_images = images(source, "var")
+    add_random_adapter(source.transformer, "d", seed=3, scale=0.3, targets=["attention", "adaln"])
+    wider = save_adapter(source, tmp_path / "d", name="d")
+    with_d = images(source, "var")
+    pipe = embedded("var")
+    add_random_adapter(pipe.transformer, "a", scale=0.3, targets=["attention"])
+    pipe.disable_lora()
+    pipe.load_lora_weights(wider, adapter_name="d")
+    assert torch.equal(images(pipe, "var"), base_images)
+    pipe.enable_lora()
+    pipe.set_adapters("d")
+    assert torch.equal(images(pipe, "var"), with_d)
 
 
 def test_a_folder_with_one_lora_file_of_another_name_loads_it(tmp_path):

@@ -290,6 +290,25 @@ def lora_config_problems(config) -> list[str]:
         pattern = getattr(config, field, None) or {}
         if not isinstance(pattern, dict) or not all(isinstance(k, str) and is_valid(v) for k, v in pattern.items()):
             problems.append(f"its LoraConfig's `{field}` must map module names to {what}, got {pattern!r}")
+    # the rest fails deep inside PEFT or torch while the layers are injected, or loads something else than was saved
+    dropout = config.lora_dropout
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        problems.append(f"its LoraConfig's `lora_dropout` must be a number in [0, 1), got {dropout!r}")
+    targets = config.target_modules
+    if not (
+        isinstance(targets, str)
+        or (isinstance(targets, (list, tuple, set)) and targets and all(isinstance(t, str) for t in targets))
+    ):
+        problems.append(
+            f"its LoraConfig's `target_modules` must be a regular expression or a list of module names, got "
+            f"{targets!r}"
+        )
+    # the file's weights replace the initial ones; other initialisations (pissa, olora, ...) change the base weights
+    init = config.init_lora_weights
+    if not (init is True or init is False or init == "gaussian"):
+        problems.append(f"its LoraConfig's `init_lora_weights` must be true, false or 'gaussian', got {init!r}")
+    if config.modules_to_save:  # whole trained copies of layers: a LoRA file holds no such weights
+        problems.append(f"its LoraConfig's `modules_to_save` must be empty, got {config.modules_to_save!r}")
     return problems
 
 
@@ -313,6 +332,7 @@ def lora_mismatches(state_dict: dict[str, torch.Tensor], model: nn.Module, confi
     if config is not None:
         problems += lora_config_problems(config)
     ranks: dict[str, dict[str, int]] = {}  # layer: {"lora_A": rank, "lora_B": rank}
+    magnitudes = set()  # layers with DoRA's magnitude vector
     for key, tensor in state_dict.items():
         match = _LORA_KEY.match(key)
         if match is None:
@@ -333,6 +353,8 @@ def lora_mismatches(state_dict: dict[str, torch.Tensor], model: nn.Module, confi
         if tensor.ndim != (1 if vector else 2):
             problems.append(f"`{key}` has {tensor.ndim} dimensions, {'1' if vector else '2'} expected")
             continue
+        if part == "lora_magnitude_vector":
+            magnitudes.add(name)
         if vector:
             if tensor.shape[0] != d_out:
                 problems.append(f"`{key}` has {tensor.shape[0]} entries, `{name}` has {d_out} outputs")
@@ -354,10 +376,32 @@ def lora_mismatches(state_dict: dict[str, torch.Tensor], model: nn.Module, confi
             problems.append(f"`{name}` has {have} but no {'lora_B' if have == 'lora_A' else 'lora_A'} weights")
         elif found["lora_A"] != found["lora_B"]:
             problems.append(f"`{name}`: lora_A has rank {found['lora_A']}, lora_B has rank {found['lora_B']}")
+        elif found["lora_A"] < 1:
+            problems.append(f"`{name}` has rank {found['lora_A']}; ranks must be >= 1")
         elif config is not None and not problems and found["lora_A"] != _configured_rank(config, name):
             problems.append(
                 f"`{name}` has rank {found['lora_A']}, the LoraConfig says {_configured_rank(config, name)}"
             )
+    # DoRA: a magnitude per adapted layer, exactly when the config says use_dora (diffusers infers it, without
+    # metadata, from any magnitude key); otherwise torch failed on meta tensors, or layers ran as plain LoRA
+    use_dora = bool(config.use_dora) if config is not None else bool(magnitudes)
+    adapted = set(ranks)
+    if use_dora and adapted - magnitudes:
+        missing = sorted(adapted - magnitudes, key=_natural_key)
+        problems.append(
+            f"DoRA (`use_dora`{' in its LoraConfig' if config is not None and config.use_dora else ''}) but no "
+            f"`lora_magnitude_vector` for {len(missing)} layers (e.g. `{missing[0]}`)"
+        )
+    if not use_dora and magnitudes:
+        problems.append(
+            f"`lora_magnitude_vector` weights (DoRA) for {sorted(magnitudes, key=_natural_key)[:3]}, but its "
+            "LoraConfig's `use_dora` is false"
+        )
+    if magnitudes - adapted:
+        problems.append(
+            f"`lora_magnitude_vector` without lora_A / lora_B weights for "
+            f"{sorted(magnitudes - adapted, key=_natural_key)[:3]}"
+        )
     if config is not None and not problems:
         from peft.tuners.tuners_utils import check_target_module_exists
 
@@ -469,12 +513,38 @@ def _json_safe(metadata, parameter: str) -> dict | None:
 def _check_saved_metadata(metadata: dict | None, tensors: dict, parameter: str) -> None:
     """An adapter's ``LoraConfig`` as a file header: JSON, a LoraConfig, and its rank that of the ``lora_A``
     tensors (without a ``rank_pattern``), so that load_lora_weights takes the file back."""
+    layers: dict[str, dict[str, int]] = {}  # as lora_mismatches pairs them when loading
+    for key, tensor in tensors.items():
+        match = _LORA_KEY.match(key)
+        if match and match["part"] != "lora_magnitude_vector" and not key.endswith(".bias") and tensor.ndim == 2:
+            side = match["part"][-1]
+            layers.setdefault(match["module"], {})[side] = tensor.shape[0] if side == "A" else tensor.shape[1]
+    layers_parameter = parameter.replace("adapter_metadata", "layers")
+    for name, found in sorted(layers.items(), key=lambda item: _natural_key(item[0])):
+        if len(found) == 1:
+            raise ValueError(
+                f"`{layers_parameter}`: `{name}` has lora_{next(iter(found))} but not both lora_A and lora_B."
+            )
+        if found["A"] != found["B"] or found["A"] < 1:
+            raise ValueError(
+                f"`{layers_parameter}`: `{name}` has lora_A of rank {found['A']}, lora_B of rank {found['B']}; "
+                "they must agree and be >= 1."
+            )
     if not metadata:
         return
     try:
         json.dumps(metadata, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise ValueError(f"`{parameter}` must hold JSON values (a LoraConfig.to_dict()): {err}.") from None
+    from peft import LoraConfig
+
+    try:  # the loader builds this LoraConfig from the header
+        config = LoraConfig(**metadata)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"`{parameter}` is not a LoraConfig ({_first_line(err)}).") from None
+    problems = lora_config_problems(config)
+    if problems:
+        raise ValueError(f"`{parameter}`: {'; '.join(problems)}.")
     rank = metadata.get("r")
     if rank is not None and (not is_integer(rank) or rank < 1):
         raise ValueError(f"`{parameter}`: `r` must be a positive integer, got {rank!r}.")
@@ -484,6 +554,9 @@ def _check_saved_metadata(metadata: dict | None, tensors: dict, parameter: str) 
 
 
 _SOURCE = "`pretrained_model_name_or_path_or_dict`"
+_LORA_STATE_DICT_ARGUMENTS = (
+    "weight_name, subfolder, use_safetensors, local_files_only, cache_dir, force_download, proxies, token, revision"
+)
 _FUSE_SNAPSHOT = "_diffusers_var_fuse_snapshot"  # a LoRA layer's base weight and scales before fuse_lora
 
 
@@ -608,6 +681,20 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
                 f"`weight_name` must be a file name in the folder (`subfolder=` for one below), got {weight_name!r}."
             )
         subfolder = kwargs.pop("subfolder", None)
+        hub = {
+            key: kwargs.pop(key, default)
+            for key, default in (
+                ("local_files_only", None),
+                ("cache_dir", None),
+                ("force_download", False),
+                ("proxies", None),
+                ("token", None),
+                ("revision", None),
+            )
+        }
+        _refuse_unknown_arguments(
+            "lora_state_dict", kwargs, f"return_lora_metadata, return_family_metadata, {_LORA_STATE_DICT_ARGUMENTS}"
+        )
         from_hub = False
         where = _SOURCE  # what errors name: the file, or the Hub repository
         if not isinstance(source, dict):
@@ -617,6 +704,11 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
                     raise ValueError(f"{_SOURCE}: {path!r} is not a .safetensors file.")
                 if subfolder:
                     raise ValueError(f"`subfolder` applies to a folder or a Hub repository, not to the file {path!r}.")
+                if weight_name is not None and os.path.basename(path) != weight_name:  # it was ignored
+                    raise ValueError(
+                        f"`weight_name` {weight_name!r} names a file of a folder or a Hub repository; "
+                        f"{_SOURCE} is the file {path!r} itself."
+                    )
             elif os.path.isdir(path):
                 folder = os.path.join(path, subfolder) if subfolder else path
                 path = os.path.join(folder, weight_name or LORA_WEIGHT_NAME_SAFE)
@@ -639,13 +731,8 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
                 pretrained_model_name_or_path_or_dict=source,
                 weight_name=weight_name,
                 use_safetensors=True,
-                local_files_only=kwargs.pop("local_files_only", None),
-                cache_dir=kwargs.pop("cache_dir", None),
-                force_download=kwargs.pop("force_download", False),
-                proxies=kwargs.pop("proxies", None),
-                token=kwargs.pop("token", None),
-                revision=kwargs.pop("revision", None),
                 subfolder=subfolder,
+                **hub,
                 user_agent={"file_type": "attn_procs_weights", "framework": "pytorch"},
                 allow_pickle=False,
                 return_file_metadata=True,
@@ -773,6 +860,14 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             raise ValueError(f"`hotswap` must be True or False, got {hotswap!r}.")
         hotswap = bool(hotswap)
         low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", _LOW_CPU_MEM_USAGE_DEFAULT_LORA)
+        # diffusers ignores the rest without a word (adaptor_name=, lora_scale=, ...)
+        unknown = {k: v for k, v in kwargs.items() if k not in _LORA_STATE_DICT_ARGUMENTS.split(", ")}
+        _refuse_unknown_arguments(
+            "load_lora_weights",
+            unknown,
+            f"pretrained_model_name_or_path_or_dict, adapter_name, hotswap, low_cpu_mem_usage, "
+            f"{_LORA_STATE_DICT_ARGUMENTS}",
+        )
         source = pretrained_model_name_or_path_or_dict
         if isinstance(source, dict):
             source = dict(source)
@@ -799,6 +894,10 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             )
         self._unfuse_before("load_lora_weights")
         models = [getattr(self, c) for c in parts]
+        # after disable_lora the pipeline stays disabled until enable_lora: PEFT makes new layers enabled, and an
+        # adapter reaching layers the others do not would run only there
+        layers = list(self._lora_layers(self._lora_loadable_modules))
+        disabled = bool(layers) and all(layer.disable_adapters for layer in layers)
         with _restored_on_failure(models, adapter_name, hotswap):
             transformer_part = parts.get(self.transformer_name)
             if transformer_part:
@@ -822,6 +921,9 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             if text_part:
                 meta = _component_metadata(metadata, self.text_encoder_name) or None
                 self._load_text_encoder_adapter(text_part, meta, adapter_name)
+            if disabled:
+                for layer in self._lora_layers(list(parts)):
+                    layer.enable_adapters(False)
 
     def _loaded_adapter_names(self) -> set[str]:
         return {name for names in self.get_list_adapters().values() for name in names}
@@ -998,6 +1100,23 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         lora_scale = float(lora_scale)
         if adapter_names is not None:  # diffusers fuses nothing, without a word, for a name it does not know
             adapter_names = self._check_adapter_names(adapter_names)
+        layers = list(self._lora_layers(components))
+        if adapter_names is not None:
+            # once one adapter is merged, PEFT's forward skips the unmerged ones: the others active stopped running
+            left_out = sorted({a for layer in layers for a in layer.active_adapters} - set(adapter_names))
+            if left_out:
+                raise ValueError(
+                    f"`adapter_names` {adapter_names} leaves out the active adapters {left_out}, which would stop "
+                    "running once the others are fused; fuse all active adapters, or `set_adapters(...)` first."
+                )
+        for layer in layers:  # PEFT failed half-way (a layer merged, its delta then applied twice): refuse first
+            fused = adapter_names if adapter_names is not None else layer.active_adapters
+            with_bias = [a for a in fused if getattr(layer, "lora_bias", {}).get(a)]
+            if with_bias and getattr(layer.get_base_layer(), "bias", None) is None:
+                raise ValueError(
+                    f"`fuse_lora`: adapter {with_bias[0]!r} has a LoRA bias (lora_bias=True) but its layer "
+                    f"{type(layer.get_base_layer()).__name__} has no bias to merge it into; it can run unfused only."
+                )
         for layer in self._lora_layers(components):
             # the weights before the first fusion (later ones add to them), kept on the layer: a pipeline sharing
             # the transformer (from_pipe, CoDe) unfuses it exactly too
@@ -1065,6 +1184,8 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         """Remove the adapters ``adapter_names`` from every component (diffusers' ``delete_adapters``, which ignores
         names it does not know: here they are a ``ValueError``)."""
         names = self._check_adapter_names(adapter_names)
+        # a fused adapter's update lives in the base weights, which deleting its layers would keep for good
+        self._unfuse_before("delete_adapters")
         super().delete_adapters(names)
         # diffusers forgets a text encoder's adapter config only when transformers' own loader put it there (a flag
         # that PEFT's inject_adapter_in_model, which add_text_encoder_adapter uses, does not set)

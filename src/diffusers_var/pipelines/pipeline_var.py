@@ -1084,20 +1084,25 @@ class VARCoDePipeline(VARPipeline):
         super().__init__(transformer=transformer, vqvae=vqvae, id2label=id2label)
         self._check_component_types(refiner=refiner)  # before its config is read
         if transformer is not None and refiner is not None:
-            drafted, refined = transformer.config, refiner.config
-            for name in ("patch_nums", "vocab_size", "latent_channels", "num_classes"):
-                if tuple(per_scale(drafted[name], 1)) != tuple(per_scale(refined[name], 1)):
-                    raise ValueError(
-                        f"`refiner` has {name}={refined[name]} but the drafter (`transformer`) has "
-                        f"{drafted[name]}; CoDe needs two VAR models of one tokenizer, scale schedule "
-                        "and class set."
-                    )
-        if transformer is not None:
-            num_scales = len(transformer.config.patch_nums)
+            self._check_pair(transformer, refiner)
+        scheduled = transformer if transformer is not None else refiner  # (both have one schedule)
+        if scheduled is not None:
+            num_scales = len(scheduled.config.patch_nums)
             draft_steps = max(1, num_scales - 2) if draft_steps is None else draft_steps
             self._check_draft_steps(draft_steps, num_scales)
         self.register_modules(refiner=refiner)
         self.register_to_config(draft_steps=None if draft_steps is None else int(draft_steps))
+
+    @staticmethod
+    def _check_pair(transformer, refiner) -> None:
+        drafted, refined = transformer.config, refiner.config
+        for name in ("patch_nums", "vocab_size", "latent_channels", "num_classes"):
+            if tuple(per_scale(drafted[name], 1)) != tuple(per_scale(refined[name], 1)):
+                raise ValueError(
+                    f"`refiner` has {name}={refined[name]} but the drafter (`transformer`) has "
+                    f"{drafted[name]}; CoDe needs two VAR models of one tokenizer, scale schedule "
+                    "and class set."
+                )
 
     @staticmethod
     def _check_draft_steps(draft_steps, num_scales: int) -> None:
@@ -1217,6 +1222,15 @@ class VARCoDePipeline(VARPipeline):
         draft_steps=None,
     ) -> None:
         """Every argument check of a call, before any work (a ValueError names the parameter)."""
+        # the constructor's checks again: `pipe.transformer = ...` / `pipe.refiner = ...` skip it, and so does a
+        # pipeline built without one of them (an IndexError or a misleading error deep in sampling otherwise)
+        for name in ("transformer", "refiner"):
+            model = getattr(self, name, None)
+            if not isinstance(model, VARTransformer2DModel):
+                raise ValueError(
+                    f"`{name}` must be a VARTransformer2DModel for a CoDe call, got {type(model).__name__}."
+                )
+        self._check_pair(self.transformer, self.refiner)
         super().check_inputs(
             class_labels,
             guidance_scale,
@@ -1229,8 +1243,14 @@ class VARCoDePipeline(VARPipeline):
             return_dict,
             temperature,
         )
+        num_scales = len(self.transformer.config.patch_nums)
         if draft_steps is not None:
-            self._check_draft_steps(draft_steps, len(self.transformer.config.patch_nums))
+            self._check_draft_steps(draft_steps, num_scales)
+        elif self.config.draft_steps is None or not 1 <= self.config.draft_steps <= num_scales - 1:
+            raise ValueError(
+                f"`draft_steps` of the pipeline's config ({self.config.draft_steps!r}) does not fit the "
+                f"{num_scales} scales of its `transformer` / `refiner`: pass `draft_steps=` in [1, {num_scales - 1}]."
+            )
 
     # -- generation ---------------------------------------------------------------------------------
     @torch.no_grad()

@@ -518,9 +518,10 @@ class _StepCounter:
         self.step = 0
 
 
-def checkpoints_newest_first(checkpoint_dir: Path) -> list[Path]:
+def checkpoints_newest_first(checkpoint_dir: str | os.PathLike) -> list[Path]:
     """The checkpoint folders the trainer wrote (whole or damaged), newest first (temporary ones, from an interrupted
     save, are ignored, and so is a file or folder of yours that only has a checkpoint's name)."""
+    checkpoint_dir = Path(checkpoint_dir)  # a str too (it raised AttributeError)
     if not checkpoint_dir.is_dir():
         return []
     done = [
@@ -571,13 +572,13 @@ def prune_checkpoints(checkpoint_dir: Path, keep: int) -> None:
             print(f"pruned checkpoint {old.name}, but kept its files {kept} (not written by the trainer)")
 
 
-def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
     """Newest complete checkpoint folder (temporary ones, from an interrupted save, are ignored)."""
     found = checkpoints_newest_first(checkpoint_dir)
     return found[0] if found else None
 
 
-def resumable_checkpoint(checkpoint_dir: Path, is_main: bool = True) -> Path | None:
+def resumable_checkpoint(checkpoint_dir: str | os.PathLike, is_main: bool = True) -> Path | None:
     """The newest checkpoint that is whole: a damaged one (a file missing or cut short, say by a full disk or a
     copy) is skipped with a warning and left where it is, and the one before it is used; all damaged is an error."""
     damaged = []
