@@ -1182,7 +1182,8 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
 
     def delete_adapters(self, adapter_names: list[str] | str):
         """Remove the adapters ``adapter_names`` from every component (diffusers' ``delete_adapters``, which ignores
-        names it does not know: here they are a ``ValueError``)."""
+        names it does not know: here they are a ``ValueError``). Fused adapters are unfused first, exactly, so the base
+        weights keep no deleted adapter's update."""
         names = self._check_adapter_names(adapter_names)
         # a fused adapter's update lives in the base weights, which deleting its layers would keep for good
         self._unfuse_before("delete_adapters")
