@@ -117,10 +117,11 @@ def test_constructor_refuses_a_refiner_of_another_schedule_or_codebook():
     code.refiner, code.transformer = components["refiner"], code.refiner
     with pytest.raises(ValueError, match="`refiner` has patch_nums"):
         code(class_labels=[1], output_type="latent")
-    code.transformer = None
-    with pytest.raises(
-        ValueError, match="`transformer` must be a VARTransformer2DModel for a CoDe call, got NoneType"
-    ):
+    code.transformer = None  # named as a component left out is in every pipeline
+    with pytest.raises(ValueError, match="has no `transformer`"):
+        code(class_labels=[1], output_type="latent")
+    code.transformer = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="`transformer` must be a VARTransformer2DModel for a CoDe call, got Linear"):
         code(class_labels=[1], output_type="latent")
 
 

@@ -1222,6 +1222,7 @@ class VARCoDePipeline(VARPipeline):
         draft_steps=None,
     ) -> None:
         """Every argument check of a call, before any work (a ValueError names the parameter)."""
+        self._check_required_components()  # a component left out is named as in every pipeline
         # the constructor's checks again: `pipe.transformer = ...` / `pipe.refiner = ...` skip it, and so does a
         # pipeline built without one of them (an IndexError or a misleading error deep in sampling otherwise)
         for name in ("transformer", "refiner"):
