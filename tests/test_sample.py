@@ -26,6 +26,7 @@ from diffusers_var.sample import SamplePlan, image_seed, model_files_digest, rea
 
 VAR = REPO_ROOT / "pipelines" / "var-shapes"
 STAR = REPO_ROOT / "pipelines" / "star-shapes"
+INFINITY = REPO_ROOT / "pipelines" / "infinity-shapes"
 # 11 images in batches of 2: six global batches, the last one short; two processes take 3 batches each.
 VAR_RUN = [
     "--model",
@@ -792,3 +793,23 @@ def test_a_run_recorded_with_the_whole_folder_digest_still_resumes(one_process, 
     (out / "images" / "000004.png").unlink()
     assert main(["sample", "--out", str(out), *VAR_RUN]) == 2
     assert "the model folder's files (another model" in capsys.readouterr().err
+
+
+def test_infinity_records_the_size_it_made_and_resumes_a_run_that_recorded_none(tmp_path, capsys):
+    """run.json said ``height: null`` for Infinity's default size; it records the size made (the pipeline's
+    ``default_size``), and a run recorded with null still resumes as the same run, while another size is refused."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    run = ["--model", str(INFINITY), "--prompts", str(prompts), "--guidance-scale", "1", "--out", str(tmp_path / "a")]
+    assert main(["sample", *run]) == 0
+    run_file = tmp_path / "a" / "run.json"
+    content = json.loads(run_file.read_text())
+    assert (content["settings"]["sampling"]["height"], content["settings"]["sampling"]["width"]) == (64, 64)
+    content["settings"]["sampling"].update(height=None, width=None)  # as runs recorded before
+    run_file.write_text(json.dumps(content))
+    (tmp_path / "a" / "images" / "000001.png").unlink()
+    assert main(["sample", *run]) == 0
+    assert (tmp_path / "a" / "images" / "000001.png").is_file()
+    (tmp_path / "a" / "images" / "000001.png").unlink()
+    assert main(["sample", *run, "--height", "128", "--width", "128"]) == 2
+    assert "holds a run with other settings (sampling:" in capsys.readouterr().err

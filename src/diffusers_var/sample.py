@@ -495,6 +495,17 @@ def _sampling_kwargs(args, pipe, family_name: str, num_classes: int | None) -> d
     return {**defaults, **given}
 
 
+def _fill_default_size(pipe, family_name: str, sampling: dict) -> dict:
+    """Infinity's ``height`` / ``width`` left to the pipeline, set to the size it makes (its ``default_size``, else
+    1024), so that run.json says what was made. Returns what was filled (runs recorded before this hold None)."""
+    if family_name != "InfinityPipeline":
+        return {}
+    sizes = dict(zip(("height", "width"), pipe.config.get("default_size") or (1024, 1024)))
+    filled = {name: size for name, size in sizes.items() if sampling.get(name) is None}
+    sampling.update(filled)
+    return filled
+
+
 def _check_sampling(pipe, family_name: str, sampling: dict) -> None:
     """The pipeline's own checks of the sampling settings, their errors naming the flags they come from."""
     try:
@@ -649,13 +660,24 @@ def _refuse_images_without_run_file(out: Path) -> None:
         )
 
 
-def _check_run_file(out: Path, settings: dict, processes: Processes, batch_size: int) -> None:
+def _check_run_file(
+    out: Path, settings: dict, processes: Processes, batch_size: int, filled: dict | None = None
+) -> None:
     """Refuse to mix two different runs in one folder; the main process records the settings of a new one, and says
-    when a restart changes the batch size."""
+    when a restart changes the batch size. ``filled``: sampling settings this run left to the pipeline, which an
+    older run recorded as None (the same value)."""
     run_file = out / RUN_FILE
     if run_file.is_file():
         content = _run_file_content(out)
         recorded = content["settings"]
+        earlier_sampling = recorded.get("sampling")
+        if filled and isinstance(earlier_sampling, dict):
+            left = {
+                name: value
+                for name, value in filled.items()
+                if name in earlier_sampling and earlier_sampling[name] is None
+            }
+            recorded = {**recorded, "sampling": {**earlier_sampling, **left}}
         if "model_files" in recorded and recorded["model_files"] != settings.get("model_files"):
             # a run recorded before the digest read only what loading reads: its whole-folder digest, if it matches
             model = Path(settings["model"])
@@ -796,6 +818,7 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
         class_names = dict(getattr(pipe, "id2label", None) or {})
         plan = build_plan(args, family_name, num_classes, class_names, prompts)
         sampling = _sampling_kwargs(args, pipe, family_name, num_classes)
+        filled = _fill_default_size(pipe, family_name, sampling)
         _check_sampling(pipe, family_name, sampling)  # before the run folder is written to
         loaded = time.perf_counter()
         if args.fast:
@@ -828,7 +851,7 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
         }
         if args.rng == "batch":  # each image depends on its batch's stream, so on the batch size
             settings["batch_size"] = batch_size
-        _check_run_file(out, settings, processes, batch_size)
+        _check_run_file(out, settings, processes, batch_size, filled)
         images_dir = out / IMAGES_DIR
         if processes.is_main:
             images_dir.mkdir(parents=True, exist_ok=True)
