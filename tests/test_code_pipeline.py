@@ -121,7 +121,7 @@ def test_constructor_refuses_a_refiner_of_another_schedule_or_codebook():
     with pytest.raises(ValueError, match="has no `transformer`"):
         code(class_labels=[1], output_type="latent")
     code.transformer = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match="`transformer` must be a VARTransformer2DModel for a CoDe call, got Linear"):
+    with pytest.raises(ValueError, match="`transformer` must be a VARTransformer2DModel, got a Linear"):
         code(class_labels=[1], output_type="latent")
 
 

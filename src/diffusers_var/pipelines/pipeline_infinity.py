@@ -377,8 +377,7 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
         (``fast_inference.WHOLE_SCALE_SAMPLING_MAX_TOKENS``) the whole scale is one graph, sampling included, as for
         VAR (a seed gives the eager sampler's images; other guidance, ``tau`` and ``top_p`` values replay the same
         graphs); larger images, a CPU generator or a list of generators keep sampling eager after the graphed
-        transformer step. On the CPU it only
-        casts: with ``dtype=torch.float32`` the images are the eager ones.
+        transformer step. On the CPU it only casts: with ``dtype=torch.float32`` the images are the eager ones.
         ``compile_decoder``: channels-last ``torch.compile`` of the VAE decoder (``True``, or a torch.compile mode
         as for :meth:`VARPipeline.enable_fast_inference`). ``compile_blocks``:
         ``torch.compile`` of each block's elementwise work (norms, modulation, q/k normalisation, 2-D RoPE, gating),

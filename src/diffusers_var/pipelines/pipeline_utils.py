@@ -361,14 +361,19 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
             if isinstance(module, torch.nn.Module) and getattr(module, FAST_PATH_ATTRIBUTE, False)
         ]
 
+    @staticmethod
+    def _shared_with_a_fast_pipeline(held: list[str]) -> str:
+        return (
+            f"{', '.join(f'`{name}`' for name in held)} of this pipeline {'is' if len(held) == 1 else 'are'} shared "
+            "with a pipeline that runs the fast path"
+        )
+
     def _refuse_on_components_held_fast(self, method: str) -> None:
         held = self._components_held_fast()
         if held:  # its hooks or casts would move the weights under the other pipeline's graphs and fitted kernels
             raise ValueError(
-                f"`{method}`: {', '.join(f'`{name}`' for name in held)} of this pipeline "
-                f"{'is' if len(held) == 1 else 'are'} shared with a pipeline that runs the fast path "
-                "(enable_fast_inference); call disable_fast_inference() on that pipeline first, or build this one "
-                "from its own components."
+                f"`{method}`: {self._shared_with_a_fast_pipeline(held)} (enable_fast_inference); call "
+                "disable_fast_inference() on that pipeline first, or build this one from its own components."
             )
 
     def _refuse_during_callback(self, method: str) -> None:
@@ -478,10 +483,9 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
         held = self._components_held_fast() if not self._fast_inference else []
         if held and not self.__dict__.get("_warned_held_fast"):  # said once per pipeline
             logger.warning(
-                f"{type(self).__name__}: {', '.join(f'`{name}`' for name in held)} of this pipeline "
-                f"{'is' if len(held) == 1 else 'are'} shared with a pipeline that runs the fast path, which cast and "
-                "fitted them: this pipeline's images are not its eager path's. Call enable_fast_inference() here "
-                "too, or build it from its own components for the eager path."
+                f"{type(self).__name__}: {self._shared_with_a_fast_pipeline(held)}, which cast and fitted them: this "
+                "pipeline's images are not its eager path's. Call enable_fast_inference() here too, or build it from "
+                "its own components for the eager path."
             )
             self.__dict__["_warned_held_fast"] = True
         # a per-scale list is copied: a callback editing `pipe._guidance_scale` in place edited the caller's list

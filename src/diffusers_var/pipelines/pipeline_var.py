@@ -1225,12 +1225,7 @@ class VARCoDePipeline(VARPipeline):
         self._check_required_components()  # a component left out is named as in every pipeline
         # the constructor's checks again: `pipe.transformer = ...` / `pipe.refiner = ...` skip it, and so does a
         # pipeline built without one of them (an IndexError or a misleading error deep in sampling otherwise)
-        for name in ("transformer", "refiner"):
-            model = getattr(self, name, None)
-            if not isinstance(model, VARTransformer2DModel):
-                raise ValueError(
-                    f"`{name}` must be a VARTransformer2DModel for a CoDe call, got {type(model).__name__}."
-                )
+        self._check_component_types(transformer=self.transformer, refiner=self.refiner)
         self._check_pair(self.transformer, self.refiner)
         super().check_inputs(
             class_labels,
