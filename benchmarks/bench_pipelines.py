@@ -20,6 +20,7 @@ TFLOP/s (analytic transformer FLOPs + the measured decoder FLOPs). Models and th
                       77 text tokens, row-0 cross-attention as released), cfg 4, top-k 600, top-p 0.8; batch 1
   infinity-2b         Infinity-2B at 1024 x 1024 (13 scales, T5-XL text width 2048, 32-bit BSQ VAE d32),
                       cfg 3, tau 0.5, top-k 900, top-p 0.97; batches 1, 4
+  infinity-2b-256     the same model at 256 x 256 (its 0.06M schedule: 16 x 16 tokens at the last scale)
   var-tiny, code-tiny, star-tiny, infinity-tiny   tiny configurations for ``--dry-run`` / CPU checks
 The text-to-image models get random precomputed text features of the real shapes (``prompt_embeds``): the text
 encoders (CLIP-H, flan-T5-XL) are neither built nor timed. Modes:
@@ -83,6 +84,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import json
 import statistics
 import sys
@@ -296,6 +298,30 @@ def kernel_categories(prof) -> str:
         top = sorted(largest[kind], reverse=True)[:3]
         lines.append(f"    {kind}: {us / 1e3:.2f} ms; " + "; ".join(f"{n} x{c} {t / 1e3:.2f} ms" for t, c, n in top))
     return "\n".join(lines)
+
+
+def write_trace(prof, path: str) -> None:
+    """The traced generation's kernels, gzipped JSON, one row each: ``[name, start_us, end_us, launch_us, frames]``,
+    ``launch_us`` when the host issued it (the kernel launch, or the graph launch of a replayed kernel), ``frames``
+    the up to three innermost lines of this package on the issuing stack (needs ``with_stack``), innermost first."""
+    from torch.autograd import DeviceType
+
+    host = {event.id: event for event in prof.events() if event.device_type != DeviceType.CUDA}
+    rows = []
+    for event in prof.events():
+        if event.device_type != DeviceType.CUDA:
+            continue
+        launch = host.get(getattr(event, "linked_correlation_id", 0))
+        frames, caller = [], launch
+        while caller is not None and len(frames) < 3:
+            if "diffusers_var/" in caller.name:
+                frames.append(caller.name.split("diffusers_var/")[-1])
+            caller = caller.cpu_parent
+        launch_us = launch.time_range.start if launch is not None else None
+        rows.append([event.name[:100], event.time_range.start, event.time_range.end, launch_us, frames])
+    with gzip.open(path, "wt") as file:
+        json.dump(rows, file)
+    print(f"  trace: {len(rows)} kernels -> {path}")
 
 
 def synchronize(device) -> None:
@@ -514,7 +540,7 @@ def build_infinity(name: str, device) -> InfinityPipeline:
             block_chunks=2,
         )
         size = 32
-    else:  # infinity-2b: keys/infinity/infinity_2b.json + vae_d32.json (the class defaults)
+    else:  # infinity-2b(-256): keys/infinity/infinity_2b.json + vae_d32.json (the class defaults)
         vae = BitwiseMultiScaleVAE(
             base_channels=128,
             encoder_ch_mult=(1, 2, 4, 4, 4),
@@ -535,7 +561,7 @@ def build_infinity(name: str, device) -> InfinityPipeline:
             shared_adaln=True,
             num_level_embeddings=15,
         )
-        size = 1024
+        size = 256 if name.endswith("-256") else 1024
     transformer.init_weights(init_adaln=0.5, init_adaln_gamma=1e-5)  # as in sessions 8-28: the blocks matter
     pipe = InfinityPipeline(
         transformer=transformer.eval(), vae=vae.eval(), text_encoder=None, tokenizer=None, default_size=[size, size]
@@ -716,7 +742,7 @@ DEFAULT_FP8_MIN_ROWS = fast_inference.FP8_MIN_ROWS
 KNOWN_MODELS = (
     tuple(MODELS)
     + tuple(CODE_MODELS)
-    + ("star-d30", "star-d16", "infinity-2b", "var-tiny", "code-tiny", "star-tiny", "infinity-tiny")
+    + ("star-d30", "star-d16", "infinity-2b", "infinity-2b-256", "var-tiny", "code-tiny", "star-tiny", "infinity-tiny")
 )
 
 
@@ -794,6 +820,13 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="also write the rows here")
     parser.add_argument(
         "--profile", action="store_true", help="print the top CUDA kernels of one fast generation per batch"
+    )
+    parser.add_argument(
+        "--trace",
+        default=None,
+        help="with --profile: also write the traced generation's events to this .json.gz (every kernel with the "
+        "host operator that launched it and that operator's stack in this package; read it with "
+        "benchmarks/read_trace.py)",
     )
     parser.add_argument(
         "--decode-slice",
@@ -959,7 +992,8 @@ def main() -> int:
                 if args.profile and mode.startswith("fast") and device.type == "cuda":
                     started = time.perf_counter()
                     with torch.profiler.profile(
-                        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+                        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
+                        with_stack=bool(args.trace),
                     ) as prof:
                         bench.generate(bench.pipe, batch, device)
                         torch.cuda.synchronize()
@@ -978,6 +1012,8 @@ def main() -> int:
                     print(f"  profile: {kernel_categories(prof)}")
                     print(events.table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=100))
                     print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+                    if args.trace:
+                        write_trace(prof, args.trace.replace(".json.gz", f"_{name}_b{batch}.json.gz"))
             if mode.startswith("fast"):  # after the timings: compiled code specialises on the first batch size it sees
                 fast_tokens = bench.greedy(bench.pipe, bench.greedy_batch, device)
                 agreement = (fast_tokens == eager_tokens).float().mean().item()

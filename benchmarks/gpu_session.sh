@@ -106,10 +106,11 @@ for stage in "$@"; do
         done
       done ;;
     profile_ours)  # issue 20: VAR-d16 batches 1 and 64, today's code only, torch.profiler tables and GPU timeline
-      # (PROFILE_MODEL: one or more models, one process each; PROFILE_BATCH, PROFILE_MODE)
+      # (PROFILE_MODEL: one or more models, one process each; PROFILE_BATCH, PROFILE_MODE; PROFILE_TRACE=1: each
+      # traced generation's kernels with their issuing lines, for benchmarks/read_trace.py)
       for model in ${PROFILE_MODEL:-var-d16}; do
         bench . "profile_$model" --models "$model" --batch-sizes "${PROFILE_BATCH:-1,64}" \
-          --modes "${PROFILE_MODE:-fast-compile-all}" --repeats 5 --profile
+          --modes "${PROFILE_MODE:-fast-compile-all}" --repeats 5 --profile ${PROFILE_TRACE:+--trace "$OUT/trace.json.gz"}
         grep -h -A8 "profile:" "$OUT/profile_$model.log" | grep -E "profile:|^    "
       done ;;
     attention)  # issue 20: the SDPA kernels (flash, memory-efficient, cuDNN) on one generation's self-attention shapes
@@ -251,6 +252,7 @@ PY
       # in both modes since session 32: raise fast_inference.WHOLE_SCALE_SAMPLING_MAX_TOKENS to compare them)
       for model in ${GRAPH_SAMPLING_MODELS:-star-d16}; do
         batches=1; [ "$model" = infinity-2b ] && batches=1,4; [ "$model" = star-d16 ] && batches=1,64
+        [ "$model" = infinity-2b-256 ] && batches=1,16
         BENCH_TIMEOUT=${BENCH_TIMEOUT:-280} bench . "graph_sampling_$model" --models "$model" --batch-sizes "$batches" \
           --repeats 5 --modes fast-compile-all-static-tokens-fp8-eagersampling,fast-compile-all-static-tokens-fp8
       done ;;
