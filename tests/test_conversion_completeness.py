@@ -101,3 +101,15 @@ def test_infinity_missing_blocks_and_keys():
         convert_infinity_transformer(state_dict, depth=depth + 2)
     with pytest.raises(ConversionError, match="missing"):
         convert_infinity_transformer(_without(state_dict, "head.weight"))
+
+
+def test_infinity_a_stray_block_index_or_a_huge_depth_is_refused_at_once():
+    """The probe: one stray key ``block_chunks.0.module.100000000...`` or ``--depth 200000000`` built the set of
+    every (chunk, block) pair, then ran out of memory after ~100 s. The missing blocks are now found as VAR's are
+    (the first few, walked lazily), and the message counts the rest."""
+    state_dict = _infinity_state_dict()
+    stray = {**state_dict, "block_chunks.0.module.1000000000.ffn.fc1.bias": torch.zeros(4)}
+    with pytest.raises(ConversionError, match=r"no keys for block_chunks\.C\.module\.J .*'\.\.\.'\] \(\d{10}\)"):
+        convert_infinity_transformer(stray)
+    with pytest.raises(ConversionError, match=r"'\.\.\.'\] \(\d{9}\).*`--depth` 200000000"):
+        convert_infinity_transformer(state_dict, depth=200_000_000)

@@ -318,14 +318,13 @@ def count_blocks(
         expected = num_heads  # release layout
     count = expected if expected is not None else (max(found) + 1 if found else 0)
     # the first few only: one stray index of 10**9 made a list (and a message) of a billion missing blocks
-    missing = list(itertools.islice((i for i in range(count) if i not in found), 10))
     extra = sorted(i for i in found if i >= count)
-    if missing or extra:
-        number_missing = count - len(found) + len(extra)
-        shown = missing if number_missing <= len(missing) else missing[:-1] + ["..."]
-        missing_text = f"{shown}" + ("" if shown is missing else f" ({number_missing})")
+    missing_text = first_missing(range(count), found, count - len(found) + len(extra))
+    if missing_text or extra:
         extra_text = f"{extra}" if len(extra) <= 10 else f"{extra[:9] + ['...']} ({len(extra)})"
-        detail = f"no keys for {prefix} {missing_text}" if missing else f"more {prefix} than {count}: {extra_text}"
+        detail = f"more {prefix} than {count}: {extra_text}"
+        if missing_text:
+            detail = f"no keys for {prefix} {missing_text}"
         source = (
             "`--depth`"
             if depth is not None
@@ -336,6 +335,20 @@ def count_blocks(
             f"checkpoint{'' if depth is not None else '; pass --depth to convert another layout'}."
         )
     return count
+
+
+def first_missing(candidates: Iterable, present, number_missing: int, limit: int = 10) -> str:
+    """The first of ``candidates`` not in ``present`` for a message, ``"[3, 4, 5]"``, or with more than ``limit``
+    missing ``"[3, 4, ..., '...'] (N)"`` (``number_missing``: how many there are in all); ``""`` when none is missing.
+    ``candidates`` is walked lazily and only until ``limit`` are found: the indices of a checkpoint's blocks bound
+    the walk (``len(present) + limit`` steps at most), not the range, which one stray index of 10**9 made huge (a
+    set of every expected index took minutes and ended in a MemoryError)."""
+    missing = list(itertools.islice((item for item in candidates if item not in present), limit))
+    if not missing:
+        return ""
+    if number_missing <= len(missing):
+        return f"{missing}"
+    return f"{missing[:-1] + ['...']} ({number_missing})"
 
 
 def find_state_dict(

@@ -28,6 +28,7 @@ from .common import (
     check_output_dir,
     check_tokenizer_fits,
     find_state_dict,
+    first_missing,
     load_checkpoint,
     load_into,
     load_safetensors,
@@ -116,13 +117,12 @@ def _block_index_map(keys, depth: int | None = None) -> dict[str, str]:
     per_chunk = max(j for _, j in pairs) + 1
     if depth is not None and depth % num_chunks == 0:
         per_chunk = max(per_chunk, depth // num_chunks)
-    missing = sorted({(c, j) for c in range(num_chunks) for j in range(per_chunk)} - pairs)
+    # walked lazily, as count_blocks does: the grid of a stray index (or --depth) of 10**8 is not built
+    grid = ((c, j) for c in range(num_chunks) for j in range(per_chunk))
+    missing = first_missing(grid, pairs, num_chunks * per_chunk - len(pairs))
     if missing or (depth is not None and depth != num_chunks * per_chunk):
-        detail = (
-            f"no keys for block_chunks.C.module.J (C, J) in {missing[:8]}"
-            if missing
-            else f"{num_chunks * per_chunk} blocks"
-        )
+        detail = f"no keys for block_chunks.C.module.J (C, J) in {missing}" if missing else ""
+        detail = detail or f"{num_chunks * per_chunk} blocks"
         source = f"; `--depth` {depth}" if depth is not None else ""
         raise ConversionError(
             f"`transformer`: {detail}: a truncated or edited checkpoint ({num_chunks} chunks of "
