@@ -69,7 +69,12 @@ def main(argv=None) -> int:
         help="normalised RoPE extent, > 0 (64 in every release)",
     )
     parser.add_argument("--no-logit-norm", action="store_true", help="no LayerNorm before the head (no release)")
-    parser.add_argument("--sampler-start-scale", type=int, default=None, help="first stable-sampler scale (default 9)")
+    parser.add_argument(
+        "--sampler-start-scale",
+        type=int_in_range(1),
+        default=None,
+        help="first stable-sampler scale, 1 to num_scales - 1 (default 9, or the last scale of a shorter schedule)",
+    )
     parser.add_argument(
         "--no-row0-quirk", action="store_true", help="per-row cross-attention (does not match the original)"
     )

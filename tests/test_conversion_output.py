@@ -278,3 +278,27 @@ def test_the_output_folder_gets_the_mode_of_the_umask(tmp_path):
         finally:
             os.umask(previous)
         assert (tmp_path / name).stat().st_mode & 0o777 == mode, name
+
+
+def test_a_refused_save_leaves_no_folder_it_made(tmp_path):
+    """The probe: a save refused after its output's parent folders were made (``--output np/x/y/out``, a pipeline
+    holding NaN) left the empty folders np/x/y behind. Those it made are removed again; a folder that was there
+    before (empty or not) is kept."""
+    import torch
+
+    class NaNPipeline(FakePipeline):
+        components = {"transformer": torch.nn.Linear(1, 1, bias=False)}
+
+    class FailingPipeline(FakePipeline):
+        def save_pretrained(self, path, safe_serialization=True):
+            raise OSError(28, "No space left on device")
+
+    torch.nn.init.constant_(NaNPipeline.components["transformer"].weight, float("nan"))
+    with pytest.raises(ConversionError, match="NaN or infinite values"):
+        atomic_save_pipeline(NaNPipeline(), tmp_path / "np" / "x" / "y" / "out")
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(ConversionError, match="`output`: writing .* No space left on device"):
+        atomic_save_pipeline(FailingPipeline(), tmp_path / "kept" / "x" / "y" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
+    atomic_save_pipeline(FakePipeline(), tmp_path / "kept" / "x" / "out")  # a save that works keeps them
+    assert (tmp_path / "kept" / "x" / "out" / "model_index.json").is_file()

@@ -490,7 +490,7 @@ def test_converter_command_lines_name_the_flags(originals, tmp_path, capsys, mon
     rc, err = _run_main("convert_infinity.py", [*infinity_argv, "--tokenizer", infinity / "tokenizer"], capsys)
     _assert_one_line_error(rc, err, "error: `--text-encoder`: cannot load a T5 encoder")
     rc, err = _run_main("convert_infinity.py", [*infinity_argv, "--tokenizer", "none"], capsys)
-    assert (rc, err) == (2, "error: `--tokenizer`: 'none' is not a directory.\n"), err
+    assert (rc, err) == (2, "error: `--tokenizer`: no such folder 'none'.\n"), err
     code_argv = ["--vae", vae, "--drafter", var, "--refiner", "missing.pth", "--output", "o"]
     rc, err = _run_main("convert_code.py", code_argv, capsys)
     assert (rc, err) == (2, "error: `--refiner`: no such file 'missing.pth'.\n"), err

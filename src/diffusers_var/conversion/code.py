@@ -19,6 +19,8 @@ from .common import (
     ConversionWarning,
     atomic_save_pipeline,
     cast_for_output,
+    check_dtype,
+    check_inputs,
     check_output_dir,
     reading_checkpoint,
 )
@@ -28,6 +30,8 @@ from .var import _load_vae, _load_var, check_arguments, convert_vae, convert_var
 def _for_role(err: ConversionError, role: str) -> ConversionError:
     """A VAR conversion error reworded for CoDe's ``role``: its argument and flag names carry the role."""
     message = str(err).replace("`transformer`", f"`{role}`")
+    if role == "refiner":  # a weight the message names: the pipeline's refiner is its own component
+        message = message.replace("`transformer.", "`refiner.")
     for name in ("depth", "num_heads"):
         message = message.replace(f"`{name}`", f"`{role}_{name}`")
         message = message.replace(f"--{name.replace('_', '-')}", f"--{role}-{name.replace('_', '-')}")
@@ -101,8 +105,10 @@ def convert_code_checkpoint(
         isinstance(draft_steps, bool) or not isinstance(draft_steps, int) or draft_steps < 1
     ):
         raise ConversionError(f"`draft_steps` must be a whole number >= 1 (and < num_scales), got {draft_steps!r}.")
+    dtype = check_dtype(dtype)
     if output_dir is not None:  # before reading the checkpoints
         check_output_dir(output_dir, overwrite)
+    check_inputs(files={"drafter": drafter_path, "refiner": refiner_path, "vae": vae_path})  # all before any is read
     drafter = _convert_role(drafter_path, patch_nums, "drafter", drafter_depth, drafter_num_heads)
     refiner = _convert_role(refiner_path, patch_nums, "refiner", refiner_depth, refiner_num_heads)
     swapped = swapped_roles_warning(drafter, refiner)

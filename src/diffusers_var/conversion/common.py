@@ -136,6 +136,31 @@ def patch_nums_arg(named: Mapping[str, Sequence[int]] | None = None):
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_dtype(dtype) -> torch.dtype:
+    """The converters' ``dtype``: one of :data:`OUTPUT_DTYPES` (the values of ``--dtype``), as a ``torch.dtype`` or by
+    its name there (``"float16"``, as the command line takes it). Anything else (float64, a float8 type, an integer
+    type, None) is a ConversionError naming ``dtype`` and the allowed values, before any checkpoint is read: it was
+    a TypeError from deep inside the cast after the conversion, or a float64 / float8 output no pipeline runs."""
+    if isinstance(dtype, str) and dtype in OUTPUT_DTYPES:
+        return OUTPUT_DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in OUTPUT_DTYPES.values():
+        return dtype
+    allowed = ", ".join(f"torch.{name}" for name in OUTPUT_DTYPES)
+    raise ConversionError(
+        f"`dtype` must be one of {allowed} (or its name, {', '.join(map(repr, OUTPUT_DTYPES))}), got {dtype!r}."
+    )
+
+
+def check_whole_number(value, name: str, low: int = 1):
+    """``value`` as an int when it is a whole number >= ``low`` (a Python or numpy integer, not a bool, a float or a
+    string: ``int()`` read 2.5 as 2, True as 1 and '2' as 2), else a ConversionError naming ``name``."""
+    from ..scalars import is_integer  # (here: this module also runs alone, see clean_stale_staging)
+
+    if not is_integer(value) or value < low:
+        raise ConversionError(f"`{name}` must be a whole number >= {low}, got {value!r}.")
+    return int(value)
+
+
 def add_output_dtype_argument(parser: argparse.ArgumentParser) -> None:
     """``--dtype``: the weights' dtype in the output folder (a key of :data:`OUTPUT_DTYPES`)."""
     parser.add_argument("--dtype", choices=sorted(OUTPUT_DTYPES), default="float32")
@@ -229,6 +254,7 @@ def cast_for_output(dtype: torch.dtype, **models: torch.nn.Module) -> None:
     naming ``dtype``: it would turn infinite, and the finite-weights check blamed the checkpoint."""
     from ..pipelines.fast_inference import cast_module_
 
+    dtype = check_dtype(dtype)
     if dtype == torch.float32:
         return
     largest = torch.finfo(dtype).max
@@ -246,16 +272,42 @@ def cast_for_output(dtype: torch.dtype, **models: torch.nn.Module) -> None:
         cast_module_(model, dtype)
 
 
-def load_checkpoint(path: str | os.PathLike, param_name: str) -> dict[str, torch.Tensor]:
-    """Load an original ``.pth`` with ``torch.load(weights_only=True)`` (never executes pickled code).
-
-    Errors name the command-line parameter (``param_name``) the file was given to.
-    """
+def check_checkpoint_file(path: str | os.PathLike, param_name: str) -> Path:
+    """``path`` is a file (the checkpoint given to ``param_name``), else a ConversionError naming it."""
     path = Path(path)
     if path.is_dir():
         raise ConversionError(f"`{param_name}`: {str(path)!r} is a folder; give the checkpoint file (.pth) in it.")
     if not path.is_file():
         raise ConversionError(f"`{param_name}`: no such file {str(path)!r}.")
+    return path
+
+
+def check_folder(path: str | os.PathLike, param_name: str) -> Path:
+    """``path`` is a folder (a text encoder's or a tokenizer's), else a ConversionError naming ``param_name``."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ConversionError(f"`{param_name}`: {str(path)!r} is a file, not a folder.")
+    raise ConversionError(f"`{param_name}`: no such folder {str(path)!r}.")
+
+
+def check_inputs(files: Mapping | None = None, folders: Mapping | None = None) -> None:
+    """Every input path given to a converter, by its argument: the checkpoint ``files`` and the ``folders``, checked
+    before any of them is read (next to :func:`check_output_dir`): a missing text encoder was reported only after
+    the transformer and the VQ-VAE had been read and converted, minutes with a release checkpoint."""
+    for name, path in (files or {}).items():
+        check_checkpoint_file(path, name)
+    for name, path in (folders or {}).items():
+        check_folder(path, name)
+
+
+def load_checkpoint(path: str | os.PathLike, param_name: str) -> dict[str, torch.Tensor]:
+    """Load an original ``.pth`` with ``torch.load(weights_only=True)`` (never executes pickled code).
+
+    Errors name the command-line parameter (``param_name``) the file was given to.
+    """
+    path = check_checkpoint_file(path, param_name)
     damaged = None
     try:
         with open(path, "rb") as file:
@@ -349,6 +401,39 @@ def first_missing(candidates: Iterable, present, number_missing: int, limit: int
     if number_missing <= len(missing):
         return f"{missing}"
     return f"{missing[:-1] + ['...']} ({number_missing})"
+
+
+def check_zero_buffer(tensor: torch.Tensor, key: str, param_name: str, shape: tuple[int, ...] | None = None) -> None:
+    """A buffer the original keeps at zero (attention's ``zero_k_bias``: the key projection has no bias) is not
+    converted, so it must be zero: a non-zero or NaN one was edited or is another model's, and dropping it silently
+    changed what the checkpoint computes. ``shape``: the shape it must have, when known."""
+    if shape is not None and tuple(tensor.shape) != tuple(shape):
+        raise ConversionError(
+            f"`{param_name}`: buffer {key!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)}."
+        )
+    if torch.count_nonzero(tensor).item():  # (NaN is non-zero)
+        raise ConversionError(f"`{param_name}`: buffer {key!r} should be all zeros.")
+
+
+def check_finite(param_name: str, **models: torch.nn.Module) -> None:
+    """The converted ``models`` (by their component names) hold finite weights only: a checkpoint holding NaN / inf
+    converted to a pipeline that draws NaN images. The error names ``param_name``, the argument whose checkpoint held
+    them, and the converted weight. Run on every converted model, whether the pipeline is written or only returned,
+    and before :func:`cast_for_output` (an infinite weight is no fault of ``dtype``)."""
+    for model_name, model in models.items():
+        name = _first_non_finite(model)
+        if name is not None:
+            raise ConversionError(
+                f"`{param_name}`: the checkpoint holds NaN or infinite values: converted to `{model_name}.{name}`."
+            )
+
+
+def _first_non_finite(model: torch.nn.Module) -> str | None:
+    """The name of ``model``'s first floating-point weight or buffer holding NaN / inf, or None."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
 
 
 def find_state_dict(
@@ -596,7 +681,40 @@ def atomic_save_pipeline(pipeline, output_dir: str | os.PathLike, overwrite: boo
 
 
 def _atomic_save(pipeline, output_dir: Path, overwrite: bool) -> Path:
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    _check_finite_weights(pipeline)  # (the converters check each model; this, any pipeline) before a folder is made
+    made = _make_parents(output_dir)
+    try:
+        return _save_into_place(pipeline, output_dir, overwrite)
+    except BaseException:
+        for folder in made:  # the folders this call made for the output, when they stayed empty (never another's)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _make_parents(output_dir: Path) -> list[Path]:
+    """Make ``output_dir``'s missing parent folders; those made, deepest first (a failed save removes them again:
+    ``folder_problem`` promises that a refused run leaves no empty folder behind)."""
+    missing, folder = [], output_dir.parent
+    while not folder.exists() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    made = []
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:  # made meanwhile by someone else: not ours to remove
+            continue
+        except OSError:
+            for ours in reversed(made):
+                with contextlib.suppress(OSError):
+                    ours.rmdir()
+            raise
+        made.append(folder)
+    return made[::-1]
+
+
+def _save_into_place(pipeline, output_dir: Path, overwrite: bool) -> Path:
     clean_stale_staging(output_dir)
     check_output_dir(output_dir, overwrite)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
@@ -610,7 +728,6 @@ def _atomic_save(pipeline, output_dir: Path, overwrite: bool) -> Path:
     (staging / STAGING_MARKER).write_text(json.dumps(marker))
     new, old = staging / "new", staging / "old"
     try:
-        _check_finite_weights(pipeline)
         pipeline.save_pretrained(new, safe_serialization=True)
         written = _files(new)
         pickles = [name for name in written if Path(name).suffix in {".bin", ".pth", ".pt", ".pkl", ".ckpt"}]
@@ -639,15 +756,12 @@ def _atomic_save(pipeline, output_dir: Path, overwrite: bool) -> Path:
 
 
 def _check_finite_weights(pipeline) -> None:
-    """Converted weights are finite: a checkpoint holding NaN / inf converts to a pipeline that draws NaN images."""
+    """A pipeline's weights are finite before it is written (the converters name the argument whose checkpoint held
+    NaN / inf, :func:`check_finite`; this covers any pipeline given to :func:`atomic_save_pipeline`)."""
     for component_name, component in getattr(pipeline, "components", {}).items():
-        if not isinstance(component, torch.nn.Module):
-            continue
-        for name, tensor in component.state_dict().items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise ConversionError(
-                    f"the checkpoint holds NaN or infinite values: converted to `{component_name}.{name}`."
-                )
+        name = _first_non_finite(component) if isinstance(component, torch.nn.Module) else None
+        if name is not None:
+            raise ConversionError(f"the pipeline holds NaN or infinite values: `{component_name}.{name}`.")
 
 
 def _version() -> str:

@@ -25,8 +25,12 @@ from .common import (
     atomic_save_pipeline,
     cast_for_output,
     check_depth,
+    check_dtype,
+    check_finite,
+    check_inputs,
     check_output_dir,
     check_tokenizer_fits,
+    check_zero_buffer,
     find_state_dict,
     first_missing,
     load_checkpoint,
@@ -216,6 +220,9 @@ def vae_key_map(keys) -> dict[str, str]:
 def _convert(model, state_dict: Mapping, key_map: dict, param_name: str, derived_shape) -> None:
     converted = {}
     for old, new in key_map.items():
+        if new == "@zero_k_bias":  # the key projection has no bias: must really be zero (it is not converted)
+            check_zero_buffer(state_dict[old], old, param_name, derived_shape(new[1:]))
+            continue
         if new.startswith("@"):
             if _shape(state_dict[old]) != derived_shape(new[1:]):
                 raise ConversionError(
@@ -243,6 +250,7 @@ def convert_infinity_transformer(
     config = infinity_config_from_state_dict(state_dict, level_embed_every_chunk, depth)
     model = InfinityTransformer2DModel(**config)
     _convert(model, state_dict, infinity_key_map(state_dict), "transformer", lambda n: derived_buffer_shape(config, n))
+    check_finite("transformer", transformer=model)
     return model.eval()
 
 
@@ -250,6 +258,7 @@ def convert_bitwise_vae(state_dict: Mapping, spatial_patchify: bool = False) -> 
     config = vae_config_from_state_dict(state_dict, spatial_patchify)
     model = BitwiseMultiScaleVAE(**config)
     _convert(model, state_dict, vae_key_map(state_dict), "vae", lambda n: derived_buffer_shape(config, n))
+    check_finite("vae", vae=model)
     return model.eval()
 
 
@@ -361,8 +370,15 @@ def convert_infinity_checkpoint(
     from ..pipelines.pipeline_infinity import InfinityPipeline
 
     check_depth(depth)
+    dtype = check_dtype(dtype)
     if output_dir is not None:  # before reading multi-GB checkpoints
         check_output_dir(output_dir, overwrite)
+    # every input before any is read: the transformer (a .pth or a folder of shards), the VAE, the two folders
+    if Path(transformer_path).is_dir():
+        check_inputs(files={"vae": vae_path})
+    else:
+        check_inputs(files={"transformer": transformer_path, "vae": vae_path})
+    check_inputs(folders={"text_encoder": text_encoder_path, "tokenizer": tokenizer_path})
     transformer_sd = load_infinity_transformer_state_dict(transformer_path)
     with reading_checkpoint("transformer", transformer_path):
         transformer = convert_infinity_transformer(transformer_sd, level_embed_every_chunk, depth)
@@ -377,9 +393,6 @@ def convert_infinity_checkpoint(
         )
     with reading_checkpoint("vae", vae_path):
         vae = convert_bitwise_vae(vae_sd, spatial_patchify=bits == 4 * d)
-    for name, folder in (("text_encoder", text_encoder_path), ("tokenizer", tokenizer_path)):
-        if not Path(folder).is_dir():
-            raise ConversionError(f"`{name.replace('_', '-')}`: {str(folder)!r} is not a directory.")
     try:
         # float32 first: cast_for_output refuses a weight beyond float16's range by name (it turned infinite while
         # loading, and the finite-weights check blamed the checkpoint)
@@ -398,6 +411,7 @@ def convert_infinity_checkpoint(
     except Exception as err:  # noqa: BLE001 - transformers raises many kinds; each becomes a message naming the flag
         raise ConversionError(f"`tokenizer`: cannot load a tokenizer from {str(tokenizer_path)!r}: {err}") from None
     check_tokenizer_fits(tokenizer, text_encoder, "tokenizer")
+    check_finite("text_encoder", text_encoder=text_encoder)
     cast_for_output(dtype, transformer=transformer, vae=vae, text_encoder=text_encoder)
     pipe = InfinityPipeline(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
     if output_dir is not None:

@@ -10,10 +10,10 @@ norm and the sampler's first scale cannot be read from weights: the release valu
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import torch
 
@@ -26,10 +26,16 @@ from .common import (
     atomic_save_pipeline,
     cast_for_output,
     check_depth,
+    check_dtype,
+    check_finite,
     check_float,
+    check_folder,
+    check_inputs,
     check_output_dir,
     check_patch_nums,
     check_tokenizer_fits,
+    check_whole_number,
+    check_zero_buffer,
     count_blocks,
     find_state_dict,
     load_checkpoint,
@@ -100,18 +106,37 @@ def star_key_map(keys) -> dict[str, str]:
     return rename_keys(keys, STAR_KEY_RULES, "transformer")
 
 
-def infer_star_patch_nums(
-    state_dict: Mapping, patch_nums=None, snapshot_config: Mapping | None = None
-) -> tuple[int, ...]:
-    """Scale schedule: explicit (list or "256"/"512"/"1024") > the snapshot's trainer config > the token
-    count of ``pos_1LC`` > the number of level embeddings when only one known schedule has it."""
-    num_scales = _shape(state_dict["lvl_embed.weight"])[0]
+def check_star_patch_nums(patch_nums) -> tuple[int, ...] | None:
+    """The ``patch_nums`` argument: None, a resolution name ("256" / "512" / "1024") or a schedule (at least two
+    strictly increasing positive integers), as a tuple; checked before a checkpoint is read."""
+    if patch_nums is None:
+        return None
     if isinstance(patch_nums, str):
         if patch_nums not in NAMED_PATCH_NUMS:
             raise ConversionError(
                 f"`patch_nums`: unknown resolution {patch_nums!r}; use one of {sorted(NAMED_PATCH_NUMS)} or a list."
             )
-        patch_nums = NAMED_PATCH_NUMS[patch_nums]
+        return tuple(NAMED_PATCH_NUMS[patch_nums])
+    return check_patch_nums(patch_nums)
+
+
+def rope_max_side(rope_norm: float) -> int:
+    """The largest scale side STAR's normalised RoPE resolves. Every scale spans ``[0, rope_norm]`` along each side,
+    its neighbouring tokens ``rope_norm / (side - 1)`` apart (``normalized_rope_2d_table``; STAR's spec 3.3), so
+    beyond ``rope_norm + 1`` (65 for the release's 64) they sit less than one position apart, finer than any model
+    was trained at (the 1024 px schedule ends at 64, neighbours 64/63 apart). A larger last scale, which nothing in
+    a RoPE checkpoint bounds, converted and then asked hundreds of GB at generation (``1,2,3,100000``)."""
+    return math.floor(rope_norm) + 1
+
+
+def infer_star_patch_nums(
+    state_dict: Mapping, patch_nums=None, snapshot_config: Mapping | None = None, rope_norm: float = 64.0
+) -> tuple[int, ...]:
+    """Scale schedule: explicit (list or "256"/"512"/"1024") > the snapshot's trainer config > the token
+    count of ``pos_1LC`` > the number of level embeddings when only one known schedule has it. With RoPE (no
+    ``pos_1LC``) the last scale's side is at most :func:`rope_max_side` of ``rope_norm``."""
+    num_scales = _shape(state_dict["lvl_embed.weight"])[0]
+    patch_nums = check_star_patch_nums(patch_nums)
     source = "`patch_nums`"
     if patch_nums is None and snapshot_config is not None and snapshot_config.get("patch_nums") is not None:
         patch_nums, source = snapshot_config["patch_nums"], "the snapshot's trainer config"
@@ -126,12 +151,21 @@ def infer_star_patch_nums(
             )
         patch_nums, source = candidates[0], "the number of scales"
     patch_nums = check_patch_nums(patch_nums)
+    origin = "" if source == "`patch_nums`" else f" from {source}"
     if len(patch_nums) != num_scales:
         raise ConversionError(
-            f"`patch_nums` from {source} has {len(patch_nums)} scales, but the checkpoint has {num_scales}."
+            f"`patch_nums`{origin} {patch_nums} has {len(patch_nums)} scales, but the checkpoint has {num_scales}."
         )
     if "pos_1LC" in state_dict and _shape(state_dict["pos_1LC"])[1] != sum(p * p for p in patch_nums):
         raise ConversionError(f"`patch_nums` {patch_nums} does not match the checkpoint's pos_1LC token count.")
+    limit = rope_max_side(check_float(rope_norm, "rope_norm", POSITIVE))
+    if "pos_1LC" not in state_dict and patch_nums[-1] > limit:
+        raise ConversionError(
+            f"`patch_nums`{origin} {patch_nums} ends with a scale of side {patch_nums[-1]}; STAR's normalised RoPE "
+            f"resolves sides up to {limit} (`rope_norm` + 1): every scale spans [0, {rope_norm:g}] along each side, "
+            "and a larger side puts neighbouring tokens less than one position apart (the 1024 px release ends at "
+            "64)."
+        )
     return patch_nums
 
 
@@ -155,10 +189,15 @@ def star_config_from_state_dict(
     depth = count_blocks(state_dict, "blocks", "transformer", depth, num_heads, C)
     if depth == 0:
         raise ConversionError("`transformer`: the checkpoint has no transformer blocks.")
-    patch_nums = infer_star_patch_nums(state_dict, patch_nums, snapshot_config)
+    patch_nums = infer_star_patch_nums(state_dict, patch_nums, snapshot_config, rope_norm)
     sampler_depth = count_blocks(state_dict, "feat_extract_blocks", "transformer")
     if sampler_start_scale is None:  # 9 in every release; a shorter (test) schedule starts at its last scale
         sampler_start_scale = min(9, len(patch_nums) - 1)
+    elif check_whole_number(sampler_start_scale, "sampler_start_scale") >= len(patch_nums):
+        raise ConversionError(
+            f"`sampler_start_scale` must be in [1, {len(patch_nums) - 1}] for the {len(patch_nums)} scales of "
+            f"{patch_nums}, got {sampler_start_scale!r}."
+        )
     return {
         "depth": depth,
         "embed_dim": C,
@@ -193,11 +232,11 @@ def convert_star_transformer(state_dict: Mapping, **config_kwargs) -> STARTransf
     converted = {}
     for old, new in star_key_map(state_dict).items():
         if new.startswith("@"):  # zero_k_bias buffers: must really be zero
-            if torch.count_nonzero(state_dict[old]).item():
-                raise ConversionError(f"`transformer`: buffer {old!r} should be all zeros.")
+            check_zero_buffer(state_dict[old], old, "transformer")
         else:
             converted[new] = state_dict[old]
     load_into(model, converted, "transformer")
+    check_finite("transformer", transformer=model)
     return model.eval()
 
 
@@ -220,9 +259,7 @@ def _load_text_components(text_encoder_dir):
     (the SD-2.x layout STAR uses) or a single folder holding both."""
     from transformers import AutoConfig, AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-    root = Path(text_encoder_dir)
-    if not root.is_dir():
-        raise ConversionError(f"`text_encoder`: no such folder {str(root)!r}.")
+    root = check_folder(text_encoder_dir, "text_encoder")
     encoder_dir = root / "text_encoder" if (root / "text_encoder").is_dir() else root
     tokenizer_dir = root / "tokenizer" if (root / "tokenizer").is_dir() else root
     try:
@@ -272,14 +309,18 @@ def convert_star_checkpoint(
     from ..pipelines.pipeline_star import STARPipeline
 
     # what can be checked before a checkpoint is read
-    if patch_nums is not None and not isinstance(patch_nums, str):
-        check_patch_nums(patch_nums)
+    check_star_patch_nums(patch_nums)
     check_float(rope_theta, "rope_theta", POSITIVE)
     check_float(rope_norm, "rope_norm", POSITIVE)
     check_float(quant_resi, "quant_resi", QUANT_RESI_RANGE)
     check_depth(depth)
+    if sampler_start_scale is not None:  # (its largest value, num_scales - 1, once the schedule is known)
+        check_whole_number(sampler_start_scale, "sampler_start_scale")
+    dtype = check_dtype(dtype)
     if output_dir is not None:  # before reading multi-GB checkpoints
         check_output_dir(output_dir, overwrite)
+    # every input before any is read
+    check_inputs(files={"transformer": transformer_path, "vae": vae_path}, folders={"text_encoder": text_encoder_dir})
     star_sd, snapshot_config = load_star_snapshot(transformer_path)
     with reading_checkpoint("transformer", transformer_path):
         transformer = convert_star_transformer(
@@ -305,6 +346,7 @@ def convert_star_checkpoint(
             f"(vocab {transformer.config.vocab_size}, z {transformer.config.latent_channels})."
         )
     tokenizer, text_encoder = _load_text_components(text_encoder_dir)
+    check_finite("text_encoder", text_encoder=text_encoder)
     width = getattr(text_encoder.config, "hidden_size", None) or getattr(text_encoder.config, "d_model", None)
     if width != transformer.config.text_embed_dim:
         raise ConversionError(

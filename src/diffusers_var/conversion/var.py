@@ -23,9 +23,13 @@ from .common import (
     atomic_save_pipeline,
     cast_for_output,
     check_depth,
+    check_dtype,
+    check_finite,
     check_float,
+    check_inputs,
     check_output_dir,
     check_patch_nums,
+    check_zero_buffer,
     count_blocks,
     find_state_dict,
     load_checkpoint,
@@ -234,7 +238,9 @@ def convert_var_transformer(
     model = VARTransformer2DModel(**config)
     converted = {}
     for old, new in var_key_map(state_dict).items():
-        if new.startswith("@"):
+        if new.endswith("zero_k_bias"):  # the key projection has no bias: must really be zero
+            check_zero_buffer(state_dict[old], old, "transformer", tuple(_expected_derived(model, new[1:]).shape))
+        elif new.startswith("@"):
             expected = _expected_derived(model, new[1:])
             if _shape(state_dict[old]) != tuple(expected.shape) or not torch.equal(
                 state_dict[old].to(expected.dtype), expected
@@ -246,6 +252,7 @@ def convert_var_transformer(
         else:
             converted[new] = state_dict[old]
     load_into(model, converted, "transformer")
+    check_finite("transformer", transformer=model)
     return model.eval()
 
 
@@ -260,6 +267,7 @@ def convert_vae(
         # usage statistics are per scale; like the original, keep our own buffer when the count differs
         converted["quantize.codebook_usage"] = model.quantize.codebook_usage.clone()
     load_into(model, converted, "vae")
+    check_finite("vae", vqvae=model)
     return model.eval()
 
 
@@ -317,8 +325,10 @@ def convert_var_checkpoint(
     from ..pipelines.pipeline_var import VARPipeline
 
     check_arguments(patch_nums, quant_resi, depth, num_heads)
+    dtype = check_dtype(dtype)
     if output_dir is not None:  # before reading multi-GB checkpoints
         check_output_dir(output_dir, overwrite)
+    check_inputs(files={"transformer": transformer_path, "vae": vae_path})  # every input before any is read
     var_sd = _load_var(transformer_path)
     vae_sd = _load_vae(vae_path)
     with reading_checkpoint("transformer", transformer_path):
