@@ -147,6 +147,33 @@ def test_dtype_is_one_of_the_command_lines_and_checked_before_any_checkpoint_is_
     assert pipe.transformer.blocks[0].ffn.fc1.weight.dtype == torch.float16
 
 
+def test_on_off_arguments_are_true_or_false_before_any_checkpoint_is_read(tmp_path):
+    """``bool()`` read ``using_znorm="no"`` (and ``logit_norm`` / ``cross_attention_row0_quirk`` /
+    ``level_embed_every_chunk`` = "false", 0.5, None) as on / off without a word; now a ConversionError naming the
+    argument, before any checkpoint is read (the paths here do not exist). numpy's bools are booleans."""
+    import numpy as np
+
+    missing = tmp_path / "missing.pth"
+    calls = {
+        "using_znorm": lambda v: convert_var_checkpoint(missing, missing, using_znorm=v),
+        "using_znorm ": lambda v: convert_code_checkpoint(missing, missing, missing, using_znorm=v),
+        "logit_norm": lambda v: convert_star_checkpoint(missing, missing, tmp_path, logit_norm=v),
+        "cross_attention_row0_quirk": lambda v: convert_star_checkpoint(
+            missing, missing, tmp_path, cross_attention_row0_quirk=v
+        ),
+        "level_embed_every_chunk": lambda v: convert_infinity_checkpoint(
+            missing, missing, tmp_path, tmp_path, level_embed_every_chunk=v
+        ),
+    }
+    for name, call in calls.items():
+        for value in ("no", "false", 0.5, None, 1):
+            with pytest.raises(ConversionError, match=rf"^`{name.strip()}` must be True or False, got"):
+                call(value)
+        for value in (True, np.bool_(False)):  # accepted: on to the paths
+            with pytest.raises(ConversionError, match="no such file"):
+                call(value)
+
+
 # ----------------------------------------------------------------------------------------------
 # STAR's sampler_start_scale and the last scale of a RoPE schedule
 # ----------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from .common import (
     check_dtype,
     check_inputs,
     check_output_dir,
+    check_switch,
     reading_checkpoint,
 )
 from .var import _load_vae, _load_var, check_arguments, convert_vae, convert_var_transformer
@@ -105,6 +106,7 @@ def convert_code_checkpoint(
         isinstance(draft_steps, bool) or not isinstance(draft_steps, int) or draft_steps < 1
     ):
         raise ConversionError(f"`draft_steps` must be a whole number >= 1 (and < num_scales), got {draft_steps!r}.")
+    check_switch(using_znorm, "using_znorm")
     dtype = check_dtype(dtype)
     if output_dir is not None:  # before reading the checkpoints
         check_output_dir(output_dir, overwrite)

@@ -136,6 +136,16 @@ def patch_nums_arg(named: Mapping[str, Sequence[int]] | None = None):
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def check_switch(value, name: str) -> bool:
+    """A converter's on / off argument: True or False (numpy's too), else a ConversionError naming ``name``;
+    ``bool()`` read ``"no"`` or ``"false"`` as True."""
+    from ..scalars import is_bool
+
+    if not is_bool(value):
+        raise ConversionError(f"`{name}` must be True or False, got {value!r}.")
+    return bool(value)
+
+
 def check_dtype(dtype) -> torch.dtype:
     """The converters' ``dtype``: one of :data:`OUTPUT_DTYPES` (the values of ``--dtype``), as a ``torch.dtype`` or by
     its name there (``"float16"``, as the command line takes it). Anything else (float64, a float8 type, an integer

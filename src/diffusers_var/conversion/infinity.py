@@ -29,6 +29,7 @@ from .common import (
     check_finite,
     check_inputs,
     check_output_dir,
+    check_switch,
     check_tokenizer_fits,
     check_zero_buffer,
     find_state_dict,
@@ -161,7 +162,7 @@ def infinity_config_from_state_dict(
         "mlp_ratio": mlp_ratio,
         "block_chunks": chunks,
         "shared_adaln": "shared_ada_lin.1.weight" in state_dict,
-        "level_embed_every_chunk": bool(level_embed_every_chunk),
+        "level_embed_every_chunk": check_switch(level_embed_every_chunk, "level_embed_every_chunk"),
         "num_level_embeddings": _shape(state_dict["lvl_embed.weight"])[0],
         "norm_eps": 1e-6,
         "cond_drop_rate": 0.1,
@@ -195,7 +196,7 @@ def vae_config_from_state_dict(state_dict: Mapping, spatial_patchify: bool = Fal
         "decoder_ch_mult": mults("decoder", "up"),
         "num_res_blocks": num_res_blocks,
         "codebook_dim": _vae_get(state_dict, "encoder.conv_out")[0],
-        "spatial_patchify": bool(spatial_patchify),
+        "spatial_patchify": check_switch(spatial_patchify, "spatial_patchify"),
     }
 
 
@@ -370,6 +371,7 @@ def convert_infinity_checkpoint(
     from ..pipelines.pipeline_infinity import InfinityPipeline
 
     check_depth(depth)
+    check_switch(level_embed_every_chunk, "level_embed_every_chunk")
     dtype = check_dtype(dtype)
     if output_dir is not None:  # before reading multi-GB checkpoints
         check_output_dir(output_dir, overwrite)

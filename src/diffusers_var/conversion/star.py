@@ -33,6 +33,7 @@ from .common import (
     check_inputs,
     check_output_dir,
     check_patch_nums,
+    check_switch,
     check_tokenizer_fits,
     check_whole_number,
     check_zero_buffer,
@@ -211,12 +212,12 @@ def star_config_from_state_dict(
         "rope": "pos_1LC" not in state_dict,
         "rope_theta": check_float(rope_theta, "rope_theta", POSITIVE),
         "rope_norm": check_float(rope_norm, "rope_norm", POSITIVE),
-        "logit_norm": bool(logit_norm),
+        "logit_norm": check_switch(logit_norm, "logit_norm"),
         "num_legacy_classes": _shape(state_dict["class_emb.weight"])[0] - 1 if "class_emb.weight" in state_dict else 0,
         "stable_sampler": sampler_depth > 0,
         "sampler_depth": sampler_depth or 3,
         "sampler_start_scale": int(sampler_start_scale),
-        "cross_attention_row0_quirk": bool(cross_attention_row0_quirk),
+        "cross_attention_row0_quirk": check_switch(cross_attention_row0_quirk, "cross_attention_row0_quirk"),
         "norm_eps": 1e-6,
         "cond_drop_rate": 0.1,
         "drop_path_rate": 0.1 * depth / 24,
@@ -316,6 +317,8 @@ def convert_star_checkpoint(
     check_depth(depth)
     if sampler_start_scale is not None:  # (its largest value, num_scales - 1, once the schedule is known)
         check_whole_number(sampler_start_scale, "sampler_start_scale")
+    check_switch(logit_norm, "logit_norm")
+    check_switch(cross_attention_row0_quirk, "cross_attention_row0_quirk")
     dtype = check_dtype(dtype)
     if output_dir is not None:  # before reading multi-GB checkpoints
         check_output_dir(output_dir, overwrite)

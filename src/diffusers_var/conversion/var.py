@@ -29,6 +29,7 @@ from .common import (
     check_inputs,
     check_output_dir,
     check_patch_nums,
+    check_switch,
     check_zero_buffer,
     count_blocks,
     find_state_dict,
@@ -198,7 +199,7 @@ def vae_config_from_state_dict(
         "patch_nums": list(patch_nums),
         "quant_resi": quant_resi,
         "share_quant_resi": share,
-        "using_znorm": bool(using_znorm),
+        "using_znorm": check_switch(using_znorm, "using_znorm"),
         "beta": 0.25,
         "using_sa": f"encoder.down.{last}.attn.0.qkv.weight" in state_dict,
         "using_mid_sa": "encoder.mid.attn_1.qkv.weight" in state_dict,
@@ -325,6 +326,7 @@ def convert_var_checkpoint(
     from ..pipelines.pipeline_var import VARPipeline
 
     check_arguments(patch_nums, quant_resi, depth, num_heads)
+    check_switch(using_znorm, "using_znorm")
     dtype = check_dtype(dtype)
     if output_dir is not None:  # before reading multi-GB checkpoints
         check_output_dir(output_dir, overwrite)
