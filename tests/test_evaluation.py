@@ -74,6 +74,42 @@ def test_frechet_distance_matches_closed_forms():
     )
 
 
+def _indefinite(sigma, size):
+    """``sigma`` plus an off-diagonal symmetric perturbation: still symmetric with the same (non-negative) diagonal
+    and trace, but with eigenvalues far below 0 (not a covariance)."""
+    perturbed = sigma.copy()
+    offset = 10 * np.abs(sigma).max()
+    for i in range(0, size - 1, 2):
+        perturbed[i, i + 1] += offset
+        perturbed[i + 1, i] += offset
+    return perturbed
+
+
+def test_a_sigma_that_is_not_positive_semi_definite_is_refused(tmp_path):
+    """Such a sigma passed the symmetry and diagonal checks; FID dropped its negative eigenvalues and clamped the
+    result at 0, so a bogus reference gave a perfect FID of 0.0."""
+    rng = np.random.default_rng(0)
+    mu, sigma = ev.feature_statistics(rng.gamma(1.0, 0.3, (50, 64)))
+    with pytest.raises(ValueError, match="`sigma2` is not a covariance matrix .not positive semi-definite"):
+        ev.frechet_distance(mu, sigma, mu, _indefinite(sigma, 64))
+    with pytest.raises(ValueError, match="`sigma1` is not a covariance matrix"):
+        ev.frechet_distance(mu, _indefinite(sigma, 64), mu, sigma)
+    assert abs(ev.frechet_distance(mu, sigma, mu, sigma)) < 1e-9  # singular (50 < 64) but a covariance
+    # real reference statistics pass: rank-deficient covariances (100 images, 2048 dimensions, rounding makes some of
+    # their zero eigenvalues slightly negative) of ReLU-like and of correlated features, in float64 and stored as
+    # float32
+    relu = rng.gamma(1.0, 0.3, (100, 2048))
+    correlated = rng.normal(size=(100, 64)) @ rng.normal(size=(64, 2048)) + relu
+    for features in (relu, correlated):
+        sigma = np.cov(features.astype(np.float32).astype(np.float64), rowvar=False)
+        for dtype in (np.float64, np.float32):
+            np.savez(tmp_path / "ref.npz", mu=features.mean(axis=0), sigma=sigma.astype(dtype))
+            assert ev.ImageSet(tmp_path / "ref.npz", "--reference").arrays("sigma")["sigma"].dtype == dtype
+    np.savez(tmp_path / "bad.npz", mu=features.mean(axis=0), sigma=_indefinite(sigma, 2048))
+    with pytest.raises(ValueError, match="`--reference` .*: `sigma` is not a covariance matrix .not positive semi-"):
+        ev.ImageSet(tmp_path / "bad.npz", "--reference")
+
+
 def test_inception_score_follows_adm():
     assert ev.inception_score(np.zeros((100, 1008))) == pytest.approx(1.0)  # one uniform prediction
     confident = np.full((12_000, 10), -50.0)
@@ -538,12 +574,13 @@ def test_non_finite_statistics_and_metrics_are_errors(tmp_path, monkeypatch, cap
     np.savez(tmp_path / "nan_pool.npz", inception_pool_3=np.full((5, 2048), np.nan, np.float32))
     np.savez(tmp_path / "negative_sigma.npz", mu=np.zeros(2048), sigma=-sigma)  # gave a negative FID
     np.savez(tmp_path / "skewed_sigma.npz", mu=np.zeros(2048), sigma=sigma + np.triu(np.ones((2048, 2048)), 1))
+    np.savez(tmp_path / "indefinite_sigma.npz", mu=np.zeros(2048), sigma=_indefinite(sigma, 2048))  # gave FID 0.0
     with monkeypatch.context() as patch:
         _no_features(patch)
         for name, key in [("nan_mu", "mu"), ("inf_sigma", "sigma"), ("nan_pool", "inception_pool_3")]:
             path = str(tmp_path / f"{name}.npz")
             _one_error(capsys, [*common, "--reference", path], "`--reference`", path, f"`{key}`", "NaN or infinite")
-        for name in ("negative_sigma", "skewed_sigma"):
+        for name in ("negative_sigma", "skewed_sigma", "indefinite_sigma"):
             path = str(tmp_path / f"{name}.npz")
             _one_error(capsys, [*common, "--reference", path], "`--reference`", "`sigma` is not a covariance")
 

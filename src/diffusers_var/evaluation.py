@@ -220,6 +220,9 @@ def _npz_statistics(path: Path, keys: list[str], flag: str) -> dict[str, np.ndar
             raise ValueError(
                 f"`{flag}` {str(path)!r}: `sigma` is not a covariance matrix (symmetric, non-negative diagonal)."
             )
+        if key == "sigma" and (problem := _covariance_problem(np.linalg.eigvalsh(array.astype(np.float64)))):
+            # (FID dropped the negative eigenvalues and clamped its result at 0: a perfect score from a bad file)
+            raise ValueError(f"`{flag}` {str(path)!r}: `sigma` is not a covariance matrix ({problem}).")
         stored[key] = array
     if ("mu" in stored) != ("sigma" in stored):
         raise ValueError(f"`{flag}` {str(path)!r} has only one of `mu` and `sigma` (FID needs both).")
@@ -374,20 +377,39 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
-def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+# How far below 0 a covariance's smallest eigenvalue may lie, relative to the largest in magnitude: rounding only.
+# np.cov in float64 of 2 to 1,000 pool_3-like feature vectors (rank-deficient, as ADM's and pytorch-fid's statistics
+# of small sets) gives about -1e-15, the same matrix stored as float32 about -1e-8: a wide margin over both.
+PSD_TOLERANCE = 1e-6
+
+
+def _covariance_problem(eigenvalues: np.ndarray) -> str | None:
+    """Why a symmetric matrix with these eigenvalues is not a covariance (not positive semi-definite beyond
+    :data:`PSD_TOLERANCE`), else None."""
+    smallest, largest = eigenvalues.min(), eigenvalues.max()
+    if smallest < -PSD_TOLERANCE * max(abs(smallest), abs(largest), np.finfo(np.float64).tiny):
+        return f"not positive semi-definite: its eigenvalues range from {smallest:.6g} to {largest:.6g}"
+    return None
+
+
+def _psd_sqrt(matrix: np.ndarray, name: str) -> np.ndarray:
     values, vectors = np.linalg.eigh(matrix)
-    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    problem = _covariance_problem(values)
+    if problem:  # (its negative eigenvalues were dropped, and the distance clamped at 0)
+        raise ValueError(f"`{name}` is not a covariance matrix ({problem}).")
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T  # (clipping rounding's tiny negatives only)
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2))`` (the module docstring says how the root is taken)."""
+    """``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2))`` (the module docstring says how the root is taken).
+    A sigma that is not positive semi-definite (beyond rounding: :data:`PSD_TOLERANCE`) is a ValueError."""
     mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(
             f"the two feature statistics differ in shape: {mu1.shape} / {sigma1.shape} vs {mu2.shape} / "
             f"{sigma2.shape}."
         )
-    covmean_trace = np.linalg.svd(_psd_sqrt(sigma1) @ _psd_sqrt(sigma2), compute_uv=False).sum()
+    covmean_trace = np.linalg.svd(_psd_sqrt(sigma1, "sigma1") @ _psd_sqrt(sigma2, "sigma2"), compute_uv=False).sum()
     diff = mu1 - mu2
     distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * covmean_trace)
     return max(distance, 0.0)  # a distance: identical statistics give 0 up to float rounding (-1.7e-12 was seen)
