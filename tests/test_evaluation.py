@@ -550,6 +550,26 @@ def test_bad_output_paths_fail_before_the_work(tmp_path, monkeypatch, capsys, in
     )
 
 
+def test_a_name_longer_than_the_file_system_takes_is_one_error_line(tmp_path, monkeypatch, capsys, inception_weights):
+    """A path with a name past NAME_MAX (255 bytes): ``Path.is_dir()`` / ``is_file()`` raise ENAMETOOLONG instead of
+    answering False, which ended the command in a traceback (exit code 1)."""
+    samples = _save_images(tmp_path / "samples", ShapesDataset(4, 32, seed=1).images)
+    long = str(tmp_path / ("x" * 300))
+    common = ["--samples", str(samples), "--reference", str(samples), "--inception-weights", str(inception_weights)]
+    _no_features(monkeypatch)
+    for argv, flag in [
+        (["--samples", long, "--inception-weights", str(inception_weights)], "--samples"),
+        (
+            ["--samples", str(samples), "--reference", long, "--inception-weights", str(inception_weights)],
+            "--reference",
+        ),
+        ([*common, "--out", f"{long}/r.json"], "--out"),
+        ([*common, "--save-reference-stats", f"{long}/s.npz"], "--save-reference-stats"),
+        (["--samples", str(samples), "--metrics", "is", "--inception-weights", long], "--inception-weights"),
+    ]:
+        _one_error(capsys, argv, f"`{flag}` ", "is 300 bytes long, more than the 255 the file system takes")
+
+
 def test_a_late_write_failure_still_prints_the_results(tmp_path, monkeypatch, capsys, inception_weights):
     samples = _save_images(tmp_path / "samples", ShapesDataset(4, 32, seed=1).images)
     real_write = ev.write_atomic

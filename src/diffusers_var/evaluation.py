@@ -39,7 +39,7 @@ import torch
 
 from .cli_support import check_device, home_path, nonblank
 from .fid_inception import WEIGHTS_FILENAMES, WEIGHTS_URL, FIDInceptionV3
-from .file_utils import files_under, json_lines, text_lines, write_atomic
+from .file_utils import files_under, json_lines, path_problem, text_lines, write_atomic
 from .sample import IMAGES_DIR, METADATA_FILE, RUN_FILE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -68,6 +68,9 @@ class ImageSet:
         self.prompt_problem: str | None = None  # why the prompts cannot be CLIP-scored (the other metrics need none)
         self.files: list[Path] | None = None
         self.stored: dict[str, np.ndarray] = {}
+        problem = path_problem(self.path)
+        if problem:  # (is_file / is_dir raised it: a traceback)
+            raise ValueError(f"`{flag}` {str(self.path)!r}: {problem}.")
         if self.path.suffix.lower() == ".npz" and self.path.is_file():
             self.kind = "npz"
             self.keys = _npz_keys(self.path, flag)
@@ -298,6 +301,9 @@ def _npz_batches(path: Path, key: str, batch_size: int, flag: str) -> Iterator[n
 def inception_weights_path(path: str | None = None) -> Path:
     """The FID Inception weight file: ``path``, else torch-fidelity's (or pytorch-fid's) file in torch's hub cache."""
     if path is not None:
+        problem = path_problem(path)
+        if problem:
+            raise ValueError(f"`--inception-weights` {path!r}: {problem}.")
         if not Path(path).is_file():
             raise ValueError(f"`--inception-weights` {path!r} is not a file.")
         return Path(path)
@@ -794,6 +800,9 @@ def check_output_file(flag: str, path: str, inputs: list[Path] = (), ours=None) 
     if not str(path).strip():
         raise ValueError(f"`{flag}` is empty; give a file name.")
     target = Path(path)
+    problem = path_problem(target)
+    if problem:
+        raise ValueError(f"`{flag}` {path!r}: {problem}.")
     if target.is_dir():
         raise ValueError(f"`{flag}` {path!r} is a folder, not a file.")
     problem = folder_problem(target.parent)
