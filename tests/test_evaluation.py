@@ -492,6 +492,10 @@ def test_bad_output_paths_fail_before_the_work(tmp_path, monkeypatch, capsys, in
         ("--out", tmp_path / "file", "exists and is not a file this command wrote"),
         ("--save-reference-stats", tmp_path / "file", "exists and is not a file this command wrote"),
         ("--out", "", "is empty"),
+        # legal names whose atomic write's temporary name is too long: --out ended in a traceback after the work,
+        # --save-reference-stats in an error naming neither the flag nor printing the results
+        ("--out", tmp_path / ("a" * 235 + ".json"), "is too long: at most"),
+        ("--save-reference-stats", tmp_path / ("b" * 236 + ".npz"), "is too long: at most"),
         # a file --reference then refused (it tells an .npz by its suffix)
         ("--save-reference-stats", tmp_path / "refstats", "must name an .npz file"),
     ]:

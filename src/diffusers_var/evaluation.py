@@ -39,7 +39,7 @@ import torch
 
 from .cli_support import check_device, home_path, nonblank
 from .fid_inception import WEIGHTS_FILENAMES, WEIGHTS_URL, FIDInceptionV3
-from .file_utils import files_under, json_lines, path_problem, text_lines, write_atomic
+from .file_utils import atomic_name_problem, files_under, json_lines, path_problem, text_lines, write_atomic
 from .sample import IMAGES_DIR, METADATA_FILE, RUN_FILE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -792,9 +792,10 @@ class LateWriteError(ValueError):
 
 
 def check_output_file(flag: str, path: str, inputs: list[Path] = (), ours=None) -> None:
-    """Refuse, before any work, an output file that cannot be written (a folder, or a path whose folder is a file or
-    cannot be made / written into), one that is an input or inside an input folder, and an existing file that
-    ``ours(path)`` does not recognise as this command's output (it would be replaced)."""
+    """Refuse, before any work, an output file that cannot be written (a folder, a path whose folder is a file or
+    cannot be made / written into, a name too long for :func:`write_atomic`'s temporary file), one that is an input
+    or inside an input folder, and an existing file that ``ours(path)`` does not recognise as this command's output
+    (it would be replaced)."""
     from .conversion.common import folder_problem
 
     if not str(path).strip():
@@ -805,7 +806,8 @@ def check_output_file(flag: str, path: str, inputs: list[Path] = (), ours=None) 
         raise ValueError(f"`{flag}` {path!r}: {problem}.")
     if target.is_dir():
         raise ValueError(f"`{flag}` {path!r} is a folder, not a file.")
-    problem = folder_problem(target.parent)
+    # (a name too long for write_atomic's temporary file failed only after the feature passes)
+    problem = folder_problem(target.parent) or atomic_name_problem(target)
     if problem:
         raise ValueError(f"`{flag}` {path!r}: {problem}.")
     resolved = target.resolve()
