@@ -151,6 +151,11 @@ def test_precision_recall_follows_adm():
     precision, recall = ev.precision_recall(reference, collapsed)
     assert precision == 1.0 and recall < 0.5
     assert ev.precision_recall(reference, samples + 100) == (0.0, 0.0)
+    # the fractions are float64, as ADM's np.mean of booleans: 5 of 6 reference points recalled is 5 / 6 exactly
+    # (float32 gave 0.8333333134651184)
+    reference = rng.normal(size=(6, 8)).astype(np.float32)
+    reference[5] += 100
+    assert ev.precision_recall(reference, reference[:5]) == (1.0, 5 / 6)
 
 
 def test_tensorflow_bilinear_resize():

@@ -477,7 +477,7 @@ def _inside(points: torch.Tensor, manifold: torch.Tensor, radii: torch.Tensor) -
         (_squared_distances(points[start : start + step], manifold) <= radii[None]).any(dim=1)
         for start in range(0, len(points), step)
     ]
-    return torch.cat(inside).float().mean().item()
+    return torch.cat(inside).sum().item() / len(points)  # float64, as ADM's np.mean (float32 gave 5/6 as 0.83333331)
 
 
 def precision_recall(
