@@ -475,6 +475,16 @@ def test_metrics_the_set_sizes_cannot_give(tmp_path, monkeypatch, capsys, incept
     for samples, metric in ((two, "pr"), (one, "fid")):
         argv = ["--samples", str(samples), "--reference", str(two), "--metrics", metric, *common[:2]]
         _one_error(capsys, argv, f"`--metrics` {metric}")
+    # stored features too few (none, one): their count, not "reference statistics"
+    for count in (0, 1):
+        np.savez(tmp_path / "features.npz", inception_pool_3=np.zeros((count, 2048), np.float32))
+        for metric in ("fid", "pr"):
+            argv = ["--samples", str(two), "--reference", str(tmp_path / "features.npz"), "--metrics", metric]
+            _one_error(
+                capsys,
+                [*argv, *common[:2]],
+                f"got 2 sample(s), {count} reference feature vector(s) (`inception_pool_3`)",
+            )
 
 
 def test_bad_output_paths_fail_before_the_work(tmp_path, monkeypatch, capsys, inception_weights):

@@ -594,7 +594,13 @@ def _metrics(args, samples: ImageSet, reference: ImageSet | None) -> list[str]:
             )
     if reference is None and ({"fid", "pr"} & set(chosen)):
         raise ValueError("`--reference` is required for FID and precision/recall.")
-    sizes = f"{samples.length} sample(s), " + (f"{n_ref} reference image(s)" if n_ref else "reference statistics")
+    if n_ref is None:
+        reference_size = "reference statistics only"
+    elif reference.length:
+        reference_size = f"{n_ref} reference image(s)"
+    else:  # (an empty `inception_pool_3` was reported as "reference statistics")
+        reference_size = f"{n_ref} reference feature vector(s) (`inception_pool_3`)"
+    sizes = f"{samples.length} sample(s), {reference_size}"
     if "fid" in chosen and not fid_possible:
         raise ValueError(f"`--metrics` fid needs at least 2 images on each side, got {sizes}; leave it out.")
     if "pr" in chosen and stats_only:
