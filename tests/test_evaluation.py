@@ -280,7 +280,9 @@ def test_evaluate_command_and_reference_statistics(inception_weights, tmp_path, 
 
     # The same samples as an .npz against the saved statistics: the same numbers without touching the reference images.
     assert main(["evaluate", "--samples", str(tmp_path / "samples.npz"), "--reference", str(stats), *common]) == 0
-    second = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    second = json.loads(captured.out)
+    assert "note" not in captured.err  # its mu / sigma are its features' own: FID from the features, as before
     for key in ("fid", "inception_score", "precision", "recall"):
         assert second[key] == pytest.approx(first[key], rel=1e-6, abs=1e-9), key
     upper = tmp_path / "SAMPLES.NPZ"  # the extension in capitals, as image extensions are taken
@@ -327,6 +329,44 @@ def test_evaluate_command_and_reference_statistics(inception_weights, tmp_path, 
     again = json.loads(capsys.readouterr().out)
     for key in ("fid", "precision", "recall"):
         assert again[key] == pytest.approx(from_adm[key], rel=1e-6, abs=1e-9), key
+
+    # Someone else's file: mu / sigma beside features they are not the statistics of, without the statistics_given
+    # marker. FID uses the given mu / sigma, as ADM's evaluator does (the features' statistics were used, silently):
+    # the FID of the statistics alone, with a note; precision/recall come from the features.
+    with np.load(stats) as data:
+        given = {"mu": foreign_mu, "sigma": data["sigma"]}
+        np.savez(tmp_path / "given_and_features.npz", **given, inception_pool_3=data["inception_pool_3"])
+        np.savez(tmp_path / "given_only.npz", **given)
+    assert (
+        main(["evaluate", "--samples", str(samples), "--reference", str(tmp_path / "given_and_features.npz"), *common])
+        == 0
+    )
+    captured = capsys.readouterr()
+    mixed = json.loads(captured.out)
+    assert "its `mu` / `sigma` are not the statistics of its `inception_pool_3` features" in captured.err
+    assert main(["evaluate", "--samples", str(samples), "--reference", str(tmp_path / "given_only.npz"), *common]) == 0
+    assert mixed["fid"] == json.loads(capsys.readouterr().out)["fid"] != pytest.approx(first["fid"], rel=1e-3)
+    assert (mixed["precision"], mixed["recall"]) == (first["precision"], first["recall"])
+
+
+def test_which_statistics_fid_takes_from_a_reference_npz(tmp_path):
+    """The given mu / sigma whenever an .npz has them (ADM's rule), except beside features whose own statistics they
+    are (up to rounding) and not marked as given: a --save-reference-stats file made from images."""
+    features = np.random.default_rng(0).gamma(1.0, 0.3, (10, 2048)).astype(np.float32)
+    mu, sigma = ev.feature_statistics(features)
+
+    def uses_given(**arrays):
+        np.savez(tmp_path / "ref.npz", **arrays)
+        return ev.ImageSet(tmp_path / "ref.npz", "--reference").uses_given_statistics
+
+    assert not uses_given(inception_pool_3=features)
+    assert uses_given(mu=mu, sigma=sigma)
+    assert not uses_given(mu=mu, sigma=sigma, inception_pool_3=features)  # this package's file: unchanged
+    assert not uses_given(mu=mu.astype(np.float32), sigma=sigma.astype(np.float32), inception_pool_3=features)
+    assert uses_given(mu=mu, sigma=sigma, inception_pool_3=features, **{ev.GIVEN_STATISTICS_KEY: np.array(True)})
+    assert uses_given(mu=mu + 0.01, sigma=sigma, inception_pool_3=features)  # not their statistics: ADM's rule
+    assert uses_given(mu=mu, sigma=sigma * 1.01, inception_pool_3=features)
+    assert uses_given(mu=mu, sigma=sigma, inception_pool_3=features[:1])  # too few features for statistics
 
 
 def test_missing_weights_and_bad_flags_are_one_error_line(tmp_path, monkeypatch, capsys, inception_weights):

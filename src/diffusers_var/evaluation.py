@@ -9,7 +9,9 @@ Protocol (``guided-diffusion/evaluations/evaluator.py``):
 * FID: Fréchet distance of Gaussians fitted in float64 (``np.cov``); the trace of ``sqrtm(S1 S2)`` is taken as the sum
   of the singular values of ``S1^1/2 S2^1/2`` (the same number: their squares are the eigenvalues of ``S1 S2``),
   without scipy and without taking square roots of round-off when the covariances are singular (fewer images than
-  2,048 dimensions). A reference ``.npz`` with ``mu`` / ``sigma`` (ADM's reference batches) is used as is.
+  2,048 dimensions). A reference ``.npz``'s ``mu`` / ``sigma`` (ADM's reference batches) are used as is whenever it
+  has them, as ADM does, unless they are the statistics of its own ``inception_pool_3`` features and not marked as
+  given (a ``--save-reference-stats`` file made from images): then FID comes from the features (the same distance).
 * Inception score: ``exp(E[KL(p(y|x) || p(y))])`` over splits of 5,000 images, averaged (10 splits for 50k).
 * Precision / recall: Kynkäänniemi et al.'s k-NN manifolds (k = 3) on ``pool_3``: a sample is inside the reference
   manifold if it lies within the distance of some reference image to that image's 3rd nearest neighbour. ADM
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import sys
@@ -51,6 +54,9 @@ FEATURE_DIM = 2048  # pool_3
 # in a --save-reference-stats file: its mu / sigma are the reference's own (ADM's TensorFlow statistics), which FID
 # uses, rather than those of its features
 GIVEN_STATISTICS_KEY = "statistics_given"
+# stored mu / sigma "are" the statistics of the stored features when they differ by at most this much (relative to
+# the largest entry): rounding only (np.cov of the same features on another BLAS, or stored as float32)
+SAME_STATISTICS_TOLERANCE = 1e-6
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,6 +119,21 @@ class ImageSet:
             self.length = len(self.files)
         if self.kind != "npz" and self.length == 0:
             raise ValueError(f"`{flag}` {str(self.path)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+
+    @functools.cached_property
+    def uses_given_statistics(self) -> bool:
+        """Whether FID takes the stored ``mu`` / ``sigma``, as ADM's evaluator does whenever a reference has them
+        (its reference batches hold images and their own TensorFlow statistics). One exception: ``mu`` / ``sigma``
+        that are the statistics of the stored ``inception_pool_3`` features (up to rounding) and not marked as given
+        (:data:`GIVEN_STATISTICS_KEY`), as in a file of ``--save-reference-stats`` made from images: FID comes from
+        the features, the same distance, computed exactly also for fewer images than dimensions."""
+        stored = self.arrays("mu", "sigma", "inception_pool_3")
+        if "mu" not in stored or "sigma" not in stored:
+            return False
+        features = stored.get("inception_pool_3")
+        if features is None or self.has_key(GIVEN_STATISTICS_KEY) or len(features) < 2:
+            return True
+        return not _same_statistics((stored["mu"], stored["sigma"]), feature_statistics(features))
 
     @property
     def has_features(self) -> bool:
@@ -230,6 +251,14 @@ def _npz_statistics(path: Path, keys: list[str], flag: str) -> dict[str, np.ndar
     if ("mu" in stored) != ("sigma" in stored):
         raise ValueError(f"`{flag}` {str(path)!r} has only one of `mu` and `sigma` (FID needs both).")
     return stored
+
+
+def _same_statistics(given: tuple[np.ndarray, ...], computed: tuple[np.ndarray, ...]) -> bool:
+    """Whether each given array equals the computed one up to :data:`SAME_STATISTICS_TOLERANCE`."""
+    return all(
+        np.abs(g - c).max() <= SAME_STATISTICS_TOLERANCE * max(np.abs(c).max(), np.finfo(np.float64).tiny)
+        for g, c in zip(given, computed)
+    )
 
 
 def _metadata_entries(path: Path, flag: str) -> list[dict]:
@@ -566,9 +595,7 @@ def _metrics(args, samples: ImageSet, reference: ImageSet | None) -> list[str]:
     for by name that they cannot give is a ValueError naming ``--metrics``."""
     n_ref = _reference_size(reference)
     stats_only = reference is not None and n_ref is None
-    # (FID takes a reference's stored statistics unless it stores features: run_evaluate's use_stats)
-    stored = reference.arrays("mu", "sigma", "inception_pool_3") if reference is not None else {}
-    uses_stats = "mu" in stored and "sigma" in stored and "inception_pool_3" not in stored
+    uses_stats = reference is not None and reference.uses_given_statistics
     fid_possible = samples.length >= 2 and (uses_stats or (n_ref or 0) >= 2)
     pr_possible = n_ref is not None and min(samples.length, n_ref) > PR_NEIGHBOURHOOD
     if args.metrics == "auto":
@@ -670,6 +697,15 @@ def run_evaluate(args) -> dict:
     ):
         raise ValueError("`--out` and `--save-reference-stats` name the same file; give each its own.")
     metrics = _metrics(args, samples, reference)
+    if ("fid" in metrics or args.save_reference_stats) and reference is not None and reference.uses_given_statistics:
+        features = reference.arrays("inception_pool_3").get("inception_pool_3", ())
+        if len(features) >= 2 and not reference.has_key(GIVEN_STATISTICS_KEY):  # (a silent choice otherwise)
+            print(
+                f"note: `--reference` {args.reference!r}: its `mu` / `sigma` are not the statistics of its "
+                "`inception_pool_3` features; FID uses the given `mu` / `sigma`, as ADM's evaluator does "
+                "(precision/recall use the features).",
+                file=sys.stderr,
+            )
     problem = check_device("--device", args.device)
     if problem:
         raise ValueError(problem)
@@ -714,12 +750,8 @@ def run_evaluate(args) -> dict:
         result["num_reference"] = None if ref_pool is None else len(ref_pool)
         # ADM's reference batches carry their TensorFlow statistics: FID uses them, as ADM does. A file of
         # --save-reference-stats carries the features, which give its own statistics, and keeps the given ones
-        # (marked by GIVEN_STATISTICS_KEY) when its reference had them.
-        use_stats = (
-            "mu" in stored
-            and "sigma" in stored
-            and ("inception_pool_3" not in stored or reference.has_key(GIVEN_STATISTICS_KEY))
-        )
+        # (marked by GIVEN_STATISTICS_KEY) when its reference had them (ImageSet.uses_given_statistics).
+        use_stats = reference.uses_given_statistics
         if "fid" in metrics:
             result["fid"] = (
                 frechet_distance(*feature_statistics(pool), stored["mu"], stored["sigma"])
