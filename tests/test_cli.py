@@ -263,6 +263,31 @@ def test_arguments_are_checked_before_the_model_is_loaded(argv, flag, tmp_path, 
     assert (tmp_path / "a-file").is_file() and not (tmp_path / "out").exists()
 
 
+def test_a_name_longer_than_the_file_system_takes_is_one_error_line(tmp_path, monkeypatch, capsys):
+    """A path with a name past NAME_MAX (255 bytes): ``Path.exists()`` / ``is_dir()`` raise ENAMETOOLONG instead of
+    answering False, which ended these commands in a traceback (exit code 1)."""
+    long = str(tmp_path / ("x" * 300))
+    PIL.Image.new("RGB", (64, 64), "blue").save(tmp_path / "in.png")
+    monkeypatch.setattr(VARPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: pytest.fail("loaded")))
+    sample = ["sample", "--class-labels", "1", "--per-class", "1"]
+    for argv, flag in [
+        (["generate", "--out", f"{long}/out.png"], "--out"),
+        ([*EDIT, "--out", f"{long}/e.png"], "--out"),
+        ([*sample, "--out", long], "--out"),
+        ([*sample, "--out", f"{tmp_path}/new/{'x' * 300}/run"], "--out"),  # (under a folder not there yet)
+        (["sample", "--model", "star-shapes", "--prompts", long, "--out", f"{tmp_path}/run"], "--prompts"),
+    ]:
+        assert _exit_code([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: `{flag}`") and len(err.splitlines()) == 1, err
+        assert "is 300 bytes long, more than the 255 the file system takes" in err, err
+    from diffusers_var.file_utils import path_problem
+
+    assert path_problem(tmp_path / "in.png") is None and path_problem(tmp_path / "not-there" / "x") is None
+    # a path past the system's length limit (PATH_MAX, 4096 bytes) of short names: the look-up's own error
+    assert "cannot be looked up (File name too long)" in path_problem(tmp_path.joinpath(*["y" * 200] * 25))
+
+
 def test_many_images_are_named_one_at_a_time(tmp_path):
     """``--num-images`` up to a million: the output names are made one at a time (a list of them all would take
     memory in proportion to the count) and the existing files are listed once."""

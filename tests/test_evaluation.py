@@ -74,6 +74,42 @@ def test_frechet_distance_matches_closed_forms():
     )
 
 
+def _indefinite(sigma, size):
+    """``sigma`` plus an off-diagonal symmetric perturbation: still symmetric with the same (non-negative) diagonal
+    and trace, but with eigenvalues far below 0 (not a covariance)."""
+    perturbed = sigma.copy()
+    offset = 10 * np.abs(sigma).max()
+    for i in range(0, size - 1, 2):
+        perturbed[i, i + 1] += offset
+        perturbed[i + 1, i] += offset
+    return perturbed
+
+
+def test_a_sigma_that_is_not_positive_semi_definite_is_refused(tmp_path):
+    """Such a sigma passed the symmetry and diagonal checks; FID dropped its negative eigenvalues and clamped the
+    result at 0, so a bogus reference gave a perfect FID of 0.0."""
+    rng = np.random.default_rng(0)
+    mu, sigma = ev.feature_statistics(rng.gamma(1.0, 0.3, (50, 64)))
+    with pytest.raises(ValueError, match="`sigma2` is not a covariance matrix .not positive semi-definite"):
+        ev.frechet_distance(mu, sigma, mu, _indefinite(sigma, 64))
+    with pytest.raises(ValueError, match="`sigma1` is not a covariance matrix"):
+        ev.frechet_distance(mu, _indefinite(sigma, 64), mu, sigma)
+    assert abs(ev.frechet_distance(mu, sigma, mu, sigma)) < 1e-9  # singular (50 < 64) but a covariance
+    # real reference statistics pass: rank-deficient covariances (100 images, 2048 dimensions, rounding makes some of
+    # their zero eigenvalues slightly negative) of ReLU-like and of correlated features, in float64 and stored as
+    # float32
+    relu = rng.gamma(1.0, 0.3, (100, 2048))
+    correlated = rng.normal(size=(100, 64)) @ rng.normal(size=(64, 2048)) + relu
+    for features in (relu, correlated):
+        sigma = np.cov(features.astype(np.float32).astype(np.float64), rowvar=False)
+        for dtype in (np.float64, np.float32):
+            np.savez(tmp_path / "ref.npz", mu=features.mean(axis=0), sigma=sigma.astype(dtype))
+            assert ev.ImageSet(tmp_path / "ref.npz", "--reference").arrays("sigma")["sigma"].dtype == dtype
+    np.savez(tmp_path / "bad.npz", mu=features.mean(axis=0), sigma=_indefinite(sigma, 2048))
+    with pytest.raises(ValueError, match="`--reference` .*: `sigma` is not a covariance matrix .not positive semi-"):
+        ev.ImageSet(tmp_path / "bad.npz", "--reference")
+
+
 def test_inception_score_follows_adm():
     assert ev.inception_score(np.zeros((100, 1008))) == pytest.approx(1.0)  # one uniform prediction
     confident = np.full((12_000, 10), -50.0)
@@ -115,6 +151,11 @@ def test_precision_recall_follows_adm():
     precision, recall = ev.precision_recall(reference, collapsed)
     assert precision == 1.0 and recall < 0.5
     assert ev.precision_recall(reference, samples + 100) == (0.0, 0.0)
+    # the fractions are float64, as ADM's np.mean of booleans: 5 of 6 reference points recalled is 5 / 6 exactly
+    # (float32 gave 0.8333333134651184)
+    reference = rng.normal(size=(6, 8)).astype(np.float32)
+    reference[5] += 100
+    assert ev.precision_recall(reference, reference[:5]) == (1.0, 5 / 6)
 
 
 def test_tensorflow_bilinear_resize():
@@ -239,7 +280,9 @@ def test_evaluate_command_and_reference_statistics(inception_weights, tmp_path, 
 
     # The same samples as an .npz against the saved statistics: the same numbers without touching the reference images.
     assert main(["evaluate", "--samples", str(tmp_path / "samples.npz"), "--reference", str(stats), *common]) == 0
-    second = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    second = json.loads(captured.out)
+    assert "note" not in captured.err  # its mu / sigma are its features' own: FID from the features, as before
     for key in ("fid", "inception_score", "precision", "recall"):
         assert second[key] == pytest.approx(first[key], rel=1e-6, abs=1e-9), key
     upper = tmp_path / "SAMPLES.NPZ"  # the extension in capitals, as image extensions are taken
@@ -286,6 +329,44 @@ def test_evaluate_command_and_reference_statistics(inception_weights, tmp_path, 
     again = json.loads(capsys.readouterr().out)
     for key in ("fid", "precision", "recall"):
         assert again[key] == pytest.approx(from_adm[key], rel=1e-6, abs=1e-9), key
+
+    # Someone else's file: mu / sigma beside features they are not the statistics of, without the statistics_given
+    # marker. FID uses the given mu / sigma, as ADM's evaluator does (the features' statistics were used, silently):
+    # the FID of the statistics alone, with a note; precision/recall come from the features.
+    with np.load(stats) as data:
+        given = {"mu": foreign_mu, "sigma": data["sigma"]}
+        np.savez(tmp_path / "given_and_features.npz", **given, inception_pool_3=data["inception_pool_3"])
+        np.savez(tmp_path / "given_only.npz", **given)
+    assert (
+        main(["evaluate", "--samples", str(samples), "--reference", str(tmp_path / "given_and_features.npz"), *common])
+        == 0
+    )
+    captured = capsys.readouterr()
+    mixed = json.loads(captured.out)
+    assert "its `mu` / `sigma` are not the statistics of its `inception_pool_3` features" in captured.err
+    assert main(["evaluate", "--samples", str(samples), "--reference", str(tmp_path / "given_only.npz"), *common]) == 0
+    assert mixed["fid"] == json.loads(capsys.readouterr().out)["fid"] != pytest.approx(first["fid"], rel=1e-3)
+    assert (mixed["precision"], mixed["recall"]) == (first["precision"], first["recall"])
+
+
+def test_which_statistics_fid_takes_from_a_reference_npz(tmp_path):
+    """The given mu / sigma whenever an .npz has them (ADM's rule), except beside features whose own statistics they
+    are (up to rounding) and not marked as given: a --save-reference-stats file made from images."""
+    features = np.random.default_rng(0).gamma(1.0, 0.3, (10, 2048)).astype(np.float32)
+    mu, sigma = ev.feature_statistics(features)
+
+    def uses_given(**arrays):
+        np.savez(tmp_path / "ref.npz", **arrays)
+        return ev.ImageSet(tmp_path / "ref.npz", "--reference").uses_given_statistics
+
+    assert not uses_given(inception_pool_3=features)
+    assert uses_given(mu=mu, sigma=sigma)
+    assert not uses_given(mu=mu, sigma=sigma, inception_pool_3=features)  # this package's file: unchanged
+    assert not uses_given(mu=mu.astype(np.float32), sigma=sigma.astype(np.float32), inception_pool_3=features)
+    assert uses_given(mu=mu, sigma=sigma, inception_pool_3=features, **{ev.GIVEN_STATISTICS_KEY: np.array(True)})
+    assert uses_given(mu=mu + 0.01, sigma=sigma, inception_pool_3=features)  # not their statistics: ADM's rule
+    assert uses_given(mu=mu, sigma=sigma * 1.01, inception_pool_3=features)
+    assert uses_given(mu=mu, sigma=sigma, inception_pool_3=features[:1])  # too few features for statistics
 
 
 def test_missing_weights_and_bad_flags_are_one_error_line(tmp_path, monkeypatch, capsys, inception_weights):
@@ -434,6 +515,16 @@ def test_metrics_the_set_sizes_cannot_give(tmp_path, monkeypatch, capsys, incept
     for samples, metric in ((two, "pr"), (one, "fid")):
         argv = ["--samples", str(samples), "--reference", str(two), "--metrics", metric, *common[:2]]
         _one_error(capsys, argv, f"`--metrics` {metric}")
+    # stored features too few (none, one): their count, not "reference statistics"
+    for count in (0, 1):
+        np.savez(tmp_path / "features.npz", inception_pool_3=np.zeros((count, 2048), np.float32))
+        for metric in ("fid", "pr"):
+            argv = ["--samples", str(two), "--reference", str(tmp_path / "features.npz"), "--metrics", metric]
+            _one_error(
+                capsys,
+                [*argv, *common[:2]],
+                f"got 2 sample(s), {count} reference feature vector(s) (`inception_pool_3`)",
+            )
 
 
 def test_bad_output_paths_fail_before_the_work(tmp_path, monkeypatch, capsys, inception_weights):
@@ -456,6 +547,10 @@ def test_bad_output_paths_fail_before_the_work(tmp_path, monkeypatch, capsys, in
         ("--out", tmp_path / "file", "exists and is not a file this command wrote"),
         ("--save-reference-stats", tmp_path / "file", "exists and is not a file this command wrote"),
         ("--out", "", "is empty"),
+        # legal names whose atomic write's temporary name is too long: --out ended in a traceback after the work,
+        # --save-reference-stats in an error naming neither the flag nor printing the results
+        ("--out", tmp_path / ("a" * 235 + ".json"), "is too long: at most"),
+        ("--save-reference-stats", tmp_path / ("b" * 236 + ".npz"), "is too long: at most"),
         # a file --reference then refused (it tells an .npz by its suffix)
         ("--save-reference-stats", tmp_path / "refstats", "must name an .npz file"),
     ]:
@@ -514,6 +609,26 @@ def test_bad_output_paths_fail_before_the_work(tmp_path, monkeypatch, capsys, in
     )
 
 
+def test_a_name_longer_than_the_file_system_takes_is_one_error_line(tmp_path, monkeypatch, capsys, inception_weights):
+    """A path with a name past NAME_MAX (255 bytes): ``Path.is_dir()`` / ``is_file()`` raise ENAMETOOLONG instead of
+    answering False, which ended the command in a traceback (exit code 1)."""
+    samples = _save_images(tmp_path / "samples", ShapesDataset(4, 32, seed=1).images)
+    long = str(tmp_path / ("x" * 300))
+    common = ["--samples", str(samples), "--reference", str(samples), "--inception-weights", str(inception_weights)]
+    _no_features(monkeypatch)
+    for argv, flag in [
+        (["--samples", long, "--inception-weights", str(inception_weights)], "--samples"),
+        (
+            ["--samples", str(samples), "--reference", long, "--inception-weights", str(inception_weights)],
+            "--reference",
+        ),
+        ([*common, "--out", f"{long}/r.json"], "--out"),
+        ([*common, "--save-reference-stats", f"{long}/s.npz"], "--save-reference-stats"),
+        (["--samples", str(samples), "--metrics", "is", "--inception-weights", long], "--inception-weights"),
+    ]:
+        _one_error(capsys, argv, f"`{flag}` ", "is 300 bytes long, more than the 255 the file system takes")
+
+
 def test_a_late_write_failure_still_prints_the_results(tmp_path, monkeypatch, capsys, inception_weights):
     samples = _save_images(tmp_path / "samples", ShapesDataset(4, 32, seed=1).images)
     real_write = ev.write_atomic
@@ -538,12 +653,13 @@ def test_non_finite_statistics_and_metrics_are_errors(tmp_path, monkeypatch, cap
     np.savez(tmp_path / "nan_pool.npz", inception_pool_3=np.full((5, 2048), np.nan, np.float32))
     np.savez(tmp_path / "negative_sigma.npz", mu=np.zeros(2048), sigma=-sigma)  # gave a negative FID
     np.savez(tmp_path / "skewed_sigma.npz", mu=np.zeros(2048), sigma=sigma + np.triu(np.ones((2048, 2048)), 1))
+    np.savez(tmp_path / "indefinite_sigma.npz", mu=np.zeros(2048), sigma=_indefinite(sigma, 2048))  # gave FID 0.0
     with monkeypatch.context() as patch:
         _no_features(patch)
         for name, key in [("nan_mu", "mu"), ("inf_sigma", "sigma"), ("nan_pool", "inception_pool_3")]:
             path = str(tmp_path / f"{name}.npz")
             _one_error(capsys, [*common, "--reference", path], "`--reference`", path, f"`{key}`", "NaN or infinite")
-        for name in ("negative_sigma", "skewed_sigma"):
+        for name in ("negative_sigma", "skewed_sigma", "indefinite_sigma"):
             path = str(tmp_path / f"{name}.npz")
             _one_error(capsys, [*common, "--reference", path], "`--reference`", "`sigma` is not a covariance")
 

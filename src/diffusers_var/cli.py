@@ -39,7 +39,7 @@ from .cli_support import (
 )
 from .conversion.common import folder_problem
 from .embedded_models import EMBEDDED_PIPELINES, default_model, resolve_pipeline_folder
-from .file_utils import atomic_name_problem, write_atomic
+from .file_utils import atomic_name_problem, path_problem, write_atomic
 
 DEFAULT_MODEL = default_model()
 EMBEDDED_NAMES = ", ".join(EMBEDDED_PIPELINES)
@@ -118,7 +118,9 @@ def check_output(out: Path, count: int, overwrite: bool = False) -> str | None:
         common = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
         writable = sorted(ext for ext in common if _writes_rgb(formats.get(ext)))
         return f"`--out` {str(out)!r}: PIL cannot write an RGB image as {suffix!r}; use one of {', '.join(writable)}"
-    problem = folder_problem(out.parent) or atomic_name_problem(output_path(out, count - 1, count))
+    problem = (  # path_problem first: a name too long in out's folder raised in folder_problem (a traceback)
+        path_problem(out) or folder_problem(out.parent) or atomic_name_problem(output_path(out, count - 1, count))
+    )
     if problem:
         return f"`--out` {str(out)!r}: {problem}"
     if not out.parent.is_dir():  # made when the first image is written

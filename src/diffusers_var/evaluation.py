@@ -9,7 +9,9 @@ Protocol (``guided-diffusion/evaluations/evaluator.py``):
 * FID: Fréchet distance of Gaussians fitted in float64 (``np.cov``); the trace of ``sqrtm(S1 S2)`` is taken as the sum
   of the singular values of ``S1^1/2 S2^1/2`` (the same number: their squares are the eigenvalues of ``S1 S2``),
   without scipy and without taking square roots of round-off when the covariances are singular (fewer images than
-  2,048 dimensions). A reference ``.npz`` with ``mu`` / ``sigma`` (ADM's reference batches) is used as is.
+  2,048 dimensions). A reference ``.npz``'s ``mu`` / ``sigma`` (ADM's reference batches) are used as is whenever it
+  has them, as ADM does, unless they are the statistics of its own ``inception_pool_3`` features and not marked as
+  given (a ``--save-reference-stats`` file made from images): then FID comes from the features (the same distance).
 * Inception score: ``exp(E[KL(p(y|x) || p(y))])`` over splits of 5,000 images, averaged (10 splits for 50k).
 * Precision / recall: Kynkäänniemi et al.'s k-NN manifolds (k = 3) on ``pool_3``: a sample is inside the reference
   manifold if it lies within the distance of some reference image to that image's 3rd nearest neighbour. ADM
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import sys
@@ -39,7 +42,7 @@ import torch
 
 from .cli_support import check_device, home_path, nonblank
 from .fid_inception import WEIGHTS_FILENAMES, WEIGHTS_URL, FIDInceptionV3
-from .file_utils import files_under, json_lines, text_lines, write_atomic
+from .file_utils import atomic_name_problem, files_under, json_lines, path_problem, text_lines, write_atomic
 from .sample import IMAGES_DIR, METADATA_FILE, RUN_FILE
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -51,6 +54,9 @@ FEATURE_DIM = 2048  # pool_3
 # in a --save-reference-stats file: its mu / sigma are the reference's own (ADM's TensorFlow statistics), which FID
 # uses, rather than those of its features
 GIVEN_STATISTICS_KEY = "statistics_given"
+# stored mu / sigma "are" the statistics of the stored features when they differ by at most this much (relative to
+# the largest entry): rounding only (np.cov of the same features on another BLAS, or stored as float32)
+SAME_STATISTICS_TOLERANCE = 1e-6
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,6 +74,9 @@ class ImageSet:
         self.prompt_problem: str | None = None  # why the prompts cannot be CLIP-scored (the other metrics need none)
         self.files: list[Path] | None = None
         self.stored: dict[str, np.ndarray] = {}
+        problem = path_problem(self.path)
+        if problem:  # (is_file / is_dir raised it: a traceback)
+            raise ValueError(f"`{flag}` {str(self.path)!r}: {problem}.")
         if self.path.suffix.lower() == ".npz" and self.path.is_file():
             self.kind = "npz"
             self.keys = _npz_keys(self.path, flag)
@@ -110,6 +119,21 @@ class ImageSet:
             self.length = len(self.files)
         if self.kind != "npz" and self.length == 0:
             raise ValueError(f"`{flag}` {str(self.path)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+
+    @functools.cached_property
+    def uses_given_statistics(self) -> bool:
+        """Whether FID takes the stored ``mu`` / ``sigma``, as ADM's evaluator does whenever a reference has them
+        (its reference batches hold images and their own TensorFlow statistics). One exception: ``mu`` / ``sigma``
+        that are the statistics of the stored ``inception_pool_3`` features (up to rounding) and not marked as given
+        (:data:`GIVEN_STATISTICS_KEY`), as in a file of ``--save-reference-stats`` made from images: FID comes from
+        the features, the same distance, computed exactly also for fewer images than dimensions."""
+        stored = self.arrays("mu", "sigma", "inception_pool_3")
+        if "mu" not in stored or "sigma" not in stored:
+            return False
+        features = stored.get("inception_pool_3")
+        if features is None or self.has_key(GIVEN_STATISTICS_KEY) or len(features) < 2:
+            return True
+        return not _same_statistics((stored["mu"], stored["sigma"]), feature_statistics(features))
 
     @property
     def has_features(self) -> bool:
@@ -220,10 +244,21 @@ def _npz_statistics(path: Path, keys: list[str], flag: str) -> dict[str, np.ndar
             raise ValueError(
                 f"`{flag}` {str(path)!r}: `sigma` is not a covariance matrix (symmetric, non-negative diagonal)."
             )
+        if key == "sigma" and (problem := _covariance_problem(np.linalg.eigvalsh(array.astype(np.float64)))):
+            # (FID dropped the negative eigenvalues and clamped its result at 0: a perfect score from a bad file)
+            raise ValueError(f"`{flag}` {str(path)!r}: `sigma` is not a covariance matrix ({problem}).")
         stored[key] = array
     if ("mu" in stored) != ("sigma" in stored):
         raise ValueError(f"`{flag}` {str(path)!r} has only one of `mu` and `sigma` (FID needs both).")
     return stored
+
+
+def _same_statistics(given: tuple[np.ndarray, ...], computed: tuple[np.ndarray, ...]) -> bool:
+    """Whether each given array equals the computed one up to :data:`SAME_STATISTICS_TOLERANCE`."""
+    return all(
+        np.abs(g - c).max() <= SAME_STATISTICS_TOLERANCE * max(np.abs(c).max(), np.finfo(np.float64).tiny)
+        for g, c in zip(given, computed)
+    )
 
 
 def _metadata_entries(path: Path, flag: str) -> list[dict]:
@@ -295,6 +330,9 @@ def _npz_batches(path: Path, key: str, batch_size: int, flag: str) -> Iterator[n
 def inception_weights_path(path: str | None = None) -> Path:
     """The FID Inception weight file: ``path``, else torch-fidelity's (or pytorch-fid's) file in torch's hub cache."""
     if path is not None:
+        problem = path_problem(path)
+        if problem:
+            raise ValueError(f"`--inception-weights` {path!r}: {problem}.")
         if not Path(path).is_file():
             raise ValueError(f"`--inception-weights` {path!r} is not a file.")
         return Path(path)
@@ -374,20 +412,39 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
-def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+# How far below 0 a covariance's smallest eigenvalue may lie, relative to the largest in magnitude: rounding only.
+# np.cov in float64 of 2 to 1,000 pool_3-like feature vectors (rank-deficient, as ADM's and pytorch-fid's statistics
+# of small sets) gives about -1e-15, the same matrix stored as float32 about -1e-8: a wide margin over both.
+PSD_TOLERANCE = 1e-6
+
+
+def _covariance_problem(eigenvalues: np.ndarray) -> str | None:
+    """Why a symmetric matrix with these eigenvalues is not a covariance (not positive semi-definite beyond
+    :data:`PSD_TOLERANCE`), else None."""
+    smallest, largest = eigenvalues.min(), eigenvalues.max()
+    if smallest < -PSD_TOLERANCE * max(abs(smallest), abs(largest), np.finfo(np.float64).tiny):
+        return f"not positive semi-definite: its eigenvalues range from {smallest:.6g} to {largest:.6g}"
+    return None
+
+
+def _psd_sqrt(matrix: np.ndarray, name: str) -> np.ndarray:
     values, vectors = np.linalg.eigh(matrix)
-    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    problem = _covariance_problem(values)
+    if problem:  # (its negative eigenvalues were dropped, and the distance clamped at 0)
+        raise ValueError(f"`{name}` is not a covariance matrix ({problem}).")
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T  # (clipping rounding's tiny negatives only)
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2))`` (the module docstring says how the root is taken)."""
+    """``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr(sqrtm(S1 S2))`` (the module docstring says how the root is taken).
+    A sigma that is not positive semi-definite (beyond rounding: :data:`PSD_TOLERANCE`) is a ValueError."""
     mu1, mu2, sigma1, sigma2 = (np.asarray(a, dtype=np.float64) for a in (mu1, mu2, sigma1, sigma2))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(
             f"the two feature statistics differ in shape: {mu1.shape} / {sigma1.shape} vs {mu2.shape} / "
             f"{sigma2.shape}."
         )
-    covmean_trace = np.linalg.svd(_psd_sqrt(sigma1) @ _psd_sqrt(sigma2), compute_uv=False).sum()
+    covmean_trace = np.linalg.svd(_psd_sqrt(sigma1, "sigma1") @ _psd_sqrt(sigma2, "sigma2"), compute_uv=False).sum()
     diff = mu1 - mu2
     distance = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * covmean_trace)
     return max(distance, 0.0)  # a distance: identical statistics give 0 up to float rounding (-1.7e-12 was seen)
@@ -449,7 +506,7 @@ def _inside(points: torch.Tensor, manifold: torch.Tensor, radii: torch.Tensor) -
         (_squared_distances(points[start : start + step], manifold) <= radii[None]).any(dim=1)
         for start in range(0, len(points), step)
     ]
-    return torch.cat(inside).float().mean().item()
+    return torch.cat(inside).sum().item() / len(points)  # float64, as ADM's np.mean (float32 gave 5/6 as 0.83333331)
 
 
 def precision_recall(
@@ -538,9 +595,7 @@ def _metrics(args, samples: ImageSet, reference: ImageSet | None) -> list[str]:
     for by name that they cannot give is a ValueError naming ``--metrics``."""
     n_ref = _reference_size(reference)
     stats_only = reference is not None and n_ref is None
-    # (FID takes a reference's stored statistics unless it stores features: run_evaluate's use_stats)
-    stored = reference.arrays("mu", "sigma", "inception_pool_3") if reference is not None else {}
-    uses_stats = "mu" in stored and "sigma" in stored and "inception_pool_3" not in stored
+    uses_stats = reference is not None and reference.uses_given_statistics
     fid_possible = samples.length >= 2 and (uses_stats or (n_ref or 0) >= 2)
     pr_possible = n_ref is not None and min(samples.length, n_ref) > PR_NEIGHBOURHOOD
     if args.metrics == "auto":
@@ -566,7 +621,13 @@ def _metrics(args, samples: ImageSet, reference: ImageSet | None) -> list[str]:
             )
     if reference is None and ({"fid", "pr"} & set(chosen)):
         raise ValueError("`--reference` is required for FID and precision/recall.")
-    sizes = f"{samples.length} sample(s), " + (f"{n_ref} reference image(s)" if n_ref else "reference statistics")
+    if n_ref is None:
+        reference_size = "reference statistics only"
+    elif reference.length:
+        reference_size = f"{n_ref} reference image(s)"
+    else:  # (an empty `inception_pool_3` was reported as "reference statistics")
+        reference_size = f"{n_ref} reference feature vector(s) (`inception_pool_3`)"
+    sizes = f"{samples.length} sample(s), {reference_size}"
     if "fid" in chosen and not fid_possible:
         raise ValueError(f"`--metrics` fid needs at least 2 images on each side, got {sizes}; leave it out.")
     if "pr" in chosen and stats_only:
@@ -636,6 +697,15 @@ def run_evaluate(args) -> dict:
     ):
         raise ValueError("`--out` and `--save-reference-stats` name the same file; give each its own.")
     metrics = _metrics(args, samples, reference)
+    if ("fid" in metrics or args.save_reference_stats) and reference is not None and reference.uses_given_statistics:
+        features = reference.arrays("inception_pool_3").get("inception_pool_3", ())
+        if len(features) >= 2 and not reference.has_key(GIVEN_STATISTICS_KEY):  # (a silent choice otherwise)
+            print(
+                f"note: `--reference` {args.reference!r}: its `mu` / `sigma` are not the statistics of its "
+                "`inception_pool_3` features; FID uses the given `mu` / `sigma`, as ADM's evaluator does "
+                "(precision/recall use the features).",
+                file=sys.stderr,
+            )
     problem = check_device("--device", args.device)
     if problem:
         raise ValueError(problem)
@@ -680,12 +750,8 @@ def run_evaluate(args) -> dict:
         result["num_reference"] = None if ref_pool is None else len(ref_pool)
         # ADM's reference batches carry their TensorFlow statistics: FID uses them, as ADM does. A file of
         # --save-reference-stats carries the features, which give its own statistics, and keeps the given ones
-        # (marked by GIVEN_STATISTICS_KEY) when its reference had them.
-        use_stats = (
-            "mu" in stored
-            and "sigma" in stored
-            and ("inception_pool_3" not in stored or reference.has_key(GIVEN_STATISTICS_KEY))
-        )
+        # (marked by GIVEN_STATISTICS_KEY) when its reference had them (ImageSet.uses_given_statistics).
+        use_stats = reference.uses_given_statistics
         if "fid" in metrics:
             result["fid"] = (
                 frechet_distance(*feature_statistics(pool), stored["mu"], stored["sigma"])
@@ -764,17 +830,22 @@ class LateWriteError(ValueError):
 
 
 def check_output_file(flag: str, path: str, inputs: list[Path] = (), ours=None) -> None:
-    """Refuse, before any work, an output file that cannot be written (a folder, or a path whose folder is a file or
-    cannot be made / written into), one that is an input or inside an input folder, and an existing file that
-    ``ours(path)`` does not recognise as this command's output (it would be replaced)."""
+    """Refuse, before any work, an output file that cannot be written (a folder, a path whose folder is a file or
+    cannot be made / written into, a name too long for :func:`write_atomic`'s temporary file), one that is an input
+    or inside an input folder, and an existing file that ``ours(path)`` does not recognise as this command's output
+    (it would be replaced)."""
     from .conversion.common import folder_problem
 
     if not str(path).strip():
         raise ValueError(f"`{flag}` is empty; give a file name.")
     target = Path(path)
+    problem = path_problem(target)
+    if problem:
+        raise ValueError(f"`{flag}` {path!r}: {problem}.")
     if target.is_dir():
         raise ValueError(f"`{flag}` {path!r} is a folder, not a file.")
-    problem = folder_problem(target.parent)
+    # (a name too long for write_atomic's temporary file failed only after the feature passes)
+    problem = folder_problem(target.parent) or atomic_name_problem(target)
     if problem:
         raise ValueError(f"`{flag}` {path!r}: {problem}.")
     resolved = target.resolve()

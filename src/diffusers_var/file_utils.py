@@ -4,6 +4,7 @@ Also the JSON-lines reading and the image-folder walk that the commands share.""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -49,14 +50,44 @@ def _atomic_temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
 
 
+def _name_max(path: Path) -> int:
+    """The longest file name, in bytes, that the file system of ``path``'s nearest existing folder takes (255, the
+    usual limit, when it cannot be asked)."""
+    folder = Path(path)
+    while not os.path.isdir(folder) and folder.parent != folder:  # (os.path.isdir never raises; Path.is_dir does)
+        folder = folder.parent
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # AttributeError: no os.pathconf (Windows)
+        return 255
+
+
+def path_problem(path) -> str | None:
+    """Why ``path`` cannot be looked up, else None (a path that is not there is no problem here): a name in it
+    longer than the file system takes, or a look-up error other than "not there" (a path past the system's length
+    limit, a folder we may not search). ``Path.exists()`` / ``is_dir()`` / ``is_file()`` raise these instead of
+    answering False: check it first, and put the reason after the flag."""
+    path = Path(path)
+    limit = _name_max(path)
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > limit:
+            return f"the name {part[:40]!r}... in it is {size} bytes long, more than the {limit} the file system takes"
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EBADF):  # those pathlib answers False to
+            return f"it cannot be looked up ({err.strerror or type(err).__name__})"
+    except ValueError:  # an embedded NUL byte
+        return "it holds a NUL character"
+    return None
+
+
 def atomic_name_problem(path: Path) -> str | None:
     """Why :func:`write_atomic` cannot write ``path`` (its temporary name, about 30 bytes longer than the name, is
     past the file system's limit on a name), else None: checked before the work whose result it writes."""
     path = Path(path)
-    try:
-        limit = os.pathconf(path.parent if path.parent.is_dir() else ".", "PC_NAME_MAX")
-    except (OSError, ValueError):
-        limit = 255
+    limit = _name_max(path.parent)
     extra = len(os.fsencode(_atomic_temporary(path).name)) - len(os.fsencode(path.name))
     if len(os.fsencode(path.name)) + extra > limit:
         return f"the file name {path.name[:40]!r}... is too long: at most {limit - extra} bytes here"

@@ -65,6 +65,7 @@ from .file_utils import (
     is_atomic_temporary,
     json_lines,
     model_index_components,
+    path_problem,
     text_lines,
     write_atomic,
 )
@@ -173,6 +174,9 @@ def read_prompts(path) -> list[dict]:
     fields (GenEval's ``tag``, ``include``, ...), copied into ``metadata.jsonl``; any other file holds one prompt a
     line. Blank lines are skipped."""
     path = Path(path)
+    problem = path_problem(path)
+    if problem:
+        raise ValueError(f"`--prompts` {str(path)!r}: {problem}.")
     if not path.is_file():
         raise ValueError(f"`--prompts` {str(path)!r} is not a file.")
     try:
@@ -267,6 +271,9 @@ def check_flags(args, family_name: str) -> None:
 def check_out(out: Path) -> None:
     """``--out`` must be a folder that exists or can be made, and that we may write into, without files of its
     names that no run wrote; checked before the model is loaded, creating nothing."""
+    problem = path_problem(out)
+    if problem:  # (is_symlink / exists raised it: a traceback)
+        raise ValueError(f"`--out` {str(out)!r}: {problem}.")
     if out.is_symlink() and not out.exists():
         raise ValueError(f"`--out` {str(out)!r} is a link to {os.readlink(out)!r}, which does not exist.")
     if out.exists() and not out.is_dir():
