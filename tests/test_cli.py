@@ -276,6 +276,10 @@ def test_a_name_longer_than_the_file_system_takes_is_one_error_line(tmp_path, mo
         ([*sample, "--out", long], "--out"),
         ([*sample, "--out", f"{tmp_path}/new/{'x' * 300}/run"], "--out"),  # (under a folder not there yet)
         (["sample", "--model", "star-shapes", "--prompts", long, "--out", f"{tmp_path}/run"], "--prompts"),
+        (["generate", "--model", long, "--out", f"{tmp_path}/g.png"], "--model"),  # the pipeline folders too
+        (["generate", "--refiner", long, "--out", f"{tmp_path}/g.png"], "--refiner"),
+        ([*sample, "--model", long, "--out", f"{tmp_path}/run"], "--model"),
+        (["demo", "--var", long], "--var"),
     ]:
         assert _exit_code([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
         err = capsys.readouterr().err

@@ -38,7 +38,12 @@ def pipeline_class_of(model) -> type:
     ``ValueError`` naming the folder when it is not one of ours."""
     import diffusers_var
 
+    from .file_utils import path_problem
+
     model = Path(model)
+    problem = path_problem(model)  # before is_file(), which raises on a name past the file system's limit
+    if problem:
+        raise ValueError(f"{str(model)[:80]!r} cannot be a pipeline folder: {problem}")
     if not (model / "model_index.json").is_file():
         raise ValueError(
             f"{str(model)!r} is not a pipeline folder (no model_index.json); the embedded pipelines are "

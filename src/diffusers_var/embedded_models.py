@@ -40,7 +40,11 @@ def resolve_pipeline_folder(model: str | Path) -> Path:
     """A pipeline folder named on the command line: the path itself when it exists, else, for the name of an
     embedded pipeline (``var-shapes``, ``star-shapes``, ``infinity-shapes``, ``var-shapes-refiner``; also in the
     checkout's form ``pipelines/NAME``), the embedded copy, so the same commands work from a wheel."""
+    from .file_utils import path_problem
+
     path = Path(model)
+    if path_problem(path):  # a name too long to look up: left to the folder's checks, which name the flag
+        return path
     if path.exists() or path.name not in EMBEDDED_PIPELINES or str(path.parent) not in (".", "pipelines"):
         return path
     embedded = embedded_pipelines_dir() / path.name
