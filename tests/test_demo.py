@@ -359,6 +359,80 @@ def test_edit_inputs_that_would_waste_or_mislead_are_refused(server):
     assert len(functions["generate_var"](**padded)[0]) == 1
 
 
+def upload_value(path) -> dict:
+    """An Edit-tab editor value with ``path`` as the uploaded background, no paint (image-to-image needs none)."""
+    return {"background": gradio_client.handle_file(str(path)), "layers": [], "composite": None}
+
+
+def test_edit_uploads_that_are_no_image_or_too_large_are_named(client, tmp_path, monkeypatch):
+    """Through the HTTP API gradio's editor decoded the upload before the app saw it: text named .png, an SVG or a
+    truncated PNG were gradio's generic error, and with `diffusers-var demo`'s PIL limit an image above 33.5 MP raised
+    Pillow's decompression-bomb error there (the page showed only "Error")."""
+    from diffusers_var.demo import MAX_EDIT_PIXELS
+
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", MAX_EDIT_PIXELS)  # as `diffusers-var demo` sets it
+    PIL.Image.new("L", (6000, 6000)).save(tmp_path / "huge.png")  # 36 MP, a small file
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "vector.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"/>')
+    PIL.Image.new("RGB", (64, 64), "red").save(tmp_path / "full.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "full.png").read_bytes()[:60])
+    for name, message in [
+        ("huge.png", "too large (more than 33,554,432 pixels): at most 16 megapixels (4096x4096)"),
+        ("text.png", "'text.png' is not an image this demo can read"),
+        ("vector.svg", "'vector.svg' is not an image this demo can read"),
+        ("cut.png", "'cut.png' could not be decoded: it is damaged or cut short"),
+    ]:
+        with pytest.raises(Exception) as info:
+            call(client, "/edit", edit_args(upload_value(tmp_path / name), mode=2, num_images=1))
+        assert message in str(info.value) and "Traceback" not in str(info.value), (name, str(info.value))
+    # the page sends its canvas as PNG bytes: decoded by the same function
+    from diffusers_var.demo import decode_editor_image
+
+    with pytest.raises(gr.Error, match="The uploaded image could not be decoded"):
+        decode_editor_image((tmp_path / "cut.png").read_bytes())
+    assert decode_editor_image((tmp_path / "full.png").read_bytes()).shape == (64, 64, 3)
+
+
+def test_edit_uploads_decode_as_the_page_shows_them(client, tmp_path, monkeypatch):
+    """Through the HTTP API a 16-bit grayscale PNG reached the pipeline 99.6% white (gradio's editor converted it with
+    PIL, which clips 16-bit values at 255) and a photo's EXIF orientation was ignored; the page (its canvas) shows
+    the gradient and the photo upright."""
+    import diffusers_var.demo as demo_module
+
+    seen = []
+    painted_mask = demo_module.painted_mask
+    monkeypatch.setattr(demo_module, "painted_mask", lambda value: seen.append(painted_mask(value)) or seen[-1])
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (32, 1))  # dark to white, left to right
+    PIL.Image.fromarray(ramp).save(tmp_path / "gray16.png")
+    assert PIL.Image.open(tmp_path / "gray16.png").mode.startswith("I;16")
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees clockwise: portrait
+    PIL.Image.new("RGB", (40, 20), "green").save(tmp_path / "photo.jpg", exif=exif)
+    call(client, "/edit", edit_args(upload_value(tmp_path / "gray16.png"), mode=2, num_images=1))
+    image = seen[-1][0]
+    assert image.shape == (32, 64, 3) and abs(float(image.mean()) - 127.5) < 2, image.mean()
+    assert image[:, 0].max() == 0 and image[:, -1].min() == 255
+    call(client, "/edit", edit_args(upload_value(tmp_path / "photo.jpg"), mode=2, num_images=1))
+    assert seen[-1][0].shape == (40, 20, 3)
+
+
+def test_painted_mask_names_what_is_wrong_with_a_direct_value():
+    """A 1-D background was called "too large (64 pixels)"; layers that are no list were a TypeError; a gray + alpha
+    background reached the pipeline as two channels."""
+    from diffusers_var.demo import painted_mask
+
+    with pytest.raises(gr.Error, match=r"must be \(height, width\) grayscale or \(height, width, channels\)"):
+        painted_mask({"background": np.zeros(64, np.uint8), "layers": [], "composite": None})
+    with pytest.raises(gr.Error, match="got shape .64, 64, 3, 1."):
+        painted_mask({"background": np.zeros((64, 64, 3, 1), np.uint8), "layers": [], "composite": None})
+    with pytest.raises(gr.Error, match="The image editor's layers must be a list of images, got int"):
+        painted_mask({"background": np.zeros((8, 8, 3), np.uint8), "layers": 5, "composite": None})
+    gray_alpha = np.zeros((4, 4, 2), np.uint8)
+    gray_alpha[1:3, 1:3] = (100, 255)  # an opaque gray square on transparent (white, as the page shows it)
+    image, _ = painted_mask({"background": gray_alpha, "layers": [], "composite": None})
+    assert image.shape == (4, 4, 3) and (image[0, 0] == 255).all() and (image[1, 1] == 100).all()
+
+
 # -- CoDe in the VAR tab -------------------------------------------------------------------------------
 def tiny_refiner_folder(root, vqvae=None):
     """A one-block random VAR on the embedded var-shapes tokenizer (or ``vqvae``), saved as a VARPipeline folder."""

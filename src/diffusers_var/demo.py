@@ -14,6 +14,7 @@ Needs ``pip install gradio`` (the ``demo`` extra).
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import math
 import random
@@ -39,6 +40,7 @@ from .cli_support import (
 )
 from .embedded_models import embedded_pipelines_dir, resolve_pipeline_folder
 from .models.dynamic_resolution import supported_pixel_sizes
+from .pil_images import SIXTEEN_BIT_MODES, to_rgb, upright
 from .pipelines.pipeline_infinity import InfinityImg2ImgPipeline, InfinityInpaintPipeline, InfinityPipeline
 from .pipelines.pipeline_star import STARImg2ImgPipeline, STARInpaintPipeline, STARPipeline
 from .pipelines.pipeline_var import VARCoDePipeline, VARImg2ImgPipeline, VARInpaintPipeline, VARPipeline
@@ -586,6 +588,51 @@ def edit_example_image(shape: str = "circle", color: str = "red", background: st
     )[0]
 
 
+def _too_large(size: str) -> gr.Error:
+    return user_error(
+        f"The image to edit is too large ({size}): at most {MAX_EDIT_PIXELS // 10**6} megapixels "
+        f"({math.isqrt(MAX_EDIT_PIXELS)}x{math.isqrt(MAX_EDIT_PIXELS)}); make it smaller first."
+    )
+
+
+def decode_editor_image(file) -> np.ndarray | None:
+    """An image the Edit tab's editor received, as uint8 pixels decoded the way a browser shows the file: turned
+    upright by its EXIF orientation, a 16-bit grayscale PNG scaled to 8 bits (PIL's own conversion, which gradio's
+    editor used, clips it to white), RGBA when it has transparency, else RGB. ``file`` is what gradio hands the
+    editor's decoder: an uploaded file (``.path``; the HTTP API) or PNG bytes (the page's canvas). An image of more
+    than ``MAX_EDIT_PIXELS`` is refused from its header, before it is decoded; a file that is no image PIL can read
+    (text, SVG, a truncated PNG) is a readable ``gr.Error`` too (gradio's own decoding showed only "Error")."""
+    if file is None:
+        return None
+    source = io.BytesIO(file) if isinstance(file, (bytes, bytearray, memoryview)) else getattr(file, "path", file)
+    name = getattr(file, "orig_name", None)
+    what = f"The uploaded file {name!r}" if name else "The uploaded image"
+    try:
+        with PIL.Image.open(source) as image:
+            width, height = image.size
+            if width * height > MAX_EDIT_PIXELS:  # the header's size: nothing decoded yet
+                raise _too_large(f"{width}x{height} pixels")
+            image = upright(image)  # decodes it
+    except PIL.Image.DecompressionBombError:  # above twice PIL's limit (`diffusers-var demo` sets it to ours)
+        raise _too_large(f"more than {2 * PIL.Image.MAX_IMAGE_PIXELS:,} pixels") from None
+    except PIL.UnidentifiedImageError:
+        raise user_error(
+            f"{what} is not an image this demo can read (PNG, JPEG, WebP, GIF, BMP, TIFF, ...; not SVG)."
+        ) from None
+    except gr.Error:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as err:  # PIL's errors for a damaged or truncated file
+        raise user_error(f"{what} could not be decoded: it is damaged or cut short ({err}).") from None
+    try:
+        if image.mode not in (*SIXTEEN_BIT_MODES, "I", "F") and (
+            "A" in image.getbands() or "transparency" in image.info
+        ):
+            return np.asarray(image.convert("RGBA"))
+        return np.asarray(to_rgb(image))
+    except (OSError, ValueError) as err:  # a mode PIL cannot convert
+        raise user_error(f"{what} has pixels (PIL mode {image.mode}) this demo cannot turn into RGB: {err}.") from None
+
+
 def painted_mask(editor: dict | None) -> tuple[np.ndarray, np.ndarray]:
     """``(image uint8 (H, W, 3), painted (H, W) bool)`` from a ``gr.ImageEditor`` value: the background and where any
     layer has paint (or, without layers, where the composite differs from the background)."""
@@ -597,15 +644,20 @@ def painted_mask(editor: dict | None) -> tuple[np.ndarray, np.ndarray]:
     background = np.asarray(background)
     if background.dtype != np.uint8:  # Gradio's editor gives 8-bit images; anything else would wrap or take NaN
         raise user_error(f"The image to edit must be 8-bit (uint8) pixels, got {background.dtype}.")
-    if background.ndim < 2 or background.shape[0] * background.shape[1] > MAX_EDIT_PIXELS:
-        # every copy below is of the full image; the pipeline resizes it to the model's size anyway
+    if background.ndim not in (2, 3) or (background.ndim == 3 and background.shape[-1] not in (1, 2, 3, 4)):
         raise user_error(
-            f"The image to edit is too large ({'x'.join(map(str, background.shape[1::-1]))} pixels): at most "
-            f"{MAX_EDIT_PIXELS // 10**6} megapixels; make it smaller first."
+            "The image to edit must be (height, width) grayscale or (height, width, channels) pixels with 1 to 4 "
+            f"channels (gray, gray + alpha, RGB, RGBA), got shape {background.shape}."
         )
+    if background.shape[0] * background.shape[1] > MAX_EDIT_PIXELS:
+        # every copy below is of the full image; the pipeline resizes it to the model's size anyway
+        raise _too_large(f"{background.shape[1]}x{background.shape[0]} pixels")
+    layers = editor.get("layers")
+    if layers is not None and not isinstance(layers, (list, tuple)):  # (only the HTTP API can send this)
+        raise user_error(f"The image editor's layers must be a list of images, got {type(layers).__name__}.")
     image = _on_white(background)
     painted = np.zeros(image.shape[:2], dtype=bool)
-    for layer in editor.get("layers") or []:
+    for layer in layers or []:
         layer = np.asarray(layer)
         if layer.shape[:2] == painted.shape:  # paint is where a layer is opaque (or, without alpha, not black)
             has_alpha = layer.ndim == 3 and layer.shape[-1] == 4
@@ -617,14 +669,14 @@ def painted_mask(editor: dict | None) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _on_white(pixels: np.ndarray) -> np.ndarray:
-    """(H, W, 3) RGB of an editor image: grayscale repeated, transparent parts on white as the page shows them (the
-    colour under a fully transparent pixel is arbitrary)."""
+    """(H, W, 3) RGB of an editor image ((H, W) or (H, W, 1 to 4)): grayscale repeated, transparent parts on white as
+    the page shows them (the colour under a fully transparent pixel is arbitrary)."""
     if pixels.ndim == 2:
-        return np.repeat(pixels[..., None], 3, axis=-1)
-    if pixels.shape[-1] == 4:
-        alpha = pixels[..., 3:].astype(np.float32) / 255
-        return np.rint(pixels[..., :3] * alpha + 255 * (1 - alpha)).astype(pixels.dtype)
-    return pixels[..., :3]
+        pixels = pixels[..., None]
+    if pixels.shape[-1] in (2, 4):  # gray + alpha, RGBA
+        alpha = pixels[..., -1:].astype(np.float32) / 255
+        pixels = np.rint(pixels[..., :-1] * alpha + 255 * (1 - alpha)).astype(pixels.dtype)
+    return np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels[..., :3]
 
 
 def nearest_infinity_size(pipe: InfinityPipeline, height: int, width: int) -> tuple[int, int]:
@@ -664,6 +716,10 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
                 label="Image: paint the region",
                 elem_id="edit-image",
             )
+            # gradio's editor decodes what it receives with PIL's convert("RGBA"): through the HTTP API (the file
+            # itself) a 16-bit grayscale PNG came out white, a photo's EXIF rotation was ignored, and an undecodable
+            # or too large file was gradio's bare "Error". The page sends its canvas as PNG, which decodes the same.
+            editor.convert_and_format_image = lambda file, flatten_on_white=False: decode_editor_image(file)
             model = gr.Radio([(titles[key], key) for key in pipes], value=first, label="Model", elem_id="edit-model")
             mode = gr.Radio(list(EDIT_MODES), value=EDIT_MODES[0], label="Mode", elem_id="edit-mode")
             what = gr.Textbox(
