@@ -416,6 +416,23 @@ def test_edit_uploads_decode_as_the_page_shows_them(client, tmp_path, monkeypatc
     assert seen[-1][0].shape == (40, 20, 3)
 
 
+def test_seed_that_is_no_whole_number_is_named_in_every_tab(client, folders, tmp_path):
+    """The seed box (gr.Number, precision 0) rounded 2.5 to 2 without a word, and text ("7", "abc") or a list was a
+    TypeError in gradio's bounds check: its generic "the app has raised an exception"."""
+    cases = [("/generate_var", var_args(num_images=1, seed=2.5), 2.5), ("/generate_var", var_args(seed="7"), "'7'")]
+    if folders["star"] is not None:
+        cases.append(("/generate_star", {**star_args(num_images=1), "seed": "abc"}, "'abc'"))
+    if folders["infinity"] is not None:
+        cases.append(("/generate_infinity", {**infinity_args(num_images=1), "seed": [1]}, "[1]"))
+    cases.append(("/edit", {**edit_args(editor_value(tmp_path), mode=2, num_images=1), "seed": 2.5}, 2.5))
+    for endpoint, args, shown in cases:
+        with pytest.raises(Exception) as info:
+            call(client, endpoint, args)
+        message = f"Seed must be a whole number from 0 to {MAX_SEED}; got {shown}."
+        assert message in str(info.value) and "Traceback" not in str(info.value), (endpoint, str(info.value))
+    assert call(client, "/generate_var", var_args(num_images=1, seed=2.0))[1] == 2  # a whole float is that seed
+
+
 def test_painted_mask_names_what_is_wrong_with_a_direct_value():
     """A 1-D background was called "too large (64 pixels)"; layers that are no list were a TypeError; a gray + alpha
     background reached the pipeline as two channels."""

@@ -91,6 +91,22 @@ def number_slider(*args, **kwargs) -> gr.Slider:
     return slider
 
 
+def whole_number_box(name: str, minimum: int, maximum: int, **kwargs) -> gr.Number:
+    """``gr.Number(precision=0, ...)`` whose HTTP API value must be a whole number in ``[minimum, maximum]`` (or
+    nothing): gradio's own check raised a TypeError on text (its generic "the app has raised an exception") and its
+    ``precision=0`` rounded 2.5 to 2 without a word. ``name`` names the box in the message."""
+    box = gr.Number(precision=0, minimum=minimum, maximum=maximum, **kwargs)
+    gradio_preprocess = box.preprocess
+
+    def preprocess(payload):
+        if payload is not None and not (_is_whole(payload) and minimum <= payload <= maximum):
+            raise user_error(f"{name} must be a whole number from {minimum} to {maximum}; got {payload!r}.")
+        return gradio_preprocess(payload)
+
+    box.preprocess = preprocess
+    return box
+
+
 # -- loading ----------------------------------------------------------------------------------------
 
 
@@ -261,12 +277,12 @@ def _run(pipe, lock: threading.Lock, seed: int, num_images: int, **kwargs):
 # -- user interface ---------------------------------------------------------------------------------
 def _seed_row(prefix: str):
     with gr.Row():
-        seed = gr.Number(
+        seed = whole_number_box(
+            "Seed",
+            0,
+            MAX_SEED,
             label="Seed (the seed used is shown here after generating)",
             value=0,
-            precision=0,
-            minimum=0,
-            maximum=MAX_SEED,
             elem_id=f"{prefix}-seed",
         )
         randomize = gr.Checkbox(label="Randomize seed", value=True, elem_id=f"{prefix}-randomize")
