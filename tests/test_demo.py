@@ -433,6 +433,23 @@ def test_seed_that_is_no_whole_number_is_named_in_every_tab(client, folders, tmp
     assert call(client, "/generate_var", var_args(num_images=1, seed=2.0))[1] == 2  # a whole float is that seed
 
 
+def test_a_negative_prompt_of_spaces_is_no_negative_prompt(server, folders, monkeypatch):
+    """The prompt was stripped, the negative prompt not: "   " was used as a negative prompt (other images than "")."""
+    import diffusers_var.demo as demo_module
+
+    functions = {f.api_name: f.fn for f in server[1].fns.values() if getattr(f, "api_name", None)}
+    seen = []
+    monkeypatch.setattr(demo_module, "_run", lambda *args, **kwargs: seen.append(kwargs["negative_prompt"]))
+    for family, args in (("star", star_args(num_images=1)), ("infinity", infinity_args(num_images=1))):
+        if folders[family] is None:
+            continue
+        for negative, expected in (("", None), ("   ", None), ("  blurry ", "blurry")):
+            functions[f"generate_{family}"](**{**args, "negative_prompt": negative})
+            assert seen[-1] == expected, (family, negative, seen[-1])
+        with pytest.raises(gr.Error, match="The negative prompt must be text, got int"):
+            functions[f"generate_{family}"](**{**args, "negative_prompt": 5})
+
+
 def test_painted_mask_names_what_is_wrong_with_a_direct_value():
     """A 1-D background was called "too large (64 pixels)"; layers that are no list were a TypeError; a gray + alpha
     background reached the pipeline as two channels."""

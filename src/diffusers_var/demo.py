@@ -252,6 +252,13 @@ def _prompt(prompt) -> str:
     return prompt.strip()
 
 
+def _negative_prompt(negative_prompt) -> str | None:
+    """The optional negative prompt, stripped as the prompt is; empty or only spaces: none."""
+    if negative_prompt is not None and not isinstance(negative_prompt, str):  # (only the HTTP API can send this)
+        raise user_error(f"The negative prompt must be text, got {type(negative_prompt).__name__}.")
+    return (negative_prompt or "").strip() or None
+
+
 def _run(pipe, lock: threading.Lock, seed: int, num_images: int, **kwargs):
     """Call the pipeline; a ``ValueError`` (bad argument) or any failure becomes a readable ``gr.Error``."""
     start = time.perf_counter()
@@ -476,7 +483,7 @@ def _star_tab(pipe: STARPipeline, common: dict, max_images: int):
             seed,
             count,
             prompt=text,
-            negative_prompt=(negative_prompt or None),
+            negative_prompt=_negative_prompt(negative_prompt),
             guidance_scale=_number(guidance_scale, "Guidance scale"),
             top_k=_whole(top_k, "Top-k"),
             top_p=_number(top_p, "Top-p"),
@@ -561,7 +568,7 @@ def _infinity_tab(pipe: InfinityPipeline, common: dict, max_images: int):
             seed,
             count,
             prompt=text,
-            negative_prompt=(negative_prompt or None),
+            negative_prompt=_negative_prompt(negative_prompt),
             height=height,
             width=width,
             guidance_scale=_number(guidance_scale, "Guidance scale"),
