@@ -641,6 +641,27 @@ def test_cli_demo_var_refiner(monkeypatch, tmp_path):
     assert seen["blocks"].loaded_pipelines["var_code"] is None  # no refiner by default
 
 
+def test_a_code_folder_with_a_refiner_is_refused(monkeypatch, tmp_path, capsys):
+    """`--var CODE_FOLDER --var-refiner OTHER` served the CoDe folder's own refiner and ignored the flag."""
+    from diffusers_var import VARCoDePipeline, VARPipeline, cli
+
+    refiner = tiny_refiner_folder(tmp_path / "refiner")
+    drafter = VARPipeline.from_pretrained(EMBEDDED_VAR)
+    code = VARCoDePipeline.from_var_pipelines(drafter, VARPipeline.from_pretrained(refiner))
+    code.save_pretrained(tmp_path / "code")
+    capsys.readouterr()  # the loading's progress bars
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: pytest.fail("served"))
+    base = ["demo", "--star", "none", "--infinity", "none", "--device", "cpu", "--var", str(tmp_path / "code")]
+    for refiner_flag in (str(refiner), "default"):
+        assert cli.main([*base, "--var-refiner", refiner_flag]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: `--var-refiner` and a CoDe pipeline as `--var` do not go together"), err
+        assert len(err.splitlines()) == 1
+    for var in (code, tmp_path / "code"):  # build_demo, for Python
+        with pytest.raises(ValueError, match="`var_refiner` .--var-refiner. and a CoDe pipeline as `var`"):
+            build_demo(var=var, star=None, infinity=None, device="cpu", var_refiner=refiner)
+
+
 def test_cli_demo_fast_path(monkeypatch, tmp_path, capsys):
     """``--fast`` puts every served pipeline (CoDe's refiner too) on the fast path, in bfloat16 by default (on the CPU
     it only casts), and the app generates; it refuses ``--cpu-offload``, and ``--compile-cache`` needs it."""

@@ -36,6 +36,7 @@ from .cli_support import (
     class_label_ids,
     enable_fast_path,
     expect_pipeline_class,
+    pipeline_class_of,
     print_error,
 )
 from .embedded_models import embedded_pipelines_dir, resolve_pipeline_folder
@@ -63,6 +64,11 @@ SHAPE_PROMPTS = [
     "a yellow triangle on a black background",
     "a white square on a green background",
 ]
+# a CoDe pipeline (folder) as the VAR model, and a refiner too: which refiner? Refused, naming both
+CODE_AND_REFINER = (
+    "{refiner} and a CoDe pipeline as {var} do not go together: the CoDe pipeline brings its own refiner; leave out "
+    "{refiner}, or give {var} a plain VAR pipeline"
+)
 
 
 def user_error(message: str):
@@ -182,9 +188,12 @@ def attach_loras(pipelines: dict, paths: list[str] | None, scales: list[float] |
 
 
 def load_code(var_pipe, refiner: Any, device: str, dtype: torch.dtype):
-    """The VAR tab's CoDe pipeline: ``var_pipe`` itself when it is one, else ``var_pipe`` as the drafter with
-    ``refiner`` (a VARPipeline, a VAR pipeline folder, ``DEFAULT``: the embedded refiner, or ``None``: no CoDe),
-    sharing their weights. Returns ``(pipeline or None, notice)``; a refiner that cannot be used becomes the notice."""
+    """The VAR tab's CoDe pipeline: ``var_pipe`` itself when it is one (it brings its own refiner: a ``refiner`` as
+    well is a ``ValueError``), else ``var_pipe`` as the drafter with ``refiner`` (a VARPipeline, a VAR pipeline folder,
+    ``DEFAULT``: the embedded refiner, or ``None``: no CoDe), sharing their weights. Returns
+    ``(pipeline or None, notice)``; a refiner that cannot be used becomes the notice."""
+    if isinstance(var_pipe, VARCoDePipeline) and refiner is not None:
+        raise ValueError(CODE_AND_REFINER.format(var="`var` (--var)", refiner="`var_refiner` (--var-refiner)"))
     if var_pipe is None or isinstance(var_pipe, VARCoDePipeline):
         return var_pipe, ""
     if refiner is None:
@@ -949,6 +958,10 @@ def model_flags_problem(specs: dict[str, Any], refiner: Any) -> str | None:
                 expect_pipeline_class(resolve_pipeline_folder(refiner), VARPipeline, exact=True)
             except ValueError as err:
                 return f"`--var-refiner` {err}"
+        if str(specs["var"]) != DEFAULT and issubclass(
+            pipeline_class_of(resolve_pipeline_folder(specs["var"])), VARCoDePipeline
+        ):
+            return CODE_AND_REFINER.format(var="`--var`", refiner="`--var-refiner`")
     return None
 
 
