@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -465,6 +466,51 @@ def test_painted_mask_names_what_is_wrong_with_a_direct_value():
     gray_alpha[1:3, 1:3] = (100, 255)  # an opaque gray square on transparent (white, as the page shows it)
     image, _ = painted_mask({"background": gray_alpha, "layers": [], "composite": None})
     assert image.shape == (4, 4, 3) and (image[0, 0] == 255).all() and (image[1, 1] == 100).all()
+
+
+# -- temporary files ------------------------------------------------------------------------------------
+def test_generated_images_are_deleted_from_gradio_temp_folder():
+    """The app set no delete_cache: every generated image (and upload) stayed in gradio's temporary folder for
+    good. By default files older than an hour go every 10 minutes; a short setting shows them go."""
+    from diffusers_var.demo import DELETE_CACHE
+
+    assert DELETE_CACHE == (600, 3600)
+    assert build_demo(var=None, star=None, infinity=None, device="cpu").delete_cache == DELETE_CACHE
+    assert build_demo(var=None, star=None, infinity=None, device="cpu", delete_cache=None).delete_cache is None
+    demo = build_demo(var=EMBEDDED_VAR, star=None, infinity=None, device="cpu", delete_cache=(1, 1))
+    with serve(demo) as url:
+        kept = {file for files in demo.temp_file_sets for file in files}  # e.g. the Edit tab's example image
+        call(gradio_client.Client(url, verbose=False), "/generate_var", var_args(num_images=2))
+        written = {file for files in demo.temp_file_sets for file in files} - kept
+        assert len(written) == 2 and all(Path(file).is_file() for file in written)
+        deadline = time.monotonic() + 30
+        while any(Path(file).exists() for file in written) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not any(Path(file).exists() for file in written)
+        assert kept and all(Path(file).is_file() for file in kept)  # what the page still shows stays
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_images=2.5), "`max_images` (--max-images) must be a whole number from 1 to 64, got 2.5"),
+        (dict(max_images="4"), "`max_images` (--max-images) must be a whole number from 1 to 64, got '4'"),
+        (dict(max_images=True), "`max_images` (--max-images) must be a whole number from 1 to 64, got True"),
+        (dict(concurrency_limit=0), "`concurrency_limit` (--concurrency) must be a whole number from 1 to 64, got 0"),
+        (dict(concurrency_limit=-1), "`concurrency_limit` (--concurrency) must be a whole number from 1 to 64"),
+        (dict(queue_size=0), "`queue_size` (--queue-size) must be a whole number from 1 to 10000, got 0"),
+        (dict(queue_size=-5), "`queue_size` (--queue-size) must be a whole number from 1 to 10000, got -5"),
+        (dict(device="cuda:99"), "`device` 'cuda:99' is not usable here"),
+        (dict(delete_cache=(0, 60)), "`delete_cache` must be None (keep the files) or (frequency, age)"),
+        (dict(delete_cache="hourly"), "`delete_cache` must be None (keep the files) or (frequency, age)"),
+    ],
+)
+def test_build_demo_refuses_what_the_command_line_refuses(kwargs, message):
+    """build_demo (the Python API demos/app.py re-exports) took concurrency_limit 0 (requests never finished), a
+    queue of 0 or -5, 2.5 images, and a CUDA device on a machine without one (a raw AssertionError)."""
+    with pytest.raises(ValueError) as raised:
+        build_demo(var=None, star=None, infinity=None, **kwargs)
+    assert message in str(raised.value)
 
 
 # -- CoDe in the VAR tab -------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from .cli_support import (
     add_demo_arguments,
     check_device,
     class_label_ids,
+    demo_count_problem,
     enable_fast_path,
     expect_pipeline_class,
     pipeline_class_of,
@@ -848,6 +849,10 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
     gr.on([button.click, what.submit], run_edit, inputs, [gallery, seed, info], api_name="edit", **common)
 
 
+# build_demo's delete_cache: every 10 minutes, the app's temporary files (generated images, uploads) older than an hour
+DELETE_CACHE = (600, 3600)
+
+
 def build_demo(
     var: Any = DEFAULT,
     star: Any = DEFAULT,
@@ -863,6 +868,7 @@ def build_demo(
     var_refiner: Any = None,
     fast: bool = False,
     compile_cache: str | Path | None = None,
+    delete_cache: tuple[int, int] | None = DELETE_CACHE,
 ) -> gr.Blocks:
     """Build the app (queued, not launched).
 
@@ -875,9 +881,32 @@ def build_demo(
     (:func:`attach_loras`). ``fast`` (``--fast``): every served pipeline (and the Edit tab's, made from them) on
     the fast path in ``dtype`` from float32 weights, compiled on a GPU with torch.compile's caches in
     ``compile_cache`` (:func:`diffusers_var.use_compile_cache`); without it ``dtype`` is the weights' dtype.
+    ``delete_cache``: ``(frequency, age)`` in seconds, gradio's ``gr.Blocks(delete_cache=...)``: every ``frequency``
+    seconds the files this app wrote to gradio's temporary folder (generated images, uploads) that are older than
+    ``age`` are deleted, and all of them when the server stops (default every 10 minutes, those older than an hour);
+    ``None`` keeps them. A bad setting is a ``ValueError`` naming it (the checks of ``diffusers-var demo``'s flags).
     """
-    if not 1 <= max_images <= 64:
-        raise ValueError(f"`max_images` must be in [1, 64], got {max_images}.")
+    for name, value in (
+        ("max_images", max_images),
+        ("queue_size", queue_size),
+        ("concurrency_limit", concurrency_limit),
+    ):
+        problem = demo_count_problem(name, value)
+        if problem:
+            raise ValueError(f"{problem}.")
+    max_images, queue_size, concurrency_limit = int(max_images), int(queue_size), int(concurrency_limit)
+    if delete_cache is not None and not (
+        isinstance(delete_cache, (tuple, list))
+        and len(delete_cache) == 2
+        and all(_is_whole(seconds) and seconds >= 1 for seconds in delete_cache)
+    ):
+        raise ValueError(
+            "`delete_cache` must be None (keep the files) or (frequency, age): two whole numbers of seconds, at "
+            f"least 1, got {delete_cache!r}."
+        )
+    problem = check_device("device", device)
+    if problem:
+        raise ValueError(f"{problem}.")
     if fast and cpu_offload:
         raise ValueError("`fast` (--fast) cannot be combined with `cpu_offload` (--cpu-offload): choose one.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -902,7 +931,8 @@ def build_demo(
                 enable_fast_path(pipe, device, dtype, compile_cache=compile_cache)
     common = {"concurrency_limit": concurrency_limit, "concurrency_id": "generate"}
     builders = {"var": _var_tab, "star": _star_tab, "infinity": _infinity_tab}
-    with gr.Blocks(title="diffusers-var demo") as demo:
+    delete_cache = None if delete_cache is None else tuple(int(seconds) for seconds in delete_cache)
+    with gr.Blocks(title="diffusers-var demo", delete_cache=delete_cache) as demo:
         gr.Markdown(
             "# diffusers-var: next-scale prediction (VAR, STAR, Infinity)\n"
             f"Running on `{device}` ({str(dtype).replace('torch.', '')}{', fast path' if fast else ''}). "
