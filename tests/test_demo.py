@@ -468,6 +468,14 @@ def test_painted_mask_names_what_is_wrong_with_a_direct_value():
     assert image.shape == (4, 4, 3) and (image[0, 0] == 255).all() and (image[1, 1] == 100).all()
 
 
+def test_edit_tab_text_says_what_in_painting_keeps(server):
+    """The Edit tab said in-painting keeps the tokens outside the painted region "at every scale"; the coarse scales'
+    cells that are mostly painted are regenerated and reach past it, so the unpainted part can change."""
+    text = " ".join(str(block.value) for block in server[1].blocks.values() if isinstance(block, gr.Markdown))
+    assert "In-painting" in text and "at every scale" not in text
+    assert "the unpainted part stays close to the image but can change too" in text
+
+
 # -- temporary files ------------------------------------------------------------------------------------
 def test_generated_images_are_deleted_from_gradio_temp_folder():
     """The app set no delete_cache: every generated image (and upload) stayed in gradio's temporary folder for

@@ -730,9 +730,14 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
     first = next(iter(pipes))
     gr.Markdown(
         "Edit an image with a served model: paint the region with the brush (white), choose what happens to "
-        "it, and say what to generate (VAR: a class name; STAR / Infinity: a prompt). In-painting keeps the "
-        "image's tokens outside the painted region at every scale; image-to-image keeps its coarse scales. "
-        "The image is resized to the model's size."
+        "it, and say what to generate (VAR: a class name; STAR / Infinity: a prompt). In-painting generates the "
+        "cells of the model's token grid that the painted region touches (plus the Margin) and, at each coarser "
+        "scale, the cells lying mostly inside it (the first, 1x1 scale always keeps the image); the other cells "
+        "keep the image's tokens. The result is decoded from all scales and what the regenerated coarse tokens draw "
+        "reaches past the region, so the unpainted part stays close to the image but can change too (edges, even "
+        "the background's colour). Out-painting does the same for what is outside the painted region; "
+        "image-to-image keeps the image's coarse scales and samples the others. The image is resized to the "
+        "model's size."
     )
     with gr.Row():
         with gr.Column():
