@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -359,6 +360,167 @@ def test_edit_inputs_that_would_waste_or_mislead_are_refused(server):
     assert len(functions["generate_var"](**padded)[0]) == 1
 
 
+def upload_value(path) -> dict:
+    """An Edit-tab editor value with ``path`` as the uploaded background, no paint (image-to-image needs none)."""
+    return {"background": gradio_client.handle_file(str(path)), "layers": [], "composite": None}
+
+
+def test_edit_uploads_that_are_no_image_or_too_large_are_named(client, tmp_path, monkeypatch):
+    """Through the HTTP API gradio's editor decoded the upload before the app saw it: text named .png, an SVG or a
+    truncated PNG were gradio's generic error, and with `diffusers-var demo`'s PIL limit an image above 33.5 MP raised
+    Pillow's decompression-bomb error there (the page showed only "Error")."""
+    from diffusers_var.demo import MAX_EDIT_PIXELS
+
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", MAX_EDIT_PIXELS)  # as `diffusers-var demo` sets it
+    PIL.Image.new("L", (6000, 6000)).save(tmp_path / "huge.png")  # 36 MP, a small file
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "vector.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"/>')
+    PIL.Image.new("RGB", (64, 64), "red").save(tmp_path / "full.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "full.png").read_bytes()[:60])
+    for name, message in [
+        ("huge.png", "too large (more than 33,554,432 pixels): at most 16 megapixels (4096x4096)"),
+        ("text.png", "'text.png' is not an image this demo can read"),
+        ("vector.svg", "'vector.svg' is not an image this demo can read"),
+        ("cut.png", "'cut.png' could not be decoded: it is damaged or cut short"),
+    ]:
+        with pytest.raises(Exception) as info:
+            call(client, "/edit", edit_args(upload_value(tmp_path / name), mode=2, num_images=1))
+        assert message in str(info.value) and "Traceback" not in str(info.value), (name, str(info.value))
+    # the page sends its canvas as PNG bytes: decoded by the same function
+    from diffusers_var.demo import decode_editor_image
+
+    with pytest.raises(gr.Error, match="The uploaded image could not be decoded"):
+        decode_editor_image((tmp_path / "cut.png").read_bytes())
+    assert decode_editor_image((tmp_path / "full.png").read_bytes()).shape == (64, 64, 3)
+
+
+def test_edit_uploads_decode_as_the_page_shows_them(client, tmp_path, monkeypatch):
+    """Through the HTTP API a 16-bit grayscale PNG reached the pipeline 99.6% white (gradio's editor converted it with
+    PIL, which clips 16-bit values at 255) and a photo's EXIF orientation was ignored; the page (its canvas) shows
+    the gradient and the photo upright."""
+    import diffusers_var.demo as demo_module
+
+    seen = []
+    painted_mask = demo_module.painted_mask
+    monkeypatch.setattr(demo_module, "painted_mask", lambda value: seen.append(painted_mask(value)) or seen[-1])
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (32, 1))  # dark to white, left to right
+    PIL.Image.fromarray(ramp).save(tmp_path / "gray16.png")
+    assert PIL.Image.open(tmp_path / "gray16.png").mode.startswith("I;16")
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated 90 degrees clockwise: portrait
+    PIL.Image.new("RGB", (40, 20), "green").save(tmp_path / "photo.jpg", exif=exif)
+    call(client, "/edit", edit_args(upload_value(tmp_path / "gray16.png"), mode=2, num_images=1))
+    image = seen[-1][0]
+    assert image.shape == (32, 64, 3) and abs(float(image.mean()) - 127.5) < 2, image.mean()
+    assert image[:, 0].max() == 0 and image[:, -1].min() == 255
+    call(client, "/edit", edit_args(upload_value(tmp_path / "photo.jpg"), mode=2, num_images=1))
+    assert seen[-1][0].shape == (40, 20, 3)
+
+
+def test_seed_that_is_no_whole_number_is_named_in_every_tab(client, folders, tmp_path):
+    """The seed box (gr.Number, precision 0) rounded 2.5 to 2 without a word, and text ("7", "abc") or a list was a
+    TypeError in gradio's bounds check: its generic "the app has raised an exception"."""
+    cases = [("/generate_var", var_args(num_images=1, seed=2.5), 2.5), ("/generate_var", var_args(seed="7"), "'7'")]
+    if folders["star"] is not None:
+        cases.append(("/generate_star", {**star_args(num_images=1), "seed": "abc"}, "'abc'"))
+    if folders["infinity"] is not None:
+        cases.append(("/generate_infinity", {**infinity_args(num_images=1), "seed": [1]}, "[1]"))
+    cases.append(("/edit", {**edit_args(editor_value(tmp_path), mode=2, num_images=1), "seed": 2.5}, 2.5))
+    for endpoint, args, shown in cases:
+        with pytest.raises(Exception) as info:
+            call(client, endpoint, args)
+        message = f"Seed must be a whole number from 0 to {MAX_SEED}; got {shown}."
+        assert message in str(info.value) and "Traceback" not in str(info.value), (endpoint, str(info.value))
+    assert call(client, "/generate_var", var_args(num_images=1, seed=2.0))[1] == 2  # a whole float is that seed
+
+
+def test_a_negative_prompt_of_spaces_is_no_negative_prompt(server, folders, monkeypatch):
+    """The prompt was stripped, the negative prompt not: "   " was used as a negative prompt (other images than "")."""
+    import diffusers_var.demo as demo_module
+
+    functions = {f.api_name: f.fn for f in server[1].fns.values() if getattr(f, "api_name", None)}
+    seen = []
+    monkeypatch.setattr(demo_module, "_run", lambda *args, **kwargs: seen.append(kwargs["negative_prompt"]))
+    for family, args in (("star", star_args(num_images=1)), ("infinity", infinity_args(num_images=1))):
+        if folders[family] is None:
+            continue
+        for negative, expected in (("", None), ("   ", None), ("  blurry ", "blurry")):
+            functions[f"generate_{family}"](**{**args, "negative_prompt": negative})
+            assert seen[-1] == expected, (family, negative, seen[-1])
+        with pytest.raises(gr.Error, match="The negative prompt must be text, got int"):
+            functions[f"generate_{family}"](**{**args, "negative_prompt": 5})
+
+
+def test_painted_mask_names_what_is_wrong_with_a_direct_value():
+    """A 1-D background was called "too large (64 pixels)"; layers that are no list were a TypeError; a gray + alpha
+    background reached the pipeline as two channels."""
+    from diffusers_var.demo import painted_mask
+
+    with pytest.raises(gr.Error, match=r"must be \(height, width\) grayscale or \(height, width, channels\)"):
+        painted_mask({"background": np.zeros(64, np.uint8), "layers": [], "composite": None})
+    with pytest.raises(gr.Error, match="got shape .64, 64, 3, 1."):
+        painted_mask({"background": np.zeros((64, 64, 3, 1), np.uint8), "layers": [], "composite": None})
+    with pytest.raises(gr.Error, match="The image editor's layers must be a list of images, got int"):
+        painted_mask({"background": np.zeros((8, 8, 3), np.uint8), "layers": 5, "composite": None})
+    gray_alpha = np.zeros((4, 4, 2), np.uint8)
+    gray_alpha[1:3, 1:3] = (100, 255)  # an opaque gray square on transparent (white, as the page shows it)
+    image, _ = painted_mask({"background": gray_alpha, "layers": [], "composite": None})
+    assert image.shape == (4, 4, 3) and (image[0, 0] == 255).all() and (image[1, 1] == 100).all()
+
+
+def test_edit_tab_text_says_what_in_painting_keeps(server):
+    """The Edit tab said in-painting keeps the tokens outside the painted region "at every scale"; the coarse scales'
+    cells that are mostly painted are regenerated and reach past it, so the unpainted part can change."""
+    text = " ".join(str(block.value) for block in server[1].blocks.values() if isinstance(block, gr.Markdown))
+    assert "In-painting" in text and "at every scale" not in text
+    assert "the unpainted part stays close to the image but can change too" in text
+
+
+# -- temporary files ------------------------------------------------------------------------------------
+def test_generated_images_are_deleted_from_gradio_temp_folder():
+    """The app set no delete_cache: every generated image (and upload) stayed in gradio's temporary folder for
+    good. By default files older than an hour go every 10 minutes; a short setting shows them go."""
+    from diffusers_var.demo import DELETE_CACHE
+
+    assert DELETE_CACHE == (600, 3600)
+    assert build_demo(var=None, star=None, infinity=None, device="cpu").delete_cache == DELETE_CACHE
+    assert build_demo(var=None, star=None, infinity=None, device="cpu", delete_cache=None).delete_cache is None
+    demo = build_demo(var=EMBEDDED_VAR, star=None, infinity=None, device="cpu", delete_cache=(1, 1))
+    with serve(demo) as url:
+        kept = {file for files in demo.temp_file_sets for file in files}  # e.g. the Edit tab's example image
+        call(gradio_client.Client(url, verbose=False), "/generate_var", var_args(num_images=2))
+        written = {file for files in demo.temp_file_sets for file in files} - kept
+        assert len(written) == 2 and all(Path(file).is_file() for file in written)
+        deadline = time.monotonic() + 30
+        while any(Path(file).exists() for file in written) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not any(Path(file).exists() for file in written)
+        assert kept and all(Path(file).is_file() for file in kept)  # what the page still shows stays
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_images=2.5), "`max_images` (--max-images) must be a whole number from 1 to 64, got 2.5"),
+        (dict(max_images="4"), "`max_images` (--max-images) must be a whole number from 1 to 64, got '4'"),
+        (dict(max_images=True), "`max_images` (--max-images) must be a whole number from 1 to 64, got True"),
+        (dict(concurrency_limit=0), "`concurrency_limit` (--concurrency) must be a whole number from 1 to 64, got 0"),
+        (dict(concurrency_limit=-1), "`concurrency_limit` (--concurrency) must be a whole number from 1 to 64"),
+        (dict(queue_size=0), "`queue_size` (--queue-size) must be a whole number from 1 to 10000, got 0"),
+        (dict(queue_size=-5), "`queue_size` (--queue-size) must be a whole number from 1 to 10000, got -5"),
+        (dict(device="cuda:99"), "`device` 'cuda:99' is not usable here"),
+        (dict(delete_cache=(0, 60)), "`delete_cache` must be None (keep the files) or (frequency, age)"),
+        (dict(delete_cache="hourly"), "`delete_cache` must be None (keep the files) or (frequency, age)"),
+    ],
+)
+def test_build_demo_refuses_what_the_command_line_refuses(kwargs, message):
+    """build_demo (the Python API demos/app.py re-exports) took concurrency_limit 0 (requests never finished), a
+    queue of 0 or -5, 2.5 images, and a CUDA device on a machine without one (a raw AssertionError)."""
+    with pytest.raises(ValueError) as raised:
+        build_demo(var=None, star=None, infinity=None, **kwargs)
+    assert message in str(raised.value)
+
+
 # -- CoDe in the VAR tab -------------------------------------------------------------------------------
 def tiny_refiner_folder(root, vqvae=None):
     """A one-block random VAR on the embedded var-shapes tokenizer (or ``vqvae``), saved as a VARPipeline folder."""
@@ -531,6 +693,27 @@ def test_cli_demo_var_refiner(monkeypatch, tmp_path):
     assert isinstance(seen["blocks"].loaded_pipelines["var_code"], VARCoDePipeline)
     assert cli.main(["demo", "--star", "none", "--infinity", "none", "--device", "cpu"]) == 0
     assert seen["blocks"].loaded_pipelines["var_code"] is None  # no refiner by default
+
+
+def test_a_code_folder_with_a_refiner_is_refused(monkeypatch, tmp_path, capsys):
+    """`--var CODE_FOLDER --var-refiner OTHER` served the CoDe folder's own refiner and ignored the flag."""
+    from diffusers_var import VARCoDePipeline, VARPipeline, cli
+
+    refiner = tiny_refiner_folder(tmp_path / "refiner")
+    drafter = VARPipeline.from_pretrained(EMBEDDED_VAR)
+    code = VARCoDePipeline.from_var_pipelines(drafter, VARPipeline.from_pretrained(refiner))
+    code.save_pretrained(tmp_path / "code")
+    capsys.readouterr()  # the loading's progress bars
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: pytest.fail("served"))
+    base = ["demo", "--star", "none", "--infinity", "none", "--device", "cpu", "--var", str(tmp_path / "code")]
+    for refiner_flag in (str(refiner), "default"):
+        assert cli.main([*base, "--var-refiner", refiner_flag]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: `--var-refiner` and a CoDe pipeline as `--var` do not go together"), err
+        assert len(err.splitlines()) == 1
+    for var in (code, tmp_path / "code"):  # build_demo, for Python
+        with pytest.raises(ValueError, match="`var_refiner` .--var-refiner. and a CoDe pipeline as `var`"):
+            build_demo(var=var, star=None, infinity=None, device="cpu", var_refiner=refiner)
 
 
 def test_cli_demo_fast_path(monkeypatch, tmp_path, capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 import os
 import signal
 import sys
@@ -31,6 +32,25 @@ COMPILE_BLOCKS_SHAPES = ("dynamic", "static-tokens", "static")
 # the file a LoRA folder is read from (diffusers' ``LORA_WEIGHT_NAME_SAFE``), here too so that building a parser does
 # not import torch
 LORA_WEIGHT_NAME_SAFE = "pytorch_lora_weights.safetensors"
+# The demo's counts, which ``diffusers-var demo`` takes as flags and ``diffusers_var.demo.build_demo`` as arguments:
+# argument -> (flag, lowest, highest); both check them against this table.
+DEMO_RANGES = {
+    "max_images": ("--max-images", 1, 64),
+    "queue_size": ("--queue-size", 1, 10_000),
+    "concurrency_limit": ("--concurrency", 1, 64),
+}
+
+
+def demo_count_problem(name: str, value) -> str | None:
+    """``None`` when ``value`` is a whole number (not a bool) in the :data:`DEMO_RANGES` range of ``name``, else a
+    one-line reason naming the argument and its flag."""
+    flag, low, high = DEMO_RANGES[name]
+    whole = not isinstance(value, bool) and (
+        isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+    )
+    if whole and low <= value <= high:
+        return None
+    return f"`{name}` ({flag}) must be a whole number from {low} to {high}, got {value!r}"
 
 
 def pipeline_class_of(model) -> type:
@@ -307,20 +327,26 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int_in_range(1, 65535), default=7860, help="1 to 65535 (default 7860)")
     parser.add_argument("--share", action="store_true", help="also create a public gradio.live link (off by default)")
+    ranges = {flag: (low, high) for flag, low, high in DEMO_RANGES.values()}
     parser.add_argument(
-        "--max-images", type=int_in_range(1, 64), default=8, help="most images per request, 1 to 64 (default 8)"
+        "--max-images",
+        type=int_in_range(*ranges["--max-images"]),
+        default=8,
+        help="most images per request, {} to {} (default 8)".format(*ranges["--max-images"]),
     )
     parser.add_argument(
         "--queue-size",
-        type=int_in_range(1, 10_000),
+        type=int_in_range(*ranges["--queue-size"]),
         default=32,
-        help="most waiting requests, 1 to 10000 (default 32); more are told the queue is full",
+        help="most waiting requests, {} to {} (default 32); more are told the queue is full".format(
+            *ranges["--queue-size"]
+        ),
     )
     parser.add_argument(
         "--concurrency",
-        type=int_in_range(1, 64),
+        type=int_in_range(*ranges["--concurrency"]),
         default=1,
-        help="generations running at once, all tabs together, 1 to 64 (default 1)",
+        help="generations running at once, all tabs together, {} to {} (default 1)".format(*ranges["--concurrency"]),
     )
     add_lora_arguments(parser)  # each adapter goes to the tab of the family it was made for
 

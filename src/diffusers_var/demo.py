@@ -14,6 +14,7 @@ Needs ``pip install gradio`` (the ``demo`` extra).
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import math
 import random
@@ -33,12 +34,15 @@ from .cli_support import (
     add_demo_arguments,
     check_device,
     class_label_ids,
+    demo_count_problem,
     enable_fast_path,
     expect_pipeline_class,
+    pipeline_class_of,
     print_error,
 )
 from .embedded_models import embedded_pipelines_dir, resolve_pipeline_folder
 from .models.dynamic_resolution import supported_pixel_sizes
+from .pil_images import SIXTEEN_BIT_MODES, to_rgb, upright
 from .pipelines.pipeline_infinity import InfinityImg2ImgPipeline, InfinityInpaintPipeline, InfinityPipeline
 from .pipelines.pipeline_star import STARImg2ImgPipeline, STARInpaintPipeline, STARPipeline
 from .pipelines.pipeline_var import VARCoDePipeline, VARImg2ImgPipeline, VARInpaintPipeline, VARPipeline
@@ -61,6 +65,11 @@ SHAPE_PROMPTS = [
     "a yellow triangle on a black background",
     "a white square on a green background",
 ]
+# a CoDe pipeline (folder) as the VAR model, and a refiner too: which refiner? Refused, naming both
+CODE_AND_REFINER = (
+    "{refiner} and a CoDe pipeline as {var} do not go together: the CoDe pipeline brings its own refiner; leave out "
+    "{refiner}, or give {var} a plain VAR pipeline"
+)
 
 
 def user_error(message: str):
@@ -87,6 +96,22 @@ def number_slider(*args, **kwargs) -> gr.Slider:
 
     slider.preprocess = preprocess
     return slider
+
+
+def whole_number_box(name: str, minimum: int, maximum: int, **kwargs) -> gr.Number:
+    """``gr.Number(precision=0, ...)`` whose HTTP API value must be a whole number in ``[minimum, maximum]`` (or
+    nothing): gradio's own check raised a TypeError on text (its generic "the app has raised an exception") and its
+    ``precision=0`` rounded 2.5 to 2 without a word. ``name`` names the box in the message."""
+    box = gr.Number(precision=0, minimum=minimum, maximum=maximum, **kwargs)
+    gradio_preprocess = box.preprocess
+
+    def preprocess(payload):
+        if payload is not None and not (_is_whole(payload) and minimum <= payload <= maximum):
+            raise user_error(f"{name} must be a whole number from {minimum} to {maximum}; got {payload!r}.")
+        return gradio_preprocess(payload)
+
+    box.preprocess = preprocess
+    return box
 
 
 # -- loading ----------------------------------------------------------------------------------------
@@ -164,9 +189,12 @@ def attach_loras(pipelines: dict, paths: list[str] | None, scales: list[float] |
 
 
 def load_code(var_pipe, refiner: Any, device: str, dtype: torch.dtype):
-    """The VAR tab's CoDe pipeline: ``var_pipe`` itself when it is one, else ``var_pipe`` as the drafter with
-    ``refiner`` (a VARPipeline, a VAR pipeline folder, ``DEFAULT``: the embedded refiner, or ``None``: no CoDe),
-    sharing their weights. Returns ``(pipeline or None, notice)``; a refiner that cannot be used becomes the notice."""
+    """The VAR tab's CoDe pipeline: ``var_pipe`` itself when it is one (it brings its own refiner: a ``refiner`` as
+    well is a ``ValueError``), else ``var_pipe`` as the drafter with ``refiner`` (a VARPipeline, a VAR pipeline folder,
+    ``DEFAULT``: the embedded refiner, or ``None``: no CoDe), sharing their weights. Returns
+    ``(pipeline or None, notice)``; a refiner that cannot be used becomes the notice."""
+    if isinstance(var_pipe, VARCoDePipeline) and refiner is not None:
+        raise ValueError(CODE_AND_REFINER.format(var="`var` (--var)", refiner="`var_refiner` (--var-refiner)"))
     if var_pipe is None or isinstance(var_pipe, VARCoDePipeline):
         return var_pipe, ""
     if refiner is None:
@@ -234,6 +262,13 @@ def _prompt(prompt) -> str:
     return prompt.strip()
 
 
+def _negative_prompt(negative_prompt) -> str | None:
+    """The optional negative prompt, stripped as the prompt is; empty or only spaces: none."""
+    if negative_prompt is not None and not isinstance(negative_prompt, str):  # (only the HTTP API can send this)
+        raise user_error(f"The negative prompt must be text, got {type(negative_prompt).__name__}.")
+    return (negative_prompt or "").strip() or None
+
+
 def _run(pipe, lock: threading.Lock, seed: int, num_images: int, **kwargs):
     """Call the pipeline; a ``ValueError`` (bad argument) or any failure becomes a readable ``gr.Error``."""
     start = time.perf_counter()
@@ -259,12 +294,12 @@ def _run(pipe, lock: threading.Lock, seed: int, num_images: int, **kwargs):
 # -- user interface ---------------------------------------------------------------------------------
 def _seed_row(prefix: str):
     with gr.Row():
-        seed = gr.Number(
+        seed = whole_number_box(
+            "Seed",
+            0,
+            MAX_SEED,
             label="Seed (the seed used is shown here after generating)",
             value=0,
-            precision=0,
-            minimum=0,
-            maximum=MAX_SEED,
             elem_id=f"{prefix}-seed",
         )
         randomize = gr.Checkbox(label="Randomize seed", value=True, elem_id=f"{prefix}-randomize")
@@ -458,7 +493,7 @@ def _star_tab(pipe: STARPipeline, common: dict, max_images: int):
             seed,
             count,
             prompt=text,
-            negative_prompt=(negative_prompt or None),
+            negative_prompt=_negative_prompt(negative_prompt),
             guidance_scale=_number(guidance_scale, "Guidance scale"),
             top_k=_whole(top_k, "Top-k"),
             top_p=_number(top_p, "Top-p"),
@@ -543,7 +578,7 @@ def _infinity_tab(pipe: InfinityPipeline, common: dict, max_images: int):
             seed,
             count,
             prompt=text,
-            negative_prompt=(negative_prompt or None),
+            negative_prompt=_negative_prompt(negative_prompt),
             height=height,
             width=width,
             guidance_scale=_number(guidance_scale, "Guidance scale"),
@@ -586,6 +621,51 @@ def edit_example_image(shape: str = "circle", color: str = "red", background: st
     )[0]
 
 
+def _too_large(size: str) -> gr.Error:
+    return user_error(
+        f"The image to edit is too large ({size}): at most {MAX_EDIT_PIXELS // 10**6} megapixels "
+        f"({math.isqrt(MAX_EDIT_PIXELS)}x{math.isqrt(MAX_EDIT_PIXELS)}); make it smaller first."
+    )
+
+
+def decode_editor_image(file) -> np.ndarray | None:
+    """An image the Edit tab's editor received, as uint8 pixels decoded the way a browser shows the file: turned
+    upright by its EXIF orientation, a 16-bit grayscale PNG scaled to 8 bits (PIL's own conversion, which gradio's
+    editor used, clips it to white), RGBA when it has transparency, else RGB. ``file`` is what gradio hands the
+    editor's decoder: an uploaded file (``.path``; the HTTP API) or PNG bytes (the page's canvas). An image of more
+    than ``MAX_EDIT_PIXELS`` is refused from its header, before it is decoded; a file that is no image PIL can read
+    (text, SVG, a truncated PNG) is a readable ``gr.Error`` too (gradio's own decoding showed only "Error")."""
+    if file is None:
+        return None
+    source = io.BytesIO(file) if isinstance(file, (bytes, bytearray, memoryview)) else getattr(file, "path", file)
+    name = getattr(file, "orig_name", None)
+    what = f"The uploaded file {name!r}" if name else "The uploaded image"
+    try:
+        with PIL.Image.open(source) as image:
+            width, height = image.size
+            if width * height > MAX_EDIT_PIXELS:  # the header's size: nothing decoded yet
+                raise _too_large(f"{width}x{height} pixels")
+            image = upright(image)  # decodes it
+    except PIL.Image.DecompressionBombError:  # above twice PIL's limit (`diffusers-var demo` sets it to ours)
+        raise _too_large(f"more than {2 * PIL.Image.MAX_IMAGE_PIXELS:,} pixels") from None
+    except PIL.UnidentifiedImageError:
+        raise user_error(
+            f"{what} is not an image this demo can read (PNG, JPEG, WebP, GIF, BMP, TIFF, ...; not SVG)."
+        ) from None
+    except gr.Error:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError) as err:  # PIL's errors for a damaged or truncated file
+        raise user_error(f"{what} could not be decoded: it is damaged or cut short ({err}).") from None
+    try:
+        if image.mode not in (*SIXTEEN_BIT_MODES, "I", "F") and (
+            "A" in image.getbands() or "transparency" in image.info
+        ):
+            return np.asarray(image.convert("RGBA"))
+        return np.asarray(to_rgb(image))
+    except (OSError, ValueError) as err:  # a mode PIL cannot convert
+        raise user_error(f"{what} has pixels (PIL mode {image.mode}) this demo cannot turn into RGB: {err}.") from None
+
+
 def painted_mask(editor: dict | None) -> tuple[np.ndarray, np.ndarray]:
     """``(image uint8 (H, W, 3), painted (H, W) bool)`` from a ``gr.ImageEditor`` value: the background and where any
     layer has paint (or, without layers, where the composite differs from the background)."""
@@ -597,15 +677,20 @@ def painted_mask(editor: dict | None) -> tuple[np.ndarray, np.ndarray]:
     background = np.asarray(background)
     if background.dtype != np.uint8:  # Gradio's editor gives 8-bit images; anything else would wrap or take NaN
         raise user_error(f"The image to edit must be 8-bit (uint8) pixels, got {background.dtype}.")
-    if background.ndim < 2 or background.shape[0] * background.shape[1] > MAX_EDIT_PIXELS:
-        # every copy below is of the full image; the pipeline resizes it to the model's size anyway
+    if background.ndim not in (2, 3) or (background.ndim == 3 and background.shape[-1] not in (1, 2, 3, 4)):
         raise user_error(
-            f"The image to edit is too large ({'x'.join(map(str, background.shape[1::-1]))} pixels): at most "
-            f"{MAX_EDIT_PIXELS // 10**6} megapixels; make it smaller first."
+            "The image to edit must be (height, width) grayscale or (height, width, channels) pixels with 1 to 4 "
+            f"channels (gray, gray + alpha, RGB, RGBA), got shape {background.shape}."
         )
+    if background.shape[0] * background.shape[1] > MAX_EDIT_PIXELS:
+        # every copy below is of the full image; the pipeline resizes it to the model's size anyway
+        raise _too_large(f"{background.shape[1]}x{background.shape[0]} pixels")
+    layers = editor.get("layers")
+    if layers is not None and not isinstance(layers, (list, tuple)):  # (only the HTTP API can send this)
+        raise user_error(f"The image editor's layers must be a list of images, got {type(layers).__name__}.")
     image = _on_white(background)
     painted = np.zeros(image.shape[:2], dtype=bool)
-    for layer in editor.get("layers") or []:
+    for layer in layers or []:
         layer = np.asarray(layer)
         if layer.shape[:2] == painted.shape:  # paint is where a layer is opaque (or, without alpha, not black)
             has_alpha = layer.ndim == 3 and layer.shape[-1] == 4
@@ -617,14 +702,14 @@ def painted_mask(editor: dict | None) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _on_white(pixels: np.ndarray) -> np.ndarray:
-    """(H, W, 3) RGB of an editor image: grayscale repeated, transparent parts on white as the page shows them (the
-    colour under a fully transparent pixel is arbitrary)."""
+    """(H, W, 3) RGB of an editor image ((H, W) or (H, W, 1 to 4)): grayscale repeated, transparent parts on white as
+    the page shows them (the colour under a fully transparent pixel is arbitrary)."""
     if pixels.ndim == 2:
-        return np.repeat(pixels[..., None], 3, axis=-1)
-    if pixels.shape[-1] == 4:
-        alpha = pixels[..., 3:].astype(np.float32) / 255
-        return np.rint(pixels[..., :3] * alpha + 255 * (1 - alpha)).astype(pixels.dtype)
-    return pixels[..., :3]
+        pixels = pixels[..., None]
+    if pixels.shape[-1] in (2, 4):  # gray + alpha, RGBA
+        alpha = pixels[..., -1:].astype(np.float32) / 255
+        pixels = np.rint(pixels[..., :-1] * alpha + 255 * (1 - alpha)).astype(pixels.dtype)
+    return np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels[..., :3]
 
 
 def nearest_infinity_size(pipe: InfinityPipeline, height: int, width: int) -> tuple[int, int]:
@@ -645,9 +730,14 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
     first = next(iter(pipes))
     gr.Markdown(
         "Edit an image with a served model: paint the region with the brush (white), choose what happens to "
-        "it, and say what to generate (VAR: a class name; STAR / Infinity: a prompt). In-painting keeps the "
-        "image's tokens outside the painted region at every scale; image-to-image keeps its coarse scales. "
-        "The image is resized to the model's size."
+        "it, and say what to generate (VAR: a class name; STAR / Infinity: a prompt). In-painting generates the "
+        "cells of the model's token grid that the painted region touches (plus the Margin) and, at each coarser "
+        "scale, the cells lying mostly inside it (the first, 1x1 scale always keeps the image); the other cells "
+        "keep the image's tokens. The result is decoded from all scales and what the regenerated coarse tokens draw "
+        "reaches past the region, so the unpainted part stays close to the image but can change too (edges, even "
+        "the background's colour). Out-painting does the same for what is outside the painted region; "
+        "image-to-image keeps the image's coarse scales and samples the others. The image is resized to the "
+        "model's size."
     )
     with gr.Row():
         with gr.Column():
@@ -664,6 +754,10 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
                 label="Image: paint the region",
                 elem_id="edit-image",
             )
+            # gradio's editor decodes what it receives with PIL's convert("RGBA"): through the HTTP API (the file
+            # itself) a 16-bit grayscale PNG came out white, a photo's EXIF rotation was ignored, and an undecodable
+            # or too large file was gradio's bare "Error". The page sends its canvas as PNG, which decodes the same.
+            editor.convert_and_format_image = lambda file, flatten_on_white=False: decode_editor_image(file)
             model = gr.Radio([(titles[key], key) for key in pipes], value=first, label="Model", elem_id="edit-model")
             mode = gr.Radio(list(EDIT_MODES), value=EDIT_MODES[0], label="Mode", elem_id="edit-mode")
             what = gr.Textbox(
@@ -760,6 +854,10 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
     gr.on([button.click, what.submit], run_edit, inputs, [gallery, seed, info], api_name="edit", **common)
 
 
+# build_demo's delete_cache: every 10 minutes, the app's temporary files (generated images, uploads) older than an hour
+DELETE_CACHE = (600, 3600)
+
+
 def build_demo(
     var: Any = DEFAULT,
     star: Any = DEFAULT,
@@ -775,6 +873,7 @@ def build_demo(
     var_refiner: Any = None,
     fast: bool = False,
     compile_cache: str | Path | None = None,
+    delete_cache: tuple[int, int] | None = DELETE_CACHE,
 ) -> gr.Blocks:
     """Build the app (queued, not launched).
 
@@ -787,9 +886,32 @@ def build_demo(
     (:func:`attach_loras`). ``fast`` (``--fast``): every served pipeline (and the Edit tab's, made from them) on
     the fast path in ``dtype`` from float32 weights, compiled on a GPU with torch.compile's caches in
     ``compile_cache`` (:func:`diffusers_var.use_compile_cache`); without it ``dtype`` is the weights' dtype.
+    ``delete_cache``: ``(frequency, age)`` in seconds, gradio's ``gr.Blocks(delete_cache=...)``: every ``frequency``
+    seconds the files this app wrote to gradio's temporary folder (generated images, uploads) that are older than
+    ``age`` are deleted, and all of them when the server stops (default every 10 minutes, those older than an hour);
+    ``None`` keeps them. A bad setting is a ``ValueError`` naming it (the checks of ``diffusers-var demo``'s flags).
     """
-    if not 1 <= max_images <= 64:
-        raise ValueError(f"`max_images` must be in [1, 64], got {max_images}.")
+    for name, value in (
+        ("max_images", max_images),
+        ("queue_size", queue_size),
+        ("concurrency_limit", concurrency_limit),
+    ):
+        problem = demo_count_problem(name, value)
+        if problem:
+            raise ValueError(f"{problem}.")
+    max_images, queue_size, concurrency_limit = int(max_images), int(queue_size), int(concurrency_limit)
+    if delete_cache is not None and not (
+        isinstance(delete_cache, (tuple, list))
+        and len(delete_cache) == 2
+        and all(_is_whole(seconds) and seconds >= 1 for seconds in delete_cache)
+    ):
+        raise ValueError(
+            "`delete_cache` must be None (keep the files) or (frequency, age): two whole numbers of seconds, at "
+            f"least 1, got {delete_cache!r}."
+        )
+    problem = check_device("device", device)
+    if problem:
+        raise ValueError(f"{problem}.")
     if fast and cpu_offload:
         raise ValueError("`fast` (--fast) cannot be combined with `cpu_offload` (--cpu-offload): choose one.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -814,7 +936,8 @@ def build_demo(
                 enable_fast_path(pipe, device, dtype, compile_cache=compile_cache)
     common = {"concurrency_limit": concurrency_limit, "concurrency_id": "generate"}
     builders = {"var": _var_tab, "star": _star_tab, "infinity": _infinity_tab}
-    with gr.Blocks(title="diffusers-var demo") as demo:
+    delete_cache = None if delete_cache is None else tuple(int(seconds) for seconds in delete_cache)
+    with gr.Blocks(title="diffusers-var demo", delete_cache=delete_cache) as demo:
         gr.Markdown(
             "# diffusers-var: next-scale prediction (VAR, STAR, Infinity)\n"
             f"Running on `{device}` ({str(dtype).replace('torch.', '')}{', fast path' if fast else ''}). "
@@ -870,6 +993,10 @@ def model_flags_problem(specs: dict[str, Any], refiner: Any) -> str | None:
                 expect_pipeline_class(resolve_pipeline_folder(refiner), VARPipeline, exact=True)
             except ValueError as err:
                 return f"`--var-refiner` {err}"
+        if str(specs["var"]) != DEFAULT and issubclass(
+            pipeline_class_of(resolve_pipeline_folder(specs["var"])), VARCoDePipeline
+        ):
+            return CODE_AND_REFINER.format(var="`--var`", refiner="`--var-refiner`")
     return None
 
 
