@@ -301,27 +301,49 @@ def kernel_categories(prof) -> str:
 
 
 def write_trace(prof, path: str) -> None:
-    """The traced generation's kernels, gzipped JSON, one row each: ``[name, start_us, end_us, launch_us, frames]``,
-    ``launch_us`` when the host issued it (the kernel launch, or the graph launch of a replayed kernel), ``frames``
-    the up to three innermost lines of this package on the issuing stack (needs ``with_stack``), innermost first."""
+    """The traced generation, gzipped JSON (needs ``with_stack``): ``{"kernels": [[name, start_us, end_us,
+    launch_us, lines], ...], "frames": [[line, start_us, end_us], ...]}``. ``launch_us``: when the host issued the
+    kernel (its launch, or the graph launch that replayed it); ``lines``: up to three innermost lines of this package
+    on the issuing stack, innermost first. ``frames``: every call of a function of this package, so that what the
+    host did while the GPU waited can be read (``benchmarks/read_trace.py``)."""
+    import numpy as np
     from torch.autograd import DeviceType
 
-    host = {event.id: event for event in prof.events() if event.device_type != DeviceType.CUDA}
-    rows = []
-    for event in prof.events():
+    events = prof.events()
+    host = {event.id: event for event in events if event.device_type != DeviceType.CUDA}  # (frames share ids)
+    ours = [e for e in events if e.device_type != DeviceType.CUDA and "diffusers_var/" in e.name]
+    frames = [[e.name.split("diffusers_var/")[-1], e.time_range.start, e.time_range.end] for e in ours]
+    starts = np.array([f[1] for f in frames], dtype=np.float64)
+    ends = np.array([f[2] for f in frames], dtype=np.float64)
+    lines_of = {}
+
+    def issuing_lines(launch) -> list[str]:
+        """The innermost frames of this package around the launch: by its parents, else by time (a runtime event
+        the profiler gave no parent)."""
+        if launch.id not in lines_of:
+            lines, caller = [], launch
+            while caller is not None and len(lines) < 3:
+                if "diffusers_var/" in caller.name:
+                    lines.append(caller.name.split("diffusers_var/")[-1])
+                caller = caller.cpu_parent
+            if not lines and len(frames):
+                t = launch.time_range.start
+                around = np.flatnonzero((starts <= t) & (ends >= t))
+                lines = [frames[i][0] for i in around[np.argsort(ends[around] - starts[around])][:3]]
+            lines_of[launch.id] = lines
+        return lines_of[launch.id]
+
+    kernels = []
+    for event in events:
         if event.device_type != DeviceType.CUDA:
             continue
         launch = host.get(getattr(event, "linked_correlation_id", 0))
-        frames, caller = [], launch
-        while caller is not None and len(frames) < 3:
-            if "diffusers_var/" in caller.name:
-                frames.append(caller.name.split("diffusers_var/")[-1])
-            caller = caller.cpu_parent
+        lines = issuing_lines(launch) if launch is not None else []
         launch_us = launch.time_range.start if launch is not None else None
-        rows.append([event.name[:100], event.time_range.start, event.time_range.end, launch_us, frames])
+        kernels.append([event.name[:100], event.time_range.start, event.time_range.end, launch_us, lines])
     with gzip.open(path, "wt") as file:
-        json.dump(rows, file)
-    print(f"  trace: {len(rows)} kernels -> {path}")
+        json.dump({"kernels": kernels, "frames": frames}, file)
+    print(f"  trace: {len(kernels)} kernels, {len(frames)} calls of this package -> {path}")
 
 
 def synchronize(device) -> None:
