@@ -790,6 +790,20 @@ def test_missing_lora_paths_are_clear_errors(var_adapter, tmp_path, capsys, monk
     for name in ("org/name", "typo_dir"):
         with pytest.raises(ValueError, match=f"'{name}': no such file or folder, and no LoRA could be loaded from"):
             pipe.load_lora_weights(name, local_files_only=True)
+    import diffusers_var.loaders
+
+    class ConnectError(Exception):  # what the Hub client raises without a network (httpx), not an OSError
+        pass
+
+    def no_network(**kwargs):
+        raise ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(diffusers_var.loaders, "_fetch_state_dict", no_network)
+    with pytest.raises(
+        ValueError, match=r"'org/name': no such file or folder, and the Hub could not be asked .*Connect"
+    ):
+        pipe.load_lora_weights("org/name")
+    monkeypatch.undo()
     with pytest.raises(ValueError, match=r"no other\.safetensors in"):
         pipe.load_lora_weights(var_adapter, weight_name="other.safetensors")
     assert not lora_layers(pipe.transformer)

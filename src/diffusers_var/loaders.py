@@ -746,6 +746,13 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
                     f"name ({_first_line(err)})."
                 ) from None
             raise ValueError(f"{where}: not a readable safetensors file ({_first_line(err)}).") from None
+        except Exception as err:  # noqa: BLE001 - the Hub client's network errors (httpx / requests), when offline
+            if not from_hub:
+                raise
+            raise ValueError(
+                f"{where}: no such file or folder, and the Hub could not be asked for a repository of that name "
+                f"({type(err).__name__}: {_first_line(err)})."
+            ) from None
         if metadata is not None and not isinstance(metadata, dict):
             raise ValueError(f"{where}: the `{LORA_ADAPTER_METADATA_KEY}` header entry is not a JSON object.")
         family = None
