@@ -16,6 +16,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -698,6 +699,23 @@ def test_offload_without_an_accelerator_is_a_value_error_naming_device(case, mon
         with pytest.raises(ValueError, match=r"^`device` 'cuda': this machine has no cuda accelerator \(none found\)"):
             getattr(pipe, method)(device="cuda")
     assert pipe.transformer.device.type == "cpu" and not getattr(pipe, "_offload_device", None)
+
+
+def test_the_execution_device_walks_the_models_only_under_a_hook(case, monkeypatch):
+    """diffusers finds the execution device by walking every submodule of every model, several times per call
+    (milliseconds of host time for the large models): without a hook the pipeline answers from its first model's
+    weights; under a hook anywhere, as diffusers does."""
+    from diffusers.hooks import group_offloading
+
+    pipe = case.pipeline_class(**case.components())
+    with monkeypatch.context() as patch:
+        patch.setattr(group_offloading, "_get_group_onload_device", lambda module: pytest.fail("diffusers walked"))
+        assert pipe._execution_device == torch.device("cpu")
+    # a group-offloading hook deep inside one model, as diffusers stores it (a registry in the module's attributes),
+    # its onload device a stand-in accelerator: diffusers' answer
+    hook = SimpleNamespace(config=SimpleNamespace(onload_device=torch.device("meta")))
+    pipe.transformer.blocks[-1]._diffusers_hook = SimpleNamespace(get_hook=lambda name: hook)
+    assert pipe._execution_device == torch.device("meta")
 
 
 # -- bad input --------------------------------------------------------------------------------------------------
