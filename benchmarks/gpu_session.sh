@@ -21,7 +21,8 @@
 # GroupNorm sums at batch 1 for the 1024 px models; GN_MODELS, GN_MODES), fp8rows, fp8rows_var (float8 from 2,048 token
 # rows against 4,096), cudnn_t2i (cudnn.benchmark for the 1024 px decoder),
 # syncs (where a generation waits for the GPU; SYNC_MODELS), graph_sampling (STAR / Infinity sampling inside the
-# whole-scale graphs against eager sampling; GRAPH_SAMPLING_MODELS).
+# whole-scale graphs against eager sampling; GRAPH_SAMPLING_MODELS), host_start (the start of a call, .baseline against
+# today's code; HOST_MODELS, HOST_BATCHES, HOST_MODE).
 # startup: STARTUP_COMPILE_BLOCKS, sample's --compile-blocks.
 # What it needs next to the checkout (git-ignored, carried to the device):
 #   .whl/               pip download diffusers==0.42.1 importlib_metadata --no-deps -d .whl   (the image has no diffusers)
@@ -82,6 +83,14 @@ for stage in "$@"; do
     var16)
       bench .baseline old_var16 --models var-d16 --batch-sizes 1,64 --modes fast-compile-all --repeats 5
       bench . new_var16 --models var-d16 --batch-sizes 1,64 --modes fast-compile-all --repeats 5 ;;
+    host_start)  # issue 20: the host's work at the start of a call (diffusers' execution-device walks), .baseline against
+      # today's code on one machine (HOST_MODELS, default var-d16; HOST_BATCHES, default 1; HOST_MODE, default fast-compile-all)
+      for model in ${HOST_MODELS:-var-d16}; do
+        for side in .baseline .; do
+          bench "$side" "host_${model}_$([ "$side" = . ] && echo new || echo old)" --models "$model" \
+            --batch-sizes "${HOST_BATCHES:-1}" --modes "${HOST_MODE:-fast-compile-all}" --repeats 5
+        done
+      done ;;
     profile1)  # VAR-d16 batch 1 before / after with torch.profiler tables: where the +7.5% of session 8 goes
       bench .baseline old_var16_profile --models var-d16 --batch-sizes 1 \
         --modes fast-compile-all --repeats 5 --profile
