@@ -358,6 +358,13 @@ def test_image_formats_give_the_same_edit():
     assert torch.equal(
         run(inpaint, "var", image=gray8, mask_image=mask16), run(inpaint, "var", image=gray8, mask_image=mask)
     )
+    # a 16-bit mask of 0 / 1 (a segmentation saved as uint16) holds 0 / 1 as an 8-bit one does; scaled, it was empty
+    binary = mask.numpy().astype(np.uint16)
+    for binary16 in (PIL.Image.fromarray(binary), PIL.Image.fromarray(binary.astype(np.int32))):  # modes I;16, I
+        assert torch.equal(
+            run(inpaint, "var", image=gray8, mask_image=binary16), run(inpaint, "var", image=gray8, mask_image=mask)
+        )
+    assert PIL.Image.fromarray(binary).mode == "I;16" and mask.sum() > 0
 
 
 def test_flipped_and_rotated_numpy_inputs_are_taken_as_they_look(family):

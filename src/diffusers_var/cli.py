@@ -323,7 +323,7 @@ def _edit(args) -> int:
 
     import diffusers_var
 
-    from .pil_images import open_upright, to_grayscale, to_rgb
+    from .pil_images import mask_to_grayscale, open_upright, to_rgb
 
     masks = [name for name in ("mask", "box") if getattr(args, name) is not None]
     if len(masks) > 1:
@@ -364,7 +364,7 @@ def _edit(args) -> int:
     if problem:
         return print_error(problem)
     images = {}
-    for flag, path, convert in (("--image", args.image, to_rgb), ("--mask", args.mask, to_grayscale)):
+    for flag, path, convert in (("--image", args.image, to_rgb), ("--mask", args.mask, mask_to_grayscale)):
         try:
             images[flag] = convert(open_upright(path)) if path is not None else None
         except (OSError, PIL.Image.DecompressionBombError, SyntaxError, ValueError) as err:  # what PIL raises

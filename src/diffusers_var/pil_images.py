@@ -39,6 +39,17 @@ def to_grayscale(image: PIL.Image.Image) -> PIL.Image.Image:
     return _eight_bit(image).convert("L")
 
 
+def mask_to_grayscale(image: PIL.Image.Image) -> PIL.Image.Image:
+    """A mask image as 8-bit grayscale (:func:`to_grayscale`), except that a 16- or 32-bit integer one whose values
+    are 0 / 1 holds 0 / 1, as an 8-bit mask of 0 / 1 does (``(seg > 0).astype(np.uint16)`` saved as a PNG): scaled
+    by 255 / 65535 its ones would round to 0, an edit with nothing to generate."""
+    if image.mode in (*SIXTEEN_BIT_MODES, "I"):
+        values = np.asarray(image)
+        if values.size and values.min() >= 0 and values.max() <= 1:
+            return PIL.Image.fromarray((values * 255).astype(np.uint8), mode="L")
+    return to_grayscale(image)
+
+
 def upright(image: PIL.Image.Image) -> PIL.Image.Image:
     """``image`` turned as its EXIF orientation tag says, as diffusers' ``load_image`` does: a phone photo stored
     sideways with a rotation tag comes out as every viewer shows it (and a mask drawn on that view lines up)."""

@@ -66,7 +66,7 @@ from ..models.loading import (
 )
 from ..models.multiscale_vq import area_down
 from ..models.slicing import NaNDecodeError, check_token_values
-from ..pil_images import to_grayscale, to_rgb
+from ..pil_images import mask_to_grayscale, to_grayscale, to_rgb
 from ..scalars import is_bool, is_integer, is_number
 from .fast_inference import FastInferenceMixin, rounded_to
 from .sampling import GeneratorArg
@@ -1274,9 +1274,10 @@ def mask_to_tensor(mask_image, name: str = "mask_image", sizes=()) -> torch.Tens
     """A mask (white / 1 / True = generate) as (B, 1, H, W) float in [0, 1]: PIL images (converted to grayscale),
     numpy arrays ((H, W), (H, W, 1), (B, H, W), (B, H, W, 1)) or torch tensors ((H, W), (B, H, W), (B, 1, H, W)),
     bool, uint8 (0-255; one whose largest value is 1 holds 0 / 1, as ``(seg > 0).astype(np.uint8)`` makes, and so
-    does a PIL image), integer 0 / 1 or float in [0, 1], or a list of these. A numpy (H, W, 3 or 4) array is refused
-    as an RGB(A) image, unless its last two sizes are one of the mask ``sizes`` the caller takes ((height, width)
-    pairs): then it is a batch of masks of a grid 3 or 4 wide (``None``: a mask checked before, always read so)."""
+    does a PIL image, 16-bit too), integer 0 / 1 or float in [0, 1], or a list of these. A numpy (H, W, 3 or 4)
+    array is refused as an RGB(A) image, unless its last two sizes are one of the mask ``sizes`` the caller takes
+    ((height, width) pairs): then it is a batch of masks of a grid 3 or 4 wide (``None``: a mask checked before,
+    always read so)."""
     items = list(mask_image) if isinstance(mask_image, (list, tuple)) else [mask_image]
     if not items:
         raise ValueError(f"`{name}` is an empty list.")
@@ -1284,7 +1285,7 @@ def mask_to_tensor(mask_image, name: str = "mask_image", sizes=()) -> torch.Tens
     for item in items:
         _spatial_size_of(item, name, image=False)  # the type check
         if isinstance(item, PIL.Image.Image):
-            gray = np.asarray(to_grayscale(item), dtype=np.float32)
+            gray = np.asarray(mask_to_grayscale(item), dtype=np.float32)
             values = torch.from_numpy(gray / 255 if gray.max() > 1 else gray)[None, None]  # 0-255, or 0 / 1
         else:
             values = as_tensor(item, name)
