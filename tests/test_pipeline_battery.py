@@ -558,6 +558,26 @@ def test_deprecated_callback_names_still_work(case):
         )
     assert torch.count_nonzero(latent) == 0
 
+    # `latents` and its alias returned with different tensors: one of them was dropped without a word
+    def both(p, si, hw, t):
+        return {
+            "latents": torch.zeros_like(t["latents"]),
+            latent_alias: torch.ones_like(t["latents"]),
+        }
+
+    with pytest.raises(ValueError, match=rf"returned \['latents', '{latent_alias}'\] with different tensors"):
+        with pytest.warns(FutureWarning, match=latent_alias):
+            run(case, callback_on_step_end_tensor_inputs=["latents", latent_alias], callback_on_step_end=both)
+
+    def same(p, si, hw, t):  # one new tensor under both names
+        return dict.fromkeys(("latents", latent_alias), torch.zeros_like(t[latent_alias]))
+
+    with pytest.warns(FutureWarning, match=latent_alias):
+        latent = run(
+            case, output_type="latent", callback_on_step_end_tensor_inputs=[latent_alias], callback_on_step_end=same
+        )
+    assert torch.count_nonzero(latent) == 0
+
 
 class RaiseGuidance(PipelineCallback):
     """A diffusers PipelineCallback: after the scale ``cutoff_step_index``, guidance 3 higher."""

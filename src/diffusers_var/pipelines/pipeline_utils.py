@@ -630,12 +630,17 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
                 f"`callback_on_step_end` returned new values for {replaced}; only `latents` can be replaced, the "
                 "other tensors are for reading (return them as given, or leave them out)."
             )
-        returned = (  # the first latent name whose tensor the callback replaced
+        returned = [  # the latent names whose tensor the callback replaced
             (name, out[name])
             for name in latent_names
             if out.get(name) is not None and out[name] is not snapshot and out[name] is not tensors["latents"]
-        )
-        name, new = next(returned, (None, None))
+        ]
+        if any(other is not returned[0][1] for _, other in returned[1:]):  # one would have been dropped silently
+            raise ValueError(
+                f"`callback_on_step_end` returned {[name for name, _ in returned]} with different tensors; they name "
+                "the same latent (the others are deprecated aliases of `latents`): return one of them."
+            )
+        name, new = returned[0] if returned else (None, None)
         if new is None and snapshot is not None and not torch.equal(snapshot, tensors["latents"]):
             name, new = next(name for name in names if name in latent_names), snapshot  # edited in place
         if new is None:
