@@ -1093,6 +1093,24 @@ def test_a_component_folder_missing_is_named(case, tmp_path):
         assert getattr(loaded, name) is getattr(pipe, name)
 
 
+def test_a_component_that_model_index_lacks_is_named(case, tmp_path):
+    """A folder whose model_index.json lacks a component the class needs (a VAR folder loaded as CoDe, which needs a
+    refiner): named, with how to pass it, where diffusers said "expected [...] but only {...} were passed"."""
+    pipe = pipeline(case)
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    name = "refiner" if "refiner" in index else "transformer"
+    del index[name]
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    hint = r", or build it from two VAR pipelines" if name == "refiner" else r"\.$"
+    with pytest.raises(
+        ValueError, match=rf"without `{name}`, which {case.pipeline_class.__name__} needs: pass it .*{hint}"
+    ):
+        case.pipeline_class.from_pretrained(tmp_path)
+    loaded = case.pipeline_class.from_pretrained(tmp_path, **{name: getattr(pipe, name)})
+    assert getattr(loaded, name) is getattr(pipe, name)
+
+
 def test_a_damaged_model_index_is_named(tmp_path):
     """A model_index.json that is a JSON list (a TypeError inside diffusers), not JSON (diffusers then said it could
     not reach huggingface.co) or without ``_class_name`` (a bare KeyError) is a ValueError naming the file."""

@@ -343,6 +343,7 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
     :meth:`_next_scale_input`."""
 
     _callback_aliases: dict[str, str] = {}
+    _missing_component_hint: str = ""  # how else to build the pipeline, for a folder that lacks a component
     _family: str = ""  # pipelines of one family load from each other's folders (text / class, in-painting, ...)
 
     def __init_subclass__(cls, **kwargs):
@@ -798,6 +799,15 @@ class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
                     f"{', '.join(unused)} and loads without them (`{saved}.from_pretrained` loads them)."
                 )
         if local_index:
+            expected, _ = cls._get_signature_keys(cls)
+            missing = sorted(set(expected) - set(cls._optional_components) - set(config) - set(kwargs))
+            if missing:  # (diffusers: "expected [...] but only {...} were passed")
+                raise ValueError(
+                    f"`pretrained_model_name_or_path` {pretrained_model_name_or_path!r} holds a "
+                    f"{config['_class_name']} without {', '.join(f'`{name}`' for name in missing)}, which "
+                    f"{cls.__name__} needs: pass {'them' if len(missing) > 1 else 'it'} to from_pretrained "
+                    f"({', '.join(f'{name}=...' for name in missing)}){cls._missing_component_hint}."
+                )
             check_component_folders(pretrained_model_name_or_path, config, set(cls._get_init_keys(cls)) - set(kwargs))
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 

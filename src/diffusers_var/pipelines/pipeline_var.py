@@ -1069,6 +1069,9 @@ class VARCoDePipeline(VARPipeline):
 
     model_cpu_offload_seq = "transformer->refiner"
     _exclude_from_cpu_offload = ["vqvae"]
+    _missing_component_hint = (
+        ", or build it from two VAR pipelines: VARCoDePipeline.from_var_pipelines(drafter, refiner)"
+    )
     # the refiner's first scale also hands its whole prefill (2B, cum_N, V) and the discarded re-samples of the drafted
     # scales (a list of (B, l) tokens); None at the other scales
     _callback_tensor_inputs = VARPipeline._callback_tensor_inputs + ["prefill_logits", "draft_resamples"]
