@@ -961,6 +961,20 @@ def test_config_values_are_checked(override, key):
         TrainConfig.load(None, ["task=tokenizer", override])
 
 
+def test_num_workers_is_bounded_by_the_machines_cpus(monkeypatch):
+    """`num_workers=100000` passed the check and the data loader forked processes until the machine gave out."""
+    from diffusers_var.training import engine
+
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: 2)
+    assert TrainConfig.load(None, ["task=tokenizer", "num_workers=8"]).num_workers == 8  # 4 x 2 CPUs
+    for value in ("9", "100000"):
+        with pytest.raises(ValueError, match=rf"`num_workers` must be .*<= 8 \(4 x the 2 CPU\(s\).*got {value}\.$"):
+            TrainConfig.load(None, ["task=tokenizer", f"num_workers={value}"])
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: None)  # unknown: one CPU
+    with pytest.raises(ValueError, match=r"`num_workers` must be .*<= 4 "):
+        TrainConfig.load(None, ["task=tokenizer", "num_workers=5"])
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback of a multi-GPU launch config")
 def test_multi_gpu_launch_config_on_a_cpu_machine_is_one_run(tokenizer_dir, tmp_path):
     """``accelerate launch --config_file configs/accelerate_ddp.yaml`` on a machine without a GPU used to start two

@@ -53,6 +53,7 @@ LR_SCHEDULES = ("cosine", "linear")
 LINEAR_SCHEDULE_HOLD = 0.05  # "linear": the share of the post-warm-up steps at the peak rate (the original's lin0)
 TEXT_TASKS = ("star", "infinity")
 RESUME_MODES = ("auto", "never", "force")
+MAX_WORKERS_PER_CPU = 4  # `num_workers` may be at most this many loader processes per CPU of the machine
 # data.type hf: the column each task needs (key, what it holds, an example name)
 HF_COLUMNS = {
     "var": ("label_column", "class labels", "label"),
@@ -256,8 +257,17 @@ class TrainConfig:
             "resolution",
         ):
             self._check(name, integer=True, low=1)
-        for name in ("warmup_steps", "sample_every", "num_workers"):
+        for name in ("warmup_steps", "sample_every"):
             self._check(name, integer=True, low=0)
+        # each loader worker is a process of its own: an unbounded count forked until the machine gave out
+        cpus = os.cpu_count() or 1
+        self._check(
+            "num_workers",
+            integer=True,
+            low=0,
+            high=MAX_WORKERS_PER_CPU * cpus,
+            hint=f" ({MAX_WORKERS_PER_CPU} x the {cpus} CPU(s) of this machine)",
+        )
         self._check("seed", integer=True, low=0, high=2**32 - 1)  # numpy's seed range
         self._check("bsc_num_scales", integer=True, low=0, optional=True)
         self._check("learning_rate", low=0, low_open=True)
