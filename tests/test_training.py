@@ -81,6 +81,24 @@ def test_a_tokenizer_run_with_an_unused_phi_layer_resumes(tmp_path):
     assert len(losses(tmp_path)) == 3 and (final / "config.json").is_file()
 
 
+def test_a_resume_with_max_steps_below_the_checkpoint_is_refused_before_anything_changes(tmp_path):
+    """resume=force with max_steps 1 under a step-2 checkpoint ran no step, exported the step-2 weights as final/ and
+    rewrote train_config.json with max_steps 1. max_steps equal to the checkpoint's step exports it again."""
+    config = base_config(
+        tmp_path, task="tokenizer", model=TOKENIZER_MODEL, max_steps=2, checkpoint_every=1, ema_decay=None
+    )
+    train(TrainConfig(**config))
+    before = _tree(tmp_path)
+    checkpoint = re.escape(repr(str(tmp_path / "checkpoints" / "step-0000002")))
+    for resume in ("force", "auto"):
+        with pytest.raises(ValueError, match=rf"^`max_steps` 1 is below the step 2 of the checkpoint .*{checkpoint}"):
+            train(TrainConfig(**{**config, "max_steps": 1, "resume": resume}))
+        assert _tree(tmp_path) == before  # train_config.json, final/, the log and the checkpoints as they were
+    final = train(TrainConfig(**config))  # the finished run, exported again from its last checkpoint
+    assert len(losses(tmp_path)) == 2 and (final / "config.json").is_file()
+    assert json.loads((tmp_path / "train_config.json").read_text())["max_steps"] == 2
+
+
 def test_tokenizer_training_reduces_loss_and_exports(tokenizer_dir):
     run = tokenizer_dir.parent
     history = losses(run)

@@ -844,6 +844,16 @@ def _resume_point(
     if checkpoint is None:
         return None, 0
     saved = read_training_state(checkpoint)  # refuses a checkpoint of accelerate's pickle format
+    # past max_steps the loop would not run: the checkpoint's weights exported as final/ under a config saying fewer
+    # steps (max_steps equal to the step: a finished run exports its last checkpoint again)
+    step = saved["step"]
+    if step > config.max_steps:
+        raise ValueError(
+            f"`max_steps` {config.max_steps} is below the step {step} of the checkpoint this run would resume from, "
+            f"{str(checkpoint)!r}; set max_steps >= {step} to continue it (max_steps={step} exports it again), "
+            "resume=never to start a fresh run (the previous run's files are moved to previous-runs/), or use "
+            "another output_dir."
+        )
     differences = {
         key: f"{old!r} -> {new!r}"
         for key, (old, new) in config_differences(saved.get("config") or {}, _config_snapshot(config)).items()
@@ -862,7 +872,7 @@ def _resume_point(
         )
     if differences and is_main:
         print(f"resume=force: continuing {checkpoint.name} with changed {', '.join(differences)}")
-    return checkpoint, saved["step"]
+    return checkpoint, step
 
 
 def _apply_hyperparameters(optimizer, scheduler, config: TrainConfig, ema=None) -> None:
