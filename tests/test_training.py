@@ -99,6 +99,19 @@ def test_a_resume_with_max_steps_below_the_checkpoint_is_refused_before_anything
     assert json.loads((tmp_path / "train_config.json").read_text())["max_steps"] == 2
 
 
+def test_a_warm_up_longer_than_the_run_is_warned_about(tmp_path, recwarn):
+    """warmup_steps > max_steps: the learning rate never reached `learning_rate`, without a word."""
+    config = base_config(
+        tmp_path, task="tokenizer", model=TOKENIZER_MODEL, max_steps=2, warmup_steps=4, learning_rate=1e-3
+    )
+    with pytest.warns(UserWarning, match=r"`warmup_steps` 4 is more than `max_steps` 2: .* not reach `learning_rate`"):
+        train(TrainConfig(**config))
+    assert all(json.loads(line)["lr"] < 1e-3 for line in (tmp_path / "train_log.jsonl").read_text().splitlines())
+    recwarn.clear()
+    train(TrainConfig(**{**config, "output_dir": str(tmp_path / "equal"), "warmup_steps": 2}))  # reaches it
+    assert not [w for w in recwarn if "warmup_steps" in str(w.message)]
+
+
 def test_tokenizer_training_reduces_loss_and_exports(tokenizer_dir):
     run = tokenizer_dir.parent
     history = losses(run)

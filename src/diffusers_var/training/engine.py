@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import time
+import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -1182,6 +1183,17 @@ def _train(config: TrainConfig, lock: _RunLock) -> Path:
         if ema is not None:
             ema.to(accelerator.device)  # the EMA shadow weights are loaded on the CPU
         accelerator.print(f"resumed from {resume_from} (step {counter.step})")
+    # not an error: a run extended later (resume=force, a larger max_steps) finishes its warm-up; warned only once
+    # every check has passed, so a refused run says only why
+    if config.warmup_steps > config.max_steps and accelerator.is_main_process:
+        peak = config.learning_rate * config.max_steps / config.warmup_steps
+        warnings.warn(
+            f"`warmup_steps` {config.warmup_steps} is more than `max_steps` {config.max_steps}: the learning rate "
+            f"will not reach `learning_rate` {config.learning_rate:g} within max_steps (its last step trains at "
+            f"{peak:.3g}).",
+            UserWarning,
+            stacklevel=2,
+        )
     log_file = output_dir / "train_log.jsonl"
     if accelerator.is_main_process:  # only now that the run is known to start or resume with this config
         write_text_atomic(output_dir / "train_config.json", json.dumps(snapshot, indent=2))
