@@ -6,6 +6,7 @@ import json
 import re
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -170,6 +171,40 @@ def test_image_folder_walk_follows_links_skips_hidden_and_warns_on_top_level_ima
     assert ds[1]["pixel_values"][1].mean() > 0.9  # the green dog through the link
     assert "left out 1 image(s) at the top" in caplog.text and "stray.png" in caplog.text
     assert len(ImageFolderDataset(root, 16)) == 3  # unconditional training takes the top-level image too
+
+
+def test_a_class_folder_without_a_readable_image_is_refused_not_dropped(tmp_path, caplog, capsys):
+    """d/a, d/b (empty, or only unreadable images), d/c gave the classes ['a', 'c'] with ids [0, 1] without a word:
+    c trained as class 1. Unconditional training still takes the readable images."""
+    root = tmp_path / "images"
+    for name in ("a", "b", "c"):
+        (root / name).mkdir(parents=True)
+    for name in ("a", "c"):
+        PIL.Image.new("RGB", (16, 16)).save(root / name / "0.png")
+    (root / ".cache").mkdir()  # hidden folders are no classes
+    with pytest.raises(
+        ValueError, match=r"`data.path`: class folder\(s\) .* no readable image: 'b' \(no images\)\. .*shift"
+    ):
+        ImageFolderDataset(root, 16, need_labels=True)
+    (root / "b" / "0.png").write_bytes(b"not an image")
+    (root / "b" / "1.png").write_bytes(b"nor this")
+    with caplog.at_level("WARNING"), pytest.raises(ValueError, match=r"'b' \(only 2 unreadable image\(s\)\)"):
+        ImageFolderDataset(root, 16, need_labels=True)
+    assert "skipped 2 unreadable image(s)" in caplog.text and "1.png" in caplog.text  # named as before
+    assert len(ImageFolderDataset(root, 16)) == 2
+    PIL.Image.new("RGB", (16, 16)).save(root / "b" / "2.png")
+    ds = ImageFolderDataset(root, 16, need_labels=True)
+    assert ds.class_names == ["a", "b", "c"] and ds.labels == [0, 1, 2]
+
+    # a training run stops at it before it makes its output folder
+    from diffusers_var.cli import main
+
+    (root / "b" / "2.png").unlink()
+    run = tmp_path / "run"
+    tokenizer = Path(__file__).resolve().parents[1] / "pipelines" / "var-shapes" / "vqvae"
+    args = ["train", "var", f"output_dir={run}", f"tokenizer_path={tokenizer}", "data.type=imagefolder"]
+    assert main([*args, f"data.path={root}", "batch_size=2", "model.depth=1"]) == 2
+    assert "error: `data.path`: class folder(s)" in capsys.readouterr().err and not run.exists()
 
 
 def test_sixteen_bit_grayscale_images_are_scaled_not_clipped(tmp_path):

@@ -81,6 +81,37 @@ def test_a_tokenizer_run_with_an_unused_phi_layer_resumes(tmp_path):
     assert len(losses(tmp_path)) == 3 and (final / "config.json").is_file()
 
 
+def test_a_resume_with_max_steps_below_the_checkpoint_is_refused_before_anything_changes(tmp_path):
+    """resume=force with max_steps 1 under a step-2 checkpoint ran no step, exported the step-2 weights as final/ and
+    rewrote train_config.json with max_steps 1. max_steps equal to the checkpoint's step exports it again."""
+    config = base_config(
+        tmp_path, task="tokenizer", model=TOKENIZER_MODEL, max_steps=2, checkpoint_every=1, ema_decay=None
+    )
+    train(TrainConfig(**config))
+    before = _tree(tmp_path)
+    checkpoint = re.escape(repr(str(tmp_path / "checkpoints" / "step-0000002")))
+    for resume in ("force", "auto"):
+        with pytest.raises(ValueError, match=rf"^`max_steps` 1 is below the step 2 of the checkpoint .*{checkpoint}"):
+            train(TrainConfig(**{**config, "max_steps": 1, "resume": resume}))
+        assert _tree(tmp_path) == before  # train_config.json, final/, the log and the checkpoints as they were
+    final = train(TrainConfig(**config))  # the finished run, exported again from its last checkpoint
+    assert len(losses(tmp_path)) == 2 and (final / "config.json").is_file()
+    assert json.loads((tmp_path / "train_config.json").read_text())["max_steps"] == 2
+
+
+def test_a_warm_up_longer_than_the_run_is_warned_about(tmp_path, recwarn):
+    """warmup_steps > max_steps: the learning rate never reached `learning_rate`, without a word."""
+    config = base_config(
+        tmp_path, task="tokenizer", model=TOKENIZER_MODEL, max_steps=2, warmup_steps=4, learning_rate=1e-3
+    )
+    with pytest.warns(UserWarning, match=r"`warmup_steps` 4 is more than `max_steps` 2: .* not reach `learning_rate`"):
+        train(TrainConfig(**config))
+    assert all(json.loads(line)["lr"] < 1e-3 for line in (tmp_path / "train_log.jsonl").read_text().splitlines())
+    recwarn.clear()
+    train(TrainConfig(**{**config, "output_dir": str(tmp_path / "equal"), "warmup_steps": 2}))  # reaches it
+    assert not [w for w in recwarn if "warmup_steps" in str(w.message)]
+
+
 def test_tokenizer_training_reduces_loss_and_exports(tokenizer_dir):
     run = tokenizer_dir.parent
     history = losses(run)
@@ -959,6 +990,20 @@ def test_allow_tf32_turns_tf32_on_for_the_run(tokenizer_dir, tmp_path):
 def test_config_values_are_checked(override, key):
     with pytest.raises(ValueError, match=f"`{re.escape(key)}`"):
         TrainConfig.load(None, ["task=tokenizer", override])
+
+
+def test_num_workers_is_bounded_by_the_machines_cpus(monkeypatch):
+    """`num_workers=100000` passed the check and the data loader forked processes until the machine gave out."""
+    from diffusers_var.training import engine
+
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: 2)
+    assert TrainConfig.load(None, ["task=tokenizer", "num_workers=8"]).num_workers == 8  # 4 x 2 CPUs
+    for value in ("9", "100000"):
+        with pytest.raises(ValueError, match=rf"`num_workers` must be .*<= 8 \(4 x the 2 CPU\(s\).*got {value}\.$"):
+            TrainConfig.load(None, ["task=tokenizer", f"num_workers={value}"])
+    monkeypatch.setattr(engine.os, "cpu_count", lambda: None)  # unknown: one CPU
+    with pytest.raises(ValueError, match=r"`num_workers` must be .*<= 4 "):
+        TrainConfig.load(None, ["task=tokenizer", "num_workers=5"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback of a multi-GPU launch config")

@@ -450,7 +450,8 @@ def _refuse_constant(name: str):
     raise ValueError(f"{name} is not JSON (write a number, or the value as a string)")
 
 
-def _hidden(name: str) -> bool:
+def is_hidden(name: str) -> bool:
+    """A file or folder name that :func:`files_under` leaves out (``.ipynb_checkpoints``, ``__MACOSX``)."""
     return name.startswith((".", "__"))
 
 
@@ -466,6 +467,6 @@ def files_under(root: Path, wanted: Callable[[str], bool], broken_links: bool = 
             subfolders[:] = []
             continue
         seen.add(real)
-        subfolders[:] = sorted(name for name in subfolders if not _hidden(name))
-        found += [Path(folder, name) for name in names if not _hidden(name) and wanted(name)]
+        subfolders[:] = sorted(name for name in subfolders if not is_hidden(name))
+        found += [Path(folder, name) for name in names if not is_hidden(name) and wanted(name)]
     return sorted(path for path in found if path.is_file() or (broken_links and path.is_symlink()))

@@ -16,7 +16,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from ..file_utils import files_under, text_lines
+from ..file_utils import files_under, is_hidden, text_lines
 from ..pil_images import to_rgb, upright
 from ..scalars import is_number
 
@@ -121,7 +121,8 @@ def _metadata_entry(line: str, where: str) -> tuple[str, str | None]:
 class ImageFolderDataset(_SkipsBadImages):
     """Images under ``root``.
 
-    * Class-conditional (``need_labels``): one sub-folder per class (sorted names -> ids 0..N-1).
+    * Class-conditional (``need_labels``): one sub-folder per class (sorted names -> ids 0..N-1); each needs a
+      readable image.
     * Captioned (``need_captions``): ``metadata.jsonl`` lines ``{"file_name": ..., "text": ...}`` (the HF
       imagefolder layout), or a ``.txt`` file next to each image.
 
@@ -169,9 +170,7 @@ class ImageFolderDataset(_SkipsBadImages):
         self.files, self.skipped = readable, len(skipped)
         self.class_names, self.labels, self.captions = None, None, None
         if need_labels:
-            self.class_names = sorted(
-                {p.relative_to(self.root).parts[0] for p in readable if len(p.relative_to(self.root).parts) > 1}
-            )
+            self.class_names = self._class_folders(files, readable)
             if not self.class_names:
                 raise ValueError(
                     f"`data.path`: class-conditional training needs one sub-folder per class under {str(self.root)!r}."
@@ -191,6 +190,26 @@ class ImageFolderDataset(_SkipsBadImages):
             self.labels = [index[p.relative_to(self.root).parts[0]] for p in self.files]
         if need_captions:
             self.captions = [self._caption(p) for p in self.files]
+
+    def _class_folders(self, files: list[Path], readable: list[Path]) -> list[str]:
+        """The sorted names of the class folders (every folder at the top of ``root`` but hidden ones), whose order
+        gives the class ids. A folder left without a readable image is an error: dropping it would shift the ids of
+        the classes after it (torchvision's ImageFolder refuses such a folder too)."""
+        folders = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not is_hidden(p.name))
+        used = {p.relative_to(self.root).parts[0] for p in readable if len(p.relative_to(self.root).parts) > 1}
+        lacking = [name for name in folders if name not in used]
+        if lacking:
+            found = [p.relative_to(self.root).parts[0] for p in files if len(p.relative_to(self.root).parts) > 1]
+            details = ", ".join(
+                f"{name!r} ({f'only {found.count(name)} unreadable image(s)' if name in found else 'no images'})"
+                for name in lacking
+            )
+            raise ValueError(
+                f"`data.path`: class folder(s) under {str(self.root)!r} with no readable image: {details}. Class ids "
+                "follow the sorted folder names, so leaving them out would shift the ids of the classes after them; "
+                "remove the folder(s) or add images."
+            )
+        return folders
 
     def _caption(self, path: Path) -> str:
         if not hasattr(self, "_metadata"):

@@ -19,6 +19,7 @@ import os
 import re
 import signal
 import time
+import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ LR_SCHEDULES = ("cosine", "linear")
 LINEAR_SCHEDULE_HOLD = 0.05  # "linear": the share of the post-warm-up steps at the peak rate (the original's lin0)
 TEXT_TASKS = ("star", "infinity")
 RESUME_MODES = ("auto", "never", "force")
+MAX_WORKERS_PER_CPU = 4  # `num_workers` may be at most this many loader processes per CPU of the machine
 # data.type hf: the column each task needs (key, what it holds, an example name)
 HF_COLUMNS = {
     "var": ("label_column", "class labels", "label"),
@@ -256,8 +258,17 @@ class TrainConfig:
             "resolution",
         ):
             self._check(name, integer=True, low=1)
-        for name in ("warmup_steps", "sample_every", "num_workers"):
+        for name in ("warmup_steps", "sample_every"):
             self._check(name, integer=True, low=0)
+        # each loader worker is a process of its own: an unbounded count forked until the machine gave out
+        cpus = os.cpu_count() or 1
+        self._check(
+            "num_workers",
+            integer=True,
+            low=0,
+            high=MAX_WORKERS_PER_CPU * cpus,
+            hint=f" ({MAX_WORKERS_PER_CPU} x the {cpus} CPU(s) of this machine)",
+        )
         self._check("seed", integer=True, low=0, high=2**32 - 1)  # numpy's seed range
         self._check("bsc_num_scales", integer=True, low=0, optional=True)
         self._check("learning_rate", low=0, low_open=True)
@@ -834,6 +845,16 @@ def _resume_point(
     if checkpoint is None:
         return None, 0
     saved = read_training_state(checkpoint)  # refuses a checkpoint of accelerate's pickle format
+    # past max_steps the loop would not run: the checkpoint's weights exported as final/ under a config saying fewer
+    # steps (max_steps equal to the step: a finished run exports its last checkpoint again)
+    step = saved["step"]
+    if step > config.max_steps:
+        raise ValueError(
+            f"`max_steps` {config.max_steps} is below the step {step} of the checkpoint this run would resume from, "
+            f"{str(checkpoint)!r}; set max_steps >= {step} to continue it (max_steps={step} exports it again), "
+            "resume=never to start a fresh run (the previous run's files are moved to previous-runs/), or use "
+            "another output_dir."
+        )
     differences = {
         key: f"{old!r} -> {new!r}"
         for key, (old, new) in config_differences(saved.get("config") or {}, _config_snapshot(config)).items()
@@ -852,7 +873,7 @@ def _resume_point(
         )
     if differences and is_main:
         print(f"resume=force: continuing {checkpoint.name} with changed {', '.join(differences)}")
-    return checkpoint, saved["step"]
+    return checkpoint, step
 
 
 def _apply_hyperparameters(optimizer, scheduler, config: TrainConfig, ema=None) -> None:
@@ -1162,6 +1183,17 @@ def _train(config: TrainConfig, lock: _RunLock) -> Path:
         if ema is not None:
             ema.to(accelerator.device)  # the EMA shadow weights are loaded on the CPU
         accelerator.print(f"resumed from {resume_from} (step {counter.step})")
+    # not an error: a run extended later (resume=force, a larger max_steps) finishes its warm-up; warned only once
+    # every check has passed, so a refused run says only why
+    if config.warmup_steps > config.max_steps and accelerator.is_main_process:
+        peak = config.learning_rate * config.max_steps / config.warmup_steps
+        warnings.warn(
+            f"`warmup_steps` {config.warmup_steps} is more than `max_steps` {config.max_steps}: the learning rate "
+            f"will not reach `learning_rate` {config.learning_rate:g} within max_steps (its last step trains at "
+            f"{peak:.3g}).",
+            UserWarning,
+            stacklevel=2,
+        )
     log_file = output_dir / "train_log.jsonl"
     if accelerator.is_main_process:  # only now that the run is known to start or resume with this config
         write_text_atomic(output_dir / "train_config.json", json.dumps(snapshot, indent=2))
