@@ -1549,3 +1549,33 @@ def test_a_folder_with_one_lora_file_of_another_name_loads_it(tmp_path):
     shutil.copy(tmp_path / "one" / "my_lora.safetensors", tmp_path / "one" / "other.safetensors")
     with pytest.raises(ValueError, match=r"no pytorch_lora_weights.safetensors .*it holds \['my_lora.safetensors', "):
         embedded("var").load_lora_weights(tmp_path / "one")
+
+
+def test_a_hotswap_of_an_adapter_on_the_class_embedding_is_refused_honestly(tmp_path):
+    """Hot-swapping an adapter that adapts ``class_embedding`` was refused with a false reason (the file "has layers
+    it does not adapt: ['class_embedding']"); PEFT's hot-swap cannot swap embedding LoRA weights at all (a KeyError
+    half-way). The refusal says so, names the layer and the way out, and changes nothing."""
+    source = embedded("var")
+    add_random_adapter(source.transformer, "e", seed=1, scale=0.3, targets=["attention", "class_embedding"])
+    with_embedding = save_adapter(source, tmp_path / "e", name="e")
+    expected = images(source, "var")
+    add_random_adapter(source.transformer, "l", seed=2, scale=0.3, targets=["attention"])
+    linear_only = save_adapter(source, tmp_path / "l", name="l")
+    for loaded, swapped in (
+        (with_embedding, with_embedding),
+        (with_embedding, linear_only),
+        (linear_only, with_embedding),
+    ):
+        pipe = embedded("var")
+        pipe.load_lora_weights(loaded, adapter_name="x")
+        before = model_state(pipe.transformer)
+        with pytest.raises(
+            ValueError,
+            match=r"`hotswap`: hot-swapping does not support adapters on embedding layers "
+            r"\(\['class_embedding'\].*another `adapter_name`.*delete_adapters\('x'\)",
+        ):
+            pipe.load_lora_weights(swapped, adapter_name="x", hotswap=True)
+        assert_same_state(before, model_state(pipe.transformer))
+    pipe.delete_adapters("x")  # the way out the message gives
+    pipe.load_lora_weights(with_embedding, adapter_name="x")
+    assert torch.equal(images(pipe, "var"), expected)

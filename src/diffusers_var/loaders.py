@@ -460,9 +460,29 @@ def _update_hotswapped_config(config, metadata: dict, state_dict: dict) -> None:
 
 def _check_hotswap_layers(model: nn.Module, adapter_name: str, state_dict: dict) -> None:
     """A ValueError (before anything changes) unless the file's LoRA weights cover the layers ``adapter_name``
-    adapts in ``model``, no more and no fewer: PEFT's hot-swap raised its own RuntimeError half-way otherwise."""
-    adapted = {name for name, module in model.named_modules() if adapter_name in getattr(module, "lora_A", {})}
-    given = {match["module"] for key in state_dict if (match := _LORA_KEY.match(key))}
+    adapts in ``model``, no more and no fewer: PEFT's hot-swap raised its own RuntimeError half-way otherwise. Neither
+    may adapt an embedding layer: PEFT's hot-swap takes a layer's name from ``lora_*.<adapter>.weight`` keys, which
+    an embedding's parameters (``lora_embedding_A.<adapter>``) lack, and fails half-way with a KeyError."""
+    adapted, embeddings = set(), set()
+    for name, module in model.named_modules():
+        for part in ("lora_A", "lora_embedding_A"):
+            if adapter_name in getattr(module, part, {}):
+                adapted.add(name)
+                if part == "lora_embedding_A":
+                    embeddings.add(name)
+    given = set()
+    for key in state_dict:
+        if match := _LORA_KEY.match(key):
+            given.add(match["module"])
+            if match["part"].startswith("lora_embedding_"):
+                embeddings.add(match["module"])
+    if embeddings:
+        raise ValueError(
+            f"`hotswap`: hot-swapping does not support adapters on embedding layers ({sorted(embeddings)}; "
+            "PEFT's hot-swap takes Linear and Conv2d LoRA weights only). Load the file under another `adapter_name`, "
+            f"or remove adapter {adapter_name!r} first (`delete_adapters({adapter_name!r})` or "
+            "`unload_lora_weights()`) and load it again."
+        )
     if given != adapted:
         extra, missing = sorted(given - adapted, key=_natural_key), sorted(adapted - given, key=_natural_key)
         said = [
