@@ -1579,3 +1579,29 @@ def test_a_hotswap_of_an_adapter_on_the_class_embedding_is_refused_honestly(tmp_
     pipe.delete_adapters("x")  # the way out the message gives
     pipe.load_lora_weights(with_embedding, adapter_name="x")
     assert torch.equal(images(pipe, "var"), expected)
+
+
+def test_fuse_lora_after_disable_lora_is_refused(tmp_path):
+    """``disable_lora()`` then ``fuse_lora()`` merged the disabled adapter, and the next forward unmerged it by
+    subtracting it again: base weights off by rounding, ``set_adapters`` refused "on fused adapters" though nothing
+    was fused, and fuse + unload + save shipped the base model. It is a ValueError now, and nothing changes; after
+    ``enable_lora()`` the recipe ships the adapter. (``fuse_lora()`` then ``disable_lora()`` unfuses exactly: see
+    test_disable_delete_or_load_after_fusing_unfuses_exactly.)"""
+    pipe = embedded("var")
+    base_images = images(pipe, "var")
+    add_random_adapter(pipe.transformer, "a", scale=0.3)
+    pipe.disable_lora()
+    before = model_state(pipe.transformer)
+    with pytest.raises(ValueError, match=r"`fuse_lora`: the adapters of \['transformer'\] are disabled.*enable_lora"):
+        pipe.fuse_lora()
+    assert_same_state(before, model_state(pipe.transformer))
+    assert torch.equal(images(pipe, "var"), base_images) and not pipe.fused_loras
+    pipe.enable_lora()
+    pipe.fuse_lora()
+    fused = images(pipe, "var")
+    assert not torch.equal(fused, base_images)
+    pipe.unload_lora_weights()
+    pipe.save_pretrained(tmp_path / "shipped")
+    shipped = VARPipeline.from_pretrained(tmp_path / "shipped", dtype=torch.float32)
+    shipped.set_progress_bar_config(disable=True)
+    assert torch.equal(images(shipped, "var"), fused)

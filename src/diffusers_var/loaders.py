@@ -1128,6 +1128,14 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         if adapter_names is not None:  # diffusers fuses nothing, without a word, for a name it does not know
             adapter_names = self._check_adapter_names(adapter_names)
         layers = list(self._lora_layers(components))
+        # PEFT merges disabled adapters, then its next forward unmerges them by subtracting the update again: the
+        # base weights ended off by rounding, nothing fused, and fuse + unload + save shipped the base model
+        disabled = [c for c in components if any(layer.disable_adapters for layer in self._lora_layers([c]))]
+        if disabled:
+            raise ValueError(
+                f"`fuse_lora`: the adapters of {disabled} are disabled (`disable_lora()`); call `enable_lora()` "
+                "first, then `fuse_lora()`."
+            )
         if adapter_names is not None:
             # once one adapter is merged, PEFT's forward skips the unmerged ones: the others active stopped running
             left_out = sorted({a for layer in layers for a in layer.active_adapters} - set(adapter_names))
