@@ -864,7 +864,10 @@ def test_saving_is_atomic(var_adapter, tmp_path, monkeypatch):
     lora_b_keys = [k for k in layers["transformer_lora_layers"] if k.startswith("blocks.0.attn.to_out.lora_B")]
     for bad, message in (
         ({**layers, "transformer_lora_layers": {"foo": torch.zeros(2)}}, r"\['foo'\] are no LoRA weights"),
-        ({**layers, "transformer_lora_adapter_metadata": {**metadata, "r": 8}}, "says rank 8, but the lora_A"),
+        (
+            {**layers, "transformer_lora_adapter_metadata": {**metadata, "r": 8}},
+            "to_out` has rank 4, the LoraConfig says 8",
+        ),
         ({**layers, "transformer_lora_adapter_metadata": {**metadata, "r": float("nan")}}, "must hold JSON values"),
         ({**layers, "transformer_lora_adapter_metadata": {**metadata, "x": object()}}, "must hold JSON values"),
         # a model's own state_dict (the adapter's name in the keys) and keys with the component's prefix were
@@ -897,7 +900,7 @@ def test_saving_is_atomic(var_adapter, tmp_path, monkeypatch):
                     k: v for k, v in layers["transformer_lora_layers"].items() if k != next(iter(lora_b_keys))
                 },
             },
-            "`transformer_lora_layers`: `blocks.0.attn.to_out` has lora_A but not both lora_A and lora_B",
+            "`transformer_lora_layers`: `blocks.0.attn.to_out` has lora_A but no lora_B weights",
         ),
     ):
         with pytest.raises(ValueError, match=message):
@@ -1605,3 +1608,45 @@ def test_fuse_lora_after_disable_lora_is_refused(tmp_path):
     shipped = VARPipeline.from_pretrained(tmp_path / "shipped", dtype=torch.float32)
     shipped.set_progress_bar_config(disable=True)
     assert torch.equal(images(shipped, "var"), fused)
+
+
+def test_saving_checks_ranks_as_loading_does_for_embeddings_and_rank_patterns(tmp_path):
+    """``save_lora_weights`` compared the metadata's rank with ``lora_A.weight`` tensors only, and not at all beside a
+    ``rank_pattern``: an embedding adapter of rank 4 with ``r`` 8, or rank 4 everywhere with ``rank_pattern`` 8 for
+    one layer, was written, and loading refused the file. Saving runs loading's rank check now."""
+    source = embedded("var")
+    add_random_adapter(source.transformer, "e", rank=4, scale=0.3, targets=["attention", "class_embedding"])
+    tensors = get_peft_model_state_dict(source.transformer, adapter_name="e")
+    config = source.transformer.peft_config["e"].to_dict()
+    cases = [  # metadata, the layer and rank loading names
+        ({**config, "r": 8, "lora_alpha": 8, "target_modules": "class_embedding"}, "class_embedding` has rank 4"),
+        ({**config, "rank_pattern": {"blocks.0.attn.to_qkv": 8}}, r"blocks.0.attn.to_qkv` has rank 4"),
+        ({**config, "rank_pattern": {"class_embedding": 2}}, r"class_embedding` has rank 4"),
+    ]
+    pipe = embedded("var")
+    before = model_state(pipe.transformer)
+    for metadata, layer in cases:
+        kept = tensors
+        if metadata["target_modules"] == "class_embedding":
+            kept = {k: v for k, v in tensors.items() if k.startswith("class_embedding.")}
+        with pytest.raises(ValueError, match=f"`transformer_lora_adapter_metadata`: `{layer}, the LoraConfig says"):
+            VARPipeline.save_lora_weights(
+                tmp_path / "bad", transformer_lora_layers=kept, transformer_lora_adapter_metadata=metadata
+            )
+        assert not (tmp_path / "bad").exists()
+        # the file written by hand: loading refuses it with the same words
+        header = {
+            "format": "pt",
+            "lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in metadata.items()}),
+        }
+        path = tmp_path / "by_hand.safetensors"
+        save_file({f"transformer.{k}": v.contiguous() for k, v in kept.items()}, str(path), metadata=header)
+        with pytest.raises(ValueError, match=f"`{layer}, the LoraConfig says"):
+            pipe.load_lora_weights(path)
+        assert_same_state(before, model_state(pipe.transformer))
+    # a rank pattern the tensors follow saves, and loads to the same images
+    add_random_adapter(source.transformer, "p", rank=4, scale=0.3, rank_pattern={"blocks.0.attn.to_qkv": 8})
+    assert source.transformer.blocks[0].attn.to_qkv.r["p"] == 8
+    save_adapter(source, tmp_path / "p", name="p")
+    pipe.load_lora_weights(tmp_path / "p", adapter_name="p")
+    assert torch.equal(images(pipe, "var"), images(source, "var"))

@@ -53,7 +53,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .file_utils import SAFETENSORS_ONLY, is_hub_repo_id, write_atomic
-from .scalars import is_bool, is_integer, is_number
+from .scalars import is_bool, is_number
 
 logger = logging.get_logger(__name__)
 
@@ -320,6 +320,41 @@ def _configured_rank(config, module_name: str) -> int:
     return pattern.get(get_pattern_key(pattern.keys(), module_name), config.r)
 
 
+def _layer_ranks(state_dict: dict) -> dict[str, dict[str, int]]:
+    """``{layer: {"lora_A": rank, "lora_B": rank}}`` from the LoRA matrices of a state dict (PEFT names): A is
+    (rank, inputs), B (outputs, rank), for Linear and Embedding layers alike. Vectors (DoRA's magnitude, lora_B's
+    bias) and tensors of other dimensions have no rank."""
+    ranks: dict[str, dict[str, int]] = {}
+    for key, tensor in state_dict.items():
+        match = _LORA_KEY.match(key) if isinstance(key, str) else None
+        if match is None or match["part"] == "lora_magnitude_vector" or key.endswith(".bias") or tensor.ndim != 2:
+            continue
+        side = match["part"][-1]
+        ranks.setdefault(match["module"], {})[f"lora_{side}"] = tensor.shape[0] if side == "A" else tensor.shape[1]
+    return ranks
+
+
+def lora_rank_problems(ranks: dict[str, dict[str, int]], config=None) -> list[str]:
+    """What is wrong with the ranks of :func:`_layer_ranks`: a layer with lora_A or lora_B alone, the two of other
+    ranks, a rank below 1, and, given the adapter's usable ``LoraConfig``, a rank other than the one it gives the
+    layer (``r`` or ``rank_pattern``). One check for loading and saving: a file saved is a file that loads."""
+    problems = []
+    for name, found in sorted(ranks.items(), key=lambda item: _natural_key(item[0])):
+        if len(found) == 1:
+            (have,) = found
+            problems.append(f"`{name}` has {have} but no {'lora_B' if have == 'lora_A' else 'lora_A'} weights")
+        elif found["lora_A"] != found["lora_B"]:
+            problems.append(f"`{name}`: lora_A has rank {found['lora_A']}, lora_B has rank {found['lora_B']}")
+        elif found["lora_A"] < 1:
+            problems.append(f"`{name}` has rank {found['lora_A']}; ranks must be >= 1")
+    if config is not None and not problems:
+        for name, found in sorted(ranks.items(), key=lambda item: _natural_key(item[0])):
+            configured = _configured_rank(config, name)
+            if found["lora_A"] != configured:
+                problems.append(f"`{name}` has rank {found['lora_A']}, the LoraConfig says {configured}")
+    return problems
+
+
 def lora_mismatches(state_dict: dict[str, torch.Tensor], model: nn.Module, config=None) -> list[str]:
     """What keeps ``state_dict`` (PEFT key names, no component prefix) from fitting ``model``: keys that name no
     adaptable layer, tensors whose shapes do not match the layer's widths, layers whose ``lora_A`` and ``lora_B``
@@ -331,7 +366,7 @@ def lora_mismatches(state_dict: dict[str, torch.Tensor], model: nn.Module, confi
     problems, covered = [], set()
     if config is not None:
         problems += lora_config_problems(config)
-    ranks: dict[str, dict[str, int]] = {}  # layer: {"lora_A": rank, "lora_B": rank}
+    matrices = {}  # the LoRA matrices of the model's layers, for the rank checks
     magnitudes = set()  # layers with DoRA's magnitude vector
     for key, tensor in state_dict.items():
         match = _LORA_KEY.match(key)
@@ -367,21 +402,9 @@ def lora_mismatches(state_dict: dict[str, torch.Tensor], model: nn.Module, confi
             problems.append(f"`{key}` has {tensor.shape[-1]} rows, `{name}` has {d_in}")
         elif part == "lora_embedding_B" and tensor.shape[0] != d_out:
             problems.append(f"`{key}` has width {tensor.shape[0]}, `{name}` has {d_out}")
-        # A: (rank, inputs), B: (outputs, rank), for Linear and Embedding layers alike
-        side = part[-1]
-        ranks.setdefault(name, {})[f"lora_{side}"] = tensor.shape[0] if side == "A" else tensor.shape[1]
-    for name, found in sorted(ranks.items(), key=lambda item: _natural_key(item[0])):
-        if len(found) == 1:
-            (have,) = found
-            problems.append(f"`{name}` has {have} but no {'lora_B' if have == 'lora_A' else 'lora_A'} weights")
-        elif found["lora_A"] != found["lora_B"]:
-            problems.append(f"`{name}`: lora_A has rank {found['lora_A']}, lora_B has rank {found['lora_B']}")
-        elif found["lora_A"] < 1:
-            problems.append(f"`{name}` has rank {found['lora_A']}; ranks must be >= 1")
-        elif config is not None and not problems and found["lora_A"] != _configured_rank(config, name):
-            problems.append(
-                f"`{name}` has rank {found['lora_A']}, the LoraConfig says {_configured_rank(config, name)}"
-            )
+        matrices[key] = tensor
+    ranks = _layer_ranks(matrices)
+    problems += lora_rank_problems(ranks, None if problems else config)  # (the config's ranks: a usable config)
     # DoRA: a magnitude per adapted layer, exactly when the config says use_dora (diffusers infers it, without
     # metadata, from any magnitude key); otherwise torch failed on meta tensors, or layers ran as plain LoRA
     use_dora = bool(config.use_dora) if config is not None else bool(magnitudes)
@@ -530,26 +553,18 @@ def _json_safe(metadata, parameter: str) -> dict | None:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in metadata.items()}
 
 
+def _some(problems: list[str], shown: int = 3) -> str:
+    return "; ".join(problems[:shown]) + (f"; ... ({len(problems)} problems)" if len(problems) > shown else "")
+
+
 def _check_saved_metadata(metadata: dict | None, tensors: dict, parameter: str) -> None:
-    """An adapter's ``LoraConfig`` as a file header: JSON, a LoraConfig, and its rank that of the ``lora_A``
-    tensors (without a ``rank_pattern``), so that load_lora_weights takes the file back."""
-    layers: dict[str, dict[str, int]] = {}  # as lora_mismatches pairs them when loading
-    for key, tensor in tensors.items():
-        match = _LORA_KEY.match(key)
-        if match and match["part"] != "lora_magnitude_vector" and not key.endswith(".bias") and tensor.ndim == 2:
-            side = match["part"][-1]
-            layers.setdefault(match["module"], {})[side] = tensor.shape[0] if side == "A" else tensor.shape[1]
-    layers_parameter = parameter.replace("adapter_metadata", "layers")
-    for name, found in sorted(layers.items(), key=lambda item: _natural_key(item[0])):
-        if len(found) == 1:
-            raise ValueError(
-                f"`{layers_parameter}`: `{name}` has lora_{next(iter(found))} but not both lora_A and lora_B."
-            )
-        if found["A"] != found["B"] or found["A"] < 1:
-            raise ValueError(
-                f"`{layers_parameter}`: `{name}` has lora_A of rank {found['A']}, lora_B of rank {found['B']}; "
-                "they must agree and be >= 1."
-            )
+    """An adapter's ``LoraConfig`` as a file header: JSON, a LoraConfig, and the ranks of the tensors those it gives
+    each layer (``r``, ``rank_pattern``; Linear and Embedding layers), checked as load_lora_weights checks them, so
+    that it takes the file back."""
+    ranks = _layer_ranks(tensors)
+    problems = lora_rank_problems(ranks)
+    if problems:
+        raise ValueError(f"`{parameter.replace('adapter_metadata', 'layers')}`: {_some(problems)}.")
     if not metadata:
         return
     try:
@@ -562,15 +577,9 @@ def _check_saved_metadata(metadata: dict | None, tensors: dict, parameter: str) 
         config = LoraConfig(**metadata)
     except (TypeError, ValueError) as err:
         raise ValueError(f"`{parameter}` is not a LoraConfig ({_first_line(err)}).") from None
-    problems = lora_config_problems(config)
+    problems = lora_config_problems(config) or lora_rank_problems(ranks, config)
     if problems:
-        raise ValueError(f"`{parameter}`: {'; '.join(problems)}.")
-    rank = metadata.get("r")
-    if rank is not None and (not is_integer(rank) or rank < 1):
-        raise ValueError(f"`{parameter}`: `r` must be a positive integer, got {rank!r}.")
-    ranks = {tuple(v.shape)[0] for k, v in tensors.items() if k.endswith("lora_A.weight") and v.ndim == 2}
-    if rank is not None and not metadata.get("rank_pattern") and ranks and ranks != {rank}:
-        raise ValueError(f"`{parameter}` says rank {rank}, but the lora_A tensors have rank(s) {sorted(ranks)}.")
+        raise ValueError(f"`{parameter}`: {_some(problems)}.")
 
 
 _SOURCE = "`pretrained_model_name_or_path_or_dict`"
@@ -857,7 +866,7 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
                     ) from None
             problems += [f"{component}: {p}" for p in lora_mismatches(part, model, config)]
         if problems:
-            shown = "; ".join(problems[:4]) + (f"; ... ({len(problems)} problems)" if len(problems) > 4 else "")
+            shown = _some(problems, 4)
             raise ValueError(
                 f"{source_name}: this LoRA does not fit the pipeline's "
                 f"{type(transformer).__name__ if transformer is not None else 'models'}: {shown}."
