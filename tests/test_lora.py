@@ -30,6 +30,7 @@ from diffusers_var import (
     InfinityTransformer2DModel,
     STARPipeline,
     STARTransformer2DModel,
+    VARCoDePipeline,
     VARPipeline,
     VARTransformer2DModel,
     shapes,
@@ -1650,3 +1651,124 @@ def test_saving_checks_ranks_as_loading_does_for_embeddings_and_rank_patterns(tm
     save_adapter(source, tmp_path / "p", name="p")
     pipe.load_lora_weights(tmp_path / "p", adapter_name="p")
     assert torch.equal(images(pipe, "var"), images(source, "var"))
+
+
+def _code_pair():
+    """A CoDe pipeline of the embedded drafter and refiner, and the refiner's own VARPipeline (sharing its model)."""
+    refiner = VARPipeline.from_pretrained(REPO_ROOT / "pipelines" / "var-shapes-refiner", dtype=torch.float32)
+    refiner.set_progress_bar_config(disable=True)
+    code = VARCoDePipeline.from_var_pipelines(embedded("var"), refiner)
+    code.set_progress_bar_config(disable=True)
+    return code, refiner
+
+
+def _base_weights(model) -> dict:
+    return {k.replace(".base_layer", ""): v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+
+
+def test_code_lora_methods_act_on_the_refiner_too(tmp_path):
+    """The refiner of a CoDe pipeline is a LoRA component: an adapter on it (here loaded through the refiner's own
+    pipeline) changed the images, but get_list_adapters() said {}, disable / fuse / unload / delete did nothing to
+    it, and save_pretrained's advice (fuse_lora, unload_lora_weights) could not be followed."""
+    code, refiner = _code_pair()
+    base_images, base_weights = images(code, "var"), _base_weights(code.refiner)
+    add_random_adapter(refiner.transformer, "ref", seed=3, scale=0.3)
+    with_adapter = images(code, "var")
+    assert not torch.equal(with_adapter, base_images)
+    assert code.get_list_adapters() == {"refiner": ["ref"]} and code.get_active_adapters() == ["ref"]
+    code.disable_lora()
+    assert torch.equal(images(code, "var"), base_images)
+    code.enable_lora()
+    code.fuse_lora()
+    assert code.fused_loras == {"ref"}
+    fused = images(code, "var")
+    code.unfuse_lora()
+    weights = _base_weights(code.refiner)
+    assert all(torch.equal(weights[k], base_weights[k]) for k in base_weights)
+    assert torch.equal(images(code, "var"), with_adapter)
+    with pytest.raises(ValueError, match="the refiner holds LoRA adapters.*call `fuse_lora\\(\\)` and then"):
+        code.save_pretrained(tmp_path / "code")
+    code.fuse_lora()  # the advice, followed
+    code.unload_lora_weights()
+    assert code.get_list_adapters() == {}
+    code.save_pretrained(tmp_path / "code")
+    shipped = VARCoDePipeline.from_pretrained(tmp_path / "code", dtype=torch.float32)
+    shipped.set_progress_bar_config(disable=True)
+    assert torch.equal(images(shipped, "var"), fused)
+
+    code, refiner = _code_pair()
+    add_random_adapter(refiner.transformer, "ref", seed=3, scale=0.3)
+    code.unload_lora_weights()
+    weights = _base_weights(code.refiner)
+    assert all(torch.equal(weights[k], base_weights[k]) for k in base_weights)
+    assert torch.equal(images(code, "var"), base_images)
+    add_random_adapter(refiner.transformer, "ref", seed=3, scale=0.3)
+    code.delete_adapters("ref")
+    assert code.get_list_adapters() == {} and torch.equal(images(code, "var"), base_images)
+
+
+def test_code_lora_files_hold_the_drafter_and_the_refiner(tmp_path):
+    """``VARCoDePipeline.save_lora_weights(..., refiner_lora_layers=...)`` writes ``refiner.`` keys; loading the file
+    into a CoDe pipeline puts each part on its model, and the pipeline's LoRA methods switch both. A VAR pipeline's
+    file (``transformer.`` keys) still goes to the drafter alone."""
+    code, _ = _code_pair()
+    base_images = images(code, "var")
+    add_random_adapter(code.transformer, "a", seed=1, scale=0.3)
+    add_random_adapter(code.refiner, "a", seed=2, scale=0.3)
+    both = images(code, "var")
+    VARCoDePipeline.save_lora_weights(
+        tmp_path / "both",
+        transformer_lora_layers=get_peft_model_state_dict(code.transformer, adapter_name="a"),
+        transformer_lora_adapter_metadata=code.transformer.peft_config["a"].to_dict(),
+        refiner_lora_layers=get_peft_model_state_dict(code.refiner, adapter_name="a"),
+        refiner_lora_adapter_metadata=code.refiner.peft_config["a"].to_dict(),
+    )
+    keys = load_file(tmp_path / "both" / "pytorch_lora_weights.safetensors")
+    assert {key.split(".")[0] for key in keys} == {"transformer", "refiner"}
+    fresh, _ = _code_pair()
+    fresh.load_lora_weights(tmp_path / "both", adapter_name="x")
+    assert fresh.get_list_adapters() == {"transformer": ["x"], "refiner": ["x"]}
+    assert torch.equal(images(fresh, "var"), both)
+    fresh.load_lora_weights(tmp_path / "both", adapter_name="x", hotswap=True)  # both models' weights swapped
+    assert torch.equal(images(fresh, "var"), both)
+    fresh.set_adapters("x", adapter_weights=[{"transformer": 1.0, "refiner": 0.0}])
+    drafter_only = images(fresh, "var")
+    assert not torch.equal(drafter_only, both) and not torch.equal(drafter_only, base_images)
+    fresh.set_adapters("x")
+    fresh.fuse_lora(components=["refiner"])
+    fresh.unfuse_lora()
+    assert torch.equal(images(fresh, "var"), both)
+    fresh.delete_adapters("x")
+    assert fresh.get_list_adapters() == {} and torch.equal(images(fresh, "var"), base_images)
+    with pytest.raises(ValueError, match=r"belong to none of this pipeline's LoRA components \['transformer'\]"):
+        embedded("var").load_lora_weights(tmp_path / "both")
+    with pytest.raises(ValueError, match="`refiner_lora_layers`: VARPipeline has no refiner"):
+        VARPipeline.save_lora_weights(tmp_path / "no", refiner_lora_layers=keys)
+
+    var = embedded("var")
+    add_random_adapter(var.transformer, "v", seed=4, scale=0.3)
+    var_file = save_adapter(var, tmp_path / "var", name="v")
+    fresh.load_lora_weights(var_file, adapter_name="v")
+    assert fresh.get_list_adapters() == {"transformer": ["v"]}
+
+
+def test_a_refiner_adapter_loaded_under_fast_inference_drops_the_graphs(tmp_path):
+    """The fast path remakes its graphs when the adapters change; it watched the drafter's only."""
+    code, _ = _code_pair()
+    add_random_adapter(code.refiner, "r", seed=2, scale=0.3)
+    expected = images(code, "var")
+    VARCoDePipeline.save_lora_weights(
+        tmp_path / "r",
+        refiner_lora_layers=get_peft_model_state_dict(code.refiner, adapter_name="r"),
+        refiner_lora_adapter_metadata=code.refiner.peft_config["r"].to_dict(),
+    )
+    fast, _ = _code_pair()
+    fast.enable_fast_inference(dtype=torch.float32)
+    images(fast, "var")
+    fast._graph_steps["stand-in"] = object()
+    fast._sync_adapters()
+    assert "stand-in" in fast._graph_steps
+    fast.load_lora_weights(tmp_path / "r", adapter_name="r")
+    fast._sync_adapters()
+    assert "stand-in" not in fast._graph_steps
+    assert torch.equal(images(fast, "var"), expected)

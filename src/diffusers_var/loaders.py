@@ -7,7 +7,8 @@ with diffusers' LoRA API through the mixins below, subclasses of diffusers' ``Lo
 ``unload_lora_weights``, ``get_active_adapters``, ``delete_adapters``, ``enable_lora`` / ``disable_lora``.
 
 Files are diffusers' format: ``pytorch_lora_weights.safetensors`` (safetensors only), PEFT key names
-(``transformer.blocks.0.attn.to_qkv.lora_A.weight``; ``text_encoder.`` keys for a text-encoder adapter), the
+(``transformer.blocks.0.attn.to_qkv.lora_A.weight``; ``text_encoder.`` keys for a text-encoder adapter, ``refiner.``
+keys for the refiner of a ``VARCoDePipeline``), the
 ``LoraConfig`` in the ``lora_adapter_metadata`` header entry. The header also names the transformer class the adapter
 was made for (``diffusers_var_lora``); loading an adapter made for another family, or for a transformer of another
 shape, is a ``ValueError`` that says what does not fit.
@@ -481,7 +482,7 @@ def _update_hotswapped_config(config, metadata: dict, state_dict: dict) -> None:
             config.r = ranks.pop()
 
 
-def _check_hotswap_layers(model: nn.Module, adapter_name: str, state_dict: dict) -> None:
+def _check_hotswap_layers(model: nn.Module, adapter_name: str, state_dict: dict, component: str) -> None:
     """A ValueError (before anything changes) unless the file's LoRA weights cover the layers ``adapter_name``
     adapts in ``model``, no more and no fewer: PEFT's hot-swap raised its own RuntimeError half-way otherwise. Neither
     may adapt an embedding layer: PEFT's hot-swap takes a layer's name from ``lora_*.<adapter>.weight`` keys, which
@@ -513,7 +514,8 @@ def _check_hotswap_layers(model: nn.Module, adapter_name: str, state_dict: dict)
             f"none for: {missing[:3]}" if missing else "",
         ]
         raise ValueError(
-            f"`hotswap`: the file's LoRA weights must target the layers adapter {adapter_name!r} adapts; it has "
+            f"`hotswap`: the file's LoRA weights must target the layers adapter {adapter_name!r} adapts in the "
+            f"{component}; it has "
             f"{'; '.join(part for part in said if part)}. Load it as another adapter instead."
         )
 
@@ -671,7 +673,8 @@ def _restored_on_failure(models: list[nn.Module], adapter_name: str, hotswap: bo
 # ----------------------------------------------------------------------------------------------
 class NextScaleLoraLoaderMixin(LoraBaseMixin):
     r"""Load, save, fuse and switch LoRA adapters of a next-scale pipeline's transformer (and, for the text-to-image
-    families, of its text encoder) with diffusers' LoRA API. See the module docstring for the file format.
+    families, of its text encoder; for CoDe, of its refiner) with diffusers' LoRA API. See the module docstring for
+    the file format.
 
     Beyond diffusers: ``unfuse_lora`` gives back the weights the layers had before ``fuse_lora`` bit for bit (fusing
     keeps a copy of the fused layers' base weights on the CPU until they are unfused or unloaded), and the adapter
@@ -875,15 +878,17 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
     def load_lora_weights(
         self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, hotswap: bool = False, **kwargs
     ):
-        r"""Load a LoRA into the transformer (and text encoder, when the file has ``text_encoder.`` keys) as adapter
-        ``adapter_name`` (default ``default_0``, ``default_1``, ...), made active.
+        r"""Load a LoRA into the transformer (and text encoder, when the file has ``text_encoder.`` keys; CoDe's
+        refiner, ``refiner.`` keys) as adapter ``adapter_name`` (default ``default_0``, ``default_1``, ...), made
+        active.
 
         Args:
             pretrained_model_name_or_path_or_dict: a folder holding ``pytorch_lora_weights.safetensors``, a
                 ``.safetensors`` file, a Hub repository id, or a state dict (PEFT key names, with ``transformer.`` /
                 ``text_encoder.`` prefixes or, for the transformer alone, without).
             adapter_name: the adapter's name (``set_adapters``, ``delete_adapters``).
-            hotswap: replace the weights of the already loaded adapter ``adapter_name`` in place (diffusers').
+            hotswap: replace the weights of the already loaded adapter ``adapter_name`` in place (diffusers'; the
+                transformer's and refiner's adapters, not on embedding layers).
             kwargs: ``weight_name``, ``subfolder``, ``local_files_only``, ``low_cpu_mem_usage``, ... (diffusers').
 
         A ``ValueError`` (before anything changes) when the file cannot be read, holds no usable weights, or was made
@@ -913,16 +918,21 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         source_name = _SOURCE if isinstance(source, dict) else f"{_SOURCE} {os.fspath(source)!r}"
         self.check_lora_state_dict(state_dict, metadata, family, source_name=source_name)
         parts = self._split_by_component(state_dict)
-        transformer = getattr(self, self.transformer_name)
         loaded = self._loaded_adapter_names()
         if adapter_name is None:  # the first free of default_0, default_1, ... over every component's adapters
             adapter_name = next(f"default_{i}" for i in itertools.count() if f"default_{i}" not in loaded)
-        if hotswap and adapter_name not in getattr(transformer, "peft_config", {}):
-            raise ValueError(f"`hotswap`: no adapter {adapter_name!r} to replace (loaded: {sorted(loaded)}).")
-        if hotswap and parts.get(self.text_encoder_name):
-            raise ValueError("`hotswap`: hot-swapping applies to the transformer's adapters only.")
+        model_components = [c for c in self._lora_loadable_modules if c != self.text_encoder_name]
         if hotswap:
-            _check_hotswap_layers(transformer, adapter_name, parts.get(self.transformer_name) or {})
+            holders = [
+                c for c in model_components if adapter_name in getattr(getattr(self, c, None), "peft_config", {})
+            ]
+            if not holders:
+                raise ValueError(f"`hotswap`: no adapter {adapter_name!r} to replace (loaded: {sorted(loaded)}).")
+            if parts.get(self.text_encoder_name):
+                raise ValueError(f"`hotswap`: hot-swapping applies to the adapters of {model_components} only.")
+            # each model holding the adapter gets the file's weights for it, and the file has none for another
+            for component in [c for c in model_components if c in holders or c in parts]:
+                _check_hotswap_layers(getattr(self, component), adapter_name, parts.get(component) or {}, component)
         if not hotswap and adapter_name in loaded:
             raise ValueError(
                 f"`adapter_name` {adapter_name!r} is already loaded (loaded: {sorted(loaded)}): pick another name, "
@@ -935,24 +945,22 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         layers = list(self._lora_layers(self._lora_loadable_modules))
         disabled = bool(layers) and all(layer.disable_adapters for layer in layers)
         with _restored_on_failure(models, adapter_name, hotswap):
-            transformer_part = parts.get(self.transformer_name)
-            if transformer_part:
-                transformer.load_lora_adapter(
-                    transformer_part,
+            for component in [c for c in model_components if c in parts]:  # the transformer (CoDe: and refiner)
+                model = getattr(self, component)
+                model.load_lora_adapter(
+                    parts[component],
                     prefix=None,
                     adapter_name=adapter_name,
-                    metadata=_component_metadata(metadata, self.transformer_name) or None,
+                    metadata=_component_metadata(metadata, component) or None,
                     _pipeline=self,
                     low_cpu_mem_usage=low_cpu_mem_usage,
                     hotswap=hotswap,
                 )
                 if hotswap:  # the layers took the new rank and scale; the adapter's config kept the old ones
                     _update_hotswapped_config(
-                        transformer.peft_config[adapter_name],
-                        _component_metadata(metadata, self.transformer_name),
-                        transformer_part,
+                        model.peft_config[adapter_name], _component_metadata(metadata, component), parts[component]
                     )
-                match_adapter_mode(transformer, adapter_name)
+                match_adapter_mode(model, adapter_name)
             text_part = parts.get(self.text_encoder_name)
             if text_part:
                 meta = _component_metadata(metadata, self.text_encoder_name) or None
@@ -1007,6 +1015,8 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         safe_serialization: bool = True,
         transformer_lora_adapter_metadata: dict | None = None,
         text_encoder_lora_adapter_metadata: dict | None = None,
+        refiner_lora_layers: dict[str, torch.Tensor | nn.Module] | None = None,
+        refiner_lora_adapter_metadata: dict | None = None,
     ):
         r"""Write ``pytorch_lora_weights.safetensors`` (or ``weight_name``) into ``save_directory``.
 
@@ -1014,9 +1024,11 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             transformer_lora_layers: the transformer's LoRA weights, e.g.
                 ``peft.utils.get_peft_model_state_dict(pipe.transformer, adapter_name="default")``.
             text_encoder_lora_layers: the text encoder's (STAR / Infinity), likewise.
+            refiner_lora_layers: the refiner's (:class:`VARCoDePipeline`), likewise (``refiner.`` keys).
             transformer_lora_adapter_metadata: the adapter's ``LoraConfig.to_dict()``
                 (``pipe.transformer.peft_config["default"].to_dict()``); without it a loader takes the rank from the
-                tensors and scale 1 (``lora_alpha = rank``), as diffusers does. Likewise for the text encoder.
+                tensors and scale 1 (``lora_alpha = rank``), as diffusers does. Likewise for the text encoder
+                (``text_encoder_lora_adapter_metadata``) and the refiner (``refiner_lora_adapter_metadata``).
             is_main_process, save_function: diffusers' (several processes; a custom writer of ``(tensors, path)``).
             safe_serialization: ``False`` is noted and ignored (safetensors only: a pickle can run code).
         """
@@ -1028,23 +1040,25 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             or os.path.basename(weight_name) != weight_name  # a path would write outside save_directory
         ):
             raise ValueError(f"`weight_name` must be a file name ending with .safetensors, got {weight_name!r}.")
+        given = {  # component (the key prefix): its layers and metadata
+            "transformer": (transformer_lora_layers, transformer_lora_adapter_metadata),
+            "text_encoder": (text_encoder_lora_layers, text_encoder_lora_adapter_metadata),
+            "refiner": (refiner_lora_layers, refiner_lora_adapter_metadata),
+        }
         lora_layers, lora_metadata = {}, {}
-        if transformer_lora_layers:
-            lora_layers[cls.transformer_name] = transformer_lora_layers
-            lora_metadata[cls.transformer_name] = _json_safe(
-                transformer_lora_adapter_metadata, "transformer_lora_adapter_metadata"
-            )
-        if text_encoder_lora_layers:
-            if "text_encoder" not in cls._lora_loadable_modules:
-                raise ValueError(f"`text_encoder_lora_layers`: {cls.__name__} has no text encoder.")
-            lora_layers[cls.text_encoder_name] = text_encoder_lora_layers
-            lora_metadata[cls.text_encoder_name] = _json_safe(
-                text_encoder_lora_adapter_metadata, "text_encoder_lora_adapter_metadata"
-            )
+        for component, (layers, metadata) in given.items():
+            if not layers:
+                continue
+            if component not in cls._lora_loadable_modules:
+                raise ValueError(f"`{component}_lora_layers`: {cls.__name__} has no {component.replace('_', ' ')}.")
+            lora_layers[component] = layers
+            lora_metadata[component] = _json_safe(metadata, f"{component}_lora_adapter_metadata")
         if not lora_layers:
-            raise ValueError("Pass at least one of `transformer_lora_layers` or `text_encoder_lora_layers`.")
+            raise ValueError(
+                f"Pass {' or '.join(f'`{c}_lora_layers`' for c in cls._lora_loadable_modules)} (none was given)."
+            )
         for component, layers in lora_layers.items():  # what load_lora_weights would refuse, refused before writing
-            parameter = "text_encoder_lora_layers" if component == cls.text_encoder_name else "transformer_lora_layers"
+            parameter = f"{component}_lora_layers"
             tensors = layers.state_dict() if isinstance(layers, torch.nn.Module) else layers
             problems = lora_tensor_problems(tensors)
             if problems:
