@@ -30,6 +30,7 @@ from diffusers_var import (
     InfinityTransformer2DModel,
     STARPipeline,
     STARTransformer2DModel,
+    VARCoDePipeline,
     VARPipeline,
     VARTransformer2DModel,
     shapes,
@@ -864,7 +865,10 @@ def test_saving_is_atomic(var_adapter, tmp_path, monkeypatch):
     lora_b_keys = [k for k in layers["transformer_lora_layers"] if k.startswith("blocks.0.attn.to_out.lora_B")]
     for bad, message in (
         ({**layers, "transformer_lora_layers": {"foo": torch.zeros(2)}}, r"\['foo'\] are no LoRA weights"),
-        ({**layers, "transformer_lora_adapter_metadata": {**metadata, "r": 8}}, "says rank 8, but the lora_A"),
+        (
+            {**layers, "transformer_lora_adapter_metadata": {**metadata, "r": 8}},
+            "to_out` has rank 4, the LoraConfig says 8",
+        ),
         ({**layers, "transformer_lora_adapter_metadata": {**metadata, "r": float("nan")}}, "must hold JSON values"),
         ({**layers, "transformer_lora_adapter_metadata": {**metadata, "x": object()}}, "must hold JSON values"),
         # a model's own state_dict (the adapter's name in the keys) and keys with the component's prefix were
@@ -897,7 +901,7 @@ def test_saving_is_atomic(var_adapter, tmp_path, monkeypatch):
                     k: v for k, v in layers["transformer_lora_layers"].items() if k != next(iter(lora_b_keys))
                 },
             },
-            "`transformer_lora_layers`: `blocks.0.attn.to_out` has lora_A but not both lora_A and lora_B",
+            "`transformer_lora_layers`: `blocks.0.attn.to_out` has lora_A but no lora_B weights",
         ),
     ):
         with pytest.raises(ValueError, match=message):
@@ -1549,3 +1553,222 @@ def test_a_folder_with_one_lora_file_of_another_name_loads_it(tmp_path):
     shutil.copy(tmp_path / "one" / "my_lora.safetensors", tmp_path / "one" / "other.safetensors")
     with pytest.raises(ValueError, match=r"no pytorch_lora_weights.safetensors .*it holds \['my_lora.safetensors', "):
         embedded("var").load_lora_weights(tmp_path / "one")
+
+
+def test_a_hotswap_of_an_adapter_on_the_class_embedding_is_refused_honestly(tmp_path):
+    """Hot-swapping an adapter that adapts ``class_embedding`` was refused with a false reason (the file "has layers
+    it does not adapt: ['class_embedding']"); PEFT's hot-swap cannot swap embedding LoRA weights at all (a KeyError
+    half-way). The refusal says so, names the layer and the way out, and changes nothing."""
+    source = embedded("var")
+    add_random_adapter(source.transformer, "e", seed=1, scale=0.3, targets=["attention", "class_embedding"])
+    with_embedding = save_adapter(source, tmp_path / "e", name="e")
+    expected = images(source, "var")
+    add_random_adapter(source.transformer, "l", seed=2, scale=0.3, targets=["attention"])
+    linear_only = save_adapter(source, tmp_path / "l", name="l")
+    for loaded, swapped in (
+        (with_embedding, with_embedding),
+        (with_embedding, linear_only),
+        (linear_only, with_embedding),
+    ):
+        pipe = embedded("var")
+        pipe.load_lora_weights(loaded, adapter_name="x")
+        before = model_state(pipe.transformer)
+        with pytest.raises(
+            ValueError,
+            match=r"`hotswap`: hot-swapping does not support adapters on embedding layers "
+            r"\(\['class_embedding'\].*another `adapter_name`.*delete_adapters\('x'\)",
+        ):
+            pipe.load_lora_weights(swapped, adapter_name="x", hotswap=True)
+        assert_same_state(before, model_state(pipe.transformer))
+    pipe.delete_adapters("x")  # the way out the message gives
+    pipe.load_lora_weights(with_embedding, adapter_name="x")
+    assert torch.equal(images(pipe, "var"), expected)
+
+
+def test_fuse_lora_after_disable_lora_is_refused(tmp_path):
+    """``disable_lora()`` then ``fuse_lora()`` merged the disabled adapter, and the next forward unmerged it by
+    subtracting it again: base weights off by rounding, ``set_adapters`` refused "on fused adapters" though nothing
+    was fused, and fuse + unload + save shipped the base model. It is a ValueError now, and nothing changes; after
+    ``enable_lora()`` the recipe ships the adapter. (``fuse_lora()`` then ``disable_lora()`` unfuses exactly: see
+    test_disable_delete_or_load_after_fusing_unfuses_exactly.)"""
+    pipe = embedded("var")
+    base_images = images(pipe, "var")
+    add_random_adapter(pipe.transformer, "a", scale=0.3)
+    pipe.disable_lora()
+    before = model_state(pipe.transformer)
+    with pytest.raises(ValueError, match=r"`fuse_lora`: the adapters of \['transformer'\] are disabled.*enable_lora"):
+        pipe.fuse_lora()
+    assert_same_state(before, model_state(pipe.transformer))
+    assert torch.equal(images(pipe, "var"), base_images) and not pipe.fused_loras
+    pipe.enable_lora()
+    pipe.fuse_lora()
+    fused = images(pipe, "var")
+    assert not torch.equal(fused, base_images)
+    pipe.unload_lora_weights()
+    pipe.save_pretrained(tmp_path / "shipped")
+    shipped = VARPipeline.from_pretrained(tmp_path / "shipped", dtype=torch.float32)
+    shipped.set_progress_bar_config(disable=True)
+    assert torch.equal(images(shipped, "var"), fused)
+
+
+def test_saving_checks_ranks_as_loading_does_for_embeddings_and_rank_patterns(tmp_path):
+    """``save_lora_weights`` compared the metadata's rank with ``lora_A.weight`` tensors only, and not at all beside a
+    ``rank_pattern``: an embedding adapter of rank 4 with ``r`` 8, or rank 4 everywhere with ``rank_pattern`` 8 for
+    one layer, was written, and loading refused the file. Saving runs loading's rank check now."""
+    source = embedded("var")
+    add_random_adapter(source.transformer, "e", rank=4, scale=0.3, targets=["attention", "class_embedding"])
+    tensors = get_peft_model_state_dict(source.transformer, adapter_name="e")
+    config = source.transformer.peft_config["e"].to_dict()
+    cases = [  # metadata, the layer and rank loading names
+        ({**config, "r": 8, "lora_alpha": 8, "target_modules": "class_embedding"}, "class_embedding` has rank 4"),
+        ({**config, "rank_pattern": {"blocks.0.attn.to_qkv": 8}}, r"blocks.0.attn.to_qkv` has rank 4"),
+        ({**config, "rank_pattern": {"class_embedding": 2}}, r"class_embedding` has rank 4"),
+    ]
+    pipe = embedded("var")
+    before = model_state(pipe.transformer)
+    for metadata, layer in cases:
+        kept = tensors
+        if metadata["target_modules"] == "class_embedding":
+            kept = {k: v for k, v in tensors.items() if k.startswith("class_embedding.")}
+        with pytest.raises(ValueError, match=f"`transformer_lora_adapter_metadata`: `{layer}, the LoraConfig says"):
+            VARPipeline.save_lora_weights(
+                tmp_path / "bad", transformer_lora_layers=kept, transformer_lora_adapter_metadata=metadata
+            )
+        assert not (tmp_path / "bad").exists()
+        # the file written by hand: loading refuses it with the same words
+        header = {
+            "format": "pt",
+            "lora_adapter_metadata": json.dumps({f"transformer.{k}": v for k, v in metadata.items()}),
+        }
+        path = tmp_path / "by_hand.safetensors"
+        save_file({f"transformer.{k}": v.contiguous() for k, v in kept.items()}, str(path), metadata=header)
+        with pytest.raises(ValueError, match=f"`{layer}, the LoraConfig says"):
+            pipe.load_lora_weights(path)
+        assert_same_state(before, model_state(pipe.transformer))
+    # a rank pattern the tensors follow saves, and loads to the same images
+    add_random_adapter(source.transformer, "p", rank=4, scale=0.3, rank_pattern={"blocks.0.attn.to_qkv": 8})
+    assert source.transformer.blocks[0].attn.to_qkv.r["p"] == 8
+    save_adapter(source, tmp_path / "p", name="p")
+    pipe.load_lora_weights(tmp_path / "p", adapter_name="p")
+    assert torch.equal(images(pipe, "var"), images(source, "var"))
+
+
+def _code_pair():
+    """A CoDe pipeline of the embedded drafter and refiner, and the refiner's own VARPipeline (sharing its model)."""
+    refiner = VARPipeline.from_pretrained(REPO_ROOT / "pipelines" / "var-shapes-refiner", dtype=torch.float32)
+    refiner.set_progress_bar_config(disable=True)
+    code = VARCoDePipeline.from_var_pipelines(embedded("var"), refiner)
+    code.set_progress_bar_config(disable=True)
+    return code, refiner
+
+
+def _base_weights(model) -> dict:
+    return {k.replace(".base_layer", ""): v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+
+
+def test_code_lora_methods_act_on_the_refiner_too(tmp_path):
+    """The refiner of a CoDe pipeline is a LoRA component: an adapter on it (here loaded through the refiner's own
+    pipeline) changed the images, but get_list_adapters() said {}, disable / fuse / unload / delete did nothing to
+    it, and save_pretrained's advice (fuse_lora, unload_lora_weights) could not be followed."""
+    code, refiner = _code_pair()
+    base_images, base_weights = images(code, "var"), _base_weights(code.refiner)
+    add_random_adapter(refiner.transformer, "ref", seed=3, scale=0.3)
+    with_adapter = images(code, "var")
+    assert not torch.equal(with_adapter, base_images)
+    assert code.get_list_adapters() == {"refiner": ["ref"]} and code.get_active_adapters() == ["ref"]
+    code.disable_lora()
+    assert torch.equal(images(code, "var"), base_images)
+    code.enable_lora()
+    code.fuse_lora()
+    assert code.fused_loras == {"ref"}
+    fused = images(code, "var")
+    code.unfuse_lora()
+    weights = _base_weights(code.refiner)
+    assert all(torch.equal(weights[k], base_weights[k]) for k in base_weights)
+    assert torch.equal(images(code, "var"), with_adapter)
+    with pytest.raises(ValueError, match="the refiner holds LoRA adapters.*call `fuse_lora\\(\\)` and then"):
+        code.save_pretrained(tmp_path / "code")
+    code.fuse_lora()  # the advice, followed
+    code.unload_lora_weights()
+    assert code.get_list_adapters() == {}
+    code.save_pretrained(tmp_path / "code")
+    shipped = VARCoDePipeline.from_pretrained(tmp_path / "code", dtype=torch.float32)
+    shipped.set_progress_bar_config(disable=True)
+    assert torch.equal(images(shipped, "var"), fused)
+
+    code, refiner = _code_pair()
+    add_random_adapter(refiner.transformer, "ref", seed=3, scale=0.3)
+    code.unload_lora_weights()
+    weights = _base_weights(code.refiner)
+    assert all(torch.equal(weights[k], base_weights[k]) for k in base_weights)
+    assert torch.equal(images(code, "var"), base_images)
+    add_random_adapter(refiner.transformer, "ref", seed=3, scale=0.3)
+    code.delete_adapters("ref")
+    assert code.get_list_adapters() == {} and torch.equal(images(code, "var"), base_images)
+
+
+def test_code_lora_files_hold_the_drafter_and_the_refiner(tmp_path):
+    """``VARCoDePipeline.save_lora_weights(..., refiner_lora_layers=...)`` writes ``refiner.`` keys; loading the file
+    into a CoDe pipeline puts each part on its model, and the pipeline's LoRA methods switch both. A VAR pipeline's
+    file (``transformer.`` keys) still goes to the drafter alone."""
+    code, _ = _code_pair()
+    base_images = images(code, "var")
+    add_random_adapter(code.transformer, "a", seed=1, scale=0.3)
+    add_random_adapter(code.refiner, "a", seed=2, scale=0.3)
+    both = images(code, "var")
+    VARCoDePipeline.save_lora_weights(
+        tmp_path / "both",
+        transformer_lora_layers=get_peft_model_state_dict(code.transformer, adapter_name="a"),
+        transformer_lora_adapter_metadata=code.transformer.peft_config["a"].to_dict(),
+        refiner_lora_layers=get_peft_model_state_dict(code.refiner, adapter_name="a"),
+        refiner_lora_adapter_metadata=code.refiner.peft_config["a"].to_dict(),
+    )
+    keys = load_file(tmp_path / "both" / "pytorch_lora_weights.safetensors")
+    assert {key.split(".")[0] for key in keys} == {"transformer", "refiner"}
+    fresh, _ = _code_pair()
+    fresh.load_lora_weights(tmp_path / "both", adapter_name="x")
+    assert fresh.get_list_adapters() == {"transformer": ["x"], "refiner": ["x"]}
+    assert torch.equal(images(fresh, "var"), both)
+    fresh.load_lora_weights(tmp_path / "both", adapter_name="x", hotswap=True)  # both models' weights swapped
+    assert torch.equal(images(fresh, "var"), both)
+    fresh.set_adapters("x", adapter_weights=[{"transformer": 1.0, "refiner": 0.0}])
+    drafter_only = images(fresh, "var")
+    assert not torch.equal(drafter_only, both) and not torch.equal(drafter_only, base_images)
+    fresh.set_adapters("x")
+    fresh.fuse_lora(components=["refiner"])
+    fresh.unfuse_lora()
+    assert torch.equal(images(fresh, "var"), both)
+    fresh.delete_adapters("x")
+    assert fresh.get_list_adapters() == {} and torch.equal(images(fresh, "var"), base_images)
+    with pytest.raises(ValueError, match=r"belong to none of this pipeline's LoRA components \['transformer'\]"):
+        embedded("var").load_lora_weights(tmp_path / "both")
+    with pytest.raises(ValueError, match="`refiner_lora_layers`: VARPipeline has no refiner"):
+        VARPipeline.save_lora_weights(tmp_path / "no", refiner_lora_layers=keys)
+
+    var = embedded("var")
+    add_random_adapter(var.transformer, "v", seed=4, scale=0.3)
+    var_file = save_adapter(var, tmp_path / "var", name="v")
+    fresh.load_lora_weights(var_file, adapter_name="v")
+    assert fresh.get_list_adapters() == {"transformer": ["v"]}
+
+
+def test_a_refiner_adapter_loaded_under_fast_inference_drops_the_graphs(tmp_path):
+    """The fast path remakes its graphs when the adapters change; it watched the drafter's only."""
+    code, _ = _code_pair()
+    add_random_adapter(code.refiner, "r", seed=2, scale=0.3)
+    expected = images(code, "var")
+    VARCoDePipeline.save_lora_weights(
+        tmp_path / "r",
+        refiner_lora_layers=get_peft_model_state_dict(code.refiner, adapter_name="r"),
+        refiner_lora_adapter_metadata=code.refiner.peft_config["r"].to_dict(),
+    )
+    fast, _ = _code_pair()
+    fast.enable_fast_inference(dtype=torch.float32)
+    images(fast, "var")
+    fast._graph_steps["stand-in"] = object()
+    fast._sync_adapters()
+    assert "stand-in" in fast._graph_steps
+    fast.load_lora_weights(tmp_path / "r", adapter_name="r")
+    fast._sync_adapters()
+    assert "stand-in" not in fast._graph_steps
+    assert torch.equal(images(fast, "var"), expected)

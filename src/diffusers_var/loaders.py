@@ -7,7 +7,8 @@ with diffusers' LoRA API through the mixins below, subclasses of diffusers' ``Lo
 ``unload_lora_weights``, ``get_active_adapters``, ``delete_adapters``, ``enable_lora`` / ``disable_lora``.
 
 Files are diffusers' format: ``pytorch_lora_weights.safetensors`` (safetensors only), PEFT key names
-(``transformer.blocks.0.attn.to_qkv.lora_A.weight``; ``text_encoder.`` keys for a text-encoder adapter), the
+(``transformer.blocks.0.attn.to_qkv.lora_A.weight``; ``text_encoder.`` keys for a text-encoder adapter, ``refiner.``
+keys for the refiner of a ``VARCoDePipeline``), the
 ``LoraConfig`` in the ``lora_adapter_metadata`` header entry. The header also names the transformer class the adapter
 was made for (``diffusers_var_lora``); loading an adapter made for another family, or for a transformer of another
 shape, is a ``ValueError`` that says what does not fit.
@@ -53,7 +54,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .file_utils import SAFETENSORS_ONLY, is_hub_repo_id, write_atomic
-from .scalars import is_bool, is_integer, is_number
+from .scalars import is_bool, is_number
 
 logger = logging.get_logger(__name__)
 
@@ -320,6 +321,41 @@ def _configured_rank(config, module_name: str) -> int:
     return pattern.get(get_pattern_key(pattern.keys(), module_name), config.r)
 
 
+def _layer_ranks(state_dict: dict) -> dict[str, dict[str, int]]:
+    """``{layer: {"lora_A": rank, "lora_B": rank}}`` from the LoRA matrices of a state dict (PEFT names): A is
+    (rank, inputs), B (outputs, rank), for Linear and Embedding layers alike. Vectors (DoRA's magnitude, lora_B's
+    bias) and tensors of other dimensions have no rank."""
+    ranks: dict[str, dict[str, int]] = {}
+    for key, tensor in state_dict.items():
+        match = _LORA_KEY.match(key) if isinstance(key, str) else None
+        if match is None or match["part"] == "lora_magnitude_vector" or key.endswith(".bias") or tensor.ndim != 2:
+            continue
+        side = match["part"][-1]
+        ranks.setdefault(match["module"], {})[f"lora_{side}"] = tensor.shape[0] if side == "A" else tensor.shape[1]
+    return ranks
+
+
+def lora_rank_problems(ranks: dict[str, dict[str, int]], config=None) -> list[str]:
+    """What is wrong with the ranks of :func:`_layer_ranks`: a layer with lora_A or lora_B alone, the two of other
+    ranks, a rank below 1, and, given the adapter's usable ``LoraConfig``, a rank other than the one it gives the
+    layer (``r`` or ``rank_pattern``). One check for loading and saving: a file saved is a file that loads."""
+    problems = []
+    for name, found in sorted(ranks.items(), key=lambda item: _natural_key(item[0])):
+        if len(found) == 1:
+            (have,) = found
+            problems.append(f"`{name}` has {have} but no {'lora_B' if have == 'lora_A' else 'lora_A'} weights")
+        elif found["lora_A"] != found["lora_B"]:
+            problems.append(f"`{name}`: lora_A has rank {found['lora_A']}, lora_B has rank {found['lora_B']}")
+        elif found["lora_A"] < 1:
+            problems.append(f"`{name}` has rank {found['lora_A']}; ranks must be >= 1")
+    if config is not None and not problems:
+        for name, found in sorted(ranks.items(), key=lambda item: _natural_key(item[0])):
+            configured = _configured_rank(config, name)
+            if found["lora_A"] != configured:
+                problems.append(f"`{name}` has rank {found['lora_A']}, the LoraConfig says {configured}")
+    return problems
+
+
 def lora_mismatches(state_dict: dict[str, torch.Tensor], model: nn.Module, config=None) -> list[str]:
     """What keeps ``state_dict`` (PEFT key names, no component prefix) from fitting ``model``: keys that name no
     adaptable layer, tensors whose shapes do not match the layer's widths, layers whose ``lora_A`` and ``lora_B``
@@ -331,7 +367,7 @@ def lora_mismatches(state_dict: dict[str, torch.Tensor], model: nn.Module, confi
     problems, covered = [], set()
     if config is not None:
         problems += lora_config_problems(config)
-    ranks: dict[str, dict[str, int]] = {}  # layer: {"lora_A": rank, "lora_B": rank}
+    matrices = {}  # the LoRA matrices of the model's layers, for the rank checks
     magnitudes = set()  # layers with DoRA's magnitude vector
     for key, tensor in state_dict.items():
         match = _LORA_KEY.match(key)
@@ -367,21 +403,9 @@ def lora_mismatches(state_dict: dict[str, torch.Tensor], model: nn.Module, confi
             problems.append(f"`{key}` has {tensor.shape[-1]} rows, `{name}` has {d_in}")
         elif part == "lora_embedding_B" and tensor.shape[0] != d_out:
             problems.append(f"`{key}` has width {tensor.shape[0]}, `{name}` has {d_out}")
-        # A: (rank, inputs), B: (outputs, rank), for Linear and Embedding layers alike
-        side = part[-1]
-        ranks.setdefault(name, {})[f"lora_{side}"] = tensor.shape[0] if side == "A" else tensor.shape[1]
-    for name, found in sorted(ranks.items(), key=lambda item: _natural_key(item[0])):
-        if len(found) == 1:
-            (have,) = found
-            problems.append(f"`{name}` has {have} but no {'lora_B' if have == 'lora_A' else 'lora_A'} weights")
-        elif found["lora_A"] != found["lora_B"]:
-            problems.append(f"`{name}`: lora_A has rank {found['lora_A']}, lora_B has rank {found['lora_B']}")
-        elif found["lora_A"] < 1:
-            problems.append(f"`{name}` has rank {found['lora_A']}; ranks must be >= 1")
-        elif config is not None and not problems and found["lora_A"] != _configured_rank(config, name):
-            problems.append(
-                f"`{name}` has rank {found['lora_A']}, the LoraConfig says {_configured_rank(config, name)}"
-            )
+        matrices[key] = tensor
+    ranks = _layer_ranks(matrices)
+    problems += lora_rank_problems(ranks, None if problems else config)  # (the config's ranks: a usable config)
     # DoRA: a magnitude per adapted layer, exactly when the config says use_dora (diffusers infers it, without
     # metadata, from any magnitude key); otherwise torch failed on meta tensors, or layers ran as plain LoRA
     use_dora = bool(config.use_dora) if config is not None else bool(magnitudes)
@@ -458,11 +482,31 @@ def _update_hotswapped_config(config, metadata: dict, state_dict: dict) -> None:
             config.r = ranks.pop()
 
 
-def _check_hotswap_layers(model: nn.Module, adapter_name: str, state_dict: dict) -> None:
+def _check_hotswap_layers(model: nn.Module, adapter_name: str, state_dict: dict, component: str) -> None:
     """A ValueError (before anything changes) unless the file's LoRA weights cover the layers ``adapter_name``
-    adapts in ``model``, no more and no fewer: PEFT's hot-swap raised its own RuntimeError half-way otherwise."""
-    adapted = {name for name, module in model.named_modules() if adapter_name in getattr(module, "lora_A", {})}
-    given = {match["module"] for key in state_dict if (match := _LORA_KEY.match(key))}
+    adapts in ``model``, no more and no fewer: PEFT's hot-swap raised its own RuntimeError half-way otherwise. Neither
+    may adapt an embedding layer: PEFT's hot-swap takes a layer's name from ``lora_*.<adapter>.weight`` keys, which
+    an embedding's parameters (``lora_embedding_A.<adapter>``) lack, and fails half-way with a KeyError."""
+    adapted, embeddings = set(), set()
+    for name, module in model.named_modules():
+        for part in ("lora_A", "lora_embedding_A"):
+            if adapter_name in getattr(module, part, {}):
+                adapted.add(name)
+                if part == "lora_embedding_A":
+                    embeddings.add(name)
+    given = set()
+    for key in state_dict:
+        if match := _LORA_KEY.match(key):
+            given.add(match["module"])
+            if match["part"].startswith("lora_embedding_"):
+                embeddings.add(match["module"])
+    if embeddings:
+        raise ValueError(
+            f"`hotswap`: hot-swapping does not support adapters on embedding layers ({sorted(embeddings)}; "
+            "PEFT's hot-swap takes Linear and Conv2d LoRA weights only). Load the file under another `adapter_name`, "
+            f"or remove adapter {adapter_name!r} first (`delete_adapters({adapter_name!r})` or "
+            "`unload_lora_weights()`) and load it again."
+        )
     if given != adapted:
         extra, missing = sorted(given - adapted, key=_natural_key), sorted(adapted - given, key=_natural_key)
         said = [
@@ -470,7 +514,8 @@ def _check_hotswap_layers(model: nn.Module, adapter_name: str, state_dict: dict)
             f"none for: {missing[:3]}" if missing else "",
         ]
         raise ValueError(
-            f"`hotswap`: the file's LoRA weights must target the layers adapter {adapter_name!r} adapts; it has "
+            f"`hotswap`: the file's LoRA weights must target the layers adapter {adapter_name!r} adapts in the "
+            f"{component}; it has "
             f"{'; '.join(part for part in said if part)}. Load it as another adapter instead."
         )
 
@@ -510,26 +555,18 @@ def _json_safe(metadata, parameter: str) -> dict | None:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in metadata.items()}
 
 
+def _some(problems: list[str], shown: int = 3) -> str:
+    return "; ".join(problems[:shown]) + (f"; ... ({len(problems)} problems)" if len(problems) > shown else "")
+
+
 def _check_saved_metadata(metadata: dict | None, tensors: dict, parameter: str) -> None:
-    """An adapter's ``LoraConfig`` as a file header: JSON, a LoraConfig, and its rank that of the ``lora_A``
-    tensors (without a ``rank_pattern``), so that load_lora_weights takes the file back."""
-    layers: dict[str, dict[str, int]] = {}  # as lora_mismatches pairs them when loading
-    for key, tensor in tensors.items():
-        match = _LORA_KEY.match(key)
-        if match and match["part"] != "lora_magnitude_vector" and not key.endswith(".bias") and tensor.ndim == 2:
-            side = match["part"][-1]
-            layers.setdefault(match["module"], {})[side] = tensor.shape[0] if side == "A" else tensor.shape[1]
-    layers_parameter = parameter.replace("adapter_metadata", "layers")
-    for name, found in sorted(layers.items(), key=lambda item: _natural_key(item[0])):
-        if len(found) == 1:
-            raise ValueError(
-                f"`{layers_parameter}`: `{name}` has lora_{next(iter(found))} but not both lora_A and lora_B."
-            )
-        if found["A"] != found["B"] or found["A"] < 1:
-            raise ValueError(
-                f"`{layers_parameter}`: `{name}` has lora_A of rank {found['A']}, lora_B of rank {found['B']}; "
-                "they must agree and be >= 1."
-            )
+    """An adapter's ``LoraConfig`` as a file header: JSON, a LoraConfig, and the ranks of the tensors those it gives
+    each layer (``r``, ``rank_pattern``; Linear and Embedding layers), checked as load_lora_weights checks them, so
+    that it takes the file back."""
+    ranks = _layer_ranks(tensors)
+    problems = lora_rank_problems(ranks)
+    if problems:
+        raise ValueError(f"`{parameter.replace('adapter_metadata', 'layers')}`: {_some(problems)}.")
     if not metadata:
         return
     try:
@@ -542,15 +579,9 @@ def _check_saved_metadata(metadata: dict | None, tensors: dict, parameter: str) 
         config = LoraConfig(**metadata)
     except (TypeError, ValueError) as err:
         raise ValueError(f"`{parameter}` is not a LoraConfig ({_first_line(err)}).") from None
-    problems = lora_config_problems(config)
+    problems = lora_config_problems(config) or lora_rank_problems(ranks, config)
     if problems:
-        raise ValueError(f"`{parameter}`: {'; '.join(problems)}.")
-    rank = metadata.get("r")
-    if rank is not None and (not is_integer(rank) or rank < 1):
-        raise ValueError(f"`{parameter}`: `r` must be a positive integer, got {rank!r}.")
-    ranks = {tuple(v.shape)[0] for k, v in tensors.items() if k.endswith("lora_A.weight") and v.ndim == 2}
-    if rank is not None and not metadata.get("rank_pattern") and ranks and ranks != {rank}:
-        raise ValueError(f"`{parameter}` says rank {rank}, but the lora_A tensors have rank(s) {sorted(ranks)}.")
+        raise ValueError(f"`{parameter}`: {_some(problems)}.")
 
 
 _SOURCE = "`pretrained_model_name_or_path_or_dict`"
@@ -642,7 +673,8 @@ def _restored_on_failure(models: list[nn.Module], adapter_name: str, hotswap: bo
 # ----------------------------------------------------------------------------------------------
 class NextScaleLoraLoaderMixin(LoraBaseMixin):
     r"""Load, save, fuse and switch LoRA adapters of a next-scale pipeline's transformer (and, for the text-to-image
-    families, of its text encoder) with diffusers' LoRA API. See the module docstring for the file format.
+    families, of its text encoder; for CoDe, of its refiner) with diffusers' LoRA API. See the module docstring for
+    the file format.
 
     Beyond diffusers: ``unfuse_lora`` gives back the weights the layers had before ``fuse_lora`` bit for bit (fusing
     keeps a copy of the fused layers' base weights on the CPU until they are unfused or unloaded), and the adapter
@@ -837,7 +869,7 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
                     ) from None
             problems += [f"{component}: {p}" for p in lora_mismatches(part, model, config)]
         if problems:
-            shown = "; ".join(problems[:4]) + (f"; ... ({len(problems)} problems)" if len(problems) > 4 else "")
+            shown = _some(problems, 4)
             raise ValueError(
                 f"{source_name}: this LoRA does not fit the pipeline's "
                 f"{type(transformer).__name__ if transformer is not None else 'models'}: {shown}."
@@ -846,15 +878,17 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
     def load_lora_weights(
         self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, hotswap: bool = False, **kwargs
     ):
-        r"""Load a LoRA into the transformer (and text encoder, when the file has ``text_encoder.`` keys) as adapter
-        ``adapter_name`` (default ``default_0``, ``default_1``, ...), made active.
+        r"""Load a LoRA into the transformer (and text encoder, when the file has ``text_encoder.`` keys; CoDe's
+        refiner, ``refiner.`` keys) as adapter ``adapter_name`` (default ``default_0``, ``default_1``, ...), made
+        active.
 
         Args:
             pretrained_model_name_or_path_or_dict: a folder holding ``pytorch_lora_weights.safetensors``, a
                 ``.safetensors`` file, a Hub repository id, or a state dict (PEFT key names, with ``transformer.`` /
                 ``text_encoder.`` prefixes or, for the transformer alone, without).
             adapter_name: the adapter's name (``set_adapters``, ``delete_adapters``).
-            hotswap: replace the weights of the already loaded adapter ``adapter_name`` in place (diffusers').
+            hotswap: replace the weights of the already loaded adapter ``adapter_name`` in place (diffusers'; the
+                transformer's and refiner's adapters, not on embedding layers).
             kwargs: ``weight_name``, ``subfolder``, ``local_files_only``, ``low_cpu_mem_usage``, ... (diffusers').
 
         A ``ValueError`` (before anything changes) when the file cannot be read, holds no usable weights, or was made
@@ -884,16 +918,21 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         source_name = _SOURCE if isinstance(source, dict) else f"{_SOURCE} {os.fspath(source)!r}"
         self.check_lora_state_dict(state_dict, metadata, family, source_name=source_name)
         parts = self._split_by_component(state_dict)
-        transformer = getattr(self, self.transformer_name)
         loaded = self._loaded_adapter_names()
         if adapter_name is None:  # the first free of default_0, default_1, ... over every component's adapters
             adapter_name = next(f"default_{i}" for i in itertools.count() if f"default_{i}" not in loaded)
-        if hotswap and adapter_name not in getattr(transformer, "peft_config", {}):
-            raise ValueError(f"`hotswap`: no adapter {adapter_name!r} to replace (loaded: {sorted(loaded)}).")
-        if hotswap and parts.get(self.text_encoder_name):
-            raise ValueError("`hotswap`: hot-swapping applies to the transformer's adapters only.")
+        model_components = [c for c in self._lora_loadable_modules if c != self.text_encoder_name]
         if hotswap:
-            _check_hotswap_layers(transformer, adapter_name, parts.get(self.transformer_name) or {})
+            holders = [
+                c for c in model_components if adapter_name in getattr(getattr(self, c, None), "peft_config", {})
+            ]
+            if not holders:
+                raise ValueError(f"`hotswap`: no adapter {adapter_name!r} to replace (loaded: {sorted(loaded)}).")
+            if parts.get(self.text_encoder_name):
+                raise ValueError(f"`hotswap`: hot-swapping applies to the adapters of {model_components} only.")
+            # each model holding the adapter gets the file's weights for it, and the file has none for another
+            for component in [c for c in model_components if c in holders or c in parts]:
+                _check_hotswap_layers(getattr(self, component), adapter_name, parts.get(component) or {}, component)
         if not hotswap and adapter_name in loaded:
             raise ValueError(
                 f"`adapter_name` {adapter_name!r} is already loaded (loaded: {sorted(loaded)}): pick another name, "
@@ -906,24 +945,22 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         layers = list(self._lora_layers(self._lora_loadable_modules))
         disabled = bool(layers) and all(layer.disable_adapters for layer in layers)
         with _restored_on_failure(models, adapter_name, hotswap):
-            transformer_part = parts.get(self.transformer_name)
-            if transformer_part:
-                transformer.load_lora_adapter(
-                    transformer_part,
+            for component in [c for c in model_components if c in parts]:  # the transformer (CoDe: and refiner)
+                model = getattr(self, component)
+                model.load_lora_adapter(
+                    parts[component],
                     prefix=None,
                     adapter_name=adapter_name,
-                    metadata=_component_metadata(metadata, self.transformer_name) or None,
+                    metadata=_component_metadata(metadata, component) or None,
                     _pipeline=self,
                     low_cpu_mem_usage=low_cpu_mem_usage,
                     hotswap=hotswap,
                 )
                 if hotswap:  # the layers took the new rank and scale; the adapter's config kept the old ones
                     _update_hotswapped_config(
-                        transformer.peft_config[adapter_name],
-                        _component_metadata(metadata, self.transformer_name),
-                        transformer_part,
+                        model.peft_config[adapter_name], _component_metadata(metadata, component), parts[component]
                     )
-                match_adapter_mode(transformer, adapter_name)
+                match_adapter_mode(model, adapter_name)
             text_part = parts.get(self.text_encoder_name)
             if text_part:
                 meta = _component_metadata(metadata, self.text_encoder_name) or None
@@ -978,6 +1015,8 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         safe_serialization: bool = True,
         transformer_lora_adapter_metadata: dict | None = None,
         text_encoder_lora_adapter_metadata: dict | None = None,
+        refiner_lora_layers: dict[str, torch.Tensor | nn.Module] | None = None,
+        refiner_lora_adapter_metadata: dict | None = None,
     ):
         r"""Write ``pytorch_lora_weights.safetensors`` (or ``weight_name``) into ``save_directory``.
 
@@ -985,9 +1024,11 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             transformer_lora_layers: the transformer's LoRA weights, e.g.
                 ``peft.utils.get_peft_model_state_dict(pipe.transformer, adapter_name="default")``.
             text_encoder_lora_layers: the text encoder's (STAR / Infinity), likewise.
+            refiner_lora_layers: the refiner's (:class:`VARCoDePipeline`), likewise (``refiner.`` keys).
             transformer_lora_adapter_metadata: the adapter's ``LoraConfig.to_dict()``
                 (``pipe.transformer.peft_config["default"].to_dict()``); without it a loader takes the rank from the
-                tensors and scale 1 (``lora_alpha = rank``), as diffusers does. Likewise for the text encoder.
+                tensors and scale 1 (``lora_alpha = rank``), as diffusers does. Likewise for the text encoder
+                (``text_encoder_lora_adapter_metadata``) and the refiner (``refiner_lora_adapter_metadata``).
             is_main_process, save_function: diffusers' (several processes; a custom writer of ``(tensors, path)``).
             safe_serialization: ``False`` is noted and ignored (safetensors only: a pickle can run code).
         """
@@ -999,23 +1040,25 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
             or os.path.basename(weight_name) != weight_name  # a path would write outside save_directory
         ):
             raise ValueError(f"`weight_name` must be a file name ending with .safetensors, got {weight_name!r}.")
+        given = {  # component (the key prefix): its layers and metadata
+            "transformer": (transformer_lora_layers, transformer_lora_adapter_metadata),
+            "text_encoder": (text_encoder_lora_layers, text_encoder_lora_adapter_metadata),
+            "refiner": (refiner_lora_layers, refiner_lora_adapter_metadata),
+        }
         lora_layers, lora_metadata = {}, {}
-        if transformer_lora_layers:
-            lora_layers[cls.transformer_name] = transformer_lora_layers
-            lora_metadata[cls.transformer_name] = _json_safe(
-                transformer_lora_adapter_metadata, "transformer_lora_adapter_metadata"
-            )
-        if text_encoder_lora_layers:
-            if "text_encoder" not in cls._lora_loadable_modules:
-                raise ValueError(f"`text_encoder_lora_layers`: {cls.__name__} has no text encoder.")
-            lora_layers[cls.text_encoder_name] = text_encoder_lora_layers
-            lora_metadata[cls.text_encoder_name] = _json_safe(
-                text_encoder_lora_adapter_metadata, "text_encoder_lora_adapter_metadata"
-            )
+        for component, (layers, metadata) in given.items():
+            if not layers:
+                continue
+            if component not in cls._lora_loadable_modules:
+                raise ValueError(f"`{component}_lora_layers`: {cls.__name__} has no {component.replace('_', ' ')}.")
+            lora_layers[component] = layers
+            lora_metadata[component] = _json_safe(metadata, f"{component}_lora_adapter_metadata")
         if not lora_layers:
-            raise ValueError("Pass at least one of `transformer_lora_layers` or `text_encoder_lora_layers`.")
+            raise ValueError(
+                f"Pass {' or '.join(f'`{c}_lora_layers`' for c in cls._lora_loadable_modules)} (none was given)."
+            )
         for component, layers in lora_layers.items():  # what load_lora_weights would refuse, refused before writing
-            parameter = "text_encoder_lora_layers" if component == cls.text_encoder_name else "transformer_lora_layers"
+            parameter = f"{component}_lora_layers"
             tensors = layers.state_dict() if isinstance(layers, torch.nn.Module) else layers
             problems = lora_tensor_problems(tensors)
             if problems:
@@ -1108,6 +1151,14 @@ class NextScaleLoraLoaderMixin(LoraBaseMixin):
         if adapter_names is not None:  # diffusers fuses nothing, without a word, for a name it does not know
             adapter_names = self._check_adapter_names(adapter_names)
         layers = list(self._lora_layers(components))
+        # PEFT merges disabled adapters, then its next forward unmerges them by subtracting the update again: the
+        # base weights ended off by rounding, nothing fused, and fuse + unload + save shipped the base model
+        disabled = [c for c in components if any(layer.disable_adapters for layer in self._lora_layers([c]))]
+        if disabled:
+            raise ValueError(
+                f"`fuse_lora`: the adapters of {disabled} are disabled (`disable_lora()`); call `enable_lora()` "
+                "first, then `fuse_lora()`."
+            )
         if adapter_names is not None:
             # once one adapter is merged, PEFT's forward skips the unmerged ones: the others active stopped running
             left_out = sorted({a for layer in layers for a in layer.active_adapters} - set(adapter_names))

@@ -1386,7 +1386,9 @@ class FastInferenceMixin:
         if self.transformer is not None:
             settings = FastSettings(enabled, dtype if enabled else None, enabled and fp8, enabled and cuda_graphs)
             setattr(self.transformer, FAST_SETTINGS_ATTRIBUTE, settings)
-            setattr(self.transformer, ADAPTER_STATE_ATTRIBUTE, adapter_state(self.transformer))
+        for model in self._graphed_models():  # (CoDe: the refiner's adapters too)
+            if model is not None:
+                setattr(model, ADAPTER_STATE_ATTRIBUTE, adapter_state(model))
         self._invalidate_graphs()
         return self
 
@@ -1404,19 +1406,21 @@ class FastInferenceMixin:
     def _sync_adapters(self) -> None:
         """At every generation's start. The CUDA graphs replay the LoRA layers as they were when captured (active
         adapters, scales, fused or not), and the float8 weights are copies: when loading, fusing, switching or scaling
-        adapters has changed what the transformer computes since, the float8 copies are remade and the graphs of
-        every pipeline sharing the transformer dropped (recaptured on the next call). Stale graph sets of this
-        pipeline are freed here too, graphs on or off."""
+        adapters has changed what the transformer (CoDe: or the refiner) computes since, the float8 copies are remade
+        and the graphs of every pipeline sharing the model dropped (recaptured on the next call). Stale graph sets of
+        this pipeline are freed here too, graphs on or off."""
         self._graph_cache()  # (frees stale sets)
-        transformer = getattr(self, "transformer", None)
-        if not self._fast_inference or transformer is None:
+        if not self._fast_inference or getattr(self, "transformer", None) is None:
             return
         self._follow_moved_weights()
-        state = adapter_state(transformer)
-        if state != getattr(transformer, ADAPTER_STATE_ATTRIBUTE, None):
-            quantize_linears_fp8_(transformer, self._fast_fp8)
-            setattr(transformer, ADAPTER_STATE_ATTRIBUTE, state)
-            self._invalidate_graphs()
+        for model in self._graphed_models():  # (CoDe: the refiner's adapters, a LoRA component too)
+            if model is None:
+                continue
+            state = adapter_state(model)
+            if state != getattr(model, ADAPTER_STATE_ATTRIBUTE, None):
+                quantize_linears_fp8_(model, self._fast_fp8)
+                setattr(model, ADAPTER_STATE_ATTRIBUTE, state)
+                self._invalidate_graphs()
         if self._fast_fp8:  # weights changed in place (the graphs read them where they are: only the copies are old)
             for component in self.components.values():
                 if isinstance(component, nn.Module) and fp8_copies_stale(component):

@@ -1069,6 +1069,9 @@ class VARCoDePipeline(VARPipeline):
 
     model_cpu_offload_seq = "transformer->refiner"
     _exclude_from_cpu_offload = ["vqvae"]
+    # LoRA: the drafter's adapters (``transformer.`` keys: a VAR pipeline's files) and the refiner's (``refiner.``);
+    # every LoRA method (list, disable, fuse, unload, delete, set_adapters) acts on both
+    _lora_loadable_modules = ["transformer", "refiner"]
     _missing_component_hint = (
         ", or build it from two VAR pipelines: VARCoDePipeline.from_var_pipelines(drafter, refiner)"
     )
