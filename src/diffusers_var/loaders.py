@@ -54,6 +54,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .file_utils import SAFETENSORS_ONLY, is_hub_repo_id, write_atomic
+from .models.loading import any_submodule
 from .scalars import is_bool, is_number
 
 logger = logging.get_logger(__name__)
@@ -1330,6 +1331,8 @@ def adapter_state(model: nn.Module | None) -> tuple:
         return ()
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    if not any_submodule(model, lambda module: isinstance(module, BaseTunerLayer)):
+        return ()  # (asked at every fast generation: the named walk below costs milliseconds on the large models)
     state = []
     for name, module in model.named_modules():
         if isinstance(module, BaseTunerLayer):

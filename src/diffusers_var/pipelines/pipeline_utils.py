@@ -59,6 +59,7 @@ from ..file_utils import (
 from ..models.loading import (
     FAST_PATH_ATTRIBUTE,
     PUSH_KWARGS,
+    any_submodule,
     check_dtype_argument,
     check_save_arguments,
     push_folder_to_hub,
@@ -324,14 +325,8 @@ def images_to_output(images: torch.Tensor, output_type: str):
 # ----------------------------------------------------------------------------------------------
 def _holds_a_hook(module: torch.nn.Module) -> bool:
     """Whether ``module`` or a submodule carries an accelerate (``_hf_hook``) or diffusers (``_diffusers_hook``: group
-    offloading, layerwise casting) hook; a walk over the ``_modules`` dicts, without ``named_modules``' names."""
-    stack = [module]
-    while stack:
-        attributes = stack.pop().__dict__
-        if "_hf_hook" in attributes or "_diffusers_hook" in attributes:
-            return True
-        stack.extend(child for child in attributes["_modules"].values() if child is not None)
-    return False
+    offloading, layerwise casting) hook."""
+    return any_submodule(module, lambda sub: "_hf_hook" in sub.__dict__ or "_diffusers_hook" in sub.__dict__)
 
 
 class NextScalePipeline(DiffusionPipeline, FastInferenceMixin):
