@@ -27,6 +27,7 @@ from .cli_support import (
     expect_pipeline_class,
     float_in_range,
     generation_pipeline_class,
+    guidance_scale_flag,
     home_path,
     int_in_range,
     load_loras,
@@ -36,6 +37,7 @@ from .cli_support import (
     pipeline_class_of,
     pipeline_family,
     print_error,
+    top_p_flag,
 )
 from .conversion.common import folder_problem
 from .embedded_models import EMBEDDED_PIPELINES, default_model, resolve_pipeline_folder
@@ -506,11 +508,11 @@ def _demo(args) -> int:
 
 def add_sampling_arguments(parser) -> None:
     """The flags ``generate`` and ``edit`` share, with the same ranges (checked when parsing)."""
-    parser.add_argument("--guidance-scale", type=float_in_range(0.0), default=None, help="default: the pipeline's")
-    parser.add_argument("--top-k", type=int_in_range(0), default=None, help="default: the pipeline's (0 = off)")
     parser.add_argument(
-        "--top-p", type=float_in_range(0.0, 1.0), default=None, help="default: the pipeline's (0 = off)"
+        "--guidance-scale", type=guidance_scale_flag, default=None, help="0 to 10000 (default: the pipeline's)"
     )
+    parser.add_argument("--top-k", type=int_in_range(0), default=None, help="default: the pipeline's (0 = off)")
+    parser.add_argument("--top-p", type=top_p_flag, default=None, help="0 to 1 (default: the pipeline's; 0 = off)")
     for flag in ("height", "width"):
         parser.add_argument(
             f"--{flag}", type=int_in_range(1), default=None, help=f"Infinity: image {flag} (default: the model's)"
