@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .cli_support import (
+    IMAGE_SUFFIXES,
     INTERRUPTED,
     MAX_BATCH_SIZE,
     MAX_IMAGES,
@@ -117,8 +118,7 @@ def check_output(out: Path, count: int, overwrite: bool = False) -> str | None:
     if not suffix:
         return f"`--out` {str(out)!r} has no file extension; add one (.png, .jpg, .webp): it picks the image format"
     if not _writes_rgb(formats.get(suffix)):
-        common = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-        writable = sorted(ext for ext in common if _writes_rgb(formats.get(ext)))
+        writable = sorted(ext for ext in IMAGE_SUFFIXES if _writes_rgb(formats.get(ext)))
         return f"`--out` {str(out)!r}: PIL cannot write an RGB image as {suffix!r}; use one of {', '.join(writable)}"
     problem = (  # path_problem first: a name too long in out's folder raised in folder_problem (a traceback)
         path_problem(out) or folder_problem(out.parent) or atomic_name_problem(output_path(out, count - 1, count))

@@ -36,6 +36,8 @@ COMPILE_BLOCKS_SHAPES = ("dynamic", "static-tokens", "static")
 # the file a LoRA folder is read from (diffusers' ``LORA_WEIGHT_NAME_SAFE``), here too so that building a parser does
 # not import torch
 LORA_WEIGHT_NAME_SAFE = "pytorch_lora_weights.safetensors"
+# The image formats generate / edit offer for --out (those PIL writes from RGB) and evaluate reads from image folders.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 # The demo's counts, which ``diffusers-var demo`` takes as flags and ``diffusers_var.demo.build_demo`` as arguments:
 # argument -> (flag, lowest, highest); both check them against this table.
 DEMO_RANGES = {

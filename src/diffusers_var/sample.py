@@ -684,18 +684,25 @@ def _write_run_file(run_file: Path, settings: dict, batch_size: int) -> None:
     write_atomic(run_file, lambda tmp: tmp.write_text(content))
 
 
+def read_run_file(run_file: Path) -> dict | None:
+    """The content of a run.json this command wrote (a ``"settings"`` object with the keys every version records),
+    else None (unreadable, or another program's)."""
+    try:
+        content = json.loads(run_file.read_text())
+        recorded = content["settings"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+    return content if isinstance(recorded, dict) and RUN_SETTINGS_ALWAYS <= set(recorded) else None
+
+
 def _run_file_content(out: Path) -> dict:
     """``out``'s run file, or a ValueError naming ``--out`` when it is not this command's."""
-    try:
-        content = json.loads((out / RUN_FILE).read_text())
-        recorded = content["settings"]
-        if not isinstance(recorded, dict) or not RUN_SETTINGS_ALWAYS <= set(recorded):
-            raise TypeError
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+    content = read_run_file(out / RUN_FILE)
+    if content is None:
         raise ValueError(
             f"`--out` {str(out)!r} holds a {RUN_FILE} that is not this command's (unreadable, or no "
             f'"settings" object); choose another --out, or remove that file if the folder is yours to reuse.'
-        ) from None
+        )
     return content
 
 
