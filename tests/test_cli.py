@@ -192,7 +192,6 @@ def test_bad_arguments_are_one_line_errors_naming_the_flag(argv, flag, tmp_path,
     [
         (["--class-label", "999"], "--class-label"),
         (["--prompt", "a purple blob"], "--prompt"),  # (VAR reads its class from --prompt too)
-        (["--guidance-scale", "20000"], "--guidance-scale"),  # above the pipelines' 1e4
         (["--prompt", "  "], "--prompt"),  # (a blank one drew a random class)
         (["--model", str(REPO_ROOT / "pipelines" / "star-shapes"), "--prompt", " "], "--prompt"),
         (["--model", str(REPO_ROOT / "pipelines" / "infinity-shapes"), "--prompt", "a", "--height", "1"], "--height"),
@@ -215,6 +214,11 @@ def test_whole_number_flags_take_leading_zeros(tmp_path, capsys):
     from diffusers_var.pipelines.pipeline_utils import MAX_BATCH_SIZE as PIPELINE_MAX_BATCH_SIZE
 
     assert MAX_BATCH_SIZE == PIPELINE_MAX_BATCH_SIZE  # the flags' bound is the pipelines' (no torch import)
+    from diffusers_var import cli_support
+    from diffusers_var.pipelines import pipeline_utils
+
+    for name in ("MAX_GUIDANCE_SCALE", "MIN_TEMPERATURE"):  # likewise the sampling flags' ranges
+        assert getattr(cli_support, name) == getattr(pipeline_utils, name), name
     assert _exit_code(["generate", "--seed", "07", "--out", str(tmp_path / "a.png")]) == 0
     assert _exit_code(["generate", "--seed", "7", "--out", str(tmp_path / "b.png")]) == 0
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
@@ -228,6 +232,7 @@ def test_whole_number_flags_take_leading_zeros(tmp_path, capsys):
         (["generate", "--out", "{tmp}/out"], "--out"),
         (["generate", "--guidance-scale", "-1"], "--guidance-scale"),
         (["generate", "--top-p", "1.5"], "--top-p"),
+        (["generate", "--guidance-scale", "20000"], "--guidance-scale"),  # above the pipelines' 1e4
         (["generate", "--class-label", "3", "--prompt", "green triangle on white"], "--prompt"),
         ([*EDIT, "--prompt", "green triangle on white"], "--prompt"),
         (

@@ -476,6 +476,71 @@ def test_clip_score_with_a_tiny_clip(tmp_path, capsys):
     assert "`--clip-model`" in capsys.readouterr().err
 
 
+def test_a_sample_run_whose_images_were_deleted_is_read_from_its_npz(inception_weights, tmp_path, capsys):
+    """The README suggests deleting a finished run's images/ to save space (samples.npz holds them): evaluate said
+    the folder "holds no images". It reads the npz, with a note, and the prompts from metadata.jsonl; without the
+    npz either, the error says what is missing and what to do."""
+    images = ShapesDataset(6, 32, seed=1).images
+    prompts = [CLASSES[i].caption for i in range(6)]
+    run = _sample_folder(tmp_path / "run", images, prompts)
+    (run / "run.json").write_text(json.dumps({"settings": {"model": "m", "seed": 0, "total": 6}, "batch_size": 2}))
+    write_npz(run / "samples.npz", {"arr_0": ((6, 32, 32, 3), np.uint8, iter([images]))})
+    common = ["--metrics", "is", "--inception-weights", str(inception_weights), "--device", "cpu", "--no-progress"]
+    assert main(["evaluate", "--samples", str(run), *common]) == 0
+    with_images = json.loads(capsys.readouterr().out)
+    shutil.rmtree(run / "images")
+    assert main(["evaluate", "--samples", str(run), *common]) == 0
+    captured = capsys.readouterr()
+    from_npz = json.loads(captured.out)
+    assert from_npz["num_samples"] == 6
+    assert from_npz["inception_score"] == pytest.approx(with_images["inception_score"], rel=1e-6)
+    note = f"note: `--samples` {str(run)!r} has no images/ folder: evaluating its samples.npz."
+    assert note in captured.err.splitlines(), captured.err
+    assert ev.ImageSet(run, "--samples").prompts == prompts  # (CLIP score still has them)
+    (run / "run.json").unlink()  # metadata.jsonl beside samples.npz: a sample run too
+    assert ev.ImageSet(run, "--samples").length == 6
+    (run / "run.json").write_text(json.dumps({"settings": {"model": "m", "seed": 0, "total": 6}, "batch_size": 2}))
+    (run / "samples.npz").unlink()
+    missing = "with neither its images/ folder nor samples.npz"
+    _one_error(capsys, ["--samples", str(run), *common], "`--samples`", "(run.json, metadata.jsonl)", missing)
+    (run / "metadata.jsonl").unlink()  # (a run that never finished)
+    _one_error(
+        capsys, ["--samples", str(run), *common], "`--samples`", "(run.json)", missing, "run its sample command"
+    )
+
+
+def test_an_image_folder_reads_every_format_generate_writes(inception_weights, tmp_path, capsys):
+    """An image folder's .tif, .tiff and .gif images (formats generate --out offers) were left out without a word;
+    they are read (a GIF's first frame), and the files of other types left out are counted in a note."""
+    images = ShapesDataset(4, 32, seed=1).images
+    root = tmp_path / "mixed"
+    root.mkdir()
+    Image.fromarray(images[0]).save(root / "a.png")
+    Image.fromarray(images[1]).save(root / "b.tif")
+    Image.fromarray(images[2]).save(root / "c.TIFF")
+    first, second = Image.fromarray(images[3]), Image.fromarray(images[0])
+    first.save(root / "d.gif", save_all=True, append_images=[second])
+    (root / "notes.txt").write_text("mine")
+    (root / "eval.json").write_text("{}")
+    (root / ".hidden.json").write_text("{}")  # hidden: left out as the folder walk leaves it, not counted
+    read = np.concatenate(list(ev.ImageSet(root, "--samples").batches(8)))
+    assert len(read) == 4 and np.array_equal(read[:3], images[:3])
+    gif_error = np.abs(read[3].astype(int) - images[3]).mean()
+    assert gif_error < 8 and gif_error < np.abs(read[3].astype(int) - images[0]).mean()  # the first frame, palette
+    common = ["--metrics", "is", "--inception-weights", str(inception_weights), "--device", "cpu", "--no-progress"]
+    assert main(["evaluate", "--samples", str(root), *common]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["num_samples"] == 4
+    notes = [line for line in captured.err.splitlines() if line.startswith("note:")]
+    assert notes == [
+        f"note: `--samples` {str(root)!r}: 2 file(s) of other types left out (.json, .txt); images are .png, .jpg, "
+        ".jpeg, .webp, .bmp, .tif, .tiff, .gif."
+    ], captured.err
+    for name in ("a.png", "b.tif", "c.TIFF", "d.gif"):
+        (root / name).unlink()
+    _one_error(capsys, ["--samples", str(root), *common], "holds no images", "2 file(s) of other types left out")
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad inputs and outputs: one error line naming the flag, before the feature passes
 # ----------------------------------------------------------------------------------------------

@@ -300,8 +300,6 @@ def test_read_prompts_and_plan(tmp_path):
         (["--per-class", "1", "--device", "foo"], "`--device` 'foo' is not usable here (not a torch device name)"),
         (["--per-class", "1", "--device", "meta"], "`--device` 'meta' is not usable here"),
         (["--per-class", "1", "--guidance-scale", "nan"], "--guidance-scale: must be a finite number"),
-        (["--per-class", "1", "--guidance-scale", "-1"], "`--guidance-scale` must be in [0.0"),
-        (["--per-class", "1", "--top-p", "5"], "`--top-p` must be in [0.0, 1.0]"),
         (["--per-class", "1", "--top-k", "-5"], "--top-k: must be a whole number >= 0"),
         (["--class-labels", "0", "--per-class", str(MAX_IMAGES + 1)], f"`--per-class` must be <= {MAX_IMAGES}"),
         (["--class-labels", "0,1", "--per-class", str(MAX_IMAGES // 2 + 1)], f"at most {MAX_IMAGES}"),  # the total
@@ -326,6 +324,90 @@ def test_bad_input_is_one_error_line(argv, message, tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--top-p", "1.5"], "argument --top-p: must be in [0, 1], got '1.5'"),
+        (["--top-p", "-0.1"], "argument --top-p: must be in [0, 1], got '-0.1'"),
+        (["--guidance-scale", "-1"], "argument --guidance-scale: must be in [0, 10000], got '-1'"),
+        (["--guidance-scale", "2e4"], "argument --guidance-scale: must be in [0, 10000], got '2e4'"),
+        (["--top-k", "-1"], "argument --top-k: must be a whole number >= 0"),
+        (["--model", str(INFINITY), "--tau", "-1"], "argument --tau: must be >= 0.0001, got '-1'"),
+        (["--model", str(INFINITY), "--tau", "0"], "argument --tau: must be >= 0.0001, got '0'"),
+        (["--model", str(INFINITY), "--width", "0"], "argument --width: must be a whole number >= 1"),
+    ],
+)
+def test_sampling_flags_are_checked_before_the_model_loads(argv, message, tmp_path, capsys, monkeypatch):
+    """--top-p 1.5, --guidance-scale -1 and --tau -1 were refused only once the model had loaded (generate refuses
+    them when parsing); every numeric sampling flag is checked when parsing now, with generate's ranges."""
+    from diffusers_var import InfinityPipeline
+
+    for pipeline in (VARPipeline, STARPipeline, InfinityPipeline):
+        monkeypatch.setattr(pipeline, "from_pretrained", classmethod(lambda cls, *a, **k: pytest.fail("loaded")))
+    conditions = ["--prompts", str(tmp_path / "p.txt")] if str(INFINITY) in argv else ["--per-class", "1"]
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["sample", "--out", str(tmp_path / "o"), "--model", str(VAR), *conditions, *argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {message}") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_image_of_another_size_is_named_before_any_work(one_process, tmp_path, capsys, monkeypatch):
+    """A 32x32 image put into a finished run's images/ (samples.npz deleted, the same command again) ended in
+    np.stack's "all input arrays must have the same shape", naming no file; the restart names it, its size and the
+    run's, and what to do, before generating anything."""
+    out = tmp_path / "run"
+    shutil.copytree(one_process, out)
+    (out / "samples.npz").unlink()
+    Image.new("RGB", (32, 32), "red").save(out / "images" / "000005.png")
+    (out / "images" / "000002.png").unlink()  # a batch to generate: the refusal comes first
+    with monkeypatch.context() as patch:
+        patch.setattr("diffusers_var.sample._generate_batch", lambda *a, **k: pytest.fail("generated"))
+        assert main(["sample", "--out", str(out), *VAR_RUN]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for part in (str(out / "images" / "000005.png"), "is 32x32 pixels", "makes 64x64 images", "delete it"):
+        assert part in err, err
+    (out / "images" / "000005.png").unlink()  # as the message says
+    assert main(["sample", "--out", str(out), *VAR_RUN]) == 0
+    assert _files(out) == _files(one_process)
+    assert (out / "samples.npz").read_bytes() == (one_process / "samples.npz").read_bytes()
+
+
+def test_code_records_its_draft_steps_and_temperature(tmp_path, capsys):
+    """A CoDe folder's run.json left out draft_steps and the temperature when they were the pipeline's own (the
+    README: run.json records the values used); they are recorded, compared on a restart like the other settings,
+    and a run recorded without them (the same values) still resumes."""
+    from diffusers_var import VARCoDePipeline
+
+    var = VARPipeline.from_pretrained(VAR)
+    code = VARCoDePipeline.from_var_pipelines(var, var)
+    code.save_pretrained(tmp_path / "code")
+    out = tmp_path / "run"
+    run = ["sample", "--model", str(tmp_path / "code"), "--out", str(out), "--class-labels", "1,2", "--per-class", "1"]
+    assert main([*run, "--no-progress"]) == 0
+    run_file = out / "run.json"
+    content = json.loads(run_file.read_text())
+    sampling = content["settings"]["sampling"]
+    assert sampling["draft_steps"] == code.config.draft_steps == len(code.scale_schedule()) - 2
+    assert sampling["temperature"] == 1.0
+    first = _files(out)
+    for name in ("draft_steps", "temperature"):  # as runs recorded before
+        del content["settings"]["sampling"][name]
+    run_file.write_text(json.dumps(content))
+    (out / "images" / "000001.png").unlink()
+    assert main([*run, "--no-progress"]) == 0
+    assert _files(out) == first
+    content["settings"]["sampling"]["draft_steps"] = 1  # another run's
+    run_file.write_text(json.dumps(content))
+    (out / "images" / "000001.png").unlink()
+    capsys.readouterr()
+    assert main([*run, "--no-progress"]) == 2
+    assert "holds a run with other settings (sampling:" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag, expected", [([], True), (["--compile-blocks", "static"], "static")])

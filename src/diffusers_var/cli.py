@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .cli_support import (
+    IMAGE_SUFFIXES,
     INTERRUPTED,
     MAX_BATCH_SIZE,
     MAX_IMAGES,
@@ -27,6 +28,7 @@ from .cli_support import (
     expect_pipeline_class,
     float_in_range,
     generation_pipeline_class,
+    guidance_scale_flag,
     home_path,
     int_in_range,
     load_loras,
@@ -36,6 +38,7 @@ from .cli_support import (
     pipeline_class_of,
     pipeline_family,
     print_error,
+    top_p_flag,
 )
 from .conversion.common import folder_problem
 from .embedded_models import EMBEDDED_PIPELINES, default_model, resolve_pipeline_folder
@@ -115,8 +118,7 @@ def check_output(out: Path, count: int, overwrite: bool = False) -> str | None:
     if not suffix:
         return f"`--out` {str(out)!r} has no file extension; add one (.png, .jpg, .webp): it picks the image format"
     if not _writes_rgb(formats.get(suffix)):
-        common = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-        writable = sorted(ext for ext in common if _writes_rgb(formats.get(ext)))
+        writable = sorted(ext for ext in IMAGE_SUFFIXES if _writes_rgb(formats.get(ext)))
         return f"`--out` {str(out)!r}: PIL cannot write an RGB image as {suffix!r}; use one of {', '.join(writable)}"
     problem = (  # path_problem first: a name too long in out's folder raised in folder_problem (a traceback)
         path_problem(out) or folder_problem(out.parent) or atomic_name_problem(output_path(out, count - 1, count))
@@ -506,11 +508,11 @@ def _demo(args) -> int:
 
 def add_sampling_arguments(parser) -> None:
     """The flags ``generate`` and ``edit`` share, with the same ranges (checked when parsing)."""
-    parser.add_argument("--guidance-scale", type=float_in_range(0.0), default=None, help="default: the pipeline's")
-    parser.add_argument("--top-k", type=int_in_range(0), default=None, help="default: the pipeline's (0 = off)")
     parser.add_argument(
-        "--top-p", type=float_in_range(0.0, 1.0), default=None, help="default: the pipeline's (0 = off)"
+        "--guidance-scale", type=guidance_scale_flag, default=None, help="0 to 10000 (default: the pipeline's)"
     )
+    parser.add_argument("--top-k", type=int_in_range(0), default=None, help="default: the pipeline's (0 = off)")
+    parser.add_argument("--top-p", type=top_p_flag, default=None, help="0 to 1 (default: the pipeline's; 0 = off)")
     for flag in ("height", "width"):
         parser.add_argument(
             f"--{flag}", type=int_in_range(1), default=None, help=f"Infinity: image {flag} (default: the model's)"

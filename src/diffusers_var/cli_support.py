@@ -26,12 +26,18 @@ MAX_IMAGES = 1_000_000
 # the most images one pipeline call draws (``pipeline_utils.MAX_BATCH_SIZE``), here too so that building a parser does
 # not import torch
 MAX_BATCH_SIZE = 2**16
+# the pipelines' bounds on guidance and temperature (``pipeline_utils.MAX_GUIDANCE_SCALE`` / ``MIN_TEMPERATURE``), here
+# too so that the flags are checked when parsing, before a model loads, without importing torch
+MAX_GUIDANCE_SCALE = 1e4
+MIN_TEMPERATURE = 1e-4
 # ``enable_fast_inference(compile_blocks=...)``'s shapes (``fast_inference.compile_blocks_shapes``), for the
 # command-line flags; written here too so that building a parser does not import torch
 COMPILE_BLOCKS_SHAPES = ("dynamic", "static-tokens", "static")
 # the file a LoRA folder is read from (diffusers' ``LORA_WEIGHT_NAME_SAFE``), here too so that building a parser does
 # not import torch
 LORA_WEIGHT_NAME_SAFE = "pytorch_lora_weights.safetensors"
+# The image formats generate / edit offer for --out (those PIL writes from RGB) and evaluate reads from image folders.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 # The demo's counts, which ``diffusers-var demo`` takes as flags and ``diffusers_var.demo.build_demo`` as arguments:
 # argument -> (flag, lowest, highest); both check them against this table.
 DEMO_RANGES = {
@@ -214,6 +220,16 @@ def float_in_range(low: float, high: float | None = None):
         return value
 
     return parse
+
+
+def guidance_scale_flag(text: str) -> float:
+    """An argparse ``type`` for ``--guidance-scale`` (generate, edit, sample): the pipelines' range."""
+    return float_in_range(0.0, MAX_GUIDANCE_SCALE)(text)
+
+
+def top_p_flag(text: str) -> float:
+    """An argparse ``type`` for ``--top-p`` (generate, edit, sample): a probability, 0 = off."""
+    return float_in_range(0.0, 1.0)(text)
 
 
 def lora_flag_error(err: ValueError, path: str) -> ValueError:

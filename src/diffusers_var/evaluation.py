@@ -40,12 +40,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cli_support import check_device, home_path, nonblank
+from .cli_support import IMAGE_SUFFIXES, check_device, home_path, nonblank
 from .fid_inception import WEIGHTS_FILENAMES, WEIGHTS_URL, FIDInceptionV3
 from .file_utils import atomic_name_problem, files_under, json_lines, path_problem, text_lines, write_atomic
-from .sample import IMAGES_DIR, METADATA_FILE, RUN_FILE
+from .sample import IMAGES_DIR, METADATA_FILE, NPZ_FILE, RUN_FILE, read_run_file
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 IS_SPLIT_SIZE = 5000  # ADM's compute_inception_score
 PR_NEIGHBOURHOOD = 3  # ADM's ManifoldEstimator(nhood_sizes=(3,))
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
@@ -65,8 +64,10 @@ SAME_STATISTICS_TOLERANCE = 1e-6
 class ImageSet:
     """Images read in batches of uint8 (N, H, W, 3), in a fixed order, without holding the set in memory.
 
-    ``path``: a ``diffusers-var sample`` folder (``images/`` in ``metadata.jsonl`` order, with its prompts), an image
-    folder (searched recursively, sorted by path), or an ``.npz`` with ``arr_0`` (ADM's sample / reference batches)."""
+    ``path``: a ``diffusers-var sample`` folder (``images/`` in ``metadata.jsonl`` order, with its prompts; its
+    ``samples.npz`` where ``images/`` was deleted), an image folder (searched recursively, sorted by path), or an
+    ``.npz`` with ``arr_0`` (ADM's sample / reference batches). ``notes``: one-line notes for the user (what was read
+    in place of what, what was left out)."""
 
     def __init__(self, path, flag: str):
         self.path, self.flag = Path(path), flag
@@ -74,14 +75,38 @@ class ImageSet:
         self.prompt_problem: str | None = None  # why the prompts cannot be CLIP-scored (the other metrics need none)
         self.files: list[Path] | None = None
         self.stored: dict[str, np.ndarray] = {}
+        self.notes: list[str] = []
         problem = path_problem(self.path)
         if problem:  # (is_file / is_dir raised it: a traceback)
             raise ValueError(f"`{flag}` {str(self.path)!r}: {problem}.")
+        run_metadata = None  # the metadata.jsonl of a sample run read from its samples.npz
+        suffixes, left_out = ", ".join(IMAGE_SUFFIXES), ""
+        if is_sample_run(self.path) and not (self.path / IMAGES_DIR).is_dir():
+            # a finished run whose images/ was deleted to save space (the README suggests it): its npz holds them
+            run, present = self.path, [name for name in (RUN_FILE, METADATA_FILE) if (self.path / name).is_file()]
+            if not (run / NPZ_FILE).is_file():
+                raise ValueError(
+                    f"`{flag}` {str(run)!r} is a `diffusers-var sample` run folder ({', '.join(present)}) with "
+                    f"neither its {IMAGES_DIR}/ folder nor {NPZ_FILE}: no images to evaluate; run its sample command "
+                    f"again to generate them (with --save-npz, {NPZ_FILE} keeps them if {IMAGES_DIR}/ is deleted)."
+                )
+            self.path = run / NPZ_FILE
+            run_metadata = run / METADATA_FILE if METADATA_FILE in present else None
+            self.notes.append(f"`{flag}` {str(run)!r} has no {IMAGES_DIR}/ folder: evaluating its {NPZ_FILE}.")
         if self.path.suffix.lower() == ".npz" and self.path.is_file():
             self.kind = "npz"
             self.keys = _npz_keys(self.path, flag)
             self.length = _npz_shape(self.path, "arr_0", flag)[0] if "arr_0" in self.keys else 0
             self.stored = _npz_statistics(self.path, self.keys, flag)
+            if run_metadata is not None:
+                entries = _metadata_entries(run_metadata, flag)
+                if len(entries) == self.length:
+                    self._take_prompts(entries, run_metadata)
+                else:  # (ADM's arr_0 is in index order, as metadata.jsonl: a count that differs cannot be paired)
+                    self.prompt_problem = (
+                        f"`{flag}` {str(run_metadata)!r} lists {len(entries)} images, {str(self.path)!r} holds "
+                        f"{self.length}"
+                    )
         elif (self.path / IMAGES_DIR).is_dir() and (self.path / METADATA_FILE).is_file():
             self.kind = "samples"
             entries = _metadata_entries(self.path / METADATA_FILE, flag)
@@ -92,14 +117,7 @@ class ImageSet:
                     f"`{flag}` {str(self.path / METADATA_FILE)!r} lists {len(missing)} file(s) that are not there, "
                     f"the first {str(missing[0])!r}."
                 )
-            if all("prompt" in entry for entry in entries):
-                self.prompts = [entry["prompt"] for entry in entries]
-                bad = next((i for i, p in enumerate(self.prompts) if not isinstance(p, str) or not p.strip()), None)
-                if bad is not None:  # (the CLIP tokenizer's own message named neither the flag nor the line)
-                    self.prompt_problem = (
-                        f"`{flag}` {str(self.path / METADATA_FILE)!r}: entry {bad + 1} has a `prompt` that is not a "
-                        f"non-empty string ({self.prompts[bad]!r})"
-                    )
+            self._take_prompts(entries, self.path / METADATA_FILE)
         elif (unfinished := unfinished_run(self.path)) is not None:
             raise ValueError(
                 f"`{flag}` {str(self.path)!r} is {'' if unfinished == self.path else 'in '}a "
@@ -108,9 +126,14 @@ class ImageSet:
             )
         elif self.path.is_dir():
             self.kind = "folder"
-            self.files = files_under(
-                self.path, lambda name: Path(name).suffix.lower() in IMAGE_SUFFIXES, broken_links=True
-            )
+            found = files_under(self.path, lambda name: True, broken_links=True)
+            self.files = [f for f in found if f.suffix.lower() in IMAGE_SUFFIXES]
+            others = sorted({f.suffix.lower() or "no suffix" for f in found if f.suffix.lower() not in IMAGE_SUFFIXES})
+            if others:  # said, so that a set smaller than its folder is no surprise
+                shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+                left_out = f"{len(found) - len(self.files)} file(s) of other types left out ({shown})"
+                if self.files:
+                    self.notes.append(f"`{flag}` {str(self.path)!r}: {left_out}; images are {suffixes}.")
         else:
             raise ValueError(
                 f"`{flag}` {str(self.path)!r} is not an image folder, a `diffusers-var sample` folder or an .npz file."
@@ -118,7 +141,20 @@ class ImageSet:
         if self.files is not None:
             self.length = len(self.files)
         if self.kind != "npz" and self.length == 0:
-            raise ValueError(f"`{flag}` {str(self.path)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+            raise ValueError(
+                f"`{flag}` {str(self.path)!r} holds no images ({suffixes}){'; ' + left_out if left_out else ''}."
+            )
+
+    def _take_prompts(self, entries: list[dict], metadata: Path) -> None:
+        """The prompts of a sample run's ``metadata.jsonl`` entries (text-to-image runs: each entry has one)."""
+        if all("prompt" in entry for entry in entries):
+            self.prompts = [entry["prompt"] for entry in entries]
+            bad = next((i for i, p in enumerate(self.prompts) if not isinstance(p, str) or not p.strip()), None)
+            if bad is not None:  # (the CLIP tokenizer's own message named neither the flag nor the line)
+                self.prompt_problem = (
+                    f"`{self.flag}` {str(metadata)!r}: entry {bad + 1} has a `prompt` that is not a "
+                    f"non-empty string ({self.prompts[bad]!r})"
+                )
 
     @functools.cached_property
     def uses_given_statistics(self) -> bool:
@@ -179,6 +215,14 @@ def _reason(err: BaseException) -> str:
 
 # What a damaged or foreign .npz raises inside numpy / zipfile (a CRC or truncation error mid-read included).
 _NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError)
+
+
+def is_sample_run(path: Path) -> bool:
+    """Whether ``path`` is a ``diffusers-var sample`` run folder by what the run writes beside ``images/``: its
+    run.json, or metadata.jsonl with samples.npz (an image folder may have a metadata.jsonl of its own)."""
+    return ((path / RUN_FILE).is_file() and read_run_file(path / RUN_FILE) is not None) or (
+        (path / METADATA_FILE).is_file() and (path / NPZ_FILE).is_file()
+    )
 
 
 def unfinished_run(path: Path) -> Path | None:
@@ -656,6 +700,8 @@ def run_evaluate(args) -> dict:
     if samples.length == 0:
         raise ValueError(f"`--samples` {args.samples!r} has no `arr_0` images.")
     reference = ImageSet(args.reference, "--reference") if args.reference else None
+    for note in samples.notes + (reference.notes if reference is not None else []):
+        print(f"note: {note}", file=sys.stderr)
     if reference is not None and not reference.length and not reference.arrays("inception_pool_3"):
         if not reference.arrays("mu", "sigma"):
             raise ValueError(

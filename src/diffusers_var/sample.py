@@ -47,16 +47,19 @@ from .cli_support import (
     COMPILE_BLOCKS_SHAPES,
     MAX_BATCH_SIZE,
     MAX_IMAGES,
+    MIN_TEMPERATURE,
     check_device,
     enable_fast_path,
-    finite_float,
+    float_in_range,
     generation_pipeline_class,
+    guidance_scale_flag,
     home_path,
     int_in_range,
     load_pipeline,
     name_flags,
     nonblank,
     pipeline_family,
+    top_p_flag,
 )
 from .conversion.common import folder_problem
 from .embedded_models import default_model, resolve_pipeline_folder
@@ -448,27 +451,46 @@ def write_npz(path: Path, arrays: dict[str, tuple[tuple[int, ...], np.dtype, Ite
     write_atomic(path, write)
 
 
-def completed_indices(images_dir: Path, total: int, width: int, verify: bool = True) -> set[int]:
+def completed_indices(
+    images_dir: Path, total: int, width: int, verify: bool = True, size: tuple[int, int] | None = None
+) -> set[int]:
     """The indices whose images are in ``images_dir``. With ``verify``, an image there that does not read as a whole
     PNG (cut short or damaged after it was written: its chunks and checksums, about 0.2 ms each) is not done: it is
-    generated again, with a warning naming it."""
+    generated again, with a warning naming it. ``size``: the run's (height, width); an image of another size (not
+    this run's: put there by hand) is a ValueError naming it, before any work, rather than replaced unasked or
+    stacked into samples.npz."""
     names = {entry.name for entry in os.scandir(images_dir)} if images_dir.is_dir() else set()
     done = {i for i in range(total) if f"{i:0{width}d}.png" in names}
     if not verify:
         return done
     from PIL import Image
 
-    damaged = []
+    damaged, other_size = [], []
     for i in sorted(done):
         path = images_dir / f"{i:0{width}d}.png"
         try:
             with Image.open(path) as image:
                 image.verify()
+                found = (image.height, image.width)
         except Exception:  # noqa: BLE001 - whatever PIL raises, the file is no usable image of the run
             damaged.append(i)
+            continue
+        if size is not None and found != tuple(size):
+            other_size.append((path, found))
     if damaged:
         shown = ", ".join(f"{i:0{width}d}.png" for i in damaged[:5]) + (" ..." if len(damaged) > 5 else "")
         logger.warning("%d unreadable image(s) in %s are generated again: %s", len(damaged), images_dir, shown)
+    if other_size:
+        path, (h, w) = other_size[0]
+        which, it = (
+            (f"the image {str(path)!r} is", "it")
+            if len(other_size) == 1
+            else (f"{len(other_size)} images are not the run's size, the first {str(path)!r}:", "them")
+        )
+        raise ValueError(
+            f"{which} {w}x{h} pixels, but this run makes {size[1]}x{size[0]} images; delete {it} and run the same "
+            f"command again to generate {it} anew."
+        )
     return done - set(damaged)
 
 
@@ -502,15 +524,33 @@ def _sampling_kwargs(args, pipe, family_name: str, num_classes: int | None) -> d
     return {**defaults, **given}
 
 
-def _fill_default_size(pipe, family_name: str, sampling: dict) -> dict:
-    """Infinity's ``height`` / ``width`` left to the pipeline, set to the size it makes (its ``default_size``, else
-    1024), so that run.json says what was made. Returns what was filled (runs recorded before this hold None)."""
-    if family_name != "InfinityPipeline":
-        return {}
-    sizes = dict(zip(("height", "width"), pipe.config.get("default_size") or (1024, 1024)))
-    filled = {name: size for name, size in sizes.items() if sampling.get(name) is None}
+def _fill_pipeline_defaults(pipe, family_name: str, sampling: dict) -> dict:
+    """The settings left to the pipeline that the flags and recipes do not set, set to the values it uses, so that
+    run.json says what was made: Infinity's ``height`` / ``width`` (its ``default_size``, else 1024), the
+    ``temperature`` of the pipelines that take one (VAR, CoDe) and CoDe's ``draft_steps`` (its config's). Returns
+    what was filled: runs recorded before this hold None or nothing there, which meant the same values."""
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    filled = {}
+    if family_name == "InfinityPipeline":
+        sizes = dict(zip(("height", "width"), pipe.config.get("default_size") or (1024, 1024)))
+        filled.update({name: size for name, size in sizes.items() if sampling.get(name) is None})
+    if "temperature" in parameters and "temperature" not in sampling:
+        filled["temperature"] = parameters["temperature"].default
+    if "draft_steps" in parameters:  # (no flag sets it; a folder's config may hold any value)
+        filled["draft_steps"] = pipe.config.get("draft_steps")
     sampling.update(filled)
     return filled
+
+
+def _image_size(pipe, family_name: str, sampling: dict) -> tuple[int, int]:
+    """(height, width) of the images the run makes: its last scale's token grid in the tokenizer's pixels."""
+    if family_name == "InfinityPipeline":
+        height, width = pipe.scale_schedule(sampling["height"], sampling["width"])[-1]
+        per_token = pipe.vae.pixels_per_token
+    else:
+        height, width = pipe.scale_schedule()[-1]
+        per_token = pipe.vqvae.downsample_factor
+    return height * per_token, width * per_token
 
 
 def _check_sampling(pipe, family_name: str, sampling: dict) -> None:
@@ -644,18 +684,25 @@ def _write_run_file(run_file: Path, settings: dict, batch_size: int) -> None:
     write_atomic(run_file, lambda tmp: tmp.write_text(content))
 
 
+def read_run_file(run_file: Path) -> dict | None:
+    """The content of a run.json this command wrote (a ``"settings"`` object with the keys every version records),
+    else None (unreadable, or another program's)."""
+    try:
+        content = json.loads(run_file.read_text())
+        recorded = content["settings"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return None
+    return content if isinstance(recorded, dict) and RUN_SETTINGS_ALWAYS <= set(recorded) else None
+
+
 def _run_file_content(out: Path) -> dict:
     """``out``'s run file, or a ValueError naming ``--out`` when it is not this command's."""
-    try:
-        content = json.loads((out / RUN_FILE).read_text())
-        recorded = content["settings"]
-        if not isinstance(recorded, dict) or not RUN_SETTINGS_ALWAYS <= set(recorded):
-            raise TypeError
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+    content = read_run_file(out / RUN_FILE)
+    if content is None:
         raise ValueError(
             f"`--out` {str(out)!r} holds a {RUN_FILE} that is not this command's (unreadable, or no "
             f'"settings" object); choose another --out, or remove that file if the folder is yours to reuse.'
-        ) from None
+        )
     return content
 
 
@@ -672,18 +719,14 @@ def _check_run_file(
 ) -> None:
     """Refuse to mix two different runs in one folder; the main process records the settings of a new one, and says
     when a restart changes the batch size. ``filled``: sampling settings this run left to the pipeline, which an
-    older run recorded as None (the same value)."""
+    older run recorded as None or not at all (the same value)."""
     run_file = out / RUN_FILE
     if run_file.is_file():
         content = _run_file_content(out)
         recorded = content["settings"]
         earlier_sampling = recorded.get("sampling")
         if filled and isinstance(earlier_sampling, dict):
-            left = {
-                name: value
-                for name, value in filled.items()
-                if name in earlier_sampling and earlier_sampling[name] is None
-            }
+            left = {name: value for name, value in filled.items() if earlier_sampling.get(name) is None}
             recorded = {**recorded, "sampling": {**earlier_sampling, **left}}
         if "model_files" in recorded and recorded["model_files"] != settings.get("model_files"):
             # a run recorded before the digest read only what loading reads: its whole-folder digest, if it matches
@@ -825,7 +868,7 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
         class_names = dict(getattr(pipe, "id2label", None) or {})
         plan = build_plan(args, family_name, num_classes, class_names, prompts)
         sampling = _sampling_kwargs(args, pipe, family_name, num_classes)
-        filled = _fill_default_size(pipe, family_name, sampling)
+        filled = _fill_pipeline_defaults(pipe, family_name, sampling)
         _check_sampling(pipe, family_name, sampling)  # before the run folder is written to
         loaded = time.perf_counter()
         if args.fast:
@@ -870,7 +913,7 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
                     if is_atomic_temporary(stale.name, of=name) and not stale.is_symlink():
                         stale.unlink(missing_ok=True)
         processes.barrier()  # nobody writes before every process has listed what is done
-        done = completed_indices(images_dir, total, width)
+        done = completed_indices(images_dir, total, width, size=_image_size(pipe, family_name, sampling))
         num_batches = (total + batch_size - 1) // batch_size
         pending = [
             b
@@ -979,25 +1022,28 @@ def write_samples_npz(path: Path, images_dir: Path, total: int, width: int, plan
     """ADM's sample batch: ``arr_0`` uint8 (N, H, W, 3) in index order, ``arr_1`` int64 labels (class-conditional)."""
     from PIL import Image
 
-    def load(i: int) -> np.ndarray:
+    def load(i: int, shape: tuple[int, ...] | None = None) -> np.ndarray:
         path = images_dir / f"{i:0{width}d}.png"
         try:
             with Image.open(path) as image:
-                return np.asarray(image.convert("RGB"))
+                array = np.asarray(image.convert("RGB"))
         except (OSError, ValueError, SyntaxError) as err:  # damaged after it was written (its write is atomic)
             raise ValueError(
                 f"`--save-npz`: the image {str(path)!r} cannot be read ({err}); delete it and run the same command "
                 "again to generate it anew."
             ) from None
+        if shape is not None and array.shape != shape:  # (the restart checked them; replaced since, by hand)
+            raise ValueError(
+                f"`--save-npz`: the image {str(path)!r} is {array.shape[1]}x{array.shape[0]} pixels, the run's "
+                f"images {shape[1]}x{shape[0]}; delete it and run the same command again to generate it anew."
+            )
+        return array
 
     first = load(0)
 
     def chunks() -> Iterator[np.ndarray]:
         for start in range(0, total, 256):
-            batch = np.stack([load(i) for i in range(start, min(start + 256, total))])
-            if batch.shape[1:] != first.shape:
-                raise ValueError(f"`--save-npz`: the images differ in size ({batch.shape[1:]} vs {first.shape}).")
-            yield batch
+            yield np.stack([load(i, first.shape) for i in range(start, min(start + 256, total))])
 
     arrays = {"arr_0": ((total, *first.shape), np.uint8, chunks())}
     if plan.labels is not None:
@@ -1056,11 +1102,17 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
         "sampling (default: the pipeline's; converted ImageNet VARs: the FID setting cfg 1.5, top-k 900, top-p 0.96; "
         "CoDe pairs: cfg 1.5, top-k 600, top-p 0.96, temperature 1.1 on the first seven scales)"
     )
-    group.add_argument("--guidance-scale", type=finite_float, default=None)
+    # (ranges checked when parsing, as generate's: a bad value costs no model load)
+    group.add_argument("--guidance-scale", type=guidance_scale_flag, default=None, help="0 to 10000")
     group.add_argument("--top-k", type=int_in_range(0), default=None, help="0 = off")
-    group.add_argument("--top-p", type=finite_float, default=None, help="0 to 1 (0 = off)")
+    group.add_argument("--top-p", type=top_p_flag, default=None, help="0 to 1 (0 = off)")
     group.add_argument("--more-smooth", action="store_true", help="VAR / STAR: Gumbel-softmax smoothing")
-    group.add_argument("--tau", type=finite_float, default=None, help="Infinity: temperature")
+    group.add_argument(
+        "--tau",
+        type=float_in_range(MIN_TEMPERATURE),
+        default=None,
+        help=f"Infinity: temperature, >= {MIN_TEMPERATURE:g}",
+    )
     group.add_argument("--height", type=int_in_range(1), default=None, help="Infinity: image height")
     group.add_argument("--width", type=int_in_range(1), default=None, help="Infinity: image width")
     group = parser.add_argument_group("run")
