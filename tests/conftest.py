@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -84,3 +86,22 @@ def assert_matches(
     torch.testing.assert_close(
         actual, reference, atol=tolerance["atol"], rtol=tolerance["rtol"], msg=lambda m: f"{name}: {m}"
     )
+
+
+@contextlib.contextmanager
+def tokenizer_warnings(tokenizer):
+    """The messages transformers' tokenizer module logs at WARNING inside the block, as a list (its library logger
+    does not propagate to pytest's caplog); ``tokenizer``'s warn-once memory is cleared first."""
+    messages = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    module_logger = logging.getLogger("transformers.tokenization_utils_base")
+    level = module_logger.level
+    module_logger.addHandler(handler)
+    module_logger.setLevel(logging.WARNING)
+    tokenizer.deprecation_warnings.clear()
+    try:
+        yield messages
+    finally:
+        module_logger.removeHandler(handler)
+        module_logger.setLevel(level)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers.utils import logging
 
-from conftest import fixture_dir
-from diffusers_var import InfinityPipeline
+from conftest import fixture_dir, tokenizer_warnings
+from diffusers_var import InfinityPipeline, embedded_pipeline
 from diffusers_var.conversion import ConversionError, convert_infinity_checkpoint
 from tiny_components import infinity_components
 
@@ -63,6 +63,32 @@ def test_an_aspect_ratio_far_from_every_template_is_refused(pipe):
     for height, width in ((60, 14), (14, 60), (64, 1000), (1, 65536), (4000, 16)):
         with pytest.raises(ValueError, match=rf"`height`/`width` {height}x{width} is not near any supported .*32x32"):
             generate(pipe, height=height, width=width)
+
+
+def test_a_size_exactly_25_percent_from_a_template_is_taken():
+    """48x64 is 1.25x per side from the embedded model's 60x80 template, within the documented 25%: floating point
+    made the ratio 1.2500000000000002 and the size was refused."""
+    embedded = InfinityPipeline.from_pretrained(str(embedded_pipeline("infinity-shapes")), dtype=torch.float32)
+    for height, width in ((48, 64), (64, 48)):
+        assert embedded.scale_schedule(height, width) == embedded.scale_schedule(60 * height // 48, 60 * width // 48)
+
+
+def test_bad_negative_prompt_text_is_named(pipe):
+    """A negative prompt with lone surrogates failed inside the tokenizer with a TypeError; ``prompt`` was checked."""
+    for negative in ("a\udc80", ["x", "\ud800"]):
+        prompt = [PROMPT] * (2 if isinstance(negative, list) else 1)
+        with pytest.raises(ValueError, match="^`negative_prompt` holds characters that are not Unicode text"):
+            generate(pipe, prompt=prompt, negative_prompt=negative)
+        with pytest.raises(ValueError, match="^`negative_prompt` holds characters that are not Unicode text"):
+            pipe.encode_prompt(prompt, negative_prompt=negative)
+
+
+def test_a_prompt_longer_than_the_tokenizers_nominal_length_raises_no_transformers_warning(pipe):
+    """The tokens of a prompt are counted untruncated: transformers warned of "indexing errors" past the tokenizer's
+    nominal 77 though the pipeline keeps 512 tokens and cuts longer prompts itself, with its own warning."""
+    with tokenizer_warnings(pipe.tokenizer) as messages:
+        embeds, *_ = pipe.encode_prompt("a red circle " * 40, negative_prompt="x")
+    assert embeds.shape[1] > pipe.tokenizer.model_max_length and not any("indexing errors" in m for m in messages)
 
 
 def test_long_prompt_is_truncated_at_512_tokens_with_warning(pipe):

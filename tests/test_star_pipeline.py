@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from conftest import tokenizer_warnings
 from diffusers_var import STARPipeline
 from tiny_components import star_components, star_text_components
 
@@ -67,11 +68,23 @@ def test_a_stable_sampler_scale_with_fewer_tokens_than_steps_is_refused(text):
     assert generate(make_pipe(sampler_start_scale=3, text=text), prompt="a red cat").shape == (1, 8, 4, 4)
 
 
+def test_bad_negative_prompt_text_is_named(pipe):
+    """A negative prompt with lone surrogates was refused as `texts` (no parameter), after the prompts were joined."""
+    for negative in ("a\udc80", ["x", "\ud800"]):
+        with pytest.raises(ValueError, match="^`negative_prompt` holds characters that are not Unicode text"):
+            generate(pipe, negative_prompt=negative)
+        with pytest.raises(ValueError, match="^`negative_prompt` holds characters that are not Unicode text"):
+            pipe.encode_prompt(["a red cat", "the city"], negative_prompt=negative)
+
+
 def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
     long_prompt = "a red cat " * 60
     with caplog.at_level(logging.WARNING, logger="diffusers_var.pipelines.pipeline_star"):
-        hidden, mask, *_ = pipe.encode_prompt([long_prompt, "the city"])
+        with tokenizer_warnings(pipe.tokenizer) as transformers_messages:
+            hidden, mask, *_ = pipe.encode_prompt([long_prompt, "the city"])
     assert "truncated" in caplog.text
+    # transformers warned of "indexing errors" for a text this pipeline cuts itself
+    assert not any("indexing errors" in m for m in transformers_messages)
     assert hidden.shape[1] == pipe.tokenizer.model_max_length and mask[0].all()
     caplog.clear()
     # an 800 kB prompt is named, not repeated, in the warning

@@ -234,7 +234,9 @@ def schedule_for_pixels(height: int, width: int, pixels_per_token: int, origin: 
     h, w = hw[best - 1]
     ratio = (h * w) ** 0.5 * pixels_per_token / side
     aspect = h / w * width / height
-    if not (0.8 <= ratio <= 1.25 and 0.8 <= aspect <= 1.25):  # a 64x1000 request became 148x444 (4 px / token)
+    # (a 64x1000 request became 148x444 at 4 px / token); the slack: a size exactly 25% off came out 1.2500000000000002
+    low, high = 0.8 - 1e-9, 1.25 + 1e-9
+    if not (low <= ratio <= high and low <= aspect <= high):
         sizes = ", ".join(f"{a}x{b}" for a, b in supported_pixel_sizes(pixels_per_token))
         raise ValueError(
             f"`height`/`width` {height}x{width}{origin} is not near any supported size (height x width in pixels, "

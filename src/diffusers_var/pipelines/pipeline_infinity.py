@@ -34,6 +34,7 @@ from .pipeline_utils import (
     check_temperature,
     check_text_embeds,
     check_text_encoder_width,
+    check_unicode_texts,
     repeat_rows,
     shorten,
     text_encoder_width,
@@ -161,7 +162,8 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
                 "`prompt`: this pipeline has no text encoder / tokenizer; pass `prompt_embeds` "
                 "(and `prompt_attention_mask`) instead."
             )
-        full_lengths = [len(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
+        # counted untruncated (verbose=False: transformers warned of "indexing errors" past the tokenizer's 77)
+        full_lengths = [len(ids) for ids in self.tokenizer(list(texts), verbose=False)["input_ids"]]
         too_long = [i for i, n in enumerate(full_lengths) if n > max_length]
         if too_long and warn:
             logger.warning(
@@ -254,6 +256,7 @@ class InfinityPipeline(NextScalePipeline, InfinityLoraLoaderMixin):
                 f"`negative_prompt` must be a string or a list with one string per prompt ({batch_size}), "
                 f"got {shorten(negative_prompt)}."
             )
+        check_unicode_texts(negatives, "negative_prompt", negative_prompt)
         return None if all(p == "" for p in negatives) else list(negatives)
 
     def _check_max_sequence_length(self, max_sequence_length) -> None:

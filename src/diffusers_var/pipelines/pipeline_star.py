@@ -34,6 +34,7 @@ from .pipeline_utils import (
     check_prompts,
     check_text_embeds,
     check_text_encoder_width,
+    check_unicode_texts,
     repeat_rows,
     shorten,
     text_encoder_width,
@@ -158,7 +159,8 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         """The indices of ``texts`` (as tokenised: T5's captions already rewritten) longer than ``max_length``."""
         # lengths from the attention mask: CLIP's tokenizers pad with their end token, which counting non-padding
         # ids would miss
-        lengths = self.tokenizer(texts, padding="longest", return_tensors="pt").attention_mask.sum(-1)
+        # (verbose=False: transformers warned of "indexing errors" for texts this pipeline truncates itself)
+        lengths = self.tokenizer(texts, padding="longest", return_tensors="pt", verbose=False).attention_mask.sum(-1)
         return [i for i, length in enumerate(lengths.tolist()) if length > max_length]
 
     def _tokenize(self, texts: list[str], max_length: int, device, names: list[str] | None = None, warn: bool = True):
@@ -327,6 +329,7 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         if negative_prompt is None:
             return [""] * batch_size
         if isinstance(negative_prompt, str):
+            check_unicode_texts([negative_prompt], "negative_prompt", negative_prompt)
             return [negative_prompt] * batch_size
         if not isinstance(negative_prompt, (list, tuple)) or not all(isinstance(p, str) for p in negative_prompt):
             raise ValueError(
@@ -336,6 +339,7 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
             raise ValueError(
                 f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {batch_size}; they must match."
             )
+        check_unicode_texts(negative_prompt, "negative_prompt", negative_prompt)
         return list(negative_prompt)
 
     @property

@@ -213,12 +213,18 @@ def check_prompts(prompt, name: str = "prompt") -> list[str]:
             f"`{name}` must be a string or a non-empty list of strings (or pass `{name}_embeds`), "
             f"got {shorten(prompt)}."
         )
-    if not all(is_unicode_text(p) for p in prompts):  # the tokenizers fail on them with a TypeError
+    check_unicode_texts(prompts, name, prompt)
+    return list(prompts)
+
+
+def check_unicode_texts(texts, name: str, given) -> None:
+    """Refuse texts that hold lone surrogates (the tokenizers fail on them with a TypeError); ``given``: what the
+    caller passed as ``name``, for the message."""
+    if not all(is_unicode_text(text) for text in texts):
         raise ValueError(
             f"`{name}` holds characters that are not Unicode text (lone surrogates, as undecodable bytes of a file "
-            f"name or terminal become), got {shorten(prompt)}."
+            f"name or terminal become), got {shorten(given)}."
         )
-    return list(prompts)
 
 
 def is_unicode_text(text: str) -> bool:
