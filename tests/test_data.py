@@ -173,6 +173,16 @@ def test_image_folder_walk_follows_links_skips_hidden_and_warns_on_top_level_ima
     assert len(ImageFolderDataset(root, 16)) == 3  # unconditional training takes the top-level image too
 
 
+def test_image_folders_read_every_format_generate_writes(tmp_path):
+    """TIFF images (which generate --out writes) were left out of training folders without a word."""
+    for suffix in (".png", ".tif", ".tiff", ".gif", ".webp"):
+        PIL.Image.new("RGB", (20, 20), (250, 0, 0)).save(tmp_path / f"a{suffix}")
+    (tmp_path / "notes.txt").write_text("not an image")
+    ds = ImageFolderDataset(tmp_path, 16)
+    assert sorted(p.suffix for p in ds.files) == [".gif", ".png", ".tif", ".tiff", ".webp"]
+    assert all(ds[i]["pixel_values"][0].mean() > 0.9 for i in range(len(ds)))
+
+
 def test_a_class_folder_without_a_readable_image_is_refused_not_dropped(tmp_path, caplog, capsys):
     """d/a, d/b (empty, or only unreadable images), d/c gave the classes ['a', 'c'] with ids [0, 1] without a word:
     c trained as class 1. Unconditional training still takes the readable images."""

@@ -16,13 +16,12 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..cli_support import IMAGE_SUFFIXES  # (the formats generate writes and evaluate reads)
 from ..file_utils import files_under, is_hidden, text_lines
 from ..pil_images import to_rgb, upright
 from ..scalars import is_number
 
 logger = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 
 
 def resize_center_crop(image: PIL.Image.Image, resolution: int) -> torch.Tensor:
