@@ -1707,6 +1707,16 @@ def test_code_lora_methods_act_on_the_refiner_too(tmp_path):
     assert code.get_list_adapters() == {} and torch.equal(images(code, "var"), base_images)
 
 
+def save_code_adapter(code, folder, name: str, components: tuple[str, ...]) -> None:
+    """Save adapter ``name`` of a CoDe pipeline's ``components`` (``transformer``: the drafter, ``refiner``)."""
+    parts = {}
+    for component in components:
+        model = getattr(code, component)
+        parts[f"{component}_lora_layers"] = get_peft_model_state_dict(model, adapter_name=name)
+        parts[f"{component}_lora_adapter_metadata"] = model.peft_config[name].to_dict()
+    VARCoDePipeline.save_lora_weights(folder, **parts)
+
+
 def test_code_lora_files_hold_the_drafter_and_the_refiner(tmp_path):
     """``VARCoDePipeline.save_lora_weights(..., refiner_lora_layers=...)`` writes ``refiner.`` keys; loading the file
     into a CoDe pipeline puts each part on its model, and the pipeline's LoRA methods switch both. A VAR pipeline's
@@ -1716,13 +1726,7 @@ def test_code_lora_files_hold_the_drafter_and_the_refiner(tmp_path):
     add_random_adapter(code.transformer, "a", seed=1, scale=0.3)
     add_random_adapter(code.refiner, "a", seed=2, scale=0.3)
     both = images(code, "var")
-    VARCoDePipeline.save_lora_weights(
-        tmp_path / "both",
-        transformer_lora_layers=get_peft_model_state_dict(code.transformer, adapter_name="a"),
-        transformer_lora_adapter_metadata=code.transformer.peft_config["a"].to_dict(),
-        refiner_lora_layers=get_peft_model_state_dict(code.refiner, adapter_name="a"),
-        refiner_lora_adapter_metadata=code.refiner.peft_config["a"].to_dict(),
-    )
+    save_code_adapter(code, tmp_path / "both", "a", ("transformer", "refiner"))
     keys = load_file(tmp_path / "both" / "pytorch_lora_weights.safetensors")
     assert {key.split(".")[0] for key in keys} == {"transformer", "refiner"}
     fresh, _ = _code_pair()
@@ -1757,11 +1761,7 @@ def test_a_refiner_adapter_loaded_under_fast_inference_drops_the_graphs(tmp_path
     code, _ = _code_pair()
     add_random_adapter(code.refiner, "r", seed=2, scale=0.3)
     expected = images(code, "var")
-    VARCoDePipeline.save_lora_weights(
-        tmp_path / "r",
-        refiner_lora_layers=get_peft_model_state_dict(code.refiner, adapter_name="r"),
-        refiner_lora_adapter_metadata=code.refiner.peft_config["r"].to_dict(),
-    )
+    save_code_adapter(code, tmp_path / "r", "r", ("refiner",))
     fast, _ = _code_pair()
     fast.enable_fast_inference(dtype=torch.float32)
     images(fast, "var")
