@@ -728,6 +728,7 @@ def test_the_execution_device_walks_the_models_only_under_a_hook(case, monkeypat
     from diffusers.hooks import group_offloading
 
     pipe = case.pipeline_class(**case.components())
+    pipe.transformer.blocks[0].register_module("absent", None)  # a child registered as None: the walk skips it
     with monkeypatch.context() as patch:
         patch.setattr(group_offloading, "_get_group_onload_device", lambda module: pytest.fail("diffusers walked"))
         assert pipe._execution_device == torch.device("cpu")

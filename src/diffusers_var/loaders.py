@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 import json
 import math
@@ -1322,6 +1323,15 @@ class InfinityLoraLoaderMixin(NextScaleLoraLoaderMixin):
     _lora_transformer_class = "InfinityTransformer2DModel"
 
 
+@functools.lru_cache(maxsize=None)
+def _is_tuner_layer_class(cls: type) -> bool:
+    """``issubclass(cls, BaseTunerLayer)``, per class, remembered (an ABC's ``isinstance`` costs a microsecond
+    module of a walk that runs at every fast generation)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return issubclass(cls, BaseTunerLayer)
+
+
 def adapter_state(model: nn.Module | None) -> tuple:
     """A hashable summary of what the LoRA layers of ``model`` compute now (adapters, active ones, merged ones,
     scales, enabled, and where and how large their weights are: a hot-swap to another rank gives them new storage,
@@ -1331,7 +1341,7 @@ def adapter_state(model: nn.Module | None) -> tuple:
         return ()
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    if not any_submodule(model, lambda module: isinstance(module, BaseTunerLayer)):
+    if not any_submodule(model, lambda module: _is_tuner_layer_class(type(module))):
         return ()  # (asked at every fast generation: the named walk below costs milliseconds on the large models)
     state = []
     for name, module in model.named_modules():
