@@ -411,9 +411,10 @@ def test_code_records_its_draft_steps_and_temperature(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag, expected", [([], True), (["--compile-blocks", "static"], "static")])
-def test_compile_blocks_reaches_the_fast_path(flag, expected, tmp_path, monkeypatch):
+def test_compile_blocks_reaches_the_fast_path(flag, expected, tmp_path, monkeypatch, capsys):
     """``--compile-blocks`` goes to ``enable_fast_inference(compile_blocks=...)`` (default True, i.e. dynamic); the
-    sample command hands it to the fast-path set-up, which passes it on for a CUDA device."""
+    sample command hands it to the fast-path set-up, which passes it on for a CUDA device. On the CPU ``--fast`` only
+    casts to bfloat16, slower there than float32: the command says so."""
     import diffusers_var.sample as sample_module
     from diffusers_var import cli_support
     from diffusers_var.pipelines import fast_inference
@@ -424,6 +425,9 @@ def test_compile_blocks_reaches_the_fast_path(flag, expected, tmp_path, monkeypa
     argv = ["sample", "--out", str(tmp_path / "o"), "--model", str(VAR), "--class-labels", "0", "--per-class", "1"]
     assert main([*argv, "--no-progress", "--fast", *flag]) == 0
     assert handed == [expected]
+    assert "note: --fast on the CPU only casts the model to bfloat16" in capsys.readouterr().err
+    assert cli_support.fast_on_cpu_note("cpu", torch.float32) is None
+    assert cli_support.fast_on_cpu_note("cuda", torch.bfloat16) is None
 
     class Stub:  # records what the fast-path set-up asks of a pipeline
         def enable_fast_inference(self, dtype, compile_decoder=False, compile_blocks=False, fp8=False):

@@ -367,6 +367,21 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     add_lora_arguments(parser)  # each adapter goes to the tab of the family it was made for
 
 
+FAST_ON_CPU_NOTE = (
+    "note: --fast on the CPU only casts the model to {dtype} (CUDA graphs and compiled code are GPU-only); most CPUs "
+    "run bfloat16 / float16 matmuls several times slower than float32: leave out --fast on a CPU."
+)
+
+
+def fast_on_cpu_note(device, dtype) -> str | None:
+    """The note for ``--fast`` on a CPU in a 16-bit dtype (slower there than float32, the run without ``--fast``)."""
+    import torch
+
+    if torch.device(device).type != "cpu" or torch.finfo(dtype).bits == 32:
+        return None
+    return FAST_ON_CPU_NOTE.format(dtype=str(dtype).replace("torch.", ""))
+
+
 def enable_fast_path(pipe, device, dtype, fp8: bool = False, compile_cache=None, compile_blocks=True) -> None:
     """``--fast`` of ``sample`` and ``demo``: the pipeline's fast path as benchmarks/bench_pipelines.py's
     ``fast-compile-all`` mode runs it on a GPU (``dtype`` blocks and decoder, CUDA graphs, compiled decoder and block

@@ -50,6 +50,7 @@ from .cli_support import (
     MIN_TEMPERATURE,
     check_device,
     enable_fast_path,
+    fast_on_cpu_note,
     float_in_range,
     generation_pipeline_class,
     guidance_scale_flag,
@@ -873,6 +874,8 @@ def run_sample(args, on_batch: Callable[[dict], None] | None = None) -> dict:
         loaded = time.perf_counter()
         if args.fast:
             enable_fast_path(pipe, device, dtype, args.fp8, args.compile_cache, args.compile_blocks or True)
+            if processes.is_main and (note := fast_on_cpu_note(device, dtype)):
+                print(note, file=sys.stderr)
         # where a process's start-up goes (the first batch holds the compiles and CUDA graph captures of --fast)
         startup = {"load_seconds": loaded - started_run, "fast_path_seconds": time.perf_counter() - loaded}
 
