@@ -4,6 +4,7 @@ found before anything is generated; many images are generated in bounded batches
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 import numpy as np
@@ -512,3 +513,30 @@ def test_a_missing_command_lists_the_commands(argv, choices, capsys):
     assert _exit_code(argv) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "are required" in err and choices in err, err
+
+
+def test_out_that_is_a_pipe_or_a_link_is_refused_not_hung_on_or_replaced(tmp_path):
+    """An existing named pipe at ``--out``: looking for the tag opened it for reading, which blocks until a writer
+    comes (the command hung for good). A symbolic link: the write replaces the link itself with a file, so a user's
+    link goes even when it points to an image these commands wrote."""
+    import threading
+
+    import PIL.Image
+
+    from diffusers_var.cli import SOFTWARE, SOFTWARE_TAG, check_output
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    answers = []
+    worker = threading.Thread(target=lambda: answers.append(check_output(fifo, 1)), daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    assert answers and "exists and is not a regular file" in answers[0]
+    target = tmp_path / "ours.png"
+    exif = PIL.Image.Exif()
+    exif[SOFTWARE_TAG] = SOFTWARE
+    PIL.Image.new("RGB", (4, 4)).save(target, exif=exif)
+    assert check_output(target, 1) is None  # the tagged file itself may be replaced
+    (tmp_path / "link.png").symlink_to(target)
+    assert "is a symbolic link, which writing would replace with a file" in check_output(tmp_path / "link.png", 1)
+    assert check_output(tmp_path / "link.png", 1, overwrite=True) is None

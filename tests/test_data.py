@@ -234,6 +234,11 @@ def test_sixteen_bit_grayscale_images_are_scaled_not_clipped(tmp_path):
     assert np.asarray(to_rgb(floats)).max() == 128
     eight = PIL.Image.fromarray(np.full((4, 4), 200, np.int32))  # mode I holding 8-bit values stays as it is
     assert np.asarray(to_rgb(eight)).max() == 200
+    for bad in (np.nan, np.inf):  # a float TIFF's NaN was cast to 0: a black image, without a word
+        pixels = np.full((4, 4), 0.5, np.float32)
+        pixels[1, 2] = bad
+        with pytest.raises(ValueError, match="holds pixel values that are not finite numbers"):
+            to_rgb(PIL.Image.fromarray(pixels))
 
 
 def broken_stream_png(path, size=(24, 24)):

@@ -172,8 +172,8 @@ def test_infinity_endpoint_count_size_and_seed(client, folders):
     assert len(images) == 3 and all(image.shape == (32, 32, 3) for image in images) and seed == 5
     again = images_of(call(client, "/generate_infinity", infinity_args(num_images=3))[0])
     assert all(np.array_equal(a, b) for a, b in zip(images, again))
-    wide = images_of(call(client, "/generate_infinity", infinity_args(size="30x40", num_images=1))[0])
-    assert wide[0].shape == (30, 40, 3)
+    gallery, _, info = call(client, "/generate_infinity", infinity_args(size="30x40", num_images=1))
+    assert images_of(gallery)[0].shape == (30, 40, 3) and "1 image of 30x40 px" in info  # as the Size choices say
 
 
 def editor_value(tmp_path, paint: bool = True, everything: bool = False) -> dict:
@@ -263,6 +263,8 @@ def test_painted_mask_reads_layers_or_the_composite():
         with pytest.raises(gr.Error, match="Upload an image") as raised:
             painted_mask(empty)
         assert raised.value.print_exception is False  # a user's mistake: no traceback in the server's log
+    with pytest.raises(gr.Error, match="A painted layer of 1x1 pixels does not match the image's 8x8"):
+        painted_mask({"background": background, "layers": [layer[:1, :1]], "composite": None})  # (was: "nothing")
     for pixels in (np.full((8, 8, 3), np.nan, np.float32), np.full((8, 8, 3), 60000, np.uint16)):  # NaN; would wrap
         with pytest.raises(gr.Error, match=r"must be 8-bit \(uint8\) pixels"):
             painted_mask({"background": pixels, "layers": [], "composite": None})
@@ -272,8 +274,9 @@ def test_painted_mask_reads_layers_or_the_composite():
 @pytest.mark.parametrize(
     "endpoint, args, message",
     [
-        ("/generate_var", var_args(num_images=5), "Value 5 is greater than maximum value 4"),  # gradio's slider check
-        ("/generate_var", var_args(num_images=1, top_p=1.5), "Value 1.5 is greater than maximum value 1"),
+        # out of a slider's range over HTTP: gradio's own message named no slider
+        ("/generate_var", var_args(num_images=5), "Number of images must be a number from 1 to 4; got 5"),
+        ("/generate_var", var_args(num_images=1, top_p=1.5), "Top-p (0 = off) must be a number from 0 to 1; got 1.5"),
         ("/generate_var", var_args(label="purple blob"), "Unknown class 'purple blob'"),
         (
             "/generate_var",
@@ -483,9 +486,12 @@ def test_generated_images_are_deleted_from_gradio_temp_folder():
     from diffusers_var.demo import DELETE_CACHE
 
     assert DELETE_CACHE == (600, 3600)
-    assert build_demo(var=None, star=None, infinity=None, device="cpu").delete_cache == DELETE_CACHE
-    assert build_demo(var=None, star=None, infinity=None, device="cpu", delete_cache=None).delete_cache is None
-    demo = build_demo(var=EMBEDDED_VAR, star=None, infinity=None, device="cpu", delete_cache=(1, 1))
+    from diffusers_var import VARPipeline
+
+    var = VARPipeline.from_pretrained(EMBEDDED_VAR)  # (a pipeline object: loaded once for the three builds)
+    assert build_demo(var=var, star=None, infinity=None, device="cpu").delete_cache == DELETE_CACHE
+    assert build_demo(var=var, star=None, infinity=None, device="cpu", delete_cache=None).delete_cache is None
+    demo = build_demo(var=var, star=None, infinity=None, device="cpu", delete_cache=(1, 1))
     with serve(demo) as url:
         kept = {file for files in demo.temp_file_sets for file in files}  # e.g. the Edit tab's example image
         call(gradio_client.Client(url, verbose=False), "/generate_var", var_args(num_images=2))
@@ -511,13 +517,19 @@ def test_generated_images_are_deleted_from_gradio_temp_folder():
         (dict(device="cuda:99"), "`device` 'cuda:99' is not usable here"),
         (dict(delete_cache=(0, 60)), "`delete_cache` must be None (keep the files) or (frequency, age)"),
         (dict(delete_cache="hourly"), "`delete_cache` must be None (keep the files) or (frequency, age)"),
+        # every tab said "Not available" (the reason only in the log) for a dtype given as text or an integer dtype
+        (dict(var=EMBEDDED_VAR, dtype="float32"), "`dtype` must be one of torch.float32, torch.float16"),
+        (dict(var=EMBEDDED_VAR, dtype=torch.int8), "`dtype` must be one of torch.float32, torch.float16"),
+        ({}, "nothing to serve: `var`, `star` and `infinity` are all None"),  # (the command line refuses it too)
+        (dict(var=EMBEDDED_VAR, lora_scales=["a"]), "`lora_scales` must be a list of numbers, got ['a']"),
+        (dict(var=EMBEDDED_VAR, lora_scales=0.5), "`lora_scales` must be a list of numbers, got 0.5"),
     ],
 )
 def test_build_demo_refuses_what_the_command_line_refuses(kwargs, message):
     """build_demo (the Python API demos/app.py re-exports) took concurrency_limit 0 (requests never finished), a
     queue of 0 or -5, 2.5 images, and a CUDA device on a machine without one (a raw AssertionError)."""
     with pytest.raises(ValueError) as raised:
-        build_demo(var=None, star=None, infinity=None, **kwargs)
+        build_demo(**{"var": None, "star": None, "infinity": None, **kwargs})
     assert message in str(raised.value)
 
 

@@ -134,6 +134,13 @@ def check_output(out: Path, count: int, overwrite: bool = False) -> str | None:
         path = output_path(out, index, count)
         if path.is_dir():
             return f"`--out` {str(path)!r} is a folder; give a file name such as {str(path / 'out.png')!r}"
+        if path.exists() and not path.is_file():  # reading a named pipe to look for the tag would block for good
+            return f"`--out` {str(path)!r} exists and is not a regular file (a pipe, socket or device); choose another"
+        if path.is_symlink() and not overwrite:  # the write replaces the link itself, not the file it points to
+            return (
+                f"`--out` {str(path)!r} is a symbolic link, which writing would replace with a file; give the file it "
+                f"points to ({os.path.realpath(path)!r}) or another name, or pass --overwrite to replace the link"
+            )
         if path.exists() and not os.access(path, os.W_OK):
             return f"`--out` {str(path)!r} exists and is not writable"
         if not overwrite and not written_here(path):

@@ -46,6 +46,7 @@ from .pil_images import SIXTEEN_BIT_MODES, to_rgb, upright
 from .pipelines.pipeline_infinity import InfinityImg2ImgPipeline, InfinityInpaintPipeline, InfinityPipeline
 from .pipelines.pipeline_star import STARImg2ImgPipeline, STARInpaintPipeline, STARPipeline
 from .pipelines.pipeline_var import VARCoDePipeline, VARImg2ImgPipeline, VARInpaintPipeline, VARPipeline
+from .scalars import is_number
 from .shapes import CLASSES, class_id, render
 
 logger = logging.getLogger(__name__)
@@ -79,15 +80,21 @@ def user_error(message: str):
 
 
 def number_slider(*args, **kwargs) -> gr.Slider:
-    """``gr.Slider(...)`` whose HTTP API value that is no number (nothing, text) is a readable error naming the
-    slider: gradio's own bounds check raised a TypeError, shown as its generic "the app has raised an exception".
+    """``gr.Slider(...)`` whose HTTP API value that is no number (nothing, text) or out of its range is a readable
+    error naming the slider: gradio's own bounds check raised a TypeError for the first, shown as its generic "the app
+    has raised an exception", and named no slider for the second.
     (The check wraps the instance's ``preprocess``: a subclass of a gradio component writes a .pyi stub beside
     this module.)"""
     slider = gr.Slider(*args, **kwargs)
     gradio_preprocess = slider.preprocess
 
     def preprocess(payload):
-        if isinstance(payload, bool) or not isinstance(payload, (int, float)) or math.isnan(payload):
+        if (
+            isinstance(payload, bool)
+            or not isinstance(payload, (int, float))
+            or math.isnan(payload)
+            or not slider.minimum <= payload <= slider.maximum  # (gradio's own message names no slider)
+        ):
             raise user_error(
                 f"{slider.label or 'A slider'} must be a number from {slider.minimum:g} to {slider.maximum:g}; "
                 f"got {payload!r}."
@@ -286,8 +293,8 @@ def _run(pipe, lock: threading.Lock, seed: int, num_images: int, **kwargs):
         logger.exception("generation failed")
         raise gr.Error(f"Generation failed ({type(err).__name__}: {err}).") from None
     seconds = time.perf_counter() - start
-    width, height = images[0].size
-    info = f"{len(images)} image{'s' * (len(images) != 1)} of {width}x{height} px, seed {seed}, {seconds:.2f} s"
+    width, height = images[0].size  # said as the size choices are, height x width
+    info = f"{len(images)} image{'s' * (len(images) != 1)} of {height}x{width} px, seed {seed}, {seconds:.2f} s"
     return images, seed, info
 
 
@@ -692,9 +699,13 @@ def painted_mask(editor: dict | None) -> tuple[np.ndarray, np.ndarray]:
     painted = np.zeros(image.shape[:2], dtype=bool)
     for layer in layers or []:
         layer = np.asarray(layer)
-        if layer.shape[:2] == painted.shape:  # paint is where a layer is opaque (or, without alpha, not black)
-            has_alpha = layer.ndim == 3 and layer.shape[-1] == 4
-            painted |= (layer[..., 3] if has_alpha else layer.reshape(*painted.shape, -1).max(-1)) > 0
+        if layer.shape[:2] != painted.shape:  # (only the HTTP API can send this: the editor's layers match)
+            raise user_error(
+                f"A painted layer of {layer.shape[1] if layer.ndim > 1 else '?'}x{layer.shape[0]} pixels does not "
+                f"match the image's {painted.shape[1]}x{painted.shape[0]}."
+            )
+        has_alpha = layer.ndim == 3 and layer.shape[-1] == 4  # paint is where a layer is opaque (else not black)
+        painted |= (layer[..., 3] if has_alpha else layer.reshape(*painted.shape, -1).max(-1)) > 0
     composite = editor.get("composite")
     if not painted.any() and composite is not None and np.asarray(composite).shape[:2] == painted.shape:
         painted = (np.abs(_on_white(np.asarray(composite)).astype(int) - image.astype(int)) > 0).any(-1)
@@ -854,6 +865,8 @@ def _edit_tab(pipes: dict, common: dict, max_images: int):
     gr.on([button.click, what.submit], run_edit, inputs, [gallery, seed, info], api_name="edit", **common)
 
 
+DEMO_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # build_demo's dtype (--dtype's choices)
+
 # build_demo's delete_cache: every 10 minutes, the app's temporary files (generated images, uploads) older than an hour
 DELETE_CACHE = (600, 3600)
 
@@ -912,6 +925,15 @@ def build_demo(
     problem = check_device("device", device)
     if problem:
         raise ValueError(f"{problem}.")
+    if dtype not in DEMO_DTYPES:  # (a string or an integer dtype failed in every tab's load, shown as "Not available")
+        allowed = ", ".join(str(d) for d in DEMO_DTYPES)
+        raise ValueError(f"`dtype` must be one of {allowed}, got {dtype!r}.")
+    if var is None and star is None and infinity is None:
+        raise ValueError("nothing to serve: `var`, `star` and `infinity` are all None; give at least one.")
+    if lora_scales is not None and not (
+        isinstance(lora_scales, (list, tuple)) and all(is_number(scale) for scale in lora_scales)
+    ):
+        raise ValueError(f"`lora_scales` must be a list of numbers, got {lora_scales!r}.")
     if fast and cpu_offload:
         raise ValueError("`fast` (--fast) cannot be combined with `cpu_offload` (--cpu-offload): choose one.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

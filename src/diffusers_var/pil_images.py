@@ -17,6 +17,8 @@ def _eight_bit_grayscale(image: PIL.Image.Image) -> PIL.Image.Image:
     integers (how some Pillow versions open 16-bit PNGs) by 65535 / 255 when a value is above 255, else as they are;
     floats in [0, 1] by 255, other floats as 0-255."""
     values = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(values).all():  # a float TIFF's NaN would cast to 0: black, without a word
+        raise ValueError(f"the {image.mode!r} image holds pixel values that are not finite numbers (NaN or infinity).")
     peak = float(values.max()) if values.size else 0.0
     if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and peak > 255):
         values = values * (255 / 65535)
