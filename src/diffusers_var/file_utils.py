@@ -157,11 +157,13 @@ def _default_file_mode() -> int:
 
 
 # Weight files that a component's new save makes stale: the shard index of its weights name and variant, which a
-# loader would read in place of a new single file, and the shards that index lists. A plain single file is replaced by
-# name. Another variant's files are left alone (they load on their own, ``variant=``), and so are shards no index
-# lists and other formats (``.bin``: never read here). Stale files that a converted folder's manifest lists (ours) are
-# deleted; others are moved into a hidden ``.replaced-<time>`` folder beside them: files the package did not write are
-# never deleted.
+# loader would read in place of a new single file, and the shards that index lists; for a new sharded save, the single
+# file of that name and variant, which transformers reads in place of a new index (diffusers reads the index first).
+# A single file over a single file is replaced by name. Another variant's files are left alone (they load on their own,
+# ``variant=``), and so are shards no index lists and other formats (``.bin``: never read here). Stale files that a
+# converted folder's manifest lists (ours) or whose index says a save of the package wrote them are deleted; others
+# (a single file carries no such mark) are moved into a hidden ``.replaced-<time>`` folder beside them: files the
+# package did not write are never deleted.
 _WEIGHT_NAME = re.compile(
     r"(?P<stem>[^.]+?)(\.(?P<variant>\w+))?(-\d{5}-of-\d{5})?\.safetensors\Z"
     r"|(?P<index_stem>[^.]+)\.safetensors\.index(\.(?P<index_variant>\w+))?\.json\Z"
@@ -185,15 +187,19 @@ _INDEX_WRITER = {"written_by": "diffusers-var"}
 
 def _stale_weight_files(folder: Path, written: set[str]) -> list[tuple[Path, bool]]:
     """In ``folder``, read before the new files move in: the shard indices of the weights names and variants of the
-    files being ``written`` there (unless rewritten) and the shards each lists (same name and variant, not rewritten):
-    what a loader would read in place of the new files, or shards no index will list; each with whether the index
-    says a save of the package wrote it (:func:`_tag_shard_indices`). An index that cannot be read is stale itself
-    (not ours), its shards are kept."""
+    files being ``written`` there (unless rewritten) and the shards each lists (same name and variant, not rewritten),
+    and the single file of a name and variant written as shards: what a loader would read in place of the new files,
+    or shards no index will list; each with whether the index says a save of the package wrote it
+    (:func:`_tag_shard_indices`; a single file: never known here). An index that cannot be read is stale itself (not
+    ours), its shards are kept."""
     stale = []
     for stem, variant in {_weight_key(name) for name in written} - {None}:
         dot_variant = f".{variant}" if variant else ""
         shard = re.compile(rf"{re.escape(stem + dot_variant)}-\d{{5}}-of-\d{{5}}\.safetensors\Z")
         index = folder / f"{stem}.safetensors.index{dot_variant}.json"
+        single = folder / f"{stem}{dot_variant}.safetensors"
+        if index.name in written and single.name not in written and single.is_file():
+            stale.append((single, False))
         if not index.is_file():
             continue
         try:
@@ -338,8 +344,8 @@ def _remove_stale_weights(target: Path, stale: list[tuple[Path, bool]]) -> None:
             os.replace(old, folder / old.name)
     for folder in aside.values():
         logger.warning(
-            "moved sharded weights that the new save replaces (not written by diffusers-var, so not deleted) into "
-            "%s; a loader reads the new files",
+            "moved weight files that the new save replaces (not known to be written by diffusers-var, so not "
+            "deleted) into %s; a loader reads the new files",
             folder,
         )
 
