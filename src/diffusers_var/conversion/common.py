@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -318,7 +319,7 @@ def load_checkpoint(path: str | os.PathLike, param_name: str) -> dict[str, torch
     Errors name the command-line parameter (``param_name``) the file was given to.
     """
     path = check_checkpoint_file(path, param_name)
-    damaged = None
+    damaged = short = None
     try:
         with open(path, "rb") as file:
             # mmap works only for the zip format (torch >= 1.6); files saved with
@@ -329,7 +330,15 @@ def load_checkpoint(path: str | os.PathLike, param_name: str) -> dict[str, torch
         if mmap:
             with zipfile.ZipFile(path) as archive:
                 damaged = archive.testzip()
-        if damaged is None:
+                sizes = _storage_sizes(archive) if damaged is None else {}
+                # a memory-mapped load reads each tensor's bytes from its record's offset without checking the
+                # record's size: a record shorter than its tensor (CRC valid) filled the tail from the next zip
+                # header. torch's plain load (whole in memory) checks that itself: the way when the sizes cannot be
+                # read here, or a record is compressed (a file zipped again), which a mapping would read as is
+                short = _record_size_problem(archive, sizes or {})
+                stored = {info.filename for info in archive.infolist() if info.compress_type == zipfile.ZIP_STORED}
+                mmap = sizes is not None and stored.issuperset(sizes)
+        if damaged is None and short is None:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - truncated zip, pickle with code, not a torch file at all
         raise ConversionError(
@@ -342,9 +351,96 @@ def load_checkpoint(path: str | os.PathLike, param_name: str) -> dict[str, torch
             f"`{param_name}`: {str(path)!r} is corrupted: its member {damaged!r} fails its CRC-32 check (the file "
             "changed after it was written, e.g. a damaged download or disk); re-download it."
         )
+    if short is not None:
+        raise ConversionError(f"`{param_name}`: {str(path)!r} is corrupted: {short}; re-download it.")
     if not isinstance(obj, Mapping):
         raise ConversionError(f"`{param_name}`: {str(path)!r} holds a {type(obj).__name__}, not a state dict.")
     return dict(obj)
+
+
+class _Stub:
+    """Every object of a checkpoint's pickle while :func:`_storage_sizes` reads it: no class the pickle names is
+    imported and none of its code runs; only the tensors' storage records are kept."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return _Stub()
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+
+class _StorageType(_Stub):
+    def __init__(self, name: str = ""):
+        self.name = name
+
+
+class _StorageScan(pickle.Unpickler):
+    def __init__(self, file):
+        super().__init__(file)
+        self.storages: dict[str, tuple[str, int]] = {}  # record key: (storage type, number of elements)
+
+    def find_class(self, module, name):
+        return _StorageType(name) if module == "torch" and name.endswith("Storage") else _Stub
+
+    def persistent_load(self, pid):
+        # torch's zip format: ("storage", storage type, record key, location, number of elements)
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType):
+            self.storages[str(pid[2])] = (pid[1].name, pid[4])
+        return _Stub()
+
+
+def _storage_sizes(archive: zipfile.ZipFile) -> dict[str, int] | None:
+    """``{record name: bytes}`` of the tensor data a zip-format checkpoint's pickle reads from ``archive``, or None
+    when that cannot be told (a pickle this scan does not follow: the caller then loads the file the checking way)."""
+    names = archive.namelist()
+    pickle_name = next((name for name in names if name.endswith("/data.pkl") and name.count("/") == 1), None)
+    if pickle_name is None:
+        return None
+    prefix = pickle_name[: -len("data.pkl")]
+    try:
+        with archive.open(pickle_name) as file:
+            scan = _StorageScan(file)
+            scan.load()
+    except Exception:  # noqa: BLE001 - any pickle the stubs cannot follow
+        return None
+    sizes = {}
+    for key, (type_name, numel) in scan.storages.items():
+        with warnings.catch_warnings():  # (the legacy storage classes' dtype warns that TypedStorage is deprecated)
+            warnings.simplefilter("ignore", UserWarning)
+            dtype = (
+                torch.uint8
+                if type_name == "UntypedStorage"
+                else getattr(getattr(torch, type_name, None), "dtype", None)
+            )
+        if not isinstance(dtype, torch.dtype) or not isinstance(numel, int):
+            return None
+        sizes[f"{prefix}data/{key}"] = numel * dtype.itemsize
+    return sizes
+
+
+def _record_size_problem(archive: zipfile.ZipFile, sizes: Mapping[str, int]) -> str | None:
+    """Why the tensor data records of ``archive`` do not hold the bytes their storages take (``sizes``, from
+    :func:`_storage_sizes`), else None."""
+    for name, nbytes in sizes.items():
+        try:
+            size = archive.getinfo(name).file_size
+        except KeyError:
+            return f"its tensor data member {name!r} is missing"
+        if size != nbytes:
+            return f"its member {name!r} holds {size} bytes where its tensor takes {nbytes} (cut or edited)"
+    return None
 
 
 def load_safetensors(path: str | os.PathLike, param_name: str) -> dict[str, torch.Tensor]:
