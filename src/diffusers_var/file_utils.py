@@ -140,10 +140,35 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def _proc_umask() -> int | None:
+    """The process's umask as Linux (4.7 and later) tells it, without changing it; None elsewhere."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+_UMASK_LOCK = threading.Lock()
+_UMASK_READ: list[int] = []  # where /proc cannot tell it: the umask, read once
+
+
 def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
+    """The process's umask, unchanged: write_atomic runs in several threads (sample.py's images), and ``os.umask``,
+    which reads it by setting it for every thread at once, gave files made meanwhile mode 0666 and could leave it 0
+    for good (two reads at once). Where the system cannot tell it (no /proc), it is read so once, under a lock; a
+    later change of the umask is not seen there."""
+    umask = _proc_umask()
+    if umask is not None:
+        return umask
+    with _UMASK_LOCK:
+        if not _UMASK_READ:
+            _UMASK_READ.append(os.umask(0o077))  # (the safer value, for the moment it is set)
+            os.umask(_UMASK_READ[0])
+        return _UMASK_READ[0]
 
 
 def _default_folder_mode() -> int:
