@@ -3,6 +3,7 @@ a user's file; interrupted saves leave staging folders that later saves clean up
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -198,6 +199,48 @@ def test_a_save_stopped_mid_swap_restores_the_previous_output(tmp_path, name):
     with pytest.raises(ConversionError, match="already exists"):  # restored first, then refused without overwrite
         atomic_save_pipeline(FakePipeline("v2"), out)
     assert contents(out)["transformer/diffusion_pytorch_model.safetensors"] == "v1" and not staging.exists()
+
+
+def test_an_old_output_that_cannot_be_removed_stays_recognisably_ours(tmp_path, monkeypatch, caplog):
+    """The probe: ``--overwrite`` when part of the previous output could not be deleted (a read-only subfolder) left
+    ``.out.tmp-*/old/...`` hidden for good: ``rmtree(ignore_errors=True)`` deleted the staging marker first, so no
+    later run knew the folder for ours. The marker is now removed last and kept when something is left; a warning
+    names the folder, and the next conversion (another process) removes it. (Simulated: tests may run as root, which
+    permission bits do not stop.)"""
+    import logging
+    import shutil
+
+    from diffusers_var.conversion import common
+
+    out = tmp_path / "out"
+    atomic_save_pipeline(FakePipeline("v1"), out)
+    real_rmtree = shutil.rmtree
+
+    def rmtree_but_old_transformer(path, ignore_errors=False):  # as rmtree does with a read-only old/transformer
+        for folder, _, files in os.walk(path, topdown=False):
+            for name in files:
+                if "old/transformer" not in os.path.join(folder, name):
+                    os.unlink(os.path.join(folder, name))
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+    monkeypatch.setattr(common.shutil, "rmtree", rmtree_but_old_transformer)
+    with caplog.at_level(logging.WARNING, logger=common.__name__):
+        atomic_save_pipeline(FakePipeline("v2"), out, overwrite=True)
+    monkeypatch.setattr(common.shutil, "rmtree", real_rmtree)
+    assert contents(out)["transformer/diffusion_pytorch_model.safetensors"] == "v2"
+    (left,) = tmp_path.glob(".out.tmp-*")
+    old_files = ["old/transformer/config.json", "old/transformer/diffusion_pytorch_model.safetensors"]
+    assert sorted(contents(left)) == [STAGING_MARKER, *old_files]
+    assert f"could not remove all of {left}" in caplog.text
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])  # the next conversion runs in another process
+    dead.wait()
+    marker = json.loads((left / STAGING_MARKER).read_text())
+    (left / STAGING_MARKER).write_text(json.dumps({**marker, "pid": dead.pid}))
+    atomic_save_pipeline(FakePipeline("v3"), out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert contents(out)["transformer/diffusion_pytorch_model.safetensors"] == "v3"
 
 
 def _main_of(script: str):

@@ -761,7 +761,7 @@ def clean_stale_staging(output_dir: Path) -> None:
         if old.is_dir() and not output_dir.exists():
             os.replace(old, output_dir)
             logger.warning("restored %s from an interrupted save (%s)", output_dir, staging.name)
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_staging(staging)
 
 
 def atomic_save_pipeline(pipeline, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -857,8 +857,36 @@ def _save_into_place(pipeline, output_dir: Path, overwrite: bool) -> Path:
             raise
     finally:
         if output_dir.exists() or not old.exists():  # never remove the only copy of the previous output
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_staging(staging)
     return output_dir
+
+
+def remove_staging(staging: Path) -> None:
+    """Remove a staging folder of :func:`atomic_save_pipeline`, its marker last. When part of it cannot be removed (a
+    read-only folder in the previous output, ``old/``), the marker stays, so that :func:`clean_stale_staging` still
+    knows the folder for ours and tries again (``rmtree`` removed the marker first and left a hidden folder that no
+    later run touched), and a warning names what is left."""
+    try:
+        for entry in staging.iterdir():
+            if entry.name == STAGING_MARKER:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        if not any(entry.name != STAGING_MARKER for entry in staging.iterdir()):
+            (staging / STAGING_MARKER).unlink(missing_ok=True)
+            staging.rmdir()
+            return
+    except FileNotFoundError:  # removed meanwhile
+        return
+    except OSError:
+        pass
+    logger.warning(
+        "could not remove all of %s (the staging folder of a conversion, holding in old/ the output it replaced; no "
+        "permission?): remove it yourself, or the next conversion to the same output tries again",
+        staging,
+    )
 
 
 def _check_finite_weights(pipeline) -> None:
