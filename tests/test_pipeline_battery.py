@@ -1291,6 +1291,42 @@ def test_a_sharded_save_over_single_files_loads_the_new_weights(case_id, tmp_pat
     assert "moved weight files that the new save replaces" in caplog.text
 
 
+def test_a_save_directory_that_cannot_be_saved_into_is_named_before_any_work(tmp_path, monkeypatch):
+    """The probe: a dangling link, a name too long for the staging folder beside it (or for the file system), a NUL
+    and a folder that takes no new entries (/proc) were raw OS errors (``embedded null byte``, ``[Errno 36]``,
+    ``[Errno 20]`` after the whole save) not naming ``save_directory``. Now a ValueError naming it, before anything
+    is written."""
+    import errno
+
+    from diffusers_var import file_utils
+
+    pipe = pipeline(CASES[0])
+    (tmp_path / "dangling").symlink_to(tmp_path / "nothing")
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    cases = [
+        (tmp_path / "dangling", "it is a link to .*nothing', which leads to nothing"),
+        # a name the file system takes, but not the staging folder's beside it
+        (tmp_path / ("d" * (limit - 10)), r"the folder name 'd+'\.\.\. is too long: at most \d+ bytes here"),
+        (
+            tmp_path / ("d" * (limit + 1)),
+            rf"the name 'd+'\.\.\. in it is {limit + 1} bytes long, more than the {limit} the file system takes",
+        ),
+        (tmp_path / "a\x00b", "it holds a NUL character"),
+    ]
+    for target, message in cases:
+        for save in (pipe.save_pretrained, pipe.transformer.save_pretrained):
+            with pytest.raises(ValueError, match=rf"^`save_directory` .* cannot be saved into: {message}\.$"):
+                save(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["dangling"] and not (tmp_path / "nothing").exists()
+
+    def no_entries(prefix, dir):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", f"{dir}/{prefix}x")
+
+    monkeypatch.setattr(file_utils.tempfile, "mkdtemp", no_entries)
+    with pytest.raises(ValueError, match=r"^`save_directory`: cannot make a folder in .*No such file or directory"):
+        pipe.save_pretrained(tmp_path / "x")
+
+
 def test_saved_files_get_the_umask_mode(tmp_path):
     """safetensors writes its files 0600: a folder saved by one user could not be loaded by another. Every saved file
     gets the mode a new file has under the process's umask."""

@@ -83,15 +83,27 @@ def path_problem(path) -> str | None:
     return None
 
 
+def _temporary_name_problem(path: Path, temporary: str, kind: str) -> str | None:
+    """Why ``temporary``, a name made from ``path``'s to sit in its folder, is past the file system's limit on a name
+    there, else None (``kind``: "file" or "folder", for the message)."""
+    limit = _name_max(path.parent)
+    extra = len(os.fsencode(temporary)) - len(os.fsencode(path.name))
+    if len(os.fsencode(path.name)) + extra > limit:
+        return f"the {kind} name {path.name[:40]!r}... is too long: at most {limit - extra} bytes here"
+    return None
+
+
 def atomic_name_problem(path: Path) -> str | None:
     """Why :func:`write_atomic` cannot write ``path`` (its temporary name, about 30 bytes longer than the name, is
     past the file system's limit on a name), else None: checked before the work whose result it writes."""
     path = Path(path)
-    limit = _name_max(path.parent)
-    extra = len(os.fsencode(_atomic_temporary(path).name)) - len(os.fsencode(path.name))
-    if len(os.fsencode(path.name)) + extra > limit:
-        return f"the file name {path.name[:40]!r}... is too long: at most {limit - extra} bytes here"
-    return None
+    return _temporary_name_problem(path, _atomic_temporary(path).name, "file")
+
+
+def staging_name_problem(path: Path, prefix: str) -> str | None:
+    """Why a staging folder ``prefix`` + the 8 random characters of ``tempfile.mkdtemp``, made next to the folder
+    ``path`` to become it, cannot be made (its name past the file system's limit), else None."""
+    return _temporary_name_problem(Path(path), prefix + "x" * 8, "folder")
 
 
 def write_atomic(path: Path, write: Callable[[Path], None], may_write_nothing: bool = False) -> None:
@@ -307,6 +319,14 @@ def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
     (:func:`refuse_interrupted_save`) until a save into it completes. Staging folders of killed saves are removed by
     the next save."""
     target = Path(target)
+    # before any work: these were raw OS errors (a NUL: "embedded null byte") that did not name the parameter
+    problem = path_problem(target)
+    if problem is None and target.is_symlink() and not target.exists():
+        problem = f"it is a link to {os.readlink(target)!r}, which leads to nothing"
+    if problem is None and not target.exists():
+        problem = staging_name_problem(target, f".{target.name}.saving-")  # the staging folder beside it
+    if problem:
+        raise ValueError(f"`save_directory` {str(target)!r} cannot be saved into: {problem}.")
     if target.exists() and not target.is_dir():
         raise ValueError(f"`save_directory` {str(target)!r} is a file, not a folder.")
     existing = target.exists()
@@ -316,7 +336,12 @@ def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
     if not os.access(where, os.W_OK | os.X_OK):  # (mkdtemp's bare OSError named no parameter)
         raise ValueError(f"`save_directory`: {str(where)!r} is not writable; nothing was saved.")
     _clean_stale_staging(where, prefix)
-    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=where))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=prefix, dir=where))
+    except OSError as err:  # a folder that takes no new entries (/proc) though os.access says it is writable
+        raise ValueError(
+            f"`save_directory`: cannot make a folder in {str(where)!r} ({err.strerror or err}); nothing was saved."
+        ) from None
     try:
         (staging / STAGING_MARKER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
         new = staging / "new"
