@@ -287,6 +287,34 @@ def test_an_unwritable_output_is_refused_before_converting(tmp_path, monkeypatch
     assert contents(tmp_path) == {"somefile.pth": "mine"} and not any(rodir.iterdir())
 
 
+def test_an_output_its_save_cannot_make_or_move_is_refused_before_converting(tmp_path, monkeypatch, capsys):
+    """The probe: ``--output`` with a 250-byte name converted fully, then failed on the name of the staging folder
+    beside it (14 bytes longer); an existing output folder that is not writable, with ``--overwrite``, failed only
+    at the final rename (moving a folder into another needs write access to it). Both are refused with the other
+    output checks now, before any checkpoint is read (those here do not exist)."""
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    long = tmp_path / ("o" * (limit - 5))
+    main = _main_of("convert_var.py")
+    argv = ["--vae", "vae.pth", "--transformer", "var.pth"]
+    assert main(argv + ["--output", str(long)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: `--output`: cannot write") and err.count("\n") == 1, err
+    assert f"is too long: at most {limit - 14} bytes here" in err, err
+    with pytest.raises(ConversionError, match="^`output`: cannot write .* is too long: at most"):
+        atomic_save_pipeline(FakePipeline(), long)
+    with pytest.raises(ConversionError, match="^`output`: .* holds a NUL character"):  # (a bare ValueError)
+        atomic_save_pipeline(FakePipeline(), tmp_path / "a\x00b")
+
+    out = tmp_path / "out"
+    atomic_save_pipeline(FakePipeline("v1"), out)
+    real_access = os.access  # (root may write anywhere: a folder we may not write into, simulated)
+    monkeypatch.setattr(os, "access", lambda path, mode: os.fspath(path) != str(out) and real_access(path, mode))
+    assert main(argv + ["--output", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: `--output`: cannot write") and "the folder is not writable" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 @pytest.mark.parametrize("error", ["oserror", "safetensors"])
 def test_a_failed_write_is_one_error_naming_output_and_keeps_the_previous_output(tmp_path, error):
     """A full disk while saving: an OSError from a config write, a SafetensorError from safetensors' writer (it

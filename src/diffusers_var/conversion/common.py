@@ -678,6 +678,7 @@ def check_output_dir(
     so is a location that cannot be written (the staging folder and the final rename happen in its parent).
     Errors name the parameter ``name`` and say what replaces folders (``replacer``: the caller's flag or step).
     """
+    _refuse_nul(output_dir, name)
     try:
         output_dir = Path(output_dir).resolve()
         if not output_dir.exists() and not output_dir.is_symlink():
@@ -690,10 +691,34 @@ def check_output_dir(
     return output_dir
 
 
+def _refuse_nul(output_dir, name: str) -> None:
+    if "\x00" in str(output_dir):  # (resolve's ValueError, "embedded null byte", named nothing)
+        raise ConversionError(f"`{name}`: {str(output_dir)!r} holds a NUL character, which no path can.")
+
+
 def _check_writable(output_dir: Path, name: str = "output") -> None:
-    problem = folder_problem(output_dir.parent)
+    """What the save's staging folder beside ``output_dir`` and its renames need: a parent we may write into, a
+    staging name the file system takes, and an existing output that may be moved (a folder's rename into another
+    one needs write access to it) - each found only after the whole conversion otherwise."""
+    problem = folder_problem(output_dir.parent) or _staging_name_problem(output_dir)
+    if problem is None and output_dir.is_dir() and not os.access(output_dir, os.W_OK | os.X_OK):
+        problem = "the folder is not writable, and replacing it moves it aside"
     if problem:
         raise ConversionError(f"`{name}`: cannot write {str(output_dir)!r}: {problem}.")
+
+
+def _staging_name_problem(output_dir: Path) -> str | None:
+    """Why the staging folder ``.NAME.tmp-XXXXXXXX`` (``mkdtemp``'s 8 random characters) cannot be made next to
+    ``output_dir``: its name is past the file system's limit (file_utils.staging_name_problem: this module also
+    runs alone, tests/test_conversion_output.py)."""
+    try:
+        limit = os.pathconf(output_dir.parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # AttributeError: no os.pathconf (Windows)
+        limit = 255
+    extra = len(os.fsencode(f".{output_dir.name}.tmp-xxxxxxxx")) - len(os.fsencode(output_dir.name))
+    if len(os.fsencode(output_dir.name)) + extra > limit:
+        return f"the folder name {output_dir.name[:40]!r}... is too long: at most {limit - extra} bytes here"
+    return None
 
 
 def _check_replaceable(output_dir: Path, overwrite: bool, name: str = "output", replacer: str = "--overwrite") -> None:
@@ -775,6 +800,7 @@ def atomic_save_pipeline(pipeline, output_dir: str | os.PathLike, overwrite: boo
     """
     from safetensors import SafetensorError
 
+    _refuse_nul(output_dir, "output")
     output_dir = Path(output_dir).resolve()
     try:
         return _atomic_save(pipeline, output_dir, overwrite)
