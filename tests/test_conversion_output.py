@@ -3,6 +3,7 @@ a user's file; interrupted saves leave staging folders that later saves clean up
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -200,6 +201,48 @@ def test_a_save_stopped_mid_swap_restores_the_previous_output(tmp_path, name):
     assert contents(out)["transformer/diffusion_pytorch_model.safetensors"] == "v1" and not staging.exists()
 
 
+def test_an_old_output_that_cannot_be_removed_stays_recognisably_ours(tmp_path, monkeypatch, caplog):
+    """The probe: ``--overwrite`` when part of the previous output could not be deleted (a read-only subfolder) left
+    ``.out.tmp-*/old/...`` hidden for good: ``rmtree(ignore_errors=True)`` deleted the staging marker first, so no
+    later run knew the folder for ours. The marker is now removed last and kept when something is left; a warning
+    names the folder, and the next conversion (another process) removes it. (Simulated: tests may run as root, which
+    permission bits do not stop.)"""
+    import logging
+    import shutil
+
+    from diffusers_var.conversion import common
+
+    out = tmp_path / "out"
+    atomic_save_pipeline(FakePipeline("v1"), out)
+    real_rmtree = shutil.rmtree
+
+    def rmtree_but_old_transformer(path, ignore_errors=False):  # as rmtree does with a read-only old/transformer
+        for folder, _, files in os.walk(path, topdown=False):
+            for name in files:
+                if "old/transformer" not in os.path.join(folder, name):
+                    os.unlink(os.path.join(folder, name))
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+    monkeypatch.setattr(common.shutil, "rmtree", rmtree_but_old_transformer)
+    with caplog.at_level(logging.WARNING, logger=common.__name__):
+        atomic_save_pipeline(FakePipeline("v2"), out, overwrite=True)
+    monkeypatch.setattr(common.shutil, "rmtree", real_rmtree)
+    assert contents(out)["transformer/diffusion_pytorch_model.safetensors"] == "v2"
+    (left,) = tmp_path.glob(".out.tmp-*")
+    old_files = ["old/transformer/config.json", "old/transformer/diffusion_pytorch_model.safetensors"]
+    assert sorted(contents(left)) == [STAGING_MARKER, *old_files]
+    assert f"could not remove all of {left}" in caplog.text
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])  # the next conversion runs in another process
+    dead.wait()
+    marker = json.loads((left / STAGING_MARKER).read_text())
+    (left / STAGING_MARKER).write_text(json.dumps({**marker, "pid": dead.pid}))
+    atomic_save_pipeline(FakePipeline("v3"), out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert contents(out)["transformer/diffusion_pytorch_model.safetensors"] == "v3"
+
+
 def _main_of(script: str):
     import runpy
 
@@ -242,6 +285,34 @@ def test_an_unwritable_output_is_refused_before_converting(tmp_path, monkeypatch
     with pytest.raises(ConversionError, match="`output`.*Permission denied"):
         atomic_save_pipeline(FakePipeline(), rodir / "out")
     assert contents(tmp_path) == {"somefile.pth": "mine"} and not any(rodir.iterdir())
+
+
+def test_an_output_its_save_cannot_make_or_move_is_refused_before_converting(tmp_path, monkeypatch, capsys):
+    """The probe: ``--output`` with a 250-byte name converted fully, then failed on the name of the staging folder
+    beside it (14 bytes longer); an existing output folder that is not writable, with ``--overwrite``, failed only
+    at the final rename (moving a folder into another needs write access to it). Both are refused with the other
+    output checks now, before any checkpoint is read (those here do not exist)."""
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    long = tmp_path / ("o" * (limit - 5))
+    main = _main_of("convert_var.py")
+    argv = ["--vae", "vae.pth", "--transformer", "var.pth"]
+    assert main(argv + ["--output", str(long)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: `--output`: cannot write") and err.count("\n") == 1, err
+    assert f"is too long: at most {limit - 14} bytes here" in err, err
+    with pytest.raises(ConversionError, match="^`output`: cannot write .* is too long: at most"):
+        atomic_save_pipeline(FakePipeline(), long)
+    with pytest.raises(ConversionError, match="^`output`: .* holds a NUL character"):  # (a bare ValueError)
+        atomic_save_pipeline(FakePipeline(), tmp_path / "a\x00b")
+
+    out = tmp_path / "out"
+    atomic_save_pipeline(FakePipeline("v1"), out)
+    real_access = os.access  # (root may write anywhere: a folder we may not write into, simulated)
+    monkeypatch.setattr(os, "access", lambda path, mode: os.fspath(path) != str(out) and real_access(path, mode))
+    assert main(argv + ["--output", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: `--output`: cannot write") and "the folder is not writable" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 @pytest.mark.parametrize("error", ["oserror", "safetensors"])

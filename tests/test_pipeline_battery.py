@@ -1253,6 +1253,80 @@ def test_a_save_moves_the_users_stale_shards_aside_and_deletes_its_own(tmp_path,
             pipe.save_pretrained(destination)
 
 
+@pytest.mark.parametrize("case_id", ["star", "infinity"])
+def test_a_sharded_save_over_single_files_loads_the_new_weights(case_id, tmp_path, caplog):
+    """The probe: a sharded save over a folder of single weight files left each old ``model.safetensors`` beside the
+    new shards and index; transformers reads the single file first, so the text encoder reloaded with the OLD
+    weights. The single file of a name and variant now saved as shards is stale: moved aside when nothing says the
+    package wrote it (a single file carries no mark), deleted when a converted folder's manifest lists it."""
+    import logging
+
+    from diffusers_var.conversion import atomic_save_pipeline
+
+    case = next(case for case in CASES if case.id == case_id)
+    pipe = case.pipeline_class(**case.components())  # (its weights change: not the module's shared pipeline)
+    plain, converted = tmp_path / "plain", tmp_path / "converted"
+    pipe.save_pretrained(plain)
+    atomic_save_pipeline(pipe, converted)
+    with torch.no_grad():
+        for module in pipe.components.values():
+            for parameter in module.parameters() if isinstance(module, torch.nn.Module) else ():
+                parameter.add_(1.0)
+    modules = [name for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)]
+    assert "text_encoder" in modules
+    singles = {name: {p.name: p.read_bytes() for p in (plain / name).glob("*.safetensors")} for name in modules}
+    for folder in (plain, converted):
+        with caplog.at_level(logging.WARNING, logger="diffusers_var.file_utils"):
+            pipe.save_pretrained(folder, max_shard_size="20KB")
+        reloaded = case.pipeline_class.from_pretrained(folder)
+        for name in modules:
+            assert list((folder / name).glob("*.safetensors.index.json")), name  # saved as shards
+            expected, got = getattr(pipe, name).state_dict(), getattr(reloaded, name).state_dict()
+            assert all(torch.equal(expected[key], got[key]) for key in expected), (folder.name, name)
+    for name in modules:
+        (aside,) = (plain / name).glob(".replaced-*")
+        assert {p.name: p.read_bytes() for p in aside.iterdir()} == singles[name]  # the first save's file, whole
+        assert not list((converted / name).glob(".replaced-*"))
+        assert not [p.name for p in (converted / name).glob("*.safetensors") if "-of-" not in p.name]
+    assert "moved weight files that the new save replaces" in caplog.text
+
+
+def test_a_save_directory_that_cannot_be_saved_into_is_named_before_any_work(tmp_path, monkeypatch):
+    """The probe: a dangling link, a name too long for the staging folder beside it (or for the file system), a NUL
+    and a folder that takes no new entries (/proc) were raw OS errors (``embedded null byte``, ``[Errno 36]``,
+    ``[Errno 20]`` after the whole save) not naming ``save_directory``. Now a ValueError naming it, before anything
+    is written."""
+    import errno
+
+    from diffusers_var import file_utils
+
+    pipe = pipeline(CASES[0])
+    (tmp_path / "dangling").symlink_to(tmp_path / "nothing")
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    cases = [
+        (tmp_path / "dangling", "it is a link to .*nothing', which leads to nothing"),
+        # a name the file system takes, but not the staging folder's beside it
+        (tmp_path / ("d" * (limit - 10)), r"the folder name 'd+'\.\.\. is too long: at most \d+ bytes here"),
+        (
+            tmp_path / ("d" * (limit + 1)),
+            rf"the name 'd+'\.\.\. in it is {limit + 1} bytes long, more than the {limit} the file system takes",
+        ),
+        (tmp_path / "a\x00b", "it holds a NUL character"),
+    ]
+    for target, message in cases:
+        for save in (pipe.save_pretrained, pipe.transformer.save_pretrained):
+            with pytest.raises(ValueError, match=rf"^`save_directory` .* cannot be saved into: {message}\.$"):
+                save(target)
+    assert [p.name for p in tmp_path.iterdir()] == ["dangling"] and not (tmp_path / "nothing").exists()
+
+    def no_entries(prefix, dir):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", f"{dir}/{prefix}x")
+
+    monkeypatch.setattr(file_utils.tempfile, "mkdtemp", no_entries)
+    with pytest.raises(ValueError, match=r"^`save_directory`: cannot make a folder in .*No such file or directory"):
+        pipe.save_pretrained(tmp_path / "x")
+
+
 def test_saved_files_get_the_umask_mode(tmp_path):
     """safetensors writes its files 0600: a folder saved by one user could not be loaded by another. Every saved file
     gets the mode a new file has under the process's umask."""

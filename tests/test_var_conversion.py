@@ -102,6 +102,34 @@ def test_a_bit_flipped_checkpoint_is_refused(originals, tmp_path):
         convert_var_checkpoint(vae, tmp_path / "flipped.pth")
 
 
+def test_a_checkpoint_whose_tensor_record_is_short_is_refused(originals, tmp_path, capsys):
+    """The probe: a zip-format .pth whose tensor record is shorter than its tensor (its CRC-32 valid) loaded, because
+    the memory-mapped torch.load reads the tensor's bytes from the record's offset without checking its size: the
+    tensor's tail came from the next zip header. Each record is now checked against its storage's size."""
+    import copy
+    import re
+    import zipfile
+
+    vae, var = originals
+    torch.save(torch.load(var, weights_only=True), tmp_path / "whole.pth")
+    with zipfile.ZipFile(tmp_path / "whole.pth") as source, zipfile.ZipFile(tmp_path / "short.pth", "w") as short:
+        records = [info for info in source.infolist() if re.search(r"/data/\d+\Z", info.filename)]
+        victim = max(records, key=lambda info: info.file_size)
+        for info in source.infolist():
+            data = source.read(info)
+            short.writestr(copy.copy(info), data[:-8] if info is victim else data)  # stored, a valid CRC-32
+    pattern = (
+        rf"`transformer`: '.*short\.pth' is corrupted: its member '{victim.filename}' holds {victim.file_size - 8}"
+    )
+    with pytest.raises(ConversionError, match=pattern + r" bytes where its tensor takes"):
+        convert_var_checkpoint(vae, tmp_path / "short.pth")
+    rc, err = _run_main(
+        "convert_var.py", ["--vae", vae, "--transformer", tmp_path / "short.pth", "--output", tmp_path / "out"], capsys
+    )
+    _assert_one_line_error(rc, err, "error: `--transformer`: ", "is corrupted: its member")
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_file(originals, tmp_path):
     vae, _ = originals
     with pytest.raises(ValueError, match="transformer"):

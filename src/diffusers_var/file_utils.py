@@ -83,15 +83,27 @@ def path_problem(path) -> str | None:
     return None
 
 
+def _temporary_name_problem(path: Path, temporary: str, kind: str) -> str | None:
+    """Why ``temporary``, a name made from ``path``'s to sit in its folder, is past the file system's limit on a name
+    there, else None (``kind``: "file" or "folder", for the message)."""
+    limit = _name_max(path.parent)
+    extra = len(os.fsencode(temporary)) - len(os.fsencode(path.name))
+    if len(os.fsencode(path.name)) + extra > limit:
+        return f"the {kind} name {path.name[:40]!r}... is too long: at most {limit - extra} bytes here"
+    return None
+
+
 def atomic_name_problem(path: Path) -> str | None:
     """Why :func:`write_atomic` cannot write ``path`` (its temporary name, about 30 bytes longer than the name, is
     past the file system's limit on a name), else None: checked before the work whose result it writes."""
     path = Path(path)
-    limit = _name_max(path.parent)
-    extra = len(os.fsencode(_atomic_temporary(path).name)) - len(os.fsencode(path.name))
-    if len(os.fsencode(path.name)) + extra > limit:
-        return f"the file name {path.name[:40]!r}... is too long: at most {limit - extra} bytes here"
-    return None
+    return _temporary_name_problem(path, _atomic_temporary(path).name, "file")
+
+
+def staging_name_problem(path: Path, prefix: str) -> str | None:
+    """Why a staging folder ``prefix`` + the 8 random characters of ``tempfile.mkdtemp``, made next to the folder
+    ``path`` to become it, cannot be made (its name past the file system's limit), else None."""
+    return _temporary_name_problem(Path(path), prefix + "x" * 8, "folder")
 
 
 def write_atomic(path: Path, write: Callable[[Path], None], may_write_nothing: bool = False) -> None:
@@ -140,10 +152,35 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def _proc_umask() -> int | None:
+    """The process's umask as Linux (4.7 and later) tells it, without changing it; None elsewhere."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+_UMASK_LOCK = threading.Lock()
+_UMASK_READ: list[int] = []  # where /proc cannot tell it: the umask, read once
+
+
 def _umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
+    """The process's umask, unchanged: write_atomic runs in several threads (sample.py's images), and ``os.umask``,
+    which reads it by setting it for every thread at once, gave files made meanwhile mode 0666 and could leave it 0
+    for good (two reads at once). Where the system cannot tell it (no /proc), it is read so once, under a lock; a
+    later change of the umask is not seen there."""
+    umask = _proc_umask()
+    if umask is not None:
+        return umask
+    with _UMASK_LOCK:
+        if not _UMASK_READ:
+            _UMASK_READ.append(os.umask(0o077))  # (the safer value, for the moment it is set)
+            os.umask(_UMASK_READ[0])
+        return _UMASK_READ[0]
 
 
 def _default_folder_mode() -> int:
@@ -157,11 +194,13 @@ def _default_file_mode() -> int:
 
 
 # Weight files that a component's new save makes stale: the shard index of its weights name and variant, which a
-# loader would read in place of a new single file, and the shards that index lists. A plain single file is replaced by
-# name. Another variant's files are left alone (they load on their own, ``variant=``), and so are shards no index
-# lists and other formats (``.bin``: never read here). Stale files that a converted folder's manifest lists (ours) are
-# deleted; others are moved into a hidden ``.replaced-<time>`` folder beside them: files the package did not write are
-# never deleted.
+# loader would read in place of a new single file, and the shards that index lists; for a new sharded save, the single
+# file of that name and variant, which transformers reads in place of a new index (diffusers reads the index first).
+# A single file over a single file is replaced by name. Another variant's files are left alone (they load on their own,
+# ``variant=``), and so are shards no index lists and other formats (``.bin``: never read here). Stale files that a
+# converted folder's manifest lists (ours) or whose index says a save of the package wrote them are deleted; others
+# (a single file carries no such mark) are moved into a hidden ``.replaced-<time>`` folder beside them: files the
+# package did not write are never deleted.
 _WEIGHT_NAME = re.compile(
     r"(?P<stem>[^.]+?)(\.(?P<variant>\w+))?(-\d{5}-of-\d{5})?\.safetensors\Z"
     r"|(?P<index_stem>[^.]+)\.safetensors\.index(\.(?P<index_variant>\w+))?\.json\Z"
@@ -185,15 +224,19 @@ _INDEX_WRITER = {"written_by": "diffusers-var"}
 
 def _stale_weight_files(folder: Path, written: set[str]) -> list[tuple[Path, bool]]:
     """In ``folder``, read before the new files move in: the shard indices of the weights names and variants of the
-    files being ``written`` there (unless rewritten) and the shards each lists (same name and variant, not rewritten):
-    what a loader would read in place of the new files, or shards no index will list; each with whether the index
-    says a save of the package wrote it (:func:`_tag_shard_indices`). An index that cannot be read is stale itself
-    (not ours), its shards are kept."""
+    files being ``written`` there (unless rewritten) and the shards each lists (same name and variant, not rewritten),
+    and the single file of a name and variant written as shards: what a loader would read in place of the new files,
+    or shards no index will list; each with whether the index says a save of the package wrote it
+    (:func:`_tag_shard_indices`; a single file: never known here). An index that cannot be read is stale itself (not
+    ours), its shards are kept."""
     stale = []
     for stem, variant in {_weight_key(name) for name in written} - {None}:
         dot_variant = f".{variant}" if variant else ""
         shard = re.compile(rf"{re.escape(stem + dot_variant)}-\d{{5}}-of-\d{{5}}\.safetensors\Z")
         index = folder / f"{stem}.safetensors.index{dot_variant}.json"
+        single = folder / f"{stem}{dot_variant}.safetensors"
+        if index.name in written and single.name not in written and single.is_file():
+            stale.append((single, False))
         if not index.is_file():
             continue
         try:
@@ -276,6 +319,14 @@ def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
     (:func:`refuse_interrupted_save`) until a save into it completes. Staging folders of killed saves are removed by
     the next save."""
     target = Path(target)
+    # before any work: these were raw OS errors (a NUL: "embedded null byte") that did not name the parameter
+    problem = path_problem(target)
+    if problem is None and target.is_symlink() and not target.exists():
+        problem = f"it is a link to {os.readlink(target)!r}, which leads to nothing"
+    if problem is None and not target.exists():
+        problem = staging_name_problem(target, f".{target.name}.saving-")  # the staging folder beside it
+    if problem:
+        raise ValueError(f"`save_directory` {str(target)!r} cannot be saved into: {problem}.")
     if target.exists() and not target.is_dir():
         raise ValueError(f"`save_directory` {str(target)!r} is a file, not a folder.")
     existing = target.exists()
@@ -285,7 +336,12 @@ def save_folder_atomic(target: Path, save: Callable[[Path], None]) -> Path:
     if not os.access(where, os.W_OK | os.X_OK):  # (mkdtemp's bare OSError named no parameter)
         raise ValueError(f"`save_directory`: {str(where)!r} is not writable; nothing was saved.")
     _clean_stale_staging(where, prefix)
-    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=where))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=prefix, dir=where))
+    except OSError as err:  # a folder that takes no new entries (/proc) though os.access says it is writable
+        raise ValueError(
+            f"`save_directory`: cannot make a folder in {str(where)!r} ({err.strerror or err}); nothing was saved."
+        ) from None
     try:
         (staging / STAGING_MARKER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
         new = staging / "new"
@@ -338,8 +394,8 @@ def _remove_stale_weights(target: Path, stale: list[tuple[Path, bool]]) -> None:
             os.replace(old, folder / old.name)
     for folder in aside.values():
         logger.warning(
-            "moved sharded weights that the new save replaces (not written by diffusers-var, so not deleted) into "
-            "%s; a loader reads the new files",
+            "moved weight files that the new save replaces (not known to be written by diffusers-var, so not "
+            "deleted) into %s; a loader reads the new files",
             folder,
         )
 

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -318,7 +319,7 @@ def load_checkpoint(path: str | os.PathLike, param_name: str) -> dict[str, torch
     Errors name the command-line parameter (``param_name``) the file was given to.
     """
     path = check_checkpoint_file(path, param_name)
-    damaged = None
+    damaged = short = None
     try:
         with open(path, "rb") as file:
             # mmap works only for the zip format (torch >= 1.6); files saved with
@@ -329,7 +330,15 @@ def load_checkpoint(path: str | os.PathLike, param_name: str) -> dict[str, torch
         if mmap:
             with zipfile.ZipFile(path) as archive:
                 damaged = archive.testzip()
-        if damaged is None:
+                sizes = _storage_sizes(archive) if damaged is None else {}
+                # a memory-mapped load reads each tensor's bytes from its record's offset without checking the
+                # record's size: a record shorter than its tensor (CRC valid) filled the tail from the next zip
+                # header. torch's plain load (whole in memory) checks that itself: the way when the sizes cannot be
+                # read here, or a record is compressed (a file zipped again), which a mapping would read as is
+                short = _record_size_problem(archive, sizes or {})
+                stored = {info.filename for info in archive.infolist() if info.compress_type == zipfile.ZIP_STORED}
+                mmap = sizes is not None and stored.issuperset(sizes)
+        if damaged is None and short is None:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # noqa: BLE001 - truncated zip, pickle with code, not a torch file at all
         raise ConversionError(
@@ -342,9 +351,96 @@ def load_checkpoint(path: str | os.PathLike, param_name: str) -> dict[str, torch
             f"`{param_name}`: {str(path)!r} is corrupted: its member {damaged!r} fails its CRC-32 check (the file "
             "changed after it was written, e.g. a damaged download or disk); re-download it."
         )
+    if short is not None:
+        raise ConversionError(f"`{param_name}`: {str(path)!r} is corrupted: {short}; re-download it.")
     if not isinstance(obj, Mapping):
         raise ConversionError(f"`{param_name}`: {str(path)!r} holds a {type(obj).__name__}, not a state dict.")
     return dict(obj)
+
+
+class _Stub:
+    """Every object of a checkpoint's pickle while :func:`_storage_sizes` reads it: no class the pickle names is
+    imported and none of its code runs; only the tensors' storage records are kept."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return _Stub()
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, value):
+        pass
+
+    def extend(self, values):
+        pass
+
+
+class _StorageType(_Stub):
+    def __init__(self, name: str = ""):
+        self.name = name
+
+
+class _StorageScan(pickle.Unpickler):
+    def __init__(self, file):
+        super().__init__(file)
+        self.storages: dict[str, tuple[str, int]] = {}  # record key: (storage type, number of elements)
+
+    def find_class(self, module, name):
+        return _StorageType(name) if module == "torch" and name.endswith("Storage") else _Stub
+
+    def persistent_load(self, pid):
+        # torch's zip format: ("storage", storage type, record key, location, number of elements)
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType):
+            self.storages[str(pid[2])] = (pid[1].name, pid[4])
+        return _Stub()
+
+
+def _storage_sizes(archive: zipfile.ZipFile) -> dict[str, int] | None:
+    """``{record name: bytes}`` of the tensor data a zip-format checkpoint's pickle reads from ``archive``, or None
+    when that cannot be told (a pickle this scan does not follow: the caller then loads the file the checking way)."""
+    names = archive.namelist()
+    pickle_name = next((name for name in names if name.endswith("/data.pkl") and name.count("/") == 1), None)
+    if pickle_name is None:
+        return None
+    prefix = pickle_name[: -len("data.pkl")]
+    try:
+        with archive.open(pickle_name) as file:
+            scan = _StorageScan(file)
+            scan.load()
+    except Exception:  # noqa: BLE001 - any pickle the stubs cannot follow
+        return None
+    sizes = {}
+    for key, (type_name, numel) in scan.storages.items():
+        with warnings.catch_warnings():  # (the legacy storage classes' dtype warns that TypedStorage is deprecated)
+            warnings.simplefilter("ignore", UserWarning)
+            dtype = (
+                torch.uint8
+                if type_name == "UntypedStorage"
+                else getattr(getattr(torch, type_name, None), "dtype", None)
+            )
+        if not isinstance(dtype, torch.dtype) or not isinstance(numel, int):
+            return None
+        sizes[f"{prefix}data/{key}"] = numel * dtype.itemsize
+    return sizes
+
+
+def _record_size_problem(archive: zipfile.ZipFile, sizes: Mapping[str, int]) -> str | None:
+    """Why the tensor data records of ``archive`` do not hold the bytes their storages take (``sizes``, from
+    :func:`_storage_sizes`), else None."""
+    for name, nbytes in sizes.items():
+        try:
+            size = archive.getinfo(name).file_size
+        except KeyError:
+            return f"its tensor data member {name!r} is missing"
+        if size != nbytes:
+            return f"its member {name!r} holds {size} bytes where its tensor takes {nbytes} (cut or edited)"
+    return None
 
 
 def load_safetensors(path: str | os.PathLike, param_name: str) -> dict[str, torch.Tensor]:
@@ -582,6 +678,7 @@ def check_output_dir(
     so is a location that cannot be written (the staging folder and the final rename happen in its parent).
     Errors name the parameter ``name`` and say what replaces folders (``replacer``: the caller's flag or step).
     """
+    _refuse_nul(output_dir, name)
     try:
         output_dir = Path(output_dir).resolve()
         if not output_dir.exists() and not output_dir.is_symlink():
@@ -594,10 +691,34 @@ def check_output_dir(
     return output_dir
 
 
+def _refuse_nul(output_dir, name: str) -> None:
+    if "\x00" in str(output_dir):  # (resolve's ValueError, "embedded null byte", named nothing)
+        raise ConversionError(f"`{name}`: {str(output_dir)!r} holds a NUL character, which no path can.")
+
+
 def _check_writable(output_dir: Path, name: str = "output") -> None:
-    problem = folder_problem(output_dir.parent)
+    """What the save's staging folder beside ``output_dir`` and its renames need: a parent we may write into, a
+    staging name the file system takes, and an existing output that may be moved (a folder's rename into another
+    one needs write access to it) - each found only after the whole conversion otherwise."""
+    problem = folder_problem(output_dir.parent) or _staging_name_problem(output_dir)
+    if problem is None and output_dir.is_dir() and not os.access(output_dir, os.W_OK | os.X_OK):
+        problem = "the folder is not writable, and replacing it moves it aside"
     if problem:
         raise ConversionError(f"`{name}`: cannot write {str(output_dir)!r}: {problem}.")
+
+
+def _staging_name_problem(output_dir: Path) -> str | None:
+    """Why the staging folder ``.NAME.tmp-XXXXXXXX`` (``mkdtemp``'s 8 random characters) cannot be made next to
+    ``output_dir``: its name is past the file system's limit (file_utils.staging_name_problem: this module also
+    runs alone, tests/test_conversion_output.py)."""
+    try:
+        limit = os.pathconf(output_dir.parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # AttributeError: no os.pathconf (Windows)
+        limit = 255
+    extra = len(os.fsencode(f".{output_dir.name}.tmp-xxxxxxxx")) - len(os.fsencode(output_dir.name))
+    if len(os.fsencode(output_dir.name)) + extra > limit:
+        return f"the folder name {output_dir.name[:40]!r}... is too long: at most {limit - extra} bytes here"
+    return None
 
 
 def _check_replaceable(output_dir: Path, overwrite: bool, name: str = "output", replacer: str = "--overwrite") -> None:
@@ -665,7 +786,7 @@ def clean_stale_staging(output_dir: Path) -> None:
         if old.is_dir() and not output_dir.exists():
             os.replace(old, output_dir)
             logger.warning("restored %s from an interrupted save (%s)", output_dir, staging.name)
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_staging(staging)
 
 
 def atomic_save_pipeline(pipeline, output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -679,6 +800,7 @@ def atomic_save_pipeline(pipeline, output_dir: str | os.PathLike, overwrite: boo
     """
     from safetensors import SafetensorError
 
+    _refuse_nul(output_dir, "output")
     output_dir = Path(output_dir).resolve()
     try:
         return _atomic_save(pipeline, output_dir, overwrite)
@@ -761,8 +883,36 @@ def _save_into_place(pipeline, output_dir: Path, overwrite: bool) -> Path:
             raise
     finally:
         if output_dir.exists() or not old.exists():  # never remove the only copy of the previous output
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_staging(staging)
     return output_dir
+
+
+def remove_staging(staging: Path) -> None:
+    """Remove a staging folder of :func:`atomic_save_pipeline`, its marker last. When part of it cannot be removed (a
+    read-only folder in the previous output, ``old/``), the marker stays, so that :func:`clean_stale_staging` still
+    knows the folder for ours and tries again (``rmtree`` removed the marker first and left a hidden folder that no
+    later run touched), and a warning names what is left."""
+    try:
+        for entry in staging.iterdir():
+            if entry.name == STAGING_MARKER:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        if not any(entry.name != STAGING_MARKER for entry in staging.iterdir()):
+            (staging / STAGING_MARKER).unlink(missing_ok=True)
+            staging.rmdir()
+            return
+    except FileNotFoundError:  # removed meanwhile
+        return
+    except OSError:
+        pass
+    logger.warning(
+        "could not remove all of %s (the staging folder of a conversion, holding in old/ the output it replaced; no "
+        "permission?): remove it yourself, or the next conversion to the same output tries again",
+        staging,
+    )
 
 
 def _check_finite_weights(pipeline) -> None:
