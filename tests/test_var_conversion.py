@@ -105,7 +105,7 @@ def test_a_bit_flipped_checkpoint_is_refused(originals, tmp_path):
 def test_a_checkpoint_whose_tensor_record_is_short_is_refused(originals, tmp_path, capsys):
     """The probe: a zip-format .pth whose tensor record is shorter than its tensor (its CRC-32 valid) loaded, because
     the memory-mapped torch.load reads the tensor's bytes from the record's offset without checking its size: the
-    tensor's tail came from the next zip header. Each record is now checked against its storage's size."""
+    tensor's tail came from the next zip header. The records' sizes are now checked against the loaded storages'."""
     import copy
     import re
     import zipfile
@@ -121,7 +121,7 @@ def test_a_checkpoint_whose_tensor_record_is_short_is_refused(originals, tmp_pat
     pattern = (
         rf"`transformer`: '.*short\.pth' is corrupted: its member '{victim.filename}' holds {victim.file_size - 8}"
     )
-    with pytest.raises(ConversionError, match=pattern + r" bytes where its tensor takes"):
+    with pytest.raises(ConversionError, match=pattern + r" bytes, the size of none of its tensors"):
         convert_var_checkpoint(vae, tmp_path / "short.pth")
     rc, err = _run_main(
         "convert_var.py", ["--vae", vae, "--transformer", tmp_path / "short.pth", "--output", tmp_path / "out"], capsys

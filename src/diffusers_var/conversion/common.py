@@ -4,13 +4,13 @@ and atomic writing of a diffusers folder."""
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import itertools
 import json
 import logging
 import math
 import os
-import pickle
 import re
 import shutil
 import socket
@@ -330,16 +330,14 @@ def load_checkpoint(path: str | os.PathLike, param_name: str) -> dict[str, torch
         if mmap:
             with zipfile.ZipFile(path) as archive:
                 damaged = archive.testzip()
-                sizes = _storage_sizes(archive) if damaged is None else {}
-                # a memory-mapped load reads each tensor's bytes from its record's offset without checking the
-                # record's size: a record shorter than its tensor (CRC valid) filled the tail from the next zip
-                # header. torch's plain load (whole in memory) checks that itself: the way when the sizes cannot be
-                # read here, or a record is compressed (a file zipped again), which a mapping would read as is
-                short = _record_size_problem(archive, sizes or {})
-                stored = {info.filename for info in archive.infolist() if info.compress_type == zipfile.ZIP_STORED}
-                mmap = sizes is not None and stored.issuperset(sizes)
-        if damaged is None and short is None:
+                # a record compressed (a file zipped again) would be mapped as its compressed bytes: such files
+                # load whole, where torch checks each record itself
+                mmap = all(info.compress_type == zipfile.ZIP_STORED for info in _tensor_records(archive))
+        if damaged is None:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            if mmap:
+                with zipfile.ZipFile(path) as archive:
+                    short = _record_size_problem(archive, obj)
     except Exception as err:  # noqa: BLE001 - truncated zip, pickle with code, not a torch file at all
         raise ConversionError(
             f"`{param_name}`: {str(path)!r} is not a readable PyTorch checkpoint (truncated, corrupted, or it "
@@ -358,89 +356,36 @@ def load_checkpoint(path: str | os.PathLike, param_name: str) -> dict[str, torch
     return dict(obj)
 
 
-class _Stub:
-    """Every object of a checkpoint's pickle while :func:`_storage_sizes` reads it: no class the pickle names is
-    imported and none of its code runs; only the tensors' storage records are kept."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __call__(self, *args, **kwargs):
-        return _Stub()
-
-    def __setstate__(self, state):
-        pass
-
-    def __setitem__(self, key, value):
-        pass
-
-    def append(self, value):
-        pass
-
-    def extend(self, values):
-        pass
+def _tensor_records(archive: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
+    """The tensor data members (``ARCHIVE/data/N``) of a zip-format checkpoint."""
+    return [info for info in archive.infolist() if re.search(r"/data/\d+\Z", info.filename)]
 
 
-class _StorageType(_Stub):
-    def __init__(self, name: str = ""):
-        self.name = name
-
-
-class _StorageScan(pickle.Unpickler):
-    def __init__(self, file):
-        super().__init__(file)
-        self.storages: dict[str, tuple[str, int]] = {}  # record key: (storage type, number of elements)
-
-    def find_class(self, module, name):
-        return _StorageType(name) if module == "torch" and name.endswith("Storage") else _Stub
-
-    def persistent_load(self, pid):
-        # torch's zip format: ("storage", storage type, record key, location, number of elements)
-        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType):
-            self.storages[str(pid[2])] = (pid[1].name, pid[4])
-        return _Stub()
-
-
-def _storage_sizes(archive: zipfile.ZipFile) -> dict[str, int] | None:
-    """``{record name: bytes}`` of the tensor data a zip-format checkpoint's pickle reads from ``archive``, or None
-    when that cannot be told (a pickle this scan does not follow: the caller then loads the file the checking way)."""
-    names = archive.namelist()
-    pickle_name = next((name for name in names if name.endswith("/data.pkl") and name.count("/") == 1), None)
-    if pickle_name is None:
-        return None
-    prefix = pickle_name[: -len("data.pkl")]
-    try:
-        with archive.open(pickle_name) as file:
-            scan = _StorageScan(file)
-            scan.load()
-    except Exception:  # noqa: BLE001 - any pickle the stubs cannot follow
-        return None
-    sizes = {}
-    for key, (type_name, numel) in scan.storages.items():
-        with warnings.catch_warnings():  # (the legacy storage classes' dtype warns that TypedStorage is deprecated)
-            warnings.simplefilter("ignore", UserWarning)
-            dtype = (
-                torch.uint8
-                if type_name == "UntypedStorage"
-                else getattr(getattr(torch, type_name, None), "dtype", None)
-            )
-        if not isinstance(dtype, torch.dtype) or not isinstance(numel, int):
-            return None
-        sizes[f"{prefix}data/{key}"] = numel * dtype.itemsize
-    return sizes
-
-
-def _record_size_problem(archive: zipfile.ZipFile, sizes: Mapping[str, int]) -> str | None:
-    """Why the tensor data records of ``archive`` do not hold the bytes their storages take (``sizes``, from
-    :func:`_storage_sizes`), else None."""
-    for name, nbytes in sizes.items():
-        try:
-            size = archive.getinfo(name).file_size
-        except KeyError:
-            return f"its tensor data member {name!r} is missing"
-        if size != nbytes:
-            return f"its member {name!r} holds {size} bytes where its tensor takes {nbytes} (cut or edited)"
-    return None
+def _record_size_problem(archive: zipfile.ZipFile, obj) -> str | None:
+    """Why the tensor data members of ``archive`` do not hold the bytes of the storages a memory-mapped
+    ``torch.load`` made of them, else None. Such a load maps each storage from its record's offset with the size the
+    pickle gives, without checking the record's own size: a record shorter than its tensor (a valid CRC-32) read the
+    tensor's tail from the next zip header. Each storage is one record, so the two lists of sizes must agree."""
+    storages, stack = {}, [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            if storage.nbytes():
+                storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+    unmatched = collections.Counter(storages.values())
+    for info in _tensor_records(archive):
+        if not info.file_size:
+            continue
+        if not unmatched[info.file_size]:
+            return f"its member {info.filename!r} holds {info.file_size} bytes, the size of none of its tensors"
+        unmatched[info.file_size] -= 1
+    missing = sum(unmatched.values())
+    return f"{missing} of its tensors have no data member of their size" if missing else None
 
 
 def load_safetensors(path: str | os.PathLike, param_name: str) -> dict[str, torch.Tensor]:
