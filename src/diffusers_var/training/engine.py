@@ -1124,7 +1124,8 @@ def _train(config: TrainConfig, lock: _RunLock) -> Path:
         make_folder(checkpoint_dir, "output_dir")
         for stale in checkpoint_dir.glob(".tmp-step-*"):  # half-written by an interrupted save
             if TEMPORARY_CHECKPOINT.match(stale.name) and stale.is_dir() and not stale.is_symlink():
-                kept = remove_training_checkpoint(stale)  # our files only: a file of someone else's stays
+                # our files only (with the temporary file of a write cut short): a file of someone else's stays
+                kept = remove_training_checkpoint(stale, unfinished=True)
                 if kept:  # out of the way of the save of that step, with what it holds
                     aside = stale.with_name(f"kept{stale.name}-{time.strftime('%Y%m%d-%H%M%S')}")
                     os.replace(stale, aside)
