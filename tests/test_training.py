@@ -1175,6 +1175,8 @@ TRANSFORMER_KEYS = {
         ("tokenizer", ["model.in_channels=1"], r"`model\.in_channels` must be 3 \(the training images are RGB\)"),
         ("bitwise_tokenizer", ["model.out_channels=4"], r"`model\.out_channels` must be 3"),
         ("var", ['model.init_blocks=[0,"a"]'], r"`model\.init_blocks` must be a list of block indices"),
+        # (it was ignored without a word)
+        ("var", ["model.init_blocks=[0,1]"], r"`model\.init_blocks` picks the blocks copied from `model\.init_from`"),
     ],
 )
 def test_model_keys_are_checked_against_the_model_class(task, overrides, match):
@@ -1316,6 +1318,8 @@ def test_cli_model_errors_are_one_line_and_nothing_is_created(tmp_path, capsys):
     # an override naming another task would have won over the TASK given first, without a word
     assert main(["train", "var", f"output_dir={run}", "task=tokenizer"]) == 2
     assert "`task`: the command names 'var', an override names ['tokenizer']" in _error_line(capsys)
+    assert main(["train", "var", f"output_dir={run}", "tokenizer_path=x", "model.init_blocks=[0,1,7]"]) == 2
+    assert _error_line(capsys).startswith("error: `model.init_blocks` picks the blocks copied from `model.init_from`")
     assert not run.exists()
 
 
