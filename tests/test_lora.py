@@ -1155,6 +1155,46 @@ def test_a_text_encoder_lora_checkpoint_of_the_earlier_layout_resumes(tmp_path):
     assert [json.loads(line)["step"] for line in log] == [1, 2, 3]
 
 
+def _one_ddp_process(config: dict, path: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+    """The trainer as one process of a DDP run on the CPU (torchrun, gloo): accelerate wraps the trained models in
+    DistributedDataParallel as it does for any number of processes."""
+    path.write_text(json.dumps(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("DIFFUSERS_VAR_FAULT_INJECT", None)
+    if fault:
+        env["DIFFUSERS_VAR_FAULT_INJECT"] = fault
+    launcher = ("torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m", "diffusers_var.training")
+    command = [sys.executable, "-m", *launcher, config["task"], "--config", str(path)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_a_text_encoder_lora_under_ddp_checkpoints_its_adapters_and_resumes(tmp_path):
+    """Under DDP a LoRA run with its text encoder wrote checkpoints of no weights at all (the trained names carried
+    DDP's `module.`, the saved ones did not), and its resume was refused as "missing [...text_encoder.module...]"."""
+    if not torch.distributed.is_gloo_available():
+        pytest.skip("torch was built without gloo")
+    config = lora_run(tmp_path / "run", "star", max_steps=3, checkpoint_every=2, ema_decay=0.9)
+    config["lora"] = {**config["lora"], "train_text_encoder": True}
+    first = _one_ddp_process(config, tmp_path / "config.json", fault="step:3")
+    assert "Signal 9 (SIGKILL)" in first.stderr, (first.stdout + first.stderr)[-3000:]  # (torchrun exits with 1)
+    assert "MULTI_CPU on 1 process(es)" in first.stdout + first.stderr  # (the models were wrapped in DDP)
+    checkpoint = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert checkpoint.name == "step-0000002"
+    for name in ("model", "ema"):
+        saved = load_file(checkpoint / f"{name}.safetensors")
+        assert saved and all("lora_" in key and ".module." not in key for key in saved), name
+        assert {key.split(".")[0] for key in saved} == {"transformer", "text_encoder"}, name
+    second = _one_ddp_process(config, tmp_path / "config.json")
+    assert second.returncode == 0, (second.stdout + second.stderr)[-3000:]
+    assert "resumed from" in second.stdout + second.stderr
+    resumed = load_file(tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors")
+    export = train(TrainConfig(**{**config, "output_dir": str(tmp_path / "straight")}))
+    straight = load_file(export / "pytorch_lora_weights.safetensors")
+    assert resumed.keys() == straight.keys() and any(key.startswith("text_encoder.") for key in resumed)
+    for key in resumed:  # the same adapter as a run without DDP and without the interruption
+        torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
 def test_bad_lora_configs_name_the_key(tmp_path):
     base = str(REPO_ROOT / "pipelines" / "var-shapes")
     cases = [

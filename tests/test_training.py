@@ -432,6 +432,63 @@ def test_pruning_deletes_only_the_trainers_oldest_checkpoints(tokenizer_dir, tmp
     assert (checkpoints / "step-0000001" / "notes.txt").read_text() == "mine"
 
 
+def _killed_safetensors_write(folder: Path) -> Path:
+    """The temporary file safetensors leaves when it is SIGKILLed while writing ``folder/optimizer.safetensors`` (it
+    writes a sibling temporary file and renames it over the file)."""
+    writer = (
+        "import sys, torch; from safetensors.torch import save_file; tensors = {'a': torch.ones(8_000_000)}\n"
+        "while True: save_file(tensors, sys.argv[1])"
+    )
+    for _ in range(20):  # (a kill between a rename and the next write leaves none: again)
+        process = subprocess.Popen([sys.executable, "-c", writer, str(folder / "optimizer.safetensors")])
+        try:
+            while not (temporary := [p for p in folder.iterdir() if p.name.startswith(".tmp")]):
+                assert process.poll() is None, "the writer stopped"
+        finally:
+            process.kill()
+            process.wait()
+        if temporary := [p for p in folder.iterdir() if p.name.startswith(".tmp")]:
+            return temporary[0]
+    raise AssertionError("no write of safetensors was cut short")
+
+
+def test_an_unfinished_checkpoint_folder_loses_the_temporary_files_of_its_writes(tmp_path, capsys):
+    """A SIGKILL in the middle of a checkpoint's safetensors write leaves safetensors' own temporary file in the
+    unfinished ``.tmp-step-N`` folder; the next start kept it as a file of the user's (an optimizer's size, moved to
+    ``kept.tmp-step-N-...`` for good). It is the trainer's: removed with the folder's other files. A file of the user's
+    with such a name but other contents stays."""
+    from diffusers_var.training.checkpoint import SAFETENSORS_TEMPORARY
+
+    config = base_config(tmp_path / "run", task="tokenizer", model=TOKENIZER_MODEL, max_steps=2, checkpoint_every=1)
+    train(TrainConfig(**config))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    unfinished = checkpoints / ".tmp-step-0000003"  # cut short while writing the optimizer state
+    unfinished.mkdir()
+    for name in ("model.safetensors", "rng_state_0.safetensors", "rng_state_0.json"):
+        shutil.copy(checkpoints / "step-0000002" / name, unfinished / name)
+    temporary = _killed_safetensors_write(unfinished)
+    assert SAFETENSORS_TEMPORARY.match(temporary.name), temporary.name
+    (unfinished / ".tmpMine12").write_text("mine")  # the name of one, but not what safetensors writes
+    (unfinished / "notes.txt").write_text("mine too")
+    cut_early = checkpoints / ".tmp-step-0000004"  # cut short before anything was written but the file's size
+    cut_early.mkdir()
+    shutil.copy(checkpoints / "step-0000002" / "rng_state_0.json", cut_early / "rng_state_0.json")
+    (cut_early / ".tmpa1B2c3").write_bytes(bytes(4096))
+    capsys.readouterr()
+    train(TrainConfig(**{**config, "max_steps": 4, "resume": "force"}))
+    assert "kept .tmpMine12, notes.txt of an unfinished checkpoint folder as kept.tmp-step-0000003-" in (
+        capsys.readouterr().out
+    )
+    (aside,) = checkpoints.glob("kept.tmp-step-0000003-*")
+    assert sorted(p.name for p in aside.iterdir()) == [".tmpMine12", "notes.txt"]
+    assert (aside / ".tmpMine12").read_text() == "mine"
+    assert not list(checkpoints.glob("kept.tmp-step-0000004-*"))  # nothing but the trainer's: removed
+    assert sorted(p.name for p in checkpoints.iterdir() if not p.name.startswith("kept")) == [
+        "step-0000003",
+        "step-0000004",
+    ]
+
+
 def test_files_and_folders_of_yours_with_a_checkpoints_name_neither_resume_nor_are_replaced(tokenizer_dir, tmp_path):
     """A file of the user's named ``checkpoints/step-0000002`` ended the run with NotADirectoryError after it had
     trained; a folder of the user's named like the newest checkpoint was resumed from (and refused)."""
@@ -1118,6 +1175,8 @@ TRANSFORMER_KEYS = {
         ("tokenizer", ["model.in_channels=1"], r"`model\.in_channels` must be 3 \(the training images are RGB\)"),
         ("bitwise_tokenizer", ["model.out_channels=4"], r"`model\.out_channels` must be 3"),
         ("var", ['model.init_blocks=[0,"a"]'], r"`model\.init_blocks` must be a list of block indices"),
+        # (it was ignored without a word)
+        ("var", ["model.init_blocks=[0,1]"], r"`model\.init_blocks` picks the blocks copied from `model\.init_from`"),
     ],
 )
 def test_model_keys_are_checked_against_the_model_class(task, overrides, match):
@@ -1259,6 +1318,8 @@ def test_cli_model_errors_are_one_line_and_nothing_is_created(tmp_path, capsys):
     # an override naming another task would have won over the TASK given first, without a word
     assert main(["train", "var", f"output_dir={run}", "task=tokenizer"]) == 2
     assert "`task`: the command names 'var', an override names ['tokenizer']" in _error_line(capsys)
+    assert main(["train", "var", f"output_dir={run}", "tokenizer_path=x", "model.init_blocks=[0,1,7]"]) == 2
+    assert _error_line(capsys).startswith("error: `model.init_blocks` picks the blocks copied from `model.init_from`")
     assert not run.exists()
 
 

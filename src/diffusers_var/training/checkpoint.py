@@ -238,6 +238,26 @@ CHECKPOINT_FILES = re.compile(
 )
 
 
+# the temporary file safetensors (0.8: Rust's tempfile crate, ".tmp" and 6 random letters or digits) writes beside
+# the file it saves and renames over it: a save killed while writing leaves it in the unfinished checkpoint folder
+SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}\Z")
+
+
+def _is_safetensors_temporary(path: Path) -> bool:
+    """Whether ``path`` is safetensors' temporary file of a save cut short: its name, and what it holds so far. A
+    file of yours with such a name is not."""
+    if not SAFETENSORS_TEMPORARY.match(path.name) or path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with open(path, "rb") as file:
+            head = file.read(9)
+    except OSError:
+        return False
+    # safetensors creates it empty, sizes it to the whole file (zeros until its write buffer is flushed), then writes
+    # the header's length (8 bytes) and its JSON
+    return not head or (len(head) == 9 and (head[8:9] == b"{" or not any(head)))
+
+
 def is_training_checkpoint(folder: Path) -> bool:
     """Whether ``folder`` is a checkpoint this package wrote (whole or damaged): its ``trainer_state.json`` names
     the format. A folder or file that only has a checkpoint's name is someone else's."""
@@ -259,13 +279,15 @@ def written_by_trainer(folder: Path) -> bool:
     return any(CHECKPOINT_FILES.match(name) or Path(name).suffix in PICKLE_SUFFIXES for name in names)
 
 
-def remove_training_checkpoint(folder: Path) -> list[str]:
+def remove_training_checkpoint(folder: Path, unfinished: bool = False) -> list[str]:
     """Delete a checkpoint's files (the state file first: a half-deleted folder is no checkpoint), then the folder
-    if nothing else is in it. Returns the names of the files kept (not written by this package)."""
+    if nothing else is in it. Returns the names of the files kept (not written by this package). ``unfinished``: the
+    trainer's staging folder of a save that was cut short, whose safetensors temporary files are the save's too."""
     (folder / STATE_FILE).unlink(missing_ok=True)
     kept = []
     for path in sorted(folder.iterdir()):
-        if path.is_file() and not path.is_symlink() and CHECKPOINT_FILES.match(path.name):
+        ours = path.is_file() and not path.is_symlink() and CHECKPOINT_FILES.match(path.name)
+        if ours or (unfinished and _is_safetensors_temporary(path)):
             path.unlink()
         else:
             kept.append(path.name)

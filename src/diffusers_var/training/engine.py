@@ -1124,7 +1124,8 @@ def _train(config: TrainConfig, lock: _RunLock) -> Path:
         make_folder(checkpoint_dir, "output_dir")
         for stale in checkpoint_dir.glob(".tmp-step-*"):  # half-written by an interrupted save
             if TEMPORARY_CHECKPOINT.match(stale.name) and stale.is_dir() and not stale.is_symlink():
-                kept = remove_training_checkpoint(stale)  # our files only: a file of someone else's stays
+                # our files only (with the temporary file of a write cut short): a file of someone else's stays
+                kept = remove_training_checkpoint(stale, unfinished=True)
                 if kept:  # out of the way of the save of that step, with what it holds
                     aside = stale.with_name(f"kept{stale.name}-{time.strftime('%Y%m%d-%H%M%S')}")
                     os.replace(stale, aside)
@@ -1142,12 +1143,11 @@ def _train(config: TrainConfig, lock: _RunLock) -> Path:
             model, text_encoder, optimizer, loader, scheduler
         )
         task.trainable_text_encoder = text_encoder  # the loss calls it through its (DDP) wrapper
-        # one module holding both, so the checkpoint's model and optimizer states name every trained parameter
-        checkpointed = torch.nn.ModuleDict(  # (`accelerate launch --dynamo_backend` compiled them: names without it)
-            {
-                "transformer": getattr(model, "_orig_mod", model),
-                "text_encoder": getattr(text_encoder, "_orig_mod", text_encoder),
-            }
+        # one module holding both, so the checkpoint's model and optimizer states name every trained parameter. The
+        # bare models: torch's state dicts leave out DDP's `module.`, named_parameters() does not, so under DDP the
+        # trained names (and the EMA's) matched none of the saved weights and a checkpoint held no weights
+        checkpointed = torch.nn.ModuleDict(
+            {"transformer": bare_model(accelerator, model), "text_encoder": bare_model(accelerator, text_encoder)}
         )
     else:
         model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)

@@ -197,6 +197,12 @@ def check_model_section(config) -> dict:
         fixed = getattr(task_class, "model_keys_fixed", {})
         if key in fixed and value != fixed[key]:
             raise ValueError(f"`model.{key}` must be {fixed[key]} (the training images are RGB), got {value!r}.")
+    # the blocks to copy from the init_from model: without one they were ignored without a word
+    if config.model.get("init_blocks") is not None and config.model.get("init_from") is None:
+        raise ValueError(
+            "`model.init_blocks` picks the blocks copied from `model.init_from`, which is not set; set "
+            "model.init_from or remove model.init_blocks."
+        )
     return config.model
 
 
