@@ -540,3 +540,13 @@ def test_out_that_is_a_pipe_or_a_link_is_refused_not_hung_on_or_replaced(tmp_pat
     (tmp_path / "link.png").symlink_to(target)
     assert "is a symbolic link, which writing would replace with a file" in check_output(tmp_path / "link.png", 1)
     assert check_output(tmp_path / "link.png", 1, overwrite=True) is None
+
+
+def test_a_negative_value_in_exponent_form_is_a_value_not_a_flag():
+    """``--lora-scale -1e-1``: Python 3.11's argparse took only plain negative decimals for values and said the flag
+    "expected one argument"; ``-0.5`` and ``--lora-scale=-1e-1`` worked."""
+    from diffusers_var.cli import build_parser
+
+    for text, value in (("-1e-1", -0.1), ("-2E3", -2000.0), ("-.5e+1", -5.0), ("-0.5", -0.5)):
+        args = build_parser().parse_args(["generate", "--lora", "a.safetensors", "--lora-scale", text])
+        assert args.lora_scale == [value]

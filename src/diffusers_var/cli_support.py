@@ -12,6 +12,7 @@ import json
 import math
 import numbers
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -142,6 +143,12 @@ def class_label_ids(pipe, label: str) -> list[int]:
 class OneLineErrorParser(argparse.ArgumentParser):
     """Argument errors as one line, ``error: ...`` naming the flag, exit code 2 (argparse prints the whole usage
     block first, which buries the message)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # a negative value in exponent form (`--lora-scale -1e-1`) is a value, not a flag: Python 3.11's pattern takes
+        # only plain decimals, and argparse said the flag "expected one argument"
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def error(self, message: str):
         if message.startswith("the following arguments are required:"):  # the usage line listed a command's choices
