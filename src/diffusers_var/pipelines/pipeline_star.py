@@ -329,18 +329,19 @@ class STARPipeline(MultiScaleVQPipelineMixin, NextScalePipeline, STARLoraLoaderM
         if negative_prompt is None:
             return [""] * batch_size
         if isinstance(negative_prompt, str):
-            check_unicode_texts([negative_prompt], "negative_prompt", negative_prompt)
-            return [negative_prompt] * batch_size
-        if not isinstance(negative_prompt, (list, tuple)) or not all(isinstance(p, str) for p in negative_prompt):
+            negatives = [negative_prompt] * batch_size
+        elif not isinstance(negative_prompt, (list, tuple)) or not all(isinstance(p, str) for p in negative_prompt):
             raise ValueError(
                 f"`negative_prompt` must be None, a string or a list of strings, got {shorten(negative_prompt)}."
             )
-        if len(negative_prompt) != batch_size:
+        elif len(negative_prompt) != batch_size:
             raise ValueError(
                 f"`negative_prompt` has {len(negative_prompt)} entries but `prompt` has {batch_size}; they must match."
             )
-        check_unicode_texts(negative_prompt, "negative_prompt", negative_prompt)
-        return list(negative_prompt)
+        else:
+            negatives = list(negative_prompt)
+        check_unicode_texts(negatives, "negative_prompt", negative_prompt)
+        return negatives
 
     @property
     def _longest_text(self) -> int | None:
